@@ -1,0 +1,193 @@
+"""Wiring: build the MCP server from settings (lifespan: store, gateway, services), register the allowed tools,
+and give every call the same error shape and an audit row.
+
+`BillingServer.call_tool` is the one place a call is observed end to end: it sees the raw arguments (before the
+SDK validates them), so invalid input is audited and answered in our error shape too, not only the calls that reach
+a tool function.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.types import CallToolResult, TextContent
+from pydantic import ValidationError
+
+from . import __version__
+from .errors import BillingError, InvalidInput
+from .redact import redact, redact_text
+from .services.catalog import CatalogService
+from .services.idempotency import IdempotencyService
+from .settings import Settings
+from .store import Store, dumps, monotonic_ms, utc_now
+from .stripe_gateway import build_gateway, last_request_ids
+from .tools import TOOLS, ToolSpec, select_tools
+from .tools.context import AppState
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = """Billing tools backed by Stripe (or an offline Stripe sandbox when no key is configured).
+Amounts are integers in minor units (cents for usd). Every creating tool takes an optional idempotency_key: repeat a
+call with the same key (or the same arguments within a few minutes) to get the first result back with
+replayed: true instead of a second object. dry_run: true shows the exact Stripe request without sending it.
+Errors come back as isError results whose text names the field or cause and what to do next."""
+
+_caller: ContextVar[str | None] = ContextVar("aims_caller", default=None)
+
+
+class BillingServer(MCPServer[AppState]):
+    """MCPServer with one error shape and an audit row for every tool call."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[AppState, Any] | None = None
+    ) -> Any:
+        start = time.perf_counter()
+        request_ids: list[str] = []
+        token = last_request_ids.set(request_ids)
+        outcome, error_code = "ok", None
+        try:
+            result = await super().call_tool(name, arguments, context)
+            if isinstance(result, CallToolResult) and isinstance(result.structured_content, dict):
+                if result.structured_content.get("replayed"):
+                    outcome = "replayed"
+                elif result.structured_content.get("dry_run"):
+                    outcome = "dry_run"
+            return result
+        except Exception as exc:  # every failure becomes an isError result, never a crash of the server
+            error = to_billing_error(name, exc)
+            outcome, error_code = "error", error.code
+            return error_result(name, error)
+        finally:
+            last_request_ids.reset(token)
+            state = _state(context)
+            if state is not None:
+                audit(state.store, name, arguments, outcome, error_code, monotonic_ms(start), request_ids,
+                      caller=_caller_name(context))
+
+
+def to_billing_error(tool: str, exc: Exception) -> BillingError:
+    cause = exc.__cause__ if isinstance(exc, ToolError) else exc
+    if isinstance(cause, BillingError):
+        return cause
+    if isinstance(cause, ValidationError):
+        return invalid_arguments(tool, cause)
+    if isinstance(exc, UnexpectedToolError) or not isinstance(exc, ToolError):
+        log.error("tool %s crashed", tool, exc_info=cause)
+        return BillingError(
+            f"{tool} failed with an internal error ({type(cause).__name__}); nothing was charged twice: retry "
+            "with the same idempotency_key, or report it to the operator (details are in the server log)"
+        )
+    return InvalidInput(str(exc))  # unknown tool and other SDK-level refusals keep the SDK's words
+
+
+def invalid_arguments(tool: str, error: ValidationError) -> InvalidInput:
+    """Name every bad field and what it needs, in one line each."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "arguments"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "is required"
+        elif item["type"] == "extra_forbidden":
+            message = "is not a parameter of this tool"
+        problems.append(f"{field}: {message}")
+    first = ".".join(str(part) for part in error.errors()[0]["loc"]) if error.errors() else None
+    return InvalidInput(f"invalid arguments for {tool}: " + "; ".join(problems) + ". Fix them and call again.",
+                        param=first)
+
+
+def error_result(tool: str, error: BillingError) -> CallToolResult:
+    message = redact_text(error.message)
+    return CallToolResult(
+        content=[TextContent(type="text", text=f"{tool} failed: {message}")],
+        structured_content={"error": redact(error.to_dict())},
+        is_error=True,
+    )
+
+
+def audit(
+    store: Store, tool: str, arguments: dict[str, Any], outcome: str, error_code: str | None, duration_ms: float,
+    request_ids: list[str], *, caller: str | None,
+) -> None:
+    """Queue the audit row without waiting: it commits with the writer's next batch, off the call's latency."""
+    row = (utc_now(), tool, caller, dumps(redact(arguments)), outcome, error_code, duration_ms,
+           ",".join(request_ids) or None)
+    store.submit(lambda conn: conn.execute(
+        "INSERT INTO audit_log (at, tool, caller, arguments, outcome, error_code, duration_ms, request_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row))
+
+
+def _state(context: Context[AppState, Any] | None) -> AppState | None:
+    try:
+        return context.request_context.lifespan_context if context is not None else None
+    except (AttributeError, ValueError, LookupError):
+        return None
+
+
+def _caller_name(context: Context[AppState, Any] | None) -> str | None:
+    try:
+        from mcp.server.auth.middleware.auth_context import get_access_token
+
+        token = get_access_token()
+        if token is not None:
+            return f"http:{token.client_id}"
+    except Exception:  # pragma: no cover - auth context absent
+        pass
+    return _caller.get()
+
+
+def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scale: float = 1.0) -> AppState:
+    store = Store(settings.aims_billing_db)
+    gateway = build_gateway(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale)
+    idempotency = IdempotencyService(store, replay_window_seconds=settings.aims_billing_replay_window_seconds)
+    catalog = CatalogService(gateway, idempotency, max_amount=settings.aims_billing_max_amount)
+    return AppState(settings=settings, store=store, gateway=gateway, idempotency=idempotency, catalog=catalog)
+
+
+def build_server(
+    settings: Settings,
+    *,
+    sandbox_app: Any = None,
+    retry_delay_scale: float = 1.0,
+    tools: list[ToolSpec] | None = None,
+) -> BillingServer:
+    """The server every transport and the demo use; `tools` overrides the settings' selection (tools-json)."""
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
+        state = build_state(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale)
+        try:
+            yield state
+        finally:
+            await state.gateway.close()
+            state.store.close()
+
+    server = BillingServer(
+        "aims-billing-mcp",
+        title="AIMS billing",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        log_level=settings.aims_billing_log_level.upper(),  # type: ignore[arg-type]
+    )
+    for spec in tools if tools is not None else select_tools(settings):
+        register(server, spec)
+    return server
+
+
+def register(server: MCPServer[Any], spec: ToolSpec) -> None:
+    server.add_tool(spec.fn, name=spec.name, title=spec.title, annotations=spec.annotations)
+
+
+def all_tools() -> list[ToolSpec]:
+    return list(TOOLS)
+
+
+ToolFn = Callable[..., Any]

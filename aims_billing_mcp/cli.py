@@ -1,0 +1,189 @@
+"""`aims-billing-mcp`: serve (stdio or HTTP), demo, sandbox, tools-json, doctor.
+
+Every command loads the settings first, so a malformed variable stops it with a message naming the variable
+(exit 2) instead of failing later in the middle of a call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import BillingError
+from .redact import install_log_redaction, mask_secret
+from .settings import Settings, StripeMode, describe_validation_error
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str) -> int:
+    print(f"aims-billing-mcp: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["aims_billing_http_host"] = args.host
+    if args.port is not None:
+        overrides["aims_billing_http_port"] = args.port
+    settings = _settings(**overrides)
+    if problem := settings.live_key_problem():
+        return _fail(problem)
+    from .app import build_server
+
+    _configure_logging(settings.aims_billing_log_level)
+    try:
+        server = build_server(settings)
+    except BillingError as exc:
+        return _fail(exc.message)
+    if not args.http:
+        server.run()
+        return 0
+    from .http_transport import serve_http
+
+    token = settings.aims_billing_http_token.get_secret_value() if settings.aims_billing_http_token else None
+    print(f"aims-billing-mcp: streamable HTTP on http://{settings.aims_billing_http_host}:"
+          f"{settings.aims_billing_http_port}/mcp ({'bearer token required' if token else 'no token'})",
+          file=sys.stderr)
+    try:
+        asyncio.run(serve_http(server, host=settings.aims_billing_http_host, port=settings.aims_billing_http_port,
+                               token=token))
+    except ValueError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    return 0 if asyncio.run(run_demo()) else 1
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from .sandbox import SANDBOX_SECRET_KEY, SANDBOX_WEBHOOK_SECRET, serve_sandbox
+
+    settings = _settings()
+    db_path = args.db or str(settings.sandbox_db_path)
+    print(f"aims-billing-mcp sandbox on http://{args.host}:{args.port} (db {db_path})\n"
+          f"  api key:        {SANDBOX_SECRET_KEY}\n  webhook secret: {SANDBOX_WEBHOOK_SECRET}\n"
+          f"  point a server at it: STRIPE_API_BASE=http://{args.host}:{args.port}", file=sys.stderr)
+    serve_sandbox(host=args.host, port=args.port, db_path=db_path)
+    return 0
+
+
+async def tools_manifest() -> dict[str, Any]:
+    """Every tool the server can register (allow-list and read-only ignored), as tools/list shows them."""
+    from .app import all_tools, build_server
+
+    server = build_server(Settings(_env_file=None), tools=all_tools())  # type: ignore[call-arg]
+    tools = await server.list_tools()
+    return {"tools": [tool.model_dump(mode="json", by_alias=True, exclude_none=True) for tool in tools]}
+
+
+def cmd_tools_json(args: argparse.Namespace) -> int:
+    manifest = asyncio.run(tools_manifest())
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    Path(args.output).write_text(text, encoding="utf-8")
+    print(f"wrote {len(manifest['tools'])} tools to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from .store import Store
+
+    print("aims-billing-mcp doctor")
+    for name, value in sorted(settings.model_dump().items()):
+        shown = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        if shown is not None and hasattr(value, "get_secret_value"):
+            shown = mask_secret(str(shown))
+        print(f"  {name.upper():38} {shown if shown not in (None, [], '') else '-'}")
+    mode = settings.stripe_mode
+    print(f"  stripe mode: {mode.value}" + (f" (sandbox db {settings.sandbox_db_path})"
+                                            if mode is StripeMode.SANDBOX else ""))
+    store = Store(settings.aims_billing_db)
+    print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")
+    store.close()
+    if problem := settings.live_key_problem():
+        print(f"  PROBLEM: {problem}")
+        return 1
+    ok = asyncio.run(_check_key(settings))
+    return 0 if ok else 1
+
+
+async def _check_key(settings: Settings) -> bool:
+    from .services.catalog import CatalogService
+    from .services.idempotency import IdempotencyService
+    from .store import Store
+    from .stripe_gateway import build_gateway
+
+    gateway = build_gateway(settings)
+    store = Store(settings.aims_billing_db)
+    try:
+        balance = await CatalogService(gateway, IdempotencyService(store, replay_window_seconds=0),
+                                       max_amount=settings.aims_billing_max_amount).retrieve_balance()
+    except BillingError as exc:
+        print(f"  key check: FAILED: {exc.message}")
+        return False
+    finally:
+        await gateway.close()
+        store.close()
+    shown = ", ".join(a.display for a in balance.available) or "0"
+    print(f"  key check: ok (balance call answered; available {shown})")
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aims-billing-mcp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the MCP server (stdio; --http for streamable HTTP)")
+    serve.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
+    serve.add_argument("--host", help="HTTP bind address (default AIMS_BILLING_HTTP_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default AIMS_BILLING_HTTP_PORT or 8765)")
+    serve.set_defaults(func=cmd_serve)
+    demo = sub.add_parser("demo", help="run an agent session end to end on the embedded sandbox")
+    demo.set_defaults(func=cmd_demo)
+    sandbox = sub.add_parser("sandbox", help="serve the Stripe-compatible sandbox on loopback")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=12111)
+    sandbox.add_argument("--db", help="sandbox SQLite file (default beside AIMS_BILLING_DB)")
+    sandbox.set_defaults(func=cmd_sandbox)
+    tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")
+    tools_json.add_argument("--output", default="tools.json")
+    tools_json.set_defaults(func=cmd_tools_json)
+    doctor = sub.add_parser("doctor", help="print the effective configuration and check the Stripe key")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ValidationError as exc:
+        return _fail(describe_validation_error(exc))
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

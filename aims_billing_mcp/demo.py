@@ -1,0 +1,166 @@
+"""`aims-billing-mcp demo`: an agent session end to end on the embedded sandbox, printed as a table.
+
+It goes through the same MCP client/server path an agent uses (in memory), with a fresh database in a temporary
+directory, so it needs no key and no network and can be run any number of times. The verdict is computed from what
+came back: each step says what it expects, and the demo fails (exit 1) if any expectation is not met.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mcp import Client
+
+from .app import build_server
+from .sandbox import create_app
+from .settings import Settings
+
+
+@dataclass
+class Row:
+    tool: str
+    arguments: str
+    result: str
+    ms: float
+    ok: bool
+
+
+def _short(arguments: dict[str, Any]) -> str:
+    parts = []
+    for key, value in arguments.items():
+        text = json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else value
+        parts.append(f"{key}={text[:38]}")
+    return " ".join(parts)[:70]
+
+
+def _summary(content: dict[str, Any] | None) -> str:
+    if not content:
+        return ""
+    if "error" in content:
+        return f"refused: {content['error']['code']} ({content['error'].get('param') or ''})"
+    flags = [flag for flag in ("replayed", "dry_run") if content.get(flag)]
+    for key, value in content.items():
+        if isinstance(value, dict) and "id" in value:
+            shown = value.get("url") or value.get("unit_amount_display") or value.get("email") or ""
+            return " ".join([value["id"], str(shown)[:60], *flags]).strip()
+    if content.get("dry_run"):
+        return f"dry run: {content['request']['method']} {content['request']['url'].split('/', 3)[-1]}"
+    if "invoices" in content:
+        return f"{len(content['invoices'])} invoice(s), has_more={content['has_more']}"
+    if "available" in content:
+        return "available " + (", ".join(a["display"] for a in content["available"]) or "0")
+    return json.dumps(content)[:60]
+
+
+async def run_demo(print_line: Callable[[str], None] = print) -> bool:
+    with tempfile.TemporaryDirectory(prefix="aims-billing-demo-") as tmp:
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            stripe_secret_key=None,
+            stripe_api_base=None,
+            aims_billing_db=Path(tmp) / "demo.db",
+            aims_billing_tools=[],
+            aims_billing_read_only=False,
+        )
+        sandbox_app = create_app(db_path=":memory:")
+        sandbox = sandbox_app.state.sandbox
+        server = build_server(settings, sandbox_app=sandbox_app)
+        rows: list[Row] = []
+        values: dict[str, Any] = {}
+
+        async with Client(server) as client:
+
+            async def call(tool: str, arguments: dict[str, Any], expect: Callable[[dict[str, Any]], bool]) -> Any:
+                start = time.perf_counter()
+                result = await client.call_tool(tool, arguments)
+                ms = (time.perf_counter() - start) * 1000
+                content = result.structured_content or {}
+                rows.append(Row(tool, _short(arguments), _summary(content), ms, expect(content)))
+                return content
+
+            def sandbox_step(label: str, action: Callable[[], dict[str, Any]]) -> None:
+                start = time.perf_counter()
+                obj = action()
+                rows.append(Row("(sandbox)", label, f"{obj['id']} {obj.get('status')}",
+                                (time.perf_counter() - start) * 1000, obj.get("status") == "complete"))
+
+            await call("retrieve_balance", {}, lambda c: c.get("mode") == "sandbox")
+            product = await call("create_product", {"name": "LUC credits, 10k pack"}, lambda c: "product" in c)
+            values["product"] = product["product"]["id"]
+            price = await call(
+                "create_price", {"product": values["product"], "currency": "usd", "unit_amount": 1999},
+                lambda c: c.get("price", {}).get("unit_amount") == 1999,
+            )
+            values["price"] = price["price"]["id"]
+            first = await call("create_customer", {"email": "ada@example.com", "name": "Ada", "idempotency_key":
+                                                   "demo-ada"}, lambda c: "customer" in c)
+            values["customer"] = first["customer"]["id"]
+            await call("create_customer", {"email": "ada@example.com", "name": "Ada", "idempotency_key": "demo-ada"},
+                       lambda c: c.get("replayed") is True and c["customer"]["id"] == values["customer"])
+            await call("create_payment_link", {"line_items": [{"price": values["price"], "quantity": 2}]},
+                       lambda c: c.get("payment_link", {}).get("amount_total") == 3998)
+            session = await call(
+                "create_checkout_session",
+                {"line_items": [{"price": values["price"]}], "customer": values["customer"],
+                 "success_url": "https://example.com/done?session={CHECKOUT_SESSION_ID}"},
+                lambda c: c.get("checkout_session", {}).get("status") == "open",
+            )
+            sandbox_step("customer pays checkout", lambda: sandbox.complete_checkout_session(
+                session["checkout_session"]["id"]))
+            monthly = await call(
+                "create_price", {"product": values["product"], "currency": "usd", "unit_amount": 1799,
+                                 "recurring": {"interval": "month"}},
+                lambda c: c.get("price", {}).get("type") == "recurring",
+            )
+            subscription = await call(
+                "create_checkout_session",
+                {"mode": "subscription", "line_items": [{"price": monthly["price"]["id"]}],
+                 "customer": values["customer"], "success_url": "https://example.com/welcome"},
+                lambda c: c.get("checkout_session", {}).get("mode") == "subscription",
+            )
+            sandbox_step("customer subscribes", lambda: sandbox.complete_checkout_session(
+                subscription["checkout_session"]["id"]))
+            await call("list_invoices", {"customer": values["customer"]},
+                       lambda c: len(c.get("invoices", [])) == 1 and c["invoices"][0]["status"] == "paid")
+            await call("create_billing_portal_session", {"customer": values["customer"],
+                                                         "return_url": "https://example.com/account"},
+                       lambda c: c.get("portal_session", {}).get("url", "").startswith("http"))
+            await call("retrieve_balance", {},
+                       lambda c: any(a["currency"] == "usd" and a["amount"] == 1999 + 1799 for a in c["available"]))
+            await call("create_price", {"product": values["product"], "currency": "usd", "unit_amount": 99_999_999},
+                       lambda c: c.get("error", {}).get("code") == "amount_above_ceiling")
+            before = sandbox.count("customer")
+            await call("create_customer", {"email": "dry@example.com", "dry_run": True},
+                       lambda c: c.get("dry_run") is True and sandbox.count("customer") == before)
+
+        _print_table(rows, print_line)
+        failed = [row for row in rows if not row.ok]
+        total_ms = sum(row.ms for row in rows)
+        if failed:
+            print_line(f"FAIL: {len(failed)} of {len(rows)} steps did not do what they should: "
+                       + ", ".join(f"#{rows.index(r) + 1} {r.tool}" for r in failed))
+            return False
+        print_line(
+            f"PASS: {len(rows)} steps in {total_ms:.0f} ms on the embedded sandbox; the repeated create_customer "
+            "was replayed (no second customer), the over-ceiling price was refused, the dry run sent nothing."
+        )
+        return True
+
+
+def _print_table(rows: list[Row], print_line: Callable[[str], None]) -> None:
+    headers = ("#", "tool", "key arguments", "result", "ms")
+    table = [(str(i + 1), r.tool, r.arguments, r.result + ("" if r.ok else "  <-- unexpected"), f"{r.ms:.1f}")
+             for i, r in enumerate(rows)]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    print_line(line)
+    print_line("-" * len(line))
+    for row in table:
+        print_line("  ".join(cell.rjust(w) if i == 4 else cell.ljust(w)
+                             for i, (cell, w) in enumerate(zip(row, widths, strict=True))))

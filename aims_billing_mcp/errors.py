@@ -1,0 +1,83 @@
+"""The errors a tool can answer with, written for the agent who reads them.
+
+Every message says what went wrong, names the field or cause, and says what to do next. Stripe's own errors are
+translated once, in `stripe_gateway.py`, into this tree; nothing else catches SDK exceptions.
+
+    BillingError                      code, message, param, retryable
+    ├── InvalidInput                  a field is wrong before anything is sent (names the field)
+    │   ├── AmountAboveCeiling        an amount exceeds AIMS_BILLING_MAX_AMOUNT
+    │   └── IdempotencyConflict       the same idempotency key with other arguments
+    ├── ConfigurationError            settings refuse the call (live key without opt-in, tool not allowed)
+    └── StripeError                   Stripe (or the sandbox) refused or failed; keeps type/code/param/request_id
+        ├── StripeAuthenticationFailed    401: the key is wrong or revoked
+        ├── StripeInvalidRequest          400/404: a param or id Stripe does not accept
+        ├── StripeCardDeclined            402: the card was declined
+        ├── StripeRateLimited             429: still limited after our retries
+        └── StripeUnavailable             5xx or network: Stripe did not answer
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BillingError(Exception):
+    """Base of every error a tool reports; `to_dict()` is the one error shape agents see."""
+
+    code = "billing_error"
+    retryable = False
+
+    def __init__(self, message: str, *, param: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.details = {k: v for k, v in details.items() if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message, "retryable": self.retryable}
+        if self.param is not None:
+            out["param"] = self.param
+        out.update(self.details)
+        return out
+
+
+class InvalidInput(BillingError):
+    code = "invalid_input"
+
+
+class AmountAboveCeiling(InvalidInput):
+    code = "amount_above_ceiling"
+
+
+class IdempotencyConflict(InvalidInput):
+    code = "idempotency_conflict"
+
+
+class ConfigurationError(BillingError):
+    code = "configuration_error"
+
+
+class StripeError(BillingError):
+    code = "stripe_error"
+
+
+class StripeAuthenticationFailed(StripeError):
+    code = "stripe_authentication_failed"
+
+
+class StripeInvalidRequest(StripeError):
+    code = "stripe_invalid_request"
+
+
+class StripeCardDeclined(StripeError):
+    code = "card_declined"
+
+
+class StripeRateLimited(StripeError):
+    code = "stripe_rate_limited"
+    retryable = True
+
+
+class StripeUnavailable(StripeError):
+    code = "stripe_unavailable"
+    retryable = True

@@ -1,0 +1,61 @@
+"""Streamable HTTP: the MCP app behind a bearer-token check, served by uvicorn on loopback by default.
+
+A plain ASGI middleware rather than the SDK's OAuth resource-server machinery: an operator's static token is what
+ACHEEVY and scripts have, and the check (constant-time compare) is short enough to read in one go.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+from typing import Any
+
+from mcp.server.transport_security import TransportSecuritySettings
+
+from .settings import LOOPBACK_HOSTS
+
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+class BearerTokenMiddleware:
+    def __init__(self, app: Any, token: str | None, public_paths: frozenset[str] = PUBLIC_PATHS) -> None:
+        self.app = app
+        self._token = token.encode() if token else None
+        self._public = public_paths
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self._token is None or scope["path"] in self._public:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        supplied = headers.get(b"authorization", b"")
+        scheme, _, value = supplied.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"error": "unauthorized", "message": "send Authorization: Bearer <AIMS_BILLING_HTTP_TOKEN>"})
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="aims-billing-mcp"')]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+def build_http_app(server: Any, *, host: str, token: str | None) -> Any:
+    if host not in LOOPBACK_HOSTS and not token:
+        raise ValueError(f"refusing to serve on {host} without a bearer token: set AIMS_BILLING_HTTP_TOKEN")
+    security = None
+    if host not in LOOPBACK_HOSTS:  # a real hostname: the token, not the Host header, is the guard
+        security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    app = server.streamable_http_app(host=host if host in LOOPBACK_HOSTS else "127.0.0.1",
+                                     transport_security=security)
+    return BearerTokenMiddleware(app, token)
+
+
+async def serve_http(server: Any, *, host: str, port: int, token: str | None,
+                     sock: socket.socket | None = None) -> None:
+    """Run until cancelled; `sock` lets tests bind port 0 first and read the port back."""
+    import uvicorn
+
+    app = build_http_app(server, host=host, token=token)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    await uvicorn.Server(config).serve(sockets=[sock] if sock is not None else None)

@@ -1,0 +1,283 @@
+"""Catalog and checkout: products, prices, customers, payment links, checkout and portal sessions, invoices, balance.
+
+Plain logic over the gateway: build the Stripe request, enforce the amount ceiling, run it once through the
+idempotency service (or describe it for a dry run), and project Stripe's object to the small model a tool returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from ..errors import AmountAboveCeiling, InvalidInput, StripeInvalidRequest
+from ..models import (
+    Balance,
+    BalanceAmount,
+    CheckoutSession,
+    CheckoutSessionResult,
+    Customer,
+    CustomerResult,
+    Invoice,
+    InvoiceList,
+    LineItem,
+    MutationMeta,
+    PaymentLink,
+    PaymentLinkResult,
+    PortalSession,
+    PortalSessionResult,
+    Price,
+    PriceResult,
+    Product,
+    ProductResult,
+    Recurring,
+    StripeRequestPreview,
+    format_amount,
+)
+from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
+from .idempotency import IdempotencyService
+
+R = TypeVar("R", bound=MutationMeta)
+
+
+def compact(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop unset values so the request (and its idempotency hash) carries only what the caller gave."""
+    return {k: v for k, v in params.items() if v is not None and v != {}}
+
+
+class CatalogService:
+    def __init__(self, gateway: StripeGateway, idempotency: IdempotencyService, *, max_amount: int) -> None:
+        self._gateway = gateway
+        self._idempotency = idempotency
+        self._max_amount = max_amount
+
+    # --- the one mutation path ------------------------------------------------------------------------------------
+
+    async def _mutate(
+        self,
+        tool: str,
+        path: str,
+        params: dict[str, Any],
+        result_type: type[R],
+        project: Callable[[dict[str, Any]], dict[str, Any]],
+        *,
+        idempotency_key: str | None,
+        dry_run: bool,
+    ) -> R:
+        call = self._idempotency.key_for(tool, params, idempotency_key)
+        request = StripeRequest("post", path, params, stripe_idempotency_key(tool, call.key))
+        if dry_run:
+            preview = StripeRequestPreview.model_validate(self._gateway.describe(request))
+            return result_type(dry_run=True, request=preview)
+
+        async def execute() -> tuple[dict[str, Any], str | None]:
+            result = await self._gateway.send(request)
+            return result_type.model_validate(project(result.data)).model_dump(mode="json"), result.request_id
+
+        outcome = await self._idempotency.run(call, execute)
+        return result_type.model_validate({**outcome.response, "replayed": outcome.replayed})
+
+    def _check_ceiling(self, amount: int, currency: str, field: str) -> None:
+        if amount > self._max_amount:
+            raise AmountAboveCeiling(
+                f"{field} is {format_amount(amount, currency)} ({amount} minor units), above the per-call ceiling "
+                f"AIMS_BILLING_MAX_AMOUNT={self._max_amount}: use a smaller amount, or have the operator raise the "
+                "ceiling",
+                param=field,
+                amount=amount,
+                ceiling=self._max_amount,
+            )
+
+    async def _line_item_totals(self, line_items: list[LineItem]) -> tuple[int | None, str | None, list[dict[str, Any]]]:
+        """Look up each price once: a clear error for a missing one, and the total to hold against the ceiling."""
+        if not line_items:
+            raise InvalidInput("line_items is empty: pass at least one {price, quantity}", param="line_items")
+        totals: dict[str, int] = {}
+        prices = []
+        for index, item in enumerate(line_items):
+            try:
+                price = (await self._gateway.send(StripeRequest("get", f"/v1/prices/{item.price}"))).data
+            except StripeInvalidRequest as exc:
+                if exc.details.get("stripe_code") != "resource_missing":
+                    raise
+                raise StripeInvalidRequest(
+                    f"line_items[{index}].price: no such price {item.price!r}: create one with create_price "
+                    "(or run `aims-billing-mcp setup-stripe`), or pass an existing price id",
+                    param=f"line_items[{index}][price]",
+                    **exc.details,
+                ) from None
+            prices.append(price)
+            amount = int(price.get("unit_amount") or 0) * item.quantity
+            totals[price["currency"]] = totals.get(price["currency"], 0) + amount
+        for currency, amount in totals.items():
+            self._check_ceiling(amount, currency, "line_items total")
+        if len(totals) == 1:
+            ((currency, amount),) = totals.items()
+            return amount, currency, prices
+        return None, None, prices
+
+    # --- mutations --------------------------------------------------------------------------------------------------
+
+    async def create_product(
+        self, *, name: str, description: str | None, metadata: dict[str, str] | None,
+        idempotency_key: str | None, dry_run: bool,
+    ) -> ProductResult:
+        params = compact({"name": name, "description": description, "metadata": metadata})
+        return await self._mutate(
+            "create_product", "/v1/products", params, ProductResult, lambda d: {"product": project_product(d)},
+            idempotency_key=idempotency_key, dry_run=dry_run,
+        )
+
+    async def create_price(
+        self, *, product: str, currency: str, unit_amount: int, recurring: Recurring | None,
+        lookup_key: str | None, nickname: str | None, metadata: dict[str, str] | None,
+        idempotency_key: str | None, dry_run: bool,
+    ) -> PriceResult:
+        self._check_ceiling(unit_amount, currency, "unit_amount")
+        params = compact({
+            "product": product, "currency": currency, "unit_amount": unit_amount,
+            "recurring": recurring.model_dump() if recurring else None,
+            "lookup_key": lookup_key, "nickname": nickname, "metadata": metadata,
+        })
+        return await self._mutate(
+            "create_price", "/v1/prices", params, PriceResult, lambda d: {"price": project_price(d)},
+            idempotency_key=idempotency_key, dry_run=dry_run,
+        )
+
+    async def create_customer(
+        self, *, email: str | None, name: str | None, description: str | None, metadata: dict[str, str] | None,
+        idempotency_key: str | None, dry_run: bool,
+    ) -> CustomerResult:
+        if not (email or name):
+            raise InvalidInput("give at least one of email or name, so the customer can be found again",
+                               param="email")
+        params = compact({"email": email, "name": name, "description": description, "metadata": metadata})
+        return await self._mutate(
+            "create_customer", "/v1/customers", params, CustomerResult, lambda d: {"customer": project_customer(d)},
+            idempotency_key=idempotency_key, dry_run=dry_run,
+        )
+
+    async def create_payment_link(
+        self, *, line_items: list[LineItem], after_completion_url: str | None, metadata: dict[str, str] | None,
+        idempotency_key: str | None, dry_run: bool,
+    ) -> PaymentLinkResult:
+        total, currency, _ = await self._line_item_totals(line_items)
+        params = compact({
+            "line_items": [item.model_dump() for item in line_items],
+            "after_completion": {"type": "redirect", "redirect": {"url": after_completion_url}}
+            if after_completion_url else None,
+            "metadata": metadata,
+        })
+        return await self._mutate(
+            "create_payment_link", "/v1/payment_links", params, PaymentLinkResult,
+            lambda d: {"payment_link": project_payment_link(d, line_items, total, currency)},
+            idempotency_key=idempotency_key, dry_run=dry_run,
+        )
+
+    async def create_checkout_session(
+        self, *, mode: str, line_items: list[LineItem], success_url: str | None, cancel_url: str | None,
+        customer: str | None, customer_email: str | None, client_reference_id: str | None,
+        metadata: dict[str, str] | None, idempotency_key: str | None, dry_run: bool,
+    ) -> CheckoutSessionResult:
+        if customer and customer_email:
+            raise InvalidInput("give customer or customer_email, not both: Stripe uses the customer's own email",
+                               param="customer_email")
+        await self._line_item_totals(line_items)
+        params = compact({
+            "mode": mode, "line_items": [item.model_dump() for item in line_items],
+            "success_url": success_url, "cancel_url": cancel_url, "customer": customer,
+            "customer_email": customer_email, "client_reference_id": client_reference_id, "metadata": metadata,
+        })
+        return await self._mutate(
+            "create_checkout_session", "/v1/checkout/sessions", params, CheckoutSessionResult,
+            lambda d: {"checkout_session": project_checkout_session(d)},
+            idempotency_key=idempotency_key, dry_run=dry_run,
+        )
+
+    async def create_billing_portal_session(
+        self, *, customer: str, return_url: str | None, idempotency_key: str | None, dry_run: bool,
+    ) -> PortalSessionResult:
+        params = compact({"customer": customer, "return_url": return_url})
+        return await self._mutate(
+            "create_billing_portal_session", "/v1/billing_portal/sessions", params, PortalSessionResult,
+            lambda d: {"portal_session": project_portal_session(d)},
+            idempotency_key=idempotency_key, dry_run=dry_run,
+        )
+
+    # --- reads --------------------------------------------------------------------------------------------------
+
+    async def list_invoices(
+        self, *, customer: str | None, status: str | None, subscription: str | None, limit: int,
+        starting_after: str | None,
+    ) -> InvoiceList:
+        params = compact({"customer": customer, "status": status, "subscription": subscription, "limit": limit,
+                          "starting_after": starting_after})
+        page = (await self._gateway.send(StripeRequest("get", "/v1/invoices", params))).data
+        invoices = [project_invoice(item) for item in page.get("data", [])]
+        has_more = bool(page.get("has_more"))
+        return InvoiceList(invoices=invoices, has_more=has_more,
+                           next_cursor=invoices[-1].id if has_more and invoices else None)
+
+    async def retrieve_balance(self) -> Balance:
+        data = (await self._gateway.send(StripeRequest("get", "/v1/balance"))).data
+
+        def amounts(key: str) -> list[BalanceAmount]:
+            return [
+                BalanceAmount(currency=a["currency"], amount=int(a["amount"]),
+                              display=format_amount(int(a["amount"]), a["currency"]))
+                for a in data.get(key) or []
+            ]
+
+        return Balance(mode=self._gateway.mode.value, available=amounts("available"), pending=amounts("pending"))
+
+
+# --- projections: Stripe object -> the small dict a tool returns ---------------------------------------------------
+
+
+def _pick(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    return {name: data.get(name) for name in model.model_fields if name in data}
+
+
+def project_product(d: dict[str, Any]) -> dict[str, Any]:
+    return _pick(Product, d)
+
+
+def project_price(d: dict[str, Any]) -> dict[str, Any]:
+    out = _pick(Price, d)
+    recurring = d.get("recurring")
+    out["recurring"] = (
+        {"interval": recurring["interval"], "interval_count": recurring.get("interval_count", 1)} if recurring else None
+    )
+    amount = d.get("unit_amount")
+    out["unit_amount_display"] = format_amount(int(amount), d["currency"]) if amount is not None else None
+    return out
+
+
+def project_customer(d: dict[str, Any]) -> dict[str, Any]:
+    return _pick(Customer, d)
+
+
+def project_payment_link(
+    d: dict[str, Any], line_items: list[LineItem], total: int | None, currency: str | None
+) -> dict[str, Any]:
+    return {"id": d["id"], "url": d["url"], "active": d.get("active", True),
+            "line_items": [item.model_dump() for item in line_items], "amount_total": total, "currency": currency}
+
+
+def project_checkout_session(d: dict[str, Any]) -> dict[str, Any]:
+    return _pick(CheckoutSession, d)
+
+
+def project_portal_session(d: dict[str, Any]) -> dict[str, Any]:
+    return _pick(PortalSession, d)
+
+
+def project_invoice(d: dict[str, Any]) -> Invoice:
+    out = _pick(Invoice, d)
+    out["total_display"] = format_amount(int(d.get("total") or 0), d["currency"])
+    subscription = d.get("subscription") or ((d.get("parent") or {}).get("subscription_details") or {}).get(
+        "subscription"
+    )
+    out["subscription"] = subscription
+    return Invoice.model_validate(out)

@@ -1,0 +1,113 @@
+"""Exactly-once for mutating tools: a repeated call returns the first result instead of creating a second object.
+
+A call is identified by (tool, key). The key is the caller's `idempotency_key`, or, when none is given, one derived
+from the arguments and a time bucket (the replay window), so an agent that simply retries a timed-out call does not
+pay twice. The stored row holds a hash of the arguments: the same key with other arguments is refused, never
+silently replayed. Stripe gets a key derived deterministically from (tool, key), so even a crash between Stripe's
+answer and our COMMIT replays on Stripe's side instead of creating a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import IdempotencyConflict
+from ..store import Store, dumps, utc_iso, utc_now
+
+
+def request_hash(tool: str, arguments: dict[str, Any]) -> str:
+    return hashlib.sha256(dumps({"tool": tool, "arguments": arguments}).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CallKey:
+    tool: str
+    key: str
+    request_hash: str
+    explicit: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    response: dict[str, Any]
+    replayed: bool
+    request_id: str | None = None
+
+
+class IdempotencyService:
+    def __init__(self, store: Store, *, replay_window_seconds: int) -> None:
+        self._store = store
+        self._window = replay_window_seconds
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def key_for(self, tool: str, arguments: dict[str, Any], idempotency_key: str | None) -> CallKey:
+        digest = request_hash(tool, arguments)
+        if idempotency_key is not None:
+            return CallKey(tool, idempotency_key, digest, explicit=True)
+        bucket = int(time.time() // self._window) if self._window else time.time_ns()
+        return CallKey(tool, f"auto:{digest[:32]}:{bucket}", digest, explicit=False)
+
+    def find(self, call: CallKey) -> dict[str, Any] | None:
+        """The stored first result for this call, or None; raises when the key was used with other arguments."""
+        row = self._store.query_one(
+            "SELECT request_hash, response FROM idempotency_keys WHERE tool = ? AND key = ?", (call.tool, call.key)
+        )
+        if row is None and not call.explicit and self._window:
+            # A retry just after a bucket boundary still finds the first call of the window.
+            prefix, _, bucket = call.key.rpartition(":")
+            since = utc_iso(time.time() - self._window)
+            row = self._store.query_one(
+                "SELECT request_hash, response FROM idempotency_keys WHERE tool = ? AND key = ? AND created_at >= ?",
+                (call.tool, f"{prefix}:{int(bucket) - 1}", since),
+            )
+        if row is None:
+            return None
+        if row["request_hash"] != call.request_hash:
+            raise IdempotencyConflict(
+                f"idempotency_key {call.key!r} was already used for {call.tool} with other arguments: "
+                "repeat the first call's arguments exactly to get its result, or use a new key for a new request",
+                param="idempotency_key",
+            )
+        import json
+
+        stored: dict[str, Any] = json.loads(row["response"])
+        return stored
+
+    async def run(
+        self, call: CallKey, execute: Callable[[], Awaitable[tuple[dict[str, Any], str | None]]]
+    ) -> Outcome:
+        """Replay the stored result, or execute once and store it in the same step that acknowledges it."""
+        stored = self.find(call)
+        if stored is not None:
+            return Outcome(stored, replayed=True)
+        lock = self._locks.setdefault((call.tool, call.key), asyncio.Lock())
+        async with lock:
+            stored = self.find(call)  # a concurrent twin may have finished while we waited
+            if stored is not None:
+                return Outcome(stored, replayed=True)
+            response, request_id = await execute()
+            inserted = await self._store.write(_insert(call, response, request_id))
+            if not inserted:  # another process stored it first: theirs is the first result
+                stored = self.find(call)
+                if stored is not None:
+                    return Outcome(stored, replayed=True)
+        self._locks.pop((call.tool, call.key), None)
+        return Outcome(response, replayed=False, request_id=request_id)
+
+
+def _insert(call: CallKey, response: dict[str, Any], request_id: str | None) -> Callable[[sqlite3.Connection], bool]:
+    def write(conn: sqlite3.Connection) -> bool:
+        cursor = conn.execute(
+            "INSERT INTO idempotency_keys (tool, key, request_hash, response, request_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tool, key) DO NOTHING",
+            (call.tool, call.key, call.request_hash, dumps(response), request_id, utc_now()),
+        )
+        return cursor.rowcount == 1
+
+    return write

@@ -1,0 +1,146 @@
+"""Every setting, read from the environment or `.env`, validated once at start-up.
+
+A malformed value stops the server before it serves anything, with a message naming the variable
+(`describe_validation_error`), because a billing server half-configured is worse than one that refuses to start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class StripeMode(StrEnum):
+    SANDBOX = "sandbox"
+    TEST = "test"
+    LIVE = "live"
+
+
+def default_data_dir() -> Path:
+    """The user data directory, so Claude Desktop (which starts us in `/`) and a shell share one database."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "aims-billing-mcp"
+    if os.name == "nt":
+        return Path(os.environ.get("APPDATA", Path.home())) / "aims-billing-mcp"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "aims-billing-mcp"
+
+
+class Settings(BaseSettings):
+    """Field names are the environment variable names (case-insensitive); see `.env.example`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False, populate_by_name=True
+    )
+
+    stripe_secret_key: SecretStr | None = Field(default=None, description="sk_test_/rk_test_ key; unset = sandbox")
+    stripe_publishable_key: str | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    stripe_price_starter: str | None = None
+    stripe_price_pro: str | None = None
+    stripe_price_enterprise: str | None = None
+    stripe_api_base: str | None = Field(
+        default=None, description="Send Stripe calls to this base URL instead (e.g. a standalone sandbox)"
+    )
+    aims_billing_db: Path = Field(default_factory=lambda: default_data_dir() / "aims_billing.db")
+    aims_billing_sandbox_db: Path | None = Field(
+        default=None, description="The embedded sandbox's own SQLite file; default: beside AIMS_BILLING_DB"
+    )
+    aims_billing_allow_live: bool = False
+    aims_billing_tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    aims_billing_read_only: bool = False
+    aims_billing_max_amount: int = Field(default=1_000_000, gt=0)
+    aims_billing_replay_window_seconds: int = Field(default=600, ge=0)
+    aims_billing_http_host: str = "127.0.0.1"
+    aims_billing_http_port: int = Field(default=8765, ge=0, le=65535)
+    aims_billing_http_token: SecretStr | None = None
+    aims_billing_log_level: str = Field(default="WARNING", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+
+    @field_validator("aims_billing_tools", mode="before")
+    @classmethod
+    def _split_tools(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("stripe_secret_key", mode="after")
+    @classmethod
+    def _check_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        key = value.get_secret_value().strip()
+        if not key.startswith(("sk_test_", "sk_live_", "rk_test_", "rk_live_")):
+            raise ValueError("must start with sk_test_, rk_test_ (or sk_live_/rk_live_ with AIMS_BILLING_ALLOW_LIVE)")
+        return SecretStr(key)
+
+    @field_validator("stripe_webhook_secret", "aims_billing_http_token", mode="after")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value().strip() else None
+
+    @field_validator("stripe_price_starter", "stripe_price_pro", "stripe_price_enterprise", mode="after")
+    @classmethod
+    def _check_price_id(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() and not value.startswith("price_"):
+            raise ValueError("must be a Stripe price id starting with price_ (run `aims-billing-mcp setup-stripe`)")
+        return value or None
+
+    @field_validator("stripe_api_base", mode="after")
+    @classmethod
+    def _check_api_base(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:12111")
+        return value.rstrip("/") if value else None
+
+    @model_validator(mode="after")
+    def _check_http_exposure(self) -> Settings:
+        if self.aims_billing_http_host not in LOOPBACK_HOSTS and self.aims_billing_http_token is None:
+            raise ValueError(
+                f"AIMS_BILLING_HTTP_HOST={self.aims_billing_http_host} is not loopback: "
+                "set AIMS_BILLING_HTTP_TOKEN so the HTTP transport requires a bearer token"
+            )
+        return self
+
+    @property
+    def stripe_mode(self) -> StripeMode:
+        if self.stripe_secret_key is None:
+            return StripeMode.SANDBOX
+        key = self.stripe_secret_key.get_secret_value()
+        return StripeMode.LIVE if "_live_" in key[:8] else StripeMode.TEST
+
+    @property
+    def sandbox_db_path(self) -> Path:
+        if self.aims_billing_sandbox_db is not None:
+            return self.aims_billing_sandbox_db
+        return self.aims_billing_db.with_name(self.aims_billing_db.stem + ".sandbox.db")
+
+    def live_key_problem(self) -> str | None:
+        """Why the configured key may not be used, or None; the gateway and `serve` both ask."""
+        if self.stripe_mode is StripeMode.LIVE and not self.aims_billing_allow_live:
+            return (
+                "STRIPE_SECRET_KEY is a live-mode key and live mode is off: use an sk_test_ key, "
+                "or set AIMS_BILLING_ALLOW_LIVE=true to move real money"
+            )
+        return None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per bad variable, naming it as the operator typed it, never echoing a secret value."""
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "settings"
+        name = loc.upper()
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}: {message}" if loc != "settings" else message)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,379 @@
+"""The only code that opens the database: connections, pragmas, numbered migrations, and the one writer.
+
+Why one writer: several SQLite writer connections contending through `busy_timeout` stay correct but their worst
+case reaches seconds, which no tool call can afford. So every write is a job handed to one writer thread, which
+commits whatever has gathered in one transaction (group commit) and acknowledges each caller only after COMMIT.
+Each job runs inside its own SAVEPOINT, so one failing job (a UNIQUE violation, say) rolls back alone and the
+rest of the batch still commits. Readers use their own connection; WAL lets them read while the writer writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+T = TypeVar("T")
+Job = Callable[[sqlite3.Connection], T]
+
+BUSY_TIMEOUT_MS = 5000
+MAX_BATCH = 256
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC with milliseconds: sorts as text, reads as a time."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def utc_iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+# --- migrations -------------------------------------------------------------------------------------------------
+# Each is (number, name, SQL). Never edit a shipped one: add the next number. Tables follow design.md §3.
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "core tables",
+        """
+        CREATE TABLE billing_provisions (
+            customer_id TEXT PRIMARY KEY,
+            tier TEXT NOT NULL DEFAULT 'p2p',
+            status TEXT NOT NULL DEFAULT 'none',
+            subscription_id TEXT UNIQUE,
+            price_id TEXT,
+            current_period_end INTEGER,
+            commitment_end INTEGER,
+            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
+            last_event_id TEXT,
+            last_event_created INTEGER,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE payment_sessions (
+            id TEXT PRIMARY KEY,
+            customer_id TEXT,
+            agent_id TEXT,
+            item_id TEXT,
+            amount INTEGER NOT NULL CHECK (amount > 0),
+            currency TEXT NOT NULL,
+            description TEXT,
+            status TEXT NOT NULL,
+            payment_intent_id TEXT UNIQUE,
+            idempotency_key TEXT UNIQUE,
+            last_error TEXT,
+            fulfilled_at TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE x402_receipts (
+            id TEXT PRIMARY KEY,
+            quote_id TEXT,
+            network TEXT NOT NULL,
+            asset TEXT NOT NULL,
+            payer TEXT NOT NULL,
+            pay_to TEXT NOT NULL,
+            amount INTEGER NOT NULL CHECK (amount > 0),
+            nonce TEXT NOT NULL,
+            tx_hash TEXT UNIQUE,
+            agent_id TEXT,
+            luc_credited INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            UNIQUE (network, asset, payer, nonce)
+        );
+        CREATE TABLE agent_wallets (
+            id TEXT PRIMARY KEY,
+            agent_id TEXT NOT NULL UNIQUE,
+            customer_id TEXT NOT NULL,
+            balance INTEGER NOT NULL DEFAULT 0 CHECK (balance >= 0),
+            daily_cap INTEGER CHECK (daily_cap IS NULL OR daily_cap > 0),
+            frozen INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE agent_transactions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            txn_id TEXT NOT NULL,
+            entry INTEGER NOT NULL,
+            account TEXT NOT NULL,
+            wallet_id TEXT REFERENCES agent_wallets (id),
+            kind TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            balance_after INTEGER,
+            idempotency_key TEXT,
+            reason TEXT,
+            reference TEXT,
+            created_at TEXT NOT NULL,
+            UNIQUE (txn_id, entry)
+        );
+        CREATE TABLE meter_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            identifier TEXT NOT NULL UNIQUE,
+            customer_id TEXT NOT NULL,
+            event_name TEXT NOT NULL,
+            operation TEXT,
+            raw_units INTEGER NOT NULL CHECK (raw_units >= 0),
+            multiplier_milli INTEGER NOT NULL,
+            weighted_units INTEGER NOT NULL,
+            agent_id TEXT,
+            timestamp INTEGER NOT NULL,
+            metadata TEXT,
+            status TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            sent_at TEXT,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE webhook_events (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            payload TEXT NOT NULL,
+            processed INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            received_at TEXT NOT NULL,
+            processed_at TEXT
+        );
+        CREATE TABLE idempotency_keys (
+            tool TEXT NOT NULL,
+            key TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            response TEXT NOT NULL,
+            request_id TEXT,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (tool, key)
+        );
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            tool TEXT NOT NULL,
+            caller TEXT,
+            arguments TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            error_code TEXT,
+            duration_ms REAL NOT NULL,
+            request_id TEXT
+        );
+        """,
+    ),
+    (
+        2,
+        "lookup indexes",
+        """
+        CREATE INDEX meter_events_pending ON meter_events (status, id);
+        CREATE INDEX meter_events_customer_time ON meter_events (customer_id, timestamp);
+        CREATE INDEX agent_transactions_wallet ON agent_transactions (wallet_id, id);
+        CREATE UNIQUE INDEX agent_transactions_idempotency ON agent_transactions (idempotency_key, entry)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX agent_wallets_customer ON agent_wallets (customer_id);
+        CREATE INDEX audit_log_tool_at ON audit_log (tool, at);
+        CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+        """,
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    """A connection in autocommit mode (we issue BEGIN ourselves) with the pragmas every connection needs."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'").fetchone()
+    if not exists:
+        return 0
+    row = conn.execute("SELECT MAX(id) FROM migrations").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: sqlite3.Connection, upto: int | None = None) -> list[int]:
+    """Apply every migration not yet recorded, each in its own transaction with its record; return those applied."""
+    conn.execute("CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT)")
+    applied = []
+    current = schema_version(conn)
+    for number, name, sql in MIGRATIONS:
+        if number <= current or (upto is not None and number > upto):
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute("INSERT INTO migrations (id, name, applied_at) VALUES (?, ?, ?)", (number, name, utc_now()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(number)
+    return applied
+
+
+def _statements(sql: str) -> Iterable[str]:
+    return (s.strip() for s in sql.split(";") if s.strip())
+
+
+# --- the writer -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _WriteJob:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class Writer:
+    """One thread, one connection, group commit: callers wait only for the COMMIT that includes their job."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._conn = connect(path)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="aims-billing-writer", daemon=True)
+        self._thread.start()
+        self.batches = 0
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        job = _WriteJob(fn)
+        self._queue.put(job)
+        return job.future
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_WriteJob]) -> None:
+        conn = self._conn
+        outcomes: list[tuple[_WriteJob, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.fn(conn)
+                except BaseException as exc:  # the job's own failure: undo it alone
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((job, None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((job, result, None))
+            conn.execute("COMMIT")
+            self.batches += 1
+        except BaseException as exc:  # the transaction itself failed: nobody's write landed
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        for job, result, error in outcomes:
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+
+
+# --- the store --------------------------------------------------------------------------------------------------
+
+
+class Store:
+    """Reads on a reader connection in the caller's thread; writes through the one writer."""
+
+    def __init__(self, path: Path | str, *, migrate_upto: int | None = None) -> None:
+        self.path = Path(path)
+        if str(path) == ":memory:":
+            raise ValueError("the store needs a file (reader and writer share it); use a temporary file in tests")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        bootstrap = connect(self.path)
+        try:
+            sqlite_utils.Database(bootstrap).enable_wal()
+            self.applied_migrations = migrate(bootstrap, upto=migrate_upto)
+        finally:
+            bootstrap.close()
+        self._reader = connect(self.path)
+        self._read_lock = threading.Lock()
+        self.db = sqlite_utils.Database(self._reader)
+        self._writer = Writer(self.path)
+
+    # reads
+    def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        with self._read_lock:
+            return [dict(row) for row in self._reader.execute(sql, params)]
+
+    def query_one(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    @property
+    def schema_version(self) -> int:
+        with self._read_lock:
+            return schema_version(self._reader)
+
+    def table_names(self) -> list[str]:
+        with self._read_lock:
+            return self.db.table_names()
+
+    # writes
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in the writer's next transaction; return after COMMIT (or raise what fn raised)."""
+        return await asyncio.wrap_future(self._writer.submit(fn))
+
+    def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self._writer.submit(fn).result()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Queue a write without waiting (audit rows): it commits with the next batch."""
+        return self._writer.submit(fn)
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
+
+
+def dumps(value: Any) -> str:
+    """Canonical JSON: the same value always gives the same text (request hashes depend on it)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def monotonic_ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)

@@ -1,0 +1,74 @@
+"""The one table of tools: each with its MCP annotations and the permission it needs.
+
+The allow-list (AIMS_BILLING_TOOLS) and read-only mode (AIMS_BILLING_READ_ONLY) filter this table *before*
+registration, so a tool that is off does not exist for the client at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mcp.types import ToolAnnotations
+
+from ..errors import ConfigurationError
+from ..settings import Settings
+from . import catalog
+
+Permission = Literal["read", "write"]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    fn: Callable[..., Any]
+    title: str
+    permission: Permission
+    destructive: bool = False
+    idempotent: bool = True
+    open_world: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    @property
+    def annotations(self) -> ToolAnnotations:
+        return ToolAnnotations(
+            title=self.title,
+            read_only_hint=self.permission == "read",
+            destructive_hint=self.destructive,
+            idempotent_hint=self.idempotent,
+            open_world_hint=self.open_world,
+        )
+
+
+TOOLS: tuple[ToolSpec, ...] = (
+    ToolSpec(catalog.create_product, "Create product", "write"),
+    ToolSpec(catalog.create_price, "Create price", "write"),
+    ToolSpec(catalog.create_customer, "Create customer", "write"),
+    ToolSpec(catalog.create_payment_link, "Create payment link", "write"),
+    ToolSpec(catalog.create_checkout_session, "Create checkout session", "write"),
+    ToolSpec(catalog.create_billing_portal_session, "Create billing portal session", "write"),
+    ToolSpec(catalog.list_invoices, "List invoices", "read"),
+    ToolSpec(catalog.retrieve_balance, "Retrieve balance", "read"),
+)
+
+
+def is_tool_allowed(spec: ToolSpec, settings: Settings) -> bool:
+    if settings.aims_billing_read_only and spec.permission != "read":
+        return False
+    return not settings.aims_billing_tools or spec.name in settings.aims_billing_tools
+
+
+def select_tools(settings: Settings, tools: tuple[ToolSpec, ...] = TOOLS) -> list[ToolSpec]:
+    """The tools this configuration exposes; an unknown name in the allow-list is a start-up error, not a typo
+    that silently hides a tool."""
+    known = {spec.name for spec in tools}
+    unknown = sorted(set(settings.aims_billing_tools) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"AIMS_BILLING_TOOLS names unknown tools {unknown}: known tools are {sorted(known)}",
+            param="AIMS_BILLING_TOOLS",
+        )
+    return [spec for spec in tools if is_tool_allowed(spec, settings)]

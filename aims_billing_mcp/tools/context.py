@@ -1,0 +1,31 @@
+"""What a tool reaches through its Context: the services the server's lifespan built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mcp.server.mcpserver import Context
+
+if TYPE_CHECKING:
+    from ..services.catalog import CatalogService
+    from ..services.idempotency import IdempotencyService
+    from ..settings import Settings
+    from ..store import Store
+    from ..stripe_gateway import StripeGateway
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: Store
+    gateway: StripeGateway
+    idempotency: IdempotencyService
+    catalog: CatalogService
+
+
+ToolContext = Context[AppState, Any]
+
+
+def services(ctx: ToolContext) -> AppState:
+    return ctx.request_context.lifespan_context

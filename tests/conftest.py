@@ -1,0 +1,78 @@
+"""Shared fixtures: an in-memory sandbox, settings on a temporary database, and an MCP client connected in memory
+to the real server (real gateway, real SDK, real SQLite): tests call tools by name, exactly as an agent does."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+from mcp.types import CallToolResult
+
+from aims_billing_mcp.app import BillingServer, build_server
+from aims_billing_mcp.sandbox import Sandbox, create_app
+from aims_billing_mcp.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test may see the developer's or CI's Stripe key or settings, nor a .env in the working directory."""
+    for name in list(os.environ):
+        if name.startswith(("STRIPE_", "AIMS_BILLING_", "AIMS_X402_")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def sandbox_app() -> Iterator[Any]:
+    app = create_app(db_path=":memory:")
+    yield app
+    app.state.sandbox.close()
+
+
+@pytest.fixture
+def sandbox(sandbox_app: Any) -> Sandbox:
+    return sandbox_app.state.sandbox  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"aims_billing_db": tmp_path / "billing.db"}
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@pytest.fixture
+def make_server(make_settings: Callable[..., Settings], sandbox_app: Any) -> Callable[..., BillingServer]:
+    def make(**overrides: Any) -> BillingServer:
+        return build_server(make_settings(**overrides), sandbox_app=sandbox_app, retry_delay_scale=0.0)
+
+    return make
+
+
+@pytest.fixture
+async def client(make_server: Callable[..., BillingServer]) -> AsyncIterator[Client]:
+    async with Client(make_server()) as connected:
+        yield connected
+
+
+def ok(result: CallToolResult) -> dict[str, Any]:
+    """The structured result of a call that must have succeeded."""
+    assert not result.is_error, result.content
+    assert isinstance(result.structured_content, dict)
+    return result.structured_content
+
+
+def error_of(result: CallToolResult) -> dict[str, Any]:
+    """The structured error of a call that must have failed, with its text for the agent."""
+    assert result.is_error, result.structured_content
+    assert isinstance(result.structured_content, dict), result.content
+    err: dict[str, Any] = result.structured_content["error"]
+    err["text"] = result.content[0].text  # type: ignore[union-attr]
+    return err

@@ -1,0 +1,93 @@
+"""The store: every table of the design exists, old databases upgrade, and the one writer commits in groups where a
+failing job rolls back alone."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from aims_billing_mcp.store import SCHEMA_VERSION, Store, connect
+
+TABLES = {"billing_provisions", "payment_sessions", "x402_receipts", "agent_wallets", "agent_transactions",
+          "meter_events", "webhook_events", "idempotency_keys", "audit_log", "migrations"}
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = Store(tmp_path / "s.db")
+    yield s
+    s.close()
+
+
+def test_a_new_database_has_every_table_and_the_latest_schema(store: Store) -> None:
+    assert TABLES <= set(store.table_names())
+    assert store.schema_version == SCHEMA_VERSION
+
+
+def test_the_database_runs_in_wal_mode_with_foreign_keys(store: Store) -> None:
+    assert store.query_one("PRAGMA journal_mode")["journal_mode"] == "wal"  # type: ignore[index]
+    assert store.query_one("PRAGMA foreign_keys")["foreign_keys"] == 1  # type: ignore[index]
+
+
+def test_opening_an_older_database_upgrades_it(tmp_path: Path) -> None:
+    old = Store(tmp_path / "old.db", migrate_upto=1)
+    assert old.schema_version == 1
+    old.close()
+
+    upgraded = Store(tmp_path / "old.db")
+
+    assert upgraded.schema_version == SCHEMA_VERSION
+    assert upgraded.applied_migrations == list(range(2, SCHEMA_VERSION + 1))
+    assert upgraded.query_one("SELECT name FROM sqlite_master WHERE name = 'meter_events_pending'")
+    upgraded.close()
+
+
+def test_reopening_a_current_database_applies_nothing(tmp_path: Path) -> None:
+    Store(tmp_path / "x.db").close()
+    again = Store(tmp_path / "x.db")
+    assert again.applied_migrations == []
+    again.close()
+
+
+async def test_a_failing_job_rolls_back_alone_while_its_batch_commits(store: Store) -> None:
+    def insert(key: str):  # type: ignore[no-untyped-def]
+        return lambda conn: conn.execute(
+            "INSERT INTO idempotency_keys (tool, key, request_hash, response, created_at) VALUES ('t', ?, 'h', '{}', 'now')",
+            (key,))
+
+    results = await asyncio.gather(
+        store.write(insert("a")), store.write(insert("a")), store.write(insert("b")), return_exceptions=True
+    )
+
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
+    assert [r["key"] for r in store.query("SELECT key FROM idempotency_keys ORDER BY key")] == ["a", "b"]
+
+
+async def test_concurrent_writers_are_grouped_into_fewer_transactions(store: Store) -> None:
+    def audit(i: int):  # type: ignore[no-untyped-def]
+        return lambda conn: conn.execute(
+            "INSERT INTO audit_log (at, tool, arguments, outcome, duration_ms) VALUES ('t', ?, '{}', 'ok', 0)", (str(i),))
+
+    await asyncio.gather(*(store.write(audit(i)) for i in range(200)))
+
+    assert store.query_one("SELECT COUNT(*) AS n FROM audit_log")["n"] == 200  # type: ignore[index]
+    assert store._writer.batches < 200
+
+
+async def test_a_write_is_visible_to_a_fresh_connection_once_acknowledged(store: Store) -> None:
+    await store.write(lambda conn: conn.execute(
+        "INSERT INTO webhook_events (id, type, created, payload, received_at) VALUES ('evt_1', 't', 0, '{}', 'now')"))
+    other = connect(store.path)
+    assert other.execute("SELECT COUNT(*) FROM webhook_events").fetchone()[0] == 1
+    other.close()
+
+
+def test_negative_wallet_balances_are_refused_by_the_schema(store: Store) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        store.write_sync(lambda conn: conn.execute(
+            "INSERT INTO agent_wallets (id, agent_id, customer_id, balance, created_at, updated_at) "
+            "VALUES ('w', 'a', 'cus_1', -1, 'now', 'now')"))

@@ -1,0 +1,166 @@
+"""The Starlette app: routing, authentication, fault injection, idempotency and the request log.
+
+One catch-all route dispatches to the Stripe endpoint table so that unknown paths and methods get
+Stripe's "Unrecognized request URL" 404 instead of Starlette's. ``/_sandbox/...`` holds the
+sandbox-only controls (faults, request log, completing a checkout), under the same auth.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as StarletteRoute
+
+from . import billing, catalog, checkout, customers, events, payments
+from .auth import SANDBOX_SECRET_KEY, authenticate
+from .core import DEFAULT_API_VERSION, Route
+from .errors import StripeError, fault, invalid, unrecognized_url
+from .faults import Fault
+from .forms import Form, decode, decode_json
+from .ids import request_id
+from .params import Params
+from .sandbox import RequestRecord, Sandbox
+
+ROUTES: tuple[Route, ...] = (
+    *catalog.ROUTES,
+    *customers.ROUTES,
+    *checkout.ROUTES,
+    *billing.ROUTES,
+    *payments.ROUTES,
+    *events.ROUTES,
+)
+CONTROL_PREFIX = "/_sandbox/"
+ALL_METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
+
+
+def _match(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+    for route in ROUTES:
+        if route.method != method:
+            continue
+        found = route.regex.match(path)
+        if found:
+            return route, found.groupdict()
+    return None
+
+
+async def _read_form(request: Request) -> Form:
+    """Query string plus body (form-encoded, or JSON for the control routes)."""
+    form = decode(request.url.query) if request.url.query else {}
+    raw = await request.body()
+    if raw:
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                form.update(decode_json(json.loads(raw)))
+            except ValueError:
+                raise StripeError(400, "Invalid JSON body.") from None
+        else:
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:
+                raise StripeError(400, "Request body must be UTF-8.") from None
+            form.update(decode(text))
+    return form
+
+
+def _control(sandbox: Sandbox, method: str, path: str, form: Form) -> tuple[int, Any]:
+    """The sandbox-only HTTP controls."""
+    sub = path[len(CONTROL_PREFIX):]
+    if sub == "faults" and method == "POST":
+        p = Params(form)
+        p.allow(("status", "count", "mode", "delay_ms", "path_prefix"))
+        status = p.integer("status") if p.has("status") else (None if p.has("delay_ms") else 500)
+        mode = p.string("mode", choices=("before", "after")) or "before"
+        try:
+            armed = sandbox.faults.inject(
+                status=status,
+                count=p.integer("count") or 1,
+                mode="after" if mode == "after" else "before",
+                delay_ms=p.integer("delay_ms") or 0,
+                path_prefix=p.string("path_prefix"),
+            )
+        except ValueError as exc:
+            raise invalid("status", str(exc)) from None
+        return 200, {"object": "sandbox.fault", **asdict(armed)}
+    if sub == "faults" and method == "DELETE":
+        sandbox.faults.clear()
+        return 200, {"object": "sandbox.faults", "cleared": True}
+    if sub == "faults" and method == "GET":
+        return 200, {"object": "list", "data": [asdict(f) for f in sandbox.faults.active()]}
+    if sub == "requests" and method == "GET":
+        return 200, {"object": "list", "data": [asdict(r) for r in sandbox.request_log]}
+    parts = sub.split("/")
+    if method == "POST" and len(parts) == 4 and parts[:2] == ["checkout", "sessions"] and parts[3] == "complete":
+        return 200, sandbox.complete_checkout_session(parts[2])
+    raise unrecognized_url(method, path)
+
+
+def create_app(db_path: str = ":memory:", api_keys: Iterable[str] = (SANDBOX_SECRET_KEY,)) -> Starlette:
+    """A Stripe-compatible app over a fresh or persisted (``db_path`` file) sandbox.
+
+    ``api_keys`` are the accepted secret keys; ``SANDBOX_SECRET_KEY`` unless told otherwise.
+    """
+    sandbox = Sandbox(db_path, api_keys)
+
+    async def dispatch(request: Request) -> Response:
+        method, path = request.method, request.url.path
+        rid = request_id()
+        version = request.headers.get("stripe-version") or DEFAULT_API_VERSION
+        idem = request.headers.get("idempotency-key") if method == "POST" else None
+        control = path.startswith(CONTROL_PREFIX)
+        replayed = False
+        armed: Fault | None = None
+        try:
+            api_key = authenticate(request.headers.get("authorization"), sandbox.api_keys)
+            armed = None if control else sandbox.faults.take(path)
+            if armed is not None and armed.delay_ms:
+                await anyio.sleep(armed.delay_ms / 1000)
+            if armed is not None and armed.status is not None and armed.mode == "before":
+                raise fault(armed.status)
+            form = await _read_form(request)
+            if control:
+                status, payload = _control(sandbox, method, path, form)
+                body = json.dumps(payload)
+            else:
+                matched = _match(method, path)
+                if matched is None:
+                    raise unrecognized_url(method, path)
+                route, args = matched
+                outcome = sandbox.execute(
+                    route, form, args, method=method, path=path, api_key=api_key,
+                    idempotency_key=idem, request_id=rid, api_version=version,
+                )
+                status, body, replayed = outcome.status, outcome.body, outcome.replayed
+                if armed is not None and armed.status is not None:  # "after": the answer is lost
+                    raise fault(armed.status)
+        except StripeError as exc:
+            status, body = exc.status, json.dumps(exc.envelope(rid))
+        headers = {"Request-Id": rid, "Stripe-Version": version}
+        if idem is not None:
+            headers["Idempotency-Key"] = idem
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        if not control:
+            sandbox.request_log.append(RequestRecord(method, path, status, idem, replayed))
+        return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+    app = Starlette(routes=[StarletteRoute("/{path:path}", dispatch, methods=ALL_METHODS)])
+    app.state.sandbox = sandbox
+    return app
+
+
+def serve_sandbox(host: str = "127.0.0.1", port: int = 12111, db_path: str = ":memory:") -> None:
+    """Serve the sandbox over HTTP until interrupted (``aims-billing-mcp sandbox --port N``)."""
+    import uvicorn
+
+    app = create_app(db_path=db_path)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        app.state.sandbox.close()

@@ -1,0 +1,537 @@
+"""Invoices, invoice items and subscriptions (``/v1/invoices``, ``/v1/invoiceitems``,
+``/v1/subscriptions``).
+
+Totals are recomputed from the lines whenever lines change, so ``subtotal``, ``total``,
+``amount_due``, ``amount_paid`` and ``amount_remaining`` always agree. There is no tax or discount.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from . import payments
+from .catalog import expanded_price
+from .core import LIST_PARAMS, Ctx, Obj, Route, add_interval, embedded_list, list_page, public
+from .errors import StripeError, invalid, missing
+from .ids import new_id
+from .params import Params
+
+INVOICE_STATUSES = ("draft", "open", "paid", "uncollectible", "void")
+SUB_STATUSES = ("active", "past_due", "unpaid", "canceled", "incomplete", "incomplete_expired",
+                "trialing", "paused")
+
+
+# -- invoices -------------------------------------------------------------------------------
+
+def new_invoice(ctx: Ctx, customer: Obj, *, currency: str, billing_reason: str = "manual",
+                subscription: Obj | None = None) -> Obj:
+    """A draft invoice without lines (the caller adds them with :func:`add_line`)."""
+    invoice_id = new_id("in_")
+    parent = None
+    if subscription is not None:
+        parent = {
+            "quote_details": None,
+            "subscription_details": {"metadata": subscription["metadata"], "subscription": subscription["id"]},
+            "type": "subscription_details",
+        }
+    invoice: Obj = {
+        "id": invoice_id,
+        "object": "invoice",
+        "account_country": "US",
+        "account_name": "AIMS Billing Sandbox",
+        "amount_due": 0,
+        "amount_overpaid": 0,
+        "amount_paid": 0,
+        "amount_remaining": 0,
+        "amount_shipping": 0,
+        "application": None,
+        "attempt_count": 0,
+        "attempted": False,
+        "auto_advance": False,
+        "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None,
+                          "provider": None, "status": None},
+        "billing_reason": billing_reason,
+        "collection_method": "charge_automatically",
+        "created": ctx.now,
+        "currency": currency,
+        "customer": customer["id"],
+        "customer_address": customer.get("address"),
+        "customer_email": customer.get("email"),
+        "customer_name": customer.get("name"),
+        "customer_phone": customer.get("phone"),
+        "customer_tax_exempt": "none",
+        "default_payment_method": None,
+        "description": None,
+        "discounts": [],
+        "due_date": None,
+        "effective_at": None,
+        "ending_balance": None,
+        "footer": None,
+        "hosted_invoice_url": None,
+        "invoice_pdf": None,
+        "issuer": {"type": "self"},
+        "last_finalization_error": None,
+        "lines": embedded_list([], f"/v1/invoices/{invoice_id}/lines"),
+        "livemode": False,
+        "metadata": {},
+        "next_payment_attempt": None,
+        "number": None,
+        "parent": parent,
+        "period_end": ctx.now,
+        "period_start": ctx.now,
+        "post_payment_credit_notes_amount": 0,
+        "pre_payment_credit_notes_amount": 0,
+        "receipt_number": None,
+        "starting_balance": 0,
+        "status": "draft",
+        "status_transitions": {"finalized_at": None, "marked_uncollectible_at": None, "paid_at": None,
+                               "voided_at": None},
+        "subtotal": 0,
+        "subtotal_excluding_tax": 0,
+        "total": 0,
+        "total_discount_amounts": [],
+        "total_excluding_tax": 0,
+        "total_taxes": [],
+        "webhooks_delivered_at": None,
+        "_subscription": subscription["id"] if subscription else None,
+    }
+    ctx.store.insert(invoice)
+    return invoice
+
+
+def add_line(invoice: Obj, *, amount: int, description: str | None, quantity: int, price: Obj | None,
+             period: tuple[int, int], parent: Obj) -> None:
+    """Append a line and bring the invoice totals in line with it."""
+    line: Obj = {
+        "id": new_id("il_"),
+        "object": "line_item",
+        "amount": amount,
+        "currency": invoice["currency"],
+        "description": description,
+        "discount_amounts": [],
+        "discountable": True,
+        "discounts": [],
+        "invoice": invoice["id"],
+        "livemode": False,
+        "metadata": {},
+        "parent": parent,
+        "period": {"end": period[1], "start": period[0]},
+        "pretax_credit_amounts": [],
+        "pricing": None if price is None else {
+            "price_details": {"price": price["id"], "product": price["product"]},
+            "type": "price_details",
+            "unit_amount_decimal": price["unit_amount_decimal"],
+        },
+        "quantity": quantity,
+        "taxes": [],
+    }
+    invoice["lines"]["data"].append(line)
+    invoice["lines"]["total_count"] = len(invoice["lines"]["data"])
+    _retotal(invoice)
+
+
+def _retotal(invoice: Obj) -> None:
+    total = sum(int(line["amount"]) for line in invoice["lines"]["data"])
+    due = max(total, 0)
+    invoice.update(subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total,
+                   amount_due=due, amount_remaining=max(due - invoice["amount_paid"], 0))
+
+
+def _finalize(ctx: Ctx, invoice: Obj) -> None:
+    customer = ctx.store.get(invoice["customer"], "customer")
+    if customer is not None:
+        sequence = int(customer.get("next_invoice_sequence") or 1)
+        invoice["number"] = f"{customer['invoice_prefix']}-{sequence:04d}"
+        customer["next_invoice_sequence"] = sequence + 1
+        ctx.store.update(customer)
+    invoice["status"] = "open"
+    invoice["effective_at"] = ctx.now
+    invoice["status_transitions"]["finalized_at"] = ctx.now
+    invoice["hosted_invoice_url"] = f"https://invoice.sandbox.aims.invalid/i/{invoice['id']}"
+    invoice["invoice_pdf"] = f"https://invoice.sandbox.aims.invalid/i/{invoice['id']}/pdf"
+    ctx.record_event("invoice.finalized", invoice)
+
+
+def mark_paid(ctx: Ctx, invoice: Obj) -> None:
+    """Record full payment of an open invoice and emit ``invoice.paid``."""
+    invoice.update(status="paid", amount_paid=invoice["amount_due"], amount_remaining=0, attempted=True,
+                   attempt_count=max(invoice["attempt_count"], 1))
+    invoice["status_transitions"]["paid_at"] = ctx.now
+    ctx.store.update(invoice)
+    ctx.record_event("invoice.paid", invoice)
+    ctx.record_event("invoice.payment_succeeded", invoice)
+
+
+def charge_invoice(ctx: Ctx, invoice: Obj, token: str) -> Obj | None:
+    """Finalize (if draft) and pay an invoice with a card; returns the PaymentIntent, if any."""
+    if invoice["status"] == "draft":
+        _finalize(ctx, invoice)
+    pi = None
+    if invoice["amount_due"] > 0:
+        pi = payments.new_payment_intent(
+            ctx, amount=invoice["amount_due"], currency=invoice["currency"], customer=invoice["customer"],
+            description=f"Invoice {invoice['number']}",
+        )
+        ctx.store.update(invoice)
+        payments.confirm(ctx, pi, token)
+    mark_paid(ctx, invoice)
+    return pi
+
+
+def create_invoice(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
+    p.allow(("customer", "auto_advance", "collection_method", "days_until_due", "description",
+             "metadata", "currency", "pending_invoice_items_behavior", "footer", "due_date"))
+    customer = ctx.fetch("customer", p.req_str("customer"), "customer", "customer")
+    method = p.string("collection_method", choices=("charge_automatically", "send_invoice")) \
+        or "charge_automatically"
+    days = p.integer("days_until_due", minimum=0)
+    if method == "send_invoice" and days is None and not p.has("due_date"):
+        raise missing("days_until_due")
+    behavior = p.string("pending_invoice_items_behavior", choices=("include", "exclude")) or "include"
+    metadata = p.metadata()
+    pending: list[Obj] = []
+    if behavior == "include":
+        pending, _more = ctx.store.page("invoiceitem", {"customer": customer["id"], "invoice": ""},
+                                        limit=1000, oldest_first=True)
+    currency = p.currency() or (pending[0]["currency"] if pending else customer.get("currency") or "usd")
+    invoice = new_invoice(ctx, customer, currency=currency)
+    invoice.update(metadata=metadata, description=p.string("description"), collection_method=method,
+                   auto_advance=p.boolean("auto_advance") or False, footer=p.string("footer"))
+    if days is not None:
+        invoice["due_date"] = ctx.now + days * 86400
+    for item in pending:
+        if item["currency"] == currency:
+            _attach_item(ctx, invoice, item)
+    ctx.store.update(invoice)
+    return invoice
+
+
+def _attach_item(ctx: Ctx, invoice: Obj, item: Obj) -> None:
+    item["invoice"] = invoice["id"]
+    ctx.store.update(item)
+    price = item.get("_price")
+    add_line(invoice, amount=item["amount"], description=item["description"], quantity=item["quantity"],
+             price=price, period=(item["period"]["start"], item["period"]["end"]),
+             parent={"invoice_item_details": {"invoice_item": item["id"], "proration": False,
+                                              "proration_details": {"credited_items": None},
+                                              "subscription": None},
+                     "subscription_item_details": None, "type": "invoice_item_details"})
+
+
+def retrieve_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    return ctx.fetch("invoice", args["id"], "invoice", "id")
+
+
+def update_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    p.allow(("metadata", "description", "footer", "auto_advance"))
+    invoice = ctx.fetch("invoice", args["id"], "invoice", "id")
+    for key in ("description", "footer"):
+        if p.has(key):
+            if invoice["status"] != "draft":
+                raise invalid(key, "Finalized invoices can't be updated in this way.")
+            invoice[key] = p.string(key)
+    auto = p.boolean("auto_advance")
+    if auto is not None:
+        invoice["auto_advance"] = auto
+    invoice["metadata"] = p.metadata(invoice["metadata"])
+    ctx.store.update(invoice)
+    return invoice
+
+
+def list_invoices(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
+    p.allow((*LIST_PARAMS, "customer", "status", "subscription", "collection_method", "due_date"))
+    filters: dict[str, str | list[str]] = {}
+    customer = p.string("customer")
+    if customer is not None:
+        filters["customer"] = customer
+    status = p.string("status", choices=INVOICE_STATUSES)
+    if status is not None:
+        filters["status"] = status
+    subscription = p.string("subscription")
+    if subscription is not None:
+        filters["_subscription"] = subscription
+    return list_page(ctx, p, "invoice", "/v1/invoices", filters)
+
+
+def list_invoice_lines(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    p.allow(LIST_PARAMS)
+    invoice = ctx.fetch("invoice", args["id"], "invoice", "id")
+    lines: Obj = invoice["lines"]
+    return lines
+
+
+def finalize_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    p.allow(("auto_advance",))
+    invoice = ctx.fetch("invoice", args["id"], "invoice", "id")
+    if invoice["status"] != "draft":
+        raise StripeError(400, "This invoice is already finalized, you can't re-finalize a non-draft invoice.")
+    _finalize(ctx, invoice)
+    if invoice["amount_due"] == 0:
+        mark_paid(ctx, invoice)
+    ctx.store.update(invoice)
+    return invoice
+
+
+def pay_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    p.allow(("paid_out_of_band", "payment_method", "source", "off_session", "forgive"))
+    invoice = ctx.fetch("invoice", args["id"], "invoice", "id")
+    if invoice["status"] == "paid":
+        raise StripeError(400, "Invoice is already paid.")
+    if invoice["status"] not in ("draft", "open"):
+        raise StripeError(400, f"You cannot pay an invoice with status {invoice['status']}.")
+    if p.boolean("paid_out_of_band"):
+        if invoice["status"] == "draft":
+            _finalize(ctx, invoice)
+        invoice["paid_out_of_band"] = True
+        mark_paid(ctx, invoice)
+        return invoice
+    token = p.string("payment_method") or "pm_card_visa"
+    charge_invoice(ctx, invoice, token)
+    return invoice
+
+
+def void_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    invoice = ctx.fetch("invoice", args["id"], "invoice", "id")
+    if invoice["status"] != "open":
+        raise StripeError(400, f"You can only void open invoices. This invoice is {invoice['status']}.")
+    invoice["status"] = "void"
+    invoice["amount_remaining"] = 0
+    invoice["status_transitions"]["voided_at"] = ctx.now
+    ctx.store.update(invoice)
+    ctx.record_event("invoice.voided", invoice)
+    return invoice
+
+
+# -- invoice items --------------------------------------------------------------------------
+
+def create_invoice_item(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
+    p.allow(("customer", "amount", "currency", "description", "metadata", "price", "pricing", "quantity",
+             "invoice", "period", "subscription", "unit_amount_decimal", "discountable"))
+    customer = ctx.fetch("customer", p.req_str("customer"), "customer", "customer")
+    quantity = p.integer("quantity", minimum=1) or 1
+    price_id = p.string("price")
+    pricing = p.sub("pricing")
+    if price_id is None and pricing is not None:
+        pricing.allow(("price",))
+        price_id = pricing.string("price")
+    price: Obj | None = None
+    if price_id is not None:
+        price = ctx.fetch("price", price_id, "price", "price" if p.has("price") else "pricing[price]")
+        if price["type"] != "one_time":
+            raise invalid("price", "The price specified is set to `type=recurring` but this field only "
+                          "accepts prices with `type=one_time`.")
+        if price["unit_amount"] is None:
+            raise invalid("price", "Prices with fractional unit amounts are not supported here.")
+        amount = int(price["unit_amount"]) * quantity
+        currency = price["currency"]
+    else:
+        raw_amount = p.integer("amount")
+        if raw_amount is None:
+            raise missing("amount")
+        amount = raw_amount
+        currency_value = p.currency(required=True)
+        assert currency_value is not None
+        currency = currency_value
+    invoice: Obj | None = None
+    invoice_id = p.string("invoice")
+    if invoice_id is not None:
+        invoice = ctx.fetch("invoice", invoice_id, "invoice", "invoice")
+        if invoice["status"] != "draft":
+            raise invalid("invoice", "You can only add invoice items to draft invoices.")
+        if invoice["currency"] != currency:
+            raise invalid("currency", "The currency of the invoice item must match the invoice's currency.")
+    item: Obj = {
+        "id": new_id("ii_"),
+        "object": "invoiceitem",
+        "amount": amount,
+        "currency": currency,
+        "customer": customer["id"],
+        "date": ctx.now,
+        "description": p.string("description") or (None if price is None else _product_name(ctx, price)),
+        "discountable": True,
+        "discounts": [],
+        "invoice": None,
+        "livemode": False,
+        "metadata": p.metadata(),
+        "parent": None,
+        "period": {"end": ctx.now, "start": ctx.now},
+        "pricing": None if price is None else {
+            "price_details": {"price": price["id"], "product": price["product"]},
+            "type": "price_details", "unit_amount_decimal": price["unit_amount_decimal"]},
+        "proration": False,
+        "quantity": quantity,
+        "tax_rates": [],
+        "test_clock": None,
+        "_price": None if price is None else public(price),
+    }
+    ctx.store.insert(item)
+    if invoice is not None:
+        _attach_item(ctx, invoice, item)
+        ctx.store.update(invoice)
+    return item
+
+
+def _product_name(ctx: Ctx, price: Obj) -> str | None:
+    product = ctx.store.get(price["product"], "product")
+    return None if product is None else str(product["name"])
+
+
+def retrieve_invoice_item(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    return ctx.fetch("invoiceitem", args["id"], "invoiceitem", "id")
+
+
+def list_invoice_items(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
+    p.allow((*LIST_PARAMS, "customer", "invoice", "pending"))
+    filters: dict[str, str | list[str]] = {}
+    customer = p.string("customer")
+    if customer is not None:
+        filters["customer"] = customer
+    invoice = p.string("invoice")
+    if invoice is not None:
+        filters["invoice"] = invoice
+    elif p.boolean("pending"):
+        filters["invoice"] = ""
+    return list_page(ctx, p, "invoiceitem", "/v1/invoiceitems", filters)
+
+
+# -- subscriptions --------------------------------------------------------------------------
+
+def new_subscription(ctx: Ctx, customer_id: str, items: list[tuple[Obj, int]], metadata: dict[str, str],
+                     payment_method: str | None) -> Obj:
+    """An active subscription whose items carry their current period (as in the clover API)."""
+    sub_id = new_id("sub_")
+    data: list[Obj] = []
+    for price, quantity in items:
+        rec = price["recurring"]
+        data.append({
+            "id": new_id("si_", 14),
+            "object": "subscription_item",
+            "billing_thresholds": None,
+            "created": ctx.now,
+            "current_period_end": add_interval(ctx.now, rec["interval"], rec["interval_count"]),
+            "current_period_start": ctx.now,
+            "discounts": [],
+            "metadata": {},
+            "price": expanded_price(ctx, price["id"]),
+            "quantity": quantity,
+            "subscription": sub_id,
+            "tax_rates": [],
+        })
+    subscription: Obj = {
+        "id": sub_id,
+        "object": "subscription",
+        "application": None,
+        "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
+        "billing_cycle_anchor": ctx.now,
+        "billing_cycle_anchor_config": None,
+        "cancel_at": None,
+        "cancel_at_period_end": False,
+        "canceled_at": None,
+        "cancellation_details": {"comment": None, "feedback": None, "reason": None},
+        "collection_method": "charge_automatically",
+        "created": ctx.now,
+        "currency": items[0][0]["currency"],
+        "customer": customer_id,
+        "days_until_due": None,
+        "default_payment_method": payment_method,
+        "description": None,
+        "discounts": [],
+        "ended_at": None,
+        "items": embedded_list(data, f"/v1/subscription_items?subscription={sub_id}"),
+        "latest_invoice": None,
+        "livemode": False,
+        "metadata": metadata,
+        "pending_setup_intent": None,
+        "pending_update": None,
+        "start_date": ctx.now,
+        "status": "active",
+        "trial_end": None,
+        "trial_start": None,
+    }
+    ctx.store.insert(subscription)
+    return subscription
+
+
+def retrieve_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    return ctx.fetch("subscription", args["id"], "subscription", "id")
+
+
+def list_subscriptions(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
+    p.allow((*LIST_PARAMS, "customer", "status", "price", "collection_method"))
+    filters: dict[str, str | list[str]] = {}
+    customer = p.string("customer")
+    if customer is not None:
+        filters["customer"] = customer
+    status = p.string("status", choices=(*SUB_STATUSES, "all", "ended"))
+    if status is None:
+        filters["status"] = [s for s in SUB_STATUSES if s != "canceled"]
+    elif status == "ended":
+        filters["status"] = ["canceled", "incomplete_expired"]
+    elif status != "all":
+        filters["status"] = status
+    return list_page(ctx, p, "subscription", "/v1/subscriptions", filters)
+
+
+def update_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    p.allow(("cancel_at_period_end", "metadata", "description", "cancellation_details",
+             "default_payment_method"))
+    sub = ctx.fetch("subscription", args["id"], "subscription", "id")
+    previous: Obj = {}
+    if sub["status"] == "canceled" and any(k not in ("metadata", "cancellation_details") for k in p.data):
+        raise StripeError(400, "A canceled subscription can only update its cancellation_details and metadata.")
+    cape = p.boolean("cancel_at_period_end")
+    if cape is not None and cape != sub["cancel_at_period_end"]:
+        previous.update(cancel_at_period_end=sub["cancel_at_period_end"], cancel_at=sub["cancel_at"])
+        sub["cancel_at_period_end"] = cape
+        period_end = max(item["current_period_end"] for item in sub["items"]["data"])
+        sub["cancel_at"] = period_end if cape else None
+        sub["canceled_at"] = ctx.now if cape else None
+        sub["cancellation_details"]["reason"] = "cancellation_requested" if cape else None
+    if p.has("description"):
+        sub["description"] = p.string("description")
+    if p.has("default_payment_method"):
+        sub["default_payment_method"] = p.string("default_payment_method")
+    details = p.sub("cancellation_details")
+    if details is not None:
+        details.allow(("comment", "feedback"))
+        for key in ("comment", "feedback"):
+            if details.has(key):
+                sub["cancellation_details"][key] = details.string(key)
+    old_metadata = sub["metadata"]
+    sub["metadata"] = p.metadata(old_metadata)
+    if sub["metadata"] != old_metadata:
+        previous["metadata"] = old_metadata
+    ctx.store.update(sub)
+    ctx.record_event("customer.subscription.updated", sub, previous)
+    return sub
+
+
+def cancel_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    p.allow(("invoice_now", "prorate", "cancellation_details"))
+    sub = ctx.fetch("subscription", args["id"], "subscription", "id")
+    if sub["status"] == "canceled":
+        raise StripeError(404, f"No such subscription: '{sub['id']}'", code="resource_missing", param="id")
+    sub.update(status="canceled", canceled_at=ctx.now, ended_at=ctx.now)
+    sub["cancellation_details"]["reason"] = "cancellation_requested"
+    ctx.store.update(sub)
+    ctx.record_event("customer.subscription.deleted", sub)
+    return sub
+
+
+ROUTES = [
+    Route("POST", "/v1/invoices", create_invoice),
+    Route("GET", "/v1/invoices", list_invoices),
+    Route("GET", "/v1/invoices/{id}", retrieve_invoice),
+    Route("POST", "/v1/invoices/{id}", update_invoice),
+    Route("GET", "/v1/invoices/{id}/lines", list_invoice_lines),
+    Route("POST", "/v1/invoices/{id}/finalize", finalize_invoice),
+    Route("POST", "/v1/invoices/{id}/pay", pay_invoice),
+    Route("POST", "/v1/invoices/{id}/void", void_invoice),
+    Route("POST", "/v1/invoiceitems", create_invoice_item),
+    Route("GET", "/v1/invoiceitems", list_invoice_items),
+    Route("GET", "/v1/invoiceitems/{id}", retrieve_invoice_item),
+    Route("GET", "/v1/subscriptions", list_subscriptions),
+    Route("GET", "/v1/subscriptions/{id}", retrieve_subscription),
+    Route("POST", "/v1/subscriptions/{id}", update_subscription),
+    Route("DELETE", "/v1/subscriptions/{id}", cancel_subscription),
+]

@@ -1,0 +1,89 @@
+"""Completing a Checkout Session as if the customer paid (sandbox-only action).
+
+Reproduces what Stripe does behind the hosted page: a customer if there was none, then either a
+succeeded PaymentIntent (payment mode) or an active Subscription with a paid first Invoice
+(subscription mode), and the Events a webhook consumer would receive.
+"""
+
+from __future__ import annotations
+
+from . import billing, payments
+from .core import Ctx, Obj, public
+from .customers import new_customer
+from .errors import StripeError
+from .ids import new_id
+
+CARD = "pm_card_visa"
+
+
+def _session_lines(ctx: Ctx, session_id: str) -> list[Obj]:
+    lines, _ = ctx.store.page("item", {"_parent": session_id}, limit=1000, oldest_first=True)
+    return lines
+
+
+def complete_session(ctx: Ctx, session_id: str) -> Obj:
+    """Pay an open session with a test Visa card; returns the completed session."""
+    session = ctx.fetch("checkout.session", session_id, "checkout session", "id")
+    if session["status"] != "open":
+        raise StripeError(
+            400,
+            f"This Checkout Session is {session['status']} and can no longer be completed.",
+            param="id",
+        )
+    customer = ctx.store.get(session["customer"], "customer") if session["customer"] else None
+    if customer is None:
+        customer = new_customer(ctx, email=session["customer_email"])
+        ctx.record_event("customer.created", customer)
+    pm = payments.resolve_payment_method(ctx, CARD)
+    pm["customer"] = customer["id"]
+    ctx.store.update(pm)
+    session["customer"] = customer["id"]
+    session["customer_details"] = {
+        "address": None, "business_name": None, "email": customer["email"], "individual_name": None,
+        "name": customer["name"], "phone": customer["phone"], "tax_exempt": "none", "tax_ids": [],
+    }
+    lines = _session_lines(ctx, session_id)
+    mode = session["mode"]
+    if mode == "payment":
+        pi = payments.new_payment_intent(
+            ctx, amount=session["amount_total"], currency=session["currency"], customer=customer["id"],
+            metadata={},
+        )
+        payments.succeed(ctx, pi, pm["id"])
+        session["payment_intent"] = pi["id"]
+        session["payment_status"] = "paid"
+    elif mode == "subscription":
+        recurring = [(line["price"], int(line["quantity"])) for line in lines
+                     if line["price"]["type"] == "recurring"]
+        sub = billing.new_subscription(ctx, customer["id"], recurring, dict(session["_subscription_metadata"]),
+                                       pm["id"])
+        invoice = billing.new_invoice(ctx, customer, currency=session["currency"],
+                                      billing_reason="subscription_create", subscription=sub)
+        items = {item["price"]["id"]: item for item in sub["items"]["data"]}
+        for line in lines:
+            price = line["price"]
+            item = items.get(price["id"])
+            period = (item["current_period_start"], item["current_period_end"]) if item else (ctx.now, ctx.now)
+            parent: Obj = {
+                "invoice_item_details": None,
+                "subscription_item_details": {
+                    "invoice_item": None, "proration": False, "proration_details": {"credited_items": None},
+                    "subscription": sub["id"], "subscription_item": item["id"] if item else None,
+                },
+                "type": "subscription_item_details",
+            }
+            billing.add_line(invoice, amount=line["amount_total"], description=line["description"],
+                             quantity=line["quantity"], price=price, period=period, parent=parent)
+        ctx.store.update(invoice)
+        billing.charge_invoice(ctx, invoice, pm["id"])
+        sub["latest_invoice"] = invoice["id"]
+        ctx.store.update(sub)
+        ctx.record_event("customer.subscription.created", sub)
+        session.update(subscription=sub["id"], invoice=invoice["id"], payment_status="paid")
+    else:
+        session["setup_intent"] = new_id("seti_")
+    session["status"] = "complete"
+    session["url"] = None
+    ctx.store.update(session)
+    ctx.record_event("checkout.session.completed", session)
+    return public(session)

@@ -53,6 +53,7 @@ class BillingServer(MCPServer[AppState]):
         token = last_request_ids.set(request_ids)
         outcome, error_code = "ok", None
         try:
+            self._refuse_unknown_arguments(name, arguments)
             result = await super().call_tool(name, arguments, context)
             if isinstance(result, CallToolResult) and isinstance(result.structured_content, dict):
                 if result.structured_content.get("replayed"):
@@ -70,6 +71,19 @@ class BillingServer(MCPServer[AppState]):
             if state is not None:
                 audit(state.store, name, arguments, outcome, error_code, monotonic_ms(start), request_ids,
                       caller=_caller_name(context))
+
+
+    def _refuse_unknown_arguments(self, name: str, arguments: dict[str, Any]) -> None:
+        """A misspelt argument (`amout`) silently ignored could bill the wrong thing: refuse it by name."""
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
+            return
+        known = set(tool.parameters.get("properties", {}))
+        unknown = sorted(set(arguments) - known)
+        if unknown:
+            raise InvalidInput(
+                f"unknown argument(s) {unknown} for {name}: it takes {sorted(known)}", param=unknown[0]
+            )
 
 
 def to_billing_error(tool: str, exc: Exception) -> BillingError:

@@ -17,6 +17,13 @@ from aims_billing_mcp.sandbox import Sandbox, create_app
 from aims_billing_mcp.settings import Settings
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run under anyio's plugin (`pytestmark = pytest.mark.anyio`), which keeps an async fixture's
+    setup and teardown in one task, as the MCP client's cancel scopes require."""
+    return "asyncio"
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test may see the developer's or CI's Stripe key or settings, nor a .env in the working directory."""

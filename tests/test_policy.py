@@ -13,6 +13,8 @@ from aims_billing_mcp.store import Store
 from aims_billing_mcp.tools import TOOLS, select_tools
 from tests.conftest import error_of, ok
 
+pytestmark = pytest.mark.anyio
+
 WRITE_TOOLS = {spec.name for spec in TOOLS if spec.permission == "write"}
 READ_TOOLS = {spec.name for spec in TOOLS if spec.permission == "read"}
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
 from aims_billing_mcp.store import SCHEMA_VERSION, Store, connect
+
+pytestmark = pytest.mark.anyio
 
 TABLES = {"billing_provisions", "payment_sessions", "x402_receipts", "agent_wallets", "agent_transactions",
           "meter_events", "webhook_events", "idempotency_keys", "audit_log", "migrations"}
@@ -67,15 +70,23 @@ async def test_a_failing_job_rolls_back_alone_while_its_batch_commits(store: Sto
     assert [r["key"] for r in store.query("SELECT key FROM idempotency_keys ORDER BY key")] == ["a", "b"]
 
 
-async def test_concurrent_writers_are_grouped_into_fewer_transactions(store: Store) -> None:
+async def test_writes_that_queue_up_commit_together_in_one_transaction(store: Store) -> None:
+    gate = threading.Event()
+    blocker = store.submit(lambda conn: gate.wait(5))  # holds the writer while the others queue up
+
     def audit(i: int):  # type: ignore[no-untyped-def]
         return lambda conn: conn.execute(
             "INSERT INTO audit_log (at, tool, arguments, outcome, duration_ms) VALUES ('t', ?, '{}', 'ok', 0)", (str(i),))
 
-    await asyncio.gather(*(store.write(audit(i)) for i in range(200)))
+    pending = [asyncio.ensure_future(store.write(audit(i))) for i in range(200)]
+    await asyncio.sleep(0)
+    batches_before = store._writer.batches
+    gate.set()
+    await asyncio.gather(*pending)
 
+    assert blocker.result() is True
     assert store.query_one("SELECT COUNT(*) AS n FROM audit_log")["n"] == 200  # type: ignore[index]
-    assert store._writer.batches < 200
+    assert store._writer.batches - batches_before <= 2
 
 
 async def test_a_write_is_visible_to_a_fresh_connection_once_acknowledged(store: Store) -> None:

@@ -14,6 +14,8 @@ from aims_billing_mcp.settings import StripeMode
 from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway, encode_form, stripe_idempotency_key
 from tests.conftest import error_of, ok
 
+pytestmark = pytest.mark.anyio
+
 
 def posts(sandbox: Sandbox, path: str) -> list[Any]:
     return [r for r in sandbox.request_log if r.method == "POST" and r.path == path]

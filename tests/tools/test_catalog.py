@@ -11,6 +11,8 @@ from mcp import Client
 from aims_billing_mcp.sandbox import Sandbox
 from tests.conftest import error_of, ok
 
+pytestmark = pytest.mark.anyio
+
 
 async def make_product(client: Client) -> str:
     return ok(await client.call_tool("create_product", {"name": "Widget"}))["product"]["id"]  # type: ignore[no-any-return]
@@ -112,10 +114,10 @@ async def test_create_billing_portal_session_returns_a_url_for_the_customer(clie
 async def test_list_invoices_pages_with_next_cursor_until_the_last_page(client: Client, sandbox: Sandbox) -> None:
     customer = await make_customer(client)
     monthly = await make_price(client, 1000, recurring={"interval": "month"})
-    for _ in range(3):
+    for month in range(3):
         session = ok(await client.call_tool("create_checkout_session", {
             "mode": "subscription", "line_items": [{"price": monthly}], "customer": customer,
-            "success_url": "https://example.com/ok"}))
+            "success_url": "https://example.com/ok", "idempotency_key": f"month-{month}"}))
         sandbox.complete_checkout_session(session["checkout_session"]["id"])
 
     first = ok(await client.call_tool("list_invoices", {"customer": customer, "limit": 2}))
@@ -166,6 +168,7 @@ async def test_retrieve_balance_reports_sandbox_mode_and_paid_checkouts(client: 
         ("create_billing_portal_session", {"customer": "cus_1", "return_url": "ftp://x"}, "return_url"),
         ("create_billing_portal_session", {}, "customer"),
         ("list_invoices", {"limit": 0}, "limit"),
+        ("create_customer", {"email": "a@example.com", "emial": "typo@example.com"}, "emial"),
     ],
 )
 async def test_bad_input_is_an_error_naming_the_field_and_sends_nothing(

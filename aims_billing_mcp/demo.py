@@ -48,7 +48,8 @@ def _summary(content: dict[str, Any] | None) -> str:
     for key, value in content.items():
         if isinstance(value, dict) and "id" in value:
             shown = value.get("url") or value.get("unit_amount_display") or value.get("email") or ""
-            return " ".join([value["id"], str(shown)[:60], *flags]).strip()
+            ident = value["id"] if len(value["id"]) <= 30 else value["id"][:27] + "…"
+            return " ".join([*flags, ident, str(shown)]).strip()
     if content.get("dry_run"):
         return f"dry run: {content['request']['method']} {content['request']['url'].split('/', 3)[-1]}"
     if "invoices" in content:
@@ -153,10 +154,14 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
         return True
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _print_table(rows: list[Row], print_line: Callable[[str], None]) -> None:
     headers = ("#", "tool", "key arguments", "result", "ms")
-    table = [(str(i + 1), r.tool, r.arguments, r.result + ("" if r.ok else "  <-- unexpected"), f"{r.ms:.1f}")
-             for i, r in enumerate(rows)]
+    table = [(str(i + 1), r.tool, r.arguments[:56], _clip(r.result, 78) + ("" if r.ok else "  <-- unexpected"),
+              f"{r.ms:.1f}") for i, r in enumerate(rows)]
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     print_line(line)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import socket
 from typing import Any
 
 from mcp.server.transport_security import TransportSecuritySettings
@@ -51,11 +50,12 @@ def build_http_app(server: Any, *, host: str, token: str | None) -> Any:
     return BearerTokenMiddleware(app, token)
 
 
-async def serve_http(server: Any, *, host: str, port: int, token: str | None,
-                     sock: socket.socket | None = None) -> None:
-    """Run until cancelled; `sock` lets tests bind port 0 first and read the port back."""
+def uvicorn_server(server: Any, *, host: str, port: int, token: str | None) -> Any:
     import uvicorn
 
     app = build_http_app(server, host=host, token=token)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    await uvicorn.Server(config).serve(sockets=[sock] if sock is not None else None)
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+
+
+async def serve_http(server: Any, *, host: str, port: int, token: str | None) -> None:
+    await uvicorn_server(server, host=host, port=port, token=token).serve()

@@ -96,7 +96,8 @@ def _control(sandbox: Sandbox, method: str, path: str, form: Form) -> tuple[int,
     if sub == "requests" and method == "GET":
         return 200, {"object": "list", "data": [asdict(r) for r in sandbox.request_log]}
     parts = sub.split("/")
-    if method == "POST" and len(parts) == 4 and parts[:2] == ["checkout", "sessions"] and parts[3] == "complete":
+    if method == "POST" and len(parts) == 4 and parts[:2] == ["checkout", "sessions"] \
+            and parts[3] == "complete":
         return 200, sandbox.complete_checkout_session(parts[2])
     raise unrecognized_url(method, path)
 

@@ -31,7 +31,8 @@ def new_invoice(ctx: Ctx, customer: Obj, *, currency: str, billing_reason: str =
     if subscription is not None:
         parent = {
             "quote_details": None,
-            "subscription_details": {"metadata": subscription["metadata"], "subscription": subscription["id"]},
+            "subscription_details": {"metadata": subscription["metadata"],
+                                     "subscription": subscription["id"]},
             "type": "subscription_details",
         }
     invoice: Obj = {
@@ -264,7 +265,9 @@ def finalize_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     p.allow(("auto_advance",))
     invoice = ctx.fetch("invoice", args["id"], "invoice", "id")
     if invoice["status"] != "draft":
-        raise StripeError(400, "This invoice is already finalized, you can't re-finalize a non-draft invoice.")
+        raise StripeError(
+            400, "This invoice is already finalized, you can't re-finalize a non-draft invoice."
+        )
     _finalize(ctx, invoice)
     if invoice["amount_due"] == 0:
         mark_paid(ctx, invoice)
@@ -478,7 +481,9 @@ def update_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     sub = ctx.fetch("subscription", args["id"], "subscription", "id")
     previous: Obj = {}
     if sub["status"] == "canceled" and any(k not in ("metadata", "cancellation_details") for k in p.data):
-        raise StripeError(400, "A canceled subscription can only update its cancellation_details and metadata.")
+        raise StripeError(
+            400, "A canceled subscription can only update its cancellation_details and metadata."
+        )
     cape = p.boolean("cancel_at_period_end")
     if cape is not None and cape != sub["cancel_at_period_end"]:
         previous.update(cancel_at_period_end=sub["cancel_at_period_end"], cancel_at=sub["cancel_at"])

@@ -48,7 +48,9 @@ def new_product(ctx: Ctx, p: Params, *, name: str | None = None) -> Obj:
 
 
 def create_product(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
-    p.allow(("id", "name", "active", "metadata", "default_price_data", "images", "shippable", *PRODUCT_FIELDS))
+    p.allow(
+        ("id", "name", "active", "metadata", "default_price_data", "images", "shippable", *PRODUCT_FIELDS)
+    )
     name = p.req_str("name")
     dpd = p.sub("default_price_data")
     if dpd is not None:
@@ -238,7 +240,9 @@ def create_price(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         ctx.fetch("product", product_id, "product", "product")
     else:
         assert product_data is not None
-        product_data.allow(("name", "active", "metadata", "statement_descriptor", "tax_code", "unit_label", "id"))
+        product_data.allow(
+            ("name", "active", "metadata", "statement_descriptor", "tax_code", "unit_label", "id")
+        )
         product_id = new_product(ctx, product_data)["id"]
     active = p.boolean("active")
     price = new_price(ctx, p, product_id=product_id, active=True if active is None else active)

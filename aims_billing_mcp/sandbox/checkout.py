@@ -50,7 +50,9 @@ def _line_prices(ctx: Ctx, p: Params, *, allow_price_data: bool) -> list[tuple[O
         if price_id is None and pdata is None:
             raise missing(li.name("price"))
         if price_id is not None and pdata is not None:
-            raise invalid(li.name("price"), "You may only specify one of these parameters: price, price_data.")
+            raise invalid(
+                li.name("price"), "You may only specify one of these parameters: price, price_data."
+            )
         if price_id is not None:
             price = ctx.fetch("price", price_id, "price", li.name("price"))
             if not price["active"]:
@@ -208,7 +210,9 @@ def create_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     sub_metadata: dict[str, str] = {}
     if sub_data is not None:
         if mode != "subscription":
-            raise invalid("subscription_data", "You can only specify `subscription_data` in `subscription` mode.")
+            raise invalid(
+                "subscription_data", "You can only specify `subscription_data` in `subscription` mode."
+            )
         sub_data.allow(("metadata", "description", "trial_period_days"))
         sub_metadata = sub_data.metadata()
     expires_at = p.integer("expires_at")

@@ -55,7 +55,8 @@ def complete_session(ctx: Ctx, session_id: str) -> Obj:
     elif mode == "subscription":
         recurring = [(line["price"], int(line["quantity"])) for line in lines
                      if line["price"]["type"] == "recurring"]
-        sub = billing.new_subscription(ctx, customer["id"], recurring, dict(session["_subscription_metadata"]),
+        sub_metadata = dict(session["_subscription_metadata"])
+        sub = billing.new_subscription(ctx, customer["id"], recurring, sub_metadata,
                                        pm["id"])
         invoice = billing.new_invoice(ctx, customer, currency=session["currency"],
                                       billing_reason="subscription_create", subscription=sub)
@@ -63,7 +64,9 @@ def complete_session(ctx: Ctx, session_id: str) -> Obj:
         for line in lines:
             price = line["price"]
             item = items.get(price["id"])
-            period = (item["current_period_start"], item["current_period_end"]) if item else (ctx.now, ctx.now)
+            period = (ctx.now, ctx.now)
+            if item:
+                period = (item["current_period_start"], item["current_period_end"])
             parent: Obj = {
                 "invoice_item_details": None,
                 "subscription_item_details": {

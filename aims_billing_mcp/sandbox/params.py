@@ -174,7 +174,8 @@ class Params:
         if isinstance(value, str):
             return [value]
         if isinstance(value, dict):
-            return [str(value[k]) for k in sorted(value, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))]
+            ordered = sorted(value, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+            return [str(value[k]) for k in ordered]
         raise invalid(self.name(key), f"Invalid array: {self.name(key)}")
 
     def metadata(self, current: dict[str, str] | None = None, key: str = "metadata") -> dict[str, str]:

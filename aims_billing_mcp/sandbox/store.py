@@ -256,7 +256,8 @@ class Store:
         with self._lock:
             self._conn.execute(
                 "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (scope, key, record.method, record.path, record.fingerprint, record.status, record.body, created),
+                (scope, key, record.method, record.path, record.fingerprint, record.status, record.body,
+                 created),
             )
 
     # -- balance -------------------------------------------------------------------------------
@@ -273,5 +274,7 @@ class Store:
 
     def balance_rows(self) -> list[tuple[str, int, int]]:
         with self._lock:
-            rows = self._conn.execute("SELECT currency, available, card FROM balance ORDER BY currency").fetchall()
+            rows = self._conn.execute(
+                "SELECT currency, available, card FROM balance ORDER BY currency"
+            ).fetchall()
         return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]

@@ -58,4 +58,5 @@ def monthly(client: TestClient, product: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture
 def one_time(client: TestClient, product: dict[str, Any]) -> dict[str, Any]:
-    return ok(post(client, "/v1/prices", {"product": product["id"], "currency": "usd", "unit_amount": "1500"}))
+    data = {"product": product["id"], "currency": "usd", "unit_amount": "1500"}
+    return ok(post(client, "/v1/prices", data))

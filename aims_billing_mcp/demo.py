@@ -45,7 +45,7 @@ def _summary(content: dict[str, Any] | None) -> str:
     if "error" in content:
         return f"refused: {content['error']['code']} ({content['error'].get('param') or ''})"
     flags = [flag for flag in ("replayed", "dry_run") if content.get(flag)]
-    for key, value in content.items():
+    for value in content.values():
         if isinstance(value, dict) and "id" in value:
             shown = value.get("url") or value.get("unit_amount_display") or value.get("email") or ""
             ident = value["id"] if len(value["id"]) <= 30 else value["id"][:27] + "…"

@@ -7,6 +7,7 @@ reads e.g. "customer: Value error, must be a Stripe customer id starting with 'c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -14,12 +15,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 
 # Stripe's presentment currencies (ISO 4217, lowercase). Zero-decimal ones are listed separately for display.
 CURRENCIES = frozenset(
-    """usd aed afn all amd ang aoa ars aud awg azn bam bbd bdt bgn bhd bif bmd bnd bob brl bsd bwp byn bzd cad cdf
-    chf clp cny cop crc cve czk djf dkk dop dzd egp etb eur fjd fkp gbp gel gip gmd gnf gtq gyd hkd hnl htg huf idr
-    ils inr isk jmd jod jpy kes kgs khr kmf krw kwd kyd kzt lak lbp lkr lrd lsl mad mdl mga mkd mmk mnt mop mur mvr
-    mwk mxn myr mzn nad ngn nio nok npr nzd omr pab pen pgk php pkr pln pyg qar ron rsd rub rwf sar sbd scr sek sgd
-    shp sle sos srd std szl thb tjs tnd top try ttd twd tzs uah ugx uyu uzs vnd vuv wst xaf xcd xof xpf yer zar
-    zmw""".split()
+    """
+    usd aed afn all amd ang aoa ars aud awg azn bam bbd bdt bgn bhd bif bmd bnd bob brl bsd bwp byn bzd cad
+    cdf chf clp cny cop crc cve czk djf dkk dop dzd egp etb eur fjd fkp gbp gel gip gmd gnf gtq gyd hkd hnl
+    htg huf idr ils inr isk jmd jod jpy kes kgs khr kmf krw kwd kyd kzt lak lbp lkr lrd lsl mad mdl mga mkd
+    mmk mnt mop mur mvr mwk mxn myr mzn nad ngn nio nok npr nzd omr pab pen pgk php pkr pln pyg qar ron rsd
+    rub rwf sar sbd scr sek sgd shp sle sos srd std szl thb tjs tnd top try ttd twd tzs uah ugx uyu uzs vnd
+    vuv wst xaf xcd xof xpf yer zar zmw
+    """.split()
 )
 ZERO_DECIMAL = frozenset("bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split())
 THREE_DECIMAL = frozenset("bhd jod kwd omr tnd".split())
@@ -34,7 +37,9 @@ def format_amount(amount: int, currency: str) -> str:
     return f"{sign}{text} {currency.upper()}"
 
 
-def _stripe_id(prefix: str, what: str, hint: str) -> Any:
+def _id_check(prefix: str, what: str, hint: str) -> Callable[[str], str]:
+    """An id check that names the expected prefix and how to get a valid id when the prefix is wrong."""
+
     def check(value: str) -> str:
         value = value.strip()
         if not value.startswith(prefix) or len(value) <= len(prefix):
@@ -43,16 +48,22 @@ def _stripe_id(prefix: str, what: str, hint: str) -> Any:
             raise ValueError(f"{value[:40]!r} is not a Stripe id: ids are letters, digits and '_' only")
         return value
 
-    return Annotated[
-        str,
-        AfterValidator(check),
-        WithJsonSchema({"type": "string", "pattern": f"^{prefix}[A-Za-z0-9_]+$"}),
-    ]
+    return check
 
 
-CustomerId = _stripe_id("cus_", "customer", "create one with create_customer")
-PriceId = _stripe_id("price_", "price", "create one with create_price")
-ProductId = _stripe_id("prod_", "product", "create one with create_product")
+def _id_schema(prefix: str) -> WithJsonSchema:
+    return WithJsonSchema({"type": "string", "pattern": f"^{prefix}[A-Za-z0-9_]+$"})
+
+
+CustomerId = Annotated[
+    str, AfterValidator(_id_check("cus_", "customer", "create one with create_customer")), _id_schema("cus_")
+]
+PriceId = Annotated[
+    str, AfterValidator(_id_check("price_", "price", "create one with create_price")), _id_schema("price_")
+]
+ProductId = Annotated[
+    str, AfterValidator(_id_check("prod_", "product", "create one with create_product")), _id_schema("prod_")
+]
 
 
 def _check_url(value: str) -> str:

@@ -326,7 +326,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         bootstrap = connect(self.path)
         try:
-            sqlite_utils.Database(bootstrap).enable_wal()
+            sqlite_utils.Database(bootstrap).enable_wal()  # type: ignore[no-untyped-call]
             self.applied_migrations = migrate(bootstrap, upto=migrate_upto)
         finally:
             bootstrap.close()
@@ -338,7 +338,7 @@ class Store:
     # reads
     def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         with self._read_lock:
-            return [dict(row) for row in self._reader.execute(sql, params)]
+            return [dict(row) for row in self._reader.execute(sql, params)]  # type: ignore[arg-type]
 
     def query_one(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
         rows = self.query(sql, params)

@@ -8,6 +8,7 @@ path (encoding, headers, retries, error classes) as production.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -100,10 +101,12 @@ class ASGIHTTPClient(stripe.HTTPClient):
         try:
             response = await self._async.request(method, url, headers=dict(headers), content=post_data)
         except Exception as exc:  # the sandbox crashed: the SDK treats this like a network error
-            raise stripe.APIConnectionError(f"sandbox request failed: {type(exc).__name__}", should_retry=True) from exc
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"sandbox request failed: {type(exc).__name__}", should_retry=True
+            ) from exc
         return response.content, response.status_code, response.headers
 
-    def request(
+    def request(  # type: ignore[override]
         self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None, **_: Any
     ) -> tuple[bytes, int, Mapping[str, str]]:
         if self._sync is None:
@@ -140,6 +143,20 @@ class ASGIHTTPClient(stripe.HTTPClient):
         await self._async.aclose()
 
 
+class HTTPXContentClient(stripe.HTTPXClient):
+    """The SDK's httpx client, sending the encoded body as `content=`: its own `data=<str>` is deprecated by httpx
+    and warns on every POST."""
+
+    def _get_request_args_kwargs(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any
+    ) -> list[Any]:
+        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
+        body = kwargs.pop("data", None)
+        if body:
+            kwargs["content"] = body
+        return [args, kwargs]
+
+
 class StripeGateway:
     """One StripeClient with our version, retries and keys; `send` is the single door to Stripe."""
 
@@ -162,7 +179,7 @@ class StripeGateway:
         self._refusal = refusal
         self._rate_limit_retries = rate_limit_retries
         self._scale = retry_delay_scale
-        self._http_client = http_client or stripe.HTTPXClient()
+        self._http_client = http_client or HTTPXContentClient()
         self._client = stripe.StripeClient(
             api_key,
             stripe_version=api_version,
@@ -201,10 +218,8 @@ class StripeGateway:
                 return StripeResult(data=dict(response.data), request_id=response.request_id)
 
     async def close(self) -> None:
-        try:
-            await self._http_client.close_async()
-        except NotImplementedError:
-            pass
+        with contextlib.suppress(NotImplementedError):
+            await self._http_client.close_async()  # type: ignore[no-untyped-call]
 
 
 def _note_request_id(request_id: str | None) -> None:

@@ -26,7 +26,7 @@ def store(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_a_new_database_has_every_table_and_the_latest_schema(store: Store) -> None:
-    assert TABLES <= set(store.table_names())
+    assert set(store.table_names()) >= TABLES
     assert store.schema_version == SCHEMA_VERSION
 
 
@@ -58,8 +58,8 @@ def test_reopening_a_current_database_applies_nothing(tmp_path: Path) -> None:
 async def test_a_failing_job_rolls_back_alone_while_its_batch_commits(store: Store) -> None:
     def insert(key: str):  # type: ignore[no-untyped-def]
         return lambda conn: conn.execute(
-            "INSERT INTO idempotency_keys (tool, key, request_hash, response, created_at) VALUES ('t', ?, 'h', '{}', 'now')",
-            (key,))
+            "INSERT INTO idempotency_keys (tool, key, request_hash, response, created_at) "
+            "VALUES ('t', ?, 'h', '{}', 'now')", (key,))
 
     results = await asyncio.gather(
         store.write(insert("a")), store.write(insert("a")), store.write(insert("b")), return_exceptions=True
@@ -76,7 +76,8 @@ async def test_writes_that_queue_up_commit_together_in_one_transaction(store: St
 
     def audit(i: int):  # type: ignore[no-untyped-def]
         return lambda conn: conn.execute(
-            "INSERT INTO audit_log (at, tool, arguments, outcome, duration_ms) VALUES ('t', ?, '{}', 'ok', 0)", (str(i),))
+            "INSERT INTO audit_log (at, tool, arguments, outcome, duration_ms) VALUES ('t', ?, '{}', 'ok', 0)",
+            (str(i),))
 
     pending = [asyncio.ensure_future(store.write(audit(i))) for i in range(200)]
     await asyncio.sleep(0)

@@ -124,7 +124,9 @@ def test_stripe_idempotency_keys_are_deterministic_per_tool_and_key() -> None:
     assert stripe_idempotency_key("create_customer", "k") != stripe_idempotency_key("create_customer", "k2")
 
 
-async def test_unknown_id_maps_to_invalid_request_with_param_and_request_id(make_settings: Any, sandbox_app: Any) -> None:
+async def test_unknown_id_maps_to_invalid_request_with_param_and_request_id(
+    make_settings: Any, sandbox_app: Any
+) -> None:
     gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
     with pytest.raises(StripeInvalidRequest) as caught:
         await gateway.send(StripeRequest("post", "/v1/billing_portal/sessions", {"customer": "cus_nope"}, "k1"))

@@ -23,7 +23,6 @@ from ..models import (
     InvoiceList,
     LineItem,
     MutationMeta,
-    PaymentLink,
     PaymentLinkResult,
     PortalSession,
     PortalSessionResult,
@@ -89,12 +88,11 @@ class CatalogService:
                 ceiling=self._max_amount,
             )
 
-    async def _line_item_totals(self, line_items: list[LineItem]) -> tuple[int | None, str | None, list[dict[str, Any]]]:
+    async def _line_item_total(self, line_items: list[LineItem]) -> tuple[int | None, str | None]:
         """Look up each price once: a clear error for a missing one, and the total to hold against the ceiling."""
         if not line_items:
             raise InvalidInput("line_items is empty: pass at least one {price, quantity}", param="line_items")
         totals: dict[str, int] = {}
-        prices = []
         for index, item in enumerate(line_items):
             try:
                 price = (await self._gateway.send(StripeRequest("get", f"/v1/prices/{item.price}"))).data
@@ -107,15 +105,14 @@ class CatalogService:
                     param=f"line_items[{index}][price]",
                     **exc.details,
                 ) from None
-            prices.append(price)
             amount = int(price.get("unit_amount") or 0) * item.quantity
             totals[price["currency"]] = totals.get(price["currency"], 0) + amount
         for currency, amount in totals.items():
             self._check_ceiling(amount, currency, "line_items total")
         if len(totals) == 1:
             ((currency, amount),) = totals.items()
-            return amount, currency, prices
-        return None, None, prices
+            return amount, currency
+        return None, None
 
     # --- mutations --------------------------------------------------------------------------------------------------
 
@@ -162,7 +159,7 @@ class CatalogService:
         self, *, line_items: list[LineItem], after_completion_url: str | None, metadata: dict[str, str] | None,
         idempotency_key: str | None, dry_run: bool,
     ) -> PaymentLinkResult:
-        total, currency, _ = await self._line_item_totals(line_items)
+        total, currency = await self._line_item_total(line_items)
         params = compact({
             "line_items": [item.model_dump() for item in line_items],
             "after_completion": {"type": "redirect", "redirect": {"url": after_completion_url}}
@@ -183,7 +180,7 @@ class CatalogService:
         if customer and customer_email:
             raise InvalidInput("give customer or customer_email, not both: Stripe uses the customer's own email",
                                param="customer_email")
-        await self._line_item_totals(line_items)
+        await self._line_item_total(line_items)
         params = compact({
             "mode": mode, "line_items": [item.model_dump() for item in line_items],
             "success_url": success_url, "cancel_url": cancel_url, "customer": customer,

@@ -1,0 +1,42 @@
+"""Contracts between the code and what users read: tools.json is what the server registers, and the README
+documents every tool and every command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aims_billing_mcp.cli import build_parser, tools_manifest
+from aims_billing_mcp.tools import TOOLS
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_tools_json_matches_the_registered_tools() -> None:
+    committed = json.loads((ROOT / "tools.json").read_text())
+    assert committed == await tools_manifest(), "tools.json drifted: run `aims-billing-mcp tools-json`"
+
+
+@pytest.mark.parametrize("name", [spec.name for spec in TOOLS])
+def test_every_tool_is_documented_in_the_readme_with_an_example(name: str) -> None:
+    assert f"| `{name}` |" in README, f"{name} is missing from the README's tool table"
+    assert f"- `{name}` `" in README or f"run, `{name}` `" in README, f"{name} has no example in the README"
+
+
+def test_every_cli_command_is_documented_in_the_readme() -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for command in commands:
+        assert f"`aims-billing-mcp {command}" in README, command
+
+
+def test_the_readme_names_the_two_setup_commands_that_ci_runs() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    for command in ('pip install -e . && aims-billing-mcp demo', 'pip install -e ".[test]" && pytest'):
+        assert command in README
+    assert 'pip install -e ".[test]"' in ci and "pytest" in ci and "aims-billing-mcp demo" in ci

@@ -9,6 +9,7 @@ a tool function.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -45,6 +46,8 @@ _caller: ContextVar[str | None] = ContextVar("aims_caller", default=None)
 class BillingServer(MCPServer[AppState]):
     """MCPServer with one error shape and an audit row for every tool call."""
 
+    read_only_tools: frozenset[str] = frozenset()
+
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[AppState, Any] | None = None
     ) -> Any:
@@ -70,7 +73,7 @@ class BillingServer(MCPServer[AppState]):
             state = _state(context)
             if state is not None:
                 audit(state.store, name, arguments, outcome, error_code, monotonic_ms(start), request_ids,
-                      caller=_caller_name(context))
+                      caller=_caller_name(context), read_only=name in self.read_only_tools)
 
 
     def _refuse_unknown_arguments(self, name: str, arguments: dict[str, Any]) -> None:
@@ -128,14 +131,18 @@ def error_result(tool: str, error: BillingError) -> CallToolResult:
 
 def audit(
     store: Store, tool: str, arguments: dict[str, Any], outcome: str, error_code: str | None, duration_ms: float,
-    request_ids: list[str], *, caller: str | None,
+    request_ids: list[str], *, caller: str | None, read_only: bool = False,
 ) -> None:
-    """Queue the audit row without waiting: it commits with the writer's next batch, off the call's latency."""
+    """Queue the audit row without waiting, off the call's latency. A read-only call's row is deferred to share a
+    commit (a crash may lose the last DEFER_SECONDS of read rows, never a write's)."""
     row = (utc_now(), tool, caller, dumps(redact(arguments)), outcome, error_code, duration_ms,
            ",".join(request_ids) or None)
-    store.submit(lambda conn: conn.execute(
-        "INSERT INTO audit_log (at, tool, caller, arguments, outcome, error_code, duration_ms, request_id) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row))
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO audit_log (at, tool, caller, arguments, outcome, error_code, duration_ms, request_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    (store.defer if read_only else store.submit)(write)
 
 
 def _state(context: Context[AppState, Any] | None) -> AppState | None:
@@ -191,8 +198,10 @@ def build_server(
         lifespan=lifespan,
         log_level=settings.aims_billing_log_level.upper(),  # type: ignore[arg-type]
     )
-    for spec in tools if tools is not None else select_tools(settings):
+    selected = tools if tools is not None else select_tools(settings)
+    for spec in selected:
         register(server, spec)
+    server.read_only_tools = frozenset(spec.name for spec in selected if spec.permission == "read")
     return server
 
 

@@ -29,6 +29,7 @@ Job = Callable[[sqlite3.Connection], T]
 
 BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 256
+DEFER_SECONDS = 0.2  # the longest a deferred write (a read-only call's audit row) waits for company
 
 
 def utc_now() -> str:
@@ -239,6 +240,7 @@ class _WriteJob:
 
 
 _STOP = object()
+_FLUSH = object()
 
 
 class Writer:
@@ -247,6 +249,8 @@ class Writer:
     def __init__(self, path: Path | str) -> None:
         self._conn = connect(path)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._deferred: list[_WriteJob] = []
+        self._deferred_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="aims-billing-writer", daemon=True)
         self._thread.start()
         self.batches = 0
@@ -256,6 +260,22 @@ class Writer:
         self._queue.put(job)
         return job.future
 
+    def defer(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """A write nobody waits for (a read-only call's audit row): it rides along with the next batch, or commits
+        on its own within DEFER_SECONDS, so a stream of reads does not pay one commit each."""
+        job = _WriteJob(fn)
+        with self._deferred_lock:
+            self._deferred.append(job)
+            full = len(self._deferred) >= MAX_BATCH
+        if full:
+            self._queue.put(_FLUSH)
+        return job.future
+
+    def _take_deferred(self) -> list[_WriteJob]:
+        with self._deferred_lock:
+            taken, self._deferred = self._deferred, []
+        return taken
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(_STOP)
@@ -263,24 +283,29 @@ class Writer:
         self._conn.close()
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < MAX_BATCH:
+        stop = False
+        while not stop:
+            try:
+                first = self._queue.get(timeout=DEFER_SECONDS)
+            except queue.Empty:
+                first = _FLUSH
+            batch: list[_WriteJob] = []
+            item = first
+            while True:
+                if item is _STOP:
+                    stop = True
+                    break
+                if item is not _FLUSH:
+                    batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-            if stop:
-                return
+            batch.extend(self._take_deferred())
+            if batch:
+                self._commit(batch)
 
     def _commit(self, batch: list[_WriteJob]) -> None:
         conn = self._conn
@@ -362,8 +387,12 @@ class Store:
         return self._writer.submit(fn).result()
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
-        """Queue a write without waiting (audit rows): it commits with the next batch."""
+        """Queue a write without waiting: it commits with the writer's next batch."""
         return self._writer.submit(fn)
+
+    def defer(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Queue a write that may wait up to DEFER_SECONDS to share a commit (see Writer.defer)."""
+        return self._writer.defer(fn)
 
     def close(self) -> None:
         self._writer.close()

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import anyio
 import httpx
@@ -82,9 +82,10 @@ class StripeResult:
 
 
 class ASGIHTTPClient(stripe.HTTPClient):
-    """Routes the SDK's HTTP into an ASGI app (the sandbox) with no socket: async over httpx.ASGITransport,
-    sync over starlette's TestClient. `retry_delay_scale` shortens the SDK's retry backoff, which exists to
-    spare a remote API and only slows an in-process one."""
+    """Routes the SDK's HTTP into an ASGI app (the sandbox) with no socket. Async requests call the app directly
+    with one ASGI scope (httpx.ASGITransport did the same job at about twice the cost per call, measured by
+    bench/tool_latency.py); sync requests go through starlette's TestClient. `retry_delay_scale` shortens the SDK's
+    retry backoff, which exists to spare a remote API and only slows an in-process one."""
 
     name = "asgi"
 
@@ -92,19 +93,17 @@ class ASGIHTTPClient(stripe.HTTPClient):
         super().__init__()
         self._app = app
         self._scale = retry_delay_scale
-        self._async = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), timeout=30)
         self._sync: Any = None
 
     async def request_async(
         self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
     ) -> tuple[bytes, int, Mapping[str, str]]:
         try:
-            response = await self._async.request(method, url, headers=dict(headers), content=post_data)
+            return await call_asgi(self._app, method, url, headers, post_data)
         except Exception as exc:  # the sandbox crashed: the SDK treats this like a network error
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
                 f"sandbox request failed: {type(exc).__name__}", should_retry=True
             ) from exc
-        return response.content, response.status_code, response.headers
 
     def request(  # type: ignore[override]
         self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None, **_: Any
@@ -140,7 +139,48 @@ class ASGIHTTPClient(stripe.HTTPClient):
             self._sync.close()
 
     async def close_async(self) -> None:
-        await self._async.aclose()
+        return None
+
+
+async def call_asgi(
+    app: Any, method: str, url: str, headers: Mapping[str, str], body: Any
+) -> tuple[bytes, int, httpx.Headers]:
+    """One HTTP exchange with an ASGI app, in the caller's task: the request body in one message, the response
+    collected whole."""
+    parts = urlsplit(url)
+    payload = body.encode() if isinstance(body, str) else (body or b"")
+    raw_headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
+    raw_headers.append((b"host", (parts.netloc or "sandbox").encode("latin-1")))
+    if payload:
+        raw_headers.append((b"content-length", str(len(payload)).encode()))
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method.upper(),
+        "scheme": parts.scheme or "http", "path": parts.path or "/", "raw_path": (parts.path or "/").encode(),
+        "query_string": parts.query.encode(), "root_path": "", "headers": raw_headers,
+        "client": ("127.0.0.1", 0), "server": (parts.hostname or "sandbox", parts.port or 80),
+    }
+    sent = False
+    status = 500
+    response_headers: list[tuple[bytes, bytes]] = []
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": payload, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, response_headers
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            response_headers = list(message.get("headers") or [])
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return b"".join(chunks), status, httpx.Headers(response_headers)
 
 
 class HTTPXContentClient(stripe.HTTPXClient):

@@ -9,8 +9,14 @@ _ALPHABET = string.ascii_letters + string.digits
 
 
 def random_base62(length: int) -> str:
-    """Cryptographically random base62 text (ids must not collide across runs of a persisted DB)."""
-    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    """Cryptographically random base62 text (ids must not collide across runs of a persisted DB).
+
+    One urandom read per id, mapped through the alphabet (bytes 248-255 are dropped to keep the mapping uniform):
+    a fifth of the cost of one `secrets.choice` per character, and every request makes a `req_` id."""
+    out: list[str] = []
+    while len(out) < length:
+        out.extend(_ALPHABET[b % 62] for b in secrets.token_bytes(length + 8) if b < 248)
+    return "".join(out[:length])
 
 
 def new_id(prefix: str, length: int = 24) -> str:

@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,8 @@ async def main(n: int, runs: int) -> None:
     print(f"{'server / tool':32} {'p50':>8} {'p99':>8} {'start-up':>9}")
     print(f"{'bare MCPServer / echo':32} {echo['echo_p50']:8.2f} {echo['echo_p99']:8.2f} {echo['startup_ms']:9.0f}")
     for tool in ("retrieve_balance", "create_customer"):
-        print(f"{'aims-billing-mcp / ' + tool:32} {bill[tool + '_p50']:8.2f} {bill[tool + '_p99']:8.2f} "
-              f"{bill['startup_ms'] if tool == 'retrieve_balance' else float('nan'):9.0f}")
+        startup = f"{bill['startup_ms']:9.0f}" if tool == "retrieve_balance" else f"{'':9}"
+        print(f"{'aims-billing-mcp / ' + tool:32} {bill[tool + '_p50']:8.2f} {bill[tool + '_p99']:8.2f} {startup}")
     checks = [
         ("retrieve_balance p50 / echo p50", bill["retrieve_balance_p50"] / echo["echo_p50"], 1.5),
         ("retrieve_balance p99 / echo p99", bill["retrieve_balance_p99"] / echo["echo_p99"], 3.0),

@@ -103,3 +103,20 @@ def test_negative_wallet_balances_are_refused_by_the_schema(store: Store) -> Non
         store.write_sync(lambda conn: conn.execute(
             "INSERT INTO agent_wallets (id, agent_id, customer_id, balance, created_at, updated_at) "
             "VALUES ('w', 'a', 'cus_1', -1, 'now', 'now')"))
+
+
+async def test_a_deferred_write_commits_on_its_own_without_other_writes(store: Store) -> None:
+    future = store.defer(lambda conn: conn.execute(
+        "INSERT INTO webhook_events (id, type, created, payload, received_at) VALUES ('evt_d', 't', 0, '{}', 'now')"))
+    future.result(timeout=5)  # the writer's idle timer commits it
+    assert store.query_one("SELECT id FROM webhook_events") == {"id": "evt_d"}
+
+
+async def test_deferred_writes_ride_along_with_the_next_batch_and_survive_close(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d.db")
+    store.defer(lambda conn: conn.execute(
+        "INSERT INTO webhook_events (id, type, created, payload, received_at) VALUES ('evt_1', 't', 0, '{}', 'now')"))
+    store.close()  # closing flushes what is deferred
+    reopened = Store(tmp_path / "d.db")
+    assert reopened.query_one("SELECT COUNT(*) AS n FROM webhook_events") == {"n": 1}
+    reopened.close()

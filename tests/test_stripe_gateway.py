@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from aims_billing_mcp.errors import StripeInvalidRequest
+from aims_billing_mcp.errors import StripeCardDeclined, StripeInvalidRequest
 from aims_billing_mcp.sandbox import Sandbox
 from aims_billing_mcp.settings import StripeMode
 from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway, encode_form, stripe_idempotency_key
@@ -135,3 +135,17 @@ async def test_unknown_id_maps_to_invalid_request_with_param_and_request_id(
     assert caught.value.details["stripe_code"] == "resource_missing"
     assert caught.value.details["request_id"].startswith("req_")
     assert "create_customer" in caught.value.message
+
+
+async def test_a_declined_card_maps_to_card_declined_with_the_decline_code(
+    make_settings: Any, sandbox_app: Any
+) -> None:
+    gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
+    create = StripeRequest("post", "/v1/payment_intents", {"amount": 500, "currency": "usd"}, "pi-1")
+    intent = await gateway.send(create)
+    with pytest.raises(StripeCardDeclined) as caught:
+        await gateway.send(StripeRequest("post", f"/v1/payment_intents/{intent.data['id']}/confirm",
+                                         {"payment_method": "pm_card_chargeDeclined"}, "pi-1-confirm"))
+    await gateway.close()
+    assert caught.value.details["decline_code"] == "generic_decline"
+    assert "another payment method" in caught.value.message

@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -39,9 +38,6 @@ Amounts are integers in minor units (cents for usd). Every creating tool takes a
 call with the same key (or the same arguments within a few minutes) to get the first result back with
 replayed: true instead of a second object. dry_run: true shows the exact Stripe request without sending it.
 Errors come back as isError results whose text names the field or cause and what to do next."""
-
-_caller: ContextVar[str | None] = ContextVar("aims_caller", default=None)
-
 
 class BillingServer(MCPServer[AppState]):
     """MCPServer with one error shape and an audit row for every tool call."""
@@ -153,15 +149,16 @@ def _state(context: Context[AppState, Any] | None) -> AppState | None:
 
 
 def _caller_name(context: Context[AppState, Any] | None) -> str | None:
+    """Who called, as far as the transport tells: the client's declared name (and HTTP vs stdio/in-memory)."""
+    if context is None:
+        return None
     try:
-        from mcp.server.auth.middleware.auth_context import get_access_token
-
-        token = get_access_token()
-        if token is not None:
-            return f"http:{token.client_id}"
-    except Exception:  # pragma: no cover - auth context absent
-        pass
-    return _caller.get()
+        params = context.session.client_params
+        name = params.client_info.name if params is not None else None
+    except (AttributeError, ValueError, LookupError):
+        name = None
+    transport = "http" if context.headers is not None else "local"
+    return f"{transport}:{name}" if name else transport
 
 
 def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scale: float = 1.0) -> AppState:
@@ -212,5 +209,3 @@ def register(server: MCPServer[Any], spec: ToolSpec) -> None:
 def all_tools() -> list[ToolSpec]:
     return list(TOOLS)
 
-
-ToolFn = Callable[..., Any]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -74,8 +75,6 @@ class IdempotencyService:
                 "repeat the first call's arguments exactly to get its result, or use a new key for a new request",
                 param="idempotency_key",
             )
-        import json
-
         stored: dict[str, Any] = json.loads(row["response"])
         return stored
 
@@ -87,18 +86,21 @@ class IdempotencyService:
         if stored is not None:
             return Outcome(stored, replayed=True)
         lock = self._locks.setdefault((call.tool, call.key), asyncio.Lock())
-        async with lock:
-            stored = self.find(call)  # a concurrent twin may have finished while we waited
-            if stored is not None:
-                return Outcome(stored, replayed=True)
-            response, request_id = await execute()
-            inserted = await self._store.write(_insert(call, response, request_id))
-            if not inserted:  # another process stored it first: theirs is the first result
-                stored = self.find(call)
+        try:
+            async with lock:
+                stored = self.find(call)  # a concurrent twin may have finished while we waited
                 if stored is not None:
                     return Outcome(stored, replayed=True)
-        self._locks.pop((call.tool, call.key), None)
-        return Outcome(response, replayed=False, request_id=request_id)
+                response, request_id = await execute()
+                inserted = await self._store.write(_insert(call, response, request_id))
+                if not inserted:  # another process stored it first: theirs is the first result
+                    stored = self.find(call)
+                    if stored is not None:
+                        return Outcome(stored, replayed=True)
+                return Outcome(response, replayed=False, request_id=request_id)
+        finally:
+            if not lock.locked():
+                self._locks.pop((call.tool, call.key), None)
 
 
 def _insert(call: CallKey, response: dict[str, Any], request_id: str | None) -> Callable[[sqlite3.Connection], bool]:

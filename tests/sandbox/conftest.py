@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY, Sandbox, create_app
+from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY
 
 AUTH = {"Authorization": f"Bearer {SANDBOX_SECRET_KEY}"}
 
 
 @pytest.fixture
-def app() -> Iterator[Starlette]:
-    application = create_app(db_path=":memory:")
-    yield application
-    application.state.sandbox.close()
-
-
-@pytest.fixture
-def sandbox(app: Starlette) -> Sandbox:
-    sb: Sandbox = app.state.sandbox
-    return sb
+def app(sandbox_app: Starlette) -> Starlette:
+    """The shared in-memory sandbox app (tests/conftest.py), under the name these tests use."""
+    return sandbox_app
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -312,3 +313,19 @@ async def test_dry_run_then_real_call_creates_exactly_one_object(client: Client,
     out = ok(await client.call_tool("create_product", {"name": "Dry"}))
     assert out["replayed"] is False
     assert sandbox.count("product") == 1
+
+
+async def test_concurrent_calls_with_one_key_create_one_object(client: Client, sandbox: Sandbox) -> None:
+    results: list[dict[str, Any]] = []
+
+    async def call() -> None:
+        results.append(ok(await client.call_tool("create_customer", {"email": "c@example.com",
+                                                                     "idempotency_key": "burst"})))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(call)
+
+    assert sandbox.count("customer") == 1
+    assert len({r["customer"]["id"] for r in results}) == 1
+    assert sorted(r["replayed"] for r in results) == [False, True, True, True, True]

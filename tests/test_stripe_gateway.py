@@ -149,3 +149,17 @@ async def test_a_declined_card_maps_to_card_declined_with_the_decline_code(
     await gateway.close()
     assert caught.value.details["decline_code"] == "generic_decline"
     assert "another payment method" in caught.value.message
+
+
+async def test_sandbox_objects_persist_across_runs_in_its_own_file(make_settings: Any) -> None:
+    settings = make_settings()
+    first = build_gateway(settings, retry_delay_scale=0)
+    created = await first.send(StripeRequest("post", "/v1/customers", {"email": "kept@example.com"}, "keep-1"))
+    await first.close()
+
+    second = build_gateway(settings, retry_delay_scale=0)
+    again = await second.send(StripeRequest("get", f"/v1/customers/{created.data['id']}"))
+    await second.close()
+
+    assert again.data["email"] == "kept@example.com"
+    assert settings.sandbox_db_path.exists() and settings.sandbox_db_path != settings.aims_billing_db

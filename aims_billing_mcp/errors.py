@@ -6,8 +6,16 @@ translated once, in `stripe_gateway.py`, into this tree; nothing else catches SD
     BillingError                      code, message, param, retryable
     ├── InvalidInput                  a field is wrong before anything is sent (names the field)
     │   ├── AmountAboveCeiling        an amount exceeds AIMS_BILLING_MAX_AMOUNT
-    │   └── IdempotencyConflict       the same idempotency key with other arguments
-    ├── ConfigurationError            settings refuse the call (live key without opt-in, tool not allowed)
+    │   ├── IdempotencyConflict       the same idempotency key with other arguments
+    │   └── UnknownTier               a tier name that is not in the pricing file
+    ├── NotFound                      an id of ours that does not exist (wallet, hold, quote, session)
+    ├── Refused                       a rule of ours refuses the operation; nothing was written
+    │   ├── InsufficientFunds         a debit or hold beyond the available balance
+    │   ├── SpendCapExceeded          beyond a wallet's daily spend cap
+    │   ├── WalletFrozen              the wallet is frozen
+    │   ├── LimitReached              a tier limit (agents, concurrent tasks) is reached
+    │   └── InvalidState              e.g. capturing a hold that was released or expired
+    ├── ConfigurationError            settings refuse the call (live key without opt-in, price not set up)
     └── StripeError                   Stripe (or the sandbox) refused or failed; keeps type/code/param/request_id
         ├── StripeAuthenticationFailed    401: the key is wrong or revoked
         ├── StripeInvalidRequest          400/404: a param or id Stripe does not accept
@@ -51,6 +59,38 @@ class AmountAboveCeiling(InvalidInput):
 
 class IdempotencyConflict(InvalidInput):
     code = "idempotency_conflict"
+
+
+class UnknownTier(InvalidInput):
+    code = "unknown_tier"
+
+
+class NotFound(BillingError):
+    code = "not_found"
+
+
+class Refused(BillingError):
+    code = "refused"
+
+
+class InsufficientFunds(Refused):
+    code = "insufficient_funds"
+
+
+class SpendCapExceeded(Refused):
+    code = "spend_cap_exceeded"
+
+
+class WalletFrozen(Refused):
+    code = "wallet_frozen"
+
+
+class LimitReached(Refused):
+    code = "limit_reached"
+
+
+class InvalidState(Refused):
+    code = "invalid_state"
 
 
 class ConfigurationError(BillingError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,148 +44,25 @@ def utc_iso(epoch: float) -> str:
 
 
 # --- migrations -------------------------------------------------------------------------------------------------
-# Each is (number, name, SQL). Never edit a shipped one: add the next number. Tables follow design.md §3.
+# Numbered SQL files in `migrations/` (NNNN_name.sql). Never edit a shipped one: add the next number.
+# Tables follow design.md §3.
 
-MIGRATIONS: list[tuple[int, str, str]] = [
-    (
-        1,
-        "core tables",
-        """
-        CREATE TABLE billing_provisions (
-            customer_id TEXT PRIMARY KEY,
-            tier TEXT NOT NULL DEFAULT 'p2p',
-            status TEXT NOT NULL DEFAULT 'none',
-            subscription_id TEXT UNIQUE,
-            price_id TEXT,
-            current_period_end INTEGER,
-            commitment_end INTEGER,
-            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
-            last_event_id TEXT,
-            last_event_created INTEGER,
-            updated_at TEXT NOT NULL
-        );
-        CREATE TABLE payment_sessions (
-            id TEXT PRIMARY KEY,
-            customer_id TEXT,
-            agent_id TEXT,
-            item_id TEXT,
-            amount INTEGER NOT NULL CHECK (amount > 0),
-            currency TEXT NOT NULL,
-            description TEXT,
-            status TEXT NOT NULL,
-            payment_intent_id TEXT UNIQUE,
-            idempotency_key TEXT UNIQUE,
-            last_error TEXT,
-            fulfilled_at TEXT,
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL
-        );
-        CREATE TABLE x402_receipts (
-            id TEXT PRIMARY KEY,
-            quote_id TEXT,
-            network TEXT NOT NULL,
-            asset TEXT NOT NULL,
-            payer TEXT NOT NULL,
-            pay_to TEXT NOT NULL,
-            amount INTEGER NOT NULL CHECK (amount > 0),
-            nonce TEXT NOT NULL,
-            tx_hash TEXT UNIQUE,
-            agent_id TEXT,
-            luc_credited INTEGER NOT NULL DEFAULT 0,
-            created_at TEXT NOT NULL,
-            UNIQUE (network, asset, payer, nonce)
-        );
-        CREATE TABLE agent_wallets (
-            id TEXT PRIMARY KEY,
-            agent_id TEXT NOT NULL UNIQUE,
-            customer_id TEXT NOT NULL,
-            balance INTEGER NOT NULL DEFAULT 0 CHECK (balance >= 0),
-            daily_cap INTEGER CHECK (daily_cap IS NULL OR daily_cap > 0),
-            frozen INTEGER NOT NULL DEFAULT 0,
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL
-        );
-        CREATE TABLE agent_transactions (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            txn_id TEXT NOT NULL,
-            entry INTEGER NOT NULL,
-            account TEXT NOT NULL,
-            wallet_id TEXT REFERENCES agent_wallets (id),
-            kind TEXT NOT NULL,
-            amount INTEGER NOT NULL,
-            balance_after INTEGER,
-            idempotency_key TEXT,
-            reason TEXT,
-            reference TEXT,
-            created_at TEXT NOT NULL,
-            UNIQUE (txn_id, entry)
-        );
-        CREATE TABLE meter_events (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            identifier TEXT NOT NULL UNIQUE,
-            customer_id TEXT NOT NULL,
-            event_name TEXT NOT NULL,
-            operation TEXT,
-            raw_units INTEGER NOT NULL CHECK (raw_units >= 0),
-            multiplier_milli INTEGER NOT NULL,
-            weighted_units INTEGER NOT NULL,
-            agent_id TEXT,
-            timestamp INTEGER NOT NULL,
-            metadata TEXT,
-            status TEXT NOT NULL DEFAULT 'pending',
-            attempts INTEGER NOT NULL DEFAULT 0,
-            last_error TEXT,
-            sent_at TEXT,
-            created_at TEXT NOT NULL
-        );
-        CREATE TABLE webhook_events (
-            id TEXT PRIMARY KEY,
-            type TEXT NOT NULL,
-            created INTEGER NOT NULL,
-            payload TEXT NOT NULL,
-            processed INTEGER NOT NULL DEFAULT 0,
-            error TEXT,
-            received_at TEXT NOT NULL,
-            processed_at TEXT
-        );
-        CREATE TABLE idempotency_keys (
-            tool TEXT NOT NULL,
-            key TEXT NOT NULL,
-            request_hash TEXT NOT NULL,
-            response TEXT NOT NULL,
-            request_id TEXT,
-            created_at TEXT NOT NULL,
-            PRIMARY KEY (tool, key)
-        );
-        CREATE TABLE audit_log (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            at TEXT NOT NULL,
-            tool TEXT NOT NULL,
-            caller TEXT,
-            arguments TEXT NOT NULL,
-            outcome TEXT NOT NULL,
-            error_code TEXT,
-            duration_ms REAL NOT NULL,
-            request_id TEXT
-        );
-        """,
-    ),
-    (
-        2,
-        "lookup indexes",
-        """
-        CREATE INDEX meter_events_pending ON meter_events (status, id);
-        CREATE INDEX meter_events_customer_time ON meter_events (customer_id, timestamp);
-        CREATE INDEX agent_transactions_wallet ON agent_transactions (wallet_id, id);
-        CREATE UNIQUE INDEX agent_transactions_idempotency ON agent_transactions (idempotency_key, entry)
-            WHERE idempotency_key IS NOT NULL;
-        CREATE INDEX agent_wallets_customer ON agent_wallets (customer_id);
-        CREATE INDEX audit_log_tool_at ON audit_log (tool, at);
-        CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
-        """,
-    ),
-]
 
+def load_migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("aims_billing_mcp") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2).replace("_", " "), entry.read_text(encoding="utf-8")))
+    found.sort()
+    numbers = [number for number, _, _ in found]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise RuntimeError(f"migrations must be numbered 1..n without gaps, found {numbers}")
+    return found
+
+
+MIGRATIONS = load_migrations()
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -227,7 +106,9 @@ def migrate(conn: sqlite3.Connection, upto: int | None = None) -> list[int]:
 
 
 def _statements(sql: str) -> Iterable[str]:
-    return (s.strip() for s in sql.split(";") if s.strip())
+    """Split a migration file into statements: `;` at a line end closes one; `--` lines are comments."""
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return (s.strip() for s in "\n".join(lines).split(";\n") if s.strip().rstrip(";"))
 
 
 # --- the writer -------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from .errors import BillingError, InvalidInput
 from .redact import redact, redact_text
 from .services.catalog import CatalogService
 from .services.idempotency import IdempotencyService
+from .services.mutations import StripeMutations
 from .settings import Settings
 from .store import Store, dumps, monotonic_ms, utc_now
 from .stripe_gateway import build_gateway, last_request_ids
@@ -165,7 +166,7 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
     store = Store(settings.aims_billing_db)
     gateway = build_gateway(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale)
     idempotency = IdempotencyService(store, replay_window_seconds=settings.aims_billing_replay_window_seconds)
-    catalog = CatalogService(gateway, idempotency, max_amount=settings.aims_billing_max_amount)
+    catalog = CatalogService(StripeMutations(gateway, idempotency), max_amount=settings.aims_billing_max_amount)
     return AppState(settings=settings, store=store, gateway=gateway, idempotency=idempotency, catalog=catalog)
 
 

@@ -136,14 +136,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 async def _check_key(settings: Settings) -> bool:
     from .services.catalog import CatalogService
     from .services.idempotency import IdempotencyService
+    from .services.mutations import StripeMutations
     from .store import Store
     from .stripe_gateway import build_gateway
 
     gateway = build_gateway(settings)
     store = Store(settings.aims_billing_db)
     try:
-        balance = await CatalogService(gateway, IdempotencyService(store, replay_window_seconds=0),
-                                       max_amount=settings.aims_billing_max_amount).retrieve_balance()
+        mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=0))
+        balance = await CatalogService(mutations, max_amount=settings.aims_billing_max_amount).retrieve_balance()
     except BillingError as exc:
         print(f"  key check: FAILED: {exc.message}")
         return False

@@ -6,8 +6,7 @@ idempotency service (or describe it for a dry run), and project Stripe's object 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -22,7 +21,6 @@ from ..models import (
     Invoice,
     InvoiceList,
     LineItem,
-    MutationMeta,
     PaymentLinkResult,
     PortalSession,
     PortalSessionResult,
@@ -31,51 +29,18 @@ from ..models import (
     Product,
     ProductResult,
     Recurring,
-    StripeRequestPreview,
     format_amount,
 )
-from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
-from .idempotency import IdempotencyService
-
-R = TypeVar("R", bound=MutationMeta)
-
-
-def compact(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop unset values so the request (and its idempotency hash) carries only what the caller gave."""
-    return {k: v for k, v in params.items() if v is not None and v != {}}
+from ..stripe_gateway import StripeRequest
+from .mutations import StripeMutations, compact
 
 
 class CatalogService:
-    def __init__(self, gateway: StripeGateway, idempotency: IdempotencyService, *, max_amount: int) -> None:
-        self._gateway = gateway
-        self._idempotency = idempotency
+    def __init__(self, mutations: StripeMutations, *, max_amount: int) -> None:
+        self._mutations = mutations
+        self._gateway = mutations.gateway
         self._max_amount = max_amount
-
-    # --- the one mutation path ------------------------------------------------------------------------------------
-
-    async def _mutate(
-        self,
-        tool: str,
-        path: str,
-        params: dict[str, Any],
-        result_type: type[R],
-        project: Callable[[dict[str, Any]], dict[str, Any]],
-        *,
-        idempotency_key: str | None,
-        dry_run: bool,
-    ) -> R:
-        call = self._idempotency.key_for(tool, params, idempotency_key)
-        request = StripeRequest("post", path, params, stripe_idempotency_key(tool, call.key))
-        if dry_run:
-            preview = StripeRequestPreview.model_validate(self._gateway.describe(request))
-            return result_type(dry_run=True, request=preview)
-
-        async def execute() -> tuple[dict[str, Any], str | None]:
-            result = await self._gateway.send(request)
-            return result_type.model_validate(project(result.data)).model_dump(mode="json"), result.request_id
-
-        outcome = await self._idempotency.run(call, execute)
-        return result_type.model_validate({**outcome.response, "replayed": outcome.replayed})
+        self._mutate = mutations.run
 
     def _check_ceiling(self, amount: int, currency: str, field: str) -> None:
         if amount > self._max_amount:

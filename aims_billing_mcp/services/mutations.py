@@ -1,0 +1,56 @@
+"""The one path every Stripe-mutating tool takes: an idempotent call key, a deterministic Stripe idempotency key,
+a dry run that describes exactly what would be sent, and the projection stored for replays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..models import MutationMeta, StripeRequestPreview
+from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
+from .idempotency import IdempotencyService
+
+R = TypeVar("R", bound=MutationMeta)
+
+
+def compact(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop unset values so the request (and its idempotency hash) carries only what the caller gave."""
+    return {k: v for k, v in params.items() if v is not None and v != {}}
+
+
+class StripeMutations:
+    def __init__(self, gateway: StripeGateway, idempotency: IdempotencyService) -> None:
+        self.gateway = gateway
+        self.idempotency = idempotency
+
+    async def run(
+        self,
+        tool: str,
+        path: str,
+        params: dict[str, Any],
+        result_type: type[R],
+        project: Callable[[dict[str, Any]], dict[str, Any]],
+        *,
+        idempotency_key: str | None,
+        dry_run: bool,
+        method: str = "post",
+        after: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> R:
+        """Send `method path params` once per call key; `after(stripe_object)` runs (awaited if async) only when
+        Stripe answered a fresh call, never on a replay or a dry run."""
+        call = self.idempotency.key_for(tool, {"path": path, "method": method, **params}, idempotency_key)
+        request = StripeRequest(method, path, params, stripe_idempotency_key(tool, call.key))
+        if dry_run:
+            preview = StripeRequestPreview.model_validate(self.gateway.describe(request))
+            return result_type(dry_run=True, request=preview)
+
+        async def execute() -> tuple[dict[str, Any], str | None]:
+            result = await self.gateway.send(request)
+            if after is not None:
+                done = after(result.data)
+                if hasattr(done, "__await__"):
+                    await done
+            return result_type.model_validate(project(result.data)).model_dump(mode="json"), result.request_id
+
+        outcome = await self.idempotency.run(call, execute)
+        return result_type.model_validate({**outcome.response, "replayed": outcome.replayed})

@@ -9,9 +9,11 @@ a tool function.
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,14 +25,19 @@ from pydantic import ValidationError
 from . import __version__
 from .errors import BillingError, InvalidInput
 from .redact import redact, redact_text
+from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.catalog import CatalogService
 from .services.idempotency import IdempotencyService
 from .services.mutations import StripeMutations
-from .settings import Settings
+from .services.subscriptions import SubscriptionService
+from .services.tiers import Pricing
+from .services.webhook_events import WebhookEventService
+from .settings import Settings, StripeMode
 from .store import Store, dumps, monotonic_ms, utc_now
 from .stripe_gateway import build_gateway, last_request_ids
 from .tools import TOOLS, ToolSpec, select_tools
 from .tools.context import AppState
+from .webhooks import WEBHOOK_PATH, build_webhook_app, webhook_handler
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class BillingServer(MCPServer[AppState]):
     """MCPServer with one error shape and an audit row for every tool call."""
 
     read_only_tools: frozenset[str] = frozenset()
+    state: AppState | None = None
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[AppState, Any] | None = None
@@ -163,11 +171,20 @@ def _caller_name(context: Context[AppState, Any] | None) -> str | None:
 
 
 def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scale: float = 1.0) -> AppState:
+    pricing = Pricing.load(settings.aims_billing_pricing)
     store = Store(settings.aims_billing_db)
     gateway = build_gateway(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale)
     idempotency = IdempotencyService(store, replay_window_seconds=settings.aims_billing_replay_window_seconds)
-    catalog = CatalogService(StripeMutations(gateway, idempotency), max_amount=settings.aims_billing_max_amount)
-    return AppState(settings=settings, store=store, gateway=gateway, idempotency=idempotency, catalog=catalog)
+    mutations = StripeMutations(gateway, idempotency)
+    subscriptions = SubscriptionService(mutations, store, pricing, settings)
+    secret = settings.stripe_webhook_secret.get_secret_value() if settings.stripe_webhook_secret else None
+    if secret is None and gateway.mode is StripeMode.SANDBOX:
+        secret = SANDBOX_WEBHOOK_SECRET
+    return AppState(
+        settings=settings, store=store, gateway=gateway, idempotency=idempotency,
+        catalog=CatalogService(mutations, max_amount=settings.aims_billing_max_amount), pricing=pricing,
+        subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions), webhook_secret=secret,
+    )
 
 
 def build_server(
@@ -176,15 +193,30 @@ def build_server(
     sandbox_app: Any = None,
     retry_delay_scale: float = 1.0,
     tools: list[ToolSpec] | None = None,
+    webhook_server: bool = False,
 ) -> BillingServer:
-    """The server every transport and the demo use; `tools` overrides the settings' selection (tools-json)."""
+    """The server every transport and the demo use. `tools` overrides the settings' selection (tools-json);
+    `webhook_server` runs the companion webhook endpoint on 127.0.0.1 beside a stdio server."""
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
         state = build_state(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale)
+        server.state = state
+        embedded = state.gateway.embedded_app
+        if embedded is not None and hasattr(embedded.state.sandbox, "webhooks"):  # TODO(helper-2): drop hasattr
+            # the in-process sandbox delivers its signed events straight to our endpoint
+            embedded.state.sandbox.webhooks.configure(build_webhook_app(lambda: server.state),
+                                                      retry_delay_scale=retry_delay_scale)
         try:
-            yield state
+            if webhook_server:
+                async with companion_webhook_server(lambda: server.state, settings.aims_billing_webhook_port):
+                    yield state
+            else:
+                yield state
         finally:
+            server.state = None
+            if embedded is not None and hasattr(embedded.state.sandbox, "webhooks"):
+                embedded.state.sandbox.webhooks.drain(timeout=5)
             await state.gateway.close()
             state.store.close()
 
@@ -200,7 +232,36 @@ def build_server(
     for spec in selected:
         register(server, spec)
     server.read_only_tools = frozenset(spec.name for spec in selected if spec.permission == "read")
+    server.custom_route(WEBHOOK_PATH, methods=["POST"])(webhook_handler(lambda: server.state))
     return server
+
+
+@asynccontextmanager
+async def companion_webhook_server(get_state: Callable[[], AppState | None], port: int) -> AsyncIterator[None]:
+    """The webhook endpoint on 127.0.0.1:port beside a stdio server. A taken port is reported on stderr and the MCP
+    server keeps serving: tools work, events wait in Stripe's retry queue until the endpoint is reachable."""
+    import anyio
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        print(f"aims-billing-mcp: webhook port {port} is taken ({exc.strerror}): set AIMS_BILLING_WEBHOOK_PORT to a "
+              "free port, or run `serve --no-webhooks`; continuing without the webhook endpoint", file=sys.stderr)
+        yield
+        return
+    config = uvicorn.Config(build_webhook_app(get_state), log_level="warning", lifespan="off")
+    web = uvicorn.Server(config)
+    print(f"aims-billing-mcp: webhooks on http://127.0.0.1:{sock.getsockname()[1]}{WEBHOOK_PATH}", file=sys.stderr)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: web.serve(sockets=[sock]))
+        try:
+            yield
+        finally:
+            web.should_exit = True
 
 
 def register(server: MCPServer[Any], spec: ToolSpec) -> None:

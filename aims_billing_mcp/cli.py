@@ -93,6 +93,37 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_setup_stripe(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if problem := settings.live_key_problem():
+        return _fail(problem)
+    from .services.stripe_setup import env_lines, setup_stripe, write_env
+    from .services.tiers import Pricing
+    from .stripe_gateway import build_gateway
+
+    async def run() -> list[Any]:
+        gateway = build_gateway(settings)
+        try:
+            return await setup_stripe(gateway, Pricing.load(settings.aims_billing_pricing))
+        finally:
+            await gateway.close()
+
+    try:
+        results = asyncio.run(run())
+    except BillingError as exc:
+        return _fail(exc.message)
+    print(f"# setup-stripe on Stripe {settings.stripe_mode.value}", file=sys.stderr)
+    for result in results:
+        made = ", ".join(result.created) if result.created else "nothing (found)"
+        print(f"# {result.tier}: product {result.product}, price {result.price}; created {made}", file=sys.stderr)
+    for line in env_lines(results):
+        print(line)
+    if args.write_env:
+        write_env(Path(args.write_env), {r.env: r.price for r in results})
+        print(f"# updated {args.write_env}", file=sys.stderr)
+    return 0
+
+
 async def tools_manifest() -> dict[str, Any]:
     """Every tool the server can register (allow-list and read-only ignored), as tools/list shows them."""
     from .app import all_tools, build_server
@@ -171,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--port", type=int, default=12111)
     sandbox.add_argument("--db", help="sandbox SQLite file (default beside AIMS_BILLING_DB)")
     sandbox.set_defaults(func=cmd_sandbox)
+    setup = sub.add_parser("setup-stripe", help="create (or find) the tier products and prices; print STRIPE_PRICE_*")
+    setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
+    setup.set_defaults(func=cmd_setup_stripe)
     tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")
     tools_json.add_argument("--output", default="tools.json")
     tools_json.set_defaults(func=cmd_tools_json)

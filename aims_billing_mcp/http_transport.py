@@ -13,8 +13,10 @@ from typing import Any
 from mcp.server.transport_security import TransportSecuritySettings
 
 from .settings import LOOPBACK_HOSTS
+from .webhooks import WEBHOOK_PATH
 
-PUBLIC_PATHS = frozenset({"/health"})
+# Stripe cannot send our bearer token: the webhook route is public and authenticated by its signature instead.
+PUBLIC_PATHS = frozenset({"/health", WEBHOOK_PATH})
 
 
 class BearerTokenMiddleware:

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     aims_billing_http_host: str = "127.0.0.1"
     aims_billing_http_port: int = Field(default=8765, ge=0, le=65535)
     aims_billing_http_token: SecretStr | None = None
+    aims_billing_pricing: Path | None = Field(
+        default=None, description="A pricing file (tiers, multipliers, rates) instead of the packaged pricing.toml"
+    )
+    aims_billing_webhook_port: int = Field(default=8766, ge=0, le=65535)
     aims_billing_log_level: str = Field(default="WARNING", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 
     @field_validator("aims_billing_tools", mode="before")
@@ -120,6 +124,13 @@ class Settings(BaseSettings):
         if self.aims_billing_sandbox_db is not None:
             return self.aims_billing_sandbox_db
         return self.aims_billing_db.with_name(self.aims_billing_db.stem + ".sandbox.db")
+
+    def price_id_for(self, env_name: str | None) -> str | None:
+        """The configured price id behind a tier's `price_env` (STRIPE_PRICE_STARTER, ...)."""
+        if env_name is None:
+            return None
+        value: str | None = getattr(self, env_name.lower(), None)
+        return value
 
     def live_key_problem(self) -> str | None:
         """Why the configured key may not be used, or None; the gateway and `serve` both ask."""

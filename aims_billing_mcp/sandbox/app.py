@@ -8,7 +8,7 @@ sandbox-only controls (faults, request log, completing a checkout), under the sa
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import Any
 
@@ -102,12 +102,20 @@ def _control(sandbox: Sandbox, method: str, path: str, form: Form) -> tuple[int,
     raise unrecognized_url(method, path)
 
 
-def create_app(db_path: str = ":memory:", api_keys: Iterable[str] = (SANDBOX_SECRET_KEY,)) -> Starlette:
+def create_app(
+    db_path: str = ":memory:",
+    api_keys: Iterable[str] = (SANDBOX_SECRET_KEY,),
+    webhook_target: str | Callable[..., Any] | None = None,
+) -> Starlette:
     """A Stripe-compatible app over a fresh or persisted (``db_path`` file) sandbox.
 
     ``api_keys`` are the accepted secret keys; ``SANDBOX_SECRET_KEY`` unless told otherwise.
+    ``webhook_target`` (a URL or an ASGI app) receives every Event as a signed webhook
+    (``sandbox.webhooks.configure`` for the other options).
     """
     sandbox = Sandbox(db_path, api_keys)
+    if webhook_target is not None:
+        sandbox.webhooks.configure(webhook_target)
 
     async def dispatch(request: Request) -> Response:
         method, path = request.method, request.url.path
@@ -156,11 +164,16 @@ def create_app(db_path: str = ":memory:", api_keys: Iterable[str] = (SANDBOX_SEC
     return app
 
 
-def serve_sandbox(host: str = "127.0.0.1", port: int = 12111, db_path: str = ":memory:") -> None:
-    """Serve the sandbox over HTTP until interrupted (``aims-billing-mcp sandbox --port N``)."""
+def serve_sandbox(host: str = "127.0.0.1", port: int = 12111, db_path: str = ":memory:",
+                  forward_to: str | None = None) -> None:
+    """Serve the sandbox over HTTP until interrupted (``aims-billing-mcp sandbox --port N``).
+
+    With ``forward_to`` (a URL), every Event is also delivered there as a signed webhook, like
+    ``stripe listen --forward-to``.
+    """
     import uvicorn
 
-    app = create_app(db_path=db_path)
+    app = create_app(db_path=db_path, webhook_target=forward_to)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:

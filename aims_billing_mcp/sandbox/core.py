@@ -35,20 +35,25 @@ class Ctx:
     request_id: str | None = None
     idempotency_key: str | None = None
     events: list[Obj] = field(default_factory=list)
+    pending_webhooks: int = 0
 
     def record_event(self, event_type: str, obj: Obj, previous: Obj | None = None) -> Obj:
-        """Store an Event snapshotting ``obj`` now; listeners get it after commit."""
+        """Store an Event snapshotting ``obj`` now; listeners get it after commit.
+
+        Like Stripe's, it carries the account's API version (not the request's), and
+        ``pending_webhooks`` counts the endpoints it will be sent to (the sandbox has at most one).
+        """
         data: Obj = {"object": public(obj)}
         if previous is not None:
             data["previous_attributes"] = previous
         event: Obj = {
             "id": new_id("evt_"),
             "object": "event",
-            "api_version": self.api_version,
+            "api_version": DEFAULT_API_VERSION,
             "created": self.now,
             "data": data,
             "livemode": False,
-            "pending_webhooks": 0,
+            "pending_webhooks": self.pending_webhooks,
             "request": {"id": self.request_id, "idempotency_key": self.idempotency_key},
             "type": event_type,
         }

@@ -23,10 +23,12 @@ from .faults import FaultInjector
 from .forms import Form
 from .params import Params
 from .store import IdempotencyRecord, Store
+from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+CLOCK_OFFSET = "clock_offset"
 EventListener = Callable[[Obj], None]
 
 
@@ -65,6 +67,15 @@ class Sandbox:
         self.request_log: list[RequestRecord] = []
         self._listeners: list[EventListener] = []
         self._listeners_lock = threading.Lock()
+        self.webhooks = WebhookSender()
+        self.add_event_listener(self.webhooks.enqueue)
+
+    # -- the clock -------------------------------------------------------------------------------
+
+    def now(self) -> int:
+        """The sandbox's time: the wall clock plus the offset :meth:`advance` added (kept in the DB,
+        so every process on the same file agrees)."""
+        return int(time.time()) + int(self.store.state_get(CLOCK_OFFSET) or 0)
 
     # -- inspection ----------------------------------------------------------------------------
 
@@ -83,6 +94,7 @@ class Sandbox:
             self._listeners.append(fn)
 
     def close(self) -> None:
+        self.webhooks.close()
         self.store.close()
 
     # -- execution -----------------------------------------------------------------------------
@@ -96,9 +108,11 @@ class Sandbox:
         api_version: str = DEFAULT_API_VERSION,
     ) -> T:
         """Run ``fn`` in one transaction, then hand the events it recorded to the listeners."""
-        ctx = Ctx(self.store, int(time.time()), api_version, request_id, idempotency_key)
+        ctx = Ctx(self.store, 0, api_version, request_id, idempotency_key,
+                  pending_webhooks=1 if self.webhooks.enabled else 0)
         try:
             with self.store.transaction():
+                ctx.now = self.now()
                 result = fn(ctx)
         except StripeError as exc:
             if not exc.commit:

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+BUSY_TIMEOUT_MS = 15000
+
 # Which fields of which object types are filterable (and so indexed).
 INDEXED: Mapping[str, tuple[str, ...]] = {
     "product": ("active",),
@@ -29,8 +31,9 @@ INDEXED: Mapping[str, tuple[str, ...]] = {
     "invoice": ("customer", "status", "_subscription"),
     "invoiceitem": ("customer", "invoice"),
     "payment_intent": ("customer",),
-    "subscription": ("customer", "status"),
+    "subscription": ("customer", "status", "_prices"),
     "event": ("type",),
+    "billing.meter": ("status", "event_name"),
 }
 
 _SCHEMA = """
@@ -59,6 +62,25 @@ CREATE TABLE IF NOT EXISTS idempotency (
     body TEXT NOT NULL,
     created INTEGER NOT NULL,
     PRIMARY KEY (scope, key)
+);
+CREATE TABLE IF NOT EXISTS sandbox_state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meter_events (
+    identifier TEXT PRIMARY KEY,
+    meter TEXT NOT NULL,
+    event_name TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    timestamp INTEGER NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS meter_events_usage ON meter_events(meter, customer, timestamp);
+CREATE TABLE IF NOT EXISTS meter_event_sessions (
+    token TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS balance (
     currency TEXT PRIMARY KEY,
@@ -95,13 +117,24 @@ class Store:
     """Objects, idempotency keys and balance in one SQLite database (``:memory:`` or a file)."""
 
     def __init__(self, db_path: str = ":memory:") -> None:
-        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._conn = sqlite3.connect(
+            db_path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+        )
         self._lock = threading.RLock()
         with self._lock:
+            self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             if db_path != ":memory:":
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+            self._conn.execute("BEGIN IMMEDIATE")  # two processes may create the schema at once
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
         self._depth = 0
 
     def close(self) -> None:
@@ -119,7 +152,9 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            self._conn.execute("BEGIN")
+            # IMMEDIATE: take the write lock up front, so a second process (a CLI on the same file)
+            # waits for it (busy timeout) instead of failing on a read-to-write upgrade.
+            self._conn.execute("BEGIN IMMEDIATE")
             self._depth = 1
             try:
                 yield
@@ -137,10 +172,12 @@ class Store:
         fields = INDEXED.get(obj["object"], ())
         if not fields:
             return
-        self._conn.executemany(
-            "INSERT INTO attrs (id, type, name, value) VALUES (?, ?, ?, ?)",
-            [(obj["id"], obj["object"], f, _attr_value(obj.get(f))) for f in fields],
-        )
+        rows: list[tuple[str, str, str, str]] = []
+        for f in fields:
+            value = obj.get(f)
+            values = value if isinstance(value, list) else [value]  # a list field: one row per element
+            rows.extend((obj["id"], obj["object"], f, _attr_value(v)) for v in values)
+        self._conn.executemany("INSERT INTO attrs (id, type, name, value) VALUES (?, ?, ?, ?)", rows)
 
     def insert(self, obj: Mapping[str, Any]) -> None:
         """Store a new object (it must carry ``id`` and ``object``)."""
@@ -278,3 +315,60 @@ class Store:
                 "SELECT currency, available, card FROM balance ORDER BY currency"
             ).fetchall()
         return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    # -- sandbox state (clock offset, ...) shared by every process on the file ------------------
+
+    def state_get(self, key: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM sandbox_state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def state_set(self, key: str, value: str) -> None:
+        with self._lock:
+            self._conn.execute("INSERT OR REPLACE INTO sandbox_state (key, value) VALUES (?, ?)", (key, value))
+
+    # -- meter events ------------------------------------------------------------------------------
+
+    def meter_event_seen(self, identifier: str) -> bool:
+        with self._lock:
+            row = self._conn.execute("SELECT 1 FROM meter_events WHERE identifier = ?", (identifier,)).fetchone()
+        return row is not None
+
+    def meter_event_add(self, identifier: str, meter: str, event_name: str, customer: str, value: int,
+                        timestamp: int, created: int) -> bool:
+        """Record one meter event; False (and nothing counted) when the identifier is known."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "INSERT OR IGNORE INTO meter_events VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (identifier, meter, event_name, customer, value, timestamp, created),
+            )
+        return cursor.rowcount == 1
+
+    def meter_usage(self, meter: str, customer: str, start: int, end: int, formula: str) -> int:
+        """The meter's aggregate for ``customer`` over ``[start, end)``: sum, count or last value."""
+        where = "meter = ? AND customer = ? AND timestamp >= ? AND timestamp < ?"
+        args = (meter, customer, start, end)
+        with self._lock:
+            if formula == "count":
+                row = self._conn.execute(f"SELECT COUNT(*) FROM meter_events WHERE {where}", args).fetchone()
+            elif formula == "last":
+                row = self._conn.execute(
+                    f"SELECT value FROM meter_events WHERE {where} ORDER BY timestamp DESC, rowid DESC LIMIT 1",
+                    args,
+                ).fetchone()
+            else:
+                row = self._conn.execute(f"SELECT SUM(value) FROM meter_events WHERE {where}", args).fetchone()
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
+    # -- v2 meter event sessions -------------------------------------------------------------------
+
+    def session_add(self, token: str, session_id: str, expires_at: int) -> None:
+        with self._lock:
+            self._conn.execute("INSERT INTO meter_event_sessions VALUES (?, ?, ?)", (token, session_id, expires_at))
+
+    def session_expiry(self, token: str) -> int | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT expires_at FROM meter_event_sessions WHERE token = ?", (token,)
+            ).fetchone()
+        return None if row is None else int(row[0])

@@ -14,7 +14,7 @@ from mcp.types import ToolAnnotations
 
 from ..errors import ConfigurationError
 from ..settings import Settings
-from . import catalog
+from . import catalog, subscriptions
 
 Permission = Literal["read", "write"]
 
@@ -52,6 +52,10 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(catalog.create_billing_portal_session, "Create billing portal session", "write"),
     ToolSpec(catalog.list_invoices, "List invoices", "read"),
     ToolSpec(catalog.retrieve_balance, "Retrieve balance", "read"),
+    ToolSpec(subscriptions.list_tiers, "List tiers", "read"),
+    ToolSpec(subscriptions.create_subscription_checkout, "Create subscription checkout", "write"),
+    ToolSpec(subscriptions.get_billing_status, "Get billing status", "read"),
+    ToolSpec(subscriptions.cancel_subscription, "Cancel subscription", "write", destructive=True),
 )
 
 

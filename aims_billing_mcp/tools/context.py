@@ -10,6 +10,9 @@ from mcp.server.mcpserver import Context
 if TYPE_CHECKING:
     from ..services.catalog import CatalogService
     from ..services.idempotency import IdempotencyService
+    from ..services.subscriptions import SubscriptionService
+    from ..services.tiers import Pricing
+    from ..services.webhook_events import WebhookEventService
     from ..settings import Settings
     from ..store import Store
     from ..stripe_gateway import StripeGateway
@@ -22,6 +25,10 @@ class AppState:
     gateway: StripeGateway
     idempotency: IdempotencyService
     catalog: CatalogService
+    pricing: Pricing
+    subscriptions: SubscriptionService
+    webhook_events: WebhookEventService
+    webhook_secret: str | None
 
 
 ToolContext = Context[AppState, Any]

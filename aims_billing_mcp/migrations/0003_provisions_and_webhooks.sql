@@ -1,0 +1,6 @@
+-- provisions and webhooks: what the subscription lifecycle needs beyond the core tables
+ALTER TABLE billing_provisions ADD COLUMN cancel_at INTEGER;
+ALTER TABLE billing_provisions ADD COLUMN last_event_type TEXT;
+ALTER TABLE webhook_events ADD COLUMN customer_id TEXT;
+CREATE INDEX webhook_events_customer ON webhook_events (customer_id, created);
+CREATE INDEX webhook_events_unprocessed ON webhook_events (processed, received_at);

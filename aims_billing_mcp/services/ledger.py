@@ -1,0 +1,807 @@
+"""The agent wallet ledger: double-entry LUC accounting with holds, transfers, spend caps and idempotency.
+
+Accounts and entries. Each wallet is the account `agent:<agent_id>`; LUC come in from `system:issuance` (credits)
+and go out to `system:revenue` (debits, captured holds). A transaction is two rows of `agent_transactions` (entries
+0 and 1) whose amounts sum to zero; a wallet's row carries `balance_after`. Rows are never updated or deleted: a
+correction is a new transaction. `check_ledger` verifies all of this over the whole database.
+
+Holds are two-phase, like TigerBeetle's pending transfers. Placing one moves nothing: its entries carry `pending`
+(+X on the wallet, -X on system:revenue, amount 0). Capturing C ≤ X posts C and clears X in one transaction;
+releasing, or expiring, clears X. Each resolution is written under the idempotency key `resolve:<hold_id>`, so the
+UNIQUE index on keys makes a second resolution impossible. available = balance - held; a debit, hold or outgoing
+transfer beyond it is refused (debits_must_not_exceed_credits), and the schema refuses held > balance besides.
+Expiry is lazy: an expired hold is never counted (reads compare `expires_at` with the clock) and cannot be captured
+or released; the next write touching its wallet, or `sweep_expired_holds`, marks it expired with its own record.
+
+Daily spend cap: the calendar UTC day, not a rolling 24 h, because (1) it costs two counters on the wallet row
+(`spend_day`, `spent_today`) updated in the statement that moves the balance, where a rolling window needs a range
+sum over the wallet's history on every debit, the hot path; (2) an agent can plan with it: the whole cap comes back
+at `cap_resets_at` (00:00 UTC), where a rolling window trickles back by amounts only a history scan can tell; (3)
+it is the "today's spend" operators and reports speak of. The price: across midnight up to twice the cap can go
+out within minutes; a cap is a budget guard, not a fraud control. Spending counts debits, captured holds and
+outgoing transfers. Active holds reserve cap room as well as funds: a debit, hold or transfer must fit in
+cap - spent_today - held. So spent_today + held never exceeds the cap, and a capture is never refused by the cap:
+the credits and the cap room were both reserved when the hold was placed.
+
+Frozen wallets refuse debits, holds, captures and outgoing transfers; credits, incoming transfers and releases are
+allowed. Wallets per customer are limited by `agent_limit(customer_id)`: None = no limit, 0 = no wallets (P2P's 0
+agents: the operator allows them by returning a number for that customer).
+
+Idempotency: every mutation names its `idempotency_key`, scoped by operation (a `debit` and a `credit` may share a
+key). The (operation, key) row of `ledger_requests` is written by the same job, in the same transaction, as the
+effect, holding a hash of the arguments and the first result: a retry with the same arguments gets that result with
+`replayed: true`; with other arguments, IdempotencyConflict. A refused call writes nothing, so its key stays free.
+
+Every operation is one `store.write` job, so concurrent callers share group commits. Validation that needs no data
+happens before the job; everything that reads the ledger happens inside it, on the writer's connection, where no
+other write can interleave.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from ..errors import (
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidInput,
+    InvalidState,
+    LimitReached,
+    NotFound,
+    SpendCapExceeded,
+    WalletFrozen,
+)
+from ..store import Store, dumps, utc_iso
+from .ledger_models import (
+    FreezeResult,
+    HoldPlaced,
+    HoldResolved,
+    HoldView,
+    LedgerEntry,
+    LedgerResult,
+    LedgerViolation,
+    Posting,
+    TransactionPage,
+    Transfer,
+    UsdCredit,
+    Wallet,
+    WalletCreated,
+)
+
+ISSUANCE = "system:issuance"
+REVENUE = "system:revenue"
+KINDS = ("credit", "debit", "transfer", "hold", "capture", "release", "expire")
+DAY = 86_400
+MAX_AMOUNT = 10**15  # per operation; far beyond any real top-up, far below SQLite's 2**63
+MAX_BALANCE = 10**18
+MAX_HOLD_TTL = 30 * DAY
+MAX_TEXT = 500
+MAX_PAGE = 500
+
+R = TypeVar("R", bound=LedgerResult)
+Job = Callable[[sqlite3.Connection], tuple[dict[str, Any], bool]]
+
+
+# --- the writer-side state of one wallet ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Wallet:
+    id: str
+    agent_id: str
+    customer_id: str
+    balance: int
+    held: int
+    daily_cap: int | None
+    frozen: bool
+    spend_day: int
+    spent_today: int
+
+    @property
+    def account(self) -> str:
+        return f"agent:{self.agent_id}"
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+    def spent_on(self, day: int) -> int:
+        return self.spent_today if self.spend_day == day else 0
+
+
+_WALLET_COLUMNS = "id, agent_id, customer_id, balance, held, daily_cap, frozen, spend_day, spent_today"
+_ENTRY_INSERT = (
+    "INSERT INTO agent_transactions (txn_id, entry, account, wallet_id, kind, amount, pending, balance_after, "
+    "idempotency_key, reason, reference, hold_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{os.urandom(10).hex()}"
+
+
+def _day_start_iso(day: int) -> str:
+    return utc_iso(day * DAY)
+
+
+class LedgerService:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        luc_per_usd: int,
+        agent_limit: Callable[[str], int | None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(luc_per_usd, bool) or not isinstance(luc_per_usd, int) or luc_per_usd <= 0:
+            raise ValueError(f"luc_per_usd must be a positive integer, got {luc_per_usd!r}")
+        self._store = store
+        self._luc_per_usd = luc_per_usd
+        self._agent_limit = agent_limit
+        self._clock = clock
+
+    # --- wallets ------------------------------------------------------------------------------------------------
+
+    async def create_wallet(
+        self, agent_id: str, customer_id: str, daily_cap: int | None, idempotency_key: str
+    ) -> WalletCreated:
+        """Open a wallet for `agent_id`, owned by `customer_id`, within the customer's agent limit."""
+        _name(agent_id, "agent_id")
+        _name(customer_id, "customer_id")
+        if daily_cap is not None:
+            _amount(daily_cap, "daily_cap")
+        limit = self._agent_limit(customer_id)
+        args = {"agent_id": agent_id, "customer_id": customer_id, "daily_cap": daily_cap}
+
+        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+            owner = conn.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,)).fetchone()
+            if owner is not None:
+                raise InvalidState(
+                    f"agent {agent_id} already has a wallet (owned by {owner[0]}): use it, or choose another agent id",
+                    param="agent_id",
+                )
+            if limit is not None:
+                (count,) = conn.execute(
+                    "SELECT COUNT(*) FROM agent_wallets WHERE customer_id = ?", (customer_id,)
+                ).fetchone()
+                if count >= limit:
+                    allows = "allows no agent wallets" if limit == 0 else f"allows {limit} agent wallet(s)"
+                    raise LimitReached(
+                        f"wallet for agent {agent_id} refused: customer {customer_id} has {count} wallet(s) and its "
+                        f"tier {allows}: upgrade the tier, or reuse an existing agent's wallet",
+                        param="customer_id", limit=limit, wallets=count,
+                    )
+            wallet_id = _new_id("wal")
+            iso = utc_iso(now)
+            conn.execute(
+                "INSERT INTO agent_wallets (id, agent_id, customer_id, balance, daily_cap, frozen, created_at, "
+                "updated_at) VALUES (?, ?, ?, 0, ?, 0, ?, ?)",
+                (wallet_id, agent_id, customer_id, daily_cap, iso, iso),
+            )
+            return {"wallet_id": wallet_id, "agent_id": agent_id, "customer_id": customer_id,
+                    "daily_cap": daily_cap, "created_at": iso}
+
+        return await self._run(WalletCreated, "create_wallet", idempotency_key, args, run)
+
+    def get_wallet(self, agent_id: str, recent: int = 10) -> Wallet:
+        """Balance, active holds, available, cap and today's spend, and the latest entries, read in one snapshot."""
+        _name(agent_id, "agent_id")
+        _limit(recent, "recent", 0, MAX_PAGE)
+        now = self._clock()
+        now_iso = utc_iso(now)
+        row = self._store.query_one(
+            f"SELECT w.*, "
+            f"(SELECT json_group_array(json_object('hold_id', h.id, 'amount', h.amount, 'expires_at', h.expires_at, "
+            f"'created_at', h.created_at)) FROM ledger_holds h WHERE h.wallet_id = w.id AND h.status = 'active' "
+            f"AND h.expires_at > :now) AS holds_json, "
+            f"(SELECT json_group_array(json_object({_ENTRY_JSON})) FROM (SELECT * FROM agent_transactions "
+            f"WHERE wallet_id = w.id ORDER BY id DESC LIMIT :recent) t) AS recent_json "
+            f"FROM agent_wallets w WHERE w.agent_id = :agent",
+            {"now": now_iso, "recent": recent, "agent": agent_id},
+        )
+        if row is None:
+            raise _unknown_wallet(agent_id)
+        holds = sorted((HoldView.model_validate(h) for h in json.loads(row["holds_json"])),
+                       key=lambda h: (h.expires_at, h.hold_id))
+        entries = sorted((LedgerEntry.model_validate(e) for e in json.loads(row["recent_json"])),
+                         key=lambda e: -e.entry_id)
+        held = sum(h.amount for h in holds)
+        day = int(now // DAY)
+        spent = row["spent_today"] if row["spend_day"] == day else 0
+        cap = row["daily_cap"]
+        return Wallet(
+            wallet_id=row["id"], agent_id=row["agent_id"], customer_id=row["customer_id"], balance=row["balance"],
+            held=held, available=row["balance"] - held, daily_cap=cap, spent_today=spent,
+            cap_remaining=None if cap is None else max(0, cap - spent - held),
+            cap_resets_at=_day_start_iso(day + 1), frozen=bool(row["frozen"]), holds=holds, recent=entries,
+            created_at=row["created_at"], updated_at=row["updated_at"],
+        )
+
+    async def freeze(self, agent_id: str, frozen: bool, reason: str, idempotency_key: str) -> FreezeResult:
+        """Freeze (or unfreeze) a wallet: a frozen wallet refuses debits, holds, captures and outgoing transfers."""
+        _name(agent_id, "agent_id")
+        if not isinstance(frozen, bool):
+            raise InvalidInput(f"frozen must be true or false, got {frozen!r}", param="frozen")
+        _text(reason, "reason")
+        args = {"agent_id": agent_id, "frozen": frozen, "reason": reason}
+
+        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+            wallet = _load(conn, agent_id, utc_iso(now))
+            if wallet.frozen != frozen:
+                conn.execute("UPDATE agent_wallets SET frozen = ?, updated_at = ? WHERE id = ?",
+                             (int(frozen), utc_iso(now), wallet.id))
+            return {"agent_id": agent_id, "frozen": frozen, "changed": wallet.frozen != frozen, "reason": reason}
+
+        return await self._run(FreezeResult, "freeze", idempotency_key, args, run)
+
+    # --- postings -----------------------------------------------------------------------------------------------
+
+    async def credit(
+        self, agent_id: str, amount: int, *, idempotency_key: str, reason: str, reference: str | None = None,
+        source: str = ISSUANCE,
+    ) -> Posting:
+        """Add `amount` LUC to a wallet from a system account (system:issuance unless `source` names another)."""
+        if not (isinstance(source, str) and source.startswith("system:") and len(source) > len("system:")):
+            raise InvalidInput(f"source must be a system account such as {ISSUANCE}, got {source!r}", param="source")
+        job = self._credit_job("credit", agent_id, amount, {}, source, idempotency_key, reason, reference)
+        return await self._submit(Posting, job)
+
+    async def credit_usd(
+        self, agent_id: str, cents: int, *, idempotency_key: str, reason: str, reference: str | None = None
+    ) -> UsdCredit:
+        """Top up a wallet paid in USD cents: LUC = cents * luc_per_usd // 100, rounded down (never more LUC than
+        were paid for); a payment too small to buy 1 LUC is refused."""
+        _amount(cents, "cents")
+        amount = cents * self._luc_per_usd // 100
+        if amount == 0:
+            raise InvalidInput(
+                f"{cents} cent(s) buy 0 LUC at {self._luc_per_usd} LUC per USD: top up at least "
+                f"{-(-100 // self._luc_per_usd)} cent(s)", param="cents",
+            )
+        extra = {"cents": cents, "luc_per_usd": self._luc_per_usd}
+        job = self._credit_job("credit_usd", agent_id, amount, extra, ISSUANCE, idempotency_key, reason, reference)
+        return await self._submit(UsdCredit, job)
+
+    def _credit_job(
+        self, operation: str, agent_id: str, amount: int, extra: dict[str, Any], source: str,
+        idempotency_key: str, reason: str, reference: str | None,
+    ) -> Job:
+        _name(agent_id, "agent_id")
+        _amount(amount, "amount")
+        args = {"agent_id": agent_id, "amount": amount, "source": source, **extra, "reason": _text(reason, "reason"),
+                "reference": _optional_text(reference, "reference")}
+        key = f"{operation}:{idempotency_key}"
+
+        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+            iso = utc_iso(now)
+            wallet = _load(conn, agent_id, iso)
+            if wallet.balance + amount > MAX_BALANCE:
+                raise LimitReached(
+                    f"credit of {amount} LUC refused: wallet {agent_id} would hold more than {MAX_BALANCE} LUC "
+                    f"(balance {wallet.balance}): debit it or credit less", param="amount")
+            wallet.balance += amount
+            txn_id = _new_id("txn")
+            _save(conn, wallet, iso)
+            _post(conn, txn_id, "credit", key, reason, reference, None, iso,
+                  (wallet.account, wallet.id, amount, 0, wallet.balance), (source, None, -amount, 0, None))
+            return {"txn_id": txn_id, "kind": "credit", "agent_id": agent_id, "amount": amount,
+                    "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": source,
+                    "created_at": iso, **extra}
+
+        return self._job(operation, idempotency_key, args, run)
+
+    async def debit(
+        self, agent_id: str, amount: int, *, idempotency_key: str, reason: str, reference: str | None = None
+    ) -> Posting:
+        """Spend `amount` LUC from a wallet to system:revenue, within its available balance and daily cap."""
+        return await self._submit(Posting, self.debit_job(agent_id, amount, idempotency_key=idempotency_key,
+                                                          reason=reason, reference=reference))
+
+    def debit_job(
+        self, agent_id: str, amount: int, *, idempotency_key: str, reason: str, reference: str | None = None
+    ) -> Job:
+        """The debit as one store job (validated already). `bench/ledger.py` runs the very same job, one
+        transaction each, on a plain connection as its baseline."""
+        _name(agent_id, "agent_id")
+        _amount(amount, "amount")
+        args = {"agent_id": agent_id, "amount": amount, "reason": _text(reason, "reason"),
+                "reference": _optional_text(reference, "reference")}
+        key = f"debit:{idempotency_key}"
+
+        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+            iso = utc_iso(now)
+            wallet = _load(conn, agent_id, iso)
+            day = int(now // DAY)
+            _check_spend(wallet, amount, day, "debit")
+            wallet.balance -= amount
+            _spend(wallet, amount, day)
+            txn_id = _new_id("txn")
+            _save(conn, wallet, iso)
+            _post(conn, txn_id, "debit", key, reason, reference, None, iso,
+                  (wallet.account, wallet.id, -amount, 0, wallet.balance), (REVENUE, None, amount, 0, None))
+            return {"txn_id": txn_id, "kind": "debit", "agent_id": agent_id, "amount": amount,
+                    "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": REVENUE,
+                    "created_at": iso}
+
+        return self._job("debit", idempotency_key, args, run)
+
+    async def transfer(
+        self, from_agent: str, to_agent: str, amount: int, *, idempotency_key: str, reason: str,
+        reference: str | None = None,
+    ) -> Transfer:
+        """Move `amount` LUC between two wallets in one transaction; counts as spending for the sender."""
+        _name(from_agent, "from_agent")
+        _name(to_agent, "to_agent")
+        _amount(amount, "amount")
+        if from_agent == to_agent:
+            raise InvalidInput(f"transfer from agent {from_agent} to itself: name two different wallets",
+                               param="to_agent")
+        args = {"from_agent": from_agent, "to_agent": to_agent, "amount": amount, "reason": _text(reason, "reason"),
+                "reference": _optional_text(reference, "reference")}
+        key = f"transfer:{idempotency_key}"
+
+        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+            iso = utc_iso(now)
+            source = _load(conn, from_agent, iso, param="from_agent")
+            target = _load(conn, to_agent, iso, param="to_agent")
+            day = int(now // DAY)
+            _check_spend(source, amount, day, "transfer")
+            if target.balance + amount > MAX_BALANCE:
+                raise LimitReached(
+                    f"transfer of {amount} LUC refused: wallet {to_agent} would hold more than {MAX_BALANCE} LUC "
+                    f"(balance {target.balance})", param="amount")
+            source.balance -= amount
+            _spend(source, amount, day)
+            target.balance += amount
+            txn_id = _new_id("txn")
+            _save(conn, source, iso)
+            _save(conn, target, iso)
+            _post(conn, txn_id, "transfer", key, reason, reference, None, iso,
+                  (source.account, source.id, -amount, 0, source.balance),
+                  (target.account, target.id, amount, 0, target.balance))
+            return {"txn_id": txn_id, "from_agent": from_agent, "to_agent": to_agent, "amount": amount,
+                    "from_balance_after": source.balance, "from_available_after": source.available,
+                    "to_balance_after": target.balance, "created_at": iso}
+
+        return await self._submit(Transfer, self._job("transfer", idempotency_key, args, run))
+
+    # --- holds --------------------------------------------------------------------------------------------------
+
+    async def hold(
+        self, agent_id: str, amount: int, ttl_seconds: int, *, idempotency_key: str, reason: str,
+        reference: str | None = None,
+    ) -> HoldPlaced:
+        """Reserve `amount` LUC (funds and cap room) for up to `ttl_seconds`; returns the hold id to capture or
+        release. An uncaptured hold releases itself when it expires."""
+        _name(agent_id, "agent_id")
+        _amount(amount, "amount")
+        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or not 1 <= ttl_seconds <= MAX_HOLD_TTL:
+            raise InvalidInput(f"ttl_seconds must be a whole number from 1 to {MAX_HOLD_TTL} (30 days), got "
+                               f"{ttl_seconds!r}", param="ttl_seconds")
+        args = {"agent_id": agent_id, "amount": amount, "ttl_seconds": ttl_seconds,
+                "reason": _text(reason, "reason"), "reference": _optional_text(reference, "reference")}
+        key = f"hold:{idempotency_key}"
+
+        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+            iso = utc_iso(now)
+            wallet = _load(conn, agent_id, iso)
+            _check_spend(wallet, amount, int(now // DAY), "hold")
+            wallet.held += amount
+            hold_id, txn_id = _new_id("hold"), _new_id("txn")
+            expires_at = utc_iso(now + ttl_seconds)
+            _save(conn, wallet, iso)
+            conn.execute(
+                "INSERT INTO ledger_holds (id, wallet_id, amount, status, expires_at, txn_id, created_at) "
+                "VALUES (?, ?, ?, 'active', ?, ?, ?)", (hold_id, wallet.id, amount, expires_at, txn_id, iso))
+            _post(conn, txn_id, "hold", key, reason, reference, hold_id, iso,
+                  (wallet.account, wallet.id, 0, amount, wallet.balance), (REVENUE, None, 0, -amount, None))
+            return {"hold_id": hold_id, "txn_id": txn_id, "agent_id": agent_id, "amount": amount,
+                    "expires_at": expires_at, "balance": wallet.balance, "available_after": wallet.available,
+                    "created_at": iso}
+
+        return await self._submit(HoldPlaced, self._job("hold", idempotency_key, args, run))
+
+    async def capture_hold(
+        self, hold_id: str, amount: int, *, idempotency_key: str, reason: str, reference: str | None = None
+    ) -> HoldResolved:
+        """Post `amount` ≤ the hold to system:revenue and release the rest, in one transaction."""
+        _name(hold_id, "hold_id")
+        _amount(amount, "amount")
+        return await self._resolve("capture_hold", hold_id, amount, idempotency_key, reason, reference)
+
+    async def release_hold(
+        self, hold_id: str, *, idempotency_key: str, reason: str, reference: str | None = None
+    ) -> HoldResolved:
+        """Give a hold's LUC back to the wallet's available balance, posting nothing."""
+        _name(hold_id, "hold_id")
+        return await self._resolve("release_hold", hold_id, None, idempotency_key, reason, reference)
+
+    async def _resolve(
+        self, operation: str, hold_id: str, amount: int | None, idempotency_key: str, reason: str,
+        reference: str | None,
+    ) -> HoldResolved:
+        args = {"hold_id": hold_id, "amount": amount, "reason": _text(reason, "reason"),
+                "reference": _optional_text(reference, "reference")}
+        verb = "capture" if amount is not None else "release"
+
+        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+            iso = utc_iso(now)
+            hold = conn.execute(
+                "SELECT h.amount, h.status, h.captured, h.expires_at, h.resolved_at, w.agent_id "
+                "FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id WHERE h.id = ?", (hold_id,)
+            ).fetchone()
+            if hold is None:
+                raise NotFound(f"no hold {hold_id}: check the id returned by hold_luc", param="hold_id")
+            held, status, agent_id = hold["amount"], hold["status"], hold["agent_id"]
+            if status != "active":
+                how = f"captured ({hold['captured']} LUC)" if status == "captured" else status
+                raise InvalidState(
+                    f"{verb} of hold {hold_id} refused: it was already {how} at {hold['resolved_at']}; a hold "
+                    "resolves once: place a new hold if the task needs credits again", param="hold_id")
+            if hold["expires_at"] <= iso:
+                raise InvalidState(
+                    f"{verb} of hold {hold_id} refused: it expired at {hold['expires_at']} and its {held} LUC are "
+                    "available again: place a new hold (or debit directly) if the task still needs them",
+                    param="hold_id")
+            captured = amount or 0
+            if captured > held:
+                raise InvalidInput(
+                    f"capture of {captured} LUC refused: hold {hold_id} reserves only {held} LUC: capture at most "
+                    f"{held}, and debit any extra separately", param="amount")
+            wallet = _load(conn, agent_id, iso)
+            if amount is not None and wallet.frozen:
+                raise _frozen(wallet, "capture")
+            wallet.balance -= captured
+            wallet.held -= held
+            status_after = "captured" if amount is not None else "released"
+            if captured:
+                _spend(wallet, captured, int(now // DAY))
+            txn_id = _new_id("txn")
+            _save(conn, wallet, iso)
+            conn.execute(
+                "UPDATE ledger_holds SET status = ?, captured = ?, resolved_txn_id = ?, resolved_at = ? WHERE id = ?",
+                (status_after, captured, txn_id, iso, hold_id))
+            kind = "capture" if amount is not None else "release"
+            _post(conn, txn_id, kind, f"resolve:{hold_id}", reason, reference, hold_id, iso,
+                  (wallet.account, wallet.id, -captured, -held, wallet.balance), (REVENUE, None, captured, held, None))
+            return {"hold_id": hold_id, "txn_id": txn_id, "agent_id": agent_id, "status": status_after,
+                    "captured": captured, "released": held - captured, "balance_after": wallet.balance,
+                    "available_after": wallet.available, "created_at": iso}
+
+        return await self._submit(HoldResolved, self._job(operation, idempotency_key, args, run))
+
+    async def sweep_expired_holds(self, limit: int = 1000) -> int:
+        """Mark up to `limit` expired holds as expired, each with its own ledger record; returns how many.
+        (Holds expire without it: an expired hold is never counted. This only writes down what happened.)"""
+        _limit(limit, "limit", 1, 100_000)
+
+        def job(conn: sqlite3.Connection) -> int:
+            iso = utc_iso(self._clock())
+            agents = [r[0] for r in conn.execute(
+                "SELECT DISTINCT w.agent_id FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
+                "WHERE h.status = 'active' AND h.expires_at <= ? LIMIT ?", (iso, limit))]
+            before = conn.total_changes
+            for agent_id in agents:
+                _load(conn, agent_id, iso)
+            return (conn.total_changes - before) // 4  # each expiry: two entries, the hold, the wallet
+
+        return await self._store.write(job)
+
+    # --- reads --------------------------------------------------------------------------------------------------
+
+    def list_transactions(
+        self, agent_id: str, *, kind: str | None = None, since: datetime | float | str | None = None,
+        until: datetime | float | str | None = None, limit: int = 50, cursor: str | None = None,
+    ) -> TransactionPage:
+        """A wallet's entries, newest first, optionally of one kind and within [since, until); pass `next_cursor`
+        back as `cursor` for the next page."""
+        _name(agent_id, "agent_id")
+        _limit(limit, "limit", 1, MAX_PAGE)
+        wallet = self._store.query_one("SELECT id FROM agent_wallets WHERE agent_id = ?", (agent_id,))
+        if wallet is None:
+            raise _unknown_wallet(agent_id)
+        where = ["wallet_id = :wallet"]
+        params: dict[str, Any] = {"wallet": wallet["id"], "limit": limit + 1}
+        if kind is not None:
+            if kind not in KINDS:
+                raise InvalidInput(f"kind {kind!r} is not one of {', '.join(KINDS)}", param="kind")
+            where.append("kind = :kind")
+            params["kind"] = kind
+        if since is not None:
+            where.append("created_at >= :since")
+            params["since"] = _when(since, "since")
+        if until is not None:
+            where.append("created_at < :until")
+            params["until"] = _when(until, "until")
+        if cursor is not None:
+            if not (isinstance(cursor, str) and cursor.isdigit()):
+                raise InvalidInput(f"cursor {cursor!r} is not one this tool returned: pass next_cursor unchanged",
+                                   param="cursor")
+            where.append("id < :cursor")
+            params["cursor"] = int(cursor)
+        rows = self._store.query(
+            f"SELECT json_object({_ENTRY_JSON}) AS entry FROM agent_transactions t WHERE {' AND '.join(where)} "
+            "ORDER BY id DESC LIMIT :limit", params)
+        entries = [LedgerEntry.model_validate_json(r["entry"]) for r in rows[:limit]]
+        next_cursor = str(entries[-1].entry_id) if len(rows) > limit else None
+        return TransactionPage(agent_id=agent_id, entries=entries, next_cursor=next_cursor)
+
+    def check_ledger(self) -> list[LedgerViolation]:
+        """Every invariant over the whole database, in one statement (one consistent snapshot); empty when sound."""
+        rows = self._store.query(_CHECKS)
+        return [LedgerViolation(rule=r["rule"], subject=str(r["subject"]), detail=r["detail"]) for r in rows]
+
+    # --- the one mutation path ----------------------------------------------------------------------------------
+
+    def _job(
+        self, operation: str, idempotency_key: str, args: dict[str, Any],
+        run: Callable[[sqlite3.Connection, float], dict[str, Any]],
+    ) -> Job:
+        """Wrap `run` so that the (operation, key) row is checked and written in the same transaction as the effect."""
+        _text(idempotency_key, "idempotency_key")
+        digest = hashlib.sha256(dumps(args).encode()).hexdigest()
+        clock = self._clock
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            found = conn.execute(
+                "SELECT request_hash, response FROM ledger_requests WHERE operation = ? AND idempotency_key = ?",
+                (operation, idempotency_key)).fetchone()
+            if found is not None:
+                if found[0] != digest:
+                    raise IdempotencyConflict(
+                        f"idempotency_key {idempotency_key!r} was already used for {operation} with other arguments: "
+                        "repeat the first call's arguments exactly to get its result, or use a new key for a new "
+                        "request", param="idempotency_key", operation=operation)
+                stored: dict[str, Any] = json.loads(found[1])
+                return stored, True
+            now = clock()
+            response = run(conn, now)
+            conn.execute(
+                "INSERT INTO ledger_requests (operation, idempotency_key, request_hash, response, txn_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (operation, idempotency_key, digest, dumps(response), response.get("txn_id"), utc_iso(now)))
+            return response, False
+
+        return job
+
+    async def _run(
+        self, model: type[R], operation: str, idempotency_key: str, args: dict[str, Any],
+        run: Callable[[sqlite3.Connection, float], dict[str, Any]],
+    ) -> R:
+        return await self._submit(model, self._job(operation, idempotency_key, args, run))
+
+    async def _submit(self, model: type[R], job: Job) -> R:
+        response, replayed = await self._store.write(job)
+        return model.model_validate({**response, "replayed": replayed})
+
+
+# --- writer-side helpers: they run inside a store job, on the writer's connection ----------------------------------
+
+
+def _load(conn: sqlite3.Connection, agent_id: str, now_iso: str, *, param: str = "agent_id") -> _Wallet:
+    """The wallet as of this transaction, with its expired holds written down as expired first."""
+    row = conn.execute(f"SELECT {_WALLET_COLUMNS} FROM agent_wallets WHERE agent_id = ?", (agent_id,)).fetchone()
+    if row is None:
+        raise _unknown_wallet(agent_id, param)
+    wallet = _Wallet(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8])
+    if wallet.held:
+        expired = conn.execute(
+            "SELECT id, amount FROM ledger_holds WHERE wallet_id = ? AND status = 'active' AND expires_at <= ?",
+            (wallet.id, now_iso)).fetchall()
+        for hold_id, amount in expired:
+            wallet.held -= amount
+            txn_id = _new_id("txn")
+            conn.execute("UPDATE ledger_holds SET status = 'expired', resolved_txn_id = ?, resolved_at = ? "
+                         "WHERE id = ?", (txn_id, now_iso, hold_id))
+            _post(conn, txn_id, "expire", f"resolve:{hold_id}", "hold expired", None, hold_id, now_iso,
+                  (wallet.account, wallet.id, 0, -amount, wallet.balance), (REVENUE, None, 0, amount, None))
+        if expired:
+            conn.execute("UPDATE agent_wallets SET held = ?, updated_at = ? WHERE id = ?",
+                         (wallet.held, now_iso, wallet.id))
+    return wallet
+
+
+def _save(conn: sqlite3.Connection, wallet: _Wallet, now_iso: str) -> None:
+    conn.execute(
+        "UPDATE agent_wallets SET balance = ?, held = ?, spend_day = ?, spent_today = ?, updated_at = ? WHERE id = ?",
+        (wallet.balance, wallet.held, wallet.spend_day, wallet.spent_today, now_iso, wallet.id))
+
+
+Entry = tuple[str, str | None, int, int, int | None]  # account, wallet id, amount, pending, balance_after
+
+
+def _post(
+    conn: sqlite3.Connection, txn_id: str, kind: str, key: str, reason: str, reference: str | None,
+    hold_id: str | None, now_iso: str, first: Entry, second: Entry,
+) -> None:
+    conn.executemany(_ENTRY_INSERT, [
+        (txn_id, number, account, wallet_id, kind, amount, pending, after, key, reason, reference, hold_id, now_iso)
+        for number, (account, wallet_id, amount, pending, after) in enumerate((first, second))
+    ])
+
+
+def _check_spend(wallet: _Wallet, amount: int, day: int, verb: str) -> None:
+    """Frozen, then funds (available), then the daily cap (which active holds reserve room in)."""
+    if wallet.frozen:
+        raise _frozen(wallet, verb)
+    if amount > wallet.available:
+        raise InsufficientFunds(
+            f"{verb} of {amount} LUC refused: wallet {wallet.agent_id} has {wallet.available} available "
+            f"(balance {wallet.balance}, {wallet.held} held): credit it first or {verb} less",
+            param="amount", amount=amount, available=wallet.available, balance=wallet.balance, held=wallet.held)
+    if wallet.daily_cap is not None:
+        spent = wallet.spent_on(day)
+        room = wallet.daily_cap - spent - wallet.held
+        if amount > room:
+            raise SpendCapExceeded(
+                f"{verb} of {amount} LUC refused: wallet {wallet.agent_id} has a daily cap of {wallet.daily_cap} LUC "
+                f"and has spent {spent} today (UTC) with {wallet.held} held, leaving {max(room, 0)}: {verb} at most "
+                f"{max(room, 0)}, release unneeded holds, or wait for the cap to reset at {_day_start_iso(day + 1)}",
+                param="amount", amount=amount, daily_cap=wallet.daily_cap, spent_today=spent, held=wallet.held)
+
+
+def _spend(wallet: _Wallet, amount: int, day: int) -> None:
+    wallet.spent_today = wallet.spent_on(day) + amount
+    wallet.spend_day = day
+
+
+def _frozen(wallet: _Wallet, verb: str) -> WalletFrozen:
+    return WalletFrozen(
+        f"{verb} refused: wallet {wallet.agent_id} is frozen; it still accepts credits and incoming transfers: an "
+        "operator must unfreeze it first", param="agent_id")
+
+
+def _unknown_wallet(agent_id: str, param: str = "agent_id") -> NotFound:
+    return NotFound(f"no wallet for agent {agent_id}: create it with create_agent_wallet, or check the agent id",
+                    param=param)
+
+
+# --- argument checks: before any job, so a bad call never reaches the writer ---------------------------------------
+
+
+def _amount(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{field} must be a whole number of LUC, got {value!r}", param=field)
+    if value <= 0:
+        raise InvalidInput(f"{field} must be a positive number, got {value}: amounts are at least 1", param=field)
+    if value > MAX_AMOUNT:
+        raise InvalidInput(f"{field} {value} is above the per-operation maximum of {MAX_AMOUNT}: split it",
+                           param=field)
+    return value
+
+
+def _text(value: object, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{field} must be a non-empty string, got {value!r}", param=field)
+    if len(value) > MAX_TEXT:
+        raise InvalidInput(f"{field} is {len(value)} characters long: at most {MAX_TEXT}", param=field)
+    return value
+
+
+def _optional_text(value: object, field: str) -> str | None:
+    return None if value is None else _text(value, field)
+
+
+def _name(value: object, field: str) -> str:
+    text = _text(value, field)
+    if text != text.strip():
+        raise InvalidInput(f"{field} {text!r} has leading or trailing spaces: pass the id exactly", param=field)
+    return text
+
+
+def _limit(value: object, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput(f"{field} must be a whole number from {low} to {high}, got {value!r}", param=field)
+    return value
+
+
+def _when(value: datetime | float | str, field: str) -> str:
+    """A time as the store writes it (UTC ISO with milliseconds), from epoch seconds, a datetime or ISO text."""
+    try:
+        if isinstance(value, datetime):
+            moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+            return utc_iso(moment.timestamp())
+        if isinstance(value, str):
+            return _when(datetime.fromisoformat(value), field)
+        if isinstance(value, bool):
+            raise TypeError
+        return utc_iso(float(value))
+    except (TypeError, ValueError, OverflowError, OSError):
+        raise InvalidInput(f"{field} {value!r} is not a time: pass epoch seconds or ISO-8601 such as "
+                           "2026-01-31T00:00:00Z", param=field) from None
+
+
+_ENTRY_JSON = (
+    "'entry_id', t.id, 'txn_id', t.txn_id, 'kind', t.kind, 'amount', t.amount, 'held_change', t.pending, "
+    "'balance_after', t.balance_after, 'hold_id', t.hold_id, 'reason', t.reason, 'reference', t.reference, "
+    "'created_at', t.created_at, 'counterparty', "
+    "(SELECT o.account FROM agent_transactions o WHERE o.txn_id = t.txn_id AND o.entry != t.entry)"
+)
+
+# One compound statement, so every rule sees the same snapshot even while the writer commits.
+_CHECKS = """
+SELECT 'txn_unbalanced' AS rule, txn_id AS subject,
+       'entries sum to ' || SUM(amount) || ' posted and ' || SUM(pending) || ' held over ' || COUNT(*) || ' rows'
+       AS detail
+  FROM agent_transactions GROUP BY txn_id HAVING SUM(amount) != 0 OR SUM(pending) != 0 OR COUNT(*) < 2
+UNION ALL
+SELECT 'balance_mismatch', w.agent_id, 'balance ' || w.balance || ' but its entries sum to ' || COALESCE(s.total, 0)
+  FROM agent_wallets w LEFT JOIN (SELECT wallet_id, SUM(amount) AS total, SUM(pending) AS held
+                                    FROM agent_transactions WHERE wallet_id IS NOT NULL GROUP BY wallet_id) s
+    ON s.wallet_id = w.id WHERE w.balance != COALESCE(s.total, 0)
+UNION ALL
+SELECT 'held_mismatch', w.agent_id, 'held ' || w.held || ' but its entries hold ' || COALESCE(s.held, 0)
+       || ' and its active holds ' || COALESCE(a.active, 0)
+  FROM agent_wallets w
+  LEFT JOIN (SELECT wallet_id, SUM(pending) AS held FROM agent_transactions WHERE wallet_id IS NOT NULL
+              GROUP BY wallet_id) s ON s.wallet_id = w.id
+  LEFT JOIN (SELECT wallet_id, SUM(amount) AS active FROM ledger_holds WHERE status = 'active' GROUP BY wallet_id) a
+    ON a.wallet_id = w.id
+ WHERE w.held != COALESCE(s.held, 0) OR w.held != COALESCE(a.active, 0)
+UNION ALL
+SELECT 'balance_after_mismatch', txn_id, 'entry ' || id || ' says balance_after ' || COALESCE(balance_after, 'null')
+       || ' but the running sum is ' || running
+  FROM (SELECT id, txn_id, balance_after,
+               SUM(amount) OVER (PARTITION BY wallet_id ORDER BY id) AS running
+          FROM agent_transactions WHERE wallet_id IS NOT NULL)
+ WHERE balance_after IS NOT running
+UNION ALL
+SELECT 'negative_balance', agent_id, 'balance ' || balance || ', held ' || held || ', available ' || (balance - held)
+  FROM agent_wallets WHERE balance < 0 OR held < 0 OR balance - held < 0
+UNION ALL
+SELECT 'negative_balance', txn_id, 'entry ' || id || ' left balance_after ' || balance_after
+  FROM agent_transactions WHERE balance_after < 0
+UNION ALL
+SELECT 'account_mismatch', t.txn_id, 'entry ' || t.id || ' is on ' || t.account || ' with wallet '
+       || COALESCE(t.wallet_id, 'null')
+  FROM agent_transactions t LEFT JOIN agent_wallets w ON w.id = t.wallet_id
+ WHERE (t.wallet_id IS NULL AND t.account NOT LIKE 'system:%')
+    OR (t.wallet_id IS NOT NULL AND (w.id IS NULL OR t.account != 'agent:' || w.agent_id OR t.balance_after IS NULL))
+UNION ALL
+SELECT 'hold_resolved_twice', hold_id, COUNT(DISTINCT txn_id) || ' resolutions'
+  FROM agent_transactions WHERE hold_id IS NOT NULL AND kind IN ('capture', 'release', 'expire')
+ GROUP BY hold_id HAVING COUNT(DISTINCT txn_id) > 1
+UNION ALL
+SELECT 'hold_state_mismatch', h.id, 'status ' || h.status || ' with '
+       || (SELECT COUNT(DISTINCT txn_id) FROM agent_transactions t
+            WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire')) || ' resolution(s)'
+  FROM ledger_holds h
+ WHERE (h.status = 'active') = EXISTS (SELECT 1 FROM agent_transactions t
+                                         WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire'))
+    OR (h.status = 'captured') != EXISTS (SELECT 1 FROM agent_transactions t
+                                            WHERE t.txn_id = h.resolved_txn_id AND t.kind = 'capture'
+                                              AND t.wallet_id = h.wallet_id AND -t.amount = h.captured)
+UNION ALL
+SELECT 'idempotency_key_reused', idempotency_key, COUNT(DISTINCT txn_id) || ' transactions under one key'
+  FROM agent_transactions WHERE idempotency_key IS NOT NULL
+ GROUP BY idempotency_key HAVING COUNT(DISTINCT txn_id) > 1 OR COUNT(*) != COUNT(DISTINCT entry)
+UNION ALL
+SELECT 'idempotency_key_reused', txn_id, COUNT(*) || ' requests claim one transaction'
+  FROM ledger_requests WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING COUNT(*) > 1
+UNION ALL
+SELECT 'acknowledged_txn_missing', r.operation || ':' || r.idempotency_key, 'request names ' || r.txn_id
+       || ', which has no entries'
+  FROM ledger_requests r
+ WHERE r.txn_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM agent_transactions t WHERE t.txn_id = r.txn_id)
+UNION ALL
+SELECT 'spent_today_mismatch', w.agent_id, 'spent_today ' || w.spent_today || ' but its outgoing entries that day sum to '
+       || COALESCE((SELECT -SUM(t.amount) FROM agent_transactions t
+                     WHERE t.wallet_id = w.id AND t.amount < 0
+                       AND t.created_at >= strftime('%Y-%m-%dT%H:%M:%S.000Z', w.spend_day * 86400, 'unixepoch')
+                       AND t.created_at < strftime('%Y-%m-%dT%H:%M:%S.000Z', (w.spend_day + 1) * 86400, 'unixepoch')),
+                   0)
+  FROM agent_wallets w
+ WHERE w.spend_day > 0 AND w.spent_today != COALESCE(
+       (SELECT -SUM(t.amount) FROM agent_transactions t
+         WHERE t.wallet_id = w.id AND t.amount < 0
+           AND t.created_at >= strftime('%Y-%m-%dT%H:%M:%S.000Z', w.spend_day * 86400, 'unixepoch')
+           AND t.created_at < strftime('%Y-%m-%dT%H:%M:%S.000Z', (w.spend_day + 1) * 86400, 'unixepoch')), 0)
+"""

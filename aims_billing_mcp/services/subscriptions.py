@@ -1,0 +1,345 @@
+"""Subscriptions on the 3-6-9 tiers: the checkout that starts one, the provision webhooks keep in step with Stripe,
+the status and entitlements agents ask for, and cancellation that honours the commitment.
+
+How events converge: each applied event leaves its `created` time on the provision; an older event for the same
+customer is stored but not applied, so duplicates and out-of-order deliveries end in the state of the newest event,
+which is Stripe's current state. Within one second (Stripe's resolution) the later status in a subscription's life
+wins (incomplete < trialing < active < past_due < unpaid < canceled). A cancellation of an old subscription never
+downgrades a customer whose newer subscription is live.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigurationError, InvalidInput, StripeInvalidRequest
+from ..models import (
+    BillingStatus,
+    CancellationResult,
+    Entitlements,
+    LastEvent,
+    SubscriptionCheckoutResult,
+    TierInfo,
+    TierList,
+    format_amount,
+)
+from ..settings import Settings
+from ..store import Store, utc_iso, utc_now
+from ..stripe_gateway import StripeRequest
+from .mutations import StripeMutations, compact
+from .tiers import TIER_METADATA, Pricing, Tier, add_months, trial_days
+
+LIVE = frozenset({"active", "trialing", "past_due"})
+STATUS_RANK = {"incomplete": 0, "trialing": 1, "active": 2, "past_due": 3, "unpaid": 4, "paused": 4,
+               "canceled": 5, "incomplete_expired": 5}
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying one event did: the customer it concerned, and a note when it was not applied."""
+
+    customer_id: str | None
+    note: str | None = None
+
+
+class SubscriptionService:
+    def __init__(self, mutations: StripeMutations, store: Store, pricing: Pricing, settings: Settings) -> None:
+        self._mutations = mutations
+        self._gateway = mutations.gateway
+        self._store = store
+        self._pricing = pricing
+        self._settings = settings
+
+    # --- tiers ---------------------------------------------------------------------------------------------------
+
+    def entitlements(self, tier: Tier) -> Entitlements:
+        return Entitlements(tokens_per_month=tier.tokens_per_month, agents=tier.agents, concurrent=tier.concurrent)
+
+    async def _found_prices(self, tiers: list[Tier]) -> dict[str, str]:
+        """Price ids by lookup key, for tiers whose STRIPE_PRICE_* is not set (setup-stripe ran, .env not updated)."""
+        keys = [tier.lookup_key for tier in tiers]
+        if not keys:
+            return {}
+        page = await self._gateway.send(StripeRequest("get", "/v1/prices", {"lookup_keys": keys, "active": True,
+                                                                            "limit": 100}))
+        return {p["lookup_key"]: p["id"] for p in page.data.get("data", []) if p.get("lookup_key")}
+
+    async def price_for(self, tier: Tier) -> str:
+        configured = self._settings.price_id_for(tier.price_env)
+        if configured:
+            return configured
+        found = (await self._found_prices([tier])).get(tier.lookup_key)
+        if found:
+            return found
+        raise ConfigurationError(
+            f"tier {tier.id} has no Stripe price: run `aims-billing-mcp setup-stripe` (it creates the prices and "
+            f"prints {tier.price_env}=price_...), then set {tier.price_env}",
+            param="tier",
+        )
+
+    async def list_tiers(self) -> TierList:
+        unset = [t for t in self._pricing.paid_tiers() if not self._settings.price_id_for(t.price_env)]
+        found = await self._found_prices(unset) if unset else {}
+        infos = []
+        for tier in self._pricing.tiers.values():
+            price = self._settings.price_id_for(tier.price_env) or found.get(tier.lookup_key) if tier.paid else None
+            infos.append(TierInfo(
+                id=tier.id, name=tier.name, description=tier.description, monthly_price=tier.monthly_price,
+                monthly_price_display=format_amount(tier.monthly_price, self._pricing.currency),
+                commitment_months=tier.commitment_months, delivered_months=tier.delivered_months,
+                entitlements=self.entitlements(tier), stripe_price=price, aliases=tier.aliases,
+            ))
+        return TierList(tiers=infos, mode=self._gateway.mode.value)
+
+    # --- checkout ----------------------------------------------------------------------------------------------------
+
+    async def create_subscription_checkout(
+        self, *, tier: str, customer: str | None, customer_email: str | None, success_url: str | None,
+        cancel_url: str | None, idempotency_key: str | None, dry_run: bool,
+    ) -> SubscriptionCheckoutResult:
+        chosen = self._pricing.tier(tier)
+        if not chosen.paid:
+            raise InvalidInput(
+                f"tier {chosen.id} has no subscription: every customer without one is on {chosen.id}; choose one of "
+                + ", ".join(t.id for t in self._pricing.paid_tiers()), param="tier")
+        if bool(customer) == bool(customer_email):
+            raise InvalidInput("give exactly one of customer (cus_...) or customer_email", param="customer")
+        price = await self.price_for(chosen)
+        metadata = compact({TIER_METADATA: chosen.id, "aims_customer": customer,
+                            "aims_commitment_months": str(chosen.commitment_months),
+                            "aims_delivered_months": str(chosen.delivered_months)})
+        trial = trial_days(int(time.time()), chosen.free_months) if chosen.free_months else None
+        params = compact({
+            "mode": "subscription", "line_items": [{"price": price, "quantity": 1}],
+            "customer": customer, "customer_email": customer_email, "client_reference_id": customer,
+            "success_url": success_url, "cancel_url": cancel_url, "metadata": metadata,
+            "subscription_data": compact({"metadata": metadata, "trial_period_days": trial}),
+        })
+
+        def project(session: dict[str, Any]) -> dict[str, Any]:
+            return {"checkout_session": {
+                "id": session["id"], "url": session.get("url"), "tier": chosen.id, "customer": customer,
+                "customer_email": customer_email, "price": price, "trial_days": trial or 0,
+                "expires_at": session.get("expires_at")}}
+
+        return await self._mutations.run(
+            "create_subscription_checkout", "/v1/checkout/sessions", params, SubscriptionCheckoutResult, project,
+            idempotency_key=idempotency_key, dry_run=dry_run,
+        )
+
+    # --- status ------------------------------------------------------------------------------------------------------
+
+    def provision(self, customer: str) -> dict[str, Any] | None:
+        return self._store.query_one("SELECT * FROM billing_provisions WHERE customer_id = ?", (customer,))
+
+    async def get_billing_status(self, customer: str) -> BillingStatus:
+        row = self.provision(customer)
+        if row is None:
+            try:  # an unknown id is a typo worth reporting; a known customer without a subscription is simply P2P
+                await self._gateway.send(StripeRequest("get", f"/v1/customers/{customer}"))
+            except StripeInvalidRequest as exc:
+                if exc.details.get("stripe_code") == "resource_missing":
+                    raise StripeInvalidRequest(
+                        f"no such customer {customer!r}: check the id, or create one with create_customer",
+                        param="customer", **exc.details) from None
+                raise
+            p2p = self._pricing.p2p
+            return BillingStatus(customer=customer, tier=p2p.id, subscribed_tier=None, status="none",
+                                 entitlements=self.entitlements(p2p))
+        return self._status_from_row(row)
+
+    def _status_from_row(self, row: dict[str, Any]) -> BillingStatus:
+        subscribed = self._pricing.tiers.get(row["tier"])
+        effective = subscribed if subscribed is not None and row["status"] in LIVE else self._pricing.p2p
+        last = (LastEvent(id=row["last_event_id"], type=row["last_event_type"] or "", created=row["last_event_created"])
+                if row["last_event_id"] else None)
+        return BillingStatus(
+            customer=row["customer_id"], tier=effective.id, subscribed_tier=row["tier"], status=row["status"],
+            entitlements=self.entitlements(effective), subscription=row["subscription_id"],
+            current_period_end=row["current_period_end"], current_period_end_iso=_iso(row["current_period_end"]),
+            commitment_end=row["commitment_end"], commitment_end_iso=_iso(row["commitment_end"]),
+            cancel_at=row["cancel_at"], cancel_at_period_end=bool(row["cancel_at_period_end"]), last_event=last,
+        )
+
+    # --- cancellation ------------------------------------------------------------------------------------------------
+
+    async def cancel_subscription(
+        self, *, customer: str | None, subscription: str | None, immediately: bool, idempotency_key: str | None,
+        dry_run: bool,
+    ) -> CancellationResult:
+        if not (customer or subscription):
+            raise InvalidInput("give customer (cus_...) or subscription (sub_...)", param="customer")
+        row = self.provision(customer) if customer else self._store.query_one(
+            "SELECT * FROM billing_provisions WHERE subscription_id = ?", (subscription,))
+        sub_id = subscription or (row["subscription_id"] if row else None)
+        if not sub_id:
+            raise InvalidInput(f"customer {customer!r} has no subscription to cancel (they are on P2P)",
+                               param="customer")
+        current = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{sub_id}"))).data
+        commitment_end = _commitment_end(current, self._pricing)
+        period_end = _period_end(current)
+        if immediately:
+            method, path, params = "delete", f"/v1/subscriptions/{sub_id}", {}
+        elif commitment_end and period_end and commitment_end > period_end:
+            method, path, params = "post", f"/v1/subscriptions/{sub_id}", {"cancel_at": commitment_end}
+        else:
+            method, path, params = "post", f"/v1/subscriptions/{sub_id}", {"cancel_at_period_end": True}
+
+        def project(sub: dict[str, Any]) -> dict[str, Any]:
+            ends = sub.get("ended_at") if sub.get("status") == "canceled" else (
+                sub.get("cancel_at") or (period_end if sub.get("cancel_at_period_end") else None))
+            return {"cancellation": {
+                "subscription": sub["id"], "status": sub.get("status", "unknown"), "ends_at": ends,
+                "ends_at_iso": _iso(ends), "cancel_at_period_end": bool(sub.get("cancel_at_period_end")),
+                "commitment_end": commitment_end,
+                "commitment_waived": bool(immediately and commitment_end and commitment_end > int(time.time())),
+            }}
+
+        async def record(sub: dict[str, Any]) -> None:
+            """Apply Stripe's answer now, as a synthetic event, so status is right before the webhook arrives."""
+            event = {"id": f"api_cancel_{sub['id']}_{int(time.time())}", "type": "customer.subscription.updated",
+                     "created": int(time.time()), "data": {"object": sub}}
+            await self._store.write(lambda conn: self.apply_event(conn, event))
+
+        return await self._mutations.run(
+            "cancel_subscription", path, params, CancellationResult, project, method=method,
+            idempotency_key=idempotency_key, dry_run=dry_run, after=record,
+        )
+
+    # --- applying events (inside the writer's transaction) -----------------------------------------------------------
+
+    def apply_event(self, conn: sqlite3.Connection, event: dict[str, Any]) -> Applied:
+        kind = event.get("type", "")
+        obj = (event.get("data") or {}).get("object") or {}
+        if kind.startswith("customer.subscription."):
+            return self._apply_subscription(conn, event, obj)
+        if kind == "checkout.session.completed":
+            return self._apply_checkout(conn, event, obj)
+        if kind in ("invoice.paid", "invoice.payment_failed"):
+            return self._apply_invoice(conn, event, obj)
+        customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
+        if kind.startswith("invoice."):
+            return Applied(customer, "recorded")
+        return Applied(customer, "not handled: stored and acknowledged")
+
+    def _row(self, conn: sqlite3.Connection, customer: str) -> dict[str, Any] | None:
+        cursor = conn.execute("SELECT * FROM billing_provisions WHERE customer_id = ?", (customer,))
+        found = cursor.fetchone()
+        if found is None:
+            return None
+        return dict(zip([c[0] for c in cursor.description], found, strict=True))
+
+    def _apply_subscription(self, conn: sqlite3.Connection, event: dict[str, Any], sub: dict[str, Any]) -> Applied:
+        customer = sub.get("customer")
+        if not isinstance(customer, str):
+            return Applied(None, "subscription without a customer")
+        status = "canceled" if event["type"] == "customer.subscription.deleted" else sub.get("status", "incomplete")
+        row = self._row(conn, customer)
+        tier = self._tier_of(sub) or (row["tier"] if row and row["subscription_id"] == sub["id"] else None)
+        if tier is None:
+            return Applied(customer, "not a tier subscription (no aims_tier metadata and no tier price): ignored")
+        if row is not None and not _supersedes(row, event["created"], status, sub["id"]):
+            return Applied(customer, "older than the state already applied: stored, not applied")
+        _upsert(conn, customer, {
+            "tier": tier, "status": status, "subscription_id": sub["id"], "price_id": _price_of(sub),
+            "current_period_end": _period_end(sub), "commitment_end": _commitment_end(sub, self._pricing),
+            "cancel_at": sub.get("cancel_at"), "cancel_at_period_end": int(bool(sub.get("cancel_at_period_end"))),
+        }, event)
+        return Applied(customer)
+
+    def _apply_checkout(self, conn: sqlite3.Connection, event: dict[str, Any], session: dict[str, Any]) -> Applied:
+        customer, sub_id = session.get("customer"), session.get("subscription")
+        if session.get("mode") != "subscription" or not isinstance(customer, str) or not isinstance(sub_id, str):
+            return Applied(customer if isinstance(customer, str) else None, "not a subscription checkout: recorded")
+        tier = (session.get("metadata") or {}).get(TIER_METADATA)
+        if tier not in self._pricing.tiers:
+            return Applied(customer, "checkout without a known aims_tier: recorded")
+        row = self._row(conn, customer)
+        if row is not None and row["subscription_id"] == sub_id:
+            return Applied(customer, "subscription already provisioned by its own events")
+        if row is not None and row["status"] in LIVE and (row["last_event_created"] or 0) > event["created"]:
+            return Applied(customer, "a newer subscription is live: stored, not applied")
+        paid = session.get("payment_status")
+        status = "active" if paid == "paid" else "trialing" if paid == "no_payment_required" else "incomplete"
+        _upsert(conn, customer, {"tier": tier, "status": status, "subscription_id": sub_id}, event)
+        return Applied(customer)
+
+    def _apply_invoice(self, conn: sqlite3.Connection, event: dict[str, Any], invoice: dict[str, Any]) -> Applied:
+        customer = invoice.get("customer")
+        if not isinstance(customer, str):
+            return Applied(None, "invoice without a customer")
+        row = self._row(conn, customer)
+        if row is None:
+            return Applied(customer, f"unknown customer {customer}: no provision to update (flagged)")
+        sub_id = invoice.get("subscription") or (
+            ((invoice.get("parent") or {}).get("subscription_details") or {}).get("subscription"))
+        if sub_id and sub_id != row["subscription_id"]:
+            return Applied(customer, "invoice of another subscription: recorded")
+        if (row["last_event_created"] or 0) > event["created"]:
+            return Applied(customer, "older than the state already applied: stored, not applied")
+        if event["type"] == "invoice.payment_failed" and row["status"] in LIVE:
+            _upsert(conn, customer, {"status": "past_due"}, event)
+        elif event["type"] == "invoice.paid" and row["status"] in ("past_due", "unpaid", "incomplete"):
+            _upsert(conn, customer, {"status": "active"}, event)
+        else:
+            return Applied(customer, "no change")
+        return Applied(customer)
+
+    def _tier_of(self, sub: dict[str, Any]) -> str | None:
+        tier = (sub.get("metadata") or {}).get(TIER_METADATA)
+        if tier in self._pricing.tiers:
+            return str(tier)
+        price = _price_of(sub)
+        for candidate in self._pricing.paid_tiers():
+            if price and price == self._settings.price_id_for(candidate.price_env):
+                return candidate.id
+        lookup = (((sub.get("items") or {}).get("data") or [{}])[0].get("price") or {}).get("lookup_key")
+        return next((t.id for t in self._pricing.paid_tiers() if t.lookup_key == lookup), None)
+
+
+def _supersedes(row: dict[str, Any], created: int, status: str, sub_id: str) -> bool:
+    last = row["last_event_created"] or 0
+    if row["subscription_id"] not in (None, sub_id) and row["status"] in LIVE and status not in LIVE:
+        return False  # the end of an old subscription must not downgrade a live newer one
+    if created != last:
+        return created > last
+    return row["subscription_id"] != sub_id or STATUS_RANK.get(status, 0) >= STATUS_RANK.get(row["status"], 0)
+
+
+def _upsert(conn: sqlite3.Connection, customer: str, values: dict[str, Any], event: dict[str, Any]) -> None:
+    values = {**values, "last_event_id": event["id"], "last_event_type": event["type"],
+              "last_event_created": event["created"], "updated_at": utc_now()}
+    columns = ", ".join(values)
+    updates = ", ".join(f"{column} = excluded.{column}" for column in values)
+    conn.execute(
+        f"INSERT INTO billing_provisions (customer_id, {columns}) VALUES (?{', ?' * len(values)}) "
+        f"ON CONFLICT (customer_id) DO UPDATE SET {updates}",
+        (customer, *values.values()),
+    )
+
+
+def _price_of(sub: dict[str, Any]) -> str | None:
+    items = (sub.get("items") or {}).get("data") or []
+    price = (items[0].get("price") or {}) if items else {}
+    return price.get("id") if isinstance(price, dict) else price
+
+
+def _period_end(sub: dict[str, Any]) -> int | None:
+    ends = [item.get("current_period_end") for item in (sub.get("items") or {}).get("data") or []]
+    ends = [end for end in ends if end] or ([sub["current_period_end"]] if sub.get("current_period_end") else [])
+    return max(ends) if ends else None
+
+
+def _commitment_end(sub: dict[str, Any], pricing: Pricing) -> int | None:
+    metadata = sub.get("metadata") or {}
+    tier = pricing.tiers.get(metadata.get(TIER_METADATA, ""))
+    start = sub.get("start_date") or sub.get("created")
+    months = int(metadata.get("aims_delivered_months") or (tier.delivered_months if tier else 0))
+    return add_months(int(start), months) if start and months else None
+
+
+def _iso(epoch: int | None) -> str | None:
+    return utc_iso(epoch) if epoch else None

@@ -1,0 +1,112 @@
+"""The tier table (pricing.toml) as validated data, and the arithmetic of commitments.
+
+Why the commitment is carried the way it is: Stripe Checkout creates a plain subscription, so the commitment rides
+on two of Stripe's own subscription fields rather than on a schedule we would have to attach after checkout:
+- months delivered beyond months billed (9mo: 12 delivered, 9 billed) are a trial (`subscription_data.
+  trial_period_days`) at the start, so Stripe itself bills nothing for them and the invoices show it;
+- the commitment end is written into the subscription's metadata, and `cancel_subscription` never lets the
+  subscription end before it: it sets Stripe's `cancel_at` to the commitment end (Stripe keeps billing until then)
+  unless an operator explicitly asks for an immediate cancellation.
+"""
+
+from __future__ import annotations
+
+import calendar
+import tomllib
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+from ..errors import UnknownTier
+
+TIER_METADATA = "aims_tier"
+
+
+class Tier(BaseModel):
+    id: str = Field(description="p2p, 3mo, 6mo or 9mo")
+    name: str
+    description: str = ""
+    monthly_price: int = Field(ge=0, description="Cents per month")
+    commitment_months: int = Field(ge=0, description="Months billed")
+    delivered_months: int = Field(ge=0, description="Months of service")
+    tokens_per_month: int = Field(ge=0)
+    agents: int = Field(ge=0)
+    concurrent: int = Field(ge=1)
+    price_env: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Tier:
+        if self.delivered_months < self.commitment_months:
+            raise ValueError(f"tier {self.id}: delivered_months must be at least commitment_months")
+        if (self.monthly_price > 0) != (self.price_env is not None):
+            raise ValueError(f"tier {self.id}: a paid tier needs price_env, a free one must not have it")
+        return self
+
+    @property
+    def paid(self) -> bool:
+        return self.monthly_price > 0
+
+    @property
+    def free_months(self) -> int:
+        return self.delivered_months - self.commitment_months
+
+    @property
+    def lookup_key(self) -> str:
+        """The Stripe price lookup key `setup-stripe` creates and finds this tier's price by."""
+        return f"aims_tier_{self.id}_monthly"
+
+
+class Pricing(BaseModel):
+    currency: str = "usd"
+    tiers: dict[str, Tier]
+    luc_per_usd: int = Field(gt=0)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Pricing:
+        text = path.read_text("utf-8") if path else (resources.files("aims_billing_mcp") / "pricing.toml").read_text(
+            "utf-8"
+        )
+        data: dict[str, Any] = tomllib.loads(text)
+        tiers = {key: {"id": key, **value} for key, value in data.get("tiers", {}).items()}
+        return cls.model_validate(
+            {"currency": data.get("currency", "usd"), "tiers": tiers, "luc_per_usd": data.get("luc", {}).get("per_usd")}
+        )
+
+    @model_validator(mode="after")
+    def _has_p2p(self) -> Pricing:
+        if "p2p" not in self.tiers:
+            raise ValueError("pricing must define tiers.p2p, the tier of every customer without a subscription")
+        return self
+
+    def tier(self, name: str, *, param: str = "tier") -> Tier:
+        wanted = name.strip().lower()
+        for tier in self.tiers.values():
+            if wanted == tier.id or wanted in tier.aliases:
+                return tier
+        valid = ", ".join(f"{t.id}" + (f" ({'/'.join(t.aliases)})" if t.aliases else "") for t in self.tiers.values())
+        raise UnknownTier(f"unknown tier {name!r}: valid tiers are {valid}", param=param)
+
+    @property
+    def p2p(self) -> Tier:
+        return self.tiers["p2p"]
+
+    def paid_tiers(self) -> list[Tier]:
+        return [tier for tier in self.tiers.values() if tier.paid]
+
+
+def add_months(epoch: int, months: int) -> int:
+    """Calendar months, clamping the day (Jan 31 + 1 month = Feb 28/29), as Stripe bills monthly periods."""
+    start = datetime.fromtimestamp(epoch, UTC)
+    month_index = start.month - 1 + months
+    year, month = start.year + month_index // 12, month_index % 12 + 1
+    day = min(start.day, calendar.monthrange(year, month)[1])
+    return int(start.replace(year=year, month=month, day=day).timestamp())
+
+
+def trial_days(start: int, months: int) -> int:
+    """The whole days from `start` to the same time `months` calendar months later."""
+    return (add_months(start, months) - start) // 86400

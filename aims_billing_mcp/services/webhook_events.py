@@ -1,0 +1,63 @@
+"""Stripe events, each stored once and applied in the same transaction.
+
+The event id is UNIQUE in `webhook_events`, and the insert and the provision update run in one writer job: a
+duplicate delivery (even five at once) inserts nothing and applies nothing, and a crash leaves either both or
+neither. Events of any type are stored and acknowledged; only the ones that change a provision are applied.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from ..store import Store, utc_now
+from .subscriptions import SubscriptionService
+
+
+@dataclass(frozen=True)
+class Ingested:
+    event_id: str
+    duplicate: bool
+    note: str | None = None
+
+
+class WebhookEventService:
+    def __init__(self, store: Store, subscriptions: SubscriptionService) -> None:
+        self._store = store
+        self._subscriptions = subscriptions
+
+    async def ingest(self, event: dict[str, Any], payload: bytes | str) -> Ingested:
+        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
+
+        def job(conn: sqlite3.Connection) -> Ingested:
+            inserted = conn.execute(
+                "INSERT INTO webhook_events (id, type, created, payload, received_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING",
+                (event["id"], event["type"], int(event["created"]), text, utc_now()),
+            ).rowcount
+            if not inserted:
+                return Ingested(event["id"], duplicate=True)
+            applied = self._subscriptions.apply_event(conn, event)
+            conn.execute(
+                "UPDATE webhook_events SET processed = 1, processed_at = ?, customer_id = ?, error = ? WHERE id = ?",
+                (utc_now(), applied.customer_id, applied.note, event["id"]),
+            )
+            return Ingested(event["id"], duplicate=False, note=applied.note)
+
+        return await self._store.write(job)
+
+    def recent(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self._store.query(
+            "SELECT id, type, created, customer_id, processed, error, received_at FROM webhook_events "
+            "ORDER BY received_at DESC LIMIT ?", (limit,))
+        return rows
+
+
+def parse_event(payload: bytes) -> dict[str, Any]:
+    """The event as plain JSON (after the signature was verified on these exact bytes)."""
+    event: dict[str, Any] = json.loads(payload)
+    if not isinstance(event, dict) or not {"id", "type", "created"} <= set(event):
+        raise ValueError("not a Stripe event: expected an object with id, type and created")
+    return event

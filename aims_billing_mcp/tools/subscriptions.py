@@ -1,0 +1,82 @@
+"""Subscription tools on the 3-6-9 tiers: thin functions over SubscriptionService."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from ..models import (
+    BillingStatus,
+    CancellationResult,
+    CustomerId,
+    DryRun,
+    IdempotencyKey,
+    SubscriptionCheckoutResult,
+    TierList,
+    Url,
+)
+from .context import ToolContext, services
+
+Email = Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=512)]
+
+
+async def list_tiers(ctx: ToolContext) -> TierList:
+    """The 3-6-9 tiers (P2P, 3mo, 6mo, 9mo): monthly price in cents, months billed and delivered, tokens per month,
+    agents and concurrent tasks, and the Stripe price id of each paid tier where it is set up. Read-only."""
+    return await services(ctx).subscriptions.list_tiers()
+
+
+async def create_subscription_checkout(
+    ctx: ToolContext,
+    tier: Annotated[
+        str, Field(min_length=1, max_length=40, description="3mo, 6mo or 9mo (or starter, pro, enterprise)")
+    ],
+    customer: Annotated[
+        CustomerId | None, Field(description="Existing customer (cus_...); or give customer_email")
+    ] = None,
+    customer_email: Annotated[Email | None, Field(description="Email of a new customer; or give customer")] = None,
+    success_url: Annotated[Url | None, Field(description="Where Stripe sends the human after paying")] = None,
+    cancel_url: Annotated[Url | None, Field(description="Where Stripe sends the human who backs out")] = None,
+    idempotency_key: IdempotencyKey = None,
+    dry_run: DryRun = False,
+) -> SubscriptionCheckoutResult:
+    """Start a Stripe Checkout Session in subscription mode for a tier and return its URL for the human to pay.
+    The session carries our customer and tier in metadata; the 9mo tier's 3 free months are a trial. Once paid,
+    Stripe's webhook provisions the tier (see get_billing_status)."""
+    return await services(ctx).subscriptions.create_subscription_checkout(
+        tier=tier, customer=customer, customer_email=customer_email, success_url=success_url, cancel_url=cancel_url,
+        idempotency_key=idempotency_key, dry_run=dry_run,
+    )
+
+
+async def get_billing_status(
+    ctx: ToolContext,
+    customer: Annotated[CustomerId, Field(description="Customer (cus_...)")],
+) -> BillingStatus:
+    """A customer's tier, subscription status and entitlements now (tokens per month, agents, concurrent tasks),
+    with the current period end, the commitment end and the last Stripe event applied. A customer without a
+    subscription is on P2P (status none). past_due keeps the tier while Stripe retries the payment. Read-only."""
+    return await services(ctx).subscriptions.get_billing_status(customer)
+
+
+async def cancel_subscription(
+    ctx: ToolContext,
+    customer: Annotated[CustomerId | None, Field(description="Customer whose subscription to cancel")] = None,
+    subscription: Annotated[
+        str | None, Field(pattern=r"^sub_[A-Za-z0-9_]+$", description="Or the subscription id (sub_...)")
+    ] = None,
+    immediately: Annotated[
+        bool, Field(description="true: end it now, waiving any commitment. Default: at the end of the current "
+                    "period, or at the commitment end if that is later")
+    ] = False,
+    idempotency_key: IdempotencyKey = None,
+    dry_run: DryRun = False,
+) -> CancellationResult:
+    """Cancel a customer's subscription. By default service continues to the end of the paid period, or to the
+    commitment end when that is later (Stripe's cancel_at); immediately=true ends it now. The customer then falls
+    back to P2P."""
+    return await services(ctx).subscriptions.cancel_subscription(
+        customer=customer, subscription=subscription, immediately=immediately, idempotency_key=idempotency_key,
+        dry_run=dry_run,
+    )

@@ -1,0 +1,199 @@
+"""POST /webhooks/stripe over real HTTP with real signatures: verification, exactly-once storage, and provisions
+that converge to Stripe's state whatever the order or number of deliveries."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from aims_billing_mcp.http_transport import uvicorn_server
+from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
+from aims_billing_mcp.store import Store
+from aims_billing_mcp.stripe_gateway import sign_webhook_payload
+
+pytestmark = pytest.mark.anyio
+DAY = 86400
+
+
+@pytest.fixture
+async def endpoint(make_server: Callable[..., Any]) -> AsyncIterator[tuple[str, Any]]:
+    """The webhook URL of a running `serve --http` app (bearer token set: webhooks must not need it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = make_server()
+    web = uvicorn_server(server, host="127.0.0.1", port=port, token="mcp-only-token")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: web.serve(sockets=[sock]))
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}/webhooks/stripe", server
+        web.should_exit = True
+
+
+def event(kind: str, obj: dict[str, Any], *, created: int | None = None, event_id: str | None = None) -> str:
+    return json.dumps({
+        "id": event_id or f"evt_{kind.replace('.', '_')}_{obj.get('status', '')}_{created}",
+        "object": "event", "type": kind, "created": created or int(time.time()), "api_version": "2026-01-28.clover",
+        "livemode": False, "data": {"object": obj},
+    })
+
+
+def subscription(status: str = "active", *, customer: str = "cus_A", sub_id: str = "sub_A", tier: str = "6mo",
+                 start: int = 1_790_000_000, **extra: Any) -> dict[str, Any]:
+    return {"id": sub_id, "object": "subscription", "customer": customer, "status": status, "start_date": start,
+            "metadata": {"aims_tier": tier}, "cancel_at": None, "cancel_at_period_end": False,
+            "items": {"object": "list", "data": [{"id": "si_1", "price": {"id": "price_tier"},
+                                                  "current_period_start": start,
+                                                  "current_period_end": start + 30 * DAY}]}, **extra}
+
+
+async def post(url: str, payload: str, *, secret: str = SANDBOX_WEBHOOK_SECRET, timestamp: int | None = None,
+               signature: str | None = None) -> httpx.Response:
+    header = signature if signature is not None else sign_webhook_payload(payload, secret, timestamp)
+    async with httpx.AsyncClient() as http:
+        return await http.post(url, content=payload, headers={"Stripe-Signature": header,
+                                                              "Content-Type": "application/json"})
+
+
+def rows(server: Any, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    store: Store = server.state.store
+    return store.query(sql, params)
+
+
+def provision(server: Any, customer: str = "cus_A") -> dict[str, Any] | None:
+    found = rows(server, "SELECT * FROM billing_provisions WHERE customer_id = ?", (customer,))
+    return found[0] if found else None
+
+
+async def test_a_signed_subscription_event_provisions_the_tier(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    response = await post(url, event("customer.subscription.created", subscription("active"), created=100))
+    assert response.status_code == 200 and response.json()["duplicate"] is False
+    row = provision(server)
+    assert row is not None
+    assert (row["tier"], row["status"], row["subscription_id"]) == ("6mo", "active", "sub_A")
+    assert row["commitment_end"] > row["current_period_end"]
+
+
+@pytest.mark.parametrize(
+    ("case", "signature", "timestamp", "secret"),
+    [
+        ("missing", "", None, SANDBOX_WEBHOOK_SECRET),
+        ("forged", None, None, "whsec_not_the_right_secret"),
+        ("stale", None, int(time.time()) - 301, SANDBOX_WEBHOOK_SECRET),
+        ("garbage", "t=abc,v1=zzz", None, SANDBOX_WEBHOOK_SECRET),
+    ],
+)
+async def test_a_bad_signature_is_refused_with_400_and_nothing_is_stored(
+    endpoint: tuple[str, Any], case: str, signature: str | None, timestamp: int | None, secret: str
+) -> None:
+    url, server = endpoint
+    response = await post(url, event("customer.subscription.created", subscription()), secret=secret,
+                          timestamp=timestamp, signature=signature)
+    assert response.status_code == 400, case
+    assert "signature" in response.json()["error"]
+    assert rows(server, "SELECT id FROM webhook_events") == []
+    assert provision(server) is None
+
+
+async def test_a_signed_body_that_is_not_json_is_refused_with_400(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    response = await post(url, "this is not json")
+    assert response.status_code == 400
+    assert rows(server, "SELECT id FROM webhook_events") == []
+
+
+async def test_the_same_event_delivered_five_times_at_once_is_applied_once(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    payload = event("customer.subscription.created", subscription(), created=100, event_id="evt_once")
+    responses: list[httpx.Response] = []
+
+    async def deliver() -> None:
+        responses.append(await post(url, payload))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(deliver)
+
+    assert all(r.status_code == 200 for r in responses)
+    assert sorted(r.json()["duplicate"] for r in responses) == [False, True, True, True, True]
+    assert len(rows(server, "SELECT id FROM webhook_events")) == 1
+    assert provision(server)["last_event_id"] == "evt_once"  # type: ignore[index]
+
+
+async def test_updated_before_completed_ends_in_the_newest_state(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    session = {"id": "cs_1", "object": "checkout.session", "mode": "subscription", "customer": "cus_A",
+               "subscription": "sub_A", "payment_status": "paid", "metadata": {"aims_tier": "6mo"}}
+    await post(url, event("customer.subscription.updated", subscription("past_due"), created=200))
+    await post(url, event("checkout.session.completed", session, created=100))
+    await post(url, event("customer.subscription.created", subscription("active"), created=100))
+    row = provision(server)
+    assert (row["status"], row["tier"], row["last_event_created"]) == ("past_due", "6mo", 200)  # type: ignore[index]
+
+
+async def test_completed_alone_provisions_the_tier_from_the_session_metadata(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    session = {"id": "cs_1", "object": "checkout.session", "mode": "subscription", "customer": "cus_B",
+               "subscription": "sub_B", "payment_status": "paid", "metadata": {"aims_tier": "3mo"}}
+    await post(url, event("checkout.session.completed", session, created=100))
+    row = provision(server, "cus_B")
+    assert (row["tier"], row["status"], row["subscription_id"]) == ("3mo", "active", "sub_B")  # type: ignore[index]
+
+
+async def test_deleted_falls_back_to_p2p_and_a_late_update_does_not_revive_it(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    await post(url, event("customer.subscription.created", subscription("active"), created=100))
+    await post(url, event("customer.subscription.deleted", subscription("canceled"), created=300))
+    await post(url, event("customer.subscription.updated", subscription("active"), created=200))
+    assert provision(server)["status"] == "canceled"  # type: ignore[index]
+    status = await server.state.subscriptions.get_billing_status("cus_A")
+    assert (status.tier, status.subscribed_tier, status.entitlements.agents) == ("p2p", "6mo", 0)
+
+
+async def test_payment_failed_marks_the_customer_past_due_keeping_the_tier(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    await post(url, event("customer.subscription.created", subscription("active"), created=100))
+    invoice = {"id": "in_1", "object": "invoice", "customer": "cus_A", "status": "open",
+               "parent": {"subscription_details": {"subscription": "sub_A"}}}
+    await post(url, event("invoice.payment_failed", invoice, created=200))
+    status = await server.state.subscriptions.get_billing_status("cus_A")
+    assert (status.status, status.tier, status.entitlements.tokens_per_month) == ("past_due", "6mo", 250_000)
+    await post(url, event("invoice.paid", {**invoice, "status": "paid"}, created=300))
+    assert provision(server)["status"] == "active"  # type: ignore[index]
+
+
+async def test_an_event_for_an_unknown_customer_is_stored_and_flagged(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    invoice = {"id": "in_9", "object": "invoice", "customer": "cus_nobody", "status": "open"}
+    response = await post(url, event("invoice.payment_failed", invoice, created=100))
+    assert response.status_code == 200
+    stored = rows(server, "SELECT customer_id, processed, error FROM webhook_events")
+    assert stored == [{"customer_id": "cus_nobody", "processed": 1,
+                       "error": "unknown customer cus_nobody: no provision to update (flagged)"}]
+
+
+async def test_an_unknown_event_type_is_stored_and_acknowledged(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    response = await post(url, event("radar.early_fraud_warning.created", {"id": "issfr_1"}, created=100))
+    assert response.status_code == 200
+    assert rows(server, "SELECT type, processed FROM webhook_events") == [
+        {"type": "radar.early_fraud_warning.created", "processed": 1}]
+
+
+async def test_the_end_of_an_old_subscription_does_not_downgrade_a_newer_live_one(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    await post(url, event("customer.subscription.created", subscription("active", sub_id="sub_new", tier="9mo"),
+                          created=500))
+    await post(url, event("customer.subscription.deleted", subscription("canceled", sub_id="sub_old"), created=600))
+    row = provision(server)
+    assert (row["subscription_id"], row["status"], row["tier"]) == ("sub_new", "active", "9mo")  # type: ignore[index]

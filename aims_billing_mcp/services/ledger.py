@@ -479,19 +479,19 @@ class LedgerService:
         return await self._submit(HoldResolved, self._job(operation, idempotency_key, args, run))
 
     async def sweep_expired_holds(self, limit: int = 1000) -> int:
-        """Mark up to `limit` expired holds as expired, each with its own ledger record; returns how many.
-        (Holds expire without it: an expired hold is never counted. This only writes down what happened.)"""
+        """Write down the expiry of the expired holds of up to `limit` wallets, each with its own ledger record;
+        returns how many holds. (Holds expire without it, since an expired hold is never counted: this records it.)"""
         _limit(limit, "limit", 1, 100_000)
+        clock = self._clock
 
         def job(conn: sqlite3.Connection) -> int:
-            iso = utc_iso(self._clock())
-            agents = [r[0] for r in conn.execute(
-                "SELECT DISTINCT w.agent_id FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
-                "WHERE h.status = 'active' AND h.expires_at <= ? LIMIT ?", (iso, limit))]
-            before = conn.total_changes
-            for agent_id in agents:
+            iso = utc_iso(round(clock(), 3))
+            expired = conn.execute(
+                "SELECT w.agent_id, COUNT(*) FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
+                "WHERE h.status = 'active' AND h.expires_at <= ? GROUP BY w.agent_id LIMIT ?", (iso, limit)).fetchall()
+            for agent_id, _ in expired:
                 _load(conn, agent_id, iso)
-            return (conn.total_changes - before) // 4  # each expiry: two entries, the hold, the wallet
+            return sum(count for _, count in expired)
 
         return await self._store.write(job)
 
@@ -562,7 +562,7 @@ class LedgerService:
                         "request", param="idempotency_key", operation=operation)
                 stored: dict[str, Any] = json.loads(found[1])
                 return stored, True
-            now = clock()
+            now = round(clock(), 3)  # the millisecond the ISO times show, so day and time agree
             response = run(conn, now)
             conn.execute(
                 "INSERT INTO ledger_requests (operation, idempotency_key, request_hash, response, txn_id, created_at) "
@@ -792,16 +792,14 @@ SELECT 'acknowledged_txn_missing', r.operation || ':' || r.idempotency_key, 'req
   FROM ledger_requests r
  WHERE r.txn_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM agent_transactions t WHERE t.txn_id = r.txn_id)
 UNION ALL
-SELECT 'spent_today_mismatch', w.agent_id, 'spent_today ' || w.spent_today || ' but its outgoing entries that day sum to '
-       || COALESCE((SELECT -SUM(t.amount) FROM agent_transactions t
-                     WHERE t.wallet_id = w.id AND t.amount < 0
-                       AND t.created_at >= strftime('%Y-%m-%dT%H:%M:%S.000Z', w.spend_day * 86400, 'unixepoch')
-                       AND t.created_at < strftime('%Y-%m-%dT%H:%M:%S.000Z', (w.spend_day + 1) * 86400, 'unixepoch')),
-                   0)
-  FROM agent_wallets w
- WHERE w.spend_day > 0 AND w.spent_today != COALESCE(
-       (SELECT -SUM(t.amount) FROM agent_transactions t
-         WHERE t.wallet_id = w.id AND t.amount < 0
-           AND t.created_at >= strftime('%Y-%m-%dT%H:%M:%S.000Z', w.spend_day * 86400, 'unixepoch')
-           AND t.created_at < strftime('%Y-%m-%dT%H:%M:%S.000Z', (w.spend_day + 1) * 86400, 'unixepoch')), 0)
+SELECT 'spent_today_mismatch', agent_id, 'spent_today ' || spent_today || ' but outgoing entries that day sum to '
+       || counted
+  FROM (SELECT w.agent_id, w.spent_today,
+               COALESCE((SELECT -SUM(t.amount) FROM agent_transactions t
+                          WHERE t.wallet_id = w.id AND t.amount < 0
+                            AND t.created_at >= strftime('%Y-%m-%dT%H:%M:%S.000Z', w.spend_day * 86400, 'unixepoch')
+                            AND t.created_at < strftime('%Y-%m-%dT%H:%M:%S.000Z', (w.spend_day + 1) * 86400,
+                                                        'unixepoch')), 0) AS counted
+          FROM agent_wallets w WHERE w.spend_day > 0)
+ WHERE spent_today != counted
 """

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import CallToolResult, TextContent
@@ -203,8 +204,7 @@ def build_server(
         state = build_state(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale)
         server.state = state
         embedded = state.gateway.embedded_app
-        if embedded is not None and hasattr(embedded.state.sandbox, "webhooks"):  # TODO(helper-2): drop hasattr
-            # the in-process sandbox delivers its signed events straight to our endpoint
+        if embedded is not None:  # the in-process sandbox delivers its signed events straight to our endpoint
             embedded.state.sandbox.webhooks.configure(build_webhook_app(lambda: server.state),
                                                       retry_delay_scale=retry_delay_scale)
         try:
@@ -214,9 +214,9 @@ def build_server(
             else:
                 yield state
         finally:
+            if embedded is not None:  # let in-flight sandbox events land while the endpoint still has its state
+                await anyio.to_thread.run_sync(lambda: embedded.state.sandbox.webhooks.drain(timeout=5))
             server.state = None
-            if embedded is not None and hasattr(embedded.state.sandbox, "webhooks"):
-                embedded.state.sandbox.webhooks.drain(timeout=5)
             await state.gateway.close()
             state.store.close()
 

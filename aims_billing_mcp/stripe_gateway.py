@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import anyio
 import httpx
@@ -33,6 +33,7 @@ from .errors import (
     StripeUnavailable,
 )
 from .redact import redact_text
+from .sandbox.asgi_client import call_asgi
 from .settings import Settings, StripeMode
 
 API_VERSION = "2026-01-28.clover"
@@ -99,7 +100,8 @@ class ASGIHTTPClient(stripe.HTTPClient):
         self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
     ) -> tuple[bytes, int, Mapping[str, str]]:
         try:
-            return await call_asgi(self._app, method, url, headers, post_data)
+            body, status, raw_headers = await call_asgi(self._app, method, url, headers, post_data)
+            return body, status, httpx.Headers(raw_headers)
         except Exception as exc:  # the sandbox crashed: the SDK treats this like a network error
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
                 f"sandbox request failed: {type(exc).__name__}", should_retry=True
@@ -140,47 +142,6 @@ class ASGIHTTPClient(stripe.HTTPClient):
 
     async def close_async(self) -> None:
         return None
-
-
-async def call_asgi(
-    app: Any, method: str, url: str, headers: Mapping[str, str], body: Any
-) -> tuple[bytes, int, httpx.Headers]:
-    """One HTTP exchange with an ASGI app, in the caller's task: the request body in one message, the response
-    collected whole."""
-    parts = urlsplit(url)
-    payload = body.encode() if isinstance(body, str) else (body or b"")
-    raw_headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
-    raw_headers.append((b"host", (parts.netloc or "sandbox").encode("latin-1")))
-    if payload:
-        raw_headers.append((b"content-length", str(len(payload)).encode()))
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method.upper(),
-        "scheme": parts.scheme or "http", "path": parts.path or "/", "raw_path": (parts.path or "/").encode(),
-        "query_string": parts.query.encode(), "root_path": "", "headers": raw_headers,
-        "client": ("127.0.0.1", 0), "server": (parts.hostname or "sandbox", parts.port or 80),
-    }
-    sent = False
-    status = 500
-    response_headers: list[tuple[bytes, bytes]] = []
-    chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": payload, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status, response_headers
-        if message["type"] == "http.response.start":
-            status = message["status"]
-            response_headers = list(message.get("headers") or [])
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return b"".join(chunks), status, httpx.Headers(response_headers)
 
 
 class HTTPXContentClient(stripe.HTTPXClient):

@@ -138,7 +138,8 @@ def _retotal(invoice: Obj) -> None:
                    amount_due=due, amount_remaining=max(due - invoice["amount_paid"], 0))
 
 
-def _finalize(ctx: Ctx, invoice: Obj) -> None:
+def finalize(ctx: Ctx, invoice: Obj) -> None:
+    """Draft -> open: number it and emit ``invoice.finalized``."""
     customer = ctx.store.get(invoice["customer"], "customer")
     if customer is not None:
         sequence = int(customer.get("next_invoice_sequence") or 1)
@@ -166,7 +167,7 @@ def mark_paid(ctx: Ctx, invoice: Obj) -> None:
 def charge_invoice(ctx: Ctx, invoice: Obj, token: str) -> Obj | None:
     """Finalize (if draft) and pay an invoice with a card; returns the PaymentIntent, if any."""
     if invoice["status"] == "draft":
-        _finalize(ctx, invoice)
+        finalize(ctx, invoice)
     pi = None
     if invoice["amount_due"] > 0:
         pi = payments.new_payment_intent(
@@ -204,6 +205,7 @@ def create_invoice(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         if item["currency"] == currency:
             _attach_item(ctx, invoice, item)
     ctx.store.update(invoice)
+    ctx.record_event("invoice.created", invoice)
     return invoice
 
 
@@ -268,7 +270,7 @@ def finalize_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
         raise StripeError(
             400, "This invoice is already finalized, you can't re-finalize a non-draft invoice."
         )
-    _finalize(ctx, invoice)
+    finalize(ctx, invoice)
     if invoice["amount_due"] == 0:
         mark_paid(ctx, invoice)
     ctx.store.update(invoice)
@@ -284,7 +286,7 @@ def pay_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
         raise StripeError(400, f"You cannot pay an invoice with status {invoice['status']}.")
     if p.boolean("paid_out_of_band"):
         if invoice["status"] == "draft":
-            _finalize(ctx, invoice)
+            finalize(ctx, invoice)
         invoice["paid_out_of_band"] = True
         mark_paid(ctx, invoice)
         return invoice
@@ -399,33 +401,65 @@ def list_invoice_items(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
 
 # -- subscriptions --------------------------------------------------------------------------
 
-def new_subscription(ctx: Ctx, customer_id: str, items: list[tuple[Obj, int]], metadata: dict[str, str],
-                     payment_method: str | None) -> Obj:
-    """An active subscription whose items carry their current period (as in the clover API)."""
+def subscription_line_parent(sub: Obj, item: Obj | None) -> Obj:
+    """The ``parent`` of an invoice line billed for a subscription item."""
+    return {
+        "invoice_item_details": None,
+        "subscription_item_details": {
+            "invoice_item": None, "proration": False, "proration_details": {"credited_items": None},
+            "subscription": sub["id"], "subscription_item": item["id"] if item else None,
+        },
+        "type": "subscription_item_details",
+    }
+
+
+def period_end_after(sub: Obj, ts: int) -> int:
+    """The first period boundary after ``ts``: the billing cycle anchor plus whole intervals, so a
+    monthly subscription anchored on the 31st bills on the 28th/30th/31st, never drifting."""
+    rec = sub["items"]["data"][0]["price"]["recurring"]
+    anchor = int(sub["billing_cycle_anchor"])
+    n = 1
+    while True:
+        end = add_interval(anchor, rec["interval"], rec["interval_count"] * n)
+        if end > ts:
+            return end
+        n += 1
+
+
+def new_subscription(ctx: Ctx, customer_id: str, items: list[tuple[Obj, int | None]], metadata: dict[str, str],
+                     payment_method: str | None, *, trial_days: int | None = None) -> Obj:
+    """A subscription whose items carry their current period (as in the clover API).
+
+    With ``trial_days`` it is ``trialing`` and the first period is the trial; a metered item
+    (quantity None) has no quantity.
+    """
     sub_id = new_id("sub_")
+    trial_end = ctx.now + 86400 * trial_days if trial_days else None
     data: list[Obj] = []
     for price, quantity in items:
         rec = price["recurring"]
-        data.append({
+        item: Obj = {
             "id": new_id("si_", 14),
             "object": "subscription_item",
             "billing_thresholds": None,
             "created": ctx.now,
-            "current_period_end": add_interval(ctx.now, rec["interval"], rec["interval_count"]),
+            "current_period_end": trial_end or add_interval(ctx.now, rec["interval"], rec["interval_count"]),
             "current_period_start": ctx.now,
             "discounts": [],
             "metadata": {},
             "price": expanded_price(ctx, price["id"]),
-            "quantity": quantity,
             "subscription": sub_id,
             "tax_rates": [],
-        })
+        }
+        if quantity is not None:
+            item["quantity"] = quantity
+        data.append(item)
     subscription: Obj = {
         "id": sub_id,
         "object": "subscription",
         "application": None,
         "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
-        "billing_cycle_anchor": ctx.now,
+        "billing_cycle_anchor": trial_end or ctx.now,
         "billing_cycle_anchor_config": None,
         "cancel_at": None,
         "cancel_at_period_end": False,
@@ -447,9 +481,10 @@ def new_subscription(ctx: Ctx, customer_id: str, items: list[tuple[Obj, int]], m
         "pending_setup_intent": None,
         "pending_update": None,
         "start_date": ctx.now,
-        "status": "active",
-        "trial_end": None,
-        "trial_start": None,
+        "status": "trialing" if trial_end else "active",
+        "trial_end": trial_end,
+        "trial_start": ctx.now if trial_end else None,
+        "_prices": [price["id"] for price, _ in items],
     }
     ctx.store.insert(subscription)
     return subscription
@@ -465,6 +500,9 @@ def list_subscriptions(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     customer = p.string("customer")
     if customer is not None:
         filters["customer"] = customer
+    price = p.string("price")
+    if price is not None:
+        filters["_prices"] = price
     status = p.string("status", choices=(*SUB_STATUSES, "all", "ended"))
     if status is None:
         filters["status"] = [s for s in SUB_STATUSES if s != "canceled"]
@@ -476,7 +514,7 @@ def list_subscriptions(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
 
 
 def update_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
-    p.allow(("cancel_at_period_end", "metadata", "description", "cancellation_details",
+    p.allow(("cancel_at_period_end", "cancel_at", "metadata", "description", "cancellation_details",
              "default_payment_method"))
     sub = ctx.fetch("subscription", args["id"], "subscription", "id")
     previous: Obj = {}
@@ -484,14 +522,19 @@ def update_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
         raise StripeError(
             400, "A canceled subscription can only update its cancellation_details and metadata."
         )
+    before = {k: sub[k] for k in ("cancel_at_period_end", "cancel_at", "canceled_at")}
     cape = p.boolean("cancel_at_period_end")
+    if p.has("cancel_at") and cape:
+        raise invalid("cancel_at", "You may only specify one of these parameters: cancel_at, cancel_at_period_end.")
     if cape is not None and cape != sub["cancel_at_period_end"]:
-        previous.update(cancel_at_period_end=sub["cancel_at_period_end"], cancel_at=sub["cancel_at"])
-        sub["cancel_at_period_end"] = cape
         period_end = max(item["current_period_end"] for item in sub["items"]["data"])
-        sub["cancel_at"] = period_end if cape else None
-        sub["canceled_at"] = ctx.now if cape else None
-        sub["cancellation_details"]["reason"] = "cancellation_requested" if cape else None
+        _schedule_cancel(ctx, sub, period_end if cape else None, at_period_end=cape)
+    if p.has("cancel_at"):
+        cancel_at = p.integer("cancel_at")
+        if cancel_at is not None and cancel_at <= ctx.now:
+            raise invalid("cancel_at", "`cancel_at` must be in the future.", code="parameter_invalid_integer")
+        _schedule_cancel(ctx, sub, cancel_at, at_period_end=False)
+    previous.update({k: v for k, v in before.items() if sub[k] != v})
     if p.has("description"):
         sub["description"] = p.string("description")
     if p.has("default_payment_method"):
@@ -511,15 +554,30 @@ def update_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     return sub
 
 
+def _schedule_cancel(ctx: Ctx, sub: Obj, cancel_at: int | None, *, at_period_end: bool) -> None:
+    sub["cancel_at_period_end"] = at_period_end
+    sub["cancel_at"] = cancel_at
+    sub["canceled_at"] = ctx.now if cancel_at is not None else None
+    sub["cancellation_details"]["reason"] = "cancellation_requested" if cancel_at is not None else None
+
+
+def end_subscription(ctx: Ctx, sub: Obj, at: int) -> None:
+    """Cancel ``sub`` as of ``at`` and emit ``customer.subscription.deleted``."""
+    sub.update(status="canceled", ended_at=at, canceled_at=sub["canceled_at"] or at)
+    sub["cancellation_details"]["reason"] = sub["cancellation_details"]["reason"] or "cancellation_requested"
+    ctx.store.update(sub)
+    ctx.record_event("customer.subscription.deleted", sub)
+
+
 def cancel_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     p.allow(("invoice_now", "prorate", "cancellation_details"))
     sub = ctx.fetch("subscription", args["id"], "subscription", "id")
     if sub["status"] == "canceled":
         raise StripeError(404, f"No such subscription: '{sub['id']}'", code="resource_missing", param="id")
-    sub.update(status="canceled", canceled_at=ctx.now, ended_at=ctx.now)
-    sub["cancellation_details"]["reason"] = "cancellation_requested"
-    ctx.store.update(sub)
-    ctx.record_event("customer.subscription.deleted", sub)
+    p.boolean("invoice_now")
+    p.boolean("prorate")
+    sub["canceled_at"] = None
+    end_subscription(ctx, sub, ctx.now)
     return sub
 
 

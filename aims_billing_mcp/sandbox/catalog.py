@@ -112,10 +112,87 @@ def list_products(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
 INTERVALS = ("day", "week", "month", "year")
 
 
-def price_params(p: Params) -> tuple[str, int | None, str, Obj | None]:
+def _decimal(p: Params, key: str) -> str | None:
+    """A non-negative decimal amount, normalised (``"1.50"`` -> ``"1.5"``, ``"2.0"`` -> ``"2"``)."""
+    text = p.string(key)
+    if text is None:
+        return None
+    try:
+        dec = Decimal(text)
+    except InvalidOperation:
+        raise invalid(p.name(key), f"Invalid decimal: {text}", code="parameter_invalid_decimal") from None
+    if not dec.is_finite() or dec < 0:
+        raise invalid(p.name(key), f"Invalid decimal: {text}", code="parameter_invalid_decimal")
+    return str(int(dec)) if dec == dec.to_integral_value() else format(dec.normalize(), "f")
+
+
+def _money_pair(p: Params, whole: str, decimal: str) -> tuple[int | None, str | None]:
+    """One of ``whole`` (integer) / ``decimal`` (decimal string), both forms returned when set."""
+    amount = p.integer(whole, minimum=0)
+    text = _decimal(p, decimal)
+    if amount is not None and text is not None:
+        raise invalid(p.name(whole), f"You may only specify one of these parameters: {whole}, {decimal}.")
+    if amount is not None:
+        return amount, str(amount)
+    if text is not None:
+        return (int(text) if "." not in text else None), text
+    return None, None
+
+
+def tier_params(p: Params) -> tuple[str, str | None, list[Obj] | None]:
+    """``billing_scheme``, ``tiers_mode`` and validated ``tiers`` (the last one ``up_to: null``)."""
+    scheme = p.string("billing_scheme", choices=("per_unit", "tiered")) or "per_unit"
+    if scheme == "per_unit":
+        for key in ("tiers", "tiers_mode"):
+            if p.has(key):
+                raise invalid(key, f"You can only specify `{key}` when `billing_scheme` is `tiered`.")
+        return scheme, None, None
+    mode = p.string("tiers_mode", choices=("graduated", "volume"))
+    if mode is None:
+        raise missing("tiers_mode")
+    raw = p.items("tiers")
+    if not raw:
+        raise missing("tiers")
+    if p.sub("recurring") is None:
+        raise invalid("billing_scheme", "Tiered pricing is only available for recurring prices.")
+    for key in ("unit_amount", "unit_amount_decimal"):
+        if p.has(key):
+            raise invalid(key, f"You may not specify `{key}` when `billing_scheme` is `tiered`.")
+    tiers: list[Obj] = []
+    previous = 0
+    for index, tp in enumerate(raw):
+        tp.allow(("up_to", "unit_amount", "unit_amount_decimal", "flat_amount", "flat_amount_decimal"))
+        limit = tp.req_str("up_to")
+        up_to: int | None
+        if limit == "inf":
+            up_to = None
+            if index != len(raw) - 1:
+                raise invalid(tp.name("up_to"), "Only the last tier can have `up_to` set to `inf`.")
+        else:
+            up_to = tp.integer("up_to", minimum=1)
+            assert up_to is not None
+            if index == len(raw) - 1:
+                raise invalid(tp.name("up_to"), "The last tier must have `up_to` set to `inf`.")
+            if up_to <= previous:
+                raise invalid(tp.name("up_to"), "Tiers must be in ascending order of `up_to`.",
+                              code="parameter_invalid_integer")
+            previous = up_to
+        unit, unit_text = _money_pair(tp, "unit_amount", "unit_amount_decimal")
+        flat, flat_text = _money_pair(tp, "flat_amount", "flat_amount_decimal")
+        if unit_text is None and flat_text is None:
+            raise missing(tp.name("unit_amount"))
+        tiers.append({"flat_amount": flat, "flat_amount_decimal": flat_text, "unit_amount": unit,
+                      "unit_amount_decimal": unit_text, "up_to": up_to})
+    return scheme, mode, tiers
+
+
+def price_params(p: Params) -> tuple[str, int | None, str | None, Obj | None]:
     """Validate the money part of a price: currency, amount, recurring. Shared by inline prices."""
     currency = p.currency(required=True)
     assert currency is not None
+    recurring = _recurring(p)
+    if p.string("billing_scheme") == "tiered":
+        return currency, None, None, recurring
     unit_amount = p.integer("unit_amount")
     decimal_text = p.string("unit_amount_decimal")
     if unit_amount is not None and decimal_text is not None:
@@ -148,6 +225,10 @@ def price_params(p: Params) -> tuple[str, int | None, str, Obj | None]:
             decimal_text = format(dec.normalize(), "f")
     else:
         raise missing(p.name("unit_amount"))
+    return currency, unit_amount, decimal_text, recurring
+
+
+def _recurring(p: Params) -> Obj | None:
     recurring = None
     rec = p.sub("recurring")
     if rec is not None:
@@ -161,24 +242,35 @@ def price_params(p: Params) -> tuple[str, int | None, str, Obj | None]:
                 "The maximum billing interval is three years.",
                 code="parameter_invalid_integer",
             )
+        usage_type = rec.string("usage_type", choices=("licensed", "metered")) or "licensed"
+        meter = rec.string("meter")
+        if usage_type == "metered" and meter is None:
+            raise missing(rec.name("meter"))
+        if usage_type == "licensed" and meter is not None:
+            raise invalid(rec.name("meter"), "You can only specify `meter` when `usage_type` is `metered`.")
         recurring = {
             "interval": interval,
             "interval_count": count,
-            "meter": rec.string("meter"),
+            "meter": meter,
             "trial_period_days": rec.integer("trial_period_days", minimum=0),
-            "usage_type": rec.string("usage_type", choices=("licensed", "metered")) or "licensed",
+            "usage_type": usage_type,
         }
-    return currency, unit_amount, decimal_text, recurring
+    return recurring
 
 
 def new_price(ctx: Ctx, p: Params, *, product_id: str, active: bool) -> Obj:
     """Build and store a price from validated params."""
     currency, unit_amount, decimal_text, recurring = price_params(p)
+    scheme, tiers_mode, tiers = tier_params(p)
+    if recurring is not None and recurring["meter"] is not None:
+        meter = ctx.fetch("billing.meter", recurring["meter"], "billing.meter", "recurring[meter]")
+        if meter["status"] != "active":
+            raise invalid("recurring[meter]", f"The meter `{meter['id']}` is inactive.")
     price: Obj = {
         "id": new_id("price_"),
         "object": "price",
         "active": active,
-        "billing_scheme": "per_unit",
+        "billing_scheme": scheme,
         "created": ctx.now,
         "currency": currency,
         "custom_unit_amount": None,
@@ -190,12 +282,14 @@ def new_price(ctx: Ctx, p: Params, *, product_id: str, active: bool) -> Obj:
         "recurring": recurring,
         "tax_behavior": p.string("tax_behavior", choices=("inclusive", "exclusive", "unspecified"))
         or "unspecified",
-        "tiers_mode": None,
+        "tiers_mode": tiers_mode,
         "transform_quantity": None,
         "type": "recurring" if recurring else "one_time",
         "unit_amount": unit_amount,
         "unit_amount_decimal": decimal_text,
     }
+    if tiers is not None:
+        price["tiers"] = tiers  # Stripe returns them with expand[]=tiers; the sandbox always does
     ctx.store.insert(price)
     return price
 
@@ -226,10 +320,10 @@ def create_price(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((
         "currency", "product", "product_data", "unit_amount", "unit_amount_decimal", "recurring",
         "lookup_key", "transfer_lookup_key", "nickname", "metadata", "active", "tax_behavior",
-        "billing_scheme",
+        "billing_scheme", "tiers", "tiers_mode",
     ))
-    p.string("billing_scheme", choices=("per_unit",))
     price_params(p)
+    tier_params(p)
     product_id = p.string("product")
     product_data = p.sub("product_data")
     if product_id is None and product_data is None:

@@ -13,13 +13,19 @@ from .core import LIST_PARAMS, Ctx, Obj, Route, list_page, public
 from .errors import StripeError, invalid, missing
 from .ids import checkout_session_id, new_id, random_base62
 from .params import Params
+from .pricing import amount_for
 
 SESSION_TTL = 86400
 
 
-def _item(ctx: Ctx, parent: str, price: Obj, quantity: int) -> Obj:
+def _metered(price: Obj) -> bool:
+    return bool(price.get("recurring") and price["recurring"].get("usage_type") == "metered")
+
+
+def _item(ctx: Ctx, parent: str, price: Obj, quantity: int | None) -> Obj:
+    """A line item; a metered price's has no quantity and costs nothing up front."""
     product = ctx.store.get(price["product"], "product")
-    amount = (price["unit_amount"] or 0) * quantity
+    amount = 0 if quantity is None else amount_for(price, quantity)
     item: Obj = {
         "id": new_id("li_"),
         "object": "item",
@@ -36,15 +42,24 @@ def _item(ctx: Ctx, parent: str, price: Obj, quantity: int) -> Obj:
     return item
 
 
-def _line_prices(ctx: Ctx, p: Params, *, allow_price_data: bool) -> list[tuple[Obj, int]]:
-    """Validate ``line_items`` into (price, quantity) pairs, creating inline prices last."""
+def _line_prices(ctx: Ctx, p: Params, *, allow_price_data: bool) -> list[tuple[Obj, int | None]]:
+    """Validate ``line_items`` into (price, quantity) pairs, creating inline prices last.
+
+    A metered price takes no quantity (None here)."""
     items = p.items("line_items")
-    planned: list[tuple[Obj | Params, int]] = []
+    planned: list[tuple[Obj | Params, int | None]] = []
     for li in items:
         keys = ["price", "quantity", "adjustable_quantity"] + (["price_data"] if allow_price_data else [])
         li.allow(keys)
-        quantity = li.integer("quantity", required=True, minimum=1)
-        assert quantity is not None
+        stored = ctx.store.get(li.string("price") or "", "price")
+        quantity: int | None
+        if stored is not None and _metered(stored):
+            if li.has("quantity"):
+                raise invalid(li.name("quantity"), "Quantity should not be specified where usage_type is "
+                              f"`metered`. Remove quantity from `{li.prefix}`.")
+            quantity = None
+        else:
+            quantity = li.integer("quantity", required=True, minimum=1)
         price_id = li.string("price")
         pdata = li.sub("price_data") if allow_price_data else None
         if price_id is None and pdata is None:
@@ -60,8 +75,6 @@ def _line_prices(ctx: Ctx, p: Params, *, allow_price_data: bool) -> list[tuple[O
                     li.name("price"),
                     "The price specified is inactive. This field only accepts active prices.",
                 )
-            if price["unit_amount"] is None:
-                raise invalid(li.name("price"), "Prices with fractional unit amounts are not supported here.")
             planned.append((price, quantity))
         else:
             assert pdata is not None
@@ -78,7 +91,7 @@ def _line_prices(ctx: Ctx, p: Params, *, allow_price_data: bool) -> list[tuple[O
                 pd.allow(("name", "description", "metadata", "images", "tax_code", "unit_label"))
                 pd.req_str("name")
             planned.append((pdata, quantity))
-    result: list[tuple[Obj, int]] = []
+    result: list[tuple[Obj, int | None]] = []
     for entry, quantity in planned:
         if isinstance(entry, Params):
             product_id = entry.string("product")
@@ -208,6 +221,7 @@ def create_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     metadata = p.metadata()
     sub_data = p.sub("subscription_data")
     sub_metadata: dict[str, str] = {}
+    trial_days: int | None = None
     if sub_data is not None:
         if mode != "subscription":
             raise invalid(
@@ -215,6 +229,7 @@ def create_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
             )
         sub_data.allow(("metadata", "description", "trial_period_days"))
         sub_metadata = sub_data.metadata()
+        trial_days = sub_data.integer("trial_period_days", minimum=1)
     expires_at = p.integer("expires_at")
     if expires_at is not None and not ctx.now + 1800 <= expires_at <= ctx.now + SESSION_TTL:
         raise invalid("expires_at", "The `expires_at` timestamp must be between 30 minutes and 24 hours "
@@ -223,7 +238,7 @@ def create_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     if mode == "setup":
         if p.has("line_items"):
             raise invalid("line_items", "You cannot pass `line_items` in `setup` mode.")
-        lines: list[tuple[Obj, int]] = []
+        lines: list[tuple[Obj, int | None]] = []
     else:
         if not p.items("line_items"):
             raise missing("line_items")
@@ -240,7 +255,9 @@ def create_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
                 "line_items",
                 "You must provide at least one recurring price in `subscription` mode when using prices.",
             )
-    total = sum((price["unit_amount"] or 0) * quantity for price, quantity in lines)
+    # during a trial, recurring prices are not charged now (one-time ones are)
+    total = sum(amount_for(price, quantity) for price, quantity in lines
+                if quantity is not None and not (trial_days and price["type"] == "recurring"))
     currency = lines[0][0]["currency"] if lines else p.currency()
     session_id = checkout_session_id()
     session: Obj = {
@@ -293,6 +310,7 @@ def create_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         "ui_mode": p.string("ui_mode", choices=("hosted", "embedded", "custom")) or "hosted",
         "url": f"https://checkout.sandbox.aims.invalid/c/pay/{session_id}",
         "_subscription_metadata": sub_metadata,
+        "_trial_period_days": trial_days,
     }
     ctx.store.insert(session)
     for price, quantity in lines:

@@ -1,8 +1,10 @@
 """Completing a Checkout Session as if the customer paid (sandbox-only action).
 
 Reproduces what Stripe does behind the hosted page: a customer if there was none, then either a
-succeeded PaymentIntent (payment mode) or an active Subscription with a paid first Invoice
-(subscription mode), and the Events a webhook consumer would receive.
+succeeded PaymentIntent (payment mode) or a Subscription with a paid first Invoice (subscription
+mode: ``active`` and charged for the first period, or ``trialing`` with a $0 invoice for the
+trial when the session has ``subscription_data[trial_period_days]``), and the Events a webhook
+consumer would receive.
 """
 
 from __future__ import annotations
@@ -53,11 +55,10 @@ def complete_session(ctx: Ctx, session_id: str) -> Obj:
         session["payment_intent"] = pi["id"]
         session["payment_status"] = "paid"
     elif mode == "subscription":
-        recurring = [(line["price"], int(line["quantity"])) for line in lines
-                     if line["price"]["type"] == "recurring"]
-        sub_metadata = dict(session["_subscription_metadata"])
-        sub = billing.new_subscription(ctx, customer["id"], recurring, sub_metadata,
-                                       pm["id"])
+        trial_days = session.get("_trial_period_days")
+        recurring = [(line["price"], line["quantity"]) for line in lines if line["price"]["type"] == "recurring"]
+        sub = billing.new_subscription(ctx, customer["id"], recurring, dict(session["_subscription_metadata"]),
+                                       pm["id"], trial_days=trial_days)
         invoice = billing.new_invoice(ctx, customer, currency=session["currency"],
                                       billing_reason="subscription_create", subscription=sub)
         items = {item["price"]["id"]: item for item in sub["items"]["data"]}
@@ -65,24 +66,24 @@ def complete_session(ctx: Ctx, session_id: str) -> Obj:
             price = line["price"]
             item = items.get(price["id"])
             period = (ctx.now, ctx.now)
+            amount, description = line["amount_total"], line["description"]
             if item:
                 period = (item["current_period_start"], item["current_period_end"])
-            parent: Obj = {
-                "invoice_item_details": None,
-                "subscription_item_details": {
-                    "invoice_item": None, "proration": False, "proration_details": {"credited_items": None},
-                    "subscription": sub["id"], "subscription_item": item["id"] if item else None,
-                },
-                "type": "subscription_item_details",
-            }
-            billing.add_line(invoice, amount=line["amount_total"], description=line["description"],
-                             quantity=line["quantity"], price=price, period=period, parent=parent)
+                if trial_days:
+                    amount, description = 0, f"Trial period for {line['description']}"
+            billing.add_line(invoice, amount=amount, description=description, quantity=line["quantity"] or 0,
+                             price=price, period=period, parent=billing.subscription_line_parent(sub, item))
+        invoice.update(period_start=sub["items"]["data"][0]["current_period_start"],
+                       period_end=sub["items"]["data"][0]["current_period_start"])
         ctx.store.update(invoice)
+        ctx.record_event("invoice.created", invoice)
         billing.charge_invoice(ctx, invoice, pm["id"])
         sub["latest_invoice"] = invoice["id"]
         ctx.store.update(sub)
         ctx.record_event("customer.subscription.created", sub)
-        session.update(subscription=sub["id"], invoice=invoice["id"], payment_status="paid")
+        session.update(subscription=sub["id"], invoice=invoice["id"],
+                       payment_status="paid" if invoice["amount_paid"] or not trial_days
+                       else "no_payment_required")
     else:
         session["setup_intent"] = new_id("seti_")
     session["status"] = "complete"

@@ -95,6 +95,36 @@ def _control(sandbox: Sandbox, method: str, path: str, form: Form) -> tuple[int,
         return 200, {"object": "list", "data": [asdict(f) for f in sandbox.faults.active()]}
     if sub == "requests" and method == "GET":
         return 200, {"object": "list", "data": [asdict(r) for r in sandbox.request_log]}
+    if sub == "advance" and method == "POST":
+        p = Params(form)
+        p.allow(("days", "hours"))
+        amounts = []
+        for key in ("days", "hours"):
+            try:
+                amounts.append(float(p.string(key) or 0))
+            except ValueError:
+                raise invalid(key, f"Invalid number: {p.string(key)}") from None
+        if min(amounts) < 0:
+            raise invalid("days", "The sandbox clock only moves forward.")
+        events = sandbox.advance(days=amounts[0], hours=amounts[1])
+        return 200, {"object": "sandbox.clock", "now": sandbox.now(), "events": events}
+    if sub == "clock" and method == "GET":
+        return 200, {"object": "sandbox.clock", "now": sandbox.now(), "events": []}
+    if sub == "trigger" and method == "POST":
+        p = Params(form)
+        p.allow(("type", "customer", "subscription"))
+        kind = p.req_str("type")
+        try:
+            return 200, sandbox.trigger(kind, customer=p.string("customer"), subscription=p.string("subscription"))
+        except ValueError as exc:
+            raise invalid("type", str(exc)) from None
+    if sub == "fail_payments" and method == "POST":
+        p = Params(form)
+        p.allow(("customer", "fail"))
+        customer = p.req_str("customer")
+        fail = p.boolean("fail")
+        sandbox.fail_payments(customer, True if fail is None else fail)
+        return 200, {"object": "sandbox.fail_payments", "customer": customer, "fail": fail is not False}
     parts = sub.split("/")
     if method == "POST" and len(parts) == 4 and parts[:2] == ["checkout", "sessions"] \
             and parts[3] == "complete":

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from . import fulfilment
+from . import fulfilment, lifecycle
 from .core import DEFAULT_API_VERSION, Ctx, Obj, Route, public
 from .errors import StripeError, idempotency_mismatch
 from .faults import FaultInjector
@@ -187,3 +187,37 @@ class Sandbox:
         return public(self.run(lambda ctx: fulfilment.complete_session(ctx, session_id)))
 
 
+
+    def fail_payments(self, customer_id: str, fail: bool = True) -> None:
+        """Make the customer's renewal (and triggered) payments fail from now on, or succeed again.
+
+        Kept on the customer in the DB, so another process on the same file sees it.
+        """
+        self.run(lambda ctx: lifecycle.set_fail(ctx, customer_id, fail))
+
+    def advance(self, days: float = 0, hours: float = 0) -> list[Obj]:
+        """Move the sandbox clock forward and do what Stripe would have done meanwhile (renewals,
+        failed payments, scheduled cancellations, trials ending); returns the Events recorded."""
+        seconds = round(days * 86400 + hours * 3600)
+        if seconds < 0:
+            raise ValueError("the sandbox clock only moves forward")
+
+        def work(ctx: Ctx) -> list[Obj]:
+            offset = int(self.store.state_get(CLOCK_OFFSET) or 0) + seconds
+            self.store.state_set(CLOCK_OFFSET, str(offset))
+            ctx.now = int(time.time()) + offset
+            lifecycle.run_due(ctx)
+            return list(ctx.events)
+
+        return self.run(work)
+
+    def trigger(self, event_type: str, *, customer: str | None = None, subscription: str | None = None) -> Obj:
+        """Make ``event_type`` happen for the customer's (newest live) or the given subscription,
+        with the state change behind it; returns the Event. Supported: ``lifecycle.TRIGGERS``.
+
+        Raises ValueError for another type, :class:`StripeError` for an unknown id or a customer
+        without a live subscription.
+        """
+        if event_type not in lifecycle.TRIGGERS:
+            raise ValueError(f"cannot trigger {event_type!r}; supported: {', '.join(lifecycle.TRIGGERS)}")
+        return self.run(lambda ctx: lifecycle.trigger(ctx, event_type, customer, subscription))

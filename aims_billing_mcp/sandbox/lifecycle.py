@@ -1,0 +1,225 @@
+"""What Stripe does to subscriptions as time passes, and ``stripe trigger``-style state changes.
+
+:func:`run_due` walks every live subscription period by period up to ``ctx.now`` (the sandbox
+clock after :meth:`Sandbox.advance`): a scheduled cancellation ends it; otherwise the period rolls
+over (a trial ends) and a ``subscription_cycle`` invoice bills the next period for licensed items
+and the ended period's usage for metered ones, paid with the default card unless the customer is
+set to fail (then it stays ``open`` and the subscription goes ``past_due``). Each step is dated at
+the boundary it happened at, so invoices and events carry Stripe's timestamps.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from . import billing
+from .core import Ctx, Obj
+from .errors import invalid_state
+from .pricing import amount_for
+
+RETRY_AFTER = 3 * 86400  # when a failed invoice would be retried (Smart Retries vary; a fixed guess)
+MAX_ATTEMPTS = 4
+CARD = "pm_card_visa"
+LIVE = ("active", "trialing", "past_due", "unpaid", "incomplete", "paused")
+TRIGGERS = ("invoice.payment_failed", "invoice.paid", "customer.subscription.deleted",
+            "customer.subscription.updated")
+
+
+def fails(ctx: Ctx, customer_id: str) -> bool:
+    """Whether the customer's payments are set to fail (:meth:`Sandbox.fail_payments`)."""
+    customer = ctx.store.get(customer_id, "customer")
+    return bool(customer and customer.get("_fail_payments"))
+
+
+def set_fail(ctx: Ctx, customer_id: str, fail: bool) -> Obj:
+    customer = ctx.fetch("customer", customer_id, "customer", "customer")
+    customer["_fail_payments"] = fail
+    ctx.store.update(customer)
+    return customer
+
+
+def _period(sub: Obj) -> tuple[int, int]:
+    item = sub["items"]["data"][0]
+    return int(item["current_period_start"]), int(item["current_period_end"])
+
+
+def run_due(ctx: Ctx) -> None:
+    """Bring every live subscription up to ``ctx.now``."""
+    target = ctx.now
+    subs, _ = ctx.store.page("subscription", {"status": list(LIVE)}, limit=1_000_000, oldest_first=True)
+    try:
+        for sub in subs:
+            _catch_up(ctx, sub, target)
+    finally:
+        ctx.now = target
+
+
+def _catch_up(ctx: Ctx, sub: Obj, target: int) -> None:
+    while True:
+        _, end = _period(sub)
+        cancel_at = sub["cancel_at"]
+        if cancel_at is not None and cancel_at <= end:
+            if cancel_at <= target:
+                ctx.now = cancel_at
+                billing.end_subscription(ctx, sub, cancel_at)
+            return
+        if end > target:
+            return
+        ctx.now = end
+        if sub["cancel_at_period_end"]:
+            billing.end_subscription(ctx, sub, end)
+            return
+        renew(ctx, sub)
+
+
+def _name(ctx: Ctx, price: Obj) -> str:
+    product = ctx.store.get(price["product"], "product")
+    return str(product["name"]) if product else str(price["id"])
+
+
+def _usage(ctx: Ctx, sub: Obj, price: Obj, start: int, end: int) -> int:
+    meter = ctx.store.get(price["recurring"]["meter"], "billing.meter")
+    formula = meter["default_aggregation"]["formula"] if meter else "sum"
+    return ctx.store.meter_usage(price["recurring"]["meter"], sub["customer"], start, end, formula)
+
+
+def renew(ctx: Ctx, sub: Obj) -> Obj:
+    """Roll ``sub`` into its next period (at ``ctx.now``, its period end) and bill it."""
+    start, end = _period(sub)
+    previous: Obj = {"items": copy.deepcopy(sub["items"]), "latest_invoice": sub["latest_invoice"]}
+    trial_ended = sub["status"] == "trialing"
+    if trial_ended:
+        previous["status"] = sub["status"]
+        sub["status"] = "active"
+    new_end = billing.period_end_after(sub, end)
+    customer = ctx.fetch("customer", sub["customer"], "customer", "customer")
+    invoice = billing.new_invoice(ctx, customer, currency=sub["currency"], billing_reason="subscription_cycle",
+                                  subscription=sub)
+    invoice.update(period_start=start, period_end=end)
+    for item in sub["items"]["data"]:
+        price = item["price"]
+        name = _name(ctx, price)
+        parent = billing.subscription_line_parent(sub, item)
+        if price["recurring"]["usage_type"] == "metered":
+            if not trial_ended:  # usage during a trial is free
+                quantity = _usage(ctx, sub, price, start, end)
+                billing.add_line(invoice, amount=amount_for(price, quantity), description=f"{quantity} × {name}",
+                                 quantity=quantity, price=price, period=(start, end), parent=parent)
+        else:
+            quantity = int(item.get("quantity") or 1)
+            billing.add_line(invoice, amount=amount_for(price, quantity), description=f"{quantity} × {name}",
+                             quantity=quantity, price=price, period=(end, new_end), parent=parent)
+        item["current_period_start"], item["current_period_end"] = end, new_end
+    ctx.store.update(invoice)
+    ctx.record_event("invoice.created", invoice)
+    sub["latest_invoice"] = invoice["id"]
+    if fails(ctx, sub["customer"]) and invoice["amount_due"] > 0:
+        fail_invoice(ctx, invoice)
+        if sub["status"] != "past_due":
+            previous.setdefault("status", sub["status"])
+            sub["status"] = "past_due"
+    else:
+        billing.charge_invoice(ctx, invoice, sub["default_payment_method"] or CARD)
+        if sub["status"] != "active":
+            previous.setdefault("status", sub["status"])
+            sub["status"] = "active"
+    ctx.store.update(sub)
+    ctx.record_event("customer.subscription.updated", sub, previous)
+    return invoice
+
+
+def fail_invoice(ctx: Ctx, invoice: Obj) -> Obj:
+    """One failed collection attempt on a draft or open invoice: ``invoice.payment_failed``."""
+    if invoice["status"] == "draft":
+        billing.finalize(ctx, invoice)
+    attempts = int(invoice["attempt_count"]) + 1
+    invoice.update(attempted=True, attempt_count=attempts,
+                   next_payment_attempt=ctx.now + RETRY_AFTER if attempts < MAX_ATTEMPTS else None)
+    ctx.store.update(invoice)
+    return ctx.record_event("invoice.payment_failed", invoice)
+
+
+# -- trigger --------------------------------------------------------------------------------------
+
+def _subscription_for(ctx: Ctx, customer: str | None, subscription: str | None) -> Obj:
+    if subscription is not None:
+        return ctx.fetch("subscription", subscription, "subscription", "subscription")
+    if customer is None:
+        raise invalid_state("Pass a customer or a subscription to trigger this event.")
+    ctx.fetch("customer", customer, "customer", "customer")
+    found, _ = ctx.store.page("subscription", {"customer": customer, "status": list(LIVE)}, limit=1)
+    if not found:
+        raise invalid_state(f"Customer '{customer}' has no subscription that is not canceled.", "customer")
+    return found[0]
+
+
+def _open_invoice(ctx: Ctx, sub: Obj) -> Obj | None:
+    latest = ctx.store.get(sub["latest_invoice"], "invoice") if sub["latest_invoice"] else None
+    if latest is not None and latest["status"] == "open":
+        return latest
+    found, _ = ctx.store.page("invoice", {"_subscription": sub["id"], "status": "open"}, limit=1)
+    return found[0] if found else None
+
+
+def _period_invoice(ctx: Ctx, sub: Obj, reason: str) -> Obj:
+    """A draft invoice for the current period's licensed items (without moving the period)."""
+    customer = ctx.fetch("customer", sub["customer"], "customer", "customer")
+    invoice = billing.new_invoice(ctx, customer, currency=sub["currency"], billing_reason=reason, subscription=sub)
+    start, end = _period(sub)
+    invoice.update(period_start=start, period_end=end)
+    for item in sub["items"]["data"]:
+        price = item["price"]
+        if price["recurring"]["usage_type"] == "metered":
+            continue
+        quantity = int(item.get("quantity") or 1)
+        billing.add_line(invoice, amount=amount_for(price, quantity), description=f"{quantity} × {_name(ctx, price)}",
+                         quantity=quantity, price=price, period=(start, end),
+                         parent=billing.subscription_line_parent(sub, item))
+    ctx.store.update(invoice)
+    ctx.record_event("invoice.created", invoice)
+    return invoice
+
+
+def _set_status(ctx: Ctx, sub: Obj, status: str, previous: Obj) -> None:
+    if sub["status"] != status:
+        previous["status"] = sub["status"]
+        sub["status"] = status
+    ctx.store.update(sub)
+    ctx.record_event("customer.subscription.updated", sub, previous)
+
+
+def trigger(ctx: Ctx, event_type: str, customer: str | None, subscription: str | None) -> Obj:
+    """Make ``event_type`` happen for real (state changes included); returns that event."""
+    if event_type not in TRIGGERS:
+        raise ValueError(f"cannot trigger {event_type!r}; supported: {', '.join(TRIGGERS)}")
+    sub = _subscription_for(ctx, customer, subscription)
+    if sub["status"] == "canceled":
+        raise invalid_state(f"Subscription '{sub['id']}' is canceled.", "subscription")
+    if event_type == "customer.subscription.deleted":
+        sub["canceled_at"] = None
+        billing.end_subscription(ctx, sub, ctx.now)
+        return ctx.events[-1]
+    if event_type == "customer.subscription.updated":
+        old = {"metadata": dict(sub["metadata"])}
+        sub["metadata"] = {**sub["metadata"], "sandbox_triggered_at": str(ctx.now)}
+        ctx.store.update(sub)
+        return ctx.record_event("customer.subscription.updated", sub, old)
+    previous: Obj = {"latest_invoice": sub["latest_invoice"]}
+    invoice = _open_invoice(ctx, sub)
+    if event_type == "invoice.payment_failed":
+        if invoice is None:
+            invoice = _period_invoice(ctx, sub, "subscription_cycle")
+        event = fail_invoice(ctx, invoice)
+        sub["latest_invoice"] = invoice["id"]
+        _set_status(ctx, sub, "past_due", previous)
+        return event
+    # invoice.paid
+    if invoice is None:
+        invoice = _period_invoice(ctx, sub, "manual")
+    invoice["next_payment_attempt"] = None
+    billing.charge_invoice(ctx, invoice, sub["default_payment_method"] or CARD)
+    event = next(e for e in reversed(ctx.events) if e["type"] == "invoice.paid")
+    sub["latest_invoice"] = invoice["id"]
+    _set_status(ctx, sub, "active" if sub["status"] in ("past_due", "unpaid") else sub["status"], previous)
+    return event
+

@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _configure_logging(settings.aims_billing_log_level)
     try:
-        server = build_server(settings)
+        server = build_server(settings, webhook_server=not args.http and not args.no_webhooks)
     except BillingError as exc:
         return _fail(exc.message)
     if not args.http:
@@ -86,10 +86,52 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
     settings = _settings()
     db_path = args.db or str(settings.sandbox_db_path)
+    if args.sandbox_command is not None:
+        return cmd_sandbox_action(args, settings, db_path)
     print(f"aims-billing-mcp sandbox on http://{args.host}:{args.port} (db {db_path})\n"
           f"  api key:        {SANDBOX_SECRET_KEY}\n  webhook secret: {SANDBOX_WEBHOOK_SECRET}\n"
-          f"  point a server at it: STRIPE_API_BASE=http://{args.host}:{args.port}", file=sys.stderr)
-    serve_sandbox(host=args.host, port=args.port, db_path=db_path)
+          f"  point a server at it: STRIPE_API_BASE=http://{args.host}:{args.port}"
+          + (f"\n  forwarding events to {args.forward_to}" if args.forward_to else ""), file=sys.stderr)
+    serve_sandbox(host=args.host, port=args.port, db_path=db_path, forward_to=args.forward_to)
+    return 0
+
+
+def cmd_sandbox_action(args: argparse.Namespace, settings: Settings, db_path: str) -> int:
+    """Act on the sandbox's file as Stripe would (a customer pays, a renewal fails, time passes) and deliver the
+    resulting signed events to the server's webhook endpoint, like `stripe trigger`."""
+    from .sandbox import create_app
+
+    target = args.forward_to or f"http://127.0.0.1:{settings.aims_billing_webhook_port}/webhooks/stripe"
+    app = create_app(db_path=db_path, webhook_target=target)
+    sandbox = app.state.sandbox
+    sandbox.webhooks.configure(target, max_attempts=3, retry_delay_scale=0.2)
+    try:
+        if args.sandbox_command == "complete-checkout":
+            session = sandbox.complete_checkout_session(args.session)
+            print(f"checkout {session['id']}: {session['status']}, customer {session.get('customer')}, "
+                  f"subscription {session.get('subscription') or '-'}")
+        elif args.sandbox_command == "trigger":
+            event = sandbox.trigger(args.event_type, customer=args.customer, subscription=args.subscription)
+            print(f"triggered {event['type']} ({event['id']})")
+        else:
+            events = sandbox.advance(days=args.days, hours=args.hours)
+            print(f"advanced the sandbox clock by {args.days} day(s) {args.hours} hour(s): {len(events)} event(s)")
+            for event in events:
+                print(f"  {event['type']:40} {event['id']}")
+    except (ValueError, LookupError) as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # the sandbox's Stripe-shaped errors carry a message for the operator
+        message = getattr(exc, "message", None) or str(exc)
+        return _fail(f"sandbox refused: {message}")
+    finally:
+        sandbox.webhooks.drain(timeout=15)
+        delivered = [d for d in sandbox.webhooks.deliveries if d.delivered]
+        failed = [d for d in sandbox.webhooks.deliveries if not d.delivered]
+        if delivered or failed:
+            print(f"webhooks to {target}: {len(delivered)} delivered, {len(failed)} not delivered"
+                  + (" (is `aims-billing-mcp serve` running? events stay in the sandbox: see /v1/events)"
+                     if failed else ""), file=sys.stderr)
+        sandbox.close()
     return 0
 
 
@@ -194,14 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
     serve.add_argument("--host", help="HTTP bind address (default AIMS_BILLING_HTTP_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default AIMS_BILLING_HTTP_PORT or 8765)")
+    serve.add_argument("--no-webhooks", action="store_true",
+                       help="stdio only: do not run the webhook endpoint on 127.0.0.1:AIMS_BILLING_WEBHOOK_PORT")
     serve.set_defaults(func=cmd_serve)
     demo = sub.add_parser("demo", help="run an agent session end to end on the embedded sandbox")
     demo.set_defaults(func=cmd_demo)
-    sandbox = sub.add_parser("sandbox", help="serve the Stripe-compatible sandbox on loopback")
+    sandbox = sub.add_parser("sandbox", help="serve the Stripe-compatible sandbox on loopback, or act on it")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=12111)
     sandbox.add_argument("--db", help="sandbox SQLite file (default beside AIMS_BILLING_DB)")
-    sandbox.set_defaults(func=cmd_sandbox)
+    sandbox.add_argument("--forward-to", metavar="URL",
+                         help="deliver signed events to this webhook URL (default for actions: the serve endpoint)")
+    sandbox.set_defaults(func=cmd_sandbox, sandbox_command=None)
+    actions = sandbox.add_subparsers(dest="sandbox_command")
+    complete = actions.add_parser("complete-checkout", help="a customer pays a checkout session (cs_...)")
+    complete.add_argument("session")
+    trigger = actions.add_parser("trigger", help="make an event happen, e.g. invoice.payment_failed")
+    trigger.add_argument("event_type")
+    trigger.add_argument("--customer")
+    trigger.add_argument("--subscription")
+    advance = actions.add_parser("advance", help="move the sandbox clock: renewals, trial ends, cancellations")
+    advance.add_argument("--days", type=float, default=0)
+    advance.add_argument("--hours", type=float, default=0)
     setup = sub.add_parser("setup-stripe", help="create (or find) the tier products and prices; print STRIPE_PRICE_*")
     setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
     setup.set_defaults(func=cmd_setup_stripe)

@@ -179,7 +179,8 @@ def test_write_env_replaces_our_lines_and_keeps_every_other_line(tmp_path: Path)
     env = tmp_path / ".env"
     env.write_text("# comment\nFOO=1\nSTRIPE_PRICE_PRO=price_old\n\nexport BAR=2")
     write_env(env, {"STRIPE_PRICE_PRO": "price_new", "STRIPE_PRICE_STARTER": "price_s"})
-    assert env.read_text() == "# comment\nFOO=1\nSTRIPE_PRICE_PRO=price_new\n\nexport BAR=2\nSTRIPE_PRICE_STARTER=price_s\n"
+    expected = "# comment\nFOO=1\nSTRIPE_PRICE_PRO=price_new\n\nexport BAR=2\nSTRIPE_PRICE_STARTER=price_s\n"
+    assert env.read_text() == expected
 
 
 def test_setup_stripe_cli_prints_the_env_lines_and_refuses_live_keys(
@@ -188,6 +189,7 @@ def test_setup_stripe_cli_prints_the_env_lines_and_refuses_live_keys(
     monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "b.db"))
     assert main(["setup-stripe"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split("=")[0] for line in out] == ["STRIPE_PRICE_STARTER", "STRIPE_PRICE_PRO", "STRIPE_PRICE_ENTERPRISE"]
+    names = [line.split("=")[0] for line in out]
+    assert names == ["STRIPE_PRICE_STARTER", "STRIPE_PRICE_PRO", "STRIPE_PRICE_ENTERPRISE"]
     monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_live_abcdefghijklmnop")
     assert main(["setup-stripe"]) == 2

@@ -10,13 +10,16 @@ import sys
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
+from mcp import Client
 
+from aims_billing_mcp.app import build_server
 from aims_billing_mcp.cli import main
 from aims_billing_mcp.demo import run_demo
-from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY
+from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY, SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.settings import Settings
-from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway
+from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway, sign_webhook_payload
 
 pytestmark = pytest.mark.anyio
 
@@ -94,3 +97,59 @@ async def test_the_standalone_sandbox_serves_the_real_sdk_on_loopback(tmp_path: 
     assert balance.data["object"] == "balance"
     assert created.data["id"].startswith("cus_") and created.request_id
     assert SANDBOX_SECRET_KEY.startswith("sk_test_")
+
+
+
+def signed_ping(event_id: str) -> tuple[str, dict[str, str]]:
+    payload = json.dumps({"id": event_id, "object": "event", "type": "ping.test", "created": 1,
+                          "data": {"object": {}}})
+    return payload, {"Stripe-Signature": sign_webhook_payload(payload, SANDBOX_WEBHOOK_SECRET)}
+
+
+async def test_stdio_mode_runs_the_webhook_endpoint_beside_mcp(tmp_path: Path) -> None:
+    port = free_port()
+    settings = Settings(_env_file=None, aims_billing_db=tmp_path / "b.db",  # type: ignore[call-arg]
+                        aims_billing_webhook_port=port)
+    payload, headers = signed_ping("evt_c1")
+    async with Client(build_server(settings, webhook_server=True)) as client:
+        await client.list_tools()
+        async with httpx.AsyncClient() as http:
+            response = await http.post(f"http://127.0.0.1:{port}/webhooks/stripe", content=payload, headers=headers)
+    assert response.status_code == 200 and response.json()["id"] == "evt_c1"
+
+
+async def test_a_taken_webhook_port_is_reported_and_mcp_keeps_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(_env_file=None, aims_billing_db=tmp_path / "b.db",  # type: ignore[call-arg]
+                            aims_billing_webhook_port=taken.getsockname()[1])
+        async with Client(build_server(settings, webhook_server=True)) as client:
+            tools = (await client.list_tools()).tools
+    assert tools
+    err = capsys.readouterr().err
+    assert "is taken" in err and "AIMS_BILLING_WEBHOOK_PORT" in err and "--no-webhooks" in err
+
+
+async def test_sandbox_trigger_from_the_cli_reaches_the_running_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "shared.db"))  # the CLI opens the same sandbox file
+    port = free_port()
+    monkeypatch.setenv("AIMS_BILLING_WEBHOOK_PORT", str(port))
+    settings = Settings(_env_file=None, aims_billing_db=tmp_path / "shared.db",  # type: ignore[call-arg]
+                        aims_billing_webhook_port=port)
+    async with Client(build_server(settings, webhook_server=True)) as client:
+        assert await anyio.to_thread.run_sync(main, ["setup-stripe"]) == 0
+        customer = (await client.call_tool("create_customer", {"email": "cli@example.com"})).structured_content
+        cus = customer["customer"]["id"]  # type: ignore[index]
+        session = (await client.call_tool("create_subscription_checkout", {"tier": "3mo", "customer": cus}))
+        cs = session.structured_content["checkout_session"]["id"]  # type: ignore[index]
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-checkout", cs]) == 0
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "trigger", "invoice.payment_failed",
+                                                     "--customer", cus]) == 0
+        status = (await client.call_tool("get_billing_status", {"customer": cus})).structured_content
+    assert status is not None and (status["tier"], status["status"]) == ("3mo", "past_due")
+    assert "not delivered" not in capsys.readouterr().err.replace(" 0 not delivered", "")

@@ -193,3 +193,50 @@ def test_setup_stripe_cli_prints_the_env_lines_and_refuses_live_keys(
     assert names == ["STRIPE_PRICE_STARTER", "STRIPE_PRICE_PRO", "STRIPE_PRICE_ENTERPRISE"]
     monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_live_abcdefghijklmnop")
     assert main(["setup-stripe"]) == 2
+
+
+async def test_a_failed_renewal_shows_as_past_due_and_keeps_the_tier(
+    client: Client, sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    customer = await subscribe(client, sandbox, "6mo")
+    sandbox.fail_payments(customer, True)
+
+    sandbox.advance(days=32)
+    assert sandbox.webhooks.drain(timeout=10)
+
+    status = ok(await client.call_tool("get_billing_status", {"customer": customer}))
+    assert (status["status"], status["tier"], status["entitlements"]["concurrent"]) == ("past_due", "6mo", 5)
+
+
+async def test_a_paid_renewal_moves_the_period_end(client: Client, sandbox: Sandbox, prices: dict[str, str]) -> None:
+    customer = await subscribe(client, sandbox, "3mo")
+    first = ok(await client.call_tool("get_billing_status", {"customer": customer}))["current_period_end"]
+
+    sandbox.advance(days=32)
+    assert sandbox.webhooks.drain(timeout=10)
+
+    status = ok(await client.call_tool("get_billing_status", {"customer": customer}))
+    assert status["status"] == "active" and status["current_period_end"] > first
+
+
+async def test_triggered_payment_failure_is_past_due(client: Client, sandbox: Sandbox, prices: dict[str, str]) -> None:
+    customer = await subscribe(client, sandbox, "3mo")
+    sandbox.trigger("invoice.payment_failed", customer=customer)
+    assert sandbox.webhooks.drain(timeout=10)
+    assert ok(await client.call_tool("get_billing_status", {"customer": customer}))["status"] == "past_due"
+
+
+async def test_a_cancellation_takes_effect_when_the_commitment_ends(
+    client: Client, sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    customer = await subscribe(client, sandbox, "3mo")
+    ok(await client.call_tool("cancel_subscription", {"customer": customer}))
+
+    sandbox.advance(days=60)
+    assert sandbox.webhooks.drain(timeout=10)
+    assert ok(await client.call_tool("get_billing_status", {"customer": customer}))["tier"] == "3mo"
+
+    sandbox.advance(days=40)
+    assert sandbox.webhooks.drain(timeout=10)
+    status = ok(await client.call_tool("get_billing_status", {"customer": customer}))
+    assert (status["tier"], status["status"]) == ("p2p", "canceled")

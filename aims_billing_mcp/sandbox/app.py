@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
-from . import billing, catalog, checkout, customers, events, payments
-from .auth import SANDBOX_SECRET_KEY, authenticate
+from . import billing, catalog, checkout, customers, events, meters, payments
+from .auth import SANDBOX_SECRET_KEY, authenticate, key_from_header
 from .core import DEFAULT_API_VERSION, Route
 from .errors import StripeError, fault, invalid, unrecognized_url
 from .faults import Fault
@@ -35,7 +35,10 @@ ROUTES: tuple[Route, ...] = (
     *billing.ROUTES,
     *payments.ROUTES,
     *events.ROUTES,
+    *meters.ROUTES,
 )
+V2_SESSION = "/v2/billing/meter_event_session"
+V2_STREAM = "/v2/billing/meter_event_stream"
 CONTROL_PREFIX = "/_sandbox/"
 ALL_METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
 
@@ -132,6 +135,47 @@ def _control(sandbox: Sandbox, method: str, path: str, form: Form) -> tuple[int,
     raise unrecognized_url(method, path)
 
 
+def _v2_envelope(exc: StripeError) -> dict[str, Any]:
+    """The v2 error shape: ``{"error": {"type", "code", "message"}}``."""
+    err: dict[str, Any] = {"type": exc.type, "code": exc.code, "message": exc.message}
+    if exc.param is not None:
+        err["param"] = exc.param
+    return {"error": err}
+
+
+async def _v2(sandbox: Sandbox, request: Request, method: str, path: str) -> tuple[int, Any]:
+    """The v2 meter event endpoints: JSON bodies, v2 error shapes, a session token for the stream."""
+    if method != "POST" or path not in (V2_SESSION, V2_STREAM):
+        raise StripeError(404, f"Unrecognized request URL ({method}: {path}).", code="not_found")
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        raise StripeError(400, "Invalid JSON body.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise StripeError(400, "Request body must be a JSON object.", code="invalid_json")
+    if path == V2_SESSION:
+        return 200, sandbox.run(meters.create_session)
+    token = key_from_header(request.headers.get("authorization"))
+    events = data.get("events")
+    errors = sandbox.meter_event_errors
+
+    def work(ctx: Any) -> dict[str, Any]:
+        if not meters.session_valid(ctx, token):
+            raise StripeError(401, "The meter event session has expired (or is unknown). Create a new meter "
+                              "event session and retry with its authentication_token.",
+                              type="temporary_session_expired", code="billing_meter_event_session_expired")
+        if not isinstance(events, list) or not events:
+            raise StripeError(400, "`events` must be a non-empty array.", code="parameter_missing", param="events")
+        if len(events) > meters.MAX_STREAM_EVENTS:
+            raise StripeError(400, f"`events` can contain at most {meters.MAX_STREAM_EVENTS} events; got "
+                              f"{len(events)}.", code="parameter_invalid", param="events")
+        meters.stream(ctx, events, errors)
+        return {}
+
+    return 200, sandbox.run(work)
+
+
 def create_app(
     db_path: str = ":memory:",
     api_keys: Iterable[str] = (SANDBOX_SECRET_KEY,),
@@ -155,22 +199,27 @@ def create_app(
         control = path.startswith(CONTROL_PREFIX)
         replayed = False
         armed: Fault | None = None
+        v2 = path.startswith("/v2/")
         try:
-            api_key = authenticate(request.headers.get("authorization"), sandbox.api_keys)
+            api_key = "" if path == V2_STREAM else authenticate(request.headers.get("authorization"),
+                                                                sandbox.api_keys)
             armed = None if control else sandbox.faults.take(path)
             if armed is not None and armed.delay_ms:
                 await anyio.sleep(armed.delay_ms / 1000)
             if armed is not None and armed.status is not None and armed.mode == "before":
                 raise fault(armed.status)
-            form = await _read_form(request)
-            if control:
-                status, payload = _control(sandbox, method, path, form)
+            if v2:
+                status, payload = await _v2(sandbox, request, method, path)
+                body = json.dumps(payload)
+            elif control:
+                status, payload = _control(sandbox, method, path, await _read_form(request))
                 body = json.dumps(payload)
             else:
                 matched = _match(method, path)
                 if matched is None:
                     raise unrecognized_url(method, path)
                 route, args = matched
+                form = await _read_form(request)
                 outcome = sandbox.execute(
                     route, form, args, method=method, path=path, api_key=api_key,
                     idempotency_key=idem, request_id=rid, api_version=version,
@@ -179,7 +228,7 @@ def create_app(
                 if armed is not None and armed.status is not None:  # "after": the answer is lost
                     raise fault(armed.status)
         except StripeError as exc:
-            status, body = exc.status, json.dumps(exc.envelope(rid))
+            status, body = exc.status, json.dumps(_v2_envelope(exc) if v2 else exc.envelope(rid))
         headers = {"Request-Id": rid, "Stripe-Version": version}
         if idem is not None:
             headers["Idempotency-Key"] = idem

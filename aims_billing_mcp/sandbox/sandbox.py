@@ -67,6 +67,7 @@ class Sandbox:
         self.request_log: list[RequestRecord] = []
         self._listeners: list[EventListener] = []
         self._listeners_lock = threading.Lock()
+        self.meter_event_errors: list[Obj] = []  # v2 stream events dropped as invalid, oldest first
         self.webhooks = WebhookSender()
         self.add_event_listener(self.webhooks.enqueue)
 

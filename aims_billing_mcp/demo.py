@@ -19,6 +19,7 @@ from mcp import Client
 
 from .app import build_server
 from .sandbox import create_app
+from .services.stripe_setup import setup_stripe
 from .settings import Settings
 
 
@@ -44,6 +45,10 @@ def _summary(content: dict[str, Any] | None) -> str:
         return ""
     if "error" in content:
         return f"refused: {content['error']['code']} ({content['error'].get('param') or ''})"
+    if "entitlements" in content:
+        e = content["entitlements"]
+        return (f"{content['tier']} {content['status']}: {e['tokens_per_month']:,} tokens/mo, {e['agents']} agents, "
+                f"{e['concurrent']} concurrent")
     flags = [flag for flag in ("replayed", "dry_run") if content.get(flag)]
     for value in content.values():
         if isinstance(value, dict) and "id" in value:
@@ -54,6 +59,10 @@ def _summary(content: dict[str, Any] | None) -> str:
         return f"dry run: {content['request']['method']} {content['request']['url'].split('/', 3)[-1]}"
     if "invoices" in content:
         return f"{len(content['invoices'])} invoice(s), has_more={content['has_more']}"
+    if "tiers" in content:
+        return ", ".join(f"{t['id']} {t['monthly_price_display']}" for t in content["tiers"])
+    if "cancellation" in content:
+        return f"{content['cancellation']['subscription']} {content['cancellation']['status']}"
     if "available" in content:
         return "available " + (", ".join(a["display"] for a in content["available"]) or "0")
     return json.dumps(content)[:60]
@@ -85,11 +94,17 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
                 rows.append(Row(tool, _short(arguments), _summary(content), ms, expect(content)))
                 return content
 
-            def sandbox_step(label: str, action: Callable[[], dict[str, Any]]) -> None:
+            def sandbox_step(label: str, action: Callable[[], dict[str, Any]],
+                             expect: Callable[[dict[str, Any]], bool] = lambda o: o.get("status") == "complete",
+                             ) -> dict[str, Any]:
+                """Something Stripe or the human does (pay, fail a renewal), then its webhooks land."""
                 start = time.perf_counter()
                 obj = action()
-                rows.append(Row("(sandbox)", label, f"{obj['id']} {obj.get('status')}",
-                                (time.perf_counter() - start) * 1000, obj.get("status") == "complete"))
+                delivered = sandbox.webhooks.drain(timeout=10)
+                shown = f"{obj.get('type') or obj.get('status')} {obj['id']}"
+                rows.append(Row("(sandbox)", label, shown, (time.perf_counter() - start) * 1000,
+                                expect(obj) and delivered))
+                return obj
 
             await call("retrieve_balance", {}, lambda c: c.get("mode") == "sandbox")
             product = await call("create_product", {"name": "LUC credits, 10k pack"}, lambda c: "product" in c)
@@ -134,6 +149,31 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
                        lambda c: c.get("portal_session", {}).get("url", "").startswith("http"))
             await call("retrieve_balance", {},
                        lambda c: any(a["currency"] == "usd" and a["amount"] == 1999 + 1799 for a in c["available"]))
+            # The 3-6-9 story: tiers set up, a human subscribes to 6mo, a renewal fails, the agent cancels.
+            start = time.perf_counter()
+            setup = await setup_stripe(server.state.gateway, server.state.pricing)  # type: ignore[union-attr]
+            rows.append(Row("(operator)", "setup-stripe", " ".join(f"{r.tier}={r.price[:16]}…" for r in setup),
+                            (time.perf_counter() - start) * 1000, len(setup) == 3))
+            await call("list_tiers", {}, lambda c: [t["id"] for t in c["tiers"]] == ["p2p", "3mo", "6mo", "9mo"])
+            tier_session = await call(
+                "create_subscription_checkout", {"tier": "6mo", "customer": values["customer"]},
+                lambda c: c.get("checkout_session", {}).get("tier") == "6mo")
+            paid = sandbox_step("human pays the 6mo checkout", lambda: sandbox.complete_checkout_session(
+                tier_session["checkout_session"]["id"]))
+            await call("get_billing_status", {"customer": values["customer"]},
+                       lambda c: (c.get("tier"), c.get("status"), c.get("entitlements")) == (
+                           "6mo", "active", {"tokens_per_month": 250_000, "agents": 15, "concurrent": 5}))
+            sandbox_step("renewal payment fails", lambda: sandbox.trigger(
+                "invoice.payment_failed", subscription=paid["subscription"]),
+                lambda o: o.get("type") == "invoice.payment_failed")
+            await call("get_billing_status", {"customer": values["customer"]},
+                       lambda c: (c.get("tier"), c.get("status")) == ("6mo", "past_due"))
+            await call("cancel_subscription", {"customer": values["customer"], "immediately": True},
+                       lambda c: c.get("cancellation", {}).get("status") == "canceled")
+            sandbox.webhooks.drain(timeout=10)
+            await call("get_billing_status", {"customer": values["customer"]},
+                       lambda c: (c.get("tier"), c.get("status")) == ("p2p", "canceled"))
+
             await call("create_price", {"product": values["product"], "currency": "usd", "unit_amount": 99_999_999},
                        lambda c: c.get("error", {}).get("code") == "amount_above_ceiling")
             before = sandbox.count("customer")
@@ -149,7 +189,8 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             return False
         print_line(
             f"PASS: {len(rows)} steps in {total_ms:.0f} ms on the embedded sandbox; the repeated create_customer "
-            "was replayed (no second customer), the over-ceiling price was refused, the dry run sent nothing."
+            "was replayed (no second customer); signed webhooks took the customer to 6mo, past_due, then P2P; the "
+            "over-ceiling price was refused; the dry run sent nothing."
         )
         return True
 

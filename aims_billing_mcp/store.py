@@ -10,6 +10,7 @@ rest of the batch still commits. Readers use their own connection; WAL lets them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import re
@@ -18,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -114,10 +114,37 @@ def _statements(sql: str) -> Iterable[str]:
 # --- the writer -------------------------------------------------------------------------------------------------
 
 
-@dataclass
 class _WriteJob:
-    fn: Callable[[sqlite3.Connection], Any]
-    future: Future[Any] = field(default_factory=Future)
+    """One write and how its caller hears the outcome: an asyncio future resolved on the caller's loop (the async
+    path: no thread-safe Future and no wrap_future chain per write), or a concurrent Future (sync callers)."""
+
+    __slots__ = ("fn", "future", "loop", "waiter")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.waiter: asyncio.Future[Any] | None = loop.create_future() if loop is not None else None
+        self.future: Future[Any] | None = None if loop is not None else Future()
+
+    def resolve(self, result: Any, error: BaseException | None) -> None:
+        if self.waiter is not None and self.loop is not None:
+            # a closed loop means nobody is waiting any more; the write itself stands
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(_settle, self.waiter, result, error)
+        elif self.future is not None:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+
+def _settle(waiter: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if waiter.done():  # the caller was cancelled; the write itself stands
+        return
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(result)
 
 
 _STOP = object()
@@ -139,7 +166,14 @@ class Writer:
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         job = _WriteJob(fn)
         self._queue.put(job)
+        assert job.future is not None
         return job.future
+
+    def submit_async(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        job = _WriteJob(fn, asyncio.get_running_loop())
+        self._queue.put(job)
+        assert job.waiter is not None
+        return job.waiter
 
     def defer(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         """A write nobody waits for (a read-only call's audit row): it rides along with the next batch, or commits
@@ -150,6 +184,7 @@ class Writer:
             full = len(self._deferred) >= MAX_BATCH
         if full:
             self._queue.put(_FLUSH)
+        assert job.future is not None
         return job.future
 
     def _take_deferred(self) -> list[_WriteJob]:
@@ -210,13 +245,10 @@ class Writer:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             for job in batch:
-                job.future.set_exception(exc)
+                job.resolve(None, exc)
             return
         for job, result, error in outcomes:
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(result)
+            job.resolve(result, error)
 
 
 # --- the store --------------------------------------------------------------------------------------------------
@@ -262,7 +294,7 @@ class Store:
     # writes
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in the writer's next transaction; return after COMMIT (or raise what fn raised)."""
-        return await asyncio.wrap_future(self._writer.submit(fn))
+        return await self._writer.submit_async(fn)
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return self._writer.submit(fn).result()

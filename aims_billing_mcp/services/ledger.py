@@ -462,7 +462,7 @@ class LedgerService:
             wallet.balance -= captured
             wallet.held -= held
             status_after = "captured" if amount is not None else "released"
-            if False:
+            if captured:
                 _spend(wallet, captured, int(now // DAY))
             txn_id = _new_id("txn")
             _save(conn, wallet, iso)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import calendar
 import tomllib
 from datetime import UTC, datetime
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ class Tier(BaseModel):
     tokens_per_month: int = Field(ge=0)
     agents: int = Field(ge=0)
     concurrent: int = Field(ge=1)
+    overage_rate: int = Field(ge=0, description="Cents per 1,000 weighted units beyond the allowance (P2P: all)")
     price_env: str | None = None
     aliases: list[str] = Field(default_factory=list)
 
@@ -59,11 +61,46 @@ class Tier(BaseModel):
         """The Stripe price lookup key `setup-stripe` creates and finds this tier's price by."""
         return f"aims_tier_{self.id}_monthly"
 
+    @property
+    def overage_lookup_key(self) -> str:
+        """The lookup key of this tier's metered price (allowance free, then the overage rate)."""
+        return f"aims_tier_{self.id}_overage"
+
+
+MIN_MULTIPLIER_MILLI, MAX_MULTIPLIER_MILLI = 1000, 3000
+
+
+def to_milli(value: float | int | str) -> int:
+    """A multiplier as an exact integer of thousandths (1.5 -> 1500); more than 3 decimals is refused."""
+    exact = Decimal(str(value)) * 1000
+    if exact != exact.to_integral_value():
+        raise ValueError(f"multiplier {value} has more than 3 decimals")
+    return int(exact)
+
+
+def weighted_units(raw_units: int, multiplier_milli: int) -> int:
+    """raw x multiplier, rounded half up to an integer, in integer arithmetic (no float ever touches usage)."""
+    return (raw_units * multiplier_milli + 500) // 1000
+
+
+def cost_cents(units: int, rate_per_thousand: int) -> int:
+    """Cents for `units` at `rate` cents per 1,000 units, rounded half up (as Stripe rounds a line total)."""
+    return (units * rate_per_thousand + 500) // 1000
+
 
 class Pricing(BaseModel):
     currency: str = "usd"
     tiers: dict[str, Tier]
     luc_per_usd: int = Field(gt=0)
+    meter_event_name: str = Field(default="aims_luc_units", pattern=r"^[a-z0-9_]{1,100}$")
+    multipliers: dict[str, int] = Field(default_factory=dict, description="Operation type -> multiplier in milli")
+
+    @model_validator(mode="after")
+    def _multipliers_in_range(self) -> Pricing:
+        for operation, milli in self.multipliers.items():
+            if not MIN_MULTIPLIER_MILLI <= milli <= MAX_MULTIPLIER_MILLI:
+                raise ValueError(f"multiplier of {operation!r} is {milli / 1000}: it must be within 1.0-3.0")
+        return self
 
     @classmethod
     def load(cls, path: Path | None = None) -> Pricing:
@@ -72,9 +109,11 @@ class Pricing(BaseModel):
         )
         data: dict[str, Any] = tomllib.loads(text)
         tiers = {key: {"id": key, **value} for key, value in data.get("tiers", {}).items()}
-        return cls.model_validate(
-            {"currency": data.get("currency", "usd"), "tiers": tiers, "luc_per_usd": data.get("luc", {}).get("per_usd")}
-        )
+        return cls.model_validate({
+            "currency": data.get("currency", "usd"), "tiers": tiers, "luc_per_usd": data.get("luc", {}).get("per_usd"),
+            "meter_event_name": data.get("metering", {}).get("event_name", "aims_luc_units"),
+            "multipliers": {op: to_milli(value) for op, value in data.get("multipliers", {}).items()},
+        })
 
     @model_validator(mode="after")
     def _has_p2p(self) -> Pricing:

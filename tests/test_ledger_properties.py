@@ -275,6 +275,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 LedgerMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("LEDGER_EXAMPLES", "60")), stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=int(os.environ.get("LEDGER_EXAMPLES", "60")), stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 test_ledger_state_machine = LedgerMachine.TestCase

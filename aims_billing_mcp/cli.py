@@ -143,7 +143,7 @@ def cmd_setup_stripe(args: argparse.Namespace) -> int:
     from .services.tiers import Pricing
     from .stripe_gateway import build_gateway
 
-    async def run() -> list[Any]:
+    async def run() -> Any:
         gateway = build_gateway(settings)
         try:
             return await setup_stripe(gateway, Pricing.load(settings.aims_billing_pricing))
@@ -151,17 +151,19 @@ def cmd_setup_stripe(args: argparse.Namespace) -> int:
             await gateway.close()
 
     try:
-        results = asyncio.run(run())
+        setup = asyncio.run(run())
     except BillingError as exc:
         return _fail(exc.message)
-    print(f"# setup-stripe on Stripe {settings.stripe_mode.value}", file=sys.stderr)
-    for result in results:
+    print(f"# setup-stripe on Stripe {settings.stripe_mode.value}: meter {setup.meter} "
+          f"({'created' if setup.meter_created else 'found'})", file=sys.stderr)
+    for result in setup.tiers:
         made = ", ".join(result.created) if result.created else "nothing (found)"
-        print(f"# {result.tier}: product {result.product}, price {result.price}; created {made}", file=sys.stderr)
-    for line in env_lines(results):
+        print(f"# {result.tier}: product {result.product}, monthly price {result.price or '-'}, overage price "
+              f"{result.overage_price}; created {made}", file=sys.stderr)
+    for line in env_lines(setup):
         print(line)
     if args.write_env:
-        write_env(Path(args.write_env), {r.env: r.price for r in results})
+        write_env(Path(args.write_env), {r.env: r.price for r in setup.paid if r.env and r.price})
         print(f"# updated {args.write_env}", file=sys.stderr)
     return 0
 

@@ -152,8 +152,9 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             # The 3-6-9 story: tiers set up, a human subscribes to 6mo, a renewal fails, the agent cancels.
             start = time.perf_counter()
             setup = await setup_stripe(server.state.gateway, server.state.pricing)  # type: ignore[union-attr]
-            rows.append(Row("(operator)", "setup-stripe", " ".join(f"{r.tier}={r.price[:16]}…" for r in setup),
-                            (time.perf_counter() - start) * 1000, len(setup) == 3))
+            rows.append(Row("(operator)", "setup-stripe", f"meter {setup.meter[:14]}…, " + " ".join(
+                f"{r.tier}={(r.price or r.overage_price)[:12]}…" for r in setup.tiers),
+                (time.perf_counter() - start) * 1000, len(setup.paid) == 3))
             await call("list_tiers", {}, lambda c: [t["id"] for t in c["tiers"]] == ["p2p", "3mo", "6mo", "9mo"])
             tier_session = await call(
                 "create_subscription_checkout", {"tier": "6mo", "customer": values["customer"]},

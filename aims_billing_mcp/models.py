@@ -308,6 +308,8 @@ class SubscriptionCheckout(BaseModel):
     customer: str | None = None
     customer_email: str | None = None
     price: str
+    overage_price: str | None = Field(default=None, description="The metered price that bills usage beyond the "
+                                      "allowance (null if setup-stripe ran before metering existed)")
     trial_days: int = Field(description="Free days before the first charge (the 9mo tier's 3 extra months)")
     expires_at: int | None = None
 

@@ -1,36 +1,71 @@
-"""`setup-stripe`: the product and monthly price of every paid tier, created once and found by lookup key after.
+"""`setup-stripe`: the billing meter, and for every tier its product, monthly price and metered overage price,
+created once and found after.
 
-Idempotent by construction: a price is found by its lookup key (`aims_tier_<id>_monthly`) before anything is
-created, and a product by its `aims_tier` metadata, so a second run creates nothing. A price whose amount no longer
-matches pricing.toml is replaced by a new price that takes over the lookup key (Stripe prices are immutable).
+Idempotent by construction: the meter is found by its event name, a price by its lookup key
+(`aims_tier_<id>_monthly`, `aims_tier_<id>_overage`) and a product by its `aims_tier` metadata before anything is
+created, so a second run creates nothing. A price that no longer matches pricing.toml is replaced by a new price
+that takes over the lookup key (Stripe prices are immutable).
+
+The overage price is metered on the meter: graduated, the tier's monthly allowance free, then the overage rate per
+unit (a decimal of cents: 150 cents per 1,000 units is 0.15); P2P's is per unit from the first one. So Stripe
+invoices the overage itself, and the local usage summary predicts the same line.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
+from ..stripe_gateway import StripeGateway, StripeRequest, encode_form, stripe_idempotency_key
 from .tiers import TIER_METADATA, Pricing, Tier
 
 
 @dataclass(frozen=True)
 class TierSetup:
     tier: str
-    env: str
+    env: str | None
     product: str
-    price: str
-    created: list[str]  # what this run created ("product", "price"), empty when everything was found
+    price: str | None  # the monthly price (None for P2P)
+    overage_price: str
+    created: list[str]  # what this run created ("product", "price", "overage price"), empty when all was found
 
 
-async def setup_stripe(gateway: StripeGateway, pricing: Pricing) -> list[TierSetup]:
+@dataclass(frozen=True)
+class StripeSetup:
+    meter: str
+    meter_created: bool
+    tiers: list[TierSetup]
+
+    @property
+    def paid(self) -> list[TierSetup]:
+        return [t for t in self.tiers if t.env is not None]
+
+
+async def setup_stripe(gateway: StripeGateway, pricing: Pricing) -> StripeSetup:
+    meter, meter_created = await _meter(gateway, pricing)
     products = await _tier_products(gateway)
     results = []
-    for tier in pricing.paid_tiers():
-        results.append(await _setup_tier(gateway, pricing, tier, products))
-    return results
+    for tier in pricing.tiers.values():
+        results.append(await _setup_tier(gateway, pricing, tier, products, meter))
+    return StripeSetup(meter, meter_created, results)
+
+
+async def _meter(gateway: StripeGateway, pricing: Pricing) -> tuple[str, bool]:
+    page = (await gateway.send(StripeRequest("get", "/v1/billing/meters", {"status": "active", "limit": 100}))).data
+    for meter in page.get("data", []):
+        if meter.get("event_name") == pricing.meter_event_name:
+            return str(meter["id"]), False
+    made = await gateway.send(StripeRequest(
+        "post", "/v1/billing/meters",
+        {"display_name": "AIMS LUC units", "event_name": pricing.meter_event_name,
+         "default_aggregation": {"formula": "sum"},
+         "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+         "value_settings": {"event_payload_key": "value"}},
+        stripe_idempotency_key("setup-stripe", f"meter:{pricing.meter_event_name}")))
+    return str(made.data["id"]), True
 
 
 async def _tier_products(gateway: StripeGateway) -> dict[str, str]:
@@ -47,15 +82,18 @@ async def _tier_products(gateway: StripeGateway) -> dict[str, str]:
         params = {"limit": 100, "starting_after": page["data"][-1]["id"]}
 
 
-async def _setup_tier(gateway: StripeGateway, pricing: Pricing, tier: Tier, products: dict[str, str]) -> TierSetup:
-    assert tier.price_env is not None
+async def _price_by_lookup_key(gateway: StripeGateway, key: str) -> dict[str, Any] | None:
+    page = (await gateway.send(StripeRequest("get", "/v1/prices", {"lookup_keys": [key], "active": True}))).data
+    return next(iter(page.get("data", [])), None)
+
+
+async def _setup_tier(
+    gateway: StripeGateway, pricing: Pricing, tier: Tier, products: dict[str, str], meter: str
+) -> TierSetup:
     created: list[str] = []
-    page = (await gateway.send(StripeRequest("get", "/v1/prices", {"lookup_keys": [tier.lookup_key],
-                                                                   "active": True}))).data
-    existing = next(iter(page.get("data", [])), None)
-    if existing and _matches(existing, tier, pricing):
-        return TierSetup(tier.id, tier.price_env, _id(existing["product"]), existing["id"], created)
-    product = products.get(tier.id) or (existing and _id(existing["product"]))
+    monthly = await _price_by_lookup_key(gateway, tier.lookup_key) if tier.paid else None
+    overage = await _price_by_lookup_key(gateway, tier.overage_lookup_key)
+    product = products.get(tier.id) or (monthly and _id(monthly["product"])) or (overage and _id(overage["product"]))
     if not product:
         made = await gateway.send(StripeRequest(
             "post", "/v1/products",
@@ -63,14 +101,60 @@ async def _setup_tier(gateway: StripeGateway, pricing: Pricing, tier: Tier, prod
             stripe_idempotency_key("setup-stripe", f"product:{tier.id}")))
         product = made.data["id"]
         created.append("product")
-    price = await gateway.send(StripeRequest(
-        "post", "/v1/prices",
-        {"product": product, "currency": pricing.currency, "unit_amount": tier.monthly_price,
-         "recurring": {"interval": "month"}, "lookup_key": tier.lookup_key, "transfer_lookup_key": True,
-         "nickname": f"{tier.name} monthly", "metadata": {TIER_METADATA: tier.id}},
-        stripe_idempotency_key("setup-stripe", f"price:{tier.id}:{tier.monthly_price}:{product}")))
-    created.append("price")
-    return TierSetup(tier.id, tier.price_env, product, price.data["id"], created)
+    monthly_id: str | None = None
+    if tier.paid:
+        if monthly is not None and _matches(monthly, tier, pricing):
+            monthly_id = monthly["id"]
+        else:
+            monthly_id = await _create_price(gateway, tier.id, {
+                "product": product, "currency": pricing.currency, "unit_amount": tier.monthly_price,
+                "recurring": {"interval": "month"}, "lookup_key": tier.lookup_key, "transfer_lookup_key": True,
+                "nickname": f"{tier.name} monthly", "metadata": {TIER_METADATA: tier.id}})
+            created.append("price")
+    wanted = overage_price_params(pricing, tier, product, meter)
+    if overage is not None and _overage_matches(overage, wanted):
+        overage_id = overage["id"]
+    else:
+        overage_id = await _create_price(gateway, tier.id, wanted)
+        created.append("overage price")
+    return TierSetup(tier.id, tier.price_env, product, monthly_id, overage_id, created)
+
+
+async def _create_price(gateway: StripeGateway, tier: str, params: dict[str, Any]) -> str:
+    key = stripe_idempotency_key("setup-stripe", f"price:{tier}:{encode_form(params)}")
+    return str((await gateway.send(StripeRequest("post", "/v1/prices", params, key))).data["id"])
+
+
+def overage_price_params(pricing: Pricing, tier: Tier, product: str, meter: str) -> dict[str, Any]:
+    rate = str(Decimal(tier.overage_rate) / 1000)  # cents per unit, e.g. "0.15"
+    params: dict[str, Any] = {
+        "product": product, "currency": pricing.currency, "lookup_key": tier.overage_lookup_key,
+        "transfer_lookup_key": True, "nickname": f"{tier.name} usage", "metadata": {TIER_METADATA: tier.id},
+        "recurring": {"interval": "month", "usage_type": "metered", "meter": meter},
+    }
+    if tier.tokens_per_month:
+        params.update({"billing_scheme": "tiered", "tiers_mode": "graduated", "tiers": [
+            {"up_to": tier.tokens_per_month, "unit_amount": 0},
+            {"up_to": "inf", "unit_amount_decimal": rate}]})
+    else:
+        params["unit_amount_decimal"] = rate
+    return params
+
+
+def _overage_matches(price: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    recurring = price.get("recurring") or {}
+    if recurring.get("meter") != wanted["recurring"]["meter"] or recurring.get("usage_type") != "metered":
+        return False
+    if "tiers" not in wanted:
+        return Decimal(str(price.get("unit_amount_decimal") or "-1")) == Decimal(wanted["unit_amount_decimal"])
+    tiers = price.get("tiers") or []
+    if len(tiers) != 2 or price.get("tiers_mode") != "graduated":
+        return False
+    first, last = tiers
+    return (first.get("up_to") == wanted["tiers"][0]["up_to"] and not first.get("unit_amount")
+            and last.get("up_to") is None
+            and Decimal(str(last.get("unit_amount_decimal") or last.get("unit_amount") or "-1"))
+            == Decimal(wanted["tiers"][1]["unit_amount_decimal"]))
 
 
 def _matches(price: dict[str, Any], tier: Tier, pricing: Pricing) -> bool:
@@ -83,8 +167,8 @@ def _id(value: Any) -> str:
     return value["id"] if isinstance(value, dict) else str(value)
 
 
-def env_lines(results: list[TierSetup]) -> list[str]:
-    return [f"{result.env}={result.price}" for result in results]
+def env_lines(setup: StripeSetup) -> list[str]:
+    return [f"{result.env}={result.price}" for result in setup.paid]
 
 
 def write_env(path: Path, values: dict[str, str]) -> None:

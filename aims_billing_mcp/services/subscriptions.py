@@ -58,22 +58,22 @@ class SubscriptionService:
     def entitlements(self, tier: Tier) -> Entitlements:
         return Entitlements(tokens_per_month=tier.tokens_per_month, agents=tier.agents, concurrent=tier.concurrent)
 
-    async def _found_prices(self, tiers: list[Tier]) -> dict[str, str]:
-        """Price ids by lookup key, for tiers whose STRIPE_PRICE_* is not set (setup-stripe ran, .env not updated)."""
-        keys = [tier.lookup_key for tier in tiers]
+    async def _found_prices(self, tiers: list[Tier], *, overage: bool = False) -> dict[str, str]:
+        """Price ids by lookup key: the monthly prices of tiers whose STRIPE_PRICE_* is not set (setup-stripe ran,
+        .env not updated), and with `overage` their metered overage prices."""
+        keys = [tier.lookup_key for tier in tiers] + ([tier.overage_lookup_key for tier in tiers] if overage else [])
         if not keys:
             return {}
         page = await self._gateway.send(StripeRequest("get", "/v1/prices", {"lookup_keys": keys, "active": True,
                                                                             "limit": 100}))
         return {p["lookup_key"]: p["id"] for p in page.data.get("data", []) if p.get("lookup_key")}
 
-    async def price_for(self, tier: Tier) -> str:
-        configured = self._settings.price_id_for(tier.price_env)
-        if configured:
-            return configured
-        found = (await self._found_prices([tier])).get(tier.lookup_key)
-        if found:
-            return found
+    async def prices_for(self, tier: Tier) -> tuple[str, str | None]:
+        """The tier's monthly price and its metered overage price (None when setup-stripe predates metering)."""
+        found = await self._found_prices([tier], overage=True)
+        monthly = self._settings.price_id_for(tier.price_env) or found.get(tier.lookup_key)
+        if monthly:
+            return monthly, found.get(tier.overage_lookup_key)
         raise ConfigurationError(
             f"tier {tier.id} has no Stripe price: run `aims-billing-mcp setup-stripe` (it creates the prices and "
             f"prints {tier.price_env}=price_...), then set {tier.price_env}",
@@ -107,13 +107,14 @@ class SubscriptionService:
                 + ", ".join(t.id for t in self._pricing.paid_tiers()), param="tier")
         if bool(customer) == bool(customer_email):
             raise InvalidInput("give exactly one of customer (cus_...) or customer_email", param="customer")
-        price = await self.price_for(chosen)
+        price, overage = await self.prices_for(chosen)
         metadata = compact({TIER_METADATA: chosen.id, "aims_customer": customer,
                             "aims_commitment_months": str(chosen.commitment_months),
                             "aims_delivered_months": str(chosen.delivered_months)})
         trial = trial_days(int(time.time()), chosen.free_months) if chosen.free_months else None
         params = compact({
-            "mode": "subscription", "line_items": [{"price": price, "quantity": 1}],
+            "mode": "subscription",
+            "line_items": [{"price": price, "quantity": 1}] + ([{"price": overage}] if overage else []),
             "customer": customer, "customer_email": customer_email, "client_reference_id": customer,
             "success_url": success_url, "cancel_url": cancel_url, "metadata": metadata,
             "subscription_data": compact({"metadata": metadata, "trial_period_days": trial}),
@@ -122,7 +123,7 @@ class SubscriptionService:
         def project(session: dict[str, Any]) -> dict[str, Any]:
             return {"checkout_session": {
                 "id": session["id"], "url": session.get("url"), "tier": chosen.id, "customer": customer,
-                "customer_email": customer_email, "price": price, "trial_days": trial or 0,
+                "customer_email": customer_email, "price": price, "overage_price": overage, "trial_days": trial or 0,
                 "expires_at": session.get("expires_at")}}
 
         return await self._mutations.run(

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.anyio
 async def prices(make_settings: Any, sandbox_app: Any) -> dict[str, str]:
     """setup-stripe run against the test's sandbox: tier id -> price id (found by lookup key, env not set)."""
     gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
-    results = await setup_stripe(gateway, Pricing.load())
+    setup = await setup_stripe(gateway, Pricing.load())
     await gateway.close()
-    return {r.tier: r.price for r in results}
+    return {r.tier: r.price for r in setup.paid if r.price}
 
 
 async def subscribe(client: Client, sandbox: Sandbox, tier: str, email: str = "ada@example.com") -> str:
@@ -74,6 +74,8 @@ async def test_the_checkout_carries_customer_and_tier_in_metadata(
     assert session is not None and session["mode"] == "subscription"
     assert session["metadata"]["aims_tier"] == "6mo"
     assert out["checkout_session"]["price"] == prices["6mo"] and out["checkout_session"]["trial_days"] == 0
+    overage = out["checkout_session"]["overage_price"]
+    assert overage.startswith("price_") and sandbox.get_object(overage)["recurring"]["usage_type"] == "metered"
 
 
 async def test_the_9mo_tier_delivers_its_free_months_as_a_trial(
@@ -167,12 +169,13 @@ async def test_setup_stripe_twice_creates_nothing_the_second_time(
 ) -> None:
     gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
     first = await setup_stripe(gateway, Pricing.load())
-    counts = (sandbox.count("product"), sandbox.count("price"))
+    counts = (sandbox.count("billing.meter"), sandbox.count("product"), sandbox.count("price"))
     second = await setup_stripe(gateway, Pricing.load())
     await gateway.close()
-    assert counts == (3, 3)
-    assert (sandbox.count("product"), sandbox.count("price")) == counts
-    assert [r.price for r in first] == [r.price for r in second] and all(r.created == [] for r in second)
+    assert counts == (1, 4, 7)  # one meter; a product per tier; 3 monthly prices and 4 overage prices
+    assert (sandbox.count("billing.meter"), sandbox.count("product"), sandbox.count("price")) == counts
+    assert [(r.price, r.overage_price) for r in first.tiers] == [(r.price, r.overage_price) for r in second.tiers]
+    assert all(r.created == [] for r in second.tiers) and second.meter_created is False
 
 
 def test_write_env_replaces_our_lines_and_keeps_every_other_line(tmp_path: Path) -> None:

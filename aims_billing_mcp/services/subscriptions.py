@@ -30,7 +30,7 @@ from ..settings import Settings
 from ..store import Store, utc_iso, utc_now
 from ..stripe_gateway import StripeRequest
 from .mutations import StripeMutations, compact
-from .tiers import TIER_METADATA, Pricing, Tier, add_months, trial_days
+from .tiers import TIER_METADATA, Pricing, Tier, add_months, calendar_month, trial_days
 
 LIVE = frozenset({"active", "trialing", "past_due"})
 STATUS_RANK = {"incomplete": 0, "trialing": 1, "active": 2, "past_due": 3, "unpaid": 4, "paused": 4,
@@ -151,6 +151,35 @@ class SubscriptionService:
             return BillingStatus(customer=customer, tier=p2p.id, subscribed_tier=None, status="none",
                                  entitlements=self.entitlements(p2p))
         return self._status_from_row(row)
+
+    def entitled_tier(self, customer: str) -> Tier:
+        """The tier a customer is entitled to now: their subscription's while it is live, P2P otherwise."""
+        row = self.provision(customer)
+        if row is not None and row["status"] in LIVE and row["tier"] in self._pricing.tiers:
+            return self._pricing.tiers[row["tier"]]
+        return self._pricing.p2p
+
+    def usage_period(self, customer: str, timestamp: int) -> tuple[int, int]:
+        """The usage window containing `timestamp`: the subscription's current monthly period when the time falls in
+        it (so the local summary predicts Stripe's invoice line), else the UTC calendar month."""
+        row = self.provision(customer)
+        end = row["current_period_end"] if row is not None and row["status"] in LIVE else None
+        if end:
+            start = add_months(end, -1)
+            if start <= timestamp < end:
+                return start, end
+        return calendar_month(timestamp)
+
+    async def customer_exists(self, customer: str) -> bool:
+        if self.provision(customer) is not None:
+            return True
+        try:
+            await self._gateway.send(StripeRequest("get", f"/v1/customers/{customer}"))
+        except StripeInvalidRequest as exc:
+            if exc.details.get("stripe_code") == "resource_missing":
+                return False
+            raise
+        return True
 
     def _status_from_row(self, row: dict[str, Any]) -> BillingStatus:
         subscribed = self._pricing.tiers.get(row["tier"])

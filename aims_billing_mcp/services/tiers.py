@@ -146,6 +146,22 @@ def add_months(epoch: int, months: int) -> int:
     return int(start.replace(year=year, month=month, day=day).timestamp())
 
 
+def calendar_month(epoch: int) -> tuple[int, int]:
+    """[first instant of the UTC month containing `epoch`, first instant of the next month)."""
+    moment = datetime.fromtimestamp(epoch, UTC)
+    start = int(moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
+    return start, add_months(start, 1)
+
+
+def month_bounds(period: str) -> tuple[int, int]:
+    """'YYYY-MM' as [start, end) epoch seconds in UTC; a clear error for anything else."""
+    try:
+        start = int(datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        raise ValueError(f"period must be 'current' or a month as YYYY-MM, e.g. 2026-11 (got {period!r})") from None
+    return start, add_months(start, 1)
+
+
 def trial_days(start: int, months: int) -> int:
     """The whole days from `start` to the same time `months` calendar months later."""
     return (add_months(start, months) - start) // 86400

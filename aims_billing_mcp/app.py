@@ -29,6 +29,7 @@ from .redact import redact, redact_text
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.catalog import CatalogService
 from .services.idempotency import IdempotencyService
+from .services.ledger import LedgerService
 from .services.mutations import StripeMutations
 from .services.subscriptions import SubscriptionService
 from .services.tiers import Pricing
@@ -181,7 +182,12 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
     secret = settings.stripe_webhook_secret.get_secret_value() if settings.stripe_webhook_secret else None
     if secret is None and gateway.mode is StripeMode.SANDBOX:
         secret = SANDBOX_WEBHOOK_SECRET
+    def agent_limit(customer: str) -> int | None:
+        tier = subscriptions.entitled_tier(customer)
+        return settings.aims_billing_p2p_agents if tier.id == pricing.p2p.id else tier.agents
+
     return AppState(
+        ledger=LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=agent_limit),
         settings=settings, store=store, gateway=gateway, idempotency=idempotency,
         catalog=CatalogService(mutations, max_amount=settings.aims_billing_max_amount), pricing=pricing,
         subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions), webhook_secret=secret,

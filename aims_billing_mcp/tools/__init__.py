@@ -14,7 +14,7 @@ from mcp.types import ToolAnnotations
 
 from ..errors import ConfigurationError
 from ..settings import Settings
-from . import catalog, subscriptions
+from . import catalog, subscriptions, wallets
 
 Permission = Literal["read", "write"]
 
@@ -56,6 +56,16 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(subscriptions.create_subscription_checkout, "Create subscription checkout", "write"),
     ToolSpec(subscriptions.get_billing_status, "Get billing status", "read"),
     ToolSpec(subscriptions.cancel_subscription, "Cancel subscription", "write", destructive=True),
+    ToolSpec(wallets.create_agent_wallet, "Create agent wallet", "write", open_world=False),
+    ToolSpec(wallets.get_agent_wallet, "Get agent wallet", "read", open_world=False),
+    ToolSpec(wallets.credit_agent_wallet, "Credit agent wallet", "write", open_world=False),
+    ToolSpec(wallets.debit_agent_wallet, "Debit agent wallet", "write", open_world=False),
+    ToolSpec(wallets.transfer_luc, "Transfer LUC", "write", open_world=False),
+    ToolSpec(wallets.hold_luc, "Hold LUC", "write", open_world=False),
+    ToolSpec(wallets.capture_hold, "Capture hold", "write", open_world=False),
+    ToolSpec(wallets.release_hold, "Release hold", "write", open_world=False),
+    ToolSpec(wallets.list_agent_transactions, "List agent transactions", "read", open_world=False),
+    ToolSpec(wallets.freeze_agent_wallet, "Freeze agent wallet", "write", open_world=False),
 )
 
 

@@ -10,6 +10,7 @@ from mcp.server.mcpserver import Context
 if TYPE_CHECKING:
     from ..services.catalog import CatalogService
     from ..services.idempotency import IdempotencyService
+    from ..services.ledger import LedgerService
     from ..services.subscriptions import SubscriptionService
     from ..services.tiers import Pricing
     from ..services.webhook_events import WebhookEventService
@@ -29,6 +30,7 @@ class AppState:
     subscriptions: SubscriptionService
     webhook_events: WebhookEventService
     webhook_secret: str | None
+    ledger: LedgerService
 
 
 ToolContext = Context[AppState, Any]

@@ -1,0 +1,165 @@
+"""Agent wallet tools: thin functions over LedgerService. Every mutating one requires an idempotency_key (money
+moves only once per key) and a reason, and takes an optional reference (a meter event id, a receipt id, ...)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from ..errors import InvalidInput
+from ..models import CustomerId
+from ..services.ledger_models import (
+    FreezeResult,
+    HoldPlaced,
+    HoldResolved,
+    Posting,
+    TransactionPage,
+    Transfer,
+    Wallet,
+    WalletCreated,
+)
+from .context import ToolContext, services
+
+AgentId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$",
+                               description="The agent's id (letters, digits and _ . : @ -)")]
+Luc = Annotated[int, Field(gt=0, le=10**15, description="LUC credits, a positive integer")]
+Key = Annotated[str, Field(min_length=1, max_length=255, description="Required: the same key returns the first "
+                           "result (replayed: true) instead of moving LUC twice; other arguments with it are refused")]
+Reason = Annotated[str, Field(min_length=1, max_length=500, description="Why, for the ledger and the operator")]
+Reference = Annotated[str | None, Field(max_length=255, description="An id this relates to (meter event, receipt)")]
+HoldId = Annotated[str, Field(pattern=r"^hold_[A-Za-z0-9_]+$", description="The hold id from hold_luc")]
+
+
+async def create_agent_wallet(
+    ctx: ToolContext,
+    agent_id: AgentId,
+    customer: Annotated[CustomerId, Field(description="The customer (cus_...) the agent works for")],
+    idempotency_key: Key,
+    daily_cap: Annotated[int | None, Field(gt=0, description="LUC the wallet may spend per UTC day")] = None,
+) -> WalletCreated:
+    """Open an agent's LUC wallet for a customer. The customer's tier limits how many wallets it may have
+    (3mo 5, 6mo 15, 9mo 50; P2P none unless the operator allows some)."""
+    return await services(ctx).ledger.create_wallet(agent_id, customer, daily_cap, idempotency_key)
+
+
+async def get_agent_wallet(
+    ctx: ToolContext,
+    agent_id: AgentId,
+    recent: Annotated[int, Field(ge=0, le=100, description="How many latest ledger entries to include")] = 10,
+) -> Wallet:
+    """An agent wallet: balance, active holds, available (balance minus holds), daily cap and today's spend,
+    frozen or not, and the latest ledger entries. Read-only."""
+    return services(ctx).ledger.get_wallet(agent_id, recent)
+
+
+async def credit_agent_wallet(
+    ctx: ToolContext,
+    agent_id: AgentId,
+    idempotency_key: Key,
+    reason: Reason,
+    amount: Annotated[int | None, Field(gt=0, le=10**15, description="LUC to add; or give usd_cents")] = None,
+    usd_cents: Annotated[
+        int | None, Field(gt=0, description="A top-up paid in USD cents, converted at the pricing file's rate")
+    ] = None,
+    reference: Reference = None,
+) -> Posting:
+    """Top up an agent wallet, in LUC or in USD cents (converted at the LUC-per-USD rate, rounded down)."""
+    ledger = services(ctx).ledger
+    if (amount is None) == (usd_cents is None):
+        raise InvalidInput("give exactly one of amount (LUC) or usd_cents", param="amount")
+    if usd_cents is not None:
+        return await ledger.credit_usd(agent_id, usd_cents, idempotency_key=idempotency_key, reason=reason,
+                                       reference=reference)
+    assert amount is not None
+    return await ledger.credit(agent_id, amount, idempotency_key=idempotency_key, reason=reason, reference=reference)
+
+
+async def debit_agent_wallet(
+    ctx: ToolContext, agent_id: AgentId, amount: Luc, idempotency_key: Key, reason: Reason, reference: Reference = None
+) -> Posting:
+    """Spend LUC from an agent wallet. Refused beyond the available balance (balance minus holds), beyond the
+    daily cap, or when the wallet is frozen; nothing is written then."""
+    return await services(ctx).ledger.debit(agent_id, amount, idempotency_key=idempotency_key, reason=reason,
+                                            reference=reference)
+
+
+async def transfer_luc(
+    ctx: ToolContext,
+    from_agent: AgentId,
+    to_agent: AgentId,
+    amount: Luc,
+    idempotency_key: Key,
+    reason: Reason,
+    reference: Reference = None,
+) -> Transfer:
+    """Move LUC from one agent wallet to another in one transaction (both change, or neither)."""
+    return await services(ctx).ledger.transfer(from_agent, to_agent, amount, idempotency_key=idempotency_key,
+                                               reason=reason, reference=reference)
+
+
+async def hold_luc(
+    ctx: ToolContext,
+    agent_id: AgentId,
+    amount: Luc,
+    idempotency_key: Key,
+    reason: Reason,
+    ttl_seconds: Annotated[
+        int, Field(ge=1, le=30 * 86400, description="Seconds before the hold releases itself")
+    ] = 3600,
+    reference: Reference = None,
+) -> HoldPlaced:
+    """Reserve LUC before a long task; capture the actual cost after with capture_hold (the rest is released),
+    or release_hold. An uncaptured hold releases itself when ttl_seconds pass."""
+    return await services(ctx).ledger.hold(agent_id, amount, ttl_seconds, idempotency_key=idempotency_key,
+                                           reason=reason, reference=reference)
+
+
+async def capture_hold(
+    ctx: ToolContext, hold_id: HoldId, amount: Luc, idempotency_key: Key, reason: Reason, reference: Reference = None
+) -> HoldResolved:
+    """Settle a hold: spend `amount` (at most the hold) and release the rest. A hold resolves once."""
+    return await services(ctx).ledger.capture_hold(hold_id, amount, idempotency_key=idempotency_key, reason=reason,
+                                                   reference=reference)
+
+
+async def release_hold(
+    ctx: ToolContext, hold_id: HoldId, idempotency_key: Key, reason: Reason, reference: Reference = None
+) -> HoldResolved:
+    """Cancel a hold: its LUC is available again, nothing is spent."""
+    return await services(ctx).ledger.release_hold(hold_id, idempotency_key=idempotency_key, reason=reason,
+                                                   reference=reference)
+
+
+async def list_agent_transactions(
+    ctx: ToolContext,
+    agent_id: AgentId,
+    kind: Literal["credit", "debit", "transfer", "hold", "capture", "release", "expire"] | None = None,
+    since: Annotated[str | None, Field(description="ISO-8601 time or epoch seconds: entries at or after")] = None,
+    until: Annotated[str | None, Field(description="ISO-8601 time or epoch seconds: entries before")] = None,
+    limit: Annotated[int, Field(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Field(max_length=100, description="next_cursor from the previous page")] = None,
+) -> TransactionPage:
+    """An agent wallet's ledger entries, newest first, one page at a time (pass next_cursor back as cursor).
+    Read-only."""
+    return services(ctx).ledger.list_transactions(agent_id, kind=kind, since=_time(since), until=_time(until),
+                                                  limit=limit, cursor=cursor)
+
+
+def _time(value: str | None) -> str | float | None:
+    """Epoch seconds arrive as text through the schema (one type for both forms); the ledger takes them as numbers."""
+    if value is not None and value.replace(".", "", 1).isdigit():
+        return float(value)
+    return value
+
+
+async def freeze_agent_wallet(
+    ctx: ToolContext,
+    agent_id: AgentId,
+    reason: Reason,
+    idempotency_key: Key,
+    frozen: Annotated[bool, Field(description="true freezes (no debits, holds or outgoing transfers); false "
+                                  "unfreezes")] = True,
+) -> FreezeResult:
+    """Operator: freeze or unfreeze an agent wallet. A frozen wallet still receives credits."""
+    return await services(ctx).ledger.freeze(agent_id, frozen, reason, idempotency_key)

@@ -168,6 +168,53 @@ def cmd_setup_stripe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger(settings: Settings) -> tuple[Any, Any]:
+    """The store and ledger for operator commands (no Stripe needed: agent limits are not checked here)."""
+    from .services.ledger import LedgerService
+    from .services.tiers import Pricing
+    from .store import Store
+
+    store = Store(settings.aims_billing_db)
+    pricing = Pricing.load(settings.aims_billing_pricing)
+    return store, LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=lambda customer: None)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .services.reports import wallet_report
+
+    settings = _settings()
+    store, ledger = _ledger(settings)
+    try:
+        if args.report == "wallets":
+            lines = wallet_report(store, ledger, args.customer)
+        else:
+            return _fail(f"unknown report {args.report!r}")
+    finally:
+        store.close()
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_check_ledger(args: argparse.Namespace) -> int:
+    from .services.reports import ledger_counts
+
+    settings = _settings()
+    store, ledger = _ledger(settings)
+    try:
+        violations = ledger.check_ledger()
+        counts = ledger_counts(store)
+    finally:
+        store.close()
+    if violations:
+        print(f"check-ledger: {len(violations)} violation(s) in {settings.aims_billing_db}")
+        for v in violations:
+            print(f"  {v.rule:24} {v.subject:32} {v.detail}")
+        return 1
+    print(f"check-ledger: ok: {counts['wallets']} wallets, {counts['transactions']} transactions; every transaction "
+          "balances, every balance equals its entries, nothing negative, every hold resolved at most once")
+    return 0
+
+
 async def tools_manifest() -> dict[str, Any]:
     """Every tool the server can register (allow-list and read-only ignored), as tools/list shows them."""
     from .app import all_tools, build_server
@@ -263,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     setup = sub.add_parser("setup-stripe", help="create (or find) the tier products and prices; print STRIPE_PRICE_*")
     setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
     setup.set_defaults(func=cmd_setup_stripe)
+    report = sub.add_parser("report", help="operator reports: wallets")
+    report.add_argument("report", choices=["wallets"])
+    report.add_argument("--customer", help="only this customer (cus_...)")
+    report.set_defaults(func=cmd_report)
+    check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
+    check.set_defaults(func=cmd_check_ledger)
     tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")
     tools_json.add_argument("--output", default="tools.json")
     tools_json.set_defaults(func=cmd_tools_json)

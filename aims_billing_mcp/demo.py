@@ -61,6 +61,12 @@ def _summary(content: dict[str, Any] | None) -> str:
         return f"{len(content['invoices'])} invoice(s), has_more={content['has_more']}"
     if "tiers" in content:
         return ", ".join(f"{t['id']} {t['monthly_price_display']}" for t in content["tiers"])
+    if "holds" in content and "available" in content:
+        return f"{content['agent_id']}: balance {content['balance']:,} LUC, available {content['available']:,}"
+    if "hold_id" in content or "txn_id" in content or "wallet_id" in content:
+        shown = {k: v for k, v in content.items() if k in ("agent_id", "amount", "balance_after", "available_after",
+                                                            "captured", "released", "to_balance_after", "daily_cap")}
+        return " ".join(f"{k}={v}" for k, v in shown.items())
     if "cancellation" in content:
         return f"{content['cancellation']['subscription']} {content['cancellation']['status']}"
     if "available" in content:
@@ -164,6 +170,25 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             await call("get_billing_status", {"customer": values["customer"]},
                        lambda c: (c.get("tier"), c.get("status"), c.get("entitlements")) == (
                            "6mo", "active", {"tokens_per_month": 250_000, "agents": 15, "concurrent": 5}))
+            # Agent wallets for the 6mo customer (15 agents allowed): a top-up, a hold settled, a transfer.
+            team = {"customer": values["customer"]}
+            await call("create_agent_wallet", {"agent_id": "planner", **team, "idempotency_key": "w-planner"},
+                       lambda c: c.get("agent_id") == "planner")
+            await call("create_agent_wallet", {"agent_id": "coder", **team, "idempotency_key": "w-coder",
+                                               "daily_cap": 20_000}, lambda c: c.get("daily_cap") == 20_000)
+            await call("credit_agent_wallet", {"agent_id": "planner", "usd_cents": 500, "idempotency_key": "topup-1",
+                                               "reason": "top-up $5"}, lambda c: c.get("balance_after") == 5000)
+            hold = await call("hold_luc", {"agent_id": "planner", "amount": 2000, "idempotency_key": "task-1",
+                                           "reason": "research task"}, lambda c: c.get("available_after") == 3000)
+            await call("capture_hold", {"hold_id": hold.get("hold_id", "hold_x"), "amount": 1200,
+                                        "idempotency_key": "task-1-done", "reason": "actual cost"},
+                       lambda c: (c.get("captured"), c.get("released")) == (1200, 800))
+            await call("transfer_luc", {"from_agent": "planner", "to_agent": "coder", "amount": 1000,
+                                        "idempotency_key": "delegate-1", "reason": "hand off coding"},
+                       lambda c: c.get("to_balance_after") == 1000)
+            await call("get_agent_wallet", {"agent_id": "planner"},
+                       lambda c: (c.get("balance"), c.get("available")) == (2800, 2800))
+
             sandbox_step("renewal payment fails", lambda: sandbox.trigger(
                 "invoice.payment_failed", subscription=paid["subscription"]),
                 lambda o: o.get("type") == "invoice.payment_failed")

@@ -153,3 +153,34 @@ async def test_sandbox_trigger_from_the_cli_reaches_the_running_server(
         status = (await client.call_tool("get_billing_status", {"customer": cus})).structured_content
     assert status is not None and (status["tier"], status["status"]) == ("3mo", "past_due")
     assert "not delivered" not in capsys.readouterr().err.replace(" 0 not delivered", "")
+
+
+async def test_report_wallets_and_check_ledger_read_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aims_billing_mcp.services.ledger import LedgerService
+    from aims_billing_mcp.store import Store
+
+    db = tmp_path / "ops.db"
+    monkeypatch.setenv("AIMS_BILLING_DB", str(db))
+    store = Store(db)
+    ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda customer: None)
+    await ledger.create_wallet("scout", "cus_ops", 900, "w1")
+    await ledger.credit("scout", 700, idempotency_key="c1", reason="seed")
+    await ledger.debit("scout", 200, idempotency_key="d1", reason="task")
+    store.close()
+
+    assert main(["report", "wallets", "--customer", "cus_ops"]) == 0
+    report = capsys.readouterr().out
+    assert main(["check-ledger"]) == 0
+    healthy = capsys.readouterr().out
+
+    damage = Store(db)
+    damage.write_sync(lambda conn: conn.execute("UPDATE agent_wallets SET balance = balance + 1"))
+    damage.close()
+    assert main(["check-ledger"]) == 1
+    broken = capsys.readouterr().out
+
+    assert "scout" in report and "500" in report and "900" in report
+    assert healthy.startswith("check-ledger: ok: 1 wallets")
+    assert "1 violation" in broken and "balance_mismatch" in broken and "scout" in broken

@@ -1,0 +1,48 @@
+"""Operator reports: plain tables over the services, printed by `aims-billing-mcp report ...`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..store import Store
+from .ledger import LedgerService
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Left-aligned text, numbers right-aligned, with a rule under the headers."""
+    cells = [[str(h) for h in headers]] + [["-" if v is None else f"{v:,}" if isinstance(v, int) and not
+                                            isinstance(v, bool) else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [all((isinstance(row[i], int) and not isinstance(row[i], bool)) or row[i] is None for row in rows)
+               for i in range(len(headers))]
+    lines = []
+    for index, row in enumerate(cells):
+        lines.append("  ".join(cell.rjust(w) if numeric[i] and index else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def wallet_report(store: Store, ledger: LedgerService, customer: str | None = None) -> list[str]:
+    where = " WHERE customer_id = ?" if customer else ""
+    sql = f"SELECT agent_id FROM agent_wallets{where} ORDER BY customer_id, agent_id"
+    agents = [row["agent_id"] for row in store.query(sql, (customer,) if customer else ())]
+    rows = []
+    for agent in agents:
+        w = ledger.get_wallet(agent, recent=0)
+        rows.append((w.customer_id, w.agent_id, w.balance, w.held, w.available, w.daily_cap, w.spent_today,
+                     "yes" if w.frozen else "no"))
+    if not rows:
+        return ["no agent wallets" + (f" for {customer}" if customer else "")]
+    totals = ("total", f"{len(rows)} wallets", sum(r[2] for r in rows), sum(r[3] for r in rows),
+              sum(r[4] for r in rows), None, sum(r[6] for r in rows), "")
+    return table(("customer", "agent", "balance", "held", "available", "daily cap", "spent today", "frozen"),
+                 [*rows, totals])
+
+
+def ledger_counts(store: Store) -> dict[str, int]:
+    row = store.query_one("SELECT (SELECT COUNT(*) FROM agent_wallets) AS wallets, "
+                          "(SELECT COUNT(DISTINCT txn_id) FROM agent_transactions) AS transactions")
+    return {"wallets": int(row["wallets"]), "transactions": int(row["transactions"])} if row else {}

@@ -680,3 +680,46 @@ async def test_check_ledger_names_each_kind_of_damage(ledger: LedgerService, sto
     await store.write(damage)
 
     assert rule in {v.rule for v in ledger.check_ledger()}
+
+
+# --- batching: calls of one event-loop turn share one store job ---------------------------------------------------
+
+
+async def test_refused_and_accepted_calls_in_one_batch_each_get_their_own_outcome(ledger: LedgerService,
+                                                                                  store: Store) -> None:
+    await open_wallet(ledger, "a", 100)
+    outcomes = await asyncio.gather(*(ledger.debit("a", 30, idempotency_key=f"d{i}", reason="r") for i in range(5)),
+                                    ledger.debit("ghost", 1, idempotency_key="g", reason="r"),
+                                    return_exceptions=True)
+
+    assert [type(o).__name__ for o in outcomes] == ["Posting"] * 3 + ["InsufficientFunds"] * 2 + ["NotFound"]
+    assert ledger.get_wallet("a").balance == 10
+    assert store.query_one("SELECT COUNT(*) AS n FROM ledger_requests WHERE operation = 'debit'") == {"n": 3}
+    assert ledger.check_ledger() == []
+
+
+async def test_a_batch_that_fails_as_a_whole_is_rerun_job_by_job(ledger: LedgerService, store: Store) -> None:
+    await open_wallet(ledger, "a", 100)
+
+    def writes_then_refuses(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+        conn.execute("UPDATE agent_wallets SET balance = 0")
+        raise InvalidState("refused after writing")
+
+    good = [ledger.debit_job("a", 10, idempotency_key=f"d{i}", reason="r") for i in range(2)]
+    outcomes = await asyncio.gather(ledger._batcher.submit(good[0]), ledger._batcher.submit(writes_then_refuses),
+                                    ledger._batcher.submit(good[1]), return_exceptions=True)
+
+    assert isinstance(outcomes[1], InvalidState)
+    assert [o[0]["balance_after"] for o in (outcomes[0], outcomes[2])] == [90, 80]  # type: ignore[index]
+    assert ledger.get_wallet("a").balance == 80
+    assert ledger.check_ledger() == []
+
+
+async def test_a_refusal_on_a_wallet_with_an_expired_hold_writes_not_even_the_expiry(
+    ledger: LedgerService, store: Store, clock: Clock
+) -> None:
+    await open_wallet(ledger, "a", 100)
+    await ledger.hold("a", 30, 60, idempotency_key="h", reason="task")
+    clock.advance(61)
+    await refused(store, ledger.debit("a", 101, idempotency_key="d", reason="r"), InsufficientFunds, "100 available")
+    assert store.query_one("SELECT status FROM ledger_holds") == {"status": "active"}

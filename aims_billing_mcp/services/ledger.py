@@ -32,9 +32,10 @@ key). The (operation, key) row of `ledger_requests` is written by the same job, 
 effect, holding a hash of the arguments and the first result: a retry with the same arguments gets that result with
 `replayed: true`; with other arguments, IdempotencyConflict. A refused call writes nothing, so its key stays free.
 
-Every operation is one `store.write` job, so concurrent callers share group commits. Validation that needs no data
-happens before the job; everything that reads the ledger happens inside it, on the writer's connection, where no
-other write can interleave.
+Every operation is one job on the store's single writer, so concurrent callers share group commits; the jobs of
+one event-loop turn go as one store job (see `_Batcher`). Validation that needs no data happens before the job;
+everything that reads the ledger happens inside it, on the writer's connection, where no other write interleaves,
+and every check comes before the job's first write.
 """
 
 from __future__ import annotations

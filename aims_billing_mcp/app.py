@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -214,10 +214,11 @@ def build_server(
             embedded.state.sandbox.webhooks.configure(build_webhook_app(lambda: server.state),
                                                       retry_delay_scale=retry_delay_scale)
         try:
-            if webhook_server:
-                async with companion_webhook_server(lambda: server.state, settings.aims_billing_webhook_port):
-                    yield state
-            else:
+            async with AsyncExitStack() as stack:
+                if webhook_server:
+                    await stack.enter_async_context(
+                        companion_webhook_server(lambda: server.state, settings.aims_billing_webhook_port))
+                await stack.enter_async_context(background_tasks(state))
                 yield state
         finally:
             if embedded is not None:  # let in-flight sandbox events land while the endpoint still has its state
@@ -240,6 +241,26 @@ def build_server(
     server.read_only_tools = frozenset(spec.name for spec in selected if spec.permission == "read")
     server.custom_route(WEBHOOK_PATH, methods=["POST"])(webhook_handler(lambda: server.state))
     return server
+
+
+@asynccontextmanager
+async def background_tasks(state: AppState, *, interval_seconds: float = 60.0) -> AsyncIterator[None]:
+    """Housekeeping while the server runs: expired holds are written down (they already stopped counting)."""
+
+    async def sweep_holds() -> None:
+        while True:
+            await anyio.sleep(interval_seconds)
+            try:
+                await state.ledger.sweep_expired_holds()
+            except Exception:  # housekeeping must never take the server down; the next round retries
+                log.exception("sweeping expired holds failed")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sweep_holds)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
 
 
 @asynccontextmanager

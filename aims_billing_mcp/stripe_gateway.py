@@ -37,6 +37,8 @@ from .sandbox.asgi_client import call_asgi
 from .settings import Settings, StripeMode
 
 API_VERSION = "2026-01-28.clover"
+STRIPE_API_BASE = "https://api.stripe.com"
+STRIPE_METER_EVENTS_BASE = "https://meter-events.stripe.com"  # where Stripe serves the v2 meter event stream
 # The Stripe request ids of the current tool call, for its audit row (set by the server around each call).
 last_request_ids: ContextVar[list[str] | None] = ContextVar("stripe_request_ids", default=None)
 SANDBOX_BASE = "http://sandbox.stripe.internal"
@@ -57,10 +59,16 @@ def encode_form(params: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class StripeRequest:
+    """One Stripe call. `base` picks the SDK's base address ("api", or "meter_events" for the v2 meter event
+    stream); `api_key` overrides the client's key for this call alone (the stream is authorized by a meter event
+    session's token, not by the secret key)."""
+
     method: str
     path: str
     params: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
+    base: str = "api"
+    api_key: str | None = field(default=None, repr=False)
 
     def describe(self, base_url: str, api_version: str) -> dict[str, Any]:
         body = encode_form(self.params)
@@ -166,7 +174,8 @@ class StripeGateway:
         api_key: str,
         *,
         mode: StripeMode,
-        base_url: str = "https://api.stripe.com",
+        base_url: str = STRIPE_API_BASE,
+        meter_events_url: str | None = None,
         http_client: stripe.HTTPClient | None = None,
         api_version: str = API_VERSION,
         max_network_retries: int = 2,
@@ -176,6 +185,9 @@ class StripeGateway:
     ) -> None:
         self.mode = mode
         self.base_url = base_url
+        # Stripe serves the v2 meter event stream from its own host; a sandbox or override serves everything
+        self.meter_events_url = meter_events_url or (
+            STRIPE_METER_EVENTS_BASE if base_url == STRIPE_API_BASE else base_url)
         self.embedded_app: Any = http_client._app if isinstance(http_client, ASGIHTTPClient) else None
         self.api_version = api_version
         self._refusal = refusal
@@ -185,13 +197,14 @@ class StripeGateway:
         self._client = stripe.StripeClient(
             api_key,
             stripe_version=api_version,
-            base_addresses={"api": base_url, "meter_events": base_url},
+            base_addresses={"api": base_url, "meter_events": self.meter_events_url},
             http_client=self._http_client,
             max_network_retries=max_network_retries,
         )
 
     def describe(self, request: StripeRequest) -> dict[str, Any]:
-        return request.describe(self.base_url, self.api_version)
+        base_url = self.meter_events_url if request.base == "meter_events" else self.base_url
+        return request.describe(base_url, self.api_version)
 
     async def send(self, request: StripeRequest) -> StripeResult:
         """Send one request; 429 is retried here with backoff (the SDK does not), with the same idempotency key."""
@@ -200,6 +213,10 @@ class StripeGateway:
         options: dict[str, Any] = {}
         if request.idempotency_key and request.method.lower() != "get":
             options["idempotency_key"] = request.idempotency_key
+        if request.base != "api":
+            options["base"] = request.base
+        if request.api_key is not None:
+            options["api_key"] = request.api_key
         attempt = 0
         while True:
             try:
@@ -264,6 +281,10 @@ def translate_stripe_error(exc: stripe.StripeError) -> BillingError:
         details["decline_code"] = getattr(err, "decline_code", None)
         return StripeCardDeclined(f"the card was declined: {text} Ask for another payment method.", param=param,
                                   **details)
+    if isinstance(exc, stripe.TemporarySessionExpiredError):
+        return StripeSessionExpired(
+            f"the v2 meter event session expired: {text} Create a new meter event session and resend.", **details
+        )
     if isinstance(exc, stripe.RateLimitError):
         return StripeRateLimited(
             f"Stripe is rate limiting this account (429) and our retries ran out: {text} Wait a few seconds and "
@@ -283,6 +304,13 @@ def translate_stripe_error(exc: stripe.StripeError) -> BillingError:
         f"Stripe failed to answer ({exc.http_status or 'no status'}): {text} Retry with the same idempotency_key.",
         **details,
     )
+
+
+class StripeSessionExpired(StripeError):
+    """A v2 meter event session token expired (or is unknown): create a new session and resend."""
+
+    code = "stripe_session_expired"
+    retryable = True
 
 
 class WebhookSignatureInvalid(Exception):
@@ -337,7 +365,7 @@ def build_gateway(settings: Settings, *, sandbox_app: Any = None, retry_delay_sc
     return StripeGateway(
         key,
         mode=mode,
-        base_url=settings.stripe_api_base or "https://api.stripe.com",
+        base_url=settings.stripe_api_base or STRIPE_API_BASE,
         retry_delay_scale=retry_delay_scale,
         refusal=refusal,
     )
@@ -350,6 +378,7 @@ __all__ = [
     "StripeGateway",
     "StripeRequest",
     "StripeResult",
+    "StripeSessionExpired",
     "WebhookSignatureInvalid",
     "build_gateway",
     "last_request_ids",

@@ -1,0 +1,344 @@
+"""The meter flusher: delivers pending meter events to Stripe Billing meters, and marks them only once Stripe took them.
+
+Transport. Batches of at most 100 events, oldest first, go through the v2 meter event stream: a meter event session
+(`POST /v2/billing/meter_event_session`, a token valid 15 minutes, renewed a minute before it expires or when Stripe
+says it expired) authorizes `POST /v2/billing/meter_event_stream` on Stripe's meter-events host. When v2 fails in a
+way retrying will not fix (the endpoint is missing, the key may not use it, Stripe refuses the request as a whole),
+the batch goes through v1 `POST /v1/billing/meter_events`, one event at a time, with an idempotency key derived from
+the identifier; v2 is tried again after V2_COOLDOWN seconds.
+
+Retries. 5xx, network errors and 429 are retried with exponential backoff (`retry_delay_scale` shrinks it in tests),
+beyond the gateway's own retries. When they run out, the flush stops and reports why; the events stay pending for
+the next flush.
+
+Marking. Events are marked `sent` only after Stripe accepted them, one writer job per batch (which also counts the
+attempt). A crash or cancellation between Stripe's acceptance and the mark leaves them pending, so the next flush
+sends them again: Stripe deduplicates by identifier (and the sandbox does too), so nothing is counted twice. The mark
+of one batch overlaps the sending of the next.
+
+Failing for good. An event is marked `failed`, with the reason, when Stripe can no longer take it: older than Stripe's
+35 days (less a minute's margin, since the v2 stream validates asynchronously and would drop it silently), or refused
+by v1 for its own content (an unknown customer, a timestamp out of range). A refusal about the meter itself (no
+active meter for the event name) is a setup problem: the flush stops and the events stay pending. Because v2
+validates asynchronously, the flusher checks before sending that an active meter exists for each event name (cached
+for METER_CHECK_SECONDS); usage recording refuses unknown customers up front.
+
+One flush at a time per flusher (a lock); two processes flushing the same database may both send an event, which
+Stripe's identifier dedupe absorbs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from ..errors import (
+    BillingError,
+    StripeAuthenticationFailed,
+    StripeInvalidRequest,
+    StripeRateLimited,
+    StripeUnavailable,
+)
+from ..store import Store, utc_now
+from ..stripe_gateway import StripeRequest, StripeResult, StripeSessionExpired, stripe_idempotency_key
+from .metering import STRIPE_MAX_AGE
+from .metering_models import FlushReport
+from .tiers import Pricing
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 100  # Stripe's limit per v2 stream request
+STALE_MARGIN = 60  # seconds short of 35 days at which an event is no longer sent
+SESSION_MARGIN = 60  # renew the v2 session this long before it expires
+V2_COOLDOWN = 600.0
+METER_CHECK_SECONDS = 600.0
+KEEP_FLUSHES = 100
+TOO_OLD = "older than 35 days: Stripe no longer accepts it"
+V2_SESSION = "/v2/billing/meter_event_session"
+V2_STREAM = "/v2/billing/meter_event_stream"
+V1_EVENTS = "/v1/billing/meter_events"
+_EVENT_PARAMS = ("payload", "timestamp", "identifier", "value")  # refusals about the event itself, not the setup
+_TRANSIENT = (StripeUnavailable, StripeRateLimited)
+Transport = Literal["v2", "v1", "mixed", "none"]
+
+
+class Gateway(Protocol):
+    async def send(self, request: StripeRequest) -> StripeResult: ...
+
+
+class _Stop(Exception):
+    """The flush cannot go on (Stripe unavailable after retries, no meter): the events stay pending."""
+
+
+@dataclass
+class _Delivery:
+    accepted: list[int] = field(default_factory=list)
+    refused: list[tuple[int, str]] = field(default_factory=list)
+    transport: str = "v2"
+    error: str | None = None
+
+
+def rfc3339(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    return datetime.fromisoformat(str(value)).timestamp()
+
+
+class MeterFlusher:
+    def __init__(
+        self,
+        store: Store,
+        gateway: Gateway,
+        pricing: Pricing,
+        *,
+        batch_size: int = MAX_BATCH,
+        clock: Callable[[], float] = time.time,
+        retries: int = 4,
+        retry_delay_scale: float = 1.0,
+    ) -> None:
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be within 1-{MAX_BATCH} (Stripe's limit per stream request)")
+        self._store = store
+        self._gateway = gateway
+        self._pricing = pricing
+        self._batch_size = batch_size
+        self._clock = clock
+        self._retries = retries
+        self._scale = retry_delay_scale
+        self._lock = asyncio.Lock()
+        self._token: str | None = None
+        self._token_deadline = 0.0
+        self._v2_off_until = 0.0
+        self._meters: set[str] = set()
+        self._meters_checked = float("-inf")
+
+    # --- one flush ---------------------------------------------------------------------------------------------
+
+    async def flush_once(self, max_events: int | None = None) -> FlushReport:
+        """Send what is pending now (oldest first, at most `max_events`), mark what Stripe took, report."""
+        async with self._lock:
+            started, begun = self._clock(), time.perf_counter()
+            sent = failed = batches = 0
+            transports: set[str] = set()
+            error: str | None = None
+            marking: asyncio.Task[None] | None = None
+            newest = self._store.query_one("SELECT MAX(id) AS id FROM meter_events WHERE status = 'pending'")
+            upto, cursor = (newest["id"] if newest else None) or 0, 0
+            try:
+                while max_events is None or sent + failed < max_events:
+                    limit = self._batch_size if max_events is None else min(self._batch_size,
+                                                                            max_events - sent - failed)
+                    rows = self._store.query(
+                        "SELECT id, identifier, customer_id, event_name, weighted_units, timestamp FROM meter_events "
+                        "WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id LIMIT ?", (cursor, upto, limit))
+                    if not rows:
+                        break
+                    cursor = rows[-1]["id"]
+                    batches += 1
+                    oldest_allowed = self._clock() - STRIPE_MAX_AGE + STALE_MARGIN
+                    stale = [(row["id"], TOO_OLD) for row in rows if row["timestamp"] < oldest_allowed]
+                    fresh = [row for row in rows if row["timestamp"] >= oldest_allowed]
+                    delivery = await self._deliver(fresh) if fresh else _Delivery(transport="none")
+                    if fresh:
+                        transports.add(delivery.transport)
+                    if marking is not None:
+                        await marking
+                    marking = asyncio.ensure_future(self._mark(delivery, stale, fresh))
+                    sent += len(delivery.accepted)
+                    failed += len(delivery.refused) + len(stale)
+                    if delivery.error is not None:
+                        error = delivery.error
+                        break
+            except _Stop as stop:
+                error = str(stop)
+            finally:
+                if marking is not None:
+                    await marking
+            pending = self._store.query_one("SELECT COUNT(*) AS n FROM meter_events WHERE status = 'pending'")
+            transport: Transport = "none" if not transports else "mixed" if len(transports) > 1 else (
+                "v1" if "v1" in transports else "v2")
+            report = FlushReport(
+                started_at=started, duration_ms=round((time.perf_counter() - begun) * 1000, 3), sent=sent,
+                failed=failed, pending=pending["n"] if pending else 0, batches=batches,
+                transport=transport, error=error,
+            )
+            if batches or error:
+                await self._record(report)
+            if error:
+                log.warning("meter flush stopped: %s", error)
+            return report
+
+    async def run(self, interval_seconds: float) -> None:
+        """Flush every `interval_seconds` until cancelled; after a failed flush wait longer (up to 5 minutes)."""
+        delay = interval_seconds
+        while True:
+            try:
+                report = await self.flush_once()
+            except Exception:  # the loop must outlive any one flush
+                log.exception("meter flush failed")
+                delay = min(max(delay, interval_seconds) * 2, 300.0)
+            else:
+                delay = interval_seconds if report.error is None else min(max(delay, interval_seconds) * 2, 300.0)
+            await asyncio.sleep(delay)
+
+    # --- marking -----------------------------------------------------------------------------------------------
+
+    async def _mark(self, delivery: _Delivery, stale: list[tuple[int, str]], fresh: Sequence[dict[str, Any]]) -> None:
+        now = int(self._clock())
+        sent_at = utc_now()
+        settled = set(delivery.accepted) | {event_id for event_id, _ in delivery.refused}
+        unsettled = [row["id"] for row in fresh if row["id"] not in settled]
+
+        def mark(conn: sqlite3.Connection) -> None:
+            if delivery.accepted:
+                conn.execute(
+                    "UPDATE meter_events SET status = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL "
+                    f"WHERE status = 'pending' AND id IN ({','.join('?' * len(delivery.accepted))})",
+                    (sent_at, *delivery.accepted))
+            conn.executemany(
+                "UPDATE meter_events SET status = 'failed', attempts = attempts + 1, last_error = ?, failed_at = ? "
+                "WHERE id = ? AND status = 'pending'",
+                [(reason, now, event_id) for event_id, reason in delivery.refused])
+            conn.executemany(
+                "UPDATE meter_events SET status = 'failed', last_error = ?, failed_at = ? "
+                "WHERE id = ? AND status = 'pending'", [(reason, now, event_id) for event_id, reason in stale])
+            if unsettled:
+                conn.executemany("UPDATE meter_events SET attempts = attempts + 1, last_error = ? WHERE id = ?",
+                                 [(delivery.error, event_id) for event_id in unsettled])
+
+        if delivery.accepted or delivery.refused or stale or unsettled:
+            await self._store.write(mark)
+
+    async def _record(self, report: FlushReport) -> None:
+        def record(conn: sqlite3.Connection) -> None:
+            cursor = conn.execute(
+                "INSERT INTO meter_flushes (started_at, finished_at, sent, failed, pending_after, transport, error) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", (int(report.started_at), int(self._clock()), report.sent,
+                                                  report.failed, report.pending, report.transport, report.error))
+            conn.execute("DELETE FROM meter_flushes WHERE id <= ?", ((cursor.lastrowid or 0) - KEEP_FLUSHES,))
+
+        await self._store.write(record)
+
+    # --- delivery ----------------------------------------------------------------------------------------------
+
+    async def _deliver(self, rows: Sequence[dict[str, Any]]) -> _Delivery:
+        await self._check_meters({row["event_name"] for row in rows})
+        if self._clock() >= self._v2_off_until:
+            try:
+                await self._send_v2(rows)
+            except (StripeInvalidRequest, StripeAuthenticationFailed) as exc:
+                log.warning("v2 meter event stream unusable (%s); falling back to v1 for %.0f s", exc, V2_COOLDOWN)
+                self._v2_off_until = self._clock() + V2_COOLDOWN
+            except _TRANSIENT as exc:
+                return _Delivery(transport="v2", error=f"Stripe did not take the batch after retries: {exc.message}")
+            else:
+                return _Delivery(accepted=[row["id"] for row in rows], transport="v2")
+        return await self._send_v1(rows)
+
+    async def _backoff(self, attempt: int) -> None:
+        await asyncio.sleep(min(0.5 * 2**attempt, 8.0) * self._scale)
+
+    async def _session(self) -> str:
+        if self._token is not None and self._clock() < self._token_deadline:
+            return self._token
+        result = await self._gateway.send(StripeRequest("post", V2_SESSION, {}))
+        data = result.data
+        ttl = _epoch(data["expires_at"]) - _epoch(data["created"])  # in Stripe's clock; we count it in ours
+        self._token = str(data["authentication_token"])
+        self._token_deadline = self._clock() + (ttl - SESSION_MARGIN if ttl > 2 * SESSION_MARGIN else ttl / 2)
+        return self._token
+
+    async def _send_v2(self, rows: Sequence[dict[str, Any]]) -> None:
+        events = [{
+            "event_name": row["event_name"],
+            "payload": {"stripe_customer_id": row["customer_id"], "value": str(row["weighted_units"])},
+            "identifier": row["identifier"],
+            "timestamp": rfc3339(row["timestamp"]),
+        } for row in rows]
+        attempt = 0
+        while True:
+            try:
+                token = await self._session()
+                await self._gateway.send(StripeRequest("post", V2_STREAM, {"events": events}, base="meter_events",
+                                                       api_key=token))
+                return
+            except StripeSessionExpired:
+                self._token = None
+                if attempt >= self._retries:
+                    raise
+            except _TRANSIENT:
+                if attempt >= self._retries:
+                    raise
+                await self._backoff(attempt)
+            attempt += 1
+
+    async def _send_v1(self, rows: Sequence[dict[str, Any]]) -> _Delivery:
+        delivery = _Delivery(transport="v1")
+        for row in rows:
+            params = {
+                "event_name": row["event_name"],
+                "payload": {"stripe_customer_id": row["customer_id"], "value": str(row["weighted_units"])},
+                "identifier": row["identifier"],
+                "timestamp": row["timestamp"],
+            }
+            request = StripeRequest("post", V1_EVENTS, params, stripe_idempotency_key("meter_event", row["identifier"]))
+            attempt = 0
+            while True:
+                try:
+                    await self._gateway.send(request)
+                except StripeInvalidRequest as exc:
+                    if (exc.param or "").startswith(_EVENT_PARAMS):
+                        delivery.refused.append((row["id"], f"refused by Stripe: {exc.message}"))
+                        break
+                    delivery.error = f"Stripe refused the meter event ({exc.param or 'request'}): {exc.message}"
+                    return delivery
+                except _TRANSIENT as exc:
+                    if attempt >= self._retries:
+                        delivery.error = f"Stripe did not take the event after retries: {exc.message}"
+                        return delivery
+                    await self._backoff(attempt)
+                    attempt += 1
+                    continue
+                except BillingError as exc:
+                    delivery.error = f"Stripe refused the meter event: {exc.message}"
+                    return delivery
+                delivery.accepted.append(row["id"])
+                break
+        return delivery
+
+    async def _check_meters(self, event_names: set[str]) -> None:
+        """Refuse to send (the events stay pending) while an event name has no active meter: v2 would drop them."""
+        now = self._clock()
+        if event_names <= self._meters and now - self._meters_checked < METER_CHECK_SECONDS:
+            return
+        active: set[str] = set()
+        params: dict[str, Any] = {"status": "active", "limit": 100}
+        try:
+            while True:
+                page = (await self._gateway.send(StripeRequest("get", "/v1/billing/meters", params))).data
+                active.update(meter["event_name"] for meter in page.get("data", []))
+                if not page.get("has_more") or not page.get("data"):
+                    break
+                params = {**params, "starting_after": page["data"][-1]["id"]}
+        except StripeAuthenticationFailed:  # a restricted key that may send events but not list meters
+            self._meters, self._meters_checked = set(event_names), now
+            return
+        except BillingError as exc:
+            raise _Stop(f"could not check the billing meters: {exc.message}") from None
+        self._meters, self._meters_checked = active, now
+        missing = sorted(event_names - active)
+        if missing:
+            self._meters_checked = float("-inf")
+            raise _Stop(f"no active Stripe billing meter for event name {', '.join(missing)}: run "
+                        "`aims-billing-mcp setup-stripe` to create it; the events stay pending")
+

@@ -1,0 +1,626 @@
+"""LUC usage metering: durable meter events, task multipliers, tier allowances and overage, concurrency slots.
+
+Recording. `record` validates everything it can without data (units, operation or multiplier, identifier, Stripe's
+timestamp window, the customer), then hands the event to the one writer. Inside the writer's transaction the event
+row (UNIQUE identifier, status pending) and its period's running total (`meter_usage_totals`, one row per customer
+and usage period) are written together, so the answer (period usage, remaining allowance, overage, cost) is computed
+from a total no other write can interleave with, and never from a SUM over the period's events. The caller hears
+back only after COMMIT.
+
+Sharing writer jobs. The store already commits every job that has gathered in one transaction; record goes one step
+further and puts every event that arrived in the same turn of the event loop into one writer job: one lookup of
+their identifiers, one read of each period total, one `executemany` of the events and of the totals. Each event is
+still in exactly one job with its total, and a replay or conflict is an answer computed in the job, not an exception,
+so one event never undoes another. (64 concurrent callers: about 3x the rate of one job per event, see
+bench/metering.py.)
+
+Idempotency. The identifier is the event's key, in Stripe as here. The same identifier with the same content
+(customer, units, operation or multiplier, agent, metadata, and the timestamp when one is given) returns the first
+answer with `replayed: true`, rebuilt from the numbers stored with the event; other content is IdempotencyConflict.
+
+Money. Weighted units = raw x multiplier, rounded half up (integers throughout). Overage is the period's usage
+beyond the tier's allowance (P2P: allowance 0, every unit). An event's cost is cost(period overage after it) minus
+cost(period overage before it), each rounded half up as Stripe rounds a line total, so the events' costs add up to
+the period's overage charge exactly. Stripe receives the weighted units (the meter sums them); the tier's metered
+price makes the allowance free and charges the overage rate.
+
+Periods. `period_of(customer, t)` gives the usage period containing t: the subscription's current period, or the
+UTC calendar month. `summary("current")` covers the events recorded in the current period; `summary("YYYY-MM")` the
+events whose timestamps fall in that calendar month (which, for a subscription period, may span two periods: its
+overage is what those events incurred).
+
+Customers. An unknown customer is refused. A customer is asked about once: the answer is kept in
+`meter_customers` (customers known from subscriptions count as verified), so the hot path never calls Stripe twice
+for one customer; a "does not exist" answer is remembered for a minute, in memory only.
+
+Slots. A concurrency slot is a row of `task_slots`; counting the customer's live slots and inserting the new one is
+one writer job, so two racing acquires cannot both take the last slot. Expired slots are ignored and deleted by the
+next acquire or release of that customer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import InvalidOperation
+from typing import Any
+
+from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound
+from ..store import Store, dumps, utc_now
+from .metering_models import (
+    EventCounts,
+    FailureReason,
+    MeterEventResult,
+    MeteringStatus,
+    OperationUsage,
+    SlotRelease,
+    TaskSlot,
+    UsageQuote,
+    UsageSummary,
+)
+from .tiers import MAX_MULTIPLIER_MILLI, MIN_MULTIPLIER_MILLI, Pricing, Tier, cost_cents, to_milli, weighted_units
+
+DAY = 86_400
+STRIPE_MAX_AGE = 35 * DAY  # Stripe accepts meter events from the past 35 days ...
+STRIPE_MAX_AHEAD = 300  # ... and at most 5 minutes ahead
+RECORD_MARGIN = 600  # we accept 10 minutes less than Stripe's 35 days, so the flusher still has time to deliver
+MAX_IDENTIFIER = 100  # Stripe's limit
+MAX_TEXT = 200
+MAX_METADATA = 4000  # characters of canonical JSON
+MAX_UNITS = 10**12  # per event; weighted totals stay far below SQLite's 2**63
+MAX_SLOT_TTL = 7 * DAY
+MAX_JOB = 500  # events per writer job
+UNKNOWN_CUSTOMER_TTL = 60.0
+CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
+PERIOD_PATTERN = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+
+_EVENT_COLUMNS = (
+    "identifier, customer_id, operation, multiplier_milli, raw_units, weighted_units, agent_id, timestamp, metadata, "
+    "tier, period_start, period_end, period_units_after, allowance, overage_rate, overage_units, cost_cents"
+)
+_EVENT_INSERT = (
+    "INSERT INTO meter_events (identifier, customer_id, operation, multiplier_milli, raw_units, weighted_units, "
+    "agent_id, timestamp, metadata, tier, period_start, period_end, period_units_after, allowance, overage_rate, "
+    "overage_units, cost_cents, event_name, status, attempts, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)"
+)
+_TOTAL_UPSERT = (
+    "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, raw_units, weighted_units, events) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, period_start) DO UPDATE SET "
+    "raw_units = excluded.raw_units, weighted_units = excluded.weighted_units, events = excluded.events"
+)
+
+
+@dataclass(slots=True)
+class _Event:
+    """A validated event waiting for the writer, and the future its caller awaits."""
+
+    identifier: str
+    customer: str
+    operation: str | None
+    multiplier_milli: int
+    raw_units: int
+    weighted_units: int
+    timestamp: int
+    timestamp_given: bool
+    agent_id: str | None
+    metadata: str | None
+    tier: Tier
+    period_start: int
+    period_end: int
+    future: asyncio.Future[MeterEventResult] = field(repr=False)
+
+
+@dataclass(slots=True)
+class _Total:
+    period_end: int
+    raw_units: int
+    weighted_units: int
+    events: int
+    changed: bool = False
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _iso(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def month_bounds(period: str) -> tuple[int, int]:
+    """[start, end) of a UTC calendar month given as YYYY-MM."""
+    match = PERIOD_PATTERN.fullmatch(period)
+    if match is None:
+        raise InvalidInput(f"period {period!r} is not `current` or a month as YYYY-MM (e.g. 2026-03)", param="period")
+    year, month = int(match.group(1)), int(match.group(2))
+    start = calendar.timegm((year, month, 1, 0, 0, 0))
+    end = calendar.timegm((year + month // 12, month % 12 + 1, 1, 0, 0, 0))
+    return start, end
+
+
+def calendar_month_of(timestamp: int) -> tuple[int, int]:
+    """The UTC calendar month containing `timestamp`: the usage period of a customer without a subscription."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return month_bounds(f"{moment.year:04d}-{moment.month:02d}")
+
+
+class MeteringService:
+    def __init__(
+        self,
+        store: Store,
+        pricing: Pricing,
+        *,
+        tier_of: Callable[[str], Tier],
+        period_of: Callable[[str, int], tuple[int, int]],
+        customer_exists: Callable[[str], Awaitable[bool]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._pricing = pricing
+        self._tier_of = tier_of
+        self._period_of = period_of
+        self._customer_exists = customer_exists
+        self._clock = clock
+        self._known: set[str] = set()
+        self._unknown: dict[str, float] = {}
+        self._verifying: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Task[bool]] = {}
+        self._queues: dict[asyncio.AbstractEventLoop, list[_Event]] = {}
+        self._jobs: set[asyncio.Task[None]] = set()
+
+    # --- validation (no data needed) ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _customer(customer: Any) -> str:
+        if not isinstance(customer, str) or not customer.strip():
+            raise InvalidInput("customer is empty: pass the Stripe customer id (cus_...)", param="customer")
+        if customer != customer.strip() or len(customer) > 255:
+            raise InvalidInput(f"customer {customer[:60]!r} is not a Stripe customer id (cus_..., no spaces, at most "
+                               "255 characters)", param="customer")
+        return customer
+
+    @staticmethod
+    def _units(units: Any) -> int:
+        if not _is_int(units):
+            raise InvalidInput(f"units must be a whole number of LUC units, not {units!r}", param="units")
+        if units <= 0:
+            raise InvalidInput(f"units is {units}: report a positive number of units (the tokens the operation used)",
+                               param="units")
+        if units > MAX_UNITS:
+            raise InvalidInput(f"units is {units}, above the {MAX_UNITS:,} allowed in one event: split the usage into "
+                               "several events", param="units")
+        return int(units)
+
+    def _multiplier(self, operation: Any, multiplier: Any) -> tuple[str | None, int]:
+        """(operation, multiplier in milli): an operation type from the pricing, or an explicit multiplier, or 1.0x."""
+        if operation is not None and multiplier is not None:
+            raise InvalidInput("give operation or multiplier, not both: the operation's multiplier comes from the "
+                               "pricing file", param="multiplier")
+        if operation is not None:
+            name = operation.strip().lower() if isinstance(operation, str) else operation
+            milli = self._pricing.multipliers.get(name) if isinstance(name, str) else None
+            if milli is None:
+                valid = ", ".join(f"{op} ({m / 1000:g}x)" for op, m in self._pricing.multipliers.items())
+                raise InvalidInput(f"unknown operation type {operation!r}: valid ones are {valid}; or pass an explicit "
+                                   "multiplier within 1.0-3.0 instead", param="operation")
+            assert isinstance(name, str)
+            return name, milli
+        if multiplier is None:
+            return None, 1000
+        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float | str):
+            raise InvalidInput(f"multiplier must be a number within 1.0-3.0, not {multiplier!r}", param="multiplier")
+        try:
+            milli = to_milli(multiplier)
+        except (ValueError, InvalidOperation):
+            raise InvalidInput(f"multiplier {multiplier!r} must be a number within 1.0-3.0 with at most 3 decimals",
+                               param="multiplier") from None
+        if not MIN_MULTIPLIER_MILLI <= milli <= MAX_MULTIPLIER_MILLI:
+            raise InvalidInput(f"multiplier {multiplier} is outside 1.0-3.0: pass a multiplier in that range, or an "
+                               "operation type", param="multiplier")
+        return None, milli
+
+    @staticmethod
+    def _identifier(identifier: Any) -> str:
+        if identifier is None:
+            return f"luc_{os.urandom(16).hex()}"
+        if not isinstance(identifier, str) or not identifier:
+            raise InvalidInput("identifier must be a non-empty string (or omit it to have one generated)",
+                               param="identifier")
+        if len(identifier) > MAX_IDENTIFIER:
+            raise InvalidInput(f"identifier is {len(identifier)} characters; Stripe allows at most {MAX_IDENTIFIER}: "
+                               "use a shorter unique id (a UUID is 36)", param="identifier")
+        return identifier
+
+    @staticmethod
+    def _timestamp(timestamp: Any, now: float) -> int:
+        if not _is_int(timestamp):
+            raise InvalidInput(f"timestamp must be whole epoch seconds, not {timestamp!r}", param="timestamp")
+        oldest, latest = int(now) - STRIPE_MAX_AGE + RECORD_MARGIN, int(now) + STRIPE_MAX_AHEAD
+        if timestamp < oldest:
+            age = (int(now) - timestamp) / DAY
+            raise InvalidInput(
+                f"timestamp {timestamp} ({_iso(timestamp)}) is {age:.1f} days ago: Stripe accepts meter events from "
+                f"the past 35 days only (this service: since {_iso(oldest)}); record usage when it happens, or omit "
+                "timestamp to use now", param="timestamp")
+        if timestamp > latest:
+            raise InvalidInput(
+                f"timestamp {timestamp} ({_iso(timestamp)}) is {timestamp - int(now)} s in the future: Stripe accepts "
+                "at most 5 minutes ahead; check the clock, or omit timestamp to use now", param="timestamp")
+        return int(timestamp)
+
+    @staticmethod
+    def _text(value: Any, param: str, *, required: bool = False, limit: int = MAX_TEXT) -> str | None:
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value:
+            raise InvalidInput(f"{param} must be a non-empty string", param=param)
+        if len(value) > limit:
+            raise InvalidInput(f"{param} is {len(value)} characters; at most {limit} are allowed", param=param)
+        return value
+
+    @staticmethod
+    def _metadata(metadata: Any) -> str | None:
+        if metadata is None:
+            return None
+        if not isinstance(metadata, Mapping) or not all(isinstance(key, str) for key in metadata):
+            raise InvalidInput("metadata must be an object with string keys", param="metadata")
+        text = dumps(dict(metadata))
+        if len(text) > MAX_METADATA:
+            raise InvalidInput(f"metadata is {len(text)} characters as JSON; at most {MAX_METADATA} are kept: send "
+                               "less", param="metadata")
+        return text
+
+    def _period(self, customer: str, timestamp: int) -> tuple[int, int]:
+        start, end = self._period_of(customer, timestamp)
+        if not start <= timestamp < end:
+            raise RuntimeError(f"period_of({customer!r}, {timestamp}) gave [{start}, {end}), which does not contain it")
+        return int(start), int(end)
+
+    # --- customers ---------------------------------------------------------------------------------------------
+
+    async def _ensure_customer(self, customer: str) -> None:
+        if customer in self._known:
+            return
+        refused_at = self._unknown.get(customer)
+        if refused_at is not None and self._clock() - refused_at < UNKNOWN_CUSTOMER_TTL:
+            raise self._unknown_customer(customer)
+        key = (asyncio.get_running_loop(), customer)
+        task = self._verifying.get(key)
+        if task is None:  # concurrent first sightings of one customer share one question
+            task = asyncio.ensure_future(self._verify(customer))
+            self._verifying[key] = task
+            task.add_done_callback(lambda _: self._verifying.pop(key, None))
+        if not await asyncio.shield(task):
+            raise self._unknown_customer(customer)
+
+    async def _verify(self, customer: str) -> bool:
+        known = self._store.query_one(
+            "SELECT 1 FROM meter_customers WHERE customer_id = ? UNION ALL "
+            "SELECT 1 FROM billing_provisions WHERE customer_id = ? LIMIT 1", (customer, customer))
+        if known is None:
+            if not await self._customer_exists(customer):
+                self._unknown[customer] = self._clock()
+                return False
+            now = int(self._clock())
+            await self._store.write(lambda conn: conn.execute(
+                "INSERT OR IGNORE INTO meter_customers (customer_id, verified_at) VALUES (?, ?)", (customer, now)))
+        self._known.add(customer)
+        self._unknown.pop(customer, None)
+        return True
+
+    @staticmethod
+    def _unknown_customer(customer: str) -> NotFound:
+        return NotFound(f"customer {customer!r} does not exist in Stripe: create it with create_customer (or check "
+                        "the id), then record the usage again", param="customer")
+
+    # --- record ------------------------------------------------------------------------------------------------
+
+    async def record(
+        self,
+        customer: str,
+        units: int,
+        *,
+        operation: str | None = None,
+        multiplier: float | str | None = None,
+        identifier: str | None = None,
+        timestamp: int | None = None,
+        agent_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> MeterEventResult:
+        """Record one meter event durably; answer after COMMIT with the period's usage, allowance and overage."""
+        now = self._clock()
+        customer = self._customer(customer)
+        raw = self._units(units)
+        op, milli = self._multiplier(operation, multiplier)
+        ident = self._identifier(identifier)
+        when = int(now) if timestamp is None else self._timestamp(timestamp, now)
+        agent = self._text(agent_id, "agent_id")
+        meta = self._metadata(metadata)
+        await self._ensure_customer(customer)
+        tier = self._tier_of(customer)
+        start, end = self._period(customer, when)
+        loop = asyncio.get_running_loop()
+        event = _Event(ident, customer, op, milli, raw, weighted_units(raw, milli), when, timestamp is not None, agent,
+                       meta, tier, start, end, loop.create_future())
+        queue = self._queues.get(loop)
+        if queue is None:
+            self._queues[loop] = [event]
+            loop.call_soon(self._dispatch, loop)
+        else:
+            queue.append(event)
+        return await event.future
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the events gathered in this turn of the loop to the writer, MAX_JOB per job."""
+        events = self._queues.pop(loop, [])
+        for index in range(0, len(events), MAX_JOB):
+            job = loop.create_task(self._commit(events[index:index + MAX_JOB]))
+            self._jobs.add(job)
+            job.add_done_callback(self._jobs.discard)
+
+    async def _commit(self, events: list[_Event]) -> None:
+        try:
+            outcomes = await self._store.write(lambda conn: self._apply(conn, events))
+        except BaseException as exc:  # the transaction failed: none of these events was written
+            for event in events:
+                if not event.future.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        event.future.cancel()
+                    else:
+                        event.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for event, outcome in zip(events, outcomes, strict=True):
+            if event.future.done():  # the caller went away; the write stands
+                continue
+            if isinstance(outcome, BillingError):
+                event.future.set_exception(outcome)
+            else:
+                event.future.set_result(outcome)
+
+    def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event]) -> list[MeterEventResult | BillingError]:
+        """The writer side: replays and conflicts, running totals, then every new event and total in two statements."""
+        identifiers = list({event.identifier for event in events})
+        stored: dict[str, Mapping[str, Any]] = {
+            row["identifier"]: dict(row) for row in conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM meter_events WHERE identifier IN ({','.join('?' * len(identifiers))})",
+                identifiers)
+        }
+        totals: dict[tuple[str, int], _Total] = {}
+        inserts: list[tuple[Any, ...]] = []
+        outcomes: list[MeterEventResult | BillingError] = []
+        created_at = utc_now()
+        event_name = self._pricing.meter_event_name
+        for event in events:
+            prior = stored.get(event.identifier)
+            if prior is not None:
+                outcomes.append(self._replay(prior, event))
+                continue
+            key = (event.customer, event.period_start)
+            total = totals.get(key)
+            if total is None:
+                row = conn.execute(
+                    "SELECT period_end, raw_units, weighted_units, events FROM meter_usage_totals "
+                    "WHERE customer_id = ? AND period_start = ?", key).fetchone()
+                total = _Total(*row) if row is not None else _Total(event.period_end, 0, 0, 0)
+                totals[key] = total
+            before = total.weighted_units
+            after = before + event.weighted_units
+            total.raw_units += event.raw_units
+            total.weighted_units = after
+            total.events += 1
+            total.changed = True
+            allowance, rate = event.tier.tokens_per_month, event.tier.overage_rate
+            over_before, over_after = max(0, before - allowance), max(0, after - allowance)
+            values = {
+                "identifier": event.identifier, "customer_id": event.customer, "operation": event.operation,
+                "multiplier_milli": event.multiplier_milli, "raw_units": event.raw_units,
+                "weighted_units": event.weighted_units, "agent_id": event.agent_id, "timestamp": event.timestamp,
+                "metadata": event.metadata, "tier": event.tier.id, "period_start": event.period_start,
+                "period_end": event.period_end, "period_units_after": after, "allowance": allowance,
+                "overage_rate": rate, "overage_units": over_after - over_before,
+                "cost_cents": cost_cents(over_after, rate) - cost_cents(over_before, rate),
+            }
+            inserts.append((*values.values(), event_name, created_at))
+            stored[event.identifier] = values
+            outcomes.append(self._result(values, replayed=False))
+        if inserts:
+            conn.executemany(_EVENT_INSERT, inserts)
+            conn.executemany(_TOTAL_UPSERT, [
+                (customer, start, t.period_end, t.raw_units, t.weighted_units, t.events)
+                for (customer, start), t in totals.items() if t.changed
+            ])
+        return outcomes
+
+    def _replay(self, prior: Mapping[str, Any], event: _Event) -> MeterEventResult | BillingError:
+        differences = []
+        if prior["customer_id"] != event.customer:
+            differences.append(f"customer {prior['customer_id']} vs {event.customer}")
+        if prior["raw_units"] != event.raw_units:
+            differences.append(f"units {prior['raw_units']} vs {event.raw_units}")
+        if prior["operation"] != event.operation or (
+                event.operation is None and prior["multiplier_milli"] != event.multiplier_milli):
+            first = prior["operation"] or f"multiplier {prior['multiplier_milli'] / 1000:g}"
+            now = event.operation or f"multiplier {event.multiplier_milli / 1000:g}"
+            differences.append(f"{first} vs {now}")
+        if prior["agent_id"] != event.agent_id:
+            differences.append(f"agent_id {prior['agent_id']} vs {event.agent_id}")
+        if prior["metadata"] != event.metadata:
+            differences.append("metadata")
+        if event.timestamp_given and prior["timestamp"] != event.timestamp:
+            differences.append(f"timestamp {prior['timestamp']} vs {event.timestamp}")
+        if differences:
+            return IdempotencyConflict(
+                f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
+                "use a new identifier for new usage, or resend exactly the first event to get its result",
+                param="identifier", identifier=event.identifier)
+        return self._result(prior, replayed=True)
+
+    def _result(self, row: Mapping[str, Any], *, replayed: bool) -> MeterEventResult:
+        after, allowance, rate = row["period_units_after"], row["allowance"], row["overage_rate"]
+        period_overage = max(0, after - allowance)
+        return MeterEventResult(
+            identifier=row["identifier"], customer=row["customer_id"], operation=row["operation"],
+            multiplier=row["multiplier_milli"] / 1000, tier=row["tier"], timestamp=row["timestamp"],
+            raw_units=row["raw_units"], weighted_units=row["weighted_units"], period_start=row["period_start"],
+            period_end=row["period_end"], period_usage=after, allowance=allowance, remaining=max(0, allowance - after),
+            overage_units=row["overage_units"], period_overage_units=period_overage, overage_rate=rate,
+            cost_cents=row["cost_cents"], period_overage_cost_cents=cost_cents(period_overage, rate),
+            currency=self._pricing.currency, replayed=replayed,
+        )
+
+    # --- reads -------------------------------------------------------------------------------------------------
+
+    def summary(self, customer: str, period: str = "current") -> UsageSummary:
+        """Usage by operation type, totals, allowance, overage and event statuses for one period (read-only)."""
+        customer = self._customer(customer)
+        tier = self._tier_of(customer)
+        if not isinstance(period, str):
+            raise InvalidInput("period must be `current` or YYYY-MM", param="period")
+        if period.strip().lower() == "current":
+            period = "current"
+            start, end = self._period(customer, int(self._clock()))
+            where, params = "AND period_start = ?", [customer, start, end, start]
+        else:
+            start, end = month_bounds(period.strip())
+            where, params = "", [customer, start, end]
+        rows = self._store.query(
+            "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, SUM(raw_units) AS raw_units, "
+            "SUM(weighted_units) AS weighted_units, SUM(overage_units) AS overage_units, "
+            "SUM(cost_cents) AS cost_cents, SUM(status = 'pending') AS pending, SUM(status = 'sent') AS sent, "
+            "SUM(status = 'failed') AS failed, MAX(id) AS last_id FROM meter_events "
+            f"WHERE customer_id = ? AND timestamp >= ? AND timestamp < ? {where} GROUP BY 1 ORDER BY 1",
+            (CUSTOM, *params))
+        allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
+        if period != "current" and rows:  # a past month: the terms its latest event was recorded under
+            latest = self._store.query_one("SELECT tier, allowance, overage_rate FROM meter_events WHERE id = ?",
+                                           (max(row["last_id"] for row in rows),))
+            if latest is not None and latest["tier"] is not None:
+                allowance, rate, tier_id = latest["allowance"], latest["overage_rate"], latest["tier"]
+        weighted = sum(row["weighted_units"] for row in rows)
+        return UsageSummary(
+            customer=customer, period=period, period_start=start, period_end=end, tier=tier_id,
+            by_operation=[OperationUsage(operation=row["operation"], events=row["events"], raw_units=row["raw_units"],
+                                         weighted_units=row["weighted_units"]) for row in rows],
+            raw_units=sum(row["raw_units"] for row in rows), weighted_units=weighted, allowance=allowance,
+            remaining=max(0, allowance - weighted), overage_units=sum(row["overage_units"] for row in rows),
+            overage_cost_cents=sum(row["cost_cents"] for row in rows), overage_rate=rate,
+            currency=self._pricing.currency,
+            events=EventCounts(pending=sum(row["pending"] for row in rows), sent=sum(row["sent"] for row in rows),
+                               failed=sum(row["failed"] for row in rows)),
+        )
+
+    def quote(
+        self, units: int, *, operation: str | None = None, multiplier: float | str | None = None,
+        customer: str | None = None,
+    ) -> UsageQuote:
+        """Weighted units and the marginal cost of this usage now (the P2P rate without a customer); writes nothing."""
+        raw = self._units(units)
+        op, milli = self._multiplier(operation, multiplier)
+        weighted = weighted_units(raw, milli)
+        used = 0
+        if customer is not None:
+            customer = self._customer(customer)
+            tier = self._tier_of(customer)
+            start, _ = self._period(customer, int(self._clock()))
+            row = self._store.query_one(
+                "SELECT weighted_units FROM meter_usage_totals WHERE customer_id = ? AND period_start = ?",
+                (customer, start))
+            used = row["weighted_units"] if row else 0
+        else:
+            tier = self._pricing.p2p
+        allowance, rate = tier.tokens_per_month, tier.overage_rate
+        over_before, over_after = max(0, used - allowance), max(0, used + weighted - allowance)
+        return UsageQuote(
+            customer=customer, tier=tier.id, operation=op, multiplier=milli / 1000, raw_units=raw,
+            weighted_units=weighted, period_usage=used, allowance=allowance, remaining=max(0, allowance - used),
+            overage_units=over_after - over_before, overage_rate=rate,
+            cost_cents=cost_cents(over_after, rate) - cost_cents(over_before, rate), currency=self._pricing.currency,
+        )
+
+    def status(self) -> MeteringStatus:
+        """The flusher's queue and recent history, for operators."""
+        now = int(self._clock())
+        counts = {row["status"]: row["n"] for row in self._store.query(
+            "SELECT status, COUNT(*) AS n FROM meter_events GROUP BY status")}
+        oldest = self._store.query_one(
+            "SELECT created_at FROM meter_events WHERE status = 'pending' ORDER BY id LIMIT 1")
+        age = None
+        if oldest is not None:
+            age = max(0, now - int(datetime.fromisoformat(oldest["created_at"]).timestamp()))
+        flush = self._store.query_one("SELECT * FROM meter_flushes ORDER BY id DESC LIMIT 1")
+        last = None
+        if flush is not None:
+            last = (f"sent {flush['sent']}, failed {flush['failed']}, {flush['pending_after']} pending after"
+                    + (f" via {flush['transport']}" if flush["transport"] else "")
+                    + (f"; stopped: {flush['error']}" if flush["error"] else ""))
+        failures = self._store.query(
+            "SELECT COALESCE(last_error, 'unknown') AS reason, COUNT(*) AS events, MAX(failed_at) AS last_at FROM "
+            "(SELECT last_error, failed_at FROM meter_events WHERE status = 'failed' ORDER BY id DESC LIMIT 500) "
+            "GROUP BY 1 ORDER BY 2 DESC, 3 DESC LIMIT 10")
+        return MeteringStatus(
+            pending=counts.get("pending", 0), oldest_pending_age_seconds=age, sent=counts.get("sent", 0),
+            failed=counts.get("failed", 0), last_flush_at=flush["finished_at"] if flush else None, last_flush=last,
+            recent_failures=[FailureReason(**row) for row in failures],
+        )
+
+    # --- concurrency slots -------------------------------------------------------------------------------------
+
+    async def acquire_slot(self, customer: str, task_id: str, ttl_seconds: int) -> TaskSlot:
+        """Take one of the tier's concurrent task slots for `ttl_seconds`; the same task id again returns its slot."""
+        customer = self._customer(customer)
+        task = self._text(task_id, "task_id", required=True)
+        assert task is not None
+        if not _is_int(ttl_seconds) or not 1 <= ttl_seconds <= MAX_SLOT_TTL:
+            raise InvalidInput(f"ttl_seconds is {ttl_seconds!r}: pass whole seconds within 1-{MAX_SLOT_TTL} (how long "
+                               "the task may hold the slot before it frees itself)", param="ttl_seconds")
+        await self._ensure_customer(customer)
+        tier = self._tier_of(customer)
+        now = int(self._clock())
+
+        def take(conn: sqlite3.Connection) -> TaskSlot:
+            conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND expires_at <= ?", (customer, now))
+            held = conn.execute("SELECT task_id, acquired_at, expires_at FROM task_slots WHERE customer_id = ? "
+                                "ORDER BY expires_at, task_id", (customer,)).fetchall()
+            for row in held:
+                if row["task_id"] == task:
+                    return TaskSlot(customer=customer, task_id=task, acquired_at=row["acquired_at"],
+                                    expires_at=row["expires_at"], limit=tier.concurrent, in_use=len(held),
+                                    replayed=True)
+            if len(held) >= tier.concurrent:
+                running = [row["task_id"] for row in held]
+                raise LimitReached(
+                    f"customer {customer} already runs {len(held)} of the {tier.concurrent} concurrent tasks tier "
+                    f"{tier.id} allows ({', '.join(running[:10])}{', ...' if len(running) > 10 else ''}): release "
+                    f"one with release_task_slot, or wait until the first expires at {_iso(held[0]['expires_at'])}",
+                    param="task_id", limit=tier.concurrent, running_tasks=running)
+            conn.execute("INSERT INTO task_slots (customer_id, task_id, acquired_at, expires_at) VALUES (?, ?, ?, ?)",
+                         (customer, task, now, now + ttl_seconds))
+            return TaskSlot(customer=customer, task_id=task, acquired_at=now, expires_at=now + ttl_seconds,
+                            limit=tier.concurrent, in_use=len(held) + 1)
+
+        return await self._store.write(take)
+
+    async def release_slot(self, customer: str, task_id: str) -> SlotRelease:
+        """Free the task's slot; releasing one not held (again, expired, unknown) answers released: false."""
+        customer = self._customer(customer)
+        task = self._text(task_id, "task_id", required=True)
+        assert task is not None
+        now = int(self._clock())
+
+        def free(conn: sqlite3.Connection) -> SlotRelease:
+            conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND expires_at <= ?", (customer, now))
+            released = conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND task_id = ?",
+                                    (customer, task)).rowcount
+            in_use = conn.execute("SELECT COUNT(*) FROM task_slots WHERE customer_id = ?", (customer,)).fetchone()[0]
+            return SlotRelease(customer=customer, task_id=task, released=released > 0, in_use=in_use)
+
+        return await self._store.write(free)

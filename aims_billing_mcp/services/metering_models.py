@@ -1,0 +1,128 @@
+"""What LUC metering returns: small pydantic models a tool can hand back as its structured result.
+
+Usage is integer LUC units, money integer cents, times epoch seconds (UTC), as Stripe's meter API counts them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+EventStatus = Literal["pending", "sent", "failed"]
+
+
+class MeterEventResult(BaseModel):
+    identifier: str = Field(description="The event's unique identifier (Stripe dedupes by it)")
+    customer: str
+    operation: str | None = Field(description="The operation type, or null when an explicit multiplier was given")
+    multiplier: float = Field(description="The task multiplier applied (1.0-3.0)")
+    tier: str = Field(description="The customer's tier when the event was recorded")
+    timestamp: int = Field(description="When the usage happened (epoch seconds)")
+    raw_units: int
+    weighted_units: int = Field(description="raw units x multiplier, rounded half up")
+    period_start: int = Field(description="The usage period containing the event: [period_start, period_end)")
+    period_end: int
+    period_usage: int = Field(description="Weighted units used in the period, this event included")
+    allowance: int = Field(description="Weighted units included per period by the tier (P2P: 0)")
+    remaining: int = Field(description="Allowance left in the period after this event")
+    overage_units: int = Field(description="This event's units beyond the allowance")
+    period_overage_units: int = Field(description="The period's units beyond the allowance, this event included")
+    overage_rate: int = Field(description="Cents per 1,000 weighted units beyond the allowance")
+    cost_cents: int = Field(
+        description="What this event adds to the period's overage charge: cost(period overage after) minus cost("
+        "period overage before), so the events' costs add up to the period's line total exactly")
+    period_overage_cost_cents: int
+    currency: str
+    replayed: bool = Field(default=False, description="true when the identifier was already recorded: the first result")
+
+
+class OperationUsage(BaseModel):
+    operation: str = Field(description="The operation type, or `custom` for events with an explicit multiplier")
+    events: int
+    raw_units: int
+    weighted_units: int
+
+
+class EventCounts(BaseModel):
+    pending: int = Field(description="Recorded, not yet accepted by Stripe")
+    sent: int = Field(description="Accepted by Stripe")
+    failed: int = Field(description="Stripe can no longer take them (see get_metering_status for the reasons)")
+
+
+class UsageSummary(BaseModel):
+    customer: str
+    period: str = Field(description="`current` or YYYY-MM (that UTC calendar month)")
+    period_start: int
+    period_end: int
+    tier: str
+    by_operation: list[OperationUsage]
+    raw_units: int
+    weighted_units: int
+    allowance: int
+    remaining: int
+    overage_units: int
+    overage_cost_cents: int
+    overage_rate: int
+    currency: str
+    events: EventCounts
+
+
+class UsageQuote(BaseModel):
+    customer: str | None
+    tier: str
+    operation: str | None
+    multiplier: float
+    raw_units: int
+    weighted_units: int
+    period_usage: int = Field(description="Weighted units already used in the customer's current period")
+    allowance: int
+    remaining: int = Field(description="Allowance left before this usage")
+    overage_units: int = Field(description="Units of this usage beyond the allowance")
+    overage_rate: int
+    cost_cents: int = Field(description="The marginal cost of this usage now")
+    currency: str
+
+
+class TaskSlot(BaseModel):
+    customer: str
+    task_id: str
+    acquired_at: int
+    expires_at: int
+    limit: int = Field(description="Concurrent tasks the customer's tier allows")
+    in_use: int = Field(description="Slots held now, this one included")
+    replayed: bool = Field(default=False, description="true when this task already held the slot")
+
+
+class SlotRelease(BaseModel):
+    customer: str
+    task_id: str
+    released: bool = Field(description="false when the task held no slot (released before, expired, or unknown)")
+    in_use: int
+
+
+class FailureReason(BaseModel):
+    reason: str
+    events: int
+    last_at: int | None = Field(description="Epoch seconds of the most recent event failed for this reason")
+
+
+class FlushReport(BaseModel):
+    started_at: float
+    duration_ms: float
+    sent: int = Field(description="Events Stripe accepted in this flush")
+    failed: int = Field(description="Events marked failed for good in this flush")
+    pending: int = Field(description="Events still pending after this flush")
+    batches: int
+    transport: Literal["v2", "v1", "mixed", "none"]
+    error: str | None = Field(default=None, description="Why the flush stopped early; the events stay pending")
+
+
+class MeteringStatus(BaseModel):
+    pending: int
+    oldest_pending_age_seconds: int | None
+    sent: int
+    failed: int
+    last_flush_at: int | None
+    last_flush: str | None = Field(description="What the last flush did, or why it stopped")
+    recent_failures: list[FailureReason]

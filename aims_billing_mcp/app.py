@@ -44,9 +44,13 @@ from .webhooks import WEBHOOK_PATH, build_webhook_app, webhook_handler
 log = logging.getLogger(__name__)
 
 INSTRUCTIONS = """Billing tools backed by Stripe (or an offline Stripe sandbox when no key is configured).
-Amounts are integers in minor units (cents for usd). Every creating tool takes an optional idempotency_key: repeat a
-call with the same key (or the same arguments within a few minutes) to get the first result back with
-replayed: true instead of a second object. dry_run: true shows the exact Stripe request without sending it.
+Sell and collect: products, prices, payment links, checkout sessions, subscriptions on the 3-6-9 tiers
+(list_tiers, create_subscription_checkout, get_billing_status, cancel_subscription). Meter usage with
+create_meter_event (LUC units, task multipliers, tier allowance and overage). Agents hold LUC in wallets
+(credit/debit/transfer/hold/capture).
+Amounts are integers in minor units (cents for usd); usage and LUC are integers. Creating Stripe objects takes an
+optional idempotency_key (the same key, or the same arguments within a few minutes, returns the first result with
+replayed: true); wallet tools require one. dry_run: true shows the exact Stripe request without sending it.
 Errors come back as isError results whose text names the field or cause and what to do next."""
 
 class BillingServer(MCPServer[AppState]):

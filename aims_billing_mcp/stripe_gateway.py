@@ -193,14 +193,24 @@ class StripeGateway:
         self._refusal = refusal
         self._rate_limit_retries = rate_limit_retries
         self._scale = retry_delay_scale
-        self._http_client = http_client or HTTPXContentClient()
-        self._client = stripe.StripeClient(
-            api_key,
-            stripe_version=api_version,
-            base_addresses={"api": base_url, "meter_events": self.meter_events_url},
-            http_client=self._http_client,
-            max_network_retries=max_network_retries,
-        )
+        self._http_client = http_client
+        self._client_args: dict[str, Any] = {
+            "stripe_version": api_version, "max_network_retries": max_network_retries,
+            "base_addresses": {"api": base_url, "meter_events": self.meter_events_url},
+        }
+        self._api_key = api_key
+        self._stripe_client: stripe.StripeClient | None = None
+
+    @property
+    def _client(self) -> stripe.StripeClient:
+        """Built on the first call, not at start-up: the client (and, for Stripe itself, its TLS context) costs tens
+        of milliseconds that the time to the first tools/list should not pay."""
+        if self._stripe_client is None:
+            if self._http_client is None:
+                self._http_client = HTTPXContentClient()
+            self._stripe_client = stripe.StripeClient(self._api_key, http_client=self._http_client,
+                                                      **self._client_args)
+        return self._stripe_client
 
     def describe(self, request: StripeRequest) -> dict[str, Any]:
         base_url = self.meter_events_url if request.base == "meter_events" else self.base_url
@@ -237,6 +247,8 @@ class StripeGateway:
                 return StripeResult(data=dict(response.data), request_id=response.request_id)
 
     async def close(self) -> None:
+        if self._http_client is None:
+            return
         with contextlib.suppress(NotImplementedError):
             await self._http_client.close_async()  # type: ignore[no-untyped-call]
 

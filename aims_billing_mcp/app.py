@@ -213,10 +213,10 @@ def build_server(
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
         state = build_state(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale)
         server.state = state
-        embedded = state.gateway.embedded_app
+        embedded = state.gateway.embedded
         if embedded is not None:  # the in-process sandbox delivers its signed events straight to our endpoint
-            embedded.state.sandbox.webhooks.configure(build_webhook_app(lambda: server.state),
-                                                      retry_delay_scale=retry_delay_scale)
+            embedded.when_ready(lambda app: app.state.sandbox.webhooks.configure(
+                build_webhook_app(lambda: server.state), retry_delay_scale=retry_delay_scale))
         try:
             async with AsyncExitStack() as stack:
                 if webhook_server:
@@ -225,8 +225,9 @@ def build_server(
                 await stack.enter_async_context(background_tasks(state))
                 yield state
         finally:
-            if embedded is not None:  # let in-flight sandbox events land while the endpoint still has its state
-                await anyio.to_thread.run_sync(lambda: embedded.state.sandbox.webhooks.drain(timeout=5))
+            if embedded is not None and embedded.ready:  # in-flight sandbox events land while the endpoint has state
+                sandbox = embedded.app.state.sandbox
+                await anyio.to_thread.run_sync(lambda: sandbox.webhooks.drain(timeout=5))
             server.state = None
             await state.gateway.close()
             state.store.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,17 +98,43 @@ class ASGIHTTPClient(stripe.HTTPClient):
 
     name = "asgi"
 
-    def __init__(self, app: Any, *, retry_delay_scale: float = 1.0) -> None:
+    def __init__(self, app: Any = None, *, factory: Callable[[], Any] | None = None,
+                 retry_delay_scale: float = 1.0) -> None:
         super().__init__()
+        if app is None and factory is None:
+            raise ValueError("give the ASGI app, or a factory that builds it on first use")
         self._app = app
+        self._factory = factory
+        self._on_ready: list[Callable[[Any], None]] = []
         self._scale = retry_delay_scale
         self._sync: Any = None
+
+    @property
+    def app(self) -> Any:
+        """The app, built on the first request when a factory was given (the sandbox costs start-up time)."""
+        if self._app is None:
+            assert self._factory is not None
+            self._app = self._factory()
+            for callback in self._on_ready:
+                callback(self._app)
+        return self._app
+
+    @property
+    def ready(self) -> bool:
+        return self._app is not None
+
+    def when_ready(self, callback: Callable[[Any], None]) -> None:
+        """Run `callback(app)` once the app exists (now, if it already does)."""
+        if self._app is not None:
+            callback(self._app)
+        else:
+            self._on_ready.append(callback)
 
     async def request_async(
         self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
     ) -> tuple[bytes, int, Mapping[str, str]]:
         try:
-            body, status, raw_headers = await call_asgi(self._app, method, url, headers, post_data)
+            body, status, raw_headers = await call_asgi(self.app, method, url, headers, post_data)
             return body, status, httpx.Headers(raw_headers)
         except Exception as exc:  # the sandbox crashed: the SDK treats this like a network error
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
@@ -121,7 +147,7 @@ class ASGIHTTPClient(stripe.HTTPClient):
         if self._sync is None:
             from starlette.testclient import TestClient
 
-            self._sync = TestClient(self._app, raise_server_exceptions=False)
+            self._sync = TestClient(self.app, raise_server_exceptions=False)
         response = self._sync.request(method, url, headers=dict(headers or {}), content=post_data)
         return response.content, response.status_code, response.headers
 
@@ -188,7 +214,7 @@ class StripeGateway:
         # Stripe serves the v2 meter event stream from its own host; a sandbox or override serves everything
         self.meter_events_url = meter_events_url or (
             STRIPE_METER_EVENTS_BASE if base_url == STRIPE_API_BASE else base_url)
-        self.embedded_app: Any = http_client._app if isinstance(http_client, ASGIHTTPClient) else None
+        self.embedded: ASGIHTTPClient | None = http_client if isinstance(http_client, ASGIHTTPClient) else None
         self.api_version = api_version
         self._refusal = refusal
         self._rate_limit_retries = rate_limit_retries
@@ -358,14 +384,20 @@ def build_gateway(settings: Settings, *, sandbox_app: Any = None, retry_delay_sc
     refusal = settings.live_key_problem()
     key = settings.stripe_secret_key.get_secret_value() if settings.stripe_secret_key else None
     if sandbox_app is not None or (key is None and settings.stripe_api_base is None):
-        from .sandbox import SANDBOX_SECRET_KEY, create_app
+        from .sandbox import SANDBOX_SECRET_KEY
 
-        app = sandbox_app if sandbox_app is not None else create_app(db_path=str(settings.sandbox_db_path))
+        def sandbox_from_file() -> Any:
+            from .sandbox import create_app
+
+            return create_app(db_path=str(settings.sandbox_db_path))
+
+        client = ASGIHTTPClient(sandbox_app, factory=None if sandbox_app is not None else sandbox_from_file,
+                                retry_delay_scale=retry_delay_scale)
         return StripeGateway(
             key or SANDBOX_SECRET_KEY,
             mode=StripeMode.SANDBOX,
             base_url=SANDBOX_BASE,
-            http_client=ASGIHTTPClient(app, retry_delay_scale=retry_delay_scale),
+            http_client=client,
             retry_delay_scale=retry_delay_scale,
             refusal=refusal,
         )

@@ -24,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-import sqlite_utils
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
@@ -265,13 +264,15 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         bootstrap = connect(self.path)
         try:
-            sqlite_utils.Database(bootstrap).enable_wal()  # type: ignore[no-untyped-call]
+            # WAL by pragma rather than sqlite-utils' enable_wal(): importing sqlite-utils costs 20 ms of start-up,
+            # and the introspection below (doctor, tests) is the only place it is needed.
+            bootstrap.execute("PRAGMA journal_mode = WAL")
             self.applied_migrations = migrate(bootstrap, upto=migrate_upto)
         finally:
             bootstrap.close()
         self._reader = connect(self.path)
         self._read_lock = threading.Lock()
-        self.db = sqlite_utils.Database(self._reader)
+        self._db: Any = None
         self._writer = Writer(self.path)
 
     # reads
@@ -284,13 +285,22 @@ class Store:
         return rows[0] if rows else None
 
     @property
+    def db(self) -> Any:
+        """sqlite-utils' view of the database, for introspection (tables, schema); writes never go through it."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self._reader)
+        return self._db
+
+    @property
     def schema_version(self) -> int:
         with self._read_lock:
             return schema_version(self._reader)
 
     def table_names(self) -> list[str]:
         with self._read_lock:
-            return self.db.table_names()
+            return self.db.table_names()  # type: ignore[no-any-return]
 
     # writes
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -24,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
 

@@ -30,6 +30,8 @@ from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.catalog import CatalogService
 from .services.idempotency import IdempotencyService
 from .services.ledger import LedgerService
+from .services.meter_flusher import MeterFlusher
+from .services.metering import MeteringService
 from .services.mutations import StripeMutations
 from .services.subscriptions import SubscriptionService
 from .services.tiers import Pricing
@@ -190,8 +192,11 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
         tier = subscriptions.entitled_tier(customer)
         return settings.aims_billing_p2p_agents if tier.id == pricing.p2p.id else tier.agents
 
+    metering = MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
+                               period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists)
     return AppState(
         ledger=LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=agent_limit),
+        metering=metering, flusher=MeterFlusher(store, gateway, pricing, retry_delay_scale=retry_delay_scale),
         settings=settings, store=store, gateway=gateway, idempotency=idempotency,
         catalog=CatalogService(mutations, max_amount=settings.aims_billing_max_amount), pricing=pricing,
         subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions), webhook_secret=secret,
@@ -222,7 +227,8 @@ def build_server(
                 if webhook_server:
                     await stack.enter_async_context(
                         companion_webhook_server(lambda: server.state, settings.aims_billing_webhook_port))
-                await stack.enter_async_context(background_tasks(state))
+                await stack.enter_async_context(
+                    background_tasks(state, flush_interval_seconds=settings.aims_billing_flush_interval_seconds))
                 yield state
         finally:
             if embedded is not None and embedded.ready:  # in-flight sandbox events land while the endpoint has state
@@ -249,8 +255,11 @@ def build_server(
 
 
 @asynccontextmanager
-async def background_tasks(state: AppState, *, interval_seconds: float = 60.0) -> AsyncIterator[None]:
-    """Housekeeping while the server runs: expired holds are written down (they already stopped counting)."""
+async def background_tasks(
+    state: AppState, *, flush_interval_seconds: float, interval_seconds: float = 60.0
+) -> AsyncIterator[None]:
+    """What runs while the server serves: the meter flusher delivering usage to Stripe (0 turns it off: run
+    `aims-billing-mcp flush-usage` instead), and expired holds written down (they already stopped counting)."""
 
     async def sweep_holds() -> None:
         while True:
@@ -262,6 +271,8 @@ async def background_tasks(state: AppState, *, interval_seconds: float = 60.0) -
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(sweep_holds)
+        if flush_interval_seconds > 0:
+            tg.start_soon(state.flusher.run, flush_interval_seconds)
         try:
             yield
         finally:

@@ -180,19 +180,52 @@ def _ledger(settings: Settings) -> tuple[Any, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .services.reports import wallet_report
+    from .services.reports import usage_report, wallet_report
 
     settings = _settings()
-    store, ledger = _ledger(settings)
-    try:
-        if args.report == "wallets":
+    if args.report == "usage":
+        from .app import build_state
+
+        state = build_state(settings)
+        try:
+            lines = usage_report(state.store, state.metering, args.customer)
+        finally:
+            asyncio.run(state.gateway.close())
+            state.store.close()
+    else:
+        store, ledger = _ledger(settings)
+        try:
             lines = wallet_report(store, ledger, args.customer)
-        else:
-            return _fail(f"unknown report {args.report!r}")
-    finally:
-        store.close()
+        finally:
+            store.close()
     print("\n".join(lines))
     return 0
+
+
+def cmd_flush_usage(args: argparse.Namespace) -> int:
+    """Deliver pending usage to Stripe now, batch after batch, until nothing is pending or Stripe stops taking it."""
+    settings = _settings()
+    if problem := settings.live_key_problem():
+        return _fail(problem)
+    from .app import build_state
+
+    async def run() -> tuple[int, int, int, str | None]:
+        state = build_state(settings)
+        sent = failed = 0
+        try:
+            while True:
+                report = await state.flusher.flush_once()
+                sent, failed = sent + report.sent, failed + report.failed
+                if report.error or report.pending == 0 or (report.sent == 0 and report.failed == 0):
+                    return sent, failed, report.pending, report.error
+        finally:
+            await state.gateway.close()
+            state.store.close()
+
+    sent, failed, pending, error = asyncio.run(run())
+    print(f"flush-usage: {sent} event(s) accepted by Stripe, {failed} marked failed, {pending} still pending"
+          + (f"; stopped: {error}" if error else ""))
+    return 1 if error else 0
 
 
 def cmd_check_ledger(args: argparse.Namespace) -> int:
@@ -310,10 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     setup = sub.add_parser("setup-stripe", help="create (or find) the tier products and prices; print STRIPE_PRICE_*")
     setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
     setup.set_defaults(func=cmd_setup_stripe)
-    report = sub.add_parser("report", help="operator reports: wallets")
-    report.add_argument("report", choices=["wallets"])
+    report = sub.add_parser("report", help="operator reports: wallets, usage")
+    report.add_argument("report", choices=["wallets", "usage"])
     report.add_argument("--customer", help="only this customer (cus_...)")
     report.set_defaults(func=cmd_report)
+    flush = sub.add_parser("flush-usage", help="deliver pending usage to Stripe Billing meters now")
+    flush.set_defaults(func=cmd_flush_usage)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
     tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")

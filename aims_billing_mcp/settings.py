@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     aims_billing_p2p_agents: int = Field(
         default=0, ge=0, description="Agent wallets a P2P customer (no subscription) may have; tiers set the rest"
     )
+    aims_billing_flush_interval_seconds: float = Field(
+        default=5.0, ge=0, description="Seconds between deliveries of usage to Stripe meters; 0 turns it off"
+    )
     aims_billing_webhook_port: int = Field(default=8766, ge=0, le=65535)
     aims_billing_log_level: str = Field(default="WARNING", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..models import format_amount
 from ..store import Store
 from .ledger import LedgerService
+from .metering import MeteringService
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -46,3 +48,20 @@ def ledger_counts(store: Store) -> dict[str, int]:
     row = store.query_one("SELECT (SELECT COUNT(*) FROM agent_wallets) AS wallets, "
                           "(SELECT COUNT(DISTINCT txn_id) FROM agent_transactions) AS transactions")
     return {"wallets": int(row["wallets"]), "transactions": int(row["transactions"])} if row else {}
+
+
+def usage_report(store: Store, metering: MeteringService, customer: str | None = None) -> list[str]:
+    """Per customer with recorded usage: tier, usage this period, allowance, overage and its cost, and what is still
+    waiting to reach Stripe."""
+    where = " WHERE customer_id = ?" if customer else ""
+    customers = [row["customer_id"] for row in store.query(
+        f"SELECT DISTINCT customer_id FROM meter_events{where} ORDER BY customer_id", (customer,) if customer else ())]
+    rows = []
+    for who in customers:
+        s = metering.summary(who, "current")
+        rows.append((who, s.tier, s.weighted_units, s.allowance, s.overage_units, format_amount(s.overage_cost_cents,
+                     s.currency), s.events.pending, s.events.failed))
+    if not rows:
+        return ["no usage recorded" + (f" for {customer}" if customer else "")]
+    return table(("customer", "tier", "used", "allowance", "overage", "overage cost", "pending to Stripe", "failed"),
+                 rows)

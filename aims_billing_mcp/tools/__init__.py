@@ -14,7 +14,7 @@ from mcp.types import ToolAnnotations
 
 from ..errors import ConfigurationError
 from ..settings import Settings
-from . import catalog, subscriptions, wallets
+from . import catalog, metering, subscriptions, wallets
 
 Permission = Literal["read", "write"]
 
@@ -56,6 +56,12 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(subscriptions.create_subscription_checkout, "Create subscription checkout", "write"),
     ToolSpec(subscriptions.get_billing_status, "Get billing status", "read"),
     ToolSpec(subscriptions.cancel_subscription, "Cancel subscription", "write", destructive=True),
+    ToolSpec(metering.create_meter_event, "Create meter event", "write"),
+    ToolSpec(metering.get_usage_summary, "Get usage summary", "read", open_world=False),
+    ToolSpec(metering.quote_usage, "Quote usage", "read", open_world=False),
+    ToolSpec(metering.acquire_task_slot, "Acquire task slot", "write", open_world=False),
+    ToolSpec(metering.release_task_slot, "Release task slot", "write", open_world=False),
+    ToolSpec(metering.get_metering_status, "Get metering status", "read", open_world=False),
     ToolSpec(wallets.create_agent_wallet, "Create agent wallet", "write", open_world=False),
     ToolSpec(wallets.get_agent_wallet, "Get agent wallet", "read", open_world=False),
     ToolSpec(wallets.credit_agent_wallet, "Credit agent wallet", "write", open_world=False),

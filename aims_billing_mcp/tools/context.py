@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from ..services.catalog import CatalogService
     from ..services.idempotency import IdempotencyService
     from ..services.ledger import LedgerService
+    from ..services.meter_flusher import MeterFlusher
+    from ..services.metering import MeteringService
     from ..services.subscriptions import SubscriptionService
     from ..services.tiers import Pricing
     from ..services.webhook_events import WebhookEventService
@@ -31,6 +33,8 @@ class AppState:
     webhook_events: WebhookEventService
     webhook_secret: str | None
     ledger: LedgerService
+    metering: MeteringService
+    flusher: MeterFlusher
 
 
 ToolContext = Context[AppState, Any]

@@ -1,0 +1,105 @@
+"""LUC metering tools: thin functions over MeteringService (durable usage, summaries, quotes, task slots)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from ..models import CustomerId
+from ..services.metering_models import (
+    MeterEventResult,
+    MeteringStatus,
+    SlotRelease,
+    TaskSlot,
+    UsageQuote,
+    UsageSummary,
+)
+from .context import ToolContext, services
+
+Units = Annotated[int, Field(gt=0, le=10**12, description="Raw units used (tokens), a positive integer")]
+Operation = Annotated[
+    str | None,
+    Field(min_length=1, max_length=64, description="Operation type: chat, tool_call, code, research, image, "
+          "agent_swarm (the pricing file's multipliers); or give multiplier"),
+]
+Multiplier = Annotated[
+    float | None, Field(ge=1.0, le=3.0, description="An explicit task multiplier within 1.0-3.0 (3 decimals at most)")
+]
+TaskId = Annotated[str, Field(min_length=1, max_length=128, description="Your id for the task")]
+
+
+async def create_meter_event(
+    ctx: ToolContext,
+    customer: Annotated[CustomerId, Field(description="Customer (cus_...) whose usage this is")],
+    units: Units,
+    operation: Operation = None,
+    multiplier: Multiplier = None,
+    identifier: Annotated[
+        str | None, Field(min_length=1, max_length=100, description="Unique id of this usage; repeat it to retry "
+                          "safely (the first result comes back, replayed: true). Generated when absent")
+    ] = None,
+    timestamp: Annotated[
+        int | None, Field(description="When it happened, epoch seconds: within the past 35 days, at most 5 min ahead")
+    ] = None,
+    agent_id: Annotated[str | None, Field(max_length=128, description="The agent that used it")] = None,
+    metadata: Annotated[dict[str, str] | None, Field(description="Up to 20 string pairs kept with the event")] = None,
+) -> MeterEventResult:
+    """Record billable usage durably (answered only after it is committed) and get back, at once, the weighted units
+    (raw x task multiplier), the period's usage, the tier's allowance, what remains, and any overage with its cost
+    in cents. Usage is delivered to Stripe Billing meters in the background, so Stripe invoices the overage."""
+    return await services(ctx).metering.record(
+        customer, units, operation=operation, multiplier=multiplier, identifier=identifier, timestamp=timestamp,
+        agent_id=agent_id, metadata=metadata,
+    )
+
+
+async def get_usage_summary(
+    ctx: ToolContext,
+    customer: Annotated[CustomerId, Field(description="Customer (cus_...)")],
+    period: Annotated[
+        str, Field(pattern=r"^(current|\d{4}-\d{2})$", description="current (the billing period now) or YYYY-MM")
+    ] = "current",
+) -> UsageSummary:
+    """A customer's usage in a period: units by operation type, the weighted total, the allowance, the overage units
+    and their cost, and how many events Stripe has accepted so far. Read-only."""
+    return services(ctx).metering.summary(customer, period)
+
+
+async def quote_usage(
+    ctx: ToolContext,
+    units: Units,
+    operation: Operation = None,
+    multiplier: Multiplier = None,
+    customer: Annotated[CustomerId | None, Field(description="Price it for this customer's tier and usage so far")]
+    = None,
+) -> UsageQuote:
+    """What some usage would cost now: weighted units and the marginal cost for the customer (at the P2P rate
+    without one). Writes nothing."""
+    return services(ctx).metering.quote(units, operation=operation, multiplier=multiplier, customer=customer)
+
+
+async def acquire_task_slot(
+    ctx: ToolContext,
+    customer: Annotated[CustomerId, Field(description="Customer (cus_...) the task runs for")],
+    task_id: TaskId,
+    ttl_seconds: Annotated[int, Field(ge=1, le=86400, description="The slot frees itself after this long")] = 900,
+) -> TaskSlot:
+    """Take one of the customer's concurrent-task slots before starting a task; refused when the tier's limit
+    (P2P 1, 3mo 2, 6mo 5, 9mo 25) is in use. Acquiring the same task id again returns the slot it holds."""
+    return await services(ctx).metering.acquire_slot(customer, task_id, ttl_seconds)
+
+
+async def release_task_slot(
+    ctx: ToolContext,
+    customer: Annotated[CustomerId, Field(description="Customer (cus_...)")],
+    task_id: TaskId,
+) -> SlotRelease:
+    """Give back a task's slot when the task ends (an expired slot frees itself anyway)."""
+    return await services(ctx).metering.release_slot(customer, task_id)
+
+
+async def get_metering_status(ctx: ToolContext) -> MeteringStatus:
+    """Operators: usage waiting for Stripe (count, oldest age), sent and failed counts, the last flush and recent
+    failure reasons. Read-only."""
+    return services(ctx).metering.status()

@@ -270,6 +270,9 @@ def test_summary_equals_the_sum_of_events_and_overage_is_never_negative(
         assert sum(by_op.values()) == total
         row = store.query_one("SELECT weighted_units, events FROM meter_usage_totals WHERE customer_id = 'cus_a'")
         assert row == {"weighted_units": total, "events": len(results)}
+        month = service.summary("cus_a", time.strftime("%Y-%m", time.gmtime(results[0].timestamp)))
+        assert (month.weighted_units, month.overage_units, month.overage_cost_cents, month.events) == (
+            summary.weighted_units, summary.overage_units, summary.overage_cost_cents, summary.events)
     finally:
         store.close()
 

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
+import functools
 import os
 import re
 import sqlite3
@@ -91,10 +93,17 @@ _EVENT_INSERT = (
     "overage_units, cost_cents, event_name, status, attempts, created_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)"
 )
-_TOTAL_UPSERT = (
-    "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, raw_units, weighted_units, events) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, period_start) DO UPDATE SET "
-    "raw_units = excluded.raw_units, weighted_units = excluded.weighted_units, events = excluded.events"
+_TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction
+    "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, events, raw_units, weighted_units) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, period_start) DO UPDATE SET events = excluded.events, "
+    "raw_units = excluded.raw_units, weighted_units = excluded.weighted_units"
+)
+_OPERATION_ADD = (  # increments: nothing to read first
+    "INSERT INTO meter_usage_by_operation (customer_id, period_start, operation, events, raw_units, weighted_units, "
+    "overage_units, cost_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (customer_id, period_start, operation) DO UPDATE SET events = events + excluded.events, "
+    "raw_units = raw_units + excluded.raw_units, weighted_units = weighted_units + excluded.weighted_units, "
+    "overage_units = overage_units + excluded.overage_units, cost_cents = cost_cents + excluded.cost_cents"
 )
 
 
@@ -120,11 +129,23 @@ class _Event:
 
 @dataclass(slots=True)
 class _Total:
-    period_end: int
-    raw_units: int
-    weighted_units: int
-    events: int
+    """A row of meter_usage_totals (a period) or of meter_usage_by_operation, as the writer updates it."""
+
+    period_end: int = 0
+    events: int = 0
+    raw_units: int = 0
+    weighted_units: int = 0
+    overage_units: int = 0
+    cost_cents: int = 0
     changed: bool = False
+
+    def add(self, raw: int, weighted: int, overage: int, cost: int) -> None:
+        self.events += 1
+        self.raw_units += raw
+        self.weighted_units += weighted
+        self.overage_units += overage
+        self.cost_cents += cost
+        self.changed = True
 
 
 def _is_int(value: Any) -> bool:
@@ -148,7 +169,12 @@ def month_bounds(period: str) -> tuple[int, int]:
 
 def calendar_month_of(timestamp: int) -> tuple[int, int]:
     """The UTC calendar month containing `timestamp`: the usage period of a customer without a subscription."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
+    return _month_of_day(timestamp // DAY)
+
+
+@functools.lru_cache(maxsize=128)
+def _month_of_day(day: int) -> tuple[int, int]:
+    moment = datetime.fromtimestamp(day * DAY, UTC)
     return month_bounds(f"{moment.year:04d}-{moment.month:02d}")
 
 
@@ -173,7 +199,6 @@ class MeteringService:
         self._unknown: dict[str, float] = {}
         self._verifying: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Task[bool]] = {}
         self._queues: dict[asyncio.AbstractEventLoop, list[_Event]] = {}
-        self._jobs: set[asyncio.Task[None]] = set()
 
     # --- validation (no data needed) ---------------------------------------------------------------------------
 
@@ -229,7 +254,9 @@ class MeteringService:
     @staticmethod
     def _identifier(identifier: Any) -> str:
         if identifier is None:
-            return f"luc_{os.urandom(16).hex()}"
+            # time first (microseconds, hex), so new identifiers land at the end of the UNIQUE index, not on a
+            # random page each; 48 random bits keep them unique
+            return f"luc_{time.time_ns() // 1000:x}{os.urandom(6).hex()}"
         if not isinstance(identifier, str) or not identifier:
             raise InvalidInput("identifier must be a non-empty string (or omit it to have one generated)",
                                param="identifier")
@@ -361,30 +388,28 @@ class MeteringService:
         """Hand the events gathered in this turn of the loop to the writer, MAX_JOB per job."""
         events = self._queues.pop(loop, [])
         for index in range(0, len(events), MAX_JOB):
-            job = loop.create_task(self._commit(events[index:index + MAX_JOB]))
-            self._jobs.add(job)
-            job.add_done_callback(self._jobs.discard)
+            self._submit(loop, events[index:index + MAX_JOB])
 
-    async def _commit(self, events: list[_Event]) -> None:
-        try:
-            outcomes = await self._store.write(lambda conn: self._apply(conn, events))
-        except BaseException as exc:  # the transaction failed: none of these events was written
-            for event in events:
-                if not event.future.done():
-                    if isinstance(exc, asyncio.CancelledError):
-                        event.future.cancel()
-                    else:
-                        event.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for event, outcome in zip(events, outcomes, strict=True):
+    def _submit(self, loop: asyncio.AbstractEventLoop, events: list[_Event]) -> None:
+        done = self._store.submit(lambda conn: self._apply(conn, events))
+        done.add_done_callback(lambda outcome: self._settle_soon(loop, events, outcome))
+
+    def _settle_soon(self, loop: asyncio.AbstractEventLoop, events: list[_Event], outcome: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more; the write stands
+            loop.call_soon_threadsafe(self._settle, events, outcome)
+
+    @staticmethod
+    def _settle(events: list[_Event], outcome: Any) -> None:
+        error = outcome.exception()
+        results = None if error is not None else outcome.result()
+        for index, event in enumerate(events):
             if event.future.done():  # the caller went away; the write stands
                 continue
-            if isinstance(outcome, BillingError):
-                event.future.set_exception(outcome)
+            result = error if results is None else results[index]
+            if isinstance(result, BaseException):
+                event.future.set_exception(result)
             else:
-                event.future.set_result(outcome)
+                event.future.set_result(result)
 
     def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event]) -> list[MeterEventResult | BillingError]:
         """The writer side: replays and conflicts, running totals, then every new event and total in two statements."""
@@ -394,7 +419,8 @@ class MeteringService:
                 f"SELECT {_EVENT_COLUMNS} FROM meter_events WHERE identifier IN ({','.join('?' * len(identifiers))})",
                 identifiers)
         }
-        totals: dict[tuple[str, int], _Total] = {}
+        totals = self._load_totals(conn, {(e.customer, e.period_start) for e in events if e.identifier not in stored})
+        by_operation: dict[tuple[str, int, str], _Total] = {}
         inserts: list[tuple[Any, ...]] = []
         outcomes: list[MeterEventResult | BillingError] = []
         created_at = utc_now()
@@ -404,30 +430,26 @@ class MeteringService:
             if prior is not None:
                 outcomes.append(self._replay(prior, event))
                 continue
-            key = (event.customer, event.period_start)
-            total = totals.get(key)
-            if total is None:
-                row = conn.execute(
-                    "SELECT period_end, raw_units, weighted_units, events FROM meter_usage_totals "
-                    "WHERE customer_id = ? AND period_start = ?", key).fetchone()
-                total = _Total(*row) if row is not None else _Total(event.period_end, 0, 0, 0)
-                totals[key] = total
+            total = totals[(event.customer, event.period_start)]
+            total.period_end = total.period_end or event.period_end
             before = total.weighted_units
             after = before + event.weighted_units
-            total.raw_units += event.raw_units
-            total.weighted_units = after
-            total.events += 1
-            total.changed = True
             allowance, rate = event.tier.tokens_per_month, event.tier.overage_rate
             over_before, over_after = max(0, before - allowance), max(0, after - allowance)
+            overage, cost = over_after - over_before, cost_cents(over_after, rate) - cost_cents(over_before, rate)
+            total.add(event.raw_units, event.weighted_units, overage, cost)
+            key = (event.customer, event.period_start, event.operation or CUSTOM)
+            operation = by_operation.get(key)
+            if operation is None:
+                operation = by_operation[key] = _Total()
+            operation.add(event.raw_units, event.weighted_units, overage, cost)
             values = {
                 "identifier": event.identifier, "customer_id": event.customer, "operation": event.operation,
                 "multiplier_milli": event.multiplier_milli, "raw_units": event.raw_units,
                 "weighted_units": event.weighted_units, "agent_id": event.agent_id, "timestamp": event.timestamp,
                 "metadata": event.metadata, "tier": event.tier.id, "period_start": event.period_start,
                 "period_end": event.period_end, "period_units_after": after, "allowance": allowance,
-                "overage_rate": rate, "overage_units": over_after - over_before,
-                "cost_cents": cost_cents(over_after, rate) - cost_cents(over_before, rate),
+                "overage_rate": rate, "overage_units": overage, "cost_cents": cost,
             }
             inserts.append((*values.values(), event_name, created_at))
             stored[event.identifier] = values
@@ -435,10 +457,30 @@ class MeteringService:
         if inserts:
             conn.executemany(_EVENT_INSERT, inserts)
             conn.executemany(_TOTAL_UPSERT, [
-                (customer, start, t.period_end, t.raw_units, t.weighted_units, t.events)
-                for (customer, start), t in totals.items() if t.changed
-            ])
+                (customer, start, t.period_end, t.events, t.raw_units, t.weighted_units)
+                for (customer, start), t in totals.items() if t.changed])
+            conn.executemany(_OPERATION_ADD, [
+                (*key, t.events, t.raw_units, t.weighted_units, t.overage_units, t.cost_cents)
+                for key, t in by_operation.items()])
         return outcomes
+
+    @staticmethod
+    def _load_totals(conn: sqlite3.Connection, keys: set[tuple[str, int]]) -> dict[tuple[str, int], _Total]:
+        """The running totals of these (customer, period) pairs, read in the writer's transaction."""
+        totals: dict[tuple[str, int], _Total] = {}
+        if keys:
+            customers = list({customer for customer, _ in keys})
+            starts = list({start for _, start in keys})
+            marks = ",".join("?" * len(customers)), ",".join("?" * len(starts))
+            for row in conn.execute(  # customer IN (...) AND start IN (...): a superset the primary key finds directly
+                    "SELECT customer_id, period_start, period_end, events, raw_units, weighted_units FROM "
+                    f"meter_usage_totals WHERE customer_id IN ({marks[0]}) AND period_start IN ({marks[1]})",
+                    (*customers, *starts)):
+                if (row[0], row[1]) in keys:
+                    totals[(row[0], row[1])] = _Total(*row[2:])
+        for key in keys - totals.keys():
+            totals[key] = _Total()
+        return totals
 
     def _replay(self, prior: Mapping[str, Any], event: _Event) -> MeterEventResult | BillingError:
         differences = []
@@ -480,32 +522,43 @@ class MeteringService:
     # --- reads -------------------------------------------------------------------------------------------------
 
     def summary(self, customer: str, period: str = "current") -> UsageSummary:
-        """Usage by operation type, totals, allowance, overage and event statuses for one period (read-only)."""
+        """Usage by operation type, totals, allowance, overage and event statuses for one period (read-only).
+
+        `current`: the customer's current usage period, from its running totals. `YYYY-MM`: the events whose
+        timestamps fall in that UTC calendar month, on the terms (tier, allowance, rate) of the latest of them."""
         customer = self._customer(customer)
         tier = self._tier_of(customer)
         if not isinstance(period, str):
             raise InvalidInput("period must be `current` or YYYY-MM", param="period")
+        allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
         if period.strip().lower() == "current":
             period = "current"
             start, end = self._period(customer, int(self._clock()))
-            where, params = "AND period_start = ?", [customer, start, end, start]
+            rows = self._store.query(
+                "SELECT operation, events, raw_units, weighted_units, overage_units, cost_cents FROM "
+                "meter_usage_by_operation WHERE customer_id = ? AND period_start = ? ORDER BY operation",
+                (customer, start))
+            unsettled = self._store.query(  # pending and failed events are few; sent = the rest
+                "SELECT status, COUNT(*) AS n FROM meter_events WHERE status IN ('pending', 'failed') "
+                "AND customer_id = ? AND period_start = ? GROUP BY status", (customer, start))
+            counts = {row["status"]: row["n"] for row in unsettled}
         else:
             start, end = month_bounds(period.strip())
-            where, params = "", [customer, start, end]
-        rows = self._store.query(
-            "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, SUM(raw_units) AS raw_units, "
-            "SUM(weighted_units) AS weighted_units, SUM(overage_units) AS overage_units, "
-            "SUM(cost_cents) AS cost_cents, SUM(status = 'pending') AS pending, SUM(status = 'sent') AS sent, "
-            "SUM(status = 'failed') AS failed, MAX(id) AS last_id FROM meter_events "
-            f"WHERE customer_id = ? AND timestamp >= ? AND timestamp < ? {where} GROUP BY 1 ORDER BY 1",
-            (CUSTOM, *params))
-        allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
-        if period != "current" and rows:  # a past month: the terms its latest event was recorded under
-            latest = self._store.query_one("SELECT tier, allowance, overage_rate FROM meter_events WHERE id = ?",
-                                           (max(row["last_id"] for row in rows),))
-            if latest is not None and latest["tier"] is not None:
-                allowance, rate, tier_id = latest["allowance"], latest["overage_rate"], latest["tier"]
+            rows = self._store.query(
+                "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, SUM(raw_units) AS raw_units, "
+                "SUM(weighted_units) AS weighted_units, SUM(overage_units) AS overage_units, "
+                "SUM(cost_cents) AS cost_cents, SUM(status = 'pending') AS pending, SUM(status = 'failed') AS failed, "
+                "MAX(id) AS last_id FROM meter_events WHERE timestamp >= ? AND timestamp < ? AND customer_id = ? "
+                "GROUP BY 1 ORDER BY 1", (CUSTOM, start, end, customer))
+            counts = {"pending": sum(row["pending"] for row in rows), "failed": sum(row["failed"] for row in rows)}
+            if rows:  # a past month: the terms its latest event was recorded under
+                latest = self._store.query_one("SELECT tier, allowance, overage_rate FROM meter_events WHERE id = ?",
+                                               (max(row["last_id"] for row in rows),))
+                if latest is not None and latest["tier"] is not None:
+                    allowance, rate, tier_id = latest["allowance"], latest["overage_rate"], latest["tier"]
         weighted = sum(row["weighted_units"] for row in rows)
+        events = sum(row["events"] for row in rows)
+        pending, failed = counts.get("pending", 0), counts.get("failed", 0)
         return UsageSummary(
             customer=customer, period=period, period_start=start, period_end=end, tier=tier_id,
             by_operation=[OperationUsage(operation=row["operation"], events=row["events"], raw_units=row["raw_units"],
@@ -514,8 +567,7 @@ class MeteringService:
             remaining=max(0, allowance - weighted), overage_units=sum(row["overage_units"] for row in rows),
             overage_cost_cents=sum(row["cost_cents"] for row in rows), overage_rate=rate,
             currency=self._pricing.currency,
-            events=EventCounts(pending=sum(row["pending"] for row in rows), sent=sum(row["sent"] for row in rows),
-                               failed=sum(row["failed"] for row in rows)),
+            events=EventCounts(pending=pending, sent=events - pending - failed, failed=failed),
         )
 
     def quote(
@@ -532,9 +584,9 @@ class MeteringService:
             tier = self._tier_of(customer)
             start, _ = self._period(customer, int(self._clock()))
             row = self._store.query_one(
-                "SELECT weighted_units FROM meter_usage_totals WHERE customer_id = ? AND period_start = ?",
+                "SELECT weighted_units AS used FROM meter_usage_totals WHERE customer_id = ? AND period_start = ?",
                 (customer, start))
-            used = row["weighted_units"] if row else 0
+            used = row["used"] if row else 0
         else:
             tier = self._pricing.p2p
         allowance, rate = tier.tokens_per_month, tier.overage_rate

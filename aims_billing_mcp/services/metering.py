@@ -2,17 +2,20 @@
 
 Recording. `record` validates everything it can without data (units, operation or multiplier, identifier, Stripe's
 timestamp window, the customer), then hands the event to the one writer. Inside the writer's transaction the event
-row (UNIQUE identifier, status pending) and its period's running total (`meter_usage_totals`, one row per customer
-and usage period) are written together, so the answer (period usage, remaining allowance, overage, cost) is computed
-from a total no other write can interleave with, and never from a SUM over the period's events. The caller hears
-back only after COMMIT.
+row (UNIQUE identifier, status pending), its period's running total (`meter_usage_totals`, one row per customer and
+usage period) and the period's per-operation counters (`meter_usage_by_operation`) are written together, so the
+answer (period usage, remaining allowance, overage, cost) is computed from a total no other write can interleave
+with, and never from a SUM over the period's events. The caller hears back only after COMMIT.
 
 Sharing writer jobs. The store already commits every job that has gathered in one transaction; record goes one step
-further and puts every event that arrived in the same turn of the event loop into one writer job: one lookup of
-their identifiers, one read of each period total, one `executemany` of the events and of the totals. Each event is
-still in exactly one job with its total, and a replay or conflict is an answer computed in the job, not an exception,
-so one event never undoes another. (64 concurrent callers: about 3x the rate of one job per event, see
-bench/metering.py.)
+further and puts every event that arrived in the same turn of the event loop into one writer job (`store.submit`):
+one lookup of their identifiers, one read of their period totals, one `executemany` each for the events, the totals
+and the per-operation counters. Each event is still in exactly one job with its totals, and a replay or conflict is
+an answer computed in the job, not an exception, so one event never undoes another.
+
+Indexes. Events are indexed by identifier, status and time, never by customer: an index with the customer in its
+key scatters each commit's entries over as many pages as the batch has customers, which made COMMIT about five
+times dearer (bench/metering.py). Per-customer reads go through the totals tables instead.
 
 Idempotency. The identifier is the event's key, in Stripe as here. The same identifier with the same content
 (customer, units, operation or multiplier, agent, metadata, and the timestamp when one is given) returns the first
@@ -25,9 +28,9 @@ the period's overage charge exactly. Stripe receives the weighted units (the met
 price makes the allowance free and charges the overage rate.
 
 Periods. `period_of(customer, t)` gives the usage period containing t: the subscription's current period, or the
-UTC calendar month. `summary("current")` covers the events recorded in the current period; `summary("YYYY-MM")` the
-events whose timestamps fall in that calendar month (which, for a subscription period, may span two periods: its
-overage is what those events incurred).
+UTC calendar month. `summary("current")` is the current period's per-operation counters; `summary("YYYY-MM")` sums
+the events whose timestamps fall in that calendar month (a scan of the time index; for a subscription period the
+month may span two periods, and its overage is what those events incurred).
 
 Customers. An unknown customer is refused. A customer is asked about once: the answer is kept in
 `meter_customers` (customers known from subscriptions count as verified), so the hot path never calls Stripe twice

@@ -61,6 +61,14 @@ def _summary(content: dict[str, Any] | None) -> str:
         return f"{len(content['invoices'])} invoice(s), has_more={content['has_more']}"
     if "tiers" in content:
         return ", ".join(f"{t['id']} {t['monthly_price_display']}" for t in content["tiers"])
+    if "weighted_units" in content and "allowance" in content:
+        used = content.get("period_usage", content["weighted_units"])
+        if "identifier" not in content and "by_operation" not in content:  # a quote
+            return (f"{content['weighted_units']:,} weighted would cost {content['cost_cents']} cents "
+                    f"({content['overage_units']:,} over the allowance)")
+        replayed = " replayed" if content.get("replayed") else ""
+        return (f"{content['weighted_units']:,} weighted; {used:,} of {content['allowance']:,} used, overage "
+                f"{content.get('period_overage_units', content.get('overage_units', 0)):,}{replayed}")
     if "holds" in content and "available" in content:
         return f"{content['agent_id']}: balance {content['balance']:,} LUC, available {content['available']:,}"
     if "hold_id" in content or "txn_id" in content or "wallet_id" in content:
@@ -188,6 +196,30 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
                        lambda c: c.get("to_balance_after") == 1000)
             await call("get_agent_wallet", {"agent_id": "planner"},
                        lambda c: (c.get("balance"), c.get("available")) == (2800, 2800))
+
+            # Usage: a burst across operation types against the 6mo allowance, the summary, a flush to Stripe.
+            burst = [("chat", 40_000), ("code", 30_000), ("research", 25_000), ("image", 20_000),
+                     ("agent_swarm", 15_000)]
+            def recorded(units: int) -> Callable[[dict[str, Any]], bool]:
+                return lambda c: c.get("replayed") is False and c.get("weighted_units", 0) >= units
+
+            for index, (operation, units) in enumerate(burst):
+                await call("create_meter_event", {"customer": values["customer"], "units": units,
+                                                  "operation": operation, "identifier": f"demo-{index}"},
+                           recorded(units))
+            await call("create_meter_event", {"customer": values["customer"], "units": 40_000, "operation": "chat",
+                                              "identifier": "demo-0"}, lambda c: c.get("replayed") is True)
+            summary = await call("get_usage_summary", {"customer": values["customer"]},
+                                 lambda c: (c.get("weighted_units"), c.get("overage_units")) == (230_000, 0))
+            start = time.perf_counter()
+            flushed = await server.state.flusher.flush_once()  # type: ignore[union-attr]
+            rows.append(Row("(flusher)", "deliver usage to Stripe meters",
+                            f"{flushed.sent} events sent via {flushed.transport}, {flushed.pending} pending",
+                            (time.perf_counter() - start) * 1000, flushed.sent == len(burst) and not flushed.pending))
+            await call("quote_usage", {"units": 20_000, "operation": "code", "customer": values["customer"]},
+                       lambda c: (c.get("weighted_units"), c.get("overage_units"), c.get("cost_cents")) == (
+                           30_000, 10_000, 1200))  # 20,000 still included, 10,000 over at 120 cents per 1,000
+            del summary
 
             sandbox_step("renewal payment fails", lambda: sandbox.trigger(
                 "invoice.payment_failed", subscription=paid["subscription"]),

@@ -54,8 +54,9 @@ def usage_report(store: Store, metering: MeteringService, customer: str | None =
     """Per customer with recorded usage: tier, usage this period, allowance, overage and its cost, and what is still
     waiting to reach Stripe."""
     where = " WHERE customer_id = ?" if customer else ""
-    customers = [row["customer_id"] for row in store.query(
-        f"SELECT DISTINCT customer_id FROM meter_events{where} ORDER BY customer_id", (customer,) if customer else ())]
+    customers = [row["customer_id"] for row in store.query(  # the running totals: one row per customer and period
+        f"SELECT DISTINCT customer_id FROM meter_usage_totals{where} ORDER BY customer_id",
+        (customer,) if customer else ())]
     rows = []
     for who in customers:
         s = metering.summary(who, "current")

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from aims_billing_mcp.services.meter_flusher import MeterFlusher
-from aims_billing_mcp.services.metering import MeteringService, calendar_month_of
-from aims_billing_mcp.services.tiers import Pricing
+from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store, connect, utc_now
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, build_gateway

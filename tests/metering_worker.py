@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from aims_billing_mcp.services.metering import MeteringService, calendar_month_of
-from aims_billing_mcp.services.tiers import Pricing
+from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
 from aims_billing_mcp.store import Store
 
 CUSTOMERS = ("cus_a", "cus_b", "cus_c")

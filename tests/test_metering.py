@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aims_billing_mcp.errors import IdempotencyConflict, InvalidInput, LimitReached, NotFound
-from aims_billing_mcp.services.metering import MeteringService, calendar_month_of, month_bounds
-from aims_billing_mcp.services.tiers import Pricing, cost_cents
+from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.tiers import Pricing, calendar_month_of, cost_cents, month_bounds
 from aims_billing_mcp.store import Store
 
 pytestmark = pytest.mark.anyio

@@ -14,8 +14,8 @@ import pytest
 
 from aims_billing_mcp.errors import StripeInvalidRequest
 from aims_billing_mcp.services.meter_flusher import TOO_OLD, V2_SESSION, V2_STREAM, MeterFlusher
-from aims_billing_mcp.services.metering import MeteringService, calendar_month_of
-from aims_billing_mcp.services.tiers import Pricing
+from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, StripeResult, build_gateway

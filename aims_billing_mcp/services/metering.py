@@ -44,11 +44,8 @@ next acquire or release of that customer.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import contextlib
-import functools
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -70,9 +67,18 @@ from .metering_models import (
     UsageQuote,
     UsageSummary,
 )
-from .tiers import MAX_MULTIPLIER_MILLI, MIN_MULTIPLIER_MILLI, Pricing, Tier, cost_cents, to_milli, weighted_units
+from .tiers import (
+    DAY,
+    MAX_MULTIPLIER_MILLI,
+    MIN_MULTIPLIER_MILLI,
+    Pricing,
+    Tier,
+    cost_cents,
+    month_bounds,
+    to_milli,
+    weighted_units,
+)
 
-DAY = 86_400
 STRIPE_MAX_AGE = 35 * DAY  # Stripe accepts meter events from the past 35 days ...
 STRIPE_MAX_AHEAD = 300  # ... and at most 5 minutes ahead
 RECORD_MARGIN = 600  # we accept 10 minutes less than Stripe's 35 days, so the flusher still has time to deliver
@@ -84,7 +90,6 @@ MAX_SLOT_TTL = 7 * DAY
 MAX_JOB = 500  # events per writer job
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
-PERIOD_PATTERN = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 
 _EVENT_COLUMNS = (
     "identifier, customer_id, operation, multiplier_milli, raw_units, weighted_units, agent_id, timestamp, metadata, "
@@ -157,28 +162,6 @@ def _is_int(value: Any) -> bool:
 
 def _iso(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def month_bounds(period: str) -> tuple[int, int]:
-    """[start, end) of a UTC calendar month given as YYYY-MM."""
-    match = PERIOD_PATTERN.fullmatch(period)
-    if match is None:
-        raise InvalidInput(f"period {period!r} is not `current` or a month as YYYY-MM (e.g. 2026-03)", param="period")
-    year, month = int(match.group(1)), int(match.group(2))
-    start = calendar.timegm((year, month, 1, 0, 0, 0))
-    end = calendar.timegm((year + month // 12, month % 12 + 1, 1, 0, 0, 0))
-    return start, end
-
-
-def calendar_month_of(timestamp: int) -> tuple[int, int]:
-    """The UTC calendar month containing `timestamp`: the usage period of a customer without a subscription."""
-    return _month_of_day(timestamp // DAY)
-
-
-@functools.lru_cache(maxsize=128)
-def _month_of_day(day: int) -> tuple[int, int]:
-    moment = datetime.fromtimestamp(day * DAY, UTC)
-    return month_bounds(f"{moment.year:04d}-{moment.month:02d}")
 
 
 class MeteringService:

@@ -30,7 +30,7 @@ from ..settings import Settings
 from ..store import Store, utc_iso, utc_now
 from ..stripe_gateway import StripeRequest
 from .mutations import StripeMutations, compact
-from .tiers import TIER_METADATA, Pricing, Tier, add_months, calendar_month, trial_days
+from .tiers import TIER_METADATA, Pricing, Tier, add_months, calendar_month_of, trial_days
 
 LIVE = frozenset({"active", "trialing", "past_due"})
 STATUS_RANK = {"incomplete": 0, "trialing": 1, "active": 2, "past_due": 3, "unpaid": 4, "paused": 4,
@@ -168,7 +168,7 @@ class SubscriptionService:
             start = add_months(end, -1)
             if start <= timestamp < end:
                 return start, end
-        return calendar_month(timestamp)
+        return calendar_month_of(timestamp)
 
     async def customer_exists(self, customer: str) -> bool:
         if self.provision(customer) is not None:

@@ -12,6 +12,8 @@ on two of Stripe's own subscription fields rather than on a schedule we would ha
 from __future__ import annotations
 
 import calendar
+import functools
+import re
 import tomllib
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -21,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from ..errors import UnknownTier
+from ..errors import InvalidInput, UnknownTier
 
 TIER_METADATA = "aims_tier"
 
@@ -146,20 +148,30 @@ def add_months(epoch: int, months: int) -> int:
     return int(start.replace(year=year, month=month, day=day).timestamp())
 
 
-def calendar_month(epoch: int) -> tuple[int, int]:
-    """[first instant of the UTC month containing `epoch`, first instant of the next month)."""
-    moment = datetime.fromtimestamp(epoch, UTC)
-    start = int(moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
-    return start, add_months(start, 1)
+PERIOD_PATTERN = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+DAY = 86400
 
 
 def month_bounds(period: str) -> tuple[int, int]:
-    """'YYYY-MM' as [start, end) epoch seconds in UTC; a clear error for anything else."""
-    try:
-        start = int(datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC).timestamp())
-    except ValueError:
-        raise ValueError(f"period must be 'current' or a month as YYYY-MM, e.g. 2026-11 (got {period!r})") from None
-    return start, add_months(start, 1)
+    """[start, end) of a UTC calendar month given as YYYY-MM."""
+    match = PERIOD_PATTERN.fullmatch(period)
+    if match is None:
+        raise InvalidInput(f"period {period!r} is not `current` or a month as YYYY-MM (e.g. 2026-03)", param="period")
+    year, month = int(match.group(1)), int(match.group(2))
+    start = calendar.timegm((year, month, 1, 0, 0, 0))
+    end = calendar.timegm((year + month // 12, month % 12 + 1, 1, 0, 0, 0))
+    return start, end
+
+
+def calendar_month_of(timestamp: int) -> tuple[int, int]:
+    """The UTC calendar month containing `timestamp`: the usage period of a customer without a subscription."""
+    return _month_of_day(timestamp // DAY)
+
+
+@functools.lru_cache(maxsize=128)
+def _month_of_day(day: int) -> tuple[int, int]:
+    moment = datetime.fromtimestamp(day * DAY, UTC)
+    return month_bounds(f"{moment.year:04d}-{moment.month:02d}")
 
 
 def trial_days(start: int, months: int) -> int:

@@ -33,6 +33,8 @@ from .mutations import StripeMutations, compact
 from .tiers import TIER_METADATA, Pricing, Tier, add_months, calendar_month_of, trial_days
 
 LIVE = frozenset({"active", "trialing", "past_due"})
+PROVISION_CACHE_SECONDS = 5.0
+PROVISION_CACHE_SIZE = 10_000
 STATUS_RANK = {"incomplete": 0, "trialing": 1, "active": 2, "past_due": 3, "unpaid": 4, "paused": 4,
                "canceled": 5, "incomplete_expired": 5}
 
@@ -52,6 +54,7 @@ class SubscriptionService:
         self._store = store
         self._pricing = pricing
         self._settings = settings
+        self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
     # --- tiers ---------------------------------------------------------------------------------------------------
 
@@ -134,7 +137,23 @@ class SubscriptionService:
     # --- status ------------------------------------------------------------------------------------------------------
 
     def provision(self, customer: str) -> dict[str, Any] | None:
-        return self._store.query_one("SELECT * FROM billing_provisions WHERE customer_id = ?", (customer,))
+        """The customer's provision row, cached: every meter event asks for the tier and period, and provisions
+        change only when an event is applied, which `forget`s the customer after its COMMIT. The TTL bounds
+        staleness when another server instance applied the event (several instances behind one database)."""
+        now = time.monotonic()
+        cached = self._cache.get(customer)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        row = self._store.query_one("SELECT * FROM billing_provisions WHERE customer_id = ?", (customer,))
+        if len(self._cache) >= PROVISION_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[customer] = (now + PROVISION_CACHE_SECONDS, row)
+        return row
+
+    def forget(self, customer: str | None) -> None:
+        """Drop a customer's cached provision (call after the COMMIT that changed it)."""
+        if customer is not None:
+            self._cache.pop(customer, None)
 
     async def get_billing_status(self, customer: str) -> BillingStatus:
         row = self.provision(customer)
@@ -232,7 +251,8 @@ class SubscriptionService:
             """Apply Stripe's answer now, as a synthetic event, so status is right before the webhook arrives."""
             event = {"id": f"api_cancel_{sub['id']}_{int(time.time())}", "type": "customer.subscription.updated",
                      "created": int(time.time()), "data": {"object": sub}}
-            await self._store.write(lambda conn: self.apply_event(conn, event))
+            applied = await self._store.write(lambda conn: self.apply_event(conn, event))
+            self.forget(applied.customer_id)
 
         return await self._mutations.run(
             "cancel_subscription", path, params, CancellationResult, project, method=method,

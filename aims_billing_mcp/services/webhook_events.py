@@ -21,6 +21,7 @@ class Ingested:
     event_id: str
     duplicate: bool
     note: str | None = None
+    customer_id: str | None = None
 
 
 class WebhookEventService:
@@ -41,10 +42,12 @@ class WebhookEventService:
                 "customer_id, error) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
                 (event["id"], event["type"], int(event["created"]), text, now, now, applied.customer_id, applied.note),
             )
-            return Ingested(event["id"], duplicate=False, note=applied.note)
+            return Ingested(event["id"], duplicate=False, note=applied.note, customer_id=applied.customer_id)
 
         try:
-            return await self._store.write(job)
+            result = await self._store.write(job)
+            self._subscriptions.forget(result.customer_id)
+            return result
         except sqlite3.IntegrityError as exc:
             if "webhook_events.id" not in str(exc):
                 raise

@@ -197,3 +197,12 @@ async def test_the_end_of_an_old_subscription_does_not_downgrade_a_newer_live_on
     await post(url, event("customer.subscription.deleted", subscription("canceled", sub_id="sub_old"), created=600))
     row = provision(server)
     assert (row["subscription_id"], row["status"], row["tier"]) == ("sub_new", "active", "9mo")  # type: ignore[index]
+
+
+async def test_a_status_read_just_before_an_event_is_not_served_stale_after_it(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    await post(url, event("customer.subscription.created", subscription("active"), created=100))
+    before = await server.state.subscriptions.get_billing_status("cus_A")  # now cached
+    await post(url, event("customer.subscription.deleted", subscription("canceled"), created=200))
+    after = await server.state.subscriptions.get_billing_status("cus_A")
+    assert (before.tier, after.tier, after.status) == ("6mo", "p2p", "canceled")

@@ -184,3 +184,32 @@ async def test_report_wallets_and_check_ledger_read_the_database(
     assert "scout" in report and "500" in report and "900" in report
     assert healthy.startswith("check-ledger: ok: 1 wallets")
     assert "1 violation" in broken and "balance_mismatch" in broken and "scout" in broken
+
+
+async def test_report_usage_and_flush_usage_deliver_what_is_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "usage.db"))
+    monkeypatch.setenv("AIMS_BILLING_FLUSH_INTERVAL_SECONDS", "0")
+    assert await anyio.to_thread.run_sync(main, ["setup-stripe"]) == 0  # the meter, in the sandbox file
+    settings = Settings(_env_file=None, aims_billing_db=tmp_path / "usage.db",  # type: ignore[call-arg]
+                        aims_billing_flush_interval_seconds=0)
+    async with Client(build_server(settings)) as client:
+        made = await client.call_tool("create_customer", {"email": "usage@example.com"})
+        customer = made.structured_content["customer"]["id"]  # type: ignore[index]
+        for index in range(3):
+            await client.call_tool("create_meter_event", {"customer": customer, "units": 1000, "operation": "code",
+                                                          "identifier": f"cli-{index}"})
+    capsys.readouterr()
+
+    assert await anyio.to_thread.run_sync(main, ["report", "usage"]) == 0
+    before = capsys.readouterr().out
+    assert await anyio.to_thread.run_sync(main, ["flush-usage"]) == 0
+    flushed = capsys.readouterr().out
+    assert await anyio.to_thread.run_sync(main, ["report", "usage", "--customer", customer]) == 0
+    after = capsys.readouterr().out
+
+    assert customer in before and "4,500" in before and "p2p" in before  # 3 x 1,000 x 1.5, all over P2P's 0
+    assert "3 event(s) accepted by Stripe, 0 marked failed, 0 still pending" in flushed
+    pending_column = [line.split()[-2] for line in after.splitlines() if line.startswith(customer)]
+    assert pending_column == ["0"]

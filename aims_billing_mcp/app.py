@@ -282,10 +282,9 @@ async def background_tasks(
 @asynccontextmanager
 async def companion_webhook_server(get_state: Callable[[], AppState | None], port: int) -> AsyncIterator[None]:
     """The webhook endpoint on 127.0.0.1:port beside a stdio server. A taken port is reported on stderr and the MCP
-    server keeps serving: tools work, events wait in Stripe's retry queue until the endpoint is reachable."""
-    import anyio
-    import uvicorn
-
+    server keeps serving: tools work, events wait in Stripe's retry queue until the endpoint is reachable.
+    Only the bind happens before MCP serves (so a taken port is reported at once); uvicorn loads in the background,
+    off the time to the first tools/list (the kernel queues connections on the bound socket meanwhile)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -296,15 +295,26 @@ async def companion_webhook_server(get_state: Callable[[], AppState | None], por
               "free port, or run `serve --no-webhooks`; continuing without the webhook endpoint", file=sys.stderr)
         yield
         return
-    config = uvicorn.Config(build_webhook_app(get_state), log_level="warning", lifespan="off")
-    web = uvicorn.Server(config)
+    sock.listen(128)
     print(f"aims-billing-mcp: webhooks on http://127.0.0.1:{sock.getsockname()[1]}{WEBHOOK_PATH}", file=sys.stderr)
+    servers: list[Any] = []
+
+    async def serve() -> None:
+        import uvicorn
+
+        web = uvicorn.Server(uvicorn.Config(build_webhook_app(get_state), log_level="warning", lifespan="off"))
+        servers.append(web)
+        await web.serve(sockets=[sock])
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: web.serve(sockets=[sock]))
+        tg.start_soon(serve)
         try:
             yield
         finally:
-            web.should_exit = True
+            for web in servers:
+                web.should_exit = True
+            if not servers:
+                tg.cancel_scope.cancel()
 
 
 def register(server: MCPServer[Any], spec: ToolSpec) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import anyio
-import httpx
 import stripe
 from stripe._encode import _api_encode
 
@@ -135,7 +134,9 @@ class ASGIHTTPClient(stripe.HTTPClient):
     ) -> tuple[bytes, int, Mapping[str, str]]:
         try:
             body, status, raw_headers = await call_asgi(self.app, method, url, headers, post_data)
-            return body, status, httpx.Headers(raw_headers)
+            # ASGI header names are lowercase already, which is how the SDK looks them up; a plain dict keeps httpx
+            # (and the CLI extras it imports) off the start-up path.
+            return body, status, {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
         except Exception as exc:  # the sandbox crashed: the SDK treats this like a network error
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
                 f"sandbox request failed: {type(exc).__name__}", should_retry=True

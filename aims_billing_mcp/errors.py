@@ -15,6 +15,8 @@ translated once, in `stripe_gateway.py`, into this tree; nothing else catches SD
     │   ├── WalletFrozen              the wallet is frozen
     │   ├── LimitReached              a tier limit (agents, concurrent tasks) is reached
     │   └── InvalidState              e.g. capturing a hold that was released or expired
+    ├── PaymentRejected               an x402 payment failed verification or settlement; `code` is the x402
+    │                                 spec's reason (invalid_exact_evm_payload_signature, ..._nonce_already_used)
     ├── ConfigurationError            settings refuse the call (live key without opt-in, price not set up)
     └── StripeError                   Stripe (or the sandbox) refused or failed; keeps type/code/param/request_id
         ├── StripeAuthenticationFailed    401: the key is wrong or revoked
@@ -91,6 +93,16 @@ class LimitReached(Refused):
 
 class InvalidState(Refused):
     code = "invalid_state"
+
+
+class PaymentRejected(BillingError):
+    """An x402 payment refused; the instance's `code` is the x402 spec's reason code, so agents can branch on it."""
+
+    code = "payment_rejected"
+
+    def __init__(self, reason: str, message: str, *, param: str | None = None, **details: Any) -> None:
+        super().__init__(message, param=param, **details)
+        self.code = reason
 
 
 class ConfigurationError(BillingError):

@@ -10,7 +10,7 @@ import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -71,6 +71,15 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="Seconds between deliveries of usage to Stripe meters; 0 turns it off"
     )
     aims_billing_webhook_port: int = Field(default=8766, ge=0, le=65535)
+    aims_x402_pay_to: str | None = Field(
+        default=None, pattern=r"^0x[0-9a-fA-F]{40}$",
+        description="The address x402 payments are made to; unset in sandbox/test mode = a fixed, documented test address",
+    )
+    aims_x402_facilitator: Literal["local", "http", "stripe"] = "local"
+    aims_x402_facilitator_url: str | None = Field(default=None, pattern=r"^https?://")
+    aims_x402_network: Literal["base", "base-sepolia"] | None = Field(
+        default=None, description="Default network for payment requirements; unset = base-sepolia unless live mode"
+    )
     aims_billing_log_level: str = Field(default="WARNING", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 
     @field_validator("aims_billing_tools", mode="before")

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     aims_billing_webhook_port: int = Field(default=8766, ge=0, le=65535)
     aims_x402_pay_to: str | None = Field(
         default=None, pattern=r"^0x[0-9a-fA-F]{40}$",
-        description="The address x402 payments are made to; unset in sandbox/test mode = a fixed, documented test address",
+        description="The address x402 payments are made to; unset in sandbox/test mode: a fixed test address",
     )
     aims_x402_facilitator: Literal["local", "http", "stripe"] = "local"
     aims_x402_facilitator_url: str | None = Field(default=None, pattern=r"^https?://")

@@ -4,6 +4,7 @@ to the real server (real gateway, real SDK, real SQLite): tests call tools by na
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from mcp.types import CallToolResult
 from aims_billing_mcp.app import BillingServer, build_server
 from aims_billing_mcp.sandbox import Sandbox, create_app
 from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.store import Store
 
 
 @pytest.fixture
@@ -31,6 +33,27 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith(("STRIPE_", "AIMS_BILLING_", "AIMS_X402_")):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+
+
+class Clock:
+    """A clock the test moves by hand: services take `clock=` so time-based rules are tested without sleeping."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = float(int(time.time()) if now is None else now)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A migrated store on a temporary file (reader and writer need a file, not :memory:)."""
+    s = Store(tmp_path / "store.db")
+    yield s
+    s.close()
 
 
 @pytest.fixture

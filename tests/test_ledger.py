@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from aims_billing_mcp.errors import (
 )
 from aims_billing_mcp.services.ledger import ISSUANCE, REVENUE, LedgerService
 from aims_billing_mcp.store import Store
+from tests.conftest import Clock
 
 pytestmark = pytest.mark.anyio
 
@@ -33,27 +33,9 @@ LIMITS = {"cus_two": 2, "cus_p2p": 0}
 TABLES = ("agent_wallets", "agent_transactions", "ledger_holds", "ledger_requests")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOON
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "ledger.db")
-    yield s
-    s.close()
+    return Clock(NOON)
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -18,19 +17,12 @@ from aims_billing_mcp.errors import IdempotencyConflict, InvalidInput, LimitReac
 from aims_billing_mcp.services.metering import MeteringService
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of, cost_cents, month_bounds
 from aims_billing_mcp.store import Store
+from tests.conftest import Clock
 
 pytestmark = pytest.mark.anyio
 
 PRICING = Pricing.load()
 DAY = 86_400
-
-
-class Clock:
-    def __init__(self, now: float | None = None) -> None:
-        self.now = float(int(time.time()) if now is None else now)
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Customers:
@@ -52,13 +44,6 @@ def make_service(store: Store, *, tiers: dict[str, str] | None = None, customers
     exists: Callable[[str], Awaitable[bool]] = customers or Customers("cus_a", "cus_b", "cus_3mo", "cus_6mo", "cus_9mo")
     return MeteringService(store, pricing, tier_of=lambda c: pricing.tier(tiers.get(c, "p2p")),
                            period_of=lambda c, t: calendar_month_of(t), customer_exists=exists, clock=clock)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "metering.db")
-    yield s
-    s.close()
 
 
 @pytest.fixture

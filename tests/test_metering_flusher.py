@@ -19,19 +19,12 @@ from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, StripeResult, build_gateway
+from tests.conftest import Clock
 
 pytestmark = pytest.mark.anyio
 
 PRICING = Pricing.load()
 DAY = 86_400
-
-
-class Clock:
-    def __init__(self, now: float | None = None) -> None:
-        self.now = float(int(time.time()) if now is None else now)
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(autouse=True)

@@ -18,13 +18,6 @@ TABLES = {"billing_provisions", "payment_sessions", "x402_receipts", "agent_wall
           "meter_events", "webhook_events", "idempotency_keys", "audit_log", "migrations"}
 
 
-@pytest.fixture
-def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = Store(tmp_path / "s.db")
-    yield s
-    s.close()
-
-
 def test_a_new_database_has_every_table_and_the_latest_schema(store: Store) -> None:
     assert set(store.table_names()) >= TABLES
     assert store.schema_version == SCHEMA_VERSION

@@ -209,7 +209,7 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
                            recorded(units))
             await call("create_meter_event", {"customer": values["customer"], "units": 40_000, "operation": "chat",
                                               "identifier": "demo-0"}, lambda c: c.get("replayed") is True)
-            summary = await call("get_usage_summary", {"customer": values["customer"]},
+            await call("get_usage_summary", {"customer": values["customer"]},
                                  lambda c: (c.get("weighted_units"), c.get("overage_units")) == (230_000, 0))
             start = time.perf_counter()
             flushed = await server.state.flusher.flush_once()  # type: ignore[union-attr]
@@ -219,7 +219,6 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             await call("quote_usage", {"units": 20_000, "operation": "code", "customer": values["customer"]},
                        lambda c: (c.get("weighted_units"), c.get("overage_units"), c.get("cost_cents")) == (
                            30_000, 10_000, 1200))  # 20,000 still included, 10,000 over at 120 cents per 1,000
-            del summary
 
             sandbox_step("renewal payment fails", lambda: sandbox.trigger(
                 "invoice.payment_failed", subscription=paid["subscription"]),

@@ -99,3 +99,9 @@ def test_every_setting_is_listed_in_env_example() -> None:
     example = (Path(__file__).parents[1] / ".env.example").read_text()
     for name in Settings.model_fields:
         assert f"\n{name.upper()}=" in example, name
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`{name.upper()}`" in readme, name

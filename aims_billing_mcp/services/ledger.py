@@ -280,6 +280,21 @@ class LedgerService:
         job = self._credit_job("credit_usd", agent_id, amount, extra, ISSUANCE, idempotency_key, reason, reference)
         return await self._submit(UsdCredit, job)
 
+    def credit_in(
+        self, conn: sqlite3.Connection, agent_id: str, amount: int, *, idempotency_key: str, reason: str,
+        reference: str | None = None,
+    ) -> Posting:
+        """The `credit` operation applied inside a caller's own store job (`await store.write(fn)`, fn calling this
+        with its connection), so the credit commits in the same transaction as the caller's writes, or not at all.
+        Same rules, same (credit, key) idempotency as `credit`: a repeated key with the same arguments returns the
+        stored posting with replayed=true. A refusal raises before the credit writes anything; the caller's job
+        raising (or re-raising) it rolls back the caller's writes too."""
+        job = self._credit_job("credit", agent_id, amount, {}, ISSUANCE, idempotency_key, reason, reference)
+        response, replayed = job(conn)
+        if replayed:
+            return Posting.model_validate({**response, "replayed": True})
+        return Posting.model_construct(**response)
+
     def _credit_job(
         self, operation: str, agent_id: str, amount: int, extra: dict[str, Any], source: str,
         idempotency_key: str, reason: str, reference: str | None,

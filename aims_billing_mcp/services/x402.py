@@ -1,0 +1,587 @@
+"""x402 payments: payment requirements (402 challenges), verification, settlement, receipts once, wallet credits.
+
+Flow. `create_requirements` stores a quote (amount in atomic USDC, network, asset, pay-to, the agent wallet and LUC
+a payment credits, expiry) and returns the x402 `PaymentRequired` built with the SDK's models. `verify_and_settle`
+decodes the payment (a base64 `PAYMENT-SIGNATURE`/`X-PAYMENT` header value or its JSON), checks it against the quote
+(version, scheme, network, asset, recipient, exact amount, validAfter <= now < validBefore, nonce shape, quote open
+and unexpired), then verifies and settles it in the configured mode:
+- `local`: the SDK's own exact-EVM facilitator (`ExactEvmScheme`) over an offline `FacilitatorEvmSigner`
+  (`x402_signer.py`): EIP-712 signature recovery of `from`, nonce state from our receipts table, simulated
+  settlement with a deterministic tx hash;
+- `http`: a remote facilitator's `/verify` and `/settle` through the SDK's `HTTPFacilitatorClient`;
+- `stripe`: the payment is a PaymentIntent id, re-read through the gateway: succeeded, amount_received equal to the
+  quote (cents), currency usd, metadata.quote_id equal to the quote.
+Then ONE store job records the receipt, marks the quote paid and credits the wallet: the UNIQUE keys (network,
+asset, payer, nonce), tx hash, PaymentIntent id and quote id guard replays in the same transaction as the credit,
+so a replay (even racing from another process) credits nothing and answers `invalid_exact_evm_nonce_already_used`
+(`payment_intent_already_used` for a PaymentIntent).
+
+Errors are `PaymentRejected` whose code is the x402 spec's reason (the SDK's constants, mirrored below so this
+module imports nothing heavy; tests check they match). The SDK's EVM stack costs about half a second to import: it
+is imported on the first verification, never at server start.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from ..errors import InvalidInput, NotFound, PaymentRejected, StripeError
+from ..store import Store, dumps, utc_iso
+from .ledger import LedgerService
+from .tiers import Pricing
+from .x402_models import Mode, Receipt, ReceiptRow, RequirementsResult
+
+# A fixed, valid test address payments go to in sandbox/test mode when AIMS_X402_PAY_TO is unset. Its key is
+# unknown (it is the last 20 bytes of keccak256(b"aims-billing-mcp sandbox x402 pay-to")): never use it on mainnet.
+SANDBOX_PAY_TO = "0x88905996E9aFA7565698F7d1cfC71b4D4b3840d7"
+
+SCHEME_EXACT = "exact"
+USDC_DECIMALS = 6
+ATOMIC_PER_USD = 10**USDC_DECIMALS
+MAX_ATOMIC = 10**13  # 10 million USD: far above any credit purchase
+MAX_VALID_SECONDS = 86_400
+MAX_TEXT = 500
+MAX_RESOURCE = 2048
+
+# network name -> (CAIP-2 id, chain id, USDC address, EIP-712 domain name, version): the SDK's DEFAULT_ASSETS entries
+NETWORKS: dict[str, tuple[str, int, str, str, str]] = {
+    "base": ("eip155:8453", 8453, "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913", "USD Coin", "2"),
+    "base-sepolia": ("eip155:84532", 84532, "0x036CbD53842c5426634e7929541eC2318f3dCF7e", "USDC", "2"),
+}
+CAIP_TO_NAME = {caip: name for name, (caip, *_rest) in NETWORKS.items()}
+
+# Reason codes: the x402 spec's (x402.mechanisms.evm.constants ERR_* where the SDK has them).
+ERR_INVALID_SIGNATURE = "invalid_exact_evm_payload_signature"
+ERR_RECIPIENT_MISMATCH = "invalid_exact_evm_payload_recipient_mismatch"
+ERR_AUTHORIZATION_VALUE_MISMATCH = "invalid_exact_evm_payload_authorization_value_mismatch"
+ERR_VALID_BEFORE_EXPIRED = "invalid_exact_evm_payload_authorization_valid_before"
+ERR_VALID_AFTER_FUTURE = "invalid_exact_evm_payload_authorization_valid_after"
+ERR_NONCE_ALREADY_USED = "invalid_exact_evm_nonce_already_used"
+ERR_ASSET_MISMATCH = "invalid_exact_evm_payload_asset_mismatch"
+ERR_INVALID_NETWORK = "invalid_network"
+ERR_INVALID_SCHEME = "invalid_scheme"
+ERR_INVALID_VERSION = "invalid_x402_version"
+ERR_INVALID_PAYLOAD = "invalid_payload"
+ERR_INVALID_REQUIREMENTS = "invalid_payment_requirements"  # unknown, expired or already paid quote
+ERR_INVALID_TRANSACTION_STATE = "invalid_transaction_state"  # a PaymentIntent not succeeded
+ERR_PAYMENT_INTENT_ALREADY_USED = "payment_intent_already_used"
+ERR_UNEXPECTED_SETTLE = "unexpected_settle_error"
+
+SENTENCES = {
+    ERR_INVALID_SIGNATURE: "the EIP-712 TransferWithAuthorization signature does not recover the authorization's "
+                           "`from` address: sign the authorization exactly as sent, with the payer's key",
+    ERR_RECIPIENT_MISMATCH: "the authorization pays another address than the quote's payTo: pay payTo",
+    ERR_AUTHORIZATION_VALUE_MISMATCH: "the authorization's value is not the quote's exact amount: sign the amount "
+                                      "of the requirements",
+    ERR_VALID_BEFORE_EXPIRED: "the authorization has expired (validBefore is past): sign a new one",
+    ERR_VALID_AFTER_FUTURE: "the authorization is not valid yet (validAfter is in the future): wait or re-sign",
+    ERR_NONCE_ALREADY_USED: "this authorization (payer and nonce) was already settled: a payment is accepted once; "
+                            "sign a new authorization with a fresh nonce for a new quote",
+    "invalid_exact_evm_insufficient_balance": "the payer's balance is below the amount",
+    "invalid_exact_evm_failed_to_verify_signature": "the signature could not be verified",
+    "invalid_exact_evm_payload_undeployed_smart_wallet": "smart-wallet signatures need a chain: pay from an EOA",
+    "network_mismatch": "the payment's network is not the requirements' network",
+    "unsupported_scheme": "only the exact scheme is accepted",
+}
+
+_HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_HEX_NONCE = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_HEX_SIGNATURE = re.compile(r"^0x(?:[0-9a-fA-F]{2})+$")
+_UINT = re.compile(r"^[0-9]{1,78}$")
+_USD = re.compile(r"^(?:0|[1-9][0-9]{0,12})(?:\.[0-9]{1,6})?$")
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{time.time_ns() // 1000:013x}{os.urandom(6).hex()}"
+
+
+def usd_of(atomic: int) -> str:
+    """Atomic USDC as a plain USD decimal string ("1.5", "0.000001")."""
+    whole, frac = divmod(atomic, ATOMIC_PER_USD)
+    return f"{whole}.{frac:06d}".rstrip("0").rstrip(".") if frac else str(whole)
+
+
+def encode_header(obj: Any) -> str:
+    """Base64 of the JSON wire form (camelCase, nulls left out) of a model or dict: the x402 header encoding."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(by_alias=True, exclude_none=True)
+    return base64.b64encode(json.dumps(obj, separators=(",", ":")).encode()).decode()
+
+
+def decode_payment_header(value: str | dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """A payment as sent: the base64 value of a `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1) header, its JSON text,
+    or the parsed object. Returns (x402Version, object); refuses malformed base64/JSON and unknown versions."""
+    if isinstance(value, dict):
+        obj: Any = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise PaymentRejected(ERR_INVALID_PAYLOAD, "the payment is empty: send the PAYMENT-SIGNATURE header value",
+                                  param="payment")
+        if not text.startswith("{"):
+            try:
+                padded = text + "=" * (-len(text) % 4)
+                raw = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+                text = raw.decode("utf-8")
+            except (binascii.Error, ValueError):
+                raise PaymentRejected(ERR_INVALID_PAYLOAD, "the payment is neither base64 nor JSON: send the "
+                                      "PAYMENT-SIGNATURE (or X-PAYMENT) header value unchanged",
+                                      param="payment") from None
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            raise PaymentRejected(ERR_INVALID_PAYLOAD, "the payment's base64 does not decode to JSON: send the "
+                                  "header value unchanged", param="payment") from None
+    else:
+        raise PaymentRejected(ERR_INVALID_PAYLOAD, "the payment must be a header value (string) or a JSON object",
+                              param="payment")
+    if not isinstance(obj, dict):
+        raise PaymentRejected(ERR_INVALID_PAYLOAD, "the payment must be a JSON object", param="payment")
+    version = obj.get("x402Version")
+    if isinstance(version, bool) or version not in (1, 2):
+        raise PaymentRejected(ERR_INVALID_VERSION, f"x402Version {version!r} is not supported: send version 2 "
+                              "(PAYMENT-SIGNATURE) or 1 (X-PAYMENT)", param="payment")
+    return int(version), obj
+
+
+def _rejected(reason: str, detail: str | None = None, **extra: Any) -> PaymentRejected:
+    sentence = SENTENCES.get(reason, f"the payment was refused ({reason})")
+    if detail:
+        sentence = f"{sentence} ({detail})"
+    return PaymentRejected(reason, f"payment refused: {sentence}", param="payment", **extra)
+
+
+class _Authorization:
+    __slots__ = ("nonce", "payer", "signature", "to", "valid_after", "valid_before", "value")
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        auth = payload.get("authorization")
+        signature = payload.get("signature")
+        if not isinstance(auth, dict):
+            raise PaymentRejected(ERR_INVALID_PAYLOAD, "the payment has no payload.authorization: send an exact-EVM "
+                                  "(EIP-3009) payment", param="payment")
+        fields = {k: auth.get(k) for k in ("from", "to", "value", "validAfter", "validBefore", "nonce")}
+        bad = [k for k in ("from", "to") if not _HEX_ADDRESS.match(str(fields[k]))]
+        bad += [k for k in ("value", "validAfter", "validBefore")
+                if not (isinstance(fields[k], str | int) and not isinstance(fields[k], bool)
+                        and _UINT.match(str(fields[k])))]
+        if not (isinstance(fields["nonce"], str) and _HEX_NONCE.match(str(fields["nonce"]))):
+            bad.append("nonce (32 bytes as 0x + 64 hex digits)")
+        if not (isinstance(signature, str) and _HEX_SIGNATURE.match(signature)):
+            bad.append("signature")
+        if bad:
+            raise PaymentRejected(ERR_INVALID_PAYLOAD, f"the authorization's {', '.join(bad)} are missing or "
+                                  "malformed", param="payment", fields=bad)
+        self.payer = str(fields["from"])
+        self.to = str(fields["to"])
+        self.value = int(str(fields["value"]))
+        self.valid_after = int(str(fields["validAfter"]))
+        self.valid_before = int(str(fields["validBefore"]))
+        self.nonce = str(fields["nonce"]).lower()
+        self.signature = str(signature)
+
+
+class X402Service:
+    def __init__(
+        self, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing, *, pay_to: str | None = None,
+        network: str = "base-sepolia", facilitator: str = "local", facilitator_url: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        pay_to = pay_to or SANDBOX_PAY_TO
+        if not _HEX_ADDRESS.match(pay_to):
+            raise ValueError(f"pay_to must be a 0x address of 40 hex digits, got {pay_to!r}")
+        if network not in NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {network!r}")
+        if facilitator not in ("local", "http", "stripe"):
+            raise ValueError(f"facilitator must be local, http or stripe, got {facilitator!r}")
+        if facilitator == "http" and not facilitator_url:
+            raise ValueError("the http facilitator needs AIMS_X402_FACILITATOR_URL")
+        self._store = store
+        self._ledger = ledger
+        self._gateway = gateway
+        self._luc_per_usd = pricing.luc_per_usd
+        self.pay_to = pay_to
+        self.network = network
+        self.mode: Mode = facilitator  # type: ignore[assignment]
+        self.facilitator_url = facilitator_url
+        self._clock = clock
+        self._schemes: dict[str, Any] = {}
+        self._http_client: Any = None
+
+    # --- requirements ---------------------------------------------------------------------------------------
+
+    async def create_requirements(
+        self, *, amount_usd: str | None = None, amount_atomic: int | None = None, luc: int | None = None,
+        agent_id: str | None = None, description: str, resource: str, network: str | None = None,
+        valid_seconds: int = 300, version: int = 2,
+    ) -> RequirementsResult:
+        """Store a quote and return its x402 PaymentRequired (v2, or v1 with version=1). Exactly one of amount_usd
+        (decimal string, at most 6 decimals), amount_atomic (USDC units) or luc (priced at luc_per_usd)."""
+        atomic, credit = self._price(amount_usd, amount_atomic, luc, agent_id)
+        name = network or self.network
+        if name not in NETWORKS:
+            raise InvalidInput(f"network {name!r} is not one of {', '.join(NETWORKS)}", param="network")
+        if isinstance(valid_seconds, bool) or not isinstance(valid_seconds, int) \
+                or not 1 <= valid_seconds <= MAX_VALID_SECONDS:
+            raise InvalidInput(f"valid_seconds must be a whole number from 1 to {MAX_VALID_SECONDS}, got "
+                               f"{valid_seconds!r}", param="valid_seconds")
+        if version not in (1, 2) or isinstance(version, bool):
+            raise InvalidInput(f"version must be 1 or 2, got {version!r}", param="version")
+        _text(description, "description", MAX_TEXT)
+        _text(resource, "resource", MAX_RESOURCE)
+        if self.mode == "stripe" and atomic % 10_000:
+            raise InvalidInput(f"{usd_of(atomic)} USD is not a whole number of cents, which a Stripe PaymentIntent "
+                               "needs: round the amount to cents", param="amount_usd")
+        if agent_id is not None and self._store.query_one(
+                "SELECT 1 FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is None:
+            raise NotFound(f"no wallet for agent {agent_id}: create it with create_agent_wallet, or check the id",
+                           param="agent_id")
+        caip, _chain, asset, domain_name, domain_version = NETWORKS[name]
+        quote_id = _new_id("q")
+        now = self._clock()
+        expires = int(now) + valid_seconds
+        row = (quote_id, caip, asset, self.pay_to, atomic, agent_id, credit, description, resource, version,
+               expires, utc_iso(now))
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, resource, "
+                "x402_version, status, expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+                row)
+
+        await self._store.write(insert)
+        required = self._payment_required(quote_id, caip, asset, atomic, description, resource, valid_seconds,
+                                          version, domain_name, domain_version)
+        return RequirementsResult(
+            quote_id=quote_id, x402_version=1 if version == 1 else 2, network=caip, asset=asset, pay_to=self.pay_to,
+            amount_atomic=str(atomic), amount_usd=usd_of(atomic), agent_id=agent_id, luc=credit,
+            max_timeout_seconds=valid_seconds, expires_at=utc_iso(expires), payment_required=required,
+            header=encode_header(required))
+
+    def _price(self, amount_usd: str | None, amount_atomic: int | None, luc: int | None,
+               agent_id: str | None) -> tuple[int, int]:
+        given = [n for n, v in (("amount_usd", amount_usd), ("amount_atomic", amount_atomic), ("luc", luc))
+                 if v is not None]
+        if len(given) != 1:
+            raise InvalidInput("give exactly one of amount_usd (e.g. \"1.50\"), amount_atomic (USDC units) or luc, "
+                               f"got {', '.join(given) or 'none'}", param="amount_usd")
+        if amount_usd is not None:
+            if not isinstance(amount_usd, str) or not _USD.match(amount_usd.strip()):
+                raise InvalidInput(f"amount_usd must be a decimal string with at most 6 decimals such as \"1.50\", "
+                                   f"got {amount_usd!r}", param="amount_usd")
+            try:
+                atomic = int(Decimal(amount_usd.strip()) * ATOMIC_PER_USD)
+            except InvalidOperation:  # pragma: no cover - the pattern already refused it
+                raise InvalidInput(f"amount_usd {amount_usd!r} is not a number", param="amount_usd") from None
+            param = "amount_usd"
+        elif amount_atomic is not None:
+            if isinstance(amount_atomic, bool) or not isinstance(amount_atomic, int):
+                raise InvalidInput(f"amount_atomic must be a whole number of USDC units, got {amount_atomic!r}",
+                                   param="amount_atomic")
+            atomic, param = amount_atomic, "amount_atomic"
+        else:
+            if isinstance(luc, bool) or not isinstance(luc, int) or luc <= 0:
+                raise InvalidInput(f"luc must be a positive whole number, got {luc!r}", param="luc")
+            if agent_id is None:
+                raise InvalidInput("luc names credits to buy: give agent_id, the wallet to credit", param="agent_id")
+            atomic, param = -(-luc * ATOMIC_PER_USD // self._luc_per_usd), "luc"  # rounded up: never under-priced
+        if atomic <= 0 or atomic > MAX_ATOMIC:
+            raise InvalidInput(f"the amount must be above 0 and at most {usd_of(MAX_ATOMIC)} USD, got "
+                               f"{usd_of(max(atomic, 0))} USD", param=param)
+        if luc is not None:
+            return atomic, luc
+        if agent_id is None:
+            return atomic, 0
+        credit = atomic * self._luc_per_usd // ATOMIC_PER_USD
+        if credit == 0:
+            raise InvalidInput(f"{usd_of(atomic)} USD buys 0 LUC at {self._luc_per_usd} LUC per USD: pay more, or "
+                               "leave agent_id out for a payment that credits nothing", param=param)
+        return atomic, credit
+
+    def _payment_required(self, quote_id: str, caip: str, asset: str, atomic: int, description: str, resource: str,
+                          valid_seconds: int, version: int, domain_name: str, domain_version: str) -> dict[str, Any]:
+        from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
+        from x402.schemas.v1 import PaymentRequiredV1, PaymentRequirementsV1
+
+        extra = {"name": domain_name, "version": domain_version, "quoteId": quote_id}
+        model: Any
+        if version == 2:
+            model = PaymentRequired(
+                error="payment required", resource=ResourceInfo(url=resource, description=description,
+                                                                mime_type="application/json"),
+                accepts=[PaymentRequirements(scheme=SCHEME_EXACT, network=caip, asset=asset, amount=str(atomic),
+                                             pay_to=self.pay_to, max_timeout_seconds=valid_seconds,
+                                             extra=extra)])
+        else:
+            model = PaymentRequiredV1(
+                error="payment required",
+                accepts=[PaymentRequirementsV1(scheme=SCHEME_EXACT, network=CAIP_TO_NAME[caip],
+                                               max_amount_required=str(atomic), resource=resource,
+                                               description=description, mime_type="application/json",
+                                               pay_to=self.pay_to, max_timeout_seconds=valid_seconds,
+                                               asset=asset, extra=extra)])
+        out: dict[str, Any] = model.model_dump(by_alias=True, exclude_none=True)
+        return out
+
+    # --- verification and settlement ------------------------------------------------------------------------
+
+    async def verify_and_settle(self, payment: str | dict[str, Any], *, quote_id: str) -> Receipt:
+        """Verify a payment for `quote_id`, settle it, and record receipt + quote paid + wallet credit at once."""
+        quote = self._open_quote(quote_id)
+        if self.mode == "stripe":
+            return await self._stripe(payment, quote)
+        version, obj = decode_payment_header(payment)
+        auth, payload_v2, requirements = self._check(version, obj, quote)
+        caip, asset, payer = quote["network"], quote["asset"].lower(), auth.payer.lower()
+        if self._nonce_used(caip, asset, payer, auth.nonce):  # a replay is named as such, whatever the quote
+            raise _rejected(ERR_NONCE_ALREADY_USED)
+        _quote_payable(quote, self._clock())
+        if self.mode == "local":
+            settlement = self._settle_local(payload_v2, requirements)
+        else:
+            settlement = await self._settle_http(payload_v2, requirements)
+        tx_hash = str(settlement.get("transaction") or "") or None
+        return await self._record(quote, version=version, network=caip, asset=asset, payer=payer,
+                                  nonce=auth.nonce, tx_hash=tx_hash, payment_intent=None, settlement=settlement)
+
+    def _open_quote(self, quote_id: str) -> dict[str, Any]:
+        if not isinstance(quote_id, str) or not quote_id.strip():
+            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, "quote_id is missing: pass the quote_id returned with the "
+                                  "payment requirements", param="quote_id")
+        quote = self._store.query_one("SELECT * FROM x402_quotes WHERE id = ?", (quote_id,))
+        if quote is None:
+            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"unknown quote {quote_id}: ask for payment requirements "
+                                  "first and pay the quote they name", param="quote_id", quote_status="unknown")
+        return quote
+
+    def _check(self, version: int, obj: dict[str, Any], quote: dict[str, Any]) -> tuple[_Authorization, Any, Any]:
+        """Everything that needs no signature work, against the quote; returns the payment as the SDK's v2 models."""
+        from pydantic import ValidationError
+        from x402.schemas import PaymentPayload, PaymentRequirements
+        from x402.schemas.v1 import PaymentPayloadV1
+
+        caip = quote["network"]
+        name = CAIP_TO_NAME[caip]
+        _c, _chain, asset, domain_name, domain_version = NETWORKS[name]
+        requirements = PaymentRequirements(
+            scheme=SCHEME_EXACT, network=caip, asset=asset, amount=str(quote["amount"]), pay_to=quote["pay_to"],
+            max_timeout_seconds=max(1, quote["expires_at"] - int(self._clock())),
+            extra={"name": domain_name, "version": domain_version, "quoteId": quote["id"]})
+        try:
+            parsed: Any = (PaymentPayload if version == 2 else PaymentPayloadV1).model_validate(obj)
+        except ValidationError as exc:
+            fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+            raise PaymentRejected(ERR_INVALID_PAYLOAD, f"the v{version} payment payload is malformed at "
+                                  f"{', '.join(fields)}: send the payload the x402 client built",
+                                  param="payment", fields=fields) from None
+        if version == 2:
+            scheme, network, paid_asset = parsed.accepted.scheme, parsed.accepted.network, parsed.accepted.asset
+        else:
+            scheme, network, paid_asset = parsed.scheme, NETWORKS.get(parsed.network, ("?",))[0], asset
+        if scheme != SCHEME_EXACT:
+            raise PaymentRejected(ERR_INVALID_SCHEME, f"scheme {scheme!r} is not accepted: pay with the exact scheme",
+                                  param="payment")
+        if network != caip:
+            raise PaymentRejected(ERR_INVALID_NETWORK, f"the payment is on {network!r} but the quote is on {caip} "
+                                  f"({name}): pay on {caip}", param="payment")
+        if str(paid_asset).lower() != asset.lower():
+            raise PaymentRejected(ERR_ASSET_MISMATCH, f"the payment is in asset {paid_asset} but the quote asks for "
+                                  f"USDC {asset} on {name}", param="payment")
+        auth = _Authorization(parsed.payload)
+        if auth.to.lower() != quote["pay_to"].lower():
+            raise _rejected(ERR_RECIPIENT_MISMATCH, f"to {auth.to}, payTo {quote['pay_to']}")
+        if auth.value != quote["amount"]:
+            raise _rejected(ERR_AUTHORIZATION_VALUE_MISMATCH, f"value {auth.value}, amount {quote['amount']}")
+        now = int(self._clock())
+        if auth.valid_after > now:
+            raise _rejected(ERR_VALID_AFTER_FUTURE, f"validAfter {auth.valid_after}, now {now}")
+        if now >= auth.valid_before:
+            raise _rejected(ERR_VALID_BEFORE_EXPIRED, f"validBefore {auth.valid_before}, now {now}")
+        payload_v2 = parsed if version == 2 else PaymentPayload(payload=parsed.payload, accepted=requirements)
+        return auth, payload_v2, requirements
+
+    def _nonce_used(self, network: str, asset: str, payer: str, nonce: str) -> bool:
+        return self._store.query_one(
+            "SELECT 1 FROM x402_receipts WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?",
+            (network, asset.lower(), payer.lower(), nonce.lower())) is not None
+
+    def _scheme(self, caip: str) -> Any:
+        """The SDK's exact-EVM facilitator over the offline signer, one per network (built on first use)."""
+        scheme = self._schemes.get(caip)
+        if scheme is None:
+            from x402.mechanisms.evm.exact.facilitator import ExactEvmScheme, ExactEvmSchemeConfig
+
+            from .x402_signer import OfflineFacilitatorSigner
+
+            _c, chain_id, asset, domain_name, domain_version = NETWORKS[CAIP_TO_NAME[caip]]
+            signer = OfflineFacilitatorSigner(
+                chain_id=chain_id, tokens={asset: (domain_name, domain_version)},
+                nonce_used=lambda token, payer, nonce: self._nonce_used(caip, token, payer, nonce))
+            # simulate_in_settle: settle runs the full verification (signature, then the simulated transfer, which
+            # checks the nonce) once, instead of verify() and settle() recovering the signature twice
+            scheme = ExactEvmScheme(signer, ExactEvmSchemeConfig(simulate_in_settle=True))
+            self._schemes[caip] = scheme
+        return scheme
+
+    def _settle_local(self, payload: Any, requirements: Any) -> dict[str, Any]:
+        result = self._scheme(str(requirements.network)).settle(payload, requirements)
+        if not result.success:
+            raise _rejected(result.error_reason or ERR_UNEXPECTED_SETTLE, result.error_message)
+        out: dict[str, Any] = result.model_dump(by_alias=True, exclude_none=True)
+        return out
+
+    async def _settle_http(self, payload: Any, requirements: Any) -> dict[str, Any]:
+        from x402.http import FacilitatorConfig, HTTPFacilitatorClient
+
+        if self._http_client is None:
+            self._http_client = HTTPFacilitatorClient(FacilitatorConfig(url=str(self.facilitator_url)))
+        client = self._http_client
+        try:
+            verified = await client.verify(payload, requirements)
+        except Exception as exc:
+            raise PaymentRejected("unexpected_verify_error", f"the facilitator at {self.facilitator_url} did not "
+                                  f"verify the payment: {exc}: retry later", param="payment", retryable=True) from exc
+        if not verified.is_valid:
+            raise _rejected(verified.invalid_reason or "unexpected_verify_error", verified.invalid_message)
+        try:
+            settled = await client.settle(payload, requirements)
+        except Exception as exc:
+            raise PaymentRejected(ERR_UNEXPECTED_SETTLE, f"the facilitator at {self.facilitator_url} did not settle "
+                                  f"the payment: {exc}: retry later", param="payment", retryable=True) from exc
+        if not settled.success:
+            raise _rejected(settled.error_reason or ERR_UNEXPECTED_SETTLE, settled.error_message)
+        out: dict[str, Any] = settled.model_dump(by_alias=True, exclude_none=True)
+        return out
+
+    async def aclose(self) -> None:
+        if self._http_client is not None:
+            await self._http_client.aclose()
+            self._http_client = None
+
+    async def _stripe(self, payment: str | dict[str, Any], quote: dict[str, Any]) -> Receipt:
+        from ..stripe_gateway import StripeRequest
+
+        pi_id = payment.get("payment_intent") if isinstance(payment, dict) else payment
+        if not (isinstance(pi_id, str) and re.fullmatch(r"pi_[A-Za-z0-9_]{1,200}", pi_id.strip())):
+            raise PaymentRejected(ERR_INVALID_PAYLOAD, "in stripe mode the payment is a PaymentIntent id (pi_...): "
+                                  "pay through Stripe and pass its id", param="payment")
+        pi_id = pi_id.strip()
+        if self._store.query_one("SELECT 1 FROM x402_receipts WHERE payment_intent = ?", (pi_id,)) is not None:
+            raise _pi_used(pi_id)
+        _quote_payable(quote, self._clock())
+        try:
+            pi = (await self._gateway.send(StripeRequest("get", f"/v1/payment_intents/{pi_id}"))).data
+        except StripeError as exc:
+            raise PaymentRejected(ERR_INVALID_PAYLOAD, f"PaymentIntent {pi_id} could not be read from Stripe: "
+                                  f"{exc.message}", param="payment") from exc
+        cents = quote["amount"] // 10_000
+        if pi.get("status") != "succeeded":
+            raise PaymentRejected(ERR_INVALID_TRANSACTION_STATE, f"PaymentIntent {pi_id} is {pi.get('status')}, not "
+                                  "succeeded: confirm it first", param="payment")
+        if (pi.get("metadata") or {}).get("quote_id") != quote["id"]:
+            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"PaymentIntent {pi_id} is not for quote {quote['id']} "
+                                  "(its metadata.quote_id differs): create it with metadata[quote_id]",
+                                  param="payment")
+        if pi.get("currency") != "usd" or pi.get("amount_received") != cents:
+            raise PaymentRejected(ERR_AUTHORIZATION_VALUE_MISMATCH, f"PaymentIntent {pi_id} received "
+                                  f"{pi.get('amount_received')} {pi.get('currency')} but the quote is {cents} usd "
+                                  "cents", param="payment")
+        payer = str(pi.get("customer") or "stripe")
+        settlement = {"success": True, "transaction": pi_id, "network": quote["network"], "payer": payer,
+                      "amount": str(quote["amount"])}
+        return await self._record(quote, version=2, network="stripe", asset="usd", payer=payer, nonce=pi_id,
+                                  tx_hash=None, payment_intent=pi_id, settlement=settlement)
+
+    async def _record(self, quote: dict[str, Any], *, version: int, network: str, asset: str, payer: str, nonce: str,
+                      tx_hash: str | None, payment_intent: str | None, settlement: dict[str, Any]) -> Receipt:
+        """One job: receipt (UNIQUE keys), quote paid, wallet credited; any refusal undoes all three."""
+        receipt_id = _new_id("rcpt")
+        quote_id, agent_id, luc = quote["id"], quote["agent_id"], quote["luc"]
+        clock, ledger, mode = self._clock, self._ledger, self.mode
+        settlement_json = dumps(settlement)
+        key = f"x402:{network}:{asset}:{payer}:{nonce}"
+
+        def job(conn: sqlite3.Connection) -> tuple[str, int | None]:
+            now = clock()
+            iso = utc_iso(now)
+            used = conn.execute(
+                "SELECT 1 FROM x402_receipts WHERE (network = ? AND asset = ? AND payer = ? AND nonce = ?) "
+                "OR tx_hash = ? OR payment_intent = ?", (network, asset, payer, nonce, tx_hash, payment_intent)
+            ).fetchone()
+            if used is not None:
+                raise _pi_used(payment_intent) if payment_intent else _rejected(ERR_NONCE_ALREADY_USED)
+            row = conn.execute("SELECT status, expires_at FROM x402_quotes WHERE id = ?", (quote_id,)).fetchone()
+            _quote_payable({"id": quote_id, "status": row[0], "expires_at": row[1]}, now)
+            try:
+                conn.execute(
+                    "INSERT INTO x402_receipts (id, quote_id, network, asset, payer, pay_to, amount, nonce, tx_hash, "
+                    "agent_id, luc_credited, created_at, payment_intent, mode, x402_version, settlement) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (receipt_id, quote_id, network, asset, payer, quote["pay_to"], quote["amount"], nonce, tx_hash,
+                     agent_id, luc if agent_id else 0, iso, payment_intent, mode, version, settlement_json))
+            except sqlite3.IntegrityError as exc:  # the constraints stand behind the check above
+                if "quote_id" in str(exc):
+                    _quote_payable({"id": quote_id, "status": "paid", "expires_at": row[1]}, now)
+                raise _pi_used(payment_intent) if payment_intent else _rejected(ERR_NONCE_ALREADY_USED) from exc
+            conn.execute("UPDATE x402_quotes SET status = 'paid', receipt_id = ?, paid_at = ? WHERE id = ?",
+                         (receipt_id, iso, quote_id))
+            balance = None
+            if agent_id and luc:
+                posting = ledger.credit_in(conn, agent_id, luc, idempotency_key=key, reason="x402 payment",
+                                           reference=receipt_id)
+                balance = posting.balance_after
+            return iso, balance
+
+        created_at, balance = await self._store.write(job)
+        return Receipt(
+            receipt_id=receipt_id, quote_id=quote_id, mode=mode, x402_version=version, network=network, asset=asset,
+            payer=payer, pay_to=quote["pay_to"], amount_atomic=str(quote["amount"]), amount_usd=usd_of(quote["amount"]),
+            nonce=nonce, tx_hash=tx_hash, payment_intent=payment_intent, agent_id=agent_id,
+            luc_credited=luc if agent_id else 0, balance_after=balance, settlement=settlement,
+            payment_response_header=encode_header(settlement), created_at=created_at)
+
+    # --- reads ----------------------------------------------------------------------------------------------
+
+    def receipts(self, limit: int = 50) -> list[ReceiptRow]:
+        """The most recent receipts, newest first."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidInput(f"limit must be a whole number from 1 to 1000, got {limit!r}", param="limit")
+        rows = self._store.query(
+            "SELECT id, quote_id, created_at, mode, network, asset, payer, amount, tx_hash, payment_intent, agent_id, "
+            "luc_credited FROM x402_receipts ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
+        return [ReceiptRow(receipt_id=r["id"], quote_id=r["quote_id"], created_at=r["created_at"], mode=r["mode"],
+                           network=r["network"], asset=r["asset"], payer=r["payer"], amount_atomic=str(r["amount"]),
+                           amount_usd=usd_of(r["amount"]), tx_hash=r["tx_hash"], payment_intent=r["payment_intent"],
+                           agent_id=r["agent_id"], luc_credited=r["luc_credited"]) for r in rows]
+
+
+def _quote_payable(quote: dict[str, Any], now: float) -> None:
+    if quote["status"] != "open":
+        raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {quote['id']} is already paid: ask for new payment "
+                              "requirements for a new purchase", param="quote_id", quote_status="paid")
+    if now >= quote["expires_at"]:
+        raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {quote['id']} expired at "
+                              f"{utc_iso(quote['expires_at'])}: ask for new payment requirements",
+                              param="quote_id", quote_status="expired")
+
+
+def _pi_used(payment_intent: str | None) -> PaymentRejected:
+    return PaymentRejected(ERR_PAYMENT_INTENT_ALREADY_USED, f"PaymentIntent {payment_intent} already paid a quote: "
+                           "each PaymentIntent pays once; create a new one for a new quote", param="payment")
+
+
+def _text(value: object, field: str, limit: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{field} must be a non-empty string, got {value!r}", param=field)
+    if len(value) > limit:
+        raise InvalidInput(f"{field} is {len(value)} characters long: at most {limit}", param=field)
+    return value

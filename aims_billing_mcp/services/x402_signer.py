@@ -22,7 +22,7 @@ from typing import Any
 
 from eth_account import Account
 from eth_account.messages import encode_typed_data
-from eth_utils import keccak, to_checksum_address  # type: ignore[attr-defined]
+from eth_utils import keccak  # type: ignore[attr-defined]
 from x402.mechanisms.evm.types import TransactionReceipt
 
 OFFLINE_BALANCE = 10**30  # atomic units: "enough" for any payment; the offline facilitator cannot read balances
@@ -104,9 +104,9 @@ def simulated_tx_hash(chain_id: int, token: str, payer: str, to: str, value: int
     """keccak256 over the authorization's fields, each fixed-width: one authorization, one hash."""
     parts = [
         int(chain_id).to_bytes(32, "big"),
-        bytes.fromhex(to_checksum_address(token)[2:]),
-        bytes.fromhex(to_checksum_address(payer)[2:]),
-        bytes.fromhex(to_checksum_address(to)[2:]),
+        bytes.fromhex(token[2:]),
+        bytes.fromhex(payer[2:]),
+        bytes.fromhex(to[2:]),
         int(value).to_bytes(32, "big"),
         int(valid_after).to_bytes(32, "big"),
         int(valid_before).to_bytes(32, "big"),

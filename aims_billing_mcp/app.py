@@ -36,12 +36,14 @@ from .services.mutations import StripeMutations
 from .services.subscriptions import SubscriptionService
 from .services.tiers import Pricing
 from .services.webhook_events import WebhookEventService
+from .services.x402 import X402Service
 from .settings import Settings, StripeMode
 from .store import Store, dumps, monotonic_ms, utc_now
 from .stripe_gateway import build_gateway, last_request_ids
 from .tools import TOOLS, ToolSpec, select_tools
 from .tools.context import AppState
 from .webhooks import WEBHOOK_PATH, build_webhook_app, webhook_handler
+from .x402_http import CREDITS_PATH, credits_handler
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +194,17 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
         tier = subscriptions.entitled_tier(customer)
         return settings.aims_billing_p2p_agents if tier.id == pricing.p2p.id else tier.agents
 
+    ledger = LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=agent_limit)
+    live = gateway.mode is StripeMode.LIVE
+    x402 = X402Service(
+        store, ledger, gateway, pricing, pay_to=settings.aims_x402_pay_to,
+        network=settings.aims_x402_network or ("base" if live else "base-sepolia"),
+        facilitator=settings.aims_x402_facilitator, facilitator_url=settings.aims_x402_facilitator_url,
+    )
     metering = MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
                                period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists)
     return AppState(
-        ledger=LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=agent_limit),
+        ledger=ledger, x402=x402,
         metering=metering, flusher=MeterFlusher(store, gateway, pricing, retry_delay_scale=retry_delay_scale),
         settings=settings, store=store, gateway=gateway, idempotency=idempotency,
         catalog=CatalogService(mutations, max_amount=settings.aims_billing_max_amount), pricing=pricing,
@@ -251,6 +260,7 @@ def build_server(
         register(server, spec)
     server.read_only_tools = frozenset(spec.name for spec in selected if spec.permission == "read")
     server.custom_route(WEBHOOK_PATH, methods=["POST"])(webhook_handler(lambda: server.state))
+    server.custom_route(CREDITS_PATH, methods=["GET"])(credits_handler(lambda: server.state))
     return server
 
 

@@ -54,4 +54,7 @@ def webhook_route(get_state: Callable[[], AppState | None]) -> Route:
 
 
 def build_webhook_app(get_state: Callable[[], AppState | None]) -> Any:
-    return Starlette(routes=[webhook_route(get_state)])
+    """The companion app beside a stdio server: Stripe's webhooks and x402's paid HTTP route."""
+    from .x402_http import credits_route
+
+    return Starlette(routes=[webhook_route(get_state), credits_route(get_state)])

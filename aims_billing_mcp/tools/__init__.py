@@ -14,7 +14,7 @@ from mcp.types import ToolAnnotations
 
 from ..errors import ConfigurationError
 from ..settings import Settings
-from . import catalog, metering, subscriptions, wallets
+from . import catalog, metering, subscriptions, wallets, x402
 
 Permission = Literal["read", "write"]
 
@@ -72,6 +72,9 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(wallets.release_hold, "Release hold", "write", open_world=False),
     ToolSpec(wallets.list_agent_transactions, "List agent transactions", "read", open_world=False),
     ToolSpec(wallets.freeze_agent_wallet, "Freeze agent wallet", "write", open_world=False),
+    ToolSpec(x402.create_x402_payment_requirements, "Create x402 payment requirements", "write", open_world=False),
+    ToolSpec(x402.verify_x402_receipt, "Verify x402 receipt", "write"),
+    ToolSpec(x402.purchase_luc_credits, "Purchase LUC credits (x402)", "write"),
 )
 
 

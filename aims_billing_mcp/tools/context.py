@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..services.subscriptions import SubscriptionService
     from ..services.tiers import Pricing
     from ..services.webhook_events import WebhookEventService
+    from ..services.x402 import X402Service
     from ..settings import Settings
     from ..store import Store
     from ..stripe_gateway import StripeGateway
@@ -35,6 +36,7 @@ class AppState:
     ledger: LedgerService
     metering: MeteringService
     flusher: MeterFlusher
+    x402: X402Service
 
 
 ToolContext = Context[AppState, Any]

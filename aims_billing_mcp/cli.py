@@ -180,15 +180,16 @@ def _ledger(settings: Settings) -> tuple[Any, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .services.reports import usage_report, wallet_report
+    from .services.reports import receipts_report, usage_report, wallet_report
 
     settings = _settings()
-    if args.report == "usage":
+    if args.report in ("usage", "receipts"):
         from .app import build_state
 
         state = build_state(settings)
         try:
-            lines = usage_report(state.store, state.metering, args.customer)
+            lines = (usage_report(state.store, state.metering, args.customer) if args.report == "usage"
+                     else receipts_report(state.x402, args.limit))
         finally:
             asyncio.run(state.gateway.close())
             state.store.close()
@@ -343,9 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     setup = sub.add_parser("setup-stripe", help="create (or find) the tier products and prices; print STRIPE_PRICE_*")
     setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
     setup.set_defaults(func=cmd_setup_stripe)
-    report = sub.add_parser("report", help="operator reports: wallets, usage")
-    report.add_argument("report", choices=["wallets", "usage"])
+    report = sub.add_parser("report", help="operator reports: wallets, usage, receipts")
+    report.add_argument("report", choices=["wallets", "usage", "receipts"])
     report.add_argument("--customer", help="only this customer (cus_...)")
+    report.add_argument("--limit", type=int, default=50, help="receipts: how many of the latest")
     report.set_defaults(func=cmd_report)
     flush = sub.add_parser("flush-usage", help="deliver pending usage to Stripe Billing meters now")
     flush.set_defaults(func=cmd_flush_usage)

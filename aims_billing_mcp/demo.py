@@ -20,6 +20,7 @@ from mcp import Client
 from .app import build_server
 from .sandbox import create_app
 from .services.stripe_setup import setup_stripe
+from .services.x402 import usd_of
 from .settings import Settings
 
 
@@ -43,8 +44,15 @@ def _short(arguments: dict[str, Any]) -> str:
 def _summary(content: dict[str, Any] | None) -> str:
     if not content:
         return ""
+    if "accepts" in content:
+        first = content["accepts"][0]
+        usdc = usd_of(int(first["amount"]))
+        return f"402 payment required: {usdc} USDC on {first['network']} to {first['payTo'][:10]}…"
     if "error" in content:
         return f"refused: {content['error']['code']} ({content['error'].get('param') or ''})"
+    if "receipt_id" in content:
+        return (f"paid {content['amount_usd']} USD by {content['payer'][:10]}…: +{content['luc_credited']:,} LUC, "
+                f"balance {content['balance_after']:,}")
     if "entitlements" in content:
         e = content["entitlements"]
         return (f"{content['tier']} {content['status']}: {e['tokens_per_month']:,} tokens/mo, {e['agents']} agents, "
@@ -100,12 +108,14 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
 
         async with Client(server) as client:
 
-            async def call(tool: str, arguments: dict[str, Any], expect: Callable[[dict[str, Any]], bool]) -> Any:
+            async def call(tool: str, arguments: dict[str, Any], expect: Callable[[dict[str, Any]], bool],
+                           meta: dict[str, Any] | None = None) -> Any:
                 start = time.perf_counter()
-                result = await client.call_tool(tool, arguments)
+                result = await client.call_tool(tool, arguments, meta=meta)  # type: ignore[arg-type]
                 ms = (time.perf_counter() - start) * 1000
                 content = result.structured_content or {}
-                rows.append(Row(tool, _short(arguments), _summary(content), ms, expect(content)))
+                shown = _short(arguments) + (" +_meta[x402/payment]" if meta else "")
+                rows.append(Row(tool, shown[:70], _summary(content), ms, expect(content)))
                 return content
 
             def sandbox_step(label: str, action: Callable[[], dict[str, Any]],
@@ -197,6 +207,9 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             await call("get_agent_wallet", {"agent_id": "planner"},
                        lambda c: (c.get("balance"), c.get("available")) == (2800, 2800))
 
+            # x402: another agent pays for LUC credits with USDC (a generated key signs, as any x402 client would).
+            await pay_with_x402(call, values["customer"])
+
             # Usage: a burst across operation types against the 6mo allowance, the summary, a flush to Stripe.
             burst = [("chat", 40_000), ("code", 30_000), ("research", 25_000), ("image", 20_000),
                      ("agent_swarm", 15_000)]
@@ -246,10 +259,31 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             return False
         print_line(
             f"PASS: {len(rows)} steps in {total_ms:.0f} ms on the embedded sandbox; the repeated create_customer "
-            "was replayed (no second customer); signed webhooks took the customer to 6mo, past_due, then P2P; the "
-            "over-ceiling price was refused; the dry run sent nothing."
+            "was replayed (no second customer); signed webhooks took the customer to 6mo, past_due, then P2P; an "
+            "x402 payment credited once and its replay was refused; the over-ceiling price was refused; the dry run "
+            "sent nothing."
         )
         return True
+
+
+async def pay_with_x402(call: Any, customer: str) -> None:
+    """The x402 flow over MCP: the paid tool answers 402, the payer signs an EIP-3009 authorization with the x402
+    package's own client scheme, the paid call credits the wallet, and the same payment again is refused."""
+    from eth_account import Account
+    from x402.mechanisms.evm.exact.client import ExactEvmScheme
+    from x402.schemas import PaymentRequirements
+
+    await call("create_agent_wallet", {"agent_id": "buyer", "customer": customer, "idempotency_key": "w-buyer"},
+               lambda c: c.get("agent_id") == "buyer")
+    args = {"agent_id": "buyer", "luc": 3000}
+    challenge = await call("purchase_luc_credits", args, lambda c: c.get("accepts", [{}])[0].get("amount") == "3000000")
+    accepted = challenge["accepts"][0]
+    signed = ExactEvmScheme(Account.create()).create_payment_payload(PaymentRequirements.model_validate(accepted))
+    payment = {"x402Version": 2, "accepted": accepted, "payload": signed, "resource": challenge.get("resource")}
+    await call("purchase_luc_credits", args, lambda c: c.get("luc_credited") == 3000, meta={"x402/payment": payment})
+    await call("purchase_luc_credits", args,
+               lambda c: c.get("error", {}).get("code") == "invalid_exact_evm_nonce_already_used",
+               meta={"x402/payment": payment})
 
 
 def _clip(text: str, width: int) -> str:

@@ -9,6 +9,7 @@ from ..models import format_amount
 from ..store import Store
 from .ledger import LedgerService
 from .metering import MeteringService
+from .x402 import X402Service
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -66,3 +67,12 @@ def usage_report(store: Store, metering: MeteringService, customer: str | None =
         return ["no usage recorded" + (f" for {customer}" if customer else "")]
     return table(("customer", "tier", "used", "allowance", "overage", "overage cost", "pending to Stripe", "failed"),
                  rows)
+
+
+def receipts_report(x402: X402Service, limit: int = 50) -> list[str]:
+    rows = [(r.created_at[:19].replace("T", " "), r.mode, r.network, r.payer[:14] + "…", r.amount_usd,
+             r.agent_id or "-", r.luc_credited, r.tx_hash[:14] + "…" if r.tx_hash else (r.payment_intent or "-"))
+            for r in x402.receipts(limit)]
+    if not rows:
+        return ["no x402 receipts"]
+    return table(("at (UTC)", "mode", "network", "payer", "usd", "agent credited", "luc", "settlement"), rows)

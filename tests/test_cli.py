@@ -213,3 +213,29 @@ async def test_report_usage_and_flush_usage_deliver_what_is_pending(
     assert "3 event(s) accepted by Stripe, 0 marked failed, 0 still pending" in flushed
     pending_column = [line.split()[-2] for line in after.splitlines() if line.startswith(customer)]
     assert pending_column == ["0"]
+
+
+async def test_report_receipts_lists_a_paid_x402_receipt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from x402_worker import Payer
+
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "x.db"))
+    settings = Settings(_env_file=None, aims_billing_db=tmp_path / "x.db",  # type: ignore[call-arg]
+                        aims_billing_p2p_agents=1)
+    async with Client(build_server(settings)) as client:
+        await client.call_tool("create_agent_wallet", {"agent_id": "buyer", "customer": "cus_x",
+                                                       "idempotency_key": "w"})
+        challenge = await client.call_tool("purchase_luc_credits", {"agent_id": "buyer", "luc": 2500})
+        payment = Payer().pay(challenge.structured_content)  # type: ignore[arg-type]
+        paid = await client.call_tool("purchase_luc_credits", {"agent_id": "buyer", "luc": 2500},
+                                      meta={"x402/payment": payment})
+    assert not paid.is_error
+    capsys.readouterr()
+
+    assert await anyio.to_thread.run_sync(main, ["report", "receipts"]) == 0
+    out = capsys.readouterr().out
+    assert "buyer" in out and "2,500" in out and "local" in out and "2.5" in out

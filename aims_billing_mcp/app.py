@@ -57,6 +57,7 @@ optional idempotency_key (the same key, or the same arguments within a few minut
 replayed: true); wallet tools require one. dry_run: true shows the exact Stripe request without sending it.
 Errors come back as isError results whose text names the field or cause and what to do next."""
 
+
 class BillingServer(MCPServer[AppState]):
     """MCPServer with one error shape and an audit row for every tool call."""
 
@@ -74,9 +75,12 @@ class BillingServer(MCPServer[AppState]):
             self._refuse_unknown_arguments(name, arguments)
             result = await super().call_tool(name, arguments, context)
             if isinstance(result, CallToolResult) and isinstance(result.structured_content, dict):
-                if result.structured_content.get("replayed"):
+                content = result.structured_content
+                if result.is_error:  # a tool's own isError answer, e.g. an x402 challenge
+                    outcome, error_code = "error", "payment_required" if "accepts" in content else "tool_error"
+                elif content.get("replayed"):
                     outcome = "replayed"
-                elif result.structured_content.get("dry_run"):
+                elif content.get("dry_run"):
                     outcome = "dry_run"
             return result
         except Exception as exc:  # every failure becomes an isError result, never a crash of the server
@@ -89,7 +93,6 @@ class BillingServer(MCPServer[AppState]):
             if state is not None:
                 audit(state.store, name, arguments, outcome, error_code, monotonic_ms(start), request_ids,
                       caller=_caller_name(context), read_only=name in self.read_only_tools)
-
 
     def _refuse_unknown_arguments(self, name: str, arguments: dict[str, Any]) -> None:
         """A misspelt argument (`amout`) silently ignored could bill the wrong thing: refuse it by name."""
@@ -113,8 +116,9 @@ def to_billing_error(tool: str, exc: Exception) -> BillingError:
     if isinstance(exc, UnexpectedToolError) or not isinstance(exc, ToolError):
         log.error("tool %s crashed", tool, exc_info=cause)
         return BillingError(
-            f"{tool} failed with an internal error ({type(cause).__name__}); nothing was charged twice: retry "
-            "with the same idempotency_key, or report it to the operator (details are in the server log)"
+            f"{tool} failed with an internal error ({type(cause).__name__}): retry with the same idempotency_key "
+            "(a retried call never creates a second object), or report it to the operator (details are in the "
+            "server log)"
         )
     return InvalidInput(str(exc))  # unknown tool and other SDK-level refusals keep the SDK's words
 

@@ -4,16 +4,20 @@ to the real server (real gateway, real SDK, real SQLite): tests call tools by na
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 from mcp.types import CallToolResult
 
 from aims_billing_mcp.app import BillingServer, build_server
+from aims_billing_mcp.http_transport import uvicorn_server
 from aims_billing_mcp.sandbox import Sandbox, create_app
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
@@ -90,6 +94,22 @@ def make_server(make_settings: Callable[..., Settings], sandbox_app: Any) -> Cal
 async def client(make_server: Callable[..., BillingServer]) -> AsyncIterator[Client]:
     async with Client(make_server()) as connected:
         yield connected
+
+
+@asynccontextmanager
+async def serving_http(server: BillingServer, *, token: str | None = None) -> AsyncIterator[str]:
+    """The server's HTTP app (MCP at /mcp, webhooks, x402) on a free loopback port; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    web = uvicorn_server(server, host="127.0.0.1", port=port, token=token)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: web.serve(sockets=[sock]))
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+        web.should_exit = True
 
 
 def ok(result: CallToolResult) -> dict[str, Any]:

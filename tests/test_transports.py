@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from aims_billing_mcp.http_transport import build_http_app, uvicorn_server
-from tests.conftest import ok
+from aims_billing_mcp.http_transport import build_http_app
+from tests.conftest import ok, serving_http
 
 pytestmark = pytest.mark.anyio
 
@@ -34,24 +33,11 @@ async def test_stdio_subprocess_lists_tools_and_answers_a_call(tmp_path: Path) -
     assert out["customer"]["id"].startswith("cus_")
 
 
-def free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 async def test_streamable_http_requires_the_bearer_token_when_one_is_set(make_server: Any) -> None:
     token = "s3cret-token-for-tests"
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    server = uvicorn_server(make_server(), host="127.0.0.1", port=port, token=token)
-    url = f"http://127.0.0.1:{port}/mcp"
     with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: server.serve(sockets=[sock]))
-            while not server.started:
-                await anyio.sleep(0.01)
+        async with serving_http(make_server(), token=token) as base:
+            url = f"{base}/mcp"
             async with httpx.AsyncClient() as plain:
                 refused = await plain.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
                 wrong = await plain.post(url, json={}, headers={"Authorization": "Bearer nope"})
@@ -59,24 +45,15 @@ async def test_streamable_http_requires_the_bearer_token_when_one_is_set(make_se
             async with Client(streamable_http_client(url, http_client=authed)) as client:
                 names = {tool.name for tool in (await client.list_tools()).tools}
                 out = ok(await client.call_tool("retrieve_balance", {}))
-            server.should_exit = True
     assert (refused.status_code, wrong.status_code) == (401, 401)
     assert token not in refused.text
     assert "create_checkout_session" in names and out["mode"] == "sandbox"
 
 
 async def test_streamable_http_without_a_token_serves_loopback(make_server: Any) -> None:
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    server = uvicorn_server(make_server(), host="127.0.0.1", port=port, token=None)
     with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: server.serve(sockets=[sock]))
-            while not server.started:
-                await anyio.sleep(0.01)
-            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-                out = ok(await client.call_tool("create_product", {"name": "Over HTTP"}))
-            server.should_exit = True
+        async with serving_http(make_server()) as base, Client(f"{base}/mcp") as client:
+            out = ok(await client.call_tool("create_product", {"name": "Over HTTP"}))
     assert out["product"]["name"] == "Over HTTP"
 
 

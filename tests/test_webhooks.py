@@ -4,7 +4,6 @@ that converge to Stripe's state whatever the order or number of deliveries."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,10 +12,10 @@ import anyio
 import httpx
 import pytest
 
-from aims_billing_mcp.http_transport import uvicorn_server
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
+from tests.conftest import serving_http
 
 pytestmark = pytest.mark.anyio
 DAY = 86400
@@ -25,18 +24,9 @@ DAY = 86400
 @pytest.fixture
 async def endpoint(make_server: Callable[..., Any]) -> AsyncIterator[tuple[str, Any]]:
     """The webhook URL of a running `serve --http` app (bearer token set: webhooks must not need it)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     server = make_server()
-    web = uvicorn_server(server, host="127.0.0.1", port=port, token="mcp-only-token")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: web.serve(sockets=[sock]))
-        with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}/webhooks/stripe", server
-        web.should_exit = True
+    async with serving_http(server, token="mcp-only-token") as base:
+        yield f"{base}/webhooks/stripe", server
 
 
 def event(kind: str, obj: dict[str, Any], *, created: int | None = None, event_id: str | None = None) -> str:

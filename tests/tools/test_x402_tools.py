@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 from mcp import Client
 
 from aims_billing_mcp.app import BillingServer
-from aims_billing_mcp.http_transport import uvicorn_server
-from tests.conftest import error_of, ok
+from tests.conftest import error_of, ok, serving_http
 from tests.tools.test_wallets import give_tier, wallet
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -102,17 +99,8 @@ async def test_a_tampered_payment_is_refused_with_the_spec_reason_and_credits_no
 
 @pytest.fixture
 async def http_base(server: BillingServer) -> AsyncIterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    web = uvicorn_server(server, host="127.0.0.1", port=port, token="mcp-token")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: web.serve(sockets=[sock]))
-        with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-        web.should_exit = True
+    async with serving_http(server, token="mcp-token") as base:
+        yield base
 
 
 async def test_x402_over_http_402_then_200_then_the_replay_is_refused(server: BillingServer, http_base: str) -> None:

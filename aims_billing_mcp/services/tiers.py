@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -69,6 +69,18 @@ class Tier(BaseModel):
         return f"aims_tier_{self.id}_overage"
 
 
+class Item(BaseModel):
+    """A sellable item (pricing.toml `[items.<id>]`): its price, and what fulfilment does once it is paid."""
+
+    id: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
+    title: str = Field(min_length=1, max_length=250)
+    description: str = ""
+    unit_price: int = Field(gt=0, description="Minor units of currency (cents for usd)")
+    currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
+    fulfil: Literal["credit"] = Field(description="credit: add `luc` LUC to the buying agent's wallet")
+    luc: int = Field(gt=0, description="LUC credited on fulfilment")
+
+
 MIN_MULTIPLIER_MILLI, MAX_MULTIPLIER_MILLI = 1000, 3000
 
 
@@ -96,6 +108,7 @@ class Pricing(BaseModel):
     luc_per_usd: int = Field(gt=0)
     meter_event_name: str = Field(default="aims_luc_units", pattern=r"^[a-z0-9_]{1,100}$")
     multipliers: dict[str, int] = Field(default_factory=dict, description="Operation type -> multiplier in milli")
+    items: dict[str, Item] = Field(default_factory=dict, description="Sellable items by id")
 
     @model_validator(mode="after")
     def _multipliers_in_range(self) -> Pricing:
@@ -115,6 +128,7 @@ class Pricing(BaseModel):
             "currency": data.get("currency", "usd"), "tiers": tiers, "luc_per_usd": data.get("luc", {}).get("per_usd"),
             "meter_event_name": data.get("metering", {}).get("event_name", "aims_luc_units"),
             "multipliers": {op: to_milli(value) for op, value in data.get("multipliers", {}).items()},
+            "items": {key: {"id": key, **value} for key, value in data.get("items", {}).items()},
         })
 
     @model_validator(mode="after")
@@ -130,6 +144,13 @@ class Pricing(BaseModel):
                 return tier
         valid = ", ".join(f"{t.id}" + (f" ({'/'.join(t.aliases)})" if t.aliases else "") for t in self.tiers.values())
         raise UnknownTier(f"unknown tier {name!r}: valid tiers are {valid}", param=param)
+
+    def item(self, item_id: str, *, param: str = "item") -> Item:
+        found = self.items.get(item_id.strip().lower())
+        if found is None:
+            valid = ", ".join(f"{i.id} ({i.title})" for i in self.items.values()) or "none are configured"
+            raise InvalidInput(f"unknown item {item_id!r}: valid items are {valid}", param=param)
+        return found
 
     @property
     def p2p(self) -> Tier:

@@ -1,0 +1,355 @@
+"""Payment sessions: an agent pays for an item (a LUC credit pack) or an amount through a Stripe PaymentIntent,
+confirmed with a payment method (`pm_card_visa`) or a Shared Payment Token (`spt_...`).
+
+Fulfilment happens exactly once, in the same writer job that records the success, whoever sees the success first:
+the confirm call, a later `get_payment_session` (which re-reads the PaymentIntent: status, amount_received,
+currency) or the `payment_intent.succeeded` webhook. Three things stand behind "once": the session's UNIQUE
+payment_intent_id (one session per PaymentIntent), the `fulfilled_at IS NULL` guard of the UPDATE that claims the
+fulfilment (checked by rowcount), and the ledger credit's own idempotency key `fulfil:<session id>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import InvalidInput, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
+from ..models import CURRENCIES, format_amount
+from ..store import Store, dumps, utc_iso
+from ..stripe_gateway import StripeRequest, stripe_idempotency_key
+from .commerce_models import PaymentSession, PaymentSessionResult
+from .ledger import LedgerService
+from .mutations import StripeMutations, compact
+from .tiers import Item, Pricing
+
+CREATE_TOOL = "create_payment_session"
+CONFIRM_TOOL = "confirm_payment_session"
+CANCEL_TOOL = "cancel_payment_session"
+TERMINAL = ("succeeded", "canceled")
+_CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
+_SESSION = re.compile(r"ps_[A-Za-z0-9_]{1,200}")
+_PAYMENT_METHOD = re.compile(r"pm_[A-Za-z0-9_]{1,200}")
+_TOKEN = re.compile(r"spt_[A-Za-z0-9_]{1,200}")
+_AGENT = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+
+
+def _session_id(call_key: str) -> str:
+    """Deterministic per call key, so a replayed (or crashed and retried) create names the same session."""
+    return "ps_" + hashlib.sha256(f"{CREATE_TOOL}\x00{call_key}".encode()).hexdigest()[:24]
+
+
+def _decline_message(error: dict[str, Any] | None) -> str | None:
+    if not error:
+        return None
+    message = str(error.get("message") or "the payment failed")
+    code = error.get("decline_code") or error.get("code")
+    return f"{message}{f' ({code})' if code else ''}: confirm again with another payment method or token"
+
+
+class PaymentSessionService:
+    def __init__(
+        self, store: Store, mutations: StripeMutations, ledger: LedgerService, pricing: Pricing, *,
+        clock: Callable[[], float] = time.time, max_amount: int | None = None,
+    ) -> None:
+        self._store = store
+        self._mutations = mutations
+        self._gateway = mutations.gateway
+        self._idempotency = mutations.idempotency
+        self._ledger = ledger
+        self._pricing = pricing
+        self._clock = clock
+        self._max_amount = max_amount
+
+    # --- create -----------------------------------------------------------------------------------------------
+
+    def _priced(self, item: str | None, amount: int | None, currency: str | None) -> tuple[Item | None, int, str]:
+        if item is not None and (amount is not None or currency is not None):
+            raise InvalidInput("give item, or amount and currency, not both: an item carries its own price",
+                               param="amount" if amount is not None else "currency")
+        if item is not None:
+            found = self._pricing.item(item)
+            return found, found.unit_price, found.currency
+        if amount is None or currency is None:
+            raise InvalidInput("give an item (e.g. luc_10k; valid items: " + ", ".join(self._pricing.items)
+                               + ") or both amount and currency", param="item" if amount is None else "currency")
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            raise InvalidInput(f"amount must be a positive whole number of minor units (cents for usd), got "
+                               f"{amount!r}", param="amount")
+        code = currency.strip().lower()
+        if code not in CURRENCIES:
+            raise InvalidInput(f"currency {currency!r} is not an ISO 4217 code Stripe accepts, e.g. usd",
+                               param="currency")
+        if self._max_amount is not None and amount > self._max_amount:
+            raise InvalidInput(f"amount {format_amount(amount, code)} is above the per-call ceiling "
+                               f"AIMS_BILLING_MAX_AMOUNT={self._max_amount}", param="amount")
+        return None, amount, code
+
+    def _wallet_owner(self, agent_id: str) -> str:
+        if not _AGENT.fullmatch(agent_id):
+            raise InvalidInput(f"agent_id {agent_id[:40]!r} is not an agent id (letters, digits and _ . : @ -)",
+                               param="agent_id")
+        row = self._store.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,))
+        if row is None:
+            raise NotFound(f"agent {agent_id} has no wallet to credit: open one with create_agent_wallet first",
+                           param="agent_id")
+        return str(row["customer_id"])
+
+    async def create_session(
+        self, *, customer: str | None, agent_id: str | None, item: str | None, amount: int | None,
+        currency: str | None, description: str | None, idempotency_key: str | None, dry_run: bool,
+    ) -> PaymentSessionResult:
+        """A payment session and its PaymentIntent (awaiting a payment method); replays return the same session."""
+        found, amount, currency = self._priced(item, amount, currency)
+        if customer is not None and not _CUSTOMER.fullmatch(customer.strip()):
+            raise InvalidInput(f"customer must be a Stripe customer id starting with 'cus_' (got {customer[:40]!r})",
+                               param="customer")
+        customer = customer.strip() if customer else None
+        owner = self._wallet_owner(agent_id) if agent_id is not None else None
+        if found is not None and found.fulfil == "credit" and agent_id is None:
+            raise InvalidInput(f"item {found.id} credits {found.luc} LUC to an agent's wallet: pass agent_id",
+                               param="agent_id")
+        description = description if description is not None else (found.title if found else None)
+        item_id = found.id if found else None
+        args = {"customer": customer, "agent_id": agent_id, "item": item_id, "amount": amount, "currency": currency,
+                "description": description}
+        call = self._idempotency.key_for(CREATE_TOOL, args, idempotency_key)
+        session_id = _session_id(call.key)
+        params = compact({
+            "amount": amount, "currency": currency, "customer": customer, "description": description,
+            "metadata": compact({"aims_session": session_id, "aims_item": item_id, "aims_agent": agent_id}),
+            "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
+        })
+        recorded: dict[str, PaymentSession] = {}
+        clock = self._clock
+
+        async def record(pi: dict[str, Any]) -> None:
+            def job(conn: sqlite3.Connection) -> PaymentSession:
+                iso = utc_iso(clock())
+                conn.execute(
+                    "INSERT INTO payment_sessions (id, customer_id, agent_id, item_id, amount, currency, description, "
+                    "status, payment_intent_id, idempotency_key, amount_received, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    (session_id, customer or owner, agent_id, item_id, amount, currency, description, pi["status"],
+                     pi["id"], call.key, int(pi.get("amount_received") or 0), iso, iso))
+                return _view(_row(conn, session_id))
+
+            recorded["session"] = await self._store.write(job)
+
+        result = await self._mutations.run(
+            CREATE_TOOL, "/v1/payment_intents", params, PaymentSessionResult,
+            lambda _pi: {"session": recorded["session"].model_dump(mode="json")},
+            idempotency_key=idempotency_key, dry_run=dry_run, after=record,
+        )
+        if result.replayed and result.session is not None:
+            current = self._find(result.session.id)
+            if current is not None:
+                result.session = current
+        return result
+
+    # --- confirm, read, cancel --------------------------------------------------------------------------------
+
+    async def confirm_session(
+        self, session_id: str, *, payment_method: str | None, shared_payment_token: str | None, idempotency_key: str,
+    ) -> PaymentSession:
+        """Confirm the PaymentIntent with a payment method or a Shared Payment Token; fulfil on success. A decline
+        records last_error, leaves the session payable, and raises the card error."""
+        if (payment_method is None) == (shared_payment_token is None):
+            raise InvalidInput("give exactly one of payment_method (pm_..., e.g. pm_card_visa) or "
+                               "shared_payment_token (spt_...)", param="payment_method")
+        if payment_method is not None and not _PAYMENT_METHOD.fullmatch(payment_method):
+            raise InvalidInput(f"payment_method must be a Stripe payment method id starting with 'pm_' (got "
+                               f"{payment_method[:40]!r})", param="payment_method")
+        if shared_payment_token is not None and not _TOKEN.fullmatch(shared_payment_token):
+            raise InvalidInput(f"shared_payment_token must be a Shared Payment Token starting with 'spt_' (got "
+                               f"{shared_payment_token[:40]!r})", param="shared_payment_token")
+        session = self._session(session_id)
+        args = {"session": session.id, "payment_method": payment_method, "shared_payment_token": shared_payment_token}
+        call = self._idempotency.key_for(CONFIRM_TOOL, args, idempotency_key)
+        if self._idempotency.find(call) is not None:
+            return self._session(session.id)
+        if session.status == "succeeded" or session.fulfilled:
+            raise InvalidState(f"payment session {session.id} is already paid: it cannot be confirmed twice "
+                               "(get_payment_session shows it)", param="session_id")
+        if session.status == "canceled":
+            raise InvalidState(f"payment session {session.id} was canceled: create a new one to pay",
+                               param="session_id")
+        params = ({"payment_method": payment_method} if payment_method is not None
+                  else {"shared_payment_granted_token": shared_payment_token})
+        # The Stripe key covers the arguments too: another card after a decline is another Stripe request.
+        stripe_key = stripe_idempotency_key(CONFIRM_TOOL, f"{call.key}:{call.request_hash[:16]}")
+        request = StripeRequest("post", f"/v1/payment_intents/{session.payment_intent}/confirm", params, stripe_key)
+
+        async def execute() -> tuple[dict[str, Any], str | None]:
+            try:
+                sent = await self._gateway.send(request)
+            except StripeCardDeclined as exc:
+                reason = exc.message.removeprefix("the card was declined: ").removesuffix(
+                    " Ask for another payment method.")
+                code = exc.details.get("decline_code") or exc.details.get("stripe_code") or "card_declined"
+                message = f"the payment was declined ({code}): {reason}"
+                await self._store.write(self._failure_job(session.id, message))
+                raise StripeCardDeclined(
+                    f"payment session {session.id}: {message} The session stays payable: confirm it again with "
+                    "another payment method or token (and a new idempotency_key).",
+                    param=exc.param, session_id=session.id, **exc.details) from exc
+            done = await self._store.write(lambda conn: self.apply_payment_intent(conn, sent.data))
+            assert done is not None
+            return done.model_dump(mode="json"), sent.request_id
+
+        outcome = await self._idempotency.run(call, execute)
+        return self._session(session.id) if outcome.replayed else PaymentSession.model_validate(outcome.response)
+
+    async def get_session(self, session_id: str) -> PaymentSession:
+        """The session after re-reading its PaymentIntent from Stripe; fulfils a success not yet fulfilled."""
+        session = self._session(session_id)
+        if session.payment_intent is None:
+            return session
+        pi = (await self._gateway.send(StripeRequest("get", f"/v1/payment_intents/{session.payment_intent}"))).data
+        unchanged = (pi.get("status") == session.status
+                     and int(pi.get("amount_received") or 0) == session.amount_received
+                     and (session.fulfilled or pi.get("status") != "succeeded"))
+        if unchanged:
+            return session
+        done = await self._store.write(lambda conn: self.apply_payment_intent(conn, pi))
+        assert done is not None
+        return done
+
+    async def cancel_session(self, session_id: str, idempotency_key: str) -> PaymentSession:
+        """Cancel an unpaid session's PaymentIntent; a paid one cannot be canceled."""
+        session = self._session(session_id)
+        call = self._idempotency.key_for(CANCEL_TOOL, {"session": session.id}, idempotency_key)
+        if self._idempotency.find(call) is not None:
+            return self._session(session.id)
+        if session.status == "succeeded" or session.fulfilled:
+            raise InvalidState(f"payment session {session.id} is already paid ({session.amount_display}) and cannot "
+                               "be canceled", param="session_id")
+        if session.status == "canceled":
+            return session
+        request = StripeRequest("post", f"/v1/payment_intents/{session.payment_intent}/cancel", {},
+                                stripe_idempotency_key(CANCEL_TOOL, call.key))
+
+        async def execute() -> tuple[dict[str, Any], str | None]:
+            try:
+                sent = await self._gateway.send(request)
+            except StripeInvalidRequest as exc:
+                if exc.details.get("stripe_code") != "payment_intent_unexpected_state":
+                    raise
+                now = await self.get_session(session.id)  # paid (or canceled) meanwhile: record what Stripe says
+                raise InvalidState(f"payment session {session.id} is {now.status} and cannot be canceled",
+                                   param="session_id") from exc
+            done = await self._store.write(lambda conn: self.apply_payment_intent(conn, sent.data))
+            assert done is not None
+            return done.model_dump(mode="json"), sent.request_id
+
+        outcome = await self._idempotency.run(call, execute)
+        return self._session(session.id) if outcome.replayed else PaymentSession.model_validate(outcome.response)
+
+    # --- the webhook path and the one place a PaymentIntent's state is recorded ----------------------------------
+
+    def apply_event(self, conn: sqlite3.Connection, event: dict[str, Any]) -> str | None:
+        """Apply a `payment_intent.*` event inside the webhook's writer transaction; returns a note."""
+        kind = str(event.get("type") or "")
+        pi = ((event.get("data") or {}).get("object")) or {}
+        if not kind.startswith("payment_intent.") or not isinstance(pi, dict) or not pi.get("id"):
+            return None
+        before = conn.execute("SELECT id, fulfilled_at FROM payment_sessions WHERE payment_intent_id = ?",
+                              (pi["id"],)).fetchone()
+        if before is None:
+            return f"{kind}: no payment session for {pi['id']}"
+        session = self.apply_payment_intent(conn, pi)
+        assert session is not None
+        note = f"{kind}: payment session {session.id} is {session.status}"
+        if session.fulfilled and before["fulfilled_at"] is None:
+            note += ", fulfilled"
+        if session.last_error and kind == "payment_intent.payment_failed":
+            note += f" ({session.last_error})"
+        return note
+
+    def apply_payment_intent(self, conn: sqlite3.Connection, pi: dict[str, Any]) -> PaymentSession | None:
+        """Record what a PaymentIntent says about its session and, when it has succeeded for the full amount in the
+        session's currency, fulfil once. Runs inside a writer job; a refused fulfilment rolls the whole job back."""
+        found = conn.execute("SELECT * FROM payment_sessions WHERE payment_intent_id = ?", (pi.get("id"),)).fetchone()
+        if found is None:
+            return None
+        row = dict(found)
+        iso = utc_iso(self._clock())
+        status = str(pi.get("status") or row["status"])
+        received = int(pi.get("amount_received") or 0)
+        last_error = row["last_error"]
+        if row["status"] in TERMINAL and status != row["status"]:
+            status, received = row["status"], row["amount_received"]  # a stale snapshot (late event): keep the end
+        elif status == "succeeded":
+            if received < row["amount"] or str(pi.get("currency")) != row["currency"]:
+                last_error = (f"PaymentIntent {pi.get('id')} succeeded with {received} {pi.get('currency')}, not "
+                              f"{row['amount']} {row['currency']}: not fulfilled")
+                status = "amount_mismatch"
+            else:
+                last_error = None
+        elif status == "requires_payment_method":
+            last_error = _decline_message(pi.get("last_payment_error")) or last_error
+        conn.execute("UPDATE payment_sessions SET status = ?, amount_received = ?, last_error = ?, updated_at = ? "
+                     "WHERE id = ?", (status, received, last_error, iso, row["id"]))
+        if status == "succeeded":
+            claimed = conn.execute("UPDATE payment_sessions SET fulfilled_at = ? WHERE id = ? AND fulfilled_at IS NULL",
+                                   (iso, row["id"]))
+            if claimed.rowcount == 1:
+                fulfilment = self._fulfil(conn, row, str(pi["id"]))
+                conn.execute("UPDATE payment_sessions SET fulfilment = ? WHERE id = ?", (dumps(fulfilment), row["id"]))
+        return _view(_row(conn, row["id"]))
+
+    def _fulfil(self, conn: sqlite3.Connection, row: dict[str, Any], pi_id: str) -> dict[str, Any]:
+        item = self._pricing.items.get(row["item_id"]) if row["item_id"] else None
+        if item is None or item.fulfil != "credit":
+            return {"kind": "payment", "note": "an amount payment: nothing to deliver beyond the receipt"}
+        posting = self._ledger.credit_in(conn, row["agent_id"], item.luc, idempotency_key=f"fulfil:{row['id']}",
+                                         reason=f"payment session {row['id']}: {item.title}", reference=pi_id)
+        return {"kind": "credit", "agent_id": row["agent_id"], "luc_credited": item.luc,
+                "wallet_balance": posting.balance_after, "txn_id": posting.txn_id}
+
+    def _failure_job(self, session_id: str, message: str) -> Callable[[sqlite3.Connection], None]:
+        clock = self._clock
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE payment_sessions SET status = 'requires_payment_method', last_error = ?, "
+                         "updated_at = ? WHERE id = ? AND status NOT IN ('succeeded', 'canceled')",
+                         (message, utc_iso(clock()), session_id))
+
+        return job
+
+    # --- reads ------------------------------------------------------------------------------------------------
+
+    def _find(self, session_id: str) -> PaymentSession | None:
+        row = self._store.query_one("SELECT * FROM payment_sessions WHERE id = ?", (session_id,))
+        return _view(row) if row is not None else None
+
+    def _session(self, session_id: str) -> PaymentSession:
+        if not isinstance(session_id, str) or not _SESSION.fullmatch(session_id.strip()):
+            raise InvalidInput(f"session_id must be a payment session id starting with 'ps_' (got "
+                               f"{str(session_id)[:40]!r})", param="session_id")
+        found = self._find(session_id.strip())
+        if found is None:
+            raise NotFound(f"no payment session {session_id}: create one with create_payment_session",
+                           param="session_id")
+        return found
+
+
+def _row(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
+    cursor = conn.execute("SELECT * FROM payment_sessions WHERE id = ?", (session_id,))
+    names = [d[0] for d in cursor.description]
+    return dict(zip(names, cursor.fetchone(), strict=True))
+
+
+def _view(row: dict[str, Any]) -> PaymentSession:
+    return PaymentSession(
+        id=row["id"], customer=row["customer_id"], agent_id=row["agent_id"], item=row["item_id"], amount=row["amount"],
+        currency=row["currency"], amount_display=format_amount(row["amount"], row["currency"]),
+        description=row["description"], status=row["status"], payment_intent=row["payment_intent_id"],
+        amount_received=row["amount_received"], last_error=row["last_error"], fulfilled=row["fulfilled_at"] is not None,
+        fulfilment=json.loads(row["fulfilment"]) if row["fulfilment"] else None, created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )

@@ -1,0 +1,76 @@
+"""Payment session tools: an agent pays for a LUC credit pack (or an amount) through a Stripe PaymentIntent,
+confirmed with a payment method or a Shared Payment Token, and the pack is delivered exactly once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, cast
+
+from pydantic import Field
+
+from ..models import Currency, CustomerId, DryRun, IdempotencyKey
+from ..services.commerce_models import PaymentSession, PaymentSessionResult
+from .context import ToolContext, services
+
+if TYPE_CHECKING:
+    from ..services.commerce import PaymentSessionService
+
+SessionId = Annotated[str, Field(pattern=r"^ps_[A-Za-z0-9_]+$", description="The payment session id (ps_...)")]
+Key = Annotated[str, Field(min_length=1, max_length=255, description="Required: the same key returns the first "
+                           "result instead of paying (or canceling) twice; other arguments with it are refused")]
+
+
+def _commerce(ctx: ToolContext) -> PaymentSessionService:
+    # The app state carries the service as `commerce` (wired in app.py).
+    return cast("PaymentSessionService", vars(services(ctx))["commerce"])
+
+
+async def create_payment_session(
+    ctx: ToolContext,
+    item: Annotated[str | None, Field(min_length=1, max_length=64, description="An item id from the pricing file, "
+                                      "e.g. luc_10k (10,000 LUC for $10.00) or luc_50k; or give amount + currency")]
+    = None,
+    agent_id: Annotated[str | None, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$",
+                                          description="The buying agent: its wallet receives a LUC pack "
+                                          "(required for credit items; the wallet must exist)")] = None,
+    customer: Annotated[CustomerId | None, Field(description="The Stripe customer (cus_...) paying, if any")] = None,
+    amount: Annotated[int | None, Field(gt=0, description="Instead of an item: minor units (cents for usd)")] = None,
+    currency: Annotated[Currency | None, Field(description="With amount: ISO currency code, e.g. usd")] = None,
+    description: Annotated[str | None, Field(max_length=1000, description="Shown on the payment; defaults to "
+                                             "the item's title")] = None,
+    idempotency_key: IdempotencyKey = None,
+    dry_run: DryRun = False,
+) -> PaymentSessionResult:
+    """Start paying for an item (a LUC credit pack) or an amount: creates a payment session (ps_...) backed by a
+    Stripe PaymentIntent awaiting a payment method. Pay it with confirm_payment_session."""
+    return await _commerce(ctx).create_session(
+        customer=customer, agent_id=agent_id, item=item, amount=amount, currency=currency, description=description,
+        idempotency_key=idempotency_key, dry_run=dry_run,
+    )
+
+
+async def confirm_payment_session(
+    ctx: ToolContext,
+    session_id: SessionId,
+    idempotency_key: Key,
+    payment_method: Annotated[str | None, Field(pattern=r"^pm_[A-Za-z0-9_]+$", description="A payment method, "
+                                                "e.g. pm_card_visa in test mode")] = None,
+    shared_payment_token: Annotated[str | None, Field(pattern=r"^spt_[A-Za-z0-9_]+$", description="Or a Shared "
+                                                      "Payment Token (spt_...) granted by the buyer")] = None,
+) -> PaymentSession:
+    """Pay a payment session with exactly one of a payment method or a Shared Payment Token. On success the item is
+    delivered once (a LUC pack credits the agent's wallet). A decline leaves the session payable with last_error."""
+    return await _commerce(ctx).confirm_session(
+        session_id, payment_method=payment_method, shared_payment_token=shared_payment_token,
+        idempotency_key=idempotency_key,
+    )
+
+
+async def get_payment_session(ctx: ToolContext, session_id: SessionId) -> PaymentSession:
+    """A payment session, verified by re-reading its PaymentIntent from Stripe (status, amount received,
+    currency); delivers the item if the payment succeeded and it was not delivered yet."""
+    return await _commerce(ctx).get_session(session_id)
+
+
+async def cancel_payment_session(ctx: ToolContext, session_id: SessionId, idempotency_key: Key) -> PaymentSession:
+    """Cancel an unpaid payment session (its PaymentIntent is canceled). A paid session cannot be canceled."""
+    return await _commerce(ctx).cancel_session(session_id, idempotency_key)

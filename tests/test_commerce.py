@@ -216,3 +216,16 @@ async def test_bad_confirm_and_session_input_is_refused(env: Env) -> None:
         await env.service.cancel_session("pi_123", "k")
     assert env.counts() == before
     assert (await env.service.get_session(session_id)).status == "requires_payment_method"
+
+
+async def test_concurrent_polls_and_webhooks_fulfil_once(env: Env) -> None:
+    import asyncio
+
+    session_id = await env.buy()
+    session = await env.service.get_session(session_id)
+    pi = (await env.gateway.send(StripeRequest("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
+                                               {"payment_method": "pm_card_visa"}))).data
+    event = {"id": "evt_race", "type": "payment_intent.succeeded", "data": {"object": pi}}
+    await asyncio.gather(*[env.service.get_session(session_id) for _ in range(5)],
+                         *[env.store.write(lambda conn: env.service.apply_event(conn, event)) for _ in range(5)])
+    assert env.balance() == 10_000 and env.credits() == 1

@@ -28,6 +28,7 @@ from .errors import BillingError, InvalidInput
 from .redact import redact, redact_text
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.catalog import CatalogService
+from .services.commerce import PaymentSessionService
 from .services.idempotency import IdempotencyService
 from .services.ledger import LedgerService
 from .services.meter_flusher import MeterFlusher
@@ -207,12 +208,14 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
     )
     metering = MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
                                period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists)
+    commerce = PaymentSessionService(store, mutations, ledger, pricing, max_amount=settings.aims_billing_max_amount)
     return AppState(
-        ledger=ledger, x402=x402,
+        ledger=ledger, x402=x402, commerce=commerce,
         metering=metering, flusher=MeterFlusher(store, gateway, pricing, retry_delay_scale=retry_delay_scale),
         settings=settings, store=store, gateway=gateway, idempotency=idempotency,
         catalog=CatalogService(mutations, max_amount=settings.aims_billing_max_amount), pricing=pricing,
-        subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions), webhook_secret=secret,
+        subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions, commerce),
+        webhook_secret=secret,
     )
 
 

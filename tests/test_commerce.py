@@ -118,8 +118,6 @@ async def test_the_webhook_alone_fulfils_once(env: Env) -> None:
     assert polled.fulfilled and env.balance() == 10_000 and env.credits() == 1
 
 
-@pytest.mark.xfail(reason="the sandbox's POST /v1/payment_intents/{id}/confirm does not accept "
-                   "shared_payment_granted_token yet (issue 8 part 6)", strict=False)
 async def test_a_shared_payment_token_pays(env: Env) -> None:
     session_id = await env.buy(item="luc_50k")
     paid = await env.service.confirm_session(session_id, payment_method=None,

@@ -262,8 +262,11 @@ def update_payment_intent(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def confirm_payment_intent(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     p.allow(("payment_method", "return_url", "off_session", "receipt_email", "error_on_requires_action",
-             "setup_future_usage"))
+             "setup_future_usage", "shared_payment_granted_token"))
     pi = ctx.fetch("payment_intent", args["id"], "payment_intent", "id")
+    spt = p.string("shared_payment_granted_token")
+    if spt is not None and not spt.startswith("spt_"):
+        raise no_such("shared payment granted token", spt, "shared_payment_granted_token")
     if pi["status"] == "succeeded":
         raise _unexpected_state(
             "You cannot confirm this PaymentIntent because it has already succeeded after being "
@@ -275,7 +278,8 @@ def confirm_payment_intent(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
             "PaymentIntent with one of the following statuses may be confirmed: "
             "requires_confirmation, requires_action, requires_payment_method."
         )
-    token = p.string("payment_method") or pi["payment_method"]
+    # a granted token stands for the buyer's saved card, as at creation
+    token = p.string("payment_method") or ("pm_card_visa" if spt is not None else None) or pi["payment_method"]
     if token is None:
         raise _unexpected_state(
             "You cannot confirm this PaymentIntent because it's missing a payment method. To confirm "

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..store import Store, utc_now
-from .subscriptions import SubscriptionService
+from .commerce import PaymentSessionService
+from .subscriptions import Applied, SubscriptionService
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,11 @@ class Ingested:
 
 
 class WebhookEventService:
-    def __init__(self, store: Store, subscriptions: SubscriptionService) -> None:
+    def __init__(self, store: Store, subscriptions: SubscriptionService,
+                 commerce: PaymentSessionService | None = None) -> None:
         self._store = store
         self._subscriptions = subscriptions
+        self._commerce = commerce
 
     async def ingest(self, event: dict[str, Any], payload: bytes | str) -> Ingested:
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
@@ -35,7 +38,12 @@ class WebhookEventService:
         def job(conn: sqlite3.Connection) -> Ingested:
             # Apply first, then record: a duplicate's INSERT fails on the UNIQUE id and the savepoint undoes the
             # apply with it (one statement fewer than insert-check-apply-update on the common, first delivery).
-            applied = self._subscriptions.apply_event(conn, event)
+            if event["type"].startswith("payment_intent.") and self._commerce is not None:
+                obj = (event.get("data") or {}).get("object") or {}
+                customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
+                applied = Applied(customer, self._commerce.apply_event(conn, event))
+            else:
+                applied = self._subscriptions.apply_event(conn, event)
             now = utc_now()
             conn.execute(
                 "INSERT INTO webhook_events (id, type, created, payload, received_at, processed, processed_at, "

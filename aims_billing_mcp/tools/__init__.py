@@ -14,7 +14,7 @@ from mcp.types import ToolAnnotations
 
 from ..errors import ConfigurationError
 from ..settings import Settings
-from . import catalog, metering, subscriptions, wallets, x402
+from . import catalog, commerce, metering, subscriptions, wallets, x402
 
 Permission = Literal["read", "write"]
 
@@ -75,6 +75,10 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(x402.create_x402_payment_requirements, "Create x402 payment requirements", "write", open_world=False),
     ToolSpec(x402.verify_x402_receipt, "Verify x402 receipt", "write"),
     ToolSpec(x402.purchase_luc_credits, "Purchase LUC credits (x402)", "write"),
+    ToolSpec(commerce.create_payment_session, "Create payment session", "write"),
+    ToolSpec(commerce.confirm_payment_session, "Confirm payment session", "write"),
+    ToolSpec(commerce.get_payment_session, "Get payment session", "read"),
+    ToolSpec(commerce.cancel_payment_session, "Cancel payment session", "write", destructive=True),
 )
 
 

@@ -3,7 +3,7 @@ confirmed with a payment method or a Shared Payment Token, and the pack is deliv
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
@@ -12,16 +12,11 @@ from ..services.commerce_models import PaymentSession, PaymentSessionResult
 from .context import ToolContext, services
 
 if TYPE_CHECKING:
-    from ..services.commerce import PaymentSessionService
+    pass
 
 SessionId = Annotated[str, Field(pattern=r"^ps_[A-Za-z0-9_]+$", description="The payment session id (ps_...)")]
 Key = Annotated[str, Field(min_length=1, max_length=255, description="Required: the same key returns the first "
                            "result instead of paying (or canceling) twice; other arguments with it are refused")]
-
-
-def _commerce(ctx: ToolContext) -> PaymentSessionService:
-    # The app state carries the service as `commerce` (wired in app.py).
-    return cast("PaymentSessionService", vars(services(ctx))["commerce"])
 
 
 async def create_payment_session(
@@ -42,7 +37,7 @@ async def create_payment_session(
 ) -> PaymentSessionResult:
     """Start paying for an item (a LUC credit pack) or an amount: creates a payment session (ps_...) backed by a
     Stripe PaymentIntent awaiting a payment method. Pay it with confirm_payment_session."""
-    return await _commerce(ctx).create_session(
+    return await services(ctx).commerce.create_session(
         customer=customer, agent_id=agent_id, item=item, amount=amount, currency=currency, description=description,
         idempotency_key=idempotency_key, dry_run=dry_run,
     )
@@ -59,7 +54,7 @@ async def confirm_payment_session(
 ) -> PaymentSession:
     """Pay a payment session with exactly one of a payment method or a Shared Payment Token. On success the item is
     delivered once (a LUC pack credits the agent's wallet). A decline leaves the session payable with last_error."""
-    return await _commerce(ctx).confirm_session(
+    return await services(ctx).commerce.confirm_session(
         session_id, payment_method=payment_method, shared_payment_token=shared_payment_token,
         idempotency_key=idempotency_key,
     )
@@ -68,9 +63,9 @@ async def confirm_payment_session(
 async def get_payment_session(ctx: ToolContext, session_id: SessionId) -> PaymentSession:
     """A payment session, verified by re-reading its PaymentIntent from Stripe (status, amount received,
     currency); delivers the item if the payment succeeded and it was not delivered yet."""
-    return await _commerce(ctx).get_session(session_id)
+    return await services(ctx).commerce.get_session(session_id)
 
 
 async def cancel_payment_session(ctx: ToolContext, session_id: SessionId, idempotency_key: Key) -> PaymentSession:
     """Cancel an unpaid payment session (its PaymentIntent is canceled). A paid session cannot be canceled."""
-    return await _commerce(ctx).cancel_session(session_id, idempotency_key)
+    return await services(ctx).commerce.cancel_session(session_id, idempotency_key)

@@ -9,6 +9,7 @@ from mcp.server.mcpserver import Context
 
 if TYPE_CHECKING:
     from ..services.catalog import CatalogService
+    from ..services.commerce import PaymentSessionService
     from ..services.idempotency import IdempotencyService
     from ..services.ledger import LedgerService
     from ..services.meter_flusher import MeterFlusher
@@ -37,6 +38,7 @@ class AppState:
     metering: MeteringService
     flusher: MeterFlusher
     x402: X402Service
+    commerce: PaymentSessionService
 
 
 ToolContext = Context[AppState, Any]

@@ -1,0 +1,81 @@
+"""Payment sessions through the MCP tools: an agent buys a LUC pack, paid with a card or a Shared Payment Token;
+the pack is delivered once whether success is seen by confirming, by polling, or by the signed webhook."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from aims_billing_mcp.app import BillingServer
+from aims_billing_mcp.sandbox import Sandbox
+from tests.conftest import error_of, ok
+from tests.tools.test_wallets import give_tier, wallet
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def server(make_server: Any) -> BillingServer:
+    return make_server()  # type: ignore[no-any-return]
+
+
+async def start(client: Client, server: BillingServer, item: str = "luc_10k") -> str:
+    await give_tier(server, "cus_team", "3mo")
+    await wallet(client, "shopper")
+    created = ok(await client.call_tool("create_payment_session", {"item": item, "agent_id": "shopper",
+                                                                   "idempotency_key": f"buy-{item}"}))
+    return created["session"]["id"]  # type: ignore[no-any-return]
+
+
+async def balance(client: Client) -> int:
+    return ok(await client.call_tool("get_agent_wallet", {"agent_id": "shopper"}))["balance"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "payment", [{"payment_method": "pm_card_visa"}, {"shared_payment_token": "spt_test_granted_0001"}]
+)
+async def test_a_paid_pack_is_delivered_once_by_confirm_poll_and_webhook(
+    server: BillingServer, sandbox: Sandbox, payment: dict[str, str]
+) -> None:
+    async with Client(server) as client:
+        session = await start(client, server)
+        paid = ok(await client.call_tool("confirm_payment_session", {"session_id": session, "idempotency_key": "pay",
+                                                                     **payment}))
+        assert sandbox.webhooks.drain(timeout=10)  # payment_intent.succeeded reaches the endpoint too
+        polled = ok(await client.call_tool("get_payment_session", {"session_id": session}))
+        after = await balance(client)
+    assert (paid["status"], paid["fulfilled"], paid["amount"], paid["amount_received"]) == ("succeeded", True, 1000,
+                                                                                            1000)
+    assert polled["fulfilled"] is True
+    assert after == 10_000
+
+
+async def test_a_declined_card_leaves_a_clear_status_and_delivers_nothing(server: BillingServer) -> None:
+    async with Client(server) as client:
+        session = await start(client, server)
+        err = error_of(await client.call_tool("confirm_payment_session", {
+            "session_id": session, "payment_method": "pm_card_chargeDeclined", "idempotency_key": "try-1"}))
+        polled = ok(await client.call_tool("get_payment_session", {"session_id": session}))
+        after = await balance(client)
+    assert err["code"] == "card_declined"
+    assert polled["status"] == "requires_payment_method" and polled["last_error"] and not polled["fulfilled"]
+    assert after == 0
+
+
+async def test_an_open_session_can_be_cancelled_and_then_not_paid(server: BillingServer) -> None:
+    async with Client(server) as client:
+        session = await start(client, server, "luc_50k")
+        cancelled = ok(await client.call_tool("cancel_payment_session", {"session_id": session,
+                                                                         "idempotency_key": "stop"}))
+        refused = error_of(await client.call_tool("confirm_payment_session", {
+            "session_id": session, "payment_method": "pm_card_visa", "idempotency_key": "late"}))
+    assert cancelled["status"] == "canceled"
+    assert refused["code"] in ("invalid_state", "stripe_invalid_request")
+
+
+async def test_an_unknown_item_lists_the_valid_ones(server: BillingServer) -> None:
+    async with Client(server) as client:
+        err = error_of(await client.call_tool("create_payment_session", {"item": "gold_bars", "agent_id": "x"}))
+    assert "luc_10k" in err["message"] and "luc_50k" in err["message"]

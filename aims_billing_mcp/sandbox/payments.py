@@ -56,6 +56,30 @@ def _format_amount(amount: int, currency: str) -> str:
     return f"{symbol}{text} {currency}"
 
 
+# Test Shared Payment Tokens, as Stripe's test mode names them by outcome: any other spt_ succeeds like a Visa.
+SPT_CARDS = {
+    "spt_test_declined": "pm_card_chargeDeclined",
+    "spt_test_insufficient_funds": "pm_card_chargeDeclinedInsufficientFunds",
+}
+SPT_EXPIRED_PREFIX = "spt_test_expired"
+
+
+def redeem_shared_payment_token(ctx: Ctx, spt: str) -> str:
+    """The test card a granted token stands for. A token is single-use (a second redemption is refused, as Stripe
+    refuses a used grant), and `spt_test_expired...` has expired."""
+    param = "shared_payment_granted_token"
+    if not spt.startswith("spt_"):
+        raise no_such("shared payment granted token", spt, param)
+    if spt.startswith(SPT_EXPIRED_PREFIX):
+        raise StripeError(400, "This shared payment granted token has expired; ask the buyer's agent for a new one.",
+                          code="shared_payment_granted_token_expired", param=param)
+    if ctx.store.get(spt, "shared_payment_granted_token") is not None:
+        raise StripeError(400, "This shared payment granted token has already been used.",
+                          code="shared_payment_granted_token_used", param=param)
+    ctx.store.insert({"id": spt, "object": "shared_payment_granted_token", "created": ctx.now})
+    return next((card for prefix, card in SPT_CARDS.items() if spt.startswith(prefix)), "pm_card_visa")
+
+
 def resolve_payment_method(ctx: Ctx, token: str, param: str = "payment_method") -> Obj:
     """A stored PaymentMethod for a test token (created on first use) or a stored ``pm_`` id."""
     stored = ctx.store.get(token, "payment_method")
@@ -216,8 +240,6 @@ def create_payment_intent(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     confirm_now = p.boolean("confirm") or False
     token = p.string("payment_method")
     spt = p.string("shared_payment_granted_token")
-    if spt is not None and not spt.startswith("spt_"):
-        raise no_such("shared payment granted token", spt, "shared_payment_granted_token")
     apm = p.sub("automatic_payment_methods")
     pi = new_payment_intent(ctx, amount=amount, currency=currency, customer=customer,
                             description=p.string("description"), metadata=metadata)
@@ -228,7 +250,7 @@ def create_payment_intent(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     pi["setup_future_usage"] = p.string("setup_future_usage")
     pi["statement_descriptor"] = p.string("statement_descriptor")
     if spt is not None:
-        token = token or "pm_card_visa"  # a granted token stands for the agent's saved card
+        token = token or redeem_shared_payment_token(ctx, spt)  # a granted token stands for the buyer's card
     if token is not None:
         pm = resolve_payment_method(ctx, token)
         pi["payment_method"] = pm["id"]
@@ -265,8 +287,6 @@ def confirm_payment_intent(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
              "setup_future_usage", "shared_payment_granted_token"))
     pi = ctx.fetch("payment_intent", args["id"], "payment_intent", "id")
     spt = p.string("shared_payment_granted_token")
-    if spt is not None and not spt.startswith("spt_"):
-        raise no_such("shared payment granted token", spt, "shared_payment_granted_token")
     if pi["status"] == "succeeded":
         raise _unexpected_state(
             "You cannot confirm this PaymentIntent because it has already succeeded after being "
@@ -279,7 +299,8 @@ def confirm_payment_intent(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
             "requires_confirmation, requires_action, requires_payment_method."
         )
     # a granted token stands for the buyer's saved card, as at creation
-    token = p.string("payment_method") or ("pm_card_visa" if spt is not None else None) or pi["payment_method"]
+    token = (p.string("payment_method") or (redeem_shared_payment_token(ctx, spt) if spt is not None else None)
+             or pi["payment_method"])
     if token is None:
         raise _unexpected_state(
             "You cannot confirm this PaymentIntent because it's missing a payment method. To confirm "

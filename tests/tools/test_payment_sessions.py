@@ -79,3 +79,23 @@ async def test_an_unknown_item_lists_the_valid_ones(server: BillingServer) -> No
     async with Client(server) as client:
         err = error_of(await client.call_tool("create_payment_session", {"item": "gold_bars", "agent_id": "x"}))
     assert "luc_10k" in err["message"] and "luc_50k" in err["message"]
+
+
+async def test_a_declined_token_leaves_the_session_payable_and_a_reused_token_is_refused(
+    server: BillingServer,
+) -> None:
+    async with Client(server) as client:
+        session = await start(client, server)
+        declined = error_of(await client.call_tool("confirm_payment_session", {
+            "session_id": session, "shared_payment_token": "spt_test_declined_1", "idempotency_key": "try-1"}))
+        paid = ok(await client.call_tool("confirm_payment_session", {
+            "session_id": session, "shared_payment_token": "spt_test_good_1", "idempotency_key": "try-2"}))
+        other = ok(await client.call_tool("create_payment_session", {"item": "luc_10k", "agent_id": "shopper",
+                                                                     "idempotency_key": "buy-again"}))["session"]
+        reused = error_of(await client.call_tool("confirm_payment_session", {
+            "session_id": other["id"], "shared_payment_token": "spt_test_good_1", "idempotency_key": "try-3"}))
+        after = await balance(client)
+    assert declined["code"] == "card_declined"
+    assert paid["status"] == "succeeded"
+    assert reused["stripe_code"] == "shared_payment_granted_token_used"
+    assert after == 10_000

@@ -2,6 +2,10 @@
 
 The allow-list (AIMS_BILLING_TOOLS) and read-only mode (AIMS_BILLING_READ_ONLY) filter this table *before*
 registration, so a tool that is off does not exist for the client at all.
+
+The tool modules do not use `from __future__ import annotations`: the SDK reads each signature with
+`eval_str=True` and `get_type_hints`, and string annotations made it compile and evaluate every parameter's
+annotation twice per tool at start-up (14 ms of the time to the first tools/list).
 """
 
 from __future__ import annotations

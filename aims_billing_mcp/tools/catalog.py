@@ -1,7 +1,5 @@
 """Catalog and checkout tools: thin functions whose signature is the input schema and docstring the description."""
 
-from __future__ import annotations
-
 from typing import Annotated, Literal
 
 from pydantic import Field

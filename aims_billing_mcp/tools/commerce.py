@@ -1,18 +1,13 @@
 """Payment session tools: an agent pays for a LUC credit pack (or an amount) through a Stripe PaymentIntent,
 confirmed with a payment method or a Shared Payment Token, and the pack is delivered exactly once."""
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from pydantic import Field
 
 from ..models import Currency, CustomerId, DryRun, IdempotencyKey
 from ..services.commerce_models import PaymentSession, PaymentSessionResult
 from .context import ToolContext, services
-
-if TYPE_CHECKING:
-    pass
 
 SessionId = Annotated[str, Field(pattern=r"^ps_[A-Za-z0-9_]+$", description="The payment session id (ps_...)")]
 Key = Annotated[str, Field(min_length=1, max_length=255, description="Required: the same key returns the first "

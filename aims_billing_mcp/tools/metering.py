@@ -1,7 +1,5 @@
 """LUC metering tools: thin functions over MeteringService (durable usage, summaries, quotes, task slots)."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 from pydantic import Field

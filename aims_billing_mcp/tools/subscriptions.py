@@ -1,7 +1,5 @@
 """Subscription tools on the 3-6-9 tiers: thin functions over SubscriptionService."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 from pydantic import Field

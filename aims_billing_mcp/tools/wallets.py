@@ -1,8 +1,6 @@
 """Agent wallet tools: thin functions over LedgerService. Every mutating one requires an idempotency_key (money
 moves only once per key) and a reason, and takes an optional reference (a meter event id, a receipt id, ...)."""
 
-from __future__ import annotations
-
 from typing import Annotated, Literal
 
 from pydantic import Field

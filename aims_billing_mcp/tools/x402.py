@@ -2,7 +2,6 @@
 MCP transport (`_meta["x402/payment"]` in, `_meta["x402/payment-response"]` out). The x402 package's own MCP wrapper
 imports the removed `mcp.server.fastmcp`, so the `_meta` handling is done here, with the package's constants."""
 
-from __future__ import annotations
 
 import json
 from typing import Annotated, Any, Literal

@@ -1,0 +1,142 @@
+"""The Agentic Commerce Protocol seller over REST (version 2026-04-17), as Starlette routes:
+
+- `POST /acp/checkout_sessions` (201), `GET` / `POST /acp/checkout_sessions/{id}`,
+  `POST /acp/checkout_sessions/{id}/complete`, `POST /acp/checkout_sessions/{id}/cancel`
+- `GET /.well-known/acp.json`: the discovery document
+
+Every ACP request needs `Authorization: Bearer <api key>`; every POST an `Idempotency-Key`. Answers echo
+`API-Version`, `Idempotency-Key` and `Request-Id`; errors are ACP's Error object (type, code, message, param).
+`acp_routes(get_state)` is what the companion app mounts; the service is `state.acp` when the app state has one,
+else one built from the state (`store`, `commerce`, `pricing`, API keys from `settings.acp_api_keys`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .services.acp import API_VERSION, SUPPORTED_VERSIONS, AcpService
+from .services.acp_models import AcpError, AcpResponse
+
+BASE = "/acp"
+SESSIONS = f"{BASE}/checkout_sessions"
+DISCOVERY = "/.well-known/acp.json"
+_MAX_BODY = 256 * 1024
+
+
+def acp_routes(get_state: Callable[[], Any], *, api_keys: set[str] | None = None) -> list[Route]:
+    """The ACP REST routes. `api_keys` overrides the configured keys (tests); the service is resolved per request
+    so the routes can be built before the app state exists."""
+    built: dict[int, AcpService] = {}
+
+    def service() -> AcpService:
+        state = get_state()
+        if state is None:
+            raise AcpError(503, "starting", "the server is starting: retry", type="service_unavailable",
+                           headers={"Retry-After": "1"})
+        existing = getattr(state, "acp", None)
+        if isinstance(existing, AcpService):
+            return existing
+        if id(state) not in built:
+            keys = api_keys if api_keys is not None else set(getattr(state.settings, "acp_api_keys", None) or ())
+            public = str(getattr(state.settings, "public_url", None) or "http://localhost")
+            built[id(state)] = AcpService(state.store, state.commerce, state.pricing, api_keys=set(keys),
+                                          public_url=public)
+        return built[id(state)]
+
+    def endpoint(
+        operation: Callable[[AcpService, Request, str, Any], Awaitable[AcpResponse]], *, post: bool,
+    ) -> Callable[[Request], Awaitable[JSONResponse]]:
+        async def handle(request: Request) -> JSONResponse:
+            echo = _echo(request)
+            try:
+                acp = service()
+                _check_version(request)
+                identity = acp.authenticate(request.headers.get("authorization"))
+                if not post:
+                    result = await operation(acp, request, identity, None)
+                else:
+                    key = request.headers.get("idempotency-key")
+                    if key is None or not key.strip():
+                        raise AcpError(400, "idempotency_key_required",
+                                       "Idempotency-Key header is required on all POST requests")
+                    body = await _body(request, optional=request.url.path.endswith("/cancel"))
+
+                    async def run() -> AcpResponse:
+                        return await operation(acp, request, identity, body)
+
+                    result = await acp.idempotent(identity, request.url.path, key, body, run)
+            except AcpError as exc:
+                result = exc.response()
+            return JSONResponse(result.body, status_code=result.status, headers={**echo, **result.headers})
+
+        return handle
+
+    async def create(acp: AcpService, request: Request, identity: str, body: Any) -> AcpResponse:
+        return await acp.create(body, seed=f"{identity}\x00{request.headers.get('idempotency-key')}")
+
+    async def get(acp: AcpService, request: Request, _identity: str, _body: Any) -> AcpResponse:
+        return await acp.get(request.path_params["session_id"])
+
+    async def update(acp: AcpService, request: Request, _identity: str, body: Any) -> AcpResponse:
+        return await acp.update(request.path_params["session_id"], body)
+
+    async def complete(acp: AcpService, request: Request, _identity: str, body: Any) -> AcpResponse:
+        return await acp.complete(request.path_params["session_id"], body,
+                                  attempt=str(request.headers.get("idempotency-key")))
+
+    async def cancel(acp: AcpService, request: Request, _identity: str, body: Any) -> AcpResponse:
+        return await acp.cancel(request.path_params["session_id"], body)
+
+    async def discovery(request: Request) -> JSONResponse:
+        try:
+            acp = service()
+        except AcpError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status, headers={**_echo(request), **exc.headers})
+        base = str(request.base_url).rstrip("/") + BASE
+        return JSONResponse(acp.discovery(base), headers={**_echo(request), "Cache-Control": "public, max-age=300"})
+
+    return [
+        Route(DISCOVERY, discovery, methods=["GET"]),
+        Route(SESSIONS, endpoint(create, post=True), methods=["POST"]),
+        Route(SESSIONS + "/{session_id}", endpoint(get, post=False), methods=["GET"]),
+        Route(SESSIONS + "/{session_id}", endpoint(update, post=True), methods=["POST"]),
+        Route(SESSIONS + "/{session_id}/complete", endpoint(complete, post=True), methods=["POST"]),
+        Route(SESSIONS + "/{session_id}/cancel", endpoint(cancel, post=True), methods=["POST"]),
+    ]
+
+
+def _echo(request: Request) -> dict[str, str]:
+    out = {"API-Version": request.headers.get("api-version") or API_VERSION}
+    for name in ("Idempotency-Key", "Request-Id"):
+        value = request.headers.get(name.lower())
+        if value and len(value) <= 255:
+            out[name] = value
+    return out
+
+
+def _check_version(request: Request) -> None:
+    version = request.headers.get("api-version")
+    if version is not None and version not in SUPPORTED_VERSIONS:
+        error = AcpError(400, "unsupported_api_version", f"API-Version {version[:32]!r} is not supported: use "
+                         f"{API_VERSION}", extra={"supported_versions": SUPPORTED_VERSIONS})
+        raise error
+
+
+async def _body(request: Request, *, optional: bool) -> Any:
+    raw = await request.body()
+    if len(raw) > _MAX_BODY:
+        raise AcpError(413, "request_too_large", f"the request body is above {_MAX_BODY} bytes")
+    if not raw.strip():
+        if optional:
+            return None
+        raise AcpError(400, "invalid_json", "the request needs a JSON body", param="$")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise AcpError(400, "invalid_json", f"the body is not JSON: {exc}", param="$") from exc

@@ -1,0 +1,658 @@
+"""The Agentic Commerce Protocol (ACP, version 2026-04-17) seller: checkout sessions for our sellable items.
+
+A buyer agent creates a checkout session with line items (our item ids; repeating an id buys more of it: the
+2026-04-17 create/update `Item` has no quantity field), may update it, and completes it with a Stripe Shared
+Payment Token (`payment_data.instrument.credential = {type: "spt", token: "spt_..."}`). Completing creates a
+payment session (a PaymentIntent for the session total, see commerce.py), confirms it with the token as
+`shared_payment_granted_token`, and on success records the order and credits the LUC to the agent wallet named
+by `metadata.agent_id` at create, in one writer job guarded by the session status and by the ledger's own
+idempotency key `acp:<session id>`: fulfilment happens once. A declined token leaves the session payable with a
+`payment_declined` error message. Completing, updating or canceling a finished session answers 405.
+
+Every POST carries an `Idempotency-Key` (ACP §6): scoped to the caller's identity and the endpoint; the same key
+and the same body replay the stored response; another body is 422 `idempotency_conflict`; a key whose first
+request is still running is 409 `idempotency_in_flight` with `Retry-After`; 5xx answers are never stored.
+Request bodies are checked against the 2026-04-17 schema's shapes here (additionalProperties, required, types of
+the fields we read), so a violating body is a 400 naming the JSONPath of the offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..errors import BillingError, InvalidState, StripeCardDeclined, StripeInvalidRequest
+from ..models import format_amount
+from ..store import Store, dumps, utc_iso
+from .acp_models import AcpError, AcpResponse
+from .commerce import PaymentSessionService
+from .commerce_models import PaymentSession
+from .ledger import LedgerService
+from .tiers import Pricing
+
+API_VERSION = "2026-04-17"
+SUPPORTED_VERSIONS = [API_VERSION]
+HANDLER_ID = "stripe_spt"
+DIGITAL_OPTION = "digital_wallet_credit"
+FINISHED = ("completed", "canceled", "expired")
+KEY_RETENTION_SECONDS = 24 * 3600  # ACP §6.6: at least 24 hours
+IN_FLIGHT_STALE_SECONDS = 120  # a claim older than this belonged to a request that died: the key is free again
+RETRY_AFTER_SECONDS = 1
+_SPT = re.compile(r"spt_[A-Za-z0-9_]{1,200}")
+_AGENT = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+
+HANDLER: dict[str, Any] = {
+    "id": HANDLER_ID, "name": "dev.acp.tokenized.card", "display_name": "Card (Stripe Shared Payment Token)",
+    "version": "2026-01-22", "spec": "https://acp.dev/handlers/tokenized.card",
+    "requires_delegate_payment": True, "requires_pci_compliance": False, "psp": "stripe",
+    "config_schema": "https://acp.dev/schemas/handlers/tokenized.card/config.json",
+    "instrument_schemas": ["https://acp.dev/schemas/handlers/tokenized.card/instrument.json"],
+    "config": {"psp": "stripe", "credential_types": ["spt"], "token_prefix": "spt_"},
+}
+
+# --- request shapes (schema.agentic_checkout.json, 2026-04-17) ------------------------------------------------------
+
+_CREATE_KEYS = {"buyer", "line_items", "currency", "fulfillment_details", "capabilities", "fulfillment_groups",
+                "affiliate_attribution", "coupons", "discounts", "locale", "timezone", "quote_id", "metadata",
+                "order_notes"}
+_UPDATE_KEYS = {"buyer", "line_items", "fulfillment_details", "fulfillment_groups", "selected_fulfillment_options",
+                "coupons", "discounts", "order_notes"}
+_COMPLETE_KEYS = {"buyer", "payment_data", "authentication_result", "affiliate_attribution", "risk_signals",
+                  "marketing_consents", "order_notes"}
+_ITEM_KEYS = {"id", "name", "unit_amount"}
+_BUYER_KEYS = {"first_name", "last_name", "full_name", "email", "phone_number", "customer_id", "account_type",
+               "authentication_status", "company", "loyalty", "tax_exemption"}
+_FULFILMENT_DETAILS_KEYS = {"name", "phone_number", "email", "address"}
+_ADDRESS_KEYS = {"name", "line_one", "line_two", "city", "state", "country", "postal_code"}
+_CAPABILITY_KEYS = {"payment", "interventions", "extensions"}
+_SELECTED_KEYS = {"type", "option_id", "item_ids"}
+_PAYMENT_DATA_KEYS = {"handler_id", "instrument", "billing_address", "purchase_order_number", "payment_terms",
+                      "due_date", "approval_required"}
+_FULFILMENT_TYPES = {"shipping", "digital", "pickup", "local_delivery"}
+_TYPES: dict[str, tuple[type, ...]] = {"object": (dict,), "array": (list,), "string": (str,)}
+_LOOSE: dict[str, str] = {  # fields we accept but do not act on: only their JSON type is checked
+    "fulfillment_groups": "array", "affiliate_attribution": "object", "coupons": "array", "discounts": "object",
+    "locale": "string", "timezone": "string", "quote_id": "string", "risk_signals": "object",
+    "marketing_consents": "array", "authentication_result": "object",
+}
+
+
+def _invalid(param: str, message: str, code: str = "invalid_field") -> AcpError:
+    return AcpError(400, code, message, param=param)
+
+
+def _object(value: Any, path: str, allowed: set[str] | None = None, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _invalid(path, f"{path} must be an object")
+    if allowed is not None:
+        for name in value:
+            if name not in allowed:
+                raise _invalid(f"{path}.{name}", f"{path}.{name} is not a field of this request (API version "
+                               f"{API_VERSION})", "unknown_field")
+    for name in required:
+        if name not in value:
+            raise _invalid(f"{path}.{name}", f"{path}.{name} is required", "missing_field")
+    return value
+
+
+def _string(value: Any, path: str, *, max_length: int | None = None) -> str:
+    if not isinstance(value, str):
+        raise _invalid(path, f"{path} must be a string")
+    if max_length is not None and len(value) > max_length:
+        raise _invalid(path, f"{path} is longer than {max_length} characters")
+    return value
+
+
+def _check_common(body: dict[str, Any]) -> None:
+    for name, kind in _LOOSE.items():
+        if name in body and not isinstance(body[name], _TYPES[kind]):
+            raise _invalid(f"$.{name}", f"$.{name} must be an {kind}" if kind[0] in "ao" else f"$.{name} must be a "
+                           f"{kind}")
+    if "coupons" in body:
+        for i, code in enumerate(body["coupons"]):
+            _string(code, f"$.coupons[{i}]")
+    if "order_notes" in body:
+        _string(body["order_notes"], "$.order_notes", max_length=5000)
+    if "buyer" in body:
+        buyer = _object(body["buyer"], "$.buyer", _BUYER_KEYS, ("email",))
+        email = _string(buyer["email"], "$.buyer.email")
+        if "@" not in email:
+            raise _invalid("$.buyer.email", "$.buyer.email is not an email address", "invalid_email")
+        for name in ("first_name", "last_name", "full_name", "phone_number", "customer_id"):
+            if name in buyer:
+                _string(buyer[name], f"$.buyer.{name}")
+    if "fulfillment_details" in body:
+        details = _object(body["fulfillment_details"], "$.fulfillment_details", _FULFILMENT_DETAILS_KEYS)
+        if "address" in details:
+            _object(details["address"], "$.fulfillment_details.address", _ADDRESS_KEYS)
+
+
+def _check_items(value: Any, *, at_least_one: bool) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _invalid("$.line_items", "$.line_items must be an array of items ({id})")
+    if at_least_one and not value:
+        raise _invalid("$.line_items", "$.line_items needs at least one item")
+    for i, item in enumerate(value):
+        path = f"$.line_items[{i}]"
+        _object(item, path, _ITEM_KEYS, ("id",))
+        if not _string(item["id"], f"{path}.id"):
+            raise _invalid(f"{path}.id", f"{path}.id is empty")
+        if "name" in item:
+            _string(item["name"], f"{path}.name")
+        amount = item.get("unit_amount", 0)
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise _invalid(f"{path}.unit_amount", f"{path}.unit_amount must be an integer (minor units)")
+    return value
+
+
+def check_create(raw: Any) -> dict[str, Any]:
+    body = _object(raw, "$", _CREATE_KEYS, ("line_items", "currency", "capabilities"))
+    _check_items(body["line_items"], at_least_one=True)
+    _string(body["currency"], "$.currency")
+    _object(body["capabilities"], "$.capabilities", _CAPABILITY_KEYS)
+    if "metadata" in body:
+        _object(body["metadata"], "$.metadata")
+    _check_common(body)
+    return body
+
+
+def check_update(raw: Any) -> dict[str, Any]:
+    body = _object(raw, "$", _UPDATE_KEYS)
+    if "line_items" in body:
+        _check_items(body["line_items"], at_least_one=True)
+    if "selected_fulfillment_options" in body:
+        chosen = body["selected_fulfillment_options"]
+        if not isinstance(chosen, list):
+            raise _invalid("$.selected_fulfillment_options", "$.selected_fulfillment_options must be an array")
+        for i, option in enumerate(chosen):
+            path = f"$.selected_fulfillment_options[{i}]"
+            _object(option, path, _SELECTED_KEYS, ("type", "option_id", "item_ids"))
+            if option["type"] not in _FULFILMENT_TYPES:
+                raise _invalid(f"{path}.type", f"{path}.type must be one of {sorted(_FULFILMENT_TYPES)}")
+            _string(option["option_id"], f"{path}.option_id")
+            if not isinstance(option["item_ids"], list):
+                raise _invalid(f"{path}.item_ids", f"{path}.item_ids must be an array of line item ids")
+            for j, item_id in enumerate(option["item_ids"]):
+                _string(item_id, f"{path}.item_ids[{j}]")
+    _check_common(body)
+    return body
+
+
+def check_complete(raw: Any) -> dict[str, Any]:
+    body = _object(raw, "$", _COMPLETE_KEYS, ("payment_data",))
+    data = _object(body["payment_data"], "$.payment_data", _PAYMENT_DATA_KEYS)
+    if "handler_id" not in data or "instrument" not in data:
+        if "purchase_order_number" in data:
+            raise AcpError(400, "unsupported_payment", "purchase orders are not accepted: pay with the "
+                           f"{HANDLER_ID} handler and a Shared Payment Token", param="$.payment_data")
+        missing = "handler_id" if "handler_id" not in data else "instrument"
+        raise _invalid(f"$.payment_data.{missing}", f"$.payment_data.{missing} is required", "missing_field")
+    _string(data["handler_id"], "$.payment_data.handler_id")
+    instrument = _object(data["instrument"], "$.payment_data.instrument", None, ("type", "credential"))
+    _string(instrument["type"], "$.payment_data.instrument.type")
+    credential = _object(instrument["credential"], "$.payment_data.instrument.credential", None, ("type", "token"))
+    _string(credential["type"], "$.payment_data.instrument.credential.type")
+    _string(credential["token"], "$.payment_data.instrument.credential.token")
+    _check_common(body)
+    return body
+
+
+def _canonical(value: Any) -> Any:
+    """ACP §6.2 equivalence: key order never matters, 1.0 equals 1, null differs from absent, arrays keep order."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def body_hash(body: Any) -> str:
+    return hashlib.sha256(dumps(_canonical(body)).encode()).hexdigest()
+
+
+def _message(code: str, content: str, *, param: str | None = None, resolution: str = "recoverable") -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "error", "code": code, "severity": "high", "resolution": resolution,
+                           "content_type": "plain", "content": content}
+    if param is not None:
+        out["param"] = param
+    return out
+
+
+class AcpService:
+    def __init__(
+        self, store: Store, commerce: PaymentSessionService, pricing: Pricing, *, api_keys: set[str],
+        clock: Callable[[], float] = time.time, ledger: LedgerService | None = None,
+        public_url: str = "http://localhost", session_ttl_seconds: int = 24 * 3600,
+    ) -> None:
+        self._store = store
+        self._commerce = commerce
+        self._pricing = pricing
+        self._api_keys = {key for key in api_keys if key}
+        self._clock = clock
+        # The payment session service's own ledger: the ACP order credits the same wallets.
+        self._ledger: LedgerService = ledger if ledger is not None else commerce._ledger
+        self._public_url = public_url.rstrip("/")
+        self._ttl = session_ttl_seconds
+
+    # --- authentication and idempotency -------------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The caller's identity (a digest of its API key) for a valid `Authorization: Bearer <key>`; else 401."""
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AcpError(401, "unauthorized", "send Authorization: Bearer <api key> (the key this seller issued to "
+                           "your agent platform)")
+        if not self._api_keys or token not in self._api_keys:
+            raise AcpError(401, "invalid_api_key", "the bearer token is not an API key this seller accepts")
+        return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+    async def idempotent(
+        self, identity: str, endpoint: str, key: str | None, body: Any,
+        handler: Callable[[], Awaitable[AcpResponse]],
+    ) -> AcpResponse:
+        """Run `handler` once per (identity, endpoint, Idempotency-Key), by ACP §6's rules."""
+        if key is None or not key.strip():
+            raise AcpError(400, "idempotency_key_required", "Idempotency-Key header is required on all POST requests")
+        if len(key) > 255:
+            raise AcpError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters")
+        scope = f"{identity}:{endpoint}"
+        digest = body_hash(body)
+        now = self._clock()
+
+        def claim(conn: sqlite3.Connection) -> tuple[str, str, int | None, str | None] | None:
+            row = conn.execute("SELECT request_hash, state, status, response, created_at FROM acp_idempotency "
+                               "WHERE scope = ? AND key = ?", (scope, key)).fetchone()
+            if row is not None:
+                expired = row["created_at"] < now - KEY_RETENTION_SECONDS
+                abandoned = row["state"] == "in_flight" and row["created_at"] < now - IN_FLIGHT_STALE_SECONDS
+                if not (expired or abandoned):
+                    return row["request_hash"], row["state"], row["status"], row["response"]
+            conn.execute("INSERT OR REPLACE INTO acp_idempotency (scope, key, request_hash, state, created_at) "
+                         "VALUES (?, ?, ?, 'in_flight', ?)", (scope, key, digest, now))
+            return None
+
+        found = await self._store.write(claim)
+        if found is not None:
+            stored_hash, state, status, response = found
+            if stored_hash != digest:
+                raise AcpError(422, "idempotency_conflict", "Idempotency-Key has already been used with a different "
+                               "request body")
+            if state == "in_flight" or status is None or response is None:
+                raise AcpError(409, "idempotency_in_flight", "A request with this Idempotency-Key is currently being "
+                               "processed", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return AcpResponse(int(status), json.loads(response), {"Idempotent-Replayed": "true"}, replayed=True)
+        try:
+            try:
+                result = await handler()
+            except AcpError as exc:
+                result = exc.response()
+        except BaseException:
+            await self._store.write(_release(scope, key))
+            raise
+        if result.status >= 500:
+            await self._store.write(_release(scope, key))
+            return result
+
+        def done(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE acp_idempotency SET state = 'done', status = ?, response = ? WHERE scope = ? AND "
+                         "key = ?", (result.status, dumps(result.body), scope, key))
+
+        await self._store.write(done)
+        return result
+
+    # --- the five operations -------------------------------------------------------------------------------------
+
+    async def create(self, body: Any, *, seed: str) -> AcpResponse:
+        """A new checkout session (201). `seed` (identity + Idempotency-Key) names it, so a retried create after a
+        crash finds the same session instead of a second one."""
+        body = check_create(body)
+        lines = self._lines(body["line_items"])
+        currency = body["currency"].strip().lower()
+        self._check_currency(lines, currency)
+        metadata = dict(body.get("metadata") or {})
+        agent = metadata.get("agent_id")
+        state = {"lines": lines, "buyer": body.get("buyer"), "fulfillment_details": body.get("fulfillment_details"),
+                 "selected": None, "metadata": metadata, "order_notes": body.get("order_notes"), "messages": [],
+                 "order": None}
+        session_id = "cs_" + hashlib.sha256(f"acp-create\x00{seed}".encode()).hexdigest()[:24]
+        now = self._clock()
+        iso = utc_iso(now)
+        agent_id = agent if isinstance(agent, str) else None
+        status = self._open_status(agent_id)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO acp_checkout_sessions (id, status, currency, agent_id, state, created_at, "
+                         "updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                         (session_id, status, currency, agent_id, dumps(state), iso, iso, now + self._ttl))
+
+        await self._store.write(insert)
+        return AcpResponse(201, self._view(self._row(session_id)))
+
+    async def get(self, session_id: str) -> AcpResponse:
+        row = self._row(session_id)
+        if row["status"] == "in_progress" and row["payment_session_id"]:
+            row = await self._refresh(row)
+        return AcpResponse(200, self._view(row))
+
+    async def update(self, session_id: str, body: Any) -> AcpResponse:
+        body = check_update(body)
+        row = self._open_row(session_id, "updated")
+        state = json.loads(row["state"])
+        if "line_items" in body:
+            state["lines"] = self._lines(body["line_items"])
+            self._check_currency(state["lines"], row["currency"])
+            state["selected"] = None
+        for name in ("buyer", "fulfillment_details", "order_notes"):
+            if name in body:
+                state[name] = body[name]
+        if "selected_fulfillment_options" in body:
+            line_ids = {_line_id(line["item"]) for line in state["lines"]}
+            for i, option in enumerate(body["selected_fulfillment_options"]):
+                if option["type"] != "digital" or option["option_id"] != DIGITAL_OPTION:
+                    raise _invalid(f"$.selected_fulfillment_options[{i}].option_id", "these items are delivered "
+                                   f"digitally: the only fulfillment option is {DIGITAL_OPTION} (type digital)",
+                                   "invalid_fulfillment_option")
+                for j, item_id in enumerate(option["item_ids"]):
+                    if item_id not in line_ids:
+                        raise _invalid(f"$.selected_fulfillment_options[{i}].item_ids[{j}]", f"no line item "
+                                       f"{item_id} in this session", "invalid_line_item_id")
+            state["selected"] = body["selected_fulfillment_options"]
+        state["messages"] = []
+        await self._store.write(self._save_job(row["id"], state, self._open_status(row["agent_id"]), only_open=True))
+        return AcpResponse(200, self._view(self._row(row["id"])))
+
+    async def cancel(self, session_id: str, body: Any) -> AcpResponse:
+        if body is not None and not isinstance(body, dict):
+            raise _invalid("$", "the cancel body must be an object ({intent_trace})")
+        row = self._open_row(session_id, "canceled")
+        if row["payment_session_id"]:
+            try:
+                await self._commerce.cancel_session(row["payment_session_id"], f"acp-cancel:{row['id']}")
+            except InvalidState as exc:  # paid meanwhile: the session completes instead
+                refreshed = await self._refresh(row)
+                if refreshed["status"] == "completed":
+                    raise AcpError(405, "session_not_cancelable", f"checkout session {row['id']} is completed and "
+                                   "cannot be canceled") from exc
+                raise
+        state = json.loads(row["state"])
+        if isinstance(body, dict) and isinstance(body.get("intent_trace"), dict):
+            state["intent_trace"] = body["intent_trace"]
+        changed = await self._store.write(self._save_job(row["id"], state, "canceled", only_open=True))
+        if not changed:
+            raise AcpError(405, "session_not_cancelable", f"checkout session {row['id']} is already finished")
+        return AcpResponse(200, self._view(self._row(row["id"])))
+
+    async def complete(self, session_id: str, body: Any, *, attempt: str) -> AcpResponse:
+        """Pay with a Shared Payment Token; `attempt` (the Idempotency-Key) names this payment attempt."""
+        body = check_complete(body)
+        row = self._open_row(session_id, "completed")
+        if row["status"] == "in_progress":
+            row = await self._refresh(row)
+            if row["status"] == "completed":
+                raise AcpError(405, "session_not_completable", f"checkout session {row['id']} is already completed")
+            raise AcpError(409, "payment_in_progress", f"checkout session {row['id']} has a payment in progress: "
+                           "GET it to see the outcome", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        data = body["payment_data"]
+        if data["handler_id"] != HANDLER_ID:
+            raise _invalid("$.payment_data.handler_id", f"unknown payment handler {data['handler_id']!r}: this "
+                           f"seller accepts {HANDLER_ID}", "invalid_payment_handler")
+        credential = data["instrument"]["credential"]
+        if credential["type"] != "spt" or not _SPT.fullmatch(credential["token"]):
+            raise _invalid("$.payment_data.instrument.credential", "the credential must be a Stripe Shared Payment "
+                           "Token: {type: \"spt\", token: \"spt_...\"}", "invalid_payment_credential")
+        state = json.loads(row["state"])
+        if "buyer" in body:
+            state["buyer"] = body["buyer"]
+        if row["status"] != "ready_for_payment":
+            problems = self._problems(row["agent_id"])
+            param = problems[0]["param"] if problems else None
+            raise AcpError(400, "not_ready_for_payment", f"checkout session {row['id']} is not ready for payment: "
+                           + "; ".join(p["content"] for p in problems), param=param)
+        payment_session = row["payment_session_id"] or await self._payment_session(row, state)
+        try:
+            paid = await self._commerce.confirm_session(
+                payment_session, payment_method=None, shared_payment_token=credential["token"],
+                idempotency_key=f"acp:{row['id']}:{hashlib.sha256(attempt.encode()).hexdigest()[:24]}")
+        except (StripeCardDeclined, StripeInvalidRequest) as exc:
+            code = "payment_declined" if isinstance(exc, StripeCardDeclined) else "invalid"
+            reason = exc.message.split(" The session stays payable")[0]
+            state["messages"] = [_message(code, f"{reason} Complete again with another Shared Payment Token.",
+                                          param="$.payment_data.instrument.credential.token")]
+            await self._store.write(self._save_job(row["id"], state, "ready_for_payment", only_open=True))
+            return AcpResponse(200, self._view(self._row(row["id"])))
+        state["messages"] = []
+        await self._store.write(self._save_job(row["id"], state, None, only_open=True))
+        done = await self._apply(self._row(row["id"]), paid)
+        return AcpResponse(200, self._view(done))
+
+    # --- payment ------------------------------------------------------------------------------------------------
+
+    async def _payment_session(self, row: dict[str, Any], state: dict[str, Any]) -> str:
+        total = self._total(state["lines"])
+        titles = ", ".join(f"{line['quantity']} x {self._pricing.items[line['item']].title}" for line in state["lines"])
+        try:
+            created = await self._commerce.create_session(
+                customer=None, agent_id=row["agent_id"], item=None, amount=total, currency=row["currency"],
+                description=f"ACP checkout {row['id']}: {titles}"[:500], idempotency_key=f"acp:{row['id']}",
+                dry_run=False)
+        except BillingError as exc:
+            raise AcpError(400, "payment_not_possible", exc.message, param="$.payment_data") from exc
+        assert created.session is not None
+        ps_id = created.session.id
+
+        def link(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE acp_checkout_sessions SET payment_session_id = ? WHERE id = ? AND "
+                         "payment_session_id IS NULL", (ps_id, row["id"]))
+
+        await self._store.write(link)
+        return ps_id
+
+    async def _refresh(self, row: dict[str, Any]) -> dict[str, Any]:
+        paid = await self._commerce.get_session(row["payment_session_id"])
+        return await self._apply(row, paid)
+
+    async def _apply(self, row: dict[str, Any], paid: PaymentSession) -> dict[str, Any]:
+        """Record what the payment session says: success completes the session, creates the order and credits the
+        wallet, once (the status guard and the ledger key `acp:<id>`), in one transaction."""
+        session_id = row["id"]
+        clock, ledger, pricing = self._clock, self._ledger, self._pricing
+
+        def job(conn: sqlite3.Connection) -> None:
+            current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (session_id,)).fetchone()
+            if current is None or current["status"] in FINISHED:
+                return
+            state = json.loads(current["state"])
+            iso = utc_iso(clock())
+            if paid.status == "succeeded":
+                lines = state["lines"]
+                luc = sum(pricing.items[line["item"]].luc * line["quantity"] for line in lines)
+                posting = ledger.credit_in(conn, current["agent_id"], luc, idempotency_key=f"acp:{session_id}",
+                                           reason=f"ACP checkout {session_id}", reference=paid.payment_intent)
+                order_id = "ord_" + session_id.removeprefix("cs_")
+                state["order"] = {
+                    "id": order_id, "status": "confirmed", "created_at": iso, "luc_credited": luc,
+                    "agent_id": current["agent_id"], "wallet_balance": posting.balance_after,
+                    "payment_intent": paid.payment_intent,
+                }
+                state["messages"] = [{"type": "info", "severity": "info", "content_type": "plain", "content":
+                                      f"Paid {format_amount(paid.amount, paid.currency)}: {luc} LUC credited to "
+                                      f"agent {current['agent_id']} (balance {posting.balance_after} LUC)."}]
+                conn.execute("UPDATE acp_checkout_sessions SET status = 'completed', order_id = ?, state = ?, "
+                             "updated_at = ? WHERE id = ?", (order_id, dumps(state), iso, session_id))
+            elif paid.status in ("processing", "requires_action", "requires_confirmation"):
+                conn.execute("UPDATE acp_checkout_sessions SET status = 'in_progress', updated_at = ? WHERE id = ?",
+                             (iso, session_id))
+            elif paid.status == "canceled":
+                conn.execute("UPDATE acp_checkout_sessions SET status = 'canceled', updated_at = ? WHERE id = ?",
+                             (iso, session_id))
+            else:  # requires_payment_method after a failure, or amount_mismatch: payable again
+                if paid.last_error:
+                    state["messages"] = [_message("payment_declined", paid.last_error,
+                                                  param="$.payment_data.instrument.credential.token")]
+                conn.execute("UPDATE acp_checkout_sessions SET status = 'ready_for_payment', state = ?, updated_at = ? "
+                             "WHERE id = ?", (dumps(state), iso, session_id))
+
+        await self._store.write(job)
+        return self._row(session_id)
+
+    # --- state --------------------------------------------------------------------------------------------------
+
+    def _lines(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Our line items: one per item id, its quantity the number of times the id was given."""
+        counts: dict[str, int] = {}
+        for i, item in enumerate(items):
+            item_id = item["id"].strip()
+            if item_id not in self._pricing.items:
+                raise AcpError(400, "invalid_item_id", f"The item ID {item_id[:64]!r} does not exist. Items for sale: "
+                               + ", ".join(sorted(self._pricing.items)), param=f"$.line_items[{i}].id")
+            counts[item_id] = counts.get(item_id, 0) + 1
+        for i, item in enumerate(items):
+            if counts[item["id"].strip()] > 100:
+                raise AcpError(400, "quantity_exceeded", "at most 100 of one item per checkout",
+                               param=f"$.line_items[{i}].id")
+        return [{"item": item_id, "quantity": quantity} for item_id, quantity in counts.items()]
+
+    def _check_currency(self, lines: list[dict[str, Any]], currency: str) -> None:
+        for line in lines:
+            item = self._pricing.items[line["item"]]
+            if item.currency != currency:
+                raise AcpError(400, "unsupported_currency", f"{item.id} is sold in {item.currency}, not "
+                               f"{currency[:8]!r}", param="$.currency")
+
+    def _problems(self, agent_id: str | None) -> list[dict[str, Any]]:
+        if agent_id is None:
+            return [_message("missing", "Name the agent whose wallet receives the credits: create the checkout "
+                             "session with metadata.agent_id.", param="$.metadata.agent_id",
+                             resolution="requires_buyer_input")]
+        if not _AGENT.fullmatch(agent_id) or self._store.query_one(
+                "SELECT 1 AS found FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is None:
+            return [_message("invalid", f"Agent {agent_id[:64]!r} has no wallet to credit: open one with "
+                             "create_agent_wallet, then create a new checkout session.", param="$.metadata.agent_id",
+                             resolution="requires_buyer_input")]
+        return []
+
+    def _open_status(self, agent_id: str | None) -> str:
+        return "not_ready_for_payment" if self._problems(agent_id) else "ready_for_payment"
+
+    def _total(self, lines: list[dict[str, Any]]) -> int:
+        return sum(self._pricing.items[line["item"]].unit_price * line["quantity"] for line in lines)
+
+    def _save_job(self, session_id: str, state: dict[str, Any], status: str | None, *,
+                  only_open: bool) -> Callable[[sqlite3.Connection], bool]:
+        clock = self._clock
+
+        def job(conn: sqlite3.Connection) -> bool:
+            guard = " AND status NOT IN ('completed', 'canceled', 'expired')" if only_open else ""
+            if status is None:
+                cursor = conn.execute(f"UPDATE acp_checkout_sessions SET state = ?, updated_at = ? WHERE id = ?{guard}",
+                                      (dumps(state), utc_iso(clock()), session_id))
+            else:
+                cursor = conn.execute(f"UPDATE acp_checkout_sessions SET state = ?, status = ?, updated_at = ? "
+                                      f"WHERE id = ?{guard}", (dumps(state), status, utc_iso(clock()), session_id))
+            return cursor.rowcount == 1
+
+        return job
+
+    def _row(self, session_id: str) -> dict[str, Any]:
+        row = self._store.query_one("SELECT * FROM acp_checkout_sessions WHERE id = ?", (session_id,))
+        if row is None:
+            raise AcpError(404, "not_found", f"no checkout session {session_id[:64]!r}", param="$.id")
+        if row["status"] not in FINISHED and row["expires_at"] <= self._clock():
+            row["status"] = "expired"
+        elif row["status"] in ("not_ready_for_payment", "ready_for_payment"):
+            row["status"] = self._open_status(row["agent_id"])  # a wallet opened since makes it payable
+        return row
+
+    def _open_row(self, session_id: str, verb: str) -> dict[str, Any]:
+        row = self._row(session_id)
+        if row["status"] in FINISHED:
+            code = {"completed": "session_not_completable", "canceled": "session_not_cancelable"}.get(
+                verb, "session_not_modifiable")
+            raise AcpError(405, code, f"checkout session {row['id']} is {row['status']}: it cannot be {verb}")
+        return row
+
+    def _view(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The session as ACP's CheckoutSession (CheckoutSessionWithOrder once completed)."""
+        state = json.loads(row["state"])
+        currency = row["currency"]
+        lines, total = [], 0
+        for line in state["lines"]:
+            item = self._pricing.items[line["item"]]
+            amount = item.unit_price * line["quantity"]
+            total += amount
+            lines.append({
+                "id": _line_id(item.id), "item": {"id": item.id, "name": item.title, "unit_amount": item.unit_price},
+                "quantity": line["quantity"], "name": item.title, "unit_amount": item.unit_price,
+                "product_id": item.id, "category": "digital_credits", "availability_status": "in_stock",
+                "totals": _totals(amount),
+            })
+        line_ids = [line["id"] for line in lines]
+        messages = list(state.get("messages") or [])
+        if row["status"] in ("not_ready_for_payment", "ready_for_payment"):
+            messages = self._problems(row["agent_id"]) + messages
+        body: dict[str, Any] = {
+            "id": row["id"], "protocol": {"version": API_VERSION},
+            "capabilities": {"payment": {"handlers": [HANDLER]}}, "status": row["status"], "currency": currency,
+            "line_items": lines,
+            "fulfillment_options": [{"type": "digital", "id": DIGITAL_OPTION, "title": "Instant credit to the "
+                                     "agent's LUC wallet", "totals": [{"type": "total", "display_text": "Free",
+                                                                       "amount": 0}]}],
+            "selected_fulfillment_options": state.get("selected") or [
+                {"type": "digital", "option_id": DIGITAL_OPTION, "item_ids": line_ids}],
+            "totals": [{"type": "items_base_amount", "display_text": "Item(s) total", "amount": total},
+                       {"type": "subtotal", "display_text": "Subtotal", "amount": total},
+                       {"type": "fulfillment", "display_text": "Digital delivery", "amount": 0},
+                       {"type": "total", "display_text": "Total", "amount": total}],
+            "messages": messages, "links": [], "created_at": row["created_at"], "updated_at": row["updated_at"],
+            "expires_at": utc_iso(row["expires_at"]),
+        }
+        if state.get("buyer"):
+            body["buyer"] = state["buyer"]
+        if state.get("fulfillment_details"):
+            body["fulfillment_details"] = state["fulfillment_details"]
+        if state.get("metadata"):
+            body["metadata"] = state["metadata"]
+        order = state.get("order")
+        if order:
+            body["order"] = {
+                "type": "order", "id": order["id"], "checkout_session_id": row["id"],
+                "permalink_url": f"{self._public_url}/acp/checkout_sessions/{row['id']}", "status": order["status"],
+                "line_items": [{"id": line["id"], "title": line["name"], "product_id": line["product_id"],
+                                "quantity": {"ordered": line["quantity"], "current": line["quantity"],
+                                             "fulfilled": line["quantity"]},
+                                "unit_price": line["unit_amount"], "subtotal": line["unit_amount"] * line["quantity"],
+                                "status": "fulfilled"} for line in lines],
+                "totals": [{"type": "total", "display_text": "Total", "amount": total}],
+            }
+        return body
+
+    def discovery(self, api_base_url: str) -> dict[str, Any]:
+        currencies = sorted({item.currency for item in self._pricing.items.values()})
+        return {"protocol": {"name": "acp", "version": API_VERSION, "supported_versions": SUPPORTED_VERSIONS},
+                "api_base_url": api_base_url, "transports": ["rest"],
+                "capabilities": {"services": ["checkout"], "supported_currencies": currencies}}
+
+
+def _line_id(item_id: str) -> str:
+    return f"li_{item_id}"
+
+
+def _totals(amount: int) -> list[dict[str, Any]]:
+    return [{"type": "items_base_amount", "display_text": "Base amount", "amount": amount},
+            {"type": "subtotal", "display_text": "Subtotal", "amount": amount},
+            {"type": "total", "display_text": "Total", "amount": amount}]
+
+
+def _release(scope: str, key: str) -> Callable[[sqlite3.Connection], None]:
+    def job(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM acp_idempotency WHERE scope = ? AND key = ? AND state = 'in_flight'", (scope, key))
+
+    return job

@@ -428,6 +428,12 @@ class AcpService:
                                           param="$.payment_data.instrument.credential.token")]
             await self._store.write(self._save_job(row["id"], state, "ready_for_payment", only_open=True))
             return AcpResponse(200, self._view(self._row(row["id"])))
+        except InvalidState as exc:  # a concurrent attempt paid (or canceled) it first
+            now = await self._refresh(self._row(row["id"]))
+            raise AcpError(405, "session_not_completable", f"checkout session {row['id']} is {now['status']}: "
+                           f"{exc.message}") from exc
+        except BillingError as exc:  # Stripe unavailable, rate limited, ...: not stored, retry with the same key
+            raise AcpError(502, "payment_provider_error", exc.message, type="processing_error") from exc
         state["messages"] = []
         await self._store.write(self._save_job(row["id"], state, None, only_open=True))
         done = await self._apply(self._row(row["id"]), paid)

@@ -29,25 +29,17 @@ DISCOVERY = "/.well-known/acp.json"
 _MAX_BODY = 256 * 1024
 
 
-def acp_routes(get_state: Callable[[], Any], *, api_keys: set[str] | None = None) -> list[Route]:
-    """The ACP REST routes. `api_keys` overrides the configured keys (tests); the service is resolved per request
-    so the routes can be built before the app state exists."""
-    built: dict[int, AcpService] = {}
+def acp_routes(get_state: Callable[[], Any]) -> list[Route]:
+    """The ACP REST routes over the app state's `acp` service, resolved per request so the routes can be built
+    before the state exists (503 until it does)."""
 
     def service() -> AcpService:
         state = get_state()
         if state is None:
             raise AcpError(503, "starting", "the server is starting: retry", type="service_unavailable",
                            headers={"Retry-After": "1"})
-        existing = getattr(state, "acp", None)
-        if isinstance(existing, AcpService):
-            return existing
-        if id(state) not in built:
-            keys = api_keys if api_keys is not None else set(getattr(state.settings, "acp_api_keys", None) or ())
-            public = str(getattr(state.settings, "public_url", None) or "http://localhost")
-            built[id(state)] = AcpService(state.store, state.commerce, state.pricing, api_keys=set(keys),
-                                          public_url=public)
-        return built[id(state)]
+        acp: AcpService = state.acp
+        return acp
 
     def endpoint(
         operation: Callable[[AcpService, Request, str, Any], Awaitable[AcpResponse]], *, post: bool,

@@ -24,9 +24,11 @@ from mcp.types import CallToolResult, TextContent
 from pydantic import ValidationError
 
 from . import __version__
+from .acp_http import acp_routes
 from .errors import BillingError, InvalidInput
 from .redact import redact, redact_text
 from .sandbox import SANDBOX_WEBHOOK_SECRET
+from .services.acp import AcpService
 from .services.catalog import CatalogService
 from .services.commerce import PaymentSessionService
 from .services.idempotency import IdempotencyService
@@ -209,8 +211,10 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
     metering = MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
                                period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists)
     commerce = PaymentSessionService(store, mutations, ledger, pricing, max_amount=settings.aims_billing_max_amount)
+    acp = AcpService(store, commerce, pricing, api_keys=set(settings.aims_billing_acp_api_keys), ledger=ledger,
+                     public_url=settings.aims_billing_public_url)
     return AppState(
-        ledger=ledger, x402=x402, commerce=commerce,
+        ledger=ledger, x402=x402, commerce=commerce, acp=acp,
         metering=metering, flusher=MeterFlusher(store, gateway, pricing, retry_delay_scale=retry_delay_scale),
         settings=settings, store=store, gateway=gateway, idempotency=idempotency,
         catalog=CatalogService(mutations, max_amount=settings.aims_billing_max_amount), pricing=pricing,
@@ -268,6 +272,8 @@ def build_server(
     server.read_only_tools = frozenset(spec.name for spec in selected if spec.permission == "read")
     server.custom_route(WEBHOOK_PATH, methods=["POST"])(webhook_handler(lambda: server.state))
     server.custom_route(CREDITS_PATH, methods=["GET"])(credits_handler(lambda: server.state))
+    for route in acp_routes(lambda: server.state):
+        server.custom_route(route.path, methods=sorted(route.methods or ()))(route.endpoint)
     return server
 
 

@@ -50,6 +50,12 @@ def _summary(content: dict[str, Any] | None) -> str:
         return f"402 payment required: {usdc} USDC on {first['network']} to {first['payTo'][:10]}…"
     if "error" in content:
         return f"refused: {content['error']['code']} ({content['error'].get('param') or ''})"
+    if "session" in content and isinstance(content["session"], dict):
+        content = content["session"]
+    if str(content.get("id", "")).startswith("ps_"):
+        delivered = content.get("fulfilment") or {}
+        extra = f", +{delivered['luc_credited']:,} LUC" if delivered.get("luc_credited") else ""
+        return f"{content['id']} {content['status']} {content['amount_display']}{extra}"
     if "receipt_id" in content:
         return (f"paid {content['amount_usd']} USD by {content['payer'][:10]}…: +{content['luc_credited']:,} LUC, "
                 f"balance {content['balance_after']:,}")
@@ -206,6 +212,15 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
                        lambda c: c.get("to_balance_after") == 1000)
             await call("get_agent_wallet", {"agent_id": "planner"},
                        lambda c: (c.get("balance"), c.get("available")) == (2800, 2800))
+
+            # Agent commerce: the planner buys a 10k LUC pack, paid with a Shared Payment Token its user granted.
+            pack = await call("create_payment_session", {"item": "luc_10k", "agent_id": "planner",
+                                                         "idempotency_key": "pack-1"},
+                              lambda c: c.get("session", {}).get("status") == "requires_payment_method")
+            await call("confirm_payment_session", {"session_id": pack["session"]["id"],
+                                                   "shared_payment_token": "spt_test_demo_grant",
+                                                   "idempotency_key": "pack-1-pay"},
+                       lambda c: c.get("fulfilled") is True and c.get("fulfilment", {}).get("wallet_balance") == 12_800)
 
             # x402: another agent pays for LUC credits with USDC (a generated key signs, as any x402 client would).
             await pay_with_x402(call, values["customer"])

@@ -15,8 +15,10 @@ from mcp.server.transport_security import TransportSecuritySettings
 from .settings import LOOPBACK_HOSTS
 from .webhooks import WEBHOOK_PATH
 
-# Stripe cannot send our bearer token: the webhook route is public and authenticated by its signature instead.
-PUBLIC_PATHS = frozenset({"/health", WEBHOOK_PATH})
+# Routes that authenticate themselves, not with the MCP token: Stripe signs its webhooks, an x402 payment is its own
+# credential, and ACP callers present their own API keys.
+PUBLIC_PATHS = frozenset({"/health", WEBHOOK_PATH, "/.well-known/acp.json"})
+PUBLIC_PREFIXES = ("/x402/", "/acp/")
 
 
 class BearerTokenMiddleware:
@@ -26,7 +28,8 @@ class BearerTokenMiddleware:
         self._public = public_paths
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self._token is None or scope["path"] in self._public:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or self._token is None or path in self._public or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

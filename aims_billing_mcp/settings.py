@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="Seconds between deliveries of usage to Stripe meters; 0 turns it off"
     )
     aims_billing_webhook_port: int = Field(default=8766, ge=0, le=65535)
+    aims_billing_acp_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer keys agent platforms use for the ACP seller API (comma-separated)"
+    )
+    aims_billing_public_url: str = Field(
+        default="http://127.0.0.1:8765", pattern=r"^https?://",
+        description="This server's public base URL, for links it hands out (ACP order permalinks)",
+    )
     aims_x402_pay_to: str | None = Field(
         default=None, pattern=r"^0x[0-9a-fA-F]{40}$",
         description="The address x402 payments are made to; unset in sandbox/test mode: a fixed test address",
@@ -82,7 +89,7 @@ class Settings(BaseSettings):
     )
     aims_billing_log_level: str = Field(default="WARNING", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 
-    @field_validator("aims_billing_tools", mode="before")
+    @field_validator("aims_billing_tools", "aims_billing_acp_api_keys", mode="before")
     @classmethod
     def _split_tools(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -54,7 +54,8 @@ def webhook_route(get_state: Callable[[], AppState | None]) -> Route:
 
 
 def build_webhook_app(get_state: Callable[[], AppState | None]) -> Any:
-    """The companion app beside a stdio server: Stripe's webhooks and x402's paid HTTP route."""
+    """The companion app beside a stdio server: Stripe's webhooks, x402's paid route and the ACP seller."""
+    from .acp_http import acp_routes
     from .x402_http import credits_route
 
-    return Starlette(routes=[webhook_route(get_state), credits_route(get_state)])
+    return Starlette(routes=[webhook_route(get_state), credits_route(get_state), *acp_routes(get_state)])

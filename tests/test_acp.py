@@ -29,7 +29,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import build_gateway
 
-from .conftest import Clock
+from .conftest import Clock, serving_http
 
 pytestmark = pytest.mark.anyio
 
@@ -284,16 +284,21 @@ async def test_an_expired_session_cannot_be_completed(env: Env) -> None:
     await env.post(f"/acp/checkout_sessions/{sid}/complete", pay("spt_test_ok"), expect=405)
 
 
-async def test_the_routes_build_the_service_from_the_app_state(env: Env) -> None:
-    state = SimpleNamespace(store=env.store, commerce=env.acp._commerce, pricing=env.acp._pricing,
-                            settings=SimpleNamespace(acp_api_keys=["k2"]))
-    app = Starlette(routes=acp_routes(lambda: state))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
-        ok = await http.get("/acp/checkout_sessions/cs_none", headers={"Authorization": "Bearer k2"})
-        assert ok.status_code == 404 and ok.headers["API-Version"] == "2026-04-17"
-        conforms(ok.json(), "Error")
+async def test_the_server_serves_acp_with_its_own_keys_beside_the_mcp_token(make_server: Any) -> None:
+    server = make_server(aims_billing_acp_api_keys=["platform-key"])
+    async with serving_http(server, token="mcp-only") as base, httpx.AsyncClient(base_url=base) as http:
+        found = await http.get("/acp/checkout_sessions/cs_none", headers={"Authorization": "Bearer platform-key"})
+        refused = await http.get("/acp/checkout_sessions/cs_none", headers={"Authorization": "Bearer mcp-only"})
+        discovery = await http.get("/.well-known/acp.json")
+    assert found.status_code == 404 and found.headers["API-Version"] == "2026-04-17"
+    conforms(found.json(), "Error")
+    assert refused.status_code == 401
+    assert discovery.status_code == 200
+
+
+async def test_the_routes_answer_503_until_the_server_has_started() -> None:
     starting = Starlette(routes=acp_routes(lambda: None))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=starting), base_url="http://x") as http:
         down = await http.get("/acp/checkout_sessions/cs_none", headers={"Authorization": "Bearer k2"})
-        assert down.status_code == 503
-        conforms(down.json(), "Error")
+    assert down.status_code == 503
+    conforms(down.json(), "Error")

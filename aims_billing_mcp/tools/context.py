@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from mcp.server.mcpserver import Context
 
 if TYPE_CHECKING:
+    from ..services.acp import AcpService
     from ..services.catalog import CatalogService
     from ..services.commerce import PaymentSessionService
     from ..services.idempotency import IdempotencyService
@@ -39,6 +40,7 @@ class AppState:
     flusher: MeterFlusher
     x402: X402Service
     commerce: PaymentSessionService
+    acp: AcpService
 
 
 ToolContext = Context[AppState, Any]

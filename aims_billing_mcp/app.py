@@ -325,7 +325,8 @@ async def companion_webhook_server(get_state: Callable[[], AppState | None], por
     async def serve() -> None:
         import uvicorn
 
-        web = uvicorn.Server(uvicorn.Config(build_webhook_app(get_state), log_level="warning", lifespan="off"))
+        web = uvicorn.Server(uvicorn.Config(build_webhook_app(get_state, with_acp_mcp=True), log_level="warning",
+                                            lifespan="on"))
         servers.append(web)
         await web.serve(sockets=[sock])
 

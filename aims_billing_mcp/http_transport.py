@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
+from .acp_mcp import MCP_PATH, build_acp_mcp_server
 from .settings import LOOPBACK_HOSTS
 from .webhooks import WEBHOOK_PATH
 
@@ -50,8 +55,18 @@ def build_http_app(server: Any, *, host: str, token: str | None) -> Any:
     security = None
     if host not in LOOPBACK_HOSTS:  # a real hostname: the token, not the Host header, is the guard
         security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
-    app = server.streamable_http_app(host=host if host in LOOPBACK_HOSTS else "127.0.0.1",
-                                     transport_security=security)
+    bind = host if host in LOOPBACK_HOSTS else "127.0.0.1"
+    main = server.streamable_http_app(host=bind, transport_security=security)
+    acp_server = build_acp_mcp_server(lambda: server.state)
+    acp_app = acp_server.streamable_http_app(streamable_http_path=MCP_PATH, host=bind, transport_security=security)
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        # mounted apps' lifespans do not run: run both session managers here (the first enters our lifespan)
+        async with server.session_manager.run(), acp_server.session_manager.run():
+            yield
+
+    app = Starlette(routes=[*acp_app.routes, Mount("/", app=main)], lifespan=lifespan)
     return BearerTokenMiddleware(app, token)
 
 

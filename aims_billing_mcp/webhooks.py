@@ -8,7 +8,8 @@ in-process target the embedded sandbox delivers its signed events to.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -53,9 +54,23 @@ def webhook_route(get_state: Callable[[], AppState | None]) -> Route:
     return Route(WEBHOOK_PATH, webhook_handler(get_state), methods=["POST"])
 
 
-def build_webhook_app(get_state: Callable[[], AppState | None]) -> Any:
-    """The companion app beside a stdio server: Stripe's webhooks, x402's paid route and the ACP seller."""
+def build_webhook_app(get_state: Callable[[], AppState | None], *, with_acp_mcp: bool = False) -> Any:
+    """The companion app beside a stdio server: Stripe's webhooks, x402's paid route and the ACP seller (REST, and
+    with `with_acp_mcp` its MCP binding on /acp/mcp, whose session manager runs in this app's lifespan)."""
     from .acp_http import acp_routes
     from .x402_http import credits_route
 
-    return Starlette(routes=[webhook_route(get_state), credits_route(get_state), *acp_routes(get_state)])
+    routes: list[Any] = [webhook_route(get_state), credits_route(get_state), *acp_routes(get_state)]
+    if not with_acp_mcp:
+        return Starlette(routes=routes)
+    from .acp_mcp import MCP_PATH, build_acp_mcp_server
+
+    acp_server = build_acp_mcp_server(get_state)
+    acp_app = acp_server.streamable_http_app(streamable_http_path=MCP_PATH)
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        async with acp_server.session_manager.run():
+            yield
+
+    return Starlette(routes=[*routes, *acp_app.routes], lifespan=lifespan)

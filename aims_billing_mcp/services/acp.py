@@ -643,7 +643,7 @@ class AcpService:
     def discovery(self, api_base_url: str) -> dict[str, Any]:
         currencies = sorted({item.currency for item in self._pricing.items.values()})
         return {"protocol": {"name": "acp", "version": API_VERSION, "supported_versions": SUPPORTED_VERSIONS},
-                "api_base_url": api_base_url, "transports": ["rest"],
+                "api_base_url": api_base_url, "transports": ["rest", "mcp"],  # MCP on /acp/mcp
                 "capabilities": {"services": ["checkout"], "supported_currencies": currencies}}
 
 

@@ -1,0 +1,98 @@
+"""ACP's MCP binding on /acp/mcp: the five checkout tools with `{meta, id, payload}`, the same sessions as the REST
+binding, ACP errors as JSON-RPC -32000 with the Error object in `data`, and every result schema-valid."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import httpx2
+import pytest
+from mcp import Client, MCPError
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.conftest import serving_http
+from tests.test_acp import conforms, pay
+from tests.tools.test_wallets import give_tier
+
+pytestmark = pytest.mark.anyio
+KEY = "platform-key"
+META = {"api_version": "2026-04-17"}
+
+
+@pytest.fixture
+async def seller(make_server: Any) -> AsyncIterator[tuple[str, Any]]:
+    server = make_server(aims_billing_acp_api_keys=[KEY])
+    async with serving_http(server, token="mcp-only") as base:
+        assert server.state is not None
+        await give_tier(server, "cus_team", "3mo")
+        await server.state.ledger.create_wallet("buyer", "cus_team", None, "w-buyer")
+        yield base, server
+
+
+def acp_client(base: str, key: str = KEY) -> Client:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"})
+    return Client(streamable_http_client(f"{base}/acp/mcp", http_client=http))
+
+
+def body(items: list[str]) -> dict[str, Any]:
+    return {"currency": "usd", "line_items": [{"id": item} for item in items], "capabilities": {},
+            "metadata": {"agent_id": "buyer"}}
+
+
+async def result(client: Client, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    answer = await client.call_tool(tool, arguments)
+    assert not answer.is_error, answer.content
+    assert isinstance(answer.structured_content, dict)
+    data: dict[str, Any] = answer.structured_content
+    conforms(data, "CheckoutSessionWithOrder" if data["status"] == "completed" else "CheckoutSession")
+    return data
+
+
+async def test_the_binding_serves_five_checkout_tools_separate_from_billing(seller: tuple[str, Any]) -> None:
+    base, _ = seller
+    async with acp_client(base) as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+    assert names == {"create_checkout_session", "get_checkout_session", "update_checkout_session",
+                     "complete_checkout_session", "cancel_checkout_session"}
+
+
+async def test_checkout_over_mcp_completes_and_rest_sees_the_same_session(seller: tuple[str, Any]) -> None:
+    base, server = seller
+    async with acp_client(base) as client:
+        created = await result(client, "create_checkout_session",
+                               {"meta": {**META, "idempotency_key": "c-1"}, "payload": body(["luc_10k"])})
+        again = await result(client, "create_checkout_session",
+                             {"meta": {**META, "idempotency_key": "c-1"}, "payload": body(["luc_10k"])})
+        done = await result(client, "complete_checkout_session", {
+            "meta": {**META, "idempotency_key": "pay-1"}, "id": created["id"], "payload": pay("spt_test_mcp")})
+    async with httpx.AsyncClient() as http:
+        rest = await http.get(f"{base}/acp/checkout_sessions/{created['id']}",
+                              headers={"Authorization": f"Bearer {KEY}", "API-Version": "2026-04-17"})
+    assert again["id"] == created["id"]
+    assert done["status"] == "completed" and done["order"]["id"]
+    assert rest.json()["status"] == "completed"
+    assert server.state.ledger.get_wallet("buyer").balance == 10_000
+
+
+async def test_acp_errors_are_json_rpc_minus_32000_with_the_error_object(seller: tuple[str, Any]) -> None:
+    base, _ = seller
+    async with acp_client(base) as client:
+        with pytest.raises(MCPError) as missing:
+            await client.call_tool("get_checkout_session", {"meta": META, "id": "cs_nope"})
+        with pytest.raises(MCPError) as no_version:
+            await client.call_tool("get_checkout_session", {"meta": {}, "id": "cs_nope"})
+    assert missing.value.code == -32000
+    conforms(missing.value.data, "Error")
+    assert (no_version.value.code, no_version.value.data["param"]) == (-32000, "meta.api_version")
+
+
+async def test_a_wrong_platform_key_is_refused(seller: tuple[str, Any]) -> None:
+    base, _ = seller
+    async with acp_client(base, key="not-a-key") as client:
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("create_checkout_session", {"meta": META, "payload": body(["luc_10k"])})
+    assert refused.value.data["code"] in ("invalid_api_key", "unauthorized")
+    assert json.dumps(refused.value.data).count("not-a-key") == 0

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     aims_billing_acp_api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Bearer keys agent platforms use for the ACP seller API (comma-separated)"
     )
+    aims_billing_acp_signing_secret: SecretStr | None = Field(
+        default=None, description="When set, ACP requests must carry a valid Signature and Timestamp (HMAC)"
+    )
+    aims_billing_acp_order_webhook_url: str | None = Field(
+        default=None, pattern=r"^https?://", description="Where order_create/order_update events go (signed)"
+    )
+    aims_billing_acp_order_webhook_secret: SecretStr | None = Field(
+        default=None, description="The key order webhooks are signed with"
+    )
     aims_billing_public_url: str = Field(
         default="http://127.0.0.1:8765", pattern=r"^https?://",
         description="This server's public base URL, for links it hands out (ACP order permalinks)",
@@ -106,7 +115,8 @@ class Settings(BaseSettings):
             raise ValueError("must start with sk_test_, rk_test_ (or sk_live_/rk_live_ with AIMS_BILLING_ALLOW_LIVE)")
         return SecretStr(key)
 
-    @field_validator("stripe_webhook_secret", "aims_billing_http_token", mode="after")
+    @field_validator("stripe_webhook_secret", "aims_billing_http_token", "aims_billing_acp_signing_secret",
+                     "aims_billing_acp_order_webhook_secret", mode="after")
     @classmethod
     def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None

@@ -105,6 +105,7 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             aims_billing_db=Path(tmp) / "demo.db",
             aims_billing_tools=[],
             aims_billing_read_only=False,
+            aims_billing_acp_api_keys=[ACP_DEMO_KEY],
         )
         sandbox_app = create_app(db_path=":memory:")
         sandbox = sandbox_app.state.sandbox
@@ -222,6 +223,9 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
                                                    "idempotency_key": "pack-1-pay"},
                        lambda c: c.get("fulfilled") is True and c.get("fulfilment", {}).get("wallet_balance") == 12_800)
 
+            # ACP: a buyer agent checks out a 50k pack from us as the seller, over the Agentic Commerce Protocol.
+            await acp_checkout(rows, server)
+
             # x402: another agent pays for LUC credits with USDC (a generated key signs, as any x402 client would).
             await pay_with_x402(call, values["customer"])
 
@@ -274,11 +278,44 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             return False
         print_line(
             f"PASS: {len(rows)} steps in {total_ms:.0f} ms on the embedded sandbox; the repeated create_customer "
-            "was replayed (no second customer); signed webhooks took the customer to 6mo, past_due, then P2P; an "
-            "x402 payment credited once and its replay was refused; the over-ceiling price was refused; the dry run "
-            "sent nothing."
+            "was replayed (no second customer); signed webhooks took the customer to 6mo, past_due, then P2P; a LUC "
+            "pack was paid with a Shared Payment Token and an ACP checkout completed with an order; an x402 payment "
+            "credited once and its replay was refused; the over-ceiling price was refused; the dry run sent nothing."
         )
         return True
+
+
+ACP_DEMO_KEY = "demo-platform-key"
+
+
+async def acp_checkout(rows: list[Row], server: Any) -> None:
+    """ACP REST, in process: create a checkout session for the planner's wallet, complete it with a Shared Payment
+    Token, and read the order."""
+    from .sandbox.asgi_client import call_asgi
+    from .webhooks import build_webhook_app
+
+    app = build_webhook_app(lambda: server.state)
+    headers = {"Authorization": f"Bearer {ACP_DEMO_KEY}", "API-Version": "2026-04-17",
+               "Content-Type": "application/json"}
+
+    async def post(path: str, body: dict[str, Any], key: str, expect: Callable[[dict[str, Any]], bool]) -> Any:
+        start = time.perf_counter()
+        raw, status, _ = await call_asgi(app, "POST", f"http://demo{path}", {**headers, "Idempotency-Key": key},
+                                         json.dumps(body))
+        answer: dict[str, Any] = json.loads(raw)
+        shown = f"{status} {answer.get('status', answer.get('code'))}"
+        if answer.get("order"):
+            shown += f", order {answer['order']['id']}"
+        rows.append(Row("(ACP REST)", f"POST {path}"[:56], shown, (time.perf_counter() - start) * 1000,
+                        expect(answer)))
+        return answer
+
+    created = await post("/acp/checkout_sessions", {"currency": "usd", "line_items": [{"id": "luc_50k"}],
+                                                    "capabilities": {}, "metadata": {"agent_id": "planner"}},
+                         "acp-1", lambda a: a.get("status") == "ready_for_payment")
+    await post(f"/acp/checkout_sessions/{created.get('id')}/complete", {"payment_data": {
+        "handler_id": "stripe_spt", "instrument": {"type": "card", "credential": {
+            "type": "spt", "token": "spt_test_demo_acp"}}}}, "acp-1-pay", lambda a: a.get("status") == "completed")
 
 
 async def pay_with_x402(call: Any, customer: str) -> None:

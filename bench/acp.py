@@ -1,0 +1,125 @@
+"""Full ACP checkouts over loopback HTTP: create, update, complete (paid with a Shared Payment Token through a
+PaymentIntent on the in-process sandbox, LUC credited once), against `serve --http`. Prints the p50/p99 latency of a
+whole checkout and completed checkouts per second (median of 3 runs, raw values), target >= 100 checkouts/s.
+
+    python bench/acp.py [--checkouts 300] [--concurrency 8] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from aims_billing_mcp.services.ledger import LedgerService
+from aims_billing_mcp.store import Store
+
+KEY = "bench-platform-key"
+HEADERS = {"Authorization": f"Bearer {KEY}", "API-Version": "2026-04-17", "Content-Type": "application/json"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def checkout(http: httpx.AsyncClient, run: int, index: int) -> float:
+    start = time.perf_counter()
+
+    async def post(path: str, body: dict[str, object], key: str) -> dict[str, object]:
+        response = await http.post(path, content=json.dumps(body), headers={**HEADERS, "Idempotency-Key": key})
+        if response.status_code >= 300:
+            raise SystemExit(f"{path}: {response.status_code} {response.text}")
+        data: dict[str, object] = response.json()
+        return data
+
+    created = await post("/acp/checkout_sessions", {
+        "currency": "usd", "line_items": [{"id": "luc_10k"}], "capabilities": {},
+        "metadata": {"agent_id": "bench-buyer"}}, f"c-{run}-{index}")
+    session = f"/acp/checkout_sessions/{created['id']}"
+    await post(session, {"line_items": [{"id": "luc_10k"}, {"id": "luc_10k"}]}, f"u-{run}-{index}")
+    done = await post(f"{session}/complete", {"payment_data": {"handler_id": "stripe_spt", "instrument": {
+        "type": "card", "credential": {"type": "spt", "token": f"spt_test_bench_{run}_{index}"}}}}, f"p-{run}-{index}")
+    if done.get("status") != "completed":
+        raise SystemExit(f"checkout {index} ended {done.get('status')}")
+    return (time.perf_counter() - start) * 1000
+
+
+async def one_run(run: int, checkouts: int, concurrency: int) -> tuple[float, list[float], int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "acp.db"
+        store = Store(db)
+        await LedgerService(store, luc_per_usd=1000, agent_limit=lambda customer: None).create_wallet(
+            "bench-buyer", "cus_bench", None, "w")
+        store.close()
+        port = free_port()
+        env = {**os.environ, "AIMS_BILLING_DB": str(db), "AIMS_BILLING_ACP_API_KEYS": KEY,
+               "AIMS_BILLING_LOG_LEVEL": "ERROR", "AIMS_BILLING_FLUSH_INTERVAL_SECONDS": "0"}
+        env.pop("STRIPE_SECRET_KEY", None)
+        server = subprocess.Popen([sys.executable, "-m", "aims_billing_mcp", "serve", "--http", "--port", str(port)],
+                                  env=env, stderr=subprocess.DEVNULL)
+        try:
+            limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30) as http:
+                for _ in range(600):
+                    try:
+                        await http.get("/.well-known/acp.json")
+                        break
+                    except httpx.HTTPError:
+                        await asyncio.sleep(0.05)
+                await checkout(http, run, checkouts)  # warm: the sandbox opens on the first Stripe call
+                queue = list(range(checkouts))
+                latencies: list[float] = []
+
+                async def worker() -> None:
+                    while queue:
+                        latencies.append(await checkout(http, run, queue.pop()))
+
+                start = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                elapsed = time.perf_counter() - start
+        finally:
+            server.terminate()
+            server.wait(10)
+        credited = LedgerService(Store(db), luc_per_usd=1000, agent_limit=lambda c: None).get_wallet("bench-buyer")
+    return checkouts / elapsed, latencies, credited.balance
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def main(checkouts: int, concurrency: int, runs: int) -> None:
+    results = [await one_run(run, checkouts, concurrency) for run in range(runs)]
+    rates = [r[0] for r in results]
+    p50s = [percentile(r[1], 0.5) for r in results]
+    p99s = [percentile(r[1], 0.99) for r in results]
+    print(f"ACP checkouts (create, update, complete with an SPT) over loopback HTTP, {checkouts} per run, "
+          f"{concurrency} in flight, {runs} runs")
+    print(f"  completed checkouts/s: median {statistics.median(rates):,.0f}  raw {[round(r) for r in rates]}  "
+          f"(target >= 100: {'met' if statistics.median(rates) >= 100 else 'MISSED'})")
+    print(f"  checkout latency ms: p50 {statistics.median(p50s):.1f}  p99 {statistics.median(p99s):.1f}  "
+          f"(raw p50 {[round(x, 1) for x in p50s]}, p99 {[round(x, 1) for x in p99s]})")
+    expected = (checkouts + 1) * 20_000
+    print(f"  LUC credited exactly once per checkout: {'yes' if all(r[2] == expected for r in results) else 'NO'}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkouts", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=3)
+    ns = parser.parse_args()
+    asyncio.run(main(ns.checkouts, ns.concurrency, ns.runs))

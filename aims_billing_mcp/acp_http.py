@@ -6,6 +6,8 @@
 
 Every ACP request needs `Authorization: Bearer <api key>`; every POST an `Idempotency-Key`. Answers echo
 `API-Version`, `Idempotency-Key` and `Request-Id`; errors are ACP's Error object (type, code, message, param).
+With a signing secret configured, every checkout request also needs `Signature` and `Timestamp` over its exact body
+(services/acp.py says how), checked after the bearer key and before the Idempotency-Key is claimed.
 `acp_routes(get_state)` is what the companion app mounts; the service is `state.acp` when the app state has one,
 else one built from the state (`store`, `commerce`, `pricing`, API keys from `settings.acp_api_keys`).
 """
@@ -50,6 +52,8 @@ def acp_routes(get_state: Callable[[], Any]) -> list[Route]:
                 acp = service()
                 _check_version(request)
                 identity = acp.authenticate(request.headers.get("authorization"))
+                acp.verify_signature(request.headers.get("signature"), request.headers.get("timestamp"),
+                                     await _raw(request))
                 if not post:
                     result = await operation(acp, request, identity, None)
                 else:
@@ -120,10 +124,15 @@ def _check_version(request: Request) -> None:
         raise error
 
 
-async def _body(request: Request, *, optional: bool) -> Any:
+async def _raw(request: Request) -> bytes:
     raw = await request.body()
     if len(raw) > _MAX_BODY:
         raise AcpError(413, "request_too_large", f"the request body is above {_MAX_BODY} bytes")
+    return raw
+
+
+async def _body(request: Request, *, optional: bool) -> Any:
+    raw = await _raw(request)
     if not raw.strip():
         if optional:
             return None

@@ -5,7 +5,9 @@ catalog tool of the same name: so this is a second MCP server, never mixed with 
 binding's `{meta, id, payload}` arguments (meta carries the REST headers: `api_version` required, `idempotency_key`
 recommended), runs the same `AcpService` operation as the REST route, and answers the `CheckoutSession` as the
 result, or a JSON-RPC error -32000 whose `data` is ACP's Error object. Authentication is the connection's bearer key
-(one of AIMS_BILLING_ACP_API_KEYS), never a tool argument.
+(one of AIMS_BILLING_ACP_API_KEYS), never a tool argument. With a signing secret configured, `meta.signature` and
+`meta.timestamp` are required and checked as the REST `Signature` / `Timestamp` headers are, over the canonical JSON
+of `payload` (services/acp.py says how).
 """
 
 import uuid
@@ -17,7 +19,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import Field
 
 from . import __version__
-from .services.acp import API_VERSION, SUPPORTED_VERSIONS, AcpService
+from .services.acp import API_VERSION, SUPPORTED_VERSIONS, AcpService, signed_payload
 from .services.acp_models import AcpError, AcpResponse
 
 MCP_PATH = "/acp/mcp"
@@ -51,6 +53,9 @@ def build_acp_mcp_server(get_state: Callable[[], Any]) -> MCPServer[Any]:
                 raise AcpError(400, "unsupported_api_version", f"meta.api_version must be one of "
                                f"{SUPPORTED_VERSIONS} (got {str(version)[:32]!r})", param="meta.api_version")
             identity = acp.authenticate((ctx.headers or {}).get("authorization"))
+            signature, timestamp = meta.get("signature"), meta.get("timestamp")
+            acp.verify_signature(signature if isinstance(signature, str) else None,
+                                 timestamp if isinstance(timestamp, str) else None, signed_payload(payload))
             key = meta.get("idempotency_key")
             attempt = str(key) if key else uuid.uuid4().hex  # without a key, every call is its own attempt
             if post and key:

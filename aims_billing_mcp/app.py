@@ -212,7 +212,11 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
                                period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists)
     commerce = PaymentSessionService(store, mutations, ledger, pricing, max_amount=settings.aims_billing_max_amount)
     acp = AcpService(store, commerce, pricing, api_keys=set(settings.aims_billing_acp_api_keys), ledger=ledger,
-                     public_url=settings.aims_billing_public_url)
+                     public_url=settings.aims_billing_public_url,
+                     signing_secret=settings.aims_billing_acp_signing_secret,
+                     order_webhook_url=settings.aims_billing_acp_order_webhook_url,
+                     order_webhook_secret=settings.aims_billing_acp_order_webhook_secret,
+                     retry_delay_scale=retry_delay_scale)
     return AppState(
         ledger=ledger, x402=x402, commerce=commerce, acp=acp,
         metering=metering, flusher=MeterFlusher(store, gateway, pricing, retry_delay_scale=retry_delay_scale),

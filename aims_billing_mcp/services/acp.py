@@ -14,22 +14,45 @@ and the same body replay the stored response; another body is 422 `idempotency_c
 request is still running is 409 `idempotency_in_flight` with `Retry-After`; 5xx answers are never stored.
 Request bodies are checked against the 2026-04-17 schema's shapes here (additionalProperties, required, types of
 the fields we read), so a violating body is a 400 naming the JSONPath of the offending field.
+
+Request signing. When a signing secret is configured (`AIMS_BILLING_ACP_SIGNING_SECRET`), every checkout request
+must carry `Signature` and `Timestamp` (REST headers; `meta.signature` / `meta.timestamp` over MCP), else 401.
+The spec fixes the headers' formats (RFC `rfc.agentic_checkout.md` §3.1: `Signature: <base64url>`,
+`Timestamp: <RFC 3339>`) and leaves the algorithm to the seller; ours is:
+- `Signature` = base64url (padding optional) of HMAC-SHA256(secret as UTF-8, `<Timestamp>` + "." + body), where
+  `<Timestamp>` is the header's exact string and body is the exact raw HTTP body (empty for GET and a bodyless
+  cancel). Over MCP, where there is no HTTP body, body is the canonical JSON of `payload` (sorted keys,
+  separators `,` `:`, UTF-8, no ASCII escaping; empty when the tool has no payload).
+- The HMAC is compared in constant time; `Timestamp` must be within 300 s of our clock, either way.
+- Errors are ACP's Error (type `invalid_request`) with a code naming the cause: `missing_signature` (a header is
+  absent), `invalid_timestamp` (not RFC 3339 with an offset), `stale_timestamp` (outside the 300 s window),
+  `invalid_signature` (wrong or malformed). Without a secret nothing is checked. Discovery stays unsigned.
+
+Order webhooks (acp_webhooks.py): with an order webhook URL configured, completing a checkout writes an
+`order_create` event in the transaction that completes it, sent after COMMIT in the background.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import hmac
 import json
 import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
+
+from pydantic import SecretStr
 
 from ..errors import BillingError, InvalidState, StripeCardDeclined, StripeInvalidRequest
 from ..models import format_amount
 from ..store import Store, dumps, utc_iso
 from .acp_models import AcpError, AcpResponse
+from .acp_webhooks import ORDER_CREATE, OrderWebhooks
 from .commerce import PaymentSessionService
 from .commerce_models import PaymentSession
 from .ledger import LedgerService
@@ -43,6 +66,7 @@ FINISHED = ("completed", "canceled", "expired")
 KEY_RETENTION_SECONDS = 24 * 3600  # ACP §6.6: at least 24 hours
 IN_FLIGHT_STALE_SECONDS = 120  # a claim older than this belonged to a request that died: the key is free again
 RETRY_AFTER_SECONDS = 1
+SIGNATURE_TOLERANCE_SECONDS = 300
 _SPT = re.compile(r"spt_[A-Za-z0-9_]{1,200}")
 _AGENT = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 
@@ -217,6 +241,24 @@ def body_hash(body: Any) -> str:
     return hashlib.sha256(dumps(_canonical(body)).encode()).hexdigest()
 
 
+def signed_payload(payload: Any) -> bytes:
+    """What an MCP call's signature covers in place of the HTTP body: the payload's canonical JSON (b"" if none)."""
+    if payload is None:
+        return b""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign_request(secret: str, timestamp: str, body: bytes) -> str:
+    """The `Signature` a buyer sends with `Timestamp: <timestamp>` over `body` (see the module docstring)."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def _reveal(secret: SecretStr | str | None) -> str | None:
+    value = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+    return value or None
+
+
 def _message(code: str, content: str, *, param: str | None = None, resolution: str = "recoverable") -> dict[str, Any]:
     out: dict[str, Any] = {"type": "error", "code": code, "severity": "high", "resolution": resolution,
                            "content_type": "plain", "content": content}
@@ -230,6 +272,9 @@ class AcpService:
         self, store: Store, commerce: PaymentSessionService, pricing: Pricing, *, api_keys: set[str],
         clock: Callable[[], float] = time.time, ledger: LedgerService | None = None,
         public_url: str = "http://localhost", session_ttl_seconds: int = 24 * 3600,
+        signing_secret: SecretStr | str | None = None, order_webhook_url: str | None = None,
+        order_webhook_secret: SecretStr | str | None = None, retry_delay_scale: float = 1.0,
+        webhook_transport: Any = None,
     ) -> None:
         self._store = store
         self._commerce = commerce
@@ -240,6 +285,12 @@ class AcpService:
         self._ledger: LedgerService = ledger if ledger is not None else commerce._ledger
         self._public_url = public_url.rstrip("/")
         self._ttl = session_ttl_seconds
+        self._signing_secret = _reveal(signing_secret)
+        self.order_webhooks: OrderWebhooks | None = None
+        if order_webhook_url:
+            self.order_webhooks = OrderWebhooks(store, order_webhook_url, _reveal(order_webhook_secret) or "",
+                                                clock=clock, retry_delay_scale=retry_delay_scale,
+                                                transport=webhook_transport)
 
     # --- authentication and idempotency -------------------------------------------------------------------------
 
@@ -253,6 +304,35 @@ class AcpService:
         if not self._api_keys or token not in self._api_keys:
             raise AcpError(401, "invalid_api_key", "the bearer token is not an API key this seller accepts")
         return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+    def verify_signature(self, signature: str | None, timestamp: str | None, body: bytes) -> None:
+        """With a signing secret configured, `signature` must be ours over `timestamp` and `body`, and `timestamp`
+        fresh; else 401 naming the cause. Without one, nothing is checked."""
+        secret = self._signing_secret
+        if secret is None:
+            return
+        if not signature or not timestamp:
+            missing = "Signature" if not signature else "Timestamp"
+            raise AcpError(401, "missing_signature", f"this seller requires signed requests: the {missing} header "
+                           "(meta.signature / meta.timestamp over MCP) is missing")
+        try:
+            when = datetime.fromisoformat(timestamp.strip())
+            if when.tzinfo is None:
+                raise ValueError("no UTC offset")
+        except ValueError as exc:
+            raise AcpError(401, "invalid_timestamp", "Timestamp must be an RFC 3339 date-time with an offset, e.g. "
+                           "2026-04-17T10:30:00Z") from exc
+        if abs(self._clock() - when.timestamp()) > SIGNATURE_TOLERANCE_SECONDS:
+            raise AcpError(401, "stale_timestamp", f"Timestamp is more than {SIGNATURE_TOLERANCE_SECONDS} seconds "
+                           "from the seller's clock: sign the request again")
+        expected = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).digest()
+        try:
+            given = base64.urlsafe_b64decode(signature.strip() + "=" * (-len(signature.strip()) % 4))
+        except (binascii.Error, ValueError):
+            given = b""
+        if not hmac.compare_digest(expected, given):
+            raise AcpError(401, "invalid_signature", "the Signature does not match the request (HMAC-SHA256 over "
+                           "Timestamp + '.' + body, base64url)")
 
     async def idempotent(
         self, identity: str, endpoint: str, key: str | None, body: Any,
@@ -469,7 +549,8 @@ class AcpService:
         """Record what the payment session says: success completes the session, creates the order and credits the
         wallet, once (the status guard and the ledger key `acp:<id>`), in one transaction."""
         session_id = row["id"]
-        clock, ledger, pricing = self._clock, self._ledger, self._pricing
+        clock, ledger, pricing, webhooks = self._clock, self._ledger, self._pricing, self.order_webhooks
+        events: list[str] = []
 
         def job(conn: sqlite3.Connection) -> None:
             current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (session_id,)).fetchone()
@@ -493,6 +574,9 @@ class AcpService:
                                       f"agent {current['agent_id']} (balance {posting.balance_after} LUC)."}]
                 conn.execute("UPDATE acp_checkout_sessions SET status = 'completed', order_id = ?, state = ?, "
                              "updated_at = ? WHERE id = ?", (order_id, dumps(state), iso, session_id))
+                if webhooks is not None:
+                    done = {**dict(current), "status": "completed", "state": dumps(state), "updated_at": iso}
+                    events.append(webhooks.enqueue(conn, ORDER_CREATE, self._view(done)["order"]))
             elif paid.status in ("processing", "requires_action", "requires_confirmation"):
                 conn.execute("UPDATE acp_checkout_sessions SET status = 'in_progress', updated_at = ? WHERE id = ?",
                              (iso, session_id))
@@ -507,6 +591,8 @@ class AcpService:
                              "WHERE id = ?", (dumps(state), iso, session_id))
 
         await self._store.write(job)
+        if webhooks is not None and events:
+            webhooks.dispatch(events)  # after COMMIT, in the background
         return self._row(session_id)
 
     # --- state --------------------------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""ACP order webhooks to the agent platform (spec/2026-04-17/openapi/openapi.agentic_checkout_webhook.yaml).
+
+When `AIMS_BILLING_ACP_ORDER_WEBHOOK_URL` is set, every order event is POSTed there as the spec's `WebhookEvent`:
+`{"type": "order_create" | "order_update", "data": <the full Order, with "type": "order">}`.
+
+Format, as the spec defines it:
+- `Merchant-Signature: t=<unix_seconds>,v1=<64 hex>` where v1 = HMAC-SHA256(secret, `<t>` + "." + raw body), hex;
+  the receiver rejects it outside its window (the spec recommends 300 s): so each attempt is signed afresh, with
+  the time it is sent, over the exact bytes sent.
+- `Content-Type: application/json`; `Request-Id: <event id>` (the same on every attempt of one event, so the
+  receiver can drop duplicates); `Timestamp: <RFC 3339>` (optional in the spec, informational).
+Where the spec is open we chose: the secret is `AIMS_BILLING_ACP_ORDER_WEBHOOK_SECRET` used as raw UTF-8 bytes
+(a URL without a secret is a configuration error: the spec says events MUST be signed); any 2xx is delivered.
+
+Delivery: the event row is written in the same transaction that created or changed the order (an outbox, table
+`acp_order_events`: event id, type, order id, session id, payload, attempts, delivered, gave_up, last status/error),
+and sent by a background task started after that transaction COMMITs, so the buyer's answer never waits on the
+platform. A non-2xx answer or a network error is retried with exponential backoff (1 s, 2 s, 4 s ... times
+`retry_delay_scale`, which tests set to 0) up to `max_attempts` (4); then the row stays `delivered = 0,
+gave_up = 1`. `resume()` re-sends events left pending by a process that stopped before delivering them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+
+from ..store import Store, dumps, utc_iso
+
+ORDER_CREATE = "order_create"
+ORDER_UPDATE = "order_update"
+SIGNATURE_HEADER = "Merchant-Signature"
+TOLERANCE_SECONDS = 300
+_HEADER = re.compile(r"t=(\d+),v1=([a-fA-F0-9]{64})")
+
+
+def merchant_signature(secret: str, timestamp: int, body: bytes) -> str:
+    """The `Merchant-Signature` header value for `body` sent at `timestamp` (unix seconds)."""
+    digest = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify_merchant_signature(secret: str, header: str | None, body: bytes, *, now: float | None = None,
+                              tolerance: int = TOLERANCE_SECONDS) -> bool:
+    """What a receiver checks: the header's shape, its timestamp within `tolerance`, and the HMAC (constant time)."""
+    match = _HEADER.fullmatch(header or "")
+    if match is None:
+        return False
+    timestamp = int(match.group(1))
+    if abs((time.time() if now is None else now) - timestamp) > tolerance:
+        return False
+    expected = merchant_signature(secret, timestamp, body).split(",v1=", 1)[1]
+    return hmac.compare_digest(expected, match.group(2).lower())
+
+
+class OrderWebhooks:
+    """The order events outbox and its sender."""
+
+    def __init__(self, store: Store, url: str, secret: str, *, clock: Callable[[], float] = time.time,
+                 max_attempts: int = 4, retry_delay_scale: float = 1.0, timeout_seconds: float = 10.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if not secret:
+            raise ValueError("an ACP order webhook URL needs AIMS_BILLING_ACP_ORDER_WEBHOOK_SECRET: the spec says "
+                             "order events MUST be signed")
+        self._store = store
+        self.url = url
+        self._secret = secret
+        self._clock = clock
+        self._max_attempts = max(1, max_attempts)
+        self._scale = retry_delay_scale
+        self._timeout = timeout_seconds
+        self._transport = transport
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def enqueue(self, conn: sqlite3.Connection, event_type: str, order: dict[str, Any]) -> str:
+        """Record an event inside the caller's write transaction; send it with `dispatch` once that commits."""
+        event_id = "evt_" + uuid.uuid4().hex
+        payload = dumps({"type": event_type, "data": {**order, "type": "order"}})
+        conn.execute("INSERT INTO acp_order_events (id, type, order_id, checkout_session_id, payload, created_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", (event_id, event_type, order["id"], order["checkout_session_id"],
+                                                   payload, utc_iso(self._clock())))
+        return event_id
+
+    def dispatch(self, event_ids: Sequence[str]) -> None:
+        """Send these (committed) events in the background: the caller does not wait."""
+        for event_id in event_ids:
+            task = asyncio.get_running_loop().create_task(self._deliver(event_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def resume(self) -> list[str]:
+        """Dispatch every event still pending (neither delivered nor given up), e.g. after a restart."""
+        rows = self._store.query("SELECT id FROM acp_order_events WHERE delivered = 0 AND gave_up = 0 "
+                                 "ORDER BY created_at")
+        ids = [row["id"] for row in rows]
+        self.dispatch(ids)
+        return ids
+
+    async def drain(self) -> None:
+        """Wait for the deliveries in flight (shutdown and tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        return self._store.query_one("SELECT * FROM acp_order_events WHERE id = ?", (event_id,))
+
+    async def _deliver(self, event_id: str) -> None:
+        row = self.event(event_id)
+        if row is None or row["delivered"] or row["gave_up"]:
+            return
+        body = str(row["payload"]).encode()
+        attempts = int(row["attempts"])
+        async with httpx.AsyncClient(transport=self._transport, timeout=self._timeout) as http:
+            while attempts < self._max_attempts:
+                if attempts:
+                    await asyncio.sleep(self._scale * 2 ** (attempts - 1))
+                attempts += 1
+                now = self._clock()
+                headers = {"Content-Type": "application/json", "Request-Id": event_id, "Timestamp": utc_iso(now),
+                           SIGNATURE_HEADER: merchant_signature(self._secret, int(now), body)}
+                status: int | None = None
+                error: str | None = None
+                try:
+                    response = await http.post(self.url, content=body, headers=headers)
+                    status = response.status_code
+                    if not 200 <= status < 300:
+                        error = f"HTTP {status}: {response.text[:200]}"
+                except httpx.HTTPError as exc:
+                    error = f"{type(exc).__name__}: {exc}"[:300]
+                delivered = error is None
+                await self._store.write(self._record(event_id, attempts, status, error, delivered,
+                                                     gave_up=not delivered and attempts >= self._max_attempts))
+                if delivered:
+                    return
+
+    def _record(self, event_id: str, attempts: int, status: int | None, error: str | None, delivered: bool, *,
+                gave_up: bool) -> Callable[[sqlite3.Connection], None]:
+        iso = utc_iso(self._clock())
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE acp_order_events SET attempts = ?, last_status = ?, last_error = ?, delivered = ?, "
+                         "gave_up = ?, delivered_at = ? WHERE id = ?",
+                         (attempts, status, error, int(delivered), int(gave_up), iso if delivered else None,
+                          event_id))
+
+        return job

@@ -296,6 +296,9 @@ async def background_tasks(
             except Exception:  # housekeeping must never take the server down; the next round retries
                 log.exception("sweeping expired holds failed")
 
+    webhooks = state.acp.order_webhooks
+    if webhooks is not None:
+        webhooks.resume()  # ACP order events a previous run committed but did not deliver
     async with anyio.create_task_group() as tg:
         tg.start_soon(sweep_holds)
         if flush_interval_seconds > 0:
@@ -303,6 +306,9 @@ async def background_tasks(
         try:
             yield
         finally:
+            if webhooks is not None:  # deliveries in flight get a moment; the rest resume at the next start
+                with anyio.move_on_after(5):
+                    await webhooks.drain()
             tg.cancel_scope.cancel()
 
 

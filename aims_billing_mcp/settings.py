@@ -136,6 +136,15 @@ class Settings(BaseSettings):
         return value.rstrip("/") if value else None
 
     @model_validator(mode="after")
+    def _check_order_webhooks(self) -> Settings:
+        if self.aims_billing_acp_order_webhook_url and self.aims_billing_acp_order_webhook_secret is None:
+            raise ValueError(
+                "AIMS_BILLING_ACP_ORDER_WEBHOOK_URL is set without AIMS_BILLING_ACP_ORDER_WEBHOOK_SECRET: ACP order "
+                "events must be signed; set the secret (the platform verifies Merchant-Signature with it)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_http_exposure(self) -> Settings:
         if self.aims_billing_http_host not in LOOPBACK_HOSTS and self.aims_billing_http_token is None:
             raise ValueError(

@@ -70,6 +70,12 @@ def test_a_non_loopback_http_host_without_a_token_is_refused(monkeypatch: pytest
         load()
 
 
+def test_an_order_webhook_url_without_its_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIMS_BILLING_ACP_ORDER_WEBHOOK_URL", "https://platform.example/acp/webhooks")
+    with pytest.raises(ValidationError, match="AIMS_BILLING_ACP_ORDER_WEBHOOK_SECRET"):
+        load()
+
+
 def test_a_live_key_needs_the_explicit_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_live_51abcdef")
     assert "AIMS_BILLING_ALLOW_LIVE" in (load().live_key_problem() or "")

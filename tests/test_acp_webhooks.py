@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from aims_billing_mcp.acp_http import acp_routes
 from aims_billing_mcp.services.acp import AcpService
-from aims_billing_mcp.services.acp_webhooks import verify_merchant_signature
+from aims_billing_mcp.services.acp_webhooks import OrderWebhooks, verify_merchant_signature
 from aims_billing_mcp.services.commerce import PaymentSessionService
 from aims_billing_mcp.services.idempotency import IdempotencyService
 from aims_billing_mcp.services.ledger import LedgerService
@@ -187,3 +187,26 @@ async def test_a_webhook_url_without_a_secret_is_refused(store: Store, make_sett
     with pytest.raises(ValueError, match="MUST be signed"):
         AcpService(store, commerce, Pricing.load(), api_keys={KEY}, order_webhook_url="http://127.0.0.1:9/x")
     await gateway.close()
+
+
+async def test_an_event_committed_but_not_delivered_is_sent_when_the_server_starts(
+    make_settings: Callable[..., Settings], sandbox_app: Any,
+) -> None:
+    from mcp import Client
+
+    from aims_billing_mcp.app import build_server
+
+    async with receiving() as (url, receiver):
+        settings = make_settings(aims_billing_acp_order_webhook_url=url, aims_billing_acp_order_webhook_secret=SECRET)
+        pending = Store(settings.aims_billing_db)  # as a crash would leave it: committed, never sent
+        outbox = OrderWebhooks(pending, url, SECRET)
+        event_id = pending.write_sync(lambda conn: outbox.enqueue(conn, "order_create", {
+            "id": "ord_restart", "type": "order", "checkout_session_id": "cs_restart", "permalink_url": url}))
+        pending.close()
+
+        async with Client(build_server(settings, sandbox_app=sandbox_app)) as client:
+            await client.list_tools()
+            await until(lambda: len(receiver.requests) == 1)
+
+    headers, raw = receiver.requests[0]
+    assert headers["request-id"] == event_id and json.loads(raw)["data"]["id"] == "ord_restart"

@@ -7,12 +7,13 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+import uvicorn
 from mcp import Client
 from mcp.types import CallToolResult
 
@@ -97,19 +98,32 @@ async def client(make_server: Callable[..., BillingServer]) -> AsyncIterator[Cli
 
 
 @asynccontextmanager
-async def serving_http(server: BillingServer, *, token: str | None = None) -> AsyncIterator[str]:
-    """The server's HTTP app (MCP at /mcp, webhooks, x402) on a free loopback port; yields its base URL."""
+async def serving_on_loopback(make: Callable[[int], uvicorn.Server], *, start_within: float = 20) -> AsyncIterator[str]:
+    """A uvicorn server (built by `make` for the port) on a free loopback port; yields its base URL, then stops it.
+    The socket is bound before the server is built, so no two tests can race for a port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    web = uvicorn_server(server, host="127.0.0.1", port=port, token=token)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: web.serve(sockets=[sock]))
-        with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-        web.should_exit = True
+    web = make(port)
+    with sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: web.serve(sockets=[sock]))
+            with anyio.fail_after(start_within):
+                while not web.started:
+                    await anyio.sleep(0.01)
+            yield f"http://127.0.0.1:{port}"
+            web.should_exit = True
+
+
+def serving_app(app: Any, *, start_within: float = 20) -> AbstractAsyncContextManager[str]:
+    """A bare ASGI app (a test's receiver or facilitator) on a free loopback port; yields its base URL."""
+    return serving_on_loopback(lambda _port: uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")),
+                               start_within=start_within)
+
+
+def serving_http(server: BillingServer, *, token: str | None = None) -> AbstractAsyncContextManager[str]:
+    """The server's HTTP app (MCP at /mcp, webhooks, x402) on a free loopback port; yields its base URL."""
+    return serving_on_loopback(lambda port: uvicorn_server(server, host="127.0.0.1", port=port, token=token))
 
 
 def ok(result: CallToolResult) -> dict[str, Any]:

@@ -5,7 +5,6 @@ says, its payload the spec's WebhookEvent; a failing receiver is retried with ba
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -14,7 +13,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -32,7 +30,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import build_gateway
 
-from .conftest import Clock
+from .conftest import Clock, serving_app
 from .test_acp import _VALIDATOR, BUNDLE, KEY, pay
 
 pytestmark = pytest.mark.anyio
@@ -67,17 +65,8 @@ class Receiver:
 async def receiving(*, fail: bool = False) -> AsyncIterator[tuple[str, Receiver]]:
     receiver = Receiver(fail)
     app = Starlette(routes=[Route("/agentic_checkout/webhooks/order_events", receiver.handle, methods=["POST"])])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: web.serve(sockets=[sock]))
-        with anyio.fail_after(10):
-            while not web.started:
-                await anyio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}/agentic_checkout/webhooks/order_events", receiver
-        web.should_exit = True
+    async with serving_app(app, start_within=10) as base:
+        yield f"{base}/agentic_checkout/webhooks/order_events", receiver
 
 
 @asynccontextmanager

@@ -4,8 +4,6 @@ which delegates to the local verifier)."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +18,8 @@ from aims_billing_mcp.services.x402 import X402Service
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, build_gateway
+
+from .conftest import serving_app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from x402_worker import Payer, header
@@ -99,7 +99,6 @@ async def test_stripe_mode_refuses_intents_that_do_not_pay_the_quote(
 async def facilitator(store: Store, ledger: LedgerService) -> AsyncIterator[str]:
     """A minimal x402 facilitator (`POST /verify`, `POST /settle`) delegating to the SDK's exact-EVM scheme over our
     offline signer, served by uvicorn on a free loopback port."""
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -120,19 +119,8 @@ async def facilitator(store: Store, ledger: LedgerService) -> AsyncIterator[str]
         return JSONResponse(result.model_dump(by_alias=True, exclude_none=True))
 
     app = Starlette(routes=[Route("/verify", handle, methods=["POST"]), Route("/settle", handle, methods=["POST"])])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with serving_app(app) as base:
+        yield base
 
 
 async def test_http_mode_verifies_and_settles_through_a_remote_facilitator(

@@ -8,20 +8,32 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import uvicorn
 from mcp import Client
 from mcp.types import CallToolResult
+from starlette.applications import Starlette
 
+from aims_billing_mcp.acp_http import acp_routes
 from aims_billing_mcp.app import BillingServer, build_server
 from aims_billing_mcp.http_transport import uvicorn_server
 from aims_billing_mcp.sandbox import Sandbox, create_app
+from aims_billing_mcp.services.acp import AcpService
+from aims_billing_mcp.services.commerce import PaymentSessionService
+from aims_billing_mcp.services.idempotency import IdempotencyService
+from aims_billing_mcp.services.ledger import LedgerService
+from aims_billing_mcp.services.mutations import StripeMutations
+from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
+from aims_billing_mcp.stripe_gateway import StripeGateway, build_gateway
 
 
 @pytest.fixture
@@ -95,6 +107,41 @@ def make_server(make_settings: Callable[..., Settings], sandbox_app: Any) -> Cal
 async def client(make_server: Callable[..., BillingServer]) -> AsyncIterator[Client]:
     async with Client(make_server()) as connected:
         yield connected
+
+
+@dataclass
+class CommerceStack:
+    """Payment sessions on the sandbox, wired as app.py wires them; ACP sellers are built on top of it."""
+
+    store: Store
+    gateway: StripeGateway
+    ledger: LedgerService
+    pricing: Pricing
+    payments: PaymentSessionService
+
+    @asynccontextmanager
+    async def acp_seller(self, api_key: str, **options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, AcpService]]:
+        """An ACP seller over these payments, its REST routes reached in process at https://seller.test."""
+        acp = AcpService(self.store, self.payments, self.pricing, api_keys={api_key}, **options)
+        app = Starlette(routes=acp_routes(lambda: SimpleNamespace(acp=acp)))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://seller.test") as http:
+            yield http, acp
+
+
+@asynccontextmanager
+async def commerce_stack(settings: Settings, sandbox_app: Any, store: Store, *,
+                         buyer_wallet: bool = True) -> AsyncIterator[CommerceStack]:
+    """The stack with, by default, an open wallet for agent `buyer` (customer cus_team) to credit."""
+    gateway = build_gateway(settings, sandbox_app=sandbox_app, retry_delay_scale=0)
+    mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=60))
+    ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda _customer: None)
+    if buyer_wallet:
+        await ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
+    pricing = Pricing.load()
+    try:
+        yield CommerceStack(store, gateway, ledger, pricing, PaymentSessionService(store, mutations, ledger, pricing))
+    finally:
+        await gateway.close()
 
 
 @asynccontextmanager

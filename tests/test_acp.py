@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -20,16 +19,11 @@ from starlette.applications import Starlette
 from aims_billing_mcp.acp_http import acp_routes
 from aims_billing_mcp.services.acp import AcpService
 from aims_billing_mcp.services.acp_models import AcpError, AcpResponse
-from aims_billing_mcp.services.commerce import PaymentSessionService
-from aims_billing_mcp.services.idempotency import IdempotencyService
 from aims_billing_mcp.services.ledger import LedgerService
-from aims_billing_mcp.services.mutations import StripeMutations
-from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
-from aims_billing_mcp.stripe_gateway import build_gateway
 
-from .conftest import Clock, serving_http
+from .conftest import Clock, commerce_stack, serving_http
 
 pytestmark = pytest.mark.anyio
 
@@ -103,18 +97,9 @@ def pay(token: str) -> dict[str, Any]:
 @pytest.fixture
 async def env(make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> AsyncIterator[Env]:
     clock = Clock()
-    gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
-    mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=60))
-    ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda _customer: None)
-    await ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
-    pricing = Pricing.load()
-    commerce = PaymentSessionService(store, mutations, ledger, pricing)
-    acp = AcpService(store, commerce, pricing, api_keys={KEY}, clock=clock, public_url="https://seller.test")
-    state = SimpleNamespace(acp=acp)
-    app = Starlette(routes=acp_routes(lambda: state))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://seller.test") as http:
-        yield Env(http, acp, ledger, store, clock)
-    await gateway.close()
+    async with (commerce_stack(make_settings(), sandbox_app, store) as stack,
+                stack.acp_seller(KEY, clock=clock, public_url="https://seller.test") as (http, acp)):
+        yield Env(http, acp, stack.ledger, store, clock)
 
 
 async def test_discovery_document(env: Env) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -15,20 +14,12 @@ import httpx2
 import pytest
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
-from starlette.applications import Starlette
 
-from aims_billing_mcp.acp_http import acp_routes
-from aims_billing_mcp.services.acp import AcpService, sign_request, signed_payload
-from aims_billing_mcp.services.commerce import PaymentSessionService
-from aims_billing_mcp.services.idempotency import IdempotencyService
-from aims_billing_mcp.services.ledger import LedgerService
-from aims_billing_mcp.services.mutations import StripeMutations
-from aims_billing_mcp.services.tiers import Pricing
+from aims_billing_mcp.services.acp import sign_request, signed_payload
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store, utc_iso
-from aims_billing_mcp.stripe_gateway import build_gateway
 
-from .conftest import Clock, serving_http
+from .conftest import Clock, commerce_stack, serving_http
 from .test_acp import conforms
 from .tools.test_wallets import give_tier
 
@@ -65,17 +56,9 @@ def make_seller(make_settings: Callable[..., Settings], sandbox_app: Any, store:
                 secret: str | None) -> Callable[[], Any]:
     async def build() -> AsyncIterator[Seller]:
         clock = Clock()
-        gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
-        ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda _customer: None)
-        await ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
-        pricing = Pricing.load()
-        mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=60))
-        commerce = PaymentSessionService(store, mutations, ledger, pricing)
-        acp = AcpService(store, commerce, pricing, api_keys={KEY}, clock=clock, signing_secret=secret)
-        app = Starlette(routes=acp_routes(lambda: SimpleNamespace(acp=acp)))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://seller.test") as http:
+        async with (commerce_stack(make_settings(), sandbox_app, store) as stack,
+                    stack.acp_seller(KEY, clock=clock, signing_secret=secret) as (http, _acp)):
             yield Seller(http, clock)
-        await gateway.close()
 
     return build
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -18,19 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from aims_billing_mcp.acp_http import acp_routes
 from aims_billing_mcp.services.acp import AcpService
 from aims_billing_mcp.services.acp_webhooks import OrderWebhooks, verify_merchant_signature
-from aims_billing_mcp.services.commerce import PaymentSessionService
-from aims_billing_mcp.services.idempotency import IdempotencyService
-from aims_billing_mcp.services.ledger import LedgerService
-from aims_billing_mcp.services.mutations import StripeMutations
-from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
-from aims_billing_mcp.stripe_gateway import build_gateway
 
-from .conftest import Clock, serving_app
+from .conftest import Clock, commerce_stack, serving_app
 from .test_acp import _VALIDATOR, BUNDLE, KEY, pay
 
 pytestmark = pytest.mark.anyio
@@ -72,18 +64,10 @@ async def receiving(*, fail: bool = False) -> AsyncIterator[tuple[str, Receiver]
 @asynccontextmanager
 async def seller(make_settings: Callable[..., Settings], sandbox_app: Any, store: Store,
                  url: str) -> AsyncIterator[tuple[httpx.AsyncClient, AcpService]]:
-    gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
-    ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda _customer: None)
-    await ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
-    pricing = Pricing.load()
-    mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=60))
-    commerce = PaymentSessionService(store, mutations, ledger, pricing)
-    acp = AcpService(store, commerce, pricing, api_keys={KEY}, clock=Clock(), public_url="https://seller.test",
-                     order_webhook_url=url, order_webhook_secret=SECRET, retry_delay_scale=0.0)
-    app = Starlette(routes=acp_routes(lambda: SimpleNamespace(acp=acp)))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://seller.test") as http:
+    async with (commerce_stack(make_settings(), sandbox_app, store) as stack,
+                stack.acp_seller(KEY, clock=Clock(), public_url="https://seller.test", order_webhook_url=url,
+                                 order_webhook_secret=SECRET, retry_delay_scale=0.0) as (http, acp)):
         yield http, acp
-    await gateway.close()
 
 
 async def checkout(http: httpx.AsyncClient) -> dict[str, Any]:
@@ -169,13 +153,9 @@ async def test_an_unreachable_platform_is_retried_and_recorded(
 
 async def test_a_webhook_url_without_a_secret_is_refused(store: Store, make_settings: Callable[..., Settings],
                                                          sandbox_app: Any) -> None:
-    gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
-    ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda _customer: None)
-    commerce = PaymentSessionService(store, StripeMutations(gateway, IdempotencyService(
-        store, replay_window_seconds=60)), ledger, Pricing.load())
-    with pytest.raises(ValueError, match="MUST be signed"):
-        AcpService(store, commerce, Pricing.load(), api_keys={KEY}, order_webhook_url="http://127.0.0.1:9/x")
-    await gateway.close()
+    async with commerce_stack(make_settings(), sandbox_app, store, buyer_wallet=False) as stack:
+        with pytest.raises(ValueError, match="MUST be signed"):
+            AcpService(store, stack.payments, stack.pricing, api_keys={KEY}, order_webhook_url="http://127.0.0.1:9/x")
 
 
 async def test_an_event_committed_but_not_delivered_is_sent_when_the_server_starts(

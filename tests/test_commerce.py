@@ -11,13 +11,12 @@ import pytest
 
 from aims_billing_mcp.errors import BillingError, InvalidInput, InvalidState, NotFound, StripeCardDeclined
 from aims_billing_mcp.services.commerce import PaymentSessionService
-from aims_billing_mcp.services.idempotency import IdempotencyService
 from aims_billing_mcp.services.ledger import LedgerService
-from aims_billing_mcp.services.mutations import StripeMutations
-from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
-from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, build_gateway
+from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest
+
+from .conftest import commerce_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -52,12 +51,8 @@ class Env:
 
 @pytest.fixture
 async def env(make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> AsyncIterator[Env]:
-    gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
-    mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=60))
-    ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda _customer: None)
-    await ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
-    yield Env(PaymentSessionService(store, mutations, ledger, Pricing.load()), ledger, store, gateway)
-    await gateway.close()
+    async with commerce_stack(make_settings(), sandbox_app, store) as stack:
+        yield Env(stack.payments, stack.ledger, store, stack.gateway)
 
 
 async def test_buying_a_luc_pack_credits_the_wallet_exactly_once(env: Env) -> None:

@@ -129,7 +129,7 @@ class _WriteJob:
         if self.waiter is not None and self.loop is not None:
             # a closed loop means nobody is waiting any more; the write itself stands
             with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(_settle, self.waiter, result, error)
+                self.loop.call_soon_threadsafe(settle, self.waiter, result, error)
         elif self.future is not None:
             if error is not None:
                 self.future.set_exception(error)
@@ -137,7 +137,8 @@ class _WriteJob:
                 self.future.set_result(result)
 
 
-def _settle(waiter: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def settle(waiter: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Answer a caller's future with a write's outcome, on the caller's loop; batching writers share it."""
     if waiter.done():  # the caller was cancelled; the write itself stands
         return
     if error is not None:

@@ -62,7 +62,7 @@ from ..errors import (
     SpendCapExceeded,
     WalletFrozen,
 )
-from ..store import Store, dumps, utc_iso
+from ..store import Store, dumps, settle, utc_iso
 from .ledger_models import (
     FreezeResult,
     HoldPlaced,
@@ -660,12 +660,7 @@ class _Batcher:
                     waiter.set_exception(exc)
             raise
         for (_, waiter), (result, error) in zip(batch, outcomes, strict=True):
-            if waiter.done():  # the caller was cancelled; the write itself stands
-                continue
-            if error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(result)
+            settle(waiter, result, error)
 
 
 def _run_all(conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[Any, BaseException | None]]:

@@ -55,7 +55,7 @@ from decimal import InvalidOperation
 from typing import Any
 
 from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound
-from ..store import Store, dumps, utc_now
+from ..store import Store, dumps, settle, utc_now
 from .metering_models import (
     EventCounts,
     FailureReason,
@@ -389,13 +389,11 @@ class MeteringService:
         error = outcome.exception()
         results = None if error is not None else outcome.result()
         for index, event in enumerate(events):
-            if event.future.done():  # the caller went away; the write stands
-                continue
             result = error if results is None else results[index]
             if isinstance(result, BaseException):
-                event.future.set_exception(result)
+                settle(event.future, None, result)
             else:
-                event.future.set_result(result)
+                settle(event.future, result, None)
 
     def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event]) -> list[MeterEventResult | BillingError]:
         """The writer side: replays and conflicts, running totals, then every new event and total in two statements."""

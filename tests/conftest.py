@@ -44,6 +44,14 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(autouse=True)
+def skip_slow_unless_selected(request: pytest.FixtureRequest) -> None:
+    """Slow variants (`@pytest.mark.slow`) run only when asked for (`-m slow`): the suite's default run has no
+    marker filter, so the README's one test command stays quick."""
+    if request.node.get_closest_marker("slow") and "slow" not in (request.config.option.markexpr or ""):
+        pytest.skip("a long reliability run: select it with -m slow")
+
+
+@pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test may see the developer's or CI's Stripe key or settings, nor a .env in the working directory."""
     for name in list(os.environ):

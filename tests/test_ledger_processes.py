@@ -25,12 +25,6 @@ sys.path.insert(0, str(WORKER.parent))
 from ledger_worker import HOT, amount_of  # noqa: E402
 
 
-def skip_unless_selected(request: pytest.FixtureRequest) -> None:
-    """Slow variants run only when asked for (`-m slow`), since the suite's default run has no marker filter."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("a long reliability run: select it with -m slow")
-
-
 def ledger_on(path: Path) -> tuple[Store, LedgerService]:
     store = Store(path)
     return store, LedgerService(store, luc_per_usd=1000, agent_limit=lambda customer: None)
@@ -41,9 +35,8 @@ def ledger_on(path: Path) -> tuple[Store, LedgerService]:
     pytest.param(1000, id="issue-size", marks=pytest.mark.slow),
 ])
 def test_four_processes_debiting_one_hot_wallet_with_retries_lose_nothing_and_double_nothing(
-    tmp_path: Path, request: pytest.FixtureRequest, debits: int
+    tmp_path: Path, debits: int
 ) -> None:
-    skip_unless_selected(request)
     workers = 4
     path = tmp_path / "hot.db"
     keys = [f"w{w}-{i}" for w in range(workers) for i in range(debits)]
@@ -87,9 +80,8 @@ def test_four_processes_debiting_one_hot_wallet_with_retries_lose_nothing_and_do
     pytest.param(20, id="issue-size", marks=pytest.mark.slow),
 ])
 def test_a_writer_killed_at_random_moments_leaves_a_sound_ledger_with_every_acknowledged_transaction(
-    tmp_path: Path, request: pytest.FixtureRequest, kills: int
+    tmp_path: Path, kills: int
 ) -> None:
-    skip_unless_selected(request)
     path = tmp_path / "crash.db"
     rng = random.Random(int(os.environ.get("LEDGER_SEED", "20260115")))
     acknowledged: list[tuple[str, str]] = []

@@ -27,13 +27,6 @@ PRICING = Pricing.load()
 DAY = 86_400
 
 
-@pytest.fixture(autouse=True)
-def skip_slow_unless_selected(request: pytest.FixtureRequest) -> None:
-    """Slow variants run only when asked for (`-m slow`), since the suite's default run has no marker filter."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("a long reliability run: select it with -m slow")
-
-
 @pytest.fixture
 def gateway(make_settings: Callable[..., Settings], sandbox_app: Any) -> StripeGateway:
     return build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)

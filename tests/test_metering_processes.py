@@ -20,19 +20,12 @@ from aims_billing_mcp.store import Store
 WORKER = Path(__file__).parent / "metering_worker.py"
 
 
-def skip_unless_selected(request: pytest.FixtureRequest) -> None:
-    """Slow variants run only when asked for (`-m slow`), since the suite's default run has no marker filter."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("a long reliability run: select it with -m slow")
-
-
 @pytest.mark.parametrize("kills", [
     pytest.param(int(os.environ.get("METERING_KILLS", "3")), id="quick"),
     pytest.param(20, id="issue-size", marks=pytest.mark.slow),
 ])
 def test_a_recorder_killed_with_sigkill_keeps_every_acknowledged_event_exactly_once(
-        tmp_path: Path, request: pytest.FixtureRequest, kills: int) -> None:
-    skip_unless_selected(request)
+        tmp_path: Path, kills: int) -> None:
     path = tmp_path / "crash.db"
     rng = random.Random(int(os.environ.get("METERING_SEED", "20260301")))
     acknowledged: set[str] = set()

@@ -8,10 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +16,8 @@ import pytest
 
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.store import Store
+
+from .processes import kill_midway, run_together
 
 WORKER = Path(__file__).parent / "ledger_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -46,20 +45,10 @@ def test_four_processes_debiting_one_hot_wallet_with_retries_lose_nothing_and_do
     asyncio.run(ledger.credit(HOT, opening, idempotency_key="fund", reason="fund"))
     store.close()
 
-    processes = [subprocess.Popen([sys.executable, str(WORKER), "debits", str(path), str(w), str(workers),
-                                   str(debits), str(w + 7)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for w in range(workers)]
-    for process in processes:  # all open and ready: then all start at once, contending for the one write lock
-        assert process.stdout is not None and process.stdout.readline() == "ready\n"
-    for process in processes:
-        assert process.stdin is not None
-        process.stdin.write("go\n")
-        process.stdin.flush()
-    outputs = [p.communicate(timeout=300) for p in processes]
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err
+    outputs = run_together([[sys.executable, str(WORKER), "debits", str(path), str(w), str(workers), str(debits),
+                             str(w + 7)] for w in range(workers)], timeout=300)
 
-    acks = [line.split() for out, _ in outputs for line in out.splitlines()]
+    acks = [line.split() for out in outputs for line in out.splitlines()]
     fresh = Counter(key for how, key in acks if how == "fresh")
     assert set(fresh) == set(keys)  # every debit happened ...
     assert max(fresh.values()) == 1  # ... once, however often it was retried
@@ -86,24 +75,12 @@ def test_a_writer_killed_at_random_moments_leaves_a_sound_ledger_with_every_ackn
     rng = random.Random(int(os.environ.get("LEDGER_SEED", "20260115")))
     acknowledged: list[tuple[str, str]] = []
     for run in range(kills):
-        process = subprocess.Popen([sys.executable, str(WORKER), "churn", str(path), str(run), str(rng.random())[2:]],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert process.stdout is not None
-        target, seen, deadline = rng.randint(1, 400), 0, time.monotonic() + 30
-        try:
-            while seen < target and time.monotonic() < deadline:
-                line = process.stdout.readline()
-                if not line:
-                    break
-                operation, key = line.split()
-                acknowledged.append((operation, key))
-                seen += 1
-        finally:
-            os.kill(process.pid, signal.SIGKILL)
-            rest, err = process.communicate(timeout=30)
-        acknowledged += [tuple(line.split()) for line in rest.splitlines() if len(line.split()) == 2]  # type: ignore[misc]
-        assert process.returncode == -signal.SIGKILL, err
-        assert seen > 0, f"run {run}: the worker acknowledged nothing before the kill: {err}"
+        command = [sys.executable, str(WORKER), "churn", str(path), str(run), str(rng.random())[2:]]
+        before, rest = kill_midway(command, rng.randint(1, 400), label=f"run {run}")
+        for line in before:
+            operation, key = line.split()
+            acknowledged.append((operation, key))
+        acknowledged += [tuple(line.split()) for line in rest if len(line.split()) == 2]  # type: ignore[misc]
 
         store, ledger = ledger_on(path)
         try:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from aims_billing_mcp.store import Store
+
+from .processes import kill_midway
 
 WORKER = Path(__file__).parent / "metering_worker.py"
 
@@ -30,23 +29,10 @@ def test_a_recorder_killed_with_sigkill_keeps_every_acknowledged_event_exactly_o
     rng = random.Random(int(os.environ.get("METERING_SEED", "20260301")))
     acknowledged: set[str] = set()
     for run in range(kills):
-        process = subprocess.Popen([sys.executable, str(WORKER), str(path), str(run)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        assert process.stdout is not None
-        target, seen, deadline = rng.randint(1, 3000), 0, time.monotonic() + 30
-        try:
-            while seen < target and time.monotonic() < deadline:
-                line = process.stdout.readline()
-                if not line:
-                    break
-                acknowledged.add(line.strip())
-                seen += 1
-        finally:
-            os.kill(process.pid, signal.SIGKILL)
-            rest, err = process.communicate(timeout=30)
-        acknowledged.update(line.strip() for line in rest.splitlines() if line.strip())
-        assert process.returncode == -signal.SIGKILL, err
-        assert seen > 0, f"run {run}: the worker acknowledged nothing before the kill: {err}"
+        before, rest = kill_midway([sys.executable, str(WORKER), str(path), str(run)], rng.randint(1, 3000),
+                                   label=f"run {run}")
+        acknowledged.update(line.strip() for line in before)
+        acknowledged.update(line.strip() for line in rest if line.strip())
 
         store = Store(path)
         try:

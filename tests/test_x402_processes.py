@@ -4,7 +4,6 @@ refused as replays, and the wallet is credited once (the UNIQUE keys in the rece
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -13,6 +12,8 @@ from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.services.x402 import X402Service
 from aims_billing_mcp.store import Store
+
+from .processes import run_together
 
 WORKER = Path(__file__).parent / "x402_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -34,18 +35,9 @@ def test_eight_processes_presenting_one_payment_at_once_credit_it_once(tmp_path:
     quote_id, payment = asyncio.run(setup())
     store.close()
 
-    processes = [subprocess.Popen([sys.executable, str(WORKER), str(path), quote_id, payment], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
-    for process in processes:  # all loaded (the SDK imported): then all present at once
-        assert process.stdout is not None and process.stdout.readline() == "ready\n"
-    for process in processes:
-        assert process.stdin is not None
-        process.stdin.write("go\n")
-        process.stdin.flush()
-    outputs = [p.communicate(timeout=120) for p in processes]
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err
-    outcomes = Counter(out.split()[0] if out.split()[0] == "accepted" else out.strip() for out, _ in outputs)
+    # all loaded (the SDK imported): then all present at once
+    outputs = run_together([[sys.executable, str(WORKER), str(path), quote_id, payment]] * 8, timeout=120)
+    outcomes = Counter(out.split()[0] if out.split()[0] == "accepted" else out.strip() for out in outputs)
     assert outcomes == {"accepted": 1, "rejected invalid_exact_evm_nonce_already_used": 7}, outcomes
 
     store = Store(path)

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,18 +19,13 @@ import time
 from pathlib import Path
 
 import httpx
+from measure import free_port, percentile
 
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.store import Store
 
 KEY = "bench-platform-key"
 HEADERS = {"Authorization": f"Bearer {KEY}", "API-Version": "2026-04-17", "Content-Type": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def checkout(http: httpx.AsyncClient, run: int, index: int) -> float:
@@ -94,11 +88,6 @@ async def one_run(run: int, checkouts: int, concurrency: int) -> tuple[float, li
             server.wait(10)
         credited = LedgerService(Store(db), luc_per_usd=1000, agent_limit=lambda c: None).get_wallet("bench-buyer")
     return checkouts / elapsed, latencies, credited.balance
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def main(checkouts: int, concurrency: int, runs: int) -> None:

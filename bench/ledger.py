@@ -23,17 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import percentile, print_checks
+
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.store import Store, connect
 
 TARGET_RATE = 10_000
 TARGET_RATIO = 1.5
 TARGET_P99_MS = 10.0
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def open_ledger(path: Path, wallets: int) -> tuple[Store, LedgerService]:
@@ -162,9 +159,7 @@ def main() -> None:
         (f"p99 ack latency at {args.rate:,}/s (ms)", median["p99_ms"], f"<= {TARGET_P99_MS:g}",
          median["p99_ms"] <= TARGET_P99_MS),
     ]
-    for label, value, target, ok in checks:
-        verdict = "" if ok is None else ("  met" if ok else "  MISSED")
-        print(f"  {label:<40} {value:>12,.2f}  {target:<10}{verdict}")
+    print_checks(checks, width=40)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import print_checks
+
 from aims_billing_mcp.services.meter_flusher import MeterFlusher
 from aims_billing_mcp.services.metering import MeteringService
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
@@ -177,9 +179,7 @@ def main() -> None:
         ("flush drain events/s (sandbox)", median["flush_events_per_s"], f">= {TARGET_FLUSH:,}",
          median["flush_events_per_s"] >= TARGET_FLUSH),
     ]
-    for label, value, target, ok in checks:
-        verdict = "" if ok is None else ("  met" if ok else "  MISSED")
-        print(f"  {label:<42} {value:>12,.2f}  {target:<10}{verdict}")
+    print_checks(checks, width=42)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,11 @@ from typing import Any
 
 import anyio
 from mcp import Client, StdioServerParameters
+from measure import percentile
 
 from aims_billing_mcp.store import Store
 
 HERE = Path(__file__).parent
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def measure(params: StdioServerParameters, calls: dict[str, Callable[[int], tuple[str, dict[str, Any]]]],

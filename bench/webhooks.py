@@ -22,17 +22,12 @@ import time
 from pathlib import Path
 
 import httpx
+from measure import free_port
 
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
 
 HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def events(n: int, run: int) -> list[str]:

@@ -112,6 +112,12 @@ def make_server(make_settings: Callable[..., Settings], sandbox_app: Any) -> Cal
 
 
 @pytest.fixture
+def server(make_server: Callable[..., BillingServer]) -> BillingServer:
+    """The server with default settings, for tests that need it beside a client (e.g. to give a customer a tier)."""
+    return make_server()
+
+
+@pytest.fixture
 async def client(make_server: Callable[..., BillingServer]) -> AsyncIterator[Client]:
     async with Client(make_server()) as connected:
         yield connected

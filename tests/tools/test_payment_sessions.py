@@ -3,8 +3,6 @@ the pack is delivered once whether success is seen by confirming, by polling, or
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from mcp import Client
 
@@ -14,11 +12,6 @@ from tests.conftest import error_of, ok
 from tests.tools.test_wallets import give_tier, wallet
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def server(make_server: Any) -> BillingServer:
-    return make_server()  # type: ignore[no-any-return]
 
 
 async def start(client: Client, server: BillingServer, item: str = "luc_10k") -> str:

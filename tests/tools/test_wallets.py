@@ -18,11 +18,6 @@ from tests.conftest import error_of, ok
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def server(make_server: Any) -> Any:
-    return make_server()
-
-
 async def give_tier(server: BillingServer, customer: str, tier: str) -> None:
     """Provision `tier` for `customer` the way Stripe does: a signed subscription event through the endpoint's
     service."""

@@ -8,7 +8,6 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,11 +21,6 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from x402_worker import Payer, header
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def server(make_server: Any) -> BillingServer:
-    return make_server()  # type: ignore[no-any-return]
 
 
 async def with_wallet(client: Client, server: BillingServer, agent: str = "buyer") -> None:

@@ -7,6 +7,7 @@ reads e.g. "customer: Value error, must be a Stripe customer id starting with 'c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -91,6 +92,10 @@ Currency = Annotated[
     AfterValidator(_check_currency),
     WithJsonSchema({"type": "string", "minLength": 3, "maxLength": 3, "description": "ISO 4217 code, e.g. usd"}),
 ]
+
+# An agent's id, as every tool and service accepts it (wallets, payment sessions, x402, ACP metadata.agent_id).
+AGENT_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+AgentId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
 
 IdempotencyKey = Annotated[
     str | None,

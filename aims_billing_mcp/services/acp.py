@@ -39,7 +39,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -49,11 +48,11 @@ from typing import Any
 from pydantic import SecretStr
 
 from ..errors import BillingError, InvalidState, StripeCardDeclined, StripeInvalidRequest
-from ..models import format_amount
+from ..models import AGENT_ID, format_amount
 from ..store import Store, dumps, utc_iso
 from .acp_models import AcpError, AcpResponse
 from .acp_webhooks import ORDER_CREATE, OrderWebhooks
-from .commerce import PaymentSessionService
+from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
 from .commerce_models import PaymentSession
 from .ledger import LedgerService
 from .tiers import Pricing
@@ -67,8 +66,6 @@ KEY_RETENTION_SECONDS = 24 * 3600  # ACP §6.6: at least 24 hours
 IN_FLIGHT_STALE_SECONDS = 120  # a claim older than this belonged to a request that died: the key is free again
 RETRY_AFTER_SECONDS = 1
 SIGNATURE_TOLERANCE_SECONDS = 300
-_SPT = re.compile(r"spt_[A-Za-z0-9_]{1,200}")
-_AGENT = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 
 HANDLER: dict[str, Any] = {
     "id": HANDLER_ID, "name": "dev.acp.tokenized.card", "display_name": "Card (Stripe Shared Payment Token)",
@@ -485,7 +482,7 @@ class AcpService:
             raise _invalid("$.payment_data.handler_id", f"unknown payment handler {data['handler_id']!r}: this "
                            f"seller accepts {HANDLER_ID}", "invalid_payment_handler")
         credential = data["instrument"]["credential"]
-        if credential["type"] != "spt" or not _SPT.fullmatch(credential["token"]):
+        if credential["type"] != "spt" or not SHARED_PAYMENT_TOKEN.fullmatch(credential["token"]):
             raise _invalid("$.payment_data.instrument.credential", "the credential must be a Stripe Shared Payment "
                            "Token: {type: \"spt\", token: \"spt_...\"}", "invalid_payment_credential")
         state = json.loads(row["state"])
@@ -624,7 +621,7 @@ class AcpService:
             return [_message("missing", "Name the agent whose wallet receives the credits: create the checkout "
                              "session with metadata.agent_id.", param="$.metadata.agent_id",
                              resolution="requires_buyer_input")]
-        if not _AGENT.fullmatch(agent_id) or self._store.query_one(
+        if not AGENT_ID.fullmatch(agent_id) or self._store.query_one(
                 "SELECT 1 AS found FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is None:
             return [_message("invalid", f"Agent {agent_id[:64]!r} has no wallet to credit: open one with "
                              "create_agent_wallet, then create a new checkout session.", param="$.metadata.agent_id",

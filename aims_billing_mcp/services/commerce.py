@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import InvalidInput, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
-from ..models import CURRENCIES, format_amount
+from ..models import AGENT_ID, CURRENCIES, format_amount
 from ..store import Store, dumps, utc_iso
 from ..stripe_gateway import StripeRequest, stripe_idempotency_key
 from .commerce_models import PaymentSession, PaymentSessionResult
@@ -34,8 +34,7 @@ TERMINAL = ("succeeded", "canceled")
 _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
 _SESSION = re.compile(r"ps_[A-Za-z0-9_]{1,200}")
 _PAYMENT_METHOD = re.compile(r"pm_[A-Za-z0-9_]{1,200}")
-_TOKEN = re.compile(r"spt_[A-Za-z0-9_]{1,200}")
-_AGENT = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+SHARED_PAYMENT_TOKEN = re.compile(r"spt_[A-Za-z0-9_]{1,200}")
 
 
 def _session_id(call_key: str) -> str:
@@ -90,7 +89,7 @@ class PaymentSessionService:
         return None, amount, code
 
     def _wallet_owner(self, agent_id: str) -> str:
-        if not _AGENT.fullmatch(agent_id):
+        if not AGENT_ID.fullmatch(agent_id):
             raise InvalidInput(f"agent_id {agent_id[:40]!r} is not an agent id (letters, digits and _ . : @ -)",
                                param="agent_id")
         row = self._store.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,))
@@ -164,7 +163,7 @@ class PaymentSessionService:
         if payment_method is not None and not _PAYMENT_METHOD.fullmatch(payment_method):
             raise InvalidInput(f"payment_method must be a Stripe payment method id starting with 'pm_' (got "
                                f"{payment_method[:40]!r})", param="payment_method")
-        if shared_payment_token is not None and not _TOKEN.fullmatch(shared_payment_token):
+        if shared_payment_token is not None and not SHARED_PAYMENT_TOKEN.fullmatch(shared_payment_token):
             raise InvalidInput(f"shared_payment_token must be a Shared Payment Token starting with 'spt_' (got "
                                f"{shared_payment_token[:40]!r})", param="shared_payment_token")
         session = self._session(session_id)

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from ..models import Currency, CustomerId, DryRun, IdempotencyKey
+from ..models import AgentId, Currency, CustomerId, DryRun, IdempotencyKey
 from ..services.commerce_models import PaymentSession, PaymentSessionResult
 from .context import ToolContext, services
 
@@ -19,8 +19,7 @@ async def create_payment_session(
     item: Annotated[str | None, Field(min_length=1, max_length=64, description="An item id from the pricing file, "
                                       "e.g. luc_10k (10,000 LUC for $10.00) or luc_50k; or give amount + currency")]
     = None,
-    agent_id: Annotated[str | None, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$",
-                                          description="The buying agent: its wallet receives a LUC pack "
+    agent_id: Annotated[AgentId | None, Field(description="The buying agent: its wallet receives a LUC pack "
                                           "(required for credit items; the wallet must exist)")] = None,
     customer: Annotated[CustomerId | None, Field(description="The Stripe customer (cus_...) paying, if any")] = None,
     amount: Annotated[int | None, Field(gt=0, description="Instead of an item: minor units (cents for usd)")] = None,

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from ..errors import InvalidInput
-from ..models import CustomerId
+from ..models import AgentId, CustomerId
 from ..services.ledger_models import (
     FreezeResult,
     HoldPlaced,
@@ -19,8 +19,7 @@ from ..services.ledger_models import (
 )
 from .context import ToolContext, services
 
-AgentId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$",
-                               description="The agent's id (letters, digits and _ . : @ -)")]
+Agent = Annotated[AgentId, Field(description="The agent's id (letters, digits and _ . : @ -)")]
 Luc = Annotated[int, Field(gt=0, le=10**15, description="LUC credits, a positive integer")]
 Key = Annotated[str, Field(min_length=1, max_length=255, description="Required: the same key returns the first "
                            "result (replayed: true) instead of moving LUC twice; other arguments with it are refused")]
@@ -31,7 +30,7 @@ HoldId = Annotated[str, Field(pattern=r"^hold_[A-Za-z0-9_]+$", description="The 
 
 async def create_agent_wallet(
     ctx: ToolContext,
-    agent_id: AgentId,
+    agent_id: Agent,
     customer: Annotated[CustomerId, Field(description="The customer (cus_...) the agent works for")],
     idempotency_key: Key,
     daily_cap: Annotated[int | None, Field(gt=0, description="LUC the wallet may spend per UTC day")] = None,
@@ -43,7 +42,7 @@ async def create_agent_wallet(
 
 async def get_agent_wallet(
     ctx: ToolContext,
-    agent_id: AgentId,
+    agent_id: Agent,
     recent: Annotated[int, Field(ge=0, le=100, description="How many latest ledger entries to include")] = 10,
 ) -> Wallet:
     """An agent wallet: balance, active holds, available (balance minus holds), daily cap and today's spend,
@@ -53,7 +52,7 @@ async def get_agent_wallet(
 
 async def credit_agent_wallet(
     ctx: ToolContext,
-    agent_id: AgentId,
+    agent_id: Agent,
     idempotency_key: Key,
     reason: Reason,
     amount: Annotated[int | None, Field(gt=0, le=10**15, description="LUC to add; or give usd_cents")] = None,
@@ -74,7 +73,7 @@ async def credit_agent_wallet(
 
 
 async def debit_agent_wallet(
-    ctx: ToolContext, agent_id: AgentId, amount: Luc, idempotency_key: Key, reason: Reason, reference: Reference = None
+    ctx: ToolContext, agent_id: Agent, amount: Luc, idempotency_key: Key, reason: Reason, reference: Reference = None
 ) -> Posting:
     """Spend LUC from an agent wallet. Refused beyond the available balance (balance minus holds), beyond the
     daily cap, or when the wallet is frozen; nothing is written then."""
@@ -84,8 +83,8 @@ async def debit_agent_wallet(
 
 async def transfer_luc(
     ctx: ToolContext,
-    from_agent: AgentId,
-    to_agent: AgentId,
+    from_agent: Agent,
+    to_agent: Agent,
     amount: Luc,
     idempotency_key: Key,
     reason: Reason,
@@ -98,7 +97,7 @@ async def transfer_luc(
 
 async def hold_luc(
     ctx: ToolContext,
-    agent_id: AgentId,
+    agent_id: Agent,
     amount: Luc,
     idempotency_key: Key,
     reason: Reason,
@@ -131,7 +130,7 @@ async def release_hold(
 
 async def list_agent_transactions(
     ctx: ToolContext,
-    agent_id: AgentId,
+    agent_id: Agent,
     kind: Literal["credit", "debit", "transfer", "hold", "capture", "release", "expire"] | None = None,
     since: Annotated[str | None, Field(description="ISO-8601 time or epoch seconds: entries at or after")] = None,
     until: Annotated[str | None, Field(description="ISO-8601 time or epoch seconds: entries before")] = None,
@@ -153,7 +152,7 @@ def _time(value: str | None) -> str | float | None:
 
 async def freeze_agent_wallet(
     ctx: ToolContext,
-    agent_id: AgentId,
+    agent_id: Agent,
     reason: Reason,
     idempotency_key: Key,
     frozen: Annotated[bool, Field(description="true freezes (no debits, holds or outgoing transfers); false "

@@ -10,12 +10,12 @@ from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
 from ..errors import PaymentRejected
+from ..models import AgentId
 from ..services.x402 import decode_payment_header
 from ..services.x402_models import Receipt, RequirementsResult
 from .context import ToolContext, services
 
-AgentId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$",
-                               description="The agent wallet to credit")]
+AgentToCredit = Annotated[AgentId, Field(description="The agent wallet to credit")]
 PAID_RESOURCE = "mcp://aims-billing-mcp/tools/purchase_luc_credits"
 
 
@@ -76,7 +76,7 @@ async def verify_x402_receipt(
 
 async def purchase_luc_credits(
     ctx: ToolContext,
-    agent_id: AgentId,
+    agent_id: AgentToCredit,
     luc: Annotated[int, Field(gt=0, le=10**9, description="LUC credits to buy for the agent's wallet")],
 ) -> Annotated[CallToolResult, Receipt]:
     """A paid tool (x402 over MCP): without `_meta["x402/payment"]` it answers isError with the PaymentRequired as

@@ -245,10 +245,13 @@ def signed_payload(payload: Any) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _request_digest(secret: str, timestamp: str, body: bytes) -> bytes:
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).digest()
+
+
 def sign_request(secret: str, timestamp: str, body: bytes) -> str:
     """The `Signature` a buyer sends with `Timestamp: <timestamp>` over `body` (see the module docstring)."""
-    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    return base64.urlsafe_b64encode(_request_digest(secret, timestamp, body)).decode().rstrip("=")
 
 
 def _reveal(secret: SecretStr | str | None) -> str | None:
@@ -322,7 +325,7 @@ class AcpService:
         if abs(self._clock() - when.timestamp()) > SIGNATURE_TOLERANCE_SECONDS:
             raise AcpError(401, "stale_timestamp", f"Timestamp is more than {SIGNATURE_TOLERANCE_SECONDS} seconds "
                            "from the seller's clock: sign the request again")
-        expected = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).digest()
+        expected = _request_digest(secret, timestamp, body)
         try:
             given = base64.urlsafe_b64decode(signature.strip() + "=" * (-len(signature.strip()) % 4))
         except (binascii.Error, ValueError):

@@ -492,7 +492,7 @@ class AcpService:
         if "buyer" in body:
             state["buyer"] = body["buyer"]
         if row["status"] != "ready_for_payment":
-            problems = self._problems(row["agent_id"])
+            problems = row["problems"]
             param = problems[0]["param"] if problems else None
             raise AcpError(400, "not_ready_for_payment", f"checkout session {row['id']} is not ready for payment: "
                            + "; ".join(p["content"] for p in problems), param=param)
@@ -660,7 +660,9 @@ class AcpService:
         if row["status"] not in FINISHED and row["expires_at"] <= self._clock():
             row["status"] = "expired"
         elif row["status"] in ("not_ready_for_payment", "ready_for_payment"):
-            row["status"] = self._open_status(row["agent_id"])  # a wallet opened since makes it payable
+            # a wallet opened since makes it payable; the problems are looked up once, here, for the view too
+            row["problems"] = self._problems(row["agent_id"])
+            row["status"] = "not_ready_for_payment" if row["problems"] else "ready_for_payment"
         return row
 
     def _open_row(self, session_id: str, verb: str) -> dict[str, Any]:
@@ -689,7 +691,7 @@ class AcpService:
         line_ids = [line["id"] for line in lines]
         messages = list(state.get("messages") or [])
         if row["status"] in ("not_ready_for_payment", "ready_for_payment"):
-            messages = self._problems(row["agent_id"]) + messages
+            messages = row["problems"] + messages
         body: dict[str, Any] = {
             "id": row["id"], "protocol": {"version": API_VERSION},
             "capabilities": {"payment": {"handlers": [HANDLER]}}, "status": row["status"], "currency": currency,

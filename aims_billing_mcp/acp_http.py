@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .services.acp import API_VERSION, SUPPORTED_VERSIONS, AcpService
+from .services.acp import API_VERSION, SUPPORTED_VERSIONS, AcpService, require_idempotency_key
 from .services.acp_models import AcpError, AcpResponse
 
 BASE = "/acp"
@@ -57,10 +57,7 @@ def acp_routes(get_state: Callable[[], Any]) -> list[Route]:
                 if not post:
                     result = await operation(acp, request, identity, None)
                 else:
-                    key = request.headers.get("idempotency-key")
-                    if key is None or not key.strip():
-                        raise AcpError(400, "idempotency_key_required",
-                                       "Idempotency-Key header is required on all POST requests")
+                    key = require_idempotency_key(request.headers.get("idempotency-key"))
                     body = await _body(request, optional=request.url.path.endswith("/cancel"))
 
                     async def run() -> AcpResponse:

@@ -254,6 +254,13 @@ def sign_request(secret: str, timestamp: str, body: bytes) -> str:
     return base64.urlsafe_b64encode(_request_digest(secret, timestamp, body)).decode().rstrip("=")
 
 
+def require_idempotency_key(key: str | None) -> str:
+    """ACP §6: every POST carries an Idempotency-Key; its absence is a 400 before anything else is read."""
+    if key is None or not key.strip():
+        raise AcpError(400, "idempotency_key_required", "Idempotency-Key header is required on all POST requests")
+    return key
+
+
 def _reveal(secret: SecretStr | str | None) -> str | None:
     value = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
     return value or None
@@ -339,8 +346,7 @@ class AcpService:
         handler: Callable[[], Awaitable[AcpResponse]],
     ) -> AcpResponse:
         """Run `handler` once per (identity, endpoint, Idempotency-Key), by ACP §6's rules."""
-        if key is None or not key.strip():
-            raise AcpError(400, "idempotency_key_required", "Idempotency-Key header is required on all POST requests")
+        key = require_idempotency_key(key)
         if len(key) > 255:
             raise AcpError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters")
         scope = f"{identity}:{endpoint}"

@@ -211,7 +211,7 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
     metering = MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
                                period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists)
     commerce = PaymentSessionService(store, mutations, ledger, pricing, max_amount=settings.aims_billing_max_amount)
-    acp = AcpService(store, commerce, pricing, api_keys=set(settings.aims_billing_acp_api_keys), ledger=ledger,
+    acp = AcpService(store, commerce, pricing, api_keys=set(settings.aims_billing_acp_api_keys),
                      public_url=settings.aims_billing_public_url,
                      signing_secret=settings.aims_billing_acp_signing_secret,
                      order_webhook_url=settings.aims_billing_acp_order_webhook_url,

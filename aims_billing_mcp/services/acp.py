@@ -54,7 +54,6 @@ from .acp_models import AcpError, AcpResponse
 from .acp_webhooks import ORDER_CREATE, OrderWebhooks
 from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
 from .commerce_models import PaymentSession
-from .ledger import LedgerService
 from .tiers import Pricing
 
 API_VERSION = "2026-04-17"
@@ -277,7 +276,7 @@ def _message(code: str, content: str, *, param: str | None = None, resolution: s
 class AcpService:
     def __init__(
         self, store: Store, commerce: PaymentSessionService, pricing: Pricing, *, api_keys: set[str],
-        clock: Callable[[], float] = time.time, ledger: LedgerService | None = None,
+        clock: Callable[[], float] = time.time,
         public_url: str = "http://localhost", session_ttl_seconds: int = 24 * 3600,
         signing_secret: SecretStr | str | None = None, order_webhook_url: str | None = None,
         order_webhook_secret: SecretStr | str | None = None, retry_delay_scale: float = 1.0,
@@ -288,8 +287,7 @@ class AcpService:
         self._pricing = pricing
         self._api_keys = {key for key in api_keys if key}
         self._clock = clock
-        # The payment session service's own ledger: the ACP order credits the same wallets.
-        self._ledger: LedgerService = ledger if ledger is not None else commerce._ledger
+        self._ledger = commerce.ledger
         self._public_url = public_url.rstrip("/")
         self._ttl = session_ttl_seconds
         self._signing_secret = _reveal(signing_secret)

@@ -59,7 +59,7 @@ class PaymentSessionService:
         self._mutations = mutations
         self._gateway = mutations.gateway
         self._idempotency = mutations.idempotency
-        self._ledger = ledger
+        self.ledger = ledger  # the wallets fulfilment credits; ACP orders credit the same ones
         self._pricing = pricing
         self._clock = clock
         self._max_amount = max_amount
@@ -305,7 +305,7 @@ class PaymentSessionService:
         item = self._pricing.items.get(row["item_id"]) if row["item_id"] else None
         if item is None or item.fulfil != "credit":
             return {"kind": "payment", "note": "an amount payment: nothing to deliver beyond the receipt"}
-        posting = self._ledger.credit_in(conn, row["agent_id"], item.luc, idempotency_key=f"fulfil:{row['id']}",
+        posting = self.ledger.credit_in(conn, row["agent_id"], item.luc, idempotency_key=f"fulfil:{row['id']}",
                                          reason=f"payment session {row['id']}: {item.title}", reference=pi_id)
         return {"kind": "credit", "agent_id": row["agent_id"], "luc_credited": item.luc,
                 "wallet_balance": posting.balance_after, "txn_id": posting.txn_id}

@@ -15,7 +15,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import InvalidInput, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
@@ -23,6 +23,7 @@ from ..models import AGENT_ID, CURRENCIES, format_amount
 from ..store import Store, dumps, utc_iso
 from ..stripe_gateway import StripeRequest, stripe_idempotency_key
 from .commerce_models import PaymentSession, PaymentSessionResult
+from .idempotency import CallKey
 from .ledger import LedgerService
 from .mutations import StripeMutations, compact
 from .tiers import Item, Pricing
@@ -196,12 +197,9 @@ class PaymentSessionService:
                     f"payment session {session.id}: {message} The session stays payable: confirm it again with "
                     "another payment method or token (and a new idempotency_key).",
                     param=exc.param, session_id=session.id, **exc.details) from exc
-            done = await self._store.write(lambda conn: self.apply_payment_intent(conn, sent.data))
-            assert done is not None
-            return done.model_dump(mode="json"), sent.request_id
+            return (await self._record(sent.data)).model_dump(mode="json"), sent.request_id
 
-        outcome = await self._idempotency.run(call, execute)
-        return self._session(session.id) if outcome.replayed else PaymentSession.model_validate(outcome.response)
+        return await self._once(call, session.id, execute)
 
     async def get_session(self, session_id: str) -> PaymentSession:
         """The session after re-reading its PaymentIntent from Stripe; fulfils a success not yet fulfilled."""
@@ -214,9 +212,7 @@ class PaymentSessionService:
                      and (session.fulfilled or pi.get("status") != "succeeded"))
         if unchanged:
             return session
-        done = await self._store.write(lambda conn: self.apply_payment_intent(conn, pi))
-        assert done is not None
-        return done
+        return await self._record(pi)
 
     async def cancel_session(self, session_id: str, idempotency_key: str) -> PaymentSession:
         """Cancel an unpaid session's PaymentIntent; a paid one cannot be canceled."""
@@ -241,12 +237,21 @@ class PaymentSessionService:
                 now = await self.get_session(session.id)  # paid (or canceled) meanwhile: record what Stripe says
                 raise InvalidState(f"payment session {session.id} is {now.status} and cannot be canceled",
                                    param="session_id") from exc
-            done = await self._store.write(lambda conn: self.apply_payment_intent(conn, sent.data))
-            assert done is not None
-            return done.model_dump(mode="json"), sent.request_id
+            return (await self._record(sent.data)).model_dump(mode="json"), sent.request_id
 
+        return await self._once(call, session.id, execute)
+
+    async def _record(self, pi: dict[str, Any]) -> PaymentSession:
+        """Record a PaymentIntent of one of our sessions, as Stripe answered it (confirm, cancel, re-read)."""
+        done = await self._store.write(lambda conn: self.apply_payment_intent(conn, pi))
+        assert done is not None
+        return done
+
+    async def _once(self, call: CallKey, session_id: str,
+                    execute: Callable[[], Awaitable[tuple[dict[str, Any], str | None]]]) -> PaymentSession:
+        """Run a confirm or cancel once per idempotency key; a replay answers the session as it is now."""
         outcome = await self._idempotency.run(call, execute)
-        return self._session(session.id) if outcome.replayed else PaymentSession.model_validate(outcome.response)
+        return self._session(session_id) if outcome.replayed else PaymentSession.model_validate(outcome.response)
 
     # --- the webhook path and the one place a PaymentIntent's state is recorded ----------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import queue
 import re
 import sqlite3
@@ -135,6 +136,12 @@ class _WriteJob:
                 self.future.set_exception(error)
             else:
                 self.future.set_result(result)
+
+
+def new_id(prefix: str) -> str:
+    """Time-ordered (microseconds, then 48 random bits): new rows land at the right edge of the UNIQUE indexes on
+    ids instead of on a random page each, which keeps each group commit to a few dirty pages."""
+    return f"{prefix}_{time.time_ns() // 1000:013x}{os.urandom(6).hex()}"
 
 
 def settle(waiter: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -62,7 +61,7 @@ from ..errors import (
     SpendCapExceeded,
     WalletFrozen,
 )
-from ..store import Store, dumps, settle, utc_iso
+from ..store import Store, dumps, new_id, settle, utc_iso
 from .ledger_models import (
     FreezeResult,
     HoldPlaced,
@@ -130,12 +129,6 @@ _ENTRY_INSERT = (
 )
 
 
-def _new_id(prefix: str) -> str:
-    """Time-ordered (microseconds, then 48 random bits): new rows land at the right edge of the UNIQUE indexes on
-    ids instead of on a random page each, which keeps each group commit to a few dirty pages."""
-    return f"{prefix}_{time.time_ns() // 1000:013x}{os.urandom(6).hex()}"
-
-
 def _day_start_iso(day: int) -> str:
     return utc_iso(day * DAY)
 
@@ -188,7 +181,7 @@ class LedgerService:
                         f"tier {allows}: upgrade the tier, or reuse an existing agent's wallet",
                         param="customer_id", limit=limit, wallets=count,
                     )
-            wallet_id = _new_id("wal")
+            wallet_id = new_id("wal")
             iso = utc_iso(now)
             conn.execute(
                 "INSERT INTO agent_wallets (id, agent_id, customer_id, balance, daily_cap, frozen, created_at, "
@@ -239,7 +232,7 @@ class LedgerService:
         _name(agent_id, "agent_id")
         if not isinstance(frozen, bool):
             raise InvalidInput(f"frozen must be true or false, got {frozen!r}", param="frozen")
-        _text(reason, "reason")
+        require_text(reason, "reason")
         args = {"agent_id": agent_id, "frozen": frozen, "reason": reason}
 
         def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
@@ -301,8 +294,8 @@ class LedgerService:
     ) -> Job:
         _name(agent_id, "agent_id")
         _amount(amount, "amount")
-        args = {"agent_id": agent_id, "amount": amount, "source": source, **extra, "reason": _text(reason, "reason"),
-                "reference": _optional_text(reference, "reference")}
+        args = {"agent_id": agent_id, "amount": amount, "source": source, **extra,
+                "reason": require_text(reason, "reason"), "reference": _optional_text(reference, "reference")}
         key = f"{operation}:{idempotency_key}"
 
         def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
@@ -313,7 +306,7 @@ class LedgerService:
                     f"credit of {amount} LUC refused: wallet {agent_id} would hold more than {MAX_BALANCE} LUC "
                     f"(balance {wallet.balance}): debit it or credit less", param="amount")
             wallet.balance += amount
-            txn_id = _new_id("txn")
+            txn_id = new_id("txn")
             _save(conn, wallet, iso)
             _post(conn, txn_id, "credit", key, reason, reference, None, iso,
                   (wallet.account, wallet.id, amount, 0, wallet.balance), (source, None, -amount, 0, None))
@@ -337,7 +330,7 @@ class LedgerService:
         transaction each, on a plain connection as its baseline."""
         _name(agent_id, "agent_id")
         _amount(amount, "amount")
-        args = {"agent_id": agent_id, "amount": amount, "reason": _text(reason, "reason"),
+        args = {"agent_id": agent_id, "amount": amount, "reason": require_text(reason, "reason"),
                 "reference": _optional_text(reference, "reference")}
         key = f"debit:{idempotency_key}"
 
@@ -348,7 +341,7 @@ class LedgerService:
             _check_spend(wallet, amount, day, "debit")
             wallet.balance -= amount
             _spend(wallet, amount, day)
-            txn_id = _new_id("txn")
+            txn_id = new_id("txn")
             _save(conn, wallet, iso)
             _post(conn, txn_id, "debit", key, reason, reference, None, iso,
                   (wallet.account, wallet.id, -amount, 0, wallet.balance), (REVENUE, None, amount, 0, None))
@@ -369,8 +362,8 @@ class LedgerService:
         if from_agent == to_agent:
             raise InvalidInput(f"transfer from agent {from_agent} to itself: name two different wallets",
                                param="to_agent")
-        args = {"from_agent": from_agent, "to_agent": to_agent, "amount": amount, "reason": _text(reason, "reason"),
-                "reference": _optional_text(reference, "reference")}
+        args = {"from_agent": from_agent, "to_agent": to_agent, "amount": amount,
+                "reason": require_text(reason, "reason"), "reference": _optional_text(reference, "reference")}
         key = f"transfer:{idempotency_key}"
 
         def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
@@ -386,7 +379,7 @@ class LedgerService:
             source.balance -= amount
             _spend(source, amount, day)
             target.balance += amount
-            txn_id = _new_id("txn")
+            txn_id = new_id("txn")
             _save(conn, source, iso)
             _save(conn, target, iso)
             _post(conn, txn_id, "transfer", key, reason, reference, None, iso,
@@ -412,7 +405,7 @@ class LedgerService:
             raise InvalidInput(f"ttl_seconds must be a whole number from 1 to {MAX_HOLD_TTL} (30 days), got "
                                f"{ttl_seconds!r}", param="ttl_seconds")
         args = {"agent_id": agent_id, "amount": amount, "ttl_seconds": ttl_seconds,
-                "reason": _text(reason, "reason"), "reference": _optional_text(reference, "reference")}
+                "reason": require_text(reason, "reason"), "reference": _optional_text(reference, "reference")}
         key = f"hold:{idempotency_key}"
 
         def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
@@ -420,7 +413,7 @@ class LedgerService:
             wallet = _load(conn, agent_id, iso)
             _check_spend(wallet, amount, int(now // DAY), "hold")
             wallet.held += amount
-            hold_id, txn_id = _new_id("hold"), _new_id("txn")
+            hold_id, txn_id = new_id("hold"), new_id("txn")
             expires_at = utc_iso(now + ttl_seconds)
             _save(conn, wallet, iso)
             conn.execute(
@@ -453,7 +446,7 @@ class LedgerService:
         self, operation: str, hold_id: str, amount: int | None, idempotency_key: str, reason: str,
         reference: str | None,
     ) -> HoldResolved:
-        args = {"hold_id": hold_id, "amount": amount, "reason": _text(reason, "reason"),
+        args = {"hold_id": hold_id, "amount": amount, "reason": require_text(reason, "reason"),
                 "reference": _optional_text(reference, "reference")}
         verb = "capture" if amount is not None else "release"
 
@@ -489,7 +482,7 @@ class LedgerService:
             status_after = "captured" if amount is not None else "released"
             if captured:
                 _spend(wallet, captured, int(now // DAY))
-            txn_id = _new_id("txn")
+            txn_id = new_id("txn")
             _save(conn, wallet, iso)
             conn.execute(
                 "UPDATE ledger_holds SET status = ?, captured = ?, resolved_txn_id = ?, resolved_at = ? WHERE id = ?",
@@ -571,7 +564,7 @@ class LedgerService:
         run: Callable[[sqlite3.Connection, float], dict[str, Any]],
     ) -> Job:
         """Wrap `run` so that the (operation, key) row is checked and written in the same transaction as the effect."""
-        _text(idempotency_key, "idempotency_key")
+        require_text(idempotency_key, "idempotency_key")
         digest = hashlib.sha256(dumps(args).encode()).hexdigest()
         clock = self._clock
 
@@ -698,7 +691,7 @@ def _save(conn: sqlite3.Connection, wallet: _Wallet, now_iso: str) -> None:
     """Write down the expired holds found by `_load` (each its own transaction, before the operation's), then the
     wallet's new state."""
     for hold_id, amount in wallet.expired:
-        txn_id = _new_id("txn")
+        txn_id = new_id("txn")
         conn.execute("UPDATE ledger_holds SET status = 'expired', resolved_txn_id = ?, resolved_at = ? WHERE id = ?",
                      (txn_id, now_iso, hold_id))
         _post(conn, txn_id, "expire", f"resolve:{hold_id}", "hold expired", None, hold_id, now_iso,
@@ -773,20 +766,21 @@ def _amount(value: object, field: str) -> int:
     return value
 
 
-def _text(value: object, field: str) -> str:
+def require_text(value: object, field: str, limit: int = MAX_TEXT) -> str:
+    """A non-empty string of at most `limit` characters (reasons, descriptions), else an error naming the field."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(f"{field} must be a non-empty string, got {value!r}", param=field)
-    if len(value) > MAX_TEXT:
-        raise InvalidInput(f"{field} is {len(value)} characters long: at most {MAX_TEXT}", param=field)
+    if len(value) > limit:
+        raise InvalidInput(f"{field} is {len(value)} characters long: at most {limit}", param=field)
     return value
 
 
 def _optional_text(value: object, field: str) -> str | None:
-    return None if value is None else _text(value, field)
+    return None if value is None else require_text(value, field)
 
 
 def _name(value: object, field: str) -> str:
-    text = _text(value, field)
+    text = require_text(value, field)
     if text != text.strip():
         raise InvalidInput(f"{field} {text!r} has leading or trailing spaces: pass the id exactly", param=field)
     return text

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -55,7 +54,7 @@ from decimal import InvalidOperation
 from typing import Any
 
 from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound
-from ..store import Store, dumps, settle, utc_now
+from ..store import Store, dumps, new_id, settle, utc_now
 from .metering_models import (
     EventCounts,
     FailureReason,
@@ -240,9 +239,7 @@ class MeteringService:
     @staticmethod
     def _identifier(identifier: Any) -> str:
         if identifier is None:
-            # time first (microseconds, hex), so new identifiers land at the end of the UNIQUE index, not on a
-            # random page each; 48 random bits keep them unique
-            return f"luc_{time.time_ns() // 1000:x}{os.urandom(6).hex()}"
+            return new_id("luc")
         if not isinstance(identifier, str) or not identifier:
             raise InvalidInput("identifier must be a non-empty string (or omit it to have one generated)",
                                param="identifier")

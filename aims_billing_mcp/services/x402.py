@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 import sqlite3
 import time
@@ -35,8 +34,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ..errors import InvalidInput, NotFound, PaymentRejected, StripeError
-from ..store import Store, dumps, utc_iso
-from .ledger import LedgerService
+from ..store import Store, dumps, new_id, utc_iso
+from .ledger import LedgerService, require_text
 from .tiers import Pricing
 from .x402_models import Mode, Receipt, ReceiptRow, RequirementsResult
 
@@ -98,10 +97,6 @@ _HEX_NONCE = re.compile(r"^0x[0-9a-fA-F]{64}$")
 _HEX_SIGNATURE = re.compile(r"^0x(?:[0-9a-fA-F]{2})+$")
 _UINT = re.compile(r"^[0-9]{1,78}$")
 _USD = re.compile(r"^(?:0|[1-9][0-9]{0,12})(?:\.[0-9]{1,6})?$")
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{time.time_ns() // 1000:013x}{os.urandom(6).hex()}"
 
 
 def usd_of(atomic: int) -> str:
@@ -236,8 +231,8 @@ class X402Service:
                                f"{valid_seconds!r}", param="valid_seconds")
         if version not in (1, 2) or isinstance(version, bool):
             raise InvalidInput(f"version must be 1 or 2, got {version!r}", param="version")
-        _text(description, "description", MAX_TEXT)
-        _text(resource, "resource", MAX_RESOURCE)
+        require_text(description, "description", MAX_TEXT)
+        require_text(resource, "resource", MAX_RESOURCE)
         if self.mode == "stripe" and atomic % 10_000:
             raise InvalidInput(f"{usd_of(atomic)} USD is not a whole number of cents, which a Stripe PaymentIntent "
                                "needs: round the amount to cents", param="amount_usd")
@@ -246,7 +241,7 @@ class X402Service:
             raise NotFound(f"no wallet for agent {agent_id}: create it with create_agent_wallet, or check the id",
                            param="agent_id")
         caip, _chain, asset, domain_name, domain_version = NETWORKS[name]
-        quote_id = _new_id("q")
+        quote_id = new_id("q")
         now = self._clock()
         expires = int(now) + valid_seconds
         row = (quote_id, caip, asset, self.pay_to, atomic, agent_id, credit, description, resource, version,
@@ -504,7 +499,7 @@ class X402Service:
     async def _record(self, quote: dict[str, Any], *, version: int, network: str, asset: str, payer: str, nonce: str,
                       tx_hash: str | None, payment_intent: str | None, settlement: dict[str, Any]) -> Receipt:
         """One job: receipt (UNIQUE keys), quote paid, wallet credited; any refusal undoes all three."""
-        receipt_id = _new_id("rcpt")
+        receipt_id = new_id("rcpt")
         quote_id, agent_id, luc = quote["id"], quote["agent_id"], quote["luc"]
         clock, ledger, mode = self._clock, self._ledger, self.mode
         settlement_json = dumps(settlement)
@@ -579,9 +574,3 @@ def _pi_used(payment_intent: str | None) -> PaymentRejected:
                            "each PaymentIntent pays once; create a new one for a new quote", param="payment")
 
 
-def _text(value: object, field: str, limit: int) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInput(f"{field} must be a non-empty string, got {value!r}", param=field)
-    if len(value) > limit:
-        raise InvalidInput(f"{field} is {len(value)} characters long: at most {limit}", param=field)
-    return value

@@ -127,7 +127,7 @@ def flush_rate(folder: Path, events: int, callers: int) -> float:
         customers = [(await gateway.send(StripeRequest("post", "/v1/customers", {"name": f"c{i}"}))).data["id"]
                      for i in range(10)]
         await record(make_service(store, customers), customers, events, callers, "f")
-        flusher = MeterFlusher(store, gateway, PRICING, retry_delay_scale=0)
+        flusher = MeterFlusher(store, gateway, retry_delay_scale=0)
         start = time.perf_counter()
         report = await flusher.flush_once()
         elapsed = time.perf_counter() - start

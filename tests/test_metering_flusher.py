@@ -97,7 +97,7 @@ async def test_pending_events_reach_the_meter_in_batches_and_are_marked_sent(
     customers = [await create_customer(gateway, "A"), await create_customer(gateway, "B")]
     metering = service_for(store, gateway)
     await record_many(metering, customers, 250)
-    flusher = MeterFlusher(store, gateway, PRICING, retry_delay_scale=0)
+    flusher = MeterFlusher(store, gateway, retry_delay_scale=0)
 
     report = await flusher.flush_once()
 
@@ -120,7 +120,7 @@ async def test_max_events_limits_one_flush_oldest_first(gateway: StripeGateway, 
     first = [(await metering.record(customer, 1)).identifier for _ in range(5)]
     await record_many(metering, [customer], 20)
 
-    report = await MeterFlusher(store, gateway, PRICING, batch_size=2, retry_delay_scale=0).flush_once(max_events=5)
+    report = await MeterFlusher(store, gateway, batch_size=2, retry_delay_scale=0).flush_once(max_events=5)
 
     assert (report.sent, report.pending, report.batches) == (5, 20, 3)
     sent = [row["identifier"] for row in store.query("SELECT identifier FROM meter_events WHERE status = 'sent'")]
@@ -153,14 +153,14 @@ async def test_a_flusher_that_dies_between_acceptance_and_mark_resends_and_strip
     metering = service_for(store, gateway)
     await record_many(metering, customers, 260)
     crashing = CrashAfterAcceptance(gateway, crash_at_batch)
-    flush = asyncio.ensure_future(MeterFlusher(store, crashing, PRICING, retry_delay_scale=0).flush_once())
+    flush = asyncio.ensure_future(MeterFlusher(store, crashing, retry_delay_scale=0).flush_once())
     await asyncio.wait_for(crashing.accepted.wait(), 10)
     flush.cancel()
     with pytest.raises(asyncio.CancelledError):
         await flush
     assert statuses(store)["pending"] == 260 - 100 * (crash_at_batch - 1)  # the accepted batch is still pending
 
-    report = await MeterFlusher(store, gateway, PRICING, retry_delay_scale=0).flush_once()  # after the restart
+    report = await MeterFlusher(store, gateway, retry_delay_scale=0).flush_once()  # after the restart
 
     assert report.sent == 260 - 100 * (crash_at_batch - 1) and statuses(store) == {"sent": 260}
     for customer in customers:
@@ -178,7 +178,7 @@ async def test_500s_and_429s_during_a_flush_are_retried_and_the_events_delivered
     await record_many(metering, [customer], 150)
     sandbox.faults.inject(status=status, count=count, path_prefix=V2_STREAM)
 
-    report = await MeterFlusher(store, gateway, PRICING, retry_delay_scale=0).flush_once()
+    report = await MeterFlusher(store, gateway, retry_delay_scale=0).flush_once()
 
     assert (report.sent, report.error, report.transport) == (150, None, "v2")
     assert sum(r.path == V2_STREAM and r.status == status for r in sandbox.request_log) == count
@@ -192,7 +192,7 @@ async def test_a_flush_that_runs_out_of_retries_stops_and_keeps_the_events_pendi
     metering = service_for(store, gateway)
     await record_many(metering, [customer], 30)
     sandbox.faults.inject(status=500, count=1000, path_prefix=V2_STREAM)
-    flusher = MeterFlusher(store, gateway, PRICING, retries=2, retry_delay_scale=0)
+    flusher = MeterFlusher(store, gateway, retries=2, retry_delay_scale=0)
 
     stopped = await flusher.flush_once()
     sandbox.faults.clear()
@@ -213,7 +213,7 @@ async def test_events_older_than_35_days_are_marked_failed_with_the_reason(
     metering = service_for(store, gateway)
     await metering.record(customer, 2, identifier="new")
 
-    report = await MeterFlusher(store, gateway, PRICING, retry_delay_scale=0).flush_once()
+    report = await MeterFlusher(store, gateway, retry_delay_scale=0).flush_once()
 
     assert (report.sent, report.failed) == (1, 1)
     old = store.query_one("SELECT status, last_error, failed_at FROM meter_events WHERE identifier = 'old'")
@@ -229,7 +229,7 @@ async def test_the_session_is_renewed_before_its_15_minutes_run_out(
     customer = await create_customer(gateway, "A")
     metering = service_for(store, gateway)
     clock = Clock()
-    flusher = MeterFlusher(store, gateway, PRICING, clock=clock, retry_delay_scale=0)
+    flusher = MeterFlusher(store, gateway, clock=clock, retry_delay_scale=0)
     sessions = []
     for minutes in (0, 10, 4, 1):  # 0: new; 10: same; 14: renewed (a minute early); 15: same
         clock.now += minutes * 60
@@ -244,7 +244,7 @@ async def test_a_session_stripe_says_expired_is_replaced_and_the_batch_resent(
     meter = await create_meter(gateway)
     customer = await create_customer(gateway, "A")
     metering = service_for(store, gateway)
-    flusher = MeterFlusher(store, gateway, PRICING, retry_delay_scale=0)
+    flusher = MeterFlusher(store, gateway, retry_delay_scale=0)
     await metering.record(customer, 3)
     await flusher.flush_once()
     sandbox.advance(hours=1)  # Stripe's clock moved on: the token we hold has expired there
@@ -264,7 +264,7 @@ async def test_when_v2_refuses_the_request_as_a_whole_the_batch_goes_through_v1(
     metering = service_for(store, gateway)
     await record_many(metering, [customer], 12)
     sandbox.faults.inject(status=400, count=1, path_prefix=V2_STREAM)
-    flusher = MeterFlusher(store, gateway, PRICING, retry_delay_scale=0)
+    flusher = MeterFlusher(store, gateway, retry_delay_scale=0)
 
     report = await flusher.flush_once()
     await metering.record(customer, 5)
@@ -285,7 +285,7 @@ async def test_an_event_stripe_refuses_for_good_is_marked_failed_and_the_rest_ar
     await metering.record(customer, 10)
     sandbox.faults.inject(status=400, count=1, path_prefix=V2_STREAM)  # per-event answers come from v1
 
-    report = await MeterFlusher(store, gateway, PRICING, retry_delay_scale=0).flush_once()
+    report = await MeterFlusher(store, gateway, retry_delay_scale=0).flush_once()
 
     assert (report.sent, report.failed) == (2, 1)
     ghost = store.query_one("SELECT status, last_error FROM meter_events WHERE identifier = 'ghost'")
@@ -298,7 +298,7 @@ async def test_without_a_billing_meter_nothing_is_sent_and_the_status_says_to_ru
     customer = await create_customer(gateway, "A")
     metering = service_for(store, gateway)
     await metering.record(customer, 8)
-    flusher = MeterFlusher(store, gateway, PRICING, retry_delay_scale=0)
+    flusher = MeterFlusher(store, gateway, retry_delay_scale=0)
 
     report = await flusher.flush_once()
     await create_meter(gateway)
@@ -314,7 +314,7 @@ async def test_run_flushes_in_the_background_until_cancelled(gateway: StripeGate
     meter = await create_meter(gateway)
     customer = await create_customer(gateway, "A")
     metering = service_for(store, gateway)
-    runner = asyncio.ensure_future(MeterFlusher(store, gateway, PRICING, retry_delay_scale=0).run(0.01))
+    runner = asyncio.ensure_future(MeterFlusher(store, gateway, retry_delay_scale=0).run(0.01))
     try:
         await record_many(metering, [customer], 40)
         async with asyncio.timeout(10):
@@ -336,7 +336,7 @@ async def test_a_long_burst_with_faults_reaches_stripe_exactly(
     await record_many(metering, customers, int(os.environ.get("METERING_FLUSH_EVENTS", "20000")))
     for status in (500, 429, 503):
         sandbox.faults.inject(status=status, count=4, path_prefix=V2_STREAM)
-    flusher = MeterFlusher(store, gateway, PRICING, retry_delay_scale=0)
+    flusher = MeterFlusher(store, gateway, retry_delay_scale=0)
     while (await flusher.flush_once()).pending:
         pass
     for customer in customers:

@@ -49,7 +49,6 @@ from ..store import Store, utc_now
 from ..stripe_gateway import StripeRequest, StripeResult, StripeSessionExpired, stripe_idempotency_key
 from .metering import STRIPE_MAX_AGE
 from .metering_models import FlushReport
-from .tiers import Pricing
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,6 @@ class MeterFlusher:
         self,
         store: Store,
         gateway: Gateway,
-        pricing: Pricing,
         *,
         batch_size: int = MAX_BATCH,
         clock: Callable[[], float] = time.time,
@@ -110,7 +108,6 @@ class MeterFlusher:
             raise ValueError(f"batch_size must be within 1-{MAX_BATCH} (Stripe's limit per stream request)")
         self._store = store
         self._gateway = gateway
-        self._pricing = pricing
         self._batch_size = batch_size
         self._clock = clock
         self._retries = retries

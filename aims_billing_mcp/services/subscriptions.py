@@ -276,11 +276,8 @@ class SubscriptionService:
         return Applied(customer, "not handled: stored and acknowledged")
 
     def _row(self, conn: sqlite3.Connection, customer: str) -> dict[str, Any] | None:
-        cursor = conn.execute("SELECT * FROM billing_provisions WHERE customer_id = ?", (customer,))
-        found = cursor.fetchone()
-        if found is None:
-            return None
-        return dict(zip([c[0] for c in cursor.description], found, strict=True))
+        found = conn.execute("SELECT * FROM billing_provisions WHERE customer_id = ?", (customer,)).fetchone()
+        return dict(found) if found is not None else None
 
     def _apply_subscription(self, conn: sqlite3.Connection, event: dict[str, Any], sub: dict[str, Any]) -> Applied:
         customer = sub.get("customer")

@@ -73,6 +73,7 @@ from .tiers import (
     Pricing,
     Tier,
     cost_cents,
+    marginal_overage,
     month_bounds,
     to_milli,
     weighted_units,
@@ -414,10 +415,7 @@ class MeteringService:
             total = totals[(event.customer, event.period_start)]
             total.period_end = total.period_end or event.period_end
             before = total.weighted_units
-            after = before + event.weighted_units
-            allowance, rate = event.tier.tokens_per_month, event.tier.overage_rate
-            over_before, over_after = max(0, before - allowance), max(0, after - allowance)
-            overage, cost = over_after - over_before, cost_cents(over_after, rate) - cost_cents(over_before, rate)
+            overage, cost = marginal_overage(before, event.weighted_units, event.tier)
             total.add(event.raw_units, event.weighted_units, overage, cost)
             key = (event.customer, event.period_start, event.operation or CUSTOM)
             operation = by_operation.get(key)
@@ -429,8 +427,9 @@ class MeteringService:
                 "multiplier_milli": event.multiplier_milli, "raw_units": event.raw_units,
                 "weighted_units": event.weighted_units, "agent_id": event.agent_id, "timestamp": event.timestamp,
                 "metadata": event.metadata, "tier": event.tier.id, "period_start": event.period_start,
-                "period_end": event.period_end, "period_units_after": after, "allowance": allowance,
-                "overage_rate": rate, "overage_units": overage, "cost_cents": cost,
+                "period_end": event.period_end, "period_units_after": before + event.weighted_units,
+                "allowance": event.tier.tokens_per_month, "overage_rate": event.tier.overage_rate,
+                "overage_units": overage, "cost_cents": cost,
             }
             inserts.append((*values.values(), event_name, created_at))
             stored[event.identifier] = values
@@ -570,13 +569,12 @@ class MeteringService:
             used = row["used"] if row else 0
         else:
             tier = self._pricing.p2p
-        allowance, rate = tier.tokens_per_month, tier.overage_rate
-        over_before, over_after = max(0, used - allowance), max(0, used + weighted - allowance)
+        overage, cost = marginal_overage(used, weighted, tier)
         return UsageQuote(
             customer=customer, tier=tier.id, operation=op, multiplier=milli / 1000, raw_units=raw,
-            weighted_units=weighted, period_usage=used, allowance=allowance, remaining=max(0, allowance - used),
-            overage_units=over_after - over_before, overage_rate=rate,
-            cost_cents=cost_cents(over_after, rate) - cost_cents(over_before, rate), currency=self._pricing.currency,
+            weighted_units=weighted, period_usage=used, allowance=tier.tokens_per_month,
+            remaining=max(0, tier.tokens_per_month - used), overage_units=overage, overage_rate=tier.overage_rate,
+            cost_cents=cost, currency=self._pricing.currency,
         )
 
     def status(self) -> MeteringStatus:

@@ -102,6 +102,15 @@ def cost_cents(units: int, rate_per_thousand: int) -> int:
     return (units * rate_per_thousand + 500) // 1000
 
 
+def marginal_overage(used: int, added: int, tier: Tier) -> tuple[int, int]:
+    """(overage units, cents) that `added` weighted units cost on top of `used` in the period: the cost of the period's
+    whole overage after, minus before, so the events' costs always add up to what the period is charged (each
+    event's rounding never drifts from the total's)."""
+    allowance, rate = tier.tokens_per_month, tier.overage_rate
+    over_before, over_after = max(0, used - allowance), max(0, used + added - allowance)
+    return over_after - over_before, cost_cents(over_after, rate) - cost_cents(over_before, rate)
+
+
 class Pricing(BaseModel):
     currency: str = "usd"
     tiers: dict[str, Tier]

@@ -12,13 +12,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from .errors import BillingError
 from .redact import install_log_redaction, mask_secret
 from .settings import Settings, StripeMode, describe_validation_error
+
+if TYPE_CHECKING:
+    from .store import Store
 
 EXIT_CONFIG = 2
 
@@ -280,24 +283,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"  stripe mode: {mode.value}" + (f" (sandbox db {settings.sandbox_db_path})"
                                             if mode is StripeMode.SANDBOX else ""))
     store = Store(settings.aims_billing_db)
-    print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")
-    store.close()
-    if problem := settings.live_key_problem():
-        print(f"  PROBLEM: {problem}")
-        return 1
-    ok = asyncio.run(_check_key(settings))
+    try:
+        print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")
+        if problem := settings.live_key_problem():
+            print(f"  PROBLEM: {problem}")
+            return 1
+        ok = asyncio.run(_check_key(settings, store))
+    finally:
+        store.close()
     return 0 if ok else 1
 
 
-async def _check_key(settings: Settings) -> bool:
+async def _check_key(settings: Settings, store: Store) -> bool:
     from .services.catalog import CatalogService
     from .services.idempotency import IdempotencyService
     from .services.mutations import StripeMutations
-    from .store import Store
     from .stripe_gateway import build_gateway
 
     gateway = build_gateway(settings)
-    store = Store(settings.aims_billing_db)
     try:
         mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=0))
         balance = await CatalogService(mutations, max_amount=settings.aims_billing_max_amount).retrieve_balance()
@@ -306,7 +309,6 @@ async def _check_key(settings: Settings) -> bool:
         return False
     finally:
         await gateway.close()
-        store.close()
     shown = ", ".join(a.display for a in balance.available) or "0"
     print(f"  key check: ok (balance call answered; available {shown})")
     return True

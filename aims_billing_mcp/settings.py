@@ -192,7 +192,3 @@ def describe_validation_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{name}: {message}" if loc != "settings" else message)
     return "invalid configuration:\n  " + "\n  ".join(lines)
-
-
-def load_settings(**overrides: Any) -> Settings:
-    return Settings(**overrides)

@@ -180,12 +180,11 @@ class MeterFlusher:
         delay = interval_seconds
         while True:
             try:
-                report = await self.flush_once()
+                ok = (await self.flush_once()).error is None
             except Exception:  # the loop must outlive any one flush
                 log.exception("meter flush failed")
-                delay = min(max(delay, interval_seconds) * 2, 300.0)
-            else:
-                delay = interval_seconds if report.error is None else min(max(delay, interval_seconds) * 2, 300.0)
+                ok = False
+            delay = interval_seconds if ok else min(max(delay, interval_seconds) * 2, 300.0)
             await asyncio.sleep(delay)
 
     # --- marking -----------------------------------------------------------------------------------------------
@@ -256,12 +255,7 @@ class MeterFlusher:
         return self._token
 
     async def _send_v2(self, rows: Sequence[dict[str, Any]]) -> None:
-        events = [{
-            "event_name": row["event_name"],
-            "payload": {"stripe_customer_id": row["customer_id"], "value": str(row["weighted_units"])},
-            "identifier": row["identifier"],
-            "timestamp": rfc3339(row["timestamp"]),
-        } for row in rows]
+        events = [_meter_event(row, rfc3339(row["timestamp"])) for row in rows]
         attempt = 0
         while True:
             try:
@@ -282,13 +276,8 @@ class MeterFlusher:
     async def _send_v1(self, rows: Sequence[dict[str, Any]]) -> _Delivery:
         delivery = _Delivery(transport="v1")
         for row in rows:
-            params = {
-                "event_name": row["event_name"],
-                "payload": {"stripe_customer_id": row["customer_id"], "value": str(row["weighted_units"])},
-                "identifier": row["identifier"],
-                "timestamp": row["timestamp"],
-            }
-            request = StripeRequest("post", V1_EVENTS, params, stripe_idempotency_key("meter_event", row["identifier"]))
+            request = StripeRequest("post", V1_EVENTS, _meter_event(row, row["timestamp"]),
+                                    stripe_idempotency_key("meter_event", row["identifier"]))
             attempt = 0
             while True:
                 try:
@@ -339,3 +328,12 @@ class MeterFlusher:
             raise _Stop(f"no active Stripe billing meter for event name {', '.join(missing)}: run "
                         "`aims-billing-mcp setup-stripe` to create it; the events stay pending")
 
+
+def _meter_event(row: dict[str, Any], timestamp: str | int) -> dict[str, Any]:
+    """A stored event as Stripe takes it: v2 wants the timestamp in RFC 3339, v1 in epoch seconds."""
+    return {
+        "event_name": row["event_name"],
+        "payload": {"stripe_customer_id": row["customer_id"], "value": str(row["weighted_units"])},
+        "identifier": row["identifier"],
+        "timestamp": timestamp,
+    }

@@ -191,7 +191,7 @@ class LedgerService:
             return {"wallet_id": wallet_id, "agent_id": agent_id, "customer_id": customer_id,
                     "daily_cap": daily_cap, "created_at": iso}
 
-        return await self._run(WalletCreated, "create_wallet", idempotency_key, args, run)
+        return await self._submit(WalletCreated, self._job("create_wallet", idempotency_key, args, run))
 
     def get_wallet(self, agent_id: str, recent: int = 10) -> Wallet:
         """Balance, active holds, available, cap and today's spend, and the latest entries, read in one snapshot."""
@@ -243,7 +243,7 @@ class LedgerService:
                 _save(conn, wallet, utc_iso(now))
             return {"agent_id": agent_id, "frozen": frozen, "changed": changed, "reason": reason}
 
-        return await self._run(FreezeResult, "freeze", idempotency_key, args, run)
+        return await self._submit(FreezeResult, self._job("freeze", idempotency_key, args, run))
 
     # --- postings -----------------------------------------------------------------------------------------------
 
@@ -448,7 +448,7 @@ class LedgerService:
     ) -> HoldResolved:
         args = {"hold_id": hold_id, "amount": amount, "reason": require_text(reason, "reason"),
                 "reference": _optional_text(reference, "reference")}
-        verb = "capture" if amount is not None else "release"
+        verb, status_after = ("capture", "captured") if amount is not None else ("release", "released")
 
         def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
             iso = utc_iso(now)
@@ -479,7 +479,6 @@ class LedgerService:
                 raise _frozen(wallet, "capture")
             wallet.balance -= captured
             wallet.held -= held
-            status_after = "captured" if amount is not None else "released"
             if captured:
                 _spend(wallet, captured, int(now // DAY))
             txn_id = new_id("txn")
@@ -487,8 +486,7 @@ class LedgerService:
             conn.execute(
                 "UPDATE ledger_holds SET status = ?, captured = ?, resolved_txn_id = ?, resolved_at = ? WHERE id = ?",
                 (status_after, captured, txn_id, iso, hold_id))
-            kind = "capture" if amount is not None else "release"
-            _post(conn, txn_id, kind, f"resolve:{hold_id}", reason, reference, hold_id, iso,
+            _post(conn, txn_id, verb, f"resolve:{hold_id}", reason, reference, hold_id, iso,
                   (wallet.account, wallet.id, -captured, -held, wallet.balance), (REVENUE, None, captured, held, None))
             return {"hold_id": hold_id, "txn_id": txn_id, "agent_id": agent_id, "status": status_after,
                     "captured": captured, "released": held - captured, "balance_after": wallet.balance,
@@ -589,12 +587,6 @@ class LedgerService:
             return response, False
 
         return job
-
-    async def _run(
-        self, model: type[R], operation: str, idempotency_key: str, args: dict[str, Any],
-        run: Callable[[sqlite3.Connection, float], dict[str, Any]],
-    ) -> R:
-        return await self._submit(model, self._job(operation, idempotency_key, args, run))
 
     async def _submit(self, model: type[R], job: Job) -> R:
         response, replayed = await self._batcher.submit(job)

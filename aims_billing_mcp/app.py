@@ -36,6 +36,7 @@ from .services.ledger import LedgerService
 from .services.meter_flusher import MeterFlusher
 from .services.metering import MeteringService
 from .services.mutations import StripeMutations
+from .services.prepaid import PrepaidSubscriptions
 from .services.subscriptions import SubscriptionService
 from .services.tiers import Pricing
 from .services.webhook_events import WebhookEventService
@@ -210,7 +211,9 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
     )
     metering = MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
                                period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists)
-    commerce = PaymentSessionService(store, mutations, ledger, pricing, max_amount=settings.aims_billing_max_amount)
+    prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, retry_delay_scale=retry_delay_scale)
+    commerce = PaymentSessionService(store, mutations, ledger, pricing, max_amount=settings.aims_billing_max_amount,
+                                     prepaid=prepaid)
     acp = AcpService(store, commerce, pricing, api_keys=set(settings.aims_billing_acp_api_keys),
                      public_url=settings.aims_billing_public_url,
                      signing_secret=settings.aims_billing_acp_signing_secret,
@@ -296,9 +299,11 @@ async def background_tasks(
             except Exception:  # housekeeping must never take the server down; the next round retries
                 log.exception("sweeping expired holds failed")
 
-    webhooks = state.acp.order_webhooks
+    webhooks, prepaid = state.acp.order_webhooks, state.commerce.prepaid
     if webhooks is not None:
         webhooks.resume()  # ACP order events a previous run committed but did not deliver
+    if prepaid is not None:
+        prepaid.resume()  # prepaid subscriptions paid for but not yet started in Stripe
     async with anyio.create_task_group() as tg:
         tg.start_soon(sweep_holds)
         if flush_interval_seconds > 0:
@@ -306,8 +311,10 @@ async def background_tasks(
         try:
             yield
         finally:
-            if webhooks is not None:  # deliveries in flight get a moment; the rest resume at the next start
-                with anyio.move_on_after(5):
+            with anyio.move_on_after(5):  # work in flight gets a moment; the rest resumes at the next start
+                if prepaid is not None:
+                    await prepaid.drain()
+                if webhooks is not None:
                     await webhooks.drain()
             tg.cancel_scope.cancel()
 

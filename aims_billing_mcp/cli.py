@@ -183,7 +183,7 @@ def _ledger(settings: Settings) -> tuple[Any, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .services.reports import receipts_report, usage_report, wallet_report
+    from .services.reports import prepaid_report, receipts_report, usage_report, wallet_report
 
     settings = _settings()
     if args.report in ("usage", "receipts"):
@@ -196,6 +196,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         finally:
             asyncio.run(state.gateway.close())
             state.store.close()
+    elif args.report == "prepaid":
+        from .store import Store
+
+        store = Store(settings.aims_billing_db)
+        try:
+            where, params = ("WHERE customer_id = ?", (args.customer,)) if args.customer else ("", ())
+            lines = prepaid_report(store.query(f"SELECT * FROM prepaid_subscriptions {where} ORDER BY created_at",
+                                               params))
+        finally:
+            store.close()
     else:
         store, ledger = _ledger(settings)
         try:
@@ -230,6 +240,29 @@ def cmd_flush_usage(args: argparse.Namespace) -> int:
     print(f"flush-usage: {sent} event(s) accepted by Stripe, {failed} marked failed, {pending} still pending"
           + (f"; stopped: {error}" if error else ""))
     return 1 if error else 0
+
+
+def cmd_start_subscriptions(args: argparse.Namespace) -> int:
+    """Start the prepaid tier subscriptions that were paid for but not started in Stripe (the server also resumes
+    open ones at start-up); `--failed` retries the ones that failed for good, after the cause was fixed."""
+    settings = _settings()
+    if problem := settings.live_key_problem():
+        return _fail(problem)
+    from .app import build_state
+    from .services.reports import prepaid_report
+
+    async def run() -> list[dict[str, Any]]:
+        state = build_state(settings)
+        try:
+            assert state.commerce.prepaid is not None
+            return await state.commerce.prepaid.retry(include_failed=args.failed)
+        finally:
+            await state.gateway.close()
+            state.store.close()
+
+    rows = asyncio.run(run())
+    print("\n".join(prepaid_report(rows)) if rows else "start-subscriptions: nothing to start")
+    return 1 if any(row["status"] != "started" for row in rows) else 0
 
 
 def cmd_check_ledger(args: argparse.Namespace) -> int:
@@ -346,13 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     setup = sub.add_parser("setup-stripe", help="create (or find) the tier products and prices; print STRIPE_PRICE_*")
     setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
     setup.set_defaults(func=cmd_setup_stripe)
-    report = sub.add_parser("report", help="operator reports: wallets, usage, receipts")
-    report.add_argument("report", choices=["wallets", "usage", "receipts"])
+    report = sub.add_parser("report", help="operator reports: wallets, usage, receipts, prepaid")
+    report.add_argument("report", choices=["wallets", "usage", "receipts", "prepaid"])
     report.add_argument("--customer", help="only this customer (cus_...)")
     report.add_argument("--limit", type=int, default=50, help="receipts: how many of the latest")
     report.set_defaults(func=cmd_report)
     flush = sub.add_parser("flush-usage", help="deliver pending usage to Stripe Billing meters now")
     flush.set_defaults(func=cmd_flush_usage)
+    start = sub.add_parser("start-subscriptions", help="start prepaid tier subscriptions paid for but not started")
+    start.add_argument("--failed", action="store_true", help="also retry the ones that failed for good")
+    start.set_defaults(func=cmd_start_subscriptions)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
     tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")

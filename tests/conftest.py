@@ -30,6 +30,8 @@ from aims_billing_mcp.services.commerce import PaymentSessionService
 from aims_billing_mcp.services.idempotency import IdempotencyService
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.services.mutations import StripeMutations
+from aims_billing_mcp.services.prepaid import PrepaidSubscriptions
+from aims_billing_mcp.services.subscriptions import SubscriptionService
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
@@ -132,6 +134,8 @@ class CommerceStack:
     ledger: LedgerService
     pricing: Pricing
     payments: PaymentSessionService
+    subscriptions: SubscriptionService
+    prepaid: PrepaidSubscriptions
 
     @asynccontextmanager
     async def acp_seller(self, api_key: str, **options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, AcpService]]:
@@ -152,9 +156,13 @@ async def commerce_stack(settings: Settings, sandbox_app: Any, store: Store, *,
     if buyer_wallet:
         await ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
     pricing = Pricing.load()
+    subscriptions = SubscriptionService(mutations, store, pricing, settings)
+    prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, retry_delay_scale=0)
+    payments = PaymentSessionService(store, mutations, ledger, pricing, prepaid=prepaid)
     try:
-        yield CommerceStack(store, gateway, ledger, pricing, PaymentSessionService(store, mutations, ledger, pricing))
+        yield CommerceStack(store, gateway, ledger, pricing, payments, subscriptions, prepaid)
     finally:
+        await prepaid.drain()
         await gateway.close()
 
 

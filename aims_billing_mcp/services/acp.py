@@ -47,11 +47,11 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from ..errors import BillingError, InvalidState, StripeCardDeclined, StripeInvalidRequest
+from ..errors import BillingError, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
 from ..models import AGENT_ID, format_amount
 from ..store import Store, dumps, utc_iso
 from .acp_models import AcpError, AcpResponse
-from .acp_webhooks import ORDER_CREATE, OrderWebhooks
+from .acp_webhooks import ORDER_CREATE, ORDER_UPDATE, OrderWebhooks
 from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
 from .commerce_models import PaymentSession
 from .tiers import Pricing
@@ -296,6 +296,9 @@ class AcpService:
             self.order_webhooks = OrderWebhooks(store, order_webhook_url, _reveal(order_webhook_secret) or "",
                                                 clock=clock, retry_delay_scale=retry_delay_scale,
                                                 transport=webhook_transport)
+        self._prepaid = commerce.prepaid
+        if self._prepaid is not None:
+            self._prepaid.on_outcome("acp", self._subscription_outcome)
 
     # --- authentication and idempotency -------------------------------------------------------------------------
 
@@ -410,7 +413,7 @@ class AcpService:
         now = self._clock()
         iso = utc_iso(now)
         agent_id = agent if isinstance(agent, str) else None
-        status = self._open_status(agent_id)
+        status = self._open_status(agent_id, lines)
 
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT INTO acp_checkout_sessions (id, status, currency, agent_id, state, created_at, "
@@ -450,7 +453,8 @@ class AcpService:
                                        f"{item_id} in this session", "invalid_line_item_id")
             state["selected"] = body["selected_fulfillment_options"]
         state["messages"] = []
-        await self._store.write(self._save_job(row["id"], state, self._open_status(row["agent_id"]), only_open=True))
+        await self._store.write(self._save_job(row["id"], state, self._open_status(row["agent_id"], state["lines"]),
+                                               only_open=True))
         return AcpResponse(200, self._view(self._row(row["id"])))
 
     async def cancel(self, session_id: str, body: Any) -> AcpResponse:
@@ -500,6 +504,7 @@ class AcpService:
             param = problems[0]["param"] if problems else None
             raise AcpError(400, "not_ready_for_payment", f"checkout session {row['id']} is not ready for payment: "
                            + "; ".join(p["content"] for p in problems), param=param)
+        await self._check_subscriber(row, state["lines"])
         payment_session = row["payment_session_id"] or await self._payment_session(row, state)
         try:
             paid = await self._commerce.confirm_session(
@@ -524,6 +529,16 @@ class AcpService:
         return AcpResponse(200, self._view(done))
 
     # --- payment ------------------------------------------------------------------------------------------------
+
+    async def _check_subscriber(self, row: dict[str, Any], lines: list[dict[str, Any]]) -> None:
+        """A tier line subscribes the agent's customer: Stripe must know it, checked before anything is charged."""
+        if self._prepaid is None or not any(self._pricing.items[line["item"]].subscribes for line in lines):
+            return
+        wallet = self._store.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (row["agent_id"],))
+        try:
+            await self._prepaid.check_customer(wallet["customer_id"] if wallet else "", param="$.metadata.agent_id")
+        except NotFound as exc:
+            raise AcpError(400, "not_ready_for_payment", exc.message, param="$.metadata.agent_id") from exc
 
     async def _payment_session(self, row: dict[str, Any], state: dict[str, Any]) -> str:
         total = self._total(state["lines"])
@@ -550,11 +565,14 @@ class AcpService:
         return await self._apply(row, paid)
 
     async def _apply(self, row: dict[str, Any], paid: PaymentSession) -> dict[str, Any]:
-        """Record what the payment session says: success completes the session, creates the order and credits the
-        wallet, once (the status guard and the ledger key `acp:<id>`), in one transaction."""
+        """Record what the payment session says: success completes the session, creates the order, credits the
+        wallet and records the tier subscription to start, once (the status guard, the ledger key `acp:<id>` and
+        the outbox's UNIQUE source), in one transaction; the subscription is then started before answering."""
         session_id = row["id"]
-        clock, ledger, pricing, webhooks = self._clock, self._ledger, self._pricing, self.order_webhooks
+        clock, ledger, pricing, webhooks, prepaid = (self._clock, self._ledger, self._pricing, self.order_webhooks,
+                                                     self._prepaid)
         events: list[str] = []
+        subscriptions: list[str] = []
 
         def job(conn: sqlite3.Connection) -> None:
             current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (session_id,)).fetchone()
@@ -565,17 +583,33 @@ class AcpService:
             if paid.status == "succeeded":
                 lines = state["lines"]
                 luc = sum(pricing.items[line["item"]].luc * line["quantity"] for line in lines)
-                posting = ledger.credit_in(conn, current["agent_id"], luc, idempotency_key=f"acp:{session_id}",
-                                           reason=f"ACP checkout {session_id}", reference=paid.payment_intent)
+                done_what = []
+                balance = None
+                if luc:
+                    posting = ledger.credit_in(conn, current["agent_id"], luc, idempotency_key=f"acp:{session_id}",
+                                               reason=f"ACP checkout {session_id}", reference=paid.payment_intent)
+                    balance = posting.balance_after
+                    done_what.append(f"{luc} LUC credited to agent {current['agent_id']} (balance {balance} LUC)")
+                subscription = None
+                for line in lines:
+                    item = pricing.items[line["item"]]
+                    if item.subscribes and prepaid is not None:
+                        owner = conn.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = ?",
+                                             (current["agent_id"],)).fetchone()["customer_id"]
+                        subscription = prepaid.enqueue(
+                            conn, source="acp", source_id=session_id, customer=owner,
+                            tier=pricing.tier(str(item.tier)), amount=item.unit_price, currency=current["currency"],
+                            payment_intent=paid.payment_intent)
+                        subscriptions.append(subscription["prepaid_id"])
+                        done_what.append(f"the {item.tier} tier subscription for customer {owner} is starting")
                 order_id = "ord_" + session_id.removeprefix("cs_")
                 state["order"] = {
-                    "id": order_id, "status": "confirmed", "created_at": iso, "luc_credited": luc,
-                    "agent_id": current["agent_id"], "wallet_balance": posting.balance_after,
-                    "payment_intent": paid.payment_intent,
+                    "id": order_id, "status": "processing" if subscription else "confirmed", "created_at": iso,
+                    "luc_credited": luc, "agent_id": current["agent_id"], "wallet_balance": balance,
+                    "payment_intent": paid.payment_intent, "subscription": subscription,
                 }
-                state["messages"] = [{"type": "info", "severity": "info", "content_type": "plain", "content":
-                                      f"Paid {format_amount(paid.amount, paid.currency)}: {luc} LUC credited to "
-                                      f"agent {current['agent_id']} (balance {posting.balance_after} LUC)."}]
+                state["messages"] = [_info(f"Paid {format_amount(paid.amount, paid.currency)}: "
+                                           + "; ".join(done_what) + ".")]
                 conn.execute("UPDATE acp_checkout_sessions SET status = 'completed', order_id = ?, state = ?, "
                              "updated_at = ? WHERE id = ?", (order_id, dumps(state), iso, session_id))
                 if webhooks is not None:
@@ -597,7 +631,39 @@ class AcpService:
         await self._store.write(job)
         if webhooks is not None and events:
             webhooks.dispatch(events)  # after COMMIT, in the background
+        if prepaid is not None:
+            for prepaid_id in subscriptions:
+                started = await prepaid.start(prepaid_id)
+                if started.get("status") in ("pending", "credited"):
+                    prepaid.dispatch([prepaid_id])  # Stripe was unavailable: keep trying in the background
         return self._row(session_id)
+
+    def _subscription_outcome(self, conn: sqlite3.Connection, prepaid: dict[str, Any]) -> Callable[[], None] | None:
+        """The order's tier subscription started (or failed for good): update the order, and tell the agent
+        platform with an `order_update` event sent after COMMIT."""
+        assert self._prepaid is not None
+        current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (prepaid["source_id"],)).fetchone()
+        if current is None:
+            return None
+        state = json.loads(current["state"])
+        summary = self._prepaid.summary(prepaid)
+        started = prepaid["status"] == "started"
+        state["order"].update(subscription=summary, status="completed" if started else "manual_review")
+        content = (f"The {summary['tier']} tier subscription {summary['subscription']} started for customer "
+                   f"{summary['customer']}: {summary['prepaid_display']} prepaid as credit on the customer's "
+                   f"Stripe balance; it ends at the commitment end {summary.get('commitment_end')}." if started else
+                   f"The {summary['tier']} tier subscription could not be started ({summary.get('last_error')}); "
+                   "the payment is kept and an operator has been told.")
+        state["messages"] = [*state.get("messages", []), _info(content)]
+        iso = utc_iso(self._clock())
+        conn.execute("UPDATE acp_checkout_sessions SET state = ?, updated_at = ? WHERE id = ?",
+                     (dumps(state), iso, current["id"]))
+        webhooks = self.order_webhooks
+        if webhooks is None:
+            return None
+        updated = {**dict(current), "state": dumps(state), "updated_at": iso}
+        event = webhooks.enqueue(conn, ORDER_UPDATE, self._view(updated)["order"])
+        return lambda: webhooks.dispatch([event])
 
     # --- state --------------------------------------------------------------------------------------------------
 
@@ -610,10 +676,17 @@ class AcpService:
                 raise AcpError(400, "invalid_item_id", f"The item ID {item_id[:64]!r} does not exist. Items for sale: "
                                + ", ".join(sorted(self._pricing.items)), param=f"$.line_items[{i}].id")
             counts[item_id] = counts.get(item_id, 0) + 1
+        tiers = 0
         for i, item in enumerate(items):
-            if counts[item["id"].strip()] > 100:
+            item_id = item["id"].strip()
+            if counts[item_id] > 100:
                 raise AcpError(400, "quantity_exceeded", "at most 100 of one item per checkout",
                                param=f"$.line_items[{i}].id")
+            if self._pricing.items[item_id].subscribes:
+                tiers += 1
+                if tiers > 1:
+                    raise AcpError(400, "quantity_exceeded", f"{item_id}: one tier subscription per checkout (a "
+                                   "customer has one subscription at a time)", param=f"$.line_items[{i}].id")
         return [{"item": item_id, "quantity": quantity} for item_id, quantity in counts.items()]
 
     def _check_currency(self, lines: list[dict[str, Any]], currency: str) -> None:
@@ -623,20 +696,31 @@ class AcpService:
                 raise AcpError(400, "unsupported_currency", f"{item.id} is sold in {item.currency}, not "
                                f"{currency[:8]!r}", param="$.currency")
 
-    def _problems(self, agent_id: str | None) -> list[dict[str, Any]]:
+    def _problems(self, agent_id: str | None, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Why the session cannot be paid yet: the buyer names its agent (whose wallet receives credits and whose
+        customer subscribes), and that customer does not already have a tier (two subscriptions would bill twice)."""
         if agent_id is None:
-            return [_message("missing", "Name the agent whose wallet receives the credits: create the checkout "
-                             "session with metadata.agent_id.", param="$.metadata.agent_id",
+            return [_message("missing", "Name the buying agent: create the checkout session with metadata.agent_id "
+                             "(its wallet receives credits; its customer subscribes).", param="$.metadata.agent_id",
                              resolution="requires_buyer_input")]
-        if not AGENT_ID.fullmatch(agent_id) or self._store.query_one(
-                "SELECT 1 AS found FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is None:
+        wallet = self._store.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = ?",
+                                       (agent_id,)) if AGENT_ID.fullmatch(agent_id) else None
+        if wallet is None:
             return [_message("invalid", f"Agent {agent_id[:64]!r} has no wallet to credit: open one with "
                              "create_agent_wallet, then create a new checkout session.", param="$.metadata.agent_id",
                              resolution="requires_buyer_input")]
+        for i, line in enumerate(lines):
+            if not self._pricing.items[line["item"]].subscribes:
+                continue
+            tier = self._prepaid.live_tier(wallet["customer_id"]) if self._prepaid is not None else "unknown"
+            if tier is not None:
+                return [_message("invalid", f"Customer {wallet['customer_id']} (agent {agent_id}) already has the "
+                                 f"{tier} tier: remove {line['item']} (a second subscription would bill twice).",
+                                 param=f"$.line_items[{i}]", resolution="requires_buyer_input")]
         return []
 
-    def _open_status(self, agent_id: str | None) -> str:
-        return "not_ready_for_payment" if self._problems(agent_id) else "ready_for_payment"
+    def _open_status(self, agent_id: str | None, lines: list[dict[str, Any]]) -> str:
+        return "not_ready_for_payment" if self._problems(agent_id, lines) else "ready_for_payment"
 
     def _total(self, lines: list[dict[str, Any]]) -> int:
         return sum(self._pricing.items[line["item"]].unit_price * line["quantity"] for line in lines)
@@ -665,7 +749,7 @@ class AcpService:
             row["status"] = "expired"
         elif row["status"] in ("not_ready_for_payment", "ready_for_payment"):
             # a wallet opened since makes it payable; the problems are looked up once, here, for the view too
-            row["problems"] = self._problems(row["agent_id"])
+            row["problems"] = self._problems(row["agent_id"], json.loads(row["state"])["lines"])
             row["status"] = "not_ready_for_payment" if row["problems"] else "ready_for_payment"
         return row
 
@@ -689,7 +773,8 @@ class AcpService:
             lines.append({
                 "id": _line_id(item.id), "item": {"id": item.id, "name": item.title, "unit_amount": item.unit_price},
                 "quantity": line["quantity"], "name": item.title, "unit_amount": item.unit_price,
-                "product_id": item.id, "category": "digital_credits", "availability_status": "in_stock",
+                "product_id": item.id, "category": "subscription" if item.subscribes else "digital_credits",
+                "availability_status": "in_stock",
                 "totals": _totals(amount),
             })
         line_ids = [line["id"] for line in lines]
@@ -700,9 +785,9 @@ class AcpService:
             "id": row["id"], "protocol": {"version": API_VERSION},
             "capabilities": {"payment": {"handlers": [HANDLER]}}, "status": row["status"], "currency": currency,
             "line_items": lines,
-            "fulfillment_options": [{"type": "digital", "id": DIGITAL_OPTION, "title": "Instant credit to the "
-                                     "agent's LUC wallet", "totals": [{"type": "total", "display_text": "Free",
-                                                                       "amount": 0}]}],
+            "fulfillment_options": [{"type": "digital", "id": DIGITAL_OPTION,
+                                     "title": "Instant: LUC to the agent's wallet, a tier subscription starts at once",
+                                     "totals": [{"type": "total", "display_text": "Free", "amount": 0}]}],
             "selected_fulfillment_options": state.get("selected") or [
                 {"type": "digital", "option_id": DIGITAL_OPTION, "item_ids": line_ids}],
             "totals": [{"type": "items_base_amount", "display_text": "Item(s) total", "amount": total},
@@ -720,14 +805,13 @@ class AcpService:
             body["metadata"] = state["metadata"]
         order = state.get("order")
         if order:
+            # credits are delivered with the payment; a tier line once its subscription has started in Stripe
+            started = (order.get("subscription") or {}).get("status") == "started"
             body["order"] = {
                 "type": "order", "id": order["id"], "checkout_session_id": row["id"],
                 "permalink_url": f"{self._public_url}/acp/checkout_sessions/{row['id']}", "status": order["status"],
-                "line_items": [{"id": line["id"], "title": line["name"], "product_id": line["product_id"],
-                                "quantity": {"ordered": line["quantity"], "current": line["quantity"],
-                                             "fulfilled": line["quantity"]},
-                                "unit_price": line["unit_amount"], "subtotal": line["unit_amount"] * line["quantity"],
-                                "status": "fulfilled"} for line in lines],
+                "line_items": [_order_line(line, delivered=line["category"] != "subscription" or started)
+                               for line in lines],
                 "totals": [{"type": "total", "display_text": "Total", "amount": total}],
             }
         return body
@@ -737,6 +821,18 @@ class AcpService:
         return {"protocol": {"name": "acp", "version": API_VERSION, "supported_versions": SUPPORTED_VERSIONS},
                 "api_base_url": api_base_url, "transports": ["rest", "mcp"],  # MCP on /acp/mcp
                 "capabilities": {"services": ["checkout"], "supported_currencies": currencies}}
+
+
+def _order_line(line: dict[str, Any], *, delivered: bool) -> dict[str, Any]:
+    quantity = line["quantity"]
+    return {"id": line["id"], "title": line["name"], "product_id": line["product_id"],
+            "quantity": {"ordered": quantity, "current": quantity, "fulfilled": quantity if delivered else 0},
+            "unit_price": line["unit_amount"], "subtotal": line["unit_amount"] * quantity,
+            "status": "fulfilled" if delivered else "processing"}
+
+
+def _info(content: str) -> dict[str, Any]:
+    return {"type": "info", "severity": "info", "content_type": "plain", "content": content}
 
 
 def _line_id(item_id: str) -> str:

@@ -26,6 +26,7 @@ from .commerce_models import PaymentSession, PaymentSessionResult
 from .idempotency import CallKey
 from .ledger import LedgerService
 from .mutations import StripeMutations, compact
+from .prepaid import PrepaidSubscriptions, prepaid_id
 from .tiers import Item, Pricing
 
 CREATE_TOOL = "create_payment_session"
@@ -55,6 +56,7 @@ class PaymentSessionService:
     def __init__(
         self, store: Store, mutations: StripeMutations, ledger: LedgerService, pricing: Pricing, *,
         clock: Callable[[], float] = time.time, max_amount: int | None = None,
+        prepaid: PrepaidSubscriptions | None = None,
     ) -> None:
         self._store = store
         self._mutations = mutations
@@ -64,6 +66,9 @@ class PaymentSessionService:
         self._pricing = pricing
         self._clock = clock
         self._max_amount = max_amount
+        self.prepaid = prepaid  # tier items start a prepaid subscription; ACP orders use the same outbox
+        if prepaid is not None:
+            prepaid.on_outcome("payment_session", self._subscription_outcome)
 
     # --- create -----------------------------------------------------------------------------------------------
 
@@ -89,6 +94,17 @@ class PaymentSessionService:
                                f"AIMS_BILLING_MAX_AMOUNT={self._max_amount}", param="amount")
         return None, amount, code
 
+    def _check_can_subscribe(self, item: Item, customer: str | None) -> None:
+        if self.prepaid is None:
+            raise InvalidState(f"item {item.id} starts a subscription, which this server is not set up to do",
+                               param="item")
+        if customer is None:
+            raise InvalidInput(f"item {item.id} starts a {item.tier} subscription for a customer: pass customer "
+                               "(cus_...) or the agent_id of a wallet (its customer subscribes)", param="customer")
+        if (tier := self.prepaid.live_tier(customer)) is not None:
+            raise InvalidState(f"customer {customer} already has the {tier} tier: a second subscription would bill "
+                               "twice (get_billing_status shows it; cancel_subscription ends it)", param="item")
+
     def _wallet_owner(self, agent_id: str) -> str:
         if not AGENT_ID.fullmatch(agent_id):
             raise InvalidInput(f"agent_id {agent_id[:40]!r} is not an agent id (letters, digits and _ . : @ -)",
@@ -113,6 +129,10 @@ class PaymentSessionService:
         if found is not None and found.fulfil == "credit" and agent_id is None:
             raise InvalidInput(f"item {found.id} credits {found.luc} LUC to an agent's wallet: pass agent_id",
                                param="agent_id")
+        if found is not None and found.subscribes:
+            self._check_can_subscribe(found, customer or owner)
+            assert self.prepaid is not None
+            await self.prepaid.check_customer(str(customer or owner), param="customer" if customer else "agent_id")
         description = description if description is not None else (found.title if found else None)
         item_id = found.id if found else None
         args = {"customer": customer, "agent_id": agent_id, "item": item_id, "amount": amount, "currency": currency,
@@ -242,10 +262,37 @@ class PaymentSessionService:
         return await self._once(call, session.id, execute)
 
     async def _record(self, pi: dict[str, Any]) -> PaymentSession:
-        """Record a PaymentIntent of one of our sessions, as Stripe answered it (confirm, cancel, re-read)."""
+        """Record a PaymentIntent of one of our sessions, as Stripe answered it (confirm, cancel, re-read); a tier
+        subscription it paid for is started before answering (retried in the background if Stripe fails)."""
         done = await self._store.write(lambda conn: self.apply_payment_intent(conn, pi))
         assert done is not None
-        return done
+        return await self._start_subscription(done)
+
+    async def _start_subscription(self, session: PaymentSession) -> PaymentSession:
+        if self.prepaid is None or not session.fulfilment or session.fulfilment.get("kind") != "subscription":
+            return session
+        if session.fulfilment.get("status") not in ("pending", "credited"):
+            return session
+        row = await self.prepaid.start(prepaid_id(session.id))
+        if row.get("status") in ("pending", "credited"):
+            self.prepaid.dispatch([row["id"]])  # Stripe was unavailable: keep trying in the background
+        return self._session(session.id)
+
+    def after_webhook(self, event: dict[str, Any]) -> None:
+        """After a `payment_intent.succeeded` webhook committed: start the subscription it paid for, if any, in the
+        background (the webhook is answered at once)."""
+        pi = ((event.get("data") or {}).get("object")) or {}
+        if self.prepaid is None or event.get("type") != "payment_intent.succeeded" or not isinstance(pi, dict):
+            return
+        found = self._store.query_one("SELECT id FROM payment_sessions WHERE payment_intent_id = ?", (pi.get("id"),))
+        row = self.prepaid.find(prepaid_id(found["id"])) if found is not None else None
+        if row is not None and row["status"] in ("pending", "credited"):
+            self.prepaid.dispatch([row["id"]])
+
+    def _subscription_outcome(self, conn: sqlite3.Connection, row: dict[str, Any]) -> None:
+        assert self.prepaid is not None
+        conn.execute("UPDATE payment_sessions SET fulfilment = ?, updated_at = ? WHERE id = ?",
+                     (dumps(self.prepaid.summary(row)), utc_iso(self._clock()), row["source_id"]))
 
     async def _once(self, call: CallKey, session_id: str,
                     execute: Callable[[], Awaitable[tuple[dict[str, Any], str | None]]]) -> PaymentSession:
@@ -308,6 +355,10 @@ class PaymentSessionService:
 
     def _fulfil(self, conn: sqlite3.Connection, row: dict[str, Any], pi_id: str) -> dict[str, Any]:
         item = self._pricing.items.get(row["item_id"]) if row["item_id"] else None
+        if item is not None and item.subscribes and self.prepaid is not None:
+            return self.prepaid.enqueue(conn, source="payment_session", source_id=row["id"],
+                                        customer=row["customer_id"], tier=self._pricing.tier(str(item.tier)),
+                                        amount=row["amount"], currency=row["currency"], payment_intent=pi_id)
         if item is None or item.fulfil != "credit":
             return {"kind": "payment", "note": "an amount payment: nothing to deliver beyond the receipt"}
         posting = self.ledger.credit_in(conn, row["agent_id"], item.luc, idempotency_key=f"fulfil:{row['id']}",

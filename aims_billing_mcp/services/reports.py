@@ -76,3 +76,14 @@ def receipts_report(x402: X402Service, limit: int = 50) -> list[str]:
     if not rows:
         return ["no x402 receipts"]
     return table(("at (UTC)", "mode", "network", "payer", "usd", "agent credited", "luc", "settlement"), rows)
+
+
+def prepaid_report(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Prepaid tier subscriptions and how far each got (started, still open, or failed with the reason)."""
+    if not rows:
+        return ["no prepaid subscriptions"]
+    return table(("prepaid id", "source", "customer", "tier", "prepaid", "status", "subscription", "attempts",
+                  "last error"),
+                 [(row["id"], row["source_id"], row["customer_id"], row["tier"],
+                   format_amount(row["amount"], row["currency"]), row["status"], row["subscription_id"],
+                   row["attempts"], (row["last_error"] or "")[:80] or None) for row in rows])

@@ -55,6 +55,11 @@ class Tier(BaseModel):
         return self.monthly_price > 0
 
     @property
+    def prepaid_price(self) -> int:
+        """The whole commitment paid at once: the months billed at the monthly price (free months cost nothing)."""
+        return self.monthly_price * self.commitment_months
+
+    @property
     def free_months(self) -> int:
         return self.delivered_months - self.commitment_months
 
@@ -70,15 +75,34 @@ class Tier(BaseModel):
 
 
 class Item(BaseModel):
-    """A sellable item (pricing.toml `[items.<id>]`): its price, and what fulfilment does once it is paid."""
+    """A sellable item (pricing.toml `[items.<id>]`): its price, and what fulfilment does once it is paid.
+
+    A tier item ("subscribe") is the tier's whole commitment, prepaid: its price is monthly_price x months billed
+    (computed from the tier when the file leaves it out, refused when it says otherwise), because the buyer pays once
+    (an agent's Shared Payment Token is single-use, so nothing can be charged later) and Stripe then bills the
+    months from that prepaid credit."""
 
     id: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
     title: str = Field(min_length=1, max_length=250)
     description: str = ""
     unit_price: int = Field(gt=0, description="Minor units of currency (cents for usd)")
     currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
-    fulfil: Literal["credit"] = Field(description="credit: add `luc` LUC to the buying agent's wallet")
-    luc: int = Field(gt=0, description="LUC credited on fulfilment")
+    fulfil: Literal["credit", "subscribe"] = Field(
+        description="credit: add `luc` LUC to the buying agent's wallet; subscribe: start `tier`, prepaid")
+    luc: int = Field(default=0, ge=0, description="LUC credited on fulfilment (credit items)")
+    tier: str | None = Field(default=None, description="The tier a subscribe item starts")
+
+    @model_validator(mode="after")
+    def _fulfilment_named(self) -> Item:
+        if self.fulfil == "credit" and (self.luc <= 0 or self.tier is not None):
+            raise ValueError(f"item {self.id}: a credit item needs luc > 0 and no tier")
+        if self.fulfil == "subscribe" and (self.tier is None or self.luc):
+            raise ValueError(f"item {self.id}: a subscribe item needs a tier and no luc")
+        return self
+
+    @property
+    def subscribes(self) -> bool:
+        return self.fulfil == "subscribe"
 
 
 MIN_MULTIPLIER_MILLI, MAX_MULTIPLIER_MILLI = 1000, 3000
@@ -137,13 +161,27 @@ class Pricing(BaseModel):
             "currency": data.get("currency", "usd"), "tiers": tiers, "luc_per_usd": data.get("luc", {}).get("per_usd"),
             "meter_event_name": data.get("metering", {}).get("event_name", "aims_luc_units"),
             "multipliers": {op: to_milli(value) for op, value in data.get("multipliers", {}).items()},
-            "items": {key: {"id": key, **value} for key, value in data.get("items", {}).items()},
+            "items": {key: _item(key, value, data.get("tiers", {})) for key, value in data.get("items", {}).items()},
         })
 
     @model_validator(mode="after")
     def _has_p2p(self) -> Pricing:
         if "p2p" not in self.tiers:
             raise ValueError("pricing must define tiers.p2p, the tier of every customer without a subscription")
+        return self
+
+    @model_validator(mode="after")
+    def _tier_items_priced(self) -> Pricing:
+        for item in self.items.values():
+            if not item.subscribes:
+                continue
+            tier = self.tiers.get(item.tier or "")
+            if tier is None or not tier.paid:
+                raise ValueError(f"item {item.id}: tier {item.tier!r} is not a paid tier of this file")
+            if item.unit_price != tier.prepaid_price or item.currency != self.currency:
+                raise ValueError(f"item {item.id}: a {tier.id} subscription prepaid costs {tier.prepaid_price} "
+                                 f"{self.currency} ({tier.commitment_months} x {tier.monthly_price}), not "
+                                 f"{item.unit_price} {item.currency}: leave unit_price out to have it computed")
         return self
 
     def tier(self, name: str, *, param: str = "tier") -> Tier:
@@ -167,6 +205,15 @@ class Pricing(BaseModel):
 
     def paid_tiers(self) -> list[Tier]:
         return [tier for tier in self.tiers.values() if tier.paid]
+
+
+def _item(key: str, value: dict[str, Any], tiers: dict[str, Any]) -> dict[str, Any]:
+    """An item's raw data with its id, and a tier item's price computed from its tier when the file leaves it out."""
+    item = {"id": key, **value}
+    tier = tiers.get(str(value.get("tier"))) if value.get("fulfil") == "subscribe" else None
+    if isinstance(tier, dict) and "unit_price" not in item:
+        item["unit_price"] = int(tier.get("monthly_price", 0)) * int(tier.get("commitment_months", 0))
+    return item
 
 
 def add_months(epoch: int, months: int) -> int:

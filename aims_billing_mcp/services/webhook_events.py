@@ -55,6 +55,8 @@ class WebhookEventService:
         try:
             result = await self._store.write(job)
             self._subscriptions.forget(result.customer_id)
+            if self._commerce is not None:
+                self._commerce.after_webhook(event)
             return result
         except sqlite3.IntegrityError as exc:
             if "webhook_events.id" not in str(exc):

@@ -1,5 +1,6 @@
-"""Payment session tools: an agent pays for a LUC credit pack (or an amount) through a Stripe PaymentIntent,
-confirmed with a payment method or a Shared Payment Token, and the pack is delivered exactly once."""
+"""Payment session tools: an agent pays for a LUC credit pack, a prepaid tier subscription (or an amount) through a
+Stripe PaymentIntent, confirmed with a payment method or a Shared Payment Token, and the item is delivered exactly
+once."""
 
 from typing import Annotated
 
@@ -17,11 +18,14 @@ Key = Annotated[str, Field(min_length=1, max_length=255, description="Required: 
 async def create_payment_session(
     ctx: ToolContext,
     item: Annotated[str | None, Field(min_length=1, max_length=64, description="An item id from the pricing file, "
-                                      "e.g. luc_10k (10,000 LUC for $10.00) or luc_50k; or give amount + currency")]
+                                      "e.g. luc_10k (10,000 LUC for $10.00), luc_50k, or tier_3mo / tier_6mo / "
+                                      "tier_9mo (a tier's whole commitment, prepaid); or give amount + currency")]
     = None,
     agent_id: Annotated[AgentId | None, Field(description="The buying agent: its wallet receives a LUC pack "
-                                          "(required for credit items; the wallet must exist)")] = None,
-    customer: Annotated[CustomerId | None, Field(description="The Stripe customer (cus_...) paying, if any")] = None,
+                                          "(required for credit items; the wallet must exist; for a tier item its "
+                                          "customer subscribes unless customer is given)")] = None,
+    customer: Annotated[CustomerId | None, Field(description="The Stripe customer (cus_...) paying, if any; a tier "
+                                                 "item subscribes this customer")] = None,
     amount: Annotated[int | None, Field(gt=0, description="Instead of an item: minor units (cents for usd)")] = None,
     currency: Annotated[Currency | None, Field(description="With amount: ISO currency code, e.g. usd")] = None,
     description: Annotated[str | None, Field(max_length=1000, description="Shown on the payment; defaults to "
@@ -29,8 +33,9 @@ async def create_payment_session(
     idempotency_key: IdempotencyKey = None,
     dry_run: DryRun = False,
 ) -> PaymentSessionResult:
-    """Start paying for an item (a LUC credit pack) or an amount: creates a payment session (ps_...) backed by a
-    Stripe PaymentIntent awaiting a payment method. Pay it with confirm_payment_session."""
+    """Start paying for an item (a LUC credit pack or a prepaid tier) or an amount: creates a payment session (ps_...)
+    backed by a Stripe PaymentIntent awaiting a payment method. Pay it with confirm_payment_session. A tier is
+    refused for a customer who already has one (two subscriptions would bill twice)."""
     return await services(ctx).commerce.create_session(
         customer=customer, agent_id=agent_id, item=item, amount=amount, currency=currency, description=description,
         idempotency_key=idempotency_key, dry_run=dry_run,
@@ -47,7 +52,8 @@ async def confirm_payment_session(
                                                       "Payment Token (spt_...) granted by the buyer")] = None,
 ) -> PaymentSession:
     """Pay a payment session with exactly one of a payment method or a Shared Payment Token. On success the item is
-    delivered once (a LUC pack credits the agent's wallet). A decline leaves the session payable with last_error."""
+    delivered once (a LUC pack credits the agent's wallet; a tier item starts its subscription in Stripe, prepaid:
+    see fulfilment.status and fulfilment.subscription). A decline leaves the session payable with last_error."""
     return await services(ctx).commerce.confirm_session(
         session_id, payment_method=payment_method, shared_payment_token=shared_payment_token,
         idempotency_key=idempotency_key,

@@ -1,0 +1,23 @@
+-- prepaid tier subscriptions (issue 8, part 1): a paid tier item's fulfilment, written in the transaction that
+-- records the payment (an outbox), then carried out against Stripe step by step: the customer balance credit, then
+-- the subscription. Each step's result is kept, so a retry after a crash resumes where it stopped.
+CREATE TABLE prepaid_subscriptions (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL CHECK (source IN ('payment_session', 'acp')),
+    source_id TEXT NOT NULL UNIQUE,
+    customer_id TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    currency TEXT NOT NULL,
+    payment_intent_id TEXT,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'credited', 'started', 'failed')),
+    starts_at INTEGER,
+    balance_transaction_id TEXT,
+    subscription_id TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX prepaid_subscriptions_status ON prepaid_subscriptions (status);
+CREATE INDEX prepaid_subscriptions_customer ON prepaid_subscriptions (customer_id);

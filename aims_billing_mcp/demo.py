@@ -55,6 +55,8 @@ def _summary(content: dict[str, Any] | None) -> str:
     if str(content.get("id", "")).startswith("ps_"):
         delivered = content.get("fulfilment") or {}
         extra = f", +{delivered['luc_credited']:,} LUC" if delivered.get("luc_credited") else ""
+        if delivered.get("kind") == "subscription":
+            extra = f", {delivered['tier']} {delivered['status']} {delivered.get('subscription') or ''}".rstrip()
         return f"{content['id']} {content['status']} {content['amount_display']}{extra}"
     if "receipt_id" in content:
         return (f"paid {content['amount_usd']} USD by {content['payer'][:10]}…: +{content['luc_credited']:,} LUC, "
@@ -226,6 +228,20 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             # ACP: a buyer agent checks out a 50k pack from us as the seller, over the Agentic Commerce Protocol.
             await acp_checkout(rows, server)
 
+            # A tier bought by an agent for a new customer: the 3-month commitment prepaid once with an SPT, the
+            # subscription started in Stripe from that credit (send_invoice: nothing is charged later).
+            bob = await call("create_customer", {"email": "bob@example.com", "idempotency_key": "demo-bob"},
+                             lambda c: "customer" in c)
+            tier_buy = await call("create_payment_session", {"item": "tier_3mo", "customer": bob["customer"]["id"],
+                                                             "idempotency_key": "tier-1"},
+                                  lambda c: c.get("session", {}).get("amount") == 5997)
+            await call("confirm_payment_session", {"session_id": tier_buy["session"]["id"],
+                                                   "shared_payment_token": "spt_test_demo_tier",
+                                                   "idempotency_key": "tier-1-pay"},
+                       lambda c: c.get("fulfilment", {}).get("status") == "started")
+            await call("get_billing_status", {"customer": bob["customer"]["id"]},
+                       lambda c: (c.get("tier"), c.get("status")) == ("3mo", "active"))
+
             # x402: another agent pays for LUC credits with USDC (a generated key signs, as any x402 client would).
             await pay_with_x402(call, values["customer"])
 
@@ -279,7 +295,8 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
         print_line(
             f"PASS: {len(rows)} steps in {total_ms:.0f} ms on the embedded sandbox; the repeated create_customer "
             "was replayed (no second customer); signed webhooks took the customer to 6mo, past_due, then P2P; a LUC "
-            "pack was paid with a Shared Payment Token and an ACP checkout completed with an order; an x402 payment "
+            "pack and a prepaid 3mo tier were paid with Shared Payment Tokens and an ACP checkout completed with an "
+            "order; an x402 payment "
             "credited once and its replay was refused; the over-ceiling price was refused; the dry run sent nothing."
         )
         return True

@@ -239,3 +239,35 @@ async def test_report_receipts_lists_a_paid_x402_receipt(
     assert await anyio.to_thread.run_sync(main, ["report", "receipts"]) == 0
     out = capsys.readouterr().out
     assert "buyer" in out and "2,500" in out and "local" in out and "2.5" in out
+
+
+async def test_start_subscriptions_retries_a_failed_prepaid_tier_once_its_cause_is_fixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "tiers.db"))
+    settings = Settings(_env_file=None, aims_billing_db=tmp_path / "tiers.db",  # type: ignore[call-arg]
+                        aims_billing_flush_interval_seconds=0)
+    async with Client(build_server(settings)) as client:  # setup-stripe never ran: the tier has no price yet
+        made = await client.call_tool("create_customer", {"email": "ops@example.com"})
+        customer = made.structured_content["customer"]["id"]  # type: ignore[index]
+        created = await client.call_tool("create_payment_session", {"item": "tier_6mo", "customer": customer,
+                                                                    "idempotency_key": "t"})
+        session = created.structured_content["session"]["id"]  # type: ignore[index]
+        paid = await client.call_tool("confirm_payment_session", {"session_id": session, "idempotency_key": "p",
+                                                                  "payment_method": "pm_card_visa"})
+    assert paid.structured_content["fulfilment"]["status"] == "failed"  # type: ignore[index]
+    capsys.readouterr()
+
+    assert await anyio.to_thread.run_sync(main, ["start-subscriptions"]) == 0
+    untouched = capsys.readouterr().out
+    assert await anyio.to_thread.run_sync(main, ["report", "prepaid"]) == 0
+    failed = capsys.readouterr().out
+    assert await anyio.to_thread.run_sync(main, ["setup-stripe"]) == 0
+    capsys.readouterr()
+    assert await anyio.to_thread.run_sync(main, ["start-subscriptions", "--failed"]) == 0
+    started = capsys.readouterr().out
+
+    assert "nothing to start" in untouched
+    assert f"pre_{session}" in failed and "failed" in failed and "setup-stripe" in failed
+    row = next(line for line in started.splitlines() if line.startswith(f"pre_{session}"))
+    assert " started " in row and "sub_" in row and "107.94 USD" in row

@@ -3,6 +3,12 @@
 
 Totals are recomputed from the lines whenever lines change, so ``subtotal``, ``total``,
 ``amount_due``, ``amount_paid`` and ``amount_remaining`` always agree. There is no tax or discount.
+Finalizing an invoice applies the customer's balance (a credit lowers ``amount_due``, down to zero, and what
+is not used stays on the customer), as Stripe does; an invoice left with nothing due is paid at once.
+
+A subscription's invoices follow its ``collection_method``: ``charge_automatically`` ones are charged to its
+default payment method, ``send_invoice`` ones are left ``open`` until their ``due_date`` (the subscription
+stays ``active`` meanwhile) unless the balance paid them.
 """
 
 from __future__ import annotations
@@ -12,13 +18,26 @@ from collections.abc import Mapping
 from . import payments
 from .catalog import expanded_price
 from .core import LIST_PARAMS, Ctx, Obj, Route, add_interval, embedded_list, list_page, public
-from .errors import StripeError, invalid, missing
+from .customers import change_balance
+from .errors import StripeError, card_declined, invalid, missing
 from .ids import new_id
 from .params import Params
+from .pricing import amount_for
 
 INVOICE_STATUSES = ("draft", "open", "paid", "uncollectible", "void")
 SUB_STATUSES = ("active", "past_due", "unpaid", "canceled", "incomplete", "incomplete_expired",
                 "trialing", "paused")
+COLLECTION_METHODS = ("charge_automatically", "send_invoice")
+PAYMENT_BEHAVIORS = ("allow_incomplete", "default_incomplete", "error_if_incomplete")
+UNSETTLED = ("incomplete", "past_due", "unpaid")  # subscription statuses that paying the latest invoice ends
+RETRY_AFTER = 3 * 86400  # when a failed invoice would be retried (Smart Retries vary; a fixed guess)
+MAX_ATTEMPTS = 4
+MAX_TRIAL_DAYS = 730
+NO_PAYMENT_METHOD = (
+    "This customer has no attached payment source or default payment method. Please consider adding a default "
+    "payment method. For more information, visit "
+    "https://stripe.com/docs/billing/subscriptions/payment-methods-setting#payment-method-priority."
+)
 
 
 # -- invoices -------------------------------------------------------------------------------
@@ -83,7 +102,7 @@ def new_invoice(ctx: Ctx, customer: Obj, *, currency: str, billing_reason: str =
         "post_payment_credit_notes_amount": 0,
         "pre_payment_credit_notes_amount": 0,
         "receipt_number": None,
-        "starting_balance": 0,
+        "starting_balance": customer_balance(customer, currency),
         "status": "draft",
         "status_transitions": {"finalized_at": None, "marked_uncollectible_at": None, "paid_at": None,
                                "voided_at": None},
@@ -96,8 +115,23 @@ def new_invoice(ctx: Ctx, customer: Obj, *, currency: str, billing_reason: str =
         "webhooks_delivered_at": None,
         "_subscription": subscription["id"] if subscription else None,
     }
+    if subscription is not None:
+        _collection_terms(ctx, invoice, subscription)
     ctx.store.insert(invoice)
     return invoice
+
+
+def _collection_terms(ctx: Ctx, invoice: Obj, sub: Obj) -> None:
+    """A subscription's invoice is collected the subscription's way; a sent one is due ``days_until_due``
+    days after it is issued."""
+    invoice["collection_method"] = sub.get("collection_method") or "charge_automatically"
+    if invoice["collection_method"] == "send_invoice" and sub.get("days_until_due") is not None:
+        invoice["due_date"] = ctx.now + int(sub["days_until_due"]) * 86400
+
+
+def customer_balance(customer: Obj, currency: str) -> int:
+    """The customer's balance that an invoice in ``currency`` can use (none in another currency)."""
+    return int(customer.get("balance") or 0) if customer.get("currency") == currency else 0
 
 
 def add_line(invoice: Obj, *, amount: int, description: str | None, quantity: int, price: Obj | None,
@@ -131,27 +165,63 @@ def add_line(invoice: Obj, *, amount: int, description: str | None, quantity: in
     _retotal(invoice)
 
 
+def _applied_balance(invoice: Obj) -> int:
+    """How much the invoice moved the customer's balance when finalized (a used credit is positive)."""
+    return 0 if invoice["ending_balance"] is None else int(invoice["ending_balance"] - invoice["starting_balance"])
+
+
 def _retotal(invoice: Obj) -> None:
+    """Totals from the lines; once finalized, the balance the invoice applied counts in ``amount_due`` too,
+    so recomputing never undoes it."""
     total = sum(int(line["amount"]) for line in invoice["lines"]["data"])
-    due = max(total, 0)
+    due = max(total - _applied_balance(invoice), 0)
     invoice.update(subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total,
                    amount_due=due, amount_remaining=max(due - invoice["amount_paid"], 0))
 
 
 def finalize(ctx: Ctx, invoice: Obj) -> None:
-    """Draft -> open: number it and emit ``invoice.finalized``."""
+    """Draft -> open: number it, apply the customer's balance and emit ``invoice.finalized``."""
     customer = ctx.store.get(invoice["customer"], "customer")
+    invoice["ending_balance"] = invoice["starting_balance"] = 0
     if customer is not None:
         sequence = int(customer.get("next_invoice_sequence") or 1)
         invoice["number"] = f"{customer['invoice_prefix']}-{sequence:04d}"
         customer["next_invoice_sequence"] = sequence + 1
         ctx.store.update(customer)
+        _apply_balance(ctx, invoice, customer)
     invoice["status"] = "open"
     invoice["effective_at"] = ctx.now
     invoice["status_transitions"]["finalized_at"] = ctx.now
     invoice["hosted_invoice_url"] = f"https://invoice.sandbox.aims.invalid/i/{invoice['id']}"
     invoice["invoice_pdf"] = f"https://invoice.sandbox.aims.invalid/i/{invoice['id']}/pdf"
     ctx.record_event("invoice.finalized", invoice)
+
+
+def _apply_balance(ctx: Ctx, invoice: Obj, customer: Obj) -> None:
+    """Draw the customer's balance into a positive invoice, as Stripe does at finalization.
+
+    A credit (negative balance) lowers ``amount_due`` down to zero and the rest stays on the customer; a debit
+    is added to what is due. The draw is an ``applied_to_invoice`` balance transaction, and ``starting_balance``
+    / ``ending_balance`` record the customer's balance before and after.
+    """
+    starting = customer_balance(customer, invoice["currency"])
+    invoice["ending_balance"] = invoice["starting_balance"] = starting
+    if invoice["total"] <= 0 or starting == 0:
+        return
+    ending = min(invoice["total"] + starting, 0)
+    invoice["ending_balance"] = ending
+    change_balance(ctx, customer, ending - starting, currency=invoice["currency"], kind="applied_to_invoice",
+                   invoice=invoice["id"])
+    _retotal(invoice)
+
+
+def _unapply_balance(ctx: Ctx, invoice: Obj) -> None:
+    """Give back the balance a voided invoice drew (Stripe's ``unapplied_from_invoice``)."""
+    applied = _applied_balance(invoice)
+    customer = ctx.store.get(invoice["customer"], "customer")
+    if applied and customer is not None:
+        change_balance(ctx, customer, -applied, currency=invoice["currency"], kind="unapplied_from_invoice",
+                       invoice=invoice["id"])
 
 
 def mark_paid(ctx: Ctx, invoice: Obj) -> None:
@@ -178,6 +248,57 @@ def charge_invoice(ctx: Ctx, invoice: Obj, token: str) -> Obj | None:
         payments.confirm(ctx, pi, token)
     mark_paid(ctx, invoice)
     return pi
+
+
+def fails(ctx: Ctx, customer_id: str) -> bool:
+    """Whether the customer's payments are set to fail (:meth:`Sandbox.fail_payments`)."""
+    customer = ctx.store.get(customer_id, "customer")
+    return bool(customer and customer.get("_fail_payments"))
+
+
+def fail_invoice(ctx: Ctx, invoice: Obj) -> Obj:
+    """One failed collection attempt on a draft or open invoice: ``invoice.payment_failed``."""
+    if invoice["status"] == "draft":
+        finalize(ctx, invoice)
+    attempts = int(invoice["attempt_count"]) + 1
+    invoice.update(attempted=True, attempt_count=attempts,
+                   next_payment_attempt=ctx.now + RETRY_AFTER if attempts < MAX_ATTEMPTS else None)
+    ctx.store.update(invoice)
+    return ctx.record_event("invoice.payment_failed", invoice)
+
+
+def collect(ctx: Ctx, invoice: Obj, payment_method: str | None) -> bool:
+    """Finalize a charge_automatically invoice and collect it; returns whether it ended paid.
+
+    Nothing due (the balance covered it) pays it without a charge. Without a payment method, for a customer
+    set to fail, or when the card declines, the attempt fails and the invoice stays ``open``.
+    """
+    if invoice["status"] == "draft":
+        finalize(ctx, invoice)
+    if invoice["amount_due"] == 0:
+        mark_paid(ctx, invoice)
+        return True
+    if payment_method is None or fails(ctx, invoice["customer"]):
+        fail_invoice(ctx, invoice)
+        return False
+    try:
+        charge_invoice(ctx, invoice, payment_method)
+    except StripeError as exc:
+        if exc.status != 402:
+            raise
+        fail_invoice(ctx, invoice)  # the declined PaymentIntent keeps its last_payment_error
+        return False
+    return True
+
+
+def issue(ctx: Ctx, invoice: Obj) -> None:
+    """Finalize a send_invoice invoice: paid at once when the balance covers it, else ``open`` until the
+    customer pays it (nothing is charged)."""
+    finalize(ctx, invoice)
+    if invoice["amount_due"] == 0:
+        mark_paid(ctx, invoice)
+    else:
+        ctx.store.update(invoice)
 
 
 def create_invoice(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
@@ -289,21 +410,39 @@ def pay_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
             finalize(ctx, invoice)
         invoice["paid_out_of_band"] = True
         mark_paid(ctx, invoice)
-        return invoice
-    token = p.string("payment_method") or "pm_card_visa"
-    charge_invoice(ctx, invoice, token)
+    else:
+        charge_invoice(ctx, invoice, p.string("payment_method") or "pm_card_visa")
+    _settle_subscription(ctx, invoice)
     return invoice
+
+
+def _settle_subscription(ctx: Ctx, invoice: Obj) -> None:
+    """Paying a subscription's latest invoice makes an incomplete (or past_due, unpaid) subscription
+    ``active``, as Stripe does."""
+    sub = ctx.store.get(invoice["_subscription"], "subscription") if invoice.get("_subscription") else None
+    if sub is None or sub["latest_invoice"] != invoice["id"] or sub["status"] not in UNSETTLED:
+        return
+    previous = {"status": sub["status"]}
+    sub["status"] = "active"
+    ctx.store.update(sub)
+    ctx.record_event("customer.subscription.updated", sub, previous)
+
+
+def void(ctx: Ctx, invoice: Obj) -> None:
+    """Void an open invoice (the balance it drew goes back to the customer) and emit ``invoice.voided``."""
+    _unapply_balance(ctx, invoice)
+    invoice["status"] = "void"
+    invoice["amount_remaining"] = 0
+    invoice["status_transitions"]["voided_at"] = ctx.now
+    ctx.store.update(invoice)
+    ctx.record_event("invoice.voided", invoice)
 
 
 def void_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     invoice = ctx.fetch("invoice", args["id"], "invoice", "id")
     if invoice["status"] != "open":
         raise StripeError(400, f"You can only void open invoices. This invoice is {invoice['status']}.")
-    invoice["status"] = "void"
-    invoice["amount_remaining"] = 0
-    invoice["status_transitions"]["voided_at"] = ctx.now
-    ctx.store.update(invoice)
-    ctx.record_event("invoice.voided", invoice)
+    void(ctx, invoice)
     return invoice
 
 
@@ -427,11 +566,14 @@ def period_end_after(sub: Obj, ts: int) -> int:
 
 
 def new_subscription(ctx: Ctx, customer_id: str, items: list[tuple[Obj, int | None]], metadata: dict[str, str],
-                     payment_method: str | None, *, trial_days: int | None = None) -> Obj:
+                     payment_method: str | None, *, trial_days: int | None = None,
+                     collection_method: str = "charge_automatically", days_until_due: int | None = None,
+                     cancel_at: int | None = None, description: str | None = None) -> Obj:
     """A subscription whose items carry their current period (as in the clover API).
 
     With ``trial_days`` it is ``trialing`` and the first period is the trial; a metered item
-    (quantity None) has no quantity.
+    (quantity None) has no quantity. ``days_until_due`` only means something for ``send_invoice``;
+    ``cancel_at`` schedules the end as an update would.
     """
     sub_id = new_id("sub_")
     trial_end = ctx.now + 86400 * trial_days if trial_days else None
@@ -465,13 +607,13 @@ def new_subscription(ctx: Ctx, customer_id: str, items: list[tuple[Obj, int | No
         "cancel_at_period_end": False,
         "canceled_at": None,
         "cancellation_details": {"comment": None, "feedback": None, "reason": None},
-        "collection_method": "charge_automatically",
+        "collection_method": collection_method,
         "created": ctx.now,
         "currency": items[0][0]["currency"],
         "customer": customer_id,
-        "days_until_due": None,
+        "days_until_due": days_until_due if collection_method == "send_invoice" else None,
         "default_payment_method": payment_method,
-        "description": None,
+        "description": description,
         "discounts": [],
         "ended_at": None,
         "items": embedded_list(data, f"/v1/subscription_items?subscription={sub_id}"),
@@ -486,8 +628,194 @@ def new_subscription(ctx: Ctx, customer_id: str, items: list[tuple[Obj, int | No
         "trial_start": ctx.now if trial_end else None,
         "_prices": [price["id"] for price, _ in items],
     }
+    if cancel_at is not None:
+        _schedule_cancel(ctx, subscription, cancel_at, at_period_end=False)
     ctx.store.insert(subscription)
     return subscription
+
+
+def _metered(price: Obj) -> bool:
+    return bool(price["recurring"].get("usage_type") == "metered")
+
+
+def first_invoice(ctx: Ctx, customer: Obj, sub: Obj) -> Obj:
+    """The ``subscription_create`` invoice (a draft): licensed items billed in advance for the first period,
+    $0 "Trial period" lines during a trial, and metered items as $0 lines (their usage is billed in arrears,
+    on the renewal invoice)."""
+    invoice = new_invoice(ctx, customer, currency=sub["currency"], billing_reason="subscription_create",
+                          subscription=sub)
+    trial = sub["status"] == "trialing"
+    for item in sub["items"]["data"]:
+        price = item["price"]
+        name = _product_name(ctx, price) or price["id"]
+        quantity = 0 if _metered(price) else int(item["quantity"])
+        add_line(invoice, amount=0 if trial else amount_for(price, quantity),
+                 description=f"Trial period for {name}" if trial else f"{quantity} × {name}", quantity=quantity,
+                 price=price, period=(item["current_period_start"], item["current_period_end"]),
+                 parent=subscription_line_parent(sub, item))
+    invoice.update(period_start=ctx.now, period_end=ctx.now)
+    ctx.store.update(invoice)
+    ctx.record_event("invoice.created", invoice)
+    return invoice
+
+
+def _invoice_default(customer: Obj | None) -> str | None:
+    found = customer["invoice_settings"]["default_payment_method"] if customer else None
+    return None if found is None else str(found)
+
+
+def payment_method_of(ctx: Ctx, sub: Obj) -> str | None:
+    """What a subscription's invoices are charged to: its own default, else the customer's invoice default."""
+    if sub["default_payment_method"]:
+        return str(sub["default_payment_method"])
+    return _invoice_default(ctx.store.get(sub["customer"], "customer"))
+
+
+def _subscription_item(ctx: Ctx, it: Params) -> tuple[Obj, int | None]:
+    """One ``items[n]``: an active recurring price, with a quantity (default 1) unless it is metered."""
+    it.allow(("price", "quantity", "metadata"))
+    price = ctx.fetch("price", it.req_str("price"), "price", it.name("price"))
+    if price["type"] != "recurring":
+        raise invalid(it.name("price"), "The price specified is set to `type=one_time` but this field only "
+                      "accepts prices with `type=recurring`.")
+    if not price["active"]:
+        raise invalid(it.name("price"), "The price specified is inactive. This field only accepts active prices.")
+    if _metered(price):
+        if it.has("quantity"):
+            raise invalid(it.name("quantity"), "Quantity should not be specified where usage_type is `metered`. "
+                          f"Remove quantity from `{it.prefix}`.")
+        return price, None
+    return price, it.integer("quantity", minimum=1) or 1
+
+
+def _subscription_items(ctx: Ctx, p: Params) -> list[tuple[Obj, int | None]]:
+    """``items``: at least one, each price once, all billed in one currency on one interval."""
+    items = [_subscription_item(ctx, it) for it in p.items("items", required=True)]
+    if not items:
+        raise missing("items")
+    prices = [price for price, _ in items]
+    if len({price["id"] for price in prices}) != len(prices):
+        raise invalid("items", "Cannot add multiple subscription items with the same price.")
+    if len({price["currency"] for price in prices}) > 1:
+        raise _mismatch("currency")
+    if len({(price["recurring"]["interval"], price["recurring"]["interval_count"]) for price in prices}) > 1:
+        raise _mismatch("interval")
+    return items
+
+
+def _mismatch(field: str) -> StripeError:
+    return invalid("items", "Currency and interval fields must match across all plans on this subscription. "
+                   f"Found mismatch in {field} field.")
+
+
+def _collection(p: Params) -> tuple[str, int | None]:
+    """``collection_method`` and ``days_until_due`` (required with send_invoice, refused without it)."""
+    method = p.string("collection_method", choices=COLLECTION_METHODS) or "charge_automatically"
+    days = p.integer("days_until_due", minimum=0)
+    if method == "send_invoice" and days is None:
+        raise missing("days_until_due")
+    if method == "charge_automatically" and days is not None:
+        raise invalid("days_until_due", "Can't set `days_until_due` when `collection_method` is "
+                      "`charge_automatically`.")
+    return method, days
+
+
+def _trial_days(p: Params) -> int | None:
+    days = p.integer("trial_period_days", minimum=0)
+    if days is not None and days > MAX_TRIAL_DAYS:
+        raise invalid("trial_period_days", f"trial_period_days must be at most {MAX_TRIAL_DAYS}.",
+                      code="parameter_invalid_integer")
+    return days or None
+
+
+def _future(ctx: Ctx, p: Params, key: str) -> int | None:
+    """A timestamp param that must be later than now (``""`` unsets: None)."""
+    when = p.integer(key)
+    if when is not None and when <= ctx.now:
+        raise invalid(key, f"`{key}` must be in the future.", code="parameter_invalid_integer")
+    return when
+
+
+def _default_payment_method(ctx: Ctx, p: Params, customer: Obj) -> str | None:
+    """``default_payment_method``, attached to the customer (a test token makes a new card), else the
+    customer's invoice default."""
+    token = p.string("default_payment_method")
+    if token is None:
+        return _invoice_default(customer)
+    pm = payments.resolve_payment_method(ctx, token, "default_payment_method")
+    if pm["customer"] not in (None, customer["id"]):
+        raise invalid("default_payment_method", f"The customer does not have a payment method with the ID "
+                      f"{token}. The payment method must be attached to the customer.")
+    pm["customer"] = customer["id"]
+    ctx.store.update(pm)
+    return str(pm["id"])
+
+
+def _claim_currency(ctx: Ctx, customer: Obj, currency: str) -> None:
+    """A subscription fixes the customer's currency; one in another currency is refused, as Stripe does."""
+    if customer["currency"] not in (None, currency):
+        raise StripeError(400, "You cannot combine currencies on a single customer. This customer has had a "
+                          f"subscription, coupon, invoice item or balance with currency {customer['currency']}.")
+    if customer["currency"] is None:
+        customer["currency"] = currency
+        ctx.store.update(customer)
+
+
+def _declined() -> StripeError:
+    """``error_if_incomplete``'s answer to a first invoice that could not be paid: nothing is kept."""
+    error = card_declined()
+    error.commit = False
+    return error
+
+
+def _start(ctx: Ctx, sub: Obj, invoice: Obj, behavior: str) -> None:
+    """Collect the first invoice and settle the new subscription's status, as Stripe does at creation.
+
+    send_invoice: issued, and the subscription is active (or trialing) while it is open. charge_automatically:
+    nothing due pays it; otherwise ``default_incomplete`` leaves it for the customer to pay (``incomplete``),
+    ``allow_incomplete`` charges and is ``incomplete`` when that fails, ``error_if_incomplete`` refuses the
+    whole creation with the card error. Without a payment method only ``default_incomplete`` may start.
+    """
+    if sub["collection_method"] == "send_invoice":
+        issue(ctx, invoice)
+        return
+    finalize(ctx, invoice)
+    if invoice["amount_due"] == 0:
+        mark_paid(ctx, invoice)
+        return
+    payment_method = sub["default_payment_method"]
+    if behavior == "default_incomplete":
+        ctx.store.update(invoice)
+    elif payment_method is None:
+        raise StripeError(400, NO_PAYMENT_METHOD)
+    elif collect(ctx, invoice, payment_method):
+        return
+    elif behavior == "error_if_incomplete":
+        raise _declined()
+    sub["status"] = "incomplete"
+
+
+def create_subscription(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
+    p.allow(("customer", "items", "metadata", "trial_period_days", "cancel_at", "collection_method",
+             "days_until_due", "default_payment_method", "description", "payment_behavior", "off_session"))
+    customer = ctx.fetch("customer", p.req_str("customer"), "customer", "customer")
+    items = _subscription_items(ctx, p)
+    method, days = _collection(p)
+    behavior = p.string("payment_behavior", choices=PAYMENT_BEHAVIORS) or "allow_incomplete"
+    trial_days = _trial_days(p)
+    cancel_at = _future(ctx, p, "cancel_at")
+    p.boolean("off_session")
+    payment_method = _default_payment_method(ctx, p, customer)
+    _claim_currency(ctx, customer, items[0][0]["currency"])
+    sub = new_subscription(ctx, customer["id"], items, p.metadata(), payment_method, trial_days=trial_days,
+                           collection_method=method, days_until_due=days, cancel_at=cancel_at,
+                           description=p.string("description"))
+    invoice = first_invoice(ctx, customer, sub)
+    sub["latest_invoice"] = invoice["id"]
+    _start(ctx, sub, invoice, behavior)
+    ctx.store.update(sub)
+    ctx.record_event("customer.subscription.created", sub)
+    return sub
 
 
 def retrieve_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
@@ -530,10 +858,7 @@ def update_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
         period_end = max(item["current_period_end"] for item in sub["items"]["data"])
         _schedule_cancel(ctx, sub, period_end if cape else None, at_period_end=cape)
     if p.has("cancel_at"):
-        cancel_at = p.integer("cancel_at")
-        if cancel_at is not None and cancel_at <= ctx.now:
-            raise invalid("cancel_at", "`cancel_at` must be in the future.", code="parameter_invalid_integer")
-        _schedule_cancel(ctx, sub, cancel_at, at_period_end=False)
+        _schedule_cancel(ctx, sub, _future(ctx, p, "cancel_at"), at_period_end=False)
     previous.update({k: v for k, v in before.items() if sub[k] != v})
     if p.has("description"):
         sub["description"] = p.string("description")
@@ -593,6 +918,7 @@ ROUTES = [
     Route("POST", "/v1/invoiceitems", create_invoice_item),
     Route("GET", "/v1/invoiceitems", list_invoice_items),
     Route("GET", "/v1/invoiceitems/{id}", retrieve_invoice_item),
+    Route("POST", "/v1/subscriptions", create_subscription),
     Route("GET", "/v1/subscriptions", list_subscriptions),
     Route("GET", "/v1/subscriptions/{id}", retrieve_subscription),
     Route("POST", "/v1/subscriptions/{id}", update_subscription),

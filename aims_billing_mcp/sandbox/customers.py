@@ -1,4 +1,10 @@
-"""Customers (``/v1/customers``) and customer portal sessions (``/v1/billing_portal/sessions``)."""
+"""Customers (``/v1/customers``), their balance transactions (``/v1/customers/{id}/balance_transactions``)
+and customer portal sessions (``/v1/billing_portal/sessions``).
+
+A customer's ``balance`` is what Stripe applies to their next finalized invoice: negative is a credit the
+customer holds, positive an amount they owe. Every change to it leaves a ``customer_balance_transaction``, so
+the balance can always be explained from its ledger.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import secrets
 from collections.abc import Mapping
 
 from .core import LIST_PARAMS, Ctx, Obj, Route, list_page
-from .errors import invalid
+from .errors import invalid, no_such
 from .ids import new_id, random_base62
 from .params import Params
 
@@ -112,6 +118,103 @@ def list_customers(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     return list_page(ctx, p, "customer", "/v1/customers", {"email": email} if email is not None else {})
 
 
+# -- balance transactions -------------------------------------------------------------------
+
+def change_balance(ctx: Ctx, customer: Obj, amount: int, *, currency: str, kind: str, invoice: str | None = None,
+                   description: str | None = None, metadata: dict[str, str] | None = None) -> Obj:
+    """Move ``customer.balance`` by ``amount`` and store the ledger entry Stripe shows for it.
+
+    The first change fixes the customer's currency (Stripe keeps one balance per customer, in one currency).
+    """
+    customer["balance"] = int(customer["balance"]) + amount
+    customer["currency"] = customer["currency"] or currency
+    ctx.store.update(customer)
+    txn: Obj = {
+        "id": new_id("cbtxn_"),
+        "object": "customer_balance_transaction",
+        "amount": amount,
+        "checkout_session": None,
+        "created": ctx.now,
+        "credit_note": None,
+        "currency": currency,
+        "customer": customer["id"],
+        "customer_account": None,
+        "description": description,
+        "ending_balance": customer["balance"],
+        "invoice": invoice,
+        "livemode": False,
+        "metadata": metadata,
+        "type": kind,
+    }
+    ctx.store.insert(txn)
+    return txn
+
+
+def _balance_amount(p: Params) -> int:
+    amount = p.integer("amount", required=True)
+    assert amount is not None
+    if amount == 0:
+        raise invalid("amount", "The amount of a customer balance transaction must not be zero.",
+                      code="parameter_invalid_integer")
+    return amount
+
+
+def _balance_currency(p: Params, customer: Obj) -> str:
+    """The transaction's currency, which must be the customer's once the customer has one."""
+    currency = p.currency(required=True)
+    assert currency is not None
+    if customer["currency"] not in (None, currency):
+        raise invalid("currency", f"The currency {currency} does not match this customer's currency "
+                      f"({customer['currency']}): a customer's balance is kept in one currency.")
+    return currency
+
+
+def create_balance_transaction(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    p.allow(("amount", "currency", "description", "metadata"))
+    customer = ctx.fetch("customer", args["id"], "customer", "id")
+    amount = _balance_amount(p)
+    currency = _balance_currency(p, customer)
+    return change_balance(ctx, customer, amount, currency=currency, kind="adjustment",
+                          description=p.string("description"), metadata=p.metadata())
+
+
+def _balance_transaction(ctx: Ctx, args: Mapping[str, str]) -> Obj:
+    """The customer's transaction (another customer's id is as unknown as a missing one)."""
+    customer = ctx.fetch("customer", args["id"], "customer", "id")
+    txn = ctx.store.get(args["txn"], "customer_balance_transaction")
+    if txn is None or txn["customer"] != customer["id"]:
+        raise no_such("customer balance transaction", args["txn"], "transaction")
+    return txn
+
+
+def retrieve_balance_transaction(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    return _balance_transaction(ctx, args)
+
+
+def update_balance_transaction(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    p.allow(("description", "metadata"))
+    txn = _balance_transaction(ctx, args)
+    if p.has("description"):
+        txn["description"] = p.string("description")
+    if p.has("metadata"):
+        txn["metadata"] = p.metadata(txn["metadata"])
+    ctx.store.update(txn)
+    return txn
+
+
+def list_balance_transactions(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    p.allow((*LIST_PARAMS, "invoice"))
+    customer = ctx.fetch("customer", args["id"], "customer", "id")
+    filters: dict[str, str | list[str]] = {"customer": customer["id"]}
+    invoice = p.string("invoice")
+    if invoice is not None:
+        filters["invoice"] = invoice
+    return list_page(ctx, p, "customer_balance_transaction", f"/v1/customers/{customer['id']}/balance_transactions",
+                     filters)
+
+
+# -- portal -----------------------------------------------------------------------------------
+
 def create_portal_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow(("customer", "return_url", "configuration", "locale", "on_behalf_of", "flow_data"))
     customer_id = p.req_str("customer")
@@ -140,5 +243,9 @@ ROUTES = [
     Route("GET", "/v1/customers/{id}", retrieve_customer),
     Route("POST", "/v1/customers/{id}", update_customer),
     Route("DELETE", "/v1/customers/{id}", delete_customer),
+    Route("POST", "/v1/customers/{id}/balance_transactions", create_balance_transaction),
+    Route("GET", "/v1/customers/{id}/balance_transactions", list_balance_transactions),
+    Route("GET", "/v1/customers/{id}/balance_transactions/{txn}", retrieve_balance_transaction),
+    Route("POST", "/v1/customers/{id}/balance_transactions/{txn}", update_balance_transaction),
     Route("POST", "/v1/billing_portal/sessions", create_portal_session),
 ]

@@ -3,9 +3,13 @@
 :func:`run_due` walks every live subscription period by period up to ``ctx.now`` (the sandbox
 clock after :meth:`Sandbox.advance`): a scheduled cancellation ends it; otherwise the period rolls
 over (a trial ends) and a ``subscription_cycle`` invoice bills the next period for licensed items
-and the ended period's usage for metered ones, paid with the default card unless the customer is
-set to fail (then it stays ``open`` and the subscription goes ``past_due``). Each step is dated at
-the boundary it happened at, so invoices and events carry Stripe's timestamps.
+and the ended period's usage for metered ones. The customer's balance is applied first; what is
+left is charged to the default card unless the customer is set to fail or has no card (then it
+stays ``open`` and the subscription goes ``past_due``), or, for a ``send_invoice`` subscription,
+left ``open`` until its due date while the subscription stays ``active``. An ``incomplete``
+subscription does not renew: unpaid 23 hours after creation it expires (``incomplete_expired``,
+its invoice voided). Each step is dated at the boundary it happened at, so invoices and events
+carry Stripe's timestamps.
 """
 
 from __future__ import annotations
@@ -17,18 +21,11 @@ from .core import Ctx, Obj
 from .errors import invalid_state
 from .pricing import amount_for
 
-RETRY_AFTER = 3 * 86400  # when a failed invoice would be retried (Smart Retries vary; a fixed guess)
-MAX_ATTEMPTS = 4
+INCOMPLETE_TTL = 23 * 3600  # how long an incomplete subscription waits for its first payment
 CARD = "pm_card_visa"
 LIVE = ("active", "trialing", "past_due", "unpaid", "incomplete", "paused")
 TRIGGERS = ("invoice.payment_failed", "invoice.paid", "customer.subscription.deleted",
             "customer.subscription.updated")
-
-
-def fails(ctx: Ctx, customer_id: str) -> bool:
-    """Whether the customer's payments are set to fail (:meth:`Sandbox.fail_payments`)."""
-    customer = ctx.store.get(customer_id, "customer")
-    return bool(customer and customer.get("_fail_payments"))
 
 
 def set_fail(ctx: Ctx, customer_id: str, fail: bool) -> Obj:
@@ -55,6 +52,9 @@ def run_due(ctx: Ctx) -> None:
 
 
 def _catch_up(ctx: Ctx, sub: Obj, target: int) -> None:
+    if sub["status"] == "incomplete":
+        _expire_if_unpaid(ctx, sub, target)
+        return
     while True:
         _, end = _period(sub)
         cancel_at = sub["cancel_at"]
@@ -70,6 +70,22 @@ def _catch_up(ctx: Ctx, sub: Obj, target: int) -> None:
             billing.end_subscription(ctx, sub, end)
             return
         renew(ctx, sub)
+
+
+def _expire_if_unpaid(ctx: Ctx, sub: Obj, target: int) -> None:
+    """An incomplete subscription whose first invoice is still unpaid 23 hours after creation ends as
+    ``incomplete_expired`` (a terminal status) and its open invoice is voided, as Stripe does."""
+    deadline = int(sub["created"]) + INCOMPLETE_TTL
+    if deadline > target:
+        return
+    ctx.now = deadline
+    invoice = ctx.store.get(sub["latest_invoice"], "invoice") if sub["latest_invoice"] else None
+    if invoice is not None and invoice["status"] == "open":
+        billing.void(ctx, invoice)
+    previous = {"status": sub["status"], "canceled_at": sub["canceled_at"], "ended_at": sub["ended_at"]}
+    sub.update(status="incomplete_expired", canceled_at=deadline, ended_at=deadline)
+    ctx.store.update(sub)
+    ctx.record_event("customer.subscription.updated", sub, previous)
 
 
 def _name(ctx: Ctx, price: Obj) -> str:
@@ -113,30 +129,25 @@ def renew(ctx: Ctx, sub: Obj) -> Obj:
     ctx.store.update(invoice)
     ctx.record_event("invoice.created", invoice)
     sub["latest_invoice"] = invoice["id"]
-    if fails(ctx, sub["customer"]) and invoice["amount_due"] > 0:
-        fail_invoice(ctx, invoice)
-        if sub["status"] != "past_due":
-            previous.setdefault("status", sub["status"])
-            sub["status"] = "past_due"
-    else:
-        billing.charge_invoice(ctx, invoice, sub["default_payment_method"] or CARD)
-        if sub["status"] != "active":
-            previous.setdefault("status", sub["status"])
-            sub["status"] = "active"
+    status = _collect_renewal(ctx, sub, invoice)
+    if sub["status"] != status:
+        previous.setdefault("status", sub["status"])
+        sub["status"] = status
     ctx.store.update(sub)
     ctx.record_event("customer.subscription.updated", sub, previous)
     return invoice
 
 
-def fail_invoice(ctx: Ctx, invoice: Obj) -> Obj:
-    """One failed collection attempt on a draft or open invoice: ``invoice.payment_failed``."""
-    if invoice["status"] == "draft":
-        billing.finalize(ctx, invoice)
-    attempts = int(invoice["attempt_count"]) + 1
-    invoice.update(attempted=True, attempt_count=attempts,
-                   next_payment_attempt=ctx.now + RETRY_AFTER if attempts < MAX_ATTEMPTS else None)
-    ctx.store.update(invoice)
-    return ctx.record_event("invoice.payment_failed", invoice)
+def _collect_renewal(ctx: Ctx, sub: Obj, invoice: Obj) -> str:
+    """Collect a cycle invoice the subscription's way; returns the subscription's status after it.
+
+    send_invoice: issued and not charged, so the subscription keeps its status while the invoice is open.
+    charge_automatically: ``active`` when paid (the balance may cover it), ``past_due`` when the charge fails.
+    """
+    if sub["collection_method"] == "send_invoice":
+        billing.issue(ctx, invoice)
+        return str(sub["status"])
+    return "active" if billing.collect(ctx, invoice, billing.payment_method_of(ctx, sub)) else "past_due"
 
 
 # -- trigger --------------------------------------------------------------------------------------
@@ -209,7 +220,7 @@ def trigger(ctx: Ctx, event_type: str, customer: str | None, subscription: str |
     if event_type == "invoice.payment_failed":
         if invoice is None:
             invoice = _period_invoice(ctx, sub, "subscription_cycle")
-        event = fail_invoice(ctx, invoice)
+        event = billing.fail_invoice(ctx, invoice)
         sub["latest_invoice"] = invoice["id"]
         _set_status(ctx, sub, "past_due", previous)
         return event

@@ -25,6 +25,7 @@ INDEXED: Mapping[str, tuple[str, ...]] = {
     "product": ("active",),
     "price": ("active", "product", "type", "currency", "lookup_key"),
     "customer": ("email",),
+    "customer_balance_transaction": ("customer", "invoice"),
     "payment_link": ("active",),
     "checkout.session": ("customer", "status", "payment_intent", "payment_link"),
     "item": ("_parent",),

@@ -146,7 +146,6 @@ class PrepaidSubscriptions:
                 raise InvalidState(f"customer {row['customer_id']} got the {live.id} tier meanwhile: a second "
                                    "subscription would bill twice; refund the payment or cancel one, then run "
                                    "`aims-billing-mcp start-subscriptions --failed`", param="customer")
-            starts_at = int(self._clock())
             txn = (await self._gateway.send(StripeRequest(
                 "post", f"/v1/customers/{row['customer_id']}/balance_transactions",
                 {"amount": -row["amount"], "currency": row["currency"],
@@ -154,6 +153,9 @@ class PrepaidSubscriptions:
                                 f"{tier.delivered_months} delivered)",
                  "metadata": {"aims_prepaid": row["id"], TIER_METADATA: tier.id}},
                 stripe_idempotency_key("prepaid-credit", row["id"])))).data
+            # The commitment runs on Stripe's clock (the credit's `created`), not ours: a cancel_at computed from a
+            # clock behind Stripe's (a test clock, the sandbox after `advance`) could already be in Stripe's past.
+            starts_at = int(txn.get("created") or self._clock())
             row = await self._store.write(self._step(row["id"], "UPDATE prepaid_subscriptions SET status = "
                                                      "'credited', balance_transaction_id = ?, starts_at = ?",
                                                      (txn["id"], starts_at)))

@@ -86,4 +86,4 @@ def prepaid_report(rows: Sequence[dict[str, Any]]) -> list[str]:
                   "last error"),
                  [(row["id"], row["source_id"], row["customer_id"], row["tier"],
                    format_amount(row["amount"], row["currency"]), row["status"], row["subscription_id"],
-                   row["attempts"], (row["last_error"] or "")[:80] or None) for row in rows])
+                   row["attempts"], (row["last_error"] or "")[:120] or None) for row in rows])

@@ -85,7 +85,7 @@ class Item(BaseModel):
     id: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
     title: str = Field(min_length=1, max_length=250)
     description: str = ""
-    unit_price: int = Field(gt=0, description="Minor units of currency (cents for usd)")
+    unit_price: int = Field(default=0, ge=0, description="Minor units of currency (cents for usd)")
     currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
     fulfil: Literal["credit", "subscribe"] = Field(
         description="credit: add `luc` LUC to the buying agent's wallet; subscribe: start `tier`, prepaid")
@@ -94,8 +94,8 @@ class Item(BaseModel):
 
     @model_validator(mode="after")
     def _fulfilment_named(self) -> Item:
-        if self.fulfil == "credit" and (self.luc <= 0 or self.tier is not None):
-            raise ValueError(f"item {self.id}: a credit item needs luc > 0 and no tier")
+        if self.fulfil == "credit" and (self.luc <= 0 or self.tier is not None or self.unit_price <= 0):
+            raise ValueError(f"item {self.id}: a credit item needs unit_price > 0, luc > 0 and no tier")
         if self.fulfil == "subscribe" and (self.tier is None or self.luc):
             raise ValueError(f"item {self.id}: a subscribe item needs a tier and no luc")
         return self

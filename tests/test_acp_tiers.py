@@ -1,0 +1,123 @@
+"""A tier bought over ACP: the order is created `processing` with the tier line unfulfilled, the prepaid
+subscription starts in Stripe, and the order becomes `completed` with the line fulfilled, told to the agent
+platform as a signed `order_update` after the `order_create`. Every answer and event validates against the
+2026-04-17 schemas."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from aims_billing_mcp.services.stripe_setup import setup_stripe
+from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.store import Store
+from aims_billing_mcp.stripe_gateway import StripeRequest
+
+from .conftest import Clock, commerce_stack
+from .test_acp import _VALIDATOR, KEY, checked, pay
+from .test_acp_webhooks import SECRET, WEBHOOK_EVENT, Receiver, receiving, until
+
+pytestmark = pytest.mark.anyio
+HEADERS = {"API-Version": "2026-04-17", "Authorization": f"Bearer {KEY}"}
+
+
+class Seller:
+    def __init__(self, http: httpx.AsyncClient, receiver: Receiver, customer: str, store: Store) -> None:
+        self.http, self.receiver, self.customer, self.store = http, receiver, customer, store
+
+    async def post(self, path: str, body: Any, key: str, expect: int) -> dict[str, Any]:
+        response = await self.http.post(path, json=body, headers={**HEADERS, "Idempotency-Key": key})
+        data: dict[str, Any] = checked(response, path, expect).json()
+        return data
+
+    async def create(self, items: list[str], agent: str = "subscriber", expect: int = 201) -> dict[str, Any]:
+        return await self.post("/acp/checkout_sessions", {"currency": "usd", "line_items": [{"id": i} for i in items],
+                                                          "capabilities": {}, "metadata": {"agent_id": agent}},
+                               f"create-{agent}-{'-'.join(items)}", expect)
+
+
+@pytest.fixture
+async def seller(make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> AsyncIterator[Seller]:
+    async with (receiving() as (url, receiver), commerce_stack(make_settings(), sandbox_app, store) as stack,
+                stack.acp_seller(KEY, clock=Clock(), public_url="https://seller.test", order_webhook_url=url,
+                                 order_webhook_secret=SECRET, retry_delay_scale=0.0) as (http, acp)):
+        await setup_stripe(stack.gateway, stack.pricing)
+        customer = (await stack.gateway.send(StripeRequest("post", "/v1/customers", {}))).data["id"]
+        await stack.ledger.create_wallet("subscriber", customer, None, "open-subscriber")
+        yield Seller(http, receiver, customer, store)
+        assert acp.order_webhooks is not None
+        await acp.order_webhooks.drain()
+
+
+async def test_a_tier_and_a_credit_pack_in_one_checkout_start_the_subscription_and_send_order_update(
+        seller: Seller) -> None:
+    created = await seller.create(["tier_6mo", "luc_10k"])
+    assert created["status"] == "ready_for_payment"
+    assert created["totals"][-1]["amount"] == 6 * 1799 + 1000
+    categories = {line["item"]["id"]: line["category"] for line in created["line_items"]}
+    assert categories == {"tier_6mo": "subscription", "luc_10k": "digital_credits"}
+
+    done = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa"), "pay", 200)
+
+    assert done["status"] == "completed" and done["order"]["status"] == "completed"
+    lines = {line["product_id"]: (line["status"], line["quantity"]["fulfilled"]) for line in done["order"][
+        "line_items"]}
+    assert lines == {"tier_6mo": ("fulfilled", 1), "luc_10k": ("fulfilled", 1)}
+    assert any("6mo tier subscription sub_" in m["content"] for m in done["messages"])
+    await until(lambda: len(seller.receiver.requests) == 2)
+    events = sorted((json.loads(body) for _, body in seller.receiver.requests), key=lambda e: e["type"])
+    for event in events:
+        _VALIDATOR(WEBHOOK_EVENT, format_checker=_VALIDATOR.FORMAT_CHECKER).validate(event)
+    assert [(e["type"], e["data"]["status"]) for e in events] == [("order_create", "processing"),
+                                                                 ("order_update", "completed")]
+    created_lines = {line["product_id"]: line["status"] for line in events[0]["data"]["line_items"]}
+    assert created_lines == {"tier_6mo": "processing", "luc_10k": "fulfilled"}
+    assert events[1]["data"] == {**done["order"], "type": "order"}
+    provision = seller.store.query_one("SELECT tier, status FROM billing_provisions WHERE customer_id = ?",
+                                       (seller.customer,))
+    assert provision == {"tier": "6mo", "status": "active"}
+
+
+async def test_two_tiers_in_one_checkout_are_refused(seller: Seller) -> None:
+    error = await seller.create(["tier_3mo", "tier_6mo"], expect=400)
+
+    assert (error["code"], error["param"]) == ("quantity_exceeded", "$.line_items[1].id")
+
+
+async def test_the_same_tier_twice_is_refused(seller: Seller) -> None:
+    error = await seller.create(["tier_3mo", "tier_3mo"], expect=400)
+
+    assert error["code"] == "quantity_exceeded" and "one tier subscription per checkout" in error["message"]
+
+
+async def test_a_customer_who_has_a_tier_gets_a_session_not_ready_for_payment(seller: Seller) -> None:
+    first = await seller.create(["tier_3mo"])
+    await seller.post(f"/acp/checkout_sessions/{first['id']}/complete", pay("spt_test_visa"), "pay-1", 200)
+
+    second = await seller.create(["tier_9mo"])
+
+    assert second["status"] == "not_ready_for_payment"
+    [problem] = second["messages"]
+    assert problem["param"] == "$.line_items[0]" and "already has the 3mo tier" in problem["content"]
+    refused = await seller.post(f"/acp/checkout_sessions/{second['id']}/complete", pay("spt_test_visa"), "pay-2",
+                                400)
+    assert refused["code"] == "not_ready_for_payment"
+
+
+async def test_an_agent_of_a_customer_stripe_does_not_know_cannot_pay_for_a_tier(
+        seller: Seller, make_settings: Callable[..., Settings]) -> None:
+    # a wallet opened for a customer id Stripe never issued: refused before any charge
+    from aims_billing_mcp.services.ledger import LedgerService
+
+    await LedgerService(seller.store, luc_per_usd=1000, agent_limit=lambda _c: None).create_wallet(
+        "ghost", "cus_ghost", None, "open-ghost")
+    created = await seller.create(["tier_3mo"], agent="ghost")
+
+    refused = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa"), "pay", 400)
+
+    assert refused["code"] == "not_ready_for_payment" and "cus_ghost" in refused["message"]
+    assert seller.store.query_one("SELECT COUNT(*) AS n FROM payment_sessions") == {"n": 0}

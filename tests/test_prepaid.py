@@ -1,0 +1,259 @@
+"""Tiers sold as items: a payment session for `tier_*` prepays the tier's whole commitment, and fulfilment starts the
+subscription in Stripe once: the payment becomes a credit on the customer's Stripe balance, the subscription
+(send_invoice, cancel_at = commitment end, the tier's free months as a trial) draws its invoices from it, and the
+provision gives the tier's entitlements. Real gateway on the in-process sandbox, real store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import pytest
+
+from aims_billing_mcp.errors import InvalidInput, InvalidState, NotFound
+from aims_billing_mcp.sandbox import Sandbox
+from aims_billing_mcp.services.prepaid import PrepaidSubscriptions, prepaid_id
+from aims_billing_mcp.services.stripe_setup import setup_stripe
+from aims_billing_mcp.services.tiers import add_months
+from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.store import Store
+from aims_billing_mcp.stripe_gateway import StripeRequest
+
+from .conftest import CommerceStack, commerce_stack
+
+pytestmark = pytest.mark.anyio
+PRICES = {"3mo": 1999, "6mo": 1799, "9mo": 1499}
+
+
+@dataclass
+class Env:
+    stack: CommerceStack
+    sandbox: Sandbox
+    customer: str
+
+    async def stripe(self, method: str, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return (await self.stack.gateway.send(StripeRequest(method, path, params or {}))).data
+
+    async def buy(self, item: str = "tier_3mo", *, key: str = "buy-tier", pay: bool = True) -> Any:
+        created = await self.stack.payments.create_session(
+            customer=None, agent_id="subscriber", item=item, amount=None, currency=None, description=None,
+            idempotency_key=key, dry_run=False)
+        assert created.session is not None
+        if not pay:
+            return created.session
+        return await self.stack.payments.confirm_session(created.session.id, payment_method="pm_card_visa",
+                                                         shared_payment_token=None, idempotency_key=f"pay-{key}")
+
+    async def subscriptions(self) -> list[dict[str, Any]]:
+        return list((await self.stripe("get", "/v1/subscriptions", {"customer": self.customer, "status": "all"}))[
+            "data"])
+
+    async def balance_transactions(self) -> list[dict[str, Any]]:
+        return list((await self.stripe("get", f"/v1/customers/{self.customer}/balance_transactions"))["data"])
+
+
+@pytest.fixture
+async def env(make_settings: Callable[..., Settings], sandbox_app: Any, sandbox: Sandbox,
+              store: Store) -> AsyncIterator[Env]:
+    async with commerce_stack(make_settings(), sandbox_app, store) as stack:
+        await setup_stripe(stack.gateway, stack.pricing)
+        customer = (await stack.gateway.send(StripeRequest("post", "/v1/customers",
+                                                           {"email": "owner@example.com"}))).data["id"]
+        await stack.ledger.create_wallet("subscriber", customer, None, "open-subscriber")
+        yield Env(stack, sandbox, customer)
+
+
+@pytest.mark.parametrize(("item", "tier", "months_billed", "months_delivered"), [
+    ("tier_3mo", "3mo", 3, 3), ("tier_6mo", "6mo", 6, 6), ("tier_9mo", "9mo", 9, 12)])
+async def test_buying_a_tier_prepays_the_commitment_and_starts_the_subscription(
+        env: Env, item: str, tier: str, months_billed: int, months_delivered: int) -> None:
+    paid = await env.buy(item)
+
+    prepaid = PRICES[tier] * months_billed
+    assert (paid.status, paid.amount, paid.amount_received, paid.fulfilled) == ("succeeded", prepaid, prepaid, True)
+    assert paid.fulfilment["kind"] == "subscription" and paid.fulfilment["status"] == "started"
+    assert (paid.fulfilment["tier"], paid.fulfilment["prepaid"]) == (tier, prepaid)
+    [sub] = await env.subscriptions()
+    assert paid.fulfilment["subscription"] == sub["id"]
+    assert (sub["collection_method"], sub["metadata"]["aims_tier"]) == ("send_invoice", tier)
+    assert sub["cancel_at"] == add_months(sub["start_date"], months_delivered)
+    assert sub["status"] == ("trialing" if months_delivered > months_billed else "active")
+    customer = await env.stripe("get", f"/v1/customers/{env.customer}")
+    first_month = 0 if months_delivered > months_billed else PRICES[tier]
+    assert customer["balance"] == -(prepaid - first_month)  # the first invoice was paid from the credit
+    status = env.stack.subscriptions.entitled_tier(env.customer)
+    assert status.id == tier
+
+
+async def test_the_prepaid_credit_pays_every_month_of_the_commitment_then_it_ends(env: Env) -> None:
+    paid = await env.buy("tier_3mo")
+    assert paid.fulfilment["status"] == "started"
+
+    for _ in range(4):
+        env.sandbox.advance(days=31)
+
+    [sub] = await env.subscriptions()
+    invoices = (await env.stripe("get", "/v1/invoices", {"customer": env.customer, "limit": 100}))["data"]
+    billed = [inv for inv in invoices if inv["total"] > 0]
+    assert len(billed) == 3 and all(inv["status"] == "paid" and inv["amount_paid"] == 0 for inv in billed)
+    assert (await env.stripe("get", f"/v1/customers/{env.customer}"))["balance"] == 0
+    assert sub["status"] == "canceled" and sub["ended_at"] == sub["cancel_at"]
+
+
+async def test_confirming_twice_starts_one_subscription_and_credits_once(env: Env) -> None:
+    session = await env.buy(pay=False)
+    await env.stack.payments.confirm_session(session.id, payment_method="pm_card_visa", shared_payment_token=None,
+                                             idempotency_key="pay-1")
+
+    with pytest.raises(InvalidState, match="already paid"):
+        await env.stack.payments.confirm_session(session.id, payment_method="pm_card_visa",
+                                                 shared_payment_token=None, idempotency_key="pay-2")
+    again = await env.stack.payments.get_session(session.id)
+
+    assert again.fulfilment is not None and again.fulfilment["status"] == "started"
+    assert len(await env.subscriptions()) == 1
+    assert [t["type"] for t in await env.balance_transactions()].count("adjustment") == 1
+
+
+async def test_concurrent_starts_from_two_workers_start_one_subscription(env: Env) -> None:
+    session = await env.buy(pay=False)
+    # the row as the payment recorded it, before anyone started it: fulfil in a writer job without starting
+    pi = await env.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
+                          {"payment_method": "pm_card_visa"})
+    await env.stack.store.write(lambda conn: env.stack.payments.apply_payment_intent(conn, pi))
+    row_id = prepaid_id(session.id)
+    assert env.stack.prepaid.find(row_id)["status"] == "pending"  # type: ignore[index]
+    # a second worker (another process: its own locks) over the same store and Stripe account
+    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing)
+
+    async with anyio.create_task_group() as tg:
+        for worker in (env.stack.prepaid, other, env.stack.prepaid, other):
+            tg.start_soon(worker.start, row_id)
+
+    assert env.stack.prepaid.find(row_id)["status"] == "started"  # type: ignore[index]
+    assert len(await env.subscriptions()) == 1
+    assert [t["type"] for t in await env.balance_transactions()].count("adjustment") == 1
+
+
+async def test_a_lost_answer_from_stripe_is_retried_with_the_same_key_and_creates_nothing_twice(env: Env) -> None:
+    env.sandbox.faults.inject(status=500, count=1, mode="after", path_prefix="/v1/subscriptions")
+
+    paid = await env.buy()
+
+    assert paid.fulfilment["status"] == "started"
+    assert len(await env.subscriptions()) == 1
+
+
+async def test_stripe_down_after_the_credit_fails_then_an_operator_retry_resumes_without_crediting_again(
+        env: Env) -> None:
+    env.sandbox.faults.inject(status=503, count=1000, path_prefix="/v1/subscriptions")
+
+    paid = await env.buy()
+    await env.stack.prepaid.drain()  # the background retries run out while Stripe is down
+    failed = env.stack.prepaid.find(prepaid_id(paid.id))
+    assert failed is not None and failed["status"] == "failed" and failed["balance_transaction_id"]
+    assert "stripe_unavailable" in failed["last_error"] and failed["attempts"] == 5
+    view = await env.stack.payments.get_session(paid.id)
+    assert view.fulfilment is not None and view.fulfilment["status"] == "failed"
+    env.sandbox.faults.clear()
+
+    [done] = await env.stack.prepaid.retry(include_failed=True)
+
+    assert done["status"] == "started" and len(await env.subscriptions()) == 1
+    assert [t["type"] for t in await env.balance_transactions()].count("adjustment") == 1
+    view = await env.stack.payments.get_session(paid.id)
+    assert view.fulfilment is not None and view.fulfilment["subscription"] == done["subscription_id"]
+
+
+async def test_a_customer_with_a_tier_cannot_buy_another(env: Env) -> None:
+    await env.buy("tier_3mo")
+
+    with pytest.raises(InvalidState, match="already has the 3mo tier") as refused:
+        await env.buy("tier_6mo", key="second")
+    assert refused.value.param == "item"
+
+
+async def test_a_second_purchase_paid_before_the_first_started_is_refused_at_purchase(env: Env) -> None:
+    session = await env.buy(pay=False)
+    pi = await env.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
+                          {"payment_method": "pm_card_visa"})
+    await env.stack.store.write(lambda conn: env.stack.payments.apply_payment_intent(conn, pi))  # paid, not started
+
+    with pytest.raises(InvalidState, match="already has the 3mo tier"):
+        await env.buy("tier_9mo", key="second")
+
+
+@pytest.mark.parametrize(("arguments", "error", "param"), [
+    ({"agent_id": None, "customer": None}, InvalidInput, "customer"),
+    ({"agent_id": None, "customer": "cus_doesnotexist"}, NotFound, "customer"),
+])
+async def test_a_tier_needs_a_customer_stripe_knows(env: Env, arguments: dict[str, Any], error: type[Exception],
+                                                    param: str) -> None:
+    with pytest.raises(error) as refused:
+        await env.stack.payments.create_session(item="tier_3mo", amount=None, currency=None, description=None,
+                                                idempotency_key="k", dry_run=False, **arguments)
+    assert getattr(refused.value, "param", None) == param
+
+
+async def test_a_wallet_of_an_unknown_customer_cannot_buy_a_tier(env: Env) -> None:
+    await env.stack.ledger.create_wallet("ghost-agent", "cus_ghost", None, "open-ghost")
+
+    with pytest.raises(NotFound, match="Stripe has no customer cus_ghost") as refused:
+        await env.stack.payments.create_session(customer=None, agent_id="ghost-agent", item="tier_3mo", amount=None,
+                                                currency=None, description=None, idempotency_key="k", dry_run=False)
+    assert refused.value.param == "agent_id"
+
+
+async def test_without_tier_prices_the_start_fails_for_good_with_the_fix(
+        make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> None:
+    async with commerce_stack(make_settings(), sandbox_app, store) as stack:
+        customer = (await stack.gateway.send(StripeRequest("post", "/v1/customers", {}))).data["id"]
+        await stack.ledger.create_wallet("subscriber", customer, None, "open")
+        created = await stack.payments.create_session(customer=None, agent_id="subscriber", item="tier_6mo",
+                                                      amount=None, currency=None, description=None,
+                                                      idempotency_key="k", dry_run=False)
+        assert created.session is not None
+        paid = await stack.payments.confirm_session(created.session.id, payment_method="pm_card_visa",
+                                                    shared_payment_token=None, idempotency_key="pay")
+
+        assert paid.fulfilment is not None and paid.fulfilment["status"] == "failed"
+        assert "setup-stripe" in paid.fulfilment["last_error"]
+        row = stack.prepaid.find(prepaid_id(paid.id))
+        assert row is not None and row["balance_transaction_id"] is None  # nothing was credited
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"unit_price": 100}, "prepaid costs 10794"),
+    ({"tier": "p2p"}, "not a paid tier"),
+    ({"tier": None}, "needs a tier"),
+    ({"luc": 5}, "no luc"),
+])
+def test_the_pricing_file_refuses_a_tier_item_priced_or_named_wrong(tmp_path: Any, changes: dict[str, Any],
+                                                                     message: str) -> None:
+    from importlib import resources
+
+    from aims_billing_mcp.services.tiers import Pricing
+
+    text = (resources.files("aims_billing_mcp") / "pricing.toml").read_text("utf-8")
+    item = {"title": "'6-month'", "fulfil": "'subscribe'", "tier": "'6mo'", **{
+        k: ("'" + v + "'" if isinstance(v, str) else v) for k, v in changes.items() if v is not None}}
+    if changes.get("tier", "x") is None:
+        item.pop("tier")
+    body = "\n".join(f"{k} = {v}" for k, v in item.items())
+    path = tmp_path / "pricing.toml"
+    path.write_text(text + f"\n[items.tier_extra]\n{body}\n", "utf-8")
+
+    with pytest.raises(ValueError, match=message):
+        Pricing.load(path)
+
+
+async def test_the_commitment_runs_on_stripes_clock_when_it_is_ahead_of_ours(env: Env) -> None:
+    env.sandbox.advance(days=40)  # the sandbox's clock is now 40 days ahead of the wall clock
+
+    paid = await env.buy("tier_3mo")
+
+    assert paid.fulfilment["status"] == "started"
+    [sub] = await env.subscriptions()
+    assert sub["start_date"] >= env.sandbox.now() - 5 and sub["cancel_at"] == add_months(sub["start_date"], 3)

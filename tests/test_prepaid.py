@@ -102,6 +102,27 @@ async def test_the_prepaid_credit_pays_every_month_of_the_commitment_then_it_end
     assert sub["status"] == "canceled" and sub["ended_at"] == sub["cancel_at"]
 
 
+async def test_overage_in_the_last_month_beyond_the_credit_is_invoiced_not_charged(env: Env) -> None:
+    await env.buy("tier_3mo")
+    [sub] = await env.subscriptions()
+    while (period_end := sub["items"]["data"][0]["current_period_end"]) < sub["cancel_at"]:
+        env.sandbox.advance(hours=(period_end + 60 - env.sandbox.now()) / 3600)  # into the next period
+        [sub] = await env.subscriptions()
+    # the third and last month: 150,000 units against a 100,000 allowance, 50,000 over at $1.50 per 1,000
+    await env.stripe("post", "/v1/billing/meter_events", {
+        "event_name": "aims_luc_units", "payload": {"stripe_customer_id": env.customer, "value": "150000"},
+        "timestamp": env.sandbox.now(), "identifier": "last-month"})
+
+    env.sandbox.advance(hours=(sub["cancel_at"] + 60 - env.sandbox.now()) / 3600)
+
+    [ended] = await env.subscriptions()
+    assert ended["status"] == "canceled"
+    invoices = (await env.stripe("get", "/v1/invoices", {"customer": env.customer, "limit": 100}))["data"]
+    final = max(invoices, key=lambda invoice: invoice["created"])
+    assert (final["total"], final["amount_due"], final["status"]) == (7500, 7500, "open")  # the credit is spent
+    assert final["collection_method"] == "send_invoice" and final["amount_paid"] == 0
+
+
 async def test_confirming_twice_starts_one_subscription_and_credits_once(env: Env) -> None:
     session = await env.buy(pay=False)
     await env.stack.payments.confirm_session(session.id, payment_method="pm_card_visa", shared_payment_token=None,

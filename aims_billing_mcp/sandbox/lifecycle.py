@@ -61,15 +61,38 @@ def _catch_up(ctx: Ctx, sub: Obj, target: int) -> None:
         if cancel_at is not None and cancel_at <= end:
             if cancel_at <= target:
                 ctx.now = cancel_at
-                billing.end_subscription(ctx, sub, cancel_at)
+                _end_as_scheduled(ctx, sub, cancel_at)
             return
         if end > target:
             return
         ctx.now = end
         if sub["cancel_at_period_end"]:
-            billing.end_subscription(ctx, sub, end)
+            _end_as_scheduled(ctx, sub, end)
             return
         renew(ctx, sub)
+
+
+def _end_as_scheduled(ctx: Ctx, sub: Obj, at: int) -> None:
+    """A scheduled cancellation: the last period's metered usage is billed on a final invoice (as Stripe does when
+    a subscription cancels at its period end or `cancel_at`; an immediate cancel discards it), then it ends."""
+    start, _ = _period(sub)
+    metered = [item for item in sub["items"]["data"] if item["price"]["recurring"]["usage_type"] == "metered"]
+    if metered and sub["status"] != "trialing":  # usage during a trial is free
+        customer = ctx.fetch("customer", sub["customer"], "customer", "customer")
+        invoice = billing.new_invoice(ctx, customer, currency=sub["currency"], billing_reason="subscription_cycle",
+                                      subscription=sub)
+        invoice.update(period_start=start, period_end=at)
+        for item in metered:
+            price = item["price"]
+            quantity = _usage(ctx, sub, price, start, at)
+            billing.add_line(invoice, amount=amount_for(price, quantity),
+                             description=f"{quantity} × {_name(ctx, price)}", quantity=quantity, price=price,
+                             period=(start, at), parent=billing.subscription_line_parent(sub, item))
+        ctx.store.update(invoice)
+        ctx.record_event("invoice.created", invoice)
+        sub["latest_invoice"] = invoice["id"]
+        _collect_renewal(ctx, sub, invoice)
+    billing.end_subscription(ctx, sub, at)
 
 
 def _expire_if_unpaid(ctx: Ctx, sub: Obj, target: int) -> None:

@@ -14,7 +14,7 @@ from aims_billing_mcp.sandbox.meters import rfc3339
 from aims_billing_mcp.sandbox.pricing import tiered_amount
 
 from .conftest import ok, post
-from .test_lifecycle import get, subscribe
+from .test_lifecycle import get, subscribe, types
 from .test_sdk import SandboxHTTPClient
 
 Obj = dict[str, Any]
@@ -269,3 +269,35 @@ def test_a_metered_line_item_takes_no_quantity(client: TestClient, metered: Obj)
         "mode": "subscription", "success_url": "https://example.com/ok",
         "line_items[0][price]": metered["id"], "line_items[0][quantity]": "1"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "line_items[0][quantity]"
+
+
+@pytest.mark.parametrize("how", ["cancel_at_period_end", "cancel_at"])
+def test_a_scheduled_cancellation_bills_the_last_periods_usage_on_a_final_invoice(
+    client: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj, how: str
+) -> None:
+    done = subscribe(client, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
+    sub = get(sandbox, done["subscription"])
+    start, end = sub["items"]["data"][0]["current_period_start"], sub["items"]["data"][0]["current_period_end"]
+    ok(post(client, f"/v1/subscriptions/{sub['id']}", {"cancel_at_period_end": "true"} if how == "cancel_at_period_end"
+            else {"cancel_at": str(end)}))
+    ok(send(client, {"id": done["customer"]}, "12001"))
+
+    events = sandbox.advance(days=40)
+
+    final = get(sandbox, get(sandbox, sub["id"])["latest_invoice"])
+    [usage_line] = final["lines"]["data"]  # usage only: the licensed price is not billed for a period not served
+    assert (usage_line["quantity"], usage_line["amount"], usage_line["period"]) == (
+        12001, 5100, {"start": start, "end": end})
+    assert final["status"] == "paid" and final["amount_paid"] == 5100
+    assert types(events)[-1] == "customer.subscription.deleted" and "invoice.paid" in types(events)
+
+
+def test_an_immediate_cancel_discards_the_periods_usage(
+    client: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj
+) -> None:
+    done = subscribe(client, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
+    ok(send(client, {"id": done["customer"]}, "12001"))
+
+    ok(client.delete(f"/v1/subscriptions/{done['subscription']}"))
+
+    assert get(sandbox, done["subscription"])["latest_invoice"] == done["invoice"]

@@ -61,6 +61,7 @@ class PrepaidSubscriptions:
         self._hooks: dict[str, Hook] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def on_outcome(self, source: str, hook: Hook) -> None:
         """Tell `source` (payment_session, acp) when one of its subscriptions starts or fails for good."""
@@ -232,7 +233,18 @@ class PrepaidSubscriptions:
     # --- in the background ------------------------------------------------------------------------------------
 
     def dispatch(self, row_ids: Sequence[str]) -> None:
-        """Start these (committed) subscriptions in the background, retrying with backoff."""
+        """Start these (committed) subscriptions in the background, retrying with backoff, on the server's event
+        loop: a caller on another loop (the embedded sandbox delivers its webhooks from its own thread) hands the
+        work over instead of starting tasks its loop would drop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        if loop is self._loop:
+            self._spawn(row_ids)
+        else:
+            self._loop.call_soon_threadsafe(self._spawn, list(row_ids))
+
+    def _spawn(self, row_ids: Sequence[str]) -> None:
         for row_id in row_ids:
             task = asyncio.get_running_loop().create_task(self._run(row_id))
             self._tasks.add(task)
@@ -247,6 +259,7 @@ class PrepaidSubscriptions:
 
     def resume(self) -> list[str]:
         """Start every subscription a previous run recorded but did not finish (at start-up)."""
+        self._loop = asyncio.get_running_loop()  # the server's loop: background starts run here
         ids = [row["id"] for row in self.pending()]
         self.dispatch(ids)
         return ids
@@ -260,6 +273,7 @@ class PrepaidSubscriptions:
         return [await self.start(row["id"]) for row in self.pending()]
 
     async def drain(self) -> None:
-        """Wait for the starts in flight (shutdown and tests)."""
+        """Wait for the starts in flight (shutdown and tests), including ones another thread just handed over."""
+        await asyncio.sleep(0)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -92,3 +92,29 @@ async def test_a_declined_token_leaves_the_session_payable_and_a_reused_token_is
     assert paid["status"] == "succeeded"
     assert reused["stripe_code"] == "shared_payment_granted_token_used"
     assert after == 10_000
+
+
+async def test_a_tier_paid_outside_our_tools_starts_from_the_signed_webhook(
+    server: BillingServer, sandbox: Sandbox
+) -> None:
+    from aims_billing_mcp.services.stripe_setup import setup_stripe
+    from aims_billing_mcp.stripe_gateway import StripeRequest
+
+    async with Client(server) as client:
+        state = server.state
+        assert state is not None and state.commerce.prepaid is not None
+        await setup_stripe(state.gateway, state.pricing)
+        customer = ok(await client.call_tool("create_customer", {"email": "tier@example.com"}))["customer"]["id"]
+        created = ok(await client.call_tool("create_payment_session", {"item": "tier_9mo", "customer": customer,
+                                                                       "idempotency_key": "tier"}))["session"]
+        # the buyer's own client confirms the PaymentIntent (not confirm_payment_session): only the webhook tells us
+        await state.gateway.send(StripeRequest("post", f"/v1/payment_intents/{created['payment_intent']}/confirm",
+                                               {"payment_method": "pm_card_visa"}))
+        assert sandbox.webhooks.drain(timeout=10)
+        await state.commerce.prepaid.drain()
+        status = ok(await client.call_tool("get_billing_status", {"customer": customer}))
+        session = ok(await client.call_tool("get_payment_session", {"session_id": created["id"]}))
+
+    assert (status["tier"], status["status"]) == ("9mo", "trialing")  # 9 months billed, the first 3 free
+    assert session["fulfilment"]["status"] == "started" and session["fulfilment"]["prepaid"] == 9 * 1499
+    assert session["fulfilment"]["subscription"] == status["subscription"]

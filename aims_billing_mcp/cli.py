@@ -255,7 +255,14 @@ def cmd_start_subscriptions(args: argparse.Namespace) -> int:
         state = build_state(settings)
         try:
             assert state.commerce.prepaid is not None
-            return await state.commerce.prepaid.retry(include_failed=args.failed)
+            rows = await state.commerce.prepaid.retry(include_failed=args.failed is not None, only=args.failed or ())
+            if state.acp.order_webhooks is not None:  # the order_update events of ACP orders it started
+                try:
+                    await asyncio.wait_for(state.acp.order_webhooks.drain(), timeout=30)
+                except TimeoutError:
+                    print("start-subscriptions: order events still undelivered are sent at the server's next start",
+                          file=sys.stderr)
+            return rows
         finally:
             await state.gateway.close()
             state.store.close()
@@ -387,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     flush = sub.add_parser("flush-usage", help="deliver pending usage to Stripe Billing meters now")
     flush.set_defaults(func=cmd_flush_usage)
     start = sub.add_parser("start-subscriptions", help="start prepaid tier subscriptions paid for but not started")
-    start.add_argument("--failed", action="store_true", help="also retry the ones that failed for good")
+    start.add_argument("--failed", nargs="*", metavar="PREPAID_ID",
+                       help="also retry the ones that failed for good (all of them, or only these pre_... ids)")
     start.set_defaults(func=cmd_start_subscriptions)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)

@@ -121,3 +121,43 @@ async def test_an_agent_of_a_customer_stripe_does_not_know_cannot_pay_for_a_tier
 
     assert refused["code"] == "not_ready_for_payment" and "cus_ghost" in refused["message"]
     assert seller.store.query_one("SELECT COUNT(*) AS n FROM payment_sessions") == {"n": 0}
+
+
+async def test_a_payment_stripe_took_but_we_never_recorded_completes_the_order_even_after_expiry(
+        make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> None:
+    clock = Clock()
+    async with (commerce_stack(make_settings(), sandbox_app, store) as stack,
+                stack.acp_seller(KEY, clock=clock, public_url="https://seller.test") as (http, _acp)):
+        await setup_stripe(stack.gateway, stack.pricing)
+        customer = (await stack.gateway.send(StripeRequest("post", "/v1/customers", {}))).data["id"]
+        await stack.ledger.create_wallet("subscriber", customer, None, "open-subscriber")
+        seller = Seller(http, Receiver(fail=False), customer, store)
+        created = await seller.create(["tier_3mo"])
+        declined = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_declined"),
+                                     "pay-1", 200)
+        assert declined["status"] == "ready_for_payment"
+        # the buyer's second attempt reaches Stripe and succeeds, and our process dies before recording it
+        pi = store.query_one("SELECT payment_intent_id FROM payment_sessions")
+        assert pi is not None
+        await stack.gateway.send(StripeRequest("post", f"/v1/payment_intents/{pi['payment_intent_id']}/confirm",
+                                               {"payment_method": "pm_card_visa"}))
+        clock.advance(25 * 3600)  # past the session's 24-hour expiry
+
+        got = checked(await http.get(f"/acp/checkout_sessions/{created['id']}", headers=HEADERS),
+                      "/acp/checkout_sessions", 200).json()
+
+        assert got["status"] == "completed" and got["order"]["status"] == "completed"
+        started = store.query_one("SELECT status FROM prepaid_subscriptions")
+        assert started == {"status": "started"}
+
+
+async def test_stripe_down_while_checking_the_subscriber_is_a_502_to_retry(seller: Seller, sandbox: Any) -> None:
+    created = await seller.create(["tier_3mo"])
+    sandbox.faults.inject(status=503, count=1000, path_prefix=f"/v1/customers/{seller.customer}")
+
+    error = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa"), "pay", 502)
+
+    assert (error["type"], error["code"]) == ("processing_error", "payment_provider_error")
+    sandbox.faults.clear()
+    done = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa"), "pay", 200)
+    assert done["status"] == "completed"  # the 502 was not stored: the same key pays

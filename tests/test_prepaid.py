@@ -138,6 +138,133 @@ async def test_confirming_twice_starts_one_subscription_and_credits_once(env: En
     assert [t["type"] for t in await env.balance_transactions()].count("adjustment") == 1
 
 
+def adjustments(transactions: list[dict[str, Any]]) -> int:
+    return sum(1 for txn in transactions if txn["type"] == "adjustment")
+
+
+async def test_two_tiers_paid_at_once_for_one_customer_start_one_and_the_other_fails_uncredited(env: Env) -> None:
+    first = await env.buy("tier_3mo", key="a", pay=False)
+    second = await env.buy("tier_6mo", key="b", pay=False)  # both created before either was paid
+    paid: dict[str, Any] = {}
+
+    async def pay(session: Any) -> None:
+        paid[session.id] = await env.stack.payments.confirm_session(
+            session.id, payment_method="pm_card_visa", shared_payment_token=None, idempotency_key=f"pay-{session.id}")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pay, first)
+        tg.start_soon(pay, second)
+
+    assert len(await env.subscriptions()) == 1 and adjustments(await env.balance_transactions()) == 1
+    outcomes = sorted(p.fulfilment["status"] for p in paid.values())
+    assert outcomes == ["failed", "started"]
+    [lost] = [p for p in paid.values() if p.fulfilment["status"] == "failed"]
+    assert "nothing was credited: refund the payment" in lost.fulfilment["last_error"]
+
+
+async def test_a_second_tier_is_refused_at_confirm_before_anything_is_charged(env: Env) -> None:
+    first = await env.buy("tier_3mo", key="a", pay=False)
+    second = await env.buy("tier_6mo", key="b", pay=False)
+    await env.stack.payments.confirm_session(first.id, payment_method="pm_card_visa", shared_payment_token=None,
+                                             idempotency_key="pay-a")
+
+    with pytest.raises(InvalidState, match="already has the 3mo tier"):
+        await env.stack.payments.confirm_session(second.id, payment_method="pm_card_visa",
+                                                 shared_payment_token=None, idempotency_key="pay-b")
+
+    pi = await env.stripe("get", f"/v1/payment_intents/{second.payment_intent}")
+    assert pi["status"] == "requires_payment_method" and pi["amount_received"] == 0
+
+
+async def test_a_credited_start_retried_after_the_customer_subscribed_otherwise_does_not_subscribe_twice(
+        env: Env) -> None:
+    env.sandbox.faults.inject(status=503, count=1000, path_prefix="/v1/subscriptions")
+    paid = await env.buy()
+    await env.stack.prepaid.drain()
+    env.sandbox.faults.clear()
+    # meanwhile the customer subscribes to 6mo by checkout, and its webhook is applied
+    price, _ = await env.stack.subscriptions.prices_for(env.stack.pricing.tier("6mo"))
+    sub = await env.stripe("post", "/v1/subscriptions", {
+        "customer": env.customer, "items": [{"price": price}], "collection_method": "send_invoice",
+        "days_until_due": 30, "metadata": {"aims_tier": "6mo"}})
+    await env.stack.store.write(lambda conn: env.stack.subscriptions.apply_event(conn, {
+        "id": "evt_checkout", "type": "customer.subscription.created", "created": sub["created"],
+        "data": {"object": sub}}))
+    env.stack.subscriptions.forget(env.customer)
+
+    [row] = await env.stack.prepaid.retry(include_failed=True)
+
+    assert row["status"] == "failed" and "already has the 6mo tier" in row["last_error"]
+    assert "stays on the customer's Stripe balance" in row["last_error"]
+    assert len(await env.subscriptions()) == 1
+    view = await env.stack.payments.get_session(paid.id)
+    assert view.fulfilment is not None and view.fulfilment["status"] == "failed"
+
+
+async def test_a_lost_credit_answer_retried_after_stripe_forgot_the_key_finds_the_credit(env: Env) -> None:
+    path = f"/v1/customers/{env.customer}/balance_transactions"
+    env.sandbox.faults.inject(status=500, count=3, mode="after", path_prefix=path)  # applied, answers lost
+    paid = await env.buy()
+    assert paid.fulfilment["status"] == "claimed"
+    env.sandbox.expire_idempotency_keys()  # the retry comes after Stripe's 24 hours
+
+    await env.stack.prepaid.drain()
+
+    row = env.stack.prepaid.find(prepaid_id(paid.id))
+    assert row is not None and row["status"] == "started"
+    assert adjustments(await env.balance_transactions()) == 1
+    assert len(await env.subscriptions()) == 1
+
+
+async def test_a_lost_subscription_answer_retried_after_stripe_forgot_the_key_finds_the_subscription(
+        env: Env) -> None:
+    env.sandbox.faults.inject(status=500, count=3, mode="after", path_prefix="/v1/subscriptions")
+    paid = await env.buy()
+    assert paid.fulfilment["status"] == "credited"
+    env.sandbox.expire_idempotency_keys()
+
+    await env.stack.prepaid.drain()
+
+    assert env.stack.prepaid.find(prepaid_id(paid.id))["status"] == "started"  # type: ignore[index]
+    assert len(await env.subscriptions()) == 1
+
+
+async def test_a_late_start_still_delivers_the_whole_commitment(env: Env) -> None:
+    env.sandbox.faults.inject(status=503, count=1000, path_prefix="/v1/subscriptions")
+    await env.buy("tier_9mo")
+    await env.stack.prepaid.drain()
+    env.sandbox.faults.clear()
+    env.sandbox.advance(days=10)  # the operator fixes it ten days later (our clock agrees with Stripe's, as live)
+    worker = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                  clock=env.sandbox.now)
+
+    [row] = await worker.retry(include_failed=True)
+
+    [sub] = await env.subscriptions()
+    assert row["status"] == "started" and sub["start_date"] >= env.sandbox.now() - 5
+    assert sub["cancel_at"] == add_months(sub["start_date"], 12) == row["ends_at"]
+    assert sub["trial_end"] == add_months(sub["start_date"], 3)  # 3 free months, then 9 billed up to the end
+
+
+async def test_a_slow_worker_cannot_rewind_a_started_subscription(env: Env) -> None:
+    session = await env.buy(pay=False)
+    pi = await env.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
+                          {"payment_method": "pm_card_visa"})
+    await env.stack.store.write(lambda conn: env.stack.payments.apply_payment_intent(conn, pi))
+    row_id = prepaid_id(session.id)
+    stale = env.stack.prepaid.find(row_id)  # another worker read it pending ...
+    assert stale is not None
+    told: list[str] = []
+    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing)
+    other.on_outcome("payment_session", lambda _conn, row: told.append(row["status"]))  # type: ignore[func-returns-value]
+    await env.stack.prepaid.start(row_id)  # ... while this one started it
+
+    after = await other._start(stale)  # the other one goes on from what it read
+
+    assert after["status"] == "started" and told == []
+    assert len(await env.subscriptions()) == 1 and adjustments(await env.balance_transactions()) == 1
+
+
 async def test_concurrent_starts_from_two_workers_start_one_subscription(env: Env) -> None:
     session = await env.buy(pay=False)
     # the row as the payment recorded it, before anyone started it: fulfil in a writer job without starting

@@ -1,6 +1,8 @@
 -- prepaid tier subscriptions (issue 8, part 1): a paid tier item's fulfilment, written in the transaction that
--- records the payment (an outbox), then carried out against Stripe step by step: the customer balance credit, then
--- the subscription. Each step's result is kept, so a retry after a crash resumes where it stopped.
+-- records the payment (an outbox), then carried out against Stripe step by step:
+--   pending -> claimed (this row holds the customer's one subscription) -> credited (the customer balance credit)
+--   -> subscribed (the subscription) -> started (its end set at the commitment end; the provision recorded)
+-- or failed (with last_error). Each step's result is kept, so a retry after a crash resumes where it stopped.
 CREATE TABLE prepaid_subscriptions (
     id TEXT PRIMARY KEY,
     source TEXT NOT NULL CHECK (source IN ('payment_session', 'acp')),
@@ -10,8 +12,10 @@ CREATE TABLE prepaid_subscriptions (
     amount INTEGER NOT NULL CHECK (amount > 0),
     currency TEXT NOT NULL,
     payment_intent_id TEXT,
-    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'credited', 'started', 'failed')),
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'claimed', 'credited', 'subscribed', 'started', 'failed')),
     starts_at INTEGER,
+    ends_at INTEGER,
     balance_transaction_id TEXT,
     subscription_id TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -20,4 +24,4 @@ CREATE TABLE prepaid_subscriptions (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX prepaid_subscriptions_status ON prepaid_subscriptions (status);
-CREATE INDEX prepaid_subscriptions_customer ON prepaid_subscriptions (customer_id);
+CREATE INDEX prepaid_subscriptions_customer ON prepaid_subscriptions (customer_id, status);

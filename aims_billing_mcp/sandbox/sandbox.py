@@ -189,6 +189,11 @@ class Sandbox:
 
 
 
+    def expire_idempotency_keys(self) -> int:
+        """Forget every idempotency key now (Stripe forgets each after 24 hours): a retry then creates anew,
+        which is what a client must be ready for. Returns how many were forgotten."""
+        return self.store.idempotency_forget()
+
     def fail_payments(self, customer_id: str, fail: bool = True) -> None:
         """Make the customer's renewal (and triggered) payments fail from now on, or succeed again.
 

@@ -290,6 +290,11 @@ class Store:
             ).fetchone()
         return None if row is None else IdempotencyRecord(row[0], row[1], row[2], int(row[3]), row[4])
 
+    def idempotency_forget(self) -> int:
+        """Drop every stored key, as Stripe does with each one 24 hours after its first use."""
+        with self._lock:
+            return int(self._conn.execute("DELETE FROM idempotency").rowcount)
+
     def idempotency_put(self, scope: str, key: str, record: IdempotencyRecord, created: int) -> None:
         with self._lock:
             self._conn.execute(

@@ -54,6 +54,7 @@ from .acp_models import AcpError, AcpResponse
 from .acp_webhooks import ORDER_CREATE, ORDER_UPDATE, OrderWebhooks
 from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
 from .commerce_models import PaymentSession
+from .prepaid import OPEN, prepaid_id
 from .tiers import Pricing
 
 API_VERSION = "2026-04-17"
@@ -299,6 +300,7 @@ class AcpService:
         self._prepaid = commerce.prepaid
         if self._prepaid is not None:
             self._prepaid.on_outcome("acp", self._subscription_outcome)
+        commerce.fulfil_with(self._fulfil_paid, after_commit=self._send_orders)
 
     # --- authentication and idempotency -------------------------------------------------------------------------
 
@@ -425,8 +427,8 @@ class AcpService:
 
     async def get(self, session_id: str) -> AcpResponse:
         row = self._row(session_id)
-        if row["status"] == "in_progress" and row["payment_session_id"]:
-            row = await self._refresh(row)
+        if row["status"] not in ("completed", "canceled") and row["payment_session_id"]:
+            row = await self._refresh(row)  # a payment whose outcome we have not recorded yet (even past expiry)
         return AcpResponse(200, self._view(row))
 
     async def update(self, session_id: str, body: Any) -> AcpResponse:
@@ -539,6 +541,8 @@ class AcpService:
             await self._prepaid.check_customer(wallet["customer_id"] if wallet else "", param="$.metadata.agent_id")
         except NotFound as exc:
             raise AcpError(400, "not_ready_for_payment", exc.message, param="$.metadata.agent_id") from exc
+        except BillingError as exc:  # Stripe unavailable, rate limited, ...: not stored, retry with the same key
+            raise AcpError(502, "payment_provider_error", exc.message, type="processing_error") from exc
 
     async def _payment_session(self, row: dict[str, Any], state: dict[str, Any]) -> str:
         total = self._total(state["lines"])
@@ -565,14 +569,11 @@ class AcpService:
         return await self._apply(row, paid)
 
     async def _apply(self, row: dict[str, Any], paid: PaymentSession) -> dict[str, Any]:
-        """Record what the payment session says: success completes the session, creates the order, credits the
-        wallet and records the tier subscription to start, once (the status guard, the ledger key `acp:<id>` and
-        the outbox's UNIQUE source), in one transaction; the subscription is then started before answering."""
+        """Record what the payment session says. Success normally completed the session already, inside the
+        transaction that recorded the payment (`_fulfil_paid`); this completes it too, for a payment recorded
+        before, guarded the same way (once). Then the order's tier subscription is started before answering."""
         session_id = row["id"]
-        clock, ledger, pricing, webhooks, prepaid = (self._clock, self._ledger, self._pricing, self.order_webhooks,
-                                                     self._prepaid)
-        events: list[str] = []
-        subscriptions: list[str] = []
+        clock = self._clock
 
         def job(conn: sqlite3.Connection) -> None:
             current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (session_id,)).fetchone()
@@ -581,40 +582,8 @@ class AcpService:
             state = json.loads(current["state"])
             iso = utc_iso(clock())
             if paid.status == "succeeded":
-                lines = state["lines"]
-                luc = sum(pricing.items[line["item"]].luc * line["quantity"] for line in lines)
-                done_what = []
-                balance = None
-                if luc:
-                    posting = ledger.credit_in(conn, current["agent_id"], luc, idempotency_key=f"acp:{session_id}",
-                                               reason=f"ACP checkout {session_id}", reference=paid.payment_intent)
-                    balance = posting.balance_after
-                    done_what.append(f"{luc} LUC credited to agent {current['agent_id']} (balance {balance} LUC)")
-                subscription = None
-                for line in lines:
-                    item = pricing.items[line["item"]]
-                    if item.subscribes and prepaid is not None:
-                        owner = conn.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = ?",
-                                             (current["agent_id"],)).fetchone()["customer_id"]
-                        subscription = prepaid.enqueue(
-                            conn, source="acp", source_id=session_id, customer=owner,
-                            tier=pricing.tier(str(item.tier)), amount=item.unit_price, currency=current["currency"],
-                            payment_intent=paid.payment_intent)
-                        subscriptions.append(subscription["prepaid_id"])
-                        done_what.append(f"the {item.tier} tier subscription for customer {owner} is starting")
-                order_id = "ord_" + session_id.removeprefix("cs_")
-                state["order"] = {
-                    "id": order_id, "status": "processing" if subscription else "confirmed", "created_at": iso,
-                    "luc_credited": luc, "agent_id": current["agent_id"], "wallet_balance": balance,
-                    "payment_intent": paid.payment_intent, "subscription": subscription,
-                }
-                state["messages"] = [_info(f"Paid {format_amount(paid.amount, paid.currency)}: "
-                                           + "; ".join(done_what) + ".")]
-                conn.execute("UPDATE acp_checkout_sessions SET status = 'completed', order_id = ?, state = ?, "
-                             "updated_at = ? WHERE id = ?", (order_id, dumps(state), iso, session_id))
-                if webhooks is not None:
-                    done = {**dict(current), "status": "completed", "state": dumps(state), "updated_at": iso}
-                    events.append(webhooks.enqueue(conn, ORDER_CREATE, self._view(done)["order"]))
+                self._complete_in(conn, dict(current), amount=paid.amount, currency=paid.currency,
+                                  payment_intent=paid.payment_intent)
             elif paid.status in ("processing", "requires_action", "requires_confirmation"):
                 conn.execute("UPDATE acp_checkout_sessions SET status = 'in_progress', updated_at = ? WHERE id = ?",
                              (iso, session_id))
@@ -629,14 +598,69 @@ class AcpService:
                              "WHERE id = ?", (dumps(state), iso, session_id))
 
         await self._store.write(job)
-        if webhooks is not None and events:
-            webhooks.dispatch(events)  # after COMMIT, in the background
-        if prepaid is not None:
-            for prepaid_id in subscriptions:
-                started = await prepaid.start(prepaid_id)
-                if started.get("status") in ("pending", "credited"):
-                    prepaid.dispatch([prepaid_id])  # Stripe was unavailable: keep trying in the background
+        self._send_orders()
+        if self._prepaid is not None and paid.status == "succeeded":
+            started = await self._prepaid.start(prepaid_id(session_id))
+            if started.get("status") in OPEN:
+                self._prepaid.dispatch([started["id"]])  # Stripe was unavailable: keep trying in the background
         return self._row(session_id)
+
+    def _fulfil_paid(self, conn: sqlite3.Connection, payment: dict[str, Any], pi_id: str) -> dict[str, Any] | None:
+        """The payment session of one of our checkouts succeeded: complete the checkout in the same transaction,
+        whoever saw the success (our complete, a GET, Stripe's webhook), so a paid order is never lost."""
+        current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE payment_session_id = ?",
+                               (payment["id"],)).fetchone()
+        if current is None:
+            return None
+        if current["status"] not in FINISHED:
+            self._complete_in(conn, dict(current), amount=payment["amount"], currency=payment["currency"],
+                              payment_intent=pi_id)
+        return {"kind": "acp_order", "checkout_session": current["id"],
+                "order": "ord_" + str(current["id"]).removeprefix("cs_")}
+
+    def _complete_in(self, conn: sqlite3.Connection, current: dict[str, Any], *, amount: int, currency: str,
+                     payment_intent: str | None) -> None:
+        """Complete a paid checkout inside the caller's transaction: credit the LUC (ledger key `acp:<id>`), record
+        the tier subscription to start (the outbox's UNIQUE source), create the order and its `order_create`."""
+        session_id = current["id"]
+        state = json.loads(current["state"])
+        iso = utc_iso(self._clock())
+        lines = state["lines"]
+        luc = sum(self._pricing.items[line["item"]].luc * line["quantity"] for line in lines)
+        done_what = []
+        balance = None
+        if luc:
+            posting = self._ledger.credit_in(conn, current["agent_id"], luc, idempotency_key=f"acp:{session_id}",
+                                             reason=f"ACP checkout {session_id}", reference=payment_intent)
+            balance = posting.balance_after
+            done_what.append(f"{luc} LUC credited to agent {current['agent_id']} (balance {balance} LUC)")
+        subscription = None
+        for line in lines:
+            item = self._pricing.items[line["item"]]
+            if item.subscribes and self._prepaid is not None:
+                owner = conn.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = ?",
+                                     (current["agent_id"],)).fetchone()["customer_id"]
+                subscription = self._prepaid.enqueue(
+                    conn, source="acp", source_id=session_id, customer=owner, tier=self._pricing.tier(str(item.tier)),
+                    amount=item.unit_price, currency=current["currency"], payment_intent=payment_intent)
+                done_what.append(f"the {item.tier} tier subscription for customer {owner} is starting")
+        order_id = "ord_" + session_id.removeprefix("cs_")
+        state["order"] = {
+            "id": order_id, "status": "processing" if subscription else "completed", "created_at": iso,
+            "luc_credited": luc, "agent_id": current["agent_id"], "wallet_balance": balance,
+            "payment_intent": payment_intent, "subscription": subscription,
+        }
+        state["messages"] = [_info(f"Paid {format_amount(amount, currency)}: " + "; ".join(done_what) + ".")]
+        conn.execute("UPDATE acp_checkout_sessions SET status = 'completed', order_id = ?, state = ?, updated_at = ? "
+                     "WHERE id = ?", (order_id, dumps(state), iso, session_id))
+        if self.order_webhooks is not None:
+            done = {**current, "status": "completed", "state": dumps(state), "updated_at": iso}
+            self.order_webhooks.enqueue(conn, ORDER_CREATE, self._view(done)["order"])
+
+    def _send_orders(self) -> None:
+        """After a COMMIT that may have written order events: send the pending ones in the background."""
+        if self.order_webhooks is not None:
+            self.order_webhooks.kick()
 
     def _subscription_outcome(self, conn: sqlite3.Connection, prepaid: dict[str, Any]) -> Callable[[], None] | None:
         """The order's tier subscription started (or failed for good): update the order, and tell the agent
@@ -662,8 +686,8 @@ class AcpService:
         if webhooks is None:
             return None
         updated = {**dict(current), "state": dumps(state), "updated_at": iso}
-        event = webhooks.enqueue(conn, ORDER_UPDATE, self._view(updated)["order"])
-        return lambda: webhooks.dispatch([event])
+        webhooks.enqueue(conn, ORDER_UPDATE, self._view(updated)["order"])
+        return self._send_orders
 
     # --- state --------------------------------------------------------------------------------------------------
 

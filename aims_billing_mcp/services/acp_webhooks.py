@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 
 from ..store import Store, dumps, utc_iso
+from .background import Background
 
 ORDER_CREATE = "order_create"
 ORDER_UPDATE = "order_update"
@@ -79,7 +80,7 @@ class OrderWebhooks:
         self._scale = retry_delay_scale
         self._timeout = timeout_seconds
         self._transport = transport
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.background = Background()
 
     def enqueue(self, conn: sqlite3.Connection, event_type: str, order: dict[str, Any]) -> str:
         """Record an event inside the caller's write transaction; send it with `dispatch` once that commits."""
@@ -91,24 +92,27 @@ class OrderWebhooks:
         return event_id
 
     def dispatch(self, event_ids: Sequence[str]) -> None:
-        """Send these (committed) events in the background: the caller does not wait."""
-        for event_id in event_ids:
-            task = asyncio.get_running_loop().create_task(self._deliver(event_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        """Send these (committed) events in the background, from any thread's loop: the caller does not wait."""
+        self.background.spawn((event_id, lambda event_id=event_id: self._deliver(event_id))  # type: ignore[misc]
+                              for event_id in event_ids)
 
-    def resume(self) -> list[str]:
-        """Dispatch every event still pending (neither delivered nor given up), e.g. after a restart."""
+    def kick(self) -> list[str]:
+        """Dispatch every event still pending (neither delivered nor given up) and not already being sent: after a
+        COMMIT that may have written one, and at start-up for the ones a previous run left."""
         rows = self._store.query("SELECT id FROM acp_order_events WHERE delivered = 0 AND gave_up = 0 "
                                  "ORDER BY created_at")
         ids = [row["id"] for row in rows]
         self.dispatch(ids)
         return ids
 
+    def resume(self) -> list[str]:
+        """At start-up, on the server's loop: deliveries run there from now on."""
+        self.background.bind()
+        return self.kick()
+
     async def drain(self) -> None:
         """Wait for the deliveries in flight (shutdown and tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.background.drain()
 
     def event(self, event_id: str) -> dict[str, Any] | None:
         return self._store.query_one("SELECT * FROM acp_order_events WHERE id = ?", (event_id,))

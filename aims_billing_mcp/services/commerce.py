@@ -26,7 +26,7 @@ from .commerce_models import PaymentSession, PaymentSessionResult
 from .idempotency import CallKey
 from .ledger import LedgerService
 from .mutations import StripeMutations, compact
-from .prepaid import PrepaidSubscriptions, prepaid_id
+from .prepaid import OPEN, PrepaidSubscriptions, prepaid_id
 from .tiers import Item, Pricing
 
 CREATE_TOOL = "create_payment_session"
@@ -37,6 +37,8 @@ _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
 _SESSION = re.compile(r"ps_[A-Za-z0-9_]{1,200}")
 _PAYMENT_METHOD = re.compile(r"pm_[A-Za-z0-9_]{1,200}")
 SHARED_PAYMENT_TOKEN = re.compile(r"spt_[A-Za-z0-9_]{1,200}")
+# Fulfils a succeeded session it owns inside the recording transaction and says what it did (None: not its own).
+Fulfiler = Callable[[sqlite3.Connection, dict[str, Any], str], dict[str, Any] | None]
 
 
 def _session_id(call_key: str) -> str:
@@ -69,6 +71,15 @@ class PaymentSessionService:
         self.prepaid = prepaid  # tier items start a prepaid subscription; ACP orders use the same outbox
         if prepaid is not None:
             prepaid.on_outcome("payment_session", self._subscription_outcome)
+        self._fulfilers: list[Fulfiler] = []
+        self._after_commit: list[Callable[[], None]] = []
+
+    def fulfil_with(self, fulfiler: Fulfiler, after_commit: Callable[[], None] | None = None) -> None:
+        """Let another seller (ACP) fulfil the sessions it created, in the transaction that records their success;
+        `after_commit` then sends what that transaction queued (its outbox)."""
+        self._fulfilers.append(fulfiler)
+        if after_commit is not None:
+            self._after_commit.append(after_commit)
 
     # --- create -----------------------------------------------------------------------------------------------
 
@@ -198,6 +209,9 @@ class PaymentSessionService:
         if session.status == "canceled":
             raise InvalidState(f"payment session {session.id} was canceled: create a new one to pay",
                                param="session_id")
+        item = self._pricing.items.get(session.item or "")
+        if item is not None and item.subscribes and session.customer is not None:
+            self._check_can_subscribe(item, session.customer)  # another tier may have been bought since create
         params = ({"payment_method": payment_method} if payment_method is not None
                   else {"shared_payment_granted_token": shared_payment_token})
         # The Stripe key covers the arguments too: another card after a decline is another Stripe request.
@@ -266,28 +280,31 @@ class PaymentSessionService:
         subscription it paid for is started before answering (retried in the background if Stripe fails)."""
         done = await self._store.write(lambda conn: self.apply_payment_intent(conn, pi))
         assert done is not None
+        self._committed()
         return await self._start_subscription(done)
+
+    def _committed(self) -> None:
+        """After a COMMIT that may have queued fulfilment work (a prepaid subscription, an ACP order event)."""
+        if self.prepaid is not None:
+            self.prepaid.kick()
+        for action in self._after_commit:
+            action()
 
     async def _start_subscription(self, session: PaymentSession) -> PaymentSession:
         if self.prepaid is None or not session.fulfilment or session.fulfilment.get("kind") != "subscription":
             return session
-        if session.fulfilment.get("status") not in ("pending", "credited"):
+        if session.fulfilment.get("status") not in OPEN:
             return session
         row = await self.prepaid.start(prepaid_id(session.id))
-        if row.get("status") in ("pending", "credited"):
+        if row.get("status") in OPEN:
             self.prepaid.dispatch([row["id"]])  # Stripe was unavailable: keep trying in the background
         return self._session(session.id)
 
     def after_webhook(self, event: dict[str, Any]) -> None:
-        """After a `payment_intent.succeeded` webhook committed: start the subscription it paid for, if any, in the
-        background (the webhook is answered at once)."""
-        pi = ((event.get("data") or {}).get("object")) or {}
-        if self.prepaid is None or event.get("type") != "payment_intent.succeeded" or not isinstance(pi, dict):
-            return
-        found = self._store.query_one("SELECT id FROM payment_sessions WHERE payment_intent_id = ?", (pi.get("id"),))
-        row = self.prepaid.find(prepaid_id(found["id"])) if found is not None else None
-        if row is not None and row["status"] in ("pending", "credited"):
-            self.prepaid.dispatch([row["id"]])
+        """After a `payment_intent.succeeded` webhook committed: what its fulfilment queued (a subscription to
+        start, an order event to send) goes out in the background; the webhook is answered at once."""
+        if event.get("type") == "payment_intent.succeeded":
+            self._committed()
 
     def _subscription_outcome(self, conn: sqlite3.Connection, row: dict[str, Any]) -> None:
         assert self.prepaid is not None
@@ -354,6 +371,9 @@ class PaymentSessionService:
         return _view(_row(conn, row["id"]))
 
     def _fulfil(self, conn: sqlite3.Connection, row: dict[str, Any], pi_id: str) -> dict[str, Any]:
+        for fulfiler in self._fulfilers:
+            if (done := fulfiler(conn, row, pi_id)) is not None:
+                return done
         item = self._pricing.items.get(row["item_id"]) if row["item_id"] else None
         if item is not None and item.subscribes and self.prepaid is not None:
             return self.prepaid.enqueue(conn, source="payment_session", source_id=row["id"],
@@ -380,7 +400,15 @@ class PaymentSessionService:
 
     def _find(self, session_id: str) -> PaymentSession | None:
         row = self._store.query_one("SELECT * FROM payment_sessions WHERE id = ?", (session_id,))
-        return _view(row) if row is not None else None
+        if row is None:
+            return None
+        session = _view(row)
+        fulfilment = session.fulfilment or {}
+        if self.prepaid is not None and fulfilment.get("kind") == "subscription" and fulfilment.get("status") in OPEN:
+            current = self.prepaid.find(str(fulfilment.get("prepaid_id")))  # how far its start has come
+            if current is not None:
+                session.fulfilment = self.prepaid.summary(current)
+        return session
 
     def _session(self, session_id: str) -> PaymentSession:
         if not isinstance(session_id, str) or not _SESSION.fullmatch(session_id.strip()):

@@ -4,17 +4,23 @@ The buyer paid the whole commitment once (a Shared Payment Token is single-use: 
 the payment becomes Stripe's own prepaid credit and Stripe bills the months from it:
 1. a customer balance transaction of -amount (a credit on the customer's Stripe balance);
 2. a subscription on the tier's monthly price (and its metered overage price) with `collection_method=send_invoice`
-   (no card on file: nothing is ever charged automatically), the tier's free months as a trial, `cancel_at` at the
-   commitment end and the tier in its metadata, as a checkout-started subscription has.
+   (no card on file: nothing is ever charged automatically), the tier's free months as a trial, and the tier in its
+   metadata, as a checkout-started subscription has;
+3. its `cancel_at` set to the commitment end counted from Stripe's own `start_date` (Stripe's clock, not ours).
 Each monthly invoice is paid from the credit at finalization; usage beyond the allowance draws on it too and, once
 it is spent, is invoiced to the customer (open invoice, 30 days), never charged without consent.
 
 Why an outbox: the row is written in the transaction that records the payment (so a paid order is never without
-its fulfilment), and the Stripe calls run after COMMIT. Each step's result is stored before the next one starts and
-each call has a deterministic idempotency key, so a retry after a crash (at start-up, or `start-subscriptions`)
-resumes where it stopped and can neither credit twice nor start two subscriptions. The subscription is recorded in
-`billing_provisions` in the same job that marks the row started, and the source (payment session or ACP order)
-is told in that job too (its hook may hand back an after-COMMIT action, e.g. sending ACP's order_update).
+its fulfilment), and the Stripe calls run after COMMIT, step by step (pending -> claimed -> credited -> subscribed
+-> started). Every step is a guarded UPDATE from the status it expects, so two workers (two processes) cannot both
+advance a row, nor a slow one rewind it. What makes "never two subscriptions, never two credits" hold:
+- claiming: a writer job lets a row go from pending to claimed only when the customer has no other row in progress
+  and no live paid subscription; the check runs again before the subscription is created (a row left credited by a
+  failure may be retried days later, when the customer may have subscribed another way);
+- each Stripe call has a deterministic idempotency key, and since Stripe forgets keys after 24 hours, a step that
+  is not fresh first looks for its object by `metadata.aims_prepaid` before creating it.
+The subscription is recorded in `billing_provisions` in the job that marks the row started, and the source
+(payment session or ACP order) is told in that job too; its hook may hand back an after-COMMIT action.
 """
 
 from __future__ import annotations
@@ -24,20 +30,26 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
-from ..errors import BillingError, InvalidState, NotFound
+from ..errors import BillingError, NotFound
 from ..models import format_amount
 from ..store import Store, utc_iso
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
-from .subscriptions import SubscriptionService
+from .background import Background
+from .subscriptions import LIVE, SubscriptionService
 from .tiers import TIER_METADATA, Pricing, Tier, add_months, trial_days
 
 log = logging.getLogger(__name__)
 DAYS_UNTIL_DUE = 30
-OPEN = ("pending", "credited")
+IN_PROGRESS = ("claimed", "credited", "subscribed")
+OPEN = ("pending", *IN_PROGRESS)
+FRESH_SECONDS = 3600  # a step younger than this retries under Stripe's idempotency key (kept 24 h) without looking
+PREPAID_METADATA = "aims_prepaid"
 # A hook runs inside the job that records the start (or the failure); it may return an action for after COMMIT.
 Hook = Callable[[sqlite3.Connection, dict[str, Any]], Callable[[], None] | None]
+Job = Callable[[sqlite3.Connection], tuple[dict[str, Any], bool]]
 
 
 def prepaid_id(source_id: str) -> str:
@@ -60,21 +72,20 @@ class PrepaidSubscriptions:
         self._scale = retry_delay_scale
         self._hooks: dict[str, Hook] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.background = Background()
 
     def on_outcome(self, source: str, hook: Hook) -> None:
         """Tell `source` (payment_session, acp) when one of its subscriptions starts or fails for good."""
         self._hooks[source] = hook
 
-    # --- the outbox -------------------------------------------------------------------------------------------
+    # --- before the payment -------------------------------------------------------------------------------------
 
     def live_tier(self, customer: str) -> str | None:
-        """The paid tier a customer already has (live subscription, or a prepaid one not yet started): buying a
-        second one would bill two subscriptions for one customer."""
+        """The paid tier a customer already has (live subscription, or a prepaid one paid and not yet started):
+        buying a second one would bill two subscriptions for one customer."""
         open_row = self._store.query_one(
-            "SELECT tier FROM prepaid_subscriptions WHERE customer_id = ? AND status IN ('pending', 'credited')",
-            (customer,))
+            f"SELECT tier FROM prepaid_subscriptions WHERE customer_id = ? AND status IN ({_marks(OPEN)})",
+            (customer, *OPEN))
         if open_row is not None:
             return str(open_row["tier"])
         tier = self._subscriptions.entitled_tier(customer)
@@ -87,6 +98,8 @@ class PrepaidSubscriptions:
                            "create_customer (or buy for an agent whose wallet belongs to an existing customer)",
                            param=param)
 
+    # --- the outbox -------------------------------------------------------------------------------------------
+
     def enqueue(self, conn: sqlite3.Connection, *, source: str, source_id: str, customer: str, tier: Tier,
                 amount: int, currency: str, payment_intent: str | None) -> dict[str, Any]:
         """Record the subscription to start, inside the caller's write transaction (start it after COMMIT)."""
@@ -97,8 +110,7 @@ class PrepaidSubscriptions:
             "payment_intent_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (source_id) DO NOTHING",
             (row_id, source, source_id, customer, tier.id, amount, currency, payment_intent, iso, iso))
-        return self.summary(dict(conn.execute("SELECT * FROM prepaid_subscriptions WHERE id = ?",
-                                              (row_id,)).fetchone()))
+        return self.summary(_read(conn, row_id))
 
     def summary(self, row: dict[str, Any]) -> dict[str, Any]:
         """What the buyer sees: the tier, what was prepaid, and how far the start has come."""
@@ -110,8 +122,8 @@ class PrepaidSubscriptions:
         }
         if tier is not None:
             summary["months"] = tier.delivered_months
-        if row["starts_at"]:
-            summary["commitment_end"] = utc_iso(self._commitment_end(tier, row["starts_at"])) if tier else None
+        if row["ends_at"]:
+            summary["commitment_end"] = utc_iso(row["ends_at"])
         if row["last_error"]:
             summary["last_error"] = row["last_error"]
         return summary
@@ -121,8 +133,8 @@ class PrepaidSubscriptions:
 
     def pending(self, *, include_failed: bool = False) -> list[dict[str, Any]]:
         statuses = (*OPEN, "failed") if include_failed else OPEN
-        return self._store.query(f"SELECT * FROM prepaid_subscriptions WHERE status IN "
-                                 f"({', '.join('?' * len(statuses))}) ORDER BY created_at", statuses)
+        return self._store.query(f"SELECT * FROM prepaid_subscriptions WHERE status IN ({_marks(statuses)}) "
+                                 "ORDER BY created_at", statuses)
 
     # --- starting them ----------------------------------------------------------------------------------------
 
@@ -137,80 +149,200 @@ class PrepaidSubscriptions:
             try:
                 return await self._start(row)
             except BillingError as exc:
-                return await self._record_error(row, exc)
+                return await self._record_error(row_id, exc)
 
     async def _start(self, row: dict[str, Any]) -> dict[str, Any]:
         tier = self._pricing.tier(row["tier"])
-        price, overage = await self._subscriptions.prices_for(tier)
         if row["status"] == "pending":
-            if (live := self._subscriptions.entitled_tier(row["customer_id"])).paid:
-                raise InvalidState(f"customer {row['customer_id']} got the {live.id} tier meanwhile: a second "
-                                   "subscription would bill twice; refund the payment or cancel one, then run "
-                                   "`aims-billing-mcp start-subscriptions --failed`", param="customer")
-            txn = (await self._gateway.send(StripeRequest(
+            row, moved = await self._claimed(row["id"])
+            if not moved:
+                return row
+        price, overage = await self._subscriptions.prices_for(tier)
+        if row["status"] == "claimed":
+            txn = await self._existing_credit(row) or (await self._gateway.send(StripeRequest(
                 "post", f"/v1/customers/{row['customer_id']}/balance_transactions",
                 {"amount": -row["amount"], "currency": row["currency"],
                  "description": f"Prepaid {tier.name} subscription ({tier.commitment_months} months billed, "
                                 f"{tier.delivered_months} delivered)",
-                 "metadata": {"aims_prepaid": row["id"], TIER_METADATA: tier.id}},
+                 "metadata": {PREPAID_METADATA: row["id"], TIER_METADATA: tier.id}},
                 stripe_idempotency_key("prepaid-credit", row["id"])))).data
-            # The commitment runs on Stripe's clock (the credit's `created`), not ours: a cancel_at computed from a
-            # clock behind Stripe's (a test clock, the sandbox after `advance`) could already be in Stripe's past.
-            starts_at = int(txn.get("created") or self._clock())
-            row = await self._store.write(self._step(row["id"], "UPDATE prepaid_subscriptions SET status = "
-                                                     "'credited', balance_transaction_id = ?, starts_at = ?",
-                                                     (txn["id"], starts_at)))
-        starts_at = int(row["starts_at"])
-        end = self._commitment_end(tier, starts_at)
-        metadata = {TIER_METADATA: tier.id, "aims_commitment_months": str(tier.commitment_months),
-                    "aims_delivered_months": str(tier.delivered_months), "aims_prepaid": row["id"],
-                    "aims_prepaid_amount": str(row["amount"])}
+            row, moved = await self._store.write(self._step(row["id"], "claimed", "credited",
+                                                            balance_transaction_id=txn["id"],
+                                                            starts_at=int(self._clock())))
+            if not moved:
+                return row
+        if row["status"] == "credited":
+            sub = await self._existing_subscription(row)
+            if sub is None:
+                if not self._fresh(row):  # left credited a while: the customer may have subscribed another way
+                    row, moved = await self._claimed(row["id"])
+                    if not moved:
+                        return row
+                sub = await self._create_subscription(row, tier, price, overage)
+            row, moved = await self._store.write(self._step(row["id"], "credited", "subscribed",
+                                                            subscription_id=sub["id"]))
+            if not moved:
+                return row
+        # subscribed: end it at the commitment end, counted from Stripe's own start of the subscription
+        sub = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row['subscription_id']}"))).data
+        ends_at = add_months(int(sub["start_date"]), tier.delivered_months)
+        if sub.get("cancel_at") != ends_at:
+            sub = (await self._gateway.send(StripeRequest(
+                "post", f"/v1/subscriptions/{sub['id']}", {"cancel_at": ends_at},
+                stripe_idempotency_key("prepaid-end", f"{row['id']}:{ends_at}")))).data
+        return await self._finish(row["id"], "subscribed", "started", sub=sub, ends_at=ends_at)
+
+    async def _create_subscription(self, row: dict[str, Any], tier: Tier, price: str,
+                                   overage: str | None) -> dict[str, Any]:
+        # The trial's length is computed from when this subscription is created (a late start must not shorten
+        # the commitment); the key names that moment, so a retry of this very request sends the same body.
+        starts_at = row["starts_at"] if row["starts_at"] and self._fresh(row) else int(self._clock())
+        if starts_at != row["starts_at"]:
+            row, _ = await self._store.write(self._step(row["id"], "credited", "credited", starts_at=starts_at))
         params: dict[str, Any] = {
             "customer": row["customer_id"],
             "items": [{"price": price, "quantity": 1}] + ([{"price": overage}] if overage else []),
-            "collection_method": "send_invoice", "days_until_due": DAYS_UNTIL_DUE, "cancel_at": end,
-            "metadata": metadata, "description": f"{tier.name} tier, prepaid ({row['id']})",
+            "collection_method": "send_invoice", "days_until_due": DAYS_UNTIL_DUE,
+            "metadata": {TIER_METADATA: tier.id, "aims_commitment_months": str(tier.commitment_months),
+                         "aims_delivered_months": str(tier.delivered_months), PREPAID_METADATA: row["id"],
+                         "aims_prepaid_amount": str(row["amount"])},
+            "description": f"{tier.name} tier, prepaid ({row['id']})",
         }
         if tier.free_months:
             params["trial_period_days"] = trial_days(starts_at, tier.free_months)
-        sub = (await self._gateway.send(StripeRequest("post", "/v1/subscriptions", params,
-                                                      stripe_idempotency_key("prepaid-subscription", row["id"])))).data
-        return await self._finish(row, "started", sub=sub)
+        key = stripe_idempotency_key("prepaid-subscription", f"{row['id']}:{starts_at}")
+        return (await self._gateway.send(StripeRequest("post", "/v1/subscriptions", params, key))).data
 
-    def _commitment_end(self, tier: Tier, starts_at: int) -> int:
-        return add_months(starts_at, tier.delivered_months)
+    def _fresh(self, row: dict[str, Any]) -> bool:
+        """Whether the row's last step is recent and error-free enough for Stripe to still hold its idempotency keys
+        (else the step first looks for what an earlier attempt may have created)."""
+        changed = datetime.fromisoformat(row["updated_at"].replace("Z", "+00:00")).timestamp()
+        return self._clock() - changed < FRESH_SECONDS and not row["attempts"] and not row["last_error"]
 
-    async def _record_error(self, row: dict[str, Any], exc: BillingError) -> dict[str, Any]:
-        attempts = int(row["attempts"]) + 1
+    async def _existing_credit(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """The credit an earlier attempt made, when its idempotency key may have expired."""
+        if self._fresh(row):
+            return None
+        page = await self._gateway.send(StripeRequest(
+            "get", f"/v1/customers/{row['customer_id']}/balance_transactions", {"limit": 100}))
+        return next((txn for txn in page.data.get("data", [])
+                     if (txn.get("metadata") or {}).get(PREPAID_METADATA) == row["id"]), None)
+
+    async def _existing_subscription(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """The subscription an earlier attempt created, when its idempotency key may have expired."""
+        if self._fresh(row):
+            return None
+        page = await self._gateway.send(StripeRequest(
+            "get", "/v1/subscriptions", {"customer": row["customer_id"], "status": "all", "limit": 100}))
+        return next((sub for sub in page.data.get("data", [])
+                     if (sub.get("metadata") or {}).get(PREPAID_METADATA) == row["id"]), None)
+
+    async def _claimed(self, row_id: str) -> tuple[dict[str, Any], bool]:
+        after: list[Callable[[], None]] = []
+        row, moved = await self._store.write(self._claim(row_id, after))
+        for action in after:
+            action()
+        return row, moved
+
+    def _claim(self, row_id: str, after: list[Callable[[], None]]) -> Job:
+        """pending -> claimed (or credited -> credited): only when this row may hold the customer's subscription;
+        otherwise the row fails with the reason (nothing was credited when it fails from pending)."""
+        clock, subscriptions, pricing = self._clock, self._subscriptions, self._pricing
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            row = _read(conn, row_id)
+            if row["status"] not in ("pending", "credited"):
+                return row, False
+            other = conn.execute(
+                f"SELECT id, tier FROM prepaid_subscriptions WHERE customer_id = ? AND id != ? AND status IN "
+                f"({_marks(IN_PROGRESS)})", (row["customer_id"], row_id, *IN_PROGRESS)).fetchone()
+            provision = conn.execute("SELECT tier, status, subscription_id FROM billing_provisions WHERE "
+                                     "customer_id = ?", (row["customer_id"],)).fetchone()
+            live = (provision is not None and provision["status"] in LIVE and provision["tier"] in pricing.tiers
+                    and pricing.tiers[provision["tier"]].paid)
+            if other is None and not live:
+                status = "claimed" if row["status"] == "pending" else "credited"
+                conn.execute("UPDATE prepaid_subscriptions SET status = ?, updated_at = ? WHERE id = ?",
+                             (status, utc_iso(clock()), row_id))
+                return _read(conn, row_id), True
+            has = f"{other['tier']} tier being started ({other['id']})" if other else (
+                f"{provision['tier']} tier (subscription {provision['subscription_id']})")
+            kept = ("nothing was credited: refund the payment" if row["status"] == "pending" else
+                    f"the credit of {format_amount(row['amount'], row['currency'])} stays on the customer's Stripe "
+                    "balance: reverse it and refund, or end the other subscription")
+            error = (f"customer {row['customer_id']} already has the {has}: a second subscription would bill "
+                     f"twice; {kept}, then `aims-billing-mcp start-subscriptions --failed {row_id}` if it should "
+                     "start after all")
+            subscriptions.forget(row["customer_id"])
+            return self._fail_in(conn, row, error, after), False
+
+        return job
+
+    def _step(self, row_id: str, expected: str, status: str, **values: Any) -> Job:
+        """Move the row from `expected` to `status`, recording `values`; nothing if another worker moved it."""
+        clock = self._clock
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            sets = "".join(f", {column} = ?" for column in values)
+            cursor = conn.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ?{sets} WHERE id = ? "
+                                  "AND status = ?", (status, utc_iso(clock()), *values.values(), row_id, expected))
+            return _read(conn, row_id), cursor.rowcount == 1
+
+        return job
+
+    async def _record_error(self, row_id: str, exc: BillingError) -> dict[str, Any]:
         message = f"{exc.code}: {exc.message}"[:500]
-        if exc.retryable and attempts < self._max_attempts:
-            return await self._store.write(self._step(row["id"], "UPDATE prepaid_subscriptions SET attempts = ?, "
-                                                      "last_error = ?", (attempts, message)))
-        log.error("prepaid subscription %s failed: %s", row["id"], message)
-        return await self._finish({**row, "attempts": attempts}, "failed", error=message)
+        max_attempts, clock = self._max_attempts, self._clock
+        after: list[Callable[[], None]] = []
 
-    async def _finish(self, row: dict[str, Any], status: str, *, sub: dict[str, Any] | None = None,
-                      error: str | None = None) -> dict[str, Any]:
-        """Mark the row started (recording the subscription as its provision) or failed, and tell the source, in
-        one job; the source's after-COMMIT action runs once the job has committed."""
+        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+            row = _read(conn, row_id)
+            if row["status"] not in OPEN:
+                return row  # another worker finished it meanwhile
+            attempts = int(row["attempts"]) + 1
+            conn.execute("UPDATE prepaid_subscriptions SET attempts = ?, last_error = ?, updated_at = ? WHERE id = ?",
+                         (attempts, message, utc_iso(clock()), row_id))
+            if exc.retryable and attempts < max_attempts:
+                return _read(conn, row_id)
+            log.error("prepaid subscription %s failed: %s", row_id, message)
+            failed = self._fail_in(conn, _read(conn, row_id), message, after)
+            return failed
+
+        done = await self._store.write(job)
+        for action in after:
+            action()
+        return done
+
+    def _fail_in(self, conn: sqlite3.Connection, row: dict[str, Any], error: str,
+                 after: list[Callable[[], None]]) -> dict[str, Any]:
+        """Mark the row failed and tell its source, inside the caller's job."""
+        conn.execute("UPDATE prepaid_subscriptions SET status = 'failed', last_error = ?, updated_at = ? WHERE id = ?",
+                     (error, utc_iso(self._clock()), row["id"]))
+        failed = _read(conn, row["id"])
         hook = self._hooks.get(row["source"])
+        if hook is not None and (action := hook(conn, failed)) is not None:
+            after.append(action)
+        return failed
+
+    async def _finish(self, row_id: str, expected: str, status: str, *, sub: dict[str, Any],
+                      ends_at: int) -> dict[str, Any]:
+        """Mark the row started and record the subscription as the customer's provision, and tell the source, in
+        one job; the source's after-COMMIT action runs once the job has committed."""
+        hook = self._hooks.get
         clock, subscriptions = self._clock, self._subscriptions
         after: list[Callable[[], None]] = []
 
         def job(conn: sqlite3.Connection) -> dict[str, Any]:
-            cursor = conn.execute(
-                "UPDATE prepaid_subscriptions SET status = ?, subscription_id = ?, attempts = ?, last_error = ?, "
-                "updated_at = ? WHERE id = ? AND status IN ('pending', 'credited')",
-                (status, sub["id"] if sub else None, row["attempts"], error, utc_iso(clock()), row["id"]))
-            current = dict(conn.execute("SELECT * FROM prepaid_subscriptions WHERE id = ?", (row["id"],)).fetchone())
+            cursor = conn.execute("UPDATE prepaid_subscriptions SET status = ?, ends_at = ?, last_error = NULL, "
+                                  "updated_at = ? WHERE id = ? AND status = ?",
+                                  (status, ends_at, utc_iso(clock()), row_id, expected))
+            current = _read(conn, row_id)
             if cursor.rowcount != 1:
                 return current  # another attempt finished it first
-            if sub is not None:
-                now = int(clock())
-                subscriptions.apply_event(conn, {"id": f"api_prepaid_{sub['id']}", "type":
-                                                 "customer.subscription.created", "created": now,
-                                                 "data": {"object": sub}})
-            if hook is not None and (action := hook(conn, current)) is not None:
+            subscriptions.apply_event(conn, {"id": f"api_prepaid_{sub['id']}", "type": "customer.subscription.created",
+                                             "created": int(clock()), "data": {"object": sub}})
+            source_hook = hook(current["source"])
+            if source_hook is not None and (action := source_hook(conn, current)) is not None:
                 after.append(action)
             return current
 
@@ -220,35 +352,12 @@ class PrepaidSubscriptions:
             action()
         return done
 
-    def _step(self, row_id: str, update: str, values: Sequence[Any]) -> Callable[[sqlite3.Connection],
-                                                                                  dict[str, Any]]:
-        clock = self._clock
-
-        def job(conn: sqlite3.Connection) -> dict[str, Any]:
-            conn.execute(f"{update}, updated_at = ? WHERE id = ?", (*values, utc_iso(clock()), row_id))
-            return dict(conn.execute("SELECT * FROM prepaid_subscriptions WHERE id = ?", (row_id,)).fetchone())
-
-        return job
-
     # --- in the background ------------------------------------------------------------------------------------
 
     def dispatch(self, row_ids: Sequence[str]) -> None:
-        """Start these (committed) subscriptions in the background, retrying with backoff, on the server's event
-        loop: a caller on another loop (the embedded sandbox delivers its webhooks from its own thread) hands the
-        work over instead of starting tasks its loop would drop."""
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        if loop is self._loop:
-            self._spawn(row_ids)
-        else:
-            self._loop.call_soon_threadsafe(self._spawn, list(row_ids))
-
-    def _spawn(self, row_ids: Sequence[str]) -> None:
-        for row_id in row_ids:
-            task = asyncio.get_running_loop().create_task(self._run(row_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        """Start these (committed) subscriptions in the background, retrying with backoff (any thread's loop)."""
+        self.background.spawn((row_id, lambda row_id=row_id: self._run(row_id))  # type: ignore[misc]
+                              for row_id in row_ids)
 
     async def _run(self, row_id: str) -> None:
         while True:
@@ -257,23 +366,38 @@ class PrepaidSubscriptions:
                 return
             await asyncio.sleep(self._scale * 2 ** max(0, int(row["attempts"]) - 1))
 
-    def resume(self) -> list[str]:
-        """Start every subscription a previous run recorded but did not finish (at start-up)."""
-        self._loop = asyncio.get_running_loop()  # the server's loop: background starts run here
+    def kick(self) -> list[str]:
+        """Start every open subscription not already being started (after a COMMIT that may have recorded one,
+        and at start-up for the ones a previous run left)."""
         ids = [row["id"] for row in self.pending()]
         self.dispatch(ids)
         return ids
 
-    async def retry(self, *, include_failed: bool) -> list[dict[str, Any]]:
-        """Attempt every open (and, when asked, failed) subscription now, one by one (`start-subscriptions`)."""
+    def resume(self) -> list[str]:
+        """At start-up, on the server's loop: background starts run there from now on."""
+        self.background.bind()
+        return self.kick()
+
+    async def retry(self, *, include_failed: bool, only: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Attempt every open (and, when asked, failed) subscription now, one by one (`start-subscriptions`);
+        `only` limits it to these ids."""
         if include_failed:
+            chosen = f" AND id IN ({_marks(only)})" if only else ""
             await self._store.write(lambda conn: conn.execute(
-                "UPDATE prepaid_subscriptions SET status = CASE WHEN balance_transaction_id IS NULL THEN 'pending' "
-                "ELSE 'credited' END, attempts = 0 WHERE status = 'failed'"))
-        return [await self.start(row["id"]) for row in self.pending()]
+                "UPDATE prepaid_subscriptions SET status = CASE WHEN subscription_id IS NOT NULL THEN 'subscribed' "
+                "WHEN balance_transaction_id IS NOT NULL THEN 'credited' ELSE 'pending' END, attempts = 0 "
+                f"WHERE status = 'failed'{chosen}", tuple(only)))
+        rows = [row for row in self.pending() if not only or row["id"] in only]
+        return [await self.start(row["id"]) for row in rows]
 
     async def drain(self) -> None:
-        """Wait for the starts in flight (shutdown and tests), including ones another thread just handed over."""
-        await asyncio.sleep(0)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait for the starts in flight (shutdown and tests)."""
+        await self.background.drain()
+
+
+def _read(conn: sqlite3.Connection, row_id: str) -> dict[str, Any]:
+    return dict(conn.execute("SELECT * FROM prepaid_subscriptions WHERE id = ?", (row_id,)).fetchone())
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" * len(values))

@@ -46,6 +46,14 @@ class Env:
         return await self.stack.payments.confirm_session(created.session.id, payment_method="pm_card_visa",
                                                          shared_payment_token=None, idempotency_key=f"pay-{key}")
 
+    async def paid_not_started(self, key: str = "buy-tier") -> Any:
+        """A tier session paid and fulfilled (its subscription recorded to start) that nobody has started yet."""
+        session = await self.buy(key=key, pay=False)
+        pi = await self.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
+                               {"payment_method": "pm_card_visa"})
+        await self.stack.store.write(lambda conn: self.stack.payments.apply_payment_intent(conn, pi))
+        return session
+
     async def subscriptions(self) -> list[dict[str, Any]]:
         return list((await self.stripe("get", "/v1/subscriptions", {"customer": self.customer, "status": "all"}))[
             "data"])
@@ -247,10 +255,7 @@ async def test_a_late_start_still_delivers_the_whole_commitment(env: Env) -> Non
 
 
 async def test_a_slow_worker_cannot_rewind_a_started_subscription(env: Env) -> None:
-    session = await env.buy(pay=False)
-    pi = await env.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
-                          {"payment_method": "pm_card_visa"})
-    await env.stack.store.write(lambda conn: env.stack.payments.apply_payment_intent(conn, pi))
+    session = await env.paid_not_started()
     row_id = prepaid_id(session.id)
     stale = env.stack.prepaid.find(row_id)  # another worker read it pending ...
     assert stale is not None
@@ -266,11 +271,7 @@ async def test_a_slow_worker_cannot_rewind_a_started_subscription(env: Env) -> N
 
 
 async def test_concurrent_starts_from_two_workers_start_one_subscription(env: Env) -> None:
-    session = await env.buy(pay=False)
-    # the row as the payment recorded it, before anyone started it: fulfil in a writer job without starting
-    pi = await env.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
-                          {"payment_method": "pm_card_visa"})
-    await env.stack.store.write(lambda conn: env.stack.payments.apply_payment_intent(conn, pi))
+    session = await env.paid_not_started()
     row_id = prepaid_id(session.id)
     assert env.stack.prepaid.find(row_id)["status"] == "pending"  # type: ignore[index]
     # a second worker (another process: its own locks) over the same store and Stripe account
@@ -324,10 +325,7 @@ async def test_a_customer_with_a_tier_cannot_buy_another(env: Env) -> None:
 
 
 async def test_a_second_purchase_paid_before_the_first_started_is_refused_at_purchase(env: Env) -> None:
-    session = await env.buy(pay=False)
-    pi = await env.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
-                          {"payment_method": "pm_card_visa"})
-    await env.stack.store.write(lambda conn: env.stack.payments.apply_payment_intent(conn, pi))  # paid, not started
+    await env.paid_not_started()
 
     with pytest.raises(InvalidState, match="already has the 3mo tier"):
         await env.buy("tier_9mo", key="second")

@@ -161,3 +161,18 @@ async def test_stripe_down_while_checking_the_subscriber_is_a_502_to_retry(selle
     sandbox.faults.clear()
     done = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa"), "pay", 200)
     assert done["status"] == "completed"  # the 502 was not stored: the same key pays
+
+
+async def test_a_refused_credit_keeps_the_payment_and_puts_the_order_in_manual_review(seller: Seller) -> None:
+    created = await seller.create(["luc_10k"])
+    # the wallet is at the ledger's ceiling: the credit will be refused (the ledger's own limit, 10^18)
+    await seller.store.write(lambda conn: conn.execute(
+        "UPDATE agent_wallets SET balance = ? WHERE agent_id = 'subscriber'", (10**18 - 5,)))
+
+    done = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa"), "pay", 200)
+
+    assert done["status"] == "completed" and done["order"]["status"] == "manual_review"
+    [line] = done["order"]["line_items"]
+    assert (line["status"], line["quantity"]["fulfilled"]) == ("processing", 0)
+    assert "refused" in done["messages"][-1]["content"]
+    assert seller.store.query_one("SELECT status FROM payment_sessions") == {"status": "succeeded"}

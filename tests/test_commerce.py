@@ -222,3 +222,19 @@ async def test_concurrent_polls_and_webhooks_fulfil_once(env: Env) -> None:
     await asyncio.gather(*[env.service.get_session(session_id) for _ in range(5)],
                          *[env.store.write(lambda conn: env.service.apply_event(conn, event)) for _ in range(5)])
     assert env.balance() == 10_000 and env.credits() == 1
+
+
+async def test_a_refused_credit_records_the_payment_and_retries_the_credit_on_the_next_read(env: Env) -> None:
+    session = await env.buy()
+    await env.store.write(lambda conn: conn.execute("UPDATE agent_wallets SET balance = ? WHERE agent_id = 'buyer'",
+                                                    (10**18 - 5,)))  # at the ledger's ceiling: a credit is refused
+
+    paid = await env.service.confirm_session(session, payment_method="pm_card_visa", shared_payment_token=None,
+                                             idempotency_key="pay")
+
+    assert (paid.status, paid.fulfilled) == ("succeeded", False)
+    assert paid.fulfilment is not None and paid.fulfilment["status"] == "failed"
+    await env.store.write(lambda conn: conn.execute("UPDATE agent_wallets SET balance = 0 WHERE agent_id = 'buyer'"))
+    again = await env.service.get_session(session)
+    assert again.fulfilled and again.fulfilment is not None and again.fulfilment["luc_credited"] == 10_000
+    assert env.credits() == 1

@@ -5,6 +5,7 @@ provision gives the tier's entitlements. Real gateway on the in-process sandbox,
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -150,7 +151,7 @@ def adjustments(transactions: list[dict[str, Any]]) -> int:
     return sum(1 for txn in transactions if txn["type"] == "adjustment")
 
 
-async def test_two_tiers_paid_at_once_for_one_customer_start_one_and_the_other_fails_uncredited(env: Env) -> None:
+async def test_two_tiers_paid_at_once_for_one_customer_start_one_and_refuse_the_other_uncredited(env: Env) -> None:
     first = await env.buy("tier_3mo", key="a", pay=False)
     second = await env.buy("tier_6mo", key="b", pay=False)  # both created before either was paid
     paid: dict[str, Any] = {}
@@ -165,9 +166,10 @@ async def test_two_tiers_paid_at_once_for_one_customer_start_one_and_the_other_f
 
     assert len(await env.subscriptions()) == 1 and adjustments(await env.balance_transactions()) == 1
     outcomes = sorted(p.fulfilment["status"] for p in paid.values())
-    assert outcomes == ["failed", "started"]
-    [lost] = [p for p in paid.values() if p.fulfilment["status"] == "failed"]
-    assert "nothing was credited: refund the payment" in lost.fulfilment["last_error"]
+    assert outcomes == ["refused", "started"]
+    [refused] = [p for p in paid.values() if p.fulfilment["status"] == "refused"]
+    assert "nothing was credited: refund the payment" in refused.fulfilment["last_error"]
+    assert await env.stack.prepaid.retry(include_failed=True) == []  # a refused one restarts only when named
 
 
 async def test_a_second_tier_is_refused_at_confirm_before_anything_is_charged(env: Env) -> None:
@@ -186,10 +188,8 @@ async def test_a_second_tier_is_refused_at_confirm_before_anything_is_charged(en
 
 async def test_a_credited_start_retried_after_the_customer_subscribed_otherwise_does_not_subscribe_twice(
         env: Env) -> None:
-    env.sandbox.faults.inject(status=503, count=1000, path_prefix="/v1/subscriptions")
-    paid = await env.buy()
-    await env.stack.prepaid.drain()
-    env.sandbox.faults.clear()
+    env.sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions")
+    paid = await env.buy()  # left failed after its credit
     # meanwhile the customer subscribes to 6mo by checkout, and its webhook is applied
     price, _ = await env.stack.subscriptions.prices_for(env.stack.pricing.tier("6mo"))
     sub = await env.stripe("post", "/v1/subscriptions", {
@@ -202,11 +202,11 @@ async def test_a_credited_start_retried_after_the_customer_subscribed_otherwise_
 
     [row] = await env.stack.prepaid.retry(include_failed=True)
 
-    assert row["status"] == "failed" and "already has the 6mo tier" in row["last_error"]
+    assert row["status"] == "refused" and "already has the 6mo tier" in row["last_error"]
     assert "stays on the customer's Stripe balance" in row["last_error"]
     assert len(await env.subscriptions()) == 1
     view = await env.stack.payments.get_session(paid.id)
-    assert view.fulfilment is not None and view.fulfilment["status"] == "failed"
+    assert view.fulfilment is not None and view.fulfilment["status"] == "refused"
 
 
 async def test_a_lost_credit_answer_retried_after_stripe_forgot_the_key_finds_the_credit(env: Env) -> None:
@@ -238,10 +238,8 @@ async def test_a_lost_subscription_answer_retried_after_stripe_forgot_the_key_fi
 
 
 async def test_a_late_start_still_delivers_the_whole_commitment(env: Env) -> None:
-    env.sandbox.faults.inject(status=503, count=1000, path_prefix="/v1/subscriptions")
-    await env.buy("tier_9mo")
-    await env.stack.prepaid.drain()
-    env.sandbox.faults.clear()
+    env.sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions")
+    await env.buy("tier_9mo")  # left failed after its credit
     env.sandbox.advance(days=10)  # the operator fixes it ten days later (our clock agrees with Stripe's, as live)
     worker = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
                                   clock=env.sandbox.now)
@@ -252,6 +250,35 @@ async def test_a_late_start_still_delivers_the_whole_commitment(env: Env) -> Non
     assert row["status"] == "started" and sub["start_date"] >= env.sandbox.now() - 5
     assert sub["cancel_at"] == add_months(sub["start_date"], 12) == row["ends_at"]
     assert sub["trial_end"] == add_months(sub["start_date"], 3)  # 3 free months, then 9 billed up to the end
+
+
+async def test_two_workers_retrying_a_credited_row_at_once_create_one_subscription(env: Env) -> None:
+    session = await env.paid_not_started()
+    row_id = prepaid_id(session.id)
+    env.sandbox.faults.inject(status=503, count=3, path_prefix="/v1/subscriptions")
+    left = await env.stack.prepaid.start(row_id)  # one attempt: credited, then Stripe down
+    assert (left["status"], left["attempts"]) == ("credited", 1)
+    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                 clock=lambda: time.time() + 1)  # another process, its clock a second ahead
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(env.stack.prepaid.start, row_id)
+        tg.start_soon(other.start, row_id)
+
+    assert env.stack.prepaid.find(row_id)["status"] == "started"  # type: ignore[index]
+    assert len(await env.subscriptions()) == 1
+
+
+async def test_an_outage_while_ending_the_subscription_is_outlasted_never_left_without_an_end(env: Env) -> None:
+    env.sandbox.faults.inject(status=503, count=3 * 7, path_prefix="/v1/subscriptions/")  # read and update of it
+
+    paid = await env.buy()
+    assert paid.fulfilment["status"] == "subscribed"
+    await env.stack.prepaid.drain()
+
+    [sub] = await env.subscriptions()
+    row = env.stack.prepaid.find(prepaid_id(paid.id))
+    assert row is not None and row["status"] == "started" and sub["cancel_at"] == row["ends_at"]
 
 
 async def test_a_slow_worker_cannot_rewind_a_started_subscription(env: Env) -> None:
@@ -295,23 +322,44 @@ async def test_a_lost_answer_from_stripe_is_retried_with_the_same_key_and_create
     assert len(await env.subscriptions()) == 1
 
 
-async def test_stripe_down_after_the_credit_fails_then_an_operator_retry_resumes_without_crediting_again(
-        env: Env) -> None:
-    env.sandbox.faults.inject(status=503, count=1000, path_prefix="/v1/subscriptions")
+async def test_after_the_credit_an_outage_is_outlasted_not_given_up(env: Env) -> None:
+    env.sandbox.faults.inject(status=503, count=3 * 7, path_prefix="/v1/subscriptions")  # 7 attempts, each retried
 
     paid = await env.buy()
-    await env.stack.prepaid.drain()  # the background retries run out while Stripe is down
+    await env.stack.prepaid.drain()
+
+    row = env.stack.prepaid.find(prepaid_id(paid.id))
+    assert row is not None and row["status"] == "started" and row["attempts"] == 7  # beyond max_attempts (5)
+    assert len(await env.subscriptions()) == 1 and adjustments(await env.balance_transactions()) == 1
+
+
+async def test_an_outage_before_the_credit_gives_up_after_five_attempts_with_nothing_taken(env: Env) -> None:
+    env.sandbox.faults.inject(status=503, count=1000, path_prefix=f"/v1/customers/{env.customer}/balance_transactions")
+
+    paid = await env.buy()
+    await env.stack.prepaid.drain()
+
+    row = env.stack.prepaid.find(prepaid_id(paid.id))
+    assert row is not None and (row["status"], row["attempts"]) == ("failed", 5)
+    assert "stripe_unavailable" in row["last_error"] and row["balance_transaction_id"] is None
+    env.sandbox.faults.clear()
+    assert adjustments(await env.balance_transactions()) == 0
+
+
+async def test_a_refused_subscription_after_the_credit_fails_then_an_operator_retry_resumes_without_crediting_again(
+        env: Env) -> None:
+    env.sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions")  # not retryable
+
+    paid = await env.buy()
     failed = env.stack.prepaid.find(prepaid_id(paid.id))
     assert failed is not None and failed["status"] == "failed" and failed["balance_transaction_id"]
-    assert "stripe_unavailable" in failed["last_error"] and failed["attempts"] == 5
     view = await env.stack.payments.get_session(paid.id)
     assert view.fulfilment is not None and view.fulfilment["status"] == "failed"
-    env.sandbox.faults.clear()
 
     [done] = await env.stack.prepaid.retry(include_failed=True)
 
     assert done["status"] == "started" and len(await env.subscriptions()) == 1
-    assert [t["type"] for t in await env.balance_transactions()].count("adjustment") == 1
+    assert adjustments(await env.balance_transactions()) == 1
     view = await env.stack.payments.get_session(paid.id)
     assert view.fulfilment is not None and view.fulfilment["subscription"] == done["subscription_id"]
 

@@ -2,7 +2,9 @@
 -- records the payment (an outbox), then carried out against Stripe step by step:
 --   pending -> claimed (this row holds the customer's one subscription) -> credited (the customer balance credit)
 --   -> subscribed (the subscription) -> started (its end set at the commitment end; the provision recorded)
--- or failed (with last_error). Each step's result is kept, so a retry after a crash resumes where it stopped.
+-- or failed (with last_error; retried by `start-subscriptions --failed`), or refused (the customer already had a
+-- subscription: the payment is to be refunded; only retried when named). Each step's result is kept, so a retry
+-- after a crash resumes where it stopped.
 CREATE TABLE prepaid_subscriptions (
     id TEXT PRIMARY KEY,
     source TEXT NOT NULL CHECK (source IN ('payment_session', 'acp')),
@@ -13,7 +15,7 @@ CREATE TABLE prepaid_subscriptions (
     currency TEXT NOT NULL,
     payment_intent_id TEXT,
     status TEXT NOT NULL DEFAULT 'pending'
-        CHECK (status IN ('pending', 'claimed', 'credited', 'subscribed', 'started', 'failed')),
+        CHECK (status IN ('pending', 'claimed', 'credited', 'subscribed', 'started', 'failed', 'refused')),
     starts_at INTEGER,
     ends_at INTEGER,
     balance_transaction_id TEXT,

@@ -628,12 +628,16 @@ class AcpService:
         lines = state["lines"]
         luc = sum(self._pricing.items[line["item"]].luc * line["quantity"] for line in lines)
         done_what = []
-        balance = None
+        balance, refused = None, None
         if luc:
-            posting = self._ledger.credit_in(conn, current["agent_id"], luc, idempotency_key=f"acp:{session_id}",
-                                             reason=f"ACP checkout {session_id}", reference=payment_intent)
-            balance = posting.balance_after
-            done_what.append(f"{luc} LUC credited to agent {current['agent_id']} (balance {balance} LUC)")
+            try:
+                posting = self._ledger.credit_in(conn, current["agent_id"], luc, idempotency_key=f"acp:{session_id}",
+                                                 reason=f"ACP checkout {session_id}", reference=payment_intent)
+                balance = posting.balance_after
+                done_what.append(f"{luc} LUC credited to agent {current['agent_id']} (balance {balance} LUC)")
+            except BillingError as exc:  # the payment is taken all the same: the order goes to manual review
+                refused = f"{exc.code}: {exc.message}"
+                done_what.append(f"the credit of {luc} LUC was refused ({refused}); the order is in manual review")
         subscription = None
         for line in lines:
             item = self._pricing.items[line["item"]]
@@ -646,9 +650,10 @@ class AcpService:
                 done_what.append(f"the {item.tier} tier subscription for customer {owner} is starting")
         order_id = "ord_" + session_id.removeprefix("cs_")
         state["order"] = {
-            "id": order_id, "status": "processing" if subscription else "completed", "created_at": iso,
-            "luc_credited": luc, "agent_id": current["agent_id"], "wallet_balance": balance,
-            "payment_intent": payment_intent, "subscription": subscription,
+            "id": order_id, "status": "manual_review" if refused else "processing" if subscription else "completed",
+            "created_at": iso, "luc_credited": 0 if refused else luc, "luc_refused": refused,
+            "agent_id": current["agent_id"], "wallet_balance": balance, "payment_intent": payment_intent,
+            "subscription": subscription,
         }
         state["messages"] = [_info(f"Paid {format_amount(amount, currency)}: " + "; ".join(done_what) + ".")]
         conn.execute("UPDATE acp_checkout_sessions SET status = 'completed', order_id = ?, state = ?, updated_at = ? "
@@ -672,7 +677,8 @@ class AcpService:
         state = json.loads(current["state"])
         summary = self._prepaid.summary(prepaid)
         started = prepaid["status"] == "started"
-        state["order"].update(subscription=summary, status="completed" if started else "manual_review")
+        refused = state["order"].get("luc_refused")
+        state["order"].update(subscription=summary, status="completed" if started and not refused else "manual_review")
         content = (f"The {summary['tier']} tier subscription {summary['subscription']} started for customer "
                    f"{summary['customer']}: {summary['prepaid_display']} prepaid as credit on the customer's "
                    f"Stripe balance; it ends at the commitment end {summary.get('commitment_end')}." if started else
@@ -831,10 +837,11 @@ class AcpService:
         if order:
             # credits are delivered with the payment; a tier line once its subscription has started in Stripe
             started = (order.get("subscription") or {}).get("status") == "started"
+            credited = not order.get("luc_refused")
             body["order"] = {
                 "type": "order", "id": order["id"], "checkout_session_id": row["id"],
                 "permalink_url": f"{self._public_url}/acp/checkout_sessions/{row['id']}", "status": order["status"],
-                "line_items": [_order_line(line, delivered=line["category"] != "subscription" or started)
+                "line_items": [_order_line(line, delivered=started if line["category"] == "subscription" else credited)
                                for line in lines],
                 "totals": [{"type": "total", "display_text": "Total", "amount": total}],
             }

@@ -9,7 +9,10 @@ still in flight does nothing, so "deliver everything pending" can be asked for a
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 
 class Background:
@@ -29,8 +32,11 @@ class Background:
         items = list(work)
         if loop is self._loop:
             self._start(items)
-        else:
+            return
+        try:
             self._loop.call_soon_threadsafe(self._start, items)
+        except RuntimeError:  # the server's loop closed meanwhile (shutting down): the next start-up resumes it
+            log.warning("background work not started, the server is shutting down: %s", [key for key, _ in items])
 
     def _start(self, items: list[tuple[str, Callable[[], Awaitable[None]]]]) -> None:
         for key, make in items:
@@ -48,4 +54,7 @@ class Background:
 
 
 async def _run(make: Callable[[], Awaitable[None]]) -> None:
-    await make()
+    try:
+        await make()
+    except Exception:  # work must not die silently: it stays in its outbox, resumed by the next kick or start-up
+        log.exception("background work failed; it is retried at the next kick or start-up")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import InvalidInput, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
+from ..errors import BillingError, InvalidInput, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
 from ..models import AGENT_ID, CURRENCIES, format_amount
 from ..store import Store, dumps, utc_iso
 from ..stripe_gateway import StripeRequest, stripe_idempotency_key
@@ -367,7 +367,9 @@ class PaymentSessionService:
                                    (iso, row["id"]))
             if claimed.rowcount == 1:
                 fulfilment = self._fulfil(conn, row, str(pi["id"]))
-                conn.execute("UPDATE payment_sessions SET fulfilment = ? WHERE id = ?", (dumps(fulfilment), row["id"]))
+                undone = iso if fulfilment.get("status") != "failed" else None  # a refused credit stays to be done
+                conn.execute("UPDATE payment_sessions SET fulfilment = ?, fulfilled_at = ? WHERE id = ?",
+                             (dumps(fulfilment), undone, row["id"]))
         return _view(_row(conn, row["id"]))
 
     def _fulfil(self, conn: sqlite3.Connection, row: dict[str, Any], pi_id: str) -> dict[str, Any]:
@@ -381,8 +383,12 @@ class PaymentSessionService:
                                         amount=row["amount"], currency=row["currency"], payment_intent=pi_id)
         if item is None or item.fulfil != "credit":
             return {"kind": "payment", "note": "an amount payment: nothing to deliver beyond the receipt"}
-        posting = self.ledger.credit_in(conn, row["agent_id"], item.luc, idempotency_key=f"fulfil:{row['id']}",
-                                         reason=f"payment session {row['id']}: {item.title}", reference=pi_id)
+        try:
+            posting = self.ledger.credit_in(conn, row["agent_id"], item.luc, idempotency_key=f"fulfil:{row['id']}",
+                                             reason=f"payment session {row['id']}: {item.title}", reference=pi_id)
+        except BillingError as exc:  # the payment is recorded all the same; the credit is retried on the next read
+            return {"kind": "credit", "status": "failed", "agent_id": row["agent_id"], "luc": item.luc,
+                    "last_error": f"{exc.code}: {exc.message}"}
         return {"kind": "credit", "agent_id": row["agent_id"], "luc_credited": item.luc,
                 "wallet_balance": posting.balance_after, "txn_id": posting.txn_id}
 

@@ -46,6 +46,8 @@ DAYS_UNTIL_DUE = 30
 IN_PROGRESS = ("claimed", "credited", "subscribed")
 OPEN = ("pending", *IN_PROGRESS)
 FRESH_SECONDS = 3600  # a step younger than this retries under Stripe's idempotency key (kept 24 h) without looking
+LEASE_SECONDS = 23 * 3600  # a subscription creation request is re-sent as is for this long (Stripe keeps keys 24 h)
+MAX_BACKOFF_SECONDS = 300
 PREPAID_METADATA = "aims_prepaid"
 # A hook runs inside the job that records the start (or the failure); it may return an action for after COMMIT.
 Hook = Callable[[sqlite3.Connection, dict[str, Any]], Callable[[], None] | None]
@@ -84,8 +86,8 @@ class PrepaidSubscriptions:
         """The paid tier a customer already has (live subscription, or a prepaid one paid and not yet started):
         buying a second one would bill two subscriptions for one customer."""
         open_row = self._store.query_one(
-            f"SELECT tier FROM prepaid_subscriptions WHERE customer_id = ? AND status IN ({_marks(OPEN)})",
-            (customer, *OPEN))
+            f"SELECT tier FROM prepaid_subscriptions WHERE customer_id = ? AND (status IN ({_marks(OPEN)}) OR "
+            "(status = 'failed' AND subscription_id IS NOT NULL))", (customer, *OPEN))
         if open_row is not None:
             return str(open_row["tier"])
         tier = self._subscriptions.entitled_tier(customer)
@@ -153,13 +155,14 @@ class PrepaidSubscriptions:
 
     async def _start(self, row: dict[str, Any]) -> dict[str, Any]:
         tier = self._pricing.tier(row["tier"])
+        fresh = self._fresh(row)  # decided once, on the row as found: each step below refreshes updated_at
         if row["status"] == "pending":
             row, moved = await self._claimed(row["id"])
             if not moved:
                 return row
         price, overage = await self._subscriptions.prices_for(tier)
         if row["status"] == "claimed":
-            txn = await self._existing_credit(row) or (await self._gateway.send(StripeRequest(
+            txn = (None if fresh else await self._existing_credit(row)) or (await self._gateway.send(StripeRequest(
                 "post", f"/v1/customers/{row['customer_id']}/balance_transactions",
                 {"amount": -row["amount"], "currency": row["currency"],
                  "description": f"Prepaid {tier.name} subscription ({tier.commitment_months} months billed, "
@@ -172,10 +175,15 @@ class PrepaidSubscriptions:
             if not moved:
                 return row
         if row["status"] == "credited":
-            sub = await self._existing_subscription(row)
+            leased = self._leased(row)
+            sub = None if fresh and leased else await self._existing_subscription(row)
             if sub is None:
-                if not self._fresh(row):  # left credited a while: the customer may have subscribed another way
+                if not fresh:  # left credited a while: the customer may have subscribed another way
                     row, moved = await self._claimed(row["id"])
+                    if not moved:
+                        return row
+                if not leased:
+                    row, moved = await self._store.write(self._lease(row))
                     if not moved:
                         return row
                 sub = await self._create_subscription(row, tier, price, overage)
@@ -192,13 +200,28 @@ class PrepaidSubscriptions:
                 stripe_idempotency_key("prepaid-end", f"{row['id']}:{ends_at}")))).data
         return await self._finish(row["id"], "subscribed", "started", sub=sub, ends_at=ends_at)
 
+    def _leased(self, row: dict[str, Any]) -> bool:
+        """Whether the row's `starts_at` still names a usable creation request: it is the moment the trial is
+        counted from and part of the request's idempotency key, so every worker within a day sends the very same
+        request (Stripe creates one subscription); past that, Stripe has forgotten the key and a start that late
+        would be short-changed, so a new one is leased (after looking for what the old one created)."""
+        return bool(row["starts_at"]) and self._clock() - int(row["starts_at"]) < LEASE_SECONDS
+
+    def _lease(self, row: dict[str, Any]) -> Job:
+        """A new `starts_at` for a credited row, compare-and-set: a worker that loses takes the winner's."""
+        now, clock = int(self._clock()), self._clock
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            conn.execute("UPDATE prepaid_subscriptions SET starts_at = ?, updated_at = ? WHERE id = ? AND "
+                         "status = 'credited' AND starts_at IS ?", (now, utc_iso(clock()), row["id"], row["starts_at"]))
+            current = _read(conn, row["id"])
+            return current, current["status"] == "credited"
+
+        return job
+
     async def _create_subscription(self, row: dict[str, Any], tier: Tier, price: str,
                                    overage: str | None) -> dict[str, Any]:
-        # The trial's length is computed from when this subscription is created (a late start must not shorten
-        # the commitment); the key names that moment, so a retry of this very request sends the same body.
-        starts_at = row["starts_at"] if row["starts_at"] and self._fresh(row) else int(self._clock())
-        if starts_at != row["starts_at"]:
-            row, _ = await self._store.write(self._step(row["id"], "credited", "credited", starts_at=starts_at))
+        starts_at = int(row["starts_at"])
         params: dict[str, Any] = {
             "customer": row["customer_id"],
             "items": [{"price": price, "quantity": 1}] + ([{"price": overage}] if overage else []),
@@ -221,21 +244,25 @@ class PrepaidSubscriptions:
 
     async def _existing_credit(self, row: dict[str, Any]) -> dict[str, Any] | None:
         """The credit an earlier attempt made, when its idempotency key may have expired."""
-        if self._fresh(row):
-            return None
-        page = await self._gateway.send(StripeRequest(
-            "get", f"/v1/customers/{row['customer_id']}/balance_transactions", {"limit": 100}))
-        return next((txn for txn in page.data.get("data", [])
-                     if (txn.get("metadata") or {}).get(PREPAID_METADATA) == row["id"]), None)
+        return await self._made_for(row, f"/v1/customers/{row['customer_id']}/balance_transactions", {})
 
     async def _existing_subscription(self, row: dict[str, Any]) -> dict[str, Any] | None:
         """The subscription an earlier attempt created, when its idempotency key may have expired."""
-        if self._fresh(row):
-            return None
-        page = await self._gateway.send(StripeRequest(
-            "get", "/v1/subscriptions", {"customer": row["customer_id"], "status": "all", "limit": 100}))
-        return next((sub for sub in page.data.get("data", [])
-                     if (sub.get("metadata") or {}).get(PREPAID_METADATA) == row["id"]), None)
+        return await self._made_for(row, "/v1/subscriptions", {"customer": row["customer_id"], "status": "all"})
+
+    async def _made_for(self, row: dict[str, Any], path: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The object under `path` (a customer's list, paged) whose metadata names this row."""
+        after: str | None = None
+        while True:
+            page = (await self._gateway.send(StripeRequest(
+                "get", path, {**params, "limit": 100, **({"starting_after": after} if after else {})}))).data
+            found = page.get("data") or []
+            for obj in found:
+                if (obj.get("metadata") or {}).get(PREPAID_METADATA) == row["id"]:
+                    return dict(obj)
+            if not page.get("has_more") or not found:
+                return None
+            after = str(found[-1]["id"])
 
     async def _claimed(self, row_id: str) -> tuple[dict[str, Any], bool]:
         after: list[Callable[[], None]] = []
@@ -254,8 +281,9 @@ class PrepaidSubscriptions:
             if row["status"] not in ("pending", "credited"):
                 return row, False
             other = conn.execute(
-                f"SELECT id, tier FROM prepaid_subscriptions WHERE customer_id = ? AND id != ? AND status IN "
-                f"({_marks(IN_PROGRESS)})", (row["customer_id"], row_id, *IN_PROGRESS)).fetchone()
+                f"SELECT id, tier FROM prepaid_subscriptions WHERE customer_id = ? AND id != ? AND (status IN "
+                f"({_marks(IN_PROGRESS)}) OR (status = 'failed' AND subscription_id IS NOT NULL))",
+                (row["customer_id"], row_id, *IN_PROGRESS)).fetchone()
             provision = conn.execute("SELECT tier, status, subscription_id FROM billing_provisions WHERE "
                                      "customer_id = ?", (row["customer_id"],)).fetchone()
             live = (provision is not None and provision["status"] in LIVE and provision["tier"] in pricing.tiers
@@ -274,7 +302,7 @@ class PrepaidSubscriptions:
                      f"twice; {kept}, then `aims-billing-mcp start-subscriptions --failed {row_id}` if it should "
                      "start after all")
             subscriptions.forget(row["customer_id"])
-            return self._fail_in(conn, row, error, after), False
+            return self._fail_in(conn, row, error, after, status="refused"), False
 
         return job
 
@@ -302,7 +330,9 @@ class PrepaidSubscriptions:
             attempts = int(row["attempts"]) + 1
             conn.execute("UPDATE prepaid_subscriptions SET attempts = ?, last_error = ?, updated_at = ? WHERE id = ?",
                          (attempts, message, utc_iso(clock()), row_id))
-            if exc.retryable and attempts < max_attempts:
+            # Once the credit is made, giving up on a passing outage would strand it (or leave a subscription with
+            # no end): keep retrying; before it, give up after max_attempts (nothing was taken but the payment).
+            if exc.retryable and (attempts < max_attempts or row["status"] in ("credited", "subscribed")):
                 return _read(conn, row_id)
             log.error("prepaid subscription %s failed: %s", row_id, message)
             failed = self._fail_in(conn, _read(conn, row_id), message, after)
@@ -314,10 +344,10 @@ class PrepaidSubscriptions:
         return done
 
     def _fail_in(self, conn: sqlite3.Connection, row: dict[str, Any], error: str,
-                 after: list[Callable[[], None]]) -> dict[str, Any]:
-        """Mark the row failed and tell its source, inside the caller's job."""
-        conn.execute("UPDATE prepaid_subscriptions SET status = 'failed', last_error = ?, updated_at = ? WHERE id = ?",
-                     (error, utc_iso(self._clock()), row["id"]))
+                 after: list[Callable[[], None]], *, status: str = "failed") -> dict[str, Any]:
+        """Mark the row failed (or refused) and tell its source, inside the caller's job."""
+        conn.execute("UPDATE prepaid_subscriptions SET status = ?, last_error = ?, updated_at = ? WHERE id = ?",
+                     (status, error, utc_iso(self._clock()), row["id"]))
         failed = _read(conn, row["id"])
         hook = self._hooks.get(row["source"])
         if hook is not None and (action := hook(conn, failed)) is not None:
@@ -364,7 +394,7 @@ class PrepaidSubscriptions:
             row = await self.start(row_id)
             if not row or row["status"] not in OPEN:
                 return
-            await asyncio.sleep(self._scale * 2 ** max(0, int(row["attempts"]) - 1))
+            await asyncio.sleep(self._scale * min(2 ** max(0, int(row["attempts"]) - 1), MAX_BACKOFF_SECONDS))
 
     def kick(self) -> list[str]:
         """Start every open subscription not already being started (after a COMMIT that may have recorded one,
@@ -380,13 +410,14 @@ class PrepaidSubscriptions:
 
     async def retry(self, *, include_failed: bool, only: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Attempt every open (and, when asked, failed) subscription now, one by one (`start-subscriptions`);
-        `only` limits it to these ids."""
+        `only` limits it to these ids, and only a named row is retried when it was refused (the operator was told
+        to refund it: retrying every failed row must not start one that was refunded)."""
         if include_failed:
-            chosen = f" AND id IN ({_marks(only)})" if only else ""
+            which = (f"status IN ('failed', 'refused') AND id IN ({_marks(only)})" if only else "status = 'failed'")
             await self._store.write(lambda conn: conn.execute(
                 "UPDATE prepaid_subscriptions SET status = CASE WHEN subscription_id IS NOT NULL THEN 'subscribed' "
                 "WHEN balance_transaction_id IS NOT NULL THEN 'credited' ELSE 'pending' END, attempts = 0 "
-                f"WHERE status = 'failed'{chosen}", tuple(only)))
+                f"WHERE {which}", tuple(only)))
         rows = [row for row in self.pending() if not only or row["id"] in only]
         return [await self.start(row["id"]) for row in rows]
 

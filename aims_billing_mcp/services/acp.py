@@ -599,7 +599,8 @@ class AcpService:
 
         await self._store.write(job)
         self._send_orders()
-        if self._prepaid is not None and paid.status == "succeeded":
+        tiers = any(self._pricing.items[line["item"]].subscribes for line in json.loads(row["state"])["lines"])
+        if self._prepaid is not None and paid.status == "succeeded" and tiers:
             started = await self._prepaid.start(prepaid_id(session_id))
             if started.get("status") in OPEN:
                 self._prepaid.dispatch([started["id"]])  # Stripe was unavailable: keep trying in the background

@@ -144,14 +144,18 @@ class PrepaidSubscriptions:
         """One attempt to start a recorded subscription; returns the row as it ends. Errors are recorded on the
         row (retryable ones leave it open for the next attempt), never raised: the payment already succeeded."""
         lock = self._locks.setdefault(row_id, asyncio.Lock())
-        async with lock:
-            row = self.find(row_id)
-            if row is None or row["status"] not in OPEN:
-                return row or {}
-            try:
-                return await self._start(row)
-            except BillingError as exc:
-                return await self._record_error(row_id, exc)
+        try:
+            async with lock:
+                row = self.find(row_id)
+                if row is None or row["status"] not in OPEN:
+                    return row or {}
+                try:
+                    return await self._start(row)
+                except BillingError as exc:
+                    return await self._record_error(row_id, exc)
+        finally:
+            if not lock.locked():  # one lock per row in flight, not per row ever seen (the steps' guards hold anyway)
+                self._locks.pop(row_id, None)
 
     async def _start(self, row: dict[str, Any]) -> dict[str, Any]:
         tier = self._pricing.tier(row["tier"])

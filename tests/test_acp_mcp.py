@@ -96,3 +96,30 @@ async def test_a_wrong_platform_key_is_refused(seller: tuple[str, Any]) -> None:
             await client.call_tool("create_checkout_session", {"meta": META, "payload": body(["luc_10k"])})
     assert refused.value.data["code"] in ("invalid_api_key", "unauthorized")
     assert json.dumps(refused.value.data).count("not-a-key") == 0
+
+
+async def test_a_tier_bought_over_mcp_starts_its_subscription(seller: tuple[str, Any]) -> None:
+    from aims_billing_mcp.services.stripe_setup import setup_stripe
+    from aims_billing_mcp.stripe_gateway import StripeRequest
+
+    base, server = seller
+    state = server.state
+    await setup_stripe(state.gateway, state.pricing)
+    customer = (await state.gateway.send(StripeRequest("post", "/v1/customers", {}))).data["id"]
+    from aims_billing_mcp.services.ledger import LedgerService  # a P2P customer may hold no wallet by policy
+
+    await LedgerService(state.store, luc_per_usd=1000, agent_limit=lambda _c: None).create_wallet(
+        "subscriber", customer, None, "w-subscriber")
+    payload = {**body(["tier_6mo"]), "metadata": {"agent_id": "subscriber"}}
+    async with acp_client(base) as client:
+        created = await result(client, "create_checkout_session", {"meta": {**META, "idempotency_key": "t-1"},
+                                                                   "payload": payload})
+        done = await result(client, "complete_checkout_session", {
+            "meta": {**META, "idempotency_key": "t-pay"}, "id": created["id"], "payload": pay("spt_test_tier")})
+        refused = await result(client, "create_checkout_session", {"meta": {**META, "idempotency_key": "t-2"},
+                                                                   "payload": payload})
+
+    assert done["order"]["status"] == "completed"
+    assert state.subscriptions.entitled_tier(customer).id == "6mo"
+    assert refused["status"] == "not_ready_for_payment" and "already has the 6mo tier" in refused["messages"][0][
+        "content"]

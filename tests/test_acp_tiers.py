@@ -176,3 +176,46 @@ async def test_a_refused_credit_keeps_the_payment_and_puts_the_order_in_manual_r
     assert (line["status"], line["quantity"]["fulfilled"]) == ("processing", 0)
     assert "refused" in done["messages"][-1]["content"]
     assert seller.store.query_one("SELECT status FROM payment_sessions") == {"status": "succeeded"}
+
+
+async def test_a_customer_without_an_agent_wallet_buys_a_tier_by_buyer_customer_id(seller: Seller) -> None:
+    buyer = {"email": "owner@example.com", "customer_id": seller.customer}
+    created = await seller.post("/acp/checkout_sessions", {
+        "currency": "usd", "line_items": [{"id": "tier_3mo"}], "capabilities": {}, "buyer": buyer}, "c-buyer", 201)
+    assert created["status"] == "ready_for_payment"
+
+    done = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa"), "pay", 200)
+
+    assert done["order"]["status"] == "completed"
+    assert seller.store.query_one("SELECT customer_id, status FROM prepaid_subscriptions") == {
+        "customer_id": seller.customer, "status": "started"}
+
+
+@pytest.mark.parametrize(("buyer", "param", "words"), [
+    (None, "$.buyer.customer_id", "Name the customer tier_3mo subscribes"),
+    ({"email": "x@example.com", "customer_id": "cust_123"}, "$.buyer.customer_id", "not a Stripe customer id"),
+])
+async def test_a_tier_without_a_customer_to_subscribe_is_not_ready(seller: Seller, buyer: dict[str, str] | None,
+                                                                   param: str, words: str) -> None:
+    body: dict[str, Any] = {"currency": "usd", "line_items": [{"id": "tier_3mo"}], "capabilities": {}}
+    if buyer is not None:
+        body["buyer"] = buyer
+
+    created = await seller.post("/acp/checkout_sessions", body, f"c-{param}-{words[:5]}", 201)
+
+    assert created["status"] == "not_ready_for_payment"
+    [problem] = created["messages"]
+    assert problem["param"] == param and words in problem["content"]
+
+
+async def test_the_buyer_given_at_complete_is_the_one_subscribed(seller: Seller) -> None:
+    created = await seller.post("/acp/checkout_sessions", {
+        "currency": "usd", "line_items": [{"id": "tier_6mo"}], "capabilities": {},
+        "buyer": {"email": "a@example.com", "customer_id": "cus_someoneelse"}}, "c-switch", 201)
+    body = {**pay("spt_test_visa"), "buyer": {"email": "owner@example.com", "customer_id": seller.customer}}
+
+    done = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", body, "pay", 200)
+
+    assert done["order"]["status"] == "completed" and done["buyer"]["customer_id"] == seller.customer
+    row = seller.store.query_one("SELECT customer_id FROM prepaid_subscriptions")
+    assert row == {"customer_id": seller.customer}

@@ -39,6 +39,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,7 @@ from .prepaid import OPEN, prepaid_id
 from .tiers import Pricing
 
 API_VERSION = "2026-04-17"
+_CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
 SUPPORTED_VERSIONS = [API_VERSION]
 HANDLER_ID = "stripe_spt"
 DIGITAL_OPTION = "digital_wallet_credit"
@@ -415,7 +417,7 @@ class AcpService:
         now = self._clock()
         iso = utc_iso(now)
         agent_id = agent if isinstance(agent, str) else None
-        status = self._open_status(agent_id, lines)
+        status = self._open_status(agent_id, state)
 
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT INTO acp_checkout_sessions (id, status, currency, agent_id, state, created_at, "
@@ -455,7 +457,7 @@ class AcpService:
                                        f"{item_id} in this session", "invalid_line_item_id")
             state["selected"] = body["selected_fulfillment_options"]
         state["messages"] = []
-        await self._store.write(self._save_job(row["id"], state, self._open_status(row["agent_id"], state["lines"]),
+        await self._store.write(self._save_job(row["id"], state, self._open_status(row["agent_id"], state),
                                                only_open=True))
         return AcpResponse(200, self._view(self._row(row["id"])))
 
@@ -499,14 +501,16 @@ class AcpService:
             raise _invalid("$.payment_data.instrument.credential", "the credential must be a Stripe Shared Payment "
                            "Token: {type: \"spt\", token: \"spt_...\"}", "invalid_payment_credential")
         state = json.loads(row["state"])
-        if "buyer" in body:
+        if "buyer" in body:  # kept before paying: it may name the customer a tier subscribes (readiness follows it)
             state["buyer"] = body["buyer"]
+            await self._store.write(self._save_job(row["id"], state, None, only_open=True))
+            row = self._row(row["id"])
         if row["status"] != "ready_for_payment":
             problems = row["problems"]
             param = problems[0]["param"] if problems else None
             raise AcpError(400, "not_ready_for_payment", f"checkout session {row['id']} is not ready for payment: "
                            + "; ".join(p["content"] for p in problems), param=param)
-        await self._check_subscriber(row, state["lines"])
+        await self._check_subscriber(row, state)
         payment_session = row["payment_session_id"] or await self._payment_session(row, state)
         try:
             paid = await self._commerce.confirm_session(
@@ -532,24 +536,27 @@ class AcpService:
 
     # --- payment ------------------------------------------------------------------------------------------------
 
-    async def _check_subscriber(self, row: dict[str, Any], lines: list[dict[str, Any]]) -> None:
-        """A tier line subscribes the agent's customer: Stripe must know it, checked before anything is charged."""
-        if self._prepaid is None or not any(self._pricing.items[line["item"]].subscribes for line in lines):
+    async def _check_subscriber(self, row: dict[str, Any], state: dict[str, Any]) -> None:
+        """A tier line subscribes a customer: Stripe must know it, checked before anything is charged."""
+        if self._prepaid is None or not self._has(state["lines"], subscribes=True):
             return
-        wallet = self._store.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (row["agent_id"],))
+        customer, param = self._subscriber(row["agent_id"], state)
         try:
-            await self._prepaid.check_customer(wallet["customer_id"] if wallet else "", param="$.metadata.agent_id")
+            await self._prepaid.check_customer(customer or "", param=param)
         except NotFound as exc:
-            raise AcpError(400, "not_ready_for_payment", exc.message, param="$.metadata.agent_id") from exc
+            raise AcpError(400, "not_ready_for_payment", exc.message, param=param) from exc
         except BillingError as exc:  # Stripe unavailable, rate limited, ...: not stored, retry with the same key
             raise AcpError(502, "payment_provider_error", exc.message, type="processing_error") from exc
 
     async def _payment_session(self, row: dict[str, Any], state: dict[str, Any]) -> str:
         total = self._total(state["lines"])
         titles = ", ".join(f"{line['quantity']} x {self._pricing.items[line['item']].title}" for line in state["lines"])
+        credits = self._has(state["lines"], subscribes=False)
+        subscriber = self._subscriber(row["agent_id"], state)[0] if self._has(state["lines"], subscribes=True) else None
         try:
             created = await self._commerce.create_session(
-                customer=None, agent_id=row["agent_id"], item=None, amount=total, currency=row["currency"],
+                customer=subscriber, agent_id=row["agent_id"] if credits else None, item=None, amount=total,
+                currency=row["currency"],
                 description=f"ACP checkout {row['id']}: {titles}"[:500], idempotency_key=f"acp:{row['id']}",
                 dry_run=False)
         except BillingError as exc:
@@ -643,8 +650,8 @@ class AcpService:
         for line in lines:
             item = self._pricing.items[line["item"]]
             if item.subscribes and self._prepaid is not None:
-                owner = conn.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = ?",
-                                     (current["agent_id"],)).fetchone()["customer_id"]
+                owner = self._subscriber(current["agent_id"], state, conn)[0]
+                assert owner is not None  # a session without its subscriber is never ready for payment
                 subscription = self._prepaid.enqueue(
                     conn, source="acp", source_id=session_id, customer=owner, tier=self._pricing.tier(str(item.tier)),
                     amount=item.unit_price, currency=current["currency"], payment_intent=payment_intent)
@@ -727,31 +734,57 @@ class AcpService:
                 raise AcpError(400, "unsupported_currency", f"{item.id} is sold in {item.currency}, not "
                                f"{currency[:8]!r}", param="$.currency")
 
-    def _problems(self, agent_id: str | None, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Why the session cannot be paid yet: the buyer names its agent (whose wallet receives credits and whose
-        customer subscribes), and that customer does not already have a tier (two subscriptions would bill twice)."""
-        if agent_id is None:
-            return [_message("missing", "Name the buying agent: create the checkout session with metadata.agent_id "
-                             "(its wallet receives credits; its customer subscribes).", param="$.metadata.agent_id",
-                             resolution="requires_buyer_input")]
-        wallet = self._store.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = ?",
-                                       (agent_id,)) if AGENT_ID.fullmatch(agent_id) else None
-        if wallet is None:
-            return [_message("invalid", f"Agent {agent_id[:64]!r} has no wallet to credit: open one with "
-                             "create_agent_wallet, then create a new checkout session.", param="$.metadata.agent_id",
-                             resolution="requires_buyer_input")]
+    def _has(self, lines: list[dict[str, Any]], *, subscribes: bool) -> bool:
+        return any(self._pricing.items[line["item"]].subscribes == subscribes for line in lines)
+
+    def _subscriber(self, agent_id: str | None, state: dict[str, Any],
+                    conn: sqlite3.Connection | None = None) -> tuple[str | None, str]:
+        """Who a tier line subscribes, and the field that says so: `buyer.customer_id` (ACP's merchant customer
+        identifier: our Stripe customer), else the customer of the agent's wallet."""
+        named = (state.get("buyer") or {}).get("customer_id")
+        if isinstance(named, str) and named.strip():
+            return named.strip(), "$.buyer.customer_id"
+        if agent_id is not None and AGENT_ID.fullmatch(agent_id):
+            sql, args = "SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,)
+            wallet = conn.execute(sql, args).fetchone() if conn is not None else self._store.query_one(sql, args)
+            if wallet is not None:
+                return str(wallet["customer_id"]), "$.metadata.agent_id"
+        return None, "$.buyer.customer_id"
+
+    def _problems(self, agent_id: str | None, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Why the session cannot be paid yet: credits need the buying agent's wallet (`metadata.agent_id`); a tier
+        needs the customer who subscribes (`buyer.customer_id`, or the agent's wallet's customer), who must not
+        already have a tier (two subscriptions would bill twice)."""
+        lines = state["lines"]
+        if self._has(lines, subscribes=False):
+            if agent_id is None:
+                return [_message("missing", "Name the buying agent whose wallet receives the credits: create the "
+                                 "checkout session with metadata.agent_id.", param="$.metadata.agent_id",
+                                 resolution="requires_buyer_input")]
+            if self._subscriber(agent_id, {})[0] is None:
+                return [_message("invalid", f"Agent {agent_id[:64]!r} has no wallet to credit: open one with "
+                                 "create_agent_wallet, then create a new checkout session.",
+                                 param="$.metadata.agent_id", resolution="requires_buyer_input")]
         for i, line in enumerate(lines):
             if not self._pricing.items[line["item"]].subscribes:
                 continue
-            tier = self._prepaid.live_tier(wallet["customer_id"]) if self._prepaid is not None else "unknown"
+            customer, param = self._subscriber(agent_id, state)
+            if customer is None:
+                return [_message("missing", f"Name the customer {line['item']} subscribes: buyer.customer_id (the "
+                                 "Stripe customer, cus_...) or metadata.agent_id of an agent whose wallet belongs to "
+                                 "it.", param=param, resolution="requires_buyer_input")]
+            if not _CUSTOMER.fullmatch(customer):
+                return [_message("invalid", f"buyer.customer_id {customer[:64]!r} is not a Stripe customer id "
+                                 "(cus_...).", param=param, resolution="requires_buyer_input")]
+            tier = self._prepaid.live_tier(customer) if self._prepaid is not None else "unknown"
             if tier is not None:
-                return [_message("invalid", f"Customer {wallet['customer_id']} (agent {agent_id}) already has the "
-                                 f"{tier} tier: remove {line['item']} (a second subscription would bill twice).",
+                return [_message("invalid", f"Customer {customer} already has the {tier} tier: remove "
+                                 f"{line['item']} (a second subscription would bill twice).",
                                  param=f"$.line_items[{i}]", resolution="requires_buyer_input")]
         return []
 
-    def _open_status(self, agent_id: str | None, lines: list[dict[str, Any]]) -> str:
-        return "not_ready_for_payment" if self._problems(agent_id, lines) else "ready_for_payment"
+    def _open_status(self, agent_id: str | None, state: dict[str, Any]) -> str:
+        return "not_ready_for_payment" if self._problems(agent_id, state) else "ready_for_payment"
 
     def _total(self, lines: list[dict[str, Any]]) -> int:
         return sum(self._pricing.items[line["item"]].unit_price * line["quantity"] for line in lines)
@@ -780,7 +813,7 @@ class AcpService:
             row["status"] = "expired"
         elif row["status"] in ("not_ready_for_payment", "ready_for_payment"):
             # a wallet opened since makes it payable; the problems are looked up once, here, for the view too
-            row["problems"] = self._problems(row["agent_id"], json.loads(row["state"])["lines"])
+            row["problems"] = self._problems(row["agent_id"], json.loads(row["state"]))
             row["status"] = "not_ready_for_payment" if row["problems"] else "ready_for_payment"
         return row
 

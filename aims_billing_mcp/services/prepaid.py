@@ -63,17 +63,15 @@ class PrepaidSubscriptions:
     """The outbox of prepaid subscriptions and the worker that starts them in Stripe."""
 
     def __init__(self, store: Store, gateway: StripeGateway, subscriptions: SubscriptionService, pricing: Pricing, *,
-                 clock: Callable[[], float] = time.time, max_attempts: int = 5,
-                 retry_delay_scale: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.time, retry_delay_scale: float = 1.0) -> None:
         self._store = store
         self._gateway = gateway
         self._subscriptions = subscriptions
         self._pricing = pricing
         self._clock = clock
-        self._max_attempts = max(1, max_attempts)
         self._scale = retry_delay_scale
         self._hooks: dict[str, Hook] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.background = Background()
 
     def on_outcome(self, source: str, hook: Hook) -> None:
@@ -143,7 +141,8 @@ class PrepaidSubscriptions:
     async def start(self, row_id: str) -> dict[str, Any]:
         """One attempt to start a recorded subscription; returns the row as it ends. Errors are recorded on the
         row (retryable ones leave it open for the next attempt), never raised: the payment already succeeded."""
-        lock = self._locks.setdefault(row_id, asyncio.Lock())
+        lock, users = self._locks.get(row_id) or (asyncio.Lock(), 0)
+        self._locks[row_id] = (lock, users + 1)
         try:
             async with lock:
                 row = self.find(row_id)
@@ -153,9 +152,12 @@ class PrepaidSubscriptions:
                     return await self._start(row)
                 except BillingError as exc:
                     return await self._record_error(row_id, exc)
-        finally:
-            if not lock.locked():  # one lock per row in flight, not per row ever seen (the steps' guards hold anyway)
-                self._locks.pop(row_id, None)
+        finally:  # one lock per row in flight, not per row ever seen: dropped when its last user leaves
+            lock, users = self._locks[row_id]
+            if users <= 1:
+                del self._locks[row_id]
+            else:
+                self._locks[row_id] = (lock, users - 1)
 
     async def _start(self, row: dict[str, Any]) -> dict[str, Any]:
         tier = self._pricing.tier(row["tier"])
@@ -164,8 +166,9 @@ class PrepaidSubscriptions:
             row, moved = await self._claimed(row["id"])
             if not moved:
                 return row
-        price, overage = await self._subscriptions.prices_for(tier)
+        prices: tuple[str, str | None] | None = None
         if row["status"] == "claimed":
+            prices = await self._subscriptions.prices_for(tier)  # refused before anything is credited
             txn = (None if fresh else await self._existing_credit(row)) or (await self._gateway.send(StripeRequest(
                 "post", f"/v1/customers/{row['customer_id']}/balance_transactions",
                 {"amount": -row["amount"], "currency": row["currency"],
@@ -182,11 +185,12 @@ class PrepaidSubscriptions:
             leased = self._leased(row)
             sub = None if fresh and leased else await self._existing_subscription(row)
             if sub is None:
+                price, overage = prices or await self._subscriptions.prices_for(tier)
                 if not fresh:  # left credited a while: the customer may have subscribed another way
                     row, moved = await self._claimed(row["id"])
                     if not moved:
                         return row
-                if not leased:
+                if not self._leased(row):  # on the row as it is now: another worker may have just leased it
                     row, moved = await self._store.write(self._lease(row))
                     if not moved:
                         return row
@@ -324,7 +328,7 @@ class PrepaidSubscriptions:
 
     async def _record_error(self, row_id: str, exc: BillingError) -> dict[str, Any]:
         message = f"{exc.code}: {exc.message}"[:500]
-        max_attempts, clock = self._max_attempts, self._clock
+        clock = self._clock
         after: list[Callable[[], None]] = []
 
         def job(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -334,9 +338,10 @@ class PrepaidSubscriptions:
             attempts = int(row["attempts"]) + 1
             conn.execute("UPDATE prepaid_subscriptions SET attempts = ?, last_error = ?, updated_at = ? WHERE id = ?",
                          (attempts, message, utc_iso(clock()), row_id))
-            # Once the credit is made, giving up on a passing outage would strand it (or leave a subscription with
-            # no end): keep retrying; before it, give up after max_attempts (nothing was taken but the payment).
-            if exc.retryable and (attempts < max_attempts or row["status"] in ("credited", "subscribed")):
+            # An outage is outlasted, never given up: the credit may have been made with its answer lost (a
+            # claimed row), and giving up later would strand it or leave a subscription with no end. A refusal
+            # fails at once, for an operator to see.
+            if exc.retryable:
                 return _read(conn, row_id)
             log.error("prepaid subscription %s failed: %s", row_id, message)
             failed = self._fail_in(conn, _read(conn, row_id), message, after)
@@ -394,11 +399,18 @@ class PrepaidSubscriptions:
                               for row_id in row_ids)
 
     async def _run(self, row_id: str) -> None:
+        failures = 0
         while True:
-            row = await self.start(row_id)
+            try:
+                row = await self.start(row_id)
+                attempts = int(row["attempts"]) if row else 0
+            except Exception:  # e.g. the database busy beyond its timeout: the row is intact, try again later
+                log.exception("starting prepaid subscription %s failed; retrying", row_id)
+                failures += 1
+                row, attempts = {"status": "pending"}, failures
             if not row or row["status"] not in OPEN:
                 return
-            await asyncio.sleep(self._scale * min(2 ** max(0, int(row["attempts"]) - 1), MAX_BACKOFF_SECONDS))
+            await asyncio.sleep(self._scale * min(2 ** max(0, attempts - 1), MAX_BACKOFF_SECONDS))
 
     def kick(self) -> list[str]:
         """Start every open subscription not already being started (after a COMMIT that may have recorded one,

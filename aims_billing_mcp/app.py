@@ -316,6 +316,9 @@ async def background_tasks(
                     await prepaid.drain()
                 if webhooks is not None:
                     await webhooks.drain()
+            for outbox in (prepaid, webhooks):
+                if outbox is not None:
+                    await outbox.background.stop()
             tg.cancel_scope.cancel()
 
 

@@ -46,6 +46,14 @@ class Background:
             self._tasks[key] = task
             task.add_done_callback(lambda _done, key=key: self._tasks.pop(key, None))  # type: ignore[misc]
 
+    async def stop(self) -> None:
+        """Cancel what is still running (shutdown, after a grace period): it stays in its outbox for the next
+        start-up, instead of being destroyed half-way with the loop."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def drain(self) -> None:
         """Wait for the work in flight, including work another thread has just handed over."""
         await asyncio.sleep(0)

@@ -3,10 +3,12 @@ the pack is delivered once whether success is seen by confirming, by polling, or
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from mcp import Client
 
-from aims_billing_mcp.app import BillingServer
+from aims_billing_mcp.app import BillingServer, build_server
 from aims_billing_mcp.sandbox import Sandbox
 from tests.conftest import error_of, ok
 from tests.tools.test_wallets import give_tier, wallet
@@ -118,3 +120,42 @@ async def test_a_tier_paid_outside_our_tools_starts_from_the_signed_webhook(
     assert (status["tier"], status["status"]) == ("9mo", "trialing")  # 9 months billed, the first 3 free
     assert session["fulfilment"]["status"] == "started" and session["fulfilment"]["prepaid"] == 9 * 1499
     assert session["fulfilment"]["subscription"] == status["subscription"]
+
+
+async def test_a_tier_paid_but_not_started_before_a_restart_starts_when_the_server_comes_back(
+    make_settings: Any, sandbox_app: Any, tmp_path: Any
+) -> None:
+    from aims_billing_mcp.services.prepaid import prepaid_id
+    from aims_billing_mcp.services.stripe_setup import setup_stripe
+    from aims_billing_mcp.store import Store
+    from aims_billing_mcp.stripe_gateway import StripeRequest
+    from tests.conftest import commerce_stack
+
+    settings = make_settings()
+    store = Store(settings.aims_billing_db)
+    async with commerce_stack(settings, sandbox_app, store, buyer_wallet=False) as stack:  # the previous run
+        await setup_stripe(stack.gateway, stack.pricing)
+        customer = (await stack.gateway.send(StripeRequest("post", "/v1/customers", {}))).data["id"]
+        created = await stack.payments.create_session(customer=customer, agent_id=None, item="tier_6mo", amount=None,
+                                                      currency=None, description=None, idempotency_key="t",
+                                                      dry_run=False)
+        assert created.session is not None
+        pi = (await stack.gateway.send(StripeRequest(
+            "post", f"/v1/payment_intents/{created.session.payment_intent}/confirm",
+            {"payment_method": "pm_card_visa"}))).data
+        await store.write(lambda conn: stack.payments.apply_payment_intent(conn, pi))  # paid; then it stopped
+    store.close()
+
+    server = build_server(settings, sandbox_app=sandbox_app, retry_delay_scale=0.0)
+    async with Client(server) as client:  # the next start resumes it
+        assert server.state is not None and server.state.commerce.prepaid is not None
+        await server.state.commerce.prepaid.drain()
+        status = ok(await client.call_tool("get_billing_status", {"customer": customer}))
+
+    assert (status["tier"], status["status"]) == ("6mo", "active")
+    after = Store(settings.aims_billing_db)
+    try:
+        assert after.query_one("SELECT status FROM prepaid_subscriptions WHERE id = ?",
+                               (prepaid_id(created.session.id),)) == {"status": "started"}
+    finally:
+        after.close()

@@ -271,3 +271,12 @@ async def test_start_subscriptions_retries_a_failed_prepaid_tier_once_its_cause_
     assert f"pre_{session}" in failed and "failed" in failed and "setup-stripe" in failed
     row = next(line for line in started.splitlines() if line.startswith(f"pre_{session}"))
     assert " started " in row and "sub_" in row and "107.94 USD" in row
+
+
+def test_importing_the_server_leaves_httpx_and_the_sandbox_app_for_later() -> None:
+    """Start-up time (issue 3's target): httpx loads on the first order webhook, the sandbox on the first Stripe
+    call."""
+    code = ("import sys, aims_billing_mcp.app; print(sorted(m for m in sys.modules if m == 'httpx' or "
+            "m.startswith(('httpx.', 'aims_billing_mcp.sandbox.app', 'aims_billing_mcp.sandbox.billing'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -30,12 +30,13 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from ..store import Store, dumps, utc_iso
 from .background import Background
+
+if TYPE_CHECKING:  # httpx loads on the first delivery, not at start-up
+    import httpx
 
 ORDER_CREATE = "order_create"
 ORDER_UPDATE = "order_update"
@@ -123,6 +124,8 @@ class OrderWebhooks:
             return
         body = str(row["payload"]).encode()
         attempts = int(row["attempts"])
+        import httpx
+
         async with httpx.AsyncClient(transport=self._transport, timeout=self._timeout) as http:
             while attempts < self._max_attempts:
                 if attempts:

@@ -272,6 +272,40 @@ def cmd_start_subscriptions(args: argparse.Namespace) -> int:
     return 1 if any(row["status"] != "started" for row in rows) else 0
 
 
+def cmd_refund_prepaid(args: argparse.Namespace) -> int:
+    """Refund a prepaid tier that was refused or failed for good: its credit reversed, its payment refunded."""
+    settings = _settings()
+    if problem := settings.live_key_problem():
+        return _fail(problem)
+    from .app import build_state
+    from .errors import BillingError
+    from .services.reports import prepaid_report
+
+    async def run() -> dict[str, Any]:
+        state = build_state(settings)
+        try:
+            assert state.commerce.prepaid is not None
+            row = await state.commerce.prepaid.refund(args.prepaid_id)
+            if state.acp.order_webhooks is not None:  # the order_update of an ACP order it refunded
+                try:
+                    await asyncio.wait_for(state.acp.order_webhooks.drain(), timeout=30)
+                except TimeoutError:
+                    print("refund-prepaid: order events still undelivered are sent at the server's next start",
+                          file=sys.stderr)
+            return row
+        finally:
+            await state.gateway.close()
+            state.store.close()
+
+    try:
+        row = asyncio.run(run())
+    except BillingError as exc:  # refused (not refundable, unknown id) or Stripe said no: nothing changed here
+        print(f"aims-billing-mcp: refund-prepaid: {exc.message}", file=sys.stderr)
+        return 1
+    print("\n".join(prepaid_report([row])))
+    return 0
+
+
 def cmd_check_ledger(args: argparse.Namespace) -> int:
     from .services.reports import ledger_counts
 
@@ -397,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--failed", nargs="*", metavar="PREPAID_ID",
                        help="also retry the ones that failed for good (all of them, or only these pre_... ids)")
     start.set_defaults(func=cmd_start_subscriptions)
+    refund = sub.add_parser("refund-prepaid", help="refund a prepaid tier that was refused or failed for good")
+    refund.add_argument("prepaid_id", help="pre_... (report prepaid lists them)")
+    refund.set_defaults(func=cmd_refund_prepaid)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
     tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")

@@ -41,8 +41,20 @@ class Seller:
 
 
 @pytest.fixture
-async def seller(make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> AsyncIterator[Seller]:
-    async with (receiving() as (url, receiver), commerce_stack(make_settings(), sandbox_app, store) as stack,
+async def stack(make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> AsyncIterator[Any]:
+    async with commerce_stack(make_settings(), sandbox_app, store) as made:
+        yield made
+
+
+@pytest.fixture
+def acp_prepaid(stack: Any) -> Any:
+    """The prepaid subscriptions of the seller's stack (an operator's refund goes through them)."""
+    return stack.prepaid
+
+
+@pytest.fixture
+async def seller(stack: Any, store: Store) -> AsyncIterator[Seller]:
+    async with (receiving() as (url, receiver),
                 stack.acp_seller(KEY, clock=Clock(), public_url="https://seller.test", order_webhook_url=url,
                                  order_webhook_secret=SECRET, retry_delay_scale=0.0) as (http, acp)):
         await setup_stripe(stack.gateway, stack.pricing)
@@ -219,3 +231,27 @@ async def test_the_buyer_given_at_complete_is_the_one_subscribed(seller: Seller)
     assert done["order"]["status"] == "completed" and done["buyer"]["customer_id"] == seller.customer
     row = seller.store.query_one("SELECT customer_id FROM prepaid_subscriptions")
     assert row == {"customer_id": seller.customer}
+
+
+async def test_a_tier_that_cannot_start_goes_to_manual_review_then_a_refund_cancels_the_order(
+        seller: Seller, sandbox: Any, acp_prepaid: Any) -> None:
+    created = await seller.create(["tier_3mo"])
+    sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions")  # Stripe refuses the subscription
+
+    done = await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa"), "pay", 200)
+    assert done["order"]["status"] == "manual_review"
+    refunded = await acp_prepaid.refund(f"pre_{created['id']}")
+    got = checked(await seller.http.get(f"/acp/checkout_sessions/{created['id']}", headers=HEADERS),
+                  "/acp/checkout_sessions", 200).json()
+
+    assert refunded["status"] == "refunded"
+    assert got["order"]["status"] == "canceled"
+    [line] = got["order"]["line_items"]
+    assert (line["status"], line["quantity"]["current"], line["quantity"]["fulfilled"]) == ("removed", 0, 0)
+    assert "was refunded" in got["messages"][-1]["content"]
+    await until(lambda: len(seller.receiver.requests) == 3)
+    events = [json.loads(body) for _, body in seller.receiver.requests]
+    for event in events:
+        _VALIDATOR(WEBHOOK_EVENT, format_checker=_VALIDATOR.FORMAT_CHECKER).validate(event)
+    assert sorted((e["type"], e["data"]["status"]) for e in events) == [
+        ("order_create", "processing"), ("order_update", "canceled"), ("order_update", "manual_review")]

@@ -280,3 +280,29 @@ def test_importing_the_server_leaves_httpx_and_the_sandbox_app_for_later() -> No
             "m.startswith(('httpx.', 'aims_billing_mcp.sandbox.app', 'aims_billing_mcp.sandbox.billing'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+async def test_refund_prepaid_refunds_a_tier_that_failed_and_refuses_what_it_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "refund.db"))
+    settings = Settings(_env_file=None, aims_billing_db=tmp_path / "refund.db",  # type: ignore[call-arg]
+                        aims_billing_flush_interval_seconds=0)
+    async with Client(build_server(settings)) as client:  # no setup-stripe: the start fails before any credit
+        made = await client.call_tool("create_customer", {"email": "refund@example.com"})
+        customer = made.structured_content["customer"]["id"]  # type: ignore[index]
+        created = await client.call_tool("create_payment_session", {"item": "tier_3mo", "customer": customer,
+                                                                    "idempotency_key": "t"})
+        session = created.structured_content["session"]["id"]  # type: ignore[index]
+        await client.call_tool("confirm_payment_session", {"session_id": session, "idempotency_key": "p",
+                                                           "payment_method": "pm_card_visa"})
+    capsys.readouterr()
+
+    assert await anyio.to_thread.run_sync(main, ["refund-prepaid", f"pre_{session}"]) == 0
+    refunded = capsys.readouterr().out
+    assert await anyio.to_thread.run_sync(main, ["refund-prepaid", "pre_ps_nosuch"]) == 1
+    unknown = capsys.readouterr().err
+
+    row = next(line for line in refunded.splitlines() if line.startswith(f"pre_{session}"))
+    assert " refunded " in row and "59.97 USD" in row
+    assert "no prepaid subscription 'pre_ps_nosuch'" in unknown

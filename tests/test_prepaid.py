@@ -500,3 +500,52 @@ async def test_the_commitment_runs_on_stripes_clock_when_it_is_ahead_of_ours(env
     assert paid.fulfilment["status"] == "started"
     [sub] = await env.subscriptions()
     assert sub["start_date"] >= env.sandbox.now() - 5 and sub["cancel_at"] == add_months(sub["start_date"], 3)
+
+
+async def test_a_refused_tier_is_refunded_in_full_with_nothing_left_credited(env: Env) -> None:
+    sessions = [await env.buy(item, key=item, pay=False) for item in ("tier_3mo", "tier_6mo")]
+    for session in sessions:
+        pi = await env.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
+                              {"payment_method": "pm_card_visa"})
+        await env.stack.store.write(lambda conn, pi=pi: env.stack.payments.apply_payment_intent(conn, pi))
+    for session in sessions:
+        await env.stack.prepaid.start(prepaid_id(session.id))
+    [refused] = [s for s in sessions if env.stack.prepaid.find(prepaid_id(s.id))["status"] == "refused"]  # type: ignore[index]
+
+    done = await env.stack.prepaid.refund(prepaid_id(refused.id))
+    again = await env.stack.prepaid.refund(prepaid_id(refused.id))  # an operator running it twice
+
+    assert done["status"] == "refunded" and again["refund_id"] == done["refund_id"]
+    refunds = (await env.stripe("get", "/v1/refunds", {"payment_intent": refused.payment_intent}))["data"]
+    assert [(r["amount"], r["status"]) for r in refunds] == [(refused.amount, "succeeded")]
+    view = await env.stack.payments.get_session(refused.id)
+    assert view.fulfilment is not None and view.fulfilment["status"] == "refunded"
+    assert view.fulfilment["refund"] == done["refund_id"]
+
+
+async def test_a_tier_failed_after_its_credit_is_refunded_with_the_credit_reversed(env: Env) -> None:
+    env.sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions")
+    paid = await env.buy()  # credited, then the subscription refused
+    row_id = prepaid_id(paid.id)
+    assert env.stack.prepaid.find(row_id)["status"] == "failed"  # type: ignore[index]
+
+    done = await env.stack.prepaid.refund(row_id)
+
+    assert done["status"] == "refunded"
+    assert (await env.stripe("get", f"/v1/customers/{env.customer}"))["balance"] == 0  # credit, then its reversal
+    pi = await env.stripe("get", f"/v1/payment_intents/{paid.payment_intent}")
+    refunds = (await env.stripe("get", "/v1/refunds", {"payment_intent": pi["id"]}))["data"]
+    assert sum(r["amount"] for r in refunds) == paid.amount
+    assert env.stack.prepaid.live_tier(env.customer) is None
+
+
+@pytest.mark.parametrize("state", ["started", "unknown"])
+async def test_only_a_refused_or_failed_tier_is_refunded(env: Env, state: str) -> None:
+    paid = await env.buy()
+    row_id = prepaid_id(paid.id) if state == "started" else "pre_ps_nothing"
+
+    with pytest.raises((InvalidState, NotFound)) as refused:
+        await env.stack.prepaid.refund(row_id)
+
+    assert refused.value.param == "prepaid_id"  # type: ignore[union-attr]
+    assert (await env.stripe("get", "/v1/refunds", {}))["data"] == []

@@ -3,8 +3,9 @@
 --   pending -> claimed (this row holds the customer's one subscription) -> credited (the customer balance credit)
 --   -> subscribed (the subscription) -> started (its end set at the commitment end; the provision recorded)
 -- or failed (with last_error; retried by `start-subscriptions --failed`), or refused (the customer already had a
--- subscription: the payment is to be refunded; only retried when named). Each step's result is kept, so a retry
--- after a crash resumes where it stopped.
+-- subscription: the payment is to be refunded; only retried when named), and either may end refunded
+-- (`refund-prepaid`: the credit reversed, the payment refunded). Each step's result is kept, so a retry after a
+-- crash resumes where it stopped.
 CREATE TABLE prepaid_subscriptions (
     id TEXT PRIMARY KEY,
     source TEXT NOT NULL CHECK (source IN ('payment_session', 'acp')),
@@ -15,11 +16,13 @@ CREATE TABLE prepaid_subscriptions (
     currency TEXT NOT NULL,
     payment_intent_id TEXT,
     status TEXT NOT NULL DEFAULT 'pending'
-        CHECK (status IN ('pending', 'claimed', 'credited', 'subscribed', 'started', 'failed', 'refused')),
+        CHECK (status IN ('pending', 'claimed', 'credited', 'subscribed', 'started', 'failed', 'refused',
+                          'refunded')),
     starts_at INTEGER,
     ends_at INTEGER,
     balance_transaction_id TEXT,
     subscription_id TEXT,
+    refund_id TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     created_at TEXT NOT NULL,

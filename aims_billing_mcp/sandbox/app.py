@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
-from . import billing, catalog, checkout, customers, events, meters, payments
+from . import billing, catalog, checkout, customers, events, meters, payments, refunds
 from .auth import SANDBOX_SECRET_KEY, authenticate, key_from_header
 from .core import DEFAULT_API_VERSION, Route
 from .errors import StripeError, fault, invalid, unrecognized_url
@@ -34,6 +34,7 @@ ROUTES: tuple[Route, ...] = (
     *checkout.ROUTES,
     *billing.ROUTES,
     *payments.ROUTES,
+    *refunds.ROUTES,
     *events.ROUTES,
     *meters.ROUTES,
 )

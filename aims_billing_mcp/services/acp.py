@@ -676,22 +676,28 @@ class AcpService:
             self.order_webhooks.kick()
 
     def _subscription_outcome(self, conn: sqlite3.Connection, prepaid: dict[str, Any]) -> Callable[[], None] | None:
-        """The order's tier subscription started (or failed for good): update the order, and tell the agent
-        platform with an `order_update` event sent after COMMIT."""
+        """The order's tier subscription started, failed for good, or was refunded: update the order, and tell the
+        agent platform with an `order_update` event sent after COMMIT."""
         assert self._prepaid is not None
         current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (prepaid["source_id"],)).fetchone()
         if current is None:
             return None
         state = json.loads(current["state"])
         summary = self._prepaid.summary(prepaid)
-        started = prepaid["status"] == "started"
-        refused = state["order"].get("luc_refused")
-        state["order"].update(subscription=summary, status="completed" if started and not refused else "manual_review")
-        content = (f"The {summary['tier']} tier subscription {summary['subscription']} started for customer "
-                   f"{summary['customer']}: {summary['prepaid_display']} prepaid as credit on the customer's "
-                   f"Stripe balance; it ends at the commitment end {summary.get('commitment_end')}." if started else
-                   f"The {summary['tier']} tier subscription could not be started ({summary.get('last_error')}); "
-                   "the payment is kept and an operator has been told.")
+        outcome = prepaid["status"]
+        credits_ok = not state["order"].get("luc_refused")
+        credits = self._has(state["lines"], subscribes=False)
+        status = ("completed" if outcome == "started" and credits_ok else
+                  ("completed" if credits and credits_ok else "canceled") if outcome == "refunded" else "manual_review")
+        state["order"].update(subscription=summary, status=status)
+        content = {
+            "started": f"The {summary['tier']} tier subscription {summary['subscription']} started for customer "
+                       f"{summary['customer']}: {summary['prepaid_display']} prepaid as credit on the customer's "
+                       f"Stripe balance; it ends at the commitment end {summary.get('commitment_end')}.",
+            "refunded": f"The {summary['tier']} tier subscription could not be started; "
+                        f"{summary['prepaid_display']} was refunded ({summary.get('refund')}).",
+        }.get(outcome, f"The {summary['tier']} tier subscription could not be started ({summary.get('last_error')}); "
+                       "the payment is kept and an operator has been told.")
         state["messages"] = [*state.get("messages", []), _info(content)]
         iso = utc_iso(self._clock())
         conn.execute("UPDATE acp_checkout_sessions SET state = ?, updated_at = ? WHERE id = ?",
@@ -870,12 +876,13 @@ class AcpService:
         order = state.get("order")
         if order:
             # credits are delivered with the payment; a tier line once its subscription has started in Stripe
-            started = (order.get("subscription") or {}).get("status") == "started"
+            outcome = (order.get("subscription") or {}).get("status")
             credited = not order.get("luc_refused")
             body["order"] = {
                 "type": "order", "id": order["id"], "checkout_session_id": row["id"],
                 "permalink_url": f"{self._public_url}/acp/checkout_sessions/{row['id']}", "status": order["status"],
-                "line_items": [_order_line(line, delivered=started if line["category"] == "subscription" else credited)
+                "line_items": [_order_line(line, delivered=outcome == "started", removed=outcome == "refunded")
+                               if line["category"] == "subscription" else _order_line(line, delivered=credited)
                                for line in lines],
                 "totals": [{"type": "total", "display_text": "Total", "amount": total}],
             }
@@ -888,12 +895,14 @@ class AcpService:
                 "capabilities": {"services": ["checkout"], "supported_currencies": currencies}}
 
 
-def _order_line(line: dict[str, Any], *, delivered: bool) -> dict[str, Any]:
+def _order_line(line: dict[str, Any], *, delivered: bool, removed: bool = False) -> dict[str, Any]:
+    """An order line; its status derived from the quantities as the schema defines it (removed: current 0)."""
     quantity = line["quantity"]
+    current = 0 if removed else quantity
     return {"id": line["id"], "title": line["name"], "product_id": line["product_id"],
-            "quantity": {"ordered": quantity, "current": quantity, "fulfilled": quantity if delivered else 0},
+            "quantity": {"ordered": quantity, "current": current, "fulfilled": quantity if delivered else 0},
             "unit_price": line["unit_amount"], "subtotal": line["unit_amount"] * quantity,
-            "status": "fulfilled" if delivered else "processing"}
+            "status": "removed" if removed else "fulfilled" if delivered else "processing"}
 
 
 def _info(content: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from ..errors import BillingError, NotFound
+from ..errors import BillingError, InvalidState, NotFound
 from ..models import format_amount
 from ..store import Store, utc_iso
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
@@ -49,6 +49,7 @@ FRESH_SECONDS = 3600  # a step younger than this retries under Stripe's idempote
 LEASE_SECONDS = 23 * 3600  # a subscription creation request is re-sent as is for this long (Stripe keeps keys 24 h)
 MAX_BACKOFF_SECONDS = 300
 PREPAID_METADATA = "aims_prepaid"
+REVERSAL_METADATA = "aims_prepaid_reversal"
 # A hook runs inside the job that records the start (or the failure); it may return an action for after COMMIT.
 Hook = Callable[[sqlite3.Connection, dict[str, Any]], Callable[[], None] | None]
 Job = Callable[[sqlite3.Connection], tuple[dict[str, Any], bool]]
@@ -126,6 +127,8 @@ class PrepaidSubscriptions:
             summary["commitment_end"] = utc_iso(row["ends_at"])
         if row["last_error"]:
             summary["last_error"] = row["last_error"]
+        if row["refund_id"]:
+            summary["refund"] = row["refund_id"]
         return summary
 
     def find(self, row_id: str) -> dict[str, Any] | None:
@@ -258,15 +261,16 @@ class PrepaidSubscriptions:
         """The subscription an earlier attempt created, when its idempotency key may have expired."""
         return await self._made_for(row, "/v1/subscriptions", {"customer": row["customer_id"], "status": "all"})
 
-    async def _made_for(self, row: dict[str, Any], path: str, params: dict[str, Any]) -> dict[str, Any] | None:
-        """The object under `path` (a customer's list, paged) whose metadata names this row."""
+    async def _made_for(self, row: dict[str, Any], path: str, params: dict[str, Any], *,
+                        key: str = "aims_prepaid") -> dict[str, Any] | None:
+        """The object under `path` (a customer's list, paged) whose metadata `key` names this row."""
         after: str | None = None
         while True:
             page = (await self._gateway.send(StripeRequest(
                 "get", path, {**params, "limit": 100, **({"starting_after": after} if after else {})}))).data
             found = page.get("data") or []
             for obj in found:
-                if (obj.get("metadata") or {}).get(PREPAID_METADATA) == row["id"]:
+                if (obj.get("metadata") or {}).get(key) == row["id"]:
                     return dict(obj)
             if not page.get("has_more") or not found:
                 return None
@@ -387,6 +391,55 @@ class PrepaidSubscriptions:
 
         done = await self._store.write(job)
         self._subscriptions.forget(done["customer_id"])
+        for action in after:
+            action()
+        return done
+
+    # --- refunding one that cannot start -------------------------------------------------------------------------
+
+    async def refund(self, row_id: str) -> dict[str, Any]:
+        """Give the money back for a subscription that was refused or failed for good (`refund-prepaid`): reverse
+        the balance credit if one was made, then refund the payment for this item's amount, each step found by
+        its metadata before it is made again (operators may run it twice, or days apart). Refuses a row that
+        started or holds a subscription (cancel that first) and one still in progress."""
+        row = self.find(row_id)
+        if row is None:
+            raise NotFound(f"no prepaid subscription {row_id!r}: `aims-billing-mcp report prepaid` lists them",
+                           param="prepaid_id")
+        if row["status"] == "refunded":
+            return row
+        if row["status"] not in ("failed", "refused"):
+            raise InvalidState(f"prepaid subscription {row_id} is {row['status']}: only a failed or refused one is "
+                               "refunded (a started one is cancelled with cancel_subscription)", param="prepaid_id")
+        if row["subscription_id"]:
+            raise InvalidState(f"prepaid subscription {row_id} holds subscription {row['subscription_id']}: cancel it "
+                               "first (cancel_subscription with immediately=true), then refund", param="prepaid_id")
+        if not row["payment_intent_id"]:
+            raise InvalidState(f"prepaid subscription {row_id} has no PaymentIntent to refund", param="prepaid_id")
+        if row["balance_transaction_id"]:
+            path = f"/v1/customers/{row['customer_id']}/balance_transactions"
+            if await self._made_for(row, path, {}, key=REVERSAL_METADATA) is None:
+                await self._gateway.send(StripeRequest("post", path, {
+                    "amount": row["amount"], "currency": row["currency"],
+                    "description": f"Reversal of the prepaid credit {row['balance_transaction_id']} (refunded)",
+                    "metadata": {REVERSAL_METADATA: row["id"]}}, stripe_idempotency_key("prepaid-uncredit", row["id"])))
+        refund = await self._made_for(row, "/v1/refunds", {"payment_intent": row["payment_intent_id"]}) or (
+            await self._gateway.send(StripeRequest("post", "/v1/refunds", {
+                "payment_intent": row["payment_intent_id"], "amount": row["amount"], "reason": "requested_by_customer",
+                "metadata": {PREPAID_METADATA: row["id"]}}, stripe_idempotency_key("prepaid-refund", row["id"])))).data
+        after: list[Callable[[], None]] = []
+        clock, hook = self._clock, self._hooks.get(row["source"])
+
+        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+            cursor = conn.execute("UPDATE prepaid_subscriptions SET status = 'refunded', refund_id = ?, updated_at = ? "
+                                  "WHERE id = ? AND status IN ('failed', 'refused')",
+                                  (refund["id"], utc_iso(clock()), row_id))
+            current = _read(conn, row_id)
+            if cursor.rowcount == 1 and hook is not None and (action := hook(conn, current)) is not None:
+                after.append(action)
+            return current
+
+        done = await self._store.write(job)
         for action in after:
             action()
         return done

@@ -549,3 +549,17 @@ async def test_only_a_refused_or_failed_tier_is_refunded(env: Env, state: str) -
 
     assert refused.value.param == "prepaid_id"  # type: ignore[union-attr]
     assert (await env.stripe("get", "/v1/refunds", {}))["data"] == []
+
+
+async def test_a_tier_being_refunded_cannot_be_started_by_a_retry(env: Env) -> None:
+    env.sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions")
+    paid = await env.buy()
+    row_id = prepaid_id(paid.id)
+    await env.stack.store.write(lambda conn: conn.execute(  # an operator's refund claimed it, then was interrupted
+        "UPDATE prepaid_subscriptions SET status = 'refunding' WHERE id = ?", (row_id,)))
+
+    assert await env.stack.prepaid.retry(include_failed=True, only=[row_id]) == []
+    done = await env.stack.prepaid.refund(row_id)  # running the refund again finishes it
+
+    assert done["status"] == "refunded" and await env.subscriptions() == []
+    assert (await env.stripe("get", f"/v1/customers/{env.customer}"))["balance"] == 0

@@ -4,7 +4,7 @@
 --   -> subscribed (the subscription) -> started (its end set at the commitment end; the provision recorded)
 -- or failed (with last_error; retried by `start-subscriptions --failed`), or refused (the customer already had a
 -- subscription: the payment is to be refunded; only retried when named), and either may end refunded
--- (`refund-prepaid`: the credit reversed, the payment refunded). Each step's result is kept, so a retry after a
+-- (`refund-prepaid`: refunding while the credit is reversed and the payment refunded, then refunded). Each step's result is kept, so a retry after a
 -- crash resumes where it stopped.
 CREATE TABLE prepaid_subscriptions (
     id TEXT PRIMARY KEY,
@@ -17,7 +17,7 @@ CREATE TABLE prepaid_subscriptions (
     payment_intent_id TEXT,
     status TEXT NOT NULL DEFAULT 'pending'
         CHECK (status IN ('pending', 'claimed', 'credited', 'subscribed', 'started', 'failed', 'refused',
-                          'refunded')),
+                          'refunding', 'refunded')),
     starts_at INTEGER,
     ends_at INTEGER,
     balance_transaction_id TEXT,

@@ -318,6 +318,17 @@ class PrepaidSubscriptions:
 
         return job
 
+    def _step_from(self, row_id: str, expected: Sequence[str], status: str) -> Job:
+        """Move the row from any of `expected` to `status`; nothing if it is elsewhere."""
+        clock = self._clock
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            cursor = conn.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ? WHERE id = ? AND "
+                                  f"status IN ({_marks(expected)})", (status, utc_iso(clock()), row_id, *expected))
+            return _read(conn, row_id), cursor.rowcount == 1
+
+        return job
+
     def _step(self, row_id: str, expected: str, status: str, **values: Any) -> Job:
         """Move the row from `expected` to `status`, recording `values`; nothing if another worker moved it."""
         clock = self._clock
@@ -402,13 +413,14 @@ class PrepaidSubscriptions:
         the balance credit if one was made, then refund the payment for this item's amount, each step found by
         its metadata before it is made again (operators may run it twice, or days apart). Refuses a row that
         started or holds a subscription (cancel that first) and one still in progress."""
-        row = self.find(row_id)
-        if row is None:
+        found = self.find(row_id)
+        if found is None:
             raise NotFound(f"no prepaid subscription {row_id!r}: `aims-billing-mcp report prepaid` lists them",
                            param="prepaid_id")
+        row: dict[str, Any] = found
         if row["status"] == "refunded":
             return row
-        if row["status"] not in ("failed", "refused"):
+        if row["status"] not in ("failed", "refused", "refunding"):
             raise InvalidState(f"prepaid subscription {row_id} is {row['status']}: only a failed or refused one is "
                                "refunded (a started one is cancelled with cancel_subscription)", param="prepaid_id")
         if row["subscription_id"]:
@@ -416,6 +428,11 @@ class PrepaidSubscriptions:
                                "first (cancel_subscription with immediately=true), then refund", param="prepaid_id")
         if not row["payment_intent_id"]:
             raise InvalidState(f"prepaid subscription {row_id} has no PaymentIntent to refund", param="prepaid_id")
+        # Claimed first: a retry (`start-subscriptions --failed`) can no longer start what is being refunded.
+        row, _ = await self._store.write(self._step_from(row_id, ("failed", "refused", "refunding"), "refunding"))
+        if row["status"] != "refunding":
+            raise InvalidState(f"prepaid subscription {row_id} became {row['status']} meanwhile: not refunded",
+                               param="prepaid_id")
         if row["balance_transaction_id"]:
             path = f"/v1/customers/{row['customer_id']}/balance_transactions"
             if await self._made_for(row, path, {}, key=REVERSAL_METADATA) is None:
@@ -432,7 +449,7 @@ class PrepaidSubscriptions:
 
         def job(conn: sqlite3.Connection) -> dict[str, Any]:
             cursor = conn.execute("UPDATE prepaid_subscriptions SET status = 'refunded', refund_id = ?, updated_at = ? "
-                                  "WHERE id = ? AND status IN ('failed', 'refused')",
+                                  "WHERE id = ? AND status = 'refunding'",
                                   (refund["id"], utc_iso(clock()), row_id))
             current = _read(conn, row_id)
             if cursor.rowcount == 1 and hook is not None and (action := hook(conn, current)) is not None:

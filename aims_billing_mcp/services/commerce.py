@@ -1,11 +1,13 @@
-"""Payment sessions: an agent pays for an item (a LUC credit pack) or an amount through a Stripe PaymentIntent,
-confirmed with a payment method (`pm_card_visa`) or a Shared Payment Token (`spt_...`).
+"""Payment sessions: an agent pays for an item (a LUC credit pack, a prepaid tier) or an amount through a Stripe
+PaymentIntent, confirmed with a payment method (`pm_card_visa`) or a Shared Payment Token (`spt_...`).
 
 Fulfilment happens exactly once, in the same writer job that records the success, whoever sees the success first:
 the confirm call, a later `get_payment_session` (which re-reads the PaymentIntent: status, amount_received,
 currency) or the `payment_intent.succeeded` webhook. Three things stand behind "once": the session's UNIQUE
 payment_intent_id (one session per PaymentIntent), the `fulfilled_at IS NULL` guard of the UPDATE that claims the
-fulfilment (checked by rowcount), and the ledger credit's own idempotency key `fulfil:<session id>`.
+fulfilment (checked by rowcount), and the ledger credit's own idempotency key `fulfil:<session id>`. A tier is
+fulfilled by recording its prepaid subscription in that job (prepaid.py starts it in Stripe after COMMIT), and a
+session another seller owns (an ACP checkout's) is fulfilled by that seller, in the same job (`fulfil_with`).
 """
 
 from __future__ import annotations
@@ -340,7 +342,8 @@ class PaymentSessionService:
 
     def apply_payment_intent(self, conn: sqlite3.Connection, pi: dict[str, Any]) -> PaymentSession | None:
         """Record what a PaymentIntent says about its session and, when it has succeeded for the full amount in the
-        session's currency, fulfil once. Runs inside a writer job; a refused fulfilment rolls the whole job back."""
+        session's currency, fulfil once. Runs inside a writer job. A credit the ledger refuses never undoes the
+        recording of the payment: the session stays unfulfilled, with the reason, and the next read tries again."""
         found = conn.execute("SELECT * FROM payment_sessions WHERE payment_intent_id = ?", (pi.get("id"),)).fetchone()
         if found is None:
             return None

@@ -3,11 +3,13 @@
 A buyer agent creates a checkout session with line items (our item ids; repeating an id buys more of it: the
 2026-04-17 create/update `Item` has no quantity field), may update it, and completes it with a Stripe Shared
 Payment Token (`payment_data.instrument.credential = {type: "spt", token: "spt_..."}`). Completing creates a
-payment session (a PaymentIntent for the session total, see commerce.py), confirms it with the token as
-`shared_payment_granted_token`, and on success records the order and credits the LUC to the agent wallet named
-by `metadata.agent_id` at create, in one writer job guarded by the session status and by the ledger's own
-idempotency key `acp:<session id>`: fulfilment happens once. A declined token leaves the session payable with a
-`payment_declined` error message. Completing, updating or canceling a finished session answers 405.
+payment session (a PaymentIntent for the session total, see commerce.py) and confirms it with the token as
+`shared_payment_granted_token`. The payment's success completes the checkout in the transaction that records it,
+whoever sees it (our complete, a GET re-reading the PaymentIntent, Stripe's webhook): the order is created, LUC
+lines are credited to the agent wallet named by `metadata.agent_id` (ledger key `acp:<session id>`), and a tier
+line records its prepaid subscription (prepaid.py) for `buyer.customer_id` or the wallet's customer, started
+before the answer. A declined token leaves the session payable with a `payment_declined` error message.
+Completing, updating or canceling a finished session answers 405.
 
 Every POST carries an `Idempotency-Key` (ACP §6): scoped to the caller's identity and the endpoint; the same key
 and the same body replay the stored response; another body is 422 `idempotency_conflict`; a key whose first
@@ -29,7 +31,9 @@ The spec fixes the headers' formats (RFC `rfc.agentic_checkout.md` §3.1: `Signa
   `invalid_signature` (wrong or malformed). Without a secret nothing is checked. Discovery stays unsigned.
 
 Order webhooks (acp_webhooks.py): with an order webhook URL configured, completing a checkout writes an
-`order_create` event in the transaction that completes it, sent after COMMIT in the background.
+`order_create` event in the transaction that completes it, and a tier line's outcome (started: `completed`; failed
+for good: `manual_review`; refunded: `canceled`, the line `removed`) an `order_update`; each is sent after COMMIT
+in the background.
 """
 
 from __future__ import annotations

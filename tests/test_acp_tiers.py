@@ -249,9 +249,31 @@ async def test_a_tier_that_cannot_start_goes_to_manual_review_then_a_refund_canc
     [line] = got["order"]["line_items"]
     assert (line["status"], line["quantity"]["current"], line["quantity"]["fulfilled"]) == ("removed", 0, 0)
     assert "was refunded" in got["messages"][-1]["content"]
+    [adjustment] = got["order"]["adjustments"]
+    assert (adjustment["type"], adjustment["status"], adjustment["amount"], adjustment["id"]) == (
+        "refund", "completed", 5997, refunded["refund_id"])
+    assert adjustment["line_items"] == [{"id": line["id"], "quantity": 1}]
+    assert {"type": "amount_refunded", "display_text": "Refunded", "amount": 5997} in got["order"]["totals"]
     await until(lambda: len(seller.receiver.requests) == 3)
     events = [json.loads(body) for _, body in seller.receiver.requests]
     for event in events:
         _VALIDATOR(WEBHOOK_EVENT, format_checker=_VALIDATOR.FORMAT_CHECKER).validate(event)
     assert sorted((e["type"], e["data"]["status"]) for e in events) == [
         ("order_create", "processing"), ("order_update", "canceled"), ("order_update", "manual_review")]
+
+
+async def test_a_refunded_tier_beside_refused_credits_keeps_the_order_in_manual_review(
+        seller: Seller, sandbox: Any, acp_prepaid: Any) -> None:
+    created = await seller.create(["tier_3mo", "luc_10k"])
+    await seller.store.write(lambda conn: conn.execute(  # the wallet at the ledger's ceiling: the LUC is refused
+        "UPDATE agent_wallets SET balance = ? WHERE agent_id = 'subscriber'", (10**18 - 5,)))
+    sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions")
+    await seller.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa"), "pay", 200)
+
+    await acp_prepaid.refund(f"pre_{created['id']}")
+
+    got = checked(await seller.http.get(f"/acp/checkout_sessions/{created['id']}", headers=HEADERS),
+                  "/acp/checkout_sessions", 200).json()
+    assert got["order"]["status"] == "manual_review"  # the LUC paid for is neither credited nor refunded yet
+    statuses = {line["product_id"]: line["status"] for line in got["order"]["line_items"]}
+    assert statuses == {"tier_3mo": "removed", "luc_10k": "processing"}

@@ -563,3 +563,53 @@ async def test_a_tier_being_refunded_cannot_be_started_by_a_retry(env: Env) -> N
 
     assert done["status"] == "refunded" and await env.subscriptions() == []
     assert (await env.stripe("get", f"/v1/customers/{env.customer}"))["balance"] == 0
+
+
+async def test_a_credit_whose_answer_was_lost_is_found_and_reversed_when_refunding(env: Env) -> None:
+    paid = await env.paid_not_started()
+    row_id = prepaid_id(paid.id)
+    path = f"/v1/customers/{env.customer}/balance_transactions"
+    env.sandbox.faults.inject(status=500, count=3, mode="after", path_prefix=path)  # credit made, answers lost
+    assert (await env.stack.prepaid.start(row_id))["status"] == "claimed"
+    await env.stack.store.write(lambda conn: conn.execute(  # then it failed for good before recording the credit
+        "UPDATE prepaid_subscriptions SET status = 'failed' WHERE id = ?", (row_id,)))
+    assert env.stack.prepaid.find(row_id)["balance_transaction_id"] is None  # type: ignore[index]
+
+    done = await env.stack.prepaid.refund(row_id)
+
+    assert (done["status"], done["refunded_amount"]) == ("refunded", paid.amount)
+    assert (await env.stripe("get", f"/v1/customers/{env.customer}"))["balance"] == 0
+
+
+async def test_a_credit_partly_used_by_other_invoices_is_reversed_and_refunded_for_what_is_left(env: Env) -> None:
+    env.sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions")
+    paid = await env.buy()  # credited 5997, then the subscription refused
+    await env.stripe("post", "/v1/invoiceitems", {"customer": env.customer, "amount": 2000, "currency": "usd",
+                                                  "description": "another purchase"})
+    invoice = await env.stripe("post", "/v1/invoices", {"customer": env.customer})
+    await env.stripe("post", f"/v1/invoices/{invoice['id']}/finalize")  # draws 2000 from the credit
+
+    done = await env.stack.prepaid.refund(prepaid_id(paid.id))
+
+    assert (done["status"], done["refunded_amount"]) == ("refunded", paid.amount - 2000)
+    assert (await env.stripe("get", f"/v1/customers/{env.customer}"))["balance"] == 0  # owes nothing, holds nothing
+    refunds = (await env.stripe("get", "/v1/refunds", {"payment_intent": paid.payment_intent}))["data"]
+    assert [r["amount"] for r in refunds] == [paid.amount - 2000]
+
+
+async def test_a_refund_stripe_fails_leaves_the_tier_refunding_for_a_later_run(env: Env) -> None:
+    env.sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions")
+    session = await env.buy(pay=False)
+    await env.stack.payments.confirm_session(session.id, payment_method="pm_card_refundFail",
+                                             shared_payment_token=None, idempotency_key="pay-refund-fail")
+    row_id = prepaid_id(session.id)
+
+    first = await env.stack.prepaid.refund(row_id)
+    second = await env.stack.prepaid.refund(row_id)
+
+    assert (first["status"], second["status"]) == ("refunding", "refunding")
+    assert "failed (declined)" in second["last_error"] and second["refunded_amount"] is None
+    refunds = (await env.stripe("get", "/v1/refunds", {"payment_intent": session.payment_intent}))["data"]
+    assert [r["status"] for r in refunds] == ["failed", "failed"]  # each run tried anew
+    view = await env.stack.payments.get_session(session.id)
+    assert view.fulfilment is not None and view.fulfilment["status"] == "failed"  # not told refunded

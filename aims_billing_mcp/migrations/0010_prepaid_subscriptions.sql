@@ -23,6 +23,7 @@ CREATE TABLE prepaid_subscriptions (
     balance_transaction_id TEXT,
     subscription_id TEXT,
     refund_id TEXT,
+    refunded_amount INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     created_at TEXT NOT NULL,

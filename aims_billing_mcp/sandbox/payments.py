@@ -26,7 +26,9 @@ BRANDS = {
     "jcb": ("jcb", "0000", "credit"),
     "unionpay": ("unionpay", "0005", "credit"),
     "us": ("visa", "4242", "credit"),
+    "refundFail": ("visa", "5126", "credit"),  # pays; a refund of it fails (Stripe's 4000 0000 0000 5126)
 }
+REFUND_FAILS_LAST4 = "5126"
 # token -> (code, decline_code, message) for declining test cards
 DECLINES = {
     "pm_card_chargeDeclined": ("card_declined", "generic_decline", "Your card was declined."),

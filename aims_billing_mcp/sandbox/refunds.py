@@ -1,6 +1,8 @@
 """Refunds (``/v1/refunds``): money back on a succeeded PaymentIntent, in whole or in part, never more than it
 received. A refund succeeds at once (as test-mode card refunds do), lowers the available balance and records
-``refund.created``; the PaymentIntent keeps what was refunded so a second refund can only take the rest."""
+``refund.created``; the PaymentIntent keeps what was refunded so a second refund can only take the rest. A payment
+made with Stripe's refund-failing test card (``pm_card_refundFail``) gets a ``failed`` refund (``refund.failed``)
+that returns nothing."""
 
 from __future__ import annotations
 
@@ -10,15 +12,15 @@ from .core import LIST_PARAMS, Ctx, Obj, Route, list_page
 from .errors import StripeError, invalid, invalid_state, missing
 from .ids import new_id
 from .params import Params
+from .payments import REFUND_FAILS_LAST4
 
 REASONS = ("duplicate", "fraudulent", "requested_by_customer")
 
 
 def create_refund(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow(("payment_intent", "charge", "amount", "reason", "metadata"))
-    pi_id = p.string("payment_intent")
+    pi_id, charge = p.string("payment_intent"), p.string("charge")
     if pi_id is None:
-        charge = p.string("charge")
         if charge is None:
             raise missing("payment_intent")
         found = ctx.store.find_one("payment_intent", "latest_charge", charge)
@@ -26,6 +28,8 @@ def create_refund(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
             raise StripeError(404, f"No such charge: '{charge}'", code="resource_missing", param="charge")
         pi_id = str(found["id"])
     pi = ctx.fetch("payment_intent", pi_id, "payment_intent", "payment_intent")
+    if charge is not None and charge != pi["latest_charge"]:
+        raise invalid("charge", f"Charge {charge} does not belong to PaymentIntent {pi['id']}.")
     if pi["status"] != "succeeded":
         raise invalid_state(f"This PaymentIntent ({pi['id']}) does not have a successful charge to refund.",
                             "payment_intent")
@@ -56,12 +60,22 @@ def create_refund(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         "status": "succeeded",
         "transfer_reversal": None,
     }
+    if _refund_fails(ctx, pi):
+        refund.update(status="failed", failure_reason="declined")
+        ctx.store.insert(refund)
+        ctx.record_event("refund.failed", refund)
+        return refund
     ctx.store.insert(refund)
     pi["_amount_refunded"] = refunded + amount
     ctx.store.update(pi)
     ctx.store.balance_add(pi["currency"], -amount)
     ctx.record_event("refund.created", refund)
     return refund
+
+
+def _refund_fails(ctx: Ctx, pi: Obj) -> bool:
+    pm = ctx.store.get(pi["payment_method"], "payment_method") if pi.get("payment_method") else None
+    return bool(pm and pm["card"]["last4"] == REFUND_FAILS_LAST4)
 
 
 def retrieve_refund(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:

@@ -691,15 +691,21 @@ class AcpService:
         outcome = prepaid["status"]
         credits_ok = not state["order"].get("luc_refused")
         credits = self._has(state["lines"], subscribes=False)
-        status = ("completed" if outcome == "started" and credits_ok else
-                  ("completed" if credits and credits_ok else "canceled") if outcome == "refunded" else "manual_review")
+        if not credits_ok:
+            status = "manual_review"  # the LUC the buyer paid for is neither credited nor refunded yet
+        elif outcome == "started":
+            status = "completed"
+        elif outcome == "refunded":
+            status = "completed" if credits else "canceled"
+        else:
+            status = "manual_review"
         state["order"].update(subscription=summary, status=status)
         content = {
             "started": f"The {summary['tier']} tier subscription {summary['subscription']} started for customer "
                        f"{summary['customer']}: {summary['prepaid_display']} prepaid as credit on the customer's "
                        f"Stripe balance; it ends at the commitment end {summary.get('commitment_end')}.",
             "refunded": f"The {summary['tier']} tier subscription could not be started; "
-                        f"{summary['prepaid_display']} was refunded ({summary.get('refund')}).",
+                        f"{summary.get('refunded_display')} was refunded ({summary.get('refund') or 'nothing left'}).",
         }.get(outcome, f"The {summary['tier']} tier subscription could not be started ({summary.get('last_error')}); "
                        "the payment is kept and an operator has been told.")
         state["messages"] = [*state.get("messages", []), _info(content)]
@@ -890,6 +896,17 @@ class AcpService:
                                for line in lines],
                 "totals": [{"type": "total", "display_text": "Total", "amount": total}],
             }
+            refunded = (order.get("subscription") or {}) if outcome == "refunded" else None
+            if refunded:
+                tier_line = next(line["id"] for line in lines if line["category"] == "subscription")
+                body["order"]["adjustments"] = [{
+                    "id": refunded.get("refund") or f"adj_{order['id']}", "type": "refund",
+                    "occurred_at": row["updated_at"], "status": "completed",
+                    "line_items": [{"id": tier_line, "quantity": 1}], "amount": refunded.get("refunded", 0),
+                    "currency": currency, "description": "The tier subscription could not be started",
+                    "reason": "not_fulfilled"}]
+                body["order"]["totals"].append({"type": "amount_refunded", "display_text": "Refunded",
+                                                "amount": refunded.get("refunded", 0)})
         return body
 
     def discovery(self, api_base_url: str) -> dict[str, Any]:

@@ -129,6 +129,9 @@ class PrepaidSubscriptions:
             summary["last_error"] = row["last_error"]
         if row["refund_id"]:
             summary["refund"] = row["refund_id"]
+        if row["refunded_amount"] is not None:
+            summary["refunded"] = row["refunded_amount"]
+            summary["refunded_display"] = format_amount(row["refunded_amount"], row["currency"])
         return summary
 
     def find(self, row_id: str) -> dict[str, Any] | None:
@@ -171,8 +174,10 @@ class PrepaidSubscriptions:
                 return row
         prices: tuple[str, str | None] | None = None
         if row["status"] == "claimed":
-            prices = await self._subscriptions.prices_for(tier)  # refused before anything is credited
-            txn = (None if fresh else await self._existing_credit(row)) or (await self._gateway.send(StripeRequest(
+            txn = None if fresh else await self._existing_credit(row)  # an earlier attempt's, its answer lost
+            if txn is None:
+                prices = await self._subscriptions.prices_for(tier)  # refused before anything is credited
+            txn = txn or (await self._gateway.send(StripeRequest(
                 "post", f"/v1/customers/{row['customer_id']}/balance_transactions",
                 {"amount": -row["amount"], "currency": row["currency"],
                  "description": f"Prepaid {tier.name} subscription ({tier.commitment_months} months billed, "
@@ -263,7 +268,14 @@ class PrepaidSubscriptions:
 
     async def _made_for(self, row: dict[str, Any], path: str, params: dict[str, Any], *,
                         key: str = "aims_prepaid") -> dict[str, Any] | None:
-        """The object under `path` (a customer's list, paged) whose metadata `key` names this row."""
+        """The newest object under `path` (a list, paged) whose metadata `key` names this row."""
+        found = await self._all_made_for(row, path, params, key=key, first=True)
+        return found[0] if found else None
+
+    async def _all_made_for(self, row: dict[str, Any], path: str, params: dict[str, Any], *,
+                            key: str = "aims_prepaid", first: bool = False) -> list[dict[str, Any]]:
+        """The objects under `path` (a list, paged, newest first) whose metadata `key` names this row."""
+        matches: list[dict[str, Any]] = []
         after: str | None = None
         while True:
             page = (await self._gateway.send(StripeRequest(
@@ -271,9 +283,11 @@ class PrepaidSubscriptions:
             found = page.get("data") or []
             for obj in found:
                 if (obj.get("metadata") or {}).get(key) == row["id"]:
-                    return dict(obj)
+                    matches.append(dict(obj))
+                    if first:
+                        return matches
             if not page.get("has_more") or not found:
-                return None
+                return matches
             after = str(found[-1]["id"])
 
     async def _claimed(self, row_id: str) -> tuple[dict[str, Any], bool]:
@@ -318,13 +332,16 @@ class PrepaidSubscriptions:
 
         return job
 
-    def _step_from(self, row_id: str, expected: Sequence[str], status: str) -> Job:
-        """Move the row from any of `expected` to `status`; nothing if it is elsewhere."""
+    def _step_from(self, row_id: str, expected: Sequence[str], status: str, *, no_subscription: bool = False) -> Job:
+        """Move the row from any of `expected` to `status`; nothing if it is elsewhere (or, with
+        `no_subscription`, if it holds a subscription)."""
         clock = self._clock
+        guard = " AND subscription_id IS NULL" if no_subscription else ""
 
         def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
             cursor = conn.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ? WHERE id = ? AND "
-                                  f"status IN ({_marks(expected)})", (status, utc_iso(clock()), row_id, *expected))
+                                  f"status IN ({_marks(expected)}){guard}",
+                                  (status, utc_iso(clock()), row_id, *expected))
             return _read(conn, row_id), cursor.rowcount == 1
 
         return job
@@ -409,10 +426,15 @@ class PrepaidSubscriptions:
     # --- refunding one that cannot start -------------------------------------------------------------------------
 
     async def refund(self, row_id: str) -> dict[str, Any]:
-        """Give the money back for a subscription that was refused or failed for good (`refund-prepaid`): reverse
-        the balance credit if one was made, then refund the payment for this item's amount, each step found by
-        its metadata before it is made again (operators may run it twice, or days apart). Refuses a row that
-        started or holds a subscription (cancel that first) and one still in progress."""
+        """Give the money back for a subscription that was refused or failed for good (`refund-prepaid`).
+
+        The row is claimed first (`refunding`: no retry can start it now). If a balance credit was made (recorded,
+        or found by its metadata when its answer was lost), what is left of it is reversed, at most the amount paid
+        and at most what the customer's balance still holds (invoices may have drawn on it: that part was used,
+        and the customer must not end up owing it), and that much is refunded; with no credit, the whole payment
+        is. Each step is found by its metadata before it is made again (operators may run it twice, or days
+        apart). The row ends `refunded` only when Stripe says the refund succeeded; a pending or failed refund
+        leaves it `refunding`, with the reason, for a later run."""
         found = self.find(row_id)
         if found is None:
             raise NotFound(f"no prepaid subscription {row_id!r}: `aims-billing-mcp report prepaid` lists them",
@@ -428,31 +450,30 @@ class PrepaidSubscriptions:
                                "first (cancel_subscription with immediately=true), then refund", param="prepaid_id")
         if not row["payment_intent_id"]:
             raise InvalidState(f"prepaid subscription {row_id} has no PaymentIntent to refund", param="prepaid_id")
-        # Claimed first: a retry (`start-subscriptions --failed`) can no longer start what is being refunded.
-        row, _ = await self._store.write(self._step_from(row_id, ("failed", "refused", "refunding"), "refunding"))
-        if row["status"] != "refunding":
+        row, claimed = await self._store.write(self._step_from(row_id, ("failed", "refused", "refunding"),
+                                                               "refunding", no_subscription=True))
+        if not claimed:
             raise InvalidState(f"prepaid subscription {row_id} became {row['status']} meanwhile: not refunded",
                                param="prepaid_id")
-        if row["balance_transaction_id"]:
-            path = f"/v1/customers/{row['customer_id']}/balance_transactions"
-            if await self._made_for(row, path, {}, key=REVERSAL_METADATA) is None:
-                await self._gateway.send(StripeRequest("post", path, {
-                    "amount": row["amount"], "currency": row["currency"],
-                    "description": f"Reversal of the prepaid credit {row['balance_transaction_id']} (refunded)",
-                    "metadata": {REVERSAL_METADATA: row["id"]}}, stripe_idempotency_key("prepaid-uncredit", row["id"])))
-        refund = await self._made_for(row, "/v1/refunds", {"payment_intent": row["payment_intent_id"]}) or (
-            await self._gateway.send(StripeRequest("post", "/v1/refunds", {
-                "payment_intent": row["payment_intent_id"], "amount": row["amount"], "reason": "requested_by_customer",
-                "metadata": {PREPAID_METADATA: row["id"]}}, stripe_idempotency_key("prepaid-refund", row["id"])))).data
+        amount = await self._reverse_credit(row)
+        refund = await self._refund_payment(row, amount) if amount > 0 else None
+        status = "refunded" if refund is None or refund["status"] == "succeeded" else "refunding"
+        note = None if status == "refunded" else (
+            f"refund {refund['id'] if refund else ''} is {refund['status'] if refund else 'missing'}"
+            f"{' (' + str(refund.get('failure_reason')) + ')' if refund and refund.get('failure_reason') else ''}: "
+            "run refund-prepaid again later")
         after: list[Callable[[], None]] = []
         clock, hook = self._clock, self._hooks.get(row["source"])
 
         def job(conn: sqlite3.Connection) -> dict[str, Any]:
-            cursor = conn.execute("UPDATE prepaid_subscriptions SET status = 'refunded', refund_id = ?, updated_at = ? "
-                                  "WHERE id = ? AND status = 'refunding'",
-                                  (refund["id"], utc_iso(clock()), row_id))
+            cursor = conn.execute(
+                "UPDATE prepaid_subscriptions SET status = ?, refund_id = ?, refunded_amount = ?, last_error = "
+                "COALESCE(?, last_error), updated_at = ? WHERE id = ? AND status = 'refunding'",
+                (status, refund["id"] if refund else None, amount if status == "refunded" else None, note,
+                 utc_iso(clock()), row_id))
             current = _read(conn, row_id)
-            if cursor.rowcount == 1 and hook is not None and (action := hook(conn, current)) is not None:
+            told = cursor.rowcount == 1 and status == "refunded" and hook is not None
+            if told and hook is not None and (action := hook(conn, current)) is not None:
                 after.append(action)
             return current
 
@@ -460,6 +481,36 @@ class PrepaidSubscriptions:
         for action in after:
             action()
         return done
+
+    async def _reverse_credit(self, row: dict[str, Any]) -> int:
+        """Reverse what is left of the row's balance credit, if it made one; returns the amount to refund."""
+        credit = row["balance_transaction_id"] or (await self._existing_credit(row) or {}).get("id")
+        if not credit:
+            return int(row["amount"])
+        path = f"/v1/customers/{row['customer_id']}/balance_transactions"
+        reversal = await self._made_for(row, path, {}, key=REVERSAL_METADATA)
+        if reversal is not None:
+            return int(reversal["amount"])
+        customer = (await self._gateway.send(StripeRequest("get", f"/v1/customers/{row['customer_id']}"))).data
+        left = min(int(row["amount"]), max(0, -int(customer.get("balance") or 0)))
+        if left > 0:
+            await self._gateway.send(StripeRequest("post", path, {
+                "amount": left, "currency": row["currency"],
+                "description": f"Reversal of the prepaid credit {credit} (refunded)",
+                "metadata": {REVERSAL_METADATA: row["id"]}}, stripe_idempotency_key("prepaid-uncredit", row["id"])))
+        return left
+
+    async def _refund_payment(self, row: dict[str, Any], amount: int) -> dict[str, Any]:
+        """The refund of `amount` for this row: a succeeded or pending one found by its metadata, else a new one
+        (a failed earlier one is not reused: each new attempt has its own key)."""
+        earlier = await self._all_made_for(row, "/v1/refunds", {"payment_intent": row["payment_intent_id"]})
+        for refund in earlier:
+            if refund.get("status") in ("succeeded", "pending", "requires_action"):
+                return refund
+        key = stripe_idempotency_key("prepaid-refund", f"{row['id']}:{len(earlier)}")
+        return (await self._gateway.send(StripeRequest("post", "/v1/refunds", {
+            "payment_intent": row["payment_intent_id"], "amount": amount, "reason": "requested_by_customer",
+            "metadata": {PREPAID_METADATA: row["id"]}}, key))).data
 
     # --- in the background ------------------------------------------------------------------------------------
 

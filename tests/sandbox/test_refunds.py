@@ -69,3 +69,21 @@ def test_an_unpaid_payment_intent_has_nothing_to_refund(client: TestClient) -> N
     response = post(client, "/v1/refunds", {"payment_intent": pi["id"]})
 
     assert response.status_code == 400 and "does not have a successful charge" in response.json()["error"]["message"]
+
+
+def test_a_refund_of_the_refund_failing_test_card_fails_and_returns_nothing(client: TestClient) -> None:
+    pi = ok(post(client, "/v1/payment_intents", {"amount": "1000", "currency": "usd"}))
+    ok(post(client, f"/v1/payment_intents/{pi['id']}/confirm", {"payment_method": "pm_card_refundFail"}))
+    before = available(client)
+
+    refund = ok(post(client, "/v1/refunds", {"payment_intent": pi["id"]}))
+
+    assert (refund["status"], refund["failure_reason"]) == ("failed", "declined")
+    assert available(client) == before
+    assert ok(post(client, "/v1/refunds", {"payment_intent": pi["id"]}))["amount"] == 1000  # nothing was taken
+
+
+def test_a_charge_of_another_payment_intent_is_refused(client: TestClient, paid: dict[str, Any]) -> None:
+    response = post(client, "/v1/refunds", {"payment_intent": paid["id"], "charge": "ch_other"})
+
+    assert response.status_code == 400 and response.json()["error"]["param"] == "charge"

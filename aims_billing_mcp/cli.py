@@ -11,8 +11,9 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from .store import Store
 
 EXIT_CONFIG = 2
+
+
+T = TypeVar("T")
 
 
 def _fail(message: str) -> int:
@@ -242,63 +246,52 @@ def cmd_flush_usage(args: argparse.Namespace) -> int:
     return 1 if error else 0
 
 
-def cmd_start_subscriptions(args: argparse.Namespace) -> int:
-    """Start the prepaid tier subscriptions that were paid for but not started in Stripe (the server also resumes
-    open ones at start-up); `--failed` retries the ones that failed for good, after the cause was fixed."""
-    settings = _settings()
-    if problem := settings.live_key_problem():
-        return _fail(problem)
+def _on_prepaid(command: str, action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `action` on the prepaid subscriptions of the configured database and Stripe, then let the ACP order
+    events it wrote go out (or say they wait for the server's next start)."""
     from .app import build_state
-    from .services.reports import prepaid_report
 
-    async def run() -> list[dict[str, Any]]:
-        state = build_state(settings)
+    async def run() -> T:
+        state = build_state(_settings())
         try:
             assert state.commerce.prepaid is not None
-            rows = await state.commerce.prepaid.retry(include_failed=args.failed is not None, only=args.failed or ())
-            if state.acp.order_webhooks is not None:  # the order_update events of ACP orders it started
+            done = await action(state.commerce.prepaid)
+            if state.acp.order_webhooks is not None:
                 try:
                     await asyncio.wait_for(state.acp.order_webhooks.drain(), timeout=30)
                 except TimeoutError:
-                    print("start-subscriptions: order events still undelivered are sent at the server's next start",
+                    print(f"{command}: order events still undelivered are sent at the server's next start",
                           file=sys.stderr)
-            return rows
+            return done
         finally:
             await state.gateway.close()
             state.store.close()
 
-    rows = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def cmd_start_subscriptions(args: argparse.Namespace) -> int:
+    """Start the prepaid tier subscriptions that were paid for but not started in Stripe (the server also resumes
+    open ones at start-up); `--failed` retries the ones that failed for good, after the cause was fixed."""
+    if problem := _settings().live_key_problem():
+        return _fail(problem)
+    from .services.reports import prepaid_report
+
+    rows = _on_prepaid("start-subscriptions", lambda prepaid: prepaid.retry(
+        include_failed=args.failed is not None, only=args.failed or ()))
     print("\n".join(prepaid_report(rows)) if rows else "start-subscriptions: nothing to start")
     return 1 if any(row["status"] != "started" for row in rows) else 0
 
 
 def cmd_refund_prepaid(args: argparse.Namespace) -> int:
     """Refund a prepaid tier that was refused or failed for good: its credit reversed, its payment refunded."""
-    settings = _settings()
-    if problem := settings.live_key_problem():
+    if problem := _settings().live_key_problem():
         return _fail(problem)
-    from .app import build_state
     from .errors import BillingError
     from .services.reports import prepaid_report
 
-    async def run() -> dict[str, Any]:
-        state = build_state(settings)
-        try:
-            assert state.commerce.prepaid is not None
-            row = await state.commerce.prepaid.refund(args.prepaid_id)
-            if state.acp.order_webhooks is not None:  # the order_update of an ACP order it refunded
-                try:
-                    await asyncio.wait_for(state.acp.order_webhooks.drain(), timeout=30)
-                except TimeoutError:
-                    print("refund-prepaid: order events still undelivered are sent at the server's next start",
-                          file=sys.stderr)
-            return row
-        finally:
-            await state.gateway.close()
-            state.store.close()
-
     try:
-        row = asyncio.run(run())
+        row = _on_prepaid("refund-prepaid", lambda prepaid: prepaid.refund(args.prepaid_id))
     except BillingError as exc:  # refused (not refundable, unknown id) or Stripe said no: nothing changed here
         print(f"aims-billing-mcp: refund-prepaid: {exc.message}", file=sys.stderr)
         return 1

@@ -241,21 +241,28 @@ async def test_report_receipts_lists_a_paid_x402_receipt(
     assert "buyer" in out and "2,500" in out and "local" in out and "2.5" in out
 
 
-async def test_start_subscriptions_retries_a_failed_prepaid_tier_once_its_cause_is_fixed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def tier_paid_without_prices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, item: str) -> str:
+    """A tier bought and paid while setup-stripe never ran: its start failed for good, before any credit. Its
+    payment session id; the CLI runs on the same database."""
     monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "tiers.db"))
     settings = Settings(_env_file=None, aims_billing_db=tmp_path / "tiers.db",  # type: ignore[call-arg]
                         aims_billing_flush_interval_seconds=0)
-    async with Client(build_server(settings)) as client:  # setup-stripe never ran: the tier has no price yet
+    async with Client(build_server(settings)) as client:
         made = await client.call_tool("create_customer", {"email": "ops@example.com"})
         customer = made.structured_content["customer"]["id"]  # type: ignore[index]
-        created = await client.call_tool("create_payment_session", {"item": "tier_6mo", "customer": customer,
+        created = await client.call_tool("create_payment_session", {"item": item, "customer": customer,
                                                                     "idempotency_key": "t"})
-        session = created.structured_content["session"]["id"]  # type: ignore[index]
+        session: str = created.structured_content["session"]["id"]  # type: ignore[index]
         paid = await client.call_tool("confirm_payment_session", {"session_id": session, "idempotency_key": "p",
                                                                   "payment_method": "pm_card_visa"})
     assert paid.structured_content["fulfilment"]["status"] == "failed"  # type: ignore[index]
+    return session
+
+
+async def test_start_subscriptions_retries_a_failed_prepaid_tier_once_its_cause_is_fixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    session = await tier_paid_without_prices(tmp_path, monkeypatch, "tier_6mo")
     capsys.readouterr()
 
     assert await anyio.to_thread.run_sync(main, ["start-subscriptions"]) == 0
@@ -285,17 +292,7 @@ def test_importing_the_server_leaves_httpx_and_the_sandbox_app_for_later() -> No
 async def test_refund_prepaid_refunds_a_tier_that_failed_and_refuses_what_it_cannot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "refund.db"))
-    settings = Settings(_env_file=None, aims_billing_db=tmp_path / "refund.db",  # type: ignore[call-arg]
-                        aims_billing_flush_interval_seconds=0)
-    async with Client(build_server(settings)) as client:  # no setup-stripe: the start fails before any credit
-        made = await client.call_tool("create_customer", {"email": "refund@example.com"})
-        customer = made.structured_content["customer"]["id"]  # type: ignore[index]
-        created = await client.call_tool("create_payment_session", {"item": "tier_3mo", "customer": customer,
-                                                                    "idempotency_key": "t"})
-        session = created.structured_content["session"]["id"]  # type: ignore[index]
-        await client.call_tool("confirm_payment_session", {"session_id": session, "idempotency_key": "p",
-                                                           "payment_method": "pm_card_visa"})
+    session = await tier_paid_without_prices(tmp_path, monkeypatch, "tier_3mo")
     capsys.readouterr()
 
     assert await anyio.to_thread.run_sync(main, ["refund-prepaid", f"pre_{session}"]) == 0

@@ -296,7 +296,7 @@ def cmd_refund_prepaid(args: argparse.Namespace) -> int:
         print(f"aims-billing-mcp: refund-prepaid: {exc.message}", file=sys.stderr)
         return 1
     print("\n".join(prepaid_report([row])))
-    return 0
+    return 0 if row["status"] == "refunded" else 1  # a pending or failed refund: run it again later
 
 
 def cmd_check_ledger(args: argparse.Namespace) -> int:

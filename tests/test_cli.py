@@ -241,36 +241,50 @@ async def test_report_receipts_lists_a_paid_x402_receipt(
     assert "buyer" in out and "2,500" in out and "local" in out and "2.5" in out
 
 
-async def tier_paid_without_prices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, item: str) -> str:
-    """A tier bought and paid while setup-stripe never ran: its start failed for good, before any credit. Its
-    payment session id; the CLI runs on the same database."""
+async def tier_paid_while_its_price_was_archived(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                item: str) -> tuple[str, str]:
+    """A tier bought, then its Stripe price archived before the buyer paid: the start failed for good, before any
+    credit. (Its payment session, the archived price); the CLI runs on the same database."""
     monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "tiers.db"))
     settings = Settings(_env_file=None, aims_billing_db=tmp_path / "tiers.db",  # type: ignore[call-arg]
                         aims_billing_flush_interval_seconds=0)
-    async with Client(build_server(settings)) as client:
+    assert await anyio.to_thread.run_sync(main, ["setup-stripe"]) == 0
+    server = build_server(settings)
+    async with Client(server) as client:
         made = await client.call_tool("create_customer", {"email": "ops@example.com"})
         customer = made.structured_content["customer"]["id"]  # type: ignore[index]
         created = await client.call_tool("create_payment_session", {"item": item, "customer": customer,
                                                                     "idempotency_key": "t"})
         session: str = created.structured_content["session"]["id"]  # type: ignore[index]
+        assert server.state is not None
+        tier = server.state.pricing.tier(server.state.pricing.items[item].tier or "")
+        price, _ = await server.state.subscriptions.prices_for(tier)
+        await server.state.gateway.send(StripeRequest("post", f"/v1/prices/{price}", {"active": False}))
         paid = await client.call_tool("confirm_payment_session", {"session_id": session, "idempotency_key": "p",
                                                                   "payment_method": "pm_card_visa"})
     assert paid.structured_content["fulfilment"]["status"] == "failed"  # type: ignore[index]
-    return session
+    return session, price
+
+
+async def reactivate(tmp_path: Path, price: str) -> None:
+    gateway = build_gateway(Settings(_env_file=None, aims_billing_db=tmp_path / "tiers.db"))  # type: ignore[call-arg]
+    try:
+        await gateway.send(StripeRequest("post", f"/v1/prices/{price}", {"active": True}))
+    finally:
+        await gateway.close()
 
 
 async def test_start_subscriptions_retries_a_failed_prepaid_tier_once_its_cause_is_fixed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    session = await tier_paid_without_prices(tmp_path, monkeypatch, "tier_6mo")
+    session, price = await tier_paid_while_its_price_was_archived(tmp_path, monkeypatch, "tier_6mo")
     capsys.readouterr()
 
     assert await anyio.to_thread.run_sync(main, ["start-subscriptions"]) == 0
     untouched = capsys.readouterr().out
     assert await anyio.to_thread.run_sync(main, ["report", "prepaid"]) == 0
     failed = capsys.readouterr().out
-    assert await anyio.to_thread.run_sync(main, ["setup-stripe"]) == 0
-    capsys.readouterr()
+    await reactivate(tmp_path, price)
     assert await anyio.to_thread.run_sync(main, ["start-subscriptions", "--failed"]) == 0
     started = capsys.readouterr().out
 
@@ -292,7 +306,7 @@ def test_importing_the_server_leaves_httpx_and_the_sandbox_app_for_later() -> No
 async def test_refund_prepaid_refunds_a_tier_that_failed_and_refuses_what_it_cannot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    session = await tier_paid_without_prices(tmp_path, monkeypatch, "tier_3mo")
+    session, _price = await tier_paid_while_its_price_was_archived(tmp_path, monkeypatch, "tier_3mo")
     capsys.readouterr()
 
     assert await anyio.to_thread.run_sync(main, ["refund-prepaid", f"pre_{session}"]) == 0

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from aims_billing_mcp.errors import InvalidInput, InvalidState, NotFound
+from aims_billing_mcp.errors import ConfigurationError, InvalidInput, InvalidState, NotFound
 from aims_billing_mcp.sandbox import Sandbox
 from aims_billing_mcp.services.prepaid import PrepaidSubscriptions, prepaid_id
 from aims_billing_mcp.services.stripe_setup import setup_stripe
@@ -449,22 +449,31 @@ async def test_a_wallet_of_an_unknown_customer_cannot_buy_a_tier(env: Env) -> No
     assert refused.value.param == "agent_id"
 
 
-async def test_without_tier_prices_the_start_fails_for_good_with_the_fix(
+async def test_without_tier_prices_a_tier_is_refused_before_anything_is_charged(
         make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> None:
-    async with commerce_stack(make_settings(), sandbox_app, store) as stack:
+    async with commerce_stack(make_settings(), sandbox_app, store) as stack:  # setup-stripe never ran
         customer = (await stack.gateway.send(StripeRequest("post", "/v1/customers", {}))).data["id"]
         await stack.ledger.create_wallet("subscriber", customer, None, "open")
-        created = await stack.payments.create_session(customer=None, agent_id="subscriber", item="tier_6mo",
-                                                      amount=None, currency=None, description=None,
-                                                      idempotency_key="k", dry_run=False)
-        assert created.session is not None
-        paid = await stack.payments.confirm_session(created.session.id, payment_method="pm_card_visa",
+
+        with pytest.raises(ConfigurationError, match="setup-stripe"):
+            await stack.payments.create_session(customer=None, agent_id="subscriber", item="tier_6mo", amount=None,
+                                                currency=None, description=None, idempotency_key="k", dry_run=False)
+
+        assert store.query_one("SELECT COUNT(*) AS n FROM payment_sessions") == {"n": 0}
+
+
+async def test_prices_gone_after_the_payment_fail_the_start_before_any_credit(env: Env) -> None:
+    session = await env.buy(pay=False)
+    price, _ = await env.stack.subscriptions.prices_for(env.stack.pricing.tier("3mo"))
+    await env.stripe("post", f"/v1/prices/{price}", {"active": False})  # archived between create and pay
+
+    paid = await env.stack.payments.confirm_session(session.id, payment_method="pm_card_visa",
                                                     shared_payment_token=None, idempotency_key="pay")
 
-        assert paid.fulfilment is not None and paid.fulfilment["status"] == "failed"
-        assert "setup-stripe" in paid.fulfilment["last_error"]
-        row = stack.prepaid.find(prepaid_id(paid.id))
-        assert row is not None and row["balance_transaction_id"] is None  # nothing was credited
+    assert paid.fulfilment is not None and paid.fulfilment["status"] == "failed"
+    assert "setup-stripe" in paid.fulfilment["last_error"]
+    row = env.stack.prepaid.find(prepaid_id(paid.id))
+    assert row is not None and row["balance_transaction_id"] is None  # nothing was credited
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -613,3 +622,22 @@ async def test_a_refund_stripe_fails_leaves_the_tier_refunding_for_a_later_run(e
     assert [r["status"] for r in refunds] == ["failed", "failed"]  # each run tried anew
     view = await env.stack.payments.get_session(session.id)
     assert view.fulfilment is not None and view.fulfilment["status"] == "failed"  # not told refunded
+
+
+async def test_a_failed_tier_holding_a_subscription_is_refunded_once_that_subscription_is_canceled(env: Env) -> None:
+    env.sandbox.faults.inject(status=400, count=1, path_prefix="/v1/subscriptions/")  # refused after creating it
+    paid = await env.buy()
+    row_id = prepaid_id(paid.id)
+    row = env.stack.prepaid.find(row_id)
+    assert row is not None and row["status"] == "failed" and row["subscription_id"]
+    assert env.stack.prepaid.live_tier(env.customer) == "3mo"  # it still holds the customer's tier
+
+    with pytest.raises(InvalidState, match="cancel it first"):
+        await env.stack.prepaid.refund(row_id)
+    await env.stack.subscriptions.cancel_subscription(customer=None, subscription=row["subscription_id"],
+                                                      immediately=True, idempotency_key="end", dry_run=False)
+    done = await env.stack.prepaid.refund(row_id)
+
+    assert env.stack.prepaid.live_tier(env.customer) is None
+    assert (done["status"], done["refunded_amount"]) == ("refunded", paid.amount - 1999)  # its first month was used
+    assert (await env.stripe("get", f"/v1/customers/{env.customer}"))["balance"] == 0

@@ -547,6 +547,9 @@ class AcpService:
         customer, param = self._subscriber(row["agent_id"], state)
         try:
             await self._prepaid.check_customer(customer or "", param=param)
+            for line in state["lines"]:
+                if self._pricing.items[line["item"]].subscribes:
+                    await self._prepaid.check_prices(self._pricing.tier(str(self._pricing.items[line["item"]].tier)))
         except NotFound as exc:
             raise AcpError(400, "not_ready_for_payment", exc.message, param=param) from exc
         except BillingError as exc:  # Stripe unavailable, rate limited, ...: not stored, retry with the same key

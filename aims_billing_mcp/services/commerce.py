@@ -146,6 +146,7 @@ class PaymentSessionService:
             self._check_can_subscribe(found, customer or owner)
             assert self.prepaid is not None
             await self.prepaid.check_customer(str(customer or owner), param="customer" if customer else "agent_id")
+            await self.prepaid.check_prices(self._pricing.tier(str(found.tier)))
         description = description if description is not None else (found.title if found else None)
         item_id = found.id if found else None
         args = {"customer": customer, "agent_id": agent_id, "item": item_id, "amount": amount, "currency": currency,

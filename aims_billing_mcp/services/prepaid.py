@@ -49,6 +49,12 @@ FRESH_SECONDS = 3600  # a step younger than this retries under Stripe's idempote
 LEASE_SECONDS = 23 * 3600  # a subscription creation request is re-sent as is for this long (Stripe keeps keys 24 h)
 MAX_BACKOFF_SECONDS = 300
 PREPAID_METADATA = "aims_prepaid"
+# A row that failed after creating its subscription still holds the customer's tier, until that subscription is
+# known to have ended (its provision says so: a webhook, or cancel_subscription's own record).
+HOLDS_LIVE_SUBSCRIPTION = (
+    "(p.status = 'failed' AND p.subscription_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM billing_provisions b "
+    "WHERE b.customer_id = p.customer_id AND b.subscription_id = p.subscription_id AND b.status IN "
+    "('canceled', 'incomplete_expired')))")
 REVERSAL_METADATA = "aims_prepaid_reversal"
 # A hook runs inside the job that records the start (or the failure); it may return an action for after COMMIT.
 Hook = Callable[[sqlite3.Connection, dict[str, Any]], Callable[[], None] | None]
@@ -85,12 +91,17 @@ class PrepaidSubscriptions:
         """The paid tier a customer already has (live subscription, or a prepaid one paid and not yet started):
         buying a second one would bill two subscriptions for one customer."""
         open_row = self._store.query_one(
-            f"SELECT tier FROM prepaid_subscriptions WHERE customer_id = ? AND (status IN ({_marks(OPEN)}) OR "
-            "(status = 'failed' AND subscription_id IS NOT NULL))", (customer, *OPEN))
+            f"SELECT tier FROM prepaid_subscriptions p WHERE customer_id = ? AND (status IN ({_marks(OPEN)}) OR "
+            f"{HOLDS_LIVE_SUBSCRIPTION})", (customer, *OPEN))
         if open_row is not None:
             return str(open_row["tier"])
         tier = self._subscriptions.entitled_tier(customer)
         return tier.id if tier.paid else None
+
+    async def check_prices(self, tier: Tier) -> None:
+        """Refuse before the payment a tier Stripe has no price for (`setup-stripe` never ran): its start would
+        fail after the buyer paid."""
+        await self._subscriptions.prices_for(tier)
 
     async def check_customer(self, customer: str, *, param: str = "customer") -> None:
         """Refuse before the payment what would fail after it: a subscription needs a customer Stripe knows."""
@@ -307,8 +318,8 @@ class PrepaidSubscriptions:
             if row["status"] not in ("pending", "credited"):
                 return row, False
             other = conn.execute(
-                f"SELECT id, tier FROM prepaid_subscriptions WHERE customer_id = ? AND id != ? AND (status IN "
-                f"({_marks(IN_PROGRESS)}) OR (status = 'failed' AND subscription_id IS NOT NULL))",
+                f"SELECT id, tier FROM prepaid_subscriptions p WHERE customer_id = ? AND id != ? AND (status IN "
+                f"({_marks(IN_PROGRESS)}) OR {HOLDS_LIVE_SUBSCRIPTION})",
                 (row["customer_id"], row_id, *IN_PROGRESS)).fetchone()
             provision = conn.execute("SELECT tier, status, subscription_id FROM billing_provisions WHERE "
                                      "customer_id = ?", (row["customer_id"],)).fetchone()
@@ -332,16 +343,13 @@ class PrepaidSubscriptions:
 
         return job
 
-    def _step_from(self, row_id: str, expected: Sequence[str], status: str, *, no_subscription: bool = False) -> Job:
-        """Move the row from any of `expected` to `status`; nothing if it is elsewhere (or, with
-        `no_subscription`, if it holds a subscription)."""
+    def _step_from(self, row_id: str, expected: Sequence[str], status: str) -> Job:
+        """Move the row from any of `expected` to `status`; nothing if it is elsewhere."""
         clock = self._clock
-        guard = " AND subscription_id IS NULL" if no_subscription else ""
 
         def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
             cursor = conn.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ? WHERE id = ? AND "
-                                  f"status IN ({_marks(expected)}){guard}",
-                                  (status, utc_iso(clock()), row_id, *expected))
+                                  f"status IN ({_marks(expected)})", (status, utc_iso(clock()), row_id, *expected))
             return _read(conn, row_id), cursor.rowcount == 1
 
         return job
@@ -445,13 +453,16 @@ class PrepaidSubscriptions:
         if row["status"] not in ("failed", "refused", "refunding"):
             raise InvalidState(f"prepaid subscription {row_id} is {row['status']}: only a failed or refused one is "
                                "refunded (a started one is cancelled with cancel_subscription)", param="prepaid_id")
-        if row["subscription_id"]:
-            raise InvalidState(f"prepaid subscription {row_id} holds subscription {row['subscription_id']}: cancel it "
-                               "first (cancel_subscription with immediately=true), then refund", param="prepaid_id")
         if not row["payment_intent_id"]:
             raise InvalidState(f"prepaid subscription {row_id} has no PaymentIntent to refund", param="prepaid_id")
+        if row["subscription_id"]:
+            sub = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row['subscription_id']}"))).data
+            if sub.get("status") not in ("canceled", "incomplete_expired"):
+                raise InvalidState(f"prepaid subscription {row_id} holds subscription {sub['id']}, which is "
+                                   f"{sub.get('status')}: cancel it first (cancel_subscription with immediately=true), "
+                                   "then refund", param="prepaid_id")
         row, claimed = await self._store.write(self._step_from(row_id, ("failed", "refused", "refunding"),
-                                                               "refunding", no_subscription=True))
+                                                               "refunding"))
         if not claimed:
             raise InvalidState(f"prepaid subscription {row_id} became {row['status']} meanwhile: not refunded",
                                param="prepaid_id")

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from measure import percentile, print_checks
+from measure import medians, percentile, print_checks, print_run
 
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.store import Store, connect
@@ -145,9 +144,9 @@ def main() -> None:
                 folder, args.rate, args.seconds, args.wallets)
         figures["ratio"] = figures["service_debits_per_s"] / figures["baseline_debits_per_s"]
         runs.append(figures)
-        print(f"run {run + 1}: " + ", ".join(f"{k}={v:,.2f}" for k, v in figures.items()), flush=True)
+        print_run(run, figures)
 
-    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    median = medians(runs)
     print(f"\nmedian of {args.runs} runs ({args.debits:,} debits, {args.callers} callers, {args.wallets} wallets; "
           f"latency at {args.rate:,}/s for {args.seconds:g} s):")
     checks = [

@@ -1,9 +1,10 @@
-"""What the benchmarks share: percentiles, a free loopback port for a server under test, and the table of medians
-against their targets."""
+"""What the benchmarks share: percentiles, a free loopback port for a server under test, each run's figures and
+their medians, and the table of medians against their targets."""
 
 from __future__ import annotations
 
 import socket
+import statistics
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -23,3 +24,13 @@ def print_checks(checks: list[tuple[str, float, str, bool | None]], *, width: in
     for label, value, target, ok in checks:
         verdict = "" if ok is None else ("  met" if ok else "  MISSED")
         print(f"  {label:<{width}} {value:>12,.2f}  {target:<10}{verdict}")
+
+
+def print_run(run: int, figures: dict[str, float]) -> None:
+    """One run's figures as they come in (the raw values behind the medians)."""
+    print(f"run {run + 1}: " + ", ".join(f"{k}={v:,.2f}" for k, v in figures.items()), flush=True)
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the runs."""
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from measure import print_checks
+from measure import medians, print_checks, print_run
 
 from aims_billing_mcp.services.meter_flusher import MeterFlusher
 from aims_billing_mcp.services.metering import MeteringService
@@ -166,9 +165,9 @@ def main() -> None:
             }
         figures["ratio"] = figures["service_events_per_s"] / figures["raw_executemany_events_per_s"]
         runs.append(figures)
-        print(f"run {run + 1}: " + ", ".join(f"{k}={v:,.2f}" for k, v in figures.items()), flush=True)
+        print_run(run, figures)
 
-    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    median = medians(runs)
     print(f"\nmedian of {args.runs} runs ({args.events:,} events, {args.callers} callers, {args.customers} customers; "
           f"flush of {args.flush_events:,}):")
     checks = [

@@ -354,9 +354,7 @@ def update_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
             if invoice["status"] != "draft":
                 raise invalid(key, "Finalized invoices can't be updated in this way.")
             invoice[key] = p.string(key)
-    auto = p.boolean("auto_advance")
-    if auto is not None:
-        invoice["auto_advance"] = auto
+    p.set_booleans(invoice, "auto_advance")
     invoice["metadata"] = p.metadata(invoice["metadata"])
     ctx.store.update(invoice)
     return invoice

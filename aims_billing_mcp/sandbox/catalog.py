@@ -73,9 +73,7 @@ def update_product(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     product = ctx.fetch("product", args["id"], "product", "id")
     if p.has("name"):
         product["name"] = p.req_str("name")
-    active = p.boolean("active")
-    if active is not None:
-        product["active"] = active
+    p.set_booleans(product, "active")
     for key in PRODUCT_FIELDS:
         if p.has(key):
             product[key] = p.string(key)
@@ -98,10 +96,7 @@ def update_product(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_products(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "active", "ids", "shippable", "url"))
-    filters: dict[str, str | list[str]] = {}
-    active = p.boolean("active")
-    if active is not None:
-        filters["active"] = "true" if active else "false"
+    filters: dict[str, str | list[str]] = {**p.boolean_filter("active")}
     if p.has("ids"):
         filters["id"] = p.strings("ids")
     return list_page(ctx, p, "product", "/v1/products", filters)
@@ -351,9 +346,7 @@ def retrieve_price(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 def update_price(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     p.allow(("active", "metadata", "nickname", "lookup_key", "transfer_lookup_key", "tax_behavior"))
     price = ctx.fetch("price", args["id"], "price", "id")
-    active = p.boolean("active")
-    if active is not None:
-        price["active"] = active
+    p.set_booleans(price, "active")
     if p.has("nickname"):
         price["nickname"] = p.string("nickname")
     if p.has("tax_behavior"):
@@ -366,10 +359,7 @@ def update_price(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_prices(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "active", "product", "type", "currency", "lookup_keys", "recurring"))
-    filters: dict[str, str | list[str]] = {}
-    active = p.boolean("active")
-    if active is not None:
-        filters["active"] = "true" if active else "false"
+    filters: dict[str, str | list[str]] = {**p.boolean_filter("active")}
     product = p.string("product")
     if product is not None:
         filters["product"] = product

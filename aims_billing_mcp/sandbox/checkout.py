@@ -173,14 +173,10 @@ def retrieve_payment_link(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 def update_payment_link(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     p.allow(("active", "metadata", "after_completion", "allow_promotion_codes"))
     link = ctx.fetch("payment_link", args["id"], "payment_link", "id")
-    active = p.boolean("active")
-    if active is not None:
-        link["active"] = active
+    p.set_booleans(link, "active")
     if p.has("after_completion"):
         link["after_completion"] = _after_completion(p)
-    promo = p.boolean("allow_promotion_codes")
-    if promo is not None:
-        link["allow_promotion_codes"] = promo
+    p.set_booleans(link, "allow_promotion_codes")
     link["metadata"] = p.metadata(link["metadata"])
     ctx.store.update(link)
     return link
@@ -188,9 +184,7 @@ def update_payment_link(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_payment_links(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "active"))
-    active = p.boolean("active")
-    filters = {"active": "true" if active else "false"} if active is not None else {}
-    return list_page(ctx, p, "payment_link", "/v1/payment_links", filters)
+    return list_page(ctx, p, "payment_link", "/v1/payment_links", p.boolean_filter("active"))
 
 
 def list_link_items(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:

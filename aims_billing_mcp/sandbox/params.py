@@ -129,6 +129,18 @@ class Params:
             return value == "true"
         raise invalid(self.name(key), f"Invalid boolean: {value}", code="parameter_invalid_boolean")
 
+    def set_booleans(self, obj: dict[str, Any], *keys: str) -> None:
+        """Set each of these booleans that was given on ``obj``; one not given leaves its field alone."""
+        for key in keys:
+            value = self.boolean(key)
+            if value is not None:
+                obj[key] = value
+
+    def boolean_filter(self, key: str) -> dict[str, str]:
+        """A boolean list filter as the store indexes it (``"true"``/``"false"``), or none when not given."""
+        value = self.boolean(key)
+        return {} if value is None else {key: "true" if value else "false"}
+
     def currency(self, key: str = "currency", *, required: bool = False) -> str | None:
         value = self.string(key, required=required)
         return None if value is None else check_currency(value, self.name(key))

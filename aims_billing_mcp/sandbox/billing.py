@@ -362,16 +362,8 @@ def update_invoice(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_invoices(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "customer", "status", "subscription", "collection_method", "due_date"))
-    filters: dict[str, str | list[str]] = {}
-    customer = p.string("customer")
-    if customer is not None:
-        filters["customer"] = customer
-    status = p.string("status", choices=INVOICE_STATUSES)
-    if status is not None:
-        filters["status"] = status
-    subscription = p.string("subscription")
-    if subscription is not None:
-        filters["_subscription"] = subscription
+    filters = {**p.string_filter("customer"), **p.string_filter("status", choices=INVOICE_STATUSES),
+               **p.string_filter("subscription", "_subscription")}
     return list_page(ctx, p, "invoice", "/v1/invoices", filters)
 
 
@@ -524,14 +516,8 @@ def retrieve_invoice_item(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_invoice_items(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "customer", "invoice", "pending"))
-    filters: dict[str, str | list[str]] = {}
-    customer = p.string("customer")
-    if customer is not None:
-        filters["customer"] = customer
-    invoice = p.string("invoice")
-    if invoice is not None:
-        filters["invoice"] = invoice
-    elif p.boolean("pending"):
+    filters = {**p.string_filter("customer"), **p.string_filter("invoice")}
+    if "invoice" not in filters and p.boolean("pending"):
         filters["invoice"] = ""
     return list_page(ctx, p, "invoiceitem", "/v1/invoiceitems", filters)
 
@@ -822,13 +808,7 @@ def retrieve_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_subscriptions(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "customer", "status", "price", "collection_method"))
-    filters: dict[str, str | list[str]] = {}
-    customer = p.string("customer")
-    if customer is not None:
-        filters["customer"] = customer
-    price = p.string("price")
-    if price is not None:
-        filters["_prices"] = price
+    filters: dict[str, str | list[str]] = {**p.string_filter("customer"), **p.string_filter("price", "_prices")}
     status = p.string("status", choices=(*SUB_STATUSES, "all", "ended"))
     if status is None:
         filters["status"] = [s for s in SUB_STATUSES if s != "canceled"]

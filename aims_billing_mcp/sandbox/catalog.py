@@ -359,13 +359,8 @@ def update_price(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_prices(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "active", "product", "type", "currency", "lookup_keys", "recurring"))
-    filters: dict[str, str | list[str]] = {**p.boolean_filter("active")}
-    product = p.string("product")
-    if product is not None:
-        filters["product"] = product
-    kind = p.string("type", choices=("one_time", "recurring"))
-    if kind is not None:
-        filters["type"] = kind
+    filters: dict[str, str | list[str]] = {**p.boolean_filter("active"), **p.string_filter("product"),
+                                           **p.string_filter("type", choices=("one_time", "recurring"))}
     currency = p.currency()
     if currency is not None:
         filters["currency"] = currency

@@ -114,8 +114,7 @@ def delete_customer(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_customers(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "email", "test_clock"))
-    email = p.string("email")
-    return list_page(ctx, p, "customer", "/v1/customers", {"email": email} if email is not None else {})
+    return list_page(ctx, p, "customer", "/v1/customers", p.string_filter("email"))
 
 
 # -- balance transactions -------------------------------------------------------------------
@@ -205,10 +204,7 @@ def update_balance_transaction(ctx: Ctx, p: Params, args: Mapping[str, str]) -> 
 def list_balance_transactions(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "invoice"))
     customer = ctx.fetch("customer", args["id"], "customer", "id")
-    filters: dict[str, str | list[str]] = {"customer": customer["id"]}
-    invoice = p.string("invoice")
-    if invoice is not None:
-        filters["invoice"] = invoice
+    filters = {"customer": customer["id"], **p.string_filter("invoice")}
     return list_page(ctx, p, "customer_balance_transaction", f"/v1/customers/{customer['id']}/balance_transactions",
                      filters)
 

@@ -136,6 +136,12 @@ class Params:
             if value is not None:
                 obj[key] = value
 
+    def string_filter(self, key: str, field: str | None = None, *,
+                      choices: Iterable[str] | None = None) -> dict[str, str]:
+        """A list filter on `field` (the param's own name by default) when the param is given, else none."""
+        value = self.string(key, choices=choices)
+        return {} if value is None else {field or key: value}
+
     def boolean_filter(self, key: str) -> dict[str, str]:
         """A boolean list filter as the store indexes it (``"true"``/``"false"``), or none when not given."""
         value = self.boolean(key)

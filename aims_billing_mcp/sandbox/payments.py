@@ -330,9 +330,7 @@ def cancel_payment_intent(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_payment_intents(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "customer"))
-    customer = p.string("customer")
-    return list_page(ctx, p, "payment_intent", "/v1/payment_intents",
-                     {"customer": customer} if customer else {})
+    return list_page(ctx, p, "payment_intent", "/v1/payment_intents", p.string_filter("customer"))
 
 
 def retrieve_balance(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:

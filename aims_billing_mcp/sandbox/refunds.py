@@ -84,8 +84,8 @@ def retrieve_refund(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_refunds(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "payment_intent", "charge"))
-    filters = {name: value for name in ("payment_intent", "charge") if (value := p.string(name)) is not None}
-    return list_page(ctx, p, "refund", "/v1/refunds", filters)
+    return list_page(ctx, p, "refund", "/v1/refunds", {**p.string_filter("payment_intent"),
+                                                        **p.string_filter("charge")})
 
 
 ROUTES = [

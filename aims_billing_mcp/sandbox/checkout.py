@@ -326,14 +326,8 @@ def update_session(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 
 def list_sessions(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow((*LIST_PARAMS, "customer", "status", "payment_intent", "payment_link", "customer_details"))
-    filters: dict[str, str | list[str]] = {}
-    for key in ("customer", "payment_intent", "payment_link"):
-        value = p.string(key)
-        if value is not None:
-            filters[key] = value
-    status = p.string("status", choices=("open", "complete", "expired"))
-    if status is not None:
-        filters["status"] = status
+    filters = {**p.string_filter("customer"), **p.string_filter("payment_intent"), **p.string_filter("payment_link"),
+               **p.string_filter("status", choices=("open", "complete", "expired"))}
     return list_page(ctx, p, "checkout.session", "/v1/checkout/sessions", filters)
 
 

@@ -35,7 +35,7 @@ from aims_billing_mcp.services.subscriptions import SubscriptionService
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
-from aims_billing_mcp.stripe_gateway import StripeGateway, build_gateway
+from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, build_gateway
 
 
 @pytest.fixture
@@ -164,6 +164,22 @@ async def commerce_stack(settings: Settings, sandbox_app: Any, store: Store, *,
     finally:
         await prepaid.drain()
         await gateway.close()
+
+
+async def paid_outside(gateway: StripeGateway, payment_intent: str) -> dict[str, Any]:
+    """The buyer's own client confirms the PaymentIntent with a test Visa (not our confirm tool): what Stripe says.
+    Our side hears of it only by re-reading it or by its webhook."""
+    confirmed: dict[str, Any] = (await gateway.send(StripeRequest(
+        "post", f"/v1/payment_intents/{payment_intent}/confirm", {"payment_method": "pm_card_visa"}))).data
+    return confirmed
+
+
+async def record_paid(store: Store, payments: PaymentSessionService, payment_intent: str,
+                      gateway: StripeGateway) -> None:
+    """A payment made outside our tools and recorded (its fulfilment written: a tier's subscription queued), with
+    nothing started yet: the state a crash right after the recording leaves."""
+    pi = await paid_outside(gateway, payment_intent)
+    await store.write(lambda conn: payments.apply_payment_intent(conn, pi))
 
 
 @asynccontextmanager

@@ -17,7 +17,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
-from .conftest import Clock, commerce_stack
+from .conftest import Clock, commerce_stack, paid_outside
 from .test_acp import _VALIDATOR, KEY, checked, pay
 from .test_acp_webhooks import SECRET, WEBHOOK_EVENT, Receiver, receiving, until
 
@@ -151,8 +151,7 @@ async def test_a_payment_stripe_took_but_we_never_recorded_completes_the_order_e
         # the buyer's second attempt reaches Stripe and succeeds, and our process dies before recording it
         pi = store.query_one("SELECT payment_intent_id FROM payment_sessions")
         assert pi is not None
-        await stack.gateway.send(StripeRequest("post", f"/v1/payment_intents/{pi['payment_intent_id']}/confirm",
-                                               {"payment_method": "pm_card_visa"}))
+        await paid_outside(stack.gateway, pi["payment_intent_id"])
         clock.advance(25 * 3600)  # past the session's 24-hour expiry
 
         got = checked(await http.get(f"/acp/checkout_sessions/{created['id']}", headers=HEADERS),

@@ -16,7 +16,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest
 
-from .conftest import commerce_stack
+from .conftest import commerce_stack, paid_outside
 
 pytestmark = pytest.mark.anyio
 
@@ -103,8 +103,7 @@ async def test_buying_a_luc_pack_credits_the_wallet_exactly_once(env: Env) -> No
 async def test_the_webhook_alone_fulfils_once(env: Env) -> None:
     session_id = await env.buy()
     session = await env.service.get_session(session_id)
-    pi = (await env.gateway.send(StripeRequest("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
-                                               {"payment_method": "pm_card_visa"}))).data
+    pi = await paid_outside(env.gateway, str(session.payment_intent))
     event = {"id": "evt_built", "type": "payment_intent.succeeded", "data": {"object": pi}}
     first = await env.store.write(lambda conn: env.service.apply_event(conn, event))
     second = await env.store.write(lambda conn: env.service.apply_event(conn, event))
@@ -216,8 +215,7 @@ async def test_concurrent_polls_and_webhooks_fulfil_once(env: Env) -> None:
 
     session_id = await env.buy()
     session = await env.service.get_session(session_id)
-    pi = (await env.gateway.send(StripeRequest("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
-                                               {"payment_method": "pm_card_visa"}))).data
+    pi = await paid_outside(env.gateway, str(session.payment_intent))
     event = {"id": "evt_race", "type": "payment_intent.succeeded", "data": {"object": pi}}
     await asyncio.gather(*[env.service.get_session(session_id) for _ in range(5)],
                          *[env.store.write(lambda conn: env.service.apply_event(conn, event)) for _ in range(5)])

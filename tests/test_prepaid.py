@@ -22,7 +22,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store, utc_iso
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
-from .conftest import CommerceStack, commerce_stack
+from .conftest import CommerceStack, commerce_stack, record_paid
 
 pytestmark = pytest.mark.anyio
 PRICES = {"3mo": 1999, "6mo": 1799, "9mo": 1499}
@@ -50,10 +50,11 @@ class Env:
     async def paid_not_started(self, key: str = "buy-tier") -> Any:
         """A tier session paid and fulfilled (its subscription recorded to start) that nobody has started yet."""
         session = await self.buy(key=key, pay=False)
-        pi = await self.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
-                               {"payment_method": "pm_card_visa"})
-        await self.stack.store.write(lambda conn: self.stack.payments.apply_payment_intent(conn, pi))
+        await self.record_paid(session)
         return session
+
+    async def record_paid(self, session: Any) -> None:
+        await record_paid(self.stack.store, self.stack.payments, session.payment_intent, self.stack.gateway)
 
     async def subscriptions(self) -> list[dict[str, Any]]:
         return list((await self.stripe("get", "/v1/subscriptions", {"customer": self.customer, "status": "all"}))[
@@ -154,9 +155,7 @@ def adjustments(transactions: list[dict[str, Any]]) -> int:
 async def test_two_tiers_paid_at_once_for_one_customer_start_one_and_refuse_the_other_uncredited(env: Env) -> None:
     sessions = [await env.buy(item, key=item, pay=False) for item in ("tier_3mo", "tier_6mo")]  # both created unpaid
     for session in sessions:  # both paid (e.g. by the buyers' own clients) before either is started
-        pi = await env.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
-                              {"payment_method": "pm_card_visa"})
-        await env.stack.store.write(lambda conn, pi=pi: env.stack.payments.apply_payment_intent(conn, pi))
+        await env.record_paid(session)
     other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing)
 
     async with anyio.create_task_group() as tg:  # two workers (processes), one row each
@@ -514,9 +513,7 @@ async def test_the_commitment_runs_on_stripes_clock_when_it_is_ahead_of_ours(env
 async def test_a_refused_tier_is_refunded_in_full_with_nothing_left_credited(env: Env) -> None:
     sessions = [await env.buy(item, key=item, pay=False) for item in ("tier_3mo", "tier_6mo")]
     for session in sessions:
-        pi = await env.stripe("post", f"/v1/payment_intents/{session.payment_intent}/confirm",
-                              {"payment_method": "pm_card_visa"})
-        await env.stack.store.write(lambda conn, pi=pi: env.stack.payments.apply_payment_intent(conn, pi))
+        await env.record_paid(session)
     for session in sessions:
         await env.stack.prepaid.start(prepaid_id(session.id))
     [refused] = [s for s in sessions if env.stack.prepaid.find(prepaid_id(s.id))["status"] == "refused"]  # type: ignore[index]

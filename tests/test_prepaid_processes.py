@@ -18,6 +18,7 @@ from aims_billing_mcp.services.stripe_setup import setup_stripe
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
+from .conftest import record_paid
 from .processes import run_together
 
 WORKER = Path(__file__).parent / "prepaid_worker.py"
@@ -40,10 +41,7 @@ async def paid_twice(db: Path, customers: int) -> dict[str, list[str]]:
                 assert created.session is not None
                 sessions.append(created.session)
             for session in sessions:
-                pi = (await state.gateway.send(StripeRequest(
-                    "post", f"/v1/payment_intents/{session.payment_intent}/confirm",
-                    {"payment_method": "pm_card_visa"}))).data
-                await state.store.write(lambda conn, pi=pi: state.commerce.apply_payment_intent(conn, pi))
+                await record_paid(state.store, state.commerce, str(session.payment_intent), state.gateway)
             rows[customer] = [prepaid_id(session.id) for session in sessions]
         return rows
     finally:

@@ -10,7 +10,7 @@ from mcp import Client
 
 from aims_billing_mcp.app import BillingServer, build_server
 from aims_billing_mcp.sandbox import Sandbox
-from tests.conftest import error_of, ok
+from tests.conftest import error_of, ok, paid_outside
 from tests.tools.test_wallets import give_tier, wallet
 
 pytestmark = pytest.mark.anyio
@@ -100,7 +100,6 @@ async def test_a_tier_paid_outside_our_tools_starts_from_the_signed_webhook(
     server: BillingServer, sandbox: Sandbox
 ) -> None:
     from aims_billing_mcp.services.stripe_setup import setup_stripe
-    from aims_billing_mcp.stripe_gateway import StripeRequest
 
     async with Client(server) as client:
         state = server.state
@@ -110,8 +109,7 @@ async def test_a_tier_paid_outside_our_tools_starts_from_the_signed_webhook(
         created = ok(await client.call_tool("create_payment_session", {"item": "tier_9mo", "customer": customer,
                                                                        "idempotency_key": "tier"}))["session"]
         # the buyer's own client confirms the PaymentIntent (not confirm_payment_session): only the webhook tells us
-        await state.gateway.send(StripeRequest("post", f"/v1/payment_intents/{created['payment_intent']}/confirm",
-                                               {"payment_method": "pm_card_visa"}))
+        await paid_outside(state.gateway, created["payment_intent"])
         assert sandbox.webhooks.drain(timeout=10)
         await state.commerce.prepaid.drain()
         status = ok(await client.call_tool("get_billing_status", {"customer": customer}))
@@ -129,7 +127,7 @@ async def test_a_tier_paid_but_not_started_before_a_restart_starts_when_the_serv
     from aims_billing_mcp.services.stripe_setup import setup_stripe
     from aims_billing_mcp.store import Store
     from aims_billing_mcp.stripe_gateway import StripeRequest
-    from tests.conftest import commerce_stack
+    from tests.conftest import commerce_stack, record_paid
 
     settings = make_settings()
     store = Store(settings.aims_billing_db)
@@ -140,10 +138,7 @@ async def test_a_tier_paid_but_not_started_before_a_restart_starts_when_the_serv
                                                       currency=None, description=None, idempotency_key="t",
                                                       dry_run=False)
         assert created.session is not None
-        pi = (await stack.gateway.send(StripeRequest(
-            "post", f"/v1/payment_intents/{created.session.payment_intent}/confirm",
-            {"payment_method": "pm_card_visa"}))).data
-        await store.write(lambda conn: stack.payments.apply_payment_intent(conn, pi))  # paid; then it stopped
+        await record_paid(store, stack.payments, str(created.session.payment_intent), stack.gateway)  # then it stopped
     store.close()
 
     server = build_server(settings, sandbox_app=sandbox_app, retry_delay_scale=0.0)

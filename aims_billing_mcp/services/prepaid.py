@@ -31,17 +31,18 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import BillingError, InvalidState, NotFound
 from ..models import format_amount
 from ..store import Store, utc_iso
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .background import Background
-from .subscriptions import LIVE, SubscriptionService
+from .subscriptions import SubscriptionService
 from .tiers import TIER_METADATA, Pricing, Tier, add_months, trial_days
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 DAYS_UNTIL_DUE = 30
 IN_PROGRESS = ("claimed", "credited", "subscribed")
 OPEN = ("pending", *IN_PROGRESS)
@@ -148,10 +149,10 @@ class PrepaidSubscriptions:
     def find(self, row_id: str) -> dict[str, Any] | None:
         return self._store.query_one("SELECT * FROM prepaid_subscriptions WHERE id = ?", (row_id,))
 
-    def pending(self, *, include_failed: bool = False) -> list[dict[str, Any]]:
-        statuses = (*OPEN, "failed") if include_failed else OPEN
-        return self._store.query(f"SELECT * FROM prepaid_subscriptions WHERE status IN ({_marks(statuses)}) "
-                                 "ORDER BY created_at", statuses)
+    def pending(self) -> list[dict[str, Any]]:
+        """The rows still to be started, oldest first."""
+        return self._store.query(f"SELECT * FROM prepaid_subscriptions WHERE status IN ({_marks(OPEN)}) "
+                                 "ORDER BY created_at", OPEN)
 
     # --- starting them ----------------------------------------------------------------------------------------
 
@@ -301,19 +302,30 @@ class PrepaidSubscriptions:
                 return matches
             after = str(found[-1]["id"])
 
-    async def _claimed(self, row_id: str) -> tuple[dict[str, Any], bool]:
+    async def _write(self, job: Callable[[sqlite3.Connection, list[Callable[[], None]]], T]) -> T:
+        """Run a writer job that may queue actions for after its COMMIT (a source's hook), then run them."""
         after: list[Callable[[], None]] = []
-        row, moved = await self._store.write(self._claim(row_id, after))
+        done = await self._store.write(lambda conn: job(conn, after))
         for action in after:
             action()
-        return row, moved
+        return done
 
-    def _claim(self, row_id: str, after: list[Callable[[], None]]) -> Job:
+    def _tell(self, conn: sqlite3.Connection, row: dict[str, Any], after: list[Callable[[], None]]) -> None:
+        """Tell the row's source (payment session, ACP order) its outcome, inside the job that recorded it."""
+        hook = self._hooks.get(row["source"])
+        if hook is not None and (action := hook(conn, row)) is not None:
+            after.append(action)
+
+    async def _claimed(self, row_id: str) -> tuple[dict[str, Any], bool]:
+        return await self._write(self._claim(row_id))
+
+    def _claim(self, row_id: str) -> Callable[[sqlite3.Connection, list[Callable[[], None]]],
+                                              tuple[dict[str, Any], bool]]:
         """pending -> claimed (or credited -> credited): only when this row may hold the customer's subscription;
         otherwise the row fails with the reason (nothing was credited when it fails from pending)."""
-        clock, subscriptions, pricing = self._clock, self._subscriptions, self._pricing
+        clock, subscriptions = self._clock, self._subscriptions
 
-        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+        def job(conn: sqlite3.Connection, after: list[Callable[[], None]]) -> tuple[dict[str, Any], bool]:
             row = _read(conn, row_id)
             if row["status"] not in ("pending", "credited"):
                 return row, False
@@ -323,8 +335,7 @@ class PrepaidSubscriptions:
                 (row["customer_id"], row_id, *IN_PROGRESS)).fetchone()
             provision = conn.execute("SELECT tier, status, subscription_id FROM billing_provisions WHERE "
                                      "customer_id = ?", (row["customer_id"],)).fetchone()
-            live = (provision is not None and provision["status"] in LIVE and provision["tier"] in pricing.tiers
-                    and pricing.tiers[provision["tier"]].paid)
+            live = subscriptions.tier_of(provision).paid
             if other is None and not live:
                 status = "claimed" if row["status"] == "pending" else "credited"
                 conn.execute("UPDATE prepaid_subscriptions SET status = ?, updated_at = ? WHERE id = ?",
@@ -343,25 +354,17 @@ class PrepaidSubscriptions:
 
         return job
 
-    def _step_from(self, row_id: str, expected: Sequence[str], status: str) -> Job:
-        """Move the row from any of `expected` to `status`; nothing if it is elsewhere."""
+    def _step(self, row_id: str, expected: str | tuple[str, ...], status: str, **values: Any) -> Job:
+        """Move the row from `expected` (one status, or any of several) to `status`, recording `values`; nothing if
+        another worker moved it elsewhere."""
         clock = self._clock
-
-        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
-            cursor = conn.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ? WHERE id = ? AND "
-                                  f"status IN ({_marks(expected)})", (status, utc_iso(clock()), row_id, *expected))
-            return _read(conn, row_id), cursor.rowcount == 1
-
-        return job
-
-    def _step(self, row_id: str, expected: str, status: str, **values: Any) -> Job:
-        """Move the row from `expected` to `status`, recording `values`; nothing if another worker moved it."""
-        clock = self._clock
+        froms = (expected,) if isinstance(expected, str) else expected
 
         def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
             sets = "".join(f", {column} = ?" for column in values)
             cursor = conn.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ?{sets} WHERE id = ? "
-                                  "AND status = ?", (status, utc_iso(clock()), *values.values(), row_id, expected))
+                                  f"AND status IN ({_marks(froms)})",
+                                  (status, utc_iso(clock()), *values.values(), row_id, *froms))
             return _read(conn, row_id), cursor.rowcount == 1
 
         return job
@@ -369,9 +372,8 @@ class PrepaidSubscriptions:
     async def _record_error(self, row_id: str, exc: BillingError) -> dict[str, Any]:
         message = f"{exc.code}: {exc.message}"[:500]
         clock = self._clock
-        after: list[Callable[[], None]] = []
 
-        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+        def job(conn: sqlite3.Connection, after: list[Callable[[], None]]) -> dict[str, Any]:
             row = _read(conn, row_id)
             if row["status"] not in OPEN:
                 return row  # another worker finished it meanwhile
@@ -384,13 +386,9 @@ class PrepaidSubscriptions:
             if exc.retryable:
                 return _read(conn, row_id)
             log.error("prepaid subscription %s failed: %s", row_id, message)
-            failed = self._fail_in(conn, _read(conn, row_id), message, after)
-            return failed
+            return self._fail_in(conn, _read(conn, row_id), message, after)
 
-        done = await self._store.write(job)
-        for action in after:
-            action()
-        return done
+        return await self._write(job)
 
     def _fail_in(self, conn: sqlite3.Connection, row: dict[str, Any], error: str,
                  after: list[Callable[[], None]], *, status: str = "failed") -> dict[str, Any]:
@@ -398,20 +396,16 @@ class PrepaidSubscriptions:
         conn.execute("UPDATE prepaid_subscriptions SET status = ?, last_error = ?, updated_at = ? WHERE id = ?",
                      (status, error, utc_iso(self._clock()), row["id"]))
         failed = _read(conn, row["id"])
-        hook = self._hooks.get(row["source"])
-        if hook is not None and (action := hook(conn, failed)) is not None:
-            after.append(action)
+        self._tell(conn, failed, after)
         return failed
 
     async def _finish(self, row_id: str, expected: str, status: str, *, sub: dict[str, Any],
                       ends_at: int) -> dict[str, Any]:
         """Mark the row started and record the subscription as the customer's provision, and tell the source, in
         one job; the source's after-COMMIT action runs once the job has committed."""
-        hook = self._hooks.get
         clock, subscriptions = self._clock, self._subscriptions
-        after: list[Callable[[], None]] = []
 
-        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+        def job(conn: sqlite3.Connection, after: list[Callable[[], None]]) -> dict[str, Any]:
             cursor = conn.execute("UPDATE prepaid_subscriptions SET status = ?, ends_at = ?, last_error = NULL, "
                                   "updated_at = ? WHERE id = ? AND status = ?",
                                   (status, ends_at, utc_iso(clock()), row_id, expected))
@@ -420,15 +414,11 @@ class PrepaidSubscriptions:
                 return current  # another attempt finished it first
             subscriptions.apply_event(conn, {"id": f"api_prepaid_{sub['id']}", "type": "customer.subscription.created",
                                              "created": int(clock()), "data": {"object": sub}})
-            source_hook = hook(current["source"])
-            if source_hook is not None and (action := source_hook(conn, current)) is not None:
-                after.append(action)
+            self._tell(conn, current, after)
             return current
 
-        done = await self._store.write(job)
+        done = await self._write(job)
         self._subscriptions.forget(done["customer_id"])
-        for action in after:
-            action()
         return done
 
     # --- refunding one that cannot start -------------------------------------------------------------------------
@@ -461,37 +451,31 @@ class PrepaidSubscriptions:
                 raise InvalidState(f"prepaid subscription {row_id} holds subscription {sub['id']}, which is "
                                    f"{sub.get('status')}: cancel it first (cancel_subscription with immediately=true), "
                                    "then refund", param="prepaid_id")
-        row, claimed = await self._store.write(self._step_from(row_id, ("failed", "refused", "refunding"),
-                                                               "refunding"))
+        row, claimed = await self._store.write(self._step(row_id, ("failed", "refused", "refunding"), "refunding"))
         if not claimed:
             raise InvalidState(f"prepaid subscription {row_id} became {row['status']} meanwhile: not refunded",
                                param="prepaid_id")
         amount = await self._reverse_credit(row)
         refund = await self._refund_payment(row, amount) if amount > 0 else None
         status = "refunded" if refund is None or refund["status"] == "succeeded" else "refunding"
-        note = None if status == "refunded" else (
-            f"refund {refund['id'] if refund else ''} is {refund['status'] if refund else 'missing'}"
-            f"{' (' + str(refund.get('failure_reason')) + ')' if refund and refund.get('failure_reason') else ''}: "
+        note = None if refund is None or status == "refunded" else (
+            f"refund {refund['id']} is {refund['status']}"
+            f"{' (' + str(refund['failure_reason']) + ')' if refund.get('failure_reason') else ''}: "
             "run refund-prepaid again later")
-        after: list[Callable[[], None]] = []
-        clock, hook = self._clock, self._hooks.get(row["source"])
+        clock = self._clock
 
-        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+        def job(conn: sqlite3.Connection, after: list[Callable[[], None]]) -> dict[str, Any]:
             cursor = conn.execute(
                 "UPDATE prepaid_subscriptions SET status = ?, refund_id = ?, refunded_amount = ?, last_error = "
                 "COALESCE(?, last_error), updated_at = ? WHERE id = ? AND status = 'refunding'",
                 (status, refund["id"] if refund else None, amount if status == "refunded" else None, note,
                  utc_iso(clock()), row_id))
             current = _read(conn, row_id)
-            told = cursor.rowcount == 1 and status == "refunded" and hook is not None
-            if told and hook is not None and (action := hook(conn, current)) is not None:
-                after.append(action)
+            if cursor.rowcount == 1 and status == "refunded":
+                self._tell(conn, current, after)
             return current
 
-        done = await self._store.write(job)
-        for action in after:
-            action()
-        return done
+        return await self._write(job)
 
     async def _reverse_credit(self, row: dict[str, Any]) -> int:
         """Reverse what is left of the row's balance credit, if it made one; returns the amount to refund."""

@@ -173,9 +173,12 @@ class SubscriptionService:
 
     def entitled_tier(self, customer: str) -> Tier:
         """The tier a customer is entitled to now: their subscription's while it is live, P2P otherwise."""
-        row = self.provision(customer)
-        if row is not None and row["status"] in LIVE and row["tier"] in self._pricing.tiers:
-            return self._pricing.tiers[row["tier"]]
+        return self.tier_of(self.provision(customer))
+
+    def tier_of(self, provision: dict[str, Any] | sqlite3.Row | None) -> Tier:
+        """The tier a provision row entitles to (read from a cache, or inside a writer's transaction)."""
+        if provision is not None and provision["status"] in LIVE and provision["tier"] in self._pricing.tiers:
+            return self._pricing.tiers[provision["tier"]]
         return self._pricing.p2p
 
     def usage_period(self, customer: str, timestamp: int) -> tuple[int, int]:

@@ -60,7 +60,7 @@ from .acp_webhooks import ORDER_CREATE, ORDER_UPDATE, OrderWebhooks
 from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
 from .commerce_models import PaymentSession
 from .prepaid import OPEN, prepaid_id
-from .tiers import Pricing
+from .tiers import Item, Pricing
 
 API_VERSION = "2026-04-17"
 _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
@@ -542,14 +542,13 @@ class AcpService:
 
     async def _check_subscriber(self, row: dict[str, Any], state: dict[str, Any]) -> None:
         """A tier line subscribes a customer: Stripe must know it, checked before anything is charged."""
-        if self._prepaid is None or not self._has(state["lines"], subscribes=True):
+        found = self._tier_line(state["lines"])
+        if self._prepaid is None or found is None:
             return
         customer, param = self._subscriber(row["agent_id"], state)
         try:
             await self._prepaid.check_customer(customer or "", param=param)
-            for line in state["lines"]:
-                if self._pricing.items[line["item"]].subscribes:
-                    await self._prepaid.check_prices(self._pricing.tier(str(self._pricing.items[line["item"]].tier)))
+            await self._prepaid.check_prices(self._pricing.tier(str(found[1].tier)))
         except NotFound as exc:
             raise AcpError(400, "not_ready_for_payment", exc.message, param=param) from exc
         except BillingError as exc:  # Stripe unavailable, rate limited, ...: not stored, retry with the same key
@@ -558,8 +557,8 @@ class AcpService:
     async def _payment_session(self, row: dict[str, Any], state: dict[str, Any]) -> str:
         total = self._total(state["lines"])
         titles = ", ".join(f"{line['quantity']} x {self._pricing.items[line['item']].title}" for line in state["lines"])
-        credits = self._has(state["lines"], subscribes=False)
-        subscriber = self._subscriber(row["agent_id"], state)[0] if self._has(state["lines"], subscribes=True) else None
+        credits = self._has_credits(state["lines"])
+        subscriber = self._subscriber(row["agent_id"], state)[0] if self._tier_line(state["lines"]) else None
         try:
             created = await self._commerce.create_session(
                 customer=subscriber, agent_id=row["agent_id"] if credits else None, item=None, amount=total,
@@ -613,8 +612,8 @@ class AcpService:
 
         await self._store.write(job)
         self._send_orders()
-        tiers = any(self._pricing.items[line["item"]].subscribes for line in json.loads(row["state"])["lines"])
-        if self._prepaid is not None and paid.status == "succeeded" and tiers:
+        tier = self._tier_line(json.loads(row["state"])["lines"])
+        if self._prepaid is not None and paid.status == "succeeded" and tier is not None:
             started = await self._prepaid.start(prepaid_id(session_id))
             if started.get("status") in OPEN:
                 self._prepaid.dispatch([started["id"]])  # Stripe was unavailable: keep trying in the background
@@ -654,15 +653,15 @@ class AcpService:
                 refused = f"{exc.code}: {exc.message}"
                 done_what.append(f"the credit of {luc} LUC was refused ({refused}); the order is in manual review")
         subscription = None
-        for line in lines:
-            item = self._pricing.items[line["item"]]
-            if item.subscribes and self._prepaid is not None:
-                owner = self._subscriber(current["agent_id"], state, conn)[0]
-                assert owner is not None  # a session without its subscriber is never ready for payment
-                subscription = self._prepaid.enqueue(
-                    conn, source="acp", source_id=session_id, customer=owner, tier=self._pricing.tier(str(item.tier)),
-                    amount=item.unit_price, currency=current["currency"], payment_intent=payment_intent)
-                done_what.append(f"the {item.tier} tier subscription for customer {owner} is starting")
+        found = self._tier_line(lines)
+        if found is not None and self._prepaid is not None:
+            item = found[1]
+            owner = self._subscriber(current["agent_id"], state, conn)[0]
+            assert owner is not None  # a session without its subscriber is never ready for payment
+            subscription = self._prepaid.enqueue(
+                conn, source="acp", source_id=session_id, customer=owner, tier=self._pricing.tier(str(item.tier)),
+                amount=item.unit_price, currency=current["currency"], payment_intent=payment_intent)
+            done_what.append(f"the {item.tier} tier subscription for customer {owner} is starting")
         order_id = "ord_" + session_id.removeprefix("cs_")
         state["order"] = {
             "id": order_id, "status": "manual_review" if refused else "processing" if subscription else "completed",
@@ -693,7 +692,7 @@ class AcpService:
         summary = self._prepaid.summary(prepaid)
         outcome = prepaid["status"]
         credits_ok = not state["order"].get("luc_refused")
-        credits = self._has(state["lines"], subscribes=False)
+        credits = self._has_credits(state["lines"])
         if not credits_ok:
             status = "manual_review"  # the LUC the buyer paid for is neither credited nor refunded yet
         elif outcome == "started":
@@ -753,8 +752,21 @@ class AcpService:
                 raise AcpError(400, "unsupported_currency", f"{item.id} is sold in {item.currency}, not "
                                f"{currency[:8]!r}", param="$.currency")
 
-    def _has(self, lines: list[dict[str, Any]], *, subscribes: bool) -> bool:
-        return any(self._pricing.items[line["item"]].subscribes == subscribes for line in lines)
+    def _has_credits(self, lines: list[dict[str, Any]]) -> bool:
+        return any(not self._pricing.items[line["item"]].subscribes for line in lines)
+
+    def _tier_line(self, lines: list[dict[str, Any]]) -> tuple[int, Item] | None:
+        """The checkout's tier line (its index and item), if it has one: `_lines` allows at most one."""
+        return next(((i, self._pricing.items[line["item"]]) for i, line in enumerate(lines)
+                     if self._pricing.items[line["item"]].subscribes), None)
+
+    def _wallet_customer(self, agent_id: str | None, conn: sqlite3.Connection | None = None) -> str | None:
+        """The customer whose wallet the agent holds (None: no such wallet), read in `conn` when given."""
+        if agent_id is None or not AGENT_ID.fullmatch(agent_id):
+            return None
+        sql, args = "SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,)
+        wallet = conn.execute(sql, args).fetchone() if conn is not None else self._store.query_one(sql, args)
+        return None if wallet is None else str(wallet["customer_id"])
 
     def _subscriber(self, agent_id: str | None, state: dict[str, Any],
                     conn: sqlite3.Connection | None = None) -> tuple[str | None, str]:
@@ -763,43 +775,40 @@ class AcpService:
         named = (state.get("buyer") or {}).get("customer_id")
         if isinstance(named, str) and named.strip():
             return named.strip(), "$.buyer.customer_id"
-        if agent_id is not None and AGENT_ID.fullmatch(agent_id):
-            sql, args = "SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,)
-            wallet = conn.execute(sql, args).fetchone() if conn is not None else self._store.query_one(sql, args)
-            if wallet is not None:
-                return str(wallet["customer_id"]), "$.metadata.agent_id"
-        return None, "$.buyer.customer_id"
+        owner = self._wallet_customer(agent_id, conn)
+        return (owner, "$.metadata.agent_id") if owner is not None else (None, "$.buyer.customer_id")
 
     def _problems(self, agent_id: str | None, state: dict[str, Any]) -> list[dict[str, Any]]:
         """Why the session cannot be paid yet: credits need the buying agent's wallet (`metadata.agent_id`); a tier
         needs the customer who subscribes (`buyer.customer_id`, or the agent's wallet's customer), who must not
         already have a tier (two subscriptions would bill twice)."""
         lines = state["lines"]
-        if self._has(lines, subscribes=False):
+        if self._has_credits(lines):
             if agent_id is None:
                 return [_message("missing", "Name the buying agent whose wallet receives the credits: create the "
                                  "checkout session with metadata.agent_id.", param="$.metadata.agent_id",
                                  resolution="requires_buyer_input")]
-            if self._subscriber(agent_id, {})[0] is None:
+            if self._wallet_customer(agent_id) is None:
                 return [_message("invalid", f"Agent {agent_id[:64]!r} has no wallet to credit: open one with "
                                  "create_agent_wallet, then create a new checkout session.",
                                  param="$.metadata.agent_id", resolution="requires_buyer_input")]
-        for i, line in enumerate(lines):
-            if not self._pricing.items[line["item"]].subscribes:
-                continue
-            customer, param = self._subscriber(agent_id, state)
-            if customer is None:
-                return [_message("missing", f"Name the customer {line['item']} subscribes: buyer.customer_id (the "
-                                 "Stripe customer, cus_...) or metadata.agent_id of an agent whose wallet belongs to "
-                                 "it.", param=param, resolution="requires_buyer_input")]
-            if not _CUSTOMER.fullmatch(customer):
-                return [_message("invalid", f"buyer.customer_id {customer[:64]!r} is not a Stripe customer id "
-                                 "(cus_...).", param=param, resolution="requires_buyer_input")]
-            tier = self._prepaid.live_tier(customer) if self._prepaid is not None else "unknown"
-            if tier is not None:
-                return [_message("invalid", f"Customer {customer} already has the {tier} tier: remove "
-                                 f"{line['item']} (a second subscription would bill twice).",
-                                 param=f"$.line_items[{i}]", resolution="requires_buyer_input")]
+        found = self._tier_line(lines)
+        if found is None:
+            return []
+        i, item = found
+        customer, param = self._subscriber(agent_id, state)
+        if customer is None:
+            return [_message("missing", f"Name the customer {item.id} subscribes: buyer.customer_id (the Stripe "
+                             "customer, cus_...) or metadata.agent_id of an agent whose wallet belongs to it.",
+                             param=param, resolution="requires_buyer_input")]
+        if not _CUSTOMER.fullmatch(customer):
+            return [_message("invalid", f"buyer.customer_id {customer[:64]!r} is not a Stripe customer id (cus_...).",
+                             param=param, resolution="requires_buyer_input")]
+        tier = self._prepaid.live_tier(customer) if self._prepaid is not None else "unknown"
+        if tier is not None:
+            return [_message("invalid", f"Customer {customer} already has the {tier} tier: remove {item.id} (a "
+                             "second subscription would bill twice).", param=f"$.line_items[{i}]",
+                             resolution="requires_buyer_input")]
         return []
 
     def _open_status(self, agent_id: str | None, state: dict[str, Any]) -> str:

@@ -59,7 +59,7 @@ from .acp_models import AcpError, AcpResponse
 from .acp_webhooks import ORDER_CREATE, ORDER_UPDATE, OrderWebhooks
 from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
 from .commerce_models import PaymentSession
-from .prepaid import OPEN, prepaid_id
+from .prepaid import prepaid_id
 from .tiers import Item, Pricing
 
 API_VERSION = "2026-04-17"
@@ -614,9 +614,7 @@ class AcpService:
         self._send_orders()
         tier = self._tier_line(json.loads(row["state"])["lines"])
         if self._prepaid is not None and paid.status == "succeeded" and tier is not None:
-            started = await self._prepaid.start(prepaid_id(session_id))
-            if started.get("status") in OPEN:
-                self._prepaid.dispatch([started["id"]])  # Stripe was unavailable: keep trying in the background
+            await self._prepaid.start_now(prepaid_id(session_id))
         return self._row(session_id)
 
     def _fulfil_paid(self, conn: sqlite3.Connection, payment: dict[str, Any], pi_id: str) -> dict[str, Any] | None:

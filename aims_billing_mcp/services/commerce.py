@@ -298,9 +298,7 @@ class PaymentSessionService:
             return session
         if session.fulfilment.get("status") not in OPEN:
             return session
-        row = await self.prepaid.start(prepaid_id(session.id))
-        if row.get("status") in OPEN:
-            self.prepaid.dispatch([row["id"]])  # Stripe was unavailable: keep trying in the background
+        await self.prepaid.start_now(prepaid_id(session.id))
         return self._session(session.id)
 
     def after_webhook(self, event: dict[str, Any]) -> None:

@@ -509,6 +509,13 @@ class PrepaidSubscriptions:
 
     # --- in the background ------------------------------------------------------------------------------------
 
+    async def start_now(self, row_id: str) -> dict[str, Any]:
+        """Start it before answering the buyer; if Stripe is unavailable, keep trying in the background."""
+        row = await self.start(row_id)
+        if row.get("status") in OPEN:
+            self.dispatch([row_id])
+        return row
+
     def dispatch(self, row_ids: Sequence[str]) -> None:
         """Start these (committed) subscriptions in the background, retrying with backoff (any thread's loop)."""
         self.background.spawn((row_id, lambda row_id=row_id: self._run(row_id))  # type: ignore[misc]

@@ -505,6 +505,11 @@ def create_invoice_item(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     return item
 
 
+def line_name(ctx: Ctx, price: Obj) -> str:
+    """What an invoice line for `price` is called: its product's name, else the price id."""
+    return _product_name(ctx, price) or str(price["id"])
+
+
 def _product_name(ctx: Ctx, price: Obj) -> str | None:
     product = ctx.store.get(price["product"], "product")
     return None if product is None else str(product["name"])
@@ -631,7 +636,7 @@ def first_invoice(ctx: Ctx, customer: Obj, sub: Obj) -> Obj:
     trial = sub["status"] == "trialing"
     for item in sub["items"]["data"]:
         price = item["price"]
-        name = _product_name(ctx, price) or price["id"]
+        name = line_name(ctx, price)
         quantity = 0 if _metered(price) else int(item["quantity"])
         add_line(invoice, amount=0 if trial else amount_for(price, quantity),
                  description=f"Trial period for {name}" if trial else f"{quantity} × {name}", quantity=quantity,

@@ -83,11 +83,7 @@ def _end_as_scheduled(ctx: Ctx, sub: Obj, at: int) -> None:
                                       subscription=sub)
         invoice.update(period_start=start, period_end=at)
         for item in metered:
-            price = item["price"]
-            quantity = _usage(ctx, sub, price, start, at)
-            billing.add_line(invoice, amount=amount_for(price, quantity),
-                             description=f"{quantity} × {_name(ctx, price)}", quantity=quantity, price=price,
-                             period=(start, at), parent=billing.subscription_line_parent(sub, item))
+            _bill_usage(ctx, invoice, sub, item, start, at)
         ctx.store.update(invoice)
         ctx.record_event("invoice.created", invoice)
         sub["latest_invoice"] = invoice["id"]
@@ -111,15 +107,15 @@ def _expire_if_unpaid(ctx: Ctx, sub: Obj, target: int) -> None:
     ctx.record_event("customer.subscription.updated", sub, previous)
 
 
-def _name(ctx: Ctx, price: Obj) -> str:
-    product = ctx.store.get(price["product"], "product")
-    return str(product["name"]) if product else str(price["id"])
-
-
-def _usage(ctx: Ctx, sub: Obj, price: Obj, start: int, end: int) -> int:
+def _bill_usage(ctx: Ctx, invoice: Obj, sub: Obj, item: Obj, start: int, end: int) -> None:
+    """A metered item's line: its meter's usage by the customer over [start, end), priced."""
+    price = item["price"]
     meter = ctx.store.get(price["recurring"]["meter"], "billing.meter")
     formula = meter["default_aggregation"]["formula"] if meter else "sum"
-    return ctx.store.meter_usage(price["recurring"]["meter"], sub["customer"], start, end, formula)
+    quantity = ctx.store.meter_usage(price["recurring"]["meter"], sub["customer"], start, end, formula)
+    billing.add_line(invoice, amount=amount_for(price, quantity),
+                     description=f"{quantity} × {billing.line_name(ctx, price)}", quantity=quantity, price=price,
+                     period=(start, end), parent=billing.subscription_line_parent(sub, item))
 
 
 def renew(ctx: Ctx, sub: Obj) -> Obj:
@@ -137,17 +133,14 @@ def renew(ctx: Ctx, sub: Obj) -> Obj:
     invoice.update(period_start=start, period_end=end)
     for item in sub["items"]["data"]:
         price = item["price"]
-        name = _name(ctx, price)
-        parent = billing.subscription_line_parent(sub, item)
         if price["recurring"]["usage_type"] == "metered":
             if not trial_ended:  # usage during a trial is free
-                quantity = _usage(ctx, sub, price, start, end)
-                billing.add_line(invoice, amount=amount_for(price, quantity), description=f"{quantity} × {name}",
-                                 quantity=quantity, price=price, period=(start, end), parent=parent)
+                _bill_usage(ctx, invoice, sub, item, start, end)
         else:
             quantity = int(item.get("quantity") or 1)
-            billing.add_line(invoice, amount=amount_for(price, quantity), description=f"{quantity} × {name}",
-                             quantity=quantity, price=price, period=(end, new_end), parent=parent)
+            billing.add_line(invoice, amount=amount_for(price, quantity),
+                             description=f"{quantity} × {billing.line_name(ctx, price)}", quantity=quantity,
+                             price=price, period=(end, new_end), parent=billing.subscription_line_parent(sub, item))
         item["current_period_start"], item["current_period_end"] = end, new_end
     ctx.store.update(invoice)
     ctx.record_event("invoice.created", invoice)
@@ -206,7 +199,8 @@ def _period_invoice(ctx: Ctx, sub: Obj, reason: str) -> Obj:
         if price["recurring"]["usage_type"] == "metered":
             continue
         quantity = int(item.get("quantity") or 1)
-        billing.add_line(invoice, amount=amount_for(price, quantity), description=f"{quantity} × {_name(ctx, price)}",
+        billing.add_line(invoice, amount=amount_for(price, quantity),
+                         description=f"{quantity} × {billing.line_name(ctx, price)}",
                          quantity=quantity, price=price, period=(start, end),
                          parent=billing.subscription_line_parent(sub, item))
     ctx.store.update(invoice)

@@ -37,6 +37,14 @@ async def wallet(client: Client, agent: str, customer: str = "cus_team", **extra
                                                              "idempotency_key": f"open-{agent}", **extra}))
 
 
+async def funded_wallet(client: Client, server: BillingServer) -> None:
+    """Agent a1's wallet, for a 3mo customer, holding 500 LUC."""
+    await give_tier(server, "cus_team", "3mo")
+    await wallet(client, "a1")
+    ok(await client.call_tool("credit_agent_wallet", {"agent_id": "a1", "amount": 500, "idempotency_key": "c",
+                                                      "reason": "seed"}))
+
+
 async def test_the_wallet_story_top_up_hold_capture_transfer(server: BillingServer) -> None:
     async with Client(server) as client:
         await give_tier(server, "cus_team", "6mo")
@@ -64,10 +72,7 @@ async def test_the_wallet_story_top_up_hold_capture_transfer(server: BillingServ
 
 async def test_a_retried_debit_with_the_same_key_moves_luc_once(server: BillingServer) -> None:
     async with Client(server) as client:
-        await give_tier(server, "cus_team", "3mo")
-        await wallet(client, "a1")
-        ok(await client.call_tool("credit_agent_wallet", {"agent_id": "a1", "amount": 500, "idempotency_key": "c",
-                                                          "reason": "seed"}))
+        await funded_wallet(client, server)
         first = ok(await client.call_tool("debit_agent_wallet", {"agent_id": "a1", "amount": 200,
                                                                  "idempotency_key": "d", "reason": "task"}))
         again = ok(await client.call_tool("debit_agent_wallet", {"agent_id": "a1", "amount": 200,
@@ -106,10 +111,7 @@ async def test_bad_wallet_calls_are_clear_errors_that_change_nothing(
     server: BillingServer, tool: str, arguments: dict[str, Any], code: str, words: list[str]
 ) -> None:
     async with Client(server) as client:
-        await give_tier(server, "cus_team", "3mo")
-        await wallet(client, "a1")
-        ok(await client.call_tool("credit_agent_wallet", {"agent_id": "a1", "amount": 500, "idempotency_key": "c",
-                                                          "reason": "seed"}))
+        await funded_wallet(client, server)
         err = error_of(await client.call_tool(tool, arguments))
         after = ok(await client.call_tool("get_agent_wallet", {"agent_id": "a1"}))
     assert err["code"] == code, err
@@ -119,10 +121,7 @@ async def test_bad_wallet_calls_are_clear_errors_that_change_nothing(
 
 async def test_capture_above_the_hold_and_after_release_are_refused(server: BillingServer) -> None:
     async with Client(server) as client:
-        await give_tier(server, "cus_team", "3mo")
-        await wallet(client, "a1")
-        ok(await client.call_tool("credit_agent_wallet", {"agent_id": "a1", "amount": 500, "idempotency_key": "c",
-                                                          "reason": "seed"}))
+        await funded_wallet(client, server)
         hold = ok(await client.call_tool("hold_luc", {"agent_id": "a1", "amount": 100, "idempotency_key": "h",
                                                       "reason": "task"}))["hold_id"]
         above = error_of(await client.call_tool("capture_hold", {"hold_id": hold, "amount": 101,
@@ -163,10 +162,7 @@ async def test_a_p2p_customer_gets_no_wallet_unless_the_operator_allows(make_ser
 
 async def test_a_frozen_wallet_refuses_debits_but_takes_credits(server: BillingServer) -> None:
     async with Client(server) as client:
-        await give_tier(server, "cus_team", "3mo")
-        await wallet(client, "a1")
-        ok(await client.call_tool("credit_agent_wallet", {"agent_id": "a1", "amount": 500, "idempotency_key": "c",
-                                                          "reason": "seed"}))
+        await funded_wallet(client, server)
         ok(await client.call_tool("freeze_agent_wallet", {"agent_id": "a1", "reason": "suspicious",
                                                           "idempotency_key": "f"}))
         refused = error_of(await client.call_tool("debit_agent_wallet", {"agent_id": "a1", "amount": 5,

@@ -8,6 +8,7 @@ a tool function.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sqlite3
@@ -76,7 +77,7 @@ class BillingServer(MCPServer[AppState]):
         token = last_request_ids.set(request_ids)
         outcome, error_code = "ok", None
         try:
-            self._refuse_unknown_arguments(name, arguments)
+            self._refuse_loose_arguments(name, arguments)
             result = await super().call_tool(name, arguments, context)
             if isinstance(result, CallToolResult) and isinstance(result.structured_content, dict):
                 content = result.structured_content
@@ -88,7 +89,7 @@ class BillingServer(MCPServer[AppState]):
                     outcome = "dry_run"
             return result
         except Exception as exc:  # every failure becomes an isError result, never a crash of the server
-            error = to_billing_error(name, exc)
+            error = to_billing_error(name, exc, takes_idempotency_key=self._takes(name, "idempotency_key"))
             outcome, error_code = "error", error.code
             return error_result(name, error)
         finally:
@@ -98,20 +99,68 @@ class BillingServer(MCPServer[AppState]):
                 audit(state.store, name, arguments, outcome, error_code, monotonic_ms(start), request_ids,
                       caller=_caller_name(context), read_only=name in self.read_only_tools)
 
-    def _refuse_unknown_arguments(self, name: str, arguments: dict[str, Any]) -> None:
-        """A misspelt argument (`amout`) silently ignored could bill the wrong thing: refuse it by name."""
+    async def run_stdio_async(self) -> None:
+        """Stdio, with every frame answered: see stdio_guard (the SDK's reader drops what it cannot parse)."""
+        from .stdio_guard import guarded_stdio_server
+
+        async with guarded_stdio_server() as (read_stream, write_stream):
+            await self._lowlevel_server.run(read_stream, write_stream,
+                                            self._lowlevel_server.create_initialization_options())
+
+    def _takes(self, name: str, parameter: str) -> bool:
+        tool = self._tool_manager.get_tool(name)
+        return tool is not None and parameter in tool.parameters.get("properties", {})
+
+    def _refuse_loose_arguments(self, name: str, arguments: dict[str, Any]) -> None:
+        """Parse the raw arguments strictly before the SDK's lax validation sees them: a misspelt argument
+        (`amout`) silently ignored could bill the wrong thing, and lax pydantic takes `true`, `"7"` and `3.0` as
+        the integer 1, 7 and 3. Money is never read from a boolean or a string, so both are refused here, naming
+        the field; what passes is then validated (to the same values) by the SDK."""
         tool = self._tool_manager.get_tool(name)
         if tool is None:
             return
-        known = set(tool.parameters.get("properties", {}))
-        unknown = sorted(set(arguments) - known)
+        properties = tool.parameters.get("properties", {})
+        unknown = sorted(set(arguments) - set(properties))
         if unknown:
             raise InvalidInput(
-                f"unknown argument(s) {unknown} for {name}: it takes {sorted(known)}", param=unknown[0]
+                f"unknown argument(s) {unknown} for {name}: it takes {sorted(properties)}", param=unknown[0]
             )
+        for key, value in arguments.items():
+            if isinstance(value, bool) and "boolean" not in _json_types(properties[key]):
+                raise InvalidInput(f"{key}: must be {_describe(properties[key])}, not a boolean", param=key)
+        metadata = tool.fn_metadata
+        try:
+            metadata.arg_model.model_validate_json(_json_for_strict_check(metadata.pre_parse_json(arguments)),
+                                                   strict=True)
+        except ValidationError as exc:
+            raise invalid_arguments(name, exc) from exc
 
 
-def to_billing_error(tool: str, exc: Exception) -> BillingError:
+def _json_types(schema: dict[str, Any]) -> set[str]:
+    """The JSON types a property's schema admits (through anyOf/oneOf and enum values)."""
+    types: set[str] = set()
+    kind = schema.get("type")
+    types.update([kind] if isinstance(kind, str) else kind or [])
+    if "enum" in schema:
+        types.update("boolean" if isinstance(v, bool) else type(v).__name__ for v in schema["enum"])
+    for key in ("anyOf", "oneOf"):
+        for option in schema.get(key, []):
+            types |= _json_types(option)
+    return types
+
+
+def _describe(schema: dict[str, Any]) -> str:
+    types = sorted(_json_types(schema) - {"null"})
+    return " or ".join("an integer" if t == "integer" else f"a {t}" for t in types) or "a value of its schema"
+
+
+def _json_for_strict_check(arguments: dict[str, Any]) -> str:
+    """JSON for pydantic's strict JSON mode (which keeps str -> enum/URL but refuses str/bool/float -> int). Values
+    json cannot write (a lone surrogate is fine, but NaN is written as NaN) stay as they are for the field check."""
+    return json.dumps(arguments, default=str)
+
+
+def to_billing_error(tool: str, exc: Exception, *, takes_idempotency_key: bool = False) -> BillingError:
     cause = exc.__cause__ if isinstance(exc, ToolError) else exc
     if isinstance(cause, BillingError):
         return cause
@@ -119,10 +168,11 @@ def to_billing_error(tool: str, exc: Exception) -> BillingError:
         return invalid_arguments(tool, cause)
     if isinstance(exc, UnexpectedToolError) or not isinstance(exc, ToolError):
         log.error("tool %s crashed", tool, exc_info=cause)
+        retry = ("retry with the same idempotency_key (a retried call never creates a second object)"
+                 if takes_idempotency_key else "retry the call")
         return BillingError(
-            f"{tool} failed with an internal error ({type(cause).__name__}): retry with the same idempotency_key "
-            "(a retried call never creates a second object), or report it to the operator (details are in the "
-            "server log)"
+            f"{tool} failed with an internal error ({type(cause).__name__}): {retry}, or report it to the operator "
+            "(details are in the server log)"
         )
     return InvalidInput(str(exc))  # unknown tool and other SDK-level refusals keep the SDK's words
 

@@ -1,0 +1,191 @@
+"""Stdio transport that answers every frame: the SDK's reader drops a line it cannot parse (an integer of 4,400
+digits, nesting 100,000 deep, a JSON-RPC batch, a malformed message) without a word, so the client waits for its own
+timeout. Our server is what the agent sees, so this wraps the SDK's `stdio_server`: each line is checked before the
+SDK reads it, and one the SDK would drop is answered here with a JSON-RPC error carrying the request's id when the
+id can be read (`-32700` parse error, `-32600` invalid request), or `id: null` and one log line when it cannot.
+A notification (no id) is never answered, as JSON-RPC requires; it is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+RequestId = str | int | None
+Reply = Callable[[RequestId, int, str], Awaitable[None]]
+MAX_ID_DIGITS = 18  # a JSON-RPC id we answer must fit the SDK's strict int
+
+
+class GuardedLines:
+    """The lines of stdin, minus those the SDK would drop: those are answered through `reply` instead."""
+
+    def __init__(self, lines: Any, reply_ready: anyio.Event, replies: list[Reply]) -> None:
+        self._lines = lines.__aiter__()
+        self._reply_ready = reply_ready
+        self._replies = replies
+
+    def __aiter__(self) -> GuardedLines:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            line: str = await self._lines.__anext__()
+            problem = frame_problem(line)
+            if problem is None:
+                return line
+            await self._reply_ready.wait()
+            await self._answer(line, *problem)
+
+    async def _answer(self, line: str, code: int, message: str) -> None:
+        request_id, is_request = request_id_of(line)
+        if isinstance(request_id, list):  # a batch: one answer per request in it
+            for item in request_id:
+                await self._replies[0](item, code, message)
+            return
+        if not is_request:
+            log.warning("stdio: dropped a notification the server cannot read (%s): %s", message, line[:120])
+            return
+        if request_id is None:
+            log.warning("stdio: answered an unreadable frame with id null (%s): %s", message, line[:120])
+        await self._replies[0](request_id, code, message)
+
+
+def frame_problem(line: str) -> tuple[int, str] | None:
+    """None when the SDK will read the line; else the JSON-RPC error code and a message saying what to fix."""
+    if not line.strip():
+        return None
+    try:
+        types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+        return None
+    except ValidationError as exc:
+        errors = exc.errors()
+        first: dict[str, Any] = dict(errors[0]) if errors else {}
+        kind = str(first.get("type", ""))
+        if kind.startswith("json_") or kind == "recursion_loop":
+            return types.PARSE_ERROR, f"parse error: {first.get('msg', 'invalid JSON')}; send one JSON object per line"
+        if line.lstrip().startswith("["):
+            return types.INVALID_REQUEST, "JSON-RPC batches are not supported by MCP: send one message per line"
+        return types.INVALID_REQUEST, f"invalid request: not a JSON-RPC 2.0 message ({_where(first)})"
+    except (ValueError, RecursionError) as exc:
+        return types.PARSE_ERROR, f"parse error: {type(exc).__name__}; send one JSON object per line"
+
+
+def _where(error: Any) -> str:
+    location = ".".join(str(part) for part in error.get("loc", ()) if not isinstance(part, int))
+    return f"{location}: {error.get('msg', 'invalid')}" if location else str(error.get("msg", "invalid"))
+
+
+def request_id_of(line: str) -> tuple[Any, bool]:
+    """The id of the request in `line` as far as it can be read, and whether it is a request at all (a message with
+    no id is a notification). A batch gives the list of its requests' ids. Never raises."""
+    try:
+        value = json.loads(line, parse_int=_small_int, parse_constant=lambda _c: None)
+    except RecursionError:
+        return _top_level_id(line)
+    except ValueError:
+        return _top_level_id(line)
+    if isinstance(value, list):
+        ids = [_valid_id(item.get("id")) for item in value if isinstance(item, dict) and "id" in item]
+        return ids, bool(ids)
+    if isinstance(value, dict):
+        return _valid_id(value.get("id")), "id" in value or "method" not in value
+    return None, True
+
+
+def _small_int(digits: str) -> int | str:
+    return int(digits) if len(digits.lstrip("-")) <= MAX_ID_DIGITS else digits
+
+
+def _valid_id(value: Any) -> RequestId:
+    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
+
+
+def _top_level_id(line: str) -> tuple[RequestId, bool]:
+    """Find `"id": <string or integer>` at depth 1 of a line json cannot load (too deep, a huge number), scanning
+    strings and brackets without building anything."""
+    depth, i, n, key, after_colon = 0, 0, len(line), None, False
+    while i < n:
+        ch = line[i]
+        if ch == '"':
+            end = i + 1
+            while end < n and line[end] != '"':
+                end += 2 if line[end] == "\\" else 1
+            text = line[i + 1:end]
+            if depth == 1 and after_colon and key == "id":
+                return text, True
+            if depth == 1 and not after_colon:
+                key = text
+            i = end + 1
+            continue
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == ":" and depth == 1:
+            after_colon = True
+        elif ch == "," and depth == 1:
+            key, after_colon = None, False
+        elif depth == 1 and after_colon and key == "id" and (ch.isdigit() or ch == "-"):
+            end = i + 1
+            while end < n and line[end].isdigit():
+                end += 1
+            digits = line[i:end]
+            return (int(digits) if len(digits.lstrip("-")) <= MAX_ID_DIGITS else None), True
+        i += 1
+    return None, True
+
+
+@asynccontextmanager
+async def guarded_stdio_server() -> AsyncIterator[tuple[Any, Any]]:
+    """The SDK's stdio streams, with every frame it would drop answered here. Stdin is claimed as the SDK claims it
+    (fd 0 diverted to the null device while serving, so a child process cannot read our frames)."""
+    buffer, release = _claim_stdin()
+    lines = anyio.wrap_file(_UnownedText(buffer, encoding="utf-8", errors="replace"))
+    reply_ready = anyio.Event()
+    replies: list[Reply] = []
+    try:
+        guarded: Any = GuardedLines(lines, reply_ready, replies)  # the SDK only iterates its stdin's lines
+        async with stdio_server(stdin=guarded) as (read_stream, write_stream):
+
+            async def reply(request_id: RequestId, code: int, message: str) -> None:
+                error = types.JSONRPCError(jsonrpc="2.0", id=request_id,
+                                           error=types.ErrorData(code=code, message=message))
+                await write_stream.send(SessionMessage(error))
+
+            replies.append(reply)
+            reply_ready.set()
+            yield read_stream, write_stream
+    finally:
+        if release is not None:
+            release()
+
+
+class _UnownedText(io.TextIOWrapper):
+    """Text over a buffer that is not ours to close (it may be sys.stdin's own)."""
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.detach()
+
+
+def _claim_stdin() -> tuple[Any, Callable[[], None] | None]:
+    try:
+        from mcp.server.stdio import _claim_fd, _open_stdin_diversion
+
+        return _claim_fd(0, sys.stdin, "rb", _open_stdin_diversion)
+    except (ImportError, RuntimeError, OSError):  # an SDK without the claim: read the buffer in place, as v1 did
+        return sys.stdin.buffer, None

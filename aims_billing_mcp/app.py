@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import sqlite3
 import sys
@@ -128,12 +129,36 @@ class BillingServer(MCPServer[AppState]):
         for key, value in arguments.items():
             if isinstance(value, bool) and "boolean" not in _json_types(properties[key]):
                 raise InvalidInput(f"{key}: must be {_describe(properties[key])}, not a boolean", param=key)
+            _refuse_unreadable_value(key, value)
         metadata = tool.fn_metadata
         try:
             metadata.arg_model.model_validate_json(_json_for_strict_check(metadata.pre_parse_json(arguments)),
                                                    strict=True)
         except ValidationError as exc:
             raise invalid_arguments(name, exc) from exc
+
+
+MAX_NESTING = 32
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_unreadable_value(key: str, value: Any) -> None:
+    """Walk one argument without recursion: text that is not valid Unicode (a lone surrogate cannot be stored or
+    sent to Stripe) and nesting deeper than any parameter has are refused here, naming the field."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise InvalidInput(f"{key}: nested more than {MAX_NESTING} levels deep; no parameter takes that",
+                               param=key)
+        if isinstance(item, str):
+            if not item.isascii() and LONE_SURROGATE.search(item):
+                raise InvalidInput(f"{key}: contains a lone surrogate (not valid Unicode): send UTF-8 text", param=key)
+        elif isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
 
 
 def _json_types(schema: dict[str, Any]) -> set[str]:

@@ -8,6 +8,7 @@ a tool function.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -31,6 +32,7 @@ from .errors import BillingError, InvalidInput
 from .redact import redact, redact_text
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.acp import AcpService
+from .services.audit import prune_audit
 from .services.catalog import CatalogService
 from .services.commerce import PaymentSessionService
 from .services.idempotency import IdempotencyService
@@ -52,6 +54,7 @@ from .webhooks import WEBHOOK_PATH, build_webhook_app, webhook_handler
 from .x402_http import CREDITS_PATH, credits_handler
 
 log = logging.getLogger(__name__)
+AUDIT_PRUNE_SECONDS = 86_400.0
 
 INSTRUCTIONS = """Billing tools backed by Stripe (or an offline Stripe sandbox when no key is configured).
 Sell and collect: products, prices, payment links, checkout sessions, subscriptions on the 3-6-9 tiers
@@ -364,10 +367,19 @@ async def background_tasks(
     state: AppState, *, flush_interval_seconds: float, interval_seconds: float = 60.0
 ) -> AsyncIterator[None]:
     """What runs while the server serves: the meter flusher delivering usage to Stripe (0 turns it off: run
-    `aims-billing-mcp flush-usage` instead), and expired holds written down (they already stopped counting)."""
+    `aims-billing-mcp flush-usage` instead), expired holds written down (they already stopped counting), and audit
+    rows past their retention pruned (at start and then daily)."""
 
     async def sweep_holds() -> None:
+        last_prune = 0.0
         while True:
+            try:
+                if time.monotonic() - last_prune >= AUDIT_PRUNE_SECONDS or not last_prune:
+                    last_prune = time.monotonic()
+                    await anyio.to_thread.run_sync(functools.partial(
+                        prune_audit, state.store, retention_days=state.settings.aims_billing_audit_retention_days))
+            except Exception:  # housekeeping must never take the server down; the next round retries
+                log.exception("pruning the audit log failed")
             await anyio.sleep(interval_seconds)
             try:
                 await state.ledger.sweep_expired_holds()

@@ -10,13 +10,16 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
+from . import __version__
 from .errors import BillingError
 from .redact import install_log_redaction, mask_secret
 from .settings import Settings, StripeMode, describe_validation_error
@@ -190,7 +193,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .services.reports import prepaid_report, receipts_report, usage_report, wallet_report
 
     settings = _settings()
-    if args.report in ("usage", "receipts"):
+    if args.report == "audit":
+        from .services.audit import AuditFilter, audit_report, audit_rows
+        from .store import Store
+
+        store = Store(settings.aims_billing_db)
+        try:
+            lines = audit_report(audit_rows(store, AuditFilter(
+                tool=args.tool, customer=args.customer, since=args.since, errors_only=args.errors, limit=args.limit)))
+        finally:
+            store.close()
+    elif args.report in ("usage", "receipts"):
         from .app import build_state
 
         state = build_state(settings)
@@ -218,6 +231,46 @@ def cmd_report(args: argparse.Namespace) -> int:
             store.close()
     print("\n".join(lines))
     return 0
+
+
+def cmd_prune_audit(args: argparse.Namespace) -> int:
+    """Delete audit rows older than the retention period (the server also prunes them once a day)."""
+    from .services.audit import prune_audit
+    from .store import Store
+
+    settings = _settings()
+    days = args.days if args.days is not None else settings.aims_billing_audit_retention_days
+    store = Store(settings.aims_billing_db)
+    try:
+        pruned = prune_audit(store, retention_days=days)
+    finally:
+        store.close()
+    print(f"prune-audit: deleted {pruned} audit row(s) older than {days} days")
+    return 0
+
+
+def _since(text: str) -> datetime:
+    """`--since`: an ISO date or time (UTC unless it says otherwise), or a span back from now: 30m, 12h, 7d."""
+    span = re.fullmatch(r"(\d{1,6})([mhd])", text.strip())
+    if span:
+        amount, unit = int(span.group(1)), span.group(2)
+        unit_name = {"m": "minutes", "h": "hours", "d": "days"}[unit]
+        return datetime.now(UTC) - timedelta(**{unit_name: amount})
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an ISO date/time nor a span like 30m, 12h, 7d") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{value} is out of range 1..1000000")
+    return value
 
 
 def cmd_flush_usage(args: argparse.Namespace) -> int:
@@ -383,7 +436,9 @@ async def _check_key(settings: Settings, store: Store) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aims-billing-mcp", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the MCP server (stdio; --http for streamable HTTP)")
     serve.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
     serve.add_argument("--host", help="HTTP bind address (default AIMS_BILLING_HTTP_HOST or 127.0.0.1)")
@@ -394,30 +449,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run an agent session end to end on the embedded sandbox")
     demo.set_defaults(func=cmd_demo)
     sandbox = sub.add_parser("sandbox", help="serve the Stripe-compatible sandbox on loopback, or act on it")
-    sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=12111)
+    sandbox.add_argument("--host", default="127.0.0.1", help="bind address when serving (default 127.0.0.1)")
+    sandbox.add_argument("--port", type=int, default=12111,
+                         help="port when serving; point STRIPE_API_BASE at http://127.0.0.1:PORT (default 12111)")
     sandbox.add_argument("--db", help="sandbox SQLite file (default beside AIMS_BILLING_DB)")
     sandbox.add_argument("--forward-to", metavar="URL",
                          help="deliver signed events to this webhook URL (default for actions: the serve endpoint)")
     sandbox.set_defaults(func=cmd_sandbox, sandbox_command=None)
-    actions = sandbox.add_subparsers(dest="sandbox_command")
+    actions = sandbox.add_subparsers(dest="sandbox_command", metavar="ACTION")
     complete = actions.add_parser("complete-checkout", help="a customer pays a checkout session (cs_...)")
-    complete.add_argument("session")
+    complete.add_argument("session", help="the checkout session id (cs_test_...) to pay, as a customer would")
     trigger = actions.add_parser("trigger", help="make an event happen, e.g. invoice.payment_failed")
-    trigger.add_argument("event_type")
-    trigger.add_argument("--customer")
-    trigger.add_argument("--subscription")
+    trigger.add_argument("event_type", help="the Stripe event type to cause, e.g. invoice.payment_failed")
+    trigger.add_argument("--customer", help="the customer (cus_...) the event is about")
+    trigger.add_argument("--subscription", help="the subscription (sub_...) the event is about")
     advance = actions.add_parser("advance", help="move the sandbox clock: renewals, trial ends, cancellations")
-    advance.add_argument("--days", type=float, default=0)
-    advance.add_argument("--hours", type=float, default=0)
+    advance.add_argument("--days", type=float, default=0, help="days to move the clock forward (fractions allowed)")
+    advance.add_argument("--hours", type=float, default=0, help="hours to move the clock forward")
     setup = sub.add_parser("setup-stripe", help="create (or find) the tier products and prices; print STRIPE_PRICE_*")
     setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
     setup.set_defaults(func=cmd_setup_stripe)
-    report = sub.add_parser("report", help="operator reports: wallets, usage, receipts, prepaid")
-    report.add_argument("report", choices=["wallets", "usage", "receipts", "prepaid"])
+    report = sub.add_parser("report", help="operator reports: wallets, usage, receipts, prepaid, audit")
+    report.add_argument("report", choices=["wallets", "usage", "receipts", "prepaid", "audit"],
+                        help="which report: wallets (balances), usage (this period), receipts (x402), prepaid "
+                             "(prepaid tiers), audit (what agents called)")
     report.add_argument("--customer", help="only this customer (cus_...)")
-    report.add_argument("--limit", type=int, default=50, help="receipts: how many of the latest")
+    report.add_argument("--limit", type=_positive, default=50, help="receipts, audit: how many of the latest")
+    report.add_argument("--tool", help="audit: only calls of this tool")
+    report.add_argument("--since", type=_since, help="audit: only rows since an ISO date/time or a span (30m, 12h, 7d)")
+    report.add_argument("--errors", action="store_true", help="audit: only calls that failed")
     report.set_defaults(func=cmd_report)
+    prune = sub.add_parser("prune-audit", help="delete audit rows older than the retention period")
+    prune.add_argument("--days", type=_positive,
+                       help="keep this many days (default AIMS_BILLING_AUDIT_RETENTION_DAYS, 90)")
+    prune.set_defaults(func=cmd_prune_audit)
     flush = sub.add_parser("flush-usage", help="deliver pending usage to Stripe Billing meters now")
     flush.set_defaults(func=cmd_flush_usage)
     start = sub.add_parser("start-subscriptions", help="start prepaid tier subscriptions paid for but not started")
@@ -430,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
     tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")
-    tools_json.add_argument("--output", default="tools.json")
+    tools_json.add_argument("--output", default="tools.json", help="where to write it (default tools.json)")
     tools_json.set_defaults(func=cmd_tools_json)
     doctor = sub.add_parser("doctor", help="print the effective configuration and check the Stripe key")
     doctor.set_defaults(func=cmd_doctor)
@@ -438,7 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `aims-billing-mcp`: say what it can do, not an error
+        parser.print_help()
+        return 0
     try:
         code: int = args.func(args)
     except ValidationError as exc:

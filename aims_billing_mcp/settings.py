@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     aims_billing_read_only: bool = False
     aims_billing_max_amount: int = Field(default=1_000_000, gt=0)
     aims_billing_replay_window_seconds: int = Field(default=600, ge=0)
+    aims_billing_audit_retention_days: int = Field(default=90, ge=1, le=36_500)
     aims_billing_http_host: str = "127.0.0.1"
     aims_billing_http_port: int = Field(default=8765, ge=0, le=65535)
     aims_billing_http_token: SecretStr | None = None

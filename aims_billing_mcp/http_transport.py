@@ -34,6 +34,9 @@ class BearerTokenMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(OAUTH_DISCOVERY):
+            await _answer(send, 404, {"error": "not_found", "message": NO_OAUTH})
+            return
         if scope["type"] != "http" or self._token is None or path in self._public or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
@@ -43,10 +46,24 @@ class BearerTokenMiddleware:
         if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"error": "unauthorized", "message": "send Authorization: Bearer <AIMS_BILLING_HTTP_TOKEN>"})
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="aims-billing-mcp"')]})
-        await send({"type": "http.response.body", "body": body.encode()})
+        await _answer(send, 401, {"error": "unauthorized", "message": NO_OAUTH}, [(b"www-authenticate", CHALLENGE)])
+
+
+# MCP clients that meet a 401 look for OAuth (RFC 9728 / RFC 8414 discovery) unless told otherwise: the challenge
+# names the static token, and discovery answers 404, so Inspector and remote connectors ask for a header instead of
+# starting an interactive OAuth flow.
+OAUTH_DISCOVERY = ("/.well-known/oauth-protected-resource", "/.well-known/oauth-authorization-server",
+                   "/.well-known/openid-configuration")
+NO_OAUTH = ("this server takes a static bearer token, not OAuth: send Authorization: Bearer <AIMS_BILLING_HTTP_TOKEN> "
+            "(Inspector: --header \"Authorization: Bearer $TOKEN\")")
+CHALLENGE = (b'Bearer realm="aims-billing-mcp", error="invalid_token", '
+             b'error_description="send Authorization: Bearer <AIMS_BILLING_HTTP_TOKEN>; no OAuth"')
+
+
+async def _answer(send: Any, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *headers]})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 def build_http_app(server: Any, *, host: str, token: str | None) -> Any:

@@ -4,6 +4,7 @@ documents every tool and every command."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,23 @@ async def test_tools_json_matches_the_registered_tools() -> None:
 def test_every_tool_is_documented_in_the_readme_with_an_example(name: str) -> None:
     assert f"| `{name}` |" in README, f"{name} is missing from the README's tool table"
     assert f"- `{name}` `" in README or f"run, `{name}` `" in README, f"{name} has no example in the README"
+
+
+TOOLS_JSON = {tool["name"]: tool for tool in json.loads((ROOT / "tools.json").read_text())["tools"]}
+TABLE_ROW = re.compile(r"^\| `([a-z0-9_]+)` \| .*? \| (.*?) \| [^|]* \|$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", sorted(TOOLS_JSON))
+def test_the_readme_tool_table_marks_exactly_the_required_parameters_and_names_only_real_ones(name: str) -> None:
+    rows = {match.group(1): match.group(2) for match in TABLE_ROW.finditer(README)}
+    cell = rows[name]
+    schema = TOOLS_JSON[name]["inputSchema"]
+    bold = set(re.findall(r"\*\*`([a-z_]+)`\*\*", cell))
+    named = {word.split("{")[0].split("[")[0] for word in re.findall(r"`([a-z_]+[a-z_{}\[\], ]*)`", cell)}
+    assert bold == set(schema.get("required", [])), f"{name}: bold {sorted(bold)} vs required {schema.get('required')}"
+    unknown = {word for word in named if word not in schema.get("properties", {}) and "_" in word
+               and not word.startswith(("tier_", "luc_", "pm_", "spt_", "cus_"))}
+    assert not unknown, f"{name}: the table names parameters the tool does not take: {sorted(unknown)}"
 
 
 def test_every_cli_command_is_documented_in_the_readme() -> None:

@@ -399,9 +399,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if shown is not None and hasattr(value, "get_secret_value"):
             shown = mask_secret(str(shown))
         print(f"  {name.upper():38} {shown if shown not in (None, [], '') else '-'}")
-    mode = settings.stripe_mode
-    print(f"  stripe mode: {mode.value}" + (f" (sandbox db {settings.sandbox_db_path})"
-                                            if mode is StripeMode.SANDBOX else ""))
+    print(f"  stripe mode: {settings.stripe_mode.value} ({_stripe_target(settings)})")
     store = Store(settings.aims_billing_db)
     try:
         print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")
@@ -412,6 +410,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0 if ok else 1
+
+
+def _stripe_target(settings: Settings) -> str:
+    """What the gateway really talks to: the embedded sandbox (and its file), a sandbox or API at STRIPE_API_BASE,
+    or Stripe itself."""
+    if settings.stripe_api_base:
+        kind = "an external sandbox" if settings.stripe_mode is StripeMode.SANDBOX else "a Stripe-compatible API"
+        return f"{kind} at {settings.stripe_api_base}; no local sandbox file is used"
+    if settings.stripe_mode is StripeMode.SANDBOX:
+        return f"the embedded sandbox, its file {settings.sandbox_db_path}"
+    return "api.stripe.com"
 
 
 async def _check_key(settings: Settings, store: Store) -> bool:

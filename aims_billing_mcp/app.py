@@ -449,7 +449,23 @@ async def companion_webhook_server(get_state: Callable[[], AppState | None], por
 
 
 def register(server: MCPServer[Any], spec: ToolSpec) -> None:
+    """Add the tool, its published schemas without pydantic's per-property `title`s (a field's name says the same:
+    they were 17% of tools/list); validation uses the models, not these dicts, so nothing else changes."""
     server.add_tool(spec.fn, name=spec.name, title=spec.title, annotations=spec.annotations)
+    added = server._tool_manager.get_tool(spec.name)
+    if added is not None:
+        added.parameters = without_titles(added.parameters)
+        if added.fn_metadata.output_schema is not None:
+            added.fn_metadata.output_schema = without_titles(added.fn_metadata.output_schema)
+
+
+def without_titles(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {key: without_titles(value) for key, value in schema.items()
+                if not (key == "title" and isinstance(value, str))}
+    if isinstance(schema, list):
+        return [without_titles(value) for value in schema]
+    return schema
 
 
 def all_tools() -> list[ToolSpec]:

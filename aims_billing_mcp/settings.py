@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     )
     aims_billing_allow_live: bool = False
     aims_billing_tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    aims_billing_toolsets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     aims_billing_read_only: bool = False
     aims_billing_max_amount: int = Field(default=1_000_000, gt=0)
     aims_billing_replay_window_seconds: int = Field(default=600, ge=0)
@@ -99,7 +100,7 @@ class Settings(BaseSettings):
     )
     aims_billing_log_level: str = Field(default="WARNING", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 
-    @field_validator("aims_billing_tools", "aims_billing_acp_api_keys", mode="before")
+    @field_validator("aims_billing_tools", "aims_billing_toolsets", "aims_billing_acp_api_keys", mode="before")
     @classmethod
     def _split_tools(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -1,7 +1,8 @@
 """The one table of tools: each with its MCP annotations and the permission it needs.
 
-The allow-list (AIMS_BILLING_TOOLS) and read-only mode (AIMS_BILLING_READ_ONLY) filter this table *before*
-registration, so a tool that is off does not exist for the client at all.
+The tool sets (AIMS_BILLING_TOOLSETS: the families, one per module), the allow-list (AIMS_BILLING_TOOLS) and
+read-only mode (AIMS_BILLING_READ_ONLY) filter this table *before* registration, so a tool that is off does not
+exist for the client at all (and costs nothing in the client's tools/list).
 
 The tool modules do not use `from __future__ import annotations`: the SDK reads each signature with
 `eval_str=True` and `get_type_hints`, and string annotations made it compile and evaluate every parameter's
@@ -35,6 +36,11 @@ class ToolSpec:
     @property
     def name(self) -> str:
         return self.fn.__name__
+
+    @property
+    def toolset(self) -> str:
+        """The family a tool belongs to (its module: catalog, subscriptions, metering, wallets, x402, commerce)."""
+        return self.fn.__module__.rsplit(".", 1)[-1]
 
     @property
     def annotations(self) -> ToolAnnotations:
@@ -86,8 +92,14 @@ TOOLS: tuple[ToolSpec, ...] = (
 )
 
 
+TOOLSETS: tuple[str, ...] = tuple(dict.fromkeys(spec.toolset for spec in TOOLS))
+
+
 def is_tool_allowed(spec: ToolSpec, settings: Settings) -> bool:
+    """Read-only mode, the tool sets and the allow-list each narrow the table; a tool must pass all three."""
     if settings.aims_billing_read_only and spec.permission != "read":
+        return False
+    if settings.aims_billing_toolsets and spec.toolset not in settings.aims_billing_toolsets:
         return False
     return not settings.aims_billing_tools or spec.name in settings.aims_billing_tools
 
@@ -101,5 +113,11 @@ def select_tools(settings: Settings, tools: tuple[ToolSpec, ...] = TOOLS) -> lis
         raise ConfigurationError(
             f"AIMS_BILLING_TOOLS names unknown tools {unknown}: known tools are {sorted(known)}",
             param="AIMS_BILLING_TOOLS",
+        )
+    unknown_sets = sorted(set(settings.aims_billing_toolsets) - {spec.toolset for spec in tools})
+    if unknown_sets:
+        raise ConfigurationError(
+            f"AIMS_BILLING_TOOLSETS names unknown tool sets {unknown_sets}: known sets are {list(TOOLSETS)}",
+            param="AIMS_BILLING_TOOLSETS",
         )
     return [spec for spec in tools if is_tool_allowed(spec, settings)]

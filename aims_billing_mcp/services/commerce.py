@@ -66,7 +66,7 @@ class PaymentSessionService:
     ) -> None:
         self._store = store
         self._mutations = mutations
-        self._gateway = mutations.gateway
+        self._gateway = self.gateway = mutations.gateway
         self._idempotency = mutations.idempotency
         self.ledger = ledger  # the wallets fulfilment credits; ACP orders credit the same ones
         self._pricing = pricing

@@ -3,6 +3,8 @@
 -- (no cancel or update while it runs); every payment an ACP checkout made is kept with the lines it was made for
 -- (delivery is computed from what was paid), and one that cannot be delivered is refunded in full (an outbox).
 ALTER TABLE payment_sessions ADD COLUMN confirming_since TEXT;
+-- a refund-prepaid run holds its row while it reverses and refunds (a second run never reads a half-done reversal)
+ALTER TABLE prepaid_subscriptions ADD COLUMN refund_claimed_at REAL;
 ALTER TABLE acp_checkout_sessions ADD COLUMN completing_since REAL;
 CREATE TABLE acp_payments (
     payment_session_id TEXT PRIMARY KEY,

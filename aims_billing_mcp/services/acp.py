@@ -470,7 +470,8 @@ class AcpService:
         saved = await self._store.write(self._save_job(row["id"], state, self._open_status(row["agent_id"], state),
                                                        only_open=True))
         if not saved:  # a completion claimed it (or it finished) since it was read
-            self._refuse_while_paying(self._open_row(row["id"], "updated"), "updated")
+            self._open_row(row["id"], "updated")
+            raise self._paying_error(row["id"])
         return AcpResponse(200, self._view(self._row(row["id"])))
 
     async def cancel(self, session_id: str, body: Any) -> AcpResponse:

@@ -78,8 +78,8 @@ class Seller:
                                                           **extra}, expect=201)
         return str(made["id"])
 
-    async def complete(self, sid: str, token: str = "spt_test_visa", **kw: Any) -> dict[str, Any]:
-        return await self.post(f"/acp/checkout_sessions/{sid}/complete", pay(token), **kw)
+    async def complete(self, sid: str, spt: str = "spt_test_visa", **kw: Any) -> dict[str, Any]:
+        return await self.post(f"/acp/checkout_sessions/{sid}/complete", pay(spt), **kw)
 
     async def cancel(self, sid: str, **kw: Any) -> dict[str, Any]:
         return await self.post(f"/acp/checkout_sessions/{sid}/cancel", {}, **kw)
@@ -452,3 +452,52 @@ async def test_acp_idempotency_keys_belong_to_their_api_key(shop: Seller) -> Non
     other = await shop.post(f"/acp/checkout_sessions/{theirs['id']}/complete", pay("spt_test_visa_2"), key="pay",
                             token=OTHER_KEY, expect=200)
     assert done["status"] == other["status"] == "completed" and shop.luc() == 10_000 + 50_000
+
+
+async def test_another_platforms_complete_with_the_same_idempotency_key_is_not_a_replay_of_ours(
+        shop: Seller) -> None:
+    sid = await shop.create(["luc_10k"])
+    assert (await shop.complete(sid, "spt_test_declined", key="pay", expect=200))["status"] == "ready_for_payment"
+
+    done = await shop.complete(sid, "spt_test_visa", key="pay", token=OTHER_KEY, expect=200)
+
+    assert done["status"] == "completed" and shop.luc() == 10_000
+
+
+# --- the same races without a gate, many at once ------------------------------------------------------------------
+
+
+async def test_cancel_and_complete_at_once_on_many_checkouts_each_end_delivered_or_unpaid(shop: Seller) -> None:
+    ids = [await shop.create(["luc_10k"]) for _ in range(12)]
+
+    async def both(sid: str) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(shop.complete, sid, f"spt_test_visa_{sid}")
+            tg.start_soon(shop.cancel, sid)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for sid in ids:
+                tg.start_soon(both, sid)
+
+    statuses = [(await shop.get(sid))["status"] for sid in ids]
+    assert set(statuses) <= {"completed", "canceled"}
+    assert await shop.charges() == [(1000, 0)] * statuses.count("completed")
+    assert shop.luc() == 10_000 * statuses.count("completed")
+
+
+async def test_many_concurrent_retries_of_one_confirm_and_polls_all_get_its_result(shop: Seller) -> None:
+    sid = await _session(shop)
+    answers: list[dict[str, Any]] = []
+
+    async def confirm() -> None:
+        answers.append(await _confirm(shop, sid, "pay-1"))
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for i in range(24):
+                tg.start_soon(confirm if i % 4 else shop.stack.payments.get_session, *(() if i % 4 else (sid,)))
+
+    assert len(answers) == 18 and {(a["id"], a["status"], a["fulfilled"]) for a in answers} == {
+        (sid, "succeeded", True)}
+    assert shop.luc() == 10_000 and await shop.charges() == [(1000, 0)]

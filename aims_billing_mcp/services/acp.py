@@ -11,6 +11,15 @@ line records its prepaid subscription (prepaid.py) for `buyer.customer_id` or th
 before the answer. A declined token leaves the session payable with a `payment_declined` error message.
 Completing, updating or canceling a finished session answers 405.
 
+Money rules (issue 12): a charge for a checkout ends delivered or refunded in full, whatever the order of events.
+`complete` holds the session (`in_progress`, `completing_since`) before anything is charged: `update` and `cancel`
+answer 409 while it runs (a hold older than IN_FLIGHT_STALE_SECONDS is a dead request's and is taken over). Each
+payment session made for a checkout is recorded with the lines it was made for (`acp_payments`); a cart changed
+since gets a new one (the old PaymentIntent canceled first), and the order is made from the lines of the payment
+that succeeded. A payment that succeeds for a checkout that cannot take it (canceled, or completed by another
+payment) is marked to refund in the transaction that records it and refunded in full after COMMIT (resumed at
+start-up).
+
 Every POST carries an `Idempotency-Key` (ACP §6): scoped to the caller's identity and the endpoint; the same key
 and the same body replay the stored response; another body is 422 `idempotency_conflict`; a key whose first
 request is still running is 409 `idempotency_in_flight` with `Retry-After`; 5xx answers are never stored.

@@ -8,6 +8,13 @@ payment_intent_id (one session per PaymentIntent), the `fulfilled_at IS NULL` gu
 fulfilment (checked by rowcount), and the ledger credit's own idempotency key `fulfil:<session id>`. A tier is
 fulfilled by recording its prepaid subscription in that job (prepaid.py starts it in Stripe after COMMIT), and a
 session another seller owns (an ACP checkout's) is fulfilled by that seller, in the same job (`fulfil_with`).
+
+Retries: a confirm's state is checked under its key's lock, after its stored result was looked for, so a retry
+gets the first result; a paid session is confirmed again at Stripe under the same Stripe key, which replays only
+this key's own first request (its answer lost in a crash). When Stripe is ahead of our record (it says the
+PaymentIntent already succeeded), the PaymentIntent is re-read and recorded before answering; a confirm sent is
+marked (`confirming_since`) until its outcome is recorded, and `reconcile` re-reads the marked ones at start-up.
+Keys belong to their owner: a create's to its agent (else customer), a confirm's or cancel's to its session.
 """
 
 from __future__ import annotations

@@ -432,8 +432,10 @@ class PrepaidSubscriptions:
         and at most what the customer's balance still holds (invoices may have drawn on it: that part was used,
         and the customer must not end up owing it), and that much is refunded; with no credit, the whole payment
         is. Each step is found by its metadata before it is made again (operators may run it twice, or days
-        apart). The row ends `refunded` only when Stripe says the refund succeeded; a pending or failed refund
-        leaves it `refunding`, with the reason, for a later run."""
+        apart). The row ends `refunded` only when Stripe says the refund succeeded, with the amount Stripe refunded;
+        a pending or failed refund leaves it `refunding`, with the reason, for a later run. One run at a time: a
+        second (another process) while one holds the row is refused, since it would read the customer's balance
+        while the first is reversing it."""
         found = self.find(row_id)
         if found is None:
             raise NotFound(f"no prepaid subscription {row_id!r}: `aims-billing-mcp report prepaid` lists them",

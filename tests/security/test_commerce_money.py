@@ -62,6 +62,7 @@ class Seller:
     def __init__(self, stack: CommerceStack, http: httpx.AsyncClient, acp: AcpService, sandbox: Sandbox) -> None:
         self.stack, self.http, self.acp, self.sandbox = stack, http, acp, sandbox
         self.keys = 0
+        self.clock = Clock()
 
     async def post(self, path: str, payload: Any, *, key: str | None = None, token: str = KEY,
                    expect: int | None = None) -> dict[str, Any]:
@@ -117,11 +118,14 @@ async def shop(make_settings: Callable[..., Settings], sandbox_app: Any, sandbox
         customer = (await stack.gateway.send(StripeRequest("post", "/v1/customers", {"email": "o@example.com"}))
                     ).data["id"]
         await stack.ledger.create_wallet("subscriber", customer, None, "open-subscriber")
-        acp = AcpService(store, stack.payments, stack.pricing, api_keys={KEY, OTHER_KEY}, clock=Clock(),
+        clock = Clock()
+        acp = AcpService(store, stack.payments, stack.pricing, api_keys={KEY, OTHER_KEY}, clock=clock,
                          public_url="https://seller.test")
         app = Starlette(routes=acp_routes(lambda: SimpleNamespace(acp=acp)))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://seller.test") as http:
-            yield Seller(stack, http, acp, sandbox)
+            seller = Seller(stack, http, acp, sandbox)
+            seller.clock = clock
+            yield seller
             await acp.drain()
 
 
@@ -383,6 +387,24 @@ async def test_after_a_crash_an_acp_complete_with_a_new_key_records_the_order(sh
     assert (again["_status"], again.get("code")) == (405, "session_not_completable")
     assert "completed" in again["message"]
     assert (await shop.get(sid))["status"] == "completed" and shop.luc() == 10_000
+
+
+async def test_a_hold_left_by_a_complete_that_died_before_charging_is_taken_over_after_two_minutes(
+        shop: Seller) -> None:
+    sid = await shop.create(["luc_10k"])
+    gate = hold(shop.sandbox, "/v1/payment_intents", mode="before")  # dies before any PaymentIntent exists
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: shop.complete(sid, key="first"))
+            await gate.reached.wait()
+            tg.cancel_scope.cancel()
+    gate.release()
+
+    assert (await shop.complete(sid, "spt_test_visa_2", expect=409))["code"] == "payment_in_progress"
+    shop.clock.advance(121)
+    done = await shop.complete(sid, "spt_test_visa_3", expect=200)
+
+    assert done["status"] == "completed" and shop.luc() == 10_000 and await shop.charges() == [(1000, 0)]
 
 
 async def test_start_up_records_a_payment_a_crash_left_unrecorded(shop: Seller) -> None:

@@ -79,9 +79,10 @@ def acp_routes(get_state: Callable[[], Any]) -> list[Route]:
     async def update(acp: AcpService, request: Request, _identity: str, body: Any) -> AcpResponse:
         return await acp.update(request.path_params["session_id"], body)
 
-    async def complete(acp: AcpService, request: Request, _identity: str, body: Any) -> AcpResponse:
+    async def complete(acp: AcpService, request: Request, identity: str, body: Any) -> AcpResponse:
+        # the attempt is the caller's own (its API key and Idempotency-Key): another platform's key never replays it
         return await acp.complete(request.path_params["session_id"], body,
-                                  attempt=str(request.headers.get("idempotency-key")))
+                                  attempt=f"{identity}\x00{request.headers.get('idempotency-key')}")
 
     async def cancel(acp: AcpService, request: Request, _identity: str, body: Any) -> AcpResponse:
         return await acp.cancel(request.path_params["session_id"], body)

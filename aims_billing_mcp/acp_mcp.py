@@ -95,7 +95,7 @@ def build_acp_mcp_server(get_state: Callable[[], Any]) -> MCPServer[Any]:
     ) -> dict[str, Any]:
         """Pay and finalise the order (POST /checkout_sessions/{id}/complete)."""
         return await call(ctx, meta, f"{SESSIONS}/{id}/complete",
-                          lambda acp, seed: acp.complete(id, payload, attempt=seed.split("\x00", 1)[1]),
+                          lambda acp, seed: acp.complete(id, payload, attempt=seed),
                           payload=payload, post=True)
 
     @server.tool()

@@ -391,8 +391,17 @@ async def background_tasks(
         webhooks.resume()  # ACP order events a previous run committed but did not deliver
     if prepaid is not None:
         prepaid.resume()  # prepaid subscriptions paid for but not yet started in Stripe
+    state.acp.resume_refunds()  # ACP payments a checkout could not take, recorded as to refund but not refunded
+
+    async def reconcile_payments() -> None:  # confirms a crash cut off before their outcome was recorded
+        try:
+            await state.commerce.reconcile()
+        except Exception:
+            log.exception("reconciling unrecorded PaymentIntents failed; the next start-up retries")
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(sweep_holds)
+        tg.start_soon(reconcile_payments)
         if flush_interval_seconds > 0:
             tg.start_soon(state.flusher.run, flush_interval_seconds)
         try:
@@ -403,6 +412,8 @@ async def background_tasks(
                     await prepaid.drain()
                 if webhooks is not None:
                     await webhooks.drain()
+                await state.acp.drain()
+            await state.acp.refunds.stop()
             for outbox in (prepaid, webhooks):
                 if outbox is not None:
                     await outbox.background.stop()

@@ -24,6 +24,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 
 from .conftest import Clock, commerce_stack, serving_http
+from .money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 
 pytestmark = pytest.mark.anyio
 

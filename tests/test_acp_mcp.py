@@ -17,6 +17,8 @@ from tests.conftest import serving_http
 from tests.test_acp import conforms, pay
 from tests.tools.test_wallets import give_tier
 
+from .money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
+
 pytestmark = pytest.mark.anyio
 KEY = "platform-key"
 META = {"api_version": "2026-04-17"}

@@ -20,6 +20,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store, utc_iso
 
 from .conftest import Clock, commerce_stack, serving_http
+from .money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 from .test_acp import conforms
 from .tools.test_wallets import give_tier
 

@@ -18,6 +18,7 @@ from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
 from .conftest import Clock, commerce_stack, paid_outside
+from .money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 from .test_acp import _VALIDATOR, KEY, checked, pay
 from .test_acp_webhooks import SECRET, WEBHOOK_EVENT, Receiver, receiving, until
 

@@ -23,6 +23,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 
 from .conftest import Clock, commerce_stack, serving_app
+from .money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 from .test_acp import _VALIDATOR, BUNDLE, KEY, pay
 
 pytestmark = pytest.mark.anyio

@@ -23,6 +23,7 @@ from aims_billing_mcp.store import Store, utc_iso
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
 from .conftest import CommerceStack, commerce_stack, record_paid
+from .money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 
 pytestmark = pytest.mark.anyio
 PRICES = {"3mo": 1999, "6mo": 1799, "9mo": 1499}

@@ -91,12 +91,12 @@ def _control(sandbox: Sandbox, method: str, path: str, form: Form) -> tuple[int,
             )
         except ValueError as exc:
             raise invalid("status", str(exc)) from None
-        return 200, {"object": "sandbox.fault", **asdict(armed)}
+        return 200, {"object": "sandbox.fault", **_shown(armed)}
     if sub == "faults" and method == "DELETE":
         sandbox.faults.clear()
         return 200, {"object": "sandbox.faults", "cleared": True}
     if sub == "faults" and method == "GET":
-        return 200, {"object": "list", "data": [asdict(f) for f in sandbox.faults.active()]}
+        return 200, {"object": "list", "data": [_shown(f) for f in sandbox.faults.active()]}
     if sub == "requests" and method == "GET":
         return 200, {"object": "list", "data": [asdict(r) for r in sandbox.request_log]}
     if sub == "advance" and method == "POST":
@@ -207,6 +207,8 @@ def create_app(
             armed = None if control else sandbox.faults.take(path)
             if armed is not None and armed.delay_ms:
                 await anyio.sleep(armed.delay_ms / 1000)
+            if armed is not None and armed.gate is not None and armed.mode == "before":
+                await armed.gate()
             if armed is not None and armed.status is not None and armed.mode == "before":
                 raise fault(armed.status)
             if v2:
@@ -226,6 +228,8 @@ def create_app(
                     idempotency_key=idem, request_id=rid, api_version=version,
                 )
                 status, body, replayed = outcome.status, outcome.body, outcome.replayed
+                if armed is not None and armed.gate is not None and armed.mode == "after":
+                    await armed.gate()  # done, its answer held back
                 if armed is not None and armed.status is not None:  # "after": the answer is lost
                     raise fault(armed.status)
         except StripeError as exc:
@@ -258,3 +262,8 @@ def serve_sandbox(host: str = "127.0.0.1", port: int = 12111, db_path: str = ":m
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         app.state.sandbox.close()
+
+
+def _shown(fault: Fault) -> dict[str, Any]:
+    """A fault as JSON: its gate (a test's callable) is not data."""
+    return {name: value for name, value in asdict(fault).items() if name != "gate"}

@@ -3,15 +3,21 @@
 ``before`` faults answer the error without running the request (like a 429 or a 500 at the
 front door); ``after`` faults run it, store the idempotent result, then answer the error (like a
 response lost on the wire), so a retry with the same Idempotency-Key replays the first result.
+
+A ``gate`` (an async callable, e.g. one that sets an event and waits for another) holds the request at that
+point, before running it (``before``) or after running it and before answering (``after``): tests use it to
+interleave two calls deterministically (an in-process sandbox only: the gate runs on the caller's loop).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 Mode = Literal["before", "after"]
+Gate = Callable[[], Awaitable[None]]
 
 
 @dataclass
@@ -23,6 +29,7 @@ class Fault:
     mode: Mode
     delay_ms: int
     path_prefix: str | None
+    gate: Gate | None = None
 
     def matches(self, path: str) -> bool:
         return self.path_prefix is None or path.startswith(self.path_prefix)
@@ -42,6 +49,7 @@ class FaultInjector:
         mode: Mode = "before",
         delay_ms: int = 0,
         path_prefix: str | None = None,
+        gate: Gate | None = None,
     ) -> Fault:
         """Arm a fault for the next ``count`` matching requests.
 
@@ -49,13 +57,13 @@ class FaultInjector:
         """
         if status is not None and not 400 <= status <= 599:
             raise ValueError(f"fault status must be 4xx or 5xx, not {status}")
-        if status is None and delay_ms <= 0:
-            raise ValueError("a fault needs a status or a positive delay_ms")
+        if status is None and delay_ms <= 0 and gate is None:
+            raise ValueError("a fault needs a status, a positive delay_ms or a gate")
         if mode not in ("before", "after"):
             raise ValueError(f"fault mode must be 'before' or 'after', not {mode!r}")
         if count < 1 or delay_ms < 0:
             raise ValueError("count must be >= 1 and delay_ms >= 0")
-        fault = Fault(status, count, mode, delay_ms, path_prefix)
+        fault = Fault(status, count, mode, delay_ms, path_prefix, gate)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -66,7 +74,7 @@ class FaultInjector:
 
     def active(self) -> list[Fault]:
         with self._lock:
-            return [Fault(f.status, f.remaining, f.mode, f.delay_ms, f.path_prefix) for f in self._faults]
+            return [Fault(f.status, f.remaining, f.mode, f.delay_ms, f.path_prefix, f.gate) for f in self._faults]
 
     def take(self, path: str) -> Fault | None:
         """Consume one use of the first fault matching ``path`` (None when nothing applies)."""
@@ -76,5 +84,5 @@ class FaultInjector:
                     fault.remaining -= 1
                     if fault.remaining <= 0:
                         self._faults.remove(fault)
-                    return Fault(fault.status, 1, fault.mode, fault.delay_ms, fault.path_prefix)
+                    return Fault(fault.status, 1, fault.mode, fault.delay_ms, fault.path_prefix, fault.gate)
         return None

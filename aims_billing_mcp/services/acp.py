@@ -11,6 +11,15 @@ line records its prepaid subscription (prepaid.py) for `buyer.customer_id` or th
 before the answer. A declined token leaves the session payable with a `payment_declined` error message.
 Completing, updating or canceling a finished session answers 405.
 
+Money rules (issue 12): a charge for a checkout ends delivered or refunded in full, whatever the order of events.
+`complete` holds the session (`in_progress`, `completing_since`) before anything is charged: `update` and `cancel`
+answer 409 while it runs (a hold older than IN_FLIGHT_STALE_SECONDS is a dead request's and is taken over). Each
+payment session made for a checkout is recorded with the lines it was made for (`acp_payments`); a cart changed
+since gets a new one (the old PaymentIntent canceled first), and the order is made from the lines of the payment
+that succeeded. A payment that succeeds for a checkout that cannot take it (canceled, or completed by another
+payment) is marked to refund in the transaction that records it and refunded in full after COMMIT (resumed at
+start-up).
+
 Every POST carries an `Idempotency-Key` (ACP §6): scoped to the caller's identity and the endpoint; the same key
 and the same body replay the stored response; another body is 422 `idempotency_conflict`; a key whose first
 request is still running is 409 `idempotency_in_flight` with `Retry-After`; 5xx answers are never stored.
@@ -43,6 +52,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -55,13 +65,16 @@ from pydantic import SecretStr
 from ..errors import BillingError, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
 from ..models import AGENT_ID, format_amount
 from ..store import Store, dumps, utc_iso
+from ..stripe_gateway import StripeRequest, stripe_idempotency_key
 from .acp_models import AcpError, AcpResponse
 from .acp_webhooks import ORDER_CREATE, ORDER_UPDATE, OrderWebhooks
+from .background import Background
 from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
 from .commerce_models import PaymentSession
 from .prepaid import prepaid_id
 from .tiers import Item, Pricing
 
+log = logging.getLogger(__name__)
 API_VERSION = "2026-04-17"
 _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
 SUPPORTED_VERSIONS = [API_VERSION]
@@ -306,7 +319,8 @@ class AcpService:
         self._prepaid = commerce.prepaid
         if self._prepaid is not None:
             self._prepaid.on_outcome("acp", self._subscription_outcome)
-        commerce.fulfil_with(self._fulfil_paid, after_commit=self._send_orders)
+        self.refunds = Background()  # refunds of payments a checkout could not take (acp_payments.refund_status)
+        commerce.fulfil_with(self._fulfil_paid, after_commit=self._after_payment)
 
     # --- authentication and idempotency -------------------------------------------------------------------------
 
@@ -392,7 +406,7 @@ class AcpService:
         except BaseException:
             await self._store.write(_release(scope, key))
             raise
-        if result.status >= 500:
+        if result.status >= 500 or result.status == 409:  # a 409 is "retry later": the retry must run again
             await self._store.write(_release(scope, key))
             return result
 
@@ -440,6 +454,7 @@ class AcpService:
     async def update(self, session_id: str, body: Any) -> AcpResponse:
         body = check_update(body)
         row = self._open_row(session_id, "updated")
+        self._refuse_while_paying(row, "updated")
         state = json.loads(row["state"])
         if "line_items" in body:
             state["lines"] = self._lines(body["line_items"])
@@ -461,41 +476,66 @@ class AcpService:
                                        f"{item_id} in this session", "invalid_line_item_id")
             state["selected"] = body["selected_fulfillment_options"]
         state["messages"] = []
-        await self._store.write(self._save_job(row["id"], state, self._open_status(row["agent_id"], state),
-                                               only_open=True))
+        saved = await self._store.write(self._save_job(row["id"], state, self._open_status(row["agent_id"], state),
+                                                       only_open=True))
+        if not saved:  # a completion claimed it (or it finished) since it was read
+            self._open_row(row["id"], "updated")
+            raise self._paying_error(row["id"])
         return AcpResponse(200, self._view(self._row(row["id"])))
 
     async def cancel(self, session_id: str, body: Any) -> AcpResponse:
+        """Cancel an open session. While a completion is charging it, 409; a PaymentIntent already made for it is
+        canceled first, so no payment can succeed for a canceled session (one that did completes it instead)."""
         if body is not None and not isinstance(body, dict):
             raise _invalid("$", "the cancel body must be an object ({intent_trace})")
         row = self._open_row(session_id, "canceled")
-        if row["payment_session_id"]:
+        self._refuse_while_paying(row, "canceled")
+        seen = row["payment_session_id"]
+        if seen:
             try:
-                await self._commerce.cancel_session(row["payment_session_id"], f"acp-cancel:{row['id']}")
+                await self._commerce.cancel_session(seen, f"acp-cancel:{row['id']}")
             except InvalidState as exc:  # paid meanwhile: the session completes instead
-                refreshed = await self._refresh(row)
+                refreshed = await self._refresh(self._row(row["id"]))
                 if refreshed["status"] == "completed":
                     raise AcpError(405, "session_not_cancelable", f"checkout session {row['id']} is completed and "
                                    "cannot be canceled") from exc
-                raise
+                raise AcpError(409, "payment_in_progress", f"checkout session {row['id']}: {exc.message}",
+                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from exc
         state = json.loads(row["state"])
         if isinstance(body, dict) and isinstance(body.get("intent_trace"), dict):
             state["intent_trace"] = body["intent_trace"]
-        changed = await self._store.write(self._save_job(row["id"], state, "canceled", only_open=True))
-        if not changed:
+        outcome = await self._store.write(self._cancel_job(row["id"], seen, state))
+        if outcome == "finished":
             raise AcpError(405, "session_not_cancelable", f"checkout session {row['id']} is already finished")
+        if outcome == "paying":
+            raise self._paying_error(row["id"])
         return AcpResponse(200, self._view(self._row(row["id"])))
 
+    def _cancel_job(self, session_id: str, seen: str | None,
+                    state: dict[str, Any]) -> Callable[[sqlite3.Connection], str]:
+        """Cancel, unless a payment was linked since `seen` (its PaymentIntent not canceled by us) or a completion
+        holds the session with no PaymentIntent we canceled: then the payment decides."""
+        clock, stale = self._clock, self._stale_before()
+
+        def job(conn: sqlite3.Connection) -> str:
+            current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (session_id,)).fetchone()
+            if current["status"] in FINISHED:
+                return "finished"
+            claimed = current["completing_since"] is not None and current["completing_since"] >= stale
+            if current["payment_session_id"] != seen or (seen is None and claimed):
+                return "paying"
+            conn.execute("UPDATE acp_checkout_sessions SET status = 'canceled', state = ?, completing_since = NULL, "
+                         "updated_at = ? WHERE id = ?", (dumps(state), utc_iso(clock()), session_id))
+            return "canceled"
+
+        return job
+
     async def complete(self, session_id: str, body: Any, *, attempt: str) -> AcpResponse:
-        """Pay with a Shared Payment Token; `attempt` (the Idempotency-Key) names this payment attempt."""
+        """Pay with a Shared Payment Token; `attempt` (the caller's identity and Idempotency-Key) names this
+        payment attempt. The session is claimed (`in_progress`) before anything is charged: no update or cancel
+        lands while the payment runs, and the cart charged is the cart delivered."""
         body = check_complete(body)
         row = self._open_row(session_id, "completed")
-        if row["status"] == "in_progress":
-            row = await self._refresh(row)
-            if row["status"] == "completed":
-                raise AcpError(405, "session_not_completable", f"checkout session {row['id']} is already completed")
-            raise AcpError(409, "payment_in_progress", f"checkout session {row['id']} has a payment in progress: "
-                           "GET it to see the outcome", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         data = body["payment_data"]
         if data["handler_id"] != HANDLER_ID:
             raise _invalid("$.payment_data.handler_id", f"unknown payment handler {data['handler_id']!r}: this "
@@ -504,39 +544,103 @@ class AcpService:
         if credential["type"] != "spt" or not SHARED_PAYMENT_TOKEN.fullmatch(credential["token"]):
             raise _invalid("$.payment_data.instrument.credential", "the credential must be a Stripe Shared Payment "
                            "Token: {type: \"spt\", token: \"spt_...\"}", "invalid_payment_credential")
+        if row["status"] == "in_progress":
+            if row["payment_session_id"]:
+                row = await self._refresh(row)  # Stripe may be ahead of our record (a crash): recorded first
+            if row["status"] == "completed":
+                raise AcpError(405, "session_not_completable", f"checkout session {row['id']} is already completed")
+            if row["status"] == "in_progress" and not self._stale(row):
+                raise self._paying_error(row["id"])
         state = json.loads(row["state"])
         if "buyer" in body:  # kept before paying: it may name the customer a tier subscribes (readiness follows it)
             state["buyer"] = body["buyer"]
             await self._store.write(self._save_job(row["id"], state, None, only_open=True))
             row = self._row(row["id"])
-        if row["status"] != "ready_for_payment":
-            problems = row["problems"]
+        problems = row["problems"] if "problems" in row else self._problems(row["agent_id"], state)
+        if row["status"] not in ("ready_for_payment", "in_progress") or problems:
             param = problems[0]["param"] if problems else None
             raise AcpError(400, "not_ready_for_payment", f"checkout session {row['id']} is not ready for payment: "
                            + "; ".join(p["content"] for p in problems), param=param)
         await self._check_subscriber(row, state)
-        payment_session = row["payment_session_id"] or await self._payment_session(row, state)
+        claim = self._clock()
+        if not await self._store.write(self._claim_job(row, claim)):
+            self._refuse_while_paying(self._open_row(row["id"], "completed"), "completed")
+            raise self._paying_error(row["id"])
+        try:
+            return await self._pay(self._row(row["id"]), state, credential["token"], attempt, claim)
+        except Exception:
+            await self._store.write(self._release_job(row["id"], claim, None))
+            raise
+
+    async def _pay(self, row: dict[str, Any], state: dict[str, Any], token: str, attempt: str,
+                   claim: float) -> AcpResponse:
+        payment_session = await self._payment_for(row, state, claim)
         try:
             paid = await self._commerce.confirm_session(
-                payment_session, payment_method=None, shared_payment_token=credential["token"],
+                payment_session, payment_method=None, shared_payment_token=token,
                 idempotency_key=f"acp:{row['id']}:{hashlib.sha256(attempt.encode()).hexdigest()[:24]}")
         except (StripeCardDeclined, StripeInvalidRequest) as exc:
             code = "payment_declined" if isinstance(exc, StripeCardDeclined) else "invalid"
             reason = exc.message.split(" The session stays payable")[0]
             state["messages"] = [_message(code, f"{reason} Complete again with another Shared Payment Token.",
                                           param="$.payment_data.instrument.credential.token")]
-            await self._store.write(self._save_job(row["id"], state, "ready_for_payment", only_open=True))
+            await self._store.write(self._release_job(row["id"], claim, state))
             return AcpResponse(200, self._view(self._row(row["id"])))
-        except InvalidState as exc:  # a concurrent attempt paid (or canceled) it first
+        except InvalidState as exc:  # a concurrent attempt paid it first, or a cancel canceled its PaymentIntent
+            await self._store.write(self._release_job(row["id"], claim, None))
             now = await self._refresh(self._row(row["id"]))
             raise AcpError(405, "session_not_completable", f"checkout session {row['id']} is {now['status']}: "
                            f"{exc.message}") from exc
         except BillingError as exc:  # Stripe unavailable, rate limited, ...: not stored, retry with the same key
+            await self._store.write(self._release_job(row["id"], claim, None))
             raise AcpError(502, "payment_provider_error", exc.message, type="processing_error") from exc
-        state["messages"] = []
-        await self._store.write(self._save_job(row["id"], state, None, only_open=True))
-        done = await self._apply(self._row(row["id"]), paid)
+        done = await self._apply(self._row(row["id"]), paid, claim=claim)
         return AcpResponse(200, self._view(done))
+
+    # --- the claim of a completion ------------------------------------------------------------------------------
+
+    def _stale_before(self) -> float:
+        return self._clock() - IN_FLIGHT_STALE_SECONDS
+
+    def _stale(self, row: dict[str, Any]) -> bool:
+        """A claim older than IN_FLIGHT_STALE_SECONDS belonged to a request that died: another may take over."""
+        return row["completing_since"] is not None and row["completing_since"] < self._stale_before()
+
+    def _refuse_while_paying(self, row: dict[str, Any], verb: str) -> None:
+        if row["status"] == "in_progress" and not self._stale(row) and (
+                row["completing_since"] is not None or verb == "updated"):
+            raise self._paying_error(row["id"])
+
+    def _paying_error(self, session_id: str) -> AcpError:
+        return AcpError(409, "payment_in_progress", f"checkout session {session_id} has a payment in progress: GET "
+                        "it to see the outcome", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    def _claim_job(self, row: dict[str, Any], claim: float) -> Callable[[sqlite3.Connection], bool]:
+        """Open (or held by a stale claim) -> in_progress, held by this completion."""
+        clock, session_id, seen = self._clock, row["id"], row["completing_since"]
+
+        def job(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE acp_checkout_sessions SET status = 'in_progress', completing_since = ?, updated_at = ? "
+                "WHERE id = ? AND ((status IN ('ready_for_payment', 'not_ready_for_payment') AND completing_since "
+                "IS NULL) OR (status = 'in_progress' AND completing_since = ?))",
+                (claim, utc_iso(clock()), session_id, seen))
+            return cursor.rowcount == 1
+
+        return job
+
+    def _release_job(self, session_id: str, claim: float,
+                     state: dict[str, Any] | None) -> Callable[[sqlite3.Connection], None]:
+        """The payment did not go through: the session is payable again (read recomputes its readiness)."""
+        clock = self._clock
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE acp_checkout_sessions SET status = 'ready_for_payment', completing_since = NULL, "
+                         "state = COALESCE(?, state), updated_at = ? WHERE id = ? AND status = 'in_progress' AND "
+                         "completing_since = ?", (None if state is None else dumps(state), utc_iso(clock()),
+                                                  session_id, claim))
+
+        return job
 
     # --- payment ------------------------------------------------------------------------------------------------
 
@@ -554,90 +658,141 @@ class AcpService:
         except BillingError as exc:  # Stripe unavailable, rate limited, ...: not stored, retry with the same key
             raise AcpError(502, "payment_provider_error", exc.message, type="processing_error") from exc
 
-    async def _payment_session(self, row: dict[str, Any], state: dict[str, Any]) -> str:
-        total = self._total(state["lines"])
-        titles = ", ".join(f"{line['quantity']} x {self._pricing.items[line['item']].title}" for line in state["lines"])
-        credits = self._has_credits(state["lines"])
-        subscriber = self._subscriber(row["agent_id"], state)[0] if self._tier_line(state["lines"]) else None
+    async def _payment_for(self, row: dict[str, Any], state: dict[str, Any], claim: float) -> str:
+        """The payment session for the cart as it is now: the linked one if it was made for this very cart, else a
+        new one (the old PaymentIntent canceled first), linked with the cart frozen (`acp_payments`): delivery
+        follows what the payment was made for, never the cart as it may be later."""
+        lines = state["lines"]
+        total = self._total(lines)
+        subscriber = self._subscriber(row["agent_id"], state)[0] if self._tier_line(lines) else None
+        frozen = {"lines": lines, "subscriber": subscriber}
+        made = {p["payment_session_id"]: json.loads(p["lines"]) for p in self._store.query(
+            "SELECT payment_session_id, lines FROM acp_payments WHERE checkout_session_id = ?", (row["id"],))}
+        current = row["payment_session_id"]
+        if current is not None and made.get(current) == frozen:
+            return str(current)
+        if current is not None:  # made for another cart: canceled, so it can never be paid for that cart
+            try:
+                await self._commerce.cancel_session(current, f"acp-replace:{row['id']}")
+            except InvalidState as exc:  # it was paid meanwhile: that payment completes the session
+                await self._refresh(self._row(row["id"]))
+                raise AcpError(405, "session_not_completable", f"checkout session {row['id']} was paid for its "
+                               f"earlier cart meanwhile: {exc.message}") from exc
+        digest = hashlib.sha256(dumps(frozen).encode()).hexdigest()[:16]
+        titles = ", ".join(f"{line['quantity']} x {self._pricing.items[line['item']].title}" for line in lines)
         try:
             created = await self._commerce.create_session(
-                customer=subscriber, agent_id=row["agent_id"] if credits else None, item=None, amount=total,
-                currency=row["currency"],
-                description=f"ACP checkout {row['id']}: {titles}"[:500], idempotency_key=f"acp:{row['id']}",
-                dry_run=False)
+                customer=subscriber, agent_id=row["agent_id"] if self._has_credits(lines) else None, item=None,
+                amount=total, currency=row["currency"], description=f"ACP checkout {row['id']}: {titles}"[:500],
+                idempotency_key=f"acp:{row['id']}:{len(made)}:{digest}", dry_run=False)
         except BillingError as exc:
             raise AcpError(400, "payment_not_possible", exc.message, param="$.payment_data") from exc
         assert created.session is not None
-        ps_id = created.session.id
+        ps_id, clock = created.session.id, self._clock
 
-        def link(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE acp_checkout_sessions SET payment_session_id = ? WHERE id = ? AND "
-                         "payment_session_id IS NULL", (ps_id, row["id"]))
+        def link(conn: sqlite3.Connection) -> bool:
+            conn.execute("INSERT INTO acp_payments (payment_session_id, checkout_session_id, lines, amount, currency, "
+                         "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (payment_session_id) DO NOTHING",
+                         (ps_id, row["id"], dumps(frozen), total, row["currency"], utc_iso(clock())))
+            cursor = conn.execute("UPDATE acp_checkout_sessions SET payment_session_id = ? WHERE id = ? AND status = "
+                                  "'in_progress' AND completing_since = ?", (ps_id, row["id"], claim))
+            return cursor.rowcount == 1
 
-        await self._store.write(link)
+        if not await self._store.write(link):  # canceled (or taken over) meanwhile: this one is never confirmed
+            await self._commerce.cancel_session(ps_id, f"acp-unlinked:{row['id']}")
+            raise AcpError(405, "session_not_completable", f"checkout session {row['id']} changed while it was "
+                           "being paid (canceled?): GET it to see its state")
         return ps_id
 
     async def _refresh(self, row: dict[str, Any]) -> dict[str, Any]:
         paid = await self._commerce.get_session(row["payment_session_id"])
         return await self._apply(row, paid)
 
-    async def _apply(self, row: dict[str, Any], paid: PaymentSession) -> dict[str, Any]:
-        """Record what the payment session says. Success normally completed the session already, inside the
-        transaction that recorded the payment (`_fulfil_paid`); this completes it too, for a payment recorded
-        before, guarded the same way (once). Then the order's tier subscription is started before answering."""
+    async def _apply(self, row: dict[str, Any], paid: PaymentSession, *, claim: float | None = None) -> dict[str, Any]:
+        """Record what the payment session says. Success normally settled the session already, inside the
+        transaction that recorded the payment (`_settle`); this settles it too, for a payment recorded before,
+        guarded the same way (once). Any other outcome moves the status only for the completion that holds the
+        session (`claim`), or when none does. Then the order's tier subscription is started before answering."""
         session_id = row["id"]
-        clock = self._clock
+        clock, stale = self._clock, self._stale_before()
 
         def job(conn: sqlite3.Connection) -> None:
             current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (session_id,)).fetchone()
-            if current is None or current["status"] in FINISHED:
+            if current is None:
                 return
+            if paid.status == "succeeded":
+                self._settle(conn, paid.id, paid.payment_intent, amount=paid.amount)
+                return
+            holder = current["completing_since"]
+            if current["status"] in FINISHED or (holder is not None and holder != claim and holder >= stale):
+                return  # another request is paying: its own answer moves the status
             state = json.loads(current["state"])
             iso = utc_iso(clock())
-            if paid.status == "succeeded":
-                self._complete_in(conn, dict(current), amount=paid.amount, currency=paid.currency,
-                                  payment_intent=paid.payment_intent)
-            elif paid.status in ("processing", "requires_action", "requires_confirmation"):
-                conn.execute("UPDATE acp_checkout_sessions SET status = 'in_progress', updated_at = ? WHERE id = ?",
-                             (iso, session_id))
+            if paid.status in ("processing", "requires_action", "requires_confirmation"):
+                status = "in_progress"
             elif paid.status == "canceled":
-                conn.execute("UPDATE acp_checkout_sessions SET status = 'canceled', updated_at = ? WHERE id = ?",
-                             (iso, session_id))
+                status = "canceled"
             else:  # requires_payment_method after a failure, or amount_mismatch: payable again
+                status = "ready_for_payment"
                 if paid.last_error:
                     state["messages"] = [_message("payment_declined", paid.last_error,
                                                   param="$.payment_data.instrument.credential.token")]
-                conn.execute("UPDATE acp_checkout_sessions SET status = 'ready_for_payment', state = ?, updated_at = ? "
-                             "WHERE id = ?", (dumps(state), iso, session_id))
+            conn.execute("UPDATE acp_checkout_sessions SET status = ?, state = ?, completing_since = NULL, "
+                         "updated_at = ? WHERE id = ?", (status, dumps(state), iso, session_id))
 
         await self._store.write(job)
-        self._send_orders()
-        tier = self._tier_line(json.loads(row["state"])["lines"])
+        self._after_payment()
+        tier = self._tier_line(json.loads(self._row(session_id)["state"])["lines"])
         if self._prepaid is not None and paid.status == "succeeded" and tier is not None:
             await self._prepaid.start_now(prepaid_id(session_id))
         return self._row(session_id)
 
     def _fulfil_paid(self, conn: sqlite3.Connection, payment: dict[str, Any], pi_id: str) -> dict[str, Any] | None:
-        """The payment session of one of our checkouts succeeded: complete the checkout in the same transaction,
+        """The payment session of one of our checkouts succeeded: settle the checkout in the same transaction,
         whoever saw the success (our complete, a GET, Stripe's webhook), so a paid order is never lost."""
-        current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE payment_session_id = ?",
-                               (payment["id"],)).fetchone()
-        if current is None:
-            return None
-        if current["status"] not in FINISHED:
-            self._complete_in(conn, dict(current), amount=payment["amount"], currency=payment["currency"],
-                              payment_intent=pi_id)
-        return {"kind": "acp_order", "checkout_session": current["id"],
-                "order": "ord_" + str(current["id"]).removeprefix("cs_")}
+        return self._settle(conn, payment["id"], pi_id, amount=int(payment["amount"]))
 
-    def _complete_in(self, conn: sqlite3.Connection, current: dict[str, Any], *, amount: int, currency: str,
-                     payment_intent: str | None) -> None:
-        """Complete a paid checkout inside the caller's transaction: credit the LUC (ledger key `acp:<id>`), record
-        the tier subscription to start (the outbox's UNIQUE source), create the order and its `order_create`."""
+    def _settle(self, conn: sqlite3.Connection, ps_id: str, pi_id: str | None, *,
+                amount: int) -> dict[str, Any] | None:
+        """A payment made for one of our checkouts succeeded: deliver what it was made for (its frozen lines) if
+        the checkout is still open, else (canceled, or completed by another payment) refund it in full: whatever
+        the order of events, a charge ends delivered or refunded. None: not a checkout's payment."""
+        payment = conn.execute("SELECT * FROM acp_payments WHERE payment_session_id = ?", (ps_id,)).fetchone()
+        sql = ("SELECT * FROM acp_checkout_sessions WHERE id = ?", (payment["checkout_session_id"],)) if payment \
+            else ("SELECT * FROM acp_checkout_sessions WHERE payment_session_id = ?", (ps_id,))
+        found = conn.execute(*sql).fetchone()
+        if found is None:
+            return None
+        current = dict(found)
+        state = json.loads(current["state"])
+        frozen = json.loads(payment["lines"]) if payment else {"lines": state["lines"], "subscriber": None}
+        order_id = "ord_" + str(current["id"]).removeprefix("cs_")
+        delivered = {"kind": "acp_order", "checkout_session": current["id"], "order": order_id}
+        if current["status"] not in FINISHED and self._total(frozen["lines"]) <= amount:
+            self._complete_in(conn, current, frozen, amount=amount, currency=current["currency"],
+                              payment_intent=pi_id, payment_session=ps_id)
+            return delivered
+        if current["status"] == "completed" and (state.get("order") or {}).get("payment_intent") == pi_id:
+            return delivered
+        if payment is None:
+            conn.execute("INSERT INTO acp_payments (payment_session_id, checkout_session_id, lines, amount, currency, "
+                         "created_at) VALUES (?, ?, ?, ?, ?, ?)", (ps_id, current["id"], dumps(frozen), amount,
+                                                                   current["currency"], utc_iso(self._clock())))
+        conn.execute("UPDATE acp_payments SET refund_status = 'due' WHERE payment_session_id = ? AND refund_status "
+                     "IS NULL", (ps_id,))
+        return {"kind": "acp_refund", "checkout_session": current["id"], "status": "refund_due",
+                "note": f"checkout session {current['id']} is {current['status']}: this payment is refunded in full"}
+
+    def _complete_in(self, conn: sqlite3.Connection, current: dict[str, Any], frozen: dict[str, Any], *,
+                     amount: int, currency: str, payment_intent: str | None, payment_session: str) -> None:
+        """Complete a paid checkout inside the caller's transaction with the lines the payment was made for:
+        credit the LUC (ledger key `acp:<id>`), record the tier subscription to start (the outbox's UNIQUE
+        source), create the order and its `order_create`."""
         session_id = current["id"]
         state = json.loads(current["state"])
         iso = utc_iso(self._clock())
-        lines = state["lines"]
+        lines = frozen["lines"]
+        state["lines"] = lines  # the order shows what was paid for
         luc = sum(self._pricing.items[line["item"]].luc * line["quantity"] for line in lines)
         done_what = []
         balance, refused = None, None
@@ -654,7 +809,7 @@ class AcpService:
         found = self._tier_line(lines)
         if found is not None and self._prepaid is not None:
             item = found[1]
-            owner = self._subscriber(current["agent_id"], state, conn)[0]
+            owner = frozen.get("subscriber") or self._subscriber(current["agent_id"], state, conn)[0]
             assert owner is not None  # a session without its subscriber is never ready for payment
             subscription = self._prepaid.enqueue(
                 conn, source="acp", source_id=session_id, customer=owner, tier=self._pricing.tier(str(item.tier)),
@@ -668,11 +823,63 @@ class AcpService:
             "subscription": subscription,
         }
         state["messages"] = [_info(f"Paid {format_amount(amount, currency)}: " + "; ".join(done_what) + ".")]
-        conn.execute("UPDATE acp_checkout_sessions SET status = 'completed', order_id = ?, state = ?, updated_at = ? "
-                     "WHERE id = ?", (order_id, dumps(state), iso, session_id))
+        conn.execute("UPDATE acp_checkout_sessions SET status = 'completed', order_id = ?, state = ?, updated_at = ?, "
+                     "payment_session_id = ?, completing_since = NULL WHERE id = ?",
+                     (order_id, dumps(state), iso, payment_session, session_id))
         if self.order_webhooks is not None:
             done = {**current, "status": "completed", "state": dumps(state), "updated_at": iso}
             self.order_webhooks.enqueue(conn, ORDER_CREATE, self._view(done)["order"])
+
+    # --- refunds of payments that cannot be delivered (an outbox) ---------------------------------------------------
+
+    def _after_payment(self) -> None:
+        """After a COMMIT that may have written order events or refunds due: send them in the background."""
+        self._send_orders()
+        due = self._store.query("SELECT payment_session_id FROM acp_payments WHERE refund_status = 'due'")
+        self.refunds.spawn((f"refund:{r['payment_session_id']}",
+                            lambda ps=str(r["payment_session_id"]): self._refund(ps))  # type: ignore[misc]
+                           for r in due)
+
+    def resume_refunds(self) -> None:
+        """At start-up, on the server's loop: refunds a previous run recorded as due but did not make."""
+        self.refunds.bind()
+        self._after_payment()
+
+    async def _refund(self, ps_id: str) -> None:
+        """Refund in full a payment its checkout cannot take; recorded when Stripe says it succeeded."""
+        found = self._store.query_one(
+            "SELECT a.refund_status, s.payment_intent_id FROM acp_payments a JOIN payment_sessions s ON s.id = "
+            "a.payment_session_id WHERE a.payment_session_id = ?", (ps_id,))
+        if found is None or found["refund_status"] != "due":
+            return
+        refund: dict[str, Any] | None = None
+        error = None
+        try:
+            refund = (await self._commerce.gateway.send(StripeRequest(
+                "post", "/v1/refunds", {"payment_intent": found["payment_intent_id"], "reason": "requested_by_customer",
+                                        "metadata": {"aims_acp_payment": ps_id}},
+                stripe_idempotency_key("acp-refund", ps_id)))).data
+        except StripeInvalidRequest as exc:
+            if exc.details.get("stripe_code") != "charge_already_refunded":
+                error = f"{exc.code}: {exc.message}"
+        except BillingError as exc:
+            error = f"{exc.code}: {exc.message}"
+        done = error is None and (refund is None or refund.get("status") == "succeeded")
+        if refund is not None and not done:
+            error = f"refund {refund.get('id')} is {refund.get('status')}"
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE acp_payments SET refund_status = CASE WHEN ? THEN 'succeeded' ELSE refund_status END, "
+                         "refund_id = COALESCE(?, refund_id), last_error = ? WHERE payment_session_id = ?",
+                         (done, refund.get("id") if refund else None, error, ps_id))
+
+        await self._store.write(job)
+        if error:
+            log.warning("refunding ACP payment %s: %s (retried at the next start-up)", ps_id, error)
+
+    async def drain(self) -> None:
+        """Wait for the refunds in flight (shutdown and tests)."""
+        await self.refunds.drain()
 
     def _send_orders(self) -> None:
         """After a COMMIT that may have written order events: send the pending ones in the background."""
@@ -820,7 +1027,8 @@ class AcpService:
         clock = self._clock
 
         def job(conn: sqlite3.Connection) -> bool:
-            guard = " AND status NOT IN ('completed', 'canceled', 'expired')" if only_open else ""
+            # open, and not held by a completion (the cart being paid for never changes under it)
+            guard = " AND status NOT IN ('completed', 'canceled', 'expired', 'in_progress')" if only_open else ""
             if status is None:
                 cursor = conn.execute(f"UPDATE acp_checkout_sessions SET state = ?, updated_at = ? WHERE id = ?{guard}",
                                       (dumps(state), utc_iso(clock()), session_id))

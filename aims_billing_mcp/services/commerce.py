@@ -8,12 +8,20 @@ payment_intent_id (one session per PaymentIntent), the `fulfilled_at IS NULL` gu
 fulfilment (checked by rowcount), and the ledger credit's own idempotency key `fulfil:<session id>`. A tier is
 fulfilled by recording its prepaid subscription in that job (prepaid.py starts it in Stripe after COMMIT), and a
 session another seller owns (an ACP checkout's) is fulfilled by that seller, in the same job (`fulfil_with`).
+
+Retries: a confirm's state is checked under its key's lock, after its stored result was looked for, so a retry
+gets the first result; a paid session is confirmed again at Stripe under the same Stripe key, which replays only
+this key's own first request (its answer lost in a crash). When Stripe is ahead of our record (it says the
+PaymentIntent already succeeded), the PaymentIntent is re-read and recorded before answering; a confirm sent is
+marked (`confirming_since`) until its outcome is recorded, and `reconcile` re-reads the marked ones at start-up.
+Keys belong to their owner: a create's to its agent (else customer), a confirm's or cancel's to its session.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -31,6 +39,7 @@ from .mutations import StripeMutations, compact
 from .prepaid import OPEN, PrepaidSubscriptions, prepaid_id
 from .tiers import Item, Pricing
 
+log = logging.getLogger(__name__)
 CREATE_TOOL = "create_payment_session"
 CONFIRM_TOOL = "confirm_payment_session"
 CANCEL_TOOL = "cancel_payment_session"
@@ -64,7 +73,7 @@ class PaymentSessionService:
     ) -> None:
         self._store = store
         self._mutations = mutations
-        self._gateway = mutations.gateway
+        self._gateway = self.gateway = mutations.gateway
         self._idempotency = mutations.idempotency
         self.ledger = ledger  # the wallets fulfilment credits; ACP orders credit the same ones
         self._pricing = pricing
@@ -151,7 +160,10 @@ class PaymentSessionService:
         item_id = found.id if found else None
         args = {"customer": customer, "agent_id": agent_id, "item": item_id, "amount": amount, "currency": currency,
                 "description": description}
-        call = self._idempotency.key_for(CREATE_TOOL, args, idempotency_key)
+        # A key is its owner's (the wallet's agent, else the customer): one party's key never blocks or replays
+        # another party's session.
+        owned_key = None if idempotency_key is None else f"{_owner_scope(agent_id, customer)}:{idempotency_key}"
+        call = self._idempotency.key_for(CREATE_TOOL, args, owned_key)
         session_id = _session_id(call.key)
         params = compact({
             "amount": amount, "currency": currency, "customer": customer, "description": description,
@@ -177,7 +189,7 @@ class PaymentSessionService:
         result = await self._mutations.run(
             CREATE_TOOL, "/v1/payment_intents", params, PaymentSessionResult,
             lambda _pi: {"session": recorded["session"].model_dump(mode="json")},
-            idempotency_key=idempotency_key, dry_run=dry_run, after=record,
+            idempotency_key=owned_key, dry_run=dry_run, after=record,
         )
         if result.replayed and result.session is not None:
             current = self._find(result.session.id)
@@ -203,18 +215,8 @@ class PaymentSessionService:
                                f"{shared_payment_token[:40]!r})", param="shared_payment_token")
         session = self._session(session_id)
         args = {"session": session.id, "payment_method": payment_method, "shared_payment_token": shared_payment_token}
-        call = self._idempotency.key_for(CONFIRM_TOOL, args, idempotency_key)
-        if self._idempotency.find(call) is not None:
-            return self._session(session.id)
-        if session.status == "succeeded" or session.fulfilled:
-            raise InvalidState(f"payment session {session.id} is already paid: it cannot be confirmed twice "
-                               "(get_payment_session shows it)", param="session_id")
-        if session.status == "canceled":
-            raise InvalidState(f"payment session {session.id} was canceled: create a new one to pay",
-                               param="session_id")
-        item = self._pricing.items.get(session.item or "")
-        if item is not None and item.subscribes and session.customer is not None:
-            self._check_can_subscribe(item, session.customer)  # another tier may have been bought since create
+        # The key is the session's own: another session's identical key never blocks or replays this one.
+        call = self._idempotency.key_for(CONFIRM_TOOL, args, f"{session.id}:{idempotency_key}")
         params = ({"payment_method": payment_method} if payment_method is not None
                   else {"shared_payment_granted_token": shared_payment_token})
         # The Stripe key covers the arguments too: another card after a decline is another Stripe request.
@@ -222,8 +224,37 @@ class PaymentSessionService:
         request = StripeRequest("post", f"/v1/payment_intents/{session.payment_intent}/confirm", params, stripe_key)
 
         async def execute() -> tuple[dict[str, Any], str | None]:
+            # Under the key's lock, after its stored result was looked for (a retry of a call that finished is
+            # answered its first result before any state is checked): the session as it is now.
+            now = self._session(session.id)
+            paid = now.status == "succeeded" or now.fulfilled
+            if now.status == "canceled":
+                raise InvalidState(f"payment session {session.id} was canceled: create a new one to pay",
+                                   param="session_id")
+            item = self._pricing.items.get(now.item or "")
+            if not paid and item is not None and item.subscribes and now.customer is not None:
+                self._check_can_subscribe(item, now.customer)  # another tier may have been bought since create
+            if not paid:
+                await self._store.write(self._confirming_job(session.id))  # start-up re-reads it after a crash
             try:
+                # Paid already: only this key's own first request (its answer lost in a crash, the webhook
+                # recorded it) is replayed by Stripe; any other request is told the session is paid.
                 sent = await self._gateway.send(request)
+            except StripeInvalidRequest as exc:
+                if exc.details.get("stripe_code") == "payment_intent_unexpected_state":
+                    current = await self.get_session(session.id)  # Stripe is ahead of our record: record it first
+                    if current.status == "succeeded" and not paid:
+                        return current.model_dump(mode="json"), None  # paid by a request whose answer was lost
+                    raise InvalidState(
+                        f"payment session {session.id} is "
+                        f"{'already paid' if current.status == 'succeeded' else current.status}: it cannot be "
+                        "confirmed again (get_payment_session shows it)", param="session_id") from exc
+                message = f"the payment was refused: {exc.message}"
+                await self._store.write(self._failure_job(session.id, message))
+                raise StripeInvalidRequest(
+                    f"payment session {session.id}: {message} The session stays payable: confirm it again with "
+                    "another payment method or token (and a new idempotency_key).",
+                    param=exc.param, session_id=session.id, **exc.details) from exc
             except StripeCardDeclined as exc:
                 reason = exc.message.removeprefix("the card was declined: ").removesuffix(
                     " Ask for another payment method.")
@@ -254,7 +285,7 @@ class PaymentSessionService:
     async def cancel_session(self, session_id: str, idempotency_key: str) -> PaymentSession:
         """Cancel an unpaid session's PaymentIntent; a paid one cannot be canceled."""
         session = self._session(session_id)
-        call = self._idempotency.key_for(CANCEL_TOOL, {"session": session.id}, idempotency_key)
+        call = self._idempotency.key_for(CANCEL_TOOL, {"session": session.id}, f"{session.id}:{idempotency_key}")
         if self._idempotency.find(call) is not None:
             return self._session(session.id)
         if session.status == "succeeded" or session.fulfilled:
@@ -362,8 +393,10 @@ class PaymentSessionService:
                 last_error = None
         elif status == "requires_payment_method":
             last_error = _decline_message(pi.get("last_payment_error")) or last_error
-        conn.execute("UPDATE payment_sessions SET status = ?, amount_received = ?, last_error = ?, updated_at = ? "
-                     "WHERE id = ?", (status, received, last_error, iso, row["id"]))
+        settled = status in (*TERMINAL, "amount_mismatch")  # nothing left to re-read after a crash
+        conn.execute("UPDATE payment_sessions SET status = ?, amount_received = ?, last_error = ?, updated_at = ?, "
+                     "confirming_since = CASE WHEN ? THEN NULL ELSE confirming_since END WHERE id = ?",
+                     (status, received, last_error, iso, settled, row["id"]))
         if status == "succeeded":
             claimed = conn.execute("UPDATE payment_sessions SET fulfilled_at = ? WHERE id = ? AND fulfilled_at IS NULL",
                                    (iso, row["id"]))
@@ -399,10 +432,33 @@ class PaymentSessionService:
 
         def job(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE payment_sessions SET status = 'requires_payment_method', last_error = ?, "
-                         "updated_at = ? WHERE id = ? AND status NOT IN ('succeeded', 'canceled')",
-                         (message, utc_iso(clock()), session_id))
+                         "updated_at = ?, confirming_since = NULL WHERE id = ? AND status NOT IN ('succeeded', "
+                         "'canceled')", (message, utc_iso(clock()), session_id))
 
         return job
+
+    def _confirming_job(self, session_id: str) -> Callable[[sqlite3.Connection], None]:
+        clock = self._clock
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE payment_sessions SET confirming_since = ? WHERE id = ?",
+                         (utc_iso(clock()), session_id))
+
+        return job
+
+    async def reconcile(self) -> list[PaymentSession]:
+        """At start-up: re-read every PaymentIntent a confirm was sent for whose outcome was never recorded (a
+        crash between Stripe's charge and our COMMIT, with no webhook since), and record it (fulfilling a success).
+        A PaymentIntent Stripe cannot be asked about now stays marked for the next start."""
+        rows = self._store.query("SELECT id FROM payment_sessions WHERE confirming_since IS NOT NULL AND status "
+                                 "NOT IN ('succeeded', 'canceled') ORDER BY confirming_since")
+        done = []
+        for row in rows:
+            try:
+                done.append(await self.get_session(str(row["id"])))
+            except BillingError as exc:  # Stripe unavailable: the mark stays, the next start tries again
+                log.warning("reconciling payment session %s failed: %s", row["id"], exc.message)
+        return done
 
     # --- reads ------------------------------------------------------------------------------------------------
 
@@ -427,6 +483,13 @@ class PaymentSessionService:
             raise NotFound(f"no payment session {session_id}: create one with create_payment_session",
                            param="session_id")
         return found
+
+
+def _owner_scope(agent_id: str | None, customer: str | None) -> str:
+    """Whose a create's idempotency key is: the agent whose wallet pays or is credited, else the customer."""
+    if agent_id is not None:
+        return f"agent:{agent_id}"
+    return f"customer:{customer}" if customer is not None else "anonymous"
 
 
 def _row(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:

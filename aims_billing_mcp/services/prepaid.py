@@ -49,6 +49,7 @@ OPEN = ("pending", *IN_PROGRESS)
 FRESH_SECONDS = 3600  # a step younger than this retries under Stripe's idempotency key (kept 24 h) without looking
 LEASE_SECONDS = 23 * 3600  # a subscription creation request is re-sent as is for this long (Stripe keeps keys 24 h)
 MAX_BACKOFF_SECONDS = 300
+REFUND_LEASE_SECONDS = 600  # a refund run's claim: another run waits this long before taking over a dead one
 PREPAID_METADATA = "aims_prepaid"
 # A row that failed after creating its subscription still holds the customer's tier, until that subscription is
 # known to have ended (its provision says so: a webhook, or cancel_subscription's own record).
@@ -431,8 +432,10 @@ class PrepaidSubscriptions:
         and at most what the customer's balance still holds (invoices may have drawn on it: that part was used,
         and the customer must not end up owing it), and that much is refunded; with no credit, the whole payment
         is. Each step is found by its metadata before it is made again (operators may run it twice, or days
-        apart). The row ends `refunded` only when Stripe says the refund succeeded; a pending or failed refund
-        leaves it `refunding`, with the reason, for a later run."""
+        apart). The row ends `refunded` only when Stripe says the refund succeeded, with the amount Stripe refunded;
+        a pending or failed refund leaves it `refunding`, with the reason, for a later run. One run at a time: a
+        second (another process) while one holds the row is refused, since it would read the customer's balance
+        while the first is reversing it."""
         found = self.find(row_id)
         if found is None:
             raise NotFound(f"no prepaid subscription {row_id!r}: `aims-billing-mcp report prepaid` lists them",
@@ -451,13 +454,36 @@ class PrepaidSubscriptions:
                 raise InvalidState(f"prepaid subscription {row_id} holds subscription {sub['id']}, which is "
                                    f"{sub.get('status')}: cancel it first (cancel_subscription with immediately=true), "
                                    "then refund", param="prepaid_id")
-        row, claimed = await self._store.write(self._step(row_id, ("failed", "refused", "refunding"), "refunding"))
+        lock, users = self._locks.get(row_id) or (asyncio.Lock(), 0)
+        self._locks[row_id] = (lock, users + 1)
+        try:
+            async with lock:  # in one process a second run waits for the first; across processes, the claim
+                return await self._refund(row_id)
+        finally:
+            lock, users = self._locks[row_id]
+            if users <= 1:
+                del self._locks[row_id]
+            else:
+                self._locks[row_id] = (lock, users - 1)
+
+    async def _refund(self, row_id: str) -> dict[str, Any]:
+        row, claimed = await self._store.write(self._refund_claim(row_id))
+        if row["status"] == "refunded":
+            return row  # the run this one waited for finished it
         if not claimed:
-            raise InvalidState(f"prepaid subscription {row_id} became {row['status']} meanwhile: not refunded",
-                               param="prepaid_id")
-        amount = await self._reverse_credit(row)
-        refund = await self._refund_payment(row, amount) if amount > 0 else None
+            raise InvalidState(f"prepaid subscription {row_id} is being refunded by another run (since "
+                               f"{row['updated_at']}): run refund-prepaid again once it has finished, or after "
+                               f"{REFUND_LEASE_SECONDS // 60} minutes if it died", param="prepaid_id")
+        try:
+            amount = await self._reverse_credit(row)
+            refund = await self._refund_payment(row, amount) if amount > 0 else None
+        except BaseException:  # Stripe said no or is down: the claim is let go, a new run may start at once
+            await self._store.write(lambda conn: conn.execute(
+                "UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = ?", (row_id,)))
+            raise
         status = "refunded" if refund is None or refund["status"] == "succeeded" else "refunding"
+        if refund is not None:
+            amount = int(refund["amount"])  # what Stripe holds is what is recorded
         note = None if refund is None or status == "refunded" else (
             f"refund {refund['id']} is {refund['status']}"
             f"{' (' + str(refund['failure_reason']) + ')' if refund.get('failure_reason') else ''}: "
@@ -465,17 +491,40 @@ class PrepaidSubscriptions:
         clock = self._clock
 
         def job(conn: sqlite3.Connection, after: list[Callable[[], None]]) -> dict[str, Any]:
-            cursor = conn.execute(
-                "UPDATE prepaid_subscriptions SET status = ?, refund_id = ?, refunded_amount = ?, last_error = "
-                "COALESCE(?, last_error), updated_at = ? WHERE id = ? AND status = 'refunding'",
+            before = _read(conn, row_id)["status"]
+            if before not in ("refunding", "refunded") or (before == "refunded" and status != "refunded"):
+                return _read(conn, row_id)  # never rewind a recorded refund
+            # A run that outlived its lease records what Stripe holds too (never dropped, never 0 over a refund).
+            conn.execute(
+                "UPDATE prepaid_subscriptions SET status = ?, refund_id = COALESCE(?, refund_id), refunded_amount = ?, "
+                "last_error = COALESCE(?, last_error), updated_at = ?, refund_claimed_at = NULL WHERE id = ?",
                 (status, refund["id"] if refund else None, amount if status == "refunded" else None, note,
                  utc_iso(clock()), row_id))
             current = _read(conn, row_id)
-            if cursor.rowcount == 1 and status == "refunded":
+            if before == "refunding" and status == "refunded":
                 self._tell(conn, current, after)
             return current
 
         return await self._write(job)
+
+    def _refund_claim(self, row_id: str) -> Job:
+        """failed/refused (or refunding left by a run that finished with its refund pending, or that died: its
+        claim older than REFUND_LEASE_SECONDS) -> refunding, held by this run (`refund_claimed_at`);
+        a claim another run holds now is not taken: two runs would each read the balance the other is reversing."""
+        clock = self._clock
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            row = _read(conn, row_id)
+            if row["status"] not in ("failed", "refused", "refunding"):
+                return row, False
+            held = row["refund_claimed_at"]
+            if held is not None and clock() - held < REFUND_LEASE_SECONDS:
+                return row, False
+            conn.execute("UPDATE prepaid_subscriptions SET status = 'refunding', refund_claimed_at = ?, updated_at = ? "
+                         "WHERE id = ?", (clock(), utc_iso(clock()), row_id))
+            return _read(conn, row_id), True
+
+        return job
 
     async def _reverse_credit(self, row: dict[str, Any]) -> int:
         """Reverse what is left of the row's balance credit, if it made one; returns the amount to refund."""

@@ -13,6 +13,8 @@ from aims_billing_mcp.sandbox import Sandbox
 from tests.conftest import error_of, ok, paid_outside
 from tests.tools.test_wallets import give_tier, wallet
 
+from ..money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
+
 pytestmark = pytest.mark.anyio
 
 

@@ -196,3 +196,58 @@ async def test_a_status_read_just_before_an_event_is_not_served_stale_after_it(e
     await post(url, event("customer.subscription.deleted", subscription("canceled"), created=200))
     after = await server.state.subscriptions.get_billing_status("cus_A")
     assert (before.tier, after.tier, after.status) == ("6mo", "p2p", "canceled")
+
+
+def odd(**changes: Any) -> str:
+    """A subscription event with some fields replaced by odd shapes (json.dumps writes NaN and big integers)."""
+    base = {"id": "evt_odd", "object": "event", "type": "customer.subscription.created", "created": 100,
+            "livemode": False, "data": {"object": subscription()}}
+    return json.dumps({**base, **changes})
+
+
+def set_object(obj: Any) -> dict[str, Any]:
+    return {"object": obj}
+
+
+@pytest.mark.parametrize(("case", "payload"), [
+    ("type is a number", odd(type=123)),
+    ("created is text", odd(created="abc")),
+    ("created is 2**70", odd(created=2**70)),
+    ("created is NaN", odd(created=float("nan"))),
+    ("created is a float", odd(created=1.5)),
+    ("created is a boolean", odd(created=True)),
+    ("id is an object", odd(id={"a": 1})),
+    ("id is null", odd(id=None)),
+    ("id is empty", odd(id="")),
+    ("data is a string", odd(data="x")),
+    ("data.object is a list", odd(data=set_object([1, 2]))),
+    ("data.object.id is a number", odd(data=set_object({**subscription(), "id": 7}))),
+    ("data.object.customer is an object", odd(data=set_object({**subscription(), "customer": {"id": "cus_A"}}))),
+    ("data.object.items is a string", odd(data=set_object({**subscription(), "items": "x"}))),
+    ("data.object.metadata months is text", odd(data=set_object(
+        {**subscription(), "metadata": {"aims_tier": "6mo", "aims_delivered_months": "lots"}}))),
+    ("invoice parent is a list", odd(type="invoice.paid", data=set_object({"customer": "cus_A", "parent": [1]}))),
+    ("payment intent amount is text", odd(type="payment_intent.succeeded", data=set_object(
+        {"id": "pi_1", "status": "succeeded", "amount_received": "1000"}))),
+    ("customer has a lone surrogate", odd(type="invoice.paid", data=set_object({"customer": "cus_\ud800"}))),
+    ("nested 50,000 deep", '{"id": "evt_deep", "type": "invoice.paid", "created": 1, "data": {"object": '
+     + "[" * 50_000 + "]" * 50_000 + "}}"),
+    ("an array", "[1, 2, 3]"),
+])
+async def test_a_signed_event_of_odd_shape_is_refused_with_400_and_not_stored(
+    endpoint: tuple[str, Any], case: str, payload: str
+) -> None:
+    url, server = endpoint
+    response = await post(url, payload)
+    assert response.status_code == 400, (case, response.text)
+    assert "invalid payload" in response.json()["error"]
+    assert rows(server, "SELECT id FROM webhook_events") == []
+    assert provision(server) is None
+
+
+async def test_an_event_with_a_null_id_is_never_stored_so_it_cannot_be_stored_twice(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    payload = odd(id=None)
+    answers = [(await post(url, payload)).status_code for _ in range(2)]
+    assert answers == [400, 400]
+    assert rows(server, "SELECT id FROM webhook_events") == []

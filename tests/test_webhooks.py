@@ -4,6 +4,7 @@ that converge to Stripe's state whatever the order or number of deliveries."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -11,11 +12,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from mcp import Client
 
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
-from tests.conftest import serving_http
+from tests.conftest import ok, serving_http
 
 pytestmark = pytest.mark.anyio
 DAY = 86400
@@ -251,3 +253,34 @@ async def test_an_event_with_a_null_id_is_never_stored_so_it_cannot_be_stored_tw
     answers = [(await post(url, payload)).status_code for _ in range(2)]
     assert answers == [400, 400]
     assert rows(server, "SELECT id FROM webhook_events") == []
+
+
+async def test_in_sandbox_mode_the_sandbox_signs_with_a_configured_webhook_secret(
+    make_server: Callable[..., Any], sandbox: Any
+) -> None:
+    server = make_server(stripe_webhook_secret="whsec_operator_own_secret")
+    async with Client(server) as client:
+        product = ok(await client.call_tool("create_product", {"name": "Pack"}))["product"]["id"]
+        price = ok(await client.call_tool("create_price", {"product": product, "unit_amount": 2500,
+                                                           "currency": "usd"}))["price"]["id"]
+        session = ok(await client.call_tool("create_checkout_session", {
+            "line_items": [{"price": price}], "customer_email": "c@example.com"}))
+        sandbox.complete_checkout_session(session["checkout_session"]["id"])
+        assert await anyio.to_thread.run_sync(lambda: sandbox.webhooks.drain(10))
+        stored = rows(server, "SELECT type FROM webhook_events")
+    assert sandbox.webhooks.deliveries and all(d.delivered for d in sandbox.webhooks.deliveries)
+    assert {"type": "checkout.session.completed"} in stored
+
+
+async def test_a_signature_mismatch_is_logged_in_one_line_naming_the_fix(
+    make_server: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_server(stripe_webhook_secret="whsec_operator_own_secret")
+    async with serving_http(server) as base:
+        with caplog.at_level(logging.WARNING, logger="aims_billing_mcp.webhooks"):
+            response = await post(f"{base}/webhooks/stripe", event("invoice.paid", {"customer": "cus_A"}))
+    assert response.status_code == 400
+    [line] = [r.getMessage() for r in caplog.records if "signature check failed" in r.getMessage()]
+    assert "\n" not in line
+    assert "sandbox's public secret" in line and "STRIPE_WEBHOOK_SECRET" in line
+    assert "whsec_operator_own_secret" not in line

@@ -11,8 +11,10 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from mcp import Client
 
 from aims_billing_mcp.http_guard import LIMITS, limit_for
+from aims_billing_mcp.http_transport import build_http_app
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET, call_asgi
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
 from aims_billing_mcp.webhooks import build_webhook_app
@@ -124,3 +126,52 @@ async def test_oversized_x402_headers_and_queries_are_refused_before_the_handler
     assert response.status_code in (414, 431), case
     assert response.json()["error"] in ("uri_too_long", "request_headers_too_large")
     assert server.state.store.query("SELECT COUNT(*) AS n FROM x402_quotes") == [{"n": 0}]
+
+
+def signed_event(secret: str = SANDBOX_WEBHOOK_SECRET) -> tuple[str, dict[str, str]]:
+    payload = json.dumps({"id": "evt_free_money", "type": "payment_intent.succeeded", "created": 1, "data": {
+        "object": {"id": "pi_1", "status": "succeeded", "amount_received": 100, "currency": "usd"}}})
+    return payload, {"Stripe-Signature": sign_webhook_payload(payload, secret), "Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(("case", "host", "peer"), [
+    ("companion app bound off loopback", "0.0.0.0", "127.0.0.1"),
+    ("a peer from another host", "127.0.0.1", "203.0.113.9"),
+])
+async def test_the_companion_endpoint_refuses_sandbox_signed_events_off_loopback(
+    make_server: Callable[..., Any], case: str, host: str, peer: str
+) -> None:
+    server = make_server()
+    async with Client(server):
+        app = build_webhook_app(lambda: server.state, host=host)
+        payload, headers = signed_event()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(peer, 4000)),
+                                     base_url="http://h") as http:
+            response = await http.post("/webhooks/stripe", content=payload, headers=headers)
+        stored = server.state.store.query("SELECT id FROM webhook_events")
+    assert response.status_code == 403, case
+    assert "STRIPE_WEBHOOK_SECRET" in response.json()["error"]
+    assert stored == []
+
+
+async def test_serve_http_bound_off_loopback_refuses_sandbox_signed_events_and_takes_its_own_secret(
+    make_server: Callable[..., Any]
+) -> None:
+    results = []
+    for secret in (None, "whsec_operator_own_secret"):
+        server = make_server(**({"stripe_webhook_secret": secret} if secret else {}))
+        async with Client(server):
+            app = build_http_app(server, host="0.0.0.0", token="mcp-token")
+            payload, headers = signed_event(secret or SANDBOX_WEBHOOK_SECRET)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://h") as http:
+                results.append((await http.post("/webhooks/stripe", content=payload, headers=headers)).status_code)
+    assert results == [403, 200]
+
+
+async def test_a_sandbox_signed_event_from_loopback_is_accepted(make_server: Callable[..., Any]) -> None:
+    server = make_server()
+    async with Client(server):
+        payload, headers = signed_event()
+        _, status, _ = await call_asgi(build_webhook_app(lambda: server.state), "POST",
+                                       "http://127.0.0.1/webhooks/stripe", headers, payload)
+    assert status == 200

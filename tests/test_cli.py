@@ -155,6 +155,46 @@ async def test_sandbox_trigger_from_the_cli_reaches_the_running_server(
     assert "not delivered" not in capsys.readouterr().err.replace(" 0 not delivered", "")
 
 
+async def test_sandbox_events_not_delivered_stay_pending_exit_1_and_resend_delivers_them_once_serve_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "shared.db"))
+    port = free_port()  # nothing listens there until the server starts below
+    monkeypatch.setenv("AIMS_BILLING_WEBHOOK_PORT", str(port))
+    settings = Settings(_env_file=None, aims_billing_db=tmp_path / "shared.db",  # type: ignore[call-arg]
+                        aims_billing_webhook_port=port)
+    async with Client(build_server(settings)) as client:
+        product = (await client.call_tool("create_product", {"name": "Pack"})).structured_content
+        price = (await client.call_tool("create_price", {"product": product["product"]["id"],  # type: ignore[index]
+                                                         "unit_amount": 900, "currency": "usd"})).structured_content
+        session = (await client.call_tool("create_checkout_session", {
+            "line_items": [{"price": price["price"]["id"]}], "customer_email": "p@example.com"}))  # type: ignore[index]
+    cs = session.structured_content["checkout_session"]["id"]  # type: ignore[index]
+
+    assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-checkout", cs]) == 1
+    err = capsys.readouterr().err
+    assert "0 delivered" in err and "resend --undelivered" in err
+
+    server = build_server(settings, webhook_server=True)
+    async with Client(server):
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "resend", "--undelivered"]) == 0
+        resent = capsys.readouterr()
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "resend", "--undelivered"]) == 0
+        again = capsys.readouterr().out
+        stored = server.state.store.query("SELECT type FROM webhook_events")  # type: ignore[union-attr]
+    assert "checkout.session.completed" in resent.out and "0 not delivered" in resent.err
+    assert "nothing to resend" in again
+    assert {"type": "checkout.session.completed"} in stored
+
+
+async def test_sandbox_resend_of_an_unknown_event_names_it_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "shared.db"))
+    assert await anyio.to_thread.run_sync(main, ["sandbox", "resend", "evt_nope"]) == 2
+    assert "evt_nope" in capsys.readouterr().err
+
+
 async def test_report_wallets_and_check_ledger_read_the_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -376,6 +376,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     mode = settings.stripe_mode
     print(f"  stripe mode: {mode.value}" + (f" (sandbox db {settings.sandbox_db_path})"
                                             if mode is StripeMode.SANDBOX else ""))
+    from .http_guard import HttpPolicy
+
+    print("  HTTP surfaces under AIMS_BILLING_READ_ONLY / AIMS_BILLING_TOOLS:")
+    for line in HttpPolicy.from_settings(settings).describe():
+        print(f"    {line}")
     store = Store(settings.aims_billing_db)
     try:
         print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")

@@ -47,6 +47,26 @@ def test_doctor_reports_sandbox_mode_and_schema_version_and_checks_the_key(
     assert "tok_abcdefghijkl9876" not in out and "9876" in out
 
 
+@pytest.mark.parametrize(("env", "x402", "acp"), [
+    ({}, "on", "on"),
+    ({"AIMS_BILLING_READ_ONLY": "true"}, "every request refused (read-only)", "POSTs and write tools refused"),
+    ({"AIMS_BILLING_TOOLS": "list_tiers"}, "off (AIMS_BILLING_TOOLS lacks purchase_luc_credits)",
+     "off (AIMS_BILLING_TOOLS lacks create_payment_session)"),
+])
+def test_doctor_says_which_http_surfaces_read_only_and_the_allow_list_govern(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str],
+    x402: str, acp: str,
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "doctor.db"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert f"GET /x402/credits (governed by purchase_luc_credits): {x402}" in out
+    assert f"(governed by create_payment_session): {acp}" in out
+    assert "POST /webhooks/stripe: always on" in out
+
+
 def test_doctor_fails_on_a_live_key_without_opt_in(capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "doctor.db"))

@@ -10,12 +10,15 @@ from typing import Any
 
 import anyio
 import httpx
+import httpx2
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from aims_billing_mcp.http_guard import LIMITS, limit_for
 from aims_billing_mcp.http_transport import build_http_app
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET, call_asgi
+from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
 from aims_billing_mcp.webhooks import build_webhook_app
 from tests.conftest import serving_http
@@ -175,3 +178,110 @@ async def test_a_sandbox_signed_event_from_loopback_is_accepted(make_server: Cal
         _, status, _ = await call_asgi(build_webhook_app(lambda: server.state), "POST",
                                        "http://127.0.0.1/webhooks/stripe", headers, payload)
     assert status == 200
+
+
+# --- read-only mode and the allow-list on every HTTP surface (issue 18 item 7), and their audit rows -------------
+
+ACP_KEY = "platform-key"
+CART = {"currency": "usd", "line_items": [{"id": "luc_10k"}], "capabilities": {}, "metadata": {"agent_id": "buyer"}}
+
+
+def acp_headers(idempotency_key: str = "k-1", key: str | None = ACP_KEY) -> dict[str, str]:
+    headers = {"API-Version": "2026-04-17", "Content-Type": "application/json", "Idempotency-Key": idempotency_key}
+    return {**headers, "Authorization": f"Bearer {key}"} if key else headers
+
+
+def table(path: Any, sql: str) -> list[dict[str, Any]]:
+    """Rows read after the server stopped (every queued audit row committed)."""
+    store = Store(path)
+    try:
+        return store.query(sql)
+    finally:
+        store.close()
+
+
+@pytest.fixture
+async def read_only(make_server: Callable[..., Any], make_settings: Callable[..., Any]) -> AsyncIterator[str]:
+    server = make_server(aims_billing_read_only=True, aims_billing_acp_api_keys=[ACP_KEY])
+    async with serving_http(server, token="mcp-token") as base:
+        yield base
+
+
+async def test_read_only_refuses_x402_credits_with_and_without_a_payment_and_credits_nothing(
+    read_only: str, make_settings: Callable[..., Any]
+) -> None:
+    async with httpx.AsyncClient(base_url=read_only) as http:
+        anonymous = await http.get("/x402/credits", params={"agent_id": "a", "luc": 5000})
+        paying = await http.get("/x402/credits", params={"agent_id": "a", "luc": 5000},
+                                headers={"PAYMENT-SIGNATURE": "eyJ4NDAyVmVyc2lvbiI6Mn0="})
+    db = make_settings().aims_billing_db
+    assert (anonymous.status_code, paying.status_code) == (403, 403)
+    assert anonymous.json()["error"] == "read_only" and "AIMS_BILLING_READ_ONLY" in anonymous.json()["message"]
+    assert table(db, "SELECT id FROM x402_quotes") == [] and table(db, "SELECT id FROM x402_receipts") == []
+    rows = table(db, "SELECT tool, outcome, error_code FROM audit_log")
+    assert rows == [{"tool": "http:GET /x402/credits", "outcome": "error", "error_code": "read_only"}]
+
+
+async def test_read_only_refuses_acp_writes_in_acps_error_shape_and_keeps_reads_open(
+    read_only: str, make_settings: Callable[..., Any]
+) -> None:
+    async with httpx.AsyncClient(base_url=read_only) as http:
+        create = await http.post("/acp/checkout_sessions", json=CART, headers=acp_headers())
+        cancel = await http.post("/acp/checkout_sessions/cs_x/cancel", json={}, headers=acp_headers("k-2"))
+        stranger = await http.post("/acp/checkout_sessions", json=CART, headers=acp_headers("k-3", key="wrong"))
+        read = await http.get("/acp/checkout_sessions/cs_nope", headers=acp_headers())
+    db = make_settings().aims_billing_db
+    assert (create.status_code, cancel.status_code, stranger.status_code) == (403, 403, 401)
+    assert create.json()["type"] == "invalid_request" and create.json()["code"] == "read_only"
+    assert read.status_code == 404  # a read is served (the session does not exist)
+    assert table(db, "SELECT id FROM acp_checkout_sessions") == []
+    assert table(db, "SELECT id FROM payment_sessions") == []
+    tools = [row["tool"] for row in table(db, "SELECT tool FROM audit_log ORDER BY id")]
+    assert "http:POST /acp/checkout_sessions" in tools and "http:POST /acp/checkout_sessions/{id}/cancel" in tools
+    assert len([t for t in tools if t == "http:POST /acp/checkout_sessions"]) == 1  # the stranger left no row
+
+
+async def test_read_only_acp_mcp_binding_serves_only_its_read_tool(read_only: str) -> None:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {ACP_KEY}"})
+    async with Client(streamable_http_client(f"{read_only}/acp/mcp", http_client=http)) as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+    assert names == {"get_checkout_session"}
+
+
+async def test_read_only_keeps_accepting_stripe_webhooks(read_only: str) -> None:
+    payload = json.dumps({"id": "evt_ro", "type": "invoice.paid", "created": 1, "data": {"object": {}}})
+    async with httpx.AsyncClient(base_url=read_only) as http:
+        response = await http.post("/webhooks/stripe", content=payload, headers={
+            "Stripe-Signature": sign_webhook_payload(payload, SANDBOX_WEBHOOK_SECRET)})
+    assert response.status_code == 200
+
+
+async def test_an_allow_list_without_the_governing_tools_turns_x402_and_the_acp_seller_off(
+    make_server: Callable[..., Any]
+) -> None:
+    server = make_server(aims_billing_tools=["list_tiers", "get_agent_wallet"], aims_billing_acp_api_keys=[ACP_KEY])
+    async with serving_http(server, token="mcp-token") as base, httpx.AsyncClient(base_url=base) as http:
+        x402 = await http.get("/x402/credits", params={"agent_id": "a", "luc": 5000})
+        acp = await http.post("/acp/checkout_sessions", json=CART, headers=acp_headers())
+        binding = await http.post("/acp/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "initialize"},
+                                  headers={"Authorization": f"Bearer {ACP_KEY}"})
+    assert (x402.status_code, acp.status_code, binding.status_code) == (403, 403, 403)
+    assert "purchase_luc_credits" in x402.json()["message"]
+    assert "create_payment_session" in acp.json()["message"]
+
+
+async def test_acp_requests_leave_audit_rows_redacted_and_truncated_and_anonymous_ones_none(
+    make_server: Callable[..., Any], make_settings: Callable[..., Any]
+) -> None:
+    server = make_server(aims_billing_acp_api_keys=[ACP_KEY])
+    cart = {**CART, "metadata": {"agent_id": "buyer", "note": "n" * 10_000,
+                                 "leak": "sk_test_4eC39HqLyjWDarjtT1zdp7dcAAAA"}}
+    async with serving_http(server, token="mcp-token") as base, httpx.AsyncClient(base_url=base) as http:
+        await http.post("/acp/checkout_sessions", json=cart, headers=acp_headers())
+        await http.post("/acp/checkout_sessions", json=cart, headers=acp_headers("k-2", key=None))
+    rows = table(make_settings().aims_billing_db, "SELECT * FROM audit_log")
+    [row] = [r for r in rows if r["tool"].startswith("http:")]
+    assert row["tool"] == "http:POST /acp/checkout_sessions" and row["caller"].startswith("acp:")
+    assert ACP_KEY not in row["caller"] and ACP_KEY not in row["arguments"]
+    assert "<10000 chars>" in row["arguments"] and "n" * 5000 not in row["arguments"]
+    assert "sk_test_4eC39HqLyjWDarjtT1zdp7dc" not in row["arguments"]

@@ -170,20 +170,23 @@ class HttpGuard:
             await _answer(send, 414, limit.shape("uri_too_long", f"the query string is above {limit.query} bytes"))
             return
         declared = _header(headers, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit.body):
-            await _answer(send, 413, limit.shape("request_too_large", f"the request body is above {limit.body} "
-                                                 f"bytes (Content-Length {declared[:24].decode('latin-1')!r})"))
+        if declared is not None and not declared.isdigit():
+            await _answer(send, 400, limit.shape("invalid_content_length", "Content-Length must be a whole number"))
             return
-        body = await _read_capped(receive, limit.body)
-        if body is None:
+        if declared is not None and (len(declared) > 15 or int(declared) > limit.body):  # never a huge int()
             await _answer(send, 413, limit.shape("request_too_large", f"the request body is above {limit.body} "
-                                                 "bytes"))
+                                                 "bytes (its Content-Length says more)"))
             return
         if not self._loopback and path == "/webhooks/stripe" and self._public_webhook_secret():
             from .webhooks import public_secret_refused
 
             client = scope.get("client")
             await public_secret_refused(str(client[0]) if client else "an unknown peer")(scope, receive, send)
+            return
+        body = await _read_capped(receive, limit.body)
+        if body is None:
+            await _answer(send, 413, limit.shape("request_too_large", f"the request body is above {limit.body} "
+                                                 "bytes"))
             return
         caller = self._acp_caller(path, headers)
         refusal = self._policy.refusal(method, path)

@@ -285,3 +285,10 @@ async def test_acp_requests_leave_audit_rows_redacted_and_truncated_and_anonymou
     assert ACP_KEY not in row["caller"] and ACP_KEY not in row["arguments"]
     assert "<10000 chars>" in row["arguments"] and "n" * 5000 not in row["arguments"]
     assert "sk_test_4eC39HqLyjWDarjtT1zdp7dc" not in row["arguments"]
+
+
+@pytest.mark.parametrize(("length", "status"), [("9" * 5000, 413), ("12abc", 400)])
+async def test_an_absurd_content_length_is_answered_4xx_not_500(length: str, status: int) -> None:
+    _, answered, _ = await call_asgi(build_webhook_app(lambda: None), "POST", "http://127.0.0.1/webhooks/stripe",
+                                     {"Content-Length": length}, b"")
+    assert answered == status

@@ -198,9 +198,6 @@ class HttpGuard:
             if audited:
                 self._audit(method, path, scope, body, caller, refusal.status, refusal.code, 0.0)
             return
-        start = time.perf_counter()
-        status: list[int] = []
-        captured: list[bytes] = []
         pending = [body]
 
         async def replay() -> Message:
@@ -209,10 +206,17 @@ class HttpGuard:
             message: Message = await receive()
             return message
 
+        if not audited:
+            await self.app(scope, replay, send)
+            return
+        start = time.perf_counter()
+        status: list[int] = []
+        captured: list[bytes] = []
+
         async def observe(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(int(message["status"]))
-            elif (message["type"] == "http.response.body" and audited and status and status[0] >= 400
+            elif (message["type"] == "http.response.body" and status and status[0] >= 400
                   and sum(len(c) for c in captured) < 16 * KIB):
                 captured.append(message.get("body", b""))
             await send(message)
@@ -220,7 +224,7 @@ class HttpGuard:
         try:
             await self.app(scope, replay, observe)
         finally:
-            if audited and status:
+            if status:
                 code = _error_code(status[0], b"".join(captured)) if status[0] >= 400 else None
                 self._audit(method, path, scope, body, caller, status[0], code, (time.perf_counter() - start) * 1000)
 

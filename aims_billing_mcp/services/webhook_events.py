@@ -18,7 +18,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from ..store import Store, utc_now
 from .commerce import PaymentSessionService
@@ -48,7 +48,9 @@ class InvalidEvent(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+    """A checker: the handlers read the event's own dict; other fields are ignored here, not copied."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
 class _Price(_Strict):
@@ -125,13 +127,22 @@ class _Object(_Strict):
     customer: StripeId | None = None  # every event's customer lands in webhook_events.customer_id
 
 
+def _an_object(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")  # checked, not copied: the object's own model checks its fields
+    return value
+
+
+AnObject = Annotated[Any, AfterValidator(_an_object)]
+
+
 class _EventData(_Strict):
-    object: dict[str, Any]
-    previous_attributes: dict[str, Any] | None = None
+    object: AnObject
+    previous_attributes: AnObject | None = None
 
 
 class StripeEvent(_Strict):
-    """The envelope of a Stripe event, as far as we read it (other fields are kept, unread)."""
+    """The envelope of a Stripe event, as far as we read it."""
 
     id: Annotated[str, StringConstraints(pattern=r"^evt_[A-Za-z0-9_]{1,251}$")]
     type: EventType
@@ -155,9 +166,15 @@ def _object_model(kind: str) -> type[_Strict]:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def check_event(event: Any) -> dict[str, Any]:
+class CheckedEvent(dict[str, Any]):
+    """An event `check_event` passed (so `ingest` does not check it twice)."""
+
+
+def check_event(event: Any) -> CheckedEvent:
     """`event` (decoded JSON) if it is a Stripe event of a shape the handlers can apply; else `InvalidEvent`
     naming the first bad fields."""
+    if isinstance(event, CheckedEvent):
+        return event
     try:
         envelope = StripeEvent.model_validate(event)
     except ValidationError as exc:
@@ -166,8 +183,7 @@ def check_event(event: Any) -> dict[str, Any]:
         _object_model(envelope.type).model_validate(envelope.data.object)
     except ValidationError as exc:
         raise _invalid(exc, "data.object.") from None
-    result: dict[str, Any] = event
-    return result
+    return CheckedEvent(event)
 
 
 def _invalid(error: ValidationError, prefix: str) -> InvalidEvent:
@@ -176,7 +192,7 @@ def _invalid(error: ValidationError, prefix: str) -> InvalidEvent:
     return InvalidEvent("not a Stripe event this endpoint can apply: " + "; ".join(problems))
 
 
-def parse_event(payload: bytes | str) -> dict[str, Any]:
+def parse_event(payload: bytes | str) -> CheckedEvent:
     """The event as plain JSON (after the signature was verified on these exact bytes), checked by `check_event`."""
     text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
     try:

@@ -14,6 +14,7 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from aims_billing_mcp.http_guard import LIMITS, limit_for
 from aims_billing_mcp.http_transport import build_http_app
@@ -279,8 +280,14 @@ async def test_acp_requests_leave_audit_rows_redacted_and_truncated_and_anonymou
     async with serving_http(server, token="mcp-token") as base, httpx.AsyncClient(base_url=base) as http:
         await http.post("/acp/checkout_sessions", json=cart, headers=acp_headers())
         await http.post("/acp/checkout_sessions", json=cart, headers=acp_headers("k-2", key=None))
+        binding = httpx2.AsyncClient(headers={"Authorization": f"Bearer {ACP_KEY}"})
+        async with Client(streamable_http_client(f"{base}/acp/mcp", http_client=binding)) as client:
+            with pytest.raises(MCPError, match="no checkout session"):
+                await client.call_tool("get_checkout_session", {"meta": {"api_version": "2026-04-17"}, "id": "cs_x"})
     rows = table(make_settings().aims_billing_db, "SELECT * FROM audit_log")
-    [row] = [r for r in rows if r["tool"].startswith("http:")]
+    [call] = [r for r in rows if r["tool"] == "http:POST /acp/mcp"]
+    assert '"get_checkout_session"' in call["arguments"] and call["caller"].startswith("acp:")
+    [row] = [r for r in rows if r["tool"].startswith("http:") and r is not call]
     assert row["tool"] == "http:POST /acp/checkout_sessions" and row["caller"].startswith("acp:")
     assert ACP_KEY not in row["caller"] and ACP_KEY not in row["arguments"]
     assert "<10000 chars>" in row["arguments"] and "n" * 5000 not in row["arguments"]

@@ -95,11 +95,25 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     db_path = args.db or str(settings.sandbox_db_path)
     if args.sandbox_command is not None:
         return cmd_sandbox_action(args, settings, db_path)
+    own = settings.stripe_webhook_secret  # the server it forwards to verifies with it: sign with it too
     print(f"aims-billing-mcp sandbox on http://{args.host}:{args.port} (db {db_path})\n"
-          f"  api key:        {SANDBOX_SECRET_KEY}\n  webhook secret: {SANDBOX_WEBHOOK_SECRET}\n"
+          f"  api key:        {SANDBOX_SECRET_KEY}\n  webhook secret: "
+          f"{'STRIPE_WEBHOOK_SECRET (from the environment)' if own else SANDBOX_WEBHOOK_SECRET}\n"
           f"  point a server at it: STRIPE_API_BASE=http://{args.host}:{args.port}"
           + (f"\n  forwarding events to {args.forward_to}" if args.forward_to else ""), file=sys.stderr)
-    serve_sandbox(host=args.host, port=args.port, db_path=db_path, forward_to=args.forward_to)
+    if own is None or not args.forward_to:
+        serve_sandbox(host=args.host, port=args.port, db_path=db_path, forward_to=args.forward_to)
+        return 0
+    import uvicorn
+
+    from .sandbox import create_app
+
+    app = create_app(db_path=db_path)
+    app.state.sandbox.webhooks.configure(args.forward_to, secret=own.get_secret_value())
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        app.state.sandbox.close()
     return 0
 
 

@@ -4,6 +4,7 @@ the key, and the standalone sandbox serves the real SDK on loopback."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -136,6 +137,55 @@ async def test_stdio_mode_runs_the_webhook_endpoint_beside_mcp(tmp_path: Path) -
         async with httpx.AsyncClient() as http:
             response = await http.post(f"http://127.0.0.1:{port}/webhooks/stripe", content=payload, headers=headers)
     assert response.status_code == 200 and response.json()["id"] == "evt_c1"
+
+
+async def test_the_standalone_sandbox_forwards_events_signed_with_a_configured_webhook_secret(tmp_path: Path) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from aims_billing_mcp.stripe_gateway import verify_webhook_signature
+    from tests.conftest import serving_app
+
+    own = "whsec_operator_own_secret"
+    verified: list[str] = []
+
+    async def receive(request: Request) -> JSONResponse:
+        body = await request.body()
+        verify_webhook_signature(body, request.headers.get("stripe-signature"), own)  # raises on a mismatch
+        verified.append(json.loads(body)["type"])
+        return JSONResponse({"received": True})
+
+    port = free_port()
+    async with serving_app(Starlette(routes=[Route("/hook", receive, methods=["POST"])])) as hook:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aims_billing_mcp", "sandbox", "--port", str(port), "--db", str(tmp_path / "s.db"),
+             "--forward-to", f"{hook}/hook"], env={**os.environ, "STRIPE_WEBHOOK_SECRET": own},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        settings = Settings(_env_file=None, stripe_api_base=f"http://127.0.0.1:{port}",  # type: ignore[call-arg]
+                            aims_billing_db=tmp_path / "b.db")
+        gateway = build_gateway(settings, retry_delay_scale=0.05)
+        try:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        await gateway.send(StripeRequest("post", "/v1/payment_intents", {
+                            "amount": 500, "currency": "usd", "payment_method": "pm_card_visa", "confirm": "true"},
+                            "pi-1"))
+                        break
+                    except Exception:
+                        if process.poll() is not None:
+                            raise
+                        await anyio.sleep(0.05)
+                while "payment_intent.succeeded" not in verified:
+                    await anyio.sleep(0.05)
+        finally:
+            await gateway.close()
+            process.terminate()
+            _, err = process.communicate(timeout=10)
+    assert own.encode() not in err and b"STRIPE_WEBHOOK_SECRET (from the environment)" in err
 
 
 async def test_a_taken_webhook_port_is_reported_and_mcp_keeps_serving(

@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mcp import Client
 
+from aims_billing_mcp.app import build_state
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
+from aims_billing_mcp.services.webhook_events import InvalidEvent, parse_event
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
 from tests.conftest import ok, serving_http
@@ -284,3 +288,66 @@ async def test_a_signature_mismatch_is_logged_in_one_line_naming_the_fix(
     assert "\n" not in line
     assert "sandbox's public secret" in line and "STRIPE_WEBHOOK_SECRET" in line
     assert "whsec_operator_own_secret" not in line
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+SHAPES = [
+    ("customer.subscription.updated", subscription()),
+    ("checkout.session.completed", {"id": "cs_1", "customer": "cus_A", "subscription": "sub_A", "mode": "subscription",
+                                    "payment_status": "paid", "metadata": {"aims_tier": "3mo"}}),
+    ("invoice.payment_failed", {"id": "in_1", "customer": "cus_A", "subscription": "sub_A",
+                                "parent": {"subscription_details": {"subscription": "sub_A"}}}),
+    ("payment_intent.succeeded", {"id": "pi_1", "status": "succeeded", "amount_received": 100, "currency": "usd",
+                                  "customer": "cus_A", "last_payment_error": {"message": "declined"}}),
+]
+
+
+def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in `value` a fuzzed value can go (dict keys and list positions), the root excluded."""
+    found: list[tuple[Any, ...]] = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        found.append((*prefix, key))
+        found.extend(paths(child, (*prefix, key)))
+    return found
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    copy = json.loads(json.dumps(value))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = new
+    return copy
+
+
+@pytest.fixture
+def services(make_settings: Callable[..., Any], sandbox_app: Any) -> Iterator[Any]:
+    """The service graph without a transport (one for every example of a hypothesis test)."""
+    state = build_state(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
+    yield state
+    anyio.run(state.gateway.close)
+    state.store.close()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_signed_event_shape_is_stored_and_applied_or_refused_as_invalid_never_a_crash(
+    data: st.DataObject, services: Any
+) -> None:
+    kind, obj = data.draw(st.sampled_from(SHAPES))
+    event = {"id": f"evt_fuzz_{data.draw(st.integers(0, 10**9))}", "object": "event", "type": kind,
+             "created": 100, "livemode": False, "data": {"object": obj}}
+    path = data.draw(st.sampled_from(paths(event)))
+    mutated = replaced(event, path, data.draw(JSON_VALUES))
+    payload = json.dumps(mutated)
+    try:
+        checked = parse_event(payload.encode())
+    except InvalidEvent:
+        return
+    result = anyio.run(services.webhook_events.ingest, checked, payload)
+    assert result.event_id == mutated["id"]

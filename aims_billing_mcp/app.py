@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from . import __version__
 from .acp_http import acp_routes
 from .errors import BillingError, InvalidInput
+from .http_guard import HttpPolicy
 from .redact import redact, redact_text
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.acp import AcpService
@@ -71,6 +72,7 @@ class BillingServer(MCPServer[AppState]):
     """MCPServer with one error shape and an audit row for every tool call."""
 
     read_only_tools: frozenset[str] = frozenset()
+    http_policy: HttpPolicy = HttpPolicy()
     state: AppState | None = None
 
     async def call_tool(
@@ -325,13 +327,15 @@ def build_server(
         server.state = state
         embedded = state.gateway.embedded
         if embedded is not None:  # the in-process sandbox delivers its signed events straight to our endpoint
-            embedded.when_ready(lambda app: app.state.sandbox.webhooks.configure(
-                build_webhook_app(lambda: server.state), retry_delay_scale=retry_delay_scale))
+            embedded.when_ready(lambda app: app.state.sandbox.webhooks.configure(  # signed with what we verify with
+                build_webhook_app(lambda: server.state), secret=state.webhook_secret or SANDBOX_WEBHOOK_SECRET,
+                retry_delay_scale=retry_delay_scale))
         try:
             async with AsyncExitStack() as stack:
                 if webhook_server:
                     await stack.enter_async_context(
-                        companion_webhook_server(lambda: server.state, settings.aims_billing_webhook_port))
+                        companion_webhook_server(lambda: server.state, settings.aims_billing_webhook_port,
+                                                 policy=server.http_policy))
                 await stack.enter_async_context(
                     background_tasks(state, flush_interval_seconds=settings.aims_billing_flush_interval_seconds))
                 yield state
@@ -355,6 +359,7 @@ def build_server(
     for spec in selected:
         register(server, spec)
     server.read_only_tools = frozenset(spec.name for spec in selected if spec.permission == "read")
+    server.http_policy = HttpPolicy.from_settings(settings)  # read-only and the allow-list on the HTTP surfaces
     server.custom_route(WEBHOOK_PATH, methods=["POST"])(webhook_handler(lambda: server.state))
     server.custom_route(CREDITS_PATH, methods=["GET"])(credits_handler(lambda: server.state))
     for route in acp_routes(lambda: server.state):
@@ -421,7 +426,8 @@ async def background_tasks(
 
 
 @asynccontextmanager
-async def companion_webhook_server(get_state: Callable[[], AppState | None], port: int) -> AsyncIterator[None]:
+async def companion_webhook_server(get_state: Callable[[], AppState | None], port: int, *,
+                                   policy: HttpPolicy | None = None) -> AsyncIterator[None]:
     """The webhook endpoint on 127.0.0.1:port beside a stdio server. A taken port is reported on stderr and the MCP
     server keeps serving: tools work, events wait in Stripe's retry queue until the endpoint is reachable.
     Only the bind happens before MCP serves (so a taken port is reported at once); uvicorn loads in the background,
@@ -443,8 +449,8 @@ async def companion_webhook_server(get_state: Callable[[], AppState | None], por
     async def serve() -> None:
         import uvicorn
 
-        web = uvicorn.Server(uvicorn.Config(build_webhook_app(get_state, with_acp_mcp=True), log_level="warning",
-                                            lifespan="on"))
+        web = uvicorn.Server(uvicorn.Config(build_webhook_app(get_state, with_acp_mcp=True, policy=policy),
+                                            log_level="warning", lifespan="on"))
         servers.append(web)
         await web.serve(sockets=[sock])
 

@@ -98,23 +98,42 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     db_path = args.db or str(settings.sandbox_db_path)
     if args.sandbox_command is not None:
         return cmd_sandbox_action(args, settings, db_path)
+    own = settings.stripe_webhook_secret  # the server it forwards to verifies with it: sign with it too
     print(f"aims-billing-mcp sandbox on http://{args.host}:{args.port} (db {db_path})\n"
-          f"  api key:        {SANDBOX_SECRET_KEY}\n  webhook secret: {SANDBOX_WEBHOOK_SECRET}\n"
+          f"  api key:        {SANDBOX_SECRET_KEY}\n  webhook secret: "
+          f"{'STRIPE_WEBHOOK_SECRET (from the environment)' if own else SANDBOX_WEBHOOK_SECRET}\n"
           f"  point a server at it: STRIPE_API_BASE=http://{args.host}:{args.port}"
           + (f"\n  forwarding events to {args.forward_to}" if args.forward_to else ""), file=sys.stderr)
-    serve_sandbox(host=args.host, port=args.port, db_path=db_path, forward_to=args.forward_to)
+    if own is None or not args.forward_to:
+        serve_sandbox(host=args.host, port=args.port, db_path=db_path, forward_to=args.forward_to)
+        return 0
+    import uvicorn
+
+    from .sandbox import create_app
+
+    app = create_app(db_path=db_path)
+    app.state.sandbox.webhooks.configure(args.forward_to, secret=own.get_secret_value())
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        app.state.sandbox.close()
     return 0
 
 
 def cmd_sandbox_action(args: argparse.Namespace, settings: Settings, db_path: str) -> int:
     """Act on the sandbox's file as Stripe would (a customer pays, a renewal fails, time passes) and deliver the
-    resulting signed events to the server's webhook endpoint, like `stripe trigger`."""
-    from .sandbox import create_app
+    resulting signed events to the server's webhook endpoint, like `stripe trigger`. Events that were not delivered
+    stay pending in the sandbox (exit 1): `sandbox resend --undelivered` sends them again."""
+    from .sandbox import SANDBOX_WEBHOOK_SECRET, create_app
+    from .sandbox.events import undelivered
 
     target = args.forward_to or f"http://127.0.0.1:{settings.aims_billing_webhook_port}/webhooks/stripe"
+    secret = (settings.stripe_webhook_secret.get_secret_value() if settings.stripe_webhook_secret
+              else SANDBOX_WEBHOOK_SECRET)  # what the server verifies with
     app = create_app(db_path=db_path, webhook_target=target)
     sandbox = app.state.sandbox
-    sandbox.webhooks.configure(target, max_attempts=3, retry_delay_scale=0.2)
+    sandbox.webhooks.configure(target, secret=secret, max_attempts=3, retry_delay_scale=0.2)
+    code = 0
     try:
         if args.sandbox_command == "complete-checkout":
             session = sandbox.complete_checkout_session(args.session)
@@ -123,25 +142,47 @@ def cmd_sandbox_action(args: argparse.Namespace, settings: Settings, db_path: st
         elif args.sandbox_command == "trigger":
             event = sandbox.trigger(args.event_type, customer=args.customer, subscription=args.subscription)
             print(f"triggered {event['type']} ({event['id']})")
+        elif args.sandbox_command == "resend":
+            code = _resend(sandbox, args.event_ids, undelivered(sandbox.store) if args.undelivered else [])
         else:
             events = sandbox.advance(days=args.days, hours=args.hours)
             print(f"advanced the sandbox clock by {args.days} day(s) {args.hours} hour(s): {len(events)} event(s)")
             for event in events:
                 print(f"  {event['type']:40} {event['id']}")
     except (ValueError, LookupError) as exc:
-        return _fail(str(exc))
+        code = _fail(str(exc))
     except Exception as exc:  # the sandbox's Stripe-shaped errors carry a message for the operator
         message = getattr(exc, "message", None) or str(exc)
-        return _fail(f"sandbox refused: {message}")
+        code = _fail(f"sandbox refused: {message}")
     finally:
         sandbox.webhooks.drain(timeout=15)
         delivered = [d for d in sandbox.webhooks.deliveries if d.delivered]
         failed = [d for d in sandbox.webhooks.deliveries if not d.delivered]
         if delivered or failed:
             print(f"webhooks to {target}: {len(delivered)} delivered, {len(failed)} not delivered"
-                  + (" (is `aims-billing-mcp serve` running? events stay in the sandbox: see /v1/events)"
-                     if failed else ""), file=sys.stderr)
+                  + (" (is `aims-billing-mcp serve` running? they stay pending in the sandbox: send them with "
+                     "`aims-billing-mcp sandbox resend --undelivered`)" if failed else ""), file=sys.stderr)
         sandbox.close()
+    return code or (1 if failed else 0)
+
+
+def _resend(sandbox: Any, event_ids: list[str], pending: list[dict[str, Any]]) -> int:
+    """Queue the named events and the pending ones (each once, in that order) for delivery again."""
+    if not event_ids and not pending:
+        print("sandbox resend: nothing to resend (name evt_... ids, or --undelivered: none are pending)")
+        return 0
+    chosen: dict[str, dict[str, Any]] = {}
+    for event_id in event_ids:
+        event = sandbox.store.get(event_id, "event")
+        if event is None:
+            raise LookupError(f"no sandbox event {event_id!r}: `sandbox resend` takes evt_... ids from this "
+                              f"sandbox (GET /v1/events lists them)")
+        chosen[event_id] = event
+    for event in pending:
+        chosen.setdefault(event["id"], event)
+    for event in chosen.values():
+        sandbox.webhooks.enqueue(event)
+        print(f"resending {event['type']:40} {event['id']}")
     return 0
 
 
@@ -400,6 +441,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             shown = mask_secret(str(shown))
         print(f"  {name.upper():38} {shown if shown not in (None, [], '') else '-'}")
     print(f"  stripe mode: {settings.stripe_mode.value} ({_stripe_target(settings)})")
+    from .http_guard import HttpPolicy
+
+    print("  HTTP surfaces under AIMS_BILLING_READ_ONLY / AIMS_BILLING_TOOLS:")
+    for line in HttpPolicy.from_settings(settings).describe():
+        print(f"    {line}")
     store = Store(settings.aims_billing_db)
     try:
         print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")
@@ -475,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     advance = actions.add_parser("advance", help="move the sandbox clock: renewals, trial ends, cancellations")
     advance.add_argument("--days", type=float, default=0, help="days to move the clock forward (fractions allowed)")
     advance.add_argument("--hours", type=float, default=0, help="hours to move the clock forward")
+    resend = actions.add_parser("resend", help="deliver sandbox events again (like `stripe events resend`)")
+    resend.add_argument("event_ids", nargs="*", metavar="EVENT_ID", help="evt_... ids to send again")
+    resend.add_argument("--undelivered", action="store_true",
+                        help="every event whose delivery has not succeeded yet, oldest first")
     setup = sub.add_parser("setup-stripe", help="create (or find) the tier products and prices; print STRIPE_PRICE_*")
     setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
     setup.set_defaults(func=cmd_setup_stripe)

@@ -1,7 +1,8 @@
 """Streamable HTTP: the MCP app behind a bearer-token check, served by uvicorn on loopback by default.
 
 A plain ASGI middleware rather than the SDK's OAuth resource-server machinery: an operator's static token is what
-ACHEEVY and scripts have, and the check (constant-time compare) is short enough to read in one go.
+ACHEEVY and scripts have, and the check (constant-time compare) is short enough to read in one go. The HttpGuard
+(http_guard.py: body and header caps, read-only mode and the allow-list on the HTTP surfaces, audit rows) wraps it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from .acp_mcp import MCP_PATH, build_acp_mcp_server
+from .http_guard import HttpGuard, HttpPolicy
 from .settings import LOOPBACK_HOSTS
 from .webhooks import WEBHOOK_PATH
 
@@ -74,7 +76,10 @@ def build_http_app(server: Any, *, host: str, token: str | None) -> Any:
         security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     bind = host if host in LOOPBACK_HOSTS else "127.0.0.1"
     main = server.streamable_http_app(host=bind, transport_security=security)
+    policy: HttpPolicy = getattr(server, "http_policy", None) or HttpPolicy()
     acp_server = build_acp_mcp_server(lambda: server.state)
+    for name in policy.acp_mcp_tools_off():
+        acp_server.remove_tool(name)
     acp_app = acp_server.streamable_http_app(streamable_http_path=MCP_PATH, host=bind, transport_security=security)
 
     @asynccontextmanager
@@ -84,7 +89,8 @@ def build_http_app(server: Any, *, host: str, token: str | None) -> Any:
             yield
 
     app = Starlette(routes=[*acp_app.routes, Mount("/", app=main)], lifespan=lifespan)
-    return BearerTokenMiddleware(app, token)
+    return HttpGuard(BearerTokenMiddleware(app, token), lambda: server.state, policy,
+                     loopback=host in LOOPBACK_HOSTS)
 
 
 def uvicorn_server(server: Any, *, host: str, port: int, token: str | None) -> Any:

@@ -1,8 +1,13 @@
 """`POST /webhooks/stripe`: verify the signature with the SDK, hand the event to the service, answer at once.
 
-Nothing is stored unless the signature verifies (missing, forged or older than 300 s: 400). The same route is
-served by `serve --http`, by the companion server `serve` runs beside stdio, and, in sandbox mode, is the
+Nothing is stored unless the signature verifies (missing, forged or older than 300 s: 400, and one log line
+saying what to fix) and the event parses into the strict model of services/webhook_events.py (else 400). The same
+route is served by `serve --http`, by the companion server `serve` runs beside stdio, and, in sandbox mode, is the
 in-process target the embedded sandbox delivers its signed events to.
+
+The sandbox's webhook secret is public (it is in this package), so an endpoint verifying with it is accepted only
+from a loopback peer on an endpoint not configured for a non-loopback host: anywhere else anyone could sign a
+`payment_intent.succeeded` (403, nothing stored). Bodies are capped by http_guard.py before this handler runs.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -17,7 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .services.webhook_events import parse_event
+from .http_guard import HttpGuard, HttpPolicy
+from .sandbox import SANDBOX_WEBHOOK_SECRET
+from .services.webhook_events import InvalidEvent, parse_event
+from .settings import LOOPBACK_HOSTS
 from .stripe_gateway import WebhookSignatureInvalid, verify_webhook_signature
 
 if TYPE_CHECKING:
@@ -27,7 +36,20 @@ log = logging.getLogger(__name__)
 WEBHOOK_PATH = "/webhooks/stripe"
 
 
+PUBLIC_SECRET_REFUSED = ("sandbox-signed events are accepted on loopback only (the sandbox's webhook secret is "
+                         "public): set STRIPE_WEBHOOK_SECRET to a secret of your own")
+
+
+def public_secret_refused(peer: str) -> JSONResponse:
+    """403 for an event that would be verified with the sandbox's public secret off loopback, and one log line."""
+    log.warning("refused a webhook from %s: this endpoint verifies with the sandbox's public webhook secret and is "
+                "reachable from other hosts; set STRIPE_WEBHOOK_SECRET to a secret of your own, or serve on "
+                "127.0.0.1", peer)
+    return JSONResponse({"error": PUBLIC_SECRET_REFUSED}, status_code=403)
+
+
 def webhook_handler(get_state: Callable[[], AppState | None]) -> Callable[[Request], Awaitable[JSONResponse]]:
+
     async def handle(request: Request) -> JSONResponse:
         state = get_state()
         if state is None:
@@ -36,13 +58,17 @@ def webhook_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reque
         if secret is None:
             return JSONResponse({"error": "STRIPE_WEBHOOK_SECRET is not set: events cannot be verified"},
                                 status_code=503)
+        if secret == SANDBOX_WEBHOOK_SECRET and not _from_loopback(request):
+            return public_secret_refused(_peer(request))
         payload = await request.body()
         try:
             verify_webhook_signature(payload, request.headers.get("stripe-signature"), secret)
-            event = parse_event(payload)
         except WebhookSignatureInvalid as exc:
+            log.warning("%s", mismatch_advice(payload, request.headers.get("stripe-signature"), secret, str(exc)))
             return JSONResponse({"error": f"signature check failed: {exc}"}, status_code=400)
-        except ValueError as exc:
+        try:
+            event = parse_event(payload)
+        except InvalidEvent as exc:
             return JSONResponse({"error": f"invalid payload: {exc}"}, status_code=400)
         result = await state.webhook_events.ingest(event, payload)
         return JSONResponse({"received": True, "id": result.event_id, "duplicate": result.duplicate})
@@ -50,22 +76,57 @@ def webhook_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reque
     return handle
 
 
+def mismatch_advice(payload: bytes, header: str | None, secret: str, reason: str) -> str:
+    """One log line: why a webhook's signature failed and what to change."""
+    line = f"webhook signature check failed ({reason}): "
+    if header and secret != SANDBOX_WEBHOOK_SECRET:
+        try:
+            verify_webhook_signature(payload, header, SANDBOX_WEBHOOK_SECRET)
+        except WebhookSignatureInvalid:
+            pass
+        else:
+            return line + ("the event is signed with the sandbox's public secret but this server verifies with "
+                           "STRIPE_WEBHOOK_SECRET: give the sandbox process the same STRIPE_WEBHOOK_SECRET (it signs "
+                           "with it when set), or unset it in both")
+    return line + ("the sender signs with another secret than this server verifies with: set STRIPE_WEBHOOK_SECRET "
+                   "to the endpoint's signing secret (the whsec_... `stripe listen` prints, or the Dashboard's), the "
+                   "same in the sandbox process if one sends the events")
+
+
+def _peer(request: Request) -> str:
+    return request.client.host if request.client is not None else "an unknown peer"
+
+
+def _from_loopback(request: Request) -> bool:
+    return is_loopback(request.client.host if request.client is not None else "")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith(("127.", "::ffff:127."))
+
+
 def webhook_route(get_state: Callable[[], AppState | None]) -> Route:
     return Route(WEBHOOK_PATH, webhook_handler(get_state), methods=["POST"])
 
 
-def build_webhook_app(get_state: Callable[[], AppState | None], *, with_acp_mcp: bool = False) -> Any:
+def build_webhook_app(get_state: Callable[[], AppState | None], *, with_acp_mcp: bool = False,
+                      policy: HttpPolicy | None = None, host: str = "127.0.0.1") -> Any:
     """The companion app beside a stdio server: Stripe's webhooks, x402's paid route and the ACP seller (REST, and
-    with `with_acp_mcp` its MCP binding on /acp/mcp, whose session manager runs in this app's lifespan)."""
+    with `with_acp_mcp` its MCP binding on /acp/mcp, whose session manager runs in this app's lifespan), behind
+    the HttpGuard (limits, `policy`, audit; `host` is where it listens)."""
     from .acp_http import acp_routes
     from .x402_http import credits_route
 
+    policy = policy or HttpPolicy()
     routes: list[Any] = [webhook_route(get_state), credits_route(get_state), *acp_routes(get_state)]
+    guarded = partial(HttpGuard, get_state=get_state, policy=policy, loopback=is_loopback(host))
     if not with_acp_mcp:
-        return Starlette(routes=routes)
+        return guarded(Starlette(routes=routes))
     from .acp_mcp import MCP_PATH, build_acp_mcp_server
 
     acp_server = build_acp_mcp_server(get_state)
+    for name in policy.acp_mcp_tools_off():
+        acp_server.remove_tool(name)
     acp_app = acp_server.streamable_http_app(streamable_http_path=MCP_PATH)
 
     @asynccontextmanager
@@ -73,4 +134,4 @@ def build_webhook_app(get_state: Callable[[], AppState | None], *, with_acp_mcp:
         async with acp_server.session_manager.run():
             yield
 
-    return Starlette(routes=[*routes, *acp_app.routes], lifespan=lifespan)
+    return guarded(Starlette(routes=[*routes, *acp_app.routes], lifespan=lifespan))

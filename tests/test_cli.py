@@ -4,6 +4,7 @@ the key, and the standalone sandbox serves the real SDK on loopback."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -45,6 +46,26 @@ def test_doctor_reports_sandbox_mode_and_schema_version_and_checks_the_key(
     assert "stripe mode: sandbox" in out
     assert "schema version" in out and "key check: ok" in out
     assert "tok_abcdefghijkl9876" not in out and "9876" in out
+
+
+@pytest.mark.parametrize(("env", "x402", "acp"), [
+    ({}, "on", "on"),
+    ({"AIMS_BILLING_READ_ONLY": "true"}, "every request refused (read-only)", "POSTs and write tools refused"),
+    ({"AIMS_BILLING_TOOLS": "list_tiers"}, "off (AIMS_BILLING_TOOLS lacks purchase_luc_credits)",
+     "off (AIMS_BILLING_TOOLS lacks create_payment_session)"),
+])
+def test_doctor_says_which_http_surfaces_read_only_and_the_allow_list_govern(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str],
+    x402: str, acp: str,
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "doctor.db"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert f"GET /x402/credits (governed by purchase_luc_credits): {x402}" in out
+    assert f"(governed by create_payment_session): {acp}" in out
+    assert "POST /webhooks/stripe: always on" in out
 
 
 def test_doctor_fails_on_a_live_key_without_opt_in(capsys: pytest.CaptureFixture[str],
@@ -118,6 +139,55 @@ async def test_stdio_mode_runs_the_webhook_endpoint_beside_mcp(tmp_path: Path) -
     assert response.status_code == 200 and response.json()["id"] == "evt_c1"
 
 
+async def test_the_standalone_sandbox_forwards_events_signed_with_a_configured_webhook_secret(tmp_path: Path) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from aims_billing_mcp.stripe_gateway import verify_webhook_signature
+    from tests.conftest import serving_app
+
+    own = "whsec_operator_own_secret"
+    verified: list[str] = []
+
+    async def receive(request: Request) -> JSONResponse:
+        body = await request.body()
+        verify_webhook_signature(body, request.headers.get("stripe-signature"), own)  # raises on a mismatch
+        verified.append(json.loads(body)["type"])
+        return JSONResponse({"received": True})
+
+    port = free_port()
+    async with serving_app(Starlette(routes=[Route("/hook", receive, methods=["POST"])])) as hook:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aims_billing_mcp", "sandbox", "--port", str(port), "--db", str(tmp_path / "s.db"),
+             "--forward-to", f"{hook}/hook"], env={**os.environ, "STRIPE_WEBHOOK_SECRET": own},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        settings = Settings(_env_file=None, stripe_api_base=f"http://127.0.0.1:{port}",  # type: ignore[call-arg]
+                            aims_billing_db=tmp_path / "b.db")
+        gateway = build_gateway(settings, retry_delay_scale=0.05)
+        try:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        await gateway.send(StripeRequest("post", "/v1/payment_intents", {
+                            "amount": 500, "currency": "usd", "payment_method": "pm_card_visa", "confirm": "true"},
+                            "pi-1"))
+                        break
+                    except Exception:
+                        if process.poll() is not None:
+                            raise
+                        await anyio.sleep(0.05)
+                while "payment_intent.succeeded" not in verified:
+                    await anyio.sleep(0.05)
+        finally:
+            await gateway.close()
+            process.terminate()
+            _, err = process.communicate(timeout=10)
+    assert own.encode() not in err and b"STRIPE_WEBHOOK_SECRET (from the environment)" in err
+
+
 async def test_a_taken_webhook_port_is_reported_and_mcp_keeps_serving(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -153,6 +223,46 @@ async def test_sandbox_trigger_from_the_cli_reaches_the_running_server(
         status = (await client.call_tool("get_billing_status", {"customer": cus})).structured_content
     assert status is not None and (status["tier"], status["status"]) == ("3mo", "past_due")
     assert "not delivered" not in capsys.readouterr().err.replace(" 0 not delivered", "")
+
+
+async def test_sandbox_events_not_delivered_stay_pending_exit_1_and_resend_delivers_them_once_serve_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "shared.db"))
+    port = free_port()  # nothing listens there until the server starts below
+    monkeypatch.setenv("AIMS_BILLING_WEBHOOK_PORT", str(port))
+    settings = Settings(_env_file=None, aims_billing_db=tmp_path / "shared.db",  # type: ignore[call-arg]
+                        aims_billing_webhook_port=port)
+    async with Client(build_server(settings)) as client:
+        product = (await client.call_tool("create_product", {"name": "Pack"})).structured_content
+        price = (await client.call_tool("create_price", {"product": product["product"]["id"],  # type: ignore[index]
+                                                         "unit_amount": 900, "currency": "usd"})).structured_content
+        session = (await client.call_tool("create_checkout_session", {
+            "line_items": [{"price": price["price"]["id"]}], "customer_email": "p@example.com"}))  # type: ignore[index]
+    cs = session.structured_content["checkout_session"]["id"]  # type: ignore[index]
+
+    assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-checkout", cs]) == 1
+    err = capsys.readouterr().err
+    assert "0 delivered" in err and "resend --undelivered" in err
+
+    server = build_server(settings, webhook_server=True)
+    async with Client(server):
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "resend", "--undelivered"]) == 0
+        resent = capsys.readouterr()
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "resend", "--undelivered"]) == 0
+        again = capsys.readouterr().out
+        stored = server.state.store.query("SELECT type FROM webhook_events")  # type: ignore[union-attr]
+    assert "checkout.session.completed" in resent.out and "0 not delivered" in resent.err
+    assert "nothing to resend" in again
+    assert {"type": "checkout.session.completed"} in stored
+
+
+async def test_sandbox_resend_of_an_unknown_event_names_it_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "shared.db"))
+    assert await anyio.to_thread.run_sync(main, ["sandbox", "resend", "evt_nope"]) == 2
+    assert "evt_nope" in capsys.readouterr().err
 
 
 async def test_report_wallets_and_check_ledger_read_the_database(

@@ -4,18 +4,24 @@ that converge to Stripe's state whatever the order or number of deliveries."""
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mcp import Client
 
+from aims_billing_mcp.app import build_state
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
+from aims_billing_mcp.services.webhook_events import InvalidEvent, parse_event
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
-from tests.conftest import serving_http
+from tests.conftest import ok, serving_http
 
 pytestmark = pytest.mark.anyio
 DAY = 86400
@@ -196,3 +202,152 @@ async def test_a_status_read_just_before_an_event_is_not_served_stale_after_it(e
     await post(url, event("customer.subscription.deleted", subscription("canceled"), created=200))
     after = await server.state.subscriptions.get_billing_status("cus_A")
     assert (before.tier, after.tier, after.status) == ("6mo", "p2p", "canceled")
+
+
+def odd(**changes: Any) -> str:
+    """A subscription event with some fields replaced by odd shapes (json.dumps writes NaN and big integers)."""
+    base = {"id": "evt_odd", "object": "event", "type": "customer.subscription.created", "created": 100,
+            "livemode": False, "data": {"object": subscription()}}
+    return json.dumps({**base, **changes})
+
+
+def set_object(obj: Any) -> dict[str, Any]:
+    return {"object": obj}
+
+
+@pytest.mark.parametrize(("case", "payload"), [
+    ("type is a number", odd(type=123)),
+    ("created is text", odd(created="abc")),
+    ("created is 2**70", odd(created=2**70)),
+    ("created is NaN", odd(created=float("nan"))),
+    ("created is a float", odd(created=1.5)),
+    ("created is a boolean", odd(created=True)),
+    ("id is an object", odd(id={"a": 1})),
+    ("id is null", odd(id=None)),
+    ("id is empty", odd(id="")),
+    ("data is a string", odd(data="x")),
+    ("data.object is a list", odd(data=set_object([1, 2]))),
+    ("data.object.id is a number", odd(data=set_object({**subscription(), "id": 7}))),
+    ("data.object.customer is an object", odd(data=set_object({**subscription(), "customer": {"id": "cus_A"}}))),
+    ("data.object.items is a string", odd(data=set_object({**subscription(), "items": "x"}))),
+    ("data.object.metadata months is text", odd(data=set_object(
+        {**subscription(), "metadata": {"aims_tier": "6mo", "aims_delivered_months": "lots"}}))),
+    ("invoice parent is a list", odd(type="invoice.paid", data=set_object({"customer": "cus_A", "parent": [1]}))),
+    ("payment intent amount is text", odd(type="payment_intent.succeeded", data=set_object(
+        {"id": "pi_1", "status": "succeeded", "amount_received": "1000"}))),
+    ("customer has a lone surrogate", odd(type="invoice.paid", data=set_object({"customer": "cus_\ud800"}))),
+    ("nested 50,000 deep", '{"id": "evt_deep", "type": "invoice.paid", "created": 1, "data": {"object": '
+     + "[" * 50_000 + "]" * 50_000 + "}}"),
+    ("an array", "[1, 2, 3]"),
+])
+async def test_a_signed_event_of_odd_shape_is_refused_with_400_and_not_stored(
+    endpoint: tuple[str, Any], case: str, payload: str
+) -> None:
+    url, server = endpoint
+    response = await post(url, payload)
+    assert response.status_code == 400, (case, response.text)
+    assert "invalid payload" in response.json()["error"]
+    assert rows(server, "SELECT id FROM webhook_events") == []
+    assert provision(server) is None
+
+
+async def test_an_event_with_a_null_id_is_never_stored_so_it_cannot_be_stored_twice(endpoint: tuple[str, Any]) -> None:
+    url, server = endpoint
+    payload = odd(id=None)
+    answers = [(await post(url, payload)).status_code for _ in range(2)]
+    assert answers == [400, 400]
+    assert rows(server, "SELECT id FROM webhook_events") == []
+
+
+async def test_in_sandbox_mode_the_sandbox_signs_with_a_configured_webhook_secret(
+    make_server: Callable[..., Any], sandbox: Any
+) -> None:
+    server = make_server(stripe_webhook_secret="whsec_operator_own_secret")
+    async with Client(server) as client:
+        product = ok(await client.call_tool("create_product", {"name": "Pack"}))["product"]["id"]
+        price = ok(await client.call_tool("create_price", {"product": product, "unit_amount": 2500,
+                                                           "currency": "usd"}))["price"]["id"]
+        session = ok(await client.call_tool("create_checkout_session", {
+            "line_items": [{"price": price}], "customer_email": "c@example.com"}))
+        sandbox.complete_checkout_session(session["checkout_session"]["id"])
+        assert await anyio.to_thread.run_sync(lambda: sandbox.webhooks.drain(10))
+        stored = rows(server, "SELECT type FROM webhook_events")
+    assert sandbox.webhooks.deliveries and all(d.delivered for d in sandbox.webhooks.deliveries)
+    assert {"type": "checkout.session.completed"} in stored
+
+
+async def test_a_signature_mismatch_is_logged_in_one_line_naming_the_fix(
+    make_server: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_server(stripe_webhook_secret="whsec_operator_own_secret")
+    async with serving_http(server) as base:
+        with caplog.at_level(logging.WARNING, logger="aims_billing_mcp.webhooks"):
+            response = await post(f"{base}/webhooks/stripe", event("invoice.paid", {"customer": "cus_A"}))
+    assert response.status_code == 400
+    [line] = [r.getMessage() for r in caplog.records if "signature check failed" in r.getMessage()]
+    assert "\n" not in line
+    assert "sandbox's public secret" in line and "STRIPE_WEBHOOK_SECRET" in line
+    assert "whsec_operator_own_secret" not in line
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+SHAPES = [
+    ("customer.subscription.updated", subscription()),
+    ("checkout.session.completed", {"id": "cs_1", "customer": "cus_A", "subscription": "sub_A", "mode": "subscription",
+                                    "payment_status": "paid", "metadata": {"aims_tier": "3mo"}}),
+    ("invoice.payment_failed", {"id": "in_1", "customer": "cus_A", "subscription": "sub_A",
+                                "parent": {"subscription_details": {"subscription": "sub_A"}}}),
+    ("payment_intent.succeeded", {"id": "pi_1", "status": "succeeded", "amount_received": 100, "currency": "usd",
+                                  "customer": "cus_A", "last_payment_error": {"message": "declined"}}),
+]
+
+
+def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in `value` a fuzzed value can go (dict keys and list positions), the root excluded."""
+    found: list[tuple[Any, ...]] = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        found.append((*prefix, key))
+        found.extend(paths(child, (*prefix, key)))
+    return found
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    copy = json.loads(json.dumps(value))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = new
+    return copy
+
+
+@pytest.fixture
+def services(make_settings: Callable[..., Any], sandbox_app: Any) -> Iterator[Any]:
+    """The service graph without a transport (one for every example of a hypothesis test)."""
+    state = build_state(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
+    yield state
+    anyio.run(state.gateway.close)
+    state.store.close()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_signed_event_shape_is_stored_and_applied_or_refused_as_invalid_never_a_crash(
+    data: st.DataObject, services: Any
+) -> None:
+    kind, obj = data.draw(st.sampled_from(SHAPES))
+    event = {"id": f"evt_fuzz_{data.draw(st.integers(0, 10**9))}", "object": "event", "type": kind,
+             "created": 100, "livemode": False, "data": {"object": obj}}
+    path = data.draw(st.sampled_from(paths(event)))
+    mutated = replaced(event, path, data.draw(JSON_VALUES))
+    payload = json.dumps(mutated)
+    try:
+        checked = parse_event(payload.encode())
+    except InvalidEvent:
+        return
+    result = anyio.run(services.webhook_events.ingest, checked, payload)
+    assert result.event_id == mutated["id"]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from . import fulfilment, lifecycle
+from . import events, fulfilment, lifecycle
 from .core import DEFAULT_API_VERSION, Ctx, Obj, Route, public
 from .errors import StripeError, idempotency_mismatch
 from .faults import FaultInjector
@@ -69,6 +69,7 @@ class Sandbox:
         self._listeners_lock = threading.Lock()
         self.meter_event_errors: list[Obj] = []  # v2 stream events dropped as invalid, oldest first
         self.webhooks = WebhookSender()
+        self.webhooks.on_result = lambda record: events.record_delivery(self.store, record)
         self.add_event_listener(self.webhooks.enqueue)
 
     # -- the clock -------------------------------------------------------------------------------

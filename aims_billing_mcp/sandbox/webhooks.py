@@ -6,7 +6,9 @@ by one daemon thread, to an ``http(s)://`` URL (httpx) or to an ASGI app called 
 ``Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``, with ``t`` the real wall
 clock (the receiver checks it against its own clock, whatever the sandbox clock says). A non-2xx
 answer or a connection error is retried with exponential backoff (0.5 s, 1 s, 2 s, ... times
-``retry_delay_scale``) up to ``max_attempts``, then given up; both outcomes are recorded.
+``retry_delay_scale``) up to ``max_attempts``, then given up; both outcomes are recorded, and handed
+to ``on_result`` (the sandbox keeps an undelivered Event's ``pending_webhooks`` at 1 so it can be
+sent again: ``aims-billing-mcp sandbox resend``, as Stripe keeps retrying for three days).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class WebhookSender:
         self._config: _Config | None = None
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self.on_result: Callable[[DeliveryRecord], None] | None = None  # called on the delivery thread
 
     def configure(
         self,
@@ -167,6 +170,11 @@ class WebhookSender:
                 except Exception:  # never let the thread die with events still queued
                     log.exception("sandbox webhook delivery of %s failed", event.get("id"))
                     record = DeliveryRecord(str(event.get("id")), str(event.get("type")), 0, None, False)
+                if self.on_result is not None:
+                    try:
+                        self.on_result(record)
+                    except Exception:  # the store closing under us: the outcome is lost, the event stays pending
+                        log.exception("recording the delivery of %s failed", record.event_id)
                 with self._cond:
                     self._records.append(record)
                     self._pending -= 1

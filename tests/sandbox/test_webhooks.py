@@ -230,3 +230,18 @@ async def test_call_asgi_sends_method_path_query_headers_and_body_and_collects_t
     assert status == 201 and (b"x-answer", b"yes") in headers
     assert json.loads(body) == {"method": "POST", "path": "/a b/c", "q": "1", "h": "v", "body": "hi",
                                 "host": "api.test"}
+
+
+@pytest.mark.parametrize(("statuses", "pending"), [([], 0), ([500, 500], 1)])
+def test_an_event_stays_pending_until_delivered_and_is_listed_as_undelivered(
+    client: TestClient, sandbox: Sandbox, monthly: Obj, statuses: list[int], pending: int
+) -> None:
+    from aims_billing_mcp.sandbox.events import undelivered
+
+    receiver = Receiver(statuses)
+    sandbox.webhooks.configure(receiver.app, retry_delay_scale=0.01, max_attempts=2)
+    _expire_a_session(client, monthly)
+    assert sandbox.webhooks.drain(5)
+    [record] = sandbox.webhooks.deliveries
+    assert ok(client.get(f"/v1/events/{record.event_id}"))["pending_webhooks"] == pending
+    assert [e["id"] for e in undelivered(sandbox.store)] == ([record.event_id] if pending else [])

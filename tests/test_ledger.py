@@ -273,7 +273,7 @@ async def test_concurrent_twins_with_one_key_take_effect_once(ledger: LedgerServ
     assert ledger.get_wallet("a").balance == 93
 
 
-@pytest.mark.parametrize("change", [{"amount": 41}, {"reason": "other"}, {"reference": "ref"}, {"agent_id": "b"}])
+@pytest.mark.parametrize("change", [{"amount": 41}, {"reason": "other"}, {"reference": "ref"}])
 async def test_the_same_key_with_other_arguments_is_a_conflict_and_writes_nothing(
     ledger: LedgerService, store: Store, change: dict[str, Any]
 ) -> None:
@@ -293,6 +293,18 @@ async def test_keys_are_scoped_per_operation(ledger: LedgerService) -> None:
 
     assert not debited.replayed and not held.replayed
     assert ledger.get_wallet("a").available == 50
+
+
+async def test_keys_are_scoped_per_wallet_so_one_agent_cannot_squat_anothers(ledger: LedgerService) -> None:
+    await open_wallet(ledger, "alice", 100)
+    await open_wallet(ledger, "mallory", 100)
+    squatted = await ledger.debit("mallory", 5, idempotency_key="task-1", reason="squat")
+
+    mine = await ledger.debit("alice", 40, idempotency_key="task-1", reason="task")
+
+    assert not mine.replayed and mine.txn_id != squatted.txn_id and mine.agent_id == "alice"
+    assert (ledger.get_wallet("alice").balance, ledger.get_wallet("mallory").balance) == (60, 95)
+    assert ledger.check_ledger() == []
 
 
 async def test_a_refused_call_leaves_its_key_free_for_the_retry(ledger: LedgerService) -> None:

@@ -154,7 +154,7 @@ class CatalogService:
         return await self._mutate(
             "create_checkout_session", "/v1/checkout/sessions", params, CheckoutSessionResult,
             lambda d: {"checkout_session": project_checkout_session(d)},
-            idempotency_key=idempotency_key, dry_run=dry_run,
+            idempotency_key=idempotency_key, dry_run=dry_run, owner=customer,
         )
 
     async def create_billing_portal_session(
@@ -164,7 +164,7 @@ class CatalogService:
         return await self._mutate(
             "create_billing_portal_session", "/v1/billing_portal/sessions", params, PortalSessionResult,
             lambda d: {"portal_session": project_portal_session(d)},
-            idempotency_key=idempotency_key, dry_run=dry_run,
+            idempotency_key=idempotency_key, dry_run=dry_run, owner=customer,
         )
 
     # --- reads --------------------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ Frozen wallets refuse debits, holds, captures and outgoing transfers; credits, i
 allowed. Wallets per customer are limited by `agent_limit(customer_id)`: None = no limit, 0 = no wallets (P2P's 0
 agents: the operator allows them by returning a number for that customer).
 
-Idempotency: every mutation names its `idempotency_key`, scoped by operation (a `debit` and a `credit` may share a
-key). The (operation, key) row of `ledger_requests` is written by the same job, in the same transaction, as the
+Idempotency: every mutation names its `idempotency_key`, scoped by the wallet it belongs to (the agent: a
+transfer's source wallet, a hold's wallet for its capture or release) and by operation (a `debit` and a `credit`
+may share a key), so one agent can never squat or replay another agent's keys. The (owner, operation, key) row of
+`ledger_requests` is written by the same job, in the same transaction, as the
 effect, holding a hash of the arguments and the first result: a retry with the same arguments gets that result with
 `replayed: true`; with other arguments, IdempotencyConflict. A refused call writes nothing, so its key stays free.
 
@@ -191,7 +193,7 @@ class LedgerService:
             return {"wallet_id": wallet_id, "agent_id": agent_id, "customer_id": customer_id,
                     "daily_cap": daily_cap, "created_at": iso}
 
-        return await self._submit(WalletCreated, self._job("create_wallet", idempotency_key, args, run))
+        return await self._submit(WalletCreated, self._job("create_wallet", agent_id, idempotency_key, args, run))
 
     def get_wallet(self, agent_id: str, recent: int = 10) -> Wallet:
         """Balance, active holds, available, cap and today's spend, and the latest entries, read in one snapshot."""
@@ -243,7 +245,7 @@ class LedgerService:
                 _save(conn, wallet, utc_iso(now))
             return {"agent_id": agent_id, "frozen": frozen, "changed": changed, "reason": reason}
 
-        return await self._submit(FreezeResult, self._job("freeze", idempotency_key, args, run))
+        return await self._submit(FreezeResult, self._job("freeze", agent_id, idempotency_key, args, run))
 
     # --- postings -----------------------------------------------------------------------------------------------
 
@@ -314,7 +316,7 @@ class LedgerService:
                     "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": source,
                     "created_at": iso, **extra}
 
-        return self._job(operation, idempotency_key, args, run)
+        return self._job(operation, agent_id, idempotency_key, args, run)
 
     async def debit(
         self, agent_id: str, amount: int, *, idempotency_key: str, reason: str, reference: str | None = None
@@ -349,7 +351,7 @@ class LedgerService:
                     "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": REVENUE,
                     "created_at": iso}
 
-        return self._job("debit", idempotency_key, args, run)
+        return self._job("debit", agent_id, idempotency_key, args, run)
 
     async def transfer(
         self, from_agent: str, to_agent: str, amount: int, *, idempotency_key: str, reason: str,
@@ -389,7 +391,7 @@ class LedgerService:
                     "from_balance_after": source.balance, "from_available_after": source.available,
                     "to_balance_after": target.balance, "created_at": iso}
 
-        return await self._submit(Transfer, self._job("transfer", idempotency_key, args, run))
+        return await self._submit(Transfer, self._job("transfer", from_agent, idempotency_key, args, run))
 
     # --- holds --------------------------------------------------------------------------------------------------
 
@@ -425,7 +427,7 @@ class LedgerService:
                     "expires_at": expires_at, "balance": wallet.balance, "available_after": wallet.available,
                     "created_at": iso}
 
-        return await self._submit(HoldPlaced, self._job("hold", idempotency_key, args, run))
+        return await self._submit(HoldPlaced, self._job("hold", agent_id, idempotency_key, args, run))
 
     async def capture_hold(
         self, hold_id: str, amount: int, *, idempotency_key: str, reason: str, reference: str | None = None
@@ -492,7 +494,7 @@ class LedgerService:
                     "captured": captured, "released": held - captured, "balance_after": wallet.balance,
                     "available_after": wallet.available, "created_at": iso}
 
-        return await self._submit(HoldResolved, self._job(operation, idempotency_key, args, run))
+        return await self._submit(HoldResolved, self._job(operation, _hold_owner(hold_id), idempotency_key, args, run))
 
     async def sweep_expired_holds(self, limit: int = 1000) -> int:
         """Write down the expiry of the expired holds of up to `limit` wallets, each with its own ledger record;
@@ -558,32 +560,35 @@ class LedgerService:
     # --- the one mutation path ----------------------------------------------------------------------------------
 
     def _job(
-        self, operation: str, idempotency_key: str, args: dict[str, Any],
-        run: Callable[[sqlite3.Connection, float], dict[str, Any]],
+        self, operation: str, owner: str | Callable[[sqlite3.Connection], str], idempotency_key: str,
+        args: dict[str, Any], run: Callable[[sqlite3.Connection, float], dict[str, Any]],
     ) -> Job:
-        """Wrap `run` so that the (operation, key) row is checked and written in the same transaction as the effect."""
+        """Wrap `run` so that the (owner, operation, key) row is checked and written in the same transaction as the
+        effect. `owner` is the agent whose wallet the key belongs to, or a function finding it on the writer's
+        connection (a hold's wallet): one wallet's keys never block or replay another wallet's calls."""
         require_text(idempotency_key, "idempotency_key")
         digest = hashlib.sha256(dumps(args).encode()).hexdigest()
         clock = self._clock
 
         def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            agent = owner if isinstance(owner, str) else owner(conn)
             found = conn.execute(
-                "SELECT request_hash, response FROM ledger_requests WHERE operation = ? AND idempotency_key = ?",
-                (operation, idempotency_key)).fetchone()
+                "SELECT request_hash, response FROM ledger_requests WHERE owner = ? AND operation = ? "
+                "AND idempotency_key = ?", (agent, operation, idempotency_key)).fetchone()
             if found is not None:
                 if found[0] != digest:
                     raise IdempotencyConflict(
-                        f"idempotency_key {idempotency_key!r} was already used for {operation} with other arguments: "
-                        "repeat the first call's arguments exactly to get its result, or use a new key for a new "
-                        "request", param="idempotency_key", operation=operation)
+                        f"idempotency_key {idempotency_key!r} was already used for {operation} on agent {agent}'s "
+                        "wallet with other arguments: repeat the first call's arguments exactly to get its result, "
+                        "or use a new key for a new request", param="idempotency_key", operation=operation)
                 stored: dict[str, Any] = json.loads(found[1])
                 return stored, True
             now = round(clock(), 3)  # the millisecond the ISO times show, so day and time agree
             response = run(conn, now)
             conn.execute(
-                "INSERT INTO ledger_requests (operation, idempotency_key, request_hash, response, txn_id, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (operation, idempotency_key, digest, dumps(response), response.get("txn_id"), utc_iso(now)))
+                "INSERT INTO ledger_requests (owner, operation, idempotency_key, request_hash, response, txn_id, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (agent, operation, idempotency_key, digest, dumps(response), response.get("txn_id"), utc_iso(now)))
             return response, False
 
         return job
@@ -744,6 +749,18 @@ def _unknown_wallet(agent_id: str, param: str = "agent_id") -> NotFound:
                     param=param)
 
 
+def _hold_owner(hold_id: str) -> Callable[[sqlite3.Connection], str]:
+    """The agent whose wallet a hold is on: the owner of the keys that capture or release it."""
+    def find(conn: sqlite3.Connection) -> str:
+        row = conn.execute("SELECT w.agent_id FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
+                           "WHERE h.id = ?", (hold_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no hold {hold_id}: check the id returned by hold_luc", param="hold_id")
+        return str(row[0])
+
+    return find
+
+
 # --- argument checks: before any job, so a bad call never reaches the writer ---------------------------------------
 
 
@@ -861,15 +878,16 @@ SELECT 'hold_state_mismatch', h.id, 'status ' || h.status || ' with '
                                             WHERE t.txn_id = h.resolved_txn_id AND t.kind = 'capture'
                                               AND t.wallet_id = h.wallet_id AND -t.amount = h.captured)
 UNION ALL
-SELECT 'idempotency_key_reused', idempotency_key, COUNT(DISTINCT txn_id) || ' transactions under one key'
-  FROM agent_transactions WHERE idempotency_key IS NOT NULL
- GROUP BY idempotency_key HAVING COUNT(DISTINCT txn_id) > 1 OR COUNT(*) != COUNT(DISTINCT entry)
+SELECT 'idempotency_key_reused', account || ' ' || idempotency_key,
+       COUNT(DISTINCT txn_id) || ' transactions under one key of one wallet'
+  FROM agent_transactions WHERE idempotency_key IS NOT NULL AND entry = 0
+ GROUP BY account, idempotency_key HAVING COUNT(DISTINCT txn_id) > 1
 UNION ALL
 SELECT 'idempotency_key_reused', txn_id, COUNT(*) || ' requests claim one transaction'
   FROM ledger_requests WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING COUNT(*) > 1
 UNION ALL
-SELECT 'acknowledged_txn_missing', r.operation || ':' || r.idempotency_key, 'request names ' || r.txn_id
-       || ', which has no entries'
+SELECT 'acknowledged_txn_missing', r.owner || ' ' || r.operation || ':' || r.idempotency_key,
+       'request names ' || r.txn_id || ', which has no entries'
   FROM ledger_requests r
  WHERE r.txn_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM agent_transactions t WHERE t.txn_id = r.txn_id)
 UNION ALL

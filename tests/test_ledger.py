@@ -227,6 +227,14 @@ async def test_amounts_that_are_not_positive_whole_numbers_are_refused_for_every
     assert str(amount) in err.message
 
 
+async def test_a_usd_top_up_above_its_maximum_is_refused_naming_cents(ledger: LedgerService, store: Store) -> None:
+    await open_wallet(ledger, "a")
+    for cents in (10**12 + 1, 10**30, 10**5000):
+        err = await refused(store, ledger.credit_usd("a", cents, idempotency_key="k", reason="r"), InvalidInput,
+                            "maximum")
+        assert err.param == "cents"
+
+
 @pytest.mark.parametrize("field", ["reason", "idempotency_key"])
 @pytest.mark.parametrize("value", ["", "   ", None, "x" * 501])
 async def test_a_missing_or_oversized_reason_or_key_is_refused(
@@ -611,6 +619,8 @@ async def test_history_filters_by_kind_and_time(ledger: LedgerService, clock: Cl
 @pytest.mark.parametrize(("kwargs", "param"), [
     ({"kind": "charge"}, "kind"), ({"cursor": "abc"}, "cursor"), ({"limit": 0}, "limit"),
     ({"limit": 501}, "limit"), ({"since": "yesterday"}, "since"), ({"until": True}, "until"),
+    ({"cursor": "9" * 100}, "cursor"), ({"cursor": str(2**63)}, "cursor"), ({"cursor": "²"}, "cursor"),
+    ({"cursor": "-1"}, "cursor"), ({"cursor": ""}, "cursor"),
 ])
 async def test_bad_history_arguments_are_refused_by_name(ledger: LedgerService, kwargs: dict[str, Any],
                                                          param: str) -> None:

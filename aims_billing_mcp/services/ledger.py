@@ -85,7 +85,9 @@ REVENUE = "system:revenue"
 KINDS = ("credit", "debit", "transfer", "hold", "capture", "release", "expire")
 DAY = 86_400
 MAX_AMOUNT = 10**15  # per operation; far beyond any real top-up, far below SQLite's 2**63
-MAX_BALANCE = 10**18
+MAX_BALANCE = 10**18  # per wallet: sums of balances and a day's spend stay far below 2**63
+MAX_USD_CENTS = 10**12  # per top-up ($10 billion)
+MAX_ROW_ID = 2**63 - 1  # SQLite's largest integer
 MAX_HOLD_TTL = 30 * DAY
 MAX_TEXT = 500
 MAX_PAGE = 500
@@ -264,8 +266,12 @@ class LedgerService:
     ) -> UsdCredit:
         """Top up a wallet paid in USD cents: LUC = cents * luc_per_usd // 100, rounded down (never more LUC than
         were paid for); a payment too small to buy 1 LUC is refused."""
-        _amount(cents, "cents")
+        _amount(cents, "cents", MAX_USD_CENTS)
         amount = cents * self._luc_per_usd // 100
+        if amount > MAX_AMOUNT:
+            raise InvalidInput(
+                f"{cents} cents buy {amount} LUC at {self._luc_per_usd} LUC per USD, above the per-operation maximum "
+                f"of {MAX_AMOUNT} LUC: split the top-up", param="cents")
         if amount == 0:
             raise InvalidInput(
                 f"{cents} cent(s) buy 0 LUC at {self._luc_per_usd} LUC per USD: top up at least "
@@ -540,11 +546,8 @@ class LedgerService:
             where.append("created_at < :until")
             params["until"] = _when(until, "until")
         if cursor is not None:
-            if not (isinstance(cursor, str) and cursor.isdigit()):
-                raise InvalidInput(f"cursor {cursor!r} is not one this tool returned: pass next_cursor unchanged",
-                                   param="cursor")
             where.append("id < :cursor")
-            params["cursor"] = int(cursor)
+            params["cursor"] = _cursor(cursor)
         rows = self._store.query(
             f"SELECT json_object({_ENTRY_JSON}) AS entry FROM agent_transactions t WHERE {' AND '.join(where)} "
             "ORDER BY id DESC LIMIT :limit", params)
@@ -764,13 +767,14 @@ def _hold_owner(hold_id: str) -> Callable[[sqlite3.Connection], str]:
 # --- argument checks: before any job, so a bad call never reaches the writer ---------------------------------------
 
 
-def _amount(value: object, field: str) -> int:
+def _amount(value: object, field: str, maximum: int = MAX_AMOUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(f"{field} must be a whole number of LUC, got {value!r}", param=field)
     if value <= 0:
         raise InvalidInput(f"{field} must be a positive number, got {value}: amounts are at least 1", param=field)
-    if value > MAX_AMOUNT:
-        raise InvalidInput(f"{field} {value} is above the per-operation maximum of {MAX_AMOUNT}: split it",
+    if value > maximum:
+        shown = value if value < 10**30 else "a number above 10**30"  # str() of a huge int raises ValueError
+        raise InvalidInput(f"{field} {shown} is above the per-operation maximum of {maximum}: split it",
                            param=field)
     return value
 
@@ -799,6 +803,16 @@ def _limit(value: object, field: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InvalidInput(f"{field} must be a whole number from {low} to {high}, got {value!r}", param=field)
     return value
+
+
+def _cursor(value: object) -> int:
+    """An entry id as `next_cursor` gave it: ASCII digits, within SQLite's 64-bit integers."""
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19
+            and int(value) <= MAX_ROW_ID):
+        shown = value[:40] + "..." if isinstance(value, str) and len(value) > 40 else value
+        raise InvalidInput(f"cursor {shown!r} is not one this tool returned: pass next_cursor unchanged, or omit it "
+                           "for the first page", param="cursor")
+    return int(value)
 
 
 def _when(value: datetime | float | str, field: str) -> str:

@@ -223,16 +223,16 @@ async def test_amounts_that_are_not_positive_whole_numbers_are_refused_for_every
     await open_wallet(ledger, "a", 100)
     await open_wallet(ledger, "b")
     err = await refused(store, every_mutation(ledger, amount)[operation](), InvalidInput)
-    assert err.param in {"amount", "cents"}
+    assert err.param in {"amount", "usd_cents"}
     assert str(amount) in err.message
 
 
-async def test_a_usd_top_up_above_its_maximum_is_refused_naming_cents(ledger: LedgerService, store: Store) -> None:
+async def test_a_usd_top_up_above_its_maximum_is_refused_naming_usd_cents(ledger: LedgerService, store: Store) -> None:
     await open_wallet(ledger, "a")
     for cents in (10**12 + 1, 10**30, 10**5000):
         err = await refused(store, ledger.credit_usd("a", cents, idempotency_key="k", reason="r"), InvalidInput,
                             "maximum")
-        assert err.param == "cents"
+        assert err.param == "usd_cents"
 
 
 @pytest.mark.parametrize("field", ["reason", "idempotency_key"])

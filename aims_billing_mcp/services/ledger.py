@@ -64,6 +64,7 @@ from ..errors import (
     WalletFrozen,
 )
 from ..store import Store, dumps, new_id, settle, utc_iso
+from .ceiling import Ceiling
 from .ledger_models import (
     FreezeResult,
     HoldPlaced,
@@ -145,6 +146,7 @@ class LedgerService:
         luc_per_usd: int,
         agent_limit: Callable[[str], int | None],
         clock: Callable[[], float] = time.time,
+        ceiling: Ceiling | None = None,
     ) -> None:
         if isinstance(luc_per_usd, bool) or not isinstance(luc_per_usd, int) or luc_per_usd <= 0:
             raise ValueError(f"luc_per_usd must be a positive integer, got {luc_per_usd!r}")
@@ -153,6 +155,7 @@ class LedgerService:
         self._agent_limit = agent_limit
         self._clock = clock
         self._batcher = _Batcher(store)
+        self.ceiling = ceiling or Ceiling()  # the per-call money ceiling; payment sessions and x402 apply it too
 
     # --- wallets ------------------------------------------------------------------------------------------------
 
@@ -266,16 +269,17 @@ class LedgerService:
     ) -> UsdCredit:
         """Top up a wallet paid in USD cents: LUC = cents * luc_per_usd // 100, rounded down (never more LUC than
         were paid for); a payment too small to buy 1 LUC is refused."""
-        _amount(cents, "cents", MAX_USD_CENTS)
+        _amount(cents, "usd_cents", MAX_USD_CENTS)
+        self.ceiling.check(cents, "usd", "usd_cents")
         amount = cents * self._luc_per_usd // 100
         if amount > MAX_AMOUNT:
             raise InvalidInput(
                 f"{cents} cents buy {amount} LUC at {self._luc_per_usd} LUC per USD, above the per-operation maximum "
-                f"of {MAX_AMOUNT} LUC: split the top-up", param="cents")
+                f"of {MAX_AMOUNT} LUC: split the top-up", param="usd_cents")
         if amount == 0:
             raise InvalidInput(
                 f"{cents} cent(s) buy 0 LUC at {self._luc_per_usd} LUC per USD: top up at least "
-                f"{-(-100 // self._luc_per_usd)} cent(s)", param="cents",
+                f"{-(-100 // self._luc_per_usd)} cent(s)", param="usd_cents",
             )
         extra = {"cents": cents, "luc_per_usd": self._luc_per_usd}
         job = self._credit_job("credit_usd", agent_id, amount, extra, ISSUANCE, idempotency_key, reason, reference)

@@ -9,7 +9,7 @@ CREATE TABLE ledger_requests_by_owner (
     response TEXT NOT NULL,
     txn_id TEXT,
     created_at TEXT NOT NULL,
-    PRIMARY KEY (owner, operation, idempotency_key)
+    PRIMARY KEY (operation, idempotency_key, owner)  -- the key first: concurrent inserts share pages (group commit)
 ) WITHOUT ROWID;
 INSERT INTO ledger_requests_by_owner (owner, operation, idempotency_key, request_hash, response, txn_id, created_at)
     SELECT COALESCE(json_extract(response, '$.agent_id'), json_extract(response, '$.from_agent'), ''), operation,
@@ -19,7 +19,7 @@ DROP TABLE ledger_requests;
 ALTER TABLE ledger_requests_by_owner RENAME TO ledger_requests;
 -- A ledger key is unique per account: entry 0 of every transaction is the owning wallet's side.
 DROP INDEX agent_transactions_idempotency;
-CREATE UNIQUE INDEX agent_transactions_idempotency ON agent_transactions (account, idempotency_key)
+CREATE UNIQUE INDEX agent_transactions_idempotency ON agent_transactions (idempotency_key, account)
     WHERE entry = 0 AND idempotency_key IS NOT NULL;
 -- Stripe-mutating tools: (tool, owner, key), the owner being the customer a call acts for ('' for the operator's
 -- own catalog calls, which name no customer).
@@ -31,7 +31,7 @@ CREATE TABLE idempotency_keys_by_owner (
     response TEXT NOT NULL,
     request_id TEXT,
     created_at TEXT NOT NULL,
-    PRIMARY KEY (tool, owner, key)
+    PRIMARY KEY (tool, key, owner)
 );
 INSERT INTO idempotency_keys_by_owner (tool, owner, key, request_hash, response, request_id, created_at)
     SELECT tool, '', key, request_hash, response, request_id, created_at FROM idempotency_keys;

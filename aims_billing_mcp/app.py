@@ -35,6 +35,7 @@ from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.acp import AcpService
 from .services.audit import prune_audit
 from .services.catalog import CatalogService
+from .services.ceiling import Ceiling
 from .services.commerce import PaymentSessionService
 from .services.idempotency import IdempotencyService
 from .services.ledger import LedgerService
@@ -282,7 +283,8 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
         tier = subscriptions.entitled_tier(customer)
         return settings.aims_billing_p2p_agents if tier.id == pricing.p2p.id else tier.agents
 
-    ledger = LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=agent_limit)
+    ceiling = Ceiling.from_settings(settings)  # one per-call money ceiling for every path (services/ceiling.py)
+    ledger = LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=agent_limit, ceiling=ceiling)
     live = gateway.mode is StripeMode.LIVE
     x402 = X402Service(
         store, ledger, gateway, pricing, pay_to=settings.aims_x402_pay_to,
@@ -290,7 +292,8 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
         facilitator=settings.aims_x402_facilitator, facilitator_url=settings.aims_x402_facilitator_url,
     )
     metering = MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
-                               period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists)
+                               period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists,
+                               ceiling=ceiling)
     prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, retry_delay_scale=retry_delay_scale)
     commerce = PaymentSessionService(store, mutations, ledger, pricing, max_amount=settings.aims_billing_max_amount,
                                      prepaid=prepaid)
@@ -304,7 +307,7 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
         ledger=ledger, x402=x402, commerce=commerce, acp=acp,
         metering=metering, flusher=MeterFlusher(store, gateway, retry_delay_scale=retry_delay_scale),
         settings=settings, store=store, gateway=gateway, idempotency=idempotency,
-        catalog=CatalogService(mutations, max_amount=settings.aims_billing_max_amount), pricing=pricing,
+        catalog=CatalogService(mutations, ceiling=ceiling), pricing=pricing,
         subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions, commerce),
         webhook_secret=secret,
     )

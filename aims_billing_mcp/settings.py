@@ -57,7 +57,13 @@ class Settings(BaseSettings):
     aims_billing_tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
     aims_billing_toolsets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     aims_billing_read_only: bool = False
-    aims_billing_max_amount: int = Field(default=1_000_000, gt=0)
+    aims_billing_max_amount: int = Field(default=1_000_000, gt=0, le=10**15)
+    aims_billing_ceiling_currency: str = Field(
+        default="usd", pattern=r"^[a-zA-Z]{3,4}$", description="The currency AIMS_BILLING_MAX_AMOUNT is counted in"
+    )
+    aims_billing_max_amounts: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, description="Per-currency ceilings in minor units (jpy=1500000,kwd=3000000)"
+    )
     aims_billing_replay_window_seconds: int = Field(default=600, ge=0)
     aims_billing_audit_retention_days: int = Field(default=90, ge=1, le=36_500)
     aims_billing_http_host: str = "127.0.0.1"
@@ -106,6 +112,27 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @field_validator("aims_billing_ceiling_currency", mode="after")
+    @classmethod
+    def _lower_currency(cls, value: str) -> str:
+        return value.lower()
+
+    @field_validator("aims_billing_max_amounts", mode="before")
+    @classmethod
+    def _split_ceilings(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        ceilings: dict[str, int] = {}
+        for pair in filter(None, (part.strip() for part in value.split(","))):
+            currency, _, amount = pair.partition("=")
+            currency = currency.strip().lower()
+            if not (3 <= len(currency) <= 4 and currency.isascii() and currency.isalpha()
+                    and amount.strip().isascii() and amount.strip().isdigit() and 0 < int(amount) <= 10**15):
+                raise ValueError(f"{pair!r} is not currency=ceiling: write e.g. jpy=1500000,kwd=3000000 (minor units "
+                                 "of that currency, 1 to 10**15)")
+            ceilings[currency] = int(amount)
+        return ceilings
 
     @field_validator("stripe_secret_key", mode="after")
     @classmethod

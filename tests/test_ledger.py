@@ -223,8 +223,16 @@ async def test_amounts_that_are_not_positive_whole_numbers_are_refused_for_every
     await open_wallet(ledger, "a", 100)
     await open_wallet(ledger, "b")
     err = await refused(store, every_mutation(ledger, amount)[operation](), InvalidInput)
-    assert err.param in {"amount", "cents"}
+    assert err.param in {"amount", "usd_cents"}
     assert str(amount) in err.message
+
+
+async def test_a_usd_top_up_above_its_maximum_is_refused_naming_usd_cents(ledger: LedgerService, store: Store) -> None:
+    await open_wallet(ledger, "a")
+    for cents in (10**12 + 1, 10**30, 10**5000):
+        err = await refused(store, ledger.credit_usd("a", cents, idempotency_key="k", reason="r"), InvalidInput,
+                            "maximum")
+        assert err.param == "usd_cents"
 
 
 @pytest.mark.parametrize("field", ["reason", "idempotency_key"])
@@ -273,7 +281,7 @@ async def test_concurrent_twins_with_one_key_take_effect_once(ledger: LedgerServ
     assert ledger.get_wallet("a").balance == 93
 
 
-@pytest.mark.parametrize("change", [{"amount": 41}, {"reason": "other"}, {"reference": "ref"}, {"agent_id": "b"}])
+@pytest.mark.parametrize("change", [{"amount": 41}, {"reason": "other"}, {"reference": "ref"}])
 async def test_the_same_key_with_other_arguments_is_a_conflict_and_writes_nothing(
     ledger: LedgerService, store: Store, change: dict[str, Any]
 ) -> None:
@@ -293,6 +301,18 @@ async def test_keys_are_scoped_per_operation(ledger: LedgerService) -> None:
 
     assert not debited.replayed and not held.replayed
     assert ledger.get_wallet("a").available == 50
+
+
+async def test_keys_are_scoped_per_wallet_so_one_agent_cannot_squat_anothers(ledger: LedgerService) -> None:
+    await open_wallet(ledger, "alice", 100)
+    await open_wallet(ledger, "mallory", 100)
+    squatted = await ledger.debit("mallory", 5, idempotency_key="task-1", reason="squat")
+
+    mine = await ledger.debit("alice", 40, idempotency_key="task-1", reason="task")
+
+    assert not mine.replayed and mine.txn_id != squatted.txn_id and mine.agent_id == "alice"
+    assert (ledger.get_wallet("alice").balance, ledger.get_wallet("mallory").balance) == (60, 95)
+    assert ledger.check_ledger() == []
 
 
 async def test_a_refused_call_leaves_its_key_free_for_the_retry(ledger: LedgerService) -> None:
@@ -599,6 +619,8 @@ async def test_history_filters_by_kind_and_time(ledger: LedgerService, clock: Cl
 @pytest.mark.parametrize(("kwargs", "param"), [
     ({"kind": "charge"}, "kind"), ({"cursor": "abc"}, "cursor"), ({"limit": 0}, "limit"),
     ({"limit": 501}, "limit"), ({"since": "yesterday"}, "since"), ({"until": True}, "until"),
+    ({"cursor": "9" * 100}, "cursor"), ({"cursor": str(2**63)}, "cursor"), ({"cursor": "²"}, "cursor"),
+    ({"cursor": "-1"}, "cursor"), ({"cursor": ""}, "cursor"),
 ])
 async def test_bad_history_arguments_are_refused_by_name(ledger: LedgerService, kwargs: dict[str, Any],
                                                          param: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..errors import AmountAboveCeiling, InvalidInput, StripeInvalidRequest
+from ..errors import InvalidInput
 from ..models import (
     Balance,
     BalanceAmount,
@@ -32,48 +32,24 @@ from ..models import (
     format_amount,
 )
 from ..stripe_gateway import StripeRequest
+from .ceiling import DEFAULT_MAX_AMOUNT, Ceiling
 from .mutations import StripeMutations, compact
 
 
 class CatalogService:
-    def __init__(self, mutations: StripeMutations, *, max_amount: int) -> None:
+    def __init__(self, mutations: StripeMutations, *, max_amount: int | None = None,
+                 ceiling: Ceiling | None = None) -> None:
         self._mutations = mutations
         self._gateway = mutations.gateway
-        self._max_amount = max_amount
+        self._ceiling = ceiling or Ceiling(max_amount or DEFAULT_MAX_AMOUNT)
         self._mutate = mutations.run
 
-    def _check_ceiling(self, amount: int, currency: str, field: str) -> None:
-        if amount > self._max_amount:
-            raise AmountAboveCeiling(
-                f"{field} is {format_amount(amount, currency)} ({amount} minor units), above the per-call ceiling "
-                f"AIMS_BILLING_MAX_AMOUNT={self._max_amount}: use a smaller amount, or have the operator raise the "
-                "ceiling",
-                param=field,
-                amount=amount,
-                ceiling=self._max_amount,
-            )
-
     async def _line_item_total(self, line_items: list[LineItem]) -> tuple[int | None, str | None]:
-        """Look up each price once: a clear error for a missing one, and the total to hold against the ceiling."""
+        """Look up each price once: a clear error for a missing one, and the total (tiered prices at their
+        quantity) held against the ceiling per currency."""
         if not line_items:
             raise InvalidInput("line_items is empty: pass at least one {price, quantity}", param="line_items")
-        totals: dict[str, int] = {}
-        for index, item in enumerate(line_items):
-            try:
-                price = (await self._gateway.send(StripeRequest("get", f"/v1/prices/{item.price}"))).data
-            except StripeInvalidRequest as exc:
-                if exc.details.get("stripe_code") != "resource_missing":
-                    raise
-                raise StripeInvalidRequest(
-                    f"line_items[{index}].price: no such price {item.price!r}: create one with create_price "
-                    "(or run `aims-billing-mcp setup-stripe`), or pass an existing price id",
-                    param=f"line_items[{index}][price]",
-                    **exc.details,
-                ) from None
-            amount = int(price.get("unit_amount") or 0) * item.quantity
-            totals[price["currency"]] = totals.get(price["currency"], 0) + amount
-        for currency, amount in totals.items():
-            self._check_ceiling(amount, currency, "line_items total")
+        totals = await self._ceiling.check_line_items(self._gateway, [item.model_dump() for item in line_items])
         if len(totals) == 1:
             ((currency, amount),) = totals.items()
             return amount, currency
@@ -96,7 +72,7 @@ class CatalogService:
         lookup_key: str | None, nickname: str | None, metadata: dict[str, str] | None,
         idempotency_key: str | None, dry_run: bool,
     ) -> PriceResult:
-        self._check_ceiling(unit_amount, currency, "unit_amount")
+        self._ceiling.check(unit_amount, currency, "unit_amount")
         params = compact({
             "product": product, "currency": currency, "unit_amount": unit_amount,
             "recurring": recurring.model_dump() if recurring else None,
@@ -154,7 +130,7 @@ class CatalogService:
         return await self._mutate(
             "create_checkout_session", "/v1/checkout/sessions", params, CheckoutSessionResult,
             lambda d: {"checkout_session": project_checkout_session(d)},
-            idempotency_key=idempotency_key, dry_run=dry_run,
+            idempotency_key=idempotency_key, dry_run=dry_run, owner=customer,
         )
 
     async def create_billing_portal_session(
@@ -164,7 +140,7 @@ class CatalogService:
         return await self._mutate(
             "create_billing_portal_session", "/v1/billing_portal/sessions", params, PortalSessionResult,
             lambda d: {"portal_session": project_portal_session(d)},
-            idempotency_key=idempotency_key, dry_run=dry_run,
+            idempotency_key=idempotency_key, dry_run=dry_run, owner=customer,
         )
 
     # --- reads --------------------------------------------------------------------------------------------------

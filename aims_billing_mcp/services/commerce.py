@@ -100,6 +100,7 @@ class PaymentSessionService:
                                param="amount" if amount is not None else "currency")
         if item is not None:
             found = self._pricing.item(item)
+            self.ledger.ceiling.check(found.unit_price, found.currency, "item", what=f"the price of {found.id}")
             return found, found.unit_price, found.currency
         if amount is None or currency is None:
             raise InvalidInput("give an item (e.g. luc_10k; valid items: " + ", ".join(self._pricing.items)
@@ -111,9 +112,7 @@ class PaymentSessionService:
         if code not in CURRENCIES:
             raise InvalidInput(f"currency {currency!r} is not an ISO 4217 code Stripe accepts, e.g. usd",
                                param="currency")
-        if self._max_amount is not None and amount > self._max_amount:
-            raise InvalidInput(f"amount {format_amount(amount, code)} is above the per-call ceiling "
-                               f"AIMS_BILLING_MAX_AMOUNT={self._max_amount}", param="amount")
+        self.ledger.ceiling.check(amount, code, "amount")
         return None, amount, code
 
     def _check_can_subscribe(self, item: Item, customer: str | None) -> None:

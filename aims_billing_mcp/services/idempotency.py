@@ -1,10 +1,12 @@
 """Exactly-once for mutating tools: a repeated call returns the first result instead of creating a second object.
 
-A call is identified by (tool, key). The key is the caller's `idempotency_key`, or, when none is given, one derived
-from the arguments and a time bucket (the replay window), so an agent that simply retries a timed-out call does not
-pay twice. The stored row holds a hash of the arguments: the same key with other arguments is refused, never
-silently replayed. Stripe gets a key derived deterministically from (tool, key), so even a crash between Stripe's
-answer and our COMMIT replays on Stripe's side instead of creating a duplicate.
+A call is identified by (tool, owner, key). The key is the caller's `idempotency_key`, or, when none is given, one
+derived from the arguments and a time bucket (the replay window), so an agent that simply retries a timed-out call
+does not pay twice. The owner is the party the call acts for (the customer a checkout or portal session is for; ''
+for the operator's own catalog calls): one party's key never blocks or replays another party's call. The stored
+row holds a hash of the arguments: the same key with other arguments is refused, never silently replayed.
+Stripe gets a key derived deterministically from (tool, owner, key), so even a crash between Stripe's answer and our
+COMMIT replays on Stripe's side instead of creating a duplicate.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import IdempotencyConflict
+from ..errors import IdempotencyConflict, InvalidInput
 from ..store import Store, dumps, utc_iso, utc_now
 
 
@@ -32,6 +34,12 @@ class CallKey:
     key: str
     request_hash: str
     explicit: bool
+    owner: str = ""
+
+    @property
+    def scoped(self) -> str:
+        """The key with its owner, for the Stripe idempotency key (NUL never occurs in a key: `key_for` refuses it)."""
+        return f"{self.owner}\x00{self.key}" if self.owner else self.key
 
 
 @dataclass(frozen=True)
@@ -45,27 +53,35 @@ class IdempotencyService:
     def __init__(self, store: Store, *, replay_window_seconds: int) -> None:
         self._store = store
         self._window = replay_window_seconds
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
-    def key_for(self, tool: str, arguments: dict[str, Any], idempotency_key: str | None) -> CallKey:
+    def key_for(
+        self, tool: str, arguments: dict[str, Any], idempotency_key: str | None, owner: str | None = None
+    ) -> CallKey:
+        """The call's key, scoped to `owner` (the customer it acts for; None or '' for the operator)."""
         digest = request_hash(tool, arguments)
+        owner = owner or ""
         if idempotency_key is not None:
-            return CallKey(tool, idempotency_key, digest, explicit=True)
+            if "\x00" in idempotency_key:
+                raise InvalidInput("idempotency_key contains a NUL character: use printable text",
+                                   param="idempotency_key")
+            return CallKey(tool, idempotency_key, digest, explicit=True, owner=owner)
         bucket = int(time.time() // self._window) if self._window else time.time_ns()
-        return CallKey(tool, f"auto:{digest[:32]}:{bucket}", digest, explicit=False)
+        return CallKey(tool, f"auto:{digest[:32]}:{bucket}", digest, explicit=False, owner=owner)
 
     def find(self, call: CallKey) -> dict[str, Any] | None:
         """The stored first result for this call, or None; raises when the key was used with other arguments."""
         row = self._store.query_one(
-            "SELECT request_hash, response FROM idempotency_keys WHERE tool = ? AND key = ?", (call.tool, call.key)
+            "SELECT request_hash, response FROM idempotency_keys WHERE tool = ? AND owner = ? AND key = ?",
+            (call.tool, call.owner, call.key),
         )
         if row is None and not call.explicit and self._window:
             # A retry just after a bucket boundary still finds the first call of the window.
             prefix, _, bucket = call.key.rpartition(":")
             since = utc_iso(time.time() - self._window)
             row = self._store.query_one(
-                "SELECT request_hash, response FROM idempotency_keys WHERE tool = ? AND key = ? AND created_at >= ?",
-                (call.tool, f"{prefix}:{int(bucket) - 1}", since),
+                "SELECT request_hash, response FROM idempotency_keys WHERE tool = ? AND owner = ? AND key = ? "
+                "AND created_at >= ?", (call.tool, call.owner, f"{prefix}:{int(bucket) - 1}", since),
             )
         if row is None:
             return None
@@ -85,7 +101,7 @@ class IdempotencyService:
         stored = self.find(call)
         if stored is not None:
             return Outcome(stored, replayed=True)
-        lock = self._locks.setdefault((call.tool, call.key), asyncio.Lock())
+        lock = self._locks.setdefault((call.tool, call.owner, call.key), asyncio.Lock())
         try:
             async with lock:
                 stored = self.find(call)  # a concurrent twin may have finished while we waited
@@ -100,15 +116,15 @@ class IdempotencyService:
                 return Outcome(response, replayed=False, request_id=request_id)
         finally:
             if not lock.locked():
-                self._locks.pop((call.tool, call.key), None)
+                self._locks.pop((call.tool, call.owner, call.key), None)
 
 
 def _insert(call: CallKey, response: dict[str, Any], request_id: str | None) -> Callable[[sqlite3.Connection], bool]:
     def write(conn: sqlite3.Connection) -> bool:
         cursor = conn.execute(
-            "INSERT INTO idempotency_keys (tool, key, request_hash, response, request_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tool, key) DO NOTHING",
-            (call.tool, call.key, call.request_hash, dumps(response), request_id, utc_now()),
+            "INSERT INTO idempotency_keys (tool, owner, key, request_hash, response, request_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tool, owner, key) DO NOTHING",
+            (call.tool, call.owner, call.key, call.request_hash, dumps(response), request_id, utc_now()),
         )
         return cursor.rowcount == 1
 

@@ -27,8 +27,10 @@ Frozen wallets refuse debits, holds, captures and outgoing transfers; credits, i
 allowed. Wallets per customer are limited by `agent_limit(customer_id)`: None = no limit, 0 = no wallets (P2P's 0
 agents: the operator allows them by returning a number for that customer).
 
-Idempotency: every mutation names its `idempotency_key`, scoped by operation (a `debit` and a `credit` may share a
-key). The (operation, key) row of `ledger_requests` is written by the same job, in the same transaction, as the
+Idempotency: every mutation names its `idempotency_key`, scoped by the wallet it belongs to (the agent: a
+transfer's source wallet, a hold's wallet for its capture or release) and by operation (a `debit` and a `credit`
+may share a key), so one agent can never squat or replay another agent's keys. The (owner, operation, key) row of
+`ledger_requests` is written by the same job, in the same transaction, as the
 effect, holding a hash of the arguments and the first result: a retry with the same arguments gets that result with
 `replayed: true`; with other arguments, IdempotencyConflict. A refused call writes nothing, so its key stays free.
 
@@ -62,6 +64,7 @@ from ..errors import (
     WalletFrozen,
 )
 from ..store import Store, dumps, new_id, settle, utc_iso
+from .ceiling import Ceiling
 from .ledger_models import (
     FreezeResult,
     HoldPlaced,
@@ -83,7 +86,9 @@ REVENUE = "system:revenue"
 KINDS = ("credit", "debit", "transfer", "hold", "capture", "release", "expire")
 DAY = 86_400
 MAX_AMOUNT = 10**15  # per operation; far beyond any real top-up, far below SQLite's 2**63
-MAX_BALANCE = 10**18
+MAX_BALANCE = 10**18  # per wallet: sums of balances and a day's spend stay far below 2**63
+MAX_USD_CENTS = 10**12  # per top-up ($10 billion)
+MAX_ROW_ID = 2**63 - 1  # SQLite's largest integer
 MAX_HOLD_TTL = 30 * DAY
 MAX_TEXT = 500
 MAX_PAGE = 500
@@ -141,6 +146,7 @@ class LedgerService:
         luc_per_usd: int,
         agent_limit: Callable[[str], int | None],
         clock: Callable[[], float] = time.time,
+        ceiling: Ceiling | None = None,
     ) -> None:
         if isinstance(luc_per_usd, bool) or not isinstance(luc_per_usd, int) or luc_per_usd <= 0:
             raise ValueError(f"luc_per_usd must be a positive integer, got {luc_per_usd!r}")
@@ -149,6 +155,7 @@ class LedgerService:
         self._agent_limit = agent_limit
         self._clock = clock
         self._batcher = _Batcher(store)
+        self.ceiling = ceiling or Ceiling()  # the per-call money ceiling; payment sessions and x402 apply it too
 
     # --- wallets ------------------------------------------------------------------------------------------------
 
@@ -191,7 +198,7 @@ class LedgerService:
             return {"wallet_id": wallet_id, "agent_id": agent_id, "customer_id": customer_id,
                     "daily_cap": daily_cap, "created_at": iso}
 
-        return await self._submit(WalletCreated, self._job("create_wallet", idempotency_key, args, run))
+        return await self._submit(WalletCreated, self._job("create_wallet", agent_id, idempotency_key, args, run))
 
     def get_wallet(self, agent_id: str, recent: int = 10) -> Wallet:
         """Balance, active holds, available, cap and today's spend, and the latest entries, read in one snapshot."""
@@ -243,7 +250,7 @@ class LedgerService:
                 _save(conn, wallet, utc_iso(now))
             return {"agent_id": agent_id, "frozen": frozen, "changed": changed, "reason": reason}
 
-        return await self._submit(FreezeResult, self._job("freeze", idempotency_key, args, run))
+        return await self._submit(FreezeResult, self._job("freeze", agent_id, idempotency_key, args, run))
 
     # --- postings -----------------------------------------------------------------------------------------------
 
@@ -262,12 +269,17 @@ class LedgerService:
     ) -> UsdCredit:
         """Top up a wallet paid in USD cents: LUC = cents * luc_per_usd // 100, rounded down (never more LUC than
         were paid for); a payment too small to buy 1 LUC is refused."""
-        _amount(cents, "cents")
+        _amount(cents, "usd_cents", MAX_USD_CENTS)
+        self.ceiling.check(cents, "usd", "usd_cents")
         amount = cents * self._luc_per_usd // 100
+        if amount > MAX_AMOUNT:
+            raise InvalidInput(
+                f"{cents} cents buy {amount} LUC at {self._luc_per_usd} LUC per USD, above the per-operation maximum "
+                f"of {MAX_AMOUNT} LUC: split the top-up", param="usd_cents")
         if amount == 0:
             raise InvalidInput(
                 f"{cents} cent(s) buy 0 LUC at {self._luc_per_usd} LUC per USD: top up at least "
-                f"{-(-100 // self._luc_per_usd)} cent(s)", param="cents",
+                f"{-(-100 // self._luc_per_usd)} cent(s)", param="usd_cents",
             )
         extra = {"cents": cents, "luc_per_usd": self._luc_per_usd}
         job = self._credit_job("credit_usd", agent_id, amount, extra, ISSUANCE, idempotency_key, reason, reference)
@@ -314,7 +326,7 @@ class LedgerService:
                     "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": source,
                     "created_at": iso, **extra}
 
-        return self._job(operation, idempotency_key, args, run)
+        return self._job(operation, agent_id, idempotency_key, args, run)
 
     async def debit(
         self, agent_id: str, amount: int, *, idempotency_key: str, reason: str, reference: str | None = None
@@ -349,7 +361,7 @@ class LedgerService:
                     "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": REVENUE,
                     "created_at": iso}
 
-        return self._job("debit", idempotency_key, args, run)
+        return self._job("debit", agent_id, idempotency_key, args, run)
 
     async def transfer(
         self, from_agent: str, to_agent: str, amount: int, *, idempotency_key: str, reason: str,
@@ -389,7 +401,7 @@ class LedgerService:
                     "from_balance_after": source.balance, "from_available_after": source.available,
                     "to_balance_after": target.balance, "created_at": iso}
 
-        return await self._submit(Transfer, self._job("transfer", idempotency_key, args, run))
+        return await self._submit(Transfer, self._job("transfer", from_agent, idempotency_key, args, run))
 
     # --- holds --------------------------------------------------------------------------------------------------
 
@@ -425,7 +437,7 @@ class LedgerService:
                     "expires_at": expires_at, "balance": wallet.balance, "available_after": wallet.available,
                     "created_at": iso}
 
-        return await self._submit(HoldPlaced, self._job("hold", idempotency_key, args, run))
+        return await self._submit(HoldPlaced, self._job("hold", agent_id, idempotency_key, args, run))
 
     async def capture_hold(
         self, hold_id: str, amount: int, *, idempotency_key: str, reason: str, reference: str | None = None
@@ -492,7 +504,7 @@ class LedgerService:
                     "captured": captured, "released": held - captured, "balance_after": wallet.balance,
                     "available_after": wallet.available, "created_at": iso}
 
-        return await self._submit(HoldResolved, self._job(operation, idempotency_key, args, run))
+        return await self._submit(HoldResolved, self._job(operation, _hold_owner(hold_id), idempotency_key, args, run))
 
     async def sweep_expired_holds(self, limit: int = 1000) -> int:
         """Write down the expiry of the expired holds of up to `limit` wallets, each with its own ledger record;
@@ -538,11 +550,8 @@ class LedgerService:
             where.append("created_at < :until")
             params["until"] = _when(until, "until")
         if cursor is not None:
-            if not (isinstance(cursor, str) and cursor.isdigit()):
-                raise InvalidInput(f"cursor {cursor!r} is not one this tool returned: pass next_cursor unchanged",
-                                   param="cursor")
             where.append("id < :cursor")
-            params["cursor"] = int(cursor)
+            params["cursor"] = _cursor(cursor)
         rows = self._store.query(
             f"SELECT json_object({_ENTRY_JSON}) AS entry FROM agent_transactions t WHERE {' AND '.join(where)} "
             "ORDER BY id DESC LIMIT :limit", params)
@@ -558,32 +567,35 @@ class LedgerService:
     # --- the one mutation path ----------------------------------------------------------------------------------
 
     def _job(
-        self, operation: str, idempotency_key: str, args: dict[str, Any],
-        run: Callable[[sqlite3.Connection, float], dict[str, Any]],
+        self, operation: str, owner: str | Callable[[sqlite3.Connection], str], idempotency_key: str,
+        args: dict[str, Any], run: Callable[[sqlite3.Connection, float], dict[str, Any]],
     ) -> Job:
-        """Wrap `run` so that the (operation, key) row is checked and written in the same transaction as the effect."""
+        """Wrap `run` so that the (owner, operation, key) row is checked and written in the same transaction as the
+        effect. `owner` is the agent whose wallet the key belongs to, or a function finding it on the writer's
+        connection (a hold's wallet): one wallet's keys never block or replay another wallet's calls."""
         require_text(idempotency_key, "idempotency_key")
         digest = hashlib.sha256(dumps(args).encode()).hexdigest()
         clock = self._clock
 
         def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            agent = owner if isinstance(owner, str) else owner(conn)
             found = conn.execute(
-                "SELECT request_hash, response FROM ledger_requests WHERE operation = ? AND idempotency_key = ?",
-                (operation, idempotency_key)).fetchone()
+                "SELECT request_hash, response FROM ledger_requests WHERE owner = ? AND operation = ? "
+                "AND idempotency_key = ?", (agent, operation, idempotency_key)).fetchone()
             if found is not None:
                 if found[0] != digest:
                     raise IdempotencyConflict(
-                        f"idempotency_key {idempotency_key!r} was already used for {operation} with other arguments: "
-                        "repeat the first call's arguments exactly to get its result, or use a new key for a new "
-                        "request", param="idempotency_key", operation=operation)
+                        f"idempotency_key {idempotency_key!r} was already used for {operation} on agent {agent}'s "
+                        "wallet with other arguments: repeat the first call's arguments exactly to get its result, "
+                        "or use a new key for a new request", param="idempotency_key", operation=operation)
                 stored: dict[str, Any] = json.loads(found[1])
                 return stored, True
             now = round(clock(), 3)  # the millisecond the ISO times show, so day and time agree
             response = run(conn, now)
             conn.execute(
-                "INSERT INTO ledger_requests (operation, idempotency_key, request_hash, response, txn_id, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (operation, idempotency_key, digest, dumps(response), response.get("txn_id"), utc_iso(now)))
+                "INSERT INTO ledger_requests (owner, operation, idempotency_key, request_hash, response, txn_id, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (agent, operation, idempotency_key, digest, dumps(response), response.get("txn_id"), utc_iso(now)))
             return response, False
 
         return job
@@ -744,16 +756,29 @@ def _unknown_wallet(agent_id: str, param: str = "agent_id") -> NotFound:
                     param=param)
 
 
+def _hold_owner(hold_id: str) -> Callable[[sqlite3.Connection], str]:
+    """The agent whose wallet a hold is on: the owner of the keys that capture or release it."""
+    def find(conn: sqlite3.Connection) -> str:
+        row = conn.execute("SELECT w.agent_id FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
+                           "WHERE h.id = ?", (hold_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no hold {hold_id}: check the id returned by hold_luc", param="hold_id")
+        return str(row[0])
+
+    return find
+
+
 # --- argument checks: before any job, so a bad call never reaches the writer ---------------------------------------
 
 
-def _amount(value: object, field: str) -> int:
+def _amount(value: object, field: str, maximum: int = MAX_AMOUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(f"{field} must be a whole number of LUC, got {value!r}", param=field)
     if value <= 0:
         raise InvalidInput(f"{field} must be a positive number, got {value}: amounts are at least 1", param=field)
-    if value > MAX_AMOUNT:
-        raise InvalidInput(f"{field} {value} is above the per-operation maximum of {MAX_AMOUNT}: split it",
+    if value > maximum:
+        shown = value if value < 10**30 else "a number above 10**30"  # str() of a huge int raises ValueError
+        raise InvalidInput(f"{field} {shown} is above the per-operation maximum of {maximum}: split it",
                            param=field)
     return value
 
@@ -782,6 +807,16 @@ def _limit(value: object, field: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InvalidInput(f"{field} must be a whole number from {low} to {high}, got {value!r}", param=field)
     return value
+
+
+def _cursor(value: object) -> int:
+    """An entry id as `next_cursor` gave it: ASCII digits, within SQLite's 64-bit integers."""
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19
+            and int(value) <= MAX_ROW_ID):
+        shown = value[:40] + "..." if isinstance(value, str) and len(value) > 40 else value
+        raise InvalidInput(f"cursor {shown!r} is not one this tool returned: pass next_cursor unchanged, or omit it "
+                           "for the first page", param="cursor")
+    return int(value)
 
 
 def _when(value: datetime | float | str, field: str) -> str:
@@ -861,15 +896,16 @@ SELECT 'hold_state_mismatch', h.id, 'status ' || h.status || ' with '
                                             WHERE t.txn_id = h.resolved_txn_id AND t.kind = 'capture'
                                               AND t.wallet_id = h.wallet_id AND -t.amount = h.captured)
 UNION ALL
-SELECT 'idempotency_key_reused', idempotency_key, COUNT(DISTINCT txn_id) || ' transactions under one key'
-  FROM agent_transactions WHERE idempotency_key IS NOT NULL
- GROUP BY idempotency_key HAVING COUNT(DISTINCT txn_id) > 1 OR COUNT(*) != COUNT(DISTINCT entry)
+SELECT 'idempotency_key_reused', account || ' ' || idempotency_key,
+       COUNT(DISTINCT txn_id) || ' transactions under one key of one wallet'
+  FROM agent_transactions WHERE idempotency_key IS NOT NULL AND entry = 0
+ GROUP BY account, idempotency_key HAVING COUNT(DISTINCT txn_id) > 1
 UNION ALL
 SELECT 'idempotency_key_reused', txn_id, COUNT(*) || ' requests claim one transaction'
   FROM ledger_requests WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING COUNT(*) > 1
 UNION ALL
-SELECT 'acknowledged_txn_missing', r.operation || ':' || r.idempotency_key, 'request names ' || r.txn_id
-       || ', which has no entries'
+SELECT 'acknowledged_txn_missing', r.owner || ' ' || r.operation || ':' || r.idempotency_key,
+       'request names ' || r.txn_id || ', which has no entries'
   FROM ledger_requests r
  WHERE r.txn_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM agent_transactions t WHERE t.txn_id = r.txn_id)
 UNION ALL

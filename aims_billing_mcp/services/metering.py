@@ -55,6 +55,7 @@ from typing import Any
 
 from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound
 from ..store import Store, dumps, new_id, settle, utc_now
+from .ceiling import Ceiling
 from .metering_models import (
     EventCounts,
     FailureReason,
@@ -174,9 +175,11 @@ class MeteringService:
         period_of: Callable[[str, int], tuple[int, int]],
         customer_exists: Callable[[str], Awaitable[bool]],
         clock: Callable[[], float] = time.time,
+        ceiling: Ceiling | None = None,
     ) -> None:
         self._store = store
         self._pricing = pricing
+        self._ceiling = ceiling or Ceiling()
         self._tier_of = tier_of
         self._period_of = period_of
         self._customer_exists = customer_exists
@@ -356,6 +359,8 @@ class MeteringService:
         meta = self._metadata(metadata)
         await self._ensure_customer(customer)
         tier = self._tier_of(customer)
+        self._ceiling.check(cost_cents(weighted_units(raw, milli), tier.overage_rate), self._pricing.currency, "units",
+                            what="the most these units can cost, all at the overage rate")
         start, end = self._period(customer, when)
         loop = asyncio.get_running_loop()
         event = _Event(ident, customer, op, milli, raw, weighted_units(raw, milli), when, timestamp is not None, agent,

@@ -35,11 +35,13 @@ class StripeMutations:
         dry_run: bool,
         method: str = "post",
         after: Callable[[dict[str, Any]], Any] | None = None,
+        owner: str | None = None,
     ) -> R:
         """Send `method path params` once per call key; `after(stripe_object)` runs (awaited if async) only when
-        Stripe answered a fresh call, never on a replay or a dry run."""
-        call = self.idempotency.key_for(tool, {"path": path, "method": method, **params}, idempotency_key)
-        request = StripeRequest(method, path, params, stripe_idempotency_key(tool, call.key))
+        Stripe answered a fresh call, never on a replay or a dry run. `owner` (the customer the call acts for) scopes
+        the idempotency key: one customer's key never replays another's call."""
+        call = self.idempotency.key_for(tool, {"path": path, "method": method, **params}, idempotency_key, owner)
+        request = StripeRequest(method, path, params, stripe_idempotency_key(tool, call.scoped))
         if dry_run:
             preview = StripeRequestPreview.model_validate(self.gateway.describe(request))
             return result_type(dry_run=True, request=preview)

@@ -29,6 +29,7 @@ from ..models import (
 from ..settings import Settings
 from ..store import Store, utc_iso, utc_now
 from ..stripe_gateway import StripeRequest
+from .ceiling import Ceiling
 from .mutations import StripeMutations, compact
 from .tiers import TIER_METADATA, Pricing, Tier, add_months, calendar_month_of, trial_days
 
@@ -129,6 +130,7 @@ class SubscriptionService:
                 "customer_email": customer_email, "price": price, "overage_price": overage, "trial_days": trial or 0,
                 "expires_at": session.get("expires_at")}}
 
+        await Ceiling.from_settings(self._settings).check_line_items(self._gateway, params["line_items"], "tier")
         return await self._mutations.run(
             "create_subscription_checkout", "/v1/checkout/sessions", params, SubscriptionCheckoutResult, project,
             idempotency_key=idempotency_key, dry_run=dry_run,

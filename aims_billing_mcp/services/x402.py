@@ -292,6 +292,7 @@ class X402Service:
         if atomic <= 0 or atomic > MAX_ATOMIC:
             raise InvalidInput(f"the amount must be above 0 and at most {usd_of(MAX_ATOMIC)} USD, got "
                                f"{usd_of(max(atomic, 0))} USD", param=param)
+        self._ledger.ceiling.check(atomic, "usdc", param)
         if luc is not None:
             return atomic, luc
         if agent_id is None:

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from ..errors import InvalidInput
 from ..models import AgentId, CustomerId
+from ..services.ledger import MAX_AMOUNT, MAX_USD_CENTS
 from ..services.ledger_models import (
     FreezeResult,
     HoldPlaced,
@@ -20,7 +21,7 @@ from ..services.ledger_models import (
 from .context import ToolContext, services
 
 Agent = Annotated[AgentId, Field(description="The agent's id (letters, digits and _ . : @ -)")]
-Luc = Annotated[int, Field(gt=0, le=10**15, description="LUC credits, a positive integer")]
+Luc = Annotated[int, Field(gt=0, le=MAX_AMOUNT, description="LUC credits, a positive integer, at most 10**15 per call")]
 Key = Annotated[str, Field(min_length=1, max_length=255, description="Required: the same key returns the first "
                            "result (replayed: true) instead of moving LUC twice; other arguments with it are refused")]
 Reason = Annotated[str, Field(min_length=1, max_length=500, description="Why, for the ledger and the operator")]
@@ -33,7 +34,9 @@ async def create_agent_wallet(
     agent_id: Agent,
     customer: Annotated[CustomerId, Field(description="The customer (cus_...) the agent works for")],
     idempotency_key: Key,
-    daily_cap: Annotated[int | None, Field(gt=0, description="LUC the wallet may spend per UTC day")] = None,
+    daily_cap: Annotated[
+        int | None, Field(gt=0, le=MAX_AMOUNT, description="LUC the wallet may spend per UTC day, at most 10**15")
+    ] = None,
 ) -> WalletCreated:
     """Open an agent's LUC wallet for a customer. The customer's tier limits how many wallets it may have
     (3mo 5, 6mo 15, 9mo 50; P2P none unless the operator allows some)."""
@@ -55,13 +58,17 @@ async def credit_agent_wallet(
     agent_id: Agent,
     idempotency_key: Key,
     reason: Reason,
-    amount: Annotated[int | None, Field(gt=0, le=10**15, description="LUC to add; or give usd_cents")] = None,
+    amount: Annotated[
+        int | None, Field(gt=0, le=MAX_AMOUNT, description="LUC to add (at most 10**15); or give usd_cents")
+    ] = None,
     usd_cents: Annotated[
-        int | None, Field(gt=0, description="A top-up paid in USD cents, converted at the pricing file's rate")
+        int | None, Field(gt=0, le=MAX_USD_CENTS, description="A top-up paid in USD cents (at most 10**12), "
+                          "converted at the pricing file's rate")
     ] = None,
     reference: Reference = None,
 ) -> Posting:
-    """Top up an agent wallet, in LUC or in USD cents (converted at the LUC-per-USD rate, rounded down)."""
+    """Top up an agent wallet, in LUC or in USD cents (converted at the LUC-per-USD rate, rounded down).
+    At most 10**15 LUC (or 10**12 cents) per call; a wallet holds at most 10**18 LUC."""
     ledger = services(ctx).ledger
     if (amount is None) == (usd_cents is None):
         raise InvalidInput("give exactly one of amount (LUC) or usd_cents", param="amount")
@@ -135,7 +142,9 @@ async def list_agent_transactions(
     since: Annotated[str | None, Field(description="ISO-8601 time or epoch seconds: entries at or after")] = None,
     until: Annotated[str | None, Field(description="ISO-8601 time or epoch seconds: entries before")] = None,
     limit: Annotated[int, Field(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Field(max_length=100, description="next_cursor from the previous page")] = None,
+    cursor: Annotated[
+        str | None, Field(max_length=100, description="next_cursor from the previous page, unchanged")
+    ] = None,
 ) -> TransactionPage:
     """An agent wallet's ledger entries, newest first, one page at a time (pass next_cursor back as cursor).
     Read-only."""
@@ -144,8 +153,9 @@ async def list_agent_transactions(
 
 
 def _time(value: str | None) -> str | float | None:
-    """Epoch seconds arrive as text through the schema (one type for both forms); the ledger takes them as numbers."""
-    if value is not None and value.replace(".", "", 1).isdigit():
+    """Epoch seconds arrive as text through the schema (one type for both forms); the ledger takes them as numbers.
+    Only ASCII digits count: `isdigit()` also accepts '²', which float() refuses."""
+    if value is not None and value.isascii() and value.replace(".", "", 1).isdigit():
         return float(value)
     return value
 

@@ -1,0 +1,1 @@
+"""Security promises, one test per promise."""

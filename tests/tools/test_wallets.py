@@ -191,3 +191,40 @@ async def test_transactions_page_newest_first_with_a_cursor_and_kind_filter(serv
     amounts = [e["amount"] for e in first["entries"] + rest["entries"]]
     assert amounts == [-3, 14, 13, 12, 11, 10] and rest["next_cursor"] is None
     assert [e["kind"] for e in debits["entries"]] == ["debit"]
+
+
+@pytest.mark.parametrize(("tool", "arguments", "field"), [
+    ("list_agent_transactions", {"agent_id": "a1", "cursor": "9" * 100}, "cursor"),
+    ("list_agent_transactions", {"agent_id": "a1", "cursor": str(2**63)}, "cursor"),
+    ("list_agent_transactions", {"agent_id": "a1", "cursor": "\u00b2"}, "cursor"),
+    ("list_agent_transactions", {"agent_id": "a1", "since": "\u00b2"}, "since"),
+    ("list_agent_transactions", {"agent_id": "a1", "until": "9" * 400}, "until"),
+    ("create_agent_wallet", {"agent_id": "a2", "customer": "cus_team", "idempotency_key": "k", "daily_cap": 2**63},
+     "daily_cap"),
+    ("credit_agent_wallet", {"agent_id": "a1", "usd_cents": 10**13, "idempotency_key": "k", "reason": "r"},
+     "usd_cents"),
+    ("credit_agent_wallet", {"agent_id": "a1", "amount": 2**63, "idempotency_key": "k", "reason": "r"}, "amount"),
+    ("hold_luc", {"agent_id": "a1", "amount": 10**15 + 1, "idempotency_key": "k", "reason": "r"}, "amount"),
+])
+async def test_integers_beyond_the_documented_maximum_are_errors_naming_the_field(
+    server: BillingServer, tool: str, arguments: dict[str, Any], field: str
+) -> None:
+    async with Client(server) as client:
+        await funded_wallet(client, server)
+        err = error_of(await client.call_tool(tool, arguments))
+        after = ok(await client.call_tool("get_agent_wallet", {"agent_id": "a1"}))
+    assert err["code"] == "invalid_input", err
+    assert field in err["text"] and "internal error" not in err["text"], err["text"]
+    assert (after["balance"], after["held"], len(after["recent"])) == (500, 0, 1)
+
+
+async def test_every_wallet_amount_publishes_its_maximum_in_the_schema(client: Client) -> None:
+    tools = {tool.name: tool.input_schema for tool in (await client.list_tools()).tools}
+    amounts = [("credit_agent_wallet", "amount", 10**15), ("credit_agent_wallet", "usd_cents", 10**12),
+               ("debit_agent_wallet", "amount", 10**15), ("transfer_luc", "amount", 10**15),
+               ("hold_luc", "amount", 10**15), ("capture_hold", "amount", 10**15),
+               ("create_agent_wallet", "daily_cap", 10**15)]
+    for tool, field, maximum in amounts:
+        schema = str(tools[tool]["properties"][field])
+        said = f"10**{len(str(maximum)) - 1}"  # the description says it, as well as the schema's maximum
+        assert f"'maximum': {maximum}" in schema and said in schema, (tool, field, schema)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp import Client
+from pydantic import SecretStr
 
 from .app import build_server
 from .sandbox import create_app
@@ -107,7 +108,7 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             aims_billing_db=Path(tmp) / "demo.db",
             aims_billing_tools=[],
             aims_billing_read_only=False,
-            aims_billing_acp_api_keys=[ACP_DEMO_KEY],
+            aims_billing_acp_api_keys=[SecretStr(ACP_DEMO_KEY)],
         )
         sandbox_app = create_app(db_path=":memory:")
         sandbox = sandbox_app.state.sandbox

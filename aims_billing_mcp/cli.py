@@ -485,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
                 return unavailable.exit_code
             if os.environ.get("AIMS_BILLING_LOG_LEVEL", "").upper() == "DEBUG":
                 traceback.print_exc()
-            _fail(f"{args.command} failed: {type(exc).__name__}: {redact_text(str(exc))[:500]} (set "
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup) and cause.exceptions:  # the first failure in a task group
+                cause = cause.exceptions[0]
+            _fail(f"{args.command} failed: {type(cause).__name__}: {redact_text(str(cause))[:500]} (set "
                   "AIMS_BILLING_LOG_LEVEL=DEBUG to see where)")
             return EXIT_RUNTIME
     return code

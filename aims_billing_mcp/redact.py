@@ -51,6 +51,13 @@ def register_secrets(values: Iterable[str]) -> None:
     _configured_pattern = re.compile("|".join(re.escape(form) for form in ordered))
 
 
+def forget_secrets() -> None:
+    """Forget every registered value (tests: one test's settings must not mask the next one's output)."""
+    global _configured_pattern
+    _configured.clear()
+    _configured_pattern = None
+
+
 def may_hold_secret(text: str) -> bool:
     """True when `text` contains a substring a secret would need: the cheap test before the regex pass."""
     return any(hint in text for hint in _SHAPE_HINTS) or any(value in text for value in _configured)

@@ -8,6 +8,7 @@ a tool function.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sqlite3
@@ -42,7 +43,7 @@ from .services.tiers import Pricing
 from .services.webhook_events import WebhookEventService
 from .services.x402 import X402Service
 from .settings import Settings, StripeMode
-from .store import Store, dumps, monotonic_ms, utc_now
+from .store import Store, monotonic_ms, utc_now
 from .stripe_gateway import build_gateway, last_request_ids
 from .tools import TOOLS, ToolSpec, select_tools
 from .tools.context import AppState
@@ -158,8 +159,8 @@ def masked_result(result: CallToolResult) -> CallToolResult:
     """A successful result with any secret it echoes masked (a dry run shows what an agent passed, a Stripe object
     what it was given); a regex pass only when a candidate substring is present."""
     structured = result.structured_content
-    texts = [c.text for c in result.content if isinstance(c, TextContent)]
-    if not any(map(may_hold_secret, texts)) and (structured is None or not may_hold_secret(dumps(structured))):
+    seen = "".join([c.text for c in result.content if isinstance(c, TextContent)])
+    if not may_hold_secret(seen if structured is None else seen + json.dumps(structured, default=str)):
         return result
     content = [c.model_copy(update={"text": redact_text(c.text)}) if isinstance(c, TextContent) else c
                for c in result.content]

@@ -35,11 +35,12 @@ MIN_CONFIGURED_LENGTH = 8  # shorter configured values are not masked by value (
 
 _configured: set[str] = set()
 _configured_pattern: re.Pattern[str] | None = None
+_hints: tuple[str, ...] = _SHAPE_HINTS  # the shape hints, then every configured form
 
 
 def register_secrets(values: Iterable[str]) -> None:
     """Mask these values (and their URL-encoded and JSON-escaped forms) wherever they appear from now on."""
-    global _configured_pattern
+    global _configured_pattern, _hints
     forms = set()
     for value in values:
         if len(value) >= MIN_CONFIGURED_LENGTH:
@@ -49,18 +50,20 @@ def register_secrets(values: Iterable[str]) -> None:
     _configured.update(forms)
     ordered = sorted(_configured, key=len, reverse=True)  # the longest form wins where one contains another
     _configured_pattern = re.compile("|".join(re.escape(form) for form in ordered))
+    _hints = _SHAPE_HINTS + tuple(ordered)
 
 
 def forget_secrets() -> None:
     """Forget every registered value (tests: one test's settings must not mask the next one's output)."""
-    global _configured_pattern
+    global _configured_pattern, _hints
     _configured.clear()
     _configured_pattern = None
+    _hints = _SHAPE_HINTS
 
 
 def may_hold_secret(text: str) -> bool:
     """True when `text` contains a substring a secret would need: the cheap test before the regex pass."""
-    return any(hint in text for hint in _SHAPE_HINTS) or any(value in text for value in _configured)
+    return any(hint in text for hint in _hints)
 
 
 def mask_secret(value: str) -> str:
@@ -147,28 +150,39 @@ def _cut(text: str, limit: int, original: int) -> str:
 
 
 def _bounded(value: Any, key: str | None, depth: int) -> Any:
-    if isinstance(value, str):
-        return _cut(redact(value, key), AUDIT_MAX_STRING, len(value))
-    if isinstance(value, bool) or value is None or isinstance(value, float):
-        return value
-    if isinstance(value, int):  # json cannot write an integer of more than 4,300 digits
-        return value if value.bit_length() <= 256 else f"[an integer of {value.bit_length():,} bits]"
-    if isinstance(value, dict | list | tuple):
+    kind = type(value)
+    if kind is str:
+        masked = redact(value, key)
+        return masked if len(masked) <= AUDIT_MAX_STRING else _cut(masked, AUDIT_MAX_STRING, len(value))
+    if kind is dict:
         if depth >= AUDIT_MAX_DEPTH:
             return f"[nested deeper than {AUDIT_MAX_DEPTH} levels: not stored]"
-        if isinstance(value, dict):
-            items = list(value.items())
-            out: dict[str, Any] = {}
-            for k, v in items[:AUDIT_MAX_ITEMS]:
-                name = str(k)
-                out[_cut(redact_text(name), AUDIT_MAX_KEY, len(name))] = _bounded(v, name, depth + 1)
-            if len(items) > AUDIT_MAX_ITEMS:
-                out["…"] = f"[{len(items) - AUDIT_MAX_ITEMS:,} more keys not stored]"
-            return out
+        out: dict[str, Any] = {}
+        for index, (k, v) in enumerate(value.items()):
+            if index == AUDIT_MAX_ITEMS:
+                out["…"] = f"[{len(value) - AUDIT_MAX_ITEMS:,} more keys not stored]"
+                break
+            name = k if type(k) is str else str(k)
+            out[redact_text(name) if len(name) <= AUDIT_MAX_KEY else _cut(redact_text(name), AUDIT_MAX_KEY,
+                                                                            len(name))] = _bounded(v, name, depth + 1)
+        return out
+    if kind is list or kind is tuple:
+        if depth >= AUDIT_MAX_DEPTH:
+            return f"[nested deeper than {AUDIT_MAX_DEPTH} levels: not stored]"
         kept = [_bounded(v, key, depth + 1) for v in value[:AUDIT_MAX_ITEMS]]
         if len(value) > AUDIT_MAX_ITEMS:
             kept.append(f"[{len(value) - AUDIT_MAX_ITEMS:,} more items not stored]")
         return kept
+    if kind is int:  # json cannot write an integer of more than 4,300 digits
+        return value if value.bit_length() <= 256 else f"[an integer of {value.bit_length():,} bits]"
+    if value is None or kind is bool or kind is float:
+        return value
+    if isinstance(value, dict):  # subclasses as their base
+        return _bounded(dict(value), key, depth)
+    if isinstance(value, list | tuple):
+        return _bounded(list(value), key, depth)
+    if isinstance(value, int):
+        return _bounded(int(value), key, depth)
     return _bounded(str(value), key, depth)
 
 

@@ -110,10 +110,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    from .redact import keep_public
     from .sandbox import SANDBOX_SECRET_KEY, SANDBOX_WEBHOOK_SECRET, serve_sandbox
+    from .store import check_database_file
 
     settings = _settings()
     db_path = args.db or str(settings.sandbox_db_path)
+    check_database_file(Path(db_path), "--db" if args.db else "AIMS_BILLING_SANDBOX_DB")
+    keep_public([SANDBOX_SECRET_KEY, SANDBOX_WEBHOOK_SECRET])  # the sandbox's fixed credentials are published
     if args.sandbox_command is not None:
         return cmd_sandbox_action(args, settings, db_path)
     print(f"aims-billing-mcp sandbox on http://{args.host}:{args.port} (db {db_path})\n"

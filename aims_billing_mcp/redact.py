@@ -36,6 +36,12 @@ MIN_CONFIGURED_LENGTH = 8  # shorter configured values are not masked by value (
 _configured: set[str] = set()
 _configured_pattern: re.Pattern[str] | None = None
 _hints: tuple[str, ...] = _SHAPE_HINTS  # the shape hints, then every configured form
+_public: set[str] = set()  # secret-shaped values published on purpose (the embedded sandbox's fixed credentials)
+
+
+def keep_public(values: Iterable[str]) -> None:
+    """Never mask these: credentials that are published on purpose (the sandbox's key, in the README)."""
+    _public.update(values)
 
 
 def register_secrets(values: Iterable[str]) -> None:
@@ -54,9 +60,10 @@ def register_secrets(values: Iterable[str]) -> None:
 
 
 def forget_secrets() -> None:
-    """Forget every registered value (tests: one test's settings must not mask the next one's output)."""
+    """Forget every registered and public value (tests: one test's settings must not mask the next one's output)."""
     global _configured_pattern, _hints
     _configured.clear()
+    _public.clear()
     _configured_pattern = None
     _hints = _SHAPE_HINTS
 
@@ -80,7 +87,13 @@ def redact_text(text: str) -> str:
         return text
     if _configured_pattern is not None:
         text = _configured_pattern.sub(lambda m: mask_secret(m.group(0)), text)
-    return SECRET_VALUE.sub(lambda m: f"{m.group(1)}****{m.group(2)[-4:]}", text)
+    return SECRET_VALUE.sub(_mask_shape, text)
+
+
+def _mask_shape(match: re.Match[str]) -> str:
+    if match.group(0) in _public:
+        return match.group(0)
+    return f"{match.group(1)}****{match.group(2)[-4:]}"
 
 
 def redact(value: Any, key: str | None = None) -> Any:

@@ -385,3 +385,12 @@ def test_the_demo_without_a_usable_temporary_directory_stops_in_one_line(
     assert main(["demo"]) == 2
     line = one_line_failure(capsys)
     assert "TMPDIR" in line and str(tmp_path / "notes.txt") in line
+
+
+def test_the_sandbox_on_a_database_path_under_a_file_stops_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = under_a_file(tmp_path)
+    assert main(["sandbox", "--db", str(path), "--port", "0"]) == 2
+    line = one_line_failure(capsys)
+    assert f"--db={path}" in line and "is a file, not a directory" in line

@@ -117,3 +117,12 @@ def test_every_stored_row_is_bounded_and_valid_json(arguments: dict[str, object]
     row = audit_arguments(arguments)
     assert len(row) <= AUDIT_MAX_ROW
     json.loads(row)
+
+
+def test_a_published_credential_is_kept_while_other_keys_of_its_shape_are_masked() -> None:
+    from aims_billing_mcp.redact import keep_public
+    from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY
+
+    keep_public([SANDBOX_SECRET_KEY])
+    assert redact_text(f"api key: {SANDBOX_SECRET_KEY} or sk_test_{KEY_BODY}") == (
+        f"api key: {SANDBOX_SECRET_KEY} or sk_test_****9876")

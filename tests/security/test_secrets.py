@@ -20,6 +20,7 @@ import anyio
 import httpx
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
 from pydantic import SecretStr
 
 from aims_billing_mcp.app import build_server
@@ -140,16 +141,19 @@ async def test_a_served_process_writes_no_configured_secret_to_the_wire_or_its_l
             env["STRIPE_API_BASE"] = base
             params = StdioServerParameters(command=sys.executable, args=["-m", "aims_billing_mcp", "serve"],
                                            env=env, cwd=str(tmp_path))
-            async with Client(params) as client:
-                dry = await client.call_tool("create_product", {
-                    "name": "echo", "description": f"keys {STRIPE_KEY} {ACP_KEYS[0]} pi_{STRIPE_KEY}",
-                    "dry_run": True})
-                made = ok(await client.call_tool("create_customer", {"email": "wire@example.com"}))
+            with (tmp_path / "stdio.log").open("w") as errlog:
+                async with Client(stdio_client(params, errlog=errlog)) as client:
+                    dry = await client.call_tool("create_product", {
+                        "name": "echo", "description": f"keys {STRIPE_KEY} {ACP_KEYS[0]} pi_{STRIPE_KEY}",
+                        "dry_run": True})
+                    made = ok(await client.call_tool("create_customer", {"email": "wire@example.com"}))
             http_out = await served_over_http(env, tmp_path)
     app.state.sandbox.close()
     captured = capfd.readouterr()
     wire = json.dumps(dry.model_dump(mode="json"))
-    assert not leaks(wire, captured.out, captured.err, http_out)
+    stdio_log = (tmp_path / "stdio.log").read_text()
+    assert not leaks(wire, captured.out, captured.err, stdio_log, http_out)
+    assert "DEBUG" in stdio_log and "DEBUG" in http_out  # the logs were written, at their most talkative
     assert made["customer"]["id"].startswith("cus_") and "sk_test_****0001" in wire
     assert not leaks(every_row(tmp_path / "billing.db"))
 

@@ -176,8 +176,9 @@ def _bounded(value: Any, key: str | None, depth: int) -> Any:
                 out["…"] = f"[{len(value) - AUDIT_MAX_ITEMS:,} more keys not stored]"
                 break
             name = k if type(k) is str else str(k)
-            out[redact_text(name) if len(name) <= AUDIT_MAX_KEY else _cut(redact_text(name), AUDIT_MAX_KEY,
-                                                                            len(name))] = _bounded(v, name, depth + 1)
+            if len(name) > AUDIT_MAX_KEY:
+                name = _cut(redact_text(name), AUDIT_MAX_KEY, len(name))
+            out[redact_text(name)] = _bounded(v, name, depth + 1)
         return out
     if kind is list or kind is tuple:
         if depth >= AUDIT_MAX_DEPTH:

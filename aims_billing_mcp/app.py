@@ -30,7 +30,7 @@ from . import __version__
 from .acp_http import acp_routes
 from .errors import BillingError, InvalidInput
 from .http_guard import HttpPolicy
-from .redact import redact, redact_text
+from .redact import audit_arguments, may_hold_secret, redact, redact_text, redact_values
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.acp import AcpService
 from .services.audit import prune_audit
@@ -48,7 +48,7 @@ from .services.tiers import Pricing
 from .services.webhook_events import WebhookEventService
 from .services.x402 import X402Service
 from .settings import Settings, StripeMode
-from .store import Store, dumps, monotonic_ms, utc_now
+from .store import Store, monotonic_ms, utc_now
 from .stripe_gateway import build_gateway, last_request_ids
 from .tools import TOOLS, ToolSpec, select_tools
 from .tools.context import AppState
@@ -86,6 +86,8 @@ class BillingServer(MCPServer[AppState]):
         try:
             self._refuse_loose_arguments(name, arguments)
             result = await super().call_tool(name, arguments, context)
+            if isinstance(result, CallToolResult):
+                result = masked_result(result)
             if isinstance(result, CallToolResult) and isinstance(result.structured_content, dict):
                 content = result.structured_content
                 if result.is_error:  # a tool's own isError answer, e.g. an x402 challenge
@@ -233,13 +235,25 @@ def error_result(tool: str, error: BillingError) -> CallToolResult:
     )
 
 
+def masked_result(result: CallToolResult) -> CallToolResult:
+    """A successful result with any secret it echoes masked (a dry run shows what an agent passed, a Stripe object
+    what it was given); a regex pass only when a candidate substring is present."""
+    structured = result.structured_content
+    seen = "".join([c.text for c in result.content if isinstance(c, TextContent)])
+    if not may_hold_secret(seen if structured is None else seen + json.dumps(structured, default=str)):
+        return result
+    content = [c.model_copy(update={"text": redact_text(c.text)}) if isinstance(c, TextContent) else c
+               for c in result.content]
+    return result.model_copy(update={"content": content, "structured_content": redact_values(structured)})
+
+
 def audit(
     store: Store, tool: str, arguments: dict[str, Any], outcome: str, error_code: str | None, duration_ms: float,
     request_ids: list[str], *, caller: str | None, read_only: bool = False,
 ) -> None:
     """Queue the audit row without waiting, off the call's latency. A read-only call's row is deferred to share a
     commit (a crash may lose the last DEFER_SECONDS of read rows, never a write's)."""
-    row = (utc_now(), tool, caller, dumps(redact(arguments)), outcome, error_code, duration_ms,
+    row = (utc_now(), tool, caller, audit_arguments(arguments), outcome, error_code, duration_ms,
            ",".join(request_ids) or None)
     def write(conn: sqlite3.Connection) -> None:
         conn.execute(
@@ -297,7 +311,8 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
     prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, retry_delay_scale=retry_delay_scale)
     commerce = PaymentSessionService(store, mutations, ledger, pricing, max_amount=settings.aims_billing_max_amount,
                                      prepaid=prepaid)
-    acp = AcpService(store, commerce, pricing, api_keys=set(settings.aims_billing_acp_api_keys),
+    acp = AcpService(store, commerce, pricing,
+                     api_keys={key.get_secret_value() for key in settings.aims_billing_acp_api_keys},
                      public_url=settings.aims_billing_public_url,
                      signing_secret=settings.aims_billing_acp_signing_secret,
                      order_webhook_url=settings.aims_billing_acp_order_webhook_url,

@@ -10,8 +10,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
+import tempfile
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,13 +24,14 @@ from pydantic import ValidationError
 
 from . import __version__
 from .errors import BillingError
-from .redact import install_log_redaction, mask_secret
+from .redact import display, install_log_redaction, redact_text, redacted_streams
 from .settings import Settings, StripeMode, describe_validation_error
 
 if TYPE_CHECKING:
     from .store import Store
 
 EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
 
 
 T = TypeVar("T")
@@ -60,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(problem)
     from .app import build_server
 
+    _check_databases(settings)
     _configure_logging(settings.aims_billing_log_level)
     try:
         server = build_server(settings, webhook_server=not args.http and not args.no_webhooks)
@@ -84,18 +89,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_databases(settings: Settings) -> None:
+    """A path that cannot be a database stops start-up here, in one line (StoreUnavailable), not in a traceback
+    from inside the server's lifespan or at the first Stripe call (the embedded sandbox opens its file then)."""
+    from .store import Store, check_database_file
+
+    Store(settings.aims_billing_db).close()
+    if settings.stripe_secret_key is None and settings.stripe_api_base is None:
+        check_database_file(settings.sandbox_db_path, "AIMS_BILLING_SANDBOX_DB")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    try:  # the demo's database lives in a fresh temporary directory: a TMPDIR that cannot hold one stops it here
+        with tempfile.TemporaryDirectory(prefix="aims-billing-demo-"):
+            pass
+    except OSError as exc:
+        return _fail(f"the demo cannot create its temporary database in {tempfile.gettempdir()} "
+                     f"({exc.strerror or exc}): set TMPDIR to a writable directory")
     return 0 if asyncio.run(run_demo()) else 1
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    from .redact import keep_public
     from .sandbox import SANDBOX_SECRET_KEY, SANDBOX_WEBHOOK_SECRET, serve_sandbox
+    from .store import check_database_file
 
     settings = _settings()
     db_path = args.db or str(settings.sandbox_db_path)
+    check_database_file(Path(db_path), "--db" if args.db else "AIMS_BILLING_SANDBOX_DB")
+    keep_public([SANDBOX_SECRET_KEY, SANDBOX_WEBHOOK_SECRET])  # the sandbox's fixed credentials are published
     if args.sandbox_command is not None:
         return cmd_sandbox_action(args, settings, db_path)
     own = settings.stripe_webhook_secret  # the server it forwards to verifies with it: sign with it too
@@ -435,17 +460,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .store import Store
 
     print("aims-billing-mcp doctor")
-    for name, value in sorted(settings.model_dump().items()):
-        shown = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-        if shown is not None and hasattr(value, "get_secret_value"):
-            shown = mask_secret(str(shown))
-        print(f"  {name.upper():38} {shown if shown not in (None, [], '') else '-'}")
+    for name in sorted(type(settings).model_fields):
+        print(f"  {name.upper():38} {display(getattr(settings, name))}")
     print(f"  stripe mode: {settings.stripe_mode.value} ({_stripe_target(settings)})")
     from .http_guard import HttpPolicy
 
     print("  HTTP surfaces under AIMS_BILLING_READ_ONLY / AIMS_BILLING_TOOLS:")
     for line in HttpPolicy.from_settings(settings).describe():
         print(f"    {line}")
+    _check_databases(settings)
     store = Store(settings.aims_billing_db)
     try:
         print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")
@@ -561,16 +584,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+E = TypeVar("E", bound=BaseException)
+
+
+def _found(exc: BaseException, kind: type[E]) -> E | None:
+    """`exc` itself, its cause, or one inside an exception group, if it is a `kind`."""
+    if isinstance(exc, kind):
+        return exc
+    nested = list(exc.exceptions) if isinstance(exc, BaseExceptionGroup) else []
+    nested += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+    return next((hit for e in nested if (hit := _found(e, kind)) is not None), None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; what it prints goes through the secret masking (redact.py), and a failure to start is one
+    line on stderr naming the cause and the fix: exit 2 for configuration, 1 for the machine or a bug."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # a bare `aims-billing-mcp`: say what it can do, not an error
         parser.print_help()
         return 0
-    try:
-        code: int = args.func(args)
-    except ValidationError as exc:
-        return _fail(describe_validation_error(exc))
+    from .store import StoreUnavailable
+
+    with redacted_streams():
+        try:
+            code: int = args.func(args)
+        except ValidationError as exc:
+            return _fail(describe_validation_error(exc))
+        except Exception as exc:  # never a traceback for an operator; AIMS_BILLING_LOG_LEVEL=DEBUG shows one
+            if (unavailable := _found(exc, StoreUnavailable)) is not None:  # also from inside a task group
+                _fail(unavailable.message)
+                return unavailable.exit_code
+            if os.environ.get("AIMS_BILLING_LOG_LEVEL", "").upper() == "DEBUG":
+                traceback.print_exc()
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup) and cause.exceptions:  # the first failure in a task group
+                cause = cause.exceptions[0]
+            _fail(f"{args.command} failed: {type(cause).__name__}: {redact_text(str(cause))[:500]} (set "
+                  "AIMS_BILLING_LOG_LEVEL=DEBUG to see where)")
+            return EXIT_RUNTIME
     return code
 
 

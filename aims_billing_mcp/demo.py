@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp import Client
+from pydantic import SecretStr
 
 from .app import build_server
 from .sandbox import create_app
@@ -107,7 +108,12 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             aims_billing_db=Path(tmp) / "demo.db",
             aims_billing_tools=[],
             aims_billing_read_only=False,
-            aims_billing_acp_api_keys=[ACP_DEMO_KEY],
+            aims_billing_acp_api_keys=[SecretStr(ACP_DEMO_KEY)],
+            # the demo plays both sides on its own sandbox: the operator's secrets and endpoints are not its own
+            stripe_webhook_secret=None,
+            aims_billing_acp_signing_secret=None,
+            aims_billing_acp_order_webhook_url=None,
+            aims_billing_acp_order_webhook_secret=None,
         )
         sandbox_app = create_app(db_path=":memory:")
         sandbox = sandbox_app.state.sandbox

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .redact import register_secrets
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -79,7 +81,7 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="Seconds between deliveries of usage to Stripe meters; 0 turns it off"
     )
     aims_billing_webhook_port: int = Field(default=8766, ge=0, le=65535)
-    aims_billing_acp_api_keys: Annotated[list[str], NoDecode] = Field(
+    aims_billing_acp_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys agent platforms use for the ACP seller API (comma-separated)"
     )
     aims_billing_acp_signing_secret: SecretStr | None = Field(
@@ -133,6 +135,10 @@ class Settings(BaseSettings):
                                  "of that currency, 1 to 10**15)")
             ceilings[currency] = int(amount)
         return ceilings
+    @field_validator("aims_billing_acp_api_keys", mode="after")
+    @classmethod
+    def _drop_blank_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        return [key for key in value if key.get_secret_value().strip()]
 
     @field_validator("stripe_secret_key", mode="after")
     @classmethod
@@ -181,6 +187,21 @@ class Settings(BaseSettings):
                 "set AIMS_BILLING_HTTP_TOKEN so the HTTP transport requires a bearer token"
             )
         return self
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> Settings:
+        """Every secret held here is masked by value in whatever leaves the process (see redact.py)."""
+        register_secrets(secret.get_secret_value() for secret in self.secrets())
+        return self
+
+    def secrets(self) -> list[SecretStr]:
+        """Every configured secret: each field typed SecretStr, or a list of them."""
+        found: list[SecretStr] = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            items = value if isinstance(value, list) else [value]
+            found.extend(item for item in items if isinstance(item, SecretStr))
+        return found
 
     @property
     def stripe_mode(self) -> StripeMode:

@@ -258,6 +258,71 @@ class Writer:
             job.resolve(result, error)
 
 
+# --- opening errors ---------------------------------------------------------------------------------------------
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be opened or upgraded: one line naming the path and the fix, and whether the fix is
+    the configuration (`exit_code` 2: a path that cannot be a database) or the machine (1: a damaged file, a full
+    disk, a lock held too long)."""
+
+    def __init__(self, message: str, *, path: Path, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        self.exit_code = exit_code
+
+    @classmethod
+    def explain(cls, path: Path, exc: OSError | sqlite3.Error, setting: str = "AIMS_BILLING_DB") -> StoreUnavailable:
+        where = f"the database {setting}={path}"
+        other = f"or set {setting} to another path"
+        if isinstance(exc, OSError):  # creating its directory failed
+            blocker = next((p for p in (path, *path.parents) if p.is_file()), None)
+            if blocker is not None and blocker != path:
+                return cls(f"{where} cannot be created: {blocker} is a file, not a directory: set {setting} to a "
+                           "file in a directory", path=path, exit_code=2)
+            config = isinstance(exc, PermissionError | FileNotFoundError) or exc.errno == 30  # EROFS
+            return cls(f"{where} cannot be created: {exc.strerror or exc} ({exc.filename or path.parent}): create "
+                       f"the directory with write permission, {other}", path=path, exit_code=2 if config else 1)
+        code = getattr(exc, "sqlite_errorcode", None)
+        if path.is_dir():
+            return cls(f"{where} is a directory: name a file, e.g. {setting}={path / 'aims_billing.db'}",
+                       path=path, exit_code=2)
+        if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
+            return cls(f"{where} cannot be opened for writing ({exc}): its directory {path.parent} must be writable "
+                       f"(SQLite writes {path.name}-wal beside it) and the file readable and writable; fix the "
+                       f"permissions, {other}", path=path, exit_code=2)
+        if code == sqlite3.SQLITE_NOTADB:
+            return cls(f"{where} is not a SQLite database: point {setting} at the right file, or move this file "
+                       "away to start a new one", path=path, exit_code=2)
+        if code == sqlite3.SQLITE_CORRUPT:
+            return cls(f"{where} is damaged ({exc}; a truncated or partly overwritten file): restore it from a "
+                       f"backup, or recover what is left with `sqlite3 {path} .recover`", path=path, exit_code=1)
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return cls(f"{where} stayed locked by another process for {BUSY_TIMEOUT_MS // 1000} s ({exc}): stop "
+                       "the process holding it (a long migration or a crashed tool) and start again",
+                       path=path, exit_code=1)
+        if code == sqlite3.SQLITE_FULL:
+            return cls(f"{where} cannot grow: the disk is full ({exc}): free space on it and start again",
+                       path=path, exit_code=1)
+        return cls(f"{where} could not be opened or upgraded to schema version {SCHEMA_VERSION} "
+                   f"({type(exc).__name__}: {exc}): check the file and the disk, {other}", path=path, exit_code=1)
+
+
+def check_database_file(path: Path, setting: str) -> None:
+    """Open (or create) the SQLite file at `path` and read its schema, or raise StoreUnavailable naming `setting`:
+    for a database another part opens later (the embedded sandbox's), so a bad path stops start-up, not a call."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(path)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreUnavailable.explain(path, exc, setting) from exc
+
+
 # --- the store --------------------------------------------------------------------------------------------------
 
 
@@ -268,15 +333,18 @@ class Store:
         self.path = Path(path)
         if str(path) == ":memory:":
             raise ValueError("the store needs a file (reader and writer share it); use a temporary file in tests")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        bootstrap = connect(self.path)
         try:
-            # WAL by pragma rather than sqlite-utils' enable_wal(): importing sqlite-utils costs 20 ms of start-up,
-            # and the introspection below (doctor, tests) is the only place it is needed.
-            bootstrap.execute("PRAGMA journal_mode = WAL")
-            self.applied_migrations = migrate(bootstrap, upto=migrate_upto)
-        finally:
-            bootstrap.close()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            bootstrap = connect(self.path)
+            try:
+                # WAL by pragma rather than sqlite-utils' enable_wal(): importing sqlite-utils costs 20 ms of
+                # start-up, and the introspection below (doctor, tests) is the only place it is needed.
+                bootstrap.execute("PRAGMA journal_mode = WAL")
+                self.applied_migrations = migrate(bootstrap, upto=migrate_upto)
+            finally:
+                bootstrap.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable.explain(self.path, exc) from exc
         self._reader = connect(self.path)
         self._read_lock = threading.Lock()
         self._db: Any = None

@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 from aims_billing_mcp.acp_http import acp_routes
 from aims_billing_mcp.app import BillingServer, build_server
 from aims_billing_mcp.http_transport import uvicorn_server
+from aims_billing_mcp.redact import forget_secrets
 from aims_billing_mcp.sandbox import Sandbox, create_app
 from aims_billing_mcp.services.acp import AcpService
 from aims_billing_mcp.services.commerce import PaymentSessionService
@@ -60,6 +61,13 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith(("STRIPE_", "AIMS_BILLING_", "AIMS_X402_")):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def forget_configured_secrets() -> Iterator[None]:
+    """Secrets one test's settings registered for masking by value (redact.py) do not mask the next test's output."""
+    yield
+    forget_secrets()
 
 
 class Clock:

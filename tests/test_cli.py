@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import anyio
@@ -21,6 +22,8 @@ from aims_billing_mcp.demo import run_demo
 from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY, SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway, sign_webhook_payload
+
+from .test_store import BAD_DATABASES, truncated, under_a_file
 
 pytestmark = pytest.mark.anyio
 
@@ -427,3 +430,76 @@ async def test_refund_prepaid_refunds_a_tier_that_failed_and_refuses_what_it_can
     row = next(line for line in refunded.splitlines() if line.startswith(f"pre_{session}"))
     assert " refunded " in row and "59.97 USD" in row
     assert "no prepaid subscription 'pre_ps_nosuch'" in unknown
+
+
+# --- start-up failures: one line naming the path and the fix, exit 2 (configuration) or 1 (runtime) -------------
+
+STARTING_COMMANDS = [["serve"], ["serve", "--http", "--port", "0"], ["doctor"], ["check-ledger"],
+                     ["report", "wallets"], ["report", "usage"], ["report", "receipts"], ["report", "prepaid"],
+                     ["flush-usage"], ["start-subscriptions"]]
+
+
+def one_line_failure(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", BAD_DATABASES)
+@pytest.mark.parametrize("command", STARTING_COMMANDS, ids=" ".join)
+def test_a_database_that_cannot_be_opened_stops_each_command_in_one_line(
+    command: list[str], case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    make, exit_code, words = BAD_DATABASES[case]
+    path = make(tmp_path)
+    monkeypatch.setenv("AIMS_BILLING_DB", str(path))
+    monkeypatch.setenv("AIMS_BILLING_SANDBOX_DB", str(tmp_path / "sandbox.db"))
+    assert main(command) == exit_code
+    line = one_line_failure(capsys)
+    assert f"AIMS_BILLING_DB={path}" in line and words in line
+
+
+@pytest.mark.parametrize("command", [["serve"], ["doctor"]], ids=" ".join)
+def test_a_sandbox_database_that_cannot_be_opened_stops_start_up_naming_its_setting(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "billing.db"))
+    (tmp_path / "sb.db").write_text("not a database, not at all, " * 40)
+    monkeypatch.setenv("AIMS_BILLING_SANDBOX_DB", str(tmp_path / "sb.db"))
+    assert main(command) == 2
+    line = one_line_failure(capsys)
+    assert f"AIMS_BILLING_SANDBOX_DB={tmp_path / 'sb.db'}" in line and "is not a SQLite database" in line
+
+
+@pytest.mark.parametrize("command", [["serve"], ["serve", "--http", "--port", "0"]], ids=" ".join)
+def test_a_real_server_process_on_a_damaged_database_exits_1_with_one_line(
+    command: list[str], tmp_path: Path
+) -> None:
+    path = truncated(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "AIMS_"))}
+    done = subprocess.run([sys.executable, "-m", "aims_billing_mcp", *command], capture_output=True, text=True,
+                          env={**env, "AIMS_BILLING_DB": str(path)}, stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "Traceback" not in done.stderr
+    assert f"AIMS_BILLING_DB={path}" in done.stderr and "is damaged" in done.stderr and "backup" in done.stderr
+
+
+def test_the_demo_without_a_usable_temporary_directory_stops_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(under_a_file(tmp_path).parent))  # what TMPDIR would set
+    assert main(["demo"]) == 2
+    line = one_line_failure(capsys)
+    assert "TMPDIR" in line and str(tmp_path / "notes.txt") in line
+
+
+def test_the_sandbox_on_a_database_path_under_a_file_stops_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = under_a_file(tmp_path)
+    assert main(["sandbox", "--db", str(path), "--port", "0"]) == 2
+    line = one_line_failure(capsys)
+    assert f"--db={path}" in line and "is a file, not a directory" in line

@@ -111,3 +111,10 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`{name.upper()}`" in readme, name
+
+
+def test_acp_api_keys_are_read_comma_separated_as_secrets_without_blanks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIMS_BILLING_ACP_API_KEYS", " platform-key-one , ,platform-key-two")
+    keys = load().aims_billing_acp_api_keys
+    assert [key.get_secret_value() for key in keys] == ["platform-key-one", "platform-key-two"]
+    assert "platform-key" not in repr(keys)

@@ -4,13 +4,15 @@ failing job rolls back alone."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from aims_billing_mcp.store import SCHEMA_VERSION, Store, connect
+from aims_billing_mcp.store import SCHEMA_VERSION, Store, StoreUnavailable, connect
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +41,58 @@ def test_opening_an_older_database_upgrades_it(tmp_path: Path) -> None:
     assert upgraded.applied_migrations == list(range(2, SCHEMA_VERSION + 1))
     assert upgraded.query_one("SELECT name FROM sqlite_master WHERE name = 'meter_events_pending'")
     upgraded.close()
+
+
+def under_a_file(tmp: Path) -> Path:
+    (tmp / "notes.txt").write_text("a file")
+    return tmp / "notes.txt" / "billing.db"
+
+
+def in_an_unwritable_directory(tmp: Path) -> Path:
+    if os.geteuid() != 0:
+        (tmp / "readonly").mkdir()
+        (tmp / "readonly").chmod(0o500)
+        return tmp / "readonly" / "billing.db"
+    if not Path("/proc/self").is_dir():  # root writes anywhere on a disk: use a pseudo file system
+        pytest.skip("needs /proc when running as root")
+    return Path("/proc/billing.db")
+
+
+def a_directory(tmp: Path) -> Path:
+    (tmp / "billing.db").mkdir()
+    return tmp / "billing.db"
+
+
+def not_sqlite(tmp: Path) -> Path:
+    (tmp / "billing.db").write_text("these are not the pages you are looking for\n" * 100)
+    return tmp / "billing.db"
+
+
+def truncated(tmp: Path) -> Path:
+    Store(tmp / "full.db").close()
+    (tmp / "billing.db").write_bytes((tmp / "full.db").read_bytes()[:4096])
+    return tmp / "billing.db"
+
+
+# (how to make the bad path, the exit code a command gives for it, words the one line must hold)
+BAD_DATABASES: dict[str, tuple[Callable[[Path], Path], int, str]] = {
+    "a path under a file": (under_a_file, 2, "is a file, not a directory"),
+    "an unwritable directory": (in_an_unwritable_directory, 2, "writable"),
+    "a directory": (a_directory, 2, "is a directory"),
+    "a file that is not SQLite": (not_sqlite, 2, "is not a SQLite database"),
+    "a truncated database": (truncated, 1, "is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATABASES)
+def test_a_database_that_cannot_be_opened_is_refused_naming_the_path_and_the_fix(tmp_path: Path, case: str) -> None:
+    make, exit_code, words = BAD_DATABASES[case]
+    path = make(tmp_path)
+    with pytest.raises(StoreUnavailable) as caught:
+        Store(path)
+    assert caught.value.exit_code == exit_code
+    assert f"AIMS_BILLING_DB={path}" in caught.value.message and words in caught.value.message
+    assert "\n" not in caught.value.message
 
 
 def test_reopening_a_current_database_applies_nothing(tmp_path: Path) -> None:

@@ -173,11 +173,12 @@ async def test_v2_payment_is_verified_settled_recorded_and_credited_once(
     assert (row.receipt_id, row.payer, row.luc_credited, row.amount_usd) == (
         receipt.receipt_id, payer.address.lower(), 500, "0.5")
 
-    # the same payment again, as header or JSON, for this quote or another: refused, nothing credited
+    # the same payment again, as header or JSON, for this quote or (its quoteId rewritten) another: refused as a
+    # replay, nothing credited
     await refused(store, lambda: service.verify_and_settle(header(payment), quote_id=quote.quote_id),
                   "invalid_exact_evm_nonce_already_used")
     other = await service.create_requirements(luc=500, agent_id=AGENT, description="credits", resource="urn:luc")
-    await refused(store, lambda: service.verify_and_settle(payment, quote_id=other.quote_id),
+    await refused(store, lambda: service.verify_and_settle(naming(payment, other.quote_id)),
                   "invalid_exact_evm_nonce_already_used", "already settled")
     assert balance(ledger) == 500
 
@@ -205,6 +206,13 @@ async def test_a_payment_without_an_agent_records_a_receipt_and_credits_nothing(
 
 
 # --- bad input: each refused with the spec's reason, nothing written --------------------------------------------
+
+
+def naming(payment: dict[str, Any] | str, quote_id: str) -> dict[str, Any]:
+    """The payment (object or header value) with the quote it names rewritten (the signature does not cover it)."""
+    out = decode_payment_header(payment)[1] if isinstance(payment, str) else json.loads(json.dumps(payment))
+    out["accepted"]["extra"]["quoteId"] = quote_id
+    return out
 
 
 def _tamper(payment: dict[str, Any], **auth: Any) -> dict[str, Any]:
@@ -287,7 +295,7 @@ async def test_unknown_expired_and_paid_quotes_are_refused(
     quote = await service.create_requirements(luc=5, agent_id=AGENT, description="d", resource="r",
                                               valid_seconds=60)
     payment = payer.pay(quote.payment_required)
-    error = await refused(store, lambda: service.verify_and_settle(payment, quote_id="q_nope"),
+    error = await refused(store, lambda: service.verify_and_settle(naming(payment, "q_nope")),
                           "invalid_payment_requirements", "unknown quote q_nope")
     assert error.details["quote_status"] == "unknown"
     clock.advance(61)

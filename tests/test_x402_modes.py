@@ -20,6 +20,7 @@ from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, build_gateway
 
 from .conftest import serving_app
+from .test_x402 import naming
 
 sys.path.insert(0, str(Path(__file__).parent))
 from x402_worker import Payer, header
@@ -134,8 +135,8 @@ async def test_http_mode_verifies_and_settles_through_a_remote_facilitator(
         assert (receipt.mode, receipt.luc_credited, receipt.balance_after) == ("http", 300, 300)
         assert receipt.tx_hash and receipt.settlement["success"] is True
         other = await service.create_requirements(luc=300, agent_id=AGENT, description="d", resource="r")
-        with pytest.raises(PaymentRejected) as caught:
-            await service.verify_and_settle(payment, quote_id=other.quote_id)
+        with pytest.raises(PaymentRejected) as caught:  # replayed for another quote (the quoteId is not signed)
+            await service.verify_and_settle(naming(payment, other.quote_id))
         assert caught.value.code == "invalid_exact_evm_nonce_already_used"
         forged = Payer().pay(other.payment_required)
         forged["payload"]["authorization"]["from"] = payer.address  # signed by another key

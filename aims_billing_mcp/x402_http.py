@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 CREDITS_PATH = "/x402/credits"
 PAYMENT_HEADERS = ("payment-signature", "x-payment")
+EXAMPLE = f"{CREDITS_PATH}?agent_id=planner&luc=5000"
 
 
 class CreditsQuery(BaseModel):
@@ -61,7 +62,8 @@ def _parse_query(request: Request) -> CreditsQuery | JSONResponse:
     keys = [key for key, _ in items]
     doubled = sorted({key for key in keys if keys.count(key) > 1})
     if doubled:
-        return _answer(400, "invalid_request", f"{doubled[0]} is given more than once: give it once", doubled[0])
+        return _answer(400, "invalid_request", f"{doubled[0]} is given more than once: give each once, e.g. "
+                       f"{EXAMPLE}", doubled[0])
     try:
         return CreditsQuery.model_validate(dict(items))
     except ValidationError as exc:
@@ -70,8 +72,8 @@ def _parse_query(request: Request) -> CreditsQuery | JSONResponse:
         reason = "is required" if first["type"] == "missing" else (
             "is not a parameter of this route" if first["type"] == "extra_forbidden"
             else first["msg"].removeprefix("Value error, "))
-        return _answer(400, "invalid_request", f"{field} {reason}: pass agent_id and a positive whole luc (and "
-                       "quote_id with a v1 X-PAYMENT), e.g. /x402/credits?agent_id=planner&luc=5000", field)
+        return _answer(400, "invalid_request", f"{field}: {reason[:1].lower()}{reason[1:]}; pass agent_id and a positive whole luc (and "
+                       f"quote_id with a v1 X-PAYMENT), e.g. {EXAMPLE}", field)
 
 
 def _payment_header(request: Request) -> str | JSONResponse | None:

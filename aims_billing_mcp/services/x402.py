@@ -315,9 +315,11 @@ class X402Service:
         self, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing, *, pay_to: str | None = None,
         network: str = "base-sepolia", facilitator: str = "local", facilitator_url: str | None = None,
         clock: Callable[[], float] = time.time, live: bool = False, quote_key: bytes | None = None,
+        max_open_quotes: int = MAX_OPEN_QUOTES,
     ) -> None:
         """`live`: the Stripe key is a live one (see `live_mode_problem`). `quote_key`: the challenge tokens' HMAC
-        key; by default read from (or created in) `<db stem>.x402.key` beside the database, on first use."""
+        key; by default read from (or created in) `<db stem>.x402.key` beside the database, on first use.
+        `max_open_quotes`: stored quotes open at once."""
         if pay_to is not None and not _HEX_ADDRESS.match(pay_to):
             raise ValueError(f"pay_to must be a 0x address of 40 hex digits, got {pay_to!r}")
         if network not in NETWORKS:
@@ -339,6 +341,7 @@ class X402Service:
         self.facilitator_url = facilitator_url
         self._clock = clock
         self._quote_key = quote_key
+        self._max_open_quotes = max_open_quotes
         self._schemes: dict[str, Any] = {}
         self._http_client: Any = None
 
@@ -397,13 +400,14 @@ class X402Service:
         expires = int(now) + valid_seconds
         row = (quote_id, caip, NETWORKS[name][2], self.pay_to, atomic, agent_id, credit, description, resource,
                version, expires, utc_iso(now))
+        limit = self._max_open_quotes
 
         def insert(conn: sqlite3.Connection) -> None:
             (open_quotes,) = conn.execute("SELECT COUNT(*) FROM x402_quotes WHERE status = 'open' AND expires_at > ?",
                                           (int(now),)).fetchone()
-            if open_quotes >= MAX_OPEN_QUOTES:
-                raise LimitReached(f"{open_quotes} x402 quotes are open (at most {MAX_OPEN_QUOTES}): pay them or let "
-                                   "them expire (shorter valid_seconds) before asking for more", param="valid_seconds")
+            if open_quotes >= limit:
+                raise LimitReached(f"{open_quotes} x402 quotes are open (at most {limit}): pay them or let them "
+                                   "expire (shorter valid_seconds) before asking for more", param="valid_seconds")
             conn.execute(
                 "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, resource, "
                 "x402_version, status, expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",

@@ -72,8 +72,8 @@ def _parse_query(request: Request) -> CreditsQuery | JSONResponse:
         reason = "is required" if first["type"] == "missing" else (
             "is not a parameter of this route" if first["type"] == "extra_forbidden"
             else first["msg"].removeprefix("Value error, "))
-        return _answer(400, "invalid_request", f"{field}: {reason[:1].lower()}{reason[1:]}; pass agent_id and a positive whole luc (and "
-                       f"quote_id with a v1 X-PAYMENT), e.g. {EXAMPLE}", field)
+        return _answer(400, "invalid_request", f"{field}: {reason[:1].lower()}{reason[1:]}; pass agent_id and a "
+                       f"positive whole luc (and quote_id with a v1 X-PAYMENT), e.g. {EXAMPLE}", field)
 
 
 def _payment_header(request: Request) -> str | JSONResponse | None:

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from aims_billing_mcp.errors import InvalidInput, NotFound, PaymentRejected
+from aims_billing_mcp.errors import ConfigurationError, InvalidInput, NotFound, PaymentRejected
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.services.x402 import (
+    MAX_QUOTE_ID,
     NETWORKS,
     SANDBOX_PAY_TO,
     X402Service,
@@ -318,6 +319,55 @@ async def test_a_credit_refused_by_the_ledger_undoes_the_receipt(
         await service.verify_and_settle(payer.pay(quote.payment_required), quote_id=quote.quote_id)
     assert store.query("SELECT * FROM x402_receipts") == []
     assert store.query_one("SELECT status FROM x402_quotes") == {"status": "open"}
+
+
+# --- challenge tokens: stored only when paid ---------------------------------------------------------------------
+
+
+async def test_a_challenge_is_stored_only_when_paid_and_is_paid_once(
+        service: X402Service, ledger: LedgerService, store: Store) -> None:
+    challenge = await service.challenge(agent_id=AGENT, luc=40, resource="/x402/credits")
+    assert challenge.quote_id.startswith("qt_") and len(challenge.quote_id) < MAX_QUOTE_ID
+    assert (challenge.luc, challenge.amount_atomic, challenge.max_timeout_seconds) == (40, "40000", 300)
+    assert store.query("SELECT * FROM x402_quotes") == []
+    receipt = await service.verify_and_settle(Payer().pay(challenge.payment_required))
+    assert (receipt.quote_id, receipt.luc_credited) == (challenge.quote_id, 40)
+    row = store.query_one("SELECT status, agent_id, luc, amount, resource FROM x402_quotes")
+    assert row == {"status": "paid", "agent_id": AGENT, "luc": 40, "amount": 40000, "resource": "/x402/credits"}
+    second = Payer().pay(challenge.payment_required)  # another payer, a fresh authorization, the same challenge
+    error = await refused(store, lambda: service.verify_and_settle(second), "invalid_payment_requirements",
+                          "already paid")
+    assert error.details["quote_status"] == "paid"
+    assert balance(ledger) == 40
+
+
+async def test_an_expired_challenge_is_refused(service: X402Service, store: Store, clock: Clock) -> None:
+    challenge = await service.challenge(agent_id=AGENT, luc=40, resource="r")
+    payment = Payer().pay(challenge.payment_required, validBefore=str(int(clock()) + 3600))
+    clock.advance(300)
+    error = await refused(store, lambda: service.verify_and_settle(payment), "invalid_payment_requirements",
+                          "expired")
+    assert error.details["quote_status"] == "expired"
+
+
+async def test_challenges_outlive_a_restart_through_the_private_key_file_and_die_with_it(
+        service: X402Service, store: Store, ledger: LedgerService, pricing: Pricing, clock: Clock) -> None:
+    first = await service.challenge(agent_id=AGENT, luc=1, resource="r")
+    second = await service.challenge(agent_id=AGENT, luc=2, resource="r")
+    key_file = store.path.with_name(f"{store.path.stem}.x402.key")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    restarted = X402Service(store, ledger, None, pricing, clock=clock)
+    await restarted.verify_and_settle(Payer().pay(first.payment_required))
+    key_file.unlink()
+    renewed = X402Service(store, ledger, None, pricing, clock=clock)
+    error = await refused(store, lambda: renewed.verify_and_settle(Payer().pay(second.payment_required)),
+                          "invalid_payment_requirements", "unknown quote")
+    assert error.details["quote_status"] == "unknown"
+    key_file.write_text("not a key")
+    broken = X402Service(store, ledger, None, pricing, clock=clock)
+    with pytest.raises(ConfigurationError) as caught:
+        await broken.challenge(agent_id=AGENT, luc=1, resource="r")
+    assert str(key_file) in caught.value.message and "delete it" in caught.value.message
 
 
 # --- helpers and constants --------------------------------------------------------------------------------------

@@ -115,3 +115,25 @@ async def test_in_live_mode_without_a_pay_to_the_route_is_a_503_naming_the_setti
         answer = await http.get(f"/x402/credits?{GOOD}")
     assert answer.status_code == 503, answer.text
     assert (answer.json()["error"], answer.json()["param"]) == ("configuration_error", "AIMS_X402_PAY_TO")
+
+
+async def test_stripe_mode_pays_a_challenge_with_a_payment_intent_named_in_the_header(
+        make_server: Callable[..., BillingServer]) -> None:
+    from aims_billing_mcp.stripe_gateway import StripeRequest
+
+    server = make_server(aims_x402_facilitator="stripe")
+    async with serving_http(server) as url, httpx.AsyncClient(base_url=url) as http:
+        assert server.state is not None
+        await give_tier(server, "cus_team", "3mo")
+        await server.state.ledger.create_wallet("buyer", "cus_team", None, "w-buyer")
+        odd = await http.get("/x402/credits?agent_id=buyer&luc=5")  # 0.005 USD: not whole cents
+        assert (odd.status_code, odd.json()["param"]) == (400, "luc")
+        first = await http.get(f"/x402/credits?{GOOD}")
+        quote_id = json.loads(base64.b64decode(first.headers["payment-required"]))["accepts"][0]["extra"]["quoteId"]
+        pi = (await server.state.gateway.send(StripeRequest("post", "/v1/payment_intents", {
+            "amount": 50, "currency": "usd", "metadata": {"quote_id": quote_id}, "payment_method": "pm_card_visa",
+            "payment_method_types": ["card"], "confirm": True}))).data
+        paid = await http.get(f"/x402/credits?{GOOD}&quote_id={quote_id}", headers={"PAYMENT-SIGNATURE": pi["id"]})
+        assert paid.status_code == 200, paid.text
+        assert (paid.json()["payment_intent"], paid.json()["luc_credited"]) == (pi["id"], 500)
+        assert server.state.ledger.get_wallet("buyer").balance == 500

@@ -232,7 +232,7 @@ def x402_status(settings: Settings) -> str:
                                 network=network)
     if problem is not None:
         return f"REFUSED: {problem}"
-    how = {"local": "local (offline: no money moves)", "http": f"http ({settings.aims_x402_facilitator_url})",
+    how = {"local": "local (offline: no money moves)", "http": "http (AIMS_X402_FACILITATOR_URL)",
            "stripe": "stripe (PaymentIntents)"}[facilitator]
     pay_to = settings.aims_x402_pay_to or f"{SANDBOX_PAY_TO} (the sandbox test address)"
     return f"settles {how} on {network}, pays to {pay_to}"
@@ -390,9 +390,7 @@ class X402Service:
             raise InvalidInput(f"version must be 1 or 2, got {version!r}", param="version")
         require_text(description, "description", MAX_TEXT)
         require_text(resource, "resource", MAX_RESOURCE)
-        if self.mode == "stripe" and atomic % 10_000:
-            raise InvalidInput(f"{usd_of(atomic)} USD is not a whole number of cents, which a Stripe PaymentIntent "
-                               "needs: round the amount to cents", param="amount_usd")
+        self._whole_cents(atomic, "amount_usd")
         self._require_wallet(agent_id)
         caip = NETWORKS[name][0]
         quote_id = new_id("q")
@@ -424,6 +422,7 @@ class X402Service:
         if isinstance(luc, bool) or not isinstance(luc, int) or not 1 <= luc <= MAX_LUC:
             raise InvalidInput(f"luc must be a whole number from 1 to {MAX_LUC}, got {luc!r}", param="luc")
         atomic, credit = self._price(None, None, luc, agent_id)
+        self._whole_cents(atomic, "luc")
         require_text(resource, "resource", MAX_RESOURCE)
         self._require_wallet(agent_id)
         name = self._network(None)
@@ -433,6 +432,11 @@ class X402Service:
                                 "c": now, "r": resource, "i": _b64(os.urandom(9))})
         return self._requirements(quote_id, name, atomic, agent_id, credit, _credits_description(credit, agent_id),
                                   resource, CHALLENGE_SECONDS, expires, 2)
+
+    def _whole_cents(self, atomic: int, param: str) -> None:
+        if self.mode == "stripe" and atomic % 10_000:
+            raise InvalidInput(f"{usd_of(atomic)} USD is not a whole number of cents, which a Stripe PaymentIntent "
+                               "needs: round the amount to cents", param=param)
 
     def _network(self, network: str | None) -> str:
         name = network or self.network

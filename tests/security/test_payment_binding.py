@@ -212,6 +212,20 @@ async def test_a_registered_payers_intercepted_header_cannot_be_redirected_to_an
         assert balances(server) == {"alice": PRICE, "mallory": 0}
 
 
+async def test_a_redeemed_payment_is_spent_for_every_agent_not_only_the_one_it_credited(
+        server: BillingServer) -> None:
+    """Replay keys are global (network, asset, payer, nonce), not scoped to a wallet: a payment is a payment."""
+    async with Client(server) as client:
+        await two_wallets(client, server)
+        alices, mallorys = await quote(client, "alice"), await quote(client, "mallory")
+        payment = Payer().pay(alices["payment_required"])
+        ok(await client.call_tool("verify_x402_receipt", {"payment": payment}))
+        replay = error_of(await client.call_tool("verify_x402_receipt", {"payment": rename(payment,
+                                                                                           mallorys["quote_id"])}))
+        assert replay["code"] == "invalid_exact_evm_nonce_already_used"
+        assert balances(server) == {"alice": PRICE, "mallory": 0} and receipts(server) == 1
+
+
 async def test_without_registration_a_payment_header_is_a_bearer_instrument(server: BillingServer) -> None:
     """The limit the README states: the quote id is not signed, so an unregistered payer's header, rewritten to name
     another quote of the same price, pays that quote. Registration (above) is what closes it."""

@@ -482,14 +482,13 @@ class X402Service:
             if not hmac.compare_digest(_unb64(mac), self._mac(body)):
                 return None
             fields = json.loads(_unb64(body))
-        except (binascii.Error, ValueError):
+            return {"id": quote_id, "network": fields["n"], "asset": NETWORKS[CAIP_TO_NAME[fields["n"]]][2],
+                    "pay_to": self.pay_to, "amount": int(fields["m"]), "agent_id": str(fields["a"]),
+                    "luc": int(fields["l"]), "description": _credits_description(fields["l"], fields["a"]),
+                    "resource": str(fields["r"]), "x402_version": 2, "status": "open", "expires_at": int(fields["e"]),
+                    "created_at": utc_iso(fields["c"]), "stored": False}
+        except (ValueError, KeyError, TypeError):  # binascii.Error is a ValueError; a signed token of an older shape
             return None
-        name = CAIP_TO_NAME[fields["n"]]
-        return {"id": quote_id, "network": fields["n"], "asset": NETWORKS[name][2], "pay_to": self.pay_to,
-                "amount": fields["m"], "agent_id": fields["a"], "luc": fields["l"],
-                "description": _credits_description(fields["l"], fields["a"]), "resource": fields["r"],
-                "x402_version": 2, "status": "open", "expires_at": fields["e"], "created_at": utc_iso(fields["c"]),
-                "stored": False}
 
     def _price(self, amount_usd: str | None, amount_atomic: int | None, luc: int | None,
                agent_id: str | None) -> tuple[int, int]:

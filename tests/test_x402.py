@@ -5,6 +5,7 @@ reason code, a sentence, and nothing written. Payments are signed by a generated
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -309,6 +310,25 @@ async def test_unknown_expired_and_paid_quotes_are_refused(
     error = await refused(store, lambda: service.verify_and_settle(second, quote_id=quote.quote_id),
                           "invalid_payment_requirements", "already paid")
     assert error.details["quote_status"] == "paid"
+
+
+async def test_a_payment_settles_only_the_quote_it_accepted_and_a_v1_payment_needs_quote_id(
+        service: X402Service, ledger: LedgerService, store: Store, payer: Payer) -> None:
+    mine, other = [await service.create_requirements(luc=5, agent_id=AGENT, description="d", resource="r")
+                   for _ in range(2)]
+    error = await refused(store, lambda: service.verify_and_settle(payer.pay(mine.payment_required),
+                                                                   quote_id=other.quote_id),
+                          "invalid_payment_requirements", mine.quote_id, other.quote_id)
+    assert (error.param, error.details["quote_status"]) == ("quote_id", "mismatch")
+    v1 = payer.pay(mine.payment_required, version=1)
+    error = await refused(store, lambda: service.verify_and_settle(v1), "invalid_payment_requirements", "v1")
+    assert error.param == "quote_id"
+    for asked in ({"agent_id": "someone-else"}, {"luc": 6}):
+        call = functools.partial(service.verify_and_settle, v1, quote_id=mine.quote_id, **asked)
+        error = await refused(store, call, "invalid_payment_requirements", "cannot pay another")
+        assert error.param == next(iter(asked))
+    await service.verify_and_settle(v1, quote_id=mine.quote_id, agent_id=AGENT, luc=5)
+    assert balance(ledger) == 5
 
 
 async def test_a_credit_refused_by_the_ledger_undoes_the_receipt(

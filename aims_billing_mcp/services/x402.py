@@ -603,9 +603,9 @@ class X402Service:
 
     def _open_quote(self, quote_id: str | None) -> dict[str, Any]:
         if not isinstance(quote_id, str) or not quote_id.strip():
-            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, "the payment names no quote: pass the quote_id returned "
-                                  "with the payment requirements (a v1 payment and a PaymentIntent name none)",
-                                  param="quote_id")
+            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, "the payment names no quote (a v1 payment and a "
+                                  "PaymentIntent name none): pay a version 2 PaymentRequired, whose accepted "
+                                  "requirements name it, or pass quote_id where the call takes one", param="quote_id")
         if len(quote_id) > MAX_QUOTE_ID:
             raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote_id is {len(quote_id)} characters long: at most "
                                   f"{MAX_QUOTE_ID}; pass the quote id of the payment requirements", param="quote_id",

@@ -6,7 +6,7 @@ LUC a payment credits, expiry. Two kinds, one behaviour:
   expire, are swept (`sweep_expired_quotes`, from the server's background sweep) and are capped in number;
 - a challenge (`challenge`: GET /x402/credits and purchase_luc_credits without a payment) costs no storage: its
   quote id is a token `qt_<base64url JSON>.<HMAC>` that describes the quote itself, signed with a server key kept
-  in a file beside the database (`<db>.x402.key`, mode 0600; never printed, never in the database). It is stored
+  in a file beside the database (`<db stem>.x402.key`, mode 0600; never printed, never in the database). It is stored
   only when paid, as a paid row in the transaction that records the receipt.
 The quote a payment settles is the one the payer accepted: a v2 payment names it in `accepted.extra.quoteId`; a
 caller's quote_id, agent_id or luc that disagrees is refused and nothing is credited. Only a v1 payment (which

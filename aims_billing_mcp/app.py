@@ -299,12 +299,7 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
 
     ceiling = Ceiling.from_settings(settings)  # one per-call money ceiling for every path (services/ceiling.py)
     ledger = LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=agent_limit, ceiling=ceiling)
-    live = gateway.mode is StripeMode.LIVE
-    x402 = X402Service(
-        store, ledger, gateway, pricing, pay_to=settings.aims_x402_pay_to,
-        network=settings.aims_x402_network or ("base" if live else "base-sepolia"),
-        facilitator=settings.aims_x402_facilitator, facilitator_url=settings.aims_x402_facilitator_url,
-    )
+    x402 = X402Service.from_settings(store, ledger, gateway, pricing, settings)
     metering = MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
                                period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists,
                                ceiling=ceiling)
@@ -406,6 +401,7 @@ async def background_tasks(
             await anyio.sleep(interval_seconds)
             try:
                 await state.ledger.sweep_expired_holds()
+                await state.x402.sweep_expired_quotes()
             except Exception:  # housekeeping must never take the server down; the next round retries
                 log.exception("sweeping expired holds failed")
 

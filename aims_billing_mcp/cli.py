@@ -472,6 +472,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     store = Store(settings.aims_billing_db)
     try:
         print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")
+        from .services.x402 import x402_status
+        print(f"  x402: {x402_status(settings)}")
         if problem := settings.live_key_problem():
             print(f"  PROBLEM: {problem}")
             return 1

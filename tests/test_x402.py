@@ -5,6 +5,7 @@ reason code, a sentence, and nothing written. Payments are signed by a generated
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -13,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from aims_billing_mcp.errors import InvalidInput, NotFound, PaymentRejected
+from aims_billing_mcp.errors import ConfigurationError, InvalidInput, NotFound, PaymentRejected
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.services.x402 import (
+    MAX_QUOTE_ID,
     NETWORKS,
     SANDBOX_PAY_TO,
     X402Service,
@@ -173,11 +175,12 @@ async def test_v2_payment_is_verified_settled_recorded_and_credited_once(
     assert (row.receipt_id, row.payer, row.luc_credited, row.amount_usd) == (
         receipt.receipt_id, payer.address.lower(), 500, "0.5")
 
-    # the same payment again, as header or JSON, for this quote or another: refused, nothing credited
+    # the same payment again, as header or JSON, for this quote or (its quoteId rewritten) another: refused as a
+    # replay, nothing credited
     await refused(store, lambda: service.verify_and_settle(header(payment), quote_id=quote.quote_id),
                   "invalid_exact_evm_nonce_already_used")
     other = await service.create_requirements(luc=500, agent_id=AGENT, description="credits", resource="urn:luc")
-    await refused(store, lambda: service.verify_and_settle(payment, quote_id=other.quote_id),
+    await refused(store, lambda: service.verify_and_settle(naming(payment, other.quote_id)),
                   "invalid_exact_evm_nonce_already_used", "already settled")
     assert balance(ledger) == 500
 
@@ -205,6 +208,13 @@ async def test_a_payment_without_an_agent_records_a_receipt_and_credits_nothing(
 
 
 # --- bad input: each refused with the spec's reason, nothing written --------------------------------------------
+
+
+def naming(payment: dict[str, Any] | str, quote_id: str) -> dict[str, Any]:
+    """The payment (object or header value) with the quote it names rewritten (the signature does not cover it)."""
+    out = decode_payment_header(payment)[1] if isinstance(payment, str) else json.loads(json.dumps(payment))
+    out["accepted"]["extra"]["quoteId"] = quote_id
+    return out
 
 
 def _tamper(payment: dict[str, Any], **auth: Any) -> dict[str, Any]:
@@ -287,7 +297,7 @@ async def test_unknown_expired_and_paid_quotes_are_refused(
     quote = await service.create_requirements(luc=5, agent_id=AGENT, description="d", resource="r",
                                               valid_seconds=60)
     payment = payer.pay(quote.payment_required)
-    error = await refused(store, lambda: service.verify_and_settle(payment, quote_id="q_nope"),
+    error = await refused(store, lambda: service.verify_and_settle(naming(payment, "q_nope")),
                           "invalid_payment_requirements", "unknown quote q_nope")
     assert error.details["quote_status"] == "unknown"
     clock.advance(61)
@@ -302,6 +312,25 @@ async def test_unknown_expired_and_paid_quotes_are_refused(
     assert error.details["quote_status"] == "paid"
 
 
+async def test_a_payment_settles_only_the_quote_it_accepted_and_a_v1_payment_needs_quote_id(
+        service: X402Service, ledger: LedgerService, store: Store, payer: Payer) -> None:
+    mine, other = [await service.create_requirements(luc=5, agent_id=AGENT, description="d", resource="r")
+                   for _ in range(2)]
+    error = await refused(store, lambda: service.verify_and_settle(payer.pay(mine.payment_required),
+                                                                   quote_id=other.quote_id),
+                          "invalid_payment_requirements", mine.quote_id, other.quote_id)
+    assert (error.param, error.details["quote_status"]) == ("quote_id", "mismatch")
+    v1 = payer.pay(mine.payment_required, version=1)
+    error = await refused(store, lambda: service.verify_and_settle(v1), "invalid_payment_requirements", "v1")
+    assert error.param == "quote_id"
+    for asked in ({"agent_id": "someone-else"}, {"luc": 6}):
+        call = functools.partial(service.verify_and_settle, v1, quote_id=mine.quote_id, **asked)
+        error = await refused(store, call, "invalid_payment_requirements", "cannot pay another")
+        assert error.param == next(iter(asked))
+    await service.verify_and_settle(v1, quote_id=mine.quote_id, agent_id=AGENT, luc=5)
+    assert balance(ledger) == 5
+
+
 async def test_a_credit_refused_by_the_ledger_undoes_the_receipt(
         service: X402Service, store: Store, payer: Payer) -> None:
     quote = await service.create_requirements(luc=5, agent_id=AGENT, description="d", resource="r")
@@ -310,6 +339,55 @@ async def test_a_credit_refused_by_the_ledger_undoes_the_receipt(
         await service.verify_and_settle(payer.pay(quote.payment_required), quote_id=quote.quote_id)
     assert store.query("SELECT * FROM x402_receipts") == []
     assert store.query_one("SELECT status FROM x402_quotes") == {"status": "open"}
+
+
+# --- challenge tokens: stored only when paid ---------------------------------------------------------------------
+
+
+async def test_a_challenge_is_stored_only_when_paid_and_is_paid_once(
+        service: X402Service, ledger: LedgerService, store: Store) -> None:
+    challenge = await service.challenge(agent_id=AGENT, luc=40, resource="/x402/credits")
+    assert challenge.quote_id.startswith("qt_") and len(challenge.quote_id) < MAX_QUOTE_ID
+    assert (challenge.luc, challenge.amount_atomic, challenge.max_timeout_seconds) == (40, "40000", 300)
+    assert store.query("SELECT * FROM x402_quotes") == []
+    receipt = await service.verify_and_settle(Payer().pay(challenge.payment_required))
+    assert (receipt.quote_id, receipt.luc_credited) == (challenge.quote_id, 40)
+    row = store.query_one("SELECT status, agent_id, luc, amount, resource FROM x402_quotes")
+    assert row == {"status": "paid", "agent_id": AGENT, "luc": 40, "amount": 40000, "resource": "/x402/credits"}
+    second = Payer().pay(challenge.payment_required)  # another payer, a fresh authorization, the same challenge
+    error = await refused(store, lambda: service.verify_and_settle(second), "invalid_payment_requirements",
+                          "already paid")
+    assert error.details["quote_status"] == "paid"
+    assert balance(ledger) == 40
+
+
+async def test_an_expired_challenge_is_refused(service: X402Service, store: Store, clock: Clock) -> None:
+    challenge = await service.challenge(agent_id=AGENT, luc=40, resource="r")
+    payment = Payer().pay(challenge.payment_required, validBefore=str(int(clock()) + 3600))
+    clock.advance(300)
+    error = await refused(store, lambda: service.verify_and_settle(payment), "invalid_payment_requirements",
+                          "expired")
+    assert error.details["quote_status"] == "expired"
+
+
+async def test_challenges_outlive_a_restart_through_the_private_key_file_and_die_with_it(
+        service: X402Service, store: Store, ledger: LedgerService, pricing: Pricing, clock: Clock) -> None:
+    first = await service.challenge(agent_id=AGENT, luc=1, resource="r")
+    second = await service.challenge(agent_id=AGENT, luc=2, resource="r")
+    key_file = store.path.with_name(f"{store.path.stem}.x402.key")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    restarted = X402Service(store, ledger, None, pricing, clock=clock)
+    await restarted.verify_and_settle(Payer().pay(first.payment_required))
+    key_file.unlink()
+    renewed = X402Service(store, ledger, None, pricing, clock=clock)
+    error = await refused(store, lambda: renewed.verify_and_settle(Payer().pay(second.payment_required)),
+                          "invalid_payment_requirements", "unknown quote")
+    assert error.details["quote_status"] == "unknown"
+    key_file.write_text("not a key")
+    broken = X402Service(store, ledger, None, pricing, clock=clock)
+    with pytest.raises(ConfigurationError) as caught:
+        await broken.challenge(agent_id=AGENT, luc=1, resource="r")
+    assert str(key_file) in caught.value.message and "delete it" in caught.value.message
 
 
 # --- helpers and constants --------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.services.x402 import X402Service
@@ -20,7 +22,9 @@ sys.path.insert(0, str(WORKER.parent))
 from x402_worker import Payer, header  # noqa: E402
 
 
-def test_eight_processes_presenting_one_payment_at_once_credit_it_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("quote", ["stored", "challenge token"])
+def test_eight_processes_presenting_one_payment_at_once_credit_it_once(tmp_path: Path, quote: str) -> None:
+    """A challenge token is checked by each process with the key they share (the file beside the database)."""
     path = tmp_path / "x402.db"
     store = Store(path)
     pricing = Pricing.load()
@@ -29,8 +33,11 @@ def test_eight_processes_presenting_one_payment_at_once_credit_it_once(tmp_path:
 
     async def setup() -> tuple[str, str]:
         await ledger.create_wallet("racer", "cus_r", None, "open")
-        quote = await service.create_requirements(luc=250, agent_id="racer", description="d", resource="r")
-        return quote.quote_id, header(Payer().pay(quote.payment_required))
+        if quote == "stored":
+            required = await service.create_requirements(luc=250, agent_id="racer", description="d", resource="r")
+        else:
+            required = await service.challenge(agent_id="racer", luc=250, resource="/x402/credits")
+        return required.quote_id, header(Payer().pay(required.payment_required))
 
     quote_id, payment = asyncio.run(setup())
     store.close()

@@ -1,7 +1,7 @@
 """Two things the x402 tests share, in the one helper file they may use:
 
 - `Payer`: a generated eth-account key that signs EIP-3009 TransferWithAuthorization payments (typed data for the
-  network's USDC EIP-712 domain) for a quote, as an x402 client would, in v2 or v1 form;
+  network's USDC EIP-712 domain) for a quote, as an x402 client would, in v2 or v1 form, and its payer registration;
 - a worker process for tests/test_x402_processes.py:
 
     python tests/x402_worker.py DB QUOTE_ID PAYMENT
@@ -58,6 +58,15 @@ class Payer:
                    "nonce": bytes.fromhex(auth["nonce"][2:])}
         signed = Account.sign_typed_data(key or self.account.key, domain, TYPES, message)
         return "0x" + bytes(signed.signature).hex()
+
+    def register(self, agent_id: str, pay_to: str) -> str:
+        """The EIP-191 signature that registers this address as a payer of `agent_id`'s wallet (register_x402_payer)."""
+        from eth_account.messages import encode_defunct
+
+        from aims_billing_mcp.services.x402 import payer_registration_message
+
+        message = encode_defunct(text=payer_registration_message(agent_id, self.address, pay_to))
+        return "0x" + bytes(self.account.sign_message(message).signature).hex()
 
     def pay(self, required: dict[str, Any], *, version: int | None = None, sign_overrides: dict[str, Any] | None = None,
             **overrides: Any) -> dict[str, Any]:

@@ -1,20 +1,40 @@
 """x402 payments: payment requirements (402 challenges), verification, settlement, receipts once, wallet credits.
 
-Flow. `create_requirements` stores a quote (amount in atomic USDC, network, asset, pay-to, the agent wallet and LUC
-a payment credits, expiry) and returns the x402 `PaymentRequired` built with the SDK's models. `verify_and_settle`
-decodes the payment (a base64 `PAYMENT-SIGNATURE`/`X-PAYMENT` header value or its JSON), checks it against the quote
-(version, scheme, network, asset, recipient, exact amount, validAfter <= now < validBefore, nonce shape, quote open
-and unexpired), then verifies and settles it in the configured mode:
+Quotes. A quote is what a payment settles: amount (atomic USDC), network, asset, pay-to, the agent wallet and the
+LUC a payment credits, expiry. Two kinds, one behaviour:
+- a stored quote (`create_requirements`, the MCP tool: authenticated callers): a row in `x402_quotes`; open quotes
+  expire, are swept (`sweep_expired_quotes`, from the server's background sweep) and are capped in number;
+- a challenge (`challenge`: GET /x402/credits and purchase_luc_credits without a payment) costs no storage: its
+  quote id is a token `qt_<base64url JSON>.<HMAC>` that describes the quote itself, signed with a server key kept
+  in a file beside the database (`<db stem>.x402.key`, mode 0600; never printed, never in the database). It is stored
+  only when paid, as a paid row in the transaction that records the receipt.
+The quote a payment settles is the one the payer accepted: a v2 payment names it in `accepted.extra.quoteId`; a
+caller's quote_id, agent_id or luc that disagrees is refused and nothing is credited. Only a v1 payment (which
+names no quote) takes its quote from the caller.
+
+Bearer payments and payer registration. The EIP-3009 signature covers from, to, value, the time window and the nonce,
+not the quote id: an unredeemed payment header is a bearer instrument, and whoever holds it can rewrite the quote it
+names to another of the same price. A wallet closes that by registering its payer addresses (`register_payer`, each
+proven by an EIP-191 signature of `payer_registration_message`): a wallet with registered payers accepts payments
+only from them, and a registered address pays only its wallets' quotes.
+
+Verification. `verify_and_settle` decodes the payment (a base64 `PAYMENT-SIGNATURE`/`X-PAYMENT` header value or its
+JSON, at most MAX_PAYMENT_CHARS), checks it against the quote (version, scheme, network, asset, recipient, exact
+amount, validAfter <= now < validBefore, nonce shape, quote open and unexpired, payer registration), then verifies
+and settles it in the configured mode:
 - `local`: the SDK's own exact-EVM facilitator (`ExactEvmScheme`) over an offline `FacilitatorEvmSigner`
   (`x402_signer.py`): EIP-712 signature recovery of `from`, nonce state from our receipts table, simulated
-  settlement with a deterministic tx hash;
+  settlement with a deterministic tx hash (no money moves: refused in live mode);
 - `http`: a remote facilitator's `/verify` and `/settle` through the SDK's `HTTPFacilitatorClient`;
 - `stripe`: the payment is a PaymentIntent id, re-read through the gateway: succeeded, amount_received equal to the
   quote (cents), currency usd, metadata.quote_id equal to the quote.
 Then ONE store job records the receipt, marks the quote paid and credits the wallet: the UNIQUE keys (network,
 asset, payer, nonce), tx hash, PaymentIntent id and quote id guard replays in the same transaction as the credit,
 so a replay (even racing from another process) credits nothing and answers `invalid_exact_evm_nonce_already_used`
-(`payment_intent_already_used` for a PaymentIntent).
+(`payment_intent_already_used` for a PaymentIntent). These keys are global, not per agent: a payment is a payment.
+
+Live mode (an sk_live_ key): no default pay-to, no `local` settlement, mainnet only (`live_mode_problem`); until
+configured every x402 call answers a ConfigurationError naming the setting.
 
 Errors are `PaymentRejected` whose code is the x402 spec's reason (the SDK's constants, mirrored below so this
 module imports nothing heavy; tests check they match). The SDK's EVM stack costs about half a second to import: it
@@ -25,19 +45,26 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
+import os
 import re
 import sqlite3
 import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidInput, NotFound, PaymentRejected, StripeError
+from ..errors import ConfigurationError, InvalidInput, LimitReached, NotFound, PaymentRejected, StripeError
 from ..store import Store, dumps, new_id, utc_iso
 from .ledger import LedgerService, require_text
 from .tiers import Pricing
-from .x402_models import Mode, Receipt, ReceiptRow, RequirementsResult
+from .x402_models import Mode, PayerRegistration, Receipt, ReceiptRow, RequirementsResult
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 # A fixed, valid test address payments go to in sandbox/test mode when AIMS_X402_PAY_TO is unset. Its key is
 # unknown (it is the last 20 bytes of keccak256(b"aims-billing-mcp sandbox x402 pay-to")): never use it on mainnet.
@@ -50,6 +77,15 @@ MAX_ATOMIC = 10**13  # 10 million USD: far above any credit purchase
 MAX_VALID_SECONDS = 86_400
 MAX_TEXT = 500
 MAX_RESOURCE = 2048
+MAX_LUC = 10**9  # LUC one purchase may credit (purchase_luc_credits, GET /x402/credits)
+MAX_PAYMENT_CHARS = 16_384  # a payment header value (a v2 payment is about 1.5 KB)
+MAX_QUOTE_ID = 512  # a challenge token (qt_...) with the longest agent id is about 400 characters
+MAX_PAYERS = 20  # payer addresses one wallet may register
+MAX_OPEN_QUOTES = 10_000  # stored quotes open at once: pay them or let them expire
+EXPIRED_QUOTE_GRACE = 3600  # an expired open quote is kept this long (so a late payer is told "expired"), then swept
+CHALLENGE_SECONDS = 300
+TOKEN_PREFIX = "qt_"
+_TOKEN_CONTEXT = b"aims-billing-mcp x402 quote v1"
 
 # network name -> (CAIP-2 id, chain id, USDC address, EIP-712 domain name, version): the SDK's DEFAULT_ASSETS entries
 NETWORKS: dict[str, tuple[str, int, str, str, str]] = {
@@ -74,6 +110,7 @@ ERR_INVALID_REQUIREMENTS = "invalid_payment_requirements"  # unknown, expired or
 ERR_INVALID_TRANSACTION_STATE = "invalid_transaction_state"  # a PaymentIntent not succeeded
 ERR_PAYMENT_INTENT_ALREADY_USED = "payment_intent_already_used"
 ERR_UNEXPECTED_SETTLE = "unexpected_settle_error"
+ERR_PAYER_NOT_REGISTERED = "payer_not_registered"  # ours: payer registration (not an x402 spec reason)
 
 SENTENCES = {
     ERR_INVALID_SIGNATURE: "the EIP-712 TransferWithAuthorization signature does not recover the authorization's "
@@ -90,6 +127,7 @@ SENTENCES = {
     "invalid_exact_evm_payload_undeployed_smart_wallet": "smart-wallet signatures need a chain: pay from an EOA",
     "network_mismatch": "the payment's network is not the requirements' network",
     "unsupported_scheme": "only the exact scheme is accepted",
+    ERR_PAYER_NOT_REGISTERED: "the authorization's `from` is not a registered payer of the quote's wallet",
 }
 
 _HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -118,6 +156,10 @@ def decode_payment_header(value: str | dict[str, Any]) -> tuple[int, dict[str, A
     if isinstance(value, dict):
         obj: Any = value
     elif isinstance(value, str):
+        if len(value) > MAX_PAYMENT_CHARS:
+            raise PaymentRejected(ERR_INVALID_PAYLOAD, f"the payment is {len(value)} characters long: a payment "
+                                  f"header value is at most {MAX_PAYMENT_CHARS}; send the value the x402 client "
+                                  "built", param="payment")
         text = value.strip()
         if not text:
             raise PaymentRejected(ERR_INVALID_PAYLOAD, "the payment is empty: send the PAYMENT-SIGNATURE header value",
@@ -146,6 +188,89 @@ def decode_payment_header(value: str | dict[str, Any]) -> tuple[int, dict[str, A
         raise PaymentRejected(ERR_INVALID_VERSION, f"x402Version {version!r} is not supported: send version 2 "
                               "(PAYMENT-SIGNATURE) or 1 (X-PAYMENT)", param="payment")
     return int(version), obj
+
+
+def named_quote(obj: dict[str, Any]) -> str | None:
+    """The quote a decoded v2 payment accepted (`accepted.extra.quoteId`); None for v1, which names none."""
+    accepted = obj.get("accepted")
+    extra = accepted.get("extra") if isinstance(accepted, dict) else None
+    quote = extra.get("quoteId") if isinstance(extra, dict) else None
+    return quote if isinstance(quote, str) else None
+
+
+def payer_registration_message(agent_id: str, address: str, pay_to: str) -> str:
+    """The text a payer address signs (EIP-191 personal_sign) to register for a wallet on this server (pay_to)."""
+    return (f"aims-billing-mcp x402 payer registration\nagent: {agent_id}\npayer: {address.lower()}\n"
+            f"pay-to: {pay_to.lower()}")
+
+
+def live_mode_problem(*, live: bool, pay_to: str | None, facilitator: str, network: str) -> str | None:
+    """Why x402 must refuse to sell in live mode with these settings, or None."""
+    if not live:
+        return None
+    problems = []
+    if not pay_to:
+        problems.append("AIMS_X402_PAY_TO is unset: set it to the 0x address you receive USDC at (live mode has no "
+                        "default pay-to)")
+    if facilitator == "local":
+        problems.append("AIMS_X402_FACILITATOR=local settles offline and moves no money: set "
+                        "AIMS_X402_FACILITATOR=http with AIMS_X402_FACILITATOR_URL (a real facilitator), or stripe")
+    if network != "base":
+        problems.append(f"AIMS_X402_NETWORK={network} is a test network: live mode sells for USDC on base")
+    return "x402 is refused in live mode: " + "; ".join(problems) if problems else None
+
+
+def x402_status(settings: Settings) -> str:
+    """One line for `doctor`: why x402 is refused (`live_mode_problem`, as the server answers every x402 call), or
+    how it settles."""
+    from ..settings import StripeMode
+
+    live = settings.stripe_mode is StripeMode.LIVE
+    network = settings.aims_x402_network or ("base" if live else "base-sepolia")
+    facilitator = settings.aims_x402_facilitator
+    problem = live_mode_problem(live=live, pay_to=settings.aims_x402_pay_to, facilitator=facilitator,
+                                network=network)
+    if problem is not None:
+        return f"REFUSED: {problem}"
+    how = {"local": "local (offline: no money moves)", "http": "http (AIMS_X402_FACILITATOR_URL)",
+           "stripe": "stripe (PaymentIntents)"}[facilitator]
+    pay_to = settings.aims_x402_pay_to or f"{SANDBOX_PAY_TO} (the sandbox test address)"
+    return f"settles {how} on {network}, pays to {pay_to}"
+
+
+def load_quote_key(path: Path) -> bytes:
+    """The server's key for challenge tokens: 32 random bytes (hex) in `path`, created once with mode 0600 (written
+    to a temporary file, then linked into place, so concurrent processes all read one complete key)."""
+    try:
+        if not path.exists():
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, os.urandom(32).hex().encode())
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+            finally:
+                tmp.unlink()
+        text = path.read_bytes().decode("ascii", "replace").strip()
+    except OSError as exc:
+        raise ConfigurationError(f"the x402 quote key {path} cannot be read or created ({exc.strerror}): make its "
+                                 "folder writable, or the file readable") from exc
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise ConfigurationError(f"the x402 quote key {path} is malformed: delete it to make a new one (open "
+                                 "challenges are then refused)")
+    return bytes.fromhex(text)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _rejected(reason: str, detail: str | None = None, **extra: Any) -> PaymentRejected:
@@ -189,10 +314,13 @@ class X402Service:
     def __init__(
         self, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing, *, pay_to: str | None = None,
         network: str = "base-sepolia", facilitator: str = "local", facilitator_url: str | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, live: bool = False, quote_key: bytes | None = None,
+        max_open_quotes: int = MAX_OPEN_QUOTES,
     ) -> None:
-        pay_to = pay_to or SANDBOX_PAY_TO
-        if not _HEX_ADDRESS.match(pay_to):
+        """`live`: the Stripe key is a live one (see `live_mode_problem`). `quote_key`: the challenge tokens' HMAC
+        key; by default read from (or created in) `<db stem>.x402.key` beside the database, on first use.
+        `max_open_quotes`: stored quotes open at once."""
+        if pay_to is not None and not _HEX_ADDRESS.match(pay_to):
             raise ValueError(f"pay_to must be a 0x address of 40 hex digits, got {pay_to!r}")
         if network not in NETWORKS:
             raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {network!r}")
@@ -200,17 +328,46 @@ class X402Service:
             raise ValueError(f"facilitator must be local, http or stripe, got {facilitator!r}")
         if facilitator == "http" and not facilitator_url:
             raise ValueError("the http facilitator needs AIMS_X402_FACILITATOR_URL")
+        # In live mode there is no default pay-to, no offline settlement and no test network: every call refuses
+        self.problem = live_mode_problem(live=live, pay_to=pay_to, facilitator=facilitator, network=network)
         self._store = store
         self._ledger = ledger
         self._gateway = gateway
         self._luc_per_usd = pricing.luc_per_usd
-        self.pay_to = pay_to
+        self.pay_to = pay_to or ("" if live else SANDBOX_PAY_TO)  # "" is never used: live without it refuses
         self.network = network
+        self.live = live
         self.mode: Mode = facilitator  # type: ignore[assignment]
         self.facilitator_url = facilitator_url
         self._clock = clock
+        self._quote_key = quote_key
+        self._max_open_quotes = max_open_quotes
         self._schemes: dict[str, Any] = {}
         self._http_client: Any = None
+
+    @classmethod
+    def from_settings(cls, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing,
+                      settings: Settings) -> X402Service:
+        """As the server builds it: live mode is the key's (sk_live_/rk_live_, allowed or not), not the gateway's."""
+        from ..settings import StripeMode
+
+        live = settings.stripe_mode is StripeMode.LIVE
+        return cls(store, ledger, gateway, pricing, pay_to=settings.aims_x402_pay_to,
+                   network=settings.aims_x402_network or ("base" if live else "base-sepolia"),
+                   facilitator=settings.aims_x402_facilitator, facilitator_url=settings.aims_x402_facilitator_url,
+                   live=live)
+
+    def _ready(self) -> None:
+        if self.problem is not None:
+            setting = next(name for name in ("AIMS_X402_PAY_TO", "AIMS_X402_FACILITATOR", "AIMS_X402_NETWORK")
+                           if name in self.problem)
+            raise ConfigurationError(self.problem, param=setting)
+
+    def _key(self) -> bytes:
+        if self._quote_key is None:
+            path = self._store.path
+            self._quote_key = load_quote_key(path.with_name(f"{path.stem}.x402.key"))
+        return self._quote_key
 
     # --- requirements ---------------------------------------------------------------------------------------
 
@@ -220,11 +377,11 @@ class X402Service:
         valid_seconds: int = 300, version: int = 2,
     ) -> RequirementsResult:
         """Store a quote and return its x402 PaymentRequired (v2, or v1 with version=1). Exactly one of amount_usd
-        (decimal string, at most 6 decimals), amount_atomic (USDC units) or luc (priced at luc_per_usd)."""
+        (decimal string, at most 6 decimals), amount_atomic (USDC units) or luc (priced at luc_per_usd). At most
+        MAX_OPEN_QUOTES are open at once; expired ones are swept."""
+        self._ready()
         atomic, credit = self._price(amount_usd, amount_atomic, luc, agent_id)
-        name = network or self.network
-        if name not in NETWORKS:
-            raise InvalidInput(f"network {name!r} is not one of {', '.join(NETWORKS)}", param="network")
+        name = self._network(network)
         if isinstance(valid_seconds, bool) or not isinstance(valid_seconds, int) \
                 or not 1 <= valid_seconds <= MAX_VALID_SECONDS:
             raise InvalidInput(f"valid_seconds must be a whole number from 1 to {MAX_VALID_SECONDS}, got "
@@ -233,27 +390,73 @@ class X402Service:
             raise InvalidInput(f"version must be 1 or 2, got {version!r}", param="version")
         require_text(description, "description", MAX_TEXT)
         require_text(resource, "resource", MAX_RESOURCE)
-        if self.mode == "stripe" and atomic % 10_000:
-            raise InvalidInput(f"{usd_of(atomic)} USD is not a whole number of cents, which a Stripe PaymentIntent "
-                               "needs: round the amount to cents", param="amount_usd")
-        if agent_id is not None and self._store.query_one(
-                "SELECT 1 FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is None:
-            raise NotFound(f"no wallet for agent {agent_id}: create it with create_agent_wallet, or check the id",
-                           param="agent_id")
-        caip, _chain, asset, domain_name, domain_version = NETWORKS[name]
+        self._whole_cents(atomic, "amount_usd")
+        self._require_wallet(agent_id)
+        caip = NETWORKS[name][0]
         quote_id = new_id("q")
         now = self._clock()
         expires = int(now) + valid_seconds
-        row = (quote_id, caip, asset, self.pay_to, atomic, agent_id, credit, description, resource, version,
-               expires, utc_iso(now))
+        row = (quote_id, caip, NETWORKS[name][2], self.pay_to, atomic, agent_id, credit, description, resource,
+               version, expires, utc_iso(now))
+        limit = self._max_open_quotes
 
         def insert(conn: sqlite3.Connection) -> None:
+            (open_quotes,) = conn.execute("SELECT COUNT(*) FROM x402_quotes WHERE status = 'open' AND expires_at > ?",
+                                          (int(now),)).fetchone()
+            if open_quotes >= limit:
+                raise LimitReached(f"{open_quotes} x402 quotes are open (at most {limit}): pay them or let them "
+                                   "expire (shorter valid_seconds) before asking for more", param="valid_seconds")
             conn.execute(
                 "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, resource, "
                 "x402_version, status, expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
                 row)
 
         await self._store.write(insert)
+        return self._requirements(quote_id, name, atomic, agent_id, credit, description, resource, valid_seconds,
+                                  expires, version)
+
+    async def challenge(self, *, agent_id: str, luc: int, resource: str) -> RequirementsResult:
+        """A 402 challenge for `luc` credits to `agent_id` that stores nothing: its quote id is a signed token
+        describing the quote (CHALLENGE_SECONDS to pay it), stored only when paid."""
+        self._ready()
+        if isinstance(luc, bool) or not isinstance(luc, int) or not 1 <= luc <= MAX_LUC:
+            raise InvalidInput(f"luc must be a whole number from 1 to {MAX_LUC}, got {luc!r}", param="luc")
+        atomic, credit = self._price(None, None, luc, agent_id)
+        self._whole_cents(atomic, "luc")
+        require_text(resource, "resource", MAX_RESOURCE)
+        self._require_wallet(agent_id)
+        name = self._network(None)
+        now = int(self._clock())
+        expires = now + CHALLENGE_SECONDS
+        quote_id = self._token({"a": agent_id, "l": credit, "m": atomic, "n": NETWORKS[name][0], "e": expires,
+                                "c": now, "r": resource, "i": _b64(os.urandom(9))})
+        return self._requirements(quote_id, name, atomic, agent_id, credit, _credits_description(credit, agent_id),
+                                  resource, CHALLENGE_SECONDS, expires, 2)
+
+    def _whole_cents(self, atomic: int, param: str) -> None:
+        if self.mode == "stripe" and atomic % 10_000:
+            raise InvalidInput(f"{usd_of(atomic)} USD is not a whole number of cents, which a Stripe PaymentIntent "
+                               "needs: round the amount to cents", param=param)
+
+    def _network(self, network: str | None) -> str:
+        name = network or self.network
+        if name not in NETWORKS:
+            raise InvalidInput(f"network {name!r} is not one of {', '.join(NETWORKS)}", param="network")
+        if self.live and name != "base":
+            raise InvalidInput(f"network {name} is a test network: in live mode payments are USDC on base",
+                               param="network")
+        return name
+
+    def _require_wallet(self, agent_id: str | None) -> None:
+        if agent_id is not None and self._store.query_one(
+                "SELECT 1 FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is None:
+            raise NotFound(f"no wallet for agent {agent_id}: create it with create_agent_wallet, or check the id",
+                           param="agent_id")
+
+    def _requirements(self, quote_id: str, name: str, atomic: int, agent_id: str | None, credit: int,
+                      description: str, resource: str, valid_seconds: int, expires: int,
+                      version: int) -> RequirementsResult:
+        caip, _chain, asset, domain_name, domain_version = NETWORKS[name]
         required = self._payment_required(quote_id, caip, asset, atomic, description, resource, valid_seconds,
                                           version, domain_name, domain_version)
         return RequirementsResult(
@@ -261,6 +464,31 @@ class X402Service:
             amount_atomic=str(atomic), amount_usd=usd_of(atomic), agent_id=agent_id, luc=credit,
             max_timeout_seconds=valid_seconds, expires_at=utc_iso(expires), payment_required=required,
             header=encode_header(required))
+
+    # --- challenge tokens -------------------------------------------------------------------------------------
+
+    def _mac(self, body: str) -> bytes:
+        message = b"\0".join((_TOKEN_CONTEXT, body.encode(), self.pay_to.lower().encode()))
+        return hmac.new(self._key(), message, hashlib.sha256).digest()[:16]
+
+    def _token(self, fields: dict[str, Any]) -> str:
+        body = _b64(json.dumps(fields, separators=(",", ":"), sort_keys=True).encode())
+        return f"{TOKEN_PREFIX}{body}.{_b64(self._mac(body))}"
+
+    def _token_quote(self, quote_id: str) -> dict[str, Any] | None:
+        """The quote a challenge token describes, if this server signed it (for this pay-to); else None."""
+        body, _, mac = quote_id.removeprefix(TOKEN_PREFIX).partition(".")
+        try:
+            if not hmac.compare_digest(_unb64(mac), self._mac(body)):
+                return None
+            fields = json.loads(_unb64(body))
+            return {"id": quote_id, "network": fields["n"], "asset": NETWORKS[CAIP_TO_NAME[fields["n"]]][2],
+                    "pay_to": self.pay_to, "amount": int(fields["m"]), "agent_id": str(fields["a"]),
+                    "luc": int(fields["l"]), "description": _credits_description(fields["l"], fields["a"]),
+                    "resource": str(fields["r"]), "x402_version": 2, "status": "open", "expires_at": int(fields["e"]),
+                    "created_at": utc_iso(fields["c"]), "stored": False}
+        except (ValueError, KeyError, TypeError):  # binascii.Error is a ValueError; a signed token of an older shape
+            return None
 
     def _price(self, amount_usd: str | None, amount_atomic: int | None, luc: int | None,
                agent_id: str | None) -> tuple[int, int]:
@@ -330,17 +558,24 @@ class X402Service:
 
     # --- verification and settlement ------------------------------------------------------------------------
 
-    async def verify_and_settle(self, payment: str | dict[str, Any], *, quote_id: str) -> Receipt:
-        """Verify a payment for `quote_id`, settle it, and record receipt + quote paid + wallet credit at once."""
-        quote = self._open_quote(quote_id)
+    async def verify_and_settle(self, payment: str | dict[str, Any], *, quote_id: str | None = None,
+                                agent_id: str | None = None, luc: int | None = None) -> Receipt:
+        """Verify a payment, settle it, and record receipt + quote paid + wallet credit at once. The quote is the one
+        the payment accepted (a v2 payment's `accepted.extra.quoteId`); `quote_id` is needed only for a payment
+        that names none (v1, a PaymentIntent). A `quote_id`, `agent_id` or `luc` given that disagrees with the
+        quote is refused before anything is settled."""
+        self._ready()
         if self.mode == "stripe":
+            quote = self._quote_of(None, quote_id, agent_id, luc)
             return await self._stripe(payment, quote)
         version, obj = decode_payment_header(payment)
+        quote = self._quote_of(named_quote(obj) if version == 2 else None, quote_id, agent_id, luc)
         auth, payload_v2, requirements = self._check(version, obj, quote)
         caip, asset, payer = quote["network"], quote["asset"].lower(), auth.payer.lower()
         if self._nonce_used(caip, asset, payer, auth.nonce):  # a replay is named as such, whatever the quote
             raise _rejected(ERR_NONCE_ALREADY_USED)
         _quote_payable(quote, self._clock())
+        self._check_payer(quote, payer)
         if self.mode == "local":
             settlement = self._settle_local(payload_v2, requirements)
         else:
@@ -349,15 +584,58 @@ class X402Service:
         return await self._record(quote, version=version, network=caip, asset=asset, payer=payer,
                                   nonce=auth.nonce, tx_hash=tx_hash, payment_intent=None, settlement=settlement)
 
-    def _open_quote(self, quote_id: str) -> dict[str, Any]:
-        if not isinstance(quote_id, str) or not quote_id.strip():
-            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, "quote_id is missing: pass the quote_id returned with the "
-                                  "payment requirements", param="quote_id")
-        quote = self._store.query_one("SELECT * FROM x402_quotes WHERE id = ?", (quote_id,))
-        if quote is None:
-            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"unknown quote {quote_id}: ask for payment requirements "
-                                  "first and pay the quote they name", param="quote_id", quote_status="unknown")
+    def _quote_of(self, named: str | None, quote_id: str | None, agent_id: str | None,
+                  luc: int | None) -> dict[str, Any]:
+        """The quote a payment settles, checked against what the caller says it is for."""
+        if quote_id is not None and named is not None and quote_id != named:
+            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"the payment was made for quote {_short(named)} (its "
+                                  f"accepted requirements name it), not quote {_short(quote_id)}: a payment settles "
+                                  "the quote it accepted; leave quote_id out or pass that one", param="quote_id",
+                                  quote_status="mismatch")
+        quote = self._open_quote(named or quote_id)
+        for field, asked, quoted in (("agent_id", agent_id, quote["agent_id"]), ("luc", luc, quote["luc"])):
+            if asked is not None and asked != quoted:
+                raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"the payment's quote {_short(quote['id'])} credits "
+                                      f"{quote['luc']} LUC to {quote['agent_id'] or 'no wallet'}, but this request "
+                                      f"asks for {field} {asked}: a payment made for one purchase cannot pay "
+                                      "another; pay the challenge of this request", param=field,
+                                      quote_status="mismatch")
         return quote
+
+    def _open_quote(self, quote_id: str | None) -> dict[str, Any]:
+        if not isinstance(quote_id, str) or not quote_id.strip():
+            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, "the payment names no quote (a v1 payment and a "
+                                  "PaymentIntent name none): pay a version 2 PaymentRequired, whose accepted "
+                                  "requirements name it, or pass quote_id where the call takes one", param="quote_id")
+        if len(quote_id) > MAX_QUOTE_ID:
+            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote_id is {len(quote_id)} characters long: at most "
+                                  f"{MAX_QUOTE_ID}; pass the quote id of the payment requirements", param="quote_id",
+                                  quote_status="unknown")
+        quote = self._store.query_one("SELECT * FROM x402_quotes WHERE id = ?", (quote_id,))
+        if quote is not None:
+            quote["stored"] = True
+        elif quote_id.startswith(TOKEN_PREFIX):
+            quote = self._token_quote(quote_id)
+        if quote is None:
+            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"unknown quote {_short(quote_id)}: ask for payment "
+                                  "requirements first and pay the quote they name", param="quote_id",
+                                  quote_status="unknown")
+        return quote
+
+    def _check_payer(self, quote: dict[str, Any], payer: str) -> None:
+        """Payer registration: a wallet with registered payers is paid only by them, and a registered address pays
+        only its wallets' quotes."""
+        rows = self._store.query("SELECT address, agent_id FROM x402_payers WHERE address = ? OR agent_id = ?",
+                                 (payer, quote["agent_id"]))
+        if not rows or any(r["address"] == payer and r["agent_id"] == quote["agent_id"] for r in rows):
+            return
+        if any(r["agent_id"] == quote["agent_id"] for r in rows):
+            detail = f"wallet {quote['agent_id']} accepts payments only from its registered payers, not {payer}"
+        else:
+            detail = (f"{payer} is registered to pay for other wallets only, and quote {_short(quote['id'])} credits "
+                      f"{quote['agent_id'] or 'no wallet'}")
+        raise _rejected(ERR_PAYER_NOT_REGISTERED, f"{detail}: pay from a registered address, or register this one "
+                        "with register_x402_payer")
 
     def _check(self, version: int, obj: dict[str, Any], quote: dict[str, Any]) -> tuple[_Authorization, Any, Any]:
         """Everything that needs no signature work, against the quote; returns the payment as the SDK's v2 models."""
@@ -515,8 +793,22 @@ class X402Service:
             ).fetchone()
             if used is not None:
                 raise _pi_used(payment_intent) if payment_intent else _rejected(ERR_NONCE_ALREADY_USED)
-            row = conn.execute("SELECT status, expires_at FROM x402_quotes WHERE id = ?", (quote_id,)).fetchone()
-            _quote_payable({"id": quote_id, "status": row[0], "expires_at": row[1]}, now)
+            if quote["stored"]:
+                row = conn.execute("SELECT status, expires_at FROM x402_quotes WHERE id = ?", (quote_id,)).fetchone()
+                _quote_payable({"id": quote_id, "status": row[0] if row else "swept",
+                                "expires_at": row[1] if row else quote["expires_at"]}, now)
+            else:  # a challenge token: stored now and marked paid below (its PRIMARY KEY refuses a second payment)
+                _quote_payable(quote, now)
+                try:
+                    conn.execute(
+                        "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, "
+                        "resource, x402_version, status, expires_at, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+                        tuple(quote[k] for k in ("id", "network", "asset", "pay_to", "amount", "agent_id", "luc",
+                                                 "description", "resource", "x402_version", "expires_at",
+                                                 "created_at")))
+                except sqlite3.IntegrityError:
+                    _quote_payable({**quote, "status": "paid"}, now)
             try:
                 conn.execute(
                     "INSERT INTO x402_receipts (id, quote_id, network, asset, payer, pay_to, amount, nonce, tx_hash, "
@@ -526,7 +818,7 @@ class X402Service:
                      agent_id, luc if agent_id else 0, iso, payment_intent, mode, version, settlement_json))
             except sqlite3.IntegrityError as exc:  # the constraints stand behind the check above
                 if "quote_id" in str(exc):
-                    _quote_payable({"id": quote_id, "status": "paid", "expires_at": row[1]}, now)
+                    _quote_payable({"id": quote_id, "status": "paid", "expires_at": quote["expires_at"]}, now)
                 raise _pi_used(payment_intent) if payment_intent else _rejected(ERR_NONCE_ALREADY_USED) from exc
             conn.execute("UPDATE x402_quotes SET status = 'paid', receipt_id = ?, paid_at = ? WHERE id = ?",
                          (receipt_id, iso, quote_id))
@@ -545,6 +837,56 @@ class X402Service:
             luc_credited=luc if agent_id else 0, balance_after=balance, settlement=settlement,
             payment_response_header=encode_header(settlement), created_at=created_at)
 
+    # --- payer registration and housekeeping ---------------------------------------------------------------
+
+    async def register_payer(self, *, agent_id: str, address: str, signature: str) -> PayerRegistration:
+        """Register `address` as a payer of `agent_id`'s wallet, proven by its EIP-191 signature of
+        `payer_registration_message` (so nobody registers an address they do not hold). Registering again is a
+        no-op. From then on the wallet's quotes are paid only from its registered addresses, and the address pays
+        only its wallets' quotes."""
+        self._ready()
+        if not isinstance(address, str) or not _HEX_ADDRESS.match(address):
+            raise InvalidInput(f"address must be a 0x address of 40 hex digits, got {address!r}", param="address")
+        if not isinstance(signature, str) or not _HEX_SIGNATURE.match(signature) or len(signature) != 132:
+            raise InvalidInput("signature must be the 65-byte EIP-191 signature as 0x + 130 hex digits",
+                               param="signature")
+        self._require_wallet(agent_id)
+        message = payer_registration_message(agent_id, address, self.pay_to)
+        from eth_account import Account
+        from eth_account.messages import encode_defunct
+
+        try:
+            signer = str(Account.recover_message(encode_defunct(text=message), signature=signature))
+        except Exception:  # a malformed signature (bad v, s out of range): eth-account raises several types
+            signer = ""
+        if signer.lower() != address.lower():
+            raise InvalidInput(f"the signature is not {address}'s signature of the registration message: sign "
+                               f"exactly {message!r} with personal_sign (EIP-191) using that address's key",
+                               param="signature", message_to_sign=message)
+        row = (address.lower(), agent_id, utc_iso(self._clock()))
+
+        def insert(conn: sqlite3.Connection) -> list[str]:
+            known = [r[0] for r in conn.execute("SELECT address FROM x402_payers WHERE agent_id = ?", (agent_id,))]
+            if row[0] not in known and len(known) >= MAX_PAYERS:
+                raise LimitReached(f"wallet {agent_id} has {len(known)} registered payers (at most {MAX_PAYERS}): "
+                                   "pay from one of them", param="address")
+            conn.execute("INSERT OR IGNORE INTO x402_payers (address, agent_id, created_at) VALUES (?, ?, ?)", row)
+            return [r[0] for r in conn.execute(
+                "SELECT address FROM x402_payers WHERE agent_id = ? ORDER BY created_at, address", (agent_id,))]
+
+        payers = await self._store.write(insert)
+        return PayerRegistration(agent_id=agent_id, address=address.lower(), payers=payers, message=message)
+
+    async def sweep_expired_quotes(self) -> int:
+        """Delete stored quotes that expired unpaid more than EXPIRED_QUOTE_GRACE seconds ago; returns how many."""
+        cutoff = int(self._clock()) - EXPIRED_QUOTE_GRACE
+
+        def sweep(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM x402_quotes WHERE status = 'open' AND expires_at < ?",
+                                (cutoff,)).rowcount
+
+        return await self._store.write(sweep)
+
     # --- reads ----------------------------------------------------------------------------------------------
 
     def receipts(self, limit: int = 50) -> list[ReceiptRow]:
@@ -561,13 +903,22 @@ class X402Service:
 
 
 def _quote_payable(quote: dict[str, Any], now: float) -> None:
-    if quote["status"] != "open":
-        raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {quote['id']} is already paid: ask for new payment "
-                              "requirements for a new purchase", param="quote_id", quote_status="paid")
-    if now >= quote["expires_at"]:
-        raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {quote['id']} expired at "
+    if quote["status"] == "paid":
+        raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {_short(quote['id'])} is already paid: ask for new "
+                              "payment requirements for a new purchase", param="quote_id", quote_status="paid")
+    if quote["status"] != "open" or now >= quote["expires_at"]:  # "swept": removed after it expired
+        raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {_short(quote['id'])} expired at "
                               f"{utc_iso(quote['expires_at'])}: ask for new payment requirements",
                               param="quote_id", quote_status="expired")
+
+
+def _short(quote_id: str) -> str:
+    """A quote id for a message: a challenge token is long; its start is enough to tell which."""
+    return quote_id if len(quote_id) <= 48 else quote_id[:40] + "..."
+
+
+def _credits_description(luc: int, agent_id: str) -> str:
+    return f"{luc} LUC credits for agent {agent_id}"
 
 
 def _pi_used(payment_intent: str | None) -> PaymentRejected:

@@ -71,3 +71,12 @@ class ReceiptRow(BaseModel):
     payment_intent: str | None
     agent_id: str | None
     luc_credited: int
+
+
+class PayerRegistration(BaseModel):
+    """A payer address registered for an agent wallet."""
+
+    agent_id: str
+    address: str = Field(description="the registered payer address (lowercase)")
+    payers: list[str] = Field(description="every payer address registered for this wallet")
+    message: str = Field(description="the registration message the address signed")

@@ -85,6 +85,7 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(x402.create_x402_payment_requirements, "Create x402 payment requirements", "write", open_world=False),
     ToolSpec(x402.verify_x402_receipt, "Verify x402 receipt", "write"),
     ToolSpec(x402.purchase_luc_credits, "Purchase LUC credits (x402)", "write"),
+    ToolSpec(x402.register_x402_payer, "Register x402 payer", "write", open_world=False),
     ToolSpec(commerce.create_payment_session, "Create payment session", "write"),
     ToolSpec(commerce.confirm_payment_session, "Confirm payment session", "write"),
     ToolSpec(commerce.get_payment_session, "Get payment session", "read"),

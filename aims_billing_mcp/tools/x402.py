@@ -11,21 +11,12 @@ from pydantic import Field
 
 from ..errors import PaymentRejected
 from ..models import AgentId
-from ..services.x402 import decode_payment_header
-from ..services.x402_models import Receipt, RequirementsResult
+from ..services.x402 import MAX_LUC, MAX_QUOTE_ID
+from ..services.x402_models import PayerRegistration, Receipt, RequirementsResult
 from .context import ToolContext, services
 
 AgentToCredit = Annotated[AgentId, Field(description="The agent wallet to credit")]
 PAID_RESOURCE = "mcp://aims-billing-mcp/tools/purchase_luc_credits"
-
-
-def quote_id_of(payment: str | dict[str, Any]) -> str | None:
-    """A v2 payment names its quote in the requirements it accepted (`accepted.extra.quoteId`)."""
-    _, obj = decode_payment_header(payment)
-    accepted = obj.get("accepted")
-    extra = accepted.get("extra") if isinstance(accepted, dict) else None
-    quote = extra.get("quoteId") if isinstance(extra, dict) else None
-    return quote if isinstance(quote, str) else None
 
 
 async def create_x402_payment_requirements(
@@ -45,7 +36,8 @@ async def create_x402_payment_requirements(
     x402_version: Annotated[Literal[1, 2], Field(description="2 (PAYMENT-REQUIRED) or the v1 form")] = 2,
 ) -> RequirementsResult:
     """Quote a price as an x402 402 challenge: the PaymentRequired (scheme exact, USDC on Base or Base Sepolia, the
-    atomic amount, payTo, the EIP-712 domain) and its base64 header value, stored as a quote to pay once."""
+    atomic amount, payTo, the EIP-712 domain) and its base64 header value, stored as a quote to pay once (open
+    quotes expire after valid_seconds and are swept)."""
     return await services(ctx).x402.create_requirements(
         amount_usd=amount_usd, amount_atomic=amount_atomic, luc=luc, agent_id=agent_id, description=description,
         resource=resource, network=network, valid_seconds=valid_seconds, version=x402_version,
@@ -60,28 +52,27 @@ async def verify_x402_receipt(
               "JSON object (stripe mode: the PaymentIntent id pi_...)"),
     ],
     quote_id: Annotated[
-        str | None, Field(max_length=64, description="The quote paid; read from a v2 payment when omitted")
+        str | None,
+        Field(min_length=1, max_length=MAX_QUOTE_ID, description="The quote paid, for a payment that names none "
+              "(v1, a PaymentIntent); a v2 payment settles the quote it accepted, and a different quote_id is refused"),
     ] = None,
 ) -> Receipt:
-    """Verify an x402 payment against its quote (version, scheme, network, asset, recipient, exact amount, time
-    window, nonce, the EIP-712 signature), settle it, record the receipt once and credit the quote's agent wallet
-    in the same transaction. The same payment again is refused (invalid_exact_evm_nonce_already_used)."""
-    x402 = services(ctx).x402
-    quote = quote_id or (quote_id_of(payment) if x402.mode != "stripe" else None)
-    if not quote:
-        raise PaymentRejected("invalid_payment_requirements", "pass quote_id: a v1 payment (and a PaymentIntent) "
-                              "does not name the quote it pays", param="quote_id")
-    return await x402.verify_and_settle(payment, quote_id=quote)
+    """Verify an x402 payment against the quote it accepted (version, scheme, network, asset, recipient, exact
+    amount, time window, nonce, the EIP-712 signature, the wallet's registered payers), settle it, record the receipt
+    once and credit the quote's agent wallet in the same transaction. The same payment again is refused
+    (invalid_exact_evm_nonce_already_used)."""
+    return await services(ctx).x402.verify_and_settle(payment, quote_id=quote_id)
 
 
 async def purchase_luc_credits(
     ctx: ToolContext,
     agent_id: AgentToCredit,
-    luc: Annotated[int, Field(gt=0, le=10**9, description="LUC credits to buy for the agent's wallet")],
+    luc: Annotated[int, Field(gt=0, le=MAX_LUC, description="LUC credits to buy for the agent's wallet")],
 ) -> Annotated[CallToolResult, Receipt]:
     """A paid tool (x402 over MCP): without `_meta["x402/payment"]` it answers isError with the PaymentRequired as
     structured content; sign it (EIP-3009 USDC transferWithAuthorization) and call again with the payment in
-    `_meta["x402/payment"]` to be credited; the settlement comes back in `_meta["x402/payment-response"]`."""
+    `_meta["x402/payment"]` to be credited; the settlement comes back in `_meta["x402/payment-response"]`. The
+    payment must be for this call's challenge: a payment for another agent_id or luc is refused."""
     from x402.mcp import MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY
 
     state = services(ctx)
@@ -90,17 +81,31 @@ async def purchase_luc_credits(
         raise PaymentRejected("invalid_payload", "_meta x402/payment must be the PaymentPayload object (or its "
                               "base64 header value)", param="_meta.x402/payment")
     if payment is None:
-        challenge = await state.x402.create_requirements(
-            luc=luc, agent_id=agent_id, description=f"{luc} LUC credits for agent {agent_id}", resource=PAID_RESOURCE)
+        challenge = await state.x402.challenge(agent_id=agent_id, luc=luc, resource=PAID_RESOURCE)
         return CallToolResult(
             content=[TextContent(type="text", text=json.dumps(challenge.payment_required))],
             structured_content=challenge.payment_required, is_error=True,
         )
-    quote = quote_id_of(payment)
-    if not quote:
-        raise PaymentRejected("invalid_payment_requirements", "the payment does not name a quote: pay the "
-                              "PaymentRequired this tool returned (x402 version 2)", param="_meta.x402/payment")
-    receipt = await state.x402.verify_and_settle(payment, quote_id=quote)  # the paid quote decides the credit
+    # the quote is the one the payment accepted; one for another agent or amount is refused
+    receipt = await state.x402.verify_and_settle(payment, agent_id=agent_id, luc=luc)
     body = receipt.model_dump(mode="json")
     return CallToolResult(content=[TextContent(type="text", text=json.dumps(body))], structured_content=body,
                           _meta={MCP_PAYMENT_RESPONSE_META_KEY: receipt.settlement})
+
+
+async def register_x402_payer(
+    ctx: ToolContext,
+    agent_id: Annotated[AgentId, Field(description="The agent wallet the address pays for")],
+    address: Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{40}$", description="The payer's 0x address")],
+    signature: Annotated[
+        str,
+        Field(pattern=r"^0x[0-9a-fA-F]{130}$", description="The address's EIP-191 (personal_sign) signature of "
+              "\"aims-billing-mcp x402 payer registration\\nagent: <agent_id>\\npayer: <address, lowercase>\\n"
+              "pay-to: <the requirements' payTo, lowercase>\""),
+    ],
+) -> PayerRegistration:
+    """Register a payer address for an agent wallet, proven by the address's signature. An x402 payment header is a
+    bearer instrument until redeemed (its signature does not cover the quote it names); once a wallet has registered
+    payers, its quotes are paid only from them, and a registered address pays only its wallets' quotes, so an
+    intercepted payment cannot be redirected to another wallet. Registering again changes nothing."""
+    return await services(ctx).x402.register_payer(agent_id=agent_id, address=address, signature=signature)

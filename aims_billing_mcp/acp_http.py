@@ -14,7 +14,6 @@ else one built from the state (`store`, `commerce`, `pricing`, API keys from `se
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from . import jsonsafe
 from .services.acp import API_VERSION, SUPPORTED_VERSIONS, AcpService, require_idempotency_key
 from .services.acp_models import AcpError, AcpResponse
 
@@ -136,6 +136,6 @@ async def _body(request: Request, *, optional: bool) -> Any:
             return None
         raise AcpError(400, "invalid_json", "the request needs a JSON body", param="$")
     try:
-        return json.loads(raw)
+        return jsonsafe.loads(raw)
     except ValueError as exc:
         raise AcpError(400, "invalid_json", f"the body is not JSON: {exc}", param="$") from exc

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import jsonsafe
+
 if TYPE_CHECKING:
     from .settings import Settings
 
@@ -333,7 +335,7 @@ def audit_arguments(path: str, scope: Message, body: bytes | None) -> dict[str, 
                                   if name != b"idempotency-key" else value.decode("latin-1"))
     if body:
         try:
-            out["body"] = json.loads(body)
+            out["body"] = jsonsafe.loads(body)
         except (ValueError, RecursionError):
             out["body"] = f"<{len(body)} bytes, not JSON>"
     cut: dict[str, Any] = truncate(out)
@@ -360,7 +362,7 @@ def truncate(value: Any, depth: int = 0) -> Any:
 
 def _error_code(status: int, body: bytes) -> str:
     try:
-        data = json.loads(body) if body else None
+        data = jsonsafe.loads(body) if body else None
     except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict):

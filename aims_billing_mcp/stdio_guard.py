@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +21,8 @@ import mcp_types as types
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
+
+from . import jsonsafe
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,8 @@ def request_id_of(line: str) -> tuple[Any, bool]:
     """The id of the request in `line` as far as it can be read, and whether it is a request at all (a message with
     no id is a notification). A batch gives the list of its requests' ids. Never raises."""
     try:
-        value = json.loads(line, parse_int=_small_int, parse_constant=lambda _c: None)
-    except RecursionError:
-        return _top_level_id(line)
-    except ValueError:
+        value = jsonsafe.loads(line)
+    except ValueError:  # too deep, a huge number, a lone surrogate, not JSON: scan for the id instead
         return _top_level_id(line)
     if isinstance(value, list):
         ids = [_valid_id(item.get("id")) for item in value if isinstance(item, dict) and "id" in item]
@@ -104,10 +103,6 @@ def request_id_of(line: str) -> tuple[Any, bool]:
     if isinstance(value, dict):
         return _valid_id(value.get("id")), "id" in value or "method" not in value
     return None, True
-
-
-def _small_int(digits: str) -> int | str:
-    return int(digits) if len(digits.lstrip("-")) <= MAX_ID_DIGITS else digits
 
 
 def _valid_id(value: Any) -> RequestId:

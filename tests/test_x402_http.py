@@ -36,7 +36,7 @@ async def base(server: BillingServer) -> AsyncIterator[str]:
 
 @pytest.mark.parametrize(("query", "param", "words"), [
     ("agent_id=buyer&luc=²", "luc", "whole number"),
-    ("agent_id=buyer&luc=" + "9" * 5000, "luc", "whole number"),
+    ("agent_id=buyer&luc=" + "9" * 900, "luc", "whole number"),  # 5,000 digits: 414 from the HTTP guard
     ("agent_id=buyer&luc=1" + "0" * 9 + "1", "luc", "whole number"),
     ("agent_id=buyer&luc=0", "luc", "greater than 0"),
     ("agent_id=buyer&luc=-5", "luc", "whole number"),
@@ -84,9 +84,12 @@ async def test_a_malformed_or_oversized_payment_header_is_a_400_and_credits_noth
         required = json.loads(base64.b64decode(first.headers["payment-required"]))
         before = row_counts(server.state.store)
         answer = await http.get(f"/x402/credits?{GOOD}", headers=httpx.Headers(PAYMENTS[case](required)))
-    assert answer.status_code == 400, answer.text
-    body = answer.json()
-    assert body["param"] == "payment" and len(body["message"]) > 30
+    if case == "huge":  # above the guard's 16 KiB of headers: refused before the route reads it
+        assert answer.status_code == 431, answer.text
+    else:
+        assert answer.status_code == 400, answer.text
+        body = answer.json()
+        assert body["param"] == "payment" and len(body["message"]) > 30
     assert row_counts(server.state.store) == before
 
 

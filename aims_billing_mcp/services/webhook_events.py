@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from .. import jsonsafe
 from ..store import Store, utc_now
 from .commerce import PaymentSessionService
 from .subscriptions import Applied, SubscriptionService
@@ -196,9 +197,7 @@ def parse_event(payload: bytes | str) -> CheckedEvent:
     """The event as plain JSON (after the signature was verified on these exact bytes), checked by `check_event`."""
     text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
     try:
-        event = json.loads(text)
-    except RecursionError:
-        raise InvalidEvent("the JSON is nested too deeply for a Stripe event") from None
+        event = jsonsafe.loads(text)
     except ValueError as exc:
         raise InvalidEvent(f"the body is not JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(text):  # only then walk the event: a lone surrogate cannot be stored as UTF-8

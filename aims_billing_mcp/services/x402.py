@@ -57,6 +57,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import jsonsafe
 from ..errors import ConfigurationError, InvalidInput, LimitReached, NotFound, PaymentRejected, StripeError
 from ..store import Store, dumps, new_id, utc_iso
 from .ledger import LedgerService, require_text
@@ -174,7 +175,7 @@ def decode_payment_header(value: str | dict[str, Any]) -> tuple[int, dict[str, A
                                       "PAYMENT-SIGNATURE (or X-PAYMENT) header value unchanged",
                                       param="payment") from None
         try:
-            obj = json.loads(text)
+            obj = jsonsafe.loads(text)
         except ValueError:
             raise PaymentRejected(ERR_INVALID_PAYLOAD, "the payment's base64 does not decode to JSON: send the "
                                   "header value unchanged", param="payment") from None

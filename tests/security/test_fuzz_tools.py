@@ -170,6 +170,8 @@ def assert_clean(tool: str, args: dict[str, Any], result: CallToolResult) -> Non
         assert isinstance(result.structured_content, dict)
         return
     assert isinstance(result.structured_content, dict), result.content
+    if "x402Version" in result.structured_content and result.structured_content.get("accepts"):
+        return  # an x402 challenge (PaymentRequired): the paid tool's answer to a call without a payment
     error = result.structured_content.get("error")
     assert isinstance(error, dict), result.structured_content
     text = result.content[0].text if result.content else ""  # type: ignore[union-attr]

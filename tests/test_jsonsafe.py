@@ -1,0 +1,29 @@
+"""Untrusted JSON is parsed by one bounded parser: nesting that would overflow the C stack under the recursion limit
+a dependency raises (py_ecc sets 100,000) is a ValueError, as are NaN, lone surrogates and numbers beyond range."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from aims_billing_mcp import jsonsafe
+
+
+def test_a_dependency_raises_the_recursion_limit_so_json_loads_is_not_safe_on_deep_input() -> None:
+    import aims_billing_mcp.services.x402  # noqa: F401  (imports the EVM stack, as the server does)
+
+    assert sys.getrecursionlimit() >= 100_000
+
+
+@pytest.mark.parametrize("text", ["[" * 500_000 + "]" * 500_000, '{"a": NaN}', '{"a": Infinity}', '{"a": "\\ud800"}',
+                                  '{"a": ' + "9" * 5000 + "}", "{", ""], ids=["deep", "nan", "inf", "surrogate",
+                                                                            "huge-number", "truncated", "empty"])
+def test_hostile_json_is_a_value_error_not_a_crash(text: str) -> None:
+    with pytest.raises(ValueError):
+        jsonsafe.loads(text)
+
+
+def test_ordinary_json_parses_as_the_standard_library_would() -> None:
+    assert jsonsafe.loads(b'{"id": "evt_1", "n": [1, 2.5, null, true], "s": "\\u00e9"}') == {
+        "id": "evt_1", "n": [1, 2.5, None, True], "s": "é"}

@@ -87,6 +87,7 @@ MAX_TEXT = 200
 MAX_METADATA = 4000  # characters of canonical JSON
 MAX_UNITS = 10**12  # per event; weighted totals stay far below SQLite's 2**63
 MAX_SLOT_TTL = 7 * DAY
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second a date formatter can show
 MAX_JOB = 500  # events per writer job
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
@@ -254,6 +255,11 @@ class MeteringService:
         if not _is_int(timestamp):
             raise InvalidInput(f"timestamp must be whole epoch seconds, not {timestamp!r}", param="timestamp")
         oldest, latest = int(now) - STRIPE_MAX_AGE + RECORD_MARGIN, int(now) + STRIPE_MAX_AHEAD
+        if not -MAX_EPOCH <= timestamp <= MAX_EPOCH:  # no date to show: 2**63 overflows every formatter
+            raise InvalidInput(
+                f"timestamp {str(timestamp)[:30]} is not epoch seconds of a date Stripe accepts (within the past 35 "
+                "days and at most 5 minutes ahead): pass whole seconds since 1970, or omit timestamp to use now",
+                param="timestamp")
         if timestamp < oldest:
             age = (int(now) - timestamp) / DAY
             raise InvalidInput(

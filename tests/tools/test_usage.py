@@ -93,6 +93,18 @@ async def test_bad_usage_is_refused_naming_the_field_and_writes_nothing(
     assert summary["weighted_units"] == 0
 
 
+@pytest.mark.parametrize("timestamp", [2**63, -(2**63), 10**15, 2**63 - 1, -1])
+async def test_a_timestamp_far_outside_any_date_is_refused_naming_it_not_an_internal_error(
+    server: BillingServer, timestamp: int
+) -> None:
+    async with Client(server) as client:
+        customer = ok(await client.call_tool("create_customer", {"email": "far@example.com"}))["customer"]["id"]
+        err = error_of(await client.call_tool("create_meter_event", {"customer": customer, "units": 5,
+                                                                     "timestamp": timestamp}))
+    assert (err["code"], err["param"]) == ("invalid_input", "timestamp")
+    assert "internal error" not in err["text"] and "35 days" in err["message"]
+
+
 async def test_an_unknown_operation_lists_the_valid_ones(server: BillingServer) -> None:
     async with Client(server) as client:
         customer = ok(await client.call_tool("create_customer", {"email": "ops@example.com"}))["customer"]["id"]

@@ -386,7 +386,7 @@ async def test_a_quote_prices_the_margin_now_and_writes_nothing(metering: Meteri
 # --- slots ----------------------------------------------------------------------------------------------------------
 
 
-async def test_slots_beyond_the_tier_limit_are_refused_naming_the_limit_and_the_running_tasks(
+async def test_slots_beyond_the_tier_limit_are_refused_naming_the_limit_not_other_tasks(
         metering: MeteringService) -> None:
     await metering.acquire_slot("cus_3mo", "task-1", 60)
     second = await metering.acquire_slot("cus_3mo", "task-2", 60)
@@ -395,22 +395,23 @@ async def test_slots_beyond_the_tier_limit_are_refused_naming_the_limit_and_the_
         await metering.acquire_slot("cus_3mo", "task-3", 60)
 
     assert second.in_use == 2 and second.limit == 2
-    assert "2 of the 2" in caught.value.message and "task-1, task-2" in caught.value.message
-    assert caught.value.details["running_tasks"] == ["task-1", "task-2"] and caught.value.details["limit"] == 2
+    assert "2 of the 2" in caught.value.message and "task-1" not in str(caught.value.to_dict())
+    assert caught.value.details == {"limit": 2, "in_use": 2}
 
 
-async def test_acquiring_the_same_task_again_returns_its_slot_unchanged(
+async def test_acquiring_the_same_task_again_with_its_lease_renews_the_expiry(
         metering: MeteringService, clock: Clock) -> None:
     first = await metering.acquire_slot("cus_a", "task-1", 60)
     clock.now += 30
 
-    again = await metering.acquire_slot("cus_a", "task-1", 600)
+    again = await metering.acquire_slot("cus_a", "task-1", 600, first.lease)
 
-    assert again.replayed and (again.acquired_at, again.expires_at) == (first.acquired_at, first.expires_at)
+    assert again.replayed and again.acquired_at == first.acquired_at
+    assert again.expires_at == int(clock.now) + 600 and again.lease == first.lease
 
 
 async def test_an_expired_slot_frees_itself(metering: MeteringService, clock: Clock) -> None:
-    await metering.acquire_slot("cus_a", "task-1", 60)
+    first = await metering.acquire_slot("cus_a", "task-1", 60)
     with pytest.raises(LimitReached):
         await metering.acquire_slot("cus_a", "task-2", 60)
     clock.now += 60
@@ -418,14 +419,14 @@ async def test_an_expired_slot_frees_itself(metering: MeteringService, clock: Cl
     slot = await metering.acquire_slot("cus_a", "task-2", 60)
 
     assert slot.in_use == 1
-    release = await metering.release_slot("cus_a", "task-1")
+    release = await metering.release_slot("cus_a", "task-1", first.lease)
     assert not release.released
 
 
 async def test_released_slots_can_be_taken_again_and_release_is_idempotent(metering: MeteringService) -> None:
-    await metering.acquire_slot("cus_a", "task-1", 60)
-    released = await metering.release_slot("cus_a", "task-1")
-    again = await metering.release_slot("cus_a", "task-1")
+    slot = await metering.acquire_slot("cus_a", "task-1", 60)
+    released = await metering.release_slot("cus_a", "task-1", slot.lease)
+    again = await metering.release_slot("cus_a", "task-1", slot.lease)
 
     assert (released.released, released.in_use, again.released) == (True, 0, False)
     assert (await metering.acquire_slot("cus_a", "task-2", 60)).in_use == 1

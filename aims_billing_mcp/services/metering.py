@@ -38,13 +38,18 @@ for one customer; a "does not exist" answer is remembered for a minute, in memor
 
 Slots. A concurrency slot is a row of `task_slots`; counting the customer's live slots and inserting the new one is
 one writer job, so two racing acquires cannot both take the last slot. Expired slots are ignored and deleted by the
-next acquire or release of that customer.
+next acquire or release of that customer. A slot belongs to the agent that took it: acquiring answers a random lease
+(kept as its SHA-256), and only that lease renews the slot (the same task id again: expiry = now + ttl) or releases
+it. A refusal at the limit gives counts and the first expiry, never other tasks' ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import secrets
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -53,7 +58,7 @@ from datetime import UTC, datetime
 from decimal import InvalidOperation
 from typing import Any
 
-from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound
+from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound, Refused
 from ..store import Store, dumps, new_id, settle, utc_now
 from .metering_models import (
     EventCounts,
@@ -611,53 +616,74 @@ class MeteringService:
 
     # --- concurrency slots -------------------------------------------------------------------------------------
 
-    async def acquire_slot(self, customer: str, task_id: str, ttl_seconds: int) -> TaskSlot:
-        """Take one of the tier's concurrent task slots for `ttl_seconds`; the same task id again returns its slot."""
+    async def acquire_slot(self, customer: str, task_id: str, ttl_seconds: int, lease: str | None = None) -> TaskSlot:
+        """Take one of the tier's concurrent task slots for `ttl_seconds`, answered with the slot's lease (its proof of
+        ownership). The same task id again with its lease renews the slot (expiry = now + ttl); without it, refused."""
         customer = self._customer(customer)
         task = self._text(task_id, "task_id", required=True)
         assert task is not None
         if not _is_int(ttl_seconds) or not 1 <= ttl_seconds <= MAX_SLOT_TTL:
             raise InvalidInput(f"ttl_seconds is {ttl_seconds!r}: pass whole seconds within 1-{MAX_SLOT_TTL} (how long "
                                "the task may hold the slot before it frees itself)", param="ttl_seconds")
+        given = None if lease is None else _lease_hash(self._text(lease, "lease", limit=MAX_TEXT))
         await self._ensure_customer(customer)
         tier = self._tier_of(customer)
         now = int(self._clock())
+        fresh = f"lease_{secrets.token_urlsafe(24)}"  # 192 random bits: unguessable
 
         def take(conn: sqlite3.Connection) -> TaskSlot:
             conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND expires_at <= ?", (customer, now))
-            held = conn.execute("SELECT task_id, acquired_at, expires_at FROM task_slots WHERE customer_id = ? "
-                                "ORDER BY expires_at, task_id", (customer,)).fetchall()
-            for row in held:
-                if row["task_id"] == task:
-                    return TaskSlot(customer=customer, task_id=task, acquired_at=row["acquired_at"],
-                                    expires_at=row["expires_at"], limit=tier.concurrent, in_use=len(held),
-                                    replayed=True)
+            held = conn.execute("SELECT task_id, acquired_at, expires_at, lease_hash FROM task_slots "
+                                "WHERE customer_id = ? ORDER BY expires_at, task_id", (customer,)).fetchall()
+            mine = next((row for row in held if row["task_id"] == task), None)
+            if mine is not None:
+                if given is None or mine["lease_hash"] is None or not hmac.compare_digest(given, mine["lease_hash"]):
+                    raise Refused(
+                        f"task {task!r} already holds a slot of customer {customer} (until "
+                        f"{_iso(mine['expires_at'])}): only its holder can renew it, by passing the lease "
+                        "acquire_task_slot answered with; otherwise use another task_id", param="lease")
+                conn.execute("UPDATE task_slots SET expires_at = ? WHERE customer_id = ? AND task_id = ?",
+                             (now + ttl_seconds, customer, task))
+                return TaskSlot(customer=customer, task_id=task, acquired_at=mine["acquired_at"],
+                                expires_at=now + ttl_seconds, limit=tier.concurrent, in_use=len(held),
+                                lease=str(lease), replayed=True)
             if len(held) >= tier.concurrent:
-                running = [row["task_id"] for row in held]
                 raise LimitReached(
                     f"customer {customer} already runs {len(held)} of the {tier.concurrent} concurrent tasks tier "
-                    f"{tier.id} allows ({', '.join(running[:10])}{', ...' if len(running) > 10 else ''}): release "
-                    f"one with release_task_slot, or wait until the first expires at {_iso(held[0]['expires_at'])}",
-                    param="task_id", limit=tier.concurrent, running_tasks=running)
-            conn.execute("INSERT INTO task_slots (customer_id, task_id, acquired_at, expires_at) VALUES (?, ?, ?, ?)",
-                         (customer, task, now, now + ttl_seconds))
+                    f"{tier.id} allows: release one with release_task_slot, or wait until the first expires at "
+                    f"{_iso(held[0]['expires_at'])}", param="task_id", limit=tier.concurrent, in_use=len(held))
+            conn.execute("INSERT INTO task_slots (customer_id, task_id, acquired_at, expires_at, lease_hash) "
+                         "VALUES (?, ?, ?, ?, ?)", (customer, task, now, now + ttl_seconds, _lease_hash(fresh)))
             return TaskSlot(customer=customer, task_id=task, acquired_at=now, expires_at=now + ttl_seconds,
-                            limit=tier.concurrent, in_use=len(held) + 1)
+                            limit=tier.concurrent, in_use=len(held) + 1, lease=fresh)
 
         return await self._store.write(take)
 
-    async def release_slot(self, customer: str, task_id: str) -> SlotRelease:
-        """Free the task's slot; releasing one not held (again, expired, unknown) answers released: false."""
+    async def release_slot(self, customer: str, task_id: str, lease: str) -> SlotRelease:
+        """Free the task's slot, given its lease; a slot not held (released, expired, unknown) answers released: false,
+        and a slot held under another lease is refused (it belongs to the agent that took it)."""
         customer = self._customer(customer)
         task = self._text(task_id, "task_id", required=True)
         assert task is not None
+        given = _lease_hash(self._text(lease, "lease", required=True, limit=MAX_TEXT))
         now = int(self._clock())
 
         def free(conn: sqlite3.Connection) -> SlotRelease:
             conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND expires_at <= ?", (customer, now))
+            row = conn.execute("SELECT lease_hash FROM task_slots WHERE customer_id = ? AND task_id = ?",
+                               (customer, task)).fetchone()
+            if row is not None and (row["lease_hash"] is None or not hmac.compare_digest(given, row["lease_hash"])):
+                raise Refused(f"task {task!r}'s slot was taken under another lease: only the agent that took it can "
+                              "release it (pass the lease acquire_task_slot answered with); it frees itself when it "
+                              "expires", param="lease")
             released = conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND task_id = ?",
                                     (customer, task)).rowcount
             in_use = conn.execute("SELECT COUNT(*) FROM task_slots WHERE customer_id = ?", (customer,)).fetchone()[0]
             return SlotRelease(customer=customer, task_id=task, released=released > 0, in_use=in_use)
 
         return await self._store.write(free)
+
+
+def _lease_hash(lease: str | None) -> str:
+    """A slot's lease is kept as its SHA-256 only: the database never holds the proof of ownership itself."""
+    return hashlib.sha256(str(lease).encode()).hexdigest()

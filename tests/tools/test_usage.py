@@ -135,14 +135,16 @@ async def test_quote_usage_prices_without_writing(server: BillingServer, sandbox
 async def test_task_slots_stop_at_the_tier_limit_and_free_on_release(server: BillingServer, sandbox: Sandbox) -> None:
     async with Client(server) as client:
         customer = await subscribed(client, server, sandbox, "3mo")  # 2 concurrent tasks
-        ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t1"}))
-        again = ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t1"}))
+        first = ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t1"}))
+        again = ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t1",
+                                                                "lease": first["lease"]}))
         ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t2"}))
         refused = error_of(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t3"}))
-        ok(await client.call_tool("release_task_slot", {"customer": customer, "task_id": "t1"}))
+        ok(await client.call_tool("release_task_slot", {"customer": customer, "task_id": "t1",
+                                                        "lease": first["lease"]}))
         third = ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t3"}))
     assert again["replayed"] is True
-    assert refused["code"] == "limit_reached" and "2" in refused["message"]
+    assert refused["code"] == "limit_reached" and "2" in refused["message"] and "t1" not in refused["message"]
     assert (third["in_use"], third["limit"]) == (2, 2)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aims_billing_mcp.errors import IdempotencyConflict, InvalidInput, LimitReached, NotFound
-from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.metering import MeteringService, stripe_identifier
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of, cost_cents, month_bounds
-from aims_billing_mcp.store import Store
+from aims_billing_mcp.store import Store, connect, migrate
 from tests.conftest import Clock
 
 pytestmark = pytest.mark.anyio
@@ -161,7 +162,6 @@ async def test_the_same_identifier_with_the_same_content_returns_the_first_resul
     ({"units": 501}, "units 500 vs 501"),
     ({"operation": "chat"}, "research vs chat"),
     ({"operation": None, "multiplier": 2.0}, "research vs multiplier 2"),
-    ({"customer": "cus_a"}, "customer cus_3mo vs cus_a"),
     ({"metadata": {"a": 2}}, "metadata"),
     ({"agent_id": "other"}, "agent_id None vs other"),
     ({"timestamp": -60}, "timestamp"),
@@ -471,3 +471,37 @@ async def test_status_counts_the_queue_and_ages_its_oldest_event(metering: Meter
     assert (empty.pending, empty.oldest_pending_age_seconds, empty.last_flush_at) == (0, None, None)
     assert (status.pending, status.sent, status.failed) == (2, 0, 0)
     assert status.oldest_pending_age_seconds is not None and status.oldest_pending_age_seconds >= 119
+
+
+def test_events_recorded_before_identifiers_were_per_customer_keep_the_identifier_they_are_sent_with(
+        tmp_path: Any) -> None:
+    conn = connect(tmp_path / "old.db")
+    migrate(conn, upto=10)
+    conn.execute("INSERT INTO meter_events (identifier, customer_id, event_name, raw_units, multiplier_milli, "
+                 "weighted_units, timestamp, created_at) VALUES ('evt-1', 'cus_a', 'aims_luc_units', 5, 1000, 5, 1, 'x')")
+
+    migrate(conn)
+
+    row = conn.execute("SELECT id, identifier, stripe_identifier FROM meter_events").fetchone()
+    assert tuple(row) == (1, "evt-1", "evt-1")
+    conn.execute("INSERT INTO meter_events (identifier, customer_id, event_name, raw_units, multiplier_milli, "
+                 "weighted_units, timestamp, created_at, stripe_identifier) VALUES ('evt-1', 'cus_b', 'e', 5, 1000, 5, "
+                 "1, 'x', 'cus_b:evt-1')")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO meter_events (identifier, customer_id, event_name, raw_units, multiplier_milli, "
+                     "weighted_units, timestamp, created_at, stripe_identifier) VALUES ('evt-1', 'cus_b', 'e', 5, "
+                     "1000, 5, 1, 'x', 'y')")
+    assert conn.execute("SELECT MAX(id) FROM meter_events").fetchone()[0] == 2
+    conn.close()
+
+
+@pytest.mark.parametrize(("customer", "identifier", "sent_as"), [
+    ("cus_A1", "run-1", "cus_A1:run-1"),
+    ("cus_A1", "x" * 100, None),  # over Stripe's 100 characters together: hashed
+    ("cus_a:b", "c", None),  # not a plain Stripe id: hashed, so ("cus_a", "b:c") cannot collide with it
+])
+def test_the_identifier_sent_to_stripe_is_unique_per_customer_and_identifier(
+        customer: str, identifier: str, sent_as: str | None) -> None:
+    sent = stripe_identifier(customer, identifier)
+    assert len(sent) <= 100 and (sent == sent_as if sent_as else sent.startswith("h_"))
+    assert sent != stripe_identifier("cus_other", identifier)

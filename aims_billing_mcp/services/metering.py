@@ -17,9 +17,12 @@ Indexes. Events are indexed by identifier, status and time, never by customer: a
 key scatters each commit's entries over as many pages as the batch has customers, which made COMMIT about five
 times dearer (bench/metering.py). Per-customer reads go through the totals tables instead.
 
-Idempotency. The identifier is the event's key, in Stripe as here. The same identifier with the same content
-(customer, units, operation or multiplier, agent, metadata, and the timestamp when one is given) returns the first
-answer with `replayed: true`, rebuilt from the numbers stored with the event; other content is IdempotencyConflict.
+Idempotency. The identifier is the event's key within its customer (UNIQUE (identifier, customer_id), written in the
+event's own transaction): one customer's identifier never blocks or replays another's. The same customer and
+identifier with the same content (units, operation or multiplier, agent, metadata, and the timestamp when one is
+given) returns the first answer with `replayed: true`, rebuilt from the numbers stored with the event; other content
+is IdempotencyConflict. Stripe deduplicates identifiers account-wide, so the event goes to Stripe under
+`stripe_identifier(customer, identifier)`.
 
 Money. Weighted units = raw x multiplier, rounded half up (integers throughout). Overage is the period's usage
 beyond the tier's allowance (P2P: allowance 0, every unit). An event's cost is cost(period overage after it) minus
@@ -104,8 +107,8 @@ _EVENT_COLUMNS = (
 _EVENT_INSERT = (
     "INSERT INTO meter_events (identifier, customer_id, operation, multiplier_milli, raw_units, weighted_units, "
     "agent_id, timestamp, metadata, tier, period_start, period_end, period_units_after, allowance, overage_rate, "
-    "overage_units, cost_cents, event_name, status, attempts, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)"
+    "overage_units, cost_cents, event_name, created_at, stripe_identifier, status, attempts) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0)"
 )
 _TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction
     "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, events, raw_units, weighted_units) "
@@ -160,6 +163,16 @@ class _Total:
         self.overage_units += overage
         self.cost_cents += cost
         self.changed = True
+
+
+def stripe_identifier(customer: str, identifier: str) -> str:
+    """The identifier an event is sent to Stripe under. Stripe deduplicates identifiers across the whole account,
+    ours are per customer, so it is `<customer>:<identifier>` (a `cus_` id has no colon, so the pair is unambiguous),
+    or, when that is not a plain Stripe customer id or is over Stripe's 100 characters, `h_` + the SHA-256 of both."""
+    scoped = f"{customer}:{identifier}"
+    if len(scoped) <= MAX_IDENTIFIER and customer.startswith("cus_") and customer[4:].isalnum() and customer.isascii():
+        return scoped
+    return "h_" + hashlib.sha256(f"{customer}\x1f{identifier}".encode()).hexdigest()
 
 
 def _is_int(value: Any) -> bool:
@@ -407,19 +420,22 @@ class MeteringService:
     def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event]) -> list[MeterEventResult | BillingError]:
         """The writer side: replays and conflicts, running totals, then every new event and total in two statements."""
         identifiers = list({event.identifier for event in events})
-        stored: dict[str, Mapping[str, Any]] = {
-            row["identifier"]: dict(row) for row in conn.execute(
+        wanted = {(event.customer, event.identifier) for event in events}
+        stored: dict[tuple[str, str], Mapping[str, Any]] = {}
+        for row in conn.execute(  # identifiers are the customer's own: another customer's same id is not a replay
                 f"SELECT {_EVENT_COLUMNS} FROM meter_events WHERE identifier IN ({','.join('?' * len(identifiers))})",
-                identifiers)
-        }
-        totals = self._load_totals(conn, {(e.customer, e.period_start) for e in events if e.identifier not in stored})
+                identifiers):
+            if (row["customer_id"], row["identifier"]) in wanted:
+                stored[(row["customer_id"], row["identifier"])] = dict(row)
+        totals = self._load_totals(conn, {(e.customer, e.period_start) for e in events
+                                          if (e.customer, e.identifier) not in stored})
         by_operation: dict[tuple[str, int, str], _Total] = {}
         inserts: list[tuple[Any, ...]] = []
         outcomes: list[MeterEventResult | BillingError] = []
         created_at = utc_now()
         event_name = self._pricing.meter_event_name
         for event in events:
-            prior = stored.get(event.identifier)
+            prior = stored.get((event.customer, event.identifier))
             if prior is not None:
                 outcomes.append(self._replay(prior, event))
                 continue
@@ -442,8 +458,9 @@ class MeteringService:
                 "allowance": event.tier.tokens_per_month, "overage_rate": event.tier.overage_rate,
                 "overage_units": overage, "cost_cents": cost,
             }
-            inserts.append((*values.values(), event_name, created_at))
-            stored[event.identifier] = values
+            inserts.append((*values.values(), event_name, created_at,
+                            stripe_identifier(event.customer, event.identifier)))
+            stored[(event.customer, event.identifier)] = values
             outcomes.append(self._result(values, replayed=False))
         if inserts:
             conn.executemany(_EVENT_INSERT, inserts)
@@ -475,8 +492,6 @@ class MeteringService:
 
     def _replay(self, prior: Mapping[str, Any], event: _Event) -> MeterEventResult | BillingError:
         differences = []
-        if prior["customer_id"] != event.customer:
-            differences.append(f"customer {prior['customer_id']} vs {event.customer}")
         if prior["raw_units"] != event.raw_units:
             differences.append(f"units {prior['raw_units']} vs {event.raw_units}")
         if prior["operation"] != event.operation or (

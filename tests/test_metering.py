@@ -478,7 +478,7 @@ def test_events_recorded_before_identifiers_were_per_customer_keep_the_identifie
     conn = connect(tmp_path / "old.db")
     migrate(conn, upto=10)
     conn.execute("INSERT INTO meter_events (identifier, customer_id, event_name, raw_units, multiplier_milli, "
-                 "weighted_units, timestamp, created_at) VALUES ('evt-1', 'cus_a', 'aims_luc_units', 5, 1000, 5, 1, 'x')")
+                 "weighted_units, timestamp, created_at) VALUES ('evt-1', 'cus_a', 'luc', 5, 1000, 5, 1, 'x')")
 
     migrate(conn)
 

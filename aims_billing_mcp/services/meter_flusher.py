@@ -136,9 +136,9 @@ class MeterFlusher:
                     limit = self._batch_size if max_events is None else min(self._batch_size,
                                                                             max_events - sent - failed)
                     rows = self._store.query(
-                        "SELECT id, stripe_identifier AS identifier, customer_id, event_name, weighted_units, timestamp "
-                        "FROM meter_events "
-                        "WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id LIMIT ?", (cursor, upto, limit))
+                        "SELECT id, stripe_identifier AS identifier, customer_id, event_name, weighted_units, "
+                        "timestamp FROM meter_events WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id "
+                        "LIMIT ?", (cursor, upto, limit))
                     if not rows:
                         break
                     cursor = rows[-1]["id"]

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 
 from aims_billing_mcp.errors import LimitReached, Refused
-from aims_billing_mcp.services.metering import MeteringService
 from aims_billing_mcp.services.meter_flusher import MeterFlusher
+from aims_billing_mcp.services.metering import MeteringService
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import build_gateway
 from tests.conftest import Clock
-from tests.test_metering_flusher import create_customer, create_meter, service_for, stripe_total
 from tests.test_metering import make_service
+from tests.test_metering_flusher import create_customer, create_meter, service_for, stripe_total
 
 pytestmark = pytest.mark.anyio
 

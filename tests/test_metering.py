@@ -140,10 +140,26 @@ async def test_each_bad_input_is_refused_with_a_clear_error_and_nothing_written(
     assert written(store) == (0, 0)
 
 
-async def test_a_timestamp_inside_stripes_window_is_kept(metering: MeteringService, clock: Clock) -> None:
+async def test_a_timestamp_inside_stripes_window_and_the_current_period_is_kept(
+        store: Store, clock: Clock) -> None:
+    period = (int(clock.now) - 40 * DAY, int(clock.now) + DAY)  # a long period, like a 9mo trial's three months
+    service = MeteringService(store, PRICING, tier_of=lambda c: PRICING.p2p, period_of=lambda c, t: period,
+                              customer_exists=Customers("cus_a"), clock=clock)
     for offset in (-34 * DAY, -3600, 299):
-        result = await metering.record("cus_a", 10, timestamp=int(clock.now) + offset)
+        result = await service.record("cus_a", 10, timestamp=int(clock.now) + offset)
         assert result.timestamp == int(clock.now) + offset
+
+
+async def test_a_timestamp_before_the_current_period_is_refused_naming_it(
+        metering: MeteringService, store: Store, clock: Clock) -> None:
+    start, _ = calendar_month_of(int(clock.now))
+    clock.now = start + 3600  # early in this month: last month is within Stripe's 35 days, but it has ended
+
+    with pytest.raises(InvalidInput) as caught:
+        await metering.record("cus_a", 100, timestamp=start - 60)
+
+    assert caught.value.param == "timestamp" and "current usage period" in caught.value.message
+    assert written(store) == (0, 0)
 
 
 async def test_the_same_identifier_with_the_same_content_returns_the_first_result_replayed(
@@ -344,8 +360,9 @@ async def test_the_summary_gives_units_by_operation_allowance_overage_and_status
 
 async def test_a_month_summary_covers_the_events_of_that_utc_month(metering: MeteringService, clock: Clock) -> None:
     start, _ = calendar_month_of(int(clock.now))
-    clock.now = start + 3600  # early in this month, so last month is within 35 days
-    await metering.record("cus_a", 100, timestamp=start - 60)  # last month
+    clock.now = start - 60  # the last minute of last month
+    await metering.record("cus_a", 100)
+    clock.now = start + 3600
     await metering.record("cus_a", 7)
 
     last = time.gmtime(start - 60)

@@ -49,3 +49,13 @@ DROP TABLE meter_events;
 ALTER TABLE meter_events_scoped RENAME TO meter_events;
 CREATE INDEX meter_events_pending ON meter_events (status, id);
 CREATE INDEX meter_events_time ON meter_events (timestamp);
+-- The subscription's current period start and when it ended, so a meter event's period is the subscription period
+-- that contains its timestamp (a 9mo trial is one period of three months, not the last month of it).
+ALTER TABLE billing_provisions ADD COLUMN current_period_start INTEGER;
+ALTER TABLE billing_provisions ADD COLUMN ended_at INTEGER;
+-- A usage period's terms, fixed when its first event is recorded (the tier at the period's start, its allowance and
+-- rate; a trial's rate is 0), and, for a P2P period, the invoice that billed it.
+ALTER TABLE meter_usage_totals ADD COLUMN tier TEXT;
+ALTER TABLE meter_usage_totals ADD COLUMN allowance INTEGER;
+ALTER TABLE meter_usage_totals ADD COLUMN overage_rate INTEGER;
+ALTER TABLE meter_usage_totals ADD COLUMN invoice_id TEXT;

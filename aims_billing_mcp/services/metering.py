@@ -80,6 +80,7 @@ from .tiers import (
     MIN_MULTIPLIER_MILLI,
     Pricing,
     Tier,
+    UsagePeriod,
     cost_cents,
     marginal_overage,
     month_bounds,
@@ -110,10 +111,13 @@ _EVENT_INSERT = (
     "overage_units, cost_cents, event_name, created_at, stripe_identifier, status, attempts) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0)"
 )
-_TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction
-    "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, events, raw_units, weighted_units) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, period_start) DO UPDATE SET events = excluded.events, "
-    "raw_units = excluded.raw_units, weighted_units = excluded.weighted_units"
+_TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction; the terms are the period's first
+    "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, events, raw_units, weighted_units, tier, "
+    "allowance, overage_rate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, period_start) DO UPDATE SET "
+    "events = excluded.events, raw_units = excluded.raw_units, weighted_units = excluded.weighted_units, "
+    "tier = COALESCE(meter_usage_totals.tier, excluded.tier), "
+    "allowance = COALESCE(meter_usage_totals.allowance, excluded.allowance), "
+    "overage_rate = COALESCE(meter_usage_totals.overage_rate, excluded.overage_rate)"
 )
 _OPERATION_ADD = (  # increments: nothing to read first
     "INSERT INTO meter_usage_by_operation (customer_id, period_start, operation, events, raw_units, weighted_units, "
@@ -155,6 +159,7 @@ class _Total:
     overage_units: int = 0
     cost_cents: int = 0
     changed: bool = False
+    terms: Tier | None = None  # the period's tier, allowance and rate, fixed by its first event
 
     def add(self, raw: int, weighted: int, overage: int, cost: int) -> None:
         self.events += 1
@@ -190,7 +195,7 @@ class MeteringService:
         pricing: Pricing,
         *,
         tier_of: Callable[[str], Tier],
-        period_of: Callable[[str, int], tuple[int, int]],
+        period_of: Callable[[str, int], UsagePeriod | tuple[int, int]],
         customer_exists: Callable[[str], Awaitable[bool]],
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -204,6 +209,7 @@ class MeteringService:
         self._unknown: dict[str, float] = {}
         self._verifying: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Task[bool]] = {}
         self._queues: dict[asyncio.AbstractEventLoop, list[_Event]] = {}
+        self._terms_cache: dict[tuple[str, int, int], Tier] = {}
 
     # --- validation (no data needed) ---------------------------------------------------------------------------
 
@@ -312,11 +318,40 @@ class MeteringService:
                                "less", param="metadata")
         return text
 
-    def _period(self, customer: str, timestamp: int) -> tuple[int, int]:
-        start, end = self._period_of(customer, timestamp)
-        if not start <= timestamp < end:
-            raise RuntimeError(f"period_of({customer!r}, {timestamp}) gave [{start}, {end}), which does not contain it")
-        return int(start), int(end)
+    def _period(self, customer: str, timestamp: int) -> UsagePeriod:
+        found = self._period_of(customer, timestamp)
+        period = found if isinstance(found, UsagePeriod) else UsagePeriod(int(found[0]), int(found[1]))
+        if not period.start <= timestamp < period.end:
+            raise RuntimeError(f"period_of({customer!r}, {timestamp}) gave [{period.start}, {period.end}), which does "
+                               "not contain it")
+        return period
+
+    def _terms(self, customer: str, period: UsagePeriod) -> Tier:
+        """The tier, allowance and rate of a period with no stored terms yet: the period's own (the customer's tier
+        when the period does not say)."""
+        return period.terms(self._tier_of(customer) if period.tier is None else period.tier)
+
+    def _stored_terms(self, tier: str | None, allowance: int | None, rate: int | None) -> Tier | None:
+        """The terms a period's totals row was opened with (None for rows written before terms were kept)."""
+        if tier is None or allowance is None or rate is None:
+            return None
+        key = (tier, allowance, rate)
+        terms = self._terms_cache.get(key)
+        if terms is None:
+            base = self._pricing.tiers.get(tier, self._pricing.p2p)
+            terms = base.model_copy(update={"id": tier, "tokens_per_month": allowance, "overage_rate": rate})
+            self._terms_cache[key] = terms
+        return terms
+
+    def _opened(self, customer: str, period: UsagePeriod) -> tuple[Tier, int, int]:
+        """A period's terms and its counted usage (weighted units, events) from its totals row, read-only."""
+        row = self._store.query_one(
+            "SELECT weighted_units, events, tier, allowance, overage_rate FROM meter_usage_totals "
+            "WHERE customer_id = ? AND period_start = ?", (customer, period.start))
+        if row is None:
+            return self._terms(customer, period), 0, 0
+        terms = self._stored_terms(row["tier"], row["allowance"], row["overage_rate"])
+        return terms or self._terms(customer, period), row["weighted_units"], row["events"]
 
     # --- customers ---------------------------------------------------------------------------------------------
 
@@ -379,11 +414,18 @@ class MeteringService:
         agent = self._text(agent_id, "agent_id")
         meta = self._metadata(metadata)
         await self._ensure_customer(customer)
-        tier = self._tier_of(customer)
-        start, end = self._period(customer, when)
+        period = self._period(customer, when)
+        if timestamp is not None:
+            current = self._period(customer, int(now))
+            if when < current.start:
+                raise InvalidInput(
+                    f"timestamp {when} ({_iso(when)}) is before the customer's current usage period, which began at "
+                    f"{_iso(current.start)}: the period it falls in has ended and been invoiced (or it predates the "
+                    "subscription), so this usage could no longer be billed; record usage as it happens, or omit "
+                    "timestamp to use now", param="timestamp")
         loop = asyncio.get_running_loop()
         event = _Event(ident, customer, op, milli, raw, weighted_units(raw, milli), when, timestamp is not None, agent,
-                       meta, tier, start, end, loop.create_future())
+                       meta, self._terms(customer, period), period.start, period.end, loop.create_future())
         queue = self._queues.get(loop)
         if queue is None:
             self._queues[loop] = [event]
@@ -441,8 +483,9 @@ class MeteringService:
                 continue
             total = totals[(event.customer, event.period_start)]
             total.period_end = total.period_end or event.period_end
+            total.terms = terms = total.terms or event.tier  # the period keeps the terms it was opened with
             before = total.weighted_units
-            overage, cost = marginal_overage(before, event.weighted_units, event.tier)
+            overage, cost = marginal_overage(before, event.weighted_units, terms)
             total.add(event.raw_units, event.weighted_units, overage, cost)
             key = (event.customer, event.period_start, event.operation or CUSTOM)
             operation = by_operation.get(key)
@@ -453,9 +496,9 @@ class MeteringService:
                 "identifier": event.identifier, "customer_id": event.customer, "operation": event.operation,
                 "multiplier_milli": event.multiplier_milli, "raw_units": event.raw_units,
                 "weighted_units": event.weighted_units, "agent_id": event.agent_id, "timestamp": event.timestamp,
-                "metadata": event.metadata, "tier": event.tier.id, "period_start": event.period_start,
+                "metadata": event.metadata, "tier": terms.id, "period_start": event.period_start,
                 "period_end": event.period_end, "period_units_after": before + event.weighted_units,
-                "allowance": event.tier.tokens_per_month, "overage_rate": event.tier.overage_rate,
+                "allowance": terms.tokens_per_month, "overage_rate": terms.overage_rate,
                 "overage_units": overage, "cost_cents": cost,
             }
             inserts.append((*values.values(), event_name, created_at,
@@ -465,15 +508,15 @@ class MeteringService:
         if inserts:
             conn.executemany(_EVENT_INSERT, inserts)
             conn.executemany(_TOTAL_UPSERT, [
-                (customer, start, t.period_end, t.events, t.raw_units, t.weighted_units)
+                (customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
+                 *((t.terms.id, t.terms.tokens_per_month, t.terms.overage_rate) if t.terms else (None, None, None)))
                 for (customer, start), t in totals.items() if t.changed])
             conn.executemany(_OPERATION_ADD, [
                 (*key, t.events, t.raw_units, t.weighted_units, t.overage_units, t.cost_cents)
                 for key, t in by_operation.items()])
         return outcomes
 
-    @staticmethod
-    def _load_totals(conn: sqlite3.Connection, keys: set[tuple[str, int]]) -> dict[tuple[str, int], _Total]:
+    def _load_totals(self, conn: sqlite3.Connection, keys: set[tuple[str, int]]) -> dict[tuple[str, int], _Total]:
         """The running totals of these (customer, period) pairs, read in the writer's transaction."""
         totals: dict[tuple[str, int], _Total] = {}
         if keys:
@@ -481,11 +524,12 @@ class MeteringService:
             starts = list({start for _, start in keys})
             marks = ",".join("?" * len(customers)), ",".join("?" * len(starts))
             for row in conn.execute(  # customer IN (...) AND start IN (...): a superset the primary key finds directly
-                    "SELECT customer_id, period_start, period_end, events, raw_units, weighted_units FROM "
-                    f"meter_usage_totals WHERE customer_id IN ({marks[0]}) AND period_start IN ({marks[1]})",
-                    (*customers, *starts)):
+                    "SELECT customer_id, period_start, period_end, events, raw_units, weighted_units, tier, allowance, "
+                    f"overage_rate FROM meter_usage_totals WHERE customer_id IN ({marks[0]}) AND period_start IN "
+                    f"({marks[1]})", (*customers, *starts)):
                 if (row[0], row[1]) in keys:
-                    totals[(row[0], row[1])] = _Total(*row[2:])
+                    totals[(row[0], row[1])] = _Total(period_end=row[2], events=row[3], raw_units=row[4],
+                                                      weighted_units=row[5], terms=self._stored_terms(*row[6:9]))
         for key in keys - totals.keys():
             totals[key] = _Total()
         return totals
@@ -533,13 +577,15 @@ class MeteringService:
         `current`: the customer's current usage period, from its running totals. `YYYY-MM`: the events whose
         timestamps fall in that UTC calendar month, on the terms (tier, allowance, rate) of the latest of them."""
         customer = self._customer(customer)
-        tier = self._tier_of(customer)
         if not isinstance(period, str):
             raise InvalidInput("period must be `current` or YYYY-MM", param="period")
-        allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
+        counted: int | None = None
         if period.strip().lower() == "current":
             period = "current"
-            start, end = self._period(customer, int(self._clock()))
+            current = self._period(customer, int(self._clock()))
+            terms, counted, _ = self._opened(customer, current)
+            allowance, rate, tier_id = terms.tokens_per_month, terms.overage_rate, terms.id
+            start, end = current.start, current.end
             rows = self._store.query(
                 "SELECT operation, events, raw_units, weighted_units, overage_units, cost_cents FROM "
                 "meter_usage_by_operation WHERE customer_id = ? AND period_start = ? ORDER BY operation",
@@ -549,6 +595,8 @@ class MeteringService:
                 "AND customer_id = ? AND period_start = ? GROUP BY status", (customer, start))
             counts = {row["status"]: row["n"] for row in unsettled}
         else:
+            tier = self._tier_of(customer)
+            allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
             start, end = month_bounds(period.strip())
             rows = self._store.query(
                 "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, SUM(raw_units) AS raw_units, "
@@ -565,13 +613,20 @@ class MeteringService:
         weighted = sum(row["weighted_units"] for row in rows)
         events = sum(row["events"] for row in rows)
         pending, failed = counts.get("pending", 0), counts.get("failed", 0)
+        overage_units = sum(row["overage_units"] for row in rows)
+        overage_cost = sum(row["cost_cents"] for row in rows)
+        if counted is not None:  # the current period: what Stripe bills, from the counted total (no failed events)
+            weighted = counted
+            overage_units = max(0, counted - allowance)
+            overage_cost = cost_cents(overage_units, rate)
+            events = sum(row["events"] for row in rows) + failed
         return UsageSummary(
             customer=customer, period=period, period_start=start, period_end=end, tier=tier_id,
             by_operation=[OperationUsage(operation=row["operation"], events=row["events"], raw_units=row["raw_units"],
                                          weighted_units=row["weighted_units"]) for row in rows],
             raw_units=sum(row["raw_units"] for row in rows), weighted_units=weighted, allowance=allowance,
-            remaining=max(0, allowance - weighted), overage_units=sum(row["overage_units"] for row in rows),
-            overage_cost_cents=sum(row["cost_cents"] for row in rows), overage_rate=rate,
+            remaining=max(0, allowance - weighted), overage_units=overage_units,
+            overage_cost_cents=overage_cost, overage_rate=rate,
             currency=self._pricing.currency,
             events=EventCounts(pending=pending, sent=events - pending - failed, failed=failed),
         )
@@ -587,12 +642,7 @@ class MeteringService:
         used = 0
         if customer is not None:
             customer = self._customer(customer)
-            tier = self._tier_of(customer)
-            start, _ = self._period(customer, int(self._clock()))
-            row = self._store.query_one(
-                "SELECT weighted_units AS used FROM meter_usage_totals WHERE customer_id = ? AND period_start = ?",
-                (customer, start))
-            used = row["used"] if row else 0
+            tier, used, _ = self._opened(customer, self._period(customer, int(self._clock())))
         else:
             tier = self._pricing.p2p
         overage, cost = marginal_overage(used, weighted, tier)

@@ -30,7 +30,7 @@ from ..settings import Settings
 from ..store import Store, utc_iso, utc_now
 from ..stripe_gateway import StripeRequest
 from .mutations import StripeMutations, compact
-from .tiers import TIER_METADATA, Pricing, Tier, add_months, calendar_month_of, trial_days
+from .tiers import TIER_METADATA, Pricing, Tier, UsagePeriod, add_months, calendar_month_of, trial_days
 
 LIVE = frozenset({"active", "trialing", "past_due"})
 PROVISION_CACHE_SECONDS = 5.0
@@ -181,16 +181,43 @@ class SubscriptionService:
             return self._pricing.tiers[provision["tier"]]
         return self._pricing.p2p
 
-    def usage_period(self, customer: str, timestamp: int) -> tuple[int, int]:
-        """The usage window containing `timestamp`: the subscription's current monthly period when the time falls in
-        it (so the local summary predicts Stripe's invoice line), else the UTC calendar month."""
+    def usage_period(self, customer: str, timestamp: int) -> UsagePeriod:
+        """The usage period containing `timestamp`, and its terms: the subscription period that contains it, so the
+        local record predicts the invoice Stripe makes for that period.
+
+        - within the subscription's current period: that period, on the subscription's tier (a trial is one period,
+          free: Stripe bills no usage in it);
+        - at or after its end while the subscription is live (the renewal webhook not yet here): the next period,
+          [end, end + 1 month), unless the subscription is scheduled to end by then: P2P from its end;
+        - before the current period's start: the calendar month, on P2P terms (`MeteringService` refuses usage
+          before the current period: that period is closed);
+        - without a live subscription: P2P, the UTC calendar month, starting at the subscription's end if it ended
+          in that month (usage before it belonged to the subscription)."""
         row = self.provision(customer)
-        end = row["current_period_end"] if row is not None and row["status"] in LIVE else None
-        if end:
-            start = add_months(end, -1)
+        p2p = self._pricing.p2p
+        month = calendar_month_of(timestamp)
+        if row is None:
+            return UsagePeriod(*month, tier=p2p)
+        tier = self._pricing.tiers.get(row["tier"] or "", p2p)
+        end = row["current_period_end"]
+        if row["status"] in LIVE and not end:  # provisioned by its checkout; the subscription's own event is due
+            return UsagePeriod(*month, tier=tier)
+        if row["status"] in LIVE:
+            start = row["current_period_start"] or add_months(end, -1)
+            ends = row["cancel_at"] or (end if row["cancel_at_period_end"] else None)
+            if ends is not None and ends <= timestamp:
+                return UsagePeriod(max(month[0], int(ends)), month[1], tier=p2p)
             if start <= timestamp < end:
-                return start, end
-        return calendar_month_of(timestamp)
+                return UsagePeriod(start, end, tier=tier, free=row["status"] == "trialing")
+            if timestamp >= end:  # periods roll on at the end as Stripe renews, before its webhook arrives
+                while timestamp >= end:
+                    start, end = end, add_months(end, 1)
+                return UsagePeriod(start, end, tier=tier)
+            return UsagePeriod(*month, tier=p2p)
+        ended = row["ended_at"] or (row["cancel_at"] if row["status"] == "canceled" else None)
+        if ended and month[0] <= ended <= timestamp:
+            return UsagePeriod(int(ended), month[1], tier=p2p)
+        return UsagePeriod(*month, tier=p2p)
 
     async def customer_exists(self, customer: str) -> bool:
         if self.provision(customer) is not None:
@@ -233,8 +260,9 @@ class SubscriptionService:
         current = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{sub_id}"))).data
         commitment_end = _commitment_end(current, self._pricing)
         period_end = _period_end(current)
-        if immediately:
-            method, path, params = "delete", f"/v1/subscriptions/{sub_id}", {}
+        params: dict[str, Any]
+        if immediately:  # the period's metered usage so far is billed now, on a final invoice (Stripe's invoice_now)
+            method, path, params = "delete", f"/v1/subscriptions/{sub_id}", {"invoice_now": True}
         elif commitment_end and period_end and commitment_end > period_end:
             method, path, params = "post", f"/v1/subscriptions/{sub_id}", {"cancel_at": commitment_end}
         else:
@@ -295,7 +323,8 @@ class SubscriptionService:
             return Applied(customer, "older than the state already applied: stored, not applied")
         _upsert(conn, customer, {
             "tier": tier, "status": status, "subscription_id": sub["id"], "price_id": _price_of(sub),
-            "current_period_end": _period_end(sub), "commitment_end": _commitment_end(sub, self._pricing),
+            "current_period_end": _period_end(sub), "current_period_start": _period_start(sub),
+            "ended_at": sub.get("ended_at"), "commitment_end": _commitment_end(sub, self._pricing),
             "cancel_at": sub.get("cancel_at"), "cancel_at_period_end": int(bool(sub.get("cancel_at_period_end"))),
         }, event)
         return Applied(customer)
@@ -381,6 +410,13 @@ def _period_end(sub: dict[str, Any]) -> int | None:
     ends = [item.get("current_period_end") for item in (sub.get("items") or {}).get("data") or []]
     ends = [end for end in ends if end] or ([sub["current_period_end"]] if sub.get("current_period_end") else [])
     return max(ends) if ends else None
+
+
+def _period_start(sub: dict[str, Any]) -> int | None:
+    starts = [item.get("current_period_start") for item in (sub.get("items") or {}).get("data") or []]
+    starts = [start for start in starts if start] or (
+        [sub["current_period_start"]] if sub.get("current_period_start") else [])
+    return max(starts) if starts else None
 
 
 def _commitment_end(sub: dict[str, Any], pricing: Pricing) -> int | None:

@@ -341,3 +341,33 @@ async def test_a_long_burst_with_faults_reaches_stripe_exactly(
         pass
     for customer in customers:
         assert await stripe_total(gateway, meter, customer) == local_total(store, customer)
+
+
+async def test_an_event_stripe_never_takes_leaves_the_periods_usage_and_cost(
+        gateway: StripeGateway, store: Store) -> None:
+    meter = await create_meter(gateway)
+    customer = await create_customer(gateway, "A")
+    now = int(time.time())
+    period = (now - 40 * DAY, now + DAY)  # one long period (a trial's is three months) holding both events
+
+    def service(clock: Callable[[], float]) -> MeteringService:
+        async def exists(_: str) -> bool:
+            return True
+
+        return MeteringService(store, PRICING, tier_of=lambda c: PRICING.p2p, period_of=lambda c, t: period,
+                               customer_exists=exists, clock=clock)
+
+    await service(Clock(now - 35 * DAY - 120)).record(customer, 5000, identifier="old")  # never flushed in time
+    metering = service(Clock(now))
+    await metering.record(customer, 2000, identifier="new")
+    before = metering.summary(customer)
+
+    report = await MeterFlusher(store, gateway, retry_delay_scale=0).flush_once()
+
+    after = metering.summary(customer)
+    assert (report.sent, report.failed) == (1, 1)
+    assert (before.weighted_units, before.overage_cost_cents) == (7000, 1400)
+    assert (after.weighted_units, after.overage_cost_cents, after.events.failed) == (2000, 400, 1)
+    assert [(op.operation, op.weighted_units) for op in after.by_operation] == [("custom", 2000)]
+    assert await stripe_total(gateway, meter, customer) == 2000
+    assert metering.quote(1000, customer=customer).period_usage == 2000

@@ -16,7 +16,8 @@ attempt). A crash or cancellation between Stripe's acceptance and the mark leave
 sends them again: Stripe deduplicates by identifier (and the sandbox does too), so nothing is counted twice. The mark
 of one batch overlaps the sending of the next.
 
-Failing for good. An event is marked `failed`, with the reason, when Stripe can no longer take it: older than Stripe's
+Failing for good. An event is marked `failed`, with the reason, when Stripe can no longer take it (and leaves its
+period's counted usage in the same transaction, so nothing Stripe never billed is reported as owed): older than Stripe's
 35 days (less a minute's margin, since the v2 stream validates asynchronously and would drop it silently), or refused
 by v1 for its own content (an unknown customer, a timestamp out of range). A refusal about the meter itself (no
 active meter for the event name) is a setup problem: the flush stops and the events stay pending. Because v2
@@ -197,6 +198,7 @@ class MeterFlusher:
         unsettled = [row["id"] for row in fresh if row["id"] not in settled]
 
         def mark(conn: sqlite3.Connection) -> None:
+            _uncount(conn, [event_id for event_id, _ in delivery.refused] + [event_id for event_id, _ in stale])
             if delivery.accepted:
                 conn.execute(
                     "UPDATE meter_events SET status = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL "
@@ -328,6 +330,25 @@ class MeterFlusher:
             self._meters_checked = float("-inf")
             raise _Stop(f"no active Stripe billing meter for event name {', '.join(missing)}: run "
                         "`aims-billing-mcp setup-stripe` to create it; the events stay pending")
+
+
+def _uncount(conn: sqlite3.Connection, event_ids: list[int]) -> None:
+    """Take events Stripe will never bill out of their period's counted usage (still pending: each is taken out once,
+    in the transaction that marks it failed), so the summary, later answers and quotes price what Stripe invoices."""
+    if not event_ids:
+        return
+    rows = conn.execute(
+        "SELECT customer_id, period_start, COALESCE(operation, 'custom') AS operation, raw_units, weighted_units FROM "
+        f"meter_events WHERE status = 'pending' AND id IN ({','.join('?' * len(event_ids))})", event_ids).fetchall()
+    conn.executemany(
+        "UPDATE meter_usage_totals SET events = events - 1, raw_units = raw_units - ?, weighted_units = weighted_units "
+        "- ? WHERE customer_id = ? AND period_start = ?",
+        [(row["raw_units"], row["weighted_units"], row["customer_id"], row["period_start"]) for row in rows])
+    conn.executemany(
+        "UPDATE meter_usage_by_operation SET events = events - 1, raw_units = raw_units - ?, weighted_units = "
+        "weighted_units - ? WHERE customer_id = ? AND period_start = ? AND operation = ?",
+        [(row["raw_units"], row["weighted_units"], row["customer_id"], row["period_start"], row["operation"])
+         for row in rows])
 
 
 def _meter_event(row: dict[str, Any], timestamp: str | int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigurationError, InvalidInput, StripeInvalidRequest
+from ..errors import ConfigurationError, InvalidInput, InvalidState, StripeInvalidRequest
 from ..models import (
     BillingStatus,
     CancellationResult,
@@ -110,6 +110,14 @@ class SubscriptionService:
                 + ", ".join(t.id for t in self._pricing.paid_tiers()), param="tier")
         if bool(customer) == bool(customer_email):
             raise InvalidInput("give exactly one of customer (cus_...) or customer_email", param="customer")
+        live = self.provision(customer) if customer else None
+        if live is not None and live["status"] in LIVE and live["subscription_id"]:
+            # two live subscriptions would both bill the customer's metered usage; a period keeps the tier it began on
+            raise InvalidState(
+                f"customer {customer} already has tier {live['tier']} ({live['subscription_id']}, {live['status']}): "
+                "a tier changes between periods, not within one: cancel_subscription with immediately=true (the "
+                f"usage so far is invoiced at {live['tier']} terms) or wait until it ends, then start this checkout",
+                param="customer")
         price, overage = await self.prices_for(chosen)
         metadata = compact({TIER_METADATA: chosen.id, "aims_customer": customer,
                             "aims_commitment_months": str(chosen.commitment_months),

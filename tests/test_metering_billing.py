@@ -239,3 +239,21 @@ async def test_a_tier_changes_between_periods_so_each_period_is_billed_at_the_te
     assert [(q, amount) for _, _, q, amount in lines] == [(200_000, 15_000), (300_000, 6000)]
     assert lines[0][0] == start and lines[1][:2] == (six_start, six_end)
     assert billing.answered(customer) == 21_000
+
+
+async def test_p2p_usage_is_invoiced_once_its_month_ends_for_exactly_what_was_answered(billing: Billing) -> None:
+    customer = await billing.subscribe("p2p")
+    answers = [await billing.record(customer, units, operation="code") for units in (4_001, 2_999, 3_333)]
+    summary = billing.metering.summary(customer)
+    early = await billing.flusher.flush_once()  # the month has not ended: nothing to invoice yet
+    billing.advance(hours=(summary.period_end + 60 - billing.sandbox.now()) / 3600)
+
+    report = await billing.flusher.flush_once()
+    again = await billing.flusher.flush_once()
+
+    assert [a.tier for a in answers] == ["p2p"] * 3 and summary.weighted_units == 15_501  # each x 1.5, half up
+    assert summary.overage_cost_cents == sum(a.cost_cents for a in answers) == 3100  # at 200 cents per 1,000
+    assert (early.invoiced, report.invoiced, again.invoiced) == (0, 1, 0)
+    assert [amount for *_, amount in await billing.usage_lines(customer)] == [3100]
+    [invoice] = (await billing.stripe("get", "/v1/invoices", {"customer": customer}))["data"]
+    assert (invoice["status"], invoice["collection_method"], invoice["amount_due"]) == ("open", "send_invoice", 3100)

@@ -59,3 +59,6 @@ ALTER TABLE meter_usage_totals ADD COLUMN tier TEXT;
 ALTER TABLE meter_usage_totals ADD COLUMN allowance INTEGER;
 ALTER TABLE meter_usage_totals ADD COLUMN overage_rate INTEGER;
 ALTER TABLE meter_usage_totals ADD COLUMN invoice_id TEXT;
+ALTER TABLE meter_usage_totals ADD COLUMN invoiced_at INTEGER;
+-- P2P periods waiting for their invoice once they end (few rows: the partial index stays small).
+CREATE INDEX meter_usage_totals_p2p_open ON meter_usage_totals (period_end) WHERE tier = 'p2p' AND invoiced_at IS NULL;

@@ -50,6 +50,7 @@ from ..store import Store, utc_now
 from ..stripe_gateway import StripeRequest, StripeResult, StripeSessionExpired, stripe_idempotency_key
 from .metering import STRIPE_MAX_AGE
 from .metering_models import FlushReport
+from .tiers import cost_cents
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class MeterFlusher:
         clock: Callable[[], float] = time.time,
         retries: int = 4,
         retry_delay_scale: float = 1.0,
+        currency: str = "usd",
     ) -> None:
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be within 1-{MAX_BATCH} (Stripe's limit per stream request)")
@@ -119,6 +121,7 @@ class MeterFlusher:
         self._v2_off_until = 0.0
         self._meters: set[str] = set()
         self._meters_checked = float("-inf")
+        self._currency = currency
 
     # --- one flush ---------------------------------------------------------------------------------------------
 
@@ -163,15 +166,21 @@ class MeterFlusher:
             finally:
                 if marking is not None:
                     await marking
+            invoiced = 0
+            if error is None:
+                try:
+                    invoiced = await self.invoice_p2p()
+                except BillingError as exc:  # Stripe refused or is down: the periods stay open for the next flush
+                    error = f"P2P usage not invoiced yet: {exc.message}"
             pending = self._store.query_one("SELECT COUNT(*) AS n FROM meter_events WHERE status = 'pending'")
             transport: Transport = "none" if not transports else "mixed" if len(transports) > 1 else (
                 "v1" if "v1" in transports else "v2")
             report = FlushReport(
                 started_at=started, duration_ms=round((time.perf_counter() - begun) * 1000, 3), sent=sent,
                 failed=failed, pending=pending["n"] if pending else 0, batches=batches,
-                transport=transport, error=error,
+                transport=transport, error=error, invoiced=invoiced,
             )
-            if batches or error:
+            if batches or error or invoiced:
                 await self._record(report)
             if error:
                 log.warning("meter flush stopped: %s", error)
@@ -188,6 +197,68 @@ class MeterFlusher:
                 ok = False
             delay = interval_seconds if ok else min(max(delay, interval_seconds) * 2, 300.0)
             await asyncio.sleep(delay)
+
+    # --- P2P invoices ------------------------------------------------------------------------------------------
+
+    async def invoice_p2p(self) -> int:
+        """Invoice every ended P2P period whose events all reached Stripe: one invoice per customer and period, with
+        one line of the period's usage at the P2P rate (the summary's overage cost, the sum of the events' answered
+        costs), sent to the customer (`send_invoice`, due in 30 days). P2P has no subscription, so no metered price
+        bills it. Each step is idempotent and checked, so a crash or an outage between steps resumes without a
+        second invoice or line. Returns how many periods were invoiced."""
+        now = int(self._clock())
+        rows = self._store.query(
+            "SELECT customer_id, period_start, period_end, weighted_units, allowance, overage_rate, invoice_id FROM "
+            "meter_usage_totals WHERE tier = 'p2p' AND invoiced_at IS NULL AND period_end <= ? ORDER BY period_end "
+            "LIMIT 100", (now,))
+        done = 0
+        for row in rows:
+            waiting = self._store.query_one(
+                "SELECT 1 AS n FROM meter_events WHERE status = 'pending' AND customer_id = ? AND period_start = ? "
+                "LIMIT 1", (row["customer_id"], row["period_start"]))
+            if waiting is not None:  # a pending event may yet fail; invoice what Stripe holds, once it is settled
+                continue
+            amount = cost_cents(max(0, row["weighted_units"] - (row["allowance"] or 0)), row["overage_rate"] or 0)
+            invoice_id = row["invoice_id"]
+            if amount > 0:
+                invoice_id = await self._p2p_invoice(row, amount)
+            values = (invoice_id, now, row["customer_id"], row["period_start"])
+
+            def invoiced(conn: sqlite3.Connection, values: tuple[Any, ...] = values) -> None:
+                conn.execute("UPDATE meter_usage_totals SET invoice_id = ?, invoiced_at = ? WHERE customer_id = ? "
+                             "AND period_start = ?", values)
+
+            await self._store.write(invoiced)
+            done += 1
+        return done
+
+    async def _p2p_invoice(self, row: dict[str, Any], amount: int) -> str:
+        customer, start, end = row["customer_id"], row["period_start"], row["period_end"]
+        invoice_id = row["invoice_id"]
+        if invoice_id is None:
+            invoice = (await self._gateway.send(StripeRequest("post", "/v1/invoices", {
+                "customer": customer, "collection_method": "send_invoice", "days_until_due": 30,
+                "pending_invoice_items_behavior": "exclude", "currency": self._currency,
+                "description": f"LUC usage, pay per use: {rfc3339(start)[:10]} to {rfc3339(end)[:10]}",
+                "metadata": {"aims_usage_period_start": str(start), "aims_usage_period_end": str(end)},
+            }, stripe_idempotency_key("p2p_usage_invoice", f"{customer}:{start}")))).data
+            invoice_id = str(invoice["id"])
+            await self._store.write(lambda conn: conn.execute(
+                "UPDATE meter_usage_totals SET invoice_id = ? WHERE customer_id = ? AND period_start = ?",
+                (invoice_id, customer, start)))
+        else:
+            invoice = (await self._gateway.send(StripeRequest("get", f"/v1/invoices/{invoice_id}"))).data
+        if invoice["status"] == "draft":
+            if not invoice["lines"]["data"]:
+                await self._gateway.send(StripeRequest("post", "/v1/invoiceitems", {
+                    "customer": customer, "invoice": invoice_id, "amount": amount, "currency": self._currency,
+                    "description": f"{row['weighted_units']:,} weighted LUC units at {row['overage_rate']} cents per "
+                                   "1,000",
+                    "period": {"start": start, "end": end},
+                }, stripe_idempotency_key("p2p_usage_item", invoice_id)))
+            await self._gateway.send(StripeRequest("post", f"/v1/invoices/{invoice_id}/finalize", {},
+                                                   stripe_idempotency_key("p2p_usage_finalize", invoice_id)))
+        return str(invoice_id)
 
     # --- marking -----------------------------------------------------------------------------------------------
 

@@ -118,6 +118,7 @@ class FlushReport(BaseModel):
     batches: int
     transport: Literal["v2", "v1", "mixed", "none"]
     error: str | None = Field(default=None, description="Why the flush stopped early; the events stay pending")
+    invoiced: int = Field(default=0, description="Ended P2P periods invoiced in this flush")
 
 
 class MeteringStatus(BaseModel):

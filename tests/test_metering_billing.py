@@ -7,14 +7,20 @@ when a test says so, so a late webhook is a step of the test, not a race."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aims_billing_mcp.errors import InvalidInput, InvalidState
-from aims_billing_mcp.sandbox import Sandbox
+from aims_billing_mcp.sandbox import Sandbox, create_app
 from aims_billing_mcp.services.meter_flusher import MeterFlusher
 from aims_billing_mcp.services.metering import MeteringService
 from aims_billing_mcp.services.metering_models import MeterEventResult
@@ -91,10 +97,11 @@ class Billing:
         return sum(answer.cost_cents for answer in self.answers.get(customer, []) if not answer.replayed)
 
 
-@pytest.fixture
-async def billing(make_settings: Callable[..., Settings], sandbox_app: Any, sandbox: Sandbox,
-                  store: Store) -> AsyncIterator[Billing]:
-    async with commerce_stack(make_settings(), sandbox_app, store, buyer_wallet=False) as stack:
+@asynccontextmanager
+async def billing_on(settings: Settings, sandbox_app: Any, store: Store) -> AsyncIterator[Billing]:
+    """Our metering and subscriptions on the sandbox, on the sandbox's clock, with webhooks delivered by hand."""
+    sandbox: Sandbox = sandbox_app.state.sandbox
+    async with commerce_stack(settings, sandbox_app, store, buyer_wallet=False) as stack:
         await setup_stripe(stack.gateway, stack.pricing)
         subs = stack.subscriptions
         metering = MeteringService(store, stack.pricing, tier_of=subs.entitled_tier, period_of=subs.usage_period,
@@ -102,6 +109,12 @@ async def billing(make_settings: Callable[..., Settings], sandbox_app: Any, sand
         flusher = MeterFlusher(store, stack.gateway, clock=sandbox.now, retry_delay_scale=0)
         env = Billing(stack, sandbox, metering, flusher)
         sandbox.add_event_listener(env.events.append)
+        yield env
+
+
+@pytest.fixture
+async def billing(make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> AsyncIterator[Billing]:
+    async with billing_on(make_settings(), sandbox_app, store) as env:
         yield env
 
 
@@ -257,3 +270,98 @@ async def test_p2p_usage_is_invoiced_once_its_month_ends_for_exactly_what_was_an
     assert [amount for *_, amount in await billing.usage_lines(customer)] == [3100]
     [invoice] = (await billing.stripe("get", "/v1/invoices", {"customer": customer}))["data"]
     assert (invoice["status"], invoice["collection_method"], invoice["amount_due"]) == ("open", "send_invoice", 3100)
+
+
+async def test_p2p_usage_in_the_second_a_subscription_starts_is_billed_once(billing: Billing) -> None:
+    customer = await billing.subscribe("p2p")
+    p2p = await billing.record(customer, 100_005)  # P2P: 20,001 cents, on the month's own invoice
+    checkout = await billing.stack.subscriptions.create_subscription_checkout(
+        tier="3mo", customer=customer, customer_email=None, success_url=None, cancel_url=None,
+        idempotency_key=None, dry_run=False)
+    billing.sandbox.complete_checkout_session(checkout.checkout_session.id)  # same second: its period holds p2p's time
+    await billing.flusher.flush_once()
+    billing.advance(days=100)
+    await billing.deliver()
+    await billing.flusher.flush_once()
+
+    lines = await billing.usage_lines(customer)
+    assert p2p.cost_cents == 20_001 and sum(amount for *_, amount in lines) == 20_001
+    assert all(quantity == 0 for _, _, quantity, amount in lines if amount != 20_001)  # the meter never had it
+
+
+# --- the property: whatever happens, what was answered is what is invoiced -----------------------------------------
+
+STEP = st.one_of(
+    st.tuples(st.just("record"), st.integers(1, 400_000), st.sampled_from(["chat", "code", "agent_swarm"]),
+              st.sampled_from([0, 0, 0, 120, 3 * DAY])),  # seconds backdated: refused before the current period
+    st.tuples(st.just("advance"), st.integers(1, 45 * 24)),  # hours; Stripe renews, ends trials and subscriptions
+    st.tuples(st.just("deliver")),  # Stripe's webhooks arrive (until then our provision is stale)
+    st.tuples(st.just("cancel"), st.booleans()),  # immediately (usage so far invoiced), or at the period's end
+    st.tuples(st.just("subscribe"), st.sampled_from(["3mo", "6mo", "9mo"])),  # refused while a tier is live
+)
+
+
+async def play(env: Billing, first_tier: str, steps: list[tuple[Any, ...]]) -> tuple[int, int]:
+    """Run a customer's life; returns (sum of the costs the events answered, sum of the usage Stripe invoiced)."""
+    customer = await env.subscribe(first_tier)
+    for step in steps:
+        kind = step[0]
+        if kind == "record":
+            _, units, operation, backdated = step
+            try:
+                await env.record(customer, units, operation=operation,
+                                 timestamp=env.sandbox.now() - backdated if backdated else None)
+            except InvalidInput as refused:
+                assert refused.param == "timestamp"
+        elif kind == "advance":
+            await env.flusher.flush_once()  # the flusher runs often: usage reaches Stripe before a period closes
+            env.advance(hours=step[1])
+        elif kind == "deliver":
+            await env.deliver()
+        elif kind == "cancel":
+            await env.deliver()
+            if env.stack.subscriptions.entitled_tier(customer).id != "p2p":
+                if step[1]:  # as the cancel_subscription tool does: usage reaches Stripe, its second passes
+                    await env.flusher.flush_once()
+                    env.advance(hours=1 / 3600)
+                await env.stack.subscriptions.cancel_subscription(
+                    customer=customer, subscription=None, immediately=step[1], idempotency_key=None, dry_run=False)
+                env.advance(hours=1)
+        elif kind == "subscribe":
+            await env.deliver()
+            try:
+                checkout = await env.stack.subscriptions.create_subscription_checkout(
+                    tier=step[1], customer=customer, customer_email=None, success_url=None, cancel_url=None,
+                    idempotency_key=f"subscribe-{env.sandbox.now()}", dry_run=False)
+            except InvalidState:
+                continue
+            env.sandbox.complete_checkout_session(checkout.checkout_session.id)
+            await env.deliver()
+            env.advance(hours=1)
+    await env.flusher.flush_once()
+    env.advance(days=100)  # every period with usage has ended (a 9mo trial is three months) and been invoiced
+    await env.deliver()
+    await env.flusher.flush_once()  # P2P months are invoiced once they end
+    invoiced = sum(amount for *_, amount in await env.usage_lines(customer))
+    return env.answered(customer), invoiced
+
+
+@settings(max_examples=int(os.environ.get("AIMS_METERING_PROPERTY_EXAMPLES", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(first_tier=st.sampled_from(["p2p", "3mo", "6mo", "9mo"]), steps=st.lists(STEP, max_size=12))
+def test_whatever_the_usage_tier_changes_renewals_and_cancellations_the_answered_costs_are_what_is_invoiced(
+        first_tier: str, steps: list[tuple[Any, ...]]) -> None:
+    async def scenario() -> tuple[int, int]:
+        with tempfile.TemporaryDirectory() as folder:
+            app = create_app(db_path=":memory:")
+            store = Store(os.path.join(folder, "billing.db"))
+            try:
+                settings = Settings(_env_file=None, aims_billing_db=os.path.join(folder, "billing.db"))  # type: ignore[call-arg]
+                async with billing_on(settings, app, store) as env:
+                    return await play(env, first_tier, steps)
+            finally:
+                store.close()
+                app.state.sandbox.close()
+
+    answered, invoiced = asyncio.run(scenario())
+    assert answered == invoiced

@@ -24,6 +24,10 @@ active meter for the event name) is a setup problem: the flush stops and the eve
 validates asynchronously, the flusher checks before sending that an active meter exists for each event name (cached
 for METER_CHECK_SECONDS); usage recording refuses unknown customers up front.
 
+P2P usage is not sent to the meter: the meter is what subscriptions' metered prices bill, by timestamp, so P2P
+usage stamped in the moment a subscription starts (before its webhook arrives) would be billed twice. It is billed
+on its own invoice once its period ends (`invoice_p2p`), and marked sent when the flush reaches it.
+
 One flush at a time per flusher (a lock); two processes flushing the same database may both send an event, which
 Stripe's identifier dedupe absorbs.
 """
@@ -61,6 +65,7 @@ V2_COOLDOWN = 600.0
 METER_CHECK_SECONDS = 600.0
 KEEP_FLUSHES = 100
 TOO_OLD = "older than 35 days: Stripe no longer accepts it"
+P2P = "p2p"  # the tier whose usage no meter price bills: it is invoiced per period by `invoice_p2p`
 V2_SESSION = "/v2/billing/meter_event_session"
 V2_STREAM = "/v2/billing/meter_event_stream"
 V1_EVENTS = "/v1/billing/meter_events"
@@ -141,16 +146,19 @@ class MeterFlusher:
                                                                             max_events - sent - failed)
                     rows = self._store.query(
                         "SELECT id, stripe_identifier AS identifier, customer_id, event_name, weighted_units, "
-                        "timestamp FROM meter_events WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id "
+                        "timestamp, tier FROM meter_events WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id "
                         "LIMIT ?", (cursor, upto, limit))
                     if not rows:
                         break
                     cursor = rows[-1]["id"]
                     batches += 1
                     oldest_allowed = self._clock() - STRIPE_MAX_AGE + STALE_MARGIN
-                    stale = [(row["id"], TOO_OLD) for row in rows if row["timestamp"] < oldest_allowed]
-                    fresh = [row for row in rows if row["timestamp"] >= oldest_allowed]
+                    p2p = [row["id"] for row in rows if row["tier"] == P2P]  # billed on their period's own invoice
+                    metered = [row for row in rows if row["tier"] != P2P]
+                    stale = [(row["id"], TOO_OLD) for row in metered if row["timestamp"] < oldest_allowed]
+                    fresh = [row for row in metered if row["timestamp"] >= oldest_allowed]
                     delivery = await self._deliver(fresh) if fresh else _Delivery(transport="none")
+                    delivery.accepted.extend(p2p)
                     if fresh:
                         transports.add(delivery.transport)
                     if marking is not None:

@@ -288,8 +288,9 @@ class SubscriptionService:
 
         async def record(sub: dict[str, Any]) -> None:
             """Apply Stripe's answer now, as a synthetic event, so status is right before the webhook arrives."""
-            event = {"id": f"api_cancel_{sub['id']}_{int(time.time())}", "type": "customer.subscription.updated",
-                     "created": int(time.time()), "data": {"object": sub}}
+            at = int(sub.get("canceled_at") or time.time())  # Stripe's clock: the state is as new as Stripe says
+            event = {"id": f"api_cancel_{sub['id']}_{at}", "type": "customer.subscription.updated",
+                     "created": at, "data": {"object": sub}}
             applied = await self._store.write(lambda conn: self.apply_event(conn, event))
             self.forget(applied.customer_id)
 

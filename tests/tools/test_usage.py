@@ -170,3 +170,24 @@ async def test_stripe_invoices_exactly_the_overage_the_summary_predicted(
     renewal = next(i for i in invoices["data"] if i.get("billing_reason") == "subscription_cycle")
     metered = [line for line in renewal["lines"]["data"] if line["amount"] and line["amount"] != 1999]
     assert [line["amount"] for line in metered] == [7650]
+
+
+async def test_an_immediate_cancel_invoices_the_usage_recorded_so_far_even_before_the_flusher_ran(
+    server: BillingServer, sandbox: Sandbox
+) -> None:
+    async with Client(server) as client:
+        customer = await subscribed(client, server, sandbox, "3mo")
+        answer = ok(await client.call_tool("create_meter_event", {"customer": customer, "units": 150_000}))
+        predicted = ok(await client.call_tool("get_usage_summary", {"customer": customer}))
+
+        out = ok(await client.call_tool("cancel_subscription", {"customer": customer, "immediately": True}))
+        assert sandbox.webhooks.drain(timeout=10)
+        assert server.state is not None
+        sub_id = out["cancellation"]["subscription"]
+        sub = (await server.state.gateway.send(StripeRequest("get", f"/v1/subscriptions/{sub_id}"))).data
+        final = (await server.state.gateway.send(StripeRequest("get", f"/v1/invoices/{sub['latest_invoice']}"))).data
+        after = ok(await client.call_tool("create_meter_event", {"customer": customer, "units": 1000}))
+
+    assert answer["cost_cents"] == predicted["overage_cost_cents"] == 7500
+    assert [(line["quantity"], line["amount"]) for line in final["lines"]["data"]] == [(150_000, 7500)]
+    assert (after["tier"], after["cost_cents"]) == ("p2p", 200)

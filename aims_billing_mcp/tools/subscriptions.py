@@ -4,7 +4,6 @@ import time
 from typing import Annotated
 
 import anyio
-
 from pydantic import Field
 
 from ..models import (

@@ -30,10 +30,15 @@ cost(period overage before it), each rounded half up as Stripe rounds a line tot
 the period's overage charge exactly. Stripe receives the weighted units (the meter sums them); the tier's metered
 price makes the allowance free and charges the overage rate.
 
-Periods. `period_of(customer, t)` gives the usage period containing t: the subscription's current period, or the
-UTC calendar month. `summary("current")` is the current period's per-operation counters; `summary("YYYY-MM")` sums
-the events whose timestamps fall in that calendar month (a scan of the time index; for a subscription period the
-month may span two periods, and its overage is what those events incurred).
+Periods. `period_of(customer, t)` gives the usage period containing t and its terms: the subscription period that
+contains it (the renewal predicted before its webhook arrives; a trial is one free period), or P2P's UTC calendar
+month. The answer, the summary, the quote and the flush all use it, so each period's summary is one invoice line. A
+period keeps the terms it was opened with (tier, allowance, rate, written on its totals row by its first event), and
+usage stamped before the customer's current period is refused: that period is closed (invoiced, or it predates the
+subscription). `summary("current")` is the current period's counted total (events Stripe refused for good are taken
+out when marked failed) priced on its terms; `summary("YYYY-MM")` sums the events whose timestamps fall in that
+calendar month (a scan of the time index; for a subscription period the month may span two periods, and its overage
+is what those events incurred).
 
 Customers. An unknown customer is refused. A customer is asked about once: the answer is kept in
 `meter_customers` (customers known from subscriptions count as verified), so the hot path never calls Stripe twice

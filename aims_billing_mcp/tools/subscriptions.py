@@ -43,7 +43,8 @@ async def create_subscription_checkout(
 ) -> SubscriptionCheckoutResult:
     """Start a Stripe Checkout Session in subscription mode for a tier and return its URL for the human to pay.
     The session carries our customer and tier in metadata; the 9mo tier's 3 free months are a trial. Once paid,
-    Stripe's webhook provisions the tier (see get_billing_status)."""
+    Stripe's webhook provisions the tier (see get_billing_status). Refused while the customer has a live tier: a
+    tier changes between periods (cancel_subscription first)."""
     return await services(ctx).subscriptions.create_subscription_checkout(
         tier=tier, customer=customer, customer_email=customer_email, success_url=success_url, cancel_url=cancel_url,
         idempotency_key=idempotency_key, dry_run=dry_run,

@@ -371,3 +371,5 @@ async def test_an_event_stripe_never_takes_leaves_the_periods_usage_and_cost(
     assert [(op.operation, op.weighted_units) for op in after.by_operation] == [("custom", 120_000)]
     assert await stripe_total(gateway, meter, customer) == 120_000
     assert metering.quote(1000, customer=customer).period_usage == 120_000
+    old_month = metering.summary(customer, time.strftime("%Y-%m", time.gmtime(now - 35 * DAY - 120)))
+    assert (old_month.weighted_units, old_month.overage_cost_cents, old_month.events.failed) == (0, 0, 1)

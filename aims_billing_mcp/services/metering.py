@@ -604,9 +604,12 @@ class MeteringService:
             allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
             start, end = month_bounds(period.strip())
             rows = self._store.query(
-                "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, SUM(raw_units) AS raw_units, "
-                "SUM(weighted_units) AS weighted_units, SUM(overage_units) AS overage_units, "
-                "SUM(cost_cents) AS cost_cents, SUM(status = 'pending') AS pending, SUM(status = 'failed') AS failed, "
+                "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, "  # failed ones counted, not priced
+                "SUM(IIF(status = 'failed', 0, raw_units)) AS raw_units, "
+                "SUM(IIF(status = 'failed', 0, weighted_units)) AS weighted_units, "
+                "SUM(IIF(status = 'failed', 0, overage_units)) AS overage_units, "
+                "SUM(IIF(status = 'failed', 0, cost_cents)) AS cost_cents, SUM(status = 'pending') AS pending, "
+                "SUM(status = 'failed') AS failed, "
                 "MAX(id) AS last_id FROM meter_events WHERE timestamp >= ? AND timestamp < ? AND customer_id = ? "
                 "GROUP BY 1 ORDER BY 1", (CUSTOM, start, end, customer))
             counts = {"pending": sum(row["pending"] for row in rows), "failed": sum(row["failed"] for row in rows)}

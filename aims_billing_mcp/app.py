@@ -315,7 +315,8 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
                      retry_delay_scale=retry_delay_scale)
     return AppState(
         ledger=ledger, x402=x402, commerce=commerce, acp=acp,
-        metering=metering, flusher=MeterFlusher(store, gateway, retry_delay_scale=retry_delay_scale),
+        metering=metering,
+        flusher=MeterFlusher(store, gateway, retry_delay_scale=retry_delay_scale, currency=pricing.currency),
         settings=settings, store=store, gateway=gateway, idempotency=idempotency,
         catalog=CatalogService(mutations, ceiling=ceiling), pricing=pricing,
         subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions, commerce),

@@ -89,11 +89,12 @@ def baseline_rate(folder: Path, events: int, customers: list[str]) -> float:
         milli = PRICING.multipliers[operation]
         weighted = (raw * milli + 500) // 1000
         rows.append((f"b-{i}", customers[i % len(customers)], operation, milli, raw, weighted, None, now, None, "3mo",
-                     start_p, end_p, weighted, 100_000, 150, 0, 0, PRICING.meter_event_name, created))
+                     start_p, end_p, weighted, 100_000, 150, 0, 0, PRICING.meter_event_name, created,
+                     f"{customers[i % len(customers)]}:b-{i}"))
     sql = ("INSERT INTO meter_events (identifier, customer_id, operation, multiplier_milli, raw_units, weighted_units, "
            "agent_id, timestamp, metadata, tier, period_start, period_end, period_units_after, allowance, "
-           "overage_rate, overage_units, cost_cents, event_name, status, attempts, created_at) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)")
+           "overage_rate, overage_units, cost_cents, event_name, status, attempts, created_at, stripe_identifier) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)")
     start = time.perf_counter()
     for index in range(0, events, 100):
         conn.execute("BEGIN IMMEDIATE")
@@ -131,9 +132,9 @@ def flush_rate(folder: Path, events: int, callers: int) -> float:
         report = await flusher.flush_once()
         elapsed = time.perf_counter() - start
         assert report.pending == 0 and report.error is None, report
-        for customer in customers:
-            local = store.query_one("SELECT SUM(weighted_units) AS n FROM meter_events WHERE customer_id = ?",
-                                    (customer,))
+        for customer in customers:  # P2P usage is invoiced per period, never sent to the meter
+            local = store.query_one("SELECT COALESCE(SUM(weighted_units), 0) AS n FROM meter_events WHERE "
+                                    "customer_id = ? AND tier != 'p2p'", (customer,))
             assert local is not None and await stripe_total(gateway, meter, customer) == local["n"], customer
         return report.sent / elapsed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aims_billing_mcp.errors import IdempotencyConflict, InvalidInput, LimitReached, NotFound
-from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.metering import MeteringService, stripe_identifier
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of, cost_cents, month_bounds
-from aims_billing_mcp.store import Store
+from aims_billing_mcp.store import Store, connect, migrate
 from tests.conftest import Clock
 
 pytestmark = pytest.mark.anyio
@@ -139,10 +140,26 @@ async def test_each_bad_input_is_refused_with_a_clear_error_and_nothing_written(
     assert written(store) == (0, 0)
 
 
-async def test_a_timestamp_inside_stripes_window_is_kept(metering: MeteringService, clock: Clock) -> None:
+async def test_a_timestamp_inside_stripes_window_and_the_current_period_is_kept(
+        store: Store, clock: Clock) -> None:
+    period = (int(clock.now) - 40 * DAY, int(clock.now) + DAY)  # a long period, like a 9mo trial's three months
+    service = MeteringService(store, PRICING, tier_of=lambda c: PRICING.p2p, period_of=lambda c, t: period,
+                              customer_exists=Customers("cus_a"), clock=clock)
     for offset in (-34 * DAY, -3600, 299):
-        result = await metering.record("cus_a", 10, timestamp=int(clock.now) + offset)
+        result = await service.record("cus_a", 10, timestamp=int(clock.now) + offset)
         assert result.timestamp == int(clock.now) + offset
+
+
+async def test_a_timestamp_before_the_current_period_is_refused_naming_it(
+        metering: MeteringService, store: Store, clock: Clock) -> None:
+    start, _ = calendar_month_of(int(clock.now))
+    clock.now = start + 3600  # early in this month: last month is within Stripe's 35 days, but it has ended
+
+    with pytest.raises(InvalidInput) as caught:
+        await metering.record("cus_a", 100, timestamp=start - 60)
+
+    assert caught.value.param == "timestamp" and "current usage period" in caught.value.message
+    assert written(store) == (0, 0)
 
 
 async def test_the_same_identifier_with_the_same_content_returns_the_first_result_replayed(
@@ -161,7 +178,6 @@ async def test_the_same_identifier_with_the_same_content_returns_the_first_resul
     ({"units": 501}, "units 500 vs 501"),
     ({"operation": "chat"}, "research vs chat"),
     ({"operation": None, "multiplier": 2.0}, "research vs multiplier 2"),
-    ({"customer": "cus_a"}, "customer cus_3mo vs cus_a"),
     ({"metadata": {"a": 2}}, "metadata"),
     ({"agent_id": "other"}, "agent_id None vs other"),
     ({"timestamp": -60}, "timestamp"),
@@ -344,8 +360,9 @@ async def test_the_summary_gives_units_by_operation_allowance_overage_and_status
 
 async def test_a_month_summary_covers_the_events_of_that_utc_month(metering: MeteringService, clock: Clock) -> None:
     start, _ = calendar_month_of(int(clock.now))
-    clock.now = start + 3600  # early in this month, so last month is within 35 days
-    await metering.record("cus_a", 100, timestamp=start - 60)  # last month
+    clock.now = start - 60  # the last minute of last month
+    await metering.record("cus_a", 100)
+    clock.now = start + 3600
     await metering.record("cus_a", 7)
 
     last = time.gmtime(start - 60)
@@ -386,7 +403,7 @@ async def test_a_quote_prices_the_margin_now_and_writes_nothing(metering: Meteri
 # --- slots ----------------------------------------------------------------------------------------------------------
 
 
-async def test_slots_beyond_the_tier_limit_are_refused_naming_the_limit_and_the_running_tasks(
+async def test_slots_beyond_the_tier_limit_are_refused_naming_the_limit_not_other_tasks(
         metering: MeteringService) -> None:
     await metering.acquire_slot("cus_3mo", "task-1", 60)
     second = await metering.acquire_slot("cus_3mo", "task-2", 60)
@@ -395,22 +412,23 @@ async def test_slots_beyond_the_tier_limit_are_refused_naming_the_limit_and_the_
         await metering.acquire_slot("cus_3mo", "task-3", 60)
 
     assert second.in_use == 2 and second.limit == 2
-    assert "2 of the 2" in caught.value.message and "task-1, task-2" in caught.value.message
-    assert caught.value.details["running_tasks"] == ["task-1", "task-2"] and caught.value.details["limit"] == 2
+    assert "2 of the 2" in caught.value.message and "task-1" not in str(caught.value.to_dict())
+    assert caught.value.details == {"limit": 2, "in_use": 2}
 
 
-async def test_acquiring_the_same_task_again_returns_its_slot_unchanged(
+async def test_acquiring_the_same_task_again_with_its_lease_renews_the_expiry(
         metering: MeteringService, clock: Clock) -> None:
     first = await metering.acquire_slot("cus_a", "task-1", 60)
     clock.now += 30
 
-    again = await metering.acquire_slot("cus_a", "task-1", 600)
+    again = await metering.acquire_slot("cus_a", "task-1", 600, first.lease)
 
-    assert again.replayed and (again.acquired_at, again.expires_at) == (first.acquired_at, first.expires_at)
+    assert again.replayed and again.acquired_at == first.acquired_at
+    assert again.expires_at == int(clock.now) + 600 and again.lease == first.lease
 
 
 async def test_an_expired_slot_frees_itself(metering: MeteringService, clock: Clock) -> None:
-    await metering.acquire_slot("cus_a", "task-1", 60)
+    first = await metering.acquire_slot("cus_a", "task-1", 60)
     with pytest.raises(LimitReached):
         await metering.acquire_slot("cus_a", "task-2", 60)
     clock.now += 60
@@ -418,14 +436,14 @@ async def test_an_expired_slot_frees_itself(metering: MeteringService, clock: Cl
     slot = await metering.acquire_slot("cus_a", "task-2", 60)
 
     assert slot.in_use == 1
-    release = await metering.release_slot("cus_a", "task-1")
+    release = await metering.release_slot("cus_a", "task-1", first.lease)
     assert not release.released
 
 
 async def test_released_slots_can_be_taken_again_and_release_is_idempotent(metering: MeteringService) -> None:
-    await metering.acquire_slot("cus_a", "task-1", 60)
-    released = await metering.release_slot("cus_a", "task-1")
-    again = await metering.release_slot("cus_a", "task-1")
+    slot = await metering.acquire_slot("cus_a", "task-1", 60)
+    released = await metering.release_slot("cus_a", "task-1", slot.lease)
+    again = await metering.release_slot("cus_a", "task-1", slot.lease)
 
     assert (released.released, released.in_use, again.released) == (True, 0, False)
     assert (await metering.acquire_slot("cus_a", "task-2", 60)).in_use == 1
@@ -470,3 +488,37 @@ async def test_status_counts_the_queue_and_ages_its_oldest_event(metering: Meter
     assert (empty.pending, empty.oldest_pending_age_seconds, empty.last_flush_at) == (0, None, None)
     assert (status.pending, status.sent, status.failed) == (2, 0, 0)
     assert status.oldest_pending_age_seconds is not None and status.oldest_pending_age_seconds >= 119
+
+
+def test_events_recorded_before_identifiers_were_per_customer_keep_the_identifier_they_are_sent_with(
+        tmp_path: Any) -> None:
+    conn = connect(tmp_path / "old.db")
+    migrate(conn, upto=10)
+    conn.execute("INSERT INTO meter_events (identifier, customer_id, event_name, raw_units, multiplier_milli, "
+                 "weighted_units, timestamp, created_at) VALUES ('evt-1', 'cus_a', 'luc', 5, 1000, 5, 1, 'x')")
+
+    migrate(conn)
+
+    row = conn.execute("SELECT id, identifier, stripe_identifier FROM meter_events").fetchone()
+    assert tuple(row) == (1, "evt-1", "evt-1")
+    conn.execute("INSERT INTO meter_events (identifier, customer_id, event_name, raw_units, multiplier_milli, "
+                 "weighted_units, timestamp, created_at, stripe_identifier) VALUES ('evt-1', 'cus_b', 'e', 5, 1000, 5, "
+                 "1, 'x', 'cus_b:evt-1')")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO meter_events (identifier, customer_id, event_name, raw_units, multiplier_milli, "
+                     "weighted_units, timestamp, created_at, stripe_identifier) VALUES ('evt-1', 'cus_b', 'e', 5, "
+                     "1000, 5, 1, 'x', 'y')")
+    assert conn.execute("SELECT MAX(id) FROM meter_events").fetchone()[0] == 2
+    conn.close()
+
+
+@pytest.mark.parametrize(("customer", "identifier", "sent_as"), [
+    ("cus_A1", "run-1", "cus_A1:run-1"),
+    ("cus_A1", "x" * 100, None),  # over Stripe's 100 characters together: hashed
+    ("cus_a:b", "c", None),  # not a plain Stripe id: hashed, so ("cus_a", "b:c") cannot collide with it
+])
+def test_the_identifier_sent_to_stripe_is_unique_per_customer_and_identifier(
+        customer: str, identifier: str, sent_as: str | None) -> None:
+    sent = stripe_identifier(customer, identifier)
+    assert len(sent) <= 100 and (sent == sent_as if sent_as else sent.startswith("h_"))
+    assert sent != stripe_identifier("cus_other", identifier)

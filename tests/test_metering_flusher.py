@@ -61,8 +61,8 @@ def service_for(store: Store, gateway: StripeGateway, *, clock: Callable[[], flo
             return False
         return True
 
-    return MeteringService(store, PRICING, tier_of=lambda c: PRICING.p2p, period_of=lambda c, t: calendar_month_of(t),
-                           customer_exists=exists, clock=clock)
+    return MeteringService(store, PRICING, tier_of=lambda c: PRICING.tiers["3mo"],  # metered: sent to the meter
+                           period_of=lambda c, t: calendar_month_of(t), customer_exists=exists, clock=clock)
 
 
 async def stripe_total(gateway: StripeGateway, meter: str, customer: str) -> int:
@@ -341,3 +341,35 @@ async def test_a_long_burst_with_faults_reaches_stripe_exactly(
         pass
     for customer in customers:
         assert await stripe_total(gateway, meter, customer) == local_total(store, customer)
+
+
+async def test_an_event_stripe_never_takes_leaves_the_periods_usage_and_cost(
+        gateway: StripeGateway, store: Store) -> None:
+    meter = await create_meter(gateway)
+    customer = await create_customer(gateway, "A")
+    now = int(time.time())
+    period = (now - 40 * DAY, now + DAY)  # one long period (a trial's is three months) holding both events
+
+    def service(clock: Callable[[], float]) -> MeteringService:
+        async def exists(_: str) -> bool:
+            return True
+
+        return MeteringService(store, PRICING, tier_of=lambda c: PRICING.tiers["3mo"], period_of=lambda c, t: period,
+                               customer_exists=exists, clock=clock)
+
+    await service(Clock(now - 35 * DAY - 120)).record(customer, 150_000, identifier="old")  # never flushed in time
+    metering = service(Clock(now))
+    await metering.record(customer, 120_000, identifier="new")
+    before = metering.summary(customer)
+
+    report = await MeterFlusher(store, gateway, retry_delay_scale=0).flush_once()
+
+    after = metering.summary(customer)
+    assert (report.sent, report.failed) == (1, 1)
+    assert (before.weighted_units, before.overage_cost_cents) == (270_000, 25_500)  # 3mo: 100,000 free, then 150
+    assert (after.weighted_units, after.overage_cost_cents, after.events.failed) == (120_000, 3000, 1)
+    assert [(op.operation, op.weighted_units) for op in after.by_operation] == [("custom", 120_000)]
+    assert await stripe_total(gateway, meter, customer) == 120_000
+    assert metering.quote(1000, customer=customer).period_usage == 120_000
+    old_month = metering.summary(customer, time.strftime("%Y-%m", time.gmtime(now - 35 * DAY - 120)))
+    assert (old_month.weighted_units, old_month.overage_cost_cents, old_month.events.failed) == (0, 0, 1)

@@ -882,9 +882,13 @@ def cancel_subscription(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     sub = ctx.fetch("subscription", args["id"], "subscription", "id")
     if sub["status"] == "canceled":
         raise StripeError(404, f"No such subscription: '{sub['id']}'", code="resource_missing", param="id")
-    p.boolean("invoice_now")
+    invoice_now = p.boolean("invoice_now")
     p.boolean("prorate")
     sub["canceled_at"] = None
+    if invoice_now:  # the period's un-invoiced metered usage on a final invoice; without it, discarded
+        from .lifecycle import bill_final_usage  # lifecycle builds on this module
+
+        bill_final_usage(ctx, sub, ctx.now)
     end_subscription(ctx, sub, ctx.now)
     return sub
 

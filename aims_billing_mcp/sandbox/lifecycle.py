@@ -74,7 +74,14 @@ def _catch_up(ctx: Ctx, sub: Obj, target: int) -> None:
 
 def _end_as_scheduled(ctx: Ctx, sub: Obj, at: int) -> None:
     """A scheduled cancellation: the last period's metered usage is billed on a final invoice (as Stripe does when
-    a subscription cancels at its period end or `cancel_at`; an immediate cancel discards it), then it ends."""
+    a subscription cancels at its period end or `cancel_at`), then it ends."""
+    bill_final_usage(ctx, sub, at)
+    billing.end_subscription(ctx, sub, at)
+
+
+def bill_final_usage(ctx: Ctx, sub: Obj, at: int) -> None:
+    """The metered usage of the period so far, [period start, at), on a final invoice, collected the subscription's
+    way: a scheduled end, or an immediate cancel with ``invoice_now`` (without it Stripe discards that usage)."""
     start, _ = _period(sub)
     metered = [item for item in sub["items"]["data"] if item["price"]["recurring"]["usage_type"] == "metered"]
     if metered and sub["status"] != "trialing":  # usage during a trial is free
@@ -88,7 +95,6 @@ def _end_as_scheduled(ctx: Ctx, sub: Obj, at: int) -> None:
         ctx.record_event("invoice.created", invoice)
         sub["latest_invoice"] = invoice["id"]
         _collect_renewal(ctx, sub, invoice)
-    billing.end_subscription(ctx, sub, at)
 
 
 def _expire_if_unpaid(ctx: Ctx, sub: Obj, target: int) -> None:

@@ -16,12 +16,17 @@ attempt). A crash or cancellation between Stripe's acceptance and the mark leave
 sends them again: Stripe deduplicates by identifier (and the sandbox does too), so nothing is counted twice. The mark
 of one batch overlaps the sending of the next.
 
-Failing for good. An event is marked `failed`, with the reason, when Stripe can no longer take it: older than Stripe's
+Failing for good. An event is marked `failed`, with the reason, when Stripe can no longer take it (and leaves its
+period's counted usage in the same transaction, so nothing Stripe never billed is reported as owed): older than Stripe's
 35 days (less a minute's margin, since the v2 stream validates asynchronously and would drop it silently), or refused
 by v1 for its own content (an unknown customer, a timestamp out of range). A refusal about the meter itself (no
 active meter for the event name) is a setup problem: the flush stops and the events stay pending. Because v2
 validates asynchronously, the flusher checks before sending that an active meter exists for each event name (cached
 for METER_CHECK_SECONDS); usage recording refuses unknown customers up front.
+
+P2P usage is not sent to the meter: the meter is what subscriptions' metered prices bill, by timestamp, so P2P
+usage stamped in the moment a subscription starts (before its webhook arrives) would be billed twice. It is billed
+on its own invoice once its period ends (`invoice_p2p`), and marked sent when the flush reaches it.
 
 One flush at a time per flusher (a lock); two processes flushing the same database may both send an event, which
 Stripe's identifier dedupe absorbs.
@@ -49,6 +54,7 @@ from ..store import Store, utc_now
 from ..stripe_gateway import StripeRequest, StripeResult, StripeSessionExpired, stripe_idempotency_key
 from .metering import STRIPE_MAX_AGE
 from .metering_models import FlushReport
+from .tiers import cost_cents
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ V2_COOLDOWN = 600.0
 METER_CHECK_SECONDS = 600.0
 KEEP_FLUSHES = 100
 TOO_OLD = "older than 35 days: Stripe no longer accepts it"
+P2P = "p2p"  # the tier whose usage no meter price bills: it is invoiced per period by `invoice_p2p`
 V2_SESSION = "/v2/billing/meter_event_session"
 V2_STREAM = "/v2/billing/meter_event_stream"
 V1_EVENTS = "/v1/billing/meter_events"
@@ -103,6 +110,7 @@ class MeterFlusher:
         clock: Callable[[], float] = time.time,
         retries: int = 4,
         retry_delay_scale: float = 1.0,
+        currency: str = "usd",
     ) -> None:
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be within 1-{MAX_BATCH} (Stripe's limit per stream request)")
@@ -118,6 +126,7 @@ class MeterFlusher:
         self._v2_off_until = 0.0
         self._meters: set[str] = set()
         self._meters_checked = float("-inf")
+        self._currency = currency
 
     # --- one flush ---------------------------------------------------------------------------------------------
 
@@ -136,16 +145,20 @@ class MeterFlusher:
                     limit = self._batch_size if max_events is None else min(self._batch_size,
                                                                             max_events - sent - failed)
                     rows = self._store.query(
-                        "SELECT id, identifier, customer_id, event_name, weighted_units, timestamp FROM meter_events "
-                        "WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id LIMIT ?", (cursor, upto, limit))
+                        "SELECT id, stripe_identifier AS identifier, customer_id, event_name, weighted_units, "
+                        "timestamp, tier FROM meter_events WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id "
+                        "LIMIT ?", (cursor, upto, limit))
                     if not rows:
                         break
                     cursor = rows[-1]["id"]
                     batches += 1
                     oldest_allowed = self._clock() - STRIPE_MAX_AGE + STALE_MARGIN
-                    stale = [(row["id"], TOO_OLD) for row in rows if row["timestamp"] < oldest_allowed]
-                    fresh = [row for row in rows if row["timestamp"] >= oldest_allowed]
+                    p2p = [row["id"] for row in rows if row["tier"] == P2P]  # billed on their period's own invoice
+                    metered = [row for row in rows if row["tier"] != P2P]
+                    stale = [(row["id"], TOO_OLD) for row in metered if row["timestamp"] < oldest_allowed]
+                    fresh = [row for row in metered if row["timestamp"] >= oldest_allowed]
                     delivery = await self._deliver(fresh) if fresh else _Delivery(transport="none")
+                    delivery.accepted.extend(p2p)
                     if fresh:
                         transports.add(delivery.transport)
                     if marking is not None:
@@ -161,15 +174,21 @@ class MeterFlusher:
             finally:
                 if marking is not None:
                     await marking
+            invoiced = 0
+            if error is None:
+                try:
+                    invoiced = await self.invoice_p2p()
+                except BillingError as exc:  # Stripe refused or is down: the periods stay open for the next flush
+                    error = f"P2P usage not invoiced yet: {exc.message}"
             pending = self._store.query_one("SELECT COUNT(*) AS n FROM meter_events WHERE status = 'pending'")
             transport: Transport = "none" if not transports else "mixed" if len(transports) > 1 else (
                 "v1" if "v1" in transports else "v2")
             report = FlushReport(
                 started_at=started, duration_ms=round((time.perf_counter() - begun) * 1000, 3), sent=sent,
                 failed=failed, pending=pending["n"] if pending else 0, batches=batches,
-                transport=transport, error=error,
+                transport=transport, error=error, invoiced=invoiced,
             )
-            if batches or error:
+            if batches or error or invoiced:
                 await self._record(report)
             if error:
                 log.warning("meter flush stopped: %s", error)
@@ -187,6 +206,68 @@ class MeterFlusher:
             delay = interval_seconds if ok else min(max(delay, interval_seconds) * 2, 300.0)
             await asyncio.sleep(delay)
 
+    # --- P2P invoices ------------------------------------------------------------------------------------------
+
+    async def invoice_p2p(self) -> int:
+        """Invoice every ended P2P period whose events all reached Stripe: one invoice per customer and period, with
+        one line of the period's usage at the P2P rate (the summary's overage cost, the sum of the events' answered
+        costs), sent to the customer (`send_invoice`, due in 30 days). P2P has no subscription, so no metered price
+        bills it. Each step is idempotent and checked, so a crash or an outage between steps resumes without a
+        second invoice or line. Returns how many periods were invoiced."""
+        now = int(self._clock())
+        rows = self._store.query(
+            "SELECT customer_id, period_start, period_end, weighted_units, allowance, overage_rate, invoice_id FROM "
+            "meter_usage_totals WHERE tier = 'p2p' AND invoiced_at IS NULL AND period_end <= ? ORDER BY period_end "
+            "LIMIT 100", (now,))
+        done = 0
+        for row in rows:
+            waiting = self._store.query_one(
+                "SELECT 1 AS n FROM meter_events WHERE status = 'pending' AND customer_id = ? AND period_start = ? "
+                "LIMIT 1", (row["customer_id"], row["period_start"]))
+            if waiting is not None:  # a pending event may yet fail; invoice what Stripe holds, once it is settled
+                continue
+            amount = cost_cents(max(0, row["weighted_units"] - (row["allowance"] or 0)), row["overage_rate"] or 0)
+            invoice_id = row["invoice_id"]
+            if amount > 0:
+                invoice_id = await self._p2p_invoice(row, amount)
+            values = (invoice_id, now, row["customer_id"], row["period_start"])
+
+            def invoiced(conn: sqlite3.Connection, values: tuple[Any, ...] = values) -> None:
+                conn.execute("UPDATE meter_usage_totals SET invoice_id = ?, invoiced_at = ? WHERE customer_id = ? "
+                             "AND period_start = ?", values)
+
+            await self._store.write(invoiced)
+            done += 1
+        return done
+
+    async def _p2p_invoice(self, row: dict[str, Any], amount: int) -> str:
+        customer, start, end = row["customer_id"], row["period_start"], row["period_end"]
+        invoice_id = row["invoice_id"]
+        if invoice_id is None:
+            invoice = (await self._gateway.send(StripeRequest("post", "/v1/invoices", {
+                "customer": customer, "collection_method": "send_invoice", "days_until_due": 30,
+                "pending_invoice_items_behavior": "exclude", "currency": self._currency,
+                "description": f"LUC usage, pay per use: {rfc3339(start)[:10]} to {rfc3339(end)[:10]}",
+                "metadata": {"aims_usage_period_start": str(start), "aims_usage_period_end": str(end)},
+            }, stripe_idempotency_key("p2p_usage_invoice", f"{customer}:{start}")))).data
+            invoice_id = str(invoice["id"])
+            await self._store.write(lambda conn: conn.execute(
+                "UPDATE meter_usage_totals SET invoice_id = ? WHERE customer_id = ? AND period_start = ?",
+                (invoice_id, customer, start)))
+        else:
+            invoice = (await self._gateway.send(StripeRequest("get", f"/v1/invoices/{invoice_id}"))).data
+        if invoice["status"] == "draft":
+            if not invoice["lines"]["data"]:
+                await self._gateway.send(StripeRequest("post", "/v1/invoiceitems", {
+                    "customer": customer, "invoice": invoice_id, "amount": amount, "currency": self._currency,
+                    "description": f"{row['weighted_units']:,} weighted LUC units at {row['overage_rate']} cents per "
+                                   "1,000",
+                    "period": {"start": start, "end": end},
+                }, stripe_idempotency_key("p2p_usage_item", invoice_id)))
+            await self._gateway.send(StripeRequest("post", f"/v1/invoices/{invoice_id}/finalize", {},
+                                                   stripe_idempotency_key("p2p_usage_finalize", invoice_id)))
+        return str(invoice_id)
+
     # --- marking -----------------------------------------------------------------------------------------------
 
     async def _mark(self, delivery: _Delivery, stale: list[tuple[int, str]], fresh: Sequence[dict[str, Any]]) -> None:
@@ -196,6 +277,7 @@ class MeterFlusher:
         unsettled = [row["id"] for row in fresh if row["id"] not in settled]
 
         def mark(conn: sqlite3.Connection) -> None:
+            _uncount(conn, [event_id for event_id, _ in delivery.refused] + [event_id for event_id, _ in stale])
             if delivery.accepted:
                 conn.execute(
                     "UPDATE meter_events SET status = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL "
@@ -327,6 +409,25 @@ class MeterFlusher:
             self._meters_checked = float("-inf")
             raise _Stop(f"no active Stripe billing meter for event name {', '.join(missing)}: run "
                         "`aims-billing-mcp setup-stripe` to create it; the events stay pending")
+
+
+def _uncount(conn: sqlite3.Connection, event_ids: list[int]) -> None:
+    """Take events Stripe will never bill out of their period's counted usage (still pending: each is taken out once,
+    in the transaction that marks it failed), so the summary, later answers and quotes price what Stripe invoices."""
+    if not event_ids:
+        return
+    rows = conn.execute(
+        "SELECT customer_id, period_start, COALESCE(operation, 'custom') AS operation, raw_units, weighted_units FROM "
+        f"meter_events WHERE status = 'pending' AND id IN ({','.join('?' * len(event_ids))})", event_ids).fetchall()
+    conn.executemany(
+        "UPDATE meter_usage_totals SET events = events - 1, raw_units = raw_units - ?, weighted_units = weighted_units "
+        "- ? WHERE customer_id = ? AND period_start = ?",
+        [(row["raw_units"], row["weighted_units"], row["customer_id"], row["period_start"]) for row in rows])
+    conn.executemany(
+        "UPDATE meter_usage_by_operation SET events = events - 1, raw_units = raw_units - ?, weighted_units = "
+        "weighted_units - ? WHERE customer_id = ? AND period_start = ? AND operation = ?",
+        [(row["raw_units"], row["weighted_units"], row["customer_id"], row["period_start"], row["operation"])
+         for row in rows])
 
 
 def _meter_event(row: dict[str, Any], timestamp: str | int) -> dict[str, Any]:

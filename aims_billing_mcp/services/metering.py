@@ -17,9 +17,12 @@ Indexes. Events are indexed by identifier, status and time, never by customer: a
 key scatters each commit's entries over as many pages as the batch has customers, which made COMMIT about five
 times dearer (bench/metering.py). Per-customer reads go through the totals tables instead.
 
-Idempotency. The identifier is the event's key, in Stripe as here. The same identifier with the same content
-(customer, units, operation or multiplier, agent, metadata, and the timestamp when one is given) returns the first
-answer with `replayed: true`, rebuilt from the numbers stored with the event; other content is IdempotencyConflict.
+Idempotency. The identifier is the event's key within its customer (UNIQUE (identifier, customer_id), written in the
+event's own transaction): one customer's identifier never blocks or replays another's. The same customer and
+identifier with the same content (units, operation or multiplier, agent, metadata, and the timestamp when one is
+given) returns the first answer with `replayed: true`, rebuilt from the numbers stored with the event; other content
+is IdempotencyConflict. Stripe deduplicates identifiers account-wide, so the event goes to Stripe under
+`stripe_identifier(customer, identifier)`.
 
 Money. Weighted units = raw x multiplier, rounded half up (integers throughout). Overage is the period's usage
 beyond the tier's allowance (P2P: allowance 0, every unit). An event's cost is cost(period overage after it) minus
@@ -27,10 +30,15 @@ cost(period overage before it), each rounded half up as Stripe rounds a line tot
 the period's overage charge exactly. Stripe receives the weighted units (the meter sums them); the tier's metered
 price makes the allowance free and charges the overage rate.
 
-Periods. `period_of(customer, t)` gives the usage period containing t: the subscription's current period, or the
-UTC calendar month. `summary("current")` is the current period's per-operation counters; `summary("YYYY-MM")` sums
-the events whose timestamps fall in that calendar month (a scan of the time index; for a subscription period the
-month may span two periods, and its overage is what those events incurred).
+Periods. `period_of(customer, t)` gives the usage period containing t and its terms: the subscription period that
+contains it (the renewal predicted before its webhook arrives; a trial is one free period), or P2P's UTC calendar
+month. The answer, the summary, the quote and the flush all use it, so each period's summary is one invoice line. A
+period keeps the terms it was opened with (tier, allowance, rate, written on its totals row by its first event), and
+usage stamped before the customer's current period is refused: that period is closed (invoiced, or it predates the
+subscription). `summary("current")` is the current period's counted total (events Stripe refused for good are taken
+out when marked failed) priced on its terms; `summary("YYYY-MM")` sums the events whose timestamps fall in that
+calendar month (a scan of the time index; for a subscription period the month may span two periods, and its overage
+is what those events incurred).
 
 Customers. An unknown customer is refused. A customer is asked about once: the answer is kept in
 `meter_customers` (customers known from subscriptions count as verified), so the hot path never calls Stripe twice
@@ -38,13 +46,18 @@ for one customer; a "does not exist" answer is remembered for a minute, in memor
 
 Slots. A concurrency slot is a row of `task_slots`; counting the customer's live slots and inserting the new one is
 one writer job, so two racing acquires cannot both take the last slot. Expired slots are ignored and deleted by the
-next acquire or release of that customer.
+next acquire or release of that customer. A slot belongs to the agent that took it: acquiring answers a random lease
+(kept as its SHA-256), and only that lease renews the slot (the same task id again: expiry = now + ttl) or releases
+it. A refusal at the limit gives counts and the first expiry, never other tasks' ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import secrets
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -53,7 +66,7 @@ from datetime import UTC, datetime
 from decimal import InvalidOperation
 from typing import Any
 
-from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound
+from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound, Refused
 from ..store import Store, dumps, new_id, settle, utc_now
 from .ceiling import Ceiling
 from .metering_models import (
@@ -73,6 +86,7 @@ from .tiers import (
     MIN_MULTIPLIER_MILLI,
     Pricing,
     Tier,
+    UsagePeriod,
     cost_cents,
     marginal_overage,
     month_bounds,
@@ -88,6 +102,7 @@ MAX_TEXT = 200
 MAX_METADATA = 4000  # characters of canonical JSON
 MAX_UNITS = 10**12  # per event; weighted totals stay far below SQLite's 2**63
 MAX_SLOT_TTL = 7 * DAY
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second a date formatter can show
 MAX_JOB = 500  # events per writer job
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
@@ -99,13 +114,16 @@ _EVENT_COLUMNS = (
 _EVENT_INSERT = (
     "INSERT INTO meter_events (identifier, customer_id, operation, multiplier_milli, raw_units, weighted_units, "
     "agent_id, timestamp, metadata, tier, period_start, period_end, period_units_after, allowance, overage_rate, "
-    "overage_units, cost_cents, event_name, status, attempts, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)"
+    "overage_units, cost_cents, event_name, created_at, stripe_identifier, status, attempts) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0)"
 )
-_TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction
-    "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, events, raw_units, weighted_units) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, period_start) DO UPDATE SET events = excluded.events, "
-    "raw_units = excluded.raw_units, weighted_units = excluded.weighted_units"
+_TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction; the terms are the period's first
+    "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, events, raw_units, weighted_units, tier, "
+    "allowance, overage_rate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, period_start) DO UPDATE SET "
+    "events = excluded.events, raw_units = excluded.raw_units, weighted_units = excluded.weighted_units, "
+    "tier = COALESCE(meter_usage_totals.tier, excluded.tier), "
+    "allowance = COALESCE(meter_usage_totals.allowance, excluded.allowance), "
+    "overage_rate = COALESCE(meter_usage_totals.overage_rate, excluded.overage_rate)"
 )
 _OPERATION_ADD = (  # increments: nothing to read first
     "INSERT INTO meter_usage_by_operation (customer_id, period_start, operation, events, raw_units, weighted_units, "
@@ -147,6 +165,7 @@ class _Total:
     overage_units: int = 0
     cost_cents: int = 0
     changed: bool = False
+    terms: Tier | None = None  # the period's tier, allowance and rate, fixed by its first event
 
     def add(self, raw: int, weighted: int, overage: int, cost: int) -> None:
         self.events += 1
@@ -155,6 +174,16 @@ class _Total:
         self.overage_units += overage
         self.cost_cents += cost
         self.changed = True
+
+
+def stripe_identifier(customer: str, identifier: str) -> str:
+    """The identifier an event is sent to Stripe under. Stripe deduplicates identifiers across the whole account,
+    ours are per customer, so it is `<customer>:<identifier>` (a `cus_` id has no colon, so the pair is unambiguous),
+    or, when that is not a plain Stripe customer id or is over Stripe's 100 characters, `h_` + the SHA-256 of both."""
+    scoped = f"{customer}:{identifier}"
+    if len(scoped) <= MAX_IDENTIFIER and customer.startswith("cus_") and customer[4:].isalnum() and customer.isascii():
+        return scoped
+    return "h_" + hashlib.sha256(f"{customer}\x1f{identifier}".encode()).hexdigest()
 
 
 def _is_int(value: Any) -> bool:
@@ -172,7 +201,7 @@ class MeteringService:
         pricing: Pricing,
         *,
         tier_of: Callable[[str], Tier],
-        period_of: Callable[[str, int], tuple[int, int]],
+        period_of: Callable[[str, int], UsagePeriod | tuple[int, int]],
         customer_exists: Callable[[str], Awaitable[bool]],
         clock: Callable[[], float] = time.time,
         ceiling: Ceiling | None = None,
@@ -188,6 +217,7 @@ class MeteringService:
         self._unknown: dict[str, float] = {}
         self._verifying: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Task[bool]] = {}
         self._queues: dict[asyncio.AbstractEventLoop, list[_Event]] = {}
+        self._terms_cache: dict[tuple[str, int, int], Tier] = {}
 
     # --- validation (no data needed) ---------------------------------------------------------------------------
 
@@ -257,6 +287,11 @@ class MeteringService:
         if not _is_int(timestamp):
             raise InvalidInput(f"timestamp must be whole epoch seconds, not {timestamp!r}", param="timestamp")
         oldest, latest = int(now) - STRIPE_MAX_AGE + RECORD_MARGIN, int(now) + STRIPE_MAX_AHEAD
+        if not -MAX_EPOCH <= timestamp <= MAX_EPOCH:  # no date to show: 2**63 overflows every formatter
+            raise InvalidInput(
+                f"timestamp {str(timestamp)[:30]} is not epoch seconds of a date Stripe accepts (within the past 35 "
+                "days and at most 5 minutes ahead): pass whole seconds since 1970, or omit timestamp to use now",
+                param="timestamp")
         if timestamp < oldest:
             age = (int(now) - timestamp) / DAY
             raise InvalidInput(
@@ -291,11 +326,40 @@ class MeteringService:
                                "less", param="metadata")
         return text
 
-    def _period(self, customer: str, timestamp: int) -> tuple[int, int]:
-        start, end = self._period_of(customer, timestamp)
-        if not start <= timestamp < end:
-            raise RuntimeError(f"period_of({customer!r}, {timestamp}) gave [{start}, {end}), which does not contain it")
-        return int(start), int(end)
+    def _period(self, customer: str, timestamp: int) -> UsagePeriod:
+        found = self._period_of(customer, timestamp)
+        period = found if isinstance(found, UsagePeriod) else UsagePeriod(int(found[0]), int(found[1]))
+        if not period.start <= timestamp < period.end:
+            raise RuntimeError(f"period_of({customer!r}, {timestamp}) gave [{period.start}, {period.end}), which does "
+                               "not contain it")
+        return period
+
+    def _terms(self, customer: str, period: UsagePeriod) -> Tier:
+        """The tier, allowance and rate of a period with no stored terms yet: the period's own (the customer's tier
+        when the period does not say)."""
+        return period.terms(self._tier_of(customer) if period.tier is None else period.tier)
+
+    def _stored_terms(self, tier: str | None, allowance: int | None, rate: int | None) -> Tier | None:
+        """The terms a period's totals row was opened with (None for rows written before terms were kept)."""
+        if tier is None or allowance is None or rate is None:
+            return None
+        key = (tier, allowance, rate)
+        terms = self._terms_cache.get(key)
+        if terms is None:
+            base = self._pricing.tiers.get(tier, self._pricing.p2p)
+            terms = base.model_copy(update={"id": tier, "tokens_per_month": allowance, "overage_rate": rate})
+            self._terms_cache[key] = terms
+        return terms
+
+    def _opened(self, customer: str, period: UsagePeriod) -> tuple[Tier, int, int]:
+        """A period's terms and its counted usage (weighted units, events) from its totals row, read-only."""
+        row = self._store.query_one(
+            "SELECT weighted_units, events, tier, allowance, overage_rate FROM meter_usage_totals "
+            "WHERE customer_id = ? AND period_start = ?", (customer, period.start))
+        if row is None:
+            return self._terms(customer, period), 0, 0
+        terms = self._stored_terms(row["tier"], row["allowance"], row["overage_rate"])
+        return terms or self._terms(customer, period), row["weighted_units"], row["events"]
 
     # --- customers ---------------------------------------------------------------------------------------------
 
@@ -358,13 +422,21 @@ class MeteringService:
         agent = self._text(agent_id, "agent_id")
         meta = self._metadata(metadata)
         await self._ensure_customer(customer)
-        tier = self._tier_of(customer)
-        self._ceiling.check(cost_cents(weighted_units(raw, milli), tier.overage_rate), self._pricing.currency, "units",
+        period = self._period(customer, when)
+        if timestamp is not None:
+            current = self._period(customer, int(now))
+            if when < current.start:
+                raise InvalidInput(
+                    f"timestamp {when} ({_iso(when)}) is before the customer's current usage period, which began at "
+                    f"{_iso(current.start)}: the period it falls in has ended and been invoiced (or it predates the "
+                    "subscription), so this usage could no longer be billed; record usage as it happens, or omit "
+                    "timestamp to use now", param="timestamp")
+        terms = self._terms(customer, period)
+        self._ceiling.check(cost_cents(weighted_units(raw, milli), terms.overage_rate), self._pricing.currency, "units",
                             what="the most these units can cost, all at the overage rate")
-        start, end = self._period(customer, when)
         loop = asyncio.get_running_loop()
         event = _Event(ident, customer, op, milli, raw, weighted_units(raw, milli), when, timestamp is not None, agent,
-                       meta, tier, start, end, loop.create_future())
+                       meta, terms, period.start, period.end, loop.create_future())
         queue = self._queues.get(loop)
         if queue is None:
             self._queues[loop] = [event]
@@ -401,26 +473,30 @@ class MeteringService:
     def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event]) -> list[MeterEventResult | BillingError]:
         """The writer side: replays and conflicts, running totals, then every new event and total in two statements."""
         identifiers = list({event.identifier for event in events})
-        stored: dict[str, Mapping[str, Any]] = {
-            row["identifier"]: dict(row) for row in conn.execute(
+        wanted = {(event.customer, event.identifier) for event in events}
+        stored: dict[tuple[str, str], Mapping[str, Any]] = {}
+        for row in conn.execute(  # identifiers are the customer's own: another customer's same id is not a replay
                 f"SELECT {_EVENT_COLUMNS} FROM meter_events WHERE identifier IN ({','.join('?' * len(identifiers))})",
-                identifiers)
-        }
-        totals = self._load_totals(conn, {(e.customer, e.period_start) for e in events if e.identifier not in stored})
+                identifiers):
+            if (row["customer_id"], row["identifier"]) in wanted:
+                stored[(row["customer_id"], row["identifier"])] = dict(row)
+        totals = self._load_totals(conn, {(e.customer, e.period_start) for e in events
+                                          if (e.customer, e.identifier) not in stored})
         by_operation: dict[tuple[str, int, str], _Total] = {}
         inserts: list[tuple[Any, ...]] = []
         outcomes: list[MeterEventResult | BillingError] = []
         created_at = utc_now()
         event_name = self._pricing.meter_event_name
         for event in events:
-            prior = stored.get(event.identifier)
+            prior = stored.get((event.customer, event.identifier))
             if prior is not None:
                 outcomes.append(self._replay(prior, event))
                 continue
             total = totals[(event.customer, event.period_start)]
             total.period_end = total.period_end or event.period_end
+            total.terms = terms = total.terms or event.tier  # the period keeps the terms it was opened with
             before = total.weighted_units
-            overage, cost = marginal_overage(before, event.weighted_units, event.tier)
+            overage, cost = marginal_overage(before, event.weighted_units, terms)
             total.add(event.raw_units, event.weighted_units, overage, cost)
             key = (event.customer, event.period_start, event.operation or CUSTOM)
             operation = by_operation.get(key)
@@ -431,26 +507,27 @@ class MeteringService:
                 "identifier": event.identifier, "customer_id": event.customer, "operation": event.operation,
                 "multiplier_milli": event.multiplier_milli, "raw_units": event.raw_units,
                 "weighted_units": event.weighted_units, "agent_id": event.agent_id, "timestamp": event.timestamp,
-                "metadata": event.metadata, "tier": event.tier.id, "period_start": event.period_start,
+                "metadata": event.metadata, "tier": terms.id, "period_start": event.period_start,
                 "period_end": event.period_end, "period_units_after": before + event.weighted_units,
-                "allowance": event.tier.tokens_per_month, "overage_rate": event.tier.overage_rate,
+                "allowance": terms.tokens_per_month, "overage_rate": terms.overage_rate,
                 "overage_units": overage, "cost_cents": cost,
             }
-            inserts.append((*values.values(), event_name, created_at))
-            stored[event.identifier] = values
+            inserts.append((*values.values(), event_name, created_at,
+                            stripe_identifier(event.customer, event.identifier)))
+            stored[(event.customer, event.identifier)] = values
             outcomes.append(self._result(values, replayed=False))
         if inserts:
             conn.executemany(_EVENT_INSERT, inserts)
             conn.executemany(_TOTAL_UPSERT, [
-                (customer, start, t.period_end, t.events, t.raw_units, t.weighted_units)
+                (customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
+                 *((t.terms.id, t.terms.tokens_per_month, t.terms.overage_rate) if t.terms else (None, None, None)))
                 for (customer, start), t in totals.items() if t.changed])
             conn.executemany(_OPERATION_ADD, [
                 (*key, t.events, t.raw_units, t.weighted_units, t.overage_units, t.cost_cents)
                 for key, t in by_operation.items()])
         return outcomes
 
-    @staticmethod
-    def _load_totals(conn: sqlite3.Connection, keys: set[tuple[str, int]]) -> dict[tuple[str, int], _Total]:
+    def _load_totals(self, conn: sqlite3.Connection, keys: set[tuple[str, int]]) -> dict[tuple[str, int], _Total]:
         """The running totals of these (customer, period) pairs, read in the writer's transaction."""
         totals: dict[tuple[str, int], _Total] = {}
         if keys:
@@ -458,19 +535,18 @@ class MeteringService:
             starts = list({start for _, start in keys})
             marks = ",".join("?" * len(customers)), ",".join("?" * len(starts))
             for row in conn.execute(  # customer IN (...) AND start IN (...): a superset the primary key finds directly
-                    "SELECT customer_id, period_start, period_end, events, raw_units, weighted_units FROM "
-                    f"meter_usage_totals WHERE customer_id IN ({marks[0]}) AND period_start IN ({marks[1]})",
-                    (*customers, *starts)):
+                    "SELECT customer_id, period_start, period_end, events, raw_units, weighted_units, tier, allowance, "
+                    f"overage_rate FROM meter_usage_totals WHERE customer_id IN ({marks[0]}) AND period_start IN "
+                    f"({marks[1]})", (*customers, *starts)):
                 if (row[0], row[1]) in keys:
-                    totals[(row[0], row[1])] = _Total(*row[2:])
+                    totals[(row[0], row[1])] = _Total(period_end=row[2], events=row[3], raw_units=row[4],
+                                                      weighted_units=row[5], terms=self._stored_terms(*row[6:9]))
         for key in keys - totals.keys():
             totals[key] = _Total()
         return totals
 
     def _replay(self, prior: Mapping[str, Any], event: _Event) -> MeterEventResult | BillingError:
         differences = []
-        if prior["customer_id"] != event.customer:
-            differences.append(f"customer {prior['customer_id']} vs {event.customer}")
         if prior["raw_units"] != event.raw_units:
             differences.append(f"units {prior['raw_units']} vs {event.raw_units}")
         if prior["operation"] != event.operation or (
@@ -512,13 +588,15 @@ class MeteringService:
         `current`: the customer's current usage period, from its running totals. `YYYY-MM`: the events whose
         timestamps fall in that UTC calendar month, on the terms (tier, allowance, rate) of the latest of them."""
         customer = self._customer(customer)
-        tier = self._tier_of(customer)
         if not isinstance(period, str):
             raise InvalidInput("period must be `current` or YYYY-MM", param="period")
-        allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
+        counted: int | None = None
         if period.strip().lower() == "current":
             period = "current"
-            start, end = self._period(customer, int(self._clock()))
+            current = self._period(customer, int(self._clock()))
+            terms, counted, _ = self._opened(customer, current)
+            allowance, rate, tier_id = terms.tokens_per_month, terms.overage_rate, terms.id
+            start, end = current.start, current.end
             rows = self._store.query(
                 "SELECT operation, events, raw_units, weighted_units, overage_units, cost_cents FROM "
                 "meter_usage_by_operation WHERE customer_id = ? AND period_start = ? ORDER BY operation",
@@ -528,11 +606,16 @@ class MeteringService:
                 "AND customer_id = ? AND period_start = ? GROUP BY status", (customer, start))
             counts = {row["status"]: row["n"] for row in unsettled}
         else:
+            tier = self._tier_of(customer)
+            allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
             start, end = month_bounds(period.strip())
             rows = self._store.query(
-                "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, SUM(raw_units) AS raw_units, "
-                "SUM(weighted_units) AS weighted_units, SUM(overage_units) AS overage_units, "
-                "SUM(cost_cents) AS cost_cents, SUM(status = 'pending') AS pending, SUM(status = 'failed') AS failed, "
+                "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, "  # failed ones counted, not priced
+                "SUM(IIF(status = 'failed', 0, raw_units)) AS raw_units, "
+                "SUM(IIF(status = 'failed', 0, weighted_units)) AS weighted_units, "
+                "SUM(IIF(status = 'failed', 0, overage_units)) AS overage_units, "
+                "SUM(IIF(status = 'failed', 0, cost_cents)) AS cost_cents, SUM(status = 'pending') AS pending, "
+                "SUM(status = 'failed') AS failed, "
                 "MAX(id) AS last_id FROM meter_events WHERE timestamp >= ? AND timestamp < ? AND customer_id = ? "
                 "GROUP BY 1 ORDER BY 1", (CUSTOM, start, end, customer))
             counts = {"pending": sum(row["pending"] for row in rows), "failed": sum(row["failed"] for row in rows)}
@@ -544,13 +627,20 @@ class MeteringService:
         weighted = sum(row["weighted_units"] for row in rows)
         events = sum(row["events"] for row in rows)
         pending, failed = counts.get("pending", 0), counts.get("failed", 0)
+        overage_units = sum(row["overage_units"] for row in rows)
+        overage_cost = sum(row["cost_cents"] for row in rows)
+        if counted is not None:  # the current period: what Stripe bills, from the counted total (no failed events)
+            weighted = counted
+            overage_units = max(0, counted - allowance)
+            overage_cost = cost_cents(overage_units, rate)
+            events = sum(row["events"] for row in rows) + failed
         return UsageSummary(
             customer=customer, period=period, period_start=start, period_end=end, tier=tier_id,
             by_operation=[OperationUsage(operation=row["operation"], events=row["events"], raw_units=row["raw_units"],
                                          weighted_units=row["weighted_units"]) for row in rows],
             raw_units=sum(row["raw_units"] for row in rows), weighted_units=weighted, allowance=allowance,
-            remaining=max(0, allowance - weighted), overage_units=sum(row["overage_units"] for row in rows),
-            overage_cost_cents=sum(row["cost_cents"] for row in rows), overage_rate=rate,
+            remaining=max(0, allowance - weighted), overage_units=overage_units,
+            overage_cost_cents=overage_cost, overage_rate=rate,
             currency=self._pricing.currency,
             events=EventCounts(pending=pending, sent=events - pending - failed, failed=failed),
         )
@@ -566,12 +656,7 @@ class MeteringService:
         used = 0
         if customer is not None:
             customer = self._customer(customer)
-            tier = self._tier_of(customer)
-            start, _ = self._period(customer, int(self._clock()))
-            row = self._store.query_one(
-                "SELECT weighted_units AS used FROM meter_usage_totals WHERE customer_id = ? AND period_start = ?",
-                (customer, start))
-            used = row["used"] if row else 0
+            tier, used, _ = self._opened(customer, self._period(customer, int(self._clock())))
         else:
             tier = self._pricing.p2p
         overage, cost = marginal_overage(used, weighted, tier)
@@ -610,53 +695,74 @@ class MeteringService:
 
     # --- concurrency slots -------------------------------------------------------------------------------------
 
-    async def acquire_slot(self, customer: str, task_id: str, ttl_seconds: int) -> TaskSlot:
-        """Take one of the tier's concurrent task slots for `ttl_seconds`; the same task id again returns its slot."""
+    async def acquire_slot(self, customer: str, task_id: str, ttl_seconds: int, lease: str | None = None) -> TaskSlot:
+        """Take one of the tier's concurrent task slots for `ttl_seconds`, answered with the slot's lease (its proof of
+        ownership). The same task id again with its lease renews the slot (expiry = now + ttl); without it, refused."""
         customer = self._customer(customer)
         task = self._text(task_id, "task_id", required=True)
         assert task is not None
         if not _is_int(ttl_seconds) or not 1 <= ttl_seconds <= MAX_SLOT_TTL:
             raise InvalidInput(f"ttl_seconds is {ttl_seconds!r}: pass whole seconds within 1-{MAX_SLOT_TTL} (how long "
                                "the task may hold the slot before it frees itself)", param="ttl_seconds")
+        given = None if lease is None else _lease_hash(self._text(lease, "lease", limit=MAX_TEXT))
         await self._ensure_customer(customer)
         tier = self._tier_of(customer)
         now = int(self._clock())
+        fresh = f"lease_{secrets.token_urlsafe(24)}"  # 192 random bits: unguessable
 
         def take(conn: sqlite3.Connection) -> TaskSlot:
             conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND expires_at <= ?", (customer, now))
-            held = conn.execute("SELECT task_id, acquired_at, expires_at FROM task_slots WHERE customer_id = ? "
-                                "ORDER BY expires_at, task_id", (customer,)).fetchall()
-            for row in held:
-                if row["task_id"] == task:
-                    return TaskSlot(customer=customer, task_id=task, acquired_at=row["acquired_at"],
-                                    expires_at=row["expires_at"], limit=tier.concurrent, in_use=len(held),
-                                    replayed=True)
+            held = conn.execute("SELECT task_id, acquired_at, expires_at, lease_hash FROM task_slots "
+                                "WHERE customer_id = ? ORDER BY expires_at, task_id", (customer,)).fetchall()
+            mine = next((row for row in held if row["task_id"] == task), None)
+            if mine is not None:
+                if given is None or mine["lease_hash"] is None or not hmac.compare_digest(given, mine["lease_hash"]):
+                    raise Refused(
+                        f"task {task!r} already holds a slot of customer {customer} (until "
+                        f"{_iso(mine['expires_at'])}): only its holder can renew it, by passing the lease "
+                        "acquire_task_slot answered with; otherwise use another task_id", param="lease")
+                conn.execute("UPDATE task_slots SET expires_at = ? WHERE customer_id = ? AND task_id = ?",
+                             (now + ttl_seconds, customer, task))
+                return TaskSlot(customer=customer, task_id=task, acquired_at=mine["acquired_at"],
+                                expires_at=now + ttl_seconds, limit=tier.concurrent, in_use=len(held),
+                                lease=str(lease), replayed=True)
             if len(held) >= tier.concurrent:
-                running = [row["task_id"] for row in held]
                 raise LimitReached(
                     f"customer {customer} already runs {len(held)} of the {tier.concurrent} concurrent tasks tier "
-                    f"{tier.id} allows ({', '.join(running[:10])}{', ...' if len(running) > 10 else ''}): release "
-                    f"one with release_task_slot, or wait until the first expires at {_iso(held[0]['expires_at'])}",
-                    param="task_id", limit=tier.concurrent, running_tasks=running)
-            conn.execute("INSERT INTO task_slots (customer_id, task_id, acquired_at, expires_at) VALUES (?, ?, ?, ?)",
-                         (customer, task, now, now + ttl_seconds))
+                    f"{tier.id} allows: release one with release_task_slot, or wait until the first expires at "
+                    f"{_iso(held[0]['expires_at'])}", param="task_id", limit=tier.concurrent, in_use=len(held))
+            conn.execute("INSERT INTO task_slots (customer_id, task_id, acquired_at, expires_at, lease_hash) "
+                         "VALUES (?, ?, ?, ?, ?)", (customer, task, now, now + ttl_seconds, _lease_hash(fresh)))
             return TaskSlot(customer=customer, task_id=task, acquired_at=now, expires_at=now + ttl_seconds,
-                            limit=tier.concurrent, in_use=len(held) + 1)
+                            limit=tier.concurrent, in_use=len(held) + 1, lease=fresh)
 
         return await self._store.write(take)
 
-    async def release_slot(self, customer: str, task_id: str) -> SlotRelease:
-        """Free the task's slot; releasing one not held (again, expired, unknown) answers released: false."""
+    async def release_slot(self, customer: str, task_id: str, lease: str) -> SlotRelease:
+        """Free the task's slot, given its lease; a slot not held (released, expired, unknown) answers released: false,
+        and a slot held under another lease is refused (it belongs to the agent that took it)."""
         customer = self._customer(customer)
         task = self._text(task_id, "task_id", required=True)
         assert task is not None
+        given = _lease_hash(self._text(lease, "lease", required=True, limit=MAX_TEXT))
         now = int(self._clock())
 
         def free(conn: sqlite3.Connection) -> SlotRelease:
             conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND expires_at <= ?", (customer, now))
+            row = conn.execute("SELECT lease_hash FROM task_slots WHERE customer_id = ? AND task_id = ?",
+                               (customer, task)).fetchone()
+            if row is not None and (row["lease_hash"] is None or not hmac.compare_digest(given, row["lease_hash"])):
+                raise Refused(f"task {task!r}'s slot was taken under another lease: only the agent that took it can "
+                              "release it (pass the lease acquire_task_slot answered with); it frees itself when it "
+                              "expires", param="lease")
             released = conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND task_id = ?",
                                     (customer, task)).rowcount
             in_use = conn.execute("SELECT COUNT(*) FROM task_slots WHERE customer_id = ?", (customer,)).fetchone()[0]
             return SlotRelease(customer=customer, task_id=task, released=released > 0, in_use=in_use)
 
         return await self._store.write(free)
+
+
+def _lease_hash(lease: str | None) -> str:
+    """A slot's lease is kept as its SHA-256 only: the database never holds the proof of ownership itself."""
+    return hashlib.sha256(str(lease).encode()).hexdigest()

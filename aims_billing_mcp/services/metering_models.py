@@ -91,7 +91,9 @@ class TaskSlot(BaseModel):
     expires_at: int
     limit: int = Field(description="Concurrent tasks the customer's tier allows")
     in_use: int = Field(description="Slots held now, this one included")
-    replayed: bool = Field(default=False, description="true when this task already held the slot")
+    lease: str = Field(description="Proof that this slot is yours: pass it to renew (acquire the same task_id "
+                       "again) or to release it; nobody else can")
+    replayed: bool = Field(default=False, description="true when this task already held the slot: renewed")
 
 
 class SlotRelease(BaseModel):
@@ -116,6 +118,7 @@ class FlushReport(BaseModel):
     batches: int
     transport: Literal["v2", "v1", "mixed", "none"]
     error: str | None = Field(default=None, description="Why the flush stopped early; the events stay pending")
+    invoiced: int = Field(default=0, description="Ended P2P periods invoiced in this flush")
 
 
 class MeteringStatus(BaseModel):

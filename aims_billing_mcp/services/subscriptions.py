@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigurationError, InvalidInput, StripeInvalidRequest
+from ..errors import ConfigurationError, InvalidInput, InvalidState, StripeInvalidRequest
 from ..models import (
     BillingStatus,
     CancellationResult,
@@ -31,7 +31,7 @@ from ..store import Store, utc_iso, utc_now
 from ..stripe_gateway import StripeRequest
 from .ceiling import Ceiling
 from .mutations import StripeMutations, compact
-from .tiers import TIER_METADATA, Pricing, Tier, add_months, calendar_month_of, trial_days
+from .tiers import TIER_METADATA, Pricing, Tier, UsagePeriod, add_months, calendar_month_of, trial_days
 
 LIVE = frozenset({"active", "trialing", "past_due"})
 PROVISION_CACHE_SECONDS = 5.0
@@ -111,6 +111,14 @@ class SubscriptionService:
                 + ", ".join(t.id for t in self._pricing.paid_tiers()), param="tier")
         if bool(customer) == bool(customer_email):
             raise InvalidInput("give exactly one of customer (cus_...) or customer_email", param="customer")
+        live = self.provision(customer) if customer else None
+        if live is not None and live["status"] in LIVE and live["subscription_id"]:
+            # two live subscriptions would both bill the customer's metered usage; a period keeps the tier it began on
+            raise InvalidState(
+                f"customer {customer} already has tier {live['tier']} ({live['subscription_id']}, {live['status']}): "
+                "a tier changes between periods, not within one: cancel_subscription with immediately=true (the "
+                f"usage so far is invoiced at {live['tier']} terms) or wait until it ends, then start this checkout",
+                param="customer")
         price, overage = await self.prices_for(chosen)
         metadata = compact({TIER_METADATA: chosen.id, "aims_customer": customer,
                             "aims_commitment_months": str(chosen.commitment_months),
@@ -183,16 +191,43 @@ class SubscriptionService:
             return self._pricing.tiers[provision["tier"]]
         return self._pricing.p2p
 
-    def usage_period(self, customer: str, timestamp: int) -> tuple[int, int]:
-        """The usage window containing `timestamp`: the subscription's current monthly period when the time falls in
-        it (so the local summary predicts Stripe's invoice line), else the UTC calendar month."""
+    def usage_period(self, customer: str, timestamp: int) -> UsagePeriod:
+        """The usage period containing `timestamp`, and its terms: the subscription period that contains it, so the
+        local record predicts the invoice Stripe makes for that period.
+
+        - within the subscription's current period: that period, on the subscription's tier (a trial is one period,
+          free: Stripe bills no usage in it);
+        - at or after its end while the subscription is live (the renewal webhook not yet here): the next period,
+          [end, end + 1 month), unless the subscription is scheduled to end by then: P2P from its end;
+        - before the current period's start: the calendar month, on P2P terms (`MeteringService` refuses usage
+          before the current period: that period is closed);
+        - without a live subscription: P2P, the UTC calendar month, starting at the subscription's end if it ended
+          in that month (usage before it belonged to the subscription)."""
         row = self.provision(customer)
-        end = row["current_period_end"] if row is not None and row["status"] in LIVE else None
-        if end:
-            start = add_months(end, -1)
+        p2p = self._pricing.p2p
+        month = calendar_month_of(timestamp)
+        if row is None:
+            return UsagePeriod(*month, tier=p2p)
+        tier = self._pricing.tiers.get(row["tier"] or "", p2p)
+        end = row["current_period_end"]
+        if row["status"] in LIVE and not end:  # provisioned by its checkout; the subscription's own event is due
+            return UsagePeriod(*month, tier=tier)
+        if row["status"] in LIVE:
+            start = row["current_period_start"] or add_months(end, -1)
+            ends = row["cancel_at"] or (end if row["cancel_at_period_end"] else None)
+            if ends is not None and ends <= timestamp:
+                return UsagePeriod(max(month[0], int(ends)), month[1], tier=p2p)
             if start <= timestamp < end:
-                return start, end
-        return calendar_month_of(timestamp)
+                return UsagePeriod(start, end, tier=tier, free=row["status"] == "trialing")
+            if timestamp >= end:  # periods roll on at the end as Stripe renews, before its webhook arrives
+                while timestamp >= end:
+                    start, end = end, add_months(end, 1)
+                return UsagePeriod(start, end, tier=tier)
+            return UsagePeriod(*month, tier=p2p)
+        ended = row["ended_at"] or (row["cancel_at"] if row["status"] == "canceled" else None)
+        if ended and month[0] <= ended <= timestamp:
+            return UsagePeriod(int(ended), month[1], tier=p2p)
+        return UsagePeriod(*month, tier=p2p)
 
     async def customer_exists(self, customer: str) -> bool:
         if self.provision(customer) is not None:
@@ -235,8 +270,9 @@ class SubscriptionService:
         current = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{sub_id}"))).data
         commitment_end = _commitment_end(current, self._pricing)
         period_end = _period_end(current)
-        if immediately:
-            method, path, params = "delete", f"/v1/subscriptions/{sub_id}", {}
+        params: dict[str, Any]
+        if immediately:  # the period's metered usage so far is billed now, on a final invoice (Stripe's invoice_now)
+            method, path, params = "delete", f"/v1/subscriptions/{sub_id}", {"invoice_now": True}
         elif commitment_end and period_end and commitment_end > period_end:
             method, path, params = "post", f"/v1/subscriptions/{sub_id}", {"cancel_at": commitment_end}
         else:
@@ -254,8 +290,9 @@ class SubscriptionService:
 
         async def record(sub: dict[str, Any]) -> None:
             """Apply Stripe's answer now, as a synthetic event, so status is right before the webhook arrives."""
-            event = {"id": f"api_cancel_{sub['id']}_{int(time.time())}", "type": "customer.subscription.updated",
-                     "created": int(time.time()), "data": {"object": sub}}
+            at = int(sub.get("canceled_at") or time.time())  # Stripe's clock: the state is as new as Stripe says
+            event = {"id": f"api_cancel_{sub['id']}_{at}", "type": "customer.subscription.updated",
+                     "created": at, "data": {"object": sub}}
             applied = await self._store.write(lambda conn: self.apply_event(conn, event))
             self.forget(applied.customer_id)
 
@@ -297,7 +334,8 @@ class SubscriptionService:
             return Applied(customer, "older than the state already applied: stored, not applied")
         _upsert(conn, customer, {
             "tier": tier, "status": status, "subscription_id": sub["id"], "price_id": _price_of(sub),
-            "current_period_end": _period_end(sub), "commitment_end": _commitment_end(sub, self._pricing),
+            "current_period_end": _period_end(sub), "current_period_start": _period_start(sub),
+            "ended_at": sub.get("ended_at"), "commitment_end": _commitment_end(sub, self._pricing),
             "cancel_at": sub.get("cancel_at"), "cancel_at_period_end": int(bool(sub.get("cancel_at_period_end"))),
         }, event)
         return Applied(customer)
@@ -383,6 +421,13 @@ def _period_end(sub: dict[str, Any]) -> int | None:
     ends = [item.get("current_period_end") for item in (sub.get("items") or {}).get("data") or []]
     ends = [end for end in ends if end] or ([sub["current_period_end"]] if sub.get("current_period_end") else [])
     return max(ends) if ends else None
+
+
+def _period_start(sub: dict[str, Any]) -> int | None:
+    starts = [item.get("current_period_start") for item in (sub.get("items") or {}).get("data") or []]
+    starts = [start for start in starts if start] or (
+        [sub["current_period_start"]] if sub.get("current_period_start") else [])
+    return max(starts) if starts else None
 
 
 def _commitment_end(sub: dict[str, Any], pricing: Pricing) -> int | None:

@@ -15,6 +15,7 @@ import calendar
 import functools
 import re
 import tomllib
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib import resources
@@ -72,6 +73,24 @@ class Tier(BaseModel):
     def overage_lookup_key(self) -> str:
         """The lookup key of this tier's metered price (allowance free, then the overage rate)."""
         return f"aims_tier_{self.id}_overage"
+
+
+@dataclass(frozen=True)
+class UsagePeriod:
+    """The usage period containing a moment: [start, end), and the terms usage in it is billed on.
+
+    `tier` is None when the caller only knows the window (the customer's tier then applies); `free` marks a trial
+    period, whose usage Stripe does not bill (its rate is 0)."""
+
+    start: int
+    end: int
+    tier: Tier | None = None
+    free: bool = False
+
+    def terms(self, fallback: Tier) -> Tier:
+        """The tier usage in this period is priced at: the period's own, at rate 0 in a free (trial) period."""
+        tier = self.tier or fallback
+        return tier.model_copy(update={"overage_rate": 0}) if self.free else tier
 
 
 class Item(BaseModel):

@@ -25,6 +25,7 @@ Multiplier = Annotated[
     float | None, Field(ge=1.0, le=3.0, description="An explicit task multiplier within 1.0-3.0 (3 decimals at most)")
 ]
 TaskId = Annotated[str, Field(min_length=1, max_length=128, description="Your id for the task")]
+Lease = Annotated[str, Field(min_length=1, max_length=200, description="The lease acquire_task_slot answered with")]
 
 
 async def create_meter_event(
@@ -82,19 +83,23 @@ async def acquire_task_slot(
     customer: Annotated[CustomerId, Field(description="Customer (cus_...) the task runs for")],
     task_id: TaskId,
     ttl_seconds: Annotated[int, Field(ge=1, le=86400, description="The slot frees itself after this long")] = 900,
+    lease: Lease | None = None,
 ) -> TaskSlot:
     """Take one of the customer's concurrent-task slots before starting a task; refused when the tier's limit
-    (P2P 1, 3mo 2, 6mo 5, 9mo 25) is in use. Acquiring the same task id again returns the slot it holds."""
-    return await services(ctx).metering.acquire_slot(customer, task_id, ttl_seconds)
+    (P2P 1, 3mo 2, 6mo 5, 9mo 25) is in use. The answer's lease proves the slot is yours: the same task id again
+    with its lease renews the slot (expires ttl_seconds from now); without it, a held task id is refused."""
+    return await services(ctx).metering.acquire_slot(customer, task_id, ttl_seconds, lease)
 
 
 async def release_task_slot(
     ctx: ToolContext,
     customer: Annotated[CustomerId, Field(description="Customer (cus_...)")],
     task_id: TaskId,
+    lease: Lease,
 ) -> SlotRelease:
-    """Give back a task's slot when the task ends (an expired slot frees itself anyway)."""
-    return await services(ctx).metering.release_slot(customer, task_id)
+    """Give back your task's slot when the task ends, with the lease acquire_task_slot answered (another agent's
+    slot is refused; an expired slot frees itself anyway)."""
+    return await services(ctx).metering.release_slot(customer, task_id, lease)
 
 
 async def get_metering_status(ctx: ToolContext) -> MeteringStatus:

@@ -1,7 +1,9 @@
 """Subscription tools on the 3-6-9 tiers: thin functions over SubscriptionService."""
 
+import time
 from typing import Annotated
 
+import anyio
 from pydantic import Field
 
 from ..models import (
@@ -41,7 +43,8 @@ async def create_subscription_checkout(
 ) -> SubscriptionCheckoutResult:
     """Start a Stripe Checkout Session in subscription mode for a tier and return its URL for the human to pay.
     The session carries our customer and tier in metadata; the 9mo tier's 3 free months are a trial. Once paid,
-    Stripe's webhook provisions the tier (see get_billing_status)."""
+    Stripe's webhook provisions the tier (see get_billing_status). Refused while the customer has a live tier: a
+    tier changes between periods (cancel_subscription first)."""
     return await services(ctx).subscriptions.create_subscription_checkout(
         tier=tier, customer=customer, customer_email=customer_email, success_url=success_url, cancel_url=cancel_url,
         idempotency_key=idempotency_key, dry_run=dry_run,
@@ -72,9 +75,15 @@ async def cancel_subscription(
     dry_run: DryRun = False,
 ) -> CancellationResult:
     """Cancel a customer's subscription. By default service continues to the end of the paid period, or to the
-    commitment end when that is later (Stripe's cancel_at); immediately=true ends it now. The customer then falls
-    back to P2P."""
-    return await services(ctx).subscriptions.cancel_subscription(
+    commitment end when that is later (Stripe's cancel_at); immediately=true ends it now and invoices the period's
+    usage so far on a final invoice. The customer then falls back to P2P."""
+    state = services(ctx)
+    if immediately and not dry_run:
+        # Stripe's final invoice bills the usage it holds stamped before the cancellation's second: deliver what is
+        # recorded, and let the second of the latest event pass (at most 1 s), so every answered event is billed.
+        await state.flusher.flush_once()
+        await anyio.sleep(1 - time.time() % 1)
+    return await state.subscriptions.cancel_subscription(
         customer=customer, subscription=subscription, immediately=immediately, idempotency_key=idempotency_key,
         dry_run=dry_run,
     )

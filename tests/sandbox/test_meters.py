@@ -301,3 +301,20 @@ def test_an_immediate_cancel_discards_the_periods_usage(
     ok(client.delete(f"/v1/subscriptions/{done['subscription']}"))
 
     assert get(sandbox, done["subscription"])["latest_invoice"] == done["invoice"]
+
+
+def test_an_immediate_cancel_with_invoice_now_bills_the_periods_usage_so_far_on_a_final_invoice(
+    client: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj
+) -> None:
+    done = subscribe(client, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
+    start = get(sandbox, done["subscription"])["items"]["data"][0]["current_period_start"]
+    ok(send(client, {"id": done["customer"]}, "12001"))
+    sandbox.advance(days=3)
+
+    canceled = ok(client.delete(f"/v1/subscriptions/{done['subscription']}", params={"invoice_now": "true"}))
+
+    final = get(sandbox, canceled["latest_invoice"])
+    [usage_line] = final["lines"]["data"]
+    assert (usage_line["quantity"], usage_line["amount"]) == (12001, 5100)
+    assert usage_line["period"] == {"start": start, "end": canceled["ended_at"]}
+    assert final["status"] == "paid" and canceled["status"] == "canceled"

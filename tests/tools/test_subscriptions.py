@@ -243,3 +243,13 @@ async def test_a_cancellation_takes_effect_when_the_commitment_ends(
     assert sandbox.webhooks.drain(timeout=10)
     status = ok(await client.call_tool("get_billing_status", {"customer": customer}))
     assert (status["tier"], status["status"]) == ("p2p", "canceled")
+
+
+async def test_a_second_tier_checkout_while_a_tier_is_live_is_refused_naming_the_live_tier(
+    client: Client, sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    customer = await subscribe(client, sandbox, "3mo")
+
+    err = error_of(await client.call_tool("create_subscription_checkout", {"tier": "6mo", "customer": customer}))
+
+    assert err["param"] == "customer" and "3mo" in err["message"] and "cancel_subscription" in err["message"]

@@ -93,6 +93,18 @@ async def test_bad_usage_is_refused_naming_the_field_and_writes_nothing(
     assert summary["weighted_units"] == 0
 
 
+@pytest.mark.parametrize("timestamp", [2**63, -(2**63), 10**15, 2**63 - 1, -1])
+async def test_a_timestamp_far_outside_any_date_is_refused_naming_it_not_an_internal_error(
+    server: BillingServer, timestamp: int
+) -> None:
+    async with Client(server) as client:
+        customer = ok(await client.call_tool("create_customer", {"email": "far@example.com"}))["customer"]["id"]
+        err = error_of(await client.call_tool("create_meter_event", {"customer": customer, "units": 5,
+                                                                     "timestamp": timestamp}))
+    assert (err["code"], err["param"]) == ("invalid_input", "timestamp")
+    assert "internal error" not in err["text"] and "35 days" in err["message"]
+
+
 async def test_an_unknown_operation_lists_the_valid_ones(server: BillingServer) -> None:
     async with Client(server) as client:
         customer = ok(await client.call_tool("create_customer", {"email": "ops@example.com"}))["customer"]["id"]
@@ -123,14 +135,16 @@ async def test_quote_usage_prices_without_writing(server: BillingServer, sandbox
 async def test_task_slots_stop_at_the_tier_limit_and_free_on_release(server: BillingServer, sandbox: Sandbox) -> None:
     async with Client(server) as client:
         customer = await subscribed(client, server, sandbox, "3mo")  # 2 concurrent tasks
-        ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t1"}))
-        again = ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t1"}))
+        first = ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t1"}))
+        again = ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t1",
+                                                                "lease": first["lease"]}))
         ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t2"}))
         refused = error_of(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t3"}))
-        ok(await client.call_tool("release_task_slot", {"customer": customer, "task_id": "t1"}))
+        ok(await client.call_tool("release_task_slot", {"customer": customer, "task_id": "t1",
+                                                        "lease": first["lease"]}))
         third = ok(await client.call_tool("acquire_task_slot", {"customer": customer, "task_id": "t3"}))
     assert again["replayed"] is True
-    assert refused["code"] == "limit_reached" and "2" in refused["message"]
+    assert refused["code"] == "limit_reached" and "2" in refused["message"] and "t1" not in refused["message"]
     assert (third["in_use"], third["limit"]) == (2, 2)
 
 
@@ -156,3 +170,24 @@ async def test_stripe_invoices_exactly_the_overage_the_summary_predicted(
     renewal = next(i for i in invoices["data"] if i.get("billing_reason") == "subscription_cycle")
     metered = [line for line in renewal["lines"]["data"] if line["amount"] and line["amount"] != 1999]
     assert [line["amount"] for line in metered] == [7650]
+
+
+async def test_an_immediate_cancel_invoices_the_usage_recorded_so_far_even_before_the_flusher_ran(
+    server: BillingServer, sandbox: Sandbox
+) -> None:
+    async with Client(server) as client:
+        customer = await subscribed(client, server, sandbox, "3mo")
+        answer = ok(await client.call_tool("create_meter_event", {"customer": customer, "units": 150_000}))
+        predicted = ok(await client.call_tool("get_usage_summary", {"customer": customer}))
+
+        out = ok(await client.call_tool("cancel_subscription", {"customer": customer, "immediately": True}))
+        assert sandbox.webhooks.drain(timeout=10)
+        assert server.state is not None
+        sub_id = out["cancellation"]["subscription"]
+        sub = (await server.state.gateway.send(StripeRequest("get", f"/v1/subscriptions/{sub_id}"))).data
+        final = (await server.state.gateway.send(StripeRequest("get", f"/v1/invoices/{sub['latest_invoice']}"))).data
+        after = ok(await client.call_tool("create_meter_event", {"customer": customer, "units": 1000}))
+
+    assert answer["cost_cents"] == predicted["overage_cost_cents"] == 7500
+    assert [(line["quantity"], line["amount"]) for line in final["lines"]["data"]] == [(150_000, 7500)]
+    assert (after["tier"], after["cost_cents"]) == ("p2p", 200)

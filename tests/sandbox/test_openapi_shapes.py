@@ -48,6 +48,7 @@ RESOURCES = {
     "line_item": "InvoiceLineItem",
     "payment_intent": "PaymentIntent",
     "payment_link": "PaymentLink",
+    "payment_method": "PaymentMethod",
     "plan": "Plan",
     "price": "Price",
     "product": "Product",
@@ -183,6 +184,11 @@ def scenario(api: Recorder) -> None:
         "line_items[0][price]": monthly["id"], "line_items[0][quantity]": "1",
         "line_items[1][price]": metered["id"], "subscription_data[metadata][plan]": "pro"})
     done = api.post(f"/_sandbox/checkout/sessions/{subscribing['id']}/complete")
+    trial = api.post("/v1/checkout/sessions", {
+        "mode": "subscription", "success_url": success, "customer": customer["id"],
+        "line_items[0][price]": monthly["id"], "line_items[0][quantity]": "1",
+        "subscription_data[trial_period_days]": "7"})
+    api.post(f"/_sandbox/checkout/sessions/{trial['id']}/complete")
     expiring = api.post("/v1/checkout/sessions", {
         "mode": "payment", "success_url": success,
         "line_items[0][price_data][currency]": "eur", "line_items[0][price_data][unit_amount]": "700",
@@ -235,6 +241,13 @@ def scenario(api: Recorder) -> None:
     api.post(f"/v1/payment_intents/{intent['id']}", {"description": "order #1"})
     paid = api.post(f"/v1/payment_intents/{intent['id']}/confirm", {"payment_method": "pm_card_visa"})
     api.get(f"/v1/payment_intents/{intent['id']}")
+    declined = api.post("/v1/payment_intents", {"amount": "1000", "currency": "usd"})
+    refused = api.client.post(f"/v1/payment_intents/{declined['id']}/confirm",
+                              data={"payment_method": "pm_card_chargeDeclined"})
+    assert refused.status_code == 402
+    api.get(f"/v1/payment_intents/{declined['id']}")  # with its last_payment_error
+    granted = api.post("/v1/payment_intents", {"amount": "2500", "currency": "usd"})
+    api.post(f"/v1/payment_intents/{granted['id']}/confirm", {"shared_payment_granted_token": "spt_test_shapes"})
     canceled = api.post("/v1/payment_intents", {"amount": "1000", "currency": "usd"})
     api.post(f"/v1/payment_intents/{canceled['id']}/cancel")
     api.get("/v1/payment_intents")
@@ -298,6 +311,21 @@ def test_the_scenario_answers_every_route_of_the_sandbox(answers: list[tuple[str
               if not any(method == route.method and route.regex.match(path) for method, path in called)]
     assert not missed, f"routes no test validates against Stripe's schemas: {missed}"
     assert any(path == V2_SESSION for _, path in called)
+
+
+def test_no_answer_carries_a_float(answers: list[tuple[str, Obj]]) -> None:
+    """Amounts, counts and times are integers (the extracted schemas say `number` for both)."""
+    def floats(value: Any, where: str) -> Iterator[str]:
+        if isinstance(value, float):
+            yield where
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield from floats(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from floats(item, f"{where}[{i}]")
+
+    assert [where for label, obj in answers for where in floats(obj, label)] == []
 
 
 def test_every_list_answer_has_stripes_list_envelope(answers: list[tuple[str, Obj]]) -> None:

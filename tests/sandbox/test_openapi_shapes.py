@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
 from starlette.testclient import TestClient
 
 from aims_billing_mcp.sandbox import create_app
@@ -79,6 +80,13 @@ def schema_of(obj: Obj) -> str:
     return RESOURCES[kind]
 
 
+def describe(error: ValidationError) -> str:
+    """Where and why, from the innermost reason (an ``anyOf`` failure names the alternative closest to valid)."""
+    while error.context:
+        error = best_match(error.context)
+    return f"{error.json_path}: {error.message[:300]}"
+
+
 def violations(obj: Obj, where: str) -> Iterator[str]:
     """Each way ``obj`` (a list, a resource or an event, with what they contain) departs from the spec."""
     if obj.get("object") == "list":
@@ -89,7 +97,7 @@ def violations(obj: Obj, where: str) -> Iterator[str]:
         return
     name = schema_of(obj)
     for error in VALIDATORS[name].iter_errors(obj):
-        yield f"{where} ({name}) at {error.json_path}: {error.message[:300]}"
+        yield f"{where} ({name}) at {describe(error)}"
     if name == "EventBase":
         yield from violations(obj["data"]["object"], f"{where}.data.object")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
+from jsonschema.exceptions import ValidationError
 from starlette.testclient import TestClient
 
 from aims_billing_mcp.sandbox import create_app
@@ -82,8 +82,9 @@ def schema_of(obj: Obj) -> str:
 
 def describe(error: ValidationError) -> str:
     """Where and why, from the innermost reason (an ``anyOf`` failure names the alternative closest to valid)."""
-    while error.context:
-        error = best_match(error.context)
+    while error.context:  # prefer the alternative of the right type (its error is the real one), deepest first
+        right_type = [e for e in error.context if e.validator not in ("type", "enum", "const")]
+        error = max(right_type or error.context, key=lambda e: len(e.absolute_path))
     return f"{error.json_path}: {error.message[:300]}"
 
 

@@ -372,6 +372,35 @@ def list_prices(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     return list_page(ctx, p, "price", "/v1/prices", filters)
 
 
+def plan_of(price: Obj) -> Obj:
+    """The (legacy) plan Stripe still shows beside a subscription item's recurring price."""
+    rec = price["recurring"]
+    plan: Obj = {
+        "id": price["id"],
+        "object": "plan",
+        "active": price["active"],
+        "amount": price["unit_amount"],
+        "amount_decimal": price["unit_amount_decimal"],
+        "billing_scheme": price["billing_scheme"],
+        "created": price["created"],
+        "currency": price["currency"],
+        "interval": rec["interval"],
+        "interval_count": rec["interval_count"],
+        "livemode": False,
+        "metadata": price["metadata"],
+        "meter": rec.get("meter"),
+        "nickname": price["nickname"],
+        "product": price["product"],
+        "tiers_mode": price["tiers_mode"],
+        "transform_usage": None,
+        "trial_period_days": rec.get("trial_period_days"),
+        "usage_type": rec.get("usage_type", "licensed"),
+    }
+    if "tiers" in price:
+        plan["tiers"] = price["tiers"]
+    return plan
+
+
 def expanded_price(ctx: Ctx, price_id: str) -> Obj:
     """The price as embedded (expanded) in line items and subscription items."""
     return public(ctx.fetch("price", price_id, "price", "price"))

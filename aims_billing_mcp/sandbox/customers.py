@@ -86,7 +86,17 @@ def create_customer(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     return customer
 
 
+DELETED_CUSTOMER = "deleted_customer"  # the stored mark of a deleted customer (a type no handler fetches)
+
+
+def _deleted(customer_id: str) -> Obj:
+    return {"id": customer_id, "object": "customer", "deleted": True}
+
+
 def retrieve_customer(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
+    """The customer; a deleted one is still retrievable, as Stripe's ``{id, object, deleted: true}``."""
+    if ctx.store.get(args["id"], DELETED_CUSTOMER) is not None:
+        return _deleted(args["id"])
     return ctx.fetch("customer", args["id"], "customer", "id")
 
 
@@ -109,7 +119,8 @@ def update_customer(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
 def delete_customer(ctx: Ctx, p: Params, args: Mapping[str, str]) -> Obj:
     customer = ctx.fetch("customer", args["id"], "customer", "id")
     ctx.store.delete(customer["id"])
-    return {"id": customer["id"], "object": "customer", "deleted": True}
+    ctx.store.insert({"id": customer["id"], "object": DELETED_CUSTOMER})  # every other call: No such customer
+    return _deleted(customer["id"])
 
 
 def list_customers(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
@@ -222,6 +233,7 @@ def create_portal_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         "configuration": p.string("configuration") or "bpc_aims_sandbox_default",
         "created": ctx.now,
         "customer": customer_id,
+        "customer_account": None,
         "flow": None,
         "livemode": False,
         "locale": p.string("locale"),

@@ -88,7 +88,7 @@ class Sandbox:
     def get_object(self, obj_id: str) -> Obj | None:
         """Any stored object by id, as the API would render it."""
         found = self.store.get(obj_id)
-        return None if found is None else public(found)
+        return None if found is None or found["object"] == "deleted_customer" else public(found)
 
     def add_event_listener(self, fn: EventListener) -> None:
         """Call ``fn`` with every Event recorded from now on (after its transaction commits)."""

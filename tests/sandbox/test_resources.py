@@ -75,6 +75,18 @@ def test_customer_lifecycle_and_email_filter(client: TestClient) -> None:
     assert deleted == {"id": customer["id"], "object": "customer", "deleted": True}
 
 
+def test_a_deleted_customer_is_retrievable_as_deleted_and_unknown_to_every_other_call(client: TestClient) -> None:
+    customer = ok(post(client, "/v1/customers", {"email": "gone@example.com"}))
+    ok(client.delete(f"/v1/customers/{customer['id']}"))
+    assert ok(client.get(f"/v1/customers/{customer['id']}")) == {"id": customer["id"], "object": "customer",
+                                                                  "deleted": True}
+    for response in (post(client, f"/v1/customers/{customer['id']}", {"name": "x"}),
+                     client.delete(f"/v1/customers/{customer['id']}"),
+                     post(client, "/v1/billing_portal/sessions", {"customer": customer["id"]})):
+        assert response.status_code == 404 and response.json()["error"]["code"] == "resource_missing"
+    assert ok(client.get("/v1/customers"))["data"] == []
+
+
 def test_payment_link_has_url_and_line_items(client: TestClient, one_time: Obj) -> None:
     link = ok(post(client, "/v1/payment_links", {
         "line_items[0][price]": one_time["id"], "line_items[0][quantity]": "3",

@@ -4,7 +4,8 @@
   `POST /acp/checkout_sessions/{id}/complete`, `POST /acp/checkout_sessions/{id}/cancel`
 - `GET /.well-known/acp.json`: the discovery document
 
-Every ACP request needs `Authorization: Bearer <api key>`; every POST an `Idempotency-Key`. Answers echo
+Every ACP request needs `API-Version: 2026-04-17` (else 400 `missing_api_version` / `unsupported_api_version`, with
+`supported_versions`) and `Authorization: Bearer <api key>`; every POST an `Idempotency-Key`. Answers echo
 `API-Version`, `Idempotency-Key` and `Request-Id`; errors are ACP's Error object (type, code, message, param).
 With a signing secret configured, every checkout request also needs `Signature` and `Timestamp` over its exact body
 (services/acp.py says how), checked after the bearer key and before the Idempotency-Key is claimed.
@@ -22,8 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .services.acp import API_VERSION, SUPPORTED_VERSIONS, AcpService, require_idempotency_key
+from .services.acp import API_VERSION, AcpService, require_idempotency_key
 from .services.acp_models import AcpError, AcpResponse
+from .services.acp_schema import SUPPORTED_VERSIONS, check_api_version
 
 BASE = "/acp"
 SESSIONS = f"{BASE}/checkout_sessions"
@@ -105,7 +107,8 @@ def acp_routes(get_state: Callable[[], Any]) -> list[Route]:
 
 
 def _echo(request: Request) -> dict[str, str]:
-    out = {"API-Version": request.headers.get("api-version") or API_VERSION}
+    version = request.headers.get("api-version")  # echoed when we speak it; else the version we answer in
+    out = {"API-Version": version if version in SUPPORTED_VERSIONS else API_VERSION}
     for name in ("Idempotency-Key", "Request-Id"):
         value = request.headers.get(name.lower())
         if value and len(value) <= 255:
@@ -114,11 +117,7 @@ def _echo(request: Request) -> dict[str, str]:
 
 
 def _check_version(request: Request) -> None:
-    version = request.headers.get("api-version")
-    if version is not None and version not in SUPPORTED_VERSIONS:
-        error = AcpError(400, "unsupported_api_version", f"API-Version {version[:32]!r} is not supported: use "
-                         f"{API_VERSION}", extra={"supported_versions": SUPPORTED_VERSIONS})
-        raise error
+    check_api_version(request.headers.get("api-version"))
 
 
 async def _raw(request: Request) -> bytes:

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from .services.acp import API_VERSION, AcpService, require_idempotency_key
 from .services.acp_models import AcpError, AcpResponse
-from .services.acp_schema import SUPPORTED_VERSIONS, check_api_version
+from .services.acp_schema import SUPPORTED_VERSIONS, check_api_version, check_json
 
 BASE = "/acp"
 SESSIONS = f"{BASE}/checkout_sessions"
@@ -134,6 +134,10 @@ async def _body(request: Request, *, optional: bool) -> Any:
             return None
         raise AcpError(400, "invalid_json", "the request needs a JSON body", param="$")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
+    except RecursionError as exc:
+        raise AcpError(400, "too_deeply_nested", "the body is nested too deeply", param="$") from exc
     except ValueError as exc:
         raise AcpError(400, "invalid_json", f"the body is not JSON: {exc}", param="$") from exc
+    check_json(body)
+    return body

@@ -35,6 +35,7 @@ from .services.acp_schema import (
     SPEC_VERSION,
     bundled,
     check_api_version,
+    check_json,
     definition_of,
     meta_schema,
     openrpc_method,
@@ -136,7 +137,9 @@ def build_acp_mcp_server(get_state: Callable[[], Any]) -> MCPServer[Any]:
                 raise AcpError(503, "starting", "the server is starting: retry", type="service_unavailable")
             acp: AcpService = state.acp
             check_api_version(meta.get("api_version"), param="$.meta.api_version", name="meta.api_version")
+            check_json(meta, "$.meta")
             parse_meta(meta)
+            check_json(payload, "$.payload")
             identity = acp.authenticate((ctx.headers or {}).get("authorization"))
             acp.verify_signature(meta.get("signature"), meta.get("timestamp"), signed_payload(payload))
         except AcpError as exc:

@@ -18,11 +18,12 @@ from mcp import MCPError
 from aims_billing_mcp.services.acp import check_cancel, check_complete, check_create, check_update
 from aims_billing_mcp.services.acp_models import AcpError
 
-from .test_acp import BUNDLE, KEY, Env, checked, conforms, env, pay
-from .test_acp_mcp import META, acp_client, body, seller
+from .test_acp import BUNDLE, KEY, Env, checked, conforms, pay
+from .test_acp import env as env  # the fixtures: a REST seller in process, the server over HTTP
+from .test_acp_mcp import META, acp_client, body
+from .test_acp_mcp import seller as seller
 
 pytestmark = pytest.mark.anyio
-_ = (env, seller)  # fixtures
 DATA = Path(__file__).parent / "data" / "acp"
 OPENRPC = json.loads((DATA / "openrpc.agentic_checkout.json").read_text("utf-8"))
 EXAMPLES = json.loads((DATA / "examples.agentic_checkout.json").read_text("utf-8"))
@@ -182,6 +183,33 @@ async def test_what_the_schema_forbids_is_a_400_naming_the_field_and_creates_not
     assert env.store.query("SELECT id FROM acp_checkout_sessions") == []
 
 
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+UNREADABLE = [  # (raw body, code, param): refused before the body is hashed, stored or echoed
+    (json.dumps({**CREATE, "metadata": {"agent_id": "buyer", "x": nested(31)}}).encode(), "too_deeply_nested",
+     "$.metadata.x" + ".k" * 30),
+    (b"[" * 50_000 + b"]" * 50_000, "too_deeply_nested", "$"),
+    (json.dumps({**CREATE, "buyer": {"email": "a@example.com", "first_name": "\ud800"}}).encode(), "invalid_text",
+     "$.buyer.first_name"),
+    (b'{"\\ud800": 1}', "invalid_text", "$['\\ud800']"),
+]
+
+
+@pytest.mark.parametrize(("raw", "code", "param"), UNREADABLE)
+async def test_a_body_nested_too_deeply_or_not_valid_unicode_is_a_400_naming_where(
+        env: Env, raw: bytes, code: str, param: str) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "API-Version": "2026-04-17", "Idempotency-Key": "deep",
+               "Content-Type": "application/json"}
+    error = checked(await env.http.post(SESSIONS, content=raw, headers=headers), SESSIONS, 400).json()
+    assert (error["code"], error["param"]) == (code, param)
+    assert env.store.query("SELECT key FROM acp_idempotency") == []
+
+
 def test_a_parse_error_names_the_fields_the_object_has() -> None:
     with pytest.raises(AcpError) as caught:
         check_create({**CREATE, "fulfillment_details": {"address": {**ADDRESS, "zip": "1"}}})
@@ -295,6 +323,8 @@ async def test_an_acp_error_over_mcp_names_the_tool_argument(seller: tuple[str, 
              "missing_field", "$.payload.intent_trace.reason_code"),
             ("get_checkout_session", {"meta": {**META, "request_id": 7}, "id": "cs_nope"}, "invalid_field",
              "$.meta.request_id"),
+            ("create_checkout_session", {"meta": META, "payload": {**body(["luc_10k"]), "metadata": nested(40)}},
+             "too_deeply_nested", "$.payload.metadata" + ".k" * 31),
         ]
         for tool, arguments, code, param in calls:
             with pytest.raises(MCPError) as caught:

@@ -10,6 +10,8 @@ shipped as package data, verbatim (`aims_billing_mcp/acp_spec/`, Apache-2.0, its
   the object does not have; the message lists the ones it has), `missing_field`, `invalid_email`,
   `invalid_field`. Enums the spec declares extensible (`IntentTrace.reason_code`: "servers SHOULD accept
   unrecognized values") accept unrecognised values.
+- `check_json(body)`: no nesting deeper than 32 levels, no lone surrogate (checked before a body is hashed or
+  stored, so no later step can fail on it).
 - `check_api_version(version)`: `API-Version` (REST) / `meta.api_version` (MCP) is required on every operation:
   missing is 400 `missing_api_version`, another version 400 `unsupported_api_version`, both listing
   `supported_versions` (RFC agentic_checkout §2).
@@ -41,6 +43,8 @@ _DEFS = "#/$defs/"
 _BUNDLE_REF = "../json-schema/schema.agentic_checkout.json#/$defs/"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EXTENSIBLE_ENUMS = [("IntentTrace", "reason_code")]  # the spec: "Validators SHOULD ... lenient enum handling"
+MAX_NESTING = 32  # the spec's request schemas nest 7 levels; free-form metadata gets the rest
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @cache
@@ -195,6 +199,32 @@ def check_api_version(version: Any, *, param: str | None = None, name: str = "AP
     if version not in SUPPORTED_VERSIONS:
         raise AcpError(400, "unsupported_api_version", f"{name} {str(version)[:32]!r} is not supported: send "
                        f"{SPEC_VERSION}", param=param, extra=extra)
+
+
+def check_json(value: Any, root: str = "$") -> None:
+    """Before anything else reads a request (hashing it for idempotency, storing it, echoing it): nesting deeper
+    than `MAX_NESTING` and text that is not valid Unicode (a lone surrogate cannot be stored nor answered) are a
+    400 naming where. Walked without recursion."""
+    stack: list[tuple[Any, list[Any]]] = [(value, [])]
+    while stack:
+        item, parts = stack.pop()
+        if len(parts) > MAX_NESTING:
+            raise AcpError(400, "too_deeply_nested", f"{json_path(parts[:MAX_NESTING], root)} is nested more than "
+                           f"{MAX_NESTING} levels deep; no ACP field is", param=json_path(parts[:MAX_NESTING], root))
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                path = json_path(parts, root)
+                raise AcpError(400, "invalid_text", f"{path} contains a lone surrogate (not valid Unicode): send "
+                               "UTF-8 text", param=path)
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if not key.isascii() and _SURROGATE.search(key):
+                    path = json_path([*parts, key], root)
+                    raise AcpError(400, "invalid_text", f"{path}: a field name with a lone surrogate (not valid "
+                                   "Unicode)", param=path)
+                stack.append((sub, [*parts, key]))
+        elif isinstance(item, list):
+            stack.extend((sub, [*parts, i]) for i, sub in enumerate(item))
 
 
 def _raise_first(validator: Draft202012Validator, body: Any, root: str) -> None:

@@ -37,6 +37,7 @@ from .services.acp_schema import (
     check_api_version,
     check_json,
     definition_of,
+    json_path,
     meta_schema,
     openrpc_method,
     parse_meta,
@@ -74,7 +75,7 @@ class AcpTool(Tool):
         for name in arguments:
             if name not in self.envelope:
                 raise _invalid_params(f"{self.name} takes no argument {name[:64]!r}: its arguments are {takes}",
-                                      "$")
+                                      json_path([name]))
         for name, required in self.envelope.items():
             value = arguments.get(name)
             kind, article = _KINDS[name]
@@ -117,12 +118,13 @@ def _output_schema(method: dict[str, Any]) -> dict[str, Any]:
 
 def _on_arguments(body: dict[str, Any], request: str | None) -> dict[str, Any]:
     """An ACP Error from the service, its `param` moved onto the tool arguments: a path into the request body goes
-    under `$.payload`; a path to the session (`$.id`, or a session field the request does not carry) stays."""
+    under `$.payload` (a field of the request schema, or one it does not have); a path to the session (`$.id`, or a
+    session field the request does not carry, e.g. `$.currency` on update) stays."""
     param = body.get("param")
     if not isinstance(param, str) or request is None:
         return body
     first = _FIRST_FIELD.match(param)
-    if param == "$" or (first is not None and first.group(1) in request_fields(request)):
+    if param == "$" or body.get("code") == "unknown_field" or (first and first.group(1) in request_fields(request)):
         return {**body, "param": "$.payload" + param[1:]}
     return body
 

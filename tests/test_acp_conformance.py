@@ -317,6 +317,8 @@ async def test_an_acp_error_over_mcp_names_the_tool_argument(seller: tuple[str, 
              "missing_field", "$.payload.currency"),
             ("create_checkout_session", {"meta": META, "payload": {**body(["luc_10k"]), "fulfillment_details": {
                 "address": {**ADDRESS, "zip": "1"}}}}, "unknown_field", "$.payload.fulfillment_details.address.zip"),
+            ("create_checkout_session", {"meta": META, "payload": {**body(["luc_10k"]), "surprise": 1}},
+             "unknown_field", "$.payload.surprise"),
             ("get_checkout_session", {"meta": META, "id": "cs_nope"}, "not_found", "$.id"),
             ("update_checkout_session", {"meta": META, "id": "cs_nope", "payload": {}}, "not_found", "$.id"),
             ("cancel_checkout_session", {"meta": META, "id": "cs_nope", "payload": {"intent_trace": {}}},

@@ -16,6 +16,7 @@ else one built from the state (`store`, `commerce`, `pricing`, API keys from `se
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +32,9 @@ BASE = "/acp"
 SESSIONS = f"{BASE}/checkout_sessions"
 DISCOVERY = "/.well-known/acp.json"
 _MAX_BODY = 256 * 1024
+_MAX_PARSE_DEPTH = 128  # deeper is refused unread; services/acp_schema.check_json names where past 32 levels
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
 
 
 def acp_routes(get_state: Callable[[], Any]) -> list[Route]:
@@ -133,11 +137,26 @@ async def _body(request: Request, *, optional: bool) -> Any:
         if optional:
             return None
         raise AcpError(400, "invalid_json", "the request needs a JSON body", param="$")
+    if _nests_deeper(raw, _MAX_PARSE_DEPTH):
+        raise AcpError(400, "too_deeply_nested", f"the body nests more than {_MAX_PARSE_DEPTH} levels deep; no ACP "
+                       "request does", param="$")
     try:
         body = json.loads(raw)
-    except RecursionError as exc:
-        raise AcpError(400, "too_deeply_nested", "the body is nested too deeply", param="$") from exc
     except ValueError as exc:
         raise AcpError(400, "invalid_json", f"the body is not JSON: {exc}", param="$") from exc
     check_json(body)
     return body
+
+
+def _nests_deeper(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text opens more than `limit` arrays/objects at once (brackets inside strings skipped), read
+    before `json.loads`: its C parser recurses on the C stack, and with the recursion limit a dependency raises
+    (py_ecc sets 100000 when x402's signer is imported) a 200 KB body of `[` would crash the process."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub(b"", raw)):
+        depth += 1 if bracket in (b"[", b"{") else -1
+        if depth > limit:
+            return True
+    return False

@@ -7,6 +7,7 @@ every field the schemas allow accepted, a refused complete changes nothing) and 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,7 @@ def nested(depth: int) -> Any:
 UNREADABLE = [  # (raw body, code, param): refused before the body is hashed, stored or echoed
     (json.dumps({**CREATE, "metadata": {"agent_id": "buyer", "x": nested(31)}}).encode(), "too_deeply_nested",
      "$.metadata.x" + ".k" * 30),
-    (b"[" * 50_000 + b"]" * 50_000, "too_deeply_nested", "$" + "[0]" * 32),  # "$" where json.loads gives up
+    (b"[" * 50_000 + b"]" * 50_000, "too_deeply_nested", "$"),  # refused unread: deeper than 128 levels
     (json.dumps({**CREATE, "buyer": {"email": "a@example.com", "first_name": "\ud800"}}).encode(), "invalid_text",
      "$.buyer.first_name"),
     (b'{"\\ud800": 1}', "invalid_text", "$['\\ud800']"),
@@ -206,8 +207,19 @@ async def test_a_body_nested_too_deeply_or_not_valid_unicode_is_a_400_naming_whe
     headers = {"Authorization": f"Bearer {KEY}", "API-Version": "2026-04-17", "Idempotency-Key": "deep",
                "Content-Type": "application/json"}
     error = checked(await env.http.post(SESSIONS, content=raw, headers=headers), SESSIONS, 400).json()
-    assert error["code"] == code and error["param"] in (param, "$" if code == "too_deeply_nested" else param)
+    assert (error["code"], error["param"]) == (code, param)
     assert env.store.query("SELECT key FROM acp_idempotency") == []
+
+
+async def test_a_deep_body_is_refused_unread_even_after_a_dependency_raised_the_recursion_limit(env: Env) -> None:
+    from aims_billing_mcp.services import x402_signer  # imports py_ecc, which sets the recursion limit to 100000
+
+    assert x402_signer and sys.getrecursionlimit() >= 100_000  # json.loads would now overflow the C stack
+    raw = b"[" * 130_000 + b"]" * 130_000  # under the 256 KB cap
+    headers = {"Authorization": f"Bearer {KEY}", "API-Version": "2026-04-17", "Idempotency-Key": "deeper",
+               "Content-Type": "application/json"}
+    error = checked(await env.http.post(SESSIONS, content=raw, headers=headers), SESSIONS, 400).json()
+    assert (error["code"], error["param"]) == ("too_deeply_nested", "$")
 
 
 def test_a_parse_error_names_the_fields_the_object_has() -> None:

@@ -4,7 +4,8 @@
   `POST /acp/checkout_sessions/{id}/complete`, `POST /acp/checkout_sessions/{id}/cancel`
 - `GET /.well-known/acp.json`: the discovery document
 
-Every ACP request needs `Authorization: Bearer <api key>`; every POST an `Idempotency-Key`. Answers echo
+Every ACP request needs `API-Version: 2026-04-17` (else 400 `missing_api_version` / `unsupported_api_version`, with
+`supported_versions`) and `Authorization: Bearer <api key>`; every POST an `Idempotency-Key`. Answers echo
 `API-Version`, `Idempotency-Key` and `Request-Id`; errors are ACP's Error object (type, code, message, param).
 With a signing secret configured, every checkout request also needs `Signature` and `Timestamp` over its exact body
 (services/acp.py says how), checked after the bearer key and before the Idempotency-Key is claimed.
@@ -14,6 +15,8 @@ else one built from the state (`store`, `commerce`, `pricing`, API keys from `se
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,14 +24,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import jsonsafe
-from .services.acp import API_VERSION, SUPPORTED_VERSIONS, AcpService, require_idempotency_key
+from .services.acp import API_VERSION, AcpService, require_idempotency_key
 from .services.acp_models import AcpError, AcpResponse
+from .services.acp_schema import SUPPORTED_VERSIONS, check_api_version, check_json
 
 BASE = "/acp"
 SESSIONS = f"{BASE}/checkout_sessions"
 DISCOVERY = "/.well-known/acp.json"
 _MAX_BODY = 256 * 1024
+_MAX_PARSE_DEPTH = 128  # deeper is refused unread; services/acp_schema.check_json names where past 32 levels
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
 
 
 def acp_routes(get_state: Callable[[], Any]) -> list[Route]:
@@ -106,7 +112,8 @@ def acp_routes(get_state: Callable[[], Any]) -> list[Route]:
 
 
 def _echo(request: Request) -> dict[str, str]:
-    out = {"API-Version": request.headers.get("api-version") or API_VERSION}
+    version = request.headers.get("api-version")  # echoed when we speak it; else the version we answer in
+    out = {"API-Version": version if version in SUPPORTED_VERSIONS else API_VERSION}
     for name in ("Idempotency-Key", "Request-Id"):
         value = request.headers.get(name.lower())
         if value and len(value) <= 255:
@@ -115,11 +122,7 @@ def _echo(request: Request) -> dict[str, str]:
 
 
 def _check_version(request: Request) -> None:
-    version = request.headers.get("api-version")
-    if version is not None and version not in SUPPORTED_VERSIONS:
-        error = AcpError(400, "unsupported_api_version", f"API-Version {version[:32]!r} is not supported: use "
-                         f"{API_VERSION}", extra={"supported_versions": SUPPORTED_VERSIONS})
-        raise error
+    check_api_version(request.headers.get("api-version"))
 
 
 async def _raw(request: Request) -> bytes:
@@ -135,7 +138,26 @@ async def _body(request: Request, *, optional: bool) -> Any:
         if optional:
             return None
         raise AcpError(400, "invalid_json", "the request needs a JSON body", param="$")
-    try:
-        return jsonsafe.loads(raw)
+    if _nests_deeper(raw, _MAX_PARSE_DEPTH):
+        raise AcpError(400, "too_deeply_nested", f"the body nests more than {_MAX_PARSE_DEPTH} levels deep; no ACP "
+                       "request does", param="$")
+    try:  # json (not jsonsafe) once the depth is known to be safe: check_json then names a lone surrogate's field
+        body = json.loads(raw)
     except ValueError as exc:
         raise AcpError(400, "invalid_json", f"the body is not JSON: {exc}", param="$") from exc
+    check_json(body)
+    return body
+
+
+def _nests_deeper(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text opens more than `limit` arrays/objects at once (brackets inside strings skipped), read
+    before `json.loads`: its C parser recurses on the C stack, and with the recursion limit a dependency raises
+    (py_ecc sets 100000 when x402's signer is imported) a 200 KB body of `[` would crash the process."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub(b"", raw)):
+        depth += 1 if bracket in (b"[", b"{") else -1
+        if depth > limit:
+            return True
+    return False

@@ -1,6 +1,6 @@
 """The Agentic Commerce Protocol seller over REST (2026-04-17): a buyer agent checks out LUC packs with a Shared
 Payment Token against the in-process sandbox. Every answer is validated against the published JSON Schema
-(tests/acp_schemas/schema.agentic_checkout.json, copied from agentic-commerce-protocol/agentic-commerce-protocol
+(tests/data/acp/schema.agentic_checkout.json, copied from agentic-commerce-protocol/agentic-commerce-protocol
 spec/2026-04-17/json-schema)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .money_invariant import money_kept  # noqa: F401  (autouse: the money invar
 pytestmark = pytest.mark.anyio
 
 KEY = "acp_test_key_1"
-BUNDLE = json.loads((Path(__file__).parent / "acp_schemas" / "schema.agentic_checkout.json").read_text("utf-8"))
+BUNDLE = json.loads((Path(__file__).parent / "data" / "acp" / "schema.agentic_checkout.json").read_text("utf-8"))
 _VALIDATOR = jsonschema.validators.validator_for(BUNDLE)
 
 
@@ -224,8 +224,8 @@ async def test_bad_bodies_are_400_with_the_offending_path(env: Env) -> None:
                                   "buyer": {"email": 7}}, expect=400)).json()
     assert email["param"] == "$.buyer.email"
     not_json = await env.http.post(url, content=b"{nope", headers={"Authorization": f"Bearer {KEY}",
-                                                                   "Idempotency-Key": "j"})
-    checked(not_json, url, 400)
+                                                                   "Idempotency-Key": "j", "API-Version": "2026-04-17"})
+    assert checked(not_json, url, 400).json()["code"] == "invalid_json"
     sid = (await env.create(["luc_10k"]))["id"]
     bad_pay = (await env.post(f"{url}/{sid}/complete", {"payment_data": {"handler_id": "stripe_spt",
                "instrument": {"type": "card", "credential": {"type": "spt", "token": "tok_visa"}}}},
@@ -273,8 +273,10 @@ async def test_an_expired_session_cannot_be_completed(env: Env) -> None:
 async def test_the_server_serves_acp_with_its_own_keys_beside_the_mcp_token(make_server: Any) -> None:
     server = make_server(aims_billing_acp_api_keys=["platform-key"])
     async with serving_http(server, token="mcp-only") as base, httpx.AsyncClient(base_url=base) as http:
-        found = await http.get("/acp/checkout_sessions/cs_none", headers={"Authorization": "Bearer platform-key"})
-        refused = await http.get("/acp/checkout_sessions/cs_none", headers={"Authorization": "Bearer mcp-only"})
+        found = await http.get("/acp/checkout_sessions/cs_none", headers={"Authorization": "Bearer platform-key",
+                                                                         "API-Version": "2026-04-17"})
+        refused = await http.get("/acp/checkout_sessions/cs_none", headers={"Authorization": "Bearer mcp-only",
+                                                                           "API-Version": "2026-04-17"})
         discovery = await http.get("/.well-known/acp.json")
     assert found.status_code == 404 and found.headers["API-Version"] == "2026-04-17"
     conforms(found.json(), "Error")

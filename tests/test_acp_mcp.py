@@ -88,7 +88,7 @@ async def test_acp_errors_are_json_rpc_minus_32000_with_the_error_object(seller:
             await client.call_tool("get_checkout_session", {"meta": {}, "id": "cs_nope"})
     assert missing.value.code == -32000
     conforms(missing.value.data, "Error")
-    assert (no_version.value.code, no_version.value.data["param"]) == (-32000, "meta.api_version")
+    assert (no_version.value.code, no_version.value.data["param"]) == (-32000, "$.meta.api_version")
 
 
 async def test_a_wrong_platform_key_is_refused(seller: tuple[str, Any]) -> None:

@@ -23,8 +23,8 @@ start-up).
 Every POST carries an `Idempotency-Key` (ACP §6): scoped to the caller's identity and the endpoint; the same key
 and the same body replay the stored response; another body is 422 `idempotency_conflict`; a key whose first
 request is still running is 409 `idempotency_in_flight` with `Retry-After`; 5xx answers are never stored.
-Request bodies are checked against the 2026-04-17 schema's shapes here (additionalProperties, required, types of
-the fields we read), so a violating body is a 400 naming the JSONPath of the offending field.
+Request bodies are parsed against the spec's own JSON Schema (acp_schema.py: every field it allows is accepted), so
+a violating body is a 400 naming the JSONPath of the offending field. A refused request changes nothing.
 
 Request signing. When a signing secret is configured (`AIMS_BILLING_ACP_SIGNING_SECRET`), every checkout request
 must carry `Signature` and `Timestamp` (REST headers; `meta.signature` / `meta.timestamp` over MCP), else 401.
@@ -67,6 +67,7 @@ from ..models import AGENT_ID, format_amount
 from ..store import Store, dumps, utc_iso
 from ..stripe_gateway import StripeRequest, stripe_idempotency_key
 from .acp_models import AcpError, AcpResponse
+from .acp_schema import SPEC_VERSION, SUPPORTED_VERSIONS, parse
 from .acp_webhooks import ORDER_CREATE, ORDER_UPDATE, OrderWebhooks
 from .background import Background
 from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
@@ -75,9 +76,8 @@ from .prepaid import prepaid_id
 from .tiers import Item, Pricing
 
 log = logging.getLogger(__name__)
-API_VERSION = "2026-04-17"
+API_VERSION = SPEC_VERSION
 _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
-SUPPORTED_VERSIONS = [API_VERSION]
 HANDLER_ID = "stripe_spt"
 DIGITAL_OPTION = "digital_wallet_credit"
 FINISHED = ("completed", "canceled", "expired")
@@ -95,151 +95,49 @@ HANDLER: dict[str, Any] = {
     "config": {"psp": "stripe", "credential_types": ["spt"], "token_prefix": "spt_"},
 }
 
-# --- request shapes (schema.agentic_checkout.json, 2026-04-17) ------------------------------------------------------
-
-_CREATE_KEYS = {"buyer", "line_items", "currency", "fulfillment_details", "capabilities", "fulfillment_groups",
-                "affiliate_attribution", "coupons", "discounts", "locale", "timezone", "quote_id", "metadata",
-                "order_notes"}
-_UPDATE_KEYS = {"buyer", "line_items", "fulfillment_details", "fulfillment_groups", "selected_fulfillment_options",
-                "coupons", "discounts", "order_notes"}
-_COMPLETE_KEYS = {"buyer", "payment_data", "authentication_result", "affiliate_attribution", "risk_signals",
-                  "marketing_consents", "order_notes"}
-_ITEM_KEYS = {"id", "name", "unit_amount"}
-_BUYER_KEYS = {"first_name", "last_name", "full_name", "email", "phone_number", "customer_id", "account_type",
-               "authentication_status", "company", "loyalty", "tax_exemption"}
-_FULFILMENT_DETAILS_KEYS = {"name", "phone_number", "email", "address"}
-_ADDRESS_KEYS = {"name", "line_one", "line_two", "city", "state", "country", "postal_code"}
-_CAPABILITY_KEYS = {"payment", "interventions", "extensions"}
-_SELECTED_KEYS = {"type", "option_id", "item_ids"}
-_PAYMENT_DATA_KEYS = {"handler_id", "instrument", "billing_address", "purchase_order_number", "payment_terms",
-                      "due_date", "approval_required"}
-_FULFILMENT_TYPES = {"shipping", "digital", "pickup", "local_delivery"}
-_TYPES: dict[str, tuple[type, ...]] = {"object": (dict,), "array": (list,), "string": (str,)}
-_LOOSE: dict[str, str] = {  # fields we accept but do not act on: only their JSON type is checked
-    "fulfillment_groups": "array", "affiliate_attribution": "object", "coupons": "array", "discounts": "object",
-    "locale": "string", "timezone": "string", "quote_id": "string", "risk_signals": "object",
-    "marketing_consents": "array", "authentication_result": "object",
-}
+# --- request shapes: parsed against the bundled spec schema (acp_schema.py), plus what this seller requires ----------
 
 
 def _invalid(param: str, message: str, code: str = "invalid_field") -> AcpError:
     return AcpError(400, code, message, param=param)
 
 
-def _object(value: Any, path: str, allowed: set[str] | None = None, required: tuple[str, ...] = ()) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _invalid(path, f"{path} must be an object")
-    if allowed is not None:
-        for name in value:
-            if name not in allowed:
-                raise _invalid(f"{path}.{name}", f"{path}.{name} is not a field of this request (API version "
-                               f"{API_VERSION})", "unknown_field")
-    for name in required:
-        if name not in value:
-            raise _invalid(f"{path}.{name}", f"{path}.{name} is required", "missing_field")
-    return value
-
-
-def _string(value: Any, path: str, *, max_length: int | None = None) -> str:
-    if not isinstance(value, str):
-        raise _invalid(path, f"{path} must be a string")
-    if max_length is not None and len(value) > max_length:
-        raise _invalid(path, f"{path} is longer than {max_length} characters")
-    return value
-
-
-def _check_common(body: dict[str, Any]) -> None:
-    for name, kind in _LOOSE.items():
-        if name in body and not isinstance(body[name], _TYPES[kind]):
-            raise _invalid(f"$.{name}", f"$.{name} must be an {kind}" if kind[0] in "ao" else f"$.{name} must be a "
-                           f"{kind}")
-    if "coupons" in body:
-        for i, code in enumerate(body["coupons"]):
-            _string(code, f"$.coupons[{i}]")
-    if "order_notes" in body:
-        _string(body["order_notes"], "$.order_notes", max_length=5000)
-    if "buyer" in body:
-        buyer = _object(body["buyer"], "$.buyer", _BUYER_KEYS, ("email",))
-        email = _string(buyer["email"], "$.buyer.email")
-        if "@" not in email:
-            raise _invalid("$.buyer.email", "$.buyer.email is not an email address", "invalid_email")
-        for name in ("first_name", "last_name", "full_name", "phone_number", "customer_id"):
-            if name in buyer:
-                _string(buyer[name], f"$.buyer.{name}")
-    if "fulfillment_details" in body:
-        details = _object(body["fulfillment_details"], "$.fulfillment_details", _FULFILMENT_DETAILS_KEYS)
-        if "address" in details:
-            _object(details["address"], "$.fulfillment_details.address", _ADDRESS_KEYS)
-
-
-def _check_items(value: Any, *, at_least_one: bool) -> list[dict[str, Any]]:
-    if not isinstance(value, list):
-        raise _invalid("$.line_items", "$.line_items must be an array of items ({id})")
-    if at_least_one and not value:
+def _check_items(items: list[dict[str, Any]]) -> None:
+    """Beyond the schema: at least one item (also on update), no empty id, `unit_amount` a true integer."""
+    if not items:
         raise _invalid("$.line_items", "$.line_items needs at least one item")
-    for i, item in enumerate(value):
-        path = f"$.line_items[{i}]"
-        _object(item, path, _ITEM_KEYS, ("id",))
-        if not _string(item["id"], f"{path}.id"):
-            raise _invalid(f"{path}.id", f"{path}.id is empty")
-        if "name" in item:
-            _string(item["name"], f"{path}.name")
+    for i, item in enumerate(items):
+        if not item["id"].strip():
+            raise _invalid(f"$.line_items[{i}].id", f"$.line_items[{i}].id is empty")
         amount = item.get("unit_amount", 0)
         if isinstance(amount, bool) or not isinstance(amount, int):
-            raise _invalid(f"{path}.unit_amount", f"{path}.unit_amount must be an integer (minor units)")
-    return value
+            raise _invalid(f"$.line_items[{i}].unit_amount", f"$.line_items[{i}].unit_amount must be an integer "
+                           "(minor units)")
 
 
 def check_create(raw: Any) -> dict[str, Any]:
-    body = _object(raw, "$", _CREATE_KEYS, ("line_items", "currency", "capabilities"))
-    _check_items(body["line_items"], at_least_one=True)
-    _string(body["currency"], "$.currency")
-    _object(body["capabilities"], "$.capabilities", _CAPABILITY_KEYS)
-    if "metadata" in body:
-        _object(body["metadata"], "$.metadata")
-    _check_common(body)
+    body = parse("CheckoutSessionCreateRequest", raw)
+    _check_items(body["line_items"])
     return body
 
 
 def check_update(raw: Any) -> dict[str, Any]:
-    body = _object(raw, "$", _UPDATE_KEYS)
+    body = parse("CheckoutSessionUpdateRequest", raw)
     if "line_items" in body:
-        _check_items(body["line_items"], at_least_one=True)
-    if "selected_fulfillment_options" in body:
-        chosen = body["selected_fulfillment_options"]
-        if not isinstance(chosen, list):
-            raise _invalid("$.selected_fulfillment_options", "$.selected_fulfillment_options must be an array")
-        for i, option in enumerate(chosen):
-            path = f"$.selected_fulfillment_options[{i}]"
-            _object(option, path, _SELECTED_KEYS, ("type", "option_id", "item_ids"))
-            if option["type"] not in _FULFILMENT_TYPES:
-                raise _invalid(f"{path}.type", f"{path}.type must be one of {sorted(_FULFILMENT_TYPES)}")
-            _string(option["option_id"], f"{path}.option_id")
-            if not isinstance(option["item_ids"], list):
-                raise _invalid(f"{path}.item_ids", f"{path}.item_ids must be an array of line item ids")
-            for j, item_id in enumerate(option["item_ids"]):
-                _string(item_id, f"{path}.item_ids[{j}]")
-    _check_common(body)
+        _check_items(body["line_items"])
     return body
 
 
 def check_complete(raw: Any) -> dict[str, Any]:
-    body = _object(raw, "$", _COMPLETE_KEYS, ("payment_data",))
-    data = _object(body["payment_data"], "$.payment_data", _PAYMENT_DATA_KEYS)
-    if "handler_id" not in data or "instrument" not in data:
-        if "purchase_order_number" in data:
-            raise AcpError(400, "unsupported_payment", "purchase orders are not accepted: pay with the "
-                           f"{HANDLER_ID} handler and a Shared Payment Token", param="$.payment_data")
-        missing = "handler_id" if "handler_id" not in data else "instrument"
-        raise _invalid(f"$.payment_data.{missing}", f"$.payment_data.{missing} is required", "missing_field")
-    _string(data["handler_id"], "$.payment_data.handler_id")
-    instrument = _object(data["instrument"], "$.payment_data.instrument", None, ("type", "credential"))
-    _string(instrument["type"], "$.payment_data.instrument.type")
-    credential = _object(instrument["credential"], "$.payment_data.instrument.credential", None, ("type", "token"))
-    _string(credential["type"], "$.payment_data.instrument.credential.type")
-    _string(credential["token"], "$.payment_data.instrument.credential.token")
-    _check_common(body)
+    body = parse("CheckoutSessionCompleteRequest", raw)
+    if "handler_id" not in body["payment_data"] or "instrument" not in body["payment_data"]:
+        raise AcpError(400, "unsupported_payment", "purchase orders are not accepted: pay with the "
+                       f"{HANDLER_ID} handler and a Shared Payment Token", param="$.payment_data")
     return body
+
+
+def check_cancel(raw: Any) -> dict[str, Any] | None:
+    return None if raw is None else parse("CancelSessionRequest", raw)
 
 
 def _canonical(value: Any) -> Any:
@@ -486,8 +384,7 @@ class AcpService:
     async def cancel(self, session_id: str, body: Any) -> AcpResponse:
         """Cancel an open session. While a completion is charging it, 409; a PaymentIntent already made for it is
         canceled first, so no payment can succeed for a canceled session (one that did completes it instead)."""
-        if body is not None and not isinstance(body, dict):
-            raise _invalid("$", "the cancel body must be an object ({intent_trace})")
+        body = check_cancel(body)
         row = self._open_row(session_id, "canceled")
         self._refuse_while_paying(row, "canceled")
         seen = row["payment_session_id"]
@@ -552,16 +449,16 @@ class AcpService:
             if row["status"] == "in_progress" and not self._stale(row):
                 raise self._paying_error(row["id"])
         state = json.loads(row["state"])
-        if "buyer" in body:  # kept before paying: it may name the customer a tier subscribes (readiness follows it)
+        if "buyer" in body:  # it may name the customer a tier subscribes: readiness follows it, saved only to pay
             state["buyer"] = body["buyer"]
+        problems = self._problems(row["agent_id"], state)
+        if problems:
+            raise AcpError(400, "not_ready_for_payment", f"checkout session {row['id']} is not ready for payment: "
+                           + "; ".join(p["content"] for p in problems), param=problems[0]["param"])
+        await self._check_subscriber(row, state)
+        if "buyer" in body:
             await self._store.write(self._save_job(row["id"], state, None, only_open=True))
             row = self._row(row["id"])
-        problems = row["problems"] if "problems" in row else self._problems(row["agent_id"], state)
-        if row["status"] not in ("ready_for_payment", "in_progress") or problems:
-            param = problems[0]["param"] if problems else None
-            raise AcpError(400, "not_ready_for_payment", f"checkout session {row['id']} is not ready for payment: "
-                           + "; ".join(p["content"] for p in problems), param=param)
-        await self._check_subscriber(row, state)
         claim = self._clock()
         if not await self._store.write(self._claim_job(row, claim)):
             self._refuse_while_paying(self._open_row(row["id"], "completed"), "completed")

@@ -143,7 +143,7 @@ class BillingServer(MCPServer[AppState]):
             metadata.arg_model.model_validate_json(_json_for_strict_check(metadata.pre_parse_json(arguments)),
                                                    strict=True)
         except ValidationError as exc:
-            raise invalid_arguments(name, exc) from exc
+            raise invalid_arguments(name, exc, properties) from exc
 
 
 MAX_NESTING = 32
@@ -210,8 +210,14 @@ def to_billing_error(tool: str, exc: Exception, *, takes_idempotency_key: bool =
     return InvalidInput(str(exc))  # unknown tool and other SDK-level refusals keep the SDK's words
 
 
-def invalid_arguments(tool: str, error: ValidationError) -> InvalidInput:
-    """Name every bad field and what it needs, in one line each."""
+RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "string_too_long",
+                          "string_too_short", "too_long", "too_short"})
+
+
+def invalid_arguments(tool: str, error: ValidationError,
+                      properties: dict[str, Any] | None = None) -> InvalidInput:
+    """Name every bad field and what it needs, in one line each; a value out of range also gets the field's own
+    description (which states the rule, e.g. "within the past 35 days"), so the agent knows what would pass."""
     problems = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "arguments"
@@ -220,6 +226,9 @@ def invalid_arguments(tool: str, error: ValidationError) -> InvalidInput:
             message = "is required"
         elif item["type"] == "extra_forbidden":
             message = "is not a parameter of this tool"
+        described = (properties or {}).get(str(item["loc"][0]) if item["loc"] else "", {}).get("description")
+        if item["type"] in RANGE_ERRORS and described:
+            message = f"{message} ({described})"
         problems.append(f"{field}: {message}")
     first = ".".join(str(part) for part in error.errors()[0]["loc"]) if error.errors() else None
     return InvalidInput(f"invalid arguments for {tool}: " + "; ".join(problems) + ". Fix them and call again.",

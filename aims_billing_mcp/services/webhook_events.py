@@ -61,6 +61,7 @@ class _Price(_Strict):
 
 class _SubscriptionItem(_Strict):
     price: _Price | StripeId | None = None
+    current_period_start: Epoch | None = None
     current_period_end: Epoch | None = None
 
 
@@ -74,9 +75,12 @@ class _Subscription(_Strict):
     status: Word | None = None
     metadata: Metadata | None = None
     items: _SubscriptionItems | None = None
+    current_period_start: Epoch | None = None
     current_period_end: Epoch | None = None
     start_date: Epoch | None = None
     created: Epoch | None = None
+    ended_at: Epoch | None = None
+    canceled_at: Epoch | None = None
     cancel_at: Epoch | None = None
     cancel_at_period_end: bool | None = None
 

@@ -47,7 +47,8 @@ async def create_price(
     product: Annotated[ProductId, Field(description="Product id (prod_...) this price belongs to")],
     currency: Annotated[Currency, Field(description="ISO currency code, e.g. usd")],
     unit_amount: Annotated[
-        int, Field(gt=0, description="Price in minor units (cents for usd): 1999 means $19.99. Must be above 0")
+        int, Field(gt=0, le=10**12, description="Price in minor units (cents for usd): 1999 means $19.99. Above 0, "
+                   "at most 10**12")
     ],
     recurring: Annotated[
         Recurring | None, Field(description="Set for a subscription price, e.g. {interval: month}; omit for one-time")

@@ -26,7 +26,8 @@ async def create_payment_session(
                                           "customer subscribes unless customer is given)")] = None,
     customer: Annotated[CustomerId | None, Field(description="The Stripe customer (cus_...) paying, if any; a tier "
                                                  "item subscribes this customer")] = None,
-    amount: Annotated[int | None, Field(gt=0, description="Instead of an item: minor units (cents for usd)")] = None,
+    amount: Annotated[int | None, Field(gt=0, le=10**12, description="Instead of an item: minor units (cents for "
+                                                                     "usd), at most 10**12")] = None,
     currency: Annotated[Currency | None, Field(description="With amount: ISO currency code, e.g. usd")] = None,
     description: Annotated[str | None, Field(max_length=1000, description="Shown on the payment; defaults to "
                                              "the item's title")] = None,

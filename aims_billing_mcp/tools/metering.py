@@ -39,7 +39,8 @@ async def create_meter_event(
                           "safely (the first result comes back, replayed: true). Generated when absent")
     ] = None,
     timestamp: Annotated[
-        int | None, Field(description="When it happened, epoch seconds: within the past 35 days, at most 5 min ahead")
+        int | None, Field(ge=0, le=253_402_300_799, description="When it happened, epoch seconds: within the past "
+                          "35 days, at most 5 min ahead")
     ] = None,
     agent_id: Annotated[str | None, Field(max_length=128, description="The agent that used it")] = None,
     metadata: Annotated[dict[str, str] | None, Field(description="Up to 20 string pairs kept with the event")] = None,

@@ -27,8 +27,8 @@ async def create_x402_payment_requirements(
     ] = None,
     amount_atomic: Annotated[int | None, Field(gt=0, le=10**15, description="Price in atomic USDC units (6 "
                                                                             "decimals), at most 10**15")] = None,
-    luc: Annotated[int | None, Field(gt=0, le=MAX_LUC, description="LUC credits to sell, priced at the pricing file's rate")]
-    = None,
+    luc: Annotated[int | None, Field(gt=0, le=MAX_LUC,
+                                     description="LUC credits to sell, priced at the pricing file's rate")] = None,
     agent_id: Annotated[AgentId | None, Field(description="The wallet the payment credits with `luc`")] = None,
     resource: Annotated[str, Field(min_length=1, max_length=2048, description="The paid resource's URL")]
     = PAID_RESOURCE,

@@ -233,3 +233,18 @@ def error_of(result: CallToolResult) -> dict[str, Any]:
     err: dict[str, Any] = result.structured_content["error"]
     err["text"] = result.content[0].text  # type: ignore[union-attr]
     return err
+
+
+def table_digests(db: Path | str, *, skip: tuple[str, ...] = ("audit_log", "sqlite_sequence")) -> dict[str, str]:
+    """A digest of every table but `skip`, read through its own connection: what a refused call must not change."""
+    import hashlib
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if row[0] not in skip]
+        return {table: hashlib.sha256(repr(conn.execute(f'SELECT * FROM "{table}"').fetchall()).encode())
+                .hexdigest() for table in tables}
+    finally:
+        conn.close()

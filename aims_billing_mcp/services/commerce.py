@@ -28,7 +28,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import BillingError, InvalidInput, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
+from ..errors import (
+    BillingError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    StripeCardDeclined,
+    StripeError,
+    StripeInvalidRequest,
+)
 from ..models import AGENT_ID, CURRENCIES, format_amount
 from ..store import Store, dumps, utc_iso
 from ..stripe_gateway import StripeRequest, stripe_idempotency_key
@@ -248,22 +256,13 @@ class PaymentSessionService:
                         f"payment session {session.id} is "
                         f"{'already paid' if current.status == 'succeeded' else current.status}: it cannot be "
                         "confirmed again (get_payment_session shows it)", param="session_id") from exc
-                message = f"the payment was refused: {exc.message}"
-                await self._store.write(self._failure_job(session.id, message))
-                raise StripeInvalidRequest(
-                    f"payment session {session.id}: {message} The session stays payable: confirm it again with "
-                    "another payment method or token (and a new idempotency_key).",
-                    param=exc.param, session_id=session.id, **exc.details) from exc
+                raise await self._still_payable(session.id, f"the payment was refused: {exc.message}", exc) from exc
             except StripeCardDeclined as exc:
                 reason = exc.message.removeprefix("the card was declined: ").removesuffix(
                     " Ask for another payment method.")
                 code = exc.details.get("decline_code") or exc.details.get("stripe_code") or "card_declined"
-                message = f"the payment was declined ({code}): {reason}"
-                await self._store.write(self._failure_job(session.id, message))
-                raise StripeCardDeclined(
-                    f"payment session {session.id}: {message} The session stays payable: confirm it again with "
-                    "another payment method or token (and a new idempotency_key).",
-                    param=exc.param, session_id=session.id, **exc.details) from exc
+                raise await self._still_payable(session.id, f"the payment was declined ({code}): {reason}",
+                                                exc) from exc
             return (await self._record(sent.data)).model_dump(mode="json"), sent.request_id
 
         return await self._once(call, session.id, execute)
@@ -307,6 +306,14 @@ class PaymentSessionService:
             return (await self._record(sent.data)).model_dump(mode="json"), sent.request_id
 
         return await self._once(call, session.id, execute)
+
+    async def _still_payable(self, session_id: str, message: str, exc: StripeError) -> StripeError:
+        """A refused or declined confirm: the reason recorded on the session (last_error) and the same kind of
+        error for the agent, saying the session can be confirmed again."""
+        await self._store.write(self._failure_job(session_id, message))
+        return type(exc)(f"payment session {session_id}: {message} The session stays payable: confirm it again with "
+                         "another payment method or token (and a new idempotency_key).",
+                         param=exc.param, session_id=session_id, **exc.details)
 
     async def _record(self, pi: dict[str, Any]) -> PaymentSession:
         """Record a PaymentIntent of one of our sessions, as Stripe answered it (confirm, cancel, re-read); a tier

@@ -322,15 +322,19 @@ async def test_a_confirm_retried_while_the_first_runs_gets_the_first_result(shop
     assert shop.luc() == 10_000 and await shop.charges() == [(1000, 0)]
 
 
-async def _crashed_confirm(shop: Seller, sid: str, key: str) -> None:
-    """A confirm Stripe charged whose answer never came back: the call dies with nothing recorded."""
-    gate = hold(shop.sandbox, "/v1/payment_intents/pi_")
+async def _dies_at(gate: Gate, call: Callable[[], Awaitable[Any]]) -> None:
+    """Run `call` until it reaches `gate`, then kill it there (a crash at that point), and open the gate."""
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_confirm, shop, sid, key)
+            tg.start_soon(call)
             await gate.reached.wait()
             tg.cancel_scope.cancel()
     gate.release()
+
+
+async def _crashed_confirm(shop: Seller, sid: str, key: str) -> None:
+    """A confirm Stripe charged whose answer never came back: the call dies with nothing recorded."""
+    await _dies_at(hold(shop.sandbox, "/v1/payment_intents/pi_"), lambda: _confirm(shop, sid, key))
 
 
 async def test_a_confirm_retried_after_a_crash_the_webhook_recorded_gets_the_first_result(shop: Seller) -> None:
@@ -374,13 +378,7 @@ async def test_after_a_crash_a_confirm_with_a_new_key_records_the_success_before
 
 async def test_after_a_crash_an_acp_complete_with_a_new_key_records_the_order(shop: Seller) -> None:
     sid = await shop.create(["luc_10k"])
-    gate = hold(shop.sandbox, "/v1/payment_intents/pi_")
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: shop.complete(sid, key="first"))
-            await gate.reached.wait()
-            tg.cancel_scope.cancel()
-    gate.release()
+    await _dies_at(hold(shop.sandbox, "/v1/payment_intents/pi_"), lambda: shop.complete(sid, key="first"))
 
     again = await shop.complete(sid, key="second")
 
@@ -392,13 +390,8 @@ async def test_after_a_crash_an_acp_complete_with_a_new_key_records_the_order(sh
 async def test_a_hold_left_by_a_complete_that_died_before_charging_is_taken_over_after_two_minutes(
         shop: Seller) -> None:
     sid = await shop.create(["luc_10k"])
-    gate = hold(shop.sandbox, "/v1/payment_intents", mode="before")  # dies before any PaymentIntent exists
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: shop.complete(sid, key="first"))
-            await gate.reached.wait()
-            tg.cancel_scope.cancel()
-    gate.release()
+    await _dies_at(hold(shop.sandbox, "/v1/payment_intents", mode="before"),  # before any PaymentIntent exists
+                   lambda: shop.complete(sid, key="first"))
 
     assert (await shop.complete(sid, "spt_test_visa_2", expect=409))["code"] == "payment_in_progress"
     shop.clock.advance(121)

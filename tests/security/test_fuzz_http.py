@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from aims_billing_mcp.app import build_server
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET, create_app
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
-from tests.conftest import serving_http
+from tests.conftest import serving_http, table_digests
 
 EXAMPLES = int(os.environ.get("AIMS_FUZZ_EXAMPLES", "8"))
 SLOW_EXAMPLES = int(os.environ.get("AIMS_FUZZ_SLOW_EXAMPLES", "200"))
@@ -70,14 +69,7 @@ class HttpFuzzer:
     counts: Counter[str] = field(default_factory=Counter)
 
     def fingerprint(self) -> dict[str, str]:
-        conn = sqlite3.connect(self.db)
-        try:
-            tables = [row[0] for row in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT IN ('audit_log', 'sqlite_sequence')")]
-            return {table: hashlib.sha256(repr(conn.execute(f'SELECT * FROM "{table}"').fetchall()).encode())
-                    .hexdigest() for table in tables}
-        finally:
-            conn.close()
+        return table_digests(self.db)
 
     def request(self, method: str, path: str, *, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> httpx.Response:

@@ -8,10 +8,8 @@ AIMS_FUZZ_SLOW_EXAMPLES (200) per tool.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sqlite3
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from aims_billing_mcp.app import build_server
 from aims_billing_mcp.sandbox import create_app
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.tools import TOOLS
+from tests.conftest import table_digests
 
 EXAMPLES = int(os.environ.get("AIMS_FUZZ_EXAMPLES", "8"))
 SLOW_EXAMPLES = int(os.environ.get("AIMS_FUZZ_SLOW_EXAMPLES", "200"))
@@ -123,16 +122,7 @@ class Fuzzer:
     counts: Counter[str] = field(default_factory=Counter)
 
     def fingerprint(self) -> dict[str, str]:
-        """A digest of every table but audit_log, read through its own connection (what a refused call must not
-        change)."""
-        conn = sqlite3.connect(self.db)
-        try:
-            tables = [row[0] for row in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT IN ('audit_log', 'sqlite_sequence')")]
-            return {table: hashlib.sha256(repr(conn.execute(f'SELECT * FROM "{table}"').fetchall()).encode())
-                    .hexdigest() for table in tables}
-        finally:
-            conn.close()
+        return table_digests(self.db)
 
     def call(self, tool: str, args: dict[str, Any]) -> CallToolResult:
         before = self.fingerprint()

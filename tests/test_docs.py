@@ -23,10 +23,32 @@ async def test_tools_json_matches_the_registered_tools() -> None:
     assert committed == await tools_manifest(), "tools.json drifted: run `aims-billing-mcp tools-json`"
 
 
+TOOL_EXAMPLES = (ROOT / "docs" / "tools.md").read_text()
+
+
 @pytest.mark.parametrize("name", [spec.name for spec in TOOLS])
 def test_every_tool_is_documented_in_the_readme_with_an_example(name: str) -> None:
     assert f"| `{name}` |" in README, f"{name} is missing from the README's tool table"
-    assert f"- `{name}` `" in README or f"run, `{name}` `" in README, f"{name} has no example in the README"
+    assert f"- `{name}` `" in TOOL_EXAMPLES or f"run, `{name}` `" in TOOL_EXAMPLES, f"{name}: no example in docs"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def test_the_readme_contents_list_every_section_in_order() -> None:
+    sections = re.findall(r"^## (.+)$", README, re.MULTILINE)
+    listed = re.findall(r"^- \[(.+?)\]\(#(.+?)\)$", README.split("## Contents", 1)[1].split("\n## ", 1)[0],
+                        re.MULTILINE)
+    assert [title for title, _ in listed] == [s for s in sections if s != "Contents"]
+    assert all(anchor == slug(title) for title, anchor in listed)
+
+
+@pytest.mark.parametrize("word", ["ACHEEVY", "LUC", "P2P", "x402", "ACP"])
+def test_every_word_of_the_glossary_is_explained_before_the_tool_reference(word: str) -> None:
+    glossary = README.split("## Words used here", 1)[1].split("\n## ", 1)[0]
+    assert f"| **{word}** |" in glossary
 
 
 TOOLS_JSON = {tool["name"]: tool for tool in json.loads((ROOT / "tools.json").read_text())["tools"]}

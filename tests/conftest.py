@@ -128,6 +128,17 @@ def server(make_server: Callable[..., BillingServer]) -> BillingServer:
 
 
 @pytest.fixture
+async def prices(make_settings: Callable[..., Settings], sandbox_app: Any) -> dict[str, str]:
+    """setup-stripe run against the test's sandbox: tier id -> price id (found by lookup key, env not set)."""
+    from aims_billing_mcp.services.stripe_setup import setup_stripe
+
+    gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
+    setup = await setup_stripe(gateway, Pricing.load())
+    await gateway.close()
+    return {r.tier: r.price for r in setup.paid if r.price}
+
+
+@pytest.fixture
 async def client(make_server: Callable[..., BillingServer]) -> AsyncIterator[Client]:
     async with Client(make_server()) as connected:
         yield connected

@@ -141,7 +141,7 @@ class SubscriptionService:
         await Ceiling.from_settings(self._settings).check_line_items(self._gateway, params["line_items"], "tier")
         return await self._mutations.run(
             "create_subscription_checkout", "/v1/checkout/sessions", params, SubscriptionCheckoutResult, project,
-            idempotency_key=idempotency_key, dry_run=dry_run,
+            idempotency_key=idempotency_key, dry_run=dry_run, owner=customer or customer_email,
         )
 
     # --- status ------------------------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ class SubscriptionService:
 
         return await self._mutations.run(
             "cancel_subscription", path, params, CancellationResult, project, method=method,
-            idempotency_key=idempotency_key, dry_run=dry_run, after=record,
+            idempotency_key=idempotency_key, dry_run=dry_run, after=record, owner=sub_id,
         )
 
     # --- applying events (inside the writer's transaction) -----------------------------------------------------------

@@ -110,3 +110,17 @@ async def test_a_customers_session_key_used_for_another_customer_stays_free(clie
     key = "checkout_session" if tool == "create_checkout_session" else "portal_session"
     assert mine["replayed"] is False and mine[key]["id"] != squatted[key]["id"]
     assert mine[key]["customer"] == alice
+
+
+async def test_a_customers_subscription_checkout_key_used_for_another_customer_stays_free(
+        client: Client, prices: dict[str, str]) -> None:
+    from tests.tools.test_catalog import make_customer
+
+    mallory, alice = await make_customer(client, "mallory@example.com"), await make_customer(client)
+    squatted = ok(await client.call_tool("create_subscription_checkout", {
+        "tier": "3mo", "customer": mallory, "idempotency_key": KEY, "success_url": "https://example.com/ok"}))
+    mine = ok(await client.call_tool("create_subscription_checkout", {
+        "tier": "3mo", "customer": alice, "idempotency_key": KEY, "success_url": "https://example.com/ok"}))
+
+    assert mine["replayed"] is False and mine["checkout_session"]["customer"] == alice
+    assert mine["checkout_session"]["id"] != squatted["checkout_session"]["id"]

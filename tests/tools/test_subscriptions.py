@@ -19,15 +19,6 @@ from tests.conftest import error_of, ok
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def prices(make_settings: Any, sandbox_app: Any) -> dict[str, str]:
-    """setup-stripe run against the test's sandbox: tier id -> price id (found by lookup key, env not set)."""
-    gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
-    setup = await setup_stripe(gateway, Pricing.load())
-    await gateway.close()
-    return {r.tier: r.price for r in setup.paid if r.price}
-
-
 async def subscribe(client: Client, sandbox: Sandbox, tier: str, email: str = "ada@example.com") -> str:
     customer = ok(await client.call_tool("create_customer", {"email": email}))["customer"]["id"]
     out = ok(await client.call_tool("create_subscription_checkout", {

@@ -66,12 +66,19 @@ from datetime import UTC, datetime
 from decimal import InvalidOperation
 from typing import Any
 
+from pydantic import ValidationError
+
 from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound, Refused
 from ..store import Store, dumps, new_id, settle, utc_now
 from .ceiling import Ceiling
 from .metering_models import (
+    BatchEventError,
+    BatchEventOutcome,
+    BatchTotals,
     EventCounts,
     FailureReason,
+    MeterEventBatchResult,
+    MeterEventInput,
     MeterEventResult,
     MeteringStatus,
     OperationUsage,
@@ -103,7 +110,8 @@ MAX_METADATA = 4000  # characters of canonical JSON
 MAX_UNITS = 10**12  # per event; weighted totals stay far below SQLite's 2**63
 MAX_SLOT_TTL = 7 * DAY
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second a date formatter can show
-MAX_JOB = 500  # events per writer job
+MAX_JOB = 500  # events per writer job (record: the events of one turn of the event loop)
+MAX_BATCH = 1000  # events per record_many call: one writer job, so a batch is written whole or not at all
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
 
@@ -132,6 +140,21 @@ _OPERATION_ADD = (  # increments: nothing to read first
     "raw_units = raw_units + excluded.raw_units, weighted_units = weighted_units + excluded.weighted_units, "
     "overage_units = overage_units + excluded.overage_units, cost_cents = cost_cents + excluded.cost_cents"
 )
+
+
+@dataclass(slots=True)
+class _Draft:
+    """An event's fields, each checked; not yet placed in a period (that needs the customer verified)."""
+
+    customer: str
+    raw_units: int
+    operation: str | None
+    multiplier_milli: int
+    identifier: str
+    timestamp: int
+    timestamp_given: bool
+    agent_id: str | None
+    metadata: str | None
 
 
 @dataclass(slots=True)
@@ -184,6 +207,28 @@ def stripe_identifier(customer: str, identifier: str) -> str:
     if len(scoped) <= MAX_IDENTIFIER and customer.startswith("cus_") and customer[4:].isalnum() and customer.isascii():
         return scoped
     return "h_" + hashlib.sha256(f"{customer}\x1f{identifier}".encode()).hexdigest()
+
+
+_INPUT_FIELDS = ", ".join(MeterEventInput.model_fields)
+
+
+def _input_error(error: ValidationError) -> InvalidInput:
+    """The first thing wrong with an event's fields, naming the field (`metadata.key` for a nested one)."""
+    first = error.errors(include_url=False)[0]
+    loc = [str(part) for part in first["loc"]]
+    name = ".".join(loc) or None
+    if first["type"] == "missing":
+        return InvalidInput(f"{name} is required", param=name)
+    if first["type"] == "extra_forbidden":
+        return InvalidInput(f"unknown field {name!r}: an event takes {_INPUT_FIELDS}", param=name)
+    shown = repr(first.get("input"))
+    return InvalidInput(f"{name}: {first['msg'].lower()}, not {shown[:60]}", param=name)
+
+
+def _given_identifier(item: Any) -> str | None:
+    """The identifier a refused event gave, when it gave a usable one (to match results to events)."""
+    ident = item.get("identifier") if isinstance(item, Mapping) else None
+    return ident if isinstance(ident, str) and 0 < len(ident) <= MAX_IDENTIFIER else None
 
 
 def _is_int(value: Any) -> bool:
@@ -414,29 +459,10 @@ class MeteringService:
     ) -> MeterEventResult:
         """Record one meter event durably; answer after COMMIT with the period's usage, allowance and overage."""
         now = self._clock()
-        customer = self._customer(customer)
-        raw = self._units(units)
-        op, milli = self._multiplier(operation, multiplier)
-        ident = self._identifier(identifier)
-        when = int(now) if timestamp is None else self._timestamp(timestamp, now)
-        agent = self._text(agent_id, "agent_id")
-        meta = self._metadata(metadata)
-        await self._ensure_customer(customer)
-        period = self._period(customer, when)
-        if timestamp is not None:
-            current = self._period(customer, int(now))
-            if when < current.start:
-                raise InvalidInput(
-                    f"timestamp {when} ({_iso(when)}) is before the customer's current usage period, which began at "
-                    f"{_iso(current.start)}: the period it falls in has ended and been invoiced (or it predates the "
-                    "subscription), so this usage could no longer be billed; record usage as it happens, or omit "
-                    "timestamp to use now", param="timestamp")
-        terms = self._terms(customer, period)
-        self._ceiling.check(cost_cents(weighted_units(raw, milli), terms.overage_rate), self._pricing.currency, "units",
-                            what="the most these units can cost, all at the overage rate")
+        draft = self._draft(now, customer, units, operation, multiplier, identifier, timestamp, agent_id, metadata)
+        await self._ensure_customer(draft.customer)
         loop = asyncio.get_running_loop()
-        event = _Event(ident, customer, op, milli, raw, weighted_units(raw, milli), when, timestamp is not None, agent,
-                       meta, terms, period.start, period.end, loop.create_future())
+        event = self._event(draft, now, loop, {})
         queue = self._queues.get(loop)
         if queue is None:
             self._queues[loop] = [event]
@@ -444,6 +470,117 @@ class MeteringService:
         else:
             queue.append(event)
         return await event.future
+
+    def _draft(self, now: float, customer: Any, units: Any, operation: Any, multiplier: Any, identifier: Any,
+               timestamp: Any, agent_id: Any, metadata: Any) -> _Draft:
+        """Everything about an event that needs no data: each field checked, naming it."""
+        customer = self._customer(customer)
+        raw = self._units(units)
+        op, milli = self._multiplier(operation, multiplier)
+        ident = self._identifier(identifier)
+        when = int(now) if timestamp is None else self._timestamp(timestamp, now)
+        return _Draft(customer, raw, op, milli, ident, when, timestamp is not None, self._text(agent_id, "agent_id"),
+                      self._metadata(metadata))
+
+    def _event(self, draft: _Draft, now: float, loop: asyncio.AbstractEventLoop,
+               current: dict[str, UsagePeriod]) -> _Event:
+        """The event of a verified customer's draft: its period and terms, within the money ceiling (`current` caches
+        the customers' current periods across one batch)."""
+        customer, when = draft.customer, draft.timestamp
+        period = self._period(customer, when)
+        if draft.timestamp_given:
+            now_period = current.get(customer)
+            if now_period is None:
+                now_period = current[customer] = self._period(customer, int(now))
+            if when < now_period.start:
+                raise InvalidInput(
+                    f"timestamp {when} ({_iso(when)}) is before the customer's current usage period, which began at "
+                    f"{_iso(now_period.start)}: the period it falls in has ended and been invoiced (or it predates "
+                    "the subscription), so this usage could no longer be billed; record usage as it happens, or omit "
+                    "timestamp to use now", param="timestamp")
+        terms = self._terms(customer, period)
+        weighted = weighted_units(draft.raw_units, draft.multiplier_milli)
+        self._ceiling.check(cost_cents(weighted, terms.overage_rate), self._pricing.currency, "units",
+                            what="the most these units can cost, all at the overage rate")
+        return _Event(draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
+                      when, draft.timestamp_given, draft.agent_id, draft.metadata, terms, period.start, period.end,
+                      loop.create_future())
+
+    async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
+        """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
+        same content) or refused (with its field and reason). Every item is a mapping with create_meter_event's
+        fields (parsed strictly, per event), or a BillingError an adapter already found (CloudEvents). The accepted
+        events are written in one writer job (one savepoint of a group commit): all of them durable before the
+        answer, or, should the write itself fail, none of them and an error for the batch."""
+        if len(items) > limit:
+            raise InvalidInput(f"{len(items)} events in one batch; at most {limit} are taken: split it into batches "
+                               f"of {limit}", param="events")
+        now = self._clock()
+        drafts: list[_Draft | BillingError] = []
+        for item in items:
+            try:
+                drafts.append(self._draft_of(item, now))
+            except BillingError as exc:
+                drafts.append(exc)
+        customers = list(dict.fromkeys(d.customer for d in drafts if isinstance(d, _Draft)))
+        verdicts = await asyncio.gather(*(self._ensure_customer(c) for c in customers), return_exceptions=True)
+        unknown: dict[str, BillingError] = {}
+        for customer, verdict in zip(customers, verdicts, strict=True):
+            if isinstance(verdict, BillingError):
+                unknown[customer] = verdict
+            elif isinstance(verdict, BaseException):
+                raise verdict
+        loop = asyncio.get_running_loop()
+        current: dict[str, UsagePeriod] = {}
+        outcomes: list[_Event | BillingError] = []
+        for draft in drafts:
+            if isinstance(draft, _Draft):
+                try:
+                    outcomes.append(unknown.get(draft.customer) or self._event(draft, now, loop, current))
+                except BillingError as exc:
+                    outcomes.append(exc)
+            else:
+                outcomes.append(draft)
+        events = [outcome for outcome in outcomes if isinstance(outcome, _Event)]
+        applied: list[MeterEventResult | BillingError] = []
+        if events:
+            applied = await asyncio.wrap_future(self._store.submit(lambda conn: self._apply(conn, events)))
+        answers = iter(applied)
+        results: list[BatchEventOutcome] = []
+        accepted = replayed = weighted = cost = 0
+        for index, outcome in enumerate(outcomes):
+            answer = next(answers) if isinstance(outcome, _Event) else outcome
+            if isinstance(answer, BillingError):
+                ident = outcome.identifier if isinstance(outcome, _Event) else _given_identifier(items[index])
+                results.append(BatchEventOutcome(index=index, status="refused", identifier=ident, error=BatchEventError(
+                    code=answer.code, field=answer.param, message=answer.message)))
+            elif answer.replayed:
+                replayed += 1
+                results.append(BatchEventOutcome(index=index, status="replayed", identifier=answer.identifier,
+                                                 result=answer))
+            else:
+                accepted += 1
+                weighted += answer.weighted_units
+                cost += answer.cost_cents
+                results.append(BatchEventOutcome(index=index, status="accepted", identifier=answer.identifier,
+                                                 result=answer))
+        return MeterEventBatchResult(
+            totals=BatchTotals(events=len(items), accepted=accepted, replayed=replayed,
+                               refused=len(items) - accepted - replayed, weighted_units=weighted, cost_cents=cost),
+            results=results)
+
+    def _draft_of(self, item: Any, now: float) -> _Draft:
+        if isinstance(item, BillingError):
+            raise item
+        if not isinstance(item, Mapping):
+            raise InvalidInput(f"an event must be an object with create_meter_event's fields ({_INPUT_FIELDS}), not "
+                               f"{type(item).__name__}", param=None)
+        try:
+            event = MeterEventInput.model_validate(item)
+        except ValidationError as exc:
+            raise _input_error(exc) from None
+        return self._draft(now, event.customer, event.units, event.operation, event.multiplier, event.identifier,
+                           event.timestamp, event.agent_id, event.metadata)
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand the events gathered in this turn of the loop to the writer, MAX_JOB per job."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 EventStatus = Literal["pending", "sent", "failed"]
 
@@ -129,3 +129,50 @@ class MeteringStatus(BaseModel):
     last_flush_at: int | None
     last_flush: str | None = Field(description="What the last flush did, or why it stopped")
     recent_failures: list[FailureReason]
+
+
+class MeterEventInput(BaseModel):
+    """One event of a batch (create_meter_events, POST /v1/usage/events), parsed strictly on its own: a wrong type or
+    an unknown field refuses that event, naming the field, not the batch. Ranges are the service's (as for
+    create_meter_event)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    customer: str
+    units: int
+    operation: str | None = None
+    multiplier: float | None = None
+    identifier: str | None = None
+    timestamp: int | None = None
+    agent_id: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+class BatchEventError(BaseModel):
+    code: str = Field(description="invalid_input, idempotency_conflict, not_found, amount_above_ceiling, ...")
+    field: str | None = Field(description="The event's field at fault (null when the event as a whole is)")
+    message: str = Field(description="What is wrong and how to fix it")
+
+
+class BatchEventOutcome(BaseModel):
+    index: int = Field(description="The event's position in the batch (0-based)")
+    status: Literal["accepted", "replayed", "refused"] = Field(
+        description="accepted: recorded now; replayed: this identifier was recorded with the same content (the first "
+        "result); refused: nothing recorded for it, see error")
+    identifier: str | None = Field(description="The event's identifier (generated when it gave none)")
+    result: MeterEventResult | None = Field(default=None, description="As create_meter_event answers; null if refused")
+    error: BatchEventError | None = Field(default=None, description="Why it was refused; null otherwise")
+
+
+class BatchTotals(BaseModel):
+    events: int
+    accepted: int
+    replayed: int
+    refused: int
+    weighted_units: int = Field(description="Weighted units of the events accepted now")
+    cost_cents: int = Field(description="What the events accepted now add to overage charges")
+
+
+class MeterEventBatchResult(BaseModel):
+    totals: BatchTotals
+    results: list[BatchEventOutcome] = Field(description="One per event, in the order given")

@@ -83,7 +83,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("/acp/", 256 * KIB, _acp),
     Limit("/.well-known/", 1 * KIB, _acp),
     Limit("/mcp", 1024 * KIB, _jsonrpc),
-    Limit("/v1/usage/events", 2048 * KIB, _plain),  # 1,000 events of ~2 KiB (ingest_http.py counts them too)
+    Limit("/v1/usage/events", 1024 * KIB, _plain),  # 1,000 events of up to ~1 KiB (ingest_http.py counts them)
 )
 DEFAULT_LIMIT = Limit("", 64 * KIB, _plain)
 

@@ -6,6 +6,7 @@ nothing else (the MCP endpoint still wants its own token)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import anyio
 import httpx
 import pytest

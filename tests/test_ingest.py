@@ -64,7 +64,10 @@ async def test_a_mixed_batch_accepts_the_valid_events_and_refuses_each_other_one
         assert statuses(answer) == MIXED_EXPECTED
         assert answer["totals"] == {"events": 12, "accepted": 2, "replayed": 1, "refused": 9,
                                     "weighted_units": 2500, "cost_cents": 0}
-        assert answer["results"][1]["result"] == {**answer["results"][0]["result"], "replayed": True}
+        assert answer["results"][1] == {**answer["results"][0], "index": 1, "status": "replayed"}
+        assert answer["results"][0] == {"index": 0, "status": "accepted", "identifier": "a", "weighted_units": 1500,
+                                        "cost_cents": 0, "period_usage": 1500, "remaining": 100_000 - 1500,
+                                        "error": None}
         assert answer["results"][2]["error"]["code"] == "idempotency_conflict"
         assert "units" in answer["results"][3]["error"]["message"]
         assert events_in(server.state.store) == [("cus_team", "a", 1000), ("cus_team", "d", 500)]
@@ -123,7 +126,7 @@ async def test_a_batch_of_100_is_one_writer_job_and_answers_after_its_commit(ser
         # one write of the period's total per job: 100 events, one job
         assert server.state.store.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"] == 1
         assert len(events_in(server.state.store)) == 100
-        assert [r["result"]["period_usage"] for r in answer["results"]][-1] == sum(10 + n for n in range(100))
+        assert [r["period_usage"] for r in answer["results"]][-1] == sum(10 + n for n in range(100))
 
 
 # --- HTTP ---------------------------------------------------------------------------------------------------------
@@ -174,8 +177,10 @@ async def test_http_takes_a_cloudevents_batch_and_names_cloudevents_attributes_i
             (4, "refused", "type"), (5, "refused", "data.units"), (6, "refused", "time"),
             (7, "refused", "data.customer"), (8, "refused", "id"), (9, "refused", "subject"),
             (10, "refused", "tenant")]
-        first = answer.json()["results"][0]["result"]
-        assert first["timestamp"] == now - 60 and first["weighted_units"] == 800 and first["identifier"] == "ce-1"
+        assert answer.json()["results"][0]["weighted_units"] == 800
+        stored = server.state.store.query("SELECT identifier, timestamp, operation FROM meter_events ORDER BY id")
+        assert stored == [{"identifier": "ce-1", "timestamp": now - 60, "operation": "research"},
+                          {"identifier": "ce-2", "timestamp": now - 60, "operation": None}]
 
 
 @pytest.mark.parametrize("body, headers, status, code", [

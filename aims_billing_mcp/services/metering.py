@@ -522,7 +522,8 @@ class MeteringService:
                 drafts.append(self._draft_of(item, now))
             except BillingError as exc:
                 drafts.append(exc)
-        customers = list(dict.fromkeys(d.customer for d in drafts if isinstance(d, _Draft)))
+        customers = [c for c in dict.fromkeys(d.customer for d in drafts if isinstance(d, _Draft))
+                     if c not in self._known]  # the known ones need no question (nor a task each)
         verdicts = await asyncio.gather(*(self._ensure_customer(c) for c in customers), return_exceptions=True)
         unknown: dict[str, BillingError] = {}
         for customer, verdict in zip(customers, verdicts, strict=True):
@@ -554,16 +555,17 @@ class MeteringService:
                 ident = outcome.identifier if isinstance(outcome, _Event) else _given_identifier(items[index])
                 results.append(BatchEventOutcome(index=index, status="refused", identifier=ident, error=BatchEventError(
                     code=answer.code, field=answer.param, message=answer.message)))
-            elif answer.replayed:
-                replayed += 1
-                results.append(BatchEventOutcome(index=index, status="replayed", identifier=answer.identifier,
-                                                 result=answer))
             else:
-                accepted += 1
-                weighted += answer.weighted_units
-                cost += answer.cost_cents
-                results.append(BatchEventOutcome(index=index, status="accepted", identifier=answer.identifier,
-                                                 result=answer))
+                if answer.replayed:
+                    replayed += 1
+                else:
+                    accepted += 1
+                    weighted += answer.weighted_units
+                    cost += answer.cost_cents
+                results.append(BatchEventOutcome.model_construct(  # our own numbers: no validation needed
+                    index=index, status="replayed" if answer.replayed else "accepted", identifier=answer.identifier,
+                    weighted_units=answer.weighted_units, cost_cents=answer.cost_cents,
+                    period_usage=answer.period_usage, remaining=answer.remaining, error=None))
         return MeterEventBatchResult(
             totals=BatchTotals(events=len(items), accepted=accepted, replayed=replayed,
                                refused=len(items) - accepted - replayed, weighted_units=weighted, cost_cents=cost),

@@ -72,9 +72,6 @@ from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReach
 from ..store import Store, dumps, new_id, settle, utc_now
 from .ceiling import Ceiling
 from .metering_models import (
-    BatchEventError,
-    BatchEventOutcome,
-    BatchTotals,
     EventCounts,
     FailureReason,
     MeterEventBatchResult,
@@ -229,6 +226,14 @@ def _given_identifier(item: Any) -> str | None:
     """The identifier a refused event gave, when it gave a usable one (to match results to events)."""
     ident = item.get("identifier") if isinstance(item, Mapping) else None
     return ident if isinstance(ident, str) and 0 < len(ident) <= MAX_IDENTIFIER else None
+
+
+def _brief(row: Mapping[str, Any], replayed: bool) -> dict[str, Any]:
+    """What a batch answers for an event recorded now or before (BatchEventOutcome's numbers)."""
+    after = row["period_units_after"]
+    return {"status": "replayed" if replayed else "accepted", "identifier": row["identifier"],
+            "weighted_units": row["weighted_units"], "cost_cents": row["cost_cents"], "period_usage": after,
+            "remaining": max(0, row["allowance"] - after), "error": None}
 
 
 def _is_int(value: Any) -> bool:
@@ -543,33 +548,31 @@ class MeteringService:
             else:
                 outcomes.append(draft)
         events = [outcome for outcome in outcomes if isinstance(outcome, _Event)]
-        applied: list[MeterEventResult | BillingError] = []
+        applied: list[Any] = []
         if events:
-            applied = await asyncio.wrap_future(self._store.submit(lambda conn: self._apply(conn, events)))
+            applied = await asyncio.wrap_future(self._store.submit(lambda conn: self._apply(conn, events, True)))
         answers = iter(applied)
-        results: list[BatchEventOutcome] = []
+        results: list[dict[str, Any]] = []
         accepted = replayed = weighted = cost = 0
         for index, outcome in enumerate(outcomes):
             answer = next(answers) if isinstance(outcome, _Event) else outcome
             if isinstance(answer, BillingError):
                 ident = outcome.identifier if isinstance(outcome, _Event) else _given_identifier(items[index])
-                results.append(BatchEventOutcome(index=index, status="refused", identifier=ident, error=BatchEventError(
-                    code=answer.code, field=answer.param, message=answer.message)))
+                results.append({"index": index, "status": "refused", "identifier": ident, "error": {
+                    "code": answer.code, "field": answer.param, "message": answer.message}})
+                continue
+            if answer["status"] == "replayed":
+                replayed += 1
             else:
-                if answer.replayed:
-                    replayed += 1
-                else:
-                    accepted += 1
-                    weighted += answer.weighted_units
-                    cost += answer.cost_cents
-                results.append(BatchEventOutcome.model_construct(  # our own numbers: no validation needed
-                    index=index, status="replayed" if answer.replayed else "accepted", identifier=answer.identifier,
-                    weighted_units=answer.weighted_units, cost_cents=answer.cost_cents,
-                    period_usage=answer.period_usage, remaining=answer.remaining, error=None))
-        return MeterEventBatchResult(
-            totals=BatchTotals(events=len(items), accepted=accepted, replayed=replayed,
-                               refused=len(items) - accepted - replayed, weighted_units=weighted, cost_cents=cost),
-            results=results)
+                accepted += 1
+                weighted += answer["weighted_units"]
+                cost += answer["cost_cents"]
+            answer["index"] = index
+            results.append(answer)
+        return MeterEventBatchResult.model_validate({  # one validation of the whole answer, in pydantic-core
+            "totals": {"events": len(items), "accepted": accepted, "replayed": replayed,
+                       "refused": len(items) - accepted - replayed, "weighted_units": weighted, "cost_cents": cost},
+            "results": results})
 
     def _draft_of(self, item: Any, now: float) -> _Draft:
         if isinstance(item, BillingError):
@@ -609,8 +612,11 @@ class MeteringService:
             else:
                 settle(event.future, result, None)
 
-    def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event]) -> list[MeterEventResult | BillingError]:
-        """The writer side: replays and conflicts, running totals, then every new event and total in two statements."""
+    def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event],
+               brief: bool = False) -> list[Any]:
+        """The writer side: replays and conflicts, running totals, then every new event and total in two statements.
+        Each event's answer is a MeterEventResult, or with `brief` (a batch) the few numbers a batch answers (a dict:
+        building a thousand full results cost more than writing the events); conflicts are BillingErrors."""
         identifiers = list({event.identifier for event in events})
         wanted = {(event.customer, event.identifier) for event in events}
         stored: dict[tuple[str, str], Mapping[str, Any]] = {}
@@ -623,13 +629,13 @@ class MeteringService:
                                           if (e.customer, e.identifier) not in stored})
         by_operation: dict[tuple[str, int, str], _Total] = {}
         inserts: list[tuple[Any, ...]] = []
-        outcomes: list[MeterEventResult | BillingError] = []
+        outcomes: list[Any] = []
         created_at = utc_now()
         event_name = self._pricing.meter_event_name
         for event in events:
             prior = stored.get((event.customer, event.identifier))
             if prior is not None:
-                outcomes.append(self._replay(prior, event))
+                outcomes.append(self._replay(prior, event, brief))
                 continue
             total = totals[(event.customer, event.period_start)]
             total.period_end = total.period_end or event.period_end
@@ -654,7 +660,7 @@ class MeteringService:
             inserts.append((*values.values(), event_name, created_at,
                             stripe_identifier(event.customer, event.identifier)))
             stored[(event.customer, event.identifier)] = values
-            outcomes.append(self._result(values, replayed=False))
+            outcomes.append(_brief(values, False) if brief else self._result(values, replayed=False))
         if inserts:
             conn.executemany(_EVENT_INSERT, inserts)
             conn.executemany(_TOTAL_UPSERT, [
@@ -684,7 +690,7 @@ class MeteringService:
             totals[key] = _Total()
         return totals
 
-    def _replay(self, prior: Mapping[str, Any], event: _Event) -> MeterEventResult | BillingError:
+    def _replay(self, prior: Mapping[str, Any], event: _Event, brief: bool = False) -> Any:
         differences = []
         if prior["raw_units"] != event.raw_units:
             differences.append(f"units {prior['raw_units']} vs {event.raw_units}")
@@ -704,7 +710,7 @@ class MeteringService:
                 f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
                 "use a new identifier for new usage, or resend exactly the first event to get its result",
                 param="identifier", identifier=event.identifier)
-        return self._result(prior, replayed=True)
+        return _brief(prior, True) if brief else self._result(prior, replayed=True)
 
     def _result(self, row: Mapping[str, Any], *, replayed: bool) -> MeterEventResult:
         after, allowance, rate = row["period_units_after"], row["allowance"], row["overage_rate"]

@@ -467,7 +467,7 @@ class MeteringService:
         draft = self._draft(now, customer, units, operation, multiplier, identifier, timestamp, agent_id, metadata)
         await self._ensure_customer(draft.customer)
         loop = asyncio.get_running_loop()
-        event = self._event(draft, now, loop, {})
+        event = self._event(draft, now, loop.create_future(), {})
         queue = self._queues.get(loop)
         if queue is None:
             self._queues[loop] = [event]
@@ -487,29 +487,34 @@ class MeteringService:
         return _Draft(customer, raw, op, milli, ident, when, timestamp is not None, self._text(agent_id, "agent_id"),
                       self._metadata(metadata))
 
-    def _event(self, draft: _Draft, now: float, loop: asyncio.AbstractEventLoop,
-               current: dict[str, UsagePeriod]) -> _Event:
-        """The event of a verified customer's draft: its period and terms, within the money ceiling (`current` caches
-        the customers' current periods across one batch)."""
+    def _event(self, draft: _Draft, now: float, future: asyncio.Future[MeterEventResult],
+               current: dict[str, tuple[UsagePeriod, Tier]]) -> _Event:
+        """The event of a verified customer's draft: its period and terms, within the money ceiling. `current` keeps
+        each customer's current period and its terms across a batch: an event inside that period (every event
+        without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
         customer, when = draft.customer, draft.timestamp
-        period = self._period(customer, when)
-        if draft.timestamp_given:
-            now_period = current.get(customer)
-            if now_period is None:
-                now_period = current[customer] = self._period(customer, int(now))
+        known = current.get(customer)
+        if known is None:
+            now_period = self._period(customer, int(now))
+            known = current[customer] = (now_period, self._terms(customer, now_period))
+        now_period, terms = known
+        if now_period.start <= when < now_period.end:
+            period = now_period
+        else:
             if when < now_period.start:
                 raise InvalidInput(
                     f"timestamp {when} ({_iso(when)}) is before the customer's current usage period, which began at "
                     f"{_iso(now_period.start)}: the period it falls in has ended and been invoiced (or it predates "
                     "the subscription), so this usage could no longer be billed; record usage as it happens, or omit "
                     "timestamp to use now", param="timestamp")
-        terms = self._terms(customer, period)
+            period = self._period(customer, when)
+            terms = self._terms(customer, period)
         weighted = weighted_units(draft.raw_units, draft.multiplier_milli)
         self._ceiling.check(cost_cents(weighted, terms.overage_rate), self._pricing.currency, "units",
                             what="the most these units can cost, all at the overage rate")
         return _Event(draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
                       when, draft.timestamp_given, draft.agent_id, draft.metadata, terms, period.start, period.end,
-                      loop.create_future())
+                      future)
 
     async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
         """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
@@ -536,13 +541,13 @@ class MeteringService:
                 unknown[customer] = verdict
             elif isinstance(verdict, BaseException):
                 raise verdict
-        loop = asyncio.get_running_loop()
-        current: dict[str, UsagePeriod] = {}
+        unanswered: asyncio.Future[MeterEventResult] = asyncio.get_running_loop().create_future()  # never awaited:
+        current: dict[str, tuple[UsagePeriod, Tier]] = {}  # a batch is answered from the writer job's results
         outcomes: list[_Event | BillingError] = []
         for draft in drafts:
             if isinstance(draft, _Draft):
                 try:
-                    outcomes.append(unknown.get(draft.customer) or self._event(draft, now, loop, current))
+                    outcomes.append(unknown.get(draft.customer) or self._event(draft, now, unanswered, current))
                 except BillingError as exc:
                     outcomes.append(exc)
             else:

@@ -138,14 +138,21 @@ class MeterEventInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    customer: str
-    units: int
-    operation: str | None = None
-    multiplier: float | None = None
-    identifier: str | None = None
-    timestamp: int | None = None
-    agent_id: str | None = None
-    metadata: dict[str, str] | None = None
+    # the published bounds are create_meter_event's; the service checks them, with its own words for each field
+    customer: str = Field(json_schema_extra={"minLength": 1, "maxLength": 255, "description": "Customer (cus_...)"})
+    units: int = Field(json_schema_extra={"minimum": 1, "maximum": 10**12, "description": "Raw units used"})
+    operation: str | None = Field(default=None, json_schema_extra={
+        "maxLength": 64, "description": "Operation type (the pricing file's multipliers); or give multiplier"})
+    multiplier: float | None = Field(default=None, json_schema_extra={
+        "minimum": 1.0, "maximum": 3.0, "description": "An explicit task multiplier within 1.0-3.0"})
+    identifier: str | None = Field(default=None, json_schema_extra={
+        "minLength": 1, "maxLength": 100, "description": "Unique id of this usage; generated when absent"})
+    timestamp: Annotated[int | None, WithJsonSchema({
+        "anyOf": [{"type": "integer", "minimum": 0, "maximum": 253_402_300_799}, {"type": "null"}],
+        "description": "Epoch seconds: within the past 35 days, at most 5 min ahead"})] = None
+    agent_id: str | None = Field(default=None, json_schema_extra={"maxLength": 128})
+    metadata: dict[str, str] | None = Field(default=None, json_schema_extra={
+        "description": "String pairs kept with the event"})
 
 
 class BatchEventError(BaseModel):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .settings import Settings
     from .tools.context import AppState
 
+log = logging.getLogger(__name__)
 MAX_EVENTS = 1000
 JSON = "application/json"
 CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
@@ -123,6 +125,10 @@ def ingest_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reques
             result = await state.metering.record_many(items, limit=MAX_EVENTS)
         except BillingError as exc:
             return _refusal(400, exc.code, exc.message)
+        except Exception:  # the write itself failed (disk full, database broken): nothing of the batch was recorded
+            log.exception("recording a batch of %d usage events failed", len(items))
+            return _refusal(503, "write_failed", "the batch could not be written and none of it was recorded: retry "
+                            "it (replays are safe); if it keeps failing, see the server's log", {"Retry-After": "1"})
         if cloud:
             cloudevents_fields(result, [not isinstance(item, BillingError) for item in items])
         return Response(result.model_dump_json(), media_type=JSON)

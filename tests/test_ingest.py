@@ -212,6 +212,19 @@ async def test_http_takes_1000_events_in_one_request(make_server: Callable[..., 
         assert len(events_in(server.state.store)) == 1000
 
 
+async def test_http_answers_503_and_writes_nothing_when_the_batch_cannot_be_written(
+        make_server: Callable[..., BillingServer]) -> None:
+    batch = [{"customer": "cus_team", "units": 1, "identifier": f"e{n}"} for n in range(100)]
+    async with over_http(make_server) as (http, server):
+        assert server.state is not None
+        await server.state.store.write(lambda conn: conn.execute(
+            "CREATE TRIGGER fail_last BEFORE INSERT ON meter_events WHEN NEW.identifier = 'e99' "
+            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"))
+        answer = await http.post("/v1/usage/events", json=batch, headers=AUTH)
+        assert (answer.status_code, answer.json()["code"]) == (503, "write_failed")
+        assert events_in(server.state.store) == []
+
+
 @pytest.mark.parametrize("settings, code", [
     ({"aims_billing_read_only": True}, "read_only"),
     ({"aims_billing_tools": "get_usage_summary"}, "surface_not_allowed"),

@@ -13,6 +13,11 @@ one lookup of their identifiers, one read of their period totals, one `executema
 and the per-operation counters. Each event is still in exactly one job with its totals, and a replay or conflict is
 an answer computed in the job, not an exception, so one event never undoes another.
 
+Batches. `record_many` (create_meter_events, POST /v1/usage/events) parses each item on its own (MeterEventInput,
+strict), checks it as `record` does, asks about each new customer once, and submits every event that passed as one
+writer job: one savepoint of one group commit, so the batch's accepted events land together or not at all. Each
+event's outcome (accepted, replayed, or refused with its field) is its own; the answer keeps a few numbers per event.
+
 Indexes. Events are indexed by identifier, status and time, never by customer: an index with the customer in its
 key scatters each commit's entries over as many pages as the batch has customers, which made COMMIT about five
 times dearer (bench/metering.py). Per-customer reads go through the totals tables instead.
@@ -541,8 +546,9 @@ class MeteringService:
                 unknown[customer] = verdict
             elif isinstance(verdict, BaseException):
                 raise verdict
-        unanswered: asyncio.Future[MeterEventResult] = asyncio.get_running_loop().create_future()  # never awaited:
-        current: dict[str, tuple[UsagePeriod, Tier]] = {}  # a batch is answered from the writer job's results
+        # one placeholder future for every event: a batch is answered from its writer job's results, not per event
+        unanswered: asyncio.Future[MeterEventResult] = asyncio.get_running_loop().create_future()
+        current: dict[str, tuple[UsagePeriod, Tier]] = {}
         outcomes: list[_Event | BillingError] = []
         for draft in drafts:
             if isinstance(draft, _Draft):

@@ -148,7 +148,7 @@ def from_cloudevent(event: Any, meters: tuple[str, ...]) -> dict[str, Any] | Inv
         return InvalidInput(f"specversion {event['specversion']!r} is not taken: send CloudEvents 1.0",
                             param="specversion")
     for name, what in (("subject", "the customer (cus_...)"), ("id", "the event's unique identifier")):
-        if name not in event:
+        if event.get(name) is None:
             return InvalidInput(f"{name} is required: it is {what}", param=name)
     kind = event.get("type")
     if kind not in meters:

@@ -167,6 +167,9 @@ async def test_http_takes_a_cloudevents_batch_and_names_cloudevents_attributes_i
         {**base, "id": "x" * 101, "subject": "cus_team", "data": {"units": 1}},
         {**base, "id": "ce-10", "subject": "cus team", "data": {"units": 1}},
         {**base, "id": "ce-11", "subject": "cus_team", "data": {"units": 1}, "tenant": "t1"},
+        {**base, "id": None, "subject": "cus_team", "data": {"units": 1}},  # a null id is no id
+        {**base, "id": "ce-13", "specversion": "0.3", "subject": "cus_team", "data": {"units": 1}},
+        {**base, "id": "ce-14", "subject": "cus_team", "data": [1]},
     ]
     async with over_http(make_server) as (http, server):
         assert server.state is not None
@@ -176,7 +179,7 @@ async def test_http_takes_a_cloudevents_batch_and_names_cloudevents_attributes_i
             (0, "accepted", None), (1, "accepted", None), (2, "refused", "subject"), (3, "refused", "id"),
             (4, "refused", "type"), (5, "refused", "data.units"), (6, "refused", "time"),
             (7, "refused", "data.customer"), (8, "refused", "id"), (9, "refused", "subject"),
-            (10, "refused", "tenant")]
+            (10, "refused", "tenant"), (11, "refused", "id"), (12, "refused", "specversion"), (13, "refused", "data")]
         assert answer.json()["results"][0]["weighted_units"] == 800
         stored = server.state.store.query("SELECT identifier, timestamp, operation FROM meter_events ORDER BY id")
         assert stored == [{"identifier": "ce-1", "timestamp": now - 60, "operation": "research"},

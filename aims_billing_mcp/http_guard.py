@@ -147,7 +147,8 @@ class HttpPolicy:
         return [
             f"GET /x402/credits (governed by {X402_TOOL}): {state(X402_TOOL, 'every request')}",
             f"ACP seller /acp/... and /acp/mcp (governed by {ACP_TOOL}): {state(ACP_TOOL, 'POSTs and write tools')}",
-            f"POST {INGEST_PATH} (governed by {INGEST_TOOL}): {state(INGEST_TOOL, 'every request')}",
+            f"POST {INGEST_PATH} (governed by {INGEST_TOOL}; callers need a key of AIMS_BILLING_INGEST_KEYS): "
+            f"{state(INGEST_TOOL, 'every request')}",
             "POST /webhooks/stripe: always on (Stripe's events, not an agent's action)",
         ]
 

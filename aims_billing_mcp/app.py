@@ -29,7 +29,8 @@ from pydantic import ValidationError
 from . import __version__
 from .acp_http import acp_routes
 from .errors import BillingError, InvalidInput
-from .http_guard import HttpPolicy
+from .http_guard import INGEST_PATH, HttpPolicy
+from .ingest_http import ingest_handler
 from .redact import audit_arguments, may_hold_secret, redact, redact_text, redact_values
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.acp import AcpService
@@ -387,6 +388,7 @@ def build_server(
     server.custom_route(CREDITS_PATH, methods=["GET"])(credits_handler(lambda: server.state))
     for route in acp_routes(lambda: server.state):
         server.custom_route(route.path, methods=sorted(route.methods or ()))(route.endpoint)
+    server.custom_route(INGEST_PATH, methods=["POST"])(ingest_handler(lambda: server.state))
     return server
 
 

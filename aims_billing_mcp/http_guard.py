@@ -37,6 +37,8 @@ KIB = 1024
 AUDIT_VALUE_CHARS = 4096  # a longer string is stored cut, with its length
 X402_TOOL = "purchase_luc_credits"
 ACP_TOOL = "create_payment_session"
+INGEST_TOOL = "create_meter_events"  # governs POST /v1/usage/events (it records what that tool records)
+INGEST_PATH = "/v1/usage/events"
 ACP_MCP_WRITE_TOOLS = ("create_checkout_session", "update_checkout_session", "complete_checkout_session",
                        "cancel_checkout_session")
 
@@ -81,6 +83,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("/acp/", 256 * KIB, _acp),
     Limit("/.well-known/", 1 * KIB, _acp),
     Limit("/mcp", 1024 * KIB, _jsonrpc),
+    Limit("/v1/usage/events", 1024 * KIB, _plain),  # 1,000 events of up to ~1 KiB (ingest_http.py counts them)
 )
 DEFAULT_LIMIT = Limit("", 64 * KIB, _plain)
 
@@ -115,6 +118,8 @@ class HttpPolicy:
             return self._refuse("x402 credits", X402_TOOL, write=True)
         if path.startswith("/acp/") or path == "/.well-known/acp.json":
             return self._refuse("the ACP seller", ACP_TOOL, write=method == "POST" and path != "/acp/mcp")
+        if path == INGEST_PATH:
+            return self._refuse("usage ingestion", INGEST_TOOL, write=True)
         return None
 
     def _refuse(self, surface: str, tool: str, *, write: bool) -> Refusal | None:
@@ -142,6 +147,8 @@ class HttpPolicy:
         return [
             f"GET /x402/credits (governed by {X402_TOOL}): {state(X402_TOOL, 'every request')}",
             f"ACP seller /acp/... and /acp/mcp (governed by {ACP_TOOL}): {state(ACP_TOOL, 'POSTs and write tools')}",
+            f"POST {INGEST_PATH} (governed by {INGEST_TOOL}; callers need a key of AIMS_BILLING_INGEST_KEYS): "
+            f"{state(INGEST_TOOL, 'every request')}",
             "POST /webhooks/stripe: always on (Stripe's events, not an agent's action)",
         ]
 
@@ -237,7 +244,10 @@ class HttpGuard:
         return state is not None and getattr(state, "webhook_secret", None) == SANDBOX_WEBHOOK_SECRET
 
     def _acp_caller(self, path: str, headers: list[tuple[bytes, bytes]]) -> str | None:
-        """For an ACP path: `acp:<key digest>` for a valid API key, `!<why>` for none; else None."""
+        """For an ACP path: `acp:<key digest>` for a valid API key, `!<why>` for none (the same for the ingestion
+        route and its keys: `ingest:<key digest>`); else None."""
+        if path == INGEST_PATH:
+            return self._ingest_caller(headers)
         if not path.startswith("/acp/"):
             return None
         state = self._get_state()
@@ -250,6 +260,18 @@ class HttpGuard:
         except Exception as exc:  # AcpError: 401, which the app answers in its own words
             return "!" + str(getattr(exc, "message", exc))
         return f"acp:{identity[:16]}"
+
+    def _ingest_caller(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        state = self._get_state()
+        if state is None or getattr(state, "settings", None) is None:
+            return None
+        from .ingest_http import IngestRefused, authenticate
+
+        authorization = _header(headers, b"authorization")
+        try:
+            return authenticate(state, authorization.decode("latin-1") if authorization else None)
+        except IngestRefused as exc:
+            return "!" + exc.message
 
     def _audited(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes | None,
                  caller: str | None) -> bool:

@@ -18,13 +18,13 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from .acp_mcp import MCP_PATH, build_acp_mcp_server
-from .http_guard import HttpGuard, HttpPolicy
+from .http_guard import INGEST_PATH, HttpGuard, HttpPolicy
 from .settings import LOOPBACK_HOSTS
 from .webhooks import WEBHOOK_PATH
 
 # Routes that authenticate themselves, not with the MCP token: Stripe signs its webhooks, an x402 payment is its own
-# credential, and ACP callers present their own API keys.
-PUBLIC_PATHS = frozenset({"/health", WEBHOOK_PATH, "/.well-known/acp.json"})
+# credential, ACP callers present their own API keys, and usage ingestion its own keys (AIMS_BILLING_INGEST_KEYS).
+PUBLIC_PATHS = frozenset({"/health", WEBHOOK_PATH, "/.well-known/acp.json", INGEST_PATH})
 PUBLIC_PREFIXES = ("/x402/", "/acp/")
 
 

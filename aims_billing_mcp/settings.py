@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     aims_billing_acp_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys agent platforms use for the ACP seller API (comma-separated)"
     )
+    aims_billing_ingest_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys for POST /v1/usage/events (comma-separated; not the MCP token)"
+    )
     aims_billing_acp_signing_secret: SecretStr | None = Field(
         default=None, description="When set, ACP requests must carry a valid Signature and Timestamp (HMAC)"
     )
@@ -108,7 +111,8 @@ class Settings(BaseSettings):
     )
     aims_billing_log_level: str = Field(default="WARNING", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 
-    @field_validator("aims_billing_tools", "aims_billing_toolsets", "aims_billing_acp_api_keys", mode="before")
+    @field_validator("aims_billing_tools", "aims_billing_toolsets", "aims_billing_acp_api_keys",
+                     "aims_billing_ingest_keys", mode="before")
     @classmethod
     def _split_tools(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -135,7 +139,7 @@ class Settings(BaseSettings):
                                  "of that currency, 1 to 10**15)")
             ceilings[currency] = int(amount)
         return ceilings
-    @field_validator("aims_billing_acp_api_keys", mode="after")
+    @field_validator("aims_billing_acp_api_keys", "aims_billing_ingest_keys", mode="after")
     @classmethod
     def _drop_blank_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
         return [key for key in value if key.get_secret_value().strip()]

@@ -115,10 +115,12 @@ def build_webhook_app(get_state: Callable[[], AppState | None], *, with_acp_mcp:
     with `with_acp_mcp` its MCP binding on /acp/mcp, whose session manager runs in this app's lifespan), behind
     the HttpGuard (limits, `policy`, audit; `host` is where it listens)."""
     from .acp_http import acp_routes
+    from .ingest_http import ingest_route
     from .x402_http import credits_route
 
     policy = policy or HttpPolicy()
-    routes: list[Any] = [webhook_route(get_state), credits_route(get_state), *acp_routes(get_state)]
+    routes: list[Any] = [webhook_route(get_state), credits_route(get_state), *acp_routes(get_state),
+                         ingest_route(get_state)]
     guarded = partial(HttpGuard, get_state=get_state, policy=policy, loopback=is_loopback(host))
     if not with_acp_mcp:
         return guarded(Starlette(routes=routes))

@@ -13,6 +13,11 @@ one lookup of their identifiers, one read of their period totals, one `executema
 and the per-operation counters. Each event is still in exactly one job with its totals, and a replay or conflict is
 an answer computed in the job, not an exception, so one event never undoes another.
 
+Batches. `record_many` (create_meter_events, POST /v1/usage/events) parses each item on its own (MeterEventInput,
+strict), checks it as `record` does, asks about each new customer once, and submits every event that passed as one
+writer job: one savepoint of one group commit, so the batch's accepted events land together or not at all. Each
+event's outcome (accepted, replayed, or refused with its field) is its own; the answer keeps a few numbers per event.
+
 Indexes. Events are indexed by identifier, status and time, never by customer: an index with the customer in its
 key scatters each commit's entries over as many pages as the batch has customers, which made COMMIT about five
 times dearer (bench/metering.py). Per-customer reads go through the totals tables instead.
@@ -66,12 +71,16 @@ from datetime import UTC, datetime
 from decimal import InvalidOperation
 from typing import Any
 
+from pydantic import ValidationError
+
 from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound, Refused
 from ..store import Store, dumps, new_id, settle, utc_now
 from .ceiling import Ceiling
 from .metering_models import (
     EventCounts,
     FailureReason,
+    MeterEventBatchResult,
+    MeterEventInput,
     MeterEventResult,
     MeteringStatus,
     OperationUsage,
@@ -103,7 +112,8 @@ MAX_METADATA = 4000  # characters of canonical JSON
 MAX_UNITS = 10**12  # per event; weighted totals stay far below SQLite's 2**63
 MAX_SLOT_TTL = 7 * DAY
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second a date formatter can show
-MAX_JOB = 500  # events per writer job
+MAX_JOB = 500  # events per writer job (record: the events of one turn of the event loop)
+MAX_BATCH = 1000  # events per record_many call: one writer job, so a batch is written whole or not at all
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
 
@@ -132,6 +142,21 @@ _OPERATION_ADD = (  # increments: nothing to read first
     "raw_units = raw_units + excluded.raw_units, weighted_units = weighted_units + excluded.weighted_units, "
     "overage_units = overage_units + excluded.overage_units, cost_cents = cost_cents + excluded.cost_cents"
 )
+
+
+@dataclass(slots=True)
+class _Draft:
+    """An event's fields, each checked; not yet placed in a period (that needs the customer verified)."""
+
+    customer: str
+    raw_units: int
+    operation: str | None
+    multiplier_milli: int
+    identifier: str
+    timestamp: int
+    timestamp_given: bool
+    agent_id: str | None
+    metadata: str | None
 
 
 @dataclass(slots=True)
@@ -184,6 +209,36 @@ def stripe_identifier(customer: str, identifier: str) -> str:
     if len(scoped) <= MAX_IDENTIFIER and customer.startswith("cus_") and customer[4:].isalnum() and customer.isascii():
         return scoped
     return "h_" + hashlib.sha256(f"{customer}\x1f{identifier}".encode()).hexdigest()
+
+
+_INPUT_FIELDS = ", ".join(MeterEventInput.model_fields)
+
+
+def _input_error(error: ValidationError) -> InvalidInput:
+    """The first thing wrong with an event's fields, naming the field (`metadata.key` for a nested one)."""
+    first = error.errors(include_url=False)[0]
+    loc = [str(part) for part in first["loc"]]
+    name = ".".join(loc) or None
+    if first["type"] == "missing":
+        return InvalidInput(f"{name} is required", param=name)
+    if first["type"] == "extra_forbidden":
+        return InvalidInput(f"unknown field {name!r}: an event takes {_INPUT_FIELDS}", param=name)
+    shown = repr(first.get("input"))
+    return InvalidInput(f"{name}: {first['msg'].lower()}, not {shown[:60]}", param=name)
+
+
+def _given_identifier(item: Any) -> str | None:
+    """The identifier a refused event gave, when it gave a usable one (to match results to events)."""
+    ident = item.get("identifier") if isinstance(item, Mapping) else None
+    return ident if isinstance(ident, str) and 0 < len(ident) <= MAX_IDENTIFIER else None
+
+
+def _brief(row: Mapping[str, Any], replayed: bool) -> dict[str, Any]:
+    """What a batch answers for an event recorded now or before (BatchEventOutcome's numbers)."""
+    after = row["period_units_after"]
+    return {"status": "replayed" if replayed else "accepted", "identifier": row["identifier"],
+            "weighted_units": row["weighted_units"], "cost_cents": row["cost_cents"], "period_usage": after,
+            "remaining": max(0, row["allowance"] - after), "error": None}
 
 
 def _is_int(value: Any) -> bool:
@@ -414,29 +469,10 @@ class MeteringService:
     ) -> MeterEventResult:
         """Record one meter event durably; answer after COMMIT with the period's usage, allowance and overage."""
         now = self._clock()
-        customer = self._customer(customer)
-        raw = self._units(units)
-        op, milli = self._multiplier(operation, multiplier)
-        ident = self._identifier(identifier)
-        when = int(now) if timestamp is None else self._timestamp(timestamp, now)
-        agent = self._text(agent_id, "agent_id")
-        meta = self._metadata(metadata)
-        await self._ensure_customer(customer)
-        period = self._period(customer, when)
-        if timestamp is not None:
-            current = self._period(customer, int(now))
-            if when < current.start:
-                raise InvalidInput(
-                    f"timestamp {when} ({_iso(when)}) is before the customer's current usage period, which began at "
-                    f"{_iso(current.start)}: the period it falls in has ended and been invoiced (or it predates the "
-                    "subscription), so this usage could no longer be billed; record usage as it happens, or omit "
-                    "timestamp to use now", param="timestamp")
-        terms = self._terms(customer, period)
-        self._ceiling.check(cost_cents(weighted_units(raw, milli), terms.overage_rate), self._pricing.currency, "units",
-                            what="the most these units can cost, all at the overage rate")
+        draft = self._draft(now, customer, units, operation, multiplier, identifier, timestamp, agent_id, metadata)
+        await self._ensure_customer(draft.customer)
         loop = asyncio.get_running_loop()
-        event = _Event(ident, customer, op, milli, raw, weighted_units(raw, milli), when, timestamp is not None, agent,
-                       meta, terms, period.start, period.end, loop.create_future())
+        event = self._event(draft, now, loop.create_future(), {})
         queue = self._queues.get(loop)
         if queue is None:
             self._queues[loop] = [event]
@@ -444,6 +480,123 @@ class MeteringService:
         else:
             queue.append(event)
         return await event.future
+
+    def _draft(self, now: float, customer: Any, units: Any, operation: Any, multiplier: Any, identifier: Any,
+               timestamp: Any, agent_id: Any, metadata: Any) -> _Draft:
+        """Everything about an event that needs no data: each field checked, naming it."""
+        customer = self._customer(customer)
+        raw = self._units(units)
+        op, milli = self._multiplier(operation, multiplier)
+        ident = self._identifier(identifier)
+        when = int(now) if timestamp is None else self._timestamp(timestamp, now)
+        return _Draft(customer, raw, op, milli, ident, when, timestamp is not None, self._text(agent_id, "agent_id"),
+                      self._metadata(metadata))
+
+    def _event(self, draft: _Draft, now: float, future: asyncio.Future[MeterEventResult],
+               current: dict[str, tuple[UsagePeriod, Tier]]) -> _Event:
+        """The event of a verified customer's draft: its period and terms, within the money ceiling. `current` keeps
+        each customer's current period and its terms across a batch: an event inside that period (every event
+        without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
+        customer, when = draft.customer, draft.timestamp
+        known = current.get(customer)
+        if known is None:
+            now_period = self._period(customer, int(now))
+            known = current[customer] = (now_period, self._terms(customer, now_period))
+        now_period, terms = known
+        if now_period.start <= when < now_period.end:
+            period = now_period
+        else:
+            if when < now_period.start:
+                raise InvalidInput(
+                    f"timestamp {when} ({_iso(when)}) is before the customer's current usage period, which began at "
+                    f"{_iso(now_period.start)}: the period it falls in has ended and been invoiced (or it predates "
+                    "the subscription), so this usage could no longer be billed; record usage as it happens, or omit "
+                    "timestamp to use now", param="timestamp")
+            period = self._period(customer, when)
+            terms = self._terms(customer, period)
+        weighted = weighted_units(draft.raw_units, draft.multiplier_milli)
+        self._ceiling.check(cost_cents(weighted, terms.overage_rate), self._pricing.currency, "units",
+                            what="the most these units can cost, all at the overage rate")
+        return _Event(draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
+                      when, draft.timestamp_given, draft.agent_id, draft.metadata, terms, period.start, period.end,
+                      future)
+
+    async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
+        """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
+        same content) or refused (with its field and reason). Every item is a mapping with create_meter_event's
+        fields (parsed strictly, per event), or a BillingError an adapter already found (CloudEvents). The accepted
+        events are written in one writer job (one savepoint of a group commit): all of them durable before the
+        answer, or, should the write itself fail, none of them and an error for the batch."""
+        if len(items) > limit:
+            raise InvalidInput(f"{len(items)} events in one batch; at most {limit} are taken: split it into batches "
+                               f"of {limit}", param="events")
+        now = self._clock()
+        drafts: list[_Draft | BillingError] = []
+        for item in items:
+            try:
+                drafts.append(self._draft_of(item, now))
+            except BillingError as exc:
+                drafts.append(exc)
+        customers = [c for c in dict.fromkeys(d.customer for d in drafts if isinstance(d, _Draft))
+                     if c not in self._known]  # the known ones need no question (nor a task each)
+        verdicts = await asyncio.gather(*(self._ensure_customer(c) for c in customers), return_exceptions=True)
+        unknown: dict[str, BillingError] = {}
+        for customer, verdict in zip(customers, verdicts, strict=True):
+            if isinstance(verdict, BillingError):
+                unknown[customer] = verdict
+            elif isinstance(verdict, BaseException):
+                raise verdict
+        # one placeholder future for every event: a batch is answered from its writer job's results, not per event
+        unanswered: asyncio.Future[MeterEventResult] = asyncio.get_running_loop().create_future()
+        current: dict[str, tuple[UsagePeriod, Tier]] = {}
+        outcomes: list[_Event | BillingError] = []
+        for draft in drafts:
+            if isinstance(draft, _Draft):
+                try:
+                    outcomes.append(unknown.get(draft.customer) or self._event(draft, now, unanswered, current))
+                except BillingError as exc:
+                    outcomes.append(exc)
+            else:
+                outcomes.append(draft)
+        events = [outcome for outcome in outcomes if isinstance(outcome, _Event)]
+        applied: list[Any] = []
+        if events:
+            applied = await asyncio.wrap_future(self._store.submit(lambda conn: self._apply(conn, events, True)))
+        answers = iter(applied)
+        results: list[dict[str, Any]] = []
+        accepted = replayed = weighted = cost = 0
+        for index, outcome in enumerate(outcomes):
+            answer = next(answers) if isinstance(outcome, _Event) else outcome
+            if isinstance(answer, BillingError):
+                ident = outcome.identifier if isinstance(outcome, _Event) else _given_identifier(items[index])
+                results.append({"index": index, "status": "refused", "identifier": ident, "error": {
+                    "code": answer.code, "field": answer.param, "message": answer.message}})
+                continue
+            if answer["status"] == "replayed":
+                replayed += 1
+            else:
+                accepted += 1
+                weighted += answer["weighted_units"]
+                cost += answer["cost_cents"]
+            answer["index"] = index
+            results.append(answer)
+        return MeterEventBatchResult.model_validate({  # one validation of the whole answer, in pydantic-core
+            "totals": {"events": len(items), "accepted": accepted, "replayed": replayed,
+                       "refused": len(items) - accepted - replayed, "weighted_units": weighted, "cost_cents": cost},
+            "results": results})
+
+    def _draft_of(self, item: Any, now: float) -> _Draft:
+        if isinstance(item, BillingError):
+            raise item
+        if not isinstance(item, Mapping):
+            raise InvalidInput(f"an event must be an object with create_meter_event's fields ({_INPUT_FIELDS}), not "
+                               f"{type(item).__name__}", param=None)
+        try:
+            event = MeterEventInput.model_validate(item)
+        except ValidationError as exc:
+            raise _input_error(exc) from None
+        return self._draft(now, event.customer, event.units, event.operation, event.multiplier, event.identifier,
+                           event.timestamp, event.agent_id, event.metadata)
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand the events gathered in this turn of the loop to the writer, MAX_JOB per job."""
@@ -470,8 +623,11 @@ class MeteringService:
             else:
                 settle(event.future, result, None)
 
-    def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event]) -> list[MeterEventResult | BillingError]:
-        """The writer side: replays and conflicts, running totals, then every new event and total in two statements."""
+    def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event],
+               brief: bool = False) -> list[Any]:
+        """The writer side: replays and conflicts, running totals, then every new event and total in two statements.
+        Each event's answer is a MeterEventResult, or with `brief` (a batch) the few numbers a batch answers (a dict:
+        building a thousand full results cost more than writing the events); conflicts are BillingErrors."""
         identifiers = list({event.identifier for event in events})
         wanted = {(event.customer, event.identifier) for event in events}
         stored: dict[tuple[str, str], Mapping[str, Any]] = {}
@@ -484,13 +640,13 @@ class MeteringService:
                                           if (e.customer, e.identifier) not in stored})
         by_operation: dict[tuple[str, int, str], _Total] = {}
         inserts: list[tuple[Any, ...]] = []
-        outcomes: list[MeterEventResult | BillingError] = []
+        outcomes: list[Any] = []
         created_at = utc_now()
         event_name = self._pricing.meter_event_name
         for event in events:
             prior = stored.get((event.customer, event.identifier))
             if prior is not None:
-                outcomes.append(self._replay(prior, event))
+                outcomes.append(self._replay(prior, event, brief))
                 continue
             total = totals[(event.customer, event.period_start)]
             total.period_end = total.period_end or event.period_end
@@ -515,7 +671,7 @@ class MeteringService:
             inserts.append((*values.values(), event_name, created_at,
                             stripe_identifier(event.customer, event.identifier)))
             stored[(event.customer, event.identifier)] = values
-            outcomes.append(self._result(values, replayed=False))
+            outcomes.append(_brief(values, False) if brief else self._result(values, replayed=False))
         if inserts:
             conn.executemany(_EVENT_INSERT, inserts)
             conn.executemany(_TOTAL_UPSERT, [
@@ -545,7 +701,7 @@ class MeteringService:
             totals[key] = _Total()
         return totals
 
-    def _replay(self, prior: Mapping[str, Any], event: _Event) -> MeterEventResult | BillingError:
+    def _replay(self, prior: Mapping[str, Any], event: _Event, brief: bool = False) -> Any:
         differences = []
         if prior["raw_units"] != event.raw_units:
             differences.append(f"units {prior['raw_units']} vs {event.raw_units}")
@@ -565,7 +721,7 @@ class MeteringService:
                 f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
                 "use a new identifier for new usage, or resend exactly the first event to get its result",
                 param="identifier", identifier=event.identifier)
-        return self._result(prior, replayed=True)
+        return _brief(prior, True) if brief else self._result(prior, replayed=True)
 
     def _result(self, row: Mapping[str, Any], *, replayed: bool) -> MeterEventResult:
         after, allowance, rate = row["period_units_after"], row["allowance"], row["overage_rate"]

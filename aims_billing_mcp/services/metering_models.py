@@ -5,9 +5,9 @@ Usage is integer LUC units, money integer cents, times epoch seconds (UTC), as S
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 EventStatus = Literal["pending", "sent", "failed"]
 
@@ -129,3 +129,73 @@ class MeteringStatus(BaseModel):
     last_flush_at: int | None
     last_flush: str | None = Field(description="What the last flush did, or why it stopped")
     recent_failures: list[FailureReason]
+
+
+class MeterEventInput(BaseModel):
+    """One event of a batch (create_meter_events, POST /v1/usage/events), parsed strictly on its own: a wrong type or
+    an unknown field refuses that event, naming the field, not the batch. Ranges are the service's (as for
+    create_meter_event)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # the published bounds are create_meter_event's; the service checks them, with its own words for each field
+    customer: str = Field(json_schema_extra={"minLength": 1, "maxLength": 255, "description": "Customer (cus_...)"})
+    units: int = Field(json_schema_extra={"minimum": 1, "maximum": 10**12, "description": "Raw units used"})
+    operation: str | None = Field(default=None, json_schema_extra={
+        "maxLength": 64, "description": "Operation type (the pricing file's multipliers); or give multiplier"})
+    multiplier: float | None = Field(default=None, json_schema_extra={
+        "minimum": 1.0, "maximum": 3.0, "description": "An explicit task multiplier within 1.0-3.0"})
+    identifier: str | None = Field(default=None, json_schema_extra={
+        "minLength": 1, "maxLength": 100, "description": "Unique id of this usage; generated when absent"})
+    timestamp: Annotated[int | None, WithJsonSchema({
+        "anyOf": [{"type": "integer", "minimum": 0, "maximum": 253_402_300_799}, {"type": "null"}],
+        "description": "Epoch seconds: within the past 35 days, at most 5 min ahead"})] = None
+    agent_id: str | None = Field(default=None, json_schema_extra={"maxLength": 128})
+    metadata: dict[str, str] | None = Field(default=None, json_schema_extra={
+        "description": "String pairs kept with the event"})
+
+
+class BatchEventError(BaseModel):
+    code: str = Field(description="invalid_input, idempotency_conflict, not_found, amount_above_ceiling, ...")
+    field: str | None = Field(description="The event's field at fault (null when the event as a whole is)")
+    message: str = Field(description="What is wrong and how to fix it")
+
+
+def _nullable(kind: str, description: str) -> Any:
+    """`{"type": [kind, "null"]}` rather than pydantic's `anyOf`: a client validating a batch's answer against the
+    output schema (the Python SDK does) checks each of up to 1,000 results with one type test, not a sub-schema per
+    branch, which made that validation the largest cost of a batch call."""
+    return WithJsonSchema({"type": [kind, "null"], "description": description})
+
+
+class BatchEventOutcome(BaseModel):
+    """One event's outcome, kept short (a batch answers up to 1,000 of them): the numbers an agent acts on; the rest
+    of create_meter_event's answer is the customer's (get_usage_summary) or what the event said."""
+
+    index: int = Field(description="The event's position in the batch (0-based)")
+    status: Literal["accepted", "replayed", "refused"] = Field(
+        description="accepted: recorded now; replayed: this identifier was recorded with the same content (the first "
+        "result); refused: nothing recorded for it, see error")
+    identifier: Annotated[str | None, _nullable("string", "The event's identifier (generated when it gave none)")]
+    weighted_units: Annotated[int | None, _nullable("integer", "raw units x multiplier; null if refused")] = None
+    cost_cents: Annotated[int | None, _nullable("integer", "What it adds to the period's overage charge")] = None
+    period_usage: Annotated[int | None, _nullable("integer", "The period's weighted usage, this event included")] = None
+    remaining: Annotated[int | None, _nullable("integer", "Allowance left in the period after this event")] = None
+    error: Annotated[BatchEventError | None, WithJsonSchema({
+        "type": ["object", "null"], "description": "Why it was refused (code, field, message); null otherwise",
+        "properties": {"code": {"type": "string"}, "field": {"type": ["string", "null"]},
+                       "message": {"type": "string"}}})] = None
+
+
+class BatchTotals(BaseModel):
+    events: int
+    accepted: int
+    replayed: int
+    refused: int
+    weighted_units: int = Field(description="Weighted units of the events accepted now")
+    cost_cents: int = Field(description="What the events accepted now add to overage charges")
+
+
+class MeterEventBatchResult(BaseModel):
+    totals: BatchTotals
+    results: list[BatchEventOutcome] = Field(description="One per event, in the order given")

@@ -67,6 +67,7 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(subscriptions.get_billing_status, "Get billing status", "read"),
     ToolSpec(subscriptions.cancel_subscription, "Cancel subscription", "write", destructive=True),
     ToolSpec(metering.create_meter_event, "Create meter event", "write"),
+    ToolSpec(metering.create_meter_events, "Create meter events", "write"),
     ToolSpec(metering.get_usage_summary, "Get usage summary", "read", open_world=False),
     ToolSpec(metering.quote_usage, "Quote usage", "read", open_world=False),
     ToolSpec(metering.acquire_task_slot, "Acquire task slot", "write", open_world=False),

@@ -1,11 +1,13 @@
 """LUC metering tools: thin functions over MeteringService (durable usage, summaries, quotes, task slots)."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field
 
 from ..models import CustomerId
 from ..services.metering_models import (
+    MeterEventBatchResult,
+    MeterEventInput,
     MeterEventResult,
     MeteringStatus,
     SlotRelease,
@@ -52,6 +54,27 @@ async def create_meter_event(
         customer, units, operation=operation, multiplier=multiplier, identifier=identifier, timestamp=timestamp,
         agent_id=agent_id, metadata=metadata,
     )
+
+
+MAX_TOOL_BATCH = 100  # as Stripe's v2 meter event stream takes per request
+EVENT_SCHEMA = {key: value for key, value in MeterEventInput.model_json_schema().items() if key != "description"}
+
+
+async def create_meter_events(
+    ctx: ToolContext,
+    events: Annotated[
+        list[Any],  # each item is parsed on its own (MeterEventInput), so one bad event never refuses the rest
+        Field(min_length=1, max_length=MAX_TOOL_BATCH, description="1-100 events, each an object with "
+              "create_meter_event's fields: customer and units required; operation or multiplier, identifier, "
+              "timestamp, agent_id, metadata optional. Each is checked on its own",
+              json_schema_extra={"items": EVENT_SCHEMA}),
+    ],
+) -> MeterEventBatchResult:
+    """Record up to 100 usage events in one call. Each event is accepted, replayed (its identifier was recorded
+    with the same content: the first result) or refused (with its index, field and reason) on its own; the answer
+    has one result per event, in order, and totals. The accepted events are committed together before the answer
+    (all of them, or none and an error). Otherwise as create_meter_event: repeat an identifier to retry safely."""
+    return await services(ctx).metering.record_many(events, limit=MAX_TOOL_BATCH)
 
 
 async def get_usage_summary(

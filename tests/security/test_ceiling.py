@@ -13,7 +13,6 @@ from aims_billing_mcp.app import BillingServer
 from aims_billing_mcp.sandbox import Sandbox
 from aims_billing_mcp.stripe_gateway import StripeRequest
 from tests.conftest import error_of, ok
-from tests.tools.test_subscriptions import prices  # noqa: F401  (the fixture: setup-stripe on the test's sandbox)
 from tests.tools.test_wallets import funded_wallet
 
 pytestmark = pytest.mark.anyio
@@ -68,7 +67,7 @@ async def test_a_payment_session_for_an_item_is_held_to_the_ceiling(make_server:
 
 
 async def test_a_subscription_checkout_is_held_to_the_ceiling(
-    make_server: MakeServer, prices: dict[str, str]  # noqa: F811
+    make_server: MakeServer, prices: dict[str, str]
 ) -> None:
     async with Client(make_server(aims_billing_max_amount=1000)) as client:
         err = error_of(await client.call_tool("create_subscription_checkout", {

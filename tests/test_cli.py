@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -94,25 +95,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_the_standalone_sandbox_serves_the_real_sdk_on_loopback(tmp_path: Path) -> None:
+def standalone_sandbox(tmp_path: Path, db: str, *extra: str,
+                       env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Any]:
+    """`aims-billing-mcp sandbox` on a free port as its own process, and a gateway pointed at it."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "aims_billing_mcp", "sandbox", "--port", str(port), "--db", str(tmp_path / "sb.db")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "aims_billing_mcp", "sandbox", "--port", str(port), "--db", str(tmp_path / db), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     settings = Settings(_env_file=None, stripe_api_base=f"http://127.0.0.1:{port}",  # type: ignore[call-arg]
                         aims_billing_db=tmp_path / "b.db")
-    gateway = build_gateway(settings, retry_delay_scale=0.05)
+    return process, build_gateway(settings, retry_delay_scale=0.05)
+
+
+async def first_answer(process: subprocess.Popen[bytes], gateway: Any, request: StripeRequest) -> Any:
+    """`request` sent until the process listens (a dead process fails the test with the gateway's error)."""
+    while True:
+        try:
+            return await gateway.send(request)
+        except Exception:
+            if process.poll() is not None:
+                raise
+            await anyio.sleep(0.05)
+
+
+async def test_the_standalone_sandbox_serves_the_real_sdk_on_loopback(tmp_path: Path) -> None:
+    process, gateway = standalone_sandbox(tmp_path, "sb.db")
     try:
         with anyio.fail_after(30):
-            while True:
-                try:
-                    balance = await gateway.send(StripeRequest("get", "/v1/balance"))
-                    break
-                except Exception:
-                    if process.poll() is not None:
-                        raise
-                    await anyio.sleep(0.05)
+            balance = await first_answer(process, gateway, StripeRequest("get", "/v1/balance"))
             created = await gateway.send(StripeRequest("post", "/v1/customers", {"email": "lo@example.com"}, "k-1"))
     finally:
         await gateway.close()
@@ -160,28 +171,13 @@ async def test_the_standalone_sandbox_forwards_events_signed_with_a_configured_w
         verified.append(json.loads(body)["type"])
         return JSONResponse({"received": True})
 
-    port = free_port()
     async with serving_app(Starlette(routes=[Route("/hook", receive, methods=["POST"])])) as hook:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aims_billing_mcp", "sandbox", "--port", str(port), "--db", str(tmp_path / "s.db"),
-             "--forward-to", f"{hook}/hook"], env={**os.environ, "STRIPE_WEBHOOK_SECRET": own},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        settings = Settings(_env_file=None, stripe_api_base=f"http://127.0.0.1:{port}",  # type: ignore[call-arg]
-                            aims_billing_db=tmp_path / "b.db")
-        gateway = build_gateway(settings, retry_delay_scale=0.05)
+        process, gateway = standalone_sandbox(tmp_path, "s.db", "--forward-to", f"{hook}/hook",
+                                              env={**os.environ, "STRIPE_WEBHOOK_SECRET": own})
         try:
             with anyio.fail_after(30):
-                while True:
-                    try:
-                        await gateway.send(StripeRequest("post", "/v1/payment_intents", {
-                            "amount": 500, "currency": "usd", "payment_method": "pm_card_visa", "confirm": "true"},
-                            "pi-1"))
-                        break
-                    except Exception:
-                        if process.poll() is not None:
-                            raise
-                        await anyio.sleep(0.05)
+                await first_answer(process, gateway, StripeRequest("post", "/v1/payment_intents", {
+                    "amount": 500, "currency": "usd", "payment_method": "pm_card_visa", "confirm": "true"}, "pi-1"))
                 while "payment_intent.succeeded" not in verified:
                     await anyio.sleep(0.05)
         finally:

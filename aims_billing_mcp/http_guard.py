@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 KIB = 1024
-AUDIT_VALUE_CHARS = 4096  # a longer string is stored cut, with its length
 X402_TOOL = "purchase_luc_credits"
 ACP_TOOL = "create_payment_session"
 INGEST_TOOL = "create_meter_events"  # governs POST /v1/usage/events (it records what that tool records)
@@ -360,26 +359,7 @@ def audit_arguments(path: str, scope: Message, body: bytes | None) -> dict[str, 
             out["body"] = jsonsafe.loads(body)
         except (ValueError, RecursionError):
             out["body"] = f"<{len(body)} bytes, not JSON>"
-    cut: dict[str, Any] = truncate(out)
-    return cut
-
-
-def truncate(value: Any, depth: int = 0) -> Any:
-    """`value` with every string cut at AUDIT_VALUE_CHARS (noting its length) and nesting cut at 16 levels."""
-    if depth > 16:
-        return "<nested deeper than 16 levels>"
-    if isinstance(value, str):
-        return value if len(value) <= AUDIT_VALUE_CHARS else f"{value[:AUDIT_VALUE_CHARS]}...<{len(value)} chars>"
-    if isinstance(value, dict):
-        items = list(value.items())
-        out = {str(truncate(k, depth + 1)): truncate(v, depth + 1) for k, v in items[:100]}
-        if len(items) > 100:
-            out["..."] = f"<{len(items)} keys>"
-        return out
-    if isinstance(value, list):
-        kept = [truncate(v, depth + 1) for v in value[:100]]
-        return kept + ([f"<{len(value)} items>"] if len(value) > 100 else [])
-    return value
+    return out  # audit() bounds and masks it (redact.audit_arguments), as for every tool call
 
 
 def _error_code(status: int, body: bytes) -> str:

@@ -218,6 +218,9 @@ class AcpService:
         if self._prepaid is not None:
             self._prepaid.on_outcome("acp", self._subscription_outcome)
         self.refunds = Background()  # refunds of payments a checkout could not take (acp_payments.refund_status)
+        # payments a job marked refund-due that no look after a COMMIT has seen yet (a mark is dropped only once
+        # seen, so a look that ran before its COMMIT does not lose it)
+        self._refunds_marked: set[str] = set()
         commerce.fulfil_with(self._fulfil_paid, after_commit=self._after_payment)
 
     # --- authentication and idempotency -------------------------------------------------------------------------
@@ -677,6 +680,7 @@ class AcpService:
                                                                    current["currency"], utc_iso(self._clock())))
         conn.execute("UPDATE acp_payments SET refund_status = 'due' WHERE payment_session_id = ? AND refund_status "
                      "IS NULL", (ps_id,))
+        self._refunds_marked.add(ps_id)  # looked for after COMMIT by _after_payment
         return {"kind": "acp_refund", "checkout_session": current["id"], "status": "refund_due",
                 "note": f"checkout session {current['id']} is {current['status']}: this payment is refunded in full"}
 
@@ -732,7 +736,10 @@ class AcpService:
     def _after_payment(self) -> None:
         """After a COMMIT that may have written order events or refunds due: send them in the background."""
         self._send_orders()
+        if not self._refunds_marked:  # most payments are delivered: no query after each one
+            return
         due = self._store.query("SELECT payment_session_id FROM acp_payments WHERE refund_status = 'due'")
+        self._refunds_marked -= {str(r["payment_session_id"]) for r in due}
         self.refunds.spawn((f"refund:{r['payment_session_id']}",
                             lambda ps=str(r["payment_session_id"]): self._refund(ps))  # type: ignore[misc]
                            for r in due)
@@ -740,7 +747,9 @@ class AcpService:
     def resume_refunds(self) -> None:
         """At start-up, on the server's loop: refunds a previous run recorded as due but did not make."""
         self.refunds.bind()
+        self._refunds_marked.add("")  # look once for whatever a previous run left due
         self._after_payment()
+        self._refunds_marked.discard("")
 
     async def _refund(self, ps_id: str) -> None:
         """Refund in full a payment its checkout cannot take; recorded when Stripe says it succeeded."""

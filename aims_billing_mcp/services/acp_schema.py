@@ -85,14 +85,15 @@ def _without(schema: Any, drop: tuple[str, ...] = ("example",)) -> Any:
     return out
 
 
-def _inline(schema: Any) -> Any:
+def _inline(schema: Any, defs: dict[str, Any] | None = None) -> Any:
+    defs = _defs() if defs is None else defs
     if isinstance(schema, dict):
         if "$ref" in schema:
-            target = _inline(_defs()[_ref_name(schema["$ref"])])
-            return {**target, **{key: _inline(value) for key, value in schema.items() if key != "$ref"}}
-        return {key: _inline(value) for key, value in schema.items()}
+            target = _inline(defs[_ref_name(schema["$ref"])], defs)
+            return {**target, **{key: _inline(value, defs) for key, value in schema.items() if key != "$ref"}}
+        return {key: _inline(value, defs) for key, value in schema.items()}
     if isinstance(schema, list):
-        return [_inline(value) for value in schema]
+        return [_inline(value, defs) for value in schema]
     return schema
 
 
@@ -164,10 +165,12 @@ def request_fields(definition: str) -> frozenset[str]:
 
 @cache
 def _validator(definition: str) -> Draft202012Validator:
-    document = copy.deepcopy(_bundle())
+    """The definition with every `$ref` inlined: validating it resolves no references (which was a third of the
+    validation time per request), and the bundle has no cycles."""
+    defs = copy.deepcopy(_defs())
     for name, field in _EXTENSIBLE_ENUMS:
-        document["$defs"][name]["properties"][field].pop("enum")
-    return Draft202012Validator({**document, "$ref": _DEFS + definition}, format_checker=FormatChecker())
+        defs[name]["properties"][field].pop("enum")
+    return Draft202012Validator(_inline(defs[definition], defs), format_checker=FormatChecker())
 
 
 @cache

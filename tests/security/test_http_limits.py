@@ -290,7 +290,7 @@ async def test_acp_requests_leave_audit_rows_redacted_and_truncated_and_anonymou
     [row] = [r for r in rows if r["tool"].startswith("http:") and r is not call]
     assert row["tool"] == "http:POST /acp/checkout_sessions" and row["caller"].startswith("acp:")
     assert ACP_KEY not in row["caller"] and ACP_KEY not in row["arguments"]
-    assert "<10000 chars>" in row["arguments"] or "[truncated: " in row["arguments"]
+    assert "[truncated: 10,000 characters]" in row["arguments"]
     assert "n" * 5000 not in row["arguments"]
     assert "sk_test_4eC39HqLyjWDarjtT1zdp7dc" not in row["arguments"]
 

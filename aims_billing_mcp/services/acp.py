@@ -596,7 +596,11 @@ class AcpService:
                          (ps_id, row["id"], dumps(frozen), total, row["currency"], utc_iso(clock())))
             cursor = conn.execute("UPDATE acp_checkout_sessions SET payment_session_id = ? WHERE id = ? AND status = "
                                   "'in_progress' AND completing_since = ?", (ps_id, row["id"], claim))
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            # about to be confirmed: marked for start-up reconciliation here, saving the confirm its own commit
+            conn.execute("UPDATE payment_sessions SET confirming_since = ? WHERE id = ?", (utc_iso(clock()), ps_id))
+            return True
 
         if not await self._store.write(link):  # canceled (or taken over) meanwhile: this one is never confirmed
             await self._commerce.cancel_session(ps_id, f"acp-unlinked:{row['id']}")

@@ -241,8 +241,8 @@ class PaymentSessionService:
             item = self._pricing.items.get(now.item or "")
             if not paid and item is not None and item.subscribes and now.customer is not None:
                 self._check_can_subscribe(item, now.customer)  # another tier may have been bought since create
-            if not paid:
-                await self._store.write(self._confirming_job(session.id))  # start-up re-reads it after a crash
+            if not paid and not self._marked_confirming(session.id):  # start-up re-reads it after a crash
+                await self._store.write(self._confirming_job(session.id))
             try:
                 # Paid already: only this key's own first request (its answer lost in a crash, the webhook
                 # recorded it) is replayed by Stripe; any other request is told the session is paid.
@@ -442,6 +442,12 @@ class PaymentSessionService:
                          "'canceled')", (message, utc_iso(clock()), session_id))
 
         return job
+
+    def _marked_confirming(self, session_id: str) -> bool:
+        """Already marked (by an earlier attempt, or by the ACP checkout that linked it in its own transaction): one
+        read instead of one more commit before the confirm."""
+        row = self._store.query_one("SELECT confirming_since FROM payment_sessions WHERE id = ?", (session_id,))
+        return row is not None and row["confirming_since"] is not None
 
     def _confirming_job(self, session_id: str) -> Callable[[sqlite3.Connection], None]:
         clock = self._clock

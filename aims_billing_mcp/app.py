@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import socket
 import sqlite3
 import sys
@@ -26,7 +25,7 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import ValidationError
 
-from . import __version__
+from . import __version__, jsonsafe
 from .acp_http import acp_routes
 from .errors import BillingError, InvalidInput
 from .http_guard import INGEST_PATH, HttpPolicy
@@ -148,26 +147,17 @@ class BillingServer(MCPServer[AppState]):
 
 
 MAX_NESTING = 32
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+UNREADABLE = {"too_deep": f"nested more than {MAX_NESTING} levels deep; no parameter takes that",
+              "surrogate": "contains a lone surrogate (not valid Unicode): send UTF-8 text",
+              "surrogate_key": "has a field name with a lone surrogate (not valid Unicode): send UTF-8 text"}
 
 
 def _refuse_unreadable_value(key: str, value: Any) -> None:
-    """Walk one argument without recursion: text that is not valid Unicode (a lone surrogate cannot be stored or
-    sent to Stripe) and nesting deeper than any parameter has are refused here, naming the field."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_NESTING:
-            raise InvalidInput(f"{key}: nested more than {MAX_NESTING} levels deep; no parameter takes that",
-                               param=key)
-        if isinstance(item, str):
-            if not item.isascii() and LONE_SURROGATE.search(item):
-                raise InvalidInput(f"{key}: contains a lone surrogate (not valid Unicode): send UTF-8 text", param=key)
-        elif isinstance(item, dict):
-            stack.extend((k, depth + 1) for k in item)
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend((v, depth + 1) for v in item)
+    """Text that is not valid Unicode (a lone surrogate cannot be stored or sent to Stripe) and nesting deeper than
+    any parameter has are refused here, naming the field."""
+    found = jsonsafe.first_unreadable(value, MAX_NESTING)
+    if found is not None:
+        raise InvalidInput(f"{key}: {UNREADABLE[found.kind]}", param=key)
 
 
 def _json_types(schema: dict[str, Any]) -> set[str]:

@@ -9,11 +9,46 @@ range, and is faster than the standard library's.
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import pydantic_core
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def loads(data: str | bytes | bytearray) -> Any:
     """Parse untrusted JSON; every refusal is a ValueError saying what and where (line and column)."""
     return pydantic_core.from_json(data, allow_inf_nan=False)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Where an already decoded value cannot be stored or answered: `parts` is the path (keys and indexes) to it;
+    `kind` says why: nested deeper than allowed (the path is cut at the limit), a lone surrogate in a text or in
+    a field name (it has no UTF-8 encoding)."""
+
+    parts: list[Any]
+    kind: Literal["too_deep", "surrogate", "surrogate_key"]
+
+
+def first_unreadable(value: Any, max_depth: int) -> Unreadable | None:
+    """The first place in `value` (decoded JSON, or tool arguments an in-process client passed without JSON) that
+    nests deeper than `max_depth` or holds a lone surrogate; None when there is none. Walked without recursion."""
+    stack: list[tuple[Any, list[Any]]] = [(value, [])]
+    while stack:
+        item, parts = stack.pop()
+        if len(parts) > max_depth:
+            return Unreadable(parts[:max_depth], "too_deep")
+        if isinstance(item, str):
+            if not item.isascii() and LONE_SURROGATE.search(item):
+                return Unreadable(parts, "surrogate")
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if isinstance(key, str) and not key.isascii() and LONE_SURROGATE.search(key):
+                    return Unreadable([*parts, key], "surrogate_key")
+                stack.append((sub, [*parts, key]))
+        elif isinstance(item, list | tuple):
+            stack.extend((sub, [*parts, index]) for index, sub in enumerate(item))
+    return None

@@ -34,6 +34,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import ValidationError, best_match
 
+from .. import jsonsafe
 from .acp_models import AcpError
 
 SPEC_VERSION = "2026-04-17"
@@ -44,7 +45,6 @@ _BUNDLE_REF = "../json-schema/schema.agentic_checkout.json#/$defs/"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EXTENSIBLE_ENUMS = [("IntentTrace", "reason_code")]  # the spec: "Validators SHOULD ... lenient enum handling"
 MAX_NESTING = 32  # the spec's request schemas nest 7 levels; free-form metadata gets the rest
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @cache
@@ -207,27 +207,18 @@ def check_api_version(version: Any, *, param: str | None = None, name: str = "AP
 def check_json(value: Any, root: str = "$") -> None:
     """Before anything else reads a request (hashing it for idempotency, storing it, echoing it): nesting deeper
     than `MAX_NESTING` and text that is not valid Unicode (a lone surrogate cannot be stored nor answered) are a
-    400 naming where. Walked without recursion."""
-    stack: list[tuple[Any, list[Any]]] = [(value, [])]
-    while stack:
-        item, parts = stack.pop()
-        if len(parts) > MAX_NESTING:
-            raise AcpError(400, "too_deeply_nested", f"{json_path(parts[:MAX_NESTING], root)} is nested more than "
-                           f"{MAX_NESTING} levels deep; no ACP field is", param=json_path(parts[:MAX_NESTING], root))
-        if isinstance(item, str):
-            if not item.isascii() and _SURROGATE.search(item):
-                path = json_path(parts, root)
-                raise AcpError(400, "invalid_text", f"{path} contains a lone surrogate (not valid Unicode): send "
-                               "UTF-8 text", param=path)
-        elif isinstance(item, dict):
-            for key, sub in item.items():
-                if not key.isascii() and _SURROGATE.search(key):
-                    path = json_path([*parts, key], root)
-                    raise AcpError(400, "invalid_text", f"{path}: a field name with a lone surrogate (not valid "
-                                   "Unicode)", param=path)
-                stack.append((sub, [*parts, key]))
-        elif isinstance(item, list):
-            stack.extend((sub, [*parts, i]) for i, sub in enumerate(item))
+    400 naming where."""
+    found = jsonsafe.first_unreadable(value, MAX_NESTING)
+    if found is None:
+        return
+    path = json_path(found.parts, root)
+    if found.kind == "too_deep":
+        raise AcpError(400, "too_deeply_nested", f"{path} is nested more than {MAX_NESTING} levels deep; no ACP field "
+                       "is", param=path)
+    if found.kind == "surrogate":
+        raise AcpError(400, "invalid_text", f"{path} contains a lone surrogate (not valid Unicode): send UTF-8 text",
+                       param=path)
+    raise AcpError(400, "invalid_text", f"{path}: a field name with a lone surrogate (not valid Unicode)", param=path)
 
 
 def _raise_first(validator: Draft202012Validator, body: Any, root: str) -> None:

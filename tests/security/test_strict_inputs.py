@@ -94,3 +94,9 @@ def test_every_integer_input_has_a_maximum_that_leaves_room_for_sums(tool: dict[
         if "enum" in schema:
             continue
         assert limit is not None and limit <= 10**15, f"{path} has no maximum (or one above 10**15): {schema}"
+
+
+async def test_a_lone_surrogate_inside_an_argument_is_refused_naming_it(client: Client) -> None:
+    error = error_of(await client.call_tool("create_product", {"name": "Pack", "metadata": {"note": "a\ud800b"}}))
+    assert (error["code"], error["param"]) == ("invalid_input", "metadata")
+    assert "lone surrogate" in error["message"]

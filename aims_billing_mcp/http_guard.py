@@ -289,7 +289,7 @@ class HttpGuard:
             return
         from .app import audit
 
-        arguments = audit_arguments(path, scope, body)
+        arguments = request_arguments(path, scope, body)
         outcome = "ok" if status < 400 else "error"
         with contextlib.suppress(Exception):  # a closing store: the request was answered, the row goes with it
             audit(store, f"http:{method} {route_of(path)}", arguments, outcome, code, duration_ms, [],
@@ -337,7 +337,7 @@ def route_of(path: str) -> str:
     return path[:200]
 
 
-def audit_arguments(path: str, scope: Message, body: bytes | None) -> dict[str, Any]:
+def request_arguments(path: str, scope: Message, body: bytes | None) -> dict[str, Any]:
     """What an audit row keeps of a request: the route's ids, the query, the JSON body (or its size), cut."""
     from urllib.parse import parse_qsl
 

@@ -13,7 +13,7 @@ import pytest
 
 from aims_billing_mcp import __version__
 from aims_billing_mcp.cli import build_parser, main
-from aims_billing_mcp.store import Store
+from aims_billing_mcp.store import Store, utc_iso
 
 Parsers = list[tuple[str, argparse.ArgumentParser]]
 
@@ -66,7 +66,7 @@ def write_audit_rows(db: Path, rows: list[tuple[str, str, str, str, str | None]]
 
 
 def stamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return utc_iso(moment.timestamp())
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..store import Store
+from ..store import Store, utc_iso
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class AuditFilter:
 
 
 def _stamp(moment: datetime) -> str:
-    """The format `store.utc_now()` writes, so times compare as text."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """The format the audit rows are written in (`store.utc_now`), so times compare as text."""
+    return utc_iso(moment.timestamp())
 
 
 def _like_literal(text: str) -> str:

@@ -304,8 +304,7 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
                                period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists,
                                ceiling=ceiling)
     prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, retry_delay_scale=retry_delay_scale)
-    commerce = PaymentSessionService(store, mutations, ledger, pricing, max_amount=settings.aims_billing_max_amount,
-                                     prepaid=prepaid)
+    commerce = PaymentSessionService(store, mutations, ledger, pricing, prepaid=prepaid)
     acp = AcpService(store, commerce, pricing,
                      api_keys={key.get_secret_value() for key in settings.aims_billing_acp_api_keys},
                      public_url=settings.aims_billing_public_url,

@@ -503,7 +503,7 @@ async def _check_key(settings: Settings, store: Store) -> bool:
     gateway = build_gateway(settings)
     try:
         mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=0))
-        balance = await CatalogService(mutations, max_amount=settings.aims_billing_max_amount).retrieve_balance()
+        balance = await CatalogService(mutations).retrieve_balance()  # a read: no amount to hold to the ceiling
     except BillingError as exc:
         print(f"  key check: FAILED: {exc.message}")
         return False

@@ -32,16 +32,15 @@ from ..models import (
     format_amount,
 )
 from ..stripe_gateway import StripeRequest
-from .ceiling import DEFAULT_MAX_AMOUNT, Ceiling
+from .ceiling import Ceiling
 from .mutations import StripeMutations, compact
 
 
 class CatalogService:
-    def __init__(self, mutations: StripeMutations, *, max_amount: int | None = None,
-                 ceiling: Ceiling | None = None) -> None:
+    def __init__(self, mutations: StripeMutations, *, ceiling: Ceiling | None = None) -> None:
         self._mutations = mutations
         self._gateway = mutations.gateway
-        self._ceiling = ceiling or Ceiling(max_amount or DEFAULT_MAX_AMOUNT)
+        self._ceiling = ceiling or Ceiling()
         self._mutate = mutations.run
 
     async def _line_item_total(self, line_items: list[LineItem]) -> tuple[int | None, str | None]:

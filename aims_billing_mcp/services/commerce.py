@@ -76,7 +76,7 @@ def _decline_message(error: dict[str, Any] | None) -> str | None:
 class PaymentSessionService:
     def __init__(
         self, store: Store, mutations: StripeMutations, ledger: LedgerService, pricing: Pricing, *,
-        clock: Callable[[], float] = time.time, max_amount: int | None = None,
+        clock: Callable[[], float] = time.time,
         prepaid: PrepaidSubscriptions | None = None,
     ) -> None:
         self._store = store
@@ -86,7 +86,6 @@ class PaymentSessionService:
         self.ledger = ledger  # the wallets fulfilment credits; ACP orders credit the same ones
         self._pricing = pricing
         self._clock = clock
-        self._max_amount = max_amount
         self.prepaid = prepaid  # tier items start a prepaid subscription; ACP orders use the same outbox
         if prepaid is not None:
             prepaid.on_outcome("payment_session", self._subscription_outcome)

@@ -12,7 +12,7 @@ import contextlib
 import io
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,17 +27,21 @@ from . import jsonsafe
 log = logging.getLogger(__name__)
 
 RequestId = str | int | None
-Reply = Callable[[RequestId, int, str], Awaitable[None]]
 MAX_ID_DIGITS = 18  # a JSON-RPC id we answer must fit the SDK's strict int
 
 
 class GuardedLines:
-    """The lines of stdin, minus those the SDK would drop: those are answered through `reply` instead."""
+    """The lines of stdin, minus those the SDK would drop: those are answered on the SDK's write stream instead,
+    once `connect` has handed it over (a bad frame read before that waits for it)."""
 
-    def __init__(self, lines: Any, reply_ready: anyio.Event, replies: list[Reply]) -> None:
+    def __init__(self, lines: Any) -> None:
         self._lines = lines.__aiter__()
-        self._reply_ready = reply_ready
-        self._replies = replies
+        self._connected = anyio.Event()
+        self._write_stream: Any = None
+
+    def connect(self, write_stream: Any) -> None:
+        self._write_stream = write_stream
+        self._connected.set()
 
     def __aiter__(self) -> GuardedLines:
         return self
@@ -48,21 +52,25 @@ class GuardedLines:
             problem = frame_problem(line)
             if problem is None:
                 return line
-            await self._reply_ready.wait()
+            await self._connected.wait()
             await self._answer(line, *problem)
 
     async def _answer(self, line: str, code: int, message: str) -> None:
         request_id, is_request = request_id_of(line)
         if isinstance(request_id, list):  # a batch: one answer per request in it
             for item in request_id:
-                await self._replies[0](item, code, message)
+                await self._reply(item, code, message)
             return
         if not is_request:
             log.warning("stdio: dropped a notification the server cannot read (%s): %s", message, line[:120])
             return
         if request_id is None:
             log.warning("stdio: answered an unreadable frame with id null (%s): %s", message, line[:120])
-        await self._replies[0](request_id, code, message)
+        await self._reply(request_id, code, message)
+
+    async def _reply(self, request_id: RequestId, code: int, message: str) -> None:
+        error = types.JSONRPCError(jsonrpc="2.0", id=request_id, error=types.ErrorData(code=code, message=message))
+        await self._write_stream.send(SessionMessage(error))
 
 
 def frame_problem(line: str) -> tuple[int, str] | None:
@@ -149,20 +157,11 @@ async def guarded_stdio_server() -> AsyncIterator[tuple[Any, Any]]:
     """The SDK's stdio streams, with every frame it would drop answered here. Stdin is claimed as the SDK claims it
     (fd 0 diverted to the null device while serving, so a child process cannot read our frames)."""
     buffer, release = _claim_stdin()
-    lines = anyio.wrap_file(_UnownedText(buffer, encoding="utf-8", errors="replace"))
-    reply_ready = anyio.Event()
-    replies: list[Reply] = []
+    guarded = GuardedLines(anyio.wrap_file(_UnownedText(buffer, encoding="utf-8", errors="replace")))
     try:
-        guarded: Any = GuardedLines(lines, reply_ready, replies)  # the SDK only iterates its stdin's lines
-        async with stdio_server(stdin=guarded) as (read_stream, write_stream):
-
-            async def reply(request_id: RequestId, code: int, message: str) -> None:
-                error = types.JSONRPCError(jsonrpc="2.0", id=request_id,
-                                           error=types.ErrorData(code=code, message=message))
-                await write_stream.send(SessionMessage(error))
-
-            replies.append(reply)
-            reply_ready.set()
+        stdin: Any = guarded  # the SDK only iterates its stdin's lines
+        async with stdio_server(stdin=stdin) as (read_stream, write_stream):
+            guarded.connect(write_stream)
             yield read_stream, write_stream
     finally:
         if release is not None:

@@ -19,6 +19,7 @@ accepted ones written in one group-committed job before the answer).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -63,7 +64,7 @@ class IngestKeys:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IngestKeys:
-        return cls(key.get_secret_value() for key in settings.aims_billing_ingest_keys)
+        return _keys(tuple(key.get_secret_value() for key in settings.aims_billing_ingest_keys))
 
     def authenticate(self, authorization: str | None) -> str:
         """The caller (`ingest:<digest prefix>`) for `Bearer <a configured key>`; else IngestRefused (401/403)."""
@@ -86,7 +87,14 @@ class IngestKeys:
 
 
 def authenticate(state: Any, authorization: str | None) -> str:
+    """The caller of a request, by the keys configured in the state's settings (hashed once, not per request: the
+    guard and the route both ask)."""
     return IngestKeys.from_settings(state.settings).authenticate(authorization)
+
+
+@functools.lru_cache(maxsize=4)
+def _keys(values: tuple[str, ...]) -> IngestKeys:
+    return IngestKeys(values)
 
 
 def _refusal(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Awaitable, Callable
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -263,12 +264,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .services.audit import AuditFilter, audit_report, audit_rows
         from .store import Store
 
-        store = Store(settings.aims_billing_db)
-        try:
+        with closing(Store(settings.aims_billing_db)) as store:
             lines = audit_report(audit_rows(store, AuditFilter(
                 tool=args.tool, customer=args.customer, since=args.since, errors_only=args.errors, limit=args.limit)))
-        finally:
-            store.close()
     elif args.report in ("usage", "receipts"):
         from .app import build_state
 
@@ -282,13 +280,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif args.report == "prepaid":
         from .store import Store
 
-        store = Store(settings.aims_billing_db)
-        try:
+        with closing(Store(settings.aims_billing_db)) as store:
             where, params = ("WHERE customer_id = ?", (args.customer,)) if args.customer else ("", ())
             lines = prepaid_report(store.query(f"SELECT * FROM prepaid_subscriptions {where} ORDER BY created_at",
                                                params))
-        finally:
-            store.close()
     else:
         store, ledger = _ledger(settings)
         try:
@@ -306,11 +301,8 @@ def cmd_prune_audit(args: argparse.Namespace) -> int:
 
     settings = _settings()
     days = args.days if args.days is not None else settings.aims_billing_audit_retention_days
-    store = Store(settings.aims_billing_db)
-    try:
+    with closing(Store(settings.aims_billing_db)) as store:
         pruned = prune_audit(store, retention_days=days)
-    finally:
-        store.close()
     print(f"prune-audit: deleted {pruned} audit row(s) older than {days} days")
     return 0
 

@@ -75,13 +75,19 @@ PAYMENTS: dict[str, Callable[[dict[str, object]], list[tuple[str, str]]]] = {
 }
 
 
+async def challenge_of(http: httpx.AsyncClient) -> dict[str, object]:
+    """The PaymentRequired of an unpaid GET (the 402 challenge a payer answers)."""
+    first = await http.get(f"/x402/credits?{GOOD}")
+    required: dict[str, object] = json.loads(base64.b64decode(first.headers["payment-required"]))
+    return required
+
+
 @pytest.mark.parametrize("case", sorted(PAYMENTS))
 async def test_a_malformed_or_oversized_payment_header_is_a_400_and_credits_nothing(
         server: BillingServer, base: str, case: str) -> None:
     assert server.state is not None
     async with httpx.AsyncClient(base_url=base) as http:
-        first = await http.get(f"/x402/credits?{GOOD}")
-        required = json.loads(base64.b64decode(first.headers["payment-required"]))
+        required = await challenge_of(http)
         before = row_counts(server.state.store)
         answer = await http.get(f"/x402/credits?{GOOD}", headers=httpx.Headers(PAYMENTS[case](required)))
     if case == "huge":  # above the guard's 16 KiB of headers: refused before the route reads it
@@ -98,8 +104,7 @@ async def test_an_agent_without_a_wallet_is_a_404_with_or_without_a_payment(
         server: BillingServer, base: str, with_payment: bool) -> None:
     assert server.state is not None
     async with httpx.AsyncClient(base_url=base) as http:
-        first = await http.get(f"/x402/credits?{GOOD}")
-        required = json.loads(base64.b64decode(first.headers["payment-required"]))
+        required = await challenge_of(http)
         before = row_counts(server.state.store)
         headers = {"PAYMENT-SIGNATURE": header(Payer().pay(required))} if with_payment else {}
         answer = await http.get("/x402/credits?agent_id=nobody&luc=500", headers=headers)

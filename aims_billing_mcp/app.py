@@ -289,7 +289,8 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
     gateway = build_gateway(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale)
     idempotency = IdempotencyService(store, replay_window_seconds=settings.aims_billing_replay_window_seconds)
     mutations = StripeMutations(gateway, idempotency)
-    subscriptions = SubscriptionService(mutations, store, pricing, settings)
+    ceiling = Ceiling.from_settings(settings)  # one per-call money ceiling for every path (services/ceiling.py)
+    subscriptions = SubscriptionService(mutations, store, pricing, settings, ceiling=ceiling)
     secret = settings.stripe_webhook_secret.get_secret_value() if settings.stripe_webhook_secret else None
     if secret is None and gateway.mode is StripeMode.SANDBOX:
         secret = SANDBOX_WEBHOOK_SECRET
@@ -297,7 +298,6 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
         tier = subscriptions.entitled_tier(customer)
         return settings.aims_billing_p2p_agents if tier.id == pricing.p2p.id else tier.agents
 
-    ceiling = Ceiling.from_settings(settings)  # one per-call money ceiling for every path (services/ceiling.py)
     ledger = LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=agent_limit, ceiling=ceiling)
     x402 = X402Service.from_settings(store, ledger, gateway, pricing, settings)
     metering = MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,

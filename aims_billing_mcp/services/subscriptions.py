@@ -49,8 +49,10 @@ class Applied:
 
 
 class SubscriptionService:
-    def __init__(self, mutations: StripeMutations, store: Store, pricing: Pricing, settings: Settings) -> None:
+    def __init__(self, mutations: StripeMutations, store: Store, pricing: Pricing, settings: Settings, *,
+                 ceiling: Ceiling | None = None) -> None:
         self._mutations = mutations
+        self._ceiling = ceiling or Ceiling.from_settings(settings)
         self._gateway = mutations.gateway
         self._store = store
         self._pricing = pricing
@@ -138,7 +140,7 @@ class SubscriptionService:
                 "customer_email": customer_email, "price": price, "overage_price": overage, "trial_days": trial or 0,
                 "expires_at": session.get("expires_at")}}
 
-        await Ceiling.from_settings(self._settings).check_line_items(self._gateway, params["line_items"], "tier")
+        await self._ceiling.check_line_items(self._gateway, params["line_items"], "tier")
         return await self._mutations.run(
             "create_subscription_checkout", "/v1/checkout/sessions", params, SubscriptionCheckoutResult, project,
             idempotency_key=idempotency_key, dry_run=dry_run, owner=customer or customer_email,

@@ -686,7 +686,7 @@ async def test_check_ledger_names_each_kind_of_damage(ledger: LedgerService, sto
     assert rule in {v.rule for v in ledger.check_ledger()}
 
 
-# --- batching: calls of one event-loop turn share one store job ---------------------------------------------------
+# --- batching: concurrent calls share one transaction, without a savepoint each ----------------------------------
 
 
 async def test_refused_and_accepted_calls_in_one_batch_each_get_their_own_outcome(ledger: LedgerService,
@@ -710,8 +710,8 @@ async def test_a_batch_that_fails_as_a_whole_is_rerun_job_by_job(ledger: LedgerS
         raise InvalidState("refused after writing")
 
     good = [ledger.debit_job("a", 10, idempotency_key=f"d{i}", reason="r") for i in range(2)]
-    outcomes = await asyncio.gather(ledger._batcher.submit(good[0]), ledger._batcher.submit(writes_then_refuses),
-                                    ledger._batcher.submit(good[1]), return_exceptions=True)
+    jobs = (good[0], writes_then_refuses, good[1])
+    outcomes = await asyncio.gather(*(store.write(job, savepoint=False) for job in jobs), return_exceptions=True)
 
     assert isinstance(outcomes[1], InvalidState)
     assert [o[0]["balance_after"] for o in (outcomes[0], outcomes[2])] == [90, 80]  # type: ignore[index]

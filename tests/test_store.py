@@ -137,6 +137,52 @@ async def test_writes_that_queue_up_commit_together_in_one_transaction(store: St
     assert store._writer.batches - batches_before <= 2
 
 
+def _insert_key(conn: sqlite3.Connection, keys: list[str]) -> list[object]:
+    """A batch function: one outcome per item, a duplicate key refused on its own."""
+    outcomes: list[object] = []
+    for key in keys:
+        try:
+            conn.execute("INSERT INTO idempotency_keys (tool, key, request_hash, response, created_at) "
+                         "VALUES ('t', ?, 'h', '{}', 'now')", (key,))
+            outcomes.append(key)
+        except sqlite3.IntegrityError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+async def test_items_queued_together_reach_their_batch_function_in_one_call_each_with_its_own_outcome(
+    store: Store,
+) -> None:
+    gate = threading.Event()
+    blocker = store.submit(lambda conn: gate.wait(5))
+    calls: list[int] = []
+
+    def counted(conn: sqlite3.Connection, keys: list[str]) -> list[object]:
+        calls.append(len(keys))
+        return _insert_key(conn, keys)
+
+    pending = [asyncio.ensure_future(store.write_item(counted, key)) for key in ("a", "b", "a", "c")]
+    await asyncio.sleep(0)
+    gate.set()
+    outcomes = await asyncio.gather(*pending, return_exceptions=True)
+
+    assert blocker.result() is True
+    assert calls == [4]
+    assert [o if isinstance(o, str) else type(o).__name__ for o in outcomes] == ["a", "b", "IntegrityError", "c"]
+
+
+async def test_a_batch_function_that_raises_fails_its_items_and_no_other_job(store: Store) -> None:
+    def broken(conn: sqlite3.Connection, keys: list[str]) -> list[object]:
+        _insert_key(conn, keys)
+        raise RuntimeError("broken")
+
+    outcomes = await asyncio.gather(store.write_item(broken, "x"), store.write_item(_insert_key, "y"),
+                                    return_exceptions=True)
+
+    assert isinstance(outcomes[0], RuntimeError) and outcomes[1] == "y"
+    assert [r["key"] for r in store.query("SELECT key FROM idempotency_keys")] == ["y"]
+
+
 async def test_a_write_is_visible_to_a_fresh_connection_once_acknowledged(store: Store) -> None:
     await store.write(lambda conn: conn.execute(
         "INSERT INTO webhook_events (id, type, created, payload, received_at) VALUES ('evt_1', 't', 0, '{}', 'now')"))

@@ -34,15 +34,15 @@ may share a key), so one agent can never squat or replay another agent's keys. T
 effect, holding a hash of the arguments and the first result: a retry with the same arguments gets that result with
 `replayed: true`; with other arguments, IdempotencyConflict. A refused call writes nothing, so its key stays free.
 
-Every operation is one job on the store's single writer, so concurrent callers share group commits; the jobs of
-one event-loop turn go as one store job (see `_Batcher`). Validation that needs no data happens before the job;
+Every operation is one job on the store's single writer, so concurrent callers share group commits; the jobs are
+trusted ones (no savepoint each: see `store.core._WriteJob`), since each makes all its checks before its first
+write. Validation that needs no data happens before the job;
 everything that reads the ledger happens inside it, on the writer's connection, where no other write interleaves,
 and every check comes before the job's first write.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import sqlite3
@@ -53,7 +53,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from ..errors import (
-    BillingError,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidInput,
@@ -63,7 +62,7 @@ from ..errors import (
     SpendCapExceeded,
     WalletFrozen,
 )
-from ..store import Store, dumps, new_id, settle, utc_iso
+from ..store import Store, dumps, new_id, utc_iso
 from .ceiling import Ceiling
 from .ledger_models import (
     FreezeResult,
@@ -92,7 +91,6 @@ MAX_ROW_ID = 2**63 - 1  # SQLite's largest integer
 MAX_HOLD_TTL = 30 * DAY
 MAX_TEXT = 500
 MAX_PAGE = 500
-MAX_BATCH_JOBS = 256  # ledger jobs per store job; the store commits several store jobs together
 
 R = TypeVar("R", bound=LedgerResult)
 Job = Callable[[sqlite3.Connection], tuple[dict[str, Any], bool]]
@@ -154,7 +152,6 @@ class LedgerService:
         self._luc_per_usd = luc_per_usd
         self._agent_limit = agent_limit
         self._clock = clock
-        self._batcher = _Batcher(store)
         self.ceiling = ceiling or Ceiling()  # the per-call money ceiling; payment sessions and x402 apply it too
 
     # --- wallets ------------------------------------------------------------------------------------------------
@@ -601,76 +598,10 @@ class LedgerService:
         return job
 
     async def _submit(self, model: type[R], job: Job) -> R:
-        response, replayed = await self._batcher.submit(job)
+        response, replayed = await self._store.write(job, savepoint=False)
         if replayed:  # stored JSON, perhaps from an older version: validate it
             return model.model_validate({**response, "replayed": True})
         return model.model_construct(**response)  # built just now by our own job, field by field
-
-
-class _Batcher:
-    """Gathers the ledger jobs submitted during one turn of the event loop into one store job.
-
-    The store already commits concurrent jobs together, but runs each in its own SAVEPOINT, which costs about as
-    much as the debit itself (SQLite copies every page the job touches to a statement journal). Ledger jobs need
-    no savepoint: each makes all its checks before its first write, so a refused job has written nothing (the
-    batch verifies this with `total_changes` and treats any exception to it as a failure). If the batch fails as a
-    whole (an unexpected error: the store rolls it back), each job is re-run alone, so each caller gets its own
-    outcome and one bad job cannot fail its neighbours.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Job, asyncio.Future[Any]]]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def submit(self, job: Job) -> asyncio.Future[tuple[dict[str, Any], bool]]:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[tuple[dict[str, Any], bool]] = loop.create_future()
-        pending = self._pending.get(loop)
-        if pending is None:
-            pending = self._pending[loop] = []
-            loop.call_soon(self._flush, loop)
-        pending.append((job, waiter))
-        return waiter
-
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch = self._pending.pop(loop)
-        for start in range(0, len(batch), MAX_BATCH_JOBS):
-            task = loop.create_task(self._write(batch[start:start + MAX_BATCH_JOBS]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _write(self, batch: list[tuple[Job, asyncio.Future[Any]]]) -> None:
-        jobs = [job for job, _ in batch]
-        outcomes: list[tuple[Any, BaseException | None]]
-        try:
-            outcomes = await self._store.write(lambda conn: _run_all(conn, jobs))
-        except Exception as exc:
-            if len(jobs) == 1:
-                outcomes = [(None, exc)]
-            else:
-                results = await asyncio.gather(*(self._store.write(job) for job in jobs), return_exceptions=True)
-                outcomes = [(None, r) if isinstance(r, BaseException) else (r, None) for r in results]
-        except BaseException as exc:  # cancelled (the loop is shutting down): nobody is left unanswered
-            for _, waiter in batch:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-            raise
-        for (_, waiter), (result, error) in zip(batch, outcomes, strict=True):
-            settle(waiter, result, error)
-
-
-def _run_all(conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[Any, BaseException | None]]:
-    outcomes: list[tuple[Any, BaseException | None]] = []
-    for job in jobs:
-        before = conn.total_changes
-        try:
-            outcomes.append((job(conn), None))
-        except BillingError as exc:
-            if conn.total_changes != before:
-                raise RuntimeError("a ledger job was refused after it wrote: the batch is undone") from exc
-            outcomes.append((None, exc))
-    return outcomes
 
 
 # --- writer-side helpers: they run inside a store job, on the writer's connection ----------------------------------

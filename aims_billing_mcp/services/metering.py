@@ -8,10 +8,11 @@ answer (period usage, remaining allowance, overage, cost) is computed from a tot
 with, and never from a SUM over the period's events. The caller hears back only after COMMIT.
 
 Sharing writer jobs. The store already commits every job that has gathered in one transaction; record goes one step
-further and puts every event that arrived in the same turn of the event loop into one writer job (`store.submit`):
-one lookup of their identifiers, one read of their period totals, one `executemany` each for the events, the totals
-and the per-operation counters. Each event is still in exactly one job with its totals, and a replay or conflict is
-an answer computed in the job, not an exception, so one event never undoes another.
+further: each event is an item of one batch function (`store.write_item(self._apply, event)`), so the events the
+writer finds queued go to `_apply` together: one lookup of their identifiers, one read of their period totals, one
+`executemany` each for the events, the totals and the per-operation counters. Each event is still in exactly one
+call with its totals, and a replay or conflict is an answer computed in the call, not an exception, so one event
+never undoes another.
 
 Batches. `record_many` (create_meter_events, POST /v1/usage/events) parses each item on its own (MeterEventInput,
 strict), checks it as `record` does, asks about each new customer once, and submits every event that passed as one
@@ -59,14 +60,13 @@ it. A refusal at the limit gives counts and the first expiry, never other tasks'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import secrets
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import InvalidOperation
 from typing import Any
@@ -74,7 +74,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound, Refused
-from ..store import Store, dumps, new_id, settle, utc_now
+from ..store import Store, dumps, new_id, utc_now
 from .ceiling import Ceiling
 from .metering_models import (
     EventCounts,
@@ -112,7 +112,6 @@ MAX_METADATA = 4000  # characters of canonical JSON
 MAX_UNITS = 10**12  # per event; weighted totals stay far below SQLite's 2**63
 MAX_SLOT_TTL = 7 * DAY
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second a date formatter can show
-MAX_JOB = 500  # events per writer job (record: the events of one turn of the event loop)
 MAX_BATCH = 1000  # events per record_many call: one writer job, so a batch is written whole or not at all
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
@@ -161,7 +160,7 @@ class _Draft:
 
 @dataclass(slots=True)
 class _Event:
-    """A validated event waiting for the writer, and the future its caller awaits."""
+    """A validated event waiting for the writer."""
 
     identifier: str
     customer: str
@@ -176,7 +175,6 @@ class _Event:
     tier: Tier
     period_start: int
     period_end: int
-    future: asyncio.Future[MeterEventResult] = field(repr=False)
 
 
 @dataclass(slots=True)
@@ -271,7 +269,6 @@ class MeteringService:
         self._known: set[str] = set()
         self._unknown: dict[str, float] = {}
         self._verifying: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Task[bool]] = {}
-        self._queues: dict[asyncio.AbstractEventLoop, list[_Event]] = {}
         self._terms_cache: dict[tuple[str, int, int], Tier] = {}
 
     # --- validation (no data needed) ---------------------------------------------------------------------------
@@ -471,15 +468,9 @@ class MeteringService:
         now = self._clock()
         draft = self._draft(now, customer, units, operation, multiplier, identifier, timestamp, agent_id, metadata)
         await self._ensure_customer(draft.customer)
-        loop = asyncio.get_running_loop()
-        event = self._event(draft, now, loop.create_future(), {})
-        queue = self._queues.get(loop)
-        if queue is None:
-            self._queues[loop] = [event]
-            loop.call_soon(self._dispatch, loop)
-        else:
-            queue.append(event)
-        return await event.future
+        event = self._event(draft, now, {})
+        result: MeterEventResult = await self._store.write_item(self._apply, event)
+        return result
 
     def _draft(self, now: float, customer: Any, units: Any, operation: Any, multiplier: Any, identifier: Any,
                timestamp: Any, agent_id: Any, metadata: Any) -> _Draft:
@@ -492,8 +483,7 @@ class MeteringService:
         return _Draft(customer, raw, op, milli, ident, when, timestamp is not None, self._text(agent_id, "agent_id"),
                       self._metadata(metadata))
 
-    def _event(self, draft: _Draft, now: float, future: asyncio.Future[MeterEventResult],
-               current: dict[str, tuple[UsagePeriod, Tier]]) -> _Event:
+    def _event(self, draft: _Draft, now: float, current: dict[str, tuple[UsagePeriod, Tier]]) -> _Event:
         """The event of a verified customer's draft: its period and terms, within the money ceiling. `current` keeps
         each customer's current period and its terms across a batch: an event inside that period (every event
         without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
@@ -519,7 +509,7 @@ class MeteringService:
                             what="the most these units can cost, all at the overage rate")
         return _Event(draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
                       when, draft.timestamp_given, draft.agent_id, draft.metadata, terms, period.start, period.end,
-                      future)
+)
 
     async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
         """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
@@ -546,14 +536,12 @@ class MeteringService:
                 unknown[customer] = verdict
             elif isinstance(verdict, BaseException):
                 raise verdict
-        # one placeholder future for every event: a batch is answered from its writer job's results, not per event
-        unanswered: asyncio.Future[MeterEventResult] = asyncio.get_running_loop().create_future()
         current: dict[str, tuple[UsagePeriod, Tier]] = {}
         outcomes: list[_Event | BillingError] = []
         for draft in drafts:
             if isinstance(draft, _Draft):
                 try:
-                    outcomes.append(unknown.get(draft.customer) or self._event(draft, now, unanswered, current))
+                    outcomes.append(unknown.get(draft.customer) or self._event(draft, now, current))
                 except BillingError as exc:
                     outcomes.append(exc)
             else:
@@ -597,31 +585,6 @@ class MeteringService:
             raise _input_error(exc) from None
         return self._draft(now, event.customer, event.units, event.operation, event.multiplier, event.identifier,
                            event.timestamp, event.agent_id, event.metadata)
-
-    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Hand the events gathered in this turn of the loop to the writer, MAX_JOB per job."""
-        events = self._queues.pop(loop, [])
-        for index in range(0, len(events), MAX_JOB):
-            self._submit(loop, events[index:index + MAX_JOB])
-
-    def _submit(self, loop: asyncio.AbstractEventLoop, events: list[_Event]) -> None:
-        done = self._store.submit(lambda conn: self._apply(conn, events))
-        done.add_done_callback(lambda outcome: self._settle_soon(loop, events, outcome))
-
-    def _settle_soon(self, loop: asyncio.AbstractEventLoop, events: list[_Event], outcome: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more; the write stands
-            loop.call_soon_threadsafe(self._settle, events, outcome)
-
-    @staticmethod
-    def _settle(events: list[_Event], outcome: Any) -> None:
-        error = outcome.exception()
-        results = None if error is not None else outcome.result()
-        for index, event in enumerate(events):
-            result = error if results is None else results[index]
-            if isinstance(result, BaseException):
-                settle(event.future, None, result)
-            else:
-                settle(event.future, result, None)
 
     def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event],
                brief: bool = False) -> list[Any]:

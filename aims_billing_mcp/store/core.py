@@ -116,26 +116,26 @@ def _statements(sql: str) -> Iterable[str]:
 
 class _WriteJob:
     """One write and how its caller hears the outcome: an asyncio future resolved on the caller's loop (the async
-    path: no thread-safe Future and no wrap_future chain per write), or a concurrent Future (sync callers)."""
+    path: no thread-safe Future and no wrap_future chain per write), or a concurrent Future (sync callers).
 
-    __slots__ = ("fn", "future", "loop", "waiter")
+    A job is one of three kinds. A plain job runs in its own SAVEPOINT, so its failure undoes it alone. A *trusted*
+    job (`savepoint=False`) promises to make every check before its first write, so a refusal has nothing to undo
+    and the savepoint (which costs about as much as a small write: SQLite copies every page the job touches to a
+    statement journal) is skipped; should a trusted job fail after writing, the writer undoes the whole batch and
+    runs it again with a savepoint per job. An *item* (`group` set) is one element for a batch function: the items
+    of one group in one batch are handed to it together (one SELECT for all, one executemany), inside one
+    savepoint, and it answers one outcome per item."""
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop | None = None) -> None:
+    __slots__ = ("fn", "future", "group", "loop", "trusted", "waiter")
+
+    def __init__(self, fn: Any, loop: asyncio.AbstractEventLoop | None = None, *, trusted: bool = False,
+                 group: Callable[[sqlite3.Connection, list[Any]], list[Any]] | None = None) -> None:
         self.fn = fn
         self.loop = loop
+        self.trusted = trusted
+        self.group = group
         self.waiter: asyncio.Future[Any] | None = loop.create_future() if loop is not None else None
         self.future: Future[Any] | None = None if loop is not None else Future()
-
-    def resolve(self, result: Any, error: BaseException | None) -> None:
-        if self.waiter is not None and self.loop is not None:
-            # a closed loop means nobody is waiting any more; the write itself stands
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(settle, self.waiter, result, error)
-        elif self.future is not None:
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
 
 
 def new_id(prefix: str) -> str:
@@ -145,7 +145,7 @@ def new_id(prefix: str) -> str:
 
 
 def settle(waiter: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    """Answer a caller's future with a write's outcome, on the caller's loop; batching writers share it."""
+    """Answer a caller's future with a write's outcome, on the caller's loop."""
     if waiter.done():  # the caller was cancelled; the write itself stands
         return
     if error is not None:
@@ -154,8 +154,18 @@ def settle(waiter: asyncio.Future[Any], result: Any, error: BaseException | None
         waiter.set_result(result)
 
 
+def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for waiter, result, error in outcomes:
+        settle(waiter, result, error)
+
+
 _STOP = object()
 _FLUSH = object()
+Outcome = tuple[_WriteJob, Any, "BaseException | None"]
+
+
+class _Redo(Exception):
+    """A trusted job failed after it wrote: the batch is undone and run again, a savepoint per job."""
 
 
 class Writer:
@@ -176,8 +186,15 @@ class Writer:
         assert job.future is not None
         return job.future
 
-    def submit_async(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        job = _WriteJob(fn, asyncio.get_running_loop())
+    def submit_async(self, fn: Callable[[sqlite3.Connection], T], *, trusted: bool = False) -> asyncio.Future[T]:
+        job = _WriteJob(fn, asyncio.get_running_loop(), trusted=trusted)
+        self._queue.put(job)
+        assert job.waiter is not None
+        return job.waiter
+
+    def submit_item(self, group: Callable[[sqlite3.Connection, list[Any]], list[Any]],
+                    item: Any) -> asyncio.Future[Any]:
+        job = _WriteJob(item, asyncio.get_running_loop(), group=group)
         self._queue.put(job)
         assert job.waiter is not None
         return job.waiter
@@ -232,30 +249,87 @@ class Writer:
 
     def _commit(self, batch: list[_WriteJob]) -> None:
         conn = self._conn
-        outcomes: list[tuple[_WriteJob, Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                conn.execute("SAVEPOINT job")
-                try:
-                    result = job.fn(conn)
-                except BaseException as exc:  # the job's own failure: undo it alone
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    outcomes.append((job, None, exc))
-                else:
-                    conn.execute("RELEASE job")
-                    outcomes.append((job, result, None))
-            conn.execute("COMMIT")
+            try:
+                outcomes = self._transaction(batch, trust=True)
+            except _Redo:
+                outcomes = self._transaction(batch, trust=False)
             self.batches += 1
         except BaseException as exc:  # the transaction itself failed: nobody's write landed
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for job in batch:
-                job.resolve(None, exc)
-            return
+            outcomes = [(job, None, exc) for job in batch]
+        self._resolve(outcomes)
+
+    def _transaction(self, batch: list[_WriteJob], *, trust: bool) -> list[Outcome]:
+        conn = self._conn
+        outcomes: list[Outcome] = []
+        groups: dict[Any, list[_WriteJob]] = {}
+        for job in batch:
+            if job.group is not None:
+                groups.setdefault(job.group, []).append(job)
+        conn.execute("BEGIN IMMEDIATE")
+        for job in batch:
+            if job.group is not None:
+                members = groups.pop(job.group, None)
+                if members is not None:  # the group runs where its first item stood
+                    outcomes.extend(self._run_group(job.group, members))
+                continue
+            if trust and job.trusted:
+                before = conn.total_changes
+                try:
+                    outcomes.append((job, job.fn(conn), None))
+                except BaseException as exc:
+                    if conn.total_changes != before:
+                        conn.execute("ROLLBACK")
+                        raise _Redo from exc
+                    outcomes.append((job, None, exc))
+                continue
+            conn.execute("SAVEPOINT job")
+            try:
+                result = job.fn(conn)
+            except BaseException as exc:  # the job's own failure: undo it alone
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                outcomes.append((job, None, exc))
+            else:
+                conn.execute("RELEASE job")
+                outcomes.append((job, result, None))
+        conn.execute("COMMIT")
+        return outcomes
+
+    def _run_group(self, group: Callable[[sqlite3.Connection, list[Any]], list[Any]],
+                   members: list[_WriteJob]) -> list[Outcome]:
+        conn = self._conn
+        conn.execute("SAVEPOINT job")
+        try:
+            results = group(conn, [member.fn for member in members])
+            if len(results) != len(members):
+                raise RuntimeError(f"a batch function answered {len(results)} outcomes for {len(members)} items")
+        except BaseException as exc:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            return [(member, None, exc) for member in members]
+        conn.execute("RELEASE job")
+        return [(member, None, result) if isinstance(result, BaseException) else (member, result, None)
+                for member, result in zip(members, results, strict=True)]
+
+    @staticmethod
+    def _resolve(outcomes: list[Outcome]) -> None:
+        """Answer every caller: one wake-up per event loop (not one per job), futures directly."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
         for job, result, error in outcomes:
-            job.resolve(result, error)
+            if job.waiter is not None and job.loop is not None:
+                by_loop.setdefault(job.loop, []).append((job.waiter, result, error))
+            elif job.future is not None:
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(result)
+        for loop, answers in by_loop.items():
+            # a closed loop means nobody is waiting any more; the writes themselves stand
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle_all, answers)
 
 
 # --- opening errors ---------------------------------------------------------------------------------------------
@@ -378,9 +452,16 @@ class Store:
             return self.db.table_names()  # type: ignore[no-any-return]
 
     # writes
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(conn)` in the writer's next transaction; return after COMMIT (or raise what fn raised)."""
-        return await self._writer.submit_async(fn)
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, savepoint: bool = True) -> T:
+        """Run `fn(conn)` in the writer's next transaction; return after COMMIT (or raise what fn raised).
+
+        `savepoint=False` is for a job that makes every check before its first write (see `_WriteJob`)."""
+        return await self._writer.submit_async(fn, trusted=not savepoint)
+
+    async def write_item(self, group: Callable[[sqlite3.Connection, list[Any]], list[Any]], item: Any) -> Any:
+        """Hand `item` to `group(conn, items)` together with every other item of that group in the writer's next
+        transaction; return its outcome after COMMIT (raise it, if the outcome is an exception)."""
+        return await self._writer.submit_item(group, item)
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return self._writer.submit(fn).result()

@@ -5,14 +5,20 @@ one aggregate's operations each, as a `Protocol` (the seam a second backend impl
 implementation beside it.
 """
 
+from pathlib import Path
+
+from .acp import AcpStore, SqliteAcpStore
+from .audit import AuditStore, SqliteAuditStore
+from .commerce import CommerceStore, SqliteCommerceStore
 from .core import (
     BUSY_TIMEOUT_MS,
     DEFER_SECONDS,
     MAX_BATCH,
     MIGRATIONS,
     SCHEMA_VERSION,
-    Store,
+    StoreCore,
     StoreUnavailable,
+    Tx,
     Writer,
     check_database_file,
     connect,
@@ -26,9 +32,31 @@ from .core import (
     utc_iso,
     utc_now,
 )
+from .idempotency import IdempotencyStore, SqliteIdempotencyStore
+from .ledger import LedgerStore, SqliteLedgerStore
+from .metering import MeteringStore, SqliteMeteringStore
+from .prepaid import PrepaidStore, SqlitePrepaidStore
+from .webhooks import SqliteWebhooksStore, WebhooksStore
+from .x402 import SqliteX402Store, X402Store
 
 __all__ = [
-    "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "Store", "StoreUnavailable",
-    "Writer", "check_database_file", "connect", "dumps", "load_migrations", "migrate", "monotonic_ms", "new_id",
-    "schema_version", "settle", "utc_iso", "utc_now",
+    "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "Store", "StoreCore",
+    "StoreUnavailable", "Tx", "Writer", "check_database_file", "connect", "dumps", "load_migrations", "migrate",
+    "monotonic_ms", "new_id", "schema_version", "settle", "utc_iso", "utc_now",
 ]
+
+
+class Store(StoreCore):
+    """The SQLite store: the core (connections, migrations, the writer) and one object per aggregate."""
+
+    def __init__(self, path: Path | str, *, migrate_upto: int | None = None) -> None:
+        super().__init__(path, migrate_upto=migrate_upto)
+        self.ledger: LedgerStore = SqliteLedgerStore(self)
+        self.metering: MeteringStore = SqliteMeteringStore(self)
+        self.idempotency: IdempotencyStore = SqliteIdempotencyStore(self)
+        self.audit: AuditStore = SqliteAuditStore(self)
+        self.webhooks: WebhooksStore = SqliteWebhooksStore(self)
+        self.x402: X402Store = SqliteX402Store(self)
+        self.commerce: CommerceStore = SqliteCommerceStore(self)
+        self.acp: AcpStore = SqliteAcpStore(self)
+        self.prepaid: PrepaidStore = SqlitePrepaidStore(self)

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-Job = Callable[[sqlite3.Connection], T]
+Tx = sqlite3.Connection  # what a write job receives: the writer's transaction (services name it, never sqlite3)
+Job = Callable[[Tx], T]
 
 BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 256
@@ -400,8 +401,9 @@ def check_database_file(path: Path, setting: str) -> None:
 # --- the store --------------------------------------------------------------------------------------------------
 
 
-class Store:
-    """Reads on a reader connection in the caller's thread; writes through the one writer."""
+class StoreCore:
+    """Reads on a reader connection in the caller's thread; writes through the one writer. `Store` (the package's)
+    adds one object per aggregate with its named operations."""
 
     def __init__(self, path: Path | str, *, migrate_upto: int | None = None) -> None:
         self.path = Path(path)

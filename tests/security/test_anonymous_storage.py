@@ -47,7 +47,8 @@ async def test_300_anonymous_x402_challenges_write_no_rows_and_a_paid_one_stores
         await give_tier(server, "cus_team", "3mo")
         await server.state.ledger.create_wallet("buyer", "cus_team", None, "w-buyer")
         before = row_counts(store)
-        async with httpx.AsyncClient(base_url=base) as http:
+        # no pool timeout: 300 requests queue for httpx's 100 connections, which takes long on a loaded machine
+        async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10, pool=None)) as http:
             answers: dict[int, httpx.Response] = {}
 
             async def get(n: int) -> None:

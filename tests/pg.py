@@ -1,0 +1,101 @@
+"""A throwaway PostgreSQL cluster for tests and benchmarks: Debian's server binaries (`pg_config --bindir`), a data
+directory and socket in a temporary directory, a free loopback port, stopped and deleted afterwards.
+
+`initdb` refuses to run as root, so as root every server program runs as the `postgres` user (`runuser`), which
+then owns the directory. Readiness is `pg_isready -t`, which blocks until the server accepts connections.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def bindir() -> Path | None:
+    found = shutil.which("pg_config")
+    if found:
+        out = subprocess.run([found, "--bindir"], capture_output=True, text=True, check=False).stdout.strip()
+        if out and (Path(out) / "initdb").exists():
+            return Path(out)
+    initdb = shutil.which("initdb")
+    return Path(initdb).resolve().parent if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Cluster:
+    """One PostgreSQL server: `url(db)` for a database in it, `create_database(name)` for a fresh one."""
+
+    def __init__(self, *, fsync: bool = False) -> None:
+        found = bindir()
+        if found is None:
+            raise RuntimeError("PostgreSQL's server binaries are missing: install Debian's `postgresql` package "
+                               "(apt-get install -y postgresql); .ci/run does this on a fresh machine")
+        self.bin = found
+        self.root = Path(tempfile.mkdtemp(prefix="aims-pg-"))
+        self.data = self.root / "data"
+        self.socket_dir = self.root / "sock"
+        self.port = _free_port()
+        self.fsync = fsync
+        self.password = "pw-" + os.urandom(6).hex()
+        self._as_postgres = os.geteuid() == 0
+        self._started = False
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        prefix = ["runuser", "-u", "postgres", "--"] if self._as_postgres else []
+        return subprocess.run([*prefix, *args], capture_output=True, text=True, check=True)
+
+    def start(self) -> Cluster:
+        self.data.mkdir()
+        self.socket_dir.mkdir()
+        if self._as_postgres:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.data, "postgres")
+            shutil.chown(self.socket_dir, "postgres")
+        password_file = self.root / "password"
+        password_file.write_text(self.password)
+        if self._as_postgres:
+            shutil.chown(password_file, "postgres")
+        # the socket trusts the local user; TCP (what the URLs use) asks for the password, as a real server does
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "--auth-local=trust",
+                  "--auth-host=scram-sha-256", "-U", "postgres", f"--pwfile={password_file}", "-E", "UTF8",
+                  "--no-locale", "--no-sync")
+        options = [f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.socket_dir}",
+                   f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 -c shared_buffers=64MB"]
+        if not self.fsync:
+            options.append("-c synchronous_commit=off -c full_page_writes=off")
+        try:  # -w: pg_ctl returns once the server accepts connections
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w",
+                      "-t", "60", "-o", " ".join(options), "start")
+        except subprocess.CalledProcessError as exc:
+            log = (self.root / "server.log").read_text(errors="replace")[-2000:]
+            self.stop()
+            raise RuntimeError(f"the throwaway PostgreSQL did not start: {exc.stderr} {log}") from None
+        self._started = True
+        return self
+
+    def url(self, database: str = "postgres", *, user: str = "postgres", password: str | None = None) -> str:
+        return f"postgresql://{user}:{password or self.password}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self._started:  # fast shutdown: open connections are closed, not waited for
+            subprocess.run([*(["runuser", "-u", "postgres", "--"] if self._as_postgres else []),
+                            str(self.bin / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast", "-w"],
+                           capture_output=True, check=False)
+            self._started = False
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -18,6 +18,8 @@ translated once, in `stripe_gateway.py`, into this tree; nothing else catches SD
     ├── PaymentRejected               an x402 payment failed verification or settlement; `code` is the x402
     │                                 spec's reason (invalid_exact_evm_payload_signature, ..._nonce_already_used)
     ├── ConfigurationError            settings refuse the call (live key without opt-in, price not set up)
+    ├── DatabaseBusy                  the database could not take the call now (pool exhausted, conflicts kept
+    │                                 recurring, connection lost): retry with the same idempotency key
     └── StripeError                   Stripe (or the sandbox) refused or failed; keeps type/code/param/request_id
         ├── StripeAuthenticationFailed    401: the key is wrong or revoked
         ├── StripeInvalidRequest          400/404: a param or id Stripe does not accept
@@ -107,6 +109,11 @@ class PaymentRejected(BillingError):
 
 class ConfigurationError(BillingError):
     code = "configuration_error"
+
+
+class DatabaseBusy(BillingError):
+    code = "database_busy"
+    retryable = True
 
 
 class StripeError(BillingError):

@@ -169,38 +169,44 @@ class _Redo(Exception):
     """A trusted job failed after it wrote: the batch is undone and run again, a savepoint per job."""
 
 
-class Writer:
-    """One thread, one connection, group commit: callers wait only for the COMMIT that includes their job."""
+class BatchingWriter:
+    """Writer threads fed by one queue: each takes whatever has gathered (up to MAX_BATCH jobs) and commits it in one
+    transaction (group commit), answering each caller only after COMMIT. What a transaction is belongs to the
+    backend (`_commit`): SQLite has one writer thread, PostgreSQL several."""
 
-    def __init__(self, path: Path | str) -> None:
-        self._conn = connect(path)
+    name = "aims-billing-writer"
+
+    def __init__(self, threads: int = 1) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._deferred: list[_WriteJob] = []
         self._deferred_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="aims-billing-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"{self.name}-{n}", daemon=True)
+                         for n in range(threads)]
         self.batches = 0
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+    def _start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[[Any], T]) -> Future[T]:
         job = _WriteJob(fn)
         self._queue.put(job)
         assert job.future is not None
         return job.future
 
-    def submit_async(self, fn: Callable[[sqlite3.Connection], T], *, trusted: bool = False) -> asyncio.Future[T]:
+    def submit_async(self, fn: Callable[[Any], T], *, trusted: bool = False) -> asyncio.Future[T]:
         job = _WriteJob(fn, asyncio.get_running_loop(), trusted=trusted)
         self._queue.put(job)
         assert job.waiter is not None
         return job.waiter
 
-    def submit_item(self, group: Callable[[sqlite3.Connection, list[Any]], list[Any]],
-                    item: Any) -> asyncio.Future[Any]:
+    def submit_item(self, group: Callable[[Any, list[Any]], list[Any]], item: Any) -> asyncio.Future[Any]:
         job = _WriteJob(item, asyncio.get_running_loop(), group=group)
         self._queue.put(job)
         assert job.waiter is not None
         return job.waiter
 
-    def defer(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+    def defer(self, fn: Callable[[Any], T]) -> Future[T]:
         """A write nobody waits for (a read-only call's audit row): it rides along with the next batch, or commits
         on its own within DEFER_SECONDS, so a stream of reads does not pay one commit each."""
         job = _WriteJob(fn)
@@ -218,10 +224,15 @@ class Writer:
         return taken
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        alive = [thread for thread in self._threads if thread.is_alive()]
+        for _ in alive:
             self._queue.put(_STOP)
-            self._thread.join()
-        self._conn.close()
+        for thread in alive:
+            thread.join()
+        self._close_connections()
+
+    def _close_connections(self) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         stop = False
@@ -249,6 +260,53 @@ class Writer:
                 self._commit(batch)
 
     def _commit(self, batch: list[_WriteJob]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _groups(batch: list[_WriteJob]) -> dict[Any, list[_WriteJob]]:
+        groups: dict[Any, list[_WriteJob]] = {}
+        for job in batch:
+            if job.group is not None:
+                groups.setdefault(job.group, []).append(job)
+        return groups
+
+    @staticmethod
+    def _group_outcomes(members: list[_WriteJob], results: list[Any]) -> list[Outcome]:
+        if len(results) != len(members):
+            raise RuntimeError(f"a batch function answered {len(results)} outcomes for {len(members)} items")
+        return [(member, None, result) if isinstance(result, BaseException) else (member, result, None)
+                for member, result in zip(members, results, strict=True)]
+
+    @staticmethod
+    def _resolve(outcomes: list[Outcome]) -> None:
+        """Answer every caller: one wake-up per event loop (not one per job), futures directly."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for job, result, error in outcomes:
+            if job.waiter is not None and job.loop is not None:
+                by_loop.setdefault(job.loop, []).append((job.waiter, result, error))
+            elif job.future is not None:
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(result)
+        for loop, answers in by_loop.items():
+            # a closed loop means nobody is waiting any more; the writes themselves stand
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle_all, answers)
+
+
+class Writer(BatchingWriter):
+    """SQLite's: one thread, one connection (several writer connections would contend through busy_timeout)."""
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__(threads=1)
+        self._conn = connect(path)
+        self._start()
+
+    def _close_connections(self) -> None:
+        self._conn.close()
+
+    def _commit(self, batch: list[_WriteJob]) -> None:
         conn = self._conn
         try:
             try:
@@ -265,10 +323,7 @@ class Writer:
     def _transaction(self, batch: list[_WriteJob], *, trust: bool) -> list[Outcome]:
         conn = self._conn
         outcomes: list[Outcome] = []
-        groups: dict[Any, list[_WriteJob]] = {}
-        for job in batch:
-            if job.group is not None:
-                groups.setdefault(job.group, []).append(job)
+        groups = self._groups(batch)
         conn.execute("BEGIN IMMEDIATE")
         for job in batch:
             if job.group is not None:
@@ -304,33 +359,13 @@ class Writer:
         conn = self._conn
         conn.execute("SAVEPOINT job")
         try:
-            results = group(conn, [member.fn for member in members])
-            if len(results) != len(members):
-                raise RuntimeError(f"a batch function answered {len(results)} outcomes for {len(members)} items")
+            outcomes = self._group_outcomes(members, group(conn, [member.fn for member in members]))
         except BaseException as exc:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
             return [(member, None, exc) for member in members]
         conn.execute("RELEASE job")
-        return [(member, None, result) if isinstance(result, BaseException) else (member, result, None)
-                for member, result in zip(members, results, strict=True)]
-
-    @staticmethod
-    def _resolve(outcomes: list[Outcome]) -> None:
-        """Answer every caller: one wake-up per event loop (not one per job), futures directly."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
-        for job, result, error in outcomes:
-            if job.waiter is not None and job.loop is not None:
-                by_loop.setdefault(job.loop, []).append((job.waiter, result, error))
-            elif job.future is not None:
-                if error is not None:
-                    job.future.set_exception(error)
-                else:
-                    job.future.set_result(result)
-        for loop, answers in by_loop.items():
-            # a closed loop means nobody is waiting any more; the writes themselves stand
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle_all, answers)
+        return outcomes
 
 
 # --- opening errors ---------------------------------------------------------------------------------------------

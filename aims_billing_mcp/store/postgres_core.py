@@ -1,0 +1,196 @@
+"""The PostgreSQL store core (issue 15): what `StoreCore` is for SQLite, over a shared database that several
+instances write at once.
+
+Why several writer threads, each with its own connection, instead of SQLite's one: PostgreSQL takes concurrent
+writers well (row locks, not a file lock), and a commit waits for the WAL flush, so a few transactions in flight
+at once are what keeps throughput up. Each thread still commits whatever has gathered in its queue in one
+transaction (group commit), a savepoint per job, so one job's failure undoes it alone.
+
+Why retries: correctness comes from the database (UNIQUE keys written in the same transaction as the effect, row
+locks taken by the aggregate operations), and under READ COMMITTED with row locks two batches can deadlock (each
+locks wallets in its own order) or, under SERIALIZABLE, fail to serialize. PostgreSQL then aborts one transaction
+whole; its batch is rolled back and run again, up to MAX_ATTEMPTS with a jittered pause, and then each caller gets
+`DatabaseBusy` (retryable, with the same idempotency key). A connection lost mid-commit leaves the outcome unknown
+to us: the callers get `DatabaseBusy` and their retry, with the same key, finds the first result if it landed.
+
+Reads borrow a connection from a pool; an exhausted pool answers `DatabaseBusy` after POOL_WAIT_S, never a hang.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from ..errors import DatabaseBusy
+from . import postgres as pg
+from .core import BatchingWriter, Outcome, _WriteJob
+
+T = TypeVar("T")
+
+MAX_ATTEMPTS = 8
+POOL_WAIT_S = 5.0
+WRITER_THREADS = 4
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    from psycopg import errors
+
+    return errors.SerializationFailure, errors.DeadlockDetected
+
+
+class PostgresWriter(BatchingWriter):
+    name = "aims-billing-pg-writer"
+
+    def __init__(self, url: str, threads: int = WRITER_THREADS) -> None:
+        super().__init__(threads=threads)
+        self._url = url
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
+        self._retryable = _retryable()
+        self.retries = 0
+        self._start()
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = pg.connect(self._url)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _close_connections(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    def _commit(self, batch: list[_WriteJob]) -> None:
+        import psycopg
+
+        outcomes: list[Outcome] | None = None
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                outcomes = self._transaction(self._connection(), batch)
+                self.batches += 1
+                break
+            except self._retryable:
+                with self._lock:
+                    self.retries += 1
+                time.sleep(random.uniform(0, 0.002 * 2 ** attempt))  # jitter: the other side gets through first
+            except (psycopg.OperationalError, pg.PostgresUnavailable) as exc:
+                busy = DatabaseBusy(f"the database connection was lost ({type(exc).__name__}); whether this call "
+                                    "took effect is unknown: retry it with the same idempotency key")
+                outcomes = [(job, None, busy) for job in batch]
+                break
+            except BaseException as exc:  # the transaction itself failed: nobody's write landed
+                outcomes = [(job, None, exc) for job in batch]
+                break
+        if outcomes is None:
+            busy = DatabaseBusy(f"the database kept reporting conflicting concurrent writes ({MAX_ATTEMPTS} attempts):"
+                                " retry the call with the same idempotency key")
+            outcomes = [(job, None, busy) for job in batch]
+        self._resolve(outcomes)
+
+    def _transaction(self, conn: Any, batch: list[_WriteJob]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        groups = self._groups(batch)
+        with conn.transaction():
+            for job in batch:
+                if job.group is not None:
+                    members = groups.pop(job.group, None)
+                    if members is None:
+                        continue
+                    try:
+                        with conn.transaction():  # one savepoint for the group
+                            results = job.group(conn, [member.fn for member in members])
+                        outcomes.extend(self._group_outcomes(members, results))
+                    except self._retryable:
+                        raise
+                    except BaseException as exc:
+                        outcomes.extend((member, None, exc) for member in members)
+                    continue
+                try:
+                    with conn.transaction():  # a savepoint: the job's failure undoes it alone
+                        result = job.fn(conn)
+                except self._retryable:
+                    raise
+                except BaseException as exc:
+                    outcomes.append((job, None, exc))
+                else:
+                    outcomes.append((job, result, None))
+        return outcomes
+
+
+class PostgresCore:
+    """Reads through a connection pool, writes through the writer threads; the schema must be the code's."""
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, *, migrate: bool = False, writers: int = WRITER_THREADS,
+                 pool_size: int = 8, pool_wait: float = POOL_WAIT_S) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        self.display_url = pg.mask_url(url)
+        with pg.connect(url) as conn:
+            self.applied_migrations = pg.migrate(conn) if migrate else []
+            self.schema_version = pg.check_schema(conn, url)
+            self.server_version = pg.server_version(conn)
+        self._pool_wait = pool_wait
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=pool_wait,
+                                    kwargs={"autocommit": True, "connect_timeout": pg.CONNECT_TIMEOUT_S}, open=True)
+        self._writer = PostgresWriter(url, threads=writers)
+
+    # reads
+    def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        from psycopg.rows import dict_row
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+                cursor.execute(sql, params)  # type: ignore[arg-type]
+                return cursor.fetchall() if cursor.description else []
+        except PoolTimeout:
+            raise DatabaseBusy(f"every database connection stayed busy for {self._pool_wait:g} s: retry shortly "
+                               "(or raise the pool size)") from None
+
+    def query_one(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def table_names(self) -> list[str]:
+        rows = self.query("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+                          "ORDER BY table_name")
+        return [row["table_name"] for row in rows]
+
+    # writes
+    async def write(self, fn: Callable[[Any], T], *, savepoint: bool = True) -> T:
+        """Run `fn(conn)` in a writer's next transaction; return after COMMIT (or raise what fn raised)."""
+        return await self._writer.submit_async(fn, trusted=not savepoint)
+
+    async def write_item(self, group: Callable[[Any, list[Any]], list[Any]], item: Any) -> Any:
+        return await self._writer.submit_item(group, item)
+
+    def write_sync(self, fn: Callable[[Any], T]) -> T:
+        return self._writer.submit(fn).result()
+
+    def submit(self, fn: Callable[[Any], T]) -> Future[T]:
+        return self._writer.submit(fn)
+
+    def defer(self, fn: Callable[[Any], T]) -> Future[T]:
+        return self._writer.defer(fn)
+
+    @property
+    def retries(self) -> int:
+        return self._writer.retries
+
+    def close(self) -> None:
+        self._writer.close()
+        self._pool.close()
+

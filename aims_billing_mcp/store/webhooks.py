@@ -51,20 +51,20 @@ class SubscriptionStatus(StrEnum):
     CANCELED = "canceled"
 
 
-S = SubscriptionStatus
-LIVE: frozenset[str] = frozenset({S.ACTIVE, S.TRIALING, S.PAST_DUE})
+_S = SubscriptionStatus
+LIVE: frozenset[str] = frozenset({_S.ACTIVE, _S.TRIALING, _S.PAST_DUE})
 """The statuses that entitle a customer to their subscription's tier."""
 
 STATUS_TRANSITIONS: dict[SubscriptionStatus, frozenset[SubscriptionStatus]] = {
-    S.NONE: frozenset(),
-    S.INCOMPLETE: frozenset({S.ACTIVE}),
-    S.INCOMPLETE_EXPIRED: frozenset(),
-    S.TRIALING: frozenset({S.PAST_DUE}),
-    S.ACTIVE: frozenset({S.PAST_DUE}),
-    S.PAST_DUE: frozenset({S.PAST_DUE, S.ACTIVE}),  # a repeated failure re-records the event that failed
-    S.UNPAID: frozenset({S.ACTIVE}),
-    S.PAUSED: frozenset(),
-    S.CANCELED: frozenset(),
+    _S.NONE: frozenset(),
+    _S.INCOMPLETE: frozenset({_S.ACTIVE}),
+    _S.INCOMPLETE_EXPIRED: frozenset(),
+    _S.TRIALING: frozenset({_S.PAST_DUE}),
+    _S.ACTIVE: frozenset({_S.PAST_DUE}),
+    _S.PAST_DUE: frozenset({_S.PAST_DUE, _S.ACTIVE}),  # a repeated failure re-records the event that failed
+    _S.UNPAID: frozenset({_S.ACTIVE}),
+    _S.PAUSED: frozenset(),
+    _S.CANCELED: frozenset(),
 }
 """The status changes invoice events make (`invoice.payment_failed` -> past_due, `invoice.paid` -> active)."""
 _STATUSES = {status.value: status for status in SubscriptionStatus}

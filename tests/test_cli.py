@@ -407,7 +407,8 @@ def test_importing_the_server_leaves_httpx_and_the_sandbox_app_for_later() -> No
     """Start-up time (issue 3's target): httpx loads on the first order webhook, the sandbox on the first Stripe
     call."""
     code = ("import sys, aims_billing_mcp.app; print(sorted(m for m in sys.modules if m == 'httpx' or "
-            "m.startswith(('httpx.', 'aims_billing_mcp.sandbox.app', 'aims_billing_mcp.sandbox.billing'))))")
+            "m.startswith(('httpx.', 'aims_billing_mcp.sandbox.app', 'aims_billing_mcp.sandbox.invoices',"
+            "'aims_billing_mcp.sandbox.subscriptions'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

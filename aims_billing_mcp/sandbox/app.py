@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
-from . import billing, catalog, checkout, customers, events, meters, payments, refunds
+from . import catalog, checkout, customers, events, invoices, meters, payments, refunds, subscriptions
 from .auth import SANDBOX_SECRET_KEY, authenticate, key_from_header
 from .core import DEFAULT_API_VERSION, Route
 from .errors import StripeError, fault, invalid, unrecognized_url
@@ -32,7 +32,8 @@ ROUTES: tuple[Route, ...] = (
     *catalog.ROUTES,
     *customers.ROUTES,
     *checkout.ROUTES,
-    *billing.ROUTES,
+    *invoices.ROUTES,
+    *subscriptions.ROUTES,
     *payments.ROUTES,
     *refunds.ROUTES,
     *events.ROUTES,

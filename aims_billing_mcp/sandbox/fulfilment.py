@@ -9,7 +9,7 @@ consumer would receive.
 
 from __future__ import annotations
 
-from . import billing, payments
+from . import invoices, payments, subscriptions
 from .core import Ctx, Obj, public
 from .customers import new_customer
 from .errors import StripeError
@@ -57,10 +57,10 @@ def complete_session(ctx: Ctx, session_id: str) -> Obj:
     elif mode == "subscription":
         trial_days = session.get("_trial_period_days")
         recurring = [(line["price"], line["quantity"]) for line in lines if line["price"]["type"] == "recurring"]
-        sub = billing.new_subscription(ctx, customer["id"], recurring, dict(session["_subscription_metadata"]),
-                                       pm["id"], trial_days=trial_days)
-        invoice = billing.new_invoice(ctx, customer, currency=session["currency"],
-                                      billing_reason="subscription_create", subscription=sub)
+        sub = subscriptions.new_subscription(ctx, customer["id"], recurring, dict(session["_subscription_metadata"]),
+                                             pm["id"], trial_days=trial_days)
+        invoice = invoices.new_invoice(ctx, customer, currency=session["currency"],
+                                       billing_reason="subscription_create", subscription=sub)
         items = {item["price"]["id"]: item for item in sub["items"]["data"]}
         for line in lines:
             price = line["price"]
@@ -71,13 +71,13 @@ def complete_session(ctx: Ctx, session_id: str) -> Obj:
                 period = (item["current_period_start"], item["current_period_end"])
                 if trial_days:
                     amount, description = 0, f"Trial period for {line['description']}"
-            billing.add_line(invoice, amount=amount, description=description, quantity=line["quantity"] or 0,
-                             price=price, period=period, parent=billing.subscription_line_parent(sub, item))
+            invoices.add_line(invoice, amount=amount, description=description, quantity=line["quantity"] or 0,
+                              price=price, period=period, parent=subscriptions.subscription_line_parent(sub, item))
         invoice.update(period_start=sub["items"]["data"][0]["current_period_start"],
                        period_end=sub["items"]["data"][0]["current_period_start"])
         ctx.store.update(invoice)
         ctx.record_event("invoice.created", invoice)
-        billing.charge_invoice(ctx, invoice, pm["id"])
+        invoices.charge_invoice(ctx, invoice, pm["id"])
         sub["latest_invoice"] = invoice["id"]
         ctx.store.update(sub)
         ctx.record_event("customer.subscription.created", sub)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 
-from . import billing
+from . import invoices, subscriptions
 from .core import Ctx, Obj
 from .errors import invalid_state
 from .pricing import amount_for
@@ -76,7 +76,7 @@ def _end_as_scheduled(ctx: Ctx, sub: Obj, at: int) -> None:
     """A scheduled cancellation: the last period's metered usage is billed on a final invoice (as Stripe does when
     a subscription cancels at its period end or `cancel_at`), then it ends."""
     bill_final_usage(ctx, sub, at)
-    billing.end_subscription(ctx, sub, at)
+    subscriptions.end_subscription(ctx, sub, at)
 
 
 def bill_final_usage(ctx: Ctx, sub: Obj, at: int) -> None:
@@ -86,8 +86,8 @@ def bill_final_usage(ctx: Ctx, sub: Obj, at: int) -> None:
     metered = [item for item in sub["items"]["data"] if item["price"]["recurring"]["usage_type"] == "metered"]
     if metered and sub["status"] != "trialing":  # usage during a trial is free
         customer = ctx.fetch("customer", sub["customer"], "customer", "customer")
-        invoice = billing.new_invoice(ctx, customer, currency=sub["currency"], billing_reason="subscription_cycle",
-                                      subscription=sub)
+        invoice = invoices.new_invoice(ctx, customer, currency=sub["currency"], billing_reason="subscription_cycle",
+                                       subscription=sub)
         invoice.update(period_start=start, period_end=at)
         for item in metered:
             _bill_usage(ctx, invoice, sub, item, start, at)
@@ -106,7 +106,7 @@ def _expire_if_unpaid(ctx: Ctx, sub: Obj, target: int) -> None:
     ctx.now = deadline
     invoice = ctx.store.get(sub["latest_invoice"], "invoice") if sub["latest_invoice"] else None
     if invoice is not None and invoice["status"] == "open":
-        billing.void(ctx, invoice)
+        invoices.void(ctx, invoice)
     previous = {"status": sub["status"], "canceled_at": sub["canceled_at"], "ended_at": sub["ended_at"]}
     sub.update(status="incomplete_expired", canceled_at=deadline, ended_at=deadline)
     ctx.store.update(sub)
@@ -119,9 +119,9 @@ def _bill_usage(ctx: Ctx, invoice: Obj, sub: Obj, item: Obj, start: int, end: in
     meter = ctx.store.get(price["recurring"]["meter"], "billing.meter")
     formula = meter["default_aggregation"]["formula"] if meter else "sum"
     quantity = ctx.store.meter_usage(price["recurring"]["meter"], sub["customer"], start, end, formula)
-    billing.add_line(invoice, amount=amount_for(price, quantity),
-                     description=f"{quantity} × {billing.line_name(ctx, price)}", quantity=quantity, price=price,
-                     period=(start, end), parent=billing.subscription_line_parent(sub, item))
+    invoices.add_line(invoice, amount=amount_for(price, quantity),
+                      description=f"{quantity} × {invoices.line_name(ctx, price)}", quantity=quantity, price=price,
+                      period=(start, end), parent=subscriptions.subscription_line_parent(sub, item))
 
 
 def renew(ctx: Ctx, sub: Obj) -> Obj:
@@ -132,10 +132,10 @@ def renew(ctx: Ctx, sub: Obj) -> Obj:
     if trial_ended:
         previous["status"] = sub["status"]
         sub["status"] = "active"
-    new_end = billing.period_end_after(sub, end)
+    new_end = subscriptions.period_end_after(sub, end)
     customer = ctx.fetch("customer", sub["customer"], "customer", "customer")
-    invoice = billing.new_invoice(ctx, customer, currency=sub["currency"], billing_reason="subscription_cycle",
-                                  subscription=sub)
+    invoice = invoices.new_invoice(ctx, customer, currency=sub["currency"], billing_reason="subscription_cycle",
+                                   subscription=sub)
     invoice.update(period_start=start, period_end=end)
     for item in sub["items"]["data"]:
         price = item["price"]
@@ -144,9 +144,10 @@ def renew(ctx: Ctx, sub: Obj) -> Obj:
                 _bill_usage(ctx, invoice, sub, item, start, end)
         else:
             quantity = int(item.get("quantity") or 1)
-            billing.add_line(invoice, amount=amount_for(price, quantity),
-                             description=f"{quantity} × {billing.line_name(ctx, price)}", quantity=quantity,
-                             price=price, period=(end, new_end), parent=billing.subscription_line_parent(sub, item))
+            invoices.add_line(invoice, amount=amount_for(price, quantity),
+                              description=f"{quantity} × {invoices.line_name(ctx, price)}", quantity=quantity,
+                              price=price, period=(end, new_end),
+                              parent=subscriptions.subscription_line_parent(sub, item))
         item["current_period_start"], item["current_period_end"] = end, new_end
     ctx.store.update(invoice)
     ctx.record_event("invoice.created", invoice)
@@ -167,9 +168,9 @@ def _collect_renewal(ctx: Ctx, sub: Obj, invoice: Obj) -> str:
     charge_automatically: ``active`` when paid (the balance may cover it), ``past_due`` when the charge fails.
     """
     if sub["collection_method"] == "send_invoice":
-        billing.issue(ctx, invoice)
+        invoices.issue(ctx, invoice)
         return str(sub["status"])
-    return "active" if billing.collect(ctx, invoice, billing.payment_method_of(ctx, sub)) else "past_due"
+    return "active" if invoices.collect(ctx, invoice, subscriptions.payment_method_of(ctx, sub)) else "past_due"
 
 
 # -- trigger --------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def _open_invoice(ctx: Ctx, sub: Obj) -> Obj | None:
 def _period_invoice(ctx: Ctx, sub: Obj, reason: str) -> Obj:
     """A draft invoice for the current period's licensed items (without moving the period)."""
     customer = ctx.fetch("customer", sub["customer"], "customer", "customer")
-    invoice = billing.new_invoice(ctx, customer, currency=sub["currency"], billing_reason=reason, subscription=sub)
+    invoice = invoices.new_invoice(ctx, customer, currency=sub["currency"], billing_reason=reason, subscription=sub)
     start, end = _period(sub)
     invoice.update(period_start=start, period_end=end)
     for item in sub["items"]["data"]:
@@ -205,10 +206,10 @@ def _period_invoice(ctx: Ctx, sub: Obj, reason: str) -> Obj:
         if price["recurring"]["usage_type"] == "metered":
             continue
         quantity = int(item.get("quantity") or 1)
-        billing.add_line(invoice, amount=amount_for(price, quantity),
-                         description=f"{quantity} × {billing.line_name(ctx, price)}",
-                         quantity=quantity, price=price, period=(start, end),
-                         parent=billing.subscription_line_parent(sub, item))
+        invoices.add_line(invoice, amount=amount_for(price, quantity),
+                          description=f"{quantity} × {invoices.line_name(ctx, price)}",
+                          quantity=quantity, price=price, period=(start, end),
+                          parent=subscriptions.subscription_line_parent(sub, item))
     ctx.store.update(invoice)
     ctx.record_event("invoice.created", invoice)
     return invoice
@@ -231,7 +232,7 @@ def trigger(ctx: Ctx, event_type: str, customer: str | None, subscription: str |
         raise invalid_state(f"Subscription '{sub['id']}' is canceled.", "subscription")
     if event_type == "customer.subscription.deleted":
         sub["canceled_at"] = None
-        billing.end_subscription(ctx, sub, ctx.now)
+        subscriptions.end_subscription(ctx, sub, ctx.now)
         return ctx.events[-1]
     if event_type == "customer.subscription.updated":
         old = {"metadata": dict(sub["metadata"])}
@@ -243,7 +244,7 @@ def trigger(ctx: Ctx, event_type: str, customer: str | None, subscription: str |
     if event_type == "invoice.payment_failed":
         if invoice is None:
             invoice = _period_invoice(ctx, sub, "subscription_cycle")
-        event = billing.fail_invoice(ctx, invoice)
+        event = invoices.fail_invoice(ctx, invoice)
         sub["latest_invoice"] = invoice["id"]
         _set_status(ctx, sub, "past_due", previous)
         return event
@@ -251,7 +252,7 @@ def trigger(ctx: Ctx, event_type: str, customer: str | None, subscription: str |
     if invoice is None:
         invoice = _period_invoice(ctx, sub, "manual")
     invoice["next_payment_attempt"] = None
-    billing.charge_invoice(ctx, invoice, sub["default_payment_method"] or CARD)
+    invoices.charge_invoice(ctx, invoice, sub["default_payment_method"] or CARD)
     event = next(e for e in reversed(ctx.events) if e["type"] == "invoice.paid")
     sub["latest_invoice"] = invoice["id"]
     _set_status(ctx, sub, "active" if sub["status"] in ("past_due", "unpaid") else sub["status"], previous)

@@ -12,14 +12,10 @@ from pydantic import BaseModel
 
 from ..errors import InvalidInput
 from ..models import (
-    Balance,
-    BalanceAmount,
     CheckoutSession,
     CheckoutSessionResult,
     Customer,
     CustomerResult,
-    Invoice,
-    InvoiceList,
     LineItem,
     PaymentLinkResult,
     PortalSession,
@@ -32,6 +28,7 @@ from ..models import (
     format_amount,
 )
 from ..stripe_gateway import StripeRequest
+from .catalog_models import Balance, BalanceAmount, Invoice, InvoiceList
 from .ceiling import Ceiling
 from .mutations import StripeMutations, compact
 

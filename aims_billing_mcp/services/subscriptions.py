@@ -10,13 +10,21 @@ downgrades a customer whose newer subscription is live.
 
 from __future__ import annotations
 
-import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError, InvalidInput, InvalidState, StripeInvalidRequest
-from ..models import (
+from ..models import format_amount
+from ..settings import Settings
+from ..store import Store, Tx, utc_iso
+from ..store.webhooks import LIVE, EventRef, Provision, can_move
+from ..store.webhooks import SubscriptionStatus as S
+from ..stripe_gateway import StripeRequest
+from .ceiling import Ceiling
+from .mutations import StripeMutations, compact
+from .subscriptions_models import (
     BillingStatus,
     CancellationResult,
     Entitlements,
@@ -24,20 +32,13 @@ from ..models import (
     SubscriptionCheckoutResult,
     TierInfo,
     TierList,
-    format_amount,
 )
-from ..settings import Settings
-from ..store import Store, utc_iso, utc_now
-from ..stripe_gateway import StripeRequest
-from .ceiling import Ceiling
-from .mutations import StripeMutations, compact
 from .tiers import TIER_METADATA, Pricing, Tier, UsagePeriod, add_months, calendar_month_of, trial_days
 
-LIVE = frozenset({"active", "trialing", "past_due"})
 PROVISION_CACHE_SECONDS = 5.0
 PROVISION_CACHE_SIZE = 10_000
-STATUS_RANK = {"incomplete": 0, "trialing": 1, "active": 2, "past_due": 3, "unpaid": 4, "paused": 4,
-               "canceled": 5, "incomplete_expired": 5}
+STATUS_RANK: dict[str, int] = {S.INCOMPLETE: 0, S.TRIALING: 1, S.ACTIVE: 2, S.PAST_DUE: 3, S.UNPAID: 4, S.PAUSED: 4,
+                               S.CANCELED: 5, S.INCOMPLETE_EXPIRED: 5}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class SubscriptionService:
         self._store = store
         self._pricing = pricing
         self._settings = settings
-        self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._cache: dict[str, tuple[float, Provision | None]] = {}
 
     # --- tiers ---------------------------------------------------------------------------------------------------
 
@@ -114,12 +115,12 @@ class SubscriptionService:
         if bool(customer) == bool(customer_email):
             raise InvalidInput("give exactly one of customer (cus_...) or customer_email", param="customer")
         live = self.provision(customer) if customer else None
-        if live is not None and live["status"] in LIVE and live["subscription_id"]:
+        if live is not None and live.status in LIVE and live.subscription_id:
             # two live subscriptions would both bill the customer's metered usage; a period keeps the tier it began on
             raise InvalidState(
-                f"customer {customer} already has tier {live['tier']} ({live['subscription_id']}, {live['status']}): "
+                f"customer {customer} already has tier {live.tier} ({live.subscription_id}, {live.status}): "
                 "a tier changes between periods, not within one: cancel_subscription with immediately=true (the "
-                f"usage so far is invoiced at {live['tier']} terms) or wait until it ends, then start this checkout",
+                f"usage so far is invoiced at {live.tier} terms) or wait until it ends, then start this checkout",
                 param="customer")
         price, overage = await self.prices_for(chosen)
         metadata = compact({TIER_METADATA: chosen.id, "aims_customer": customer,
@@ -148,7 +149,7 @@ class SubscriptionService:
 
     # --- status ------------------------------------------------------------------------------------------------------
 
-    def provision(self, customer: str) -> dict[str, Any] | None:
+    def provision(self, customer: str) -> Provision | None:
         """The customer's provision row, cached: every meter event asks for the tier and period, and provisions
         change only when an event is applied, which `forget`s the customer after its COMMIT. The TTL bounds
         staleness when another server instance applied the event (several instances behind one database)."""
@@ -156,7 +157,7 @@ class SubscriptionService:
         cached = self._cache.get(customer)
         if cached is not None and cached[0] > now:
             return cached[1]
-        row = self._store.query_one("SELECT * FROM billing_provisions WHERE customer_id = ?", (customer,))
+        row = self._store.webhooks.provision_for(customer)
         if len(self._cache) >= PROVISION_CACHE_SIZE:
             self._cache.clear()
         self._cache[customer] = (now + PROVISION_CACHE_SECONDS, row)
@@ -179,7 +180,7 @@ class SubscriptionService:
                         param="customer", **exc.details) from None
                 raise
             p2p = self._pricing.p2p
-            return BillingStatus(customer=customer, tier=p2p.id, subscribed_tier=None, status="none",
+            return BillingStatus(customer=customer, tier=p2p.id, subscribed_tier=None, status=S.NONE,
                                  entitlements=self.entitlements(p2p))
         return self._status_from_row(row)
 
@@ -187,10 +188,16 @@ class SubscriptionService:
         """The tier a customer is entitled to now: their subscription's while it is live, P2P otherwise."""
         return self.tier_of(self.provision(customer))
 
-    def tier_of(self, provision: dict[str, Any] | sqlite3.Row | None) -> Tier:
-        """The tier a provision row entitles to (read from a cache, or inside a writer's transaction)."""
-        if provision is not None and provision["status"] in LIVE and provision["tier"] in self._pricing.tiers:
-            return self._pricing.tiers[provision["tier"]]
+    def tier_of(self, provision: Provision | Mapping[str, Any] | None) -> Tier:
+        """The tier a provision entitles to (a `Provision`, or a row with its `tier` and `status` columns)."""
+        if provision is None:
+            return self._pricing.p2p
+        if isinstance(provision, Provision):
+            status, tier = provision.status, provision.tier
+        else:
+            status, tier = provision["status"], provision["tier"]
+        if status in LIVE and tier in self._pricing.tiers:
+            return self._pricing.tiers[tier]
         return self._pricing.p2p
 
     def usage_period(self, customer: str, timestamp: int) -> UsagePeriod:
@@ -210,23 +217,24 @@ class SubscriptionService:
         month = calendar_month_of(timestamp)
         if row is None:
             return UsagePeriod(*month, tier=p2p)
-        tier = self._pricing.tiers.get(row["tier"] or "", p2p)
-        end = row["current_period_end"]
-        if row["status"] in LIVE and not end:  # provisioned by its checkout; the subscription's own event is due
+        tier = self._pricing.tiers.get(row.tier or "", p2p)
+        end = row.current_period_end
+        if row.status in LIVE and not end:  # provisioned by its checkout; the subscription's own event is due
             return UsagePeriod(*month, tier=tier)
-        if row["status"] in LIVE:
-            start = row["current_period_start"] or add_months(end, -1)
-            ends = row["cancel_at"] or (end if row["cancel_at_period_end"] else None)
+        if row.status in LIVE:
+            assert end is not None
+            start = row.current_period_start or add_months(end, -1)
+            ends = row.cancel_at or (end if row.cancel_at_period_end else None)
             if ends is not None and ends <= timestamp:
                 return UsagePeriod(max(month[0], int(ends)), month[1], tier=p2p)
             if start <= timestamp < end:
-                return UsagePeriod(start, end, tier=tier, free=row["status"] == "trialing")
+                return UsagePeriod(start, end, tier=tier, free=row.status == S.TRIALING)
             if timestamp >= end:  # periods roll on at the end as Stripe renews, before its webhook arrives
                 while timestamp >= end:
                     start, end = end, add_months(end, 1)
                 return UsagePeriod(start, end, tier=tier)
             return UsagePeriod(*month, tier=p2p)
-        ended = row["ended_at"] or (row["cancel_at"] if row["status"] == "canceled" else None)
+        ended = row.ended_at or (row.cancel_at if row.status == S.CANCELED else None)
         if ended and month[0] <= ended <= timestamp:
             return UsagePeriod(int(ended), month[1], tier=p2p)
         return UsagePeriod(*month, tier=p2p)
@@ -242,17 +250,17 @@ class SubscriptionService:
             raise
         return True
 
-    def _status_from_row(self, row: dict[str, Any]) -> BillingStatus:
-        subscribed = self._pricing.tiers.get(row["tier"])
-        effective = subscribed if subscribed is not None and row["status"] in LIVE else self._pricing.p2p
-        last = (LastEvent(id=row["last_event_id"], type=row["last_event_type"] or "", created=row["last_event_created"])
-                if row["last_event_id"] else None)
+    def _status_from_row(self, row: Provision) -> BillingStatus:
+        subscribed = self._pricing.tiers.get(row.tier)
+        effective = subscribed if subscribed is not None and row.status in LIVE else self._pricing.p2p
+        last = (LastEvent(id=row.last_event_id, type=row.last_event_type or "", created=row.last_event_created or 0)
+                if row.last_event_id else None)
         return BillingStatus(
-            customer=row["customer_id"], tier=effective.id, subscribed_tier=row["tier"], status=row["status"],
-            entitlements=self.entitlements(effective), subscription=row["subscription_id"],
-            current_period_end=row["current_period_end"], current_period_end_iso=_iso(row["current_period_end"]),
-            commitment_end=row["commitment_end"], commitment_end_iso=_iso(row["commitment_end"]),
-            cancel_at=row["cancel_at"], cancel_at_period_end=bool(row["cancel_at_period_end"]), last_event=last,
+            customer=row.customer_id, tier=effective.id, subscribed_tier=row.tier, status=row.status,
+            entitlements=self.entitlements(effective), subscription=row.subscription_id,
+            current_period_end=row.current_period_end, current_period_end_iso=_iso(row.current_period_end),
+            commitment_end=row.commitment_end, commitment_end_iso=_iso(row.commitment_end),
+            cancel_at=row.cancel_at, cancel_at_period_end=row.cancel_at_period_end, last_event=last,
         )
 
     # --- cancellation ------------------------------------------------------------------------------------------------
@@ -263,9 +271,8 @@ class SubscriptionService:
     ) -> CancellationResult:
         if not (customer or subscription):
             raise InvalidInput("give customer (cus_...) or subscription (sub_...)", param="customer")
-        row = self.provision(customer) if customer else self._store.query_one(
-            "SELECT * FROM billing_provisions WHERE subscription_id = ?", (subscription,))
-        sub_id = subscription or (row["subscription_id"] if row else None)
+        row = self.provision(customer) if customer else self._store.webhooks.by_subscription(subscription or "")
+        sub_id = subscription or (row.subscription_id if row else None)
         if not sub_id:
             raise InvalidInput(f"customer {customer!r} has no subscription to cancel (they are on P2P)",
                                param="customer")
@@ -305,79 +312,75 @@ class SubscriptionService:
 
     # --- applying events (inside the writer's transaction) -----------------------------------------------------------
 
-    def apply_event(self, conn: sqlite3.Connection, event: dict[str, Any]) -> Applied:
+    def apply_event(self, tx: Tx, event: dict[str, Any]) -> Applied:
+        """Apply `event` to its customer's provision inside the writer's transaction `tx`."""
         kind = event.get("type", "")
         obj = (event.get("data") or {}).get("object") or {}
         if kind.startswith("customer.subscription."):
-            return self._apply_subscription(conn, event, obj)
+            return self._apply_subscription(tx, event, obj)
         if kind == "checkout.session.completed":
-            return self._apply_checkout(conn, event, obj)
+            return self._apply_checkout(tx, event, obj)
         if kind in ("invoice.paid", "invoice.payment_failed"):
-            return self._apply_invoice(conn, event, obj)
+            return self._apply_invoice(tx, event, obj)
         customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
         if kind.startswith("invoice."):
             return Applied(customer, "recorded")
         return Applied(customer, "not handled: stored and acknowledged")
 
-    def _row(self, conn: sqlite3.Connection, customer: str) -> dict[str, Any] | None:
-        found = conn.execute("SELECT * FROM billing_provisions WHERE customer_id = ?", (customer,)).fetchone()
-        return dict(found) if found is not None else None
-
-    def _apply_subscription(self, conn: sqlite3.Connection, event: dict[str, Any], sub: dict[str, Any]) -> Applied:
+    def _apply_subscription(self, tx: Tx, event: dict[str, Any], sub: dict[str, Any]) -> Applied:
         customer = sub.get("customer")
         if not isinstance(customer, str):
             return Applied(None, "subscription without a customer")
-        status = "canceled" if event["type"] == "customer.subscription.deleted" else sub.get("status", "incomplete")
-        row = self._row(conn, customer)
-        tier = self._tier_of(sub) or (row["tier"] if row and row["subscription_id"] == sub["id"] else None)
+        status = S.CANCELED if event["type"] == "customer.subscription.deleted" else sub.get("status", S.INCOMPLETE)
+        row = self._store.webhooks.load_provision(tx, customer)
+        tier = self._tier_of(sub) or (row.tier if row and row.subscription_id == sub["id"] else None)
         if tier is None:
             return Applied(customer, "not a tier subscription (no aims_tier metadata and no tier price): ignored")
         if row is not None and not _supersedes(row, event["created"], status, sub["id"]):
             return Applied(customer, "older than the state already applied: stored, not applied")
-        _upsert(conn, customer, {
+        self._store.webhooks.apply(tx, customer, {
             "tier": tier, "status": status, "subscription_id": sub["id"], "price_id": _price_of(sub),
             "current_period_end": _period_end(sub), "current_period_start": _period_start(sub),
             "ended_at": sub.get("ended_at"), "commitment_end": _commitment_end(sub, self._pricing),
-            "cancel_at": sub.get("cancel_at"), "cancel_at_period_end": int(bool(sub.get("cancel_at_period_end"))),
-        }, event)
+            "cancel_at": sub.get("cancel_at"), "cancel_at_period_end": bool(sub.get("cancel_at_period_end")),
+        }, _ref(event))
         return Applied(customer)
 
-    def _apply_checkout(self, conn: sqlite3.Connection, event: dict[str, Any], session: dict[str, Any]) -> Applied:
+    def _apply_checkout(self, tx: Tx, event: dict[str, Any], session: dict[str, Any]) -> Applied:
         customer, sub_id = session.get("customer"), session.get("subscription")
         if session.get("mode") != "subscription" or not isinstance(customer, str) or not isinstance(sub_id, str):
             return Applied(customer if isinstance(customer, str) else None, "not a subscription checkout: recorded")
         tier = (session.get("metadata") or {}).get(TIER_METADATA)
         if tier not in self._pricing.tiers:
             return Applied(customer, "checkout without a known aims_tier: recorded")
-        row = self._row(conn, customer)
-        if row is not None and row["subscription_id"] == sub_id:
+        row = self._store.webhooks.load_provision(tx, customer)
+        if row is not None and row.subscription_id == sub_id:
             return Applied(customer, "subscription already provisioned by its own events")
-        if row is not None and row["status"] in LIVE and (row["last_event_created"] or 0) > event["created"]:
+        if row is not None and row.status in LIVE and (row.last_event_created or 0) > event["created"]:
             return Applied(customer, "a newer subscription is live: stored, not applied")
         paid = session.get("payment_status")
-        status = "active" if paid == "paid" else "trialing" if paid == "no_payment_required" else "incomplete"
-        _upsert(conn, customer, {"tier": tier, "status": status, "subscription_id": sub_id}, event)
+        status = S.ACTIVE if paid == "paid" else S.TRIALING if paid == "no_payment_required" else S.INCOMPLETE
+        self._store.webhooks.apply(tx, customer, {"tier": tier, "status": status, "subscription_id": sub_id},
+                                   _ref(event))
         return Applied(customer)
 
-    def _apply_invoice(self, conn: sqlite3.Connection, event: dict[str, Any], invoice: dict[str, Any]) -> Applied:
+    def _apply_invoice(self, tx: Tx, event: dict[str, Any], invoice: dict[str, Any]) -> Applied:
         customer = invoice.get("customer")
         if not isinstance(customer, str):
             return Applied(None, "invoice without a customer")
-        row = self._row(conn, customer)
+        row = self._store.webhooks.load_provision(tx, customer)
         if row is None:
             return Applied(customer, f"unknown customer {customer}: no provision to update (flagged)")
         sub_id = invoice.get("subscription") or (
             ((invoice.get("parent") or {}).get("subscription_details") or {}).get("subscription"))
-        if sub_id and sub_id != row["subscription_id"]:
+        if sub_id and sub_id != row.subscription_id:
             return Applied(customer, "invoice of another subscription: recorded")
-        if (row["last_event_created"] or 0) > event["created"]:
+        if (row.last_event_created or 0) > event["created"]:
             return Applied(customer, "older than the state already applied: stored, not applied")
-        if event["type"] == "invoice.payment_failed" and row["status"] in LIVE:
-            _upsert(conn, customer, {"status": "past_due"}, event)
-        elif event["type"] == "invoice.paid" and row["status"] in ("past_due", "unpaid", "incomplete"):
-            _upsert(conn, customer, {"status": "active"}, event)
-        else:
+        target = S.PAST_DUE if event["type"] == "invoice.payment_failed" else S.ACTIVE
+        if not can_move(row.status, target):
             return Applied(customer, "no change")
+        self._store.webhooks.apply(tx, customer, {"status": target}, _ref(event))
         return Applied(customer)
 
     def _tier_of(self, sub: dict[str, Any]) -> str | None:
@@ -392,25 +395,17 @@ class SubscriptionService:
         return next((t.id for t in self._pricing.paid_tiers() if t.lookup_key == lookup), None)
 
 
-def _supersedes(row: dict[str, Any], created: int, status: str, sub_id: str) -> bool:
-    last = row["last_event_created"] or 0
-    if row["subscription_id"] not in (None, sub_id) and row["status"] in LIVE and status not in LIVE:
+def _supersedes(row: Provision, created: int, status: str, sub_id: str) -> bool:
+    last = row.last_event_created or 0
+    if row.subscription_id not in (None, sub_id) and row.status in LIVE and status not in LIVE:
         return False  # the end of an old subscription must not downgrade a live newer one
     if created != last:
         return created > last
-    return row["subscription_id"] != sub_id or STATUS_RANK.get(status, 0) >= STATUS_RANK.get(row["status"], 0)
+    return row.subscription_id != sub_id or STATUS_RANK.get(status, 0) >= STATUS_RANK.get(row.status, 0)
 
 
-def _upsert(conn: sqlite3.Connection, customer: str, values: dict[str, Any], event: dict[str, Any]) -> None:
-    values = {**values, "last_event_id": event["id"], "last_event_type": event["type"],
-              "last_event_created": event["created"], "updated_at": utc_now()}
-    columns = ", ".join(values)
-    updates = ", ".join(f"{column} = excluded.{column}" for column in values)
-    conn.execute(
-        f"INSERT INTO billing_provisions (customer_id, {columns}) VALUES (?{', ?' * len(values)}) "
-        f"ON CONFLICT (customer_id) DO UPDATE SET {updates}",
-        (customer, *values.values()),
-    )
+def _ref(event: dict[str, Any]) -> EventRef:
+    return EventRef(event["id"], event["type"], event["created"])
 
 
 def _price_of(sub: dict[str, Any]) -> str | None:

@@ -13,14 +13,14 @@ than the parser goes, a lone surrogate anywhere) raises `InvalidEvent`: the endp
 from __future__ import annotations
 
 import re
-import sqlite3
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from .. import jsonsafe
-from ..store import Store, utc_now
+from ..store import Store, Tx
+from ..store.webhooks import DuplicateEvent, EventRef, StoredEvent
 from .commerce import PaymentSessionService
 from .subscriptions import Applied, SubscriptionService
 
@@ -217,36 +217,29 @@ class WebhookEventService:
         check_event(event)
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
 
-        def job(conn: sqlite3.Connection) -> Ingested:
-            # Apply first, then record: a duplicate's INSERT fails on the UNIQUE id and the savepoint undoes the
-            # apply with it (one statement fewer than insert-check-apply-update on the common, first delivery).
+        def job(tx: Tx) -> Ingested:
+            # Apply first, then record: a duplicate's record fails on the UNIQUE id (DuplicateEvent) and the
+            # savepoint undoes the apply with it (one statement fewer than insert-check-apply-update on the common,
+            # first delivery).
             if event["type"].startswith("payment_intent.") and self._commerce is not None:
                 obj = (event.get("data") or {}).get("object") or {}
                 customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
-                applied = Applied(customer, self._commerce.apply_event(conn, event))
+                applied = Applied(customer, self._commerce.apply_event(tx, event))
             else:
-                applied = self._subscriptions.apply_event(conn, event)
-            now = utc_now()
-            conn.execute(
-                "INSERT INTO webhook_events (id, type, created, payload, received_at, processed, processed_at, "
-                "customer_id, error) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
-                (event["id"], event["type"], int(event["created"]), text, now, now, applied.customer_id, applied.note),
-            )
+                applied = self._subscriptions.apply_event(tx, event)
+            self._store.webhooks.record_event(tx, EventRef(event["id"], event["type"], int(event["created"])), text,
+                                              customer_id=applied.customer_id, note=applied.note)
             return Ingested(event["id"], duplicate=False, note=applied.note, customer_id=applied.customer_id)
 
         try:
             result = await self._store.write(job)
-            self._subscriptions.forget(result.customer_id)
-            if self._commerce is not None:
-                self._commerce.after_webhook(event)
-            return result
-        except sqlite3.IntegrityError as exc:
-            if "webhook_events.id" not in str(exc):
-                raise
+        except DuplicateEvent:
             return Ingested(event["id"], duplicate=True)
+        self._subscriptions.forget(result.customer_id)
+        if self._commerce is not None:
+            self._commerce.after_webhook(event)
+        return result
 
-    def recent(self, limit: int = 20) -> list[dict[str, Any]]:
-        rows = self._store.query(
-            "SELECT id, type, created, customer_id, processed, error, received_at FROM webhook_events "
-            "ORDER BY received_at DESC LIMIT ?", (limit,))
-        return rows
+    def recent(self, limit: int = 20) -> list[StoredEvent]:
+        """The most recently received events, newest first (without their payloads)."""
+        return self._store.webhooks.list_events(limit)

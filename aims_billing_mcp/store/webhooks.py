@@ -2,19 +2,231 @@
 
 `WebhooksStore` is the seam: the operations a backend implements (write operations take the job's `Tx`; reads use
 the backend's reader). `SqliteWebhooksStore` is the SQLite implementation.
+
+Two state machines live here:
+- `EventState`, a received event's processing: stored as the `webhook_events.processed` flag (0/1), hence an
+  `IntEnum`. An event is recorded in the transaction that applies it, so today every stored row is `PROCESSED`
+  (a note in `error` says when it was stored but not applied); `RECEIVED` is the state of a row a backend stores
+  before applying it.
+- `SubscriptionStatus`, a provision's status: Stripe's subscription statuses plus `none`. Subscription events carry
+  Stripe's status as it is (any status; the newest event wins, see services/subscriptions.py); `STATUS_TRANSITIONS`
+  lists the moves our own code makes from invoice events (a failed payment makes a live subscription past due; a
+  paid invoice makes an unpaid one active).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import sqlite3
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any, Protocol, TypedDict
 
-from .core import StoreCore
+from .core import StoreCore, Tx, utc_now
+
+
+class EventState(IntEnum):
+    """A stored webhook event's processing state (the `processed` column)."""
+
+    RECEIVED = 0
+    PROCESSED = 1
+
+
+EVENT_TRANSITIONS: dict[EventState, frozenset[EventState]] = {
+    EventState.RECEIVED: frozenset({EventState.PROCESSED}),
+    EventState.PROCESSED: frozenset(),
+}
+
+
+class SubscriptionStatus(StrEnum):
+    """A provision's status: Stripe's subscription status, or `none` before any subscription."""
+
+    NONE = "none"
+    INCOMPLETE = "incomplete"
+    INCOMPLETE_EXPIRED = "incomplete_expired"
+    TRIALING = "trialing"
+    ACTIVE = "active"
+    PAST_DUE = "past_due"
+    UNPAID = "unpaid"
+    PAUSED = "paused"
+    CANCELED = "canceled"
+
+
+_S = SubscriptionStatus
+LIVE: frozenset[str] = frozenset({_S.ACTIVE, _S.TRIALING, _S.PAST_DUE})
+"""The statuses that entitle a customer to their subscription's tier."""
+
+STATUS_TRANSITIONS: dict[SubscriptionStatus, frozenset[SubscriptionStatus]] = {
+    _S.NONE: frozenset(),
+    _S.INCOMPLETE: frozenset({_S.ACTIVE}),
+    _S.INCOMPLETE_EXPIRED: frozenset(),
+    _S.TRIALING: frozenset({_S.PAST_DUE}),
+    _S.ACTIVE: frozenset({_S.PAST_DUE}),
+    _S.PAST_DUE: frozenset({_S.PAST_DUE, _S.ACTIVE}),  # a repeated failure re-records the event that failed
+    _S.UNPAID: frozenset({_S.ACTIVE}),
+    _S.PAUSED: frozenset(),
+    _S.CANCELED: frozenset(),
+}
+"""The status changes invoice events make (`invoice.payment_failed` -> past_due, `invoice.paid` -> active)."""
+_STATUSES = {status.value: status for status in SubscriptionStatus}
+
+
+def can_move(status: str, target: SubscriptionStatus) -> bool:
+    """Whether STATUS_TRANSITIONS lets a provision in `status` (as stored: Stripe's word) move to `target`."""
+    known = _STATUSES.get(status)
+    return known is not None and target in STATUS_TRANSITIONS[known]
+
+
+PROVISION_COLUMNS = (
+    "customer_id, tier, status, subscription_id, price_id, current_period_start, current_period_end, ended_at, "
+    "commitment_end, cancel_at, cancel_at_period_end, last_event_id, last_event_type, last_event_created, updated_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Provision:
+    """A customer's provision: their subscription's tier and status as the newest applied event left them."""
+
+    customer_id: str
+    tier: str
+    status: str  # a SubscriptionStatus value (Stripe's vocabulary: kept as sent should Stripe add one)
+    subscription_id: str | None
+    price_id: str | None
+    current_period_start: int | None
+    current_period_end: int | None
+    ended_at: int | None
+    commitment_end: int | None
+    cancel_at: int | None
+    cancel_at_period_end: bool
+    last_event_id: str | None
+    last_event_type: str | None
+    last_event_created: int | None
+    updated_at: str
+
+
+class ProvisionUpdate(TypedDict, total=False):
+    """The provision columns an applied event sets (the others keep their value)."""
+
+    tier: str
+    status: str
+    subscription_id: str
+    price_id: str | None
+    current_period_start: int | None
+    current_period_end: int | None
+    ended_at: int | None
+    commitment_end: int | None
+    cancel_at: int | None
+    cancel_at_period_end: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EventRef:
+    """The event a provision change comes from (left on the provision as its last event)."""
+
+    id: str
+    type: str
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A stored webhook event, without its payload."""
+
+    id: str
+    type: str
+    created: int
+    customer_id: str | None
+    state: EventState
+    note: str | None  # why it was stored but not applied (the `error` column)
+    received_at: str
+
+
+class DuplicateEvent(Exception):
+    """The event id is already stored: the event was received before."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(f"webhook event {event_id} was already received")
+        self.event_id = event_id
 
 
 class WebhooksStore(Protocol):
     """The webhooks operations every backend provides."""
 
+    def record_event(self, tx: Tx, event: EventRef, payload: str, *, customer_id: str | None,
+                     note: str | None) -> None:
+        """Store the event as processed, in the transaction that applied it; raises DuplicateEvent (writing
+        nothing) if its id is already stored, so the job's savepoint undoes the application with it."""
+
+    def list_events(self, limit: int = 20) -> list[StoredEvent]:
+        """The most recently received events, newest first."""
+
+    def provision_for(self, customer: str) -> Provision | None:
+        """The customer's provision as last committed, or None."""
+
+    def by_subscription(self, subscription_id: str) -> Provision | None:
+        """The provision holding this subscription (subscription ids are unique across provisions), or None."""
+
+    def load_provision(self, tx: Tx, customer: str) -> Provision | None:
+        """The customer's provision as seen inside the job's transaction (its own earlier writes included)."""
+
+    def apply(self, tx: Tx, customer: str, update: ProvisionUpdate, event: EventRef) -> None:
+        """Create the customer's provision or set the columns in `update` (the others unchanged), and record
+        `event` as its last applied event."""
+
+
+def _provision(row: Any) -> Provision:
+    return Provision(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], bool(row[10]),
+                     row[11], row[12], row[13], row[14])
+
 
 class SqliteWebhooksStore:
     def __init__(self, core: StoreCore) -> None:
         self._core = core
+
+    def record_event(self, tx: Tx, event: EventRef, payload: str, *, customer_id: str | None,
+                     note: str | None) -> None:
+        now = utc_now()
+        try:
+            tx.execute(
+                "INSERT INTO webhook_events (id, type, created, payload, received_at, processed, processed_at, "
+                "customer_id, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (event.id, event.type, event.created, payload, now, EventState.PROCESSED, now, customer_id, note),
+            )
+        except sqlite3.IntegrityError as exc:
+            if "webhook_events.id" not in str(exc):
+                raise
+            raise DuplicateEvent(event.id) from exc
+
+    def list_events(self, limit: int = 20) -> list[StoredEvent]:
+        rows = self._core.query(
+            "SELECT id, type, created, customer_id, processed, error, received_at FROM webhook_events "
+            "ORDER BY received_at DESC LIMIT ?", (limit,))
+        return [StoredEvent(row["id"], row["type"], row["created"], row["customer_id"], EventState(row["processed"]),
+                            row["error"], row["received_at"]) for row in rows]
+
+    def provision_for(self, customer: str) -> Provision | None:
+        row = self._core.query_one(
+            f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id = ?", (customer,))
+        return _provision(list(row.values())) if row is not None else None
+
+    def by_subscription(self, subscription_id: str) -> Provision | None:
+        row = self._core.query_one(
+            f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE subscription_id = ?", (subscription_id,))
+        return _provision(list(row.values())) if row is not None else None
+
+    def load_provision(self, tx: Tx, customer: str) -> Provision | None:
+        found = tx.execute(f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id = ?",
+                           (customer,)).fetchone()
+        return _provision(found) if found is not None else None
+
+    def apply(self, tx: Tx, customer: str, update: ProvisionUpdate, event: EventRef) -> None:
+        values: dict[str, Any] = {**update, "last_event_id": event.id, "last_event_type": event.type,
+                                  "last_event_created": event.created, "updated_at": utc_now()}
+        if "cancel_at_period_end" in values:
+            values["cancel_at_period_end"] = int(values["cancel_at_period_end"])
+        columns = ", ".join(values)
+        updates = ", ".join(f"{column} = excluded.{column}" for column in values)
+        tx.execute(
+            f"INSERT INTO billing_provisions (customer_id, {columns}) VALUES (?{', ?' * len(values)}) "
+            f"ON CONFLICT (customer_id) DO UPDATE SET {updates}",
+            (customer, *values.values()),
+        )

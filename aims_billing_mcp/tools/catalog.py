@@ -5,14 +5,12 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from ..models import (
-    Balance,
     CheckoutSessionResult,
     Currency,
     CustomerId,
     CustomerResult,
     DryRun,
     IdempotencyKey,
-    InvoiceList,
     LineItem,
     Metadata,
     PaymentLinkResult,
@@ -23,6 +21,7 @@ from ..models import (
     Recurring,
     Url,
 )
+from ..services.catalog_models import Balance, InvoiceList
 from .context import ToolContext, services
 
 NonEmpty = Annotated[str, Field(min_length=1, max_length=5000)]

@@ -7,15 +7,12 @@ import anyio
 from pydantic import Field
 
 from ..models import (
-    BillingStatus,
-    CancellationResult,
     CustomerId,
     DryRun,
     IdempotencyKey,
-    SubscriptionCheckoutResult,
-    TierList,
     Url,
 )
+from ..services.subscriptions_models import BillingStatus, CancellationResult, SubscriptionCheckoutResult, TierList
 from .context import ToolContext, services
 
 Email = Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=512)]

@@ -16,8 +16,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from aims_billing_mcp.sandbox import Sandbox, StripeError, create_app
-from aims_billing_mcp.sandbox.billing import period_end_after
 from aims_billing_mcp.sandbox.customers import new_customer
+from aims_billing_mcp.sandbox.subscriptions import period_end_after
 
 from .conftest import AUTH, ok, post
 

@@ -259,3 +259,25 @@ def table_digests(db: Path | str, *, skip: tuple[str, ...] = ("audit_log", "sqli
                 .hexdigest() for table in tables}
     finally:
         conn.close()
+
+
+# --- PostgreSQL (issue 15): one throwaway cluster per test session, a fresh migrated database per test ----------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    from tests.pg import Cluster
+
+    started = Cluster().start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def postgres_url(pg_cluster: Any) -> str:
+    """A database of its own at the code's schema, for one test."""
+    import uuid
+
+    return str(pg_cluster.migrated_database(f"t_{uuid.uuid4().hex[:16]}"))

@@ -19,13 +19,9 @@ psycopg = pytest.importorskip("psycopg")
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    started = Cluster().start()
-    try:
-        yield started
-    finally:
-        started.stop()
+@pytest.fixture
+def cluster(pg_cluster: Cluster) -> Cluster:
+    return pg_cluster
 
 
 @pytest.fixture

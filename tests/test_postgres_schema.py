@@ -5,7 +5,6 @@ not ours, too old or too new, or not reachable."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,9 @@ from tests.pg import Cluster
 psycopg = pytest.importorskip("psycopg")
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    started = Cluster().start()
-    try:
-        yield started
-    finally:
-        started.stop()
+@pytest.fixture
+def cluster(pg_cluster: Cluster) -> Cluster:
+    return pg_cluster
 
 
 @pytest.fixture

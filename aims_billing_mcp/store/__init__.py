@@ -6,6 +6,7 @@ implementation beside it.
 """
 
 from pathlib import Path
+from typing import Any
 
 from .acp import AcpStore, SqliteAcpStore
 from .audit import AuditStore, SqliteAuditStore
@@ -35,14 +36,16 @@ from .core import (
 from .idempotency import IdempotencyStore, SqliteIdempotencyStore
 from .ledger import LedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, SqliteMeteringStore
+from .postgres_core import PostgresCore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
-from .webhooks import SqliteWebhooksStore, WebhooksStore
+from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
 from .x402 import SqliteX402Store, X402Store
 
 __all__ = [
-    "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "Store", "StoreCore",
-    "StoreUnavailable", "Tx", "Writer", "check_database_file", "connect", "dumps", "load_migrations", "migrate",
-    "monotonic_ms", "new_id", "schema_version", "settle", "utc_iso", "utc_now",
+    "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "PostgresCore",
+    "PostgresStore", "Store", "StoreCore", "StoreUnavailable", "Tx", "Writer", "check_database_file", "connect",
+    "dumps", "load_migrations", "migrate", "monotonic_ms", "new_id", "schema_version", "settle", "utc_iso",
+    "utc_now",
 ]
 
 
@@ -60,3 +63,12 @@ class Store(StoreCore):
         self.commerce: CommerceStore = SqliteCommerceStore(self)
         self.acp: AcpStore = SqliteAcpStore(self)
         self.prepaid: PrepaidStore = SqlitePrepaidStore(self)
+
+
+class PostgresStore(PostgresCore):
+    """The PostgreSQL store (issue 15): the same aggregates over one database shared by every instance. Aggregates
+    gain their PostgreSQL implementation one by one; each is tested by its contract tests on both backends."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.webhooks: WebhooksStore = PostgresWebhooksStore(self)

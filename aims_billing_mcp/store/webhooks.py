@@ -199,7 +199,7 @@ class SqliteWebhooksStore:
     def list_events(self, limit: int = 20) -> list[StoredEvent]:
         rows = self._core.query(
             "SELECT id, type, created, customer_id, processed, error, received_at FROM webhook_events "
-            "ORDER BY received_at DESC LIMIT ?", (limit,))
+            "ORDER BY received_at DESC, created DESC, id DESC LIMIT ?", (limit,))
         return [StoredEvent(row["id"], row["type"], row["created"], row["customer_id"], EventState(row["processed"]),
                             row["error"], row["received_at"]) for row in rows]
 
@@ -229,4 +229,66 @@ class SqliteWebhooksStore:
             f"INSERT INTO billing_provisions (customer_id, {columns}) VALUES (?{', ?' * len(values)}) "
             f"ON CONFLICT (customer_id) DO UPDATE SET {updates}",
             (customer, *values.values()),
+        )
+
+
+class PostgresWebhooksStore:
+    """PostgreSQL: the same statements with `%s` placeholders. A provision's read-decide-write runs under a
+    transaction-scoped advisory lock on the customer, so two instances applying events of one customer at once take
+    turns (a row lock cannot guard a provision that does not exist yet)."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    def record_event(self, tx: Any, event: EventRef, payload: str, *, customer_id: str | None,
+                     note: str | None) -> None:
+        from psycopg import errors
+
+        now = utc_now()
+        try:
+            tx.execute(
+                "INSERT INTO webhook_events (id, type, created, payload, received_at, processed, processed_at, "
+                "customer_id, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (event.id, event.type, event.created, payload, now, int(EventState.PROCESSED), now, customer_id,
+                 note),
+            )
+        except errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != "webhook_events_pkey":
+                raise
+            raise DuplicateEvent(event.id) from exc
+
+    def list_events(self, limit: int = 20) -> list[StoredEvent]:
+        rows = self._core.query(
+            "SELECT id, type, created, customer_id, processed, error, received_at FROM webhook_events "
+            "ORDER BY received_at DESC, created DESC, id DESC LIMIT %s", (limit,))
+        return [StoredEvent(row["id"], row["type"], row["created"], row["customer_id"], EventState(row["processed"]),
+                            row["error"], row["received_at"]) for row in rows]
+
+    def provision_for(self, customer: str) -> Provision | None:
+        row = self._core.query_one(
+            f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id = %s", (customer,))
+        return _provision(list(row.values())) if row is not None else None
+
+    def by_subscription(self, subscription_id: str) -> Provision | None:
+        row = self._core.query_one(
+            f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE subscription_id = %s", (subscription_id,))
+        return _provision(list(row.values())) if row is not None else None
+
+    def load_provision(self, tx: Any, customer: str) -> Provision | None:
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (f"provision:{customer}",))
+        found = tx.execute(f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id = %s",
+                           (customer,)).fetchone()
+        return _provision(found) if found is not None else None
+
+    def apply(self, tx: Any, customer: str, update: ProvisionUpdate, event: EventRef) -> None:
+        values: dict[str, Any] = {**update, "last_event_id": event.id, "last_event_type": event.type,
+                                  "last_event_created": event.created, "updated_at": utc_now()}
+        if "cancel_at_period_end" in values:
+            values["cancel_at_period_end"] = int(values["cancel_at_period_end"])
+        columns = ", ".join(values)
+        updates = ", ".join(f"{column} = excluded.{column}" for column in values)
+        tx.execute(
+            f"INSERT INTO billing_provisions (customer_id, {columns}) VALUES (%s{', %s' * len(values)}) "
+            f"ON CONFLICT (customer_id) DO UPDATE SET {updates}",
+            (customer, *(str(v) if isinstance(v, StrEnum) else v for v in values.values())),
         )

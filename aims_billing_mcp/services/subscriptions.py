@@ -28,7 +28,7 @@ from ..models import (
 )
 from ..settings import Settings
 from ..store import Store, utc_iso, utc_now
-from ..stripe_gateway import StripeRequest
+from ..stripe_gateway import StripeGateway, StripeRequest
 from .ceiling import Ceiling
 from .mutations import StripeMutations, compact
 from .tiers import TIER_METADATA, Pricing, Tier, UsagePeriod, add_months, calendar_month_of, trial_days
@@ -50,10 +50,10 @@ class Applied:
 
 class SubscriptionService:
     def __init__(self, mutations: StripeMutations, store: Store, pricing: Pricing, settings: Settings, *,
-                 ceiling: Ceiling | None = None) -> None:
+                 gateway: StripeGateway, ceiling: Ceiling | None = None) -> None:
         self._mutations = mutations
         self._ceiling = ceiling or Ceiling.from_settings(settings)
-        self._gateway = mutations.gateway
+        self._gateway = gateway
         self._store = store
         self._pricing = pricing
         self._settings = settings

@@ -348,7 +348,7 @@ class X402Service:
 
     @classmethod
     def from_settings(cls, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing,
-                      settings: Settings) -> X402Service:
+                      settings: Settings, *, clock: Callable[[], float] = time.time) -> X402Service:
         """As the server builds it: live mode is the key's (sk_live_/rk_live_, allowed or not), not the gateway's."""
         from ..settings import StripeMode
 
@@ -356,7 +356,7 @@ class X402Service:
         return cls(store, ledger, gateway, pricing, pay_to=settings.aims_x402_pay_to,
                    network=settings.aims_x402_network or ("base" if live else "base-sepolia"),
                    facilitator=settings.aims_x402_facilitator, facilitator_url=settings.aims_x402_facilitator_url,
-                   live=live)
+                   live=live, clock=clock)
 
     def _ready(self) -> None:
         if self.problem is not None:

@@ -21,6 +21,7 @@ from mcp.types import CallToolResult
 
 from . import __version__
 from .http_guard import HttpPolicy
+from .http_transport import companion_server
 from .redact import audit_arguments
 from .routes import build_companion_app, http_routes
 from .sandbox import SANDBOX_WEBHOOK_SECRET
@@ -29,6 +30,7 @@ from .shaping import error_result, masked_result, refuse_loose_arguments, to_bil
 from .state import AppState, open_state
 from .store import Store, monotonic_ms, utc_now
 from .stripe_gateway import last_request_ids
+from .tasks import background_tasks
 from .tools import TOOLS, ToolSpec, select_tools
 
 INSTRUCTIONS = """Billing tools backed by Stripe (or an offline Stripe sandbox when no key is configured).
@@ -150,9 +152,6 @@ def build_server(
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
-        from .http_transport import companion_server
-        from .tasks import background_tasks
-
         async with open_state(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale) as state:
             server.state = state
             embedded = state.gateway.embedded
@@ -170,7 +169,7 @@ def build_server(
                         background_tasks(state, flush_interval_seconds=settings.aims_billing_flush_interval_seconds))
                     yield state
             finally:
-                if embedded is not None and embedded.ready:  # in-flight sandbox events land while the routes have state
+                if embedded is not None and embedded.ready:  # in-flight sandbox events land while routes have state
                     sandbox = embedded.app.state.sandbox
                     await anyio.to_thread.run_sync(lambda: sandbox.webhooks.drain(timeout=5))
                 server.state = None

@@ -116,7 +116,7 @@ def build_state(
                                  ceiling=ceiling, clock=clock),
         flusher=MeterFlusher(store, gateway, retry_delay_scale=retry_delay_scale, currency=pricing.currency,
                              clock=clock),
-        x402=X402Service.from_settings(store, ledger, gateway, pricing, settings, clock=clock),
+        x402=X402Service.from_settings(store, ledger, gateway, pricing, settings, clock=clock, ceiling=ceiling),
         prepaid=prepaid, fulfilment=fulfilment, commerce=commerce, acp=acp,
         owns_store=owns_store, owns_gateway=owns_gateway,
     )

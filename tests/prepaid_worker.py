@@ -23,7 +23,6 @@ async def main(db: str, seed: int, row_ids: list[str]) -> None:
     state = build_state(Settings(_env_file=None, aims_billing_db=Path(db)),  # type: ignore[call-arg]
                         retry_delay_scale=0)
     prepaid = state.prepaid
-    assert prepaid is not None
     try:
         await state.gateway.send(StripeRequest("get", "/v1/balance"))  # the sandbox file opened before `go`
         print("ready", flush=True)

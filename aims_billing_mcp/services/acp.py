@@ -554,7 +554,7 @@ class AcpService:
     async def _check_subscriber(self, row: dict[str, Any], state: dict[str, Any]) -> None:
         """A tier line subscribes a customer: Stripe must know it, checked before anything is charged."""
         found = self._tier_line(state["lines"])
-        if self._prepaid is None or found is None:
+        if found is None:
             return
         customer, param = self._subscriber(row["agent_id"], state)
         try:

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Awaitable, Callable
-from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,7 +28,7 @@ from .redact import display, install_log_redaction, redact_text, redacted_stream
 from .settings import Settings, StripeMode, describe_validation_error
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .state import AppState
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -245,51 +244,27 @@ def cmd_setup_stripe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger(settings: Settings) -> tuple[Any, Any]:
-    """The store and ledger for operator commands (no Stripe needed: agent limits are not checked here)."""
-    from .services.ledger import LedgerService
-    from .services.tiers import Pricing
-    from .store import Store
-
-    store = Store(settings.aims_billing_db)
-    pricing = Pricing.load(settings.aims_billing_pricing)
-    return store, LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=lambda customer: None)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from .services.reports import prepaid_report, receipts_report, usage_report, wallet_report
+    from .state import open_state
 
-    settings = _settings()
-    if args.report == "audit":
-        from .services.audit import AuditFilter, audit_report, audit_rows
-        from .store import Store
+    with open_state(_settings()) as state:
+        store = state.store
+        if args.report == "audit":
+            from .services.audit import AuditFilter, audit_report, audit_rows
 
-        with closing(Store(settings.aims_billing_db)) as store:
             lines = audit_report(audit_rows(store, AuditFilter(
                 tool=args.tool, customer=args.customer, since=args.since, errors_only=args.errors, limit=args.limit)))
-    elif args.report in ("usage", "receipts"):
-        from .app import build_state
-
-        state = build_state(settings)
-        try:
-            lines = (usage_report(state.store, state.metering, args.customer) if args.report == "usage"
-                     else receipts_report(state.x402, args.limit))
-        finally:
-            asyncio.run(state.gateway.close())
-            state.store.close()
-    elif args.report == "prepaid":
-        from .store import Store
-
-        with closing(Store(settings.aims_billing_db)) as store:
+        elif args.report == "usage":
+            lines = usage_report(store, state.metering, args.customer)
+        elif args.report == "receipts":
+            lines = receipts_report(state.x402, args.limit)
+        elif args.report == "prepaid":
             where, params = ("WHERE customer_id = ?", (args.customer,)) if args.customer else ("", ())
             lines = prepaid_report(store.query(f"SELECT * FROM prepaid_subscriptions {where} ORDER BY created_at",
                                                params))
-    else:
-        store, ledger = _ledger(settings)
-        try:
-            lines = wallet_report(store, ledger, args.customer)
-        finally:
-            store.close()
+        else:
+            lines = wallet_report(store, state.ledger, args.customer)
     print("\n".join(lines))
     return 0
 
@@ -297,12 +272,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_prune_audit(args: argparse.Namespace) -> int:
     """Delete audit rows older than the retention period (the server also prunes them once a day)."""
     from .services.audit import prune_audit
-    from .store import Store
+    from .state import open_state
 
     settings = _settings()
     days = args.days if args.days is not None else settings.aims_billing_audit_retention_days
-    with closing(Store(settings.aims_billing_db)) as store:
-        pruned = prune_audit(store, retention_days=days)
+    with open_state(settings) as state:
+        pruned = prune_audit(state.store, retention_days=days)
     print(f"prune-audit: deleted {pruned} audit row(s) older than {days} days")
     return 0
 
@@ -336,20 +311,16 @@ def cmd_flush_usage(args: argparse.Namespace) -> int:
     settings = _settings()
     if problem := settings.live_key_problem():
         return _fail(problem)
-    from .app import build_state
+    from .state import open_state
 
     async def run() -> tuple[int, int, int, str | None]:
-        state = build_state(settings)
         sent = failed = 0
-        try:
+        async with open_state(settings) as state:
             while True:
                 report = await state.flusher.flush_once()
                 sent, failed = sent + report.sent, failed + report.failed
                 if report.error or report.pending == 0 or (report.sent == 0 and report.failed == 0):
                     return sent, failed, report.pending, report.error
-        finally:
-            await state.gateway.close()
-            state.store.close()
 
     sent, failed, pending, error = asyncio.run(run())
     print(f"flush-usage: {sent} event(s) accepted by Stripe, {failed} marked failed, {pending} still pending"
@@ -360,13 +331,11 @@ def cmd_flush_usage(args: argparse.Namespace) -> int:
 def _on_prepaid(command: str, action: Callable[[Any], Awaitable[T]]) -> T:
     """Run `action` on the prepaid subscriptions of the configured database and Stripe, then let the ACP order
     events it wrote go out (or say they wait for the server's next start)."""
-    from .app import build_state
+    from .state import open_state
 
     async def run() -> T:
-        state = build_state(_settings())
-        try:
-            assert state.commerce.prepaid is not None
-            done = await action(state.commerce.prepaid)
+        async with open_state(_settings()) as state:
+            done = await action(state.prepaid)
             if state.acp.order_webhooks is not None:
                 try:
                     await asyncio.wait_for(state.acp.order_webhooks.drain(), timeout=30)
@@ -374,9 +343,6 @@ def _on_prepaid(command: str, action: Callable[[Any], Awaitable[T]]) -> T:
                     print(f"{command}: order events still undelivered are sent at the server's next start",
                           file=sys.stderr)
             return done
-        finally:
-            await state.gateway.close()
-            state.store.close()
 
     return asyncio.run(run())
 
@@ -412,14 +378,12 @@ def cmd_refund_prepaid(args: argparse.Namespace) -> int:
 
 def cmd_check_ledger(args: argparse.Namespace) -> int:
     from .services.reports import ledger_counts
+    from .state import open_state
 
     settings = _settings()
-    store, ledger = _ledger(settings)
-    try:
-        violations = ledger.check_ledger()
-        counts = ledger_counts(store)
-    finally:
-        store.close()
+    with open_state(settings) as state:
+        violations = state.ledger.check_ledger()
+        counts = ledger_counts(state.store)
     if violations:
         print(f"check-ledger: {len(violations)} violation(s) in {settings.aims_billing_db}")
         for v in violations:
@@ -449,8 +413,6 @@ def cmd_tools_json(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     settings = _settings()
-    from .store import Store
-
     print("aims-billing-mcp doctor")
     for name in sorted(type(settings).model_fields):
         print(f"  {name.upper():38} {display(getattr(settings, name))}")
@@ -461,18 +423,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for line in HttpPolicy.from_settings(settings).describe():
         print(f"    {line}")
     _check_databases(settings)
-    store = Store(settings.aims_billing_db)
-    try:
-        print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")
-        from .services.x402 import x402_status
+    return 0 if asyncio.run(_doctor_state(settings)) else 1
+
+
+async def _doctor_state(settings: Settings) -> bool:
+    """The database, x402 and the Stripe key, on the graph every command builds."""
+    from .services.x402 import x402_status
+    from .state import open_state
+
+    async with open_state(settings) as state:
+        print(f"  database: {settings.aims_billing_db} (schema version {state.store.schema_version})")
         print(f"  x402: {x402_status(settings)}")
         if problem := settings.live_key_problem():
             print(f"  PROBLEM: {problem}")
-            return 1
-        ok = asyncio.run(_check_key(settings, store))
-    finally:
-        store.close()
-    return 0 if ok else 1
+            return False
+        return await _check_key(state)
 
 
 def _stripe_target(settings: Settings) -> str:
@@ -486,21 +451,12 @@ def _stripe_target(settings: Settings) -> str:
     return "api.stripe.com"
 
 
-async def _check_key(settings: Settings, store: Store) -> bool:
-    from .services.catalog import CatalogService
-    from .services.idempotency import IdempotencyService
-    from .services.mutations import StripeMutations
-    from .stripe_gateway import build_gateway
-
-    gateway = build_gateway(settings)
+async def _check_key(state: AppState) -> bool:
     try:
-        mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=0))
-        balance = await CatalogService(mutations).retrieve_balance()  # a read: no amount to hold to the ceiling
+        balance = await state.catalog.retrieve_balance()  # a read: no amount to hold to the ceiling
     except BillingError as exc:
         print(f"  key check: FAILED: {exc.message}")
         return False
-    finally:
-        await gateway.close()
     shown = ", ".join(a.display for a in balance.available) or "0"
     print(f"  key check: ok (balance call answered; available {shown})")
     return True

@@ -13,24 +13,19 @@ from a loopback peer on an endpoint not configured for a non-loopback host: anyw
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from .http_guard import HttpGuard, HttpPolicy
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.webhook_events import InvalidEvent, parse_event
 from .settings import LOOPBACK_HOSTS
 from .stripe_gateway import WebhookSignatureInvalid, verify_webhook_signature
 
 if TYPE_CHECKING:
-    from .tools.context import AppState
+    from .state import AppState
 
 log = logging.getLogger(__name__)
 WEBHOOK_PATH = "/webhooks/stripe"
@@ -103,37 +98,3 @@ def _from_loopback(request: Request) -> bool:
 
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith(("127.", "::ffff:127."))
-
-
-def webhook_route(get_state: Callable[[], AppState | None]) -> Route:
-    return Route(WEBHOOK_PATH, webhook_handler(get_state), methods=["POST"])
-
-
-def build_webhook_app(get_state: Callable[[], AppState | None], *, with_acp_mcp: bool = False,
-                      policy: HttpPolicy | None = None, host: str = "127.0.0.1") -> Any:
-    """The companion app beside a stdio server: Stripe's webhooks, x402's paid route and the ACP seller (REST, and
-    with `with_acp_mcp` its MCP binding on /acp/mcp, whose session manager runs in this app's lifespan), behind
-    the HttpGuard (limits, `policy`, audit; `host` is where it listens)."""
-    from .acp_http import acp_routes
-    from .ingest_http import ingest_route
-    from .x402_http import credits_route
-
-    policy = policy or HttpPolicy()
-    routes: list[Any] = [webhook_route(get_state), credits_route(get_state), *acp_routes(get_state),
-                         ingest_route(get_state)]
-    guarded = partial(HttpGuard, get_state=get_state, policy=policy, loopback=is_loopback(host))
-    if not with_acp_mcp:
-        return guarded(Starlette(routes=routes))
-    from .acp_mcp import MCP_PATH, build_acp_mcp_server
-
-    acp_server = build_acp_mcp_server(get_state)
-    for name in policy.acp_mcp_tools_off():
-        acp_server.remove_tool(name)
-    acp_app = acp_server.streamable_http_app(streamable_http_path=MCP_PATH)
-
-    @asynccontextmanager
-    async def lifespan(_: Any) -> AsyncIterator[None]:
-        async with acp_server.session_manager.run():
-            yield
-
-    return guarded(Starlette(routes=[*routes, *acp_app.routes], lifespan=lifespan))

@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from .errors import BillingError, ConfigurationError, InvalidInput, NotFound, PaymentRejected, Refused
 from .models import AgentId
 from .services.x402 import MAX_LUC, MAX_PAYMENT_CHARS, MAX_QUOTE_ID, decode_payment_header
 
 if TYPE_CHECKING:
-    from .tools.context import AppState
+    from .state import AppState
 
 CREDITS_PATH = "/x402/credits"
 PAYMENT_HEADERS = ("payment-signature", "x-payment")
@@ -143,7 +142,3 @@ async def challenge(state: AppState, agent_id: str, luc: int, *, error: PaymentR
         if error.param is not None:
             body["param"] = error.param
     return JSONResponse(body, status_code=402, headers={"PAYMENT-REQUIRED": required.header})
-
-
-def credits_route(get_state: Callable[[], AppState | None]) -> Route:
-    return Route(CREDITS_PATH, credits_handler(get_state), methods=["GET"])

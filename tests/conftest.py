@@ -28,13 +28,13 @@ from aims_billing_mcp.redact import forget_secrets
 from aims_billing_mcp.sandbox import Sandbox, create_app
 from aims_billing_mcp.services.acp import AcpService
 from aims_billing_mcp.services.commerce import PaymentSessionService
-from aims_billing_mcp.services.idempotency import IdempotencyService
+from aims_billing_mcp.services.fulfilment import Fulfilment
 from aims_billing_mcp.services.ledger import LedgerService
-from aims_billing_mcp.services.mutations import StripeMutations
 from aims_billing_mcp.services.prepaid import PrepaidSubscriptions
 from aims_billing_mcp.services.subscriptions import SubscriptionService
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.state import AppState, acp_seller, open_state
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, build_gateway
 
@@ -146,20 +146,50 @@ async def client(make_server: Callable[..., BillingServer]) -> AsyncIterator[Cli
 
 @dataclass
 class CommerceStack:
-    """Payment sessions on the sandbox, wired as app.py wires them; ACP sellers are built on top of it."""
+    """Payment sessions on the sandbox, from the graph state.py builds; ACP sellers are built on top of it."""
 
-    store: Store
-    gateway: StripeGateway
-    ledger: LedgerService
-    pricing: Pricing
-    payments: PaymentSessionService
-    subscriptions: SubscriptionService
-    prepaid: PrepaidSubscriptions
+    state: AppState
+
+    @property
+    def store(self) -> Store:
+        return self.state.store
+
+    @property
+    def gateway(self) -> StripeGateway:
+        return self.state.gateway
+
+    @property
+    def ledger(self) -> LedgerService:
+        return self.state.ledger
+
+    @property
+    def pricing(self) -> Pricing:
+        return self.state.pricing
+
+    @property
+    def payments(self) -> PaymentSessionService:
+        return self.state.commerce
+
+    @property
+    def subscriptions(self) -> SubscriptionService:
+        return self.state.subscriptions
+
+    @property
+    def prepaid(self) -> PrepaidSubscriptions:
+        return self.state.prepaid
+
+    @property
+    def fulfilment(self) -> Fulfilment:
+        return self.state.fulfilment
+
+    def seller(self, api_keys: set[str], **options: Any) -> AcpService:
+        """An ACP seller over these payments (the one their fulfilment settles orders with from now on)."""
+        return acp_seller(self.state, api_keys=api_keys, **options)
 
     @asynccontextmanager
     async def acp_seller(self, api_key: str, **options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, AcpService]]:
         """An ACP seller over these payments, its REST routes reached in process at https://seller.test."""
-        acp = AcpService(self.store, self.payments, self.pricing, api_keys={api_key}, **options)
+        acp = self.seller({api_key}, **options)
         app = Starlette(routes=acp_routes(lambda: SimpleNamespace(acp=acp)))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://seller.test") as http:
             yield http, acp
@@ -168,21 +198,16 @@ class CommerceStack:
 @asynccontextmanager
 async def commerce_stack(settings: Settings, sandbox_app: Any, store: Store, *,
                          buyer_wallet: bool = True) -> AsyncIterator[CommerceStack]:
-    """The stack with, by default, an open wallet for agent `buyer` (customer cus_team) to credit."""
-    gateway = build_gateway(settings, sandbox_app=sandbox_app, retry_delay_scale=0)
-    mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=60))
-    ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda _customer: None)
-    if buyer_wallet:
-        await ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
-    pricing = Pricing.load()
-    subscriptions = SubscriptionService(mutations, store, pricing, settings)
-    prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, retry_delay_scale=0)
-    payments = PaymentSessionService(store, mutations, ledger, pricing, prepaid=prepaid)
-    try:
-        yield CommerceStack(store, gateway, ledger, pricing, payments, subscriptions, prepaid)
-    finally:
-        await prepaid.drain()
-        await gateway.close()
+    """The stack on `store` with any number of wallets per customer and, by default, an open wallet for agent
+    `buyer` (customer cus_team) to credit."""
+    async with open_state(settings, sandbox_app=sandbox_app, store=store, retry_delay_scale=0,
+                          agent_limit=lambda _customer: None) as state:
+        if buyer_wallet:
+            await state.ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
+        try:
+            yield CommerceStack(state)
+        finally:
+            await state.prepaid.drain()
 
 
 async def paid_outside(gateway: StripeGateway, payment_intent: str) -> dict[str, Any]:

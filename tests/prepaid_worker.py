@@ -13,17 +13,16 @@ import random
 import sys
 from pathlib import Path
 
-from aims_billing_mcp.app import build_state
 from aims_billing_mcp.services.prepaid import OPEN
 from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.state import build_state
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
 
 async def main(db: str, seed: int, row_ids: list[str]) -> None:
     state = build_state(Settings(_env_file=None, aims_billing_db=Path(db)),  # type: ignore[call-arg]
                         retry_delay_scale=0)
-    prepaid = state.commerce.prepaid
-    assert prepaid is not None
+    prepaid = state.prepaid
     try:
         await state.gateway.send(StripeRequest("get", "/v1/balance"))  # the sandbox file opened before `go`
         print("ready", flush=True)

@@ -15,6 +15,7 @@ import pytest
 
 from aims_billing_mcp.errors import ConfigurationError, InvalidInput, InvalidState, NotFound
 from aims_billing_mcp.sandbox import Sandbox
+from aims_billing_mcp.services.fulfilment import Fulfilment, Seller
 from aims_billing_mcp.services.prepaid import PrepaidSubscriptions, prepaid_id
 from aims_billing_mcp.services.stripe_setup import setup_stripe
 from aims_billing_mcp.services.tiers import add_months
@@ -157,7 +158,8 @@ async def test_two_tiers_paid_at_once_for_one_customer_start_one_and_refuse_the_
     sessions = [await env.buy(item, key=item, pay=False) for item in ("tier_3mo", "tier_6mo")]  # both created unpaid
     for session in sessions:  # both paid (e.g. by the buyers' own clients) before either is started
         await env.record_paid(session)
-    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing)
+    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                 fulfilment=env.stack.fulfilment)
 
     async with anyio.create_task_group() as tg:  # two workers (processes), one row each
         tg.start_soon(env.stack.prepaid.start, prepaid_id(sessions[0].id))
@@ -241,7 +243,7 @@ async def test_a_late_start_still_delivers_the_whole_commitment(env: Env) -> Non
     await env.buy("tier_9mo")  # left failed after its credit
     env.sandbox.advance(days=10)  # the operator fixes it ten days later (our clock agrees with Stripe's, as live)
     worker = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
-                                  clock=env.sandbox.now)
+                                  fulfilment=env.stack.fulfilment, clock=env.sandbox.now)
 
     [row] = await worker.retry(include_failed=True)
 
@@ -258,6 +260,7 @@ async def test_two_workers_retrying_a_credited_row_at_once_create_one_subscripti
     left = await env.stack.prepaid.start(row_id)  # one attempt: credited, then Stripe down
     assert (left["status"], left["attempts"]) == ("credited", 1)
     other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                 fulfilment=env.stack.fulfilment,
                                  clock=lambda: time.time() + 1)  # another process, its clock a second ahead
 
     async with anyio.create_task_group() as tg:
@@ -301,9 +304,9 @@ async def test_two_workers_re_leasing_a_day_old_credited_row_send_one_creation_r
 
     stack = env.stack
     a = PrepaidSubscriptions(stack.store, Stalled(stack.gateway, hold_a), stack.subscriptions,  # type: ignore[arg-type]
-                             stack.pricing)
+                             stack.pricing, fulfilment=stack.fulfilment)
     b = PrepaidSubscriptions(stack.store, Stalled(stack.gateway, hold_b), stack.subscriptions,  # type: ignore[arg-type]
-                             stack.pricing, clock=lambda: time.time() + 5)
+                             stack.pricing, fulfilment=stack.fulfilment, clock=lambda: time.time() + 5)
 
     async def run_b() -> None:
         try:
@@ -336,8 +339,10 @@ async def test_a_slow_worker_cannot_rewind_a_started_subscription(env: Env) -> N
     stale = env.stack.prepaid.find(row_id)  # another worker read it pending ...
     assert stale is not None
     told: list[str] = []
-    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing)
-    other.on_outcome("payment_session", lambda _conn, row: told.append(row["status"]))  # type: ignore[func-returns-value]
+    told_of = Fulfilment()
+    told_of.register("payment_session", Seller(on_subscription=lambda _conn, row: told.append(row["status"])))  # type: ignore[func-returns-value]
+    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                 fulfilment=told_of)
     await env.stack.prepaid.start(row_id)  # ... while this one started it
 
     after = await other._start(stale)  # the other one goes on from what it read
@@ -351,7 +356,8 @@ async def test_concurrent_starts_from_two_workers_start_one_subscription(env: En
     row_id = prepaid_id(session.id)
     assert env.stack.prepaid.find(row_id)["status"] == "pending"  # type: ignore[index]
     # a second worker (another process: its own locks) over the same store and Stripe account
-    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing)
+    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                 fulfilment=env.stack.fulfilment)
 
     async with anyio.create_task_group() as tg:
         for worker in (env.stack.prepaid, other, env.stack.prepaid, other):

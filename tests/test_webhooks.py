@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client
 
-from aims_billing_mcp.app import build_state
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.services.webhook_events import InvalidEvent, parse_event
+from aims_billing_mcp.state import build_state
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
 from tests.conftest import ok, serving_http

@@ -65,14 +65,16 @@ from pydantic import SecretStr
 from ..errors import BillingError, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
 from ..models import AGENT_ID, format_amount
 from ..store import Store, dumps, utc_iso
-from ..stripe_gateway import StripeRequest, stripe_idempotency_key
+from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .acp_models import AcpError, AcpResponse
 from .acp_schema import SPEC_VERSION, SUPPORTED_VERSIONS, parse
 from .acp_webhooks import ORDER_CREATE, ORDER_UPDATE, OrderWebhooks
 from .background import Background
 from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
 from .commerce_models import PaymentSession
-from .prepaid import prepaid_id
+from .fulfilment import Seller
+from .ledger import LedgerService
+from .prepaid import PrepaidSubscriptions, prepaid_id
 from .tiers import Item, Pricing
 
 log = logging.getLogger(__name__)
@@ -193,7 +195,8 @@ def _message(code: str, content: str, *, param: str | None = None, resolution: s
 
 class AcpService:
     def __init__(
-        self, store: Store, commerce: PaymentSessionService, pricing: Pricing, *, api_keys: set[str],
+        self, store: Store, commerce: PaymentSessionService, pricing: Pricing, *, ledger: LedgerService,
+        prepaid: PrepaidSubscriptions, gateway: StripeGateway, api_keys: set[str],
         clock: Callable[[], float] = time.time,
         public_url: str = "http://localhost", session_ttl_seconds: int = 24 * 3600,
         signing_secret: SecretStr | str | None = None, order_webhook_url: str | None = None,
@@ -205,7 +208,8 @@ class AcpService:
         self._pricing = pricing
         self._api_keys = {key for key in api_keys if key}
         self._clock = clock
-        self._ledger = commerce.ledger
+        self._ledger = ledger  # the wallets an order's LUC are credited to
+        self._gateway = gateway
         self._public_url = public_url.rstrip("/")
         self._ttl = session_ttl_seconds
         self._signing_secret = _reveal(signing_secret)
@@ -214,14 +218,17 @@ class AcpService:
             self.order_webhooks = OrderWebhooks(store, order_webhook_url, _reveal(order_webhook_secret) or "",
                                                 clock=clock, retry_delay_scale=retry_delay_scale,
                                                 transport=webhook_transport)
-        self._prepaid = commerce.prepaid
-        if self._prepaid is not None:
-            self._prepaid.on_outcome("acp", self._subscription_outcome)
+        self._prepaid = prepaid  # an order's tier starts a prepaid subscription, as a payment session's does
         self.refunds = Background()  # refunds of payments a checkout could not take (acp_payments.refund_status)
         # payments a job marked refund-due that no look after a COMMIT has seen yet (a mark is dropped only once
         # seen, so a look that ran before its COMMIT does not lose it)
         self._refunds_marked: set[str] = set()
-        commerce.fulfil_with(self._fulfil_paid, after_commit=self._after_payment)
+
+    def seller(self) -> Seller:
+        """What this seller registers in the fulfilment registry (state.py): it settles the orders its payment
+        sessions paid for, sends what they queued after COMMIT, and hears how their tier subscriptions went."""
+        return Seller(fulfil=self._fulfil_paid, after_commit=self._after_payment,
+                      on_subscription=self._subscription_outcome)
 
     # --- authentication and idempotency -------------------------------------------------------------------------
 
@@ -547,7 +554,7 @@ class AcpService:
     async def _check_subscriber(self, row: dict[str, Any], state: dict[str, Any]) -> None:
         """A tier line subscribes a customer: Stripe must know it, checked before anything is charged."""
         found = self._tier_line(state["lines"])
-        if self._prepaid is None or found is None:
+        if found is None:
             return
         customer, param = self._subscriber(row["agent_id"], state)
         try:
@@ -647,7 +654,7 @@ class AcpService:
         await self._store.write(job)
         self._after_payment()
         tier = self._tier_line(json.loads(self._row(session_id)["state"])["lines"])
-        if self._prepaid is not None and paid.status == "succeeded" and tier is not None:
+        if paid.status == "succeeded" and tier is not None:
             await self._prepaid.start_now(prepaid_id(session_id))
         return self._row(session_id)
 
@@ -712,7 +719,7 @@ class AcpService:
                 done_what.append(f"the credit of {luc} LUC was refused ({refused}); the order is in manual review")
         subscription = None
         found = self._tier_line(lines)
-        if found is not None and self._prepaid is not None:
+        if found is not None:
             item = found[1]
             owner = frozen.get("subscriber") or self._subscriber(current["agent_id"], state, conn)[0]
             assert owner is not None  # a session without its subscriber is never ready for payment
@@ -765,7 +772,7 @@ class AcpService:
         refund: dict[str, Any] | None = None
         error = None
         try:
-            refund = (await self._commerce.gateway.send(StripeRequest(
+            refund = (await self._gateway.send(StripeRequest(
                 "post", "/v1/refunds", {"payment_intent": found["payment_intent_id"], "reason": "requested_by_customer",
                                         "metadata": {"aims_acp_payment": ps_id}},
                 stripe_idempotency_key("acp-refund", ps_id)))).data
@@ -799,7 +806,6 @@ class AcpService:
     def _subscription_outcome(self, conn: sqlite3.Connection, prepaid: dict[str, Any]) -> Callable[[], None] | None:
         """The order's tier subscription started, failed for good, or was refunded: update the order, and tell the
         agent platform with an `order_update` event sent after COMMIT."""
-        assert self._prepaid is not None
         current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (prepaid["source_id"],)).fetchone()
         if current is None:
             return None
@@ -919,7 +925,7 @@ class AcpService:
         if not _CUSTOMER.fullmatch(customer):
             return [_message("invalid", f"buyer.customer_id {customer[:64]!r} is not a Stripe customer id (cus_...).",
                              param=param, resolution="requires_buyer_input")]
-        tier = self._prepaid.live_tier(customer) if self._prepaid is not None else "unknown"
+        tier = self._prepaid.live_tier(customer)
         if tier is not None:
             return [_message("invalid", f"Customer {customer} already has the {tier} tier: remove {item.id} (a "
                              "second subscription would bill twice).", param=f"$.line_items[{i}]",

@@ -7,7 +7,8 @@ currency) or the `payment_intent.succeeded` webhook. Three things stand behind "
 payment_intent_id (one session per PaymentIntent), the `fulfilled_at IS NULL` guard of the UPDATE that claims the
 fulfilment (checked by rowcount), and the ledger credit's own idempotency key `fulfil:<session id>`. A tier is
 fulfilled by recording its prepaid subscription in that job (prepaid.py starts it in Stripe after COMMIT), and a
-session another seller owns (an ACP checkout's) is fulfilled by that seller, in the same job (`fulfil_with`).
+session another seller owns (an ACP checkout's) is fulfilled by that seller, in the same job (the fulfilment
+registry, fulfilment.py, asked first).
 
 Retries: a confirm's state is checked under its key's lock, after its stored result was looked for, so a retry
 gets the first result; a paid session is confirmed again at Stripe under the same Stripe key, which replays only
@@ -39,9 +40,11 @@ from ..errors import (
 )
 from ..models import AGENT_ID, CURRENCIES, format_amount
 from ..store import Store, dumps, utc_iso
-from ..stripe_gateway import StripeRequest, stripe_idempotency_key
+from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
+from .ceiling import Ceiling
 from .commerce_models import PaymentSession, PaymentSessionResult
-from .idempotency import CallKey
+from .fulfilment import Fulfilment, Seller
+from .idempotency import CallKey, IdempotencyService
 from .ledger import LedgerService
 from .mutations import StripeMutations, compact
 from .prepaid import OPEN, PrepaidSubscriptions, prepaid_id
@@ -56,8 +59,6 @@ _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
 _SESSION = re.compile(r"ps_[A-Za-z0-9_]{1,200}")
 _PAYMENT_METHOD = re.compile(r"pm_[A-Za-z0-9_]{1,200}")
 SHARED_PAYMENT_TOKEN = re.compile(r"spt_[A-Za-z0-9_]{1,200}")
-# Fulfils a succeeded session it owns inside the recording transaction and says what it did (None: not its own).
-Fulfiler = Callable[[sqlite3.Connection, dict[str, Any], str], dict[str, Any] | None]
 
 
 def _session_id(call_key: str) -> str:
@@ -76,28 +77,23 @@ def _decline_message(error: dict[str, Any] | None) -> str | None:
 class PaymentSessionService:
     def __init__(
         self, store: Store, mutations: StripeMutations, ledger: LedgerService, pricing: Pricing, *,
-        clock: Callable[[], float] = time.time,
-        prepaid: PrepaidSubscriptions | None = None,
+        gateway: StripeGateway, idempotency: IdempotencyService, ceiling: Ceiling, prepaid: PrepaidSubscriptions,
+        fulfilment: Fulfilment, clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._mutations = mutations
-        self._gateway = self.gateway = mutations.gateway
-        self._idempotency = mutations.idempotency
-        self.ledger = ledger  # the wallets fulfilment credits; ACP orders credit the same ones
+        self._gateway = gateway
+        self._idempotency = idempotency
+        self._ceiling = ceiling
+        self.ledger = ledger  # the wallets fulfilment credits
         self._pricing = pricing
         self._clock = clock
-        self.prepaid = prepaid  # tier items start a prepaid subscription; ACP orders use the same outbox
-        if prepaid is not None:
-            prepaid.on_outcome("payment_session", self._subscription_outcome)
-        self._fulfilers: list[Fulfiler] = []
-        self._after_commit: list[Callable[[], None]] = []
+        self.prepaid = prepaid  # tier items start a prepaid subscription
+        self._fulfilment = fulfilment  # sessions another seller owns (ACP's) are fulfilled by that seller
 
-    def fulfil_with(self, fulfiler: Fulfiler, after_commit: Callable[[], None] | None = None) -> None:
-        """Let another seller (ACP) fulfil the sessions it created, in the transaction that records their success;
-        `after_commit` then sends what that transaction queued (its outbox)."""
-        self._fulfilers.append(fulfiler)
-        if after_commit is not None:
-            self._after_commit.append(after_commit)
+    def seller(self) -> Seller:
+        """What payment sessions register in the fulfilment registry (state.py): their tiers' outcomes."""
+        return Seller(on_subscription=self._subscription_outcome)
 
     # --- create -----------------------------------------------------------------------------------------------
 
@@ -107,7 +103,7 @@ class PaymentSessionService:
                                param="amount" if amount is not None else "currency")
         if item is not None:
             found = self._pricing.item(item)
-            self.ledger.ceiling.check(found.unit_price, found.currency, "item", what=f"the price of {found.id}")
+            self._ceiling.check(found.unit_price, found.currency, "item", what=f"the price of {found.id}")
             return found, found.unit_price, found.currency
         if amount is None or currency is None:
             raise InvalidInput("give an item (e.g. luc_10k; valid items: " + ", ".join(self._pricing.items)
@@ -119,13 +115,10 @@ class PaymentSessionService:
         if code not in CURRENCIES:
             raise InvalidInput(f"currency {currency!r} is not an ISO 4217 code Stripe accepts, e.g. usd",
                                param="currency")
-        self.ledger.ceiling.check(amount, code, "amount")
+        self._ceiling.check(amount, code, "amount")
         return None, amount, code
 
     def _check_can_subscribe(self, item: Item, customer: str | None) -> None:
-        if self.prepaid is None:
-            raise InvalidState(f"item {item.id} starts a subscription, which this server is not set up to do",
-                               param="item")
         if customer is None:
             raise InvalidInput(f"item {item.id} starts a {item.tier} subscription for a customer: pass customer "
                                "(cus_...) or the agent_id of a wallet (its customer subscribes)", param="customer")
@@ -159,7 +152,6 @@ class PaymentSessionService:
                                param="agent_id")
         if found is not None and found.subscribes:
             self._check_can_subscribe(found, customer or owner)
-            assert self.prepaid is not None
             await self.prepaid.check_customer(str(customer or owner), param="customer" if customer else "agent_id")
             await self.prepaid.check_prices(self._pricing.tier(str(found.tier)))
         description = description if description is not None else (found.title if found else None)
@@ -324,13 +316,11 @@ class PaymentSessionService:
 
     def _committed(self) -> None:
         """After a COMMIT that may have queued fulfilment work (a prepaid subscription, an ACP order event)."""
-        if self.prepaid is not None:
-            self.prepaid.kick()
-        for action in self._after_commit:
-            action()
+        self.prepaid.kick()
+        self._fulfilment.committed()
 
     async def _start_subscription(self, session: PaymentSession) -> PaymentSession:
-        if self.prepaid is None or not session.fulfilment or session.fulfilment.get("kind") != "subscription":
+        if not session.fulfilment or session.fulfilment.get("kind") != "subscription":
             return session
         if session.fulfilment.get("status") not in OPEN:
             return session
@@ -344,7 +334,6 @@ class PaymentSessionService:
             self._committed()
 
     def _subscription_outcome(self, conn: sqlite3.Connection, row: dict[str, Any]) -> None:
-        assert self.prepaid is not None
         conn.execute("UPDATE payment_sessions SET fulfilment = ?, updated_at = ? WHERE id = ?",
                      (dumps(self.prepaid.summary(row)), utc_iso(self._clock()), row["source_id"]))
 
@@ -413,11 +402,10 @@ class PaymentSessionService:
         return _view(_row(conn, row["id"]))
 
     def _fulfil(self, conn: sqlite3.Connection, row: dict[str, Any], pi_id: str) -> dict[str, Any]:
-        for fulfiler in self._fulfilers:
-            if (done := fulfiler(conn, row, pi_id)) is not None:
-                return done
+        if (done := self._fulfilment.fulfil(conn, row, pi_id)) is not None:
+            return done
         item = self._pricing.items.get(row["item_id"]) if row["item_id"] else None
-        if item is not None and item.subscribes and self.prepaid is not None:
+        if item is not None and item.subscribes:
             return self.prepaid.enqueue(conn, source="payment_session", source_id=row["id"],
                                         customer=row["customer_id"], tier=self._pricing.tier(str(item.tier)),
                                         amount=row["amount"], currency=row["currency"], payment_intent=pi_id)
@@ -479,7 +467,7 @@ class PaymentSessionService:
             return None
         session = _view(row)
         fulfilment = session.fulfilment or {}
-        if self.prepaid is not None and fulfilment.get("kind") == "subscription" and fulfilment.get("status") in OPEN:
+        if fulfilment.get("kind") == "subscription" and fulfilment.get("status") in OPEN:
             current = self.prepaid.find(str(fulfilment.get("prepaid_id")))  # how far its start has come
             if current is not None:
                 session.fulfilment = self.prepaid.summary(current)

@@ -20,7 +20,8 @@ advance a row, nor a slow one rewind it. What makes "never two subscriptions, ne
 - each Stripe call has a deterministic idempotency key, and since Stripe forgets keys after 24 hours, a step that
   is not fresh first looks for its object by `metadata.aims_prepaid` before creating it.
 The subscription is recorded in `billing_provisions` in the job that marks the row started, and the source
-(payment session or ACP order) is told in that job too; its hook may hand back an after-COMMIT action.
+(payment session or ACP order) is told in that job too, through the fulfilment registry (fulfilment.py); the
+source may hand back an after-COMMIT action.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..models import format_amount
 from ..store import Store, utc_iso
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .background import Background
+from .fulfilment import Fulfilment
 from .subscriptions import SubscriptionService
 from .tiers import TIER_METADATA, Pricing, Tier, add_months, trial_days
 
@@ -58,8 +60,6 @@ HOLDS_LIVE_SUBSCRIPTION = (
     "WHERE b.customer_id = p.customer_id AND b.subscription_id = p.subscription_id AND b.status IN "
     "('canceled', 'incomplete_expired')))")
 REVERSAL_METADATA = "aims_prepaid_reversal"
-# A hook runs inside the job that records the start (or the failure); it may return an action for after COMMIT.
-Hook = Callable[[sqlite3.Connection, dict[str, Any]], Callable[[], None] | None]
 Job = Callable[[sqlite3.Connection], tuple[dict[str, Any], bool]]
 
 
@@ -72,20 +72,17 @@ class PrepaidSubscriptions:
     """The outbox of prepaid subscriptions and the worker that starts them in Stripe."""
 
     def __init__(self, store: Store, gateway: StripeGateway, subscriptions: SubscriptionService, pricing: Pricing, *,
-                 clock: Callable[[], float] = time.time, retry_delay_scale: float = 1.0) -> None:
+                 fulfilment: Fulfilment, clock: Callable[[], float] = time.time,
+                 retry_delay_scale: float = 1.0) -> None:
         self._store = store
         self._gateway = gateway
         self._subscriptions = subscriptions
         self._pricing = pricing
         self._clock = clock
         self._scale = retry_delay_scale
-        self._hooks: dict[str, Hook] = {}
+        self._fulfilment = fulfilment  # tells a row's source how its subscription went
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.background = Background()
-
-    def on_outcome(self, source: str, hook: Hook) -> None:
-        """Tell `source` (payment_session, acp) when one of its subscriptions starts or fails for good."""
-        self._hooks[source] = hook
 
     # --- before the payment -------------------------------------------------------------------------------------
 
@@ -313,8 +310,7 @@ class PrepaidSubscriptions:
 
     def _tell(self, conn: sqlite3.Connection, row: dict[str, Any], after: list[Callable[[], None]]) -> None:
         """Tell the row's source (payment session, ACP order) its outcome, inside the job that recorded it."""
-        hook = self._hooks.get(row["source"])
-        if hook is not None and (action := hook(conn, row)) is not None:
+        if (action := self._fulfilment.subscription_outcome(conn, row)) is not None:
             after.append(action)
 
     async def _claimed(self, row_id: str) -> tuple[dict[str, Any], bool]:

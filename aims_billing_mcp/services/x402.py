@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 from .. import jsonsafe
 from ..errors import ConfigurationError, InvalidInput, LimitReached, NotFound, PaymentRejected, StripeError
 from ..store import Store, dumps, new_id, utc_iso
+from .ceiling import Ceiling
 from .ledger import LedgerService, require_text
 from .tiers import Pricing
 from .x402_models import Mode, PayerRegistration, Receipt, ReceiptRow, RequirementsResult
@@ -316,7 +317,7 @@ class X402Service:
         self, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing, *, pay_to: str | None = None,
         network: str = "base-sepolia", facilitator: str = "local", facilitator_url: str | None = None,
         clock: Callable[[], float] = time.time, live: bool = False, quote_key: bytes | None = None,
-        max_open_quotes: int = MAX_OPEN_QUOTES,
+        max_open_quotes: int = MAX_OPEN_QUOTES, ceiling: Ceiling | None = None,
     ) -> None:
         """`live`: the Stripe key is a live one (see `live_mode_problem`). `quote_key`: the challenge tokens' HMAC
         key; by default read from (or created in) `<db stem>.x402.key` beside the database, on first use.
@@ -333,6 +334,7 @@ class X402Service:
         self.problem = live_mode_problem(live=live, pay_to=pay_to, facilitator=facilitator, network=network)
         self._store = store
         self._ledger = ledger
+        self._ceiling = ceiling or Ceiling()  # the per-call money ceiling, in USDC's minor units here
         self._gateway = gateway
         self._luc_per_usd = pricing.luc_per_usd
         self.pay_to = pay_to or ("" if live else SANDBOX_PAY_TO)  # "" is never used: live without it refuses
@@ -348,7 +350,8 @@ class X402Service:
 
     @classmethod
     def from_settings(cls, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing,
-                      settings: Settings) -> X402Service:
+                      settings: Settings, *, clock: Callable[[], float] = time.time,
+                      ceiling: Ceiling | None = None) -> X402Service:
         """As the server builds it: live mode is the key's (sk_live_/rk_live_, allowed or not), not the gateway's."""
         from ..settings import StripeMode
 
@@ -356,7 +359,7 @@ class X402Service:
         return cls(store, ledger, gateway, pricing, pay_to=settings.aims_x402_pay_to,
                    network=settings.aims_x402_network or ("base" if live else "base-sepolia"),
                    facilitator=settings.aims_x402_facilitator, facilitator_url=settings.aims_x402_facilitator_url,
-                   live=live)
+                   live=live, clock=clock, ceiling=ceiling)
 
     def _ready(self) -> None:
         if self.problem is not None:
@@ -521,7 +524,7 @@ class X402Service:
         if atomic <= 0 or atomic > MAX_ATOMIC:
             raise InvalidInput(f"the amount must be above 0 and at most {usd_of(MAX_ATOMIC)} USD, got "
                                f"{usd_of(max(atomic, 0))} USD", param=param)
-        self._ledger.ceiling.check(atomic, "usdc", param)
+        self._ceiling.check(atomic, "usdc", param)
         if luc is not None:
             return atomic, luc
         if agent_id is None:

@@ -17,12 +17,13 @@ import httpx
 import pytest
 from mcp import Client
 
-from aims_billing_mcp.app import BillingServer, background_tasks
+from aims_billing_mcp.app import BillingServer
 from aims_billing_mcp.errors import LimitReached, PaymentRejected
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.services.x402 import EXPIRED_QUOTE_GRACE, X402Service
 from aims_billing_mcp.store import Store
+from aims_billing_mcp.tasks import background_tasks
 from tests.conftest import Clock, serving_http
 from tests.tools.test_wallets import give_tier
 

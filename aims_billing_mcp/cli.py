@@ -281,9 +281,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .store import Store
 
         with closing(Store(settings.aims_billing_db)) as store:
-            where, params = ("WHERE customer_id = ?", (args.customer,)) if args.customer else ("", ())
-            lines = prepaid_report(store.query(f"SELECT * FROM prepaid_subscriptions {where} ORDER BY created_at",
-                                               params))
+            lines = prepaid_report(store.prepaid.rows(args.customer))
     else:
         store, ledger = _ledger(settings)
         try:
@@ -391,7 +389,7 @@ def cmd_start_subscriptions(args: argparse.Namespace) -> int:
     rows = _on_prepaid("start-subscriptions", lambda prepaid: prepaid.retry(
         include_failed=args.failed is not None, only=args.failed or ()))
     print("\n".join(prepaid_report(rows)) if rows else "start-subscriptions: nothing to start")
-    return 1 if any(row["status"] != "started" for row in rows) else 0
+    return 1 if any(row.status != "started" for row in rows) else 0
 
 
 def cmd_refund_prepaid(args: argparse.Namespace) -> int:
@@ -407,7 +405,7 @@ def cmd_refund_prepaid(args: argparse.Namespace) -> int:
         print(f"aims-billing-mcp: refund-prepaid: {exc.message}", file=sys.stderr)
         return 1
     print("\n".join(prepaid_report([row])))
-    return 0 if row["status"] == "refunded" else 1  # a pending or failed refund: run it again later
+    return 0 if row.status == "refunded" else 1  # a pending or failed refund: run it again later
 
 
 def cmd_check_ledger(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ PaymentIntent, confirmed with a payment method (`pm_card_visa`) or a Shared Paym
 Fulfilment happens exactly once, in the same writer job that records the success, whoever sees the success first:
 the confirm call, a later `get_payment_session` (which re-reads the PaymentIntent: status, amount_received,
 currency) or the `payment_intent.succeeded` webhook. Three things stand behind "once": the session's UNIQUE
-payment_intent_id (one session per PaymentIntent), the `fulfilled_at IS NULL` guard of the UPDATE that claims the
+payment_intent_id (one session per PaymentIntent), the `fulfilled_at IS NULL` guard of the update that claims the
 fulfilment (checked by rowcount), and the ledger credit's own idempotency key `fulfil:<session id>`. A tier is
 fulfilled by recording its prepaid subscription in that job (prepaid.py starts it in Stripe after COMMIT), and a
 session another seller owns (an ACP checkout's) is fulfilled by that seller, in the same job (`fulfil_with`).

@@ -77,11 +77,30 @@ def test_advance_refuses_a_value_that_is_not_a_column(prepaid: PrepaidStore, wri
         write(lambda tx: prepaid.advance(tx, "pre_ps_1", (S.PENDING,), S.CLAIMED, AT, **{"status = 1 --": 1}))
 
 
+@pytest.mark.parametrize(("before", "after"), [(S.PENDING, S.STARTED), (S.STARTED, S.PENDING),
+                                               (S.REFUNDED, S.REFUNDING), (S.CLAIMED, S.SUBSCRIBED)])
+def test_a_move_the_machine_does_not_allow_is_refused_before_writing(prepaid: PrepaidStore, write: Any,
+                                                                     before: PrepaidStatus,
+                                                                     after: PrepaidStatus) -> None:
+    enqueue(prepaid, write, "ps_1")
+    with pytest.raises(ValueError, match=f"cannot go from {before} to {after}"):
+        write(lambda tx: prepaid.advance(tx, "pre_ps_1", (before,), after, AT))
+    with pytest.raises(ValueError, match="cannot go from"):
+        write(lambda tx: prepaid.complete(tx, "pre_ps_1", before, after, 1, AT))
+    row = prepaid.find("pre_ps_1")
+    assert row is not None and row.status is S.PENDING
+
+
 def test_pending_is_the_open_rows_oldest_first(prepaid: PrepaidStore, write: Any) -> None:
     enqueue(prepaid, write, "ps_new", at="2026-12-06T05:00:00.000Z")
     enqueue(prepaid, write, "ps_old", at="2026-12-06T01:00:00.000Z")
     enqueue(prepaid, write, "ps_done")
-    write(lambda tx: prepaid.complete(tx, "pre_ps_done", S.PENDING, S.STARTED, 1_800_000_000, AT))
+    write(lambda tx: prepaid.advance(tx, "pre_ps_done", (S.PENDING,), S.CLAIMED, AT))
+    write(lambda tx: prepaid.advance(tx, "pre_ps_done", (S.CLAIMED,), S.CREDITED, AT))
+    write(lambda tx: prepaid.advance(tx, "pre_ps_done", (S.CREDITED,), S.SUBSCRIBED, AT, subscription_id="sub_1"))
+    done, completed = write(lambda tx: prepaid.complete(tx, "pre_ps_done", S.SUBSCRIBED, S.STARTED, 1_800_000_000,
+                                                        AT))
+    assert completed and (done.status, done.ends_at) == (S.STARTED, 1_800_000_000)
     enqueue(prepaid, write, "ps_failed")
     write(lambda tx: prepaid.fail(tx, "pre_ps_failed", S.FAILED, "no", AT))
     assert [row.id for row in prepaid.pending()] == ["pre_ps_old", "pre_ps_new"]
@@ -90,7 +109,8 @@ def test_pending_is_the_open_rows_oldest_first(prepaid: PrepaidStore, write: Any
 
 def test_lease_is_compare_and_set_on_starts_at(prepaid: PrepaidStore, write: Any) -> None:
     enqueue(prepaid, write, "ps_1")
-    write(lambda tx: prepaid.advance(tx, "pre_ps_1", (S.PENDING,), S.CREDITED, AT, starts_at=100))
+    write(lambda tx: prepaid.advance(tx, "pre_ps_1", (S.PENDING,), S.CLAIMED, AT))
+    write(lambda tx: prepaid.advance(tx, "pre_ps_1", (S.CLAIMED,), S.CREDITED, AT, starts_at=100))
     won, ok = write(lambda tx: prepaid.lease(tx, "pre_ps_1", 200, 100, AT))
     lost, still_credited = write(lambda tx: prepaid.lease(tx, "pre_ps_1", 300, 100, AT))
     assert (won.starts_at, ok) == (200, True)

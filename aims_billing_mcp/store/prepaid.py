@@ -150,7 +150,8 @@ class PrepaidStore(Protocol):
     def advance(self, tx: Tx, row_id: str, expected: tuple[PrepaidStatus, ...], status: PrepaidStatus, at: str,
                 **values: Any) -> tuple[PrepaidRow, bool]:
         """Move the row from one of `expected` to `status` (recording the named column `values`), compare-and-set:
-        False (and the row as another worker left it) when it was elsewhere."""
+        False (and the row as another worker left it) when it was elsewhere. ValueError for a move TRANSITIONS
+        does not allow, or a value that is not a column."""
         ...
 
     def lease(self, tx: Tx, row_id: str, starts_at: int, expected: int | None, at: str) -> tuple[PrepaidRow, bool]:
@@ -241,6 +242,7 @@ class SqlitePrepaidStore:
         unknown = set(values) - set(COLUMNS)
         if unknown:
             raise ValueError(f"not prepaid_subscriptions columns: {sorted(unknown)}")
+        _check_moves(expected, status)
         sets = "".join(f", {column} = ?" for column in values)
         cursor = tx.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ?{sets} WHERE id = ? "
                             f"AND status IN ({_marks(expected)})", (status, at, *values.values(), row_id, *expected))
@@ -264,6 +266,7 @@ class SqlitePrepaidStore:
 
     def complete(self, tx: Tx, row_id: str, expected: PrepaidStatus, status: PrepaidStatus, ends_at: int,
                  at: str) -> tuple[PrepaidRow, bool]:
+        _check_moves((expected,), status)
         cursor = tx.execute("UPDATE prepaid_subscriptions SET status = ?, ends_at = ?, last_error = NULL, "
                             "updated_at = ? WHERE id = ? AND status = ?", (status, ends_at, at, row_id, expected))
         return self.read(tx, row_id), cursor.rowcount == 1
@@ -300,6 +303,13 @@ HOLDS_LIVE_SUBSCRIPTION = (
     "(p.status = ? AND p.subscription_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM billing_provisions b "
     "WHERE b.customer_id = p.customer_id AND b.subscription_id = p.subscription_id AND b.status IN (?, ?)))")
 _ENDED = (S.FAILED, "canceled", "incomplete_expired")  # the parameters of HOLDS_LIVE_SUBSCRIPTION
+
+
+def _check_moves(froms: tuple[PrepaidStatus, ...], to: PrepaidStatus) -> None:
+    """A guarded move the machine does not allow is a programming error, refused before any write."""
+    wrong = [str(before) for before in froms if not may_move(before, to)]
+    if wrong:
+        raise ValueError(f"a prepaid subscription cannot go from {', '.join(wrong)} to {to} (see TRANSITIONS)")
 
 
 def _marks(values: tuple[Any, ...]) -> str:

@@ -260,9 +260,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         elif args.report == "receipts":
             lines = receipts_report(state.x402, args.limit)
         elif args.report == "prepaid":
-            where, params = ("WHERE customer_id = ?", (args.customer,)) if args.customer else ("", ())
-            lines = prepaid_report(store.query(f"SELECT * FROM prepaid_subscriptions {where} ORDER BY created_at",
-                                               params))
+            lines = prepaid_report(store.prepaid.rows(args.customer))
         else:
             lines = wallet_report(store, state.ledger, args.customer)
     print("\n".join(lines))
@@ -357,7 +355,7 @@ def cmd_start_subscriptions(args: argparse.Namespace) -> int:
     rows = _on_prepaid("start-subscriptions", lambda prepaid: prepaid.retry(
         include_failed=args.failed is not None, only=args.failed or ()))
     print("\n".join(prepaid_report(rows)) if rows else "start-subscriptions: nothing to start")
-    return 1 if any(row["status"] != "started" for row in rows) else 0
+    return 1 if any(row.status != "started" for row in rows) else 0
 
 
 def cmd_refund_prepaid(args: argparse.Namespace) -> int:
@@ -373,7 +371,7 @@ def cmd_refund_prepaid(args: argparse.Namespace) -> int:
         print(f"aims-billing-mcp: refund-prepaid: {exc.message}", file=sys.stderr)
         return 1
     print("\n".join(prepaid_report([row])))
-    return 0 if row["status"] == "refunded" else 1  # a pending or failed refund: run it again later
+    return 0 if row.status == "refunded" else 1  # a pending or failed refund: run it again later
 
 
 def cmd_check_ledger(args: argparse.Namespace) -> int:

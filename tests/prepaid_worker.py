@@ -31,10 +31,10 @@ async def main(db: str, seed: int, row_ids: list[str]) -> None:
         for row_id in row_ids:
             row = await prepaid.start(row_id)
             for _ in range(50):  # an attempt that met a busy moment is retried, as the background would
-                if row.get("status") not in OPEN:
+                if row is None or row.status not in OPEN:
                     break
                 row = await prepaid.start(row_id)
-            print(row_id, row.get("status"), flush=True)
+            print(row_id, row.status if row else None, flush=True)
     finally:
         await state.gateway.close()
         state.store.close()

@@ -5,6 +5,7 @@ provision gives the tier's entitlements. Real gateway on the in-process sandbox,
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ import pytest
 
 from aims_billing_mcp.errors import ConfigurationError, InvalidInput, InvalidState, NotFound
 from aims_billing_mcp.sandbox import Sandbox
+from aims_billing_mcp.services.commerce import PaymentSessionService
 from aims_billing_mcp.services.fulfilment import Fulfilment, Seller
+from aims_billing_mcp.services.idempotency import IdempotencyService
+from aims_billing_mcp.services.mutations import StripeMutations
 from aims_billing_mcp.services.prepaid import PrepaidSubscriptions, prepaid_id
 from aims_billing_mcp.services.stripe_setup import setup_stripe
 from aims_billing_mcp.services.tiers import add_months
@@ -23,7 +27,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store, utc_iso
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
-from .conftest import CommerceStack, commerce_stack, record_paid
+from .conftest import CommerceStack, commerce_stack, paid_outside, record_paid
 from .money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 
 pytestmark = pytest.mark.anyio
@@ -645,3 +649,48 @@ async def test_a_failed_tier_holding_a_subscription_is_refunded_once_that_subscr
     assert env.stack.prepaid.live_tier(env.customer) is None
     assert (done["status"], done["refunded_amount"]) == ("refunded", paid.amount - 1999)  # its first month was used
     assert (await env.stripe("get", f"/v1/customers/{env.customer}"))["balance"] == 0
+
+
+async def test_a_kick_costs_nothing_when_this_process_enqueued_nothing_and_start_up_finds_every_open_row(
+        env: Env) -> None:
+    session = await env.buy(pay=False)
+    pi = await paid_outside(env.stack.gateway, session.payment_intent)
+    # another process records the payment: its own services enqueue the subscription to start
+    stack = env.stack
+    other_prepaid = PrepaidSubscriptions(stack.store, stack.gateway, stack.subscriptions, stack.pricing)
+    mutations = StripeMutations(stack.gateway, IdempotencyService(stack.store, replay_window_seconds=60))
+    other = PaymentSessionService(stack.store, mutations, stack.ledger, stack.pricing, prepaid=other_prepaid)
+    await stack.store.write(lambda tx: other.apply_payment_intent(tx, pi))
+    row_id = prepaid_id(session.id)
+
+    assert stack.prepaid.kick() == []  # nothing enqueued here since the last kick: not even a query
+    assert stack.prepaid.resume() == [row_id]  # start-up looks at the table itself
+    await stack.prepaid.drain()
+    row = stack.prepaid.find(row_id)
+    assert row is not None and row.status == "started"
+
+
+async def test_a_kick_before_another_jobs_commit_loses_nothing_the_next_kick_starts_it(env: Env) -> None:
+    session = await env.buy(pay=False)
+    pi = await paid_outside(env.stack.gateway, session.payment_intent)
+    enqueued, release = threading.Event(), threading.Event()
+
+    def job(tx: Any) -> None:  # records the payment (enqueues its subscription), then holds its COMMIT back
+        env.stack.payments.apply_payment_intent(tx, pi)
+        enqueued.set()
+        release.wait(10)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(env.stack.store.write, job)
+            await anyio.to_thread.run_sync(enqueued.wait, 10)
+            early = env.stack.prepaid.kick()  # another caller's kick: the row is not committed yet
+            release.set()
+        later = env.stack.prepaid.kick()  # the recording caller's kick, after its COMMIT
+        await env.stack.prepaid.drain()
+
+    assert early == [] and later == [prepaid_id(session.id)]
+    row = env.stack.prepaid.find(prepaid_id(session.id))
+    assert row is not None and row.status == "started"
+    assert env.stack.prepaid.kick() == []  # seen once committed: no longer looked for
+

@@ -65,6 +65,8 @@ from pydantic import SecretStr
 from ..errors import BillingError, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
 from ..models import AGENT_ID, format_amount
 from ..store import Store, dumps, utc_iso
+from ..store.commerce import PaymentSessionRow
+from ..store.prepaid import PrepaidRow
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .acp_models import AcpError, AcpResponse
 from .acp_schema import SPEC_VERSION, SUPPORTED_VERSIONS, parse
@@ -658,7 +660,8 @@ class AcpService:
             await self._prepaid.start_now(prepaid_id(session_id))
         return self._row(session_id)
 
-    def _fulfil_paid(self, conn: sqlite3.Connection, payment: dict[str, Any], pi_id: str) -> dict[str, Any] | None:
+    def _fulfil_paid(self, conn: sqlite3.Connection, payment: PaymentSessionRow,
+                     pi_id: str) -> dict[str, Any] | None:
         """The payment session of one of our checkouts succeeded: settle the checkout in the same transaction,
         whoever saw the success (our complete, a GET, Stripe's webhook), so a paid order is never lost."""
         return self._settle(conn, payment["id"], pi_id, amount=int(payment["amount"]))
@@ -803,7 +806,7 @@ class AcpService:
         if self.order_webhooks is not None:
             self.order_webhooks.kick()
 
-    def _subscription_outcome(self, conn: sqlite3.Connection, prepaid: dict[str, Any]) -> Callable[[], None] | None:
+    def _subscription_outcome(self, conn: sqlite3.Connection, prepaid: PrepaidRow) -> Callable[[], None] | None:
         """The order's tier subscription started, failed for good, or was refunded: update the order, and tell the
         agent platform with an `order_update` event sent after COMMIT."""
         current = conn.execute("SELECT * FROM acp_checkout_sessions WHERE id = ?", (prepaid["source_id"],)).fetchone()

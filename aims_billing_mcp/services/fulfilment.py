@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..store import Tx
+from ..store.commerce import PaymentSessionRow
+from ..store.prepaid import PrepaidRow
 
 # Fulfils a succeeded session it owns inside the recording job and says what it did (None: not its own).
-Fulfiler = Callable[[Tx, dict[str, Any], str], dict[str, Any] | None]
+Fulfiler = Callable[[Tx, PaymentSessionRow, str], dict[str, Any] | None]
 # Told of a prepaid subscription's outcome inside the job that records it; may return an action for after COMMIT.
-OutcomeHook = Callable[[Tx, dict[str, Any]], Callable[[], None] | None]
+OutcomeHook = Callable[[Tx, PrepaidRow], Callable[[], None] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,7 @@ class Fulfilment:
     def register(self, source: str, seller: Seller) -> None:
         self._sellers[source] = seller
 
-    def fulfil(self, tx: Tx, session: dict[str, Any], payment_intent: str) -> dict[str, Any] | None:
+    def fulfil(self, tx: Tx, session: PaymentSessionRow, payment_intent: str) -> dict[str, Any] | None:
         """The fulfilment of a succeeded payment session by the seller that owns it, or None if none does."""
         for seller in self._sellers.values():
             if seller.fulfil is not None and (done := seller.fulfil(tx, session, payment_intent)) is not None:
@@ -58,9 +60,9 @@ class Fulfilment:
             if seller.after_commit is not None:
                 seller.after_commit()
 
-    def subscription_outcome(self, tx: Tx, prepaid: dict[str, Any]) -> Callable[[], None] | None:
+    def subscription_outcome(self, tx: Tx, prepaid: PrepaidRow) -> Callable[[], None] | None:
         """Tell the prepaid row's source how its subscription went, inside the job that recorded it."""
-        seller = self._sellers.get(str(prepaid["source"]))
+        seller = self._sellers.get(prepaid.source)
         if seller is None or seller.on_subscription is None:
             return None
         return seller.on_subscription(tx, prepaid)

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..models import format_amount
 from ..store import Store
+from ..store.prepaid import PrepaidRow
 from .ledger import LedgerService
 from .metering import MeteringService
 from .x402 import X402Service
@@ -78,12 +79,12 @@ def receipts_report(x402: X402Service, limit: int = 50) -> list[str]:
     return table(("at (UTC)", "mode", "network", "payer", "usd", "agent credited", "luc", "settlement"), rows)
 
 
-def prepaid_report(rows: Sequence[dict[str, Any]]) -> list[str]:
+def prepaid_report(rows: Sequence[PrepaidRow]) -> list[str]:
     """Prepaid tier subscriptions and how far each got (started, still open, or failed with the reason)."""
     if not rows:
         return ["no prepaid subscriptions"]
     return table(("prepaid id", "source", "customer", "tier", "prepaid", "status", "subscription", "attempts",
                   "last error"),
-                 [(row["id"], row["source_id"], row["customer_id"], row["tier"],
-                   format_amount(row["amount"], row["currency"]), row["status"], row["subscription_id"],
-                   row["attempts"], (row["last_error"] or "")[:120] or None) for row in rows])
+                 [(row.id, row.source_id, row.customer_id, row.tier, format_amount(row.amount, row.currency),
+                   str(row.status), row.subscription_id, row.attempts, (row.last_error or "")[:120] or None)
+                  for row in rows])

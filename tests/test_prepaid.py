@@ -16,14 +16,12 @@ import pytest
 
 from aims_billing_mcp.errors import ConfigurationError, InvalidInput, InvalidState, NotFound
 from aims_billing_mcp.sandbox import Sandbox
-from aims_billing_mcp.services.commerce import PaymentSessionService
 from aims_billing_mcp.services.fulfilment import Fulfilment, Seller
-from aims_billing_mcp.services.idempotency import IdempotencyService
-from aims_billing_mcp.services.mutations import StripeMutations
 from aims_billing_mcp.services.prepaid import PrepaidSubscriptions, prepaid_id
 from aims_billing_mcp.services.stripe_setup import setup_stripe
 from aims_billing_mcp.services.tiers import add_months
 from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.state import build_state
 from aims_billing_mcp.store import Store, utc_iso
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
@@ -657,10 +655,8 @@ async def test_a_kick_costs_nothing_when_this_process_enqueued_nothing_and_start
     pi = await paid_outside(env.stack.gateway, session.payment_intent)
     # another process records the payment: its own services enqueue the subscription to start
     stack = env.stack
-    other_prepaid = PrepaidSubscriptions(stack.store, stack.gateway, stack.subscriptions, stack.pricing)
-    mutations = StripeMutations(stack.gateway, IdempotencyService(stack.store, replay_window_seconds=60))
-    other = PaymentSessionService(stack.store, mutations, stack.ledger, stack.pricing, prepaid=other_prepaid)
-    await stack.store.write(lambda tx: other.apply_payment_intent(tx, pi))
+    other = build_state(stack.state.settings, store=stack.store, gateway=stack.gateway)  # the other process's graph
+    await stack.store.write(lambda tx: other.commerce.apply_payment_intent(tx, pi))
     row_id = prepaid_id(session.id)
 
     assert stack.prepaid.kick() == []  # nothing enqueued here since the last kick: not even a query

@@ -12,6 +12,7 @@ from aims_billing_mcp.services.fulfilment import Fulfilment, Seller
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.state import open_state
 from aims_billing_mcp.store import Store
+from aims_billing_mcp.store.prepaid import COLUMNS, PrepaidRow
 
 pytestmark = pytest.mark.anyio
 
@@ -54,6 +55,11 @@ def session(source: str) -> dict[str, Any]:
     return {"id": "ps_1", "source": source}
 
 
+def prepaid_row(source: str) -> PrepaidRow:
+    columns: dict[str, Any] = dict.fromkeys(COLUMNS)
+    return PrepaidRow.from_mapping({**columns, "id": "ps_1", "source": source, "status": "pending"})
+
+
 def test_a_paid_session_goes_to_the_first_seller_that_owns_it_and_to_none_when_nobody_does() -> None:
     asked: list[str] = []
 
@@ -86,11 +92,11 @@ def test_a_subscription_outcome_is_told_to_its_source_only_and_its_action_handed
     registry.register("payment_session", Seller(on_subscription=hearing("payment_session")))
     registry.register("acp", Seller(on_subscription=hearing("acp")))
 
-    action = registry.subscription_outcome(None, session("acp"))  # type: ignore[arg-type]
+    action = registry.subscription_outcome(None, prepaid_row("acp"))  # type: ignore[arg-type]
     assert told == [("acp", "ps_1")] and action is not None
     action()
     assert told == [("acp", "ps_1"), ("acp", "after commit")]
-    assert registry.subscription_outcome(None, session("unknown")) is None  # type: ignore[arg-type]
+    assert registry.subscription_outcome(None, prepaid_row("unknown")) is None  # type: ignore[arg-type]
 
 
 def test_after_a_commit_every_seller_sends_what_it_queued() -> None:

@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import socket
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -49,6 +48,7 @@ from .services.webhook_events import WebhookEventService
 from .services.x402 import X402Service
 from .settings import Settings, StripeMode
 from .store import Store, monotonic_ms, utc_now
+from .store.audit import AuditEntry
 from .stripe_gateway import build_gateway, last_request_ids
 from .tools import TOOLS, ToolSpec, select_tools
 from .tools.context import AppState
@@ -253,14 +253,10 @@ def audit(
 ) -> None:
     """Queue the audit row without waiting, off the call's latency. A read-only call's row is deferred to share a
     commit (a crash may lose the last DEFER_SECONDS of read rows, never a write's)."""
-    row = (utc_now(), tool, caller, audit_arguments(arguments), outcome, error_code, duration_ms,
-           ",".join(request_ids) or None)
-    def write(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO audit_log (at, tool, caller, arguments, outcome, error_code, duration_ms, request_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
-
-    (store.defer if read_only else store.submit)(write)
+    entries = (AuditEntry(utc_now(), tool, caller, audit_arguments(arguments), outcome, error_code, duration_ms,
+                          ",".join(request_ids) or None),)
+    audit_log = store.audit
+    (store.defer if read_only else store.submit)(lambda tx: audit_log.append(tx, entries))
 
 
 def _state(context: Context[AppState, Any] | None) -> AppState | None:

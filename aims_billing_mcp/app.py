@@ -9,7 +9,6 @@ a tool function.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -29,6 +28,7 @@ from .settings import Settings
 from .shaping import error_result, masked_result, refuse_loose_arguments, to_billing_error
 from .state import AppState, open_state
 from .store import Store, monotonic_ms, utc_now
+from .store.audit import AuditEntry
 from .stripe_gateway import last_request_ids
 from .tasks import background_tasks
 from .tools import TOOLS, ToolSpec, select_tools
@@ -109,14 +109,10 @@ def audit(
 ) -> None:
     """Queue the audit row without waiting, off the call's latency. A read-only call's row is deferred to share a
     commit (a crash may lose the last DEFER_SECONDS of read rows, never a write's)."""
-    row = (utc_now(), tool, caller, audit_arguments(arguments), outcome, error_code, duration_ms,
-           ",".join(request_ids) or None)
-    def write(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO audit_log (at, tool, caller, arguments, outcome, error_code, duration_ms, request_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
-
-    (store.defer if read_only else store.submit)(write)
+    entries = (AuditEntry(utc_now(), tool, caller, audit_arguments(arguments), outcome, error_code, duration_ms,
+                          ",".join(request_ids) or None),)
+    audit_log = store.audit
+    (store.defer if read_only else store.submit)(lambda tx: audit_log.append(tx, entries))
 
 
 def _state(context: Context[AppState, Any] | None) -> AppState | None:

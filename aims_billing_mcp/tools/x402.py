@@ -11,7 +11,7 @@ from pydantic import Field
 
 from ..errors import PaymentRejected
 from ..models import AgentId
-from ..services.x402 import MAX_LUC, MAX_QUOTE_ID
+from ..services.x402 import MAX_LUC, MAX_QUOTE_ID, Challenge
 from ..services.x402_models import PayerRegistration, Receipt, RequirementsResult
 from .context import ToolContext, services
 
@@ -81,17 +81,16 @@ async def purchase_luc_credits(
     if payment is not None and not isinstance(payment, str | dict):
         raise PaymentRejected("invalid_payload", "_meta x402/payment must be the PaymentPayload object (or its "
                               "base64 header value)", param="_meta.x402/payment")
-    if payment is None:
-        challenge = await state.x402.challenge(agent_id=agent_id, luc=luc, resource=PAID_RESOURCE)
-        return CallToolResult(
-            content=[TextContent(type="text", text=json.dumps(challenge.payment_required))],
-            structured_content=challenge.payment_required, is_error=True,
-        )
-    # the quote is the one the payment accepted; one for another agent or amount is refused
-    receipt = await state.x402.verify_and_settle(payment, agent_id=agent_id, luc=luc)
-    body = receipt.model_dump(mode="json")
+    outcome = await state.x402.pay_or_challenge(payment, agent_id=agent_id, luc=luc, resource=PAID_RESOURCE)
+    if isinstance(outcome, Challenge):
+        if outcome.refusal is not None:  # answered in the tools' error shape, which names the reason and the field
+            raise outcome.refusal
+        required = outcome.required.payment_required
+        return CallToolResult(content=[TextContent(type="text", text=json.dumps(required))],
+                              structured_content=required, is_error=True)
+    body = outcome.model_dump(mode="json")
     return CallToolResult(content=[TextContent(type="text", text=json.dumps(body))], structured_content=body,
-                          _meta={MCP_PAYMENT_RESPONSE_META_KEY: receipt.settlement})
+                          _meta={MCP_PAYMENT_RESPONSE_META_KEY: outcome.settlement})
 
 
 async def register_x402_payer(

@@ -1,0 +1,85 @@
+"""The audit store's contract (store/audit.py): rows appended in order, read newest first through filters, pruned
+by age only.
+
+The `audit` fixture yields the aggregate store of each backend (SQLite today); `write` runs a job in that backend's
+writer transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aims_billing_mcp.store import Store, Tx
+from aims_billing_mcp.store.audit import AuditEntry, AuditFilter, AuditStore
+
+Write = Callable[[Callable[[Tx], Any]], Any]
+
+ENTRIES = [
+    AuditEntry("2027-01-15T08:00:00.000Z", "create_customer", "local", '{"email":"a@example.com"}', "ok", None, 1.5,
+               "req_1"),
+    AuditEntry("2027-01-16T08:00:00.000Z", "create_checkout_session", "http:agent", '{"customer":"cus_A1"}', "error",
+               "invalid_input", 2.0, None),
+    AuditEntry("2027-01-17T08:00:00.000Z", "list_invoices", None, '{"customer_id":"cus_A1x"}', "ok", None, 0.25, None),
+    AuditEntry("2027-01-18T08:00:00.000Z", "create_checkout_session", "local", '{"customer":"cus_B%"}', "ok", None,
+               3.0, "req_2,req_3"),
+]
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "audit.db")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def audit(backend: Store) -> AuditStore:
+    return backend.audit
+
+
+@pytest.fixture
+def write(backend: Store) -> Write:
+    return backend.write_sync
+
+
+@pytest.fixture
+def appended(audit: AuditStore, write: Write) -> AuditStore:
+    write(lambda tx: audit.append(tx, ENTRIES[:2]))
+    write(lambda tx: audit.append(tx, ENTRIES[2:]))
+    return audit
+
+
+def test_appended_rows_read_back_newest_first_with_growing_ids(appended: AuditStore) -> None:
+    rows = appended.report(AuditFilter(limit=10))
+    assert [(r.at, r.tool, r.caller, r.arguments, r.outcome, r.error_code, r.duration_ms, r.request_id)
+            for r in rows] == [(e.at, e.tool, e.caller, e.arguments, e.outcome, e.error_code, e.duration_ms,
+                                e.request_id) for e in reversed(ENTRIES)]
+    ids = [r.id for r in rows]
+    assert ids == sorted(ids, reverse=True) and len(set(ids)) == 4
+
+
+@pytest.mark.parametrize(("wanted", "ats"), [
+    (AuditFilter(tool="create_checkout_session"), ["2027-01-18", "2027-01-16"]),
+    (AuditFilter(customer="cus_A1"), ["2027-01-16"]),  # a whole value: not cus_A1x
+    (AuditFilter(customer="cus_B%"), ["2027-01-18"]),  # a LIKE wildcard matches only itself
+    (AuditFilter(customer="cus_%"), []),
+    (AuditFilter(since=datetime(2027, 1, 17, tzinfo=UTC)), ["2027-01-18", "2027-01-17"]),
+    (AuditFilter(errors_only=True), ["2027-01-16"]),
+    (AuditFilter(limit=1), ["2027-01-18"]),
+    (AuditFilter(tool="create_checkout_session", errors_only=False, since=datetime(2027, 1, 17, tzinfo=UTC)),
+     ["2027-01-18"]),
+])
+def test_the_report_keeps_rows_matching_every_filter_given(
+        appended: AuditStore, wanted: AuditFilter, ats: list[str]) -> None:
+    assert [r.at[:10] for r in appended.report(wanted)] == ats
+
+
+def test_prune_deletes_only_rows_older_than_the_cutoff(appended: AuditStore, write: Write) -> None:
+    assert write(lambda tx: appended.prune(tx, datetime(2027, 1, 17, tzinfo=UTC))) == 2
+    assert [r.tool for r in appended.report(AuditFilter())] == ["create_checkout_session", "list_invoices"]
+    assert write(lambda tx: appended.prune(tx, datetime(2027, 1, 17, tzinfo=UTC))) == 0

@@ -36,6 +36,7 @@ from .idempotency import IdempotencyStore, SqliteIdempotencyStore
 from .ledger import LedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, SqliteMeteringStore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
+from .reports import ReportsStore, SqliteReports
 from .webhooks import SqliteWebhooksStore, WebhooksStore
 from .x402 import SqliteX402Store, X402Store
 
@@ -60,3 +61,4 @@ class Store(StoreCore):
         self.commerce: CommerceStore = SqliteCommerceStore(self)
         self.acp: AcpStore = SqliteAcpStore(self)
         self.prepaid: PrepaidStore = SqlitePrepaidStore(self)
+        self.reports: ReportsStore = SqliteReports(self)

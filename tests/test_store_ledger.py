@@ -14,7 +14,7 @@ import pytest
 
 from aims_billing_mcp.errors import InvalidState
 from aims_billing_mcp.store import Store, Tx, utc_iso
-from aims_billing_mcp.store.ledger import TRANSITIONS, Entry, HoldStatus, LedgerStore, WalletState
+from aims_billing_mcp.store.ledger import TRANSITIONS, HoldStatus, LedgerStore, WalletState
 from aims_billing_mcp.store.reports import LedgerCounts, ReportsStore
 
 Run = Callable[[Callable[[Tx], Any]], Any]  # runs one job in the writer's transaction, returns after COMMIT
@@ -56,8 +56,7 @@ def open_wallet(ledger: LedgerStore, tx: Tx, agent: str, balance: int = 0, custo
         wallet.balance = balance
         ledger.save_wallet(tx, wallet, ISO)
         ledger.post(tx, f"txn_seed_{agent}", "credit", f"credit:seed-{agent}", "seed", None, None, ISO,
-                    Entry(wallet.account, wallet.id, balance, 0, balance), Entry("system:issuance", None, -balance, 0,
-                                                                                 None))
+                    (wallet.account, wallet.id, balance, 0, balance), ("system:issuance", None, -balance, 0, None))
     return wallet
 
 
@@ -67,8 +66,7 @@ def place(ledger: LedgerStore, tx: Tx, wallet: WalletState, hold_id: str, amount
     ledger.save_wallet(tx, wallet, ISO)
     ledger.place_hold(tx, hold_id, wallet.id, amount, expires_at, f"txn_{hold_id}", ISO)
     ledger.post(tx, f"txn_{hold_id}", "hold", f"hold:{hold_id}", "task", None, hold_id, ISO,
-                Entry(wallet.account, wallet.id, 0, amount, wallet.balance), Entry("system:revenue", None, 0, -amount,
-                                                                                   None))
+                (wallet.account, wallet.id, 0, amount, wallet.balance), ("system:revenue", None, 0, -amount, None))
 
 
 def release(ledger: LedgerStore, tx: Tx, hold_id: str, status: HoldStatus, captured: int = 0) -> None:
@@ -84,8 +82,8 @@ def release(ledger: LedgerStore, tx: Tx, hold_id: str, status: HoldStatus, captu
     ledger.resolve_hold(tx, hold_id, status, f"txn_r_{hold_id}", ISO, captured)
     kind = {HoldStatus.CAPTURED: "capture", HoldStatus.RELEASED: "release", HoldStatus.EXPIRED: "expire"}[status]
     ledger.post(tx, f"txn_r_{hold_id}", kind, f"resolve:{hold_id}", "done", None, hold_id, ISO,  # type: ignore[arg-type]
-                Entry(wallet.account, wallet.id, -captured, -hold.amount, wallet.balance),
-                Entry("system:revenue", None, captured, hold.amount, None))
+                (wallet.account, wallet.id, -captured, -hold.amount, wallet.balance),
+                ("system:revenue", None, captured, hold.amount, None))
 
 
 # --- wallets ------------------------------------------------------------------------------------------------------
@@ -129,7 +127,7 @@ def test_posted_entries_read_back_newest_first_with_their_counterparty(ledger: L
         wallet.balance -= 30
         ledger.save_wallet(tx, wallet, ISO)
         ledger.post(tx, "txn_d", "debit", "debit:d", "task", "mev_1", None, LATER,
-                    Entry(wallet.account, wallet.id, -30, 0, 70), Entry("system:revenue", None, 30, 0, None))
+                    (wallet.account, wallet.id, -30, 0, 70), ("system:revenue", None, 30, 0, None))
 
     run(job)
     snapshot = ledger.read_wallet("a", ISO, recent=10)
@@ -156,7 +154,7 @@ def test_entries_are_listed_newest_first_within_the_filters(
     def job(tx: Tx) -> None:
         wallet = open_wallet(ledger, tx, "a", 100)
         ledger.post(tx, "txn_d", "debit", "debit:d", "task", None, None, LATER,
-                    Entry(wallet.account, wallet.id, -30, 0, 70), Entry("system:revenue", None, 30, 0, None))
+                    (wallet.account, wallet.id, -30, 0, 70), ("system:revenue", None, 30, 0, None))
         wallet.balance = 70
         ledger.save_wallet(tx, wallet, LATER)
 
@@ -258,7 +256,7 @@ def test_an_unbalanced_transaction_and_a_hold_captured_without_its_entry_are_rep
         wallet = open_wallet(ledger, tx, "a", 100)
         place(ledger, tx, wallet, "hold_1", 30, utc_iso(NOW + 60))
         ledger.post(tx, "txn_bad", "credit", "credit:bad", "broken", None, None, ISO,
-                    Entry("system:issuance", None, -5, 0, None), Entry("system:revenue", None, 4, 0, None))
+                    ("system:issuance", None, -5, 0, None), ("system:revenue", None, 4, 0, None))
 
     run(job)
     run(lambda tx: ledger.resolve_hold(tx, "hold_1", HoldStatus.CAPTURED, "txn_x", ISO, 5))  # no entries, no wallet

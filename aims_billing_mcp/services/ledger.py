@@ -61,7 +61,7 @@ from ..errors import (
     WalletFrozen,
 )
 from ..store import Store, Tx, dumps, new_id, utc_iso
-from ..store.ledger import KINDS, TRANSITIONS, Entry, HoldStatus, LedgerStore, TxnKind, WalletState
+from ..store.ledger import KINDS, TRANSITIONS, HoldStatus, LedgerStore, TxnKind, WalletState
 from .ceiling import Ceiling
 from .ledger_models import (
     FreezeResult,
@@ -76,8 +76,6 @@ from .ledger_models import (
     Wallet,
     WalletCreated,
 )
-
-__all__ = ["ISSUANCE", "KINDS", "REVENUE", "HoldStatus", "LedgerService", "require_text"]
 
 ISSUANCE = "system:issuance"
 REVENUE = "system:revenue"
@@ -267,8 +265,8 @@ class LedgerService:
             txn_id = new_id("txn")
             _save(ledger, tx, wallet, iso)
             ledger.post(tx, txn_id, "credit", key, reason, reference, None, iso,
-                        Entry(wallet.account, wallet.id, amount, 0, wallet.balance),
-                        Entry(source, None, -amount, 0, None))
+                        (wallet.account, wallet.id, amount, 0, wallet.balance),
+                        (source, None, -amount, 0, None))
             return {"txn_id": txn_id, "kind": "credit", "agent_id": agent_id, "amount": amount,
                     "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": source,
                     "created_at": iso, **extra}
@@ -305,8 +303,8 @@ class LedgerService:
             txn_id = new_id("txn")
             _save(ledger, tx, wallet, iso)
             ledger.post(tx, txn_id, "debit", key, reason, reference, None, iso,
-                        Entry(wallet.account, wallet.id, -amount, 0, wallet.balance),
-                        Entry(REVENUE, None, amount, 0, None))
+                        (wallet.account, wallet.id, -amount, 0, wallet.balance),
+                        (REVENUE, None, amount, 0, None))
             return {"txn_id": txn_id, "kind": "debit", "agent_id": agent_id, "amount": amount,
                     "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": REVENUE,
                     "created_at": iso}
@@ -347,8 +345,8 @@ class LedgerService:
             _save(ledger, tx, source, iso)
             _save(ledger, tx, target, iso)
             ledger.post(tx, txn_id, "transfer", key, reason, reference, None, iso,
-                        Entry(source.account, source.id, -amount, 0, source.balance),
-                        Entry(target.account, target.id, amount, 0, target.balance))
+                        (source.account, source.id, -amount, 0, source.balance),
+                        (target.account, target.id, amount, 0, target.balance))
             return {"txn_id": txn_id, "from_agent": from_agent, "to_agent": to_agent, "amount": amount,
                     "from_balance_after": source.balance, "from_available_after": source.available,
                     "to_balance_after": target.balance, "created_at": iso}
@@ -384,8 +382,8 @@ class LedgerService:
             _save(ledger, tx, wallet, iso)
             ledger.place_hold(tx, hold_id, wallet.id, amount, expires_at, txn_id, iso)
             ledger.post(tx, txn_id, "hold", key, reason, reference, hold_id, iso,
-                        Entry(wallet.account, wallet.id, 0, amount, wallet.balance),
-                        Entry(REVENUE, None, 0, -amount, None))
+                        (wallet.account, wallet.id, 0, amount, wallet.balance),
+                        (REVENUE, None, 0, -amount, None))
             return {"hold_id": hold_id, "txn_id": txn_id, "agent_id": agent_id, "amount": amount,
                     "expires_at": expires_at, "balance": wallet.balance, "available_after": wallet.available,
                     "created_at": iso}
@@ -450,8 +448,8 @@ class LedgerService:
             _save(ledger, tx, wallet, iso)
             ledger.resolve_hold(tx, hold_id, status_after, txn_id, iso, captured)
             ledger.post(tx, txn_id, verb, f"resolve:{hold_id}", reason, reference, hold_id, iso,
-                        Entry(wallet.account, wallet.id, -captured, -held, wallet.balance),
-                        Entry(REVENUE, None, captured, held, None))
+                        (wallet.account, wallet.id, -captured, -held, wallet.balance),
+                        (REVENUE, None, captured, held, None))
             return {"hold_id": hold_id, "txn_id": txn_id, "agent_id": agent_id, "status": status_after.value,
                     "captured": captured, "released": held - captured, "balance_after": wallet.balance,
                     "available_after": wallet.available, "created_at": iso}
@@ -557,8 +555,8 @@ def _save(ledger: LedgerStore, tx: Tx, wallet: WalletState, now_iso: str) -> Non
         txn_id = new_id("txn")
         ledger.resolve_hold(tx, hold_id, HoldStatus.EXPIRED, txn_id, now_iso)
         ledger.post(tx, txn_id, "expire", f"resolve:{hold_id}", "hold expired", None, hold_id, now_iso,
-                    Entry(wallet.account, wallet.id, 0, -amount, wallet.loaded_balance),
-                    Entry(REVENUE, None, 0, amount, None))
+                    (wallet.account, wallet.id, 0, -amount, wallet.loaded_balance),
+                    (REVENUE, None, 0, amount, None))
     wallet.expired = []
     ledger.save_wallet(tx, wallet, now_iso)
 

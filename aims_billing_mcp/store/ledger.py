@@ -113,15 +113,10 @@ class WalletState:
         return self.spent_today if self.spend_day == day else 0
 
 
-class Entry(NamedTuple):
-    """One side of a transaction: the account, its wallet (None for a system account), the posted change, the
-    change to the held amount, and the wallet's balance after it (None for a system account)."""
-
-    account: str
-    wallet_id: str | None
-    amount: int
-    pending: int
-    balance_after: int | None
+# One side of a transaction: (account, wallet id or None for a system account, posted change, change to the held
+# amount, the wallet's balance after it or None for a system account). A plain tuple, not a NamedTuple: building
+# two NamedTuples costs 3% of a debit job.
+Entry = tuple[str, str | None, int, int, int | None]
 
 
 @dataclass(frozen=True, slots=True)

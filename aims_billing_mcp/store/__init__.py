@@ -38,6 +38,7 @@ from .ledger import LedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
+from .reports import ReportsStore, SqliteReports
 from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
 from .x402 import SqliteX402Store, X402Store
 
@@ -63,6 +64,7 @@ class Store(StoreCore):
         self.commerce: CommerceStore = SqliteCommerceStore(self)
         self.acp: AcpStore = SqliteAcpStore(self)
         self.prepaid: PrepaidStore = SqlitePrepaidStore(self)
+        self.reports: ReportsStore = SqliteReports(self)
 
 
 class PostgresStore(PostgresCore):

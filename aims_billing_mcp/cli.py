@@ -92,9 +92,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _check_databases(settings: Settings) -> None:
     """A path that cannot be a database stops start-up here, in one line (StoreUnavailable), not in a traceback
     from inside the server's lifespan or at the first Stripe call (the embedded sandbox opens its file then)."""
-    from .store import Store, check_database_file
+    from .store import check_database_file, open_store
 
-    Store(settings.aims_billing_db).close()
+    open_store(settings.aims_billing_db, settings.database_url).close()
     if settings.stripe_secret_key is None and settings.stripe_api_base is None:
         check_database_file(settings.sandbox_db_path, "AIMS_BILLING_SANDBOX_DB")
 
@@ -420,6 +420,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print("  HTTP surfaces under AIMS_BILLING_READ_ONLY / AIMS_BILLING_TOOLS:")
     for line in HttpPolicy.from_settings(settings).describe():
         print(f"    {line}")
+    if settings.database_url:  # named before anything opens it, so a refusal below still says which it was
+        print(f"  database: {_describe_postgres(settings.database_url)}")
     _check_databases(settings)
     return 0 if asyncio.run(_doctor_state(settings)) else 1
 
@@ -430,12 +432,51 @@ async def _doctor_state(settings: Settings) -> bool:
     from .state import open_state
 
     async with open_state(settings) as state:
-        print(f"  database: {settings.aims_billing_db} (schema version {state.store.schema_version})")
+        if not settings.database_url:
+            from .store import SQLITE_VERSION
+
+            print(f"  database: SQLite {SQLITE_VERSION} at {settings.aims_billing_db} (schema version "
+                  f"{state.store.schema_version})")
         print(f"  x402: {x402_status(settings)}")
         if problem := settings.live_key_problem():
             print(f"  PROBLEM: {problem}")
             return False
         return await _check_key(state)
+
+
+def _describe_postgres(url: str) -> str:
+    """The backend, where it is (the password masked), its server version and schema version against the code's."""
+    from .store import postgres
+
+    with postgres.connect(url) as conn:
+        version, server = postgres.schema_version(conn), postgres.server_version(conn)
+    return (f"PostgreSQL {server} at {postgres.mask_url(url)} (schema version {version}; this release needs "
+            f"{postgres.SCHEMA_VERSION})")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the configured database to the code's schema: PostgreSQL needs it once per release (from any one
+    instance: instances migrating together wait for each other); SQLite upgrades itself on opening, so this only
+    reports."""
+    settings = _settings()
+    if settings.database_url:
+        from .store import postgres
+
+        with postgres.connect(settings.database_url) as conn:
+            applied = postgres.migrate(conn)
+            version = postgres.schema_version(conn)
+        where = f"PostgreSQL at {postgres.mask_url(settings.database_url)}"
+    else:
+        from contextlib import closing
+
+        from .store import Store
+
+        with closing(Store(settings.aims_billing_db)) as store:
+            applied, version = store.applied_migrations, store.schema_version
+        where = f"SQLite at {settings.aims_billing_db}"
+    done = f"applied {', '.join(f'{n:04d}' for n in applied)}" if applied else "nothing to apply"
+    print(f"{where}: {done}; schema version {version}")
+    return 0
 
 
 def _stripe_target(settings: Settings) -> str:
@@ -522,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     refund = sub.add_parser("refund-prepaid", help="refund a prepaid tier that was refused or failed for good")
     refund.add_argument("prepaid_id", help="pre_... (report prepaid lists them)")
     refund.set_defaults(func=cmd_refund_prepaid)
+    migrate = sub.add_parser("migrate", help="bring the database (SQLite or AIMS_BILLING_DATABASE_URL) to this "
+                             "release's schema")
+    migrate.set_defaults(func=cmd_migrate)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
     tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")
@@ -553,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from .store import StoreUnavailable
+    from .store.postgres import PostgresUnavailable
 
     with redacted_streams():
         try:
@@ -560,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValidationError as exc:
             return _fail(describe_validation_error(exc))
         except Exception as exc:  # never a traceback for an operator; AIMS_BILLING_LOG_LEVEL=DEBUG shows one
-            if (unavailable := _found(exc, StoreUnavailable)) is not None:  # also from inside a task group
+            unavailable = _found(exc, StoreUnavailable) or _found(exc, PostgresUnavailable)  # also in task groups
+            if unavailable is not None:
                 _fail(unavailable.message)
                 return unavailable.exit_code
             if os.environ.get("AIMS_BILLING_LOG_LEVEL", "").upper() == "DEBUG":

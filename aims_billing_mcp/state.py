@@ -41,7 +41,7 @@ from .services.tiers import Pricing
 from .services.webhook_events import WebhookEventService
 from .services.x402 import X402Service
 from .settings import Settings, StripeMode
-from .store import Store
+from .store import Store, open_store
 from .stripe_gateway import StripeGateway, build_gateway
 
 
@@ -78,7 +78,7 @@ def build_state(
     """The whole graph (see the module docstring for the overrides). Nothing talks to Stripe yet."""
     pricing = Pricing.load(settings.aims_billing_pricing)
     owns_store, owns_gateway = store is None, gateway is None
-    store = store if store is not None else Store(settings.aims_billing_db)
+    store = store if store is not None else open_store(settings.aims_billing_db, settings.database_url)
     gateway = gateway if gateway is not None else build_gateway(settings, sandbox_app=sandbox_app,
                                                                 retry_delay_scale=retry_delay_scale)
     idempotency = IdempotencyService(store, replay_window_seconds=settings.aims_billing_replay_window_seconds)

@@ -17,6 +17,7 @@ from .core import (
     MAX_BATCH,
     MIGRATIONS,
     SCHEMA_VERSION,
+    SQLITE_VERSION,
     StoreCore,
     StoreUnavailable,
     Tx,
@@ -43,10 +44,10 @@ from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
 from .x402 import SqliteX402Store, X402Store
 
 __all__ = [
-    "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "PostgresCore",
-    "PostgresStore", "Store", "StoreCore", "StoreUnavailable", "Tx", "Writer", "check_database_file", "connect",
-    "dumps", "load_migrations", "migrate", "monotonic_ms", "new_id", "schema_version", "settle", "utc_iso",
-    "utc_now",
+    "AGGREGATES", "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "SQLITE_VERSION",
+    "PostgresCore", "PostgresStore", "Store", "StoreCore", "StoreUnavailable", "Tx", "Writer",
+    "check_database_file", "connect", "dumps", "load_migrations", "migrate", "missing_aggregates", "monotonic_ms",
+    "new_id", "open_store", "schema_version", "settle", "utc_iso", "utc_now",
 ]
 
 
@@ -74,3 +75,33 @@ class PostgresStore(PostgresCore):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self.webhooks: WebhooksStore = PostgresWebhooksStore(self)
+
+
+AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports")
+
+
+def missing_aggregates(store: object) -> list[str]:
+    """The aggregates a store has no implementation of (a PostgresStore while the backend is being completed)."""
+    return [name for name in AGGREGATES if not hasattr(store, name)]
+
+
+def open_store(db: Path | str, database_url: str | None = None, *, migrate: bool = False) -> Store:
+    """The configured backend: PostgreSQL when `database_url` is set (every instance shares it; its schema must be
+    the code's, or `migrate` brings it there), else SQLite at `db` (opened and upgraded in place)."""
+    if not database_url:
+        return Store(db)
+    from . import postgres
+
+    if not postgres.is_postgres_url(database_url):
+        raise postgres.PostgresUnavailable(
+            f"{postgres.URL_SETTING} must be a postgresql:// URL (postgresql://user:password@host:5432/database), "
+            f"not {postgres.mask_url(database_url)!r}: fix it, or unset it to use SQLite at AIMS_BILLING_DB",
+            exit_code=2)
+    store = PostgresStore(database_url, migrate=migrate)
+    if missing := missing_aggregates(store):
+        store.close()
+        raise postgres.PostgresUnavailable(
+            f"the PostgreSQL backend does not implement {', '.join(missing)} yet (issue 15 is in progress): unset "
+            f"{postgres.URL_SETTING} to run on SQLite at AIMS_BILLING_DB; `aims-billing-mcp migrate` and `doctor` "
+            "already work against PostgreSQL", exit_code=2)
+    return store  # type: ignore[return-value]  # the same aggregates and writes: services take either

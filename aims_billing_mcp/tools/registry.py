@@ -76,7 +76,8 @@ def tool(
 
 def collect(families: tuple[ModuleType, ...]) -> tuple[ToolSpec, ...]:
     """The specs of every decorated function of the families, module by module in definition order. A tool declared
-    in another module of the families' package is a start-up error, not a tool that silently never registers."""
+    in another module of the families' package, or a name declared twice, is a start-up error, not a tool that
+    silently never registers."""
     specs = tuple(
         _REGISTERED[value]
         for module in families
@@ -89,4 +90,9 @@ def collect(families: tuple[ModuleType, ...]) -> tuple[ToolSpec, ...]:
     if stray:
         raise RuntimeError(f"tools {stray} are declared outside the families: add their module to FAMILIES "
                            f"in {sorted(packages)}")
+    names = [spec.name for spec in specs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise RuntimeError(f"tool names {twice} are declared twice: a tool's name is its function's, unique across "
+                           "the families")
     return specs

@@ -23,12 +23,13 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.anyio
 
 
-def scratch_family(monkeypatch: pytest.MonkeyPatch, module_name: str) -> ModuleType:
+def scratch_family(monkeypatch: pytest.MonkeyPatch, module_name: str, name: str = "list_scratch_subscriptions"
+                   ) -> ModuleType:
     """A family module with one new read-only tool, declared the way a real one is; the registry is restored after."""
     monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
     family = ModuleType(module_name)
 
-    async def list_subscriptions(
+    async def list_scratch_subscriptions(
         ctx: ToolContext,
         customer: Annotated[CustomerId, Field(description="Customer (cus_...)")],
         limit: Annotated[int, Field(ge=1, le=100, description="How many, newest first")] = 10,
@@ -36,8 +37,8 @@ def scratch_family(monkeypatch: pytest.MonkeyPatch, module_name: str) -> ModuleT
         """A customer's subscriptions, newest first. Read-only."""
         return await services(ctx).subscriptions.get_billing_status(customer)
 
-    list_subscriptions.__module__ = module_name
-    family.list_subscriptions = tool("List subscriptions", "read")(list_subscriptions)  # type: ignore[attr-defined]
+    list_scratch_subscriptions.__module__, list_scratch_subscriptions.__name__ = module_name, name
+    setattr(family, name, tool("List subscriptions", "read")(list_scratch_subscriptions))
     return family
 
 
@@ -45,24 +46,30 @@ async def test_a_new_read_only_tool_is_registered_listed_and_documented_from_its
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     specs = registry.collect((*FAMILIES, scratch_family(monkeypatch, "tests.tools.scratch")))
-    assert specs[:-1] == TOOLS and specs[-1].name == "list_subscriptions" and specs[-1].toolset == "scratch"
+    assert specs[:-1] == TOOLS and (specs[-1].name, specs[-1].toolset) == ("list_scratch_subscriptions", "scratch")
     server = build_server(Settings(_env_file=None), tools=list(specs))  # type: ignore[call-arg]
     listed = {tool.name: tool for tool in await server.list_tools()}
-    assert listed["list_subscriptions"].annotations.read_only_hint is True  # type: ignore[union-attr]
+    assert listed["list_scratch_subscriptions"].annotations.read_only_hint is True  # type: ignore[union-attr]
     manifest: dict[str, Any] = {"tools": [tool.model_dump(mode="json", by_alias=True, exclude_none=True)
                                           for tool in listed.values()]}
     readme, examples = render(specs, manifest, (ROOT / "README.md").read_text(),
                               (ROOT / "docs" / "tools.md").read_text())
-    assert ("| `list_subscriptions` | a customer's subscriptions, newest first | **`customer`**, `limit` | read-only |"
-            in readme)
+    assert ("| `list_scratch_subscriptions` | a customer's subscriptions, newest first | **`customer`**, `limit` "
+            "| read-only |") in readme
     assert f"| `all` | {len(TOOLS) + 1} |" in readme and "| `scratch` | 1 |" in readme
-    assert '- `list_subscriptions` `{"customer": "..."}` → (no recorded answer yet' in examples
+    assert '- `list_scratch_subscriptions` `{"customer": "..."}` → (no recorded answer yet' in examples
 
 
 def test_a_tool_declared_in_a_module_left_out_of_the_families_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     scratch_family(monkeypatch, "aims_billing_mcp.tools.scratch")
-    with pytest.raises(RuntimeError, match=r"aims_billing_mcp\.tools\.scratch\.list_subscriptions.*FAMILIES"):
+    with pytest.raises(RuntimeError, match=r"aims_billing_mcp\.tools\.scratch\.list_scratch_subscriptions.*FAMILIES"):
         registry.collect(FAMILIES)
+
+
+def test_two_tools_of_one_name_in_two_families_stop_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    family = scratch_family(monkeypatch, "tests.tools.scratch", name="list_tiers")
+    with pytest.raises(RuntimeError, match=r"\['list_tiers'\] are declared twice"):
+        registry.collect((*FAMILIES, family))
 
 
 def test_the_table_is_the_declared_tools_of_the_families_in_order() -> None:

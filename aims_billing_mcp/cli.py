@@ -402,10 +402,20 @@ async def tools_manifest() -> dict[str, Any]:
 
 
 def cmd_tools_json(args: argparse.Namespace) -> int:
+    """tools.json, and beside it the parts of README.md and docs/tools.md derived from the tools (tools/docs.py)."""
+    from .tools import TOOLS
+    from .tools.docs import render
+
     manifest = asyncio.run(tools_manifest())
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
     Path(args.output).write_text(text, encoding="utf-8")
     print(f"wrote {len(manifest['tools'])} tools to {args.output}", file=sys.stderr)
+    readme, examples = (Path(args.output).resolve().parent / name for name in ("README.md", "docs/tools.md"))
+    if readme.is_file() and examples.is_file():
+        texts = render(TOOLS, manifest, readme.read_text(encoding="utf-8"), examples.read_text(encoding="utf-8"))
+        for path, derived in zip((readme, examples), texts, strict=True):
+            path.write_text(derived, encoding="utf-8")
+        print(f"updated the tool tables of {readme} and the examples of {examples}", file=sys.stderr)
     return 0
 
 
@@ -568,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
-    tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")
+    tools_json = sub.add_parser(
+        "tools-json", help="write tools.json, and the tool tables of README.md and docs/tools.md beside it")
     tools_json.add_argument("--output", default="tools.json", help="where to write it (default tools.json)")
     tools_json.set_defaults(func=cmd_tools_json)
     doctor = sub.add_parser("doctor", help="print the effective configuration and check the Stripe key")

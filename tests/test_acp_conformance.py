@@ -16,7 +16,7 @@ import pytest
 import referencing
 from mcp import MCPError
 
-from aims_billing_mcp.services.acp import check_cancel, check_complete, check_create, check_update
+from aims_billing_mcp.services.acp_protocol import check_cancel, check_complete, check_create, check_update
 from aims_billing_mcp.services.acp_models import AcpError
 
 from .test_acp import BUNDLE, KEY, Env, checked, conforms, pay
@@ -116,13 +116,13 @@ SPEC_REQUESTS = [(name, kind) for name in EXAMPLES for kind in REQUESTS
 @pytest.mark.parametrize(("example", "kind"), SPEC_REQUESTS)
 def test_every_request_example_of_the_spec_is_accepted_by_the_parser(example: str, kind: str) -> None:
     request = spec_valid(EXAMPLES[example], REQUESTS[kind])
-    assert PARSERS[kind](request) == request
+    assert PARSERS[kind](request).model_dump(exclude_unset=True) == request  # read as given, nothing dropped
 
 
 @pytest.mark.parametrize("kind", sorted(REQUESTS))
 def test_a_request_using_every_field_of_its_schema_is_accepted_by_the_parser(kind: str) -> None:
     request = full(REQUESTS[kind])
-    assert PARSERS[kind](request) == request
+    assert PARSERS[kind](request).model_dump(exclude_unset=True) == request  # read as given, nothing dropped
 
 
 async def test_a_checkout_using_every_field_the_spec_allows_is_created_updated_and_completed(env: Env) -> None:

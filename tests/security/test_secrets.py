@@ -28,7 +28,7 @@ from aims_billing_mcp.cli import main
 from aims_billing_mcp.redact import AUDIT_MAX_ROW, SECRET_FIELD
 from aims_billing_mcp.routes import build_companion_app
 from aims_billing_mcp.sandbox import create_app
-from aims_billing_mcp.services.acp import sign_request
+from aims_billing_mcp.services.acp_protocol import sign_request
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import utc_iso
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload

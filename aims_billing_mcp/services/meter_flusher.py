@@ -30,6 +30,14 @@ on its own invoice once its period ends (`invoice_p2p`), and marked sent when th
 
 One flush at a time per flusher (a lock); two processes flushing the same database may both send an event, which
 Stripe's identifier dedupe absorbs.
+
+Stripe's error reports. The v2 stream validates asynchronously: an event it accepted and later found invalid (its
+customer deleted, say) is reported in a thin `v1.billing.meter.error_report_triggered` event (no `data`: the
+webhook endpoint hands it to `apply_thin_event`, which reads the full event from `GET /v2/core/events/{id}`). Every
+event its samples name (by the identifier Stripe knows it by) is marked failed with Stripe's reason, `refused by
+Stripe (<code>): <message>`, and leaves its period's counted usage, pending or already sent. Marking is the state
+machine's own edge (sent -> failed, never back), so a repeated delivery changes nothing. Stripe lists samples of
+each error type, not always every event: the rest are logged as a count.
 """
 
 from __future__ import annotations
@@ -40,8 +48,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from .. import jsonsafe
 from ..errors import (
     BillingError,
     StripeAuthenticationFailed,
@@ -55,6 +66,7 @@ from ..stripe_gateway import StripeRequest, StripeResult, StripeSessionExpired, 
 from .metering import STRIPE_MAX_AGE
 from .metering_models import FlushReport
 from .tiers import cost_cents
+from .webhook_events import InvalidEvent
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +84,73 @@ V1_EVENTS = "/v1/billing/meter_events"
 _EVENT_PARAMS = ("payload", "timestamp", "identifier", "value")  # refusals about the event itself, not the setup
 _TRANSIENT = (StripeUnavailable, StripeRateLimited)
 Transport = Literal["v2", "v1", "mixed", "none"]
+
+
+THIN = "v2.core.event"
+ERROR_REPORT = "v1.billing.meter.error_report_triggered"
+MAX_REASON = 500  # characters of Stripe's message kept as an event's reason
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class ThinEvent(_Strict):
+    """A thin (v2) event as Stripe posts it: what happened and to which object, no snapshot."""
+
+    id: Annotated[str, StringConstraints(pattern=r"^evt_[A-Za-z0-9_]{1,251}$")]
+    object: Literal["v2.core.event"]
+    type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,64}(\.[a-z0-9_]{1,64}){1,6}$")]
+
+
+class _SampleRequest(_Strict):
+    identifier: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class _SampleError(_Strict):
+    error_message: Annotated[str, StringConstraints(max_length=5000)] = ""
+    request: _SampleRequest | None = None
+
+
+class _ErrorType(_Strict):
+    code: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,100}$")]
+    error_count: int = Field(default=0, ge=0)
+    sample_errors: list[_SampleError] = Field(default_factory=list, max_length=1000)
+
+
+class _ErrorReason(_Strict):
+    error_count: int = Field(default=0, ge=0)
+    error_types: list[_ErrorType] = Field(default_factory=list, max_length=100)
+
+
+class _ErrorReportData(_Strict):
+    reason: _ErrorReason
+
+
+class _ErrorReport(_Strict):
+    """The full `v1.billing.meter.error_report_triggered` event, as far as we read it."""
+
+    id: str
+    type: Literal["v1.billing.meter.error_report_triggered"]
+    data: _ErrorReportData
+
+
+def thin_event(payload: bytes) -> ThinEvent | None:
+    """The thin (v2) event a verified webhook body carries, or None for a snapshot (v1) event; InvalidEvent when
+    it says it is a thin event but is not one we can read."""
+    if THIN.encode() not in payload:  # the common case, a v1 event, costs one scan of the bytes
+        return None
+    try:
+        body = jsonsafe.loads(payload.decode("utf-8"))
+    except ValueError:
+        return None  # the v1 path answers it (400)
+    if not isinstance(body, dict) or body.get("object") != THIN:
+        return None
+    try:
+        return ThinEvent.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        raise InvalidEvent(f"not a thin Stripe event this endpoint can read: {problems}") from None
 
 
 class Gateway(Protocol):
@@ -201,6 +280,31 @@ class MeterFlusher:
                 ok = False
             delay = interval_seconds if ok else min(max(delay, interval_seconds) * 2, 300.0)
             await asyncio.sleep(delay)
+
+    # --- Stripe's error reports ------------------------------------------------------------------------------
+
+    async def apply_thin_event(self, event: ThinEvent) -> int:
+        """Apply a thin event: an error report marks the events it names failed (see the module docstring); other
+        types are acknowledged and ignored. Returns how many events changed; raises BillingError when the full
+        event cannot be read from Stripe (the webhook answers 503, so Stripe delivers it again)."""
+        if event.type != ERROR_REPORT:
+            return 0
+        full = (await self._gateway.send(StripeRequest("get", f"/v2/core/events/{event.id}"))).data
+        try:
+            report = _ErrorReport.model_validate(full)
+        except ValidationError as exc:
+            raise InvalidEvent(f"Stripe's event {event.id} is not an error report we can read: "
+                               f"{exc.errors()[0]['msg']}") from None
+        reason = report.data.reason
+        failures = [(sample.request.identifier, f"refused by Stripe ({kind.code}): {sample.error_message}"[:MAX_REASON])
+                    for kind in reason.error_types for sample in kind.sample_errors if sample.request is not None]
+        now = int(self._clock())
+        changed: int = await self._store.write(lambda tx: self._store.metering.fail_reported(tx, failures, now))
+        unnamed = max(reason.error_count, sum(kind.error_count for kind in reason.error_types)) - len(failures)
+        log.warning("Stripe reported %d invalid meter events (%s): %d marked failed%s", max(reason.error_count,
+                    len(failures)), ", ".join(kind.code for kind in reason.error_types), changed,
+                    f"; {unnamed} not named in its samples" if unnamed > 0 else "")
+        return changed
 
     # --- P2P invoices ------------------------------------------------------------------------------------------
 

@@ -51,16 +51,27 @@ async def webhook_endpoint(server: Any) -> AsyncIterator[Callable[[str], Any]]:
         yield post
 
 
-async def test_a_stream_event_naming_a_missing_customer_is_reported_in_a_thin_event_whose_full_form_names_it(
-        make_settings: Callable[..., Any], sandbox_app: Any, sandbox: Any, prices: dict[str, str]) -> None:
+async def stream_one(gateway: Any, event: dict[str, Any]) -> None:
+    token = (await gateway.send(StripeRequest("post", "/v2/billing/meter_event_session", {}))).data
+    await gateway.send(StripeRequest("post", "/v2/billing/meter_event_stream", {"events": [event]},
+                                     base="meter_events", api_key=token["authentication_token"]))
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    ({"stripe_customer_id": "cus_gone", "value": "5"}, "meter_event_customer_not_found"),
+    ({"value": "5"}, "meter_event_no_customer_defined"),
+    ({"stripe_customer_id": "CUSTOMER", "value": "five"}, "meter_event_invalid_value"),
+])
+async def test_a_stream_event_the_meter_drops_is_reported_in_a_thin_event_whose_full_form_names_it(
+        make_settings: Callable[..., Any], sandbox_app: Any, sandbox: Any, prices: dict[str, str],
+        payload: dict[str, str], code: str) -> None:
     gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
+    if payload.get("stripe_customer_id") == "CUSTOMER":
+        payload = {**payload, "stripe_customer_id": (await gateway.send(StripeRequest(
+            "post", "/v1/customers", {"name": "A"}))).data["id"]}
     seen: list[dict[str, Any]] = []
     sandbox.add_event_listener(seen.append)
-    token = (await gateway.send(StripeRequest("post", "/v2/billing/meter_event_session", {}))).data
-    await gateway.send(StripeRequest("post", "/v2/billing/meter_event_stream", {"events": [
-        {"event_name": PRICING.meter_event_name, "identifier": "ghost-1", "payload": {"stripe_customer_id": "cus_gone",
-                                                                          "value": "5"}},
-    ]}, base="meter_events", api_key=token["authentication_token"]))
+    await stream_one(gateway, {"event_name": PRICING.meter_event_name, "identifier": "ghost-1", "payload": payload})
 
     [thin] = [event for event in seen if event["type"] == ERROR_REPORT]
     full = (await gateway.send(StripeRequest("get", f"/v2/core/events/{thin['id']}"))).data
@@ -69,9 +80,18 @@ async def test_a_stream_event_naming_a_missing_customer_is_reported_in_a_thin_ev
     assert thin["object"] == "v2.core.event" and "data" not in thin  # thin: what happened, no snapshot
     assert thin["related_object"]["type"] == "billing.meter"
     [kind] = full["data"]["reason"]["error_types"]
-    assert kind["code"] == "meter_event_customer_not_found"
+    assert kind["code"] == code
     assert [sample["request"]["identifier"] for sample in kind["sample_errors"]] == ["ghost-1"]
-    assert "cus_gone" in kind["sample_errors"][0]["error_message"]
+
+
+async def test_a_stream_event_for_no_meter_is_not_a_meter_error_report(
+        make_settings: Callable[..., Any], sandbox_app: Any, sandbox: Any, prices: dict[str, str]) -> None:
+    gateway = build_gateway(make_settings(), sandbox_app=sandbox_app, retry_delay_scale=0)
+    seen: list[dict[str, Any]] = []
+    sandbox.add_event_listener(seen.append)
+    await stream_one(gateway, {"event_name": "no_such_meter", "payload": {"stripe_customer_id": "cus_x", "value": "1"}})
+    await gateway.close()
+    assert sandbox.meter_event_errors and not [event for event in seen if event["type"] == ERROR_REPORT]
 
 
 async def test_events_stripe_reports_invalid_after_taking_them_are_failed_with_its_reason_and_counted(

@@ -306,16 +306,14 @@ V2_EVENT = "v2.core.event"
 ERROR_REPORT = "v1.billing.meter.error_report_triggered"
 
 
-def _report_code(exc: StripeError) -> str | None:
-    """Stripe's error report code for a dropped event; None for a refusal no meter reports (no such meter)."""
+def _report_code(exc: StripeError, meter: Obj) -> str | None:
+    """Stripe's error report code for an event the meter dropped; None for a refusal no meter reports."""
     param = exc.param or ""
     if exc.code in ("timestamp_too_far_in_past", "timestamp_in_future"):
         return exc.code
-    if exc.code == "resource_missing":
-        return "meter_event_customer_not_found"
-    if param.endswith("]") and exc.code == "parameter_missing" and "value" not in param:
-        return "meter_event_no_customer_defined"
-    if param.endswith("]"):
+    if param.endswith(f"payload[{meter['customer_mapping']['event_payload_key']}]"):
+        return "meter_event_customer_not_found" if exc.code == "resource_missing" else "meter_event_no_customer_defined"
+    if param.endswith(f"payload[{meter['value_settings']['event_payload_key']}]"):
         return "meter_event_invalid_value"
     return None
 
@@ -326,9 +324,9 @@ def report_errors(ctx: Ctx, dropped: list[tuple[Any, Any, StripeError]]) -> None
     (with its ``data``) is kept for ``GET /v2/core/events/{id}``."""
     by_meter: dict[str, list[tuple[str, str, str]]] = {}
     for event_name, identifier, exc in dropped:
-        code = _report_code(exc)
-        meter = _active_meter(ctx, event_name) if isinstance(event_name, str) and code else None
-        if meter is not None and code is not None:
+        meter = _active_meter(ctx, event_name) if isinstance(event_name, str) else None
+        code = None if meter is None else _report_code(exc, meter)
+        if meter is not None and code is not None:  # no meter: Stripe's `no_meter_found`, not reported here
             by_meter.setdefault(meter["id"], []).append((code, str(identifier or ""), exc.message))
     for meter_id, failures in by_meter.items():
         types: dict[str, list[tuple[str, str]]] = {}

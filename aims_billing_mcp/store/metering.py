@@ -275,6 +275,7 @@ class MeteringStore(Protocol):
         ...
 
     def pending_count(self) -> int:
+        """How many events wait for Stripe."""
         ...
 
     def mark_sent(self, tx: Tx, event_ids: Sequence[int], sent_at: str) -> None:
@@ -305,6 +306,7 @@ class MeteringStore(Protocol):
         ...
 
     def period_has_pending(self, customer: str, period_start: int) -> bool:
+        """True while any event of the period waits for Stripe (it may yet fail, so the period is not invoiced)."""
         ...
 
     def set_period_invoice(self, tx: Tx, customer: str, period_start: int, invoice_id: str) -> None:

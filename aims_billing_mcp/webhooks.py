@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from .errors import BillingError
 from .sandbox import SANDBOX_WEBHOOK_SECRET
+from .services.meter_flusher import ThinEvent, thin_event
 from .services.webhook_events import InvalidEvent, parse_event
 from .settings import LOOPBACK_HOSTS
 from .stripe_gateway import WebhookSignatureInvalid, verify_webhook_signature
@@ -62,6 +64,9 @@ def webhook_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reque
             log.warning("%s", mismatch_advice(payload, request.headers.get("stripe-signature"), secret, str(exc)))
             return JSONResponse({"error": f"signature check failed: {exc}"}, status_code=400)
         try:
+            thin = thin_event(payload)  # a thin (v2) event: Stripe's meter error reports
+            if thin is not None:
+                return await thin_answer(state, thin)
             event = parse_event(payload)
         except InvalidEvent as exc:
             return JSONResponse({"error": f"invalid payload: {exc}"}, status_code=400)
@@ -69,6 +74,18 @@ def webhook_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reque
         return JSONResponse({"received": True, "id": result.event_id, "duplicate": result.duplicate})
 
     return handle
+
+
+async def thin_answer(state: AppState, thin: ThinEvent) -> JSONResponse:
+    """Apply a thin event; when its full form cannot be read from Stripe, 503, so Stripe delivers it again."""
+    try:
+        failed = await state.flusher.apply_thin_event(thin)
+    except InvalidEvent as exc:
+        return JSONResponse({"error": f"invalid event: {exc}"}, status_code=400)
+    except BillingError as exc:
+        return JSONResponse({"error": f"could not read event {thin.id} from Stripe ({exc.message}): deliver it "
+                                      "again later"}, status_code=503)
+    return JSONResponse({"received": True, "id": thin.id, "failed": failed})
 
 
 def mismatch_advice(payload: bytes, header: str | None, secret: str, reason: str) -> str:

@@ -14,11 +14,11 @@ import httpx
 import pytest
 from mcp import Client
 
+from aims_billing_mcp.routes import build_companion_app
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.services.meter_flusher import ERROR_REPORT
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway, sign_webhook_payload
-from aims_billing_mcp.webhooks import build_webhook_app
 from tests.conftest import ok
 
 pytestmark = pytest.mark.anyio
@@ -41,7 +41,7 @@ async def subscribed(client: Client, sandbox: Any, email: str) -> str:
 @asynccontextmanager
 async def webhook_endpoint(server: Any) -> AsyncIterator[Callable[[str], Any]]:
     """POST a body to the server's webhook route, signed as the sandbox signs."""
-    app = build_webhook_app(lambda: server.state)
+    app = build_companion_app(lambda: server.state)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
         async def post(body: str) -> httpx.Response:
             return await http.post("/webhooks/stripe", content=body, headers={

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .acp import AcpStore, SqliteAcpStore
-from .audit import AuditStore, SqliteAuditStore
+from .audit import AuditStore, PostgresAuditStore, SqliteAuditStore
 from .commerce import CommerceStore, SqliteCommerceStore
 from .core import (
     BUSY_TIMEOUT_MS,
@@ -33,7 +33,7 @@ from .core import (
     utc_iso,
     utc_now,
 )
-from .idempotency import IdempotencyStore, SqliteIdempotencyStore
+from .idempotency import IdempotencyStore, PostgresIdempotencyStore, SqliteIdempotencyStore
 from .ledger import LedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
@@ -72,3 +72,5 @@ class PostgresStore(PostgresCore):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self.webhooks: WebhooksStore = PostgresWebhooksStore(self)
+        self.idempotency: IdempotencyStore = PostgresIdempotencyStore(self)
+        self.audit: AuditStore = PostgresAuditStore(self)

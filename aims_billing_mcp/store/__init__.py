@@ -39,7 +39,7 @@ from .metering import MeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
 from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
-from .x402 import SqliteX402Store, X402Store
+from .x402 import PostgresX402Store, SqliteX402Store, X402Store
 
 __all__ = [
     "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "PostgresCore",
@@ -74,3 +74,4 @@ class PostgresStore(PostgresCore):
         self.webhooks: WebhooksStore = PostgresWebhooksStore(self)
         self.idempotency: IdempotencyStore = PostgresIdempotencyStore(self)
         self.audit: AuditStore = PostgresAuditStore(self)
+        self.x402: X402Store = PostgresX402Store(self)

@@ -1,8 +1,8 @@
 """The audit store's contract (store/audit.py): rows appended in order, read newest first through filters, pruned
 by age only.
 
-The `audit` fixture yields the aggregate store of each backend (SQLite today); `write` runs a job in that backend's
-writer transaction.
+The `audit` fixture yields the aggregate store of each backend (SQLite and PostgreSQL); `write` runs a job in that
+backend's writer transaction.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from aims_billing_mcp.store import Store, Tx
+from aims_billing_mcp.store import PostgresStore, Store, Tx
 from aims_billing_mcp.store.audit import AuditEntry, AuditFilter, AuditStore
 
 Write = Callable[[Callable[[Tx], Any]], Any]
@@ -30,9 +31,12 @@ ENTRIES = [
 ]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "audit.db")
+    if request.param == "postgres":
+        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
+    else:
+        store = Store(tmp_path / "audit.db")
     yield store
     store.close()
 
@@ -83,3 +87,36 @@ def test_prune_deletes_only_rows_older_than_the_cutoff(appended: AuditStore, wri
     assert write(lambda tx: appended.prune(tx, datetime(2027, 1, 17, tzinfo=UTC))) == 2
     assert [r.tool for r in appended.report(AuditFilter())] == ["create_checkout_session", "list_invoices"]
     assert write(lambda tx: appended.prune(tx, datetime(2027, 1, 17, tzinfo=UTC))) == 0
+
+
+def test_a_large_batch_is_appended_whole_and_in_order(audit: AuditStore, write: Write) -> None:
+    entries = [AuditEntry(f"2027-02-01T00:00:00.{i % 1000:03d}Z", f"tool_{i}", None, "{}", "ok", None, 0.5, None)
+               for i in range(2500)]  # more rows than one PostgreSQL statement takes
+
+    write(lambda tx: audit.append(tx, entries))
+
+    rows = audit.report(AuditFilter(limit=3000))
+    assert [r.tool for r in rows] == [f"tool_{i}" for i in reversed(range(2500))]
+
+
+@pytest.mark.anyio
+async def test_rows_appended_by_two_instances_at_once_all_land_with_distinct_ids(postgres_url: str) -> None:
+    instances = [PostgresStore(postgres_url, writers=2, pool_size=2) for _ in range(2)]
+    try:
+        async with anyio.create_task_group() as tg:
+            for n, store in enumerate(instances):
+                for batch in range(5):
+                    batch_entries = [AuditEntry(f"2027-02-01T00:00:0{n}.{batch:03d}Z", f"tool_{n}_{batch}_{i}", None,
+                                                "{}", "ok", None, 0.5, None) for i in range(20)]
+                    tg.start_soon(store.write, lambda tx, s=store, e=batch_entries: s.audit.append(tx, e))
+        rows = instances[1].audit.report(AuditFilter(limit=1000))
+    finally:
+        for store in instances:
+            store.close()
+
+    assert len(rows) == len({r.id for r in rows}) == 200
+    assert {r.tool for r in rows} == {f"tool_{n}_{b}_{i}" for n in range(2) for b in range(5) for i in range(20)}
+    for n in range(2):
+        for b in range(5):  # a batch's rows keep their order
+            batch_rows = sorted((r for r in rows if r.tool.startswith(f"tool_{n}_{b}_")), key=lambda r: r.id)
+            assert [r.tool for r in batch_rows] == [f"tool_{n}_{b}_{i}" for i in range(20)]

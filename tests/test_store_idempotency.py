@@ -1,7 +1,8 @@
 """The idempotency store's contract (store/idempotency.py): a key holds its first call, per tool and owner.
 
-The `keys` fixture yields the aggregate store of each backend (SQLite today); `write` runs a job in that backend's
-writer transaction.
+The `keys` fixture yields the aggregate store of each backend (SQLite and PostgreSQL); `write` runs a job in that
+backend's writer transaction. On PostgreSQL, two instances (two `PostgresStore`s on one database) record one key at
+once: the first stays.
 """
 
 from __future__ import annotations
@@ -10,17 +11,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from aims_billing_mcp.store import Store, Tx
+from aims_billing_mcp.store import PostgresStore, Store, Tx
 from aims_billing_mcp.store.idempotency import CallRecord, IdempotencyStore, StoredCall
+from tests.pg_turns import Attempt, holding, lock_waiters
 
 Write = Callable[[Callable[[Tx], Any]], Any]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "keys.db")
+    if request.param == "postgres":
+        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
+    else:
+        store = Store(tmp_path / "keys.db")
     yield store
     store.close()
 
@@ -78,3 +84,37 @@ def test_a_find_in_a_transaction_sees_that_transactions_own_record(keys: Idempot
         return before, keys.find("create_product", "", "k1", tx=tx)
 
     assert write(job) == (None, StoredCall("h1", '{"id":"prod_1"}'))
+
+
+@pytest.fixture
+def two_instances(postgres_url: str) -> Iterator[tuple[PostgresStore, PostgresStore]]:
+    first, second = (PostgresStore(postgres_url, writers=2, pool_size=2) for _ in range(2))
+    yield first, second
+    first.close()
+    second.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("first_commits", "second_recorded", "kept"), [
+    (True, False, StoredCall("h1", '{"id":"prod_1"}')),  # the first stays; the second is told it lost
+    (False, True, StoredCall("h2", '{"id":"prod_2"}')),  # the first rolled back: the second is the first call
+])
+async def test_one_key_recorded_by_two_instances_at_once_keeps_the_first_committed_call(
+        two_instances: tuple[PostgresStore, PostgresStore], postgres_url: str, first_commits: bool,
+        second_recorded: bool, kept: StoredCall) -> None:
+    first, second = two_instances
+    theirs = Attempt()
+
+    failure = None if first_commits else RuntimeError("the first call's transaction fails after recording")
+    async with holding(first, lambda tx: first.idempotency.record(tx, call()), fail=failure) as held, \
+            anyio.create_task_group() as tg:
+        tg.start_soon(theirs.run, second.write(lambda tx: second.idempotency.record(
+            tx, call(request_hash="h2", response='{"id":"prod_2"}'))))
+        await lock_waiters(postgres_url)  # the second insert waits for the first transaction's outcome
+        assert not theirs.done
+        held.release()
+
+    assert (held.result, held.error) == ((True, None) if first_commits else (None, failure))
+    assert (theirs.result, theirs.error) == (second_recorded, None)
+    assert first.idempotency.find("create_product", "", "k1") == kept
+    assert second.idempotency.find("create_product", "", "k1") == kept

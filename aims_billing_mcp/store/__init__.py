@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .acp import AcpStore, SqliteAcpStore
-from .audit import AuditStore, SqliteAuditStore
+from .audit import AuditStore, PostgresAuditStore, SqliteAuditStore
 from .commerce import CommerceStore, SqliteCommerceStore
 from .core import (
     BUSY_TIMEOUT_MS,
@@ -34,14 +34,14 @@ from .core import (
     utc_iso,
     utc_now,
 )
-from .idempotency import IdempotencyStore, SqliteIdempotencyStore
+from .idempotency import IdempotencyStore, PostgresIdempotencyStore, SqliteIdempotencyStore
 from .ledger import LedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
 from .reports import ReportsStore, SqliteReports
 from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
-from .x402 import SqliteX402Store, X402Store
+from .x402 import PostgresX402Store, SqliteX402Store, X402Store
 
 __all__ = [
     "AGGREGATES", "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "SQLITE_VERSION",
@@ -75,6 +75,9 @@ class PostgresStore(PostgresCore):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self.webhooks: WebhooksStore = PostgresWebhooksStore(self)
+        self.idempotency: IdempotencyStore = PostgresIdempotencyStore(self)
+        self.audit: AuditStore = PostgresAuditStore(self)
+        self.x402: X402Store = PostgresX402Store(self)
 
 
 AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports")

@@ -5,12 +5,16 @@ the backend's reader). `SqliteIdempotencyStore` is the SQLite implementation.
 
 A row is written once, with the call's response, in the transaction that acknowledges the call: (tool, owner, key)
 is its primary key, so a second writer of the same key is refused by the database, not by a read before the write.
+
+PostgreSQL (`PostgresIdempotencyStore`), where several instances record at once, needs nothing more: `INSERT ... ON
+CONFLICT DO NOTHING` on the primary key waits for a concurrent insert of the same key to commit (then inserts
+nothing: the first stays, `record` answers False) or to roll back (then inserts: this call is the first).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .core import StoreCore, Tx
 
@@ -74,3 +78,31 @@ class SqliteIdempotencyStore:
             (call.tool, call.owner, call.key, call.request_hash, call.response, call.request_id, call.created_at),
         )
         return cursor.rowcount == 1
+
+
+class PostgresIdempotencyStore:
+    """PostgreSQL: the same statements with `%s` placeholders."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    def find(self, tool: str, owner: str, key: str, *, since: str | None = None,
+             tx: Any | None = None) -> StoredCall | None:
+        sql = "SELECT request_hash, response FROM idempotency_keys WHERE tool = %s AND owner = %s AND key = %s"
+        params: tuple[str, ...] = (tool, owner, key)
+        if since is not None:
+            sql += " AND created_at >= %s"
+            params += (since,)
+        if tx is not None:
+            found = tx.execute(sql, params).fetchone()
+            return None if found is None else StoredCall(found[0], found[1])
+        row = self._core.query_one(sql, params)
+        return None if row is None else StoredCall(row["request_hash"], row["response"])
+
+    def record(self, tx: Any, call: CallRecord) -> bool:
+        cursor = tx.execute(
+            "INSERT INTO idempotency_keys (tool, owner, key, request_hash, response, request_id, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tool, owner, key) DO NOTHING",
+            (call.tool, call.owner, call.key, call.request_hash, call.response, call.request_id, call.created_at),
+        )
+        return bool(cursor.rowcount == 1)

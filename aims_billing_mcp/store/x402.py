@@ -10,6 +10,17 @@ after a grace period. Only `open` and `paid` are ever written (the table's CHECK
 reader derives from the clock and from the row's absence. A receipt has no states: it is written once, in the
 transaction that marks its quote paid, and never changes; its UNIQUE keys (network, asset, payer, nonce), tx hash,
 PaymentIntent and quote are the replay guard.
+
+PostgreSQL (`PostgresX402Store`), where several instances write at once, keeps the outcome the SQLite single writer
+gives: a transaction that asks `payment_used` first takes a transaction-scoped advisory lock on each of the
+payment's keys (the receipt does not exist yet, so no row lock can guard it) and `quote_status` locks the quote's
+row (`FOR UPDATE`), so two instances recording one payment take turns and the second sees the first's receipt, as it
+would have one after the other; behind the locks stand the UNIQUE keys, and `record_receipt` raises the same
+`ReceiptConflict` either way. The open-quote count and a wallet's payer list are read under an advisory lock (their
+limits hold across instances). The quote sweep is one `DELETE` of rows taken with `FOR UPDATE SKIP LOCKED`: sweeps
+on several instances delete disjoint rows, each expired quote once, and skip a quote a payment holds (the payment
+decides; a quote it marks paid is never swept). No lease is needed: the delete is the whole effect, in the
+statement that takes the rows.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from .core import StoreCore, Tx
 
@@ -253,3 +264,111 @@ class SqliteX402Store:
 
     def wallet_exists(self, agent_id: str) -> bool:
         return self._core.query_one("SELECT 1 FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is not None
+
+
+class PostgresX402Store:
+    """PostgreSQL: the same statements with `%s` placeholders, and the locks the module docstring names."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    def find_quote(self, quote_id: str) -> Quote | None:
+        row = self._core.query_one("SELECT * FROM x402_quotes WHERE id = %s", (quote_id,))
+        if row is None:
+            return None
+        row["status"] = QuoteStatus(row["status"])
+        return Quote(**row)
+
+    def quote_status(self, tx: Any, quote_id: str) -> tuple[QuoteStatus, int] | None:
+        row = tx.execute("SELECT status, expires_at FROM x402_quotes WHERE id = %s FOR UPDATE",
+                         (quote_id,)).fetchone()
+        return None if row is None else (QuoteStatus(row[0]), row[1])
+
+    def count_open_quotes(self, tx: Any, now: int) -> int:
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('x402:open-quotes', 7))")
+        (count,) = tx.execute("SELECT COUNT(*) FROM x402_quotes WHERE status = %s AND expires_at > %s",
+                              (str(QuoteStatus.OPEN), now)).fetchone()
+        return int(count)
+
+    def add_quote(self, tx: Any, quote: Quote) -> bool:
+        return bool(tx.execute(
+            "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, resource, "
+            "x402_version, status, expires_at, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (id) DO NOTHING",
+            (quote.id, quote.network, quote.asset, quote.pay_to, quote.amount, quote.agent_id, quote.luc,
+             quote.description, quote.resource, quote.x402_version, str(QuoteStatus.OPEN), quote.expires_at,
+             quote.created_at)).rowcount == 1)
+
+    def mark_quote_paid(self, tx: Any, quote_id: str, receipt_id: str, paid_at: str) -> None:
+        tx.execute("UPDATE x402_quotes SET status = %s, receipt_id = %s, paid_at = %s WHERE id = %s",
+                   (str(QuoteStatus.PAID), receipt_id, paid_at, quote_id))
+
+    def sweep_quotes(self, tx: Any, expired_before: int) -> int:
+        return int(tx.execute(
+            "DELETE FROM x402_quotes WHERE id IN (SELECT id FROM x402_quotes WHERE status = %s AND expires_at < %s "
+            "FOR UPDATE SKIP LOCKED)", (str(QuoteStatus.OPEN), expired_before)).rowcount)
+
+    def payment_used(self, tx: Any, network: str, asset: str, payer: str, nonce: str, tx_hash: str | None,
+                     payment_intent: str | None) -> bool:
+        keys = [f"x402:nonce:{network}:{asset}:{payer}:{nonce}"]
+        if tx_hash is not None:
+            keys.append(f"x402:tx:{tx_hash}")
+        if payment_intent is not None:
+            keys.append(f"x402:pi:{payment_intent}")
+        # Every key, in one order for every transaction (fewer deadlocks); then the read, in a later statement
+        # (under READ COMMITTED each statement sees what committed before it began: the first payer's receipt).
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(key, 7)) FROM unnest(%s::text[]) AS key",
+                   (sorted(keys),))
+        return tx.execute(
+            "SELECT 1 FROM x402_receipts WHERE (network = %s AND asset = %s AND payer = %s AND nonce = %s) "
+            "OR tx_hash = %s OR payment_intent = %s", (network, asset, payer, nonce, tx_hash, payment_intent)
+        ).fetchone() is not None
+
+    def nonce_used(self, network: str, asset: str, payer: str, nonce: str) -> bool:
+        return self._core.query_one(
+            "SELECT 1 FROM x402_receipts WHERE network = %s AND asset = %s AND payer = %s AND nonce = %s",
+            (network, asset, payer, nonce)) is not None
+
+    def payment_intent_used(self, payment_intent: str) -> bool:
+        return self._core.query_one("SELECT 1 FROM x402_receipts WHERE payment_intent = %s",
+                                    (payment_intent,)) is not None
+
+    def record_receipt(self, tx: Any, receipt: ReceiptRecord) -> None:
+        """`ON CONFLICT DO NOTHING` (it waits for a concurrent insert of the same keys to commit or roll back), then,
+        if nothing was inserted, which key the stored receipts hold: the transaction stays usable, as SQLite's does
+        after a refused statement, and `on` is SQLite's answer: the quote's key before the payment's."""
+        inserted = tx.execute(
+            "INSERT INTO x402_receipts (id, quote_id, network, asset, payer, pay_to, amount, nonce, tx_hash, "
+            "agent_id, luc_credited, created_at, payment_intent, mode, x402_version, settlement) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (receipt.id, receipt.quote_id, receipt.network, receipt.asset, receipt.payer, receipt.pay_to,
+             receipt.amount, receipt.nonce, receipt.tx_hash, receipt.agent_id, receipt.luc_credited,
+             receipt.created_at, receipt.payment_intent, receipt.mode, receipt.x402_version,
+             receipt.settlement)).rowcount
+        if inserted == 1:
+            return
+        quote_paid = receipt.quote_id is not None and tx.execute(
+            "SELECT 1 FROM x402_receipts WHERE quote_id = %s", (receipt.quote_id,)).fetchone() is not None
+        raise ReceiptConflict("quote" if quote_paid else "payment")
+
+    def recent_receipts(self, limit: int) -> list[ReceiptRecord]:
+        rows = self._core.query(f"SELECT {', '.join(_RECEIPT_COLUMNS)} FROM x402_receipts "
+                                "ORDER BY created_at DESC, id DESC LIMIT %s", (limit,))
+        return [ReceiptRecord(**row) for row in rows]
+
+    def payer_links(self, address: str, agent_id: str | None) -> list[PayerLink]:
+        rows = self._core.query("SELECT address, agent_id FROM x402_payers WHERE address = %s OR agent_id = %s",
+                                (address, agent_id))
+        return [PayerLink(row["address"], row["agent_id"]) for row in rows]
+
+    def payers_of(self, tx: Any, agent_id: str) -> list[str]:
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (f"x402:payers:{agent_id}",))
+        return [r[0] for r in tx.execute(
+            "SELECT address FROM x402_payers WHERE agent_id = %s ORDER BY created_at, address", (agent_id,))]
+
+    def register_payer(self, tx: Any, address: str, agent_id: str, created_at: str) -> bool:
+        return bool(tx.execute("INSERT INTO x402_payers (address, agent_id, created_at) VALUES (%s, %s, %s) "
+                               "ON CONFLICT DO NOTHING", (address, agent_id, created_at)).rowcount == 1)
+
+    def wallet_exists(self, agent_id: str) -> bool:
+        return self._core.query_one("SELECT 1 FROM agent_wallets WHERE agent_id = %s", (agent_id,)) is not None

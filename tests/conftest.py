@@ -3,6 +3,7 @@ to the real server (real gateway, real SDK, real SQLite): tests call tools by na
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -45,6 +46,28 @@ def anyio_backend() -> str:
     """Async tests run under anyio's plugin (`pytestmark = pytest.mark.anyio`), which keeps an async fixture's
     setup and teardown in one task, as the MCP client's cancel scopes require."""
     return "asyncio"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def output_validators_shared_across_sessions() -> Iterator[None]:
+    """The MCP client compiles a tool's output schema (a metaschema check, then a validator: ~10 ms) once per
+    session, and the suite opens a session per test: ~2,000 compilations of the same few dozen schemas. So the
+    compiled validator is shared, keyed by the schema's JSON; every result is still validated against its tool's
+    schema exactly as before. If the SDK renames the method, setattr raises and every test says so."""
+    from mcp.client.session import ClientSession
+
+    compile_one = ClientSession._output_schema_validator
+    compiled: dict[str, Any] = {}
+
+    def shared(session: ClientSession, name: str, output_schema: dict[str, Any]) -> Any:
+        key = json.dumps(output_schema, sort_keys=True)
+        if key not in compiled:
+            compiled[key] = compile_one(session, name, output_schema)
+        return compiled[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClientSession, "_output_schema_validator", shared)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ a tool function.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,6 +17,7 @@ from typing import Any
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.tools import Tool
 from mcp.types import CallToolResult
 
 from . import __version__
@@ -189,14 +191,21 @@ def build_server(
 
 
 def register(server: MCPServer[Any], spec: ToolSpec) -> None:
-    """Add the tool, its published schemas without pydantic's per-property `title`s (a field's name says the same:
-    they were 17% of tools/list); validation uses the models, not these dicts, so nothing else changes."""
-    server.add_tool(spec.fn, name=spec.name, title=spec.title, annotations=spec.annotations)
-    added = server._tool_manager.get_tool(spec.name)
-    if added is not None:
-        added.parameters = without_titles(added.parameters)
-        if added.fn_metadata.output_schema is not None:
-            added.fn_metadata.output_schema = without_titles(added.fn_metadata.output_schema)
+    """Add the tool, built once per process (`built_tool`) and shared by every server the process builds."""
+    server._tool_manager._tools[spec.name] = built_tool(spec)
+
+
+@functools.cache
+def built_tool(spec: ToolSpec) -> Tool:
+    """The tool's models and published schemas, without pydantic's per-property `title`s (a field's name says the
+    same: they were 17% of tools/list); validation uses the models, not these dicts, so nothing else changes.
+    Building one costs milliseconds of pydantic work and depends on the spec alone, so it is done once: the test
+    suite builds hundreds of servers. Nothing mutates a built tool afterwards."""
+    tool = Tool.from_function(spec.fn, name=spec.name, title=spec.title, annotations=spec.annotations)
+    tool.parameters = without_titles(tool.parameters)
+    if tool.fn_metadata.output_schema is not None:
+        tool.fn_metadata.output_schema = without_titles(tool.fn_metadata.output_schema)
+    return tool
 
 
 def without_titles(schema: Any) -> Any:

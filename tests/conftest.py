@@ -3,7 +3,9 @@ to the real server (real gateway, real SDK, real SQLite): tests call tools by na
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,6 +48,28 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def output_validators_shared_across_sessions() -> Iterator[None]:
+    """The MCP client compiles a tool's output schema (a metaschema check, then a validator: ~10 ms) once per
+    session, and the suite opens a session per test: ~2,000 compilations of the same few dozen schemas. So the
+    compiled validator is shared, keyed by the schema's JSON; every result is still validated against its tool's
+    schema exactly as before. If the SDK renames the method, setattr raises and every test says so."""
+    from mcp.client.session import ClientSession
+
+    compile_one = ClientSession._output_schema_validator
+    compiled: dict[str, Any] = {}
+
+    def shared(session: ClientSession, name: str, output_schema: dict[str, Any]) -> Any:
+        key = json.dumps(output_schema, sort_keys=True)
+        if key not in compiled:
+            compiled[key] = compile_one(session, name, output_schema)
+        return compiled[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClientSession, "_output_schema_validator", shared)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def skip_slow_unless_selected(request: pytest.FixtureRequest) -> None:
     """Slow variants (`@pytest.mark.slow`) run only when asked for (`-m slow`): the suite's default run has no
@@ -83,10 +107,27 @@ class Clock:
         self.now += seconds
 
 
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database migrated once per session (per xdist worker): a test's database starts as a copy of it, a file
+    copy instead of running every migration again (~0.1 s a time). It is made by the same Store() a test would
+    run, so a broken migration still fails every test that opens a store."""
+    path = tmp_path_factory.mktemp("migrated") / "template.db"
+    Store(path).close()  # closing checkpoints the WAL into the file: the copy is the whole database
+    return path
+
+
+def copy_of(template: Path, path: Path) -> Path:
+    """`path`, a copy of the migrated template unless a database is already there."""
+    if not path.exists():
+        shutil.copyfile(template, path)
+    return path
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
+def store(tmp_path: Path, migrated_db: Path) -> Iterator[Store]:
     """A migrated store on a temporary file (reader and writer need a file, not :memory:)."""
-    s = Store(tmp_path / "store.db")
+    s = Store(copy_of(migrated_db, tmp_path / "store.db"))
     yield s
     s.close()
 
@@ -104,9 +145,11 @@ def sandbox(sandbox_app: Any) -> Sandbox:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+def make_settings(tmp_path: Path, migrated_db: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {"aims_billing_db": tmp_path / "billing.db"}
+        if "aims_billing_db" not in overrides:  # a database a test names itself starts as it says (empty, damaged)
+            copy_of(migrated_db, values["aims_billing_db"])
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 

@@ -88,6 +88,7 @@ async def test_a_signed_subscription_event_provisions_the_tier(endpoint: tuple[s
         ("stale", None, int(time.time()) - 301, SANDBOX_WEBHOOK_SECRET),
         ("garbage", "t=abc,v1=zzz", None, SANDBOX_WEBHOOK_SECRET),
     ],
+    ids=["missing", "forged", "stale", "garbage"],  # not the clock: every xdist worker must collect the same ids
 )
 async def test_a_bad_signature_is_refused_with_400_and_nothing_is_stored(
     endpoint: tuple[str, Any], case: str, signature: str | None, timestamp: int | None, secret: str

@@ -34,11 +34,11 @@ from .core import (
     utc_now,
 )
 from .idempotency import IdempotencyStore, SqliteIdempotencyStore
-from .ledger import LedgerStore, SqliteLedgerStore
+from .ledger import LedgerStore, PostgresLedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
-from .reports import ReportsStore, SqliteReports
+from .reports import PostgresReports, ReportsStore, SqliteReports
 from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
 from .x402 import SqliteX402Store, X402Store
 
@@ -74,3 +74,5 @@ class PostgresStore(PostgresCore):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self.webhooks: WebhooksStore = PostgresWebhooksStore(self)
+        self.ledger: LedgerStore = PostgresLedgerStore(self)
+        self.reports: ReportsStore = PostgresReports(self)

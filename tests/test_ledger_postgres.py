@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -184,3 +185,39 @@ def test_three_processes_debiting_one_hot_wallet_one_killed_mid_load_keep_every_
         assert ledger.check_ledger() == []
     finally:
         store.close()
+
+
+def test_a_batch_runs_its_ledger_jobs_in_wallet_order_so_concurrent_batches_lock_wallets_in_one_order(
+    postgres_url: str,
+) -> None:
+    """Each batch locks wallets as its jobs run, until its COMMIT: run in arrival order, two batches (of two
+    instances, or two writer threads) can lock two wallets in opposite orders and deadlock, which costs PostgreSQL's
+    deadlock_timeout (1 s) and the whole batch. In wallet order they queue instead."""
+    core = PostgresStore(postgres_url, writers=1, pool_size=1)
+    service = LedgerService(core, luc_per_usd=1000, agent_limit=lambda customer: None)  # type: ignore[arg-type]
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def blocker(conn: Any) -> None:  # holds the one writer thread, so the next jobs gather into one batch
+        started.set()
+        release.wait(30)
+
+    def job(agent: str) -> Any:
+        real = service.debit_job(agent, 1, idempotency_key=f"k-{agent}", reason="order")
+
+        def fn(conn: Any) -> None:
+            ran.append(agent)
+
+        fn.lock_order = real.lock_order  # type: ignore[attr-defined]
+        return fn
+
+    try:
+        first = core.submit(blocker)
+        assert started.wait(30)
+        futures = [core.submit(job(agent)) for agent in ["agent-c", "agent-a", "agent-b"]]
+        release.set()
+        for future in [first, *futures]:
+            future.result(timeout=30)
+    finally:
+        core.close()
+    assert ran == ["agent-a", "agent-b", "agent-c"]

@@ -570,8 +570,10 @@ class PostgresLedgerStore:
 
     # requests
     def find_request(self, tx: Any, owner: str, operation: str, key: str) -> StoredRequest | None:
-        tx.execute(_PG_LOCK, (f"ledger-request\x1f{owner}\x1f{operation}\x1f{key}",))
-        found = tx.execute(_PG_FIND_REQUEST, (owner, operation, key)).fetchone()
+        with tx.pipeline():  # one round trip; the lookup still runs after the lock is granted, on a new snapshot
+            tx.execute(_PG_LOCK, (f"ledger-request\x1f{owner}\x1f{operation}\x1f{key}",))
+            cursor = tx.execute(_PG_FIND_REQUEST, (owner, operation, key))
+        found = cursor.fetchone()
         return None if found is None else StoredRequest(found[0], found[1])
 
     def record_request(self, tx: Any, owner: str, operation: str, key: str, request_hash: str, response: str,

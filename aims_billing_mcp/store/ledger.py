@@ -1,9 +1,11 @@
 """Agent wallets, their double-entry postings, holds and the per-owner request keys (ledger_requests).
 
 `LedgerStore` is the seam: the operations a backend implements (write operations take the job's `Tx`; reads use
-the backend's reader). `SqliteLedgerStore` is the SQLite implementation. The rules (what may be debited, what a
-hold's capture posts, what a key replays) stay in `services/ledger.py`; this module only reads and writes rows, and
-checks nothing a service should decide, except that a hold leaves `active` only once (`TRANSITIONS`).
+the backend's reader). `SqliteLedgerStore` is the SQLite implementation; `PostgresLedgerStore` the PostgreSQL one,
+for several instances on one database (its docstring: READ COMMITTED with row locks, and why). The rules (what
+may be debited, what a hold's capture posts, what a key replays) stay in `services/ledger.py`; this module only
+reads and writes rows, and checks nothing a service should decide, except that a hold leaves `active` only once
+(`TRANSITIONS`).
 
 Hold statuses in SQL: a status *written* is bound (`SET status = ?`); a status *filtered on* is a literal formatted
 from `HoldStatus` when the module loads, because `ledger_holds`' partial indexes filter on `status = 'active'`, and

@@ -44,10 +44,11 @@ from aims_billing_mcp.store import PostgresStore  # noqa: E402
 TARGET_FLOOR_RATIO = 0.5
 TARGET_SCALE_RATIO = 2.0
 TARGET_P99_MS = 15.0
-# What one debit costs in statements on the writer's connection (store/ledger.py, PostgresLedgerStore): the key's
-# advisory lock, the key lookup, the wallet FOR UPDATE, the wallet UPDATE, the two entries (one INSERT), the key's
-# row; and the job's SAVEPOINT and RELEASE (postgres_core). BEGIN and COMMIT are per batch.
-STATEMENTS_PER_DEBIT = 8
+# What one debit costs in round trips on the writer's connection (store/ledger.py, PostgresLedgerStore): the key's
+# advisory lock with the key lookup (pipelined: one), the wallet FOR UPDATE, the wallet UPDATE, the two entries (one
+# INSERT), the key's row; a SAVEPOINT and its RELEASE when the transaction holds other jobs (postgres_core); BEGIN
+# and COMMIT per transaction.
+ROUND_TRIPS_PER_DEBIT = 5
 
 
 # The instances' writer set-up (the workers read it from the environment the parent passes): 16 writer threads, one
@@ -100,10 +101,10 @@ def worker_debits(url: str, index: int, callers: int, debits: int, wallets: int)
     try:
         say("ready")
         sys.stdin.readline()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         asyncio.run(run())
         say({"elapsed": time.perf_counter() - start, "debits": debits, "batches": store._writer.batches,
-             "retries": store.retries})
+             "retries": store.retries, "cpu": time.process_time() - cpu})
     finally:
         store.close()
 
@@ -209,8 +210,9 @@ def instances_rate(cluster: Any, name: str, instances: int, debits: int, callers
         assert store.ledger.check_ledger() == [], f"{name}: the ledger is unsound after the run"
     finally:
         store.close()
-    return debits / elapsed, {"debits_per_batch": debits / batches, "retried_batches": sum(r["retries"]
-                                                                                          for r in results)}
+    return debits / elapsed, {"debits_per_batch": debits / batches,
+                              "retried_batches": sum(r["retries"] for r in results),
+                              "client_cpu_ms_per_debit": 1000 * sum(r.get("cpu", 0.0) for r in results) / debits}
 
 
 def floor_rate(cluster: Any, name: str, transactions: int, connections: int, wallets: int) -> float:
@@ -306,6 +308,8 @@ def main() -> None:
             figures["one_debits_per_batch"] = one["debits_per_batch"]
             figures["three_debits_per_batch"] = three["debits_per_batch"]
             figures["three_retried_batches"] = three["retried_batches"]
+            figures["one_client_cpu_ms_per_debit"] = one["client_cpu_ms_per_debit"]
+            figures["three_client_cpu_ms_per_debit"] = three["client_cpu_ms_per_debit"]
             figures["three_over_floor"] = figures["three_instances_debits_per_s"] / figures["raw_floor_tps"]
             figures["three_over_one"] = (figures["three_instances_debits_per_s"]
                                          / figures["one_instance_debits_per_s"])
@@ -333,10 +337,14 @@ def main() -> None:
     if "pgbench_tps" in median:
         checks.insert(3, ("pgbench tps (C client, same script)", median["pgbench_tps"], "", None))
     print_checks(checks, width=42)
-    print(f"\nwhere the time goes: {STATEMENTS_PER_DEBIT} statements (round trips) per debit inside its batch's "
-          f"transaction, one COMMIT (WAL flush) per batch: {median['one_debits_per_batch']:.1f} debits per batch "
-          f"through 1 instance, {median['three_debits_per_batch']:.1f} through 3; "
-          f"{median['three_retried_batches']:.0f} batches redone after a deadlock (3 instances, median)")
+    per_txn = "" if args.max_batch == 1 else " (+2 for a savepoint when a transaction holds several)"
+    print(f"\nwhere the time goes: {ROUND_TRIPS_PER_DEBIT} round trips per debit{per_txn}, and BEGIN + COMMIT (one "
+          f"WAL flush) per transaction: {median['one_debits_per_batch']:.1f} debits per transaction through 1 "
+          f"instance, {median['three_debits_per_batch']:.1f} through 3; {median['three_retried_batches']:.0f} "
+          f"transactions redone after a deadlock (3 instances); the instances' own CPU: "
+          f"{median['one_client_cpu_ms_per_debit']:.2f} ms per debit (1 instance), "
+          f"{median['three_client_cpu_ms_per_debit']:.2f} (3 instances); load average now: "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """A ledger writer in its own process, for the multi-process and crash tests (tests/test_ledger_processes.py).
 
+DB is a SQLite file, or a postgresql:// URL (then the worker is one instance of a PostgresStore).
+
     python tests/ledger_worker.py debits DB WORKER WORKERS N SEED
         prints `ready`, waits for a line on stdin (so all workers start together), then
         N debits of keys `w<WORKER>-<i>` on the hot wallet, 8 at a time, retrying random keys of any worker (with
@@ -18,7 +20,7 @@ from typing import Any
 
 from aims_billing_mcp.errors import InvalidInput, Refused
 from aims_billing_mcp.services.ledger import LedgerService
-from aims_billing_mcp.store import Store
+from aims_billing_mcp.store import PostgresStore, Store
 
 HOT = "hot"
 CHURN_AGENTS = ["w0", "w1", "w2", "w3"]
@@ -99,7 +101,7 @@ async def churn(ledger: LedgerService, run: int, rng: random.Random) -> None:
 
 async def main(argv: list[str]) -> None:
     mode, path = argv[0], argv[1]
-    store = Store(path)
+    store: Any = PostgresStore(path) if path.startswith("postgresql://") else Store(path)
     ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda customer: None)
     try:
         if mode == "debits":

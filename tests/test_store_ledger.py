@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from aims_billing_mcp.errors import InvalidState
-from aims_billing_mcp.store import Store, Tx, utc_iso
+from aims_billing_mcp.store import PostgresStore, Store, Tx, utc_iso
 from aims_billing_mcp.store.ledger import TRANSITIONS, HoldStatus, LedgerStore, WalletState
 from aims_billing_mcp.store.reports import LedgerCounts, ReportsStore
 
@@ -23,10 +23,13 @@ ISO = utc_iso(NOW)
 LATER = utc_iso(NOW + 120)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """The store under test; a second backend joins the params."""
-    store = Store(tmp_path / "ledger.db")
+    """The store under test, on each backend."""
+    if request.param == "postgres":
+        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
+    else:
+        store = Store(tmp_path / "ledger.db")
     yield store
     store.close()
 
@@ -240,9 +243,15 @@ def test_a_hold_cannot_be_moved_to_a_state_outside_its_transitions(ledger: Ledge
 
 def test_the_hold_states_and_transitions_match_the_schema(backend: Store) -> None:
     """The enum's values are exactly the statuses the table allows, and only `active` leads anywhere."""
-    sql = backend.query_one("SELECT sql FROM sqlite_master WHERE name = 'ledger_holds'")["sql"]  # type: ignore[index]
-    allowed = re.search(r"status IN \(([^)]*)\)", sql).group(1)  # type: ignore[union-attr]
-    assert {s.strip(" '") for s in allowed.split(",")} == {str(s) for s in HoldStatus} == set(map(str, TRANSITIONS))
+    if isinstance(backend, PostgresStore):  # CHECK ((status = ANY (ARRAY['active'::text, ...])))
+        sql = backend.query_one("SELECT string_agg(pg_get_constraintdef(oid), ' ') AS sql FROM pg_constraint "
+                                "WHERE conrelid = 'ledger_holds'::regclass AND contype = 'c'")["sql"]  # type: ignore[index]
+        allowed = re.search(r"status = ANY \(ARRAY\[([^]]*)\]", sql).group(1)  # type: ignore[union-attr]
+    else:
+        sql = backend.query_one("SELECT sql FROM sqlite_master WHERE name = 'ledger_holds'")["sql"]  # type: ignore[index]
+        allowed = re.search(r"status IN \(([^)]*)\)", sql).group(1)  # type: ignore[union-attr]
+    statuses = {s.strip().removesuffix("::text").strip("'") for s in allowed.split(",")}
+    assert statuses == {str(s) for s in HoldStatus} == set(map(str, TRANSITIONS))
     assert {s for s, targets in TRANSITIONS.items() if targets} == {HoldStatus.ACTIVE}
 
 

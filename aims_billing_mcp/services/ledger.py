@@ -527,6 +527,7 @@ class LedgerService:
                                   response.get("txn_id"), utc_iso(now))
             return response, False
 
+        job.lock_order = owner if isinstance(owner, str) else ""  # type: ignore[attr-defined]  # PostgreSQL's writer
         return job
 
     async def _submit(self, model: type[R], job: Job) -> R:

@@ -35,11 +35,11 @@ from .core import (
     utc_now,
 )
 from .idempotency import IdempotencyStore, PostgresIdempotencyStore, SqliteIdempotencyStore
-from .ledger import LedgerStore, SqliteLedgerStore
+from .ledger import LedgerStore, PostgresLedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
-from .reports import ReportsStore, SqliteReports
+from .reports import PostgresReports, ReportsStore, SqliteReports
 from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
 from .x402 import PostgresX402Store, SqliteX402Store, X402Store
 
@@ -78,6 +78,8 @@ class PostgresStore(PostgresCore):
         self.idempotency: IdempotencyStore = PostgresIdempotencyStore(self)
         self.audit: AuditStore = PostgresAuditStore(self)
         self.x402: X402Store = PostgresX402Store(self)
+        self.ledger: LedgerStore = PostgresLedgerStore(self)
+        self.reports: ReportsStore = PostgresReports(self)
 
 
 AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports")

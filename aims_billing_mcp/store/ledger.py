@@ -1,9 +1,11 @@
 """Agent wallets, their double-entry postings, holds and the per-owner request keys (ledger_requests).
 
 `LedgerStore` is the seam: the operations a backend implements (write operations take the job's `Tx`; reads use
-the backend's reader). `SqliteLedgerStore` is the SQLite implementation. The rules (what may be debited, what a
-hold's capture posts, what a key replays) stay in `services/ledger.py`; this module only reads and writes rows, and
-checks nothing a service should decide, except that a hold leaves `active` only once (`TRANSITIONS`).
+the backend's reader). `SqliteLedgerStore` is the SQLite implementation; `PostgresLedgerStore` the PostgreSQL one,
+for several instances on one database (its docstring: READ COMMITTED with row locks, and why). The rules (what
+may be debited, what a hold's capture posts, what a key replays) stay in `services/ledger.py`; this module only
+reads and writes rows, and checks nothing a service should decide, except that a hold leaves `active` only once
+(`TRANSITIONS`).
 
 Hold statuses in SQL: a status *written* is bound (`SET status = ?`); a status *filtered on* is a literal formatted
 from `HoldStatus` when the module loads, because `ledger_holds`' partial indexes filter on `status = 'active'`, and
@@ -501,5 +503,292 @@ SELECT 'spent_today_mismatch', agent_id, 'spent_today ' || spent_today || ' but 
                             AND t.created_at < strftime('%Y-%m-%dT%H:%M:%S.000Z', (w.spend_day + 1) * 86400,
                                                         'unixepoch')), 0) AS counted
           FROM agent_wallets w WHERE w.spend_day > 0)
+ WHERE spent_today != counted
+"""
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------------------
+
+_PG_LOAD_WALLET = f"SELECT {_WALLET_COLUMNS} FROM agent_wallets WHERE agent_id = %s FOR UPDATE"
+_PG_EXPIRED_HOLDS = _EXPIRED_HOLDS.replace("?", "%s") + " ORDER BY expires_at, id"
+_PG_SAVE_WALLET = _SAVE_WALLET.replace("?", "%s")
+_PG_ENTRY_INSERT = (
+    "INSERT INTO agent_transactions (txn_id, entry, account, wallet_id, kind, amount, pending, balance_after, "
+    "idempotency_key, reason, reference, hold_id, created_at) VALUES "
+    "(%s, 0, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s), (%s, 1, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_PG_FIND_REQUEST = _FIND_REQUEST.replace("?", "%s")
+_PG_RECORD_REQUEST = _RECORD_REQUEST.replace("?", "%s")
+_PG_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))"
+_PG_ENTRY_JSON = (
+    "'entry_id', t.id, 'txn_id', t.txn_id, 'kind', t.kind, 'amount', t.amount, 'held_change', t.pending, "
+    "'balance_after', t.balance_after, 'hold_id', t.hold_id, 'reason', t.reason, 'reference', t.reference, "
+    "'created_at', t.created_at, 'counterparty', "
+    "(SELECT o.account FROM agent_transactions o WHERE o.txn_id = t.txn_id AND o.entry != t.entry)"
+)
+_PG_READ_WALLET = (
+    f"SELECT w.*, "
+    f"(SELECT COALESCE(json_agg(json_build_object('hold_id', h.id, 'amount', h.amount, 'expires_at', h.expires_at, "
+    f"'created_at', h.created_at)), '[]'::json) FROM ledger_holds h WHERE h.wallet_id = w.id AND h.status = {_ACTIVE} "
+    f"AND h.expires_at > %(now)s) AS holds_json, "
+    f"(SELECT COALESCE(json_agg(json_build_object({_PG_ENTRY_JSON})), '[]'::json) FROM (SELECT * FROM "
+    f"agent_transactions WHERE wallet_id = w.id ORDER BY id DESC LIMIT %(recent)s) t) AS recent_json "
+    f"FROM agent_wallets w WHERE w.agent_id = %(agent)s"
+)
+
+
+def _json(value: Any) -> Any:
+    """psycopg parses `json` columns already; text (a driver configured otherwise) is parsed here."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+class PostgresLedgerStore:
+    """PostgreSQL, shared by several instances, each with several writer threads: no single writer orders the jobs
+    any more, so each job locks what it reads and then changes, in the writer's READ COMMITTED transaction.
+
+    Why READ COMMITTED with row locks, not SERIALIZABLE: every ledger job is a read-decide-write on one or two
+    wallet rows, so locking those rows (`load_wallet`: `SELECT ... FOR UPDATE`; `load_hold`: the hold and its
+    wallet) makes two jobs on one wallet take turns, and the second reads the first's committed result (under READ
+    COMMITTED a locking read returns the row's newest version, and each later statement sees every commit before
+    it). Nothing is ever refused for being concurrent, only queued; under SERIALIZABLE, two batches touching one hot
+    wallet would fail to serialize and be redone whole, wasting the work of every other job in the batch (and
+    SERIALIZABLE's predicate locks cost on every read). What row locks cost instead: two batches locking wallets in
+    opposite orders deadlock; PostgreSQL aborts one and the core retries its batch (`postgres_core`).
+
+    Where no row exists yet, a transaction-scoped advisory lock stands in: on (owner, operation, key) in
+    `find_request`, so the same idempotency key presented to two instances at once runs once and the second finds
+    the first's stored result (the replay) instead of a UNIQUE violation; on the agent in `wallet_owner` and on the
+    customer in `count_wallets`, so two instances cannot open one agent's wallet twice or a customer's wallets past
+    its limit. The UNIQUE keys (request keys, entry-0 keys per account) stay as the last line.
+
+    Background work: expired holds are written down by whichever job or sweep next locks the wallet; two instances
+    sweeping at once take turns on each wallet, and the second finds the holds already expired (they are re-read
+    after the lock), so each expiry is recorded once. No lease is needed.
+
+    `check_ledger` is one statement, hence one snapshot, as on SQLite."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    # requests
+    def find_request(self, tx: Any, owner: str, operation: str, key: str) -> StoredRequest | None:
+        with tx.pipeline():  # one round trip; the lookup still runs after the lock is granted, on a new snapshot
+            tx.execute(_PG_LOCK, (f"ledger-request\x1f{owner}\x1f{operation}\x1f{key}",))
+            cursor = tx.execute(_PG_FIND_REQUEST, (owner, operation, key))
+        found = cursor.fetchone()
+        return None if found is None else StoredRequest(found[0], found[1])
+
+    def record_request(self, tx: Any, owner: str, operation: str, key: str, request_hash: str, response: str,
+                       txn_id: str | None, now_iso: str) -> None:
+        tx.execute(_PG_RECORD_REQUEST, (owner, operation, key, request_hash, response, txn_id, now_iso))
+
+    # wallets
+    def wallet_owner(self, tx: Any, agent_id: str) -> str | None:
+        tx.execute(_PG_LOCK, (f"ledger-wallet\x1f{agent_id}",))
+        row = tx.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = %s", (agent_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def count_wallets(self, tx: Any, customer_id: str) -> int:
+        tx.execute(_PG_LOCK, (f"ledger-customer\x1f{customer_id}",))
+        (count,) = tx.execute("SELECT COUNT(*) FROM agent_wallets WHERE customer_id = %s", (customer_id,)).fetchone()
+        return int(count)
+
+    def create_wallet(self, tx: Any, wallet_id: str, agent_id: str, customer_id: str, daily_cap: int | None,
+                      now_iso: str) -> None:
+        tx.execute(
+            "INSERT INTO agent_wallets (id, agent_id, customer_id, balance, daily_cap, frozen, created_at, "
+            "updated_at) VALUES (%s, %s, %s, 0, %s, 0, %s, %s)",
+            (wallet_id, agent_id, customer_id, daily_cap, now_iso, now_iso),
+        )
+
+    def load_wallet(self, tx: Any, agent_id: str, now_iso: str) -> WalletState | None:
+        row = tx.execute(_PG_LOAD_WALLET, (agent_id,)).fetchone()
+        if row is None:
+            return None
+        wallet = WalletState(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[3])
+        if wallet.held:
+            wallet.expired = [ExpiredHold(hold_id, amount)
+                              for hold_id, amount in tx.execute(_PG_EXPIRED_HOLDS, (wallet.id, now_iso))]
+            wallet.held -= sum(hold.amount for hold in wallet.expired)
+        return wallet
+
+    def save_wallet(self, tx: Any, wallet: WalletState, now_iso: str) -> None:
+        tx.execute(_PG_SAVE_WALLET, (wallet.balance, wallet.held, int(wallet.frozen), wallet.spend_day,
+                                     wallet.spent_today, now_iso, wallet.id))
+
+    # postings and holds
+    def post(self, tx: Any, txn_id: str, kind: TxnKind, key: str, reason: str, reference: str | None,
+             hold_id: str | None, now_iso: str, first: Entry, second: Entry) -> None:
+        params: list[Any] = []
+        for account, wallet_id, amount, pending, after in (first, second):
+            params += [txn_id, account, wallet_id, kind, amount, pending, after, key, reason, reference, hold_id,
+                       now_iso]
+        tx.execute(_PG_ENTRY_INSERT, params)  # one statement, one round trip
+
+    def place_hold(self, tx: Any, hold_id: str, wallet_id: str, amount: int, expires_at: str, txn_id: str,
+                   now_iso: str) -> None:
+        tx.execute(
+            "INSERT INTO ledger_holds (id, wallet_id, amount, status, expires_at, txn_id, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (hold_id, wallet_id, amount, str(HoldStatus.ACTIVE), expires_at, txn_id, now_iso))
+
+    def hold_owner(self, tx: Any, hold_id: str) -> str | None:
+        row = tx.execute("SELECT w.agent_id FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
+                         "WHERE h.id = %s", (hold_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def load_hold(self, tx: Any, hold_id: str) -> HoldRow | None:
+        row = tx.execute(  # the hold and its wallet locked: both are re-read at their newest after a wait
+            "SELECT h.amount, h.status, h.captured, h.expires_at, h.resolved_at, w.agent_id "
+            "FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id WHERE h.id = %s FOR UPDATE", (hold_id,)
+        ).fetchone()
+        return None if row is None else HoldRow(row[0], HoldStatus(row[1]), row[2], row[3], row[4], row[5])
+
+    def resolve_hold(self, tx: Any, hold_id: str, status: HoldStatus, txn_id: str, now_iso: str,
+                     captured: int = 0) -> None:
+        if status not in TRANSITIONS[HoldStatus.ACTIVE]:
+            raise ValueError(f"a hold cannot move from {HoldStatus.ACTIVE} to {status}")
+        changed = tx.execute(
+            "UPDATE ledger_holds SET status = %s, captured = %s, resolved_txn_id = %s, resolved_at = %s "
+            f"WHERE id = %s AND status = {_ACTIVE}", (str(status), captured, txn_id, now_iso, hold_id)).rowcount
+        if changed != 1:
+            row = tx.execute("SELECT status FROM ledger_holds WHERE id = %s", (hold_id,)).fetchone()
+            now = "unknown" if row is None else f"already {row[0]}"
+            raise InvalidState(f"hold {hold_id} cannot become {status}: it is {now}; a hold resolves once",
+                               param="hold_id")
+
+    def expired_hold_wallets(self, tx: Any, now_iso: str, limit: int) -> list[tuple[str, int]]:
+        return [(str(agent_id), int(count)) for agent_id, count in tx.execute(
+            "SELECT w.agent_id, COUNT(*) FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
+            f"WHERE h.status = {_ACTIVE} AND h.expires_at <= %s GROUP BY w.agent_id ORDER BY w.agent_id LIMIT %s",
+            (now_iso, limit))]
+
+    # reads
+    def read_wallet(self, agent_id: str, now_iso: str, recent: int) -> WalletSnapshot | None:
+        row = self._core.query_one(_PG_READ_WALLET, {"now": now_iso, "recent": recent, "agent": agent_id})
+        if row is None:
+            return None
+        holds = sorted((HoldView.model_validate(h) for h in _json(row["holds_json"])),
+                       key=lambda h: (h.expires_at, h.hold_id))
+        entries = sorted((LedgerEntry.model_validate(e) for e in _json(row["recent_json"])),
+                         key=lambda e: -e.entry_id)
+        return WalletSnapshot(
+            id=row["id"], agent_id=row["agent_id"], customer_id=row["customer_id"], balance=row["balance"],
+            daily_cap=row["daily_cap"], frozen=bool(row["frozen"]), spend_day=row["spend_day"],
+            spent_today=row["spent_today"], created_at=row["created_at"], updated_at=row["updated_at"],
+            holds=holds, recent=entries)
+
+    def wallet_id(self, agent_id: str) -> str | None:
+        row = self._core.query_one("SELECT id FROM agent_wallets WHERE agent_id = %s", (agent_id,))
+        return None if row is None else str(row["id"])
+
+    def wallet_customer(self, agent_id: str) -> str | None:
+        row = self._core.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = %s", (agent_id,))
+        return None if row is None else str(row["customer_id"])
+
+    def list_entries(self, wallet_id: str, *, kind: TxnKind | None = None, since: str | None = None,
+                     until: str | None = None, before: int | None = None, limit: int = 50) -> list[LedgerEntry]:
+        where = ["wallet_id = %(wallet)s"]
+        params: dict[str, Any] = {"wallet": wallet_id, "limit": limit}
+        if kind is not None:
+            where.append("kind = %(kind)s")
+            params["kind"] = kind
+        if since is not None:
+            where.append("created_at >= %(since)s")
+            params["since"] = since
+        if until is not None:
+            where.append("created_at < %(until)s")
+            params["until"] = until
+        if before is not None:
+            where.append("id < %(cursor)s")
+            params["cursor"] = before
+        rows = self._core.query(
+            f"SELECT json_build_object({_PG_ENTRY_JSON}) AS entry FROM agent_transactions t "
+            f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %(limit)s", params)
+        return [LedgerEntry.model_validate(_json(r["entry"])) for r in rows]
+
+    def check_ledger(self) -> list[LedgerViolation]:
+        rows = self._core.query(_PG_CHECKS, {"active": str(HoldStatus.ACTIVE), "captured": str(HoldStatus.CAPTURED)})
+        return [LedgerViolation(rule=r["rule"], subject=str(r["subject"]), detail=r["detail"]) for r in rows]
+
+
+# The same rules as _CHECKS in PostgreSQL's dialect (casts for text concatenation, IS DISTINCT FROM, date
+# arithmetic for the spend day); one statement, so one snapshot.
+_PG_CHECKS = """
+SELECT 'txn_unbalanced' AS rule, txn_id AS subject,
+       'entries sum to ' || SUM(amount) || ' posted and ' || SUM(pending) || ' held over ' || COUNT(*) || ' rows'
+       AS detail
+  FROM agent_transactions GROUP BY txn_id HAVING SUM(amount) != 0 OR SUM(pending) != 0 OR COUNT(*) < 2
+UNION ALL
+SELECT 'balance_mismatch', w.agent_id, 'balance ' || w.balance || ' but its entries sum to ' || COALESCE(s.total, 0)
+  FROM agent_wallets w LEFT JOIN (SELECT wallet_id, SUM(amount) AS total, SUM(pending) AS held
+                                    FROM agent_transactions WHERE wallet_id IS NOT NULL GROUP BY wallet_id) s
+    ON s.wallet_id = w.id WHERE w.balance != COALESCE(s.total, 0)
+UNION ALL
+SELECT 'held_mismatch', w.agent_id, 'held ' || w.held || ' but its entries hold ' || COALESCE(s.held, 0)
+       || ' and its active holds ' || COALESCE(a.active, 0)
+  FROM agent_wallets w
+  LEFT JOIN (SELECT wallet_id, SUM(pending) AS held FROM agent_transactions WHERE wallet_id IS NOT NULL
+              GROUP BY wallet_id) s ON s.wallet_id = w.id
+  LEFT JOIN (SELECT wallet_id, SUM(amount) AS active FROM ledger_holds WHERE status = %(active)s
+              GROUP BY wallet_id) a ON a.wallet_id = w.id
+ WHERE w.held != COALESCE(s.held, 0) OR w.held != COALESCE(a.active, 0)
+UNION ALL
+SELECT 'balance_after_mismatch', txn_id, 'entry ' || id || ' says balance_after '
+       || COALESCE(balance_after::text, 'null') || ' but the running sum is ' || running
+  FROM (SELECT id, txn_id, balance_after,
+               SUM(amount) OVER (PARTITION BY wallet_id ORDER BY id) AS running
+          FROM agent_transactions WHERE wallet_id IS NOT NULL) r
+ WHERE balance_after IS DISTINCT FROM running
+UNION ALL
+SELECT 'negative_balance', agent_id, 'balance ' || balance || ', held ' || held || ', available ' || (balance - held)
+  FROM agent_wallets WHERE balance < 0 OR held < 0 OR balance - held < 0
+UNION ALL
+SELECT 'negative_balance', txn_id, 'entry ' || id || ' left balance_after ' || balance_after
+  FROM agent_transactions WHERE balance_after < 0
+UNION ALL
+SELECT 'account_mismatch', t.txn_id, 'entry ' || t.id || ' is on ' || t.account || ' with wallet '
+       || COALESCE(t.wallet_id, 'null')
+  FROM agent_transactions t LEFT JOIN agent_wallets w ON w.id = t.wallet_id
+ WHERE (t.wallet_id IS NULL AND t.account NOT LIKE 'system:%%')
+    OR (t.wallet_id IS NOT NULL AND (w.id IS NULL OR t.account != 'agent:' || w.agent_id OR t.balance_after IS NULL))
+UNION ALL
+SELECT 'hold_resolved_twice', hold_id, COUNT(DISTINCT txn_id) || ' resolutions'
+  FROM agent_transactions WHERE hold_id IS NOT NULL AND kind IN ('capture', 'release', 'expire')
+ GROUP BY hold_id HAVING COUNT(DISTINCT txn_id) > 1
+UNION ALL
+SELECT 'hold_state_mismatch', h.id, 'status ' || h.status || ' with '
+       || (SELECT COUNT(DISTINCT txn_id) FROM agent_transactions t
+            WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire')) || ' resolution(s)'
+  FROM ledger_holds h
+ WHERE (h.status = %(active)s) = EXISTS (SELECT 1 FROM agent_transactions t
+                                           WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire'))
+    OR (h.status = %(captured)s) != EXISTS (SELECT 1 FROM agent_transactions t
+                                              WHERE t.txn_id = h.resolved_txn_id AND t.kind = 'capture'
+                                                AND t.wallet_id = h.wallet_id AND -t.amount = h.captured)
+UNION ALL
+SELECT 'idempotency_key_reused', account || ' ' || idempotency_key,
+       COUNT(DISTINCT txn_id) || ' transactions under one key of one wallet'
+  FROM agent_transactions WHERE idempotency_key IS NOT NULL AND entry = 0
+ GROUP BY account, idempotency_key HAVING COUNT(DISTINCT txn_id) > 1
+UNION ALL
+SELECT 'idempotency_key_reused', txn_id, COUNT(*) || ' requests claim one transaction'
+  FROM ledger_requests WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING COUNT(*) > 1
+UNION ALL
+SELECT 'acknowledged_txn_missing', r.owner || ' ' || r.operation || ':' || r.idempotency_key,
+       'request names ' || r.txn_id || ', which has no entries'
+  FROM ledger_requests r
+ WHERE r.txn_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM agent_transactions t WHERE t.txn_id = r.txn_id)
+UNION ALL
+SELECT 'spent_today_mismatch', agent_id, 'spent_today ' || spent_today || ' but outgoing entries that day sum to '
+       || counted
+  FROM (SELECT w.agent_id, w.spent_today,
+               COALESCE((SELECT -SUM(t.amount) FROM agent_transactions t
+                          WHERE t.wallet_id = w.id AND t.amount < 0
+                            AND t.created_at >= to_char(DATE '1970-01-01' + w.spend_day::int, 'YYYY-MM-DD')
+                                                || 'T00:00:00.000Z'
+                            AND t.created_at < to_char(DATE '1970-01-01' + (w.spend_day + 1)::int, 'YYYY-MM-DD')
+                                               || 'T00:00:00.000Z'), 0) AS counted
+          FROM agent_wallets w WHERE w.spend_day > 0) d
  WHERE spent_today != counted
 """

@@ -1,0 +1,351 @@
+"""Wallet debits per second on PostgreSQL through 1 and through 3 server instances, against a raw floor measured on
+the same cluster in the same run, and the p99 acknowledgement latency at an offered 1,000 debits/s (issue 15).
+
+A throwaway cluster (tests/pg.py, fsync on: every COMMIT waits for the WAL flush) serves every run. For each of 3
+runs, on fresh databases:
+- instances: 1 or 3 processes, each a `PostgresStore` (4 writer threads, group commit) and a `LedgerService`; 64
+  callers in all (split across the processes) debit random wallets among 100; debits/s = debits / wall time from
+  the moment all processes are released to the last acknowledgement.
+- raw floor: `pgbench`-style single-statement transactions, `UPDATE bench_accounts SET balance = balance - 1 WHERE
+  id = <random of 100>` in autocommit (one round trip and one COMMIT each), 64 connections in all over 3 processes
+  (threads, psycopg), the same concurrency. `pgbench` itself (C, -c 64) runs the same script for reference.
+- latency: one instance offered 1,000 debits/s (open loop: each debit is timed from its scheduled moment, so a
+  stall counts against every debit it delays); p50/p99 of the acknowledgement (after COMMIT).
+Each instance also reports where the time goes: debits per batch (one COMMIT, one WAL flush per batch), batches
+redone after a deadlock, and the statements a debit costs.
+
+    python bench/postgres.py [--debits 6000] [--callers 64] [--wallets 100] [--rate 1000] [--seconds 5] [--runs 3]
+                             [--writers 16] [--max-batch 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from measure import medians, percentile, print_checks, print_run  # noqa: E402
+
+from aims_billing_mcp.services.ledger import LedgerService  # noqa: E402
+from aims_billing_mcp.store import PostgresStore  # noqa: E402
+
+TARGET_FLOOR_RATIO = 0.5
+TARGET_SCALE_RATIO = 2.0
+TARGET_P99_MS = 15.0
+# What one debit costs in round trips on the writer's connection (store/ledger.py, PostgresLedgerStore): the key's
+# advisory lock with the key lookup (pipelined: one), the wallet FOR UPDATE, the wallet UPDATE, the two entries (one
+# INSERT), the key's row; a SAVEPOINT and its RELEASE when the transaction holds other jobs (postgres_core); BEGIN
+# and COMMIT per transaction.
+ROUND_TRIPS_PER_DEBIT = 5
+
+
+# The instances' writer set-up (the workers read it from the environment the parent passes): 16 writer threads, one
+# debit per transaction by default (measured best here: a batch holds every wallet it locked until its COMMIT, so
+# batches sharing wallets run one after another); `--max-batch 0` is the store's default (whole batches).
+WRITERS = int(os.environ.get("BENCH_PG_WRITERS", "16"))
+MAX_BATCH = int(os.environ.get("BENCH_PG_MAX_BATCH", "1")) or None
+
+
+def service(url: str) -> tuple[PostgresStore, LedgerService]:
+    store = PostgresStore(url, writers=WRITERS, max_batch=MAX_BATCH)
+    return store, LedgerService(store, luc_per_usd=1000, agent_limit=lambda customer: None)  # type: ignore[arg-type]
+
+
+def seed(url: str, wallets: int) -> None:
+    store, ledger = service(url)
+
+    async def fund() -> None:
+        await asyncio.gather(*(ledger.create_wallet(f"agent-{i}", "cus_bench", None, f"open-{i}")
+                               for i in range(wallets)))
+        await asyncio.gather(*(ledger.credit(f"agent-{i}", 10**12, idempotency_key=f"fund-{i}", reason="bench")
+                               for i in range(wallets)))
+
+    try:
+        asyncio.run(fund())
+    finally:
+        store.close()
+
+
+# --- the worker processes ---------------------------------------------------------------------------------------
+
+
+def say(payload: Any) -> None:
+    sys.stdout.write((payload if isinstance(payload, str) else json.dumps(payload)) + "\n")
+    sys.stdout.flush()
+
+
+def worker_debits(url: str, index: int, callers: int, debits: int, wallets: int) -> None:
+    store, ledger = service(url)
+    rng = random.Random(index)
+    plan = iter([(i, f"agent-{rng.randrange(wallets)}", 1 + rng.randrange(50)) for i in range(debits)])
+
+    async def run() -> None:
+        async def caller() -> None:
+            for i, agent, amount in plan:
+                await ledger.debit(agent, amount, idempotency_key=f"p{index}-d{i}", reason="bench")
+
+        await asyncio.gather(*(caller() for _ in range(callers)))
+
+    try:
+        say("ready")
+        sys.stdin.readline()
+        start, cpu = time.perf_counter(), time.process_time()
+        asyncio.run(run())
+        say({"elapsed": time.perf_counter() - start, "debits": debits, "batches": store._writer.batches,
+             "retries": store.retries, "cpu": time.process_time() - cpu})
+    finally:
+        store.close()
+
+
+def worker_floor(url: str, connections: int, transactions: int, wallets: int) -> None:
+    import psycopg
+
+    conns = [psycopg.connect(url, autocommit=True) for _ in range(connections)]
+    per = transactions // connections
+
+    def lane(conn: Any, n: int) -> None:
+        rng = random.Random(n)
+        for _ in range(per):
+            conn.execute("UPDATE bench_accounts SET balance = balance - 1 WHERE id = %s", (rng.randrange(wallets),))
+
+    threads = [threading.Thread(target=lane, args=(conn, n)) for n, conn in enumerate(conns)]
+    say("ready")
+    sys.stdin.readline()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    say({"elapsed": time.perf_counter() - start, "transactions": per * connections})
+    for conn in conns:
+        conn.close()
+
+
+def worker_latency(url: str, rate: int, seconds: float, wallets: int) -> None:
+    store, ledger = service(url)
+    n = int(rate * seconds)
+    rng = random.Random(2)
+
+    async def run() -> tuple[list[float], float]:
+        loop = asyncio.get_running_loop()
+        samples: list[float] = []
+
+        async def one(i: int, due: float) -> None:
+            await ledger.debit(f"agent-{rng.randrange(wallets)}", 1, idempotency_key=f"l{i}", reason="bench")
+            samples.append((loop.time() - due) * 1000)
+
+        tasks = []
+        start = loop.time()
+        for i in range(n):
+            due = start + i / rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+        return samples, n / (loop.time() - start)
+
+    try:
+        say("ready")
+        sys.stdin.readline()
+        samples, achieved = asyncio.run(run())
+        say({"p50_ms": percentile(samples, 0.50), "p99_ms": percentile(samples, 0.99), "achieved": achieved})
+    finally:
+        store.close()
+
+
+# --- the parent -------------------------------------------------------------------------------------------------
+
+
+def together(commands: list[list[str]]) -> tuple[float, list[dict[str, Any]]]:
+    """Start the processes, wait until each is connected (`ready`), release them at once; the wall time from the
+    release to the last one's end, and each one's closing figures."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                 for command in commands]
+    for process in processes:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    start = time.perf_counter()
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    outputs = [process.communicate(timeout=900)[0] for process in processes]
+    elapsed = time.perf_counter() - start
+    for process in processes:
+        if process.returncode != 0:
+            raise SystemExit(f"a worker failed (exit {process.returncode})")
+    return elapsed, [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+
+def me(*args: object) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *map(str, args)]
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def instances_rate(cluster: Any, name: str, instances: int, debits: int, callers: int,
+                   wallets: int) -> tuple[float, dict[str, float]]:
+    url = cluster.migrated_database(name)
+    seed(url, wallets)
+    elapsed, results = together([me("--worker-debits", url, i, c, d, wallets) for i, (c, d) in enumerate(
+        zip(split(callers, instances), split(debits, instances), strict=True))])
+    batches = sum(r["batches"] for r in results)
+    store = PostgresStore(url, writers=1, pool_size=1)
+    try:
+        assert store.ledger.check_ledger() == [], f"{name}: the ledger is unsound after the run"
+    finally:
+        store.close()
+    return debits / elapsed, {"debits_per_batch": debits / batches,
+                              "retried_batches": sum(r["retries"] for r in results),
+                              "client_cpu_ms_per_debit": 1000 * sum(r.get("cpu", 0.0) for r in results) / debits}
+
+
+def floor_rate(cluster: Any, name: str, transactions: int, connections: int, wallets: int) -> float:
+    import psycopg
+
+    url = cluster.create_database(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
+        conn.execute("INSERT INTO bench_accounts SELECT g, 1000000000 FROM generate_series(0, %s) g", (wallets - 1,))
+    per_process = split(connections, 3)
+    elapsed, results = together([me("--worker-floor", url, c, transactions * c // connections, wallets)
+                                 for c in per_process])
+    return sum(r["transactions"] for r in results) / elapsed
+
+
+def pgbench_rate(cluster: Any, name: str, connections: int, seconds: int, wallets: int) -> float | None:
+    """The C client on the same script, for reference (None when pgbench is missing)."""
+    import psycopg
+
+    binary = cluster.bin / "pgbench"
+    if not binary.exists():
+        return None
+    url = cluster.create_database(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
+        conn.execute("INSERT INTO bench_accounts SELECT g, 1000000000 FROM generate_series(0, %s) g", (wallets - 1,))
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+        script.write(f"\\set id random(0, {wallets - 1})\n"
+                     "UPDATE bench_accounts SET balance = balance - 1 WHERE id = :id;\n")
+    os.chmod(script.name, 0o644)
+    try:
+        out = subprocess.run([str(binary), "-n", "-c", str(connections), "-j", "2", "-T", str(seconds), "-f",
+                              script.name, "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", name],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "PGPASSWORD": cluster.password}).stdout
+    finally:
+        os.unlink(script.name)
+    for line in out.splitlines():
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    return None
+
+
+def latency(cluster: Any, name: str, rate: int, seconds: float, wallets: int) -> dict[str, float]:
+    url = cluster.migrated_database(name)
+    seed(url, wallets)
+    _, (result,) = together([me("--worker-latency", url, rate, seconds, wallets)])
+    return result
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("--worker-"):
+        mode, url, *rest = sys.argv[1:]
+        if mode == "--worker-debits":
+            worker_debits(url, *(int(a) for a in rest))  # type: ignore[arg-type]
+        elif mode == "--worker-floor":
+            worker_floor(url, *(int(a) for a in rest))  # type: ignore[arg-type]
+        else:
+            worker_latency(url, int(rest[0]), float(rest[1]), int(rest[2]))
+        return
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debits", type=int, default=6000)
+    parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument("--wallets", type=int, default=100)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--writers", type=int, default=WRITERS, help="writer threads per instance")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH or 0,
+                        help="debits per transaction at most (0: the whole batch a writer gathered)")
+    args = parser.parse_args()
+    os.environ["BENCH_PG_WRITERS"], os.environ["BENCH_PG_MAX_BATCH"] = str(args.writers), str(args.max_batch)
+
+    from tests.pg import Cluster
+
+    cluster = Cluster(fsync=True).start()
+    runs: list[dict[str, float]] = []
+    try:
+        for run in range(args.runs):
+            figures: dict[str, float] = {}
+            figures["one_instance_debits_per_s"], one = instances_rate(
+                cluster, f"one_{run}", 1, args.debits, args.callers, args.wallets)
+            figures["three_instances_debits_per_s"], three = instances_rate(
+                cluster, f"three_{run}", 3, args.debits, args.callers, args.wallets)
+            figures["raw_floor_tps"] = floor_rate(cluster, f"floor_{run}", args.debits, args.callers, args.wallets)
+            pgbench = pgbench_rate(cluster, f"pgbench_{run}", args.callers, 5, args.wallets)
+            if pgbench is not None:
+                figures["pgbench_tps"] = pgbench
+            lat = latency(cluster, f"latency_{run}", args.rate, args.seconds, args.wallets)
+            figures["p50_ms"], figures["p99_ms"], figures["offered_achieved_per_s"] = (
+                lat["p50_ms"], lat["p99_ms"], lat["achieved"])
+            figures["one_debits_per_batch"] = one["debits_per_batch"]
+            figures["three_debits_per_batch"] = three["debits_per_batch"]
+            figures["three_retried_batches"] = three["retried_batches"]
+            figures["one_client_cpu_ms_per_debit"] = one["client_cpu_ms_per_debit"]
+            figures["three_client_cpu_ms_per_debit"] = three["client_cpu_ms_per_debit"]
+            figures["three_over_floor"] = figures["three_instances_debits_per_s"] / figures["raw_floor_tps"]
+            figures["three_over_one"] = (figures["three_instances_debits_per_s"]
+                                         / figures["one_instance_debits_per_s"])
+            runs.append(figures)
+            print_run(run, figures)
+    finally:
+        cluster.stop()
+
+    median = medians(runs)
+    print(f"\nmedian of {args.runs} runs ({args.debits:,} debits, {args.callers} callers, {args.wallets} wallets, "
+          f"fsync on; {args.writers} writers per instance, max batch {args.max_batch or 'whole'}; latency at "
+          f"{args.rate:,}/s for {args.seconds:g} s through 1 instance):")
+    checks = [
+        ("debits/s through 1 instance", median["one_instance_debits_per_s"], "", None),
+        ("debits/s through 3 instances", median["three_instances_debits_per_s"], "", None),
+        ("raw floor tps (psycopg, 1 UPDATE/txn)", median["raw_floor_tps"], "", None),
+        ("3 instances / raw floor", median["three_over_floor"], f">= {TARGET_FLOOR_RATIO}",
+         median["three_over_floor"] >= TARGET_FLOOR_RATIO),
+        ("3 instances / 1 instance", median["three_over_one"], f">= {TARGET_SCALE_RATIO}",
+         median["three_over_one"] >= TARGET_SCALE_RATIO),
+        (f"p50 ack latency at {args.rate:,}/s (ms)", median["p50_ms"], "", None),
+        (f"p99 ack latency at {args.rate:,}/s (ms)", median["p99_ms"], f"<= {TARGET_P99_MS:g}",
+         median["p99_ms"] <= TARGET_P99_MS),
+    ]
+    if "pgbench_tps" in median:
+        checks.insert(3, ("pgbench tps (C client, same script)", median["pgbench_tps"], "", None))
+    print_checks(checks, width=42)
+    per_txn = "" if args.max_batch == 1 else " (+2 for a savepoint when a transaction holds several)"
+    print(f"\nwhere the time goes: {ROUND_TRIPS_PER_DEBIT} round trips per debit{per_txn}, and BEGIN + COMMIT (one "
+          f"WAL flush) per transaction: {median['one_debits_per_batch']:.1f} debits per transaction through 1 "
+          f"instance, {median['three_debits_per_batch']:.1f} through 3; {median['three_retried_batches']:.0f} "
+          f"transactions redone after a deadlock (3 instances); the instances' own CPU: "
+          f"{median['one_client_cpu_ms_per_debit']:.2f} ms per debit (1 instance), "
+          f"{median['three_client_cpu_ms_per_debit']:.2f} (3 instances); load average now: "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ implementation beside it.
 from pathlib import Path
 from typing import Any
 
-from .acp import AcpStore, SqliteAcpStore
+from .acp import AcpStore, PostgresAcpStore, SqliteAcpStore
 from .audit import AuditStore, SqliteAuditStore
 from .commerce import CommerceStore, SqliteCommerceStore
 from .core import (
@@ -75,6 +75,7 @@ class PostgresStore(PostgresCore):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self.webhooks: WebhooksStore = PostgresWebhooksStore(self)
+        self.acp: AcpStore = PostgresAcpStore(self)
 
 
 AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports")

@@ -1,7 +1,15 @@
 """Agentic Commerce Protocol checkout sessions, orders and their request keys.
 
 `AcpStore` is the seam: the operations a backend implements (write operations take the job's `Tx`; reads use
-the backend's reader). `SqliteAcpStore` is the SQLite implementation.
+the backend's reader). `SqliteAcpStore` is the SQLite implementation; `PostgresAcpStore` the PostgreSQL one, for
+several instances sharing one database (its docstring says which lock guards which race).
+
+The two outboxes (order events to send, payments to refund) are worked by leases, on both backends: a sender takes
+rows (`lease_order_events`, `lease_refunds`) until a time under a fresh token, and records an outcome only under
+that token, in the same UPDATE. On PostgreSQL the take is `FOR UPDATE SKIP LOCKED` (another instance's sender skips
+rows being taken instead of waiting); an instance killed holding a lease is taken over once it ends, and one paused
+past its lease that resumes finds its token gone and records nothing (the token is the fence). Leases rather than
+an advisory-lock leader: every instance sends, and nothing waits on one leader's health.
 
 Tables: `acp_checkout_sessions` (one row a checkout session; its order lives in the row's `state` JSON once
 completed), `acp_payments` (each payment session made for a checkout, with the cart it was made for, and the
@@ -516,6 +524,8 @@ class PostgresAcpStore:
       the key in flight (or done, and replays its answer), exactly as the SQLite store answers.
     - A payment recorded twice at once (two instances settling one payment) keeps the first row (ON CONFLICT DO
       NOTHING), and the refund mark is a guarded UPDATE (`refund_status IS NULL`): marked once.
+    - Outbox rows are leased with `FOR UPDATE SKIP LOCKED` and their outcomes fenced by the lease token (module
+      docstring): an order event or a refund taken by one instance is not sent by another.
     """
 
     def __init__(self, core: Any) -> None:

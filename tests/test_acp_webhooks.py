@@ -180,3 +180,29 @@ async def test_an_event_committed_but_not_delivered_is_sent_when_the_server_star
 
     headers, raw = receiver.requests[0]
     assert headers["request-id"] == event_id and json.loads(raw)["data"]["id"] == "ord_restart"
+
+
+async def test_an_event_another_instance_holds_is_not_sent_until_its_lease_ends_and_its_late_outcome_is_dropped(
+    store: Store,
+) -> None:
+    now = 1_800_000_000.0
+    async with receiving() as (url, receiver):
+        ours = OrderWebhooks(store, url, SECRET, clock=lambda: now)
+        event_id = await store.write(lambda tx: ours.enqueue(tx, "order_create", {
+            "id": "ord_1", "type": "order", "checkout_session_id": "cs_1", "permalink_url": url}))
+        # the other instance's sender took it first (and then was paused)
+        assert await store.write(lambda tx: store.acp.lease_order_events(tx, "other", now, now + 60)) == [event_id]
+
+        assert ours.kick() == [event_id]
+        await ours.drain()
+        assert receiver.requests == []  # held by the other sender: not sent twice
+        now += 60  # the other sender's lease ended: taken over
+        ours.kick()
+        await ours.drain()
+
+    assert [headers["request-id"] for headers, _ in receiver.requests] == [event_id]
+    late = await store.write(lambda tx: store.acp.record_delivery(
+        tx, event_id, attempts=1, status=500, error="HTTP 500", delivered=False, gave_up=True, at="late",
+        lease="other"))
+    row = ours.event(event_id)
+    assert late is False and row is not None and (row.delivered, row.gave_up, row.attempts) == (True, False, 1)

@@ -1,16 +1,20 @@
-"""The ACP store's contract: what every backend's `AcpStore` must do (the `acp` fixture yields the aggregate store;
-a second backend parametrizes `store`)."""
+"""The ACP store's contract: what every backend's `AcpStore` must do (the `store` fixture runs each test on SQLite
+and on PostgreSQL; the `acp` fixture yields the aggregate store), then the races only PostgreSQL has: two
+instances (two `PostgresStore`s, two "servers") on one database."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 from aims_billing_mcp.services.ledger import LedgerService
-from aims_billing_mcp.store import Store, Tx
+from aims_billing_mcp.store import PostgresStore, Store, Tx
 from aims_billing_mcp.store.acp import (
     CLAIMABLE,
     FINISHED,
@@ -34,6 +38,16 @@ pytestmark = pytest.mark.anyio
 NOW = 1_800_000_000.0
 ISO = "2027-01-15T08:00:00.000Z"
 STORED = [status for status in CheckoutStatus if status != CheckoutStatus.EXPIRED]  # expired is derived on read
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "postgres":
+        backend: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
+    else:
+        backend = Store(tmp_path / "acp.db")
+    yield backend
+    backend.close()
 
 
 @pytest.fixture
@@ -159,8 +173,13 @@ def test_a_request_key_is_claimed_once_then_replays_and_is_free_again_when_expir
 
 
 async def test_the_wallet_customer_is_read_committed_and_inside_a_transaction(store: Store, acp: AcpStore) -> None:
-    await LedgerService(store, luc_per_usd=1000, agent_limit=lambda customer: None).create_wallet(
-        "agent-1", "cus_1", None, "w")
+    if isinstance(store, Store):
+        await LedgerService(store, luc_per_usd=1000, agent_limit=lambda customer: None).create_wallet(
+            "agent-1", "cus_1", None, "w")
+    else:  # the ledger's PostgreSQL store is another aggregate's: the wallet row as it writes it
+        await store.write(lambda tx: tx.execute(
+            "INSERT INTO agent_wallets (id, agent_id, customer_id, created_at, updated_at) VALUES (%s, %s, %s, %s, %s)",
+            ("w_1", "agent-1", "cus_1", ISO, ISO)))
     assert acp.wallet_customer("agent-1") == "cus_1" and acp.wallet_customer("agent-2") is None
     assert await store.write(lambda tx: acp.wallet_customer_in(tx, "agent-1")) == "cus_1"
 
@@ -216,3 +235,207 @@ def test_the_state_tables_cover_every_state_and_name_only_their_own() -> None:
         assert all(targets <= set(states) for targets in table.values())  # type: ignore[call-overload]
     assert set(CLAIMABLE) == OPEN
     assert all(not TRANSITIONS[status] for status in FINISHED)
+
+
+def test_an_order_event_leased_by_one_sender_is_taken_by_another_only_after_its_lease_and_the_first_records_nothing(
+        store: Store, acp: AcpStore) -> None:
+    for event_id in ("evt_1", "evt_2"):
+        write(store, lambda tx, e=event_id: acp.add_order_event(tx, e, "order_create", "ord_1", "cs_1", "{}", ISO))  # type: ignore[misc]
+    assert write(store, lambda tx: acp.lease_order_events(tx, "A", NOW, NOW + 60)) == ["evt_1", "evt_2"]
+    assert write(store, lambda tx: acp.lease_order_events(tx, "B", NOW + 59, NOW + 120)) == []  # held by A
+    assert write(store, lambda tx: acp.lease_order_events(tx, "B", NOW + 60, NOW + 120, event_ids=["evt_1"])) == [
+        "evt_1"]  # A's lease ended: taken over (only the event asked for)
+
+    def record(event_id: str, lease: str, *, delivered: bool) -> bool:
+        return write(store, lambda tx: acp.record_delivery(tx, event_id, attempts=1, status=200 if delivered else 500,
+                                                           error=None if delivered else "HTTP 500",
+                                                           delivered=delivered, gave_up=False, at=ISO, lease=lease))
+
+    assert not record("evt_1", "A", delivered=True)  # A was paused past its lease: its outcome is not recorded
+    assert (acp.order_event("evt_1") or pytest.fail()).attempts == 0
+    assert record("evt_1", "B", delivered=True)
+    assert record("evt_2", "A", delivered=False)  # still A's: a failed attempt recorded, the event stays pending
+    assert acp.pending_order_events() == ["evt_2"]
+    assert write(store, lambda tx: acp.lease_order_events(tx, "C", NOW + 10_000, NOW + 10_060)) == ["evt_2"]
+    assert write(store, lambda tx: acp.lease_order_events(tx, "D", NOW + 20_000, NOW + 20_060,
+                                                          event_ids=["evt_1"])) == []  # delivered: never again
+
+
+def test_a_refund_due_leased_by_one_sender_is_taken_by_another_only_after_its_lease_or_its_attempt(
+        store: Store, acp: AcpStore) -> None:
+    for ps in ("ps_1", "ps_2"):
+        write(store, lambda tx, ps=ps: acp.mark_refund_due(tx, PaymentRow(ps, "cs_1", "{}", 700, "usd"), ISO,  # type: ignore[misc]
+                                                           record=True))
+    assert write(store, lambda tx: acp.lease_refunds(tx, "A", NOW, NOW + 300)) == ["ps_1", "ps_2"]
+    assert write(store, lambda tx: acp.lease_refunds(tx, "B", NOW + 1, NOW + 301)) == []  # held by A
+    # A's attempt at ps_1 failed: recorded, and its lease ends with it (the refund may be taken again at once)
+    assert write(store, lambda tx: acp.record_refund(tx, "ps_1", succeeded=False, refund_id=None, error="boom",
+                                                     lease="A"))
+    assert write(store, lambda tx: acp.lease_refunds(tx, "B", NOW + 2, NOW + 302)) == ["ps_1"]
+    assert not write(store, lambda tx: acp.record_refund(tx, "ps_1", succeeded=True, refund_id="re_A", error=None,
+                                                         lease="A"))  # B holds it now: A records nothing
+    assert acp.refunds_due() == ["ps_1", "ps_2"]
+    assert write(store, lambda tx: acp.lease_refunds(tx, "C", NOW + 300, NOW + 600,
+                                                     payment_session_ids=["ps_2"])) == ["ps_2"]  # A's lease ended
+    assert not write(store, lambda tx: acp.record_refund(tx, "ps_2", succeeded=True, refund_id="re_A", error=None,
+                                                         lease="A"))
+    for ps, lease in (("ps_1", "B"), ("ps_2", "C")):
+        assert write(store, lambda tx, ps=ps, lease=lease: acp.record_refund(  # type: ignore[misc]
+            tx, ps, succeeded=True, refund_id=f"re_{lease}", error=None, lease=lease))
+    assert acp.refunds_due() == []
+    assert write(store, lambda tx: acp.lease_refunds(tx, "D", NOW + 10_000, NOW + 10_300)) == []  # refunded
+
+
+# --- two instances on one PostgreSQL database -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def two(postgres_url: str) -> Iterator[tuple[Any, Any]]:
+    """Two "servers": two PostgresStore instances (each its own writer and pool) on one database."""
+    a = PostgresStore(postgres_url, writers=1, pool_size=2)
+    b = PostgresStore(postgres_url, writers=1, pool_size=2)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def wait_until_blocked(store: Any, *, timeout: float = 20.0) -> None:
+    """Return once a session of the store's database waits on a lock (a row lock or an advisory lock)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = store.query_one("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+                              "AND wait_event_type = 'Lock'")
+        if row is not None and int(row["n"]) >= 1:
+            return
+    raise TimeoutError(f"no session blocked on a lock within {timeout:g} s")
+
+
+def interleave(a: Any, b: Any, first: Callable[[Any], Any], second: Callable[[Any], Any], *, blocks: bool,
+               timeout: float = 20.0) -> tuple[Any, Any]:
+    """Run `first(tx)` on instance a and, while its transaction is still open (its writes made, not committed),
+    `second(tx)` on instance b. `blocks`: b must be seen waiting on a's lock before a commits; else b must finish
+    while a's transaction is still open (it skipped what a holds). Returns both results."""
+    written, go = threading.Event(), threading.Event()
+
+    def held(tx: Any) -> Any:
+        result = first(tx)
+        written.set()
+        go.wait(timeout)
+        return result
+
+    one = a.submit(held)
+    try:
+        if not written.wait(timeout):
+            one.result(timeout)  # raises what the first job raised
+            raise TimeoutError("the first job never got to its end")
+        other = b.submit(second)
+        if blocks:
+            wait_until_blocked(a, timeout=timeout)
+        else:
+            other.result(5.0)  # a TimeoutError here: b waited for a's lock instead of skipping its rows
+    finally:
+        go.set()
+    return one.result(timeout), other.result(timeout)
+
+
+@pytest.mark.parametrize("first_answered", [False, True], ids=["first-in-flight", "first-answered"])
+def test_one_request_key_claimed_by_two_instances_at_once_is_claimed_once_and_the_other_answers_as_sqlite_does(
+        two: tuple[Any, Any], tmp_path: Path, first_answered: bool) -> None:
+    a, b = two
+
+    def first(acp: AcpStore) -> Callable[[Any], KeyRecord | None]:
+        def job(tx: Any) -> KeyRecord | None:
+            claimed = acp.claim_key(tx, "who:/acp", "k1", "h1", NOW, expired_before=NOW - 86_400,
+                                    abandoned_before=NOW - 120)
+            if first_answered:
+                acp.finish_key(tx, "who:/acp", "k1", 201, '{"id":"cs_1"}')
+            return claimed
+        return job
+
+    def second(acp: AcpStore) -> Callable[[Any], KeyRecord | None]:
+        return lambda tx: acp.claim_key(tx, "who:/acp", "k1", "h2", NOW + 1, expired_before=NOW + 1 - 86_400,
+                                        abandoned_before=NOW + 1 - 120)
+
+    claimed, other = interleave(a, b, first(a.acp), second(b.acp), blocks=True)
+
+    reference = Store(tmp_path / "reference.db")  # SQLite's one writer: the two claims one after the other
+    try:
+        assert (claimed, other) == (reference.write_sync(first(reference.acp)),
+                                    reference.write_sync(second(reference.acp)))
+    finally:
+        reference.close()
+    assert claimed is None and other is not None and other.request_hash == "h1"
+    assert other.state == (KeyState.DONE if first_answered else KeyState.IN_FLIGHT)
+    assert a.query("SELECT request_hash FROM acp_idempotency") == [{"request_hash": "h1"}]
+
+
+def _cancel_unless_held(acp: AcpStore) -> Callable[[Any], str]:
+    """The service's cancel: read the session in the job, cancel it unless a completion holds it or it finished."""
+    def job(tx: Any) -> str:
+        current = acp.session_in(tx, "cs_1")
+        if current is None or current.status in FINISHED or current.completing_since is not None:
+            return "refused"
+        acp.set_status(tx, "cs_1", CheckoutStatus.CANCELED, current.state, ISO)
+        return "canceled"
+    return job
+
+
+SECOND_MOVES: dict[str, tuple[Callable[[AcpStore], Callable[[Any], object]], bool]] = {
+    # each move and whether it waits for the first instance's row lock (a release names a hold the committed row
+    # does not have: it changes nothing without waiting)
+    "claim": (lambda acp: lambda tx: acp.claim(tx, "cs_1", 11.0, None, ISO), True),
+    "cancel": (_cancel_unless_held, True),
+    "update": (lambda acp: lambda tx: acp.save_state(tx, "cs_1", '{"lines":["x"]}', None, ISO, only_open=True), True),
+    "release by another": (lambda acp: lambda tx: acp.release(tx, "cs_1", 11.0, '{"lines":["x"]}', ISO), False),
+}
+
+
+@pytest.mark.parametrize("move", list(SECOND_MOVES))
+def test_a_completion_claim_taken_by_one_instance_is_not_taken_canceled_or_changed_by_the_other_at_once(
+        two: tuple[Any, Any], move: str) -> None:
+    a, b = two
+    put(a, session())
+    second, blocks = SECOND_MOVES[move]
+
+    claimed, other = interleave(a, b, lambda tx: a.acp.claim(tx, "cs_1", 10.0, None, ISO), second(b.acp),
+                                blocks=blocks)
+
+    assert claimed is True and other in (False, "refused", None)
+    held = b.acp.session("cs_1")
+    assert held is not None and (held.status, held.completing_since, held.state) == (
+        CheckoutStatus.IN_PROGRESS, 10.0, '{"lines":[]}')
+
+
+def test_a_session_canceled_by_one_instance_cannot_be_claimed_by_the_other_at_once(two: tuple[Any, Any]) -> None:
+    a, b = two
+    put(a, session())
+
+    canceled, claimed = interleave(a, b, _cancel_unless_held(a.acp),
+                                   lambda tx: b.acp.claim(tx, "cs_1", 11.0, None, ISO), blocks=True)
+
+    assert (canceled, claimed) == ("canceled", False)
+    after = b.acp.session("cs_1")
+    assert after is not None and (after.status, after.completing_since) == (CheckoutStatus.CANCELED, None)
+
+
+@pytest.mark.parametrize("outbox", ["order event", "refund due"])
+def test_an_outbox_row_leased_by_one_instance_is_skipped_by_the_other_at_once_and_after(
+        two: tuple[Any, Any], outbox: str) -> None:
+    a, b = two
+    if outbox == "order event":
+        write(a, lambda tx: a.acp.add_order_event(tx, "evt_1", "order_create", "ord_1", "cs_1", "{}", ISO))
+
+        def lease(store: Any, token: str, now: float) -> Callable[[Any], list[str]]:
+            return lambda tx: store.acp.lease_order_events(tx, token, now, now + 60)
+    else:
+        write(a, lambda tx: a.acp.mark_refund_due(tx, PaymentRow("ps_1", "cs_1", "{}", 700, "usd"), ISO,
+                                                  record=True))
+
+        def lease(store: Any, token: str, now: float) -> Callable[[Any], list[str]]:
+            return lambda tx: store.acp.lease_refunds(tx, token, now, now + 60)
+
+    taken, skipped = interleave(a, b, lease(a, "A", NOW), lease(b, "B", NOW), blocks=False)
+
+    assert (taken, skipped) == ([{"order event": "evt_1"}.get(outbox, "ps_1")], [])
+    assert write(b, lease(b, "B", NOW + 59)) == []  # committed: held by A until its lease ends
+    assert write(b, lease(b, "B", NOW + 60)) == taken  # then taken over

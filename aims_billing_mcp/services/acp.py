@@ -43,6 +43,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
@@ -103,6 +104,7 @@ log = logging.getLogger(__name__)
 _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
 KEY_RETENTION_SECONDS = 24 * 3600  # ACP §6.6: at least 24 hours
 IN_FLIGHT_STALE_SECONDS = 120  # a claim older than this belonged to a request that died: the key is free again
+REFUND_LEASE_SECONDS = 300  # one refund attempt (a Stripe call and its retries); then another instance may take it
 
 
 @dataclass(frozen=True, slots=True)
@@ -641,7 +643,12 @@ class AcpService:
         self._refunds_marked.discard("")
 
     async def _refund(self, ps_id: str) -> None:
-        """Refund in full a payment its checkout cannot take; recorded when Stripe says it succeeded."""
+        """Refund in full a payment its checkout cannot take; recorded when Stripe says it succeeded. One sender
+        across instances: the refund is leased first, and its outcome recorded only under that lease."""
+        token, now, acp = "lease_" + uuid.uuid4().hex, self._clock(), self._acp
+        if not await self._store.write(lambda tx: acp.lease_refunds(tx, token, now, now + REFUND_LEASE_SECONDS,
+                                                                    payment_session_ids=[ps_id])):
+            return  # refunded already, or another sender holds it
         found = self._acp.refund_target(ps_id)
         if found is None or found.refund_status != RefundStatus.DUE:
             return
@@ -660,12 +667,15 @@ class AcpService:
         done = error is None and (refund is None or refund.get("status") == "succeeded")
         if refund is not None and not done:
             error = f"refund {refund.get('id')} is {refund.get('status')}"
-        refund_id, acp = (refund.get("id") if refund else None), self._acp
+        refund_id = refund.get("id") if refund else None
 
-        def job(tx: Tx) -> None:
-            acp.record_refund(tx, ps_id, succeeded=done, refund_id=refund_id, error=error)
+        def job(tx: Tx) -> bool:
+            return acp.record_refund(tx, ps_id, succeeded=done, refund_id=refund_id, error=error, lease=token)
 
-        await self._store.write(job)
+        if not await self._store.write(job):
+            log.warning("refunding ACP payment %s: its lease ended and another sender took it over; this outcome "
+                        "is not recorded", ps_id)
+            return
         if error:
             log.warning("refunding ACP payment %s: %s (retried at the next start-up)", ps_id, error)
 

@@ -18,6 +18,9 @@ and sent by a background task started after that transaction COMMITs, so the buy
 platform. A non-2xx answer or a network error is retried with exponential backoff (1 s, 2 s, 4 s ... times
 `retry_delay_scale`, which tests set to 0) up to `max_attempts` (4); then the row stays `delivered = 0,
 gave_up = 1`. `resume()` re-sends events left pending by a process that stopped before delivering them.
+Several instances on one database: each delivery first leases its event (`store.acp.lease_order_events`), so one
+sender sends it, and records each attempt under its lease token: an instance killed or paused holding an event is
+taken over once its lease ends, and a paused one that resumes records nothing and stops.
 """
 
 from __future__ import annotations
@@ -116,6 +119,13 @@ class OrderWebhooks:
         return self._store.acp.order_event(event_id)
 
     async def _deliver(self, event_id: str) -> None:
+        # one sender per event across instances: a lease long enough for every attempt and its backoff, under a
+        # token each outcome is recorded with (a sender paused past it records nothing once another took over)
+        token, now, acp = "lease_" + uuid.uuid4().hex, self._clock(), self._store.acp
+        until = now + 60 + self._max_attempts * self._timeout + self._scale * 2 ** self._max_attempts
+        if not await self._store.write(lambda tx: acp.lease_order_events(tx, token, now, until,
+                                                                         event_ids=[event_id])):
+            return  # delivered, given up, or another sender holds it
         row = self.event(event_id)
         if row is None or row.delivered or row.gave_up:
             return
@@ -141,17 +151,17 @@ class OrderWebhooks:
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"[:300]
                 delivered = error is None
-                await self._store.write(self._record(event_id, attempts, status, error, delivered,
-                                                     gave_up=not delivered and attempts >= self._max_attempts))
-                if delivered:
+                held = await self._store.write(self._record(event_id, attempts, status, error, delivered, token,
+                                                            gave_up=not delivered and attempts >= self._max_attempts))
+                if delivered or not held:  # not held: another sender took the event over
                     return
 
-    def _record(self, event_id: str, attempts: int, status: int | None, error: str | None, delivered: bool, *,
-                gave_up: bool) -> Callable[[Tx], None]:
+    def _record(self, event_id: str, attempts: int, status: int | None, error: str | None, delivered: bool,
+                token: str, *, gave_up: bool) -> Callable[[Tx], bool]:
         iso, acp = utc_iso(self._clock()), self._store.acp
 
-        def job(tx: Tx) -> None:
-            acp.record_delivery(tx, event_id, attempts=attempts, status=status, error=error, delivered=delivered,
-                                gave_up=gave_up, at=iso)
+        def job(tx: Tx) -> bool:
+            return acp.record_delivery(tx, event_id, attempts=attempts, status=status, error=error,
+                                       delivered=delivered, gave_up=gave_up, at=iso, lease=token)
 
         return job

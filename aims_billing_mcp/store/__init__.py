@@ -8,7 +8,7 @@ implementation beside it.
 from pathlib import Path
 from typing import Any
 
-from .acp import AcpStore, SqliteAcpStore
+from .acp import AcpStore, PostgresAcpStore, SqliteAcpStore
 from .audit import AuditStore, PostgresAuditStore, SqliteAuditStore
 from .commerce import CommerceStore, SqliteCommerceStore
 from .core import (
@@ -80,6 +80,7 @@ class PostgresStore(PostgresCore):
         self.x402: X402Store = PostgresX402Store(self)
         self.ledger: LedgerStore = PostgresLedgerStore(self)
         self.reports: ReportsStore = PostgresReports(self)
+        self.acp: AcpStore = PostgresAcpStore(self)
 
 
 AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports")

@@ -1,7 +1,15 @@
 """Agentic Commerce Protocol checkout sessions, orders and their request keys.
 
 `AcpStore` is the seam: the operations a backend implements (write operations take the job's `Tx`; reads use
-the backend's reader). `SqliteAcpStore` is the SQLite implementation.
+the backend's reader). `SqliteAcpStore` is the SQLite implementation; `PostgresAcpStore` the PostgreSQL one, for
+several instances sharing one database (its docstring says which lock guards which race).
+
+The two outboxes (order events to send, payments to refund) are worked by leases, on both backends: a sender takes
+rows (`lease_order_events`, `lease_refunds`) until a time under a fresh token, and records an outcome only under
+that token, in the same UPDATE. On PostgreSQL the take is `FOR UPDATE SKIP LOCKED` (another instance's sender skips
+rows being taken instead of waiting); an instance killed holding a lease is taken over once it ends, and one paused
+past its lease that resumes finds its token gone and records nothing (the token is the fence). Leases rather than
+an advisory-lock leader: every instance sends, and nothing waits on one leader's health.
 
 Tables: `acp_checkout_sessions` (one row a checkout session; its order lives in the row's `state` JSON once
 completed), `acp_payments` (each payment session made for a checkout, with the cart it was made for, and the
@@ -18,6 +26,7 @@ The state machines (values are the strings stored; `TRANSITIONS` beside each enu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -216,9 +225,18 @@ class AcpStore(Protocol):
     def refund_target(self, payment_session_id: str) -> RefundTarget | None:
         """The refund status and the PaymentIntent to refund, or None if the payment is not a checkout's."""
 
+    def lease_refunds(self, tx: Tx, token: str, now: float, until: float, *,
+                      payment_session_ids: Sequence[str] = (), limit: int = 100) -> list[str]:
+        """Take refunds due (all, or those of `payment_session_ids`) that no sender holds (never leased, or its
+        lease ended by `now`) until `until` under `token`: the payment sessions taken. One sender across
+        instances makes a refund; another takes it over only once the lease has ended."""
+
     def record_refund(self, tx: Tx, payment_session_id: str, *, succeeded: bool, refund_id: str | None,
-                      error: str | None) -> None:
-        """Record a refund attempt: `succeeded` -> refund succeeded; the refund id kept once known."""
+                      error: str | None, lease: str | None = None) -> bool:
+        """Record a refund attempt: `succeeded` -> refund succeeded; the refund id kept once known. With `lease`
+        (the token it was taken under), only while that lease still holds it (a sender paused past its lease
+        records nothing once another took it over). The lease ends with the attempt: a refund still due may be
+        taken again at once. True if recorded."""
 
     # ACP request keys (per caller identity and endpoint: the scope)
     def claim_key(self, tx: Tx, scope: str, key: str, request_hash: str, now: float, *, expired_before: float,
@@ -250,9 +268,17 @@ class AcpStore(Protocol):
     def order_event(self, event_id: str) -> OrderEventRow | None:
         """The event and its delivery record, or None."""
 
+    def lease_order_events(self, tx: Tx, token: str, now: float, until: float, *, event_ids: Sequence[str] = (),
+                           limit: int = 100) -> list[str]:
+        """Take pending events (all, or those of `event_ids`) that no sender holds (never leased, or its lease
+        ended by `now`) until `until` under `token`: the events taken, oldest first. One sender across instances
+        sends an event; another takes it over only once the lease has ended."""
+
     def record_delivery(self, tx: Tx, event_id: str, *, attempts: int, status: int | None, error: str | None,
-                        delivered: bool, gave_up: bool, at: str) -> None:
-        """Record the outcome of a delivery attempt (delivered_at set only when delivered)."""
+                        delivered: bool, gave_up: bool, at: str, lease: str | None = None) -> bool:
+        """Record the outcome of a delivery attempt (delivered_at set only when delivered). With `lease` (the token
+        it was taken under), only while that lease still holds it (a sender paused past its lease records nothing
+        once another took the event over). True if recorded."""
 
 
 _SESSION = ("SELECT id, status, currency, agent_id, state, payment_session_id, order_id, created_at, updated_at, "
@@ -384,11 +410,26 @@ class SqliteAcpStore:
         status = found["refund_status"]
         return RefundTarget(None if status is None else RefundStatus(status), found["payment_intent_id"])
 
+    def lease_refunds(self, tx: Tx, token: str, now: float, until: float, *,
+                      payment_session_ids: Sequence[str] = (), limit: int = 100) -> list[str]:
+        only = f" AND payment_session_id IN ({', '.join('?' for _ in payment_session_ids)})" \
+            if payment_session_ids else ""
+        taken = tx.execute(
+            "UPDATE acp_payments SET refund_lease_token = ?, refund_leased_until = ? WHERE payment_session_id IN "
+            "(SELECT payment_session_id FROM acp_payments WHERE refund_status = ? AND (refund_leased_until IS NULL "
+            f"OR refund_leased_until <= ?){only} ORDER BY created_at, payment_session_id LIMIT ?) "
+            "RETURNING payment_session_id, created_at",
+            (token, until, RefundStatus.DUE, now, *payment_session_ids, limit)).fetchall()
+        return [str(row[0]) for row in sorted(taken, key=lambda row: (row[1], row[0]))]
+
     def record_refund(self, tx: Tx, payment_session_id: str, *, succeeded: bool, refund_id: str | None,
-                      error: str | None) -> None:
-        tx.execute("UPDATE acp_payments SET refund_status = CASE WHEN ? THEN ? ELSE refund_status END, "
-                   "refund_id = COALESCE(?, refund_id), last_error = ? WHERE payment_session_id = ?",
-                   (succeeded, RefundStatus.SUCCEEDED, refund_id, error, payment_session_id))
+                      error: str | None, lease: str | None = None) -> bool:
+        fence, token = (" AND refund_lease_token = ?", (lease,)) if lease is not None else ("", ())
+        cursor = tx.execute("UPDATE acp_payments SET refund_status = CASE WHEN ? THEN ? ELSE refund_status END, "
+                            "refund_id = COALESCE(?, refund_id), last_error = ?, refund_leased_until = NULL "
+                            f"WHERE payment_session_id = ?{fence}",
+                            (succeeded, RefundStatus.SUCCEEDED, refund_id, error, payment_session_id, *token))
+        return cursor.rowcount == 1
 
     # --- ACP request keys -----------------------------------------------------------------------------------------
 
@@ -446,8 +487,262 @@ class SqliteAcpStore:
                              int(row["attempts"]), bool(row["delivered"]), bool(row["gave_up"]), row["last_status"],
                              row["last_error"], row["created_at"], row["delivered_at"])
 
+    def lease_order_events(self, tx: Tx, token: str, now: float, until: float, *, event_ids: Sequence[str] = (),
+                           limit: int = 100) -> list[str]:
+        only = f" AND id IN ({', '.join('?' for _ in event_ids)})" if event_ids else ""
+        taken = tx.execute(
+            "UPDATE acp_order_events SET lease_token = ?, leased_until = ? WHERE id IN (SELECT id FROM "
+            "acp_order_events WHERE delivered = 0 AND gave_up = 0 AND (leased_until IS NULL OR leased_until <= ?)"
+            f"{only} ORDER BY created_at, id LIMIT ?) RETURNING id, created_at",
+            (token, until, now, *event_ids, limit)).fetchall()
+        return [str(row[0]) for row in sorted(taken, key=lambda row: (row[1], row[0]))]
+
     def record_delivery(self, tx: Tx, event_id: str, *, attempts: int, status: int | None, error: str | None,
-                        delivered: bool, gave_up: bool, at: str) -> None:
-        tx.execute("UPDATE acp_order_events SET attempts = ?, last_status = ?, last_error = ?, delivered = ?, "
-                   "gave_up = ?, delivered_at = ? WHERE id = ?",
-                   (attempts, status, error, int(delivered), int(gave_up), at if delivered else None, event_id))
+                        delivered: bool, gave_up: bool, at: str, lease: str | None = None) -> bool:
+        fence, token = (" AND lease_token = ?", (lease,)) if lease is not None else ("", ())
+        cursor = tx.execute("UPDATE acp_order_events SET attempts = ?, last_status = ?, last_error = ?, "
+                            f"delivered = ?, gave_up = ?, delivered_at = ? WHERE id = ?{fence}",
+                            (attempts, status, error, int(delivered), int(gave_up), at if delivered else None,
+                             event_id, *token))
+        return cursor.rowcount == 1
+
+
+_PG_CLAIMABLE_MARKS = ", ".join("%s" for _ in CLAIMABLE)
+
+
+class PostgresAcpStore:
+    """PostgreSQL: the same operations with `%s` placeholders, for several instances sharing one database.
+
+    - A session read inside a write job (`session_in`, `session_paid_by`) is `SELECT ... FOR UPDATE`: the job's
+      read-decide-write (cancel unless a completion holds it, settle a payment, record an order's outcome) runs with
+      the row locked, so another instance's claim, cancel or settlement waits for its COMMIT and then decides on
+      what it left. The guarded writes (`claim`, `release`, `save_state(only_open=True)`) are single UPDATEs whose
+      WHERE is the guard: under READ COMMITTED a concurrent UPDATE re-checks it on the row as committed, so of two
+      instances claiming one session at once one gets it and the other gets False, as with SQLite's one writer.
+    - An ACP request key may not exist yet, so `claim_key` takes a transaction-scoped advisory lock on (scope, key)
+      before reading it: a second instance claiming the same key at once waits for the first COMMIT and then sees
+      the key in flight (or done, and replays its answer), exactly as the SQLite store answers.
+    - A payment recorded twice at once (two instances settling one payment) keeps the first row (ON CONFLICT DO
+      NOTHING), and the refund mark is a guarded UPDATE (`refund_status IS NULL`): marked once.
+    - Outbox rows are leased with `FOR UPDATE SKIP LOCKED` and their outcomes fenced by the lease token (module
+      docstring): an order event or a refund taken by one instance is not sent by another.
+    """
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    # --- checkout sessions ----------------------------------------------------------------------------------------
+
+    def create_session(self, tx: Any, row: CheckoutRow) -> None:
+        tx.execute("INSERT INTO acp_checkout_sessions (id, status, currency, agent_id, state, created_at, "
+                   "updated_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                   (row.id, str(row.status), row.currency, row.agent_id, row.state, row.created_at, row.updated_at,
+                    row.expires_at))
+
+    def session(self, session_id: str) -> CheckoutRow | None:
+        return _session(self._core.query_one(_SESSION + "id = %s", (session_id,)))
+
+    def session_in(self, tx: Any, session_id: str) -> CheckoutRow | None:
+        return _session(_dict_row(tx, _SESSION + "id = %s FOR UPDATE", (session_id,)))
+
+    def session_paid_by(self, tx: Any, payment_session_id: str) -> CheckoutRow | None:
+        return _session(_dict_row(tx, _SESSION + "payment_session_id = %s FOR UPDATE", (payment_session_id,)))
+
+    def save_state(self, tx: Any, session_id: str, state: str, status: CheckoutStatus | None, updated_at: str, *,
+                   only_open: bool) -> bool:
+        guard = _NOT_OPEN_GUARD if only_open else ""
+        if status is None:
+            cursor = tx.execute(f"UPDATE acp_checkout_sessions SET state = %s, updated_at = %s WHERE id = %s{guard}",
+                                (state, updated_at, session_id))
+        else:
+            cursor = tx.execute(f"UPDATE acp_checkout_sessions SET state = %s, status = %s, updated_at = %s "
+                                f"WHERE id = %s{guard}", (state, str(status), updated_at, session_id))
+        return bool(cursor.rowcount == 1)
+
+    def set_status(self, tx: Any, session_id: str, status: CheckoutStatus, state: str, updated_at: str) -> None:
+        tx.execute("UPDATE acp_checkout_sessions SET status = %s, state = %s, completing_since = NULL, "
+                   "updated_at = %s WHERE id = %s", (str(status), state, updated_at, session_id))
+
+    def claim(self, tx: Any, session_id: str, claim: float, seen: float | None, updated_at: str) -> bool:
+        cursor = tx.execute(
+            "UPDATE acp_checkout_sessions SET status = %s, completing_since = %s, updated_at = %s "
+            f"WHERE id = %s AND ((status IN ({_PG_CLAIMABLE_MARKS}) AND completing_since IS NULL) OR (status = %s "
+            "AND completing_since = %s))",
+            (str(CheckoutStatus.IN_PROGRESS), claim, updated_at, session_id, *map(str, CLAIMABLE),
+             str(CheckoutStatus.IN_PROGRESS), seen))
+        return bool(cursor.rowcount == 1)
+
+    def release(self, tx: Any, session_id: str, claim: float, state: str | None, updated_at: str) -> None:
+        tx.execute("UPDATE acp_checkout_sessions SET status = %s, completing_since = NULL, "
+                   "state = COALESCE(%s, state), updated_at = %s WHERE id = %s AND status = %s "
+                   "AND completing_since = %s",
+                   (str(CheckoutStatus.READY_FOR_PAYMENT), state, updated_at, session_id,
+                    str(CheckoutStatus.IN_PROGRESS), claim))
+
+    def complete(self, tx: Any, session_id: str, order_id: str, state: str, updated_at: str,
+                 payment_session_id: str) -> None:
+        tx.execute("UPDATE acp_checkout_sessions SET status = %s, order_id = %s, state = %s, updated_at = %s, "
+                   "payment_session_id = %s, completing_since = NULL WHERE id = %s",
+                   (str(CheckoutStatus.COMPLETED), order_id, state, updated_at, payment_session_id, session_id))
+
+    # --- payments made for checkouts ------------------------------------------------------------------------------
+
+    def link_payment(self, tx: Any, payment: PaymentRow, claim: float, created_at: str) -> bool:
+        tx.execute("INSERT INTO acp_payments (payment_session_id, checkout_session_id, lines, amount, currency, "
+                   "created_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (payment_session_id) DO NOTHING",
+                   (payment.payment_session_id, payment.checkout_session_id, payment.lines, payment.amount,
+                    payment.currency, created_at))
+        cursor = tx.execute("UPDATE acp_checkout_sessions SET payment_session_id = %s WHERE id = %s AND status = %s "
+                            "AND completing_since = %s", (payment.payment_session_id, payment.checkout_session_id,
+                                                          str(CheckoutStatus.IN_PROGRESS), claim))
+        if cursor.rowcount != 1:
+            return False
+        tx.execute("UPDATE payment_sessions SET confirming_since = %s WHERE id = %s",
+                   (created_at, payment.payment_session_id))
+        return True
+
+    def payment_carts(self, checkout_session_id: str) -> dict[str, str]:
+        rows = self._core.query("SELECT payment_session_id, lines FROM acp_payments WHERE checkout_session_id = %s",
+                                (checkout_session_id,))
+        return {row["payment_session_id"]: row["lines"] for row in rows}
+
+    def payment_in(self, tx: Any, payment_session_id: str) -> PaymentRow | None:
+        return _payment(_dict_row(tx, "SELECT payment_session_id, checkout_session_id, lines, amount, currency FROM "
+                                      "acp_payments WHERE payment_session_id = %s", (payment_session_id,)))
+
+    def mark_refund_due(self, tx: Any, payment: PaymentRow, created_at: str, *, record: bool) -> None:
+        if record:  # another instance may have recorded it since this job read it: the first row is kept
+            tx.execute("INSERT INTO acp_payments (payment_session_id, checkout_session_id, lines, amount, currency, "
+                       "created_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (payment_session_id) DO NOTHING",
+                       (payment.payment_session_id, payment.checkout_session_id, payment.lines, payment.amount,
+                        payment.currency, created_at))
+        tx.execute("UPDATE acp_payments SET refund_status = %s WHERE payment_session_id = %s AND refund_status "
+                   "IS NULL", (str(RefundStatus.DUE), payment.payment_session_id))
+
+    def refunds_due(self) -> list[str]:
+        rows = self._core.query("SELECT payment_session_id FROM acp_payments WHERE refund_status = %s",
+                                (str(RefundStatus.DUE),))
+        return [str(row["payment_session_id"]) for row in rows]
+
+    def refund_target(self, payment_session_id: str) -> RefundTarget | None:
+        found = self._core.query_one(
+            "SELECT a.refund_status, s.payment_intent_id FROM acp_payments a JOIN payment_sessions s ON s.id = "
+            "a.payment_session_id WHERE a.payment_session_id = %s", (payment_session_id,))
+        if found is None:
+            return None
+        status = found["refund_status"]
+        return RefundTarget(None if status is None else RefundStatus(status), found["payment_intent_id"])
+
+    def lease_refunds(self, tx: Any, token: str, now: float, until: float, *,
+                      payment_session_ids: Sequence[str] = (), limit: int = 100) -> list[str]:
+        only, ids = (" AND payment_session_id = ANY(%s)", (list(payment_session_ids),)) if payment_session_ids \
+            else ("", ())
+        taken = tx.execute(
+            "UPDATE acp_payments SET refund_lease_token = %s, refund_leased_until = %s WHERE payment_session_id IN "
+            "(SELECT payment_session_id FROM acp_payments WHERE refund_status = %s AND (refund_leased_until IS NULL "
+            f"OR refund_leased_until <= %s){only} ORDER BY created_at, payment_session_id LIMIT %s "
+            "FOR UPDATE SKIP LOCKED) RETURNING payment_session_id, created_at",
+            (token, until, str(RefundStatus.DUE), now, *ids, limit)).fetchall()
+        return [str(row[0]) for row in sorted(taken, key=lambda row: (row[1], row[0]))]
+
+    def record_refund(self, tx: Any, payment_session_id: str, *, succeeded: bool, refund_id: str | None,
+                      error: str | None, lease: str | None = None) -> bool:
+        fence, token = (" AND refund_lease_token = %s", (lease,)) if lease is not None else ("", ())
+        cursor = tx.execute("UPDATE acp_payments SET refund_status = CASE WHEN %s THEN %s ELSE refund_status END, "
+                            "refund_id = COALESCE(%s, refund_id), last_error = %s, refund_leased_until = NULL "
+                            f"WHERE payment_session_id = %s{fence}",
+                            (succeeded, str(RefundStatus.SUCCEEDED), refund_id, error, payment_session_id, *token))
+        return bool(cursor.rowcount == 1)
+
+    # --- ACP request keys -----------------------------------------------------------------------------------------
+
+    def claim_key(self, tx: Any, scope: str, key: str, request_hash: str, now: float, *, expired_before: float,
+                  abandoned_before: float) -> KeyRecord | None:
+        # the key may not exist yet: a lock on its name makes a second claimer wait for this COMMIT, then see it
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (f"acp-key:{scope}\x1f{key}",))
+        row = _dict_row(tx, "SELECT request_hash, state, status, response, created_at FROM acp_idempotency "
+                            "WHERE scope = %s AND key = %s", (scope, key))
+        if row is not None:
+            expired = row["created_at"] < expired_before
+            abandoned = row["state"] == KeyState.IN_FLIGHT and row["created_at"] < abandoned_before
+            if not (expired or abandoned):
+                status = row["status"]
+                return KeyRecord(row["request_hash"], KeyState(row["state"]), None if status is None else int(status),
+                                 row["response"])
+        tx.execute("INSERT INTO acp_idempotency (scope, key, request_hash, state, status, response, created_at) "
+                   "VALUES (%s, %s, %s, %s, NULL, NULL, %s) ON CONFLICT (scope, key) DO UPDATE SET "
+                   "request_hash = excluded.request_hash, state = excluded.state, status = NULL, response = NULL, "
+                   "created_at = excluded.created_at", (scope, key, request_hash, str(KeyState.IN_FLIGHT), now))
+        return None
+
+    def finish_key(self, tx: Any, scope: str, key: str, status: int, response: str) -> None:
+        tx.execute("UPDATE acp_idempotency SET state = %s, status = %s, response = %s WHERE scope = %s AND key = %s",
+                   (str(KeyState.DONE), status, response, scope, key))
+
+    def release_key(self, tx: Any, scope: str, key: str) -> None:
+        tx.execute("DELETE FROM acp_idempotency WHERE scope = %s AND key = %s AND state = %s",
+                   (scope, key, str(KeyState.IN_FLIGHT)))
+
+    # --- wallets --------------------------------------------------------------------------------------------------
+
+    def wallet_customer(self, agent_id: str) -> str | None:
+        wallet = self._core.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = %s", (agent_id,))
+        return None if wallet is None else str(wallet["customer_id"])
+
+    def wallet_customer_in(self, tx: Any, agent_id: str) -> str | None:
+        wallet = _dict_row(tx, "SELECT customer_id FROM agent_wallets WHERE agent_id = %s", (agent_id,))
+        return None if wallet is None else str(wallet["customer_id"])
+
+    # --- order webhooks' outbox -----------------------------------------------------------------------------------
+
+    def add_order_event(self, tx: Any, event_id: str, event_type: str, order_id: str, checkout_session_id: str,
+                        payload: str, created_at: str) -> None:
+        tx.execute("INSERT INTO acp_order_events (id, type, order_id, checkout_session_id, payload, created_at) "
+                   "VALUES (%s, %s, %s, %s, %s, %s)", (event_id, event_type, order_id, checkout_session_id, payload,
+                                                       created_at))
+
+    def pending_order_events(self) -> list[str]:
+        rows = self._core.query("SELECT id FROM acp_order_events WHERE delivered = 0 AND gave_up = 0 "
+                                "ORDER BY created_at, id")
+        return [str(row["id"]) for row in rows]
+
+    def order_event(self, event_id: str) -> OrderEventRow | None:
+        row = self._core.query_one("SELECT id, type, order_id, checkout_session_id, payload, attempts, delivered, "
+                                   "gave_up, last_status, last_error, created_at, delivered_at FROM "
+                                   "acp_order_events WHERE id = %s", (event_id,))
+        if row is None:
+            return None
+        last_status = row["last_status"]
+        return OrderEventRow(row["id"], row["type"], row["order_id"], row["checkout_session_id"], row["payload"],
+                             int(row["attempts"]), bool(row["delivered"]), bool(row["gave_up"]),
+                             None if last_status is None else int(last_status), row["last_error"], row["created_at"],
+                             row["delivered_at"])
+
+    def lease_order_events(self, tx: Any, token: str, now: float, until: float, *, event_ids: Sequence[str] = (),
+                           limit: int = 100) -> list[str]:
+        only, ids = (" AND id = ANY(%s)", (list(event_ids),)) if event_ids else ("", ())
+        taken = tx.execute(
+            "UPDATE acp_order_events SET lease_token = %s, leased_until = %s WHERE id IN (SELECT id FROM "
+            "acp_order_events WHERE delivered = 0 AND gave_up = 0 AND (leased_until IS NULL OR leased_until <= %s)"
+            f"{only} ORDER BY created_at, id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, created_at",
+            (token, until, now, *ids, limit)).fetchall()
+        return [str(row[0]) for row in sorted(taken, key=lambda row: (row[1], row[0]))]
+
+    def record_delivery(self, tx: Any, event_id: str, *, attempts: int, status: int | None, error: str | None,
+                        delivered: bool, gave_up: bool, at: str, lease: str | None = None) -> bool:
+        fence, token = (" AND lease_token = %s", (lease,)) if lease is not None else ("", ())
+        cursor = tx.execute("UPDATE acp_order_events SET attempts = %s, last_status = %s, last_error = %s, "
+                            f"delivered = %s, gave_up = %s, delivered_at = %s WHERE id = %s{fence}",
+                            (attempts, status, error, int(delivered), int(gave_up), at if delivered else None,
+                             event_id, *token))
+        return bool(cursor.rowcount == 1)
+
+
+
+def _dict_row(tx: Any, sql: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
+    """One row as a dict (the writer's connection yields tuples), or None."""
+    cursor = tx.execute(sql, params)
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return {column.name: value for column, value in zip(cursor.description, row, strict=True)}

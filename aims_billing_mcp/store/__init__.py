@@ -36,7 +36,7 @@ from .core import (
 )
 from .idempotency import IdempotencyStore, SqliteIdempotencyStore
 from .ledger import LedgerStore, SqliteLedgerStore
-from .metering import MeteringStore, SqliteMeteringStore
+from .metering import MeteringStore, PostgresMeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
 from .reports import ReportsStore, SqliteReports
@@ -75,6 +75,7 @@ class PostgresStore(PostgresCore):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self.webhooks: WebhooksStore = PostgresWebhooksStore(self)
+        self.metering: MeteringStore = PostgresMeteringStore(self)
 
 
 AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports")

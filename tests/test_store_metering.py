@@ -332,10 +332,10 @@ async def test_two_instances_failing_one_event_at_once_take_it_out_of_the_counte
     first, second = two_instances
     for identifier in ("e1", "e2"):
         await first.write(lambda tx, identifier=identifier: record_job(identifier)(first, tx))
-    [e1, _] = first.metering.next_pending(0, 10**9, 100)
+    e1 = first.query_one("SELECT id FROM meter_events WHERE identifier = 'e1'")["id"]  # not leased by either
 
     def fail(store: Any, tx: Tx) -> None:
-        store.metering.mark_failed(tx, [(e1.id, "too old")], 1, attempted=False)
+        store.metering.mark_failed(tx, [(e1, "too old")], 1, attempted=False)
 
     await race(first, second, fail)
 
@@ -343,3 +343,56 @@ async def test_two_instances_failing_one_event_at_once_take_it_out_of_the_counte
     assert (period.events, period.weighted_units) == (1, 10)
     [chat] = second.metering.usage_by_operation("cus_A", START)
     assert (chat.events, chat.weighted_units) == (1, 10)
+
+
+async def pending_events(store: Any, *identifiers: str) -> None:
+    for identifier in identifiers:
+        await store.write(lambda tx, identifier=identifier: record_job(identifier)(store, tx))
+
+
+async def test_two_instances_flushing_at_once_lease_disjoint_batches(two_instances: tuple[Any, Any]) -> None:
+    first, second = two_instances
+    await pending_events(first, "e1", "e2", "e3")
+    upto = first.metering.newest_pending_id()
+
+    taken = first.metering.next_pending(0, upto, 2)
+    rest = second.metering.next_pending(0, upto, 100)
+
+    assert [row.identifier for row in taken] == ["cus_A:e1", "cus_A:e2"]
+    assert [row.identifier for row in rest] == ["cus_A:e3"]  # the first's live lease is skipped, not waited for
+    assert first.metering.next_pending(0, upto, 100) == taken  # its own batches again (a later flush of its own)
+
+
+async def test_a_batch_whose_lease_expired_is_taken_over_and_the_late_owner_marks_nothing(
+        two_instances: tuple[Any, Any]) -> None:
+    paused, other = two_instances  # `paused` leased the batch, then stopped past its lease (SIGSTOP, a long GC)
+    await pending_events(paused, "e1", "e2")
+    paused.metering.lease_ms = 0  # its lease has run out by the time anyone looks
+    upto = paused.metering.newest_pending_id()
+    stale = paused.metering.next_pending(0, upto, 100)
+
+    taken = other.metering.next_pending(0, upto, 100)
+    assert [row.id for row in taken] == [row.id for row in stale]
+    # the paused instance resumes: Stripe took its batch (deduplicated by identifier), its marks are fenced off
+    await paused.write(lambda tx: paused.metering.mark_sent(tx, [stale[0].id], "late"))
+    await paused.write(lambda tx: paused.metering.mark_failed(tx, [(stale[1].id, "too old")], 1, attempted=False))
+    await paused.write(lambda tx: paused.metering.note_attempt(tx, [stale[1].id], "late"))
+    assert other.metering.status_counts() == {EventStatus.PENDING: 2}
+    period = other.metering.period_total("cus_A", START)
+    assert period is not None and period.events == 2
+
+    await other.write(lambda tx: other.metering.mark_sent(tx, [row.id for row in taken], "now"))
+    assert other.metering.status_counts() == {EventStatus.SENT: 2}
+
+
+async def test_an_attempt_that_settled_nothing_frees_the_batch_for_any_instance(
+        two_instances: tuple[Any, Any]) -> None:
+    first, second = two_instances
+    await pending_events(first, "e1")
+    upto = first.metering.newest_pending_id()
+    [row] = first.metering.next_pending(0, upto, 100)
+    assert second.metering.next_pending(0, upto, 100) == []
+
+    await first.write(lambda tx: first.metering.note_attempt(tx, [row.id], "Stripe answered 503"))
+
+    assert [again.id for again in second.metering.next_pending(0, upto, 100)] == [row.id]

@@ -26,10 +26,20 @@ at READ COMMITTED, so each read-decide-write takes what it needs from the databa
   two instances cannot both take the last slot.
 - Failing events: the status `UPDATE ... RETURNING` is the claim (it re-checks the status after a concurrent commit),
   and only the events it returned leave the counted usage, so an event failed by two instances at once leaves once.
+- The flusher (one per instance): `next_pending` leases its batch in one autocommitted statement (`UPDATE ... WHERE
+  id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`: `lease_owner` = this instance, `lease_until` = the database
+  clock + LEASE_MS; migration 0015), skipping events another instance holds a live lease on. No transaction stays
+  open over the Stripe call. An instance killed holding a lease is taken over once it expires; the fence is in the
+  marks: `mark_sent`, the flusher's `mark_failed` and `note_attempt` change only events leased by this instance or
+  by none, in the transaction that marks them, so an instance paused past its lease and resumed marks nothing another
+  instance took over (its late send is a duplicate Stripe drops by identifier). `note_attempt` gives the lease up.
+  Stripe's error reports (`fail_reported`) are not the flusher's: they apply whoever leases the event.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 from enum import StrEnum
@@ -626,6 +636,9 @@ def _uncount(tx: Tx, event_ids: list[int], counted: Sequence[EventStatus]) -> No
 _PG_EVENT_ROW = f"({', '.join(['%s'] * len(MeterEventRow._fields))}, '{EventStatus.PENDING.value}', 0)"
 _PG_TOTAL_COLUMNS = ("customer_id, period_start, period_end, events, raw_units, weighted_units, tier, allowance, "
                      "overage_rate")
+_PG_NOW_MS = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint"  # the database's clock: one for every instance
+_PG_MINE = "(lease_owner IS NULL OR lease_owner = %s)"  # the fence: an event another instance took over is its own
+LEASE_MS = 300_000  # how long a flusher's batch is its own: past it, another instance may take the batch over
 _PG_CHUNK = 500  # rows per multi-row statement: 20 parameters an event, far below PostgreSQL's 65,535
 
 
@@ -652,8 +665,10 @@ class PostgresMeteringStore:
     "PostgreSQL"). Reads go through the core's pool; writes run in the writer's transaction (`tx`, a psycopg
     connection inside its transaction)."""
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: Any, *, lease_ms: int = LEASE_MS) -> None:
         self._core = core
+        self.owner = f"{os.getpid()}-{secrets.token_hex(8)}"  # this instance, as its leases name it
+        self.lease_ms = lease_ms
 
     # --- recording -------------------------------------------------------------------------------------------
 
@@ -818,10 +833,15 @@ class PostgresMeteringStore:
         return int((row["id"] if row else None) or 0)
 
     def next_pending(self, after_id: int, upto_id: int, limit: int) -> list[PendingEvent]:
-        return [PendingEvent(**row) for row in self._core.query(
-            "SELECT id, stripe_identifier AS identifier, customer_id, event_name, weighted_units, timestamp, tier "
-            "FROM meter_events WHERE status = %s AND id > %s AND id <= %s ORDER BY id LIMIT %s",
-            (str(_PENDING), after_id, upto_id, limit))]
+        """Lease the batch to this instance (one autocommitted statement: nothing stays open over the Stripe call):
+        events no other instance holds a live lease on; rows another instance is leasing this instant are skipped."""
+        rows = self._core.query(
+            f"UPDATE meter_events SET lease_owner = %s, lease_until = {_PG_NOW_MS} + %s WHERE id IN ("
+            "SELECT id FROM meter_events WHERE status = %s AND id > %s AND id <= %s AND (lease_owner IS NULL OR "
+            f"lease_owner = %s OR lease_until <= {_PG_NOW_MS}) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "RETURNING id, stripe_identifier AS identifier, customer_id, event_name, weighted_units, timestamp, tier",
+            (self.owner, self.lease_ms, str(_PENDING), after_id, upto_id, self.owner, limit))
+        return sorted((PendingEvent(**row) for row in rows), key=lambda row: row.id)
 
     def pending_count(self) -> int:
         row = self._core.query_one("SELECT COUNT(*) AS n FROM meter_events WHERE status = %s", (str(_PENDING),))
@@ -831,16 +851,18 @@ class PostgresMeteringStore:
         if event_ids:
             tx.execute(
                 "UPDATE meter_events SET status = %s, attempts = attempts + 1, sent_at = %s, last_error = NULL "
-                "WHERE status = ANY(%s) AND id = ANY(%s)", (str(_SENT), sent_at, _statuses(_TO_SENT), list(event_ids)))
+                f"WHERE status = ANY(%s) AND id = ANY(%s) AND {_PG_MINE}",
+                (str(_SENT), sent_at, _statuses(_TO_SENT), list(event_ids), self.owner))
 
     def mark_failed(self, tx: Tx, failures: Sequence[tuple[int, str]], failed_at: int, *, attempted: bool) -> None:
         if failures:
-            _pg_fail(tx, dict(failures), failed_at, int(attempted), _TO_FAILED)
+            _pg_fail(tx, dict(failures), failed_at, int(attempted), _TO_FAILED, owner=self.owner)
 
     def note_attempt(self, tx: Tx, event_ids: Sequence[int], error: str | None) -> None:
         if event_ids:
-            tx.execute("UPDATE meter_events SET attempts = attempts + 1, last_error = %s WHERE id = ANY(%s)",
-                       (error, list(event_ids)))
+            tx.execute(  # the lease is given up: the next flush of any instance may try again
+                "UPDATE meter_events SET attempts = attempts + 1, last_error = %s, lease_owner = NULL, "
+                f"lease_until = NULL WHERE id = ANY(%s) AND {_PG_MINE}", (error, list(event_ids), self.owner))
 
     def fail_reported(self, tx: Tx, reports: Sequence[tuple[str, str]], failed_at: int) -> int:
         reasons = dict(reports)
@@ -885,17 +907,21 @@ def _pg_lock(tx: Tx, keys: list[str]) -> None:
     tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) FROM unnest(%s::text[]) AS k", (keys,))
 
 
-def _pg_fail(tx: Tx, reasons: dict[int, str], failed_at: int, attempts: int, counted: Sequence[EventStatus]) -> int:
+def _pg_fail(tx: Tx, reasons: dict[int, str], failed_at: int, attempts: int, counted: Sequence[EventStatus], *,
+             owner: str | None = None) -> int:
     """Mark events failed and take them out of their period's counted usage. The UPDATE is the claim: it locks each
     event and re-checks its status after any concurrent change commits (READ COMMITTED), so an event two instances
-    fail at once leaves the counted usage once, by the one whose UPDATE returned it."""
+    fail at once leaves the counted usage once, by the one whose UPDATE returned it. With `owner` (the flusher's
+    marks) only events not leased by another instance change."""
     assert set(counted) <= COUNTED
     event_ids = sorted(reasons)
     changed = tx.execute(
         "UPDATE meter_events AS m SET status = %s, attempts = m.attempts + %s, last_error = f.reason, failed_at = %s "
         "FROM unnest(%s::bigint[], %s::text[]) AS f(id, reason) WHERE m.id = f.id AND m.status = ANY(%s) "
+        "AND (%s::text IS NULL OR m.lease_owner IS NULL OR m.lease_owner = %s) "
         "RETURNING m.customer_id, m.period_start, COALESCE(m.operation, 'custom'), m.raw_units, m.weighted_units",
-        (str(_FAILED), attempts, failed_at, event_ids, [reasons[i] for i in event_ids], _statuses(counted))).fetchall()
+        (str(_FAILED), attempts, failed_at, event_ids, [reasons[i] for i in event_ids], _statuses(counted),
+         owner, owner)).fetchall()
     totals: dict[tuple[str, int], list[int]] = {}
     operations: dict[tuple[str, int, str], list[int]] = {}
     for customer, start, operation, raw, weighted in changed:

@@ -5,10 +5,17 @@ counted once, and each event is sent to Stripe by one flusher once."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from aims_billing_mcp.services.meter_flusher import V2_STREAM, MeterFlusher
@@ -79,3 +86,52 @@ async def test_the_same_events_recorded_and_flushed_on_two_instances_are_counted
     assert second.metering.status_counts() == {"sent": 240}
     for customer in customers:
         assert await stripe_total(gateway, meter, customer) == recorded[customer]
+
+
+WORKER = Path(__file__).parent / "metering_worker.py"
+
+
+def test_three_recorders_on_one_database_with_the_same_identifiers_keep_each_acknowledged_event_once_across_kills(
+        postgres_url: str) -> None:
+    """Three processes (three servers) record the same identifiers at once; each is SIGKILLed at its own moment
+    mid-load. Every acknowledged event is stored once, and every period total equals the sum of its events."""
+    workers = [subprocess.Popen([sys.executable, str(WORKER), postgres_url, "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    acknowledged: set[str] = set()
+    answers = 0  # acknowledgements in all, replays included
+    try:
+        for worker, lines in zip(workers, (300, 900, 1500), strict=True):  # killed one after another, mid-load
+            assert worker.stdout is not None
+            deadline = time.monotonic() + 60
+            while lines and time.monotonic() < deadline:
+                line = worker.stdout.readline()
+                if not line:
+                    break
+                acknowledged.add(line.strip())
+                lines -= 1
+                answers += 1
+            os.kill(worker.pid, signal.SIGKILL)
+            rest, err = worker.communicate(timeout=30)
+            assert worker.returncode == -signal.SIGKILL and lines == 0, err  # none died of its own (a conflict)
+            tail = rest.splitlines()[:-1]  # the last line may be cut
+            acknowledged.update(line.strip() for line in tail)
+            answers += len(tail)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate(timeout=30)
+
+    with psycopg.connect(postgres_url) as conn:
+        stored = [row[0] for row in conn.execute("SELECT identifier FROM meter_events")]
+        assert acknowledged <= set(stored) and len(stored) == len(set(stored))
+        assert answers > len(acknowledged)  # the same identifiers were answered by several processes
+        totals = conn.execute("SELECT customer_id, period_start, weighted_units, raw_units, events "
+                              "FROM meter_usage_totals ORDER BY 1, 2").fetchall()
+        sums = conn.execute("SELECT customer_id, period_start, SUM(weighted_units)::bigint, SUM(raw_units)::bigint, "
+                            "COUNT(*) FROM meter_events GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+        assert totals == sums
+        by_operation = conn.execute(
+            "SELECT customer_id, period_start, SUM(weighted_units)::bigint, SUM(events)::bigint "
+            "FROM meter_usage_by_operation GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+        assert by_operation == [(c, p, w, n) for c, p, w, _, n in sums]

@@ -294,8 +294,8 @@ class MeteringStore(Protocol):
         ...
 
     def next_pending(self, after_id: int, upto_id: int, limit: int) -> list[PendingEvent]:
-        """Pending events with after_id < id <= upto_id, oldest first. (A backend shared by several instances
-        would lease them here, so each is sent by one flusher at a time.)"""
+        """Pending events with after_id < id <= upto_id, oldest first. A backend shared by several instances leases
+        them here (PostgreSQL), so each is sent by one flusher at a time; its marks are fenced to the lease."""
         ...
 
     def pending_count(self) -> int:

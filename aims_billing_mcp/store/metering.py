@@ -20,8 +20,10 @@ at READ COMMITTED, so each read-decide-write takes what it needs from the databa
   (customer, identifier) from two instances is therefore decided by the second only after the first committed (a
   replay, not a UNIQUE violation undoing its whole batch), and a period's absolute total is never computed from a
   stale read (the advisory lock covers a period with no row yet; the row lock orders it against the flusher's
-  decrements). Events go in as multi-row `INSERT`s (500 rows a statement), totals and operation counters as multi-row
-  upserts in key order (operation counters add: `x = x + excluded.x`).
+  decrements). Events go in by `COPY` (a multi-row `INSERT` of 1,000 events took ten times longer: its 20,000
+  parameters), totals and operation counters as one upsert each from arrays (`INSERT ... SELECT FROM unnest(...)
+  ON CONFLICT`), in key order (operation counters add: `x = x + excluded.x`). A duplicate event fails the COPY with
+  a UNIQUE violation, as the INSERT would; the lock above keeps that from happening.
 - Task slots: `live_slots`, the start of every slot decision, takes the customer's advisory lock (`slots:<cus>`), so
   two instances cannot both take the last slot.
 - Failing events: the status `UPDATE ... RETURNING` is the claim (it re-checks the status after a concurrent commit),
@@ -633,27 +635,16 @@ def _uncount(tx: Tx, event_ids: list[int], counted: Sequence[EventStatus]) -> No
 
 # --- PostgreSQL -------------------------------------------------------------------------------------------------
 
-_PG_EVENT_ROW = f"({', '.join(['%s'] * len(MeterEventRow._fields))}, '{EventStatus.PENDING.value}', 0)"
+_PENDING_TEXT = EventStatus.PENDING.value
 _PG_TOTAL_COLUMNS = ("customer_id, period_start, period_end, events, raw_units, weighted_units, tier, allowance, "
                      "overage_rate")
 _PG_NOW_MS = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint"  # the database's clock: one for every instance
 _PG_MINE = "(lease_owner IS NULL OR lease_owner = %s)"  # the fence: an event another instance took over is its own
 LEASE_MS = 300_000  # how long a flusher's batch is its own: past it, another instance may take the batch over
-_PG_CHUNK = 500  # rows per multi-row statement: 20 parameters an event, far below PostgreSQL's 65,535
 
 
 def _pg_marks(values: Sized) -> str:
     return ", ".join(["%s"] * len(values))
-
-
-def _pg_rows(width: int, count: int) -> str:
-    """`count` rows of `width` placeholders, for one multi-row VALUES."""
-    return ", ".join([f"({_pg_marks(range(width))})"] * count)
-
-
-def _chunks(rows: Sequence[tuple[object, ...]], size: int = _PG_CHUNK) -> Iterable[Sequence[tuple[object, ...]]]:
-    for begin in range(0, len(rows), size):
-        yield rows[begin:begin + size]
 
 
 def _statuses(states: Iterable[EventStatus]) -> list[str]:
@@ -703,35 +694,39 @@ class PostgresMeteringStore:
 
     def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
                operations: Sequence[OperationDelta]) -> None:
-        for chunk in _chunks([tuple(row) for row in events]):  # one multi-row INSERT per 500 events
-            tx.execute(f"INSERT INTO meter_events ({_EVENT_COLUMNS}, status, attempts) VALUES "
-                       f"{', '.join([_PG_EVENT_ROW] * len(chunk))}", [value for row in chunk for value in row])
-        latest = {(row.customer_id, row.period_start): tuple(row) for row in totals}  # one row per key a statement
-        for chunk in _chunks([latest[key] for key in sorted(latest)]):  # sorted: one lock order for every batch
+        if events:  # COPY: a tenth of a multi-row INSERT's time for 1,000 events (its 20,000 parameters)
+            cursor: Any = tx.cursor()  # a psycopg cursor (Tx names SQLite's connection type)
+            with cursor.copy(f"COPY meter_events ({_EVENT_COLUMNS}, status, attempts) FROM STDIN") as copy:
+                for row in events:
+                    copy.write_row((*row, _PENDING_TEXT, 0))
+        latest = {(row.customer_id, row.period_start): row for row in totals}  # one row per key a statement
+        if latest:  # one upsert from arrays, in key order: every batch locks the totals in one order
             tx.execute(
-                f"INSERT INTO meter_usage_totals ({_PG_TOTAL_COLUMNS}) VALUES {_pg_rows(9, len(chunk))} "
+                f"INSERT INTO meter_usage_totals ({_PG_TOTAL_COLUMNS}) SELECT * FROM unnest(%s::text[], %s::bigint[], "
+                "%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[]) "
                 "ON CONFLICT (customer_id, period_start) DO UPDATE SET events = excluded.events, "
                 "raw_units = excluded.raw_units, weighted_units = excluded.weighted_units, "
                 "tier = COALESCE(meter_usage_totals.tier, excluded.tier), "
                 "allowance = COALESCE(meter_usage_totals.allowance, excluded.allowance), "
                 "overage_rate = COALESCE(meter_usage_totals.overage_rate, excluded.overage_rate)",
-                [value for row in chunk for value in row])
+                [list(column) for column in zip(*(latest[key] for key in sorted(latest)), strict=True)])
         added: dict[tuple[str, int, str], list[int]] = {}
         for delta in operations:
             sums = added.setdefault((delta.customer_id, delta.period_start, delta.operation), [0] * 5)
             for index, value in enumerate(delta[3:]):
                 sums[index] += value
-        for chunk in _chunks([(*key, *sums) for key, sums in sorted(added.items())]):
+        if added:
             tx.execute(
                 "INSERT INTO meter_usage_by_operation (customer_id, period_start, operation, events, raw_units, "
-                f"weighted_units, overage_units, cost_cents) VALUES {_pg_rows(8, len(chunk))} "
+                "weighted_units, overage_units, cost_cents) SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], "
+                "%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
                 "ON CONFLICT (customer_id, period_start, operation) DO UPDATE SET "
                 "events = meter_usage_by_operation.events + excluded.events, "
                 "raw_units = meter_usage_by_operation.raw_units + excluded.raw_units, "
                 "weighted_units = meter_usage_by_operation.weighted_units + excluded.weighted_units, "
                 "overage_units = meter_usage_by_operation.overage_units + excluded.overage_units, "
                 "cost_cents = meter_usage_by_operation.cost_cents + excluded.cost_cents",
-                [value for row in chunk for value in row])
+                [list(column) for column in zip(*((*key, *sums) for key, sums in sorted(added.items())), strict=True)])
 
     def remember_customer(self, tx: Tx, customer: str, verified_at: int) -> None:
         tx.execute("INSERT INTO meter_customers (customer_id, verified_at) VALUES (%s, %s) ON CONFLICT DO NOTHING",

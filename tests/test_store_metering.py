@@ -3,6 +3,7 @@ the aggregate store and a way to run a write job; a second backend adds itself t
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import psycopg
 import pytest
 
 from aims_billing_mcp.store import PostgresStore, Store, Tx
@@ -87,6 +89,17 @@ async def test_appended_events_are_found_by_customer_and_identifier_and_never_by
     found = await metering.write(lambda tx: metering.store.find_events(tx, {("cus_A", "e1"), ("cus_C", "e1")}))
 
     assert found == {("cus_A", "e1"): event("e1")}
+
+
+async def test_appending_an_event_already_stored_fails_whole_and_changes_nothing(metering: Backend) -> None:
+    await record(metering, event("e1"))
+
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
+        await record(metering, event("e2"), event("e1"))  # SQLite's INSERT, PostgreSQL's COPY: a UNIQUE violation
+
+    period = metering.store.period_total("cus_A", START)
+    assert period is not None and (period.events, period.weighted_units) == (1, 10)
+    assert metering.store.status_counts() == {EventStatus.PENDING: 1}
 
 
 async def test_totals_are_set_to_absolute_values_and_keep_the_terms_of_their_first_write(metering: Backend) -> None:

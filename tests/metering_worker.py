@@ -2,17 +2,19 @@
 
     python tests/metering_worker.py DB RUN
         records meter events for three customers from 64 concurrent callers, forever; prints `<identifier>` after
-        each acknowledgement, flushed, so a parent that kills it with SIGKILL knows what was committed.
+        each acknowledgement, flushed, so a parent that kills it with SIGKILL knows what was committed. DB is a
+        SQLite path or a postgresql:// URL (tests/test_metering_postgres.py: several workers on one database).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 from aims_billing_mcp.services.metering import MeteringService
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
-from aims_billing_mcp.store import Store
+from aims_billing_mcp.store import PostgresStore, Store
 
 CUSTOMERS = ("cus_a", "cus_b", "cus_c")
 TIERS = {"cus_a": "p2p", "cus_b": "3mo", "cus_c": "9mo"}
@@ -24,7 +26,7 @@ async def exists(customer: str) -> bool:
 
 async def main(path: str, run: str) -> None:
     pricing = Pricing.load()
-    store = Store(path)
+    store: Any = PostgresStore(path) if path.startswith("postgresql://") else Store(path)
     metering = MeteringService(store, pricing, tier_of=lambda c: pricing.tier(TIERS[c]),
                                period_of=lambda c, t: calendar_month_of(t), customer_exists=exists)
     operations = list(pricing.multipliers)

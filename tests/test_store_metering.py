@@ -3,14 +3,19 @@ the aggregate store and a way to run a write job; a second backend adds itself t
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
+import psycopg
 import pytest
 
-from aims_billing_mcp.store import Store, Tx
+from aims_billing_mcp.store import PostgresStore, Store, Tx
 from aims_billing_mcp.store.metering import (
     COUNTED,
     TRANSITIONS,
@@ -35,9 +40,12 @@ class Backend:
     write: Callable[[Callable[[Tx], Any]], Awaitable[Any]]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def metering(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    core = Store(tmp_path / "metering.db")
+    if request.param == "postgres":
+        core: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
+    else:
+        core = Store(tmp_path / "metering.db")
     try:
         yield Backend(core.metering, core.write)
     finally:
@@ -81,6 +89,17 @@ async def test_appended_events_are_found_by_customer_and_identifier_and_never_by
     found = await metering.write(lambda tx: metering.store.find_events(tx, {("cus_A", "e1"), ("cus_C", "e1")}))
 
     assert found == {("cus_A", "e1"): event("e1")}
+
+
+async def test_appending_an_event_already_stored_fails_whole_and_changes_nothing(metering: Backend) -> None:
+    await record(metering, event("e1"))
+
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
+        await record(metering, event("e2"), event("e1"))  # SQLite's INSERT, PostgreSQL's COPY: a UNIQUE violation
+
+    period = metering.store.period_total("cus_A", START)
+    assert period is not None and (period.events, period.weighted_units) == (1, 10)
+    assert metering.store.status_counts() == {EventStatus.PENDING: 1}
 
 
 async def test_totals_are_set_to_absolute_values_and_keep_the_terms_of_their_first_write(metering: Backend) -> None:
@@ -224,3 +243,169 @@ async def test_an_ended_p2p_period_is_open_until_invoiced(metering: Backend) -> 
     assert [p.invoice_id for p in metering.store.open_p2p_periods(END, limit=100)] == ["in_1"]
     await metering.write(lambda tx: metering.store.mark_period_invoiced(tx, "cus_A", START, "in_1", END))
     assert metering.store.open_p2p_periods(END, limit=100) == []
+
+
+# --- PostgreSQL: two instances on one database ------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_instances(postgres_url: str) -> Iterator[tuple[Any, Any]]:
+    """Two PostgresStore instances on one database: two servers sharing it."""
+    first = PostgresStore(postgres_url, writers=1, pool_size=2)
+    second = PostgresStore(postgres_url, writers=1, pool_size=2)
+    try:
+        yield first, second
+    finally:
+        first.close()
+        second.close()
+
+
+async def race(first: Any, second: Any, job: Callable[[Any, Tx], Any]) -> tuple[Any, Any]:
+    """Run `job` on both instances so that the second's starts while the first's transaction is still open (it has
+    done its reads and writes and waits, uncommitted): the second must wait for the first's commit on the database
+    (a lock) and decide from what it committed. Returns both results."""
+    holding, go = threading.Event(), threading.Event()
+
+    def held(tx: Tx) -> Any:
+        result = job(first, tx)
+        holding.set()
+        go.wait(30)
+        return result
+
+    results: dict[str, Any] = {}
+
+    async def run(name: str, store: Any, fn: Callable[[Tx], Any]) -> None:
+        results[name] = await store.write(fn)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, "first", first, held)
+            await anyio.to_thread.run_sync(holding.wait)
+            group.start_soon(run, "second", second, lambda tx: job(second, tx))
+            while not first.query_one(  # the second's transaction is blocked on one of the first's locks
+                    "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'")["n"]:
+                await anyio.sleep(0.002)
+            go.set()
+    return results["first"], results["second"]
+
+
+def record_job(identifier: str, units: int = 10) -> Callable[[Any, Tx], str]:
+    """What the recording service does in its transaction: a replay is an answer, a new event adds to its totals."""
+    def job(store: Any, tx: Tx) -> str:
+        metering = store.metering
+        if metering.find_events(tx, {("cus_A", identifier)}):
+            return "replayed"
+        before = metering.load_totals(tx, {("cus_A", START)}).get(("cus_A", START))
+        events, weighted = (before.events, before.weighted_units) if before else (0, 0)
+        metering.append(tx, [event(identifier, units=units)],
+                        [total(weighted=weighted + units, events=events + 1)],
+                        [OperationDelta("cus_A", START, "chat", 1, units, units, 0, 0)])
+        return "recorded"
+    return job
+
+
+@pytest.mark.parametrize(("identifiers", "outcomes", "counted"), [
+    (("e1", "e1"), ("recorded", "replayed"), (1, 10)),  # the same event: counted once, the other a replay
+    (("e1", "e2"), ("recorded", "recorded"), (2, 20)),  # two events of one period: neither total is lost
+])
+async def test_two_instances_recording_for_one_customer_at_once_count_each_event_once(
+        two_instances: tuple[Any, Any], identifiers: tuple[str, str], outcomes: tuple[str, str],
+        counted: tuple[int, int]) -> None:
+    first, second = two_instances
+    jobs = iter([record_job(identifiers[0]), record_job(identifiers[1])])
+    by_store: dict[int, Callable[[Any, Tx], str]] = {}
+
+    def job(store: Any, tx: Tx) -> str:
+        return by_store.setdefault(id(store), next(jobs))(store, tx)
+
+    assert await race(first, second, job) == outcomes
+
+    period = second.metering.period_total("cus_A", START)
+    assert (period.events, period.weighted_units) == counted
+    [chat] = second.metering.usage_by_operation("cus_A", START)
+    assert (chat.events, chat.weighted_units) == counted
+    assert second.metering.status_counts() == {EventStatus.PENDING: counted[0]}
+
+
+async def test_two_instances_taking_a_customers_last_slot_at_once_give_it_to_one(
+        two_instances: tuple[Any, Any]) -> None:
+    def take(store: Any, tx: Tx) -> str:  # what acquire_slot does, for a tier of one concurrent task
+        if store.metering.live_slots(tx, "cus_A", 50):
+            return "limit reached"
+        store.metering.take_slot(tx, "cus_A", SlotRow(f"task_{id(store)}", 50, 100, "h"))
+        return "taken"
+
+    assert await race(*two_instances, take) == ("taken", "limit reached")
+    assert len(await two_instances[1].write(lambda tx: two_instances[1].metering.live_slots(tx, "cus_A", 50))) == 1
+
+
+async def test_two_instances_failing_one_event_at_once_take_it_out_of_the_counted_usage_once(
+        two_instances: tuple[Any, Any]) -> None:
+    first, second = two_instances
+    for identifier in ("e1", "e2"):
+        await first.write(lambda tx, identifier=identifier: record_job(identifier)(first, tx))
+    e1 = first.query_one("SELECT id FROM meter_events WHERE identifier = 'e1'")["id"]  # not leased by either
+
+    def fail(store: Any, tx: Tx) -> None:
+        store.metering.mark_failed(tx, [(e1, "too old")], 1, attempted=False)
+
+    await race(first, second, fail)
+
+    period = second.metering.period_total("cus_A", START)
+    assert (period.events, period.weighted_units) == (1, 10)
+    [chat] = second.metering.usage_by_operation("cus_A", START)
+    assert (chat.events, chat.weighted_units) == (1, 10)
+
+
+async def pending_events(store: Any, *identifiers: str) -> None:
+    for identifier in identifiers:
+        await store.write(lambda tx, identifier=identifier: record_job(identifier)(store, tx))
+
+
+async def test_two_instances_flushing_at_once_lease_disjoint_batches(two_instances: tuple[Any, Any]) -> None:
+    first, second = two_instances
+    await pending_events(first, "e1", "e2", "e3")
+    upto = first.metering.newest_pending_id()
+
+    taken = first.metering.next_pending(0, upto, 2)
+    rest = second.metering.next_pending(0, upto, 100)
+
+    assert [row.identifier for row in taken] == ["cus_A:e1", "cus_A:e2"]
+    assert [row.identifier for row in rest] == ["cus_A:e3"]  # the first's live lease is skipped, not waited for
+    assert first.metering.next_pending(0, upto, 100) == taken  # its own batches again (a later flush of its own)
+
+
+async def test_a_batch_whose_lease_expired_is_taken_over_and_the_late_owner_marks_nothing(
+        two_instances: tuple[Any, Any]) -> None:
+    paused, other = two_instances  # `paused` leased the batch, then stopped past its lease (SIGSTOP, a long GC)
+    await pending_events(paused, "e1", "e2")
+    paused.metering.lease_ms = 0  # its lease has run out by the time anyone looks
+    upto = paused.metering.newest_pending_id()
+    stale = paused.metering.next_pending(0, upto, 100)
+
+    taken = other.metering.next_pending(0, upto, 100)
+    assert [row.id for row in taken] == [row.id for row in stale]
+    # the paused instance resumes: Stripe took its batch (deduplicated by identifier), its marks are fenced off
+    await paused.write(lambda tx: paused.metering.mark_sent(tx, [stale[0].id], "late"))
+    await paused.write(lambda tx: paused.metering.mark_failed(tx, [(stale[1].id, "too old")], 1, attempted=False))
+    await paused.write(lambda tx: paused.metering.note_attempt(tx, [stale[1].id], "late"))
+    assert other.metering.status_counts() == {EventStatus.PENDING: 2}
+    period = other.metering.period_total("cus_A", START)
+    assert period is not None and period.events == 2
+
+    await other.write(lambda tx: other.metering.mark_sent(tx, [row.id for row in taken], "now"))
+    assert other.metering.status_counts() == {EventStatus.SENT: 2}
+
+
+async def test_an_attempt_that_settled_nothing_frees_the_batch_for_any_instance(
+        two_instances: tuple[Any, Any]) -> None:
+    first, second = two_instances
+    await pending_events(first, "e1")
+    upto = first.metering.newest_pending_id()
+    [row] = first.metering.next_pending(0, upto, 100)
+    assert second.metering.next_pending(0, upto, 100) == []
+
+    await first.write(lambda tx: first.metering.note_attempt(tx, [row.id], "Stripe answered 503"))
+
+    assert [again.id for again in second.metering.next_pending(0, upto, 100)] == [row.id]

@@ -28,8 +28,9 @@ P2P usage is not sent to the meter: the meter is what subscriptions' metered pri
 usage stamped in the moment a subscription starts (before its webhook arrives) would be billed twice. It is billed
 on its own invoice once its period ends (`invoice_p2p`), and marked sent when the flush reaches it.
 
-One flush at a time per flusher (a lock); two processes flushing the same database may both send an event, which
-Stripe's identifier dedupe absorbs.
+One flush at a time per flusher (a lock). On SQLite two processes flushing the same database may both send an event,
+which Stripe's identifier dedupe absorbs; on PostgreSQL every instance flushes and each batch is leased to one of
+them (`store.metering.next_pending`, see store/metering.py), so an event is sent once unless its lease ran out.
 
 Stripe's error reports. The v2 stream validates asynchronously: an event it accepted and later found invalid (its
 customer deleted, say) is reported in a thin `v1.billing.meter.error_report_triggered` event (no `data`: the

@@ -36,7 +36,7 @@ from .core import (
 )
 from .idempotency import IdempotencyStore, PostgresIdempotencyStore, SqliteIdempotencyStore
 from .ledger import LedgerStore, PostgresLedgerStore, SqliteLedgerStore
-from .metering import MeteringStore, SqliteMeteringStore
+from .metering import MeteringStore, PostgresMeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
 from .reports import PostgresReports, ReportsStore, SqliteReports
@@ -81,6 +81,7 @@ class PostgresStore(PostgresCore):
         self.ledger: LedgerStore = PostgresLedgerStore(self)
         self.reports: ReportsStore = PostgresReports(self)
         self.acp: AcpStore = PostgresAcpStore(self)
+        self.metering: MeteringStore = PostgresMeteringStore(self)
 
 
 AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports")

@@ -111,7 +111,7 @@ async def test_a_deadlock_aborts_the_batch_which_is_run_again_and_succeeds(core:
     result = await core.write(cross)
     await asyncio.to_thread(thread.join)
 
-    assert result == "done" and len(attempts) == 2 and core.retries == 1
+    assert result == "done" and len(attempts) >= 2 and core.retries == len(attempts) - 1  # a loaded box may retry twice
     assert core.query("SELECT id, n FROM counters ORDER BY id") == [{"id": 1, "n": 11}, {"id": 2, "n": 11}]
 
 

@@ -165,6 +165,10 @@ def cmd_sandbox_action(args: argparse.Namespace, settings: Settings, db_path: st
             session = sandbox.complete_checkout_session(args.session)
             print(f"checkout {session['id']}: {session['status']}, customer {session.get('customer')}, "
                   f"subscription {session.get('subscription') or '-'}")
+        elif args.sandbox_command == "complete-onboarding":
+            account = sandbox.complete_account_onboarding(args.account, onboarded=not args.restrict)
+            print(f"account {account['id']}: transfers {account['capabilities']['transfers']}, still due: "
+                  f"{', '.join(account['requirements']['currently_due']) or 'nothing'}")
         elif args.sandbox_command == "trigger":
             event = sandbox.trigger(args.event_type, customer=args.customer, subscription=args.subscription)
             print(f"triggered {event['type']} ({event['id']})")
@@ -531,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     actions = sandbox.add_subparsers(dest="sandbox_command", metavar="ACTION")
     complete = actions.add_parser("complete-checkout", help="a customer pays a checkout session (cs_...)")
     complete.add_argument("session", help="the checkout session id (cs_test_...) to pay, as a customer would")
+    onboard = actions.add_parser("complete-onboarding", help="a creator completes a connected account's onboarding")
+    onboard.add_argument("account", help="the connected account id (acct_...) whose account link was followed")
+    onboard.add_argument("--restrict", action="store_true", help="instead: Stripe asks for more, transfers stop")
     trigger = actions.add_parser("trigger", help="make an event happen, e.g. invoice.payment_failed")
     trigger.add_argument("event_type", help="the Stripe event type to cause, e.g. invoice.payment_failed")
     trigger.add_argument("--customer", help="the customer (cus_...) the event is about")

@@ -37,6 +37,7 @@ from .services.audit import prune_audit
 from .services.catalog import CatalogService
 from .services.ceiling import Ceiling
 from .services.commerce import PaymentSessionService
+from .services.connect import ConnectService
 from .services.idempotency import IdempotencyService
 from .services.ledger import LedgerService
 from .services.meter_flusher import MeterFlusher
@@ -312,13 +313,14 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
                      order_webhook_url=settings.aims_billing_acp_order_webhook_url,
                      order_webhook_secret=settings.aims_billing_acp_order_webhook_secret,
                      retry_delay_scale=retry_delay_scale)
+    connect = ConnectService(store, mutations)
     return AppState(
-        ledger=ledger, x402=x402, commerce=commerce, acp=acp,
+        ledger=ledger, x402=x402, commerce=commerce, acp=acp, connect=connect,
         metering=metering,
         flusher=MeterFlusher(store, gateway, retry_delay_scale=retry_delay_scale, currency=pricing.currency),
         settings=settings, store=store, gateway=gateway, idempotency=idempotency,
-        catalog=CatalogService(mutations, ceiling=ceiling), pricing=pricing,
-        subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions, commerce),
+        catalog=CatalogService(mutations, ceiling=ceiling, connect=connect), pricing=pricing,
+        subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions, commerce, connect),
         webhook_secret=secret,
     )
 

@@ -273,7 +273,7 @@ def set_onboarded(ctx: Ctx, account_id: str, onboarded: bool) -> Obj:
     recipient["capabilities"]["stripe_balance"] = {"payouts": _capability(onboarded),
                                                    "stripe_transfers": _capability(onboarded)}
     account["requirements"] = _requirements(not onboarded)
-    account["_onboarded"] = onboarded
+    account["_onboarded"] = bool(account.get("_onboarded")) or onboarded  # details stay submitted
     ctx.store.update(account)
     after = v1_view(account)
     previous = {key: before[key] for key in ("capabilities", "requirements", "payouts_enabled", "details_submitted")

@@ -11,6 +11,7 @@ from typing import Any
 from .acp import AcpStore, SqliteAcpStore
 from .audit import AuditStore, SqliteAuditStore
 from .commerce import CommerceStore, SqliteCommerceStore
+from .connect import ConnectStore, SqliteConnectStore
 from .core import (
     BUSY_TIMEOUT_MS,
     DEFER_SECONDS,
@@ -63,6 +64,7 @@ class Store(StoreCore):
         self.commerce: CommerceStore = SqliteCommerceStore(self)
         self.acp: AcpStore = SqliteAcpStore(self)
         self.prepaid: PrepaidStore = SqlitePrepaidStore(self)
+        self.connect: ConnectStore = SqliteConnectStore(self)
 
 
 class PostgresStore(PostgresCore):

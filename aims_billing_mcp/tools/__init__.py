@@ -19,7 +19,7 @@ from mcp.types import ToolAnnotations
 
 from ..errors import ConfigurationError
 from ..settings import Settings
-from . import catalog, commerce, metering, subscriptions, wallets, x402
+from . import catalog, commerce, connect, metering, subscriptions, wallets, x402
 
 Permission = Literal["read", "write"]
 
@@ -91,6 +91,12 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(commerce.confirm_payment_session, "Confirm payment session", "write"),
     ToolSpec(commerce.get_payment_session, "Get payment session", "read"),
     ToolSpec(commerce.cancel_payment_session, "Cancel payment session", "write", destructive=True),
+    ToolSpec(connect.create_connected_account, "Create connected account", "write"),
+    ToolSpec(connect.create_account_link, "Create account link", "write"),
+    ToolSpec(connect.get_connected_account, "Get connected account", "read"),
+    ToolSpec(connect.list_connected_accounts, "List connected accounts", "read", open_world=False),
+    ToolSpec(connect.create_plug, "Create plug", "write"),
+    ToolSpec(connect.get_creator_earnings, "Get creator earnings", "read", open_world=False),
 )
 
 

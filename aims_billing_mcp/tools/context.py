@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ..services.acp import AcpService
     from ..services.catalog import CatalogService
     from ..services.commerce import PaymentSessionService
+    from ..services.connect import ConnectService
     from ..services.idempotency import IdempotencyService
     from ..services.ledger import LedgerService
     from ..services.meter_flusher import MeterFlusher
@@ -41,6 +42,7 @@ class AppState:
     x402: X402Service
     commerce: PaymentSessionService
     acp: AcpService
+    connect: ConnectService
 
 
 ToolContext = Context[AppState, Any]

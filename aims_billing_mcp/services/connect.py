@@ -1,0 +1,353 @@
+"""Marketplace splits on Stripe Connect: creators (connected accounts, Accounts v2), plugs (a one-time price sold
+for a creator, with the creator's share) and the split of every sale of a plug.
+
+- A creator is a v2 account with the `recipient` configuration's `stripe_transfers` capability requested; it can
+  receive money once onboarding (an account link) is done. Its status follows Stripe: `account.updated` events are
+  applied in order (an older event arriving late changes nothing), and `get_connected_account` reads Stripe's
+  current state. A sale of a plug whose creator cannot receive transfers is refused before anything is sent to
+  Stripe, naming the account and what Stripe still requires.
+- `split_for(plug, amount, currency)` is the one split computation: the creator's share (basis points, rounded
+  down: the platform keeps the remainder of a cent) or the amount less the platform's fixed fee per unit.
+- Checkout sessions and payment links sell plugs as destination charges (`transfer_data[destination]` and
+  `application_fee_amount`): Stripe moves the creator's share with the charge itself, so nothing can be paid
+  without the creator being paid or transferred twice. A cart holding several creators' plugs is refused there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidInput, NotFound, Refused
+from ..models import format_amount
+from ..store import Store, Tx, new_id, utc_now
+from ..store.connect import AccountStatus, ConnectedAccount, DuplicatePlug, Plug, Split, SplitStatus
+from ..stripe_gateway import StripeRequest
+from .connect_models import (
+    AccountLinkResult,
+    ConnectedAccountList,
+    ConnectedAccountResult,
+    ConnectedAccountView,
+    CreatorEarnings,
+    EarningsReport,
+    PlugResult,
+    PlugView,
+    SplitView,
+)
+from .mutations import StripeMutations, compact
+
+ACCOUNT_ID = re.compile(r"acct_[A-Za-z0-9]{1,64}")
+INCLUDE = ["configuration.recipient", "requirements", "defaults", "identity"]
+MAX_BP = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class SplitAmounts:
+    """One sale's split, in minor units: gross = platform_fee + creator_amount."""
+
+    gross: int
+    platform_fee: int
+    creator_amount: int
+
+
+def split_for(plug: Plug, amount: int, currency: str, quantity: int = 1) -> SplitAmounts:
+    """How `amount` (of `quantity` units of `plug`) splits between the creator and the platform."""
+    if currency != plug.currency:
+        raise InvalidInput(f"plug {plug.plug_id} is sold in {plug.currency}, not {currency}", param="currency")
+    if amount < 0 or quantity < 1:
+        raise InvalidInput("a sale's amount and quantity must be positive", param="amount")
+    if plug.share_bp is not None:
+        creator = amount * plug.share_bp // MAX_BP
+    else:
+        creator = max(0, amount - (plug.platform_fee or 0) * quantity)
+    return SplitAmounts(amount, amount - creator, creator)
+
+
+@dataclass(frozen=True, slots=True)
+class SalePlan:
+    """Where one sale's money goes: the creator's account, and the application fee the platform keeps."""
+
+    account: str
+    currency: str
+    total: int
+    lines: tuple[tuple[Plug, SplitAmounts], ...]
+
+    @property
+    def creator_amount(self) -> int:
+        return sum(split.creator_amount for _, split in self.lines)
+
+    @property
+    def application_fee(self) -> int:
+        return self.total - self.creator_amount
+
+    def destination(self) -> dict[str, Any]:
+        """The destination-charge parameters (of a PaymentIntent, a session's payment_intent_data, a link)."""
+        return {"transfer_data": {"destination": self.account}, "application_fee_amount": self.application_fee}
+
+
+def _status_of_v1(account: dict[str, Any]) -> tuple[AccountStatus, tuple[str, ...]]:
+    """The status an `account.updated` event's account (v1 shape) says."""
+    due = tuple(str(x) for x in ((account.get("requirements") or {}).get("currently_due") or []))
+    if (account.get("capabilities") or {}).get("transfers") == "active":
+        return AccountStatus.ACTIVE, due
+    return (AccountStatus.RESTRICTED if account.get("details_submitted") else AccountStatus.ONBOARDING), due
+
+
+def _capabilities(account: dict[str, Any]) -> dict[str, Any]:
+    recipient = (account.get("configuration") or {}).get("recipient") or {}
+    return dict((recipient.get("capabilities") or {}).get("stripe_balance") or {})
+
+
+def _status_of_v2(account: dict[str, Any], current: AccountStatus | None) -> tuple[AccountStatus, tuple[str, ...]]:
+    due = tuple(str(entry.get("description")) for entry in (account.get("requirements") or {}).get("entries") or [])
+    if (_capabilities(account).get("stripe_transfers") or {}).get("status") == "active":
+        return AccountStatus.ACTIVE, due
+    return (AccountStatus.ONBOARDING if current in (None, AccountStatus.ONBOARDING) else AccountStatus.RESTRICTED), due
+
+
+def _view(account: ConnectedAccount, payouts: str | None = None) -> ConnectedAccountView:
+    return ConnectedAccountView(
+        id=account.account_id, display_name=account.display_name, email=account.email, country=account.country,
+        currency=account.currency, status=account.status, can_receive_transfers=account.status is AccountStatus.ACTIVE,
+        requirements_due=list(account.requirements_due), payouts=payouts, updated_at=account.updated_at)
+
+
+def plug_view(plug: Plug) -> PlugView:
+    return PlugView(id=plug.plug_id, name=plug.name, product=plug.product_id, price=plug.price_id,
+                    account=plug.account_id, currency=plug.currency, unit_amount=plug.unit_amount,
+                    creator_share_bp=plug.share_bp, platform_fee=plug.platform_fee,
+                    creator_amount_per_unit=split_for(plug, plug.unit_amount, plug.currency).creator_amount)
+
+
+def split_view(split: Split) -> SplitView:
+    return SplitView(path=split.path, sale=split.sale_ref, plug=split.plug_id, account=split.account_id,
+                     currency=split.currency, gross=split.gross, platform_fee=split.platform_fee,
+                     creator_amount=split.creator_amount, status=split.status, payment_intent=split.payment_intent,
+                     transfer=split.transfer_id, transfer_group=split.transfer_group, refunded=split.refunded,
+                     reversed=split.reversed, fee_refunded=split.fee_refunded)
+
+
+class ConnectService:
+    def __init__(self, store: Store, mutations: StripeMutations) -> None:
+        self._store = store
+        self._mutations = mutations
+        self._gateway = mutations.gateway
+
+    # --- creators -------------------------------------------------------------------------------------------------
+
+    async def create_connected_account(
+        self, *, display_name: str, email: str | None, country: str, currency: str | None,
+        idempotency_key: str | None, dry_run: bool,
+    ) -> ConnectedAccountResult:
+        params = compact({
+            "display_name": display_name, "contact_email": email, "dashboard": "express",
+            "identity": {"country": country.lower()},
+            "configuration": {"recipient": {"capabilities": {"stripe_balance": {"stripe_transfers": {
+                "requested": True}}}}},
+            "defaults": {"currency": currency} if currency else None,
+            "include": INCLUDE,
+        })
+        recorded: dict[str, ConnectedAccount] = {}
+
+        async def record(data: dict[str, Any]) -> None:
+            status, due = _status_of_v2(data, None)
+            now = utc_now()
+            row = ConnectedAccount(
+                data["id"], data.get("contact_email"), data.get("display_name") or display_name,
+                str((data.get("identity") or {}).get("country") or country).upper(),
+                str((data.get("defaults") or {}).get("currency") or currency or ""), status, due, None, now, now)
+            recorded["row"] = row
+            await self._store.write(lambda tx: self._store.connect.add_account(tx, row))
+
+        def project(data: dict[str, Any]) -> dict[str, Any]:
+            row = recorded.get("row") or self._store.connect.account(data["id"])
+            return {"account": _view(row).model_dump() if row is not None else None}
+
+        return await self._mutations.run(
+            "create_connected_account", "/v2/core/accounts", params, ConnectedAccountResult, project,
+            idempotency_key=idempotency_key, dry_run=dry_run, after=record)
+
+    def account(self, account_id: str) -> ConnectedAccount:
+        found = self._store.connect.account(account_id)
+        if found is None:
+            raise NotFound(f"no connected account {account_id} here: create it with create_connected_account",
+                           param="account")
+        return found
+
+    async def create_account_link(
+        self, *, account: str, refresh_url: str, return_url: str, update: bool, idempotency_key: str | None,
+        dry_run: bool,
+    ) -> AccountLinkResult:
+        self.account(account)
+        kind = "account_update" if update else "account_onboarding"
+        params = {"account": account, "use_case": {"type": kind, kind: {
+            "configurations": ["recipient"], "refresh_url": refresh_url, "return_url": return_url}}}
+        return await self._mutations.run(
+            "create_account_link", "/v2/core/account_links", params, AccountLinkResult,
+            lambda d: {"account": d["account"], "url": d["url"], "expires_at": d["expires_at"]},
+            idempotency_key=idempotency_key, dry_run=dry_run)
+
+    async def refresh(self, account_id: str) -> tuple[ConnectedAccount, str | None]:
+        """Read the account from Stripe, record its status, and return it with its payouts status."""
+        current = self.account(account_id)
+        data = (await self._gateway.send(StripeRequest("get", f"/v2/core/accounts/{account_id}",
+                                                       {"include": INCLUDE}))).data
+        status, due = _status_of_v2(data, current.status)
+        if (status, due) != (current.status, current.requirements_due):  # a refusal writes nothing
+            await self._store.write(lambda tx: self._store.connect.set_status(tx, account_id, status, due, None))
+        payouts = (_capabilities(data).get("payouts") or {}).get("status")
+        return self.account(account_id), payouts
+
+    async def get_connected_account(self, account: str) -> ConnectedAccountView:
+        row, payouts = await self.refresh(account)
+        return _view(row, payouts)
+
+    def list_connected_accounts(self, status: str | None, limit: int) -> ConnectedAccountList:
+        wanted = AccountStatus(status) if status else None
+        return ConnectedAccountList(accounts=[_view(a) for a in self._store.connect.accounts(wanted, limit)])
+
+    async def receivable(self, account_id: str, currency: str, param: str) -> ConnectedAccount:
+        """The creator's account if it can receive `currency` now (asking Stripe when our record says it cannot,
+        in case an event is still on its way); else Refused naming the account and what Stripe requires."""
+        account = self.account(account_id)
+        if account.status is not AccountStatus.ACTIVE:
+            account, _ = await self.refresh(account_id)
+        if account.status is not AccountStatus.ACTIVE:
+            due = ", ".join(account.requirements_due) or "nothing listed yet"
+            raise Refused(f"creator account {account_id} cannot receive transfers yet ({account.status}); Stripe "
+                          f"still requires: {due}. Send the creator an onboarding link (create_account_link) and "
+                          "sell once they finished", param=param, account=account_id,
+                          requirements_due=list(account.requirements_due))
+        if currency != account.currency:
+            raise Refused(f"creator account {account_id} receives {account.currency}, not {currency}: sell this plug "
+                          f"in {account.currency}", param=param, account=account_id)
+        return account
+
+    # --- plugs ----------------------------------------------------------------------------------------------------
+
+    async def create_plug(
+        self, *, plug_id: str, name: str | None, price: str, account: str, creator_share_bp: int | None,
+        platform_fee: int | None, idempotency_key: str | None,
+    ) -> PlugResult:
+        if (creator_share_bp is None) == (platform_fee is None):
+            raise InvalidInput("give exactly one of creator_share_bp (the creator's share, 0-10000 basis points) or "
+                               "platform_fee (the platform's fixed fee per unit)", param="creator_share_bp")
+        if creator_share_bp is not None and not 0 <= creator_share_bp <= MAX_BP:
+            raise InvalidInput(f"creator_share_bp is {creator_share_bp}: a share is 0 to 10000 basis points "
+                               "(10000 = 100%)", param="creator_share_bp")
+        if platform_fee is not None and platform_fee < 0:
+            raise InvalidInput("platform_fee must be 0 or more (minor units)", param="platform_fee")
+        existing = self._store.connect.plug(plug_id)
+        creator = self.account(account)
+        data = (await self._gateway.send(StripeRequest("get", f"/v1/prices/{price}"))).data
+        if data.get("type") != "one_time" or data.get("unit_amount") is None:
+            raise InvalidInput(f"price {price} is not a one-time price with a unit amount: a plug is sold once per "
+                               "unit; create a one-time price with create_price", param="price")
+        unit_amount, currency = int(data["unit_amount"]), str(data["currency"])
+        if platform_fee is not None and platform_fee > unit_amount:
+            raise InvalidInput(f"platform_fee {format_amount(platform_fee, currency)} is larger than the price "
+                               f"{format_amount(unit_amount, currency)}", param="platform_fee")
+        if currency != creator.currency:
+            raise InvalidInput(f"price {price} is in {currency} but creator account {account} receives "
+                               f"{creator.currency}: use a {creator.currency} price", param="price")
+        plug = Plug(plug_id, name or plug_id, str(data["product"]), price, account, currency, unit_amount,
+                    creator_share_bp, platform_fee, utc_now())
+        if existing is not None:
+            same = (existing.price_id, existing.account_id, existing.share_bp, existing.platform_fee) == (
+                plug.price_id, plug.account_id, plug.share_bp, plug.platform_fee)
+            if not same:
+                raise Refused(f"plug {plug_id} is already declared with other terms: choose another id", param="plug")
+            return PlugResult(plug=plug_view(existing), replayed=True)
+        try:
+            await self._store.write(lambda tx: self._store.connect.add_plug(tx, plug))
+        except DuplicatePlug:
+            raise Refused(f"price {price} already sells another plug: one price sells one plug",
+                          param="price") from None
+        await self._gateway.send(StripeRequest("post", f"/v1/products/{plug.product_id}", {"metadata": {
+            "aims_plug": plug_id, "aims_creator_account": account}}, f"aims-plug-{plug_id}"))
+        return PlugResult(plug=plug_view(plug))
+
+    def plugs(self) -> list[PlugView]:
+        return [plug_view(plug) for plug in self._store.connect.plugs()]
+
+    # --- sales ----------------------------------------------------------------------------------------------------
+
+    async def plan_sale(self, items: list[tuple[str, int]], total: int | None, currency: str | None, *,
+                        param: str = "line_items") -> SalePlan | None:
+        """The destination of a sale of `items` ((price, quantity) pairs, `total` in `currency`), or None when no
+        item is a plug. Refused (before any charge) when the creator cannot receive money."""
+        plugs = self._store.connect.plugs_for_prices([price for price, _ in items])
+        if not plugs:
+            return None
+        accounts = {plug.account_id for plug in plugs.values()}
+        if len(accounts) > 1:
+            raise Refused(f"this cart holds plugs of {len(accounts)} creators ({', '.join(sorted(accounts))}): one "
+                          "checkout pays one creator; sell each creator's plugs in its own checkout", param=param)
+        if total is None or currency is None:
+            raise InvalidInput("a cart with a plug must be in one currency", param=param)
+        account = accounts.pop()
+        await self.receivable(account, currency, param)
+        lines = tuple((plug, split_for(plug, plug.unit_amount * quantity, currency, quantity))
+                      for price, quantity in items if (plug := plugs.get(price)) is not None)
+        return SalePlan(account, currency, total, lines)
+
+    async def declare(self, path: str, sale_ref: str, plan: SalePlan) -> None:
+        """Record an offered sale's splits (after Stripe accepted it): one row per plug line, `declared`."""
+        now = utc_now()
+        rows = [Split(new_id("spl"), path, sale_ref, plug.plug_id, plan.account, plan.currency, split.gross,
+                      split.platform_fee, split.creator_amount, SplitStatus.DECLARED, None, None, None, 0, 0, 0, None,
+                      now, now) for plug, split in plan.lines]
+
+        def job(tx: Tx) -> None:
+            for row in rows:
+                self._store.connect.add_split(tx, row)
+
+        await self._store.write(job)
+
+    # --- Stripe's events (in the webhook's transaction) -----------------------------------------------------------
+
+    def apply_event(self, tx: Tx, event: dict[str, Any]) -> str | None:
+        """Apply `account.updated` (a creator's status) and `checkout.session.completed` (a split sale paid); a
+        note for the event's record, or None when the event is not about Connect."""
+        obj = (event.get("data") or {}).get("object") or {}
+        kind = event.get("type")
+        if kind == "account.updated" and isinstance(obj.get("id"), str):
+            status, due = _status_of_v1(obj)
+            applied = self._store.connect.set_status(tx, obj["id"], status, due, int(event["created"]))
+            return f"connected account {obj['id']}: {status}" if applied else None
+        if kind == "checkout.session.completed" and isinstance(obj.get("id"), str) \
+                and isinstance(obj.get("payment_intent"), str) and obj.get("payment_status") == "paid":
+            return self._paid_session(tx, obj["id"], obj["payment_intent"], obj.get("payment_link"))
+        return None
+
+    def _paid_session(self, tx: Tx, session: str, payment_intent: str, link: Any) -> str | None:
+        group = f"group_{payment_intent}"  # Stripe's transfer group of a destination charge
+        moved = 0
+        for split in self._store.connect.splits_of_sale("checkout", session):
+            moved += self._store.connect.mark_paid(tx, split.id, SplitStatus.TRANSFERRED,
+                                                   payment_intent=payment_intent, transfer_group=group,
+                                                   transfer_id=None)
+        if isinstance(link, str):
+            now = utc_now()
+            for template in self._store.connect.splits_of_sale("payment_link", link):
+                moved += self._store.connect.add_split(tx, Split(
+                    new_id("spl"), "payment_link", session, template.plug_id, template.account_id,
+                    template.currency, template.gross, template.platform_fee, template.creator_amount,
+                    SplitStatus.TRANSFERRED, payment_intent, None, group, 0, 0, 0, f"paid through {link}", now, now))
+        return f"{moved} split(s) transferred with {payment_intent}" if moved else None
+
+    # --- reporting ------------------------------------------------------------------------------------------------
+
+    def earnings(self, account: str | None, since: str | None, limit: int = 50) -> EarningsReport:
+        if account is not None:
+            self.account(account)
+        rows = self._store.connect.earnings(account, since)
+        return EarningsReport(
+            earnings=[CreatorEarnings(account=e.account_id, currency=e.currency, sales=e.sales, gross=e.gross,
+                                      platform_fees=e.platform_fees, transferred=e.transferred, reversed=e.reversed,
+                                      fee_refunded=e.fee_refunded, pending=e.pending,
+                                      net_to_creator=e.transferred - e.reversed) for e in rows],
+            splits=[split_view(s) for s in self._store.connect.splits(account, since, limit)
+                    if s.status is not SplitStatus.DECLARED])
+

@@ -1,0 +1,172 @@
+"""Marketplace splits (issue 17) end to end: MCP tools, the server's webhook endpoint and the sandbox's Connect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+
+from aims_billing_mcp.sandbox import Sandbox
+from tests.conftest import error_of, ok, table_digests
+
+pytestmark = pytest.mark.anyio
+
+
+async def _drained(sandbox: Sandbox) -> None:
+    assert await anyio.to_thread.run_sync(lambda: sandbox.webhooks.drain(10))
+
+
+async def creator(client: Client, sandbox: Sandbox, *, onboard: bool = True, country: str = "US",
+                  name: str = "Plug Maker") -> str:
+    made = ok(await client.call_tool("create_connected_account", {
+        "display_name": name, "country": country, "email": "maker@example.com"}))
+    account: str = made["account"]["id"]
+    if onboard:
+        sandbox.complete_account_onboarding(account)
+        await _drained(sandbox)
+    return account
+
+
+async def price(client: Client, amount: int = 2000, currency: str = "usd", **extra: Any) -> str:
+    product = ok(await client.call_tool("create_product", {"name": "SEO audit plug"}))["product"]["id"]
+    made = ok(await client.call_tool("create_price", {"product": product, "unit_amount": amount,
+                                                      "currency": currency, **extra}))
+    return str(made["price"]["id"])
+
+
+async def plug(client: Client, account: str, price_id: str, plug_id: str = "seo-audit", **terms: int) -> str:
+    ok(await client.call_tool("create_plug", {"plug_id": plug_id, "price": price_id, "account": account,
+                                              **(terms or {"creator_share_bp": 7000})}))
+    return plug_id
+
+
+async def test_a_creator_registers_onboards_through_a_link_and_can_then_receive_transfers(
+        client: Client, sandbox: Sandbox) -> None:
+    made = ok(await client.call_tool("create_connected_account", {
+        "display_name": "Plug Maker", "country": "US", "email": "maker@example.com", "idempotency_key": "maker-1"}))
+    account = made["account"]
+    assert (account["status"], account["can_receive_transfers"], account["currency"]) == ("onboarding", False, "usd")
+    assert account["requirements_due"]
+    again = ok(await client.call_tool("create_connected_account", {
+        "display_name": "Plug Maker", "country": "US", "email": "maker@example.com", "idempotency_key": "maker-1"}))
+    assert again["replayed"] and again["account"]["id"] == account["id"] and sandbox.count("v2.core.account") == 1
+
+    link = ok(await client.call_tool("create_account_link", {
+        "account": account["id"], "refresh_url": "https://aims.example/refresh", "return_url": "https://aims.example/ok"}))
+    assert link["url"].startswith("https://") and link["expires_at"]
+
+    sandbox.complete_account_onboarding(account["id"])  # the creator finished the link: Stripe sends account.updated
+    await _drained(sandbox)
+    listed = ok(await client.call_tool("list_connected_accounts", {"status": "active"}))["accounts"]
+    assert [(a["id"], a["can_receive_transfers"], a["requirements_due"]) for a in listed] == [(account["id"], True, [])]
+    live = ok(await client.call_tool("get_connected_account", {"account": account["id"]}))
+    assert (live["status"], live["payouts"]) == ("active", "active")
+
+    sandbox.complete_account_onboarding(account["id"], onboarded=False)  # Stripe asks for more later
+    await _drained(sandbox)
+    listed = ok(await client.call_tool("list_connected_accounts", {}))["accounts"]
+    assert [(a["status"], bool(a["requirements_due"])) for a in listed] == [("restricted", True)]
+
+
+async def test_an_account_link_for_an_unknown_account_is_not_found(client: Client) -> None:
+    err = error_of(await client.call_tool("create_account_link", {
+        "account": "acct_unknown", "refresh_url": "https://a.example/r", "return_url": "https://a.example/o"}))
+    assert err["code"] == "not_found" and err["param"] == "account"
+
+
+@pytest.mark.parametrize(("terms", "param", "says"), [
+    ({"creator_share_bp": 10_001}, "creator_share_bp", "0 to 10000"),
+    ({"creator_share_bp": -1}, "creator_share_bp", "0 to 10000"),
+    ({"platform_fee": 2001}, "platform_fee", "larger than the price"),
+    ({"platform_fee": -5}, "platform_fee", "0 or more"),
+    ({"platform_fee": 100, "creator_share_bp": 5000}, "creator_share_bp", "exactly one"),
+    ({}, "creator_share_bp", "exactly one"),
+])
+async def test_a_plug_with_a_share_outside_0_to_100_percent_or_a_fee_above_the_price_is_refused_writing_nothing(
+        client: Client, sandbox: Sandbox, tmp_path: Path, terms: dict[str, int], param: str, says: str) -> None:
+    account = await creator(client, sandbox)
+    price_id = await price(client, 2000)
+    before = table_digests(tmp_path / "billing.db")
+    err = error_of(await client.call_tool("create_plug", {"plug_id": "p1", "price": price_id, "account": account,
+                                                          **terms}))
+    assert err["code"] == "invalid_input" and err["param"] == param and says in err["message"]
+    assert table_digests(tmp_path / "billing.db") == before
+
+
+@pytest.mark.parametrize("case", ["unknown_account", "other_currency", "recurring_price"])
+async def test_a_plug_for_an_unknown_account_a_currency_it_cannot_receive_or_a_recurring_price_is_refused(
+        client: Client, sandbox: Sandbox, tmp_path: Path, case: str) -> None:
+    account = await creator(client, sandbox, country="GB" if case == "other_currency" else "US")
+    price_id = await price(client, 2000, **({"recurring": {"interval": "month"}} if case == "recurring_price" else {}))
+    before = table_digests(tmp_path / "billing.db")
+    err = error_of(await client.call_tool("create_plug", {
+        "plug_id": "p1", "price": price_id, "creator_share_bp": 7000,
+        "account": "acct_nobodyhere" if case == "unknown_account" else account}))
+    assert err["param"] == {"unknown_account": "account", "other_currency": "price",
+                            "recurring_price": "price"}[case], err
+    if case == "other_currency":
+        assert "gbp" in err["message"] and "usd" in err["message"]
+    assert table_digests(tmp_path / "billing.db") == before
+
+
+async def test_a_checkout_of_a_plug_whose_creator_cannot_receive_transfers_is_refused_before_any_charge(
+        client: Client, sandbox: Sandbox, tmp_path: Path) -> None:
+    account = await creator(client, sandbox)
+    price_id = await price(client)
+    await plug(client, account, price_id)
+    sandbox.complete_account_onboarding(account, onboarded=False)  # Stripe now requires more
+    await _drained(sandbox)
+    before = table_digests(tmp_path / "billing.db")
+    for tool, args in (("create_checkout_session", {"customer_email": "b@example.com"}), ("create_payment_link", {})):
+        err = error_of(await client.call_tool(tool, {"line_items": [{"price": price_id}], **args}))
+        assert err["code"] == "refused" and account in err["message"] and "requires" in err["message"]
+        assert err["requirements_due"]
+    assert sandbox.count("checkout.session") == 0 and sandbox.count("payment_link") == 0
+    assert table_digests(tmp_path / "billing.db") == before
+
+
+async def test_a_checkout_of_a_plug_pays_the_creator_their_share_and_the_platform_its_fee(
+        client: Client, sandbox: Sandbox) -> None:
+    account = await creator(client, sandbox)
+    plug_price, other = await price(client, 2000), await price(client, 500)
+    await plug(client, account, plug_price, creator_share_bp=7000)
+    session = ok(await client.call_tool("create_checkout_session", {
+        "line_items": [{"price": plug_price, "quantity": 2}, {"price": other}], "customer_email": "b@example.com"}))
+    done = sandbox.complete_checkout_session(session["checkout_session"]["id"])
+    await _drained(sandbox)
+    pi = sandbox.get_object(done["payment_intent"])
+    assert pi is not None and pi["transfer_data"] == {"destination": account}
+    assert pi["application_fee_amount"] == 4500 - 2800  # the whole cart less the creator's 70% of the plug lines
+    report = ok(await client.call_tool("get_creator_earnings", {"account": account}))
+    assert [(e["sales"], e["gross"], e["platform_fees"], e["transferred"], e["pending"])
+            for e in report["earnings"]] == [(1, 4000, 1200, 2800, 0)]
+    assert [(s["path"], s["status"], s["payment_intent"]) for s in report["splits"]] == [
+        ("checkout", "transferred", pi["id"])]
+
+
+async def test_each_payment_of_a_plugs_payment_link_is_a_split_sale(client: Client, sandbox: Sandbox) -> None:
+    account = await creator(client, sandbox)
+    price_id = await price(client, 1000)
+    await plug(client, account, price_id, platform_fee=150)
+    link = ok(await client.call_tool("create_payment_link", {"line_items": [{"price": price_id}]}))["payment_link"]
+    for _ in range(2):
+        sandbox.pay_payment_link(link["id"])
+    await _drained(sandbox)
+    report = ok(await client.call_tool("get_creator_earnings", {}))
+    assert [(e["account"], e["sales"], e["gross"], e["platform_fees"], e["transferred"])
+            for e in report["earnings"]] == [(account, 2, 2000, 300, 1700)]
+    assert {s["path"] for s in report["splits"]} == {"payment_link"}
+
+
+async def test_a_cart_with_two_creators_plugs_is_refused_naming_both(client: Client, sandbox: Sandbox) -> None:
+    first, second = await creator(client, sandbox, name="A"), await creator(client, sandbox, name="B")
+    p1, p2 = await price(client, 2000), await price(client, 2100)
+    await plug(client, first, p1, "one")
+    await plug(client, second, p2, "two")
+    err = error_of(await client.call_tool("create_checkout_session", {
+        "line_items": [{"price": p1}, {"price": p2}], "customer_email": "b@example.com"}))
+    assert err["code"] == "refused" and first in err["message"] and second in err["message"]
+    assert sandbox.count("checkout.session") == 0

@@ -305,7 +305,8 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
                                period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists,
                                ceiling=ceiling)
     prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, retry_delay_scale=retry_delay_scale)
-    commerce = PaymentSessionService(store, mutations, ledger, pricing, prepaid=prepaid)
+    connect = ConnectService(store, mutations)
+    commerce = PaymentSessionService(store, mutations, ledger, pricing, prepaid=prepaid, connect=connect)
     acp = AcpService(store, commerce, pricing,
                      api_keys={key.get_secret_value() for key in settings.aims_billing_acp_api_keys},
                      public_url=settings.aims_billing_public_url,
@@ -313,7 +314,6 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
                      order_webhook_url=settings.aims_billing_acp_order_webhook_url,
                      order_webhook_secret=settings.aims_billing_acp_order_webhook_secret,
                      retry_delay_scale=retry_delay_scale)
-    connect = ConnectService(store, mutations)
     return AppState(
         ledger=ledger, x402=x402, commerce=commerce, acp=acp, connect=connect,
         metering=metering,

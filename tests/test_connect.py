@@ -170,3 +170,32 @@ async def test_a_cart_with_two_creators_plugs_is_refused_naming_both(client: Cli
         "line_items": [{"price": p1}, {"price": p2}], "customer_email": "b@example.com"}))
     assert err["code"] == "refused" and first in err["message"] and second in err["message"]
     assert sandbox.count("checkout.session") == 0
+
+
+async def test_a_payment_session_for_a_plug_is_a_destination_charge_split_once_paid(
+        client: Client, sandbox: Sandbox) -> None:
+    account = await creator(client, sandbox)
+    await plug(client, account, await price(client, 1000), platform_fee=250)
+    made = ok(await client.call_tool("create_payment_session", {"item": "plug:seo-audit", "idempotency_key": "buy-1"}))
+    session = made["session"]
+    assert (session["amount"], session["currency"], session["item"]) == (1000, "usd", None)
+    paid = ok(await client.call_tool("confirm_payment_session", {
+        "session_id": session["id"], "payment_method": "pm_card_visa", "idempotency_key": "pay-1"}))
+    await _drained(sandbox)
+    pi = sandbox.get_object(paid["payment_intent"])
+    assert pi is not None and pi["transfer_data"] == {"destination": account} and pi["application_fee_amount"] == 250
+    report = ok(await client.call_tool("get_creator_earnings", {"account": account}))
+    assert [(s["path"], s["sale"], s["status"], s["creator_amount"]) for s in report["splits"]] == [
+        ("payment_session", session["id"], "transferred", 750)]
+
+
+async def test_a_payment_session_for_a_plug_of_a_creator_not_onboarded_is_refused_before_any_payment_intent(
+        client: Client, sandbox: Sandbox, tmp_path: Path) -> None:
+    account = await creator(client, sandbox)
+    await plug(client, account, await price(client, 1000))
+    sandbox.complete_account_onboarding(account, onboarded=False)
+    await _drained(sandbox)
+    before = table_digests(tmp_path / "billing.db")
+    err = error_of(await client.call_tool("create_payment_session", {"item": "plug:seo-audit"}))
+    assert err["code"] == "refused" and err["param"] == "item" and account in err["message"]
+    assert sandbox.count("payment_intent") == 0 and table_digests(tmp_path / "billing.db") == before

@@ -41,6 +41,7 @@ from ..models import AGENT_ID, CURRENCIES, format_amount
 from ..store import Store, dumps, utc_iso
 from ..stripe_gateway import StripeRequest, stripe_idempotency_key
 from .commerce_models import PaymentSession, PaymentSessionResult
+from .connect import ConnectService
 from .idempotency import CallKey
 from .ledger import LedgerService
 from .mutations import StripeMutations, compact
@@ -77,8 +78,9 @@ class PaymentSessionService:
     def __init__(
         self, store: Store, mutations: StripeMutations, ledger: LedgerService, pricing: Pricing, *,
         clock: Callable[[], float] = time.time,
-        prepaid: PrepaidSubscriptions | None = None,
+        prepaid: PrepaidSubscriptions | None = None, connect: ConnectService | None = None,
     ) -> None:
+        self._connect = connect  # item "plug:<id>" sells a creator's plug as a destination charge (services/connect.py)
         self._store = store
         self._mutations = mutations
         self._gateway = self.gateway = mutations.gateway
@@ -148,6 +150,9 @@ class PaymentSessionService:
         currency: str | None, description: str | None, idempotency_key: str | None, dry_run: bool,
     ) -> PaymentSessionResult:
         """A payment session and its PaymentIntent (awaiting a payment method); replays return the same session."""
+        plan = await self._connect.plan_plug(item) if self._connect and item and item.startswith("plug:") else None
+        if plan is not None:
+            item, amount, currency, description = None, plan.total, plan.currency, description or plan.title
         found, amount, currency = self._priced(item, amount, currency)
         if customer is not None and not _CUSTOMER.fullmatch(customer.strip()):
             raise InvalidInput(f"customer must be a Stripe customer id starting with 'cus_' (got {customer[:40]!r})",
@@ -175,6 +180,7 @@ class PaymentSessionService:
             "amount": amount, "currency": currency, "customer": customer, "description": description,
             "metadata": compact({"aims_session": session_id, "aims_item": item_id, "aims_agent": agent_id}),
             "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
+            **(plan.destination() if plan is not None else {}),
         })
         recorded: dict[str, PaymentSession] = {}
         clock = self._clock
@@ -191,6 +197,8 @@ class PaymentSessionService:
                 return _view(_row(conn, session_id))
 
             recorded["session"] = await self._store.write(job)
+            if plan is not None and self._connect is not None:
+                await self._connect.declare("payment_session", session_id, plan, payment_intent=pi["id"])
 
         result = await self._mutations.run(
             CREATE_TOOL, "/v1/payment_intents", params, PaymentSessionResult,

@@ -81,6 +81,10 @@ class SalePlan:
     def application_fee(self) -> int:
         return self.total - self.creator_amount
 
+    @property
+    def title(self) -> str:
+        return ", ".join(plug.name for plug, _ in self.lines)
+
     def destination(self) -> dict[str, Any]:
         """The destination-charge parameters (of a PaymentIntent, a session's payment_intent_data, a link)."""
         return {"transfer_data": {"destination": self.account}, "application_fee_amount": self.application_fee}
@@ -292,12 +296,21 @@ class ConnectService:
                       for price, quantity in items if (plug := plugs.get(price)) is not None)
         return SalePlan(account, currency, total, lines)
 
-    async def declare(self, path: str, sale_ref: str, plan: SalePlan) -> None:
+    async def plan_plug(self, item: str) -> SalePlan:
+        """One unit of the plug `item` names ("plug:<id>"), sold alone (a payment session's PaymentIntent)."""
+        plug = self._store.connect.plug(item.removeprefix("plug:"))
+        if plug is None:
+            raise NotFound(f"no plug {item.removeprefix('plug:')!r}: declare it with create_plug", param="item")
+        await self.receivable(plug.account_id, plug.currency, "item")
+        split = split_for(plug, plug.unit_amount, plug.currency)
+        return SalePlan(plug.account_id, plug.currency, plug.unit_amount, ((plug, split),))
+
+    async def declare(self, path: str, sale_ref: str, plan: SalePlan, *, payment_intent: str | None = None) -> None:
         """Record an offered sale's splits (after Stripe accepted it): one row per plug line, `declared`."""
         now = utc_now()
         rows = [Split(new_id("spl"), path, sale_ref, plug.plug_id, plan.account, plan.currency, split.gross,
-                      split.platform_fee, split.creator_amount, SplitStatus.DECLARED, None, None, None, 0, 0, 0, None,
-                      now, now) for plug, split in plan.lines]
+                      split.platform_fee, split.creator_amount, SplitStatus.DECLARED, payment_intent, None, None, 0, 0,
+                      0, None, now, now) for plug, split in plan.lines]
 
         def job(tx: Tx) -> None:
             for row in rows:
@@ -316,6 +329,12 @@ class ConnectService:
             status, due = _status_of_v1(obj)
             applied = self._store.connect.set_status(tx, obj["id"], status, due, int(event["created"]))
             return f"connected account {obj['id']}: {status}" if applied else None
+        if kind == "payment_intent.succeeded" and isinstance(obj.get("id"), str):  # a payment session's
+            moved = sum(self._store.connect.mark_paid(tx, split.id, SplitStatus.TRANSFERRED, payment_intent=obj["id"],
+                                                      transfer_group=f"group_{obj['id']}", transfer_id=None)
+                        for split in self._store.connect.splits_of_payment(obj["id"])
+                        if split.status is SplitStatus.DECLARED)
+            return f"{moved} split(s) transferred with {obj['id']}" if moved else None
         if kind == "checkout.session.completed" and isinstance(obj.get("id"), str) \
                 and isinstance(obj.get("payment_intent"), str) and obj.get("payment_status") == "paid":
             return self._paid_session(tx, obj["id"], obj["payment_intent"], obj.get("payment_link"))

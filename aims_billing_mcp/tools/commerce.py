@@ -19,7 +19,8 @@ async def create_payment_session(
     ctx: ToolContext,
     item: Annotated[str | None, Field(min_length=1, max_length=64, description="An item id from the pricing file, "
                                       "e.g. luc_10k (10,000 LUC for $10.00), luc_50k, or tier_3mo / tier_6mo / "
-                                      "tier_9mo (a tier's whole commitment, prepaid); or give amount + currency")]
+                                      "tier_9mo (a tier's whole commitment, prepaid), or plug:<id> (a creator's "
+                                      "plug: see create_plug); or give amount + currency")]
     = None,
     agent_id: Annotated[AgentId | None, Field(description="The buying agent: its wallet receives a LUC pack "
                                           "(required for credit items; the wallet must exist; for a tier item its "

@@ -199,3 +199,76 @@ async def test_a_payment_session_for_a_plug_of_a_creator_not_onboarded_is_refuse
     err = error_of(await client.call_tool("create_payment_session", {"item": "plug:seo-audit"}))
     assert err["code"] == "refused" and err["param"] == "item" and account in err["message"]
     assert sandbox.count("payment_intent") == 0 and table_digests(tmp_path / "billing.db") == before
+
+
+async def test_partial_refunds_reverse_the_creators_transfer_and_the_platform_fee_in_proportion(
+        client: Client, sandbox: Sandbox) -> None:
+    account = await creator(client, sandbox)
+    price_id = await price(client, 1000)
+    await plug(client, account, price_id, creator_share_bp=7000)
+    session = ok(await client.call_tool("create_checkout_session", {
+        "line_items": [{"price": price_id}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
+    done = sandbox.complete_checkout_session(session)
+    await _drained(sandbox)
+    first = ok(await client.call_tool("refund_split_sale", {"sale": session, "amount": 333, "idempotency_key": "r1"}))
+    assert (first["amount"], first["reversed"], first["fee_refunded"]) == (333, 333 - 99, 99)
+    again = ok(await client.call_tool("refund_split_sale", {"sale": session, "amount": 333, "idempotency_key": "r1"}))
+    assert again["replayed"] and again["refund"] == first["refund"] and sandbox.count("refund") == 1
+    rest = ok(await client.call_tool("refund_split_sale", {"sale": session, "amount": 667, "idempotency_key": "r2"}))
+    assert rest["reversed"] + first["reversed"] == 700 and rest["fee_refunded"] + first["fee_refunded"] == 300
+    (earned,) = ok(await client.call_tool("get_creator_earnings", {"account": account}))["earnings"]
+    assert (earned["transferred"], earned["reversed"], earned["fee_refunded"], earned["net_to_creator"]) == (
+        700, 700, 300, 0)
+    pi = sandbox.get_object(done["payment_intent"])
+    assert pi is not None
+    transfers = [t for t in _list(sandbox, "transfer") if t["transfer_group"] == f"group_{pi['id']}"]
+    fees = [f for f in _list(sandbox, "application_fee") if f["charge"] == pi["latest_charge"]]
+    assert [(t["amount"], t["amount_reversed"]) for t in transfers] == [(1000, 1000)]
+    assert [(f["amount"], f["amount_refunded"]) for f in fees] == [(300, 300)]
+
+
+def _list(sandbox: Sandbox, kind: str) -> list[dict[str, Any]]:
+    found, _ = sandbox.store.page(kind, {}, limit=100)
+    return found
+
+
+async def test_a_refund_larger_than_what_is_left_is_refused_writing_nothing_and_sending_nothing(
+        client: Client, sandbox: Sandbox, tmp_path: Path) -> None:
+    account = await creator(client, sandbox)
+    price_id = await price(client, 1000)
+    await plug(client, account, price_id)
+    session = ok(await client.call_tool("create_checkout_session", {
+        "line_items": [{"price": price_id}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
+    sandbox.complete_checkout_session(session)
+    await _drained(sandbox)
+    ok(await client.call_tool("refund_split_sale", {"sale": session, "amount": 600, "idempotency_key": "r1"}))
+    before = table_digests(tmp_path / "billing.db", skip=("audit_log", "sqlite_sequence", "idempotency_keys"))
+    err = error_of(await client.call_tool("refund_split_sale", {"sale": session, "amount": 401,
+                                                                "idempotency_key": "r2"}))
+    assert err["code"] == "invalid_input" and err["param"] == "amount" and "400" in err["message"]
+    assert sandbox.count("refund") == 1
+    assert table_digests(tmp_path / "billing.db", skip=("audit_log", "sqlite_sequence", "idempotency_keys")) == before
+
+
+async def test_two_refunds_racing_for_the_rest_of_a_sale_refund_and_reverse_once(
+        client: Client, sandbox: Sandbox) -> None:
+    account = await creator(client, sandbox)
+    price_id = await price(client, 1000)
+    await plug(client, account, price_id)
+    session = ok(await client.call_tool("create_checkout_session", {
+        "line_items": [{"price": price_id}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
+    sandbox.complete_checkout_session(session)
+    await _drained(sandbox)
+    results: list[Any] = []
+
+    async def refund(key: str) -> None:
+        results.append(await client.call_tool("refund_split_sale", {"sale": session, "amount": 1000,
+                                                                    "idempotency_key": key}))
+
+    async with anyio.create_task_group() as tg:
+        for key in ("a", "b"):
+            tg.start_soon(refund, key)
+    assert sorted(r.is_error for r in results) == [False, True]
+    assert sandbox.count("refund") == 1 and sandbox.count("transfer_reversal") == 1
+    (earned,) = ok(await client.call_tool("get_creator_earnings", {"account": account}))["earnings"]
+    assert earned["reversed"] == 700

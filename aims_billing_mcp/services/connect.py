@@ -33,6 +33,7 @@ from .connect_models import (
     EarningsReport,
     PlugResult,
     PlugView,
+    RefundSplitResult,
     SplitView,
 )
 from .mutations import StripeMutations, compact
@@ -356,6 +357,67 @@ class ConnectService:
                     SplitStatus.TRANSFERRED, payment_intent, None, group, 0, 0, 0, f"paid through {link}", now, now))
         return f"{moved} split(s) transferred with {payment_intent}" if moved else None
 
+    # --- refunds --------------------------------------------------------------------------------------------------
+
+    async def refund_sale(self, *, sale: str, amount: int, reason: str | None,
+                          idempotency_key: str) -> RefundSplitResult:
+        """Refund (part of) a split sale: the buyer's money back, the creator's transfer reversed and the platform's
+        fee refunded in proportion (Stripe's `reverse_transfer` and `refund_application_fee`), at most what is left."""
+        splits = [s for s in self._sale_splits(sale) if s.status is SplitStatus.TRANSFERRED]
+        if not splits:
+            raise NotFound(f"no paid split sale {sale}: give the checkout session (cs_...) or payment session (ps_...) "
+                           "of a sale of a plug (get_creator_earnings lists them)", param="sale")
+        params = compact({"payment_intent": splits[0].payment_intent, "amount": amount, "reverse_transfer": True,
+                          "refund_application_fee": True, "reason": reason, "metadata": {"aims_sale": sale}})
+        key = f"{sale}:{idempotency_key}"
+        call = self._mutations.idempotency.key_for("refund_split_sale", {"path": "/v1/refunds", "method": "post",
+                                                                         **params}, key, sale)
+        if (stored := self._mutations.idempotency.find(call)) is not None:  # a retry: its first answer, not a check
+            return RefundSplitResult.model_validate({**stored, "replayed": True})
+        gross = sum(s.gross for s in splits)
+        left = gross - sum(s.refunded for s in splits)
+        if amount <= 0 or amount > left:
+            raise InvalidInput(f"refund amount {amount} is more than what is left of sale {sale} ({left} of {gross} "
+                               f"{splits[0].currency})" if amount > 0 else "amount must be positive (minor units)",
+                               param="amount")
+        shares = self._allocate(splits, amount)
+
+        async def record(_: dict[str, Any]) -> None:
+            def job(tx: Tx) -> None:
+                for split, (refunded, reversed_, fee) in shares:
+                    if not self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee):
+                        raise InvalidInput(f"sale {sale} was refunded meanwhile: nothing more is left to refund",
+                                           param="amount")
+
+            await self._store.write(job)
+
+        return await self._mutations.run(
+            "refund_split_sale", "/v1/refunds", params, RefundSplitResult,
+            lambda d: {"refund": d["id"], "amount": amount, "reversed": sum(r for _, (_, r, _) in shares),
+                       "fee_refunded": sum(f for _, (_, _, f) in shares)},
+            idempotency_key=key, dry_run=False, after=record, owner=sale)
+
+    def _sale_splits(self, sale: str) -> list[Split]:
+        for path in ("checkout", "payment_link", "payment_session", "x402"):
+            found = self._store.connect.splits_of_sale(path, sale)
+            if found:
+                return found
+        return []
+
+    @staticmethod
+    def _allocate(splits: list[Split], amount: int) -> list[tuple[Split, tuple[int, int, int]]]:
+        """Spread a refund over a sale's splits (each up to what is left of it): per split, what the buyer gets back,
+        what the creator gives back and what fee the platform gives back."""
+        out = []
+        for split in splits:
+            take = min(amount, split.gross - split.refunded)
+            if take <= 0:
+                continue
+            fee = _fee_share(split.platform_fee, split.gross, split.refunded, take)
+            out.append((split, (take, take - fee, fee)))
+            amount -= take
+        return out
+
     # --- reporting ------------------------------------------------------------------------------------------------
 
     def earnings(self, account: str | None, since: str | None, limit: int = 50) -> EarningsReport:
@@ -370,3 +432,9 @@ class ConnectService:
             splits=[split_view(s) for s in self._store.connect.splits(account, since, limit)
                     if s.status is not SplitStatus.DECLARED])
 
+
+
+def _fee_share(fee: int, gross: int, refunded_before: int, refunded_now: int) -> int:
+    """The part of an application fee a refund gives back, as Stripe computes it: in proportion, cumulatively (so
+    refunds adding up to the whole sale give back exactly the whole fee)."""
+    return fee * (refunded_before + refunded_now) // gross - fee * refunded_before // gross

@@ -97,6 +97,7 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(connect.list_connected_accounts, "List connected accounts", "read", open_world=False),
     ToolSpec(connect.create_plug, "Create plug", "write"),
     ToolSpec(connect.get_creator_earnings, "Get creator earnings", "read", open_world=False),
+    ToolSpec(connect.refund_split_sale, "Refund split sale", "write", destructive=True),
 )
 
 

@@ -12,6 +12,7 @@ from ..services.connect_models import (
     ConnectedAccountView,
     EarningsReport,
     PlugResult,
+    RefundSplitResult,
 )
 from .context import ToolContext, services
 
@@ -101,3 +102,20 @@ async def get_creator_earnings(
     """Per creator and currency: gross sales, platform fees, transferred, reversed by refunds, pending; and the
     latest sales with their Stripe ids."""
     return services(ctx).connect.earnings(account, since)
+
+
+async def refund_split_sale(
+    ctx: ToolContext,
+    sale: Annotated[str, Field(pattern=r"^(cs_|ps_)[A-Za-z0-9_]+$", description="The sale: its checkout session "
+                               "(cs_...) or payment session (ps_...), as get_creator_earnings lists it")],
+    amount: Annotated[int, Field(gt=0, le=10**12, description="Minor units to give back, at most what is left of "
+                                 "the sale")],
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255, description="Required: the same key "
+                                          "returns the first result instead of refunding twice")],
+    reason: Annotated[Literal["duplicate", "fraudulent", "requested_by_customer"] | None, Field(
+        description="Stripe's refund reason")] = None,
+) -> RefundSplitResult:
+    """Refund (part of) a sale of a plug: the buyer gets the amount back, the creator's transfer is reversed and the
+    platform's fee refunded in the same proportion. Never more than what is left of the sale."""
+    return await services(ctx).connect.refund_sale(sale=sale, amount=amount, reason=reason,
+                                                   idempotency_key=idempotency_key)

@@ -261,7 +261,7 @@ def _ledger(settings: Settings) -> tuple[Any, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .services.reports import prepaid_report, receipts_report, usage_report, wallet_report
+    from .services.reports import creators_report, prepaid_report, receipts_report, usage_report, wallet_report
 
     settings = _settings()
     if args.report == "audit":
@@ -278,6 +278,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         try:
             lines = (usage_report(state.store, state.metering, args.customer) if args.report == "usage"
                      else receipts_report(state.x402, args.limit))
+        finally:
+            asyncio.run(state.gateway.close())
+            state.store.close()
+    elif args.report == "creators":
+        from .app import build_state
+        from .store import utc_iso
+
+        state = build_state(settings)
+        try:
+            since = utc_iso(args.since.timestamp()) if args.since else None
+            lines = creators_report(state.connect.earnings(args.account, since, args.limit))
         finally:
             asyncio.run(state.gateway.close())
             state.store.close()
@@ -412,6 +423,28 @@ def cmd_refund_prepaid(args: argparse.Namespace) -> int:
         return 1
     print("\n".join(prepaid_report([row])))
     return 0 if row["status"] == "refunded" else 1  # a pending or failed refund: run it again later
+
+
+def cmd_check_splits(args: argparse.Namespace) -> int:
+    """Every paid split sale against Stripe's transfers and application fees; exit 1 on any mismatch."""
+    from .app import build_state
+
+    async def run() -> tuple[int, list[str]]:
+        state = build_state(_settings())
+        try:
+            return await state.connect.check_splits()
+        finally:
+            await state.gateway.close()
+            state.store.close()
+
+    checked, problems = asyncio.run(run())
+    if problems:
+        print(f"check-splits: {len(problems)} mismatch(es) in {checked} sale(s)")
+        print("\n".join(f"  {line}" for line in problems))
+        return 1
+    print(f"check-splits: ok: {checked} sale(s); each has one transfer to its creator, its application fee, and "
+          "refunds reversed as recorded")
+    return 0
 
 
 def cmd_check_ledger(args: argparse.Namespace) -> int:
@@ -553,13 +586,15 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
     setup.set_defaults(func=cmd_setup_stripe)
     report = sub.add_parser("report", help="operator reports: wallets, usage, receipts, prepaid, audit")
-    report.add_argument("report", choices=["wallets", "usage", "receipts", "prepaid", "audit"],
+    report.add_argument("report", choices=["wallets", "usage", "receipts", "prepaid", "audit", "creators"],
                         help="which report: wallets (balances), usage (this period), receipts (x402), prepaid "
-                             "(prepaid tiers), audit (what agents called)")
+                             "(prepaid tiers), audit (what agents called), creators (plug sales split with creators)")
     report.add_argument("--customer", help="only this customer (cus_...)")
+    report.add_argument("--account", help="creators: only this connected account (acct_...)")
     report.add_argument("--limit", type=_positive, default=50, help="receipts, audit: how many of the latest")
     report.add_argument("--tool", help="audit: only calls of this tool")
-    report.add_argument("--since", type=_since, help="audit: only rows since an ISO date/time or a span (30m, 12h, 7d)")
+    report.add_argument("--since", type=_since, help="audit, creators: only rows since an ISO date/time or a span "
+                        "(30m, 12h, 7d)")
     report.add_argument("--errors", action="store_true", help="audit: only calls that failed")
     report.set_defaults(func=cmd_report)
     prune = sub.add_parser("prune-audit", help="delete audit rows older than the retention period")
@@ -577,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     refund.set_defaults(func=cmd_refund_prepaid)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
+    splits = sub.add_parser("check-splits", help="reconcile every split sale with Stripe; exit 1 on any mismatch")
+    splits.set_defaults(func=cmd_check_splits)
     tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")
     tools_json.add_argument("--output", default="tools.json", help="where to write it (default tools.json)")
     tools_json.set_defaults(func=cmd_tools_json)

@@ -418,6 +418,47 @@ class ConnectService:
             amount -= take
         return out
 
+    # --- reconciliation -------------------------------------------------------------------------------------------
+
+    async def check_splits(self) -> tuple[int, list[str]]:
+        """Every paid split sale against Stripe: one transfer to the creator's account in the sale's transfer group,
+        an application fee of the sale less the creators' shares, and what refunds took back on both sides equal to
+        what we recorded. Returns (sales checked, one line per mismatch)."""
+        sales: dict[str, list[Split]] = {}
+        for split in self._store.connect.splits(None, None, 1_000_000):
+            if split.status is SplitStatus.TRANSFERRED and split.payment_intent:
+                sales.setdefault(split.payment_intent, []).append(split)
+        problems: list[str] = []
+        for pi_id, splits in sales.items():
+            problems += [f"{pi_id:32} {p}" for p in await self._check_sale(pi_id, splits)]
+        return len(sales), problems
+
+    async def _check_sale(self, pi_id: str, splits: list[Split]) -> list[str]:
+        get = self._gateway.send
+        pi = (await get(StripeRequest("get", f"/v1/payment_intents/{pi_id}"))).data
+        account = splits[0].account_id
+        transfers = (await get(StripeRequest("get", "/v1/transfers", {"transfer_group": f"group_{pi_id}",
+                                                                       "limit": 100}))).data.get("data") or []
+        fees = (await get(StripeRequest("get", "/v1/application_fees", {"charge": pi.get("latest_charge"),
+                                                                         "limit": 100}))).data.get("data") or []
+        if len(transfers) != 1 or transfers[0].get("destination") != account:
+            return [f"expected one transfer to {account}, Stripe has "
+                    f"{[(t.get('id'), t.get('destination')) for t in transfers]}"]
+        transfer, fee = transfers[0], (fees[0] if fees else {"amount": 0, "amount_refunded": 0})
+        creators = sum(s.creator_amount for s in splits)
+        out = []
+        if int(fee["amount"]) != int(pi["amount"]) - creators:
+            out.append(f"application fee {fee['amount']} != sale {pi['amount']} - creators' shares {creators}")
+        stripe_net = (int(transfer["amount"]) - int(transfer["amount_reversed"]) - int(fee["amount"])
+                      + int(fee["amount_refunded"]))
+        ours = creators - sum(s.reversed for s in splits)
+        if stripe_net != ours:
+            out.append(f"creator {account} holds {stripe_net} from this sale at Stripe, we recorded {ours}")
+        if int(fee["amount_refunded"]) != sum(s.fee_refunded for s in splits):
+            out.append(f"fee refunded {fee['amount_refunded']} at Stripe, we recorded "
+                       f"{sum(s.fee_refunded for s in splits)}")
+        return out
+
     # --- reporting ------------------------------------------------------------------------------------------------
 
     def earnings(self, account: str | None, since: str | None, limit: int = 50) -> EarningsReport:

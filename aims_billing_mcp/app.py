@@ -306,6 +306,7 @@ def build_state(settings: Settings, *, sandbox_app: Any = None, retry_delay_scal
                                ceiling=ceiling)
     prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, retry_delay_scale=retry_delay_scale)
     connect = ConnectService(store, mutations)
+    x402.connect = connect
     commerce = PaymentSessionService(store, mutations, ledger, pricing, prepaid=prepaid, connect=connect)
     acp = AcpService(store, commerce, pricing,
                      api_keys={key.get_secret_value() for key in settings.aims_billing_acp_api_keys},

@@ -272,3 +272,92 @@ async def test_two_refunds_racing_for_the_rest_of_a_sale_refund_and_reverse_once
     assert sandbox.count("refund") == 1 and sandbox.count("transfer_reversal") == 1
     (earned,) = ok(await client.call_tool("get_creator_earnings", {"account": account}))["earnings"]
     assert earned["reversed"] == 700
+
+
+# --- x402: a plug's resource paid in USDC, the creator paid by a separate transfer ---------------------------------
+
+
+def _fund_platform(sandbox_app: Any, amount: int = 10_000) -> None:
+    """The platform's Stripe balance the x402 transfers come from (a paid card charge, available at once)."""
+    from starlette.testclient import TestClient
+
+    from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY
+
+    http = TestClient(sandbox_app, headers={"Authorization": f"Bearer {SANDBOX_SECRET_KEY}"})
+    paid = http.post("/v1/payment_intents", data={"amount": str(amount), "currency": "usd",
+                                                  "payment_method": "pm_card_visa", "confirm": "true"})
+    assert paid.status_code == 200, paid.text
+
+
+async def _x402_plug(client: Client, sandbox: Sandbox, *, onboard: bool = True) -> str:
+    account = await creator(client, sandbox)
+    await plug(client, account, await price(client, 1000), creator_share_bp=7000)
+    if not onboard:
+        sandbox.complete_account_onboarding(account, onboarded=False)
+        await _drained(sandbox)
+    return account
+
+
+def _transfers(sandbox: Sandbox) -> list[dict[str, Any]]:
+    return [t for t in _list(sandbox, "transfer") if str(t["transfer_group"]).startswith("x402_")]
+
+
+@pytest.mark.parametrize("lost_answer", [False, True])
+async def test_an_x402_payment_for_a_plug_transfers_the_creators_share_once_even_after_a_lost_answer(
+        client: Client, sandbox: Sandbox, sandbox_app: Any, lost_answer: bool) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from x402_worker import Payer, header
+
+    account = await _x402_plug(client, sandbox)
+    _fund_platform(sandbox_app)
+    quote = ok(await client.call_tool("create_x402_payment_requirements", {
+        "description": "SEO audit", "resource": "plug:seo-audit", "amount_usd": "10.00"}))
+    if lost_answer:  # Stripe makes the transfer but its answer is lost: the retry carries the same key
+        sandbox.faults.inject(status=500, mode="after", path_prefix="/v1/transfers")
+    receipt = ok(await client.call_tool("verify_x402_receipt", {
+        "payment": header(Payer().pay(quote["payment_required"]))}))
+    [transfer] = _transfers(sandbox)
+    assert (transfer["amount"], transfer["destination"], transfer["transfer_group"]) == (
+        700, account, f"x402_{receipt['receipt_id']}")
+    report = ok(await client.call_tool("get_creator_earnings", {"account": account}))
+    assert [(s["path"], s["status"], s["creator_amount"], s["platform_fee"], s["transfer"])
+            for s in report["splits"]] == [("x402", "transferred", 700, 300, transfer["id"])]
+
+
+async def test_the_same_x402_plug_payment_presented_four_times_at_once_transfers_once(
+        client: Client, sandbox: Sandbox, sandbox_app: Any) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from x402_worker import Payer, header
+
+    await _x402_plug(client, sandbox)
+    _fund_platform(sandbox_app)
+    quote = ok(await client.call_tool("create_x402_payment_requirements", {
+        "description": "SEO audit", "resource": "plug:seo-audit", "amount_usd": "10.00"}))
+    payment = header(Payer().pay(quote["payment_required"]))
+    results: list[Any] = []
+
+    async def present() -> None:
+        results.append(await client.call_tool("verify_x402_receipt", {"payment": payment}))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(present)
+    assert sorted(r.is_error for r in results) == [False, True, True, True]
+    assert len(_transfers(sandbox)) == 1
+
+
+@pytest.mark.parametrize(("case", "param"), [("wrong_price", "amount_usd"), ("not_onboarded", "resource"),
+                                             ("unknown_plug", "resource")])
+async def test_an_x402_quote_for_a_plug_at_another_price_or_whose_creator_cannot_be_paid_is_refused_storing_nothing(
+        client: Client, sandbox: Sandbox, tmp_path: Path, case: str, param: str) -> None:
+    await _x402_plug(client, sandbox, onboard=case != "not_onboarded")
+    before = table_digests(tmp_path / "billing.db")
+    err = error_of(await client.call_tool("create_x402_payment_requirements", {
+        "description": "SEO audit", "resource": "plug:nope" if case == "unknown_plug" else "plug:seo-audit",
+        "amount_usd": "9.99" if case == "wrong_price" else "10.00"}))
+    assert err["param"] == param, err
+    assert table_digests(tmp_path / "billing.db") == before

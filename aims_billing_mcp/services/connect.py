@@ -15,15 +15,17 @@ for a creator, with the creator's share) and the split of every sale of a plug.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidInput, NotFound, Refused
+from ..errors import BillingError, InvalidInput, NotFound, Refused
 from ..models import format_amount
 from ..store import Store, Tx, new_id, utc_now
 from ..store.connect import AccountStatus, ConnectedAccount, DuplicatePlug, Plug, Split, SplitStatus
-from ..stripe_gateway import StripeRequest
+from ..stripe_gateway import StripeRequest, stripe_idempotency_key
 from .connect_models import (
     AccountLinkResult,
     ConnectedAccountList,
@@ -41,6 +43,8 @@ from .mutations import StripeMutations, compact
 ACCOUNT_ID = re.compile(r"acct_[A-Za-z0-9]{1,64}")
 INCLUDE = ["configuration.recipient", "requirements", "defaults", "identity"]
 MAX_BP = 10_000
+USDC_PER_CENT = 10_000  # USDC has 6 decimals: one cent is 10,000 atomic units
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +322,58 @@ class ConnectService:
                 self._store.connect.add_split(tx, row)
 
         await self._store.write(job)
+
+    # --- x402: the money lands in the platform's hands, a separate transfer pays the creator ----------------------
+
+    def _resource_plug(self, resource: str) -> Plug:
+        plug = self._store.connect.plug(resource.removeprefix("plug:"))
+        if plug is None:
+            raise NotFound(f"no plug {resource.removeprefix('plug:')!r} (resource {resource}): declare it with "
+                           "create_plug", param="resource")
+        return plug
+
+    async def check_x402_plug(self, resource: str, atomic: int) -> None:
+        """An x402 quote for a plug's resource ("plug:<id>") asks exactly its price, and its creator can be paid."""
+        plug = self._resource_plug(resource)
+        if plug.currency != "usd" or atomic != plug.unit_amount * USDC_PER_CENT:
+            raise InvalidInput(f"plug {plug.plug_id} costs {format_amount(plug.unit_amount, plug.currency)}: quote "
+                               "exactly that in USDC (amount_usd)", param="amount_usd")
+        await self.receivable(plug.account_id, plug.currency, "resource")
+
+    async def settle_x402(self, receipt_id: str, resource: str, atomic: int) -> None:
+        """After an x402 payment for a plug was recorded (once: the receipt's UNIQUE keys): its split, then the
+        transfer of the creator's share. The transfer's idempotency key and group derive from the receipt, so a retry
+        (a lost answer, another process) never transfers twice; one that fails leaves the split `pending`."""
+        plug = self._resource_plug(resource)
+        split = split_for(plug, atomic // USDC_PER_CENT, plug.currency)
+        now = utc_now()
+        row = Split(new_id("spl"), "x402", receipt_id, plug.plug_id, plug.account_id, plug.currency, split.gross,
+                    split.platform_fee, split.creator_amount, SplitStatus.PENDING, None, None, f"x402_{receipt_id}",
+                    0, 0, 0, None, now, now)
+        await self._store.write(lambda tx: self._store.connect.add_split(tx, row))
+        await self.transfer_pending(receipt_id)
+
+    async def transfer_pending(self, receipt_id: str) -> None:
+        for split in self._store.connect.splits_of_sale("x402", receipt_id):
+            if split.status is not SplitStatus.PENDING:
+                continue
+            transfer_id = None
+            if split.creator_amount > 0:
+                try:
+                    transfer_id = (await self._gateway.send(StripeRequest(
+                        "post", "/v1/transfers", {
+                            "amount": split.creator_amount, "currency": split.currency,
+                            "destination": split.account_id, "transfer_group": split.transfer_group,
+                            "metadata": {"aims_receipt": receipt_id, "aims_plug": split.plug_id}},
+                        stripe_idempotency_key("x402_split", f"{receipt_id}:{split.plug_id}")))).data["id"]
+                except BillingError as exc:  # the buyer paid: the creator's transfer waits, visible as pending
+                    log.warning("x402 split %s: the transfer to %s waits: %s", split.id, split.account_id, exc.message)
+                    continue
+            await self._store.write(functools.partial(self._transferred, split.id, transfer_id))
+
+    def _transferred(self, split_id: str, transfer_id: str | None, tx: Tx) -> bool:
+        return self._store.connect.mark_paid(tx, split_id, SplitStatus.TRANSFERRED, payment_intent=None,
+                                             transfer_group=None, transfer_id=transfer_id)
 
     # --- Stripe's events (in the webhook's transaction) -----------------------------------------------------------
 

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 from .. import jsonsafe
 from ..errors import ConfigurationError, InvalidInput, LimitReached, NotFound, PaymentRejected, StripeError
 from ..store import Store, dumps, new_id, utc_iso
+from .connect import ConnectService
 from .ledger import LedgerService, require_text
 from .tiers import Pricing
 from .x402_models import Mode, PayerRegistration, Receipt, ReceiptRow, RequirementsResult
@@ -332,6 +333,7 @@ class X402Service:
         # In live mode there is no default pay-to, no offline settlement and no test network: every call refuses
         self.problem = live_mode_problem(live=live, pay_to=pay_to, facilitator=facilitator, network=network)
         self._store = store
+        self.connect: ConnectService | None = None  # quotes for "plug:<id>" resources pay its creator (app.py sets it)
         self._ledger = ledger
         self._gateway = gateway
         self._luc_per_usd = pricing.luc_per_usd
@@ -393,6 +395,8 @@ class X402Service:
         require_text(resource, "resource", MAX_RESOURCE)
         self._whole_cents(atomic, "amount_usd")
         self._require_wallet(agent_id)
+        if self.connect is not None and resource.startswith("plug:"):  # a creator's plug (services/connect.py)
+            await self.connect.check_x402_plug(resource, atomic)
         caip = NETWORKS[name][0]
         quote_id = new_id("q")
         now = self._clock()
@@ -582,8 +586,11 @@ class X402Service:
         else:
             settlement = await self._settle_http(payload_v2, requirements)
         tx_hash = str(settlement.get("transaction") or "") or None
-        return await self._record(quote, version=version, network=caip, asset=asset, payer=payer,
-                                  nonce=auth.nonce, tx_hash=tx_hash, payment_intent=None, settlement=settlement)
+        receipt = await self._record(quote, version=version, network=caip, asset=asset, payer=payer,
+                                     nonce=auth.nonce, tx_hash=tx_hash, payment_intent=None, settlement=settlement)
+        if self.connect is not None and str(quote["resource"]).startswith("plug:"):
+            await self.connect.settle_x402(receipt.receipt_id, str(quote["resource"]), int(quote["amount"]))
+        return receipt
 
     def _quote_of(self, named: str | None, quote_id: str | None, agent_id: str | None,
                   luc: int | None) -> dict[str, Any]:

@@ -210,7 +210,10 @@ class ConnectService:
 
     async def get_connected_account(self, account: str) -> ConnectedAccountView:
         row, payouts = await self.refresh(account)
-        return _view(row, payouts)
+        balance = (await self._gateway.send(StripeRequest("get", "/v1/balance", stripe_account=account))).data
+        view = _view(row, payouts)
+        view.balance = {str(a["currency"]): int(a["amount"]) for a in balance.get("available") or []}
+        return view
 
     def list_connected_accounts(self, status: str | None, limit: int) -> ConnectedAccountList:
         wanted = AccountStatus(status) if status else None
@@ -481,13 +484,23 @@ class ConnectService:
         an application fee of the sale less the creators' shares, and what refunds took back on both sides equal to
         what we recorded. Returns (sales checked, one line per mismatch)."""
         sales: dict[str, list[Split]] = {}
+        separate: list[Split] = []
         for split in self._store.connect.splits(None, None, 1_000_000):
             if split.status is SplitStatus.TRANSFERRED and split.payment_intent:
                 sales.setdefault(split.payment_intent, []).append(split)
+            elif split.status is SplitStatus.TRANSFERRED and split.path == "x402":
+                separate.append(split)
         problems: list[str] = []
         for pi_id, splits in sales.items():
             problems += [f"{pi_id:32} {p}" for p in await self._check_sale(pi_id, splits)]
-        return len(sales), problems
+        for split in separate:  # an x402 sale: one transfer of the creator's share in the receipt's group
+            found = (await self._gateway.send(StripeRequest("get", "/v1/transfers", {
+                "transfer_group": split.transfer_group, "limit": 100}))).data.get("data") or []
+            want = [(split.transfer_id, split.account_id, split.creator_amount, split.reversed)]
+            got = [(t.get("id"), t.get("destination"), t.get("amount"), t.get("amount_reversed")) for t in found]
+            if got != want and not (split.creator_amount == 0 and not got):
+                problems.append(f"{split.sale_ref:32} expected transfer {want}, Stripe has {got}")
+        return len(sales) + len(separate), problems
 
     async def _check_sale(self, pi_id: str, splits: list[Split]) -> list[str]:
         get = self._gateway.send

@@ -19,6 +19,8 @@ class ConnectedAccountView(BaseModel):
     requirements_due: list[str] = Field(default_factory=list, description="What Stripe still requires")
     payouts: str | None = Field(default=None, description="Stripe's payouts capability status (get only): active, "
                                 "pending, restricted or unsupported")
+    balance: dict[str, int] | None = Field(default=None, description="get only: the account's available Stripe "
+                                           "balance by currency, minor units (read with the Stripe-Account header)")
     updated_at: str | None = None
 
 

@@ -78,10 +78,11 @@ async def create_plug(
                                   "seo-audit")],
     price: Annotated[PriceId, Field(description="The one-time price (price_...) buyers pay for one unit")],
     account: AccountId,
-    creator_share_bp: Annotated[int | None, Field(description="The creator's share of each sale in basis points: "
-                                                  "0-10000 (7000 = 70%). Give this or platform_fee")] = None,
-    platform_fee: Annotated[int | None, Field(description="Or: the platform's fixed fee per unit, in minor units, at "
-                                              "most the price; the creator gets the rest")] = None,
+    creator_share_bp: Annotated[int | None, Field(ge=0, le=10_000, description="The creator's share of each sale in "
+                                                  "basis points: 0-10000 (7000 = 70%). Give this or platform_fee")]
+    = None,
+    platform_fee: Annotated[int | None, Field(ge=0, le=10**12, description="Or: the platform's fixed fee per unit, "
+                                              "in minor units, at most the price; the creator gets the rest")] = None,
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Display name")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> PlugResult:

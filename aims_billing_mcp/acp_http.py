@@ -8,9 +8,9 @@ Every ACP request needs `API-Version: 2026-04-17` (else 400 `missing_api_version
 `supported_versions`) and `Authorization: Bearer <api key>`; every POST an `Idempotency-Key`. Answers echo
 `API-Version`, `Idempotency-Key` and `Request-Id`; errors are ACP's Error object (type, code, message, param).
 With a signing secret configured, every checkout request also needs `Signature` and `Timestamp` over its exact body
-(services/acp.py says how), checked after the bearer key and before the Idempotency-Key is claimed.
-`acp_routes(get_state)` is what the companion app mounts; the service is `state.acp` when the app state has one,
-else one built from the state (`store`, `commerce`, `pricing`, API keys from `settings.acp_api_keys`).
+(services/acp_protocol.py says how), checked after the bearer key and before the Idempotency-Key is claimed.
+`acp_routes(get_state)` is what routes.py declares (for `serve --http` and the companion app); the service is
+`state.acp`, the seller state.py builds.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .services.acp import API_VERSION, AcpService, require_idempotency_key
+from .services.acp import AcpService
 from .services.acp_models import AcpError, AcpResponse
+from .services.acp_protocol import API_VERSION, require_idempotency_key
 from .services.acp_schema import SUPPORTED_VERSIONS, check_api_version, check_json
 
 BASE = "/acp"

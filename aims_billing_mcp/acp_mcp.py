@@ -14,7 +14,8 @@ type, an argument the tool does not take) is JSON-RPC -32602 before anything run
 `data` is ACP's Error object, its `param` addressing the tool arguments (`$.payload.currency`, `$.meta.api_version`,
 `$.id`), not the REST body. Authentication is the connection's bearer key (one of AIMS_BILLING_ACP_API_KEYS), never
 a tool argument. With a signing secret configured, `meta.signature` and `meta.timestamp` are required and checked as
-the REST `Signature` / `Timestamp` headers are, over the canonical JSON of `payload` (services/acp.py says how).
+the REST `Signature` / `Timestamp` headers are, over the canonical JSON of `payload` (services/acp_protocol.py says
+how).
 """
 
 import re
@@ -29,8 +30,9 @@ from mcp.shared.exceptions import MCPError
 from pydantic import Field
 
 from . import __version__
-from .services.acp import AcpService, signed_payload
+from .services.acp import AcpService
 from .services.acp_models import AcpError, AcpResponse
+from .services.acp_protocol import signed_payload
 from .services.acp_schema import (
     SPEC_VERSION,
     bundled,

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Awaitable, Callable
-from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,7 +28,7 @@ from .redact import display, install_log_redaction, redact_text, redacted_stream
 from .settings import Settings, StripeMode, describe_validation_error
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .state import AppState
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -93,9 +92,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _check_databases(settings: Settings) -> None:
     """A path that cannot be a database stops start-up here, in one line (StoreUnavailable), not in a traceback
     from inside the server's lifespan or at the first Stripe call (the embedded sandbox opens its file then)."""
-    from .store import Store, check_database_file
+    from .store import check_database_file, open_store
 
-    Store(settings.aims_billing_db).close()
+    open_store(settings.aims_billing_db, settings.database_url).close()
     if settings.stripe_secret_key is None and settings.stripe_api_base is None:
         check_database_file(settings.sandbox_db_path, "AIMS_BILLING_SANDBOX_DB")
 
@@ -249,62 +248,30 @@ def cmd_setup_stripe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger(settings: Settings) -> tuple[Any, Any]:
-    """The store and ledger for operator commands (no Stripe needed: agent limits are not checked here)."""
-    from .services.ledger import LedgerService
-    from .services.tiers import Pricing
-    from .store import Store
-
-    store = Store(settings.aims_billing_db)
-    pricing = Pricing.load(settings.aims_billing_pricing)
-    return store, LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=lambda customer: None)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from .services.reports import creators_report, prepaid_report, receipts_report, usage_report, wallet_report
+    from .state import open_state
 
-    settings = _settings()
-    if args.report == "audit":
-        from .services.audit import AuditFilter, audit_report, audit_rows
-        from .store import Store
+    with open_state(_settings()) as state:
+        store = state.store
+        if args.report == "audit":
+            from .services.audit import AuditFilter, audit_report, audit_rows
 
-        with closing(Store(settings.aims_billing_db)) as store:
             lines = audit_report(audit_rows(store, AuditFilter(
                 tool=args.tool, customer=args.customer, since=args.since, errors_only=args.errors, limit=args.limit)))
-    elif args.report in ("usage", "receipts"):
-        from .app import build_state
+        elif args.report == "usage":
+            lines = usage_report(store, state.metering, args.customer)
+        elif args.report == "receipts":
+            lines = receipts_report(state.x402, args.limit)
+        elif args.report == "creators":
+            from .store import utc_iso
 
-        state = build_state(settings)
-        try:
-            lines = (usage_report(state.store, state.metering, args.customer) if args.report == "usage"
-                     else receipts_report(state.x402, args.limit))
-        finally:
-            asyncio.run(state.gateway.close())
-            state.store.close()
-    elif args.report == "creators":
-        from .app import build_state
-        from .store import utc_iso
-
-        state = build_state(settings)
-        try:
             since = utc_iso(args.since.timestamp()) if args.since else None
             lines = creators_report(state.connect.earnings(args.account, since, args.limit))
-        finally:
-            asyncio.run(state.gateway.close())
-            state.store.close()
-    elif args.report == "prepaid":
-        from .store import Store
-
-        with closing(Store(settings.aims_billing_db)) as store:
-            where, params = ("WHERE customer_id = ?", (args.customer,)) if args.customer else ("", ())
-            lines = prepaid_report(store.query(f"SELECT * FROM prepaid_subscriptions {where} ORDER BY created_at",
-                                               params))
-    else:
-        store, ledger = _ledger(settings)
-        try:
-            lines = wallet_report(store, ledger, args.customer)
-        finally:
-            store.close()
+        elif args.report == "prepaid":
+            lines = prepaid_report(store.prepaid.rows(args.customer))
+        else:
+            lines = wallet_report(store, state.ledger, args.customer)
     print("\n".join(lines))
     return 0
 
@@ -312,12 +279,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_prune_audit(args: argparse.Namespace) -> int:
     """Delete audit rows older than the retention period (the server also prunes them once a day)."""
     from .services.audit import prune_audit
-    from .store import Store
+    from .state import open_state
 
     settings = _settings()
     days = args.days if args.days is not None else settings.aims_billing_audit_retention_days
-    with closing(Store(settings.aims_billing_db)) as store:
-        pruned = prune_audit(store, retention_days=days)
+    with open_state(settings) as state:
+        pruned = prune_audit(state.store, retention_days=days)
     print(f"prune-audit: deleted {pruned} audit row(s) older than {days} days")
     return 0
 
@@ -351,20 +318,16 @@ def cmd_flush_usage(args: argparse.Namespace) -> int:
     settings = _settings()
     if problem := settings.live_key_problem():
         return _fail(problem)
-    from .app import build_state
+    from .state import open_state
 
     async def run() -> tuple[int, int, int, str | None]:
-        state = build_state(settings)
         sent = failed = 0
-        try:
+        async with open_state(settings) as state:
             while True:
                 report = await state.flusher.flush_once()
                 sent, failed = sent + report.sent, failed + report.failed
                 if report.error or report.pending == 0 or (report.sent == 0 and report.failed == 0):
                     return sent, failed, report.pending, report.error
-        finally:
-            await state.gateway.close()
-            state.store.close()
 
     sent, failed, pending, error = asyncio.run(run())
     print(f"flush-usage: {sent} event(s) accepted by Stripe, {failed} marked failed, {pending} still pending"
@@ -375,13 +338,11 @@ def cmd_flush_usage(args: argparse.Namespace) -> int:
 def _on_prepaid(command: str, action: Callable[[Any], Awaitable[T]]) -> T:
     """Run `action` on the prepaid subscriptions of the configured database and Stripe, then let the ACP order
     events it wrote go out (or say they wait for the server's next start)."""
-    from .app import build_state
+    from .state import open_state
 
     async def run() -> T:
-        state = build_state(_settings())
-        try:
-            assert state.commerce.prepaid is not None
-            done = await action(state.commerce.prepaid)
+        async with open_state(_settings()) as state:
+            done = await action(state.prepaid)
             if state.acp.order_webhooks is not None:
                 try:
                     await asyncio.wait_for(state.acp.order_webhooks.drain(), timeout=30)
@@ -389,9 +350,6 @@ def _on_prepaid(command: str, action: Callable[[Any], Awaitable[T]]) -> T:
                     print(f"{command}: order events still undelivered are sent at the server's next start",
                           file=sys.stderr)
             return done
-        finally:
-            await state.gateway.close()
-            state.store.close()
 
     return asyncio.run(run())
 
@@ -406,7 +364,7 @@ def cmd_start_subscriptions(args: argparse.Namespace) -> int:
     rows = _on_prepaid("start-subscriptions", lambda prepaid: prepaid.retry(
         include_failed=args.failed is not None, only=args.failed or ()))
     print("\n".join(prepaid_report(rows)) if rows else "start-subscriptions: nothing to start")
-    return 1 if any(row["status"] != "started" for row in rows) else 0
+    return 1 if any(row.status != "started" for row in rows) else 0
 
 
 def cmd_refund_prepaid(args: argparse.Namespace) -> int:
@@ -422,20 +380,16 @@ def cmd_refund_prepaid(args: argparse.Namespace) -> int:
         print(f"aims-billing-mcp: refund-prepaid: {exc.message}", file=sys.stderr)
         return 1
     print("\n".join(prepaid_report([row])))
-    return 0 if row["status"] == "refunded" else 1  # a pending or failed refund: run it again later
+    return 0 if row.status == "refunded" else 1  # a pending or failed refund: run it again later
 
 
 def cmd_check_splits(args: argparse.Namespace) -> int:
     """Every paid split sale against Stripe's transfers and application fees; exit 1 on any mismatch."""
-    from .app import build_state
+    from .state import open_state
 
     async def run() -> tuple[int, list[str]]:
-        state = build_state(_settings())
-        try:
+        async with open_state(_settings()) as state:
             return await state.connect.check_splits()
-        finally:
-            await state.gateway.close()
-            state.store.close()
 
     checked, problems = asyncio.run(run())
     if problems:
@@ -449,14 +403,12 @@ def cmd_check_splits(args: argparse.Namespace) -> int:
 
 def cmd_check_ledger(args: argparse.Namespace) -> int:
     from .services.reports import ledger_counts
+    from .state import open_state
 
     settings = _settings()
-    store, ledger = _ledger(settings)
-    try:
-        violations = ledger.check_ledger()
-        counts = ledger_counts(store)
-    finally:
-        store.close()
+    with open_state(settings) as state:
+        violations = state.ledger.check_ledger()
+        counts = ledger_counts(state.store)
     if violations:
         print(f"check-ledger: {len(violations)} violation(s) in {settings.aims_billing_db}")
         for v in violations:
@@ -477,17 +429,25 @@ async def tools_manifest() -> dict[str, Any]:
 
 
 def cmd_tools_json(args: argparse.Namespace) -> int:
+    """tools.json, and beside it the parts of README.md and docs/tools.md derived from the tools (tools/docs.py)."""
+    from .tools import TOOLS
+    from .tools.docs import render
+
     manifest = asyncio.run(tools_manifest())
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
     Path(args.output).write_text(text, encoding="utf-8")
     print(f"wrote {len(manifest['tools'])} tools to {args.output}", file=sys.stderr)
+    readme, examples = (Path(args.output).resolve().parent / name for name in ("README.md", "docs/tools.md"))
+    if readme.is_file() and examples.is_file():
+        texts = render(TOOLS, manifest, readme.read_text(encoding="utf-8"), examples.read_text(encoding="utf-8"))
+        for path, derived in zip((readme, examples), texts, strict=True):
+            path.write_text(derived, encoding="utf-8")
+        print(f"updated the tool tables of {readme} and the examples of {examples}", file=sys.stderr)
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     settings = _settings()
-    from .store import Store
-
     print("aims-billing-mcp doctor")
     for name in sorted(type(settings).model_fields):
         print(f"  {name.upper():38} {display(getattr(settings, name))}")
@@ -497,19 +457,63 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print("  HTTP surfaces under AIMS_BILLING_READ_ONLY / AIMS_BILLING_TOOLS:")
     for line in HttpPolicy.from_settings(settings).describe():
         print(f"    {line}")
+    if settings.database_url:  # named before anything opens it, so a refusal below still says which it was
+        print(f"  database: {_describe_postgres(settings.database_url)}")
     _check_databases(settings)
-    store = Store(settings.aims_billing_db)
-    try:
-        print(f"  database: {settings.aims_billing_db} (schema version {store.schema_version})")
-        from .services.x402 import x402_status
+    return 0 if asyncio.run(_doctor_state(settings)) else 1
+
+
+async def _doctor_state(settings: Settings) -> bool:
+    """The database, x402 and the Stripe key, on the graph every command builds."""
+    from .services.x402 import x402_status
+    from .state import open_state
+
+    async with open_state(settings) as state:
+        if not settings.database_url:
+            from .store import SQLITE_VERSION
+
+            print(f"  database: SQLite {SQLITE_VERSION} at {settings.aims_billing_db} (schema version "
+                  f"{state.store.schema_version})")
         print(f"  x402: {x402_status(settings)}")
         if problem := settings.live_key_problem():
             print(f"  PROBLEM: {problem}")
-            return 1
-        ok = asyncio.run(_check_key(settings, store))
-    finally:
-        store.close()
-    return 0 if ok else 1
+            return False
+        return await _check_key(state)
+
+
+def _describe_postgres(url: str) -> str:
+    """The backend, where it is (the password masked), its server version and schema version against the code's."""
+    from .store import postgres
+
+    with postgres.connect(url) as conn:
+        version, server = postgres.schema_version(conn), postgres.server_version(conn)
+    return (f"PostgreSQL {server} at {postgres.mask_url(url)} (schema version {version}; this release needs "
+            f"{postgres.SCHEMA_VERSION})")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the configured database to the code's schema: PostgreSQL needs it once per release (from any one
+    instance: instances migrating together wait for each other); SQLite upgrades itself on opening, so this only
+    reports."""
+    settings = _settings()
+    if settings.database_url:
+        from .store import postgres
+
+        with postgres.connect(settings.database_url) as conn:
+            applied = postgres.migrate(conn)
+            version = postgres.schema_version(conn)
+        where = f"PostgreSQL at {postgres.mask_url(settings.database_url)}"
+    else:
+        from contextlib import closing
+
+        from .store import Store
+
+        with closing(Store(settings.aims_billing_db)) as store:
+            applied, version = store.applied_migrations, store.schema_version
+        where = f"SQLite at {settings.aims_billing_db}"
+    done = f"applied {', '.join(f'{n:04d}' for n in applied)}" if applied else "nothing to apply"
+    print(f"{where}: {done}; schema version {version}")
+    return 0
 
 
 def _stripe_target(settings: Settings) -> str:
@@ -523,21 +527,12 @@ def _stripe_target(settings: Settings) -> str:
     return "api.stripe.com"
 
 
-async def _check_key(settings: Settings, store: Store) -> bool:
-    from .services.catalog import CatalogService
-    from .services.idempotency import IdempotencyService
-    from .services.mutations import StripeMutations
-    from .stripe_gateway import build_gateway
-
-    gateway = build_gateway(settings)
+async def _check_key(state: AppState) -> bool:
     try:
-        mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=0))
-        balance = await CatalogService(mutations).retrieve_balance()  # a read: no amount to hold to the ceiling
+        balance = await state.catalog.retrieve_balance()  # a read: no amount to hold to the ceiling
     except BillingError as exc:
         print(f"  key check: FAILED: {exc.message}")
         return False
-    finally:
-        await gateway.close()
     shown = ", ".join(a.display for a in balance.available) or "0"
     print(f"  key check: ok (balance call answered; available {shown})")
     return True
@@ -610,11 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     refund = sub.add_parser("refund-prepaid", help="refund a prepaid tier that was refused or failed for good")
     refund.add_argument("prepaid_id", help="pre_... (report prepaid lists them)")
     refund.set_defaults(func=cmd_refund_prepaid)
+    migrate = sub.add_parser("migrate", help="bring the database (SQLite or AIMS_BILLING_DATABASE_URL) to this "
+                             "release's schema")
+    migrate.set_defaults(func=cmd_migrate)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
     splits = sub.add_parser("check-splits", help="reconcile every split sale with Stripe; exit 1 on any mismatch")
     splits.set_defaults(func=cmd_check_splits)
-    tools_json = sub.add_parser("tools-json", help="write tools.json from the registered tools")
+    tools_json = sub.add_parser(
+        "tools-json", help="write tools.json, and the tool tables of README.md and docs/tools.md beside it")
     tools_json.add_argument("--output", default="tools.json", help="where to write it (default tools.json)")
     tools_json.set_defaults(func=cmd_tools_json)
     doctor = sub.add_parser("doctor", help="print the effective configuration and check the Stripe key")
@@ -643,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from .store import StoreUnavailable
+    from .store.postgres import PostgresUnavailable
 
     with redacted_streams():
         try:
@@ -650,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValidationError as exc:
             return _fail(describe_validation_error(exc))
         except Exception as exc:  # never a traceback for an operator; AIMS_BILLING_LOG_LEVEL=DEBUG shows one
-            if (unavailable := _found(exc, StoreUnavailable)) is not None:  # also from inside a task group
+            unavailable = _found(exc, StoreUnavailable) or _found(exc, PostgresUnavailable)  # also in task groups
+            if unavailable is not None:
                 _fail(unavailable.message)
                 return unavailable.exit_code
             if os.environ.get("AIMS_BILLING_LOG_LEVEL", "").upper() == "DEBUG":

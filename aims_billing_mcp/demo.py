@@ -364,10 +364,10 @@ async def marketplace(call: Any, sandbox_step: Any, sandbox: Any, values: dict[s
 async def acp_checkout(rows: list[Row], server: Any) -> None:
     """ACP REST, in process: create a checkout session for the planner's wallet, complete it with a Shared Payment
     Token, and read the order."""
+    from .routes import build_companion_app
     from .sandbox.asgi_client import call_asgi
-    from .webhooks import build_webhook_app
 
-    app = build_webhook_app(lambda: server.state)
+    app = build_companion_app(lambda: server.state)
     headers = {"Authorization": f"Bearer {ACP_DEMO_KEY}", "API-Version": "2026-04-17",
                "Content-Type": "application/json"}
 

@@ -1,4 +1,6 @@
-"""Streamable HTTP: the MCP app behind a bearer-token check, served by uvicorn on loopback by default.
+"""Serving over HTTP: `serve --http` (the MCP app and the routes.py table behind a bearer-token check, served by
+uvicorn on loopback by default), and the companion server beside a stdio server (the routes.py table alone on
+127.0.0.1:AIMS_BILLING_WEBHOOK_PORT).
 
 A plain ASGI middleware rather than the SDK's OAuth resource-server machinery: an operator's static token is what
 ACHEEVY and scripts have, and the check (constant-time compare) is short enough to read in one go. The HttpGuard
@@ -9,37 +11,40 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import AsyncIterator
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import anyio
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from .acp_mcp import MCP_PATH, build_acp_mcp_server
-from .http_guard import INGEST_PATH, HttpGuard, HttpPolicy
+from .http_guard import HttpGuard, HttpPolicy
+from .routes import acp_mcp_app, authenticates_itself, build_companion_app
 from .settings import LOOPBACK_HOSTS
 from .webhooks import WEBHOOK_PATH
 
-# Routes that authenticate themselves, not with the MCP token: Stripe signs its webhooks, an x402 payment is its own
-# credential, ACP callers present their own API keys, and usage ingestion its own keys (AIMS_BILLING_INGEST_KEYS).
-PUBLIC_PATHS = frozenset({"/health", WEBHOOK_PATH, "/.well-known/acp.json", INGEST_PATH})
-PUBLIC_PREFIXES = ("/x402/", "/acp/")
+if TYPE_CHECKING:
+    from .state import AppState
 
 
 class BearerTokenMiddleware:
-    def __init__(self, app: Any, token: str | None, public_paths: frozenset[str] = PUBLIC_PATHS) -> None:
+    """The MCP bearer token on every path but the routes that authenticate themselves (routes.py): Stripe signs its
+    webhooks, an x402 payment is its own credential, ACP callers and usage ingestion present their own keys."""
+
+    def __init__(self, app: Any, token: str | None) -> None:
         self.app = app
         self._token = token.encode() if token else None
-        self._public = public_paths
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and path.startswith(OAUTH_DISCOVERY):
             await _answer(send, 404, {"error": "not_found", "message": NO_OAUTH})
             return
-        if scope["type"] != "http" or self._token is None or path in self._public or path.startswith(PUBLIC_PREFIXES):
+        if scope["type"] != "http" or self._token is None or authenticates_itself(path):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
@@ -77,10 +82,7 @@ def build_http_app(server: Any, *, host: str, token: str | None) -> Any:
     bind = host if host in LOOPBACK_HOSTS else "127.0.0.1"
     main = server.streamable_http_app(host=bind, transport_security=security)
     policy: HttpPolicy = getattr(server, "http_policy", None) or HttpPolicy()
-    acp_server = build_acp_mcp_server(lambda: server.state)
-    for name in policy.acp_mcp_tools_off():
-        acp_server.remove_tool(name)
-    acp_app = acp_server.streamable_http_app(streamable_http_path=MCP_PATH, host=bind, transport_security=security)
+    acp_server, acp_app = acp_mcp_app(lambda: server.state, policy, host=bind, transport_security=security)
 
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -102,3 +104,44 @@ def uvicorn_server(server: Any, *, host: str, port: int, token: str | None) -> A
 
 async def serve_http(server: Any, *, host: str, port: int, token: str | None) -> None:
     await uvicorn_server(server, host=host, port=port, token=token).serve()
+
+
+@asynccontextmanager
+async def companion_server(get_state: Callable[[], AppState | None], port: int, *,
+                           policy: HttpPolicy | None = None) -> AsyncIterator[None]:
+    """The routes (routes.py: Stripe's webhooks first) on 127.0.0.1:port beside a stdio server. A taken port is
+    reported on stderr and the MCP server keeps serving: tools work, events wait in Stripe's retry queue until the
+    endpoint is reachable.
+    Only the bind happens before MCP serves (so a taken port is reported at once); uvicorn loads in the background,
+    off the time to the first tools/list (the kernel queues connections on the bound socket meanwhile)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        print(f"aims-billing-mcp: webhook port {port} is taken ({exc.strerror}): set AIMS_BILLING_WEBHOOK_PORT to a "
+              "free port, or run `serve --no-webhooks`; continuing without the webhook endpoint", file=sys.stderr)
+        yield
+        return
+    sock.listen(128)
+    print(f"aims-billing-mcp: webhooks on http://127.0.0.1:{sock.getsockname()[1]}{WEBHOOK_PATH}", file=sys.stderr)
+    servers: list[Any] = []
+
+    async def serve() -> None:
+        import uvicorn
+
+        web = uvicorn.Server(uvicorn.Config(build_companion_app(get_state, with_acp_mcp=True, policy=policy),
+                                            log_level="warning", lifespan="on"))
+        servers.append(web)
+        await web.serve(sockets=[sock])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve)
+        try:
+            yield
+        finally:
+            for web in servers:
+                web.should_exit = True
+            if not servers:
+                tg.cancel_scope.cancel()

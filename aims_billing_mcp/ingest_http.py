@@ -29,16 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from . import jsonsafe
 from .errors import BillingError, InvalidInput
-from .http_guard import INGEST_PATH
 from .services.metering_models import MeterEventBatchResult
 
 if TYPE_CHECKING:
     from .settings import Settings
-    from .tools.context import AppState
+    from .state import AppState
 
 log = logging.getLogger(__name__)
 MAX_EVENTS = 1000
@@ -197,7 +195,3 @@ def cloudevents_fields(result: MeterEventBatchResult, converted: list[bool]) -> 
             error.field = _CE_FIELDS[error.field]
         elif error.field not in _CE_ATTRIBUTES and not error.field.startswith("data."):
             error.field = f"data.{error.field}"
-
-
-def ingest_route(get_state: Callable[[], AppState | None]) -> Route:
-    return Route(INGEST_PATH, ingest_handler(get_state), methods=["POST"])

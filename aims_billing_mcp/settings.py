@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     aims_billing_sandbox_db: Path | None = Field(
         default=None, description="The embedded sandbox's own SQLite file; default: beside AIMS_BILLING_DB"
     )
+    aims_billing_database_url: SecretStr | None = Field(
+        default=None, description="postgresql://user:password@host:5432/db: every instance shares one PostgreSQL; "
+        "unset = SQLite at AIMS_BILLING_DB"
+    )
     aims_billing_allow_live: bool = False
     aims_billing_tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
     aims_billing_toolsets: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -206,6 +210,12 @@ class Settings(BaseSettings):
             items = value if isinstance(value, list) else [value]
             found.extend(item for item in items if isinstance(item, SecretStr))
         return found
+
+    @property
+    def database_url(self) -> str | None:
+        """AIMS_BILLING_DATABASE_URL in clear, for the driver only (it holds a password: never print it)."""
+        url = self.aims_billing_database_url
+        return url.get_secret_value() if url is not None and url.get_secret_value() else None
 
     @property
     def stripe_mode(self) -> StripeMode:

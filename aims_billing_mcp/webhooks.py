@@ -13,24 +13,21 @@ from a loopback peer on an endpoint not configured for a non-loopback host: anyw
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from .http_guard import HttpGuard, HttpPolicy
+from .errors import BillingError
 from .sandbox import SANDBOX_WEBHOOK_SECRET
+from .services.meter_flusher import ThinEvent, thin_event
 from .services.webhook_events import InvalidEvent, parse_event
 from .settings import LOOPBACK_HOSTS
 from .stripe_gateway import WebhookSignatureInvalid, verify_webhook_signature
 
 if TYPE_CHECKING:
-    from .tools.context import AppState
+    from .state import AppState
 
 log = logging.getLogger(__name__)
 WEBHOOK_PATH = "/webhooks/stripe"
@@ -67,6 +64,9 @@ def webhook_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reque
             log.warning("%s", mismatch_advice(payload, request.headers.get("stripe-signature"), secret, str(exc)))
             return JSONResponse({"error": f"signature check failed: {exc}"}, status_code=400)
         try:
+            thin = thin_event(payload)  # a thin (v2) event: Stripe's meter error reports
+            if thin is not None:
+                return await thin_answer(state, thin)
             event = parse_event(payload)
         except InvalidEvent as exc:
             return JSONResponse({"error": f"invalid payload: {exc}"}, status_code=400)
@@ -74,6 +74,18 @@ def webhook_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reque
         return JSONResponse({"received": True, "id": result.event_id, "duplicate": result.duplicate})
 
     return handle
+
+
+async def thin_answer(state: AppState, thin: ThinEvent) -> JSONResponse:
+    """Apply a thin event; when its full form cannot be read from Stripe, 503, so Stripe delivers it again."""
+    try:
+        failed = await state.flusher.apply_thin_event(thin)
+    except InvalidEvent as exc:
+        return JSONResponse({"error": f"invalid event: {exc}"}, status_code=400)
+    except BillingError as exc:
+        return JSONResponse({"error": f"could not read event {thin.id} from Stripe ({exc.message}): deliver it "
+                                      "again later"}, status_code=503)
+    return JSONResponse({"received": True, "id": thin.id, "failed": failed})
 
 
 def mismatch_advice(payload: bytes, header: str | None, secret: str, reason: str) -> str:
@@ -103,37 +115,3 @@ def _from_loopback(request: Request) -> bool:
 
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith(("127.", "::ffff:127."))
-
-
-def webhook_route(get_state: Callable[[], AppState | None]) -> Route:
-    return Route(WEBHOOK_PATH, webhook_handler(get_state), methods=["POST"])
-
-
-def build_webhook_app(get_state: Callable[[], AppState | None], *, with_acp_mcp: bool = False,
-                      policy: HttpPolicy | None = None, host: str = "127.0.0.1") -> Any:
-    """The companion app beside a stdio server: Stripe's webhooks, x402's paid route and the ACP seller (REST, and
-    with `with_acp_mcp` its MCP binding on /acp/mcp, whose session manager runs in this app's lifespan), behind
-    the HttpGuard (limits, `policy`, audit; `host` is where it listens)."""
-    from .acp_http import acp_routes
-    from .ingest_http import ingest_route
-    from .x402_http import credits_route
-
-    policy = policy or HttpPolicy()
-    routes: list[Any] = [webhook_route(get_state), credits_route(get_state), *acp_routes(get_state),
-                         ingest_route(get_state)]
-    guarded = partial(HttpGuard, get_state=get_state, policy=policy, loopback=is_loopback(host))
-    if not with_acp_mcp:
-        return guarded(Starlette(routes=routes))
-    from .acp_mcp import MCP_PATH, build_acp_mcp_server
-
-    acp_server = build_acp_mcp_server(get_state)
-    for name in policy.acp_mcp_tools_off():
-        acp_server.remove_tool(name)
-    acp_app = acp_server.streamable_http_app(streamable_http_path=MCP_PATH)
-
-    @asynccontextmanager
-    async def lifespan(_: Any) -> AsyncIterator[None]:
-        async with acp_server.session_manager.run():
-            yield
-
-    return guarded(Starlette(routes=[*routes, *acp_app.routes], lifespan=lifespan))

@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from .errors import BillingError, ConfigurationError, InvalidInput, NotFound, PaymentRejected, Refused
 from .models import AgentId
-from .services.x402 import MAX_LUC, MAX_PAYMENT_CHARS, MAX_QUOTE_ID, decode_payment_header
+from .services.x402 import MAX_LUC, MAX_PAYMENT_CHARS, MAX_QUOTE_ID, Challenge, decode_payment_header
 
 if TYPE_CHECKING:
-    from .tools.context import AppState
+    from .state import AppState
 
 CREDITS_PATH = "/x402/credits"
 PAYMENT_HEADERS = ("payment-signature", "x-payment")
@@ -119,31 +118,24 @@ def credits_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reque
         if isinstance(payment, JSONResponse):
             return payment
         try:
-            if payment is None:
-                return await challenge(state, query.agent_id, query.luc, error=None)
-            try:
-                receipt = await state.x402.verify_and_settle(payment, quote_id=query.quote_id,
-                                                             agent_id=query.agent_id, luc=query.luc)
-            except PaymentRejected as exc:
-                return await challenge(state, query.agent_id, query.luc, error=exc)
-            return JSONResponse(receipt.model_dump(mode="json"),
-                                headers={"PAYMENT-RESPONSE": receipt.payment_response_header})
+            outcome = await state.x402.pay_or_challenge(payment, agent_id=query.agent_id, luc=query.luc,
+                                                        resource=CREDITS_PATH, quote_id=query.quote_id)
         except BillingError as exc:
             return _answer(_status(exc), exc.code, exc.message, exc.param)
+        if isinstance(outcome, Challenge):
+            return challenge_response(outcome)
+        return JSONResponse(outcome.model_dump(mode="json"),
+                            headers={"PAYMENT-RESPONSE": outcome.payment_response_header})
 
     return handle
 
 
-async def challenge(state: AppState, agent_id: str, luc: int, *, error: PaymentRejected | None) -> JSONResponse:
+def challenge_response(challenge: Challenge) -> JSONResponse:
     """402 with a challenge that stores nothing (and the refusal's reason, after a refused payment)."""
-    required = await state.x402.challenge(agent_id=agent_id, luc=luc, resource=CREDITS_PATH)
-    body = dict(required.payment_required)
+    body = dict(challenge.required.payment_required)
+    error = challenge.refusal
     if error is not None:
         body.update({"error": error.code, "message": error.message})
         if error.param is not None:
             body["param"] = error.param
-    return JSONResponse(body, status_code=402, headers={"PAYMENT-REQUIRED": required.header})
-
-
-def credits_route(get_state: Callable[[], AppState | None]) -> Route:
-    return Route(CREDITS_PATH, credits_handler(get_state), methods=["GET"])
+    return JSONResponse(body, status_code=402, headers={"PAYMENT-REQUIRED": challenge.required.header})

@@ -3,7 +3,9 @@ to the real server (real gateway, real SDK, real SQLite): tests call tools by na
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,13 +30,13 @@ from aims_billing_mcp.redact import forget_secrets
 from aims_billing_mcp.sandbox import Sandbox, create_app
 from aims_billing_mcp.services.acp import AcpService
 from aims_billing_mcp.services.commerce import PaymentSessionService
-from aims_billing_mcp.services.idempotency import IdempotencyService
+from aims_billing_mcp.services.fulfilment import Fulfilment
 from aims_billing_mcp.services.ledger import LedgerService
-from aims_billing_mcp.services.mutations import StripeMutations
 from aims_billing_mcp.services.prepaid import PrepaidSubscriptions
 from aims_billing_mcp.services.subscriptions import SubscriptionService
 from aims_billing_mcp.services.tiers import Pricing
 from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.state import AppState, acp_seller, open_state
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, build_gateway
 
@@ -44,6 +46,28 @@ def anyio_backend() -> str:
     """Async tests run under anyio's plugin (`pytestmark = pytest.mark.anyio`), which keeps an async fixture's
     setup and teardown in one task, as the MCP client's cancel scopes require."""
     return "asyncio"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def output_validators_shared_across_sessions() -> Iterator[None]:
+    """The MCP client compiles a tool's output schema (a metaschema check, then a validator: ~10 ms) once per
+    session, and the suite opens a session per test: ~2,000 compilations of the same few dozen schemas. So the
+    compiled validator is shared, keyed by the schema's JSON; every result is still validated against its tool's
+    schema exactly as before. If the SDK renames the method, setattr raises and every test says so."""
+    from mcp.client.session import ClientSession
+
+    compile_one = ClientSession._output_schema_validator
+    compiled: dict[str, Any] = {}
+
+    def shared(session: ClientSession, name: str, output_schema: dict[str, Any]) -> Any:
+        key = json.dumps(output_schema, sort_keys=True)
+        if key not in compiled:
+            compiled[key] = compile_one(session, name, output_schema)
+        return compiled[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClientSession, "_output_schema_validator", shared)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -83,10 +107,27 @@ class Clock:
         self.now += seconds
 
 
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database migrated once per session (per xdist worker): a test's database starts as a copy of it, a file
+    copy instead of running every migration again (~0.1 s a time). It is made by the same Store() a test would
+    run, so a broken migration still fails every test that opens a store."""
+    path = tmp_path_factory.mktemp("migrated") / "template.db"
+    Store(path).close()  # closing checkpoints the WAL into the file: the copy is the whole database
+    return path
+
+
+def copy_of(template: Path, path: Path) -> Path:
+    """`path`, a copy of the migrated template unless a database is already there."""
+    if not path.exists():
+        shutil.copyfile(template, path)
+    return path
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
+def store(tmp_path: Path, migrated_db: Path) -> Iterator[Store]:
     """A migrated store on a temporary file (reader and writer need a file, not :memory:)."""
-    s = Store(tmp_path / "store.db")
+    s = Store(copy_of(migrated_db, tmp_path / "store.db"))
     yield s
     s.close()
 
@@ -104,9 +145,11 @@ def sandbox(sandbox_app: Any) -> Sandbox:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+def make_settings(tmp_path: Path, migrated_db: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {"aims_billing_db": tmp_path / "billing.db"}
+        if "aims_billing_db" not in overrides:  # a database a test names itself starts as it says (empty, damaged)
+            copy_of(migrated_db, values["aims_billing_db"])
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
@@ -146,20 +189,50 @@ async def client(make_server: Callable[..., BillingServer]) -> AsyncIterator[Cli
 
 @dataclass
 class CommerceStack:
-    """Payment sessions on the sandbox, wired as app.py wires them; ACP sellers are built on top of it."""
+    """Payment sessions on the sandbox, from the graph state.py builds; ACP sellers are built on top of it."""
 
-    store: Store
-    gateway: StripeGateway
-    ledger: LedgerService
-    pricing: Pricing
-    payments: PaymentSessionService
-    subscriptions: SubscriptionService
-    prepaid: PrepaidSubscriptions
+    state: AppState
+
+    @property
+    def store(self) -> Store:
+        return self.state.store
+
+    @property
+    def gateway(self) -> StripeGateway:
+        return self.state.gateway
+
+    @property
+    def ledger(self) -> LedgerService:
+        return self.state.ledger
+
+    @property
+    def pricing(self) -> Pricing:
+        return self.state.pricing
+
+    @property
+    def payments(self) -> PaymentSessionService:
+        return self.state.commerce
+
+    @property
+    def subscriptions(self) -> SubscriptionService:
+        return self.state.subscriptions
+
+    @property
+    def prepaid(self) -> PrepaidSubscriptions:
+        return self.state.prepaid
+
+    @property
+    def fulfilment(self) -> Fulfilment:
+        return self.state.fulfilment
+
+    def seller(self, api_keys: set[str], **options: Any) -> AcpService:
+        """An ACP seller over these payments (the one their fulfilment settles orders with from now on)."""
+        return acp_seller(self.state, api_keys=api_keys, **options)
 
     @asynccontextmanager
     async def acp_seller(self, api_key: str, **options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, AcpService]]:
         """An ACP seller over these payments, its REST routes reached in process at https://seller.test."""
-        acp = AcpService(self.store, self.payments, self.pricing, api_keys={api_key}, **options)
+        acp = self.seller({api_key}, **options)
         app = Starlette(routes=acp_routes(lambda: SimpleNamespace(acp=acp)))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://seller.test") as http:
             yield http, acp
@@ -168,21 +241,16 @@ class CommerceStack:
 @asynccontextmanager
 async def commerce_stack(settings: Settings, sandbox_app: Any, store: Store, *,
                          buyer_wallet: bool = True) -> AsyncIterator[CommerceStack]:
-    """The stack with, by default, an open wallet for agent `buyer` (customer cus_team) to credit."""
-    gateway = build_gateway(settings, sandbox_app=sandbox_app, retry_delay_scale=0)
-    mutations = StripeMutations(gateway, IdempotencyService(store, replay_window_seconds=60))
-    ledger = LedgerService(store, luc_per_usd=1000, agent_limit=lambda _customer: None)
-    if buyer_wallet:
-        await ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
-    pricing = Pricing.load()
-    subscriptions = SubscriptionService(mutations, store, pricing, settings)
-    prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, retry_delay_scale=0)
-    payments = PaymentSessionService(store, mutations, ledger, pricing, prepaid=prepaid)
-    try:
-        yield CommerceStack(store, gateway, ledger, pricing, payments, subscriptions, prepaid)
-    finally:
-        await prepaid.drain()
-        await gateway.close()
+    """The stack on `store` with any number of wallets per customer and, by default, an open wallet for agent
+    `buyer` (customer cus_team) to credit."""
+    async with open_state(settings, sandbox_app=sandbox_app, store=store, retry_delay_scale=0,
+                          agent_limit=lambda _customer: None) as state:
+        if buyer_wallet:
+            await state.ledger.create_wallet("buyer", "cus_team", None, "open-buyer")
+        try:
+            yield CommerceStack(state)
+        finally:
+            await state.prepaid.drain()
 
 
 async def paid_outside(gateway: StripeGateway, payment_intent: str) -> dict[str, Any]:

@@ -13,17 +13,16 @@ import random
 import sys
 from pathlib import Path
 
-from aims_billing_mcp.app import build_state
 from aims_billing_mcp.services.prepaid import OPEN
 from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.state import build_state
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
 
 async def main(db: str, seed: int, row_ids: list[str]) -> None:
     state = build_state(Settings(_env_file=None, aims_billing_db=Path(db)),  # type: ignore[call-arg]
                         retry_delay_scale=0)
-    prepaid = state.commerce.prepaid
-    assert prepaid is not None
+    prepaid = state.prepaid
     try:
         await state.gateway.send(StripeRequest("get", "/v1/balance"))  # the sandbox file opened before `go`
         print("ready", flush=True)
@@ -32,10 +31,10 @@ async def main(db: str, seed: int, row_ids: list[str]) -> None:
         for row_id in row_ids:
             row = await prepaid.start(row_id)
             for _ in range(50):  # an attempt that met a busy moment is retried, as the background would
-                if row.get("status") not in OPEN:
+                if row is None or row.status not in OPEN:
                     break
                 row = await prepaid.start(row_id)
-            print(row_id, row.get("status"), flush=True)
+            print(row_id, row.status if row else None, flush=True)
     finally:
         await state.gateway.close()
         state.store.close()

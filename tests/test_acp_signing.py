@@ -15,7 +15,7 @@ import pytest
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 
-from aims_billing_mcp.services.acp import sign_request, signed_payload
+from aims_billing_mcp.services.acp_protocol import sign_request, signed_payload
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store, utc_iso
 

@@ -156,7 +156,7 @@ async def test_a_webhook_url_without_a_secret_is_refused(store: Store, make_sett
                                                          sandbox_app: Any) -> None:
     async with commerce_stack(make_settings(), sandbox_app, store, buyer_wallet=False) as stack:
         with pytest.raises(ValueError, match="MUST be signed"):
-            AcpService(store, stack.payments, stack.pricing, api_keys={KEY}, order_webhook_url="http://127.0.0.1:9/x")
+            stack.seller({KEY}, order_webhook_url="http://127.0.0.1:9/x")
 
 
 async def test_an_event_committed_but_not_delivered_is_sent_when_the_server_starts(

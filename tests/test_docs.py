@@ -11,6 +11,7 @@ import pytest
 
 from aims_billing_mcp.cli import build_parser, tools_manifest
 from aims_billing_mcp.tools import TOOLS
+from aims_billing_mcp.tools.docs import render
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -24,6 +25,15 @@ async def test_tools_json_matches_the_registered_tools() -> None:
 
 
 TOOL_EXAMPLES = (ROOT / "docs" / "tools.md").read_text()
+
+
+def test_the_readme_tool_tables_and_the_example_skeletons_are_derived_from_the_tools() -> None:
+    """The README's tool table and tool-set sizes and docs/tools.md's skeleton examples, rendered in memory from the
+    table and tools.json (which the test above holds to the server), equal the committed files."""
+    manifest = json.loads((ROOT / "tools.json").read_text())
+    readme, examples = render(TOOLS, manifest, README, TOOL_EXAMPLES)
+    assert readme == README, "README.md's tool tables drifted from the tools: run `aims-billing-mcp tools-json`"
+    assert examples == TOOL_EXAMPLES, "docs/tools.md's examples drifted: run `aims-billing-mcp tools-json`"
 
 
 @pytest.mark.parametrize("name", [spec.name for spec in TOOLS])

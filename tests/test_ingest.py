@@ -14,8 +14,8 @@ import pytest
 from mcp import Client
 
 from aims_billing_mcp.app import BillingServer
+from aims_billing_mcp.routes import build_companion_app
 from aims_billing_mcp.store import Store
-from aims_billing_mcp.webhooks import build_webhook_app
 from tests.conftest import error_of, ok, serving_http
 from tests.tools.test_wallets import give_tier
 
@@ -246,7 +246,7 @@ async def test_the_stdio_companion_app_serves_ingestion_too(make_server: Callabl
     async with Client(server):
         assert server.state is not None
         await give_tier(server, "cus_team", "3mo")
-        app = build_webhook_app(lambda: server.state, policy=server.http_policy)
+        app = build_companion_app(lambda: server.state, policy=server.http_policy)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
             answer = await http.post("/v1/usage/events", json=[{"customer": "cus_team", "units": 7}], headers=AUTH)
         assert answer.status_code == 200 and answer.json()["totals"]["accepted"] == 1

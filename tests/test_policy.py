@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
+from mcp.types import Tool
 
+from aims_billing_mcp.app import build_server
 from aims_billing_mcp.errors import ConfigurationError
+from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.tools import TOOLS, ToolSpec, select_tools
 from tests.conftest import error_of, ok
@@ -55,9 +59,18 @@ def test_an_unknown_name_in_the_allow_list_is_a_startup_error(make_settings: Any
         select_tools(make_settings(aims_billing_tools=["create_custmer"]))
 
 
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tool]:
+    """Every tool as tools/list publishes it, read from one server object: static data, so nothing is booted (no
+    lifespan, no store) and the module's tests share it."""
+    settings = Settings(_env_file=None, aims_billing_db=tmp_path_factory.mktemp("policy") / "unused.db")  # type: ignore[call-arg]
+    server = build_server(settings, tools=list(TOOLS))
+    return {tool.name: tool for tool in anyio.run(server.list_tools)}
+
+
 @pytest.mark.parametrize("spec", TOOLS, ids=[spec.name for spec in TOOLS])
-async def test_every_tool_declares_its_annotations(client: Client, spec: ToolSpec) -> None:
-    tool = next(t for t in (await client.list_tools()).tools if t.name == spec.name)
+def test_every_tool_declares_its_annotations(published: dict[str, Tool], spec: ToolSpec) -> None:
+    tool = published[spec.name]
     assert tool.annotations is not None
     assert tool.annotations.read_only_hint is (spec.permission == "read")
     assert tool.annotations.destructive_hint is spec.destructive

@@ -5,6 +5,7 @@ provision gives the tier's entitlements. Real gateway on the in-process sandbox,
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,14 +16,16 @@ import pytest
 
 from aims_billing_mcp.errors import ConfigurationError, InvalidInput, InvalidState, NotFound
 from aims_billing_mcp.sandbox import Sandbox
+from aims_billing_mcp.services.fulfilment import Fulfilment, Seller
 from aims_billing_mcp.services.prepaid import PrepaidSubscriptions, prepaid_id
 from aims_billing_mcp.services.stripe_setup import setup_stripe
 from aims_billing_mcp.services.tiers import add_months
 from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.state import build_state
 from aims_billing_mcp.store import Store, utc_iso
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
-from .conftest import CommerceStack, commerce_stack, record_paid
+from .conftest import CommerceStack, commerce_stack, paid_outside, record_paid
 from .money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 
 pytestmark = pytest.mark.anyio
@@ -157,7 +160,8 @@ async def test_two_tiers_paid_at_once_for_one_customer_start_one_and_refuse_the_
     sessions = [await env.buy(item, key=item, pay=False) for item in ("tier_3mo", "tier_6mo")]  # both created unpaid
     for session in sessions:  # both paid (e.g. by the buyers' own clients) before either is started
         await env.record_paid(session)
-    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing)
+    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                 fulfilment=env.stack.fulfilment)
 
     async with anyio.create_task_group() as tg:  # two workers (processes), one row each
         tg.start_soon(env.stack.prepaid.start, prepaid_id(sessions[0].id))
@@ -241,7 +245,7 @@ async def test_a_late_start_still_delivers_the_whole_commitment(env: Env) -> Non
     await env.buy("tier_9mo")  # left failed after its credit
     env.sandbox.advance(days=10)  # the operator fixes it ten days later (our clock agrees with Stripe's, as live)
     worker = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
-                                  clock=env.sandbox.now)
+                                  fulfilment=env.stack.fulfilment, clock=env.sandbox.now)
 
     [row] = await worker.retry(include_failed=True)
 
@@ -258,6 +262,7 @@ async def test_two_workers_retrying_a_credited_row_at_once_create_one_subscripti
     left = await env.stack.prepaid.start(row_id)  # one attempt: credited, then Stripe down
     assert (left["status"], left["attempts"]) == ("credited", 1)
     other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                 fulfilment=env.stack.fulfilment,
                                  clock=lambda: time.time() + 1)  # another process, its clock a second ahead
 
     async with anyio.create_task_group() as tg:
@@ -301,9 +306,9 @@ async def test_two_workers_re_leasing_a_day_old_credited_row_send_one_creation_r
 
     stack = env.stack
     a = PrepaidSubscriptions(stack.store, Stalled(stack.gateway, hold_a), stack.subscriptions,  # type: ignore[arg-type]
-                             stack.pricing)
+                             stack.pricing, fulfilment=stack.fulfilment)
     b = PrepaidSubscriptions(stack.store, Stalled(stack.gateway, hold_b), stack.subscriptions,  # type: ignore[arg-type]
-                             stack.pricing, clock=lambda: time.time() + 5)
+                             stack.pricing, fulfilment=stack.fulfilment, clock=lambda: time.time() + 5)
 
     async def run_b() -> None:
         try:
@@ -336,8 +341,10 @@ async def test_a_slow_worker_cannot_rewind_a_started_subscription(env: Env) -> N
     stale = env.stack.prepaid.find(row_id)  # another worker read it pending ...
     assert stale is not None
     told: list[str] = []
-    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing)
-    other.on_outcome("payment_session", lambda _conn, row: told.append(row["status"]))  # type: ignore[func-returns-value]
+    told_of = Fulfilment()
+    told_of.register("payment_session", Seller(on_subscription=lambda _conn, row: told.append(row["status"])))  # type: ignore[func-returns-value]
+    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                 fulfilment=told_of)
     await env.stack.prepaid.start(row_id)  # ... while this one started it
 
     after = await other._start(stale)  # the other one goes on from what it read
@@ -351,7 +358,8 @@ async def test_concurrent_starts_from_two_workers_start_one_subscription(env: En
     row_id = prepaid_id(session.id)
     assert env.stack.prepaid.find(row_id)["status"] == "pending"  # type: ignore[index]
     # a second worker (another process: its own locks) over the same store and Stripe account
-    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing)
+    other = PrepaidSubscriptions(env.stack.store, env.stack.gateway, env.stack.subscriptions, env.stack.pricing,
+                                 fulfilment=env.stack.fulfilment)
 
     async with anyio.create_task_group() as tg:
         for worker in (env.stack.prepaid, other, env.stack.prepaid, other):
@@ -639,3 +647,46 @@ async def test_a_failed_tier_holding_a_subscription_is_refunded_once_that_subscr
     assert env.stack.prepaid.live_tier(env.customer) is None
     assert (done["status"], done["refunded_amount"]) == ("refunded", paid.amount - 1999)  # its first month was used
     assert (await env.stripe("get", f"/v1/customers/{env.customer}"))["balance"] == 0
+
+
+async def test_a_kick_costs_nothing_when_this_process_enqueued_nothing_and_start_up_finds_every_open_row(
+        env: Env) -> None:
+    session = await env.buy(pay=False)
+    pi = await paid_outside(env.stack.gateway, session.payment_intent)
+    # another process records the payment: its own services enqueue the subscription to start
+    stack = env.stack
+    other = build_state(stack.state.settings, store=stack.store, gateway=stack.gateway)  # the other process's graph
+    await stack.store.write(lambda tx: other.commerce.apply_payment_intent(tx, pi))
+    row_id = prepaid_id(session.id)
+
+    assert stack.prepaid.kick() == []  # nothing enqueued here since the last kick: not even a query
+    assert stack.prepaid.resume() == [row_id]  # start-up looks at the table itself
+    await stack.prepaid.drain()
+    row = stack.prepaid.find(row_id)
+    assert row is not None and row.status == "started"
+
+
+async def test_a_kick_before_another_jobs_commit_loses_nothing_the_next_kick_starts_it(env: Env) -> None:
+    session = await env.buy(pay=False)
+    pi = await paid_outside(env.stack.gateway, session.payment_intent)
+    enqueued, release = threading.Event(), threading.Event()
+
+    def job(tx: Any) -> None:  # records the payment (enqueues its subscription), then holds its COMMIT back
+        env.stack.payments.apply_payment_intent(tx, pi)
+        enqueued.set()
+        release.wait(10)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(env.stack.store.write, job)
+            await anyio.to_thread.run_sync(enqueued.wait, 10)
+            early = env.stack.prepaid.kick()  # another caller's kick: the row is not committed yet
+            release.set()
+        later = env.stack.prepaid.kick()  # the recording caller's kick, after its COMMIT
+        await env.stack.prepaid.drain()
+
+    assert early == [] and later == [prepaid_id(session.id)]
+    row = env.stack.prepaid.find(prepaid_id(session.id))
+    assert row is not None and row.status == "started"
+    assert env.stack.prepaid.kick() == []  # seen once committed: no longer looked for
+

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from aims_billing_mcp.app import build_state
 from aims_billing_mcp.services.prepaid import prepaid_id
 from aims_billing_mcp.services.stripe_setup import setup_stripe
 from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.state import build_state
 from aims_billing_mcp.stripe_gateway import StripeRequest
 
 from .conftest import record_paid

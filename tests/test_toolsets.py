@@ -12,6 +12,7 @@ from mcp import Client
 
 from aims_billing_mcp.errors import ConfigurationError
 from aims_billing_mcp.tools import TOOLS, TOOLSETS, select_tools
+from aims_billing_mcp.tools.docs import tool_sizes
 
 pytestmark = pytest.mark.anyio
 
@@ -27,8 +28,9 @@ def test_a_tool_set_selects_exactly_its_family(make_settings: Any, toolset: str)
 
 
 def test_tool_sets_combine_with_read_only_and_the_allow_list(make_settings: Any) -> None:
-    assert names(make_settings, aims_billing_toolsets=["wallets", "catalog"], aims_billing_read_only=True) == {
-        "get_agent_wallet", "list_agent_transactions", "list_invoices", "retrieve_balance"}
+    read_tools = {spec.name for spec in TOOLS if spec.toolset in ("wallets", "catalog") and spec.permission == "read"}
+    assert {"get_agent_wallet", "list_invoices"} <= read_tools
+    assert names(make_settings, aims_billing_toolsets=["wallets", "catalog"], aims_billing_read_only=True) == read_tools
     assert names(make_settings, aims_billing_toolsets=["wallets"],
                  aims_billing_tools=["get_agent_wallet", "list_invoices"]) == {"get_agent_wallet"}
 
@@ -56,18 +58,10 @@ def test_published_schemas_carry_no_per_property_titles() -> None:
     assert '"title": "' not in json.dumps([tool["inputSchema"] for tool in json.loads(text)["tools"]])
 
 
-def listed_sizes() -> dict[str, tuple[int, float]]:
-    """Tools and KB of compact tools/list JSON per tool set (and for all of them), from tools.json."""
-    tools = json.loads((Path(__file__).parents[1] / "tools.json").read_text())["tools"]
-    family = {spec.name: spec.toolset for spec in TOOLS}
-    sizes = {}
-    for toolset in ("all", *TOOLSETS):
-        chosen = [tool for tool in tools if toolset == "all" or family[tool["name"]] == toolset]
-        sizes[toolset] = (len(chosen), round(len(json.dumps({"tools": chosen}, separators=(",", ":"))) / 1024, 1))
-    return sizes
-
-
 def test_the_readme_reports_the_current_tools_list_size_of_each_tool_set() -> None:
+    """The table is written by `aims-billing-mcp tools-json` from tools.json (tools/docs.py)."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    expected = "\n".join(f"| `{name}` | {count} | {kb} KB |" for name, (count, kb) in listed_sizes().items())
-    assert expected in readme, f"update the README's tool-set table to:\n{expected}"
+    manifest = json.loads((Path(__file__).parents[1] / "tools.json").read_text())
+    sizes = tool_sizes(TOOLS, manifest)
+    expected = "\n".join(f"| `{name}` | {count} | {kb} KB |" for name, (count, kb) in sizes.items())
+    assert expected in readme, "the README's tool-set table drifted: run `aims-billing-mcp tools-json`"

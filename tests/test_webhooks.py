@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client
 
-from aims_billing_mcp.app import build_state
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.services.webhook_events import InvalidEvent, parse_event
+from aims_billing_mcp.state import build_state
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
 from tests.conftest import ok, serving_http
@@ -88,6 +88,7 @@ async def test_a_signed_subscription_event_provisions_the_tier(endpoint: tuple[s
         ("stale", None, int(time.time()) - 301, SANDBOX_WEBHOOK_SECRET),
         ("garbage", "t=abc,v1=zzz", None, SANDBOX_WEBHOOK_SECRET),
     ],
+    ids=["missing", "forged", "stale", "garbage"],  # not the clock: every xdist worker must collect the same ids
 )
 async def test_a_bad_signature_is_refused_with_400_and_nothing_is_stored(
     endpoint: tuple[str, Any], case: str, signature: str | None, timestamp: int | None, secret: str

@@ -21,10 +21,12 @@ from aims_billing_mcp.services.x402 import (
     MAX_QUOTE_ID,
     NETWORKS,
     SANDBOX_PAY_TO,
+    Challenge,
     X402Service,
     decode_payment_header,
     encode_header,
 )
+from aims_billing_mcp.services.x402_models import Receipt
 from aims_billing_mcp.store import Store
 from tests.conftest import Clock
 
@@ -426,3 +428,31 @@ def test_importing_the_service_does_not_import_the_evm_stack() -> None:
             "print(any(m.startswith(('x402', 'eth_account', 'web3')) for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# --- pay or challenge: the one step behind purchase_luc_credits and GET /x402/credits ----------------------------
+
+
+@pytest.mark.parametrize("sent", ["nothing", "a payment for other luc", "a tampered payment", "a good payment"])
+async def test_pay_or_challenge_credits_a_good_payment_and_answers_anything_else_with_a_fresh_challenge(
+        service: X402Service, ledger: LedgerService, store: Store, sent: str) -> None:
+    first = await service.challenge(agent_id=AGENT, luc=40, resource="r")
+    payment = {"nothing": None, "a good payment": header(Payer().pay(first.payment_required)),
+               "a payment for other luc": header(Payer().pay(first.payment_required)),
+               "a tampered payment": Payer().pay(first.payment_required, value="1")}[sent]
+    luc = 41 if sent == "a payment for other luc" else 40
+    before = snapshot(store)
+
+    outcome = await service.pay_or_challenge(payment, agent_id=AGENT, luc=luc, resource="r")
+
+    if sent == "a good payment":
+        assert isinstance(outcome, Receipt) and (outcome.quote_id, outcome.luc_credited) == (first.quote_id, 40)
+        assert balance(ledger) == 40
+        return
+    assert isinstance(outcome, Challenge) and snapshot(store) == before
+    assert outcome.required.quote_id.startswith("qt_") and outcome.required.quote_id != first.quote_id
+    assert (outcome.required.agent_id, outcome.required.luc) == (AGENT, luc)
+    refusal = None if outcome.refusal is None else (outcome.refusal.code, outcome.refusal.param)
+    assert refusal == {"nothing": None, "a payment for other luc": ("invalid_payment_requirements", "luc"),
+                       "a tampered payment": ("invalid_exact_evm_payload_authorization_value_mismatch",
+                                              "payment")}[sent]

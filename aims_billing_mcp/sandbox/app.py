@@ -42,6 +42,7 @@ ROUTES: tuple[Route, ...] = (
 )
 V2_SESSION = "/v2/billing/meter_event_session"
 V2_STREAM = "/v2/billing/meter_event_stream"
+V2_EVENTS = "/v2/core/events/"
 CONTROL_PREFIX = "/_sandbox/"
 ALL_METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
 
@@ -152,7 +153,10 @@ def _v2_envelope(exc: StripeError) -> dict[str, Any]:
 
 
 async def _v2(sandbox: Sandbox, request: Request, method: str, path: str) -> tuple[int, Any]:
-    """The v2 meter event endpoints: JSON bodies, v2 error shapes, a session token for the stream."""
+    """The v2 meter event endpoints: JSON bodies, v2 error shapes, a session token for the stream; and the full
+    form of a thin event (``GET /v2/core/events/{id}``)."""
+    if method == "GET" and path.startswith(V2_EVENTS) and "/" not in path[len(V2_EVENTS):]:
+        return 200, sandbox.run(lambda ctx: meters.retrieve_v2_event(ctx, path[len(V2_EVENTS):]))
     if method != "POST" or path not in (V2_SESSION, V2_STREAM):
         raise StripeError(404, f"Unrecognized request URL ({method}: {path}).", code="not_found")
     raw = await request.body()

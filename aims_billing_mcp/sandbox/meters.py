@@ -276,7 +276,9 @@ def session_valid(ctx: Ctx, token: str | None) -> bool:
 
 
 def stream(ctx: Ctx, events: list[Any], errors: list[Obj]) -> None:
-    """Ingest a validated-size batch; invalid events are dropped and appended to ``errors``."""
+    """Ingest a validated-size batch; invalid events are dropped, appended to ``errors`` and reported (thin
+    ``v1.billing.meter.error_report_triggered`` events, one per meter)."""
+    dropped: list[tuple[Any, Any, StripeError]] = []
     for index, raw in enumerate(events):
         prefix = f"events[{index}]."
         event = raw if isinstance(raw, dict) else {}
@@ -294,6 +296,64 @@ def stream(ctx: Ctx, events: list[Any], errors: list[Obj]) -> None:
         except StripeError as exc:
             errors.append({"identifier": identifier, "event_name": event.get("event_name"), "code": exc.code,
                            "param": exc.param, "message": exc.message, "received_at": ctx.now})
+            dropped.append((event.get("event_name"), identifier, exc))
+    report_errors(ctx, dropped)
+
+
+# -- v2: error reports (``v1.billing.meter.error_report_triggered``, a thin event) --------------------------------
+
+V2_EVENT = "v2.core.event"
+ERROR_REPORT = "v1.billing.meter.error_report_triggered"
+
+
+def _report_code(exc: StripeError, meter: Obj) -> str | None:
+    """Stripe's error report code for an event the meter dropped; None for a refusal no meter reports."""
+    param = exc.param or ""
+    if exc.code in ("timestamp_too_far_in_past", "timestamp_in_future"):
+        return exc.code
+    if param.endswith(f"payload[{meter['customer_mapping']['event_payload_key']}]"):
+        return "meter_event_customer_not_found" if exc.code == "resource_missing" else "meter_event_no_customer_defined"
+    if param.endswith(f"payload[{meter['value_settings']['event_payload_key']}]"):
+        return "meter_event_invalid_value"
+    return None
+
+
+def report_errors(ctx: Ctx, dropped: list[tuple[Any, Any, StripeError]]) -> None:
+    """One error report per meter for the events a stream request dropped (Stripe sends one per meter and
+    validation window; here the window is the request): the thin event goes to the webhook endpoint, the full one
+    (with its ``data``) is kept for ``GET /v2/core/events/{id}``."""
+    by_meter: dict[str, list[tuple[str, str, str]]] = {}
+    for event_name, identifier, exc in dropped:
+        meter = _active_meter(ctx, event_name) if isinstance(event_name, str) else None
+        code = None if meter is None else _report_code(exc, meter)
+        if meter is not None and code is not None:  # no meter: Stripe's `no_meter_found`, not reported here
+            by_meter.setdefault(meter["id"], []).append((code, str(identifier or ""), exc.message))
+    for meter_id, failures in by_meter.items():
+        types: dict[str, list[tuple[str, str]]] = {}
+        for code, identifier, message in failures:
+            types.setdefault(code, []).append((identifier, message))
+        thin: Obj = {
+            "id": new_id("evt_test_"), "object": V2_EVENT, "type": ERROR_REPORT, "created": rfc3339(ctx.now),
+            "livemode": False, "context": None, "reason": None,
+            "related_object": {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"},
+        }
+        ctx.store.insert({**thin, "data": {
+            "developer_message_summary": f"There are {len(failures)} invalid meter events.",
+            "reason": {"error_count": len(failures), "error_types": [
+                {"code": code, "error_count": len(samples), "sample_errors": [
+                    {"error_message": message, "request": {"identifier": identifier}} for identifier, message
+                    in samples[:20]]} for code, samples in types.items()]},
+            "validation_start": rfc3339(ctx.now), "validation_end": rfc3339(ctx.now),
+        }})
+        ctx.events.append(thin)  # delivered after commit, like every event
+
+
+def retrieve_v2_event(ctx: Ctx, event_id: str) -> Obj:
+    """``GET /v2/core/events/{id}``: a thin event's full form, with its ``data``."""
+    found = ctx.store.get(event_id, V2_EVENT)
+    if found is None:
+        raise StripeError(404, f"No such event: '{event_id}'", code="not_found")
+    return found
 
 
 ROUTES = [

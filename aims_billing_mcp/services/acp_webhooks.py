@@ -26,13 +26,13 @@ import asyncio
 import hashlib
 import hmac
 import re
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..store import Store, dumps, utc_iso
+from ..store import Store, Tx, dumps, utc_iso
+from ..store.acp import OrderEventRow
 from .background import Background
 
 if TYPE_CHECKING:  # httpx loads on the first delivery, not at start-up
@@ -83,13 +83,12 @@ class OrderWebhooks:
         self._transport = transport
         self.background = Background()
 
-    def enqueue(self, conn: sqlite3.Connection, event_type: str, order: dict[str, Any]) -> str:
+    def enqueue(self, tx: Tx, event_type: str, order: dict[str, Any]) -> str:
         """Record an event inside the caller's write transaction; send it with `dispatch` once that commits."""
         event_id = "evt_" + uuid.uuid4().hex
         payload = dumps({"type": event_type, "data": {**order, "type": "order"}})
-        conn.execute("INSERT INTO acp_order_events (id, type, order_id, checkout_session_id, payload, created_at) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", (event_id, event_type, order["id"], order["checkout_session_id"],
-                                                   payload, utc_iso(self._clock())))
+        self._store.acp.add_order_event(tx, event_id, event_type, order["id"], order["checkout_session_id"], payload,
+                                        utc_iso(self._clock()))
         return event_id
 
     def dispatch(self, event_ids: Sequence[str]) -> None:
@@ -100,9 +99,7 @@ class OrderWebhooks:
     def kick(self) -> list[str]:
         """Dispatch every event still pending (neither delivered nor given up) and not already being sent: after a
         COMMIT that may have written one, and at start-up for the ones a previous run left."""
-        rows = self._store.query("SELECT id FROM acp_order_events WHERE delivered = 0 AND gave_up = 0 "
-                                 "ORDER BY created_at")
-        ids = [row["id"] for row in rows]
+        ids = self._store.acp.pending_order_events()
         self.dispatch(ids)
         return ids
 
@@ -115,15 +112,15 @@ class OrderWebhooks:
         """Wait for the deliveries in flight (shutdown and tests)."""
         await self.background.drain()
 
-    def event(self, event_id: str) -> dict[str, Any] | None:
-        return self._store.query_one("SELECT * FROM acp_order_events WHERE id = ?", (event_id,))
+    def event(self, event_id: str) -> OrderEventRow | None:
+        return self._store.acp.order_event(event_id)
 
     async def _deliver(self, event_id: str) -> None:
         row = self.event(event_id)
-        if row is None or row["delivered"] or row["gave_up"]:
+        if row is None or row.delivered or row.gave_up:
             return
-        body = str(row["payload"]).encode()
-        attempts = int(row["attempts"])
+        body = row.payload.encode()
+        attempts = row.attempts
         import httpx
 
         async with httpx.AsyncClient(transport=self._transport, timeout=self._timeout) as http:
@@ -150,13 +147,11 @@ class OrderWebhooks:
                     return
 
     def _record(self, event_id: str, attempts: int, status: int | None, error: str | None, delivered: bool, *,
-                gave_up: bool) -> Callable[[sqlite3.Connection], None]:
-        iso = utc_iso(self._clock())
+                gave_up: bool) -> Callable[[Tx], None]:
+        iso, acp = utc_iso(self._clock()), self._store.acp
 
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE acp_order_events SET attempts = ?, last_status = ?, last_error = ?, delivered = ?, "
-                         "gave_up = ?, delivered_at = ? WHERE id = ?",
-                         (attempts, status, error, int(delivered), int(gave_up), iso if delivered else None,
-                          event_id))
+        def job(tx: Tx) -> None:
+            acp.record_delivery(tx, event_id, attempts=attempts, status=status, error=error, delivered=delivered,
+                                gave_up=gave_up, at=iso)
 
         return job

@@ -27,7 +27,7 @@ from ..models import (
     Recurring,
     format_amount,
 )
-from ..stripe_gateway import StripeRequest
+from ..stripe_gateway import StripeGateway, StripeRequest
 from .catalog_models import Balance, BalanceAmount, Invoice, InvoiceList
 from .ceiling import Ceiling
 from .connect import ConnectService, SalePlan
@@ -35,11 +35,11 @@ from .mutations import StripeMutations, compact
 
 
 class CatalogService:
-    def __init__(self, mutations: StripeMutations, *, ceiling: Ceiling | None = None,
+    def __init__(self, mutations: StripeMutations, *, gateway: StripeGateway, ceiling: Ceiling | None = None,
                  connect: ConnectService | None = None) -> None:
         self._connect = connect  # sells plugs as destination charges (services/connect.py)
         self._mutations = mutations
-        self._gateway = mutations.gateway
+        self._gateway = gateway
         self._ceiling = ceiling or Ceiling()
         self._mutate = mutations.run
 

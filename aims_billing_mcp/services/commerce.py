@@ -4,10 +4,11 @@ PaymentIntent, confirmed with a payment method (`pm_card_visa`) or a Shared Paym
 Fulfilment happens exactly once, in the same writer job that records the success, whoever sees the success first:
 the confirm call, a later `get_payment_session` (which re-reads the PaymentIntent: status, amount_received,
 currency) or the `payment_intent.succeeded` webhook. Three things stand behind "once": the session's UNIQUE
-payment_intent_id (one session per PaymentIntent), the `fulfilled_at IS NULL` guard of the UPDATE that claims the
+payment_intent_id (one session per PaymentIntent), the `fulfilled_at IS NULL` guard of the update that claims the
 fulfilment (checked by rowcount), and the ledger credit's own idempotency key `fulfil:<session id>`. A tier is
 fulfilled by recording its prepaid subscription in that job (prepaid.py starts it in Stripe after COMMIT), and a
-session another seller owns (an ACP checkout's) is fulfilled by that seller, in the same job (`fulfil_with`).
+session another seller owns (an ACP checkout's) is fulfilled by that seller, in the same job (the fulfilment
+registry, fulfilment.py, asked first).
 
 Retries: a confirm's state is checked under its key's lock, after its stored result was looked for, so a retry
 gets the first result; a paid session is confirmed again at Stripe under the same Stripe key, which replays only
@@ -20,10 +21,8 @@ Keys belong to their owner: a create's to its agent (else customer), a confirm's
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,27 +37,28 @@ from ..errors import (
     StripeInvalidRequest,
 )
 from ..models import AGENT_ID, CURRENCIES, format_amount
-from ..store import Store, dumps, utc_iso
-from ..stripe_gateway import StripeRequest, stripe_idempotency_key
+from ..store import Store, Tx, utc_iso
+from ..store.commerce import TERMINAL, TRANSITIONS, PaymentSessionRow, SessionStatus, session_status
+from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
+from .ceiling import Ceiling
 from .commerce_models import PaymentSession, PaymentSessionResult
 from .connect import ConnectService
-from .idempotency import CallKey
+from .fulfilment import Fulfilment, Seller
+from .idempotency import CallKey, IdempotencyService
 from .ledger import LedgerService
 from .mutations import StripeMutations, compact
-from .prepaid import OPEN, PrepaidSubscriptions, prepaid_id
+from .prepaid import OPEN, PrepaidRow, PrepaidSubscriptions, prepaid_id
 from .tiers import Item, Pricing
 
 log = logging.getLogger(__name__)
 CREATE_TOOL = "create_payment_session"
 CONFIRM_TOOL = "confirm_payment_session"
 CANCEL_TOOL = "cancel_payment_session"
-TERMINAL = ("succeeded", "canceled")
+__all__ = ["TERMINAL", "PaymentSessionService", "SessionStatus"]
 _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
 _SESSION = re.compile(r"ps_[A-Za-z0-9_]{1,200}")
 _PAYMENT_METHOD = re.compile(r"pm_[A-Za-z0-9_]{1,200}")
 SHARED_PAYMENT_TOKEN = re.compile(r"spt_[A-Za-z0-9_]{1,200}")
-# Fulfils a succeeded session it owns inside the recording transaction and says what it did (None: not its own).
-Fulfiler = Callable[[sqlite3.Connection, dict[str, Any], str], dict[str, Any] | None]
 
 
 def _session_id(call_key: str) -> str:
@@ -77,29 +77,24 @@ def _decline_message(error: dict[str, Any] | None) -> str | None:
 class PaymentSessionService:
     def __init__(
         self, store: Store, mutations: StripeMutations, ledger: LedgerService, pricing: Pricing, *,
-        clock: Callable[[], float] = time.time,
-        prepaid: PrepaidSubscriptions | None = None, connect: ConnectService | None = None,
+        gateway: StripeGateway, idempotency: IdempotencyService, ceiling: Ceiling, prepaid: PrepaidSubscriptions,
+        fulfilment: Fulfilment, clock: Callable[[], float] = time.time, connect: ConnectService | None = None,
     ) -> None:
         self._connect = connect  # item "plug:<id>" sells a creator's plug as a destination charge (services/connect.py)
         self._store = store
         self._mutations = mutations
-        self._gateway = self.gateway = mutations.gateway
-        self._idempotency = mutations.idempotency
-        self.ledger = ledger  # the wallets fulfilment credits; ACP orders credit the same ones
+        self._gateway = gateway
+        self._idempotency = idempotency
+        self._ceiling = ceiling
+        self.ledger = ledger  # the wallets fulfilment credits
         self._pricing = pricing
         self._clock = clock
-        self.prepaid = prepaid  # tier items start a prepaid subscription; ACP orders use the same outbox
-        if prepaid is not None:
-            prepaid.on_outcome("payment_session", self._subscription_outcome)
-        self._fulfilers: list[Fulfiler] = []
-        self._after_commit: list[Callable[[], None]] = []
+        self.prepaid = prepaid  # tier items start a prepaid subscription
+        self._fulfilment = fulfilment  # sessions another seller owns (ACP's) are fulfilled by that seller
 
-    def fulfil_with(self, fulfiler: Fulfiler, after_commit: Callable[[], None] | None = None) -> None:
-        """Let another seller (ACP) fulfil the sessions it created, in the transaction that records their success;
-        `after_commit` then sends what that transaction queued (its outbox)."""
-        self._fulfilers.append(fulfiler)
-        if after_commit is not None:
-            self._after_commit.append(after_commit)
+    def seller(self) -> Seller:
+        """What payment sessions register in the fulfilment registry (state.py): their tiers' outcomes."""
+        return Seller(on_subscription=self._subscription_outcome)
 
     # --- create -----------------------------------------------------------------------------------------------
 
@@ -109,7 +104,7 @@ class PaymentSessionService:
                                param="amount" if amount is not None else "currency")
         if item is not None:
             found = self._pricing.item(item)
-            self.ledger.ceiling.check(found.unit_price, found.currency, "item", what=f"the price of {found.id}")
+            self._ceiling.check(found.unit_price, found.currency, "item", what=f"the price of {found.id}")
             return found, found.unit_price, found.currency
         if amount is None or currency is None:
             raise InvalidInput("give an item (e.g. luc_10k; valid items: " + ", ".join(self._pricing.items)
@@ -121,13 +116,10 @@ class PaymentSessionService:
         if code not in CURRENCIES:
             raise InvalidInput(f"currency {currency!r} is not an ISO 4217 code Stripe accepts, e.g. usd",
                                param="currency")
-        self.ledger.ceiling.check(amount, code, "amount")
+        self._ceiling.check(amount, code, "amount")
         return None, amount, code
 
     def _check_can_subscribe(self, item: Item, customer: str | None) -> None:
-        if self.prepaid is None:
-            raise InvalidState(f"item {item.id} starts a subscription, which this server is not set up to do",
-                               param="item")
         if customer is None:
             raise InvalidInput(f"item {item.id} starts a {item.tier} subscription for a customer: pass customer "
                                "(cus_...) or the agent_id of a wallet (its customer subscribes)", param="customer")
@@ -139,11 +131,11 @@ class PaymentSessionService:
         if not AGENT_ID.fullmatch(agent_id):
             raise InvalidInput(f"agent_id {agent_id[:40]!r} is not an agent id (letters, digits and _ . : @ -)",
                                param="agent_id")
-        row = self._store.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,))
-        if row is None:
+        customer = self._store.commerce.wallet_customer(agent_id)
+        if customer is None:
             raise NotFound(f"agent {agent_id} has no wallet to credit: open one with create_agent_wallet first",
                            param="agent_id")
-        return str(row["customer_id"])
+        return customer
 
     async def create_session(
         self, *, customer: str | None, agent_id: str | None, item: str | None, amount: int | None,
@@ -164,7 +156,6 @@ class PaymentSessionService:
                                param="agent_id")
         if found is not None and found.subscribes:
             self._check_can_subscribe(found, customer or owner)
-            assert self.prepaid is not None
             await self.prepaid.check_customer(str(customer or owner), param="customer" if customer else "agent_id")
             await self.prepaid.check_prices(self._pricing.tier(str(found.tier)))
         description = description if description is not None else (found.title if found else None)
@@ -183,18 +174,16 @@ class PaymentSessionService:
             **(plan.destination() if plan is not None else {}),
         })
         recorded: dict[str, PaymentSession] = {}
-        clock = self._clock
+        clock, store = self._clock, self._store.commerce
 
         async def record(pi: dict[str, Any]) -> None:
-            def job(conn: sqlite3.Connection) -> PaymentSession:
-                iso = utc_iso(clock())
-                conn.execute(
-                    "INSERT INTO payment_sessions (id, customer_id, agent_id, item_id, amount, currency, description, "
-                    "status, payment_intent_id, idempotency_key, amount_received, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                    (session_id, customer or owner, agent_id, item_id, amount, currency, description, pi["status"],
-                     pi["id"], call.key, int(pi.get("amount_received") or 0), iso, iso))
-                return _view(_row(conn, session_id))
+            def job(tx: Tx) -> PaymentSession:
+                return _view(store.create(
+                    tx, session_id=session_id, customer=customer or owner, agent_id=agent_id, item=item_id,
+                    amount=amount, currency=currency, description=description,
+                    status=session_status(str(pi["status"]), SessionStatus.REQUIRES_PAYMENT_METHOD),
+                    payment_intent=pi["id"], idempotency_key=call.key,
+                    amount_received=int(pi.get("amount_received") or 0), at=utc_iso(clock())))
 
             recorded["session"] = await self._store.write(job)
             if plan is not None and self._connect is not None:
@@ -241,8 +230,8 @@ class PaymentSessionService:
             # Under the key's lock, after its stored result was looked for (a retry of a call that finished is
             # answered its first result before any state is checked): the session as it is now.
             now = self._session(session.id)
-            paid = now.status == "succeeded" or now.fulfilled
-            if now.status == "canceled":
+            paid = now.status == SessionStatus.SUCCEEDED or now.fulfilled
+            if now.status == SessionStatus.CANCELED:
                 raise InvalidState(f"payment session {session.id} was canceled: create a new one to pay",
                                    param="session_id")
             item = self._pricing.items.get(now.item or "")
@@ -257,11 +246,11 @@ class PaymentSessionService:
             except StripeInvalidRequest as exc:
                 if exc.details.get("stripe_code") == "payment_intent_unexpected_state":
                     current = await self.get_session(session.id)  # Stripe is ahead of our record: record it first
-                    if current.status == "succeeded" and not paid:
+                    if current.status == SessionStatus.SUCCEEDED and not paid:
                         return current.model_dump(mode="json"), None  # paid by a request whose answer was lost
+                    now_is = "already paid" if current.status == SessionStatus.SUCCEEDED else current.status
                     raise InvalidState(
-                        f"payment session {session.id} is "
-                        f"{'already paid' if current.status == 'succeeded' else current.status}: it cannot be "
+                        f"payment session {session.id} is {now_is}: it cannot be "
                         "confirmed again (get_payment_session shows it)", param="session_id") from exc
                 raise await self._still_payable(session.id, f"the payment was refused: {exc.message}", exc) from exc
             except StripeCardDeclined as exc:
@@ -282,7 +271,7 @@ class PaymentSessionService:
         pi = (await self._gateway.send(StripeRequest("get", f"/v1/payment_intents/{session.payment_intent}"))).data
         unchanged = (pi.get("status") == session.status
                      and int(pi.get("amount_received") or 0) == session.amount_received
-                     and (session.fulfilled or pi.get("status") != "succeeded"))
+                     and (session.fulfilled or pi.get("status") != SessionStatus.SUCCEEDED))
         if unchanged:
             return session
         return await self._record(pi)
@@ -293,10 +282,10 @@ class PaymentSessionService:
         call = self._idempotency.key_for(CANCEL_TOOL, {"session": session.id}, f"{session.id}:{idempotency_key}")
         if self._idempotency.find(call) is not None:
             return self._session(session.id)
-        if session.status == "succeeded" or session.fulfilled:
+        if session.status == SessionStatus.SUCCEEDED or session.fulfilled:
             raise InvalidState(f"payment session {session.id} is already paid ({session.amount_display}) and cannot "
                                "be canceled", param="session_id")
-        if session.status == "canceled":
+        if session.status == SessionStatus.CANCELED:
             return session
         request = StripeRequest("post", f"/v1/payment_intents/{session.payment_intent}/cancel", {},
                                 stripe_idempotency_key(CANCEL_TOOL, call.key))
@@ -325,20 +314,19 @@ class PaymentSessionService:
     async def _record(self, pi: dict[str, Any]) -> PaymentSession:
         """Record a PaymentIntent of one of our sessions, as Stripe answered it (confirm, cancel, re-read); a tier
         subscription it paid for is started before answering (retried in the background if Stripe fails)."""
-        done = await self._store.write(lambda conn: self.apply_payment_intent(conn, pi))
+        done = await self._store.write(lambda tx: self.apply_payment_intent(tx, pi))
         assert done is not None
         self._committed()
         return await self._start_subscription(done)
 
     def _committed(self) -> None:
-        """After a COMMIT that may have queued fulfilment work (a prepaid subscription, an ACP order event)."""
-        if self.prepaid is not None:
-            self.prepaid.kick()
-        for action in self._after_commit:
-            action()
+        """After a COMMIT that may have queued fulfilment work (a prepaid subscription, an ACP order event): free
+        when it queued none (prepaid's kick looks only when a subscription was enqueued)."""
+        self.prepaid.kick()
+        self._fulfilment.committed()
 
     async def _start_subscription(self, session: PaymentSession) -> PaymentSession:
-        if self.prepaid is None or not session.fulfilment or session.fulfilment.get("kind") != "subscription":
+        if not session.fulfilment or session.fulfilment.get("kind") != "subscription":
             return session
         if session.fulfilment.get("status") not in OPEN:
             return session
@@ -351,10 +339,8 @@ class PaymentSessionService:
         if event.get("type") == "payment_intent.succeeded":
             self._committed()
 
-    def _subscription_outcome(self, conn: sqlite3.Connection, row: dict[str, Any]) -> None:
-        assert self.prepaid is not None
-        conn.execute("UPDATE payment_sessions SET fulfilment = ?, updated_at = ? WHERE id = ?",
-                     (dumps(self.prepaid.summary(row)), utc_iso(self._clock()), row["source_id"]))
+    def _subscription_outcome(self, tx: Tx, row: PrepaidRow) -> None:
+        self._store.commerce.update_fulfilment(tx, row.source_id, self.prepaid.summary(row), utc_iso(self._clock()))
 
     async def _once(self, call: CallKey, session_id: str,
                     execute: Callable[[], Awaitable[tuple[dict[str, Any], str | None]]]) -> PaymentSession:
@@ -364,130 +350,108 @@ class PaymentSessionService:
 
     # --- the webhook path and the one place a PaymentIntent's state is recorded ----------------------------------
 
-    def apply_event(self, conn: sqlite3.Connection, event: dict[str, Any]) -> str | None:
+    def apply_event(self, tx: Tx, event: dict[str, Any]) -> str | None:
         """Apply a `payment_intent.*` event inside the webhook's writer transaction; returns a note."""
         kind = str(event.get("type") or "")
         pi = ((event.get("data") or {}).get("object")) or {}
         if not kind.startswith("payment_intent.") or not isinstance(pi, dict) or not pi.get("id"):
             return None
-        before = conn.execute("SELECT id, fulfilled_at FROM payment_sessions WHERE payment_intent_id = ?",
-                              (pi["id"],)).fetchone()
+        before = self._store.commerce.by_payment_intent(tx, str(pi["id"]))
         if before is None:
             return f"{kind}: no payment session for {pi['id']}"
-        session = self.apply_payment_intent(conn, pi)
-        assert session is not None
+        session = self._apply(tx, before, pi)
         note = f"{kind}: payment session {session.id} is {session.status}"
-        if session.fulfilled and before["fulfilled_at"] is None:
+        if session.fulfilled and before.fulfilled_at is None:
             note += ", fulfilled"
         if session.last_error and kind == "payment_intent.payment_failed":
             note += f" ({session.last_error})"
         return note
 
-    def apply_payment_intent(self, conn: sqlite3.Connection, pi: dict[str, Any]) -> PaymentSession | None:
+    def apply_payment_intent(self, tx: Tx, pi: dict[str, Any]) -> PaymentSession | None:
         """Record what a PaymentIntent says about its session and, when it has succeeded for the full amount in the
         session's currency, fulfil once. Runs inside a writer job. A credit the ledger refuses never undoes the
         recording of the payment: the session stays unfulfilled, with the reason, and the next read tries again."""
-        found = conn.execute("SELECT * FROM payment_sessions WHERE payment_intent_id = ?", (pi.get("id"),)).fetchone()
-        if found is None:
-            return None
-        row = dict(found)
+        row = self._store.commerce.by_payment_intent(tx, str(pi.get("id")))
+        return None if row is None else self._apply(tx, row, pi)
+
+    def _apply(self, tx: Tx, row: PaymentSessionRow, pi: dict[str, Any]) -> PaymentSession:
+        store = self._store.commerce
         iso = utc_iso(self._clock())
-        status = str(pi.get("status") or row["status"])
+        status = session_status(str(pi.get("status") or row.status), row.status)
         received = int(pi.get("amount_received") or 0)
-        last_error = row["last_error"]
-        if row["status"] in TERMINAL and status != row["status"]:
-            status, received = row["status"], row["amount_received"]  # a stale snapshot (late event): keep the end
-        elif status == "succeeded":
-            if received < row["amount"] or str(pi.get("currency")) != row["currency"]:
+        last_error = row.last_error
+        if status != row.status and status not in TRANSITIONS[row.status]:
+            status, received = row.status, row.amount_received  # a stale snapshot (late event): keep the end
+        elif status is SessionStatus.SUCCEEDED:
+            if received < row.amount or str(pi.get("currency")) != row.currency:
                 last_error = (f"PaymentIntent {pi.get('id')} succeeded with {received} {pi.get('currency')}, not "
-                              f"{row['amount']} {row['currency']}: not fulfilled")
-                status = "amount_mismatch"
+                              f"{row.amount} {row.currency}: not fulfilled")
+                status = SessionStatus.AMOUNT_MISMATCH
             else:
                 last_error = None
-        elif status == "requires_payment_method":
+        elif status is SessionStatus.REQUIRES_PAYMENT_METHOD:
             last_error = _decline_message(pi.get("last_payment_error")) or last_error
-        settled = status in (*TERMINAL, "amount_mismatch")  # nothing left to re-read after a crash
-        conn.execute("UPDATE payment_sessions SET status = ?, amount_received = ?, last_error = ?, updated_at = ?, "
-                     "confirming_since = CASE WHEN ? THEN NULL ELSE confirming_since END WHERE id = ?",
-                     (status, received, last_error, iso, settled, row["id"]))
-        if status == "succeeded":
-            claimed = conn.execute("UPDATE payment_sessions SET fulfilled_at = ? WHERE id = ? AND fulfilled_at IS NULL",
-                                   (iso, row["id"]))
-            if claimed.rowcount == 1:
-                fulfilment = self._fulfil(conn, row, str(pi["id"]))
-                undone = iso if fulfilment.get("status") != "failed" else None  # a refused credit stays to be done
-                conn.execute("UPDATE payment_sessions SET fulfilment = ?, fulfilled_at = ? WHERE id = ?",
-                             (dumps(fulfilment), undone, row["id"]))
-        return _view(_row(conn, row["id"]))
+        store.record_status(tx, row.id, status, received, last_error, iso)
+        if status is SessionStatus.SUCCEEDED and store.claim_fulfilment(tx, row.id, iso):
+            fulfilment = self._fulfil(tx, row, str(pi["id"]))
+            undone = iso if fulfilment.get("status") != "failed" else None  # a refused credit stays to be done
+            store.record_fulfilment(tx, row.id, fulfilment, undone)
+        return _view(store.read(tx, row.id))
 
-    def _fulfil(self, conn: sqlite3.Connection, row: dict[str, Any], pi_id: str) -> dict[str, Any]:
-        for fulfiler in self._fulfilers:
-            if (done := fulfiler(conn, row, pi_id)) is not None:
-                return done
-        item = self._pricing.items.get(row["item_id"]) if row["item_id"] else None
-        if item is not None and item.subscribes and self.prepaid is not None:
-            return self.prepaid.enqueue(conn, source="payment_session", source_id=row["id"],
-                                        customer=row["customer_id"], tier=self._pricing.tier(str(item.tier)),
-                                        amount=row["amount"], currency=row["currency"], payment_intent=pi_id)
+    def _fulfil(self, tx: Tx, row: PaymentSessionRow, pi_id: str) -> dict[str, Any]:
+        if (done := self._fulfilment.fulfil(tx, row, pi_id)) is not None:
+            return done
+        item = self._pricing.items.get(row.item_id) if row.item_id else None
+        if item is not None and item.subscribes:
+            return self.prepaid.enqueue(tx, source="payment_session", source_id=row.id,
+                                        customer=str(row.customer_id), tier=self._pricing.tier(str(item.tier)),
+                                        amount=row.amount, currency=row.currency, payment_intent=pi_id)
         if item is None or item.fulfil != "credit":
             return {"kind": "payment", "note": "an amount payment: nothing to deliver beyond the receipt"}
+        agent_id = str(row.agent_id)
         try:
-            posting = self.ledger.credit_in(conn, row["agent_id"], item.luc, idempotency_key=f"fulfil:{row['id']}",
-                                             reason=f"payment session {row['id']}: {item.title}", reference=pi_id)
+            posting = self.ledger.credit_in(tx, agent_id, item.luc, idempotency_key=f"fulfil:{row.id}",
+                                             reason=f"payment session {row.id}: {item.title}", reference=pi_id)
         except BillingError as exc:  # the payment is recorded all the same; the credit is retried on the next read
-            return {"kind": "credit", "status": "failed", "agent_id": row["agent_id"], "luc": item.luc,
+            return {"kind": "credit", "status": "failed", "agent_id": agent_id, "luc": item.luc,
                     "last_error": f"{exc.code}: {exc.message}"}
-        return {"kind": "credit", "agent_id": row["agent_id"], "luc_credited": item.luc,
+        return {"kind": "credit", "agent_id": agent_id, "luc_credited": item.luc,
                 "wallet_balance": posting.balance_after, "txn_id": posting.txn_id}
 
-    def _failure_job(self, session_id: str, message: str) -> Callable[[sqlite3.Connection], None]:
-        clock = self._clock
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE payment_sessions SET status = 'requires_payment_method', last_error = ?, "
-                         "updated_at = ?, confirming_since = NULL WHERE id = ? AND status NOT IN ('succeeded', "
-                         "'canceled')", (message, utc_iso(clock()), session_id))
-
-        return job
+    def _failure_job(self, session_id: str, message: str) -> Callable[[Tx], None]:
+        clock, store = self._clock, self._store.commerce
+        return lambda tx: store.mark_payable(tx, session_id, message, utc_iso(clock()))
 
     def _marked_confirming(self, session_id: str) -> bool:
         """Already marked (by an earlier attempt, or by the ACP checkout that linked it in its own transaction): one
         read instead of one more commit before the confirm."""
-        row = self._store.query_one("SELECT confirming_since FROM payment_sessions WHERE id = ?", (session_id,))
-        return row is not None and row["confirming_since"] is not None
+        return self._store.commerce.confirming(session_id)
 
-    def _confirming_job(self, session_id: str) -> Callable[[sqlite3.Connection], None]:
-        clock = self._clock
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE payment_sessions SET confirming_since = ? WHERE id = ?",
-                         (utc_iso(clock()), session_id))
-
-        return job
+    def _confirming_job(self, session_id: str) -> Callable[[Tx], None]:
+        clock, store = self._clock, self._store.commerce
+        return lambda tx: store.mark_confirming(tx, session_id, utc_iso(clock()))
 
     async def reconcile(self) -> list[PaymentSession]:
         """At start-up: re-read every PaymentIntent a confirm was sent for whose outcome was never recorded (a
         crash between Stripe's charge and our COMMIT, with no webhook since), and record it (fulfilling a success).
         A PaymentIntent Stripe cannot be asked about now stays marked for the next start."""
-        rows = self._store.query("SELECT id FROM payment_sessions WHERE confirming_since IS NOT NULL AND status "
-                                 "NOT IN ('succeeded', 'canceled') ORDER BY confirming_since")
         done = []
-        for row in rows:
+        for session_id in self._store.commerce.unsettled_confirms():
             try:
-                done.append(await self.get_session(str(row["id"])))
+                done.append(await self.get_session(session_id))
             except BillingError as exc:  # Stripe unavailable: the mark stays, the next start tries again
-                log.warning("reconciling payment session %s failed: %s", row["id"], exc.message)
+                log.warning("reconciling payment session %s failed: %s", session_id, exc.message)
         return done
 
     # --- reads ------------------------------------------------------------------------------------------------
 
     def _find(self, session_id: str) -> PaymentSession | None:
-        row = self._store.query_one("SELECT * FROM payment_sessions WHERE id = ?", (session_id,))
+        row = self._store.commerce.find(session_id)
         if row is None:
             return None
         session = _view(row)
         fulfilment = session.fulfilment or {}
-        if self.prepaid is not None and fulfilment.get("kind") == "subscription" and fulfilment.get("status") in OPEN:
+        if fulfilment.get("kind") == "subscription" and fulfilment.get("status") in OPEN:
             current = self.prepaid.find(str(fulfilment.get("prepaid_id")))  # how far its start has come
             if current is not None:
                 session.fulfilment = self.prepaid.summary(current)
@@ -511,18 +475,11 @@ def _owner_scope(agent_id: str | None, customer: str | None) -> str:
     return f"customer:{customer}" if customer is not None else "anonymous"
 
 
-def _row(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
-    cursor = conn.execute("SELECT * FROM payment_sessions WHERE id = ?", (session_id,))
-    names = [d[0] for d in cursor.description]
-    return dict(zip(names, cursor.fetchone(), strict=True))
-
-
-def _view(row: dict[str, Any]) -> PaymentSession:
+def _view(row: PaymentSessionRow) -> PaymentSession:
     return PaymentSession(
-        id=row["id"], customer=row["customer_id"], agent_id=row["agent_id"], item=row["item_id"], amount=row["amount"],
-        currency=row["currency"], amount_display=format_amount(row["amount"], row["currency"]),
-        description=row["description"], status=row["status"], payment_intent=row["payment_intent_id"],
-        amount_received=row["amount_received"], last_error=row["last_error"], fulfilled=row["fulfilled_at"] is not None,
-        fulfilment=json.loads(row["fulfilment"]) if row["fulfilment"] else None, created_at=row["created_at"],
-        updated_at=row["updated_at"],
+        id=row.id, customer=row.customer_id, agent_id=row.agent_id, item=row.item_id, amount=row.amount,
+        currency=row.currency, amount_display=format_amount(row.amount, row.currency),
+        description=row.description, status=str(row.status), payment_intent=row.payment_intent_id,
+        amount_received=row.amount_received, last_error=row.last_error, fulfilled=row.fulfilled_at is not None,
+        fulfilment=row.fulfilment, created_at=row.created_at, updated_at=row.updated_at,
     )

@@ -25,7 +25,7 @@ from ..errors import BillingError, InvalidInput, NotFound, Refused
 from ..models import format_amount
 from ..store import Store, Tx, new_id, utc_now
 from ..store.connect import AccountStatus, ConnectedAccount, DuplicatePlug, Plug, Split, SplitStatus
-from ..stripe_gateway import StripeRequest, stripe_idempotency_key
+from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .connect_models import (
     AccountLinkResult,
     ConnectedAccountList,
@@ -38,6 +38,7 @@ from .connect_models import (
     RefundSplitResult,
     SplitView,
 )
+from .idempotency import IdempotencyService
 from .mutations import StripeMutations, compact
 
 ACCOUNT_ID = re.compile(r"acct_[A-Za-z0-9]{1,64}")
@@ -138,10 +139,12 @@ def split_view(split: Split) -> SplitView:
 
 
 class ConnectService:
-    def __init__(self, store: Store, mutations: StripeMutations) -> None:
+    def __init__(self, store: Store, mutations: StripeMutations, *, gateway: StripeGateway,
+                 idempotency: IdempotencyService) -> None:
         self._store = store
         self._mutations = mutations
-        self._gateway = mutations.gateway
+        self._gateway = gateway
+        self._idempotency = idempotency
 
     # --- creators -------------------------------------------------------------------------------------------------
 
@@ -429,9 +432,9 @@ class ConnectService:
         params = compact({"payment_intent": splits[0].payment_intent, "amount": amount, "reverse_transfer": True,
                           "refund_application_fee": True, "reason": reason, "metadata": {"aims_sale": sale}})
         key = f"{sale}:{idempotency_key}"
-        call = self._mutations.idempotency.key_for("refund_split_sale", {"path": "/v1/refunds", "method": "post",
+        call = self._idempotency.key_for("refund_split_sale", {"path": "/v1/refunds", "method": "post",
                                                                          **params}, key, sale)
-        if (stored := self._mutations.idempotency.find(call)) is not None:  # a retry: its first answer, not a check
+        if (stored := self._idempotency.find(call)) is not None:  # a retry: its first answer, not a check
             return RefundSplitResult.model_validate({**stored, "replayed": True})
         gross = sum(s.gross for s in splits)
         left = gross - sum(s.refunded for s in splits)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 from ..errors import IdempotencyConflict, InvalidInput
 from ..store import Store, dumps, utc_iso, utc_now
+from ..store.idempotency import CallRecord, IdempotencyStore
 
 
 def request_hash(tool: str, arguments: dict[str, Any]) -> str:
@@ -52,6 +52,7 @@ class Outcome:
 class IdempotencyService:
     def __init__(self, store: Store, *, replay_window_seconds: int) -> None:
         self._store = store
+        self._keys: IdempotencyStore = store.idempotency
         self._window = replay_window_seconds
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
@@ -71,27 +72,21 @@ class IdempotencyService:
 
     def find(self, call: CallKey) -> dict[str, Any] | None:
         """The stored first result for this call, or None; raises when the key was used with other arguments."""
-        row = self._store.query_one(
-            "SELECT request_hash, response FROM idempotency_keys WHERE tool = ? AND owner = ? AND key = ?",
-            (call.tool, call.owner, call.key),
-        )
+        row = self._keys.find(call.tool, call.owner, call.key)
         if row is None and not call.explicit and self._window:
             # A retry just after a bucket boundary still finds the first call of the window.
             prefix, _, bucket = call.key.rpartition(":")
             since = utc_iso(time.time() - self._window)
-            row = self._store.query_one(
-                "SELECT request_hash, response FROM idempotency_keys WHERE tool = ? AND owner = ? AND key = ? "
-                "AND created_at >= ?", (call.tool, call.owner, f"{prefix}:{int(bucket) - 1}", since),
-            )
+            row = self._keys.find(call.tool, call.owner, f"{prefix}:{int(bucket) - 1}", since=since)
         if row is None:
             return None
-        if row["request_hash"] != call.request_hash:
+        if row.request_hash != call.request_hash:
             raise IdempotencyConflict(
                 f"idempotency_key {call.key!r} was already used for {call.tool} with other arguments: "
                 "repeat the first call's arguments exactly to get its result, or use a new key for a new request",
                 param="idempotency_key",
             )
-        stored: dict[str, Any] = json.loads(row["response"])
+        stored: dict[str, Any] = json.loads(row.response)
         return stored
 
     async def run(
@@ -108,7 +103,10 @@ class IdempotencyService:
                 if stored is not None:
                     return Outcome(stored, replayed=True)
                 response, request_id = await execute()
-                inserted = await self._store.write(_insert(call, response, request_id))
+                record = CallRecord(call.tool, call.owner, call.key, call.request_hash, dumps(response), request_id,
+                                    utc_now())
+                keys = self._keys
+                inserted = await self._store.write(lambda tx: keys.record(tx, record))
                 if not inserted:  # another process stored it first: theirs is the first result
                     stored = self.find(call)
                     if stored is not None:
@@ -118,14 +116,3 @@ class IdempotencyService:
             if not lock.locked():
                 self._locks.pop((call.tool, call.owner, call.key), None)
 
-
-def _insert(call: CallKey, response: dict[str, Any], request_id: str | None) -> Callable[[sqlite3.Connection], bool]:
-    def write(conn: sqlite3.Connection) -> bool:
-        cursor = conn.execute(
-            "INSERT INTO idempotency_keys (tool, owner, key, request_hash, response, request_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tool, owner, key) DO NOTHING",
-            (call.tool, call.owner, call.key, call.request_hash, dumps(response), request_id, utc_now()),
-        )
-        return cursor.rowcount == 1
-
-    return write

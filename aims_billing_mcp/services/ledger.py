@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -62,14 +60,13 @@ from ..errors import (
     SpendCapExceeded,
     WalletFrozen,
 )
-from ..store import Store, dumps, new_id, utc_iso
+from ..store import Store, Tx, dumps, new_id, utc_iso
+from ..store.ledger import KINDS, TRANSITIONS, HoldStatus, LedgerStore, TxnKind, WalletState
 from .ceiling import Ceiling
 from .ledger_models import (
     FreezeResult,
     HoldPlaced,
     HoldResolved,
-    HoldView,
-    LedgerEntry,
     LedgerResult,
     LedgerViolation,
     Posting,
@@ -82,7 +79,6 @@ from .ledger_models import (
 
 ISSUANCE = "system:issuance"
 REVENUE = "system:revenue"
-KINDS = ("credit", "debit", "transfer", "hold", "capture", "release", "expire")
 DAY = 86_400
 MAX_AMOUNT = 10**15  # per operation; far beyond any real top-up, far below SQLite's 2**63
 MAX_BALANCE = 10**18  # per wallet: sums of balances and a day's spend stay far below 2**63
@@ -93,43 +89,7 @@ MAX_TEXT = 500
 MAX_PAGE = 500
 
 R = TypeVar("R", bound=LedgerResult)
-Job = Callable[[sqlite3.Connection], tuple[dict[str, Any], bool]]
-
-
-# --- the writer-side state of one wallet ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Wallet:
-    id: str
-    agent_id: str
-    customer_id: str
-    balance: int
-    held: int
-    daily_cap: int | None
-    frozen: bool
-    spend_day: int
-    spent_today: int
-    loaded_balance: int = 0
-    expired: list[tuple[str, int]] = field(default_factory=list)  # holds to write down as expired when saved
-
-    @property
-    def account(self) -> str:
-        return f"agent:{self.agent_id}"
-
-    @property
-    def available(self) -> int:
-        return self.balance - self.held
-
-    def spent_on(self, day: int) -> int:
-        return self.spent_today if self.spend_day == day else 0
-
-
-_WALLET_COLUMNS = "id, agent_id, customer_id, balance, held, daily_cap, frozen, spend_day, spent_today"
-_ENTRY_INSERT = (
-    "INSERT INTO agent_transactions (txn_id, entry, account, wallet_id, kind, amount, pending, balance_after, "
-    "idempotency_key, reason, reference, hold_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+Job = Callable[[Tx], tuple[dict[str, Any], bool]]
 
 
 def _day_start_iso(day: int) -> str:
@@ -149,6 +109,7 @@ class LedgerService:
         if isinstance(luc_per_usd, bool) or not isinstance(luc_per_usd, int) or luc_per_usd <= 0:
             raise ValueError(f"luc_per_usd must be a positive integer, got {luc_per_usd!r}")
         self._store = store
+        self._ledger: LedgerStore = store.ledger
         self._luc_per_usd = luc_per_usd
         self._agent_limit = agent_limit
         self._clock = clock
@@ -167,17 +128,17 @@ class LedgerService:
         limit = self._agent_limit(customer_id)
         args = {"agent_id": agent_id, "customer_id": customer_id, "daily_cap": daily_cap}
 
-        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-            owner = conn.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,)).fetchone()
+        ledger = self._ledger
+
+        def run(tx: Tx, now: float) -> dict[str, Any]:
+            owner = ledger.wallet_owner(tx, agent_id)
             if owner is not None:
                 raise InvalidState(
-                    f"agent {agent_id} already has a wallet (owned by {owner[0]}): use it, or choose another agent id",
+                    f"agent {agent_id} already has a wallet (owned by {owner}): use it, or choose another agent id",
                     param="agent_id",
                 )
             if limit is not None:
-                (count,) = conn.execute(
-                    "SELECT COUNT(*) FROM agent_wallets WHERE customer_id = ?", (customer_id,)
-                ).fetchone()
+                count = ledger.count_wallets(tx, customer_id)
                 if count >= limit:
                     allows = "allows no agent wallets" if limit == 0 else f"allows {limit} agent wallet(s)"
                     raise LimitReached(
@@ -187,11 +148,7 @@ class LedgerService:
                     )
             wallet_id = new_id("wal")
             iso = utc_iso(now)
-            conn.execute(
-                "INSERT INTO agent_wallets (id, agent_id, customer_id, balance, daily_cap, frozen, created_at, "
-                "updated_at) VALUES (?, ?, ?, 0, ?, 0, ?, ?)",
-                (wallet_id, agent_id, customer_id, daily_cap, iso, iso),
-            )
+            ledger.create_wallet(tx, wallet_id, agent_id, customer_id, daily_cap, iso)
             return {"wallet_id": wallet_id, "agent_id": agent_id, "customer_id": customer_id,
                     "daily_cap": daily_cap, "created_at": iso}
 
@@ -202,33 +159,19 @@ class LedgerService:
         _name(agent_id, "agent_id")
         _limit(recent, "recent", 0, MAX_PAGE)
         now = self._clock()
-        now_iso = utc_iso(now)
-        row = self._store.query_one(
-            f"SELECT w.*, "
-            f"(SELECT json_group_array(json_object('hold_id', h.id, 'amount', h.amount, 'expires_at', h.expires_at, "
-            f"'created_at', h.created_at)) FROM ledger_holds h WHERE h.wallet_id = w.id AND h.status = 'active' "
-            f"AND h.expires_at > :now) AS holds_json, "
-            f"(SELECT json_group_array(json_object({_ENTRY_JSON})) FROM (SELECT * FROM agent_transactions "
-            f"WHERE wallet_id = w.id ORDER BY id DESC LIMIT :recent) t) AS recent_json "
-            f"FROM agent_wallets w WHERE w.agent_id = :agent",
-            {"now": now_iso, "recent": recent, "agent": agent_id},
-        )
-        if row is None:
+        snapshot = self._ledger.read_wallet(agent_id, utc_iso(now), recent)
+        if snapshot is None:
             raise _unknown_wallet(agent_id)
-        holds = sorted((HoldView.model_validate(h) for h in json.loads(row["holds_json"])),
-                       key=lambda h: (h.expires_at, h.hold_id))
-        entries = sorted((LedgerEntry.model_validate(e) for e in json.loads(row["recent_json"])),
-                         key=lambda e: -e.entry_id)
-        held = sum(h.amount for h in holds)
+        held = sum(h.amount for h in snapshot.holds)
         day = int(now // DAY)
-        spent = row["spent_today"] if row["spend_day"] == day else 0
-        cap = row["daily_cap"]
+        spent = snapshot.spent_today if snapshot.spend_day == day else 0
+        cap = snapshot.daily_cap
         return Wallet(
-            wallet_id=row["id"], agent_id=row["agent_id"], customer_id=row["customer_id"], balance=row["balance"],
-            held=held, available=row["balance"] - held, daily_cap=cap, spent_today=spent,
-            cap_remaining=None if cap is None else max(0, cap - spent - held),
-            cap_resets_at=_day_start_iso(day + 1), frozen=bool(row["frozen"]), holds=holds, recent=entries,
-            created_at=row["created_at"], updated_at=row["updated_at"],
+            wallet_id=snapshot.id, agent_id=snapshot.agent_id, customer_id=snapshot.customer_id,
+            balance=snapshot.balance, held=held, available=snapshot.balance - held, daily_cap=cap,
+            spent_today=spent, cap_remaining=None if cap is None else max(0, cap - spent - held),
+            cap_resets_at=_day_start_iso(day + 1), frozen=snapshot.frozen, holds=snapshot.holds,
+            recent=snapshot.recent, created_at=snapshot.created_at, updated_at=snapshot.updated_at,
         )
 
     async def freeze(self, agent_id: str, frozen: bool, reason: str, idempotency_key: str) -> FreezeResult:
@@ -239,12 +182,14 @@ class LedgerService:
         require_text(reason, "reason")
         args = {"agent_id": agent_id, "frozen": frozen, "reason": reason}
 
-        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-            wallet = _load(conn, agent_id, utc_iso(now))
+        ledger = self._ledger
+
+        def run(tx: Tx, now: float) -> dict[str, Any]:
+            wallet = _load(ledger, tx, agent_id, utc_iso(now))
             changed = wallet.frozen != frozen
             if changed or wallet.expired:
                 wallet.frozen = frozen
-                _save(conn, wallet, utc_iso(now))
+                _save(ledger, tx, wallet, utc_iso(now))
             return {"agent_id": agent_id, "frozen": frozen, "changed": changed, "reason": reason}
 
         return await self._submit(FreezeResult, self._job("freeze", agent_id, idempotency_key, args, run))
@@ -283,16 +228,16 @@ class LedgerService:
         return await self._submit(UsdCredit, job)
 
     def credit_in(
-        self, conn: sqlite3.Connection, agent_id: str, amount: int, *, idempotency_key: str, reason: str,
+        self, tx: Tx, agent_id: str, amount: int, *, idempotency_key: str, reason: str,
         reference: str | None = None,
     ) -> Posting:
         """The `credit` operation applied inside a caller's own store job (`await store.write(fn)`, fn calling this
-        with its connection), so the credit commits in the same transaction as the caller's writes, or not at all.
+        with its `tx`), so the credit commits in the same transaction as the caller's writes, or not at all.
         Same rules, same (credit, key) idempotency as `credit`: a repeated key with the same arguments returns the
         stored posting with replayed=true. A refusal raises before the credit writes anything; the caller's job
         raising (or re-raising) it rolls back the caller's writes too."""
         job = self._credit_job("credit", agent_id, amount, {}, ISSUANCE, idempotency_key, reason, reference)
-        response, replayed = job(conn)
+        response, replayed = job(tx)
         if replayed:
             return Posting.model_validate({**response, "replayed": True})
         return Posting.model_construct(**response)
@@ -307,18 +252,21 @@ class LedgerService:
                 "reason": require_text(reason, "reason"), "reference": _optional_text(reference, "reference")}
         key = f"{operation}:{idempotency_key}"
 
-        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+        ledger = self._ledger
+
+        def run(tx: Tx, now: float) -> dict[str, Any]:
             iso = utc_iso(now)
-            wallet = _load(conn, agent_id, iso)
+            wallet = _load(ledger, tx, agent_id, iso)
             if wallet.balance + amount > MAX_BALANCE:
                 raise LimitReached(
                     f"credit of {amount} LUC refused: wallet {agent_id} would hold more than {MAX_BALANCE} LUC "
                     f"(balance {wallet.balance}): debit it or credit less", param="amount")
             wallet.balance += amount
             txn_id = new_id("txn")
-            _save(conn, wallet, iso)
-            _post(conn, txn_id, "credit", key, reason, reference, None, iso,
-                  (wallet.account, wallet.id, amount, 0, wallet.balance), (source, None, -amount, 0, None))
+            _save(ledger, tx, wallet, iso)
+            ledger.post(tx, txn_id, "credit", key, reason, reference, None, iso,
+                        (wallet.account, wallet.id, amount, 0, wallet.balance),
+                        (source, None, -amount, 0, None))
             return {"txn_id": txn_id, "kind": "credit", "agent_id": agent_id, "amount": amount,
                     "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": source,
                     "created_at": iso, **extra}
@@ -343,17 +291,20 @@ class LedgerService:
                 "reference": _optional_text(reference, "reference")}
         key = f"debit:{idempotency_key}"
 
-        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+        ledger = self._ledger
+
+        def run(tx: Tx, now: float) -> dict[str, Any]:
             iso = utc_iso(now)
-            wallet = _load(conn, agent_id, iso)
+            wallet = _load(ledger, tx, agent_id, iso)
             day = int(now // DAY)
             _check_spend(wallet, amount, day, "debit")
             wallet.balance -= amount
             _spend(wallet, amount, day)
             txn_id = new_id("txn")
-            _save(conn, wallet, iso)
-            _post(conn, txn_id, "debit", key, reason, reference, None, iso,
-                  (wallet.account, wallet.id, -amount, 0, wallet.balance), (REVENUE, None, amount, 0, None))
+            _save(ledger, tx, wallet, iso)
+            ledger.post(tx, txn_id, "debit", key, reason, reference, None, iso,
+                        (wallet.account, wallet.id, -amount, 0, wallet.balance),
+                        (REVENUE, None, amount, 0, None))
             return {"txn_id": txn_id, "kind": "debit", "agent_id": agent_id, "amount": amount,
                     "balance_after": wallet.balance, "available_after": wallet.available, "counterparty": REVENUE,
                     "created_at": iso}
@@ -375,10 +326,12 @@ class LedgerService:
                 "reason": require_text(reason, "reason"), "reference": _optional_text(reference, "reference")}
         key = f"transfer:{idempotency_key}"
 
-        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+        ledger = self._ledger
+
+        def run(tx: Tx, now: float) -> dict[str, Any]:
             iso = utc_iso(now)
-            source = _load(conn, from_agent, iso, param="from_agent")
-            target = _load(conn, to_agent, iso, param="to_agent")
+            source = _load(ledger, tx, from_agent, iso, param="from_agent")
+            target = _load(ledger, tx, to_agent, iso, param="to_agent")
             day = int(now // DAY)
             _check_spend(source, amount, day, "transfer")
             if target.balance + amount > MAX_BALANCE:
@@ -389,11 +342,11 @@ class LedgerService:
             _spend(source, amount, day)
             target.balance += amount
             txn_id = new_id("txn")
-            _save(conn, source, iso)
-            _save(conn, target, iso)
-            _post(conn, txn_id, "transfer", key, reason, reference, None, iso,
-                  (source.account, source.id, -amount, 0, source.balance),
-                  (target.account, target.id, amount, 0, target.balance))
+            _save(ledger, tx, source, iso)
+            _save(ledger, tx, target, iso)
+            ledger.post(tx, txn_id, "transfer", key, reason, reference, None, iso,
+                        (source.account, source.id, -amount, 0, source.balance),
+                        (target.account, target.id, amount, 0, target.balance))
             return {"txn_id": txn_id, "from_agent": from_agent, "to_agent": to_agent, "amount": amount,
                     "from_balance_after": source.balance, "from_available_after": source.available,
                     "to_balance_after": target.balance, "created_at": iso}
@@ -417,19 +370,20 @@ class LedgerService:
                 "reason": require_text(reason, "reason"), "reference": _optional_text(reference, "reference")}
         key = f"hold:{idempotency_key}"
 
-        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+        ledger = self._ledger
+
+        def run(tx: Tx, now: float) -> dict[str, Any]:
             iso = utc_iso(now)
-            wallet = _load(conn, agent_id, iso)
+            wallet = _load(ledger, tx, agent_id, iso)
             _check_spend(wallet, amount, int(now // DAY), "hold")
             wallet.held += amount
             hold_id, txn_id = new_id("hold"), new_id("txn")
             expires_at = utc_iso(now + ttl_seconds)
-            _save(conn, wallet, iso)
-            conn.execute(
-                "INSERT INTO ledger_holds (id, wallet_id, amount, status, expires_at, txn_id, created_at) "
-                "VALUES (?, ?, ?, 'active', ?, ?, ?)", (hold_id, wallet.id, amount, expires_at, txn_id, iso))
-            _post(conn, txn_id, "hold", key, reason, reference, hold_id, iso,
-                  (wallet.account, wallet.id, 0, amount, wallet.balance), (REVENUE, None, 0, -amount, None))
+            _save(ledger, tx, wallet, iso)
+            ledger.place_hold(tx, hold_id, wallet.id, amount, expires_at, txn_id, iso)
+            ledger.post(tx, txn_id, "hold", key, reason, reference, hold_id, iso,
+                        (wallet.account, wallet.id, 0, amount, wallet.balance),
+                        (REVENUE, None, 0, -amount, None))
             return {"hold_id": hold_id, "txn_id": txn_id, "agent_id": agent_id, "amount": amount,
                     "expires_at": expires_at, "balance": wallet.balance, "available_after": wallet.available,
                     "created_at": iso}
@@ -457,25 +411,25 @@ class LedgerService:
     ) -> HoldResolved:
         args = {"hold_id": hold_id, "amount": amount, "reason": require_text(reason, "reason"),
                 "reference": _optional_text(reference, "reference")}
-        verb, status_after = ("capture", "captured") if amount is not None else ("release", "released")
+        verb: TxnKind
+        verb, status_after = (("capture", HoldStatus.CAPTURED) if amount is not None
+                              else ("release", HoldStatus.RELEASED))
+        ledger = self._ledger
 
-        def run(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+        def run(tx: Tx, now: float) -> dict[str, Any]:
             iso = utc_iso(now)
-            hold = conn.execute(
-                "SELECT h.amount, h.status, h.captured, h.expires_at, h.resolved_at, w.agent_id "
-                "FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id WHERE h.id = ?", (hold_id,)
-            ).fetchone()
+            hold = ledger.load_hold(tx, hold_id)
             if hold is None:
-                raise NotFound(f"no hold {hold_id}: check the id returned by hold_luc", param="hold_id")
-            held, status, agent_id = hold["amount"], hold["status"], hold["agent_id"]
-            if status != "active":
-                how = f"captured ({hold['captured']} LUC)" if status == "captured" else status
+                raise _unknown_hold(hold_id)
+            held, status, agent_id = hold.amount, hold.status, hold.agent_id
+            if status_after not in TRANSITIONS[status]:
+                how = f"captured ({hold.captured} LUC)" if status is HoldStatus.CAPTURED else status
                 raise InvalidState(
-                    f"{verb} of hold {hold_id} refused: it was already {how} at {hold['resolved_at']}; a hold "
+                    f"{verb} of hold {hold_id} refused: it was already {how} at {hold.resolved_at}; a hold "
                     "resolves once: place a new hold if the task needs credits again", param="hold_id")
-            if hold["expires_at"] <= iso:
+            if hold.expires_at <= iso:
                 raise InvalidState(
-                    f"{verb} of hold {hold_id} refused: it expired at {hold['expires_at']} and its {held} LUC are "
+                    f"{verb} of hold {hold_id} refused: it expired at {hold.expires_at} and its {held} LUC are "
                     "available again: place a new hold (or debit directly) if the task still needs them",
                     param="hold_id")
             captured = amount or 0
@@ -483,7 +437,7 @@ class LedgerService:
                 raise InvalidInput(
                     f"capture of {captured} LUC refused: hold {hold_id} reserves only {held} LUC: capture at most "
                     f"{held}, and debit any extra separately", param="amount")
-            wallet = _load(conn, agent_id, iso)
+            wallet = _load(ledger, tx, agent_id, iso)
             if amount is not None and wallet.frozen:
                 raise _frozen(wallet, "capture")
             wallet.balance -= captured
@@ -491,31 +445,29 @@ class LedgerService:
             if captured:
                 _spend(wallet, captured, int(now // DAY))
             txn_id = new_id("txn")
-            _save(conn, wallet, iso)
-            conn.execute(
-                "UPDATE ledger_holds SET status = ?, captured = ?, resolved_txn_id = ?, resolved_at = ? WHERE id = ?",
-                (status_after, captured, txn_id, iso, hold_id))
-            _post(conn, txn_id, verb, f"resolve:{hold_id}", reason, reference, hold_id, iso,
-                  (wallet.account, wallet.id, -captured, -held, wallet.balance), (REVENUE, None, captured, held, None))
-            return {"hold_id": hold_id, "txn_id": txn_id, "agent_id": agent_id, "status": status_after,
+            _save(ledger, tx, wallet, iso)
+            ledger.resolve_hold(tx, hold_id, status_after, txn_id, iso, captured)
+            ledger.post(tx, txn_id, verb, f"resolve:{hold_id}", reason, reference, hold_id, iso,
+                        (wallet.account, wallet.id, -captured, -held, wallet.balance),
+                        (REVENUE, None, captured, held, None))
+            return {"hold_id": hold_id, "txn_id": txn_id, "agent_id": agent_id, "status": status_after.value,
                     "captured": captured, "released": held - captured, "balance_after": wallet.balance,
                     "available_after": wallet.available, "created_at": iso}
 
-        return await self._submit(HoldResolved, self._job(operation, _hold_owner(hold_id), idempotency_key, args, run))
+        return await self._submit(HoldResolved,
+                                  self._job(operation, _hold_owner(ledger, hold_id), idempotency_key, args, run))
 
     async def sweep_expired_holds(self, limit: int = 1000) -> int:
         """Write down the expiry of the expired holds of up to `limit` wallets, each with its own ledger record;
         returns how many holds. (Holds expire without it, since an expired hold is never counted: this records it.)"""
         _limit(limit, "limit", 1, 100_000)
-        clock = self._clock
+        clock, ledger = self._clock, self._ledger
 
-        def job(conn: sqlite3.Connection) -> int:
+        def job(tx: Tx) -> int:
             iso = utc_iso(round(clock(), 3))
-            expired = conn.execute(
-                "SELECT w.agent_id, COUNT(*) FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
-                "WHERE h.status = 'active' AND h.expires_at <= ? GROUP BY w.agent_id LIMIT ?", (iso, limit)).fetchall()
+            expired = ledger.expired_hold_wallets(tx, iso, limit)
             for agent_id, _ in expired:
-                _save(conn, _load(conn, agent_id, iso), iso)
+                _save(ledger, tx, _load(ledger, tx, agent_id, iso), iso)
             return sum(count for _, count in expired)
 
         return await self._store.write(job)
@@ -530,69 +482,49 @@ class LedgerService:
         back as `cursor` for the next page."""
         _name(agent_id, "agent_id")
         _limit(limit, "limit", 1, MAX_PAGE)
-        wallet = self._store.query_one("SELECT id FROM agent_wallets WHERE agent_id = ?", (agent_id,))
-        if wallet is None:
+        wallet_id = self._ledger.wallet_id(agent_id)
+        if wallet_id is None:
             raise _unknown_wallet(agent_id)
-        where = ["wallet_id = :wallet"]
-        params: dict[str, Any] = {"wallet": wallet["id"], "limit": limit + 1}
-        if kind is not None:
-            if kind not in KINDS:
-                raise InvalidInput(f"kind {kind!r} is not one of {', '.join(KINDS)}", param="kind")
-            where.append("kind = :kind")
-            params["kind"] = kind
-        if since is not None:
-            where.append("created_at >= :since")
-            params["since"] = _when(since, "since")
-        if until is not None:
-            where.append("created_at < :until")
-            params["until"] = _when(until, "until")
-        if cursor is not None:
-            where.append("id < :cursor")
-            params["cursor"] = _cursor(cursor)
-        rows = self._store.query(
-            f"SELECT json_object({_ENTRY_JSON}) AS entry FROM agent_transactions t WHERE {' AND '.join(where)} "
-            "ORDER BY id DESC LIMIT :limit", params)
-        entries = [LedgerEntry.model_validate_json(r["entry"]) for r in rows[:limit]]
-        next_cursor = str(entries[-1].entry_id) if len(rows) > limit else None
-        return TransactionPage(agent_id=agent_id, entries=entries, next_cursor=next_cursor)
+        entries = self._ledger.list_entries(
+            wallet_id, kind=None if kind is None else _kind(kind),
+            since=None if since is None else _when(since, "since"),
+            until=None if until is None else _when(until, "until"),
+            before=None if cursor is None else _cursor(cursor), limit=limit + 1)
+        next_cursor = str(entries[limit - 1].entry_id) if len(entries) > limit else None
+        return TransactionPage(agent_id=agent_id, entries=entries[:limit], next_cursor=next_cursor)
 
     def check_ledger(self) -> list[LedgerViolation]:
         """Every invariant over the whole database, in one statement (one consistent snapshot); empty when sound."""
-        rows = self._store.query(_CHECKS)
-        return [LedgerViolation(rule=r["rule"], subject=str(r["subject"]), detail=r["detail"]) for r in rows]
+        return self._ledger.check_ledger()
 
     # --- the one mutation path ----------------------------------------------------------------------------------
 
     def _job(
-        self, operation: str, owner: str | Callable[[sqlite3.Connection], str], idempotency_key: str,
-        args: dict[str, Any], run: Callable[[sqlite3.Connection, float], dict[str, Any]],
+        self, operation: str, owner: str | Callable[[Tx], str], idempotency_key: str,
+        args: dict[str, Any], run: Callable[[Tx, float], dict[str, Any]],
     ) -> Job:
         """Wrap `run` so that the (owner, operation, key) row is checked and written in the same transaction as the
         effect. `owner` is the agent whose wallet the key belongs to, or a function finding it on the writer's
         connection (a hold's wallet): one wallet's keys never block or replay another wallet's calls."""
         require_text(idempotency_key, "idempotency_key")
         digest = hashlib.sha256(dumps(args).encode()).hexdigest()
-        clock = self._clock
+        clock, ledger = self._clock, self._ledger
 
-        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
-            agent = owner if isinstance(owner, str) else owner(conn)
-            found = conn.execute(
-                "SELECT request_hash, response FROM ledger_requests WHERE owner = ? AND operation = ? "
-                "AND idempotency_key = ?", (agent, operation, idempotency_key)).fetchone()
+        def job(tx: Tx) -> tuple[dict[str, Any], bool]:
+            agent = owner if isinstance(owner, str) else owner(tx)
+            found = ledger.find_request(tx, agent, operation, idempotency_key)
             if found is not None:
-                if found[0] != digest:
+                if found.request_hash != digest:
                     raise IdempotencyConflict(
                         f"idempotency_key {idempotency_key!r} was already used for {operation} on agent {agent}'s "
                         "wallet with other arguments: repeat the first call's arguments exactly to get its result, "
                         "or use a new key for a new request", param="idempotency_key", operation=operation)
-                stored: dict[str, Any] = json.loads(found[1])
+                stored: dict[str, Any] = json.loads(found.response)
                 return stored, True
             now = round(clock(), 3)  # the millisecond the ISO times show, so day and time agree
-            response = run(conn, now)
-            conn.execute(
-                "INSERT INTO ledger_requests (owner, operation, idempotency_key, request_hash, response, txn_id, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (agent, operation, idempotency_key, digest, dumps(response), response.get("txn_id"), utc_iso(now)))
+            response = run(tx, now)
+            ledger.record_request(tx, agent, operation, idempotency_key, digest, dumps(response),
+                                  response.get("txn_id"), utc_iso(now))
             return response, False
 
         return job
@@ -607,51 +539,29 @@ class LedgerService:
 # --- writer-side helpers: they run inside a store job, on the writer's connection ----------------------------------
 
 
-def _load(conn: sqlite3.Connection, agent_id: str, now_iso: str, *, param: str = "agent_id") -> _Wallet:
+def _load(ledger: LedgerStore, tx: Tx, agent_id: str, now_iso: str, *, param: str = "agent_id") -> WalletState:
     """The wallet as of this transaction, its expired holds no longer counted (written down by `_save`). Reads
     only: every check of every operation runs before its first write, so a refusal has nothing to undo."""
-    row = conn.execute(f"SELECT {_WALLET_COLUMNS} FROM agent_wallets WHERE agent_id = ?", (agent_id,)).fetchone()
-    if row is None:
+    wallet = ledger.load_wallet(tx, agent_id, now_iso)
+    if wallet is None:
         raise _unknown_wallet(agent_id, param)
-    wallet = _Wallet(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[3])
-    if wallet.held:
-        wallet.expired = conn.execute(
-            "SELECT id, amount FROM ledger_holds WHERE wallet_id = ? AND status = 'active' AND expires_at <= ?",
-            (wallet.id, now_iso)).fetchall()
-        wallet.held -= sum(amount for _, amount in wallet.expired)
     return wallet
 
 
-def _save(conn: sqlite3.Connection, wallet: _Wallet, now_iso: str) -> None:
+def _save(ledger: LedgerStore, tx: Tx, wallet: WalletState, now_iso: str) -> None:
     """Write down the expired holds found by `_load` (each its own transaction, before the operation's), then the
     wallet's new state."""
     for hold_id, amount in wallet.expired:
         txn_id = new_id("txn")
-        conn.execute("UPDATE ledger_holds SET status = 'expired', resolved_txn_id = ?, resolved_at = ? WHERE id = ?",
-                     (txn_id, now_iso, hold_id))
-        _post(conn, txn_id, "expire", f"resolve:{hold_id}", "hold expired", None, hold_id, now_iso,
-              (wallet.account, wallet.id, 0, -amount, wallet.loaded_balance), (REVENUE, None, 0, amount, None))
+        ledger.resolve_hold(tx, hold_id, HoldStatus.EXPIRED, txn_id, now_iso)
+        ledger.post(tx, txn_id, "expire", f"resolve:{hold_id}", "hold expired", None, hold_id, now_iso,
+                    (wallet.account, wallet.id, 0, -amount, wallet.loaded_balance),
+                    (REVENUE, None, 0, amount, None))
     wallet.expired = []
-    conn.execute(
-        "UPDATE agent_wallets SET balance = ?, held = ?, frozen = ?, spend_day = ?, spent_today = ?, updated_at = ? "
-        "WHERE id = ?", (wallet.balance, wallet.held, int(wallet.frozen), wallet.spend_day, wallet.spent_today,
-                         now_iso, wallet.id))
+    ledger.save_wallet(tx, wallet, now_iso)
 
 
-Entry = tuple[str, str | None, int, int, int | None]  # account, wallet id, amount, pending, balance_after
-
-
-def _post(
-    conn: sqlite3.Connection, txn_id: str, kind: str, key: str, reason: str, reference: str | None,
-    hold_id: str | None, now_iso: str, first: Entry, second: Entry,
-) -> None:
-    conn.executemany(_ENTRY_INSERT, [
-        (txn_id, number, account, wallet_id, kind, amount, pending, after, key, reason, reference, hold_id, now_iso)
-        for number, (account, wallet_id, amount, pending, after) in enumerate((first, second))
-    ])
-
-
-def _check_spend(wallet: _Wallet, amount: int, day: int, verb: str) -> None:
+def _check_spend(wallet: WalletState, amount: int, day: int, verb: str) -> None:
     """Frozen, then funds (available), then the daily cap (which active holds reserve room in)."""
     if wallet.frozen:
         raise _frozen(wallet, verb)
@@ -671,12 +581,12 @@ def _check_spend(wallet: _Wallet, amount: int, day: int, verb: str) -> None:
                 param="amount", amount=amount, daily_cap=wallet.daily_cap, spent_today=spent, held=wallet.held)
 
 
-def _spend(wallet: _Wallet, amount: int, day: int) -> None:
+def _spend(wallet: WalletState, amount: int, day: int) -> None:
     wallet.spent_today = wallet.spent_on(day) + amount
     wallet.spend_day = day
 
 
-def _frozen(wallet: _Wallet, verb: str) -> WalletFrozen:
+def _frozen(wallet: WalletState, verb: str) -> WalletFrozen:
     return WalletFrozen(
         f"{verb} refused: wallet {wallet.agent_id} is frozen; it still accepts credits and incoming transfers: an "
         "operator must unfreeze it first", param="agent_id")
@@ -687,14 +597,17 @@ def _unknown_wallet(agent_id: str, param: str = "agent_id") -> NotFound:
                     param=param)
 
 
-def _hold_owner(hold_id: str) -> Callable[[sqlite3.Connection], str]:
+def _unknown_hold(hold_id: str) -> NotFound:
+    return NotFound(f"no hold {hold_id}: check the id returned by hold_luc", param="hold_id")
+
+
+def _hold_owner(ledger: LedgerStore, hold_id: str) -> Callable[[Tx], str]:
     """The agent whose wallet a hold is on: the owner of the keys that capture or release it."""
-    def find(conn: sqlite3.Connection) -> str:
-        row = conn.execute("SELECT w.agent_id FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
-                           "WHERE h.id = ?", (hold_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no hold {hold_id}: check the id returned by hold_luc", param="hold_id")
-        return str(row[0])
+    def find(tx: Tx) -> str:
+        agent_id = ledger.hold_owner(tx, hold_id)
+        if agent_id is None:
+            raise _unknown_hold(hold_id)
+        return agent_id
 
     return find
 
@@ -750,6 +663,13 @@ def _cursor(value: object) -> int:
     return int(value)
 
 
+def _kind(value: str) -> TxnKind:
+    for kind in KINDS:
+        if value == kind:
+            return kind
+    raise InvalidInput(f"kind {value!r} is not one of {', '.join(KINDS)}", param="kind")
+
+
 def _when(value: datetime | float | str, field: str) -> str:
     """A time as the store writes it (UTC ISO with milliseconds), from epoch seconds, a datetime or ISO text."""
     try:
@@ -764,90 +684,3 @@ def _when(value: datetime | float | str, field: str) -> str:
     except (TypeError, ValueError, OverflowError, OSError):
         raise InvalidInput(f"{field} {value!r} is not a time: pass epoch seconds or ISO-8601 such as "
                            "2026-01-31T00:00:00Z", param=field) from None
-
-
-_ENTRY_JSON = (
-    "'entry_id', t.id, 'txn_id', t.txn_id, 'kind', t.kind, 'amount', t.amount, 'held_change', t.pending, "
-    "'balance_after', t.balance_after, 'hold_id', t.hold_id, 'reason', t.reason, 'reference', t.reference, "
-    "'created_at', t.created_at, 'counterparty', "
-    "(SELECT o.account FROM agent_transactions o WHERE o.txn_id = t.txn_id AND o.entry != t.entry)"
-)
-
-# One compound statement, so every rule sees the same snapshot even while the writer commits.
-_CHECKS = """
-SELECT 'txn_unbalanced' AS rule, txn_id AS subject,
-       'entries sum to ' || SUM(amount) || ' posted and ' || SUM(pending) || ' held over ' || COUNT(*) || ' rows'
-       AS detail
-  FROM agent_transactions GROUP BY txn_id HAVING SUM(amount) != 0 OR SUM(pending) != 0 OR COUNT(*) < 2
-UNION ALL
-SELECT 'balance_mismatch', w.agent_id, 'balance ' || w.balance || ' but its entries sum to ' || COALESCE(s.total, 0)
-  FROM agent_wallets w LEFT JOIN (SELECT wallet_id, SUM(amount) AS total, SUM(pending) AS held
-                                    FROM agent_transactions WHERE wallet_id IS NOT NULL GROUP BY wallet_id) s
-    ON s.wallet_id = w.id WHERE w.balance != COALESCE(s.total, 0)
-UNION ALL
-SELECT 'held_mismatch', w.agent_id, 'held ' || w.held || ' but its entries hold ' || COALESCE(s.held, 0)
-       || ' and its active holds ' || COALESCE(a.active, 0)
-  FROM agent_wallets w
-  LEFT JOIN (SELECT wallet_id, SUM(pending) AS held FROM agent_transactions WHERE wallet_id IS NOT NULL
-              GROUP BY wallet_id) s ON s.wallet_id = w.id
-  LEFT JOIN (SELECT wallet_id, SUM(amount) AS active FROM ledger_holds WHERE status = 'active' GROUP BY wallet_id) a
-    ON a.wallet_id = w.id
- WHERE w.held != COALESCE(s.held, 0) OR w.held != COALESCE(a.active, 0)
-UNION ALL
-SELECT 'balance_after_mismatch', txn_id, 'entry ' || id || ' says balance_after ' || COALESCE(balance_after, 'null')
-       || ' but the running sum is ' || running
-  FROM (SELECT id, txn_id, balance_after,
-               SUM(amount) OVER (PARTITION BY wallet_id ORDER BY id) AS running
-          FROM agent_transactions WHERE wallet_id IS NOT NULL)
- WHERE balance_after IS NOT running
-UNION ALL
-SELECT 'negative_balance', agent_id, 'balance ' || balance || ', held ' || held || ', available ' || (balance - held)
-  FROM agent_wallets WHERE balance < 0 OR held < 0 OR balance - held < 0
-UNION ALL
-SELECT 'negative_balance', txn_id, 'entry ' || id || ' left balance_after ' || balance_after
-  FROM agent_transactions WHERE balance_after < 0
-UNION ALL
-SELECT 'account_mismatch', t.txn_id, 'entry ' || t.id || ' is on ' || t.account || ' with wallet '
-       || COALESCE(t.wallet_id, 'null')
-  FROM agent_transactions t LEFT JOIN agent_wallets w ON w.id = t.wallet_id
- WHERE (t.wallet_id IS NULL AND t.account NOT LIKE 'system:%')
-    OR (t.wallet_id IS NOT NULL AND (w.id IS NULL OR t.account != 'agent:' || w.agent_id OR t.balance_after IS NULL))
-UNION ALL
-SELECT 'hold_resolved_twice', hold_id, COUNT(DISTINCT txn_id) || ' resolutions'
-  FROM agent_transactions WHERE hold_id IS NOT NULL AND kind IN ('capture', 'release', 'expire')
- GROUP BY hold_id HAVING COUNT(DISTINCT txn_id) > 1
-UNION ALL
-SELECT 'hold_state_mismatch', h.id, 'status ' || h.status || ' with '
-       || (SELECT COUNT(DISTINCT txn_id) FROM agent_transactions t
-            WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire')) || ' resolution(s)'
-  FROM ledger_holds h
- WHERE (h.status = 'active') = EXISTS (SELECT 1 FROM agent_transactions t
-                                         WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire'))
-    OR (h.status = 'captured') != EXISTS (SELECT 1 FROM agent_transactions t
-                                            WHERE t.txn_id = h.resolved_txn_id AND t.kind = 'capture'
-                                              AND t.wallet_id = h.wallet_id AND -t.amount = h.captured)
-UNION ALL
-SELECT 'idempotency_key_reused', account || ' ' || idempotency_key,
-       COUNT(DISTINCT txn_id) || ' transactions under one key of one wallet'
-  FROM agent_transactions WHERE idempotency_key IS NOT NULL AND entry = 0
- GROUP BY account, idempotency_key HAVING COUNT(DISTINCT txn_id) > 1
-UNION ALL
-SELECT 'idempotency_key_reused', txn_id, COUNT(*) || ' requests claim one transaction'
-  FROM ledger_requests WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING COUNT(*) > 1
-UNION ALL
-SELECT 'acknowledged_txn_missing', r.owner || ' ' || r.operation || ':' || r.idempotency_key,
-       'request names ' || r.txn_id || ', which has no entries'
-  FROM ledger_requests r
- WHERE r.txn_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM agent_transactions t WHERE t.txn_id = r.txn_id)
-UNION ALL
-SELECT 'spent_today_mismatch', agent_id, 'spent_today ' || spent_today || ' but outgoing entries that day sum to '
-       || counted
-  FROM (SELECT w.agent_id, w.spent_today,
-               COALESCE((SELECT -SUM(t.amount) FROM agent_transactions t
-                          WHERE t.wallet_id = w.id AND t.amount < 0
-                            AND t.created_at >= strftime('%Y-%m-%dT%H:%M:%S.000Z', w.spend_day * 86400, 'unixepoch')
-                            AND t.created_at < strftime('%Y-%m-%dT%H:%M:%S.000Z', (w.spend_day + 1) * 86400,
-                                                        'unixepoch')), 0) AS counted
-          FROM agent_wallets w WHERE w.spend_day > 0)
- WHERE spent_today != counted
-"""

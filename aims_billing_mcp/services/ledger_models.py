@@ -10,8 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-TxnKind = Literal["credit", "debit", "transfer", "hold", "capture", "release", "expire"]
-HoldStatus = Literal["active", "captured", "released", "expired"]
+from ..store.ledger import HoldView, LedgerEntry, LedgerViolation, TxnKind  # rows the store reads, returned as they are
+
+__all__ = ["FreezeResult", "HoldPlaced", "HoldResolved", "HoldView", "LedgerEntry", "LedgerResult", "LedgerViolation",
+           "Posting", "TransactionPage", "Transfer", "TxnKind", "UsdCredit", "Wallet", "WalletCreated"]
 
 
 class LedgerResult(BaseModel):
@@ -87,29 +89,6 @@ class FreezeResult(LedgerResult):
     reason: str
 
 
-class HoldView(BaseModel):
-    hold_id: str
-    amount: int
-    expires_at: str
-    created_at: str
-
-
-class LedgerEntry(BaseModel):
-    """One wallet's side of a transaction."""
-
-    entry_id: int = Field(description="position in the ledger; cursors and ordering use it")
-    txn_id: str
-    kind: TxnKind
-    amount: int = Field(description="signed change to the balance (negative: LUC left the wallet)")
-    held_change: int = Field(description="signed change to the held amount (holds and their resolution)")
-    balance_after: int
-    counterparty: str = Field(description="the other account: system:issuance, system:revenue or agent:<id>")
-    hold_id: str | None = None
-    reason: str | None = None
-    reference: str | None = None
-    created_at: str
-
-
 class Wallet(BaseModel):
     wallet_id: str
     agent_id: str
@@ -132,9 +111,3 @@ class TransactionPage(BaseModel):
     agent_id: str
     entries: list[LedgerEntry] = Field(description="newest first")
     next_cursor: str | None = Field(description="pass as cursor for the next (older) page; null on the last page")
-
-
-class LedgerViolation(BaseModel):
-    rule: str = Field(description="which invariant is broken, e.g. txn_unbalanced, balance_mismatch")
-    subject: str = Field(description="the transaction, wallet, hold or key concerned")
-    detail: str

@@ -30,19 +30,29 @@ on its own invoice once its period ends (`invoice_p2p`), and marked sent when th
 
 One flush at a time per flusher (a lock); two processes flushing the same database may both send an event, which
 Stripe's identifier dedupe absorbs.
+
+Stripe's error reports. The v2 stream validates asynchronously: an event it accepted and later found invalid (its
+customer deleted, say) is reported in a thin `v1.billing.meter.error_report_triggered` event (no `data`: the
+webhook endpoint hands it to `apply_thin_event`, which reads the full event from `GET /v2/core/events/{id}`). Every
+event its samples name (by the identifier Stripe knows it by) is marked failed with Stripe's reason, `refused by
+Stripe (<code>): <message>`, and leaves its period's counted usage, pending or already sent. Marking is the state
+machine's own edge (sent -> failed, never back), so a repeated delivery changes nothing. Stripe lists samples of
+each error type, not always every event: the rest are logged as a count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from .. import jsonsafe
 from ..errors import (
     BillingError,
     StripeAuthenticationFailed,
@@ -50,11 +60,13 @@ from ..errors import (
     StripeRateLimited,
     StripeUnavailable,
 )
-from ..store import Store, utc_now
+from ..store import Store, Tx, utc_now
+from ..store.metering import FlushRow, OpenP2PPeriod, PendingEvent
 from ..stripe_gateway import StripeRequest, StripeResult, StripeSessionExpired, stripe_idempotency_key
 from .metering import STRIPE_MAX_AGE
 from .metering_models import FlushReport
 from .tiers import cost_cents
+from .webhook_events import InvalidEvent
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +84,73 @@ V1_EVENTS = "/v1/billing/meter_events"
 _EVENT_PARAMS = ("payload", "timestamp", "identifier", "value")  # refusals about the event itself, not the setup
 _TRANSIENT = (StripeUnavailable, StripeRateLimited)
 Transport = Literal["v2", "v1", "mixed", "none"]
+
+
+THIN = "v2.core.event"
+ERROR_REPORT = "v1.billing.meter.error_report_triggered"
+MAX_REASON = 500  # characters of Stripe's message kept as an event's reason
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class ThinEvent(_Strict):
+    """A thin (v2) event as Stripe posts it: what happened and to which object, no snapshot."""
+
+    id: Annotated[str, StringConstraints(pattern=r"^evt_[A-Za-z0-9_]{1,251}$")]
+    object: Literal["v2.core.event"]
+    type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,64}(\.[a-z0-9_]{1,64}){1,6}$")]
+
+
+class _SampleRequest(_Strict):
+    identifier: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class _SampleError(_Strict):
+    error_message: Annotated[str, StringConstraints(max_length=5000)] = ""
+    request: _SampleRequest | None = None
+
+
+class _ErrorType(_Strict):
+    code: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,100}$")]
+    error_count: int = Field(default=0, ge=0)
+    sample_errors: list[_SampleError] = Field(default_factory=list, max_length=1000)
+
+
+class _ErrorReason(_Strict):
+    error_count: int = Field(default=0, ge=0)
+    error_types: list[_ErrorType] = Field(default_factory=list, max_length=100)
+
+
+class _ErrorReportData(_Strict):
+    reason: _ErrorReason
+
+
+class _ErrorReport(_Strict):
+    """The full `v1.billing.meter.error_report_triggered` event, as far as we read it."""
+
+    id: str
+    type: Literal["v1.billing.meter.error_report_triggered"]
+    data: _ErrorReportData
+
+
+def thin_event(payload: bytes) -> ThinEvent | None:
+    """The thin (v2) event a verified webhook body carries, or None for a snapshot (v1) event; InvalidEvent when
+    it says it is a thin event but is not one we can read."""
+    if THIN.encode() not in payload:  # the common case, a v1 event, costs one scan of the bytes
+        return None
+    try:
+        body = jsonsafe.loads(payload.decode("utf-8"))
+    except ValueError:
+        return None  # the v1 path answers it (400)
+    if not isinstance(body, dict) or body.get("object") != THIN:
+        return None
+    try:
+        return ThinEvent.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        raise InvalidEvent(f"not a thin Stripe event this endpoint can read: {problems}") from None
 
 
 class Gateway(Protocol):
@@ -138,25 +217,21 @@ class MeterFlusher:
             transports: set[str] = set()
             error: str | None = None
             marking: asyncio.Task[None] | None = None
-            newest = self._store.query_one("SELECT MAX(id) AS id FROM meter_events WHERE status = 'pending'")
-            upto, cursor = (newest["id"] if newest else None) or 0, 0
+            upto, cursor = self._store.metering.newest_pending_id(), 0
             try:
                 while max_events is None or sent + failed < max_events:
                     limit = self._batch_size if max_events is None else min(self._batch_size,
                                                                             max_events - sent - failed)
-                    rows = self._store.query(
-                        "SELECT id, stripe_identifier AS identifier, customer_id, event_name, weighted_units, "
-                        "timestamp, tier FROM meter_events WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id "
-                        "LIMIT ?", (cursor, upto, limit))
+                    rows = self._store.metering.next_pending(cursor, upto, limit)
                     if not rows:
                         break
-                    cursor = rows[-1]["id"]
+                    cursor = rows[-1].id
                     batches += 1
                     oldest_allowed = self._clock() - STRIPE_MAX_AGE + STALE_MARGIN
-                    p2p = [row["id"] for row in rows if row["tier"] == P2P]  # billed on their period's own invoice
-                    metered = [row for row in rows if row["tier"] != P2P]
-                    stale = [(row["id"], TOO_OLD) for row in metered if row["timestamp"] < oldest_allowed]
-                    fresh = [row for row in metered if row["timestamp"] >= oldest_allowed]
+                    p2p = [row.id for row in rows if row.tier == P2P]  # billed on their period's own invoice
+                    metered = [row for row in rows if row.tier != P2P]
+                    stale = [(row.id, TOO_OLD) for row in metered if row.timestamp < oldest_allowed]
+                    fresh = [row for row in metered if row.timestamp >= oldest_allowed]
                     delivery = await self._deliver(fresh) if fresh else _Delivery(transport="none")
                     delivery.accepted.extend(p2p)
                     if fresh:
@@ -180,12 +255,12 @@ class MeterFlusher:
                     invoiced = await self.invoice_p2p()
                 except BillingError as exc:  # Stripe refused or is down: the periods stay open for the next flush
                     error = f"P2P usage not invoiced yet: {exc.message}"
-            pending = self._store.query_one("SELECT COUNT(*) AS n FROM meter_events WHERE status = 'pending'")
+            pending = self._store.metering.pending_count()
             transport: Transport = "none" if not transports else "mixed" if len(transports) > 1 else (
                 "v1" if "v1" in transports else "v2")
             report = FlushReport(
                 started_at=started, duration_ms=round((time.perf_counter() - begun) * 1000, 3), sent=sent,
-                failed=failed, pending=pending["n"] if pending else 0, batches=batches,
+                failed=failed, pending=pending, batches=batches,
                 transport=transport, error=error, invoiced=invoiced,
             )
             if batches or error or invoiced:
@@ -206,6 +281,31 @@ class MeterFlusher:
             delay = interval_seconds if ok else min(max(delay, interval_seconds) * 2, 300.0)
             await asyncio.sleep(delay)
 
+    # --- Stripe's error reports ------------------------------------------------------------------------------
+
+    async def apply_thin_event(self, event: ThinEvent) -> int:
+        """Apply a thin event: an error report marks the events it names failed (see the module docstring); other
+        types are acknowledged and ignored. Returns how many events changed; raises BillingError when the full
+        event cannot be read from Stripe (the webhook answers 503, so Stripe delivers it again)."""
+        if event.type != ERROR_REPORT:
+            return 0
+        full = (await self._gateway.send(StripeRequest("get", f"/v2/core/events/{event.id}"))).data
+        try:
+            report = _ErrorReport.model_validate(full)
+        except ValidationError as exc:
+            raise InvalidEvent(f"Stripe's event {event.id} is not an error report we can read: "
+                               f"{exc.errors()[0]['msg']}") from None
+        reason = report.data.reason
+        failures = [(sample.request.identifier, f"refused by Stripe ({kind.code}): {sample.error_message}"[:MAX_REASON])
+                    for kind in reason.error_types for sample in kind.sample_errors if sample.request is not None]
+        now = int(self._clock())
+        changed: int = await self._store.write(lambda tx: self._store.metering.fail_reported(tx, failures, now))
+        unnamed = max(reason.error_count, sum(kind.error_count for kind in reason.error_types)) - len(failures)
+        log.warning("Stripe reported %d invalid meter events (%s): %d marked failed%s", max(reason.error_count,
+                    len(failures)), ", ".join(kind.code for kind in reason.error_types), changed,
+                    f"; {unnamed} not named in its samples" if unnamed > 0 else "")
+        return changed
+
     # --- P2P invoices ------------------------------------------------------------------------------------------
 
     async def invoice_p2p(self) -> int:
@@ -215,34 +315,26 @@ class MeterFlusher:
         bills it. Each step is idempotent and checked, so a crash or an outage between steps resumes without a
         second invoice or line. Returns how many periods were invoiced."""
         now = int(self._clock())
-        rows = self._store.query(
-            "SELECT customer_id, period_start, period_end, weighted_units, allowance, overage_rate, invoice_id FROM "
-            "meter_usage_totals WHERE tier = 'p2p' AND invoiced_at IS NULL AND period_end <= ? ORDER BY period_end "
-            "LIMIT 100", (now,))
+        metering = self._store.metering
         done = 0
-        for row in rows:
-            waiting = self._store.query_one(
-                "SELECT 1 AS n FROM meter_events WHERE status = 'pending' AND customer_id = ? AND period_start = ? "
-                "LIMIT 1", (row["customer_id"], row["period_start"]))
-            if waiting is not None:  # a pending event may yet fail; invoice what Stripe holds, once it is settled
-                continue
-            amount = cost_cents(max(0, row["weighted_units"] - (row["allowance"] or 0)), row["overage_rate"] or 0)
-            invoice_id = row["invoice_id"]
+        for row in metering.open_p2p_periods(now, limit=100):
+            if metering.period_has_pending(row.customer_id, row.period_start):
+                continue  # a pending event may yet fail; invoice what Stripe holds, once it is settled
+            amount = cost_cents(max(0, row.weighted_units - (row.allowance or 0)), row.overage_rate or 0)
+            invoice_id = row.invoice_id
             if amount > 0:
                 invoice_id = await self._p2p_invoice(row, amount)
-            values = (invoice_id, now, row["customer_id"], row["period_start"])
 
-            def invoiced(conn: sqlite3.Connection, values: tuple[Any, ...] = values) -> None:
-                conn.execute("UPDATE meter_usage_totals SET invoice_id = ?, invoiced_at = ? WHERE customer_id = ? "
-                             "AND period_start = ?", values)
+            def invoiced(tx: Tx, row: OpenP2PPeriod = row, invoice_id: str | None = invoice_id) -> None:
+                metering.mark_period_invoiced(tx, row.customer_id, row.period_start, invoice_id, now)
 
             await self._store.write(invoiced)
             done += 1
         return done
 
-    async def _p2p_invoice(self, row: dict[str, Any], amount: int) -> str:
-        customer, start, end = row["customer_id"], row["period_start"], row["period_end"]
-        invoice_id = row["invoice_id"]
+    async def _p2p_invoice(self, row: OpenP2PPeriod, amount: int) -> str:
+        customer, start, end = row.customer_id, row.period_start, row.period_end
+        invoice_id = row.invoice_id
         if invoice_id is None:
             invoice = (await self._gateway.send(StripeRequest("post", "/v1/invoices", {
                 "customer": customer, "collection_method": "send_invoice", "days_until_due": 30,
@@ -251,16 +343,15 @@ class MeterFlusher:
                 "metadata": {"aims_usage_period_start": str(start), "aims_usage_period_end": str(end)},
             }, stripe_idempotency_key("p2p_usage_invoice", f"{customer}:{start}")))).data
             invoice_id = str(invoice["id"])
-            await self._store.write(lambda conn: conn.execute(
-                "UPDATE meter_usage_totals SET invoice_id = ? WHERE customer_id = ? AND period_start = ?",
-                (invoice_id, customer, start)))
+            created = invoice_id
+            await self._store.write(lambda tx: self._store.metering.set_period_invoice(tx, customer, start, created))
         else:
             invoice = (await self._gateway.send(StripeRequest("get", f"/v1/invoices/{invoice_id}"))).data
         if invoice["status"] == "draft":
             if not invoice["lines"]["data"]:
                 await self._gateway.send(StripeRequest("post", "/v1/invoiceitems", {
                     "customer": customer, "invoice": invoice_id, "amount": amount, "currency": self._currency,
-                    "description": f"{row['weighted_units']:,} weighted LUC units at {row['overage_rate']} cents per "
+                    "description": f"{row.weighted_units:,} weighted LUC units at {row.overage_rate} cents per "
                                    "1,000",
                     "period": {"start": start, "end": end},
                 }, stripe_idempotency_key("p2p_usage_item", invoice_id)))
@@ -270,47 +361,31 @@ class MeterFlusher:
 
     # --- marking -----------------------------------------------------------------------------------------------
 
-    async def _mark(self, delivery: _Delivery, stale: list[tuple[int, str]], fresh: Sequence[dict[str, Any]]) -> None:
+    async def _mark(self, delivery: _Delivery, stale: list[tuple[int, str]], fresh: Sequence[PendingEvent]) -> None:
         now = int(self._clock())
         sent_at = utc_now()
         settled = set(delivery.accepted) | {event_id for event_id, _ in delivery.refused}
-        unsettled = [row["id"] for row in fresh if row["id"] not in settled]
+        unsettled = [row.id for row in fresh if row.id not in settled]
+        metering = self._store.metering
 
-        def mark(conn: sqlite3.Connection) -> None:
-            _uncount(conn, [event_id for event_id, _ in delivery.refused] + [event_id for event_id, _ in stale])
-            if delivery.accepted:
-                conn.execute(
-                    "UPDATE meter_events SET status = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL "
-                    f"WHERE status = 'pending' AND id IN ({','.join('?' * len(delivery.accepted))})",
-                    (sent_at, *delivery.accepted))
-            conn.executemany(
-                "UPDATE meter_events SET status = 'failed', attempts = attempts + 1, last_error = ?, failed_at = ? "
-                "WHERE id = ? AND status = 'pending'",
-                [(reason, now, event_id) for event_id, reason in delivery.refused])
-            conn.executemany(
-                "UPDATE meter_events SET status = 'failed', last_error = ?, failed_at = ? "
-                "WHERE id = ? AND status = 'pending'", [(reason, now, event_id) for event_id, reason in stale])
-            if unsettled:
-                conn.executemany("UPDATE meter_events SET attempts = attempts + 1, last_error = ? WHERE id = ?",
-                                 [(delivery.error, event_id) for event_id in unsettled])
+        def mark(tx: Tx) -> None:
+            metering.mark_sent(tx, delivery.accepted, sent_at)
+            metering.mark_failed(tx, delivery.refused, now, attempted=True)
+            metering.mark_failed(tx, stale, now, attempted=False)
+            metering.note_attempt(tx, unsettled, delivery.error)
 
         if delivery.accepted or delivery.refused or stale or unsettled:
             await self._store.write(mark)
 
     async def _record(self, report: FlushReport) -> None:
-        def record(conn: sqlite3.Connection) -> None:
-            cursor = conn.execute(
-                "INSERT INTO meter_flushes (started_at, finished_at, sent, failed, pending_after, transport, error) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", (int(report.started_at), int(self._clock()), report.sent,
-                                                  report.failed, report.pending, report.transport, report.error))
-            conn.execute("DELETE FROM meter_flushes WHERE id <= ?", ((cursor.lastrowid or 0) - KEEP_FLUSHES,))
-
-        await self._store.write(record)
+        flush = FlushRow(int(report.started_at), int(self._clock()), report.sent, report.failed, report.pending,
+                         report.transport, report.error)
+        await self._store.write(lambda tx: self._store.metering.record_flush(tx, flush, KEEP_FLUSHES))
 
     # --- delivery ----------------------------------------------------------------------------------------------
 
-    async def _deliver(self, rows: Sequence[dict[str, Any]]) -> _Delivery:
-        await self._check_meters({row["event_name"] for row in rows})
+    async def _deliver(self, rows: Sequence[PendingEvent]) -> _Delivery:
+        await self._check_meters({row.event_name for row in rows})
         if self._clock() >= self._v2_off_until:
             try:
                 await self._send_v2(rows)
@@ -320,7 +395,7 @@ class MeterFlusher:
             except _TRANSIENT as exc:
                 return _Delivery(transport="v2", error=f"Stripe did not take the batch after retries: {exc.message}")
             else:
-                return _Delivery(accepted=[row["id"] for row in rows], transport="v2")
+                return _Delivery(accepted=[row.id for row in rows], transport="v2")
         return await self._send_v1(rows)
 
     async def _backoff(self, attempt: int) -> None:
@@ -336,8 +411,8 @@ class MeterFlusher:
         self._token_deadline = self._clock() + (ttl - SESSION_MARGIN if ttl > 2 * SESSION_MARGIN else ttl / 2)
         return self._token
 
-    async def _send_v2(self, rows: Sequence[dict[str, Any]]) -> None:
-        events = [_meter_event(row, rfc3339(row["timestamp"])) for row in rows]
+    async def _send_v2(self, rows: Sequence[PendingEvent]) -> None:
+        events = [_meter_event(row, rfc3339(row.timestamp)) for row in rows]
         attempt = 0
         while True:
             try:
@@ -355,18 +430,18 @@ class MeterFlusher:
                 await self._backoff(attempt)
             attempt += 1
 
-    async def _send_v1(self, rows: Sequence[dict[str, Any]]) -> _Delivery:
+    async def _send_v1(self, rows: Sequence[PendingEvent]) -> _Delivery:
         delivery = _Delivery(transport="v1")
         for row in rows:
-            request = StripeRequest("post", V1_EVENTS, _meter_event(row, row["timestamp"]),
-                                    stripe_idempotency_key("meter_event", row["identifier"]))
+            request = StripeRequest("post", V1_EVENTS, _meter_event(row, row.timestamp),
+                                    stripe_idempotency_key("meter_event", row.identifier))
             attempt = 0
             while True:
                 try:
                     await self._gateway.send(request)
                 except StripeInvalidRequest as exc:
                     if (exc.param or "").startswith(_EVENT_PARAMS):
-                        delivery.refused.append((row["id"], f"refused by Stripe: {exc.message}"))
+                        delivery.refused.append((row.id, f"refused by Stripe: {exc.message}"))
                         break
                     delivery.error = f"Stripe refused the meter event ({exc.param or 'request'}): {exc.message}"
                     return delivery
@@ -380,7 +455,7 @@ class MeterFlusher:
                 except BillingError as exc:
                     delivery.error = f"Stripe refused the meter event: {exc.message}"
                     return delivery
-                delivery.accepted.append(row["id"])
+                delivery.accepted.append(row.id)
                 break
         return delivery
 
@@ -411,30 +486,11 @@ class MeterFlusher:
                         "`aims-billing-mcp setup-stripe` to create it; the events stay pending")
 
 
-def _uncount(conn: sqlite3.Connection, event_ids: list[int]) -> None:
-    """Take events Stripe will never bill out of their period's counted usage (still pending: each is taken out once,
-    in the transaction that marks it failed), so the summary, later answers and quotes price what Stripe invoices."""
-    if not event_ids:
-        return
-    rows = conn.execute(
-        "SELECT customer_id, period_start, COALESCE(operation, 'custom') AS operation, raw_units, weighted_units FROM "
-        f"meter_events WHERE status = 'pending' AND id IN ({','.join('?' * len(event_ids))})", event_ids).fetchall()
-    conn.executemany(
-        "UPDATE meter_usage_totals SET events = events - 1, raw_units = raw_units - ?, weighted_units = weighted_units "
-        "- ? WHERE customer_id = ? AND period_start = ?",
-        [(row["raw_units"], row["weighted_units"], row["customer_id"], row["period_start"]) for row in rows])
-    conn.executemany(
-        "UPDATE meter_usage_by_operation SET events = events - 1, raw_units = raw_units - ?, weighted_units = "
-        "weighted_units - ? WHERE customer_id = ? AND period_start = ? AND operation = ?",
-        [(row["raw_units"], row["weighted_units"], row["customer_id"], row["period_start"], row["operation"])
-         for row in rows])
-
-
-def _meter_event(row: dict[str, Any], timestamp: str | int) -> dict[str, Any]:
+def _meter_event(row: PendingEvent, timestamp: str | int) -> dict[str, Any]:
     """A stored event as Stripe takes it: v2 wants the timestamp in RFC 3339, v1 in epoch seconds."""
     return {
-        "event_name": row["event_name"],
-        "payload": {"stripe_customer_id": row["customer_id"], "value": str(row["weighted_units"])},
-        "identifier": row["identifier"],
+        "event_name": row.event_name,
+        "payload": {"stripe_customer_id": row.customer_id, "value": str(row.weighted_units)},
+        "identifier": row.identifier,
         "timestamp": timestamp,
     }

@@ -63,7 +63,6 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,7 +73,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound, Refused
-from ..store import Store, dumps, new_id, utc_now
+from ..store import Store, Tx, dumps, new_id, utc_now
+from ..store.metering import (
+    EventStatus,
+    MeterEventRow,
+    OperationDelta,
+    PeriodTotalRow,
+    SlotRow,
+)
 from .ceiling import Ceiling
 from .metering_models import (
     EventCounts,
@@ -115,33 +121,6 @@ MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second a date formatt
 MAX_BATCH = 1000  # events per record_many call: one writer job, so a batch is written whole or not at all
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
-
-_EVENT_COLUMNS = (
-    "identifier, customer_id, operation, multiplier_milli, raw_units, weighted_units, agent_id, timestamp, metadata, "
-    "tier, period_start, period_end, period_units_after, allowance, overage_rate, overage_units, cost_cents"
-)
-_EVENT_INSERT = (
-    "INSERT INTO meter_events (identifier, customer_id, operation, multiplier_milli, raw_units, weighted_units, "
-    "agent_id, timestamp, metadata, tier, period_start, period_end, period_units_after, allowance, overage_rate, "
-    "overage_units, cost_cents, event_name, created_at, stripe_identifier, status, attempts) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0)"
-)
-_TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction; the terms are the period's first
-    "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, events, raw_units, weighted_units, tier, "
-    "allowance, overage_rate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, period_start) DO UPDATE SET "
-    "events = excluded.events, raw_units = excluded.raw_units, weighted_units = excluded.weighted_units, "
-    "tier = COALESCE(meter_usage_totals.tier, excluded.tier), "
-    "allowance = COALESCE(meter_usage_totals.allowance, excluded.allowance), "
-    "overage_rate = COALESCE(meter_usage_totals.overage_rate, excluded.overage_rate)"
-)
-_OPERATION_ADD = (  # increments: nothing to read first
-    "INSERT INTO meter_usage_by_operation (customer_id, period_start, operation, events, raw_units, weighted_units, "
-    "overage_units, cost_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (customer_id, period_start, operation) DO UPDATE SET events = events + excluded.events, "
-    "raw_units = raw_units + excluded.raw_units, weighted_units = weighted_units + excluded.weighted_units, "
-    "overage_units = overage_units + excluded.overage_units, cost_cents = cost_cents + excluded.cost_cents"
-)
-
 
 @dataclass(slots=True)
 class _Draft:
@@ -231,12 +210,12 @@ def _given_identifier(item: Any) -> str | None:
     return ident if isinstance(ident, str) and 0 < len(ident) <= MAX_IDENTIFIER else None
 
 
-def _brief(row: Mapping[str, Any], replayed: bool) -> dict[str, Any]:
+def _brief(row: MeterEventRow, replayed: bool) -> dict[str, Any]:
     """What a batch answers for an event recorded now or before (BatchEventOutcome's numbers)."""
-    after = row["period_units_after"]
-    return {"status": "replayed" if replayed else "accepted", "identifier": row["identifier"],
-            "weighted_units": row["weighted_units"], "cost_cents": row["cost_cents"], "period_usage": after,
-            "remaining": max(0, row["allowance"] - after), "error": None}
+    after = row.period_units_after
+    return {"status": "replayed" if replayed else "accepted", "identifier": row.identifier,
+            "weighted_units": row.weighted_units, "cost_cents": row.cost_cents, "period_usage": after,
+            "remaining": max(0, row.allowance - after), "error": None}
 
 
 def _is_int(value: Any) -> bool:
@@ -405,13 +384,11 @@ class MeteringService:
 
     def _opened(self, customer: str, period: UsagePeriod) -> tuple[Tier, int, int]:
         """A period's terms and its counted usage (weighted units, events) from its totals row, read-only."""
-        row = self._store.query_one(
-            "SELECT weighted_units, events, tier, allowance, overage_rate FROM meter_usage_totals "
-            "WHERE customer_id = ? AND period_start = ?", (customer, period.start))
+        row = self._store.metering.period_total(customer, period.start)
         if row is None:
             return self._terms(customer, period), 0, 0
-        terms = self._stored_terms(row["tier"], row["allowance"], row["overage_rate"])
-        return terms or self._terms(customer, period), row["weighted_units"], row["events"]
+        terms = self._stored_terms(row.tier, row.allowance, row.overage_rate)
+        return terms or self._terms(customer, period), row.weighted_units, row.events
 
     # --- customers ---------------------------------------------------------------------------------------------
 
@@ -431,16 +408,12 @@ class MeteringService:
             raise self._unknown_customer(customer)
 
     async def _verify(self, customer: str) -> bool:
-        known = self._store.query_one(
-            "SELECT 1 FROM meter_customers WHERE customer_id = ? UNION ALL "
-            "SELECT 1 FROM billing_provisions WHERE customer_id = ? LIMIT 1", (customer, customer))
-        if known is None:
+        if not self._store.metering.is_known_customer(customer):
             if not await self._customer_exists(customer):
                 self._unknown[customer] = self._clock()
                 return False
             now = int(self._clock())
-            await self._store.write(lambda conn: conn.execute(
-                "INSERT OR IGNORE INTO meter_customers (customer_id, verified_at) VALUES (?, ?)", (customer, now)))
+            await self._store.write(lambda tx: self._store.metering.remember_customer(tx, customer, now))
         self._known.add(customer)
         self._unknown.pop(customer, None)
         return True
@@ -549,7 +522,7 @@ class MeteringService:
         events = [outcome for outcome in outcomes if isinstance(outcome, _Event)]
         applied: list[Any] = []
         if events:
-            applied = await asyncio.wrap_future(self._store.submit(lambda conn: self._apply(conn, events, True)))
+            applied = await asyncio.wrap_future(self._store.submit(lambda tx: self._apply(tx, events, True)))
         answers = iter(applied)
         results: list[dict[str, Any]] = []
         accepted = replayed = weighted = cost = 0
@@ -586,23 +559,16 @@ class MeteringService:
         return self._draft(now, event.customer, event.units, event.operation, event.multiplier, event.identifier,
                            event.timestamp, event.agent_id, event.metadata)
 
-    def _apply(self, conn: sqlite3.Connection, events: Sequence[_Event],
-               brief: bool = False) -> list[Any]:
-        """The writer side: replays and conflicts, running totals, then every new event and total in two statements.
+    def _apply(self, tx: Tx, events: Sequence[_Event], brief: bool = False) -> list[Any]:
+        """The writer side: replays and conflicts, running totals, then every new event and total in one append.
         Each event's answer is a MeterEventResult, or with `brief` (a batch) the few numbers a batch answers (a dict:
         building a thousand full results cost more than writing the events); conflicts are BillingErrors."""
-        identifiers = list({event.identifier for event in events})
-        wanted = {(event.customer, event.identifier) for event in events}
-        stored: dict[tuple[str, str], Mapping[str, Any]] = {}
-        for row in conn.execute(  # identifiers are the customer's own: another customer's same id is not a replay
-                f"SELECT {_EVENT_COLUMNS} FROM meter_events WHERE identifier IN ({','.join('?' * len(identifiers))})",
-                identifiers):
-            if (row["customer_id"], row["identifier"]) in wanted:
-                stored[(row["customer_id"], row["identifier"])] = dict(row)
-        totals = self._load_totals(conn, {(e.customer, e.period_start) for e in events
-                                          if (e.customer, e.identifier) not in stored})
+        metering = self._store.metering
+        stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
+        totals = self._load_totals(tx, {(e.customer, e.period_start) for e in events
+                                        if (e.customer, e.identifier) not in stored})
         by_operation: dict[tuple[str, int, str], _Total] = {}
-        inserts: list[tuple[Any, ...]] = []
+        inserts: list[MeterEventRow] = []
         outcomes: list[Any] = []
         created_at = utc_now()
         event_name = self._pricing.meter_event_name
@@ -622,63 +588,51 @@ class MeteringService:
             if operation is None:
                 operation = by_operation[key] = _Total()
             operation.add(event.raw_units, event.weighted_units, overage, cost)
-            values = {
-                "identifier": event.identifier, "customer_id": event.customer, "operation": event.operation,
-                "multiplier_milli": event.multiplier_milli, "raw_units": event.raw_units,
-                "weighted_units": event.weighted_units, "agent_id": event.agent_id, "timestamp": event.timestamp,
-                "metadata": event.metadata, "tier": terms.id, "period_start": event.period_start,
-                "period_end": event.period_end, "period_units_after": before + event.weighted_units,
-                "allowance": terms.tokens_per_month, "overage_rate": terms.overage_rate,
-                "overage_units": overage, "cost_cents": cost,
-            }
-            inserts.append((*values.values(), event_name, created_at,
-                            stripe_identifier(event.customer, event.identifier)))
-            stored[(event.customer, event.identifier)] = values
-            outcomes.append(_brief(values, False) if brief else self._result(values, replayed=False))
+            row = MeterEventRow(
+                event.identifier, event.customer, event.operation, event.multiplier_milli, event.raw_units,
+                event.weighted_units, event.agent_id, event.timestamp, event.metadata, terms.id, event.period_start,
+                event.period_end, before + event.weighted_units, terms.tokens_per_month, terms.overage_rate, overage,
+                cost, event_name, created_at, stripe_identifier(event.customer, event.identifier))
+            inserts.append(row)
+            stored[(event.customer, event.identifier)] = row
+            outcomes.append(_brief(row, False) if brief else self._result(row, replayed=False))
         if inserts:
-            conn.executemany(_EVENT_INSERT, inserts)
-            conn.executemany(_TOTAL_UPSERT, [
-                (customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
-                 *((t.terms.id, t.terms.tokens_per_month, t.terms.overage_rate) if t.terms else (None, None, None)))
-                for (customer, start), t in totals.items() if t.changed])
-            conn.executemany(_OPERATION_ADD, [
-                (*key, t.events, t.raw_units, t.weighted_units, t.overage_units, t.cost_cents)
+            metering.append(tx, inserts, [
+                PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
+                               *((t.terms.id, t.terms.tokens_per_month, t.terms.overage_rate) if t.terms
+                                 else (None, None, None)))
+                for (customer, start), t in totals.items() if t.changed], [
+                OperationDelta(*key, t.events, t.raw_units, t.weighted_units, t.overage_units, t.cost_cents)
                 for key, t in by_operation.items()])
         return outcomes
 
-    def _load_totals(self, conn: sqlite3.Connection, keys: set[tuple[str, int]]) -> dict[tuple[str, int], _Total]:
+    def _load_totals(self, tx: Tx, keys: set[tuple[str, int]]) -> dict[tuple[str, int], _Total]:
         """The running totals of these (customer, period) pairs, read in the writer's transaction."""
         totals: dict[tuple[str, int], _Total] = {}
         if keys:
-            customers = list({customer for customer, _ in keys})
-            starts = list({start for _, start in keys})
-            marks = ",".join("?" * len(customers)), ",".join("?" * len(starts))
-            for row in conn.execute(  # customer IN (...) AND start IN (...): a superset the primary key finds directly
-                    "SELECT customer_id, period_start, period_end, events, raw_units, weighted_units, tier, allowance, "
-                    f"overage_rate FROM meter_usage_totals WHERE customer_id IN ({marks[0]}) AND period_start IN "
-                    f"({marks[1]})", (*customers, *starts)):
-                if (row[0], row[1]) in keys:
-                    totals[(row[0], row[1])] = _Total(period_end=row[2], events=row[3], raw_units=row[4],
-                                                      weighted_units=row[5], terms=self._stored_terms(*row[6:9]))
-        for key in keys - totals.keys():
-            totals[key] = _Total()
+            for key, row in self._store.metering.load_totals(tx, keys).items():
+                totals[key] = _Total(period_end=row.period_end, events=row.events, raw_units=row.raw_units,
+                                     weighted_units=row.weighted_units,
+                                     terms=self._stored_terms(row.tier, row.allowance, row.overage_rate))
+            for key in keys - totals.keys():
+                totals[key] = _Total()
         return totals
 
-    def _replay(self, prior: Mapping[str, Any], event: _Event, brief: bool = False) -> Any:
+    def _replay(self, prior: MeterEventRow, event: _Event, brief: bool = False) -> Any:
         differences = []
-        if prior["raw_units"] != event.raw_units:
-            differences.append(f"units {prior['raw_units']} vs {event.raw_units}")
-        if prior["operation"] != event.operation or (
-                event.operation is None and prior["multiplier_milli"] != event.multiplier_milli):
-            first = prior["operation"] or f"multiplier {prior['multiplier_milli'] / 1000:g}"
+        if prior.raw_units != event.raw_units:
+            differences.append(f"units {prior.raw_units} vs {event.raw_units}")
+        if prior.operation != event.operation or (
+                event.operation is None and prior.multiplier_milli != event.multiplier_milli):
+            first = prior.operation or f"multiplier {prior.multiplier_milli / 1000:g}"
             now = event.operation or f"multiplier {event.multiplier_milli / 1000:g}"
             differences.append(f"{first} vs {now}")
-        if prior["agent_id"] != event.agent_id:
-            differences.append(f"agent_id {prior['agent_id']} vs {event.agent_id}")
-        if prior["metadata"] != event.metadata:
+        if prior.agent_id != event.agent_id:
+            differences.append(f"agent_id {prior.agent_id} vs {event.agent_id}")
+        if prior.metadata != event.metadata:
             differences.append("metadata")
-        if event.timestamp_given and prior["timestamp"] != event.timestamp:
-            differences.append(f"timestamp {prior['timestamp']} vs {event.timestamp}")
+        if event.timestamp_given and prior.timestamp != event.timestamp:
+            differences.append(f"timestamp {prior.timestamp} vs {event.timestamp}")
         if differences:
             return IdempotencyConflict(
                 f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
@@ -686,16 +640,16 @@ class MeteringService:
                 param="identifier", identifier=event.identifier)
         return _brief(prior, True) if brief else self._result(prior, replayed=True)
 
-    def _result(self, row: Mapping[str, Any], *, replayed: bool) -> MeterEventResult:
-        after, allowance, rate = row["period_units_after"], row["allowance"], row["overage_rate"]
+    def _result(self, row: MeterEventRow, *, replayed: bool) -> MeterEventResult:
+        after, allowance, rate = row.period_units_after, row.allowance, row.overage_rate
         period_overage = max(0, after - allowance)
         return MeterEventResult(
-            identifier=row["identifier"], customer=row["customer_id"], operation=row["operation"],
-            multiplier=row["multiplier_milli"] / 1000, tier=row["tier"], timestamp=row["timestamp"],
-            raw_units=row["raw_units"], weighted_units=row["weighted_units"], period_start=row["period_start"],
-            period_end=row["period_end"], period_usage=after, allowance=allowance, remaining=max(0, allowance - after),
-            overage_units=row["overage_units"], period_overage_units=period_overage, overage_rate=rate,
-            cost_cents=row["cost_cents"], period_overage_cost_cents=cost_cents(period_overage, rate),
+            identifier=row.identifier, customer=row.customer_id, operation=row.operation,
+            multiplier=row.multiplier_milli / 1000, tier=row.tier, timestamp=row.timestamp,
+            raw_units=row.raw_units, weighted_units=row.weighted_units, period_start=row.period_start,
+            period_end=row.period_end, period_usage=after, allowance=allowance, remaining=max(0, allowance - after),
+            overage_units=row.overage_units, period_overage_units=period_overage, overage_rate=rate,
+            cost_cents=row.cost_cents, period_overage_cost_cents=cost_cents(period_overage, rate),
             currency=self._pricing.currency, replayed=replayed,
         )
 
@@ -716,48 +670,35 @@ class MeteringService:
             terms, counted, _ = self._opened(customer, current)
             allowance, rate, tier_id = terms.tokens_per_month, terms.overage_rate, terms.id
             start, end = current.start, current.end
-            rows = self._store.query(
-                "SELECT operation, events, raw_units, weighted_units, overage_units, cost_cents FROM "
-                "meter_usage_by_operation WHERE customer_id = ? AND period_start = ? ORDER BY operation",
-                (customer, start))
-            unsettled = self._store.query(  # pending and failed events are few; sent = the rest
-                "SELECT status, COUNT(*) AS n FROM meter_events WHERE status IN ('pending', 'failed') "
-                "AND customer_id = ? AND period_start = ? GROUP BY status", (customer, start))
-            counts = {row["status"]: row["n"] for row in unsettled}
+            rows = self._store.metering.usage_by_operation(customer, start)
+            counts = self._store.metering.unsettled_counts(customer, start)
         else:
             tier = self._tier_of(customer)
             allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
             start, end = month_bounds(period.strip())
-            rows = self._store.query(
-                "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, "  # failed ones counted, not priced
-                "SUM(IIF(status = 'failed', 0, raw_units)) AS raw_units, "
-                "SUM(IIF(status = 'failed', 0, weighted_units)) AS weighted_units, "
-                "SUM(IIF(status = 'failed', 0, overage_units)) AS overage_units, "
-                "SUM(IIF(status = 'failed', 0, cost_cents)) AS cost_cents, SUM(status = 'pending') AS pending, "
-                "SUM(status = 'failed') AS failed, "
-                "MAX(id) AS last_id FROM meter_events WHERE timestamp >= ? AND timestamp < ? AND customer_id = ? "
-                "GROUP BY 1 ORDER BY 1", (CUSTOM, start, end, customer))
-            counts = {"pending": sum(row["pending"] for row in rows), "failed": sum(row["failed"] for row in rows)}
+            rows = self._store.metering.month_usage(customer, start, end, CUSTOM)
+            counts = {EventStatus.PENDING: sum(row.pending for row in rows),
+                      EventStatus.FAILED: sum(row.failed for row in rows)}
             if rows:  # a past month: the terms its latest event was recorded under
-                latest = self._store.query_one("SELECT tier, allowance, overage_rate FROM meter_events WHERE id = ?",
-                                               (max(row["last_id"] for row in rows),))
-                if latest is not None and latest["tier"] is not None:
-                    allowance, rate, tier_id = latest["allowance"], latest["overage_rate"], latest["tier"]
-        weighted = sum(row["weighted_units"] for row in rows)
-        events = sum(row["events"] for row in rows)
-        pending, failed = counts.get("pending", 0), counts.get("failed", 0)
-        overage_units = sum(row["overage_units"] for row in rows)
-        overage_cost = sum(row["cost_cents"] for row in rows)
+                latest = self._store.metering.event_terms(max(row.last_id for row in rows))
+                if latest is not None and latest.tier is not None:
+                    assert latest.allowance is not None and latest.overage_rate is not None
+                    allowance, rate, tier_id = latest.allowance, latest.overage_rate, latest.tier
+        weighted = sum(row.weighted_units for row in rows)
+        events = sum(row.events for row in rows)
+        pending, failed = counts.get(EventStatus.PENDING, 0), counts.get(EventStatus.FAILED, 0)
+        overage_units = sum(row.overage_units for row in rows)
+        overage_cost = sum(row.cost_cents for row in rows)
         if counted is not None:  # the current period: what Stripe bills, from the counted total (no failed events)
             weighted = counted
             overage_units = max(0, counted - allowance)
             overage_cost = cost_cents(overage_units, rate)
-            events = sum(row["events"] for row in rows) + failed
+            events = sum(row.events for row in rows) + failed
         return UsageSummary(
             customer=customer, period=period, period_start=start, period_end=end, tier=tier_id,
-            by_operation=[OperationUsage(operation=row["operation"], events=row["events"], raw_units=row["raw_units"],
-                                         weighted_units=row["weighted_units"]) for row in rows],
-            raw_units=sum(row["raw_units"] for row in rows), weighted_units=weighted, allowance=allowance,
+            by_operation=[OperationUsage(operation=row.operation, events=row.events, raw_units=row.raw_units,
+                                         weighted_units=row.weighted_units) for row in rows],
+            raw_units=sum(row.raw_units for row in rows), weighted_units=weighted, allowance=allowance,
             remaining=max(0, allowance - weighted), overage_units=overage_units,
             overage_cost_cents=overage_cost, overage_rate=rate,
             currency=self._pricing.currency,
@@ -789,27 +730,25 @@ class MeteringService:
     def status(self) -> MeteringStatus:
         """The flusher's queue and recent history, for operators."""
         now = int(self._clock())
-        counts = {row["status"]: row["n"] for row in self._store.query(
-            "SELECT status, COUNT(*) AS n FROM meter_events GROUP BY status")}
-        oldest = self._store.query_one(
-            "SELECT created_at FROM meter_events WHERE status = 'pending' ORDER BY id LIMIT 1")
+        metering = self._store.metering
+        counts = metering.status_counts()
+        oldest = metering.oldest_pending_created_at()
         age = None
         if oldest is not None:
-            age = max(0, now - int(datetime.fromisoformat(oldest["created_at"]).timestamp()))
-        flush = self._store.query_one("SELECT * FROM meter_flushes ORDER BY id DESC LIMIT 1")
+            age = max(0, now - int(datetime.fromisoformat(oldest).timestamp()))
+        flush = metering.last_flush()
         last = None
         if flush is not None:
-            last = (f"sent {flush['sent']}, failed {flush['failed']}, {flush['pending_after']} pending after"
-                    + (f" via {flush['transport']}" if flush["transport"] else "")
-                    + (f"; stopped: {flush['error']}" if flush["error"] else ""))
-        failures = self._store.query(
-            "SELECT COALESCE(last_error, 'unknown') AS reason, COUNT(*) AS events, MAX(failed_at) AS last_at FROM "
-            "(SELECT last_error, failed_at FROM meter_events WHERE status = 'failed' ORDER BY id DESC LIMIT 500) "
-            "GROUP BY 1 ORDER BY 2 DESC, 3 DESC LIMIT 10")
+            last = (f"sent {flush.sent}, failed {flush.failed}, {flush.pending_after} pending after"
+                    + (f" via {flush.transport}" if flush.transport else "")
+                    + (f"; stopped: {flush.error}" if flush.error else ""))
+        failures = metering.recent_failures(window=500, limit=10)
         return MeteringStatus(
-            pending=counts.get("pending", 0), oldest_pending_age_seconds=age, sent=counts.get("sent", 0),
-            failed=counts.get("failed", 0), last_flush_at=flush["finished_at"] if flush else None, last_flush=last,
-            recent_failures=[FailureReason(**row) for row in failures],
+            pending=counts.get(EventStatus.PENDING, 0), oldest_pending_age_seconds=age,
+            sent=counts.get(EventStatus.SENT, 0), failed=counts.get(EventStatus.FAILED, 0),
+            last_flush_at=flush.finished_at if flush else None, last_flush=last,
+            recent_failures=[FailureReason(reason=row.reason, events=row.events, last_at=row.last_at)
+                             for row in failures],
         )
 
     # --- concurrency slots -------------------------------------------------------------------------------------
@@ -829,29 +768,27 @@ class MeteringService:
         now = int(self._clock())
         fresh = f"lease_{secrets.token_urlsafe(24)}"  # 192 random bits: unguessable
 
-        def take(conn: sqlite3.Connection) -> TaskSlot:
-            conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND expires_at <= ?", (customer, now))
-            held = conn.execute("SELECT task_id, acquired_at, expires_at, lease_hash FROM task_slots "
-                                "WHERE customer_id = ? ORDER BY expires_at, task_id", (customer,)).fetchall()
-            mine = next((row for row in held if row["task_id"] == task), None)
+        slots = self._store.metering
+
+        def take(tx: Tx) -> TaskSlot:
+            held = slots.live_slots(tx, customer, now)
+            mine = next((row for row in held if row.task_id == task), None)
             if mine is not None:
-                if given is None or mine["lease_hash"] is None or not hmac.compare_digest(given, mine["lease_hash"]):
+                if given is None or mine.lease_hash is None or not hmac.compare_digest(given, mine.lease_hash):
                     raise Refused(
                         f"task {task!r} already holds a slot of customer {customer} (until "
-                        f"{_iso(mine['expires_at'])}): only its holder can renew it, by passing the lease "
+                        f"{_iso(mine.expires_at)}): only its holder can renew it, by passing the lease "
                         "acquire_task_slot answered with; otherwise use another task_id", param="lease")
-                conn.execute("UPDATE task_slots SET expires_at = ? WHERE customer_id = ? AND task_id = ?",
-                             (now + ttl_seconds, customer, task))
-                return TaskSlot(customer=customer, task_id=task, acquired_at=mine["acquired_at"],
+                slots.renew_slot(tx, customer, task, now + ttl_seconds)
+                return TaskSlot(customer=customer, task_id=task, acquired_at=mine.acquired_at,
                                 expires_at=now + ttl_seconds, limit=tier.concurrent, in_use=len(held),
                                 lease=str(lease), replayed=True)
             if len(held) >= tier.concurrent:
                 raise LimitReached(
                     f"customer {customer} already runs {len(held)} of the {tier.concurrent} concurrent tasks tier "
                     f"{tier.id} allows: release one with release_task_slot, or wait until the first expires at "
-                    f"{_iso(held[0]['expires_at'])}", param="task_id", limit=tier.concurrent, in_use=len(held))
-            conn.execute("INSERT INTO task_slots (customer_id, task_id, acquired_at, expires_at, lease_hash) "
-                         "VALUES (?, ?, ?, ?, ?)", (customer, task, now, now + ttl_seconds, _lease_hash(fresh)))
+                    f"{_iso(held[0].expires_at)}", param="task_id", limit=tier.concurrent, in_use=len(held))
+            slots.take_slot(tx, customer, SlotRow(task, now, now + ttl_seconds, _lease_hash(fresh)))
             return TaskSlot(customer=customer, task_id=task, acquired_at=now, expires_at=now + ttl_seconds,
                             limit=tier.concurrent, in_use=len(held) + 1, lease=fresh)
 
@@ -866,18 +803,17 @@ class MeteringService:
         given = _lease_hash(self._text(lease, "lease", required=True, limit=MAX_TEXT))
         now = int(self._clock())
 
-        def free(conn: sqlite3.Connection) -> SlotRelease:
-            conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND expires_at <= ?", (customer, now))
-            row = conn.execute("SELECT lease_hash FROM task_slots WHERE customer_id = ? AND task_id = ?",
-                               (customer, task)).fetchone()
-            if row is not None and (row["lease_hash"] is None or not hmac.compare_digest(given, row["lease_hash"])):
+        slots = self._store.metering
+
+        def free(tx: Tx) -> SlotRelease:
+            held = slots.live_slots(tx, customer, now)
+            mine = next((row for row in held if row.task_id == task), None)
+            if mine is not None and (mine.lease_hash is None or not hmac.compare_digest(given, mine.lease_hash)):
                 raise Refused(f"task {task!r}'s slot was taken under another lease: only the agent that took it can "
                               "release it (pass the lease acquire_task_slot answered with); it frees itself when it "
                               "expires", param="lease")
-            released = conn.execute("DELETE FROM task_slots WHERE customer_id = ? AND task_id = ?",
-                                    (customer, task)).rowcount
-            in_use = conn.execute("SELECT COUNT(*) FROM task_slots WHERE customer_id = ?", (customer,)).fetchone()[0]
-            return SlotRelease(customer=customer, task_id=task, released=released > 0, in_use=in_use)
+            released = mine is not None and slots.free_slot(tx, customer, task)
+            return SlotRelease(customer=customer, task_id=task, released=released, in_use=len(held) - int(released))
 
         return await self._store.write(free)
 

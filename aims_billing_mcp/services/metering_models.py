@@ -9,8 +9,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-EventStatus = Literal["pending", "sent", "failed"]
-
 
 class MeterEventResult(BaseModel):
     identifier: str = Field(description="The event's unique identifier (Stripe dedupes by it)")

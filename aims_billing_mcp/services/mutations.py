@@ -20,8 +20,8 @@ def compact(params: dict[str, Any]) -> dict[str, Any]:
 
 class StripeMutations:
     def __init__(self, gateway: StripeGateway, idempotency: IdempotencyService) -> None:
-        self.gateway = gateway
-        self.idempotency = idempotency
+        self._gateway = gateway
+        self._idempotency = idempotency
 
     async def run(
         self,
@@ -40,19 +40,19 @@ class StripeMutations:
         """Send `method path params` once per call key; `after(stripe_object)` runs (awaited if async) only when
         Stripe answered a fresh call, never on a replay or a dry run. `owner` (the customer the call acts for) scopes
         the idempotency key: one customer's key never replays another's call."""
-        call = self.idempotency.key_for(tool, {"path": path, "method": method, **params}, idempotency_key, owner)
+        call = self._idempotency.key_for(tool, {"path": path, "method": method, **params}, idempotency_key, owner)
         request = StripeRequest(method, path, params, stripe_idempotency_key(tool, call.scoped))
         if dry_run:
-            preview = StripeRequestPreview.model_validate(self.gateway.describe(request))
+            preview = StripeRequestPreview.model_validate(self._gateway.describe(request))
             return result_type(dry_run=True, request=preview)
 
         async def execute() -> tuple[dict[str, Any], str | None]:
-            result = await self.gateway.send(request)
+            result = await self._gateway.send(request)
             if after is not None:
                 done = after(result.data)
                 if hasattr(done, "__await__"):
                     await done
             return result_type.model_validate(project(result.data)).model_dump(mode="json"), result.request_id
 
-        outcome = await self.idempotency.run(call, execute)
+        outcome = await self._idempotency.run(call, execute)
         return result_type.model_validate({**outcome.response, "replayed": outcome.replayed})

@@ -12,7 +12,7 @@ it is spent, is invoiced to the customer (open invoice, 30 days), never charged 
 
 Why an outbox: the row is written in the transaction that records the payment (so a paid order is never without
 its fulfilment), and the Stripe calls run after COMMIT, step by step (pending -> claimed -> credited -> subscribed
--> started). Every step is a guarded UPDATE from the status it expects, so two workers (two processes) cannot both
+-> started). Every step is a guarded update from the status it expects, so two workers (two processes) cannot both
 advance a row, nor a slow one rewind it. What makes "never two subscriptions, never two credits" hold:
 - claiming: a writer job lets a row go from pending to claimed only when the customer has no other row in progress
   and no live paid subscription; the check runs again before the subscription is created (a row left credited by a
@@ -20,14 +20,15 @@ advance a row, nor a slow one rewind it. What makes "never two subscriptions, ne
 - each Stripe call has a deterministic idempotency key, and since Stripe forgets keys after 24 hours, a step that
   is not fresh first looks for its object by `metadata.aims_prepaid` before creating it.
 The subscription is recorded in `billing_provisions` in the job that marks the row started, and the source
-(payment session or ACP order) is told in that job too; its hook may hand back an after-COMMIT action.
+(payment session or ACP order) is told in that job too, through the fulfilment registry (fulfilment.py); the
+source may hand back an after-COMMIT action.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -35,32 +36,27 @@ from typing import Any, TypeVar
 
 from ..errors import BillingError, InvalidState, NotFound
 from ..models import format_amount
-from ..store import Store, utc_iso
+from ..store import Store, Tx, utc_iso
+from ..store.prepaid import IN_PROGRESS, OPEN, REFUNDABLE, PrepaidRow, PrepaidStatus
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .background import Background
+from .fulfilment import Fulfilment
 from .subscriptions import SubscriptionService
 from .tiers import TIER_METADATA, Pricing, Tier, add_months, trial_days
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DAYS_UNTIL_DUE = 30
-IN_PROGRESS = ("claimed", "credited", "subscribed")
-OPEN = ("pending", *IN_PROGRESS)
+__all__ = ["IN_PROGRESS", "OPEN", "PrepaidRow", "PrepaidStatus", "PrepaidSubscriptions", "prepaid_id"]
+S = PrepaidStatus
 FRESH_SECONDS = 3600  # a step younger than this retries under Stripe's idempotency key (kept 24 h) without looking
 LEASE_SECONDS = 23 * 3600  # a subscription creation request is re-sent as is for this long (Stripe keeps keys 24 h)
 MAX_BACKOFF_SECONDS = 300
 REFUND_LEASE_SECONDS = 600  # a refund run's claim: another run waits this long before taking over a dead one
 PREPAID_METADATA = "aims_prepaid"
-# A row that failed after creating its subscription still holds the customer's tier, until that subscription is
-# known to have ended (its provision says so: a webhook, or cancel_subscription's own record).
-HOLDS_LIVE_SUBSCRIPTION = (
-    "(p.status = 'failed' AND p.subscription_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM billing_provisions b "
-    "WHERE b.customer_id = p.customer_id AND b.subscription_id = p.subscription_id AND b.status IN "
-    "('canceled', 'incomplete_expired')))")
 REVERSAL_METADATA = "aims_prepaid_reversal"
-# A hook runs inside the job that records the start (or the failure); it may return an action for after COMMIT.
-Hook = Callable[[sqlite3.Connection, dict[str, Any]], Callable[[], None] | None]
-Job = Callable[[sqlite3.Connection], tuple[dict[str, Any], bool]]
+PENDING_FOR_SECONDS = 60.0  # an enqueued id no kick has seen committed is forgotten after this (its job rolled back)
+Job = Callable[[Tx], tuple[PrepaidRow, bool]]
 
 
 def prepaid_id(source_id: str) -> str:
@@ -72,31 +68,30 @@ class PrepaidSubscriptions:
     """The outbox of prepaid subscriptions and the worker that starts them in Stripe."""
 
     def __init__(self, store: Store, gateway: StripeGateway, subscriptions: SubscriptionService, pricing: Pricing, *,
-                 clock: Callable[[], float] = time.time, retry_delay_scale: float = 1.0) -> None:
+                 fulfilment: Fulfilment, clock: Callable[[], float] = time.time,
+                 retry_delay_scale: float = 1.0) -> None:
         self._store = store
         self._gateway = gateway
         self._subscriptions = subscriptions
         self._pricing = pricing
         self._clock = clock
         self._scale = retry_delay_scale
-        self._hooks: dict[str, Hook] = {}
+        self._fulfilment = fulfilment  # tells a row's source how its subscription went
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.background = Background()
-
-    def on_outcome(self, source: str, hook: Hook) -> None:
-        """Tell `source` (payment_session, acp) when one of its subscriptions starts or fails for good."""
-        self._hooks[source] = hook
+        # Ids enqueued (in the writer's thread) that no kick has yet seen committed: while empty, a kick costs
+        # nothing (no query after every payment); start-up's resume() looks at the table itself.
+        self._enqueued: dict[str, float] = {}
+        self._enqueued_lock = threading.Lock()
 
     # --- before the payment -------------------------------------------------------------------------------------
 
     def live_tier(self, customer: str) -> str | None:
         """The paid tier a customer already has (live subscription, or a prepaid one paid and not yet started):
         buying a second one would bill two subscriptions for one customer."""
-        open_row = self._store.query_one(
-            f"SELECT tier FROM prepaid_subscriptions p WHERE customer_id = ? AND (status IN ({_marks(OPEN)}) OR "
-            f"{HOLDS_LIVE_SUBSCRIPTION})", (customer, *OPEN))
-        if open_row is not None:
-            return str(open_row["tier"])
+        open_tier = self._store.prepaid.open_tier(customer)
+        if open_tier is not None:
+            return open_tier
         tier = self._subscriptions.entitled_tier(customer)
         return tier.id if tier.paid else None
 
@@ -114,59 +109,60 @@ class PrepaidSubscriptions:
 
     # --- the outbox -------------------------------------------------------------------------------------------
 
-    def enqueue(self, conn: sqlite3.Connection, *, source: str, source_id: str, customer: str, tier: Tier,
+    def enqueue(self, tx: Tx, *, source: str, source_id: str, customer: str, tier: Tier,
                 amount: int, currency: str, payment_intent: str | None) -> dict[str, Any]:
-        """Record the subscription to start, inside the caller's write transaction (start it after COMMIT)."""
-        iso = utc_iso(self._clock())
-        row_id = prepaid_id(source_id)
-        conn.execute(
-            "INSERT INTO prepaid_subscriptions (id, source, source_id, customer_id, tier, amount, currency, "
-            "payment_intent_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (source_id) DO NOTHING",
-            (row_id, source, source_id, customer, tier.id, amount, currency, payment_intent, iso, iso))
-        return self.summary(_read(conn, row_id))
+        """Record the subscription to start, inside the caller's write transaction (start it after COMMIT: the
+        caller's kick() finds it)."""
+        row = self._store.prepaid.enqueue(
+            tx, row_id=prepaid_id(source_id), source=source, source_id=source_id, customer=customer, tier=tier.id,
+            amount=amount, currency=currency, payment_intent=payment_intent, at=utc_iso(self._clock()))
+        with self._enqueued_lock:
+            self._enqueued[row.id] = time.monotonic()
+        return self.summary(row)
 
-    def summary(self, row: dict[str, Any]) -> dict[str, Any]:
+    def summary(self, row: PrepaidRow | dict[str, Any]) -> dict[str, Any]:
         """What the buyer sees: the tier, what was prepaid, and how far the start has come."""
-        tier = self._pricing.tiers.get(row["tier"])
+        if isinstance(row, dict):  # services/acp.py's hook still names its PrepaidRow a dict
+            row = PrepaidRow.from_mapping(row)
+        tier = self._pricing.tiers.get(row.tier)
         summary: dict[str, Any] = {
-            "kind": "subscription", "prepaid_id": row["id"], "customer": row["customer_id"], "tier": row["tier"],
-            "prepaid": row["amount"], "prepaid_display": format_amount(row["amount"], row["currency"]),
-            "status": row["status"], "subscription": row["subscription_id"],
+            "kind": "subscription", "prepaid_id": row.id, "customer": row.customer_id, "tier": row.tier,
+            "prepaid": row.amount, "prepaid_display": format_amount(row.amount, row.currency),
+            "status": str(row.status), "subscription": row.subscription_id,
         }
         if tier is not None:
             summary["months"] = tier.delivered_months
-        if row["ends_at"]:
-            summary["commitment_end"] = utc_iso(row["ends_at"])
-        if row["last_error"]:
-            summary["last_error"] = row["last_error"]
-        if row["refund_id"]:
-            summary["refund"] = row["refund_id"]
-        if row["refunded_amount"] is not None:
-            summary["refunded"] = row["refunded_amount"]
-            summary["refunded_display"] = format_amount(row["refunded_amount"], row["currency"])
+        if row.ends_at:
+            summary["commitment_end"] = utc_iso(row.ends_at)
+        if row.last_error:
+            summary["last_error"] = row.last_error
+        if row.refund_id:
+            summary["refund"] = row.refund_id
+        if row.refunded_amount is not None:
+            summary["refunded"] = row.refunded_amount
+            summary["refunded_display"] = format_amount(row.refunded_amount, row.currency)
         return summary
 
-    def find(self, row_id: str) -> dict[str, Any] | None:
-        return self._store.query_one("SELECT * FROM prepaid_subscriptions WHERE id = ?", (row_id,))
+    def find(self, row_id: str) -> PrepaidRow | None:
+        return self._store.prepaid.find(row_id)
 
-    def pending(self) -> list[dict[str, Any]]:
+    def pending(self) -> list[PrepaidRow]:
         """The rows still to be started, oldest first."""
-        return self._store.query(f"SELECT * FROM prepaid_subscriptions WHERE status IN ({_marks(OPEN)}) "
-                                 "ORDER BY created_at", OPEN)
+        return self._store.prepaid.pending()
 
     # --- starting them ----------------------------------------------------------------------------------------
 
-    async def start(self, row_id: str) -> dict[str, Any]:
-        """One attempt to start a recorded subscription; returns the row as it ends. Errors are recorded on the
-        row (retryable ones leave it open for the next attempt), never raised: the payment already succeeded."""
+    async def start(self, row_id: str) -> PrepaidRow | None:
+        """One attempt to start a recorded subscription; returns the row as it ends (None: no such row). Errors are
+        recorded on the row (retryable ones leave it open for the next attempt), never raised: the payment already
+        succeeded."""
         lock, users = self._locks.get(row_id) or (asyncio.Lock(), 0)
         self._locks[row_id] = (lock, users + 1)
         try:
             async with lock:
                 row = self.find(row_id)
-                if row is None or row["status"] not in OPEN:
-                    return row or {}
+                if row is None or row.status not in OPEN:
+                    return row
                 try:
                     return await self._start(row)
                 except BillingError as exc:
@@ -178,37 +174,37 @@ class PrepaidSubscriptions:
             else:
                 self._locks[row_id] = (lock, users - 1)
 
-    async def _start(self, row: dict[str, Any]) -> dict[str, Any]:
-        tier = self._pricing.tier(row["tier"])
+    async def _start(self, row: PrepaidRow) -> PrepaidRow:
+        tier = self._pricing.tier(row.tier)
         fresh = self._fresh(row)  # decided once, on the row as found: each step below refreshes updated_at
-        if row["status"] == "pending":
-            row, moved = await self._claimed(row["id"])
+        if row.status is S.PENDING:
+            row, moved = await self._claimed(row.id)
             if not moved:
                 return row
         prices: tuple[str, str | None] | None = None
-        if row["status"] == "claimed":
+        if row.status is S.CLAIMED:
             txn = None if fresh else await self._existing_credit(row)  # an earlier attempt's, its answer lost
             if txn is None:
                 prices = await self._subscriptions.prices_for(tier)  # refused before anything is credited
             txn = txn or (await self._gateway.send(StripeRequest(
-                "post", f"/v1/customers/{row['customer_id']}/balance_transactions",
-                {"amount": -row["amount"], "currency": row["currency"],
+                "post", f"/v1/customers/{row.customer_id}/balance_transactions",
+                {"amount": -row.amount, "currency": row.currency,
                  "description": f"Prepaid {tier.name} subscription ({tier.commitment_months} months billed, "
                                 f"{tier.delivered_months} delivered)",
-                 "metadata": {PREPAID_METADATA: row["id"], TIER_METADATA: tier.id}},
-                stripe_idempotency_key("prepaid-credit", row["id"])))).data
-            row, moved = await self._store.write(self._step(row["id"], "claimed", "credited",
+                 "metadata": {PREPAID_METADATA: row.id, TIER_METADATA: tier.id}},
+                stripe_idempotency_key("prepaid-credit", row.id)))).data
+            row, moved = await self._store.write(self._step(row.id, S.CLAIMED, S.CREDITED,
                                                             balance_transaction_id=txn["id"],
                                                             starts_at=int(self._clock())))
             if not moved:
                 return row
-        if row["status"] == "credited":
+        if row.status is S.CREDITED:
             leased = self._leased(row)
             sub = None if fresh and leased else await self._existing_subscription(row)
             if sub is None:
                 price, overage = prices or await self._subscriptions.prices_for(tier)
                 if not fresh:  # left credited a while: the customer may have subscribed another way
-                    row, moved = await self._claimed(row["id"])
+                    row, moved = await self._claimed(row.id)
                     if not moved:
                         return row
                 if not self._leased(row):  # on the row as it is now: another worker may have just leased it
@@ -216,76 +212,69 @@ class PrepaidSubscriptions:
                     if not moved:
                         return row
                 sub = await self._create_subscription(row, tier, price, overage)
-            row, moved = await self._store.write(self._step(row["id"], "credited", "subscribed",
+            row, moved = await self._store.write(self._step(row.id, S.CREDITED, S.SUBSCRIBED,
                                                             subscription_id=sub["id"]))
             if not moved:
                 return row
         # subscribed: end it at the commitment end, counted from Stripe's own start of the subscription
-        sub = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row['subscription_id']}"))).data
+        sub = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row.subscription_id}"))).data
         ends_at = add_months(int(sub["start_date"]), tier.delivered_months)
         if sub.get("cancel_at") != ends_at:
             sub = (await self._gateway.send(StripeRequest(
                 "post", f"/v1/subscriptions/{sub['id']}", {"cancel_at": ends_at},
-                stripe_idempotency_key("prepaid-end", f"{row['id']}:{ends_at}")))).data
-        return await self._finish(row["id"], "subscribed", "started", sub=sub, ends_at=ends_at)
+                stripe_idempotency_key("prepaid-end", f"{row.id}:{ends_at}")))).data
+        return await self._finish(row.id, S.SUBSCRIBED, S.STARTED, sub=sub, ends_at=ends_at)
 
-    def _leased(self, row: dict[str, Any]) -> bool:
+    def _leased(self, row: PrepaidRow) -> bool:
         """Whether the row's `starts_at` still names a usable creation request: it is the moment the trial is
         counted from and part of the request's idempotency key, so every worker within a day sends the very same
         request (Stripe creates one subscription); past that, Stripe has forgotten the key and a start that late
         would be short-changed, so a new one is leased (after looking for what the old one created)."""
-        return bool(row["starts_at"]) and self._clock() - int(row["starts_at"]) < LEASE_SECONDS
+        return bool(row.starts_at) and self._clock() - int(row.starts_at or 0) < LEASE_SECONDS
 
-    def _lease(self, row: dict[str, Any]) -> Job:
+    def _lease(self, row: PrepaidRow) -> Job:
         """A new `starts_at` for a credited row, compare-and-set: a worker that loses takes the winner's."""
-        now, clock = int(self._clock()), self._clock
+        now, clock, store = int(self._clock()), self._clock, self._store.prepaid
+        return lambda tx: store.lease(tx, row.id, now, row.starts_at, utc_iso(clock()))
 
-        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
-            conn.execute("UPDATE prepaid_subscriptions SET starts_at = ?, updated_at = ? WHERE id = ? AND "
-                         "status = 'credited' AND starts_at IS ?", (now, utc_iso(clock()), row["id"], row["starts_at"]))
-            current = _read(conn, row["id"])
-            return current, current["status"] == "credited"
-
-        return job
-
-    async def _create_subscription(self, row: dict[str, Any], tier: Tier, price: str,
+    async def _create_subscription(self, row: PrepaidRow, tier: Tier, price: str,
                                    overage: str | None) -> dict[str, Any]:
-        starts_at = int(row["starts_at"])
+        starts_at = int(row.starts_at or 0)
         params: dict[str, Any] = {
-            "customer": row["customer_id"],
+            "customer": row.customer_id,
             "items": [{"price": price, "quantity": 1}] + ([{"price": overage}] if overage else []),
             "collection_method": "send_invoice", "days_until_due": DAYS_UNTIL_DUE,
             "metadata": {TIER_METADATA: tier.id, "aims_commitment_months": str(tier.commitment_months),
-                         "aims_delivered_months": str(tier.delivered_months), PREPAID_METADATA: row["id"],
-                         "aims_prepaid_amount": str(row["amount"])},
-            "description": f"{tier.name} tier, prepaid ({row['id']})",
+                         "aims_delivered_months": str(tier.delivered_months), PREPAID_METADATA: row.id,
+                         "aims_prepaid_amount": str(row.amount)},
+            "description": f"{tier.name} tier, prepaid ({row.id})",
         }
         if tier.free_months:
             params["trial_period_days"] = trial_days(starts_at, tier.free_months)
-        key = stripe_idempotency_key("prepaid-subscription", f"{row['id']}:{starts_at}")
+        key = stripe_idempotency_key("prepaid-subscription", f"{row.id}:{starts_at}")
         return (await self._gateway.send(StripeRequest("post", "/v1/subscriptions", params, key))).data
 
-    def _fresh(self, row: dict[str, Any]) -> bool:
+    def _fresh(self, row: PrepaidRow) -> bool:
         """Whether the row's last step is recent and error-free enough for Stripe to still hold its idempotency keys
         (else the step first looks for what an earlier attempt may have created)."""
-        changed = datetime.fromisoformat(row["updated_at"].replace("Z", "+00:00")).timestamp()
-        return self._clock() - changed < FRESH_SECONDS and not row["attempts"] and not row["last_error"]
+        changed = datetime.fromisoformat(row.updated_at.replace("Z", "+00:00")).timestamp()
+        return self._clock() - changed < FRESH_SECONDS and not row.attempts and not row.last_error
 
-    async def _existing_credit(self, row: dict[str, Any]) -> dict[str, Any] | None:
+    async def _existing_credit(self, row: PrepaidRow) -> dict[str, Any] | None:
         """The credit an earlier attempt made, when its idempotency key may have expired."""
-        return await self._made_for(row, f"/v1/customers/{row['customer_id']}/balance_transactions", {})
+        return await self._made_for(row, f"/v1/customers/{row.customer_id}/balance_transactions", {})
 
-    async def _existing_subscription(self, row: dict[str, Any]) -> dict[str, Any] | None:
+    async def _existing_subscription(self, row: PrepaidRow) -> dict[str, Any] | None:
         """The subscription an earlier attempt created, when its idempotency key may have expired."""
-        return await self._made_for(row, "/v1/subscriptions", {"customer": row["customer_id"], "status": "all"})
+        return await self._made_for(row, "/v1/subscriptions", {"customer": row.customer_id, "status": "all"})
 
-    async def _made_for(self, row: dict[str, Any], path: str, params: dict[str, Any], *,
+    async def _made_for(self, row: PrepaidRow, path: str, params: dict[str, Any], *,
                         key: str = "aims_prepaid") -> dict[str, Any] | None:
         """The newest object under `path` (a list, paged) whose metadata `key` names this row."""
         found = await self._all_made_for(row, path, params, key=key, first=True)
         return found[0] if found else None
 
-    async def _all_made_for(self, row: dict[str, Any], path: str, params: dict[str, Any], *,
+    async def _all_made_for(self, row: PrepaidRow, path: str, params: dict[str, Any], *,
                             key: str = "aims_prepaid", first: bool = False) -> list[dict[str, Any]]:
         """The objects under `path` (a list, paged, newest first) whose metadata `key` names this row."""
         matches: list[dict[str, Any]] = []
@@ -295,7 +284,7 @@ class PrepaidSubscriptions:
                 "get", path, {**params, "limit": 100, **({"starting_after": after} if after else {})}))).data
             found = page.get("data") or []
             for obj in found:
-                if (obj.get("metadata") or {}).get(key) == row["id"]:
+                if (obj.get("metadata") or {}).get(key) == row.id:
                     matches.append(dict(obj))
                     if first:
                         return matches
@@ -303,128 +292,107 @@ class PrepaidSubscriptions:
                 return matches
             after = str(found[-1]["id"])
 
-    async def _write(self, job: Callable[[sqlite3.Connection, list[Callable[[], None]]], T]) -> T:
+    async def _write(self, job: Callable[[Tx, list[Callable[[], None]]], T]) -> T:
         """Run a writer job that may queue actions for after its COMMIT (a source's hook), then run them."""
         after: list[Callable[[], None]] = []
-        done = await self._store.write(lambda conn: job(conn, after))
+        done = await self._store.write(lambda tx: job(tx, after))
         for action in after:
             action()
         return done
 
-    def _tell(self, conn: sqlite3.Connection, row: dict[str, Any], after: list[Callable[[], None]]) -> None:
+    def _tell(self, tx: Tx, row: PrepaidRow, after: list[Callable[[], None]]) -> None:
         """Tell the row's source (payment session, ACP order) its outcome, inside the job that recorded it."""
-        hook = self._hooks.get(row["source"])
-        if hook is not None and (action := hook(conn, row)) is not None:
+        if (action := self._fulfilment.subscription_outcome(tx, row)) is not None:
             after.append(action)
 
-    async def _claimed(self, row_id: str) -> tuple[dict[str, Any], bool]:
+    async def _claimed(self, row_id: str) -> tuple[PrepaidRow, bool]:
         return await self._write(self._claim(row_id))
 
-    def _claim(self, row_id: str) -> Callable[[sqlite3.Connection, list[Callable[[], None]]],
-                                              tuple[dict[str, Any], bool]]:
+    def _claim(self, row_id: str) -> Callable[[Tx, list[Callable[[], None]]], tuple[PrepaidRow, bool]]:
         """pending -> claimed (or credited -> credited): only when this row may hold the customer's subscription;
         otherwise the row fails with the reason (nothing was credited when it fails from pending)."""
-        clock, subscriptions = self._clock, self._subscriptions
+        clock, subscriptions, store = self._clock, self._subscriptions, self._store.prepaid
 
-        def job(conn: sqlite3.Connection, after: list[Callable[[], None]]) -> tuple[dict[str, Any], bool]:
-            row = _read(conn, row_id)
-            if row["status"] not in ("pending", "credited"):
+        def job(tx: Tx, after: list[Callable[[], None]]) -> tuple[PrepaidRow, bool]:
+            row = store.read(tx, row_id)
+            if row.status not in (S.PENDING, S.CREDITED):
                 return row, False
-            other = conn.execute(
-                f"SELECT id, tier FROM prepaid_subscriptions p WHERE customer_id = ? AND id != ? AND (status IN "
-                f"({_marks(IN_PROGRESS)}) OR {HOLDS_LIVE_SUBSCRIPTION})",
-                (row["customer_id"], row_id, *IN_PROGRESS)).fetchone()
-            provision = conn.execute("SELECT tier, status, subscription_id FROM billing_provisions WHERE "
-                                     "customer_id = ?", (row["customer_id"],)).fetchone()
+            holder = store.holder(tx, row)
+            provision = holder.provision
             live = subscriptions.tier_of(provision).paid
-            if other is None and not live:
-                status = "claimed" if row["status"] == "pending" else "credited"
-                conn.execute("UPDATE prepaid_subscriptions SET status = ?, updated_at = ? WHERE id = ?",
-                             (status, utc_iso(clock()), row_id))
-                return _read(conn, row_id), True
-            has = f"{other['tier']} tier being started ({other['id']})" if other else (
-                f"{provision['tier']} tier (subscription {provision['subscription_id']})")
-            kept = ("nothing was credited: refund the payment" if row["status"] == "pending" else
-                    f"the credit of {format_amount(row['amount'], row['currency'])} stays on the customer's Stripe "
+            if holder.other_id is None and not live:
+                status = S.CLAIMED if row.status is S.PENDING else S.CREDITED
+                return store.advance(tx, row_id, (row.status,), status, utc_iso(clock()))
+            assert holder.other_id is not None or provision is not None
+            has = f"{holder.other_tier} tier being started ({holder.other_id})" if holder.other_id else (
+                f"{provision['tier']} tier (subscription {provision['subscription_id']})")  # type: ignore[index]
+            kept = ("nothing was credited: refund the payment" if row.status is S.PENDING else
+                    f"the credit of {format_amount(row.amount, row.currency)} stays on the customer's Stripe "
                     "balance: reverse it and refund, or end the other subscription")
-            error = (f"customer {row['customer_id']} already has the {has}: a second subscription would bill "
+            error = (f"customer {row.customer_id} already has the {has}: a second subscription would bill "
                      f"twice; {kept}, then `aims-billing-mcp start-subscriptions --failed {row_id}` if it should "
                      "start after all")
-            subscriptions.forget(row["customer_id"])
-            return self._fail_in(conn, row, error, after, status="refused"), False
+            subscriptions.forget(row.customer_id)
+            return self._fail_in(tx, row, error, after, status=S.REFUSED), False
 
         return job
 
-    def _step(self, row_id: str, expected: str | tuple[str, ...], status: str, **values: Any) -> Job:
+    def _step(self, row_id: str, expected: PrepaidStatus | tuple[PrepaidStatus, ...], status: PrepaidStatus,
+              **values: Any) -> Job:
         """Move the row from `expected` (one status, or any of several) to `status`, recording `values`; nothing if
         another worker moved it elsewhere."""
-        clock = self._clock
-        froms = (expected,) if isinstance(expected, str) else expected
+        clock, store = self._clock, self._store.prepaid
+        froms = (expected,) if isinstance(expected, PrepaidStatus) else expected
+        return lambda tx: store.advance(tx, row_id, froms, status, utc_iso(clock()), **values)
 
-        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
-            sets = "".join(f", {column} = ?" for column in values)
-            cursor = conn.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ?{sets} WHERE id = ? "
-                                  f"AND status IN ({_marks(froms)})",
-                                  (status, utc_iso(clock()), *values.values(), row_id, *froms))
-            return _read(conn, row_id), cursor.rowcount == 1
-
-        return job
-
-    async def _record_error(self, row_id: str, exc: BillingError) -> dict[str, Any]:
+    async def _record_error(self, row_id: str, exc: BillingError) -> PrepaidRow:
         message = f"{exc.code}: {exc.message}"[:500]
-        clock = self._clock
+        clock, store = self._clock, self._store.prepaid
 
-        def job(conn: sqlite3.Connection, after: list[Callable[[], None]]) -> dict[str, Any]:
-            row = _read(conn, row_id)
-            if row["status"] not in OPEN:
+        def job(tx: Tx, after: list[Callable[[], None]]) -> PrepaidRow:
+            row = store.read(tx, row_id)
+            if row.status not in OPEN:
                 return row  # another worker finished it meanwhile
-            attempts = int(row["attempts"]) + 1
-            conn.execute("UPDATE prepaid_subscriptions SET attempts = ?, last_error = ?, updated_at = ? WHERE id = ?",
-                         (attempts, message, utc_iso(clock()), row_id))
+            row = store.retry_later(tx, row_id, row.attempts + 1, message, utc_iso(clock()))
             # An outage is outlasted, never given up: the credit may have been made with its answer lost (a
             # claimed row), and giving up later would strand it or leave a subscription with no end. A refusal
             # fails at once, for an operator to see.
             if exc.retryable:
-                return _read(conn, row_id)
+                return row
             log.error("prepaid subscription %s failed: %s", row_id, message)
-            return self._fail_in(conn, _read(conn, row_id), message, after)
+            return self._fail_in(tx, row, message, after)
 
         return await self._write(job)
 
-    def _fail_in(self, conn: sqlite3.Connection, row: dict[str, Any], error: str,
-                 after: list[Callable[[], None]], *, status: str = "failed") -> dict[str, Any]:
+    def _fail_in(self, tx: Tx, row: PrepaidRow, error: str, after: list[Callable[[], None]], *,
+                 status: PrepaidStatus = S.FAILED) -> PrepaidRow:
         """Mark the row failed (or refused) and tell its source, inside the caller's job."""
-        conn.execute("UPDATE prepaid_subscriptions SET status = ?, last_error = ?, updated_at = ? WHERE id = ?",
-                     (status, error, utc_iso(self._clock()), row["id"]))
-        failed = _read(conn, row["id"])
-        self._tell(conn, failed, after)
+        failed = self._store.prepaid.fail(tx, row.id, status, error, utc_iso(self._clock()))
+        self._tell(tx, failed, after)
         return failed
 
-    async def _finish(self, row_id: str, expected: str, status: str, *, sub: dict[str, Any],
-                      ends_at: int) -> dict[str, Any]:
+    async def _finish(self, row_id: str, expected: PrepaidStatus, status: PrepaidStatus, *, sub: dict[str, Any],
+                      ends_at: int) -> PrepaidRow:
         """Mark the row started and record the subscription as the customer's provision, and tell the source, in
         one job; the source's after-COMMIT action runs once the job has committed."""
-        clock, subscriptions = self._clock, self._subscriptions
+        clock, subscriptions, store = self._clock, self._subscriptions, self._store.prepaid
 
-        def job(conn: sqlite3.Connection, after: list[Callable[[], None]]) -> dict[str, Any]:
-            cursor = conn.execute("UPDATE prepaid_subscriptions SET status = ?, ends_at = ?, last_error = NULL, "
-                                  "updated_at = ? WHERE id = ? AND status = ?",
-                                  (status, ends_at, utc_iso(clock()), row_id, expected))
-            current = _read(conn, row_id)
-            if cursor.rowcount != 1:
+        def job(tx: Tx, after: list[Callable[[], None]]) -> PrepaidRow:
+            current, moved = store.complete(tx, row_id, expected, status, ends_at, utc_iso(clock()))
+            if not moved:
                 return current  # another attempt finished it first
-            subscriptions.apply_event(conn, {"id": f"api_prepaid_{sub['id']}", "type": "customer.subscription.created",
-                                             "created": int(clock()), "data": {"object": sub}})
-            self._tell(conn, current, after)
+            subscriptions.apply_event(tx, {"id": f"api_prepaid_{sub['id']}", "type": "customer.subscription.created",
+                                           "created": int(clock()), "data": {"object": sub}})
+            self._tell(tx, current, after)
             return current
 
         done = await self._write(job)
-        self._subscriptions.forget(done["customer_id"])
+        self._subscriptions.forget(done.customer_id)
         return done
 
     # --- refunding one that cannot start -------------------------------------------------------------------------
 
-    async def refund(self, row_id: str) -> dict[str, Any]:
+    async def refund(self, row_id: str) -> PrepaidRow:
         """Give the money back for a subscription that was refused or failed for good (`refund-prepaid`).
 
         The row is claimed first (`refunding`: no retry can start it now). If a balance credit was made (recorded,
@@ -436,20 +404,19 @@ class PrepaidSubscriptions:
         a pending or failed refund leaves it `refunding`, with the reason, for a later run. One run at a time: a
         second (another process) while one holds the row is refused, since it would read the customer's balance
         while the first is reversing it."""
-        found = self.find(row_id)
-        if found is None:
+        row = self.find(row_id)
+        if row is None:
             raise NotFound(f"no prepaid subscription {row_id!r}: `aims-billing-mcp report prepaid` lists them",
                            param="prepaid_id")
-        row: dict[str, Any] = found
-        if row["status"] == "refunded":
+        if row.status is S.REFUNDED:
             return row
-        if row["status"] not in ("failed", "refused", "refunding"):
-            raise InvalidState(f"prepaid subscription {row_id} is {row['status']}: only a failed or refused one is "
+        if row.status not in REFUNDABLE:
+            raise InvalidState(f"prepaid subscription {row_id} is {row.status}: only a failed or refused one is "
                                "refunded (a started one is cancelled with cancel_subscription)", param="prepaid_id")
-        if not row["payment_intent_id"]:
+        if not row.payment_intent_id:
             raise InvalidState(f"prepaid subscription {row_id} has no PaymentIntent to refund", param="prepaid_id")
-        if row["subscription_id"]:
-            sub = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row['subscription_id']}"))).data
+        if row.subscription_id:
+            sub = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row.subscription_id}"))).data
             if sub.get("status") not in ("canceled", "incomplete_expired"):
                 raise InvalidState(f"prepaid subscription {row_id} holds subscription {sub['id']}, which is "
                                    f"{sub.get('status')}: cancel it first (cancel_subscription with immediately=true), "
@@ -466,43 +433,40 @@ class PrepaidSubscriptions:
             else:
                 self._locks[row_id] = (lock, users - 1)
 
-    async def _refund(self, row_id: str) -> dict[str, Any]:
+    async def _refund(self, row_id: str) -> PrepaidRow:
         row, claimed = await self._store.write(self._refund_claim(row_id))
-        if row["status"] == "refunded":
+        if row.status is S.REFUNDED:
             return row  # the run this one waited for finished it
         if not claimed:
             raise InvalidState(f"prepaid subscription {row_id} is being refunded by another run (since "
-                               f"{row['updated_at']}): run refund-prepaid again once it has finished, or after "
+                               f"{row.updated_at}): run refund-prepaid again once it has finished, or after "
                                f"{REFUND_LEASE_SECONDS // 60} minutes if it died", param="prepaid_id")
+        store = self._store.prepaid
         try:
             amount = await self._reverse_credit(row)
             refund = await self._refund_payment(row, amount) if amount > 0 else None
         except BaseException:  # Stripe said no or is down: the claim is let go, a new run may start at once
-            await self._store.write(lambda conn: conn.execute(
-                "UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = ?", (row_id,)))
+            await self._store.write(lambda tx: store.release_refund(tx, row_id))
             raise
-        status = "refunded" if refund is None or refund["status"] == "succeeded" else "refunding"
+        status = S.REFUNDED if refund is None or refund["status"] == "succeeded" else S.REFUNDING
         if refund is not None:
             amount = int(refund["amount"])  # what Stripe holds is what is recorded
-        note = None if refund is None or status == "refunded" else (
+        note = None if refund is None or status is S.REFUNDED else (
             f"refund {refund['id']} is {refund['status']}"
             f"{' (' + str(refund['failure_reason']) + ')' if refund.get('failure_reason') else ''}: "
             "run refund-prepaid again later")
         clock = self._clock
 
-        def job(conn: sqlite3.Connection, after: list[Callable[[], None]]) -> dict[str, Any]:
-            before = _read(conn, row_id)["status"]
-            if before not in ("refunding", "refunded") or (before == "refunded" and status != "refunded"):
-                return _read(conn, row_id)  # never rewind a recorded refund
+        def job(tx: Tx, after: list[Callable[[], None]]) -> PrepaidRow:
+            before = store.read(tx, row_id)
+            if before.status not in (S.REFUNDING, S.REFUNDED) or (before.status is S.REFUNDED
+                                                                   and status is not S.REFUNDED):
+                return before  # never rewind a recorded refund
             # A run that outlived its lease records what Stripe holds too (never dropped, never 0 over a refund).
-            conn.execute(
-                "UPDATE prepaid_subscriptions SET status = ?, refund_id = COALESCE(?, refund_id), refunded_amount = ?, "
-                "last_error = COALESCE(?, last_error), updated_at = ?, refund_claimed_at = NULL WHERE id = ?",
-                (status, refund["id"] if refund else None, amount if status == "refunded" else None, note,
-                 utc_iso(clock()), row_id))
-            current = _read(conn, row_id)
-            if before == "refunding" and status == "refunded":
-                self._tell(conn, current, after)
+            current = store.record_refund(tx, row_id, status, refund["id"] if refund else None,
+                                          amount if status is S.REFUNDED else None, note, utc_iso(clock()))
+            if before.status is S.REFUNDING and status is S.REFUNDED:
+                self._tell(tx, current, after)
             return current
 
         return await self._write(job)
@@ -511,57 +475,55 @@ class PrepaidSubscriptions:
         """failed/refused (or refunding left by a run that finished with its refund pending, or that died: its
         claim older than REFUND_LEASE_SECONDS) -> refunding, held by this run (`refund_claimed_at`);
         a claim another run holds now is not taken: two runs would each read the balance the other is reversing."""
-        clock = self._clock
+        clock, store = self._clock, self._store.prepaid
 
-        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
-            row = _read(conn, row_id)
-            if row["status"] not in ("failed", "refused", "refunding"):
+        def job(tx: Tx) -> tuple[PrepaidRow, bool]:
+            row = store.read(tx, row_id)
+            if row.status not in REFUNDABLE:
                 return row, False
-            held = row["refund_claimed_at"]
+            held = row.refund_claimed_at
             if held is not None and clock() - held < REFUND_LEASE_SECONDS:
                 return row, False
-            conn.execute("UPDATE prepaid_subscriptions SET status = 'refunding', refund_claimed_at = ?, updated_at = ? "
-                         "WHERE id = ?", (clock(), utc_iso(clock()), row_id))
-            return _read(conn, row_id), True
+            return store.hold_for_refund(tx, row_id, clock(), utc_iso(clock())), True
 
         return job
 
-    async def _reverse_credit(self, row: dict[str, Any]) -> int:
+    async def _reverse_credit(self, row: PrepaidRow) -> int:
         """Reverse what is left of the row's balance credit, if it made one; returns the amount to refund."""
-        credit = row["balance_transaction_id"] or (await self._existing_credit(row) or {}).get("id")
+        credit = row.balance_transaction_id or (await self._existing_credit(row) or {}).get("id")
         if not credit:
-            return int(row["amount"])
-        path = f"/v1/customers/{row['customer_id']}/balance_transactions"
+            return int(row.amount)
+        path = f"/v1/customers/{row.customer_id}/balance_transactions"
         reversal = await self._made_for(row, path, {}, key=REVERSAL_METADATA)
         if reversal is not None:
             return int(reversal["amount"])
-        customer = (await self._gateway.send(StripeRequest("get", f"/v1/customers/{row['customer_id']}"))).data
-        left = min(int(row["amount"]), max(0, -int(customer.get("balance") or 0)))
+        customer = (await self._gateway.send(StripeRequest("get", f"/v1/customers/{row.customer_id}"))).data
+        left = min(int(row.amount), max(0, -int(customer.get("balance") or 0)))
         if left > 0:
             await self._gateway.send(StripeRequest("post", path, {
-                "amount": left, "currency": row["currency"],
+                "amount": left, "currency": row.currency,
                 "description": f"Reversal of the prepaid credit {credit} (refunded)",
-                "metadata": {REVERSAL_METADATA: row["id"]}}, stripe_idempotency_key("prepaid-uncredit", row["id"])))
+                "metadata": {REVERSAL_METADATA: row.id}}, stripe_idempotency_key("prepaid-uncredit", row.id)))
         return left
 
-    async def _refund_payment(self, row: dict[str, Any], amount: int) -> dict[str, Any]:
+    async def _refund_payment(self, row: PrepaidRow, amount: int) -> dict[str, Any]:
         """The refund of `amount` for this row: a succeeded or pending one found by its metadata, else a new one
         (a failed earlier one is not reused: each new attempt has its own key)."""
-        earlier = await self._all_made_for(row, "/v1/refunds", {"payment_intent": row["payment_intent_id"]})
+        earlier = await self._all_made_for(row, "/v1/refunds", {"payment_intent": row.payment_intent_id})
         for refund in earlier:
             if refund.get("status") in ("succeeded", "pending", "requires_action"):
                 return refund
-        key = stripe_idempotency_key("prepaid-refund", f"{row['id']}:{len(earlier)}")
+        key = stripe_idempotency_key("prepaid-refund", f"{row.id}:{len(earlier)}")
         return (await self._gateway.send(StripeRequest("post", "/v1/refunds", {
-            "payment_intent": row["payment_intent_id"], "amount": amount, "reason": "requested_by_customer",
-            "metadata": {PREPAID_METADATA: row["id"]}}, key))).data
+            "payment_intent": row.payment_intent_id, "amount": amount, "reason": "requested_by_customer",
+            "metadata": {PREPAID_METADATA: row.id}}, key))).data
 
     # --- in the background ------------------------------------------------------------------------------------
 
-    async def start_now(self, row_id: str) -> dict[str, Any]:
+    async def start_now(self, row_id: str) -> PrepaidRow | None:
         """Start it before answering the buyer; if Stripe is unavailable, keep trying in the background."""
         row = await self.start(row_id)
-        if row.get("status") in OPEN:
+        if row is not None and row.status in OPEN:
             self.dispatch([row_id])
         return row
 
@@ -575,48 +537,58 @@ class PrepaidSubscriptions:
         while True:
             try:
                 row = await self.start(row_id)
-                attempts = int(row["attempts"]) if row else 0
+                if row is None or row.status not in OPEN:
+                    return
+                attempts = row.attempts
             except Exception:  # e.g. the database busy beyond its timeout: the row is intact, try again later
                 log.exception("starting prepaid subscription %s failed; retrying", row_id)
                 failures += 1
-                row, attempts = {"status": "pending"}, failures
-            if not row or row["status"] not in OPEN:
-                return
+                attempts = failures
             await asyncio.sleep(self._scale * min(2 ** max(0, attempts - 1), MAX_BACKOFF_SECONDS))
 
     def kick(self) -> list[str]:
-        """Start every open subscription not already being started (after a COMMIT that may have recorded one,
-        and at start-up for the ones a previous run left)."""
-        ids = [row["id"] for row in self.pending()]
+        """After a COMMIT that may have recorded a subscription to start: start every open one not already being
+        started. Free when nothing was enqueued since the last kick that saw its row (no query after every payment
+        or webhook); an enqueued row stays looked for until a kick sees it committed (or it is long gone: its job
+        rolled back), so a kick that runs before another job's COMMIT loses nothing."""
+        if not self._enqueued:
+            return []
+        return self._kick_all()
+
+    def _kick_all(self) -> list[str]:
+        rows = self.pending()
+        ids = [row.id for row in rows]
         self.dispatch(ids)
+        if self._enqueued:
+            seen, stale = set(ids), time.monotonic() - PENDING_FOR_SECONDS
+            with self._enqueued_lock:
+                for row_id, since in list(self._enqueued.items()):
+                    if row_id in seen or since < stale or (row_id not in seen and self._settled(row_id)):
+                        del self._enqueued[row_id]
         return ids
 
-    def resume(self) -> list[str]:
-        """At start-up, on the server's loop: background starts run there from now on."""
-        self.background.bind()
-        return self.kick()
+    def _settled(self, row_id: str) -> bool:
+        """An enqueued row that is committed but no longer open (started already, or failed)."""
+        row = self.find(row_id)
+        return row is not None and row.status not in OPEN
 
-    async def retry(self, *, include_failed: bool, only: Sequence[str] = ()) -> list[dict[str, Any]]:
+    def resume(self) -> list[str]:
+        """At start-up, on the server's loop: background starts run there from now on, beginning with every open
+        row a previous run left."""
+        self.background.bind()
+        return self._kick_all()
+
+    async def retry(self, *, include_failed: bool, only: Sequence[str] = ()) -> list[PrepaidRow]:
         """Attempt every open (and, when asked, failed) subscription now, one by one (`start-subscriptions`);
         `only` limits it to these ids, and only a named row is retried when it was refused (the operator was told
         to refund it: retrying every failed row must not start one that was refunded)."""
         if include_failed:
-            which = (f"status IN ('failed', 'refused') AND id IN ({_marks(only)})" if only else "status = 'failed'")
-            await self._store.write(lambda conn: conn.execute(
-                "UPDATE prepaid_subscriptions SET status = CASE WHEN subscription_id IS NOT NULL THEN 'subscribed' "
-                "WHEN balance_transaction_id IS NOT NULL THEN 'credited' ELSE 'pending' END, attempts = 0 "
-                f"WHERE {which}", tuple(only)))
-        rows = [row for row in self.pending() if not only or row["id"] in only]
-        return [await self.start(row["id"]) for row in rows]
+            store, named = self._store.prepaid, tuple(only)
+            await self._store.write(lambda tx: store.reopen(tx, named))
+        rows = [row for row in self.pending() if not only or row.id in only]
+        started = [await self.start(row.id) for row in rows]
+        return [row for row in started if row is not None]
 
     async def drain(self) -> None:
         """Wait for the starts in flight (shutdown and tests)."""
         await self.background.drain()
-
-
-def _read(conn: sqlite3.Connection, row_id: str) -> dict[str, Any]:
-    return dict(conn.execute("SELECT * FROM prepaid_subscriptions WHERE id = ?", (row_id,)).fetchone())
-
-
-def _marks(values: Sequence[Any]) -> str:
-    return ", ".join("?" * len(values))

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..models import format_amount
 from ..store import Store
+from ..store.prepaid import PrepaidRow
 from .ledger import LedgerService
 from .metering import MeteringService
 from .x402 import X402Service
@@ -29,11 +30,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 def wallet_report(store: Store, ledger: LedgerService, customer: str | None = None) -> list[str]:
-    where = " WHERE customer_id = ?" if customer else ""
-    sql = f"SELECT agent_id FROM agent_wallets{where} ORDER BY customer_id, agent_id"
-    agents = [row["agent_id"] for row in store.query(sql, (customer,) if customer else ())]
     rows = []
-    for agent in agents:
+    for agent in store.reports.wallet_agents(customer):
         w = ledger.get_wallet(agent, recent=0)
         rows.append((w.customer_id, w.agent_id, w.balance, w.held, w.available, w.daily_cap, w.spent_today,
                      "yes" if w.frozen else "no"))
@@ -46,20 +44,15 @@ def wallet_report(store: Store, ledger: LedgerService, customer: str | None = No
 
 
 def ledger_counts(store: Store) -> dict[str, int]:
-    row = store.query_one("SELECT (SELECT COUNT(*) FROM agent_wallets) AS wallets, "
-                          "(SELECT COUNT(DISTINCT txn_id) FROM agent_transactions) AS transactions")
-    return {"wallets": int(row["wallets"]), "transactions": int(row["transactions"])} if row else {}
+    counts = store.reports.ledger_counts()
+    return {"wallets": counts.wallets, "transactions": counts.transactions}
 
 
 def usage_report(store: Store, metering: MeteringService, customer: str | None = None) -> list[str]:
     """Per customer with recorded usage: tier, usage this period, allowance, overage and its cost, and what is still
     waiting to reach Stripe."""
-    where = " WHERE customer_id = ?" if customer else ""
-    customers = [row["customer_id"] for row in store.query(  # the running totals: one row per customer and period
-        f"SELECT DISTINCT customer_id FROM meter_usage_totals{where} ORDER BY customer_id",
-        (customer,) if customer else ())]
     rows = []
-    for who in customers:
+    for who in store.reports.usage_customers(customer):
         s = metering.summary(who, "current")
         rows.append((who, s.tier, s.weighted_units, s.allowance, s.overage_units, format_amount(s.overage_cost_cents,
                      s.currency), s.events.pending, s.events.failed))
@@ -78,15 +71,15 @@ def receipts_report(x402: X402Service, limit: int = 50) -> list[str]:
     return table(("at (UTC)", "mode", "network", "payer", "usd", "agent credited", "luc", "settlement"), rows)
 
 
-def prepaid_report(rows: Sequence[dict[str, Any]]) -> list[str]:
+def prepaid_report(rows: Sequence[PrepaidRow]) -> list[str]:
     """Prepaid tier subscriptions and how far each got (started, still open, or failed with the reason)."""
     if not rows:
         return ["no prepaid subscriptions"]
     return table(("prepaid id", "source", "customer", "tier", "prepaid", "status", "subscription", "attempts",
                   "last error"),
-                 [(row["id"], row["source_id"], row["customer_id"], row["tier"],
-                   format_amount(row["amount"], row["currency"]), row["status"], row["subscription_id"],
-                   row["attempts"], (row["last_error"] or "")[:120] or None) for row in rows])
+                 [(row.id, row.source_id, row.customer_id, row.tier, format_amount(row.amount, row.currency),
+                   str(row.status), row.subscription_id, row.attempts, (row.last_error or "")[:120] or None)
+                  for row in rows])
 
 
 def creators_report(report: Any) -> list[str]:

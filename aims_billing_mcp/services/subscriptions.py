@@ -21,7 +21,7 @@ from ..settings import Settings
 from ..store import Store, Tx, utc_iso
 from ..store.webhooks import LIVE, EventRef, Provision, can_move
 from ..store.webhooks import SubscriptionStatus as S
-from ..stripe_gateway import StripeRequest
+from ..stripe_gateway import StripeGateway, StripeRequest
 from .ceiling import Ceiling
 from .mutations import StripeMutations, compact
 from .subscriptions_models import (
@@ -51,10 +51,10 @@ class Applied:
 
 class SubscriptionService:
     def __init__(self, mutations: StripeMutations, store: Store, pricing: Pricing, settings: Settings, *,
-                 ceiling: Ceiling | None = None) -> None:
+                 gateway: StripeGateway, ceiling: Ceiling | None = None) -> None:
         self._mutations = mutations
         self._ceiling = ceiling or Ceiling.from_settings(settings)
-        self._gateway = mutations.gateway
+        self._gateway = gateway
         self._store = store
         self._pricing = pricing
         self._settings = settings

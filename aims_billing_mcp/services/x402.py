@@ -50,16 +50,18 @@ import hmac
 import json
 import os
 import re
-import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import jsonsafe
 from ..errors import ConfigurationError, InvalidInput, LimitReached, NotFound, PaymentRejected, StripeError
-from ..store import Store, dumps, new_id, utc_iso
+from ..store import Store, Tx, dumps, new_id, utc_iso
+from ..store.x402 import TRANSITIONS, Quote, QuoteStatus, ReceiptConflict, ReceiptRecord, quote_state
+from .ceiling import Ceiling
 from .connect import ConnectService
 from .ledger import LedgerService, require_text
 from .tiers import Pricing
@@ -312,12 +314,20 @@ class _Authorization:
         self.signature = str(signature)
 
 
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A 402 answer (`pay_or_challenge`): the requirements to pay and, after a refused payment, why it was refused."""
+
+    required: RequirementsResult
+    refusal: PaymentRejected | None = None
+
+
 class X402Service:
     def __init__(
         self, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing, *, pay_to: str | None = None,
         network: str = "base-sepolia", facilitator: str = "local", facilitator_url: str | None = None,
         clock: Callable[[], float] = time.time, live: bool = False, quote_key: bytes | None = None,
-        max_open_quotes: int = MAX_OPEN_QUOTES,
+        max_open_quotes: int = MAX_OPEN_QUOTES, ceiling: Ceiling | None = None, connect: ConnectService | None = None,
     ) -> None:
         """`live`: the Stripe key is a live one (see `live_mode_problem`). `quote_key`: the challenge tokens' HMAC
         key; by default read from (or created in) `<db stem>.x402.key` beside the database, on first use.
@@ -333,8 +343,9 @@ class X402Service:
         # In live mode there is no default pay-to, no offline settlement and no test network: every call refuses
         self.problem = live_mode_problem(live=live, pay_to=pay_to, facilitator=facilitator, network=network)
         self._store = store
-        self.connect: ConnectService | None = None  # quotes for "plug:<id>" resources pay its creator (app.py sets it)
+        self._connect = connect  # quotes for "plug:<id>" resources pay its creator (services/connect.py)
         self._ledger = ledger
+        self._ceiling = ceiling or Ceiling()  # the per-call money ceiling, in USDC's minor units here
         self._gateway = gateway
         self._luc_per_usd = pricing.luc_per_usd
         self.pay_to = pay_to or ("" if live else SANDBOX_PAY_TO)  # "" is never used: live without it refuses
@@ -350,7 +361,8 @@ class X402Service:
 
     @classmethod
     def from_settings(cls, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing,
-                      settings: Settings) -> X402Service:
+                      settings: Settings, *, clock: Callable[[], float] = time.time,
+                      ceiling: Ceiling | None = None, connect: ConnectService | None = None) -> X402Service:
         """As the server builds it: live mode is the key's (sk_live_/rk_live_, allowed or not), not the gateway's."""
         from ..settings import StripeMode
 
@@ -358,7 +370,7 @@ class X402Service:
         return cls(store, ledger, gateway, pricing, pay_to=settings.aims_x402_pay_to,
                    network=settings.aims_x402_network or ("base" if live else "base-sepolia"),
                    facilitator=settings.aims_x402_facilitator, facilitator_url=settings.aims_x402_facilitator_url,
-                   live=live)
+                   live=live, clock=clock, ceiling=ceiling, connect=connect)
 
     def _ready(self) -> None:
         if self.problem is not None:
@@ -395,26 +407,22 @@ class X402Service:
         require_text(resource, "resource", MAX_RESOURCE)
         self._whole_cents(atomic, "amount_usd")
         self._require_wallet(agent_id)
-        if self.connect is not None and resource.startswith("plug:"):  # a creator's plug (services/connect.py)
-            await self.connect.check_x402_plug(resource, atomic)
+        if self._connect is not None and resource.startswith("plug:"):  # a creator's plug (services/connect.py)
+            await self._connect.check_x402_plug(resource, atomic)
         caip = NETWORKS[name][0]
         quote_id = new_id("q")
         now = self._clock()
         expires = int(now) + valid_seconds
-        row = (quote_id, caip, NETWORKS[name][2], self.pay_to, atomic, agent_id, credit, description, resource,
-               version, expires, utc_iso(now))
-        limit = self._max_open_quotes
+        quote = Quote(quote_id, caip, NETWORKS[name][2], self.pay_to, atomic, agent_id, credit, description, resource,
+                      version, QuoteStatus.OPEN, expires, utc_iso(now))
+        limit, quotes = self._max_open_quotes, self._store.x402
 
-        def insert(conn: sqlite3.Connection) -> None:
-            (open_quotes,) = conn.execute("SELECT COUNT(*) FROM x402_quotes WHERE status = 'open' AND expires_at > ?",
-                                          (int(now),)).fetchone()
+        def insert(tx: Tx) -> None:
+            open_quotes = quotes.count_open_quotes(tx, int(now))
             if open_quotes >= limit:
                 raise LimitReached(f"{open_quotes} x402 quotes are open (at most {limit}): pay them or let them "
                                    "expire (shorter valid_seconds) before asking for more", param="valid_seconds")
-            conn.execute(
-                "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, resource, "
-                "x402_version, status, expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
-                row)
+            quotes.add_quote(tx, quote)  # a new id: never taken
 
         await self._store.write(insert)
         return self._requirements(quote_id, name, atomic, agent_id, credit, description, resource, valid_seconds,
@@ -453,8 +461,7 @@ class X402Service:
         return name
 
     def _require_wallet(self, agent_id: str | None) -> None:
-        if agent_id is not None and self._store.query_one(
-                "SELECT 1 FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is None:
+        if agent_id is not None and not self._store.x402.wallet_exists(agent_id):
             raise NotFound(f"no wallet for agent {agent_id}: create it with create_agent_wallet, or check the id",
                            param="agent_id")
 
@@ -480,18 +487,18 @@ class X402Service:
         body = _b64(json.dumps(fields, separators=(",", ":"), sort_keys=True).encode())
         return f"{TOKEN_PREFIX}{body}.{_b64(self._mac(body))}"
 
-    def _token_quote(self, quote_id: str) -> dict[str, Any] | None:
+    def _token_quote(self, quote_id: str) -> Quote | None:
         """The quote a challenge token describes, if this server signed it (for this pay-to); else None."""
         body, _, mac = quote_id.removeprefix(TOKEN_PREFIX).partition(".")
         try:
             if not hmac.compare_digest(_unb64(mac), self._mac(body)):
                 return None
             fields = json.loads(_unb64(body))
-            return {"id": quote_id, "network": fields["n"], "asset": NETWORKS[CAIP_TO_NAME[fields["n"]]][2],
-                    "pay_to": self.pay_to, "amount": int(fields["m"]), "agent_id": str(fields["a"]),
-                    "luc": int(fields["l"]), "description": _credits_description(fields["l"], fields["a"]),
-                    "resource": str(fields["r"]), "x402_version": 2, "status": "open", "expires_at": int(fields["e"]),
-                    "created_at": utc_iso(fields["c"]), "stored": False}
+            return Quote(id=quote_id, network=fields["n"], asset=NETWORKS[CAIP_TO_NAME[fields["n"]]][2],
+                         pay_to=self.pay_to, amount=int(fields["m"]), agent_id=str(fields["a"]), luc=int(fields["l"]),
+                         description=_credits_description(fields["l"], fields["a"]), resource=str(fields["r"]),
+                         x402_version=2, status=QuoteStatus.OPEN, expires_at=int(fields["e"]),
+                         created_at=utc_iso(fields["c"]), stored=False)
         except (ValueError, KeyError, TypeError):  # binascii.Error is a ValueError; a signed token of an older shape
             return None
 
@@ -525,7 +532,7 @@ class X402Service:
         if atomic <= 0 or atomic > MAX_ATOMIC:
             raise InvalidInput(f"the amount must be above 0 and at most {usd_of(MAX_ATOMIC)} USD, got "
                                f"{usd_of(max(atomic, 0))} USD", param=param)
-        self._ledger.ceiling.check(atomic, "usdc", param)
+        self._ceiling.check(atomic, "usdc", param)
         if luc is not None:
             return atomic, luc
         if agent_id is None:
@@ -563,6 +570,21 @@ class X402Service:
 
     # --- verification and settlement ------------------------------------------------------------------------
 
+    async def pay_or_challenge(self, payment: str | dict[str, Any] | None, *, agent_id: str, luc: int,
+                               resource: str, quote_id: str | None = None) -> Receipt | Challenge:
+        """The paid purchase of `luc` credits for `agent_id` (the paid tool, GET /x402/credits): without a payment,
+        a challenge that stores nothing; with one, the payment verified, settled and credited for exactly this
+        purchase (one made for another agent or amount is refused), or, if it is refused, a fresh challenge carrying
+        the refusal. `quote_id` only for a payment that names none (v1). Errors other than a refused payment (an
+        unknown wallet, a configuration refusing x402) are raised."""
+        refusal = None
+        if payment is not None:
+            try:
+                return await self.verify_and_settle(payment, quote_id=quote_id, agent_id=agent_id, luc=luc)
+            except PaymentRejected as exc:
+                refusal = exc
+        return Challenge(await self.challenge(agent_id=agent_id, luc=luc, resource=resource), refusal)
+
     async def verify_and_settle(self, payment: str | dict[str, Any], *, quote_id: str | None = None,
                                 agent_id: str | None = None, luc: int | None = None) -> Receipt:
         """Verify a payment, settle it, and record receipt + quote paid + wallet credit at once. The quote is the one
@@ -576,10 +598,10 @@ class X402Service:
         version, obj = decode_payment_header(payment)
         quote = self._quote_of(named_quote(obj) if version == 2 else None, quote_id, agent_id, luc)
         auth, payload_v2, requirements = self._check(version, obj, quote)
-        caip, asset, payer = quote["network"], quote["asset"].lower(), auth.payer.lower()
+        caip, asset, payer = quote.network, quote.asset.lower(), auth.payer.lower()
         if self._nonce_used(caip, asset, payer, auth.nonce):  # a replay is named as such, whatever the quote
             raise _rejected(ERR_NONCE_ALREADY_USED)
-        _quote_payable(quote, self._clock())
+        _quote_payable(quote.id, quote.status, quote.expires_at, self._clock())
         self._check_payer(quote, payer)
         if self.mode == "local":
             settlement = self._settle_local(payload_v2, requirements)
@@ -588,12 +610,12 @@ class X402Service:
         tx_hash = str(settlement.get("transaction") or "") or None
         receipt = await self._record(quote, version=version, network=caip, asset=asset, payer=payer,
                                      nonce=auth.nonce, tx_hash=tx_hash, payment_intent=None, settlement=settlement)
-        if self.connect is not None and str(quote["resource"]).startswith("plug:"):
-            await self.connect.settle_x402(receipt.receipt_id, str(quote["resource"]), int(quote["amount"]))
+        if self._connect is not None and quote.resource.startswith("plug:"):
+            await self._connect.settle_x402(receipt.receipt_id, quote.resource, quote.amount)
         return receipt
 
     def _quote_of(self, named: str | None, quote_id: str | None, agent_id: str | None,
-                  luc: int | None) -> dict[str, Any]:
+                  luc: int | None) -> Quote:
         """The quote a payment settles, checked against what the caller says it is for."""
         if quote_id is not None and named is not None and quote_id != named:
             raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"the payment was made for quote {_short(named)} (its "
@@ -601,16 +623,16 @@ class X402Service:
                                   "the quote it accepted; leave quote_id out or pass that one", param="quote_id",
                                   quote_status="mismatch")
         quote = self._open_quote(named or quote_id)
-        for field, asked, quoted in (("agent_id", agent_id, quote["agent_id"]), ("luc", luc, quote["luc"])):
+        for field, asked, quoted in (("agent_id", agent_id, quote.agent_id), ("luc", luc, quote.luc)):
             if asked is not None and asked != quoted:
-                raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"the payment's quote {_short(quote['id'])} credits "
-                                      f"{quote['luc']} LUC to {quote['agent_id'] or 'no wallet'}, but this request "
+                raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"the payment's quote {_short(quote.id)} credits "
+                                      f"{quote.luc} LUC to {quote.agent_id or 'no wallet'}, but this request "
                                       f"asks for {field} {asked}: a payment made for one purchase cannot pay "
                                       "another; pay the challenge of this request", param=field,
                                       quote_status="mismatch")
         return quote
 
-    def _open_quote(self, quote_id: str | None) -> dict[str, Any]:
+    def _open_quote(self, quote_id: str | None) -> Quote:
         if not isinstance(quote_id, str) or not quote_id.strip():
             raise PaymentRejected(ERR_INVALID_REQUIREMENTS, "the payment names no quote (a v1 payment and a "
                                   "PaymentIntent name none): pay a version 2 PaymentRequired, whose accepted "
@@ -619,10 +641,8 @@ class X402Service:
             raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote_id is {len(quote_id)} characters long: at most "
                                   f"{MAX_QUOTE_ID}; pass the quote id of the payment requirements", param="quote_id",
                                   quote_status="unknown")
-        quote = self._store.query_one("SELECT * FROM x402_quotes WHERE id = ?", (quote_id,))
-        if quote is not None:
-            quote["stored"] = True
-        elif quote_id.startswith(TOKEN_PREFIX):
+        quote = self._store.x402.find_quote(quote_id)
+        if quote is None and quote_id.startswith(TOKEN_PREFIX):
             quote = self._token_quote(quote_id)
         if quote is None:
             raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"unknown quote {_short(quote_id)}: ask for payment "
@@ -630,34 +650,33 @@ class X402Service:
                                   quote_status="unknown")
         return quote
 
-    def _check_payer(self, quote: dict[str, Any], payer: str) -> None:
+    def _check_payer(self, quote: Quote, payer: str) -> None:
         """Payer registration: a wallet with registered payers is paid only by them, and a registered address pays
         only its wallets' quotes."""
-        rows = self._store.query("SELECT address, agent_id FROM x402_payers WHERE address = ? OR agent_id = ?",
-                                 (payer, quote["agent_id"]))
-        if not rows or any(r["address"] == payer and r["agent_id"] == quote["agent_id"] for r in rows):
+        links = self._store.x402.payer_links(payer, quote.agent_id)
+        if not links or any(r.address == payer and r.agent_id == quote.agent_id for r in links):
             return
-        if any(r["agent_id"] == quote["agent_id"] for r in rows):
-            detail = f"wallet {quote['agent_id']} accepts payments only from its registered payers, not {payer}"
+        if any(r.agent_id == quote.agent_id for r in links):
+            detail = f"wallet {quote.agent_id} accepts payments only from its registered payers, not {payer}"
         else:
-            detail = (f"{payer} is registered to pay for other wallets only, and quote {_short(quote['id'])} credits "
-                      f"{quote['agent_id'] or 'no wallet'}")
+            detail = (f"{payer} is registered to pay for other wallets only, and quote {_short(quote.id)} credits "
+                      f"{quote.agent_id or 'no wallet'}")
         raise _rejected(ERR_PAYER_NOT_REGISTERED, f"{detail}: pay from a registered address, or register this one "
                         "with register_x402_payer")
 
-    def _check(self, version: int, obj: dict[str, Any], quote: dict[str, Any]) -> tuple[_Authorization, Any, Any]:
+    def _check(self, version: int, obj: dict[str, Any], quote: Quote) -> tuple[_Authorization, Any, Any]:
         """Everything that needs no signature work, against the quote; returns the payment as the SDK's v2 models."""
         from pydantic import ValidationError
         from x402.schemas import PaymentPayload, PaymentRequirements
         from x402.schemas.v1 import PaymentPayloadV1
 
-        caip = quote["network"]
+        caip = quote.network
         name = CAIP_TO_NAME[caip]
         _c, _chain, asset, domain_name, domain_version = NETWORKS[name]
         requirements = PaymentRequirements(
-            scheme=SCHEME_EXACT, network=caip, asset=asset, amount=str(quote["amount"]), pay_to=quote["pay_to"],
-            max_timeout_seconds=max(1, quote["expires_at"] - int(self._clock())),
-            extra={"name": domain_name, "version": domain_version, "quoteId": quote["id"]})
+            scheme=SCHEME_EXACT, network=caip, asset=asset, amount=str(quote.amount), pay_to=quote.pay_to,
+            max_timeout_seconds=max(1, quote.expires_at - int(self._clock())),
+            extra={"name": domain_name, "version": domain_version, "quoteId": quote.id})
         try:
             parsed: Any = (PaymentPayload if version == 2 else PaymentPayloadV1).model_validate(obj)
         except ValidationError as exc:
@@ -679,10 +698,10 @@ class X402Service:
             raise PaymentRejected(ERR_ASSET_MISMATCH, f"the payment is in asset {paid_asset} but the quote asks for "
                                   f"USDC {asset} on {name}", param="payment")
         auth = _Authorization(parsed.payload)
-        if auth.to.lower() != quote["pay_to"].lower():
-            raise _rejected(ERR_RECIPIENT_MISMATCH, f"to {auth.to}, payTo {quote['pay_to']}")
-        if auth.value != quote["amount"]:
-            raise _rejected(ERR_AUTHORIZATION_VALUE_MISMATCH, f"value {auth.value}, amount {quote['amount']}")
+        if auth.to.lower() != quote.pay_to.lower():
+            raise _rejected(ERR_RECIPIENT_MISMATCH, f"to {auth.to}, payTo {quote.pay_to}")
+        if auth.value != quote.amount:
+            raise _rejected(ERR_AUTHORIZATION_VALUE_MISMATCH, f"value {auth.value}, amount {quote.amount}")
         now = int(self._clock())
         if auth.valid_after > now:
             raise _rejected(ERR_VALID_AFTER_FUTURE, f"validAfter {auth.valid_after}, now {now}")
@@ -692,9 +711,7 @@ class X402Service:
         return auth, payload_v2, requirements
 
     def _nonce_used(self, network: str, asset: str, payer: str, nonce: str) -> bool:
-        return self._store.query_one(
-            "SELECT 1 FROM x402_receipts WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?",
-            (network, asset.lower(), payer.lower(), nonce.lower())) is not None
+        return self._store.x402.nonce_used(network, asset.lower(), payer.lower(), nonce.lower())
 
     def _scheme(self, caip: str) -> Any:
         """The SDK's exact-EVM facilitator over the offline signer, one per network (built on first use)."""
@@ -749,7 +766,7 @@ class X402Service:
             await self._http_client.aclose()
             self._http_client = None
 
-    async def _stripe(self, payment: str | dict[str, Any], quote: dict[str, Any]) -> Receipt:
+    async def _stripe(self, payment: str | dict[str, Any], quote: Quote) -> Receipt:
         from ..stripe_gateway import StripeRequest
 
         pi_id = payment.get("payment_intent") if isinstance(payment, dict) else payment
@@ -757,20 +774,20 @@ class X402Service:
             raise PaymentRejected(ERR_INVALID_PAYLOAD, "in stripe mode the payment is a PaymentIntent id (pi_...): "
                                   "pay through Stripe and pass its id", param="payment")
         pi_id = pi_id.strip()
-        if self._store.query_one("SELECT 1 FROM x402_receipts WHERE payment_intent = ?", (pi_id,)) is not None:
+        if self._store.x402.payment_intent_used(pi_id):
             raise _pi_used(pi_id)
-        _quote_payable(quote, self._clock())
+        _quote_payable(quote.id, quote.status, quote.expires_at, self._clock())
         try:
             pi = (await self._gateway.send(StripeRequest("get", f"/v1/payment_intents/{pi_id}"))).data
         except StripeError as exc:
             raise PaymentRejected(ERR_INVALID_PAYLOAD, f"PaymentIntent {pi_id} could not be read from Stripe: "
                                   f"{exc.message}", param="payment") from exc
-        cents = quote["amount"] // 10_000
+        cents = quote.amount // 10_000
         if pi.get("status") != "succeeded":
             raise PaymentRejected(ERR_INVALID_TRANSACTION_STATE, f"PaymentIntent {pi_id} is {pi.get('status')}, not "
                                   "succeeded: confirm it first", param="payment")
-        if (pi.get("metadata") or {}).get("quote_id") != quote["id"]:
-            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"PaymentIntent {pi_id} is not for quote {quote['id']} "
+        if (pi.get("metadata") or {}).get("quote_id") != quote.id:
+            raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"PaymentIntent {pi_id} is not for quote {quote.id} "
                                   "(its metadata.quote_id differs): create it with metadata[quote_id]",
                                   param="payment")
         if pi.get("currency") != "usd" or pi.get("amount_received") != cents:
@@ -778,61 +795,45 @@ class X402Service:
                                   f"{pi.get('amount_received')} {pi.get('currency')} but the quote is {cents} usd "
                                   "cents", param="payment")
         payer = str(pi.get("customer") or "stripe")
-        settlement = {"success": True, "transaction": pi_id, "network": quote["network"], "payer": payer,
-                      "amount": str(quote["amount"])}
+        settlement = {"success": True, "transaction": pi_id, "network": quote.network, "payer": payer,
+                      "amount": str(quote.amount)}
         return await self._record(quote, version=2, network="stripe", asset="usd", payer=payer, nonce=pi_id,
                                   tx_hash=None, payment_intent=pi_id, settlement=settlement)
 
-    async def _record(self, quote: dict[str, Any], *, version: int, network: str, asset: str, payer: str, nonce: str,
+    async def _record(self, quote: Quote, *, version: int, network: str, asset: str, payer: str, nonce: str,
                       tx_hash: str | None, payment_intent: str | None, settlement: dict[str, Any]) -> Receipt:
         """One job: receipt (UNIQUE keys), quote paid, wallet credited; any refusal undoes all three."""
         receipt_id = new_id("rcpt")
-        quote_id, agent_id, luc = quote["id"], quote["agent_id"], quote["luc"]
-        clock, ledger, mode = self._clock, self._ledger, self.mode
+        quote_id, agent_id, luc = quote.id, quote.agent_id, quote.luc
+        clock, ledger, mode, quotes = self._clock, self._ledger, self.mode, self._store.x402
         settlement_json = dumps(settlement)
         key = f"x402:{network}:{asset}:{payer}:{nonce}"
 
-        def job(conn: sqlite3.Connection) -> tuple[str, int | None]:
+        def job(tx: Tx) -> tuple[str, int | None]:
             now = clock()
             iso = utc_iso(now)
-            used = conn.execute(
-                "SELECT 1 FROM x402_receipts WHERE (network = ? AND asset = ? AND payer = ? AND nonce = ?) "
-                "OR tx_hash = ? OR payment_intent = ?", (network, asset, payer, nonce, tx_hash, payment_intent)
-            ).fetchone()
-            if used is not None:
+            if quotes.payment_used(tx, network, asset, payer, nonce, tx_hash, payment_intent):
                 raise _pi_used(payment_intent) if payment_intent else _rejected(ERR_NONCE_ALREADY_USED)
-            if quote["stored"]:
-                row = conn.execute("SELECT status, expires_at FROM x402_quotes WHERE id = ?", (quote_id,)).fetchone()
-                _quote_payable({"id": quote_id, "status": row[0] if row else "swept",
-                                "expires_at": row[1] if row else quote["expires_at"]}, now)
+            if quote.stored:
+                found = quotes.quote_status(tx, quote_id)
+                status, expires_at = found if found is not None else (None, quote.expires_at)
+                _quote_payable(quote_id, status, expires_at, now)
             else:  # a challenge token: stored now and marked paid below (its PRIMARY KEY refuses a second payment)
-                _quote_payable(quote, now)
-                try:
-                    conn.execute(
-                        "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, "
-                        "resource, x402_version, status, expires_at, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
-                        tuple(quote[k] for k in ("id", "network", "asset", "pay_to", "amount", "agent_id", "luc",
-                                                 "description", "resource", "x402_version", "expires_at",
-                                                 "created_at")))
-                except sqlite3.IntegrityError:
-                    _quote_payable({**quote, "status": "paid"}, now)
+                _quote_payable(quote_id, quote.status, quote.expires_at, now)
+                if not quotes.add_quote(tx, quote):
+                    _quote_payable(quote_id, QuoteStatus.PAID, quote.expires_at, now)
             try:
-                conn.execute(
-                    "INSERT INTO x402_receipts (id, quote_id, network, asset, payer, pay_to, amount, nonce, tx_hash, "
-                    "agent_id, luc_credited, created_at, payment_intent, mode, x402_version, settlement) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (receipt_id, quote_id, network, asset, payer, quote["pay_to"], quote["amount"], nonce, tx_hash,
-                     agent_id, luc if agent_id else 0, iso, payment_intent, mode, version, settlement_json))
-            except sqlite3.IntegrityError as exc:  # the constraints stand behind the check above
-                if "quote_id" in str(exc):
-                    _quote_payable({"id": quote_id, "status": "paid", "expires_at": quote["expires_at"]}, now)
+                quotes.record_receipt(tx, ReceiptRecord(
+                    receipt_id, quote_id, network, asset, payer, quote.pay_to, quote.amount, nonce, tx_hash, agent_id,
+                    luc if agent_id else 0, iso, payment_intent, mode, version, settlement_json))
+            except ReceiptConflict as exc:  # the constraints stand behind the check above
+                if exc.on == "quote":
+                    _quote_payable(quote_id, QuoteStatus.PAID, quote.expires_at, now)
                 raise _pi_used(payment_intent) if payment_intent else _rejected(ERR_NONCE_ALREADY_USED) from exc
-            conn.execute("UPDATE x402_quotes SET status = 'paid', receipt_id = ?, paid_at = ? WHERE id = ?",
-                         (receipt_id, iso, quote_id))
+            quotes.mark_quote_paid(tx, quote_id, receipt_id, iso)
             balance = None
             if agent_id and luc:
-                posting = ledger.credit_in(conn, agent_id, luc, idempotency_key=key, reason="x402 payment",
+                posting = ledger.credit_in(tx, agent_id, luc, idempotency_key=key, reason="x402 payment",
                                            reference=receipt_id)
                 balance = posting.balance_after
             return iso, balance
@@ -840,7 +841,7 @@ class X402Service:
         created_at, balance = await self._store.write(job)
         return Receipt(
             receipt_id=receipt_id, quote_id=quote_id, mode=mode, x402_version=version, network=network, asset=asset,
-            payer=payer, pay_to=quote["pay_to"], amount_atomic=str(quote["amount"]), amount_usd=usd_of(quote["amount"]),
+            payer=payer, pay_to=quote.pay_to, amount_atomic=str(quote.amount), amount_usd=usd_of(quote.amount),
             nonce=nonce, tx_hash=tx_hash, payment_intent=payment_intent, agent_id=agent_id,
             luc_credited=luc if agent_id else 0, balance_after=balance, settlement=settlement,
             payment_response_header=encode_header(settlement), created_at=created_at)
@@ -871,16 +872,17 @@ class X402Service:
             raise InvalidInput(f"the signature is not {address}'s signature of the registration message: sign "
                                f"exactly {message!r} with personal_sign (EIP-191) using that address's key",
                                param="signature", message_to_sign=message)
-        row = (address.lower(), agent_id, utc_iso(self._clock()))
+        lower, at, registry = address.lower(), utc_iso(self._clock()), self._store.x402
 
-        def insert(conn: sqlite3.Connection) -> list[str]:
-            known = [r[0] for r in conn.execute("SELECT address FROM x402_payers WHERE agent_id = ?", (agent_id,))]
-            if row[0] not in known and len(known) >= MAX_PAYERS:
+        def insert(tx: Tx) -> list[str]:
+            known = registry.payers_of(tx, agent_id)
+            if lower in known:
+                return known
+            if len(known) >= MAX_PAYERS:
                 raise LimitReached(f"wallet {agent_id} has {len(known)} registered payers (at most {MAX_PAYERS}): "
                                    "pay from one of them", param="address")
-            conn.execute("INSERT OR IGNORE INTO x402_payers (address, agent_id, created_at) VALUES (?, ?, ?)", row)
-            return [r[0] for r in conn.execute(
-                "SELECT address FROM x402_payers WHERE agent_id = ? ORDER BY created_at, address", (agent_id,))]
+            registry.register_payer(tx, lower, agent_id, at)
+            return registry.payers_of(tx, agent_id)
 
         payers = await self._store.write(insert)
         return PayerRegistration(agent_id=agent_id, address=address.lower(), payers=payers, message=message)
@@ -889,11 +891,8 @@ class X402Service:
         """Delete stored quotes that expired unpaid more than EXPIRED_QUOTE_GRACE seconds ago; returns how many."""
         cutoff = int(self._clock()) - EXPIRED_QUOTE_GRACE
 
-        def sweep(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM x402_quotes WHERE status = 'open' AND expires_at < ?",
-                                (cutoff,)).rowcount
-
-        return await self._store.write(sweep)
+        quotes = self._store.x402
+        return await self._store.write(lambda tx: quotes.sweep_quotes(tx, cutoff))
 
     # --- reads ----------------------------------------------------------------------------------------------
 
@@ -901,23 +900,24 @@ class X402Service:
         """The most recent receipts, newest first."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidInput(f"limit must be a whole number from 1 to 1000, got {limit!r}", param="limit")
-        rows = self._store.query(
-            "SELECT id, quote_id, created_at, mode, network, asset, payer, amount, tx_hash, payment_intent, agent_id, "
-            "luc_credited FROM x402_receipts ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
-        return [ReceiptRow(receipt_id=r["id"], quote_id=r["quote_id"], created_at=r["created_at"], mode=r["mode"],
-                           network=r["network"], asset=r["asset"], payer=r["payer"], amount_atomic=str(r["amount"]),
-                           amount_usd=usd_of(r["amount"]), tx_hash=r["tx_hash"], payment_intent=r["payment_intent"],
-                           agent_id=r["agent_id"], luc_credited=r["luc_credited"]) for r in rows]
+        return [ReceiptRow(receipt_id=r.id, quote_id=r.quote_id, created_at=r.created_at, mode=r.mode,
+                           network=r.network, asset=r.asset, payer=r.payer, amount_atomic=str(r.amount),
+                           amount_usd=usd_of(r.amount), tx_hash=r.tx_hash, payment_intent=r.payment_intent,
+                           agent_id=r.agent_id, luc_credited=r.luc_credited)
+                for r in self._store.x402.recent_receipts(limit)]
 
 
-def _quote_payable(quote: dict[str, Any], now: float) -> None:
-    if quote["status"] == "paid":
-        raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {_short(quote['id'])} is already paid: ask for new "
-                              "payment requirements for a new purchase", param="quote_id", quote_status="paid")
-    if quote["status"] != "open" or now >= quote["expires_at"]:  # "swept": removed after it expired
-        raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {_short(quote['id'])} expired at "
-                              f"{utc_iso(quote['expires_at'])}: ask for new payment requirements",
-                              param="quote_id", quote_status="expired")
+def _quote_payable(quote_id: str, status: str | None, expires_at: int, now: float) -> None:
+    """Refuse to pay a quote whose state (`status` as stored, None once swept) cannot move to paid at `now`."""
+    state = quote_state(status, expires_at, now)
+    if QuoteStatus.PAID in TRANSITIONS[state]:
+        return
+    if state is QuoteStatus.PAID:
+        raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {_short(quote_id)} is already paid: ask for new "
+                              "payment requirements for a new purchase", param="quote_id",
+                              quote_status=QuoteStatus.PAID.value)
+    raise PaymentRejected(ERR_INVALID_REQUIREMENTS, f"quote {_short(quote_id)} expired at {utc_iso(expires_at)}: ask "
+                          "for new payment requirements", param="quote_id", quote_status=QuoteStatus.EXPIRED.value)
 
 
 def _short(quote_id: str) -> str:

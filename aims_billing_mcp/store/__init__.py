@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .acp import AcpStore, SqliteAcpStore
-from .audit import AuditStore, SqliteAuditStore
+from .audit import AuditStore, PostgresAuditStore, SqliteAuditStore
 from .commerce import CommerceStore, SqliteCommerceStore
 from .connect import ConnectStore, SqliteConnectStore
 from .core import (
@@ -18,6 +18,7 @@ from .core import (
     MAX_BATCH,
     MIGRATIONS,
     SCHEMA_VERSION,
+    SQLITE_VERSION,
     StoreCore,
     StoreUnavailable,
     Tx,
@@ -34,19 +35,20 @@ from .core import (
     utc_iso,
     utc_now,
 )
-from .idempotency import IdempotencyStore, SqliteIdempotencyStore
+from .idempotency import IdempotencyStore, PostgresIdempotencyStore, SqliteIdempotencyStore
 from .ledger import LedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
 from .prepaid import PrepaidStore, SqlitePrepaidStore
+from .reports import ReportsStore, SqliteReports
 from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
-from .x402 import SqliteX402Store, X402Store
+from .x402 import PostgresX402Store, SqliteX402Store, X402Store
 
 __all__ = [
-    "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "PostgresCore",
-    "PostgresStore", "Store", "StoreCore", "StoreUnavailable", "Tx", "Writer", "check_database_file", "connect",
-    "dumps", "load_migrations", "migrate", "monotonic_ms", "new_id", "schema_version", "settle", "utc_iso",
-    "utc_now",
+    "AGGREGATES", "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "SQLITE_VERSION",
+    "PostgresCore", "PostgresStore", "Store", "StoreCore", "StoreUnavailable", "Tx", "Writer",
+    "check_database_file", "connect", "dumps", "load_migrations", "migrate", "missing_aggregates", "monotonic_ms",
+    "new_id", "open_store", "schema_version", "settle", "utc_iso", "utc_now",
 ]
 
 
@@ -64,6 +66,7 @@ class Store(StoreCore):
         self.commerce: CommerceStore = SqliteCommerceStore(self)
         self.acp: AcpStore = SqliteAcpStore(self)
         self.prepaid: PrepaidStore = SqlitePrepaidStore(self)
+        self.reports: ReportsStore = SqliteReports(self)
         self.connect: ConnectStore = SqliteConnectStore(self)
 
 
@@ -74,3 +77,36 @@ class PostgresStore(PostgresCore):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self.webhooks: WebhooksStore = PostgresWebhooksStore(self)
+        self.idempotency: IdempotencyStore = PostgresIdempotencyStore(self)
+        self.audit: AuditStore = PostgresAuditStore(self)
+        self.x402: X402Store = PostgresX402Store(self)
+
+
+AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports")
+
+
+def missing_aggregates(store: object) -> list[str]:
+    """The aggregates a store has no implementation of (a PostgresStore while the backend is being completed)."""
+    return [name for name in AGGREGATES if not hasattr(store, name)]
+
+
+def open_store(db: Path | str, database_url: str | None = None, *, migrate: bool = False) -> Store:
+    """The configured backend: PostgreSQL when `database_url` is set (every instance shares it; its schema must be
+    the code's, or `migrate` brings it there), else SQLite at `db` (opened and upgraded in place)."""
+    if not database_url:
+        return Store(db)
+    from . import postgres
+
+    if not postgres.is_postgres_url(database_url):
+        raise postgres.PostgresUnavailable(
+            f"{postgres.URL_SETTING} must be a postgresql:// URL (postgresql://user:password@host:5432/database), "
+            f"not {postgres.mask_url(database_url)!r}: fix it, or unset it to use SQLite at AIMS_BILLING_DB",
+            exit_code=2)
+    store = PostgresStore(database_url, migrate=migrate)
+    if missing := missing_aggregates(store):
+        store.close()
+        raise postgres.PostgresUnavailable(
+            f"the PostgreSQL backend does not implement {', '.join(missing)} yet (issue 15 is in progress): unset "
+            f"{postgres.URL_SETTING} to run on SQLite at AIMS_BILLING_DB; `aims-billing-mcp migrate` and `doctor` "
+            "already work against PostgreSQL", exit_code=2)
+    return store  # type: ignore[return-value]  # the same aggregates and writes: services take either

@@ -30,6 +30,7 @@ Tx = sqlite3.Connection  # what a write job receives: the writer's transaction (
 Job = Callable[[Tx], T]
 
 BUSY_TIMEOUT_MS = 5000
+SQLITE_VERSION = sqlite3.sqlite_version
 MAX_BATCH = 256
 DEFER_SECONDS = 0.2  # the longest a deferred write (a read-only call's audit row) waits for company
 

@@ -1,20 +1,505 @@
 """Agent wallets, their double-entry postings, holds and the per-owner request keys (ledger_requests).
 
 `LedgerStore` is the seam: the operations a backend implements (write operations take the job's `Tx`; reads use
-the backend's reader). `SqliteLedgerStore` is the SQLite implementation.
+the backend's reader). `SqliteLedgerStore` is the SQLite implementation. The rules (what may be debited, what a
+hold's capture posts, what a key replays) stay in `services/ledger.py`; this module only reads and writes rows, and
+checks nothing a service should decide, except that a hold leaves `active` only once (`TRANSITIONS`).
+
+Hold statuses in SQL: a status *written* is bound (`SET status = ?`); a status *filtered on* is a literal formatted
+from `HoldStatus` when the module loads, because `ledger_holds`' partial indexes filter on `status = 'active'`, and
+a parameter compared with such a column makes SQLite re-plan the statement at every execution (3.6 times slower,
+measured on the expired-holds lookup every write to a wallet with holds makes).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, NamedTuple, Protocol
 
-from .core import StoreCore
+from pydantic import BaseModel, Field
+
+from ..errors import InvalidState
+from .core import StoreCore, Tx
+
+TxnKind = Literal["credit", "debit", "transfer", "hold", "capture", "release", "expire"]
+KINDS: tuple[TxnKind, ...] = ("credit", "debit", "transfer", "hold", "capture", "release", "expire")
+
+
+class HoldStatus(StrEnum):
+    """A hold's state (`ledger_holds.status`): active until captured, released or expired, each at most once."""
+
+    ACTIVE = "active"
+    CAPTURED = "captured"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+TRANSITIONS: dict[HoldStatus, frozenset[HoldStatus]] = {
+    HoldStatus.ACTIVE: frozenset({HoldStatus.CAPTURED, HoldStatus.RELEASED, HoldStatus.EXPIRED}),
+    HoldStatus.CAPTURED: frozenset(),
+    HoldStatus.RELEASED: frozenset(),
+    HoldStatus.EXPIRED: frozenset(),
+}
+
+_ACTIVE = f"'{HoldStatus.ACTIVE}'"  # the SQL literal for filters (see the module docstring)
+
+
+# --- what crosses the seam --------------------------------------------------------------------------------------
+
+
+class HoldView(BaseModel):
+    hold_id: str
+    amount: int
+    expires_at: str
+    created_at: str
+
+
+class LedgerEntry(BaseModel):
+    """One wallet's side of a transaction."""
+
+    entry_id: int = Field(description="position in the ledger; cursors and ordering use it")
+    txn_id: str
+    kind: TxnKind
+    amount: int = Field(description="signed change to the balance (negative: LUC left the wallet)")
+    held_change: int = Field(description="signed change to the held amount (holds and their resolution)")
+    balance_after: int
+    counterparty: str = Field(description="the other account: system:issuance, system:revenue or agent:<id>")
+    hold_id: str | None = None
+    reason: str | None = None
+    reference: str | None = None
+    created_at: str
+
+
+class LedgerViolation(BaseModel):
+    rule: str = Field(description="which invariant is broken, e.g. txn_unbalanced, balance_mismatch")
+    subject: str = Field(description="the transaction, wallet, hold or key concerned")
+    detail: str
+
+
+class ExpiredHold(NamedTuple):
+    hold_id: str
+    amount: int
+
+
+@dataclass(slots=True)
+class WalletState:
+    """A wallet as a write job sees it: loaded by `load_wallet`, changed by the job, written by `save_wallet`.
+    Mutable on purpose: it is the job's working copy, never shared. `held` already leaves out the holds in
+    `expired` (found expired by `load_wallet`, still `active` in the database until the job writes them down)."""
+
+    id: str
+    agent_id: str
+    customer_id: str
+    balance: int
+    held: int
+    daily_cap: int | None
+    frozen: bool
+    spend_day: int
+    spent_today: int
+    loaded_balance: int = 0  # the balance in the database when loaded (what an expiry entry's balance_after says)
+    expired: list[ExpiredHold] = field(default_factory=list)
+
+    @property
+    def account(self) -> str:
+        return f"agent:{self.agent_id}"
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+    def spent_on(self, day: int) -> int:
+        return self.spent_today if self.spend_day == day else 0
+
+
+# One side of a transaction: (account, wallet id or None for a system account, posted change, change to the held
+# amount, the wallet's balance after it or None for a system account). A plain tuple, not a NamedTuple: building
+# two NamedTuples costs 3% of a debit job.
+Entry = tuple[str, str | None, int, int, int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """A ledger request already taken: the hash of its arguments and its first result (JSON text)."""
+
+    request_hash: str
+    response: str
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRow:
+    """A hold with the agent whose wallet it is on."""
+
+    amount: int
+    status: HoldStatus
+    captured: int
+    expires_at: str
+    resolved_at: str | None
+    agent_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class WalletSnapshot:
+    """A wallet read in one snapshot with its unexpired active holds (by expiry, then id) and its latest entries
+    (newest first)."""
+
+    id: str
+    agent_id: str
+    customer_id: str
+    balance: int
+    daily_cap: int | None
+    frozen: bool
+    spend_day: int
+    spent_today: int
+    created_at: str
+    updated_at: str
+    holds: list[HoldView]
+    recent: list[LedgerEntry]
+
+
+# --- the seam ---------------------------------------------------------------------------------------------------
 
 
 class LedgerStore(Protocol):
-    """The ledger operations every backend provides."""
+    """The ledger operations every backend provides. Times are the store's UTC ISO text (`utc_iso`)."""
+
+    # requests (idempotency), in the job's transaction
+    def find_request(self, tx: Tx, owner: str, operation: str, key: str) -> StoredRequest | None:
+        """The request taken under (owner, operation, key), or None; keys of other owners or operations never match."""
+        ...
+
+    def record_request(self, tx: Tx, owner: str, operation: str, key: str, request_hash: str, response: str,
+                       txn_id: str | None, now_iso: str) -> None:
+        """Record a request with its first result; raises the backend's integrity error if (owner, operation, key)
+        exists (callers look first with find_request, in the same transaction)."""
+        ...
+
+    # wallets, in the job's transaction
+    def wallet_owner(self, tx: Tx, agent_id: str) -> str | None:
+        """The customer owning the agent's wallet, or None if the agent has none."""
+        ...
+
+    def count_wallets(self, tx: Tx, customer_id: str) -> int:
+        """How many wallets the customer owns."""
+        ...
+
+    def create_wallet(self, tx: Tx, wallet_id: str, agent_id: str, customer_id: str, daily_cap: int | None,
+                      now_iso: str) -> None:
+        """A new wallet: balance 0, nothing held, not frozen; raises an integrity error if the agent has one."""
+        ...
+
+    def load_wallet(self, tx: Tx, agent_id: str, now_iso: str) -> WalletState | None:
+        """The agent's wallet as of this transaction, or None; its active holds expired at `now_iso` are listed in
+        `expired` and left out of `held` (nothing is written)."""
+        ...
+
+    def save_wallet(self, tx: Tx, wallet: WalletState, now_iso: str) -> None:
+        """Write the wallet's balance, held, frozen and spend counters (not its expired holds: see resolve_hold)."""
+        ...
+
+    # postings and holds, in the job's transaction
+    def post(self, tx: Tx, txn_id: str, kind: TxnKind, key: str, reason: str, reference: str | None,
+             hold_id: str | None, now_iso: str, first: Entry, second: Entry) -> None:
+        """Append a transaction's two entries (0 and 1) under the idempotency key; the caller makes them balance.
+        Raises an integrity error if entry 0's account already has a transaction under the key."""
+        ...
+
+    def place_hold(self, tx: Tx, hold_id: str, wallet_id: str, amount: int, expires_at: str, txn_id: str,
+                   now_iso: str) -> None:
+        """A new active hold on the wallet (its entries are posted separately)."""
+        ...
+
+    def hold_owner(self, tx: Tx, hold_id: str) -> str | None:
+        """The agent whose wallet the hold is on, or None for an unknown hold."""
+        ...
+
+    def load_hold(self, tx: Tx, hold_id: str) -> HoldRow | None:
+        """The hold and its wallet's agent, or None for an unknown hold."""
+        ...
+
+    def resolve_hold(self, tx: Tx, hold_id: str, status: HoldStatus, txn_id: str, now_iso: str,
+                     captured: int = 0) -> None:
+        """Move an active hold to `status` (one of TRANSITIONS[active]) by transaction `txn_id`; raises
+        InvalidState, writing nothing, if the hold is not active (a hold resolves once) or ValueError for a status
+        no active hold moves to."""
+        ...
+
+    def expired_hold_wallets(self, tx: Tx, now_iso: str, limit: int) -> list[tuple[str, int]]:
+        """Up to `limit` agents whose wallets have active holds expired at `now_iso`, with how many each."""
+        ...
+
+    # reads, on the reader (no tx)
+    def read_wallet(self, agent_id: str, now_iso: str, recent: int) -> WalletSnapshot | None:
+        """The wallet in one snapshot with its holds unexpired at `now_iso` and its `recent` latest entries."""
+        ...
+
+    def wallet_id(self, agent_id: str) -> str | None:
+        """The id of the agent's wallet, or None."""
+        ...
+
+    def wallet_customer(self, agent_id: str) -> str | None:
+        """The customer owning the agent's wallet, or None if the agent has none."""
+        ...
+
+    def list_entries(self, wallet_id: str, *, kind: TxnKind | None = None, since: str | None = None,
+                     until: str | None = None, before: int | None = None, limit: int = 50) -> list[LedgerEntry]:
+        """The wallet's entries newest first: of `kind`, created in [since, until), with entry_id < `before`."""
+        ...
+
+    def check_ledger(self) -> list[LedgerViolation]:
+        """Every invariant over the whole ledger in one consistent snapshot; empty when sound."""
+        ...
+
+
+# --- SQLite -----------------------------------------------------------------------------------------------------
+
+_WALLET_COLUMNS = "id, agent_id, customer_id, balance, held, daily_cap, frozen, spend_day, spent_today"
+_LOAD_WALLET = f"SELECT {_WALLET_COLUMNS} FROM agent_wallets WHERE agent_id = ?"
+_EXPIRED_HOLDS = (f"SELECT id, amount FROM ledger_holds WHERE wallet_id = ? AND status = {_ACTIVE} "
+                  "AND expires_at <= ?")
+_SAVE_WALLET = ("UPDATE agent_wallets SET balance = ?, held = ?, frozen = ?, spend_day = ?, spent_today = ?, "
+                "updated_at = ? WHERE id = ?")
+_ENTRY_INSERT = (
+    "INSERT INTO agent_transactions (txn_id, entry, account, wallet_id, kind, amount, pending, balance_after, "
+    "idempotency_key, reason, reference, hold_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_FIND_REQUEST = ("SELECT request_hash, response FROM ledger_requests WHERE owner = ? AND operation = ? "
+                 "AND idempotency_key = ?")
+_RECORD_REQUEST = ("INSERT INTO ledger_requests (owner, operation, idempotency_key, request_hash, response, txn_id, "
+                   "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+_ENTRY_JSON = (
+    "'entry_id', t.id, 'txn_id', t.txn_id, 'kind', t.kind, 'amount', t.amount, 'held_change', t.pending, "
+    "'balance_after', t.balance_after, 'hold_id', t.hold_id, 'reason', t.reason, 'reference', t.reference, "
+    "'created_at', t.created_at, 'counterparty', "
+    "(SELECT o.account FROM agent_transactions o WHERE o.txn_id = t.txn_id AND o.entry != t.entry)"
+)
+_READ_WALLET = (
+    f"SELECT w.*, "
+    f"(SELECT json_group_array(json_object('hold_id', h.id, 'amount', h.amount, 'expires_at', h.expires_at, "
+    f"'created_at', h.created_at)) FROM ledger_holds h WHERE h.wallet_id = w.id AND h.status = {_ACTIVE} "
+    f"AND h.expires_at > :now) AS holds_json, "
+    f"(SELECT json_group_array(json_object({_ENTRY_JSON})) FROM (SELECT * FROM agent_transactions "
+    f"WHERE wallet_id = w.id ORDER BY id DESC LIMIT :recent) t) AS recent_json "
+    f"FROM agent_wallets w WHERE w.agent_id = :agent"
+)
 
 
 class SqliteLedgerStore:
     def __init__(self, core: StoreCore) -> None:
         self._core = core
+
+    # requests
+    def find_request(self, tx: Tx, owner: str, operation: str, key: str) -> StoredRequest | None:
+        found = tx.execute(_FIND_REQUEST, (owner, operation, key)).fetchone()
+        return None if found is None else StoredRequest(found[0], found[1])
+
+    def record_request(self, tx: Tx, owner: str, operation: str, key: str, request_hash: str, response: str,
+                       txn_id: str | None, now_iso: str) -> None:
+        tx.execute(_RECORD_REQUEST, (owner, operation, key, request_hash, response, txn_id, now_iso))
+
+    # wallets
+    def wallet_owner(self, tx: Tx, agent_id: str) -> str | None:
+        row = tx.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def count_wallets(self, tx: Tx, customer_id: str) -> int:
+        (count,) = tx.execute("SELECT COUNT(*) FROM agent_wallets WHERE customer_id = ?", (customer_id,)).fetchone()
+        return int(count)
+
+    def create_wallet(self, tx: Tx, wallet_id: str, agent_id: str, customer_id: str, daily_cap: int | None,
+                      now_iso: str) -> None:
+        tx.execute(
+            "INSERT INTO agent_wallets (id, agent_id, customer_id, balance, daily_cap, frozen, created_at, "
+            "updated_at) VALUES (?, ?, ?, 0, ?, 0, ?, ?)",
+            (wallet_id, agent_id, customer_id, daily_cap, now_iso, now_iso),
+        )
+
+    def load_wallet(self, tx: Tx, agent_id: str, now_iso: str) -> WalletState | None:
+        row = tx.execute(_LOAD_WALLET, (agent_id,)).fetchone()
+        if row is None:
+            return None
+        wallet = WalletState(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[3])
+        if wallet.held:
+            wallet.expired = [ExpiredHold(hold_id, amount)
+                              for hold_id, amount in tx.execute(_EXPIRED_HOLDS, (wallet.id, now_iso))]
+            wallet.held -= sum(hold.amount for hold in wallet.expired)
+        return wallet
+
+    def save_wallet(self, tx: Tx, wallet: WalletState, now_iso: str) -> None:
+        tx.execute(_SAVE_WALLET, (wallet.balance, wallet.held, int(wallet.frozen), wallet.spend_day,
+                                  wallet.spent_today, now_iso, wallet.id))
+
+    # postings and holds
+    def post(self, tx: Tx, txn_id: str, kind: TxnKind, key: str, reason: str, reference: str | None,
+             hold_id: str | None, now_iso: str, first: Entry, second: Entry) -> None:
+        tx.executemany(_ENTRY_INSERT, [
+            (txn_id, number, account, wallet_id, kind, amount, pending, after, key, reason, reference, hold_id,
+             now_iso)
+            for number, (account, wallet_id, amount, pending, after) in enumerate((first, second))
+        ])
+
+    def place_hold(self, tx: Tx, hold_id: str, wallet_id: str, amount: int, expires_at: str, txn_id: str,
+                   now_iso: str) -> None:
+        tx.execute(
+            "INSERT INTO ledger_holds (id, wallet_id, amount, status, expires_at, txn_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (hold_id, wallet_id, amount, HoldStatus.ACTIVE, expires_at, txn_id, now_iso))
+
+    def hold_owner(self, tx: Tx, hold_id: str) -> str | None:
+        row = tx.execute("SELECT w.agent_id FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
+                         "WHERE h.id = ?", (hold_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def load_hold(self, tx: Tx, hold_id: str) -> HoldRow | None:
+        row = tx.execute(
+            "SELECT h.amount, h.status, h.captured, h.expires_at, h.resolved_at, w.agent_id "
+            "FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id WHERE h.id = ?", (hold_id,)
+        ).fetchone()
+        return None if row is None else HoldRow(row[0], HoldStatus(row[1]), row[2], row[3], row[4], row[5])
+
+    def resolve_hold(self, tx: Tx, hold_id: str, status: HoldStatus, txn_id: str, now_iso: str,
+                     captured: int = 0) -> None:
+        if status not in TRANSITIONS[HoldStatus.ACTIVE]:
+            raise ValueError(f"a hold cannot move from {HoldStatus.ACTIVE} to {status}")
+        changed = tx.execute(
+            "UPDATE ledger_holds SET status = ?, captured = ?, resolved_txn_id = ?, resolved_at = ? "
+            f"WHERE id = ? AND status = {_ACTIVE}", (status, captured, txn_id, now_iso, hold_id)).rowcount
+        if changed != 1:
+            row = tx.execute("SELECT status FROM ledger_holds WHERE id = ?", (hold_id,)).fetchone()
+            now = "unknown" if row is None else f"already {row[0]}"
+            raise InvalidState(f"hold {hold_id} cannot become {status}: it is {now}; a hold resolves once",
+                               param="hold_id")
+
+    def expired_hold_wallets(self, tx: Tx, now_iso: str, limit: int) -> list[tuple[str, int]]:
+        return [(str(agent_id), int(count)) for agent_id, count in tx.execute(
+            "SELECT w.agent_id, COUNT(*) FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
+            f"WHERE h.status = {_ACTIVE} AND h.expires_at <= ? GROUP BY w.agent_id LIMIT ?", (now_iso, limit))]
+
+    # reads
+    def read_wallet(self, agent_id: str, now_iso: str, recent: int) -> WalletSnapshot | None:
+        row = self._core.query_one(_READ_WALLET, {"now": now_iso, "recent": recent, "agent": agent_id})
+        if row is None:
+            return None
+        holds = sorted((HoldView.model_validate(h) for h in json.loads(row["holds_json"])),
+                       key=lambda h: (h.expires_at, h.hold_id))
+        entries = sorted((LedgerEntry.model_validate(e) for e in json.loads(row["recent_json"])),
+                         key=lambda e: -e.entry_id)
+        return WalletSnapshot(
+            id=row["id"], agent_id=row["agent_id"], customer_id=row["customer_id"], balance=row["balance"],
+            daily_cap=row["daily_cap"], frozen=bool(row["frozen"]), spend_day=row["spend_day"],
+            spent_today=row["spent_today"], created_at=row["created_at"], updated_at=row["updated_at"],
+            holds=holds, recent=entries)
+
+    def wallet_id(self, agent_id: str) -> str | None:
+        row = self._core.query_one("SELECT id FROM agent_wallets WHERE agent_id = ?", (agent_id,))
+        return None if row is None else str(row["id"])
+
+    def wallet_customer(self, agent_id: str) -> str | None:
+        row = self._core.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,))
+        return None if row is None else str(row["customer_id"])
+
+    def list_entries(self, wallet_id: str, *, kind: TxnKind | None = None, since: str | None = None,
+                     until: str | None = None, before: int | None = None, limit: int = 50) -> list[LedgerEntry]:
+        where = ["wallet_id = :wallet"]
+        params: dict[str, Any] = {"wallet": wallet_id, "limit": limit}
+        if kind is not None:
+            where.append("kind = :kind")
+            params["kind"] = kind
+        if since is not None:
+            where.append("created_at >= :since")
+            params["since"] = since
+        if until is not None:
+            where.append("created_at < :until")
+            params["until"] = until
+        if before is not None:
+            where.append("id < :cursor")
+            params["cursor"] = before
+        rows = self._core.query(
+            f"SELECT json_object({_ENTRY_JSON}) AS entry FROM agent_transactions t WHERE {' AND '.join(where)} "
+            "ORDER BY id DESC LIMIT :limit", params)
+        return [LedgerEntry.model_validate_json(r["entry"]) for r in rows]
+
+    def check_ledger(self) -> list[LedgerViolation]:
+        rows = self._core.query(_CHECKS, {"active": HoldStatus.ACTIVE, "captured": HoldStatus.CAPTURED})
+        return [LedgerViolation(rule=r["rule"], subject=str(r["subject"]), detail=r["detail"]) for r in rows]
+
+
+# One compound statement, so every rule sees the same snapshot even while the writer commits.
+_CHECKS = """
+SELECT 'txn_unbalanced' AS rule, txn_id AS subject,
+       'entries sum to ' || SUM(amount) || ' posted and ' || SUM(pending) || ' held over ' || COUNT(*) || ' rows'
+       AS detail
+  FROM agent_transactions GROUP BY txn_id HAVING SUM(amount) != 0 OR SUM(pending) != 0 OR COUNT(*) < 2
+UNION ALL
+SELECT 'balance_mismatch', w.agent_id, 'balance ' || w.balance || ' but its entries sum to ' || COALESCE(s.total, 0)
+  FROM agent_wallets w LEFT JOIN (SELECT wallet_id, SUM(amount) AS total, SUM(pending) AS held
+                                    FROM agent_transactions WHERE wallet_id IS NOT NULL GROUP BY wallet_id) s
+    ON s.wallet_id = w.id WHERE w.balance != COALESCE(s.total, 0)
+UNION ALL
+SELECT 'held_mismatch', w.agent_id, 'held ' || w.held || ' but its entries hold ' || COALESCE(s.held, 0)
+       || ' and its active holds ' || COALESCE(a.active, 0)
+  FROM agent_wallets w
+  LEFT JOIN (SELECT wallet_id, SUM(pending) AS held FROM agent_transactions WHERE wallet_id IS NOT NULL
+              GROUP BY wallet_id) s ON s.wallet_id = w.id
+  LEFT JOIN (SELECT wallet_id, SUM(amount) AS active FROM ledger_holds WHERE status = :active GROUP BY wallet_id) a
+    ON a.wallet_id = w.id
+ WHERE w.held != COALESCE(s.held, 0) OR w.held != COALESCE(a.active, 0)
+UNION ALL
+SELECT 'balance_after_mismatch', txn_id, 'entry ' || id || ' says balance_after ' || COALESCE(balance_after, 'null')
+       || ' but the running sum is ' || running
+  FROM (SELECT id, txn_id, balance_after,
+               SUM(amount) OVER (PARTITION BY wallet_id ORDER BY id) AS running
+          FROM agent_transactions WHERE wallet_id IS NOT NULL)
+ WHERE balance_after IS NOT running
+UNION ALL
+SELECT 'negative_balance', agent_id, 'balance ' || balance || ', held ' || held || ', available ' || (balance - held)
+  FROM agent_wallets WHERE balance < 0 OR held < 0 OR balance - held < 0
+UNION ALL
+SELECT 'negative_balance', txn_id, 'entry ' || id || ' left balance_after ' || balance_after
+  FROM agent_transactions WHERE balance_after < 0
+UNION ALL
+SELECT 'account_mismatch', t.txn_id, 'entry ' || t.id || ' is on ' || t.account || ' with wallet '
+       || COALESCE(t.wallet_id, 'null')
+  FROM agent_transactions t LEFT JOIN agent_wallets w ON w.id = t.wallet_id
+ WHERE (t.wallet_id IS NULL AND t.account NOT LIKE 'system:%')
+    OR (t.wallet_id IS NOT NULL AND (w.id IS NULL OR t.account != 'agent:' || w.agent_id OR t.balance_after IS NULL))
+UNION ALL
+SELECT 'hold_resolved_twice', hold_id, COUNT(DISTINCT txn_id) || ' resolutions'
+  FROM agent_transactions WHERE hold_id IS NOT NULL AND kind IN ('capture', 'release', 'expire')
+ GROUP BY hold_id HAVING COUNT(DISTINCT txn_id) > 1
+UNION ALL
+SELECT 'hold_state_mismatch', h.id, 'status ' || h.status || ' with '
+       || (SELECT COUNT(DISTINCT txn_id) FROM agent_transactions t
+            WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire')) || ' resolution(s)'
+  FROM ledger_holds h
+ WHERE (h.status = :active) = EXISTS (SELECT 1 FROM agent_transactions t
+                                        WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire'))
+    OR (h.status = :captured) != EXISTS (SELECT 1 FROM agent_transactions t
+                                           WHERE t.txn_id = h.resolved_txn_id AND t.kind = 'capture'
+                                             AND t.wallet_id = h.wallet_id AND -t.amount = h.captured)
+UNION ALL
+SELECT 'idempotency_key_reused', account || ' ' || idempotency_key,
+       COUNT(DISTINCT txn_id) || ' transactions under one key of one wallet'
+  FROM agent_transactions WHERE idempotency_key IS NOT NULL AND entry = 0
+ GROUP BY account, idempotency_key HAVING COUNT(DISTINCT txn_id) > 1
+UNION ALL
+SELECT 'idempotency_key_reused', txn_id, COUNT(*) || ' requests claim one transaction'
+  FROM ledger_requests WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING COUNT(*) > 1
+UNION ALL
+SELECT 'acknowledged_txn_missing', r.owner || ' ' || r.operation || ':' || r.idempotency_key,
+       'request names ' || r.txn_id || ', which has no entries'
+  FROM ledger_requests r
+ WHERE r.txn_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM agent_transactions t WHERE t.txn_id = r.txn_id)
+UNION ALL
+SELECT 'spent_today_mismatch', agent_id, 'spent_today ' || spent_today || ' but outgoing entries that day sum to '
+       || counted
+  FROM (SELECT w.agent_id, w.spent_today,
+               COALESCE((SELECT -SUM(t.amount) FROM agent_transactions t
+                          WHERE t.wallet_id = w.id AND t.amount < 0
+                            AND t.created_at >= strftime('%Y-%m-%dT%H:%M:%S.000Z', w.spend_day * 86400, 'unixepoch')
+                            AND t.created_at < strftime('%Y-%m-%dT%H:%M:%S.000Z', (w.spend_day + 1) * 86400,
+                                                        'unixepoch')), 0) AS counted
+          FROM agent_wallets w WHERE w.spend_day > 0)
+ WHERE spent_today != counted
+"""

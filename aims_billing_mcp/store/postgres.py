@@ -99,7 +99,7 @@ def connect(url: str, **options: Any) -> psycopg.Connection[Any]:
 def explain(url: str, exc: Exception) -> PostgresUnavailable:
     """One line for a connection failure: what was tried (password masked), why, and the fix."""
     target = f"{URL_SETTING}={mask_url(url)} ({describe_target(url)})"
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    text = " ".join(str(exc).split())[:300] or type(exc).__name__  # psycopg's lines, as one
     text = text.replace(urlsplit(url).password or "\0", "***")
     lowered = text.lower()
     if "password authentication failed" in lowered or "no password supplied" in lowered:

@@ -1,4 +1,5 @@
-"""The one table of tools: each with its MCP annotations and the permission it needs.
+"""The one table of tools: each with its MCP annotations and the permission it needs, declared beside the tool
+function by `@tool(...)` (registry.py) and collected here from the family modules.
 
 The tool sets (AIMS_BILLING_TOOLSETS: the families, one per module), the allow-list (AIMS_BILLING_TOOLS) and
 read-only mode (AIMS_BILLING_READ_ONLY) filter this table *before* registration, so a tool that is off does not
@@ -11,94 +12,17 @@ annotation twice per tool at start-up (14 ms of the time to the first tools/list
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
-
-from mcp.types import ToolAnnotations
-
 from ..errors import ConfigurationError
 from ..settings import Settings
 from . import catalog, commerce, connect, metering, subscriptions, wallets, x402
+from .registry import Permission, ToolSpec, collect, tool
 
-Permission = Literal["read", "write"]
+__all__ = ["FAMILIES", "TOOLS", "TOOLSETS", "Permission", "ToolSpec", "is_tool_allowed", "select_tools", "tool"]
 
+# The tool families, in the order of tools/list and tools.json; each module's tools in definition order.
+FAMILIES = (catalog, subscriptions, metering, wallets, x402, commerce, connect)
 
-@dataclass(frozen=True)
-class ToolSpec:
-    fn: Callable[..., Any]
-    title: str
-    permission: Permission
-    destructive: bool = False
-    idempotent: bool = True
-    open_world: bool = True
-
-    @property
-    def name(self) -> str:
-        return self.fn.__name__
-
-    @property
-    def toolset(self) -> str:
-        """The family a tool belongs to (its module: catalog, subscriptions, metering, wallets, x402, commerce)."""
-        return self.fn.__module__.rsplit(".", 1)[-1]
-
-    @property
-    def annotations(self) -> ToolAnnotations:
-        return ToolAnnotations(
-            title=self.title,
-            read_only_hint=self.permission == "read",
-            destructive_hint=self.destructive,
-            idempotent_hint=self.idempotent,
-            open_world_hint=self.open_world,
-        )
-
-
-TOOLS: tuple[ToolSpec, ...] = (
-    ToolSpec(catalog.create_product, "Create product", "write"),
-    ToolSpec(catalog.create_price, "Create price", "write"),
-    ToolSpec(catalog.create_customer, "Create customer", "write"),
-    ToolSpec(catalog.create_payment_link, "Create payment link", "write"),
-    ToolSpec(catalog.create_checkout_session, "Create checkout session", "write"),
-    ToolSpec(catalog.create_billing_portal_session, "Create billing portal session", "write"),
-    ToolSpec(catalog.list_invoices, "List invoices", "read"),
-    ToolSpec(catalog.retrieve_balance, "Retrieve balance", "read"),
-    ToolSpec(subscriptions.list_tiers, "List tiers", "read"),
-    ToolSpec(subscriptions.create_subscription_checkout, "Create subscription checkout", "write"),
-    ToolSpec(subscriptions.get_billing_status, "Get billing status", "read"),
-    ToolSpec(subscriptions.cancel_subscription, "Cancel subscription", "write", destructive=True),
-    ToolSpec(metering.create_meter_event, "Create meter event", "write"),
-    ToolSpec(metering.create_meter_events, "Create meter events", "write"),
-    ToolSpec(metering.get_usage_summary, "Get usage summary", "read", open_world=False),
-    ToolSpec(metering.quote_usage, "Quote usage", "read", open_world=False),
-    ToolSpec(metering.acquire_task_slot, "Acquire task slot", "write", open_world=False),
-    ToolSpec(metering.release_task_slot, "Release task slot", "write", open_world=False),
-    ToolSpec(metering.get_metering_status, "Get metering status", "read", open_world=False),
-    ToolSpec(wallets.create_agent_wallet, "Create agent wallet", "write", open_world=False),
-    ToolSpec(wallets.get_agent_wallet, "Get agent wallet", "read", open_world=False),
-    ToolSpec(wallets.credit_agent_wallet, "Credit agent wallet", "write", open_world=False),
-    ToolSpec(wallets.debit_agent_wallet, "Debit agent wallet", "write", open_world=False),
-    ToolSpec(wallets.transfer_luc, "Transfer LUC", "write", open_world=False),
-    ToolSpec(wallets.hold_luc, "Hold LUC", "write", open_world=False),
-    ToolSpec(wallets.capture_hold, "Capture hold", "write", open_world=False),
-    ToolSpec(wallets.release_hold, "Release hold", "write", open_world=False),
-    ToolSpec(wallets.list_agent_transactions, "List agent transactions", "read", open_world=False),
-    ToolSpec(wallets.freeze_agent_wallet, "Freeze agent wallet", "write", open_world=False),
-    ToolSpec(x402.create_x402_payment_requirements, "Create x402 payment requirements", "write", open_world=False),
-    ToolSpec(x402.verify_x402_receipt, "Verify x402 receipt", "write"),
-    ToolSpec(x402.purchase_luc_credits, "Purchase LUC credits (x402)", "write"),
-    ToolSpec(x402.register_x402_payer, "Register x402 payer", "write", open_world=False),
-    ToolSpec(commerce.create_payment_session, "Create payment session", "write"),
-    ToolSpec(commerce.confirm_payment_session, "Confirm payment session", "write"),
-    ToolSpec(commerce.get_payment_session, "Get payment session", "read"),
-    ToolSpec(commerce.cancel_payment_session, "Cancel payment session", "write", destructive=True),
-    ToolSpec(connect.create_connected_account, "Create connected account", "write"),
-    ToolSpec(connect.create_account_link, "Create account link", "write"),
-    ToolSpec(connect.get_connected_account, "Get connected account", "read"),
-    ToolSpec(connect.list_connected_accounts, "List connected accounts", "read", open_world=False),
-    ToolSpec(connect.create_plug, "Create plug", "write"),
-    ToolSpec(connect.get_creator_earnings, "Get creator earnings", "read", open_world=False),
-    ToolSpec(connect.refund_split_sale, "Refund split sale", "write", destructive=True),
-)
+TOOLS: tuple[ToolSpec, ...] = collect(FAMILIES)
 
 
 TOOLSETS: tuple[str, ...] = tuple(dict.fromkeys(spec.toolset for spec in TOOLS))

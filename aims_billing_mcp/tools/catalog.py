@@ -23,10 +23,15 @@ from ..models import (
 )
 from ..services.catalog_models import Balance, InvoiceList
 from .context import ToolContext, services
+from .registry import tool
 
 NonEmpty = Annotated[str, Field(min_length=1, max_length=5000)]
 
 
+@tool(
+    "Create product", "write",
+    summary="creates a product (`prod_`)",
+)
 async def create_product(
     ctx: ToolContext,
     name: Annotated[str, Field(min_length=1, max_length=250, description="Product name shown at checkout")],
@@ -41,6 +46,12 @@ async def create_product(
     )
 
 
+@tool(
+    "Create price", "write",
+    summary="creates a one-time or recurring price (`price_`) for a product",
+    params="**`product`**, **`currency`**, **`unit_amount`**, `recurring{interval, interval_count}`, `lookup_key`, "
+        "`nickname`",
+)
 async def create_price(
     ctx: ToolContext,
     product: Annotated[ProductId, Field(description="Product id (prod_...) this price belongs to")],
@@ -68,6 +79,11 @@ async def create_price(
     )
 
 
+@tool(
+    "Create customer", "write",
+    summary="creates a customer (`cus_`)",
+    params="`email` and/or `name`, `description`, `metadata`",
+)
 async def create_customer(
     ctx: ToolContext,
     email: Annotated[
@@ -86,6 +102,12 @@ async def create_customer(
     )
 
 
+@tool(
+    "Create payment link", "write",
+    summary="creates a shareable payment link (`plink_`); checks each price exists and holds the total against the "
+        "ceiling",
+    params="**`line_items`**, `line_items[{price, quantity}]`, `after_completion_url`",
+)
 async def create_payment_link(
     ctx: ToolContext,
     line_items: Annotated[
@@ -106,6 +128,12 @@ async def create_payment_link(
     )
 
 
+@tool(
+    "Create checkout session", "write",
+    summary="starts a Stripe Checkout Session (`cs_`) for a human to pay, one-time or subscription",
+    params="**`line_items`**, `mode` (`payment`/`subscription`), `success_url`, `cancel_url`, `customer` or "
+        "`customer_email`, `client_reference_id`",
+)
 async def create_checkout_session(
     ctx: ToolContext,
     line_items: Annotated[list[LineItem], Field(min_length=1, max_length=20, description="[{price, quantity}]")],
@@ -137,6 +165,10 @@ async def create_checkout_session(
     )
 
 
+@tool(
+    "Create billing portal session", "write",
+    summary="a customer portal URL (`bps_`) to manage cards, invoices, subscriptions",
+)
 async def create_billing_portal_session(
     ctx: ToolContext,
     customer: Annotated[CustomerId, Field(description="Customer (cus_...) who will manage their billing")],
@@ -151,6 +183,10 @@ async def create_billing_portal_session(
     )
 
 
+@tool(
+    "List invoices", "read",
+    summary="invoices newest first, one page at a time",
+)
 async def list_invoices(
     ctx: ToolContext,
     customer: Annotated[CustomerId | None, Field(description="Only this customer's invoices")] = None,
@@ -171,6 +207,10 @@ async def list_invoices(
     )
 
 
+@tool(
+    "Retrieve balance", "read",
+    summary="the account balance by currency (available, pending) and which Stripe it is (sandbox/test/live)",
+)
 async def retrieve_balance(ctx: ToolContext) -> Balance:
     """The Stripe account balance by currency: available to pay out, and pending. Read-only."""
     return await services(ctx).catalog.retrieve_balance()

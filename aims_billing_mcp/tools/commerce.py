@@ -9,12 +9,20 @@ from pydantic import Field
 from ..models import AgentId, Currency, CustomerId, DryRun, IdempotencyKey
 from ..services.commerce_models import PaymentSession, PaymentSessionResult
 from .context import ToolContext, services
+from .registry import tool
 
 SessionId = Annotated[str, Field(pattern=r"^ps_[A-Za-z0-9_]+$", description="The payment session id (ps_...)")]
 Key = Annotated[str, Field(min_length=1, max_length=255, description="Required: the same key returns the first "
                            "result instead of paying (or canceling) twice; other arguments with it are refused")]
 
 
+@tool(
+    "Create payment session", "write",
+    summary="a payment session on a Stripe PaymentIntent for a LUC pack (`luc_10k`, `luc_50k`), a prepaid tier "
+        "(`tier_3mo`, `tier_6mo`, `tier_9mo`), a creator's plug (`plug:<id>`, split through Stripe Connect) "
+        "or an amount",
+    params="`item` or `amount` + `currency`, `agent_id`, `customer`, `description`, `idempotency_key`, `dry_run`",
+)
 async def create_payment_session(
     ctx: ToolContext,
     item: Annotated[str | None, Field(min_length=1, max_length=64, description="An item id from the pricing file, "
@@ -44,6 +52,13 @@ async def create_payment_session(
     )
 
 
+@tool(
+    "Confirm payment session", "write",
+    summary="confirms it with a payment method (`pm_card_visa`) or a Shared Payment Token (`spt_...`); delivers the "
+        "item once (a pack credited, a tier started)",
+    params="**`session_id`**, `payment_method` or `shared_payment_token`, **`idempotency_key`**",
+    hints="write",
+)
 async def confirm_payment_session(
     ctx: ToolContext,
     session_id: SessionId,
@@ -62,12 +77,23 @@ async def confirm_payment_session(
     )
 
 
+@tool(
+    "Get payment session", "read",
+    summary="re-reads the PaymentIntent (status, amount_received, currency) and delivers a paid item not yet "
+        "delivered",
+    hints="read-only hint (it reads Stripe; the one write it may do is the delivery the payment already owes, so it "
+        "stays available in read-only mode)",
+)
 async def get_payment_session(ctx: ToolContext, session_id: SessionId) -> PaymentSession:
     """A payment session, verified by re-reading its PaymentIntent from Stripe (status, amount received,
     currency); delivers the item if the payment succeeded and it was not delivered yet."""
     return await services(ctx).commerce.get_session(session_id)
 
 
+@tool(
+    "Cancel payment session", "write", destructive=True,
+    summary="cancels an unpaid session (a paid one cannot be)",
+)
 async def cancel_payment_session(ctx: ToolContext, session_id: SessionId, idempotency_key: Key) -> PaymentSession:
     """Cancel an unpaid payment session (its PaymentIntent is canceled). A paid session cannot be canceled."""
     return await services(ctx).commerce.cancel_session(session_id, idempotency_key)

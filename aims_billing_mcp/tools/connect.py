@@ -15,10 +15,17 @@ from ..services.connect_models import (
     RefundSplitResult,
 )
 from .context import ToolContext, services
+from .registry import tool
 
 AccountId = Annotated[str, Field(pattern=r"^acct_[A-Za-z0-9]{1,64}$", description="Connected account id (acct_...)")]
 
 
+@tool(
+    "Create connected account", "write",
+    summary="registers a plug creator: a Stripe connected account (Accounts v2, recipient configuration) that can "
+        "receive transfers once onboarded",
+    params="**`display_name`**, **`country`**, `email`, `currency`, `idempotency_key`, `dry_run`",
+)
 async def create_connected_account(
     ctx: ToolContext,
     display_name: Annotated[str, Field(min_length=1, max_length=200, description="The creator's name, as buyers see "
@@ -39,6 +46,11 @@ async def create_connected_account(
         dry_run=dry_run)
 
 
+@tool(
+    "Create account link", "write",
+    summary="a one-time onboarding (or update) URL for the creator, expiring within minutes",
+    params="**`account`**, **`refresh_url`**, **`return_url`**, `purpose`",
+)
 async def create_account_link(
     ctx: ToolContext,
     account: AccountId,
@@ -56,12 +68,21 @@ async def create_account_link(
         idempotency_key=idempotency_key, dry_run=dry_run)
 
 
+@tool(
+    "Get connected account", "read",
+    summary="the creator's account as Stripe has it now: can it receive transfers, what Stripe still requires, "
+        "payouts",
+)
 async def get_connected_account(ctx: ToolContext, account: AccountId) -> ConnectedAccountView:
     """A creator's account as Stripe has it now: whether it can receive transfers, what Stripe still requires,
     its payouts status."""
     return await services(ctx).connect.get_connected_account(account)
 
 
+@tool(
+    "List connected accounts", "read", open_world=False,
+    summary="the creators registered here with their status as Stripe's events reported it",
+)
 async def list_connected_accounts(
     ctx: ToolContext,
     status: Annotated[Literal["onboarding", "active", "restricted"] | None, Field(
@@ -72,6 +93,12 @@ async def list_connected_accounts(
     return services(ctx).connect.list_connected_accounts(status, limit)
 
 
+@tool(
+    "Create plug", "write",
+    summary="declares a plug: a one-time price sold for a creator, with their share (basis points) or the platform's "
+        "fixed fee",
+    params="**`plug_id`**, **`price`**, **`account`**, `creator_share_bp` or `platform_fee`, `name`",
+)
 async def create_plug(
     ctx: ToolContext,
     plug_id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="The plug's id, e.g. "
@@ -93,6 +120,11 @@ async def create_plug(
         platform_fee=platform_fee, idempotency_key=idempotency_key)
 
 
+@tool(
+    "Get creator earnings", "read", open_world=False,
+    summary="per creator and currency: gross, platform fees, transferred, reversed, pending; the latest sales with "
+        "Stripe ids",
+)
 async def get_creator_earnings(
     ctx: ToolContext,
     account: Annotated[str | None, Field(pattern=r"^acct_[A-Za-z0-9]{1,64}$", description="Only this creator "
@@ -105,6 +137,12 @@ async def get_creator_earnings(
     return services(ctx).connect.earnings(account, since)
 
 
+@tool(
+    "Refund split sale", "write", destructive=True,
+    summary="refunds (part of) a sale of a plug: the buyer's money back, the creator's transfer reversed and the "
+        "platform fee refunded in proportion; never more than is left",
+    params="**`sale`**, **`amount`**, **`idempotency_key`**, `reason`",
+)
 async def refund_split_sale(
     ctx: ToolContext,
     sale: Annotated[str, Field(pattern=r"^(cs_|ps_)[A-Za-z0-9_]+$", description="The sale: its checkout session "

@@ -16,6 +16,7 @@ from ..services.metering_models import (
     UsageSummary,
 )
 from .context import ToolContext, services
+from .registry import tool
 
 Units = Annotated[int, Field(gt=0, le=10**12, description="Raw units used (tokens), a positive integer")]
 Operation = Annotated[
@@ -30,6 +31,14 @@ TaskId = Annotated[str, Field(min_length=1, max_length=128, description="Your id
 Lease = Annotated[str, Field(min_length=1, max_length=200, description="The lease acquire_task_slot answered with")]
 
 
+@tool(
+    "Create meter event", "write",
+    summary="records usage durably (answered after COMMIT): weighted units, period usage, allowance, remaining, "
+        "overage and its cost",
+    params="**`customer`**, **`units`**, `operation` or `multiplier`, `identifier`, `timestamp`, `agent_id`, "
+        "`metadata`",
+    hints="write, idempotent by identifier",
+)
 async def create_meter_event(
     ctx: ToolContext,
     customer: Annotated[CustomerId, Field(description="Customer (cus_...) whose usage this is")],
@@ -60,6 +69,14 @@ MAX_TOOL_BATCH = 100  # as Stripe's v2 meter event stream takes per request
 EVENT_SCHEMA = {key: value for key, value in MeterEventInput.model_json_schema().items() if key != "description"}
 
 
+@tool(
+    "Create meter events", "write",
+    summary="records 1-100 events in one call, each accepted, replayed or refused (index, field, reason) on its "
+        "own; the accepted ones committed together before the answer; results in order and totals",
+    params="**`events`**, `events[{customer, units, operation, multiplier, identifier, timestamp, agent_id, "
+        "metadata}]`",
+    hints="write, idempotent by identifier",
+)
 async def create_meter_events(
     ctx: ToolContext,
     events: Annotated[
@@ -77,6 +94,11 @@ async def create_meter_events(
     return await services(ctx).metering.record_many(events, limit=MAX_TOOL_BATCH)
 
 
+@tool(
+    "Get usage summary", "read", open_world=False,
+    summary="usage in a period by operation type, weighted total, allowance, overage units and cost, delivery counts",
+    params="**`customer`**, `period` (`current` or `YYYY-MM`)",
+)
 async def get_usage_summary(
     ctx: ToolContext,
     customer: Annotated[CustomerId, Field(description="Customer (cus_...)")],
@@ -89,6 +111,11 @@ async def get_usage_summary(
     return services(ctx).metering.summary(customer, period)
 
 
+@tool(
+    "Quote usage", "read", open_world=False,
+    summary="what some usage would cost now for a customer (P2P rate without one); writes nothing",
+    params="**`units`**, `operation` or `multiplier`, `customer`",
+)
 async def quote_usage(
     ctx: ToolContext,
     units: Units,
@@ -102,6 +129,12 @@ async def quote_usage(
     return services(ctx).metering.quote(units, operation=operation, multiplier=multiplier, customer=customer)
 
 
+@tool(
+    "Acquire task slot", "write", open_world=False,
+    summary="takes a concurrent-task slot, refused beyond the tier's limit; answers the slot's lease (renew with "
+        "it); expired slots free themselves",
+    hints="write, local",
+)
 async def acquire_task_slot(
     ctx: ToolContext,
     customer: Annotated[CustomerId, Field(description="Customer (cus_...) the task runs for")],
@@ -115,6 +148,11 @@ async def acquire_task_slot(
     return await services(ctx).metering.acquire_slot(customer, task_id, ttl_seconds, lease)
 
 
+@tool(
+    "Release task slot", "write", open_world=False,
+    summary="gives your task's slot back (its lease required)",
+    hints="write, local",
+)
 async def release_task_slot(
     ctx: ToolContext,
     customer: Annotated[CustomerId, Field(description="Customer (cus_...)")],
@@ -126,6 +164,10 @@ async def release_task_slot(
     return await services(ctx).metering.release_slot(customer, task_id, lease)
 
 
+@tool(
+    "Get metering status", "read", open_world=False,
+    summary="operators: usage waiting for Stripe, oldest age, sent/failed, last flush, failure reasons",
+)
 async def get_metering_status(ctx: ToolContext) -> MeteringStatus:
     """Operators: usage waiting for Stripe (count, oldest age), sent and failed counts, the last flush and recent
     failure reasons. Read-only."""

@@ -14,16 +14,28 @@ from ..models import (
 )
 from ..services.subscriptions_models import BillingStatus, CancellationResult, SubscriptionCheckoutResult, TierList
 from .context import ToolContext, services
+from .registry import tool
 
 Email = Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=512)]
 
 
+@tool(
+    "List tiers", "read",
+    summary="the 3-6-9 tiers: price, months billed and delivered, tokens/agents/concurrency, Stripe price id",
+)
 async def list_tiers(ctx: ToolContext) -> TierList:
     """The 3-6-9 tiers (P2P, 3mo, 6mo, 9mo): monthly price in cents, months billed and delivered, tokens per month,
     agents and concurrent tasks, and the Stripe price id of each paid tier where it is set up. Read-only."""
     return await services(ctx).subscriptions.list_tiers()
 
 
+@tool(
+    "Create subscription checkout", "write",
+    summary="a Checkout Session in subscription mode for a tier, carrying customer and tier in metadata; refused "
+        "while the customer has a live tier",
+    params="**`tier`** (`3mo`/`6mo`/`9mo` or `starter`/`pro`/`enterprise`), `customer` or `customer_email`, "
+        "`success_url`, `cancel_url`",
+)
 async def create_subscription_checkout(
     ctx: ToolContext,
     tier: Annotated[
@@ -48,6 +60,10 @@ async def create_subscription_checkout(
     )
 
 
+@tool(
+    "Get billing status", "read",
+    summary="a customer's tier, status and entitlements now, period end, commitment end, last event applied",
+)
 async def get_billing_status(
     ctx: ToolContext,
     customer: Annotated[CustomerId, Field(description="Customer (cus_...)")],
@@ -58,6 +74,12 @@ async def get_billing_status(
     return await services(ctx).subscriptions.get_billing_status(customer)
 
 
+@tool(
+    "Cancel subscription", "write", destructive=True,
+    summary="cancels at the period end, or at the commitment end when later; `immediately` ends it now, the usage "
+        "so far on a final invoice",
+    params="`customer` or `subscription`, `immediately`",
+)
 async def cancel_subscription(
     ctx: ToolContext,
     customer: Annotated[CustomerId | None, Field(description="Customer whose subscription to cancel")] = None,

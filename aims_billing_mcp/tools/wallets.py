@@ -19,6 +19,7 @@ from ..services.ledger_models import (
     WalletCreated,
 )
 from .context import ToolContext, services
+from .registry import tool
 
 Agent = Annotated[AgentId, Field(description="The agent's id (letters, digits and _ . : @ -)")]
 Luc = Annotated[int, Field(gt=0, le=MAX_AMOUNT, description="LUC credits, a positive integer, at most 10**15 per call")]
@@ -29,6 +30,12 @@ Reference = Annotated[str | None, Field(max_length=255, description="An id this 
 HoldId = Annotated[str, Field(pattern=r"^hold_[A-Za-z0-9_]+$", description="The hold id from hold_luc")]
 
 
+@tool(
+    "Create agent wallet", "write", open_world=False,
+    summary="opens an agent's LUC wallet for a customer, within the tier's agent limit",
+    params="**`agent_id`**, **`customer`**, `daily_cap`, **`idempotency_key`**",
+    hints="write, local",
+)
 async def create_agent_wallet(
     ctx: ToolContext,
     agent_id: Agent,
@@ -43,6 +50,10 @@ async def create_agent_wallet(
     return await services(ctx).ledger.create_wallet(agent_id, customer, daily_cap, idempotency_key)
 
 
+@tool(
+    "Get agent wallet", "read", open_world=False,
+    summary="balance, active holds, available, daily cap and today's spend, frozen, latest entries",
+)
 async def get_agent_wallet(
     ctx: ToolContext,
     agent_id: Agent,
@@ -53,6 +64,12 @@ async def get_agent_wallet(
     return services(ctx).ledger.get_wallet(agent_id, recent)
 
 
+@tool(
+    "Credit agent wallet", "write", open_world=False,
+    summary="tops up a wallet in LUC, or in USD cents at the pricing file's rate",
+    params="**`agent_id`**, `amount` or `usd_cents`, **`idempotency_key`**, **`reason`**, `reference`",
+    hints="write, local",
+)
 async def credit_agent_wallet(
     ctx: ToolContext,
     agent_id: Agent,
@@ -79,6 +96,11 @@ async def credit_agent_wallet(
     return await ledger.credit(agent_id, amount, idempotency_key=idempotency_key, reason=reason, reference=reference)
 
 
+@tool(
+    "Debit agent wallet", "write", open_world=False,
+    summary="spends LUC, refused beyond available, the daily cap, or when frozen",
+    hints="write, local",
+)
 async def debit_agent_wallet(
     ctx: ToolContext, agent_id: Agent, amount: Luc, idempotency_key: Key, reason: Reason, reference: Reference = None
 ) -> Posting:
@@ -88,6 +110,12 @@ async def debit_agent_wallet(
                                             reference=reference)
 
 
+@tool(
+    "Transfer LUC", "write", open_world=False,
+    summary="moves LUC between two wallets atomically",
+    params="**`from_agent`**, **`to_agent`**, **`amount`**, **`idempotency_key`**, **`reason`**",
+    hints="write, local",
+)
 async def transfer_luc(
     ctx: ToolContext,
     from_agent: Agent,
@@ -102,6 +130,12 @@ async def transfer_luc(
                                                reason=reason, reference=reference)
 
 
+@tool(
+    "Hold LUC", "write", open_world=False,
+    summary="reserves LUC (funds and cap room) before a task, for `ttl_seconds`",
+    params="**`agent_id`**, **`amount`**, `ttl_seconds`, **`idempotency_key`**, **`reason`**",
+    hints="write, local",
+)
 async def hold_luc(
     ctx: ToolContext,
     agent_id: Agent,
@@ -119,6 +153,12 @@ async def hold_luc(
                                            reason=reason, reference=reference)
 
 
+@tool(
+    "Capture hold", "write", open_world=False,
+    summary="settles a hold: spends `amount` ≤ the hold, releases the rest",
+    params="**`hold_id`**, **`amount`**, **`idempotency_key`**, **`reason`**",
+    hints="write, local",
+)
 async def capture_hold(
     ctx: ToolContext, hold_id: HoldId, amount: Luc, idempotency_key: Key, reason: Reason, reference: Reference = None
 ) -> HoldResolved:
@@ -127,6 +167,12 @@ async def capture_hold(
                                                    reference=reference)
 
 
+@tool(
+    "Release hold", "write", open_world=False,
+    summary="cancels a hold: nothing spent",
+    params="**`hold_id`**, **`idempotency_key`**, **`reason`**",
+    hints="write, local",
+)
 async def release_hold(
     ctx: ToolContext, hold_id: HoldId, idempotency_key: Key, reason: Reason, reference: Reference = None
 ) -> HoldResolved:
@@ -135,6 +181,10 @@ async def release_hold(
                                                    reference=reference)
 
 
+@tool(
+    "List agent transactions", "read", open_world=False,
+    summary="a wallet's ledger entries newest first, paginated, filtered by kind and time",
+)
 async def list_agent_transactions(
     ctx: ToolContext,
     agent_id: Agent,
@@ -160,6 +210,12 @@ def _time(value: str | None) -> str | float | None:
     return value
 
 
+@tool(
+    "Freeze agent wallet", "write", open_world=False,
+    summary="operator: freeze (no debits, holds, outgoing transfers) or unfreeze a wallet",
+    params="**`agent_id`**, `frozen`, **`reason`**, **`idempotency_key`**",
+    hints="write, local",
+)
 async def freeze_agent_wallet(
     ctx: ToolContext,
     agent_id: Agent,

@@ -11,14 +11,23 @@ from pydantic import Field
 
 from ..errors import PaymentRejected
 from ..models import AgentId
-from ..services.x402 import MAX_LUC, MAX_QUOTE_ID
+from ..services.x402 import MAX_LUC, MAX_QUOTE_ID, Challenge
 from ..services.x402_models import PayerRegistration, Receipt, RequirementsResult
 from .context import ToolContext, services
+from .registry import tool
 
 AgentToCredit = Annotated[AgentId, Field(description="The agent wallet to credit")]
 PAID_RESOURCE = "mcp://aims-billing-mcp/tools/purchase_luc_credits"
 
 
+@tool(
+    "Create x402 payment requirements", "write", open_world=False,
+    summary="an x402 402 challenge: stores a quote (open until `valid_seconds`, then swept; at most 10,000 open) "
+        "and returns the v2 `PaymentRequired` (or v1) and its header value",
+    params="**`description`**, `amount_usd` or `amount_atomic` or `luc`, `agent_id`, `network`, `valid_seconds`, "
+        "`x402_version`",
+    hints="write, local",
+)
 async def create_x402_payment_requirements(
     ctx: ToolContext,
     description: Annotated[str, Field(min_length=1, max_length=500, description="What is being paid for")],
@@ -45,6 +54,13 @@ async def create_x402_payment_requirements(
     )
 
 
+@tool(
+    "Verify x402 receipt", "write",
+    summary="verifies an x402 payment against the quote it accepted, settles it, records the receipt once and "
+        "credits the quote's wallet; a `quote_id` naming another quote is refused",
+    params="**`payment`** (header value or JSON; stripe mode: `pi_...`), `quote_id` (v1 and stripe mode only)",
+    hints="write, idempotent by nonce",
+)
 async def verify_x402_receipt(
     ctx: ToolContext,
     payment: Annotated[
@@ -65,6 +81,13 @@ async def verify_x402_receipt(
     return await services(ctx).x402.verify_and_settle(payment, quote_id=quote_id)
 
 
+@tool(
+    "Purchase LUC credits (x402)", "write",
+    summary='a paid tool (x402 over MCP): 402 with `PaymentRequired` without `_meta["x402/payment"]` (stores '
+        'nothing); credits with it and answers `_meta["x402/payment-response"]`; a payment for another `agent_id` '
+        "or `luc` is refused",
+    hints="write",
+)
 async def purchase_luc_credits(
     ctx: ToolContext,
     agent_id: AgentToCredit,
@@ -81,19 +104,23 @@ async def purchase_luc_credits(
     if payment is not None and not isinstance(payment, str | dict):
         raise PaymentRejected("invalid_payload", "_meta x402/payment must be the PaymentPayload object (or its "
                               "base64 header value)", param="_meta.x402/payment")
-    if payment is None:
-        challenge = await state.x402.challenge(agent_id=agent_id, luc=luc, resource=PAID_RESOURCE)
-        return CallToolResult(
-            content=[TextContent(type="text", text=json.dumps(challenge.payment_required))],
-            structured_content=challenge.payment_required, is_error=True,
-        )
-    # the quote is the one the payment accepted; one for another agent or amount is refused
-    receipt = await state.x402.verify_and_settle(payment, agent_id=agent_id, luc=luc)
-    body = receipt.model_dump(mode="json")
+    outcome = await state.x402.pay_or_challenge(payment, agent_id=agent_id, luc=luc, resource=PAID_RESOURCE)
+    if isinstance(outcome, Challenge):
+        if outcome.refusal is not None:  # answered in the tools' error shape, which names the reason and the field
+            raise outcome.refusal
+        required = outcome.required.payment_required
+        return CallToolResult(content=[TextContent(type="text", text=json.dumps(required))],
+                              structured_content=required, is_error=True)
+    body = outcome.model_dump(mode="json")
     return CallToolResult(content=[TextContent(type="text", text=json.dumps(body))], structured_content=body,
-                          _meta={MCP_PAYMENT_RESPONSE_META_KEY: receipt.settlement})
+                          _meta={MCP_PAYMENT_RESPONSE_META_KEY: outcome.settlement})
 
 
+@tool(
+    "Register x402 payer", "write", open_world=False,
+    summary="registers a payer address for an agent wallet, proven by the address's EIP-191 signature: the wallet's "
+        "quotes are then paid only from its registered addresses, and the address pays only its wallets' quotes",
+)
 async def register_x402_payer(
     ctx: ToolContext,
     agent_id: Annotated[AgentId, Field(description="The agent wallet the address pays for")],

@@ -20,35 +20,38 @@ def app(sandbox_app: Starlette) -> Starlette:
 
 
 @pytest.fixture
-def client(app: Starlette) -> TestClient:
+def api(app: Starlette) -> TestClient:
+    """The sandbox's Stripe API over HTTP (a TestClient authenticated like the SDK). Named `api`, not `client`:
+    tests/conftest.py's `client` is an MCP client, and a fixture name means one thing at every level."""
     return TestClient(app, headers=AUTH)
 
 
-def post(client: TestClient, path: str, data: dict[str, str] | None = None, **headers: str) -> Any:
+def post(api: TestClient, path: str, data: dict[str, str] | None = None, **headers: str) -> Any:
     """POST form data; returns the response (callers check status and json)."""
-    return client.post(path, data=data or {}, headers=headers)
+    return api.post(path, data=data or {}, headers=headers)
 
 
-def ok(response: Any) -> dict[str, Any]:
+def ok_json(response: Any) -> dict[str, Any]:
+    """The JSON body of an HTTP answer that must be 200 (tests/conftest.py's `ok` is the MCP tool result's)."""
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
 
 
 @pytest.fixture
-def product(client: TestClient) -> dict[str, Any]:
-    return ok(post(client, "/v1/products", {"name": "Pro plan"}))
+def product(api: TestClient) -> dict[str, Any]:
+    return ok_json(post(api, "/v1/products", {"name": "Pro plan"}))
 
 
 @pytest.fixture
-def monthly(client: TestClient, product: dict[str, Any]) -> dict[str, Any]:
-    return ok(post(client, "/v1/prices", {
+def monthly(api: TestClient, product: dict[str, Any]) -> dict[str, Any]:
+    return ok_json(post(api, "/v1/prices", {
         "product": product["id"], "currency": "usd", "unit_amount": "2000",
         "recurring[interval]": "month", "lookup_key": "pro_monthly",
     }))
 
 
 @pytest.fixture
-def one_time(client: TestClient, product: dict[str, Any]) -> dict[str, Any]:
+def one_time(api: TestClient, product: dict[str, Any]) -> dict[str, Any]:
     data = {"product": product["id"], "currency": "usd", "unit_amount": "1500"}
-    return ok(post(client, "/v1/prices", data))
+    return ok_json(post(api, "/v1/prices", data))

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from aims_billing_mcp.sandbox import Sandbox
 
-from .conftest import ok, post
+from .conftest import ok_json, post
 from .test_sdk import _client
 
 RECIPIENT = {"recipient": {"capabilities": {"stripe_balance": {"stripe_transfers": {"requested": True}}}}}
@@ -36,19 +36,19 @@ def _account(sdk: stripe.StripeClient, *, onboard: bool, sandbox: Sandbox | None
     return str(account.id)
 
 
-def _pi(client: TestClient, destination: str, amount: int = 10000, **extra: str) -> dict[str, Any]:
-    return ok(post(client, "/v1/payment_intents", {
+def _pi(api: TestClient, destination: str, amount: int = 10000, **extra: str) -> dict[str, Any]:
+    return ok_json(post(api, "/v1/payment_intents", {
         "amount": str(amount), "currency": "usd", "payment_method": "pm_card_visa", "confirm": "true",
         "transfer_data[destination]": destination, **extra}))
 
 
-def _platform(client: TestClient, currency: str = "usd") -> int:
-    rows = ok(client.get("/v1/balance"))["available"]
+def _platform(api: TestClient, currency: str = "usd") -> int:
+    rows = ok_json(api.get("/v1/balance"))["available"]
     return next((int(r["amount"]) for r in rows if r["currency"] == currency), 0)
 
 
-def _connected(client: TestClient, account: str) -> int:
-    rows = ok(client.get("/v1/balance", headers={"Stripe-Account": account}))["available"]
+def _connected(api: TestClient, account: str) -> int:
+    rows = ok_json(api.get("/v1/balance", headers={"Stripe-Account": account}))["available"]
     return next((int(r["amount"]) for r in rows if r["currency"] == "usd"), 0)
 
 
@@ -98,20 +98,20 @@ def test_v2_errors_name_the_param(sdk: stripe.StripeClient) -> None:
 
 
 def test_a_transfer_moves_money_from_the_platform_to_the_account_and_a_reversal_moves_it_back(
-        client: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox) -> None:
+        api: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox) -> None:
     account = _account(sdk, onboard=True, sandbox=sandbox)
-    ok(post(client, "/v1/payment_intents", {"amount": "5000", "currency": "usd", "payment_method": "pm_card_visa",
+    ok_json(post(api, "/v1/payment_intents", {"amount": "5000", "currency": "usd", "payment_method": "pm_card_visa",
                                             "confirm": "true"}))
-    transfer = ok(post(client, "/v1/transfers", {"amount": "1200", "currency": "usd", "destination": account,
+    transfer = ok_json(post(api, "/v1/transfers", {"amount": "1200", "currency": "usd", "destination": account,
                                                  "transfer_group": "order_1"}))
-    assert (_platform(client), _connected(client, account)) == (3800, 1200)
-    assert ok(client.get("/v1/transfers", params={"transfer_group": "order_1"}))["data"][0]["id"] == transfer["id"]
-    reversal = ok(post(client, f"/v1/transfers/{transfer['id']}/reversals", {"amount": "200"}))
+    assert (_platform(api), _connected(api, account)) == (3800, 1200)
+    assert ok_json(api.get("/v1/transfers", params={"transfer_group": "order_1"}))["data"][0]["id"] == transfer["id"]
+    reversal = ok_json(post(api, f"/v1/transfers/{transfer['id']}/reversals", {"amount": "200"}))
     assert reversal["object"] == "transfer_reversal" and reversal["transfer"] == transfer["id"]
-    again = ok(client.get(f"/v1/transfers/{transfer['id']}"))
+    again = ok_json(api.get(f"/v1/transfers/{transfer['id']}"))
     assert again["amount_reversed"] == 200 and not again["reversed"]
-    assert (_platform(client), _connected(client, account)) == (4000, 1000)
-    too_much = post(client, f"/v1/transfers/{transfer['id']}/reversals", {"amount": "1001"})
+    assert (_platform(api), _connected(api, account)) == (4000, 1000)
+    too_much = post(api, f"/v1/transfers/{transfer['id']}/reversals", {"amount": "1001"})
     assert too_much.status_code == 400 and too_much.json()["error"]["param"] == "amount"
 
 
@@ -122,31 +122,31 @@ def test_a_transfer_moves_money_from_the_platform_to_the_account_and_a_reversal_
     ("no_funds", "balance_insufficient", "amount"),
 ])
 def test_a_transfer_is_refused_with_stripes_error_and_moves_nothing(
-        client: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox, case: str, code: str, param: str) -> None:
+        api: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox, case: str, code: str, param: str) -> None:
     account = _account(sdk, onboard=case != "not_onboarded", sandbox=sandbox)
     if case != "no_funds":
-        ok(post(client, "/v1/payment_intents", {"amount": "5000", "currency": "usd",
+        ok_json(post(api, "/v1/payment_intents", {"amount": "5000", "currency": "usd",
                                                 "payment_method": "pm_card_visa", "confirm": "true"}))
-    before = _platform(client)
+    before = _platform(api)
     data = {"amount": "100", "currency": "eur" if case == "other_currency" else "usd",
             "destination": "acct_unknown000000000" if case == "unknown" else account}
-    refused = post(client, "/v1/transfers", data)
+    refused = post(api, "/v1/transfers", data)
     assert refused.status_code == 400, refused.text
     assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == (code, param)
-    assert _platform(client) == before and sandbox.count("transfer") == 0
+    assert _platform(api) == before and sandbox.count("transfer") == 0
 
 
 def test_a_destination_charge_transfers_the_charge_and_takes_the_application_fee(
-        client: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox) -> None:
+        api: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox) -> None:
     account = _account(sdk, onboard=True, sandbox=sandbox)
-    pi = _pi(client, account, application_fee_amount="3000")
+    pi = _pi(api, account, application_fee_amount="3000")
     assert pi["status"] == "succeeded" and pi["transfer_group"] == f"group_{pi['id']}"
     assert pi["transfer_data"] == {"destination": account} and pi["application_fee_amount"] == 3000
-    transfers = ok(client.get("/v1/transfers", params={"transfer_group": pi["transfer_group"]}))["data"]
+    transfers = ok_json(api.get("/v1/transfers", params={"transfer_group": pi["transfer_group"]}))["data"]
     assert [(t["amount"], t["source_transaction"]) for t in transfers] == [(10000, pi["latest_charge"])]
-    fees = ok(client.get("/v1/application_fees", params={"charge": pi["latest_charge"]}))["data"]
+    fees = ok_json(api.get("/v1/application_fees", params={"charge": pi["latest_charge"]}))["data"]
     assert [(f["amount"], f["account"]) for f in fees] == [(3000, account)]
-    assert (_platform(client), _connected(client, account)) == (3000, 7000)
+    assert (_platform(api), _connected(api, account)) == (3000, 7000)
 
 
 @pytest.mark.parametrize(("refunds", "reversed_total", "fee_refunded"), [
@@ -155,19 +155,19 @@ def test_a_destination_charge_transfers_the_charge_and_takes_the_application_fee
     ([2500], 2500, 750),
 ])
 def test_refunds_reverse_the_transfer_and_refund_the_fee_in_proportion(
-        client: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox, refunds: list[int], reversed_total: int,
+        api: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox, refunds: list[int], reversed_total: int,
         fee_refunded: int) -> None:
     account = _account(sdk, onboard=True, sandbox=sandbox)
-    pi = _pi(client, account, application_fee_amount="3000")
+    pi = _pi(api, account, application_fee_amount="3000")
     for amount in refunds:
-        ok(post(client, "/v1/refunds", {"payment_intent": pi["id"], "amount": str(amount),
+        ok_json(post(api, "/v1/refunds", {"payment_intent": pi["id"], "amount": str(amount),
                                         "reverse_transfer": "true", "refund_application_fee": "true"}))
-    transfer = ok(client.get("/v1/transfers", params={"transfer_group": pi["transfer_group"]}))["data"][0]
-    fee = ok(client.get("/v1/application_fees", params={"charge": pi["latest_charge"]}))["data"][0]
+    transfer = ok_json(api.get("/v1/transfers", params={"transfer_group": pi["transfer_group"]}))["data"][0]
+    fee = ok_json(api.get("/v1/application_fees", params={"charge": pi["latest_charge"]}))["data"][0]
     assert (transfer["amount_reversed"], fee["amount_refunded"]) == (reversed_total, fee_refunded)
     refunded = sum(refunds)
-    assert _platform(client) == 3000 - fee_refunded + reversed_total - refunded
-    assert _connected(client, account) == 7000 - reversed_total + fee_refunded
+    assert _platform(api) == 3000 - fee_refunded + reversed_total - refunded
+    assert _connected(api, account) == 7000 - reversed_total + fee_refunded
 
 
 @pytest.mark.parametrize(("extra", "param"), [
@@ -176,43 +176,43 @@ def test_refunds_reverse_the_transfer_and_refund_the_fee_in_proportion(
     ({"application_fee_amount": "10", "transfer_data[amount]": "10"}, "application_fee_amount"),
 ])
 def test_a_destination_charge_with_a_fee_or_amount_above_the_charge_is_refused(
-        client: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox, extra: dict[str, str], param: str) -> None:
+        api: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox, extra: dict[str, str], param: str) -> None:
     account = _account(sdk, onboard=True, sandbox=sandbox)
-    refused = post(client, "/v1/payment_intents", {"amount": "10000", "currency": "usd",
+    refused = post(api, "/v1/payment_intents", {"amount": "10000", "currency": "usd",
                                                    "transfer_data[destination]": account, **extra})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == param
     assert sandbox.count("payment_intent") == 0
 
 
 def test_a_destination_charge_to_an_account_not_onboarded_is_refused_before_the_charge(
-        client: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox) -> None:
+        api: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox) -> None:
     account = _account(sdk, onboard=False)
-    refused = post(client, "/v1/payment_intents", {"amount": "10000", "currency": "usd",
+    refused = post(api, "/v1/payment_intents", {"amount": "10000", "currency": "usd",
                                                    "payment_method": "pm_card_visa", "confirm": "true",
                                                    "transfer_data[destination]": account})
     assert refused.json()["error"]["code"] == "insufficient_capabilities_for_transfer"
-    assert sandbox.count("payment_intent") == 0 and _platform(client) == 0
+    assert sandbox.count("payment_intent") == 0 and _platform(api) == 0
 
 
 def test_a_checkout_session_and_a_payment_link_make_destination_charges(
-        client: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox, one_time: dict[str, Any]) -> None:
+        api: TestClient, sdk: stripe.StripeClient, sandbox: Sandbox, one_time: dict[str, Any]) -> None:
     account = _account(sdk, onboard=True, sandbox=sandbox)
-    session = ok(post(client, "/v1/checkout/sessions", {
+    session = ok_json(post(api, "/v1/checkout/sessions", {
         "mode": "payment", "line_items[0][price]": one_time["id"], "line_items[0][quantity]": "2",
         "success_url": "https://example.com/ok", "payment_intent_data[transfer_data][destination]": account,
         "payment_intent_data[application_fee_amount]": "600"}))
     done = sandbox.complete_checkout_session(session["id"])
-    pi = ok(client.get(f"/v1/payment_intents/{done['payment_intent']}"))
+    pi = ok_json(api.get(f"/v1/payment_intents/{done['payment_intent']}"))
     assert pi["transfer_data"]["destination"] == account and pi["application_fee_amount"] == 600
-    link = ok(post(client, "/v1/payment_links", {
+    link = ok_json(post(api, "/v1/payment_links", {
         "line_items[0][price]": one_time["id"], "line_items[0][quantity]": "1",
         "transfer_data[destination]": account, "application_fee_amount": "150"}))
     assert link["transfer_data"] == {"destination": account, "amount": None} and link["application_fee_amount"] == 150
-    paid = ok(client.post(f"/_sandbox/payment_links/{link['id']}/pay"))
+    paid = ok_json(api.post(f"/_sandbox/payment_links/{link['id']}/pay"))
     assert paid["payment_link"] == link["id"] and paid["status"] == "complete"
-    assert _connected(client, account) == (3000 - 600) + (1500 - 150)
+    assert _connected(api, account) == (3000 - 600) + (1500 - 150)
 
 
-def test_an_unknown_stripe_account_header_is_refused(client: TestClient) -> None:
-    refused = client.get("/v1/balance", headers={"Stripe-Account": "acct_nobody00000000"})
+def test_an_unknown_stripe_account_header_is_refused(api: TestClient) -> None:
+    refused = api.get("/v1/balance", headers={"Stripe-Account": "acct_nobody00000000"})
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "account_invalid"

@@ -19,20 +19,20 @@ from aims_billing_mcp.sandbox import Sandbox, StripeError, create_app
 from aims_billing_mcp.sandbox.customers import new_customer
 from aims_billing_mcp.sandbox.subscriptions import period_end_after
 
-from .conftest import AUTH, ok, post
+from .conftest import AUTH, ok_json, post
 
 Obj = dict[str, Any]
 DAY = 86400
 
 
-def subscribe(client: TestClient, sandbox: Sandbox, price: Obj, *, trial_days: int | None = None,
+def subscribe(api: TestClient, sandbox: Sandbox, price: Obj, *, trial_days: int | None = None,
               **extra: str) -> Obj:
     """Complete a subscription checkout for ``price``; returns the completed session."""
     data = {"mode": "subscription", "success_url": "https://example.com/ok", "customer_email": "s@example.com",
             "line_items[0][price]": price["id"], "line_items[0][quantity]": "1", **extra}
     if trial_days is not None:
         data["subscription_data[trial_period_days]"] = str(trial_days)
-    session = ok(post(client, "/v1/checkout/sessions", data))
+    session = ok_json(post(api, "/v1/checkout/sessions", data))
     return sandbox.complete_checkout_session(session["id"])
 
 
@@ -51,12 +51,12 @@ def types(events: list[Obj]) -> list[str]:
     (14, "trialing", 0, "no_payment_required"),
 ])
 def test_completing_a_subscription_checkout_with_or_without_a_trial(
-    client: TestClient, sandbox: Sandbox, monthly: Obj, trial_days: int | None, status: str, invoice_total: int,
+    api: TestClient, sandbox: Sandbox, monthly: Obj, trial_days: int | None, status: str, invoice_total: int,
     payment_status: str,
 ) -> None:
     seen: list[Obj] = []
     sandbox.add_event_listener(seen.append)
-    done = subscribe(client, sandbox, monthly, trial_days=trial_days, **{
+    done = subscribe(api, sandbox, monthly, trial_days=trial_days, **{
         "subscription_data[metadata][tier]": "pro", "metadata[order]": "42"})
     sub, invoice = get(sandbox, done["subscription"]), get(sandbox, done["invoice"])
     item = sub["items"]["data"][0]
@@ -77,8 +77,8 @@ def test_completing_a_subscription_checkout_with_or_without_a_trial(
 
 
 @pytest.mark.parametrize("days", ["0", "-1", "x"])
-def test_trial_period_days_must_be_a_positive_integer(client: TestClient, monthly: Obj, days: str) -> None:
-    response = post(client, "/v1/checkout/sessions", {
+def test_trial_period_days_must_be_a_positive_integer(api: TestClient, monthly: Obj, days: str) -> None:
+    response = post(api, "/v1/checkout/sessions", {
         "mode": "subscription", "success_url": "https://example.com/ok", "line_items[0][price]": monthly["id"],
         "line_items[0][quantity]": "1", "subscription_data[trial_period_days]": days})
     assert response.status_code == 400
@@ -100,9 +100,9 @@ def test_the_clock_moves_only_forward_and_is_shared_through_the_file(tmp_path: P
 
 
 def test_advance_renews_with_a_paid_cycle_invoice_for_the_next_period(
-    client: TestClient, sandbox: Sandbox, monthly: Obj
+    api: TestClient, sandbox: Sandbox, monthly: Obj
 ) -> None:
-    sub_id = subscribe(client, sandbox, monthly)["subscription"]
+    sub_id = subscribe(api, sandbox, monthly)["subscription"]
     start, end = (get(sandbox, sub_id)["items"]["data"][0][k] for k in ("current_period_start", "current_period_end"))
     assert sandbox.advance(days=1) == []
     events = sandbox.advance(days=31)
@@ -118,20 +118,20 @@ def test_advance_renews_with_a_paid_cycle_invoice_for_the_next_period(
     assert invoice["created"] == end and events[0]["created"] == end
     updated = events[-1]["data"]
     assert updated["previous_attributes"]["items"]["data"][0]["current_period_start"] == start
-    assert ok(client.get(f"/v1/invoices?subscription={sub_id}&status=paid"))["data"][0]["id"] == invoice["id"]
+    assert ok_json(api.get(f"/v1/invoices?subscription={sub_id}&status=paid"))["data"][0]["id"] == invoice["id"]
 
 
-def test_advance_over_several_periods_bills_each_one(client: TestClient, sandbox: Sandbox, monthly: Obj) -> None:
-    sub_id = subscribe(client, sandbox, monthly)["subscription"]
+def test_advance_over_several_periods_bills_each_one(api: TestClient, sandbox: Sandbox, monthly: Obj) -> None:
+    sub_id = subscribe(api, sandbox, monthly)["subscription"]
     events = sandbox.advance(days=95)
     assert types(events).count("invoice.paid") == 3
-    assert len(ok(client.get(f"/v1/invoices?subscription={sub_id}"))["data"]) == 4
+    assert len(ok_json(api.get(f"/v1/invoices?subscription={sub_id}"))["data"]) == 4
 
 
 def test_a_failing_customer_renewal_stays_open_and_the_subscription_goes_past_due(
-    client: TestClient, sandbox: Sandbox, monthly: Obj
+    api: TestClient, sandbox: Sandbox, monthly: Obj
 ) -> None:
-    done = subscribe(client, sandbox, monthly)
+    done = subscribe(api, sandbox, monthly)
     sandbox.fail_payments(done["customer"], True)
     events = sandbox.advance(days=32)
     assert [t for t in types(events) if t.startswith("invoice.")] == [
@@ -147,8 +147,8 @@ def test_a_failing_customer_renewal_stays_open_and_the_subscription_goes_past_du
     assert get(sandbox, done["subscription"])["status"] == "active"
 
 
-def test_a_trial_ends_into_an_active_paid_period(client: TestClient, sandbox: Sandbox, monthly: Obj) -> None:
-    sub_id = subscribe(client, sandbox, monthly, trial_days=7)["subscription"]
+def test_a_trial_ends_into_an_active_paid_period(api: TestClient, sandbox: Sandbox, monthly: Obj) -> None:
+    sub_id = subscribe(api, sandbox, monthly, trial_days=7)["subscription"]
     trial_end = get(sandbox, sub_id)["trial_end"]
     events = sandbox.advance(days=7, hours=1)
     sub = get(sandbox, sub_id)
@@ -158,14 +158,14 @@ def test_a_trial_ends_into_an_active_paid_period(client: TestClient, sandbox: Sa
 
 
 @pytest.mark.parametrize("how", ["cancel_at_period_end", "cancel_at"])
-def test_advance_cancels_at_the_scheduled_time(client: TestClient, sandbox: Sandbox, monthly: Obj, how: str) -> None:
-    sub_id = subscribe(client, sandbox, monthly)["subscription"]
+def test_advance_cancels_at_the_scheduled_time(api: TestClient, sandbox: Sandbox, monthly: Obj, how: str) -> None:
+    sub_id = subscribe(api, sandbox, monthly)["subscription"]
     period_end = get(sandbox, sub_id)["items"]["data"][0]["current_period_end"]
     when = period_end if how == "cancel_at_period_end" else sandbox.now() + 10 * DAY
     data = {"cancel_at_period_end": "true"} if how == "cancel_at_period_end" else {"cancel_at": str(when)}
-    updated = ok(post(client, f"/v1/subscriptions/{sub_id}", data))
+    updated = ok_json(post(api, f"/v1/subscriptions/{sub_id}", data))
     assert updated["cancel_at"] == when and updated["status"] == "active"
-    events = ok(client.get("/v1/events?type=customer.subscription.updated"))["data"]
+    events = ok_json(api.get("/v1/events?type=customer.subscription.updated"))["data"]
     assert events[0]["data"]["previous_attributes"]["cancel_at"] is None
     assert sandbox.advance(days=5) == []
     events = sandbox.advance(days=40)
@@ -175,31 +175,31 @@ def test_advance_cancels_at_the_scheduled_time(client: TestClient, sandbox: Sand
     assert sandbox.advance(days=40) == []
 
 
-def test_cancel_at_can_be_unset_with_an_empty_string(client: TestClient, sandbox: Sandbox, monthly: Obj) -> None:
-    sub_id = subscribe(client, sandbox, monthly)["subscription"]
-    ok(post(client, f"/v1/subscriptions/{sub_id}", {"cancel_at": str(sandbox.now() + 3 * DAY)}))
-    cleared = ok(post(client, f"/v1/subscriptions/{sub_id}", {"cancel_at": ""}))
+def test_cancel_at_can_be_unset_with_an_empty_string(api: TestClient, sandbox: Sandbox, monthly: Obj) -> None:
+    sub_id = subscribe(api, sandbox, monthly)["subscription"]
+    ok_json(post(api, f"/v1/subscriptions/{sub_id}", {"cancel_at": str(sandbox.now() + 3 * DAY)}))
+    cleared = ok_json(post(api, f"/v1/subscriptions/{sub_id}", {"cancel_at": ""}))
     assert cleared["cancel_at"] is None and cleared["canceled_at"] is None
     sandbox.advance(days=40)
     assert get(sandbox, sub_id)["status"] == "active"
-    past = post(client, f"/v1/subscriptions/{sub_id}", {"cancel_at": str(sandbox.now() - 60)})
+    past = post(api, f"/v1/subscriptions/{sub_id}", {"cancel_at": str(sandbox.now() - 60)})
     assert past.status_code == 400 and past.json()["error"]["param"] == "cancel_at"
 
 
 def test_delete_cancels_now_and_lists_filter_by_status_and_price(
-    client: TestClient, sandbox: Sandbox, monthly: Obj, product: Obj
+    api: TestClient, sandbox: Sandbox, monthly: Obj, product: Obj
 ) -> None:
-    other = ok(post(client, "/v1/prices", {"product": product["id"], "currency": "usd", "unit_amount": "500",
+    other = ok_json(post(api, "/v1/prices", {"product": product["id"], "currency": "usd", "unit_amount": "500",
                                            "recurring[interval]": "month"}))
-    kept = subscribe(client, sandbox, monthly)["subscription"]
-    gone = subscribe(client, sandbox, other)["subscription"]
-    canceled = ok(client.request("DELETE", f"/v1/subscriptions/{gone}", params={"invoice_now": "true",
+    kept = subscribe(api, sandbox, monthly)["subscription"]
+    gone = subscribe(api, sandbox, other)["subscription"]
+    canceled = ok_json(api.request("DELETE", f"/v1/subscriptions/{gone}", params={"invoice_now": "true",
                                                                                  "prorate": "false"}))
     assert canceled["status"] == "canceled" and canceled["ended_at"] == canceled["canceled_at"]
-    assert ok(client.get("/v1/events?type=customer.subscription.deleted"))["data"][0]["data"]["object"]["id"] == gone
+    assert ok_json(api.get("/v1/events?type=customer.subscription.deleted"))["data"][0]["data"]["object"]["id"] == gone
 
     def ids(query: str) -> list[str]:
-        return [s["id"] for s in ok(client.get(f"/v1/subscriptions?{query}"))["data"]]
+        return [s["id"] for s in ok_json(api.get(f"/v1/subscriptions?{query}"))["data"]]
 
     assert ids("") == [kept]
     assert ids("status=all") == [gone, kept]
@@ -208,9 +208,9 @@ def test_delete_cancels_now_and_lists_filter_by_status_and_price(
 
 
 def test_trigger_payment_failed_then_paid_moves_the_subscription_past_due_and_back(
-    client: TestClient, sandbox: Sandbox, monthly: Obj
+    api: TestClient, sandbox: Sandbox, monthly: Obj
 ) -> None:
-    done = subscribe(client, sandbox, monthly)
+    done = subscribe(api, sandbox, monthly)
     failed = sandbox.trigger("invoice.payment_failed", customer=done["customer"])
     assert failed["type"] == "invoice.payment_failed"
     invoice = get(sandbox, failed["data"]["object"]["id"])
@@ -229,38 +229,38 @@ def test_trigger_payment_failed_then_paid_moves_the_subscription_past_due_and_ba
     ("customer.subscription.deleted", "canceled"),
     ("customer.subscription.updated", "active"),
 ])
-def test_trigger_subscription_events(client: TestClient, sandbox: Sandbox, monthly: Obj, event_type: str,
+def test_trigger_subscription_events(api: TestClient, sandbox: Sandbox, monthly: Obj, event_type: str,
                                      status: str) -> None:
-    done = subscribe(client, sandbox, monthly)
+    done = subscribe(api, sandbox, monthly)
     event = sandbox.trigger(event_type, customer=done["customer"])
     assert event["type"] == event_type and event["data"]["object"]["status"] == status
     assert get(sandbox, done["subscription"])["status"] == status
 
 
 def test_trigger_refuses_unknown_types_and_customers_without_a_subscription(
-    client: TestClient, sandbox: Sandbox
+    api: TestClient, sandbox: Sandbox
 ) -> None:
     with pytest.raises(ValueError, match=r"invoice\.payment_failed"):
         sandbox.trigger("charge.refunded", customer="cus_x")
-    customer = ok(post(client, "/v1/customers", {}))
+    customer = ok_json(post(api, "/v1/customers", {}))
     with pytest.raises(StripeError, match="no subscription"):
         sandbox.trigger("invoice.paid", customer=customer["id"])
 
 
 def test_http_control_routes_fail_payments_trigger_and_advance(
-    client: TestClient, sandbox: Sandbox, monthly: Obj
+    api: TestClient, sandbox: Sandbox, monthly: Obj
 ) -> None:
-    done = subscribe(client, sandbox, monthly)
-    assert ok(client.post("/_sandbox/fail_payments", json={"customer": done["customer"], "fail": True}))["fail"]
-    clock = ok(client.post("/_sandbox/advance", json={"days": 31, "hours": 2}))
+    done = subscribe(api, sandbox, monthly)
+    assert ok_json(api.post("/_sandbox/fail_payments", json={"customer": done["customer"], "fail": True}))["fail"]
+    clock = ok_json(api.post("/_sandbox/advance", json={"days": 31, "hours": 2}))
     assert "invoice.payment_failed" in types(clock["events"]) and clock["now"] >= sandbox.now() - 5
-    ok(client.post("/_sandbox/fail_payments", json={"customer": done["customer"], "fail": False}))
-    event = ok(client.post("/_sandbox/trigger", json={"type": "invoice.paid", "customer": done["customer"]}))
+    ok_json(api.post("/_sandbox/fail_payments", json={"customer": done["customer"], "fail": False}))
+    event = ok_json(api.post("/_sandbox/trigger", json={"type": "invoice.paid", "customer": done["customer"]}))
     assert event["type"] == "invoice.paid" and get(sandbox, done["subscription"])["status"] == "active"
-    unknown = client.post("/_sandbox/trigger", json={"type": "nope", "customer": done["customer"]})
+    unknown = api.post("/_sandbox/trigger", json={"type": "nope", "customer": done["customer"]})
     assert unknown.status_code == 400 and "customer.subscription.deleted" in unknown.json()["error"]["message"]
-    assert client.post("/_sandbox/advance", json={"days": -1}).status_code == 400
-    assert client.post("/_sandbox/fail_payments", json={"customer": "cus_nope"}).status_code == 404
+    assert api.post("/_sandbox/advance", json={"days": -1}).status_code == 400
+    assert api.post("/_sandbox/fail_payments", json={"customer": "cus_nope"}).status_code == 404
 
 
 @pytest.mark.parametrize(("anchor", "expected"), [
@@ -299,10 +299,10 @@ def test_two_processes_write_the_same_sandbox_file(tmp_path: Path) -> None:
     app = create_app(db_path=db)
     here: Sandbox = app.state.sandbox
     try:
-        client = TestClient(app, headers=AUTH)
-        price = ok(post(client, "/v1/prices", {"product_data[name]": "Pro", "currency": "usd", "unit_amount": "900",
+        api = TestClient(app, headers=AUTH)
+        price = ok_json(post(api, "/v1/prices", {"product_data[name]": "Pro", "currency": "usd", "unit_amount": "900",
                                                "recurring[interval]": "month"}))
-        sub_id = subscribe(client, here, price)["subscription"]
+        sub_id = subscribe(api, here, price)["subscription"]
         child = subprocess.Popen([sys.executable, "-c", CHILD, db], stderr=subprocess.PIPE, text=True)
         errors: list[BaseException] = []
 
@@ -323,6 +323,6 @@ def test_two_processes_write_the_same_sandbox_file(tmp_path: Path) -> None:
         assert here.now() >= time.time() + 40 * DAY - 5  # the child's clock move is seen here
         sub = get(here, sub_id)  # and so is the renewal it ran
         assert get(here, sub["latest_invoice"])["billing_reason"] == "subscription_cycle"
-        assert ok(client.get(f"/v1/subscriptions/{sub_id}"))["latest_invoice"] == sub["latest_invoice"]
+        assert ok_json(api.get(f"/v1/subscriptions/{sub_id}"))["latest_invoice"] == sub["latest_invoice"]
     finally:
         here.close()

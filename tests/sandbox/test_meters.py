@@ -13,7 +13,7 @@ from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY, Sandbox
 from aims_billing_mcp.sandbox.meters import rfc3339
 from aims_billing_mcp.sandbox.pricing import tiered_amount
 
-from .conftest import ok, post
+from .conftest import ok_json, post
 from .test_lifecycle import get, subscribe, types
 from .test_sdk import SandboxHTTPClient
 
@@ -22,14 +22,14 @@ DAY = 86400
 
 
 @pytest.fixture
-def meter(client: TestClient) -> Obj:
-    return ok(post(client, "/v1/billing/meters", {
+def meter(api: TestClient) -> Obj:
+    return ok_json(post(api, "/v1/billing/meters", {
         "display_name": "API calls", "event_name": "api_call", "default_aggregation[formula]": "sum"}))
 
 
 @pytest.fixture
-def customer(client: TestClient) -> Obj:
-    return ok(post(client, "/v1/customers", {"email": "m@example.com"}))
+def customer(api: TestClient) -> Obj:
+    return ok_json(post(api, "/v1/customers", {"email": "m@example.com"}))
 
 
 @pytest.fixture
@@ -38,8 +38,8 @@ def sdk(app: Starlette) -> stripe.StripeClient:
                                base_addresses={"api": "http://sandbox.test", "meter_events": "http://sandbox.test"})
 
 
-def usage(client: TestClient, meter: Obj, customer: Obj, start: int, end: int, **extra: str) -> list[Obj]:
-    data: list[Obj] = ok(client.get(f"/v1/billing/meters/{meter['id']}/event_summaries", params={
+def usage(api: TestClient, meter: Obj, customer: Obj, start: int, end: int, **extra: str) -> list[Obj]:
+    data: list[Obj] = ok_json(api.get(f"/v1/billing/meters/{meter['id']}/event_summaries", params={
         "customer": customer["id"], "start_time": start, "end_time": end, **extra}))["data"]
     return data
 
@@ -48,35 +48,35 @@ def minute(ts: int) -> int:
     return ts - ts % 60
 
 
-def send(client: TestClient, customer: Obj, value: str = "1", **extra: str) -> Any:
-    return post(client, "/v1/billing/meter_events", {
+def send(api: TestClient, customer: Obj, value: str = "1", **extra: str) -> Any:
+    return post(api, "/v1/billing/meter_events", {
         "event_name": "api_call", "payload[stripe_customer_id]": customer["id"], "payload[value]": value, **extra})
 
 
-def test_a_meter_has_stripe_defaults_and_a_unique_active_event_name(client: TestClient, meter: Obj) -> None:
+def test_a_meter_has_stripe_defaults_and_a_unique_active_event_name(api: TestClient, meter: Obj) -> None:
     assert meter["id"].startswith("mtr_") and meter["status"] == "active" and meter["object"] == "billing.meter"
     assert meter["customer_mapping"] == {"event_payload_key": "stripe_customer_id", "type": "by_id"}
     assert meter["value_settings"] == {"event_payload_key": "value"}
     data = {"display_name": "again", "event_name": "api_call", "default_aggregation[formula]": "sum"}
-    assert post(client, "/v1/billing/meters", data).status_code == 400
-    off = ok(client.post(f"/v1/billing/meters/{meter['id']}/deactivate"))
+    assert post(api, "/v1/billing/meters", data).status_code == 400
+    off = ok_json(api.post(f"/v1/billing/meters/{meter['id']}/deactivate"))
     assert off["status"] == "inactive" and off["status_transitions"]["deactivated_at"] is not None
-    assert ok(post(client, "/v1/billing/meters", data))["event_name"] == "api_call"
-    assert [m["id"] for m in ok(client.get("/v1/billing/meters?status=inactive"))["data"]] == [meter["id"]]
-    assert ok(client.get(f"/v1/billing/meters/{meter['id']}"))["display_name"] == "API calls"
+    assert ok_json(post(api, "/v1/billing/meters", data))["event_name"] == "api_call"
+    assert [m["id"] for m in ok_json(api.get("/v1/billing/meters?status=inactive"))["data"]] == [meter["id"]]
+    assert ok_json(api.get(f"/v1/billing/meters/{meter['id']}"))["display_name"] == "API calls"
 
 
 def test_v1_meter_events_count_once_per_identifier(
-    client: TestClient, sandbox: Sandbox, meter: Obj, customer: Obj
+    api: TestClient, sandbox: Sandbox, meter: Obj, customer: Obj
 ) -> None:
-    first = ok(send(client, customer, "25", identifier="req-1"))
+    first = ok_json(send(api, customer, "25", identifier="req-1"))
     assert first["object"] == "billing.meter_event" and first["identifier"] == "req-1"
     assert first["payload"] == {"stripe_customer_id": customer["id"], "value": "25"}
-    assert ok(send(client, customer, "25", identifier="req-1"))["identifier"] == "req-1"
-    generated = ok(send(client, customer, "5"))["identifier"]
+    assert ok_json(send(api, customer, "25", identifier="req-1"))["identifier"] == "req-1"
+    generated = ok_json(send(api, customer, "5"))["identifier"]
     assert generated and generated != "req-1"
     now = sandbox.now()
-    [summary] = usage(client, meter, customer, minute(now) - 3600, minute(now) + 60)
+    [summary] = usage(api, meter, customer, minute(now) - 3600, minute(now) + 60)
     assert summary["aggregated_value"] == 30 and summary["object"] == "billing.meter_event_summary"
     assert summary["meter"] == meter["id"]
 
@@ -88,9 +88,9 @@ def test_v1_meter_events_count_once_per_identifier(
     (310, False, "timestamp_in_future"),
 ])
 def test_meter_event_timestamps_must_be_within_35_days_back_and_5_minutes_ahead(
-    client: TestClient, sandbox: Sandbox, meter: Obj, customer: Obj, offset: int, accepted: bool, code: str | None
+    api: TestClient, sandbox: Sandbox, meter: Obj, customer: Obj, offset: int, accepted: bool, code: str | None
 ) -> None:
-    response = send(client, customer, timestamp=str(sandbox.now() + offset))
+    response = send(api, customer, timestamp=str(sandbox.now() + offset))
     assert (response.status_code == 200) is accepted
     if not accepted:
         assert response.status_code == 400 and response.json()["error"]["code"] == code
@@ -103,9 +103,9 @@ def test_meter_event_timestamps_must_be_within_35_days_back_and_5_minutes_ahead(
     ("identifier", "x" * 101, "identifier"),
 ])
 def test_meter_events_for_unknown_meters_or_customers_or_bad_values_are_refused(
-    client: TestClient, meter: Obj, customer: Obj, field: str, value: str, param: str
+    api: TestClient, meter: Obj, customer: Obj, field: str, value: str, param: str
 ) -> None:
-    response = send(client, customer, **{field: value})
+    response = send(api, customer, **{field: value})
     assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
@@ -116,33 +116,34 @@ def test_meter_events_for_unknown_meters_or_customers_or_bad_values_are_refused(
     ({"start_time": "7200", "end_time": "3600"}, "end_time"),
 ])
 def test_summary_windows_must_align_like_stripes(
-    client: TestClient, meter: Obj, customer: Obj, query: dict[str, str], param: str
+    api: TestClient, meter: Obj, customer: Obj, query: dict[str, str], param: str
 ) -> None:
     params = {"customer": customer["id"], "start_time": "0", "end_time": "7200", **query}
-    response = client.get(f"/v1/billing/meters/{meter['id']}/event_summaries", params=params)
+    response = api.get(f"/v1/billing/meters/{meter['id']}/event_summaries", params=params)
     assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
 def test_summaries_group_by_hour_and_paginate(
-    client: TestClient, sandbox: Sandbox, meter: Obj, customer: Obj
+    api: TestClient, sandbox: Sandbox, meter: Obj, customer: Obj
 ) -> None:
-    hour = sandbox.now() - sandbox.now() % 3600
+    now = sandbox.now()  # read once: two reads a second apart gave an hour that is not on a minute boundary
+    hour = now - now % 3600
     for back, value in ((0, "1"), (1, "2"), (1, "3"), (2, "4")):
-        ok(send(client, customer, value, timestamp=str(hour - back * 3600 + 5)))
+        ok_json(send(api, customer, value, timestamp=str(hour - back * 3600 + 5)))
     window = {"value_grouping_window": "hour", "limit": "2"}
-    page = usage(client, meter, customer, hour - 2 * 3600, hour + 3600, **window)
+    page = usage(api, meter, customer, hour - 2 * 3600, hour + 3600, **window)
     assert [s["aggregated_value"] for s in page] == [4, 5]
-    rest = usage(client, meter, customer, hour - 2 * 3600, hour + 3600, starting_after=page[-1]["id"], **window)
+    rest = usage(api, meter, customer, hour - 2 * 3600, hour + 3600, starting_after=page[-1]["id"], **window)
     assert [(s["start_time"], s["aggregated_value"]) for s in rest] == [(hour, 1)]
 
 
 def test_v2_session_and_stream_through_the_sdk_count_and_dedupe_with_v1(
-    client: TestClient, sandbox: Sandbox, sdk: stripe.StripeClient, meter: Obj, customer: Obj
+    api: TestClient, sandbox: Sandbox, sdk: stripe.StripeClient, meter: Obj, customer: Obj
 ) -> None:
     session = sdk.v2.billing.meter_event_session.create()
     assert session.object == "v2.billing.meter_event_session" and session.authentication_token
     assert session.expires_at > session.created and session.expires_at.endswith("Z")
-    ok(send(client, customer, "10", identifier="shared-1"))
+    ok_json(send(api, customer, "10", identifier="shared-1"))
     events = [{"event_name": "api_call", "identifier": f"v2-{i}", "timestamp": rfc3339(sandbox.now()),
                "payload": {"stripe_customer_id": customer["id"], "value": "3"}} for i in range(4)]
     events.append({"event_name": "api_call", "identifier": "shared-1",
@@ -153,7 +154,7 @@ def test_v2_session_and_stream_through_the_sdk_count_and_dedupe_with_v1(
     sdk.v2.billing.meter_event_stream.create({"events": events}, token)  # type: ignore[typeddict-item]
     sdk.v2.billing.meter_event_stream.create({"events": events[:2]}, token)  # type: ignore[typeddict-item]
     now = sandbox.now()
-    [summary] = usage(client, meter, customer, minute(now) - 3600, minute(now) + 60)
+    [summary] = usage(api, meter, customer, minute(now) - 3600, minute(now) + 60)
     assert summary["aggregated_value"] == 10 + 4 * 3
     assert [(e["identifier"], e["code"]) for e in sandbox.meter_event_errors] == [("bad-1", "resource_missing")]
     found = sdk.v1.billing.meters.event_summaries.list(meter["id"], {
@@ -179,8 +180,8 @@ def test_v2_stream_refuses_an_expired_or_unknown_session_and_more_than_100_event
         sdk.v2.billing.meter_event_stream.create({"events": [one]}, token)  # type: ignore[typeddict-item]
 
 
-def test_v2_errors_have_the_v2_shape(client: TestClient) -> None:
-    response = client.post("/v2/billing/meter_event_stream", json={"events": []},
+def test_v2_errors_have_the_v2_shape(api: TestClient) -> None:
+    response = api.post("/v2/billing/meter_event_stream", json={"events": []},
                            headers={"Authorization": "Bearer ek_test_unknown"})
     assert response.status_code == 401
     error = response.json()["error"]
@@ -196,8 +197,8 @@ TIERS = {
 
 
 @pytest.fixture
-def metered(client: TestClient, meter: Obj, product: Obj) -> Obj:
-    return ok(post(client, "/v1/prices", {
+def metered(api: TestClient, meter: Obj, product: Obj) -> Obj:
+    return ok_json(post(api, "/v1/prices", {
         "product": product["id"], "currency": "usd", "recurring[interval]": "month",
         "recurring[usage_type]": "metered", "recurring[meter]": meter["id"], **TIERS}))
 
@@ -216,11 +217,11 @@ def test_a_tiered_metered_price_returns_its_tiers(metered: Obj, meter: Obj) -> N
     ({"recurring[meter]": "mtr_missing"}, "recurring[meter]"),
     ({"recurring[meter]": ""}, "recurring[meter]"),
 ])
-def test_bad_tiered_prices_are_refused(client: TestClient, meter: Obj, product: Obj, change: dict[str, str],
+def test_bad_tiered_prices_are_refused(api: TestClient, meter: Obj, product: Obj, change: dict[str, str],
                                        param: str) -> None:
     data = {"product": product["id"], "currency": "usd", "recurring[interval]": "month",
             "recurring[usage_type]": "metered", "recurring[meter]": meter["id"], **TIERS, **change}
-    response = post(client, "/v1/prices", data)
+    response = post(api, "/v1/prices", data)
     assert response.status_code in (400, 404) and response.json()["error"]["param"] == param
 
 
@@ -244,16 +245,16 @@ def test_tier_arithmetic(mode: str, quantity: int, expected: int) -> None:
     (["12001"], 5100),
 ])
 def test_renewal_invoice_bills_the_periods_metered_usage_through_graduated_tiers(
-    client: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj, values: list[str], expected_usage_amount: int
+    api: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj, values: list[str], expected_usage_amount: int
 ) -> None:
-    done = subscribe(client, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
+    done = subscribe(api, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
     sub = get(sandbox, done["subscription"])
     start, end = sub["items"]["data"][0]["current_period_start"], sub["items"]["data"][0]["current_period_end"]
     assert [("quantity" in item) for item in sub["items"]["data"]] == [True, False]
     assert get(sandbox, done["invoice"])["total"] == 2000
     customer = {"id": done["customer"]}
     for value in values:
-        ok(send(client, customer, value))
+        ok_json(send(api, customer, value))
     sandbox.advance(days=32)
     invoice = get(sandbox, get(sandbox, done["subscription"])["latest_invoice"])
     licensed, usage_line = invoice["lines"]["data"]
@@ -264,8 +265,8 @@ def test_renewal_invoice_bills_the_periods_metered_usage_through_graduated_tiers
     assert invoice["total"] == invoice["amount_paid"] == 2000 + expected_usage_amount
 
 
-def test_a_metered_line_item_takes_no_quantity(client: TestClient, metered: Obj) -> None:
-    response = post(client, "/v1/checkout/sessions", {
+def test_a_metered_line_item_takes_no_quantity(api: TestClient, metered: Obj) -> None:
+    response = post(api, "/v1/checkout/sessions", {
         "mode": "subscription", "success_url": "https://example.com/ok",
         "line_items[0][price]": metered["id"], "line_items[0][quantity]": "1"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "line_items[0][quantity]"
@@ -273,14 +274,14 @@ def test_a_metered_line_item_takes_no_quantity(client: TestClient, metered: Obj)
 
 @pytest.mark.parametrize("how", ["cancel_at_period_end", "cancel_at"])
 def test_a_scheduled_cancellation_bills_the_last_periods_usage_on_a_final_invoice(
-    client: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj, how: str
+    api: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj, how: str
 ) -> None:
-    done = subscribe(client, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
+    done = subscribe(api, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
     sub = get(sandbox, done["subscription"])
     start, end = sub["items"]["data"][0]["current_period_start"], sub["items"]["data"][0]["current_period_end"]
-    ok(post(client, f"/v1/subscriptions/{sub['id']}", {"cancel_at_period_end": "true"} if how == "cancel_at_period_end"
-            else {"cancel_at": str(end)}))
-    ok(send(client, {"id": done["customer"]}, "12001"))
+    change = {"cancel_at_period_end": "true"} if how == "cancel_at_period_end" else {"cancel_at": str(end)}
+    ok_json(post(api, f"/v1/subscriptions/{sub['id']}", change))
+    ok_json(send(api, {"id": done["customer"]}, "12001"))
 
     events = sandbox.advance(days=40)
 
@@ -293,25 +294,25 @@ def test_a_scheduled_cancellation_bills_the_last_periods_usage_on_a_final_invoic
 
 
 def test_an_immediate_cancel_discards_the_periods_usage(
-    client: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj
+    api: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj
 ) -> None:
-    done = subscribe(client, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
-    ok(send(client, {"id": done["customer"]}, "12001"))
+    done = subscribe(api, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
+    ok_json(send(api, {"id": done["customer"]}, "12001"))
 
-    ok(client.delete(f"/v1/subscriptions/{done['subscription']}"))
+    ok_json(api.delete(f"/v1/subscriptions/{done['subscription']}"))
 
     assert get(sandbox, done["subscription"])["latest_invoice"] == done["invoice"]
 
 
 def test_an_immediate_cancel_with_invoice_now_bills_the_periods_usage_so_far_on_a_final_invoice(
-    client: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj
+    api: TestClient, sandbox: Sandbox, monthly: Obj, metered: Obj
 ) -> None:
-    done = subscribe(client, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
+    done = subscribe(api, sandbox, monthly, **{"line_items[1][price]": metered["id"]})
     start = get(sandbox, done["subscription"])["items"]["data"][0]["current_period_start"]
-    ok(send(client, {"id": done["customer"]}, "12001"))
+    ok_json(send(api, {"id": done["customer"]}, "12001"))
     sandbox.advance(days=3)
 
-    canceled = ok(client.delete(f"/v1/subscriptions/{done['subscription']}", params={"invoice_now": "true"}))
+    canceled = ok_json(api.delete(f"/v1/subscriptions/{done['subscription']}", params={"invoice_now": "true"}))
 
     final = get(sandbox, canceled["latest_invoice"])
     [usage_line] = final["lines"]["data"]

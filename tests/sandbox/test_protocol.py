@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY, Sandbox, create_app
 
-from .conftest import ok, post
+from .conftest import ok_json, post
 
 
 def test_missing_api_key_is_401_with_stripe_wording(app: Starlette) -> None:
@@ -42,16 +42,16 @@ def test_extra_api_keys_can_be_accepted() -> None:
     app.state.sandbox.close()
 
 
-def test_every_response_carries_request_id_json_and_version(client: TestClient) -> None:
-    response = client.get("/v1/balance", headers={"Stripe-Version": "2025-01-01.test"})
+def test_every_response_carries_request_id_json_and_version(api: TestClient) -> None:
+    response = api.get("/v1/balance", headers={"Stripe-Version": "2025-01-01.test"})
     assert response.headers["request-id"].startswith("req_")
     assert response.headers["content-type"].startswith("application/json")
     assert response.headers["stripe-version"] == "2025-01-01.test"
-    assert client.get("/v1/balance").headers["stripe-version"] == "2026-01-28.clover"
+    assert api.get("/v1/balance").headers["stripe-version"] == "2026-01-28.clover"
 
 
-def test_unknown_route_is_stripe_404(client: TestClient) -> None:
-    response = client.get("/v1/nope")
+def test_unknown_route_is_stripe_404(api: TestClient) -> None:
+    response = api.get("/v1/nope")
     assert response.status_code == 404
     assert response.json()["error"]["message"].startswith("Unrecognized request URL (GET: /v1/nope)")
 
@@ -65,47 +65,47 @@ def test_unknown_route_is_stripe_404(client: TestClient) -> None:
     ("/v1/customers", {"metadata[a]": "b", "name": "n", "email": "nope"}, 400, "email_invalid", "email"),
 ])
 def test_validation_errors_name_the_param(
-    client: TestClient, path: str, data: dict[str, str], status: int, code: str, param: str
+    api: TestClient, path: str, data: dict[str, str], status: int, code: str, param: str
 ) -> None:
-    response = post(client, path, data)
+    response = post(api, path, data)
     error = response.json()["error"]
     assert (response.status_code, error["code"], error["param"]) == (status, code, param)
     assert error["type"] == "invalid_request_error"
 
 
-def test_missing_param_message_matches_stripe(client: TestClient) -> None:
-    error = post(client, "/v1/prices", {"product": "prod_x", "unit_amount": "1"}).json()["error"]
+def test_missing_param_message_matches_stripe(api: TestClient) -> None:
+    error = post(api, "/v1/prices", {"product": "prod_x", "unit_amount": "1"}).json()["error"]
     assert error["message"] == "Missing required param: currency."
 
 
-def test_unknown_id_is_404_naming_the_id(client: TestClient) -> None:
-    error = client.get("/v1/customers/cus_x").json()["error"]
+def test_unknown_id_is_404_naming_the_id(api: TestClient) -> None:
+    error = api.get("/v1/customers/cus_x").json()["error"]
     assert (error["code"], error["param"]) == ("resource_missing", "id")
     assert error["message"] == "No such customer: 'cus_x'"
 
 
-def test_lists_are_newest_first_and_paginate_both_ways(client: TestClient) -> None:
-    ids = [ok(post(client, "/v1/customers", {"name": f"c{i}"}))["id"] for i in range(5)]
-    first = ok(client.get("/v1/customers", params={"limit": "2"}))
+def test_lists_are_newest_first_and_paginate_both_ways(api: TestClient) -> None:
+    ids = [ok_json(post(api, "/v1/customers", {"name": f"c{i}"}))["id"] for i in range(5)]
+    first = ok_json(api.get("/v1/customers", params={"limit": "2"}))
     assert [c["id"] for c in first["data"]] == [ids[4], ids[3]]
     assert first["has_more"] is True and first["url"] == "/v1/customers" and first["object"] == "list"
-    second = ok(client.get("/v1/customers", params={"limit": "2", "starting_after": ids[3]}))
+    second = ok_json(api.get("/v1/customers", params={"limit": "2", "starting_after": ids[3]}))
     assert [c["id"] for c in second["data"]] == [ids[2], ids[1]]
-    back = ok(client.get("/v1/customers", params={"limit": "2", "ending_before": ids[1]}))
+    back = ok_json(api.get("/v1/customers", params={"limit": "2", "ending_before": ids[1]}))
     assert [c["id"] for c in back["data"]] == [ids[3], ids[2]]
-    last = ok(client.get("/v1/customers", params={"starting_after": ids[1]}))
+    last = ok_json(api.get("/v1/customers", params={"starting_after": ids[1]}))
     assert [c["id"] for c in last["data"]] == [ids[0]] and last["has_more"] is False
 
 
 @pytest.mark.parametrize("limit", ["0", "101"])
-def test_limit_out_of_range_is_refused(client: TestClient, limit: str) -> None:
-    response = client.get("/v1/customers", params={"limit": limit})
+def test_limit_out_of_range_is_refused(api: TestClient, limit: str) -> None:
+    response = api.get("/v1/customers", params={"limit": limit})
     assert response.status_code == 400 and response.json()["error"]["param"] == "limit"
 
 
-def test_same_idempotency_key_replays_the_first_response(client: TestClient, sandbox: Sandbox) -> None:
-    first = post(client, "/v1/customers", {"email": "a@example.com"}, **{"Idempotency-Key": "k1"})
-    again = post(client, "/v1/customers", {"email": "a@example.com"}, **{"Idempotency-Key": "k1"})
+def test_same_idempotency_key_replays_the_first_response(api: TestClient, sandbox: Sandbox) -> None:
+    first = post(api, "/v1/customers", {"email": "a@example.com"}, **{"Idempotency-Key": "k1"})
+    again = post(api, "/v1/customers", {"email": "a@example.com"}, **{"Idempotency-Key": "k1"})
     assert again.json() == first.json()
     assert again.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in first.headers
@@ -113,17 +113,17 @@ def test_same_idempotency_key_replays_the_first_response(client: TestClient, san
     assert [r.replayed for r in sandbox.request_log] == [False, True]
 
 
-def test_same_idempotency_key_with_other_params_is_refused(client: TestClient) -> None:
-    post(client, "/v1/customers", {"email": "a@example.com"}, **{"Idempotency-Key": "k1"})
-    response = post(client, "/v1/customers", {"email": "b@example.com"}, **{"Idempotency-Key": "k1"})
+def test_same_idempotency_key_with_other_params_is_refused(api: TestClient) -> None:
+    post(api, "/v1/customers", {"email": "a@example.com"}, **{"Idempotency-Key": "k1"})
+    response = post(api, "/v1/customers", {"email": "b@example.com"}, **{"Idempotency-Key": "k1"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "idempotency_error"
 
 
-def test_validation_errors_are_not_stored_under_the_key(client: TestClient) -> None:
-    assert post(client, "/v1/products", {}, **{"Idempotency-Key": "k2"}).status_code == 400
-    assert post(client, "/v1/products", {}, **{"Idempotency-Key": "k2"}).status_code == 400
-    assert "idempotent-replayed" not in post(client, "/v1/products", {}, **{"Idempotency-Key": "k2"}).headers
+def test_validation_errors_are_not_stored_under_the_key(api: TestClient) -> None:
+    assert post(api, "/v1/products", {}, **{"Idempotency-Key": "k2"}).status_code == 400
+    assert post(api, "/v1/products", {}, **{"Idempotency-Key": "k2"}).status_code == 400
+    assert "idempotent-replayed" not in post(api, "/v1/products", {}, **{"Idempotency-Key": "k2"}).headers
 
 
 def test_idempotency_keys_are_scoped_per_api_key() -> None:
@@ -155,49 +155,49 @@ def test_idempotency_keys_and_objects_persist_in_a_db_file(tmp_path: Any) -> Non
     (503, "api_error", None),
 ])
 def test_before_fault_answers_the_error_without_executing(
-    client: TestClient, sandbox: Sandbox, status: int, error_type: str, code: str | None
+    api: TestClient, sandbox: Sandbox, status: int, error_type: str, code: str | None
 ) -> None:
     sandbox.faults.inject(status=status, count=1)
-    response = post(client, "/v1/customers", {"name": "x"})
+    response = post(api, "/v1/customers", {"name": "x"})
     assert response.status_code == status
     assert response.json()["error"]["type"] == error_type
     assert response.json()["error"].get("code") == code
     assert sandbox.count("customer") == 0
-    assert post(client, "/v1/customers", {"name": "x"}).status_code == 200
+    assert post(api, "/v1/customers", {"name": "x"}).status_code == 200
     assert [r.status for r in sandbox.request_log] == [status, 200]
 
 
 def test_after_fault_executes_and_a_retry_replays_the_stored_result(
-    client: TestClient, sandbox: Sandbox
+    api: TestClient, sandbox: Sandbox
 ) -> None:
     sandbox.faults.inject(status=500, mode="after")
-    lost = post(client, "/v1/customers", {"name": "x"}, **{"Idempotency-Key": "lost"})
+    lost = post(api, "/v1/customers", {"name": "x"}, **{"Idempotency-Key": "lost"})
     assert lost.status_code == 500
-    retry = post(client, "/v1/customers", {"name": "x"}, **{"Idempotency-Key": "lost"})
+    retry = post(api, "/v1/customers", {"name": "x"}, **{"Idempotency-Key": "lost"})
     assert retry.status_code == 200 and retry.headers["idempotent-replayed"] == "true"
     assert sandbox.count("customer") == 1
 
 
-def test_faults_only_hit_matching_paths_and_can_be_cleared(client: TestClient, sandbox: Sandbox) -> None:
+def test_faults_only_hit_matching_paths_and_can_be_cleared(api: TestClient, sandbox: Sandbox) -> None:
     sandbox.faults.inject(status=503, count=5, path_prefix="/v1/prices")
-    assert client.get("/v1/balance").status_code == 200
-    assert client.get("/v1/prices").status_code == 503
+    assert api.get("/v1/balance").status_code == 200
+    assert api.get("/v1/prices").status_code == 503
     sandbox.faults.clear()
-    assert client.get("/v1/prices").status_code == 200
+    assert api.get("/v1/prices").status_code == 200
 
 
-def test_faults_and_request_log_are_controllable_over_http(client: TestClient) -> None:
-    assert client.post("/_sandbox/faults", json={"status": 429, "count": 2}).status_code == 200
-    assert client.get("/v1/balance").status_code == 429
-    assert client.delete("/_sandbox/faults").status_code == 200
-    assert client.get("/v1/balance").status_code == 200
-    log = ok(client.get("/_sandbox/requests"))["data"]
+def test_faults_and_request_log_are_controllable_over_http(api: TestClient) -> None:
+    assert api.post("/_sandbox/faults", json={"status": 429, "count": 2}).status_code == 200
+    assert api.get("/v1/balance").status_code == 429
+    assert api.delete("/_sandbox/faults").status_code == 200
+    assert api.get("/v1/balance").status_code == 200
+    log = ok_json(api.get("/_sandbox/requests"))["data"]
     assert [(r["path"], r["status"]) for r in log] == [("/v1/balance", 429), ("/v1/balance", 200)]
 
 
-def test_delay_only_fault_still_answers(client: TestClient, sandbox: Sandbox) -> None:
+def test_delay_only_fault_still_answers(api: TestClient, sandbox: Sandbox) -> None:
     sandbox.faults.inject(status=None, delay_ms=1)
-    assert client.get("/v1/balance").status_code == 200
+    assert api.get("/v1/balance").status_code == 200
 
 
 @pytest.mark.parametrize("kwargs", [{"status": 200}, {"status": None}, {"mode": "sideways"}])

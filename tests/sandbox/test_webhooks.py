@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET, Sandbox, call_asgi, create_app, signature_header
 
-from .conftest import AUTH, ok, post
+from .conftest import AUTH, ok_json, post
 
 Obj = dict[str, Any]
 
@@ -57,21 +57,21 @@ def receiver(sandbox: Sandbox) -> Receiver:
     return found
 
 
-def _customer(client: TestClient, **data: str) -> Obj:
-    return ok(post(client, "/v1/customers", {"email": "w@example.com", **data}))
+def _customer(api: TestClient, **data: str) -> Obj:
+    return ok_json(post(api, "/v1/customers", {"email": "w@example.com", **data}))
 
 
-def _expire_a_session(client: TestClient, monthly: Obj) -> Obj:
-    session = ok(post(client, "/v1/checkout/sessions", {
+def _expire_a_session(api: TestClient, monthly: Obj) -> Obj:
+    session = ok_json(post(api, "/v1/checkout/sessions", {
         "mode": "subscription", "success_url": "https://example.com/ok",
         "line_items[0][price]": monthly["id"], "line_items[0][quantity]": "1"}))
-    return ok(client.post(f"/v1/checkout/sessions/{session['id']}/expire"))
+    return ok_json(api.post(f"/v1/checkout/sessions/{session['id']}/expire"))
 
 
 def test_a_delivered_event_verifies_with_the_sdk_and_the_sandbox_secret(
-    client: TestClient, sandbox: Sandbox, receiver: Receiver, monthly: Obj
+    api: TestClient, sandbox: Sandbox, receiver: Receiver, monthly: Obj
 ) -> None:
-    session = _expire_a_session(client, monthly)
+    session = _expire_a_session(api, monthly)
     assert sandbox.webhooks.drain(5)
     [event] = receiver.events
     assert event["type"] == "checkout.session.expired" and event["data"]["object"]["id"] == session["id"]
@@ -95,14 +95,14 @@ def test_signature_header_is_what_the_sdk_verifies(secret: str, accepted: bool) 
 
 
 def test_events_are_delivered_in_the_order_they_were_recorded(
-    client: TestClient, sandbox: Sandbox, receiver: Receiver
+    api: TestClient, sandbox: Sandbox, receiver: Receiver
 ) -> None:
-    customer = _customer(client)
-    session = ok(post(client, "/v1/checkout/sessions", {"mode": "setup", "customer": customer["id"],
+    customer = _customer(api)
+    session = ok_json(post(api, "/v1/checkout/sessions", {"mode": "setup", "customer": customer["id"],
                                                          "success_url": "https://example.com/ok",
                                                          "currency": "usd"}))
     sandbox.complete_checkout_session(session["id"])
-    recorded = [e["id"] for e in reversed(ok(client.get("/v1/events"))["data"])]
+    recorded = [e["id"] for e in reversed(ok_json(api.get("/v1/events"))["data"])]
     assert sandbox.webhooks.drain(5)
     assert [e["id"] for e in receiver.events] == recorded and recorded
 
@@ -113,23 +113,23 @@ def test_events_are_delivered_in_the_order_they_were_recorded(
     ([400, 400, 400], 3, False, 400),
 ])
 def test_a_failing_target_is_retried_then_delivered_or_given_up(
-    client: TestClient, sandbox: Sandbox, statuses: list[int], attempts: int, delivered: bool,
+    api: TestClient, sandbox: Sandbox, statuses: list[int], attempts: int, delivered: bool,
     last_status: int, monthly: Obj,
 ) -> None:
     receiver = Receiver(statuses)
     sandbox.webhooks.configure(receiver.app, retry_delay_scale=0.01, max_attempts=3)
-    _expire_a_session(client, monthly)
+    _expire_a_session(api, monthly)
     assert sandbox.webhooks.drain(5)
     [record] = sandbox.webhooks.deliveries
     assert (record.attempts, record.delivered, record.last_status) == (attempts, delivered, last_status)
     assert receiver.calls == attempts
 
 
-def test_an_unreachable_url_is_given_up_with_no_status(client: TestClient, sandbox: Sandbox, monthly: Obj) -> None:
+def test_an_unreachable_url_is_given_up_with_no_status(api: TestClient, sandbox: Sandbox, monthly: Obj) -> None:
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler) as probe:
         port = probe.server_address[1]  # free now that the server is closed below
     sandbox.webhooks.configure(f"http://127.0.0.1:{port}/hook", retry_delay_scale=0.01, max_attempts=2)
-    _expire_a_session(client, monthly)
+    _expire_a_session(api, monthly)
     assert sandbox.webhooks.drain(5)
     [record] = sandbox.webhooks.deliveries
     assert (record.attempts, record.delivered, record.last_status) == (2, False, None)
@@ -164,10 +164,10 @@ def test_a_url_target_gets_a_signed_post(
     url, seen = http_receiver
     app = create_app(webhook_target=url)
     try:
-        client = TestClient(app, headers=AUTH)
-        ok(post(client, "/v1/products", {"name": "x"}))  # no event
-        customer = _customer(client)
-        session = ok(post(client, "/v1/checkout/sessions", {"mode": "setup", "customer": customer["id"],
+        api = TestClient(app, headers=AUTH)
+        ok_json(post(api, "/v1/products", {"name": "x"}))  # no event
+        customer = _customer(api)
+        session = ok_json(post(api, "/v1/checkout/sessions", {"mode": "setup", "customer": customer["id"],
                                                              "success_url": "https://example.com/ok",
                                                              "currency": "usd"}))
         app.state.sandbox.complete_checkout_session(session["id"])
@@ -180,10 +180,10 @@ def test_a_url_target_gets_a_signed_post(
 
 
 def test_drain_waits_for_a_slow_target_and_times_out_meanwhile(
-    client: TestClient, sandbox: Sandbox, receiver: Receiver, monthly: Obj
+    api: TestClient, sandbox: Sandbox, receiver: Receiver, monthly: Obj
 ) -> None:
     receiver.gate.clear()
-    _expire_a_session(client, monthly)
+    _expire_a_session(api, monthly)
     assert sandbox.webhooks.drain(0.05) is False
     receiver.gate.set()
     assert sandbox.webhooks.drain(5) is True
@@ -191,12 +191,12 @@ def test_drain_waits_for_a_slow_target_and_times_out_meanwhile(
 
 
 def test_delivery_turned_off_queues_nothing_and_marks_no_pending_webhook(
-    client: TestClient, sandbox: Sandbox, receiver: Receiver, monthly: Obj
+    api: TestClient, sandbox: Sandbox, receiver: Receiver, monthly: Obj
 ) -> None:
     sandbox.webhooks.configure(None)
-    _expire_a_session(client, monthly)
+    _expire_a_session(api, monthly)
     assert sandbox.webhooks.drain(1) and receiver.events == [] and sandbox.webhooks.deliveries == []
-    assert ok(client.get("/v1/events"))["data"][0]["pending_webhooks"] == 0
+    assert ok_json(api.get("/v1/events"))["data"][0]["pending_webhooks"] == 0
 
 
 @pytest.mark.parametrize("target", ["ftp://example.com/hook", "example.com", 42])
@@ -234,14 +234,14 @@ async def test_call_asgi_sends_method_path_query_headers_and_body_and_collects_t
 
 @pytest.mark.parametrize(("statuses", "pending"), [([], 0), ([500, 500], 1)])
 def test_an_event_stays_pending_until_delivered_and_is_listed_as_undelivered(
-    client: TestClient, sandbox: Sandbox, monthly: Obj, statuses: list[int], pending: int
+    api: TestClient, sandbox: Sandbox, monthly: Obj, statuses: list[int], pending: int
 ) -> None:
     from aims_billing_mcp.sandbox.events import undelivered
 
     receiver = Receiver(statuses)
     sandbox.webhooks.configure(receiver.app, retry_delay_scale=0.01, max_attempts=2)
-    _expire_a_session(client, monthly)
+    _expire_a_session(api, monthly)
     assert sandbox.webhooks.drain(5)
     [record] = sandbox.webhooks.deliveries
-    assert ok(client.get(f"/v1/events/{record.event_id}"))["pending_webhooks"] == pending
+    assert ok_json(api.get(f"/v1/events/{record.event_id}"))["pending_webhooks"] == pending
     assert [e["id"] for e in undelivered(sandbox.store)] == ([record.event_id] if pending else [])

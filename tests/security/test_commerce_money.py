@@ -119,8 +119,7 @@ async def shop(make_settings: Callable[..., Settings], sandbox_app: Any, sandbox
                     ).data["id"]
         await stack.ledger.create_wallet("subscriber", customer, None, "open-subscriber")
         clock = Clock()
-        acp = AcpService(store, stack.payments, stack.pricing, api_keys={KEY, OTHER_KEY}, clock=clock,
-                         public_url="https://seller.test")
+        acp = stack.seller({KEY, OTHER_KEY}, clock=clock, public_url="https://seller.test")
         app = Starlette(routes=acp_routes(lambda: SimpleNamespace(acp=acp)))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://seller.test") as http:
             seller = Seller(stack, http, acp, sandbox)
@@ -261,7 +260,7 @@ async def test_two_refund_runs_at_once_never_record_zero_and_the_record_matches_
     assert shop.stack.prepaid.find(row_id)["status"] == "failed"  # type: ignore[index]
     # a second operator process: its own service on the same database
     other = PrepaidSubscriptions(shop.stack.store, shop.stack.gateway, shop.stack.subscriptions, shop.stack.pricing,
-                                 retry_delay_scale=0)
+                                 fulfilment=shop.stack.fulfilment, retry_delay_scale=0)
     gate = hold(shop.sandbox, "/v1/refunds", mode="before")
     second: dict[str, Any] = {}
 

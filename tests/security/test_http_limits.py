@@ -18,10 +18,10 @@ from mcp.shared.exceptions import MCPError
 
 from aims_billing_mcp.http_guard import LIMITS, limit_for
 from aims_billing_mcp.http_transport import build_http_app
+from aims_billing_mcp.routes import build_companion_app
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET, call_asgi
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
-from aims_billing_mcp.webhooks import build_webhook_app
 from tests.conftest import serving_http
 
 pytestmark = pytest.mark.anyio
@@ -94,7 +94,7 @@ async def test_a_body_without_length_is_read_only_up_to_the_cap_then_answered_41
     scope = {"type": "http", "method": "POST", "path": "/webhooks/stripe", "query_string": b"", "headers": [],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
     with anyio.fail_after(10):
-        await build_webhook_app(lambda: None)(scope, endless_body, send)
+        await build_companion_app(lambda: None)(scope, endless_body, send)
     assert sent[0]["status"] == 413
     assert read == cap // len(chunk) + 1  # one chunk past the cap, not one more
 
@@ -108,7 +108,7 @@ async def test_a_signed_event_above_the_webhook_cap_is_refused_and_not_stored(se
     _, server = served
     payload = json.dumps({"id": "evt_big", "type": "invoice.paid", "created": 1, "data": {"object": {
         "customer": "cus_A", "padding": "x" * (2 * MIB)}}})
-    app = build_webhook_app(lambda: server.state)
+    app = build_companion_app(lambda: server.state)
     _, status, _ = await call_asgi(app, "POST", "http://127.0.0.1/webhooks/stripe", {
         "Stripe-Signature": sign_webhook_payload(payload, SANDBOX_WEBHOOK_SECRET),
         "Content-Type": "application/json"}, payload)
@@ -124,7 +124,7 @@ async def test_oversized_x402_headers_and_queries_are_refused_before_the_handler
     served: tuple[str, Any], case: str, headers: dict[str, str], query: str
 ) -> None:
     _, server = served
-    app = build_webhook_app(lambda: server.state)
+    app = build_companion_app(lambda: server.state)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
         response = await http.get(f"/x402/credits?{query}", headers=headers)
     assert response.status_code in (414, 431), case
@@ -147,7 +147,7 @@ async def test_the_companion_endpoint_refuses_sandbox_signed_events_off_loopback
 ) -> None:
     server = make_server()
     async with Client(server):
-        app = build_webhook_app(lambda: server.state, host=host)
+        app = build_companion_app(lambda: server.state, host=host)
         payload, headers = signed_event()
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(peer, 4000)),
                                      base_url="http://h") as http:
@@ -176,7 +176,7 @@ async def test_a_sandbox_signed_event_from_loopback_is_accepted(make_server: Cal
     server = make_server()
     async with Client(server):
         payload, headers = signed_event()
-        _, status, _ = await call_asgi(build_webhook_app(lambda: server.state), "POST",
+        _, status, _ = await call_asgi(build_companion_app(lambda: server.state), "POST",
                                        "http://127.0.0.1/webhooks/stripe", headers, payload)
     assert status == 200
 
@@ -297,6 +297,6 @@ async def test_acp_requests_leave_audit_rows_redacted_and_truncated_and_anonymou
 
 @pytest.mark.parametrize(("length", "status"), [("9" * 5000, 413), ("12abc", 400)])
 async def test_an_absurd_content_length_is_answered_4xx_not_500(length: str, status: int) -> None:
-    _, answered, _ = await call_asgi(build_webhook_app(lambda: None), "POST", "http://127.0.0.1/webhooks/stripe",
+    _, answered, _ = await call_asgi(build_companion_app(lambda: None), "POST", "http://127.0.0.1/webhooks/stripe",
                                      {"Content-Length": length}, b"")
     assert answered == status

@@ -26,12 +26,12 @@ from pydantic import SecretStr
 from aims_billing_mcp.app import build_server
 from aims_billing_mcp.cli import main
 from aims_billing_mcp.redact import AUDIT_MAX_ROW, SECRET_FIELD
+from aims_billing_mcp.routes import build_companion_app
 from aims_billing_mcp.sandbox import create_app
-from aims_billing_mcp.services.acp import sign_request
+from aims_billing_mcp.services.acp_protocol import sign_request
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import utc_iso
 from aims_billing_mcp.stripe_gateway import sign_webhook_payload
-from aims_billing_mcp.webhooks import build_webhook_app
 
 from ..conftest import ok, serving_app
 
@@ -208,7 +208,7 @@ async def test_no_configured_secret_is_stored_in_any_table_after_a_session(tmp_p
         refused = await client.call_tool("create_product", {"name": ACP_KEYS[0], "api_key": HTTP_TOKEN,
                                                             "note": f"x{WEBHOOK_SECRET}"})
         assert refused.is_error
-        webhooks = build_webhook_app(lambda: server.state)
+        webhooks = build_companion_app(lambda: server.state)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=webhooks), base_url="http://t") as http:
             event = json.dumps({"id": "evt_s1", "object": "event", "type": "ping.test", "created": 1,
                                 "data": {"object": {}}})

@@ -105,7 +105,7 @@ async def test_a_tier_paid_outside_our_tools_starts_from_the_signed_webhook(
 
     async with Client(server) as client:
         state = server.state
-        assert state is not None and state.commerce.prepaid is not None
+        assert state is not None
         await setup_stripe(state.gateway, state.pricing)
         customer = ok(await client.call_tool("create_customer", {"email": "tier@example.com"}))["customer"]["id"]
         created = ok(await client.call_tool("create_payment_session", {"item": "tier_9mo", "customer": customer,
@@ -113,7 +113,7 @@ async def test_a_tier_paid_outside_our_tools_starts_from_the_signed_webhook(
         # the buyer's own client confirms the PaymentIntent (not confirm_payment_session): only the webhook tells us
         await paid_outside(state.gateway, created["payment_intent"])
         assert sandbox.webhooks.drain(timeout=10)
-        await state.commerce.prepaid.drain()
+        await state.prepaid.drain()
         status = ok(await client.call_tool("get_billing_status", {"customer": customer}))
         session = ok(await client.call_tool("get_payment_session", {"session_id": created["id"]}))
 
@@ -145,8 +145,8 @@ async def test_a_tier_paid_but_not_started_before_a_restart_starts_when_the_serv
 
     server = build_server(settings, sandbox_app=sandbox_app, retry_delay_scale=0.0)
     async with Client(server) as client:  # the next start resumes it
-        assert server.state is not None and server.state.commerce.prepaid is not None
-        await server.state.commerce.prepaid.drain()
+        assert server.state is not None
+        await server.state.prepaid.drain()
         status = ok(await client.call_tool("get_billing_status", {"customer": customer}))
 
     assert (status["tier"], status["status"]) == ("6mo", "active")

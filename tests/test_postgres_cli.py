@@ -1,0 +1,67 @@
+"""The PostgreSQL backend from the operator's side (issue 15 parts 1 and 3): `migrate`, `doctor` naming the backend,
+and start-up refusing what it cannot run on, in one line, with the password never shown."""
+
+from __future__ import annotations
+
+import pytest
+
+from aims_billing_mcp import cli
+from aims_billing_mcp.store import postgres as pg
+from tests.pg import Cluster
+
+
+@pytest.fixture
+def empty_database(pg_cluster: Cluster) -> str:
+    import uuid
+
+    return pg_cluster.create_database(f"e_{uuid.uuid4().hex[:16]}")
+
+
+def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str,
+        *argv: str) -> tuple[int, str]:
+    monkeypatch.setenv("AIMS_BILLING_DATABASE_URL", url)
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_migrate_brings_an_empty_database_to_the_schema_and_a_second_run_applies_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_database: str, pg_cluster: Cluster,
+) -> None:
+    first = run(monkeypatch, capsys, empty_database, "migrate")
+    second = run(monkeypatch, capsys, empty_database, "migrate")
+
+    assert first[0] == 0 and "applied 0001" in first[1] and f"schema version {pg.SCHEMA_VERSION}" in first[1]
+    assert second[0] == 0 and "nothing to apply" in second[1]
+    assert pg_cluster.password not in first[1] + second[1] and "***" in first[1]
+
+
+def test_doctor_names_postgresql_its_server_version_and_the_schema_version(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str, pg_cluster: Cluster,
+) -> None:
+    _, out = run(monkeypatch, capsys, postgres_url, "doctor")
+
+    line = next(line for line in out.splitlines() if line.strip().startswith("database:"))
+    assert "PostgreSQL 1" in line and f"schema version {pg.SCHEMA_VERSION}" in line
+    assert pg_cluster.password not in out
+
+
+@pytest.mark.parametrize(("url", "code", "says"), [
+    ("mysql://app:hunter2pw@127.0.0.1/db", 2, "must be a postgresql:// URL"),
+    ("postgresql://app:hunter2pw@127.0.0.1:1/db", 1, "cannot be reached"),
+])
+def test_a_url_that_cannot_serve_stops_start_up_in_one_line_naming_the_host_with_the_password_masked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, code: int, says: str,
+) -> None:
+    exit_code, out = run(monkeypatch, capsys, url, "serve")
+
+    assert exit_code == code and says in out and "127.0.0.1" in out
+    assert "hunter2pw" not in out and len(out.strip().splitlines()) == 1
+
+
+def test_serving_on_a_database_at_an_older_schema_says_to_run_migrate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_database: str,
+) -> None:
+    exit_code, out = run(monkeypatch, capsys, empty_database, "serve")
+
+    assert exit_code == 2 and "aims-billing-mcp migrate" in out and len(out.strip().splitlines()) == 1

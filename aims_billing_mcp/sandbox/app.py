@@ -223,7 +223,7 @@ def create_app(
                 await armed.gate()
             if armed is not None and armed.status is not None and armed.mode == "before":
                 raise fault(armed.status)
-            if v2 and path in (V2_SESSION, V2_STREAM):
+            if v2 and (path in (V2_SESSION, V2_STREAM) or path.startswith(V2_EVENTS)):  # the rest: routes
                 status, payload = await _v2(sandbox, request, method, path)
                 body = json.dumps(payload)
             elif control:

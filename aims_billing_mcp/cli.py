@@ -164,6 +164,10 @@ def cmd_sandbox_action(args: argparse.Namespace, settings: Settings, db_path: st
             session = sandbox.complete_checkout_session(args.session)
             print(f"checkout {session['id']}: {session['status']}, customer {session.get('customer')}, "
                   f"subscription {session.get('subscription') or '-'}")
+        elif args.sandbox_command == "complete-onboarding":
+            account = sandbox.complete_account_onboarding(args.account, onboarded=not args.restrict)
+            print(f"account {account['id']}: transfers {account['capabilities']['transfers']}, still due: "
+                  f"{', '.join(account['requirements']['currently_due']) or 'nothing'}")
         elif args.sandbox_command == "trigger":
             event = sandbox.trigger(args.event_type, customer=args.customer, subscription=args.subscription)
             print(f"triggered {event['type']} ({event['id']})")
@@ -245,7 +249,7 @@ def cmd_setup_stripe(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .services.reports import prepaid_report, receipts_report, usage_report, wallet_report
+    from .services.reports import creators_report, prepaid_report, receipts_report, usage_report, wallet_report
     from .state import open_state
 
     with open_state(_settings()) as state:
@@ -259,6 +263,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             lines = usage_report(store, state.metering, args.customer)
         elif args.report == "receipts":
             lines = receipts_report(state.x402, args.limit)
+        elif args.report == "creators":
+            from .store import utc_iso
+
+            since = utc_iso(args.since.timestamp()) if args.since else None
+            lines = creators_report(state.connect.earnings(args.account, since, args.limit))
         elif args.report == "prepaid":
             lines = prepaid_report(store.prepaid.rows(args.customer))
         else:
@@ -372,6 +381,24 @@ def cmd_refund_prepaid(args: argparse.Namespace) -> int:
         return 1
     print("\n".join(prepaid_report([row])))
     return 0 if row.status == "refunded" else 1  # a pending or failed refund: run it again later
+
+
+def cmd_check_splits(args: argparse.Namespace) -> int:
+    """Every paid split sale against Stripe's transfers and application fees; exit 1 on any mismatch."""
+    from .state import open_state
+
+    async def run() -> tuple[int, list[str]]:
+        async with open_state(_settings()) as state:
+            return await state.connect.check_splits()
+
+    checked, problems = asyncio.run(run())
+    if problems:
+        print(f"check-splits: {len(problems)} mismatch(es) in {checked} sale(s)")
+        print("\n".join(f"  {line}" for line in problems))
+        return 1
+    print(f"check-splits: ok: {checked} sale(s); each has one transfer to its creator, its application fee, and "
+          "refunds reversed as recorded")
+    return 0
 
 
 def cmd_check_ledger(args: argparse.Namespace) -> int:
@@ -536,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     actions = sandbox.add_subparsers(dest="sandbox_command", metavar="ACTION")
     complete = actions.add_parser("complete-checkout", help="a customer pays a checkout session (cs_...)")
     complete.add_argument("session", help="the checkout session id (cs_test_...) to pay, as a customer would")
+    onboard = actions.add_parser("complete-onboarding", help="a creator completes a connected account's onboarding")
+    onboard.add_argument("account", help="the connected account id (acct_...) whose account link was followed")
+    onboard.add_argument("--restrict", action="store_true", help="instead: Stripe asks for more, transfers stop")
     trigger = actions.add_parser("trigger", help="make an event happen, e.g. invoice.payment_failed")
     trigger.add_argument("event_type", help="the Stripe event type to cause, e.g. invoice.payment_failed")
     trigger.add_argument("--customer", help="the customer (cus_...) the event is about")
@@ -551,13 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--write-env", metavar="PATH", help="also set the STRIPE_PRICE_* lines in this .env file")
     setup.set_defaults(func=cmd_setup_stripe)
     report = sub.add_parser("report", help="operator reports: wallets, usage, receipts, prepaid, audit")
-    report.add_argument("report", choices=["wallets", "usage", "receipts", "prepaid", "audit"],
+    report.add_argument("report", choices=["wallets", "usage", "receipts", "prepaid", "audit", "creators"],
                         help="which report: wallets (balances), usage (this period), receipts (x402), prepaid "
-                             "(prepaid tiers), audit (what agents called)")
+                             "(prepaid tiers), audit (what agents called), creators (plug sales split with creators)")
     report.add_argument("--customer", help="only this customer (cus_...)")
+    report.add_argument("--account", help="creators: only this connected account (acct_...)")
     report.add_argument("--limit", type=_positive, default=50, help="receipts, audit: how many of the latest")
     report.add_argument("--tool", help="audit: only calls of this tool")
-    report.add_argument("--since", type=_since, help="audit: only rows since an ISO date/time or a span (30m, 12h, 7d)")
+    report.add_argument("--since", type=_since, help="audit, creators: only rows since an ISO date/time or a span "
+                        "(30m, 12h, 7d)")
     report.add_argument("--errors", action="store_true", help="audit: only calls that failed")
     report.set_defaults(func=cmd_report)
     prune = sub.add_parser("prune-audit", help="delete audit rows older than the retention period")
@@ -578,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
+    splits = sub.add_parser("check-splits", help="reconcile every split sale with Stripe; exit 1 on any mismatch")
+    splits.set_defaults(func=cmd_check_splits)
     tools_json = sub.add_parser(
         "tools-json", help="write tools.json, and the tool tables of README.md and docs/tools.md beside it")
     tools_json.add_argument("--output", default="tools.json", help="where to write it (default tools.json)")

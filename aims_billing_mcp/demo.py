@@ -66,6 +66,21 @@ def _summary(content: dict[str, Any] | None) -> str:
         e = content["entitlements"]
         return (f"{content['tier']} {content['status']}: {e['tokens_per_month']:,} tokens/mo, {e['agents']} agents, "
                 f"{e['concurrent']} concurrent")
+    if isinstance(content.get("account"), dict):
+        a = content["account"]
+        return f"{a['id']} {a['status']}, can receive transfers: {str(a['can_receive_transfers']).lower()}"
+    if "url" in content and "expires_at" in content:
+        return f"onboarding link for {content['account']}, expires {content['expires_at']}"
+    if isinstance(content.get("plug"), dict):
+        p = content["plug"]
+        return f"plug {p['id']}: {p['unit_amount']} {p['currency']}, {p['creator_amount_per_unit']} to the creator"
+    if "fee_refunded" in content:
+        return (f"{content['refund']}: {content['amount']} back; creator gave {content['reversed']}, platform "
+                f"{content['fee_refunded']}")
+    if content.get("earnings"):
+        e = content["earnings"][0]
+        return (f"{e['account']}: gross {e['gross']}, fees {e['platform_fees']}, transferred {e['transferred']}, "
+                f"reversed {e['reversed']}")
     flags = [flag for flag in ("replayed", "dry_run") if content.get(flag)]
     for value in content.values():
         if isinstance(value, dict) and "id" in value:
@@ -285,6 +300,8 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             await call("get_billing_status", {"customer": values["customer"]},
                        lambda c: (c.get("tier"), c.get("status")) == ("p2p", "canceled"))
 
+            await marketplace(call, sandbox_step, sandbox, values)
+
             await call("create_price", {"product": values["product"], "currency": "usd", "unit_amount": 99_999_999},
                        lambda c: c.get("error", {}).get("code") == "amount_above_ceiling")
             before = sandbox.count("customer")
@@ -303,12 +320,45 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             "was replayed (no second customer); signed webhooks took the customer to 6mo, past_due, then P2P; a LUC "
             "pack and a prepaid 3mo tier were paid with Shared Payment Tokens and an ACP checkout completed with an "
             "order; an x402 payment "
-            "credited once and its replay was refused; the over-ceiling price was refused; the dry run sent nothing."
+            "credited once and its replay was refused; a creator's plug sold through a checkout paid them 70% and a "
+            "partial refund reversed both shares in proportion; the over-ceiling price was refused; the dry run sent "
+            "nothing."
         )
         return True
 
 
 ACP_DEMO_KEY = "demo-platform-key"
+
+
+async def marketplace(call: Any, sandbox_step: Any, sandbox: Any, values: dict[str, Any]) -> None:
+    """A creator onboarded, their plug sold through a checkout (a destination charge: 70% to them), a partial
+    refund reversing both sides in proportion, the earnings report."""
+    made = await call("create_connected_account", {"display_name": "Plug Maker", "country": "US",
+                                                   "email": "maker@example.com", "idempotency_key": "demo-maker"},
+                      lambda c: c.get("account", {}).get("status") == "onboarding")
+    account = made["account"]["id"]
+    await call("create_account_link", {"account": account, "refresh_url": "https://aims.example/refresh",
+                                       "return_url": "https://aims.example/welcome"}, lambda c: bool(c.get("url")))
+    def onboard() -> dict[str, Any]:
+        done = sandbox.complete_account_onboarding(account)
+        return {"id": done["id"], "status": f"transfers {done['capabilities']['transfers']}"}
+
+    sandbox_step("creator completes onboarding", onboard, lambda o: o["status"] == "transfers active")
+    price = await call("create_price", {"product": values["product"], "currency": "usd", "unit_amount": 2000},
+                       lambda c: "price" in c)
+    await call("create_plug", {"plug_id": "seo-audit", "price": price["price"]["id"], "account": account,
+                               "creator_share_bp": 7000},
+               lambda c: c.get("plug", {}).get("creator_amount_per_unit") == 1400)
+    session = await call("create_checkout_session", {"line_items": [{"price": price["price"]["id"]}],
+                                                     "customer_email": "buyer@example.com"},
+                         lambda c: c.get("checkout_session", {}).get("status") == "open")
+    sale = session["checkout_session"]["id"]
+    sandbox_step("buyer pays the plug", lambda: sandbox.complete_checkout_session(sale))
+    await call("refund_split_sale", {"sale": sale, "amount": 500, "idempotency_key": "demo-refund"},
+               lambda c: (c.get("reversed"), c.get("fee_refunded")) == (350, 150))
+    await call("get_creator_earnings", {"account": account},
+               lambda c: [(e["gross"], e["platform_fees"], e["transferred"], e["reversed"])
+                          for e in c.get("earnings", [])] == [(2000, 600, 1400, 350)])
 
 
 async def acp_checkout(rows: list[Row], server: Any) -> None:

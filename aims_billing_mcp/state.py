@@ -29,6 +29,7 @@ from .services.acp import AcpService
 from .services.catalog import CatalogService
 from .services.ceiling import Ceiling
 from .services.commerce import PaymentSessionService
+from .services.connect import ConnectService
 from .services.fulfilment import Fulfilment
 from .services.idempotency import IdempotencyService
 from .services.ledger import LedgerService
@@ -66,6 +67,7 @@ class AppState:
     fulfilment: Fulfilment
     commerce: PaymentSessionService
     acp: AcpService
+    connect: ConnectService
     owns_store: bool = True  # built here (closed with the state), not handed in
     owns_gateway: bool = True
 
@@ -92,11 +94,13 @@ def build_state(
 
     ledger = LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=agent_limit or tier_agents,
                            ceiling=ceiling, clock=clock)
+    connect = ConnectService(store, mutations, gateway=gateway, idempotency=idempotency)  # marketplace splits
     fulfilment = Fulfilment()
     prepaid = PrepaidSubscriptions(store, gateway, subscriptions, pricing, fulfilment=fulfilment, clock=clock,
                                    retry_delay_scale=retry_delay_scale)
     commerce = PaymentSessionService(store, mutations, ledger, pricing, gateway=gateway, idempotency=idempotency,
-                                     ceiling=ceiling, prepaid=prepaid, fulfilment=fulfilment, clock=clock)
+                                     ceiling=ceiling, prepaid=prepaid, fulfilment=fulfilment, clock=clock,
+                                     connect=connect)
     fulfilment.register("payment_session", commerce.seller())
     acp = _acp_seller(
         store, commerce, pricing, ledger, prepaid, gateway, fulfilment,
@@ -107,8 +111,8 @@ def build_state(
         clock=clock)
     return AppState(
         settings=settings, store=store, gateway=gateway, idempotency=idempotency, pricing=pricing,
-        catalog=CatalogService(mutations, gateway=gateway, ceiling=ceiling),
-        subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions, commerce),
+        catalog=CatalogService(mutations, gateway=gateway, ceiling=ceiling, connect=connect),
+        subscriptions=subscriptions, webhook_events=WebhookEventService(store, subscriptions, commerce, connect),
         webhook_secret=_webhook_secret(settings, gateway),
         ledger=ledger,
         metering=MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
@@ -116,8 +120,9 @@ def build_state(
                                  ceiling=ceiling, clock=clock),
         flusher=MeterFlusher(store, gateway, retry_delay_scale=retry_delay_scale, currency=pricing.currency,
                              clock=clock),
-        x402=X402Service.from_settings(store, ledger, gateway, pricing, settings, clock=clock, ceiling=ceiling),
-        prepaid=prepaid, fulfilment=fulfilment, commerce=commerce, acp=acp,
+        x402=X402Service.from_settings(store, ledger, gateway, pricing, settings, clock=clock, ceiling=ceiling,
+                                       connect=connect),
+        prepaid=prepaid, fulfilment=fulfilment, commerce=commerce, acp=acp, connect=connect,
         owns_store=owns_store, owns_gateway=owns_gateway,
     )
 

@@ -68,6 +68,7 @@ class StripeRequest:
     idempotency_key: str | None = None
     base: str = "api"
     api_key: str | None = field(default=None, repr=False)
+    stripe_account: str | None = None  # the Stripe-Account header: act as this connected account
 
     def describe(self, base_url: str, api_version: str) -> dict[str, Any]:
         body = encode_form(self.params)
@@ -254,6 +255,8 @@ class StripeGateway:
             options["base"] = request.base
         if request.api_key is not None:
             options["api_key"] = request.api_key
+        if request.stripe_account is not None:
+            options["stripe_account"] = request.stripe_account
         attempt = 0
         while True:
             try:

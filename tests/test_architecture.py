@@ -23,6 +23,8 @@ MACHINES = (
     ("store/acp.py", "OrderStatus", "ORDER_TRANSITIONS"),
     ("store/webhooks.py", "EventState", "EVENT_TRANSITIONS"),
     ("store/webhooks.py", "SubscriptionStatus", "STATUS_TRANSITIONS"),
+    ("store/connect.py", "AccountStatus", "ACCOUNT_TRANSITIONS"),
+    ("store/connect.py", "SplitStatus", "SPLIT_TRANSITIONS"),
 )
 
 

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
-from . import catalog, checkout, customers, events, invoices, meters, payments, refunds, subscriptions
+from . import catalog, checkout, connect, customers, events, invoices, meters, payments, refunds, subscriptions
 from .auth import SANDBOX_SECRET_KEY, authenticate, key_from_header
 from .core import DEFAULT_API_VERSION, Route
 from .errors import StripeError, fault, invalid, unrecognized_url
@@ -38,6 +38,7 @@ ROUTES: tuple[Route, ...] = (
     *refunds.ROUTES,
     *events.ROUTES,
     *meters.ROUTES,
+    *connect.ROUTES,
 )
 V2_SESSION = "/v2/billing/meter_event_session"
 V2_STREAM = "/v2/billing/meter_event_stream"
@@ -135,6 +136,11 @@ def _control(sandbox: Sandbox, method: str, path: str, form: Form) -> tuple[int,
     if method == "POST" and len(parts) == 4 and parts[:2] == ["checkout", "sessions"] \
             and parts[3] == "complete":
         return 200, sandbox.complete_checkout_session(parts[2])
+    if method == "POST" and len(parts) == 3 and parts[0] == "accounts" \
+            and parts[2] in ("complete_onboarding", "restrict"):
+        return 200, sandbox.complete_account_onboarding(parts[1], onboarded=parts[2] == "complete_onboarding")
+    if method == "POST" and len(parts) == 3 and parts[0] == "payment_links" and parts[2] == "pay":
+        return 200, sandbox.pay_payment_link(parts[1])
     raise unrecognized_url(method, path)
 
 
@@ -206,6 +212,7 @@ def create_app(
         replayed = False
         armed: Fault | None = None
         v2 = path.startswith("/v2/")
+        account = request.headers.get("stripe-account") or None
         try:
             api_key = "" if path == V2_STREAM else authenticate(request.headers.get("authorization"),
                                                                 sandbox.api_keys)
@@ -216,7 +223,7 @@ def create_app(
                 await armed.gate()
             if armed is not None and armed.status is not None and armed.mode == "before":
                 raise fault(armed.status)
-            if v2:
+            if v2 and (path in (V2_SESSION, V2_STREAM) or path.startswith(V2_EVENTS)):  # the rest: routes
                 status, payload = await _v2(sandbox, request, method, path)
                 body = json.dumps(payload)
             elif control:
@@ -230,7 +237,7 @@ def create_app(
                 form = await _read_form(request)
                 outcome = sandbox.execute(
                     route, form, args, method=method, path=path, api_key=api_key,
-                    idempotency_key=idem, request_id=rid, api_version=version,
+                    idempotency_key=idem, request_id=rid, api_version=version, account=account,
                 )
                 status, body, replayed = outcome.status, outcome.body, outcome.replayed
                 if armed is not None and armed.gate is not None and armed.mode == "after":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from . import connect
 from .catalog import new_price, new_product, price_params
 from .core import LIST_PARAMS, Ctx, Obj, Route, list_page, public
 from .errors import StripeError, invalid, missing
@@ -132,13 +133,16 @@ def _after_completion(p: Params) -> Obj:
 def create_payment_link(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     p.allow(("line_items", "metadata", "after_completion", "allow_promotion_codes", "currency",
              "customer_creation", "billing_address_collection", "phone_number_collection",
-             "subscription_data", "payment_intent_data", "submit_type"))
+             "subscription_data", "payment_intent_data", "submit_type", "transfer_data",
+             "application_fee_amount"))
     if not p.items("line_items", required=True):
         raise missing("line_items")
     after = _after_completion(p)
     metadata = p.metadata()
     promo = p.boolean("allow_promotion_codes") or False
     lines = _line_prices(ctx, p, allow_price_data=False)
+    link_total = sum(amount_for(price, quantity) for price, quantity in lines if quantity is not None)
+    destination = connect.destination_params(ctx, p, link_total, lines[0][0]["currency"])
     link_id = new_id("plink_")
     link: Obj = {
         "id": link_id,
@@ -147,7 +151,7 @@ def create_payment_link(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         "after_completion": after,
         "allow_promotion_codes": promo,
         "application": None,
-        "application_fee_amount": None,
+        "application_fee_amount": (destination or {}).get("application_fee_amount"),
         "application_fee_percent": None,
         "automatic_tax": {"enabled": False, "liability": None},
         "billing_address_collection": p.string("billing_address_collection") or "auto",
@@ -172,8 +176,9 @@ def create_payment_link(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         "submit_type": p.string("submit_type") or "auto",
         "subscription_data": None,
         "tax_id_collection": {"enabled": False, "required": "never"},
-        "transfer_data": None,
+        "transfer_data": (destination or {}).get("transfer_data"),
         "url": f"https://buy.sandbox.aims.invalid/test_{random_base62(20)}",
+        "_destination": destination,
     }
     ctx.store.insert(link)
     for price, quantity in lines:
@@ -268,6 +273,13 @@ def create_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     total = sum(amount_for(price, quantity) for price, quantity in lines
                 if quantity is not None and not (trial_days and price["type"] == "recurring"))
     currency = lines[0][0]["currency"] if lines else p.currency()
+    pi_data = p.sub("payment_intent_data")
+    destination = None
+    if pi_data is not None:
+        if mode != "payment":
+            raise invalid("payment_intent_data", "You can only specify `payment_intent_data` in `payment` mode.")
+        pi_data.allow(("transfer_data", "application_fee_amount", "transfer_group", "metadata", "description"))
+        destination = connect.destination_params(ctx, pi_data, total, currency)
     session_id = checkout_session_id()
     session: Obj = {
         "id": session_id,
@@ -330,6 +342,8 @@ def create_session(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         "wallet_options": None,
         "_subscription_metadata": sub_metadata,
         "_trial_period_days": trial_days,
+        "_destination": destination,
+        "_payment_intent_metadata": pi_data.metadata() if pi_data is not None else {},
     }
     ctx.store.insert(session)
     for price, quantity in lines:

@@ -36,6 +36,7 @@ class Ctx:
     idempotency_key: str | None = None
     events: list[Obj] = field(default_factory=list)
     pending_webhooks: int = 0
+    account: str | None = None  # the Stripe-Account header: the connected account the request acts as
 
     def record_event(self, event_type: str, obj: Obj, previous: Obj | None = None) -> Obj:
         """Store an Event snapshotting ``obj`` now; listeners get it after commit.

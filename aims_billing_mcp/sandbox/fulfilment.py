@@ -9,11 +9,12 @@ consumer would receive.
 
 from __future__ import annotations
 
-from . import invoices, payments, subscriptions
+from . import checkout, connect, invoices, payments, subscriptions
 from .core import Ctx, Obj, public
 from .customers import new_customer
 from .errors import StripeError
 from .ids import new_id
+from .params import Params
 
 CARD = "pm_card_visa"
 
@@ -49,8 +50,9 @@ def complete_session(ctx: Ctx, session_id: str) -> Obj:
     if mode == "payment":
         pi = payments.new_payment_intent(
             ctx, amount=session["amount_total"], currency=session["currency"], customer=customer["id"],
-            metadata={},
+            metadata=dict(session.get("_payment_intent_metadata") or {}),
         )
+        connect.apply_destination(pi, session.get("_destination"))
         payments.succeed(ctx, pi, pm["id"])
         session["payment_intent"] = pi["id"]
         session["payment_status"] = "paid"
@@ -91,3 +93,18 @@ def complete_session(ctx: Ctx, session_id: str) -> Obj:
     ctx.store.update(session)
     ctx.record_event("checkout.session.completed", session)
     return public(session)
+
+
+def pay_link(ctx: Ctx, link_id: str) -> Obj:
+    """A customer paying a Payment Link: the Checkout Session the hosted page would open (the link's line items,
+    its destination), completed."""
+    link = ctx.fetch("payment_link", link_id, "payment_link", "id")
+    if not link["active"]:
+        raise StripeError(400, f"This payment link ({link_id}) is not active.", param="id")
+    lines, _ = ctx.store.page("item", {"_parent": link_id}, limit=1000, oldest_first=True)
+    form: dict[str, object] = {"mode": "payment", "line_items": {
+        str(i): {"price": line["price"]["id"], "quantity": str(line["quantity"])} for i, line in enumerate(lines)}}
+    session = checkout.create_session(ctx, Params(form), {})
+    session.update(payment_link=link_id, metadata=dict(link["metadata"] or {}), _destination=link.get("_destination"))
+    ctx.store.update(session)
+    return complete_session(ctx, session["id"])

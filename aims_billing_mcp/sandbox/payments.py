@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from . import connect
 from .core import LIST_PARAMS, Ctx, Obj, Route, list_page, public
 from .errors import StripeError, card_declined, no_such
 from .ids import new_id, random_base62
@@ -190,8 +191,9 @@ def succeed(ctx: Ctx, pi: Obj, pm_id: str) -> Obj:
         latest_charge=new_id("ch_"),
         last_payment_error=None,
     )
-    ctx.store.update(pi)
     ctx.store.balance_add(pi["currency"], pi["amount"])
+    connect.settle_destination(ctx, pi)  # a destination charge: the transfer and the application fee
+    ctx.store.update(pi)
     ctx.record_event("payment_intent.succeeded", pi)
     return pi
 
@@ -231,6 +233,7 @@ def create_payment_intent(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         "automatic_payment_methods", "payment_method_types", "receipt_email", "capture_method",
         "setup_future_usage", "statement_descriptor", "statement_descriptor_suffix", "off_session",
         "return_url", "shared_payment_granted_token", "error_on_requires_action",
+        "transfer_data", "application_fee_amount", "transfer_group",
     ))
     amount = p.integer("amount", required=True)
     currency = p.currency(required=True)
@@ -255,8 +258,10 @@ def create_payment_intent(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
     token = p.string("payment_method")
     spt = p.string("shared_payment_granted_token")
     apm = p.sub("automatic_payment_methods")
+    destination = connect.destination_params(ctx, p, amount, currency)
     pi = new_payment_intent(ctx, amount=amount, currency=currency, customer=customer,
                             description=p.string("description"), metadata=metadata)
+    connect.apply_destination(pi, destination)
     if apm is not None:
         pi["automatic_payment_methods"] = {"allow_redirects": apm.string("allow_redirects") or "always",
                                            "enabled": apm.boolean("enabled") or False}
@@ -346,6 +351,8 @@ def list_payment_intents(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
 
 
 def retrieve_balance(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
+    if ctx.account is not None:  # Stripe-Account: the connected account's own balance
+        return connect.connected_balance(ctx, ctx.account)
     rows = ctx.store.balance_rows() or [("usd", 0, 0)]
     return {
         "object": "balance",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from . import connect
 from .core import LIST_PARAMS, Ctx, Obj, Route, list_page
 from .errors import StripeError, invalid, invalid_state, missing
 from .ids import new_id
@@ -18,7 +19,8 @@ REASONS = ("duplicate", "fraudulent", "requested_by_customer")
 
 
 def create_refund(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
-    p.allow(("payment_intent", "charge", "amount", "reason", "metadata"))
+    p.allow(("payment_intent", "charge", "amount", "reason", "metadata", "reverse_transfer",
+             "refund_application_fee"))
     pi_id, charge = p.string("payment_intent"), p.string("charge")
     if pi_id is None:
         if charge is None:
@@ -66,6 +68,8 @@ def create_refund(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
         ctx.store.insert(refund)
         ctx.record_event("refund.failed", refund)
         return refund
+    connect.refund_destination(ctx, pi, refund, refunded, reverse_transfer=p.boolean("reverse_transfer") or False,
+                               refund_application_fee=p.boolean("refund_application_fee") or False)
     ctx.store.insert(refund)
     pi["_amount_refunded"] = refunded + amount
     ctx.store.update(pi)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from . import events, fulfilment, lifecycle
+from . import connect, events, fulfilment, lifecycle
 from .core import DEFAULT_API_VERSION, Ctx, Obj, Route, public
 from .errors import StripeError, idempotency_mismatch
 from .faults import FaultInjector
@@ -108,10 +108,11 @@ class Sandbox:
         request_id: str | None = None,
         idempotency_key: str | None = None,
         api_version: str = DEFAULT_API_VERSION,
+        account: str | None = None,
     ) -> T:
         """Run ``fn`` in one transaction, then hand the events it recorded to the listeners."""
         ctx = Ctx(self.store, 0, api_version, request_id, idempotency_key,
-                  pending_webhooks=1 if self.webhooks.enabled else 0)
+                  pending_webhooks=1 if self.webhooks.enabled else 0, account=account)
         try:
             with self.store.transaction():
                 ctx.now = self.now()
@@ -146,6 +147,7 @@ class Sandbox:
         idempotency_key: str | None,
         request_id: str,
         api_version: str,
+        account: str | None = None,
     ) -> Outcome:
         """Run one API request with Stripe's idempotency semantics.
 
@@ -153,10 +155,12 @@ class Sandbox:
         with different ones, and otherwise stores executed results (2xx and 402) under the key.
         Validation errors roll back and are not stored, so a corrected retry may reuse the key.
         """
-        scope = hashlib.sha256(api_key.encode()).hexdigest()
+        scope = hashlib.sha256((api_key if account is None else f"{api_key}\x00{account}").encode()).hexdigest()
         fingerprint = _fingerprint(method, path, form)
 
         def work(ctx: Ctx) -> Outcome:
+            if account is not None:
+                connect.check_account_header(ctx, account)
             if idempotency_key is not None:
                 prior = self.store.idempotency_get(scope, idempotency_key)
                 if prior is not None:
@@ -176,7 +180,7 @@ class Sandbox:
             return Outcome(status, text)
 
         return self.run(
-            work, request_id=request_id, idempotency_key=idempotency_key, api_version=api_version
+            work, request_id=request_id, idempotency_key=idempotency_key, api_version=api_version, account=account
         )
 
     # -- sandbox-only actions ------------------------------------------------------------------
@@ -187,6 +191,16 @@ class Sandbox:
         Raises :class:`StripeError` (404 unknown id, 400 not open) like the HTTP route answers.
         """
         return public(self.run(lambda ctx: fulfilment.complete_session(ctx, session_id)))
+
+    def complete_account_onboarding(self, account_id: str, *, onboarded: bool = True) -> Obj:
+        """Act as the creator finishing an account link's onboarding (or, with ``onboarded=False``, Stripe asking
+        for more): the account's transfers capability becomes active (restricted) and ``account.updated`` is sent;
+        returns the account as v1 renders it."""
+        return self.run(lambda ctx: connect.set_onboarded(ctx, account_id, onboarded))
+
+    def pay_payment_link(self, link_id: str) -> Obj:
+        """Act as a customer paying a Payment Link: a Checkout Session from the link, completed; returns it."""
+        return public(self.run(lambda ctx: fulfilment.pay_link(ctx, link_id)))
 
 
 

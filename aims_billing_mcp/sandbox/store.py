@@ -36,6 +36,10 @@ INDEXED: Mapping[str, tuple[str, ...]] = {
     "subscription": ("customer", "status", "_prices"),
     "event": ("type",),
     "billing.meter": ("status", "event_name"),
+    "transfer": ("destination", "transfer_group"),
+    "transfer_reversal": ("_parent",),
+    "application_fee": ("charge",),
+    "fee_refund": ("_parent",),
 }
 
 _SCHEMA = """
@@ -88,6 +92,12 @@ CREATE TABLE IF NOT EXISTS balance (
     currency TEXT PRIMARY KEY,
     available INTEGER NOT NULL,
     card INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS account_balance (
+    account TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    available INTEGER NOT NULL,
+    PRIMARY KEY (account, currency)
 );
 """
 
@@ -315,6 +325,31 @@ class Store:
                 "card = card + excluded.card",
                 (currency, amount, amount),
             )
+
+    def balance_adjust(self, currency: str, amount: int) -> None:
+        """Move the platform's available balance without a card payment (transfers, reversals, fees)."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO balance (currency, available, card) VALUES (?, ?, 0) "
+                "ON CONFLICT(currency) DO UPDATE SET available = available + excluded.available",
+                (currency, amount),
+            )
+
+    def account_balance_add(self, account: str, currency: str, amount: int) -> None:
+        """Move a connected account's available balance."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO account_balance (account, currency, available) VALUES (?, ?, ?) "
+                "ON CONFLICT(account, currency) DO UPDATE SET available = available + excluded.available",
+                (account, currency, amount),
+            )
+
+    def account_balance_rows(self, account: str) -> list[tuple[str, int]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT currency, available FROM account_balance WHERE account = ? ORDER BY currency", (account,)
+            ).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
 
     def balance_rows(self) -> list[tuple[str, int, int]]:
         with self._lock:

@@ -30,11 +30,14 @@ from ..models import (
 from ..stripe_gateway import StripeGateway, StripeRequest
 from .catalog_models import Balance, BalanceAmount, Invoice, InvoiceList
 from .ceiling import Ceiling
+from .connect import ConnectService, SalePlan
 from .mutations import StripeMutations, compact
 
 
 class CatalogService:
-    def __init__(self, mutations: StripeMutations, *, gateway: StripeGateway, ceiling: Ceiling | None = None) -> None:
+    def __init__(self, mutations: StripeMutations, *, gateway: StripeGateway, ceiling: Ceiling | None = None,
+                 connect: ConnectService | None = None) -> None:
+        self._connect = connect  # sells plugs as destination charges (services/connect.py)
         self._mutations = mutations
         self._gateway = gateway
         self._ceiling = ceiling or Ceiling()
@@ -50,6 +53,22 @@ class CatalogService:
             ((currency, amount),) = totals.items()
             return amount, currency
         return None, None
+
+    async def _plan(self, line_items: list[LineItem], total: int | None, currency: str | None, *,
+                    mode: str = "payment") -> SalePlan | None:
+        """A cart with a plug is a destination charge to its creator (refused here when they cannot be paid)."""
+        if self._connect is None:
+            return None
+        plan = await self._connect.plan_sale([(i.price, i.quantity) for i in line_items], total, currency)
+        if plan is not None and mode != "payment":
+            raise InvalidInput("plugs are sold once (mode payment): remove the plug or use mode=payment", param="mode")
+        return plan
+
+    def _declare(self, path: str, plan: SalePlan | None) -> Any:
+        if plan is None or self._connect is None:
+            return None
+        connect = self._connect
+        return lambda d: connect.declare(path, d["id"], plan)
 
     # --- mutations --------------------------------------------------------------------------------------------------
 
@@ -97,16 +116,17 @@ class CatalogService:
         idempotency_key: str | None, dry_run: bool,
     ) -> PaymentLinkResult:
         total, currency = await self._line_item_total(line_items)
+        plan = await self._plan(line_items, total, currency)
         params = compact({
             "line_items": [item.model_dump() for item in line_items],
             "after_completion": {"type": "redirect", "redirect": {"url": after_completion_url}}
             if after_completion_url else None,
-            "metadata": metadata,
+            "metadata": metadata, **(plan.destination() if plan else {}),
         })
         return await self._mutate(
             "create_payment_link", "/v1/payment_links", params, PaymentLinkResult,
             lambda d: {"payment_link": project_payment_link(d, line_items, total, currency)},
-            idempotency_key=idempotency_key, dry_run=dry_run,
+            idempotency_key=idempotency_key, dry_run=dry_run, after=self._declare("payment_link", plan),
         )
 
     async def create_checkout_session(
@@ -117,16 +137,18 @@ class CatalogService:
         if customer and customer_email:
             raise InvalidInput("give customer or customer_email, not both: Stripe uses the customer's own email",
                                param="customer_email")
-        await self._line_item_total(line_items)
+        total, currency = await self._line_item_total(line_items)
+        plan = await self._plan(line_items, total, currency, mode=mode)
         params = compact({
             "mode": mode, "line_items": [item.model_dump() for item in line_items],
             "success_url": success_url, "cancel_url": cancel_url, "customer": customer,
             "customer_email": customer_email, "client_reference_id": client_reference_id, "metadata": metadata,
+            "payment_intent_data": plan.destination() if plan else None,
         })
         return await self._mutate(
             "create_checkout_session", "/v1/checkout/sessions", params, CheckoutSessionResult,
             lambda d: {"checkout_session": project_checkout_session(d)},
-            idempotency_key=idempotency_key, dry_run=dry_run, owner=customer,
+            idempotency_key=idempotency_key, dry_run=dry_run, owner=customer, after=self._declare("checkout", plan),
         )
 
     async def create_billing_portal_session(

@@ -42,6 +42,7 @@ from ..store.commerce import TERMINAL, TRANSITIONS, PaymentSessionRow, SessionSt
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .ceiling import Ceiling
 from .commerce_models import PaymentSession, PaymentSessionResult
+from .connect import ConnectService
 from .fulfilment import Fulfilment, Seller
 from .idempotency import CallKey, IdempotencyService
 from .ledger import LedgerService
@@ -77,8 +78,9 @@ class PaymentSessionService:
     def __init__(
         self, store: Store, mutations: StripeMutations, ledger: LedgerService, pricing: Pricing, *,
         gateway: StripeGateway, idempotency: IdempotencyService, ceiling: Ceiling, prepaid: PrepaidSubscriptions,
-        fulfilment: Fulfilment, clock: Callable[[], float] = time.time,
+        fulfilment: Fulfilment, clock: Callable[[], float] = time.time, connect: ConnectService | None = None,
     ) -> None:
+        self._connect = connect  # item "plug:<id>" sells a creator's plug as a destination charge (services/connect.py)
         self._store = store
         self._mutations = mutations
         self._gateway = gateway
@@ -140,6 +142,9 @@ class PaymentSessionService:
         currency: str | None, description: str | None, idempotency_key: str | None, dry_run: bool,
     ) -> PaymentSessionResult:
         """A payment session and its PaymentIntent (awaiting a payment method); replays return the same session."""
+        plan = await self._connect.plan_plug(item) if self._connect and item and item.startswith("plug:") else None
+        if plan is not None:
+            item, amount, currency, description = None, plan.total, plan.currency, description or plan.title
         found, amount, currency = self._priced(item, amount, currency)
         if customer is not None and not _CUSTOMER.fullmatch(customer.strip()):
             raise InvalidInput(f"customer must be a Stripe customer id starting with 'cus_' (got {customer[:40]!r})",
@@ -166,6 +171,7 @@ class PaymentSessionService:
             "amount": amount, "currency": currency, "customer": customer, "description": description,
             "metadata": compact({"aims_session": session_id, "aims_item": item_id, "aims_agent": agent_id}),
             "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
+            **(plan.destination() if plan is not None else {}),
         })
         recorded: dict[str, PaymentSession] = {}
         clock, store = self._clock, self._store.commerce
@@ -180,6 +186,8 @@ class PaymentSessionService:
                     amount_received=int(pi.get("amount_received") or 0), at=utc_iso(clock())))
 
             recorded["session"] = await self._store.write(job)
+            if plan is not None and self._connect is not None:
+                await self._connect.declare("payment_session", session_id, plan, payment_intent=pi["id"])
 
         result = await self._mutations.run(
             CREATE_TOOL, "/v1/payment_intents", params, PaymentSessionResult,

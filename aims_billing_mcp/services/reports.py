@@ -80,3 +80,18 @@ def prepaid_report(rows: Sequence[PrepaidRow]) -> list[str]:
                  [(row.id, row.source_id, row.customer_id, row.tier, format_amount(row.amount, row.currency),
                    str(row.status), row.subscription_id, row.attempts, (row.last_error or "")[:120] or None)
                   for row in rows])
+
+
+def creators_report(report: Any) -> list[str]:
+    """`report creators`: per creator and currency, then the latest sales with their Stripe ids."""
+    if not report.earnings:
+        return ["no split sales"]
+    lines = table(("account", "currency", "sales", "gross", "platform fees", "transferred", "reversed",
+                   "fee refunded", "pending", "net to creator"),
+                  [(e.account, e.currency, e.sales, e.gross, e.platform_fees, e.transferred, e.reversed,
+                    e.fee_refunded, e.pending, e.net_to_creator) for e in report.earnings])
+    lines += ["", *table(("sale", "path", "plug", "account", "gross", "fee", "creator", "status", "payment intent",
+                          "transfer group", "refunded"),
+                         [(s.sale, s.path, s.plug, s.account, s.gross, s.platform_fee, s.creator_amount, s.status,
+                           s.payment_intent or "-", s.transfer_group or "-", s.refunded) for s in report.splits])]
+    return lines

@@ -22,6 +22,7 @@ from .. import jsonsafe
 from ..store import Store, Tx
 from ..store.webhooks import DuplicateEvent, EventRef, StoredEvent
 from .commerce import PaymentSessionService
+from .connect import ConnectService
 from .subscriptions import Applied, SubscriptionService
 
 
@@ -206,10 +207,11 @@ def parse_event(payload: bytes | str) -> CheckedEvent:
 
 class WebhookEventService:
     def __init__(self, store: Store, subscriptions: SubscriptionService,
-                 commerce: PaymentSessionService | None = None) -> None:
+                 commerce: PaymentSessionService | None = None, connect: ConnectService | None = None) -> None:
         self._store = store
         self._subscriptions = subscriptions
         self._commerce = commerce
+        self._connect = connect
 
     async def ingest(self, event: dict[str, Any], payload: bytes | str) -> Ingested:
         """Store and apply `event` (the decoded `payload`) once; `InvalidEvent` when its shape is not one we can
@@ -227,6 +229,8 @@ class WebhookEventService:
                 applied = Applied(customer, self._commerce.apply_event(tx, event))
             else:
                 applied = self._subscriptions.apply_event(tx, event)
+            if self._connect is not None and (note := self._connect.apply_event(tx, event)) is not None:
+                applied = Applied(applied.customer_id, note if applied.note is None else f"{applied.note}; {note}")
             self._store.webhooks.record_event(tx, EventRef(event["id"], event["type"], int(event["created"])), text,
                                               customer_id=applied.customer_id, note=applied.note)
             return Ingested(event["id"], duplicate=False, note=applied.note, customer_id=applied.customer_id)

@@ -62,6 +62,7 @@ from ..errors import ConfigurationError, InvalidInput, LimitReached, NotFound, P
 from ..store import Store, Tx, dumps, new_id, utc_iso
 from ..store.x402 import TRANSITIONS, Quote, QuoteStatus, ReceiptConflict, ReceiptRecord, quote_state
 from .ceiling import Ceiling
+from .connect import ConnectService
 from .ledger import LedgerService, require_text
 from .tiers import Pricing
 from .x402_models import Mode, PayerRegistration, Receipt, ReceiptRow, RequirementsResult
@@ -326,7 +327,7 @@ class X402Service:
         self, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing, *, pay_to: str | None = None,
         network: str = "base-sepolia", facilitator: str = "local", facilitator_url: str | None = None,
         clock: Callable[[], float] = time.time, live: bool = False, quote_key: bytes | None = None,
-        max_open_quotes: int = MAX_OPEN_QUOTES, ceiling: Ceiling | None = None,
+        max_open_quotes: int = MAX_OPEN_QUOTES, ceiling: Ceiling | None = None, connect: ConnectService | None = None,
     ) -> None:
         """`live`: the Stripe key is a live one (see `live_mode_problem`). `quote_key`: the challenge tokens' HMAC
         key; by default read from (or created in) `<db stem>.x402.key` beside the database, on first use.
@@ -342,6 +343,7 @@ class X402Service:
         # In live mode there is no default pay-to, no offline settlement and no test network: every call refuses
         self.problem = live_mode_problem(live=live, pay_to=pay_to, facilitator=facilitator, network=network)
         self._store = store
+        self._connect = connect  # quotes for "plug:<id>" resources pay its creator (services/connect.py)
         self._ledger = ledger
         self._ceiling = ceiling or Ceiling()  # the per-call money ceiling, in USDC's minor units here
         self._gateway = gateway
@@ -360,7 +362,7 @@ class X402Service:
     @classmethod
     def from_settings(cls, store: Store, ledger: LedgerService, gateway: Any, pricing: Pricing,
                       settings: Settings, *, clock: Callable[[], float] = time.time,
-                      ceiling: Ceiling | None = None) -> X402Service:
+                      ceiling: Ceiling | None = None, connect: ConnectService | None = None) -> X402Service:
         """As the server builds it: live mode is the key's (sk_live_/rk_live_, allowed or not), not the gateway's."""
         from ..settings import StripeMode
 
@@ -368,7 +370,7 @@ class X402Service:
         return cls(store, ledger, gateway, pricing, pay_to=settings.aims_x402_pay_to,
                    network=settings.aims_x402_network or ("base" if live else "base-sepolia"),
                    facilitator=settings.aims_x402_facilitator, facilitator_url=settings.aims_x402_facilitator_url,
-                   live=live, clock=clock, ceiling=ceiling)
+                   live=live, clock=clock, ceiling=ceiling, connect=connect)
 
     def _ready(self) -> None:
         if self.problem is not None:
@@ -405,6 +407,8 @@ class X402Service:
         require_text(resource, "resource", MAX_RESOURCE)
         self._whole_cents(atomic, "amount_usd")
         self._require_wallet(agent_id)
+        if self._connect is not None and resource.startswith("plug:"):  # a creator's plug (services/connect.py)
+            await self._connect.check_x402_plug(resource, atomic)
         caip = NETWORKS[name][0]
         quote_id = new_id("q")
         now = self._clock()
@@ -604,8 +608,11 @@ class X402Service:
         else:
             settlement = await self._settle_http(payload_v2, requirements)
         tx_hash = str(settlement.get("transaction") or "") or None
-        return await self._record(quote, version=version, network=caip, asset=asset, payer=payer,
-                                  nonce=auth.nonce, tx_hash=tx_hash, payment_intent=None, settlement=settlement)
+        receipt = await self._record(quote, version=version, network=caip, asset=asset, payer=payer,
+                                     nonce=auth.nonce, tx_hash=tx_hash, payment_intent=None, settlement=settlement)
+        if self._connect is not None and quote.resource.startswith("plug:"):
+            await self._connect.settle_x402(receipt.receipt_id, quote.resource, quote.amount)
+        return receipt
 
     def _quote_of(self, named: str | None, quote_id: str | None, agent_id: str | None,
                   luc: int | None) -> Quote:

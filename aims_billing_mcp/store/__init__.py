@@ -11,6 +11,7 @@ from typing import Any
 from .acp import AcpStore, PostgresAcpStore, SqliteAcpStore
 from .audit import AuditStore, PostgresAuditStore, SqliteAuditStore
 from .commerce import CommerceStore, SqliteCommerceStore
+from .connect import ConnectStore, SqliteConnectStore
 from .core import (
     BUSY_TIMEOUT_MS,
     DEFER_SECONDS,
@@ -66,6 +67,7 @@ class Store(StoreCore):
         self.acp: AcpStore = SqliteAcpStore(self)
         self.prepaid: PrepaidStore = SqlitePrepaidStore(self)
         self.reports: ReportsStore = SqliteReports(self)
+        self.connect: ConnectStore = SqliteConnectStore(self)
 
 
 class PostgresStore(PostgresCore):

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from ..errors import ConfigurationError
 from ..settings import Settings
-from . import catalog, commerce, metering, subscriptions, wallets, x402
+from . import catalog, commerce, connect, metering, subscriptions, wallets, x402
 from .registry import Permission, ToolSpec, collect, tool
 
 __all__ = ["FAMILIES", "TOOLS", "TOOLSETS", "Permission", "ToolSpec", "is_tool_allowed", "select_tools", "tool"]
 
 # The tool families, in the order of tools/list and tools.json; each module's tools in definition order.
-FAMILIES = (catalog, subscriptions, metering, wallets, x402, commerce)
+FAMILIES = (catalog, subscriptions, metering, wallets, x402, commerce, connect)
 
 TOOLS: tuple[ToolSpec, ...] = collect(FAMILIES)
 

@@ -19,14 +19,16 @@ Key = Annotated[str, Field(min_length=1, max_length=255, description="Required: 
 @tool(
     "Create payment session", "write",
     summary="a payment session on a Stripe PaymentIntent for a LUC pack (`luc_10k`, `luc_50k`), a prepaid tier "
-        "(`tier_3mo`, `tier_6mo`, `tier_9mo`) or an amount",
+        "(`tier_3mo`, `tier_6mo`, `tier_9mo`), a creator's plug (`plug:<id>`, split through Stripe Connect) "
+        "or an amount",
     params="`item` or `amount` + `currency`, `agent_id`, `customer`, `description`, `idempotency_key`, `dry_run`",
 )
 async def create_payment_session(
     ctx: ToolContext,
     item: Annotated[str | None, Field(min_length=1, max_length=64, description="An item id from the pricing file, "
                                       "e.g. luc_10k (10,000 LUC for $10.00), luc_50k, or tier_3mo / tier_6mo / "
-                                      "tier_9mo (a tier's whole commitment, prepaid); or give amount + currency")]
+                                      "tier_9mo (a tier's whole commitment, prepaid), or plug:<id> (a creator's "
+                                      "plug: see create_plug); or give amount + currency")]
     = None,
     agent_id: Annotated[AgentId | None, Field(description="The buying agent: its wallet receives a LUC pack "
                                           "(required for credit items; the wallet must exist; for a tier item its "

@@ -1,0 +1,53 @@
+"""Operator commands for marketplace splits: `sandbox complete-onboarding`, `report creators`, `check-splits`."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+
+from aims_billing_mcp.app import build_server
+from aims_billing_mcp.cli import main
+from aims_billing_mcp.settings import Settings
+from tests.conftest import ok
+from tests.test_cli import free_port
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_onboarding_from_the_cli_then_a_split_sale_reports_and_reconciles_and_drift_exits_1(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "shared.db"
+    monkeypatch.setenv("AIMS_BILLING_DB", str(db))  # the CLI opens the same database and sandbox file
+    port = free_port()
+    monkeypatch.setenv("AIMS_BILLING_WEBHOOK_PORT", str(port))
+    settings = Settings(_env_file=None, aims_billing_db=db, aims_billing_webhook_port=port)  # type: ignore[call-arg]
+    async with Client(build_server(settings, webhook_server=True)) as client:
+        account = ok(await client.call_tool("create_connected_account", {
+            "display_name": "Maker", "country": "US"}))["account"]["id"]
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-onboarding", account]) == 0
+        assert "transfers active" in capsys.readouterr().out
+        listed = ok(await client.call_tool("list_connected_accounts", {"status": "active"}))["accounts"]
+        assert [a["id"] for a in listed] == [account]  # account.updated reached the server's webhook endpoint
+        product = ok(await client.call_tool("create_product", {"name": "Plug"}))["product"]["id"]
+        price = ok(await client.call_tool("create_price", {"product": product, "unit_amount": 1000,
+                                                           "currency": "usd"}))["price"]["id"]
+        ok(await client.call_tool("create_plug", {"plug_id": "p", "price": price, "account": account,
+                                                  "creator_share_bp": 8000}))
+        session = ok(await client.call_tool("create_checkout_session", {
+            "line_items": [{"price": price}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-checkout", session]) == 0
+        ok(await client.call_tool("refund_split_sale", {"sale": session, "amount": 250, "idempotency_key": "r"}))
+    capsys.readouterr()
+    assert await anyio.to_thread.run_sync(main, ["report", "creators", "--account", account]) == 0
+    out = capsys.readouterr().out
+    assert account in out and session in out and "transferred" in out
+    assert await anyio.to_thread.run_sync(main, ["check-splits"]) == 0
+    assert "ok: 1 sale(s)" in capsys.readouterr().out
+    with sqlite3.connect(db) as conn:  # our record drifts from Stripe's (a refund recorded twice, say)
+        conn.execute("UPDATE splits SET reversed = reversed + 1, refunded = refunded + 1")
+    assert await anyio.to_thread.run_sync(main, ["check-splits"]) == 1
+    assert "1 mismatch(es)" in capsys.readouterr().out

@@ -86,7 +86,8 @@ class PostgresStore(PostgresCore):
         self.metering: MeteringStore = PostgresMeteringStore(self)
 
 
-AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports")
+AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports",
+              "connect")
 
 
 def missing_aggregates(store: object) -> list[str]:

@@ -1,15 +1,18 @@
-"""The commerce store's contract: what any backend of `CommerceStore` must do (the fixture yields the aggregate
-store, so a second backend runs the same tests)."""
+"""The commerce store's contract: what any backend of `CommerceStore` must do. The `backend` fixture runs every test
+on SQLite and on PostgreSQL; the last tests are PostgreSQL's own: two instances (two PostgresStore on one database)
+racing for the same session."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from aims_billing_mcp.store import Store, Tx
+from aims_billing_mcp.store import PostgresStore, Store, Tx
 from aims_billing_mcp.store.commerce import (
     DELIVERY_TRANSITIONS,
     SETTLED,
@@ -21,20 +24,37 @@ from aims_billing_mcp.store.commerce import (
     SessionStatus,
     session_status,
 )
+from tests.pg_race import wait_until_blocked
 
 T = TypeVar("T")
 S = SessionStatus
 AT = "2026-12-06T04:00:00.000Z"
 
 
-@pytest.fixture
-def commerce(store: Store) -> CommerceStore:
-    return store.commerce
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    if request.param == "postgres":
+        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
+    else:
+        store = Store(tmp_path / "commerce.db")
+    yield store
+    store.close()
 
 
 @pytest.fixture
-def write(store: Store) -> Callable[[Callable[[Tx], T]], T]:
-    return store.write_sync
+def commerce(backend: Any) -> CommerceStore:
+    store: CommerceStore = backend.commerce
+    return store
+
+
+@pytest.fixture
+def write(backend: Any) -> Callable[[Callable[[Tx], T]], T]:
+    return backend.write_sync  # type: ignore[no-any-return]
+
+
+def sql(backend: Any, text: str) -> str:
+    """A test's own statement in the backend's placeholders."""
+    return text.replace("?", "%s") if isinstance(backend, PostgresStore) else text
 
 
 def create(commerce: CommerceStore, write: Any, session_id: str, *, status: SessionStatus = S.REQUIRES_PAYMENT_METHOD,
@@ -115,9 +135,9 @@ def test_unsettled_confirms_are_listed_oldest_mark_first(commerce: CommerceStore
     assert commerce.unsettled_confirms() == ["ps_b", "ps_a"]
 
 
-def test_a_wallets_customer_is_found_by_its_agent(commerce: CommerceStore, write: Any) -> None:
-    write(lambda tx: tx.execute("INSERT INTO agent_wallets (id, agent_id, customer_id, created_at, updated_at) "
-                                "VALUES ('w_1', 'agent-1', 'cus_1', ?, ?)", (AT, AT)))
+def test_a_wallets_customer_is_found_by_its_agent(backend: Any, commerce: CommerceStore, write: Any) -> None:
+    write(lambda tx: tx.execute(sql(backend, "INSERT INTO agent_wallets (id, agent_id, customer_id, created_at, "
+                                             "updated_at) VALUES ('w_1', 'agent-1', 'cus_1', ?, ?)"), (AT, AT)))
     assert commerce.wallet_customer("agent-1") == "cus_1"
     assert commerce.wallet_customer("agent-2") is None
 
@@ -154,3 +174,43 @@ def test_an_order_event_ends_delivered_or_given_up() -> None:
     final = {state for state, after in DELIVERY_TRANSITIONS.items() if not after}
     assert final == {DeliveryState.DELIVERED, DeliveryState.GAVE_UP}
     assert DELIVERY_TRANSITIONS[DeliveryState.PENDING] == final
+
+
+# --- PostgreSQL: two instances on one database ------------------------------------------------------------------
+
+@pytest.fixture
+def instances(postgres_url: str) -> Iterator[tuple[Any, Any]]:
+    """Two "servers": two PostgresStore on one database, each with its own writer and pool."""
+    a, b = (PostgresStore(postgres_url, writers=1, pool_size=2) for _ in range(2))
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("second_reads_first", [False, True], ids=["claims", "reads-then-claims"])
+def test_a_fulfilment_claimed_by_two_instances_at_once_is_claimed_once(instances: tuple[Any, Any],
+                                                                        second_reads_first: bool) -> None:
+    a, b = instances
+    create(a.commerce, a.write_sync, "ps_1")
+    claimed, go = threading.Event(), threading.Event()
+
+    def first(tx: Tx) -> bool:
+        won = a.commerce.claim_fulfilment(tx, "ps_1", AT)
+        claimed.set()
+        go.wait(20)  # the claim is made and not committed while the other instance tries
+        return bool(won)
+
+    def second(tx: Tx) -> tuple[str | None, bool]:
+        seen = b.commerce.by_payment_intent(tx, "pi_ps_1").fulfilled_at if second_reads_first else None
+        return seen, b.commerce.claim_fulfilment(tx, "ps_1", "2026-12-06T04:00:01.000Z")
+
+    one = a.submit(first)
+    assert claimed.wait(20)
+    other = b.submit(second)
+    wait_until_blocked(a)  # the second waits on the first's row lock
+    go.set()
+    seen, won_second = other.result(20)
+    assert (one.result(20), won_second) == (True, False)
+    assert seen == (AT if second_reads_first else None)  # it read the session as the first committed it
+    row = b.commerce.find("ps_1")
+    assert row is not None and row.fulfilled_at == AT

@@ -1,16 +1,18 @@
-"""The prepaid store's contract: what any backend of `PrepaidStore` must do (the fixture yields the aggregate store,
-so a second backend runs the same tests)."""
+"""The prepaid store's contract: what any backend of `PrepaidStore` must do. The `backend` fixture runs every test on
+SQLite and on PostgreSQL; the last tests are PostgreSQL's own: two instances (two PostgresStore on one database)
+working one outbox."""
 
 from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from aims_billing_mcp.store import Store, Tx
+from aims_billing_mcp.store import PostgresStore, Store, Tx
 from aims_billing_mcp.store.prepaid import (
     OPEN,
     TRANSITIONS,
@@ -25,14 +27,30 @@ S = PrepaidStatus
 AT = "2026-12-06T04:00:00.000Z"
 
 
-@pytest.fixture
-def prepaid(store: Store) -> PrepaidStore:
-    return store.prepaid
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    if request.param == "postgres":
+        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
+    else:
+        store = Store(tmp_path / "prepaid.db")
+    yield store
+    store.close()
 
 
 @pytest.fixture
-def write(store: Store) -> Callable[[Callable[[Tx], T]], T]:
-    return store.write_sync
+def prepaid(backend: Any) -> PrepaidStore:
+    store: PrepaidStore = backend.prepaid
+    return store
+
+
+@pytest.fixture
+def write(backend: Any) -> Callable[[Callable[[Tx], T]], T]:
+    return backend.write_sync  # type: ignore[no-any-return]
+
+
+def sql(backend: Any, text: str) -> str:
+    """A test's own statement in the backend's placeholders."""
+    return text.replace("?", "%s") if isinstance(backend, PostgresStore) else text
 
 
 def enqueue(prepaid: PrepaidStore, write: Any, source_id: str, *, customer: str = "cus_1",
@@ -120,22 +138,23 @@ def test_lease_is_compare_and_set_on_starts_at(prepaid: PrepaidStore, write: Any
 @pytest.mark.parametrize(("provision_status", "holds"), [("active", True), ("canceled", False),
                                                          ("incomplete_expired", False)])
 def test_a_failed_row_holds_its_customers_tier_while_its_subscription_lives(
-        store: Store, prepaid: PrepaidStore, write: Any, provision_status: str, holds: bool) -> None:
+        backend: Any, prepaid: PrepaidStore, write: Any, provision_status: str, holds: bool) -> None:
     enqueue(prepaid, write, "ps_1")
     write(lambda tx: prepaid.advance(tx, "pre_ps_1", (S.PENDING,), S.FAILED, AT, subscription_id="sub_1"))
-    write(lambda tx: tx.execute("INSERT INTO billing_provisions (customer_id, tier, status, subscription_id, "
-                                "updated_at) VALUES ('cus_1', '3mo', ?, 'sub_1', ?)", (provision_status, AT)))
+    write(lambda tx: tx.execute(sql(backend, "INSERT INTO billing_provisions (customer_id, tier, status, "
+                                             "subscription_id, updated_at) VALUES ('cus_1', '3mo', ?, 'sub_1', ?)"),
+                                (provision_status, AT)))
     assert prepaid.open_tier("cus_1") == ("3mo" if holds else None)
 
 
-def test_holder_names_another_row_in_progress_and_the_customers_provision(prepaid: PrepaidStore,
+def test_holder_names_another_row_in_progress_and_the_customers_provision(backend: Any, prepaid: PrepaidStore,
                                                                           write: Any) -> None:
     first = enqueue(prepaid, write, "ps_1")
     second = enqueue(prepaid, write, "ps_2")
     alone = write(lambda tx: prepaid.holder(tx, first))
     write(lambda tx: prepaid.advance(tx, "pre_ps_2", (S.PENDING,), S.CLAIMED, AT))
-    write(lambda tx: tx.execute("INSERT INTO billing_provisions (customer_id, tier, status, updated_at) "
-                                "VALUES ('cus_1', '6mo', 'active', ?)", (AT,)))
+    write(lambda tx: tx.execute(sql(backend, "INSERT INTO billing_provisions (customer_id, tier, status, updated_at) "
+                                             "VALUES ('cus_1', '6mo', 'active', ?)"), (AT,)))
     held = write(lambda tx: prepaid.holder(tx, first))
     assert (alone.other_id, alone.provision) == (None, None)
     assert (held.other_id, held.other_tier) == (second.id, "3mo")
@@ -185,10 +204,14 @@ def test_rows_lists_every_row_or_one_customers(prepaid: PrepaidStore, write: Any
     assert [row.id for row in prepaid.rows("cus_2")] == ["pre_ps_2"]
 
 
-def test_the_states_are_exactly_those_the_table_allows(store: Store) -> None:
-    sql = store.query_one("SELECT sql FROM sqlite_master WHERE name = 'prepaid_subscriptions'")
-    assert sql is not None
-    check = re.search(r"status IN \(([^)]*)\)", sql["sql"])
+def test_the_states_are_exactly_those_the_table_allows(backend: Any) -> None:
+    if isinstance(backend, PostgresStore):
+        found = backend.query_one("SELECT pg_get_constraintdef(oid) AS sql FROM pg_constraint WHERE conrelid = "
+                                  "'prepaid_subscriptions'::regclass AND pg_get_constraintdef(oid) LIKE '%%status%%'")
+    else:
+        found = backend.query_one("SELECT sql FROM sqlite_master WHERE name = 'prepaid_subscriptions'")
+    assert found is not None
+    check = re.search(r"status\)? (?:IN \(|= ANY \(\(?ARRAY\[)([^)\]]*)", found["sql"])
     assert check is not None
     assert set(re.findall(r"'(\w+)'", check.group(1))) == {status.value for status in PrepaidStatus}
 

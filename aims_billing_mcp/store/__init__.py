@@ -10,7 +10,7 @@ from typing import Any
 
 from .acp import AcpStore, PostgresAcpStore, SqliteAcpStore
 from .audit import AuditStore, PostgresAuditStore, SqliteAuditStore
-from .commerce import CommerceStore, SqliteCommerceStore
+from .commerce import CommerceStore, PostgresCommerceStore, SqliteCommerceStore
 from .connect import ConnectStore, SqliteConnectStore
 from .core import (
     BUSY_TIMEOUT_MS,
@@ -39,7 +39,7 @@ from .idempotency import IdempotencyStore, PostgresIdempotencyStore, SqliteIdemp
 from .ledger import LedgerStore, PostgresLedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, PostgresMeteringStore, SqliteMeteringStore
 from .postgres_core import PostgresCore
-from .prepaid import PrepaidStore, SqlitePrepaidStore
+from .prepaid import PostgresPrepaidStore, PrepaidStore, SqlitePrepaidStore
 from .reports import PostgresReports, ReportsStore, SqliteReports
 from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
 from .x402 import PostgresX402Store, SqliteX402Store, X402Store
@@ -84,6 +84,8 @@ class PostgresStore(PostgresCore):
         self.reports: ReportsStore = PostgresReports(self)
         self.acp: AcpStore = PostgresAcpStore(self)
         self.metering: MeteringStore = PostgresMeteringStore(self)
+        self.commerce: CommerceStore = PostgresCommerceStore(self)
+        self.prepaid: PrepaidStore = PostgresPrepaidStore(self)
 
 
 AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", "commerce", "acp", "prepaid", "reports",

@@ -17,3 +17,28 @@ def wait_until_blocked(store: Any, waiting: int = 1, *, timeout: float = 20.0) -
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {waiting} session(s) blocked on a lock within {timeout:g} s")
+
+
+def race(a: Any, b: Any, first: Any, second: Any, *, timeout: float = 20.0) -> tuple[Any, Any]:
+    """Run `first(tx)` on instance a and, while its transaction is still open (its writes made, not committed),
+    `second(tx)` on instance b; let a commit once b is seen blocked on a lock. Returns both results."""
+    import threading
+
+    written, go = threading.Event(), threading.Event()
+
+    def held(tx: Any) -> Any:
+        result = first(tx)
+        written.set()
+        go.wait(timeout)
+        return result
+
+    one = a.submit(held)
+    if not written.wait(timeout):
+        one.result(timeout)  # raises what the first job raised
+        raise TimeoutError("the first job never got to its end")
+    other = b.submit(second)
+    try:
+        wait_until_blocked(a, timeout=timeout)
+    finally:
+        go.set()
+    return one.result(timeout), other.result(timeout)

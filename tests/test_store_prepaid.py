@@ -21,6 +21,7 @@ from aims_billing_mcp.store.prepaid import (
     PrepaidStore,
     may_move,
 )
+from tests.pg_race import race
 
 T = TypeVar("T")
 S = PrepaidStatus
@@ -224,3 +225,88 @@ def test_the_transitions_cover_every_state_and_end_only_in_started_or_refunded()
     assert all(may_move(a, b) for a, b in itertools.pairwise(path))
     assert may_move(S.FAILED, S.REFUNDING) and may_move(S.REFUNDING, S.REFUNDED)
     assert not may_move(S.STARTED, S.PENDING) and not may_move(S.REFUNDED, S.REFUNDING)
+
+
+# --- PostgreSQL: two instances on one database ------------------------------------------------------------------
+
+@pytest.fixture
+def instances(postgres_url: str) -> Iterator[tuple[Any, Any]]:
+    """Two "servers": two PostgresStore on one database, each with its own writer and pool."""
+    a, b = (PostgresStore(postgres_url, writers=1, pool_size=2) for _ in range(2))
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_step_taken_by_two_instances_at_once_is_taken_by_one(instances: tuple[Any, Any]) -> None:
+    a, b = instances
+    enqueue(a.prepaid, a.write_sync, "ps_1")
+
+    def step(store: Any, balance_transaction: str) -> Callable[[Tx], tuple[PrepaidRow, bool]]:
+        return lambda tx: store.prepaid.advance(tx, "pre_ps_1", (S.PENDING,), S.CLAIMED, AT,
+                                                balance_transaction_id=balance_transaction)
+
+    (first, moved_first), (second, moved_second) = race(a, b, step(a, "cbtxn_a"), step(b, "cbtxn_b"))
+    assert (moved_first, moved_second) == (True, False)
+    assert first == second and second.balance_transaction_id == "cbtxn_a"  # the loser sees the winner's row
+
+
+def claim(store: Any, row_id: str) -> Callable[[Tx], tuple[PrepaidRow, bool]]:
+    """The worker's claim (services/prepaid.py `_claim`): pending -> claimed only when nothing else holds the tier."""
+    def job(tx: Tx) -> tuple[PrepaidRow, bool]:
+        row = store.prepaid.read(tx, row_id)
+        if store.prepaid.holder(tx, row).other_id is not None:
+            return row, False
+        result: tuple[PrepaidRow, bool] = store.prepaid.advance(tx, row_id, (S.PENDING,), S.CLAIMED, AT)
+        return result
+
+    return job
+
+
+def test_two_instances_claiming_two_rows_of_one_customer_at_once_start_one(instances: tuple[Any, Any]) -> None:
+    a, b = instances
+    enqueue(a.prepaid, a.write_sync, "ps_1")
+    enqueue(a.prepaid, a.write_sync, "ps_2")
+
+    (_, first), (_, second) = race(a, b, claim(a, "pre_ps_1"), claim(b, "pre_ps_2"))
+
+    assert (first, second) == (True, False)  # the second waited for the customer's lock, then saw the first claim
+    assert sorted((row.id, row.status) for row in a.prepaid.rows()) == [("pre_ps_1", S.CLAIMED),
+                                                                        ("pre_ps_2", S.PENDING)]
+
+
+def test_a_creation_lease_set_by_two_instances_at_once_is_the_first_ones(instances: tuple[Any, Any]) -> None:
+    a, b = instances
+    enqueue(a.prepaid, a.write_sync, "ps_1")
+    a.write_sync(lambda tx: a.prepaid.advance(tx, "pre_ps_1", (S.PENDING,), S.CLAIMED, AT))
+    a.write_sync(lambda tx: a.prepaid.advance(tx, "pre_ps_1", (S.CLAIMED,), S.CREDITED, AT, starts_at=100))
+
+    (first, _), (second, credited) = race(a, b, lambda tx: a.prepaid.lease(tx, "pre_ps_1", 200, 100, AT),
+                                          lambda tx: b.prepaid.lease(tx, "pre_ps_1", 300, 100, AT))
+
+    assert (first.starts_at, second.starts_at, credited) == (200, 200, True)  # both send the one request
+
+
+def refund_hold(store: Any, now: float) -> Callable[[Tx], tuple[PrepaidRow, bool]]:
+    """A refund run's claim (services/prepaid.py `_refund_claim`): taken when free or its lease (600 s) expired."""
+    def job(tx: Tx) -> tuple[PrepaidRow, bool]:
+        row = store.prepaid.read(tx, "pre_ps_1")
+        if row.refund_claimed_at is not None and now - row.refund_claimed_at < 600:
+            return row, False
+        return store.prepaid.hold_for_refund(tx, "pre_ps_1", now, AT), True
+
+    return job
+
+
+@pytest.mark.parametrize("earlier_hold", [None, 1_000.0], ids=["free", "expired"])
+def test_a_refund_hold_taken_by_two_instances_at_once_is_taken_by_one(instances: tuple[Any, Any],
+                                                                      earlier_hold: float | None) -> None:
+    a, b = instances
+    enqueue(a.prepaid, a.write_sync, "ps_1")
+    a.write_sync(lambda tx: a.prepaid.fail(tx, "pre_ps_1", S.FAILED, "declined", AT))
+    if earlier_hold is not None:  # a run that died holding it
+        a.write_sync(lambda tx: a.prepaid.hold_for_refund(tx, "pre_ps_1", earlier_hold, AT))
+
+    (_, first), (seen, second) = race(a, b, refund_hold(a, 5_000.0), refund_hold(b, 5_001.0))
+
+    assert (first, second, seen.refund_claimed_at) == (True, False, 5_000.0)

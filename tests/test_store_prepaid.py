@@ -198,6 +198,19 @@ def test_a_refund_hold_is_recorded_let_go_and_its_outcome_keeps_what_it_is_not_t
                                                                                     "re_1 is pending")
 
 
+def test_a_refund_run_lets_go_only_of_its_own_hold(prepaid: PrepaidStore, write: Any) -> None:
+    enqueue(prepaid, write, "ps_1")
+    write(lambda tx: prepaid.fail(tx, "pre_ps_1", S.FAILED, "declined", AT))
+    write(lambda tx: prepaid.hold_for_refund(tx, "pre_ps_1", 1_000.0, AT))  # a run that outlived its lease ...
+    write(lambda tx: prepaid.hold_for_refund(tx, "pre_ps_1", 1_700.0, AT))  # ... and the newer run holding it now
+    write(lambda tx: prepaid.release_refund(tx, "pre_ps_1", 1_000.0))
+    kept = prepaid.find("pre_ps_1")
+    write(lambda tx: prepaid.release_refund(tx, "pre_ps_1", 1_700.0))
+    released = prepaid.find("pre_ps_1")
+    assert kept is not None and released is not None
+    assert (kept.refund_claimed_at, released.refund_claimed_at) == (1_700.0, None)
+
+
 def test_rows_lists_every_row_or_one_customers(prepaid: PrepaidStore, write: Any) -> None:
     enqueue(prepaid, write, "ps_1", customer="cus_1")
     enqueue(prepaid, write, "ps_2", customer="cus_2")

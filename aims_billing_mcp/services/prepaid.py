@@ -446,7 +446,8 @@ class PrepaidSubscriptions:
             amount = await self._reverse_credit(row)
             refund = await self._refund_payment(row, amount) if amount > 0 else None
         except BaseException:  # Stripe said no or is down: the claim is let go, a new run may start at once
-            await self._store.write(lambda tx: store.release_refund(tx, row_id))
+            held_at = row.refund_claimed_at  # only this run's hold: a newer run's stays
+            await self._store.write(lambda tx: store.release_refund(tx, row_id, held_at))
             raise
         status = S.REFUNDED if refund is None or refund["status"] == "succeeded" else S.REFUNDING
         if refund is not None:

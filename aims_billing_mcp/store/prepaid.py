@@ -180,8 +180,9 @@ class PrepaidStore(Protocol):
         """Status refunding, held by a refund run since `held_at` (epoch seconds)."""
         ...
 
-    def release_refund(self, tx: Tx, row_id: str) -> None:
-        """Let a refund run's hold go (a new run may start at once)."""
+    def release_refund(self, tx: Tx, row_id: str, held_at: float | None = None) -> None:
+        """Let a refund run's hold go (a new run may start at once); with `held_at`, only the hold taken then (a run
+        that outlived its lease never lets go of the hold a newer run has taken)."""
         ...
 
     def record_refund(self, tx: Tx, row_id: str, status: PrepaidStatus, refund_id: str | None,
@@ -285,8 +286,12 @@ class SqlitePrepaidStore:
                    (S.REFUNDING, held_at, at, row_id))
         return self.read(tx, row_id)
 
-    def release_refund(self, tx: Tx, row_id: str) -> None:
-        tx.execute("UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = ?", (row_id,))
+    def release_refund(self, tx: Tx, row_id: str, held_at: float | None = None) -> None:
+        if held_at is None:
+            tx.execute("UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = ?", (row_id,))
+        else:
+            tx.execute("UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = ? AND "
+                       "refund_claimed_at = ?", (row_id, held_at))
 
     def record_refund(self, tx: Tx, row_id: str, status: PrepaidStatus, refund_id: str | None,
                       refunded_amount: int | None, note: str | None, at: str) -> PrepaidRow:
@@ -429,8 +434,9 @@ class PostgresPrepaidStore:
                    "WHERE id = %s", (str(S.REFUNDING), held_at, at, row_id))
         return self.read(tx, row_id)
 
-    def release_refund(self, tx: Any, row_id: str) -> None:
-        tx.execute("UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = %s", (row_id,))
+    def release_refund(self, tx: Any, row_id: str, held_at: float | None = None) -> None:
+        fence, held = (" AND refund_claimed_at = %s", (held_at,)) if held_at is not None else ("", ())
+        tx.execute(f"UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = %s{fence}", (row_id, *held))
 
     def record_refund(self, tx: Any, row_id: str, status: PrepaidStatus, refund_id: str | None,
                       refunded_amount: int | None, note: str | None, at: str) -> PrepaidRow:

@@ -65,3 +65,12 @@ def test_serving_on_a_database_at_an_older_schema_says_to_run_migrate(
     exit_code, out = run(monkeypatch, capsys, empty_database, "serve")
 
     assert exit_code == 2 and "aims-billing-mcp migrate" in out and len(out.strip().splitlines()) == 1
+
+
+def test_serving_on_a_migrated_database_names_what_still_keeps_it_from_postgresql(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str, pg_cluster: Cluster,
+) -> None:
+    exit_code, out = run(monkeypatch, capsys, postgres_url, "serve")
+
+    assert exit_code == 2 and "not finished" in out and "x402 challenge-token key" in out
+    assert pg_cluster.password not in out and len(out.strip().splitlines()) == 1

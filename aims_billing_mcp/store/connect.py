@@ -321,3 +321,131 @@ class SqliteConnectStore:
             (SplitStatus.TRANSFERRED, SplitStatus.PENDING, SplitStatus.DECLARED, account_id, account_id, since, since))
         return [Earnings(row[0], row[1], int(row[2]), int(row[3]), int(row[4]), int(row[5]), int(row[6]), int(row[7]),
                          int(row[8])) for row in rows]
+
+
+class PostgresConnectStore(SqliteConnectStore):
+    """PostgreSQL: the same operations with `%s` placeholders, typed NULL tests (`%s::text IS NULL`: PostgreSQL must
+    know a parameter's type), `= ANY(%s)` for lists, enums bound by value, and a split read inside a write job locked
+    `FOR UPDATE` (a refund and a transfer of one split take turns across instances); every other write is one
+    guarded statement, a compare-and-set at READ COMMITTED."""
+
+    def __init__(self, core: Any) -> None:  # a PostgresCore
+        self._core = core
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return [tuple(row.values()) for row in self._core.query(sql, params)]
+
+    def add_account(self, tx: Any, account: ConnectedAccount) -> bool:
+        cursor = tx.execute(
+            f"INSERT INTO connected_accounts ({ACCOUNT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (account_id) DO NOTHING",
+            (account.account_id, account.email, account.display_name, account.country, account.currency,
+             str(account.status), json.dumps(list(account.requirements_due)), account.last_event_created,
+             account.created_at, account.updated_at))
+        return bool(cursor.rowcount == 1)
+
+    def set_status(self, tx: Any, account_id: str, status: AccountStatus, due: tuple[str, ...],
+                   event_created: int | None) -> bool:
+        cursor = tx.execute(
+            "UPDATE connected_accounts SET status = %(status)s, requirements_due = %(due)s, updated_at = %(now)s, "
+            "last_event_created = CASE WHEN %(created)s::bigint IS NULL THEN last_event_created "
+            "ELSE GREATEST(%(created)s::bigint, COALESCE(last_event_created, 0)) END "
+            "WHERE account_id = %(id)s AND (%(created)s::bigint IS NULL OR last_event_created IS NULL "
+            "OR last_event_created <= %(created)s::bigint)",
+            {"status": str(status), "due": json.dumps(list(due)), "now": utc_now(), "created": event_created,
+             "id": account_id})
+        return bool(cursor.rowcount == 1)
+
+    def account(self, account_id: str) -> ConnectedAccount | None:
+        rows = self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM connected_accounts WHERE account_id = %s", (account_id,))
+        return _account(rows[0]) if rows else None
+
+    def accounts(self, status: AccountStatus | None, limit: int) -> list[ConnectedAccount]:
+        wanted = None if status is None else str(status)
+        rows = self._rows(
+            f"SELECT {ACCOUNT_COLUMNS} FROM connected_accounts WHERE (%s::text IS NULL OR status = %s::text) "
+            "ORDER BY created_at DESC, account_id LIMIT %s", (wanted, wanted, limit))
+        return [_account(row) for row in rows]
+
+    def add_plug(self, tx: Any, plug: Plug) -> None:
+        from psycopg import errors
+
+        try:
+            tx.execute(f"INSERT INTO plugs ({PLUG_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                       (plug.plug_id, plug.name, plug.product_id, plug.price_id, plug.account_id, plug.currency,
+                        plug.unit_amount, plug.share_bp, plug.platform_fee, plug.created_at))
+        except errors.UniqueViolation as exc:
+            raise DuplicatePlug(plug.plug_id) from exc
+
+    def plug(self, plug_id: str) -> Plug | None:
+        rows = self._rows(f"SELECT {PLUG_COLUMNS} FROM plugs WHERE plug_id = %s", (plug_id,))
+        return _plug(rows[0]) if rows else None
+
+    def plugs_for_prices(self, price_ids: list[str]) -> dict[str, Plug]:
+        if not price_ids:
+            return {}
+        rows = self._rows(f"SELECT {PLUG_COLUMNS} FROM plugs WHERE price_id = ANY(%s)", (list(price_ids),))
+        return {plug.price_id: plug for plug in map(_plug, rows)}
+
+    def add_split(self, tx: Any, split: Split) -> bool:
+        cursor = tx.execute(
+            f"INSERT INTO splits ({SPLIT_COLUMNS}) VALUES ({', '.join(['%s'] * 19)}) "
+            "ON CONFLICT (path, sale_ref, plug_id) DO NOTHING",
+            (split.id, split.path, split.sale_ref, split.plug_id, split.account_id, split.currency, split.gross,
+             split.platform_fee, split.creator_amount, str(split.status), split.payment_intent, split.transfer_id,
+             split.transfer_group, split.reversed, split.fee_refunded, split.refunded, split.note, split.created_at,
+             split.updated_at))
+        return bool(cursor.rowcount == 1)
+
+    def splits_of_sale(self, path: str, sale_ref: str) -> list[Split]:
+        rows = self._rows(f"SELECT {SPLIT_COLUMNS} FROM splits WHERE path = %s AND sale_ref = %s ORDER BY id",
+                          (path, sale_ref))
+        return [_split(row) for row in rows]
+
+    def splits_of_payment(self, payment_intent: str) -> list[Split]:
+        rows = self._rows(f"SELECT {SPLIT_COLUMNS} FROM splits WHERE payment_intent = %s ORDER BY id",
+                          (payment_intent,))
+        return [_split(row) for row in rows]
+
+    def load_split(self, tx: Any, split_id: str) -> Split | None:
+        row = tx.execute(f"SELECT {SPLIT_COLUMNS} FROM splits WHERE id = %s FOR UPDATE", (split_id,)).fetchone()
+        return _split(tuple(row)) if row is not None else None
+
+    def mark_paid(self, tx: Any, split_id: str, status: SplitStatus, *, payment_intent: str | None,
+                  transfer_group: str | None, transfer_id: str | None) -> bool:
+        allowed = [str(state) for state, targets in SPLIT_TRANSITIONS.items() if status in targets]
+        cursor = tx.execute(
+            "UPDATE splits SET status = %s, payment_intent = COALESCE(%s, payment_intent), "
+            "transfer_group = COALESCE(%s, transfer_group), transfer_id = COALESCE(%s, transfer_id), updated_at = %s "
+            "WHERE id = %s AND status = ANY(%s)",
+            (str(status), payment_intent, transfer_group, transfer_id, utc_now(), split_id, allowed))
+        return bool(cursor.rowcount == 1)
+
+    def add_refund(self, tx: Any, split_id: str, refunded: int, reversed_: int, fee_refunded: int) -> bool:
+        cursor = tx.execute(
+            "UPDATE splits SET refunded = refunded + %(r)s, reversed = reversed + %(v)s, "
+            "fee_refunded = fee_refunded + %(f)s, updated_at = %(now)s WHERE id = %(id)s "
+            "AND refunded + %(r)s <= gross AND reversed + %(v)s <= creator_amount "
+            "AND fee_refunded + %(f)s <= platform_fee",
+            {"r": refunded, "v": reversed_, "f": fee_refunded, "now": utc_now(), "id": split_id})
+        return bool(cursor.rowcount == 1)
+
+    def splits(self, account_id: str | None, since: str | None, limit: int) -> list[Split]:
+        rows = self._rows(
+            f"SELECT {SPLIT_COLUMNS} FROM splits WHERE (%s::text IS NULL OR account_id = %s::text) "
+            "AND (%s::text IS NULL OR created_at >= %s::text) ORDER BY created_at DESC, id LIMIT %s",
+            (account_id, account_id, since, since, limit))
+        return [_split(row) for row in rows]
+
+    def earnings(self, account_id: str | None, since: str | None) -> list[Earnings]:
+        rows = self._rows(
+            "SELECT account_id, currency, COUNT(*) AS sales, SUM(gross) AS gross, SUM(platform_fee) AS fees, "
+            "SUM(CASE WHEN status = %s THEN creator_amount ELSE 0 END) AS transferred, SUM(reversed) AS reversed, "
+            "SUM(fee_refunded) AS fee_refunded, SUM(CASE WHEN status = %s THEN creator_amount ELSE 0 END) AS pending "
+            "FROM splits WHERE status != %s AND (%s::text IS NULL OR account_id = %s::text) "
+            "AND (%s::text IS NULL OR created_at >= %s::text) "
+            "GROUP BY account_id, currency ORDER BY account_id, currency",
+            (str(SplitStatus.TRANSFERRED), str(SplitStatus.PENDING), str(SplitStatus.DECLARED), account_id,
+             account_id, since, since))
+        return [Earnings(row[0], row[1], int(row[2]), int(row[3]), int(row[4]), int(row[5]), int(row[6]), int(row[7]),
+                         int(row[8])) for row in rows]

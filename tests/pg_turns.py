@@ -1,11 +1,13 @@
 """Deterministic interleavings of two PostgreSQL instances (issue 15), without sleeps: one instance's write job does
-its part and keeps its transaction open (`holding`) while the test starts the other instance's job, waits until
-PostgreSQL reports that job waiting on a lock (`lock_waiters`), and only then lets the first commit.
+its part and keeps its transaction open (`holding`, or `race` for synchronous tests) while the test starts the other
+instance's job, waits until PostgreSQL reports that job waiting on a lock (`lock_waiters`, `wait_until_blocked`),
+and only then lets the first commit.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -14,6 +16,9 @@ from typing import Any
 import anyio
 
 WITHIN_S = 10.0  # how long a step may take before the test fails (a hang is a failure, not a wait)
+POLL_S = 0.005  # between two looks at pg_stat_activity
+LOCK_WAITERS = ("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'")
 
 
 @dataclass
@@ -76,8 +81,44 @@ async def lock_waiters(url: str, count: int = 1) -> None:
 
     with psycopg.connect(url, autocommit=True) as conn, anyio.fail_after(WITHIN_S):
         while True:
-            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                               "AND wait_event_type = 'Lock'").fetchone()
+            row = conn.execute(LOCK_WAITERS).fetchone()
             if row is not None and row[0] >= count:
                 return
-            await anyio.sleep(0.005)
+            await anyio.sleep(POLL_S)
+
+
+def wait_until_blocked(store: Any, waiting: int = 1, *, timeout: float = 20.0) -> None:
+    """`lock_waiters` for synchronous tests, through the store's own reader: return once `waiting` sessions of its
+    database wait on a lock (a row lock or an advisory lock)."""
+    pause = threading.Event()  # never set: its wait is the pause between two looks
+    deadline = time.monotonic() + timeout
+    while True:
+        row = store.query_one(LOCK_WAITERS)
+        if row is not None and int(row["n"]) >= waiting:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {waiting} session(s) blocked on a lock within {timeout:g} s")
+        pause.wait(POLL_S)
+
+
+def race(a: Any, b: Any, first: Any, second: Any, *, timeout: float = 20.0) -> tuple[Any, Any]:
+    """Run `first(tx)` on instance a and, while its transaction is still open (its writes made, not committed),
+    `second(tx)` on instance b; let a commit once b is seen blocked on a lock. Returns both results."""
+    written, go = threading.Event(), threading.Event()
+
+    def held(tx: Any) -> Any:
+        result = first(tx)
+        written.set()
+        go.wait(timeout)
+        return result
+
+    one = a.submit(held)
+    if not written.wait(timeout):
+        one.result(timeout)  # raises what the first job raised
+        raise TimeoutError("the first job never got to its end")
+    other = b.submit(second)
+    try:
+        wait_until_blocked(a, timeout=timeout)
+    finally:
+        go.set()
+    return one.result(timeout), other.result(timeout)

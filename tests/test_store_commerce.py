@@ -24,7 +24,7 @@ from aims_billing_mcp.store.commerce import (
     SessionStatus,
     session_status,
 )
-from tests.pg_race import wait_until_blocked
+from tests.pg_turns import wait_until_blocked
 
 T = TypeVar("T")
 S = SessionStatus

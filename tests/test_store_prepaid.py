@@ -21,7 +21,7 @@ from aims_billing_mcp.store.prepaid import (
     PrepaidStore,
     may_move,
 )
-from tests.pg_race import race
+from tests.pg_turns import race
 
 T = TypeVar("T")
 S = PrepaidStatus

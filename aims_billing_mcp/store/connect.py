@@ -329,11 +329,8 @@ class PostgresConnectStore(SqliteConnectStore):
     `FOR UPDATE` (a refund and a transfer of one split take turns across instances); every other write is one
     guarded statement, a compare-and-set at READ COMMITTED."""
 
-    def __init__(self, core: Any) -> None:  # a PostgresCore
+    def __init__(self, core: Any) -> None:  # a PostgresCore; `_rows` and `plugs` are the SQLite store's
         self._core = core
-
-    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        return [tuple(row.values()) for row in self._core.query(sql, params)]
 
     def add_account(self, tx: Any, account: ConnectedAccount) -> bool:
         cursor = tx.execute(

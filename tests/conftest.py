@@ -349,3 +349,17 @@ def postgres_url(pg_cluster: Any) -> str:
     import uuid
 
     return str(pg_cluster.migrated_database(f"t_{uuid.uuid4().hex[:16]}"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """The store under test, on each backend: the axis the aggregates' contract tests (tests/test_store_*.py) run
+    along; a PostgreSQL database of its own per test."""
+    if request.param == "postgres":
+        from aims_billing_mcp.store import PostgresStore
+
+        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
+    else:
+        store = Store(tmp_path / "store.db")
+    yield store
+    store.close()

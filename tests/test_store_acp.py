@@ -40,14 +40,10 @@ ISO = "2027-01-15T08:00:00.000Z"
 STORED = [status for status in CheckoutStatus if status != CheckoutStatus.EXPIRED]  # expired is derived on read
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "postgres":
-        backend: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
-    else:
-        backend = Store(tmp_path / "acp.db")
-    yield backend
-    backend.close()
+@pytest.fixture
+def store(backend: Any) -> Any:
+    """The store under test on each backend (conftest's `backend`), under the name this module's tests use."""
+    return backend
 
 
 @pytest.fixture

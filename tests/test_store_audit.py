@@ -7,9 +7,8 @@ backend's writer transaction.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,16 +28,6 @@ ENTRIES = [
     AuditEntry("2027-01-18T08:00:00.000Z", "create_checkout_session", "local", '{"customer":"cus_B%"}', "ok", None,
                3.0, "req_2,req_3"),
 ]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "postgres":
-        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
-    else:
-        store = Store(tmp_path / "audit.db")
-    yield store
-    store.close()
 
 
 @pytest.fixture

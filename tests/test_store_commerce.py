@@ -7,12 +7,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from aims_billing_mcp.store import PostgresStore, Store, Tx
+from aims_billing_mcp.store import PostgresStore, Tx
 from aims_billing_mcp.store.commerce import (
     DELIVERY_TRANSITIONS,
     SETTLED,
@@ -29,16 +28,6 @@ from tests.pg_turns import wait_until_blocked
 T = TypeVar("T")
 S = SessionStatus
 AT = "2026-12-06T04:00:00.000Z"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    if request.param == "postgres":
-        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
-    else:
-        store = Store(tmp_path / "commerce.db")
-    yield store
-    store.close()
 
 
 @pytest.fixture

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-from aims_billing_mcp.store import PostgresStore, Store
+from aims_billing_mcp.store import Store
 from aims_billing_mcp.store.connect import (
     ACCOUNT_TRANSITIONS,
     SPLIT_TRANSITIONS,
@@ -22,16 +18,6 @@ from aims_billing_mcp.store.connect import (
 )
 
 NOW = "2026-12-06T00:00:00.000Z"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "postgres":
-        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
-    else:
-        store = Store(tmp_path / "connect.db")
-    yield store
-    store.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ once: the first stays.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,16 +18,6 @@ from aims_billing_mcp.store.idempotency import CallRecord, IdempotencyStore, Sto
 from tests.pg_turns import Attempt, holding, lock_waiters
 
 Write = Callable[[Callable[[Tx], Any]], Any]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "postgres":
-        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
-    else:
-        store = Store(tmp_path / "keys.db")
-    yield store
-    store.close()
 
 
 @pytest.fixture

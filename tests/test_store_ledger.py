@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,17 +20,6 @@ Run = Callable[[Callable[[Tx], Any]], Any]  # runs one job in the writer's trans
 NOW = 1_768_478_400.0  # 2026-01-15T12:00:00Z
 ISO = utc_iso(NOW)
 LATER = utc_iso(NOW + 120)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """The store under test, on each backend."""
-    if request.param == "postgres":
-        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
-    else:
-        store = Store(tmp_path / "ledger.db")
-    yield store
-    store.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,7 +14,7 @@ import anyio.to_thread
 import psycopg
 import pytest
 
-from aims_billing_mcp.store import PostgresStore, Store, Tx
+from aims_billing_mcp.store import PostgresStore, Tx
 from aims_billing_mcp.store.metering import (
     COUNTED,
     TRANSITIONS,
@@ -40,16 +39,10 @@ class Backend:
     write: Callable[[Callable[[Tx], Any]], Awaitable[Any]]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def metering(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "postgres":
-        core: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
-    else:
-        core = Store(tmp_path / "metering.db")
-    try:
-        yield Backend(core.metering, core.write)
-    finally:
-        core.close()
+@pytest.fixture
+def metering(backend: Any) -> Backend:
+    """The metering store on each backend (conftest's `backend`) and its store's write."""
+    return Backend(backend.metering, backend.write)
 
 
 def event(identifier: str, customer: str = "cus_A", units: int = 10, *, tier: str = "3mo",

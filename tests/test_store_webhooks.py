@@ -4,13 +4,9 @@ second backend adds itself to."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-from aims_billing_mcp.store import PostgresStore, Store, Tx
+from aims_billing_mcp.store import Store, Tx
 from aims_billing_mcp.store.webhooks import (
     EVENT_TRANSITIONS,
     LIVE,
@@ -27,16 +23,6 @@ from aims_billing_mcp.store.webhooks import (
 pytestmark = pytest.mark.anyio
 
 EVENT = EventRef("evt_1", "customer.subscription.updated", 1_790_000_000)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "postgres":
-        store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
-    else:
-        store = Store(tmp_path / "webhooks.db")
-    yield store
-    store.close()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ MACHINES = (
     ("store/metering.py", "EventStatus", "TRANSITIONS"),
     ("store/x402.py", "QuoteStatus", "TRANSITIONS"),
     ("store/commerce.py", "SessionStatus", "TRANSITIONS"),
-    ("store/commerce.py", "DeliveryState", "DELIVERY_TRANSITIONS"),
     ("store/prepaid.py", "PrepaidStatus", "TRANSITIONS"),
     ("store/acp.py", "CheckoutStatus", "TRANSITIONS"),
     ("store/acp.py", "OrderStatus", "ORDER_TRANSITIONS"),

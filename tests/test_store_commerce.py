@@ -13,12 +13,10 @@ import pytest
 
 from aims_billing_mcp.store import PostgresStore, Tx
 from aims_billing_mcp.store.commerce import (
-    DELIVERY_TRANSITIONS,
     SETTLED,
     TERMINAL,
     TRANSITIONS,
     CommerceStore,
-    DeliveryState,
     PaymentSessionRow,
     SessionStatus,
     session_status,
@@ -131,25 +129,6 @@ def test_a_wallets_customer_is_found_by_its_agent(backend: Any, commerce: Commer
     assert commerce.wallet_customer("agent-2") is None
 
 
-def test_an_order_event_stays_pending_until_delivered_or_given_up(commerce: CommerceStore, write: Any) -> None:
-    for event_id in ("evt_a", "evt_b", "evt_c"):
-        write(lambda tx, e=event_id: commerce.enqueue_order_event(
-            tx, event_id=e, event_type="order_create", order_id="ord_1", checkout_session_id="cs_1",
-            payload={"type": "order_create", "data": {"id": "ord_1"}}, at=AT))
-    write(lambda tx: commerce.retry_order_event_later(tx, "evt_a", 1, 500, "HTTP 500"))
-    write(lambda tx: commerce.complete_order_event(tx, "evt_b", 2, 200, AT))
-    write(lambda tx: commerce.give_up_order_event(tx, "evt_c", 4, None, "ConnectError"))
-    events = {e: commerce.order_event(e) for e in ("evt_a", "evt_b", "evt_c")}
-    assert {e: (r.state, r.attempts, r.last_status, r.last_error, r.delivered_at) for e, r in events.items() if r} == {
-        "evt_a": (DeliveryState.PENDING, 1, 500, "HTTP 500", None),
-        "evt_b": (DeliveryState.DELIVERED, 2, 200, None, AT),
-        "evt_c": (DeliveryState.GAVE_UP, 4, None, "ConnectError", None)}
-    assert commerce.pending_order_events() == ["evt_a"]
-    a = events["evt_a"]
-    assert a is not None and a.payload == '{"data":{"id":"ord_1"},"type":"order_create"}'
-    assert commerce.order_event("evt_missing") is None
-
-
 def test_a_session_follows_stripe_until_it_succeeds_or_is_canceled() -> None:
     assert set(TRANSITIONS) == set(SessionStatus)
     assert {status for status, after in TRANSITIONS.items() if not after} == set(TERMINAL)
@@ -157,12 +136,6 @@ def test_a_session_follows_stripe_until_it_succeeds_or_is_canceled() -> None:
     assert all(status not in after for status, after in TRANSITIONS.items())
     assert session_status("requires_action", S.CANCELED) is S.REQUIRES_ACTION
     assert session_status("a_status_stripe_adds_later", S.PROCESSING) is S.PROCESSING
-
-
-def test_an_order_event_ends_delivered_or_given_up() -> None:
-    final = {state for state, after in DELIVERY_TRANSITIONS.items() if not after}
-    assert final == {DeliveryState.DELIVERED, DeliveryState.GAVE_UP}
-    assert DELIVERY_TRANSITIONS[DeliveryState.PENDING] == final
 
 
 # --- PostgreSQL: two instances on one database ------------------------------------------------------------------

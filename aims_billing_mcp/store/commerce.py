@@ -1,11 +1,10 @@
-"""Agent-commerce payment sessions, their fulfilment and the order-webhook outbox.
+"""Agent-commerce payment sessions and their fulfilment (the ACP order-webhook outbox lives in store/acp.py).
 
 `CommerceStore` is the seam: the operations a backend implements (write operations take the job's `Tx`; reads use
 the backend's reader). `SqliteCommerceStore` is the SQLite implementation.
 
-Two state machines live here: a payment session's (`SessionStatus`: its PaymentIntent's status as Stripe reports
-it, plus our own `amount_mismatch`; succeeded and canceled are final) and an ACP order event's delivery
-(`DeliveryState`: pending until delivered or given up; stored as the `delivered` and `gave_up` flags).
+The state machine here is a payment session's (`SessionStatus`: its PaymentIntent's status as Stripe reports it,
+plus our own `amount_mismatch`; succeeded and canceled are final).
 """
 
 from __future__ import annotations
@@ -48,21 +47,6 @@ def session_status(value: str, default: SessionStatus) -> SessionStatus:
         return default
 
 
-class DeliveryState(StrEnum):
-    """An ACP order event's delivery to the agent platform."""
-
-    PENDING = "pending"  # to send (again): attempts left
-    DELIVERED = "delivered"  # a 2xx answer
-    GAVE_UP = "gave_up"  # max attempts without a 2xx: kept for an operator
-
-
-DELIVERY_TRANSITIONS: dict[DeliveryState, frozenset[DeliveryState]] = {
-    DeliveryState.PENDING: frozenset({DeliveryState.DELIVERED, DeliveryState.GAVE_UP}),
-    DeliveryState.DELIVERED: frozenset(),
-    DeliveryState.GAVE_UP: frozenset(),
-}
-
-
 @dataclass(frozen=True, slots=True)
 class PaymentSessionRow:
     """One payment session as stored (`fulfilment` parsed from its JSON)."""
@@ -102,33 +86,6 @@ def _session(found: Any) -> PaymentSessionRow:
     return PaymentSessionRow(id_, customer, agent, item, amount, currency, description, SessionStatus(status), pi, key,
                              received, last_error, fulfilled_at, json.loads(fulfilment) if fulfilment else None,
                              confirming, created, updated)
-
-
-@dataclass(frozen=True, slots=True)
-class OrderEventRow:
-    """One ACP order event of the outbox (`payload` is the exact body sent)."""
-
-    id: str
-    type: str
-    order_id: str
-    checkout_session_id: str
-    payload: str
-    attempts: int
-    state: DeliveryState
-    last_status: int | None
-    last_error: str | None
-    created_at: str
-    delivered_at: str | None
-
-
-_SELECT_EVENT = ("SELECT id, type, order_id, checkout_session_id, payload, attempts, delivered, gave_up, last_status, "
-                 "last_error, created_at, delivered_at FROM acp_order_events")
-
-
-def _event(found: Any) -> OrderEventRow:
-    id_, kind, order, checkout, payload, attempts, delivered, gave_up, status, error, created, delivered_at = found
-    state = DeliveryState.DELIVERED if delivered else DeliveryState.GAVE_UP if gave_up else DeliveryState.PENDING
-    return OrderEventRow(id_, kind, order, checkout, payload, attempts, state, status, error, created, delivered_at)
 
 
 class CommerceStore(Protocol):
@@ -191,34 +148,6 @@ class CommerceStore(Protocol):
     def wallet_customer(self, agent_id: str) -> str | None:
         """The customer owning an agent's wallet, or None when the agent has no wallet."""
         ...
-
-    # the ACP order-webhook outbox
-    def enqueue_order_event(self, tx: Tx, *, event_id: str, event_type: str, order_id: str, checkout_session_id: str,
-                            payload: dict[str, Any], at: str) -> None:
-        """Record an order event to deliver (pending), in the transaction that made the order change."""
-        ...
-
-    def pending_order_events(self, limit: int = 1000) -> list[str]:
-        """Ids of the events neither delivered nor given up, oldest first."""
-        ...
-
-    def order_event(self, event_id: str) -> OrderEventRow | None:
-        """One event, or None."""
-        ...
-
-    def complete_order_event(self, tx: Tx, event_id: str, attempts: int, last_status: int | None, at: str) -> None:
-        """Delivered (a 2xx answer) after `attempts` attempts."""
-        ...
-
-    def retry_order_event_later(self, tx: Tx, event_id: str, attempts: int, last_status: int | None,
-                                error: str) -> None:
-        """An attempt failed; the event stays pending."""
-        ...
-
-    def give_up_order_event(self, tx: Tx, event_id: str, attempts: int, last_status: int | None, error: str) -> None:
-        """The last attempt failed: given up, kept for an operator."""
-        ...
-
 
 class SqliteCommerceStore:
     def __init__(self, core: StoreCore) -> None:
@@ -291,38 +220,6 @@ class SqliteCommerceStore:
         return None if row is None else str(row["customer_id"])
 
     # the ACP order-webhook outbox
-    def enqueue_order_event(self, tx: Tx, *, event_id: str, event_type: str, order_id: str, checkout_session_id: str,
-                            payload: dict[str, Any], at: str) -> None:
-        tx.execute("INSERT INTO acp_order_events (id, type, order_id, checkout_session_id, payload, created_at) "
-                   "VALUES (?, ?, ?, ?, ?, ?)",
-                   (event_id, event_type, order_id, checkout_session_id, dumps(payload), at))
-
-    def pending_order_events(self, limit: int = 1000) -> list[str]:
-        rows = self._core.query("SELECT id FROM acp_order_events WHERE delivered = 0 AND gave_up = 0 "
-                                "ORDER BY created_at LIMIT ?", (limit,))
-        return [str(row["id"]) for row in rows]
-
-    def order_event(self, event_id: str) -> OrderEventRow | None:
-        found = self._core.query_one(f"{_SELECT_EVENT} WHERE id = ?", (event_id,))
-        return None if found is None else _event(found.values())
-
-    def complete_order_event(self, tx: Tx, event_id: str, attempts: int, last_status: int | None, at: str) -> None:
-        self._attempted(tx, event_id, attempts, last_status, None, DeliveryState.DELIVERED, at)
-
-    def retry_order_event_later(self, tx: Tx, event_id: str, attempts: int, last_status: int | None,
-                                error: str) -> None:
-        self._attempted(tx, event_id, attempts, last_status, error, DeliveryState.PENDING, None)
-
-    def give_up_order_event(self, tx: Tx, event_id: str, attempts: int, last_status: int | None, error: str) -> None:
-        self._attempted(tx, event_id, attempts, last_status, error, DeliveryState.GAVE_UP, None)
-
-    @staticmethod
-    def _attempted(tx: Tx, event_id: str, attempts: int, last_status: int | None, error: str | None,
-                   state: DeliveryState, at: str | None) -> None:
-        tx.execute("UPDATE acp_order_events SET attempts = ?, last_status = ?, last_error = ?, delivered = ?, "
-                   "gave_up = ?, delivered_at = ? WHERE id = ?",
-                   (attempts, last_status, error, int(state is DeliveryState.DELIVERED),
-                    int(state is DeliveryState.GAVE_UP), at, event_id))
 
 
 class PostgresCommerceStore:
@@ -415,35 +312,3 @@ class PostgresCommerceStore:
         return None if row is None else str(row["customer_id"])
 
     # the ACP order-webhook outbox
-    def enqueue_order_event(self, tx: Any, *, event_id: str, event_type: str, order_id: str,
-                            checkout_session_id: str, payload: dict[str, Any], at: str) -> None:
-        tx.execute("INSERT INTO acp_order_events (id, type, order_id, checkout_session_id, payload, created_at) "
-                   "VALUES (%s, %s, %s, %s, %s, %s)",
-                   (event_id, event_type, order_id, checkout_session_id, dumps(payload), at))
-
-    def pending_order_events(self, limit: int = 1000) -> list[str]:
-        rows = self._core.query("SELECT id FROM acp_order_events WHERE delivered = 0 AND gave_up = 0 "
-                                "ORDER BY created_at LIMIT %s", (limit,))
-        return [str(row["id"]) for row in rows]
-
-    def order_event(self, event_id: str) -> OrderEventRow | None:
-        found = self._core.query_one(f"{_SELECT_EVENT} WHERE id = %s", (event_id,))
-        return None if found is None else _event(found.values())
-
-    def complete_order_event(self, tx: Any, event_id: str, attempts: int, last_status: int | None, at: str) -> None:
-        self._attempted(tx, event_id, attempts, last_status, None, DeliveryState.DELIVERED, at)
-
-    def retry_order_event_later(self, tx: Any, event_id: str, attempts: int, last_status: int | None,
-                                error: str) -> None:
-        self._attempted(tx, event_id, attempts, last_status, error, DeliveryState.PENDING, None)
-
-    def give_up_order_event(self, tx: Any, event_id: str, attempts: int, last_status: int | None, error: str) -> None:
-        self._attempted(tx, event_id, attempts, last_status, error, DeliveryState.GAVE_UP, None)
-
-    @staticmethod
-    def _attempted(tx: Any, event_id: str, attempts: int, last_status: int | None, error: str | None,
-                   state: DeliveryState, at: str | None) -> None:
-        tx.execute("UPDATE acp_order_events SET attempts = %s, last_status = %s, last_error = %s, delivered = %s, "
-                   "gave_up = %s, delivered_at = %s WHERE id = %s",
-                   (attempts, last_status, error, int(state is DeliveryState.DELIVERED),
-                    int(state is DeliveryState.GAVE_UP), at, event_id))

@@ -4,7 +4,6 @@ racing for the same session."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -21,6 +20,7 @@ from aims_billing_mcp.store.commerce import (
     SessionStatus,
     session_status,
 )
+from aims_billing_mcp.store.core import broken_unique_key
 from tests.pg_turns import wait_until_blocked
 
 T = TypeVar("T")
@@ -64,11 +64,13 @@ def test_create_records_a_session_once_and_a_second_create_changes_nothing(comme
 
 def test_one_payment_intent_belongs_to_one_session(commerce: CommerceStore, write: Any) -> None:
     create(commerce, write, "ps_1")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(Exception) as refused:  # the backend's own IntegrityError
         write(lambda tx: commerce.create(
             tx, session_id="ps_2", customer=None, agent_id=None, item=None, amount=1, currency="usd",
             description=None, status=S.REQUIRES_PAYMENT_METHOD, payment_intent="pi_ps_1", idempotency_key="other",
             amount_received=0, at=AT))
+    assert broken_unique_key(refused.value) in ("payment_sessions.payment_intent_id",
+                                                "payment_sessions_payment_intent_id_key")
     found = write(lambda tx: commerce.by_payment_intent(tx, "pi_ps_1"))
     assert found is not None and found.id == "ps_1"
     assert write(lambda tx: commerce.by_payment_intent(tx, "pi_unknown")) is None

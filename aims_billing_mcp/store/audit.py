@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from .core import StoreCore, Tx, utc_iso
+from .core import Reader, Tx, utc_iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +82,17 @@ def _like_literal(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+_AUDIT_COLUMNS = "at, tool, caller, arguments, outcome, error_code, duration_ms, request_id"
+_AUDIT_CHUNK = 1000  # rows per INSERT (8 parameters each: far below PostgreSQL's 65535)
+
+
 class SqliteAuditStore:
-    def __init__(self, core: StoreCore) -> None:
+    def __init__(self, core: Reader) -> None:
         self._core = core
 
     def append(self, tx: Tx, entries: Iterable[AuditEntry]) -> None:
         tx.executemany(
-            "INSERT INTO audit_log (at, tool, caller, arguments, outcome, error_code, duration_ms, request_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(e.at, e.tool, e.caller, e.arguments, e.outcome, e.error_code, e.duration_ms, e.request_id)
              for e in entries])
 
@@ -110,49 +113,21 @@ class SqliteAuditStore:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         params.append(wanted.limit)
         return [AuditRow(**row) for row in self._core.query(
-            f"SELECT * FROM audit_log {where} ORDER BY id DESC LIMIT ?", params)]
+            f"SELECT id, {_AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT ?", params)]
 
     def prune(self, tx: Tx, older_than: datetime) -> int:
-        return tx.execute("DELETE FROM audit_log WHERE at < ?", (_stamp(older_than),)).rowcount
+        return int(tx.execute("DELETE FROM audit_log WHERE at < ?", (_stamp(older_than),)).rowcount)
 
 
-_AUDIT_COLUMNS = "at, tool, caller, arguments, outcome, error_code, duration_ms, request_id"
-_AUDIT_CHUNK = 1000  # rows per INSERT (8 parameters each: far below PostgreSQL's 65535)
-
-
-class PostgresAuditStore:
-    """PostgreSQL: the same statements with `%s` placeholders; a batch is appended by multi-row INSERTs."""
-
-    def __init__(self, core: Any) -> None:
-        self._core = core
+class PostgresAuditStore(SqliteAuditStore):
+    """PostgreSQL: the same statements (store/postgres_sql.py), but a batch is appended by multi-row INSERTs
+    (psycopg's executemany sends one statement per row)."""
 
     def append(self, tx: Any, entries: Iterable[AuditEntry]) -> None:
         rows = [(e.at, e.tool, e.caller, e.arguments, e.outcome, e.error_code, e.duration_ms, e.request_id)
                 for e in entries]
         for start in range(0, len(rows), _AUDIT_CHUNK):
             chunk = rows[start:start + _AUDIT_CHUNK]
-            values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * len(chunk))
+            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
             tx.execute(f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES {values}",
                        [value for row in chunk for value in row])
-
-    def report(self, wanted: AuditFilter) -> list[AuditRow]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if wanted.tool:
-            clauses.append("tool = %s")
-            params.append(wanted.tool)
-        if wanted.customer:
-            clauses.append("arguments LIKE %s ESCAPE '\\'")
-            params.append(f'%"{_like_literal(wanted.customer)}"%')
-        if wanted.since:
-            clauses.append("at >= %s")
-            params.append(_stamp(wanted.since))
-        if wanted.errors_only:
-            clauses.append("outcome = 'error'")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        params.append(wanted.limit)
-        return [AuditRow(**row) for row in self._core.query(
-            f"SELECT id, {_AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT %s", params)]
-
-    def prune(self, tx: Any, older_than: datetime) -> int:
-        return int(tx.execute("DELETE FROM audit_log WHERE at < %s", (_stamp(older_than),)).rowcount)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .core import StoreCore, Tx, dumps
+from .core import Reader, Tx, dumps
 
 
 class SessionStatus(StrEnum):
@@ -96,7 +96,8 @@ class CommerceStore(Protocol):
                amount: int, currency: str, description: str | None, status: SessionStatus, payment_intent: str,
                idempotency_key: str, amount_received: int, at: str) -> PaymentSessionRow:
         """Record a session unless one with its id exists (then nothing changes); returns the session as it is.
-        Its payment_intent and idempotency_key are UNIQUE (IntegrityError for another session's)."""
+        Its payment_intent and idempotency_key are UNIQUE (the backend's IntegrityError for another session's: see
+        `broken_unique_key`)."""
         ...
 
     def read(self, tx: Tx, session_id: str) -> PaymentSessionRow:
@@ -150,7 +151,9 @@ class CommerceStore(Protocol):
         ...
 
 class SqliteCommerceStore:
-    def __init__(self, core: StoreCore) -> None:
+    _for_update = ""  # SQLite has one writer: a session read in a write job needs no lock
+
+    def __init__(self, core: Reader) -> None:
         self._core = core
 
     # payment sessions
@@ -166,13 +169,14 @@ class SqliteCommerceStore:
         return self.read(tx, session_id)
 
     def read(self, tx: Tx, session_id: str) -> PaymentSessionRow:
-        found = tx.execute(f"{_SELECT_SESSION} WHERE id = ?", (session_id,)).fetchone()
+        found = tx.execute(f"{_SELECT_SESSION} WHERE id = ?{self._for_update}", (session_id,)).fetchone()
         if found is None:
             raise KeyError(session_id)
         return _session(found)
 
     def by_payment_intent(self, tx: Tx, payment_intent: str) -> PaymentSessionRow | None:
-        found = tx.execute(f"{_SELECT_SESSION} WHERE payment_intent_id = ?", (payment_intent,)).fetchone()
+        found = tx.execute(f"{_SELECT_SESSION} WHERE payment_intent_id = ?{self._for_update}",
+                           (payment_intent,)).fetchone()
         return None if found is None else _session(found)
 
     def find(self, session_id: str) -> PaymentSessionRow | None:
@@ -188,7 +192,7 @@ class SqliteCommerceStore:
     def claim_fulfilment(self, tx: Tx, session_id: str, at: str) -> bool:
         claimed = tx.execute("UPDATE payment_sessions SET fulfilled_at = ? WHERE id = ? AND fulfilled_at IS NULL",
                              (at, session_id))
-        return claimed.rowcount == 1
+        return bool(claimed.rowcount == 1)
 
     def record_fulfilment(self, tx: Tx, session_id: str, fulfilment: dict[str, Any], fulfilled_at: str | None) -> None:
         tx.execute("UPDATE payment_sessions SET fulfilment = ?, fulfilled_at = ? WHERE id = ?",
@@ -219,96 +223,15 @@ class SqliteCommerceStore:
         row = self._core.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = ?", (agent_id,))
         return None if row is None else str(row["customer_id"])
 
-    # the ACP order-webhook outbox
 
 
-class PostgresCommerceStore:
-    """PostgreSQL: the same operations with `%s` placeholders, for several instances writing at once.
+class PostgresCommerceStore(SqliteCommerceStore):
+    """PostgreSQL: the same statements (store/postgres_sql.py), for several instances writing at once.
 
     A session read inside a write job (`read`, `by_payment_intent`) is read `FOR UPDATE`: the job then decides from
     it (a late snapshot never moves an ended session; fulfil once) and writes, so two instances applying the same
     PaymentIntent (its webhook on one, a confirm or GET on another) take turns on the row, and the second decides
     from what the first committed. The fulfilment claim is a guarded UPDATE (`fulfilled_at IS NULL`): at READ
-    COMMITTED the second claimer waits for the first's row lock and then finds the claim taken.
+    COMMITTED the second claimer waits for the first's row lock and then finds the claim taken."""
 
-    The order-event outbox: each state change is one UPDATE of the event's own row; which sender may send it is
-    the sender's concern (its delivery is keyed by the event id, which the receiver uses to drop duplicates)."""
-
-    def __init__(self, core: Any) -> None:
-        self._core = core
-
-    # payment sessions
-    def create(self, tx: Any, *, session_id: str, customer: str | None, agent_id: str | None, item: str | None,
-               amount: int, currency: str, description: str | None, status: SessionStatus, payment_intent: str,
-               idempotency_key: str, amount_received: int, at: str) -> PaymentSessionRow:
-        import sqlite3
-
-        from psycopg import errors
-
-        try:
-            tx.execute(
-                "INSERT INTO payment_sessions (id, customer_id, agent_id, item_id, amount, currency, description, "
-                "status, payment_intent_id, idempotency_key, amount_received, created_at, updated_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                (session_id, customer, agent_id, item, amount, currency, description, str(status), payment_intent,
-                 idempotency_key, amount_received, at, at))
-        except errors.UniqueViolation as exc:  # another session's PaymentIntent or key: what SQLite raises
-            raise sqlite3.IntegrityError(f"UNIQUE constraint failed: {exc.diag.constraint_name}") from exc
-        return self.read(tx, session_id)
-
-    def read(self, tx: Any, session_id: str) -> PaymentSessionRow:
-        found = tx.execute(f"{_SELECT_SESSION} WHERE id = %s FOR UPDATE", (session_id,)).fetchone()
-        if found is None:
-            raise KeyError(session_id)
-        return _session(found)
-
-    def by_payment_intent(self, tx: Any, payment_intent: str) -> PaymentSessionRow | None:
-        found = tx.execute(f"{_SELECT_SESSION} WHERE payment_intent_id = %s FOR UPDATE", (payment_intent,)).fetchone()
-        return None if found is None else _session(found)
-
-    def find(self, session_id: str) -> PaymentSessionRow | None:
-        found = self._core.query_one(f"{_SELECT_SESSION} WHERE id = %s", (session_id,))
-        return None if found is None else _session(found.values())
-
-    def record_status(self, tx: Any, session_id: str, status: SessionStatus, amount_received: int,
-                      last_error: str | None, at: str) -> None:
-        tx.execute("UPDATE payment_sessions SET status = %s, amount_received = %s, last_error = %s, updated_at = %s, "
-                   "confirming_since = CASE WHEN %s THEN NULL ELSE confirming_since END WHERE id = %s",
-                   (str(status), amount_received, last_error, at, status in SETTLED, session_id))
-
-    def claim_fulfilment(self, tx: Any, session_id: str, at: str) -> bool:
-        claimed = tx.execute("UPDATE payment_sessions SET fulfilled_at = %s WHERE id = %s AND fulfilled_at IS NULL",
-                             (at, session_id))
-        return bool(claimed.rowcount == 1)
-
-    def record_fulfilment(self, tx: Any, session_id: str, fulfilment: dict[str, Any],
-                          fulfilled_at: str | None) -> None:
-        tx.execute("UPDATE payment_sessions SET fulfilment = %s, fulfilled_at = %s WHERE id = %s",
-                   (dumps(fulfilment), fulfilled_at, session_id))
-
-    def update_fulfilment(self, tx: Any, session_id: str, fulfilment: dict[str, Any], at: str) -> None:
-        tx.execute("UPDATE payment_sessions SET fulfilment = %s, updated_at = %s WHERE id = %s",
-                   (dumps(fulfilment), at, session_id))
-
-    def mark_payable(self, tx: Any, session_id: str, last_error: str, at: str) -> None:
-        tx.execute("UPDATE payment_sessions SET status = %s, last_error = %s, updated_at = %s, confirming_since = NULL "
-                   "WHERE id = %s AND status NOT IN (%s, %s)",
-                   (str(SessionStatus.REQUIRES_PAYMENT_METHOD), last_error, at, session_id, *map(str, TERMINAL)))
-
-    def mark_confirming(self, tx: Any, session_id: str, at: str) -> None:
-        tx.execute("UPDATE payment_sessions SET confirming_since = %s WHERE id = %s", (at, session_id))
-
-    def confirming(self, session_id: str) -> bool:
-        row = self._core.query_one("SELECT confirming_since FROM payment_sessions WHERE id = %s", (session_id,))
-        return row is not None and row["confirming_since"] is not None
-
-    def unsettled_confirms(self) -> list[str]:
-        rows = self._core.query("SELECT id FROM payment_sessions WHERE confirming_since IS NOT NULL AND status "
-                                "NOT IN (%s, %s) ORDER BY confirming_since", tuple(map(str, TERMINAL)))
-        return [str(row["id"]) for row in rows]
-
-    def wallet_customer(self, agent_id: str) -> str | None:
-        row = self._core.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = %s", (agent_id,))
-        return None if row is None else str(row["customer_id"])
-
-    # the ACP order-webhook outbox
+    _for_update = " FOR UPDATE"

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 Tx = sqlite3.Connection  # what a write job receives: the writer's transaction (services name it, never sqlite3)
@@ -42,6 +42,19 @@ def utc_now() -> str:
 
 def utc_iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def broken_unique_key(exc: BaseException) -> str | None:
+    """The UNIQUE key a failed write broke, as its backend names it (SQLite: `table.column[, table.column]`,
+    PostgreSQL: the constraint, e.g. `webhook_events_pkey`), or None for any other error: one `except` serves both
+    backends, and the caller names the key it expects in both spellings."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        prefix = "UNIQUE constraint failed: "
+        text = str(exc)
+        return text[len(prefix):] if text.startswith(prefix) else None
+    if getattr(exc, "sqlstate", None) == "23505":  # psycopg's UniqueViolation (psycopg is imported only for it)
+        return str(exc.diag.constraint_name)  # type: ignore[attr-defined]
+    return None
 
 
 # --- migrations -------------------------------------------------------------------------------------------------
@@ -435,6 +448,15 @@ def check_database_file(path: Path, setting: str) -> None:
 
 
 # --- the store --------------------------------------------------------------------------------------------------
+
+
+class Reader(Protocol):
+    """What an aggregate's store reads committed state through: the SQLite core or the PostgreSQL one (whose store
+    inherits the SQLite store's statements, so both take the same `?` texts)."""
+
+    def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]: ...
+
+    def query_one(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> dict[str, Any] | None: ...
 
 
 class StoreCore:

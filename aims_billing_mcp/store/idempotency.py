@@ -14,9 +14,9 @@ nothing: the first stays, `record` answers False) or to roll back (then inserts:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from .core import StoreCore, Tx
+from .core import Reader, Tx
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class IdempotencyStore(Protocol):
 
 
 class SqliteIdempotencyStore:
-    def __init__(self, core: StoreCore) -> None:
+    def __init__(self, core: Reader) -> None:
         self._core = core
 
     def find(self, tool: str, owner: str, key: str, *, since: str | None = None,
@@ -77,32 +77,8 @@ class SqliteIdempotencyStore:
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tool, owner, key) DO NOTHING",
             (call.tool, call.owner, call.key, call.request_hash, call.response, call.request_id, call.created_at),
         )
-        return cursor.rowcount == 1
-
-
-class PostgresIdempotencyStore:
-    """PostgreSQL: the same statements with `%s` placeholders."""
-
-    def __init__(self, core: Any) -> None:
-        self._core = core
-
-    def find(self, tool: str, owner: str, key: str, *, since: str | None = None,
-             tx: Any | None = None) -> StoredCall | None:
-        sql = "SELECT request_hash, response FROM idempotency_keys WHERE tool = %s AND owner = %s AND key = %s"
-        params: tuple[str, ...] = (tool, owner, key)
-        if since is not None:
-            sql += " AND created_at >= %s"
-            params += (since,)
-        if tx is not None:
-            found = tx.execute(sql, params).fetchone()
-            return None if found is None else StoredCall(found[0], found[1])
-        row = self._core.query_one(sql, params)
-        return None if row is None else StoredCall(row["request_hash"], row["response"])
-
-    def record(self, tx: Any, call: CallRecord) -> bool:
-        cursor = tx.execute(
-            "INSERT INTO idempotency_keys (tool, owner, key, request_hash, response, request_id, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tool, owner, key) DO NOTHING",
-            (call.tool, call.owner, call.key, call.request_hash, call.response, call.request_id, call.created_at),
-        )
         return bool(cursor.rowcount == 1)
+
+
+class PostgresIdempotencyStore(SqliteIdempotencyStore):
+    """PostgreSQL: the same statements (store/postgres_sql.py)."""

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from ..errors import DatabaseBusy
 from . import postgres as pg
 from .core import BatchingWriter, Outcome, _WriteJob
+from .postgres_sql import PostgresConnection, postgres_sql
 
 T = TypeVar("T")
 
@@ -66,7 +67,7 @@ class PostgresWriter(BatchingWriter):
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.broken:
-            conn = pg.connect(self._url)
+            conn = PostgresConnection(pg.connect(self._url))  # the stores' `?` texts as psycopg's `%s`
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -185,7 +186,7 @@ class PostgresCore:
 
         try:
             with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
-                cursor.execute(sql, params)  # type: ignore[arg-type]
+                cursor.execute(postgres_sql(sql), params)  # type: ignore[arg-type]
                 return cursor.fetchall() if cursor.description else []
         except PoolTimeout:
             raise DatabaseBusy(f"every database connection stayed busy for {self._pool_wait:g} s: retry shortly "

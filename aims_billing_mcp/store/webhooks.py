@@ -1,7 +1,8 @@
 """Received Stripe webhook events and what they provisioned (tiers, subscriptions, customers).
 
 `WebhooksStore` is the seam: the operations a backend implements (write operations take the job's `Tx`; reads use
-the backend's reader). `SqliteWebhooksStore` is the SQLite implementation.
+the backend's reader). `SqliteWebhooksStore` is the SQLite implementation; `PostgresWebhooksStore` inherits its
+statements.
 
 Two state machines live here:
 - `EventState`, a received event's processing: stored as the `webhook_events.processed` flag (0/1), hence an
@@ -16,12 +17,11 @@ Two state machines live here:
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, Protocol, TypedDict
 
-from .core import StoreCore, Tx, utc_now
+from .core import Reader, Tx, broken_unique_key, utc_now
 
 
 class EventState(IntEnum):
@@ -179,7 +179,7 @@ def _provision(row: Any) -> Provision:
 
 
 class SqliteWebhooksStore:
-    def __init__(self, core: StoreCore) -> None:
+    def __init__(self, core: Reader) -> None:
         self._core = core
 
     def record_event(self, tx: Tx, event: EventRef, payload: str, *, customer_id: str | None,
@@ -191,8 +191,8 @@ class SqliteWebhooksStore:
                 "customer_id, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (event.id, event.type, event.created, payload, now, EventState.PROCESSED, now, customer_id, note),
             )
-        except sqlite3.IntegrityError as exc:
-            if "webhook_events.id" not in str(exc):
+        except Exception as exc:
+            if broken_unique_key(exc) not in ("webhook_events.id", "webhook_events_pkey"):
                 raise
             raise DuplicateEvent(event.id) from exc
 
@@ -232,63 +232,11 @@ class SqliteWebhooksStore:
         )
 
 
-class PostgresWebhooksStore:
-    """PostgreSQL: the same statements with `%s` placeholders. A provision's read-decide-write runs under a
-    transaction-scoped advisory lock on the customer, so two instances applying events of one customer at once take
-    turns (a row lock cannot guard a provision that does not exist yet)."""
-
-    def __init__(self, core: Any) -> None:
-        self._core = core
-
-    def record_event(self, tx: Any, event: EventRef, payload: str, *, customer_id: str | None,
-                     note: str | None) -> None:
-        from psycopg import errors
-
-        now = utc_now()
-        try:
-            tx.execute(
-                "INSERT INTO webhook_events (id, type, created, payload, received_at, processed, processed_at, "
-                "customer_id, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (event.id, event.type, event.created, payload, now, int(EventState.PROCESSED), now, customer_id,
-                 note),
-            )
-        except errors.UniqueViolation as exc:
-            if exc.diag.constraint_name != "webhook_events_pkey":
-                raise
-            raise DuplicateEvent(event.id) from exc
-
-    def list_events(self, limit: int = 20) -> list[StoredEvent]:
-        rows = self._core.query(
-            "SELECT id, type, created, customer_id, processed, error, received_at FROM webhook_events "
-            "ORDER BY received_at DESC, created DESC, id DESC LIMIT %s", (limit,))
-        return [StoredEvent(row["id"], row["type"], row["created"], row["customer_id"], EventState(row["processed"]),
-                            row["error"], row["received_at"]) for row in rows]
-
-    def provision_for(self, customer: str) -> Provision | None:
-        row = self._core.query_one(
-            f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id = %s", (customer,))
-        return _provision(list(row.values())) if row is not None else None
-
-    def by_subscription(self, subscription_id: str) -> Provision | None:
-        row = self._core.query_one(
-            f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE subscription_id = %s", (subscription_id,))
-        return _provision(list(row.values())) if row is not None else None
+class PostgresWebhooksStore(SqliteWebhooksStore):
+    """PostgreSQL: the same statements (store/postgres_sql.py), and one difference: a provision's
+    read-decide-write runs under a transaction-scoped advisory lock on the customer, so two instances applying
+    events of one customer at once take turns (a row lock cannot guard a provision that does not exist yet)."""
 
     def load_provision(self, tx: Any, customer: str) -> Provision | None:
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (f"provision:{customer}",))
-        found = tx.execute(f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id = %s",
-                           (customer,)).fetchone()
-        return _provision(found) if found is not None else None
-
-    def apply(self, tx: Any, customer: str, update: ProvisionUpdate, event: EventRef) -> None:
-        values: dict[str, Any] = {**update, "last_event_id": event.id, "last_event_type": event.type,
-                                  "last_event_created": event.created, "updated_at": utc_now()}
-        if "cancel_at_period_end" in values:
-            values["cancel_at_period_end"] = int(values["cancel_at_period_end"])
-        columns = ", ".join(values)
-        updates = ", ".join(f"{column} = excluded.{column}" for column in values)
-        tx.execute(
-            f"INSERT INTO billing_provisions (customer_id, {columns}) VALUES (%s{', %s' * len(values)}) "
-            f"ON CONFLICT (customer_id) DO UPDATE SET {updates}",
-            (customer, *(str(v) if isinstance(v, StrEnum) else v for v in values.values())),
-        )
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 7))", (f"provision:{customer}",))
+        return super().load_provision(tx, customer)

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .core import StoreCore, Tx
+from .core import Reader, SqliteDialect, Tx
+from .postgres_sql import PostgresDialect
 
 
 class CheckoutStatus(StrEnum):
@@ -304,7 +305,9 @@ def _payment(row: Any) -> PaymentRow | None:
 
 
 class SqliteAcpStore:
-    def __init__(self, core: StoreCore) -> None:
+    dialect: type[SqliteDialect | PostgresDialect] = SqliteDialect
+
+    def __init__(self, core: Reader) -> None:
         self._core = core
 
     # --- checkout sessions ----------------------------------------------------------------------------------------
@@ -319,10 +322,11 @@ class SqliteAcpStore:
         return _session(self._core.query_one(_SESSION + "id = ?", (session_id,)))
 
     def session_in(self, tx: Tx, session_id: str) -> CheckoutRow | None:
-        return _session(tx.execute(_SESSION + "id = ?", (session_id,)).fetchone())
+        return _session(tx.execute(_SESSION + "id = ?" + self.dialect.for_update, (session_id,)).fetchone())
 
     def session_paid_by(self, tx: Tx, payment_session_id: str) -> CheckoutRow | None:
-        return _session(tx.execute(_SESSION + "payment_session_id = ?", (payment_session_id,)).fetchone())
+        return _session(tx.execute(_SESSION + "payment_session_id = ?" + self.dialect.for_update,
+                                   (payment_session_id,)).fetchone())
 
     def save_state(self, tx: Tx, session_id: str, state: str, status: CheckoutStatus | None, updated_at: str, *,
                    only_open: bool) -> bool:
@@ -334,7 +338,7 @@ class SqliteAcpStore:
         else:
             cursor = tx.execute(f"UPDATE acp_checkout_sessions SET state = ?, status = ?, updated_at = ? "
                                 f"WHERE id = ?{guard}", (state, status, updated_at, session_id))
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     def set_status(self, tx: Tx, session_id: str, status: CheckoutStatus, state: str, updated_at: str) -> None:
         tx.execute("UPDATE acp_checkout_sessions SET status = ?, state = ?, completing_since = NULL, "
@@ -347,7 +351,7 @@ class SqliteAcpStore:
             "completing_since = ?))",
             (CheckoutStatus.IN_PROGRESS, claim, updated_at, session_id, *CLAIMABLE, CheckoutStatus.IN_PROGRESS,
              seen))
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     def release(self, tx: Tx, session_id: str, claim: float, state: str | None, updated_at: str) -> None:
         tx.execute("UPDATE acp_checkout_sessions SET status = ?, completing_since = NULL, "
@@ -388,11 +392,11 @@ class SqliteAcpStore:
                                    "acp_payments WHERE payment_session_id = ?", (payment_session_id,)).fetchone())
 
     def mark_refund_due(self, tx: Tx, payment: PaymentRow, created_at: str, *, record: bool) -> None:
-        if record:
+        if record:  # another instance may have recorded it since this job read it: the first row is kept
             tx.execute("INSERT INTO acp_payments (payment_session_id, checkout_session_id, lines, amount, currency, "
-                       "created_at) VALUES (?, ?, ?, ?, ?, ?)", (payment.payment_session_id,
-                                                                 payment.checkout_session_id, payment.lines,
-                                                                 payment.amount, payment.currency, created_at))
+                       "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (payment_session_id) DO NOTHING",
+                       (payment.payment_session_id, payment.checkout_session_id, payment.lines, payment.amount,
+                        payment.currency, created_at))
         tx.execute("UPDATE acp_payments SET refund_status = ? WHERE payment_session_id = ? AND refund_status "
                    "IS NULL", (RefundStatus.DUE, payment.payment_session_id))
 
@@ -417,8 +421,8 @@ class SqliteAcpStore:
         taken = tx.execute(
             "UPDATE acp_payments SET refund_lease_token = ?, refund_leased_until = ? WHERE payment_session_id IN "
             "(SELECT payment_session_id FROM acp_payments WHERE refund_status = ? AND (refund_leased_until IS NULL "
-            f"OR refund_leased_until <= ?){only} ORDER BY created_at, payment_session_id LIMIT ?) "
-            "RETURNING payment_session_id, created_at",
+            f"OR refund_leased_until <= ?){only} ORDER BY created_at, payment_session_id LIMIT ?"
+            f"{self.dialect.skip_locked}) RETURNING payment_session_id, created_at",
             (token, until, RefundStatus.DUE, now, *payment_session_ids, limit)).fetchall()
         return [str(row[0]) for row in sorted(taken, key=lambda row: (row[1], row[0]))]
 
@@ -429,12 +433,14 @@ class SqliteAcpStore:
                             "refund_id = COALESCE(?, refund_id), last_error = ?, refund_leased_until = NULL "
                             f"WHERE payment_session_id = ?{fence}",
                             (succeeded, RefundStatus.SUCCEEDED, refund_id, error, payment_session_id, *token))
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     # --- ACP request keys -----------------------------------------------------------------------------------------
 
     def claim_key(self, tx: Tx, scope: str, key: str, request_hash: str, now: float, *, expired_before: float,
                   abandoned_before: float) -> KeyRecord | None:
+        # the key may not exist yet: a lock on its name makes a second claimer wait for this COMMIT, then see it
+        self.dialect.lock(tx, f"acp-key:{scope}\x1f{key}")
         row = tx.execute("SELECT request_hash, state, status, response, created_at FROM acp_idempotency "
                          "WHERE scope = ? AND key = ?", (scope, key)).fetchone()
         if row is not None:
@@ -442,8 +448,10 @@ class SqliteAcpStore:
             abandoned = row["state"] == KeyState.IN_FLIGHT and row["created_at"] < abandoned_before
             if not (expired or abandoned):
                 return KeyRecord(row["request_hash"], KeyState(row["state"]), row["status"], row["response"])
-        tx.execute("INSERT OR REPLACE INTO acp_idempotency (scope, key, request_hash, state, created_at) "
-                   "VALUES (?, ?, ?, ?, ?)", (scope, key, request_hash, KeyState.IN_FLIGHT, now))
+        tx.execute("INSERT INTO acp_idempotency (scope, key, request_hash, state, status, response, created_at) "
+                   "VALUES (?, ?, ?, ?, NULL, NULL, ?) ON CONFLICT (scope, key) DO UPDATE SET "
+                   "request_hash = excluded.request_hash, state = excluded.state, status = NULL, response = NULL, "
+                   "created_at = excluded.created_at", (scope, key, request_hash, KeyState.IN_FLIGHT, now))
         return None
 
     def finish_key(self, tx: Tx, scope: str, key: str, status: int, response: str) -> None:
@@ -474,7 +482,7 @@ class SqliteAcpStore:
 
     def pending_order_events(self) -> list[str]:
         rows = self._core.query("SELECT id FROM acp_order_events WHERE delivered = 0 AND gave_up = 0 "
-                                "ORDER BY created_at")
+                                "ORDER BY created_at, id")
         return [str(row["id"]) for row in rows]
 
     def order_event(self, event_id: str) -> OrderEventRow | None:
@@ -493,7 +501,7 @@ class SqliteAcpStore:
         taken = tx.execute(
             "UPDATE acp_order_events SET lease_token = ?, leased_until = ? WHERE id IN (SELECT id FROM "
             "acp_order_events WHERE delivered = 0 AND gave_up = 0 AND (leased_until IS NULL OR leased_until <= ?)"
-            f"{only} ORDER BY created_at, id LIMIT ?) RETURNING id, created_at",
+            f"{only} ORDER BY created_at, id LIMIT ?{self.dialect.skip_locked}) RETURNING id, created_at",
             (token, until, now, *event_ids, limit)).fetchall()
         return [str(row[0]) for row in sorted(taken, key=lambda row: (row[1], row[0]))]
 
@@ -504,14 +512,11 @@ class SqliteAcpStore:
                             f"delivered = ?, gave_up = ?, delivered_at = ? WHERE id = ?{fence}",
                             (attempts, status, error, int(delivered), int(gave_up), at if delivered else None,
                              event_id, *token))
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
 
-_PG_CLAIMABLE_MARKS = ", ".join("%s" for _ in CLAIMABLE)
-
-
-class PostgresAcpStore:
-    """PostgreSQL: the same operations with `%s` placeholders, for several instances sharing one database.
+class PostgresAcpStore(SqliteAcpStore):
+    """PostgreSQL: the same statements (store/postgres_sql.py), for several instances sharing one database.
 
     - A session read inside a write job (`session_in`, `session_paid_by`) is `SELECT ... FOR UPDATE`: the job's
       read-decide-write (cancel unless a completion holds it, settle a payment, record an order's outcome) runs with
@@ -528,221 +533,4 @@ class PostgresAcpStore:
       docstring): an order event or a refund taken by one instance is not sent by another.
     """
 
-    def __init__(self, core: Any) -> None:
-        self._core = core
-
-    # --- checkout sessions ----------------------------------------------------------------------------------------
-
-    def create_session(self, tx: Any, row: CheckoutRow) -> None:
-        tx.execute("INSERT INTO acp_checkout_sessions (id, status, currency, agent_id, state, created_at, "
-                   "updated_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                   (row.id, str(row.status), row.currency, row.agent_id, row.state, row.created_at, row.updated_at,
-                    row.expires_at))
-
-    def session(self, session_id: str) -> CheckoutRow | None:
-        return _session(self._core.query_one(_SESSION + "id = %s", (session_id,)))
-
-    def session_in(self, tx: Any, session_id: str) -> CheckoutRow | None:
-        return _session(_dict_row(tx, _SESSION + "id = %s FOR UPDATE", (session_id,)))
-
-    def session_paid_by(self, tx: Any, payment_session_id: str) -> CheckoutRow | None:
-        return _session(_dict_row(tx, _SESSION + "payment_session_id = %s FOR UPDATE", (payment_session_id,)))
-
-    def save_state(self, tx: Any, session_id: str, state: str, status: CheckoutStatus | None, updated_at: str, *,
-                   only_open: bool) -> bool:
-        guard = _NOT_OPEN_GUARD if only_open else ""
-        if status is None:
-            cursor = tx.execute(f"UPDATE acp_checkout_sessions SET state = %s, updated_at = %s WHERE id = %s{guard}",
-                                (state, updated_at, session_id))
-        else:
-            cursor = tx.execute(f"UPDATE acp_checkout_sessions SET state = %s, status = %s, updated_at = %s "
-                                f"WHERE id = %s{guard}", (state, str(status), updated_at, session_id))
-        return bool(cursor.rowcount == 1)
-
-    def set_status(self, tx: Any, session_id: str, status: CheckoutStatus, state: str, updated_at: str) -> None:
-        tx.execute("UPDATE acp_checkout_sessions SET status = %s, state = %s, completing_since = NULL, "
-                   "updated_at = %s WHERE id = %s", (str(status), state, updated_at, session_id))
-
-    def claim(self, tx: Any, session_id: str, claim: float, seen: float | None, updated_at: str) -> bool:
-        cursor = tx.execute(
-            "UPDATE acp_checkout_sessions SET status = %s, completing_since = %s, updated_at = %s "
-            f"WHERE id = %s AND ((status IN ({_PG_CLAIMABLE_MARKS}) AND completing_since IS NULL) OR (status = %s "
-            "AND completing_since = %s))",
-            (str(CheckoutStatus.IN_PROGRESS), claim, updated_at, session_id, *map(str, CLAIMABLE),
-             str(CheckoutStatus.IN_PROGRESS), seen))
-        return bool(cursor.rowcount == 1)
-
-    def release(self, tx: Any, session_id: str, claim: float, state: str | None, updated_at: str) -> None:
-        tx.execute("UPDATE acp_checkout_sessions SET status = %s, completing_since = NULL, "
-                   "state = COALESCE(%s, state), updated_at = %s WHERE id = %s AND status = %s "
-                   "AND completing_since = %s",
-                   (str(CheckoutStatus.READY_FOR_PAYMENT), state, updated_at, session_id,
-                    str(CheckoutStatus.IN_PROGRESS), claim))
-
-    def complete(self, tx: Any, session_id: str, order_id: str, state: str, updated_at: str,
-                 payment_session_id: str) -> None:
-        tx.execute("UPDATE acp_checkout_sessions SET status = %s, order_id = %s, state = %s, updated_at = %s, "
-                   "payment_session_id = %s, completing_since = NULL WHERE id = %s",
-                   (str(CheckoutStatus.COMPLETED), order_id, state, updated_at, payment_session_id, session_id))
-
-    # --- payments made for checkouts ------------------------------------------------------------------------------
-
-    def link_payment(self, tx: Any, payment: PaymentRow, claim: float, created_at: str) -> bool:
-        tx.execute("INSERT INTO acp_payments (payment_session_id, checkout_session_id, lines, amount, currency, "
-                   "created_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (payment_session_id) DO NOTHING",
-                   (payment.payment_session_id, payment.checkout_session_id, payment.lines, payment.amount,
-                    payment.currency, created_at))
-        cursor = tx.execute("UPDATE acp_checkout_sessions SET payment_session_id = %s WHERE id = %s AND status = %s "
-                            "AND completing_since = %s", (payment.payment_session_id, payment.checkout_session_id,
-                                                          str(CheckoutStatus.IN_PROGRESS), claim))
-        if cursor.rowcount != 1:
-            return False
-        tx.execute("UPDATE payment_sessions SET confirming_since = %s WHERE id = %s",
-                   (created_at, payment.payment_session_id))
-        return True
-
-    def payment_carts(self, checkout_session_id: str) -> dict[str, str]:
-        rows = self._core.query("SELECT payment_session_id, lines FROM acp_payments WHERE checkout_session_id = %s",
-                                (checkout_session_id,))
-        return {row["payment_session_id"]: row["lines"] for row in rows}
-
-    def payment_in(self, tx: Any, payment_session_id: str) -> PaymentRow | None:
-        return _payment(_dict_row(tx, "SELECT payment_session_id, checkout_session_id, lines, amount, currency FROM "
-                                      "acp_payments WHERE payment_session_id = %s", (payment_session_id,)))
-
-    def mark_refund_due(self, tx: Any, payment: PaymentRow, created_at: str, *, record: bool) -> None:
-        if record:  # another instance may have recorded it since this job read it: the first row is kept
-            tx.execute("INSERT INTO acp_payments (payment_session_id, checkout_session_id, lines, amount, currency, "
-                       "created_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (payment_session_id) DO NOTHING",
-                       (payment.payment_session_id, payment.checkout_session_id, payment.lines, payment.amount,
-                        payment.currency, created_at))
-        tx.execute("UPDATE acp_payments SET refund_status = %s WHERE payment_session_id = %s AND refund_status "
-                   "IS NULL", (str(RefundStatus.DUE), payment.payment_session_id))
-
-    def refunds_due(self) -> list[str]:
-        rows = self._core.query("SELECT payment_session_id FROM acp_payments WHERE refund_status = %s",
-                                (str(RefundStatus.DUE),))
-        return [str(row["payment_session_id"]) for row in rows]
-
-    def refund_target(self, payment_session_id: str) -> RefundTarget | None:
-        found = self._core.query_one(
-            "SELECT a.refund_status, s.payment_intent_id FROM acp_payments a JOIN payment_sessions s ON s.id = "
-            "a.payment_session_id WHERE a.payment_session_id = %s", (payment_session_id,))
-        if found is None:
-            return None
-        status = found["refund_status"]
-        return RefundTarget(None if status is None else RefundStatus(status), found["payment_intent_id"])
-
-    def lease_refunds(self, tx: Any, token: str, now: float, until: float, *,
-                      payment_session_ids: Sequence[str] = (), limit: int = 100) -> list[str]:
-        only, ids = (" AND payment_session_id = ANY(%s)", (list(payment_session_ids),)) if payment_session_ids \
-            else ("", ())
-        taken = tx.execute(
-            "UPDATE acp_payments SET refund_lease_token = %s, refund_leased_until = %s WHERE payment_session_id IN "
-            "(SELECT payment_session_id FROM acp_payments WHERE refund_status = %s AND (refund_leased_until IS NULL "
-            f"OR refund_leased_until <= %s){only} ORDER BY created_at, payment_session_id LIMIT %s "
-            "FOR UPDATE SKIP LOCKED) RETURNING payment_session_id, created_at",
-            (token, until, str(RefundStatus.DUE), now, *ids, limit)).fetchall()
-        return [str(row[0]) for row in sorted(taken, key=lambda row: (row[1], row[0]))]
-
-    def record_refund(self, tx: Any, payment_session_id: str, *, succeeded: bool, refund_id: str | None,
-                      error: str | None, lease: str | None = None) -> bool:
-        fence, token = (" AND refund_lease_token = %s", (lease,)) if lease is not None else ("", ())
-        cursor = tx.execute("UPDATE acp_payments SET refund_status = CASE WHEN %s THEN %s ELSE refund_status END, "
-                            "refund_id = COALESCE(%s, refund_id), last_error = %s, refund_leased_until = NULL "
-                            f"WHERE payment_session_id = %s{fence}",
-                            (succeeded, str(RefundStatus.SUCCEEDED), refund_id, error, payment_session_id, *token))
-        return bool(cursor.rowcount == 1)
-
-    # --- ACP request keys -----------------------------------------------------------------------------------------
-
-    def claim_key(self, tx: Any, scope: str, key: str, request_hash: str, now: float, *, expired_before: float,
-                  abandoned_before: float) -> KeyRecord | None:
-        # the key may not exist yet: a lock on its name makes a second claimer wait for this COMMIT, then see it
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (f"acp-key:{scope}\x1f{key}",))
-        row = _dict_row(tx, "SELECT request_hash, state, status, response, created_at FROM acp_idempotency "
-                            "WHERE scope = %s AND key = %s", (scope, key))
-        if row is not None:
-            expired = row["created_at"] < expired_before
-            abandoned = row["state"] == KeyState.IN_FLIGHT and row["created_at"] < abandoned_before
-            if not (expired or abandoned):
-                status = row["status"]
-                return KeyRecord(row["request_hash"], KeyState(row["state"]), None if status is None else int(status),
-                                 row["response"])
-        tx.execute("INSERT INTO acp_idempotency (scope, key, request_hash, state, status, response, created_at) "
-                   "VALUES (%s, %s, %s, %s, NULL, NULL, %s) ON CONFLICT (scope, key) DO UPDATE SET "
-                   "request_hash = excluded.request_hash, state = excluded.state, status = NULL, response = NULL, "
-                   "created_at = excluded.created_at", (scope, key, request_hash, str(KeyState.IN_FLIGHT), now))
-        return None
-
-    def finish_key(self, tx: Any, scope: str, key: str, status: int, response: str) -> None:
-        tx.execute("UPDATE acp_idempotency SET state = %s, status = %s, response = %s WHERE scope = %s AND key = %s",
-                   (str(KeyState.DONE), status, response, scope, key))
-
-    def release_key(self, tx: Any, scope: str, key: str) -> None:
-        tx.execute("DELETE FROM acp_idempotency WHERE scope = %s AND key = %s AND state = %s",
-                   (scope, key, str(KeyState.IN_FLIGHT)))
-
-    # --- wallets --------------------------------------------------------------------------------------------------
-
-    def wallet_customer(self, agent_id: str) -> str | None:
-        wallet = self._core.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = %s", (agent_id,))
-        return None if wallet is None else str(wallet["customer_id"])
-
-    def wallet_customer_in(self, tx: Any, agent_id: str) -> str | None:
-        wallet = _dict_row(tx, "SELECT customer_id FROM agent_wallets WHERE agent_id = %s", (agent_id,))
-        return None if wallet is None else str(wallet["customer_id"])
-
-    # --- order webhooks' outbox -----------------------------------------------------------------------------------
-
-    def add_order_event(self, tx: Any, event_id: str, event_type: str, order_id: str, checkout_session_id: str,
-                        payload: str, created_at: str) -> None:
-        tx.execute("INSERT INTO acp_order_events (id, type, order_id, checkout_session_id, payload, created_at) "
-                   "VALUES (%s, %s, %s, %s, %s, %s)", (event_id, event_type, order_id, checkout_session_id, payload,
-                                                       created_at))
-
-    def pending_order_events(self) -> list[str]:
-        rows = self._core.query("SELECT id FROM acp_order_events WHERE delivered = 0 AND gave_up = 0 "
-                                "ORDER BY created_at, id")
-        return [str(row["id"]) for row in rows]
-
-    def order_event(self, event_id: str) -> OrderEventRow | None:
-        row = self._core.query_one("SELECT id, type, order_id, checkout_session_id, payload, attempts, delivered, "
-                                   "gave_up, last_status, last_error, created_at, delivered_at FROM "
-                                   "acp_order_events WHERE id = %s", (event_id,))
-        if row is None:
-            return None
-        last_status = row["last_status"]
-        return OrderEventRow(row["id"], row["type"], row["order_id"], row["checkout_session_id"], row["payload"],
-                             int(row["attempts"]), bool(row["delivered"]), bool(row["gave_up"]),
-                             None if last_status is None else int(last_status), row["last_error"], row["created_at"],
-                             row["delivered_at"])
-
-    def lease_order_events(self, tx: Any, token: str, now: float, until: float, *, event_ids: Sequence[str] = (),
-                           limit: int = 100) -> list[str]:
-        only, ids = (" AND id = ANY(%s)", (list(event_ids),)) if event_ids else ("", ())
-        taken = tx.execute(
-            "UPDATE acp_order_events SET lease_token = %s, leased_until = %s WHERE id IN (SELECT id FROM "
-            "acp_order_events WHERE delivered = 0 AND gave_up = 0 AND (leased_until IS NULL OR leased_until <= %s)"
-            f"{only} ORDER BY created_at, id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, created_at",
-            (token, until, now, *ids, limit)).fetchall()
-        return [str(row[0]) for row in sorted(taken, key=lambda row: (row[1], row[0]))]
-
-    def record_delivery(self, tx: Any, event_id: str, *, attempts: int, status: int | None, error: str | None,
-                        delivered: bool, gave_up: bool, at: str, lease: str | None = None) -> bool:
-        fence, token = (" AND lease_token = %s", (lease,)) if lease is not None else ("", ())
-        cursor = tx.execute("UPDATE acp_order_events SET attempts = %s, last_status = %s, last_error = %s, "
-                            f"delivered = %s, gave_up = %s, delivered_at = %s WHERE id = %s{fence}",
-                            (attempts, status, error, int(delivered), int(gave_up), at if delivered else None,
-                             event_id, *token))
-        return bool(cursor.rowcount == 1)
-
-
-
-def _dict_row(tx: Any, sql: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
-    """One row as a dict (the writer's connection yields tuples), or None."""
-    cursor = tx.execute(sql, params)
-    row = cursor.fetchone()
-    if row is None:
-        return None
-    return {column.name: value for column, value in zip(cursor.description, row, strict=True)}
+    dialect = PostgresDialect

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .core import Reader, Tx, dumps
+from .core import Reader, SqliteDialect, Tx, dumps
+from .postgres_sql import PostgresDialect
 
 
 class SessionStatus(StrEnum):
@@ -151,7 +152,7 @@ class CommerceStore(Protocol):
         ...
 
 class SqliteCommerceStore:
-    _for_update = ""  # SQLite has one writer: a session read in a write job needs no lock
+    dialect: type[SqliteDialect | PostgresDialect] = SqliteDialect
 
     def __init__(self, core: Reader) -> None:
         self._core = core
@@ -169,13 +170,13 @@ class SqliteCommerceStore:
         return self.read(tx, session_id)
 
     def read(self, tx: Tx, session_id: str) -> PaymentSessionRow:
-        found = tx.execute(f"{_SELECT_SESSION} WHERE id = ?{self._for_update}", (session_id,)).fetchone()
+        found = tx.execute(f"{_SELECT_SESSION} WHERE id = ?{self.dialect.for_update}", (session_id,)).fetchone()
         if found is None:
             raise KeyError(session_id)
         return _session(found)
 
     def by_payment_intent(self, tx: Tx, payment_intent: str) -> PaymentSessionRow | None:
-        found = tx.execute(f"{_SELECT_SESSION} WHERE payment_intent_id = ?{self._for_update}",
+        found = tx.execute(f"{_SELECT_SESSION} WHERE payment_intent_id = ?{self.dialect.for_update}",
                            (payment_intent,)).fetchone()
         return None if found is None else _session(found)
 
@@ -234,4 +235,4 @@ class PostgresCommerceStore(SqliteCommerceStore):
     from what the first committed. The fulfilment claim is a guarded UPDATE (`fulfilled_at IS NULL`): at READ
     COMMITTED the second claimer waits for the first's row lock and then finds the claim taken."""
 
-    _for_update = " FOR UPDATE"
+    dialect = PostgresDialect

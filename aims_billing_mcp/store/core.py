@@ -450,6 +450,18 @@ def check_database_file(path: Path, setting: str) -> None:
 # --- the store --------------------------------------------------------------------------------------------------
 
 
+class SqliteDialect:
+    """The clauses a backend with several writers needs and SQLite's one writer does not (PostgresDialect in
+    postgres_sql.py): a store written once names them, and on SQLite they are empty."""
+
+    for_update = ""  # a row read in a write job and then changed: no one else writes meanwhile
+    skip_locked = ""  # a lease: no other sender takes rows at the same time
+
+    @staticmethod
+    def lock(tx: Any, name: str) -> None:
+        """Nothing to wait for: the transaction is the only writer."""
+
+
 class Reader(Protocol):
     """What an aggregate's store reads committed state through: the SQLite core or the PostgreSQL one (whose store
     inherits the SQLite store's statements, so both take the same `?` texts)."""

@@ -2,10 +2,13 @@
 per-backend SQL where they differ").
 
 An aggregate's operations are written once, in SQLite's placeholder style (`?`); its PostgreSQL store inherits them
-and overrides only what really differs (row locks, conflict clauses, how a broken UNIQUE key is reported). What makes
-that work is here: the PostgreSQL reader and every writer connection hand psycopg the same text with its placeholders
-(`%s`) instead of `?`, and a literal `%` doubled. A text without `?` is passed on unchanged, so statements written for
-PostgreSQL alone (with `%s` or `%(name)s`) keep working.
+and overrides only what really differs. What makes that work is here:
+- the PostgreSQL reader and every writer connection hand psycopg the same text with its placeholders (`%s`) instead
+  of `?`, and a literal `%` doubled; a text without `?` is passed on unchanged, so statements written for PostgreSQL
+  alone (with `%s` or `%(name)s`) keep working;
+- a row read in a write job answers by position and by column name, as SQLite's `sqlite3.Row` does;
+- `PostgresDialect` holds the clauses SQLite's one writer needs none of (`SqliteDialect` in core.py): the row lock
+  a read-decide-write takes, the lease's `SKIP LOCKED`, a transaction-scoped lock on a name that may not exist yet.
 """
 
 from __future__ import annotations
@@ -36,13 +39,54 @@ def postgres_sql(sql: str) -> str:
     return "".join(out)
 
 
+class NamedRow(tuple[Any, ...]):
+    """A row that answers `row[0]` and `row["column"]` (what the SQLite writer's rows answer)."""
+
+    __slots__ = ()
+    _index: dict[str, int]
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+@lru_cache(maxsize=1024)
+def _row_class(names: tuple[str, ...]) -> type[NamedRow]:
+    return type("Row", (NamedRow,), {"__slots__": (), "_index": {name: i for i, name in enumerate(names)}})
+
+
+def named_rows(cursor: Any) -> Any:
+    """psycopg row factory: the cursor's rows as NamedRow, one class per result shape."""
+    description = cursor.description
+    if description is None:
+        return tuple
+    return _row_class(tuple(column.name for column in description))
+
+
+class PostgresDialect:
+    """What PostgreSQL needs where several instances write at once (see SqliteDialect in core.py)."""
+
+    for_update = " FOR UPDATE"  # a row read in a write job and then changed: others wait for this COMMIT
+    skip_locked = " FOR UPDATE SKIP LOCKED"  # a lease: another instance's sender skips rows being taken
+
+    @staticmethod
+    def lock(tx: Any, name: str) -> None:
+        """Until COMMIT, a second job locking `name` waits (for what may not exist yet: a key, a customer's row)."""
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (name,))
+
+
 class PostgresConnection:
-    """A psycopg connection whose `execute`/`executemany` take the store's `?` texts; anything else (transaction(),
-    cursor(), closed, ...) is the connection's own."""
+    """A psycopg connection whose `execute`/`executemany` take the store's `?` texts and whose rows answer by name
+    too; anything else (transaction(), cursor(), closed, ...) is the connection's own."""
 
     __slots__ = ("_conn",)
 
     def __init__(self, conn: Any) -> None:
+        conn.row_factory = named_rows
         self._conn = conn
 
     def execute(self, sql: str, params: Any = None, **kwargs: Any) -> Any:

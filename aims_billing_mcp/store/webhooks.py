@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, Protocol, TypedDict
 
-from .core import Reader, Tx, broken_unique_key, utc_now
+from .core import Reader, SqliteDialect, Tx, broken_unique_key, utc_now
+from .postgres_sql import PostgresDialect
 
 
 class EventState(IntEnum):
@@ -179,6 +180,8 @@ def _provision(row: Any) -> Provision:
 
 
 class SqliteWebhooksStore:
+    dialect: type[SqliteDialect | PostgresDialect] = SqliteDialect
+
     def __init__(self, core: Reader) -> None:
         self._core = core
 
@@ -214,6 +217,7 @@ class SqliteWebhooksStore:
         return _provision(list(row.values())) if row is not None else None
 
     def load_provision(self, tx: Tx, customer: str) -> Provision | None:
+        self.dialect.lock(tx, f"provision:{customer}")  # a provision that does not exist yet has no row to lock
         found = tx.execute(f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id = ?",
                            (customer,)).fetchone()
         return _provision(found) if found is not None else None
@@ -237,6 +241,4 @@ class PostgresWebhooksStore(SqliteWebhooksStore):
     read-decide-write runs under a transaction-scoped advisory lock on the customer, so two instances applying
     events of one customer at once take turns (a row lock cannot guard a provision that does not exist yet)."""
 
-    def load_provision(self, tx: Any, customer: str) -> Provision | None:
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 7))", (f"provision:{customer}",))
-        return super().load_provision(tx, customer)
+    dialect = PostgresDialect

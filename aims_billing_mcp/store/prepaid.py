@@ -16,7 +16,8 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .core import StoreCore, Tx
+from .core import Reader, SqliteDialect, Tx
+from .postgres_sql import PostgresDialect
 
 
 class PrepaidStatus(StrEnum):
@@ -192,7 +193,9 @@ class PrepaidStore(Protocol):
 
 
 class SqlitePrepaidStore:
-    def __init__(self, core: StoreCore) -> None:
+    dialect: type[SqliteDialect | PostgresDialect] = SqliteDialect
+
+    def __init__(self, core: Reader) -> None:
         self._core = core
 
     def enqueue(self, tx: Tx, *, row_id: str, source: str, source_id: str, customer: str, tier: str, amount: int,
@@ -205,7 +208,7 @@ class SqlitePrepaidStore:
         return self.read(tx, row_id)
 
     def read(self, tx: Tx, row_id: str) -> PrepaidRow:
-        found = tx.execute(f"{_SELECT} WHERE id = ?", (row_id,)).fetchone()
+        found = tx.execute(f"{_SELECT} WHERE id = ?{self.dialect.for_update}", (row_id,)).fetchone()
         if found is None:
             raise KeyError(row_id)
         return _row(found)
@@ -229,6 +232,7 @@ class SqlitePrepaidStore:
         return None if found is None else str(found["tier"])
 
     def holder(self, tx: Tx, row: PrepaidRow) -> Holder:
+        self.dialect.lock(tx, f"provision:{row.customer_id}")  # the webhooks store's lock before a provision write
         other = tx.execute(
             f"SELECT id, tier FROM prepaid_subscriptions p WHERE customer_id = ? AND id != ? AND (status IN "
             f"({_marks(IN_PROGRESS)}) OR {HOLDS_LIVE_SUBSCRIPTION})",
@@ -247,11 +251,11 @@ class SqlitePrepaidStore:
         sets = "".join(f", {column} = ?" for column in values)
         cursor = tx.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ?{sets} WHERE id = ? "
                             f"AND status IN ({_marks(expected)})", (status, at, *values.values(), row_id, *expected))
-        return self.read(tx, row_id), cursor.rowcount == 1
+        return self.read(tx, row_id), bool(cursor.rowcount == 1)
 
     def lease(self, tx: Tx, row_id: str, starts_at: int, expected: int | None, at: str) -> tuple[PrepaidRow, bool]:
         tx.execute("UPDATE prepaid_subscriptions SET starts_at = ?, updated_at = ? WHERE id = ? AND status = ? "
-                   "AND starts_at IS ?", (starts_at, at, row_id, S.CREDITED, expected))
+                   "AND starts_at IS NOT DISTINCT FROM ?", (starts_at, at, row_id, S.CREDITED, expected))
         current = self.read(tx, row_id)
         return current, current.status is S.CREDITED
 
@@ -270,7 +274,7 @@ class SqlitePrepaidStore:
         _check_moves((expected,), status)
         cursor = tx.execute("UPDATE prepaid_subscriptions SET status = ?, ends_at = ?, last_error = NULL, "
                             "updated_at = ? WHERE id = ? AND status = ?", (status, ends_at, at, row_id, expected))
-        return self.read(tx, row_id), cursor.rowcount == 1
+        return self.read(tx, row_id), bool(cursor.rowcount == 1)
 
     def reopen(self, tx: Tx, only: tuple[str, ...] = ()) -> None:
         if only:
@@ -287,11 +291,8 @@ class SqlitePrepaidStore:
         return self.read(tx, row_id)
 
     def release_refund(self, tx: Tx, row_id: str, held_at: float | None = None) -> None:
-        if held_at is None:
-            tx.execute("UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = ?", (row_id,))
-        else:
-            tx.execute("UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = ? AND "
-                       "refund_claimed_at = ?", (row_id, held_at))
+        fence, held = (" AND refund_claimed_at = ?", (held_at,)) if held_at is not None else ("", ())
+        tx.execute(f"UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = ?{fence}", (row_id, *held))
 
     def record_refund(self, tx: Tx, row_id: str, status: PrepaidStatus, refund_id: str | None,
                       refunded_amount: int | None, note: str | None, at: str) -> PrepaidRow:
@@ -321,9 +322,8 @@ def _marks(values: tuple[Any, ...]) -> str:
     return ", ".join("?" * len(values))
 
 
-
-class PostgresPrepaidStore:
-    """PostgreSQL: the same operations with `%s` placeholders, for several instances working one outbox.
+class PostgresPrepaidStore(SqlitePrepaidStore):
+    """PostgreSQL: the same statements (store/postgres_sql.py), for several instances working one outbox.
 
     Why this is enough for once-per-row across instances: every move is a guarded UPDATE from the status it expects
     (compare-and-set: at READ COMMITTED the second writer waits for the first's row lock, re-reads the row and finds
@@ -335,129 +335,4 @@ class PostgresPrepaidStore:
     the webhooks store takes before it writes a provision: two instances claiming two rows of one customer take turns,
     and the second sees the first's claim (a row lock cannot guard a row that is not there yet)."""
 
-    def __init__(self, core: Any) -> None:
-        self._core = core
-
-    def enqueue(self, tx: Any, *, row_id: str, source: str, source_id: str, customer: str, tier: str, amount: int,
-                currency: str, payment_intent: str | None, at: str) -> PrepaidRow:
-        tx.execute(
-            "INSERT INTO prepaid_subscriptions (id, source, source_id, customer_id, tier, amount, currency, "
-            "payment_intent_id, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (source_id) DO NOTHING",
-            (row_id, source, source_id, customer, tier, amount, currency, payment_intent, at, at))
-        return self.read(tx, row_id)
-
-    def read(self, tx: Any, row_id: str) -> PrepaidRow:
-        found = tx.execute(f"{_SELECT} WHERE id = %s FOR UPDATE", (row_id,)).fetchone()
-        if found is None:
-            raise KeyError(row_id)
-        return _row(found)
-
-    def find(self, row_id: str) -> PrepaidRow | None:
-        found = self._core.query_one(f"{_SELECT} WHERE id = %s", (row_id,))
-        return None if found is None else _row(found.values())
-
-    def pending(self) -> list[PrepaidRow]:
-        return [_row(found.values()) for found in self._core.query(
-            f"{_SELECT} WHERE status IN ({_pg_marks(OPEN)}) ORDER BY created_at", _strs(OPEN))]
-
-    def rows(self, customer: str | None = None) -> list[PrepaidRow]:
-        where, params = ("WHERE customer_id = %s", (customer,)) if customer else ("", ())
-        return [_row(found.values()) for found in self._core.query(f"{_SELECT} {where} ORDER BY created_at", params)]
-
-    def open_tier(self, customer: str) -> str | None:
-        found = self._core.query_one(
-            f"SELECT tier FROM prepaid_subscriptions p WHERE customer_id = %s AND (status IN ({_pg_marks(OPEN)}) OR "
-            f"{_PG_HOLDS_LIVE_SUBSCRIPTION})", (customer, *_strs(OPEN), *_strs(_ENDED)))
-        return None if found is None else str(found["tier"])
-
-    def holder(self, tx: Any, row: PrepaidRow) -> Holder:
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (f"provision:{row.customer_id}",))
-        other = tx.execute(
-            f"SELECT id, tier FROM prepaid_subscriptions p WHERE customer_id = %s AND id != %s AND (status IN "
-            f"({_pg_marks(IN_PROGRESS)}) OR {_PG_HOLDS_LIVE_SUBSCRIPTION})",
-            (row.customer_id, row.id, *_strs(IN_PROGRESS), *_strs(_ENDED))).fetchone()
-        provision = tx.execute("SELECT tier, status, subscription_id FROM billing_provisions WHERE customer_id = %s",
-                               (row.customer_id,)).fetchone()
-        return Holder(other[0] if other else None, other[1] if other else None,
-                      dict(zip(("tier", "status", "subscription_id"), provision, strict=True))
-                      if provision is not None else None)
-
-    def advance(self, tx: Any, row_id: str, expected: tuple[PrepaidStatus, ...], status: PrepaidStatus, at: str,
-                **values: Any) -> tuple[PrepaidRow, bool]:
-        unknown = set(values) - set(COLUMNS)
-        if unknown:
-            raise ValueError(f"not prepaid_subscriptions columns: {sorted(unknown)}")
-        _check_moves(expected, status)
-        sets = "".join(f", {column} = %s" for column in values)
-        cursor = tx.execute(f"UPDATE prepaid_subscriptions SET status = %s, updated_at = %s{sets} WHERE id = %s "
-                            f"AND status IN ({_pg_marks(expected)})",
-                            (str(status), at, *_plain(values.values()), row_id, *_strs(expected)))
-        return self.read(tx, row_id), cursor.rowcount == 1
-
-    def lease(self, tx: Any, row_id: str, starts_at: int, expected: int | None, at: str) -> tuple[PrepaidRow, bool]:
-        tx.execute("UPDATE prepaid_subscriptions SET starts_at = %s, updated_at = %s WHERE id = %s AND status = %s "
-                   "AND starts_at IS NOT DISTINCT FROM %s", (starts_at, at, row_id, str(S.CREDITED), expected))
-        current = self.read(tx, row_id)
-        return current, current.status is S.CREDITED
-
-    def retry_later(self, tx: Any, row_id: str, attempts: int, error: str, at: str) -> PrepaidRow:
-        tx.execute("UPDATE prepaid_subscriptions SET attempts = %s, last_error = %s, updated_at = %s WHERE id = %s",
-                   (attempts, error, at, row_id))
-        return self.read(tx, row_id)
-
-    def fail(self, tx: Any, row_id: str, status: PrepaidStatus, error: str, at: str) -> PrepaidRow:
-        tx.execute("UPDATE prepaid_subscriptions SET status = %s, last_error = %s, updated_at = %s WHERE id = %s",
-                   (str(status), error, at, row_id))
-        return self.read(tx, row_id)
-
-    def complete(self, tx: Any, row_id: str, expected: PrepaidStatus, status: PrepaidStatus, ends_at: int,
-                 at: str) -> tuple[PrepaidRow, bool]:
-        _check_moves((expected,), status)
-        cursor = tx.execute("UPDATE prepaid_subscriptions SET status = %s, ends_at = %s, last_error = NULL, "
-                            "updated_at = %s WHERE id = %s AND status = %s",
-                            (str(status), ends_at, at, row_id, str(expected)))
-        return self.read(tx, row_id), cursor.rowcount == 1
-
-    def reopen(self, tx: Any, only: tuple[str, ...] = ()) -> None:
-        if only:
-            which, params = f"status IN (%s, %s) AND id IN ({_pg_marks(only)})", (str(S.FAILED), str(S.REFUSED),
-                                                                                  *only)
-        else:
-            which, params = "status = %s", (str(S.FAILED),)
-        tx.execute("UPDATE prepaid_subscriptions SET status = CASE WHEN subscription_id IS NOT NULL THEN %s "
-                   f"WHEN balance_transaction_id IS NOT NULL THEN %s ELSE %s END, attempts = 0 WHERE {which}",
-                   (str(S.SUBSCRIBED), str(S.CREDITED), str(S.PENDING), *params))
-
-    def hold_for_refund(self, tx: Any, row_id: str, held_at: float, at: str) -> PrepaidRow:
-        tx.execute("UPDATE prepaid_subscriptions SET status = %s, refund_claimed_at = %s, updated_at = %s "
-                   "WHERE id = %s", (str(S.REFUNDING), held_at, at, row_id))
-        return self.read(tx, row_id)
-
-    def release_refund(self, tx: Any, row_id: str, held_at: float | None = None) -> None:
-        fence, held = (" AND refund_claimed_at = %s", (held_at,)) if held_at is not None else ("", ())
-        tx.execute(f"UPDATE prepaid_subscriptions SET refund_claimed_at = NULL WHERE id = %s{fence}", (row_id, *held))
-
-    def record_refund(self, tx: Any, row_id: str, status: PrepaidStatus, refund_id: str | None,
-                      refunded_amount: int | None, note: str | None, at: str) -> PrepaidRow:
-        tx.execute(
-            "UPDATE prepaid_subscriptions SET status = %s, refund_id = COALESCE(%s, refund_id), "
-            "refunded_amount = %s, last_error = COALESCE(%s, last_error), updated_at = %s, refund_claimed_at = NULL "
-            "WHERE id = %s", (str(status), refund_id, refunded_amount, note, at, row_id))
-        return self.read(tx, row_id)
-
-
-_PG_HOLDS_LIVE_SUBSCRIPTION = HOLDS_LIVE_SUBSCRIPTION.replace("?", "%s")
-
-
-def _pg_marks(values: tuple[Any, ...]) -> str:
-    return ", ".join(["%s"] * len(values))
-
-
-def _strs(values: tuple[Any, ...]) -> tuple[str, ...]:
-    return tuple(str(value) for value in values)
-
-
-def _plain(values: Any) -> list[Any]:
-    """Column values as PostgreSQL takes them: an enum as its value."""
-    return [str(value) if isinstance(value, StrEnum) else value for value in values]
+    dialect = PostgresDialect

@@ -3,9 +3,12 @@ and start-up refusing what it cannot run on, in one line, with the password neve
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aims_billing_mcp import cli
+from aims_billing_mcp.store import AGGREGATES, PostgresStore
 from aims_billing_mcp.store import postgres as pg
 from tests.pg import Cluster
 
@@ -59,18 +62,38 @@ def test_a_url_that_cannot_serve_stops_start_up_in_one_line_naming_the_host_with
     assert "hunter2pw" not in out and len(out.strip().splitlines()) == 1
 
 
-def test_serving_on_a_database_at_an_older_schema_says_to_run_migrate(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_database: str,
+COMMANDS = [["doctor"], ["migrate"], ["check-ledger"], ["report", "wallets"], ["report", "usage"],
+            ["report", "receipts"], ["report", "prepaid"], ["report", "audit"], ["report", "creators"],
+            ["prune-audit"], ["flush-usage"], ["start-subscriptions"], ["check-splits"]]
+
+
+def test_every_command_runs_on_postgresql_and_nothing_goes_to_the_sqlite_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str, pg_cluster: Cluster,
+    tmp_path: Path,
 ) -> None:
-    exit_code, out = run(monkeypatch, capsys, empty_database, "serve")
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "unused.db"))
+    outputs = {" ".join(argv): run(monkeypatch, capsys, postgres_url, *argv) for argv in COMMANDS}
+    refund = run(monkeypatch, capsys, postgres_url, "refund-prepaid", "pre_nosuch")
+
+    assert {command: code for command, (code, _) in outputs.items() if code != 0} == {}
+    assert refund[0] == 1 and "pre_nosuch" in refund[1]  # refused by the PostgreSQL store: no such row
+    assert "PostgreSQL" in outputs["doctor"][1] and "check-ledger: ok" in outputs["check-ledger"][1]
+    assert not (tmp_path / "unused.db").exists()
+    assert all(pg_cluster.password not in out for _, out in outputs.values())
+
+
+def test_the_postgresql_store_has_every_aggregate(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url, writers=1, pool_size=1)
+    try:
+        assert [name for name in AGGREGATES if not hasattr(store, name)] == []
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["check-ledger"], ["report", "wallets"], ["flush-usage"]])
+def test_every_command_on_a_database_at_an_older_schema_says_to_run_migrate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_database: str, argv: list[str],
+) -> None:
+    exit_code, out = run(monkeypatch, capsys, empty_database, *argv)
 
     assert exit_code == 2 and "aims-billing-mcp migrate" in out and len(out.strip().splitlines()) == 1
-
-
-def test_serving_on_a_migrated_database_names_what_still_keeps_it_from_postgresql(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str, pg_cluster: Cluster,
-) -> None:
-    exit_code, out = run(monkeypatch, capsys, postgres_url, "serve")
-
-    assert exit_code == 2 and "not finished" in out and "x402 challenge-token key" in out
-    assert pg_cluster.password not in out and len(out.strip().splitlines()) == 1

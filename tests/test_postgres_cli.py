@@ -97,3 +97,28 @@ def test_every_command_on_a_database_at_an_older_schema_says_to_run_migrate(
     exit_code, out = run(monkeypatch, capsys, empty_database, *argv)
 
     assert exit_code == 2 and "aims-billing-mcp migrate" in out and len(out.strip().splitlines()) == 1
+
+
+def test_the_demo_passes_every_step_on_postgresql_and_leaves_a_ledger_that_checks(
+    postgres_url: str, tmp_path: Path, pg_cluster: Cluster,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AIMS_BILLING_DATABASE_URL": postgres_url, "HOME": str(tmp_path),
+           "AIMS_BILLING_DB": str(tmp_path / "unused.db")}
+    env.pop("STRIPE_SECRET_KEY", None)
+    env.pop("STRIPE_API_BASE", None)
+    demo = subprocess.run([sys.executable, "-m", "aims_billing_mcp", "demo"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    checked = subprocess.run([sys.executable, "-m", "aims_billing_mcp", "check-ledger"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-2000:]
+    assert "PASS:" in demo.stdout and "FAIL" not in demo.stdout and "(PostgreSQL at " in demo.stdout
+    assert checked.returncode == 0 and "check-ledger: ok" in checked.stdout, checked.stdout + checked.stderr
+    wallets = int(checked.stdout.split("ok: ")[1].split()[0])
+    assert wallets >= 1  # the demo's wallets are in PostgreSQL, not in a temporary SQLite file
+    assert not (tmp_path / "unused.db").exists()
+    assert pg_cluster.password not in demo.stdout + demo.stderr + checked.stdout + checked.stderr

@@ -410,7 +410,7 @@ def cmd_check_ledger(args: argparse.Namespace) -> int:
         violations = state.ledger.check_ledger()
         counts = ledger_counts(state.store)
     if violations:
-        print(f"check-ledger: {len(violations)} violation(s) in {settings.aims_billing_db}")
+        print(f"check-ledger: {len(violations)} violation(s) in {_database_name(settings)}")
         for v in violations:
             print(f"  {v.rule:24} {v.subject:32} {v.detail}")
         return 1
@@ -479,6 +479,15 @@ async def _doctor_state(settings: Settings) -> bool:
             print(f"  PROBLEM: {problem}")
             return False
         return await _check_key(state)
+
+
+def _database_name(settings: Settings) -> str:
+    """The database commands act on, for an operator: the PostgreSQL URL (password masked) or the SQLite file."""
+    if settings.database_url:
+        from .store import postgres
+
+        return f"PostgreSQL at {postgres.mask_url(settings.database_url)}"
+    return f"SQLite at {settings.aims_billing_db}"
 
 
 def _describe_postgres(url: str) -> str:

@@ -316,7 +316,8 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
                        + ", ".join(f"#{rows.index(r) + 1} {r.tool}" for r in failed))
             return False
         print_line(
-            f"PASS: {len(rows)} steps in {total_ms:.0f} ms on the embedded sandbox; the repeated create_customer "
+            f"PASS: {len(rows)} steps in {total_ms:.0f} ms on the embedded sandbox ({_database(settings)}); the "
+            "repeated create_customer "
             "was replayed (no second customer); signed webhooks took the customer to 6mo, past_due, then P2P; a LUC "
             "pack and a prepaid 3mo tier were paid with Shared Payment Tokens and an ACP checkout completed with an "
             "order; an x402 payment "
@@ -413,6 +414,15 @@ async def pay_with_x402(call: Any, customer: str) -> None:
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _database(settings: Settings) -> str:
+    """Where the demo's records went: a temporary SQLite file, or AIMS_BILLING_DATABASE_URL (password masked)."""
+    if settings.database_url:
+        from .store.postgres import mask_url
+
+        return f"PostgreSQL at {mask_url(settings.database_url)}"
+    return "a temporary SQLite file"
 
 
 def _print_table(rows: list[Row], print_line: Callable[[str], None]) -> None:

@@ -3,9 +3,12 @@ and start-up refusing what it cannot run on, in one line, with the password neve
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aims_billing_mcp import cli
+from aims_billing_mcp.store import AGGREGATES, PostgresStore
 from aims_billing_mcp.store import postgres as pg
 from tests.pg import Cluster
 
@@ -59,18 +62,63 @@ def test_a_url_that_cannot_serve_stops_start_up_in_one_line_naming_the_host_with
     assert "hunter2pw" not in out and len(out.strip().splitlines()) == 1
 
 
-def test_serving_on_a_database_at_an_older_schema_says_to_run_migrate(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_database: str,
+COMMANDS = [["doctor"], ["migrate"], ["check-ledger"], ["report", "wallets"], ["report", "usage"],
+            ["report", "receipts"], ["report", "prepaid"], ["report", "audit"], ["report", "creators"],
+            ["prune-audit"], ["flush-usage"], ["start-subscriptions"], ["check-splits"]]
+
+
+def test_every_command_runs_on_postgresql_and_nothing_goes_to_the_sqlite_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str, pg_cluster: Cluster,
+    tmp_path: Path,
 ) -> None:
-    exit_code, out = run(monkeypatch, capsys, empty_database, "serve")
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "unused.db"))
+    outputs = {" ".join(argv): run(monkeypatch, capsys, postgres_url, *argv) for argv in COMMANDS}
+    refund = run(monkeypatch, capsys, postgres_url, "refund-prepaid", "pre_nosuch")
+
+    assert {command: code for command, (code, _) in outputs.items() if code != 0} == {}
+    assert refund[0] == 1 and "pre_nosuch" in refund[1]  # refused by the PostgreSQL store: no such row
+    assert "PostgreSQL" in outputs["doctor"][1] and "check-ledger: ok" in outputs["check-ledger"][1]
+    assert not (tmp_path / "unused.db").exists()
+    assert all(pg_cluster.password not in out for _, out in outputs.values())
+
+
+def test_the_postgresql_store_has_every_aggregate(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url, writers=1, pool_size=1)
+    try:
+        assert [name for name in AGGREGATES if not hasattr(store, name)] == []
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["check-ledger"], ["report", "wallets"], ["flush-usage"]])
+def test_every_command_on_a_database_at_an_older_schema_says_to_run_migrate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_database: str, argv: list[str],
+) -> None:
+    exit_code, out = run(monkeypatch, capsys, empty_database, *argv)
 
     assert exit_code == 2 and "aims-billing-mcp migrate" in out and len(out.strip().splitlines()) == 1
 
 
-def test_serving_on_a_migrated_database_names_what_still_keeps_it_from_postgresql(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], postgres_url: str, pg_cluster: Cluster,
+def test_the_demo_passes_every_step_on_postgresql_and_leaves_a_ledger_that_checks(
+    postgres_url: str, tmp_path: Path, pg_cluster: Cluster,
 ) -> None:
-    exit_code, out = run(monkeypatch, capsys, postgres_url, "serve")
+    import os
+    import subprocess
+    import sys
 
-    assert exit_code == 2 and "not finished" in out and "x402 challenge-token key" in out
-    assert pg_cluster.password not in out and len(out.strip().splitlines()) == 1
+    env = {**os.environ, "AIMS_BILLING_DATABASE_URL": postgres_url, "HOME": str(tmp_path),
+           "AIMS_BILLING_DB": str(tmp_path / "unused.db")}
+    env.pop("STRIPE_SECRET_KEY", None)
+    env.pop("STRIPE_API_BASE", None)
+    demo = subprocess.run([sys.executable, "-m", "aims_billing_mcp", "demo"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    checked = subprocess.run([sys.executable, "-m", "aims_billing_mcp", "check-ledger"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-2000:]
+    assert "PASS:" in demo.stdout and "FAIL" not in demo.stdout and "(PostgreSQL at " in demo.stdout
+    assert checked.returncode == 0 and "check-ledger: ok" in checked.stdout, checked.stdout + checked.stderr
+    wallets = int(checked.stdout.split("ok: ")[1].split()[0])
+    assert wallets >= 1  # the demo's wallets are in PostgreSQL, not in a temporary SQLite file
+    assert not (tmp_path / "unused.db").exists()
+    assert pg_cluster.password not in demo.stdout + demo.stderr + checked.stdout + checked.stderr

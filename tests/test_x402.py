@@ -372,24 +372,49 @@ async def test_an_expired_challenge_is_refused(service: X402Service, store: Stor
     assert error.details["quote_status"] == "expired"
 
 
-async def test_challenges_outlive_a_restart_through_the_private_key_file_and_die_with_it(
+async def test_challenges_outlive_a_restart_through_the_database_key_and_die_with_it(
         service: X402Service, store: Store, ledger: LedgerService, pricing: Pricing, clock: Clock) -> None:
     first = await service.challenge(agent_id=AGENT, luc=1, resource="r")
     second = await service.challenge(agent_id=AGENT, luc=2, resource="r")
-    key_file = store.path.with_name(f"{store.path.stem}.x402.key")
-    assert key_file.stat().st_mode & 0o777 == 0o600
-    restarted = X402Service(store, ledger, None, pricing, clock=clock)
-    await restarted.verify_and_settle(Payer().pay(first.payment_required))
-    key_file.unlink()
+    assert not store.path.with_name(f"{store.path.stem}.x402.key").exists()  # nothing beside the database
+    reopened = Store(store.path)  # another process on the same file
+    try:
+        restarted = X402Service(reopened, LedgerService(reopened, luc_per_usd=pricing.luc_per_usd,
+                                                        agent_limit=lambda customer: None, clock=clock),
+                                None, pricing, clock=clock)
+        await restarted.verify_and_settle(Payer().pay(first.payment_required))
+    finally:
+        reopened.close()
+    await store.write(lambda tx: tx.execute("DELETE FROM x402_quote_key"))  # the operator rotates the key
     renewed = X402Service(store, ledger, None, pricing, clock=clock)
     error = await refused(store, lambda: renewed.verify_and_settle(Payer().pay(second.payment_required)),
                           "invalid_payment_requirements", "unknown quote")
     assert error.details["quote_status"] == "unknown"
-    key_file.write_text("not a key")
+    await store.write(lambda tx: tx.execute("UPDATE x402_quote_key SET key = 'not a key'"))
     broken = X402Service(store, ledger, None, pricing, clock=clock)
     with pytest.raises(ConfigurationError) as caught:
         await broken.challenge(agent_id=AGENT, luc=1, resource="r")
-    assert str(key_file) in caught.value.message and "delete it" in caught.value.message
+    assert "x402_quote_key" in caught.value.message and "delete its row" in caught.value.message
+    assert "not a key" not in caught.value.message
+
+
+async def test_a_key_file_an_older_release_kept_is_imported_so_its_open_challenges_stay_payable(
+        tmp_path: Path, pricing: Pricing, clock: Clock) -> None:
+    legacy = bytes(range(32))
+    (tmp_path / "old.x402.key").write_text(legacy.hex())
+    store = Store(tmp_path / "old.db")
+    try:
+        ledger = LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=lambda customer: None,
+                               clock=clock)
+        await ledger.create_wallet(AGENT, "cus_x", None, "open")
+        before_upgrade = X402Service(store, ledger, None, pricing, clock=clock, quote_key=legacy)
+        challenge = await before_upgrade.challenge(agent_id=AGENT, luc=3, resource="r")
+        upgraded = X402Service(store, ledger, None, pricing, clock=clock)
+        receipt = await upgraded.verify_and_settle(Payer().pay(challenge.payment_required))
+        assert receipt.luc_credited == 3 and balance(ledger) == 3
+        assert store.x402.quote_key() == legacy.hex()
+    finally:
+        store.close()
 
 
 # --- helpers and constants --------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ LUC a payment credits, expiry. Two kinds, one behaviour:
   expire, are swept (`sweep_expired_quotes`, from the server's background sweep) and are capped in number;
 - a challenge (`challenge`: GET /x402/credits and purchase_luc_credits without a payment) costs no storage: its
   quote id is a token `qt_<base64url JSON>.<HMAC>` that describes the quote itself, signed with a server key kept
-  in a file beside the database (`<db stem>.x402.key`, mode 0600; never printed, never in the database). It is stored
-  only when paid, as a paid row in the transaction that records the receipt.
+  in the database (`x402_quote_key`, one row: every process and instance on the database signs and verifies with
+  the same key; made on first use, never printed). It is stored only when paid, as a paid row in the transaction
+  that records the receipt. A key file an older release kept beside the SQLite database (`<db stem>.x402.key`) is
+  imported as that first key, so the challenges it signed stay payable.
 The quote a payment settles is the one the payer accepted: a v2 payment names it in `accepted.extra.quoteId`; a
 caller's quote_id, agent_id or luc that disagrees is refused and nothing is credited. Only a v1 payment (which
 names no quote) takes its quote from the caller.
@@ -59,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import jsonsafe
 from ..errors import ConfigurationError, InvalidInput, LimitReached, NotFound, PaymentRejected, StripeError
-from ..store import Store, Tx, dumps, new_id, utc_iso
+from ..store import Store, Tx, dumps, new_id, utc_iso, utc_now
 from ..store.x402 import TRANSITIONS, Quote, QuoteStatus, ReceiptConflict, ReceiptRecord, quote_state
 from .ceiling import Ceiling
 from .connect import ConnectService
@@ -242,30 +244,20 @@ def x402_status(settings: Settings) -> str:
     return f"settles {how} on {network}, pays to {pay_to}"
 
 
-def load_quote_key(path: Path) -> bytes:
-    """The server's key for challenge tokens: 32 random bytes (hex) in `path`, created once with mode 0600 (written
-    to a temporary file, then linked into place, so concurrent processes all read one complete key)."""
+def legacy_quote_key(path: Path) -> str | None:
+    """The challenge-token key an older release kept in `path` beside the SQLite database (64 hex digits), if it is
+    there and well-formed: imported once into the database, so the challenges it signed stay payable."""
     try:
-        if not path.exists():
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, os.urandom(32).hex().encode())
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process made it first: use theirs
-            finally:
-                tmp.unlink()
         text = path.read_bytes().decode("ascii", "replace").strip()
-    except OSError as exc:
-        raise ConfigurationError(f"the x402 quote key {path} cannot be read or created ({exc.strerror}): make its "
-                                 "folder writable, or the file readable") from exc
+    except OSError:
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{64}", text) else None
+
+
+def parse_quote_key(text: str) -> bytes:
     if not re.fullmatch(r"[0-9a-f]{64}", text):
-        raise ConfigurationError(f"the x402 quote key {path} is malformed: delete it to make a new one (open "
-                                 "challenges are then refused)")
+        raise ConfigurationError("the x402 challenge key stored in the database (table x402_quote_key) is malformed: "
+                                 "delete its row to make a new one (open challenges are then refused)")
     return bytes.fromhex(text)
 
 
@@ -330,7 +322,7 @@ class X402Service:
         max_open_quotes: int = MAX_OPEN_QUOTES, ceiling: Ceiling | None = None, connect: ConnectService | None = None,
     ) -> None:
         """`live`: the Stripe key is a live one (see `live_mode_problem`). `quote_key`: the challenge tokens' HMAC
-        key; by default read from (or created in) `<db stem>.x402.key` beside the database, on first use.
+        key; by default the database's (`x402_quote_key`), read (or stored) on first use.
         `max_open_quotes`: stored quotes open at once."""
         if pay_to is not None and not _HEX_ADDRESS.match(pay_to):
             raise ValueError(f"pay_to must be a 0x address of 40 hex digits, got {pay_to!r}")
@@ -379,9 +371,16 @@ class X402Service:
             raise ConfigurationError(self.problem, param=setting)
 
     def _key(self) -> bytes:
+        """The database's challenge key (read once per process); the first use on a new database stores one."""
         if self._quote_key is None:
-            path = self._store.path
-            self._quote_key = load_quote_key(path.with_name(f"{path.stem}.x402.key"))
+            stored = self._store.x402.quote_key()
+            if stored is None:
+                path = getattr(self._store, "path", None)  # SQLite: a key file an older release kept
+                candidate = (legacy_quote_key(path.with_name(f"{path.stem}.x402.key")) if path is not None
+                             else None) or os.urandom(32).hex()
+                stored = self._store.write_sync(
+                    lambda tx: self._store.x402.add_quote_key(tx, candidate, utc_now()))
+            self._quote_key = parse_quote_key(stored)
         return self._quote_key
 
     # --- requirements ---------------------------------------------------------------------------------------

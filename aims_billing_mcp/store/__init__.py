@@ -47,7 +47,7 @@ from .x402 import PostgresX402Store, SqliteX402Store, X402Store
 __all__ = [
     "AGGREGATES", "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "SQLITE_VERSION",
     "PostgresCore", "PostgresStore", "Store", "StoreCore", "StoreUnavailable", "Tx", "Writer",
-    "check_database_file", "connect", "dumps", "load_migrations", "migrate", "missing_aggregates", "monotonic_ms",
+    "check_database_file", "connect", "dumps", "load_migrations", "migrate", "monotonic_ms",
     "new_id", "open_store", "schema_version", "settle", "utc_iso", "utc_now",
 ]
 
@@ -71,8 +71,8 @@ class Store(StoreCore):
 
 
 class PostgresStore(PostgresCore):
-    """The PostgreSQL store (issue 15): the same aggregates over one database shared by every instance. Aggregates
-    gain their PostgreSQL implementation one by one; each is tested by its contract tests on both backends."""
+    """The PostgreSQL store (issue 15): the same aggregates over one database shared by every instance; each is
+    tested by its contract tests on both backends."""
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -93,18 +93,6 @@ AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", 
               "connect")
 
 
-# What still keeps a server from running on PostgreSQL though every aggregate has its store (found by running the
-# demo against a throwaway cluster): state kept outside the database, which instances would not share.
-SERVING_GAPS = (
-    "the x402 challenge-token key is kept in a file beside the SQLite database, and instances must share one key",
-)
-
-
-def missing_aggregates(store: object) -> list[str]:
-    """The aggregates a store has no implementation of (a PostgresStore while the backend is being completed)."""
-    return [name for name in AGGREGATES if not hasattr(store, name)]
-
-
 def open_store(db: Path | str, database_url: str | None = None, *, migrate: bool = False) -> Store:
     """The configured backend: PostgreSQL when `database_url` is set (every instance shares it; its schema must be
     the code's, or `migrate` brings it there), else SQLite at `db` (opened and upgraded in place)."""
@@ -118,10 +106,4 @@ def open_store(db: Path | str, database_url: str | None = None, *, migrate: bool
             f"not {postgres.mask_url(database_url)!r}: fix it, or unset it to use SQLite at AIMS_BILLING_DB",
             exit_code=2)
     store = PostgresStore(database_url, migrate=migrate)
-    if gaps := [f"no PostgreSQL store for {name}" for name in missing_aggregates(store)] + list(SERVING_GAPS):
-        store.close()
-        raise postgres.PostgresUnavailable(
-            f"serving on PostgreSQL is not finished yet (issue 15): {'; '.join(gaps)}: unset {postgres.URL_SETTING} "
-            "to run on SQLite at AIMS_BILLING_DB; `aims-billing-mcp migrate` and `doctor` already work against "
-            "PostgreSQL", exit_code=2)
     return store  # type: ignore[return-value]  # the same aggregates and writes: services take either

@@ -130,6 +130,38 @@ async def test_no_configured_secret_appears_in_the_output_of_any_command(
     assert "PASS" in outputs["demo"]
 
 
+QUOTE_KEY = "5eC2e7" * 10 + "0a0b"  # hex, as stored; its bytes would show as this text again
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_x402_challenge_key_appears_in_no_commands_output(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], tmp_path: Path, backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    from aims_billing_mcp.store import open_store
+
+    monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "billing.db"))
+    monkeypatch.setenv("AIMS_BILLING_LOG_LEVEL", "DEBUG")
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
+    if url:
+        monkeypatch.setenv("AIMS_BILLING_DATABASE_URL", url)
+    store = open_store(tmp_path / "billing.db", url)
+    try:
+        store.write_sync(lambda tx: store.x402.add_quote_key(tx, QUOTE_KEY.lower(), utc_iso(time.time())))
+    finally:
+        store.close()
+    commands = [["doctor"], ["migrate"], ["check-ledger"], ["report", "wallets"], ["report", "receipts"],
+                ["report", "audit"], ["flush-usage"]]
+    outputs = {}
+    for argv in commands:
+        code = await anyio.to_thread.run_sync(main, argv)
+        captured = capfd.readouterr()
+        outputs[" ".join(argv)] = captured.out + captured.err
+        assert code == 0, (argv, captured.err)
+    assert {command: out for command, out in outputs.items() if QUOTE_KEY.lower() in out.lower()} == {}
+    assert "doctor" in outputs["doctor"]  # it ran
+
+
 async def test_a_served_process_writes_no_configured_secret_to_the_wire_or_its_logs(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -458,7 +458,7 @@ class SqliteDialect:
     skip_locked = ""  # a lease: no other sender takes rows at the same time
 
     @staticmethod
-    def lock(tx: Any, name: str) -> None:
+    def lock(tx: Any, *names: str) -> None:
         """Nothing to wait for: the transaction is the only writer."""
 
 

@@ -74,9 +74,11 @@ class PostgresDialect:
     skip_locked = " FOR UPDATE SKIP LOCKED"  # a lease: another instance's sender skips rows being taken
 
     @staticmethod
-    def lock(tx: Any, name: str) -> None:
-        """Until COMMIT, a second job locking `name` waits (for what may not exist yet: a key, a customer's row)."""
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (name,))
+    def lock(tx: Any, *names: str) -> None:
+        """Until COMMIT, a second job locking one of `names` waits (for what may not exist yet: a key, a customer's
+        row); several names are taken in the order given, in one statement."""
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(name, 7)) FROM unnest(%s::text[]) AS name",
+                   (list(names),))
 
 
 class PostgresConnection:

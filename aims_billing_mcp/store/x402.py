@@ -28,12 +28,12 @@ verifies with one key: the first writer's (`add_quote_key`: INSERT ... ON CONFLI
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-from .core import StoreCore, Tx
+from .core import Reader, SqliteDialect, Tx
+from .postgres_sql import PostgresDialect
 
 
 class QuoteStatus(StrEnum):
@@ -186,7 +186,9 @@ _RECEIPT_COLUMNS = ("id", "quote_id", "network", "asset", "payer", "pay_to", "am
 
 
 class SqliteX402Store:
-    def __init__(self, core: StoreCore) -> None:
+    dialect: type[SqliteDialect | PostgresDialect] = SqliteDialect
+
+    def __init__(self, core: Reader) -> None:
         self._core = core
 
     def find_quote(self, quote_id: str) -> Quote | None:
@@ -197,36 +199,44 @@ class SqliteX402Store:
         return Quote(**row)
 
     def quote_status(self, tx: Tx, quote_id: str) -> tuple[QuoteStatus, int] | None:
-        row = tx.execute("SELECT status, expires_at FROM x402_quotes WHERE id = ?", (quote_id,)).fetchone()
+        row = tx.execute(f"SELECT status, expires_at FROM x402_quotes WHERE id = ?{self.dialect.for_update}",
+                         (quote_id,)).fetchone()
         return None if row is None else (QuoteStatus(row[0]), row[1])
 
     def count_open_quotes(self, tx: Tx, now: int) -> int:
+        self.dialect.lock(tx, "x402:open-quotes")
         (count,) = tx.execute("SELECT COUNT(*) FROM x402_quotes WHERE status = ? AND expires_at > ?",
                               (QuoteStatus.OPEN, now)).fetchone()
         return int(count)
 
     def add_quote(self, tx: Tx, quote: Quote) -> bool:
-        try:
-            tx.execute(
-                "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, resource, "
-                "x402_version, status, expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (quote.id, quote.network, quote.asset, quote.pay_to, quote.amount, quote.agent_id, quote.luc,
-                 quote.description, quote.resource, quote.x402_version, QuoteStatus.OPEN, quote.expires_at,
-                 quote.created_at))
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        return bool(tx.execute(
+            "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, resource, "
+            "x402_version, status, expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO NOTHING",
+            (quote.id, quote.network, quote.asset, quote.pay_to, quote.amount, quote.agent_id, quote.luc,
+             quote.description, quote.resource, quote.x402_version, QuoteStatus.OPEN, quote.expires_at,
+             quote.created_at)).rowcount == 1)
 
     def mark_quote_paid(self, tx: Tx, quote_id: str, receipt_id: str, paid_at: str) -> None:
         tx.execute("UPDATE x402_quotes SET status = ?, receipt_id = ?, paid_at = ? WHERE id = ?",
                    (QuoteStatus.PAID, receipt_id, paid_at, quote_id))
 
     def sweep_quotes(self, tx: Tx, expired_before: int) -> int:
-        return tx.execute("DELETE FROM x402_quotes WHERE status = ? AND expires_at < ?",
-                          (QuoteStatus.OPEN, expired_before)).rowcount
+        return int(tx.execute(  # rows another instance's sweep is deleting are skipped, not waited for
+            "DELETE FROM x402_quotes WHERE id IN (SELECT id FROM x402_quotes WHERE status = ? AND expires_at < ?"
+            f"{self.dialect.skip_locked})", (QuoteStatus.OPEN, expired_before)).rowcount)
 
     def payment_used(self, tx: Tx, network: str, asset: str, payer: str, nonce: str, tx_hash: str | None,
                      payment_intent: str | None) -> bool:
+        keys = [f"x402:nonce:{network}:{asset}:{payer}:{nonce}"]
+        if tx_hash is not None:
+            keys.append(f"x402:tx:{tx_hash}")
+        if payment_intent is not None:
+            keys.append(f"x402:pi:{payment_intent}")
+        # Every key, in one order for every transaction (fewer deadlocks); then the read, in a later statement
+        # (under READ COMMITTED each statement sees what committed before it began: the first payer's receipt).
+        self.dialect.lock(tx, *sorted(keys))
         return tx.execute(
             "SELECT 1 FROM x402_receipts WHERE (network = ? AND asset = ? AND payer = ? AND nonce = ?) "
             "OR tx_hash = ? OR payment_intent = ?", (network, asset, payer, nonce, tx_hash, payment_intent)
@@ -242,17 +252,22 @@ class SqliteX402Store:
                                     (payment_intent,)) is not None
 
     def record_receipt(self, tx: Tx, receipt: ReceiptRecord) -> None:
-        try:
-            tx.execute(
-                "INSERT INTO x402_receipts (id, quote_id, network, asset, payer, pay_to, amount, nonce, tx_hash, "
-                "agent_id, luc_credited, created_at, payment_intent, mode, x402_version, settlement) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (receipt.id, receipt.quote_id, receipt.network, receipt.asset, receipt.payer, receipt.pay_to,
-                 receipt.amount, receipt.nonce, receipt.tx_hash, receipt.agent_id, receipt.luc_credited,
-                 receipt.created_at, receipt.payment_intent, receipt.mode, receipt.x402_version,
-                 receipt.settlement))
-        except sqlite3.IntegrityError as exc:
-            raise ReceiptConflict("quote" if "quote_id" in str(exc) else "payment") from exc
+        """`ON CONFLICT DO NOTHING` (on PostgreSQL it waits for a concurrent insert of the same keys to commit or roll
+        back), then, if nothing was inserted, which key the stored receipts hold: the transaction stays usable, and
+        the quote's key is named before the payment's."""
+        inserted = tx.execute(
+            "INSERT INTO x402_receipts (id, quote_id, network, asset, payer, pay_to, amount, nonce, tx_hash, "
+            "agent_id, luc_credited, created_at, payment_intent, mode, x402_version, settlement) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (receipt.id, receipt.quote_id, receipt.network, receipt.asset, receipt.payer, receipt.pay_to,
+             receipt.amount, receipt.nonce, receipt.tx_hash, receipt.agent_id, receipt.luc_credited,
+             receipt.created_at, receipt.payment_intent, receipt.mode, receipt.x402_version,
+             receipt.settlement)).rowcount
+        if inserted == 1:
+            return
+        quote_paid = receipt.quote_id is not None and tx.execute(
+            "SELECT 1 FROM x402_receipts WHERE quote_id = ?", (receipt.quote_id,)).fetchone() is not None
+        raise ReceiptConflict("quote" if quote_paid else "payment")
 
     def recent_receipts(self, limit: int) -> list[ReceiptRecord]:
         rows = self._core.query(f"SELECT {', '.join(_RECEIPT_COLUMNS)} FROM x402_receipts "
@@ -265,12 +280,13 @@ class SqliteX402Store:
         return [PayerLink(row["address"], row["agent_id"]) for row in rows]
 
     def payers_of(self, tx: Tx, agent_id: str) -> list[str]:
+        self.dialect.lock(tx, f"x402:payers:{agent_id}")
         return [r[0] for r in tx.execute(
             "SELECT address FROM x402_payers WHERE agent_id = ? ORDER BY created_at, address", (agent_id,))]
 
     def register_payer(self, tx: Tx, address: str, agent_id: str, created_at: str) -> bool:
-        return tx.execute("INSERT OR IGNORE INTO x402_payers (address, agent_id, created_at) VALUES (?, ?, ?)",
-                          (address, agent_id, created_at)).rowcount == 1
+        return bool(tx.execute("INSERT INTO x402_payers (address, agent_id, created_at) VALUES (?, ?, ?) "
+                               "ON CONFLICT DO NOTHING", (address, agent_id, created_at)).rowcount == 1)
 
     def wallet_exists(self, agent_id: str) -> bool:
         return self._core.query_one("SELECT 1 FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is not None
@@ -280,125 +296,14 @@ class SqliteX402Store:
         return None if row is None else str(row["key"])
 
     def add_quote_key(self, tx: Tx, key: str, created_at: str) -> str:
+        """On PostgreSQL the INSERT waits for a concurrent first insert to commit and then does nothing; the SELECT, a
+        later statement, sees the row that won."""
         tx.execute("INSERT INTO x402_quote_key (id, key, created_at) VALUES (1, ?, ?) ON CONFLICT (id) DO NOTHING",
                    (key, created_at))
         return str(tx.execute("SELECT key FROM x402_quote_key WHERE id = 1").fetchone()[0])
 
 
-class PostgresX402Store:
-    """PostgreSQL: the same statements with `%s` placeholders, and the locks the module docstring names."""
+class PostgresX402Store(SqliteX402Store):
+    """PostgreSQL: the same statements (store/postgres_sql.py), with the locks the module docstring names."""
 
-    def __init__(self, core: Any) -> None:
-        self._core = core
-
-    def find_quote(self, quote_id: str) -> Quote | None:
-        row = self._core.query_one("SELECT * FROM x402_quotes WHERE id = %s", (quote_id,))
-        if row is None:
-            return None
-        row["status"] = QuoteStatus(row["status"])
-        return Quote(**row)
-
-    def quote_status(self, tx: Any, quote_id: str) -> tuple[QuoteStatus, int] | None:
-        row = tx.execute("SELECT status, expires_at FROM x402_quotes WHERE id = %s FOR UPDATE",
-                         (quote_id,)).fetchone()
-        return None if row is None else (QuoteStatus(row[0]), row[1])
-
-    def count_open_quotes(self, tx: Any, now: int) -> int:
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('x402:open-quotes', 7))")
-        (count,) = tx.execute("SELECT COUNT(*) FROM x402_quotes WHERE status = %s AND expires_at > %s",
-                              (str(QuoteStatus.OPEN), now)).fetchone()
-        return int(count)
-
-    def add_quote(self, tx: Any, quote: Quote) -> bool:
-        return bool(tx.execute(
-            "INSERT INTO x402_quotes (id, network, asset, pay_to, amount, agent_id, luc, description, resource, "
-            "x402_version, status, expires_at, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (id) DO NOTHING",
-            (quote.id, quote.network, quote.asset, quote.pay_to, quote.amount, quote.agent_id, quote.luc,
-             quote.description, quote.resource, quote.x402_version, str(QuoteStatus.OPEN), quote.expires_at,
-             quote.created_at)).rowcount == 1)
-
-    def mark_quote_paid(self, tx: Any, quote_id: str, receipt_id: str, paid_at: str) -> None:
-        tx.execute("UPDATE x402_quotes SET status = %s, receipt_id = %s, paid_at = %s WHERE id = %s",
-                   (str(QuoteStatus.PAID), receipt_id, paid_at, quote_id))
-
-    def sweep_quotes(self, tx: Any, expired_before: int) -> int:
-        return int(tx.execute(
-            "DELETE FROM x402_quotes WHERE id IN (SELECT id FROM x402_quotes WHERE status = %s AND expires_at < %s "
-            "FOR UPDATE SKIP LOCKED)", (str(QuoteStatus.OPEN), expired_before)).rowcount)
-
-    def payment_used(self, tx: Any, network: str, asset: str, payer: str, nonce: str, tx_hash: str | None,
-                     payment_intent: str | None) -> bool:
-        keys = [f"x402:nonce:{network}:{asset}:{payer}:{nonce}"]
-        if tx_hash is not None:
-            keys.append(f"x402:tx:{tx_hash}")
-        if payment_intent is not None:
-            keys.append(f"x402:pi:{payment_intent}")
-        # Every key, in one order for every transaction (fewer deadlocks); then the read, in a later statement
-        # (under READ COMMITTED each statement sees what committed before it began: the first payer's receipt).
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(key, 7)) FROM unnest(%s::text[]) AS key",
-                   (sorted(keys),))
-        return tx.execute(
-            "SELECT 1 FROM x402_receipts WHERE (network = %s AND asset = %s AND payer = %s AND nonce = %s) "
-            "OR tx_hash = %s OR payment_intent = %s", (network, asset, payer, nonce, tx_hash, payment_intent)
-        ).fetchone() is not None
-
-    def nonce_used(self, network: str, asset: str, payer: str, nonce: str) -> bool:
-        return self._core.query_one(
-            "SELECT 1 FROM x402_receipts WHERE network = %s AND asset = %s AND payer = %s AND nonce = %s",
-            (network, asset, payer, nonce)) is not None
-
-    def payment_intent_used(self, payment_intent: str) -> bool:
-        return self._core.query_one("SELECT 1 FROM x402_receipts WHERE payment_intent = %s",
-                                    (payment_intent,)) is not None
-
-    def record_receipt(self, tx: Any, receipt: ReceiptRecord) -> None:
-        """`ON CONFLICT DO NOTHING` (it waits for a concurrent insert of the same keys to commit or roll back), then,
-        if nothing was inserted, which key the stored receipts hold: the transaction stays usable, as SQLite's does
-        after a refused statement, and `on` is SQLite's answer: the quote's key before the payment's."""
-        inserted = tx.execute(
-            "INSERT INTO x402_receipts (id, quote_id, network, asset, payer, pay_to, amount, nonce, tx_hash, "
-            "agent_id, luc_credited, created_at, payment_intent, mode, x402_version, settlement) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (receipt.id, receipt.quote_id, receipt.network, receipt.asset, receipt.payer, receipt.pay_to,
-             receipt.amount, receipt.nonce, receipt.tx_hash, receipt.agent_id, receipt.luc_credited,
-             receipt.created_at, receipt.payment_intent, receipt.mode, receipt.x402_version,
-             receipt.settlement)).rowcount
-        if inserted == 1:
-            return
-        quote_paid = receipt.quote_id is not None and tx.execute(
-            "SELECT 1 FROM x402_receipts WHERE quote_id = %s", (receipt.quote_id,)).fetchone() is not None
-        raise ReceiptConflict("quote" if quote_paid else "payment")
-
-    def recent_receipts(self, limit: int) -> list[ReceiptRecord]:
-        rows = self._core.query(f"SELECT {', '.join(_RECEIPT_COLUMNS)} FROM x402_receipts "
-                                "ORDER BY created_at DESC, id DESC LIMIT %s", (limit,))
-        return [ReceiptRecord(**row) for row in rows]
-
-    def payer_links(self, address: str, agent_id: str | None) -> list[PayerLink]:
-        rows = self._core.query("SELECT address, agent_id FROM x402_payers WHERE address = %s OR agent_id = %s",
-                                (address, agent_id))
-        return [PayerLink(row["address"], row["agent_id"]) for row in rows]
-
-    def payers_of(self, tx: Any, agent_id: str) -> list[str]:
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (f"x402:payers:{agent_id}",))
-        return [r[0] for r in tx.execute(
-            "SELECT address FROM x402_payers WHERE agent_id = %s ORDER BY created_at, address", (agent_id,))]
-
-    def register_payer(self, tx: Any, address: str, agent_id: str, created_at: str) -> bool:
-        return bool(tx.execute("INSERT INTO x402_payers (address, agent_id, created_at) VALUES (%s, %s, %s) "
-                               "ON CONFLICT DO NOTHING", (address, agent_id, created_at)).rowcount == 1)
-
-    def wallet_exists(self, agent_id: str) -> bool:
-        return self._core.query_one("SELECT 1 FROM agent_wallets WHERE agent_id = %s", (agent_id,)) is not None
-
-    def quote_key(self) -> str | None:
-        row = self._core.query_one("SELECT key FROM x402_quote_key WHERE id = 1")
-        return None if row is None else str(row["key"])
-
-    def add_quote_key(self, tx: Any, key: str, created_at: str) -> str:
-        """The INSERT waits for a concurrent first insert to commit and then does nothing; the SELECT, a later
-        statement, sees the row that won."""
-        tx.execute("INSERT INTO x402_quote_key (id, key, created_at) VALUES (1, %s, %s) ON CONFLICT (id) DO NOTHING",
-                   (key, created_at))
-        return str(tx.execute("SELECT key FROM x402_quote_key WHERE id = 1").fetchone()[0])
+    dialect = PostgresDialect

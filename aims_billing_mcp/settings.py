@@ -109,6 +109,10 @@ class Settings(BaseSettings):
         description="The address x402 payments are made to; unset in sandbox/test mode: a fixed test address",
     )
     aims_x402_facilitator: Literal["local", "http", "stripe"] = "local"
+    aims_x402_challenge_key: SecretStr | None = Field(
+        default=None, description="The key 402 challenges are signed with: the same value on every instance (at "
+        "least 32 characters); unset = derived from STRIPE_SECRET_KEY, or a key file beside the SQLite database",
+    )
     aims_x402_facilitator_url: str | None = Field(default=None, pattern=r"^https?://")
     aims_x402_network: Literal["base", "base-sepolia"] | None = Field(
         default=None, description="Default network for payment requirements; unset = base-sepolia unless live mode"
@@ -159,10 +163,18 @@ class Settings(BaseSettings):
         return SecretStr(key)
 
     @field_validator("stripe_webhook_secret", "aims_billing_http_token", "aims_billing_acp_signing_secret",
-                     "aims_billing_acp_order_webhook_secret", mode="after")
+                     "aims_billing_acp_order_webhook_secret", "aims_x402_challenge_key", mode="after")
     @classmethod
     def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None
+
+    @field_validator("aims_x402_challenge_key", mode="after")
+    @classmethod
+    def _check_challenge_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `python -c \"import secrets; "
+                             "print(secrets.token_hex(32))\"`), the same on every instance")
+        return value
 
     @field_validator("stripe_price_starter", "stripe_price_pro", "stripe_price_enterprise", mode="after")
     @classmethod

@@ -107,7 +107,8 @@ def test_the_demo_passes_every_step_on_postgresql_and_leaves_a_ledger_that_check
     import sys
 
     env = {**os.environ, "AIMS_BILLING_DATABASE_URL": postgres_url, "HOME": str(tmp_path),
-           "AIMS_BILLING_DB": str(tmp_path / "unused.db")}
+           "AIMS_BILLING_DB": str(tmp_path / "unused.db"),
+           "AIMS_X402_CHALLENGE_KEY": "the-demo-deployments-challenge-key-0123"}  # sandbox mode on PostgreSQL
     env.pop("STRIPE_SECRET_KEY", None)
     env.pop("STRIPE_API_BASE", None)
     demo = subprocess.run([sys.executable, "-m", "aims_billing_mcp", "demo"], env=env, cwd=tmp_path,

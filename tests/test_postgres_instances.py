@@ -135,7 +135,8 @@ async def test_three_instances_on_one_database_keep_every_guarantee_when_one_is_
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("AIMS_", "STRIPE_", "X402_"))}
     env.update({"AIMS_BILLING_DATABASE_URL": postgres_url, "AIMS_BILLING_P2P_AGENTS": "5",
-                "AIMS_BILLING_FLUSH_INTERVAL_SECONDS": "1", "PYTHONUNBUFFERED": "1"})
+                "AIMS_BILLING_FLUSH_INTERVAL_SECONDS": "1", "PYTHONUNBUFFERED": "1",
+                "AIMS_X402_CHALLENGE_KEY": "one-challenge-key-for-every-instance-0123"})  # sandbox mode: no Stripe key
     victim = INSTANCES - 1
     kill_after = max(1, keys // 3)
     killed_at: list[int] = []

@@ -199,14 +199,6 @@ async def test_a_wallet_exists_once_the_ledger_created_it(backend: Store, x402: 
     assert x402.wallet_exists("buyer") and not x402.wallet_exists("seller")
 
 
-def test_the_first_challenge_key_stored_is_the_one_every_later_attempt_reads_back(x402: X402Store,
-                                                                                   write: Write) -> None:
-    assert x402.quote_key() is None
-    assert write(lambda tx: x402.add_quote_key(tx, "aa" * 32, "2027-01-15T08:00:00.000Z")) == "aa" * 32
-    assert write(lambda tx: x402.add_quote_key(tx, "bb" * 32, "2027-01-15T08:00:01.000Z")) == "aa" * 32
-    assert x402.quote_key() == "aa" * 32
-
-
 @pytest.mark.parametrize(("status", "expires_at", "state"), [
     (QuoteStatus.OPEN, NOW + 1, QuoteStatus.OPEN),
     (QuoteStatus.OPEN, NOW, QuoteStatus.EXPIRED),  # expiry is exclusive: at expires_at it is over
@@ -429,23 +421,11 @@ async def test_a_limit_read_waits_for_another_instances_write_of_the_same_limit(
     assert theirs.result == (1 if read == "open quotes" else ["0xa"])
 
 
-async def test_two_instances_storing_their_challenge_key_at_once_both_end_with_the_first_ones(
-        two_instances: tuple[PostgresStore, PostgresStore], postgres_url: str) -> None:
-    first, second = two_instances
-    theirs = Attempt()
-    async with holding(first, lambda tx: first.x402.add_quote_key(tx, "aa" * 32, "t")) as held, \
-            anyio.create_task_group() as tg:
-        tg.start_soon(theirs.run, second.write(lambda tx: second.x402.add_quote_key(tx, "bb" * 32, "t")))
-        await lock_waiters(postgres_url)  # the second insert waits for the first one's outcome
-        assert not theirs.done
-        held.release()
-    assert (held.result, theirs.result, theirs.error) == ("aa" * 32, "aa" * 32, None)
-
-
 async def test_a_challenge_issued_by_one_instance_is_paid_through_another(
         two_instances: tuple[PostgresStore, PostgresStore]) -> None:
     from aims_billing_mcp.services.tiers import Pricing
     from aims_billing_mcp.services.x402 import X402Service
+    from aims_billing_mcp.settings import Settings
     from tests.x402_worker import Payer
 
     pricing = Pricing.load()
@@ -453,7 +433,9 @@ async def test_a_challenge_issued_by_one_instance_is_paid_through_another(
     for store in two_instances:
         instance: Any = store  # the services take either backend's store
         ledger = LedgerService(instance, luc_per_usd=pricing.luc_per_usd, agent_limit=lambda customer: None)
-        services.append((X402Service(instance, ledger, None, pricing), ledger))
+        settings = Settings(_env_file=None,  # type: ignore[call-arg]
+                            aims_x402_challenge_key="one-key-for-every-instance-" * 2)
+        services.append((X402Service.from_settings(instance, ledger, None, pricing, settings), ledger))
     (one, one_ledger), (other, other_ledger) = services
     await one_ledger.create_wallet("buyer", "cus_1", None, "w-buyer")
     from_one = await one.challenge(agent_id="buyer", luc=5, resource="r")
@@ -461,3 +443,19 @@ async def test_a_challenge_issued_by_one_instance_is_paid_through_another(
     assert (await other.verify_and_settle(Payer().pay(from_one.payment_required))).luc_credited == 5
     assert (await one.verify_and_settle(Payer().pay(from_other.payment_required))).luc_credited == 7
     assert other_ledger.get_wallet("buyer").balance == 12
+
+
+async def test_challenges_on_postgresql_without_a_shared_key_are_refused_naming_the_setting(
+        two_instances: tuple[PostgresStore, PostgresStore]) -> None:
+    from aims_billing_mcp.errors import ConfigurationError
+    from aims_billing_mcp.services.tiers import Pricing
+    from aims_billing_mcp.services.x402 import X402Service
+
+    pricing = Pricing.load()
+    instance: Any = two_instances[0]
+    ledger = LedgerService(instance, luc_per_usd=pricing.luc_per_usd, agent_limit=lambda customer: None)
+    await ledger.create_wallet("buyer", "cus_1", None, "w-buyer")
+    service = X402Service(instance, ledger, None, pricing)  # sandbox mode, no AIMS_X402_CHALLENGE_KEY
+    with pytest.raises(ConfigurationError) as caught:
+        await service.challenge(agent_id="buyer", luc=5, resource="r")
+    assert caught.value.param == "AIMS_X402_CHALLENGE_KEY" and "every instance" in caught.value.message

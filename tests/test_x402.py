@@ -23,10 +23,12 @@ from aims_billing_mcp.services.x402 import (
     SANDBOX_PAY_TO,
     Challenge,
     X402Service,
+    challenge_key,
     decode_payment_header,
     encode_header,
 )
 from aims_billing_mcp.services.x402_models import Receipt
+from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from tests.conftest import Clock
 
@@ -372,49 +374,63 @@ async def test_an_expired_challenge_is_refused(service: X402Service, store: Stor
     assert error.details["quote_status"] == "expired"
 
 
-async def test_challenges_outlive_a_restart_through_the_database_key_and_die_with_it(
+async def test_challenges_outlive_a_restart_through_the_private_key_file_and_die_with_it(
         service: X402Service, store: Store, ledger: LedgerService, pricing: Pricing, clock: Clock) -> None:
     first = await service.challenge(agent_id=AGENT, luc=1, resource="r")
     second = await service.challenge(agent_id=AGENT, luc=2, resource="r")
-    assert not store.path.with_name(f"{store.path.stem}.x402.key").exists()  # nothing beside the database
-    reopened = Store(store.path)  # another process on the same file
-    try:
-        restarted = X402Service(reopened, LedgerService(reopened, luc_per_usd=pricing.luc_per_usd,
-                                                        agent_limit=lambda customer: None, clock=clock),
-                                None, pricing, clock=clock)
-        await restarted.verify_and_settle(Payer().pay(first.payment_required))
-    finally:
-        reopened.close()
-    await store.write(lambda tx: tx.execute("DELETE FROM x402_quote_key"))  # the operator rotates the key
+    key_file = store.path.with_name(f"{store.path.stem}.x402.key")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    restarted = X402Service(store, ledger, None, pricing, clock=clock)
+    await restarted.verify_and_settle(Payer().pay(first.payment_required))
+    key_file.unlink()
     renewed = X402Service(store, ledger, None, pricing, clock=clock)
     error = await refused(store, lambda: renewed.verify_and_settle(Payer().pay(second.payment_required)),
                           "invalid_payment_requirements", "unknown quote")
     assert error.details["quote_status"] == "unknown"
-    await store.write(lambda tx: tx.execute("UPDATE x402_quote_key SET key = 'not a key'"))
+    key_file.write_text("not a key")
     broken = X402Service(store, ledger, None, pricing, clock=clock)
     with pytest.raises(ConfigurationError) as caught:
         await broken.challenge(agent_id=AGENT, luc=1, resource="r")
-    assert "x402_quote_key" in caught.value.message and "delete its row" in caught.value.message
-    assert "not a key" not in caught.value.message
+    assert str(key_file) in caught.value.message and "delete it" in caught.value.message
 
 
-async def test_a_key_file_an_older_release_kept_is_imported_so_its_open_challenges_stay_payable(
-        tmp_path: Path, pricing: Pricing, clock: Clock) -> None:
-    legacy = bytes(range(32))
-    (tmp_path / "old.x402.key").write_text(legacy.hex())
-    store = Store(tmp_path / "old.db")
-    try:
-        ledger = LedgerService(store, luc_per_usd=pricing.luc_per_usd, agent_limit=lambda customer: None,
-                               clock=clock)
-        await ledger.create_wallet(AGENT, "cus_x", None, "open")
-        before_upgrade = X402Service(store, ledger, None, pricing, clock=clock, quote_key=legacy)
-        challenge = await before_upgrade.challenge(agent_id=AGENT, luc=3, resource="r")
-        upgraded = X402Service(store, ledger, None, pricing, clock=clock)
-        receipt = await upgraded.verify_and_settle(Payer().pay(challenge.payment_required))
-        assert receipt.luc_credited == 3 and balance(ledger) == 3
-        assert store.x402.quote_key() == legacy.hex()
-    finally:
-        store.close()
+def _settings(**values: str) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+async def test_instances_configured_with_one_challenge_key_pay_each_others_challenges_and_keep_no_key_file(
+        store: Store, ledger: LedgerService, pricing: Pricing, clock: Clock) -> None:
+    await ledger.create_wallet(AGENT, "cus_x", None, "open")
+    shared = {"aims_x402_challenge_key": "a-deployment-wide-challenge-key-0123456789"}
+    one, other = (X402Service.from_settings(store, ledger, None, pricing, _settings(**shared), clock=clock)
+                  for _ in range(2))
+    stranger = X402Service.from_settings(store, ledger, None, pricing, _settings(
+        aims_x402_challenge_key="another-deployments-challenge-key-987654321"), clock=clock)
+    from_one = await one.challenge(agent_id=AGENT, luc=5, resource="r")
+    for_stranger = await one.challenge(agent_id=AGENT, luc=6, resource="r")
+
+    assert (await other.verify_and_settle(Payer().pay(from_one.payment_required))).luc_credited == 5
+    await refused(store, lambda: stranger.verify_and_settle(Payer().pay(for_stranger.payment_required)),
+                  "invalid_payment_requirements", "unknown quote")
+    assert not store.path.with_name(f"{store.path.stem}.x402.key").exists()
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ({"stripe_secret_key": "sk_test_" + "1" * 24}, {"stripe_secret_key": "sk_test_" + "1" * 24}, True),
+    ({"stripe_secret_key": "sk_test_" + "1" * 24}, {"stripe_secret_key": "sk_test_" + "2" * 24}, False),
+    ({"stripe_secret_key": "sk_test_" + "1" * 24,
+      "aims_x402_challenge_key": "x" * 32}, {"aims_x402_challenge_key": "x" * 32}, True),  # the setting wins
+])
+def test_without_the_setting_the_challenge_key_is_derived_from_the_stripe_key_every_instance_shares(
+        a: dict[str, str], b: dict[str, str], same: bool) -> None:
+    first, second = challenge_key(_settings(**a)), challenge_key(_settings(**b))
+
+    assert first is not None and second is not None and (first == second) is same
+    assert first != ("sk_test_" + "1" * 24).encode() and len(first) == 32  # a derived key, not the Stripe key
+
+
+def test_in_sandbox_mode_without_the_setting_no_key_is_configured() -> None:
+    assert challenge_key(_settings()) is None  # then the SQLite key file serves (PostgreSQL refuses: see store tests)
 
 
 # --- helpers and constants --------------------------------------------------------------------------------------

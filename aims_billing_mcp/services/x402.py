@@ -5,11 +5,11 @@ LUC a payment credits, expiry. Two kinds, one behaviour:
 - a stored quote (`create_requirements`, the MCP tool: authenticated callers): a row in `x402_quotes`; open quotes
   expire, are swept (`sweep_expired_quotes`, from the server's background sweep) and are capped in number;
 - a challenge (`challenge`: GET /x402/credits and purchase_luc_credits without a payment) costs no storage: its
-  quote id is a token `qt_<base64url JSON>.<HMAC>` that describes the quote itself, signed with a server key kept
-  in the database (`x402_quote_key`, one row: every process and instance on the database signs and verifies with
-  the same key; made on first use, never printed). It is stored only when paid, as a paid row in the transaction
-  that records the receipt. A key file an older release kept beside the SQLite database (`<db stem>.x402.key`) is
-  imported as that first key, so the challenges it signed stay payable.
+  quote id is a token `qt_<base64url JSON>.<HMAC>` that describes the quote itself, signed with a key no database
+  or backup holds (`challenge_key`): AIMS_X402_CHALLENGE_KEY, else one derived from the Stripe secret key (so every
+  instance of a deployment agrees), else, in sandbox mode on SQLite, a file beside the database (`<db
+  stem>.x402.key`, mode 0600); never printed. It is stored only when paid, as a paid row in the transaction that
+  records the receipt.
 The quote a payment settles is the one the payer accepted: a v2 payment names it in `accepted.extra.quoteId`; a
 caller's quote_id, agent_id or luc that disagrees is refused and nothing is credited. Only a v1 payment (which
 names no quote) takes its quote from the caller.
@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import jsonsafe
 from ..errors import ConfigurationError, InvalidInput, LimitReached, NotFound, PaymentRejected, StripeError
-from ..store import Store, Tx, dumps, new_id, utc_iso, utc_now
+from ..store import Store, Tx, dumps, new_id, utc_iso
 from ..store.x402 import TRANSITIONS, Quote, QuoteStatus, ReceiptConflict, ReceiptRecord, quote_state
 from .ceiling import Ceiling
 from .connect import ConnectService
@@ -244,21 +244,47 @@ def x402_status(settings: Settings) -> str:
     return f"settles {how} on {network}, pays to {pay_to}"
 
 
-def legacy_quote_key(path: Path) -> str | None:
-    """The challenge-token key an older release kept in `path` beside the SQLite database (64 hex digits), if it is
-    there and well-formed: imported once into the database, so the challenges it signed stay payable."""
+def load_quote_key(path: Path) -> bytes:
+    """A single machine's key for challenge tokens (SQLite, no key configured): 32 random bytes (hex) in `path`,
+    created once with mode 0600 (written to a temporary file, then linked into place, so concurrent processes all
+    read one complete key)."""
     try:
+        if not path.exists():
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, os.urandom(32).hex().encode())
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+            finally:
+                tmp.unlink()
         text = path.read_bytes().decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return text if re.fullmatch(r"[0-9a-f]{64}", text) else None
-
-
-def parse_quote_key(text: str) -> bytes:
+    except OSError as exc:
+        raise ConfigurationError(f"the x402 quote key {path} cannot be read or created ({exc.strerror}): make its "
+                                 "folder writable, or the file readable") from exc
     if not re.fullmatch(r"[0-9a-f]{64}", text):
-        raise ConfigurationError("the x402 challenge key stored in the database (table x402_quote_key) is malformed: "
-                                 "delete its row to make a new one (open challenges are then refused)")
+        raise ConfigurationError(f"the x402 quote key {path} is malformed: delete it to make a new one (open "
+                                 "challenges are then refused)")
     return bytes.fromhex(text)
+
+
+_DERIVED_KEY_LABEL = b"aims-billing-mcp x402 challenge tokens v1"
+
+
+def challenge_key(settings: Settings) -> bytes | None:
+    """The challenge tokens' key every instance derives alike from its configuration, never stored anywhere:
+    AIMS_X402_CHALLENGE_KEY if set, else one derived (HMAC-SHA256) from the Stripe secret key every instance of a
+    deployment shares; None in sandbox mode without the setting (then a single machine's key file serves)."""
+    if settings.aims_x402_challenge_key is not None:
+        return hashlib.sha256(settings.aims_x402_challenge_key.get_secret_value().encode()).digest()
+    if settings.stripe_secret_key is not None:
+        return hmac.new(settings.stripe_secret_key.get_secret_value().encode(), _DERIVED_KEY_LABEL,
+                        hashlib.sha256).digest()
+    return None
 
 
 def _b64(raw: bytes) -> str:
@@ -322,7 +348,7 @@ class X402Service:
         max_open_quotes: int = MAX_OPEN_QUOTES, ceiling: Ceiling | None = None, connect: ConnectService | None = None,
     ) -> None:
         """`live`: the Stripe key is a live one (see `live_mode_problem`). `quote_key`: the challenge tokens' HMAC
-        key; by default the database's (`x402_quote_key`), read (or stored) on first use.
+        key; by default the key file beside the SQLite database (`from_settings` passes the configured one).
         `max_open_quotes`: stored quotes open at once."""
         if pay_to is not None and not _HEX_ADDRESS.match(pay_to):
             raise ValueError(f"pay_to must be a 0x address of 40 hex digits, got {pay_to!r}")
@@ -362,7 +388,7 @@ class X402Service:
         return cls(store, ledger, gateway, pricing, pay_to=settings.aims_x402_pay_to,
                    network=settings.aims_x402_network or ("base" if live else "base-sepolia"),
                    facilitator=settings.aims_x402_facilitator, facilitator_url=settings.aims_x402_facilitator_url,
-                   live=live, clock=clock, ceiling=ceiling, connect=connect)
+                   live=live, clock=clock, ceiling=ceiling, connect=connect, quote_key=challenge_key(settings))
 
     def _ready(self) -> None:
         if self.problem is not None:
@@ -371,16 +397,17 @@ class X402Service:
             raise ConfigurationError(self.problem, param=setting)
 
     def _key(self) -> bytes:
-        """The database's challenge key (read once per process); the first use on a new database stores one."""
+        """The configured key (`challenge_key`), else, on SQLite, the key file beside the database; on PostgreSQL
+        instances must agree on a key that no backup holds: the setting or the Stripe key, nothing else."""
         if self._quote_key is None:
-            stored = self._store.x402.quote_key()
-            if stored is None:
-                path = getattr(self._store, "path", None)  # SQLite: a key file an older release kept
-                candidate = (legacy_quote_key(path.with_name(f"{path.stem}.x402.key")) if path is not None
-                             else None) or os.urandom(32).hex()
-                stored = self._store.write_sync(
-                    lambda tx: self._store.x402.add_quote_key(tx, candidate, utc_now()))
-            self._quote_key = parse_quote_key(stored)
+            path = getattr(self._store, "path", None)
+            if path is None:
+                raise ConfigurationError(
+                    "x402 challenges on PostgreSQL need a key every instance shares: set AIMS_X402_CHALLENGE_KEY to "
+                    "the same random value on every instance (e.g. the output of `python -c \"import secrets; "
+                    "print(secrets.token_hex(32))\"`), or configure STRIPE_SECRET_KEY, which a key is derived from",
+                    param="AIMS_X402_CHALLENGE_KEY")
+            self._quote_key = load_quote_key(path.with_name(f"{path.stem}.x402.key"))
         return self._quote_key
 
     # --- requirements ---------------------------------------------------------------------------------------

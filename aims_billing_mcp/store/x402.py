@@ -21,9 +21,6 @@ limits hold across instances). The quote sweep is one `DELETE` of rows taken wit
 on several instances delete disjoint rows, each expired quote once, and skip a quote a payment holds (the payment
 decides; a quote it marks paid is never swept). No lease is needed: the delete is the whole effect, in the
 statement that takes the rows.
-
-The challenge-token key is one row (`x402_quote_key`), so every process and instance on the database signs and
-verifies with one key: the first writer's (`add_quote_key`: INSERT ... ON CONFLICT DO NOTHING, then read back).
 """
 
 from __future__ import annotations
@@ -173,13 +170,6 @@ class X402Store(Protocol):
     def wallet_exists(self, agent_id: str) -> bool:
         """Whether an agent wallet `agent_id` exists (a read of the ledger's wallets, which quotes credit)."""
 
-    def quote_key(self) -> str | None:
-        """The challenge-token key (hex) every instance signs with, or None before the first is stored."""
-
-    def add_quote_key(self, tx: Tx, key: str, created_at: str) -> str:
-        """Store `key` as the challenge-token key unless one is stored (INSERT ... ON CONFLICT DO NOTHING), and
-        return the stored one: ours, or the one another process stored first."""
-
 
 _RECEIPT_COLUMNS = ("id", "quote_id", "network", "asset", "payer", "pay_to", "amount", "nonce", "tx_hash",
                     "agent_id", "luc_credited", "created_at", "payment_intent", "mode", "x402_version", "settlement")
@@ -290,17 +280,6 @@ class SqliteX402Store:
 
     def wallet_exists(self, agent_id: str) -> bool:
         return self._core.query_one("SELECT 1 FROM agent_wallets WHERE agent_id = ?", (agent_id,)) is not None
-
-    def quote_key(self) -> str | None:
-        row = self._core.query_one("SELECT key FROM x402_quote_key WHERE id = 1")
-        return None if row is None else str(row["key"])
-
-    def add_quote_key(self, tx: Tx, key: str, created_at: str) -> str:
-        """On PostgreSQL the INSERT waits for a concurrent first insert to commit and then does nothing; the SELECT, a
-        later statement, sees the row that won."""
-        tx.execute("INSERT INTO x402_quote_key (id, key, created_at) VALUES (1, ?, ?) ON CONFLICT (id) DO NOTHING",
-                   (key, created_at))
-        return str(tx.execute("SELECT key FROM x402_quote_key WHERE id = 1").fetchone()[0])
 
 
 class PostgresX402Store(SqliteX402Store):

@@ -17,6 +17,7 @@ import pytest
 from aims_billing_mcp.store import PostgresStore, Tx
 from aims_billing_mcp.store.metering import (
     COUNTED,
+    DEFAULT_METER,
     TRANSITIONS,
     EventStatus,
     FlushRow,
@@ -31,6 +32,7 @@ from aims_billing_mcp.store.metering import (
 pytestmark = pytest.mark.anyio
 
 START, END = 1_764_547_200, 1_767_225_600  # a month
+LUC = DEFAULT_METER
 
 
 @dataclass
@@ -100,10 +102,11 @@ async def test_totals_are_set_to_absolute_values_and_keep_the_terms_of_their_fir
     later = PeriodTotalRow("cus_A", START, END, 2, 12, 12, "6mo", 9999, 1)
     await metering.write(lambda tx: metering.store.append(tx, [], [later], []))
 
-    loaded = await metering.write(lambda tx: metering.store.load_totals(tx, {("cus_A", START), ("cus_B", START)}))
+    loaded = await metering.write(lambda tx: metering.store.load_totals(
+        tx, {("cus_A", START, LUC), ("cus_B", START, LUC)}))
 
-    assert loaded == {("cus_A", START): PeriodTotalRow("cus_A", START, END, 2, 12, 12, "3mo", 1000, 150)}
-    assert metering.store.period_total("cus_A", START) == loaded[("cus_A", START)]
+    assert loaded == {("cus_A", START, LUC): PeriodTotalRow("cus_A", START, END, 2, 12, 12, "3mo", 1000, 150)}
+    assert metering.store.period_total("cus_A", START) == loaded[("cus_A", START, LUC)]
     assert metering.store.period_total("cus_B", START) is None
 
 
@@ -289,7 +292,7 @@ def record_job(identifier: str, units: int = 10) -> Callable[[Any, Tx], str]:
         metering = store.metering
         if metering.find_events(tx, {("cus_A", identifier)}):
             return "replayed"
-        before = metering.load_totals(tx, {("cus_A", START)}).get(("cus_A", START))
+        before = metering.load_totals(tx, {("cus_A", START, LUC)}).get(("cus_A", START, LUC))
         events, weighted = (before.events, before.weighted_units) if before else (0, 0)
         metering.append(tx, [event(identifier, units=units)],
                         [total(weighted=weighted + units, events=events + 1)],

@@ -710,6 +710,10 @@ class MeteringService:
 
     # --- reads -------------------------------------------------------------------------------------------------
 
+    def meters(self) -> list[str]:
+        """The pricing file's meter ids, luc_tokens first."""
+        return list(self._pricing.meters)
+
     def summary(self, customer: str, period: str = "current", meter: str | None = None) -> UsageSummary:
         """A meter's usage (luc_tokens by default) by operation type, totals, allowance, overage and event statuses
         for one period (read-only).

@@ -1,4 +1,13 @@
-"""LUC usage metering: durable meter events, task multipliers, tier allowances and overage, concurrency slots.
+"""Usage metering: durable meter events, task multipliers, tier allowances and overage, concurrency slots.
+
+Meters. Every event is on one meter of the pricing file (`meter`, default luc_tokens; Pricing.meter finds one by id
+or Stripe event name, else InvalidInput naming the field and the meters). A period's running total, its terms and
+its operation counters are per (customer, period, meter): a meter's terms are the period's tier with the meter's
+allowance and rate (LUC's are the tier's own). Only luc_tokens is weighted by the task multipliers. A `count` meter
+counts events (units 1 each); a `last` meter's total is its latest value by timestamp (`_last`: `last_at` on its
+totals row; an earlier-stamped event changes nothing, a later one replaces the value, and what an event costs is
+the rise of the period's charge, 0 when it falls); `sum` is LUC's arithmetic. Each event is stored with its
+meter's Stripe event name, which the flusher sends it under.
 
 Recording. `record` validates everything it can without data (units, operation or multiplier, identifier, Stripe's
 timestamp window, the customer), then hands the event to the one writer. Inside the writer's transaction the event

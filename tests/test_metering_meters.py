@@ -4,6 +4,7 @@ on a subscription and pay per use."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,23 @@ async def test_a_failed_last_value_gives_the_period_back_its_previous_latest_val
     summary = billing.metering.summary(customer, meter="storage_gb_hours")
 
     assert (summary.weighted_units, summary.events.failed, summary.overage_cost_cents) == (8_000, 1, 8)
+
+
+async def test_a_last_meters_month_summary_is_its_latest_value_and_ties_go_to_the_later_recorded(
+        billing: Billing) -> None:
+    customer = await billing.subscribe("p2p")
+    now = int(billing.sandbox.now())
+    await billing.record(customer, 5_000, meter="storage_gb_hours", timestamp=now)
+    tied = await billing.record(customer, 3_000, meter="storage_gb_hours", timestamp=now)
+    month = time.strftime("%Y-%m", time.gmtime(now))
+
+    summary = billing.metering.summary(customer, month, meter="storage_gb_hours")
+    current = billing.metering.summary(customer, meter="storage_gb_hours")
+
+    assert tied.period_usage == 3_000
+    assert (summary.weighted_units, summary.raw_units, summary.events.pending, summary.overage_cost_cents) == (
+        3_000, 3_000, 2, 45)  # P2P: 15 cents per 1,000 GB-hours
+    assert (current.weighted_units, current.raw_units, current.overage_cost_cents) == (3_000, 3_000, 45)
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------

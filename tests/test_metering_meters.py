@@ -306,3 +306,16 @@ async def test_http_takes_json_events_naming_their_meter_and_cloudevents_naming_
     assert [(r["identifier"], r["meter"], r["event_name"]) for r in stored] == [
         ("j1", "compute_seconds", "aims_compute_seconds"), ("j2", "storage_gb_hours", "aims_storage_gb_hours"),
         ("c1", "api_calls", "aims_api_calls"), ("c2", "api_calls", "aims_api_calls")]
+
+
+async def test_report_usage_has_a_row_per_customer_and_meter_used_this_period(billing: Billing) -> None:
+    from aims_billing_mcp.services.reports import usage_report
+
+    customer = await billing.subscribe("p2p")
+    await billing.record(customer, 1_000)
+    await billing.record(customer, 2_500, meter="compute_seconds")
+
+    lines = usage_report(billing.stack.store, billing.metering)
+
+    rows = [line.split() for line in lines if line.startswith(customer)]
+    assert [(row[2], row[3]) for row in rows] == [("luc_tokens", "1,000"), ("compute_seconds", "2,500")]

@@ -89,8 +89,9 @@ class Billing:
             for line in invoice["lines"]["data"]:
                 price = line["pricing"]["price_details"]["price"] if line.get("pricing") else None
                 recurring = (await self.stripe("get", f"/v1/prices/{price}"))["recurring"] if price else None
-                metered = recurring is not None and recurring["usage_type"] == "metered"
-                if metered and recurring["meter"] == stripe_meter and invoice["billing_reason"] != "subscription_create":
+                metered = (recurring is not None and recurring["usage_type"] == "metered"
+                           and recurring["meter"] == stripe_meter)
+                if metered and invoice["billing_reason"] != "subscription_create":
                     lines.append((line["period"]["start"], line["period"]["end"], line["quantity"], line["amount"]))
             if (invoice.get("metadata") or {}).get("aims_meter", "luc_tokens") != meter:
                 continue

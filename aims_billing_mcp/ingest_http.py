@@ -157,8 +157,12 @@ def from_cloudevent(event: Any, pricing: Pricing) -> dict[str, Any] | InvalidInp
     for name, what in (("subject", "the customer (cus_...)"), ("id", "the event's unique identifier")):
         if event.get(name) is None:
             return InvalidInput(f"{name} is required: it is {what}", param=name)
+    kind = event.get("type")
+    if not isinstance(kind, str) or not kind:
+        return InvalidInput(f"type is required: it names the meter ({', '.join(pricing.meters)}, or a meter's "
+                            "Stripe event name)", param="type")
     try:
-        meter = pricing.meter(event.get("type", ""), param="type")
+        meter = pricing.meter(kind, param="type")
     except InvalidInput as exc:
         return InvalidInput(f"type: {exc.message} (by id or Stripe event name)", param="type")
     data = event.get("data")

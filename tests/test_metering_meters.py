@@ -296,13 +296,16 @@ async def test_http_takes_json_events_naming_their_meter_and_cloudevents_naming_
             {**base, "id": "c1", "type": "api_calls", "data": {"units": 1}},
             {**base, "id": "c2", "type": "aims_api_calls", "data": {"units": 1}},
             {**base, "id": "c3", "type": "aims_api_calls", "data": {"units": 1, "meter": "luc_tokens"}},
-            {**base, "id": "c4", "type": "gpu_hours", "data": {"units": 1}}])
+            {**base, "id": "c4", "type": "gpu_hours", "data": {"units": 1}},
+            {**base, "id": "c5", "type": None, "data": {"units": 1}},  # a null type names no meter, not LUC's
+            {**base, "id": "c6", "data": {"units": 1}}])
         stored = server.state.store.query("SELECT identifier, meter, event_name FROM meter_events ORDER BY id")
 
     assert [r["status"] for r in plain.json()["results"]] == ["accepted", "accepted", "refused"]
     assert plain.json()["results"][2]["error"]["field"] == "units"
     assert [(r["status"], r["error"] and r["error"]["field"]) for r in cloud.json()["results"]] == [
-        ("accepted", None), ("accepted", None), ("refused", "data.meter"), ("refused", "type")]
+        ("accepted", None), ("accepted", None), ("refused", "data.meter"), ("refused", "type"), ("refused", "type"),
+        ("refused", "type")]
     assert [(r["identifier"], r["meter"], r["event_name"]) for r in stored] == [
         ("j1", "compute_seconds", "aims_compute_seconds"), ("j2", "storage_gb_hours", "aims_storage_gb_hours"),
         ("c1", "api_calls", "aims_api_calls"), ("c2", "api_calls", "aims_api_calls")]

@@ -13,6 +13,11 @@ it) or failed (Stripe can no longer take it: too old, refused by v1); sent -> fa
 validation refused it afterwards: `v1.billing.meter.error_report_triggered`). Failed is final. An event leaves its
 period's counted usage in the transaction that marks it failed, exactly once (counted states: pending and sent).
 
+Meters (migration 0018): every event carries its meter, and the running totals and operation counters are keyed by
+(customer, period start, meter); rows from before meters are `luc_tokens` (DEFAULT_METER). A `last` meter's total
+is its latest value (`last_at` its timestamp), not a sum: failing one of its events recounts the total from the
+latest event still counted (`_relast`) instead of subtracting.
+
 PostgreSQL (`PostgresMeteringStore`, issue 15): several instances write at once, each with several writer threads,
 at READ COMMITTED, so each read-decide-write takes what it needs from the database:
 - Recording: `find_events` first takes a transaction-scoped advisory lock per customer of the batch (`meter:<cus>`,

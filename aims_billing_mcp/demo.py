@@ -93,6 +93,15 @@ def _summary(content: dict[str, Any] | None) -> str:
         return f"{len(content['invoices'])} invoice(s), has_more={content['has_more']}"
     if "tiers" in content:
         return ", ".join(f"{t['id']} {t['monthly_price_display']}" for t in content["tiers"])
+    if "unit" in content and "aggregation" in content and content.get("meter") != "luc_tokens":  # another meter
+        return (f"{content['meter']} ({content['aggregation']}): {content['weighted_units']:,} {content['unit']}s of "
+                f"{content['allowance']:,} included, overage {content['overage_units']:,} = "
+                f"{content['overage_cost_cents']} cents")
+    if "totals" in content and "results" in content:
+        t = content["totals"]
+        codes = ", ".join(f"#{r['index']} {r['error']['field']}" for r in content["results"] if r.get("error"))
+        return f"{t['accepted']} accepted, {t['replayed']} replayed, {t['refused']} refused" + (
+            f" ({codes})" if codes else "")
     if "weighted_units" in content and "allowance" in content:
         used = content.get("period_usage", content["weighted_units"])
         if "identifier" not in content and "by_operation" not in content:  # a quote
@@ -124,6 +133,7 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             aims_billing_tools=[],
             aims_billing_read_only=False,
             aims_billing_acp_api_keys=[SecretStr(ACP_DEMO_KEY)],
+            aims_billing_ingest_keys=[SecretStr(INGEST_DEMO_KEY)],
             # the demo plays both sides on its own sandbox: the operator's secrets and endpoints are not its own
             stripe_webhook_secret=None,
             aims_billing_acp_signing_secret=None,
@@ -280,11 +290,14 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
                                               "identifier": "demo-0"}, lambda c: c.get("replayed") is True)
             await call("get_usage_summary", {"customer": values["customer"]},
                                  lambda c: (c.get("weighted_units"), c.get("overage_units")) == (230_000, 0))
+            # Meters beyond LUC tokens: a mixed batch through the tool and through HTTP, then each meter's summary.
+            mixed = await meters_batch(call, rows, server, values["customer"])
             start = time.perf_counter()
             flushed = await server.state.flusher.flush_once()  # type: ignore[union-attr]
             rows.append(Row("(flusher)", "deliver usage to Stripe meters",
                             f"{flushed.sent} events sent via {flushed.transport}, {flushed.pending} pending",
-                            (time.perf_counter() - start) * 1000, flushed.sent == len(burst) and not flushed.pending))
+                            (time.perf_counter() - start) * 1000,
+                            flushed.sent == len(burst) + mixed and not flushed.pending))
             await call("quote_usage", {"units": 20_000, "operation": "code", "customer": values["customer"]},
                        lambda c: (c.get("weighted_units"), c.get("overage_units"), c.get("cost_cents")) == (
                            30_000, 10_000, 1200))  # 20,000 still included, 10,000 over at 120 cents per 1,000
@@ -360,6 +373,43 @@ async def marketplace(call: Any, sandbox_step: Any, sandbox: Any, values: dict[s
     await call("get_creator_earnings", {"account": account},
                lambda c: [(e["gross"], e["platform_fees"], e["transferred"], e["reversed"])
                           for e in c.get("earnings", [])] == [(2000, 600, 1400, 350)])
+
+
+INGEST_DEMO_KEY = "demo-ingest-key"
+
+
+async def meters_batch(call: Any, rows: list[Row], server: Any, customer: str) -> int:
+    """Usage on the other meters: a mixed batch through create_meter_events, another through POST /v1/usage/events
+    (a CloudEvents batch, in process), then each meter's summary. Answers how many events were recorded."""
+    from .routes import build_companion_app
+    from .sandbox.asgi_client import call_asgi
+
+    await call("create_meter_events", {"events": [
+        {"customer": customer, "units": 30_000, "meter": "compute_seconds", "identifier": "demo-cpu-1"},
+        {"customer": customer, "units": 1, "meter": "api_calls", "identifier": "demo-call-1"},
+        {"customer": customer, "units": 1, "meter": "api_calls", "identifier": "demo-call-2"},
+        {"customer": customer, "units": 12_000, "meter": "storage_gb_hours", "identifier": "demo-gbh-1"},
+        {"customer": customer, "units": 5, "meter": "gpu_hours", "identifier": "demo-gpu-1"}]},
+        lambda c: [r.get("status") for r in c.get("results", [])] == ["accepted"] * 4 + ["refused"])
+    app = build_companion_app(lambda: server.state)
+    body = [{"specversion": "1.0", "source": "/demo/worker", "id": f"demo-ce-{n}", "subject": customer, "type": kind,
+             "data": {"units": units}} for n, (kind, units) in enumerate(
+                 [("compute_seconds", 80_000), ("api_calls", 1), ("storage_gb_hours", 40_000)])]
+    start = time.perf_counter()
+    raw, status, _ = await call_asgi(app, "POST", "http://demo/v1/usage/events", {
+        "Authorization": f"Bearer {INGEST_DEMO_KEY}", "Content-Type": "application/cloudevents-batch+json"},
+        json.dumps(body))
+    totals = json.loads(raw).get("totals", {})
+    rows.append(Row("(HTTP ingest)", "POST /v1/usage/events (3 CloudEvents)",
+                    f"{status}: {totals.get('accepted')} accepted, {totals.get('refused')} refused",
+                    (time.perf_counter() - start) * 1000, status == 200 and totals.get("accepted") == 3))
+    expected = {"compute_seconds": (110_000, 20_000, 120), "api_calls": (3, 0, 0),  # 6mo: 90,000 s included, 6/1,000
+                "storage_gb_hours": (40_000, 3_500, 35)}  # the last value; 36,500 included, 10 per 1,000
+    for meter, (used, over, cost) in expected.items():
+        await call("get_usage_summary", {"customer": customer, "meter": meter},
+                   lambda c, want=(used, over, cost): (c.get("weighted_units"), c.get("overage_units"),
+                                                       c.get("overage_cost_cents")) == want)
+    return 7
 
 
 async def acp_checkout(rows: list[Row], server: Any) -> None:

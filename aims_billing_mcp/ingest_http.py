@@ -8,8 +8,10 @@ accepted ones written in one group-committed job before the answer).
   or another key: 401, nothing stored; ingestion without configured keys: 403.
 - **Bodies**: a JSON array of events with create_meter_event's fields (`Content-Type: application/json`, or none),
   or a CloudEvents batch (`application/cloudevents-batch+json`): each CloudEvent's `subject` is the customer, `id`
-  the identifier, `time` (RFC 3339) the timestamp, `type` the meter (the pricing file's meter event name, or
-  `luc_tokens`), `data` the rest (`units`, `operation` or `multiplier`, `agent_id`, `metadata`). At most
+  the identifier, `time` (RFC 3339) the timestamp, `type` the meter (a meter id of the pricing file, e.g.
+  `luc_tokens` or `compute_seconds`, or its Stripe event name, e.g. `aims_luc_units`), `data` the rest (`units`,
+  `operation` or `multiplier`, `agent_id`, `metadata`). A JSON event names its meter in `meter` (default
+  `luc_tokens`). At most
   MAX_EVENTS events (else 413) and the body cap of http_guard's LIMITS table (413 before the body is read).
   JSON that is neither: 400; another media type: 415.
 - **Answer**: 200 with one result per event in order and totals, as the tool answers; a CloudEvent's refusal names
@@ -35,6 +37,7 @@ from .errors import BillingError, InvalidInput
 from .services.metering_models import MeterEventBatchResult
 
 if TYPE_CHECKING:
+    from .services.tiers import Pricing
     from .settings import Settings
     from .state import AppState
 
@@ -42,9 +45,8 @@ log = logging.getLogger(__name__)
 MAX_EVENTS = 1000
 JSON = "application/json"
 CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
-LUC_METER = "luc_tokens"
 _CE_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "data")
-_CE_FIELDS = {"customer": "subject", "identifier": "id", "timestamp": "time"}  # our field -> its CloudEvents name
+_CE_FIELDS = {"customer": "subject", "identifier": "id", "timestamp": "time", "meter": "type"}  # ours -> CloudEvents
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="aims-billing-ingest"'}
 
 
@@ -125,8 +127,7 @@ def ingest_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reques
             return _refusal(413, "too_many_events", f"{len(body)} events in one request; at most {MAX_EVENTS} are "
                             f"taken: split them into requests of {MAX_EVENTS}")
         cloud = media == CLOUDEVENTS_BATCH
-        meters = (state.pricing.meter_event_name, LUC_METER)
-        items = [from_cloudevent(item, meters) for item in body] if cloud else body
+        items = [from_cloudevent(item, state.pricing) for item in body] if cloud else body
         try:
             result = await state.metering.record_many(items, limit=MAX_EVENTS)
         except BillingError as exc:
@@ -142,7 +143,7 @@ def ingest_handler(get_state: Callable[[], AppState | None]) -> Callable[[Reques
     return handle
 
 
-def from_cloudevent(event: Any, meters: tuple[str, ...]) -> dict[str, Any] | InvalidInput:
+def from_cloudevent(event: Any, pricing: Pricing) -> dict[str, Any] | InvalidInput:
     """A CloudEvent (structured JSON, spec 1.0) as an event of ours, or the refusal naming its attribute."""
     if not isinstance(event, dict):
         return InvalidInput(f"a CloudEvent must be a JSON object, not {type(event).__name__}", param=None)
@@ -157,9 +158,13 @@ def from_cloudevent(event: Any, meters: tuple[str, ...]) -> dict[str, Any] | Inv
         if event.get(name) is None:
             return InvalidInput(f"{name} is required: it is {what}", param=name)
     kind = event.get("type")
-    if kind not in meters:
-        return InvalidInput(f"type {str(kind)[:60]!r} is not a meter of this server: use {' or '.join(meters)}",
-                            param="type")
+    if not isinstance(kind, str) or not kind:
+        return InvalidInput(f"type is required: it names the meter ({', '.join(pricing.meters)}, or a meter's "
+                            "Stripe event name)", param="type")
+    try:
+        meter = pricing.meter(kind, param="type")
+    except InvalidInput as exc:
+        return InvalidInput(f"type: {exc.message} (by id or Stripe event name)", param="type")
     data = event.get("data")
     if not isinstance(data, dict):
         return InvalidInput("data must be an object with units (and operation or multiplier, agent_id, metadata)",
@@ -167,7 +172,7 @@ def from_cloudevent(event: Any, meters: tuple[str, ...]) -> dict[str, Any] | Inv
     for ours, theirs in _CE_FIELDS.items():
         if ours in data:
             return InvalidInput(f"data.{ours} is not taken: a CloudEvent gives it as {theirs}", param=f"data.{ours}")
-    item: dict[str, Any] = {"customer": event["subject"], "identifier": event["id"], **data}
+    item: dict[str, Any] = {"customer": event["subject"], "identifier": event["id"], "meter": meter.id, **data}
     if "time" in event:
         when = event["time"]
         try:

@@ -160,7 +160,7 @@ async def test_http_takes_a_cloudevents_batch_and_names_cloudevents_attributes_i
         {**base, "id": "ce-2", "type": "luc_tokens", "subject": "cus_team", "data": {"units": 100}},
         {**base, "id": "ce-3", "data": {"units": 1}},  # no subject
         {**base, "subject": "cus_team", "data": {"units": 1}},  # no id
-        {**base, "id": "ce-5", "type": "compute_seconds", "subject": "cus_team", "data": {"units": 1}},  # unknown meter
+        {**base, "id": "ce-5", "type": "gpu_hours", "subject": "cus_team", "data": {"units": 1}},  # unknown meter
         {**base, "id": "ce-6", "subject": "cus_team", "data": {"units": 0}},
         {**base, "id": "ce-7", "subject": "cus_team", "time": "yesterday", "data": {"units": 1}},
         {**base, "id": "ce-8", "subject": "cus_team", "data": {"units": 1, "customer": "cus_other"}},

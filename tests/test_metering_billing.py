@@ -77,17 +77,24 @@ class Billing:
         item = sub["items"]["data"][0]
         return int(item["current_period_start"]), int(item["current_period_end"])
 
-    async def usage_lines(self, customer: str) -> list[tuple[int, int, int, int]]:
-        """Every metered line Stripe invoiced the customer: (period start, period end, quantity, amount)."""
+    async def usage_lines(self, customer: str, meter: str = "luc_tokens") -> list[tuple[int, int, int, int]]:
+        """Every line Stripe invoiced the customer for one meter's usage: (period start, period end, quantity,
+        amount): its metered price's lines, and P2P's invoice item lines."""
         invoices = (await self.stripe("get", "/v1/invoices", {"customer": customer, "limit": 100}))["data"]
+        event_name = self.metering._pricing.meters[meter].event_name
+        stripe_meter = next(m["id"] for m in (await self.stripe("get", "/v1/billing/meters", {"limit": 100}))["data"]
+                            if m["event_name"] == event_name)
         lines = []
         for invoice in invoices:
             for line in invoice["lines"]["data"]:
                 price = line["pricing"]["price_details"]["price"] if line.get("pricing") else None
-                metered = price is not None and (await self.stripe("get", f"/v1/prices/{price}"))["recurring"][
-                    "usage_type"] == "metered"
+                recurring = (await self.stripe("get", f"/v1/prices/{price}"))["recurring"] if price else None
+                metered = (recurring is not None and recurring["usage_type"] == "metered"
+                           and recurring["meter"] == stripe_meter)
                 if metered and invoice["billing_reason"] != "subscription_create":
                     lines.append((line["period"]["start"], line["period"]["end"], line["quantity"], line["amount"]))
+            if (invoice.get("metadata") or {}).get("aims_meter", "luc_tokens") != meter:
+                continue
             for line in invoice["lines"]["data"]:
                 if line["parent"] and line["parent"]["type"] == "invoice_item_details":
                     lines.append((line["period"]["start"], line["period"]["end"], line["quantity"], line["amount"]))

@@ -17,6 +17,7 @@ import pytest
 from aims_billing_mcp.store import PostgresStore, Tx
 from aims_billing_mcp.store.metering import (
     COUNTED,
+    DEFAULT_METER,
     TRANSITIONS,
     EventStatus,
     FlushRow,
@@ -31,6 +32,7 @@ from aims_billing_mcp.store.metering import (
 pytestmark = pytest.mark.anyio
 
 START, END = 1_764_547_200, 1_767_225_600  # a month
+LUC = DEFAULT_METER
 
 
 @dataclass
@@ -100,10 +102,11 @@ async def test_totals_are_set_to_absolute_values_and_keep_the_terms_of_their_fir
     later = PeriodTotalRow("cus_A", START, END, 2, 12, 12, "6mo", 9999, 1)
     await metering.write(lambda tx: metering.store.append(tx, [], [later], []))
 
-    loaded = await metering.write(lambda tx: metering.store.load_totals(tx, {("cus_A", START), ("cus_B", START)}))
+    loaded = await metering.write(lambda tx: metering.store.load_totals(
+        tx, {("cus_A", START, LUC), ("cus_B", START, LUC)}))
 
-    assert loaded == {("cus_A", START): PeriodTotalRow("cus_A", START, END, 2, 12, 12, "3mo", 1000, 150)}
-    assert metering.store.period_total("cus_A", START) == loaded[("cus_A", START)]
+    assert loaded == {("cus_A", START, LUC): PeriodTotalRow("cus_A", START, END, 2, 12, 12, "3mo", 1000, 150)}
+    assert metering.store.period_total("cus_A", START) == loaded[("cus_A", START, LUC)]
     assert metering.store.period_total("cus_B", START) is None
 
 
@@ -172,6 +175,33 @@ async def test_a_failed_event_leaves_its_counted_usage_once_and_is_never_sent_la
     assert [(f.reason, f.events, f.last_at) for f in metering.store.recent_failures(500, 10)] == [
         ("refused by Stripe: no such customer", 1, 99)]
     assert metering.store.unsettled_counts("cus_A", START) == {EventStatus.FAILED: 1, EventStatus.PENDING: 1}
+
+
+async def test_meters_keep_their_own_totals_and_a_failed_last_value_gives_back_the_latest_one_still_counted(
+        metering: Backend) -> None:
+    def gauge(identifier: str, value: int, at: int) -> MeterEventRow:
+        return event(identifier, units=value)._replace(timestamp=at, meter="storage", operation=None)
+
+    rows = [gauge("g1", 50, START + 10), gauge("g2", 80, START + 30), gauge("g3", 70, START + 20), event("e1", units=9)]
+    totals = [total(weighted=80)._replace(meter="storage", last_at=START + 30, events=3), total(weighted=9)]
+    operations = [OperationDelta("cus_A", START, "custom", 3, 0, 0, 0, 0, "storage"),
+                  OperationDelta("cus_A", START, "chat", 1, 9, 9, 0, 0)]
+    await metering.write(lambda tx: metering.store.append(tx, rows, totals, operations))
+    known = ids(metering)
+
+    await metering.write(lambda tx: metering.store.mark_failed(tx, [(known["g2"], "refused")], 99, attempted=True))
+    after_one = metering.store.period_total("cus_A", START, "storage")
+    await metering.write(lambda tx: metering.store.fail_reported(tx, [("cus_A:g3", "x"), ("cus_A:g1", "x")], 100))
+    after_all = metering.store.period_total("cus_A", START, "storage")
+
+    assert after_one is not None and (after_one.events, after_one.weighted_units, after_one.last_at) == (
+        2, 70, START + 20)  # g3: the latest by time still counted
+    assert after_all is not None and (after_all.events, after_all.weighted_units, after_all.last_at) == (
+        0, 0, START)
+    luc = metering.store.period_total("cus_A", START)
+    assert luc is not None and (luc.events, luc.weighted_units) == (1, 9)  # LUC's total untouched
+    assert [(r.operation, r.events) for r in metering.store.usage_by_operation("cus_A", START, "storage")] == [
+        ("custom", 0)]
 
 
 async def test_stripe_reported_events_fail_from_sent_by_the_identifier_stripe_knows_and_a_repeat_changes_nothing(
@@ -289,7 +319,7 @@ def record_job(identifier: str, units: int = 10) -> Callable[[Any, Tx], str]:
         metering = store.metering
         if metering.find_events(tx, {("cus_A", identifier)}):
             return "replayed"
-        before = metering.load_totals(tx, {("cus_A", START)}).get(("cus_A", START))
+        before = metering.load_totals(tx, {("cus_A", START, LUC)}).get(("cus_A", START, LUC))
         events, weighted = (before.events, before.weighted_units) if before else (0, 0)
         metering.append(tx, [event(identifier, units=units)],
                         [total(weighted=weighted + units, events=events + 1)],

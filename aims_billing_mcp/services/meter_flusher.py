@@ -26,7 +26,8 @@ for METER_CHECK_SECONDS); usage recording refuses unknown customers up front.
 
 P2P usage is not sent to the meter: the meter is what subscriptions' metered prices bill, by timestamp, so P2P
 usage stamped in the moment a subscription starts (before its webhook arrives) would be billed twice. It is billed
-on its own invoice once its period ends (`invoice_p2p`), and marked sent when the flush reaches it.
+on its own invoice once its period ends (`invoice_p2p`: one per meter used), and marked sent when the flush
+reaches it. Every other event goes to Stripe under its own meter's event name (stored with it when recorded).
 
 One flush at a time per flusher (a lock). On SQLite two processes flushing the same database may both send an event,
 which Stripe's identifier dedupe absorbs; on PostgreSQL every instance flushes and each batch is leased to one of
@@ -62,7 +63,7 @@ from ..errors import (
     StripeUnavailable,
 )
 from ..store import Store, Tx, utc_now
-from ..store.metering import FlushRow, OpenP2PPeriod, PendingEvent
+from ..store.metering import DEFAULT_METER, FlushRow, OpenP2PPeriod, PendingEvent
 from ..stripe_gateway import StripeRequest, StripeResult, StripeSessionExpired, stripe_idempotency_key
 from .metering import STRIPE_MAX_AGE
 from .metering_models import FlushReport
@@ -319,7 +320,7 @@ class MeterFlusher:
         metering = self._store.metering
         done = 0
         for row in metering.open_p2p_periods(now, limit=100):
-            if metering.period_has_pending(row.customer_id, row.period_start):
+            if metering.period_has_pending(row.customer_id, row.period_start, row.meter):
                 continue  # a pending event may yet fail; invoice what Stripe holds, once it is settled
             amount = cost_cents(max(0, row.weighted_units - (row.allowance or 0)), row.overage_rate or 0)
             invoice_id = row.invoice_id
@@ -327,33 +328,38 @@ class MeterFlusher:
                 invoice_id = await self._p2p_invoice(row, amount)
 
             def invoiced(tx: Tx, row: OpenP2PPeriod = row, invoice_id: str | None = invoice_id) -> None:
-                metering.mark_period_invoiced(tx, row.customer_id, row.period_start, invoice_id, now)
+                metering.mark_period_invoiced(tx, row.customer_id, row.period_start, invoice_id, now, row.meter)
 
             await self._store.write(invoiced)
             done += 1
         return done
 
     async def _p2p_invoice(self, row: OpenP2PPeriod, amount: int) -> str:
-        customer, start, end = row.customer_id, row.period_start, row.period_end
+        customer, start, end, meter = row.customer_id, row.period_start, row.period_end, row.meter
+        luc = meter == DEFAULT_METER
+        scope = f"{customer}:{start}" if luc else f"{customer}:{start}:{meter}"  # LUC's keys as they always were
         invoice_id = row.invoice_id
         if invoice_id is None:
             invoice = (await self._gateway.send(StripeRequest("post", "/v1/invoices", {
                 "customer": customer, "collection_method": "send_invoice", "days_until_due": 30,
                 "pending_invoice_items_behavior": "exclude", "currency": self._currency,
-                "description": f"LUC usage, pay per use: {rfc3339(start)[:10]} to {rfc3339(end)[:10]}",
-                "metadata": {"aims_usage_period_start": str(start), "aims_usage_period_end": str(end)},
-            }, stripe_idempotency_key("p2p_usage_invoice", f"{customer}:{start}")))).data
+                "description": f"{'LUC' if luc else meter} usage, pay per use: {rfc3339(start)[:10]} to "
+                               f"{rfc3339(end)[:10]}",
+                "metadata": {"aims_usage_period_start": str(start), "aims_usage_period_end": str(end),
+                             **({} if luc else {"aims_meter": meter})},
+            }, stripe_idempotency_key("p2p_usage_invoice", scope)))).data
             invoice_id = str(invoice["id"])
             created = invoice_id
-            await self._store.write(lambda tx: self._store.metering.set_period_invoice(tx, customer, start, created))
+            await self._store.write(lambda tx: self._store.metering.set_period_invoice(tx, customer, start, created,
+                                                                                       meter))
         else:
             invoice = (await self._gateway.send(StripeRequest("get", f"/v1/invoices/{invoice_id}"))).data
         if invoice["status"] == "draft":
             if not invoice["lines"]["data"]:
                 await self._gateway.send(StripeRequest("post", "/v1/invoiceitems", {
                     "customer": customer, "invoice": invoice_id, "amount": amount, "currency": self._currency,
-                    "description": f"{row.weighted_units:,} weighted LUC units at {row.overage_rate} cents per "
-                                   "1,000",
+                    "description": f"{row.weighted_units:,} {'weighted LUC' if luc else meter} units at "
+                                   f"{row.overage_rate} cents per 1,000",
                     "period": {"start": start, "end": end},
                 }, stripe_idempotency_key("p2p_usage_item", invoice_id)))
             await self._gateway.send(StripeRequest("post", f"/v1/invoices/{invoice_id}/finalize", {},

@@ -1,4 +1,13 @@
-"""LUC usage metering: durable meter events, task multipliers, tier allowances and overage, concurrency slots.
+"""Usage metering: durable meter events, task multipliers, tier allowances and overage, concurrency slots.
+
+Meters. Every event is on one meter of the pricing file (`meter`, default luc_tokens; Pricing.meter finds one by id
+or Stripe event name, else InvalidInput naming the field and the meters). A period's running total, its terms and
+its operation counters are per (customer, period, meter): a meter's terms are the period's tier with the meter's
+allowance and rate (LUC's are the tier's own). Only luc_tokens is weighted by the task multipliers. A `count` meter
+counts events (units 1 each); a `last` meter's total is its latest value by timestamp (`_last`: `last_at` on its
+totals row; an earlier-stamped event changes nothing, a later one replaces the value, and what an event costs is
+the rise of the period's charge, 0 when it falls); `sum` is LUC's arithmetic. Each event is stored with its
+meter's Stripe event name, which the flusher sends it under.
 
 Recording. `record` validates everything it can without data (units, operation or multiplier, identifier, Stripe's
 timestamp window, the customer), then hands the event to the one writer. Inside the writer's transaction the event
@@ -99,6 +108,7 @@ from .tiers import (
     DAY,
     MAX_MULTIPLIER_MILLI,
     MIN_MULTIPLIER_MILLI,
+    Meter,
     Pricing,
     Tier,
     UsagePeriod,
@@ -135,6 +145,7 @@ class _Draft:
     timestamp_given: bool
     agent_id: str | None
     metadata: str | None
+    meter: Meter
 
 
 @dataclass(slots=True)
@@ -154,6 +165,7 @@ class _Event:
     tier: Tier
     period_start: int
     period_end: int
+    meter: Meter
 
 
 @dataclass(slots=True)
@@ -168,6 +180,7 @@ class _Total:
     cost_cents: int = 0
     changed: bool = False
     terms: Tier | None = None  # the period's tier, allowance and rate, fixed by its first event
+    last_at: int | None = None  # a `last` meter's: the timestamp of the value the total holds
 
     def add(self, raw: int, weighted: int, overage: int, cost: int) -> None:
         self.events += 1
@@ -218,6 +231,29 @@ def _brief(row: MeterEventRow, replayed: bool) -> dict[str, Any]:
             "remaining": max(0, row.allowance - after), "error": None}
 
 
+def _last(total: _Total, event: _Event, terms: Tier) -> tuple[int, int, int]:
+    """A `last` meter's event: (the period's value after it, overage units and cents it adds). The period is billed
+    on its latest value by timestamp (a tie: the later recorded, as Stripe takes them in the order sent), so an event
+    stamped before the value the total holds changes nothing; a later one replaces the value. What it adds is the
+    rise of the period's overage and charge, 0 when it lowers them (the summary prices the value itself)."""
+    before = total.weighted_units
+    total.events += 1
+    total.changed = True
+    if total.last_at is not None and event.timestamp < total.last_at:
+        return before, 0, 0
+    after = event.weighted_units
+    total.raw_units, total.weighted_units, total.last_at = event.raw_units, after, event.timestamp
+    return after, *_rise(before, after, terms)
+
+
+def _rise(before: int, after: int, terms: Tier) -> tuple[int, int]:
+    """(overage units, cents) by which a `last` meter's period value going from `before` to `after` raises its
+    overage and charge (0 when it lowers them)."""
+    allowance, rate = terms.tokens_per_month, terms.overage_rate
+    over_before, over_after = max(0, before - allowance), max(0, after - allowance)
+    return max(0, over_after - over_before), max(0, cost_cents(over_after, rate) - cost_cents(over_before, rate))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -262,9 +298,19 @@ class MeteringService:
         return customer
 
     @staticmethod
-    def _units(units: Any) -> int:
+    def _units(units: Any, meter: Meter | None = None) -> int:
         if not _is_int(units):
-            raise InvalidInput(f"units must be a whole number of LUC units, not {units!r}", param="units")
+            raise InvalidInput(f"units must be a whole number of {meter.unit if meter else 'LUC unit'}s, not "
+                               f"{units!r}", param="units")
+        if meter is not None and meter.aggregation == "last" and units < 0:
+            raise InvalidInput(f"units is {units}: meter {meter.id} bills the last value reported in a period "
+                               f"(aggregation last), which cannot be negative: report the current total of "
+                               f"{meter.unit}s, 0 or more", param="units")
+        if meter is not None and meter.aggregation == "last" and units == 0:
+            return 0
+        if meter is not None and meter.aggregation == "count" and units != 1:
+            raise InvalidInput(f"units is {units}: meter {meter.id} counts events (aggregation count), each one "
+                               f"{meter.unit}: send units 1, one event per {meter.unit}", param="units")
         if units <= 0:
             raise InvalidInput(f"units is {units}: report a positive number of units (the tokens the operation used)",
                                param="units")
@@ -273,8 +319,13 @@ class MeteringService:
                                "several events", param="units")
         return int(units)
 
-    def _multiplier(self, operation: Any, multiplier: Any) -> tuple[str | None, int]:
-        """(operation, multiplier in milli): an operation type from the pricing, or an explicit multiplier, or 1.0x."""
+    def _multiplier(self, operation: Any, multiplier: Any, meter: Meter | None = None) -> tuple[str | None, int]:
+        """(operation, multiplier in milli): an operation type from the pricing, or an explicit multiplier, or 1.0x.
+        Only a weighted meter (luc_tokens) takes either."""
+        if meter is not None and not meter.weighted and (operation is not None or multiplier is not None):
+            raise InvalidInput(f"meter {meter.id} is not weighted by task multipliers (only luc_tokens is): leave "
+                               "operation and multiplier out", param="operation" if operation is not None
+                               else "multiplier")
         if operation is not None and multiplier is not None:
             raise InvalidInput("give operation or multiplier, not both: the operation's multiplier comes from the "
                                "pricing file", param="multiplier")
@@ -365,10 +416,11 @@ class MeteringService:
                                "not contain it")
         return period
 
-    def _terms(self, customer: str, period: UsagePeriod) -> Tier:
-        """The tier, allowance and rate of a period with no stored terms yet: the period's own (the customer's tier
-        when the period does not say)."""
-        return period.terms(self._tier_of(customer) if period.tier is None else period.tier)
+    def _terms(self, customer: str, period: UsagePeriod, meter: Meter) -> Tier:
+        """The tier, allowance and rate of a meter's period with no stored terms yet: the period's own tier (the
+        customer's when the period does not say) on the meter's terms, at rate 0 in a free (trial) period."""
+        tier = meter.terms(self._tier_of(customer) if period.tier is None else period.tier)
+        return tier.model_copy(update={"overage_rate": 0}) if period.free else tier
 
     def _stored_terms(self, tier: str | None, allowance: int | None, rate: int | None) -> Tier | None:
         """The terms a period's totals row was opened with (None for rows written before terms were kept)."""
@@ -382,13 +434,13 @@ class MeteringService:
             self._terms_cache[key] = terms
         return terms
 
-    def _opened(self, customer: str, period: UsagePeriod) -> tuple[Tier, int, int]:
-        """A period's terms and its counted usage (weighted units, events) from its totals row, read-only."""
-        row = self._store.metering.period_total(customer, period.start)
+    def _opened(self, customer: str, period: UsagePeriod, meter: Meter) -> tuple[Tier, int, int]:
+        """A meter's period: its terms and its counted usage (weighted units, events) from its totals row."""
+        row = self._store.metering.period_total(customer, period.start, meter.id)
         if row is None:
-            return self._terms(customer, period), 0, 0
+            return self._terms(customer, period, meter), 0, 0
         terms = self._stored_terms(row.tier, row.allowance, row.overage_rate)
-        return terms or self._terms(customer, period), row.weighted_units, row.events
+        return terms or self._terms(customer, period, meter), row.weighted_units, row.events
 
     # --- customers ---------------------------------------------------------------------------------------------
 
@@ -436,35 +488,38 @@ class MeteringService:
         timestamp: int | None = None,
         agent_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        meter: str | None = None,
     ) -> MeterEventResult:
         """Record one meter event durably; answer after COMMIT with the period's usage, allowance and overage."""
         now = self._clock()
-        draft = self._draft(now, customer, units, operation, multiplier, identifier, timestamp, agent_id, metadata)
+        draft = self._draft(now, customer, units, operation, multiplier, identifier, timestamp, agent_id, metadata,
+                            meter)
         await self._ensure_customer(draft.customer)
         event = self._event(draft, now, {})
         result: MeterEventResult = await self._store.write_item(self._apply, event)
         return result
 
     def _draft(self, now: float, customer: Any, units: Any, operation: Any, multiplier: Any, identifier: Any,
-               timestamp: Any, agent_id: Any, metadata: Any) -> _Draft:
+               timestamp: Any, agent_id: Any, metadata: Any, meter: Any = None) -> _Draft:
         """Everything about an event that needs no data: each field checked, naming it."""
         customer = self._customer(customer)
-        raw = self._units(units)
-        op, milli = self._multiplier(operation, multiplier)
+        kind = self._pricing.meter(meter)
+        raw = self._units(units, kind)
+        op, milli = self._multiplier(operation, multiplier, kind)
         ident = self._identifier(identifier)
         when = int(now) if timestamp is None else self._timestamp(timestamp, now)
         return _Draft(customer, raw, op, milli, ident, when, timestamp is not None, self._text(agent_id, "agent_id"),
-                      self._metadata(metadata))
+                      self._metadata(metadata), kind)
 
-    def _event(self, draft: _Draft, now: float, current: dict[str, tuple[UsagePeriod, Tier]]) -> _Event:
+    def _event(self, draft: _Draft, now: float, current: dict[tuple[str, str], tuple[UsagePeriod, Tier]]) -> _Event:
         """The event of a verified customer's draft: its period and terms, within the money ceiling. `current` keeps
-        each customer's current period and its terms across a batch: an event inside that period (every event
-        without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
-        customer, when = draft.customer, draft.timestamp
-        known = current.get(customer)
+        each customer's current period and its terms (per meter) across a batch: an event inside that period (every
+        event without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
+        customer, when, meter = draft.customer, draft.timestamp, draft.meter
+        known = current.get((customer, meter.id))
         if known is None:
             now_period = self._period(customer, int(now))
-            known = current[customer] = (now_period, self._terms(customer, now_period))
+            known = current[(customer, meter.id)] = (now_period, self._terms(customer, now_period, meter))
         now_period, terms = known
         if now_period.start <= when < now_period.end:
             period = now_period
@@ -476,13 +531,13 @@ class MeteringService:
                     "the subscription), so this usage could no longer be billed; record usage as it happens, or omit "
                     "timestamp to use now", param="timestamp")
             period = self._period(customer, when)
-            terms = self._terms(customer, period)
+            terms = self._terms(customer, period, meter)
         weighted = weighted_units(draft.raw_units, draft.multiplier_milli)
         self._ceiling.check(cost_cents(weighted, terms.overage_rate), self._pricing.currency, "units",
                             what="the most these units can cost, all at the overage rate")
         return _Event(draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
                       when, draft.timestamp_given, draft.agent_id, draft.metadata, terms, period.start, period.end,
-)
+                      meter)
 
     async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
         """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
@@ -509,7 +564,7 @@ class MeteringService:
                 unknown[customer] = verdict
             elif isinstance(verdict, BaseException):
                 raise verdict
-        current: dict[str, tuple[UsagePeriod, Tier]] = {}
+        current: dict[tuple[str, str], tuple[UsagePeriod, Tier]] = {}
         outcomes: list[_Event | BillingError] = []
         for draft in drafts:
             if isinstance(draft, _Draft):
@@ -557,7 +612,7 @@ class MeteringService:
         except ValidationError as exc:
             raise _input_error(exc) from None
         return self._draft(now, event.customer, event.units, event.operation, event.multiplier, event.identifier,
-                           event.timestamp, event.agent_id, event.metadata)
+                           event.timestamp, event.agent_id, event.metadata, event.meter)
 
     def _apply(self, tx: Tx, events: Sequence[_Event], brief: bool = False) -> list[Any]:
         """The writer side: replays and conflicts, running totals, then every new event and total in one append.
@@ -565,54 +620,61 @@ class MeteringService:
         building a thousand full results cost more than writing the events); conflicts are BillingErrors."""
         metering = self._store.metering
         stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
-        totals = self._load_totals(tx, {(e.customer, e.period_start) for e in events
+        totals = self._load_totals(tx, {(e.customer, e.period_start, e.meter.id) for e in events
                                         if (e.customer, e.identifier) not in stored})
-        by_operation: dict[tuple[str, int, str], _Total] = {}
+        by_operation: dict[tuple[str, int, str, str], _Total] = {}
         inserts: list[MeterEventRow] = []
         outcomes: list[Any] = []
         created_at = utc_now()
-        event_name = self._pricing.meter_event_name
         for event in events:
             prior = stored.get((event.customer, event.identifier))
             if prior is not None:
                 outcomes.append(self._replay(prior, event, brief))
                 continue
-            total = totals[(event.customer, event.period_start)]
+            meter = event.meter
+            total = totals[(event.customer, event.period_start, meter.id)]
             total.period_end = total.period_end or event.period_end
             total.terms = terms = total.terms or event.tier  # the period keeps the terms it was opened with
             before = total.weighted_units
-            overage, cost = marginal_overage(before, event.weighted_units, terms)
-            total.add(event.raw_units, event.weighted_units, overage, cost)
-            key = (event.customer, event.period_start, event.operation or CUSTOM)
+            if meter.aggregation == "last":
+                after, overage, cost = _last(total, event, terms)
+                counted = (0, 0, 0, 0)  # a gauge: its operation counters count events only
+            else:
+                after = before + event.weighted_units
+                overage, cost = marginal_overage(before, event.weighted_units, terms)
+                total.add(event.raw_units, event.weighted_units, overage, cost)
+                counted = (event.raw_units, event.weighted_units, overage, cost)
+            key = (event.customer, event.period_start, event.operation or CUSTOM, meter.id)
             operation = by_operation.get(key)
             if operation is None:
                 operation = by_operation[key] = _Total()
-            operation.add(event.raw_units, event.weighted_units, overage, cost)
+            operation.add(*counted)
             row = MeterEventRow(
                 event.identifier, event.customer, event.operation, event.multiplier_milli, event.raw_units,
                 event.weighted_units, event.agent_id, event.timestamp, event.metadata, terms.id, event.period_start,
-                event.period_end, before + event.weighted_units, terms.tokens_per_month, terms.overage_rate, overage,
-                cost, event_name, created_at, stripe_identifier(event.customer, event.identifier))
+                event.period_end, after, terms.tokens_per_month, terms.overage_rate, overage,
+                cost, meter.event_name, created_at, stripe_identifier(event.customer, event.identifier), meter.id)
             inserts.append(row)
             stored[(event.customer, event.identifier)] = row
             outcomes.append(_brief(row, False) if brief else self._result(row, replayed=False))
         if inserts:
             metering.append(tx, inserts, [
                 PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
-                               *((t.terms.id, t.terms.tokens_per_month, t.terms.overage_rate) if t.terms
-                                 else (None, None, None)))
-                for (customer, start), t in totals.items() if t.changed], [
-                OperationDelta(*key, t.events, t.raw_units, t.weighted_units, t.overage_units, t.cost_cents)
-                for key, t in by_operation.items()])
+                               t.terms.id if t.terms else None, t.terms.tokens_per_month if t.terms else None,
+                               t.terms.overage_rate if t.terms else None, meter, t.last_at)
+                for (customer, start, meter), t in totals.items() if t.changed], [
+                OperationDelta(customer, start, operation, t.events, t.raw_units, t.weighted_units, t.overage_units,
+                               t.cost_cents, meter)
+                for (customer, start, operation, meter), t in by_operation.items()])
         return outcomes
 
-    def _load_totals(self, tx: Tx, keys: set[tuple[str, int]]) -> dict[tuple[str, int], _Total]:
-        """The running totals of these (customer, period) pairs, read in the writer's transaction."""
-        totals: dict[tuple[str, int], _Total] = {}
+    def _load_totals(self, tx: Tx, keys: set[tuple[str, int, str]]) -> dict[tuple[str, int, str], _Total]:
+        """The running totals of these (customer, period, meter) keys, read in the writer's transaction."""
+        totals: dict[tuple[str, int, str], _Total] = {}
         if keys:
             for key, row in self._store.metering.load_totals(tx, keys).items():
                 totals[key] = _Total(period_end=row.period_end, events=row.events, raw_units=row.raw_units,
-                                     weighted_units=row.weighted_units,
+                                     weighted_units=row.weighted_units, last_at=row.last_at,
                                      terms=self._stored_terms(row.tier, row.allowance, row.overage_rate))
             for key in keys - totals.keys():
                 totals[key] = _Total()
@@ -620,6 +682,8 @@ class MeteringService:
 
     def _replay(self, prior: MeterEventRow, event: _Event, brief: bool = False) -> Any:
         differences = []
+        if prior.meter != event.meter.id:
+            differences.append(f"meter {prior.meter} vs {event.meter.id}")
         if prior.raw_units != event.raw_units:
             differences.append(f"units {prior.raw_units} vs {event.raw_units}")
         if prior.operation != event.operation or (
@@ -650,35 +714,44 @@ class MeteringService:
             period_end=row.period_end, period_usage=after, allowance=allowance, remaining=max(0, allowance - after),
             overage_units=row.overage_units, period_overage_units=period_overage, overage_rate=rate,
             cost_cents=row.cost_cents, period_overage_cost_cents=cost_cents(period_overage, rate),
-            currency=self._pricing.currency, replayed=replayed,
+            currency=self._pricing.currency, replayed=replayed, meter=row.meter,
         )
 
     # --- reads -------------------------------------------------------------------------------------------------
 
-    def summary(self, customer: str, period: str = "current") -> UsageSummary:
-        """Usage by operation type, totals, allowance, overage and event statuses for one period (read-only).
+    def meters(self) -> list[str]:
+        """The pricing file's meter ids, luc_tokens first."""
+        return list(self._pricing.meters)
+
+    def summary(self, customer: str, period: str = "current", meter: str | None = None) -> UsageSummary:
+        """A meter's usage (luc_tokens by default) by operation type, totals, allowance, overage and event statuses
+        for one period (read-only).
 
         `current`: the customer's current usage period, from its running totals. `YYYY-MM`: the events whose
-        timestamps fall in that UTC calendar month, on the terms (tier, allowance, rate) of the latest of them."""
+        timestamps fall in that UTC calendar month, on the terms (tier, allowance, rate) of the latest of them (a
+        `last` meter: the latest event's value)."""
         customer = self._customer(customer)
+        kind = self._pricing.meter(meter)
         if not isinstance(period, str):
             raise InvalidInput("period must be `current` or YYYY-MM", param="period")
         counted: int | None = None
         if period.strip().lower() == "current":
             period = "current"
             current = self._period(customer, int(self._clock()))
-            terms, counted, _ = self._opened(customer, current)
+            terms, counted, _ = self._opened(customer, current, kind)
             allowance, rate, tier_id = terms.tokens_per_month, terms.overage_rate, terms.id
             start, end = current.start, current.end
-            rows = self._store.metering.usage_by_operation(customer, start)
-            counts = self._store.metering.unsettled_counts(customer, start)
+            rows = self._store.metering.usage_by_operation(customer, start, kind.id)
+            counts = self._store.metering.unsettled_counts(customer, start, kind.id)
         else:
-            tier = self._tier_of(customer)
+            tier = kind.terms(self._tier_of(customer))
             allowance, rate, tier_id = tier.tokens_per_month, tier.overage_rate, tier.id
             start, end = month_bounds(period.strip())
-            rows = self._store.metering.month_usage(customer, start, end, CUSTOM)
+            rows = self._store.metering.month_usage(customer, start, end, CUSTOM, kind.id)
             counts = {EventStatus.PENDING: sum(row.pending for row in rows),
                       EventStatus.FAILED: sum(row.failed for row in rows)}
+            if kind.aggregation == "last":  # the month is billed on its latest value, not a sum
+                counted = self._store.metering.latest_value(customer, start, end, kind.id) or 0
             if rows:  # a past month: the terms its latest event was recorded under
                 latest = self._store.metering.event_terms(max(row.last_id for row in rows))
                 if latest is not None and latest.tier is not None:
@@ -689,16 +762,19 @@ class MeteringService:
         pending, failed = counts.get(EventStatus.PENDING, 0), counts.get(EventStatus.FAILED, 0)
         overage_units = sum(row.overage_units for row in rows)
         overage_cost = sum(row.cost_cents for row in rows)
-        if counted is not None:  # the current period: what Stripe bills, from the counted total (no failed events)
+        if counted is not None:  # what Stripe bills, from the counted total (no failed events)
+            if period == "current":
+                events = sum(row.events for row in rows) + failed
             weighted = counted
             overage_units = max(0, counted - allowance)
             overage_cost = cost_cents(overage_units, rate)
-            events = sum(row.events for row in rows) + failed
         return UsageSummary(
-            customer=customer, period=period, period_start=start, period_end=end, tier=tier_id,
+            customer=customer, period=period, period_start=start, period_end=end, tier=tier_id, meter=kind.id,
+            unit=kind.unit, aggregation=kind.aggregation,
             by_operation=[OperationUsage(operation=row.operation, events=row.events, raw_units=row.raw_units,
                                          weighted_units=row.weighted_units) for row in rows],
-            raw_units=sum(row.raw_units for row in rows), weighted_units=weighted, allowance=allowance,
+            raw_units=weighted if kind.aggregation == "last" else sum(row.raw_units for row in rows),
+            weighted_units=weighted, allowance=allowance,
             remaining=max(0, allowance - weighted), overage_units=overage_units,
             overage_cost_cents=overage_cost, overage_rate=rate,
             currency=self._pricing.currency,
@@ -707,21 +783,26 @@ class MeteringService:
 
     def quote(
         self, units: int, *, operation: str | None = None, multiplier: float | str | None = None,
-        customer: str | None = None,
+        customer: str | None = None, meter: str | None = None,
     ) -> UsageQuote:
-        """Weighted units and the marginal cost of this usage now (the P2P rate without a customer); writes nothing."""
-        raw = self._units(units)
-        op, milli = self._multiplier(operation, multiplier)
+        """Weighted units and the marginal cost of this usage now (the P2P rate without a customer); writes nothing.
+        A count meter's units are that many events; a `last` meter's, the value the period would then hold."""
+        kind = self._pricing.meter(meter)
+        raw = self._units(units, kind if kind.aggregation == "last" else None)
+        op, milli = self._multiplier(operation, multiplier, kind)
         weighted = weighted_units(raw, milli)
         used = 0
         if customer is not None:
             customer = self._customer(customer)
-            tier, used, _ = self._opened(customer, self._period(customer, int(self._clock())))
+            tier, used, _ = self._opened(customer, self._period(customer, int(self._clock())), kind)
         else:
-            tier = self._pricing.p2p
-        overage, cost = marginal_overage(used, weighted, tier)
+            tier = kind.terms(self._pricing.p2p)
+        if kind.aggregation == "last":
+            overage, cost = _rise(used, weighted, tier)
+        else:
+            overage, cost = marginal_overage(used, weighted, tier)
         return UsageQuote(
-            customer=customer, tier=tier.id, operation=op, multiplier=milli / 1000, raw_units=raw,
+            customer=customer, tier=tier.id, operation=op, multiplier=milli / 1000, raw_units=raw, meter=kind.id,
             weighted_units=weighted, period_usage=used, allowance=tier.tokens_per_month,
             remaining=max(0, tier.tokens_per_month - used), overage_units=overage, overage_rate=tier.overage_rate,
             cost_cents=cost, currency=self._pricing.currency,

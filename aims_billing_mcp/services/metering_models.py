@@ -33,6 +33,7 @@ class MeterEventResult(BaseModel):
     period_overage_cost_cents: int
     currency: str
     replayed: bool = Field(default=False, description="true when the identifier was already recorded: the first result")
+    meter: str = Field(default="luc_tokens", description="The meter the usage was recorded on")
 
 
 class OperationUsage(BaseModel):
@@ -54,6 +55,10 @@ class UsageSummary(BaseModel):
     period_start: int
     period_end: int
     tier: str
+    meter: str = Field(description="The meter summarised (luc_tokens unless asked)")
+    unit: str = Field(description="What one unit of the meter is")
+    aggregation: Literal["sum", "count", "last"] = Field(
+        description="How Stripe bills the period: sum of units, count of events, or the last value reported")
     by_operation: list[OperationUsage]
     raw_units: int
     weighted_units: int
@@ -69,6 +74,7 @@ class UsageSummary(BaseModel):
 class UsageQuote(BaseModel):
     customer: str | None
     tier: str
+    meter: str = Field(description="The meter priced")
     operation: str | None
     multiplier: float
     raw_units: int
@@ -138,7 +144,11 @@ class MeterEventInput(BaseModel):
 
     # the published bounds are create_meter_event's; the service checks them, with its own words for each field
     customer: str = Field(json_schema_extra={"minLength": 1, "maxLength": 255, "description": "Customer (cus_...)"})
-    units: int = Field(json_schema_extra={"minimum": 1, "maximum": 10**12, "description": "Raw units used"})
+    units: int = Field(json_schema_extra={"minimum": 0, "maximum": 10**12, "description": "Raw units used (a "
+                                          "count meter: 1; a `last` meter: the value now, 0 allowed)"})
+    meter: str | None = Field(default=None, json_schema_extra={
+        "maxLength": 100, "description": "The meter: luc_tokens (default), compute_seconds, api_calls, "
+        "storage_gb_hours, or another of the pricing file's meters (by id or Stripe event name)"})
     operation: str | None = Field(default=None, json_schema_extra={
         "maxLength": 64, "description": "Operation type (the pricing file's multipliers); or give multiplier"})
     multiplier: float | None = Field(default=None, json_schema_extra={

@@ -181,7 +181,7 @@ class PrepaidSubscriptions:
             row, moved = await self._claimed(row.id)
             if not moved:
                 return row
-        prices: tuple[str, str | None] | None = None
+        prices: tuple[str, dict[str, str]] | None = None
         if row.status is S.CLAIMED:
             txn = None if fresh else await self._existing_credit(row)  # an earlier attempt's, its answer lost
             if txn is None:
@@ -238,11 +238,11 @@ class PrepaidSubscriptions:
         return lambda tx: store.lease(tx, row.id, now, row.starts_at, utc_iso(clock()))
 
     async def _create_subscription(self, row: PrepaidRow, tier: Tier, price: str,
-                                   overage: str | None) -> dict[str, Any]:
+                                   overage: dict[str, str]) -> dict[str, Any]:
         starts_at = int(row.starts_at or 0)
         params: dict[str, Any] = {
             "customer": row.customer_id,
-            "items": [{"price": price, "quantity": 1}] + ([{"price": overage}] if overage else []),
+            "items": [{"price": price, "quantity": 1}] + [{"price": metered} for metered in overage.values()],
             "collection_method": "send_invoice", "days_until_due": DAYS_UNTIL_DUE,
             "metadata": {TIER_METADATA: tier.id, "aims_commitment_months": str(tier.commitment_months),
                          "aims_delivered_months": str(tier.delivered_months), PREPAID_METADATA: row.id,

@@ -10,6 +10,7 @@ from ..store import Store
 from ..store.prepaid import PrepaidRow
 from .ledger import LedgerService
 from .metering import MeteringService
+from .tiers import LUC_METER
 from .x402 import X402Service
 
 
@@ -49,17 +50,20 @@ def ledger_counts(store: Store) -> dict[str, int]:
 
 
 def usage_report(store: Store, metering: MeteringService, customer: str | None = None) -> list[str]:
-    """Per customer with recorded usage: tier, usage this period, allowance, overage and its cost, and what is still
-    waiting to reach Stripe."""
+    """Per customer with recorded usage and per meter (LUC tokens always, the others when used this period): tier,
+    usage this period, allowance, overage and its cost, and what is still waiting to reach Stripe."""
     rows = []
     for who in store.reports.usage_customers(customer):
-        s = metering.summary(who, "current")
-        rows.append((who, s.tier, s.weighted_units, s.allowance, s.overage_units, format_amount(s.overage_cost_cents,
-                     s.currency), s.events.pending, s.events.failed))
+        for meter in metering.meters():
+            s = metering.summary(who, "current", meter)
+            if s.events.pending + s.events.sent + s.events.failed == 0 and meter != LUC_METER:
+                continue
+            rows.append((who, s.tier, s.meter, s.weighted_units, s.allowance, s.overage_units,
+                         format_amount(s.overage_cost_cents, s.currency), s.events.pending, s.events.failed))
     if not rows:
         return ["no usage recorded" + (f" for {customer}" if customer else "")]
-    return table(("customer", "tier", "used", "allowance", "overage", "overage cost", "pending to Stripe", "failed"),
-                 rows)
+    return table(("customer", "tier", "meter", "used", "allowance", "overage", "overage cost", "pending to Stripe",
+                  "failed"), rows)
 
 
 def receipts_report(x402: X402Service, limit: int = 50) -> list[str]:

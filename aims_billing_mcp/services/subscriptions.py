@@ -33,7 +33,16 @@ from .subscriptions_models import (
     TierInfo,
     TierList,
 )
-from .tiers import TIER_METADATA, Pricing, Tier, UsagePeriod, add_months, calendar_month_of, trial_days
+from .tiers import (
+    LUC_METER,
+    TIER_METADATA,
+    Pricing,
+    Tier,
+    UsagePeriod,
+    add_months,
+    calendar_month_of,
+    trial_days,
+)
 
 PROVISION_CACHE_SECONDS = 5.0
 PROVISION_CACHE_SIZE = 10_000
@@ -67,20 +76,23 @@ class SubscriptionService:
 
     async def _found_prices(self, tiers: list[Tier], *, overage: bool = False) -> dict[str, str]:
         """Price ids by lookup key: the monthly prices of tiers whose STRIPE_PRICE_* is not set (setup-stripe ran,
-        .env not updated), and with `overage` their metered overage prices."""
-        keys = [tier.lookup_key for tier in tiers] + ([tier.overage_lookup_key for tier in tiers] if overage else [])
+        .env not updated), and with `overage` their metered overage prices (one per meter)."""
+        keys = [tier.lookup_key for tier in tiers] + ([meter.overage_lookup_key(tier) for tier in tiers
+                                                       for meter in self._pricing.meters.values()] if overage else [])
         if not keys:
             return {}
         page = await self._gateway.send(StripeRequest("get", "/v1/prices", {"lookup_keys": keys, "active": True,
                                                                             "limit": 100}))
         return {p["lookup_key"]: p["id"] for p in page.data.get("data", []) if p.get("lookup_key")}
 
-    async def prices_for(self, tier: Tier) -> tuple[str, str | None]:
-        """The tier's monthly price and its metered overage price (None when setup-stripe predates metering)."""
+    async def prices_for(self, tier: Tier) -> tuple[str, dict[str, str]]:
+        """The tier's monthly price and its metered overage prices by meter id (those setup-stripe created: none
+        when it predates metering, LUC's alone when it predates meters)."""
         found = await self._found_prices([tier], overage=True)
         monthly = self._settings.price_id_for(tier.price_env) or found.get(tier.lookup_key)
         if monthly:
-            return monthly, found.get(tier.overage_lookup_key)
+            return monthly, {meter.id: found[meter.overage_lookup_key(tier)] for meter in self._pricing.meters.values()
+                             if meter.overage_lookup_key(tier) in found}
         raise ConfigurationError(
             f"tier {tier.id} has no Stripe price: run `aims-billing-mcp setup-stripe` (it creates the prices and "
             f"prints {tier.price_env}=price_...), then set {tier.price_env}",
@@ -129,7 +141,7 @@ class SubscriptionService:
         trial = trial_days(int(time.time()), chosen.free_months) if chosen.free_months else None
         params = compact({
             "mode": "subscription",
-            "line_items": [{"price": price, "quantity": 1}] + ([{"price": overage}] if overage else []),
+            "line_items": [{"price": price, "quantity": 1}] + [{"price": metered} for metered in overage.values()],
             "customer": customer, "customer_email": customer_email, "client_reference_id": customer,
             "success_url": success_url, "cancel_url": cancel_url, "metadata": metadata,
             "subscription_data": compact({"metadata": metadata, "trial_period_days": trial}),
@@ -138,7 +150,8 @@ class SubscriptionService:
         def project(session: dict[str, Any]) -> dict[str, Any]:
             return {"checkout_session": {
                 "id": session["id"], "url": session.get("url"), "tier": chosen.id, "customer": customer,
-                "customer_email": customer_email, "price": price, "overage_price": overage, "trial_days": trial or 0,
+                "customer_email": customer_email, "price": price, "overage_price": overage.get(LUC_METER),
+                "trial_days": trial or 0,
                 "expires_at": session.get("expires_at")}}
 
         await self._ceiling.check_line_items(self._gateway, params["line_items"], "tier")

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import InvalidInput, UnknownTier
 
@@ -124,6 +124,50 @@ class Item(BaseModel):
         return self.fulfil == "subscribe"
 
 
+LUC_METER = "luc_tokens"  # the meter of every event that names none: LUC tokens, priced by the tiers themselves
+Aggregation = Literal["sum", "count", "last"]
+
+
+class MeterTerms(BaseModel):
+    """What one tier includes of a meter per period, and the rate beyond it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    included: int = Field(ge=0, description="Units included per usage period")
+    rate: int = Field(ge=0, description="Cents per 1,000 units beyond `included`")
+
+
+class Meter(BaseModel):
+    """A usage meter (pricing.toml `[meters.<id>]`): the Stripe meter its events go to, how Stripe aggregates them in
+    a period (sum of values, count of events, or the last value), its unit, and per tier the units included and the
+    overage rate in cents per 1,000 units. `luc_tokens` takes its terms from the tiers (tokens_per_month,
+    overage_rate) and is the only meter the task multipliers weigh."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    event_name: str = Field(pattern=r"^[a-z0-9_]{1,100}$", description="The Stripe billing meter's event name")
+    aggregation: Aggregation = "sum"
+    unit: str = Field(min_length=1, max_length=64)
+    display_name: str = Field(default="", max_length=250)
+    weighted: bool = Field(default=False, description="Task multipliers apply (luc_tokens only)")
+    tiers: dict[str, MeterTerms] = Field(default_factory=dict, description="Tier id -> included units and rate")
+
+    def terms(self, tier: Tier) -> Tier:
+        """The tier with this meter's allowance and rate in place of LUC's (a period's terms are a Tier)."""
+        if self.id == LUC_METER:
+            return tier
+        own = self.tiers.get(tier.id)
+        if own is None:  # a tier of stored terms no longer in the file: nothing included, P2P's rate
+            own = self.tiers.get("p2p", MeterTerms(included=0, rate=0))
+            own = own.model_copy(update={"included": 0})
+        return tier.model_copy(update={"tokens_per_month": own.included, "overage_rate": own.rate})
+
+    def overage_lookup_key(self, tier: Tier) -> str:
+        """The lookup key of the tier's metered price on this meter (LUC's keeps the key it always had)."""
+        return tier.overage_lookup_key if self.id == LUC_METER else f"aims_tier_{tier.id}_{self.id}_overage"
+
+
 MIN_MULTIPLIER_MILLI, MAX_MULTIPLIER_MILLI = 1000, 3000
 
 
@@ -161,6 +205,7 @@ class Pricing(BaseModel):
     meter_event_name: str = Field(default="aims_luc_units", pattern=r"^[a-z0-9_]{1,100}$")
     multipliers: dict[str, int] = Field(default_factory=dict, description="Operation type -> multiplier in milli")
     items: dict[str, Item] = Field(default_factory=dict, description="Sellable items by id")
+    meters: dict[str, Meter] = Field(default_factory=dict, description="Usage meters by id (luc_tokens first)")
 
     @model_validator(mode="after")
     def _multipliers_in_range(self) -> Pricing:
@@ -181,7 +226,48 @@ class Pricing(BaseModel):
             "meter_event_name": data.get("metering", {}).get("event_name", "aims_luc_units"),
             "multipliers": {op: to_milli(value) for op, value in data.get("multipliers", {}).items()},
             "items": {key: _item(key, value, data.get("tiers", {})) for key, value in data.get("items", {}).items()},
+            "meters": _meters(data),
         })
+
+    @model_validator(mode="after")
+    def _meters_complete(self) -> Pricing:
+        if LUC_METER not in self.meters:  # a file from before meters: LUC's meter, as it always was
+            self.meters = {LUC_METER: _luc_meter(self.meter_event_name), **self.meters}
+        luc = self.meters[LUC_METER]
+        if luc.tiers or not luc.weighted or luc.aggregation != "sum":
+            raise ValueError("meters.luc_tokens: its allowance and rate are the tiers' tokens_per_month and "
+                             "overage_rate, it is weighted and sums: remove its tiers, weighted and aggregation")
+        self.meter_event_name = luc.event_name
+        names: dict[str, str] = {}
+        for meter in self.meters.values():
+            if meter.event_name in names:
+                raise ValueError(f"meters {names[meter.event_name]} and {meter.id} share the Stripe event name "
+                                 f"{meter.event_name!r}: each meter needs its own")
+            names[meter.event_name] = meter.id
+            if meter.id == LUC_METER:
+                continue
+            if meter.weighted:
+                raise ValueError(f"meters.{meter.id}: only luc_tokens is weighted by the task multipliers")
+            missing = [tier for tier in self.tiers if tier not in meter.tiers]
+            extra = [tier for tier in meter.tiers if tier not in self.tiers]
+            if missing or extra:
+                raise ValueError(f"meters.{meter.id}.tiers must give included and rate for every tier ("
+                                 f"{', '.join(self.tiers)})" + (f"; missing: {', '.join(missing)}" if missing else "")
+                                 + (f"; not tiers of this file: {', '.join(extra)}" if extra else ""))
+        return self
+
+    def meter(self, name: Any, *, param: str = "meter") -> Meter:
+        """A meter by its id or its Stripe event name; InvalidInput naming `param` and the known meters otherwise."""
+        if name is None:
+            return self.meters[LUC_METER]
+        if isinstance(name, str):
+            wanted = name.strip().lower()
+            found = self.meters.get(wanted) or next(
+                (m for m in self.meters.values() if m.event_name == wanted), None)
+            if found is not None:
+                return found
+        known = ", ".join(f"{m.id} ({m.aggregation} of {m.unit}s)" for m in self.meters.values())
+        raise InvalidInput(f"unknown meter {str(name)[:64]!r}: the meters are {known}", param=param)
 
     @model_validator(mode="after")
     def _has_p2p(self) -> Pricing:
@@ -233,6 +319,24 @@ def _item(key: str, value: dict[str, Any], tiers: dict[str, Any]) -> dict[str, A
     if isinstance(tier, dict) and "unit_price" not in item:
         item["unit_price"] = int(tier.get("monthly_price", 0)) * int(tier.get("commitment_months", 0))
     return item
+
+
+def _luc_meter(event_name: str) -> Meter:
+    return Meter(id=LUC_METER, event_name=event_name, unit="weighted LUC unit", display_name="AIMS LUC units",
+                 weighted=True)
+
+
+def _meters(data: dict[str, Any]) -> dict[str, Any]:
+    """The `[meters.<id>]` tables with their ids; luc_tokens' event name defaults to `[metering] event_name`."""
+    legacy = data.get("metering", {}).get("event_name", "aims_luc_units")
+    meters: dict[str, Any] = {}
+    for key, value in data.get("meters", {}).items():
+        meter = {"id": key, **value} if isinstance(value, dict) else value
+        if key == LUC_METER and isinstance(meter, dict):
+            meter = {"event_name": legacy, "unit": "weighted LUC unit", "display_name": "AIMS LUC units",
+                     "weighted": True, **meter}
+        meters[key] = meter
+    return meters
 
 
 def add_months(epoch: int, months: int) -> int:

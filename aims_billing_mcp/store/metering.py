@@ -13,6 +13,11 @@ it) or failed (Stripe can no longer take it: too old, refused by v1); sent -> fa
 validation refused it afterwards: `v1.billing.meter.error_report_triggered`). Failed is final. An event leaves its
 period's counted usage in the transaction that marks it failed, exactly once (counted states: pending and sent).
 
+Meters (migration 0018): every event carries its meter, and the running totals and operation counters are keyed by
+(customer, period start, meter); rows from before meters are `luc_tokens` (DEFAULT_METER). A `last` meter's total
+is its latest value (`last_at` its timestamp), not a sum: failing one of its events recounts the total from the
+latest event still counted (`_relast`) instead of subtracting.
+
 PostgreSQL (`PostgresMeteringStore`, issue 15): several instances write at once, each with several writer threads,
 at READ COMMITTED, so each read-decide-write takes what it needs from the database:
 - Recording: `find_events` first takes a transaction-scoped advisory lock per customer of the batch (`meter:<cus>`,
@@ -64,6 +69,7 @@ TRANSITIONS: dict[EventStatus, frozenset[EventStatus]] = {
     EventStatus.FAILED: frozenset(),
 }
 COUNTED = frozenset({EventStatus.PENDING, EventStatus.SENT})  # in their period's totals; failed ones are not
+DEFAULT_METER = "luc_tokens"  # the meter of rows written before meters (the migration's column default)
 
 
 def sources(target: EventStatus, *wanted: EventStatus) -> tuple[EventStatus, ...]:
@@ -101,10 +107,13 @@ class MeterEventRow(NamedTuple):
     event_name: str
     created_at: str
     stripe_identifier: str
+    meter: str = DEFAULT_METER
 
 
 class PeriodTotalRow(NamedTuple):
-    """A usage period's running total (`meter_usage_totals`) and the terms it was opened with (None: not yet)."""
+    """A usage period's running total of one meter (`meter_usage_totals`) and the terms it was opened with (None:
+    not yet). A `last` meter's total is its latest value, `last_at` that value's timestamp (None for other meters:
+    failing an event subtracts it from a total without one, and recomputes the latest value of one with it)."""
 
     customer_id: str
     period_start: int
@@ -115,6 +124,8 @@ class PeriodTotalRow(NamedTuple):
     tier: str | None
     allowance: int | None
     overage_rate: int | None
+    meter: str = DEFAULT_METER
+    last_at: int | None = None
 
 
 class OperationDelta(NamedTuple):
@@ -128,6 +139,7 @@ class OperationDelta(NamedTuple):
     weighted_units: int
     overage_units: int
     cost_cents: int
+    meter: str = DEFAULT_METER
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +216,7 @@ class OpenP2PPeriod:
     allowance: int | None
     overage_rate: int | None
     invoice_id: str | None
+    meter: str = DEFAULT_METER
 
 
 # --- the seam ---------------------------------------------------------------------------------------------------
@@ -217,8 +230,8 @@ class MeteringStore(Protocol):
         """The stored events of these (customer, identifier) pairs; an identifier is its customer's own."""
         ...
 
-    def load_totals(self, tx: Tx, keys: set[tuple[str, int]]) -> dict[tuple[str, int], PeriodTotalRow]:
-        """The running totals of these (customer, period start) pairs that exist, read in the transaction."""
+    def load_totals(self, tx: Tx, keys: set[tuple[str, int, str]]) -> dict[tuple[str, int, str], PeriodTotalRow]:
+        """The running totals of these (customer, period start, meter) keys that exist, read in the transaction."""
         ...
 
     def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
@@ -236,21 +249,29 @@ class MeteringStore(Protocol):
         """True if the customer was verified before or holds a subscription provision."""
         ...
 
-    def period_total(self, customer: str, period_start: int) -> PeriodTotalRow | None:
-        """One period's running total, or None before its first event."""
+    def period_total(self, customer: str, period_start: int,
+                     meter: str = DEFAULT_METER) -> PeriodTotalRow | None:
+        """One period's running total of a meter, or None before its first event."""
         ...
 
-    def usage_by_operation(self, customer: str, period_start: int) -> list[OperationUsageRow]:
-        """A period's counters per operation, ordered by operation (failed events taken out)."""
+    def usage_by_operation(self, customer: str, period_start: int,
+                           meter: str = DEFAULT_METER) -> list[OperationUsageRow]:
+        """A period's counters of a meter per operation, ordered by operation (failed events taken out)."""
         ...
 
-    def unsettled_counts(self, customer: str, period_start: int) -> dict[EventStatus, int]:
-        """How many of a period's events are pending and failed (missing: none)."""
+    def unsettled_counts(self, customer: str, period_start: int,
+                         meter: str = DEFAULT_METER) -> dict[EventStatus, int]:
+        """How many of a period's events of a meter are pending and failed (missing: none)."""
         ...
 
-    def month_usage(self, customer: str, start: int, end: int, custom: str) -> list[OperationUsageRow]:
-        """The events stamped in [start, end) per operation (`custom` for none): failed ones counted in `events`
-        and `failed`, not in units or cost; `last_id` the newest event of each."""
+    def month_usage(self, customer: str, start: int, end: int, custom: str,
+                    meter: str = DEFAULT_METER) -> list[OperationUsageRow]:
+        """A meter's events stamped in [start, end) per operation (`custom` for none): failed ones counted in
+        `events` and `failed`, not in units or cost; `last_id` the newest event of each."""
+        ...
+
+    def latest_value(self, customer: str, start: int, end: int, meter: str) -> int | None:
+        """The value of a meter's latest counted event stamped in [start, end) (a `last` meter's month), or None."""
         ...
 
     def event_terms(self, event_id: int) -> PeriodTerms | None:
@@ -331,17 +352,18 @@ class MeteringStore(Protocol):
         """Ended P2P periods not invoiced yet, the earliest end first."""
         ...
 
-    def period_has_pending(self, customer: str, period_start: int) -> bool:
-        """True while any event of the period waits for Stripe (it may yet fail, so the period is not invoiced)."""
+    def period_has_pending(self, customer: str, period_start: int, meter: str = DEFAULT_METER) -> bool:
+        """True while any event of the period's meter waits for Stripe (it may yet fail: not invoiced yet)."""
         ...
 
-    def set_period_invoice(self, tx: Tx, customer: str, period_start: int, invoice_id: str) -> None:
-        """Remember the invoice created for a P2P period (before it is finalized)."""
+    def set_period_invoice(self, tx: Tx, customer: str, period_start: int, invoice_id: str,
+                           meter: str = DEFAULT_METER) -> None:
+        """Remember the invoice created for a P2P period's meter (before it is finalized)."""
         ...
 
     def mark_period_invoiced(self, tx: Tx, customer: str, period_start: int, invoice_id: str | None,
-                             at: int) -> None:
-        """A P2P period is invoiced (invoice None: nothing was owed)."""
+                             at: int, meter: str = DEFAULT_METER) -> None:
+        """A P2P period's meter is invoiced (invoice None: nothing was owed)."""
         ...
 
 
@@ -357,18 +379,20 @@ _EVENT_INSERT = (  # the state written into the text, not bound: no second tuple
     f"INSERT INTO meter_events ({_EVENT_COLUMNS}, status, attempts) "
     f"VALUES ({', '.join('?' * len(MeterEventRow._fields))}, '{EventStatus.PENDING.value}', 0)"
 )
+_TOTAL_COLUMNS = ", ".join(PeriodTotalRow._fields)
 _TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction; the terms are the period's first
-    "INSERT INTO meter_usage_totals (customer_id, period_start, period_end, events, raw_units, weighted_units, tier, "
-    "allowance, overage_rate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, period_start) DO UPDATE SET "
+    f"INSERT INTO meter_usage_totals ({_TOTAL_COLUMNS}) VALUES ({', '.join('?' * len(PeriodTotalRow._fields))}) "
+    "ON CONFLICT (customer_id, period_start, meter) DO UPDATE SET "
     "events = excluded.events, raw_units = excluded.raw_units, weighted_units = excluded.weighted_units, "
+    "last_at = excluded.last_at, "
     "tier = COALESCE(meter_usage_totals.tier, excluded.tier), "
     "allowance = COALESCE(meter_usage_totals.allowance, excluded.allowance), "
     "overage_rate = COALESCE(meter_usage_totals.overage_rate, excluded.overage_rate)"
 )
 _OPERATION_ADD = (  # increments: nothing to read first
     "INSERT INTO meter_usage_by_operation (customer_id, period_start, operation, events, raw_units, weighted_units, "
-    "overage_units, cost_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (customer_id, period_start, operation) DO UPDATE SET events = events + excluded.events, "
+    "overage_units, cost_cents, meter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (customer_id, period_start, meter, operation) DO UPDATE SET events = events + excluded.events, "
     "raw_units = raw_units + excluded.raw_units, weighted_units = weighted_units + excluded.weighted_units, "
     "overage_units = overage_units + excluded.overage_units, cost_cents = cost_cents + excluded.cost_cents"
 )
@@ -397,18 +421,17 @@ class SqliteMeteringStore:
                 found[key] = MeterEventRow._make(row)
         return found
 
-    def load_totals(self, tx: Tx, keys: set[tuple[str, int]]) -> dict[tuple[str, int], PeriodTotalRow]:
-        totals: dict[tuple[str, int], PeriodTotalRow] = {}
+    def load_totals(self, tx: Tx, keys: set[tuple[str, int, str]]) -> dict[tuple[str, int, str], PeriodTotalRow]:
+        totals: dict[tuple[str, int, str], PeriodTotalRow] = {}
         if not keys:
             return totals
-        customers = list({customer for customer, _ in keys})
-        starts = list({start for _, start in keys})
+        customers = list({key[0] for key in keys})
+        starts = list({key[1] for key in keys})
         for row in tx.execute(  # customer IN (...) AND start IN (...): a superset the primary key finds directly
-                "SELECT customer_id, period_start, period_end, events, raw_units, weighted_units, tier, allowance, "
-                f"overage_rate FROM meter_usage_totals WHERE customer_id IN ({_marks(customers)}) AND period_start "
-                f"IN ({_marks(starts)})", (*customers, *starts)):
-            if (row[0], row[1]) in keys:
-                totals[(row[0], row[1])] = PeriodTotalRow._make(row)
+                f"SELECT {_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id IN ({_marks(customers)}) AND "
+                f"period_start IN ({_marks(starts)})", (*customers, *starts)):
+            if (row[0], row[1], row[9]) in keys:
+                totals[(row[0], row[1], row[9])] = PeriodTotalRow._make(row)
         return totals
 
     def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
@@ -431,25 +454,36 @@ class SqliteMeteringStore:
             "SELECT 1 FROM meter_customers WHERE customer_id = ? UNION ALL "
             "SELECT 1 FROM billing_provisions WHERE customer_id = ? LIMIT 1", (customer, customer)) is not None
 
-    def period_total(self, customer: str, period_start: int) -> PeriodTotalRow | None:
+    def period_total(self, customer: str, period_start: int,
+                     meter: str = DEFAULT_METER) -> PeriodTotalRow | None:
         row = self._core.query_one(
-            "SELECT customer_id, period_start, period_end, events, raw_units, weighted_units, tier, allowance, "
-            "overage_rate FROM meter_usage_totals WHERE customer_id = ? AND period_start = ?", (customer, period_start))
+            f"SELECT {_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = ? AND period_start = ? AND meter = ?",
+            (customer, period_start, meter))
         return None if row is None else PeriodTotalRow(**row)
 
-    def usage_by_operation(self, customer: str, period_start: int) -> list[OperationUsageRow]:
+    def usage_by_operation(self, customer: str, period_start: int,
+                           meter: str = DEFAULT_METER) -> list[OperationUsageRow]:
         return [OperationUsageRow(**row) for row in self._core.query(
             "SELECT operation, events, raw_units, weighted_units, overage_units, cost_cents FROM "
-            "meter_usage_by_operation WHERE customer_id = ? AND period_start = ? ORDER BY operation",
-            (customer, period_start))]
+            "meter_usage_by_operation WHERE customer_id = ? AND period_start = ? AND meter = ? ORDER BY operation",
+            (customer, period_start, meter))]
 
-    def unsettled_counts(self, customer: str, period_start: int) -> dict[EventStatus, int]:
+    def unsettled_counts(self, customer: str, period_start: int,
+                         meter: str = DEFAULT_METER) -> dict[EventStatus, int]:
         rows = self._core.query(  # pending and failed events are few; sent = the rest
-            "SELECT status, COUNT(*) AS n FROM meter_events WHERE status IN (?, ?) "
-            "AND customer_id = ? AND period_start = ? GROUP BY status", (_PENDING, _FAILED, customer, period_start))
+            "SELECT status, COUNT(*) AS n FROM meter_events WHERE status IN (?, ?) AND customer_id = ? "
+            "AND period_start = ? AND meter = ? GROUP BY status", (_PENDING, _FAILED, customer, period_start, meter))
         return {EventStatus(row["status"]): row["n"] for row in rows}
 
-    def month_usage(self, customer: str, start: int, end: int, custom: str) -> list[OperationUsageRow]:
+    def latest_value(self, customer: str, start: int, end: int, meter: str) -> int | None:
+        row = self._core.query_one(
+            f"SELECT weighted_units FROM meter_events WHERE timestamp >= ? AND timestamp < ? AND customer_id = ? "
+            f"AND meter = ? AND status IN ({_marks(COUNTED)}) ORDER BY timestamp DESC, id DESC LIMIT 1",
+            (start, end, customer, meter, *COUNTED))
+        return None if row is None else int(row["weighted_units"])
+
+    def month_usage(self, customer: str, start: int, end: int, custom: str,
+                    meter: str = DEFAULT_METER) -> list[OperationUsageRow]:
         return [OperationUsageRow(**row) for row in self._core.query(
             "SELECT COALESCE(operation, ?) AS operation, COUNT(*) AS events, "  # failed ones counted, not priced
             "SUM(IIF(status = ?, 0, raw_units)) AS raw_units, "
@@ -458,8 +492,8 @@ class SqliteMeteringStore:
             "SUM(IIF(status = ?, 0, cost_cents)) AS cost_cents, SUM(status = ?) AS pending, "
             "SUM(status = ?) AS failed, "
             "MAX(id) AS last_id FROM meter_events WHERE timestamp >= ? AND timestamp < ? AND customer_id = ? "
-            "GROUP BY 1 ORDER BY 1",
-            (custom, _FAILED, _FAILED, _FAILED, _FAILED, _PENDING, _FAILED, start, end, customer))]
+            "AND meter = ? GROUP BY 1 ORDER BY 1",
+            (custom, _FAILED, _FAILED, _FAILED, _FAILED, _PENDING, _FAILED, start, end, customer, meter))]
 
     def event_terms(self, event_id: int) -> PeriodTerms | None:
         row = self._core.query_one("SELECT tier, allowance, overage_rate FROM meter_events WHERE id = ?", (event_id,))
@@ -533,11 +567,12 @@ class SqliteMeteringStore:
     def mark_failed(self, tx: Tx, failures: Sequence[tuple[int, str]], failed_at: int, *, attempted: bool) -> None:
         if not failures:
             return
-        _uncount(tx, [event_id for event_id, _ in failures], _TO_FAILED)
+        lasts = _uncount(tx, [event_id for event_id, _ in failures], _TO_FAILED)
         tx.executemany(
             f"UPDATE meter_events SET status = ?, attempts = attempts + ?, last_error = ?, failed_at = ? "
             f"WHERE id = ? AND status IN ({_marks(_TO_FAILED)})",
             [(_FAILED, int(attempted), reason, failed_at, event_id, *_TO_FAILED) for event_id, reason in failures])
+        _relast(tx, lasts, "?")
 
     def note_attempt(self, tx: Tx, event_ids: Sequence[int], error: str | None) -> None:
         if event_ids:
@@ -553,13 +588,14 @@ class SqliteMeteringStore:
             ids[event_id] = reasons[stripe_id]
         if not ids:
             return 0
-        _uncount(tx, list(ids), _REPORTED)
+        lasts = _uncount(tx, list(ids), _REPORTED)
         changed = 0
         for event_id, reason in ids.items():
             changed += tx.execute(
                 f"UPDATE meter_events SET status = ?, last_error = ?, failed_at = ? "
                 f"WHERE id = ? AND status IN ({_marks(_REPORTED)})",
                 (_FAILED, reason, failed_at, event_id, *_REPORTED)).rowcount
+        _relast(tx, lasts, "?")
         return changed
 
     def record_flush(self, tx: Tx, flush: FlushRow, keep: int) -> None:
@@ -573,23 +609,24 @@ class SqliteMeteringStore:
 
     def open_p2p_periods(self, now: int, limit: int) -> list[OpenP2PPeriod]:
         return [OpenP2PPeriod(**row) for row in self._core.query(
-            "SELECT customer_id, period_start, period_end, weighted_units, allowance, overage_rate, invoice_id FROM "
-            f"meter_usage_totals WHERE tier = '{_P2P}' AND invoiced_at IS NULL AND period_end <= ? "
-            "ORDER BY period_end LIMIT ?", (now, limit))]
+            "SELECT customer_id, period_start, period_end, weighted_units, allowance, overage_rate, invoice_id, meter "
+            f"FROM meter_usage_totals WHERE tier = '{_P2P}' AND invoiced_at IS NULL AND period_end <= ? "
+            "ORDER BY period_end, meter LIMIT ?", (now, limit))]
 
-    def period_has_pending(self, customer: str, period_start: int) -> bool:
+    def period_has_pending(self, customer: str, period_start: int, meter: str = DEFAULT_METER) -> bool:
         return self._core.query_one(
-            "SELECT 1 AS n FROM meter_events WHERE status = ? AND customer_id = ? AND period_start = ? LIMIT 1",
-            (_PENDING, customer, period_start)) is not None
+            "SELECT 1 AS n FROM meter_events WHERE status = ? AND customer_id = ? AND period_start = ? AND meter = ? "
+            "LIMIT 1", (_PENDING, customer, period_start, meter)) is not None
 
-    def set_period_invoice(self, tx: Tx, customer: str, period_start: int, invoice_id: str) -> None:
-        tx.execute("UPDATE meter_usage_totals SET invoice_id = ? WHERE customer_id = ? AND period_start = ?",
-                   (invoice_id, customer, period_start))
+    def set_period_invoice(self, tx: Tx, customer: str, period_start: int, invoice_id: str,
+                           meter: str = DEFAULT_METER) -> None:
+        tx.execute("UPDATE meter_usage_totals SET invoice_id = ? WHERE customer_id = ? AND period_start = ? "
+                   "AND meter = ?", (invoice_id, customer, period_start, meter))
 
     def mark_period_invoiced(self, tx: Tx, customer: str, period_start: int, invoice_id: str | None,
-                             at: int) -> None:
+                             at: int, meter: str = DEFAULT_METER) -> None:
         tx.execute("UPDATE meter_usage_totals SET invoice_id = ?, invoiced_at = ? WHERE customer_id = ? "
-                   "AND period_start = ?", (invoice_id, at, customer, period_start))
+                   "AND period_start = ? AND meter = ?", (invoice_id, at, customer, period_start, meter))
 
 
 def _by_stripe_identifier(tx: Tx, stripe_ids: list[str]) -> Iterable[tuple[str, int]]:
@@ -613,31 +650,50 @@ def _by_stripe_identifier(tx: Tx, stripe_ids: list[str]) -> Iterable[tuple[str, 
             yield stripe_id, int(row[0])
 
 
-def _uncount(tx: Tx, event_ids: list[int], counted: Sequence[EventStatus]) -> None:
+def _uncount(tx: Tx, event_ids: list[int], counted: Sequence[EventStatus]) -> set[tuple[str, int, str]]:
     """Take events Stripe will never bill out of their period's counted usage (each still in a counted state: it is
     taken out once, in the transaction that marks it failed), so the summary, later answers and quotes price what
-    Stripe invoices."""
+    Stripe invoices. A `last` meter's total (last_at set) is not a sum: its events count one less here, and its value
+    is recomputed by `_relast` once they are marked; answers those totals' keys."""
     assert set(counted) <= COUNTED
     rows = tx.execute(
-        "SELECT customer_id, period_start, COALESCE(operation, 'custom') AS operation, raw_units, weighted_units FROM "
-        f"meter_events WHERE status IN ({_marks(counted)}) AND id IN ({_marks(event_ids)})",
+        "SELECT e.customer_id, e.period_start, e.meter, COALESCE(e.operation, 'custom') AS operation, e.raw_units, "
+        "e.weighted_units, t.last_at IS NOT NULL AS last FROM meter_events AS e LEFT JOIN meter_usage_totals AS t ON "
+        "t.customer_id = e.customer_id AND t.period_start = e.period_start AND t.meter = e.meter "
+        f"WHERE e.status IN ({_marks(counted)}) AND e.id IN ({_marks(event_ids)})",
         (*counted, *event_ids)).fetchall()
+    lasts = {(row["customer_id"], row["period_start"], row["meter"]) for row in rows if row["last"]}
+    units = [(0, 0) if row["last"] else (row["raw_units"], row["weighted_units"]) for row in rows]
     tx.executemany(
         "UPDATE meter_usage_totals SET events = events - 1, raw_units = raw_units - ?, weighted_units = weighted_units "
-        "- ? WHERE customer_id = ? AND period_start = ?",
-        [(row["raw_units"], row["weighted_units"], row["customer_id"], row["period_start"]) for row in rows])
+        "- ? WHERE customer_id = ? AND period_start = ? AND meter = ?",
+        [(*unit, row["customer_id"], row["period_start"], row["meter"]) for unit, row in zip(units, rows, strict=True)])
     tx.executemany(
         "UPDATE meter_usage_by_operation SET events = events - 1, raw_units = raw_units - ?, weighted_units = "
-        "weighted_units - ? WHERE customer_id = ? AND period_start = ? AND operation = ?",
-        [(row["raw_units"], row["weighted_units"], row["customer_id"], row["period_start"], row["operation"])
-         for row in rows])
+        "weighted_units - ? WHERE customer_id = ? AND period_start = ? AND meter = ? AND operation = ?",
+        [(*unit, row["customer_id"], row["period_start"], row["meter"], row["operation"])
+         for unit, row in zip(units, rows, strict=True)])
+    return lasts
+
+
+def _relast(tx: Tx, keys: Iterable[tuple[str, int, str]], mark: str) -> None:
+    """A `last` meter's totals after some of its events failed: the value and timestamp of its latest event still
+    counted (0 and the period start when none is), as Stripe's `last` aggregation bills it. `mark`: the backend's
+    placeholder."""
+    latest = ("FROM meter_events AS e WHERE e.customer_id = t.customer_id AND e.period_start = t.period_start AND "
+              f"e.meter = t.meter AND e.status IN ({mark}, {mark}) ORDER BY e.timestamp DESC, e.id DESC LIMIT 1")
+    for customer, start, meter in sorted(keys):
+        tx.execute(
+            f"UPDATE meter_usage_totals AS t SET weighted_units = COALESCE((SELECT e.weighted_units {latest}), 0), "
+            f"raw_units = COALESCE((SELECT e.raw_units {latest}), 0), last_at = COALESCE((SELECT e.timestamp "
+            f"{latest}), t.period_start) WHERE t.customer_id = {mark} AND t.period_start = {mark} AND t.meter = {mark}",
+            (*_statuses(COUNTED), *_statuses(COUNTED), *_statuses(COUNTED), customer, start, meter))
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------------------------
 
 _PENDING_TEXT = EventStatus.PENDING.value
-_PG_TOTAL_COLUMNS = ("customer_id, period_start, period_end, events, raw_units, weighted_units, tier, allowance, "
-                     "overage_rate")
+_PG_TOTAL_COLUMNS = _TOTAL_COLUMNS
 _PG_NOW_MS = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint"  # the database's clock: one for every instance
 _PG_MINE = "(lease_owner IS NULL OR lease_owner = %s)"  # the fence: an event another instance took over is its own
 LEASE_MS = 300_000  # how long a flusher's batch is its own: past it, another instance may take the batch over
@@ -678,18 +734,18 @@ class PostgresMeteringStore:
                 found[key] = MeterEventRow._make(row)
         return found
 
-    def load_totals(self, tx: Tx, keys: set[tuple[str, int]]) -> dict[tuple[str, int], PeriodTotalRow]:
-        totals: dict[tuple[str, int], PeriodTotalRow] = {}
+    def load_totals(self, tx: Tx, keys: set[tuple[str, int, str]]) -> dict[tuple[str, int, str], PeriodTotalRow]:
+        totals: dict[tuple[str, int, str], PeriodTotalRow] = {}
         if not keys:
             return totals
-        _pg_lock(tx, sorted({f"meter:{customer}" for customer, _ in keys}))  # held already after find_events
-        customers = sorted({customer for customer, _ in keys})
-        starts = sorted({start for _, start in keys})
+        _pg_lock(tx, sorted({f"meter:{key[0]}" for key in keys}))  # held already after find_events
+        customers = sorted({key[0] for key in keys})
+        starts = sorted({key[1] for key in keys})
         for row in tx.execute(  # FOR UPDATE: a flusher's decrement (mark_failed) waits, or is read after its commit
                 f"SELECT {_PG_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = ANY(%s) AND period_start = "
-                "ANY(%s) ORDER BY customer_id, period_start FOR UPDATE", (customers, starts)):
-            if (row[0], row[1]) in keys:
-                totals[(row[0], row[1])] = PeriodTotalRow._make(row)
+                "ANY(%s) ORDER BY customer_id, period_start, meter FOR UPDATE", (customers, starts)):
+            if (row[0], row[1], row[9]) in keys:
+                totals[(row[0], row[1], row[9])] = PeriodTotalRow._make(row)
         return totals
 
     def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
@@ -699,28 +755,29 @@ class PostgresMeteringStore:
             with cursor.copy(f"COPY meter_events ({_EVENT_COLUMNS}, status, attempts) FROM STDIN") as copy:
                 for row in events:
                     copy.write_row((*row, _PENDING_TEXT, 0))
-        latest = {(row.customer_id, row.period_start): row for row in totals}  # one row per key a statement
+        latest = {(row.customer_id, row.period_start, row.meter): row for row in totals}  # one row per key
         if latest:  # one upsert from arrays, in key order: every batch locks the totals in one order
             tx.execute(
                 f"INSERT INTO meter_usage_totals ({_PG_TOTAL_COLUMNS}) SELECT * FROM unnest(%s::text[], %s::bigint[], "
-                "%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[]) "
-                "ON CONFLICT (customer_id, period_start) DO UPDATE SET events = excluded.events, "
-                "raw_units = excluded.raw_units, weighted_units = excluded.weighted_units, "
+                "%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], "
+                "%s::text[], %s::bigint[]) "
+                "ON CONFLICT (customer_id, period_start, meter) DO UPDATE SET events = excluded.events, "
+                "raw_units = excluded.raw_units, weighted_units = excluded.weighted_units, last_at = excluded.last_at, "
                 "tier = COALESCE(meter_usage_totals.tier, excluded.tier), "
                 "allowance = COALESCE(meter_usage_totals.allowance, excluded.allowance), "
                 "overage_rate = COALESCE(meter_usage_totals.overage_rate, excluded.overage_rate)",
                 [list(column) for column in zip(*(latest[key] for key in sorted(latest)), strict=True)])
-        added: dict[tuple[str, int, str], list[int]] = {}
+        added: dict[tuple[str, int, str, str], list[int]] = {}
         for delta in operations:
-            sums = added.setdefault((delta.customer_id, delta.period_start, delta.operation), [0] * 5)
-            for index, value in enumerate(delta[3:]):
+            sums = added.setdefault((delta.customer_id, delta.period_start, delta.meter, delta.operation), [0] * 5)
+            for index, value in enumerate(delta[3:8]):
                 sums[index] += value
         if added:
             tx.execute(
-                "INSERT INTO meter_usage_by_operation (customer_id, period_start, operation, events, raw_units, "
+                "INSERT INTO meter_usage_by_operation (customer_id, period_start, meter, operation, events, raw_units, "
                 "weighted_units, overage_units, cost_cents) SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], "
-                "%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
-                "ON CONFLICT (customer_id, period_start, operation) DO UPDATE SET "
+                "%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+                "ON CONFLICT (customer_id, period_start, meter, operation) DO UPDATE SET "
                 "events = meter_usage_by_operation.events + excluded.events, "
                 "raw_units = meter_usage_by_operation.raw_units + excluded.raw_units, "
                 "weighted_units = meter_usage_by_operation.weighted_units + excluded.weighted_units, "
@@ -739,26 +796,37 @@ class PostgresMeteringStore:
             "SELECT 1 AS n FROM meter_customers WHERE customer_id = %s UNION ALL "
             "SELECT 1 FROM billing_provisions WHERE customer_id = %s LIMIT 1", (customer, customer)) is not None
 
-    def period_total(self, customer: str, period_start: int) -> PeriodTotalRow | None:
+    def period_total(self, customer: str, period_start: int,
+                     meter: str = DEFAULT_METER) -> PeriodTotalRow | None:
         row = self._core.query_one(
-            f"SELECT {_PG_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = %s AND period_start = %s",
-            (customer, period_start))
+            f"SELECT {_PG_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = %s AND period_start = %s "
+            "AND meter = %s", (customer, period_start, meter))
         return None if row is None else PeriodTotalRow(**row)
 
-    def usage_by_operation(self, customer: str, period_start: int) -> list[OperationUsageRow]:
+    def usage_by_operation(self, customer: str, period_start: int,
+                           meter: str = DEFAULT_METER) -> list[OperationUsageRow]:
         return [OperationUsageRow(**row) for row in self._core.query(
             "SELECT operation, events, raw_units, weighted_units, overage_units, cost_cents FROM "
-            "meter_usage_by_operation WHERE customer_id = %s AND period_start = %s ORDER BY operation",
-            (customer, period_start))]
+            "meter_usage_by_operation WHERE customer_id = %s AND period_start = %s AND meter = %s ORDER BY operation",
+            (customer, period_start, meter))]
 
-    def unsettled_counts(self, customer: str, period_start: int) -> dict[EventStatus, int]:
+    def unsettled_counts(self, customer: str, period_start: int,
+                         meter: str = DEFAULT_METER) -> dict[EventStatus, int]:
         rows = self._core.query(
             "SELECT status, COUNT(*) AS n FROM meter_events WHERE status IN (%s, %s) "
-            "AND customer_id = %s AND period_start = %s GROUP BY status",
-            (str(_PENDING), str(_FAILED), customer, period_start))
+            "AND customer_id = %s AND period_start = %s AND meter = %s GROUP BY status",
+            (str(_PENDING), str(_FAILED), customer, period_start, meter))
         return {EventStatus(row["status"]): int(row["n"]) for row in rows}
 
-    def month_usage(self, customer: str, start: int, end: int, custom: str) -> list[OperationUsageRow]:
+    def latest_value(self, customer: str, start: int, end: int, meter: str) -> int | None:
+        row = self._core.query_one(
+            "SELECT weighted_units FROM meter_events WHERE timestamp >= %s AND timestamp < %s AND customer_id = %s "
+            "AND meter = %s AND status = ANY(%s) ORDER BY timestamp DESC, id DESC LIMIT 1",
+            (start, end, customer, meter, _statuses(COUNTED)))
+        return None if row is None else int(row["weighted_units"])
+
+    def month_usage(self, customer: str, start: int, end: int, custom: str,
+                    meter: str = DEFAULT_METER) -> list[OperationUsageRow]:
         counted = "CASE WHEN status = %s THEN 0 ELSE {} END"
         return [OperationUsageRow(**row) for row in self._core.query(
             "SELECT COALESCE(operation, %s) AS operation, COUNT(*) AS events, "  # failed ones counted, not priced
@@ -768,8 +836,8 @@ class PostgresMeteringStore:
             f"SUM({counted.format('cost_cents')})::bigint AS cost_cents, "
             "COUNT(*) FILTER (WHERE status = %s) AS pending, COUNT(*) FILTER (WHERE status = %s) AS failed, "
             "MAX(id) AS last_id FROM meter_events WHERE timestamp >= %s AND timestamp < %s AND customer_id = %s "
-            "GROUP BY 1 ORDER BY 1",
-            (custom, *[str(_FAILED)] * 4, str(_PENDING), str(_FAILED), start, end, customer))]
+            "AND meter = %s GROUP BY 1 ORDER BY 1",
+            (custom, *[str(_FAILED)] * 4, str(_PENDING), str(_FAILED), start, end, customer, meter))]
 
     def event_terms(self, event_id: int) -> PeriodTerms | None:
         row = self._core.query_one("SELECT tier, allowance, overage_rate FROM meter_events WHERE id = %s",
@@ -878,23 +946,24 @@ class PostgresMeteringStore:
 
     def open_p2p_periods(self, now: int, limit: int) -> list[OpenP2PPeriod]:
         return [OpenP2PPeriod(**row) for row in self._core.query(
-            "SELECT customer_id, period_start, period_end, weighted_units, allowance, overage_rate, invoice_id FROM "
-            f"meter_usage_totals WHERE tier = '{_P2P}' AND invoiced_at IS NULL AND period_end <= %s "
-            "ORDER BY period_end LIMIT %s", (now, limit))]
+            "SELECT customer_id, period_start, period_end, weighted_units, allowance, overage_rate, invoice_id, meter "
+            f"FROM meter_usage_totals WHERE tier = '{_P2P}' AND invoiced_at IS NULL AND period_end <= %s "
+            "ORDER BY period_end, meter LIMIT %s", (now, limit))]
 
-    def period_has_pending(self, customer: str, period_start: int) -> bool:
+    def period_has_pending(self, customer: str, period_start: int, meter: str = DEFAULT_METER) -> bool:
         return self._core.query_one(
-            "SELECT 1 AS n FROM meter_events WHERE status = %s AND customer_id = %s AND period_start = %s LIMIT 1",
-            (str(_PENDING), customer, period_start)) is not None
+            "SELECT 1 AS n FROM meter_events WHERE status = %s AND customer_id = %s AND period_start = %s "
+            "AND meter = %s LIMIT 1", (str(_PENDING), customer, period_start, meter)) is not None
 
-    def set_period_invoice(self, tx: Tx, customer: str, period_start: int, invoice_id: str) -> None:
-        tx.execute("UPDATE meter_usage_totals SET invoice_id = %s WHERE customer_id = %s AND period_start = %s",
-                   (invoice_id, customer, period_start))
+    def set_period_invoice(self, tx: Tx, customer: str, period_start: int, invoice_id: str,
+                           meter: str = DEFAULT_METER) -> None:
+        tx.execute("UPDATE meter_usage_totals SET invoice_id = %s WHERE customer_id = %s AND period_start = %s "
+                   "AND meter = %s", (invoice_id, customer, period_start, meter))
 
     def mark_period_invoiced(self, tx: Tx, customer: str, period_start: int, invoice_id: str | None,
-                             at: int) -> None:
+                             at: int, meter: str = DEFAULT_METER) -> None:
         tx.execute("UPDATE meter_usage_totals SET invoice_id = %s, invoiced_at = %s WHERE customer_id = %s "
-                   "AND period_start = %s", (invoice_id, at, customer, period_start))
+                   "AND period_start = %s AND meter = %s", (invoice_id, at, customer, period_start, meter))
 
 
 def _pg_lock(tx: Tx, keys: list[str]) -> None:
@@ -914,14 +983,23 @@ def _pg_fail(tx: Tx, reasons: dict[int, str], failed_at: int, attempts: int, cou
         "UPDATE meter_events AS m SET status = %s, attempts = m.attempts + %s, last_error = f.reason, failed_at = %s "
         "FROM unnest(%s::bigint[], %s::text[]) AS f(id, reason) WHERE m.id = f.id AND m.status = ANY(%s) "
         "AND (%s::text IS NULL OR m.lease_owner IS NULL OR m.lease_owner = %s) "
-        "RETURNING m.customer_id, m.period_start, COALESCE(m.operation, 'custom'), m.raw_units, m.weighted_units",
+        "RETURNING m.customer_id, m.period_start, m.meter, COALESCE(m.operation, 'custom'), m.raw_units, "
+        "m.weighted_units",
         (str(_FAILED), attempts, failed_at, event_ids, [reasons[i] for i in event_ids], _statuses(counted),
          owner, owner)).fetchall()
-    totals: dict[tuple[str, int], list[int]] = {}
-    operations: dict[tuple[str, int, str], list[int]] = {}
-    for customer, start, operation, raw, weighted in changed:
-        for sums in (totals.setdefault((customer, start), [0, 0, 0]),
-                     operations.setdefault((customer, start, operation), [0, 0, 0])):
+    lasts: set[tuple[str, int, str]] = set()
+    if changed:  # a `last` meter's total (last_at set) is recomputed, not subtracted from (see _uncount)
+        lasts = {(row[0], row[1], row[2]) for row in tx.execute(
+            "SELECT customer_id, period_start, meter FROM meter_usage_totals WHERE last_at IS NOT NULL AND "
+            "(customer_id, period_start, meter) IN (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[]))",
+            [list(column) for column in zip(*{row[:3] for row in changed}, strict=True)])}
+    totals: dict[tuple[str, int, str], list[int]] = {}
+    operations: dict[tuple[str, int, str, str], list[int]] = {}
+    for customer, start, meter, operation, raw, weighted in changed:
+        if (customer, start, meter) in lasts:
+            raw = weighted = 0
+        for sums in (totals.setdefault((customer, start, meter), [0, 0, 0]),
+                     operations.setdefault((customer, start, meter, operation), [0, 0, 0])):
             sums[0] += 1
             sums[1] += raw
             sums[2] += weighted
@@ -929,13 +1007,15 @@ def _pg_fail(tx: Tx, reasons: dict[int, str], failed_at: int, attempts: int, cou
         cursor = tx.cursor()  # a psycopg connection has no executemany; its cursors do
         cursor.executemany(
             "UPDATE meter_usage_totals SET events = events - %s, raw_units = raw_units - %s, weighted_units = "
-            "weighted_units - %s WHERE customer_id = %s AND period_start = %s",
-            [(*sums, *key) for key, sums in sorted(totals.items(), key=lambda item: (item[0][0], item[0][1] or 0))])
+            "weighted_units - %s WHERE customer_id = %s AND period_start = %s AND meter = %s",
+            [(*sums, *key) for key, sums in sorted(totals.items(), key=lambda item: (item[0][0], item[0][1] or 0,
+                                                                                    item[0][2]))])
         cursor.executemany(
             "UPDATE meter_usage_by_operation SET events = events - %s, raw_units = raw_units - %s, weighted_units = "
-            "weighted_units - %s WHERE customer_id = %s AND period_start = %s AND operation = %s",
+            "weighted_units - %s WHERE customer_id = %s AND period_start = %s AND meter = %s AND operation = %s",
             [(*sums, *key) for key, sums in sorted(operations.items(),
-                                                   key=lambda item: (item[0][0], item[0][1] or 0, item[0][2]))])
+                                                   key=lambda item: (item[0][0], item[0][1] or 0, *item[0][2:]))])
+        _relast(tx, lasts, "%s")
     return len(changed)
 
 

@@ -1,4 +1,5 @@
-"""LUC metering tools: thin functions over MeteringService (durable usage, summaries, quotes, task slots)."""
+"""Usage metering tools: thin functions over MeteringService (durable usage on the pricing file's meters, summaries,
+quotes, task slots)."""
 
 from typing import Annotated, Any
 
@@ -18,7 +19,13 @@ from ..services.metering_models import (
 from .context import ToolContext, services
 from .registry import tool
 
-Units = Annotated[int, Field(gt=0, le=10**12, description="Raw units used (tokens), a positive integer")]
+Units = Annotated[int, Field(ge=0, le=10**12, description="Raw units used: tokens (luc_tokens), seconds, ...: a "
+                             "positive integer; 1 on a count meter (api_calls); a `last` meter's value now, 0 allowed")]
+MeterName = Annotated[
+    str | None,
+    Field(min_length=1, max_length=100, description="The meter: luc_tokens (default), compute_seconds, api_calls "
+          "(count), storage_gb_hours (last), or another of the pricing file's meters, by id or Stripe event name"),
+]
 Operation = Annotated[
     str | None,
     Field(min_length=1, max_length=64, description="Operation type: chat, tool_call, code, research, image, "
@@ -35,8 +42,8 @@ Lease = Annotated[str, Field(min_length=1, max_length=200, description="The leas
     "Create meter event", "write",
     summary="records usage durably (answered after COMMIT): weighted units, period usage, allowance, remaining, "
         "overage and its cost",
-    params="**`customer`**, **`units`**, `operation` or `multiplier`, `identifier`, `timestamp`, `agent_id`, "
-        "`metadata`",
+    params="**`customer`**, **`units`**, `meter`, `operation` or `multiplier`, `identifier`, `timestamp`, "
+        "`agent_id`, `metadata`",
     hints="write, idempotent by identifier",
 )
 async def create_meter_event(
@@ -55,13 +62,15 @@ async def create_meter_event(
     ] = None,
     agent_id: Annotated[str | None, Field(max_length=128, description="The agent that used it")] = None,
     metadata: Annotated[dict[str, str] | None, Field(description="Up to 20 string pairs kept with the event")] = None,
+    meter: MeterName = None,
 ) -> MeterEventResult:
     """Record billable usage durably (answered only after it is committed) and get back, at once, the weighted units
-    (raw x task multiplier), the period's usage, the tier's allowance, what remains, and any overage with its cost
-    in cents. Usage is delivered to Stripe Billing meters in the background, so Stripe invoices the overage."""
+    (raw x task multiplier, LUC tokens only), the period's usage, the tier's allowance, what remains, and any overage
+    with its cost in cents. `meter` names what is measured (LUC tokens unless given). Usage is delivered to Stripe
+    Billing meters in the background, so Stripe invoices the overage."""
     return await services(ctx).metering.record(
         customer, units, operation=operation, multiplier=multiplier, identifier=identifier, timestamp=timestamp,
-        agent_id=agent_id, metadata=metadata,
+        agent_id=agent_id, metadata=metadata, meter=meter,
     )
 
 
@@ -73,7 +82,7 @@ EVENT_SCHEMA = {key: value for key, value in MeterEventInput.model_json_schema()
     "Create meter events", "write",
     summary="records 1-100 events in one call, each accepted, replayed or refused (index, field, reason) on its "
         "own; the accepted ones committed together before the answer; results in order and totals",
-    params="**`events`**, `events[{customer, units, operation, multiplier, identifier, timestamp, agent_id, "
+    params="**`events`**, `events[{customer, units, meter, operation, multiplier, identifier, timestamp, agent_id, "
         "metadata}]`",
     hints="write, idempotent by identifier",
 )
@@ -82,8 +91,8 @@ async def create_meter_events(
     events: Annotated[
         list[Any],  # each item is parsed on its own (MeterEventInput), so one bad event never refuses the rest
         Field(min_length=1, max_length=MAX_TOOL_BATCH, description="1-100 events, each an object with "
-              "create_meter_event's fields: customer and units required; operation or multiplier, identifier, "
-              "timestamp, agent_id, metadata optional. Each is checked on its own",
+              "create_meter_event's fields: customer and units required; meter, operation or multiplier, "
+              "identifier, timestamp, agent_id, metadata optional. Each is checked on its own (meters may mix)",
               json_schema_extra={"items": EVENT_SCHEMA}),
     ],
 ) -> MeterEventBatchResult:
@@ -96,8 +105,9 @@ async def create_meter_events(
 
 @tool(
     "Get usage summary", "read", open_world=False,
-    summary="usage in a period by operation type, weighted total, allowance, overage units and cost, delivery counts",
-    params="**`customer`**, `period` (`current` or `YYYY-MM`)",
+    summary="one meter's usage in a period by operation type, weighted total, allowance, overage units and cost, "
+        "delivery counts",
+    params="**`customer`**, `period` (`current` or `YYYY-MM`), `meter`",
 )
 async def get_usage_summary(
     ctx: ToolContext,
@@ -105,16 +115,18 @@ async def get_usage_summary(
     period: Annotated[
         str, Field(pattern=r"^(current|\d{4}-\d{2})$", description="current (the billing period now) or YYYY-MM")
     ] = "current",
+    meter: MeterName = None,
 ) -> UsageSummary:
-    """A customer's usage in a period: units by operation type, the weighted total, the allowance, the overage units
-    and their cost, and how many events Stripe has accepted so far. Read-only."""
-    return services(ctx).metering.summary(customer, period)
+    """A customer's usage of one meter (LUC tokens unless `meter` says) in a period: units by operation type, the
+    billed total (a sum, a count of events, or a `last` meter's latest value), the allowance, the overage units and
+    their cost, and how many events Stripe has accepted so far. Read-only."""
+    return services(ctx).metering.summary(customer, period, meter)
 
 
 @tool(
     "Quote usage", "read", open_world=False,
     summary="what some usage would cost now for a customer (P2P rate without one); writes nothing",
-    params="**`units`**, `operation` or `multiplier`, `customer`",
+    params="**`units`**, `meter`, `operation` or `multiplier`, `customer`",
 )
 async def quote_usage(
     ctx: ToolContext,
@@ -123,10 +135,13 @@ async def quote_usage(
     multiplier: Multiplier = None,
     customer: Annotated[CustomerId | None, Field(description="Price it for this customer's tier and usage so far")]
     = None,
+    meter: MeterName = None,
 ) -> UsageQuote:
-    """What some usage would cost now: weighted units and the marginal cost for the customer (at the P2P rate
-    without one). Writes nothing."""
-    return services(ctx).metering.quote(units, operation=operation, multiplier=multiplier, customer=customer)
+    """What some usage of a meter (LUC tokens unless `meter` says) would cost now: weighted units and the marginal
+    cost for the customer (at the P2P rate without one); a `last` meter's units are the value it would then hold.
+    Writes nothing."""
+    return services(ctx).metering.quote(units, operation=operation, multiplier=multiplier, customer=customer,
+                                        meter=meter)
 
 
 @tool(

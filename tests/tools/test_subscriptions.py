@@ -163,10 +163,10 @@ async def test_setup_stripe_twice_creates_nothing_the_second_time(
     counts = (sandbox.count("billing.meter"), sandbox.count("product"), sandbox.count("price"))
     second = await setup_stripe(gateway, Pricing.load())
     await gateway.close()
-    assert counts == (1, 4, 7)  # one meter; a product per tier; 3 monthly prices and 4 overage prices
+    assert counts == (4, 4, 19)  # a meter per meter; a product per tier; 3 monthly prices, 4 x 4 metered prices
     assert (sandbox.count("billing.meter"), sandbox.count("product"), sandbox.count("price")) == counts
-    assert [(r.price, r.overage_price) for r in first.tiers] == [(r.price, r.overage_price) for r in second.tiers]
-    assert all(r.created == [] for r in second.tiers) and second.meter_created is False
+    assert [(r.price, r.metered_prices) for r in first.tiers] == [(r.price, r.metered_prices) for r in second.tiers]
+    assert all(r.created == [] for r in second.tiers) and second.meters_created == []
 
 
 def test_write_env_replaces_our_lines_and_keeps_every_other_line(tmp_path: Path) -> None:

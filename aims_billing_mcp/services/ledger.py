@@ -528,6 +528,7 @@ class LedgerService:
             return response, False
 
         job.lock_order = owner if isinstance(owner, str) else ""  # type: ignore[attr-defined]  # PostgreSQL's writer
+        job.pipelined = True  # type: ignore[attr-defined]  # it reads results only by fetching them: see postgres_core
         return job
 
     async def _submit(self, model: type[R], job: Job) -> R:

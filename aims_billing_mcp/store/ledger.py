@@ -520,6 +520,7 @@ _PG_ENTRY_INSERT = (
 _PG_FIND_REQUEST = _FIND_REQUEST.replace("?", "%s")
 _PG_RECORD_REQUEST = _RECORD_REQUEST.replace("?", "%s")
 _PG_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))"
+_READ_AHEAD = "ledger.wallet"  # the key of find_request's read-ahead wallet row in the writer job's scratch dict
 _PG_ENTRY_JSON = (
     "'entry_id', t.id, 'txn_id', t.txn_id, 'kind', t.kind, 'amount', t.amount, 'held_change', t.pending, "
     "'balance_after', t.balance_after, 'hold_id', t.hold_id, 'reason', t.reason, 'reference', t.reference, "
@@ -572,10 +573,15 @@ class PostgresLedgerStore:
 
     # requests
     def find_request(self, tx: Any, owner: str, operation: str, key: str) -> StoredRequest | None:
-        with tx.pipeline():  # one round trip; the lookup still runs after the lock is granted, on a new snapshot
+        # One round trip: the key's lock, its lookup (run after the lock is granted, on a new snapshot), and the
+        # owner's wallet locked and read ahead for this job's load_wallet (the wallet every ledger operation locks
+        # first; a replay leaves it unread, holding its lock until COMMIT a moment later).
+        with tx.pipeline():
             tx.execute(_PG_LOCK, (f"ledger-request\x1f{owner}\x1f{operation}\x1f{key}",))
             cursor = tx.execute(_PG_FIND_REQUEST, (owner, operation, key))
+            wallet = tx.execute(_PG_LOAD_WALLET, (owner,))
         found = cursor.fetchone()
+        self._core.scratch()[_READ_AHEAD] = (tx, owner, wallet.fetchone())
         return None if found is None else StoredRequest(found[0], found[1])
 
     def record_request(self, tx: Any, owner: str, operation: str, key: str, request_hash: str, response: str,
@@ -602,7 +608,11 @@ class PostgresLedgerStore:
         )
 
     def load_wallet(self, tx: Any, agent_id: str, now_iso: str) -> WalletState | None:
-        row = tx.execute(_PG_LOAD_WALLET, (agent_id,)).fetchone()
+        ahead = self._core.scratch().pop(_READ_AHEAD, None)
+        if ahead is not None and ahead[0] is tx and ahead[1] == agent_id:  # read by find_request, locked since
+            row = ahead[2]
+        else:
+            row = tx.execute(_PG_LOAD_WALLET, (agent_id,)).fetchone()
         if row is None:
             return None
         wallet = WalletState(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[3])
@@ -648,10 +658,11 @@ class PostgresLedgerStore:
                      captured: int = 0) -> None:
         if status not in TRANSITIONS[HoldStatus.ACTIVE]:
             raise ValueError(f"a hold cannot move from {HoldStatus.ACTIVE} to {status}")
-        changed = tx.execute(
+        changed = tx.execute(  # RETURNING, fetched: the count is known in pipeline mode too (rowcount is not)
             "UPDATE ledger_holds SET status = %s, captured = %s, resolved_txn_id = %s, resolved_at = %s "
-            f"WHERE id = %s AND status = {_ACTIVE}", (str(status), captured, txn_id, now_iso, hold_id)).rowcount
-        if changed != 1:
+            f"WHERE id = %s AND status = {_ACTIVE} RETURNING id", (str(status), captured, txn_id, now_iso, hold_id)
+        ).fetchall()
+        if len(changed) != 1:
             row = tx.execute("SELECT status FROM ledger_holds WHERE id = %s", (hold_id,)).fetchone()
             now = "unknown" if row is None else f"already {row[0]}"
             raise InvalidState(f"hold {hold_id} cannot become {status}: it is {now}; a hold resolves once",

@@ -42,6 +42,14 @@ def _retryable() -> tuple[type[BaseException], ...]:
     return errors.SerializationFailure, errors.DeadlockDetected
 
 
+def _pipelined(job: _WriteJob) -> bool:
+    """A job whose statements may be queued and sent together (psycopg's pipeline mode; the job says so with
+    `fn.pipelined`): it reads a statement's result only by fetching it (which sends what is queued and waits for the
+    answers), never `rowcount` alone, and uses no COPY. Its writes are then sent with the COMMIT (or with the next
+    job's first read), and a failing write raises when they are sent, still inside the job's transaction."""
+    return job.group is None and bool(getattr(job.fn, "pipelined", False))
+
+
 def _lock_order(job: _WriteJob) -> str:
     """Where a job stands in its batch: jobs naming what they lock first (`fn.lock_order`, e.g. the ledger's wallet
     owner) run in that order, so every batch of every instance takes those row locks in one global order and two
@@ -62,6 +70,16 @@ class PostgresWriter(BatchingWriter):
         self._retryable = _retryable()
         self.retries = 0
         self._start()
+
+    def scratch(self) -> dict[str, Any]:
+        """A dict for the job running on this thread, emptied before each job: where a store keeps what it read
+        ahead for the same job (the ledger's wallet row, read in the round trip of the request-key lookup). Outside
+        a writer job it is a fresh dict each time, so nothing read ahead is ever used there."""
+        found: dict[str, Any] | None = getattr(self._local, "scratch", None)
+        return {} if found is None else found
+
+    def _fresh_scratch(self) -> None:
+        self._local.scratch = {}
 
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
@@ -114,8 +132,10 @@ class PostgresWriter(BatchingWriter):
         self._resolve(outcomes)
 
     def _transaction(self, conn: Any, batch: list[_WriteJob]) -> list[Outcome]:
-        if len(batch) == 1 and batch[0].group is None:  # the transaction is the job's: no savepoint (2 round trips)
+        if len(batch) == 1 and batch[0].group is None:  # the transaction is the job's: no savepoint
             return self._alone(conn, batch[0])
+        if all(_pipelined(job) for job in batch):
+            return self._pipelined_batch(conn, batch)
         outcomes: list[Outcome] = []
         groups = self._groups(batch)
         with conn.transaction():
@@ -133,9 +153,35 @@ class PostgresWriter(BatchingWriter):
                     except BaseException as exc:
                         outcomes.extend((member, None, exc) for member in members)
                     continue
+                self._fresh_scratch()
                 try:
                     with conn.transaction():  # a savepoint: the job's failure undoes it alone
+                        if _pipelined(job):
+                            with conn.pipeline():  # its writes go with its last statement, inside the savepoint
+                                result = job.fn(conn)
+                        else:
+                            result = job.fn(conn)
+                except self._retryable:
+                    raise
+                except BaseException as exc:
+                    outcomes.append((job, None, exc))
+                else:
+                    outcomes.append((job, result, None))
+        return outcomes
+
+    def _pipelined_batch(self, conn: Any, batch: list[_WriteJob]) -> list[Outcome]:
+        """Every job pipelined: the whole transaction in pipeline mode. Each job still has its savepoint, and its
+        queued writes are sent (`sync`) before the savepoint ends, so a write's failure is the job's and undoes it
+        alone; the savepoint's RELEASE and the next job's SAVEPOINT ride with the next job's first read, so a job
+        costs the round trips its reads need plus one."""
+        outcomes: list[Outcome] = []
+        with conn.pipeline() as pipeline, conn.transaction():
+            for job in sorted(batch, key=_lock_order):
+                self._fresh_scratch()
+                try:
+                    with conn.transaction():
                         result = job.fn(conn)
+                        pipeline.sync()
                 except self._retryable:
                     raise
                 except BaseException as exc:
@@ -148,9 +194,14 @@ class PostgresWriter(BatchingWriter):
         import psycopg
 
         passed_on: tuple[type[BaseException], ...] = (*self._retryable, psycopg.OperationalError)
+        self._fresh_scratch()
         try:
-            with conn.transaction():
-                result = job.fn(conn)
+            if _pipelined(job):  # BEGIN rides with the first read, the writes with COMMIT
+                with conn.pipeline(), conn.transaction():
+                    result = job.fn(conn)
+            else:
+                with conn.transaction():
+                    result = job.fn(conn)
         except passed_on:  # the batch's retry, or the lost-connection answer
             raise
         except BaseException as exc:  # rolled back: the job's failure undid it alone
@@ -216,6 +267,10 @@ class PostgresCore:
 
     def defer(self, fn: Callable[[Any], T]) -> Future[T]:
         return self._writer.defer(fn)
+
+    def scratch(self) -> dict[str, Any]:
+        """The running write job's own dict (see PostgresWriter.scratch)."""
+        return self._writer.scratch()
 
     @property
     def retries(self) -> int:

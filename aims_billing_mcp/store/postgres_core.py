@@ -27,11 +27,12 @@ from typing import Any, TypeVar
 
 from ..errors import DatabaseBusy
 from . import postgres as pg
-from .core import BatchingWriter, Outcome, _WriteJob
+from .core import BatchingWriter, Outcome, _Redo, _WriteJob
 
 T = TypeVar("T")
 
 MAX_ATTEMPTS = 8
+WROTE = "wrote"  # the scratch key a store sets when a pipelined job wrote (or queued a write): see _trusted_batch
 POOL_WAIT_S = 5.0
 WRITER_THREADS = 4
 
@@ -48,6 +49,18 @@ def _pipelined(job: _WriteJob) -> bool:
     answers), never `rowcount` alone, and uses no COPY. Its writes are then sent with the COMMIT (or with the next
     job's first read), and a failing write raises when they are sent, still inside the job's transaction."""
     return job.group is None and bool(getattr(job.fn, "pipelined", False))
+
+
+def _operational() -> type[BaseException]:
+    from psycopg import OperationalError
+
+    return OperationalError
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    import psycopg
+
+    return isinstance(exc, psycopg.Error)
 
 
 def _lock_order(job: _WriteJob) -> str:
@@ -68,7 +81,10 @@ class PostgresWriter(BatchingWriter):
         self._connections: list[Any] = []
         self._lock = threading.Lock()
         self._retryable = _retryable()
+        self._passed_on = (*self._retryable, _operational())
         self.retries = 0
+        self.redone = 0  # trusted batches redone with a savepoint per job
+        self.hooks: list[Any] = []  # the stores' read_ahead(conn, requests) / write_behind(conn), see _trusted_batch
         self._start()
 
     def scratch(self) -> dict[str, Any]:
@@ -170,13 +186,59 @@ class PostgresWriter(BatchingWriter):
         return outcomes
 
     def _pipelined_batch(self, conn: Any, batch: list[_WriteJob]) -> list[Outcome]:
-        """Every job pipelined: the whole transaction in pipeline mode. Each job still has its savepoint, and its
-        queued writes are sent (`sync`) before the savepoint ends, so a write's failure is the job's and undoes it
-        alone; the savepoint's RELEASE and the next job's SAVEPOINT ride with the next job's first read, so a job
-        costs the round trips its reads need plus one."""
+        import psycopg
+
+        ordered = sorted(batch, key=_lock_order)
+        if all(job.trusted for job in ordered):
+            try:
+                return self._trusted_batch(conn, ordered)
+            except self._retryable:
+                raise
+            except (psycopg.OperationalError, pg.PostgresUnavailable):
+                raise
+            except (_Redo, psycopg.Error):  # rolled back: run it again, a savepoint per job, to tell whose it was
+                with self._lock:
+                    self.redone += 1
+        return self._savepoint_batch(conn, ordered)
+
+    def _trusted_batch(self, conn: Any, ordered: list[_WriteJob]) -> list[Outcome]:
+        """Trusted pipelined jobs (each makes every check before its first write): the whole batch in 2 round trips.
+        The stores' `read_ahead` reads what the jobs will read first, for all of them at once (the ledger: the
+        request keys' locks, the wallets locked in one order, the keys' stored results), the jobs run on those rows
+        without a savepoint each, their writes are kept by the stores and sent by `write_behind` as one statement
+        per table, with COMMIT. A job refused before it wrote simply has no effect; should one fail after writing
+        (it set scratch[WROTE]), or a statement fail, the batch is rolled back and redone with a savepoint per job,
+        as SQLite's writer does (`core._Redo`)."""
+        outcomes: list[Outcome] = []
+        with conn.pipeline(), conn.transaction():
+            self._fresh_scratch()
+            scratch = self._local.scratch
+            requests = [request for job in ordered if (request := getattr(job.fn, "request", None)) is not None]
+            for hook in self.hooks:
+                hook.read_ahead(conn, requests)
+            for job in ordered:
+                scratch[WROTE] = False
+                try:
+                    result = job.fn(conn)
+                except self._passed_on:
+                    raise
+                except BaseException as exc:
+                    if scratch[WROTE] or _is_database_error(exc):
+                        raise _Redo from exc
+                    outcomes.append((job, None, exc))
+                else:
+                    outcomes.append((job, result, None))
+            for hook in self.hooks:
+                hook.write_behind(conn)
+        return outcomes
+
+    def _savepoint_batch(self, conn: Any, ordered: list[_WriteJob]) -> list[Outcome]:
+        """Every job pipelined: the whole transaction in pipeline mode. Each job has its savepoint, and its queued
+        writes are sent (`sync`) before the savepoint ends, so a write's failure is the job's and undoes it alone;
+        the savepoint's RELEASE and the next job's SAVEPOINT ride with the next job's first read."""
         outcomes: list[Outcome] = []
         with conn.pipeline() as pipeline, conn.transaction():
-            for job in sorted(batch, key=_lock_order):
+            for job in ordered:
                 self._fresh_scratch()
                 try:
                     with conn.transaction():
@@ -194,6 +256,13 @@ class PostgresWriter(BatchingWriter):
         import psycopg
 
         passed_on: tuple[type[BaseException], ...] = (*self._retryable, psycopg.OperationalError)
+        if _pipelined(job) and job.trusted:  # BEGIN rides with the reads, the writes with COMMIT (2 round trips)
+            try:
+                return self._trusted_batch(conn, [job])
+            except passed_on:
+                raise
+            except BaseException as exc:  # rolled back: the job's failure (or its write's) undid it alone
+                return [(job, None, exc.__cause__ if isinstance(exc, _Redo) and exc.__cause__ else exc)]
         self._fresh_scratch()
         try:
             if _pipelined(job):  # BEGIN rides with the first read, the writes with COMMIT
@@ -271,6 +340,11 @@ class PostgresCore:
     def scratch(self) -> dict[str, Any]:
         """The running write job's own dict (see PostgresWriter.scratch)."""
         return self._writer.scratch()
+
+    def add_batch_hook(self, hook: Any) -> None:
+        """A store taking part in trusted pipelined batches: `hook.read_ahead(conn, requests)` before the jobs,
+        `hook.write_behind(conn)` after them (see PostgresWriter._trusted_batch)."""
+        self._writer.hooks.append(hook)
 
     @property
     def retries(self) -> int:

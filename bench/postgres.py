@@ -371,6 +371,24 @@ def meter_rate(cluster: Any, name: str, instances: int, events: int, callers: in
                               "server_cpu_us_per_event": 1e6 * results[0]["server_cpu"] / events}
 
 
+def commit_floor(cluster: Any, name: str, wallets: int, samples: int = 500) -> tuple[float, float]:
+    """The latency floor: p50/p99 (ms) of one single-statement transaction (one round trip, one WAL flush), one
+    connection, one after another, on the same cluster."""
+    import psycopg
+
+    url = cluster.create_database(name)
+    rng = random.Random(3)
+    timings: list[float] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
+        conn.execute("INSERT INTO bench_accounts SELECT g, 1000000000 FROM generate_series(0, %s) g", (wallets - 1,))
+        for _ in range(samples):
+            start = time.perf_counter()
+            conn.execute("UPDATE bench_accounts SET balance = balance - 1 WHERE id = %s", (rng.randrange(wallets),))
+            timings.append((time.perf_counter() - start) * 1000)
+    return percentile(timings, 0.50), percentile(timings, 0.99)
+
+
 def latency(cluster: Any, name: str, rate: int, seconds: float, wallets: int) -> dict[str, float]:
     url = cluster.migrated_database(name)
     seed(url, wallets)
@@ -430,6 +448,7 @@ def main() -> None:
             lat = latency(cluster, f"latency_{run}", args.rate, args.seconds, args.wallets)
             figures["p50_ms"], figures["p99_ms"], figures["offered_achieved_per_s"] = (
                 lat["p50_ms"], lat["p99_ms"], lat["achieved"])
+            figures["commit_p50_ms"], figures["commit_p99_ms"] = commit_floor(cluster, f"commit_{run}", args.wallets)
             figures["one_debits_per_batch"] = one["debits_per_batch"]
             figures["three_debits_per_batch"] = three["debits_per_batch"]
             figures["three_retried_batches"] = three["retried_batches"]
@@ -461,6 +480,8 @@ def main() -> None:
         (f"p50 ack latency at {args.rate:,}/s (ms)", median["p50_ms"], "", None),
         (f"p99 ack latency at {args.rate:,}/s (ms)", median["p99_ms"], f"<= {TARGET_P99_MS:g}",
          median["p99_ms"] <= TARGET_P99_MS),
+        ("floor: one 1-UPDATE transaction p50 (ms)", median["commit_p50_ms"], "", None),
+        ("floor: one 1-UPDATE transaction p99 (ms)", median["commit_p99_ms"], "", None),
     ]
     if "pgbench_tps" in median:
         checks.insert(3, ("pgbench tps (C client, same script)", median["pgbench_tps"], "", None))

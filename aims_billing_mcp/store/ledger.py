@@ -610,6 +610,14 @@ class PostgresLedgerStore:
     sweeping at once take turns on each wallet, and the second finds the holds already expired (they are re-read
     after the lock), so each expiry is recorded once. No lease is needed.
 
+    Round trips: the writer runs ledger jobs (trusted, pipelined: services/ledger.py's `_job`) as trusted batches
+    (postgres_core). `read_ahead` takes, for every job of the batch at once, the keys' advisory locks (sorted), the
+    owners' wallets `FOR UPDATE` (in agent order, the order the jobs run in) and the keys' stored results; the jobs
+    then find those rows in the batch (`_LedgerBatch`, kept current by their own writes), and their wallet updates,
+    entries and request rows are sent by `write_behind` as one statement per table. Any other read first sends the
+    writes kept so far (`_flush`), so it sees them. Outside a batch (a savepoint per job) `find_request` reads the
+    owner's wallet `FOR UPDATE` in its own round trip, for the job's `load_wallet`.
+
     `check_ledger` is one statement, hence one snapshot, as on SQLite."""
 
     def __init__(self, core: Any) -> None:

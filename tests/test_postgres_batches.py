@@ -119,6 +119,36 @@ async def test_a_trusted_job_failing_after_it_wrote_redoes_the_batch_with_savepo
     assert service.check_ledger() == []
 
 
+async def test_a_write_the_database_refuses_when_the_batch_commits_fails_only_its_own_job(
+    ledger: tuple[PostgresStore, LedgerService],
+) -> None:
+    """A trusted batch's writes are sent together with COMMIT: one the schema refuses there (a negative balance,
+    past every check) rolls the batch back, and the batch is redone with a savepoint per job to find whose it was."""
+    store, service = ledger
+
+    def overdraws(tx: Any) -> None:
+        now = utc_iso(0)
+        wallet = store.ledger.load_wallet(tx, "agent-b", now)
+        assert wallet is not None
+        wallet.balance = -1  # agent_wallets CHECK (balance >= 0)
+        store.ledger.save_wallet(tx, wallet, now)
+
+    overdraws.pipelined = True  # type: ignore[attr-defined]
+
+    outcomes = await in_one_batch(store, [
+        service.debit("agent-a", 10, idempotency_key="before", reason="ok"),
+        store.write(overdraws, savepoint=False),
+        service.credit("agent-b", 5, idempotency_key="after", reason="ok"),
+    ])
+
+    before, refused, after = outcomes
+    assert before.balance_after == 90 and after.balance_after == 105
+    assert type(refused).__name__ == "CheckViolation"
+    assert store._writer.redone == 1
+    assert service.get_wallet("agent-b").balance == 105
+    assert service.check_ledger() == []
+
+
 async def test_looking_up_recorded_meter_events_reads_their_index_not_the_whole_table(postgres_url: str) -> None:
     """A fresh table has no statistics until autovacuum analyzes it: `identifier = ANY(...)` was planned as a
     sequential scan then, so every recording batch read every event recorded so far."""

@@ -747,7 +747,9 @@ class PostgresLedgerStore:
     def save_wallet(self, tx: Any, wallet: WalletState, now_iso: str) -> None:
         batch = self._wrote()
         values = (wallet.balance, wallet.held, int(wallet.frozen), wallet.spend_day, wallet.spent_today, now_iso)
-        if batch is not None and batch.tx is tx:  # the wallet's last state in the batch is what its UPDATE writes
+        if batch is not None and batch.tx is tx:
+            if wallet.id in batch.saves:  # each state the wallet passes through meets the schema's CHECKs: the
+                self._flush(tx, batch)    # earlier one goes first, in its own statement (queued, no round trip)
             batch.saves[wallet.id] = (*values, wallet.id)
             batch.wallets[wallet.agent_id] = (wallet.id, wallet.agent_id, wallet.customer_id, wallet.balance,
                                               wallet.held, wallet.daily_cap, int(wallet.frozen), wallet.spend_day,

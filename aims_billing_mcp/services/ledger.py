@@ -528,6 +528,9 @@ class LedgerService:
             return response, False
 
         job.lock_order = owner if isinstance(owner, str) else ""  # type: ignore[attr-defined]  # PostgreSQL's writer
+        job.pipelined = True  # type: ignore[attr-defined]  # it reads results only by fetching them: see postgres_core
+        # what the job looks up first, for a writer that reads it ahead for a whole batch (PostgreSQL's)
+        job.request = (owner, operation, idempotency_key) if isinstance(owner, str) else None  # type: ignore[attr-defined]
         return job
 
     async def _submit(self, model: type[R], job: Job) -> R:

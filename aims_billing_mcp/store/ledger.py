@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import InvalidState
 from .core import StoreCore, Tx
+from .postgres_core import WROTE
 
 TxnKind = Literal["credit", "debit", "transfer", "hold", "capture", "release", "expire"]
 KINDS: tuple[TxnKind, ...] = ("credit", "debit", "transfer", "hold", "capture", "release", "expire")
@@ -520,6 +521,50 @@ _PG_ENTRY_INSERT = (
 _PG_FIND_REQUEST = _FIND_REQUEST.replace("?", "%s")
 _PG_RECORD_REQUEST = _RECORD_REQUEST.replace("?", "%s")
 _PG_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))"
+_READ_AHEAD = "ledger.wallet"  # the key of find_request's read-ahead wallet row in the writer job's scratch dict
+_BATCH = "ledger.batch"  # the key of a trusted batch's _LedgerBatch in the writer's scratch dict
+_PG_LOCK_ALL = "SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) FROM unnest(%s::text[]) AS k"
+_PG_LOAD_WALLETS = (f"SELECT {_WALLET_COLUMNS} FROM agent_wallets WHERE agent_id = ANY(%s) ORDER BY agent_id "
+                    "FOR UPDATE")
+_PG_FIND_REQUESTS = (
+    "SELECT r.owner, r.operation, r.idempotency_key, r.request_hash, r.response FROM ledger_requests r "
+    "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(owner, operation, idempotency_key) "
+    "ON r.owner = k.owner AND r.operation = k.operation AND r.idempotency_key = k.idempotency_key")
+_PG_SAVE_WALLETS = (
+    "UPDATE agent_wallets AS w SET balance = v.balance, held = v.held, frozen = v.frozen, spend_day = v.spend_day, "
+    "spent_today = v.spent_today, updated_at = v.updated_at FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], "
+    "%s::bigint[], %s::bigint[], %s::text[], %s::text[]) AS v(balance, held, frozen, spend_day, spent_today, "
+    "updated_at, id) WHERE w.id = v.id")
+_PG_ENTRIES_INSERT = (  # unnest keeps the arrays' order, so ids follow the order the jobs posted in
+    "INSERT INTO agent_transactions (txn_id, entry, account, wallet_id, kind, amount, pending, balance_after, "
+    "idempotency_key, reason, reference, hold_id, created_at) SELECT * FROM unnest(%s::text[], %s::bigint[], "
+    "%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], "
+    "%s::text[], %s::text[], %s::text[])")
+_PG_RECORD_REQUESTS = (
+    "INSERT INTO ledger_requests (owner, operation, idempotency_key, request_hash, response, txn_id, created_at) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[])")
+
+
+def _request_lock(owner: str, operation: str, key: str) -> str:
+    return f"ledger-request\x1f{owner}\x1f{operation}\x1f{key}"
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+@dataclass(slots=True)
+class _LedgerBatch:
+    """A trusted batch's ledger rows (postgres_core.PostgresWriter._trusted_batch): what `read_ahead` read for every
+    job at once (request keys locked and looked up, the owners' wallets locked), kept current as the jobs write,
+    and the writes the jobs made, sent by `write_behind` as one statement per table."""
+
+    tx: Any
+    requests: dict[tuple[str, str, str], StoredRequest | None]
+    wallets: dict[str, tuple[Any, ...]]
+    saves: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    entries: list[tuple[Any, ...]] = field(default_factory=list)
+    new_requests: list[tuple[Any, ...]] = field(default_factory=list)
 _PG_ENTRY_JSON = (
     "'entry_id', t.id, 'txn_id', t.txn_id, 'kind', t.kind, 'amount', t.amount, 'held_change', t.pending, "
     "'balance_after', t.balance_after, 'hold_id', t.hold_id, 'reason', t.reason, 'reference', t.reference, "
@@ -565,36 +610,115 @@ class PostgresLedgerStore:
     sweeping at once take turns on each wallet, and the second finds the holds already expired (they are re-read
     after the lock), so each expiry is recorded once. No lease is needed.
 
+    Round trips: the writer runs ledger jobs (trusted, pipelined: services/ledger.py's `_job`) as trusted batches
+    (postgres_core). `read_ahead` takes, for every job of the batch at once, the keys' advisory locks (sorted), the
+    owners' wallets `FOR UPDATE` (in agent order, the order the jobs run in) and the keys' stored results; the jobs
+    then find those rows in the batch (`_LedgerBatch`, kept current by their own writes), and their wallet updates,
+    entries and request rows are sent by `write_behind` as one statement per table. Any other read first sends the
+    writes kept so far (`_flush`), so it sees them. Outside a batch (a savepoint per job) `find_request` reads the
+    owner's wallet `FOR UPDATE` in its own round trip, for the job's `load_wallet`.
+
     `check_ledger` is one statement, hence one snapshot, as on SQLite."""
 
     def __init__(self, core: Any) -> None:
         self._core = core
+        if hasattr(core, "add_batch_hook"):
+            core.add_batch_hook(self)
+
+    # trusted batches (postgres_core): read ahead for every job, write behind them
+    def read_ahead(self, tx: Any, requests: list[tuple[str, str, str]]) -> None:
+        """Before a trusted batch's jobs run: every request key's lock (sorted), every owner's wallet locked (in
+        agent order, as `_lock_order` runs the jobs), then every key's stored result, on a snapshot taken after the
+        locks; queued with BEGIN, one round trip. The jobs then find these rows in the batch instead of asking."""
+        keys = sorted(set(requests))
+        owners = sorted({owner for owner, _, _ in keys})
+        batch = _LedgerBatch(tx, dict.fromkeys(keys), {})
+        self._core.scratch()[_BATCH] = batch
+        if not keys:
+            return
+        tx.execute(_PG_LOCK_ALL, (sorted({_request_lock(*key) for key in keys}),))
+        wallets = tx.execute(_PG_LOAD_WALLETS, (owners,))
+        found = tx.execute(_PG_FIND_REQUESTS, _columns(keys, 3))
+        for row in wallets.fetchall():
+            batch.wallets[row[1]] = row
+        for owner, operation, key, request_hash, response in found.fetchall():
+            batch.requests[(owner, operation, key)] = StoredRequest(request_hash, response)
+
+    def write_behind(self, tx: Any) -> None:
+        """After a trusted batch's jobs: their writes kept in the batch, one statement per table, queued (they go
+        with COMMIT)."""
+        batch = self._core.scratch().pop(_BATCH, None)
+        if batch is not None:
+            self._flush(tx, batch)
+
+    def _batch(self, tx: Any) -> _LedgerBatch | None:
+        batch: _LedgerBatch | None = self._core.scratch().get(_BATCH)
+        return batch if batch is not None and batch.tx is tx else None
+
+    def _wrote(self) -> _LedgerBatch | None:
+        scratch = self._core.scratch()
+        scratch[WROTE] = True
+        batch: _LedgerBatch | None = scratch.get(_BATCH)
+        return batch
+
+    def _flush(self, tx: Any, batch: _LedgerBatch | None = None) -> None:
+        """Send the batch's kept writes now (queued): before a statement that reads what they change."""
+        batch = batch or self._batch(tx)
+        if batch is None:
+            return
+        if batch.saves:
+            tx.execute(_PG_SAVE_WALLETS, _columns(list(batch.saves.values()), 7))
+            batch.saves = {}
+        if batch.entries:
+            tx.execute(_PG_ENTRIES_INSERT, _columns(batch.entries, 13))
+            batch.entries = []
+        if batch.new_requests:
+            tx.execute(_PG_RECORD_REQUESTS, _columns(batch.new_requests, 7))
+            batch.new_requests = []
 
     # requests
     def find_request(self, tx: Any, owner: str, operation: str, key: str) -> StoredRequest | None:
-        with tx.pipeline():  # one round trip; the lookup still runs after the lock is granted, on a new snapshot
-            tx.execute(_PG_LOCK, (f"ledger-request\x1f{owner}\x1f{operation}\x1f{key}",))
+        batch = self._batch(tx)
+        if batch is not None:
+            if (owner, operation, key) in batch.requests:
+                return batch.requests[(owner, operation, key)]
+            self._flush(tx, batch)
+        # One round trip: the key's lock, its lookup (run after the lock is granted, on a new snapshot), and the
+        # owner's wallet locked and read ahead for this job's load_wallet (the wallet every ledger operation locks
+        # first; a replay leaves it unread, holding its lock until COMMIT a moment later).
+        with tx.pipeline():
+            tx.execute(_PG_LOCK, (_request_lock(owner, operation, key),))
             cursor = tx.execute(_PG_FIND_REQUEST, (owner, operation, key))
+            wallet = tx.execute(_PG_LOAD_WALLET, (owner,))
         found = cursor.fetchone()
+        self._core.scratch()[_READ_AHEAD] = (tx, owner, wallet.fetchone())
         return None if found is None else StoredRequest(found[0], found[1])
 
     def record_request(self, tx: Any, owner: str, operation: str, key: str, request_hash: str, response: str,
                        txn_id: str | None, now_iso: str) -> None:
+        batch = self._wrote()
+        if batch is not None and batch.tx is tx:
+            batch.new_requests.append((owner, operation, key, request_hash, response, txn_id, now_iso))
+            batch.requests[(owner, operation, key)] = StoredRequest(request_hash, response)
+            return
         tx.execute(_PG_RECORD_REQUEST, (owner, operation, key, request_hash, response, txn_id, now_iso))
 
     # wallets
     def wallet_owner(self, tx: Any, agent_id: str) -> str | None:
+        self._flush(tx)
         tx.execute(_PG_LOCK, (f"ledger-wallet\x1f{agent_id}",))
         row = tx.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = %s", (agent_id,)).fetchone()
         return None if row is None else str(row[0])
 
     def count_wallets(self, tx: Any, customer_id: str) -> int:
+        self._flush(tx)
         tx.execute(_PG_LOCK, (f"ledger-customer\x1f{customer_id}",))
         (count,) = tx.execute("SELECT COUNT(*) FROM agent_wallets WHERE customer_id = %s", (customer_id,)).fetchone()
         return int(count)
 
     def create_wallet(self, tx: Any, wallet_id: str, agent_id: str, customer_id: str, daily_cap: int | None,
                       now_iso: str) -> None:
+        self._wrote()
         tx.execute(
             "INSERT INTO agent_wallets (id, agent_id, customer_id, balance, daily_cap, frozen, created_at, "
             "updated_at) VALUES (%s, %s, %s, 0, %s, 0, %s, %s)",
@@ -602,7 +726,15 @@ class PostgresLedgerStore:
         )
 
     def load_wallet(self, tx: Any, agent_id: str, now_iso: str) -> WalletState | None:
-        row = tx.execute(_PG_LOAD_WALLET, (agent_id,)).fetchone()
+        batch = self._batch(tx)
+        ahead = self._core.scratch().pop(_READ_AHEAD, None)
+        if batch is not None and agent_id in batch.wallets:  # locked by read_ahead, kept current by save_wallet
+            row = batch.wallets[agent_id]
+        elif ahead is not None and ahead[0] is tx and ahead[1] == agent_id:  # read by find_request, locked since
+            row = ahead[2]
+        else:
+            self._flush(tx, batch)
+            row = tx.execute(_PG_LOAD_WALLET, (agent_id,)).fetchone()
         if row is None:
             return None
         wallet = WalletState(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[3])
@@ -613,12 +745,27 @@ class PostgresLedgerStore:
         return wallet
 
     def save_wallet(self, tx: Any, wallet: WalletState, now_iso: str) -> None:
-        tx.execute(_PG_SAVE_WALLET, (wallet.balance, wallet.held, int(wallet.frozen), wallet.spend_day,
-                                     wallet.spent_today, now_iso, wallet.id))
+        batch = self._wrote()
+        values = (wallet.balance, wallet.held, int(wallet.frozen), wallet.spend_day, wallet.spent_today, now_iso)
+        if batch is not None and batch.tx is tx:
+            if wallet.id in batch.saves:  # each state the wallet passes through meets the schema's CHECKs: the
+                self._flush(tx, batch)    # earlier one goes first, in its own statement (queued, no round trip)
+            batch.saves[wallet.id] = (*values, wallet.id)
+            batch.wallets[wallet.agent_id] = (wallet.id, wallet.agent_id, wallet.customer_id, wallet.balance,
+                                              wallet.held, wallet.daily_cap, int(wallet.frozen), wallet.spend_day,
+                                              wallet.spent_today)
+            return
+        tx.execute(_PG_SAVE_WALLET, (*values, wallet.id))
 
     # postings and holds
     def post(self, tx: Any, txn_id: str, kind: TxnKind, key: str, reason: str, reference: str | None,
              hold_id: str | None, now_iso: str, first: Entry, second: Entry) -> None:
+        batch = self._wrote()
+        if batch is not None and batch.tx is tx:
+            batch.entries += [(txn_id, number, account, wallet_id, kind, amount, pending, after, key, reason,
+                               reference, hold_id, now_iso)
+                              for number, (account, wallet_id, amount, pending, after) in enumerate((first, second))]
+            return
         params: list[Any] = []
         for account, wallet_id, amount, pending, after in (first, second):
             params += [txn_id, account, wallet_id, kind, amount, pending, after, key, reason, reference, hold_id,
@@ -627,17 +774,20 @@ class PostgresLedgerStore:
 
     def place_hold(self, tx: Any, hold_id: str, wallet_id: str, amount: int, expires_at: str, txn_id: str,
                    now_iso: str) -> None:
+        self._wrote()
         tx.execute(
             "INSERT INTO ledger_holds (id, wallet_id, amount, status, expires_at, txn_id, created_at) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s)",
             (hold_id, wallet_id, amount, str(HoldStatus.ACTIVE), expires_at, txn_id, now_iso))
 
     def hold_owner(self, tx: Any, hold_id: str) -> str | None:
+        self._flush(tx)
         row = tx.execute("SELECT w.agent_id FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
                          "WHERE h.id = %s", (hold_id,)).fetchone()
         return None if row is None else str(row[0])
 
     def load_hold(self, tx: Any, hold_id: str) -> HoldRow | None:
+        self._flush(tx)
         row = tx.execute(  # the hold and its wallet locked: both are re-read at their newest after a wait
             "SELECT h.amount, h.status, h.captured, h.expires_at, h.resolved_at, w.agent_id "
             "FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id WHERE h.id = %s FOR UPDATE", (hold_id,)
@@ -648,16 +798,19 @@ class PostgresLedgerStore:
                      captured: int = 0) -> None:
         if status not in TRANSITIONS[HoldStatus.ACTIVE]:
             raise ValueError(f"a hold cannot move from {HoldStatus.ACTIVE} to {status}")
-        changed = tx.execute(
+        self._wrote()
+        changed = tx.execute(  # RETURNING, fetched: the count is known in pipeline mode too (rowcount is not)
             "UPDATE ledger_holds SET status = %s, captured = %s, resolved_txn_id = %s, resolved_at = %s "
-            f"WHERE id = %s AND status = {_ACTIVE}", (str(status), captured, txn_id, now_iso, hold_id)).rowcount
-        if changed != 1:
+            f"WHERE id = %s AND status = {_ACTIVE} RETURNING id", (str(status), captured, txn_id, now_iso, hold_id)
+        ).fetchall()
+        if len(changed) != 1:
             row = tx.execute("SELECT status FROM ledger_holds WHERE id = %s", (hold_id,)).fetchone()
             now = "unknown" if row is None else f"already {row[0]}"
             raise InvalidState(f"hold {hold_id} cannot become {status}: it is {now}; a hold resolves once",
                                param="hold_id")
 
     def expired_hold_wallets(self, tx: Any, now_iso: str, limit: int) -> list[tuple[str, int]]:
+        self._flush(tx)
         return [(str(agent_id), int(count)) for agent_id, count in tx.execute(
             "SELECT w.agent_id, COUNT(*) FROM ledger_holds h JOIN agent_wallets w ON w.id = h.wallet_id "
             f"WHERE h.status = {_ACTIVE} AND h.expires_at <= %s GROUP BY w.agent_id ORDER BY w.agent_id LIMIT %s",

@@ -726,9 +726,14 @@ class PostgresMeteringStore:
         # The customers' metering locks first (sorted: two batches take them in one order), in their own statement,
         # so the SELECT below (a new snapshot under READ COMMITTED) sees every event committed before the lock.
         _pg_lock(tx, sorted({f"meter:{customer}" for customer, _ in pairs}))
-        identifiers = list({identifier for _, identifier in pairs})
-        for row in tx.execute(f"SELECT {_EVENT_COLUMNS} FROM meter_events WHERE identifier = ANY(%s)",
-                              (identifiers,)):
+        # One index lookup per pair, whatever the statistics say: `identifier = ANY(...)` on a table grown since its
+        # last ANALYZE is planned as a sequential scan (every batch reading every event: 4 ms at 20,000 events and
+        # growing); OFFSET 0 keeps the lookup a parameterized index scan instead of a join the planner may hash.
+        keys = sorted(pairs)
+        for row in tx.execute(
+                "SELECT m.* FROM unnest(%s::text[], %s::text[]) AS k(customer_id, identifier), LATERAL (SELECT "
+                f"{_EVENT_COLUMNS} FROM meter_events e WHERE e.identifier = k.identifier AND e.customer_id = "
+                "k.customer_id OFFSET 0) AS m", ([c for c, _ in keys], [i for _, i in keys])):
             key = (row[1], row[0])
             if key in pairs:
                 found[key] = MeterEventRow._make(row)

@@ -288,6 +288,21 @@ _READ_WALLET = (
 )
 
 
+def _snapshot(row: dict[str, Any] | None) -> WalletSnapshot | None:
+    """A wallet with its active holds and latest entries, from one row whose holds and entries are JSON (text on
+    SQLite, decoded already on PostgreSQL)."""
+    if row is None:
+        return None
+    holds = sorted((HoldView.model_validate(h) for h in _json(row["holds_json"])),
+                   key=lambda h: (h.expires_at, h.hold_id))
+    entries = sorted((LedgerEntry.model_validate(e) for e in _json(row["recent_json"])), key=lambda e: -e.entry_id)
+    return WalletSnapshot(
+        id=row["id"], agent_id=row["agent_id"], customer_id=row["customer_id"], balance=row["balance"],
+        daily_cap=row["daily_cap"], frozen=bool(row["frozen"]), spend_day=row["spend_day"],
+        spent_today=row["spent_today"], created_at=row["created_at"], updated_at=row["updated_at"],
+        holds=holds, recent=entries)
+
+
 class SqliteLedgerStore:
     def __init__(self, core: StoreCore) -> None:
         self._core = core
@@ -381,18 +396,7 @@ class SqliteLedgerStore:
 
     # reads
     def read_wallet(self, agent_id: str, now_iso: str, recent: int) -> WalletSnapshot | None:
-        row = self._core.query_one(_READ_WALLET, {"now": now_iso, "recent": recent, "agent": agent_id})
-        if row is None:
-            return None
-        holds = sorted((HoldView.model_validate(h) for h in json.loads(row["holds_json"])),
-                       key=lambda h: (h.expires_at, h.hold_id))
-        entries = sorted((LedgerEntry.model_validate(e) for e in json.loads(row["recent_json"])),
-                         key=lambda e: -e.entry_id)
-        return WalletSnapshot(
-            id=row["id"], agent_id=row["agent_id"], customer_id=row["customer_id"], balance=row["balance"],
-            daily_cap=row["daily_cap"], frozen=bool(row["frozen"]), spend_day=row["spend_day"],
-            spent_today=row["spent_today"], created_at=row["created_at"], updated_at=row["updated_at"],
-            holds=holds, recent=entries)
+        return _snapshot(self._core.query_one(_READ_WALLET, {"now": now_iso, "recent": recent, "agent": agent_id}))
 
     def wallet_id(self, agent_id: str) -> str | None:
         row = self._core.query_one("SELECT id FROM agent_wallets WHERE agent_id = ?", (agent_id,))
@@ -583,7 +587,7 @@ _PG_READ_WALLET = (
 
 
 def _json(value: Any) -> Any:
-    """psycopg parses `json` columns already; text (a driver configured otherwise) is parsed here."""
+    """JSON as text (SQLite's json_object) is parsed here; psycopg parses `json` columns already."""
     return json.loads(value) if isinstance(value, str) else value
 
 
@@ -818,18 +822,7 @@ class PostgresLedgerStore:
 
     # reads
     def read_wallet(self, agent_id: str, now_iso: str, recent: int) -> WalletSnapshot | None:
-        row = self._core.query_one(_PG_READ_WALLET, {"now": now_iso, "recent": recent, "agent": agent_id})
-        if row is None:
-            return None
-        holds = sorted((HoldView.model_validate(h) for h in _json(row["holds_json"])),
-                       key=lambda h: (h.expires_at, h.hold_id))
-        entries = sorted((LedgerEntry.model_validate(e) for e in _json(row["recent_json"])),
-                         key=lambda e: -e.entry_id)
-        return WalletSnapshot(
-            id=row["id"], agent_id=row["agent_id"], customer_id=row["customer_id"], balance=row["balance"],
-            daily_cap=row["daily_cap"], frozen=bool(row["frozen"]), spend_day=row["spend_day"],
-            spent_today=row["spent_today"], created_at=row["created_at"], updated_at=row["updated_at"],
-            holds=holds, recent=entries)
+        return _snapshot(self._core.query_one(_PG_READ_WALLET, {"now": now_iso, "recent": recent, "agent": agent_id}))
 
     def wallet_id(self, agent_id: str) -> str | None:
         row = self._core.query_one("SELECT id FROM agent_wallets WHERE agent_id = %s", (agent_id,))

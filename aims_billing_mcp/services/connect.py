@@ -11,6 +11,10 @@ for a creator, with the creator's share) and the split of every sale of a plug.
 - Checkout sessions and payment links sell plugs as destination charges (`transfer_data[destination]` and
   `application_fee_amount`): Stripe moves the creator's share with the charge itself, so nothing can be paid
   without the creator being paid or transferred twice. A cart holding several creators' plugs is refused there.
+- Payment sessions and ACP checkouts of one creator's plugs are destination charges on the PaymentIntent, marked
+  transferred in the transaction that records the payment's success (`paid`). An ACP cart of several creators'
+  plugs is one platform charge with a `transfer_group`, then one transfer per creator (`source_transaction`: the
+  charge) whose idempotency key derives from the payment session and the creator (`transfer_sale`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..models import format_amount
 from ..store import Store, Tx, new_id, utc_now
 from ..store.connect import AccountStatus, ConnectedAccount, DuplicatePlug, Plug, Split, SplitStatus
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
+from .background import Background
 from .connect_models import (
     AccountLinkResult,
     ConnectedAccountList,
@@ -38,6 +43,7 @@ from .connect_models import (
     RefundSplitResult,
     SplitView,
 )
+from .fulfilment import Seller
 from .idempotency import IdempotencyService
 from .mutations import StripeMutations, compact
 
@@ -72,9 +78,10 @@ def split_for(plug: Plug, amount: int, currency: str, quantity: int = 1) -> Spli
 
 @dataclass(frozen=True, slots=True)
 class SalePlan:
-    """Where one sale's money goes: the creator's account, and the application fee the platform keeps."""
+    """Where one sale's money goes: the creator's account and the application fee the platform keeps (a destination
+    charge), or, with `account` None, several creators paid by separate transfers after one platform charge."""
 
-    account: str
+    account: str | None
     currency: str
     total: int
     lines: tuple[tuple[Plug, SplitAmounts], ...]
@@ -91,9 +98,21 @@ class SalePlan:
     def title(self) -> str:
         return ", ".join(plug.name for plug, _ in self.lines)
 
-    def destination(self) -> dict[str, Any]:
-        """The destination-charge parameters (of a PaymentIntent, a session's payment_intent_data, a link)."""
+    @property
+    def accounts(self) -> list[str]:
+        return sorted({plug.account_id for plug, _ in self.lines})
+
+    def destination(self, sale: str | None = None) -> dict[str, Any]:
+        """The destination-charge parameters (of a PaymentIntent, a session's payment_intent_data, a link); for
+        several creators, the transfer group of `sale`'s separate transfers."""
+        if self.account is None:
+            return {"transfer_group": sale_group(str(sale))}
         return {"transfer_data": {"destination": self.account}, "application_fee_amount": self.application_fee}
+
+
+def sale_group(sale: str) -> str:
+    """The transfer group of a sale paid by the platform and transferred to several creators."""
+    return f"sale_{sale}"
 
 
 def _status_of_v1(account: dict[str, Any]) -> tuple[AccountStatus, tuple[str, ...]]:
@@ -145,6 +164,8 @@ class ConnectService:
         self._mutations = mutations
         self._gateway = gateway
         self._idempotency = idempotency
+        self.transfers = Background()  # separate transfers of sales a webhook saw paid (transfer_sale)
+        self._pending: set[tuple[str, str]] = set()  # sales `paid` left pending, transferred after COMMIT
 
     # --- creators -------------------------------------------------------------------------------------------------
 
@@ -297,15 +318,44 @@ class ConnectService:
             return None
         accounts = {plug.account_id for plug in plugs.values()}
         if len(accounts) > 1:
-            raise Refused(f"this cart holds plugs of {len(accounts)} creators ({', '.join(sorted(accounts))}): one "
-                          "checkout pays one creator; sell each creator's plugs in its own checkout", param=param)
+            raise Refused(f"this cart holds plugs of {len(accounts)} creators ({', '.join(sorted(accounts))}): a "
+                          "checkout session or payment link pays one creator; sell each creator's plugs in its own "
+                          "checkout, or sell the cart through an ACP checkout (separate transfers)", param=param)
         if total is None or currency is None:
             raise InvalidInput("a cart with a plug must be in one currency", param=param)
-        account = accounts.pop()
-        await self.receivable(account, currency, param)
-        lines = tuple((plug, split_for(plug, plug.unit_amount * quantity, currency, quantity))
-                      for price, quantity in items if (plug := plugs.get(price)) is not None)
-        return SalePlan(account, currency, total, lines)
+        lines = [(plugs[price], quantity) for price, quantity in items if price in plugs]
+        return await self._plan(lines, total, currency, [param] * len(lines))
+
+    async def _plan(self, lines: list[tuple[Plug, int]], total: int, currency: str, params: list[str]) -> SalePlan:
+        """Every creator of `lines` checked once (refused before any charge when one cannot be paid)."""
+        checked: set[str] = set()
+        for (plug, _), param in zip(lines, params, strict=True):
+            if plug.account_id not in checked:
+                await self.receivable(plug.account_id, currency, param)
+                checked.add(plug.account_id)
+        planned = tuple((plug, split_for(plug, plug.unit_amount * quantity, currency, quantity))
+                        for plug, quantity in lines)
+        return SalePlan(checked.pop() if len(checked) == 1 else None, currency, total, planned)
+
+    def plug(self, plug_id: str) -> Plug | None:
+        return self._store.connect.plug(plug_id)
+
+    async def plan_lines(self, lines: list[tuple[str, int]], total: int, currency: str) -> SalePlan | None:
+        """The split of an ACP cart (("plug:<id>" or another item, quantity) lines, `total` in `currency`), or None
+        when it holds no plug: a destination charge for one creator, separate transfers for several. Refused
+        (InvalidInput, Refused; param `$.line_items[i]`) before any charge when a creator cannot be paid."""
+        found: list[tuple[Plug, int]] = []
+        params: list[str] = []
+        for i, (item, quantity) in enumerate(lines):
+            if not item.startswith("plug:"):
+                continue
+            plug = self._store.connect.plug(item.removeprefix("plug:"))
+            if plug is None:
+                raise NotFound(f"no plug {item.removeprefix('plug:')!r}: declare it with create_plug",
+                               param=f"$.line_items[{i}]")
+            found.append((plug, quantity))
+            params.append(f"$.line_items[{i}]")
+        return await self._plan(found, total, currency, params) if found else None
 
     async def plan_plug(self, item: str) -> SalePlan:
         """One unit of the plug `item` names ("plug:<id>"), sold alone (a payment session's PaymentIntent)."""
@@ -316,12 +366,15 @@ class ConnectService:
         split = split_for(plug, plug.unit_amount, plug.currency)
         return SalePlan(plug.account_id, plug.currency, plug.unit_amount, ((plug, split),))
 
-    async def declare(self, path: str, sale_ref: str, plan: SalePlan, *, payment_intent: str | None = None) -> None:
-        """Record an offered sale's splits (after Stripe accepted it): one row per plug line, `declared`."""
+    async def declare(self, path: str, sale_ref: str, plan: SalePlan, *, payment_intent: str | None = None,
+                      note: str | None = None) -> None:
+        """Record an offered sale's splits (after Stripe accepted it): one row per plug line, `declared` (with the
+        sale's transfer group when several creators are paid by separate transfers)."""
         now = utc_now()
-        rows = [Split(new_id("spl"), path, sale_ref, plug.plug_id, plan.account, plan.currency, split.gross,
-                      split.platform_fee, split.creator_amount, SplitStatus.DECLARED, payment_intent, None, None, 0, 0,
-                      0, None, now, now) for plug, split in plan.lines]
+        group = sale_group(sale_ref) if plan.account is None else None
+        rows = [Split(new_id("spl"), path, sale_ref, plug.plug_id, plug.account_id, plan.currency, split.gross,
+                      split.platform_fee, split.creator_amount, SplitStatus.DECLARED, payment_intent, None, group, 0,
+                      0, 0, note, now, now) for plug, split in plan.lines]
 
         def job(tx: Tx) -> None:
             for row in rows:
@@ -377,6 +430,58 @@ class ConnectService:
                     continue
             await self._store.write(functools.partial(self._transferred, split.id, transfer_id))
 
+    def seller(self) -> Seller:
+        """Registered in the fulfilment registry: after a COMMIT that left separate transfers pending, make them."""
+        return Seller(after_commit=self.committed)
+
+    def resume_transfers(self) -> None:
+        """At start-up, on the server's loop: the separate transfers a previous run left pending."""
+        self.transfers.bind()
+        self._pending |= {(split.path, split.sale_ref) for split in self._store.connect.splits(None, None, 100_000)
+                          if split.status is SplitStatus.PENDING and split.payment_intent is not None}
+        self.committed()
+
+    def committed(self) -> None:
+        due, self._pending = self._pending, set()
+        self.transfers.spawn((f"transfer:{path}:{sale}", functools.partial(self._transfer_later, path, sale))
+                             for path, sale in sorted(due))
+
+    async def _transfer_later(self, path: str, sale_ref: str) -> None:
+        await self.transfer_sale(path, sale_ref)
+
+    async def transfer_sale(self, path: str, sale_ref: str) -> list[str]:
+        """Pay each creator of a sale paid to the platform (several creators' cart) their share: one transfer per
+        creator in the sale's transfer group, from the sale's charge (`source_transaction`), its idempotency key
+        derived from the sale and the creator, so a retry after a lost answer, a webhook and the buyer's own answer
+        racing, or another process all get the same transfer. One that fails leaves its splits pending (retried by
+        the next look). The transfers made."""
+        pending = [s for s in self._store.connect.splits_of_sale(path, sale_ref) if s.status is SplitStatus.PENDING]
+        if not pending or pending[0].payment_intent is None:
+            return []
+        pi = (await self._gateway.send(StripeRequest("get", f"/v1/payment_intents/{pending[0].payment_intent}"))).data
+        by_account: dict[str, list[Split]] = {}
+        for split in pending:
+            by_account.setdefault(split.account_id, []).append(split)
+        made = []
+        for account, splits in by_account.items():
+            amount = sum(split.creator_amount for split in splits)
+            transfer_id = None
+            if amount > 0:
+                try:
+                    transfer_id = str((await self._gateway.send(StripeRequest("post", "/v1/transfers", {
+                        "amount": amount, "currency": splits[0].currency, "destination": account,
+                        "transfer_group": splits[0].transfer_group, "source_transaction": pi["latest_charge"],
+                        "metadata": {"aims_sale": sale_ref}},
+                        stripe_idempotency_key(f"{path}_split", f"{sale_ref}:{account}")))).data["id"])
+                except BillingError as exc:  # the buyer paid: the creator's transfer waits, visible as pending
+                    log.warning("sale %s: the transfer to %s waits: %s", sale_ref, account, exc.message)
+                    continue
+                made.append(transfer_id)
+            ids = [split.id for split in splits]
+            await self._store.write(lambda tx, ids=ids, transfer_id=transfer_id: [  # type: ignore[misc]
+                self._transferred(split_id, transfer_id, tx) for split_id in ids])
+        return made
+
     def _transferred(self, split_id: str, transfer_id: str | None, tx: Tx) -> bool:
         return self._store.connect.mark_paid(tx, split_id, SplitStatus.TRANSFERRED, payment_intent=None,
                                              transfer_group=None, transfer_id=transfer_id)
@@ -393,15 +498,29 @@ class ConnectService:
             applied = self._store.connect.set_status(tx, obj["id"], status, due, int(event["created"]))
             return f"connected account {obj['id']}: {status}" if applied else None
         if kind == "payment_intent.succeeded" and isinstance(obj.get("id"), str):  # a payment session's
-            moved = sum(self._store.connect.mark_paid(tx, split.id, SplitStatus.TRANSFERRED, payment_intent=obj["id"],
-                                                      transfer_group=f"group_{obj['id']}", transfer_id=None)
-                        for split in self._store.connect.splits_of_payment(obj["id"])
-                        if split.status is SplitStatus.DECLARED)
-            return f"{moved} split(s) transferred with {obj['id']}" if moved else None
+            moved = self.paid(tx, obj["id"])
+            return f"{moved} split(s) paid with {obj['id']}" if moved else None
         if kind == "checkout.session.completed" and isinstance(obj.get("id"), str) \
                 and isinstance(obj.get("payment_intent"), str) and obj.get("payment_status") == "paid":
             return self._paid_session(tx, obj["id"], obj["payment_intent"], obj.get("payment_link"))
         return None
+
+    def paid(self, tx: Tx, payment_intent: str) -> int:
+        """A PaymentIntent carrying declared splits succeeded (in the transaction recording it): a destination
+        charge's splits are transferred (with the charge), separate transfers' splits pending until
+        `transfer_sale` makes them. How many splits moved (0 for a duplicate or late event)."""
+        moved = 0
+        for split in self._store.connect.splits_of_payment(payment_intent):
+            if split.status is not SplitStatus.DECLARED:
+                continue
+            separate = split.transfer_group is not None
+            moved += self._store.connect.mark_paid(
+                tx, split.id, SplitStatus.PENDING if separate else SplitStatus.TRANSFERRED,
+                payment_intent=payment_intent, transfer_group=None if separate else f"group_{payment_intent}",
+                transfer_id=None)
+            if separate:
+                self._pending.add((split.path, split.sale_ref))
+        return moved
 
     def _paid_session(self, tx: Tx, session: str, payment_intent: str, link: Any) -> str | None:
         group = f"group_{payment_intent}"  # Stripe's transfer group of a destination charge
@@ -460,10 +579,13 @@ class ConnectService:
             idempotency_key=key, dry_run=False, after=record, owner=sale)
 
     def _sale_splits(self, sale: str) -> list[Split]:
-        for path in ("checkout", "payment_link", "payment_session", "x402"):
+        for path in ("checkout", "payment_link", "payment_session", "acp", "x402"):
             found = self._store.connect.splits_of_sale(path, sale)
             if found:
                 return found
+        checkout = self._store.acp.session(sale) if sale.startswith("cs_") else None  # an ACP checkout: its payment
+        if checkout is not None and checkout.payment_session_id:
+            return self._store.connect.splits_of_sale("acp", checkout.payment_session_id)
         return []
 
     @staticmethod

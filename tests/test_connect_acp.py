@@ -1,0 +1,126 @@
+"""Marketplace splits (issue 17) on ACP orders, over the ACP REST path on the sandbox: a line item `plug:<id>` sells a
+creator's plug; one creator is a destination charge, several creators one platform charge and a transfer each."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from aims_billing_mcp.sandbox import Sandbox
+from aims_billing_mcp.services.connect import ConnectService
+from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.state import AppState
+from aims_billing_mcp.store import Store
+
+from .conftest import Clock, commerce_stack, table_digests
+from .test_acp import KEY, Env, pay
+
+pytestmark = pytest.mark.anyio
+
+
+class Market(Env):
+    state: AppState
+    sandbox: Sandbox
+
+    @property
+    def connect(self) -> ConnectService:
+        return self.state.connect
+
+    async def creator(self, name: str, *, onboard: bool = True) -> str:
+        made = await self.connect.create_connected_account(display_name=name, email=None, country="US",
+                                                           currency=None, idempotency_key=None, dry_run=False)
+        assert made.account is not None
+        if onboard:  # Stripe's account.updated is not delivered here: the sale asks Stripe
+            self.sandbox.complete_account_onboarding(made.account.id)
+        return made.account.id
+
+    async def plug(self, plug_id: str, account: str, amount: int, **terms: int) -> str:
+        product = await self.state.catalog.create_product(name=plug_id, description=None, metadata=None,
+                                                          idempotency_key=None, dry_run=False)
+        assert product.product is not None
+        price = await self.state.catalog.create_price(
+            product=product.product.id, currency="usd", unit_amount=amount, recurring=None, lookup_key=None,
+            nickname=None, metadata=None, idempotency_key=None, dry_run=False)
+        assert price.price is not None
+        await self.connect.create_plug(plug_id=plug_id, name=None, price=price.price.id, account=account,
+                                       creator_share_bp=terms.get("share"), platform_fee=terms.get("fee"),
+                                       idempotency_key=None)
+        return f"plug:{plug_id}"
+
+    async def buy(self, items: list[str], token: str = "spt_test_visa_1") -> dict[str, Any]:
+        created = await self.create(items)
+        done: dict[str, Any] = (await self.post(f"/acp/checkout_sessions/{created['id']}/complete", pay(token),
+                                                expect=200)).json()
+        return done
+
+    def splits(self, account: str | None = None) -> list[Any]:
+        return self.connect.earnings(account, None, 100).splits
+
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        found, _ = self.sandbox.store.page(kind, {}, limit=100)
+        return found
+
+
+@pytest.fixture
+async def market(make_settings: Callable[..., Settings], sandbox_app: Any, store: Store) -> AsyncIterator[Market]:
+    clock = Clock()
+    async with (commerce_stack(make_settings(), sandbox_app, store) as stack,
+                stack.acp_seller(KEY, clock=clock, public_url="https://seller.test") as (http, acp)):
+        env = Market(http, acp, stack.ledger, store, clock)
+        env.state, env.sandbox = stack.state, sandbox_app.state.sandbox
+        yield env
+
+
+async def test_an_acp_order_of_a_plug_pays_the_creator_their_share_with_the_charge_and_shows_in_the_earnings(
+        market: Market) -> None:
+    account = await market.creator("Maker")
+    item = await market.plug("seo-audit", account, 1000, share=7000)
+    done = await market.buy([item, item, "luc_10k"])  # two plugs and a LUC pack in one cart
+    assert done["status"] == "completed"
+    assert [line["item"]["id"] for line in done["line_items"]] == [item, "luc_10k"]
+    ps = market.store.acp.session(done["id"])
+    assert ps is not None and ps.payment_session_id
+    [split] = market.splits(account)
+    assert (split.path, split.sale, split.status, split.gross, split.creator_amount) == (
+        "acp", ps.payment_session_id, "transferred", 2000, 1400)
+    pi = market.sandbox.get_object(str(split.payment_intent))
+    assert pi is not None and pi["transfer_data"] == {"destination": account}
+    assert pi["application_fee_amount"] == pi["amount"] - 1400  # the LUC pack and 30% of the plugs stay
+    assert market.sandbox.store.account_balance_rows(account) == [("usd", 1400)]  # the charge less the fee
+    (earned,) = market.connect.earnings(account, None).earnings
+    assert (earned.sales, earned.gross, earned.platform_fees, earned.transferred) == (1, 2000, 600, 1400)
+    assert await market.connect.check_splits() == (1, [])
+
+
+async def test_refunding_an_acp_plug_order_reverses_the_transfer_and_the_fee_in_proportion(market: Market) -> None:
+    account = await market.creator("Maker")
+    item = await market.plug("seo-audit", account, 1000, share=7000)
+    done = await market.buy([item])
+    for sale, amount, key in ((done["id"], 400, "r1"), (None, 600, "r2")):  # by the ACP checkout, then its payment
+        sale = sale or market.splits(account)[0].sale
+        await market.connect.refund_sale(sale=sale, amount=amount, reason=None, idempotency_key=key)
+    [split] = market.splits(account)
+    assert (split.refunded, split.reversed, split.fee_refunded) == (1000, 700, 300)
+    [transfer] = [t for t in market.objects("transfer") if t["destination"] == account]
+    [fee] = market.objects("application_fee")
+    assert (transfer["amount_reversed"], fee["amount_refunded"]) == (1000, 300)
+    assert market.sandbox.store.account_balance_rows(account) == [("usd", 0)]
+    assert await market.connect.check_splits() == (1, [])
+
+
+async def test_an_acp_order_of_a_plug_whose_creator_cannot_receive_transfers_is_refused_before_any_charge(
+        market: Market, tmp_path: Any) -> None:
+    account = await market.creator("Maker", onboard=False)
+    item = await market.plug("seo-audit", account, 1000, share=7000)
+    created = await market.create([item])
+    before = table_digests(tmp_path / "billing.db", skip=("audit_log", "sqlite_sequence", "acp_idempotency_keys"))
+    refused = (await market.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa_1"),
+                                 expect=400)).json()
+    assert refused["code"] == "not_ready_for_payment" and refused["param"] == "$.line_items[0]"
+    assert account in refused["message"] and "requires" in refused["message"]
+    assert market.sandbox.count("payment_intent") == 0 and market.splits() == []
+    after = table_digests(tmp_path / "billing.db", skip=("audit_log", "sqlite_sequence", "acp_idempotency_keys"))
+    assert after == before
+    assert (await market.get(f"/acp/checkout_sessions/{created['id']}")).json()["status"] == "ready_for_payment"

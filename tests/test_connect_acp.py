@@ -124,3 +124,75 @@ async def test_an_acp_order_of_a_plug_whose_creator_cannot_receive_transfers_is_
     after = table_digests(tmp_path / "billing.db", skip=("audit_log", "sqlite_sequence", "acp_idempotency_keys"))
     assert after == before
     assert (await market.get(f"/acp/checkout_sessions/{created['id']}")).json()["status"] == "ready_for_payment"
+
+
+# --- a cart of several creators' plugs: one platform charge, one transfer per creator ---------------------------------
+
+
+async def _two_creators(market: Market) -> tuple[str, str, list[str]]:
+    first, second = await market.creator("A"), await market.creator("B")
+    a1 = await market.plug("a-one", first, 1000, share=7000)  # 2 x 1000: the creator gets 1400
+    a2 = await market.plug("a-two", first, 500, fee=100)  # 500: the creator gets 400
+    b1 = await market.plug("b-one", second, 1500, share=5000)  # 1500: the creator gets 750
+    return first, second, [a1, a1, a2, b1, "luc_10k"]
+
+
+def _sale_transfers(market: Market, pi: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    found = [t for t in market.objects("transfer") if t["transfer_group"] == pi["transfer_group"]]
+    assert all(t["source_transaction"] == pi["latest_charge"] for t in found)
+    return {t["destination"]: (t["amount"], t["amount_reversed"]) for t in found}
+
+
+async def test_a_cart_of_two_creators_plugs_is_one_charge_and_one_transfer_per_creator_of_exactly_their_share(
+        market: Market) -> None:
+    first, second, cart = await _two_creators(market)
+    done = await market.buy(cart)
+    assert done["status"] == "completed"
+    splits = market.splits()
+    assert {(s.account, s.plug, s.status, s.creator_amount) for s in splits} == {
+        (first, "a-one", "transferred", 1400), (first, "a-two", "transferred", 400),
+        (second, "b-one", "transferred", 750)}
+    pi = market.sandbox.get_object(str(splits[0].payment_intent))
+    assert pi is not None and pi.get("transfer_data") is None and pi["transfer_group"] == f"sale_{splits[0].sale}"
+    assert _sale_transfers(market, pi) == {first: (1800, 0), second: (750, 0)}
+    assert market.sandbox.store.account_balance_rows(first) == [("usd", 1800)]
+    assert market.sandbox.store.account_balance_rows(second) == [("usd", 750)]
+    assert market.objects("application_fee") == []  # the platform keeps the rest of its own charge
+    earned = {e.account: (e.gross, e.platform_fees, e.transferred)
+              for e in market.connect.earnings(None, None).earnings}
+    assert earned == {first: (2500, 700, 1800), second: (1500, 750, 750)}
+    assert pi["amount"] - 1800 - 750 == 700 + 750 + market.acp._items["luc_10k"].unit_price
+    assert await market.connect.check_splits() == (1, [])
+
+
+async def test_refunds_of_a_two_creator_cart_reverse_each_creators_transfer_in_proportion(market: Market) -> None:
+    first, second, cart = await _two_creators(market)
+    done = await market.buy(cart)
+    first_refund = await market.connect.refund_sale(sale=done["id"], amount=1000, reason=None, idempotency_key="r1")
+    assert (first_refund.amount, first_refund.reversed) == (1000, 350 + 100 + 187)  # a quarter of each plug's gross
+    again = await market.connect.refund_sale(sale=done["id"], amount=1000, reason=None, idempotency_key="r1")
+    assert again.replayed and again.refund == first_refund.refund and market.sandbox.count("transfer_reversal") == 2
+    pi = market.sandbox.get_object(str(market.splits()[0].payment_intent))
+    assert pi is not None and _sale_transfers(market, pi) == {first: (1800, 450), second: (750, 187)}
+    await market.connect.refund_sale(sale=done["id"], amount=3000, reason=None, idempotency_key="r2")
+    assert _sale_transfers(market, pi) == {first: (1800, 1800), second: (750, 750)}
+    assert {s.plug: (s.refunded, s.reversed) for s in market.splits()} == {
+        "a-one": (2000, 1400), "a-two": (500, 400), "b-one": (1500, 750)}
+    assert await market.connect.check_splits() == (1, [])
+
+
+@pytest.mark.parametrize("answers_lost", [1, 100])
+async def test_a_creators_transfer_retried_after_a_lost_answer_is_made_once(market: Market, answers_lost: int) -> None:
+    first, second, cart = await _two_creators(market)
+    market.sandbox.faults.inject(status=500, count=answers_lost, mode="after", path_prefix="/v1/transfers")
+    done = await market.buy(cart)  # the buyer paid: every lost answer leaves its creator's transfer pending
+    market.sandbox.faults.clear()
+    pending = {s.plug for s in market.splits() if s.status == "pending"}
+    assert pending == (set() if answers_lost == 1 else {"a-one", "a-two", "b-one"})
+    sale = market.splits()[0].sale
+    await market.connect.transfer_sale("acp", sale)  # the next look (start-up, a webhook) retries with the same key
+    await market.connect.transfer_sale("acp", sale)
+    pi = market.sandbox.get_object(str(market.splits()[0].payment_intent))
+    assert pi is not None and _sale_transfers(market, pi) == {first: (1800, 0), second: (750, 0)}
+    assert market.sandbox.count("transfer") == 2 and {s.status for s in market.splits()} == {"transferred"}
+    assert done["status"] == "completed" and await market.connect.check_splits() == (1, [])

@@ -548,8 +548,11 @@ class ConnectService:
         if not splits:
             raise NotFound(f"no paid split sale {sale}: give the checkout session (cs_...) or payment session (ps_...) "
                            "of a sale of a plug (get_creator_earnings lists them)", param="sale")
-        params = compact({"payment_intent": splits[0].payment_intent, "amount": amount, "reverse_transfer": True,
-                          "refund_application_fee": True, "reason": reason, "metadata": {"aims_sale": sale}})
+        separate = _separate(splits[0])
+        params = compact({"payment_intent": splits[0].payment_intent, "amount": amount,
+                          "reverse_transfer": None if separate else True,
+                          "refund_application_fee": None if separate else True, "reason": reason,
+                          "metadata": {"aims_sale": sale}})
         key = f"{sale}:{idempotency_key}"
         call = self._idempotency.key_for("refund_split_sale", {"path": "/v1/refunds", "method": "post",
                                                                          **params}, key, sale)
@@ -561,9 +564,12 @@ class ConnectService:
             raise InvalidInput(f"refund amount {amount} is more than what is left of sale {sale} ({left} of {gross} "
                                f"{splits[0].currency})" if amount > 0 else "amount must be positive (minor units)",
                                param="amount")
-        shares = self._allocate(splits, amount)
+        shares = self._spread(splits, amount) if separate else self._allocate(splits, amount)
 
-        async def record(_: dict[str, Any]) -> None:
+        async def record(refund: dict[str, Any]) -> None:
+            if separate:  # no destination charge: each creator's transfer reversed by its part, once per key
+                await self._reverse_transfers(shares, refund["id"], f"{call.scoped}")
+
             def job(tx: Tx) -> None:
                 for split, (refunded, reversed_, fee) in shares:
                     if not self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee):
@@ -577,6 +583,39 @@ class ConnectService:
             lambda d: {"refund": d["id"], "amount": amount, "reversed": sum(r for _, (_, r, _) in shares),
                        "fee_refunded": sum(f for _, (_, _, f) in shares)},
             idempotency_key=key, dry_run=False, after=record, owner=sale)
+
+    async def _reverse_transfers(self, shares: list[tuple[Split, tuple[int, int, int]]], refund: str,
+                                 key: str) -> None:
+        by_transfer: dict[str, int] = {}
+        for split, (_, reversed_, _) in shares:
+            if split.transfer_id and reversed_:
+                by_transfer[split.transfer_id] = by_transfer.get(split.transfer_id, 0) + reversed_
+        for transfer, amount in by_transfer.items():
+            await self._gateway.send(StripeRequest(
+                "post", f"/v1/transfers/{transfer}/reversals", {"amount": amount, "metadata": {"aims_refund": refund}},
+                stripe_idempotency_key("split_reversal", f"{key}:{transfer}")))
+
+    @staticmethod
+    def _spread(splits: list[Split], amount: int) -> list[tuple[Split, tuple[int, int, int]]]:
+        """Spread a refund over several creators' splits in proportion to their gross (cumulatively: refunds adding
+        up to the whole sale give back exactly each split); per split what the buyer gets back, what the creator
+        gives back (their share of it) and what the platform gives back."""
+        gross = sum(split.gross for split in splits)
+        after = sum(split.refunded for split in splits) + amount
+        takes = [max(0, min(split.gross - split.refunded,
+                            (split.gross if after == gross else split.gross * after // gross) - split.refunded))
+                 for split in splits]
+        rest = amount - sum(takes)
+        for i, split in enumerate(splits):  # the cents rounding left over, to the splits with room, in order
+            extra = min(rest, split.gross - split.refunded - takes[i])
+            takes[i] += extra
+            rest -= extra
+        out = []
+        for split, take in zip(splits, takes, strict=True):
+            if take > 0:
+                reversed_ = _fee_share(split.creator_amount, split.gross, split.refunded, take)
+                out.append((split, (take, reversed_, take - reversed_)))
+        return out
 
     def _sale_splits(self, sale: str) -> list[Split]:
         for path in ("checkout", "payment_link", "payment_session", "acp", "x402"):
@@ -617,7 +656,8 @@ class ConnectService:
                 separate.append(split)
         problems: list[str] = []
         for pi_id, splits in sales.items():
-            problems += [f"{pi_id:32} {p}" for p in await self._check_sale(pi_id, splits)]
+            check = self._check_separate if _separate(splits[0]) else self._check_sale
+            problems += [f"{pi_id:32} {p}" for p in await check(pi_id, splits)]
         for split in separate:  # an x402 sale: one transfer of the creator's share in the receipt's group
             found = (await self._gateway.send(StripeRequest("get", "/v1/transfers", {
                 "transfer_group": split.transfer_group, "limit": 100}))).data.get("data") or []
@@ -626,6 +666,20 @@ class ConnectService:
             if got != want and not (split.creator_amount == 0 and not got):
                 problems.append(f"{split.sale_ref:32} expected transfer {want}, Stripe has {got}")
         return len(sales) + len(separate), problems
+
+    async def _check_separate(self, pi_id: str, splits: list[Split]) -> list[str]:
+        """A sale paid to the platform: one transfer per creator in its group, of their shares, reversed as recorded
+        (and no application fee)."""
+        found = (await self._gateway.send(StripeRequest("get", "/v1/transfers", {
+            "transfer_group": splits[0].transfer_group, "limit": 100}))).data.get("data") or []
+        want: dict[str, tuple[int, int]] = {}
+        for split in splits:
+            amount, reversed_ = want.get(split.account_id, (0, 0))
+            want[split.account_id] = (amount + split.creator_amount, reversed_ + split.reversed)
+        expected = sorted((account, a, r) for account, (a, r) in want.items() if a > 0)
+        got = sorted((str(t.get("destination")), int(t.get("amount") or 0), int(t.get("amount_reversed") or 0))
+                     for t in found)
+        return [] if got == expected else [f"expected transfers {expected}, Stripe has {got}"]
 
     async def _check_sale(self, pi_id: str, splits: list[Split]) -> list[str]:
         get = self._gateway.send
@@ -667,6 +721,11 @@ class ConnectService:
             splits=[split_view(s) for s in self._store.connect.splits(account, since, limit)
                     if s.status is not SplitStatus.DECLARED])
 
+
+
+def _separate(split: Split) -> bool:
+    """A sale paid to the platform and transferred to its creators separately (not a destination charge)."""
+    return split.payment_intent is not None and (split.transfer_group or "").startswith("sale_")
 
 
 def _fee_share(fee: int, gross: int, refunded_before: int, refunded_now: int) -> int:

@@ -14,7 +14,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.state import AppState
 from aims_billing_mcp.store import Store
 
-from .conftest import Clock, commerce_stack, table_digests
+from .conftest import Clock, commerce_stack, paid_outside, table_digests
 from .test_acp import KEY, Env, pay
 
 pytestmark = pytest.mark.anyio
@@ -196,3 +196,29 @@ async def test_a_creators_transfer_retried_after_a_lost_answer_is_made_once(mark
     assert pi is not None and _sale_transfers(market, pi) == {first: (1800, 0), second: (750, 0)}
     assert market.sandbox.count("transfer") == 2 and {s.status for s in market.splits()} == {"transferred"}
     assert done["status"] == "completed" and await market.connect.check_splits() == (1, [])
+
+
+@pytest.mark.parametrize("creators", [1, 2])
+async def test_a_plug_payment_its_checkout_cannot_take_is_refunded_with_every_creators_part_given_back(
+        market: Market, creators: int) -> None:
+    first, second, cart = await _two_creators(market)
+    if creators == 1:
+        cart = [item for item in cart if item != "plug:b-one"]
+    created = await market.create(cart)
+    await market.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_declined"), expect=200)
+    checkout = market.store.acp.session(created["id"])
+    assert checkout is not None and checkout.payment_session_id
+    await market.store.write(lambda conn: conn.execute(
+        "UPDATE acp_checkout_sessions SET status = 'canceled' WHERE id = ?", (created["id"],)))
+    session = await market.state.commerce.get_session(checkout.payment_session_id)
+    await paid_outside(market.state.gateway, str(session.payment_intent))  # paid after all, for a canceled checkout
+    await market.state.commerce.get_session(session.id)  # the success is seen: refund due, sent in the background
+    await market.acp.drain()
+    assert market.store.acp.refunds_due() == []
+    assert {s.status for s in market.splits()} == {"transferred"}
+    assert all((s.refunded, s.reversed) == (s.gross, s.creator_amount) for s in market.splits())
+    assert market.sandbox.store.account_balance_rows(first) == [("usd", 0)]
+    assert market.sandbox.store.account_balance_rows(second) == ([("usd", 0)] if creators == 2 else [])
+    assert [t["amount"] - t["amount_reversed"] for t in market.objects("transfer")] == [0] * creators
+    assert all(f["amount_refunded"] == f["amount"] for f in market.objects("application_fee"))
+    assert await market.connect.check_splits() == (1, [])

@@ -721,7 +721,8 @@ class AcpService:
         try:
             refund = (await self._gateway.send(StripeRequest(
                 "post", "/v1/refunds", {"payment_intent": found.payment_intent_id, "reason": "requested_by_customer",
-                                        "metadata": {"aims_acp_payment": ps_id}},
+                                        "metadata": {"aims_acp_payment": ps_id},
+                                        **(self._connect.full_refund_params("acp", ps_id) if self._connect else {})},
                 stripe_idempotency_key("acp-refund", ps_id)))).data
         except StripeInvalidRequest as exc:
             if exc.details.get("stripe_code") != "charge_already_refunded":
@@ -740,6 +741,12 @@ class AcpService:
             log.warning("refunding ACP payment %s: its lease ended and another sender took it over; this outcome "
                         "is not recorded", ps_id)
             return
+        if done and self._connect is not None:  # the plugs' creators give back their part
+            try:
+                await self._connect.refunded_in_full("acp", ps_id, str(refund_id or ps_id))
+            except BillingError as exc:
+                log.warning("refunding ACP payment %s: the creators' transfers are not reversed yet: %s", ps_id,
+                            exc.message)
         if error:
             log.warning("refunding ACP payment %s: %s (retried at the next start-up)", ps_id, error)
 

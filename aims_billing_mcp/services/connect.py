@@ -584,6 +584,33 @@ class ConnectService:
                        "fee_refunded": sum(f for _, (_, _, f) in shares)},
             idempotency_key=key, dry_run=False, after=record, owner=sale)
 
+    def full_refund_params(self, path: str, sale_ref: str) -> dict[str, Any]:
+        """What a refund of a whole sale made elsewhere (an ACP payment its checkout could not take) adds so a
+        destination charge's creator gives their part back with it: the transfer reversed, the fee refunded."""
+        if any(split.payment_intent and not _separate(split) and split.status is SplitStatus.TRANSFERRED
+               for split in self._store.connect.splits_of_sale(path, sale_ref)):
+            return {"reverse_transfer": True, "refund_application_fee": True}
+        return {}
+
+    async def refunded_in_full(self, path: str, sale_ref: str, refund: str) -> None:
+        """A sale refunded in full elsewhere: separate transfers made (if still pending) and reversed in full (one
+        reversal per transfer, keyed), and every split recorded refunded."""
+        await self.transfer_sale(path, sale_ref)
+        shares = [(split, (split.gross - split.refunded, split.creator_amount - split.reversed,
+                           split.platform_fee - split.fee_refunded))
+                  for split in self._store.connect.splits_of_sale(path, sale_ref)
+                  if split.status is SplitStatus.TRANSFERRED and split.gross > split.refunded]
+        if not shares:
+            return
+        if _separate(shares[0][0]):
+            await self._reverse_transfers(shares, refund, f"full:{path}:{sale_ref}")
+
+        def job(tx: Tx) -> None:
+            for split, (refunded, reversed_, fee) in shares:
+                self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee)
+
+        await self._store.write(job)
+
     async def _reverse_transfers(self, shares: list[tuple[Split, tuple[int, int, int]]], refund: str,
                                  key: str) -> None:
         by_transfer: dict[str, int] = {}
@@ -702,7 +729,8 @@ class ConnectService:
         ours = creators - sum(s.reversed for s in splits)
         if stripe_net != ours:
             out.append(f"creator {account} holds {stripe_net} from this sale at Stripe, we recorded {ours}")
-        if int(fee["amount_refunded"]) != sum(s.fee_refunded for s in splits):
+        only_plugs = sum(s.gross for s in splits) == int(pi["amount"])  # else the fee covers other lines too
+        if only_plugs and int(fee["amount_refunded"]) != sum(s.fee_refunded for s in splits):
             out.append(f"fee refunded {fee['amount_refunded']} at Stripe, we recorded "
                        f"{sum(s.fee_refunded for s in splits)}")
         return out

@@ -38,6 +38,7 @@ from .connect_models import (
     ConnectedAccountView,
     CreatorEarnings,
     EarningsReport,
+    PayoutSchedule,
     PlugResult,
     PlugView,
     RefundSplitResult,
@@ -235,7 +236,15 @@ class ConnectService:
     async def get_connected_account(self, account: str) -> ConnectedAccountView:
         row, payouts = await self.refresh(account)
         balance = (await self._gateway.send(StripeRequest("get", "/v1/balance", stripe_account=account))).data
+        settings = (await self._gateway.send(StripeRequest("get", "/v1/balance_settings",
+                                                           stripe_account=account))).data.get("payments") or {}
         view = _view(row, payouts)
+        schedule = ((settings.get("payouts") or {}).get("schedule")) or {}
+        view.payout_schedule = PayoutSchedule(
+            interval=schedule.get("interval"), weekly_payout_days=schedule.get("weekly_payout_days"),
+            monthly_payout_days=schedule.get("monthly_payout_days"),
+            delay_days=(settings.get("settlement_timing") or {}).get("delay_days"),
+            status=(settings.get("payouts") or {}).get("status"))
         view.balance = {str(a["currency"]): int(a["amount"]) for a in balance.get("available") or []}
         return view
 

@@ -622,7 +622,8 @@ def render_balance_settings(account: Obj) -> Obj:
                 "status": "enabled" if _payouts_active(account) else "disabled",
             },
             "settlement_timing": {"delay_days": settings.get("delay_days_override") or SETTLEMENT_DELAY_DAYS,
-                                  "delay_days_override": settings.get("delay_days_override")},
+                                  **({"delay_days_override": settings["delay_days_override"]}
+                                     if settings.get("delay_days_override") else {})},
         },
     }
 

@@ -509,6 +509,9 @@ class ConnectService:
         if kind == "payment_intent.succeeded" and isinstance(obj.get("id"), str):  # a payment session's
             moved = self.paid(tx, obj["id"])
             return f"{moved} split(s) paid with {obj['id']}" if moved else None
+        if kind == "refund.created" and isinstance(obj.get("id"), str) and isinstance(obj.get("payment_intent"), str) \
+                and obj.get("status") == "succeeded":
+            return self._refunded_elsewhere(tx, obj)
         if kind == "checkout.session.completed" and isinstance(obj.get("id"), str) \
                 and isinstance(obj.get("payment_intent"), str) and obj.get("payment_status") == "paid":
             return self._paid_session(tx, obj["id"], obj["payment_intent"], obj.get("payment_link"))
@@ -558,28 +561,34 @@ class ConnectService:
             raise NotFound(f"no paid split sale {sale}: give the checkout session (cs_...) or payment session (ps_...) "
                            "of a sale of a plug (get_creator_earnings lists them)", param="sale")
         separate = _separate(splits[0])
+        key = f"{sale}:{idempotency_key}"
         params = compact({"payment_intent": splits[0].payment_intent, "amount": amount,
                           "reverse_transfer": None if separate else True,
                           "refund_application_fee": None if separate else True, "reason": reason,
-                          "metadata": {"aims_sale": sale}})
-        key = f"{sale}:{idempotency_key}"
+                          "metadata": {"aims_sale": sale, "aims_refund_key": key}})
         call = self._idempotency.key_for("refund_split_sale", {"path": "/v1/refunds", "method": "post",
                                                                          **params}, key, sale)
         if (stored := self._idempotency.find(call)) is not None:  # a retry: its first answer, not a check
             return RefundSplitResult.model_validate({**stored, "replayed": True})
+        prior = self._store.connect.refund_of_request(key)  # made, its answer lost, recorded from its webhook
         gross = sum(s.gross for s in splits)
         left = gross - sum(s.refunded for s in splits)
-        if amount <= 0 or amount > left:
+        if prior is None and (amount <= 0 or amount > left):
             raise InvalidInput(f"refund amount {amount} is more than what is left of sale {sale} ({left} of {gross} "
                                f"{splits[0].currency})" if amount > 0 else "amount must be positive (minor units)",
                                param="amount")
-        shares = self._spread(splits, amount) if separate else self._allocate(splits, amount)
+        shares = [] if prior is not None else self._spread(splits, amount) if separate \
+            else self._allocate(splits, amount)
+        reversed_total, fee_total = (prior[2], prior[3]) if prior is not None else (
+            sum(r for _, (_, r, _) in shares), sum(f for _, (_, _, f) in shares))
 
         async def record(refund: dict[str, Any]) -> None:
-            if separate:  # no destination charge: each creator's transfer reversed by its part, once per key
+            if separate and shares:  # no destination charge: each creator's transfer reversed by its part, once
                 await self._reverse_transfers(shares, refund["id"], f"{call.scoped}")
 
             def job(tx: Tx) -> None:
+                if not shares or not self._claim(tx, refund["id"], str(splits[0].payment_intent), shares, key):
+                    return  # its refund.created webhook (another process) recorded it first: once
                 for split, (refunded, reversed_, fee) in shares:
                     if not self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee):
                         raise InvalidInput(f"sale {sale} was refunded meanwhile: nothing more is left to refund",
@@ -589,8 +598,7 @@ class ConnectService:
 
         return await self._mutations.run(
             "refund_split_sale", "/v1/refunds", params, RefundSplitResult,
-            lambda d: {"refund": d["id"], "amount": amount, "reversed": sum(r for _, (_, r, _) in shares),
-                       "fee_refunded": sum(f for _, (_, _, f) in shares)},
+            lambda d: {"refund": d["id"], "amount": amount, "reversed": reversed_total, "fee_refunded": fee_total},
             idempotency_key=key, dry_run=False, after=record, owner=sale)
 
     def full_refund_params(self, path: str, sale_ref: str) -> dict[str, Any]:
@@ -615,10 +623,39 @@ class ConnectService:
             await self._reverse_transfers(shares, refund, f"full:{path}:{sale_ref}")
 
         def job(tx: Tx) -> None:
-            for split, (refunded, reversed_, fee) in shares:
-                self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee)
+            if self._claim(tx, refund, str(shares[0][0].payment_intent), shares, None):
+                for split, (refunded, reversed_, fee) in shares:
+                    self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee)
 
         await self._store.write(job)
+
+    def _claim(self, tx: Tx, refund: str, payment_intent: str, shares: list[tuple[Split, tuple[int, int, int]]],
+               request_key: str | None) -> bool:
+        """Record the Stripe refund `refund` once (whoever is first: our answer, its webhook, another process)."""
+        return self._store.connect.claim_refund(tx, refund, payment_intent, sum(r for _, (r, _, _) in shares),
+                                                sum(v for _, (_, v, _) in shares), sum(f for _, (_, _, f) in shares),
+                                                request_key)
+
+    def _refunded_elsewhere(self, tx: Tx, refund: dict[str, Any]) -> str | None:
+        """`refund.created` for a destination-charge sale of plugs: recorded on its splits unless it is already
+        (made by refund_split_sale, or seen before); the creator's part counted as taken back when the refund
+        reversed the transfer (`transfer_reversal`), and the fee with it. Separate transfers are reversed only by
+        refund_split_sale, which records its refunds itself."""
+        found = [self._store.connect.load_split(tx, split.id)
+                 for split in self._store.connect.splits_of_payment(str(refund["payment_intent"]))]
+        splits = [split for split in found if split is not None and split.status is SplitStatus.TRANSFERRED]
+        if not splits or _separate(splits[0]):
+            return None
+        shares = self._allocate(splits, int(refund.get("amount") or 0))
+        if not refund.get("transfer_reversal"):  # refunded without reverse_transfer: the creator keeps their share
+            shares = [(split, (taken, 0, 0)) for split, (taken, _, _) in shares]
+        request_key = (refund.get("metadata") or {}).get("aims_refund_key")
+        if not shares or not self._claim(tx, str(refund["id"]), str(refund["payment_intent"]), shares,
+                                         str(request_key) if request_key else None):
+            return None
+        for split, (refunded, reversed_, fee) in shares:
+            self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee)
+        return f"refund {refund['id']} recorded on {len(shares)} split(s)"
 
     async def _reverse_transfers(self, shares: list[tuple[Split, tuple[int, int, int]]], refund: str,
                                  key: str) -> None:

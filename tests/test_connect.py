@@ -409,3 +409,26 @@ async def test_get_connected_account_shows_the_creators_payout_schedule_as_strip
     assert changed.status_code == 200, changed.text  # the creator changed it in their Express dashboard
     live = ok(await client.call_tool("get_connected_account", {"account": account}))
     assert (live["payout_schedule"]["interval"], live["payout_schedule"]["monthly_payout_days"]) == ("monthly", [15])
+
+
+async def test_the_embedded_sandbox_sends_only_the_events_the_endpoint_enables_so_a_split_sale_costs_no_more_events(
+        make_server: Any, sandbox: Sandbox) -> None:
+    from aims_billing_mcp.services.webhook_events import ENABLED_EVENTS
+
+    server = make_server()
+    async with Client(server) as client:
+        account = await creator(client, sandbox)
+        plug_price, plain = await price(client, 1000), await price(client, 1001)
+        await plug(client, account, plug_price)
+        for line in (plain, plug_price):
+            session = ok(await client.call_tool("create_checkout_session", {
+                "line_items": [{"price": line}], "customer_email": "b@example.com"}))
+            sandbox.complete_checkout_session(session["checkout_session"]["id"])
+        await _drained(sandbox)
+        received = [e.type for e in server.state.webhook_events.recent(100)]
+        assert received.count("checkout.session.completed") == 2 and "transfer.created" not in received
+        assert "application_fee.created" not in received and "customer.created" not in received
+        assert not [kind for kind in received if not any(
+            kind == enabled or kind.startswith(enabled[:-1]) for enabled in ENABLED_EVENTS)]
+        (earned,) = ok(await client.call_tool("get_creator_earnings", {"account": account}))["earnings"]
+        assert (earned["sales"], earned["transferred"]) == (1, 700)

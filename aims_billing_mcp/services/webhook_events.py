@@ -205,6 +205,13 @@ def parse_event(payload: bytes | str) -> CheckedEvent:
     return check_event(event)
 
 
+ENABLED_EVENTS = ("account.updated", "checkout.session.completed", "customer.subscription.*", "invoice.*",
+                  "payment_intent.*", "refund.created")
+"""The Stripe events this endpoint applies or records: the ones to enable on its Stripe webhook endpoint (the
+embedded sandbox sends only these). A destination charge's `transfer.created` and `application_fee.created`, for
+instance, are not needed: `checkout.session.completed` / `payment_intent.succeeded` mark a split paid."""
+
+
 class WebhookEventService:
     def __init__(self, store: Store, subscriptions: SubscriptionService,
                  commerce: PaymentSessionService | None = None, connect: ConnectService | None = None) -> None:

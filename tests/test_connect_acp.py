@@ -123,7 +123,12 @@ async def test_an_acp_order_of_a_plug_whose_creator_cannot_receive_transfers_is_
     assert market.sandbox.count("payment_intent") == 0 and market.splits() == []
     after = table_digests(tmp_path / "billing.db", skip=("audit_log", "sqlite_sequence", "acp_idempotency_keys"))
     assert after == before
-    assert (await market.get(f"/acp/checkout_sessions/{created['id']}")).json()["status"] == "ready_for_payment"
+    now = (await market.get(f"/acp/checkout_sessions/{created['id']}")).json()  # Stripe's answer, recorded
+    assert now["status"] == "not_ready_for_payment" and account in now["messages"][0]["content"]
+    market.sandbox.complete_account_onboarding(account)  # the creator finishes; the next complete asks Stripe
+    done = (await market.post(f"/acp/checkout_sessions/{created['id']}/complete", pay("spt_test_visa_2"),
+                              expect=200)).json()
+    assert done["status"] == "completed" and [s.status for s in market.splits()] == ["transferred"]
 
 
 # --- a cart of several creators' plugs: one platform charge, one transfer per creator ---------------------------------

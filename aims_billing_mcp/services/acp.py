@@ -80,6 +80,7 @@ from ..store.acp import (
     RefundStatus,
 )
 from ..store.commerce import PaymentSessionRow
+from ..store.connect import AccountStatus
 from ..store.prepaid import PrepaidRow
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .acp_models import AcpError, AcpResponse
@@ -811,7 +812,8 @@ class AcpService:
             item_id = item.id.strip()
             if item_id not in self._items:
                 raise AcpError(400, "invalid_item_id", f"The item ID {item_id[:64]!r} does not exist. Items for sale: "
-                               + ", ".join(sorted(self._items)), param=f"$.line_items[{i}].id")
+                               + ", ".join(sorted(self._items)) + " (and plug:<id> for a declared plug)",
+                               param=f"$.line_items[{i}].id")
             counts[item_id] = counts.get(item_id, 0) + 1
         tiers = 0
         for i, item in enumerate(items):
@@ -865,8 +867,11 @@ class AcpService:
     def _problems(self, agent_id: str | None, state: dict[str, Any]) -> list[dict[str, Any]]:
         """Why the session cannot be paid yet: credits need the buying agent's wallet (`metadata.agent_id`); a tier
         needs the customer who subscribes (`buyer.customer_id`, or the agent's wallet's customer), who must not
-        already have a tier (two subscriptions would bill twice)."""
+        already have a tier (two subscriptions would bill twice); a plug's creator must be able to receive their
+        share (as our record says: completing asks Stripe first)."""
         lines = state["lines"]
+        if plugs := self._plug_problems(lines):
+            return plugs
         if self._has_credits(lines):
             if agent_id is None:
                 return [message("missing", "Name the buying agent whose wallet receives the credits: create the "
@@ -894,6 +899,20 @@ class AcpService:
                             "second subscription would bill twice).", param=f"$.line_items[{i}]",
                             resolution="requires_buyer_input")]
         return []
+
+    def _plug_problems(self, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for i, line in enumerate(lines):
+            plug = self._connect.plug(line["item"].removeprefix("plug:")) \
+                if self._connect is not None and is_plug(line["item"]) else None
+            account = self._store.connect.account(plug.account_id) if plug is not None else None
+            if account is not None and account.status is not AccountStatus.ACTIVE:
+                due = ", ".join(account.requirements_due) or "nothing listed yet"
+                out.append(message("invalid", f"The creator of {line['item']} (account {account.account_id}) cannot "
+                                   f"receive transfers yet; Stripe still requires: {due}. Remove the line, or pay once "
+                                   "they finished onboarding.", param=f"$.line_items[{i}]",
+                                   resolution="requires_buyer_input"))
+        return out
 
     def _open_status(self, agent_id: str | None, state: dict[str, Any]) -> CheckoutStatus:
         return CheckoutStatus.NOT_READY_FOR_PAYMENT if self._problems(agent_id, state) \

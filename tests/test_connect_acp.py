@@ -227,3 +227,22 @@ async def test_a_plug_payment_its_checkout_cannot_take_is_refunded_with_every_cr
     assert [t["amount"] - t["amount_reversed"] for t in market.objects("transfer")] == [0] * creators
     assert all(f["amount_refunded"] == f["amount"] for f in market.objects("application_fee"))
     assert await market.connect.check_splits() == (1, [])
+
+
+async def test_a_partial_refund_of_a_plug_in_a_mixed_cart_takes_back_exactly_the_creators_part_of_it(
+        market: Market) -> None:
+    account = await market.creator("Maker")
+    item = await market.plug("seo-audit", account, 1000, share=7000)
+    done = await market.buy([item, "luc_10k"])  # the plug and a LUC pack in one destination charge
+    first = await market.connect.refund_sale(sale=done["id"], amount=400, reason=None, idempotency_key="r1")
+    assert (first.reversed, first.fee_refunded) == (280, 120)  # 70% of the plug's 400, not of the whole charge's
+    [transfer] = [t for t in market.objects("transfer") if t["destination"] == account]
+    [fee] = market.objects("application_fee")
+    assert (transfer["amount_reversed"], fee["amount_refunded"]) == (280, 0)
+    assert market.sandbox.store.account_balance_rows(account) == [("usd", 700 - 280)]
+    assert await market.connect.check_splits() == (1, [])
+    await market.connect.refund_sale(sale=done["id"], amount=600, reason=None, idempotency_key="r2")
+    assert market.sandbox.store.account_balance_rows(account) == [("usd", 0)]
+    [split] = market.splits(account)
+    assert (split.refunded, split.reversed, split.fee_refunded) == (1000, 700, 300)
+    assert await market.connect.check_splits() == (1, [])

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BillingError, InvalidInput, NotFound, Refused
+from ..errors import BillingError, InvalidInput, InvalidState, NotFound, Refused
 from ..models import format_amount
 from ..store import Store, Tx, new_id, utc_now
 from ..store.connect import AccountStatus, ConnectedAccount, DuplicatePlug, Plug, Split, SplitStatus
@@ -562,9 +562,15 @@ class ConnectService:
                            "of a sale of a plug (get_creator_earnings lists them)", param="sale")
         separate = _separate(splits[0])
         key = f"{sale}:{idempotency_key}"
+        # A destination charge whose cart held other items too: Stripe's reverse_transfer would take back the
+        # creator's share of the whole charge, not of the plug lines refunded; so the transfer is reversed by
+        # exactly the creator's part instead (and the platform keeps the rest of the fee it is owed).
+        mixed = not separate and int((await self._gateway.send(StripeRequest(
+            "get", f"/v1/payment_intents/{splits[0].payment_intent}"))).data["amount"]) != sum(s.gross for s in splits)
+        explicit = separate or mixed
         params = compact({"payment_intent": splits[0].payment_intent, "amount": amount,
-                          "reverse_transfer": None if separate else True,
-                          "refund_application_fee": None if separate else True, "reason": reason,
+                          "reverse_transfer": None if explicit else True,
+                          "refund_application_fee": None if explicit else True, "reason": reason,
                           "metadata": {"aims_sale": sale, "aims_refund_key": key}})
         call = self._idempotency.key_for("refund_split_sale", {"path": "/v1/refunds", "method": "post",
                                                                          **params}, key, sale)
@@ -585,6 +591,9 @@ class ConnectService:
         async def record(refund: dict[str, Any]) -> None:
             if separate and shares:  # no destination charge: each creator's transfer reversed by its part, once
                 await self._reverse_transfers(shares, refund["id"], f"{call.scoped}")
+            elif mixed and reversed_total:  # the destination charge's transfer, by the creator's part exactly
+                await self._reverse_destination(str(splits[0].payment_intent), reversed_total, refund["id"],
+                                                call.scoped)
 
             def job(tx: Tx) -> None:
                 if not shares or not self._claim(tx, refund["id"], str(splits[0].payment_intent), shares, key):
@@ -647,15 +656,27 @@ class ConnectService:
         if not splits or _separate(splits[0]):
             return None
         shares = self._allocate(splits, int(refund.get("amount") or 0))
-        if not refund.get("transfer_reversal"):  # refunded without reverse_transfer: the creator keeps their share
-            shares = [(split, (taken, 0, 0)) for split, (taken, _, _) in shares]
         request_key = (refund.get("metadata") or {}).get("aims_refund_key")
+        if not refund.get("transfer_reversal") and not request_key:
+            # refunded elsewhere without reverse_transfer: the creator keeps their share (refund_split_sale's own
+            # refunds always take it back, with the refund or by reversing the transfer right after)
+            shares = [(split, (taken, 0, 0)) for split, (taken, _, _) in shares]
         if not shares or not self._claim(tx, str(refund["id"]), str(refund["payment_intent"]), shares,
                                          str(request_key) if request_key else None):
             return None
         for split, (refunded, reversed_, fee) in shares:
             self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee)
         return f"refund {refund['id']} recorded on {len(shares)} split(s)"
+
+    async def _reverse_destination(self, payment_intent: str, amount: int, refund: str, key: str) -> None:
+        found = (await self._gateway.send(StripeRequest("get", "/v1/transfers", {
+            "transfer_group": f"group_{payment_intent}", "limit": 1}))).data.get("data") or []
+        if not found:
+            raise InvalidState(f"PaymentIntent {payment_intent} has no transfer to reverse", param="sale")
+        await self._gateway.send(StripeRequest(
+            "post", f"/v1/transfers/{found[0]['id']}/reversals", {"amount": amount,
+                                                                  "metadata": {"aims_refund": refund}},
+            stripe_idempotency_key("split_reversal", f"{key}:{found[0]['id']}")))
 
     async def _reverse_transfers(self, shares: list[tuple[Split, tuple[int, int, int]]], refund: str,
                                  key: str) -> None:

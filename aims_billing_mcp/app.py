@@ -26,6 +26,7 @@ from .http_transport import companion_server
 from .redact import audit_arguments
 from .routes import build_companion_app, http_routes
 from .sandbox import SANDBOX_WEBHOOK_SECRET
+from .services.webhook_events import ENABLED_EVENTS
 from .settings import Settings
 from .shaping import error_result, masked_result, refuse_loose_arguments, to_billing_error
 from .state import AppState, open_state
@@ -156,7 +157,7 @@ def build_server(
             if embedded is not None:  # the in-process sandbox delivers its signed events straight to our routes
                 embedded.when_ready(lambda app: app.state.sandbox.webhooks.configure(  # signed with what we verify
                     build_companion_app(lambda: server.state), secret=state.webhook_secret or SANDBOX_WEBHOOK_SECRET,
-                    retry_delay_scale=retry_delay_scale))
+                    retry_delay_scale=retry_delay_scale, enabled_events=ENABLED_EVENTS))
             try:
                 async with AsyncExitStack() as stack:
                     if webhook_server:

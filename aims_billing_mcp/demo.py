@@ -69,6 +69,10 @@ def _summary(content: dict[str, Any] | None) -> str:
     if isinstance(content.get("account"), dict):
         a = content["account"]
         return f"{a['id']} {a['status']}, can receive transfers: {str(a['can_receive_transfers']).lower()}"
+    if isinstance(content.get("payout_schedule"), dict):
+        schedule = content["payout_schedule"]
+        return (f"{content['id']} {content['status']}, payouts {schedule['interval']} ({schedule['status']}), "
+                f"balance {content.get('balance')}")
     if "url" in content and "expires_at" in content:
         return f"onboarding link for {content['account']}, expires {content['expires_at']}"
     if isinstance(content.get("plug"), dict):
@@ -78,9 +82,8 @@ def _summary(content: dict[str, Any] | None) -> str:
         return (f"{content['refund']}: {content['amount']} back; creator gave {content['reversed']}, platform "
                 f"{content['fee_refunded']}")
     if content.get("earnings"):
-        e = content["earnings"][0]
-        return (f"{e['account']}: gross {e['gross']}, fees {e['platform_fees']}, transferred {e['transferred']}, "
-                f"reversed {e['reversed']}")
+        return "; ".join(f"{e['account']}: gross {e['gross']}, fees {e['platform_fees']}, transferred "
+                         f"{e['transferred']}, reversed {e['reversed']}" for e in content["earnings"])
     flags = [flag for flag in ("replayed", "dry_run") if content.get(flag)]
     for value in content.values():
         if isinstance(value, dict) and "id" in value:
@@ -313,7 +316,8 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             await call("get_billing_status", {"customer": values["customer"]},
                        lambda c: (c.get("tier"), c.get("status")) == ("p2p", "canceled"))
 
-            await marketplace(call, sandbox_step, sandbox, values)
+            account = await marketplace(call, sandbox_step, sandbox, values)
+            await marketplace_acp(acp_poster(rows, server), call, sandbox_step, sandbox, values, account)
 
             await call("create_price", {"product": values["product"], "currency": "usd", "unit_amount": 99_999_999},
                        lambda c: c.get("error", {}).get("code") == "amount_above_ceiling")
@@ -335,8 +339,8 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
             "pack and a prepaid 3mo tier were paid with Shared Payment Tokens and an ACP checkout completed with an "
             "order; an x402 payment "
             "credited once and its replay was refused; a creator's plug sold through a checkout paid them 70% and a "
-            "partial refund reversed both shares in proportion; the over-ceiling price was refused; the dry run sent "
-            "nothing."
+            "partial refund reversed both shares in proportion; an ACP order of two creators' plugs paid each their "
+            "share; the over-ceiling price was refused; the dry run sent nothing."
         )
         return True
 
@@ -344,13 +348,13 @@ async def run_demo(print_line: Callable[[str], None] = print) -> bool:
 ACP_DEMO_KEY = "demo-platform-key"
 
 
-async def marketplace(call: Any, sandbox_step: Any, sandbox: Any, values: dict[str, Any]) -> None:
+async def marketplace(call: Any, sandbox_step: Any, sandbox: Any, values: dict[str, Any]) -> str:
     """A creator onboarded, their plug sold through a checkout (a destination charge: 70% to them), a partial
-    refund reversing both sides in proportion, the earnings report."""
+    refund reversing both sides in proportion, the earnings report. Returns the creator's account."""
     made = await call("create_connected_account", {"display_name": "Plug Maker", "country": "US",
                                                    "email": "maker@example.com", "idempotency_key": "demo-maker"},
                       lambda c: c.get("account", {}).get("status") == "onboarding")
-    account = made["account"]["id"]
+    account = str(made["account"]["id"])
     await call("create_account_link", {"account": account, "refresh_url": "https://aims.example/refresh",
                                        "return_url": "https://aims.example/welcome"}, lambda c: bool(c.get("url")))
     def onboard() -> dict[str, Any]:
@@ -373,6 +377,41 @@ async def marketplace(call: Any, sandbox_step: Any, sandbox: Any, values: dict[s
     await call("get_creator_earnings", {"account": account},
                lambda c: [(e["gross"], e["platform_fees"], e["transferred"], e["reversed"])
                           for e in c.get("earnings", [])] == [(2000, 600, 1400, 350)])
+    return account
+
+
+async def marketplace_acp(post: Any, call: Any, sandbox_step: Any, sandbox: Any, values: dict[str, Any],
+                          first: str) -> None:
+    """The creator's payout schedule; a second creator's plug; an ACP order of both creators' plugs (one charge,
+    one transfer per creator of exactly their share); the earnings of both."""
+    await call("get_connected_account", {"account": first},
+               lambda c: c.get("can_receive_transfers") is True
+               and (c.get("payout_schedule") or {}).get("interval") == "daily")
+    made = await call("create_connected_account", {"display_name": "Data Maker", "country": "US",
+                                                   "idempotency_key": "demo-maker-2"},
+                      lambda c: c.get("account", {}).get("status") == "onboarding")
+    second = str(made["account"]["id"])
+
+    def onboard() -> dict[str, Any]:
+        done = sandbox.complete_account_onboarding(second)
+        return {"id": done["id"], "status": f"transfers {done['capabilities']['transfers']}"}
+
+    sandbox_step("second creator completes onboarding", onboard, lambda o: o["status"] == "transfers active")
+    price = await call("create_price", {"product": values["product"], "currency": "usd", "unit_amount": 1500},
+                       lambda c: "price" in c)
+    await call("create_plug", {"plug_id": "data-clean", "price": price["price"]["id"], "account": second,
+                               "creator_share_bp": 5000},
+               lambda c: c.get("plug", {}).get("creator_amount_per_unit") == 750)
+    created = await post("/acp/checkout_sessions", {"currency": "usd", "capabilities": {}, "line_items": [
+        {"id": "plug:seo-audit"}, {"id": "plug:data-clean"}]}, "acp-plugs",
+        lambda a: a.get("status") == "ready_for_payment")
+    await post(f"/acp/checkout_sessions/{created.get('id')}/complete", {"payment_data": {
+        "handler_id": "stripe_spt", "instrument": {"type": "card", "credential": {
+            "type": "spt", "token": "spt_test_demo_plugs"}}}}, "acp-plugs-pay",
+        lambda a: a.get("status") == "completed")
+    await call("get_creator_earnings", {},
+               lambda c: sorted((e["account"], e["transferred"]) for e in c.get("earnings", []))
+               == sorted([(first, 2800), (second, 750)]))
 
 
 INGEST_DEMO_KEY = "demo-ingest-key"
@@ -415,6 +454,17 @@ async def meters_batch(call: Any, rows: list[Row], server: Any, customer: str) -
 async def acp_checkout(rows: list[Row], server: Any) -> None:
     """ACP REST, in process: create a checkout session for the planner's wallet, complete it with a Shared Payment
     Token, and read the order."""
+    post = acp_poster(rows, server)
+    created = await post("/acp/checkout_sessions", {"currency": "usd", "line_items": [{"id": "luc_50k"}],
+                                                    "capabilities": {}, "metadata": {"agent_id": "planner"}},
+                         "acp-1", lambda a: a.get("status") == "ready_for_payment")
+    await post(f"/acp/checkout_sessions/{created.get('id')}/complete", {"payment_data": {
+        "handler_id": "stripe_spt", "instrument": {"type": "card", "credential": {
+            "type": "spt", "token": "spt_test_demo_acp"}}}}, "acp-1-pay", lambda a: a.get("status") == "completed")
+
+
+def acp_poster(rows: list[Row], server: Any) -> Callable[..., Any]:
+    """POST to our ACP REST routes in process, as a buyer agent's platform, one table row per call."""
     from .routes import build_companion_app
     from .sandbox.asgi_client import call_asgi
 
@@ -434,12 +484,7 @@ async def acp_checkout(rows: list[Row], server: Any) -> None:
                         expect(answer)))
         return answer
 
-    created = await post("/acp/checkout_sessions", {"currency": "usd", "line_items": [{"id": "luc_50k"}],
-                                                    "capabilities": {}, "metadata": {"agent_id": "planner"}},
-                         "acp-1", lambda a: a.get("status") == "ready_for_payment")
-    await post(f"/acp/checkout_sessions/{created.get('id')}/complete", {"payment_data": {
-        "handler_id": "stripe_spt", "instrument": {"type": "card", "credential": {
-            "type": "spt", "token": "spt_test_demo_acp"}}}}, "acp-1-pay", lambda a: a.get("status") == "completed")
+    return post
 
 
 async def pay_with_x402(call: Any, customer: str) -> None:

@@ -102,6 +102,7 @@ def build_state(
                                      ceiling=ceiling, prepaid=prepaid, fulfilment=fulfilment, clock=clock,
                                      connect=connect)
     fulfilment.register("payment_session", commerce.seller())
+    fulfilment.register("connect", connect.seller())  # creators' separate transfers after a sale's COMMIT
     acp = _acp_seller(
         store, commerce, pricing, ledger, prepaid, gateway, fulfilment,
         api_keys={key.get_secret_value() for key in settings.aims_billing_acp_api_keys},

@@ -48,6 +48,7 @@ async def background_tasks(
         webhooks.resume()  # ACP order events a previous run committed but did not deliver
     prepaid.resume()  # prepaid subscriptions paid for but not yet started in Stripe
     state.acp.resume_refunds()  # ACP payments a checkout could not take, recorded as to refund but not refunded
+    state.connect.resume_transfers()  # creators' separate transfers of paid sales, not yet made
 
     async def reconcile_payments() -> None:  # confirms a crash cut off before their outcome was recorded
         try:
@@ -68,7 +69,9 @@ async def background_tasks(
                 if webhooks is not None:
                     await webhooks.drain()
                 await state.acp.drain()
+                await state.connect.transfers.drain()
             await state.acp.refunds.stop()
+            await state.connect.transfers.stop()
             await prepaid.background.stop()
             if webhooks is not None:
                 await webhooks.background.stop()

@@ -391,3 +391,44 @@ async def test_check_splits_reconciles_checkout_and_x402_sales_and_names_a_drift
             conn.execute("UPDATE splits SET creator_amount = creator_amount - 1, platform_fee = platform_fee + 1")
         checked, problems = await server.state.connect.check_splits()
         assert checked == 1 and len(problems) == 1 and "expected transfer" in problems[0]
+
+
+async def test_get_connected_account_shows_the_creators_payout_schedule_as_stripe_has_it(
+        client: Client, sandbox: Sandbox, sandbox_app: Any) -> None:
+    from starlette.testclient import TestClient
+
+    from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY
+
+    account = await creator(client, sandbox)
+    live = ok(await client.call_tool("get_connected_account", {"account": account}))
+    assert live["payout_schedule"] == {"interval": "daily", "weekly_payout_days": None, "monthly_payout_days": None,
+                                       "delay_days": 2, "status": "enabled"}
+    http = TestClient(sandbox_app, headers={"Authorization": f"Bearer {SANDBOX_SECRET_KEY}", "Stripe-Account": account})
+    changed = http.post("/v1/balance_settings", data={"payments[payouts][schedule][interval]": "monthly",
+                                                      "payments[payouts][schedule][monthly_payout_days][0]": "15"})
+    assert changed.status_code == 200, changed.text  # the creator changed it in their Express dashboard
+    live = ok(await client.call_tool("get_connected_account", {"account": account}))
+    assert (live["payout_schedule"]["interval"], live["payout_schedule"]["monthly_payout_days"]) == ("monthly", [15])
+
+
+async def test_the_embedded_sandbox_sends_only_the_events_the_endpoint_enables_so_a_split_sale_costs_no_more_events(
+        make_server: Any, sandbox: Sandbox) -> None:
+    from aims_billing_mcp.services.webhook_events import ENABLED_EVENTS
+
+    server = make_server()
+    async with Client(server) as client:
+        account = await creator(client, sandbox)
+        plug_price, plain = await price(client, 1000), await price(client, 1001)
+        await plug(client, account, plug_price)
+        for line in (plain, plug_price):
+            session = ok(await client.call_tool("create_checkout_session", {
+                "line_items": [{"price": line}], "customer_email": "b@example.com"}))
+            sandbox.complete_checkout_session(session["checkout_session"]["id"])
+        await _drained(sandbox)
+        received = [e.type for e in server.state.webhook_events.recent(100)]
+        assert received.count("checkout.session.completed") == 2 and "transfer.created" not in received
+        assert "application_fee.created" not in received and "customer.created" not in received
+        assert not [kind for kind in received if not any(
+            kind == enabled or kind.startswith(enabled[:-1]) for enabled in ENABLED_EVENTS)]
+        (earned,) = ok(await client.call_tool("get_creator_earnings", {"account": account}))["earnings"]
+        assert (earned["sales"], earned["transferred"]) == (1, 700)

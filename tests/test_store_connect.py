@@ -119,3 +119,11 @@ def test_refunds_never_pass_what_the_sale_took_and_earnings_add_up(backend: Stor
     (earned,) = connect.earnings("acct_1", None)
     assert (earned.sales, earned.gross, earned.platform_fees, earned.transferred, earned.reversed,
             earned.fee_refunded, earned.pending) == (2, 2000, 600, 700, 350, 150, 700)
+
+
+def test_a_stripe_refund_of_a_split_sale_is_claimed_once(backend: Store, connect: ConnectStore) -> None:
+    assert backend.write_sync(lambda tx: connect.claim_refund(tx, "re_1", "pi_1", 500, 350, 150, "cs_1:k")) is True
+    assert backend.write_sync(lambda tx: connect.claim_refund(tx, "re_1", "pi_1", 500, 350, 150, "cs_1:k")) is False
+    assert backend.write_sync(lambda tx: connect.claim_refund(tx, "re_2", "pi_1", 500, 350, 150, None)) is True
+    assert connect.refund_of_request("cs_1:k") == ("re_1", 500, 350, 150)
+    assert connect.refund_of_request("cs_1:other") is None

@@ -20,6 +20,11 @@ reads the latter from ``/v1/balance``):
   proportion to what was refunded (cumulatively, so partial refunds adding up to the whole return exactly all).
 
 An account can receive transfers in its default currency only (``defaults.currency``, else its country's).
+
+Balance settings (``/v1/balance_settings`` with ``Stripe-Account``, as Stripe's ``balance_settings`` object): a
+connected account's payout schedule (``payments.payouts.schedule``: ``interval`` daily, weekly with
+``weekly_payout_days``, monthly with ``monthly_payout_days``, or manual; daily by default), its payouts ``status``
+(enabled once its payouts capability is active) and ``settlement_timing.delay_days`` (2).
 """
 
 from __future__ import annotations
@@ -587,6 +592,97 @@ def refund_destination(ctx: Ctx, pi: Obj, refund: Obj, refunded_before: int, *, 
             refund_fee(ctx, fee, part, metadata={})
 
 
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday")
+SETTLEMENT_DELAY_DAYS = 2
+
+
+def _payouts_active(account: Obj) -> bool:
+    recipient = (account.get("configuration") or {}).get("recipient") or {}
+    payouts = ((recipient.get("capabilities") or {}).get("stripe_balance") or {}).get("payouts") or {}
+    return payouts.get("status") == "active"
+
+
+def render_balance_settings(account: Obj) -> Obj:
+    settings = account.get("_balance_settings") or {}
+    interval = settings.get("interval", "daily")
+    return {
+        "object": "balance_settings",
+        "payments": {
+            "debit_negative_balances": bool(settings.get("debit_negative_balances", False)),
+            "payouts": {
+                "minimum_balance_by_currency": None,
+                "schedule": {
+                    "interval": interval,
+                    **({"monthly_payout_days": settings.get("monthly_payout_days") or [1]}
+                       if interval == "monthly" else {}),
+                    **({"weekly_payout_days": settings.get("weekly_payout_days") or ["monday"]}
+                       if interval == "weekly" else {}),
+                },
+                "statement_descriptor": settings.get("statement_descriptor"),
+                "status": "enabled" if _payouts_active(account) else "disabled",
+            },
+            "settlement_timing": {"delay_days": settings.get("delay_days_override") or SETTLEMENT_DELAY_DAYS,
+                                  **({"delay_days_override": settings["delay_days_override"]}
+                                     if settings.get("delay_days_override") else {})},
+        },
+    }
+
+
+def _settings_account(ctx: Ctx) -> Obj:
+    if ctx.account is None:
+        raise StripeError(400, "Balance settings are read and updated for a connected account: send the "
+                          "Stripe-Account header.", param="Stripe-Account")
+    return _account(ctx, ctx.account, "Stripe-Account")
+
+
+def retrieve_balance_settings(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
+    p.allow(())
+    return render_balance_settings(_settings_account(ctx))
+
+
+def update_balance_settings(ctx: Ctx, p: Params, _: Mapping[str, str]) -> Obj:
+    p.allow(("payments",))
+    account = _settings_account(ctx)
+    settings = dict(account.get("_balance_settings") or {})
+    payments = p.sub("payments")
+    if payments is not None:
+        payments.allow(("debit_negative_balances", "payouts", "settlement_timing"))
+        if (debit := payments.boolean("debit_negative_balances")) is not None:
+            settings["debit_negative_balances"] = debit
+        timing = payments.sub("settlement_timing")
+        if timing is not None:
+            timing.allow(("delay_days_override",))
+            settings["delay_days_override"] = timing.integer("delay_days_override", minimum=1)
+        payouts = payments.sub("payouts")
+        if payouts is not None:
+            payouts.allow(("minimum_balance_by_currency", "schedule", "statement_descriptor"))
+            if payouts.has("statement_descriptor"):
+                settings["statement_descriptor"] = payouts.string("statement_descriptor")
+            schedule = payouts.sub("schedule")
+            if schedule is not None:
+                schedule.allow(("interval", "monthly_payout_days", "weekly_payout_days"))
+                interval = schedule.string("interval", choices=("daily", "manual", "monthly", "weekly"))
+                interval = interval or settings.get("interval", "daily")
+                days = schedule.strings("weekly_payout_days")
+                for day in days:
+                    if day not in WEEKDAYS:
+                        raise invalid(schedule.name("weekly_payout_days"), f"Invalid weekly_payout_days: {day!r} is "
+                                      f"not one of {', '.join(WEEKDAYS)}")
+                monthly = []
+                for value in schedule.strings("monthly_payout_days"):
+                    if not value.isdigit() or not 1 <= int(value) <= 31:
+                        raise invalid(schedule.name("monthly_payout_days"), "Invalid monthly_payout_days: each is "
+                                      "a day of the month, 1 to 31")
+                    monthly.append(int(value))
+                if (days and interval != "weekly") or (monthly and interval != "monthly"):
+                    raise invalid(schedule.name("interval"), "weekly_payout_days needs interval weekly and "
+                                  "monthly_payout_days interval monthly")
+                settings.update(interval=interval, weekly_payout_days=days or None, monthly_payout_days=monthly or None)
+    account["_balance_settings"] = settings
+    ctx.store.update(account)
+    return render_balance_settings(account)
+
+
 def connected_balance(ctx: Ctx, account_id: str) -> Obj:
     rows = ctx.store.account_balance_rows(account_id) or [("usd", 0)]
     return {
@@ -611,6 +707,8 @@ ROUTES = [
     Route("GET", "/v2/core/accounts/{id}", retrieve_account),
     Route("POST", "/v2/core/accounts/{id}", update_account),
     Route("POST", "/v2/core/account_links", create_account_link),
+    Route("GET", "/v1/balance_settings", retrieve_balance_settings),
+    Route("POST", "/v1/balance_settings", update_balance_settings),
     Route("POST", "/v1/transfers", create_transfer),
     Route("GET", "/v1/transfers", list_transfers),
     Route("GET", "/v1/transfers/{id}", retrieve_transfer),

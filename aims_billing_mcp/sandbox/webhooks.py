@@ -9,6 +9,10 @@ answer or a connection error is retried with exponential backoff (0.5 s, 1 s, 2 
 ``retry_delay_scale``) up to ``max_attempts``, then given up; both outcomes are recorded, and handed
 to ``on_result`` (the sandbox keeps an undelivered Event's ``pending_webhooks`` at 1 so it can be
 sent again: ``aims-billing-mcp sandbox resend``, as Stripe keeps retrying for three days).
+
+Like a Stripe webhook endpoint's ``enabled_events``, ``configure(enabled_events=...)`` limits what is sent: exact
+types, ``*`` (every event, the default) or, as a sandbox convenience, a group ``<prefix>.*``; other events are
+recorded (``/v1/events``) but not delivered.
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ class _Config:
     retry_delay_scale: float
     max_attempts: int
     asgi_path: str
+    enabled_events: tuple[str, ...] = ("*",)
+
+    def sends(self, kind: str) -> bool:
+        return any(enabled == "*" or enabled == kind or (enabled.endswith(".*") and kind.startswith(enabled[:-1]))
+                   for enabled in self.enabled_events)
 
 
 class WebhookSender:
@@ -83,10 +92,12 @@ class WebhookSender:
         retry_delay_scale: float = 1.0,
         max_attempts: int = 5,
         asgi_path: str = DEFAULT_ASGI_PATH,
+        enabled_events: tuple[str, ...] = ("*",),
     ) -> None:
         """Deliver events recorded from now on to ``target``; ``None`` turns delivery off.
 
-        ``target`` is an ``http(s)://`` URL or an ASGI app (then POSTed at ``asgi_path``).
+        ``target`` is an ``http(s)://`` URL or an ASGI app (then POSTed at ``asgi_path``); only the
+        ``enabled_events`` are sent (see the module docstring).
         Events already queued keep the configuration they were queued with.
         """
         if target is None:
@@ -103,7 +114,7 @@ class WebhookSender:
         if retry_delay_scale < 0:
             raise ValueError("retry_delay_scale must not be negative")
         with self._cond:
-            self._config = _Config(target, secret, retry_delay_scale, max_attempts, asgi_path)
+            self._config = _Config(target, secret, retry_delay_scale, max_attempts, asgi_path, tuple(enabled_events))
 
     @property
     def enabled(self) -> bool:
@@ -120,7 +131,7 @@ class WebhookSender:
         """Queue ``event`` for delivery (a no-op while delivery is off)."""
         with self._cond:
             config = self._config
-            if config is None or self._closed.is_set():
+            if config is None or self._closed.is_set() or not config.sends(str(event.get("type"))):
                 return
             self._queue.append((event, config))
             self._pending += 1

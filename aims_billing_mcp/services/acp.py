@@ -26,6 +26,12 @@ request is still running is 409 `idempotency_in_flight` with `Retry-After`; 5xx 
 Request bodies are read by acp_protocol.py (the spec's own JSON Schema, then typed request models), so a
 violating body is a 400 naming the JSONPath of the offending field. A refused request changes nothing.
 
+Plugs (issue 17): a line item `plug:<id>` sells a creator's plug (services/connect.py). Completing checks every
+creator can receive their share before anything is charged (else 400 `not_ready_for_payment` naming the account
+and what Stripe still requires). One creator's plugs are a destination charge on the payment session's
+PaymentIntent; several creators' are one platform charge with a transfer group and one transfer per creator,
+made before the answer (idempotency keys derived from the payment session and the creator).
+
 The protocol edge (request models, request signing, authentication, the response shapes) is acp_protocol.py; the
 rows and state machines (`CheckoutStatus`, `OrderStatus` and their TRANSITIONS) are store/acp.py; this module
 holds the operations.
@@ -44,13 +50,21 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 from pydantic import SecretStr
 
-from ..errors import BillingError, InvalidState, NotFound, StripeCardDeclined, StripeInvalidRequest
+from ..errors import (
+    BillingError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    Refused,
+    StripeCardDeclined,
+    StripeInvalidRequest,
+)
 from ..models import AGENT_ID, format_amount
 from ..store import Store, Tx, dumps, utc_iso
 from ..store.acp import (
@@ -66,6 +80,7 @@ from ..store.acp import (
     RefundStatus,
 )
 from ..store.commerce import PaymentSessionRow
+from ..store.connect import AccountStatus
 from ..store.prepaid import PrepaidRow
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .acp_models import AcpError, AcpResponse
@@ -95,6 +110,7 @@ from .acp_webhooks import ORDER_CREATE, ORDER_UPDATE, OrderWebhooks
 from .background import Background
 from .commerce import SHARED_PAYMENT_TOKEN, PaymentSessionService
 from .commerce_models import PaymentSession
+from .connect import ConnectService
 from .fulfilment import Seller
 from .ledger import LedgerService
 from .prepaid import PrepaidSubscriptions, prepaid_id
@@ -117,6 +133,32 @@ class Checkout:
     problems: list[dict[str, Any]] = field(default_factory=list)
 
 
+class Items(Mapping[str, Item]):
+    """What an ACP checkout sells: pricing.toml's items (listed), and each plug as `plug:<id>` (a one-off item:
+    its price, no LUC, no tier), looked up when named."""
+
+    def __init__(self, pricing: Pricing, connect: ConnectService | None) -> None:
+        self._pricing, self._connect = pricing, connect
+
+    def __getitem__(self, item_id: str) -> Item:
+        if item_id.startswith("plug:") and self._connect is not None:
+            plug = self._connect.plug(item_id.removeprefix("plug:"))
+            if plug is not None:
+                return Item.model_construct(id=item_id, title=plug.name, description="", unit_price=plug.unit_amount,
+                                            currency=plug.currency, fulfil="credit", luc=0, tier=None)
+        return self._pricing.items[item_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pricing.items)
+
+    def __len__(self) -> int:
+        return len(self._pricing.items)
+
+
+def is_plug(item_id: str) -> bool:
+    return item_id.startswith("plug:")
+
+
 def _reveal(secret: SecretStr | str | None) -> str | None:
     value = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
     return value or None
@@ -136,6 +178,8 @@ class AcpService:
         self._acp = store.acp
         self._commerce = commerce
         self._pricing = pricing
+        self._connect = commerce.connect  # plugs' splits (services/connect.py)
+        self._items = Items(pricing, self._connect)
         self._api_keys = {key for key in api_keys if key}
         self._clock = clock
         self._ledger = ledger  # the wallets an order's LUC are credited to
@@ -361,6 +405,7 @@ class AcpService:
         buyer_given = "buyer" in request.model_fields_set
         if buyer_given:  # it may name the customer a tier subscribes: readiness follows it, saved only to pay
             state["buyer"] = request.buyer
+        await self._check_plugs(checkout.row, state)
         problems = self._problems(checkout.row.agent_id, state)
         if problems:
             raise AcpError(400, "not_ready_for_payment", f"checkout session {session_id} is not ready for payment: "
@@ -463,6 +508,22 @@ class AcpService:
         except BillingError as exc:  # Stripe unavailable, rate limited, ...: not stored, retry with the same key
             raise AcpError(502, "payment_provider_error", exc.message, type="processing_error") from exc
 
+    async def _plan(self, row: CheckoutRow, lines: list[dict[str, Any]]) -> Any:
+        if self._connect is None or not any(is_plug(line["item"]) for line in lines):
+            return None
+        return await self._connect.plan_lines([(line["item"], line["quantity"]) for line in lines],
+                                              self._total(lines), row.currency)
+
+    async def _check_plugs(self, row: CheckoutRow, state: dict[str, Any]) -> None:
+        """Every plug's creator can receive their share (Stripe asked when our record says not): checked before
+        anything is charged, refused naming the account and what Stripe still requires."""
+        try:
+            await self._plan(row, state["lines"])
+        except (InvalidInput, NotFound, Refused) as exc:
+            raise AcpError(400, "not_ready_for_payment", exc.message, param=exc.param) from exc
+        except BillingError as exc:  # Stripe unavailable, rate limited, ...: not stored, retry with the same key
+            raise AcpError(502, "payment_provider_error", exc.message, type="processing_error") from exc
+
     async def _payment_for(self, row: CheckoutRow, state: dict[str, Any], claim: float) -> str:
         """The payment session for the cart as it is now: the linked one if it was made for this very cart, else a
         new one (the old PaymentIntent canceled first), linked with the cart frozen (`acp_payments`): delivery
@@ -483,12 +544,14 @@ class AcpService:
                 raise AcpError(405, "session_not_completable", f"checkout session {row.id} was paid for its "
                                f"earlier cart meanwhile: {exc.message}") from exc
         digest = hashlib.sha256(dumps(frozen).encode()).hexdigest()[:16]
-        titles = ", ".join(f"{line['quantity']} x {self._pricing.items[line['item']].title}" for line in lines)
+        titles = ", ".join(f"{line['quantity']} x {self._items[line['item']].title}" for line in lines)
         try:
+            plan = await self._plan(row, lines)  # a creator restricted since the check: refused before the charge
             created = await self._commerce.create_session(
                 customer=subscriber, agent_id=row.agent_id if self._has_credits(lines) else None, item=None,
                 amount=total, currency=row.currency, description=f"ACP checkout {row.id}: {titles}"[:500],
-                idempotency_key=f"acp:{row.id}:{len(made)}:{digest}", dry_run=False)
+                idempotency_key=f"acp:{row.id}:{len(made)}:{digest}", dry_run=False, plan=plan, split_path="acp",
+                split_note=f"ACP checkout {row.id}")
         except BillingError as exc:
             raise AcpError(400, "payment_not_possible", exc.message, param="$.payment_data") from exc
         assert created.session is not None
@@ -539,6 +602,8 @@ class AcpService:
 
         await self._store.write(job)
         self._after_payment()
+        if paid.status == "succeeded" and self._connect is not None:
+            await self._connect.transfers.drain()  # several creators' transfers, made before the answer
         tier = self._tier_line(json.loads(self._row(session_id).row.state)["lines"])
         if paid.status == "succeeded" and tier is not None:
             await self._prepaid.start_now(prepaid_id(session_id))
@@ -585,7 +650,7 @@ class AcpService:
         iso = utc_iso(self._clock())
         lines = frozen["lines"]
         state["lines"] = lines  # the order shows what was paid for
-        luc = sum(self._pricing.items[line["item"]].luc * line["quantity"] for line in lines)
+        luc = sum(self._items[line["item"]].luc * line["quantity"] for line in lines)
         done_what = []
         balance, refused = None, None
         if luc:
@@ -657,7 +722,8 @@ class AcpService:
         try:
             refund = (await self._gateway.send(StripeRequest(
                 "post", "/v1/refunds", {"payment_intent": found.payment_intent_id, "reason": "requested_by_customer",
-                                        "metadata": {"aims_acp_payment": ps_id}},
+                                        "metadata": {"aims_acp_payment": ps_id},
+                                        **(self._connect.full_refund_params("acp", ps_id) if self._connect else {})},
                 stripe_idempotency_key("acp-refund", ps_id)))).data
         except StripeInvalidRequest as exc:
             if exc.details.get("stripe_code") != "charge_already_refunded":
@@ -676,6 +742,12 @@ class AcpService:
             log.warning("refunding ACP payment %s: its lease ended and another sender took it over; this outcome "
                         "is not recorded", ps_id)
             return
+        if done and self._connect is not None:  # the plugs' creators give back their part
+            try:
+                await self._connect.refunded_in_full("acp", ps_id, str(refund_id or ps_id))
+            except BillingError as exc:
+                log.warning("refunding ACP payment %s: the creators' transfers are not reversed yet: %s", ps_id,
+                            exc.message)
         if error:
             log.warning("refunding ACP payment %s: %s (retried at the next start-up)", ps_id, error)
 
@@ -698,7 +770,7 @@ class AcpService:
         summary = self._prepaid.summary(prepaid)
         outcome = prepaid["status"]
         credits_ok = not state["order"].get("luc_refused")
-        credits = self._has_credits(state["lines"])
+        credits = self._delivered_with_payment(state["lines"])
         if not credits_ok:
             status = OrderStatus.MANUAL_REVIEW  # the LUC the buyer paid for is neither credited nor refunded yet
         elif outcome == "started":
@@ -738,9 +810,10 @@ class AcpService:
         counts: dict[str, int] = {}
         for i, item in enumerate(items):
             item_id = item.id.strip()
-            if item_id not in self._pricing.items:
+            if item_id not in self._items:
                 raise AcpError(400, "invalid_item_id", f"The item ID {item_id[:64]!r} does not exist. Items for sale: "
-                               + ", ".join(sorted(self._pricing.items)), param=f"$.line_items[{i}].id")
+                               + ", ".join(sorted(self._items)) + " (and plug:<id> for a declared plug)",
+                               param=f"$.line_items[{i}].id")
             counts[item_id] = counts.get(item_id, 0) + 1
         tiers = 0
         for i, item in enumerate(items):
@@ -748,7 +821,7 @@ class AcpService:
             if counts[item_id] > 100:
                 raise AcpError(400, "quantity_exceeded", "at most 100 of one item per checkout",
                                param=f"$.line_items[{i}].id")
-            if self._pricing.items[item_id].subscribes:
+            if self._items[item_id].subscribes:
                 tiers += 1
                 if tiers > 1:
                     raise AcpError(400, "quantity_exceeded", f"{item_id}: one tier subscription per checkout (a "
@@ -757,18 +830,23 @@ class AcpService:
 
     def _check_currency(self, lines: list[dict[str, Any]], currency: str) -> None:
         for line in lines:
-            item = self._pricing.items[line["item"]]
+            item = self._items[line["item"]]
             if item.currency != currency:
                 raise AcpError(400, "unsupported_currency", f"{item.id} is sold in {item.currency}, not "
                                f"{currency[:8]!r}", param="$.currency")
 
     def _has_credits(self, lines: list[dict[str, Any]]) -> bool:
-        return any(not self._pricing.items[line["item"]].subscribes for line in lines)
+        """LUC to credit: the buying agent's wallet is needed (a plug line credits nothing)."""
+        return any(self._items[line["item"]].luc for line in lines)
+
+    def _delivered_with_payment(self, lines: list[dict[str, Any]]) -> bool:
+        """Lines other than a tier (credits, plugs): delivered by the payment itself."""
+        return any(not self._items[line["item"]].subscribes for line in lines)
 
     def _tier_line(self, lines: list[dict[str, Any]]) -> tuple[int, Item] | None:
         """The checkout's tier line (its index and item), if it has one: `_lines` allows at most one."""
-        return next(((i, self._pricing.items[line["item"]]) for i, line in enumerate(lines)
-                     if self._pricing.items[line["item"]].subscribes), None)
+        return next(((i, self._items[line["item"]]) for i, line in enumerate(lines)
+                     if self._items[line["item"]].subscribes), None)
 
     def _wallet_customer(self, agent_id: str | None, tx: Tx | None = None) -> str | None:
         """The customer whose wallet the agent holds (None: no such wallet), read in `tx` when given."""
@@ -789,8 +867,11 @@ class AcpService:
     def _problems(self, agent_id: str | None, state: dict[str, Any]) -> list[dict[str, Any]]:
         """Why the session cannot be paid yet: credits need the buying agent's wallet (`metadata.agent_id`); a tier
         needs the customer who subscribes (`buyer.customer_id`, or the agent's wallet's customer), who must not
-        already have a tier (two subscriptions would bill twice)."""
+        already have a tier (two subscriptions would bill twice); a plug's creator must be able to receive their
+        share (as our record says: completing asks Stripe first)."""
         lines = state["lines"]
+        if plugs := self._plug_problems(lines):
+            return plugs
         if self._has_credits(lines):
             if agent_id is None:
                 return [message("missing", "Name the buying agent whose wallet receives the credits: create the "
@@ -819,12 +900,26 @@ class AcpService:
                             resolution="requires_buyer_input")]
         return []
 
+    def _plug_problems(self, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for i, line in enumerate(lines):
+            plug = self._connect.plug(line["item"].removeprefix("plug:")) \
+                if self._connect is not None and is_plug(line["item"]) else None
+            account = self._store.connect.account(plug.account_id) if plug is not None else None
+            if account is not None and account.status is not AccountStatus.ACTIVE:
+                due = ", ".join(account.requirements_due) or "nothing listed yet"
+                out.append(message("invalid", f"The creator of {line['item']} (account {account.account_id}) cannot "
+                                   f"receive transfers yet; Stripe still requires: {due}. Remove the line, or pay once "
+                                   "they finished onboarding.", param=f"$.line_items[{i}]",
+                                   resolution="requires_buyer_input"))
+        return out
+
     def _open_status(self, agent_id: str | None, state: dict[str, Any]) -> CheckoutStatus:
         return CheckoutStatus.NOT_READY_FOR_PAYMENT if self._problems(agent_id, state) \
             else CheckoutStatus.READY_FOR_PAYMENT
 
     def _total(self, lines: list[dict[str, Any]]) -> int:
-        return sum(self._pricing.items[line["item"]].unit_price * line["quantity"] for line in lines)
+        return sum(self._items[line["item"]].unit_price * line["quantity"] for line in lines)
 
     def _row(self, session_id: str) -> Checkout:
         row = self._acp.session(session_id)
@@ -849,7 +944,7 @@ class AcpService:
 
     def _view(self, checkout: Checkout) -> dict[str, Any]:
         """The session as ACP's CheckoutSession (CheckoutSessionWithOrder once completed)."""
-        return checkout_view(checkout.row, checkout.status, checkout.problems, self._pricing, self._public_url)
+        return checkout_view(checkout.row, checkout.status, checkout.problems, self._items, self._public_url)
 
     def discovery(self, api_base_url: str) -> dict[str, Any]:
         return discovery(self._pricing, api_base_url)

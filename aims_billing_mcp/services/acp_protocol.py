@@ -31,7 +31,7 @@ import binascii
 import hashlib
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ from ..store import dumps, utc_iso
 from ..store.acp import CheckoutRow, CheckoutStatus
 from .acp_models import AcpError
 from .acp_schema import SPEC_VERSION, SUPPORTED_VERSIONS, json_path, parse
-from .tiers import Pricing
+from .tiers import Item, Pricing
 
 API_VERSION = SPEC_VERSION
 HANDLER_ID = "stripe_spt"
@@ -334,21 +334,23 @@ def _order_line(line: dict[str, Any], *, delivered: bool, removed: bool = False)
             "status": "removed" if removed else "fulfilled" if delivered else "processing"}
 
 
-def checkout_view(row: CheckoutRow, status: CheckoutStatus, problems: list[dict[str, Any]], pricing: Pricing,
-                  public_url: str) -> dict[str, Any]:
+def checkout_view(row: CheckoutRow, status: CheckoutStatus, problems: list[dict[str, Any]],
+                  items: Mapping[str, Item], public_url: str) -> dict[str, Any]:
     """The session as ACP's CheckoutSession (CheckoutSessionWithOrder once completed), as of `status` (the row's,
     or `expired`, or its readiness now) and `problems` (why an open session cannot be paid yet)."""
     state = json.loads(row.state)
     currency = row.currency
     lines, total = [], 0
     for line in state["lines"]:
-        item = pricing.items[line["item"]]
+        item = items[line["item"]]
         amount = item.unit_price * line["quantity"]
         total += amount
         lines.append({
             "id": line_id(item.id), "item": {"id": item.id, "name": item.title, "unit_amount": item.unit_price},
             "quantity": line["quantity"], "name": item.title, "unit_amount": item.unit_price,
-            "product_id": item.id, "category": "subscription" if item.subscribes else "digital_credits",
+            "product_id": item.id,
+            "category": "subscription" if item.subscribes else "plug" if item.id.startswith("plug:")
+            else "digital_credits",
             "availability_status": "in_stock",
             "totals": _totals(amount),
         })

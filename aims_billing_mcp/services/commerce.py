@@ -42,7 +42,7 @@ from ..store.commerce import TERMINAL, TRANSITIONS, PaymentSessionRow, SessionSt
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
 from .ceiling import Ceiling
 from .commerce_models import PaymentSession, PaymentSessionResult
-from .connect import ConnectService
+from .connect import ConnectService, SalePlan
 from .fulfilment import Fulfilment, Seller
 from .idempotency import CallKey, IdempotencyService
 from .ledger import LedgerService
@@ -81,6 +81,7 @@ class PaymentSessionService:
         fulfilment: Fulfilment, clock: Callable[[], float] = time.time, connect: ConnectService | None = None,
     ) -> None:
         self._connect = connect  # item "plug:<id>" sells a creator's plug as a destination charge (services/connect.py)
+        self.connect = connect  # ACP checkouts selling plugs plan their splits with it
         self._store = store
         self._mutations = mutations
         self._gateway = gateway
@@ -140,9 +141,12 @@ class PaymentSessionService:
     async def create_session(
         self, *, customer: str | None, agent_id: str | None, item: str | None, amount: int | None,
         currency: str | None, description: str | None, idempotency_key: str | None, dry_run: bool,
+        plan: SalePlan | None = None, split_path: str = "payment_session", split_note: str | None = None,
     ) -> PaymentSessionResult:
-        """A payment session and its PaymentIntent (awaiting a payment method); replays return the same session."""
-        plan = await self._connect.plan_plug(item) if self._connect and item and item.startswith("plug:") else None
+        """A payment session and its PaymentIntent (awaiting a payment method); replays return the same session.
+        `plan` (an ACP cart's, with `amount` its total) splits it between creators, recorded as `split_path`."""
+        if plan is None and self._connect and item and item.startswith("plug:"):
+            plan = await self._connect.plan_plug(item)
         if plan is not None:
             item, amount, currency, description = None, plan.total, plan.currency, description or plan.title
         found, amount, currency = self._priced(item, amount, currency)
@@ -171,7 +175,7 @@ class PaymentSessionService:
             "amount": amount, "currency": currency, "customer": customer, "description": description,
             "metadata": compact({"aims_session": session_id, "aims_item": item_id, "aims_agent": agent_id}),
             "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
-            **(plan.destination() if plan is not None else {}),
+            **(plan.destination(session_id) if plan is not None else {}),
         })
         recorded: dict[str, PaymentSession] = {}
         clock, store = self._clock, self._store.commerce
@@ -187,7 +191,7 @@ class PaymentSessionService:
 
             recorded["session"] = await self._store.write(job)
             if plan is not None and self._connect is not None:
-                await self._connect.declare("payment_session", session_id, plan, payment_intent=pi["id"])
+                await self._connect.declare(split_path, session_id, plan, payment_intent=pi["id"], note=split_note)
 
         result = await self._mutations.run(
             CREATE_TOOL, "/v1/payment_intents", params, PaymentSessionResult,
@@ -392,6 +396,8 @@ class PaymentSessionService:
         elif status is SessionStatus.REQUIRES_PAYMENT_METHOD:
             last_error = _decline_message(pi.get("last_payment_error")) or last_error
         store.record_status(tx, row.id, status, received, last_error, iso)
+        if status is SessionStatus.SUCCEEDED and self._connect is not None:  # its creators' splits, if it sold plugs
+            self._connect.paid(tx, str(pi["id"]))
         if status is SessionStatus.SUCCEEDED and store.claim_fulfilment(tx, row.id, iso):
             fulfilment = self._fulfil(tx, row, str(pi["id"]))
             undone = iso if fulfilment.get("status") != "failed" else None  # a refused credit stays to be done

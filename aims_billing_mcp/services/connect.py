@@ -11,6 +11,10 @@ for a creator, with the creator's share) and the split of every sale of a plug.
 - Checkout sessions and payment links sell plugs as destination charges (`transfer_data[destination]` and
   `application_fee_amount`): Stripe moves the creator's share with the charge itself, so nothing can be paid
   without the creator being paid or transferred twice. A cart holding several creators' plugs is refused there.
+- Payment sessions and ACP checkouts of one creator's plugs are destination charges on the PaymentIntent, marked
+  transferred in the transaction that records the payment's success (`paid`). An ACP cart of several creators'
+  plugs is one platform charge with a `transfer_group`, then one transfer per creator (`source_transaction`: the
+  charge) whose idempotency key derives from the payment session and the creator (`transfer_sale`).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BillingError, InvalidInput, NotFound, Refused
+from ..errors import BillingError, InvalidInput, InvalidState, NotFound, Refused
 from ..models import format_amount
 from ..store import Store, Tx, new_id, utc_now
 from ..store.connect import AccountStatus, ConnectedAccount, DuplicatePlug, Plug, Split, SplitStatus
 from ..stripe_gateway import StripeGateway, StripeRequest, stripe_idempotency_key
+from .background import Background
 from .connect_models import (
     AccountLinkResult,
     ConnectedAccountList,
@@ -33,11 +38,13 @@ from .connect_models import (
     ConnectedAccountView,
     CreatorEarnings,
     EarningsReport,
+    PayoutSchedule,
     PlugResult,
     PlugView,
     RefundSplitResult,
     SplitView,
 )
+from .fulfilment import Seller
 from .idempotency import IdempotencyService
 from .mutations import StripeMutations, compact
 
@@ -72,9 +79,10 @@ def split_for(plug: Plug, amount: int, currency: str, quantity: int = 1) -> Spli
 
 @dataclass(frozen=True, slots=True)
 class SalePlan:
-    """Where one sale's money goes: the creator's account, and the application fee the platform keeps."""
+    """Where one sale's money goes: the creator's account and the application fee the platform keeps (a destination
+    charge), or, with `account` None, several creators paid by separate transfers after one platform charge."""
 
-    account: str
+    account: str | None
     currency: str
     total: int
     lines: tuple[tuple[Plug, SplitAmounts], ...]
@@ -91,9 +99,21 @@ class SalePlan:
     def title(self) -> str:
         return ", ".join(plug.name for plug, _ in self.lines)
 
-    def destination(self) -> dict[str, Any]:
-        """The destination-charge parameters (of a PaymentIntent, a session's payment_intent_data, a link)."""
+    @property
+    def accounts(self) -> list[str]:
+        return sorted({plug.account_id for plug, _ in self.lines})
+
+    def destination(self, sale: str | None = None) -> dict[str, Any]:
+        """The destination-charge parameters (of a PaymentIntent, a session's payment_intent_data, a link); for
+        several creators, the transfer group of `sale`'s separate transfers."""
+        if self.account is None:
+            return {"transfer_group": sale_group(str(sale))}
         return {"transfer_data": {"destination": self.account}, "application_fee_amount": self.application_fee}
+
+
+def sale_group(sale: str) -> str:
+    """The transfer group of a sale paid by the platform and transferred to several creators."""
+    return f"sale_{sale}"
 
 
 def _status_of_v1(account: dict[str, Any]) -> tuple[AccountStatus, tuple[str, ...]]:
@@ -145,6 +165,8 @@ class ConnectService:
         self._mutations = mutations
         self._gateway = gateway
         self._idempotency = idempotency
+        self.transfers = Background()  # separate transfers of sales a webhook saw paid (transfer_sale)
+        self._pending: set[tuple[str, str]] = set()  # sales `paid` left pending, transferred after COMMIT
 
     # --- creators -------------------------------------------------------------------------------------------------
 
@@ -214,7 +236,15 @@ class ConnectService:
     async def get_connected_account(self, account: str) -> ConnectedAccountView:
         row, payouts = await self.refresh(account)
         balance = (await self._gateway.send(StripeRequest("get", "/v1/balance", stripe_account=account))).data
+        settings = (await self._gateway.send(StripeRequest("get", "/v1/balance_settings",
+                                                           stripe_account=account))).data.get("payments") or {}
         view = _view(row, payouts)
+        schedule = ((settings.get("payouts") or {}).get("schedule")) or {}
+        view.payout_schedule = PayoutSchedule(
+            interval=schedule.get("interval"), weekly_payout_days=schedule.get("weekly_payout_days"),
+            monthly_payout_days=schedule.get("monthly_payout_days"),
+            delay_days=(settings.get("settlement_timing") or {}).get("delay_days"),
+            status=(settings.get("payouts") or {}).get("status"))
         view.balance = {str(a["currency"]): int(a["amount"]) for a in balance.get("available") or []}
         return view
 
@@ -297,15 +327,44 @@ class ConnectService:
             return None
         accounts = {plug.account_id for plug in plugs.values()}
         if len(accounts) > 1:
-            raise Refused(f"this cart holds plugs of {len(accounts)} creators ({', '.join(sorted(accounts))}): one "
-                          "checkout pays one creator; sell each creator's plugs in its own checkout", param=param)
+            raise Refused(f"this cart holds plugs of {len(accounts)} creators ({', '.join(sorted(accounts))}): a "
+                          "checkout session or payment link pays one creator; sell each creator's plugs in its own "
+                          "checkout, or sell the cart through an ACP checkout (separate transfers)", param=param)
         if total is None or currency is None:
             raise InvalidInput("a cart with a plug must be in one currency", param=param)
-        account = accounts.pop()
-        await self.receivable(account, currency, param)
-        lines = tuple((plug, split_for(plug, plug.unit_amount * quantity, currency, quantity))
-                      for price, quantity in items if (plug := plugs.get(price)) is not None)
-        return SalePlan(account, currency, total, lines)
+        lines = [(plugs[price], quantity) for price, quantity in items if price in plugs]
+        return await self._plan(lines, total, currency, [param] * len(lines))
+
+    async def _plan(self, lines: list[tuple[Plug, int]], total: int, currency: str, params: list[str]) -> SalePlan:
+        """Every creator of `lines` checked once (refused before any charge when one cannot be paid)."""
+        checked: set[str] = set()
+        for (plug, _), param in zip(lines, params, strict=True):
+            if plug.account_id not in checked:
+                await self.receivable(plug.account_id, currency, param)
+                checked.add(plug.account_id)
+        planned = tuple((plug, split_for(plug, plug.unit_amount * quantity, currency, quantity))
+                        for plug, quantity in lines)
+        return SalePlan(checked.pop() if len(checked) == 1 else None, currency, total, planned)
+
+    def plug(self, plug_id: str) -> Plug | None:
+        return self._store.connect.plug(plug_id)
+
+    async def plan_lines(self, lines: list[tuple[str, int]], total: int, currency: str) -> SalePlan | None:
+        """The split of an ACP cart (("plug:<id>" or another item, quantity) lines, `total` in `currency`), or None
+        when it holds no plug: a destination charge for one creator, separate transfers for several. Refused
+        (InvalidInput, Refused; param `$.line_items[i]`) before any charge when a creator cannot be paid."""
+        found: list[tuple[Plug, int]] = []
+        params: list[str] = []
+        for i, (item, quantity) in enumerate(lines):
+            if not item.startswith("plug:"):
+                continue
+            plug = self._store.connect.plug(item.removeprefix("plug:"))
+            if plug is None:
+                raise NotFound(f"no plug {item.removeprefix('plug:')!r}: declare it with create_plug",
+                               param=f"$.line_items[{i}]")
+            found.append((plug, quantity))
+            params.append(f"$.line_items[{i}]")
+        return await self._plan(found, total, currency, params) if found else None
 
     async def plan_plug(self, item: str) -> SalePlan:
         """One unit of the plug `item` names ("plug:<id>"), sold alone (a payment session's PaymentIntent)."""
@@ -316,12 +375,15 @@ class ConnectService:
         split = split_for(plug, plug.unit_amount, plug.currency)
         return SalePlan(plug.account_id, plug.currency, plug.unit_amount, ((plug, split),))
 
-    async def declare(self, path: str, sale_ref: str, plan: SalePlan, *, payment_intent: str | None = None) -> None:
-        """Record an offered sale's splits (after Stripe accepted it): one row per plug line, `declared`."""
+    async def declare(self, path: str, sale_ref: str, plan: SalePlan, *, payment_intent: str | None = None,
+                      note: str | None = None) -> None:
+        """Record an offered sale's splits (after Stripe accepted it): one row per plug line, `declared` (with the
+        sale's transfer group when several creators are paid by separate transfers)."""
         now = utc_now()
-        rows = [Split(new_id("spl"), path, sale_ref, plug.plug_id, plan.account, plan.currency, split.gross,
-                      split.platform_fee, split.creator_amount, SplitStatus.DECLARED, payment_intent, None, None, 0, 0,
-                      0, None, now, now) for plug, split in plan.lines]
+        group = sale_group(sale_ref) if plan.account is None else None
+        rows = [Split(new_id("spl"), path, sale_ref, plug.plug_id, plug.account_id, plan.currency, split.gross,
+                      split.platform_fee, split.creator_amount, SplitStatus.DECLARED, payment_intent, None, group, 0,
+                      0, 0, note, now, now) for plug, split in plan.lines]
 
         def job(tx: Tx) -> None:
             for row in rows:
@@ -377,6 +439,58 @@ class ConnectService:
                     continue
             await self._store.write(functools.partial(self._transferred, split.id, transfer_id))
 
+    def seller(self) -> Seller:
+        """Registered in the fulfilment registry: after a COMMIT that left separate transfers pending, make them."""
+        return Seller(after_commit=self.committed)
+
+    def resume_transfers(self) -> None:
+        """At start-up, on the server's loop: the separate transfers a previous run left pending."""
+        self.transfers.bind()
+        self._pending |= {(split.path, split.sale_ref) for split in self._store.connect.splits(None, None, 100_000)
+                          if split.status is SplitStatus.PENDING and split.payment_intent is not None}
+        self.committed()
+
+    def committed(self) -> None:
+        due, self._pending = self._pending, set()
+        self.transfers.spawn((f"transfer:{path}:{sale}", functools.partial(self._transfer_later, path, sale))
+                             for path, sale in sorted(due))
+
+    async def _transfer_later(self, path: str, sale_ref: str) -> None:
+        await self.transfer_sale(path, sale_ref)
+
+    async def transfer_sale(self, path: str, sale_ref: str) -> list[str]:
+        """Pay each creator of a sale paid to the platform (several creators' cart) their share: one transfer per
+        creator in the sale's transfer group, from the sale's charge (`source_transaction`), its idempotency key
+        derived from the sale and the creator, so a retry after a lost answer, a webhook and the buyer's own answer
+        racing, or another process all get the same transfer. One that fails leaves its splits pending (retried by
+        the next look). The transfers made."""
+        pending = [s for s in self._store.connect.splits_of_sale(path, sale_ref) if s.status is SplitStatus.PENDING]
+        if not pending or pending[0].payment_intent is None:
+            return []
+        pi = (await self._gateway.send(StripeRequest("get", f"/v1/payment_intents/{pending[0].payment_intent}"))).data
+        by_account: dict[str, list[Split]] = {}
+        for split in pending:
+            by_account.setdefault(split.account_id, []).append(split)
+        made = []
+        for account, splits in by_account.items():
+            amount = sum(split.creator_amount for split in splits)
+            transfer_id = None
+            if amount > 0:
+                try:
+                    transfer_id = str((await self._gateway.send(StripeRequest("post", "/v1/transfers", {
+                        "amount": amount, "currency": splits[0].currency, "destination": account,
+                        "transfer_group": splits[0].transfer_group, "source_transaction": pi["latest_charge"],
+                        "metadata": {"aims_sale": sale_ref}},
+                        stripe_idempotency_key(f"{path}_split", f"{sale_ref}:{account}")))).data["id"])
+                except BillingError as exc:  # the buyer paid: the creator's transfer waits, visible as pending
+                    log.warning("sale %s: the transfer to %s waits: %s", sale_ref, account, exc.message)
+                    continue
+                made.append(transfer_id)
+            ids = [split.id for split in splits]
+            await self._store.write(lambda tx, ids=ids, transfer_id=transfer_id: [  # type: ignore[misc]
+                self._transferred(split_id, transfer_id, tx) for split_id in ids])
+        return made
+
     def _transferred(self, split_id: str, transfer_id: str | None, tx: Tx) -> bool:
         return self._store.connect.mark_paid(tx, split_id, SplitStatus.TRANSFERRED, payment_intent=None,
                                              transfer_group=None, transfer_id=transfer_id)
@@ -393,15 +507,32 @@ class ConnectService:
             applied = self._store.connect.set_status(tx, obj["id"], status, due, int(event["created"]))
             return f"connected account {obj['id']}: {status}" if applied else None
         if kind == "payment_intent.succeeded" and isinstance(obj.get("id"), str):  # a payment session's
-            moved = sum(self._store.connect.mark_paid(tx, split.id, SplitStatus.TRANSFERRED, payment_intent=obj["id"],
-                                                      transfer_group=f"group_{obj['id']}", transfer_id=None)
-                        for split in self._store.connect.splits_of_payment(obj["id"])
-                        if split.status is SplitStatus.DECLARED)
-            return f"{moved} split(s) transferred with {obj['id']}" if moved else None
+            moved = self.paid(tx, obj["id"])
+            return f"{moved} split(s) paid with {obj['id']}" if moved else None
+        if kind == "refund.created" and isinstance(obj.get("id"), str) and isinstance(obj.get("payment_intent"), str) \
+                and obj.get("status") == "succeeded":
+            return self._refunded_elsewhere(tx, obj)
         if kind == "checkout.session.completed" and isinstance(obj.get("id"), str) \
                 and isinstance(obj.get("payment_intent"), str) and obj.get("payment_status") == "paid":
             return self._paid_session(tx, obj["id"], obj["payment_intent"], obj.get("payment_link"))
         return None
+
+    def paid(self, tx: Tx, payment_intent: str) -> int:
+        """A PaymentIntent carrying declared splits succeeded (in the transaction recording it): a destination
+        charge's splits are transferred (with the charge), separate transfers' splits pending until
+        `transfer_sale` makes them. How many splits moved (0 for a duplicate or late event)."""
+        moved = 0
+        for split in self._store.connect.splits_of_payment(payment_intent):
+            if split.status is not SplitStatus.DECLARED:
+                continue
+            separate = split.transfer_group is not None
+            moved += self._store.connect.mark_paid(
+                tx, split.id, SplitStatus.PENDING if separate else SplitStatus.TRANSFERRED,
+                payment_intent=payment_intent, transfer_group=None if separate else f"group_{payment_intent}",
+                transfer_id=None)
+            if separate:
+                self._pending.add((split.path, split.sale_ref))
+        return moved
 
     def _paid_session(self, tx: Tx, session: str, payment_intent: str, link: Any) -> str | None:
         group = f"group_{payment_intent}"  # Stripe's transfer group of a destination charge
@@ -429,23 +560,44 @@ class ConnectService:
         if not splits:
             raise NotFound(f"no paid split sale {sale}: give the checkout session (cs_...) or payment session (ps_...) "
                            "of a sale of a plug (get_creator_earnings lists them)", param="sale")
-        params = compact({"payment_intent": splits[0].payment_intent, "amount": amount, "reverse_transfer": True,
-                          "refund_application_fee": True, "reason": reason, "metadata": {"aims_sale": sale}})
+        separate = _separate(splits[0])
         key = f"{sale}:{idempotency_key}"
+        # A destination charge whose cart held other items too: Stripe's reverse_transfer would take back the
+        # creator's share of the whole charge, not of the plug lines refunded; so the transfer is reversed by
+        # exactly the creator's part instead (and the platform keeps the rest of the fee it is owed).
+        mixed = not separate and int((await self._gateway.send(StripeRequest(
+            "get", f"/v1/payment_intents/{splits[0].payment_intent}"))).data["amount"]) != sum(s.gross for s in splits)
+        explicit = separate or mixed
+        params = compact({"payment_intent": splits[0].payment_intent, "amount": amount,
+                          "reverse_transfer": None if explicit else True,
+                          "refund_application_fee": None if explicit else True, "reason": reason,
+                          "metadata": {"aims_sale": sale, "aims_refund_key": key}})
         call = self._idempotency.key_for("refund_split_sale", {"path": "/v1/refunds", "method": "post",
                                                                          **params}, key, sale)
         if (stored := self._idempotency.find(call)) is not None:  # a retry: its first answer, not a check
             return RefundSplitResult.model_validate({**stored, "replayed": True})
+        prior = self._store.connect.refund_of_request(key)  # made, its answer lost, recorded from its webhook
         gross = sum(s.gross for s in splits)
         left = gross - sum(s.refunded for s in splits)
-        if amount <= 0 or amount > left:
+        if prior is None and (amount <= 0 or amount > left):
             raise InvalidInput(f"refund amount {amount} is more than what is left of sale {sale} ({left} of {gross} "
                                f"{splits[0].currency})" if amount > 0 else "amount must be positive (minor units)",
                                param="amount")
-        shares = self._allocate(splits, amount)
+        shares = [] if prior is not None else self._spread(splits, amount) if separate \
+            else self._allocate(splits, amount)
+        reversed_total, fee_total = (prior[2], prior[3]) if prior is not None else (
+            sum(r for _, (_, r, _) in shares), sum(f for _, (_, _, f) in shares))
 
-        async def record(_: dict[str, Any]) -> None:
+        async def record(refund: dict[str, Any]) -> None:
+            if separate and shares:  # no destination charge: each creator's transfer reversed by its part, once
+                await self._reverse_transfers(shares, refund["id"], f"{call.scoped}")
+            elif mixed and reversed_total:  # the destination charge's transfer, by the creator's part exactly
+                await self._reverse_destination(str(splits[0].payment_intent), reversed_total, refund["id"],
+                                                call.scoped)
+
             def job(tx: Tx) -> None:
+                if not shares or not self._claim(tx, refund["id"], str(splits[0].payment_intent), shares, key):
+                    return  # its refund.created webhook (another process) recorded it first: once
                 for split, (refunded, reversed_, fee) in shares:
                     if not self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee):
                         raise InvalidInput(f"sale {sale} was refunded meanwhile: nothing more is left to refund",
@@ -455,15 +607,118 @@ class ConnectService:
 
         return await self._mutations.run(
             "refund_split_sale", "/v1/refunds", params, RefundSplitResult,
-            lambda d: {"refund": d["id"], "amount": amount, "reversed": sum(r for _, (_, r, _) in shares),
-                       "fee_refunded": sum(f for _, (_, _, f) in shares)},
+            lambda d: {"refund": d["id"], "amount": amount, "reversed": reversed_total, "fee_refunded": fee_total},
             idempotency_key=key, dry_run=False, after=record, owner=sale)
 
+    def full_refund_params(self, path: str, sale_ref: str) -> dict[str, Any]:
+        """What a refund of a whole sale made elsewhere (an ACP payment its checkout could not take) adds so a
+        destination charge's creator gives their part back with it: the transfer reversed, the fee refunded."""
+        if any(split.payment_intent and not _separate(split) and split.status is SplitStatus.TRANSFERRED
+               for split in self._store.connect.splits_of_sale(path, sale_ref)):
+            return {"reverse_transfer": True, "refund_application_fee": True}
+        return {}
+
+    async def refunded_in_full(self, path: str, sale_ref: str, refund: str) -> None:
+        """A sale refunded in full elsewhere: separate transfers made (if still pending) and reversed in full (one
+        reversal per transfer, keyed), and every split recorded refunded."""
+        await self.transfer_sale(path, sale_ref)
+        shares = [(split, (split.gross - split.refunded, split.creator_amount - split.reversed,
+                           split.platform_fee - split.fee_refunded))
+                  for split in self._store.connect.splits_of_sale(path, sale_ref)
+                  if split.status is SplitStatus.TRANSFERRED and split.gross > split.refunded]
+        if not shares:
+            return
+        if _separate(shares[0][0]):
+            await self._reverse_transfers(shares, refund, f"full:{path}:{sale_ref}")
+
+        def job(tx: Tx) -> None:
+            if self._claim(tx, refund, str(shares[0][0].payment_intent), shares, None):
+                for split, (refunded, reversed_, fee) in shares:
+                    self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee)
+
+        await self._store.write(job)
+
+    def _claim(self, tx: Tx, refund: str, payment_intent: str, shares: list[tuple[Split, tuple[int, int, int]]],
+               request_key: str | None) -> bool:
+        """Record the Stripe refund `refund` once (whoever is first: our answer, its webhook, another process)."""
+        return self._store.connect.claim_refund(tx, refund, payment_intent, sum(r for _, (r, _, _) in shares),
+                                                sum(v for _, (_, v, _) in shares), sum(f for _, (_, _, f) in shares),
+                                                request_key)
+
+    def _refunded_elsewhere(self, tx: Tx, refund: dict[str, Any]) -> str | None:
+        """`refund.created` for a destination-charge sale of plugs: recorded on its splits unless it is already
+        (made by refund_split_sale, or seen before); the creator's part counted as taken back when the refund
+        reversed the transfer (`transfer_reversal`), and the fee with it. Separate transfers are reversed only by
+        refund_split_sale, which records its refunds itself."""
+        found = [self._store.connect.load_split(tx, split.id)
+                 for split in self._store.connect.splits_of_payment(str(refund["payment_intent"]))]
+        splits = [split for split in found if split is not None and split.status is SplitStatus.TRANSFERRED]
+        if not splits or _separate(splits[0]):
+            return None
+        shares = self._allocate(splits, int(refund.get("amount") or 0))
+        request_key = (refund.get("metadata") or {}).get("aims_refund_key")
+        if not refund.get("transfer_reversal") and not request_key:
+            # refunded elsewhere without reverse_transfer: the creator keeps their share (refund_split_sale's own
+            # refunds always take it back, with the refund or by reversing the transfer right after)
+            shares = [(split, (taken, 0, 0)) for split, (taken, _, _) in shares]
+        if not shares or not self._claim(tx, str(refund["id"]), str(refund["payment_intent"]), shares,
+                                         str(request_key) if request_key else None):
+            return None
+        for split, (refunded, reversed_, fee) in shares:
+            self._store.connect.add_refund(tx, split.id, refunded, reversed_, fee)
+        return f"refund {refund['id']} recorded on {len(shares)} split(s)"
+
+    async def _reverse_destination(self, payment_intent: str, amount: int, refund: str, key: str) -> None:
+        found = (await self._gateway.send(StripeRequest("get", "/v1/transfers", {
+            "transfer_group": f"group_{payment_intent}", "limit": 1}))).data.get("data") or []
+        if not found:
+            raise InvalidState(f"PaymentIntent {payment_intent} has no transfer to reverse", param="sale")
+        await self._gateway.send(StripeRequest(
+            "post", f"/v1/transfers/{found[0]['id']}/reversals", {"amount": amount,
+                                                                  "metadata": {"aims_refund": refund}},
+            stripe_idempotency_key("split_reversal", f"{key}:{found[0]['id']}")))
+
+    async def _reverse_transfers(self, shares: list[tuple[Split, tuple[int, int, int]]], refund: str,
+                                 key: str) -> None:
+        by_transfer: dict[str, int] = {}
+        for split, (_, reversed_, _) in shares:
+            if split.transfer_id and reversed_:
+                by_transfer[split.transfer_id] = by_transfer.get(split.transfer_id, 0) + reversed_
+        for transfer, amount in by_transfer.items():
+            await self._gateway.send(StripeRequest(
+                "post", f"/v1/transfers/{transfer}/reversals", {"amount": amount, "metadata": {"aims_refund": refund}},
+                stripe_idempotency_key("split_reversal", f"{key}:{transfer}")))
+
+    @staticmethod
+    def _spread(splits: list[Split], amount: int) -> list[tuple[Split, tuple[int, int, int]]]:
+        """Spread a refund over several creators' splits in proportion to their gross (cumulatively: refunds adding
+        up to the whole sale give back exactly each split); per split what the buyer gets back, what the creator
+        gives back (their share of it) and what the platform gives back."""
+        gross = sum(split.gross for split in splits)
+        after = sum(split.refunded for split in splits) + amount
+        takes = [max(0, min(split.gross - split.refunded,
+                            (split.gross if after == gross else split.gross * after // gross) - split.refunded))
+                 for split in splits]
+        rest = amount - sum(takes)
+        for i, split in enumerate(splits):  # the cents rounding left over, to the splits with room, in order
+            extra = min(rest, split.gross - split.refunded - takes[i])
+            takes[i] += extra
+            rest -= extra
+        out = []
+        for split, take in zip(splits, takes, strict=True):
+            if take > 0:
+                reversed_ = _fee_share(split.creator_amount, split.gross, split.refunded, take)
+                out.append((split, (take, reversed_, take - reversed_)))
+        return out
+
     def _sale_splits(self, sale: str) -> list[Split]:
-        for path in ("checkout", "payment_link", "payment_session", "x402"):
+        for path in ("checkout", "payment_link", "payment_session", "acp", "x402"):
             found = self._store.connect.splits_of_sale(path, sale)
             if found:
                 return found
+        checkout = self._store.acp.session(sale) if sale.startswith("cs_") else None  # an ACP checkout: its payment
+        if checkout is not None and checkout.payment_session_id:
+            return self._store.connect.splits_of_sale("acp", checkout.payment_session_id)
         return []
 
     @staticmethod
@@ -495,7 +750,8 @@ class ConnectService:
                 separate.append(split)
         problems: list[str] = []
         for pi_id, splits in sales.items():
-            problems += [f"{pi_id:32} {p}" for p in await self._check_sale(pi_id, splits)]
+            check = self._check_separate if _separate(splits[0]) else self._check_sale
+            problems += [f"{pi_id:32} {p}" for p in await check(pi_id, splits)]
         for split in separate:  # an x402 sale: one transfer of the creator's share in the receipt's group
             found = (await self._gateway.send(StripeRequest("get", "/v1/transfers", {
                 "transfer_group": split.transfer_group, "limit": 100}))).data.get("data") or []
@@ -504,6 +760,20 @@ class ConnectService:
             if got != want and not (split.creator_amount == 0 and not got):
                 problems.append(f"{split.sale_ref:32} expected transfer {want}, Stripe has {got}")
         return len(sales) + len(separate), problems
+
+    async def _check_separate(self, pi_id: str, splits: list[Split]) -> list[str]:
+        """A sale paid to the platform: one transfer per creator in its group, of their shares, reversed as recorded
+        (and no application fee)."""
+        found = (await self._gateway.send(StripeRequest("get", "/v1/transfers", {
+            "transfer_group": splits[0].transfer_group, "limit": 100}))).data.get("data") or []
+        want: dict[str, tuple[int, int]] = {}
+        for split in splits:
+            amount, reversed_ = want.get(split.account_id, (0, 0))
+            want[split.account_id] = (amount + split.creator_amount, reversed_ + split.reversed)
+        expected = sorted((account, a, r) for account, (a, r) in want.items() if a > 0)
+        got = sorted((str(t.get("destination")), int(t.get("amount") or 0), int(t.get("amount_reversed") or 0))
+                     for t in found)
+        return [] if got == expected else [f"expected transfers {expected}, Stripe has {got}"]
 
     async def _check_sale(self, pi_id: str, splits: list[Split]) -> list[str]:
         get = self._gateway.send
@@ -526,7 +796,8 @@ class ConnectService:
         ours = creators - sum(s.reversed for s in splits)
         if stripe_net != ours:
             out.append(f"creator {account} holds {stripe_net} from this sale at Stripe, we recorded {ours}")
-        if int(fee["amount_refunded"]) != sum(s.fee_refunded for s in splits):
+        only_plugs = sum(s.gross for s in splits) == int(pi["amount"])  # else the fee covers other lines too
+        if only_plugs and int(fee["amount_refunded"]) != sum(s.fee_refunded for s in splits):
             out.append(f"fee refunded {fee['amount_refunded']} at Stripe, we recorded "
                        f"{sum(s.fee_refunded for s in splits)}")
         return out
@@ -545,6 +816,11 @@ class ConnectService:
             splits=[split_view(s) for s in self._store.connect.splits(account, since, limit)
                     if s.status is not SplitStatus.DECLARED])
 
+
+
+def _separate(split: Split) -> bool:
+    """A sale paid to the platform and transferred to its creators separately (not a destination charge)."""
+    return split.payment_intent is not None and (split.transfer_group or "").startswith("sale_")
 
 
 def _fee_share(fee: int, gross: int, refunded_before: int, refunded_now: int) -> int:

@@ -7,6 +7,18 @@ from pydantic import BaseModel, Field
 from ..models import MutationMeta
 
 
+class PayoutSchedule(BaseModel):
+    """When Stripe pays the creator's balance out (their balance settings, `payments.payouts.schedule`)."""
+
+    interval: str | None = Field(default=None, description="daily, weekly, monthly or manual (payouts made only "
+                                 "through the API)")
+    weekly_payout_days: list[str] | None = Field(default=None, description="weekly: the days, e.g. monday")
+    monthly_payout_days: list[int] | None = Field(default=None, description="monthly: the days of the month")
+    delay_days: int | None = Field(default=None, description="Days a charge's funds are held before they become "
+                                   "available (settlement_timing.delay_days)")
+    status: str | None = Field(default=None, description="enabled or disabled: whether the balance can be paid out")
+
+
 class ConnectedAccountView(BaseModel):
     id: str = Field(description="The creator's connected account (acct_...)")
     display_name: str
@@ -19,6 +31,8 @@ class ConnectedAccountView(BaseModel):
     requirements_due: list[str] = Field(default_factory=list, description="What Stripe still requires")
     payouts: str | None = Field(default=None, description="Stripe's payouts capability status (get only): active, "
                                 "pending, restricted or unsupported")
+    payout_schedule: PayoutSchedule | None = Field(default=None, description="get only: when Stripe pays the "
+                                                   "account's balance out")
     balance: dict[str, int] | None = Field(default=None, description="get only: the account's available Stripe "
                                            "balance by currency, minor units (read with the Stripe-Account header)")
     updated_at: str | None = None

@@ -205,6 +205,14 @@ def parse_event(payload: bytes | str) -> CheckedEvent:
     return check_event(event)
 
 
+ENABLED_EVENTS = ("account.updated", "checkout.session.completed", "customer.subscription.*", "invoice.*",
+                  "payment_intent.*", "refund.created", "v1.billing.meter.error_report_triggered")
+"""The Stripe events this endpoint applies or records: the ones to enable on its Stripe webhook endpoint (and, for
+the thin `v1.billing.meter.error_report_triggered`, its event destination); the embedded sandbox sends only these.
+A handler for a new type must add it here. A destination charge's `transfer.created` and `application_fee.created`,
+for instance, are not needed: `checkout.session.completed` / `payment_intent.succeeded` mark a split paid."""
+
+
 class WebhookEventService:
     def __init__(self, store: Store, subscriptions: SubscriptionService,
                  commerce: PaymentSessionService | None = None, connect: ConnectService | None = None) -> None:

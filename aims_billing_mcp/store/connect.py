@@ -171,6 +171,14 @@ class ConnectStore(Protocol):
     def add_refund(self, tx: Tx, split_id: str, refunded: int, reversed_: int, fee_refunded: int) -> bool:
         """Add a refund's amounts; False (nothing written) if the split's refunds would pass its gross."""
 
+    def claim_refund(self, tx: Tx, refund_id: str, payment_intent: str, amount: int, reversed_: int,
+                     fee_refunded: int, request_key: str | None) -> bool:
+        """Record a Stripe refund of a split sale; False (nothing written) when it is recorded already: its amounts
+        are added to the splits only by the caller this returns True to."""
+
+    def refund_of_request(self, request_key: str) -> tuple[str, int, int, int] | None:
+        """The refund recorded for refund_split_sale's `request_key`: (refund id, amount, reversed, fee refunded)."""
+
     def splits(self, account_id: str | None, since: str | None, limit: int) -> list[Split]:
         """Splits (of one account, created since), newest first."""
 
@@ -304,6 +312,19 @@ class SqliteConnectStore:
             (refunded, reversed_, fee_refunded, utc_now(), split_id, refunded, reversed_, fee_refunded))
         return cursor.rowcount == 1
 
+    def claim_refund(self, tx: Tx, refund_id: str, payment_intent: str, amount: int, reversed_: int,
+                     fee_refunded: int, request_key: str | None) -> bool:
+        cursor = tx.execute(
+            "INSERT INTO split_refunds (refund_id, payment_intent, amount, reversed, fee_refunded, request_key, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (refund_id) DO NOTHING",
+            (refund_id, payment_intent, amount, reversed_, fee_refunded, request_key, utc_now()))
+        return bool(cursor.rowcount == 1)
+
+    def refund_of_request(self, request_key: str) -> tuple[str, int, int, int] | None:
+        rows = self._rows("SELECT refund_id, amount, reversed, fee_refunded FROM split_refunds WHERE request_key = ?",
+                          (request_key,))
+        return (str(rows[0][0]), int(rows[0][1]), int(rows[0][2]), int(rows[0][3])) if rows else None
+
     def splits(self, account_id: str | None, since: str | None, limit: int) -> list[Split]:
         rows = self._rows(
             f"SELECT {SPLIT_COLUMNS} FROM splits WHERE (? IS NULL OR account_id = ?) AND (? IS NULL OR created_at >= ?)"
@@ -426,6 +447,19 @@ class PostgresConnectStore(SqliteConnectStore):
             "AND fee_refunded + %(f)s <= platform_fee",
             {"r": refunded, "v": reversed_, "f": fee_refunded, "now": utc_now(), "id": split_id})
         return bool(cursor.rowcount == 1)
+
+    def claim_refund(self, tx: Any, refund_id: str, payment_intent: str, amount: int, reversed_: int,
+                     fee_refunded: int, request_key: str | None) -> bool:
+        cursor = tx.execute(
+            "INSERT INTO split_refunds (refund_id, payment_intent, amount, reversed, fee_refunded, request_key, "
+            "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (refund_id) DO NOTHING",
+            (refund_id, payment_intent, amount, reversed_, fee_refunded, request_key, utc_now()))
+        return bool(cursor.rowcount == 1)
+
+    def refund_of_request(self, request_key: str) -> tuple[str, int, int, int] | None:
+        rows = self._rows("SELECT refund_id, amount, reversed, fee_refunded FROM split_refunds WHERE request_key = %s",
+                          (request_key,))
+        return (str(rows[0][0]), int(rows[0][1]), int(rows[0][2]), int(rows[0][3])) if rows else None
 
     def splits(self, account_id: str | None, since: str | None, limit: int) -> list[Split]:
         rows = self._rows(

@@ -114,7 +114,8 @@ async def create_plug(
     idempotency_key: IdempotencyKey = None,
 ) -> PlugResult:
     """Declare a plug: a creator's product sold for them. Every sale of its price through checkout sessions and
-    payment links pays the creator their share through Stripe Connect; the platform keeps the rest."""
+    payment links, and of item `plug:<id>` through payment sessions, ACP checkouts and x402, pays the creator their
+    share through Stripe Connect; the platform keeps the rest."""
     return await services(ctx).connect.create_plug(
         plug_id=plug_id, name=name, price=price, account=account, creator_share_bp=creator_share_bp,
         platform_fee=platform_fee, idempotency_key=idempotency_key)
@@ -146,7 +147,8 @@ async def get_creator_earnings(
 async def refund_split_sale(
     ctx: ToolContext,
     sale: Annotated[str, Field(pattern=r"^(cs_|ps_)[A-Za-z0-9_]+$", description="The sale: its checkout session "
-                               "(cs_...) or payment session (ps_...), as get_creator_earnings lists it")],
+                               "or ACP checkout (cs_...) or payment session (ps_...), as get_creator_earnings lists "
+                               "it")],
     amount: Annotated[int, Field(gt=0, le=10**12, description="Minor units to give back, at most what is left of "
                                  "the sale")],
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255, description="Required: the same key "

@@ -216,3 +216,45 @@ def test_a_checkout_session_and_a_payment_link_make_destination_charges(
 def test_an_unknown_stripe_account_header_is_refused(api: TestClient) -> None:
     refused = api.get("/v1/balance", headers={"Stripe-Account": "acct_nobody00000000"})
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "account_invalid"
+
+
+def test_a_connected_accounts_balance_settings_give_its_payout_schedule_and_take_a_new_one_through_the_sdk(
+        sdk: stripe.StripeClient, sandbox: Sandbox) -> None:
+    account = _account(sdk, onboard=False)
+    before = sdk.v1.balance_settings.retrieve(options={"stripe_account": account})
+    assert before.object == "balance_settings" and before.payments.payouts is not None
+    schedule = before.payments.payouts.schedule
+    assert schedule is not None and schedule.interval == "daily" and "weekly_payout_days" not in schedule
+    assert (before.payments.payouts.status, before.payments.settlement_timing.delay_days) == ("disabled", 2)
+    sandbox.complete_account_onboarding(account)
+    after = sdk.v1.balance_settings.update({"payments": {"payouts": {"schedule": {
+        "interval": "weekly", "weekly_payout_days": ["monday", "thursday"]}}}}, options={"stripe_account": account})
+    assert after.payments.payouts is not None and after.payments.payouts.schedule is not None
+    schedule = after.payments.payouts.schedule
+    assert (schedule.interval, schedule.weekly_payout_days) == ("weekly", ["monday", "thursday"])
+    assert after.payments.payouts.status == "enabled"
+
+
+@pytest.mark.parametrize(("form", "param"), [
+    ({"payments[payouts][schedule][interval]": "hourly"}, "payments[payouts][schedule][interval]"),
+    ({"payments[payouts][schedule][interval]": "weekly",
+      "payments[payouts][schedule][weekly_payout_days][0]": "sunday"},
+     "payments[payouts][schedule][weekly_payout_days]"),
+    ({"payments[payouts][schedule][interval]": "daily",
+      "payments[payouts][schedule][monthly_payout_days][0]": "3"}, "payments[payouts][schedule][interval]"),
+    ({"payments[payouts][schedule][interval]": "monthly",
+      "payments[payouts][schedule][monthly_payout_days][0]": "32"},
+     "payments[payouts][schedule][monthly_payout_days]"),
+])
+def test_a_payout_schedule_stripe_would_refuse_is_refused_naming_the_param(
+        sdk: stripe.StripeClient, api: TestClient, form: dict[str, str], param: str) -> None:
+    account = _account(sdk, onboard=False)
+    refused = api.post("/v1/balance_settings", data=form, headers={"Stripe-Account": account})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+    schedule = ok_json(api.get("/v1/balance_settings", headers={"Stripe-Account": account}))
+    assert schedule["payments"]["payouts"]["schedule"] == {"interval": "daily"}
+
+
+def test_balance_settings_without_a_stripe_account_header_are_refused(api: TestClient) -> None:
+    refused = api.get("/v1/balance_settings")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "Stripe-Account"

@@ -64,6 +64,7 @@ RESOURCES = {
     "account": "Account",
     "v2.core.account": "V2.Core.Account",
     "v2.core.account_link": "V2.Core.AccountLink",
+    "balance_settings": "BalanceSettings",
 }
 DELETED = {"customer": "DeletedCustomer", "product": "DeletedProduct", "price": "DeletedPrice"}
 LIST = {"type": "object", "required": ["object", "data", "has_more", "url"],
@@ -319,6 +320,16 @@ def connect_scenario(api: Recorder, price: str) -> None:
     api.call("GET", "/v1/balance")
     response = api.client.get("/v1/balance", headers={"Stripe-Account": account["id"]})
     api.answers.append(("GET /v1/balance", response.json()))
+    as_account = {"Stripe-Account": account["id"]}
+    api.answers.append(("GET /v1/balance_settings", api.client.get("/v1/balance_settings", headers=as_account).json()))
+    for form in ({"payments[payouts][schedule][interval]": "weekly",
+                  "payments[payouts][schedule][weekly_payout_days][0]": "monday"},
+                 {"payments[payouts][schedule][interval]": "monthly",
+                  "payments[payouts][schedule][monthly_payout_days][0]": "15",
+                  "payments[settlement_timing][delay_days_override]": "7"}):
+        response = api.client.post("/v1/balance_settings", data=form, headers=as_account)
+        assert response.status_code == 200, response.text
+        api.answers.append(("POST /v1/balance_settings", response.json()))
 
 
 @pytest.fixture(scope="module")

@@ -245,3 +245,21 @@ def test_an_event_stays_pending_until_delivered_and_is_listed_as_undelivered(
     [record] = sandbox.webhooks.deliveries
     assert ok_json(api.get(f"/v1/events/{record.event_id}"))["pending_webhooks"] == pending
     assert [e["id"] for e in undelivered(sandbox.store)] == ([record.event_id] if pending else [])
+
+
+@pytest.mark.parametrize(("enabled", "delivered"), [
+    (("*",), ["payment_intent.succeeded", "refund.created"]),
+    (("payment_intent.*",), ["payment_intent.succeeded"]),
+    (("refund.created", "invoice.paid"), ["refund.created"]),
+])
+def test_only_the_enabled_events_are_delivered_the_others_are_still_recorded(
+        sandbox: Sandbox, api: TestClient, enabled: tuple[str, ...], delivered: list[str]) -> None:
+    receiver = Receiver()
+    sandbox.webhooks.configure(receiver.app, retry_delay_scale=0.01, enabled_events=enabled)
+    paid = ok_json(post(api, "/v1/payment_intents", {"amount": "500", "currency": "usd",
+                                                     "payment_method": "pm_card_visa", "confirm": "true"}))
+    ok_json(post(api, "/v1/refunds", {"payment_intent": paid["id"], "amount": "100"}))
+    assert sandbox.webhooks.drain(10)
+    assert [e["type"] for e in receiver.events] == delivered
+    recorded = {e["type"] for e in ok_json(api.get("/v1/events", params={"limit": "100"}))["data"]}
+    assert recorded >= {"payment_intent.succeeded", "refund.created"}

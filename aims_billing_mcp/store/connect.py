@@ -1,7 +1,7 @@
 """Stripe Connect: creators' connected accounts, plugs (a price sold for a creator) and the split of each sale.
 
 `ConnectStore` is the seam (write operations take the job's `Tx`; reads use the backend's reader);
-`SqliteConnectStore` is the SQLite implementation.
+`SqliteConnectStore` is the SQLite implementation; `PostgresConnectStore` inherits its statements.
 
 Two state machines live here:
 - `AccountStatus`, a connected account's ability to receive money, as Stripe's events report it: `onboarding`
@@ -15,12 +15,12 @@ Two state machines live here:
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .core import StoreCore, Tx, utc_now
+from .core import Reader, SqliteDialect, Tx, broken_unique_key, utc_now
+from .postgres_sql import PostgresDialect
 
 
 class AccountStatus(StrEnum):
@@ -211,7 +211,9 @@ def _split(row: Any) -> Split:
 
 
 class SqliteConnectStore:
-    def __init__(self, core: StoreCore) -> None:
+    dialect: type[SqliteDialect | PostgresDialect] = SqliteDialect
+
+    def __init__(self, core: Reader) -> None:
         self._core = core
 
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -224,16 +226,20 @@ class SqliteConnectStore:
             (account.account_id, account.email, account.display_name, account.country, account.currency,
              account.status, json.dumps(list(account.requirements_due)), account.last_event_created,
              account.created_at, account.updated_at))
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     def set_status(self, tx: Tx, account_id: str, status: AccountStatus, due: tuple[str, ...],
                    event_created: int | None) -> bool:
         cursor = tx.execute(
             "UPDATE connected_accounts SET status = ?, requirements_due = ?, updated_at = ?, "
-            "last_event_created = COALESCE(MAX(?, COALESCE(last_event_created, 0)), last_event_created) "
-            "WHERE account_id = ? AND (? IS NULL OR last_event_created IS NULL OR last_event_created <= ?)",
-            (status, json.dumps(list(due)), utc_now(), event_created, account_id, event_created, event_created))
-        return cursor.rowcount == 1
+            "last_event_created = CASE WHEN CAST(? AS BIGINT) IS NULL THEN last_event_created "
+            "WHEN CAST(? AS BIGINT) > COALESCE(last_event_created, 0) THEN CAST(? AS BIGINT) "
+            "ELSE COALESCE(last_event_created, 0) END "
+            "WHERE account_id = ? AND (CAST(? AS BIGINT) IS NULL OR last_event_created IS NULL "
+            "OR last_event_created <= CAST(? AS BIGINT))",
+            (status, json.dumps(list(due)), utc_now(), event_created, event_created, event_created, account_id,
+             event_created, event_created))
+        return bool(cursor.rowcount == 1)
 
     def account(self, account_id: str) -> ConnectedAccount | None:
         rows = self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM connected_accounts WHERE account_id = ?", (account_id,))
@@ -241,7 +247,7 @@ class SqliteConnectStore:
 
     def accounts(self, status: AccountStatus | None, limit: int) -> list[ConnectedAccount]:
         rows = self._rows(
-            f"SELECT {ACCOUNT_COLUMNS} FROM connected_accounts WHERE (? IS NULL OR status = ?) "
+            f"SELECT {ACCOUNT_COLUMNS} FROM connected_accounts WHERE (CAST(? AS TEXT) IS NULL OR status = ?) "
             "ORDER BY created_at DESC, account_id LIMIT ?", (status, status, limit))
         return [_account(row) for row in rows]
 
@@ -250,8 +256,8 @@ class SqliteConnectStore:
             tx.execute(f"INSERT INTO plugs ({PLUG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (plug.plug_id, plug.name, plug.product_id, plug.price_id, plug.account_id, plug.currency,
                         plug.unit_amount, plug.share_bp, plug.platform_fee, plug.created_at))
-        except sqlite3.IntegrityError as exc:
-            if "UNIQUE" not in str(exc):
+        except Exception as exc:
+            if broken_unique_key(exc) is None:
                 raise
             raise DuplicatePlug(plug.plug_id) from exc
 
@@ -277,7 +283,7 @@ class SqliteConnectStore:
              split.platform_fee, split.creator_amount, split.status, split.payment_intent, split.transfer_id,
              split.transfer_group, split.reversed, split.fee_refunded, split.refunded, split.note, split.created_at,
              split.updated_at))
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     def splits_of_sale(self, path: str, sale_ref: str) -> list[Split]:
         rows = self._rows(f"SELECT {SPLIT_COLUMNS} FROM splits WHERE path = ? AND sale_ref = ? ORDER BY id",
@@ -290,19 +296,22 @@ class SqliteConnectStore:
         return [_split(row) for row in rows]
 
     def load_split(self, tx: Tx, split_id: str) -> Split | None:
-        row = tx.execute(f"SELECT {SPLIT_COLUMNS} FROM splits WHERE id = ?", (split_id,)).fetchone()
+        row = tx.execute(f"SELECT {SPLIT_COLUMNS} FROM splits WHERE id = ?{self.dialect.for_update}",
+                         (split_id,)).fetchone()
         return _split(tuple(row)) if row is not None else None
 
     def mark_paid(self, tx: Tx, split_id: str, status: SplitStatus, *, payment_intent: str | None,
                   transfer_group: str | None, transfer_id: str | None) -> bool:
         allowed = [state for state, targets in SPLIT_TRANSITIONS.items() if status in targets]
+        if not allowed:  # no state moves there: nothing to update (and PostgreSQL refuses an empty IN list)
+            return False
         marks = ", ".join("?" for _ in allowed)
         cursor = tx.execute(
             "UPDATE splits SET status = ?, payment_intent = COALESCE(?, payment_intent), "
             "transfer_group = COALESCE(?, transfer_group), transfer_id = COALESCE(?, transfer_id), updated_at = ? "
             f"WHERE id = ? AND status IN ({marks})",
             (status, payment_intent, transfer_group, transfer_id, utc_now(), split_id, *allowed))
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     def add_refund(self, tx: Tx, split_id: str, refunded: int, reversed_: int, fee_refunded: int) -> bool:
         cursor = tx.execute(
@@ -310,7 +319,7 @@ class SqliteConnectStore:
             "updated_at = ? WHERE id = ? AND refunded + ? <= gross AND reversed + ? <= creator_amount "
             "AND fee_refunded + ? <= platform_fee",
             (refunded, reversed_, fee_refunded, utc_now(), split_id, refunded, reversed_, fee_refunded))
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     def claim_refund(self, tx: Tx, refund_id: str, payment_intent: str, amount: int, reversed_: int,
                      fee_refunded: int, request_key: str | None) -> bool:
@@ -327,8 +336,9 @@ class SqliteConnectStore:
 
     def splits(self, account_id: str | None, since: str | None, limit: int) -> list[Split]:
         rows = self._rows(
-            f"SELECT {SPLIT_COLUMNS} FROM splits WHERE (? IS NULL OR account_id = ?) AND (? IS NULL OR created_at >= ?)"
-            " ORDER BY created_at DESC, id LIMIT ?", (account_id, account_id, since, since, limit))
+            f"SELECT {SPLIT_COLUMNS} FROM splits WHERE (CAST(? AS TEXT) IS NULL OR account_id = ?) "
+            "AND (CAST(? AS TEXT) IS NULL OR created_at >= ?) ORDER BY created_at DESC, id LIMIT ?",
+            (account_id, account_id, since, since, limit))
         return [_split(row) for row in rows]
 
     def earnings(self, account_id: str | None, since: str | None) -> list[Earnings]:
@@ -337,7 +347,8 @@ class SqliteConnectStore:
             "SUM(CASE WHEN status = ? THEN creator_amount ELSE 0 END) AS transferred, SUM(reversed) AS reversed, "
             "SUM(fee_refunded) AS fee_refunded, SUM(CASE WHEN status = ? THEN creator_amount ELSE 0 END) AS pending "
             "FROM splits "
-            "WHERE status != ? AND (? IS NULL OR account_id = ?) AND (? IS NULL OR created_at >= ?) "
+            "WHERE status != ? AND (CAST(? AS TEXT) IS NULL OR account_id = ?) "
+            "AND (CAST(? AS TEXT) IS NULL OR created_at >= ?) "
             "GROUP BY account_id, currency ORDER BY account_id, currency",
             (SplitStatus.TRANSFERRED, SplitStatus.PENDING, SplitStatus.DECLARED, account_id, account_id, since, since))
         return [Earnings(row[0], row[1], int(row[2]), int(row[3]), int(row[4]), int(row[5]), int(row[6]), int(row[7]),
@@ -345,138 +356,9 @@ class SqliteConnectStore:
 
 
 class PostgresConnectStore(SqliteConnectStore):
-    """PostgreSQL: the same operations with `%s` placeholders, typed NULL tests (`%s::text IS NULL`: PostgreSQL must
-    know a parameter's type), `= ANY(%s)` for lists, enums bound by value, and a split read inside a write job locked
-    `FOR UPDATE` (a refund and a transfer of one split take turns across instances); every other write is one
-    guarded statement, a compare-and-set at READ COMMITTED."""
+    """PostgreSQL: the same statements (store/postgres_sql.py; the NULL tests cast their parameter, as PostgreSQL
+    must know its type), and a split read inside a write job locked `FOR UPDATE` (a refund and a transfer of one
+    split take turns across instances); every other write is one guarded statement, a compare-and-set at READ
+    COMMITTED."""
 
-    def __init__(self, core: Any) -> None:  # a PostgresCore; `_rows` and `plugs` are the SQLite store's
-        self._core = core
-
-    def add_account(self, tx: Any, account: ConnectedAccount) -> bool:
-        cursor = tx.execute(
-            f"INSERT INTO connected_accounts ({ACCOUNT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (account_id) DO NOTHING",
-            (account.account_id, account.email, account.display_name, account.country, account.currency,
-             str(account.status), json.dumps(list(account.requirements_due)), account.last_event_created,
-             account.created_at, account.updated_at))
-        return bool(cursor.rowcount == 1)
-
-    def set_status(self, tx: Any, account_id: str, status: AccountStatus, due: tuple[str, ...],
-                   event_created: int | None) -> bool:
-        cursor = tx.execute(
-            "UPDATE connected_accounts SET status = %(status)s, requirements_due = %(due)s, updated_at = %(now)s, "
-            "last_event_created = CASE WHEN %(created)s::bigint IS NULL THEN last_event_created "
-            "ELSE GREATEST(%(created)s::bigint, COALESCE(last_event_created, 0)) END "
-            "WHERE account_id = %(id)s AND (%(created)s::bigint IS NULL OR last_event_created IS NULL "
-            "OR last_event_created <= %(created)s::bigint)",
-            {"status": str(status), "due": json.dumps(list(due)), "now": utc_now(), "created": event_created,
-             "id": account_id})
-        return bool(cursor.rowcount == 1)
-
-    def account(self, account_id: str) -> ConnectedAccount | None:
-        rows = self._rows(f"SELECT {ACCOUNT_COLUMNS} FROM connected_accounts WHERE account_id = %s", (account_id,))
-        return _account(rows[0]) if rows else None
-
-    def accounts(self, status: AccountStatus | None, limit: int) -> list[ConnectedAccount]:
-        wanted = None if status is None else str(status)
-        rows = self._rows(
-            f"SELECT {ACCOUNT_COLUMNS} FROM connected_accounts WHERE (%s::text IS NULL OR status = %s::text) "
-            "ORDER BY created_at DESC, account_id LIMIT %s", (wanted, wanted, limit))
-        return [_account(row) for row in rows]
-
-    def add_plug(self, tx: Any, plug: Plug) -> None:
-        from psycopg import errors
-
-        try:
-            tx.execute(f"INSERT INTO plugs ({PLUG_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                       (plug.plug_id, plug.name, plug.product_id, plug.price_id, plug.account_id, plug.currency,
-                        plug.unit_amount, plug.share_bp, plug.platform_fee, plug.created_at))
-        except errors.UniqueViolation as exc:
-            raise DuplicatePlug(plug.plug_id) from exc
-
-    def plug(self, plug_id: str) -> Plug | None:
-        rows = self._rows(f"SELECT {PLUG_COLUMNS} FROM plugs WHERE plug_id = %s", (plug_id,))
-        return _plug(rows[0]) if rows else None
-
-    def plugs_for_prices(self, price_ids: list[str]) -> dict[str, Plug]:
-        if not price_ids:
-            return {}
-        rows = self._rows(f"SELECT {PLUG_COLUMNS} FROM plugs WHERE price_id = ANY(%s)", (list(price_ids),))
-        return {plug.price_id: plug for plug in map(_plug, rows)}
-
-    def add_split(self, tx: Any, split: Split) -> bool:
-        cursor = tx.execute(
-            f"INSERT INTO splits ({SPLIT_COLUMNS}) VALUES ({', '.join(['%s'] * 19)}) "
-            "ON CONFLICT (path, sale_ref, plug_id) DO NOTHING",
-            (split.id, split.path, split.sale_ref, split.plug_id, split.account_id, split.currency, split.gross,
-             split.platform_fee, split.creator_amount, str(split.status), split.payment_intent, split.transfer_id,
-             split.transfer_group, split.reversed, split.fee_refunded, split.refunded, split.note, split.created_at,
-             split.updated_at))
-        return bool(cursor.rowcount == 1)
-
-    def splits_of_sale(self, path: str, sale_ref: str) -> list[Split]:
-        rows = self._rows(f"SELECT {SPLIT_COLUMNS} FROM splits WHERE path = %s AND sale_ref = %s ORDER BY id",
-                          (path, sale_ref))
-        return [_split(row) for row in rows]
-
-    def splits_of_payment(self, payment_intent: str) -> list[Split]:
-        rows = self._rows(f"SELECT {SPLIT_COLUMNS} FROM splits WHERE payment_intent = %s ORDER BY id",
-                          (payment_intent,))
-        return [_split(row) for row in rows]
-
-    def load_split(self, tx: Any, split_id: str) -> Split | None:
-        row = tx.execute(f"SELECT {SPLIT_COLUMNS} FROM splits WHERE id = %s FOR UPDATE", (split_id,)).fetchone()
-        return _split(tuple(row)) if row is not None else None
-
-    def mark_paid(self, tx: Any, split_id: str, status: SplitStatus, *, payment_intent: str | None,
-                  transfer_group: str | None, transfer_id: str | None) -> bool:
-        allowed = [str(state) for state, targets in SPLIT_TRANSITIONS.items() if status in targets]
-        cursor = tx.execute(
-            "UPDATE splits SET status = %s, payment_intent = COALESCE(%s, payment_intent), "
-            "transfer_group = COALESCE(%s, transfer_group), transfer_id = COALESCE(%s, transfer_id), updated_at = %s "
-            "WHERE id = %s AND status = ANY(%s)",
-            (str(status), payment_intent, transfer_group, transfer_id, utc_now(), split_id, allowed))
-        return bool(cursor.rowcount == 1)
-
-    def add_refund(self, tx: Any, split_id: str, refunded: int, reversed_: int, fee_refunded: int) -> bool:
-        cursor = tx.execute(
-            "UPDATE splits SET refunded = refunded + %(r)s, reversed = reversed + %(v)s, "
-            "fee_refunded = fee_refunded + %(f)s, updated_at = %(now)s WHERE id = %(id)s "
-            "AND refunded + %(r)s <= gross AND reversed + %(v)s <= creator_amount "
-            "AND fee_refunded + %(f)s <= platform_fee",
-            {"r": refunded, "v": reversed_, "f": fee_refunded, "now": utc_now(), "id": split_id})
-        return bool(cursor.rowcount == 1)
-
-    def claim_refund(self, tx: Any, refund_id: str, payment_intent: str, amount: int, reversed_: int,
-                     fee_refunded: int, request_key: str | None) -> bool:
-        cursor = tx.execute(
-            "INSERT INTO split_refunds (refund_id, payment_intent, amount, reversed, fee_refunded, request_key, "
-            "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (refund_id) DO NOTHING",
-            (refund_id, payment_intent, amount, reversed_, fee_refunded, request_key, utc_now()))
-        return bool(cursor.rowcount == 1)
-
-    def refund_of_request(self, request_key: str) -> tuple[str, int, int, int] | None:
-        rows = self._rows("SELECT refund_id, amount, reversed, fee_refunded FROM split_refunds WHERE request_key = %s",
-                          (request_key,))
-        return (str(rows[0][0]), int(rows[0][1]), int(rows[0][2]), int(rows[0][3])) if rows else None
-
-    def splits(self, account_id: str | None, since: str | None, limit: int) -> list[Split]:
-        rows = self._rows(
-            f"SELECT {SPLIT_COLUMNS} FROM splits WHERE (%s::text IS NULL OR account_id = %s::text) "
-            "AND (%s::text IS NULL OR created_at >= %s::text) ORDER BY created_at DESC, id LIMIT %s",
-            (account_id, account_id, since, since, limit))
-        return [_split(row) for row in rows]
-
-    def earnings(self, account_id: str | None, since: str | None) -> list[Earnings]:
-        rows = self._rows(
-            "SELECT account_id, currency, COUNT(*) AS sales, SUM(gross) AS gross, SUM(platform_fee) AS fees, "
-            "SUM(CASE WHEN status = %s THEN creator_amount ELSE 0 END) AS transferred, SUM(reversed) AS reversed, "
-            "SUM(fee_refunded) AS fee_refunded, SUM(CASE WHEN status = %s THEN creator_amount ELSE 0 END) AS pending "
-            "FROM splits WHERE status != %s AND (%s::text IS NULL OR account_id = %s::text) "
-            "AND (%s::text IS NULL OR created_at >= %s::text) "
-            "GROUP BY account_id, currency ORDER BY account_id, currency",
-            (str(SplitStatus.TRANSFERRED), str(SplitStatus.PENDING), str(SplitStatus.DECLARED), account_id,
-             account_id, since, since))
-        return [Earnings(row[0], row[1], int(row[2]), int(row[3]), int(row[4]), int(row[5]), int(row[6]), int(row[7]),
-                         int(row[8])) for row in rows]
+    dialect = PostgresDialect

@@ -361,11 +361,12 @@ def pg_cluster() -> Iterator[Any]:
 
 
 @pytest.fixture
-def postgres_url(pg_cluster: Any) -> str:
-    """A database of its own at the code's schema, for one test."""
-    import uuid
-
-    return str(pg_cluster.migrated_database(f"t_{uuid.uuid4().hex[:16]}"))
+def postgres_url(pg_cluster: Any) -> Iterator[str]:
+    """A database of its own at the code's schema, empty, for one test; given back after it, emptied, for a later
+    one (a database whose schema the test changed is dropped instead: tests/pg.py `give_back`)."""
+    url = str(pg_cluster.fresh_database())
+    yield url
+    pg_cluster.give_back(url)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

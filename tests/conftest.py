@@ -3,10 +3,13 @@ to the real server (real gateway, real SDK, real SQLite): tests call tools by na
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -122,6 +125,20 @@ def copy_of(template: Path, path: Path) -> Path:
     if not path.exists():
         shutil.copyfile(template, path)
     return path
+
+
+@functools.cache
+def _process_template() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="aims-template-"))
+    atexit.register(shutil.rmtree, folder, True)
+    Store(folder / "template.db").close()
+    return folder / "template.db"
+
+
+def migrated_copy(path: Path | str) -> Path:
+    """`path`, a copy of a database migrated once per process, for code that cannot take the `migrated_db` fixture
+    (each example of a hypothesis test, a state machine): a file copy instead of every migration per example."""
+    return copy_of(_process_template(), Path(path))
 
 
 @pytest.fixture
@@ -344,11 +361,12 @@ def pg_cluster() -> Iterator[Any]:
 
 
 @pytest.fixture
-def postgres_url(pg_cluster: Any) -> str:
-    """A database of its own at the code's schema, for one test."""
-    import uuid
-
-    return str(pg_cluster.migrated_database(f"t_{uuid.uuid4().hex[:16]}"))
+def postgres_url(pg_cluster: Any) -> Iterator[str]:
+    """A database of its own at the code's schema, empty, for one test; given back after it, emptied, for a later
+    one (a database whose schema the test changed is dropped instead: tests/pg.py `give_back`)."""
+    url = str(pg_cluster.fresh_database())
+    yield url
+    pg_cluster.give_back(url)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -359,7 +377,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         from aims_billing_mcp.store import PostgresStore
 
         store: Any = PostgresStore(request.getfixturevalue("postgres_url"), writers=2, pool_size=2)
-    else:
-        store = Store(tmp_path / "store.db")
+    else:  # a copy of the migrated template, as the `store` fixture's
+        store = Store(copy_of(request.getfixturevalue("migrated_db"), tmp_path / "store.db"))
     yield store
     store.close()

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def bindir() -> Path | None:
@@ -29,6 +30,31 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# Everything a test could change in a database's schema, as text: tables and columns, indexes, constraints,
+# triggers, functions, views, schemas, and the migrations recorded
+_SCHEMA = """
+SELECT string_agg(part, E'\\n' ORDER BY part) FROM (
+    SELECT format('column %s.%s.%s %s %s %s', table_schema, table_name, column_name, data_type, is_nullable,
+                  column_default) AS part
+      FROM information_schema.columns WHERE table_schema NOT IN ('pg_catalog', 'information_schema')
+    UNION ALL SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
+    UNION ALL SELECT format('constraint %s %s %s', conrelid::regclass, conname, pg_get_constraintdef(oid))
+      FROM pg_constraint WHERE connamespace <> 'pg_catalog'::regnamespace
+    UNION ALL SELECT format('trigger %s %s', tgrelid::regclass, tgname) FROM pg_trigger WHERE NOT tgisinternal
+    UNION ALL SELECT 'function ' || oid::regprocedure FROM pg_proc
+      WHERE pronamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+    UNION ALL SELECT 'view ' || schemaname || '.' || viewname FROM pg_views
+      WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
+    UNION ALL SELECT 'schema ' || nspname FROM pg_namespace WHERE nspname !~ '^pg_(toast_)?temp_'
+    UNION ALL SELECT format('migration %s %s', id, name) FROM migrations
+) parts
+"""
+
+
+def _schema_of(conn: Any) -> str:
+    return str(conn.execute(_SCHEMA).fetchone()[0])
 
 
 class Cluster:
@@ -49,6 +75,8 @@ class Cluster:
         self._as_postgres = os.geteuid() == 0
         self._started = False
         self._template_ready = False
+        self._template_schema = ""
+        self._given_back: list[str] = []
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         prefix = ["runuser", "-u", "postgres", "--"] if self._as_postgres else []
@@ -90,7 +118,12 @@ class Cluster:
         import psycopg
 
         with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+            copy = f' TEMPLATE "{template}"' if template else ""
+            if template and conn.info.server_version >= 150000:
+                # the template's files copied whole: ~2.5x faster than PostgreSQL 15's default WAL_LOG (a block at a
+                # time through the WAL) for the few MB of a migrated database; its checkpoints are cheap, fsync off
+                copy += " STRATEGY FILE_COPY"
+            conn.execute(f'CREATE DATABASE "{name}"' + copy)
         return self.url(name)
 
     def migrated_database(self, name: str) -> str:
@@ -101,8 +134,48 @@ class Cluster:
 
             with pg.connect(self.create_database("aims_template")) as conn:
                 pg.migrate(conn)
+                conn.commit()
+                self._template_schema = _schema_of(conn)
             self._template_ready = True
         return self.create_database(name, template="aims_template")
+
+    def fresh_database(self) -> str:
+        """An empty database at the code's schema for one test: one a finished test gave back (`give_back`) when
+        there is one, else a new copy of the migrated template. Reusing one costs a TRUNCATE instead of a CREATE
+        DATABASE (~8 MB of files to copy, and to delete with the cluster)."""
+        if self._given_back:
+            return self._given_back.pop()
+        import uuid
+
+        return self.migrated_database(f"t_{uuid.uuid4().hex[:16]}")
+
+    def give_back(self, url: str) -> None:
+        """Empty a finished test's database for the next one: its other sessions ended, every table but
+        `migrations` truncated and its identities restarted. One whose schema differs from the template's in any
+        way (a test altered it) is dropped instead, and so is one that cannot be emptied: no test sees another's
+        leftovers."""
+        import psycopg
+
+        name = url.rsplit("/", 1)[1]
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                conn.execute("SET lock_timeout = '10s'")
+                if _schema_of(conn) != self._template_schema:
+                    raise ValueError("the test changed the schema")
+                tables = [row[0] for row in conn.execute(
+                    "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+                    "WHERE schemaname = 'public' AND tablename <> 'migrations'")]
+                with conn.transaction():  # DELETE, not TRUNCATE: a few rows each, and no files made and unlinked
+                    conn.execute("SET LOCAL session_replication_role = replica")  # any order: no FK triggers
+                    conn.execute("".join(f"DELETE FROM {table};" for table in tables))
+                    conn.execute("SELECT setval(format('%I.%I', schemaname, sequencename), start_value, false) "
+                                 "FROM pg_sequences WHERE schemaname = 'public'")
+            self._given_back.append(url)
+        except (psycopg.Error, ValueError):
+            with psycopg.connect(self.url(), autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def stop(self) -> None:
         if self._started:  # fast shutdown: open connections are closed, not waited for

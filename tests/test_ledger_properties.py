@@ -29,6 +29,7 @@ from aims_billing_mcp.errors import (
 )
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.store import Store
+from tests.conftest import migrated_copy
 
 START = 1_768_478_400  # 2026-01-15T12:00:00Z: whole seconds, so model and store agree on every expiry
 AGENTS = ["a", "b", "c"]
@@ -59,7 +60,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.TemporaryDirectory()
-        self.store = Store(Path(self.dir.name) / "ledger.db")
+        self.store = Store(migrated_copy(Path(self.dir.name) / "ledger.db"))
         self.now = START
         self.ledger = LedgerService(self.store, luc_per_usd=1000, agent_limit=CUSTOMERS.get, clock=lambda: self.now)
         self.loop = asyncio.new_event_loop()

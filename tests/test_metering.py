@@ -18,7 +18,7 @@ from aims_billing_mcp.errors import IdempotencyConflict, InvalidInput, LimitReac
 from aims_billing_mcp.services.metering import MeteringService, stripe_identifier
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of, cost_cents, month_bounds
 from aims_billing_mcp.store import Store, connect, migrate
-from tests.conftest import Clock
+from tests.conftest import Clock, migrated_copy
 
 pytestmark = pytest.mark.anyio
 
@@ -241,7 +241,7 @@ SMALL = Pricing.model_validate({**PRICING.model_dump(), "tiers": {
        tier=st.sampled_from(["p2p", "3mo"]))
 def test_summary_equals_the_sum_of_events_and_overage_is_never_negative(
         tmp_path_factory: pytest.TempPathFactory, events: list[tuple[int, str | None, bool]], tier: str) -> None:
-    store = Store(tmp_path_factory.mktemp("prop") / "m.db")
+    store = Store(migrated_copy(tmp_path_factory.mktemp("prop") / "m.db"))
     service = make_service(store, tiers={"cus_a": tier}, pricing=SMALL)
 
     async def run() -> list[Any]:

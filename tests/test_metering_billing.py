@@ -28,7 +28,7 @@ from aims_billing_mcp.services.stripe_setup import setup_stripe
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeRequest
-from tests.conftest import CommerceStack, commerce_stack
+from tests.conftest import CommerceStack, commerce_stack, migrated_copy
 
 pytestmark = pytest.mark.anyio
 
@@ -361,7 +361,7 @@ def test_whatever_the_usage_tier_changes_renewals_and_cancellations_the_answered
     async def scenario() -> tuple[int, int]:
         with tempfile.TemporaryDirectory() as folder:
             app = create_app(db_path=":memory:")
-            store = Store(os.path.join(folder, "billing.db"))
+            store = Store(migrated_copy(os.path.join(folder, "billing.db")))
             try:
                 settings = Settings(_env_file=None, aims_billing_db=os.path.join(folder, "billing.db"))  # type: ignore[call-arg]
                 async with billing_on(settings, app, store) as env:

@@ -107,6 +107,8 @@ def test_three_recorders_on_one_database_with_the_same_identifiers_keep_each_ack
                 line = worker.stdout.readline()
                 if not line:
                     break
+                if not line.strip():  # seen once under heavy load: a blank line is no acknowledgement
+                    continue
                 acknowledged.add(line.strip())
                 lines -= 1
                 answers += 1
@@ -114,7 +116,7 @@ def test_three_recorders_on_one_database_with_the_same_identifiers_keep_each_ack
             rest, err = worker.communicate(timeout=30)
             assert worker.returncode == -signal.SIGKILL and lines == 0, err  # none died of its own (a conflict)
             tail = rest.splitlines()[:-1]  # the last line may be cut
-            acknowledged.update(line.strip() for line in tail)
+            acknowledged.update(line.strip() for line in tail if line.strip())
             answers += len(tail)
     finally:
         for worker in workers:

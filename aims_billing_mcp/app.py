@@ -151,6 +151,7 @@ def build_server(
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
         async with open_state(settings, sandbox_app=sandbox_app, retry_delay_scale=retry_delay_scale) as state:
+            await state.x402.load_key()  # shared by every instance on the database (services/x402.py)
             server.state = state
             embedded = state.gateway.embedded
             if embedded is not None:  # the in-process sandbox delivers its signed events straight to our routes

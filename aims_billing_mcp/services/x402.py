@@ -371,17 +371,29 @@ class X402Service:
             raise ConfigurationError(self.problem, param=setting)
 
     def _key(self) -> bytes:
-        """The database's challenge key (read once per process); the first use on a new database stores one."""
+        """The database's challenge key (read once per process); the first use on a new database stores one (the
+        server does that at start-up: `load_key`)."""
         if self._quote_key is None:
             stored = self._store.x402.quote_key()
             if stored is None:
-                path = getattr(self._store, "path", None)  # SQLite: a key file an older release kept
-                candidate = (legacy_quote_key(path.with_name(f"{path.stem}.x402.key")) if path is not None
-                             else None) or os.urandom(32).hex()
-                stored = self._store.write_sync(
-                    lambda tx: self._store.x402.add_quote_key(tx, candidate, utc_now()))
+                stored = self._store.write_sync(self._add_key())
             self._quote_key = parse_quote_key(stored)
         return self._quote_key
+
+    async def load_key(self) -> None:
+        """Read (or, on a new database, store) the challenge key now: at start-up, so that no anonymous challenge
+        is the request that writes it."""
+        if self._quote_key is None:
+            stored = self._store.x402.quote_key()
+            if stored is None:
+                stored = await self._store.write(self._add_key())
+            self._quote_key = parse_quote_key(stored)
+
+    def _add_key(self) -> Callable[[Tx], str]:
+        path = getattr(self._store, "path", None)  # SQLite: a key file an older release kept beside the database
+        candidate = (legacy_quote_key(path.with_name(f"{path.stem}.x402.key")) if path is not None
+                     else None) or os.urandom(32).hex()
+        return lambda tx: self._store.x402.add_quote_key(tx, candidate, utc_now())
 
     # --- requirements ---------------------------------------------------------------------------------------
 

@@ -30,9 +30,10 @@ async def main(db: str, seed: int, row_ids: list[str]) -> None:
         random.Random(seed).shuffle(row_ids)
         for row_id in row_ids:
             row = await prepaid.start(row_id)
-            for _ in range(50):  # an attempt that met a busy moment is retried, as the background would
-                if row is None or row.status not in OPEN:
+            for _ in range(1200):  # an attempt that met a busy moment, or a row another worker holds (leased),
+                if row is None or row.status not in OPEN:  # is tried again, as the background would
                     break
+                await asyncio.sleep(0.05)
                 row = await prepaid.start(row_id)
             print(row_id, row.status if row else None, flush=True)
     finally:

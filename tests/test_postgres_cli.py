@@ -123,3 +123,31 @@ def test_the_demo_passes_every_step_on_postgresql_and_leaves_a_ledger_that_check
     assert wallets >= 1  # the demo's wallets are in PostgreSQL, not in a temporary SQLite file
     assert not (tmp_path / "unused.db").exists()
     assert pg_cluster.password not in demo.stdout + demo.stderr + checked.stdout + checked.stderr
+
+
+@pytest.mark.anyio
+async def test_serve_over_stdio_writes_to_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    import os
+    import sys
+
+    import anyio
+    import psycopg
+    from mcp import Client, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMS_", "STRIPE_"))}
+    env.update({"AIMS_BILLING_DATABASE_URL": postgres_url, "HOME": str(tmp_path), "AIMS_BILLING_P2P_AGENTS": "1",
+                "AIMS_BILLING_DB": str(tmp_path / "unused.db")})
+    params = StdioServerParameters(command=sys.executable, args=["-m", "aims_billing_mcp", "serve", "--no-webhooks"],
+                                   env=env, cwd=str(tmp_path))
+    with anyio.fail_after(120), (tmp_path / "stdio.log").open("w") as errlog:
+        async with Client(stdio_client(params, errlog=errlog)) as client:
+            made = await client.call_tool("create_customer", {"email": "stdio@example.com"})
+            customer = made.structured_content["customer"]["id"]  # type: ignore[index]
+            wallet = await client.call_tool("create_agent_wallet", {"agent_id": "stdio-agent", "customer": customer,
+                                                                    "idempotency_key": "w"})
+    assert not wallet.is_error, wallet.content
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT customer_id FROM agent_wallets WHERE agent_id = 'stdio-agent'").fetchall() == [
+            (customer,)]
+    assert not (tmp_path / "unused.db").exists()

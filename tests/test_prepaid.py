@@ -316,9 +316,15 @@ async def test_two_workers_re_leasing_a_day_old_credited_row_send_one_creation_r
         finally:
             b_done.set()
 
+    async def run_a() -> None:
+        try:
+            await a.start(row_id)
+        finally:
+            a_sent.set()  # A sent, or left the row to B, whose lease it could not take
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_b)
-        tg.start_soon(a.start, row_id)
+        tg.start_soon(run_a)
 
     assert len(await env.subscriptions()) == 1
 
@@ -347,7 +353,7 @@ async def test_a_slow_worker_cannot_rewind_a_started_subscription(env: Env) -> N
                                  fulfilment=told_of)
     await env.stack.prepaid.start(row_id)  # ... while this one started it
 
-    after = await other._start(stale)  # the other one goes on from what it read
+    after = await other._start(stale, "its-own-token")  # the other one goes on from what it read
 
     assert after["status"] == "started" and told == []
     assert len(await env.subscriptions()) == 1 and adjustments(await env.balance_transactions()) == 1

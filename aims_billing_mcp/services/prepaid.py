@@ -22,12 +22,20 @@ advance a row, nor a slow one rewind it. What makes "never two subscriptions, ne
 The subscription is recorded in `billing_provisions` in the job that marks the row started, and the source
 (payment session or ACP order) is told in that job too, through the fulfilment registry (fulfilment.py); the
 source may hand back an after-COMMIT action.
+
+Once per row across instances (PostgreSQL: every instance runs this worker on one outbox): an attempt leases its
+row first (`store.prepaid.take`, LEASE_WORK_SECONDS under a fresh token; a row another worker holds is left to it
+and looked at again later), renews the lease before each step's Stripe calls, and renews it at the start of every
+job that records a step, in the same transaction: a worker paused past its lease (a stopped process, a long GC)
+while another took the row over finds its token gone and records nothing and sends nothing more. A request it had
+already sent when it was paused is the same request the other worker sends (the same idempotency key): one effect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -55,8 +63,13 @@ MAX_BACKOFF_SECONDS = 300
 REFUND_LEASE_SECONDS = 600  # a refund run's claim: another run waits this long before taking over a dead one
 PREPAID_METADATA = "aims_prepaid"
 REVERSAL_METADATA = "aims_prepaid_reversal"
+LEASE_WORK_SECONDS = 120.0  # an attempt holds its row this long after each renewal; then another worker may take it
 PENDING_FOR_SECONDS = 60.0  # an enqueued id no kick has seen committed is forgotten after this (its job rolled back)
 Job = Callable[[Tx], tuple[PrepaidRow, bool]]
+
+
+class _LeaseLost(Exception):
+    """Another worker took the row over (this attempt's lease ended while it was held up): stop, record nothing."""
 
 
 def prepaid_id(source_id: str) -> str:
@@ -78,6 +91,7 @@ class PrepaidSubscriptions:
         self._scale = retry_delay_scale
         self._fulfilment = fulfilment  # tells a row's source how its subscription went
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.lease_seconds = LEASE_WORK_SECONDS
         self.background = Background()
         # Ids enqueued (in the writer's thread) that no kick has yet seen committed: while empty, a kick costs
         # nothing (no query after every payment); start-up's resume() looks at the table itself.
@@ -163,10 +177,17 @@ class PrepaidSubscriptions:
                 row = self.find(row_id)
                 if row is None or row.status not in OPEN:
                     return row
+                token = secrets.token_hex(12)
+                if not await self._store.write(self._take(row_id, token)):
+                    return self.find(row_id)  # another worker holds it: it is theirs until their lease ends
                 try:
-                    return await self._start(row)
+                    return await self._start(row, token)
+                except _LeaseLost:
+                    return self.find(row_id)
                 except BillingError as exc:
-                    return await self._record_error(row_id, exc)
+                    return await self._record_error(row_id, exc, token)
+                finally:
+                    await self._let_go(row_id, token)
         finally:  # one lock per row in flight, not per row ever seen: dropped when its last user leaves
             lock, users = self._locks[row_id]
             if users <= 1:
@@ -174,18 +195,22 @@ class PrepaidSubscriptions:
             else:
                 self._locks[row_id] = (lock, users - 1)
 
-    async def _start(self, row: PrepaidRow) -> PrepaidRow:
+    async def _start(self, row: PrepaidRow, token: str) -> PrepaidRow:
         tier = self._pricing.tier(row.tier)
         fresh = self._fresh(row)  # decided once, on the row as found: each step below refreshes updated_at
         if row.status is S.PENDING:
-            row, moved = await self._claimed(row.id)
+            row, moved = await self._claimed(row.id, token)
             if not moved:
                 return row
         prices: tuple[str, dict[str, str]] | None = None
         if row.status is S.CLAIMED:
-            txn = None if fresh else await self._existing_credit(row)  # an earlier attempt's, its answer lost
-            if txn is None:
+            if fresh:
                 prices = await self._subscriptions.prices_for(tier)  # refused before anything is credited
+            await self._renew(row.id, token)
+            txn = None if fresh else await self._existing_credit(row)  # an earlier attempt's, its answer lost
+            if txn is None and prices is None:
+                prices = await self._subscriptions.prices_for(tier)
+                await self._renew(row.id, token)
             txn = txn or (await self._gateway.send(StripeRequest(
                 "post", f"/v1/customers/{row.customer_id}/balance_transactions",
                 {"amount": -row.amount, "currency": row.currency,
@@ -193,37 +218,79 @@ class PrepaidSubscriptions:
                                 f"{tier.delivered_months} delivered)",
                  "metadata": {PREPAID_METADATA: row.id, TIER_METADATA: tier.id}},
                 stripe_idempotency_key("prepaid-credit", row.id)))).data
-            row, moved = await self._store.write(self._step(row.id, S.CLAIMED, S.CREDITED,
+            row, moved = await self._store.write(self._step(row.id, S.CLAIMED, S.CREDITED, token,
                                                             balance_transaction_id=txn["id"],
                                                             starts_at=int(self._clock())))
             if not moved:
                 return row
         if row.status is S.CREDITED:
             leased = self._leased(row)
+            await self._renew(row.id, token)
             sub = None if fresh and leased else await self._existing_subscription(row)
             if sub is None:
                 price, overage = prices or await self._subscriptions.prices_for(tier)
                 if not fresh:  # left credited a while: the customer may have subscribed another way
-                    row, moved = await self._claimed(row.id)
+                    row, moved = await self._claimed(row.id, token)
                     if not moved:
                         return row
                 if not self._leased(row):  # on the row as it is now: another worker may have just leased it
-                    row, moved = await self._store.write(self._lease(row))
+                    row, moved = await self._store.write(self._fenced(row.id, token, self._lease(row)))
                     if not moved:
                         return row
+                await self._renew(row.id, token)
                 sub = await self._create_subscription(row, tier, price, overage)
-            row, moved = await self._store.write(self._step(row.id, S.CREDITED, S.SUBSCRIBED,
+            row, moved = await self._store.write(self._step(row.id, S.CREDITED, S.SUBSCRIBED, token,
                                                             subscription_id=sub["id"]))
             if not moved:
                 return row
         # subscribed: end it at the commitment end, counted from Stripe's own start of the subscription
+        await self._renew(row.id, token)
         sub = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row.subscription_id}"))).data
         ends_at = add_months(int(sub["start_date"]), tier.delivered_months)
         if sub.get("cancel_at") != ends_at:
             sub = (await self._gateway.send(StripeRequest(
                 "post", f"/v1/subscriptions/{sub['id']}", {"cancel_at": ends_at},
                 stripe_idempotency_key("prepaid-end", f"{row.id}:{ends_at}")))).data
-        return await self._finish(row.id, S.SUBSCRIBED, S.STARTED, sub=sub, ends_at=ends_at)
+        return await self._finish(row.id, S.SUBSCRIBED, S.STARTED, token, sub=sub, ends_at=ends_at)
+
+    # --- the row's lease (once per row across instances) --------------------------------------------------------
+
+    def _take(self, row_id: str, token: str) -> Callable[[Tx], bool]:
+        """Take (or renew) the row's lease for `token`; False while another worker holds it."""
+        clock, store, seconds = self._clock, self._store.prepaid, self.lease_seconds
+
+        def job(tx: Tx) -> bool:
+            now = clock()
+            return store.take(tx, row_id, token, now, now + seconds)
+
+        return job
+
+    def _fenced(self, row_id: str, token: str, job: Callable[[Tx], T], lost: Callable[[Tx], T] | None = None,
+                ) -> Callable[[Tx], T]:
+        """`job`, run only while `token` still holds the row: the renewal and the job's writes are one transaction
+        (the renewal's UPDATE holds the row until COMMIT). Otherwise `lost(tx)`, or the row unmoved."""
+        take, store = self._take(row_id, token), self._store.prepaid
+
+        def fenced(tx: Tx) -> T:
+            if take(tx):
+                return job(tx)
+            if lost is not None:
+                return lost(tx)
+            return (store.read(tx, row_id), False)  # type: ignore[return-value]  # a Job's answer: not moved
+
+        return fenced
+
+    async def _renew(self, row_id: str, token: str) -> None:
+        """Before a Stripe call: the lease renewed, or `_LeaseLost` (another worker has the row now)."""
+        if not await self._store.write(self._take(row_id, token)):
+            raise _LeaseLost(row_id)
+
+    async def _let_go(self, row_id: str, token: str) -> None:
+        store = self._store.prepaid
+        try:
+            await self._store.write(lambda tx: store.let_go(tx, row_id, token))
+        except Exception:  # the lease then simply ends on time
+            log.warning("could not let go of prepaid subscription %s's lease; it ends on its own", row_id)
 
     def _leased(self, row: PrepaidRow) -> bool:
         """Whether the row's `starts_at` still names a usable creation request: it is the moment the trial is
@@ -305,8 +372,13 @@ class PrepaidSubscriptions:
         if (action := self._fulfilment.subscription_outcome(tx, row)) is not None:
             after.append(action)
 
-    async def _claimed(self, row_id: str) -> tuple[PrepaidRow, bool]:
-        return await self._write(self._claim(row_id))
+    async def _claimed(self, row_id: str, token: str) -> tuple[PrepaidRow, bool]:
+        claim, take, store = self._claim(row_id), self._take(row_id, token), self._store.prepaid
+
+        def job(tx: Tx, after: list[Callable[[], None]]) -> tuple[PrepaidRow, bool]:
+            return claim(tx, after) if take(tx) else (store.read(tx, row_id), False)
+
+        return await self._write(job)
 
     def _claim(self, row_id: str) -> Callable[[Tx, list[Callable[[], None]]], tuple[PrepaidRow, bool]]:
         """pending -> claimed (or credited -> credited): only when this row may hold the customer's subscription;
@@ -338,21 +410,22 @@ class PrepaidSubscriptions:
         return job
 
     def _step(self, row_id: str, expected: PrepaidStatus | tuple[PrepaidStatus, ...], status: PrepaidStatus,
-              **values: Any) -> Job:
+              token: str, **values: Any) -> Job:
         """Move the row from `expected` (one status, or any of several) to `status`, recording `values`; nothing if
-        another worker moved it elsewhere."""
+        another worker moved it elsewhere or took it over (`token` no longer holds it)."""
         clock, store = self._clock, self._store.prepaid
         froms = (expected,) if isinstance(expected, PrepaidStatus) else expected
-        return lambda tx: store.advance(tx, row_id, froms, status, utc_iso(clock()), **values)
+        return self._fenced(row_id, token,
+                            lambda tx: store.advance(tx, row_id, froms, status, utc_iso(clock()), **values))
 
-    async def _record_error(self, row_id: str, exc: BillingError) -> PrepaidRow:
+    async def _record_error(self, row_id: str, exc: BillingError, token: str) -> PrepaidRow:
         message = f"{exc.code}: {exc.message}"[:500]
-        clock, store = self._clock, self._store.prepaid
+        clock, store, take = self._clock, self._store.prepaid, self._take(row_id, token)
 
         def job(tx: Tx, after: list[Callable[[], None]]) -> PrepaidRow:
             row = store.read(tx, row_id)
-            if row.status not in OPEN:
-                return row  # another worker finished it meanwhile
+            if row.status not in OPEN or not take(tx):
+                return row  # another worker finished it, or took it over, meanwhile
             row = store.retry_later(tx, row_id, row.attempts + 1, message, utc_iso(clock()))
             # An outage is outlasted, never given up: the credit may have been made with its answer lost (a
             # claimed row), and giving up later would strand it or leave a subscription with no end. A refusal
@@ -371,13 +444,16 @@ class PrepaidSubscriptions:
         self._tell(tx, failed, after)
         return failed
 
-    async def _finish(self, row_id: str, expected: PrepaidStatus, status: PrepaidStatus, *, sub: dict[str, Any],
-                      ends_at: int) -> PrepaidRow:
+    async def _finish(self, row_id: str, expected: PrepaidStatus, status: PrepaidStatus, token: str, *,
+                      sub: dict[str, Any], ends_at: int) -> PrepaidRow:
         """Mark the row started and record the subscription as the customer's provision, and tell the source, in
-        one job; the source's after-COMMIT action runs once the job has committed."""
+        one job (only while `token` holds the row); the source's after-COMMIT action runs once it has committed."""
         clock, subscriptions, store = self._clock, self._subscriptions, self._store.prepaid
+        take = self._take(row_id, token)
 
         def job(tx: Tx, after: list[Callable[[], None]]) -> PrepaidRow:
+            if not take(tx):
+                return store.read(tx, row_id)  # another worker took it over (or finished it)
             current, moved = store.complete(tx, row_id, expected, status, ends_at, utc_iso(clock()))
             if not moved:
                 return current  # another attempt finished it first

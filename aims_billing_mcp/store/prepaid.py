@@ -6,7 +6,9 @@ the backend's reader). `SqlitePrepaidStore` is the SQLite implementation.
 A row is the outbox entry of one paid source (payment session or ACP checkout): written in the transaction that
 records the payment, then moved step by step by the worker (services/prepaid.py). Every move is a guarded UPDATE
 from the status it expects, so two workers cannot both advance a row, nor a slow one rewind it: `PrepaidStatus`
-and `TRANSITIONS` below are the machine.
+and `TRANSITIONS` below are the machine. Across instances a worker also leases the row it works (`take`: one
+worker until the lease ends, under a fresh token) and renews that lease at the start of every job that records a
+step (and before every Stripe call): a worker paused past its lease finds the row taken over and records nothing.
 """
 
 from __future__ import annotations
@@ -159,6 +161,17 @@ class PrepaidStore(Protocol):
         """A credited row's new `starts_at` if it still is `expected` (compare-and-set); True while it is credited."""
         ...
 
+    def take(self, tx: Tx, row_id: str, token: str, now: float, until: float) -> bool:
+        """Lease an open row to one worker until `until` (epoch seconds) under `token`: True when the row was free,
+        its lease had ended by `now`, or `token` already held it (renewed); False while another worker holds it, or
+        once the row is no longer open. Called at the start of a job, it fences the job's writes: the UPDATE holds
+        the row until COMMIT, so no other worker takes it over in between."""
+        ...
+
+    def let_go(self, tx: Tx, row_id: str, token: str) -> None:
+        """End the lease `token` holds (a lease another worker has taken over stays)."""
+        ...
+
     def retry_later(self, tx: Tx, row_id: str, attempts: int, error: str, at: str) -> PrepaidRow:
         """Record a failed attempt (count and reason); the row stays where it is for the next attempt."""
         ...
@@ -252,6 +265,16 @@ class SqlitePrepaidStore:
         cursor = tx.execute(f"UPDATE prepaid_subscriptions SET status = ?, updated_at = ?{sets} WHERE id = ? "
                             f"AND status IN ({_marks(expected)})", (status, at, *values.values(), row_id, *expected))
         return self.read(tx, row_id), bool(cursor.rowcount == 1)
+
+    def take(self, tx: Tx, row_id: str, token: str, now: float, until: float) -> bool:
+        cursor = tx.execute(f"UPDATE prepaid_subscriptions SET lease_token = ?, leased_until = ? WHERE id = ? AND "
+                            f"status IN ({_marks(OPEN)}) AND (leased_until IS NULL OR leased_until <= ? OR "
+                            "lease_token = ?)", (token, until, row_id, *OPEN, now, token))
+        return bool(cursor.rowcount == 1)
+
+    def let_go(self, tx: Tx, row_id: str, token: str) -> None:
+        tx.execute("UPDATE prepaid_subscriptions SET lease_token = NULL, leased_until = NULL WHERE id = ? AND "
+                   "lease_token = ?", (row_id, token))
 
     def lease(self, tx: Tx, row_id: str, starts_at: int, expected: int | None, at: str) -> tuple[PrepaidRow, bool]:
         tx.execute("UPDATE prepaid_subscriptions SET starts_at = ?, updated_at = ? WHERE id = ? AND status = ? "

@@ -24,7 +24,7 @@ from . import __version__
 from .http_guard import HttpPolicy
 from .http_transport import companion_server
 from .redact import audit_arguments
-from .routes import build_companion_app, http_routes
+from .routes import build_companion_app
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .settings import Settings
 from .shaping import error_result, masked_result, refuse_loose_arguments, to_billing_error
@@ -185,8 +185,6 @@ def build_server(
         register(server, spec)
     server.read_only_tools = frozenset(spec.name for spec in selected if spec.permission == "read")
     server.http_policy = HttpPolicy.from_settings(settings)  # read-only and the allow-list on the HTTP surfaces
-    for route in http_routes(lambda: server.state):  # served by `serve --http` (http_transport.py)
-        server.custom_route(route.path, methods=list(route.methods))(route.endpoint)
     return server
 
 

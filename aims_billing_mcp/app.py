@@ -27,7 +27,7 @@ from .redact import audit_arguments
 from .routes import build_companion_app
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .settings import Settings
-from .shaping import error_result, masked_result, refuse_loose_arguments, to_billing_error
+from .shaping import VALIDATED, StrictlyValidated, error_result, masked_result, refuse_loose_arguments, to_billing_error
 from .state import AppState, open_state
 from .store import Store, monotonic_ms, utc_now
 from .store.audit import AuditEntry
@@ -60,8 +60,9 @@ class BillingServer(MCPServer[AppState]):
         request_ids: list[str] = []
         token = last_request_ids.set(request_ids)
         outcome, error_code = "ok", None
+        validated = None
         try:
-            self._refuse_loose_arguments(name, arguments)
+            validated = VALIDATED.set(self._refuse_loose_arguments(name, arguments))
             result = await super().call_tool(name, arguments, context)
             if isinstance(result, CallToolResult):
                 result = masked_result(result)
@@ -79,6 +80,8 @@ class BillingServer(MCPServer[AppState]):
             outcome, error_code = "error", error.code
             return error_result(name, error)
         finally:
+            if validated is not None:
+                VALIDATED.reset(validated)
             last_request_ids.reset(token)
             state = _state(context)
             if state is not None:
@@ -97,10 +100,10 @@ class BillingServer(MCPServer[AppState]):
         tool = self._tool_manager.get_tool(name)
         return tool is not None and parameter in tool.parameters.get("properties", {})
 
-    def _refuse_loose_arguments(self, name: str, arguments: dict[str, Any]) -> None:
+    def _refuse_loose_arguments(self, name: str, arguments: dict[str, Any]) -> tuple[dict[str, Any],
+                                                                                     dict[str, Any]] | None:
         tool = self._tool_manager.get_tool(name)
-        if tool is not None:
-            refuse_loose_arguments(tool, arguments)
+        return (arguments, refuse_loose_arguments(tool, arguments)) if tool is not None else None
 
 
 
@@ -200,6 +203,9 @@ def built_tool(spec: ToolSpec) -> Tool:
     Building one costs milliseconds of pydantic work and depends on the spec alone, so it is done once: the test
     suite builds hundreds of servers. Nothing mutates a built tool afterwards."""
     tool = Tool.from_function(spec.fn, name=spec.name, title=spec.title, annotations=spec.annotations)
+    metadata = tool.fn_metadata  # arguments validated once, strictly (shaping.py: StrictlyValidated)
+    tool.fn_metadata = StrictlyValidated.model_construct(**{field: getattr(metadata, field)
+                                                            for field in type(metadata).model_fields})
     tool.parameters = without_titles(tool.parameters)
     if tool.fn_metadata.output_schema is not None:
         tool.fn_metadata.output_schema = without_titles(tool.fn_metadata.output_schema)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -357,42 +355,6 @@ class StripeSessionExpired(StripeError):
     retryable = True
 
 
-class WebhookSignatureInvalid(Exception):
-    """The Stripe-Signature header is missing, malformed, forged or outside the tolerance."""
-
-
-def verify_webhook_signature(payload: bytes, header: str | None, secret: str, tolerance: int = 300) -> None:
-    """Stripe's check as the SDK's `WebhookSignature.verify_header` makes it (the same header parsing, refusals and
-    300 s tolerance; tests/test_webhooks.py holds the two to the same verdict on every header shape), computed over
-    the raw bytes: HMAC-SHA256 of `t.payload` under the secret, compared in constant time with each `v1`."""
-    if not header:
-        raise WebhookSignatureInvalid("no Stripe-Signature header")
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise WebhookSignatureInvalid("the body is not UTF-8") from None
-    try:
-        items = [item.split("=", 2) for item in header.split(",")]
-        timestamp = int(next(item[1] for item in items if item[0] == "t"))
-        signatures = [item[1] for item in items if item[0] == "v1"]
-    except (IndexError, ValueError, StopIteration):
-        raise WebhookSignatureInvalid("Unable to extract timestamp and signatures from header") from None
-    if not signatures:
-        raise WebhookSignatureInvalid("No signatures found with expected scheme v1")
-    expected = hmac.new(secret.encode("utf-8"), b"%d." % timestamp + payload, hashlib.sha256).hexdigest().encode()
-    if not any(hmac.compare_digest(expected, signature.encode("utf-8")) for signature in signatures):
-        raise WebhookSignatureInvalid("No signatures found matching the expected signature for payload")
-    if tolerance and timestamp < time.time() - tolerance:
-        raise WebhookSignatureInvalid(f"Timestamp outside the tolerance zone ({timestamp})")
-
-
-def sign_webhook_payload(payload: str, secret: str, timestamp: int | None = None) -> str:
-    """A valid Stripe-Signature header for `payload` (tests, benchmarks, and replaying stored events)."""
-    ts = int(timestamp if timestamp is not None else time.time())
-    signature = stripe.WebhookSignature._compute_signature(f"{ts}.{payload}", secret)  # type: ignore[no-untyped-call]
-    return f"t={ts},v1={signature}"
-
-
 def build_gateway(settings: Settings, *, sandbox_app: Any = None, retry_delay_scale: float = 1.0) -> StripeGateway:
     """Pick the target from the settings: the embedded sandbox in-process (no key, or an app handed in by tests),
     a base URL override (a standalone sandbox), or Stripe itself."""
@@ -438,11 +400,8 @@ __all__ = [
     "StripeRequest",
     "StripeResult",
     "StripeSessionExpired",
-    "WebhookSignatureInvalid",
     "build_gateway",
     "last_request_ids",
-    "sign_webhook_payload",
     "stripe_idempotency_key",
     "translate_stripe_error",
-    "verify_webhook_signature",
 ]

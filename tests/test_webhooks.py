@@ -20,7 +20,7 @@ from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.services.webhook_events import InvalidEvent, parse_event
 from aims_billing_mcp.state import build_state
 from aims_billing_mcp.store import Store
-from aims_billing_mcp.stripe_gateway import sign_webhook_payload
+from aims_billing_mcp.webhooks import sign_webhook_payload
 from tests.conftest import ok, serving_http
 
 pytestmark = pytest.mark.anyio
@@ -134,7 +134,7 @@ def test_the_signature_check_gives_the_sdks_verdict_and_reason_on_every_header_s
 ) -> None:
     import stripe  # the reference: our check runs over the raw bytes, the SDK's over a decoded string
 
-    from aims_billing_mcp.stripe_gateway import WebhookSignatureInvalid, verify_webhook_signature
+    from aims_billing_mcp.webhooks import WebhookSignatureInvalid, verify_webhook_signature
 
     payload = event("customer.subscription.updated", subscription(name="caf\u00e9 \u2603"))
     now = int(time.time())

@@ -24,11 +24,11 @@ from . import __version__
 from .http_guard import HttpPolicy
 from .http_transport import companion_server
 from .redact import audit_arguments
-from .routes import build_companion_app, http_routes
+from .routes import build_companion_app
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.webhook_events import ENABLED_EVENTS
 from .settings import Settings
-from .shaping import error_result, masked_result, refuse_loose_arguments, to_billing_error
+from .shaping import VALIDATED, StrictlyValidated, error_result, masked_result, refuse_loose_arguments, to_billing_error
 from .state import AppState, open_state
 from .store import Store, monotonic_ms, utc_now
 from .store.audit import AuditEntry
@@ -61,8 +61,9 @@ class BillingServer(MCPServer[AppState]):
         request_ids: list[str] = []
         token = last_request_ids.set(request_ids)
         outcome, error_code = "ok", None
+        validated = None
         try:
-            self._refuse_loose_arguments(name, arguments)
+            validated = VALIDATED.set(self._refuse_loose_arguments(name, arguments))
             result = await super().call_tool(name, arguments, context)
             if isinstance(result, CallToolResult):
                 result = masked_result(result)
@@ -80,6 +81,8 @@ class BillingServer(MCPServer[AppState]):
             outcome, error_code = "error", error.code
             return error_result(name, error)
         finally:
+            if validated is not None:
+                VALIDATED.reset(validated)
             last_request_ids.reset(token)
             state = _state(context)
             if state is not None:
@@ -98,10 +101,10 @@ class BillingServer(MCPServer[AppState]):
         tool = self._tool_manager.get_tool(name)
         return tool is not None and parameter in tool.parameters.get("properties", {})
 
-    def _refuse_loose_arguments(self, name: str, arguments: dict[str, Any]) -> None:
+    def _refuse_loose_arguments(self, name: str, arguments: dict[str, Any]) -> tuple[dict[str, Any],
+                                                                                     dict[str, Any]] | None:
         tool = self._tool_manager.get_tool(name)
-        if tool is not None:
-            refuse_loose_arguments(tool, arguments)
+        return (arguments, refuse_loose_arguments(tool, arguments)) if tool is not None else None
 
 
 
@@ -186,8 +189,6 @@ def build_server(
         register(server, spec)
     server.read_only_tools = frozenset(spec.name for spec in selected if spec.permission == "read")
     server.http_policy = HttpPolicy.from_settings(settings)  # read-only and the allow-list on the HTTP surfaces
-    for route in http_routes(lambda: server.state):  # served by `serve --http` (http_transport.py)
-        server.custom_route(route.path, methods=list(route.methods))(route.endpoint)
     return server
 
 
@@ -203,6 +204,9 @@ def built_tool(spec: ToolSpec) -> Tool:
     Building one costs milliseconds of pydantic work and depends on the spec alone, so it is done once: the test
     suite builds hundreds of servers. Nothing mutates a built tool afterwards."""
     tool = Tool.from_function(spec.fn, name=spec.name, title=spec.title, annotations=spec.annotations)
+    metadata = tool.fn_metadata  # arguments validated once, strictly (shaping.py: StrictlyValidated)
+    tool.fn_metadata = StrictlyValidated.model_construct(**{field: getattr(metadata, field)
+                                                            for field in type(metadata).model_fields})
     tool.parameters = without_titles(tool.parameters)
     if tool.fn_metadata.output_schema is not None:
         tool.fn_metadata.output_schema = without_titles(tool.fn_metadata.output_schema)

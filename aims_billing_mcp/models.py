@@ -1,5 +1,6 @@
-"""Value types shared by tools and services: validated inputs (ids, URLs, currencies, amounts) and the small
-projections tools return instead of whole Stripe objects.
+"""Value types shared by tools and services: validated inputs (ids, URLs, currencies, amounts, line items) and what
+every Stripe-mutating result carries (`MutationMeta`, a dry run's request). Each service's own results live beside
+it (the catalog's in services/catalog.py).
 
 Validators raise messages that name the rule and the fix; pydantic prefixes them with the field name, so an agent
 reads e.g. "customer: Value error, must be a Stripe customer id starting with 'cus_' ...".
@@ -162,84 +163,3 @@ class MutationMeta(BaseModel):
     replayed: bool = Field(default=False, description="true when this is the stored first result of a repeated call")
     dry_run: bool = Field(default=False, description="true when nothing was sent; see request")
     request: StripeRequestPreview | None = Field(default=None, description="dry runs only: the request not sent")
-
-
-class Product(BaseModel):
-    id: str
-    name: str
-    description: str | None = None
-    active: bool
-    default_price: str | None = None
-
-
-class Price(BaseModel):
-    id: str
-    product: str
-    currency: str
-    unit_amount: int | None
-    unit_amount_display: str | None
-    type: str
-    recurring: Recurring | None = None
-    lookup_key: str | None = None
-    nickname: str | None = None
-    active: bool
-
-
-class Customer(BaseModel):
-    id: str
-    email: str | None = None
-    name: str | None = None
-    description: str | None = None
-
-
-class PaymentLink(BaseModel):
-    id: str
-    url: str
-    active: bool
-    line_items: list[LineItem]
-    amount_total: int | None = Field(default=None, description="Sum of the line items in minor units, if one currency")
-    currency: str | None = None
-
-
-class CheckoutSession(BaseModel):
-    id: str
-    url: str | None
-    mode: str
-    status: str | None
-    payment_status: str
-    customer: str | None = None
-    customer_email: str | None = None
-    amount_total: int | None = None
-    currency: str | None = None
-    expires_at: int | None = None
-
-
-class PortalSession(BaseModel):
-    id: str
-    url: str
-    customer: str
-    return_url: str | None = None
-
-
-class ProductResult(MutationMeta):
-    product: Product | None = None
-
-
-class PriceResult(MutationMeta):
-    price: Price | None = None
-
-
-class CustomerResult(MutationMeta):
-    customer: Customer | None = None
-
-
-class PaymentLinkResult(MutationMeta):
-    payment_link: PaymentLink | None = None
-
-
-class CheckoutSessionResult(MutationMeta):
-    checkout_session: CheckoutSession | None = None
-
-
-class PortalSessionResult(MutationMeta):
-    portal_session: PortalSession | None = None

@@ -1,6 +1,6 @@
-"""Every HTTP route served beside MCP, declared once; `serve --http` (app.py registers them on the MCP app) and the
-companion app beside a stdio server (and the in-process target of the embedded sandbox's webhooks) serve the
-same table.
+"""Every HTTP route served beside MCP, declared once; `serve --http` (http_transport.py: first in its top-level
+app) and the companion app beside a stdio server (and the in-process target of the embedded sandbox's webhooks)
+serve the same table (`starlette_routes`).
 
 | route                                   | methods    | handler            | the caller proves who it is with       |
 |-----------------------------------------|------------|--------------------|----------------------------------------|
@@ -82,14 +82,19 @@ def acp_mcp_app(get_state: GetState, policy: HttpPolicy, **options: Any) -> tupl
     return server, server.streamable_http_app(streamable_http_path=MCP_PATH, **options)
 
 
+def starlette_routes(get_state: GetState) -> list[Route]:
+    """The table as Starlette routes: the companion app's, and the first routes of `serve --http`'s top-level app
+    (matched before the MCP app's mount, so a webhook is not routed through a second Starlette app)."""
+    return [Route(route.path, route.endpoint, methods=list(route.methods)) for route in http_routes(get_state)]
+
+
 def build_companion_app(get_state: GetState, *, with_acp_mcp: bool = False, policy: HttpPolicy | None = None,
                         host: str = "127.0.0.1") -> Any:
     """The routes as an app of their own, behind the HttpGuard (`host` is where it listens): beside a stdio server
     (`with_acp_mcp` adds ACP's MCP binding, its session manager run in this app's lifespan), and as the target the
     embedded sandbox delivers its signed webhooks to."""
     policy = policy or HttpPolicy()
-    routes: list[Any] = [Route(route.path, route.endpoint, methods=list(route.methods))
-                         for route in http_routes(get_state)]
+    routes: list[Any] = starlette_routes(get_state)
     guarded = partial(HttpGuard, get_state=get_state, policy=policy, loopback=is_loopback(host))
     if not with_acp_mcp:
         return guarded(Starlette(routes=routes))

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.mcpserver.tools import Tool
+from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
 from mcp.types import CallToolResult, TextContent
 from pydantic import ValidationError
 
@@ -120,11 +122,12 @@ def masked_result(result: CallToolResult) -> CallToolResult:
     return result.model_copy(update={"content": content, "structured_content": redact_values(structured)})
 
 
-def refuse_loose_arguments(tool: Tool, arguments: dict[str, Any]) -> None:
-    """Parse the raw arguments strictly before the SDK's lax validation sees them: a misspelt argument
-    (`amout`) silently ignored could bill the wrong thing, and lax pydantic takes `true`, `"7"` and `3.0` as
-    the integer 1, 7 and 3. Money is never read from a boolean or a string, so both are refused here, naming
-    the field; what passes is then validated (to the same values) by the SDK."""
+def refuse_loose_arguments(tool: Tool, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Parse the raw arguments strictly instead of the SDK's lax validation: a misspelt argument (`amout`)
+    silently ignored could bill the wrong thing, and lax pydantic takes `true`, `"7"` and `3.0` as the integer 1,
+    7 and 3. Money is never read from a boolean or a string, so both are refused here, naming the field. What
+    passes is the tool's keyword arguments, from the tool's own argument model (validated strictly, so to the
+    values the SDK's lax pass would give): `StrictlyValidated` hands them to the SDK instead of a second pass."""
     name = tool.name
     properties = tool.parameters.get("properties", {})
     unknown = sorted(set(arguments) - set(properties))
@@ -138,7 +141,24 @@ def refuse_loose_arguments(tool: Tool, arguments: dict[str, Any]) -> None:
         _refuse_unreadable_value(key, value)
     metadata = tool.fn_metadata
     try:
-        metadata.arg_model.model_validate_json(_json_for_strict_check(metadata.pre_parse_json(arguments)),
-                                               strict=True)
+        model = metadata.arg_model.model_validate_json(_json_for_strict_check(metadata.pre_parse_json(arguments)),
+                                                       strict=True)
     except ValidationError as exc:
         raise invalid_arguments(name, exc, properties) from exc
+    return model.model_dump_one_level()
+
+
+# (the arguments dict BillingServer.call_tool checked, the keyword arguments it gave) for the call in progress
+VALIDATED: ContextVar[tuple[dict[str, Any], dict[str, Any]] | None] = ContextVar("validated", default=None)
+
+
+class StrictlyValidated(FuncMetadata):
+    """A tool's FuncMetadata taking the keyword arguments `refuse_loose_arguments` produced for this very call
+    (the same argument model, validated strictly) instead of validating the same dict a second time, laxly. Any
+    other arguments (a caller that did not go through BillingServer.call_tool) are validated as the SDK does."""
+
+    def validate_arguments(self, arguments_to_validate: dict[str, Any]) -> dict[str, Any]:
+        done = VALIDATED.get()
+        if done is not None and done[0] is arguments_to_validate:
+            return done[1]
+        return super().validate_arguments(arguments_to_validate)

@@ -4,11 +4,16 @@ timeout. Our server is what the agent sees, so this wraps the SDK's `stdio_serve
 SDK reads it, and one the SDK would drop is answered here with a JSON-RPC error carrying the request's id when the
 id can be read (`-32700` parse error, `-32600` invalid request), or `id: null` and one log line when it cannot.
 A notification (no id) is never answered, as JSON-RPC requires; it is logged.
+
+The SDK's streams wrap stdin and stdout in `anyio.wrap_file`, which spends one worker-thread hop per line read and
+two (write, flush) per answer: with 32 calls in flight that is ~100 thread hand-offs (and GIL hand-offs) per 32
+calls. Here stdin is read a chunk of frames at a time (`ChunkedLines`, one hop per read, decoded as the SDK decodes:
+UTF-8 with errors replaced, universal newlines) and each answer is written and flushed in one hop (`FramedOut`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import codecs
 import io
 import logging
 import sys
@@ -154,32 +159,97 @@ def _top_level_id(line: str) -> tuple[RequestId, bool]:
 
 @asynccontextmanager
 async def guarded_stdio_server() -> AsyncIterator[tuple[Any, Any]]:
-    """The SDK's stdio streams, with every frame it would drop answered here. Stdin is claimed as the SDK claims it
-    (fd 0 diverted to the null device while serving, so a child process cannot read our frames)."""
-    buffer, release = _claim_stdin()
-    guarded = GuardedLines(anyio.wrap_file(_UnownedText(buffer, encoding="utf-8", errors="replace")))
+    """The SDK's stdio streams, with every frame it would drop answered here. Stdin and stdout are claimed as the
+    SDK claims them (fd 0 diverted to the null device and fd 1 to stderr while serving, so a child process can
+    neither read our frames nor write into the wire)."""
+    stdin_buffer, release_stdin = _claim(0)
     try:
-        stdin: Any = guarded  # the SDK only iterates its stdin's lines
-        async with stdio_server(stdin=stdin) as (read_stream, write_stream):
-            guarded.connect(write_stream)
-            yield read_stream, write_stream
+        stdout_buffer, release_stdout = _claim(1)
+        try:
+            guarded = GuardedLines(ChunkedLines(stdin_buffer))
+            stdin: Any = guarded  # the SDK only iterates its stdin's lines
+            stdout: Any = FramedOut(stdout_buffer)  # and only writes and flushes its stdout
+            async with stdio_server(stdin=stdin, stdout=stdout) as (read_stream, write_stream):
+                guarded.connect(write_stream)
+                yield read_stream, write_stream
+        finally:
+            if release_stdout is not None:
+                release_stdout()
     finally:
-        if release is not None:
-            release()
+        if release_stdin is not None:
+            release_stdin()
 
 
-class _UnownedText(io.TextIOWrapper):
-    """Text over a buffer that is not ours to close (it may be sys.stdin's own)."""
+class ChunkedLines:
+    """The lines of a binary stream, read on a worker thread a chunk at a time (whatever the client has written,
+    up to CHUNK bytes: one thread hop for many frames) and decoded as the SDK's text wrapper decodes them (UTF-8,
+    errors replaced; CRLF and a lone CR read as LF, also across chunks). Each line keeps its LF."""
 
-    def close(self) -> None:
-        with contextlib.suppress(ValueError):
-            self.detach()
+    CHUNK = 1 << 16
+
+    def __init__(self, buffer: Any) -> None:
+        self._buffer = buffer
+        self._decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(errors="replace"),
+                                                     translate=True)
+        self._lines: list[str] = []  # complete lines, in reverse order (pop from the end)
+        self._partial = ""
+        self._eof = False
+
+    def __aiter__(self) -> ChunkedLines:
+        return self
+
+    async def __anext__(self) -> str:
+        while not self._lines:
+            if self._eof:
+                raise StopAsyncIteration
+            chunk: bytes = await anyio.to_thread.run_sync(self._read)
+            self._eof = not chunk
+            text = self._partial + self._decoder.decode(chunk, final=self._eof)
+            *complete, self._partial = text.split("\n")
+            lines = [line + "\n" for line in complete]
+            if self._eof and self._partial:  # the last line, without its newline
+                lines.append(self._partial)
+                self._partial = ""
+            self._lines = lines[::-1]
+        return self._lines.pop()
+
+    def _read(self) -> bytes:
+        read = getattr(self._buffer, "read1", None) or self._buffer.read
+        data: bytes = read(self.CHUNK)
+        return data
 
 
-def _claim_stdin() -> tuple[Any, Callable[[], None] | None]:
+class FramedOut:
+    """The SDK writes each answer then flushes it: the text is kept at `write` and written and flushed in one
+    worker-thread call at `flush` (UTF-8, as the SDK's text wrapper writes it)."""
+
+    def __init__(self, buffer: Any) -> None:
+        self._buffer = buffer
+        self._pending: list[str] = []
+
+    async def write(self, text: str) -> None:
+        self._pending.append(text)
+
+    async def flush(self) -> None:
+        data = "".join(self._pending).encode("utf-8")
+        self._pending.clear()
+        if data:
+            await anyio.to_thread.run_sync(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        self._buffer.write(data)
+        self._buffer.flush()
+
+
+def _claim(fd: int) -> tuple[Any, Callable[[], None] | None]:
+    """The SDK's claim of a standard stream (fd 0 or 1): a private duplicate serves the wire, the fd itself points
+    at the null device (stdin) or stderr (stdout) while serving; the buffer in place when it cannot be claimed."""
+    stream = sys.stdin if fd == 0 else sys.stdout
     try:
-        from mcp.server.stdio import _claim_fd, _open_stdin_diversion
+        from mcp.server.stdio import _claim_fd, _open_stdin_diversion, _open_stdout_diversion
 
-        return _claim_fd(0, sys.stdin, "rb", _open_stdin_diversion)
-    except (ImportError, RuntimeError, OSError):  # an SDK without the claim: read the buffer in place, as v1 did
-        return sys.stdin.buffer, None
+        if fd == 0:
+            return _claim_fd(0, sys.stdin, "rb", _open_stdin_diversion)
+        return _claim_fd(1, sys.stdout, "wb", _open_stdout_diversion)
+    except (ImportError, RuntimeError, OSError):  # an SDK without the claim: the buffer in place, as v1 did
+        return stream.buffer, None

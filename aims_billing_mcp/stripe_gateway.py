@@ -355,33 +355,6 @@ class StripeSessionExpired(StripeError):
     retryable = True
 
 
-class WebhookSignatureInvalid(Exception):
-    """The Stripe-Signature header is missing, malformed, forged or outside the tolerance."""
-
-
-def verify_webhook_signature(payload: bytes, header: str | None, secret: str, tolerance: int = 300) -> None:
-    """The SDK's own check (HMAC-SHA256 over `t.payload`, constant-time compare, 300 s tolerance)."""
-    if not header:
-        raise WebhookSignatureInvalid("no Stripe-Signature header")
-    try:
-        stripe.WebhookSignature.verify_header(  # type: ignore[no-untyped-call]
-            payload.decode("utf-8"), header, secret, tolerance
-        )
-    except stripe.SignatureVerificationError as exc:
-        raise WebhookSignatureInvalid(redact_text(str(exc.user_message or exc))) from None
-    except UnicodeDecodeError:
-        raise WebhookSignatureInvalid("the body is not UTF-8") from None
-
-
-def sign_webhook_payload(payload: str, secret: str, timestamp: int | None = None) -> str:
-    """A valid Stripe-Signature header for `payload` (tests, benchmarks, and replaying stored events)."""
-    import time as _time
-
-    ts = int(timestamp if timestamp is not None else _time.time())
-    signature = stripe.WebhookSignature._compute_signature(f"{ts}.{payload}", secret)  # type: ignore[no-untyped-call]
-    return f"t={ts},v1={signature}"
-
-
 def build_gateway(settings: Settings, *, sandbox_app: Any = None, retry_delay_scale: float = 1.0) -> StripeGateway:
     """Pick the target from the settings: the embedded sandbox in-process (no key, or an app handed in by tests),
     a base URL override (a standalone sandbox), or Stripe itself."""
@@ -427,11 +400,8 @@ __all__ = [
     "StripeRequest",
     "StripeResult",
     "StripeSessionExpired",
-    "WebhookSignatureInvalid",
     "build_gateway",
     "last_request_ids",
-    "sign_webhook_payload",
     "stripe_idempotency_key",
     "translate_stripe_error",
-    "verify_webhook_signature",
 ]

@@ -1,4 +1,6 @@
-"""`POST /webhooks/stripe`: verify the signature with the SDK, hand the event to the service, answer at once.
+"""`POST /webhooks/stripe`: verify Stripe's signature, hand the event to the service, answer at once. Stripe's
+webhook signature (`verify_webhook_signature`, and `sign_webhook_payload` for the sandbox, tests and replays) lives
+here too: it is HMAC-SHA256, no SDK call.
 
 Nothing is stored unless the signature verifies (missing, forged or older than 300 s: 400, and one log line
 saying what to fix) and the event parses into the strict model of services/webhook_events.py (else 400). The same
@@ -12,7 +14,10 @@ from a loopback peer on an endpoint not configured for a non-loopback host: anyw
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -24,7 +29,6 @@ from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.meter_flusher import ThinEvent, thin_event
 from .services.webhook_events import InvalidEvent, parse_event
 from .settings import LOOPBACK_HOSTS
-from .stripe_gateway import WebhookSignatureInvalid, verify_webhook_signature
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -43,6 +47,42 @@ def public_secret_refused(peer: str) -> JSONResponse:
                 "reachable from other hosts; set STRIPE_WEBHOOK_SECRET to a secret of your own, or serve on "
                 "127.0.0.1", peer)
     return JSONResponse({"error": PUBLIC_SECRET_REFUSED}, status_code=403)
+
+
+class WebhookSignatureInvalid(Exception):
+    """The Stripe-Signature header is missing, malformed, forged or outside the tolerance."""
+
+
+def verify_webhook_signature(payload: bytes, header: str | None, secret: str, tolerance: int = 300) -> None:
+    """Stripe's check as the SDK's `WebhookSignature.verify_header` makes it (the same header parsing, refusals and
+    300 s tolerance; tests/test_webhooks.py holds the two to the same verdict on every header shape), computed over
+    the raw bytes: HMAC-SHA256 of `t.payload` under the secret, compared in constant time with each `v1`."""
+    if not header:
+        raise WebhookSignatureInvalid("no Stripe-Signature header")
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebhookSignatureInvalid("the body is not UTF-8") from None
+    try:
+        items = [item.split("=", 2) for item in header.split(",")]
+        timestamp = int(next(item[1] for item in items if item[0] == "t"))
+        signatures = [item[1] for item in items if item[0] == "v1"]
+    except (IndexError, ValueError, StopIteration):
+        raise WebhookSignatureInvalid("Unable to extract timestamp and signatures from header") from None
+    if not signatures:
+        raise WebhookSignatureInvalid("No signatures found with expected scheme v1")
+    expected = hmac.new(secret.encode("utf-8"), b"%d." % timestamp + payload, hashlib.sha256).hexdigest().encode()
+    if not any(hmac.compare_digest(expected, signature.encode("utf-8")) for signature in signatures):
+        raise WebhookSignatureInvalid("No signatures found matching the expected signature for payload")
+    if tolerance and timestamp < time.time() - tolerance:
+        raise WebhookSignatureInvalid(f"Timestamp outside the tolerance zone ({timestamp})")
+
+
+def sign_webhook_payload(payload: str, secret: str, timestamp: int | None = None) -> str:
+    """A valid Stripe-Signature header for `payload` (tests, benchmarks, and replaying stored events)."""
+    ts = int(timestamp if timestamp is not None else time.time())
+    signature = hmac.new(secret.encode("utf-8"), f"{ts}.{payload}".encode(), hashlib.sha256).hexdigest()
+    return f"t={ts},v1={signature}"
 
 
 def webhook_handler(get_state: Callable[[], AppState | None]) -> Callable[[Request], Awaitable[JSONResponse]]:

@@ -25,7 +25,7 @@ import httpx
 from measure import free_port
 
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
-from aims_billing_mcp.stripe_gateway import sign_webhook_payload
+from aims_billing_mcp.webhooks import sign_webhook_payload
 
 HERE = Path(__file__).parent
 

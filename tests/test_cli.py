@@ -22,7 +22,8 @@ from aims_billing_mcp.cli import main
 from aims_billing_mcp.demo import run_demo
 from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY, SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.settings import Settings
-from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway, sign_webhook_payload
+from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway
+from aims_billing_mcp.webhooks import sign_webhook_payload
 
 from .test_store import BAD_DATABASES, truncated, under_a_file
 
@@ -159,7 +160,7 @@ async def test_the_standalone_sandbox_forwards_events_signed_with_a_configured_w
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from aims_billing_mcp.stripe_gateway import verify_webhook_signature
+    from aims_billing_mcp.webhooks import verify_webhook_signature
     from tests.conftest import serving_app
 
     own = "whsec_operator_own_secret"

@@ -18,7 +18,8 @@ from aims_billing_mcp.routes import build_companion_app
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.services.meter_flusher import ERROR_REPORT
 from aims_billing_mcp.services.tiers import Pricing
-from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway, sign_webhook_payload
+from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway
+from aims_billing_mcp.webhooks import sign_webhook_payload
 from tests.conftest import ok
 
 pytestmark = pytest.mark.anyio

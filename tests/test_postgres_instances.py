@@ -31,7 +31,7 @@ import pytest
 from mcp import Client
 
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET, create_app
-from aims_billing_mcp.stripe_gateway import sign_webhook_payload
+from aims_billing_mcp.webhooks import sign_webhook_payload
 from tests.conftest import ok, serving_app
 from tests.test_webhooks import event, subscription
 

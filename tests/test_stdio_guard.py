@@ -83,3 +83,60 @@ def test_over_stdio_every_hostile_frame_gets_an_error_and_the_server_keeps_servi
     expected = [(param.values[1], param.values[2]) for param in HOSTILE_FRAMES]
     assert [(a["id"], a["error"]["code"]) for a in answers[:-1]] == expected
     assert answers[-1]["id"] == 99 and answers[-1]["result"]["tools"]
+
+
+class _Chunks:
+    """A stdin buffer whose reads return these chunks, as a pipe returns what the client has written so far."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = list(chunks)
+        self.reads = 0
+
+    def read1(self, size: int) -> bytes:
+        self.reads += 1
+        return self._chunks.pop(0) if self._chunks else b""
+
+
+def _split_everywhere(data: bytes) -> list[list[bytes]]:
+    return [[data]] + [[data[:cut], data[cut:]] for cut in range(1, len(data))]
+
+
+WIRE = ('{"a":"caf\u00e9 \U0001f600"}\r\n{"b":1}\r{"c":2}\n\n{"d":"\\u2028"}\n'.encode()
+        + b'{"e":"\xff\xfe bad utf-8"}\n{"last":"no newline"}')
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("chunks", _split_everywhere(WIRE), ids=lambda c: f"cut-{len(c[0])}")
+async def test_stdin_read_in_chunks_gives_the_lines_the_sdks_text_wrapper_gives(chunks: list[bytes]) -> None:
+    import io
+
+    from aims_billing_mcp.stdio_guard import ChunkedLines
+
+    sdk = io.TextIOWrapper(io.BytesIO(WIRE), encoding="utf-8", errors="replace")  # what the SDK reads lines with
+    expected = list(iter(sdk.readline, ""))
+    assert [line async for line in ChunkedLines(_Chunks(chunks))] == expected
+
+
+@pytest.mark.anyio
+async def test_frames_written_together_are_read_in_one_worker_thread_hop() -> None:
+    from aims_billing_mcp.stdio_guard import ChunkedLines
+
+    frames = b"".join(f'{{"jsonrpc":"2.0","id":{i},"method":"ping"}}\n'.encode() for i in range(32))
+    buffer = _Chunks([frames])
+    lines = [line async for line in ChunkedLines(buffer)]
+    assert len(lines) == 32 and buffer.reads == 2  # the chunk, then end of file
+
+
+@pytest.mark.anyio
+async def test_an_answer_is_written_and_flushed_whole_in_utf8() -> None:
+    import io
+
+    from aims_billing_mcp.stdio_guard import FramedOut
+
+    out = io.BytesIO()
+    framed = FramedOut(out)
+    await framed.write('{"text":"caf\u00e9"}')
+    await framed.write("\n")
+    assert out.getvalue() == b""  # nothing half-written before the flush
+    await framed.flush()
+    assert out.getvalue() == '{"text":"caf\u00e9"}\n'.encode()

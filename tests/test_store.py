@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from aims_billing_mcp.store import SCHEMA_VERSION, Store, StoreUnavailable, connect
+from aims_billing_mcp.store.core import GIL_SWITCH_SECONDS
 
 pytestmark = pytest.mark.anyio
 
@@ -93,6 +95,22 @@ def test_a_database_that_cannot_be_opened_is_refused_naming_the_path_and_the_fix
     assert caught.value.exit_code == exit_code
     assert f"AIMS_BILLING_DB={path}" in caught.value.message and words in caught.value.message
     assert "\n" not in caught.value.message
+
+
+def test_opening_a_store_shortens_the_gil_switch_interval_so_the_writer_does_not_queue_behind_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)  # CPython's default
+    try:
+        store = Store(tmp_path / "gil.db")
+        store.close()
+        assert sys.getswitchinterval() <= GIL_SWITCH_SECONDS
+        sys.setswitchinterval(0.0001)  # a process that chose a shorter one keeps it
+        Store(tmp_path / "gil.db").close()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_reopening_a_current_database_applies_nothing(tmp_path: Path) -> None:

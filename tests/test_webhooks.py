@@ -20,7 +20,7 @@ from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.services.webhook_events import InvalidEvent, parse_event
 from aims_billing_mcp.state import build_state
 from aims_billing_mcp.store import Store
-from aims_billing_mcp.stripe_gateway import sign_webhook_payload
+from aims_billing_mcp.webhooks import sign_webhook_payload
 from tests.conftest import ok, serving_http
 
 pytestmark = pytest.mark.anyio
@@ -53,7 +53,7 @@ def subscription(status: str = "active", *, customer: str = "cus_A", sub_id: str
 
 
 async def post(url: str, payload: str, *, secret: str = SANDBOX_WEBHOOK_SECRET, timestamp: int | None = None,
-               signature: str | None = None) -> httpx.Response:
+               signature: str | bytes | None = None) -> httpx.Response:
     header = signature if signature is not None else sign_webhook_payload(payload, secret, timestamp)
     async with httpx.AsyncClient() as http:
         return await http.post(url, content=payload, headers={"Stripe-Signature": header,
@@ -87,11 +87,13 @@ async def test_a_signed_subscription_event_provisions_the_tier(endpoint: tuple[s
         ("forged", None, None, "whsec_not_the_right_secret"),
         ("stale", None, int(time.time()) - 301, SANDBOX_WEBHOOK_SECRET),
         ("garbage", "t=abc,v1=zzz", None, SANDBOX_WEBHOOK_SECRET),
+        ("non-ascii", f"t={int(time.time())},v1=\u00e9".encode("latin-1"), None, SANDBOX_WEBHOOK_SECRET),
     ],
-    ids=["missing", "forged", "stale", "garbage"],  # not the clock: every xdist worker must collect the same ids
+    # not the clock: every xdist worker must collect the same ids
+    ids=["missing", "forged", "stale", "garbage", "non-ascii"],
 )
 async def test_a_bad_signature_is_refused_with_400_and_nothing_is_stored(
-    endpoint: tuple[str, Any], case: str, signature: str | None, timestamp: int | None, secret: str
+    endpoint: tuple[str, Any], case: str, signature: str | bytes | None, timestamp: int | None, secret: str
 ) -> None:
     url, server = endpoint
     response = await post(url, event("customer.subscription.created", subscription()), secret=secret,
@@ -100,6 +102,57 @@ async def test_a_bad_signature_is_refused_with_400_and_nothing_is_stored(
     assert "signature" in response.json()["error"]
     assert rows(server, "SELECT id FROM webhook_events") == []
     assert provision(server) is None
+
+
+def _headers_of_every_shape() -> list[tuple[str, Callable[[Callable[[int], str], int], str]]]:
+    """(case, header of (the signature for a time, now)): what a sender, a forger or a broken proxy may send."""
+    other = sign_webhook_payload("{}", SANDBOX_WEBHOOK_SECRET, 1).split("v1=")[1]
+    return [
+        ("valid", lambda sig, now: f"t={now},v1={sig(now)}"),
+        ("valid among others", lambda sig, now: f"t={now},v0=x,v1={other},v1={sig(now)}"),
+        ("valid, spaces around t", lambda sig, now: f"t= {now} ,v1={sig(now)}"),
+        ("future timestamp", lambda sig, now: f"t={now + 3600},v1={sig(now + 3600)}"),
+        ("stale", lambda sig, now: f"t={now - 301},v1={sig(now - 301)}"),
+        ("other signature", lambda sig, now: f"t={now},v1={other}"),
+        ("signature of another time", lambda sig, now: f"t={now - 1},v1={sig(now)}"),
+        ("only v0", lambda sig, now: f"t={now},v0={sig(now)}"),
+        ("no timestamp", lambda sig, now: f"v1={sig(now)}"),
+        ("timestamp not a number", lambda sig, now: f"t=abc,v1={sig(now)}"),
+        ("t without a value", lambda sig, now: f"t,v1={sig(now)}"),
+        ("v1 without a value", lambda sig, now: f"t={now},v1"),
+        ("valid, an item without =", lambda sig, now: f"t={now},junk,v1={sig(now)}"),
+        ("valid, a tail after the signature", lambda sig, now: f"t={now},v1={sig(now)}=x"),
+        ("upper-case hex", lambda sig, now: f"t={now},v1={sig(now).upper()}"),
+        ("non-ascii", lambda sig, now: f"t={now},v1=\u00e9{sig(now)[1:]}"),
+        ("4,400-digit timestamp", lambda sig, now: f"t={'9' * 4400},v1={sig(now)}"),
+    ]
+
+
+@pytest.mark.parametrize(("case", "shape"), _headers_of_every_shape(), ids=[c for c, _ in _headers_of_every_shape()])
+def test_the_signature_check_gives_the_sdks_verdict_and_reason_on_every_header_shape(
+    case: str, shape: Callable[[Callable[[int], str], int], str]
+) -> None:
+    import stripe  # the reference: our check runs over the raw bytes, the SDK's over a decoded string
+
+    from aims_billing_mcp.webhooks import WebhookSignatureInvalid, verify_webhook_signature
+
+    payload = event("customer.subscription.updated", subscription(name="caf\u00e9 \u2603"))
+    now = int(time.time())
+    header = shape(lambda at: sign_webhook_payload(payload, SANDBOX_WEBHOOK_SECRET, at).split("v1=")[1], now)
+    try:
+        stripe.WebhookSignature.verify_header(payload, header, SANDBOX_WEBHOOK_SECRET, 300)  # type: ignore[no-untyped-call]
+        sdk = None
+    except stripe.SignatureVerificationError as exc:
+        sdk = str(exc.user_message)
+    except TypeError:  # the SDK compares str: a non-ASCII signature raised here (a 500 at the endpoint), not a refusal
+        sdk = "No signatures found matching the expected signature for payload"
+    try:
+        verify_webhook_signature(payload.encode(), header, SANDBOX_WEBHOOK_SECRET)
+        ours = None
+    except WebhookSignatureInvalid as exc:
+        ours = str(exc)
+    assert ours == sdk, case
+    assert (ours is None) == case.startswith(("valid", "future")), case
 
 
 async def test_a_signed_body_that_is_not_json_is_refused_with_400(endpoint: tuple[str, Any]) -> None:

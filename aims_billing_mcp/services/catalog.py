@@ -1,37 +1,140 @@
 """Catalog and checkout: products, prices, customers, payment links, checkout and portal sessions, invoices, balance.
 
 Plain logic over the gateway: build the Stripe request, enforce the amount ceiling, run it once through the
-idempotency service (or describe it for a dry run), and project Stripe's object to the small model a tool returns.
+idempotency service (or describe it for a dry run), and project Stripe's object to the small model a tool returns
+(the result models are here, beside the code that makes them; amounts are integer minor units with a display
+string beside them).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ..errors import InvalidInput
-from ..models import (
-    CheckoutSession,
-    CheckoutSessionResult,
-    Customer,
-    CustomerResult,
-    LineItem,
-    PaymentLinkResult,
-    PortalSession,
-    PortalSessionResult,
-    Price,
-    PriceResult,
-    Product,
-    ProductResult,
-    Recurring,
-    format_amount,
-)
+from ..models import LineItem, MutationMeta, Recurring, format_amount
 from ..stripe_gateway import StripeGateway, StripeRequest
-from .catalog_models import Balance, BalanceAmount, Invoice, InvoiceList
 from .ceiling import Ceiling
 from .connect import ConnectService, SalePlan
 from .mutations import StripeMutations, compact
+
+# --- what the catalog tools return (projections of Stripe's objects; amounts in minor units) ------------------------
+
+
+class Product(BaseModel):
+    id: str
+    name: str
+    description: str | None = None
+    active: bool
+    default_price: str | None = None
+
+
+class Price(BaseModel):
+    id: str
+    product: str
+    currency: str
+    unit_amount: int | None
+    unit_amount_display: str | None
+    type: str
+    recurring: Recurring | None = None
+    lookup_key: str | None = None
+    nickname: str | None = None
+    active: bool
+
+
+class Customer(BaseModel):
+    id: str
+    email: str | None = None
+    name: str | None = None
+    description: str | None = None
+
+
+class PaymentLink(BaseModel):
+    id: str
+    url: str
+    active: bool
+    line_items: list[LineItem]
+    amount_total: int | None = Field(default=None, description="Sum of the line items in minor units, if one currency")
+    currency: str | None = None
+
+
+class CheckoutSession(BaseModel):
+    id: str
+    url: str | None
+    mode: str
+    status: str | None
+    payment_status: str
+    customer: str | None = None
+    customer_email: str | None = None
+    amount_total: int | None = None
+    currency: str | None = None
+    expires_at: int | None = None
+
+
+class PortalSession(BaseModel):
+    id: str
+    url: str
+    customer: str
+    return_url: str | None = None
+
+
+class ProductResult(MutationMeta):
+    product: Product | None = None
+
+
+class PriceResult(MutationMeta):
+    price: Price | None = None
+
+
+class CustomerResult(MutationMeta):
+    customer: Customer | None = None
+
+
+class PaymentLinkResult(MutationMeta):
+    payment_link: PaymentLink | None = None
+
+
+class CheckoutSessionResult(MutationMeta):
+    checkout_session: CheckoutSession | None = None
+
+
+class PortalSessionResult(MutationMeta):
+    portal_session: PortalSession | None = None
+
+
+class Invoice(BaseModel):
+    id: str
+    number: str | None = None
+    customer: str | None
+    status: str | None
+    currency: str
+    amount_due: int
+    amount_paid: int
+    amount_remaining: int
+    total: int
+    total_display: str
+    hosted_invoice_url: str | None = None
+    subscription: str | None = None
+    created: int
+
+
+class InvoiceList(BaseModel):
+    invoices: list[Invoice]
+    has_more: bool
+    next_cursor: str | None = Field(description="Pass as starting_after to get the next page; null on the last page")
+
+
+class BalanceAmount(BaseModel):
+    currency: str
+    amount: int
+    display: str
+
+
+class Balance(BaseModel):
+    mode: str = Field(description="sandbox, test or live: which Stripe this balance is from")
+    available: list[BalanceAmount]
+    pending: list[BalanceAmount]
 
 
 class CatalogService:

@@ -1,25 +1,19 @@
-"""Subscriptions on the 3-6-9 tiers: the checkout that starts one, the provision webhooks keep in step with Stripe,
-the status and entitlements agents ask for, and cancellation that honours the commitment.
-
-How events converge: each applied event leaves its `created` time on the provision; an older event for the same
-customer is stored but not applied, so duplicates and out-of-order deliveries end in the state of the newest event,
-which is Stripe's current state. Within one second (Stripe's resolution) the later status in a subscription's life
-wins (incomplete < trialing < active < past_due < unpaid < canceled). A cancellation of an old subscription never
-downgrades a customer whose newer subscription is live.
+"""Subscriptions on the 3-6-9 tiers: the checkout that starts one, the status and entitlements agents ask for, and
+cancellation that honours the commitment. The provision Stripe's events keep in step is applied by ProvisionEvents
+(services/webhook_events.py, beside the endpoint's other work); `apply_event` hands it synthetic events too.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError, InvalidInput, InvalidState, StripeInvalidRequest
 from ..models import format_amount
 from ..settings import Settings
 from ..store import Store, Tx, utc_iso
-from ..store.webhooks import LIVE, EventRef, Provision, can_move
+from ..store.webhooks import LIVE, Provision
 from ..store.webhooks import SubscriptionStatus as S
 from ..stripe_gateway import StripeGateway, StripeRequest
 from .ceiling import Ceiling
@@ -43,20 +37,10 @@ from .tiers import (
     calendar_month_of,
     trial_days,
 )
+from .webhook_events import Applied, ProvisionEvents, commitment_end_of, period_end_of
 
 PROVISION_CACHE_SECONDS = 5.0
 PROVISION_CACHE_SIZE = 10_000
-STATUS_RANK: dict[str, int] = {S.INCOMPLETE: 0, S.TRIALING: 1, S.ACTIVE: 2, S.PAST_DUE: 3, S.UNPAID: 4, S.PAUSED: 4,
-                               S.CANCELED: 5, S.INCOMPLETE_EXPIRED: 5}
-
-
-@dataclass(frozen=True)
-class Applied:
-    """What applying one event did: the customer it concerned, and a note when it was not applied."""
-
-    customer_id: str | None
-    note: str | None = None
-
 
 class SubscriptionService:
     def __init__(self, mutations: StripeMutations, store: Store, pricing: Pricing, settings: Settings, *,
@@ -67,6 +51,7 @@ class SubscriptionService:
         self._store = store
         self._pricing = pricing
         self._settings = settings
+        self.provisions = ProvisionEvents(store, pricing, settings)  # also what the webhook endpoint applies
         self._cache: dict[str, tuple[float, Provision | None]] = {}
 
     # --- tiers ---------------------------------------------------------------------------------------------------
@@ -290,8 +275,8 @@ class SubscriptionService:
             raise InvalidInput(f"customer {customer!r} has no subscription to cancel (they are on P2P)",
                                param="customer")
         current = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{sub_id}"))).data
-        commitment_end = _commitment_end(current, self._pricing)
-        period_end = _period_end(current)
+        commitment_end = commitment_end_of(current, self._pricing)
+        period_end = period_end_of(current)
         params: dict[str, Any]
         if immediately:  # the period's metered usage so far is billed now, on a final invoice (Stripe's invoice_now)
             method, path, params = "delete", f"/v1/subscriptions/{sub_id}", {"invoice_now": True}
@@ -323,129 +308,12 @@ class SubscriptionService:
             idempotency_key=idempotency_key, dry_run=dry_run, after=record, owner=sub_id,
         )
 
-    # --- applying events (inside the writer's transaction) -----------------------------------------------------------
+    # --- applying events (inside the writer's transaction): services/webhook_events.py ProvisionEvents -----------
 
     def apply_event(self, tx: Tx, event: dict[str, Any]) -> Applied:
-        """Apply `event` to its customer's provision inside the writer's transaction `tx`."""
-        kind = event.get("type", "")
-        obj = (event.get("data") or {}).get("object") or {}
-        if kind.startswith("customer.subscription."):
-            return self._apply_subscription(tx, event, obj)
-        if kind == "checkout.session.completed":
-            return self._apply_checkout(tx, event, obj)
-        if kind in ("invoice.paid", "invoice.payment_failed"):
-            return self._apply_invoice(tx, event, obj)
-        customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
-        if kind.startswith("invoice."):
-            return Applied(customer, "recorded")
-        return Applied(customer, "not handled: stored and acknowledged")
-
-    def _apply_subscription(self, tx: Tx, event: dict[str, Any], sub: dict[str, Any]) -> Applied:
-        customer = sub.get("customer")
-        if not isinstance(customer, str):
-            return Applied(None, "subscription without a customer")
-        status = S.CANCELED if event["type"] == "customer.subscription.deleted" else sub.get("status", S.INCOMPLETE)
-        row = self._store.webhooks.load_provision(tx, customer)
-        tier = self._tier_of(sub) or (row.tier if row and row.subscription_id == sub["id"] else None)
-        if tier is None:
-            return Applied(customer, "not a tier subscription (no aims_tier metadata and no tier price): ignored")
-        if row is not None and not _supersedes(row, event["created"], status, sub["id"]):
-            return Applied(customer, "older than the state already applied: stored, not applied")
-        self._store.webhooks.apply(tx, customer, {
-            "tier": tier, "status": status, "subscription_id": sub["id"], "price_id": _price_of(sub),
-            "current_period_end": _period_end(sub), "current_period_start": _period_start(sub),
-            "ended_at": sub.get("ended_at"), "commitment_end": _commitment_end(sub, self._pricing),
-            "cancel_at": sub.get("cancel_at"), "cancel_at_period_end": bool(sub.get("cancel_at_period_end")),
-        }, _ref(event))
-        return Applied(customer)
-
-    def _apply_checkout(self, tx: Tx, event: dict[str, Any], session: dict[str, Any]) -> Applied:
-        customer, sub_id = session.get("customer"), session.get("subscription")
-        if session.get("mode") != "subscription" or not isinstance(customer, str) or not isinstance(sub_id, str):
-            return Applied(customer if isinstance(customer, str) else None, "not a subscription checkout: recorded")
-        tier = (session.get("metadata") or {}).get(TIER_METADATA)
-        if tier not in self._pricing.tiers:
-            return Applied(customer, "checkout without a known aims_tier: recorded")
-        row = self._store.webhooks.load_provision(tx, customer)
-        if row is not None and row.subscription_id == sub_id:
-            return Applied(customer, "subscription already provisioned by its own events")
-        if row is not None and row.status in LIVE and (row.last_event_created or 0) > event["created"]:
-            return Applied(customer, "a newer subscription is live: stored, not applied")
-        paid = session.get("payment_status")
-        status = S.ACTIVE if paid == "paid" else S.TRIALING if paid == "no_payment_required" else S.INCOMPLETE
-        self._store.webhooks.apply(tx, customer, {"tier": tier, "status": status, "subscription_id": sub_id},
-                                   _ref(event))
-        return Applied(customer)
-
-    def _apply_invoice(self, tx: Tx, event: dict[str, Any], invoice: dict[str, Any]) -> Applied:
-        customer = invoice.get("customer")
-        if not isinstance(customer, str):
-            return Applied(None, "invoice without a customer")
-        row = self._store.webhooks.load_provision(tx, customer)
-        if row is None:
-            return Applied(customer, f"unknown customer {customer}: no provision to update (flagged)")
-        sub_id = invoice.get("subscription") or (
-            ((invoice.get("parent") or {}).get("subscription_details") or {}).get("subscription"))
-        if sub_id and sub_id != row.subscription_id:
-            return Applied(customer, "invoice of another subscription: recorded")
-        if (row.last_event_created or 0) > event["created"]:
-            return Applied(customer, "older than the state already applied: stored, not applied")
-        target = S.PAST_DUE if event["type"] == "invoice.payment_failed" else S.ACTIVE
-        if not can_move(row.status, target):
-            return Applied(customer, "no change")
-        self._store.webhooks.apply(tx, customer, {"status": target}, _ref(event))
-        return Applied(customer)
-
-    def _tier_of(self, sub: dict[str, Any]) -> str | None:
-        tier = (sub.get("metadata") or {}).get(TIER_METADATA)
-        if tier in self._pricing.tiers:
-            return str(tier)
-        price = _price_of(sub)
-        for candidate in self._pricing.paid_tiers():
-            if price and price == self._settings.price_id_for(candidate.price_env):
-                return candidate.id
-        lookup = (((sub.get("items") or {}).get("data") or [{}])[0].get("price") or {}).get("lookup_key")
-        return next((t.id for t in self._pricing.paid_tiers() if t.lookup_key == lookup), None)
-
-
-def _supersedes(row: Provision, created: int, status: str, sub_id: str) -> bool:
-    last = row.last_event_created or 0
-    if row.subscription_id not in (None, sub_id) and row.status in LIVE and status not in LIVE:
-        return False  # the end of an old subscription must not downgrade a live newer one
-    if created != last:
-        return created > last
-    return row.subscription_id != sub_id or STATUS_RANK.get(status, 0) >= STATUS_RANK.get(row.status, 0)
-
-
-def _ref(event: dict[str, Any]) -> EventRef:
-    return EventRef(event["id"], event["type"], event["created"])
-
-
-def _price_of(sub: dict[str, Any]) -> str | None:
-    items = (sub.get("items") or {}).get("data") or []
-    price = (items[0].get("price") or {}) if items else {}
-    return price.get("id") if isinstance(price, dict) else price
-
-
-def _period_end(sub: dict[str, Any]) -> int | None:
-    ends = [item.get("current_period_end") for item in (sub.get("items") or {}).get("data") or []]
-    ends = [end for end in ends if end] or ([sub["current_period_end"]] if sub.get("current_period_end") else [])
-    return max(ends) if ends else None
-
-
-def _period_start(sub: dict[str, Any]) -> int | None:
-    starts = [item.get("current_period_start") for item in (sub.get("items") or {}).get("data") or []]
-    starts = [start for start in starts if start] or (
-        [sub["current_period_start"]] if sub.get("current_period_start") else [])
-    return max(starts) if starts else None
-
-
-def _commitment_end(sub: dict[str, Any], pricing: Pricing) -> int | None:
-    metadata = sub.get("metadata") or {}
-    tier = pricing.tiers.get(metadata.get(TIER_METADATA, ""))
-    start = sub.get("start_date") or sub.get("created")
-    months = int(metadata.get("aims_delivered_months") or (tier.delivered_months if tier else 0))
-    return add_months(int(start), months) if start and months else None
+        """Apply `event` to its customer's provision inside the writer's transaction `tx` (a synthetic event after
+        an API call, or a webhook's: see ProvisionEvents)."""
+        return self.provisions.apply(tx, event)
 
 
 def _iso(epoch: int | None) -> str | None:

@@ -8,22 +8,42 @@ Every event is parsed into a strict model first (`check_event`): an envelope (`i
 and, for the types that are applied, the fields of `data.object` the handlers read. A signed event of another
 shape (`"type": 123`, `"created": "abc"`, an `id` that is null or an object, `data.object` a list, nesting deeper
 than the parser goes, a lone surrogate anywhere) raises `InvalidEvent`: the endpoint answers 400, nothing stored.
+
+`ProvisionEvents` applies subscription, checkout and invoice events to the customer's provision; payment intents
+go to the commerce service, Connect's events to the Connect service. How provisions converge: each applied event
+leaves its `created` time on the provision; an older event for the same customer is stored but not applied, so
+duplicates and out-of-order deliveries end in the state of the newest event, which is Stripe's current state.
+Within one second (Stripe's resolution) the later status in a subscription's life wins (incomplete < trialing <
+active < past_due < unpaid < canceled). The end of an old subscription never downgrades a newer live one.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from .. import jsonsafe
+from ..settings import Settings
 from ..store import Store, Tx
-from ..store.webhooks import DuplicateEvent, EventRef, StoredEvent
-from .commerce import PaymentSessionService
-from .connect import ConnectService
-from .subscriptions import Applied, SubscriptionService
+from ..store.webhooks import LIVE, DuplicateEvent, EventRef, Provision, StoredEvent, can_move
+from ..store.webhooks import SubscriptionStatus as S
+from .tiers import TIER_METADATA, Pricing, add_months
+
+if TYPE_CHECKING:
+    from .commerce import PaymentSessionService
+    from .connect import ConnectService
+    from .subscriptions import SubscriptionService
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying one event did: the customer it concerned, and a note when it was not applied."""
+
+    customer_id: str | None
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -213,11 +233,109 @@ A handler for a new type must add it here. A destination charge's `transfer.crea
 for instance, are not needed: `checkout.session.completed` / `payment_intent.succeeded` mark a split paid."""
 
 
+class ProvisionEvents:
+    """Stripe's subscription, checkout and invoice events applied to the customer's provision (the tier it
+    entitles to), in the writer's transaction: the newest state wins whatever the order of delivery, the end of
+    an old subscription never downgrades a newer live one, an invoice moves only the subscription it is for."""
+
+    def __init__(self, store: Store, pricing: Pricing, settings: Settings) -> None:
+        self._store = store
+        self._pricing = pricing
+        self._settings = settings
+
+    def apply(self, tx: Tx, event: dict[str, Any]) -> Applied:
+        """Apply `event` to its customer's provision inside the writer's transaction `tx`."""
+        kind = event.get("type", "")
+        obj = (event.get("data") or {}).get("object") or {}
+        if kind.startswith("customer.subscription."):
+            return self._apply_subscription(tx, event, obj)
+        if kind == "checkout.session.completed":
+            return self._apply_checkout(tx, event, obj)
+        if kind in ("invoice.paid", "invoice.payment_failed"):
+            return self._apply_invoice(tx, event, obj)
+        customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
+        if kind.startswith("invoice."):
+            return Applied(customer, "recorded")
+        return Applied(customer, "not handled: stored and acknowledged")
+
+    def _apply_subscription(self, tx: Tx, event: dict[str, Any], sub: dict[str, Any]) -> Applied:
+        customer = sub.get("customer")
+        if not isinstance(customer, str):
+            return Applied(None, "subscription without a customer")
+        status = S.CANCELED if event["type"] == "customer.subscription.deleted" else sub.get("status", S.INCOMPLETE)
+        row = self._store.webhooks.load_provision(tx, customer)
+        tier = self._tier_of(sub) or (row.tier if row and row.subscription_id == sub["id"] else None)
+        if tier is None:
+            return Applied(customer, "not a tier subscription (no aims_tier metadata and no tier price): ignored")
+        if row is not None and not _supersedes(row, event["created"], status, sub["id"]):
+            return Applied(customer, "older than the state already applied: stored, not applied")
+        self._store.webhooks.apply(tx, customer, {
+            "tier": tier, "status": status, "subscription_id": sub["id"], "price_id": _price_of(sub),
+            "current_period_end": period_end_of(sub), "current_period_start": _period_start(sub),
+            "ended_at": sub.get("ended_at"), "commitment_end": commitment_end_of(sub, self._pricing),
+            "cancel_at": sub.get("cancel_at"), "cancel_at_period_end": bool(sub.get("cancel_at_period_end")),
+        }, _ref(event))
+        return Applied(customer)
+
+    def _apply_checkout(self, tx: Tx, event: dict[str, Any], session: dict[str, Any]) -> Applied:
+        customer, sub_id = session.get("customer"), session.get("subscription")
+        if session.get("mode") != "subscription" or not isinstance(customer, str) or not isinstance(sub_id, str):
+            return Applied(customer if isinstance(customer, str) else None, "not a subscription checkout: recorded")
+        tier = (session.get("metadata") or {}).get(TIER_METADATA)
+        if tier not in self._pricing.tiers:
+            return Applied(customer, "checkout without a known aims_tier: recorded")
+        row = self._store.webhooks.load_provision(tx, customer)
+        if row is not None and row.subscription_id == sub_id:
+            return Applied(customer, "subscription already provisioned by its own events")
+        if row is not None and row.status in LIVE and (row.last_event_created or 0) > event["created"]:
+            return Applied(customer, "a newer subscription is live: stored, not applied")
+        paid = session.get("payment_status")
+        status = S.ACTIVE if paid == "paid" else S.TRIALING if paid == "no_payment_required" else S.INCOMPLETE
+        self._store.webhooks.apply(tx, customer, {"tier": tier, "status": status, "subscription_id": sub_id},
+                                   _ref(event))
+        return Applied(customer)
+
+    def _apply_invoice(self, tx: Tx, event: dict[str, Any], invoice: dict[str, Any]) -> Applied:
+        customer = invoice.get("customer")
+        if not isinstance(customer, str):
+            return Applied(None, "invoice without a customer")
+        row = self._store.webhooks.load_provision(tx, customer)
+        if row is None:
+            return Applied(customer, f"unknown customer {customer}: no provision to update (flagged)")
+        sub_id = invoice.get("subscription") or (
+            ((invoice.get("parent") or {}).get("subscription_details") or {}).get("subscription"))
+        if sub_id and sub_id != row.subscription_id:
+            return Applied(customer, "invoice of another subscription: recorded")
+        if (row.last_event_created or 0) > event["created"]:
+            return Applied(customer, "older than the state already applied: stored, not applied")
+        target = S.PAST_DUE if event["type"] == "invoice.payment_failed" else S.ACTIVE
+        if not can_move(row.status, target):
+            return Applied(customer, "no change")
+        self._store.webhooks.apply(tx, customer, {"status": target}, _ref(event))
+        return Applied(customer)
+
+    def _tier_of(self, sub: dict[str, Any]) -> str | None:
+        tier = (sub.get("metadata") or {}).get(TIER_METADATA)
+        if tier in self._pricing.tiers:
+            return str(tier)
+        price = _price_of(sub)
+        for candidate in self._pricing.paid_tiers():
+            if price and price == self._settings.price_id_for(candidate.price_env):
+                return candidate.id
+        lookup = (((sub.get("items") or {}).get("data") or [{}])[0].get("price") or {}).get("lookup_key")
+        return next((t.id for t in self._pricing.paid_tiers() if t.lookup_key == lookup), None)
+
+
+STATUS_RANK: dict[str, int] = {S.INCOMPLETE: 0, S.TRIALING: 1, S.ACTIVE: 2, S.PAST_DUE: 3, S.UNPAID: 4, S.PAUSED: 4,
+                               S.CANCELED: 5, S.INCOMPLETE_EXPIRED: 5}
+
+
 class WebhookEventService:
     def __init__(self, store: Store, subscriptions: SubscriptionService,
                  commerce: PaymentSessionService | None = None, connect: ConnectService | None = None) -> None:
         self._store = store
         self._subscriptions = subscriptions
+        self._provisions = subscriptions.provisions
         self._commerce = commerce
         self._connect = connect
 
@@ -236,7 +354,7 @@ class WebhookEventService:
                 customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
                 applied = Applied(customer, self._commerce.apply_event(tx, event))
             else:
-                applied = self._subscriptions.apply_event(tx, event)
+                applied = self._provisions.apply(tx, event)
             if self._connect is not None and (note := self._connect.apply_event(tx, event)) is not None:
                 applied = Applied(applied.customer_id, note if applied.note is None else f"{applied.note}; {note}")
             self._store.webhooks.record_event(tx, EventRef(event["id"], event["type"], int(event["created"])), text,
@@ -255,3 +373,43 @@ class WebhookEventService:
     def recent(self, limit: int = 20) -> list[StoredEvent]:
         """The most recently received events, newest first (without their payloads)."""
         return self._store.webhooks.list_events(limit)
+
+
+def _supersedes(row: Provision, created: int, status: str, sub_id: str) -> bool:
+    last = row.last_event_created or 0
+    if row.subscription_id not in (None, sub_id) and row.status in LIVE and status not in LIVE:
+        return False  # the end of an old subscription must not downgrade a live newer one
+    if created != last:
+        return created > last
+    return row.subscription_id != sub_id or STATUS_RANK.get(status, 0) >= STATUS_RANK.get(row.status, 0)
+
+
+def _ref(event: dict[str, Any]) -> EventRef:
+    return EventRef(event["id"], event["type"], event["created"])
+
+
+def _price_of(sub: dict[str, Any]) -> str | None:
+    items = (sub.get("items") or {}).get("data") or []
+    price = (items[0].get("price") or {}) if items else {}
+    return price.get("id") if isinstance(price, dict) else price
+
+
+def period_end_of(sub: dict[str, Any]) -> int | None:
+    ends = [item.get("current_period_end") for item in (sub.get("items") or {}).get("data") or []]
+    ends = [end for end in ends if end] or ([sub["current_period_end"]] if sub.get("current_period_end") else [])
+    return max(ends) if ends else None
+
+
+def _period_start(sub: dict[str, Any]) -> int | None:
+    starts = [item.get("current_period_start") for item in (sub.get("items") or {}).get("data") or []]
+    starts = [start for start in starts if start] or (
+        [sub["current_period_start"]] if sub.get("current_period_start") else [])
+    return max(starts) if starts else None
+
+
+def commitment_end_of(sub: dict[str, Any], pricing: Pricing) -> int | None:
+    metadata = sub.get("metadata") or {}
+    tier = pricing.tiers.get(metadata.get(TIER_METADATA, ""))
+    start = sub.get("start_date") or sub.get("created")
+    months = int(metadata.get("aims_delivered_months") or (tier.delivered_months if tier else 0))
+    return add_months(int(start), months) if start and months else None

@@ -16,6 +16,7 @@ import os
 import queue
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,11 +34,16 @@ BUSY_TIMEOUT_MS = 5000
 SQLITE_VERSION = sqlite3.sqlite_version
 MAX_BATCH = 256
 DEFER_SECONDS = 0.2  # the longest a deferred write (a read-only call's audit row) waits for company
+# The writer thread gives up the GIL around every SQLite call and the socket write that wakes the event loop, and
+# takes it back after each; while the event loop thread is busy (parsing requests), each take waits for the GIL's
+# switch interval, 5 ms by default: a batch of 20 events (100 statements) then spent ~14 ms waiting for ~2 ms of
+# work, and every caller of the batch waited with it (a GIL convoy). A writer lowers the interval to this.
+GIL_SWITCH_SECONDS = 0.0005
 
 
 def utc_now() -> str:
     """ISO-8601 UTC with milliseconds: sorts as text, reads as a time."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"  # strftime's format, a third faster
 
 
 def utc_iso(epoch: float) -> str:
@@ -199,6 +205,8 @@ class BatchingWriter:
         self.batches = 0
 
     def _start(self) -> None:
+        if sys.getswitchinterval() > GIL_SWITCH_SECONDS:  # see GIL_SWITCH_SECONDS: process-wide, never raised
+            sys.setswitchinterval(GIL_SWITCH_SECONDS)
         for thread in self._threads:
             thread.start()
 

@@ -4,24 +4,17 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from ..models import (
+from ..models import Currency, CustomerId, DryRun, IdempotencyKey, LineItem, Metadata, ProductId, Recurring, Url
+from ..services.catalog import (
+    Balance,
     CheckoutSessionResult,
-    Currency,
-    CustomerId,
     CustomerResult,
-    DryRun,
-    IdempotencyKey,
-    LineItem,
-    Metadata,
+    InvoiceList,
     PaymentLinkResult,
     PortalSessionResult,
     PriceResult,
-    ProductId,
     ProductResult,
-    Recurring,
-    Url,
 )
-from ..services.catalog_models import Balance, InvoiceList
 from .context import ToolContext, services
 from .registry import tool
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from aims_billing_mcp.app import build_server
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET, create_app
 from aims_billing_mcp.settings import Settings
-from aims_billing_mcp.stripe_gateway import sign_webhook_payload
+from aims_billing_mcp.webhooks import sign_webhook_payload
 from tests.conftest import serving_http, table_digests
 
 EXAMPLES = int(os.environ.get("AIMS_FUZZ_EXAMPLES", "8"))

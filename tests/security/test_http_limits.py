@@ -21,7 +21,7 @@ from aims_billing_mcp.http_transport import build_http_app
 from aims_billing_mcp.routes import build_companion_app
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET, call_asgi
 from aims_billing_mcp.store import Store
-from aims_billing_mcp.stripe_gateway import sign_webhook_payload
+from aims_billing_mcp.webhooks import sign_webhook_payload
 from tests.conftest import serving_http
 
 pytestmark = pytest.mark.anyio

@@ -32,7 +32,7 @@ from aims_billing_mcp.services.acp_protocol import sign_request
 from aims_billing_mcp.services.x402 import challenge_key
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import utc_iso
-from aims_billing_mcp.stripe_gateway import sign_webhook_payload
+from aims_billing_mcp.webhooks import sign_webhook_payload
 
 from ..conftest import ok, serving_app
 

@@ -100,3 +100,21 @@ async def test_a_lone_surrogate_inside_an_argument_is_refused_naming_it(client: 
     error = error_of(await client.call_tool("create_product", {"name": "Pack", "metadata": {"note": "a\ud800b"}}))
     assert (error["code"], error["param"]) == ("invalid_input", "metadata")
     assert "lone surrogate" in error["message"]
+
+
+async def test_a_tool_runs_on_the_strictly_parsed_arguments_without_a_second_lax_parse(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
+
+    def lax(self: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError(f"the SDK's lax validation ran on {arguments}")
+
+    monkeypatch.setattr(FuncMetadata, "validate_arguments", lax)  # the SDK's pass: never reached by a tool call
+    await funded_wallet(client)
+    ok(await client.call_tool("debit_agent_wallet", {"agent_id": "alice", "amount": 30, "reason": "task",
+                                                     "idempotency_key": "once"}))
+    assert await balance(client) == 70
+    refused = error_of(await client.call_tool("debit_agent_wallet", {"agent_id": "alice", "amount": "7",
+                                                                     "reason": "task", "idempotency_key": "loose"}))
+    assert refused["param"] == "amount" and await balance(client) == 70

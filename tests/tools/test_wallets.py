@@ -12,7 +12,7 @@ from mcp import Client
 
 from aims_billing_mcp.app import BillingServer
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
-from aims_billing_mcp.stripe_gateway import sign_webhook_payload, verify_webhook_signature
+from aims_billing_mcp.webhooks import sign_webhook_payload, verify_webhook_signature
 from tests.conftest import error_of, ok
 
 pytestmark = pytest.mark.anyio

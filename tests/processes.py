@@ -27,6 +27,16 @@ def run_together(commands: list[list[str]], *, timeout: float) -> list[str]:
     return [out for out, _ in outputs]
 
 
+def rest_of(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """What a killed process still had in its pipes, read through the same buffered streams `readline()` used
+    (`communicate()` reads the pipes' descriptors and would drop what readline() had read ahead, leaving a torn first
+    line); nothing writes any more, so reading stdout to its end before stderr cannot block."""
+    assert process.stdout is not None and process.stderr is not None
+    rest, err = process.stdout.read(), process.stderr.read()
+    process.wait(timeout=30)
+    return rest, err
+
+
 def kill_midway(command: list[str], after_lines: int, *, label: str,
                 within: float = 30) -> tuple[list[str], list[str]]:
     """Run a worker that prints one line per acknowledged write, SIGKILL it after `after_lines` of them (or `within`
@@ -43,7 +53,7 @@ def kill_midway(command: list[str], after_lines: int, *, label: str,
             before.append(line)
     finally:
         os.kill(process.pid, signal.SIGKILL)
-        rest, err = process.communicate(timeout=30)
+        rest, err = rest_of(process)
     assert process.returncode == -signal.SIGKILL, err
     assert before, f"{label}: the worker acknowledged nothing before the kill: {err}"
     return before, rest.splitlines()

@@ -24,6 +24,7 @@ import pytest
 from aims_billing_mcp.errors import InsufficientFunds
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.store import PostgresStore
+from tests.processes import rest_of
 
 WORKER = Path(__file__).parent / "ledger_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -159,7 +160,7 @@ def test_three_processes_debiting_one_hot_wallet_one_killed_mid_load_keep_every_
     assert killed.stdout is not None
     before = [killed.stdout.readline() for _ in range(debits // 3)]  # it is mid-load: a third acknowledged
     os.kill(killed.pid, signal.SIGKILL)
-    rest, _ = killed.communicate(timeout=60)
+    rest, _ = rest_of(killed)
     assert killed.returncode == -signal.SIGKILL
     outputs: list[str] = ["".join(before) + rest]
     for process in processes:

@@ -2,8 +2,8 @@
 the same cluster in the same run, meter events per second through 3 instances, and the acknowledgement latency at an
 offered 1,000 debits/s against the latency of one bare transaction (issue 15).
 
-A throwaway cluster (tests/pg.py, fsync on: every COMMIT waits for the WAL flush) serves every run. For each of 3
-runs, on fresh databases:
+A throwaway cluster (tests/support/pg.py, fsync on: every COMMIT waits for the WAL flush) serves every run. For each of
+3 runs, on fresh databases:
 - instances: 1 or 3 processes, each a `PostgresStore` (the store's defaults: 4 writer threads, each committing what
   has gathered as one transaction) and a `LedgerService`; 64 callers in all (split across the processes) debit
   random wallets among 100; debits/s = debits / wall time from the moment all processes are released to the last
@@ -448,7 +448,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["BENCH_PG_WRITERS"], os.environ["BENCH_PG_MAX_BATCH"] = str(args.writers), str(args.max_batch)
 
-    from tests.pg import Cluster
+    from tests.support.pg import Cluster
 
     cluster = Cluster(fsync=True).start()
     runs: list[dict[str, float]] = []

@@ -23,14 +23,13 @@ from pathlib import Path
 
 # this file is named x402.py: its own folder must not shadow the x402 package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from x402_worker import TYPES, Payer, header  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aims_billing_mcp.services.ledger import LedgerService  # noqa: E402
 from aims_billing_mcp.services.tiers import Pricing  # noqa: E402
 from aims_billing_mcp.services.x402 import CAIP_TO_NAME, NETWORKS, X402Service  # noqa: E402
 from aims_billing_mcp.store import Store  # noqa: E402
+from tests.support.x402_worker import TYPES, Payer, header  # noqa: E402
 
 
 async def service_run(n: int, concurrency: int) -> float:

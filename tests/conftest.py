@@ -351,7 +351,7 @@ def table_digests(db: Path | str, *, skip: tuple[str, ...] = ("audit_log", "sqli
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Any]:
-    from tests.pg import Cluster
+    from tests.support.pg import Cluster
 
     started = Cluster().start()
     try:
@@ -363,7 +363,7 @@ def pg_cluster() -> Iterator[Any]:
 @pytest.fixture
 def postgres_url(pg_cluster: Any) -> Iterator[str]:
     """A database of its own at the code's schema, empty, for one test; given back after it, emptied, for a later
-    one (a database whose schema the test changed is dropped instead: tests/pg.py `give_back`)."""
+    one (a database whose schema the test changed is dropped instead: tests/support/pg.py `give_back`)."""
     url = str(pg_cluster.fresh_database())
     yield url
     pg_cluster.give_back(url)
@@ -371,7 +371,7 @@ def postgres_url(pg_cluster: Any) -> Iterator[str]:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    """The store under test, on each backend: the axis the aggregates' contract tests (tests/test_store_*.py) run
+    """The store under test, on each backend: the axis the aggregates' contract tests (tests/store/test_*.py) run
     along; a PostgreSQL database of its own per test."""
     if request.param == "postgres":
         from aims_billing_mcp.store import PostgresStore

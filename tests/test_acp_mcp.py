@@ -14,10 +14,9 @@ from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import serving_http
-from tests.test_acp import conforms, pay
+from tests.services.test_acp import conforms, pay
+from tests.support.money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 from tests.tools.test_wallets import give_tier
-
-from .money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 
 pytestmark = pytest.mark.anyio
 KEY = "platform-key"

@@ -24,8 +24,7 @@ from aims_billing_mcp.sandbox import SANDBOX_SECRET_KEY, SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway
 from aims_billing_mcp.webhooks import sign_webhook_payload
-
-from .test_store import BAD_DATABASES, truncated, under_a_file
+from tests.store.test_core import BAD_DATABASES, truncated, under_a_file
 
 pytestmark = pytest.mark.anyio
 
@@ -328,10 +327,7 @@ async def test_report_usage_and_flush_usage_deliver_what_is_pending(
 async def test_report_receipts_lists_a_paid_x402_receipt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).parent))
-    from x402_worker import Payer
+    from tests.support.x402_worker import Payer
 
     monkeypatch.setenv("AIMS_BILLING_DB", str(tmp_path / "x.db"))
     settings = Settings(_env_file=None, aims_billing_db=tmp_path / "x.db",  # type: ignore[call-arg]

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,10 +13,8 @@ import pytest
 from aims_billing_mcp.app import BillingServer
 from tests.conftest import serving_http
 from tests.security.test_anonymous_storage import row_counts
+from tests.support.x402_worker import Payer, header
 from tests.tools.test_wallets import give_tier
-
-sys.path.insert(0, str(Path(__file__).parent))
-from x402_worker import Payer, header
 
 pytestmark = pytest.mark.anyio
 

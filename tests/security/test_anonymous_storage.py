@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,10 +23,8 @@ from aims_billing_mcp.services.x402 import EXPIRED_QUOTE_GRACE, X402Service
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.tasks import background_tasks
 from tests.conftest import Clock, serving_http
+from tests.support.x402_worker import Payer, header
 from tests.tools.test_wallets import give_tier
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from x402_worker import Payer, header
 
 pytestmark = pytest.mark.anyio
 

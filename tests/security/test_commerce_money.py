@@ -3,7 +3,7 @@
 Races are interleaved deterministically: a sandbox fault `gate` holds one request at a chosen point (before Stripe
 runs it, or after it ran with its answer held back) until the test lets it go. A "crash" is the task of a call
 canceled while its answer is held: Stripe charged, nothing of it was recorded. After every test the money
-invariant (tests/money_invariant.py) checks each succeeded PaymentIntent was delivered or refunded in full."""
+invariant (tests/support/money_invariant.py) checks each succeeded PaymentIntent was delivered or refunded in full."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from aims_billing_mcp.services.stripe_setup import setup_stripe
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeRequest
+from tests.services.test_acp import checked, pay
+from tests.support.money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 
 from ..conftest import Clock, CommerceStack, commerce_stack, paid_outside
-from ..money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
-from ..test_acp import checked, pay
 from ..test_acp_mcp import META, acp_client, body, result, seller  # noqa: F401  (seller: a fixture)
 
 pytestmark = pytest.mark.anyio

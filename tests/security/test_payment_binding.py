@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,10 +19,8 @@ from mcp import Client
 
 from aims_billing_mcp.app import BillingServer
 from tests.conftest import error_of, ok, serving_http
+from tests.support.x402_worker import Payer, header
 from tests.tools.test_wallets import give_tier, wallet
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from x402_worker import Payer, header
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,8 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import build_gateway
 from tests.conftest import Clock
-from tests.test_metering import make_service
-from tests.test_metering_flusher import create_customer, create_meter, service_for, stripe_total
+from tests.services.test_meter_flusher import create_customer, create_meter, service_for, stripe_total
+from tests.services.test_metering import make_service
 
 pytestmark = pytest.mark.anyio
 

@@ -25,8 +25,13 @@ never undoes another.
 
 Batches. `record_many` (create_meter_events, POST /v1/usage/events) parses each item on its own (MeterEventInput,
 strict), checks it as `record` does, asks about each new customer once, and submits every event that passed as one
-writer job: one savepoint of one group commit, so the batch's accepted events land together or not at all. Each
-event's outcome (accepted, replayed, or refused with its field) is its own; the answer keeps a few numbers per event.
+writer job of one group commit, so the batch's accepted events land together or not at all. Each event's outcome
+(accepted, replayed, or refused with its field) is its own; the answer keeps a few numbers per event. The per-event
+work is kept small (bench/ingest.py (c)): an event of plain str and int fields on the default meter, the common
+shape, is taken as it is when every check would pass it unchanged (anything else goes through the model and the
+checks, which name the field); the job is trusted (no savepoint: `_apply` decides everything before its one append,
+and a failure after writing makes the writer undo and rerun the transaction a savepoint per job); the writer's turn
+answers each event's row, and the batch builds its numbers after COMMIT, outside it.
 
 Indexes. Events are indexed by identifier, status and time, never by customer: an index with the customer in its
 key scatters each commit's entries over as many pages as the batch has customers, which made COMMIT about five
@@ -167,6 +172,7 @@ class _Event:
     period_start: int
     period_end: int
     meter: Meter
+    stripe_id: str  # stripe_identifier(customer, identifier), made before the writer's turn
 
 
 @dataclass(slots=True)
@@ -217,14 +223,6 @@ def _given_identifier(item: Any) -> str | None:
     """The identifier a refused event gave, when it gave a usable one (to match results to events)."""
     ident = item.get("identifier") if isinstance(item, Mapping) else None
     return ident if isinstance(ident, str) and 0 < len(ident) <= MAX_IDENTIFIER else None
-
-
-def _brief(row: MeterEventRow, replayed: bool) -> dict[str, Any]:
-    """What a batch answers for an event recorded now or before (BatchEventOutcome's numbers)."""
-    after = row.period_units_after
-    return {"status": "replayed" if replayed else "accepted", "identifier": row.identifier,
-            "weighted_units": row.weighted_units, "cost_cents": row.cost_cents, "period_usage": after,
-            "remaining": max(0, row.allowance - after), "error": None}
 
 
 def _last(total: _Total, event: _Event, terms: Tier) -> tuple[int, int, int]:
@@ -552,7 +550,7 @@ class MeteringService:
                                 what="the most these units can cost, all at the overage rate")
         return _Event(draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
                       when, draft.timestamp_given, draft.agent_id, draft.metadata, terms, period.start, period.end,
-                      meter)
+                      meter, stripe_identifier(customer, draft.identifier))
 
     async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
         """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
@@ -592,7 +590,9 @@ class MeteringService:
         events = [outcome for outcome in outcomes if isinstance(outcome, _Event)]
         applied: list[Any] = []
         if events:
-            applied = await self._store.write(lambda tx: self._apply(tx, events, True))
+            # trusted (no savepoint of its own): _apply decides everything before its one append, and should the
+            # append fail after writing, the writer undoes the transaction and runs it again a savepoint per job
+            applied = await self._store.write(lambda tx: self._apply(tx, events, True), savepoint=False)
         answers = iter(applied)
         results: list[dict[str, Any]] = []
         accepted = replayed = weighted = cost = 0
@@ -603,14 +603,18 @@ class MeteringService:
                 results.append({"index": index, "status": "refused", "identifier": ident, "error": {
                     "code": answer.code, "field": answer.param, "message": answer.message}})
                 continue
-            if answer["status"] == "replayed":
+            row, again = answer  # the dict is built here, not in the writer's turn
+            after, allowance = row.period_units_after, row.allowance
+            if again:
                 replayed += 1
             else:
                 accepted += 1
-                weighted += answer["weighted_units"]
-                cost += answer["cost_cents"]
-            answer["index"] = index
-            results.append(answer)
+                weighted += row.weighted_units
+                cost += row.cost_cents
+            results.append({"index": index, "status": "replayed" if again else "accepted",
+                            "identifier": row.identifier, "weighted_units": row.weighted_units,
+                            "cost_cents": row.cost_cents, "period_usage": after,
+                            "remaining": allowance - after if allowance > after else 0, "error": None})
         return MeterEventBatchResult.model_validate({  # one validation of the whole answer, in pydantic-core
             "totals": {"events": len(items), "accepted": accepted, "replayed": replayed,
                        "refused": len(items) - accepted - replayed, "weighted_units": weighted, "cost_cents": cost},
@@ -641,8 +645,9 @@ class MeteringService:
 
     def _apply(self, tx: Tx, events: Sequence[_Event], brief: bool = False) -> list[Any]:
         """The writer side: replays and conflicts, running totals, then every new event and total in one append.
-        Each event's answer is a MeterEventResult, or with `brief` (a batch) the few numbers a batch answers (a dict:
-        building a thousand full results cost more than writing the events); conflicts are BillingErrors."""
+        Each event's answer is a MeterEventResult, or with `brief` (a batch) its row and whether it was a replay (the
+        batch builds its few numbers outside the writer's turn: a thousand full results cost more than writing the
+        events); conflicts are BillingErrors."""
         metering = self._store.metering
         stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
         totals = self._load_totals(tx, {(e.customer, e.period_start, e.meter.id) for e in events
@@ -697,16 +702,10 @@ class MeteringService:
                 event.identifier, event.customer, event.operation, event.multiplier_milli, event.raw_units,
                 event.weighted_units, event.agent_id, event.timestamp, event.metadata, terms.id, event.period_start,
                 event.period_end, after, terms.tokens_per_month, terms.overage_rate, overage,
-                cost, meter.event_name, created_at, stripe_identifier(event.customer, event.identifier), meter.id)
+                cost, meter.event_name, created_at, event.stripe_id, meter.id)
             inserts.append(row)
             stored[key] = row
-            if brief:
-                allowance = terms.tokens_per_month
-                outcomes.append({"status": "accepted", "identifier": event.identifier,
-                                 "weighted_units": event.weighted_units, "cost_cents": cost, "period_usage": after,
-                                 "remaining": allowance - after if allowance > after else 0, "error": None})
-            else:
-                outcomes.append(self._result(row, replayed=False))
+            outcomes.append((row, False) if brief else self._result(row, replayed=False))
         if inserts:
             metering.append(tx, inserts, [
                 PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
@@ -751,7 +750,7 @@ class MeteringService:
                 f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
                 "use a new identifier for new usage, or resend exactly the first event to get its result",
                 param="identifier", identifier=event.identifier)
-        return _brief(prior, True) if brief else self._result(prior, replayed=True)
+        return (prior, True) if brief else self._result(prior, replayed=True)
 
     def _result(self, row: MeterEventRow, *, replayed: bool) -> MeterEventResult:
         after, allowance, rate = row.period_units_after, row.allowance, row.overage_rate

@@ -587,6 +587,8 @@ class MeteringService:
                     outcomes.append(exc)
             else:
                 outcomes.append(draft)
+        del drafts  # not kept alive over the write: objects that outlive a collection are promoted, and
+        # promotions are what make the collector scan the whole heap (bench/ingest.py: several us an event)
         events = [outcome for outcome in outcomes if isinstance(outcome, _Event)]
         applied: list[Any] = []
         if events:

@@ -225,6 +225,13 @@ def _given_identifier(item: Any) -> str | None:
     return ident if isinstance(ident, str) and 0 < len(ident) <= MAX_IDENTIFIER else None
 
 
+def _brief(row: MeterEventRow, replayed: bool) -> tuple[str, int, int, int, int, bool]:
+    """What a batch answers for an event recorded now or before, as a tuple of plain values: the collector stops
+    tracking it at its first pass, so a batch's answers waiting for their caller are never promoted (the row would
+    be, and then make a full collection due sooner)."""
+    return (row.identifier, row.weighted_units, row.cost_cents, row.period_units_after, row.allowance, replayed)
+
+
 def _last(total: _Total, event: _Event, terms: Tier) -> tuple[int, int, int]:
     """A `last` meter's event: (the period's value after it, overage units and cents it adds). The period is billed
     on its latest value by timestamp (a tie: the later recorded, as Stripe takes them in the order sent), so an event
@@ -605,17 +612,15 @@ class MeteringService:
                 results.append({"index": index, "status": "refused", "identifier": ident, "error": {
                     "code": answer.code, "field": answer.param, "message": answer.message}})
                 continue
-            row, again = answer  # the dict is built here, not in the writer's turn
-            after, allowance = row.period_units_after, row.allowance
+            ident, units, cents, after, allowance, again = answer  # the dict is built here, not in the writer's turn
             if again:
                 replayed += 1
             else:
                 accepted += 1
-                weighted += row.weighted_units
-                cost += row.cost_cents
-            results.append({"index": index, "status": "replayed" if again else "accepted",
-                            "identifier": row.identifier, "weighted_units": row.weighted_units,
-                            "cost_cents": row.cost_cents, "period_usage": after,
+                weighted += units
+                cost += cents
+            results.append({"index": index, "status": "replayed" if again else "accepted", "identifier": ident,
+                            "weighted_units": units, "cost_cents": cents, "period_usage": after,
                             "remaining": allowance - after if allowance > after else 0, "error": None})
         return MeterEventBatchResult.model_validate({  # one validation of the whole answer, in pydantic-core
             "totals": {"events": len(items), "accepted": accepted, "replayed": replayed,
@@ -647,8 +652,8 @@ class MeteringService:
 
     def _apply(self, tx: Tx, events: Sequence[_Event], brief: bool = False) -> list[Any]:
         """The writer side: replays and conflicts, running totals, then every new event and total in one append.
-        Each event's answer is a MeterEventResult, or with `brief` (a batch) its row and whether it was a replay (the
-        batch builds its few numbers outside the writer's turn: a thousand full results cost more than writing the
+        Each event's answer is a MeterEventResult, or with `brief` (a batch) `_brief`'s few numbers (the batch builds
+        its answer from them outside the writer's turn: a thousand full results cost more than writing the
         events); conflicts are BillingErrors."""
         metering = self._store.metering
         stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
@@ -707,7 +712,7 @@ class MeteringService:
                 cost, meter.event_name, created_at, event.stripe_id, meter.id)
             inserts.append(row)
             stored[key] = row
-            outcomes.append((row, False) if brief else self._result(row, replayed=False))
+            outcomes.append(_brief(row, False) if brief else self._result(row, replayed=False))
         if inserts:
             metering.append(tx, inserts, [
                 PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
@@ -752,7 +757,7 @@ class MeteringService:
                 f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
                 "use a new identifier for new usage, or resend exactly the first event to get its result",
                 param="identifier", identifier=event.identifier)
-        return (prior, True) if brief else self._result(prior, replayed=True)
+        return _brief(prior, True) if brief else self._result(prior, replayed=True)
 
     def _result(self, row: MeterEventRow, *, replayed: bool) -> MeterEventResult:
         after, allowance, rate = row.period_units_after, row.allowance, row.overage_rate

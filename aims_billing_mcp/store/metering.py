@@ -45,11 +45,14 @@ at READ COMMITTED, so each read-decide-write takes what it needs from the databa
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
+import sqlite3
 from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import chain
 from typing import Any, NamedTuple, Protocol
 
 from .core import StoreCore, Tx
@@ -403,6 +406,38 @@ def _marks(values: Sized) -> str:
     return ",".join("?" * len(values))
 
 
+_ROWS_PER_STATEMENT = (64, 32, 16, 8, 4, 2, 1)
+
+
+@functools.cache
+def _multi_row(sql: str, rows: int) -> str:
+    """`sql` (an INSERT of one `VALUES (...)` row, maybe with its ON CONFLICT clause) for `rows` rows."""
+    head, _, rest = sql.partition(" VALUES (")
+    values, _, tail = rest.partition(")")
+    return f"{head} VALUES {', '.join([f'({values})'] * rows)}{tail}"
+
+
+def _insert_rows(tx: Tx, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Write rows by multi-row statements of 64, 32, ... 1 rows (at most 7 statement texts a table, each prepared
+    once): each statement is one sqlite3_step, so the writer thread gives the GIL up and takes it back once per
+    statement, not once per row as `executemany` does: with the callers parsing their next batches meanwhile, each
+    taking back may wait its turn (a profile of bench/ingest.py's service path showed the writer's executemany at
+    several times its single-thread time)."""
+    done, count = 0, len(rows)
+    for size in _ROWS_PER_STATEMENT:
+        while count - done >= size:
+            tx.execute(_multi_row(sql, size), list(chain.from_iterable(rows[done:done + size])))
+            done += size
+
+
+def _tuples(tx: Tx) -> sqlite3.Cursor:
+    """A cursor of the writer's transaction answering plain tuples: the recording path reads a row per total (and
+    per replayed event) of every batch, and a sqlite3.Row costs more to make and to index."""
+    cursor = tx.cursor()
+    cursor.row_factory = None
+    return cursor
+
+
 class SqliteMeteringStore:
     def __init__(self, core: StoreCore) -> None:
         self._core = core
@@ -414,7 +449,7 @@ class SqliteMeteringStore:
         if not pairs:
             return found
         identifiers = list({identifier for _, identifier in pairs})
-        for row in tx.execute(  # identifiers are the customer's own: another customer's same id is not a replay
+        for row in _tuples(tx).execute(  # identifiers are the customer's own: another customer's is not a replay
                 f"SELECT {_EVENT_COLUMNS} FROM meter_events WHERE identifier IN ({_marks(identifiers)})", identifiers):
             key = (row[1], row[0])
             if key in pairs:
@@ -427,7 +462,7 @@ class SqliteMeteringStore:
             return totals
         customers = list({key[0] for key in keys})
         starts = list({key[1] for key in keys})
-        for row in tx.execute(  # customer IN (...) AND start IN (...): a superset the primary key finds directly
+        for row in _tuples(tx).execute(  # customer IN (...) AND start IN (...): a superset the primary key finds
                 f"SELECT {_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id IN ({_marks(customers)}) AND "
                 f"period_start IN ({_marks(starts)})", (*customers, *starts)):
             if (row[0], row[1], row[9]) in keys:
@@ -436,12 +471,9 @@ class SqliteMeteringStore:
 
     def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
                operations: Sequence[OperationDelta]) -> None:
-        if events:  # exact tuples: sqlite3 binds a tuple subclass through the slower sequence protocol
-            tx.executemany(_EVENT_INSERT, map(tuple, events))
-        if totals:
-            tx.executemany(_TOTAL_UPSERT, map(tuple, totals))
-        if operations:
-            tx.executemany(_OPERATION_ADD, map(tuple, operations))
+        _insert_rows(tx, _EVENT_INSERT, events)
+        _insert_rows(tx, _TOTAL_UPSERT, totals)
+        _insert_rows(tx, _OPERATION_ADD, operations)
 
     def remember_customer(self, tx: Tx, customer: str, verified_at: int) -> None:
         tx.execute("INSERT OR IGNORE INTO meter_customers (customer_id, verified_at) VALUES (?, ?)",

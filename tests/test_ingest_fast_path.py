@@ -1,0 +1,109 @@
+"""The batch path's shortcuts decide exactly as the full checks do: an event in the common shape (plain str and int
+fields, the default meter, no timestamp, multiplier or metadata) skips the model and the per-field checks only when
+every one of them would pass it unchanged; anything else is refused with the same field, and the money ceiling,
+known once per service, still refuses each event above it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from aims_billing_mcp.services.ceiling import Ceiling
+from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
+from aims_billing_mcp.store import Store
+
+pytestmark = pytest.mark.anyio
+
+PRICING = Pricing.load()
+
+
+def service(store: Store, ceiling: Ceiling | None = None) -> MeteringService:
+    async def exists(customer: str) -> bool:
+        return customer == "cus_a"
+
+    return MeteringService(store, PRICING, tier_of=lambda c: PRICING.tier("3mo"),
+                           period_of=lambda c, t: calendar_month_of(t), customer_exists=exists, ceiling=ceiling)
+
+
+BASE = {"customer": "cus_a", "units": 1000}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"customer": " cus_a"}, "customer"),  # not stripped: refused, not trimmed
+    ({"customer": "cus_a "}, "customer"),
+    ({"customer": ""}, "customer"),
+    ({"customer": "cus_" + "a" * 252}, "customer"),  # 256 characters
+    ({"customer": 7}, "customer"),
+    ({"units": 0}, "units"),
+    ({"units": -1}, "units"),
+    ({"units": 10**12 + 1}, "units"),
+    ({"units": True}, "units"),  # a bool is not a number of units
+    ({"units": 1000.0}, "units"),
+    ({"operation": "dance"}, "operation"),
+    ({"operation": 5}, "operation"),
+    ({"operation": ""}, "operation"),
+    ({"identifier": ""}, "identifier"),
+    ({"identifier": "x" * 101}, "identifier"),
+    ({"identifier": 12}, "identifier"),
+    ({"agent_id": ""}, "agent_id"),
+    ({"agent_id": "a" * 201}, "agent_id"),
+    ({"agent_id": 3}, "agent_id"),
+    ({"meter": "no_such_meter"}, "meter"),
+    ({"colour": "red"}, "colour"),
+])
+async def test_an_event_in_the_common_shape_is_refused_naming_the_field_any_full_check_names(
+        store: Store, change: dict[str, Any], field: str) -> None:
+    answer = await service(store).record_many([{**BASE, **change}])
+    assert [(r.status, r.error.field if r.error else None) for r in answer.results] == [("refused", field)]
+    assert store.query_one("SELECT COUNT(*) AS n FROM meter_events") == {"n": 0}
+
+
+@pytest.mark.parametrize("change, operation, weighted", [
+    ({}, None, 1000),
+    ({"operation": None, "identifier": None, "agent_id": None, "meter": None}, None, 1000),
+    ({"operation": "code"}, "code", 1500),
+    ({"operation": " Code "}, "code", 1500),  # operation names are normalised, as by the single tool
+    ({"units": 50_000}, None, 50_000),
+    ({"identifier": "x" * 100, "agent_id": "a" * 200}, None, 1000),
+    ({"meter": "luc_tokens", "operation": "code"}, "code", 1500),  # named: the full path, the same result
+    ({"multiplier": 1.5}, None, 1500),
+])
+async def test_an_accepted_event_is_stored_as_the_full_checks_store_it(
+        store: Store, change: dict[str, Any], operation: str | None, weighted: int) -> None:
+    before = int(time.time())
+    answer = await service(store).record_many([{**BASE, **change}])
+    assert [(r.status, r.weighted_units) for r in answer.results] == [("accepted", weighted)]
+    row = store.query_one("SELECT identifier, operation, weighted_units, agent_id, timestamp, meter FROM meter_events")
+    assert row is not None
+    assert (row["operation"], row["weighted_units"], row["meter"]) == (operation, weighted, "luc_tokens")
+    assert row["identifier"] == (change.get("identifier") or answer.results[0].identifier)
+    assert row["identifier"].startswith("luc_") or change.get("identifier")
+    assert row["agent_id"] == change.get("agent_id")
+    assert before <= row["timestamp"] <= int(time.time())
+
+
+async def test_a_batch_refuses_each_event_whose_units_could_cost_more_than_the_ceiling(store: Store) -> None:
+    # 3mo's overage rate is 150 cents per 1,000 units: 100,000 units could cost 15,000 cents, 1,000 units 150
+    metering = service(store, Ceiling(amount=10_000))
+    answer = await metering.record_many([{**BASE, "units": 100_000}, BASE, {**BASE, "units": 100_000}])
+    assert [(r.status, r.error.code if r.error else None, r.error.field if r.error else None)
+            for r in answer.results] == [("refused", "amount_above_ceiling", "units"), ("accepted", None, None),
+                                         ("refused", "amount_above_ceiling", "units")]
+    single = await metering.record("cus_a", 1000)
+    assert single.weighted_units == 1000
+
+
+async def test_a_ceiling_that_cannot_be_applied_to_the_pricing_currency_refuses_every_event(store: Store) -> None:
+    unknown = PRICING.model_copy(update={"currency": "xzz"})  # no minor unit known, no ceiling of its own
+
+    async def exists(customer: str) -> bool:
+        return True
+
+    metering = MeteringService(store, unknown, tier_of=lambda c: PRICING.tier("3mo"),
+                               period_of=lambda c, t: calendar_month_of(t), customer_exists=exists)
+    answer = await metering.record_many([BASE])
+    assert [(r.status, r.error.code if r.error else None) for r in answer.results] == [
+        ("refused", "amount_above_ceiling")]

@@ -451,6 +451,8 @@ class ConnectService:
 
     def committed(self) -> None:
         due, self._pending = self._pending, set()
+        if not due:  # asked after every webhook: nothing queued, nothing to hand over
+            return
         self.transfers.spawn((f"transfer:{path}:{sale}", functools.partial(self._transfer_later, path, sale))
                              for path, sale in sorted(due))
 

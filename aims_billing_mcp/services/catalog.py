@@ -159,7 +159,8 @@ class CatalogService:
 
     async def _plan(self, line_items: list[LineItem], total: int | None, currency: str | None, *,
                     mode: str = "payment") -> SalePlan | None:
-        """A cart with a plug is a destination charge to its creator (refused here when they cannot be paid)."""
+        """A cart with a plug is a destination charge to its creator, or with several creators' plugs the
+        platform's charge then a transfer to each (refused here when one cannot be paid)."""
         if self._connect is None:
             return None
         plan = await self._connect.plan_sale([(i.price, i.quantity) for i in line_items], total, currency)
@@ -224,7 +225,7 @@ class CatalogService:
             "line_items": [item.model_dump() for item in line_items],
             "after_completion": {"type": "redirect", "redirect": {"url": after_completion_url}}
             if after_completion_url else None,
-            "metadata": metadata, **(plan.destination() if plan else {}),
+            "metadata": metadata, **(plan.destination() if plan else {}),  # several creators: transfers when paid
         })
         return await self._mutate(
             "create_payment_link", "/v1/payment_links", params, PaymentLinkResult,
@@ -246,7 +247,7 @@ class CatalogService:
             "mode": mode, "line_items": [item.model_dump() for item in line_items],
             "success_url": success_url, "cancel_url": cancel_url, "customer": customer,
             "customer_email": customer_email, "client_reference_id": client_reference_id, "metadata": metadata,
-            "payment_intent_data": plan.destination() if plan else None,
+            "payment_intent_data": (plan.destination() if plan else None) or None,
         })
         return await self._mutate(
             "create_checkout_session", "/v1/checkout/sessions", params, CheckoutSessionResult,

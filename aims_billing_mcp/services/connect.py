@@ -10,7 +10,9 @@ for a creator, with the creator's share) and the split of every sale of a plug.
   down: the platform keeps the remainder of a cent) or the amount less the platform's fixed fee per unit.
 - Checkout sessions and payment links sell plugs as destination charges (`transfer_data[destination]` and
   `application_fee_amount`): Stripe moves the creator's share with the charge itself, so nothing can be paid
-  without the creator being paid or transferred twice. A cart holding several creators' plugs is refused there.
+  without the creator being paid or transferred twice. A cart holding several creators' plugs is sold there as an
+  ACP cart is (below): the platform's charge, then one transfer per creator once `checkout.session.completed` says
+  it was paid (group `sale_<checkout session>`; a link's: each session it creates).
 - Payment sessions and ACP checkouts of one creator's plugs are destination charges on the PaymentIntent, marked
   transferred in the transaction that records the payment's success (`paid`). An ACP cart of several creators'
   plugs is one platform charge with a `transfer_group`, then one transfer per creator (`source_transaction`: the
@@ -105,9 +107,10 @@ class SalePlan:
 
     def destination(self, sale: str | None = None) -> dict[str, Any]:
         """The destination-charge parameters (of a PaymentIntent, a session's payment_intent_data, a link); for
-        several creators, the transfer group of `sale`'s separate transfers."""
+        several creators, the transfer group of `sale`'s separate transfers, or nothing when the sale's id is not
+        known before Stripe creates it (a checkout session's, a link's: their transfers carry the group)."""
         if self.account is None:
-            return {"transfer_group": sale_group(str(sale))}
+            return {"transfer_group": sale_group(sale)} if sale else {}
         return {"transfer_data": {"destination": self.account}, "application_fee_amount": self.application_fee}
 
 
@@ -321,15 +324,11 @@ class ConnectService:
     async def plan_sale(self, items: list[tuple[str, int]], total: int | None, currency: str | None, *,
                         param: str = "line_items") -> SalePlan | None:
         """The destination of a sale of `items` ((price, quantity) pairs, `total` in `currency`), or None when no
-        item is a plug. Refused (before any charge) when the creator cannot receive money."""
+        item is a plug: one creator's plugs a destination charge, several creators' separate transfers. Refused
+        (before any charge) when a creator cannot receive money."""
         plugs = self._store.connect.plugs_for_prices([price for price, _ in items])
         if not plugs:
             return None
-        accounts = {plug.account_id for plug in plugs.values()}
-        if len(accounts) > 1:
-            raise Refused(f"this cart holds plugs of {len(accounts)} creators ({', '.join(sorted(accounts))}): a "
-                          "checkout session or payment link pays one creator; sell each creator's plugs in its own "
-                          "checkout, or sell the cart through an ACP checkout (separate transfers)", param=param)
         if total is None or currency is None:
             raise InvalidInput("a cart with a plug must be in one currency", param=param)
         lines = [(plugs[price], quantity) for price, quantity in items if price in plugs]
@@ -452,6 +451,8 @@ class ConnectService:
 
     def committed(self) -> None:
         due, self._pending = self._pending, set()
+        if not due:  # asked after every webhook: nothing queued, nothing to hand over
+            return
         self.transfers.spawn((f"transfer:{path}:{sale}", functools.partial(self._transfer_later, path, sale))
                              for path, sale in sorted(due))
 
@@ -535,19 +536,30 @@ class ConnectService:
         return moved
 
     def _paid_session(self, tx: Tx, session: str, payment_intent: str, link: Any) -> str | None:
+        """A checkout session paid: a destination charge's splits transferred (with the charge); several creators'
+        pending, their transfers made after the COMMIT (`transfer_sale`). A link's session gets the link's splits."""
         group = f"group_{payment_intent}"  # Stripe's transfer group of a destination charge
         moved = 0
         for split in self._store.connect.splits_of_sale("checkout", session):
-            moved += self._store.connect.mark_paid(tx, split.id, SplitStatus.TRANSFERRED,
-                                                   payment_intent=payment_intent, transfer_group=group,
-                                                   transfer_id=None)
+            separate = split.transfer_group is not None
+            if self._store.connect.mark_paid(tx, split.id, SplitStatus.PENDING if separate else SplitStatus.TRANSFERRED,
+                                             payment_intent=payment_intent, transfer_group=None if separate else group,
+                                             transfer_id=None):
+                moved += 1
+                if separate:
+                    self._pending.add(("checkout", session))
         if isinstance(link, str):
             now = utc_now()
             for template in self._store.connect.splits_of_sale("payment_link", link):
-                moved += self._store.connect.add_split(tx, Split(
-                    new_id("spl"), "payment_link", session, template.plug_id, template.account_id,
-                    template.currency, template.gross, template.platform_fee, template.creator_amount,
-                    SplitStatus.TRANSFERRED, payment_intent, None, group, 0, 0, 0, f"paid through {link}", now, now))
+                separate = template.transfer_group is not None
+                if self._store.connect.add_split(tx, Split(
+                        new_id("spl"), "payment_link", session, template.plug_id, template.account_id,
+                        template.currency, template.gross, template.platform_fee, template.creator_amount,
+                        SplitStatus.PENDING if separate else SplitStatus.TRANSFERRED, payment_intent, None,
+                        sale_group(session) if separate else group, 0, 0, 0, f"paid through {link}", now, now)):
+                    moved += 1
+                    if separate:
+                        self._pending.add(("payment_link", session))
         return f"{moved} split(s) transferred with {payment_intent}" if moved else None
 
     # --- refunds --------------------------------------------------------------------------------------------------

@@ -368,6 +368,8 @@ class WebhookEventService:
         self._subscriptions.forget(result.customer_id)
         if self._commerce is not None:
             self._commerce.after_webhook(event)
+        if self._connect is not None:
+            self._connect.committed()  # creators' separate transfers the event queued (a paid checkout session)
         return result
 
     def recent(self, limit: int = 20) -> list[StoredEvent]:

@@ -343,7 +343,8 @@ class SqliteConnectStore:
 
     def earnings(self, account_id: str | None, since: str | None) -> list[Earnings]:
         rows = self._rows(
-            "SELECT account_id, currency, COUNT(*) AS sales, SUM(gross) AS gross, SUM(platform_fee) AS fees, "
+            "SELECT account_id, currency, COUNT(DISTINCT path || ':' || sale_ref) AS sales, "  # a sale, not a line
+            "SUM(gross) AS gross, SUM(platform_fee) AS fees, "
             "SUM(CASE WHEN status = ? THEN creator_amount ELSE 0 END) AS transferred, SUM(reversed) AS reversed, "
             "SUM(fee_refunded) AS fee_refunded, SUM(CASE WHEN status = ? THEN creator_amount ELSE 0 END) AS pending "
             "FROM splits "

@@ -166,17 +166,6 @@ async def test_each_payment_of_a_plugs_payment_link_is_a_split_sale(client: Clie
     assert {s["path"] for s in report["splits"]} == {"payment_link"}
 
 
-async def test_a_cart_with_two_creators_plugs_is_refused_naming_both(client: Client, sandbox: Sandbox) -> None:
-    first, second = await creator(client, sandbox, name="A"), await creator(client, sandbox, name="B")
-    p1, p2 = await price(client, 2000), await price(client, 2100)
-    await plug(client, first, p1, "one")
-    await plug(client, second, p2, "two")
-    err = error_of(await client.call_tool("create_checkout_session", {
-        "line_items": [{"price": p1}, {"price": p2}], "customer_email": "b@example.com"}))
-    assert err["code"] == "refused" and first in err["message"] and second in err["message"]
-    assert sandbox.count("checkout.session") == 0
-
-
 async def test_a_payment_session_for_a_plug_is_a_destination_charge_split_once_paid(
         client: Client, sandbox: Sandbox) -> None:
     account = await creator(client, sandbox)

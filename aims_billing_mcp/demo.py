@@ -357,11 +357,7 @@ async def marketplace(call: Any, sandbox_step: Any, sandbox: Any, values: dict[s
     account = str(made["account"]["id"])
     await call("create_account_link", {"account": account, "refresh_url": "https://aims.example/refresh",
                                        "return_url": "https://aims.example/welcome"}, lambda c: bool(c.get("url")))
-    def onboard() -> dict[str, Any]:
-        done = sandbox.complete_account_onboarding(account)
-        return {"id": done["id"], "status": f"transfers {done['capabilities']['transfers']}"}
-
-    sandbox_step("creator completes onboarding", onboard, lambda o: o["status"] == "transfers active")
+    onboard(sandbox_step, sandbox, account, "creator completes onboarding")
     price = await call("create_price", {"product": values["product"], "currency": "usd", "unit_amount": 2000},
                        lambda c: "price" in c)
     await call("create_plug", {"plug_id": "seo-audit", "price": price["price"]["id"], "account": account,
@@ -380,6 +376,15 @@ async def marketplace(call: Any, sandbox_step: Any, sandbox: Any, values: dict[s
     return account
 
 
+def onboard(sandbox_step: Any, sandbox: Any, account: str, label: str) -> None:
+    """The creator finishes Stripe's onboarding (the sandbox's control), and can then receive transfers."""
+    def finish() -> dict[str, Any]:
+        done = sandbox.complete_account_onboarding(account)
+        return {"id": done["id"], "status": f"transfers {done['capabilities']['transfers']}"}
+
+    sandbox_step(label, finish, lambda o: o["status"] == "transfers active")
+
+
 async def marketplace_acp(post: Any, call: Any, sandbox_step: Any, sandbox: Any, values: dict[str, Any],
                           first: str) -> None:
     """The creator's payout schedule; a second creator's plug; an ACP order of both creators' plugs (one charge,
@@ -392,11 +397,7 @@ async def marketplace_acp(post: Any, call: Any, sandbox_step: Any, sandbox: Any,
                       lambda c: c.get("account", {}).get("status") == "onboarding")
     second = str(made["account"]["id"])
 
-    def onboard() -> dict[str, Any]:
-        done = sandbox.complete_account_onboarding(second)
-        return {"id": done["id"], "status": f"transfers {done['capabilities']['transfers']}"}
-
-    sandbox_step("second creator completes onboarding", onboard, lambda o: o["status"] == "transfers active")
+    onboard(sandbox_step, sandbox, second, "second creator completes onboarding")
     price = await call("create_price", {"product": values["product"], "currency": "usd", "unit_amount": 1500},
                        lambda c: "price" in c)
     await call("create_plug", {"plug_id": "data-clean", "price": price["price"]["id"], "account": second,

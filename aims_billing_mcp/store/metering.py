@@ -476,14 +476,14 @@ class SqliteMeteringStore:
         _insert_rows(tx, _OPERATION_ADD, operations)
 
     def remember_customer(self, tx: Tx, customer: str, verified_at: int) -> None:
-        tx.execute("INSERT OR IGNORE INTO meter_customers (customer_id, verified_at) VALUES (?, ?)",
+        tx.execute("INSERT INTO meter_customers (customer_id, verified_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
                    (customer, verified_at))
 
     # --- reads -----------------------------------------------------------------------------------------------
 
     def is_known_customer(self, customer: str) -> bool:
         return self._core.query_one(
-            "SELECT 1 FROM meter_customers WHERE customer_id = ? UNION ALL "
+            "SELECT 1 AS n FROM meter_customers WHERE customer_id = ? UNION ALL "
             "SELECT 1 FROM billing_provisions WHERE customer_id = ? LIMIT 1", (customer, customer)) is not None
 
     def period_total(self, customer: str, period_start: int,
@@ -505,7 +505,7 @@ class SqliteMeteringStore:
         rows = self._core.query(  # pending and failed events are few; sent = the rest
             "SELECT status, COUNT(*) AS n FROM meter_events WHERE status IN (?, ?) AND customer_id = ? "
             "AND period_start = ? AND meter = ? GROUP BY status", (_PENDING, _FAILED, customer, period_start, meter))
-        return {EventStatus(row["status"]): row["n"] for row in rows}
+        return {EventStatus(row["status"]): int(row["n"]) for row in rows}
 
     def latest_value(self, customer: str, start: int, end: int, meter: str) -> int | None:
         row = self._core.query_one(
@@ -532,7 +532,7 @@ class SqliteMeteringStore:
         return None if row is None else PeriodTerms(**row)
 
     def status_counts(self) -> dict[EventStatus, int]:
-        return {EventStatus(row["status"]): row["n"] for row in self._core.query(
+        return {EventStatus(row["status"]): int(row["n"]) for row in self._core.query(
             "SELECT status, COUNT(*) AS n FROM meter_events GROUP BY status")}
 
     def oldest_pending_created_at(self) -> str | None:
@@ -570,8 +570,8 @@ class SqliteMeteringStore:
                    (expires_at, customer, task_id))
 
     def free_slot(self, tx: Tx, customer: str, task_id: str) -> bool:
-        return tx.execute("DELETE FROM task_slots WHERE customer_id = ? AND task_id = ?",
-                          (customer, task_id)).rowcount > 0
+        return bool(tx.execute("DELETE FROM task_slots WHERE customer_id = ? AND task_id = ?",
+                               (customer, task_id)).rowcount > 0)
 
     # --- the flusher -----------------------------------------------------------------------------------------
 
@@ -739,10 +739,10 @@ def _statuses(states: Iterable[EventStatus]) -> list[str]:
     return [str(state) for state in states]
 
 
-class PostgresMeteringStore:
+class PostgresMeteringStore(SqliteMeteringStore):
     """PostgreSQL: the same operations over a database several instances write at once (see the module docstring,
-    "PostgreSQL"). Reads go through the core's pool; writes run in the writer's transaction (`tx`, a psycopg
-    connection inside its transaction)."""
+    "PostgreSQL"). The SQLite store's statements serve where the dialects agree (store/postgres_sql.py); what is
+    written here is what differs: the per-customer locks, COPY and array upserts, and the flusher's leases."""
 
     def __init__(self, core: Any, *, lease_ms: int = LEASE_MS) -> None:
         self._core = core
@@ -822,16 +822,7 @@ class PostgresMeteringStore:
                 "cost_cents = meter_usage_by_operation.cost_cents + excluded.cost_cents",
                 [list(column) for column in zip(*((*key, *sums) for key, sums in sorted(added.items())), strict=True)])
 
-    def remember_customer(self, tx: Tx, customer: str, verified_at: int) -> None:
-        tx.execute("INSERT INTO meter_customers (customer_id, verified_at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                   (customer, verified_at))
-
     # --- reads -----------------------------------------------------------------------------------------------
-
-    def is_known_customer(self, customer: str) -> bool:
-        return self._core.query_one(
-            "SELECT 1 AS n FROM meter_customers WHERE customer_id = %s UNION ALL "
-            "SELECT 1 FROM billing_provisions WHERE customer_id = %s LIMIT 1", (customer, customer)) is not None
 
     def period_total(self, customer: str, period_start: int,
                      meter: str = DEFAULT_METER) -> PeriodTotalRow | None:
@@ -839,21 +830,6 @@ class PostgresMeteringStore:
             f"SELECT {_PG_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = %s AND period_start = %s "
             "AND meter = %s", (customer, period_start, meter))
         return None if row is None else PeriodTotalRow(**row)
-
-    def usage_by_operation(self, customer: str, period_start: int,
-                           meter: str = DEFAULT_METER) -> list[OperationUsageRow]:
-        return [OperationUsageRow(**row) for row in self._core.query(
-            "SELECT operation, events, raw_units, weighted_units, overage_units, cost_cents FROM "
-            "meter_usage_by_operation WHERE customer_id = %s AND period_start = %s AND meter = %s ORDER BY operation",
-            (customer, period_start, meter))]
-
-    def unsettled_counts(self, customer: str, period_start: int,
-                         meter: str = DEFAULT_METER) -> dict[EventStatus, int]:
-        rows = self._core.query(
-            "SELECT status, COUNT(*) AS n FROM meter_events WHERE status IN (%s, %s) "
-            "AND customer_id = %s AND period_start = %s AND meter = %s GROUP BY status",
-            (str(_PENDING), str(_FAILED), customer, period_start, meter))
-        return {EventStatus(row["status"]): int(row["n"]) for row in rows}
 
     def latest_value(self, customer: str, start: int, end: int, meter: str) -> int | None:
         row = self._core.query_one(
@@ -876,26 +852,6 @@ class PostgresMeteringStore:
             "AND meter = %s GROUP BY 1 ORDER BY 1",
             (custom, *[str(_FAILED)] * 4, str(_PENDING), str(_FAILED), start, end, customer, meter))]
 
-    def event_terms(self, event_id: int) -> PeriodTerms | None:
-        row = self._core.query_one("SELECT tier, allowance, overage_rate FROM meter_events WHERE id = %s",
-                                   (event_id,))
-        return None if row is None else PeriodTerms(**row)
-
-    def status_counts(self) -> dict[EventStatus, int]:
-        return {EventStatus(row["status"]): int(row["n"]) for row in self._core.query(
-            "SELECT status, COUNT(*) AS n FROM meter_events GROUP BY status")}
-
-    def oldest_pending_created_at(self) -> str | None:
-        row = self._core.query_one(
-            "SELECT created_at FROM meter_events WHERE status = %s ORDER BY id LIMIT 1", (str(_PENDING),))
-        return None if row is None else str(row["created_at"])
-
-    def last_flush(self) -> FlushRow | None:
-        row = self._core.query_one(
-            "SELECT started_at, finished_at, sent, failed, pending_after, transport, error FROM meter_flushes "
-            "ORDER BY id DESC LIMIT 1")
-        return None if row is None else FlushRow(**row)
-
     def recent_failures(self, window: int, limit: int) -> list[FailureRow]:
         return [FailureRow(**row) for row in self._core.query(
             "SELECT COALESCE(last_error, 'unknown') AS reason, COUNT(*) AS events, MAX(failed_at) AS last_at FROM "
@@ -913,24 +869,7 @@ class PostgresMeteringStore:
             "SELECT task_id, acquired_at, expires_at, lease_hash FROM task_slots WHERE customer_id = %s "
             "ORDER BY expires_at, task_id", (customer,))]
 
-    def take_slot(self, tx: Tx, customer: str, slot: SlotRow) -> None:
-        tx.execute("INSERT INTO task_slots (customer_id, task_id, acquired_at, expires_at, lease_hash) "
-                   "VALUES (%s, %s, %s, %s, %s)", (customer, slot.task_id, slot.acquired_at, slot.expires_at,
-                                                   slot.lease_hash))
-
-    def renew_slot(self, tx: Tx, customer: str, task_id: str, expires_at: int) -> None:
-        tx.execute("UPDATE task_slots SET expires_at = %s WHERE customer_id = %s AND task_id = %s",
-                   (expires_at, customer, task_id))
-
-    def free_slot(self, tx: Tx, customer: str, task_id: str) -> bool:
-        return bool(tx.execute("DELETE FROM task_slots WHERE customer_id = %s AND task_id = %s",
-                               (customer, task_id)).rowcount > 0)
-
     # --- the flusher -----------------------------------------------------------------------------------------
-
-    def newest_pending_id(self) -> int:
-        row = self._core.query_one("SELECT MAX(id) AS id FROM meter_events WHERE status = %s", (str(_PENDING),))
-        return int((row["id"] if row else None) or 0)
 
     def next_pending(self, after_id: int, upto_id: int, limit: int) -> list[PendingEvent]:
         """Lease the batch to this instance (one autocommitted statement: nothing stays open over the Stripe call):
@@ -942,10 +881,6 @@ class PostgresMeteringStore:
             "RETURNING id, stripe_identifier AS identifier, customer_id, event_name, weighted_units, timestamp, tier",
             (self.owner, self.lease_ms, str(_PENDING), after_id, upto_id, self.owner, limit))
         return sorted((PendingEvent(**row) for row in rows), key=lambda row: row.id)
-
-    def pending_count(self) -> int:
-        row = self._core.query_one("SELECT COUNT(*) AS n FROM meter_events WHERE status = %s", (str(_PENDING),))
-        return int(row["n"]) if row else 0
 
     def mark_sent(self, tx: Tx, event_ids: Sequence[int], sent_at: str) -> None:
         if event_ids:
@@ -980,28 +915,6 @@ class PostgresMeteringStore:
         tx.execute("DELETE FROM meter_flushes WHERE id <= %s", (int(row[0]) - keep,))
 
     # --- P2P invoices ----------------------------------------------------------------------------------------
-
-    def open_p2p_periods(self, now: int, limit: int) -> list[OpenP2PPeriod]:
-        return [OpenP2PPeriod(**row) for row in self._core.query(
-            "SELECT customer_id, period_start, period_end, weighted_units, allowance, overage_rate, invoice_id, meter "
-            f"FROM meter_usage_totals WHERE tier = '{_P2P}' AND invoiced_at IS NULL AND period_end <= %s "
-            "ORDER BY period_end, meter LIMIT %s", (now, limit))]
-
-    def period_has_pending(self, customer: str, period_start: int, meter: str = DEFAULT_METER) -> bool:
-        return self._core.query_one(
-            "SELECT 1 AS n FROM meter_events WHERE status = %s AND customer_id = %s AND period_start = %s "
-            "AND meter = %s LIMIT 1", (str(_PENDING), customer, period_start, meter)) is not None
-
-    def set_period_invoice(self, tx: Tx, customer: str, period_start: int, invoice_id: str,
-                           meter: str = DEFAULT_METER) -> None:
-        tx.execute("UPDATE meter_usage_totals SET invoice_id = %s WHERE customer_id = %s AND period_start = %s "
-                   "AND meter = %s", (invoice_id, customer, period_start, meter))
-
-    def mark_period_invoiced(self, tx: Tx, customer: str, period_start: int, invoice_id: str | None,
-                             at: int, meter: str = DEFAULT_METER) -> None:
-        tx.execute("UPDATE meter_usage_totals SET invoice_id = %s, invoiced_at = %s WHERE customer_id = %s "
-                   "AND period_start = %s AND meter = %s", (invoice_id, at, customer, period_start, meter))
-
 
 def _pg_lock(tx: Tx, keys: list[str]) -> None:
     """Transaction-scoped advisory locks on `keys`, taken in the order given (unnest keeps the array's order)."""

@@ -288,6 +288,17 @@ _READ_WALLET = (
 )
 
 
+def _entry_filter(mark: str, wallet_id: str, kind: TxnKind | None, since: str | None, until: str | None,
+                  before: int | None, limit: int) -> tuple[str, dict[str, Any]]:
+    """A wallet's entries filter and its named parameters, `mark` spelling a parameter in the backend's style
+    (`:{}` for SQLite, `%({})s` for psycopg); `limit` is among the parameters."""
+    wanted = {"wallet": ("wallet_id =", wallet_id), "kind": ("kind =", kind), "since": ("created_at >=", since),
+              "until": ("created_at <", until), "cursor": ("id <", before)}
+    given = {name: test for name, test in wanted.items() if test[1] is not None}
+    where = " AND ".join(f"{column} {mark.format(name)}" for name, (column, _) in given.items())
+    return where, {**{name: value for name, (_, value) in given.items()}, "limit": limit}
+
+
 def _snapshot(row: dict[str, Any] | None) -> WalletSnapshot | None:
     """A wallet with its active holds and latest entries, from one row whose holds and entries are JSON (text on
     SQLite, decoded already on PostgreSQL)."""
@@ -408,22 +419,9 @@ class SqliteLedgerStore:
 
     def list_entries(self, wallet_id: str, *, kind: TxnKind | None = None, since: str | None = None,
                      until: str | None = None, before: int | None = None, limit: int = 50) -> list[LedgerEntry]:
-        where = ["wallet_id = :wallet"]
-        params: dict[str, Any] = {"wallet": wallet_id, "limit": limit}
-        if kind is not None:
-            where.append("kind = :kind")
-            params["kind"] = kind
-        if since is not None:
-            where.append("created_at >= :since")
-            params["since"] = since
-        if until is not None:
-            where.append("created_at < :until")
-            params["until"] = until
-        if before is not None:
-            where.append("id < :cursor")
-            params["cursor"] = before
+        where, params = _entry_filter(":{}", wallet_id, kind, since, until, before, limit)
         rows = self._core.query(
-            f"SELECT json_object({_ENTRY_JSON}) AS entry FROM agent_transactions t WHERE {' AND '.join(where)} "
+            f"SELECT json_object({_ENTRY_JSON}) AS entry FROM agent_transactions t WHERE {where} "
             "ORDER BY id DESC LIMIT :limit", params)
         return [LedgerEntry.model_validate_json(r["entry"]) for r in rows]
 
@@ -591,7 +589,7 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-class PostgresLedgerStore:
+class PostgresLedgerStore(SqliteLedgerStore):
     """PostgreSQL, shared by several instances, each with several writer threads: no single writer orders the jobs
     any more, so each job locks what it reads and then changes, in the writer's READ COMMITTED transaction.
 
@@ -623,6 +621,8 @@ class PostgresLedgerStore:
     owner's wallet `FOR UPDATE` in its own round trip, for the job's `load_wallet`.
 
     `check_ledger` is one statement, hence one snapshot, as on SQLite."""
+
+    _core: Any  # a PostgresCore: its writer's scratch and batch hooks
 
     def __init__(self, core: Any) -> None:
         self._core = core
@@ -824,33 +824,12 @@ class PostgresLedgerStore:
     def read_wallet(self, agent_id: str, now_iso: str, recent: int) -> WalletSnapshot | None:
         return _snapshot(self._core.query_one(_PG_READ_WALLET, {"now": now_iso, "recent": recent, "agent": agent_id}))
 
-    def wallet_id(self, agent_id: str) -> str | None:
-        row = self._core.query_one("SELECT id FROM agent_wallets WHERE agent_id = %s", (agent_id,))
-        return None if row is None else str(row["id"])
-
-    def wallet_customer(self, agent_id: str) -> str | None:
-        row = self._core.query_one("SELECT customer_id FROM agent_wallets WHERE agent_id = %s", (agent_id,))
-        return None if row is None else str(row["customer_id"])
-
     def list_entries(self, wallet_id: str, *, kind: TxnKind | None = None, since: str | None = None,
                      until: str | None = None, before: int | None = None, limit: int = 50) -> list[LedgerEntry]:
-        where = ["wallet_id = %(wallet)s"]
-        params: dict[str, Any] = {"wallet": wallet_id, "limit": limit}
-        if kind is not None:
-            where.append("kind = %(kind)s")
-            params["kind"] = kind
-        if since is not None:
-            where.append("created_at >= %(since)s")
-            params["since"] = since
-        if until is not None:
-            where.append("created_at < %(until)s")
-            params["until"] = until
-        if before is not None:
-            where.append("id < %(cursor)s")
-            params["cursor"] = before
+        where, params = _entry_filter("%({})s", wallet_id, kind, since, until, before, limit)
         rows = self._core.query(
             f"SELECT json_build_object({_PG_ENTRY_JSON}) AS entry FROM agent_transactions t "
-            f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %(limit)s", params)
+            f"WHERE {where} ORDER BY id DESC LIMIT %(limit)s", params)
         return [LedgerEntry.model_validate(_json(r["entry"])) for r in rows]
 
     def check_ledger(self) -> list[LedgerViolation]:

@@ -303,6 +303,13 @@ def _since(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _amount(text: str) -> int:
+    """Minor units, as the tools take them: a whole number in 1..10**12 (`1e3`, `2.5`, `true` refused)."""
+    if not re.fullmatch(r"[0-9]{1,13}", text) or not 1 <= int(text) <= 10**12:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount in minor units (a whole number, 1..10^12)")
+    return int(text)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -381,6 +388,33 @@ def cmd_refund_prepaid(args: argparse.Namespace) -> int:
         return 1
     print("\n".join(prepaid_report([row])))
     return 0 if row.status == "refunded" else 1  # a pending or failed refund: run it again later
+
+
+def cmd_refund_split(args: argparse.Namespace) -> int:
+    """Refund (part of) a split sale, as the refund_split_sale tool does: the buyer's money back, the creator's
+    transfer reversed and the platform's fee refunded in proportion. The key defaults to one derived from the sale
+    and amount, so running the same command again replays the first refund instead of refunding twice."""
+    if problem := _settings().live_key_problem():
+        return _fail(problem)
+    from .errors import BillingError
+    from .state import open_state
+
+    key = args.key or f"cli-refund-split:{args.sale}:{args.amount}"
+
+    async def run() -> Any:
+        async with open_state(_settings()) as state:
+            return await state.connect.refund_sale(sale=args.sale, amount=args.amount, reason=args.reason,
+                                                   idempotency_key=key)
+
+    try:
+        result = asyncio.run(run())
+    except BillingError as exc:  # refused (nothing left, unknown sale) or Stripe said no: nothing changed here
+        print(f"aims-billing-mcp: refund-split: {exc.message}", file=sys.stderr)
+        return 1
+    again = " (replayed: this key already refunded it)" if result.replayed else ""
+    print(f"refund-split: {args.sale}: refunded {result.amount} as {result.refund}; creator reversed "
+          f"{result.reversed}, platform fee refunded {result.fee_refunded}{again}")
+    return 0
 
 
 def cmd_check_splits(args: argparse.Namespace) -> int:
@@ -619,6 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
     check = sub.add_parser("check-ledger", help="verify every ledger invariant; exit 1 on any violation")
     check.set_defaults(func=cmd_check_ledger)
+    refund_split = sub.add_parser("refund-split", help="refund (part of) a split sale: the creator's transfer and "
+                                  "the platform's fee given back in proportion")
+    refund_split.add_argument("sale", help="the sale (cs_... or ps_...), as report creators lists it")
+    refund_split.add_argument("--amount", type=_amount, required=True, help="minor units to give back (cents)")
+    refund_split.add_argument("--reason", choices=["duplicate", "fraudulent", "requested_by_customer"],
+                              help="Stripe's refund reason")
+    refund_split.add_argument("--key", help="idempotency key (default: derived from the sale and amount)")
+    refund_split.set_defaults(func=cmd_refund_split)
     splits = sub.add_parser("check-splits", help="reconcile every split sale with Stripe; exit 1 on any mismatch")
     splits.set_defaults(func=cmd_check_splits)
     tools_json = sub.add_parser(

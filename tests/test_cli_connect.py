@@ -1,4 +1,5 @@
-"""Operator commands for marketplace splits: `sandbox complete-onboarding`, `report creators`, `check-splits`."""
+"""Operator commands for marketplace splits: `sandbox complete-onboarding`, `report creators`, `check-splits`,
+`refund-split`."""
 
 from __future__ import annotations
 
@@ -51,3 +52,45 @@ async def test_onboarding_from_the_cli_then_a_split_sale_reports_and_reconciles_
         conn.execute("UPDATE splits SET reversed = reversed + 1, refunded = refunded + 1")
     assert await anyio.to_thread.run_sync(main, ["check-splits"]) == 1
     assert "1 mismatch(es)" in capsys.readouterr().out
+
+
+async def test_refund_split_from_the_cli_reverses_in_proportion_once_and_refuses_more_than_is_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "shared.db"
+    monkeypatch.setenv("AIMS_BILLING_DB", str(db))
+    port = free_port()
+    monkeypatch.setenv("AIMS_BILLING_WEBHOOK_PORT", str(port))
+    settings = Settings(_env_file=None, aims_billing_db=db, aims_billing_webhook_port=port)  # type: ignore[call-arg]
+    async with Client(build_server(settings, webhook_server=True)) as client:
+        account = ok(await client.call_tool("create_connected_account", {
+            "display_name": "Maker", "country": "US"}))["account"]["id"]
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-onboarding", account]) == 0
+        product = ok(await client.call_tool("create_product", {"name": "Plug"}))["product"]["id"]
+        price = ok(await client.call_tool("create_price", {"product": product, "unit_amount": 1000,
+                                                           "currency": "usd"}))["price"]["id"]
+        ok(await client.call_tool("create_plug", {"plug_id": "p", "price": price, "account": account,
+                                                  "creator_share_bp": 8000}))
+        session = ok(await client.call_tool("create_checkout_session", {
+            "line_items": [{"price": price}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
+        assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-checkout", session]) == 0
+    capsys.readouterr()
+
+    first = await anyio.to_thread.run_sync(main, ["refund-split", session, "--amount", "500"])
+    out = capsys.readouterr().out
+    again = await anyio.to_thread.run_sync(main, ["refund-split", session, "--amount", "500"])
+    replayed = capsys.readouterr().out
+    too_much = await anyio.to_thread.run_sync(main, ["refund-split", session, "--amount", "600", "--key", "k2"])
+    refused = capsys.readouterr().err
+
+    assert first == 0 and "creator reversed 400, platform fee refunded 100" in out
+    assert again == 0 and "replayed" in replayed  # the same command refunds once
+    assert too_much == 1 and "refund-split:" in refused
+    assert await anyio.to_thread.run_sync(main, ["check-splits"]) == 0
+
+
+@pytest.mark.parametrize("amount", ["0", "-5", "2.5", "1e3", "true", "10000000000000"])
+def test_refund_split_refuses_an_amount_that_is_not_whole_minor_units(
+        amount: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["refund-split", "cs_x", "--amount", amount])
+    assert stopped.value.code == 2 and "--amount" in capsys.readouterr().err

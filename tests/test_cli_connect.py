@@ -19,28 +19,46 @@ from tests.test_cli import free_port
 pytestmark = pytest.mark.anyio
 
 
-async def test_onboarding_from_the_cli_then_a_split_sale_reports_and_reconciles_and_drift_exits_1(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """A server's settings whose database, sandbox file and webhook port the CLI's commands open too."""
     db = tmp_path / "shared.db"
-    monkeypatch.setenv("AIMS_BILLING_DB", str(db))  # the CLI opens the same database and sandbox file
+    monkeypatch.setenv("AIMS_BILLING_DB", str(db))
     port = free_port()
     monkeypatch.setenv("AIMS_BILLING_WEBHOOK_PORT", str(port))
-    settings = Settings(_env_file=None, aims_billing_db=db, aims_billing_webhook_port=port)  # type: ignore[call-arg]
-    async with Client(build_server(settings, webhook_server=True)) as client:
-        account = ok(await client.call_tool("create_connected_account", {
-            "display_name": "Maker", "country": "US"}))["account"]["id"]
-        assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-onboarding", account]) == 0
+    return Settings(_env_file=None, aims_billing_db=db, aims_billing_webhook_port=port)  # type: ignore[call-arg]
+
+
+async def onboard_through_the_cli(client: Client) -> str:
+    """A creator's connected account, onboarded by the CLI's sandbox command (account.updated reaches the server)."""
+    account = str(ok(await client.call_tool("create_connected_account", {
+        "display_name": "Maker", "country": "US"}))["account"]["id"])
+    assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-onboarding", account]) == 0
+    return account
+
+
+async def sell_plug_through_the_cli(client: Client, account: str) -> str:
+    """A plug of `account` (80% to the creator) sold through a checkout session the CLI's sandbox command pays."""
+    product = ok(await client.call_tool("create_product", {"name": "Plug"}))["product"]["id"]
+    price = ok(await client.call_tool("create_price", {"product": product, "unit_amount": 1000,
+                                                       "currency": "usd"}))["price"]["id"]
+    ok(await client.call_tool("create_plug", {"plug_id": "p", "price": price, "account": account,
+                                              "creator_share_bp": 8000}))
+    session = str(ok(await client.call_tool("create_checkout_session", {
+        "line_items": [{"price": price}], "customer_email": "b@example.com"}))["checkout_session"]["id"])
+    assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-checkout", session]) == 0
+    return session
+
+
+async def test_onboarding_from_the_cli_then_a_split_sale_reports_and_reconciles_and_drift_exits_1(
+        shared: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    db = shared.aims_billing_db
+    async with Client(build_server(shared, webhook_server=True)) as client:
+        account = await onboard_through_the_cli(client)
         assert "transfers active" in capsys.readouterr().out
         listed = ok(await client.call_tool("list_connected_accounts", {"status": "active"}))["accounts"]
         assert [a["id"] for a in listed] == [account]  # account.updated reached the server's webhook endpoint
-        product = ok(await client.call_tool("create_product", {"name": "Plug"}))["product"]["id"]
-        price = ok(await client.call_tool("create_price", {"product": product, "unit_amount": 1000,
-                                                           "currency": "usd"}))["price"]["id"]
-        ok(await client.call_tool("create_plug", {"plug_id": "p", "price": price, "account": account,
-                                                  "creator_share_bp": 8000}))
-        session = ok(await client.call_tool("create_checkout_session", {
-            "line_items": [{"price": price}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
-        assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-checkout", session]) == 0
+        session = await sell_plug_through_the_cli(client, account)
         ok(await client.call_tool("refund_split_sale", {"sale": session, "amount": 250, "idempotency_key": "r"}))
     capsys.readouterr()
     assert await anyio.to_thread.run_sync(main, ["report", "creators", "--account", account]) == 0
@@ -55,24 +73,9 @@ async def test_onboarding_from_the_cli_then_a_split_sale_reports_and_reconciles_
 
 
 async def test_refund_split_from_the_cli_reverses_in_proportion_once_and_refuses_more_than_is_left(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    db = tmp_path / "shared.db"
-    monkeypatch.setenv("AIMS_BILLING_DB", str(db))
-    port = free_port()
-    monkeypatch.setenv("AIMS_BILLING_WEBHOOK_PORT", str(port))
-    settings = Settings(_env_file=None, aims_billing_db=db, aims_billing_webhook_port=port)  # type: ignore[call-arg]
-    async with Client(build_server(settings, webhook_server=True)) as client:
-        account = ok(await client.call_tool("create_connected_account", {
-            "display_name": "Maker", "country": "US"}))["account"]["id"]
-        assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-onboarding", account]) == 0
-        product = ok(await client.call_tool("create_product", {"name": "Plug"}))["product"]["id"]
-        price = ok(await client.call_tool("create_price", {"product": product, "unit_amount": 1000,
-                                                           "currency": "usd"}))["price"]["id"]
-        ok(await client.call_tool("create_plug", {"plug_id": "p", "price": price, "account": account,
-                                                  "creator_share_bp": 8000}))
-        session = ok(await client.call_tool("create_checkout_session", {
-            "line_items": [{"price": price}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
-        assert await anyio.to_thread.run_sync(main, ["sandbox", "complete-checkout", session]) == 0
+        shared: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    async with Client(build_server(shared, webhook_server=True)) as client:
+        session = await sell_plug_through_the_cli(client, await onboard_through_the_cli(client))
     capsys.readouterr()
 
     first = await anyio.to_thread.run_sync(main, ["refund-split", session, "--amount", "500"])

@@ -604,7 +604,7 @@ class SqliteMeteringStore:
             f"UPDATE meter_events SET status = ?, attempts = attempts + ?, last_error = ?, failed_at = ? "
             f"WHERE id = ? AND status IN ({_marks(_TO_FAILED)})",
             [(_FAILED, int(attempted), reason, failed_at, event_id, *_TO_FAILED) for event_id, reason in failures])
-        _relast(tx, lasts, "?")
+        _relast(tx, lasts)
 
     def note_attempt(self, tx: Tx, event_ids: Sequence[int], error: str | None) -> None:
         if event_ids:
@@ -627,7 +627,7 @@ class SqliteMeteringStore:
                 f"UPDATE meter_events SET status = ?, last_error = ?, failed_at = ? "
                 f"WHERE id = ? AND status IN ({_marks(_REPORTED)})",
                 (_FAILED, reason, failed_at, event_id, *_REPORTED)).rowcount
-        _relast(tx, lasts, "?")
+        _relast(tx, lasts)
         return changed
 
     def record_flush(self, tx: Tx, flush: FlushRow, keep: int) -> None:
@@ -708,24 +708,23 @@ def _uncount(tx: Tx, event_ids: list[int], counted: Sequence[EventStatus]) -> se
     return lasts
 
 
-def _relast(tx: Tx, keys: Iterable[tuple[str, int, str]], mark: str) -> None:
+def _relast(tx: Tx, keys: Iterable[tuple[str, int, str]]) -> None:
     """A `last` meter's totals after some of its events failed: the value and timestamp of its latest event still
-    counted (0 and the period start when none is), as Stripe's `last` aggregation bills it. `mark`: the backend's
-    placeholder."""
+    counted (0 and the period start when none is), as Stripe's `last` aggregation bills it (both backends: the
+    PostgreSQL writer takes `?` texts, store/postgres_sql.py)."""
     latest = ("FROM meter_events AS e WHERE e.customer_id = t.customer_id AND e.period_start = t.period_start AND "
-              f"e.meter = t.meter AND e.status IN ({mark}, {mark}) ORDER BY e.timestamp DESC, e.id DESC LIMIT 1")
+              "e.meter = t.meter AND e.status IN (?, ?) ORDER BY e.timestamp DESC, e.id DESC LIMIT 1")
     for customer, start, meter in sorted(keys):
         tx.execute(
             f"UPDATE meter_usage_totals AS t SET weighted_units = COALESCE((SELECT e.weighted_units {latest}), 0), "
             f"raw_units = COALESCE((SELECT e.raw_units {latest}), 0), last_at = COALESCE((SELECT e.timestamp "
-            f"{latest}), t.period_start) WHERE t.customer_id = {mark} AND t.period_start = {mark} AND t.meter = {mark}",
+            f"{latest}), t.period_start) WHERE t.customer_id = ? AND t.period_start = ? AND t.meter = ?",
             (*_statuses(COUNTED), *_statuses(COUNTED), *_statuses(COUNTED), customer, start, meter))
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------------------------
 
 _PENDING_TEXT = EventStatus.PENDING.value
-_PG_TOTAL_COLUMNS = _TOTAL_COLUMNS
 _PG_NOW_MS = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint"  # the database's clock: one for every instance
 _PG_MINE = "(lease_owner IS NULL OR lease_owner = %s)"  # the fence: an event another instance took over is its own
 LEASE_MS = 300_000  # how long a flusher's batch is its own: past it, another instance may take the batch over
@@ -779,7 +778,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
         customers = sorted({key[0] for key in keys})
         starts = sorted({key[1] for key in keys})
         for row in tx.execute(  # FOR UPDATE: a flusher's decrement (mark_failed) waits, or is read after its commit
-                f"SELECT {_PG_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = ANY(%s) AND period_start = "
+                f"SELECT {_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = ANY(%s) AND period_start = "
                 "ANY(%s) ORDER BY customer_id, period_start, meter FOR UPDATE", (customers, starts)):
             if (row[0], row[1], row[9]) in keys:
                 totals[(row[0], row[1], row[9])] = PeriodTotalRow._make(row)
@@ -795,7 +794,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
         latest = {(row.customer_id, row.period_start, row.meter): row for row in totals}  # one row per key
         if latest:  # one upsert from arrays, in key order: every batch locks the totals in one order
             tx.execute(
-                f"INSERT INTO meter_usage_totals ({_PG_TOTAL_COLUMNS}) SELECT * FROM unnest(%s::text[], %s::bigint[], "
+                f"INSERT INTO meter_usage_totals ({_TOTAL_COLUMNS}) SELECT * FROM unnest(%s::text[], %s::bigint[], "
                 "%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], "
                 "%s::text[], %s::bigint[]) "
                 "ON CONFLICT (customer_id, period_start, meter) DO UPDATE SET events = excluded.events, "
@@ -827,7 +826,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
     def period_total(self, customer: str, period_start: int,
                      meter: str = DEFAULT_METER) -> PeriodTotalRow | None:
         row = self._core.query_one(
-            f"SELECT {_PG_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = %s AND period_start = %s "
+            f"SELECT {_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = %s AND period_start = %s "
             "AND meter = %s", (customer, period_start, meter))
         return None if row is None else PeriodTotalRow(**row)
 
@@ -903,7 +902,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
         reasons = dict(reports)
         if not reasons:
             return 0
-        ids = {event_id: reasons[stripe_id] for stripe_id, event_id in _pg_by_stripe_identifier(tx, list(reasons))}
+        ids = {event_id: reasons[stripe_id] for stripe_id, event_id in _by_stripe_identifier(tx, list(reasons))}
         return _pg_fail(tx, ids, failed_at, 0, _REPORTED) if ids else 0
 
     def record_flush(self, tx: Tx, flush: FlushRow, keep: int) -> None:
@@ -965,26 +964,8 @@ def _pg_fail(tx: Tx, reasons: dict[int, str], failed_at: int, attempts: int, cou
             "weighted_units - %s WHERE customer_id = %s AND period_start = %s AND meter = %s AND operation = %s",
             [(*sums, *key) for key, sums in sorted(operations.items(),
                                                    key=lambda item: (item[0][0], item[0][1] or 0, *item[0][2:]))])
-        _relast(tx, lasts, "%s")
+        _relast(tx, lasts)
     return len(changed)
-
-
-def _pg_by_stripe_identifier(tx: Tx, stripe_ids: list[str]) -> Iterable[tuple[str, int]]:
-    """`_by_stripe_identifier` with PostgreSQL's placeholders (the same three lookups, in the same order)."""
-    for stripe_id in stripe_ids:
-        customer, colon, identifier = stripe_id.partition(":")
-        row = None
-        if colon and customer.startswith("cus_"):
-            row = tx.execute("SELECT id FROM meter_events WHERE identifier = %s AND customer_id = %s "
-                             "AND stripe_identifier = %s", (identifier, customer, stripe_id)).fetchone()
-        if row is None:
-            row = tx.execute("SELECT id FROM meter_events WHERE identifier = %s AND stripe_identifier = %s",
-                             (stripe_id, stripe_id)).fetchone()
-        if row is None and stripe_id.startswith("h_"):
-            row = tx.execute("SELECT id FROM meter_events WHERE stripe_identifier = %s AND status = ANY(%s)",
-                             (stripe_id, _statuses(COUNTED))).fetchone()
-        if row is not None:
-            yield stripe_id, int(row[0])
 
 
 __all__ = [

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import medians, percentile, print_checks, print_run
+from measure import medians, paced_debits, percentile, print_checks, print_run
 
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.store import Store, connect
@@ -93,30 +93,8 @@ def baseline_rate(folder: Path, debits: int, wallets: int) -> float:
 
 def latency_at(folder: Path, rate: int, seconds: float, wallets: int) -> tuple[float, float, float]:
     store, ledger = open_ledger(folder / "latency.db", wallets)
-    n = int(rate * seconds)
-    rng = random.Random(2)
-
-    async def run() -> tuple[list[float], float]:
-        loop = asyncio.get_running_loop()
-        samples: list[float] = []
-
-        async def one(i: int, due: float) -> None:
-            await ledger.debit(f"agent-{rng.randrange(wallets)}", 1, idempotency_key=f"l{i}", reason="bench")
-            samples.append((loop.time() - due) * 1000)
-
-        tasks = []
-        start = loop.time()
-        for i in range(n):
-            due = start + i / rate
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, due)))
-        await asyncio.gather(*tasks)
-        return samples, n / (loop.time() - start)
-
     try:
-        samples, achieved = asyncio.run(run())
+        samples, achieved = asyncio.run(paced_debits(ledger, rate, seconds, wallets))
     finally:
         store.close()
     return percentile(samples, 0.50), percentile(samples, 0.99), achieved

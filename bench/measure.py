@@ -1,10 +1,13 @@
 """What the benchmarks share: percentiles, a free loopback port for a server under test, each run's figures and
-their medians, and the table of medians against their targets."""
+their medians, the table of medians against their targets, and paced debits for acknowledgement latency."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 import socket
 import statistics
+from typing import Any
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -34,3 +37,28 @@ def print_run(run: int, figures: dict[str, float]) -> None:
 def medians(runs: list[dict[str, float]]) -> dict[str, float]:
     """Each figure's median over the runs."""
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+async def paced_debits(ledger: Any, rate: int, seconds: float, wallets: int) -> tuple[list[float], float]:
+    """Debits of 1 LUC sent at `rate`/s for `seconds` (each on its schedule, not waiting for the previous one) to
+    wallets agent-0..agent-(wallets-1): each one's acknowledgement latency in ms from when it was due, and the rate
+    achieved."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(2)
+    n = int(rate * seconds)
+    samples: list[float] = []
+
+    async def one(i: int, due: float) -> None:
+        await ledger.debit(f"agent-{rng.randrange(wallets)}", 1, idempotency_key=f"l{i}", reason="bench")
+        samples.append((loop.time() - due) * 1000)
+
+    tasks = []
+    start = loop.time()
+    for i in range(n):
+        due = start + i / rate
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, due)))
+    await asyncio.gather(*tasks)
+    return samples, n / (loop.time() - start)

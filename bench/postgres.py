@@ -59,7 +59,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from measure import medians, percentile, print_checks, print_run  # noqa: E402
+from measure import medians, paced_debits, percentile, print_checks, print_run  # noqa: E402
 
 from aims_billing_mcp.services.ledger import LedgerService  # noqa: E402
 from aims_billing_mcp.store import PostgresStore  # noqa: E402
@@ -244,32 +244,10 @@ def worker_floor(url: str, connections: int, transactions: int, wallets: int) ->
 
 def worker_latency(url: str, rate: int, seconds: float, wallets: int) -> None:
     store, ledger = service(url)
-    n = int(rate * seconds)
-    rng = random.Random(2)
-
-    async def run() -> tuple[list[float], float]:
-        loop = asyncio.get_running_loop()
-        samples: list[float] = []
-
-        async def one(i: int, due: float) -> None:
-            await ledger.debit(f"agent-{rng.randrange(wallets)}", 1, idempotency_key=f"l{i}", reason="bench")
-            samples.append((loop.time() - due) * 1000)
-
-        tasks = []
-        start = loop.time()
-        for i in range(n):
-            due = start + i / rate
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, due)))
-        await asyncio.gather(*tasks)
-        return samples, n / (loop.time() - start)
-
     try:
         say("ready")
         sys.stdin.readline()
-        samples, achieved = asyncio.run(run())
+        samples, achieved = asyncio.run(paced_debits(ledger, rate, seconds, wallets))
         say({"p50_ms": percentile(samples, 0.50), "p99_ms": percentile(samples, 0.99), "achieved": achieved})
     finally:
         store.close()

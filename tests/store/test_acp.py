@@ -4,8 +4,6 @@ instances (two `PostgresStore`s, two "servers") on one database."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +30,7 @@ from aims_billing_mcp.store.acp import (
     PaymentRow,
     RefundStatus,
 )
+from tests.support.pg_turns import race
 
 T = TypeVar("T")
 pytestmark = pytest.mark.anyio
@@ -295,45 +294,6 @@ def two(postgres_url: str) -> Iterator[tuple[Any, Any]]:
     b.close()
 
 
-def wait_until_blocked(store: Any, *, timeout: float = 20.0) -> None:
-    """Return once a session of the store's database waits on a lock (a row lock or an advisory lock)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = store.query_one("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
-                              "AND wait_event_type = 'Lock'")
-        if row is not None and int(row["n"]) >= 1:
-            return
-    raise TimeoutError(f"no session blocked on a lock within {timeout:g} s")
-
-
-def interleave(a: Any, b: Any, first: Callable[[Any], Any], second: Callable[[Any], Any], *, blocks: bool,
-               timeout: float = 20.0) -> tuple[Any, Any]:
-    """Run `first(tx)` on instance a and, while its transaction is still open (its writes made, not committed),
-    `second(tx)` on instance b. `blocks`: b must be seen waiting on a's lock before a commits; else b must finish
-    while a's transaction is still open (it skipped what a holds). Returns both results."""
-    written, go = threading.Event(), threading.Event()
-
-    def held(tx: Any) -> Any:
-        result = first(tx)
-        written.set()
-        go.wait(timeout)
-        return result
-
-    one = a.submit(held)
-    try:
-        if not written.wait(timeout):
-            one.result(timeout)  # raises what the first job raised
-            raise TimeoutError("the first job never got to its end")
-        other = b.submit(second)
-        if blocks:
-            wait_until_blocked(a, timeout=timeout)
-        else:
-            other.result(5.0)  # a TimeoutError here: b waited for a's lock instead of skipping its rows
-    finally:
-        go.set()
-    return one.result(timeout), other.result(timeout)
-
-
 @pytest.mark.parametrize("first_answered", [False, True], ids=["first-in-flight", "first-answered"])
 def test_one_request_key_claimed_by_two_instances_at_once_is_claimed_once_and_the_other_answers_as_sqlite_does(
         two: tuple[Any, Any], tmp_path: Path, first_answered: bool) -> None:
@@ -352,7 +312,7 @@ def test_one_request_key_claimed_by_two_instances_at_once_is_claimed_once_and_th
         return lambda tx: acp.claim_key(tx, "who:/acp", "k1", "h2", NOW + 1, expired_before=NOW + 1 - 86_400,
                                         abandoned_before=NOW + 1 - 120)
 
-    claimed, other = interleave(a, b, first(a.acp), second(b.acp), blocks=True)
+    claimed, other = race(a, b, first(a.acp), second(b.acp), blocks=True)
 
     reference = Store(tmp_path / "reference.db")  # SQLite's one writer: the two claims one after the other
     try:
@@ -393,7 +353,7 @@ def test_a_completion_claim_taken_by_one_instance_is_not_taken_canceled_or_chang
     put(a, session())
     second, blocks = SECOND_MOVES[move]
 
-    claimed, other = interleave(a, b, lambda tx: a.acp.claim(tx, "cs_1", 10.0, None, ISO), second(b.acp),
+    claimed, other = race(a, b, lambda tx: a.acp.claim(tx, "cs_1", 10.0, None, ISO), second(b.acp),
                                 blocks=blocks)
 
     assert claimed is True and other in (False, "refused", None)
@@ -406,7 +366,7 @@ def test_a_session_canceled_by_one_instance_cannot_be_claimed_by_the_other_at_on
     a, b = two
     put(a, session())
 
-    canceled, claimed = interleave(a, b, _cancel_unless_held(a.acp),
+    canceled, claimed = race(a, b, _cancel_unless_held(a.acp),
                                    lambda tx: b.acp.claim(tx, "cs_1", 11.0, None, ISO), blocks=True)
 
     assert (canceled, claimed) == ("canceled", False)
@@ -430,7 +390,7 @@ def test_an_outbox_row_leased_by_one_instance_is_skipped_by_the_other_at_once_an
         def lease(store: Any, token: str, now: float) -> Callable[[Any], list[str]]:
             return lambda tx: store.acp.lease_refunds(tx, token, now, now + 60)
 
-    taken, skipped = interleave(a, b, lease(a, "A", NOW), lease(b, "B", NOW), blocks=False)
+    taken, skipped = race(a, b, lease(a, "A", NOW), lease(b, "B", NOW), blocks=False)
 
     assert (taken, skipped) == ([{"order event": "evt_1"}.get(outbox, "ps_1")], [])
     assert write(b, lease(b, "B", NOW + 59)) == []  # committed: held by A until its lease ends

@@ -101,9 +101,11 @@ def wait_until_blocked(store: Any, waiting: int = 1, *, timeout: float = 20.0) -
         pause.wait(POLL_S)
 
 
-def race(a: Any, b: Any, first: Any, second: Any, *, timeout: float = 20.0) -> tuple[Any, Any]:
+def race(a: Any, b: Any, first: Any, second: Any, *, blocks: bool = True,
+         timeout: float = 20.0) -> tuple[Any, Any]:
     """Run `first(tx)` on instance a and, while its transaction is still open (its writes made, not committed),
-    `second(tx)` on instance b; let a commit once b is seen blocked on a lock. Returns both results."""
+    `second(tx)` on instance b. `blocks`: b must be seen waiting on a's lock before a commits; else b must finish
+    while a's transaction is still open (it skipped what a holds). Returns both results."""
     written, go = threading.Event(), threading.Event()
 
     def held(tx: Any) -> Any:
@@ -113,12 +115,15 @@ def race(a: Any, b: Any, first: Any, second: Any, *, timeout: float = 20.0) -> t
         return result
 
     one = a.submit(held)
-    if not written.wait(timeout):
-        one.result(timeout)  # raises what the first job raised
-        raise TimeoutError("the first job never got to its end")
-    other = b.submit(second)
     try:
-        wait_until_blocked(a, timeout=timeout)
+        if not written.wait(timeout):
+            one.result(timeout)  # raises what the first job raised
+            raise TimeoutError("the first job never got to its end")
+        other = b.submit(second)
+        if blocks:
+            wait_until_blocked(a, timeout=timeout)
+        else:
+            other.result(5.0)  # a TimeoutError here: b waited for a's lock instead of skipping its rows
     finally:
         go.set()
     return one.result(timeout), other.result(timeout)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import threading
 from collections import Counter
@@ -25,7 +24,7 @@ import pytest
 from aims_billing_mcp.errors import InsufficientFunds
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.store import PostgresStore
-from tests.support.processes import rest_of
+from tests.support.processes import rest_of, start_together
 
 WORKER = Path(__file__).parents[1] / "support" / "ledger_worker.py"
 from tests.support.ledger_worker import HOT, amount_of  # noqa: E402
@@ -147,15 +146,8 @@ def test_three_processes_debiting_one_hot_wallet_one_killed_mid_load_keep_every_
     workers, debits, victim = 3, int(os.environ.get("LEDGER_DEBITS", "60")), 1
     keys = [f"w{w}-{i}" for w in range(workers) for i in range(debits)]
     opening = seeded_hot_wallet(postgres_url, keys)
-    processes = [subprocess.Popen([sys.executable, str(WORKER), "debits", postgres_url, str(w), str(workers),
-                                   str(debits), str(w + 11)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for w in range(workers)]
-    for process in processes:
-        assert process.stdout is not None and process.stdout.readline() == "ready\n"
-    for process in processes:
-        assert process.stdin is not None
-        process.stdin.write("go\n")
-        process.stdin.flush()
+    processes = start_together([[sys.executable, str(WORKER), "debits", postgres_url, str(w), str(workers),
+                                  str(debits), str(w + 11)] for w in range(workers)])
     killed = processes[victim]
     assert killed.stdout is not None
     before = [killed.stdout.readline() for _ in range(debits // 3)]  # it is mid-load: a third acknowledged

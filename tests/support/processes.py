@@ -9,10 +9,9 @@ import subprocess
 import time
 
 
-def run_together(commands: list[list[str]], *, timeout: float) -> list[str]:
+def start_together(commands: list[list[str]]) -> list[subprocess.Popen[str]]:
     """Start every worker, wait until each prints `ready` (loaded and connected), then release them all at once with
-    `go`, so they contend for the one write lock rather than run one after another. Returns each one's stdout; a
-    worker that fails fails the test with its stderr."""
+    `go`, so they contend for the one write lock rather than run one after another."""
     processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for command in commands]
     for process in processes:
@@ -21,6 +20,12 @@ def run_together(commands: list[list[str]], *, timeout: float) -> list[str]:
         assert process.stdin is not None
         process.stdin.write("go\n")
         process.stdin.flush()
+    return processes
+
+
+def run_together(commands: list[list[str]], *, timeout: float) -> list[str]:
+    """`start_together`, then each one's stdout; a worker that fails fails the test with its stderr."""
+    processes = start_together(commands)
     outputs = [process.communicate(timeout=timeout) for process in processes]
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err

@@ -381,3 +381,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         store = Store(copy_of(request.getfixturevalue("migrated_db"), tmp_path / "store.db"))
     yield store
     store.close()
+
+
+@pytest.fixture
+def write(backend: Any) -> Callable[[Callable[[Any], Any]], Any]:
+    """The backend's synchronous write: `write(job)` runs `job(tx)` in its writer's next transaction (the same `?`
+    statement texts on both backends: store/postgres_sql.py)."""
+    return backend.write_sync  # type: ignore[no-any-return]

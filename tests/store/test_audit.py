@@ -36,11 +36,6 @@ def audit(backend: Store) -> AuditStore:
 
 
 @pytest.fixture
-def write(backend: Store) -> Write:
-    return backend.write_sync
-
-
-@pytest.fixture
 def appended(audit: AuditStore, write: Write) -> AuditStore:
     write(lambda tx: audit.append(tx, ENTRIES[:2]))
     write(lambda tx: audit.append(tx, ENTRIES[2:]))

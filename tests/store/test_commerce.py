@@ -5,7 +5,7 @@ racing for the same session."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -32,16 +32,6 @@ AT = "2026-12-06T04:00:00.000Z"
 def commerce(backend: Any) -> CommerceStore:
     store: CommerceStore = backend.commerce
     return store
-
-
-@pytest.fixture
-def write(backend: Any) -> Callable[[Callable[[Tx], T]], T]:
-    return backend.write_sync  # type: ignore[no-any-return]
-
-
-def sql(backend: Any, text: str) -> str:
-    """A test's own statement in the backend's placeholders."""
-    return text.replace("?", "%s") if isinstance(backend, PostgresStore) else text
 
 
 def create(commerce: CommerceStore, write: Any, session_id: str, *, status: SessionStatus = S.REQUIRES_PAYMENT_METHOD,
@@ -125,8 +115,8 @@ def test_unsettled_confirms_are_listed_oldest_mark_first(commerce: CommerceStore
 
 
 def test_a_wallets_customer_is_found_by_its_agent(backend: Any, commerce: CommerceStore, write: Any) -> None:
-    write(lambda tx: tx.execute(sql(backend, "INSERT INTO agent_wallets (id, agent_id, customer_id, created_at, "
-                                             "updated_at) VALUES ('w_1', 'agent-1', 'cus_1', ?, ?)"), (AT, AT)))
+    write(lambda tx: tx.execute("INSERT INTO agent_wallets (id, agent_id, customer_id, created_at, updated_at) "
+                                "VALUES ('w_1', 'agent-1', 'cus_1', ?, ?)", (AT, AT)))
     assert commerce.wallet_customer("agent-1") == "cus_1"
     assert commerce.wallet_customer("agent-2") is None
 

@@ -25,11 +25,6 @@ def keys(backend: Store) -> IdempotencyStore:
     return backend.idempotency
 
 
-@pytest.fixture
-def write(backend: Store) -> Write:
-    return backend.write_sync
-
-
 def call(key: str = "k1", *, tool: str = "create_product", owner: str = "", request_hash: str = "h1",
          response: str = '{"id":"prod_1"}', created_at: str = "2027-01-15T08:00:00.000Z") -> CallRecord:
     return CallRecord(tool=tool, owner=owner, key=key, request_hash=request_hash, response=response,

@@ -33,16 +33,6 @@ def prepaid(backend: Any) -> PrepaidStore:
     return store
 
 
-@pytest.fixture
-def write(backend: Any) -> Callable[[Callable[[Tx], T]], T]:
-    return backend.write_sync  # type: ignore[no-any-return]
-
-
-def sql(backend: Any, text: str) -> str:
-    """A test's own statement in the backend's placeholders."""
-    return text.replace("?", "%s") if isinstance(backend, PostgresStore) else text
-
-
 def enqueue(prepaid: PrepaidStore, write: Any, source_id: str, *, customer: str = "cus_1",
             at: str = AT) -> PrepaidRow:
     row: PrepaidRow = write(lambda tx: prepaid.enqueue(
@@ -131,9 +121,8 @@ def test_a_failed_row_holds_its_customers_tier_while_its_subscription_lives(
         backend: Any, prepaid: PrepaidStore, write: Any, provision_status: str, holds: bool) -> None:
     enqueue(prepaid, write, "ps_1")
     write(lambda tx: prepaid.advance(tx, "pre_ps_1", (S.PENDING,), S.FAILED, AT, subscription_id="sub_1"))
-    write(lambda tx: tx.execute(sql(backend, "INSERT INTO billing_provisions (customer_id, tier, status, "
-                                             "subscription_id, updated_at) VALUES ('cus_1', '3mo', ?, 'sub_1', ?)"),
-                                (provision_status, AT)))
+    write(lambda tx: tx.execute("INSERT INTO billing_provisions (customer_id, tier, status, subscription_id, "
+                                "updated_at) VALUES ('cus_1', '3mo', ?, 'sub_1', ?)", (provision_status, AT)))
     assert prepaid.open_tier("cus_1") == ("3mo" if holds else None)
 
 
@@ -143,8 +132,8 @@ def test_holder_names_another_row_in_progress_and_the_customers_provision(backen
     second = enqueue(prepaid, write, "ps_2")
     alone = write(lambda tx: prepaid.holder(tx, first))
     write(lambda tx: prepaid.advance(tx, "pre_ps_2", (S.PENDING,), S.CLAIMED, AT))
-    write(lambda tx: tx.execute(sql(backend, "INSERT INTO billing_provisions (customer_id, tier, status, updated_at) "
-                                             "VALUES ('cus_1', '6mo', 'active', ?)"), (AT,)))
+    write(lambda tx: tx.execute("INSERT INTO billing_provisions (customer_id, tier, status, updated_at) "
+                                "VALUES ('cus_1', '6mo', 'active', ?)", (AT,)))
     held = write(lambda tx: prepaid.holder(tx, first))
     assert (alone.other_id, alone.provision) == (None, None)
     assert (held.other_id, held.other_tier) == (second.id, "3mo")

@@ -54,11 +54,6 @@ def x402(backend: Store) -> X402Store:
     return backend.x402
 
 
-@pytest.fixture
-def write(backend: Store) -> Write:
-    return backend.write_sync
-
-
 def quote(quote_id: str = "q_1", *, expires_at: int = NOW + 300, **changes: Any) -> Quote:
     base = Quote(id=quote_id, network=NETWORK, asset=ASSET, pay_to=PAY_TO, amount=1_500_000, agent_id="buyer",
                  luc=1500, description="credits", resource="urn:luc", x402_version=2, status=QuoteStatus.OPEN,

@@ -128,6 +128,7 @@ class PostgresAuditStore(SqliteAuditStore):
                 for e in entries]
         for start in range(0, len(rows), _AUDIT_CHUNK):
             chunk = rows[start:start + _AUDIT_CHUNK]
-            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            # psycopg's own placeholders: a text of any row count, not one more to translate and cache
+            values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * len(chunk))
             tx.execute(f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES {values}",
                        [value for row in chunk for value in row])

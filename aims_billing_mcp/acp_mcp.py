@@ -194,21 +194,33 @@ def build_acp_mcp_server(get_state: Callable[[], Any]) -> MCPServer[Any]:
         return await call(ctx, meta, f"{SESSIONS}/{id}/cancel", lambda acp, _: acp.cancel(id, payload),
                           payload=payload, post=True, request="CancelSessionRequest")
 
-    tools: list[Tool] = []
-    for fn in (create_checkout_session, get_checkout_session, update_checkout_session, complete_checkout_session,
-               cancel_checkout_session):
-        method = openrpc_method(fn.__name__)
-        tool = AcpTool.from_function(fn)
-        assert isinstance(tool, AcpTool)
-        tool.parameters = _input_schema(method)
-        tool.envelope = {param["name"]: bool(param.get("required")) for param in method["params"]}
-        tool.published_output = _output_schema(method)
-        tools.append(tool)
+    tools: list[Tool] = [_bound(fn) for fn in (create_checkout_session, get_checkout_session, update_checkout_session,
+                                                complete_checkout_session, cancel_checkout_session)]
     return MCPServer(
         "aims-billing-acp", title="AIMS ACP seller", version=__version__, tools=tools,
         instructions=f"Agentic Commerce Protocol checkout (version {SPEC_VERSION}) over MCP: create, update, complete "
         "(pay with a Stripe Shared Payment Token) and cancel checkout sessions for LUC credit packs.",
     )
+
+
+_BUILT: dict[str, AcpTool] = {}
+
+
+def _bound(fn: Callable[..., Awaitable[dict[str, Any]]]) -> AcpTool:
+    """The binding's tool for `fn` (this server's closure). Its argument model and the spec's schemas depend on the
+    method alone and cost ~10 ms of pydantic and schema work each, so they are built once per process (as the main
+    tools are: app.py `built_tool`); each server gets a copy that calls its own `fn`."""
+    built = _BUILT.get(fn.__name__)
+    if built is None:
+        method = openrpc_method(fn.__name__)
+        tool = AcpTool.from_function(fn)
+        assert isinstance(tool, AcpTool)
+        built = tool
+        built.parameters = _input_schema(method)
+        built.envelope = {param["name"]: bool(param.get("required")) for param in method["params"]}
+        built.published_output = _output_schema(method)
+        _BUILT[fn.__name__] = built
+    return built.model_copy(update={"fn": fn})
 
 
 def _acp_error(body: dict[str, Any]) -> MCPError:

@@ -286,6 +286,35 @@ async def record_paid(store: Store, payments: PaymentSessionService, payment_int
     await store.write(lambda conn: payments.apply_payment_intent(conn, pi))
 
 
+class PromptlyStopped(uvicorn.Server):
+    """The same server (its config, app, lifespan and graceful shutdown), stopped as soon as it is told: uvicorn's
+    own loop looks at `should_exit` every 0.1 s and its shutdown then sleeps 0.1 s for connections to finish, ~0.15 s
+    per served test (135 of them) spent waiting. Here the loop waits on an event, and shutdown waits for the open
+    connections themselves to close (each was asked to, as uvicorn does) instead of a fixed 0.1 s."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.stop = anyio.Event()
+
+    async def main_loop(self) -> None:
+        await self.on_tick(0)  # the Date and Server headers, as uvicorn's first tick sets them
+        await self.stop.wait()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        with anyio.fail_after(5):
+            while self.server_state.connections or self.server_state.tasks:
+                await anyio.sleep(0.001)
+        for server in self.servers:
+            await server.wait_closed()
+        await self.lifespan.shutdown()
+
+
 @asynccontextmanager
 async def serving_on_loopback(make: Callable[[int], uvicorn.Server], *, start_within: float = 20) -> AsyncIterator[str]:
     """A uvicorn server (built by `make` for the port) on a free loopback port; yields its base URL, then stops it.
@@ -293,7 +322,7 @@ async def serving_on_loopback(make: Callable[[int], uvicorn.Server], *, start_wi
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    web = make(port)
+    web = PromptlyStopped(make(port).config)
     with sock:
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: web.serve(sockets=[sock]))
@@ -302,6 +331,7 @@ async def serving_on_loopback(make: Callable[[int], uvicorn.Server], *, start_wi
                     await anyio.sleep(0.01)
             yield f"http://127.0.0.1:{port}"
             web.should_exit = True
+            web.stop.set()
 
 
 def serving_app(app: Any, *, start_within: float = 20) -> AbstractAsyncContextManager[str]:

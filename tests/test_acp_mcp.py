@@ -124,3 +124,17 @@ async def test_a_tier_bought_over_mcp_starts_its_subscription(seller: tuple[str,
     assert state.subscriptions.entitled_tier(customer).id == "6mo"
     assert refused["status"] == "not_ready_for_payment" and "already has the 6mo tier" in refused["messages"][0][
         "content"]
+
+
+async def test_two_servers_in_one_process_each_answer_from_their_own_state(make_server: Any, tmp_path: Any) -> None:
+    """The binding's tools are built once per process (acp_mcp.py `_bound`): each server must still call its own."""
+    first = make_server(aims_billing_acp_api_keys=[KEY])
+    second = make_server(aims_billing_acp_api_keys=["other-key"], aims_billing_db=tmp_path / "second.db")
+    async with serving_http(first) as one, serving_http(second) as two:
+        async with acp_client(one) as client:
+            created = await result(client, "create_checkout_session",
+                                   {"meta": {**META, "idempotency_key": "c-1"}, "payload": body(["luc_10k"])})
+        async with acp_client(two, "other-key") as client:
+            with pytest.raises(MCPError, match="no checkout session"):
+                await client.call_tool("get_checkout_session", {"meta": META, "id": created["id"]})
+    assert created["id"].startswith("cs_")

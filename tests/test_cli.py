@@ -25,6 +25,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.stripe_gateway import StripeRequest, build_gateway
 from aims_billing_mcp.webhooks import sign_webhook_payload
 from tests.store.test_core import BAD_DATABASES, truncated, under_a_file
+from tests.support.zygote import run, spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -96,10 +97,10 @@ def free_port() -> int:
 
 
 def standalone_sandbox(tmp_path: Path, db: str, *extra: str,
-                       env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Any]:
+                       env: dict[str, str] | None = None) -> tuple[Any, Any]:
     """`aims-billing-mcp sandbox` on a free port as its own process, and a gateway pointed at it."""
     port = free_port()
-    process = subprocess.Popen(
+    process = spawn(
         [sys.executable, "-m", "aims_billing_mcp", "sandbox", "--port", str(port), "--db", str(tmp_path / db), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
@@ -108,7 +109,7 @@ def standalone_sandbox(tmp_path: Path, db: str, *extra: str,
     return process, build_gateway(settings, retry_delay_scale=0.05)
 
 
-async def first_answer(process: subprocess.Popen[bytes], gateway: Any, request: StripeRequest) -> Any:
+async def first_answer(process: Any, gateway: Any, request: StripeRequest) -> Any:
     """`request` sent until the process listens (a dead process fails the test with the gateway's error)."""
     while True:
         try:
@@ -474,8 +475,8 @@ def test_a_real_server_process_on_a_damaged_database_exits_1_with_one_line(
 ) -> None:
     path = truncated(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "AIMS_"))}
-    done = subprocess.run([sys.executable, "-m", "aims_billing_mcp", *command], capture_output=True, text=True,
-                          env={**env, "AIMS_BILLING_DB": str(path)}, stdin=subprocess.DEVNULL, timeout=60)
+    done = run([sys.executable, "-m", "aims_billing_mcp", *command], capture_output=True, text=True,
+               env={**env, "AIMS_BILLING_DB": str(path)}, stdin=subprocess.DEVNULL, timeout=60)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [done.stderr.strip()] and "Traceback" not in done.stderr
     assert f"AIMS_BILLING_DB={path}" in done.stderr and "is damaged" in done.stderr and "backup" in done.stderr

@@ -10,6 +10,7 @@ import pytest
 from aims_billing_mcp import cli
 from aims_billing_mcp.store import AGGREGATES, PostgresStore
 from aims_billing_mcp.store import postgres as pg
+from tests.support import zygote
 from tests.support.pg import Cluster
 
 
@@ -103,7 +104,6 @@ def test_the_demo_passes_every_step_on_postgresql_and_leaves_a_ledger_that_check
     postgres_url: str, tmp_path: Path, pg_cluster: Cluster,
 ) -> None:
     import os
-    import subprocess
     import sys
 
     env = {**os.environ, "AIMS_BILLING_DATABASE_URL": postgres_url, "HOME": str(tmp_path),
@@ -111,10 +111,10 @@ def test_the_demo_passes_every_step_on_postgresql_and_leaves_a_ledger_that_check
            "AIMS_X402_CHALLENGE_KEY": "the-demo-deployments-challenge-key-0123"}  # sandbox mode on PostgreSQL
     env.pop("STRIPE_SECRET_KEY", None)
     env.pop("STRIPE_API_BASE", None)
-    demo = subprocess.run([sys.executable, "-m", "aims_billing_mcp", "demo"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    checked = subprocess.run([sys.executable, "-m", "aims_billing_mcp", "check-ledger"], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=120)
+    demo = zygote.run([sys.executable, "-m", "aims_billing_mcp", "demo"], env=env, cwd=tmp_path, capture_output=True,
+               text=True, timeout=300)
+    checked = zygote.run([sys.executable, "-m", "aims_billing_mcp", "check-ledger"], env=env, cwd=tmp_path,
+                  capture_output=True, text=True, timeout=120)
 
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-2000:]
     assert "PASS:" in demo.stdout and "FAIL" not in demo.stdout and "(PostgreSQL at " in demo.stdout

@@ -15,6 +15,7 @@ import mcp_types as types
 import pytest
 
 from aims_billing_mcp.stdio_guard import frame_problem, request_id_of
+from tests.support.zygote import spawn
 
 INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
               "params": {"protocolVersion": "2025-06-18", "capabilities": {},
@@ -58,16 +59,16 @@ def test_a_notification_the_server_cannot_read_is_not_a_request() -> None:
 
 
 @pytest.fixture
-def stdio_server(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def stdio_server(tmp_path: Path) -> Iterator[Any]:
     env = {**os.environ, "AIMS_BILLING_DB": str(tmp_path / "stdio.db"), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "aims_billing_mcp", "serve", "--no-webhooks"], cwd=tmp_path,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process = spawn([sys.executable, "-m", "aims_billing_mcp", "serve", "--no-webhooks"], cwd=tmp_path,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     yield process
     process.kill()
     process.communicate(timeout=10)
 
 
-def exchange(process: subprocess.Popen[bytes], frames: list[str], answers: int) -> list[dict[str, Any]]:
+def exchange(process: Any, frames: list[str], answers: int) -> list[dict[str, Any]]:
     """Write the frames, then read `answers` lines (a missing answer fails the test by the pipe's EOF or timeout)."""
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write("".join(frame + "\n" for frame in frames).encode())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from aims_billing_mcp.services.x402 import challenge_key
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import utc_iso
 from aims_billing_mcp.webhooks import sign_webhook_payload
+from tests.support.zygote import spawn
 
 from ..conftest import ok, serving_app
 
@@ -166,8 +166,8 @@ async def served_over_http(env: dict[str, str], tmp_path: Path) -> str:
     port = free_port()
     log = tmp_path / "http.log"
     with log.open("w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "aims_billing_mcp", "serve", "--http", "--port",
-                                    str(port)], env=env, cwd=str(tmp_path), stdout=sink, stderr=sink)
+        process = spawn([sys.executable, "-m", "aims_billing_mcp", "serve", "--http", "--port", str(port)], env=env,
+                        cwd=str(tmp_path), stdout=sink, stderr=sink)
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
                 while True:

@@ -24,6 +24,7 @@ from aims_billing_mcp.store import PostgresStore
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, StripeResult, build_gateway
 from tests.services.test_meter_flusher import PRICING, create_customer, create_meter, service_for, stripe_total
 from tests.support.processes import rest_of
+from tests.support.zygote import spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -96,8 +97,8 @@ def test_three_recorders_on_one_database_with_the_same_identifiers_keep_each_ack
         postgres_url: str) -> None:
     """Three processes (three servers) record the same identifiers at once; each is SIGKILLed at its own moment
     mid-load. Every acknowledged event is stored once, and every period total equals the sum of its events."""
-    workers = [subprocess.Popen([sys.executable, str(WORKER), postgres_url, "0"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    workers = [spawn([sys.executable, str(WORKER), postgres_url, "0"], stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True) for _ in range(3)]
     acknowledged: set[str] = set()
     answers = 0  # acknowledgements in all, replays included
     try:

@@ -25,6 +25,7 @@ from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.state import AppState, build_state
 from aims_billing_mcp.stripe_gateway import StripeRequest
 from tests.conftest import record_paid
+from tests.support.zygote import spawn
 
 pytestmark = pytest.mark.anyio
 WORKER = Path(__file__).parents[1] / "support" / "prepaid_lease_worker.py"
@@ -57,7 +58,7 @@ async def in_stripe(state: AppState, customer: str) -> tuple[int, int]:
     return len(subs), sum(1 for txn in txns if txn["type"] == "adjustment")
 
 
-def read_line(process: subprocess.Popen[str]) -> str:
+def read_line(process: Any) -> str:
     assert process.stdout is not None
     return process.stdout.readline()
 
@@ -70,9 +71,9 @@ async def test_an_instance_paused_past_its_lease_records_and_sends_nothing_once_
         customer, row_id = await paid_row(other)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMS_", "STRIPE_"))}
         env.update({"AIMS_BILLING_DATABASE_URL": postgres_url, "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"})
-        paused = subprocess.Popen([sys.executable, str(WORKER), str(db), str(LEASE_S), "/v1/prices", row_id],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env, cwd=tmp_path)
+        paused = spawn([sys.executable, str(WORKER), str(db), str(LEASE_S), "/v1/prices", row_id],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                       cwd=tmp_path)
         try:
             before: list[str] = []
             with anyio.fail_after(WITHIN_S):

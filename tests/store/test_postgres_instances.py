@@ -33,6 +33,7 @@ from mcp import Client
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET, create_app
 from aims_billing_mcp.webhooks import sign_webhook_payload
 from tests.conftest import ok, serving_app
+from tests.support.zygote import run, spawn
 from tests.test_webhooks import event, subscription
 
 pytestmark = pytest.mark.anyio
@@ -52,7 +53,7 @@ class Instance:
     """One `serve --http` process: its home and working directory are its own."""
 
     number: int
-    process: subprocess.Popen[bytes]
+    process: Any  # a worker forked from the zygote (tests/support/zygote.py), Popen's interface
     url: str
     log: Path
     acknowledged: list[dict[str, Any]] = field(default_factory=list)  # debits it answered, in order
@@ -68,7 +69,7 @@ def start_instance(number: int, root: Path, env: dict[str, str]) -> Instance:
     port = free_port()
     log = home / "serve.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(
+        process = spawn(
             [sys.executable, "-m", "aims_billing_mcp", "serve", "--http", "--port", str(port)],
             env={**env, "HOME": str(home)}, cwd=home, stdout=sink, stderr=sink)
     return Instance(number, process, f"http://127.0.0.1:{port}", log)
@@ -228,6 +229,6 @@ async def test_three_instances_on_one_database_keep_every_guarantee_when_one_is_
     stored = rows(postgres_url, "SELECT identifier, count(*) FROM meter_events GROUP BY identifier")
     assert {identifier for identifier, _ in stored} == set(meter_answers) and all(n == 1 for _, n in stored)
     # every ledger invariant holds
-    checked = subprocess.run([sys.executable, "-m", "aims_billing_mcp", "check-ledger"], capture_output=True,
-                             text=True, timeout=120, cwd=tmp_path, env=env)
+    checked = run([sys.executable, "-m", "aims_billing_mcp", "check-ledger"], capture_output=True, text=True,
+                  timeout=120, cwd=tmp_path, env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr

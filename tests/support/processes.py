@@ -7,13 +7,17 @@ import os
 import signal
 import subprocess
 import time
+from typing import Any
+
+from tests.support.zygote import spawn
 
 
-def start_together(commands: list[list[str]]) -> list[subprocess.Popen[str]]:
-    """Start every worker, wait until each prints `ready` (loaded and connected), then release them all at once with
-    `go`, so they contend for the one write lock rather than run one after another."""
-    processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for command in commands]
+def start_together(commands: list[list[str]]) -> list[Any]:
+    """Start every worker (forked from the preloaded zygote: tests/support/zygote.py), wait until each prints `ready`
+    (loaded and connected), then release them all at once with `go`, so they contend for the one write lock rather
+    than run one after another."""
+    processes = [spawn(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for command in commands]
     for process in processes:
         assert process.stdout is not None and process.stdout.readline() == "ready\n"
     for process in processes:
@@ -32,7 +36,7 @@ def run_together(commands: list[list[str]], *, timeout: float) -> list[str]:
     return [out for out, _ in outputs]
 
 
-def rest_of(process: subprocess.Popen[str]) -> tuple[str, str]:
+def rest_of(process: Any) -> tuple[str, str]:
     """What a killed process still had in its pipes, read through the same buffered streams `readline()` used
     (`communicate()` reads the pipes' descriptors and would drop what readline() had read ahead, leaving a torn first
     line); nothing writes any more, so reading stdout to its end before stderr cannot block."""
@@ -46,7 +50,7 @@ def kill_midway(command: list[str], after_lines: int, *, label: str,
                 within: float = 30) -> tuple[list[str], list[str]]:
     """Run a worker that prints one line per acknowledged write, SIGKILL it after `after_lines` of them (or `within`
     seconds), and return the lines read before the kill and those it had written by then (the last may be cut)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None
     before: list[str] = []
     deadline = time.monotonic() + within

@@ -16,6 +16,7 @@ measured on the expired-holds lookup every write to a wallet with holds makes).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, NamedTuple, Protocol
@@ -46,7 +47,8 @@ TRANSITIONS: dict[HoldStatus, frozenset[HoldStatus]] = {
     HoldStatus.EXPIRED: frozenset(),
 }
 
-_ACTIVE = f"'{HoldStatus.ACTIVE}'"  # the SQL literal for filters (see the module docstring)
+_ACTIVE = f"'{HoldStatus.ACTIVE}'"  # the SQL literals for filters (see the module docstring)
+_CAPTURED = f"'{HoldStatus.CAPTURED}'"
 
 
 # --- what crosses the seam --------------------------------------------------------------------------------------
@@ -426,12 +428,16 @@ class SqliteLedgerStore:
         return [LedgerEntry.model_validate_json(r["entry"]) for r in rows]
 
     def check_ledger(self) -> list[LedgerViolation]:
-        rows = self._core.query(_CHECKS, {"active": HoldStatus.ACTIVE, "captured": HoldStatus.CAPTURED})
+        rows = self._core.query(_CHECKS)
         return [LedgerViolation(rule=r["rule"], subject=str(r["subject"]), detail=r["detail"]) for r in rows]
 
 
-# One compound statement, so every rule sees the same snapshot even while the writer commits.
-_CHECKS = """
+def _checks(day_start: Callable[[str], str]) -> str:
+    """Every ledger invariant as one compound statement, so every rule sees the same snapshot even while writers
+    commit; one text for both backends (portable SQL: CAST, substr, aliased subqueries, no parameters) but the
+    ISO timestamp of a spend day's midnight, which `day_start(days since the epoch)` writes in the backend's own
+    date functions."""
+    return f"""
 SELECT 'txn_unbalanced' AS rule, txn_id AS subject,
        'entries sum to ' || SUM(amount) || ' posted and ' || SUM(pending) || ' held over ' || COUNT(*) || ' rows'
        AS detail
@@ -447,16 +453,16 @@ SELECT 'held_mismatch', w.agent_id, 'held ' || w.held || ' but its entries hold 
   FROM agent_wallets w
   LEFT JOIN (SELECT wallet_id, SUM(pending) AS held FROM agent_transactions WHERE wallet_id IS NOT NULL
               GROUP BY wallet_id) s ON s.wallet_id = w.id
-  LEFT JOIN (SELECT wallet_id, SUM(amount) AS active FROM ledger_holds WHERE status = :active GROUP BY wallet_id) a
-    ON a.wallet_id = w.id
+  LEFT JOIN (SELECT wallet_id, SUM(amount) AS active FROM ledger_holds WHERE status = {_ACTIVE}
+              GROUP BY wallet_id) a ON a.wallet_id = w.id
  WHERE w.held != COALESCE(s.held, 0) OR w.held != COALESCE(a.active, 0)
 UNION ALL
-SELECT 'balance_after_mismatch', txn_id, 'entry ' || id || ' says balance_after ' || COALESCE(balance_after, 'null')
-       || ' but the running sum is ' || running
+SELECT 'balance_after_mismatch', txn_id, 'entry ' || id || ' says balance_after '
+       || COALESCE(CAST(balance_after AS TEXT), 'null') || ' but the running sum is ' || running
   FROM (SELECT id, txn_id, balance_after,
                SUM(amount) OVER (PARTITION BY wallet_id ORDER BY id) AS running
-          FROM agent_transactions WHERE wallet_id IS NOT NULL)
- WHERE balance_after IS NOT running
+          FROM agent_transactions WHERE wallet_id IS NOT NULL) r
+ WHERE balance_after IS NULL OR balance_after != running
 UNION ALL
 SELECT 'negative_balance', agent_id, 'balance ' || balance || ', held ' || held || ', available ' || (balance - held)
   FROM agent_wallets WHERE balance < 0 OR held < 0 OR balance - held < 0
@@ -467,7 +473,7 @@ UNION ALL
 SELECT 'account_mismatch', t.txn_id, 'entry ' || t.id || ' is on ' || t.account || ' with wallet '
        || COALESCE(t.wallet_id, 'null')
   FROM agent_transactions t LEFT JOIN agent_wallets w ON w.id = t.wallet_id
- WHERE (t.wallet_id IS NULL AND t.account NOT LIKE 'system:%')
+ WHERE (t.wallet_id IS NULL AND substr(t.account, 1, 7) != 'system:')
     OR (t.wallet_id IS NOT NULL AND (w.id IS NULL OR t.account != 'agent:' || w.agent_id OR t.balance_after IS NULL))
 UNION ALL
 SELECT 'hold_resolved_twice', hold_id, COUNT(DISTINCT txn_id) || ' resolutions'
@@ -478,11 +484,11 @@ SELECT 'hold_state_mismatch', h.id, 'status ' || h.status || ' with '
        || (SELECT COUNT(DISTINCT txn_id) FROM agent_transactions t
             WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire')) || ' resolution(s)'
   FROM ledger_holds h
- WHERE (h.status = :active) = EXISTS (SELECT 1 FROM agent_transactions t
-                                        WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire'))
-    OR (h.status = :captured) != EXISTS (SELECT 1 FROM agent_transactions t
-                                           WHERE t.txn_id = h.resolved_txn_id AND t.kind = 'capture'
-                                             AND t.wallet_id = h.wallet_id AND -t.amount = h.captured)
+ WHERE (h.status = {_ACTIVE}) = EXISTS (SELECT 1 FROM agent_transactions t
+                                         WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire'))
+    OR (h.status = {_CAPTURED}) != EXISTS (SELECT 1 FROM agent_transactions t
+                                            WHERE t.txn_id = h.resolved_txn_id AND t.kind = 'capture'
+                                              AND t.wallet_id = h.wallet_id AND -t.amount = h.captured)
 UNION ALL
 SELECT 'idempotency_key_reused', account || ' ' || idempotency_key,
        COUNT(DISTINCT txn_id) || ' transactions under one key of one wallet'
@@ -502,12 +508,14 @@ SELECT 'spent_today_mismatch', agent_id, 'spent_today ' || spent_today || ' but 
   FROM (SELECT w.agent_id, w.spent_today,
                COALESCE((SELECT -SUM(t.amount) FROM agent_transactions t
                           WHERE t.wallet_id = w.id AND t.amount < 0
-                            AND t.created_at >= strftime('%Y-%m-%dT%H:%M:%S.000Z', w.spend_day * 86400, 'unixepoch')
-                            AND t.created_at < strftime('%Y-%m-%dT%H:%M:%S.000Z', (w.spend_day + 1) * 86400,
-                                                        'unixepoch')), 0) AS counted
-          FROM agent_wallets w WHERE w.spend_day > 0)
+                            AND t.created_at >= {day_start("w.spend_day")}
+                            AND t.created_at < {day_start("(w.spend_day + 1)")}), 0) AS counted
+          FROM agent_wallets w WHERE w.spend_day > 0) d
  WHERE spent_today != counted
 """
+
+
+_CHECKS = _checks(lambda days: f"strftime('%Y-%m-%dT%H:%M:%S.000Z', {days} * 86400, 'unixepoch')")
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------------------------
@@ -833,87 +841,8 @@ class PostgresLedgerStore(SqliteLedgerStore):
         return [LedgerEntry.model_validate(_json(r["entry"])) for r in rows]
 
     def check_ledger(self) -> list[LedgerViolation]:
-        rows = self._core.query(_PG_CHECKS, {"active": str(HoldStatus.ACTIVE), "captured": str(HoldStatus.CAPTURED)})
+        rows = self._core.query(_PG_CHECKS)
         return [LedgerViolation(rule=r["rule"], subject=str(r["subject"]), detail=r["detail"]) for r in rows]
 
 
-# The same rules as _CHECKS in PostgreSQL's dialect (casts for text concatenation, IS DISTINCT FROM, date
-# arithmetic for the spend day); one statement, so one snapshot.
-_PG_CHECKS = """
-SELECT 'txn_unbalanced' AS rule, txn_id AS subject,
-       'entries sum to ' || SUM(amount) || ' posted and ' || SUM(pending) || ' held over ' || COUNT(*) || ' rows'
-       AS detail
-  FROM agent_transactions GROUP BY txn_id HAVING SUM(amount) != 0 OR SUM(pending) != 0 OR COUNT(*) < 2
-UNION ALL
-SELECT 'balance_mismatch', w.agent_id, 'balance ' || w.balance || ' but its entries sum to ' || COALESCE(s.total, 0)
-  FROM agent_wallets w LEFT JOIN (SELECT wallet_id, SUM(amount) AS total, SUM(pending) AS held
-                                    FROM agent_transactions WHERE wallet_id IS NOT NULL GROUP BY wallet_id) s
-    ON s.wallet_id = w.id WHERE w.balance != COALESCE(s.total, 0)
-UNION ALL
-SELECT 'held_mismatch', w.agent_id, 'held ' || w.held || ' but its entries hold ' || COALESCE(s.held, 0)
-       || ' and its active holds ' || COALESCE(a.active, 0)
-  FROM agent_wallets w
-  LEFT JOIN (SELECT wallet_id, SUM(pending) AS held FROM agent_transactions WHERE wallet_id IS NOT NULL
-              GROUP BY wallet_id) s ON s.wallet_id = w.id
-  LEFT JOIN (SELECT wallet_id, SUM(amount) AS active FROM ledger_holds WHERE status = %(active)s
-              GROUP BY wallet_id) a ON a.wallet_id = w.id
- WHERE w.held != COALESCE(s.held, 0) OR w.held != COALESCE(a.active, 0)
-UNION ALL
-SELECT 'balance_after_mismatch', txn_id, 'entry ' || id || ' says balance_after '
-       || COALESCE(balance_after::text, 'null') || ' but the running sum is ' || running
-  FROM (SELECT id, txn_id, balance_after,
-               SUM(amount) OVER (PARTITION BY wallet_id ORDER BY id) AS running
-          FROM agent_transactions WHERE wallet_id IS NOT NULL) r
- WHERE balance_after IS DISTINCT FROM running
-UNION ALL
-SELECT 'negative_balance', agent_id, 'balance ' || balance || ', held ' || held || ', available ' || (balance - held)
-  FROM agent_wallets WHERE balance < 0 OR held < 0 OR balance - held < 0
-UNION ALL
-SELECT 'negative_balance', txn_id, 'entry ' || id || ' left balance_after ' || balance_after
-  FROM agent_transactions WHERE balance_after < 0
-UNION ALL
-SELECT 'account_mismatch', t.txn_id, 'entry ' || t.id || ' is on ' || t.account || ' with wallet '
-       || COALESCE(t.wallet_id, 'null')
-  FROM agent_transactions t LEFT JOIN agent_wallets w ON w.id = t.wallet_id
- WHERE (t.wallet_id IS NULL AND t.account NOT LIKE 'system:%%')
-    OR (t.wallet_id IS NOT NULL AND (w.id IS NULL OR t.account != 'agent:' || w.agent_id OR t.balance_after IS NULL))
-UNION ALL
-SELECT 'hold_resolved_twice', hold_id, COUNT(DISTINCT txn_id) || ' resolutions'
-  FROM agent_transactions WHERE hold_id IS NOT NULL AND kind IN ('capture', 'release', 'expire')
- GROUP BY hold_id HAVING COUNT(DISTINCT txn_id) > 1
-UNION ALL
-SELECT 'hold_state_mismatch', h.id, 'status ' || h.status || ' with '
-       || (SELECT COUNT(DISTINCT txn_id) FROM agent_transactions t
-            WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire')) || ' resolution(s)'
-  FROM ledger_holds h
- WHERE (h.status = %(active)s) = EXISTS (SELECT 1 FROM agent_transactions t
-                                           WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release', 'expire'))
-    OR (h.status = %(captured)s) != EXISTS (SELECT 1 FROM agent_transactions t
-                                              WHERE t.txn_id = h.resolved_txn_id AND t.kind = 'capture'
-                                                AND t.wallet_id = h.wallet_id AND -t.amount = h.captured)
-UNION ALL
-SELECT 'idempotency_key_reused', account || ' ' || idempotency_key,
-       COUNT(DISTINCT txn_id) || ' transactions under one key of one wallet'
-  FROM agent_transactions WHERE idempotency_key IS NOT NULL AND entry = 0
- GROUP BY account, idempotency_key HAVING COUNT(DISTINCT txn_id) > 1
-UNION ALL
-SELECT 'idempotency_key_reused', txn_id, COUNT(*) || ' requests claim one transaction'
-  FROM ledger_requests WHERE txn_id IS NOT NULL GROUP BY txn_id HAVING COUNT(*) > 1
-UNION ALL
-SELECT 'acknowledged_txn_missing', r.owner || ' ' || r.operation || ':' || r.idempotency_key,
-       'request names ' || r.txn_id || ', which has no entries'
-  FROM ledger_requests r
- WHERE r.txn_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM agent_transactions t WHERE t.txn_id = r.txn_id)
-UNION ALL
-SELECT 'spent_today_mismatch', agent_id, 'spent_today ' || spent_today || ' but outgoing entries that day sum to '
-       || counted
-  FROM (SELECT w.agent_id, w.spent_today,
-               COALESCE((SELECT -SUM(t.amount) FROM agent_transactions t
-                          WHERE t.wallet_id = w.id AND t.amount < 0
-                            AND t.created_at >= to_char(DATE '1970-01-01' + w.spend_day::int, 'YYYY-MM-DD')
-                                                || 'T00:00:00.000Z'
-                            AND t.created_at < to_char(DATE '1970-01-01' + (w.spend_day + 1)::int, 'YYYY-MM-DD')
-                                               || 'T00:00:00.000Z'), 0) AS counted
-          FROM agent_wallets w WHERE w.spend_day > 0) d
- WHERE spent_today != counted
-"""
+_PG_CHECKS = _checks(lambda days: f"to_char(DATE '1970-01-01' + {days}::int, 'YYYY-MM-DD') || 'T00:00:00.000Z'")

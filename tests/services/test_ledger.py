@@ -653,7 +653,9 @@ async def test_a_busy_ledger_checks_clean(ledger: LedgerService, clock: Clock) -
     assert ledger.check_ledger() == []
 
 
-@pytest.mark.parametrize(("tamper", "rule"), [
+# Each kind of damage a bug or a hand edit could do, and the rule of `check_ledger` that must name it (the same
+# statements damage either backend: tests/services/test_ledger_postgres.py runs them on PostgreSQL)
+DAMAGE = [
     ("UPDATE agent_wallets SET balance = balance + 1 WHERE agent_id = 'a'", "balance_mismatch"),
     ("UPDATE agent_transactions SET amount = amount + 1 WHERE kind = 'debit' AND entry = 1", "txn_unbalanced"),
     ("UPDATE agent_transactions SET balance_after = 1 WHERE kind = 'debit' AND entry = 0", "balance_after_mismatch"),
@@ -667,15 +669,23 @@ async def test_a_busy_ledger_checks_clean(ledger: LedgerService, clock: Clock) -
     ("DELETE FROM agent_transactions WHERE kind = 'debit'", "acknowledged_txn_missing"),
     ("UPDATE agent_wallets SET spent_today = spent_today + 1", "spent_today_mismatch"),
     ("UPDATE agent_transactions SET account = 'agent:b' WHERE kind = 'debit' AND entry = 0", "account_mismatch"),
-])
-async def test_check_ledger_names_each_kind_of_damage(ledger: LedgerService, store: Store, tamper: str,
-                                                      rule: str) -> None:
+]
+
+
+async def books_with_every_kind_of_row(ledger: LedgerService) -> None:
+    """A wallet with a debit, a captured hold and an active one: rows for every rule to look at, all sound."""
     await open_wallet(ledger, "a", 100, cap=1000)
     await ledger.debit("a", 10, idempotency_key="d", reason="r")
     hold_id = (await ledger.hold("a", 30, 60, idempotency_key="h", reason="r")).hold_id
     await ledger.capture_hold(hold_id, 5, idempotency_key="c", reason="r")
     await ledger.hold("a", 7, 60, idempotency_key="h2", reason="r")
     assert ledger.check_ledger() == []
+
+
+@pytest.mark.parametrize(("tamper", "rule"), DAMAGE)
+async def test_check_ledger_names_each_kind_of_damage(ledger: LedgerService, store: Store, tamper: str,
+                                                      rule: str) -> None:
+    await books_with_every_kind_of_row(ledger)
 
     def damage(conn: sqlite3.Connection) -> None:
         for statement in tamper.split("; "):

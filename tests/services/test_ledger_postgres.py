@@ -24,6 +24,7 @@ import pytest
 from aims_billing_mcp.errors import InsufficientFunds
 from aims_billing_mcp.services.ledger import LedgerService
 from aims_billing_mcp.store import PostgresStore
+from tests.services.test_ledger import DAMAGE, books_with_every_kind_of_row
 from tests.support.processes import rest_of, start_together
 
 WORKER = Path(__file__).parents[1] / "support" / "ledger_worker.py"
@@ -216,3 +217,22 @@ def test_a_batch_runs_its_ledger_jobs_in_wallet_order_so_concurrent_batches_lock
     finally:
         core.close()
     assert ran == ["agent-a", "agent-b", "agent-c"]
+
+
+@pytest.mark.parametrize(("tamper", "rule"), DAMAGE)
+async def test_check_ledger_on_postgresql_names_each_kind_of_damage(postgres_url: str, tamper: str, rule: str) -> None:
+    """`check_ledger` is one statement written for both backends (store/ledger.py `_checks`): each rule must fire on
+    PostgreSQL as it does on SQLite."""
+    store, ledger = instance(postgres_url)
+    try:
+        await books_with_every_kind_of_row(ledger)
+
+        def damage(tx: Any) -> None:
+            for statement in tamper.split("; "):
+                tx.execute(statement)
+
+        await store.write(damage)
+
+        assert rule in {v.rule for v in ledger.check_ledger()}
+    finally:
+        store.close()

@@ -89,6 +89,7 @@ from pydantic import ValidationError
 from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound, Refused
 from ..store import Store, Tx, dumps, new_id, utc_now
 from ..store.metering import (
+    EventsExist,
     EventStatus,
     MeterEventRow,
     OperationDelta,
@@ -650,13 +651,15 @@ class MeteringService:
         return self._draft(now, event.customer, event.units, event.operation, event.multiplier, event.identifier,
                            event.timestamp, event.agent_id, event.metadata, event.meter)
 
-    def _apply(self, tx: Tx, events: Sequence[_Event], brief: bool = False) -> list[Any]:
+    def _apply(self, tx: Tx, events: Sequence[_Event], brief: bool = False, *, look: bool = False) -> list[Any]:
         """The writer side: replays and conflicts, running totals, then every new event and total in one append.
         Each event's answer is a MeterEventResult, or with `brief` (a batch) `_brief`'s few numbers (the batch builds
         its answer from them outside the writer's turn: a thousand full results cost more than writing the
         events); conflicts are BillingErrors."""
         metering = self._store.metering
-        stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
+        stored: dict[tuple[str, str], MeterEventRow] = {}
+        if look or not metering.detects_existing:  # else the append finds them, the rare time there are any
+            stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
         totals = self._load_totals(tx, {(e.customer, e.period_start, e.meter.id) for e in events
                                         if (e.customer, e.identifier) not in stored})
         by_operation: dict[tuple[str, int, str, str], list[int]] = {}  # events, raw, weighted, overage, cents
@@ -714,13 +717,20 @@ class MeteringService:
             stored[key] = row
             outcomes.append(_brief(row, False) if brief else self._result(row, replayed=False))
         if inserts:
-            metering.append(tx, inserts, [
+            changed = [
                 PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
                                t.terms.id if t.terms else None, t.terms.tokens_per_month if t.terms else None,
                                t.terms.overage_rate if t.terms else None, meter, t.last_at)
-                for (customer, start, meter), t in totals.items() if t.changed], [
+                for (customer, start, meter), t in totals.items() if t.changed]
+            deltas = [
                 OperationDelta(customer, start, operation, n, raw, weighted, overage, cost, meter)
-                for (customer, start, operation, meter), (n, raw, weighted, overage, cost) in by_operation.items()])
+                for (customer, start, operation, meter), (n, raw, weighted, overage, cost) in by_operation.items()]
+            try:
+                metering.append(tx, inserts, changed, deltas)
+            except EventsExist:  # some were recorded before (replays or conflicts): decide again, looking first
+                if look:
+                    raise
+                return self._apply(tx, events, brief, look=True)
         return outcomes
 
     def _load_totals(self, tx: Tx, keys: set[tuple[str, int, str]]) -> dict[tuple[str, int, str], _Total]:

@@ -225,8 +225,16 @@ class OpenP2PPeriod:
 # --- the seam ---------------------------------------------------------------------------------------------------
 
 
+class EventsExist(sqlite3.IntegrityError):
+    """`append` found events already stored (a replay or a conflict) and wrote nothing: look them up and decide."""
+
+
 class MeteringStore(Protocol):
     """The metering operations every backend provides."""
+
+    #: True: `append` itself refuses events already stored, raising EventsExist before anything is written, so the
+    #: recording path decides without looking first and looks (find_events) only when told. False: it looks first.
+    detects_existing: bool
 
     # recording (in the writer's transaction)
     def find_events(self, tx: Tx, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], MeterEventRow]:
@@ -384,6 +392,7 @@ _EVENT_INSERT = (  # the state written into the text, not bound: no second tuple
     f"INSERT INTO meter_events ({_EVENT_COLUMNS}, status, attempts) "
     f"VALUES ({', '.join('?' * len(MeterEventRow._fields))}, '{EventStatus.PENDING.value}', 0)"
 )
+_EVENT_ADD = f"{_EVENT_INSERT} ON CONFLICT (identifier, customer_id) DO NOTHING"  # skipped rows are not counted
 _TOTAL_COLUMNS = ", ".join(PeriodTotalRow._fields)
 _TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction; the terms are the period's first
     f"INSERT INTO meter_usage_totals ({_TOTAL_COLUMNS}) VALUES ({', '.join('?' * len(PeriodTotalRow._fields))}) "
@@ -456,17 +465,18 @@ def _multi_row(sql: str, rows: int) -> str:
     return f"{head} VALUES {', '.join([f'({values})'] * rows)}{tail}"
 
 
-def _insert_rows(tx: Tx, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+def _insert_rows(tx: Tx, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
     """Write rows by multi-row statements of 64, 32, ... 1 rows (at most 7 statement texts a table, each prepared
     once): each statement is one sqlite3_step, so the writer thread gives the GIL up and takes it back once per
     statement, not once per row as `executemany` does: with the callers parsing their next batches meanwhile, each
     taking back may wait its turn (a profile of bench/ingest.py's service path showed the writer's executemany at
-    several times its single-thread time)."""
-    done, count = 0, len(rows)
+    several times its single-thread time). Answers how many rows were inserted or changed."""
+    done, count, changed = 0, len(rows), 0
     for size in _ROWS_PER_STATEMENT:
         while count - done >= size:
-            tx.execute(_multi_row(sql, size), list(chain.from_iterable(rows[done:done + size])))
+            changed += tx.execute(_multi_row(sql, size), list(chain.from_iterable(rows[done:done + size]))).rowcount
             done += size
+    return changed
 
 
 def _tuples(tx: Tx) -> sqlite3.Cursor:
@@ -478,6 +488,8 @@ def _tuples(tx: Tx) -> sqlite3.Cursor:
 
 
 class SqliteMeteringStore:
+    detects_existing = True  # the event INSERT's ON CONFLICT DO NOTHING counts what it skipped
+
     def __init__(self, core: StoreCore) -> None:
         self._core = core
         # The writer's memory of the totals it read or wrote (folded row plus deltas), trusted while `_seen` (the
@@ -546,7 +558,11 @@ class SqliteMeteringStore:
         the batch's deltas; for a `last` meter (`last_at` set), its absolute total and counters as before deltas.
         Then the version moves on, and the deltas are folded once there are FOLD_ROWS of them."""
         self._sync(tx)
-        _insert_rows(tx, _EVENT_INSERT, events)
+        if events:
+            last = tx.execute("SELECT MAX(id) FROM meter_events").fetchone()[0] or 0
+            if _insert_rows(tx, _EVENT_ADD, events) != len(events):  # some were there: undo ours, nothing else yet
+                tx.execute("DELETE FROM meter_events WHERE id > ?", (last,))
+                raise EventsExist("UNIQUE constraint failed: meter_events.identifier, meter_events.customer_id")
         known = self._totals
         opened: list[PeriodTotalRow] = []
         lasts: list[PeriodTotalRow] = []
@@ -899,6 +915,8 @@ class PostgresMeteringStore(SqliteMeteringStore):
     "PostgreSQL"). The SQLite store's statements serve where the dialects agree (store/postgres_sql.py); what is
     written here is what differs: the per-customer locks, COPY and array upserts, and the flusher's leases."""
 
+    detects_existing = False  # COPY fails whole on a duplicate: find_events looks first, under the customers' locks
+
     def __init__(self, core: Any, *, lease_ms: int = LEASE_MS) -> None:
         self._core = core
         self.owner = f"{os.getpid()}-{secrets.token_hex(8)}"  # this instance, as its leases name it
@@ -1125,7 +1143,7 @@ def _pg_fail(tx: Tx, reasons: dict[int, str], failed_at: int, attempts: int, cou
 
 
 __all__ = [
-    "COUNTED", "TRANSITIONS", "EventStatus", "FailureRow", "FlushRow", "MeterEventRow", "MeteringStore",
+    "COUNTED", "TRANSITIONS", "EventStatus", "EventsExist", "FailureRow", "FlushRow", "MeterEventRow", "MeteringStore",
     "OpenP2PPeriod", "OperationDelta", "OperationUsageRow", "PendingEvent", "PeriodTerms", "PeriodTotalRow",
     "PostgresMeteringStore", "SlotRow", "SqliteMeteringStore", "sources",
 ]

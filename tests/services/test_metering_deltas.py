@@ -152,3 +152,21 @@ async def test_deltas_left_unfolded_by_a_stop_are_counted_after_a_restart_and_fo
         assert answers(metering) == stored(store) == {"events": 9, "weighted_units": sum(10 + n for n in range(8)) + 3}
     finally:
         store.close()
+
+
+async def test_a_batch_holding_an_event_recorded_before_counts_its_new_events_once_and_the_replay_not_at_all(
+        store: Store) -> None:
+    """The batch is written without looking its identifiers up first; the insert finds the one recorded before, the
+    batch's writes are undone and it is decided again, looking first."""
+    metering = make_service(store)
+    first = await metering.record("cus_a", 10, operation="chat", identifier="seen")
+    events = [{"customer": "cus_a", "units": 5, "operation": "chat", "identifier": "new-1"},
+              {"customer": "cus_a", "units": 10, "operation": "chat", "identifier": "seen"},  # a replay
+              {"customer": "cus_a", "units": 11, "operation": "chat", "identifier": "seen"},  # a conflict
+              {"customer": "cus_a", "units": 7, "operation": "chat", "identifier": "new-2"}]
+
+    answer = await metering.record_many(events)
+
+    assert [r.status for r in answer.results] == ["accepted", "replayed", "refused", "accepted"]
+    assert [r.period_usage for r in answer.results] == [15, first.period_usage, None, 22]
+    assert answers(metering) == stored(store) == {"events": 3, "weighted_units": 22}

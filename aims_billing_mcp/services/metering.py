@@ -629,12 +629,13 @@ class MeteringService:
             "results": results})
 
     def _draft_of(self, item: Any, now: float) -> _Draft:
-        if isinstance(item, BillingError):
-            raise item
-        if not isinstance(item, Mapping):
-            raise InvalidInput(f"an event must be an object with create_meter_event's fields ({_INPUT_FIELDS}), not "
-                               f"{type(item).__name__}", param=None)
-        if type(item) is dict and item.keys() <= _PLAIN_FIELDS and "customer" in item and "units" in item:
+        if type(item) is not dict:  # a plain dict (every JSON object) is a Mapping: no ABC check on the hot path
+            if isinstance(item, BillingError):
+                raise item
+            if not isinstance(item, Mapping):
+                raise InvalidInput(f"an event must be an object with create_meter_event's fields ({_INPUT_FIELDS}), "
+                                   f"not {type(item).__name__}", param=None)
+        elif item.keys() <= _PLAIN_FIELDS and "customer" in item and "units" in item:
             get = item.get
             customer, units, operation, ident = get("customer"), get("units"), get("operation"), get("identifier")
             timestamp, agent_id, meter = get("timestamp"), get("agent_id"), get("meter")
@@ -737,10 +738,10 @@ class MeteringService:
         """The running totals of these (customer, period, meter) keys, read in the writer's transaction."""
         totals: dict[tuple[str, int, str], _Total] = {}
         if keys:
-            for key, row in self._store.metering.load_totals(tx, keys).items():
-                totals[key] = _Total(period_end=row.period_end, events=row.events, raw_units=row.raw_units,
-                                     weighted_units=row.weighted_units, last_at=row.last_at,
-                                     terms=self._stored_terms(row.tier, row.allowance, row.overage_rate))
+            terms = self._stored_terms
+            for key, row in self._store.metering.load_totals(tx, keys).items():  # positional: _Total's field order
+                totals[key] = _Total(row.period_end, row.events, row.raw_units, row.weighted_units, 0, 0, False,
+                                     terms(row.tier, row.allowance, row.overage_rate), row.last_at)
             for key in keys - totals.keys():
                 totals[key] = _Total()
         return totals

@@ -441,7 +441,7 @@ _TOTAL_NOW = (
     "FROM meter_usage_deltas WHERE customer_id = ? AND period_start = ? AND meter = ?) AS d ON true "
     "WHERE t.customer_id = ? AND t.period_start = ? AND t.meter = ?"
 )
-FOLD_ROWS = 2048  # deltas the writer lets gather before it folds them (every read scans at most about this many)
+FOLD_ROWS = 4096  # deltas the writer lets gather before it folds them (every read scans at most about this many)
 MAX_CACHED_TOTALS = 100_000  # totals the writer keeps in memory; past it, it forgets them all and reads again
 _TOTAL_OPEN = (  # a period's first totals row: its terms; its counts arrive as deltas
     f"INSERT INTO meter_usage_totals ({_TOTAL_COLUMNS}) VALUES ({', '.join('?' * len(PeriodTotalRow._fields))}) "

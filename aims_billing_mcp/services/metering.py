@@ -11,17 +11,19 @@ meter's Stripe event name, which the flusher sends it under.
 
 Recording. `record` validates everything it can without data (units, operation or multiplier, identifier, Stripe's
 timestamp window, the customer), then hands the event to the one writer. Inside the writer's transaction the event
-row (UNIQUE identifier, status pending), its period's running total (`meter_usage_totals`, one row per customer and
-usage period) and the period's per-operation counters (`meter_usage_by_operation`) are written together, so the
-answer (period usage, remaining allowance, overage, cost) is computed from a total no other write can interleave
-with, and never from a SUM over the period's events. The caller hears back only after COMMIT.
+row (UNIQUE identifier, status pending) and what it adds to its period's running total (`meter_usage_totals`, one row
+per customer, usage period and meter) and per-operation counters (`meter_usage_by_operation`) are written together
+(on SQLite as deltas the writer folds in later: store/metering.py, "Totals as deltas"), so the answer (period usage,
+remaining allowance, overage, cost) is computed from a total no other write can interleave with, and never from a
+SUM over the period's events. The caller hears back only after COMMIT.
 
 Sharing writer jobs. The store already commits every job that has gathered in one transaction; record goes one step
 further: each event is an item of one batch function (`store.write_item(self._apply, event)`), so the events the
-writer finds queued go to `_apply` together: one lookup of their identifiers, one read of their period totals, one
-`executemany` each for the events, the totals and the per-operation counters. Each event is still in exactly one
-call with its totals, and a replay or conflict is an answer computed in the call, not an exception, so one event
-never undoes another.
+writer finds queued go to `_apply` together: one read of their period totals (from the writer's memory on SQLite),
+one multi-row insert of the events, which also finds any recorded before (on SQLite; else one lookup of their
+identifiers first), and one of what they add to their totals. Each event is still in exactly one call with its
+totals, and a replay or conflict is an answer computed in the call, not an exception, so one event never undoes
+another: a batch the insert finds an event of is decided again, looking its identifiers up first.
 
 Batches. `record_many` (create_meter_events, POST /v1/usage/events) parses each item on its own (MeterEventInput,
 strict), checks it as `record` does, asks about each new customer once, and submits every event that passed as one

@@ -18,6 +18,25 @@ Meters (migration 0018): every event carries its meter, and the running totals a
 is its latest value (`last_at` its timestamp), not a sum: failing one of its events recounts the total from the
 latest event still counted (`_relast`) instead of subtracting.
 
+Totals as deltas (SQLite, migration 0021; bench/ingest.py (c)). A batch does not read and rewrite its periods'
+totals and operation counters row by row (an upsert per customer of the batch each, plus a read: as dear as the
+event insert itself). It appends what it adds, one `meter_usage_deltas` row per (customer, period, meter,
+operation), in the transaction that inserts its events; a period seen for the first time gets its totals row (its
+terms, counts 0) there too. Once FOLD_ROWS deltas have gathered, the writer folds them (one aggregated upsert into
+the counters, one UPDATE of the totals, DELETE, in the same transaction: what leaves the deltas arrives in the rows
+or neither does). So a period's counted usage is its totals row plus its deltas, every acknowledged event in exactly
+one of them, and every read adds the deltas (a scan: the table has no index and stays small). A `last` meter's
+total is a value, not a sum: it is written directly as before and never has deltas. Before an event leaves the
+counted usage (failing it), the deltas are folded, so the decrement finds every total in its row.
+The writer remembers the totals it read and wrote (folded row plus deltas) and answers `load_totals` from memory
+while the database is as it left it: `meter_usage_version`, which each append moves on in its own transaction (a
+transaction that rolls back leaves the old number), and SQLite's `data_version` (it changes when another connection,
+another process say, commits). Anything else makes it forget and read again.
+Duplicates are found by the event INSERT itself (`ON CONFLICT DO NOTHING`, the rows it inserted counted), not by a
+lookup of every identifier first (`detects_existing`): on the rare batch holding an event recorded before, append
+deletes what it inserted and raises EventsExist before writing anything else, and the service decides the batch
+again, looking first (find_events).
+
 PostgreSQL (`PostgresMeteringStore`, issue 15): several instances write at once, each with several writer threads,
 at READ COMMITTED, so each read-decide-write takes what it needs from the database:
 - Recording: `find_events` first takes a transaction-scoped advisory lock per customer of the batch (`meter:<cus>`,
@@ -913,7 +932,10 @@ def _statuses(states: Iterable[EventStatus]) -> list[str]:
 class PostgresMeteringStore(SqliteMeteringStore):
     """PostgreSQL: the same operations over a database several instances write at once (see the module docstring,
     "PostgreSQL"). The SQLite store's statements serve where the dialects agree (store/postgres_sql.py); what is
-    written here is what differs: the per-customer locks, COPY and array upserts, and the flusher's leases."""
+    written here is what differs: the per-customer locks, COPY and array upserts, and the flusher's leases. It writes
+    its totals and counters directly (no deltas, no totals kept in memory: several instances write at once) and looks
+    events up before appending them (`detects_existing` False); the shared reads add its deltas table, always
+    empty."""
 
     detects_existing = False  # COPY fails whole on a duplicate: find_events looks first, under the customers' locks
 

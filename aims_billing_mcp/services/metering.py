@@ -718,7 +718,8 @@ class MeteringService:
                 cost, meter.event_name, created_at, event.stripe_id, meter.id)
             inserts.append(row)
             stored[key] = row
-            outcomes.append(_brief(row, False) if brief else self._result(row, replayed=False))
+            outcomes.append((event.identifier, event.weighted_units, cost, after, terms.tokens_per_month, False)
+                            if brief else self._result(row, replayed=False))  # brief: _brief(row, False), inline
         if inserts:
             changed = [
                 PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,

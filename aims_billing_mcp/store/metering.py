@@ -586,16 +586,22 @@ class SqliteMeteringStore:
         opened: list[PeriodTotalRow] = []
         lasts: list[PeriodTotalRow] = []
         termless: list[PeriodTotalRow] = []
+        remember: list[tuple[tuple[str, int, str], PeriodTotalRow]] = []  # once the writes went through
         for row in totals:
             key = (row.customer_id, row.period_start, row.meter)
+            first = known.get(key)
+            if first is None:
+                if row.last_at is None:  # not in the database as far as this transaction read (DO NOTHING if it is)
+                    opened.append(row._replace(events=0, raw_units=0, weighted_units=0))
+            elif first.tier is None:
+                if row.tier is not None and row.last_at is None:  # a row from before terms were kept gets them
+                    termless.append(row)
+            elif first.tier != row.tier or first.allowance != row.allowance or first.overage_rate != row.overage_rate:
+                row = row._replace(tier=first.tier, allowance=first.allowance,  # the period keeps its first terms
+                                   overage_rate=first.overage_rate)
             if row.last_at is not None:
                 lasts.append(row)
-                continue
-            first = known.get(key)
-            if first is None:  # not in the database as far as this transaction read (DO NOTHING if it is)
-                opened.append(row._replace(events=0, raw_units=0, weighted_units=0))
-            elif first.tier is None and row.tier is not None:  # a row from before terms were kept gets them now
-                termless.append(row)
+            remember.append((key, row))
         if opened:
             _insert_rows(tx, _TOTAL_OPEN, opened)
         if termless:
@@ -615,15 +621,9 @@ class SqliteMeteringStore:
         version, data_version = self._seen
         tx.execute("UPDATE meter_usage_version SET version = ? WHERE id = 1", (version + 1,))
         self._seen = (version + 1, data_version)
-        if len(known) + len(totals) > MAX_CACHED_TOTALS:
+        if len(known) + len(remember) > MAX_CACHED_TOTALS:
             known.clear()
-        for row in totals:
-            key = (row.customer_id, row.period_start, row.meter)
-            first = known.get(key)
-            if first is not None and first.tier is not None and (first.tier, first.allowance, first.overage_rate) != (
-                    row.tier, row.allowance, row.overage_rate):  # the period keeps the terms of its first write
-                row = row._replace(tier=first.tier, allowance=first.allowance, overage_rate=first.overage_rate)
-            known[key] = row
+        known.update(remember)
         if self._unfolded is None:
             self._unfolded = int(tx.execute("SELECT COUNT(*) FROM meter_usage_deltas").fetchone()[0])
         else:

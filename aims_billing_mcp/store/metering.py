@@ -434,10 +434,19 @@ _DELTA_INSERT = (  # an OperationDelta as it stands: what one batch adds to one 
     "overage_units, cost_cents, meter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _FOLD = (  # the deltas into the counters and the totals (every totals row of a delta exists: see append), then none
+    # One sort of the deltas, into a temporary table of their sums per operation (the connection's own, in memory);
+    # the counters and the totals are then written from those few rows (a second GROUP BY of every delta for the
+    # totals cost a third more).
+    "CREATE TEMP TABLE IF NOT EXISTS usage_fold (customer_id TEXT, period_start INTEGER, meter TEXT, operation TEXT, "
+    "events INTEGER, raw_units INTEGER, weighted_units INTEGER, overage_units INTEGER, cost_cents INTEGER)",
+    "DELETE FROM temp.usage_fold",
+    "INSERT INTO temp.usage_fold SELECT customer_id, period_start, meter, operation, SUM(events), SUM(raw_units), "
+    "SUM(weighted_units), SUM(overage_units), SUM(cost_cents) FROM meter_usage_deltas "
+    "GROUP BY customer_id, period_start, meter, operation",
     "INSERT INTO meter_usage_by_operation (customer_id, period_start, meter, operation, events, raw_units, "
-    "weighted_units, overage_units, cost_cents) SELECT customer_id, period_start, meter, operation, SUM(events), "
-    "SUM(raw_units), SUM(weighted_units), SUM(overage_units), SUM(cost_cents) FROM meter_usage_deltas WHERE true "
-    "GROUP BY customer_id, period_start, meter, operation ON CONFLICT (customer_id, period_start, meter, operation) "
+    "weighted_units, overage_units, cost_cents) SELECT customer_id, period_start, meter, operation, events, "
+    "raw_units, weighted_units, overage_units, cost_cents FROM temp.usage_fold WHERE true "
+    "ON CONFLICT (customer_id, period_start, meter, operation) "
     "DO UPDATE SET events = meter_usage_by_operation.events + excluded.events, "
     "raw_units = meter_usage_by_operation.raw_units + excluded.raw_units, "
     "weighted_units = meter_usage_by_operation.weighted_units + excluded.weighted_units, "
@@ -447,9 +456,10 @@ _FOLD = (  # the deltas into the counters and the totals (every totals row of a 
     "raw_units = meter_usage_totals.raw_units + d.raw_units, "
     "weighted_units = meter_usage_totals.weighted_units + d.weighted_units FROM (SELECT customer_id, period_start, "
     "meter, SUM(events) AS events, SUM(raw_units) AS raw_units, SUM(weighted_units) AS weighted_units FROM "
-    "meter_usage_deltas GROUP BY customer_id, period_start, meter) AS d WHERE meter_usage_totals.customer_id = "
+    "temp.usage_fold GROUP BY customer_id, period_start, meter) AS d WHERE meter_usage_totals.customer_id = "
     "d.customer_id AND meter_usage_totals.period_start = d.period_start AND meter_usage_totals.meter = d.meter",
     "DELETE FROM meter_usage_deltas",
+    "DELETE FROM temp.usage_fold",
 )
 # A period's running total as every read sees it: its totals row plus its deltas not folded yet.
 _TOTAL_NOW = (

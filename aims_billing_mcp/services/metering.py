@@ -504,8 +504,8 @@ class MeteringService:
                             meter)
         await self._ensure_customer(draft.customer)
         event = self._event(draft, now, {})
-        result: MeterEventResult = await self._store.write_item(self._apply, event)
-        return result
+        row, replayed = await self._store.write_item(self._apply, event)
+        return self._result(row, replayed=replayed)  # built here, not in the writer's turn
 
     def _draft(self, now: float, customer: Any, units: Any, operation: Any, multiplier: Any, identifier: Any,
                timestamp: Any, agent_id: Any, metadata: Any, meter: Any = None) -> _Draft:
@@ -656,8 +656,8 @@ class MeteringService:
 
     def _apply(self, tx: Tx, events: Sequence[_Event], brief: bool = False, *, look: bool = False) -> list[Any]:
         """The writer side: replays and conflicts, running totals, then every new event and total in one append.
-        Each event's answer is a MeterEventResult, or with `brief` (a batch) `_brief`'s few numbers (the batch builds
-        its answer from them outside the writer's turn: a thousand full results cost more than writing the
+        Each event's answer is (its row, replayed), or with `brief` (a batch) `_brief`'s few numbers: the caller
+        builds its answer from them outside the writer's turn (a thousand full results cost more than writing the
         events); conflicts are BillingErrors."""
         metering = self._store.metering
         stored: dict[tuple[str, str], MeterEventRow] = {}
@@ -719,7 +719,7 @@ class MeteringService:
             inserts.append(row)
             stored[key] = row
             outcomes.append((event.identifier, event.weighted_units, cost, after, terms.tokens_per_month, False)
-                            if brief else self._result(row, replayed=False))  # brief: _brief(row, False), inline
+                            if brief else (row, False))  # brief: _brief(row, False), inline
         if inserts:
             changed = [
                 PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
@@ -771,7 +771,7 @@ class MeteringService:
                 f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
                 "use a new identifier for new usage, or resend exactly the first event to get its result",
                 param="identifier", identifier=event.identifier)
-        return _brief(prior, True) if brief else self._result(prior, replayed=True)
+        return _brief(prior, True) if brief else (prior, True)
 
     def _result(self, row: MeterEventRow, *, replayed: bool) -> MeterEventResult:
         after, allowance, rate = row.period_units_after, row.allowance, row.overage_rate

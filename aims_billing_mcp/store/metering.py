@@ -470,6 +470,9 @@ _TOTAL_NOW = (
     "FROM meter_usage_deltas WHERE customer_id = ? AND period_start = ? AND meter = ?) AS d ON true "
     "WHERE t.customer_id = ? AND t.period_start = ? AND t.meter = ?"
 )
+_SYNC = "SELECT version, (SELECT data_version FROM pragma_data_version()) FROM meter_usage_version WHERE id = 1"
+_SYNC_NEWEST = ("SELECT version, (SELECT data_version FROM pragma_data_version()), (SELECT MAX(id) FROM meter_events) "
+                "FROM meter_usage_version WHERE id = 1")
 FOLD_ROWS = 4096  # deltas the writer lets gather before it folds them (every read scans at most about this many)
 MAX_CACHED_TOTALS = 100_000  # totals the writer keeps in memory; past it, it forgets them all and reads again
 _TOTAL_OPEN = (  # a period's first totals row: its terms; its counts arrive as deltas
@@ -586,12 +589,10 @@ class SqliteMeteringStore:
         """The events; for a sum or count meter, a totals row for a period that has none (its terms, counts 0) and
         the batch's deltas; for a `last` meter (`last_at` set), its absolute total and counters as before deltas.
         Then the version moves on, and the deltas are folded once there are FOLD_ROWS of them."""
-        self._sync(tx)
-        if events:
-            last = tx.execute("SELECT MAX(id) FROM meter_events").fetchone()[0] or 0
-            if _insert_rows(tx, _EVENT_ADD, events) != len(events):  # some were there: undo ours, nothing else yet
-                tx.execute("DELETE FROM meter_events WHERE id > ?", (last,))
-                raise EventsExist("UNIQUE constraint failed: meter_events.identifier, meter_events.customer_id")
+        last = self._sync(tx, newest=True)
+        if events and _insert_rows(tx, _EVENT_ADD, events) != len(events):  # some were there: undo ours only
+            tx.execute("DELETE FROM meter_events WHERE id > ?", (last,))
+            raise EventsExist("UNIQUE constraint failed: meter_events.identifier, meter_events.customer_id")
         known = self._totals
         opened: list[PeriodTotalRow] = []
         lasts: list[PeriodTotalRow] = []
@@ -648,17 +649,18 @@ class SqliteMeteringStore:
             tx.execute(statement)
         self._unfolded = 0
 
-    def _sync(self, tx: Tx) -> None:
+    def _sync(self, tx: Tx, *, newest: bool = False) -> int:
         """Forget the totals in memory unless the database is as this writer left it: the same meter_usage_version
         (a transaction of ours that rolled back leaves the old number) and the same data_version (no other
-        connection, another process say, committed since)."""
-        row = tx.execute("SELECT version, (SELECT data_version FROM pragma_data_version()) FROM meter_usage_version "
-                         "WHERE id = 1").fetchone()
+        connection, another process say, committed since). With `newest`, answers the newest event id (0: none) in
+        the same statement."""
+        row = tx.execute(_SYNC_NEWEST if newest else _SYNC).fetchone()
         seen = (int(row[0]), int(row[1]))
         if seen != self._seen:
             self._totals.clear()
             self._seen = seen
             self._unfolded = None
+        return int(row[2] or 0) if newest else 0
 
     def _forget(self, tx: Tx) -> None:
         """Before a change to totals or counters outside append (failing events): fold, so every total is its row,

@@ -573,13 +573,18 @@ class MeteringService:
                                f"of {limit}", param="events")
         now = self._clock()
         drafts: list[_Draft | BillingError] = []
+        known = self._known
+        fresh: dict[str, None] = {}  # customers not known yet, in order: the known ones need no question (nor a task)
         for item in items:
             try:
-                drafts.append(self._draft_of(item, now))
+                made = self._draft_of(item, now)
             except BillingError as exc:
                 drafts.append(exc)
-        customers = [c for c in dict.fromkeys(d.customer for d in drafts if isinstance(d, _Draft))
-                     if c not in self._known]  # the known ones need no question (nor a task each)
+                continue
+            drafts.append(made)
+            if made.customer not in known:
+                fresh[made.customer] = None
+        customers = list(fresh)
         verdicts = await asyncio.gather(*(self._ensure_customer(c) for c in customers), return_exceptions=True)
         unknown: dict[str, BillingError] = {}
         for customer, verdict in zip(customers, verdicts, strict=True):
@@ -599,7 +604,7 @@ class MeteringService:
                 outcomes.append(draft)
         del drafts  # not kept alive over the write: objects that outlive a collection are promoted, and
         # promotions are what make the collector scan the whole heap (bench/ingest.py: several us an event)
-        events = [outcome for outcome in outcomes if isinstance(outcome, _Event)]
+        events = [outcome for outcome in outcomes if type(outcome) is _Event]
         applied: list[Any] = []
         if events:
             # trusted (no savepoint of its own): _apply decides everything before its one append, and should the
@@ -609,9 +614,10 @@ class MeteringService:
         results: list[dict[str, Any]] = []
         accepted = replayed = weighted = cost = 0
         for index, outcome in enumerate(outcomes):
-            answer = next(answers) if isinstance(outcome, _Event) else outcome
-            if isinstance(answer, BillingError):
-                ident = outcome.identifier if isinstance(outcome, _Event) else _given_identifier(items[index])
+            answer = next(answers) if type(outcome) is _Event else outcome
+            if type(answer) is not tuple:  # a BillingError: the event's own refusal, or the writer's conflict
+                assert isinstance(answer, BillingError)
+                ident = outcome.identifier if type(outcome) is _Event else _given_identifier(items[index])
                 results.append({"index": index, "status": "refused", "identifier": ident, "error": {
                     "code": answer.code, "field": answer.param, "message": answer.message}})
                 continue

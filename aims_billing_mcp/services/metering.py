@@ -11,17 +11,19 @@ meter's Stripe event name, which the flusher sends it under.
 
 Recording. `record` validates everything it can without data (units, operation or multiplier, identifier, Stripe's
 timestamp window, the customer), then hands the event to the one writer. Inside the writer's transaction the event
-row (UNIQUE identifier, status pending), its period's running total (`meter_usage_totals`, one row per customer and
-usage period) and the period's per-operation counters (`meter_usage_by_operation`) are written together, so the
-answer (period usage, remaining allowance, overage, cost) is computed from a total no other write can interleave
-with, and never from a SUM over the period's events. The caller hears back only after COMMIT.
+row (UNIQUE identifier, status pending) and what it adds to its period's running total (`meter_usage_totals`, one row
+per customer, usage period and meter) and per-operation counters (`meter_usage_by_operation`) are written together
+(on SQLite as deltas the writer folds in later: store/metering.py, "Totals as deltas"), so the answer (period usage,
+remaining allowance, overage, cost) is computed from a total no other write can interleave with, and never from a
+SUM over the period's events. The caller hears back only after COMMIT.
 
 Sharing writer jobs. The store already commits every job that has gathered in one transaction; record goes one step
 further: each event is an item of one batch function (`store.write_item(self._apply, event)`), so the events the
-writer finds queued go to `_apply` together: one lookup of their identifiers, one read of their period totals, one
-`executemany` each for the events, the totals and the per-operation counters. Each event is still in exactly one
-call with its totals, and a replay or conflict is an answer computed in the call, not an exception, so one event
-never undoes another.
+writer finds queued go to `_apply` together: one read of their period totals (from the writer's memory on SQLite),
+one multi-row insert of the events, which also finds any recorded before (on SQLite; else one lookup of their
+identifiers first), and one of what they add to their totals. Each event is still in exactly one call with its
+totals, and a replay or conflict is an answer computed in the call, not an exception, so one event never undoes
+another: a batch the insert finds an event of is decided again, looking its identifiers up first.
 
 Batches. `record_many` (create_meter_events, POST /v1/usage/events) parses each item on its own (MeterEventInput,
 strict), checks it as `record` does, asks about each new customer once, and submits every event that passed as one
@@ -89,6 +91,7 @@ from pydantic import ValidationError
 from ..errors import BillingError, IdempotencyConflict, InvalidInput, LimitReached, NotFound, Refused
 from ..store import Store, Tx, dumps, new_id, utc_now
 from ..store.metering import (
+    EventsExist,
     EventStatus,
     MeterEventRow,
     OperationDelta,
@@ -501,8 +504,8 @@ class MeteringService:
                             meter)
         await self._ensure_customer(draft.customer)
         event = self._event(draft, now, {})
-        result: MeterEventResult = await self._store.write_item(self._apply, event)
-        return result
+        row, replayed = await self._store.write_item(self._apply, event)
+        return self._result(row, replayed=replayed)  # built here, not in the writer's turn
 
     def _draft(self, now: float, customer: Any, units: Any, operation: Any, multiplier: Any, identifier: Any,
                timestamp: Any, agent_id: Any, metadata: Any, meter: Any = None) -> _Draft:
@@ -570,13 +573,18 @@ class MeteringService:
                                f"of {limit}", param="events")
         now = self._clock()
         drafts: list[_Draft | BillingError] = []
+        known = self._known
+        fresh: dict[str, None] = {}  # customers not known yet, in order: the known ones need no question (nor a task)
         for item in items:
             try:
-                drafts.append(self._draft_of(item, now))
+                made = self._draft_of(item, now)
             except BillingError as exc:
                 drafts.append(exc)
-        customers = [c for c in dict.fromkeys(d.customer for d in drafts if isinstance(d, _Draft))
-                     if c not in self._known]  # the known ones need no question (nor a task each)
+                continue
+            drafts.append(made)
+            if made.customer not in known:
+                fresh[made.customer] = None
+        customers = list(fresh)
         verdicts = await asyncio.gather(*(self._ensure_customer(c) for c in customers), return_exceptions=True)
         unknown: dict[str, BillingError] = {}
         for customer, verdict in zip(customers, verdicts, strict=True):
@@ -596,7 +604,7 @@ class MeteringService:
                 outcomes.append(draft)
         del drafts  # not kept alive over the write: objects that outlive a collection are promoted, and
         # promotions are what make the collector scan the whole heap (bench/ingest.py: several us an event)
-        events = [outcome for outcome in outcomes if isinstance(outcome, _Event)]
+        events = [outcome for outcome in outcomes if type(outcome) is _Event]
         applied: list[Any] = []
         if events:
             # trusted (no savepoint of its own): _apply decides everything before its one append, and should the
@@ -606,9 +614,10 @@ class MeteringService:
         results: list[dict[str, Any]] = []
         accepted = replayed = weighted = cost = 0
         for index, outcome in enumerate(outcomes):
-            answer = next(answers) if isinstance(outcome, _Event) else outcome
-            if isinstance(answer, BillingError):
-                ident = outcome.identifier if isinstance(outcome, _Event) else _given_identifier(items[index])
+            answer = next(answers) if type(outcome) is _Event else outcome
+            if type(answer) is not tuple:  # a BillingError: the event's own refusal, or the writer's conflict
+                assert isinstance(answer, BillingError)
+                ident = outcome.identifier if type(outcome) is _Event else _given_identifier(items[index])
                 results.append({"index": index, "status": "refused", "identifier": ident, "error": {
                     "code": answer.code, "field": answer.param, "message": answer.message}})
                 continue
@@ -628,12 +637,13 @@ class MeteringService:
             "results": results})
 
     def _draft_of(self, item: Any, now: float) -> _Draft:
-        if isinstance(item, BillingError):
-            raise item
-        if not isinstance(item, Mapping):
-            raise InvalidInput(f"an event must be an object with create_meter_event's fields ({_INPUT_FIELDS}), not "
-                               f"{type(item).__name__}", param=None)
-        if type(item) is dict and item.keys() <= _PLAIN_FIELDS and "customer" in item and "units" in item:
+        if type(item) is not dict:  # a plain dict (every JSON object) is a Mapping: no ABC check on the hot path
+            if isinstance(item, BillingError):
+                raise item
+            if not isinstance(item, Mapping):
+                raise InvalidInput(f"an event must be an object with create_meter_event's fields ({_INPUT_FIELDS}), "
+                                   f"not {type(item).__name__}", param=None)
+        elif item.keys() <= _PLAIN_FIELDS and "customer" in item and "units" in item:
             get = item.get
             customer, units, operation, ident = get("customer"), get("units"), get("operation"), get("identifier")
             timestamp, agent_id, meter = get("timestamp"), get("agent_id"), get("meter")
@@ -650,13 +660,15 @@ class MeteringService:
         return self._draft(now, event.customer, event.units, event.operation, event.multiplier, event.identifier,
                            event.timestamp, event.agent_id, event.metadata, event.meter)
 
-    def _apply(self, tx: Tx, events: Sequence[_Event], brief: bool = False) -> list[Any]:
+    def _apply(self, tx: Tx, events: Sequence[_Event], brief: bool = False, *, look: bool = False) -> list[Any]:
         """The writer side: replays and conflicts, running totals, then every new event and total in one append.
-        Each event's answer is a MeterEventResult, or with `brief` (a batch) `_brief`'s few numbers (the batch builds
-        its answer from them outside the writer's turn: a thousand full results cost more than writing the
+        Each event's answer is (its row, replayed), or with `brief` (a batch) `_brief`'s few numbers: the caller
+        builds its answer from them outside the writer's turn (a thousand full results cost more than writing the
         events); conflicts are BillingErrors."""
         metering = self._store.metering
-        stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
+        stored: dict[tuple[str, str], MeterEventRow] = {}
+        if look or not metering.detects_existing:  # else the append finds them, the rare time there are any
+            stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
         totals = self._load_totals(tx, {(e.customer, e.period_start, e.meter.id) for e in events
                                         if (e.customer, e.identifier) not in stored})
         by_operation: dict[tuple[str, int, str, str], list[int]] = {}  # events, raw, weighted, overage, cents
@@ -712,25 +724,33 @@ class MeteringService:
                 cost, meter.event_name, created_at, event.stripe_id, meter.id)
             inserts.append(row)
             stored[key] = row
-            outcomes.append(_brief(row, False) if brief else self._result(row, replayed=False))
+            outcomes.append((event.identifier, event.weighted_units, cost, after, terms.tokens_per_month, False)
+                            if brief else (row, False))  # brief: _brief(row, False), inline
         if inserts:
-            metering.append(tx, inserts, [
+            changed = [
                 PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
                                t.terms.id if t.terms else None, t.terms.tokens_per_month if t.terms else None,
                                t.terms.overage_rate if t.terms else None, meter, t.last_at)
-                for (customer, start, meter), t in totals.items() if t.changed], [
+                for (customer, start, meter), t in totals.items() if t.changed]
+            deltas = [
                 OperationDelta(customer, start, operation, n, raw, weighted, overage, cost, meter)
-                for (customer, start, operation, meter), (n, raw, weighted, overage, cost) in by_operation.items()])
+                for (customer, start, operation, meter), (n, raw, weighted, overage, cost) in by_operation.items()]
+            try:
+                metering.append(tx, inserts, changed, deltas)
+            except EventsExist:  # some were recorded before (replays or conflicts): decide again, looking first
+                if look:
+                    raise
+                return self._apply(tx, events, brief, look=True)
         return outcomes
 
     def _load_totals(self, tx: Tx, keys: set[tuple[str, int, str]]) -> dict[tuple[str, int, str], _Total]:
         """The running totals of these (customer, period, meter) keys, read in the writer's transaction."""
         totals: dict[tuple[str, int, str], _Total] = {}
         if keys:
-            for key, row in self._store.metering.load_totals(tx, keys).items():
-                totals[key] = _Total(period_end=row.period_end, events=row.events, raw_units=row.raw_units,
-                                     weighted_units=row.weighted_units, last_at=row.last_at,
-                                     terms=self._stored_terms(row.tier, row.allowance, row.overage_rate))
+            terms = self._stored_terms
+            for key, row in self._store.metering.load_totals(tx, keys).items():  # positional: _Total's field order
+                totals[key] = _Total(row.period_end, row.events, row.raw_units, row.weighted_units, 0, 0, False,
+                                     terms(row.tier, row.allowance, row.overage_rate), row.last_at)
             for key in keys - totals.keys():
                 totals[key] = _Total()
         return totals
@@ -757,7 +777,7 @@ class MeteringService:
                 f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
                 "use a new identifier for new usage, or resend exactly the first event to get its result",
                 param="identifier", identifier=event.identifier)
-        return _brief(prior, True) if brief else self._result(prior, replayed=True)
+        return _brief(prior, True) if brief else (prior, True)
 
     def _result(self, row: MeterEventRow, *, replayed: bool) -> MeterEventResult:
         after, allowance, rate = row.period_units_after, row.allowance, row.overage_rate

@@ -18,6 +18,25 @@ Meters (migration 0018): every event carries its meter, and the running totals a
 is its latest value (`last_at` its timestamp), not a sum: failing one of its events recounts the total from the
 latest event still counted (`_relast`) instead of subtracting.
 
+Totals as deltas (SQLite, migration 0021; bench/ingest.py (c)). A batch does not read and rewrite its periods'
+totals and operation counters row by row (an upsert per customer of the batch each, plus a read: as dear as the
+event insert itself). It appends what it adds, one `meter_usage_deltas` row per (customer, period, meter,
+operation), in the transaction that inserts its events; a period seen for the first time gets its totals row (its
+terms, counts 0) there too. Once FOLD_ROWS deltas have gathered, the writer folds them (one aggregated upsert into
+the counters, one UPDATE of the totals, DELETE, in the same transaction: what leaves the deltas arrives in the rows
+or neither does). So a period's counted usage is its totals row plus its deltas, every acknowledged event in exactly
+one of them, and every read adds the deltas (a scan: the table has no index and stays small). A `last` meter's
+total is a value, not a sum: it is written directly as before and never has deltas. Before an event leaves the
+counted usage (failing it), the deltas are folded, so the decrement finds every total in its row.
+The writer remembers the totals it read and wrote (folded row plus deltas) and answers `load_totals` from memory
+while the database is as it left it: `meter_usage_version`, which each append moves on in its own transaction (a
+transaction that rolls back leaves the old number), and SQLite's `data_version` (it changes when another connection,
+another process say, commits). Anything else makes it forget and read again.
+Duplicates are found by the event INSERT itself (`ON CONFLICT DO NOTHING`, the rows it inserted counted), not by a
+lookup of every identifier first (`detects_existing`): on the rare batch holding an event recorded before, append
+deletes what it inserted and raises EventsExist before writing anything else, and the service decides the batch
+again, looking first (find_events).
+
 PostgreSQL (`PostgresMeteringStore`, issue 15): several instances write at once, each with several writer threads,
 at READ COMMITTED, so each read-decide-write takes what it needs from the database:
 - Recording: `find_events` first takes a transaction-scoped advisory lock per customer of the batch (`meter:<cus>`,
@@ -225,8 +244,16 @@ class OpenP2PPeriod:
 # --- the seam ---------------------------------------------------------------------------------------------------
 
 
+class EventsExist(sqlite3.IntegrityError):
+    """`append` found events already stored (a replay or a conflict) and wrote nothing: look them up and decide."""
+
+
 class MeteringStore(Protocol):
     """The metering operations every backend provides."""
+
+    #: True: `append` itself refuses events already stored, raising EventsExist before anything is written, so the
+    #: recording path decides without looking first and looks (find_events) only when told. False: it looks first.
+    detects_existing: bool
 
     # recording (in the writer's transaction)
     def find_events(self, tx: Tx, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], MeterEventRow]:
@@ -240,7 +267,9 @@ class MeteringStore(Protocol):
     def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
                operations: Sequence[OperationDelta]) -> None:
         """Insert new events (pending, no attempt yet; IntegrityError if a (identifier, customer) exists), set
-        each total to its absolute values (a period keeps the terms of its first write), add each delta."""
+        each total to its absolute values (a period keeps the terms of its first write), add each delta. Each total
+        is what `load_totals` answered for its key in this transaction (or nothing) plus its key's deltas (a `last`
+        meter's: its new value), and each delta's key has its total here: a backend may write either side."""
         ...
 
     def remember_customer(self, tx: Tx, customer: str, verified_at: int) -> None:
@@ -382,6 +411,7 @@ _EVENT_INSERT = (  # the state written into the text, not bound: no second tuple
     f"INSERT INTO meter_events ({_EVENT_COLUMNS}, status, attempts) "
     f"VALUES ({', '.join('?' * len(MeterEventRow._fields))}, '{EventStatus.PENDING.value}', 0)"
 )
+_EVENT_ADD = f"{_EVENT_INSERT} ON CONFLICT (identifier, customer_id) DO NOTHING"  # skipped rows are not counted
 _TOTAL_COLUMNS = ", ".join(PeriodTotalRow._fields)
 _TOTAL_UPSERT = (  # absolute values, read and computed in the same transaction; the terms are the period's first
     f"INSERT INTO meter_usage_totals ({_TOTAL_COLUMNS}) VALUES ({', '.join('?' * len(PeriodTotalRow._fields))}) "
@@ -398,6 +428,56 @@ _OPERATION_ADD = (  # increments: nothing to read first
     "ON CONFLICT (customer_id, period_start, meter, operation) DO UPDATE SET events = events + excluded.events, "
     "raw_units = raw_units + excluded.raw_units, weighted_units = weighted_units + excluded.weighted_units, "
     "overage_units = overage_units + excluded.overage_units, cost_cents = cost_cents + excluded.cost_cents"
+)
+_DELTA_INSERT = (  # an OperationDelta as it stands: what one batch adds to one (customer, period, meter, operation)
+    "INSERT INTO meter_usage_deltas (customer_id, period_start, operation, events, raw_units, weighted_units, "
+    "overage_units, cost_cents, meter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_FOLD = (  # the deltas into the counters and the totals (every totals row of a delta exists: see append), then none
+    # One sort of the deltas, into a temporary table of their sums per operation (the connection's own, in memory);
+    # the counters and the totals are then written from those few rows (a second GROUP BY of every delta for the
+    # totals cost a third more).
+    "CREATE TEMP TABLE IF NOT EXISTS usage_fold (customer_id TEXT, period_start INTEGER, meter TEXT, operation TEXT, "
+    "events INTEGER, raw_units INTEGER, weighted_units INTEGER, overage_units INTEGER, cost_cents INTEGER)",
+    "DELETE FROM temp.usage_fold",
+    "INSERT INTO temp.usage_fold SELECT customer_id, period_start, meter, operation, SUM(events), SUM(raw_units), "
+    "SUM(weighted_units), SUM(overage_units), SUM(cost_cents) FROM meter_usage_deltas "
+    "GROUP BY customer_id, period_start, meter, operation",
+    "INSERT INTO meter_usage_by_operation (customer_id, period_start, meter, operation, events, raw_units, "
+    "weighted_units, overage_units, cost_cents) SELECT customer_id, period_start, meter, operation, events, "
+    "raw_units, weighted_units, overage_units, cost_cents FROM temp.usage_fold WHERE true "
+    "ON CONFLICT (customer_id, period_start, meter, operation) "
+    "DO UPDATE SET events = meter_usage_by_operation.events + excluded.events, "
+    "raw_units = meter_usage_by_operation.raw_units + excluded.raw_units, "
+    "weighted_units = meter_usage_by_operation.weighted_units + excluded.weighted_units, "
+    "overage_units = meter_usage_by_operation.overage_units + excluded.overage_units, "
+    "cost_cents = meter_usage_by_operation.cost_cents + excluded.cost_cents",
+    "UPDATE meter_usage_totals SET events = meter_usage_totals.events + d.events, "
+    "raw_units = meter_usage_totals.raw_units + d.raw_units, "
+    "weighted_units = meter_usage_totals.weighted_units + d.weighted_units FROM (SELECT customer_id, period_start, "
+    "meter, SUM(events) AS events, SUM(raw_units) AS raw_units, SUM(weighted_units) AS weighted_units FROM "
+    "temp.usage_fold GROUP BY customer_id, period_start, meter) AS d WHERE meter_usage_totals.customer_id = "
+    "d.customer_id AND meter_usage_totals.period_start = d.period_start AND meter_usage_totals.meter = d.meter",
+    "DELETE FROM meter_usage_deltas",
+    "DELETE FROM temp.usage_fold",
+)
+# A period's running total as every read sees it: its totals row plus its deltas not folded yet.
+_TOTAL_NOW = (
+    "SELECT t.customer_id, t.period_start, t.period_end, t.events + COALESCE(d.events, 0) AS events, "
+    "t.raw_units + COALESCE(d.raw_units, 0) AS raw_units, t.weighted_units + COALESCE(d.weighted_units, 0) AS "
+    "weighted_units, t.tier, t.allowance, t.overage_rate, t.meter, t.last_at FROM meter_usage_totals AS t "
+    "LEFT JOIN (SELECT SUM(events) AS events, SUM(raw_units) AS raw_units, SUM(weighted_units) AS weighted_units "
+    "FROM meter_usage_deltas WHERE customer_id = ? AND period_start = ? AND meter = ?) AS d ON true "
+    "WHERE t.customer_id = ? AND t.period_start = ? AND t.meter = ?"
+)
+_SYNC = "SELECT version, (SELECT data_version FROM pragma_data_version()) FROM meter_usage_version WHERE id = 1"
+_SYNC_NEWEST = ("SELECT version, (SELECT data_version FROM pragma_data_version()), (SELECT MAX(id) FROM meter_events) "
+                "FROM meter_usage_version WHERE id = 1")
+FOLD_ROWS = 4096  # deltas the writer lets gather before it folds them (every read scans at most about this many)
+MAX_CACHED_TOTALS = 100_000  # totals the writer keeps in memory; past it, it forgets them all and reads again
+_TOTAL_OPEN = (  # a period's first totals row: its terms; its counts arrive as deltas
+    f"INSERT INTO meter_usage_totals ({_TOTAL_COLUMNS}) VALUES ({', '.join('?' * len(PeriodTotalRow._fields))}) "
+    "ON CONFLICT (customer_id, period_start, meter) DO NOTHING"
 )
 _P2P = "p2p"  # literal in SQL: the partial index meter_usage_totals_p2p_open names it so
 
@@ -417,17 +497,18 @@ def _multi_row(sql: str, rows: int) -> str:
     return f"{head} VALUES {', '.join([f'({values})'] * rows)}{tail}"
 
 
-def _insert_rows(tx: Tx, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+def _insert_rows(tx: Tx, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
     """Write rows by multi-row statements of 64, 32, ... 1 rows (at most 7 statement texts a table, each prepared
     once): each statement is one sqlite3_step, so the writer thread gives the GIL up and takes it back once per
     statement, not once per row as `executemany` does: with the callers parsing their next batches meanwhile, each
     taking back may wait its turn (a profile of bench/ingest.py's service path showed the writer's executemany at
-    several times its single-thread time)."""
-    done, count = 0, len(rows)
+    several times its single-thread time). Answers how many rows were inserted or changed."""
+    done, count, changed = 0, len(rows), 0
     for size in _ROWS_PER_STATEMENT:
         while count - done >= size:
-            tx.execute(_multi_row(sql, size), list(chain.from_iterable(rows[done:done + size])))
+            changed += tx.execute(_multi_row(sql, size), list(chain.from_iterable(rows[done:done + size]))).rowcount
             done += size
+    return changed
 
 
 def _tuples(tx: Tx) -> sqlite3.Cursor:
@@ -439,8 +520,15 @@ def _tuples(tx: Tx) -> sqlite3.Cursor:
 
 
 class SqliteMeteringStore:
+    detects_existing = True  # the event INSERT's ON CONFLICT DO NOTHING counts what it skipped
+
     def __init__(self, core: StoreCore) -> None:
         self._core = core
+        # The writer's memory of the totals it read or wrote (folded row plus deltas), trusted while `_seen` (the
+        # database's meter_usage_version and this connection's data_version) is what it left: see `_sync`.
+        self._totals: dict[tuple[str, int, str], PeriodTotalRow] = {}
+        self._seen: tuple[int, int] | None = None
+        self._unfolded: int | None = None  # deltas not folded yet (None: not known, count them)
 
     # --- recording -------------------------------------------------------------------------------------------
 
@@ -457,23 +545,129 @@ class SqliteMeteringStore:
         return found
 
     def load_totals(self, tx: Tx, keys: set[tuple[str, int, str]]) -> dict[tuple[str, int, str], PeriodTotalRow]:
+        """From the writer's memory when it holds them (see `_sync`), else the totals rows plus their deltas."""
         totals: dict[tuple[str, int, str], PeriodTotalRow] = {}
         if not keys:
             return totals
-        customers = list({key[0] for key in keys})
-        starts = list({key[1] for key in keys})
+        self._sync(tx)
+        known = self._totals
+        missing = []
+        for key in keys:
+            row = known.get(key)
+            if row is None:
+                missing.append(key)
+            else:
+                totals[key] = row
+        if not missing:
+            return totals
+        wanted = set(missing)
+        customers = list({key[0] for key in wanted})
+        starts = list({key[1] for key in wanted})
         for row in _tuples(tx).execute(  # customer IN (...) AND start IN (...): a superset the primary key finds
                 f"SELECT {_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id IN ({_marks(customers)}) AND "
                 f"period_start IN ({_marks(starts)})", (*customers, *starts)):
-            if (row[0], row[1], row[9]) in keys:
+            if (row[0], row[1], row[9]) in wanted:
                 totals[(row[0], row[1], row[9])] = PeriodTotalRow._make(row)
+        if self._unfolded != 0:  # the deltas not folded yet (a scan: the fold keeps them few)
+            for customer, start, meter, events, raw, weighted in _tuples(tx).execute(
+                    "SELECT customer_id, period_start, meter, SUM(events), SUM(raw_units), SUM(weighted_units) FROM "
+                    "meter_usage_deltas GROUP BY customer_id, period_start, meter"):
+                key = (customer, start, meter)
+                row = totals.get(key) if key in wanted else None
+                if row is not None:
+                    totals[key] = row._replace(events=row.events + events, raw_units=row.raw_units + raw,
+                                               weighted_units=row.weighted_units + weighted)
+        if len(known) + len(missing) > MAX_CACHED_TOTALS:
+            known.clear()
+        for key in missing:
+            if key in totals:
+                known[key] = totals[key]
         return totals
 
     def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
                operations: Sequence[OperationDelta]) -> None:
-        _insert_rows(tx, _EVENT_INSERT, events)
-        _insert_rows(tx, _TOTAL_UPSERT, totals)
-        _insert_rows(tx, _OPERATION_ADD, operations)
+        """The events; for a sum or count meter, a totals row for a period that has none (its terms, counts 0) and
+        the batch's deltas; for a `last` meter (`last_at` set), its absolute total and counters as before deltas.
+        Then the version moves on, and the deltas are folded once there are FOLD_ROWS of them."""
+        last = self._sync(tx, newest=True)
+        if events and _insert_rows(tx, _EVENT_ADD, events) != len(events):  # some were there: undo ours only
+            tx.execute("DELETE FROM meter_events WHERE id > ?", (last,))
+            raise EventsExist("UNIQUE constraint failed: meter_events.identifier, meter_events.customer_id")
+        known = self._totals
+        opened: list[PeriodTotalRow] = []
+        lasts: list[PeriodTotalRow] = []
+        termless: list[PeriodTotalRow] = []
+        remember: list[tuple[tuple[str, int, str], PeriodTotalRow]] = []  # once the writes went through
+        for row in totals:
+            key = (row.customer_id, row.period_start, row.meter)
+            first = known.get(key)
+            if first is None:
+                if row.last_at is None:  # not in the database as far as this transaction read (DO NOTHING if it is)
+                    opened.append(row._replace(events=0, raw_units=0, weighted_units=0))
+            elif first.tier is None:
+                if row.tier is not None and row.last_at is None:  # a row from before terms were kept gets them
+                    termless.append(row)
+            elif first.tier != row.tier or first.allowance != row.allowance or first.overage_rate != row.overage_rate:
+                row = row._replace(tier=first.tier, allowance=first.allowance,  # the period keeps its first terms
+                                   overage_rate=first.overage_rate)
+            if row.last_at is not None:
+                lasts.append(row)
+            remember.append((key, row))
+        if opened:
+            _insert_rows(tx, _TOTAL_OPEN, opened)
+        if termless:
+            tx.executemany(
+                "UPDATE meter_usage_totals SET tier = COALESCE(tier, ?), allowance = COALESCE(allowance, ?), "
+                "overage_rate = COALESCE(overage_rate, ?) WHERE customer_id = ? AND period_start = ? AND meter = ?",
+                [(r.tier, r.allowance, r.overage_rate, r.customer_id, r.period_start, r.meter) for r in termless])
+        deltas: Sequence[OperationDelta] = operations
+        if lasts:
+            _insert_rows(tx, _TOTAL_UPSERT, lasts)
+            gauges = {(row.customer_id, row.period_start, row.meter) for row in lasts}
+            _insert_rows(tx, _OPERATION_ADD, [d for d in operations
+                                              if (d.customer_id, d.period_start, d.meter) in gauges])
+            deltas = [d for d in operations if (d.customer_id, d.period_start, d.meter) not in gauges]
+        _insert_rows(tx, _DELTA_INSERT, deltas)
+        assert self._seen is not None
+        version, data_version = self._seen
+        tx.execute("UPDATE meter_usage_version SET version = ? WHERE id = 1", (version + 1,))
+        self._seen = (version + 1, data_version)
+        if len(known) + len(remember) > MAX_CACHED_TOTALS:
+            known.clear()
+        known.update(remember)
+        if self._unfolded is None:
+            self._unfolded = int(tx.execute("SELECT COUNT(*) FROM meter_usage_deltas").fetchone()[0])
+        else:
+            self._unfolded += len(deltas)
+        if self._unfolded >= FOLD_ROWS:
+            self.fold(tx)
+
+    def fold(self, tx: Tx) -> None:
+        """Fold every delta into its counters and totals row, in the caller's transaction (the sums stay the same:
+        what leaves the deltas arrives in the rows, or neither does)."""
+        for statement in _FOLD:
+            tx.execute(statement)
+        self._unfolded = 0
+
+    def _sync(self, tx: Tx, *, newest: bool = False) -> int:
+        """Forget the totals in memory unless the database is as this writer left it: the same meter_usage_version
+        (a transaction of ours that rolled back leaves the old number) and the same data_version (no other
+        connection, another process say, committed since). With `newest`, answers the newest event id (0: none) in
+        the same statement."""
+        row = tx.execute(_SYNC_NEWEST if newest else _SYNC).fetchone()
+        seen = (int(row[0]), int(row[1]))
+        if seen != self._seen:
+            self._totals.clear()
+            self._seen = seen
+            self._unfolded = None
+        return int(row[2] or 0) if newest else 0
+
+    def _forget(self, tx: Tx) -> None:
+        """Before a change to totals or counters outside append (failing events): fold, so every total is its row,
+        and forget the totals in memory."""
+        self._sync(tx)
+        self.fold(tx)
+        self._totals.clear()
 
     def remember_customer(self, tx: Tx, customer: str, verified_at: int) -> None:
         tx.execute("INSERT INTO meter_customers (customer_id, verified_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
@@ -488,17 +682,21 @@ class SqliteMeteringStore:
 
     def period_total(self, customer: str, period_start: int,
                      meter: str = DEFAULT_METER) -> PeriodTotalRow | None:
-        row = self._core.query_one(
-            f"SELECT {_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = ? AND period_start = ? AND meter = ?",
-            (customer, period_start, meter))
+        key = (customer, period_start, meter)
+        row = self._core.query_one(_TOTAL_NOW, (*key, *key))
         return None if row is None else PeriodTotalRow(**row)
 
     def usage_by_operation(self, customer: str, period_start: int,
                            meter: str = DEFAULT_METER) -> list[OperationUsageRow]:
-        return [OperationUsageRow(**row) for row in self._core.query(
-            "SELECT operation, events, raw_units, weighted_units, overage_units, cost_cents FROM "
-            "meter_usage_by_operation WHERE customer_id = ? AND period_start = ? AND meter = ? ORDER BY operation",
-            (customer, period_start, meter))]
+        key = (customer, period_start, meter)
+        return [OperationUsageRow(**row) for row in self._core.query(  # the counters plus the deltas not folded yet
+            "SELECT operation, CAST(SUM(events) AS BIGINT) AS events, CAST(SUM(raw_units) AS BIGINT) AS raw_units, "
+            "CAST(SUM(weighted_units) AS BIGINT) AS weighted_units, CAST(SUM(overage_units) AS BIGINT) AS "
+            "overage_units, CAST(SUM(cost_cents) AS BIGINT) AS cost_cents FROM (SELECT "
+            "operation, events, raw_units, weighted_units, overage_units, cost_cents FROM meter_usage_by_operation "
+            "WHERE customer_id = ? AND period_start = ? AND meter = ? UNION ALL SELECT operation, events, raw_units, "
+            "weighted_units, overage_units, cost_cents FROM meter_usage_deltas WHERE customer_id = ? AND "
+            "period_start = ? AND meter = ?) AS u GROUP BY operation ORDER BY operation", (*key, *key))]
 
     def unsettled_counts(self, customer: str, period_start: int,
                          meter: str = DEFAULT_METER) -> dict[EventStatus, int]:
@@ -599,6 +797,7 @@ class SqliteMeteringStore:
     def mark_failed(self, tx: Tx, failures: Sequence[tuple[int, str]], failed_at: int, *, attempted: bool) -> None:
         if not failures:
             return
+        self._forget(tx)
         lasts = _uncount(tx, [event_id for event_id, _ in failures], _TO_FAILED)
         tx.executemany(
             f"UPDATE meter_events SET status = ?, attempts = attempts + ?, last_error = ?, failed_at = ? "
@@ -620,6 +819,7 @@ class SqliteMeteringStore:
             ids[event_id] = reasons[stripe_id]
         if not ids:
             return 0
+        self._forget(tx)
         lasts = _uncount(tx, list(ids), _REPORTED)
         changed = 0
         for event_id, reason in ids.items():
@@ -641,8 +841,11 @@ class SqliteMeteringStore:
 
     def open_p2p_periods(self, now: int, limit: int) -> list[OpenP2PPeriod]:
         return [OpenP2PPeriod(**row) for row in self._core.query(
-            "SELECT customer_id, period_start, period_end, weighted_units, allowance, overage_rate, invoice_id, meter "
-            f"FROM meter_usage_totals WHERE tier = '{_P2P}' AND invoiced_at IS NULL AND period_end <= ? "
+            "SELECT customer_id, period_start, period_end, weighted_units + COALESCE((SELECT "
+            "CAST(SUM(d.weighted_units) AS BIGINT) FROM meter_usage_deltas AS d WHERE d.customer_id = t.customer_id "
+            "AND d.period_start = t.period_start AND d.meter = t.meter), 0) AS weighted_units, allowance, "
+            "overage_rate, invoice_id, meter "
+            f"FROM meter_usage_totals AS t WHERE tier = '{_P2P}' AND invoiced_at IS NULL AND period_end <= ? "
             "ORDER BY period_end, meter LIMIT ?", (now, limit))]
 
     def period_has_pending(self, customer: str, period_start: int, meter: str = DEFAULT_METER) -> bool:
@@ -741,7 +944,12 @@ def _statuses(states: Iterable[EventStatus]) -> list[str]:
 class PostgresMeteringStore(SqliteMeteringStore):
     """PostgreSQL: the same operations over a database several instances write at once (see the module docstring,
     "PostgreSQL"). The SQLite store's statements serve where the dialects agree (store/postgres_sql.py); what is
-    written here is what differs: the per-customer locks, COPY and array upserts, and the flusher's leases."""
+    written here is what differs: the per-customer locks, COPY and array upserts, and the flusher's leases. It writes
+    its totals and counters directly (no deltas, no totals kept in memory: several instances write at once) and looks
+    events up before appending them (`detects_existing` False); the shared reads add its deltas table, always
+    empty."""
+
+    detects_existing = False  # COPY fails whole on a duplicate: find_events looks first, under the customers' locks
 
     def __init__(self, core: Any, *, lease_ms: int = LEASE_MS) -> None:
         self._core = core
@@ -969,7 +1177,7 @@ def _pg_fail(tx: Tx, reasons: dict[int, str], failed_at: int, attempts: int, cou
 
 
 __all__ = [
-    "COUNTED", "TRANSITIONS", "EventStatus", "FailureRow", "FlushRow", "MeterEventRow", "MeteringStore",
+    "COUNTED", "TRANSITIONS", "EventStatus", "EventsExist", "FailureRow", "FlushRow", "MeterEventRow", "MeteringStore",
     "OpenP2PPeriod", "OperationDelta", "OperationUsageRow", "PendingEvent", "PeriodTerms", "PeriodTotalRow",
     "PostgresMeteringStore", "SlotRow", "SqliteMeteringStore", "sources",
 ]

@@ -98,9 +98,11 @@ async def test_appending_an_event_already_stored_fails_whole_and_changes_nothing
 
 
 async def test_totals_are_set_to_absolute_values_and_keep_the_terms_of_their_first_write(metering: Backend) -> None:
-    await metering.write(lambda tx: metering.store.append(tx, [], [total(weighted=5)], []))
-    later = PeriodTotalRow("cus_A", START, END, 2, 12, 12, "6mo", 9999, 1)
-    await metering.write(lambda tx: metering.store.append(tx, [], [later], []))
+    first = OperationDelta("cus_A", START, "chat", 1, 5, 5, 0, 0)
+    await metering.write(lambda tx: metering.store.append(tx, [], [total(weighted=5)], [first]))
+    later = PeriodTotalRow("cus_A", START, END, 2, 12, 12, "6mo", 9999, 1)  # the loaded total plus its delta
+    then = OperationDelta("cus_A", START, "code", 1, 7, 7, 0, 0)
+    await metering.write(lambda tx: metering.store.append(tx, [], [later], [then]))
 
     loaded = await metering.write(lambda tx: metering.store.load_totals(
         tx, {("cus_A", START, LUC), ("cus_B", START, LUC)}))

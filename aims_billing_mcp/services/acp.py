@@ -119,6 +119,8 @@ from .tiers import Item, Pricing
 log = logging.getLogger(__name__)
 _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
 KEY_RETENTION_SECONDS = 24 * 3600  # ACP §6.6: at least 24 hours
+# what `_settle` records as a checkout payment's fulfilment: a payment session showing one was settled already
+SETTLED = frozenset({"acp_order", "acp_refund"})
 IN_FLIGHT_STALE_SECONDS = 120  # a claim older than this belonged to a request that died: the key is free again
 REFUND_LEASE_SECONDS = 300  # one refund attempt (a Stripe call and its retries); then another instance may take it
 
@@ -573,8 +575,8 @@ class AcpService:
 
     async def _apply(self, session_id: str, paid: PaymentSession, *, claim: float | None = None) -> Checkout:
         """Record what the payment session says. Success normally settled the session already, inside the
-        transaction that recorded the payment (`_settle`); this settles it too, for a payment recorded before,
-        guarded the same way (once). Any other outcome moves the status only for the completion that holds the
+        transaction that recorded the payment (`_settle`, whose outcome is the payment session's fulfilment: no
+        second transaction then); this settles it too, for a payment recorded before, guarded the same way (once). Any other outcome moves the status only for the completion that holds the
         session (`claim`), or when none does. Then the order's tier subscription is started before answering."""
         clock, stale, acp = self._clock, self._stale_before(), self._acp
 
@@ -600,7 +602,9 @@ class AcpService:
                                                  param="$.payment_data.instrument.credential.token")]
             acp.set_status(tx, session_id, status, dumps(state), utc_iso(clock()))
 
-        await self._store.write(job)
+        settled = paid.status == "succeeded" and (paid.fulfilment or {}).get("kind") in SETTLED
+        if not settled:  # a success whose fulfilment is recorded was settled in the transaction that recorded it
+            await self._store.write(job)
         self._after_payment()
         if paid.status == "succeeded" and self._connect is not None:
             await self._connect.transfers.drain()  # several creators' transfers, made before the answer

@@ -142,9 +142,12 @@ class PaymentSessionService:
         self, *, customer: str | None, agent_id: str | None, item: str | None, amount: int | None,
         currency: str | None, description: str | None, idempotency_key: str | None, dry_run: bool,
         plan: SalePlan | None = None, split_path: str = "payment_session", split_note: str | None = None,
+        with_record: Callable[[Tx, str], None] | None = None,
     ) -> PaymentSessionResult:
         """A payment session and its PaymentIntent (awaiting a payment method); replays return the same session.
-        `plan` (an ACP cart's, with `amount` its total) splits it between creators, recorded as `split_path`."""
+        `plan` (an ACP cart's, with `amount` its total) splits it between creators, recorded as `split_path`.
+        `with_record(tx, session_id)` runs in the transaction that records a new session (not on a replay: the
+        session was recorded before), for a caller that links the session to what it pays for."""
         if plan is None and self._connect and item and item.startswith("plug:"):
             plan = await self._connect.plan_plug(item)
         if plan is not None:
@@ -182,12 +185,15 @@ class PaymentSessionService:
 
         async def record(pi: dict[str, Any]) -> None:
             def job(tx: Tx) -> PaymentSession:
-                return _view(store.create(
+                session = _view(store.create(
                     tx, session_id=session_id, customer=customer or owner, agent_id=agent_id, item=item_id,
                     amount=amount, currency=currency, description=description,
                     status=session_status(str(pi["status"]), SessionStatus.REQUIRES_PAYMENT_METHOD),
                     payment_intent=pi["id"], idempotency_key=call.key,
                     amount_received=int(pi.get("amount_received") or 0), at=utc_iso(clock())))
+                if with_record is not None:
+                    with_record(tx, session_id)
+                return session
 
             recorded["session"] = await self._store.write(job)
             if plan is not None and self._connect is not None:

@@ -97,9 +97,10 @@ class IdempotencyService:
         if stored is not None:
             return Outcome(stored, replayed=True)
         lock = self._locks.setdefault((call.tool, call.owner, call.key), asyncio.Lock())
+        waited = lock.locked()  # a free lock is taken without yielding: nothing here ran since the look above
         try:
             async with lock:
-                stored = self.find(call)  # a concurrent twin may have finished while we waited
+                stored = self.find(call) if waited else None  # a concurrent twin may have finished while we waited
                 if stored is not None:
                     return Outcome(stored, replayed=True)
                 response, request_id = await execute()

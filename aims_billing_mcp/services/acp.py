@@ -613,10 +613,11 @@ class AcpService:
         self._after_payment()
         if paid.status == "succeeded" and self._connect is not None:
             await self._connect.transfers.drain()  # several creators' transfers, made before the answer
-        tier = self._tier_line(json.loads(self._row(session_id).row.state)["lines"])
-        if paid.status == "succeeded" and tier is not None:
+        checkout = self._row(session_id)
+        if paid.status == "succeeded" and self._tier_line(json.loads(checkout.row.state)["lines"]) is not None:
             await self._prepaid.start_now(prepaid_id(session_id))
-        return self._row(session_id)
+            return self._row(session_id)  # the order as its subscription's start left it
+        return checkout
 
     def _fulfil_paid(self, tx: Tx, payment: PaymentSessionRow, pi_id: str) -> dict[str, Any] | None:
         """The payment session of one of our checkouts succeeded: settle the checkout in the same transaction,

@@ -215,6 +215,7 @@ class PrepaidSubscriptions:
             if not moved:
                 return row
         prices: tuple[str, dict[str, str]] | None = None
+        held: dict[str, Any] | None = None  # the subscription as Stripe answered this attempt
         if row.status is S.CLAIMED:
             if fresh:
                 prices = await self._subscriptions.prices_for(tier)  # refused before anything is credited
@@ -255,9 +256,13 @@ class PrepaidSubscriptions:
                                                             subscription_id=sub["id"]))
             if not moved:
                 return row
-        # subscribed: end it at the commitment end, counted from Stripe's own start of the subscription
+            held = sub
+        # subscribed: end it at the commitment end, counted from Stripe's own start of the subscription (as Stripe
+        # just answered it when this attempt created or found it; else read)
         await self._renew(row.id, token)
-        sub = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row.subscription_id}"))).data
+        if held is None or held.get("id") != row.subscription_id:
+            held = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row.subscription_id}"))).data
+        sub = held
         ends_at = add_months(int(sub["start_date"]), tier.delivered_months)
         if sub.get("cancel_at") != ends_at:
             sub = (await self._gateway.send(StripeRequest(

@@ -119,6 +119,8 @@ from .tiers import Item, Pricing
 log = logging.getLogger(__name__)
 _CUSTOMER = re.compile(r"cus_[A-Za-z0-9_]{1,200}")
 KEY_RETENTION_SECONDS = 24 * 3600  # ACP §6.6: at least 24 hours
+# what `_settle` records as a checkout payment's fulfilment: a payment session showing one was settled already
+SETTLED = frozenset({"acp_order", "acp_refund"})
 IN_FLIGHT_STALE_SECONDS = 120  # a claim older than this belonged to a request that died: the key is free again
 REFUND_LEASE_SECONDS = 300  # one refund attempt (a Stripe call and its retries); then another instance may take it
 
@@ -545,23 +547,27 @@ class AcpService:
                                f"earlier cart meanwhile: {exc.message}") from exc
         digest = hashlib.sha256(dumps(frozen).encode()).hexdigest()[:16]
         titles = ", ".join(f"{line['quantity']} x {self._items[line['item']].title}" for line in lines)
+        clock, acp, cart = self._clock, self._acp, dumps(frozen)
+        linked: dict[str, bool] = {}
+
+        def link(tx: Tx, ps_id: str) -> None:
+            linked[ps_id] = acp.link_payment(tx, PaymentRow(ps_id, row.id, cart, total, row.currency), claim,
+                                             utc_iso(clock()))
+
         try:
             plan = await self._plan(row, lines)  # a creator restricted since the check: refused before the charge
             created = await self._commerce.create_session(
                 customer=subscriber, agent_id=row.agent_id if self._has_credits(lines) else None, item=None,
                 amount=total, currency=row.currency, description=f"ACP checkout {row.id}: {titles}"[:500],
                 idempotency_key=f"acp:{row.id}:{len(made)}:{digest}", dry_run=False, plan=plan, split_path="acp",
-                split_note=f"ACP checkout {row.id}")
+                split_note=f"ACP checkout {row.id}", with_record=link)  # linked in the job that records it
         except BillingError as exc:
             raise AcpError(400, "payment_not_possible", exc.message, param="$.payment_data") from exc
         assert created.session is not None
-        ps_id, clock, acp = created.session.id, self._clock, self._acp
-        payment = PaymentRow(ps_id, row.id, dumps(frozen), total, row.currency)
-
-        def link(tx: Tx) -> bool:
-            return acp.link_payment(tx, payment, claim, utc_iso(clock()))
-
-        if not await self._store.write(link):  # canceled (or taken over) meanwhile: this one is never confirmed
+        ps_id = created.session.id
+        if ps_id not in linked:  # a replayed create (recorded by an attempt that died before linking it)
+            await self._store.write(lambda tx: link(tx, ps_id))
+        if not linked[ps_id]:  # canceled (or taken over) meanwhile: this one is never confirmed
             await self._commerce.cancel_session(ps_id, f"acp-unlinked:{row.id}")
             raise AcpError(405, "session_not_completable", f"checkout session {row.id} changed while it was "
                            "being paid (canceled?): GET it to see its state")
@@ -573,9 +579,10 @@ class AcpService:
 
     async def _apply(self, session_id: str, paid: PaymentSession, *, claim: float | None = None) -> Checkout:
         """Record what the payment session says. Success normally settled the session already, inside the
-        transaction that recorded the payment (`_settle`); this settles it too, for a payment recorded before,
-        guarded the same way (once). Any other outcome moves the status only for the completion that holds the
-        session (`claim`), or when none does. Then the order's tier subscription is started before answering."""
+        transaction that recorded the payment (`_settle`, whose outcome is the payment session's fulfilment: no
+        second transaction then); this settles it too, for a payment recorded before, guarded the same way (once).
+        Any other outcome moves the status only for the completion that holds the session (`claim`), or when none
+        does. Then the order's tier subscription is started before answering."""
         clock, stale, acp = self._clock, self._stale_before(), self._acp
 
         def job(tx: Tx) -> None:
@@ -600,14 +607,17 @@ class AcpService:
                                                  param="$.payment_data.instrument.credential.token")]
             acp.set_status(tx, session_id, status, dumps(state), utc_iso(clock()))
 
-        await self._store.write(job)
+        settled = paid.status == "succeeded" and (paid.fulfilment or {}).get("kind") in SETTLED
+        if not settled:  # a success whose fulfilment is recorded was settled in the transaction that recorded it
+            await self._store.write(job)
         self._after_payment()
         if paid.status == "succeeded" and self._connect is not None:
             await self._connect.transfers.drain()  # several creators' transfers, made before the answer
-        tier = self._tier_line(json.loads(self._row(session_id).row.state)["lines"])
-        if paid.status == "succeeded" and tier is not None:
+        checkout = self._row(session_id)
+        if paid.status == "succeeded" and self._tier_line(json.loads(checkout.row.state)["lines"]) is not None:
             await self._prepaid.start_now(prepaid_id(session_id))
-        return self._row(session_id)
+            return self._row(session_id)  # the order as its subscription's start left it
+        return checkout
 
     def _fulfil_paid(self, tx: Tx, payment: PaymentSessionRow, pi_id: str) -> dict[str, Any] | None:
         """The payment session of one of our checkouts succeeded: settle the checkout in the same transaction,

@@ -142,9 +142,12 @@ class PaymentSessionService:
         self, *, customer: str | None, agent_id: str | None, item: str | None, amount: int | None,
         currency: str | None, description: str | None, idempotency_key: str | None, dry_run: bool,
         plan: SalePlan | None = None, split_path: str = "payment_session", split_note: str | None = None,
+        with_record: Callable[[Tx, str], None] | None = None,
     ) -> PaymentSessionResult:
         """A payment session and its PaymentIntent (awaiting a payment method); replays return the same session.
-        `plan` (an ACP cart's, with `amount` its total) splits it between creators, recorded as `split_path`."""
+        `plan` (an ACP cart's, with `amount` its total) splits it between creators, recorded as `split_path`.
+        `with_record(tx, session_id)` runs in the transaction that records a new session (not on a replay: the
+        session was recorded before), for a caller that links the session to what it pays for."""
         if plan is None and self._connect and item and item.startswith("plug:"):
             plan = await self._connect.plan_plug(item)
         if plan is not None:
@@ -180,14 +183,20 @@ class PaymentSessionService:
         recorded: dict[str, PaymentSession] = {}
         clock, store = self._clock, self._store.commerce
 
-        async def record(pi: dict[str, Any]) -> None:
+        async def record(pi: dict[str, Any], store_in: Callable[[Tx], None]) -> None:
             def job(tx: Tx) -> PaymentSession:
-                return _view(store.create(
+                session = _view(store.create(
                     tx, session_id=session_id, customer=customer or owner, agent_id=agent_id, item=item_id,
                     amount=amount, currency=currency, description=description,
                     status=session_status(str(pi["status"]), SessionStatus.REQUIRES_PAYMENT_METHOD),
                     payment_intent=pi["id"], idempotency_key=call.key,
                     amount_received=int(pi.get("amount_received") or 0), at=utc_iso(clock())))
+                if with_record is not None:
+                    with_record(tx, session_id)
+                if plan is None:  # the call's result is final here (a plan's split is declared after COMMIT)
+                    recorded["session"] = session
+                    store_in(tx)
+                return session
 
             recorded["session"] = await self._store.write(job)
             if plan is not None and self._connect is not None:
@@ -196,7 +205,7 @@ class PaymentSessionService:
         result = await self._mutations.run(
             CREATE_TOOL, "/v1/payment_intents", params, PaymentSessionResult,
             lambda _pi: {"session": recorded["session"].model_dump(mode="json")},
-            idempotency_key=owned_key, dry_run=dry_run, after=record,
+            idempotency_key=owned_key, dry_run=dry_run, after_stores=record,
         )
         if result.replayed and result.session is not None:
             current = self._find(result.session.id)
@@ -263,7 +272,7 @@ class PaymentSessionService:
                 code = exc.details.get("decline_code") or exc.details.get("stripe_code") or "card_declined"
                 raise await self._still_payable(session.id, f"the payment was declined ({code}): {reason}",
                                                 exc) from exc
-            return (await self._record(sent.data)).model_dump(mode="json"), sent.request_id
+            return (await self._record(sent.data, call, sent.request_id)).model_dump(mode="json"), sent.request_id
 
         return await self._once(call, session.id, execute)
 
@@ -303,7 +312,7 @@ class PaymentSessionService:
                 now = await self.get_session(session.id)  # paid (or canceled) meanwhile: record what Stripe says
                 raise InvalidState(f"payment session {session.id} is {now.status} and cannot be canceled",
                                    param="session_id") from exc
-            return (await self._record(sent.data)).model_dump(mode="json"), sent.request_id
+            return (await self._record(sent.data, call, sent.request_id)).model_dump(mode="json"), sent.request_id
 
         return await self._once(call, session.id, execute)
 
@@ -315,10 +324,20 @@ class PaymentSessionService:
                          "another payment method or token (and a new idempotency_key).",
                          param=exc.param, session_id=session_id, **exc.details)
 
-    async def _record(self, pi: dict[str, Any]) -> PaymentSession:
+    async def _record(self, pi: dict[str, Any], call: CallKey | None = None,
+                      request_id: str | None = None) -> PaymentSession:
         """Record a PaymentIntent of one of our sessions, as Stripe answered it (confirm, cancel, re-read); a tier
-        subscription it paid for is started before answering (retried in the background if Stripe fails)."""
-        done = await self._store.write(lambda tx: self.apply_payment_intent(tx, pi))
+        subscription it paid for is started before answering (retried in the background if Stripe fails). For a
+        `call` (a confirm or cancel), its result is stored in the same job when nothing is left to start."""
+        idempotency = self._idempotency
+
+        def job(tx: Tx) -> PaymentSession | None:
+            done = self.apply_payment_intent(tx, pi)
+            if call is not None and done is not None and not _starts_subscription(done):
+                idempotency.record_in(tx, call, done.model_dump(mode="json"), request_id)
+            return done
+
+        done = await self._store.write(job)
         assert done is not None
         self._committed()
         return await self._start_subscription(done)
@@ -330,9 +349,7 @@ class PaymentSessionService:
         self._fulfilment.committed()
 
     async def _start_subscription(self, session: PaymentSession) -> PaymentSession:
-        if not session.fulfilment or session.fulfilment.get("kind") != "subscription":
-            return session
-        if session.fulfilment.get("status") not in OPEN:
+        if not _starts_subscription(session):
             return session
         await self.prepaid.start_now(prepaid_id(session.id))
         return self._session(session.id)
@@ -472,6 +489,12 @@ class PaymentSessionService:
             raise NotFound(f"no payment session {session_id}: create one with create_payment_session",
                            param="session_id")
         return found
+
+
+def _starts_subscription(session: PaymentSession) -> bool:
+    """A tier the session paid for is recorded and not started yet (the answer waits for its start)."""
+    fulfilment = session.fulfilment or {}
+    return fulfilment.get("kind") == "subscription" and fulfilment.get("status") in OPEN
 
 
 def _owner_scope(agent_id: str | None, customer: str | None) -> str:

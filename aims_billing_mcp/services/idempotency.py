@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import IdempotencyConflict, InvalidInput
-from ..store import Store, dumps, utc_iso, utc_now
+from ..store import Store, Tx, dumps, utc_iso, utc_now
 from ..store.idempotency import CallRecord, IdempotencyStore
 
 
@@ -55,6 +55,9 @@ class IdempotencyService:
         self._keys: IdempotencyStore = store.idempotency
         self._window = replay_window_seconds
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        # calls whose first result their own writer job stored (`record_in`): whether it was stored (False: another
+        # call stored its result first); read and dropped by `run` once the call's execute returns
+        self._stored_in_job: dict[tuple[str, str, str], bool] = {}
 
     def key_for(
         self, tool: str, arguments: dict[str, Any], idempotency_key: str | None, owner: str | None = None
@@ -89,24 +92,43 @@ class IdempotencyService:
         stored: dict[str, Any] = json.loads(row.response)
         return stored
 
+    def record_in(self, tx: Tx, call: CallKey, response: dict[str, Any], request_id: str | None) -> bool:
+        """Store the call's first result inside the writer job that records its effect (one transaction for both,
+        instead of one more after it), from within `run`'s execute: the response must be the one execute returns.
+        `run` then stores nothing more. False: another call stored its result first (`run` replays that one)."""
+        inserted = self._keys.record(tx, CallRecord(call.tool, call.owner, call.key, call.request_hash,
+                                                    dumps(response), request_id, utc_now()))
+        self._stored_in_job[(call.tool, call.owner, call.key)] = inserted  # a redone job sets it again
+        return inserted
+
     async def run(
         self, call: CallKey, execute: Callable[[], Awaitable[tuple[dict[str, Any], str | None]]]
     ) -> Outcome:
-        """Replay the stored result, or execute once and store it in the same step that acknowledges it."""
+        """Replay the stored result, or execute once and store it in the same step that acknowledges it (or in
+        execute's own writer job, through `record_in`)."""
         stored = self.find(call)
         if stored is not None:
             return Outcome(stored, replayed=True)
-        lock = self._locks.setdefault((call.tool, call.owner, call.key), asyncio.Lock())
+        ident = (call.tool, call.owner, call.key)
+        lock = self._locks.setdefault(ident, asyncio.Lock())
+        waited = lock.locked()  # a free lock is taken without yielding: nothing here ran since the look above
         try:
             async with lock:
-                stored = self.find(call)  # a concurrent twin may have finished while we waited
+                stored = self.find(call) if waited else None  # a concurrent twin may have finished while we waited
                 if stored is not None:
                     return Outcome(stored, replayed=True)
-                response, request_id = await execute()
-                record = CallRecord(call.tool, call.owner, call.key, call.request_hash, dumps(response), request_id,
-                                    utc_now())
-                keys = self._keys
-                inserted = await self._store.write(lambda tx: keys.record(tx, record))
+                self._stored_in_job.pop(ident, None)
+                try:
+                    response, request_id = await execute()
+                finally:
+                    in_job = self._stored_in_job.pop(ident, None)
+                if in_job is None:
+                    record = CallRecord(call.tool, call.owner, call.key, call.request_hash, dumps(response),
+                                        request_id, utc_now())
+                    keys = self._keys
+                    inserted = await self._store.write(lambda tx: keys.record(tx, record))
+                else:
+                    inserted = in_job
                 if not inserted:  # another process stored it first: theirs is the first result
                     stored = self.find(call)
                     if stored is not None:

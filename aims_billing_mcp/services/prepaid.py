@@ -24,11 +24,13 @@ The subscription is recorded in `billing_provisions` in the job that marks the r
 source may hand back an after-COMMIT action.
 
 Once per row across instances (PostgreSQL: every instance runs this worker on one outbox): an attempt leases its
-row first (`store.prepaid.take`, LEASE_WORK_SECONDS under a fresh token; a row another worker holds is left to it
-and looked at again later), renews the lease before each step's Stripe calls, and renews it at the start of every
+row first (`store.prepaid.take`, LEASE_WORK_SECONDS under a fresh token, in the claim's own transaction for a
+pending row; a row another worker holds is left to it and looked at again later), renews the lease before each
+step's Stripe calls unless it renewed it less than a quarter of a lease ago, and renews it at the start of every
 job that records a step, in the same transaction: a worker paused past its lease (a stopped process, a long GC)
 while another took the row over finds its token gone and records nothing and sends nothing more. A request it had
 already sent when it was paused is the same request the other worker sends (the same idempotency key): one effect.
+A started row's lease is not let go (only open rows are ever taken): the start ends with its last step's COMMIT.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ REFUND_LEASE_SECONDS = 600  # a refund run's claim: another run waits this long 
 PREPAID_METADATA = "aims_prepaid"
 REVERSAL_METADATA = "aims_prepaid_reversal"
 LEASE_WORK_SECONDS = 120.0  # an attempt holds its row this long after each renewal; then another worker may take it
+RENEWED_RECENTLY = 0.25  # of LEASE_WORK_SECONDS: a lease renewed this recently is not renewed again before a call
 PENDING_FOR_SECONDS = 60.0  # an enqueued id no kick has seen committed is forgotten after this (its job rolled back)
 Job = Callable[[Tx], tuple[PrepaidRow, bool]]
 
@@ -92,6 +95,7 @@ class PrepaidSubscriptions:
         self._fulfilment = fulfilment  # tells a row's source how its subscription went
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.lease_seconds = LEASE_WORK_SECONDS
+        self._renewed: dict[str, float] = {}  # lease token -> when this attempt last took or renewed its lease
         self.background = Background()
         # Ids enqueued (in the writer's thread) that no kick has yet seen committed: while empty, a kick costs
         # nothing (no query after every payment); start-up's resume() looks at the table itself.
@@ -178,16 +182,24 @@ class PrepaidSubscriptions:
                 if row is None or row.status not in OPEN:
                     return row
                 token = secrets.token_hex(12)
-                if not await self._store.write(self._take(row_id, token)):
+                # A pending row is leased by its claim's own job (`_claimed`: the take and the claim are one
+                # transaction); any other open row is leased here first.
+                if row.status is not S.PENDING and not await self._store.write(self._take(row_id, token)):
                     return self.find(row_id)  # another worker holds it: it is theirs until their lease ends
+                ended: PrepaidRow | None = None
                 try:
-                    return await self._start(row, token)
+                    ended = await self._start(row, token)
                 except _LeaseLost:
-                    return self.find(row_id)
+                    ended = self.find(row_id)
                 except BillingError as exc:
-                    return await self._record_error(row_id, exc, token)
+                    ended = await self._record_error(row_id, exc, token)
                 finally:
-                    await self._let_go(row_id, token)
+                    self._renewed.pop(token, None)
+                    # A started row is never taken again (`take` takes open rows only): its lease needs no letting
+                    # go. Any other outcome lets go, so the next attempt need not wait for the lease to end.
+                    if ended is None or ended.status is not S.STARTED:
+                        await self._let_go(row_id, token)
+                return ended
         finally:  # one lock per row in flight, not per row ever seen: dropped when its last user leaves
             lock, users = self._locks[row_id]
             if users <= 1:
@@ -203,6 +215,7 @@ class PrepaidSubscriptions:
             if not moved:
                 return row
         prices: tuple[str, dict[str, str]] | None = None
+        held: dict[str, Any] | None = None  # the subscription as Stripe answered this attempt
         if row.status is S.CLAIMED:
             if fresh:
                 prices = await self._subscriptions.prices_for(tier)  # refused before anything is credited
@@ -243,9 +256,13 @@ class PrepaidSubscriptions:
                                                             subscription_id=sub["id"]))
             if not moved:
                 return row
-        # subscribed: end it at the commitment end, counted from Stripe's own start of the subscription
+            held = sub
+        # subscribed: end it at the commitment end, counted from Stripe's own start of the subscription (as Stripe
+        # just answered it when this attempt created or found it; else read)
         await self._renew(row.id, token)
-        sub = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row.subscription_id}"))).data
+        if held is None or held.get("id") != row.subscription_id:
+            held = (await self._gateway.send(StripeRequest("get", f"/v1/subscriptions/{row.subscription_id}"))).data
+        sub = held
         ends_at = add_months(int(sub["start_date"]), tier.delivered_months)
         if sub.get("cancel_at") != ends_at:
             sub = (await self._gateway.send(StripeRequest(
@@ -259,9 +276,14 @@ class PrepaidSubscriptions:
         """Take (or renew) the row's lease for `token`; False while another worker holds it."""
         clock, store, seconds = self._clock, self._store.prepaid, self.lease_seconds
 
+        renewed = self._renewed
+
         def job(tx: Tx) -> bool:
             now = clock()
-            return store.take(tx, row_id, token, now, now + seconds)
+            taken = store.take(tx, row_id, token, now, now + seconds)
+            if taken:  # read by `_renew` (a job that raises after this ends the attempt: the token is not used again)
+                renewed[token] = now
+            return taken
 
         return job
 
@@ -281,7 +303,13 @@ class PrepaidSubscriptions:
         return fenced
 
     async def _renew(self, row_id: str, token: str) -> None:
-        """Before a Stripe call: the lease renewed, or `_LeaseLost` (another worker has the row now)."""
+        """Before a Stripe call: the lease renewed, or `_LeaseLost` (another worker has the row now). A lease this
+        attempt took or renewed less than RENEWED_RECENTLY of its length ago (the step just recorded renewed it in
+        its own transaction) has most of its time left: no second write for it. A worker paused past that (a
+        stopped process) renews, and stops if the row was taken over meanwhile."""
+        last = self._renewed.get(token)
+        if last is not None and 0 <= self._clock() - last < self.lease_seconds * RENEWED_RECENTLY:
+            return
         if not await self._store.write(self._take(row_id, token)):
             raise _LeaseLost(row_id)
 

@@ -8,7 +8,8 @@ records the payment, then moved step by step by the worker (services/prepaid.py)
 from the status it expects, so two workers cannot both advance a row, nor a slow one rewind it: `PrepaidStatus`
 and `TRANSITIONS` below are the machine. Across instances a worker also leases the row it works (`take`: one
 worker until the lease ends, under a fresh token) and renews that lease at the start of every job that records a
-step (and before every Stripe call): a worker paused past its lease finds the row taken over and records nothing.
+step (and before a Stripe call, unless it did a quarter lease ago or less): a worker paused past its lease finds the
+row taken over and records nothing.
 """
 
 from __future__ import annotations

@@ -109,6 +109,20 @@ async def serve_http(server: Any, *, host: str, port: int, token: str | None) ->
     await uvicorn_server(server, host=host, port=port, token=token).serve()
 
 
+def loopback_socket(port: int) -> socket.socket:
+    """A TCP socket bound to 127.0.0.1:port (0: any free port) for uvicorn to serve on. Its protocol is named
+    (IPPROTO_TCP, not 0) because asyncio sets TCP_NODELAY only on connections of a socket that says TCP: without it
+    every answer, written as headers then body, waited for the client's delayed ACK (Nagle): ~40 ms a request."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 @asynccontextmanager
 async def companion_server(get_state: Callable[[], AppState | None], port: int, *,
                            policy: HttpPolicy | None = None) -> AsyncIterator[None]:
@@ -117,12 +131,9 @@ async def companion_server(get_state: Callable[[], AppState | None], port: int, 
     endpoint is reachable.
     Only the bind happens before MCP serves (so a taken port is reported at once); uvicorn loads in the background,
     off the time to the first tools/list (the kernel queues connections on the bound socket meanwhile)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(("127.0.0.1", port))
+        sock = loopback_socket(port)
     except OSError as exc:
-        sock.close()
         print(f"aims-billing-mcp: webhook port {port} is taken ({exc.strerror}): set AIMS_BILLING_WEBHOOK_PORT to a "
               "free port, or run `serve --no-webhooks`; continuing without the webhook endpoint", file=sys.stderr)
         yield

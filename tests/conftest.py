@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 
 from aims_billing_mcp.acp_http import acp_routes
 from aims_billing_mcp.app import BillingServer, build_server
-from aims_billing_mcp.http_transport import uvicorn_server
+from aims_billing_mcp.http_transport import loopback_socket, uvicorn_server
 from aims_billing_mcp.redact import forget_secrets
 from aims_billing_mcp.sandbox import Sandbox, create_app
 from aims_billing_mcp.services.acp import AcpService
@@ -319,8 +319,7 @@ class PromptlyStopped(uvicorn.Server):
 async def serving_on_loopback(make: Callable[[int], uvicorn.Server], *, start_within: float = 20) -> AsyncIterator[str]:
     """A uvicorn server (built by `make` for the port) on a free loopback port; yields its base URL, then stops it.
     The socket is bound before the server is built, so no two tests can race for a port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket(0)
     port = sock.getsockname()[1]
     web = PromptlyStopped(make(port).config)
     with sock:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from aims_billing_mcp.http_transport import build_http_app
+from aims_billing_mcp.http_transport import build_http_app, loopback_socket
 from tests.conftest import ok, serving_http
 
 pytestmark = pytest.mark.anyio
@@ -60,3 +62,25 @@ async def test_streamable_http_without_a_token_serves_loopback(make_server: Any)
 def test_a_non_loopback_bind_without_a_token_is_refused(make_server: Any) -> None:
     with pytest.raises(ValueError, match="AIMS_BILLING_HTTP_TOKEN"):
         build_http_app(make_server(), host="0.0.0.0", token=None)
+
+
+async def test_a_connection_to_a_loopback_socket_is_sent_without_nagles_delay() -> None:
+    """The companion endpoint's socket (and the tests' servers): asyncio sets TCP_NODELAY on each connection only
+    when the socket names TCP as its protocol; without it every answer waited ~40 ms for the delayed ACK."""
+    accepted: list[int] = []
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            accepted.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    sock = loopback_socket(0)
+    server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+    async with server:
+        stream = await anyio.connect_tcp("127.0.0.1", sock.getsockname()[1])
+        with anyio.fail_after(10):
+            while not accepted:
+                await anyio.sleep(0.001)
+        await stream.aclose()
+    assert accepted and accepted[0] != 0

@@ -398,6 +398,29 @@ def postgres_url(pg_cluster: Any) -> Iterator[str]:
     pg_cluster.give_back(url)
 
 
+@pytest.fixture
+def open_postgres_store(postgres_url: str) -> Iterator[Callable[..., Any]]:
+    """`open_postgres_store(writers=, pool_size=)`: one more PostgresStore on the test's database (one of several
+    "servers" sharing it), each closed after the test."""
+    from aims_billing_mcp.store import PostgresStore
+
+    opened: list[Any] = []
+
+    def open_store(*, writers: int = 1, pool_size: int = 2) -> Any:
+        opened.append(PostgresStore(postgres_url, writers=writers, pool_size=pool_size))
+        return opened[-1]
+
+    yield open_store
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def two_instances(open_postgres_store: Callable[..., Any]) -> tuple[Any, Any]:
+    """Two "servers": two PostgresStore on one database, each with its own writer and pool."""
+    return open_postgres_store(), open_postgres_store()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """The store under test, on each backend: the axis the aggregates' contract tests (tests/store/test_*.py) run

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ import pytest
 
 from aims_billing_mcp.services.meter_flusher import V2_STREAM, MeterFlusher
 from aims_billing_mcp.settings import Settings
-from aims_billing_mcp.store import PostgresStore
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, StripeResult, build_gateway
 from tests.services.test_meter_flusher import PRICING, create_customer, create_meter, service_for, stripe_total
 from tests.support.processes import rest_of
@@ -35,14 +34,9 @@ def gateway(make_settings: Callable[..., Settings], sandbox_app: Any) -> StripeG
 
 
 @pytest.fixture
-def instances(postgres_url: str) -> Iterator[tuple[Any, Any]]:
-    first = PostgresStore(postgres_url, writers=2, pool_size=4)
-    second = PostgresStore(postgres_url, writers=2, pool_size=4)
-    try:
-        yield first, second
-    finally:
-        first.close()
-        second.close()
+def instances(open_postgres_store: Callable[..., Any]) -> tuple[Any, Any]:
+    """Two "servers" on one database, two writer threads each and a pool of 4."""
+    return open_postgres_store(writers=2, pool_size=4), open_postgres_store(writers=2, pool_size=4)
 
 
 class Sent:

@@ -5,12 +5,11 @@ racing for the same session."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
 
-from aims_billing_mcp.store import PostgresStore, Tx
+from aims_billing_mcp.store import Tx
 from aims_billing_mcp.store.commerce import (
     SETTLED,
     TERMINAL,
@@ -132,19 +131,10 @@ def test_a_session_follows_stripe_until_it_succeeds_or_is_canceled() -> None:
 
 # --- PostgreSQL: two instances on one database ------------------------------------------------------------------
 
-@pytest.fixture
-def instances(postgres_url: str) -> Iterator[tuple[Any, Any]]:
-    """Two "servers": two PostgresStore on one database, each with its own writer and pool."""
-    a, b = (PostgresStore(postgres_url, writers=1, pool_size=2) for _ in range(2))
-    yield a, b
-    a.close()
-    b.close()
-
-
 @pytest.mark.parametrize("second_reads_first", [False, True], ids=["claims", "reads-then-claims"])
-def test_a_fulfilment_claimed_by_two_instances_at_once_is_claimed_once(instances: tuple[Any, Any],
+def test_a_fulfilment_claimed_by_two_instances_at_once_is_claimed_once(two_instances: tuple[Any, Any],
                                                                         second_reads_first: bool) -> None:
-    a, b = instances
+    a, b = two_instances
     create(a.commerce, a.write_sync, "ps_1")
     claimed, go = threading.Event(), threading.Event()
 

@@ -7,7 +7,7 @@ once: the first stays.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -71,11 +71,9 @@ def test_a_find_in_a_transaction_sees_that_transactions_own_record(keys: Idempot
 
 
 @pytest.fixture
-def two_instances(postgres_url: str) -> Iterator[tuple[PostgresStore, PostgresStore]]:
-    first, second = (PostgresStore(postgres_url, writers=2, pool_size=2) for _ in range(2))
-    yield first, second
-    first.close()
-    second.close()
+def two_instances(open_postgres_store: Callable[..., Any]) -> tuple[Any, Any]:
+    """Two "servers" on one database, two writer threads each."""
+    return open_postgres_store(writers=2), open_postgres_store(writers=2)
 
 
 @pytest.mark.anyio

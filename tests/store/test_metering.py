@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ import anyio.to_thread
 import psycopg
 import pytest
 
-from aims_billing_mcp.store import PostgresStore, Tx
+from aims_billing_mcp.store import Tx
 from aims_billing_mcp.store.metering import (
     COUNTED,
     DEFAULT_METER,
@@ -271,18 +271,6 @@ async def test_an_ended_p2p_period_is_open_until_invoiced(metering: Backend) -> 
 
 
 # --- PostgreSQL: two instances on one database ------------------------------------------------------------------
-
-
-@pytest.fixture
-def two_instances(postgres_url: str) -> Iterator[tuple[Any, Any]]:
-    """Two PostgresStore instances on one database: two servers sharing it."""
-    first = PostgresStore(postgres_url, writers=1, pool_size=2)
-    second = PostgresStore(postgres_url, writers=1, pool_size=2)
-    try:
-        yield first, second
-    finally:
-        first.close()
-        second.close()
 
 
 async def race(first: Any, second: Any, job: Callable[[Any, Tx], Any]) -> tuple[Any, Any]:

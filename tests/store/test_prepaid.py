@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -220,17 +220,8 @@ def test_the_transitions_cover_every_state_and_end_only_in_started_or_refunded()
 
 # --- PostgreSQL: two instances on one database ------------------------------------------------------------------
 
-@pytest.fixture
-def instances(postgres_url: str) -> Iterator[tuple[Any, Any]]:
-    """Two "servers": two PostgresStore on one database, each with its own writer and pool."""
-    a, b = (PostgresStore(postgres_url, writers=1, pool_size=2) for _ in range(2))
-    yield a, b
-    a.close()
-    b.close()
-
-
-def test_a_step_taken_by_two_instances_at_once_is_taken_by_one(instances: tuple[Any, Any]) -> None:
-    a, b = instances
+def test_a_step_taken_by_two_instances_at_once_is_taken_by_one(two_instances: tuple[Any, Any]) -> None:
+    a, b = two_instances
     enqueue(a.prepaid, a.write_sync, "ps_1")
 
     def step(store: Any, balance_transaction: str) -> Callable[[Tx], tuple[PrepaidRow, bool]]:
@@ -254,8 +245,8 @@ def claim(store: Any, row_id: str) -> Callable[[Tx], tuple[PrepaidRow, bool]]:
     return job
 
 
-def test_two_instances_claiming_two_rows_of_one_customer_at_once_start_one(instances: tuple[Any, Any]) -> None:
-    a, b = instances
+def test_two_instances_claiming_two_rows_of_one_customer_at_once_start_one(two_instances: tuple[Any, Any]) -> None:
+    a, b = two_instances
     enqueue(a.prepaid, a.write_sync, "ps_1")
     enqueue(a.prepaid, a.write_sync, "ps_2")
 
@@ -266,8 +257,8 @@ def test_two_instances_claiming_two_rows_of_one_customer_at_once_start_one(insta
                                                                         ("pre_ps_2", S.PENDING)]
 
 
-def test_a_creation_lease_set_by_two_instances_at_once_is_the_first_ones(instances: tuple[Any, Any]) -> None:
-    a, b = instances
+def test_a_creation_lease_set_by_two_instances_at_once_is_the_first_ones(two_instances: tuple[Any, Any]) -> None:
+    a, b = two_instances
     enqueue(a.prepaid, a.write_sync, "ps_1")
     a.write_sync(lambda tx: a.prepaid.advance(tx, "pre_ps_1", (S.PENDING,), S.CLAIMED, AT))
     a.write_sync(lambda tx: a.prepaid.advance(tx, "pre_ps_1", (S.CLAIMED,), S.CREDITED, AT, starts_at=100))
@@ -290,9 +281,9 @@ def refund_hold(store: Any, now: float) -> Callable[[Tx], tuple[PrepaidRow, bool
 
 
 @pytest.mark.parametrize("earlier_hold", [None, 1_000.0], ids=["free", "expired"])
-def test_a_refund_hold_taken_by_two_instances_at_once_is_taken_by_one(instances: tuple[Any, Any],
+def test_a_refund_hold_taken_by_two_instances_at_once_is_taken_by_one(two_instances: tuple[Any, Any],
                                                                       earlier_hold: float | None) -> None:
-    a, b = instances
+    a, b = two_instances
     enqueue(a.prepaid, a.write_sync, "ps_1")
     a.write_sync(lambda tx: a.prepaid.fail(tx, "pre_ps_1", S.FAILED, "declined", AT))
     if earlier_hold is not None:  # a run that died holding it

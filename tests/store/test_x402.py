@@ -236,11 +236,9 @@ OTHER_NONCE, OTHER_HASH = "0x" + "22" * 32, "0x" + "bb" * 32
 
 
 @pytest.fixture
-def two_instances(postgres_url: str) -> Iterator[tuple[PostgresStore, PostgresStore]]:
-    first, second = (PostgresStore(postgres_url, writers=2, pool_size=2) for _ in range(2))
-    yield first, second
-    first.close()
-    second.close()
+def two_instances(open_postgres_store: Callable[..., Any]) -> tuple[Any, Any]:
+    """Two "servers" on one database, two writer threads each."""
+    return open_postgres_store(writers=2), open_postgres_store(writers=2)
 
 
 def credit_sql(store: Any) -> str:

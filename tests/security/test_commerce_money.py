@@ -22,6 +22,7 @@ from aims_billing_mcp.acp_http import acp_routes
 from aims_billing_mcp.errors import InvalidState, StripeInvalidRequest
 from aims_billing_mcp.sandbox import Sandbox
 from aims_billing_mcp.services.acp import AcpService
+from aims_billing_mcp.services.commerce_models import PaymentSession
 from aims_billing_mcp.services.prepaid import PrepaidSubscriptions, prepaid_id
 from aims_billing_mcp.services.stripe_setup import setup_stripe
 from aims_billing_mcp.settings import Settings
@@ -109,6 +110,19 @@ class Seller:
     def luc(self, agent: str = "buyer") -> int:
         return self.stack.ledger.get_wallet(agent).balance
 
+    async def canceled_then_paid(self) -> tuple[str, PaymentSession]:
+        """The state the old cancel/complete race left: a checkout canceled before its payment was linked, then its
+        PaymentIntent paid outside our tools. Its id and payment session; nothing on our side has seen the success."""
+        sid = await self.create(["luc_10k"])
+        await self.complete(sid, "spt_test_declined", expect=200)  # a payment session and PaymentIntent exist
+        row = self.stack.store.query_one("SELECT payment_session_id FROM acp_checkout_sessions WHERE id = ?", (sid,))
+        assert row is not None
+        await self.stack.store.write(lambda conn: conn.execute(
+            "UPDATE acp_checkout_sessions SET status = 'canceled' WHERE id = ?", (sid,)))
+        session = await self.stack.payments.get_session(row["payment_session_id"])
+        await paid_outside(self.stack.gateway, str(session.payment_intent))
+        return sid, session
+
 
 @pytest.fixture
 async def shop(make_settings: Callable[..., Settings], sandbox_app: Any, sandbox: Sandbox,
@@ -176,14 +190,7 @@ async def test_a_cancel_before_complete_charges_nothing(shop: Seller) -> None:
 
 async def test_a_payment_that_succeeds_for_a_canceled_checkout_is_refunded_in_full(shop: Seller) -> None:
     """The state the old race left (canceled before the payment was linked, then paid): the money goes back."""
-    sid = await shop.create(["luc_10k"])
-    await shop.complete(sid, "spt_test_declined", expect=200)  # a payment session and PaymentIntent exist
-    row = shop.stack.store.query_one("SELECT payment_session_id FROM acp_checkout_sessions WHERE id = ?", (sid,))
-    assert row is not None
-    await shop.stack.store.write(lambda conn: conn.execute(
-        "UPDATE acp_checkout_sessions SET status = 'canceled' WHERE id = ?", (sid,)))
-    session = await shop.stack.payments.get_session(row["payment_session_id"])
-    await paid_outside(shop.stack.gateway, str(session.payment_intent))
+    sid, session = await shop.canceled_then_paid()
 
     await shop.stack.payments.get_session(session.id)  # the success is seen
     await shop.acp.drain()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from tests.conftest import paid_outside
 from tests.security.test_commerce_money import KEY, Seller, hold, shop  # noqa: F401  (shop: a fixture)
 from tests.support.money_invariant import money_kept  # noqa: F401  (autouse: the money invariant after each test)
 
@@ -14,14 +13,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_refund_one_instance_is_making_is_not_sent_by_a_second_instance(shop: Seller) -> None:  # noqa: F811
-    sid = await shop.create(["luc_10k"])
-    await shop.complete(sid, "spt_test_declined", expect=200)  # a payment session and PaymentIntent exist
-    row = shop.stack.store.query_one("SELECT payment_session_id FROM acp_checkout_sessions WHERE id = ?", (sid,))
-    assert row is not None
-    await shop.stack.store.write(lambda conn: conn.execute(
-        "UPDATE acp_checkout_sessions SET status = 'canceled' WHERE id = ?", (sid,)))
-    session = await shop.stack.payments.get_session(row["payment_session_id"])
-    await paid_outside(shop.stack.gateway, str(session.payment_intent))
+    _, session = await shop.canceled_then_paid()
     gate = hold(shop.sandbox, "/v1/refunds", mode="before")  # the first instance's refund, held at Stripe
 
     await shop.stack.payments.get_session(session.id)  # the success is seen: refund due, its sender started

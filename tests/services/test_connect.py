@@ -43,6 +43,19 @@ async def plug(client: Client, account: str, price_id: str, plug_id: str = "seo-
     return plug_id
 
 
+async def sold_plug(client: Client, sandbox: Sandbox) -> tuple[str, dict[str, Any]]:
+    """A creator's plug (price 1000, their share 70%) sold through a completed checkout, its events stored: the
+    creator's account and the completed Checkout Session."""
+    account = await creator(client, sandbox)
+    price_id = await price(client, 1000)
+    await plug(client, account, price_id)
+    session = ok(await client.call_tool("create_checkout_session", {
+        "line_items": [{"price": price_id}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
+    done = sandbox.complete_checkout_session(session)
+    await _drained(sandbox)
+    return account, done
+
+
 async def test_a_creator_registers_onboards_through_a_link_and_can_then_receive_transfers(
         client: Client, sandbox: Sandbox) -> None:
     made = ok(await client.call_tool("create_connected_account", {
@@ -198,13 +211,8 @@ async def test_a_payment_session_for_a_plug_of_a_creator_not_onboarded_is_refuse
 
 async def test_partial_refunds_reverse_the_creators_transfer_and_the_platform_fee_in_proportion(
         client: Client, sandbox: Sandbox) -> None:
-    account = await creator(client, sandbox)
-    price_id = await price(client, 1000)
-    await plug(client, account, price_id, creator_share_bp=7000)
-    session = ok(await client.call_tool("create_checkout_session", {
-        "line_items": [{"price": price_id}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
-    done = sandbox.complete_checkout_session(session)
-    await _drained(sandbox)
+    account, done = await sold_plug(client, sandbox)
+    session = done["id"]
     first = ok(await client.call_tool("refund_split_sale", {"sale": session, "amount": 333, "idempotency_key": "r1"}))
     assert (first["amount"], first["reversed"], first["fee_refunded"]) == (333, 333 - 99, 99)
     again = ok(await client.call_tool("refund_split_sale", {"sale": session, "amount": 333, "idempotency_key": "r1"}))
@@ -229,13 +237,8 @@ def _list(sandbox: Sandbox, kind: str) -> list[dict[str, Any]]:
 
 async def test_a_refund_larger_than_what_is_left_is_refused_writing_nothing_and_sending_nothing(
         client: Client, sandbox: Sandbox, tmp_path: Path) -> None:
-    account = await creator(client, sandbox)
-    price_id = await price(client, 1000)
-    await plug(client, account, price_id)
-    session = ok(await client.call_tool("create_checkout_session", {
-        "line_items": [{"price": price_id}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
-    sandbox.complete_checkout_session(session)
-    await _drained(sandbox)
+    _, done = await sold_plug(client, sandbox)
+    session = done["id"]
     ok(await client.call_tool("refund_split_sale", {"sale": session, "amount": 600, "idempotency_key": "r1"}))
     await _drained(sandbox)  # every event so far stored: a late one is no write of ours
     before = table_digests(tmp_path / "billing.db", skip=("audit_log", "sqlite_sequence", "idempotency_keys"))
@@ -248,13 +251,8 @@ async def test_a_refund_larger_than_what_is_left_is_refused_writing_nothing_and_
 
 async def test_two_refunds_racing_for_the_rest_of_a_sale_refund_and_reverse_once(
         client: Client, sandbox: Sandbox) -> None:
-    account = await creator(client, sandbox)
-    price_id = await price(client, 1000)
-    await plug(client, account, price_id)
-    session = ok(await client.call_tool("create_checkout_session", {
-        "line_items": [{"price": price_id}], "customer_email": "b@example.com"}))["checkout_session"]["id"]
-    sandbox.complete_checkout_session(session)
-    await _drained(sandbox)
+    account, done = await sold_plug(client, sandbox)
+    session = done["id"]
     results: list[Any] = []
 
     async def refund(key: str) -> None:

@@ -94,7 +94,7 @@ def _check_databases(settings: Settings) -> None:
     from inside the server's lifespan or at the first Stripe call (the embedded sandbox opens its file then)."""
     from .store import check_database_file, open_store
 
-    open_store(settings.aims_billing_db, settings.database_url).close()
+    open_store(settings.aims_billing_db, settings.database_url, writers=1).close()  # a check: one writer is plenty
     if settings.stripe_secret_key is None and settings.stripe_api_base is None:
         check_database_file(settings.sandbox_db_path, "AIMS_BILLING_SANDBOX_DB")
 

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         default=None, description="postgresql://user:password@host:5432/db: every instance shares one PostgreSQL; "
         "unset = SQLite at AIMS_BILLING_DB"
     )
+    aims_billing_database_writers: int = Field(
+        default=2, ge=1, le=16, description="PostgreSQL only: writer connections per instance, each committing what "
+        "has gathered as one transaction; fewer gather bigger batches (less CPU a write, lower latency on a small "
+        "machine), more keep commits in flight when the database is far away"
+    )
     aims_billing_allow_live: bool = False
     aims_billing_tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
     aims_billing_toolsets: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -80,7 +80,8 @@ def build_state(
     """The whole graph (see the module docstring for the overrides). Nothing talks to Stripe yet."""
     pricing = Pricing.load(settings.aims_billing_pricing)
     owns_store, owns_gateway = store is None, gateway is None
-    store = store if store is not None else open_store(settings.aims_billing_db, settings.database_url)
+    store = store if store is not None else open_store(settings.aims_billing_db, settings.database_url,
+                                                      writers=settings.aims_billing_database_writers)
     gateway = gateway if gateway is not None else build_gateway(settings, sandbox_app=sandbox_app,
                                                                 retry_delay_scale=retry_delay_scale)
     idempotency = IdempotencyService(store, replay_window_seconds=settings.aims_billing_replay_window_seconds)

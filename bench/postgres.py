@@ -4,11 +4,12 @@ offered 1,000 debits/s against the latency of one bare transaction (issue 15).
 
 A throwaway cluster (tests/support/pg.py, fsync on: every COMMIT waits for the WAL flush) serves every run. For each of
 3 runs, on fresh databases:
-- instances: 1 or 3 processes, each a `PostgresStore` (the store's defaults: 4 writer threads, each committing what
-  has gathered as one transaction) and a `LedgerService`; 64 callers in all (split across the processes) debit
-  random wallets among 100; debits/s = debits / wall time from the moment all processes are released to the last
-  acknowledgement. Per debit: the instances' CPU, the server's CPU (the postmaster and its children, /proc), WAL
-  flushes (pg_stat_wal), debits per transaction, transactions retried (deadlock) or redone (savepoints).
+- instances: 1 or 3 processes, each a `PostgresStore` (the store's defaults: WRITER_THREADS writer threads, each
+  committing what has gathered as one transaction) and a `LedgerService`; 64 callers in all (split across the
+  processes) debit random wallets among 100; debits/s = debits / wall time from the moment all processes are
+  released to the last acknowledgement. Per debit: the instances' CPU, the server's CPU (the postmaster and its
+  children, /proc), WAL flushes (pg_stat_wal), debits per transaction, transactions retried (deadlock) or redone
+  (savepoints).
 - raw floor: `pgbench`-style single-statement transactions, `UPDATE bench_accounts SET balance = balance - 1 WHERE
   id = <random of 100>` in autocommit (one round trip and one COMMIT each), 64 connections in all over 3 processes
   (threads, psycopg), the same concurrency. `pgbench` itself (C, -c 64) runs the same script for reference.
@@ -63,6 +64,7 @@ from measure import medians, paced_debits, percentile, print_checks, print_run  
 
 from aims_billing_mcp.services.ledger import LedgerService  # noqa: E402
 from aims_billing_mcp.store import PostgresStore  # noqa: E402
+from aims_billing_mcp.store.postgres_core import WRITER_THREADS  # noqa: E402
 
 TARGET_FLOOR_RATIO = 0.5
 TARGET_SCALE_RATIO = 2.0
@@ -75,9 +77,10 @@ ROUND_TRIPS = ("BEGIN + the keys' locks + the wallets FOR UPDATE + the keys' loo
 
 
 # The instances' writer set-up (the workers read it from the environment the parent passes): the store's defaults,
-# 4 writer threads, each committing whatever has gathered as one transaction (`--max-batch 0`); `--max-batch 1`
-# gives every debit its own transaction (the set-up measured before the trusted batches: see the docstring).
-WRITERS = int(os.environ.get("BENCH_PG_WRITERS", "4"))
+# WRITER_THREADS writer threads (AIMS_BILLING_DATABASE_WRITERS), each committing whatever has gathered as one
+# transaction (`--max-batch 0`); `--max-batch 1` gives every debit its own transaction (the set-up measured before
+# the trusted batches: see the docstring).
+WRITERS = int(os.environ.get("BENCH_PG_WRITERS", str(WRITER_THREADS)))
 MAX_BATCH = int(os.environ.get("BENCH_PG_MAX_BATCH", "0")) or None
 
 

@@ -3,11 +3,14 @@ and start-up refusing what it cannot run on, in one line, with the password neve
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from aims_billing_mcp import cli
+from aims_billing_mcp.settings import Settings
+from aims_billing_mcp.state import open_state
 from aims_billing_mcp.store import AGGREGATES, PostgresStore
 from aims_billing_mcp.store import postgres as pg
 from tests.support import zygote
@@ -81,6 +84,24 @@ def test_every_command_runs_on_postgresql_and_nothing_goes_to_the_sqlite_file(
     assert "PostgreSQL" in outputs["doctor"][1] and "check-ledger: ok" in outputs["check-ledger"][1]
     assert not (tmp_path / "unused.db").exists()
     assert all(pg_cluster.password not in out for _, out in outputs.values())
+
+
+@pytest.mark.parametrize("writers", [1, 3])
+def test_the_graph_opens_as_many_writer_connections_as_the_writers_setting_says(
+    monkeypatch: pytest.MonkeyPatch, postgres_url: str, writers: int
+) -> None:
+    monkeypatch.setenv("AIMS_BILLING_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("AIMS_BILLING_DATABASE_WRITERS", str(writers))
+    before = _writer_threads()
+
+    with open_state(Settings()) as state:
+        opened = _writer_threads() - before
+
+    assert len(opened) == writers and state.store.writers == writers
+
+
+def _writer_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name.startswith("aims-billing-pg-writer")}
 
 
 def test_the_postgresql_store_has_every_aggregate(postgres_url: str) -> None:

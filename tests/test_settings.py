@@ -24,6 +24,12 @@ def test_defaults_mean_sandbox_mode_with_a_database_in_the_user_data_directory()
     assert settings.sandbox_db_path.name == "aims_billing.sandbox.db"
 
 
+def test_the_writers_setting_defaults_to_what_a_postgresql_store_opens_with() -> None:
+    from aims_billing_mcp.store.postgres_core import WRITER_THREADS
+
+    assert load().aims_billing_database_writers == WRITER_THREADS
+
+
 def test_values_come_from_a_dotenv_file_in_the_working_directory(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("AIMS_BILLING_MAX_AMOUNT=5000\nAIMS_BILLING_TOOLS=create_customer, list_invoices\n")
     settings = load()
@@ -53,6 +59,9 @@ def test_the_key_decides_the_stripe_mode(monkeypatch: pytest.MonkeyPatch, variab
         ("STRIPE_PRICE_PRO", "prod_123"),
         ("STRIPE_API_BASE", "localhost:12111"),
         ("AIMS_BILLING_LOG_LEVEL", "LOUD"),
+        ("AIMS_BILLING_DATABASE_WRITERS", "0"),
+        ("AIMS_BILLING_DATABASE_WRITERS", "17"),
+        ("AIMS_BILLING_DATABASE_WRITERS", "two"),
     ],
 )
 def test_a_malformed_value_fails_with_a_message_naming_the_variable(

@@ -93,9 +93,11 @@ AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", 
               "connect")
 
 
-def open_store(db: Path | str, database_url: str | None = None, *, migrate: bool = False) -> Store:
+def open_store(db: Path | str, database_url: str | None = None, *, migrate: bool = False,
+               writers: int | None = None) -> Store:
     """The configured backend: PostgreSQL when `database_url` is set (every instance shares it; its schema must be
-    the code's, or `migrate` brings it there), else SQLite at `db` (opened and upgraded in place)."""
+    the code's, or `migrate` brings it there; `writers` writer connections, AIMS_BILLING_DATABASE_WRITERS), else
+    SQLite at `db` (opened and upgraded in place; one writer, always)."""
     if not database_url:
         return Store(db)
     from . import postgres
@@ -105,5 +107,5 @@ def open_store(db: Path | str, database_url: str | None = None, *, migrate: bool
             f"{postgres.URL_SETTING} must be a postgresql:// URL (postgresql://user:password@host:5432/database), "
             f"not {postgres.mask_url(database_url)!r}: fix it, or unset it to use SQLite at AIMS_BILLING_DB",
             exit_code=2)
-    store = PostgresStore(database_url, migrate=migrate)
+    store = PostgresStore(database_url, migrate=migrate, **({"writers": writers} if writers else {}))
     return store  # type: ignore[return-value]  # the same aggregates and writes: services take either

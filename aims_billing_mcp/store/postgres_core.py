@@ -45,7 +45,11 @@ T = TypeVar("T")
 MAX_ATTEMPTS = 8
 WROTE = "wrote"  # the scratch key a store sets when a pipelined job wrote (or queued a write): see _trusted_batch
 POOL_WAIT_S = 5.0
-WRITER_THREADS = 4
+# The default of AIMS_BILLING_DATABASE_WRITERS. Two, not more: each writer commits what gathered while the other
+# committed, so two keep a commit in flight while the next batch gathers; more writers split the same callers into
+# smaller batches (more statements and WAL flushes a write) and, on a small machine, more threads contending for the
+# GIL and the cores (bench/postgres.py, 3 instances: 4 writers gathered 6.7 debits a transaction, 2 gathered 11).
+WRITER_THREADS = 2
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
@@ -304,6 +308,7 @@ class PostgresCore:
             self.applied_migrations = pg.migrate(conn) if migrate else []
             self.schema_version = pg.check_schema(conn, url)
             self.server_version = pg.server_version(conn)
+        self.writers = writers
         self._pool_wait = pool_wait
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=pool_wait,
                                     kwargs={"autocommit": True, "connect_timeout": pg.CONNECT_TIMEOUT_S}, open=True)

@@ -393,6 +393,19 @@ def commit_floor(cluster: Any, name: str, wallets: int, samples: int = 500) -> t
     return percentile(timings, 0.50), percentile(timings, 0.99)
 
 
+def cpu_ceiling(figures: dict[str, float]) -> dict[str, float]:
+    """What this machine's cores allow, from the CPU each debit measured (the instances' processes, their callers
+    included, plus the server's): the cores the 1-instance run kept busy, and the most debits/s 3 instances could
+    reach with every core busy at their CPU per debit, as a multiple of 1 instance. The 3-over-1 target needs that
+    multiple >= 2: on a machine where one instance already keeps most cores busy, no code change gets there."""
+    cores = os.cpu_count() or 1
+    one_ms = figures["one_client_cpu_ms_per_debit"] + figures["one_server_cpu_ms_per_debit"]
+    three_ms = figures["three_client_cpu_ms_per_debit"] + figures["three_server_cpu_ms_per_debit"]
+    ceiling = cores * 1000 / three_ms if three_ms else 0.0
+    return {"one_cores_busy": figures["one_instance_debits_per_s"] * one_ms / 1000,
+            "three_ceiling_over_one": ceiling / figures["one_instance_debits_per_s"]}
+
+
 def latency(cluster: Any, name: str, rate: int, seconds: float, wallets: int) -> dict[str, float]:
     url = cluster.migrated_database(name)
     seed(url, wallets)
@@ -462,6 +475,7 @@ def main() -> None:
             figures["three_over_floor"] = figures["three_instances_debits_per_s"] / figures["raw_floor_tps"]
             figures["three_over_one"] = (figures["three_instances_debits_per_s"]
                                          / figures["one_instance_debits_per_s"])
+            figures.update(cpu_ceiling(figures))
             runs.append(figures)
             print_run(run, figures)
     finally:
@@ -500,6 +514,9 @@ def main() -> None:
           f"floor's server CPU {m['floor_server_cpu_ms_per_txn']:.2f} ms per transaction; "
           f"{m['three_retried_batches']:.0f} transactions retried after a deadlock, {m['three_redone_batches']:.0f} "
           f"redone with savepoints (3 instances)")
+    print(f"the machine's ceiling: 1 instance kept {m['one_cores_busy']:.2f} of {os.cpu_count()} cores busy; at the 3 "
+          f"instances' CPU per debit, all {os.cpu_count()} cores would allow at most "
+          f"{m['three_ceiling_over_one']:.2f}x one instance (the 3/1 target asks 2x)")
     print(f"where the time goes (meter events, {args.meter_batch} per record_many): instances "
           f"{m['meter_client_cpu_us_per_event']:.0f} us + server {m['meter_server_cpu_us_per_event']:.0f} us CPU per "
           f"event; load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

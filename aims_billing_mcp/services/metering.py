@@ -157,25 +157,16 @@ class _Draft:
     meter: Meter
 
 
-@dataclass(slots=True)
-class _Event:
-    """A validated event waiting for the writer."""
+_Terms = tuple[str, int, int]
+"""A period's terms as the writer needs them: (tier id, allowance, overage rate)."""
 
-    identifier: str
-    customer: str
-    operation: str | None
-    multiplier_milli: int
-    raw_units: int
-    weighted_units: int
-    timestamp: int
-    timestamp_given: bool
-    agent_id: str | None
-    metadata: str | None
-    tier: Tier
-    period_start: int
-    period_end: int
-    meter: Meter
-    stripe_id: str  # stripe_identifier(customer, identifier), made before the writer's turn
+_Event = tuple[str, str, str | None, int, int, int, str | None, int, str | None, int, int, _Terms, bool, str, str]
+"""A validated event waiting for the writer: (identifier, customer, operation, multiplier_milli, raw_units,
+weighted_units, agent_id, timestamp, metadata, period_start, period_end, terms, timestamp_given, meter id,
+stripe_identifier), the first nine in MeterEventRow's order. A plain tuple of str, int, bool and None, not an object:
+the collector stops tracking such a tuple at its first pass, so the events of the batches queued for the writer
+(thousands at a time) are never promoted to the old generation, and promotions are what make it scan the whole heap
+(a full collection of the server's heap costs tens of ms; bench/ingest.py (c): several us an event)."""
 
 
 @dataclass(slots=True)
@@ -189,7 +180,7 @@ class _Total:
     overage_units: int = 0
     cost_cents: int = 0
     changed: bool = False
-    terms: Tier | None = None  # the period's tier, allowance and rate, fixed by its first event
+    terms: _Terms | None = None  # the period's tier, allowance and rate, fixed by its first event
     last_at: int | None = None  # a `last` meter's: the timestamp of the value the total holds
 
 
@@ -235,7 +226,7 @@ def _brief(row: MeterEventRow, replayed: bool) -> tuple[str, int, int, int, int,
     return (row.identifier, row.weighted_units, row.cost_cents, row.period_units_after, row.allowance, replayed)
 
 
-def _last(total: _Total, event: _Event, terms: Tier) -> tuple[int, int, int]:
+def _last(total: _Total, raw: int, weighted: int, when: int, terms: _Terms) -> tuple[int, int, int]:
     """A `last` meter's event: (the period's value after it, overage units and cents it adds). The period is billed
     on its latest value by timestamp (a tie: the later recorded, as Stripe takes them in the order sent), so an event
     stamped before the value the total holds changes nothing; a later one replaces the value. What it adds is the
@@ -243,19 +234,22 @@ def _last(total: _Total, event: _Event, terms: Tier) -> tuple[int, int, int]:
     before = total.weighted_units
     total.events += 1
     total.changed = True
-    if total.last_at is not None and event.timestamp < total.last_at:
+    if total.last_at is not None and when < total.last_at:
         return before, 0, 0
-    after = event.weighted_units
-    total.raw_units, total.weighted_units, total.last_at = event.raw_units, after, event.timestamp
-    return after, *_rise(before, after, terms)
+    total.raw_units, total.weighted_units, total.last_at = raw, weighted, when
+    return weighted, *_rise(before, weighted, terms[1], terms[2])
 
 
-def _rise(before: int, after: int, terms: Tier) -> tuple[int, int]:
+def _rise(before: int, after: int, allowance: int, rate: int) -> tuple[int, int]:
     """(overage units, cents) by which a `last` meter's period value going from `before` to `after` raises its
     overage and charge (0 when it lowers them)."""
-    allowance, rate = terms.tokens_per_month, terms.overage_rate
     over_before, over_after = max(0, before - allowance), max(0, after - allowance)
     return max(0, over_after - over_before), max(0, cost_cents(over_after, rate) - cost_cents(over_before, rate))
+
+
+def _key(tier: Tier) -> _Terms:
+    """The terms of a period priced at `tier`, as the writer keeps them."""
+    return tier.id, tier.tokens_per_month, tier.overage_rate
 
 
 def _is_int(value: Any) -> bool:
@@ -532,7 +526,7 @@ class MeteringService:
         return _Draft(customer, raw, op, milli, ident, when, timestamp is not None, self._text(agent_id, "agent_id"),
                       self._metadata(metadata), kind)
 
-    def _event(self, draft: _Draft, now: float, current: dict[tuple[str, str], tuple[UsagePeriod, Tier]]) -> _Event:
+    def _event(self, draft: _Draft, now: float, current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]]) -> _Event:
         """The event of a verified customer's draft: its period and terms, within the money ceiling. `current` keeps
         each customer's current period and its terms (per meter) across a batch: an event inside that period (every
         event without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
@@ -540,7 +534,7 @@ class MeteringService:
         known = current.get((customer, meter.id))
         if known is None:
             now_period = self._period(customer, int(now))
-            known = current[(customer, meter.id)] = (now_period, self._terms(customer, now_period, meter))
+            known = current[(customer, meter.id)] = (now_period, _key(self._terms(customer, now_period, meter)))
         now_period, terms = known
         if now_period.start <= when < now_period.end:
             period = now_period
@@ -552,15 +546,15 @@ class MeteringService:
                     "the subscription), so this usage could no longer be billed; record usage as it happens, or omit "
                     "timestamp to use now", param="timestamp")
             period = self._period(customer, when)
-            terms = self._terms(customer, period, meter)
+            terms = _key(self._terms(customer, period, meter))
         weighted = weighted_units(draft.raw_units, draft.multiplier_milli)
-        most = cost_cents(weighted, terms.overage_rate)
+        most = cost_cents(weighted, terms[2])
         if self._ceiling_units is None or most > self._ceiling_units:  # else within it: nothing to say
             self._ceiling.check(most, self._pricing.currency, "units",
                                 what="the most these units can cost, all at the overage rate")
-        return _Event(draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
-                      when, draft.timestamp_given, draft.agent_id, draft.metadata, terms, period.start, period.end,
-                      meter, stripe_identifier(customer, draft.identifier))
+        return (draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
+                draft.agent_id, when, draft.metadata, period.start, period.end, terms, draft.timestamp_given, meter.id,
+                stripe_identifier(customer, draft.identifier))
 
     async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
         """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
@@ -592,7 +586,7 @@ class MeteringService:
                 unknown[customer] = verdict
             elif isinstance(verdict, BaseException):
                 raise verdict
-        current: dict[tuple[str, str], tuple[UsagePeriod, Tier]] = {}
+        current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]] = {}
         outcomes: list[_Event | BillingError] = []
         for draft in drafts:
             if isinstance(draft, _Draft):
@@ -604,7 +598,7 @@ class MeteringService:
                 outcomes.append(draft)
         del drafts  # not kept alive over the write: objects that outlive a collection are promoted, and
         # promotions are what make the collector scan the whole heap (bench/ingest.py: several us an event)
-        events = [outcome for outcome in outcomes if type(outcome) is _Event]
+        events = [outcome for outcome in outcomes if type(outcome) is tuple]
         applied: list[Any] = []
         if events:
             # trusted (no savepoint of its own): _apply decides everything before its one append, and should the
@@ -614,10 +608,10 @@ class MeteringService:
         results: list[dict[str, Any]] = []
         accepted = replayed = weighted = cost = 0
         for index, outcome in enumerate(outcomes):
-            answer = next(answers) if type(outcome) is _Event else outcome
+            answer = next(answers) if type(outcome) is tuple else outcome
             if type(answer) is not tuple:  # a BillingError: the event's own refusal, or the writer's conflict
                 assert isinstance(answer, BillingError)
-                ident = outcome.identifier if type(outcome) is _Event else _given_identifier(items[index])
+                ident = outcome[0] if type(outcome) is tuple else _given_identifier(items[index])
                 results.append({"index": index, "status": "refused", "identifier": ident, "error": {
                     "code": answer.code, "field": answer.param, "message": answer.message}})
                 continue
@@ -664,36 +658,38 @@ class MeteringService:
         """The writer side: replays and conflicts, running totals, then every new event and total in one append.
         Each event's answer is (its row, replayed), or with `brief` (a batch) `_brief`'s few numbers: the caller
         builds its answer from them outside the writer's turn (a thousand full results cost more than writing the
-        events); conflicts are BillingErrors."""
+        events); conflicts are BillingErrors. Rows are plain tuples in MeterEventRow's order (a MeterEventRow is made
+        only for an answer that needs one): like the events, the collector stops tracking them at its first pass."""
         metering = self._store.metering
-        stored: dict[tuple[str, str], MeterEventRow] = {}
+        meters = self._pricing.meters
+        stored: dict[tuple[str, str], tuple[Any, ...]] = {}  # recorded before, or earlier in this batch
         if look or not metering.detects_existing:  # else the append finds them, the rare time there are any
-            stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
-        totals = self._load_totals(tx, {(e.customer, e.period_start, e.meter.id) for e in events
-                                        if (e.customer, e.identifier) not in stored})
+            stored.update(metering.find_events(tx, {(event[1], event[0]) for event in events}))
+        totals = self._load_totals(tx, {(e[1], e[9], e[13]) for e in events if (e[1], e[0]) not in stored})
         by_operation: dict[tuple[str, int, str, str], list[int]] = {}  # events, raw, weighted, overage, cents
-        inserts: list[MeterEventRow] = []
+        inserts: list[tuple[Any, ...]] = []
         outcomes: list[Any] = []
         created_at = utc_now()
         for event in events:
-            key = (event.customer, event.identifier)
+            (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, start, end, given_terms,
+             _, meter_id, stripe_id) = event
+            key = (customer, identifier)
             prior = stored.get(key)
             if prior is not None:
-                outcomes.append(self._replay(prior, event, brief))
+                outcomes.append(self._replay(MeterEventRow._make(prior), event, brief))
                 continue
-            meter = event.meter
-            total = totals[(event.customer, event.period_start, meter.id)]
+            meter = meters[meter_id]
+            total = totals[(customer, start, meter_id)]
             if not total.period_end:
-                total.period_end = event.period_end
+                total.period_end = end
             terms = total.terms
             if terms is None:  # the period keeps the terms it was opened with
-                terms = total.terms = event.tier
-            raw, weighted = event.raw_units, event.weighted_units
+                terms = total.terms = given_terms
+            tier, allowance, rate = terms
             if meter.aggregation == "last":
-                after, overage, cost = _last(total, event, terms)
+                after, overage, cost = _last(total, raw, weighted, when, terms)
                 counted = (0, 0, 0, 0)  # a gauge: its operation counters count events only
             else:  # marginal_overage, inline: the cost of the period's overage after, minus before
-                allowance, rate = terms.tokens_per_month, terms.overage_rate
                 before = total.weighted_units
                 after = before + weighted
                 over_before = before - allowance if before > allowance else 0
@@ -707,30 +703,27 @@ class MeteringService:
                 total.cost_cents += cost
                 total.changed = True
                 counted = (raw, weighted, overage, cost)
-            op_key = (event.customer, event.period_start, event.operation or CUSTOM, meter.id)
-            operation = by_operation.get(op_key)
-            if operation is None:
+            op_key = (customer, start, operation or CUSTOM, meter_id)
+            counters = by_operation.get(op_key)
+            if counters is None:
                 by_operation[op_key] = [1, *counted]
             else:
-                operation[0] += 1
-                operation[1] += counted[0]
-                operation[2] += counted[1]
-                operation[3] += counted[2]
-                operation[4] += counted[3]
-            row = MeterEventRow(
-                event.identifier, event.customer, event.operation, event.multiplier_milli, event.raw_units,
-                event.weighted_units, event.agent_id, event.timestamp, event.metadata, terms.id, event.period_start,
-                event.period_end, after, terms.tokens_per_month, terms.overage_rate, overage,
-                cost, meter.event_name, created_at, event.stripe_id, meter.id)
+                counters[0] += 1
+                counters[1] += counted[0]
+                counters[2] += counted[1]
+                counters[3] += counted[2]
+                counters[4] += counted[3]
+            row = (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, tier, start, end,
+                   after, allowance, rate, overage, cost, meter.event_name, created_at, stripe_id, meter_id)
             inserts.append(row)
             stored[key] = row
-            outcomes.append((event.identifier, event.weighted_units, cost, after, terms.tokens_per_month, False)
-                            if brief else (row, False))  # brief: _brief(row, False), inline
+            outcomes.append((identifier, weighted, cost, after, allowance, False)  # brief: _brief(row, False), inline
+                            if brief else (MeterEventRow._make(row), False))
         if inserts:
             changed = [
                 PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
-                               t.terms.id if t.terms else None, t.terms.tokens_per_month if t.terms else None,
-                               t.terms.overage_rate if t.terms else None, meter, t.last_at)
+                               t.terms[0] if t.terms else None, t.terms[1] if t.terms else None,
+                               t.terms[2] if t.terms else None, meter, t.last_at)
                 for (customer, start, meter), t in totals.items() if t.changed]
             deltas = [
                 OperationDelta(customer, start, operation, n, raw, weighted, overage, cost, meter)
@@ -747,36 +740,37 @@ class MeteringService:
         """The running totals of these (customer, period, meter) keys, read in the writer's transaction."""
         totals: dict[tuple[str, int, str], _Total] = {}
         if keys:
-            terms = self._stored_terms
             for key, row in self._store.metering.load_totals(tx, keys).items():  # positional: _Total's field order
+                tier, allowance, rate = row.tier, row.allowance, row.overage_rate
+                terms = None if tier is None or allowance is None or rate is None else (tier, allowance, rate)
                 totals[key] = _Total(row.period_end, row.events, row.raw_units, row.weighted_units, 0, 0, False,
-                                     terms(row.tier, row.allowance, row.overage_rate), row.last_at)
+                                     terms, row.last_at)
             for key in keys - totals.keys():
                 totals[key] = _Total()
         return totals
 
     def _replay(self, prior: MeterEventRow, event: _Event, brief: bool = False) -> Any:
+        identifier, _, operation, milli, raw, _, agent_id, when, metadata, _, _, _, given, meter, _ = event
         differences = []
-        if prior.meter != event.meter.id:
-            differences.append(f"meter {prior.meter} vs {event.meter.id}")
-        if prior.raw_units != event.raw_units:
-            differences.append(f"units {prior.raw_units} vs {event.raw_units}")
-        if prior.operation != event.operation or (
-                event.operation is None and prior.multiplier_milli != event.multiplier_milli):
+        if prior.meter != meter:
+            differences.append(f"meter {prior.meter} vs {meter}")
+        if prior.raw_units != raw:
+            differences.append(f"units {prior.raw_units} vs {raw}")
+        if prior.operation != operation or (operation is None and prior.multiplier_milli != milli):
             first = prior.operation or f"multiplier {prior.multiplier_milli / 1000:g}"
-            now = event.operation or f"multiplier {event.multiplier_milli / 1000:g}"
+            now = operation or f"multiplier {milli / 1000:g}"
             differences.append(f"{first} vs {now}")
-        if prior.agent_id != event.agent_id:
-            differences.append(f"agent_id {prior.agent_id} vs {event.agent_id}")
-        if prior.metadata != event.metadata:
+        if prior.agent_id != agent_id:
+            differences.append(f"agent_id {prior.agent_id} vs {agent_id}")
+        if prior.metadata != metadata:
             differences.append("metadata")
-        if event.timestamp_given and prior.timestamp != event.timestamp:
-            differences.append(f"timestamp {prior.timestamp} vs {event.timestamp}")
+        if given and prior.timestamp != when:
+            differences.append(f"timestamp {prior.timestamp} vs {when}")
         if differences:
             return IdempotencyConflict(
-                f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
+                f"identifier {identifier!r} was already recorded with other content ({'; '.join(differences)}): "
                 "use a new identifier for new usage, or resend exactly the first event to get its result",
-                param="identifier", identifier=event.identifier)
+                param="identifier", identifier=identifier)
         return _brief(prior, True) if brief else (prior, True)
 
     def _result(self, row: MeterEventRow, *, replayed: bool) -> MeterEventResult:
@@ -873,7 +867,7 @@ class MeteringService:
         else:
             tier = kind.terms(self._pricing.p2p)
         if kind.aggregation == "last":
-            overage, cost = _rise(used, weighted, tier)
+            overage, cost = _rise(used, weighted, tier.tokens_per_month, tier.overage_rate)
         else:
             overage, cost = marginal_overage(used, weighted, tier)
         return UsageQuote(

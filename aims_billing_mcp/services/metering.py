@@ -100,6 +100,9 @@ from ..store.metering import (
 )
 from .ceiling import Ceiling
 from .metering_models import (
+    BatchEventError,
+    BatchEventOutcome,
+    BatchTotals,
     EventCounts,
     FailureReason,
     MeterEventBatchResult,
@@ -111,6 +114,7 @@ from .metering_models import (
     TaskSlot,
     UsageQuote,
     UsageSummary,
+    trusted,
 )
 from .tiers import (
     DAY,
@@ -140,6 +144,7 @@ MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second a date formatt
 MAX_BATCH = 1000  # events per record_many call: one writer job, so a batch is written whole or not at all
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
+_REFUSED_SET = frozenset({"index", "status", "identifier", "error"})  # the fields a refusal gives (the rest: defaults)
 
 @dataclass(slots=True)
 class _Draft:
@@ -565,6 +570,19 @@ class MeteringService:
         if len(items) > limit:
             raise InvalidInput(f"{len(items)} events in one batch; at most {limit} are taken: split it into batches "
                                f"of {limit}", param="events")
+        outcomes = await self._prepare(items)
+        events = [outcome for outcome in outcomes if type(outcome) is tuple]
+        applied: list[Any] = []
+        if events:
+            # trusted (no savepoint of its own): _apply decides everything before its one append, and should the
+            # append fail after writing, the writer undoes the transaction and runs it again a savepoint per job
+            applied = await self._store.write(lambda tx: self._apply(tx, events, True), savepoint=False)
+        return self._answer(items, outcomes, applied)
+
+    async def _prepare(self, items: Sequence[Any]) -> list[_Event | BillingError]:
+        """Each item's event, or why it is refused: parsed, checked, its customer verified (each new one asked
+        once), placed in its period. What it needs on the way (drafts, periods) is gone before the write: objects
+        that outlive a collection are promoted, and promotions are what make the collector scan the whole heap."""
         now = self._clock()
         drafts: list[_Draft | BillingError] = []
         known = self._known
@@ -596,39 +614,42 @@ class MeteringService:
                     outcomes.append(exc)
             else:
                 outcomes.append(draft)
-        del drafts  # not kept alive over the write: objects that outlive a collection are promoted, and
-        # promotions are what make the collector scan the whole heap (bench/ingest.py: several us an event)
-        events = [outcome for outcome in outcomes if type(outcome) is tuple]
-        applied: list[Any] = []
-        if events:
-            # trusted (no savepoint of its own): _apply decides everything before its one append, and should the
-            # append fail after writing, the writer undoes the transaction and runs it again a savepoint per job
-            applied = await self._store.write(lambda tx: self._apply(tx, events, True), savepoint=False)
+        return outcomes
+
+    def _answer(self, items: Sequence[Any], outcomes: list[_Event | BillingError],
+                applied: list[Any]) -> MeterEventBatchResult:
+        """The batch's answer from each event's outcome, built here, after COMMIT, not in the writer's turn. Every
+        value is one the service made itself, of its field's type, so the models are constructed as they stand
+        (`trusted`), not validated again: the same answer, for a fraction of the cost (bench/ingest.py (c))."""
         answers = iter(applied)
-        results: list[dict[str, Any]] = []
+        results: list[BatchEventOutcome] = []
         accepted = replayed = weighted = cost = 0
         for index, outcome in enumerate(outcomes):
             answer = next(answers) if type(outcome) is tuple else outcome
             if type(answer) is not tuple:  # a BillingError: the event's own refusal, or the writer's conflict
                 assert isinstance(answer, BillingError)
                 ident = outcome[0] if type(outcome) is tuple else _given_identifier(items[index])
-                results.append({"index": index, "status": "refused", "identifier": ident, "error": {
-                    "code": answer.code, "field": answer.param, "message": answer.message}})
+                error = trusted(BatchEventError, {"code": answer.code, "field": answer.param,
+                                                  "message": answer.message})
+                results.append(trusted(BatchEventOutcome, {
+                    "index": index, "status": "refused", "identifier": ident, "weighted_units": None,
+                    "cost_cents": None, "period_usage": None, "remaining": None, "error": error}, _REFUSED_SET))
                 continue
-            ident, units, cents, after, allowance, again = answer  # the dict is built here, not in the writer's turn
+            ident, units, cents, after, allowance, again = answer
             if again:
                 replayed += 1
             else:
                 accepted += 1
                 weighted += units
                 cost += cents
-            results.append({"index": index, "status": "replayed" if again else "accepted", "identifier": ident,
-                            "weighted_units": units, "cost_cents": cents, "period_usage": after,
-                            "remaining": allowance - after if allowance > after else 0, "error": None})
-        return MeterEventBatchResult.model_validate({  # one validation of the whole answer, in pydantic-core
-            "totals": {"events": len(items), "accepted": accepted, "replayed": replayed,
-                       "refused": len(items) - accepted - replayed, "weighted_units": weighted, "cost_cents": cost},
-            "results": results})
+            results.append(trusted(BatchEventOutcome, {
+                "index": index, "status": "replayed" if again else "accepted", "identifier": ident,
+                "weighted_units": units, "cost_cents": cents, "period_usage": after,
+                "remaining": allowance - after if allowance > after else 0, "error": None}))
+        totals = trusted(BatchTotals, {
+            "events": len(items), "accepted": accepted, "replayed": replayed,
+            "refused": len(items) - accepted - replayed, "weighted_units": weighted, "cost_cents": cost})
+        return trusted(MeterEventBatchResult, {"totals": totals, "results": results})
 
     def _draft_of(self, item: Any, now: float) -> _Draft:
         if type(item) is not dict:  # a plain dict (every JSON object) is a Mapping: no ABC check on the hot path

@@ -12,6 +12,7 @@ import pytest
 
 from aims_billing_mcp.services.ceiling import Ceiling
 from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.metering_models import MeterEventBatchResult
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
 from aims_billing_mcp.store import Store
 
@@ -107,3 +108,22 @@ async def test_a_ceiling_that_cannot_be_applied_to_the_pricing_currency_refuses_
     answer = await metering.record_many([BASE])
     assert [(r.status, r.error.code if r.error else None) for r in answer.results] == [
         ("refused", "amount_above_ceiling")]
+
+
+async def test_a_batch_answer_is_what_validating_its_values_makes(store: Store) -> None:
+    metering = service(store)
+    await metering.record_many([{**BASE, "identifier": "first"}])
+    answer = await metering.record_many([
+        {**BASE, "identifier": "first"},  # replayed
+        {**BASE, "identifier": "second", "operation": "code"},  # accepted
+        {**BASE, "units": 0},  # refused by its own check
+        {**BASE, "identifier": "first", "units": 7},  # refused by the writer: another content
+    ])
+    validated = MeterEventBatchResult.model_validate(answer.model_dump(exclude_unset=True))
+    assert [r.status for r in answer.results] == ["replayed", "accepted", "refused", "refused"]
+    assert answer == validated
+    assert answer.model_dump_json() == validated.model_dump_json()
+    assert [(list(r.__dict__), r.model_fields_set) for r in answer.results] == [
+        (list(r.__dict__), r.model_fields_set) for r in validated.results]
+    assert (answer.model_fields_set, answer.totals.model_fields_set) == (
+        validated.model_fields_set, validated.totals.model_fields_set)

@@ -144,7 +144,7 @@ MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second a date formatt
 MAX_BATCH = 1000  # events per record_many call: one writer job, so a batch is written whole or not at all
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
-_REFUSED_SET = frozenset({"index", "status", "identifier", "error"})  # the fields a refusal gives (the rest: defaults)
+_REFUSED = ("index", "status", "identifier", "error")  # the fields a refusal gives (the rest are their defaults)
 
 @dataclass(slots=True)
 class _Draft:
@@ -633,7 +633,7 @@ class MeteringService:
                                                   "message": answer.message})
                 results.append(trusted(BatchEventOutcome, {
                     "index": index, "status": "refused", "identifier": ident, "weighted_units": None,
-                    "cost_cents": None, "period_usage": None, "remaining": None, "error": error}, _REFUSED_SET))
+                    "cost_cents": None, "period_usage": None, "remaining": None, "error": error}, set(_REFUSED)))
                 continue
             ident, units, cents, after, allowance, again = answer
             if again:

@@ -127,3 +127,12 @@ async def test_a_batch_answer_is_what_validating_its_values_makes(store: Store) 
         (list(r.__dict__), r.model_fields_set) for r in validated.results]
     assert (answer.model_fields_set, answer.totals.model_fields_set) == (
         validated.model_fields_set, validated.totals.model_fields_set)
+
+
+async def test_assigning_a_field_of_one_batch_result_changes_no_other_result(store: Store) -> None:
+    answer = await service(store).record_many([{**BASE, "identifier": "a"}, {**BASE, "identifier": "b"}, {"units": 1}])
+    first, second, refused = answer.results
+    first.weighted_units = 0
+    refused.cost_cents = 0
+    assert (second.weighted_units, second.model_fields_set) == (1000, set(type(second).model_fields))
+    assert refused.model_fields_set == {"index", "status", "identifier", "error", "cost_cents"}

@@ -146,21 +146,10 @@ UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
 _REFUSED = ("index", "status", "identifier", "error")  # the fields a refusal gives (the rest are their defaults)
 
-@dataclass(slots=True)
-class _Draft:
-    """An event's fields, each checked; not yet placed in a period (that needs the customer verified)."""
-
-    customer: str
-    raw_units: int
-    operation: str | None
-    multiplier_milli: int
-    identifier: str
-    timestamp: int
-    timestamp_given: bool
-    agent_id: str | None
-    metadata: str | None
-    meter: Meter
-
+_Draft = tuple[str, str, str | None, int, int, str | None, int, str | None, bool, Meter]
+"""An event's fields, each checked, not yet placed in a period (that needs the customer verified): (identifier,
+customer, operation, multiplier_milli, raw_units, agent_id, timestamp, metadata, timestamp_given, meter). A tuple, as
+the event it becomes: the cheapest record to make and to unpack, a batch makes one per event."""
 
 _Terms = tuple[str, int, int]
 """A period's terms as the writer needs them: (tier id, allowance, overage rate)."""
@@ -501,7 +490,7 @@ class MeteringService:
         now = self._clock()
         draft = self._draft(now, customer, units, operation, multiplier, identifier, timestamp, agent_id, metadata,
                             meter)
-        await self._ensure_customer(draft.customer)
+        await self._ensure_customer(draft[1])
         event = self._event(draft, now, {})
         row, replayed = await self._store.write_item(self._apply, event)
         return self._result(row, replayed=replayed)  # built here, not in the writer's turn
@@ -520,22 +509,22 @@ class MeteringService:
                 op = None if operation is None else operation.strip().lower() if type(operation) is str else ""
                 milli = 1000 if op is None else self._pricing.multipliers.get(op)
                 if milli is not None:
-                    return _Draft(customer, units, op, milli, new_id("luc") if identifier is None else identifier,
-                                  int(now), False, agent_id, None, kind)
+                    return (new_id("luc") if identifier is None else identifier, customer, op, milli, units,
+                            agent_id, int(now), None, False, kind)
         customer = self._customer(customer)
         kind = self._pricing.meter(meter)
         raw = self._units(units, kind)
         op, milli = self._multiplier(operation, multiplier, kind)
         ident = self._identifier(identifier)
         when = int(now) if timestamp is None else self._timestamp(timestamp, now)
-        return _Draft(customer, raw, op, milli, ident, when, timestamp is not None, self._text(agent_id, "agent_id"),
-                      self._metadata(metadata), kind)
+        return (ident, customer, op, milli, raw, self._text(agent_id, "agent_id"), when, self._metadata(metadata),
+                timestamp is not None, kind)
 
     def _event(self, draft: _Draft, now: float, current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]]) -> _Event:
         """The event of a verified customer's draft: its period and terms, within the money ceiling. `current` keeps
         each customer's current period and its terms (per meter) across a batch: an event inside that period (every
         event without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
-        customer, when, meter = draft.customer, draft.timestamp, draft.meter
+        identifier, customer, operation, milli, raw, agent_id, when, metadata, given, meter = draft
         known = current.get((customer, meter.id))
         if known is None:
             now_period = self._period(customer, int(now))
@@ -552,14 +541,13 @@ class MeteringService:
                     "timestamp to use now", param="timestamp")
             period = self._period(customer, when)
             terms = _key(self._terms(customer, period, meter))
-        weighted = weighted_units(draft.raw_units, draft.multiplier_milli)
+        weighted = weighted_units(raw, milli)
         most = cost_cents(weighted, terms[2])
         if self._ceiling_units is None or most > self._ceiling_units:  # else within it: nothing to say
             self._ceiling.check(most, self._pricing.currency, "units",
                                 what="the most these units can cost, all at the overage rate")
-        return (draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
-                draft.agent_id, when, draft.metadata, period.start, period.end, terms, draft.timestamp_given, meter.id,
-                stripe_identifier(customer, draft.identifier))
+        return (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, period.start,
+                period.end, terms, given, meter.id, stripe_identifier(customer, identifier))
 
     async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
         """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
@@ -594,8 +582,8 @@ class MeteringService:
                 drafts.append(exc)
                 continue
             drafts.append(made)
-            if made.customer not in known:
-                fresh[made.customer] = None
+            if made[1] not in known:
+                fresh[made[1]] = None
         customers = list(fresh)
         verdicts = await asyncio.gather(*(self._ensure_customer(c) for c in customers), return_exceptions=True)
         unknown: dict[str, BillingError] = {}
@@ -607,13 +595,13 @@ class MeteringService:
         current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]] = {}
         outcomes: list[_Event | BillingError] = []
         for draft in drafts:
-            if isinstance(draft, _Draft):
-                try:
-                    outcomes.append(unknown.get(draft.customer) or self._event(draft, now, current))
-                except BillingError as exc:
-                    outcomes.append(exc)
-            else:
+            if isinstance(draft, BillingError):
                 outcomes.append(draft)
+                continue
+            try:
+                outcomes.append(unknown.get(draft[1]) or self._event(draft, now, current))
+            except BillingError as exc:
+                outcomes.append(exc)
         return outcomes
 
     def _answer(self, items: Sequence[Any], outcomes: list[_Event | BillingError],
@@ -686,7 +674,8 @@ class MeteringService:
         stored: dict[tuple[str, str], tuple[Any, ...]] = {}  # recorded before, or earlier in this batch
         if look or not metering.detects_existing:  # else the append finds them, the rare time there are any
             stored.update(metering.find_events(tx, {(event[1], event[0]) for event in events}))
-        totals = self._load_totals(tx, {(e[1], e[9], e[13]) for e in events if (e[1], e[0]) not in stored})
+        totals = self._load_totals(tx, {(e[1], e[9], e[13]) for e in events
+                                        if not stored or (e[1], e[0]) not in stored})
         by_operation: dict[tuple[str, int, str, str], list[int]] = {}  # events, raw, weighted, overage, cents
         inserts: list[tuple[Any, ...]] = []
         outcomes: list[Any] = []

@@ -145,11 +145,12 @@ MAX_BATCH = 1000  # events per record_many call: one writer job, so a batch is w
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
 _REFUSED = ("index", "status", "identifier", "error")  # the fields a refusal gives (the rest are their defaults)
+_UNPLACED = InvalidInput("not placed yet")  # the place of an event whose customer is being verified (never answered)
 
-_Draft = tuple[str, str, str | None, int, int, str | None, int, str | None, bool, Meter]
+_Draft = tuple[str, str, str | None, int, int, str | None, int, str | None, bool, str]
 """An event's fields, each checked, not yet placed in a period (that needs the customer verified): (identifier,
-customer, operation, multiplier_milli, raw_units, agent_id, timestamp, metadata, timestamp_given, meter). A tuple, as
-the event it becomes: the cheapest record to make and to unpack, a batch makes one per event."""
+customer, operation, multiplier_milli, raw_units, agent_id, timestamp, metadata, timestamp_given, meter id). A plain
+tuple, as the event it becomes: the cheapest record to make and to unpack, and the collector stops tracking it."""
 
 _Terms = tuple[str, int, int]
 """A period's terms as the writer needs them: (tier id, allowance, overage rate)."""
@@ -510,7 +511,7 @@ class MeteringService:
                 milli = 1000 if op is None else self._pricing.multipliers.get(op)
                 if milli is not None:
                     return (new_id("luc") if identifier is None else identifier, customer, op, milli, units,
-                            agent_id, int(now), None, False, kind)
+                            agent_id, int(now), None, False, LUC_METER)
         customer = self._customer(customer)
         kind = self._pricing.meter(meter)
         raw = self._units(units, kind)
@@ -518,17 +519,18 @@ class MeteringService:
         ident = self._identifier(identifier)
         when = int(now) if timestamp is None else self._timestamp(timestamp, now)
         return (ident, customer, op, milli, raw, self._text(agent_id, "agent_id"), when, self._metadata(metadata),
-                timestamp is not None, kind)
+                timestamp is not None, kind.id)
 
     def _event(self, draft: _Draft, now: float, current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]]) -> _Event:
         """The event of a verified customer's draft: its period and terms, within the money ceiling. `current` keeps
         each customer's current period and its terms (per meter) across a batch: an event inside that period (every
         event without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
         identifier, customer, operation, milli, raw, agent_id, when, metadata, given, meter = draft
-        known = current.get((customer, meter.id))
+        known = current.get((customer, meter))
         if known is None:
             now_period = self._period(customer, int(now))
-            known = current[(customer, meter.id)] = (now_period, _key(self._terms(customer, now_period, meter)))
+            tier = self._terms(customer, now_period, self._pricing.meters[meter])
+            known = current[(customer, meter)] = (now_period, _key(tier))
         now_period, terms = known
         if now_period.start <= when < now_period.end:
             period = now_period
@@ -540,14 +542,14 @@ class MeteringService:
                     "the subscription), so this usage could no longer be billed; record usage as it happens, or omit "
                     "timestamp to use now", param="timestamp")
             period = self._period(customer, when)
-            terms = _key(self._terms(customer, period, meter))
+            terms = _key(self._terms(customer, period, self._pricing.meters[meter]))
         weighted = weighted_units(raw, milli)
         most = cost_cents(weighted, terms[2])
         if self._ceiling_units is None or most > self._ceiling_units:  # else within it: nothing to say
             self._ceiling.check(most, self._pricing.currency, "units",
                                 what="the most these units can cost, all at the overage rate")
         return (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, period.start,
-                period.end, terms, given, meter.id, stripe_identifier(customer, identifier))
+                period.end, terms, given, meter, stripe_identifier(customer, identifier))
 
     async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
         """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
@@ -569,22 +571,27 @@ class MeteringService:
 
     async def _prepare(self, items: Sequence[Any]) -> list[_Event | BillingError]:
         """Each item's event, or why it is refused: parsed, checked, its customer verified (each new one asked
-        once), placed in its period. What it needs on the way (drafts, periods) is gone before the write: objects
-        that outlive a collection are promoted, and promotions are what make the collector scan the whole heap."""
+        once), placed in its period. An event of a known customer (nearly all) is placed as soon as it is parsed, so
+        its draft is gone at once; what the batch needs on the way is gone before the write: objects that outlive
+        a collection are promoted, and promotions are what make the collector scan the whole heap."""
         now = self._clock()
-        drafts: list[_Draft | BillingError] = []
         known = self._known
-        fresh: dict[str, None] = {}  # customers not known yet, in order: the known ones need no question (nor a task)
+        current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]] = {}
+        outcomes: list[_Event | BillingError] = []
+        waiting: list[tuple[int, _Draft]] = []  # drafts of customers not known yet: placed once they are verified
         for item in items:
             try:
-                made = self._draft_of(item, now)
+                draft = self._draft_of(item, now)
+                if draft[1] in known:
+                    outcomes.append(self._event(draft, now, current))
+                    continue
+                waiting.append((len(outcomes), draft))
+                outcomes.append(_UNPLACED)
             except BillingError as exc:
-                drafts.append(exc)
-                continue
-            drafts.append(made)
-            if made[1] not in known:
-                fresh[made[1]] = None
-        customers = list(fresh)
+                outcomes.append(exc)
+        if not waiting:
+            return outcomes
+        customers = list(dict.fromkeys(draft[1] for _, draft in waiting))  # each asked once, in order
         verdicts = await asyncio.gather(*(self._ensure_customer(c) for c in customers), return_exceptions=True)
         unknown: dict[str, BillingError] = {}
         for customer, verdict in zip(customers, verdicts, strict=True):
@@ -592,16 +599,11 @@ class MeteringService:
                 unknown[customer] = verdict
             elif isinstance(verdict, BaseException):
                 raise verdict
-        current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]] = {}
-        outcomes: list[_Event | BillingError] = []
-        for draft in drafts:
-            if isinstance(draft, BillingError):
-                outcomes.append(draft)
-                continue
+        for index, draft in waiting:
             try:
-                outcomes.append(unknown.get(draft[1]) or self._event(draft, now, current))
+                outcomes[index] = unknown.get(draft[1]) or self._event(draft, now, current)
             except BillingError as exc:
-                outcomes.append(exc)
+                outcomes[index] = exc
         return outcomes
 
     def _answer(self, items: Sequence[Any], outcomes: list[_Event | BillingError],

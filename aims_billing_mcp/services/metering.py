@@ -643,15 +643,19 @@ class MeteringService:
             milli = self._pricing.multipliers.get(operation)
         else:
             milli = None
-        known = current.get((customer, LUC_METER))
-        if milli is None or known is None:  # an operation to refuse, or the customer's first event in the batch
+        if milli is None:  # an operation to refuse
             return None
+        when = int(now)
+        known = current.get((customer, LUC_METER))
+        if known is None:  # the customer's first event in the batch: its current period, as `_event` finds it
+            period = self._period(customer, when)
+            terms = _key(self._terms(customer, period, self._pricing.meters[LUC_METER]))
+            known = current[(customer, LUC_METER)] = (period, terms)
         period, terms = known
         weighted = weighted_units(units, milli)
         ceiling = self._ceiling_units
         if ceiling is None or cost_cents(weighted, terms[2]) > ceiling:  # the full path says why
             return None
-        when = int(now)
         if identifier is None:
             identifier = new_id("luc")
         return (identifier, customer, operation, milli, units, weighted, agent_id, when, None, period.start,

@@ -33,7 +33,11 @@ work is kept small (bench/ingest.py (c)): an event of plain str and int fields o
 shape, is taken as it is when every check would pass it unchanged (anything else goes through the model and the
 checks, which name the field); the job is trusted (no savepoint: `_apply` decides everything before its one append,
 and a failure after writing makes the writer undo and rerun the transaction a savepoint per job); the writer's turn
-answers each event's row, and the batch builds its numbers after COMMIT, outside it.
+answers each event's few numbers, and the batch builds its answer after COMMIT, outside it, constructing the models
+from the values it made (`trusted`) rather than validating them again. The collector is the other cost: drafts,
+events and rows are plain tuples of plain values (it stops tracking those at its first pass), the results share one
+fields set, and what a batch needs on the way is gone before the write, so the batches queued for the writer are not
+promoted to the old generation, whose full collections scan the whole heap (tens of ms each).
 
 Indexes. Events are indexed by identifier, status and time, never by customer: an index with the customer in its
 key scatters each commit's entries over as many pages as the batch has customers, which made COMMIT about five
@@ -100,6 +104,9 @@ from ..store.metering import (
 )
 from .ceiling import Ceiling
 from .metering_models import (
+    BatchEventError,
+    BatchEventOutcome,
+    BatchTotals,
     EventCounts,
     FailureReason,
     MeterEventBatchResult,
@@ -111,6 +118,7 @@ from .metering_models import (
     TaskSlot,
     UsageQuote,
     UsageSummary,
+    trusted,
 )
 from .tiers import (
     DAY,
@@ -140,42 +148,25 @@ MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second a date formatt
 MAX_BATCH = 1000  # events per record_many call: one writer job, so a batch is written whole or not at all
 UNKNOWN_CUSTOMER_TTL = 60.0
 CUSTOM = "custom"  # the operation label of events recorded with an explicit multiplier
+_REFUSED = ("index", "status", "identifier", "error")  # the fields a refusal gives (the rest are their defaults)
+_COMMON_FIELDS = frozenset({"customer", "units", "operation", "identifier", "agent_id"})  # what `_placed` takes
+_UNPLACED = InvalidInput("not placed yet")  # the place of an event whose customer is being verified (never answered)
 
-@dataclass(slots=True)
-class _Draft:
-    """An event's fields, each checked; not yet placed in a period (that needs the customer verified)."""
+_Draft = tuple[str, str, str | None, int, int, str | None, int, str | None, bool, str]
+"""An event's fields, each checked, not yet placed in a period (that needs the customer verified): (identifier,
+customer, operation, multiplier_milli, raw_units, agent_id, timestamp, metadata, timestamp_given, meter id). A plain
+tuple, as the event it becomes: the cheapest record to make and to unpack, and the collector stops tracking it."""
 
-    customer: str
-    raw_units: int
-    operation: str | None
-    multiplier_milli: int
-    identifier: str
-    timestamp: int
-    timestamp_given: bool
-    agent_id: str | None
-    metadata: str | None
-    meter: Meter
+_Terms = tuple[str, int, int]
+"""A period's terms as the writer needs them: (tier id, allowance, overage rate)."""
 
-
-@dataclass(slots=True)
-class _Event:
-    """A validated event waiting for the writer."""
-
-    identifier: str
-    customer: str
-    operation: str | None
-    multiplier_milli: int
-    raw_units: int
-    weighted_units: int
-    timestamp: int
-    timestamp_given: bool
-    agent_id: str | None
-    metadata: str | None
-    tier: Tier
-    period_start: int
-    period_end: int
-    meter: Meter
-    stripe_id: str  # stripe_identifier(customer, identifier), made before the writer's turn
+_Event = tuple[str, str, str | None, int, int, int, str | None, int, str | None, int, int, _Terms, bool, str, str]
+"""A validated event waiting for the writer: (identifier, customer, operation, multiplier_milli, raw_units,
+weighted_units, agent_id, timestamp, metadata, period_start, period_end, terms, timestamp_given, meter id,
+stripe_identifier), the first nine in MeterEventRow's order. A plain tuple of str, int, bool and None, not an object:
+the collector stops tracking such a tuple at its first pass, so the events of the batches queued for the writer
+(thousands at a time) are never promoted to the old generation, and promotions are what make it scan the whole heap
+(a full collection of the server's heap costs tens of ms; bench/ingest.py (c): several us an event)."""
 
 
 @dataclass(slots=True)
@@ -189,7 +180,7 @@ class _Total:
     overage_units: int = 0
     cost_cents: int = 0
     changed: bool = False
-    terms: Tier | None = None  # the period's tier, allowance and rate, fixed by its first event
+    terms: _Terms | None = None  # the period's tier, allowance and rate, fixed by its first event
     last_at: int | None = None  # a `last` meter's: the timestamp of the value the total holds
 
 
@@ -235,7 +226,7 @@ def _brief(row: MeterEventRow, replayed: bool) -> tuple[str, int, int, int, int,
     return (row.identifier, row.weighted_units, row.cost_cents, row.period_units_after, row.allowance, replayed)
 
 
-def _last(total: _Total, event: _Event, terms: Tier) -> tuple[int, int, int]:
+def _last(total: _Total, raw: int, weighted: int, when: int, terms: _Terms) -> tuple[int, int, int]:
     """A `last` meter's event: (the period's value after it, overage units and cents it adds). The period is billed
     on its latest value by timestamp (a tie: the later recorded, as Stripe takes them in the order sent), so an event
     stamped before the value the total holds changes nothing; a later one replaces the value. What it adds is the
@@ -243,19 +234,22 @@ def _last(total: _Total, event: _Event, terms: Tier) -> tuple[int, int, int]:
     before = total.weighted_units
     total.events += 1
     total.changed = True
-    if total.last_at is not None and event.timestamp < total.last_at:
+    if total.last_at is not None and when < total.last_at:
         return before, 0, 0
-    after = event.weighted_units
-    total.raw_units, total.weighted_units, total.last_at = event.raw_units, after, event.timestamp
-    return after, *_rise(before, after, terms)
+    total.raw_units, total.weighted_units, total.last_at = raw, weighted, when
+    return weighted, *_rise(before, weighted, terms[1], terms[2])
 
 
-def _rise(before: int, after: int, terms: Tier) -> tuple[int, int]:
+def _rise(before: int, after: int, allowance: int, rate: int) -> tuple[int, int]:
     """(overage units, cents) by which a `last` meter's period value going from `before` to `after` raises its
     overage and charge (0 when it lowers them)."""
-    allowance, rate = terms.tokens_per_month, terms.overage_rate
     over_before, over_after = max(0, before - allowance), max(0, after - allowance)
     return max(0, over_after - over_before), max(0, cost_cents(over_after, rate) - cost_cents(over_before, rate))
+
+
+def _key(tier: Tier) -> _Terms:
+    """The terms of a period priced at `tier`, as the writer keeps them."""
+    return tier.id, tier.tokens_per_month, tier.overage_rate
 
 
 def _is_int(value: Any) -> bool:
@@ -293,6 +287,8 @@ class MeteringService:
             self._ceiling_units: int | None = self._ceiling.limit(pricing.currency, "units")
         except BillingError:
             self._ceiling_units = None
+        luc = pricing.meters[LUC_METER]
+        self._plain_luc = luc.weighted and luc.aggregation == "sum"  # the common event's meter: `_placed` takes it
 
     # --- validation (no data needed) ---------------------------------------------------------------------------
 
@@ -502,7 +498,7 @@ class MeteringService:
         now = self._clock()
         draft = self._draft(now, customer, units, operation, multiplier, identifier, timestamp, agent_id, metadata,
                             meter)
-        await self._ensure_customer(draft.customer)
+        await self._ensure_customer(draft[1])
         event = self._event(draft, now, {})
         row, replayed = await self._store.write_item(self._apply, event)
         return self._result(row, replayed=replayed)  # built here, not in the writer's turn
@@ -521,26 +517,27 @@ class MeteringService:
                 op = None if operation is None else operation.strip().lower() if type(operation) is str else ""
                 milli = 1000 if op is None else self._pricing.multipliers.get(op)
                 if milli is not None:
-                    return _Draft(customer, units, op, milli, new_id("luc") if identifier is None else identifier,
-                                  int(now), False, agent_id, None, kind)
+                    return (new_id("luc") if identifier is None else identifier, customer, op, milli, units,
+                            agent_id, int(now), None, False, LUC_METER)
         customer = self._customer(customer)
         kind = self._pricing.meter(meter)
         raw = self._units(units, kind)
         op, milli = self._multiplier(operation, multiplier, kind)
         ident = self._identifier(identifier)
         when = int(now) if timestamp is None else self._timestamp(timestamp, now)
-        return _Draft(customer, raw, op, milli, ident, when, timestamp is not None, self._text(agent_id, "agent_id"),
-                      self._metadata(metadata), kind)
+        return (ident, customer, op, milli, raw, self._text(agent_id, "agent_id"), when, self._metadata(metadata),
+                timestamp is not None, kind.id)
 
-    def _event(self, draft: _Draft, now: float, current: dict[tuple[str, str], tuple[UsagePeriod, Tier]]) -> _Event:
+    def _event(self, draft: _Draft, now: float, current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]]) -> _Event:
         """The event of a verified customer's draft: its period and terms, within the money ceiling. `current` keeps
         each customer's current period and its terms (per meter) across a batch: an event inside that period (every
         event without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
-        customer, when, meter = draft.customer, draft.timestamp, draft.meter
-        known = current.get((customer, meter.id))
+        identifier, customer, operation, milli, raw, agent_id, when, metadata, given, meter = draft
+        known = current.get((customer, meter))
         if known is None:
             now_period = self._period(customer, int(now))
-            known = current[(customer, meter.id)] = (now_period, self._terms(customer, now_period, meter))
+            tier = self._terms(customer, now_period, self._pricing.meters[meter])
+            known = current[(customer, meter)] = (now_period, _key(tier))
         now_period, terms = known
         if now_period.start <= when < now_period.end:
             period = now_period
@@ -552,15 +549,14 @@ class MeteringService:
                     "the subscription), so this usage could no longer be billed; record usage as it happens, or omit "
                     "timestamp to use now", param="timestamp")
             period = self._period(customer, when)
-            terms = self._terms(customer, period, meter)
-        weighted = weighted_units(draft.raw_units, draft.multiplier_milli)
-        most = cost_cents(weighted, terms.overage_rate)
+            terms = _key(self._terms(customer, period, self._pricing.meters[meter]))
+        weighted = weighted_units(raw, milli)
+        most = cost_cents(weighted, terms[2])
         if self._ceiling_units is None or most > self._ceiling_units:  # else within it: nothing to say
             self._ceiling.check(most, self._pricing.currency, "units",
                                 what="the most these units can cost, all at the overage rate")
-        return _Event(draft.identifier, customer, draft.operation, draft.multiplier_milli, draft.raw_units, weighted,
-                      when, draft.timestamp_given, draft.agent_id, draft.metadata, terms, period.start, period.end,
-                      meter, stripe_identifier(customer, draft.identifier))
+        return (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, period.start,
+                period.end, terms, given, meter, stripe_identifier(customer, identifier))
 
     async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
         """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
@@ -571,20 +567,44 @@ class MeteringService:
         if len(items) > limit:
             raise InvalidInput(f"{len(items)} events in one batch; at most {limit} are taken: split it into batches "
                                f"of {limit}", param="events")
+        outcomes = await self._prepare(items)
+        events = [outcome for outcome in outcomes if type(outcome) is tuple]
+        applied: list[Any] = []
+        if events:
+            # trusted (no savepoint of its own): _apply decides everything before its one append, and should the
+            # append fail after writing, the writer undoes the transaction and runs it again a savepoint per job
+            applied = await self._store.write(lambda tx: self._apply(tx, events, True), savepoint=False)
+        return self._answer(items, outcomes, applied)
+
+    async def _prepare(self, items: Sequence[Any]) -> list[_Event | BillingError]:
+        """Each item's event, or why it is refused: parsed, checked, its customer verified (each new one asked
+        once), placed in its period. An event of a known customer (nearly all) is placed as soon as it is parsed, so
+        its draft is gone at once; what the batch needs on the way is gone before the write: objects that outlive
+        a collection are promoted, and promotions are what make the collector scan the whole heap."""
         now = self._clock()
-        drafts: list[_Draft | BillingError] = []
         known = self._known
-        fresh: dict[str, None] = {}  # customers not known yet, in order: the known ones need no question (nor a task)
+        current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]] = {}
+        outcomes: list[_Event | BillingError] = []
+        waiting: list[tuple[int, _Draft]] = []  # drafts of customers not known yet: placed once they are verified
+        placed = self._placed if self._plain_luc else None
         for item in items:
+            if placed is not None and type(item) is dict:
+                event = placed(item, now, current)
+                if event is not None:
+                    outcomes.append(event)
+                    continue
             try:
-                made = self._draft_of(item, now)
+                draft = self._draft_of(item, now)
+                if draft[1] in known:
+                    outcomes.append(self._event(draft, now, current))
+                    continue
+                waiting.append((len(outcomes), draft))
+                outcomes.append(_UNPLACED)
             except BillingError as exc:
-                drafts.append(exc)
-                continue
-            drafts.append(made)
-            if made.customer not in known:
-                fresh[made.customer] = None
-        customers = list(fresh)
+                outcomes.append(exc)
+        if not waiting:
+            return outcomes
+        customers = list(dict.fromkeys(draft[1] for _, draft in waiting))  # each asked once, in order
         verdicts = await asyncio.gather(*(self._ensure_customer(c) for c in customers), return_exceptions=True)
         unknown: dict[str, BillingError] = {}
         for customer, verdict in zip(customers, verdicts, strict=True):
@@ -592,49 +612,89 @@ class MeteringService:
                 unknown[customer] = verdict
             elif isinstance(verdict, BaseException):
                 raise verdict
-        current: dict[tuple[str, str], tuple[UsagePeriod, Tier]] = {}
-        outcomes: list[_Event | BillingError] = []
-        for draft in drafts:
-            if isinstance(draft, _Draft):
-                try:
-                    outcomes.append(unknown.get(draft.customer) or self._event(draft, now, current))
-                except BillingError as exc:
-                    outcomes.append(exc)
-            else:
-                outcomes.append(draft)
-        del drafts  # not kept alive over the write: objects that outlive a collection are promoted, and
-        # promotions are what make the collector scan the whole heap (bench/ingest.py: several us an event)
-        events = [outcome for outcome in outcomes if type(outcome) is _Event]
-        applied: list[Any] = []
-        if events:
-            # trusted (no savepoint of its own): _apply decides everything before its one append, and should the
-            # append fail after writing, the writer undoes the transaction and runs it again a savepoint per job
-            applied = await self._store.write(lambda tx: self._apply(tx, events, True), savepoint=False)
+        for index, draft in waiting:
+            try:
+                outcomes[index] = unknown.get(draft[1]) or self._event(draft, now, current)
+            except BillingError as exc:
+                outcomes[index] = exc
+        return outcomes
+
+    def _placed(self, item: dict[str, Any], now: float,
+                current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]]) -> _Event | None:
+        """The event of an item in the common shape, parsed, checked and placed in one step, or None: anything else
+        goes through `_draft_of` and `_event`, which decide it with every check and name the field. The common
+        shape: a known customer's event on the default meter (a plain `sum` meter) at the current time, with only
+        customer, units, operation, identifier and agent_id, each of exactly str or int (or None) and within its
+        bounds, a known operation, units that cannot cost more than the ceiling. Every check of the full path would
+        pass it unchanged (a known customer passed `_customer` when it was first verified), and the event is the one
+        `_event(_draft(...))` makes; this only skips the draft and the calls between (bench/ingest.py (c))."""
+        get = item.get
+        customer, units, operation, identifier, agent_id = (
+            get("customer"), get("units"), get("operation"), get("identifier"), get("agent_id"))
+        if not (item.keys() <= _COMMON_FIELDS and type(customer) is str and customer in self._known
+                and type(units) is int and 0 < units <= MAX_UNITS
+                and (identifier is None or (type(identifier) is str and 0 < len(identifier) <= MAX_IDENTIFIER))
+                and (agent_id is None or (type(agent_id) is str and 0 < len(agent_id) <= MAX_TEXT))):
+            return None
+        if operation is None:
+            milli: int | None = 1000
+        elif type(operation) is str:
+            operation = operation.strip().lower()
+            milli = self._pricing.multipliers.get(operation)
+        else:
+            milli = None
+        if milli is None:  # an operation to refuse
+            return None
+        when = int(now)
+        known = current.get((customer, LUC_METER))
+        if known is None:  # the customer's first event in the batch: its current period, as `_event` finds it
+            period = self._period(customer, when)
+            terms = _key(self._terms(customer, period, self._pricing.meters[LUC_METER]))
+            known = current[(customer, LUC_METER)] = (period, terms)
+        period, terms = known
+        weighted = weighted_units(units, milli)
+        ceiling = self._ceiling_units
+        if ceiling is None or cost_cents(weighted, terms[2]) > ceiling:  # the full path says why
+            return None
+        if identifier is None:
+            identifier = new_id("luc")
+        return (identifier, customer, operation, milli, units, weighted, agent_id, when, None, period.start,
+                period.end, terms, False, LUC_METER, stripe_identifier(customer, identifier))
+
+    def _answer(self, items: Sequence[Any], outcomes: list[_Event | BillingError],
+                applied: list[Any]) -> MeterEventBatchResult:
+        """The batch's answer from each event's outcome, built here, after COMMIT, not in the writer's turn. Every
+        value is one the service made itself, of its field's type, so the models are constructed as they stand
+        (`trusted`), not validated again: the same answer, for a fraction of the cost (bench/ingest.py (c))."""
         answers = iter(applied)
-        results: list[dict[str, Any]] = []
+        results: list[BatchEventOutcome] = []
         accepted = replayed = weighted = cost = 0
         for index, outcome in enumerate(outcomes):
-            answer = next(answers) if type(outcome) is _Event else outcome
+            answer = next(answers) if type(outcome) is tuple else outcome
             if type(answer) is not tuple:  # a BillingError: the event's own refusal, or the writer's conflict
                 assert isinstance(answer, BillingError)
-                ident = outcome.identifier if type(outcome) is _Event else _given_identifier(items[index])
-                results.append({"index": index, "status": "refused", "identifier": ident, "error": {
-                    "code": answer.code, "field": answer.param, "message": answer.message}})
+                ident = outcome[0] if type(outcome) is tuple else _given_identifier(items[index])
+                error = trusted(BatchEventError, {"code": answer.code, "field": answer.param,
+                                                  "message": answer.message})
+                results.append(trusted(BatchEventOutcome, {
+                    "index": index, "status": "refused", "identifier": ident, "weighted_units": None,
+                    "cost_cents": None, "period_usage": None, "remaining": None, "error": error}, set(_REFUSED)))
                 continue
-            ident, units, cents, after, allowance, again = answer  # the dict is built here, not in the writer's turn
+            ident, units, cents, after, allowance, again = answer
             if again:
                 replayed += 1
             else:
                 accepted += 1
                 weighted += units
                 cost += cents
-            results.append({"index": index, "status": "replayed" if again else "accepted", "identifier": ident,
-                            "weighted_units": units, "cost_cents": cents, "period_usage": after,
-                            "remaining": allowance - after if allowance > after else 0, "error": None})
-        return MeterEventBatchResult.model_validate({  # one validation of the whole answer, in pydantic-core
-            "totals": {"events": len(items), "accepted": accepted, "replayed": replayed,
-                       "refused": len(items) - accepted - replayed, "weighted_units": weighted, "cost_cents": cost},
-            "results": results})
+            results.append(trusted(BatchEventOutcome, {
+                "index": index, "status": "replayed" if again else "accepted", "identifier": ident,
+                "weighted_units": units, "cost_cents": cents, "period_usage": after,
+                "remaining": allowance - after if allowance > after else 0, "error": None}))
+        totals = trusted(BatchTotals, {
+            "events": len(items), "accepted": accepted, "replayed": replayed,
+            "refused": len(items) - accepted - replayed, "weighted_units": weighted, "cost_cents": cost})
+        return trusted(MeterEventBatchResult, {"totals": totals, "results": results})
 
     def _draft_of(self, item: Any, now: float) -> _Draft:
         if type(item) is not dict:  # a plain dict (every JSON object) is a Mapping: no ABC check on the hot path
@@ -664,36 +724,39 @@ class MeteringService:
         """The writer side: replays and conflicts, running totals, then every new event and total in one append.
         Each event's answer is (its row, replayed), or with `brief` (a batch) `_brief`'s few numbers: the caller
         builds its answer from them outside the writer's turn (a thousand full results cost more than writing the
-        events); conflicts are BillingErrors."""
+        events); conflicts are BillingErrors. Rows are plain tuples in MeterEventRow's order (a MeterEventRow is made
+        only for an answer that needs one): like the events, the collector stops tracking them at its first pass."""
         metering = self._store.metering
-        stored: dict[tuple[str, str], MeterEventRow] = {}
+        meters = self._pricing.meters
+        stored: dict[tuple[str, str], tuple[Any, ...]] = {}  # recorded before, or earlier in this batch
         if look or not metering.detects_existing:  # else the append finds them, the rare time there are any
-            stored = metering.find_events(tx, {(event.customer, event.identifier) for event in events})
-        totals = self._load_totals(tx, {(e.customer, e.period_start, e.meter.id) for e in events
-                                        if (e.customer, e.identifier) not in stored})
+            stored.update(metering.find_events(tx, {(event[1], event[0]) for event in events}))
+        totals = self._load_totals(tx, {(e[1], e[9], e[13]) for e in events
+                                        if not stored or (e[1], e[0]) not in stored})
         by_operation: dict[tuple[str, int, str, str], list[int]] = {}  # events, raw, weighted, overage, cents
-        inserts: list[MeterEventRow] = []
+        inserts: list[tuple[Any, ...]] = []
         outcomes: list[Any] = []
         created_at = utc_now()
         for event in events:
-            key = (event.customer, event.identifier)
+            (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, start, end, given_terms,
+             _, meter_id, stripe_id) = event
+            key = (customer, identifier)
             prior = stored.get(key)
             if prior is not None:
-                outcomes.append(self._replay(prior, event, brief))
+                outcomes.append(self._replay(MeterEventRow._make(prior), event, brief))
                 continue
-            meter = event.meter
-            total = totals[(event.customer, event.period_start, meter.id)]
+            meter = meters[meter_id]
+            total = totals[(customer, start, meter_id)]
             if not total.period_end:
-                total.period_end = event.period_end
+                total.period_end = end
             terms = total.terms
             if terms is None:  # the period keeps the terms it was opened with
-                terms = total.terms = event.tier
-            raw, weighted = event.raw_units, event.weighted_units
+                terms = total.terms = given_terms
+            tier, allowance, rate = terms
             if meter.aggregation == "last":
-                after, overage, cost = _last(total, event, terms)
+                after, overage, cost = _last(total, raw, weighted, when, terms)
                 counted = (0, 0, 0, 0)  # a gauge: its operation counters count events only
             else:  # marginal_overage, inline: the cost of the period's overage after, minus before
-                allowance, rate = terms.tokens_per_month, terms.overage_rate
                 before = total.weighted_units
                 after = before + weighted
                 over_before = before - allowance if before > allowance else 0
@@ -707,30 +770,27 @@ class MeteringService:
                 total.cost_cents += cost
                 total.changed = True
                 counted = (raw, weighted, overage, cost)
-            op_key = (event.customer, event.period_start, event.operation or CUSTOM, meter.id)
-            operation = by_operation.get(op_key)
-            if operation is None:
+            op_key = (customer, start, operation or CUSTOM, meter_id)
+            counters = by_operation.get(op_key)
+            if counters is None:
                 by_operation[op_key] = [1, *counted]
             else:
-                operation[0] += 1
-                operation[1] += counted[0]
-                operation[2] += counted[1]
-                operation[3] += counted[2]
-                operation[4] += counted[3]
-            row = MeterEventRow(
-                event.identifier, event.customer, event.operation, event.multiplier_milli, event.raw_units,
-                event.weighted_units, event.agent_id, event.timestamp, event.metadata, terms.id, event.period_start,
-                event.period_end, after, terms.tokens_per_month, terms.overage_rate, overage,
-                cost, meter.event_name, created_at, event.stripe_id, meter.id)
+                counters[0] += 1
+                counters[1] += counted[0]
+                counters[2] += counted[1]
+                counters[3] += counted[2]
+                counters[4] += counted[3]
+            row = (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, tier, start, end,
+                   after, allowance, rate, overage, cost, meter.event_name, created_at, stripe_id, meter_id)
             inserts.append(row)
             stored[key] = row
-            outcomes.append((event.identifier, event.weighted_units, cost, after, terms.tokens_per_month, False)
-                            if brief else (row, False))  # brief: _brief(row, False), inline
+            outcomes.append((identifier, weighted, cost, after, allowance, False)  # brief: _brief(row, False), inline
+                            if brief else (MeterEventRow._make(row), False))
         if inserts:
             changed = [
                 PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
-                               t.terms.id if t.terms else None, t.terms.tokens_per_month if t.terms else None,
-                               t.terms.overage_rate if t.terms else None, meter, t.last_at)
+                               t.terms[0] if t.terms else None, t.terms[1] if t.terms else None,
+                               t.terms[2] if t.terms else None, meter, t.last_at)
                 for (customer, start, meter), t in totals.items() if t.changed]
             deltas = [
                 OperationDelta(customer, start, operation, n, raw, weighted, overage, cost, meter)
@@ -747,36 +807,37 @@ class MeteringService:
         """The running totals of these (customer, period, meter) keys, read in the writer's transaction."""
         totals: dict[tuple[str, int, str], _Total] = {}
         if keys:
-            terms = self._stored_terms
             for key, row in self._store.metering.load_totals(tx, keys).items():  # positional: _Total's field order
+                tier, allowance, rate = row.tier, row.allowance, row.overage_rate
+                terms = None if tier is None or allowance is None or rate is None else (tier, allowance, rate)
                 totals[key] = _Total(row.period_end, row.events, row.raw_units, row.weighted_units, 0, 0, False,
-                                     terms(row.tier, row.allowance, row.overage_rate), row.last_at)
+                                     terms, row.last_at)
             for key in keys - totals.keys():
                 totals[key] = _Total()
         return totals
 
     def _replay(self, prior: MeterEventRow, event: _Event, brief: bool = False) -> Any:
+        identifier, _, operation, milli, raw, _, agent_id, when, metadata, _, _, _, given, meter, _ = event
         differences = []
-        if prior.meter != event.meter.id:
-            differences.append(f"meter {prior.meter} vs {event.meter.id}")
-        if prior.raw_units != event.raw_units:
-            differences.append(f"units {prior.raw_units} vs {event.raw_units}")
-        if prior.operation != event.operation or (
-                event.operation is None and prior.multiplier_milli != event.multiplier_milli):
+        if prior.meter != meter:
+            differences.append(f"meter {prior.meter} vs {meter}")
+        if prior.raw_units != raw:
+            differences.append(f"units {prior.raw_units} vs {raw}")
+        if prior.operation != operation or (operation is None and prior.multiplier_milli != milli):
             first = prior.operation or f"multiplier {prior.multiplier_milli / 1000:g}"
-            now = event.operation or f"multiplier {event.multiplier_milli / 1000:g}"
+            now = operation or f"multiplier {milli / 1000:g}"
             differences.append(f"{first} vs {now}")
-        if prior.agent_id != event.agent_id:
-            differences.append(f"agent_id {prior.agent_id} vs {event.agent_id}")
-        if prior.metadata != event.metadata:
+        if prior.agent_id != agent_id:
+            differences.append(f"agent_id {prior.agent_id} vs {agent_id}")
+        if prior.metadata != metadata:
             differences.append("metadata")
-        if event.timestamp_given and prior.timestamp != event.timestamp:
-            differences.append(f"timestamp {prior.timestamp} vs {event.timestamp}")
+        if given and prior.timestamp != when:
+            differences.append(f"timestamp {prior.timestamp} vs {when}")
         if differences:
             return IdempotencyConflict(
-                f"identifier {event.identifier!r} was already recorded with other content ({'; '.join(differences)}): "
+                f"identifier {identifier!r} was already recorded with other content ({'; '.join(differences)}): "
                 "use a new identifier for new usage, or resend exactly the first event to get its result",
-                param="identifier", identifier=event.identifier)
+                param="identifier", identifier=identifier)
         return _brief(prior, True) if brief else (prior, True)
 
     def _result(self, row: MeterEventRow, *, replayed: bool) -> MeterEventResult:
@@ -873,7 +934,7 @@ class MeteringService:
         else:
             tier = kind.terms(self._pricing.p2p)
         if kind.aggregation == "last":
-            overage, cost = _rise(used, weighted, tier)
+            overage, cost = _rise(used, weighted, tier.tokens_per_month, tier.overage_rate)
         else:
             overage, cost = marginal_overage(used, weighted, tier)
         return UsageQuote(

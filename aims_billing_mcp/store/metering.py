@@ -264,10 +264,12 @@ class MeteringStore(Protocol):
         """The running totals of these (customer, period start, meter) keys that exist, read in the transaction."""
         ...
 
-    def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
+    def append(self, tx: Tx, events: Sequence[tuple[Any, ...]], totals: Sequence[PeriodTotalRow],
                operations: Sequence[OperationDelta]) -> None:
         """Insert new events (pending, no attempt yet; IntegrityError if a (identifier, customer) exists), set
-        each total to its absolute values (a period keeps the terms of its first write), add each delta. Each total
+        each total to its absolute values (a period keeps the terms of its first write), add each delta. An event is
+        a MeterEventRow or a plain tuple in its field order (the recording path's: the collector stops tracking a
+        plain tuple of plain values at its first pass, and never promotes it). Each total
         is what `load_totals` answered for its key in this transaction (or nothing) plus its key's deltas (a `last`
         meter's: its new value), and each delta's key has its total here: a backend may write either side."""
         ...
@@ -584,7 +586,7 @@ class SqliteMeteringStore:
                 known[key] = totals[key]
         return totals
 
-    def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
+    def append(self, tx: Tx, events: Sequence[tuple[Any, ...]], totals: Sequence[PeriodTotalRow],
                operations: Sequence[OperationDelta]) -> None:
         """The events; for a sum or count meter, a totals row for a period that has none (its terms, counts 0) and
         the batch's deltas; for a `last` meter (`last_at` set), its absolute total and counters as before deltas.
@@ -992,7 +994,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
                 totals[(row[0], row[1], row[9])] = PeriodTotalRow._make(row)
         return totals
 
-    def append(self, tx: Tx, events: Sequence[MeterEventRow], totals: Sequence[PeriodTotalRow],
+    def append(self, tx: Tx, events: Sequence[tuple[Any, ...]], totals: Sequence[PeriodTotalRow],
                operations: Sequence[OperationDelta]) -> None:
         if events:  # COPY: a tenth of a multi-row INSERT's time for 1,000 events (its 20,000 parameters)
             cursor: Any = tx.cursor()  # a psycopg cursor (Tx names SQLite's connection type)

@@ -12,6 +12,7 @@ import pytest
 
 from aims_billing_mcp.services.ceiling import Ceiling
 from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.metering_models import MeterEventBatchResult
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
 from aims_billing_mcp.store import Store
 
@@ -29,6 +30,16 @@ def service(store: Store, ceiling: Ceiling | None = None) -> MeteringService:
 
 
 BASE = {"customer": "cus_a", "units": 1000}
+# The customer unknown (its events go through the full checks once verified) or known from an earlier batch (its
+# events in the common shape are placed in one step, `_placed`): both decide every event alike.
+KNOWN = pytest.mark.parametrize("known", [False, True], ids=["customer-new", "customer-known"])
+
+
+async def metering_for(store: Store, known: bool, ceiling: Ceiling | None = None) -> MeteringService:
+    metering = service(store, ceiling)
+    if known:
+        await metering.record_many([{**BASE, "identifier": "earlier"}])
+    return metering
 
 
 @pytest.mark.parametrize("change, field", [
@@ -37,6 +48,7 @@ BASE = {"customer": "cus_a", "units": 1000}
     ({"customer": ""}, "customer"),
     ({"customer": "cus_" + "a" * 252}, "customer"),  # 256 characters
     ({"customer": 7}, "customer"),
+    ({"customer": ["cus_a"]}, "customer"),  # not even hashable
     ({"units": 0}, "units"),
     ({"units": -1}, "units"),
     ({"units": 10**12 + 1}, "units"),
@@ -54,11 +66,14 @@ BASE = {"customer": "cus_a", "units": 1000}
     ({"meter": "no_such_meter"}, "meter"),
     ({"colour": "red"}, "colour"),
 ])
+@KNOWN
 async def test_an_event_in_the_common_shape_is_refused_naming_the_field_any_full_check_names(
-        store: Store, change: dict[str, Any], field: str) -> None:
-    answer = await service(store).record_many([{**BASE, **change}])
+        store: Store, change: dict[str, Any], field: str, known: bool) -> None:
+    metering = await metering_for(store, known)
+    answer = await metering.record_many([BASE, {**BASE, **change}])
+    del answer.results[0]  # the customer's first event of the batch: placed by the full path
     assert [(r.status, r.error.field if r.error else None) for r in answer.results] == [("refused", field)]
-    assert store.query_one("SELECT COUNT(*) AS n FROM meter_events") == {"n": 0}
+    assert store.query_one("SELECT COUNT(*) AS n FROM meter_events") == {"n": 2 if known else 1}  # not this one
 
 
 @pytest.mark.parametrize("change, operation, weighted", [
@@ -71,12 +86,16 @@ async def test_an_event_in_the_common_shape_is_refused_naming_the_field_any_full
     ({"meter": "luc_tokens", "operation": "code"}, "code", 1500),  # named: the full path, the same result
     ({"multiplier": 1.5}, None, 1500),
 ])
+@KNOWN
 async def test_an_accepted_event_is_stored_as_the_full_checks_store_it(
-        store: Store, change: dict[str, Any], operation: str | None, weighted: int) -> None:
+        store: Store, change: dict[str, Any], operation: str | None, weighted: int, known: bool) -> None:
+    metering = await metering_for(store, known)
     before = int(time.time())
-    answer = await service(store).record_many([{**BASE, **change}])
+    answer = await metering.record_many([{**BASE, "identifier": "first"}, {**BASE, **change}])
+    del answer.results[0]  # the customer's first event of the batch: placed by the full path
     assert [(r.status, r.weighted_units) for r in answer.results] == [("accepted", weighted)]
-    row = store.query_one("SELECT identifier, operation, weighted_units, agent_id, timestamp, meter FROM meter_events")
+    row = store.query_one("SELECT identifier, operation, weighted_units, agent_id, timestamp, meter FROM meter_events "
+                          "ORDER BY id DESC LIMIT 1")
     assert row is not None
     assert (row["operation"], row["weighted_units"], row["meter"]) == (operation, weighted, "luc_tokens")
     assert row["identifier"] == (change.get("identifier") or answer.results[0].identifier)
@@ -85,9 +104,11 @@ async def test_an_accepted_event_is_stored_as_the_full_checks_store_it(
     assert before <= row["timestamp"] <= int(time.time())
 
 
-async def test_a_batch_refuses_each_event_whose_units_could_cost_more_than_the_ceiling(store: Store) -> None:
+@KNOWN
+async def test_a_batch_refuses_each_event_whose_units_could_cost_more_than_the_ceiling(
+        store: Store, known: bool) -> None:
     # 3mo's overage rate is 150 cents per 1,000 units: 100,000 units could cost 15,000 cents, 1,000 units 150
-    metering = service(store, Ceiling(amount=10_000))
+    metering = await metering_for(store, known, Ceiling(amount=10_000))
     answer = await metering.record_many([{**BASE, "units": 100_000}, BASE, {**BASE, "units": 100_000}])
     assert [(r.status, r.error.code if r.error else None, r.error.field if r.error else None)
             for r in answer.results] == [("refused", "amount_above_ceiling", "units"), ("accepted", None, None),
@@ -107,3 +128,31 @@ async def test_a_ceiling_that_cannot_be_applied_to_the_pricing_currency_refuses_
     answer = await metering.record_many([BASE])
     assert [(r.status, r.error.code if r.error else None) for r in answer.results] == [
         ("refused", "amount_above_ceiling")]
+
+
+async def test_a_batch_answer_is_what_validating_its_values_makes(store: Store) -> None:
+    metering = service(store)
+    await metering.record_many([{**BASE, "identifier": "first"}])
+    answer = await metering.record_many([
+        {**BASE, "identifier": "first"},  # replayed
+        {**BASE, "identifier": "second", "operation": "code"},  # accepted
+        {**BASE, "units": 0},  # refused by its own check
+        {**BASE, "identifier": "first", "units": 7},  # refused by the writer: another content
+    ])
+    validated = MeterEventBatchResult.model_validate(answer.model_dump(exclude_unset=True))
+    assert [r.status for r in answer.results] == ["replayed", "accepted", "refused", "refused"]
+    assert answer == validated
+    assert answer.model_dump_json() == validated.model_dump_json()
+    assert [(list(r.__dict__), r.model_fields_set) for r in answer.results] == [
+        (list(r.__dict__), r.model_fields_set) for r in validated.results]
+    assert (answer.model_fields_set, answer.totals.model_fields_set) == (
+        validated.model_fields_set, validated.totals.model_fields_set)
+
+
+async def test_assigning_a_field_of_one_batch_result_changes_no_other_result(store: Store) -> None:
+    answer = await service(store).record_many([{**BASE, "identifier": "a"}, {**BASE, "identifier": "b"}, {"units": 1}])
+    first, second, refused = answer.results
+    first.weighted_units = 0
+    refused.cost_cents = 0
+    assert (second.weighted_units, second.model_fields_set) == (1000, set(type(second).model_fields))
+    assert refused.model_fields_set == {"index", "status", "identifier", "error", "cost_cents"}

@@ -88,7 +88,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import InvalidOperation
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
 
@@ -156,6 +156,11 @@ _Draft = tuple[str, str, str | None, int, int, str | None, int, str | None, bool
 """An event's fields, each checked, not yet placed in a period (that needs the customer verified): (identifier,
 customer, operation, multiplier_milli, raw_units, agent_id, timestamp, metadata, timestamp_given, meter id). A plain
 tuple, as the event it becomes: the cheapest record to make and to unpack, and the collector stops tracking it."""
+
+_ID: Final = 0  # where a draft and an event hold their identifier
+_CUSTOMER: Final = 1  # ... and their customer
+_START: Final = 9  # where an event holds its period's start
+_METER: Final = 13  # ... and its meter id
 
 _Terms = tuple[str, int, int]
 """A period's terms as the writer needs them: (tier id, allowance, overage rate)."""
@@ -498,7 +503,7 @@ class MeteringService:
         now = self._clock()
         draft = self._draft(now, customer, units, operation, multiplier, identifier, timestamp, agent_id, metadata,
                             meter)
-        await self._ensure_customer(draft[1])
+        await self._ensure_customer(draft[_CUSTOMER])
         event = self._event(draft, now, {})
         row, replayed = await self._store.write_item(self._apply, event)
         return self._result(row, replayed=replayed)  # built here, not in the writer's turn
@@ -595,7 +600,7 @@ class MeteringService:
                     continue
             try:
                 draft = self._draft_of(item, now)
-                if draft[1] in known:
+                if draft[_CUSTOMER] in known:
                     outcomes.append(self._event(draft, now, current))
                     continue
                 waiting.append((len(outcomes), draft))
@@ -604,7 +609,7 @@ class MeteringService:
                 outcomes.append(exc)
         if not waiting:
             return outcomes
-        customers = list(dict.fromkeys(draft[1] for _, draft in waiting))  # each asked once, in order
+        customers = list(dict.fromkeys(draft[_CUSTOMER] for _, draft in waiting))  # each asked once, in order
         verdicts = await asyncio.gather(*(self._ensure_customer(c) for c in customers), return_exceptions=True)
         unknown: dict[str, BillingError] = {}
         for customer, verdict in zip(customers, verdicts, strict=True):
@@ -614,7 +619,7 @@ class MeteringService:
                 raise verdict
         for index, draft in waiting:
             try:
-                outcomes[index] = unknown.get(draft[1]) or self._event(draft, now, current)
+                outcomes[index] = unknown.get(draft[_CUSTOMER]) or self._event(draft, now, current)
             except BillingError as exc:
                 outcomes[index] = exc
         return outcomes
@@ -673,7 +678,7 @@ class MeteringService:
             answer = next(answers) if type(outcome) is tuple else outcome
             if type(answer) is not tuple:  # a BillingError: the event's own refusal, or the writer's conflict
                 assert isinstance(answer, BillingError)
-                ident = outcome[0] if type(outcome) is tuple else _given_identifier(items[index])
+                ident = outcome[_ID] if type(outcome) is tuple else _given_identifier(items[index])
                 error = trusted(BatchEventError, {"code": answer.code, "field": answer.param,
                                                   "message": answer.message})
                 results.append(trusted(BatchEventOutcome, {
@@ -730,9 +735,9 @@ class MeteringService:
         meters = self._pricing.meters
         stored: dict[tuple[str, str], tuple[Any, ...]] = {}  # recorded before, or earlier in this batch
         if look or not metering.detects_existing:  # else the append finds them, the rare time there are any
-            stored.update(metering.find_events(tx, {(event[1], event[0]) for event in events}))
-        totals = self._load_totals(tx, {(e[1], e[9], e[13]) for e in events
-                                        if not stored or (e[1], e[0]) not in stored})
+            stored.update(metering.find_events(tx, {(event[_CUSTOMER], event[_ID]) for event in events}))
+        totals = self._load_totals(tx, {(e[_CUSTOMER], e[_START], e[_METER]) for e in events
+                                        if not stored or (e[_CUSTOMER], e[_ID]) not in stored})
         by_operation: dict[tuple[str, int, str, str], list[int]] = {}  # events, raw, weighted, overage, cents
         inserts: list[tuple[Any, ...]] = []
         outcomes: list[Any] = []

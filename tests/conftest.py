@@ -44,6 +44,15 @@ from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, build_gateway
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller (not an xdist worker) writes the bytecode every process would otherwise compile again, before
+    the workers start: tests/support/precompile.py."""
+    if not hasattr(config, "workerinput"):
+        from tests.support.precompile import precompile
+
+        precompile(config, workers=int(config.getoption("numprocesses", None) or 0))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """Async tests run under anyio's plugin (`pytestmark = pytest.mark.anyio`), which keeps an async fixture's

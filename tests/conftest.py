@@ -304,6 +304,12 @@ class PromptlyStopped(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.stop = anyio.Event()
+        self.ready = anyio.Event()  # set once it listens (uvicorn only sets `started`, a flag to poll)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.ready.set()
 
     async def main_loop(self) -> None:
         await self.on_tick(0)  # the Date and Server headers, as uvicorn's first tick sets them
@@ -335,8 +341,7 @@ async def serving_on_loopback(make: Callable[[int], uvicorn.Server], *, start_wi
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: web.serve(sockets=[sock]))
             with anyio.fail_after(start_within):
-                while not web.started:
-                    await anyio.sleep(0.01)
+                await web.ready.wait()
             yield f"http://127.0.0.1:{port}"
             web.should_exit = True
             web.stop.set()

@@ -82,6 +82,31 @@ def output_validators_shared_across_sessions() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def output_schemas_read_from_the_in_memory_server() -> Iterator[None]:
+    """A client validates each structured result against its tool's output schema, which it learns by listing the
+    server's tools before the first call of a session: with ~50 tools and their schemas that listing costs ~12 ms
+    (serialized by the server, validated by the client), once per session, ~1,000 sessions. A client connected in
+    memory to a server object is given that server's declared output schemas when it connects instead (the very
+    values the listing carries: MCPServer.list_tools copies `output_schema`); every result is still validated
+    against them, and a tool they lack still makes the client list. Tests of the listing call list_tools as before.
+    If the SDK renames what this reads, setattr or the attribute access fails and every test says so."""
+    from mcp.server.mcpserver import MCPServer
+
+    enter = Client.__aenter__
+
+    async def entered(self: Client) -> Client:
+        connected = await enter(self)
+        if isinstance(self.server, MCPServer):
+            connected.session._tool_output_schemas.update(
+                {tool.name: tool.output_schema for tool in self.server._tool_manager.list_tools()})
+        return connected
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Client, "__aenter__", entered)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def skip_slow_unless_selected(request: pytest.FixtureRequest) -> None:
     """Slow variants (`@pytest.mark.slow`) run only when asked for (`-m slow`): the suite's default run has no

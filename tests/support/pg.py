@@ -220,8 +220,10 @@ class Cluster:
             return None
 
     def settle(self) -> None:
-        """Wait until every database given back is emptied (ready for a test) or dropped."""
-        self._collect(wait(self._emptying).done)
+        """Wait until every database given back is emptied (ready for a test, the last given back handed out
+        first) or dropped."""
+        wait(self._emptying)
+        self._collect(list(self._emptying))
 
     def stop(self) -> None:
         if self._janitor is not None:

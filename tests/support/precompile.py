@@ -13,6 +13,7 @@ Only bytecode is written, into the `__pycache__` directories .gitignore already 
 from __future__ import annotations
 
 import compileall
+import importlib.util
 import multiprocessing
 import os
 import re
@@ -46,21 +47,46 @@ def _rewrite(paths: list[Path]) -> None:
             rewrite._write_pyc(state, code, source_hash, pyc)
 
 
+def _plugin_modules(config: Any) -> list[Path]:
+    """The modules of the installed distributions that bring pytest plugins (hypothesis, anyio, pytest-xdist): pytest
+    rewrites the asserts of every one of their modules too, in every process, uncached like the tests' (~1-2 s of
+    CPU for the ~120 that are imported); outside this checkout, so only those whose cache directory is writable."""
+    from _pytest.assertion import rewrite
+
+    hook = config.stash[rewrite.assertstate_key].hook
+    if hook is None:  # --assert=plain: nothing is rewritten
+        return []
+    found: list[Path] = []
+    for name in sorted(hook._must_rewrite):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or spec.origin is None:
+            continue
+        places = spec.submodule_search_locations
+        paths = [path for place in places for path in sorted(Path(place).rglob("*.py"))] if places else [
+            Path(spec.origin)]
+        found += [path for path in paths if TESTS not in path.parents and path.suffix == ".py"]
+    return found
+
+
 def _compile(paths: list[Path]) -> None:
     for path in paths:
         compileall.compile_file(path, quiet=2)
 
 
 def precompile(config: Any, *, workers: int) -> None:
-    """Write the bytecode of the package, the test helpers and (when `workers` xdist workers will import them)
-    the rewritten test modules, split over the machine's cores. A file that cannot be written (a read-only tree) is
-    left to be compiled in memory as before; pytest's functions missing (a pytest that renamed them) fail the run,
-    so the saving cannot go away unnoticed."""
+    """Write the bytecode of the package, the test helpers, the plugins' rewritten modules and (when `workers`
+    xdist workers will import them) the rewritten test modules, split over the machine's cores. A file that cannot
+    be written (a read-only tree) is left to be compiled in memory as before; pytest's functions missing (a pytest
+    that renamed them) fail the run, so the saving cannot go away unnoticed."""
     global _config
     _config = config
     plain = sorted(PACKAGE.rglob("*.py")) + [path for path in sorted(TESTS.rglob("*.py"))
                                             if not _rewritten_by_pytest(path) and "data" not in path.parts]
     rewritten = [path for path in sorted(TESTS.rglob("*.py")) if _rewritten_by_pytest(path)] if workers else []
+    rewritten += _plugin_modules(config)
     cores = max(1, min(os.cpu_count() or 1, 4))
     jobs = [(_compile, plain[i::cores]) for i in range(cores)] + [(_rewrite, rewritten[i::cores]) for i in range(cores)]
     with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork")) as pool:

@@ -48,27 +48,27 @@ def _rewrite(paths: list[Path]) -> None:
 
 
 def _plugin_modules(config: Any) -> list[Path]:
-    """The modules of the installed distributions that bring pytest plugins (hypothesis, anyio, pytest-xdist): pytest
-    rewrites the asserts of every one of their modules too, in every process, uncached like the tests' (~1-2 s of
-    CPU for the ~120 that are imported); outside this checkout, so only those whose cache directory is writable."""
+    """The modules of the installed distributions that bring pytest plugins (hypothesis, anyio, pytest-xdist) which
+    this process has imported: pytest rewrites their asserts too, in every process and uncached like the tests'.
+    Those imported before this runs (anyio's, ~40) are listed for the pool; hypothesis, which every worker imports at
+    collection and the controller at its terminal summary (~80 modules, ~1 s each time; after the last test, for
+    the controller), is imported here with bytecode writing on, so that pytest caches each module as it rewrites it."""
+    import sys
+
     from _pytest.assertion import rewrite
 
     hook = config.stash[rewrite.assertstate_key].hook
     if hook is None:  # --assert=plain: nothing is rewritten
         return []
-    found: list[Path] = []
-    for name in sorted(hook._must_rewrite):
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        if spec is None or spec.origin is None:
-            continue
-        places = spec.submodule_search_locations
-        paths = [path for place in places for path in sorted(Path(place).rglob("*.py"))] if places else [
-            Path(spec.origin)]
-        found += [path for path in paths if TESTS not in path.parents and path.suffix == ".py"]
-    return found
+    already = [Path(path) for path in hook._rewritten_names.values()]
+    writing, sys.dont_write_bytecode = sys.dont_write_bytecode, False
+    try:
+        importlib.import_module("hypothesis")
+    except ImportError:  # not installed: nothing to cache
+        pass
+    finally:
+        sys.dont_write_bytecode = writing
+    return [path for path in already if TESTS not in path.parents and path.suffix == ".py"]
 
 
 def _compile(paths: list[Path]) -> None:

@@ -13,7 +13,6 @@ Only bytecode is written, into the `__pycache__` directories .gitignore already 
 from __future__ import annotations
 
 import compileall
-import importlib.util
 import multiprocessing
 import os
 import re
@@ -47,46 +46,21 @@ def _rewrite(paths: list[Path]) -> None:
             rewrite._write_pyc(state, code, source_hash, pyc)
 
 
-def _plugin_modules(config: Any) -> list[Path]:
-    """The modules of the installed distributions that bring pytest plugins (hypothesis, anyio, pytest-xdist) which
-    this process has imported: pytest rewrites their asserts too, in every process and uncached like the tests'.
-    Those imported before this runs (anyio's, ~40) are listed for the pool; hypothesis, which every worker imports at
-    collection and the controller at its terminal summary (~80 modules, ~1 s each time; after the last test, for
-    the controller), is imported here with bytecode writing on, so that pytest caches each module as it rewrites it."""
-    import sys
-
-    from _pytest.assertion import rewrite
-
-    hook = config.stash[rewrite.assertstate_key].hook
-    if hook is None:  # --assert=plain: nothing is rewritten
-        return []
-    already = [Path(path) for path in hook._rewritten_names.values()]
-    writing, sys.dont_write_bytecode = sys.dont_write_bytecode, False
-    try:
-        importlib.import_module("hypothesis")
-    except ImportError:  # not installed: nothing to cache
-        pass
-    finally:
-        sys.dont_write_bytecode = writing
-    return [path for path in already if TESTS not in path.parents and path.suffix == ".py"]
-
-
 def _compile(paths: list[Path]) -> None:
     for path in paths:
         compileall.compile_file(path, quiet=2)
 
 
 def precompile(config: Any, *, workers: int) -> None:
-    """Write the bytecode of the package, the test helpers, the plugins' rewritten modules and (when `workers`
-    xdist workers will import them) the rewritten test modules, split over the machine's cores. A file that cannot
-    be written (a read-only tree) is left to be compiled in memory as before; pytest's functions missing (a pytest
-    that renamed them) fail the run, so the saving cannot go away unnoticed."""
+    """Write the bytecode of the package, the test helpers and (when `workers` xdist workers will import them)
+    the rewritten test modules, split over the machine's cores. A file that cannot be written (a read-only tree) is
+    left to be compiled in memory as before; pytest's functions missing (a pytest that renamed them) fail the run,
+    so the saving cannot go away unnoticed."""
     global _config
     _config = config
     plain = sorted(PACKAGE.rglob("*.py")) + [path for path in sorted(TESTS.rglob("*.py"))
                                             if not _rewritten_by_pytest(path) and "data" not in path.parts]
     rewritten = [path for path in sorted(TESTS.rglob("*.py")) if _rewritten_by_pytest(path)] if workers else []
-    rewritten += _plugin_modules(config)
     cores = max(1, min(os.cpu_count() or 1, 4))
     jobs = [(_compile, plain[i::cores]) for i in range(cores)] + [(_rewrite, rewritten[i::cores]) for i in range(cores)]
     with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork")) as pool:

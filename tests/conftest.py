@@ -44,6 +44,15 @@ from aims_billing_mcp.store import Store
 from aims_billing_mcp.stripe_gateway import StripeGateway, StripeRequest, build_gateway
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller (not an xdist worker) writes the bytecode every process would otherwise compile again, before
+    the workers start: tests/support/precompile.py."""
+    if not hasattr(config, "workerinput"):
+        from tests.support.precompile import precompile
+
+        precompile(config, workers=int(config.getoption("numprocesses", None) or 0))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """Async tests run under anyio's plugin (`pytestmark = pytest.mark.anyio`), which keeps an async fixture's
@@ -70,6 +79,31 @@ def output_validators_shared_across_sessions() -> Iterator[None]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ClientSession, "_output_schema_validator", shared)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def output_schemas_read_from_the_in_memory_server() -> Iterator[None]:
+    """A client validates each structured result against its tool's output schema, which it learns by listing the
+    server's tools before the first call of a session: with ~50 tools and their schemas that listing costs ~12 ms
+    (serialized by the server, validated by the client), once per session, ~1,000 sessions. A client connected in
+    memory to a server object is given that server's declared output schemas when it connects instead (the very
+    values the listing carries: MCPServer.list_tools copies `output_schema`); every result is still validated
+    against them, and a tool they lack still makes the client list. Tests of the listing call list_tools as before.
+    If the SDK renames what this reads, setattr or the attribute access fails and every test says so."""
+    from mcp.server.mcpserver import MCPServer
+
+    enter = Client.__aenter__
+
+    async def entered(self: Client) -> Client:
+        connected = await enter(self)
+        if isinstance(self.server, MCPServer):
+            connected.session._tool_output_schemas.update(
+                {tool.name: tool.output_schema for tool in self.server._tool_manager.list_tools()})
+        return connected
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Client, "__aenter__", entered)
         yield
 
 
@@ -295,6 +329,12 @@ class PromptlyStopped(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.stop = anyio.Event()
+        self.ready = anyio.Event()  # set once it listens (uvicorn only sets `started`, a flag to poll)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.ready.set()
 
     async def main_loop(self) -> None:
         await self.on_tick(0)  # the Date and Server headers, as uvicorn's first tick sets them
@@ -326,8 +366,7 @@ async def serving_on_loopback(make: Callable[[int], uvicorn.Server], *, start_wi
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: web.serve(sockets=[sock]))
             with anyio.fail_after(start_within):
-                while not web.started:
-                    await anyio.sleep(0.01)
+                await web.ready.wait()
             yield f"http://127.0.0.1:{port}"
             web.should_exit = True
             web.stop.set()

@@ -159,8 +159,8 @@ async def test_serve_over_stdio_writes_to_postgresql(postgres_url: str, tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMS_", "STRIPE_"))}
     env.update({"AIMS_BILLING_DATABASE_URL": postgres_url, "HOME": str(tmp_path), "AIMS_BILLING_P2P_AGENTS": "1",
                 "AIMS_BILLING_DB": str(tmp_path / "unused.db")})
-    params = StdioServerParameters(command=sys.executable, args=["-m", "aims_billing_mcp", "serve", "--no-webhooks"],
-                                   env=env, cwd=str(tmp_path))
+    command, args = zygote.stdio_command([sys.executable, "-m", "aims_billing_mcp", "serve", "--no-webhooks"])
+    params = StdioServerParameters(command=command, args=args, env=env, cwd=str(tmp_path))
     with anyio.fail_after(120), (tmp_path / "stdio.log").open("w") as errlog:
         async with Client(stdio_client(params, errlog=errlog)) as client:
             made = await client.call_tool("create_customer", {"email": "stdio@example.com"})

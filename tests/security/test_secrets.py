@@ -32,7 +32,7 @@ from aims_billing_mcp.services.x402 import challenge_key
 from aims_billing_mcp.settings import Settings
 from aims_billing_mcp.store import utc_iso
 from aims_billing_mcp.webhooks import sign_webhook_payload
-from tests.support.zygote import spawn
+from tests.support.zygote import spawn, stdio_command
 
 from ..conftest import ok, serving_app
 
@@ -142,8 +142,8 @@ async def test_a_served_process_writes_no_configured_secret_to_the_wire_or_its_l
     with anyio.fail_after(120):
         async with serving_app(app) as base:
             env["STRIPE_API_BASE"] = base
-            params = StdioServerParameters(command=sys.executable, args=["-m", "aims_billing_mcp", "serve"],
-                                           env=env, cwd=str(tmp_path))
+            command, args = stdio_command([sys.executable, "-m", "aims_billing_mcp", "serve"])
+            params = StdioServerParameters(command=command, args=args, env=env, cwd=str(tmp_path))
             with (tmp_path / "stdio.log").open("w") as errlog:
                 async with Client(stdio_client(params, errlog=errlog)) as client:
                     dry = await client.call_tool("create_product", {

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -275,8 +276,15 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.check_ledger() == []
 
 
+# 25 random runs of 50 steps in the suite (LEDGER_EXAMPLES to change it), 300 under `-m slow`
 LedgerMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("LEDGER_EXAMPLES", "60")), stateful_step_count=50, deadline=None,
+    max_examples=int(os.environ.get("LEDGER_EXAMPLES", "25")), stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_ledger_state_machine = LedgerMachine.TestCase
+
+
+@pytest.mark.slow
+class TestLedgerStateMachineAtLength(LedgerMachine.TestCase):  # type: ignore[misc,valid-type]
+    settings = settings(max_examples=300, stateful_step_count=50, deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow])

@@ -377,6 +377,14 @@ def spawn(args: list[str], *, stdin: Any = None, stdout: Any = None, stderr: Any
     return Forked(list(args), request, stdin=stdin, stdout=stdout, stderr=stderr, text=text)
 
 
+def stdio_command(args: list[str]) -> tuple[str, list[str]]:
+    """The command and arguments that run `args` (`[sys.executable, "-m", module, ...]`) forked from this test
+    process's zygote, for a library that starts the program itself (the MCP SDK's `stdio_client`): a small
+    launcher hands it its stdio and signals (tests/support/forked.py)."""
+    assert args[0] == sys.executable and args[1] in ("-m", "-c"), args
+    return sys.executable, ["-S", str(Path(__file__).with_name("forked.py")), zygote().path, *args[1:]]
+
+
 def run(args: list[str], *, capture_output: bool = False, text: bool = False, timeout: float | None = None,
         env: dict[str, str] | None = None, cwd: Any = None, input: Any = None, stdin: Any = None,
         check: bool = False) -> subprocess.CompletedProcess[Any]:

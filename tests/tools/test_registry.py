@@ -94,3 +94,14 @@ def test_tools_json_rewrites_the_derived_tables_beside_it_and_leaves_the_rest_al
                 "answer above this block)\n")
     assert (tmp_path / "docs" / "tools.md").read_text() == unwritten.replace(
         "<!-- examples:start -->\n", "<!-- examples:start -->\n" + skeleton)
+
+
+async def test_the_output_schemas_a_client_in_memory_starts_with_are_the_ones_the_server_lists(
+        client: Any) -> None:
+    """The suite's clients connected in memory are given their server's output schemas when they connect
+    (tests/conftest.py `output_schemas_read_from_the_in_memory_server`) instead of listing before the first call:
+    those must be exactly what the listing says, for every tool, so every result is validated as an agent's would be."""
+    given = dict(client.session._tool_output_schemas)
+    listed = {tool.name: tool.output_schema for tool in (await client.list_tools()).tools}
+    assert given == listed and len(listed) >= 40
+    assert all(schema is not None for schema in listed.values())  # every tool's result is validated

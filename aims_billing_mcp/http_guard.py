@@ -202,9 +202,9 @@ class HttpGuard:
             refusal = Refusal(401, "unauthorized", caller[1:])  # an unknown caller learns nothing about the policy
         audited = self._audited(method, path, headers, body, caller)
         if refusal is not None:
-            await _answer(send, refusal.status, limit.shape(refusal.code, refusal.message))
-            if audited:
+            if audited:  # queued before the answer: whoever reads the answer finds the row queued ahead of their writes
                 self._audit(method, path, scope, body, caller, refusal.status, refusal.code, 0.0)
+            await _answer(send, refusal.status, limit.shape(refusal.code, refusal.message))
             return
         pending = [body]
 

@@ -202,19 +202,30 @@ def table(path: Any, sql: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-async def read_only(make_server: Callable[..., Any], make_settings: Callable[..., Any]) -> AsyncIterator[str]:
-    server = make_server(aims_billing_read_only=True, aims_billing_acp_api_keys=[ACP_KEY])
-    async with serving_http(server, token="mcp-token") as base:
+def read_only_server(make_server: Callable[..., Any]) -> Any:
+    return make_server(aims_billing_read_only=True, aims_billing_acp_api_keys=[ACP_KEY])
+
+
+@pytest.fixture
+async def read_only(read_only_server: Any) -> AsyncIterator[str]:
+    async with serving_http(read_only_server, token="mcp-token") as base:
         yield base
 
 
+async def committed(server: Any) -> None:
+    """Until the writes the server queued so far (its audit rows, queued without waiting) are committed: the writer
+    takes jobs in order, so an empty job answered after them."""
+    await server.state.store.write(lambda tx: None)
+
+
 async def test_read_only_refuses_x402_credits_with_and_without_a_payment_and_credits_nothing(
-    read_only: str, make_settings: Callable[..., Any]
+    read_only: str, read_only_server: Any, make_settings: Callable[..., Any]
 ) -> None:
     async with httpx.AsyncClient(base_url=read_only) as http:
         anonymous = await http.get("/x402/credits", params={"agent_id": "a", "luc": 5000})
         paying = await http.get("/x402/credits", params={"agent_id": "a", "luc": 5000},
                                 headers={"PAYMENT-SIGNATURE": "eyJ4NDAyVmVyc2lvbiI6Mn0="})
+    await committed(read_only_server)
     db = make_settings().aims_billing_db
     assert (anonymous.status_code, paying.status_code) == (403, 403)
     assert anonymous.json()["error"] == "read_only" and "AIMS_BILLING_READ_ONLY" in anonymous.json()["message"]
@@ -224,13 +235,14 @@ async def test_read_only_refuses_x402_credits_with_and_without_a_payment_and_cre
 
 
 async def test_read_only_refuses_acp_writes_in_acps_error_shape_and_keeps_reads_open(
-    read_only: str, make_settings: Callable[..., Any]
+    read_only: str, read_only_server: Any, make_settings: Callable[..., Any]
 ) -> None:
     async with httpx.AsyncClient(base_url=read_only) as http:
         create = await http.post("/acp/checkout_sessions", json=CART, headers=acp_headers())
         cancel = await http.post("/acp/checkout_sessions/cs_x/cancel", json={}, headers=acp_headers("k-2"))
         stranger = await http.post("/acp/checkout_sessions", json=CART, headers=acp_headers("k-3", key="wrong"))
         read = await http.get("/acp/checkout_sessions/cs_nope", headers=acp_headers())
+    await committed(read_only_server)
     db = make_settings().aims_billing_db
     assert (create.status_code, cancel.status_code, stranger.status_code) == (403, 403, 401)
     assert create.json()["type"] == "invalid_request" and create.json()["code"] == "read_only"

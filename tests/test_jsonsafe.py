@@ -11,7 +11,7 @@ from aims_billing_mcp import jsonsafe
 
 
 def test_a_dependency_raises_the_recursion_limit_so_json_loads_is_not_safe_on_deep_input() -> None:
-    import aims_billing_mcp.services.x402  # noqa: F401  (imports the EVM stack, as the server does)
+    import aims_billing_mcp.services.x402_signer  # noqa: F401  (the EVM stack, as the server imports it to verify)
 
     assert sys.getrecursionlimit() >= 100_000
 

@@ -1,12 +1,15 @@
 """What the benchmarks share: percentiles, a free loopback port for a server under test, each run's figures and
-their medians, the table of medians against their targets, and paced debits for acknowledgement latency."""
+their medians, the table of medians against their targets, paced debits for acknowledgement latency, and a
+process's CPU read from /proc."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import statistics
+from pathlib import Path
 from typing import Any
 
 
@@ -62,3 +65,14 @@ async def paced_debits(ledger: Any, rate: int, seconds: float, wallets: int) -> 
         tasks.append(asyncio.create_task(one(i, due)))
     await asyncio.gather(*tasks)
     return samples, n / (loop.time() - start)
+
+
+def proc_stat(pid: int | str) -> list[str]:
+    """A process's /proc/<pid>/stat fields after its command name (so `[11]` is utime, `[12]` stime, `[1]` ppid)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system, every thread) the process has used so far."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -60,7 +60,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from measure import medians, paced_debits, percentile, print_checks, print_run  # noqa: E402
+from measure import medians, paced_debits, percentile, print_checks, print_run, proc_stat  # noqa: E402
 
 from aims_billing_mcp.services.ledger import LedgerService  # noqa: E402
 from aims_billing_mcp.store import PostgresStore  # noqa: E402
@@ -119,7 +119,7 @@ class ServerMeter:
             if not entry.isdigit():
                 continue
             try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                fields = proc_stat(entry)
             except OSError:
                 continue
             if int(entry) == self._pid:  # its own time and its reaped children's

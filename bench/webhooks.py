@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
-from measure import free_port
+from measure import free_port, process_cpu
 
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.webhooks import sign_webhook_payload
@@ -129,11 +129,6 @@ async def one_run(run: int, n: int, concurrency: int) -> tuple[float, float, int
         stored = sqlite3.connect(db).execute("SELECT COUNT(*) FROM webhook_events").fetchone()[0]
     return n / ours_s, n / bare_s, ours_ok, stored, ours_cpu * 1e6 / n, bare_cpu * 1e6 / n
 
-
-def process_cpu(pid: int) -> float:
-    """Seconds of CPU (user + system, every thread) the process has used so far (/proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def main(n: int, concurrency: int, runs: int) -> None:

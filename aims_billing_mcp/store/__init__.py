@@ -38,7 +38,7 @@ from .core import (
 from .idempotency import IdempotencyStore, PostgresIdempotencyStore, SqliteIdempotencyStore
 from .ledger import LedgerStore, PostgresLedgerStore, SqliteLedgerStore
 from .metering import MeteringStore, PostgresMeteringStore, SqliteMeteringStore
-from .postgres_core import PostgresCore
+from .postgres_core import WRITER_THREADS, PostgresCore
 from .prepaid import PostgresPrepaidStore, PrepaidStore, SqlitePrepaidStore
 from .reports import PostgresReports, ReportsStore, SqliteReports
 from .webhooks import PostgresWebhooksStore, SqliteWebhooksStore, WebhooksStore
@@ -94,7 +94,7 @@ AGGREGATES = ("ledger", "metering", "idempotency", "audit", "webhooks", "x402", 
 
 
 def open_store(db: Path | str, database_url: str | None = None, *, migrate: bool = False,
-               writers: int | None = None) -> Store:
+               writers: int = WRITER_THREADS) -> Store:
     """The configured backend: PostgreSQL when `database_url` is set (every instance shares it; its schema must be
     the code's, or `migrate` brings it there; `writers` writer connections, AIMS_BILLING_DATABASE_WRITERS), else
     SQLite at `db` (opened and upgraded in place; one writer, always)."""
@@ -107,5 +107,5 @@ def open_store(db: Path | str, database_url: str | None = None, *, migrate: bool
             f"{postgres.URL_SETTING} must be a postgresql:// URL (postgresql://user:password@host:5432/database), "
             f"not {postgres.mask_url(database_url)!r}: fix it, or unset it to use SQLite at AIMS_BILLING_DB",
             exit_code=2)
-    store = PostgresStore(database_url, migrate=migrate, **({"writers": writers} if writers else {}))
+    store = PostgresStore(database_url, migrate=migrate, writers=writers)
     return store  # type: ignore[return-value]  # the same aggregates and writes: services take either

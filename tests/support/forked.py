@@ -1,33 +1,27 @@
 """`python -S tests/support/forked.py ZYGOTE_SOCKET -m module args...`: run a command forked from a test process's
 zygote (tests/support/zygote.py) where a library insists on starting a program itself, as the MCP SDK's
-`stdio_client` does: this small program (standard library only, no site packages) hands its own stdin, stdout and
-stderr to the forked child, passes SIGTERM and SIGINT on to it, and exits with its status. The child is the same
-`python -m ...` run as a fresh interpreter would do, without importing the SDKs again (about a second of CPU).
+`stdio_client` does: this small program (standard library only, no site packages; the request and its sending are
+zygote.py's) hands its own stdin, stdout and stderr to the forked child, passes SIGTERM and SIGINT on to it, and
+exits with its status. The child is the same `python -m ...` run as a fresh interpreter would do, without importing
+the SDKs again (about a second of CPU).
 `zygote.stdio_command` builds the command line."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
-import struct
 import sys
+
+from zygote import request_for, send_request  # beside this file (sys.path[0]): standard library only
 
 
 def main(argv: list[str]) -> int:
-    path, flag, target, *args = argv
-    mode = {"-m": "module", "-c": "command"}.get(flag)
-    if mode is None:
-        mode, args, target = "script", [target, *args], os.path.abspath(flag)
-    request = {"mode": mode, "target": target, "args": args, "unbuffered": False, "env": dict(os.environ),
-               "cwd": os.getcwd()}
-    payload = json.dumps(request).encode()
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(path)
-    socket.send_fds(conn, [struct.pack("!I", len(payload)) + payload], [0, 1, 2])
-    reader = conn.makefile("rb")
+    path, *interpreter_args = argv
+    request = request_for(interpreter_args)
+    if request is None:
+        raise SystemExit(f"forked.py runs a script, -m module or -c command, not {interpreter_args}")
+    reader = send_request(path, request, [0, 1, 2]).makefile("rb")
     pid = int(reader.readline())
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda number, _frame: pass_on(pid, number))

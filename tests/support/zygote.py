@@ -259,12 +259,9 @@ class Forked:
                 child = spec.fileno()
             theirs.append(child)
             ours.append(mine)
-        payload = json.dumps(request).encode()
-        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._buffer = b""
         try:
-            self._conn.connect(zygote().path)
-            socket.send_fds(self._conn, [struct.pack("!I", len(payload)) + payload], theirs)
+            self._conn = send_request(zygote().path, request, theirs)
             self.pid = int(self._line(None))
         finally:
             for fd in to_close:
@@ -361,20 +358,42 @@ def spawn(args: list[str], *, stdin: Any = None, stdout: Any = None, stderr: Any
           env: dict[str, str] | None = None, cwd: Any = None) -> Any:
     """`subprocess.Popen(args, ...)`, forked from the zygote when `args` runs this interpreter on a script, a
     module (`-m`) or a command (`-c`), optionally with `-u`."""
-    rest = list(args[1:]) if args and args[0] == sys.executable else None
-    unbuffered = False
+    request = request_for(args[1:], env=env, cwd=cwd) if args and args[0] == sys.executable else None
+    if request is None:
+        return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd)
+    return Forked(list(args), request, stdin=stdin, stdout=stdout, stderr=stderr, text=text)
+
+
+def request_for(interpreter_args: list[str], *, env: dict[str, str] | None = None,
+                cwd: Any = None) -> dict[str, Any] | None:
+    """What the zygote is asked to run for `python <interpreter_args>`: a script, a module (`-m`) or a command
+    (`-c`), optionally after `-u`; None for anything else (another option: run it as a real interpreter)."""
+    rest, unbuffered = list(interpreter_args), False
     if rest and rest[0] == "-u":
         unbuffered, rest = True, rest[1:]
     if not rest or (rest[0].startswith("-") and rest[0] not in ("-m", "-c")) or (rest[0] in ("-m", "-c")
                                                                                  and len(rest) < 2):
-        return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd)
+        return None
     if rest[0] in ("-m", "-c"):
         mode, target, tail = ("module" if rest[0] == "-m" else "command"), rest[1], rest[2:]
     else:
         mode, target, tail = "script", str(Path(rest[0]).resolve()), rest[1:]
-    request = {"mode": mode, "target": target, "args": tail, "unbuffered": unbuffered,
-               "env": dict(os.environ if env is None else env), "cwd": str(cwd if cwd is not None else os.getcwd())}
-    return Forked(list(args), request, stdin=stdin, stdout=stdout, stderr=stderr, text=text)
+    return {"mode": mode, "target": target, "args": tail, "unbuffered": unbuffered,
+            "env": dict(os.environ if env is None else env), "cwd": str(cwd if cwd is not None else os.getcwd())}
+
+
+def send_request(path: str, request: dict[str, Any], fds: list[int]) -> socket.socket:
+    """Connect to the zygote listening at `path` and hand it `request` with the child's stdin, stdout and stderr
+    (`fds`); its answers (the child's pid, then `exit <status>`) come back on the returned connection, a line each."""
+    payload = json.dumps(request).encode()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+        socket.send_fds(conn, [struct.pack("!I", len(payload)) + payload], fds)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def stdio_command(args: list[str]) -> tuple[str, list[str]]:

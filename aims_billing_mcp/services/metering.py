@@ -538,12 +538,7 @@ class MeteringService:
         each customer's current period and its terms (per meter) across a batch: an event inside that period (every
         event without a timestamp) is in it, since a customer's periods do not overlap from the current one on."""
         identifier, customer, operation, milli, raw, agent_id, when, metadata, given, meter = draft
-        known = current.get((customer, meter))
-        if known is None:
-            now_period = self._period(customer, int(now))
-            tier = self._terms(customer, now_period, self._pricing.meters[meter])
-            known = current[(customer, meter)] = (now_period, _key(tier))
-        now_period, terms = known
+        now_period, terms = self._current(customer, meter, int(now), current)
         if now_period.start <= when < now_period.end:
             period = now_period
         else:
@@ -562,6 +557,16 @@ class MeteringService:
                                 what="the most these units can cost, all at the overage rate")
         return (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, period.start,
                 period.end, terms, given, meter, stripe_identifier(customer, identifier))
+
+    def _current(self, customer: str, meter: str, now: int,
+                 current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]]) -> tuple[UsagePeriod, _Terms]:
+        """The customer's current period on `meter` and its terms, found once per batch (`current` keeps them)."""
+        known = current.get((customer, meter))
+        if known is None:
+            period = self._period(customer, now)
+            terms = _key(self._terms(customer, period, self._pricing.meters[meter]))
+            known = current[(customer, meter)] = (period, terms)
+        return known
 
     async def record_many(self, items: Sequence[Any], *, limit: int = MAX_BATCH) -> MeterEventBatchResult:
         """Record a batch of events, each on its own: accepted, replayed (its identifier already recorded with the
@@ -651,12 +656,7 @@ class MeteringService:
         if milli is None:  # an operation to refuse
             return None
         when = int(now)
-        known = current.get((customer, LUC_METER))
-        if known is None:  # the customer's first event in the batch: its current period, as `_event` finds it
-            period = self._period(customer, when)
-            terms = _key(self._terms(customer, period, self._pricing.meters[LUC_METER]))
-            known = current[(customer, LUC_METER)] = (period, terms)
-        period, terms = known
+        period, terms = self._current(customer, LUC_METER, when, current)
         weighted = weighted_units(units, milli)
         ceiling = self._ceiling_units
         if ceiling is None or cost_cents(weighted, terms[2]) > ceiling:  # the full path says why

@@ -284,6 +284,7 @@ def set_object(obj: Any) -> dict[str, Any]:
     ("data.object.id is a number", odd(data=set_object({**subscription(), "id": 7}))),
     ("data.object.customer is an object", odd(data=set_object({**subscription(), "customer": {"id": "cus_A"}}))),
     ("data.object.items is a string", odd(data=set_object({**subscription(), "items": "x"}))),
+    ("data.object.status is null", odd(data=set_object({**subscription(), "status": None}))),
     ("data.object.metadata months is text", odd(data=set_object(
         {**subscription(), "metadata": {"aims_tier": "6mo", "aims_delivered_months": "lots"}}))),
     ("invoice parent is a list", odd(type="invoice.paid", data=set_object({"customer": "cus_A", "parent": [1]}))),

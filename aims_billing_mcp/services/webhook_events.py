@@ -92,7 +92,7 @@ class _SubscriptionItems(_Strict):
 class _Subscription(_Strict):
     id: StripeId
     customer: StripeId | None = None
-    status: Word | None = None
+    status: Word = S.INCOMPLETE  # absent: incomplete (as the handler reads it); null is refused, never stored
     metadata: Metadata | None = None
     items: _SubscriptionItems | None = None
     current_period_start: Epoch | None = None

@@ -75,6 +75,7 @@ from itertools import chain
 from typing import Any, NamedTuple, Protocol
 
 from .core import StoreCore, Tx
+from .postgres_sql import array_columns, array_literal
 
 
 class EventStatus(StrEnum):
@@ -974,7 +975,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
         for row in tx.execute(
                 "SELECT m.* FROM unnest(%s::text[], %s::text[]) AS k(customer_id, identifier), LATERAL (SELECT "
                 f"{_EVENT_COLUMNS} FROM meter_events e WHERE e.identifier = k.identifier AND e.customer_id = "
-                "k.customer_id OFFSET 0) AS m", ([c for c, _ in keys], [i for _, i in keys])):
+                "k.customer_id OFFSET 0) AS m", array_columns(keys, 2)):
             key = (row[1], row[0])
             if key in pairs:
                 found[key] = MeterEventRow._make(row)
@@ -988,8 +989,9 @@ class PostgresMeteringStore(SqliteMeteringStore):
         customers = sorted({key[0] for key in keys})
         starts = sorted({key[1] for key in keys})
         for row in tx.execute(  # FOR UPDATE: a flusher's decrement (mark_failed) waits, or is read after its commit
-                f"SELECT {_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = ANY(%s) AND period_start = "
-                "ANY(%s) ORDER BY customer_id, period_start, meter FOR UPDATE", (customers, starts)):
+                f"SELECT {_TOTAL_COLUMNS} FROM meter_usage_totals WHERE customer_id = ANY(%s::text[]) AND "
+                "period_start = ANY(%s::bigint[]) ORDER BY customer_id, period_start, meter FOR UPDATE",
+                (array_literal(customers), array_literal(starts))):
             if (row[0], row[1], row[9]) in keys:
                 totals[(row[0], row[1], row[9])] = PeriodTotalRow._make(row)
         return totals
@@ -1012,7 +1014,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
                 "tier = COALESCE(meter_usage_totals.tier, excluded.tier), "
                 "allowance = COALESCE(meter_usage_totals.allowance, excluded.allowance), "
                 "overage_rate = COALESCE(meter_usage_totals.overage_rate, excluded.overage_rate)",
-                [list(column) for column in zip(*(latest[key] for key in sorted(latest)), strict=True)])
+                array_columns([latest[key] for key in sorted(latest)], 11))
         added: dict[tuple[str, int, str, str], list[int]] = {}
         for delta in operations:
             sums = added.setdefault((delta.customer_id, delta.period_start, delta.meter, delta.operation), [0] * 5)
@@ -1029,7 +1031,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
                 "weighted_units = meter_usage_by_operation.weighted_units + excluded.weighted_units, "
                 "overage_units = meter_usage_by_operation.overage_units + excluded.overage_units, "
                 "cost_cents = meter_usage_by_operation.cost_cents + excluded.cost_cents",
-                [list(column) for column in zip(*((*key, *sums) for key, sums in sorted(added.items())), strict=True)])
+                array_columns([(*key, *sums) for key, sums in sorted(added.items())], 9))
 
     # --- reads -----------------------------------------------------------------------------------------------
 
@@ -1127,7 +1129,8 @@ class PostgresMeteringStore(SqliteMeteringStore):
 
 def _pg_lock(tx: Tx, keys: list[str]) -> None:
     """Transaction-scoped advisory locks on `keys`, taken in the order given (unnest keeps the array's order)."""
-    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) FROM unnest(%s::text[]) AS k", (keys,))
+    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) FROM unnest(%s::text[]) AS k",
+               (array_literal(keys),))
 
 
 def _pg_fail(tx: Tx, reasons: dict[int, str], failed_at: int, attempts: int, counted: Sequence[EventStatus], *,

@@ -19,8 +19,8 @@ it may be pipelined (`fn.pipelined`: it reads results only by fetching them) run
 statements go out together and only a fetch waits. A batch of *trusted* pipelined jobs (each makes every check
 before its first write, `savepoint=False`) runs without a savepoint each: the stores' hooks read ahead what every job
 of the batch reads first (the ledger: the request keys' locks, the wallets locked in one order, the stored results)
-and write behind them (one statement per table, sent with COMMIT): the whole batch is 2 round trips and 8 statements,
-whatever it holds. Should a trusted job fail after it wrote (it set scratch[WROTE]) or a statement fail, the batch is
+and write behind them (one statement, sent with COMMIT): the whole batch is 2 round trips and 5 statements, whatever
+it holds. Should a trusted job fail after it wrote (it set scratch[WROTE]) or a statement fail, the batch is
 rolled back and run again with a savepoint per job, so the failure is that job's alone, as SQLite's writer does.
 
 Reads borrow a connection from a pool; an exhausted pool answers `DatabaseBusy` after POOL_WAIT_S, never a hang.

@@ -2,7 +2,7 @@
 
 The ledger's jobs are trusted (every check before the first write), so PostgreSQL's writer runs a batch of them in
 one transaction without a savepoint each: the store reads ahead for the whole batch (request keys, wallets) and
-writes behind it (one statement per table). These tests gather jobs into one batch by holding the one writer thread
+writes behind it (one statement). These tests gather jobs into one batch by holding the one writer thread
 with a blocker until they are queued, then check what each caller hears and what the database holds."""
 
 from __future__ import annotations

@@ -537,7 +537,8 @@ _BATCH = "ledger.batch"  # the key of a trusted batch's _LedgerBatch in the writ
 # The request keys' locks (taken first: the subquery is a one-time filter, run before the scan, whether or not a
 # wallet matches), then the owners' wallets locked in agent order; one statement, since a locked row is re-read at
 # its newest after a wait. The keys' stored results are looked up in the next statement, on a snapshot taken after
-# both.
+# both. A wallet created while the statement waited is not among its rows (its snapshot is older): `load_wallet`
+# then reads that one itself, FOR UPDATE.
 _PG_LOCK_KEYS_AND_WALLETS = (
     f"SELECT {_WALLET_COLUMNS} FROM agent_wallets WHERE agent_id = ANY(%s::text[]) AND (SELECT "
     "count(pg_advisory_xact_lock(hashtextextended(k, 7))) FROM unnest(%s::text[]) AS k) >= 0 ORDER BY agent_id "

@@ -220,17 +220,16 @@ class PostgresWriter(BatchingWriter):
         """Trusted pipelined jobs (each makes every check before its first write): the whole batch in 2 round trips.
         The stores' `read_ahead` reads what the jobs will read first, for all of them at once (the ledger: the
         request keys' locks, the wallets locked in one order, the keys' stored results), the jobs run on those rows
-        without a savepoint each, their writes are kept by the stores and sent by `write_behind` as one statement
-        per table, with COMMIT. A job refused before it wrote simply has no effect; should one fail after writing
-        (it set scratch[WROTE]), or a statement fail, the batch is rolled back and redone with a savepoint per job,
-        as SQLite's writer does (`core._Redo`)."""
+        without a savepoint each, their writes are kept by the stores and sent by `write_behind` (the ledger: one
+        statement for its three tables) with COMMIT. A job refused before it wrote simply has no effect; should one
+        fail after writing (it set scratch[WROTE]), or a statement or a store's hook fail, the batch is rolled back
+        and redone with a savepoint per job, as SQLite's writer does (`core._Redo`)."""
         outcomes: list[Outcome] = []
         with conn.pipeline(), conn.transaction():
             self._fresh_scratch()
             scratch = self._local.scratch
             requests = [request for job in ordered if (request := getattr(job.fn, "request", None)) is not None]
-            for hook in self.hooks:
-                hook.read_ahead(conn, requests)
+            self._run_hooks("read_ahead", conn, requests)
             for job in ordered:
                 scratch[WROTE] = False
                 try:
@@ -243,9 +242,22 @@ class PostgresWriter(BatchingWriter):
                     outcomes.append((job, None, exc))
                 else:
                     outcomes.append((job, result, None))
-            for hook in self.hooks:
-                hook.write_behind(conn)
+            self._run_hooks("write_behind", conn)
         return outcomes
+
+    def _run_hooks(self, name: str, conn: Any, *args: Any) -> None:
+        """The stores' read-ahead or write-behind for a trusted batch. Whatever they raise (other than what the
+        batch's retry or the lost-connection answer handles) redoes the batch a savepoint per job, where each job
+        writes for itself: a failure is then one job's, never the whole batch's."""
+        for hook in self.hooks:
+            try:
+                getattr(hook, name)(conn, *args)
+            except self._passed_on:
+                raise
+            except _Redo:
+                raise
+            except BaseException as exc:
+                raise _Redo from exc
 
     def _savepoint_batch(self, conn: Any, ordered: list[_WriteJob]) -> list[Outcome]:
         """Every job pipelined: the whole transaction in pipeline mode. Each job has its savepoint, and its queued

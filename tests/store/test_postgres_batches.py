@@ -119,6 +119,40 @@ async def test_a_trusted_job_failing_after_it_wrote_redoes_the_batch_with_savepo
     assert service.check_ledger() == []
 
 
+class _FailingWriteBehind:
+    """A store's batch hook whose write-behind raises something that is not a database error (as an array element
+    of a type the literal refuses would), once."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def read_ahead(self, tx: Any, requests: list[Any]) -> None:
+        pass
+
+    def write_behind(self, tx: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise TypeError("an array element must be str, int or None, not float")
+
+
+async def test_a_store_hook_failing_outside_the_database_redoes_the_batch_instead_of_failing_every_job(
+    ledger: tuple[PostgresStore, LedgerService],
+) -> None:
+    store, service = ledger
+    hook = _FailingWriteBehind()
+    store.add_batch_hook(hook)
+
+    outcomes = await in_one_batch(store, [
+        service.debit("agent-a", 10, idempotency_key="one", reason="ok"),
+        service.debit("agent-b", 20, idempotency_key="two", reason="ok"),
+    ])
+
+    assert hook.failed
+    assert [outcome.balance_after for outcome in outcomes] == [90, 80]
+    assert store._writer.redone == 1
+    assert service.check_ledger() == []
+
+
 async def test_a_write_the_database_refuses_when_the_batch_commits_fails_only_its_own_job(
     ledger: tuple[PostgresStore, LedgerService],
 ) -> None:

@@ -8,7 +8,12 @@ customers seen once are), operation types cycling:
 - raw100 / raw500: (c) the raw SQLite floor, the same rows `executemany`d 100 / 500 per BEGIN IMMEDIATE ... COMMIT,
   one connection, same schema and pragmas.
 - stdio: (a) `create_meter_events` over stdio to `aims-billing-mcp serve` (a subprocess), batches of 100, 4 in
-  flight: JSON-RPC over a pipe, strict argument parsing, the audit row, the write, the answer.
+  flight: JSON-RPC over a pipe, strict argument parsing, the audit row, the write, the answer. The load comes from a
+  plain JSON-RPC client (requests serialised before the clock starts, each answer parsed with json.loads), as the
+  webhook bench's comes from raw sockets: the SDK's own `Client` checks every result against the tool's output
+  schema with jsonschema, about 75 us of its CPU per event, and on 2 shared cores that check, not the server, set the
+  pace (profiled: three quarters of the client's CPU; the server waited on its pipe). The SDK client's rate is
+  printed beside it (sdk_stdio) with its CPU per event, so what an agent on the reference SDK gets is shown too.
 - http: (b) `POST /v1/usage/events` to `serve --http` (a subprocess) over loopback, batches of 500, 8 connections
   (httpx), bodies serialised before the clock starts; bare: the same bodies to a bare Starlette endpoint that only
   reads them (bench/bare_endpoint.py), the transport's own ceiling.
@@ -185,6 +190,68 @@ async def stdio_rate(folder: Path, count: int, size: int = 100, in_flight: int =
     return count / elapsed
 
 
+async def stdio_rate_plain(folder: Path, count: int, size: int = 100, in_flight: int = 4) -> float:
+    """(a) with a plain JSON-RPC client: the MCP handshake, then `in_flight` tools/call requests kept in flight on
+    the server's stdin, each answer read from its stdout and its accepted count added up."""
+    db = folder / "stdio_plain.db"
+    known_customers(db)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aims_billing_mcp", "serve", "--no-webhooks", stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, env=server_env(folder, db), limit=2**24)
+    assert process.stdin is not None and process.stdout is not None
+    stdin, stdout = process.stdin, process.stdout
+
+    def frame(request_id: int, method: str, params: dict[str, Any]) -> bytes:
+        return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}).encode() + b"\n"
+
+    async def answer() -> dict[str, Any]:
+        while True:
+            message: dict[str, Any] = json.loads(await stdout.readline())
+            if "id" in message:  # a notification, if any, is not an answer
+                return message
+
+    def accepted_in(message: dict[str, Any]) -> int:
+        result = message.get("result") or {}
+        if "error" in message or result.get("isError") or "structuredContent" not in result:
+            raise SystemExit(f"create_meter_events failed: {str(message)[:500]}")
+        return int(result["structuredContent"]["totals"]["accepted"])
+
+    try:
+        with anyio.fail_after(60):
+            stdin.write(frame(0, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                                "clientInfo": {"name": "bench", "version": "1"}}))
+            await answer()
+            stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+            stdin.write(frame(1, "tools/call", {"name": "create_meter_events",
+                                                "arguments": {"events": events("plain-warm", 2)}}))
+            accepted_in(await answer())
+        requests = [frame(n, "tools/call", {"name": "create_meter_events", "arguments": {"events": batch}})
+                    for n, batch in enumerate(batches(events("plain", count), size), start=2)]
+        accepted, sent = 0, 0
+        start = time.perf_counter()
+        for request in requests[:in_flight]:
+            stdin.write(request)
+            sent += 1
+        await stdin.drain()
+        for _ in requests:
+            accepted += accepted_in(await answer())
+            if sent < len(requests):
+                stdin.write(requests[sent])
+                sent += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        stdin.close()
+        with anyio.move_on_after(30):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    if accepted != count:
+        raise SystemExit(f"stdio (plain client): {accepted} of {count} accepted")
+    check_counted(db, accepted + 2)
+    return count / elapsed
+
+
 async def started(port: int, process: subprocess.Popen[bytes]) -> None:
     with anyio.fail_after(60):
         while True:
@@ -256,8 +323,11 @@ def one_run(stdio_events: int, http_events: int, service_events: int) -> dict[st
             "svc500": service_rate(folder, service_events, 500, 8),
             "raw100": raw_rate(folder, service_events, 100),
             "raw500": raw_rate(folder, service_events, 500),
-            "stdio": anyio.run(stdio_rate, folder, stdio_events),
+            "stdio": anyio.run(stdio_rate_plain, folder, stdio_events),
         }
+        cpu = time.process_time()
+        figures["sdk_stdio"] = anyio.run(stdio_rate, folder, stdio_events)
+        figures["sdk_client_cpu_us_per_event"] = (time.process_time() - cpu) / stdio_events * 1e6
         figures["http"], figures["bare"] = anyio.run(http_rates, folder, http_events)
     return figures
 
@@ -286,6 +356,8 @@ def main() -> None:
         ("raw SQLite executemany, 500 per commit", m["raw500"], "", None),
         ("(a) create_meter_events over stdio (100 x 4)", m["stdio"], ">= 10,000", m["stdio"] >= 10_000),
         ("(a) stdio / service (batches of 100)", q["a"], ">= 0.33", q["a"] >= 0.33),
+        ("(a) the same through the SDK's Client", m["sdk_stdio"], "", None),
+        ("(a) the SDK client's CPU per event (us)", m["sdk_client_cpu_us_per_event"], "", None),
         ("(b) POST /v1/usage/events (500 x 8 conns)", m["http"], ">= 20,000", m["http"] >= 20_000),
         ("(b) http / service (batches of 500)", q["b"], ">= 0.5", q["b"] >= 0.5),
         ("(b) bare Starlette endpoint, same bodies", m["bare"], "", None),

@@ -75,7 +75,7 @@ from itertools import chain
 from typing import Any, NamedTuple, Protocol
 
 from .core import StoreCore, Tx
-from .postgres_sql import array_columns, array_literal
+from .postgres_sql import PostgresDialect, array_columns, array_literal
 
 
 class EventStatus(StrEnum):
@@ -967,7 +967,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
             return found
         # The customers' metering locks first (sorted: two batches take them in one order), in their own statement,
         # so the SELECT below (a new snapshot under READ COMMITTED) sees every event committed before the lock.
-        _pg_lock(tx, sorted({f"meter:{customer}" for customer, _ in pairs}))
+        PostgresDialect.lock(tx, *sorted({f"meter:{customer}" for customer, _ in pairs}))
         # One index lookup per pair, whatever the statistics say: `identifier = ANY(...)` on a table grown since its
         # last ANALYZE is planned as a sequential scan (every batch reading every event: 4 ms at 20,000 events and
         # growing); OFFSET 0 keeps the lookup a parameterized index scan instead of a join the planner may hash.
@@ -985,7 +985,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
         totals: dict[tuple[str, int, str], PeriodTotalRow] = {}
         if not keys:
             return totals
-        _pg_lock(tx, sorted({f"meter:{key[0]}" for key in keys}))  # held already after find_events
+        PostgresDialect.lock(tx, *sorted({f"meter:{key[0]}" for key in keys}))  # held already after find_events
         customers = sorted({key[0] for key in keys})
         starts = sorted({key[1] for key in keys})
         for row in tx.execute(  # FOR UPDATE: a flusher's decrement (mark_failed) waits, or is read after its commit
@@ -1074,7 +1074,7 @@ class PostgresMeteringStore(SqliteMeteringStore):
     def live_slots(self, tx: Tx, customer: str, now: int) -> list[SlotRow]:
         # Every slot decision (take, renew, free) starts here: the customer's slot lock makes two instances' decisions
         # take turns, so the last free slot goes to one of them (no row to lock while a customer holds no slot).
-        _pg_lock(tx, [f"slots:{customer}"])
+        PostgresDialect.lock(tx, f"slots:{customer}")
         tx.execute("DELETE FROM task_slots WHERE customer_id = %s AND expires_at <= %s", (customer, now))
         return [SlotRow(*row) for row in tx.execute(
             "SELECT task_id, acquired_at, expires_at, lease_hash FROM task_slots WHERE customer_id = %s "
@@ -1126,11 +1126,6 @@ class PostgresMeteringStore(SqliteMeteringStore):
         tx.execute("DELETE FROM meter_flushes WHERE id <= %s", (int(row[0]) - keep,))
 
     # --- P2P invoices ----------------------------------------------------------------------------------------
-
-def _pg_lock(tx: Tx, keys: list[str]) -> None:
-    """Transaction-scoped advisory locks on `keys`, taken in the order given (unnest keeps the array's order)."""
-    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) FROM unnest(%s::text[]) AS k",
-               (array_literal(keys),))
 
 
 def _pg_fail(tx: Tx, reasons: dict[int, str], failed_at: int, attempts: int, counted: Sequence[EventStatus], *,

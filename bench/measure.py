@@ -47,9 +47,8 @@ async def paced_debits(ledger: Any, rate: int, seconds: float, wallets: int) -> 
     wallets agent-0..agent-(wallets-1): each one's acknowledgement latency in ms from when it was due, and the rate
     achieved.
 
-    Only the debits in flight are kept (a server keeps no finished request): holding every finished task until the
-    end made each full garbage collection walk thousands of them, a pause that grew through the run and that the
-    server under test does not have."""
+    Only the debits in flight are kept, as a server keeps no finished request (against keeping every task until the
+    end, alternated runs measured no difference in p99 on this machine: the choice is for fidelity, not speed)."""
     loop = asyncio.get_running_loop()
     rng = random.Random(2)
     n = int(rate * seconds)

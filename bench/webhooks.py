@@ -130,7 +130,6 @@ async def one_run(run: int, n: int, concurrency: int) -> tuple[float, float, int
     return n / ours_s, n / bare_s, ours_ok, stored, ours_cpu * 1e6 / n, bare_cpu * 1e6 / n
 
 
-
 async def main(n: int, concurrency: int, runs: int) -> None:
     results = [await one_run(run, n, concurrency) for run in range(runs)]
     ours = [r[0] for r in results]

@@ -162,6 +162,10 @@ def split_view(split: Split) -> SplitView:
 
 
 class ConnectService:
+    EVENT_TYPES = frozenset({"account.updated", "payment_intent.succeeded", "refund.created",
+                             "checkout.session.completed"})
+    """The webhook events `apply_event` applies; every other type leaves Connect's tables alone."""
+
     def __init__(self, store: Store, mutations: StripeMutations, *, gateway: StripeGateway,
                  idempotency: IdempotencyService) -> None:
         self._store = store
@@ -501,8 +505,10 @@ class ConnectService:
     def apply_event(self, tx: Tx, event: dict[str, Any]) -> str | None:
         """Apply `account.updated` (a creator's status) and `checkout.session.completed` (a split sale paid); a
         note for the event's record, or None when the event is not about Connect."""
-        obj = (event.get("data") or {}).get("object") or {}
         kind = event.get("type")
+        if kind not in self.EVENT_TYPES:
+            return None
+        obj = (event.get("data") or {}).get("object") or {}
         if kind == "account.updated" and isinstance(obj.get("id"), str):
             status, due = _status_of_v1(obj)
             applied = self._store.connect.set_status(tx, obj["id"], status, due, int(event["created"]))

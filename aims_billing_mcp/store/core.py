@@ -145,7 +145,9 @@ class _WriteJob:
     statement journal) is skipped; should a trusted job fail after writing, the writer undoes the whole batch and
     runs it again with a savepoint per job. An *item* (`group` set) is one element for a batch function: the items
     of one group in one batch are handed to it together (one SELECT for all, one executemany), inside one
-    savepoint, and it answers one outcome per item."""
+    savepoint, and it answers one outcome per item. Should the batch function raise, its savepoint is undone and it
+    is called again for each item alone, so an item that breaks it (a constraint its multi-row write hits) fails
+    alone instead of failing, delivery after delivery, whichever items happened to share its batch."""
 
     __slots__ = ("fn", "future", "group", "loop", "trusted", "waiter")
 
@@ -385,7 +387,9 @@ class Writer(BatchingWriter):
         except BaseException as exc:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
-            return [(member, None, exc) for member in members]
+            if len(members) == 1:
+                return [(members[0], None, exc)]
+            return [outcome for member in members for outcome in self._run_group(group, [member])]  # see _WriteJob
         conn.execute("RELEASE job")
         return outcomes
 

@@ -173,16 +173,8 @@ class PostgresWriter(BatchingWriter):
             for job in sorted(batch, key=_lock_order):
                 if job.group is not None:
                     members = groups.pop(job.group, None)
-                    if members is None:
-                        continue
-                    try:
-                        with conn.transaction():  # one savepoint for the group
-                            results = job.group(conn, [member.fn for member in members])
-                        outcomes.extend(self._group_outcomes(members, results))
-                    except self._retryable:
-                        raise
-                    except BaseException as exc:
-                        outcomes.extend((member, None, exc) for member in members)
+                    if members is not None:
+                        outcomes.extend(self._run_group(conn, job.group, members))
                     continue
                 self._fresh_scratch()
                 try:
@@ -199,6 +191,20 @@ class PostgresWriter(BatchingWriter):
                 else:
                     outcomes.append((job, result, None))
         return outcomes
+
+    def _run_group(self, conn: Any, group: Callable[[Any, list[Any]], list[Any]],
+                   members: list[_WriteJob]) -> list[Outcome]:
+        """One savepoint for the group; should its function raise, each item again alone (see _WriteJob)."""
+        try:
+            with conn.transaction():
+                results = group(conn, [member.fn for member in members])
+            return self._group_outcomes(members, results)
+        except self._passed_on:
+            raise
+        except BaseException as exc:
+            if len(members) == 1:
+                return [(members[0], None, exc)]
+            return [outcome for member in members for outcome in self._run_group(conn, group, [member])]
 
     def _pipelined_batch(self, conn: Any, batch: list[_WriteJob]) -> list[Outcome]:
         import psycopg

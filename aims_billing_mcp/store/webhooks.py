@@ -17,12 +17,15 @@ Two state machines live here:
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol, TypedDict, TypeVar
 
 from .core import Reader, SqliteDialect, Tx, broken_unique_key, utc_now
 from .postgres_sql import PostgresDialect
+
+T = TypeVar("T")
 
 
 class EventState(IntEnum):
@@ -104,6 +107,12 @@ class Provision:
     updated_at: str
 
 
+def blank_provision(customer: str, updated_at: str) -> Provision:
+    """A provision before any event applied to it: the table's defaults (the P2P tier, no subscription)."""
+    return Provision(customer, "p2p", _S.NONE, None, None, None, None, None, None, None, False, None, None, None,
+                     updated_at)
+
+
 class ProvisionUpdate(TypedDict, total=False):
     """The provision columns an applied event sets (the others keep their value)."""
 
@@ -126,6 +135,17 @@ class EventRef:
     id: str
     type: str
     created: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """An event to store with what applying it found: the customer it concerned and, when it was not applied,
+    why (the `error` column)."""
+
+    event: EventRef
+    payload: str
+    customer_id: str | None
+    note: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +192,19 @@ class WebhooksStore(Protocol):
     def apply(self, tx: Tx, customer: str, update: ProvisionUpdate, event: EventRef) -> None:
         """Create the customer's provision or set the columns in `update` (the others unchanged), and record
         `event` as its last applied event."""
+
+    # a batch of events: one read of what is stored, one multi-row write per table (see WebhookEventService)
+    def received(self, tx: Tx, event_ids: Sequence[str]) -> set[str]:
+        """Which of these event ids are already stored."""
+
+    def load_provisions(self, tx: Tx, customers: Collection[str]) -> dict[str, Provision]:
+        """These customers' provisions (the ones that exist), each guarded like `load_provision`'s."""
+
+    def save_provisions(self, tx: Tx, provisions: Sequence[Provision]) -> None:
+        """Create or overwrite these provisions, every column as given."""
+
+    def record_events(self, tx: Tx, records: Sequence[EventRecord]) -> None:
+        """Store the events as processed, like `record_event`: an id already stored raises DuplicateEvent."""
 
 
 def _provision(row: Any) -> Provision:
@@ -234,6 +267,65 @@ class SqliteWebhooksStore:
             f"ON CONFLICT (customer_id) DO UPDATE SET {updates}",
             (customer, *values.values()),
         )
+
+    def received(self, tx: Tx, event_ids: Sequence[str]) -> set[str]:
+        if not event_ids:
+            return set()
+        rows = tx.execute(f"SELECT id FROM webhook_events WHERE id IN ({_marks(len(event_ids))})",
+                          tuple(event_ids)).fetchall()
+        return {row[0] for row in rows}
+
+    def load_provisions(self, tx: Tx, customers: Collection[str]) -> dict[str, Provision]:
+        if not customers:
+            return {}
+        ordered = sorted(customers)  # every batch takes its locks in one order: no deadlock between instances
+        self.dialect.lock(tx, *(f"provision:{customer}" for customer in ordered))
+        rows = tx.execute(f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id IN "
+                          f"({_marks(len(ordered))})", tuple(ordered)).fetchall()
+        return {row[0]: _provision(row) for row in rows}
+
+    def save_provisions(self, tx: Tx, provisions: Sequence[Provision]) -> None:
+        for chunk in _chunks(provisions):
+            values: list[Any] = []
+            for row in chunk:
+                values.extend((row.customer_id, row.tier, row.status, row.subscription_id, row.price_id,
+                               row.current_period_start, row.current_period_end, row.ended_at, row.commitment_end,
+                               row.cancel_at, int(row.cancel_at_period_end), row.last_event_id, row.last_event_type,
+                               row.last_event_created, row.updated_at))
+            tx.execute(f"INSERT INTO billing_provisions ({PROVISION_COLUMNS}) VALUES "
+                       f"{', '.join([f'({_marks(15)})'] * len(chunk))} ON CONFLICT (customer_id) DO UPDATE SET "
+                       f"{_SET_ALL_PROVISION_COLUMNS}", values)
+
+    def record_events(self, tx: Tx, records: Sequence[EventRecord]) -> None:
+        now = utc_now()
+        for chunk in _chunks(records):
+            values: list[Any] = []
+            for record in chunk:
+                event = record.event
+                values.extend((event.id, event.type, event.created, record.payload, now, EventState.PROCESSED, now,
+                               record.customer_id, record.note))
+            try:
+                tx.execute("INSERT INTO webhook_events (id, type, created, payload, received_at, processed, "
+                           f"processed_at, customer_id, error) VALUES {', '.join([f'({_marks(9)})'] * len(chunk))}",
+                           values)
+            except Exception as exc:
+                if broken_unique_key(exc) not in ("webhook_events.id", "webhook_events_pkey"):
+                    raise
+                raise DuplicateEvent(", ".join(record.event.id for record in chunk)) from exc
+
+
+_SET_ALL_PROVISION_COLUMNS = ", ".join(f"{column} = excluded.{column}"
+                                       for column in PROVISION_COLUMNS.split(", ")[1:])
+CHUNK_ROWS = 200  # rows per multi-row statement: 15 columns x 200 stays far below both backends' parameter limits
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _chunks(rows: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(rows), CHUNK_ROWS):
+        yield rows[start:start + CHUNK_ROWS]
 
 
 class PostgresWebhooksStore(SqliteWebhooksStore):

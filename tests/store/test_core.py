@@ -201,6 +201,31 @@ async def test_a_batch_function_that_raises_fails_its_items_and_no_other_job(sto
     assert [r["key"] for r in store.query("SELECT key FROM idempotency_keys")] == ["y"]
 
 
+async def test_a_batch_function_that_raises_is_called_again_per_item_so_only_the_breaking_item_fails(
+    store: Store,
+) -> None:
+    gate = threading.Event()
+    blocker = store.submit(lambda conn: gate.wait(5))
+    calls: list[list[str]] = []
+
+    def refuses_poison(conn: sqlite3.Connection, keys: list[str]) -> list[object]:
+        calls.append(list(keys))
+        _insert_key(conn, keys)
+        if "poison" in keys:
+            raise RuntimeError("a multi-row write this item breaks")
+        return list(keys)
+
+    pending = [asyncio.ensure_future(store.write_item(refuses_poison, key)) for key in ("a", "poison", "b")]
+    await asyncio.sleep(0)
+    gate.set()
+    outcomes = await asyncio.gather(*pending, return_exceptions=True)
+
+    assert blocker.result() is True
+    assert outcomes[0] == "a" and isinstance(outcomes[1], RuntimeError) and outcomes[2] == "b"
+    assert calls == [["a", "poison", "b"], ["a"], ["poison"], ["b"]]
+    assert sorted(r["key"] for r in store.query("SELECT key FROM idempotency_keys")) == ["a", "b"]
+
+
 async def test_a_write_is_visible_to_a_fresh_connection_once_acknowledged(store: Store) -> None:
     await store.write(lambda conn: conn.execute(
         "INSERT INTO webhook_events (id, type, created, payload, received_at) VALUES ('evt_1', 't', 0, '{}', 'now')"))

@@ -84,6 +84,30 @@ async def test_items_of_one_batch_function_share_one_call(core: PostgresCore) ->
     assert keys == [f"k{i}" for i in range(20)] and sum(calls) == 20 and len(calls) < 20
 
 
+async def test_a_batch_function_that_raises_is_called_again_per_item_so_only_the_breaking_item_fails(
+    core: PostgresCore,
+) -> None:
+    calls: list[list[str]] = []
+
+    def refuses_poison(conn: Any, keys: list[str]) -> list[object]:
+        calls.append(list(keys))
+        for k in keys:
+            conn.execute("INSERT INTO idempotency_keys (tool, owner, key, request_hash, response, created_at) "
+                         "VALUES ('t', '', %s, 'h', '{}', 'now')", (k,))
+        if "poison" in keys:
+            raise RuntimeError("a multi-row write this item breaks")
+        return list(keys)
+
+    keys = [f"k{i}" for i in range(10)] + ["poison"] + [f"k{i}" for i in range(10, 20)]
+    outcomes = await asyncio.gather(*(core.write_item(refuses_poison, k) for k in keys), return_exceptions=True)
+
+    assert [o if isinstance(o, str) else type(o).__name__ for o in outcomes] == [
+        "RuntimeError" if k == "poison" else k for k in keys]
+    assert ["poison"] in calls  # the batch holding it was undone, then each of its items ran alone
+    stored = core.query("SELECT key FROM idempotency_keys ORDER BY key")
+    assert sorted(row["key"] for row in stored) == sorted(k for k in keys if k != "poison")
+
+
 async def test_a_deadlock_aborts_the_batch_which_is_run_again_and_succeeds(core: PostgresCore, url: str) -> None:
     job_holds_row_1, other_holds_row_2 = threading.Event(), threading.Event()
     attempts: list[int] = []

@@ -4,6 +4,8 @@ second backend adds itself to."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from aims_billing_mcp.store import Store, Tx
@@ -12,11 +14,13 @@ from aims_billing_mcp.store.webhooks import (
     LIVE,
     STATUS_TRANSITIONS,
     DuplicateEvent,
+    EventRecord,
     EventRef,
     EventState,
     Provision,
     SubscriptionStatus,
     WebhooksStore,
+    blank_provision,
     can_move,
 )
 
@@ -135,6 +139,72 @@ async def test_a_status_stripe_adds_later_is_stored_as_sent_and_moves_nowhere(
 
     assert row is not None and row.status == "on_hold"
     assert not any(can_move("on_hold", target) for target in SubscriptionStatus)
+
+
+# --- a batch of events: one read and one multi-row write per table ----------------------------------------------
+
+
+def record(n: int, customer: str | None = "cus_A", note: str | None = None) -> EventRecord:
+    return EventRecord(EventRef(f"evt_{n}", "customer.subscription.updated", EVENT.created + n), f'{{"n": {n}}}',
+                       customer, note)
+
+
+async def test_received_answers_which_of_the_asked_ids_are_stored(backend: Store, webhooks: WebhooksStore) -> None:
+    await backend.write(lambda tx: webhooks.record_events(tx, [record(1), record(2)]))
+
+    found = await backend.write(lambda tx: webhooks.received(tx, ["evt_2", "evt_3", "evt_1"]))
+
+    assert found == {"evt_1", "evt_2"}
+    assert await backend.write(lambda tx: webhooks.received(tx, [])) == set()
+
+
+async def test_recorded_events_are_stored_as_processed_with_their_customer_and_note(
+    backend: Store, webhooks: WebhooksStore
+) -> None:
+    await backend.write(lambda tx: webhooks.record_events(tx, [record(1), record(2, None, "recorded")]))
+
+    listed = webhooks.list_events()
+
+    assert [(e.id, e.customer_id, e.note, e.state) for e in listed] == [
+        ("evt_2", None, "recorded", EventState.PROCESSED), ("evt_1", "cus_A", None, EventState.PROCESSED)]
+
+
+async def test_recording_an_id_already_stored_raises_duplicate_and_stores_none_of_the_batch(
+    backend: Store, webhooks: WebhooksStore
+) -> None:
+    await backend.write(lambda tx: webhooks.record_events(tx, [record(1)]))
+
+    with pytest.raises(DuplicateEvent):
+        await backend.write(lambda tx: webhooks.record_events(tx, [record(2), record(1)]))
+
+    assert [event.id for event in webhooks.list_events()] == ["evt_1"]
+
+
+async def test_loaded_provisions_are_the_stored_ones_and_only_those(backend: Store, webhooks: WebhooksStore) -> None:
+    await subscribe(backend, "cus_A")
+    await subscribe(backend, "cus_B", status=SubscriptionStatus.PAST_DUE)
+
+    loaded = await backend.write(lambda tx: webhooks.load_provisions(tx, {"cus_B", "cus_A", "cus_nobody"}))
+
+    assert loaded == {"cus_A": webhooks.provision_for("cus_A"), "cus_B": webhooks.provision_for("cus_B")}
+    assert await backend.write(lambda tx: webhooks.load_provisions(tx, set())) == {}
+
+
+async def test_saved_provisions_are_created_or_overwritten_column_for_column(
+    backend: Store, webhooks: WebhooksStore
+) -> None:
+    await subscribe(backend, "cus_A")
+    stored = webhooks.provision_for("cus_A")
+    assert stored is not None
+    changed = replace(stored, status=SubscriptionStatus.CANCELED, cancel_at_period_end=True, ended_at=EVENT.created,
+                      last_event_id="evt_9", last_event_created=EVENT.created + 9)
+    new = replace(blank_provision("cus_new", "2026-12-06T00:00:00Z"), tier="9mo", subscription_id="sub_new")
+
+    await backend.write(lambda tx: webhooks.save_provisions(tx, [changed, new]))
+
+    assert webhooks.provision_for("cus_A") == changed
+    assert webhooks.provision_for("cus_new") == new
+    assert (new.status, new.cancel_at_period_end, new.current_period_end) == (SubscriptionStatus.NONE, False, None)
 
 
 def test_every_state_has_its_transitions_and_moves_only_to_known_states() -> None:

@@ -189,7 +189,7 @@ class HttpGuard:
             from .webhooks import public_secret_refused
 
             client = scope.get("client")
-            await public_secret_refused(str(client[0]) if client else "an unknown peer")(scope, receive, send)
+            await _answer(send, *public_secret_refused(str(client[0]) if client else "an unknown peer"))
             return
         body = await _read_capped(receive, limit.body)
         if body is None:
@@ -314,10 +314,17 @@ async def _read_capped(receive: Any, cap: int) -> bytes | None:
 
 
 async def _answer(send: Any, status: int, body: dict[str, Any]) -> None:
+    await send_json(send, status, body, close=True)
+
+
+async def send_json(send: Any, status: int, body: dict[str, Any], *, close: bool = False) -> None:
+    """A JSON answer as raw ASGI messages (`close`: and the connection closed after it, for a refused request
+    whose body may not have been read)."""
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-        (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
 

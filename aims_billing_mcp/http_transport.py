@@ -23,7 +23,14 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from .http_guard import HttpGuard, HttpPolicy
-from .routes import acp_mcp_app, authenticates_itself, build_companion_app, starlette_routes
+from .routes import (
+    DirectRoutes,
+    acp_mcp_app,
+    authenticates_itself,
+    build_companion_app,
+    http_routes,
+    starlette_routes,
+)
 from .settings import LOOPBACK_HOSTS
 from .webhooks import WEBHOOK_PATH
 
@@ -92,9 +99,9 @@ def build_http_app(server: Any, *, host: str, token: str | None) -> Any:
 
     # the routes.py table at the top level, beside the ACP binding: a webhook goes through one router, not a mount
     # into the MCP app's own Starlette app as well
-    app = Starlette(routes=[*acp_app.routes, *starlette_routes(lambda: server.state), Mount("/", app=main)],
-                    lifespan=lifespan)
-    return HttpGuard(BearerTokenMiddleware(app, token), lambda: server.state, policy,
+    table = http_routes(lambda: server.state)
+    app = Starlette(routes=[*acp_app.routes, *starlette_routes(table), Mount("/", app=main)], lifespan=lifespan)
+    return HttpGuard(DirectRoutes(BearerTokenMiddleware(app, token), table), lambda: server.state, policy,
                      loopback=host in LOOPBACK_HOSTS)
 
 

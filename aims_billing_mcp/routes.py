@@ -17,12 +17,12 @@ read-only and the allow-list, audit).
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,7 +33,7 @@ from .acp_http import acp_routes
 from .acp_mcp import MCP_PATH
 from .http_guard import INGEST_PATH, HttpGuard, HttpPolicy
 from .ingest_http import ingest_handler
-from .webhooks import WEBHOOK_PATH, is_loopback, webhook_handler
+from .webhooks import WEBHOOK_PATH, WebhookEndpoint, is_loopback
 from .x402_http import CREDITS_PATH, credits_handler
 
 if TYPE_CHECKING:
@@ -41,20 +41,25 @@ if TYPE_CHECKING:
 
 GetState = Callable[[], "AppState | None"]
 Endpoint = Callable[[Request], Awaitable[Response]]
+Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
 class HttpRoute:
     path: str
     methods: tuple[str, ...]
-    endpoint: Endpoint
+    endpoint: Endpoint | Asgi  # a function of a Request, or an ASGI app (an object: served by DirectRoutes)
     auth: str  # what the caller proves itself with (never the MCP bearer token)
+
+    @property
+    def direct(self) -> bool:
+        return not inspect.isfunction(self.endpoint)
 
 
 def http_routes(get_state: GetState) -> list[HttpRoute]:
     """The routes over the state `get_state` returns when a request comes (503 while it is None: starting)."""
     return [
-        HttpRoute(WEBHOOK_PATH, ("POST",), webhook_handler(get_state), "Stripe-Signature"),
+        HttpRoute(WEBHOOK_PATH, ("POST",), WebhookEndpoint(get_state), "Stripe-Signature"),
         HttpRoute(CREDITS_PATH, ("GET",), credits_handler(get_state), "x402 payment"),
         *(HttpRoute(route.path, tuple(sorted(route.methods or ())), route.endpoint, "ACP API key")
           for route in acp_routes(get_state)),
@@ -82,10 +87,26 @@ def acp_mcp_app(get_state: GetState, policy: HttpPolicy, **options: Any) -> tupl
     return server, server.streamable_http_app(streamable_http_path=MCP_PATH, **options)
 
 
-def starlette_routes(get_state: GetState) -> list[Route]:
+def starlette_routes(table: list[HttpRoute]) -> list[Route]:
     """The table as Starlette routes: the companion app's, and the first routes of `serve --http`'s top-level app
     (matched before the MCP app's mount, so a webhook is not routed through a second Starlette app)."""
-    return [Route(route.path, route.endpoint, methods=list(route.methods)) for route in http_routes(get_state)]
+    return [Route(route.path, route.endpoint, methods=list(route.methods)) for route in table]
+
+
+class DirectRoutes:
+    """The table's ASGI endpoints (the webhook's), served as soon as the method and exact path match, before the
+    app: no router, Request, Response or exception middleware for the busiest route. Anything else (another
+    method on the path: 405) goes to the app, which has the same routes."""
+
+    def __init__(self, app: Asgi, table: list[HttpRoute]) -> None:
+        self.app = app
+        self._direct = {(method, route.path): cast(Asgi, route.endpoint)
+                        for route in table if route.direct for method in route.methods}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        endpoint = self._direct.get((scope.get("method", ""), scope.get("path", ""))) if scope["type"] == "http" \
+            else None
+        await (endpoint or self.app)(scope, receive, send)
 
 
 def build_companion_app(get_state: GetState, *, with_acp_mcp: bool = False, policy: HttpPolicy | None = None,
@@ -94,8 +115,12 @@ def build_companion_app(get_state: GetState, *, with_acp_mcp: bool = False, poli
     (`with_acp_mcp` adds ACP's MCP binding, its session manager run in this app's lifespan), and as the target the
     embedded sandbox delivers its signed webhooks to."""
     policy = policy or HttpPolicy()
-    routes: list[Any] = starlette_routes(get_state)
-    guarded = partial(HttpGuard, get_state=get_state, policy=policy, loopback=is_loopback(host))
+    table = http_routes(get_state)
+    routes: list[Any] = starlette_routes(table)
+
+    def guarded(app: Any) -> Any:
+        return HttpGuard(DirectRoutes(app, table), get_state=get_state, policy=policy, loopback=is_loopback(host))
+
     if not with_acp_mcp:
         return guarded(Starlette(routes=routes))
     acp_server, acp_app = acp_mcp_app(get_state, policy)

@@ -19,12 +19,10 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
-
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from typing import TYPE_CHECKING, Any
 
 from .errors import BillingError
+from .http_guard import send_json
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.meter_flusher import ThinEvent, thin_event
 from .services.webhook_events import InvalidEvent, parse_event
@@ -40,13 +38,15 @@ WEBHOOK_PATH = "/webhooks/stripe"
 PUBLIC_SECRET_REFUSED = ("sandbox-signed events are accepted on loopback only (the sandbox's webhook secret is "
                          "public): set STRIPE_WEBHOOK_SECRET to a secret of your own")
 
+Answer = tuple[int, dict[str, Any]]
 
-def public_secret_refused(peer: str) -> JSONResponse:
+
+def public_secret_refused(peer: str) -> Answer:
     """403 for an event that would be verified with the sandbox's public secret off loopback, and one log line."""
     log.warning("refused a webhook from %s: this endpoint verifies with the sandbox's public webhook secret and is "
                 "reachable from other hosts; set STRIPE_WEBHOOK_SECRET to a secret of your own, or serve on "
                 "127.0.0.1", peer)
-    return JSONResponse({"error": PUBLIC_SECRET_REFUSED}, status_code=403)
+    return 403, {"error": PUBLIC_SECRET_REFUSED}
 
 
 class WebhookSignatureInvalid(Exception):
@@ -85,47 +85,70 @@ def sign_webhook_payload(payload: str, secret: str, timestamp: int | None = None
     return f"t={ts},v1={signature}"
 
 
-def webhook_handler(get_state: Callable[[], AppState | None]) -> Callable[[Request], Awaitable[JSONResponse]]:
+class WebhookEndpoint:
+    """The route's ASGI app, without Starlette's Request and Response (or its exception wrappers): the busiest route
+    answers from the raw scope, which measured ~30% less CPU an event than the same work as a Starlette endpoint.
+    routes.py declares it in its table and `direct_routes` serves it ahead of the Starlette app."""
 
-    async def handle(request: Request) -> JSONResponse:
-        state = get_state()
+    def __init__(self, get_state: Callable[[], AppState | None]) -> None:
+        self._get_state = get_state
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        chunks = []
+        while True:  # the HttpGuard in front has capped and buffered it: one message
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        status, body = await self.answer(scope, b"".join(chunks))
+        await send_json(send, status, body)
+
+    async def answer(self, scope: dict[str, Any], payload: bytes) -> Answer:
+        state = self._get_state()
         if state is None:
-            return JSONResponse({"error": "the server is starting: retry"}, status_code=503)
+            return 503, {"error": "the server is starting: retry"}
         secret = state.webhook_secret
         if secret is None:
-            return JSONResponse({"error": "STRIPE_WEBHOOK_SECRET is not set: events cannot be verified"},
-                                status_code=503)
-        if secret == SANDBOX_WEBHOOK_SECRET and not _from_loopback(request):
-            return public_secret_refused(_peer(request))
-        payload = await request.body()
+            return 503, {"error": "STRIPE_WEBHOOK_SECRET is not set: events cannot be verified"}
+        client = scope.get("client")
+        peer = str(client[0]) if client else ""
+        if secret == SANDBOX_WEBHOOK_SECRET and not is_loopback(peer):
+            return public_secret_refused(peer or "an unknown peer")
+        header = next((value.decode("latin-1") for name, value in scope.get("headers") or ()
+                       if name == b"stripe-signature"), None)
         try:
-            verify_webhook_signature(payload, request.headers.get("stripe-signature"), secret)
+            verify_webhook_signature(payload, header, secret)
         except WebhookSignatureInvalid as exc:
-            log.warning("%s", mismatch_advice(payload, request.headers.get("stripe-signature"), secret, str(exc)))
-            return JSONResponse({"error": f"signature check failed: {exc}"}, status_code=400)
+            log.warning("%s", mismatch_advice(payload, header, secret, str(exc)))
+            return 400, {"error": f"signature check failed: {exc}"}
         try:
             thin = thin_event(payload)  # a thin (v2) event: Stripe's meter error reports
             if thin is not None:
                 return await thin_answer(state, thin)
             event = parse_event(payload)
         except InvalidEvent as exc:
-            return JSONResponse({"error": f"invalid payload: {exc}"}, status_code=400)
-        result = await state.webhook_events.ingest(event, payload)
-        return JSONResponse({"received": True, "id": result.event_id, "duplicate": result.duplicate})
+            return 400, {"error": f"invalid payload: {exc}"}
+        try:
+            result = await state.webhook_events.ingest(event, payload)
+        except Exception as exc:  # nothing stored (the transaction rolled back): Stripe delivers it again
+            log.exception("webhook event %s was not stored", event["id"])
+            message = exc.message if isinstance(exc, BillingError) else "the database refused the write"
+            return 503, {"error": f"event {event['id']} was not stored ({message}): deliver it again later"}
+        return 200, {"received": True, "id": result.event_id, "duplicate": result.duplicate}
 
-    return handle
 
-
-async def thin_answer(state: AppState, thin: ThinEvent) -> JSONResponse:
+async def thin_answer(state: AppState, thin: ThinEvent) -> Answer:
     """Apply a thin event; when its full form cannot be read from Stripe, 503, so Stripe delivers it again."""
     try:
         failed = await state.flusher.apply_thin_event(thin)
     except InvalidEvent as exc:
-        return JSONResponse({"error": f"invalid event: {exc}"}, status_code=400)
+        return 400, {"error": f"invalid event: {exc}"}
     except BillingError as exc:
-        return JSONResponse({"error": f"could not read event {thin.id} from Stripe ({exc.message}): deliver it "
-                                      "again later"}, status_code=503)
-    return JSONResponse({"received": True, "id": thin.id, "failed": failed})
+        return 503, {"error": f"could not read event {thin.id} from Stripe ({exc.message}): deliver it again later"}
+    return 200, {"received": True, "id": thin.id, "failed": failed}
 
 
 def mismatch_advice(payload: bytes, header: str | None, secret: str, reason: str) -> str:
@@ -143,14 +166,6 @@ def mismatch_advice(payload: bytes, header: str | None, secret: str, reason: str
     return line + ("the sender signs with another secret than this server verifies with: set STRIPE_WEBHOOK_SECRET "
                    "to the endpoint's signing secret (the whsec_... `stripe listen` prints, or the Dashboard's), the "
                    "same in the sandbox process if one sends the events")
-
-
-def _peer(request: Request) -> str:
-    return request.client.host if request.client is not None else "an unknown peer"
-
-
-def _from_loopback(request: Request) -> bool:
-    return is_loopback(request.client.host if request.client is not None else "")
 
 
 def is_loopback(host: str) -> bool:

@@ -51,3 +51,15 @@ async def test_a_path_outside_the_table_needs_the_mcp_token(server: BillingServe
     app = build_http_app(server, host="127.0.0.1", token="operator-token")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
         assert (await http.get("/x402/other")).status_code == 401
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+async def test_a_method_the_table_does_not_declare_on_a_direct_route_goes_to_the_app_not_the_endpoint(
+        server: BillingServer, method: str) -> None:
+    assert next(route for route in http_routes(lambda: None) if route.path == "/webhooks/stripe").direct
+
+    for name, app in apps(server).items():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+            answer = await http.request(method, "/webhooks/stripe")
+        # the app's router answers (405; serve --http's MCP mount under "/" says 404), not the endpoint's 503
+        assert answer.status_code in (404, 405), (name, answer.status_code, answer.text)

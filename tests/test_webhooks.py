@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -78,6 +79,28 @@ async def test_a_signed_subscription_event_provisions_the_tier(endpoint: tuple[s
     assert row is not None
     assert (row["tier"], row["status"], row["subscription_id"]) == ("6mo", "active", "sub_A")
     assert row["commitment_end"] > row["current_period_end"]
+
+
+@pytest.mark.parametrize("kind", ["customer.subscription.created", "payment_intent.succeeded"])
+async def test_an_event_the_database_refuses_is_answered_503_so_stripe_delivers_it_again(
+    endpoint: tuple[str, Any], kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url, server = endpoint
+    obj = subscription() if kind.startswith("customer.") else {"id": "pi_1", "object": "payment_intent",
+                                                               "status": "succeeded", "amount_received": 100}
+    payload = event(kind, obj, created=100, event_id="evt_refused")
+    db = sqlite3.connect(server.state.store.path)
+    db.execute("CREATE TRIGGER refuse BEFORE INSERT ON webhook_events BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db.commit()
+
+    refused = await post(url, payload)
+
+    assert refused.status_code == 503 and "evt_refused was not stored" in refused.json()["error"]
+    assert rows(server, "SELECT id FROM webhook_events") == [] and provision(server) is None
+    assert "webhook event evt_refused was not stored" in caplog.text
+    db.execute("DROP TRIGGER refuse")
+    db.commit()
+    assert (await post(url, payload)).json() == {"received": True, "id": "evt_refused", "duplicate": False}
 
 
 @pytest.mark.parametrize(

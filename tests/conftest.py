@@ -107,6 +107,33 @@ def output_schemas_read_from_the_in_memory_server() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_tls_context_for_every_http_client() -> Iterator[None]:
+    """httpx (and the SDK's fork, httpx2) builds a TLS context for every client, loading the CA bundle: about 20 ms
+    of CPU, paid even by a client that only speaks plain HTTP to a loopback test server, and the suite makes
+    hundreds (py-spy: 8% of its time). Clients with the default settings share one context here, as the product's
+    webhook deliveries do (services/acp_webhooks.py); any other setting builds its own."""
+    import httpx
+    import httpx._transports.default as httpx_transports
+    import httpx2._transports.default as httpx2_transports
+
+    shared = httpx.create_ssl_context()
+    originals = [(module, module.create_ssl_context) for module in (httpx_transports, httpx2_transports)]
+
+    def sharing(original: Callable[..., Any]) -> Callable[..., Any]:
+        def create(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+            if verify is True and cert is None and trust_env:
+                return shared
+            return original(verify=verify, cert=cert, trust_env=trust_env)
+        return create
+
+    for module, original in originals:
+        module.create_ssl_context = sharing(original)  # type: ignore[attr-defined]
+    yield
+    for module, original in originals:
+        module.create_ssl_context = original  # type: ignore[attr-defined]
+
+
 @pytest.fixture(autouse=True)
 def skip_slow_unless_selected(request: pytest.FixtureRequest) -> None:
     """Slow variants (`@pytest.mark.slow`) run only when asked for (`-m slow`): the suite's default run has no

@@ -26,9 +26,11 @@ taken over once its lease ends, and a paused one that resumes records nothing an
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -65,6 +67,15 @@ def verify_merchant_signature(secret: str, header: str | None, body: bytes, *, n
         return False
     expected = merchant_signature(secret, timestamp, body).split(",v1=", 1)[1]
     return hmac.compare_digest(expected, match.group(2).lower())
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every delivery's client: httpx builds one per client otherwise, loading the whole CA
+    bundle (about 20 ms of CPU an order event)."""
+    import httpx
+
+    return httpx.create_ssl_context()
 
 
 class OrderWebhooks:
@@ -133,7 +144,7 @@ class OrderWebhooks:
         attempts = row.attempts
         import httpx
 
-        async with httpx.AsyncClient(transport=self._transport, timeout=self._timeout) as http:
+        async with httpx.AsyncClient(transport=self._transport, timeout=self._timeout, verify=_tls()) as http:
             while attempts < self._max_attempts:
                 if attempts:
                     await asyncio.sleep(self._scale * 2 ** (attempts - 1))

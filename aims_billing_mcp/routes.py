@@ -17,7 +17,6 @@ read-only and the allow-list, audit).
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -48,18 +47,15 @@ Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 class HttpRoute:
     path: str
     methods: tuple[str, ...]
-    endpoint: Endpoint | Asgi  # a function of a Request, or an ASGI app (an object: served by DirectRoutes)
+    endpoint: Endpoint | Asgi  # a function of a Request; with `direct`, an ASGI app (an object, not a function)
     auth: str  # what the caller proves itself with (never the MCP bearer token)
-
-    @property
-    def direct(self) -> bool:
-        return not inspect.isfunction(self.endpoint)
+    direct: bool = False  # served by DirectRoutes, ahead of the Starlette app
 
 
 def http_routes(get_state: GetState) -> list[HttpRoute]:
     """The routes over the state `get_state` returns when a request comes (503 while it is None: starting)."""
     return [
-        HttpRoute(WEBHOOK_PATH, ("POST",), WebhookEndpoint(get_state), "Stripe-Signature"),
+        HttpRoute(WEBHOOK_PATH, ("POST",), WebhookEndpoint(get_state), "Stripe-Signature", direct=True),
         HttpRoute(CREDITS_PATH, ("GET",), credits_handler(get_state), "x402 payment"),
         *(HttpRoute(route.path, tuple(sorted(route.methods or ())), route.endpoint, "ACP API key")
           for route in acp_routes(get_state)),

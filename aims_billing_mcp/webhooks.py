@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import BillingError
+from .errors import BillingError, DatabaseBusy
 from .http_guard import send_json
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.meter_flusher import ThinEvent, thin_event
@@ -133,11 +134,20 @@ class WebhookEndpoint:
             return 400, {"error": f"invalid payload: {exc}"}
         try:
             result = await state.webhook_events.ingest(event, payload)
-        except Exception as exc:  # nothing stored (the transaction rolled back): Stripe delivers it again
-            log.exception("webhook event %s was not stored", event["id"])
+        except Exception as exc:
+            if not refused_write(exc):
+                raise  # a bug, not the database: a 500 and its traceback
+            log.exception("webhook event %s was not stored", event["id"])  # the transaction rolled back
             message = exc.message if isinstance(exc, BillingError) else "the database refused the write"
             return 503, {"error": f"event {event['id']} was not stored ({message}): deliver it again later"}
         return 200, {"received": True, "id": result.event_id, "duplicate": result.duplicate}
+
+
+def refused_write(exc: BaseException) -> bool:
+    """Whether `exc` is the database refusing a write (SQLite's or PostgreSQL's errors, or the store's DatabaseBusy),
+    after which nothing of the event was stored and Stripe should deliver it again."""
+    return (isinstance(exc, sqlite3.Error | DatabaseBusy)
+            or type(exc).__module__.partition(".")[0] == "psycopg")  # psycopg is imported only with PostgreSQL
 
 
 async def thin_answer(state: AppState, thin: ThinEvent) -> Answer:

@@ -17,11 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client
 
+from aims_billing_mcp.errors import DatabaseBusy
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.services.webhook_events import InvalidEvent, parse_event
 from aims_billing_mcp.state import build_state
 from aims_billing_mcp.store import Store
-from aims_billing_mcp.webhooks import sign_webhook_payload
+from aims_billing_mcp.webhooks import refused_write, sign_webhook_payload
 from tests.conftest import ok, serving_http
 
 pytestmark = pytest.mark.anyio
@@ -101,6 +102,22 @@ async def test_an_event_the_database_refuses_is_answered_503_so_stripe_delivers_
     db.execute("DROP TRIGGER refuse")
     db.commit()
     assert (await post(url, payload)).json() == {"received": True, "id": "evt_refused", "duplicate": False}
+
+
+def _postgres_disk_full() -> Exception:
+    return pytest.importorskip("psycopg").errors.DiskFull("no space left on device")  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("make", "refused"), [
+    (lambda: sqlite3.OperationalError("database or disk is full"), True),
+    (lambda: DatabaseBusy("the database connection was lost"), True),
+    (_postgres_disk_full, True),
+    (lambda: KeyError("data"), False),  # a bug: answered 500 with its traceback, not "deliver it again"
+], ids=["sqlite", "database-busy", "postgres", "a-bug"])
+def test_only_the_database_refusing_the_write_is_answered_as_not_stored(
+    make: Callable[[], Exception], refused: bool
+) -> None:
+    assert refused_write(make()) is refused
 
 
 @pytest.mark.parametrize(

@@ -410,7 +410,7 @@ class WebhookEventService:
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
         try:
             if self._in_batches(checked["type"]):
-                result: Ingested = await self._store.write_item(self._ingest_batch, (checked, text))
+                result: Ingested = await self._store.write_item(self._ingest_batch, (checked, text), in_order=True)
             else:
                 result = await self._store.write(self._job(checked, text))
         except DuplicateEvent:  # stored by another instance since the batch looked (PostgreSQL), or a plain job's
@@ -426,9 +426,10 @@ class WebhookEventService:
 
     def _in_batches(self, kind: str) -> bool:
         """Whether the event changes nothing but its own record and a provision (subscription and invoice events,
-        and the types nobody applies), so it can share `_ingest_batch` with the others queued beside it; an event
+        and the types nobody applies), so it can share `_ingest_batch` with the others queued next to it; an event
         other services apply too (their own tables, read and written by their own statements) is a job of its
-        own."""
+        own, and the events queued before and after it are applied before and after it (`in_order`): a checkout
+        that starts a new subscription, then that subscription's failed invoice, end past due as delivered."""
         return not (kind.startswith("payment_intent.") or kind == "checkout.session.completed"
                     or (self._connect is not None and kind in self._connect.EVENT_TYPES))
 

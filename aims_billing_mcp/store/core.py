@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -19,12 +20,13 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from importlib import resources
+from itertools import chain
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 T = TypeVar("T")
 Tx = sqlite3.Connection  # what a write job receives: the writer's transaction (services name it, never sqlite3)
@@ -150,18 +152,23 @@ class _WriteJob:
     statement journal) is skipped; should a trusted job fail after writing, the writer undoes the whole batch and
     runs it again with a savepoint per job. An *item* (`group` set) is one element for a batch function: the items
     of one group in one batch are handed to it together (one SELECT for all, one executemany), inside one
-    savepoint, and it answers one outcome per item. Should the batch function raise, its savepoint is undone and it
-    is called again for each item alone, so an item that breaks it (a constraint its multi-row write hits) fails
-    alone instead of failing, delivery after delivery, whichever items happened to share its batch."""
+    savepoint, where the first of them stood in the batch, and it answers one outcome per item; the items of an
+    `in_order` group keep their place among the batch's other jobs instead: each run of consecutive items is one
+    call, where the run stood (an event applied after the jobs that arrived before it). Should the batch function
+    raise, its savepoint is undone and it is called again for each item alone, so an item that breaks it (a
+    constraint its multi-row write hits) fails alone instead of failing, delivery after delivery, whichever items
+    happened to share its batch."""
 
-    __slots__ = ("fn", "future", "group", "loop", "trusted", "waiter")
+    __slots__ = ("fn", "future", "group", "in_order", "loop", "trusted", "waiter")
 
     def __init__(self, fn: Any, loop: asyncio.AbstractEventLoop | None = None, *, trusted: bool = False,
-                 group: Callable[[sqlite3.Connection, list[Any]], list[Any]] | None = None) -> None:
+                 group: Callable[[sqlite3.Connection, list[Any]], list[Any]] | None = None,
+                 in_order: bool = False) -> None:
         self.fn = fn
         self.loop = loop
         self.trusted = trusted
         self.group = group
+        self.in_order = in_order
         self.waiter: asyncio.Future[Any] | None = loop.create_future() if loop is not None else None
         self.future: Future[Any] | None = None if loop is not None else Future()
 
@@ -229,8 +236,9 @@ class BatchingWriter:
         assert job.waiter is not None
         return job.waiter
 
-    def submit_item(self, group: Callable[[Any, list[Any]], list[Any]], item: Any) -> asyncio.Future[Any]:
-        job = _WriteJob(item, asyncio.get_running_loop(), group=group)
+    def submit_item(self, group: Callable[[Any, list[Any]], list[Any]], item: Any, *,
+                    in_order: bool = False) -> asyncio.Future[Any]:
+        job = _WriteJob(item, asyncio.get_running_loop(), group=group, in_order=in_order)
         self._queue.put(job)
         assert job.waiter is not None
         return job.waiter
@@ -292,12 +300,24 @@ class BatchingWriter:
         raise NotImplementedError
 
     @staticmethod
-    def _groups(batch: list[_WriteJob]) -> dict[Any, list[_WriteJob]]:
+    def _steps(batch: list[_WriteJob]) -> list[_WriteJob | list[_WriteJob]]:
+        """The batch in the order it runs: each plain job, and each group's items as one step (see _WriteJob)."""
+        steps: list[_WriteJob | list[_WriteJob]] = []
         groups: dict[Any, list[_WriteJob]] = {}
         for job in batch:
-            if job.group is not None:
-                groups.setdefault(job.group, []).append(job)
-        return groups
+            if job.group is None:
+                steps.append(job)
+            elif job.in_order:
+                last = steps[-1] if steps else None
+                if isinstance(last, list) and last[0].in_order and last[0].group == job.group:
+                    last.append(job)
+                else:
+                    steps.append([job])
+            elif (members := groups.get(job.group)) is not None:
+                members.append(job)
+            else:
+                steps.append(groups.setdefault(job.group, [job]))
+        return steps
 
     @staticmethod
     def _group_outcomes(members: list[_WriteJob], results: list[Any]) -> list[Outcome]:
@@ -352,13 +372,10 @@ class Writer(BatchingWriter):
     def _transaction(self, batch: list[_WriteJob], *, trust: bool) -> list[Outcome]:
         conn = self._conn
         outcomes: list[Outcome] = []
-        groups = self._groups(batch)
         conn.execute("BEGIN IMMEDIATE")
-        for job in batch:
-            if job.group is not None:
-                members = groups.pop(job.group, None)
-                if members is not None:  # the group runs where its first item stood
-                    outcomes.extend(self._run_group(job.group, members))
+        for job in self._steps(batch):
+            if isinstance(job, list):
+                outcomes.extend(self._run_group(cast(Callable[..., list[Any]], job[0].group), job))
                 continue
             if trust and job.trusted:
                 before = conn.total_changes
@@ -397,6 +414,43 @@ class Writer(BatchingWriter):
             return [outcome for member in members for outcome in self._run_group(group, [member])]  # see _WriteJob
         conn.execute("RELEASE job")
         return outcomes
+
+
+# --- multi-row statements ------------------------------------------------------------------------------------
+
+ROWS_PER_STATEMENT = (64, 32, 16, 8, 4, 2, 1)
+
+
+@functools.cache
+def multi_row(sql: str, rows: int) -> str:
+    """`sql` (an INSERT of one `VALUES (...)` row, maybe with its ON CONFLICT clause) for `rows` rows."""
+    head, _, rest = sql.partition(" VALUES (")
+    values, _, tail = rest.partition(")")
+    return f"{head} VALUES {', '.join([f'({values})'] * rows)}{tail}"
+
+
+def insert_rows(tx: Any, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
+    """Write rows by multi-row statements of 64, 32, ... 1 rows (at most 7 statement texts a table, each prepared
+    once): each statement is one sqlite3_step, so the writer thread gives the GIL up and takes it back once per
+    statement, not once per row as `executemany` does: with the callers parsing their next batches meanwhile, each
+    taking back may wait its turn (a profile of bench/ingest.py's service path showed the writer's executemany at
+    several times its single-thread time). Answers how many rows were inserted or changed."""
+    done, count, changed = 0, len(rows), 0
+    for size in ROWS_PER_STATEMENT:
+        while count - done >= size:
+            changed += tx.execute(multi_row(sql, size), list(chain.from_iterable(rows[done:done + size]))).rowcount
+            done += size
+    return changed
+
+
+def in_lists(values: Sequence[Any]) -> Iterator[tuple[str, list[Any]]]:
+    """`values` as `IN (...)` lists of at most 64, each padded to a size of ROWS_PER_STATEMENT by repeating its
+    last value (which changes no IN's answer): the `?` marks and the parameters of each, so a statement has at
+    most 7 texts (the connection's statement cache keeps them prepared) whatever the batch's size."""
+    for start in range(0, len(values), ROWS_PER_STATEMENT[0]):
+        chunk = list(values[start:start + ROWS_PER_STATEMENT[0]])
+        size = next(size for size in reversed(ROWS_PER_STATEMENT) if size >= len(chunk))
+        yield ", ".join("?" * size), chunk + [chunk[-1]] * (size - len(chunk))
 
 
 # --- opening errors ---------------------------------------------------------------------------------------------
@@ -547,10 +601,12 @@ class StoreCore:
         `savepoint=False` is for a job that makes every check before its first write (see `_WriteJob`)."""
         return await self._writer.submit_async(fn, trusted=not savepoint)
 
-    async def write_item(self, group: Callable[[sqlite3.Connection, list[Any]], list[Any]], item: Any) -> Any:
+    async def write_item(self, group: Callable[[sqlite3.Connection, list[Any]], list[Any]], item: Any, *,
+                         in_order: bool = False) -> Any:
         """Hand `item` to `group(conn, items)` together with every other item of that group in the writer's next
-        transaction; return its outcome after COMMIT (raise it, if the outcome is an exception)."""
-        return await self._writer.submit_item(group, item)
+        transaction (`in_order`: with the items next to it, in the order the batch's jobs arrived, see _WriteJob);
+        return its outcome after COMMIT (raise it, if the outcome is an exception)."""
+        return await self._writer.submit_item(group, item, in_order=in_order)
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return self._writer.submit(fn).result()

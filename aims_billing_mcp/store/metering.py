@@ -64,17 +64,15 @@ at READ COMMITTED, so each read-decide-write takes what it needs from the databa
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import sqlite3
 from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 from enum import StrEnum
-from itertools import chain
 from typing import Any, NamedTuple, Protocol
 
-from .core import StoreCore, Tx
+from .core import StoreCore, Tx, insert_rows
 from .postgres_sql import PostgresDialect, array_columns, array_literal
 
 
@@ -489,31 +487,6 @@ def _marks(values: Sized) -> str:
     return ",".join("?" * len(values))
 
 
-_ROWS_PER_STATEMENT = (64, 32, 16, 8, 4, 2, 1)
-
-
-@functools.cache
-def _multi_row(sql: str, rows: int) -> str:
-    """`sql` (an INSERT of one `VALUES (...)` row, maybe with its ON CONFLICT clause) for `rows` rows."""
-    head, _, rest = sql.partition(" VALUES (")
-    values, _, tail = rest.partition(")")
-    return f"{head} VALUES {', '.join([f'({values})'] * rows)}{tail}"
-
-
-def _insert_rows(tx: Tx, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
-    """Write rows by multi-row statements of 64, 32, ... 1 rows (at most 7 statement texts a table, each prepared
-    once): each statement is one sqlite3_step, so the writer thread gives the GIL up and takes it back once per
-    statement, not once per row as `executemany` does: with the callers parsing their next batches meanwhile, each
-    taking back may wait its turn (a profile of bench/ingest.py's service path showed the writer's executemany at
-    several times its single-thread time). Answers how many rows were inserted or changed."""
-    done, count, changed = 0, len(rows), 0
-    for size in _ROWS_PER_STATEMENT:
-        while count - done >= size:
-            changed += tx.execute(_multi_row(sql, size), list(chain.from_iterable(rows[done:done + size]))).rowcount
-            done += size
-    return changed
-
-
 def _tuples(tx: Tx) -> sqlite3.Cursor:
     """A cursor of the writer's transaction answering plain tuples: the recording path reads a row per total (and
     per replayed event) of every batch, and a sqlite3.Row costs more to make and to index."""
@@ -593,7 +566,7 @@ class SqliteMeteringStore:
         the batch's deltas; for a `last` meter (`last_at` set), its absolute total and counters as before deltas.
         Then the version moves on, and the deltas are folded once there are FOLD_ROWS of them."""
         last = self._sync(tx, newest=True)
-        if events and _insert_rows(tx, _EVENT_ADD, events) != len(events):  # some were there: undo ours only
+        if events and insert_rows(tx, _EVENT_ADD, events) != len(events):  # some were there: undo ours only
             tx.execute("DELETE FROM meter_events WHERE id > ?", (last,))
             raise EventsExist("UNIQUE constraint failed: meter_events.identifier, meter_events.customer_id")
         known = self._totals
@@ -617,7 +590,7 @@ class SqliteMeteringStore:
                 lasts.append(row)
             remember.append((key, row))
         if opened:
-            _insert_rows(tx, _TOTAL_OPEN, opened)
+            insert_rows(tx, _TOTAL_OPEN, opened)
         if termless:
             tx.executemany(
                 "UPDATE meter_usage_totals SET tier = COALESCE(tier, ?), allowance = COALESCE(allowance, ?), "
@@ -625,12 +598,12 @@ class SqliteMeteringStore:
                 [(r.tier, r.allowance, r.overage_rate, r.customer_id, r.period_start, r.meter) for r in termless])
         deltas: Sequence[OperationDelta] = operations
         if lasts:
-            _insert_rows(tx, _TOTAL_UPSERT, lasts)
+            insert_rows(tx, _TOTAL_UPSERT, lasts)
             gauges = {(row.customer_id, row.period_start, row.meter) for row in lasts}
-            _insert_rows(tx, _OPERATION_ADD, [d for d in operations
+            insert_rows(tx, _OPERATION_ADD, [d for d in operations
                                               if (d.customer_id, d.period_start, d.meter) in gauges])
             deltas = [d for d in operations if (d.customer_id, d.period_start, d.meter) not in gauges]
-        _insert_rows(tx, _DELTA_INSERT, deltas)
+        insert_rows(tx, _DELTA_INSERT, deltas)
         assert self._seen is not None
         version, data_version = self._seen
         tx.execute("UPDATE meter_usage_version SET version = ? WHERE id = 1", (version + 1,))

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ..errors import DatabaseBusy
 from . import postgres as pg
@@ -168,13 +168,10 @@ class PostgresWriter(BatchingWriter):
         if all(_pipelined(job) for job in batch):
             return self._pipelined_batch(conn, batch)
         outcomes: list[Outcome] = []
-        groups = self._groups(batch)
         with conn.transaction():
-            for job in sorted(batch, key=_lock_order):
-                if job.group is not None:
-                    members = groups.pop(job.group, None)
-                    if members is not None:
-                        outcomes.extend(self._run_group(conn, job.group, members))
+            for job in self._steps(sorted(batch, key=_lock_order)):
+                if isinstance(job, list):
+                    outcomes.extend(self._run_group(conn, cast(Callable[..., list[Any]], job[0].group), job))
                     continue
                 self._fresh_scratch()
                 try:
@@ -194,14 +191,19 @@ class PostgresWriter(BatchingWriter):
 
     def _run_group(self, conn: Any, group: Callable[[Any, list[Any]], list[Any]],
                    members: list[_WriteJob]) -> list[Outcome]:
-        """One savepoint for the group; should its function raise, each item again alone (see _WriteJob)."""
+        """One savepoint for the group; should its function raise, each item again alone (see _WriteJob). A
+        deadlock or serialization failure aborts the transaction (the batch is run again), and so does a lost
+        connection; anything else the database refuses (a timeout, a constraint) is the group's own failure, as a
+        plain job's is."""
         try:
             with conn.transaction():
                 results = group(conn, [member.fn for member in members])
             return self._group_outcomes(members, results)
-        except self._passed_on:
+        except self._retryable:
             raise
         except BaseException as exc:
+            if conn.broken:
+                raise
             if len(members) == 1:
                 return [(members[0], None, exc)]
             return [outcome for member in members for outcome in self._run_group(conn, group, [member])]
@@ -359,8 +361,9 @@ class PostgresCore:
         """Run `fn(conn)` in a writer's next transaction; return after COMMIT (or raise what fn raised)."""
         return await self._writer.submit_async(fn, trusted=not savepoint)
 
-    async def write_item(self, group: Callable[[Any, list[Any]], list[Any]], item: Any) -> Any:
-        return await self._writer.submit_item(group, item)
+    async def write_item(self, group: Callable[[Any, list[Any]], list[Any]], item: Any, *,
+                         in_order: bool = False) -> Any:
+        return await self._writer.submit_item(group, item, in_order=in_order)
 
     def write_sync(self, fn: Callable[[Any], T]) -> T:
         return self._writer.submit(fn).result()

@@ -17,15 +17,13 @@ Two state machines live here:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any, Protocol, TypedDict, TypeVar
+from typing import Any, Protocol, TypedDict
 
-from .core import Reader, SqliteDialect, Tx, broken_unique_key, utc_now
+from .core import Reader, SqliteDialect, Tx, broken_unique_key, in_lists, insert_rows, utc_now
 from .postgres_sql import PostgresDialect
-
-T = TypeVar("T")
 
 
 class EventState(IntEnum):
@@ -269,63 +267,47 @@ class SqliteWebhooksStore:
         )
 
     def received(self, tx: Tx, event_ids: Sequence[str]) -> set[str]:
-        if not event_ids:
-            return set()
-        rows = tx.execute(f"SELECT id FROM webhook_events WHERE id IN ({_marks(len(event_ids))})",
-                          tuple(event_ids)).fetchall()
-        return {row[0] for row in rows}
+        found: set[str] = set()
+        for marks, ids in in_lists(event_ids):
+            found.update(row[0] for row in tx.execute(f"SELECT id FROM webhook_events WHERE id IN ({marks})", ids))
+        return found
 
     def load_provisions(self, tx: Tx, customers: Collection[str]) -> dict[str, Provision]:
         if not customers:
             return {}
-        ordered = sorted(customers)  # every batch takes its locks in one order: no deadlock between instances
+        ordered = sorted(customers)  # two batches take their locks in one order (a batch and a single job's
+        # lock may still meet in opposite orders: PostgreSQL then aborts one transaction, which is run again)
         self.dialect.lock(tx, *(f"provision:{customer}" for customer in ordered))
-        rows = tx.execute(f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id IN "
-                          f"({_marks(len(ordered))})", tuple(ordered)).fetchall()
-        return {row[0]: _provision(row) for row in rows}
+        loaded: dict[str, Provision] = {}
+        for marks, chunk in in_lists(ordered):
+            for row in tx.execute(f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id IN "
+                                  f"({marks})", chunk):
+                loaded[row[0]] = _provision(row)
+        return loaded
 
     def save_provisions(self, tx: Tx, provisions: Sequence[Provision]) -> None:
-        for chunk in _chunks(provisions):
-            values: list[Any] = []
-            for row in chunk:
-                values.extend((row.customer_id, row.tier, row.status, row.subscription_id, row.price_id,
-                               row.current_period_start, row.current_period_end, row.ended_at, row.commitment_end,
-                               row.cancel_at, int(row.cancel_at_period_end), row.last_event_id, row.last_event_type,
-                               row.last_event_created, row.updated_at))
-            tx.execute(f"INSERT INTO billing_provisions ({PROVISION_COLUMNS}) VALUES "
-                       f"{', '.join([f'({_marks(15)})'] * len(chunk))} ON CONFLICT (customer_id) DO UPDATE SET "
-                       f"{_SET_ALL_PROVISION_COLUMNS}", values)
+        insert_rows(tx, _PROVISION_UPSERT, [
+            (row.customer_id, row.tier, row.status, row.subscription_id, row.price_id, row.current_period_start,
+             row.current_period_end, row.ended_at, row.commitment_end, row.cancel_at, int(row.cancel_at_period_end),
+             row.last_event_id, row.last_event_type, row.last_event_created, row.updated_at) for row in provisions])
 
     def record_events(self, tx: Tx, records: Sequence[EventRecord]) -> None:
         now = utc_now()
-        for chunk in _chunks(records):
-            values: list[Any] = []
-            for record in chunk:
-                event = record.event
-                values.extend((event.id, event.type, event.created, record.payload, now, EventState.PROCESSED, now,
-                               record.customer_id, record.note))
-            try:
-                tx.execute("INSERT INTO webhook_events (id, type, created, payload, received_at, processed, "
-                           f"processed_at, customer_id, error) VALUES {', '.join([f'({_marks(9)})'] * len(chunk))}",
-                           values)
-            except Exception as exc:
-                if broken_unique_key(exc) not in ("webhook_events.id", "webhook_events_pkey"):
-                    raise
-                raise DuplicateEvent(", ".join(record.event.id for record in chunk)) from exc
+        try:
+            insert_rows(tx, _EVENT_INSERT, [
+                (record.event.id, record.event.type, record.event.created, record.payload, now, EventState.PROCESSED,
+                 now, record.customer_id, record.note) for record in records])
+        except Exception as exc:
+            if broken_unique_key(exc) not in ("webhook_events.id", "webhook_events_pkey"):
+                raise
+            raise DuplicateEvent(", ".join(record.event.id for record in records)) from exc
 
 
-_SET_ALL_PROVISION_COLUMNS = ", ".join(f"{column} = excluded.{column}"
-                                       for column in PROVISION_COLUMNS.split(", ")[1:])
-CHUNK_ROWS = 200  # rows per multi-row statement: 15 columns x 200 stays far below both backends' parameter limits
-
-
-def _marks(n: int) -> str:
-    return ", ".join("?" * n)
-
-
-def _chunks(rows: Sequence[T]) -> Iterator[Sequence[T]]:
-    for start in range(0, len(rows), CHUNK_ROWS):
-        yield rows[start:start + CHUNK_ROWS]
+_PROVISION_UPSERT = (
+    f"INSERT INTO billing_provisions ({PROVISION_COLUMNS}) VALUES ({', '.join('?' * 15)}) ON CONFLICT (customer_id) "
+    "DO UPDATE SET " + ", ".join(f"{column} = excluded.{column}" for column in PROVISION_COLUMNS.split(", ")[1:]))
+_EVENT_INSERT = ("INSERT INTO webhook_events (id, type, created, payload, received_at, processed, processed_at, "
+                 "customer_id, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class PostgresWebhooksStore(SqliteWebhooksStore):

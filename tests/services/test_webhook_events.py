@@ -108,3 +108,29 @@ async def test_an_event_stored_before_is_answered_as_a_duplicate_from_a_batch(
 
     assert [(event_id, duplicate) for event_id, duplicate, _, _ in answered] == [("evt_a1", True), ("evt_b1", False)]
     assert [e["id"] for e in events] == ["evt_a1", "evt_b1"]
+
+
+async def test_an_event_of_its_own_job_between_batched_ones_is_applied_in_arrival_order(
+    make_state: Callable[..., Any],
+) -> None:
+    subscribed = event("customer.subscription.created", subscription("active", sub_id="sub_1"), created=START,
+                       event_id="evt_old")
+    checkout = {"id": "cs_2", "object": "checkout.session", "customer": "cus_A", "subscription": "sub_2",
+                "mode": "subscription", "payment_status": "paid", "metadata": {"aims_tier": "6mo"}}
+    queued = [  # a batched event, a checkout (its own job: Connect reads it too), the new subscription's invoice
+        event("customer.created", {"id": "cus_X", "object": "customer"}, created=START + 5, event_id="evt_x"),
+        event("checkout.session.completed", checkout, created=START + 30, event_id="evt_checkout"),
+        event("invoice.payment_failed", {"id": "in_2", "object": "invoice", "customer": "cus_A",
+                                         "subscription": "sub_2"}, created=START + 35, event_id="evt_failed"),
+    ]
+    ends = {}
+    for together in (False, True):
+        async with make_state(f"in_order_{together}") as state:
+            await ingest_all(state, [subscribed], together=False)
+            answers = await ingest_all(state, queued, together=together)
+            ends[together] = answers, stored(state)[0]
+
+    assert ends[True] == ends[False]
+    provision = ends[True][1][0]
+    assert (provision["subscription_id"], provision["status"], provision["last_event_id"]) == (
+        "sub_2", "past_due", "evt_failed")

@@ -226,6 +226,35 @@ async def test_a_batch_function_that_raises_is_called_again_per_item_so_only_the
     assert sorted(r["key"] for r in store.query("SELECT key FROM idempotency_keys")) == ["a", "b"]
 
 
+@pytest.mark.parametrize(("in_order", "calls"), [(False, [["a", "b"], "plain"]),
+                                                 (True, [["a"], "plain", ["b"]])])
+async def test_items_of_an_in_order_group_keep_their_place_among_the_other_jobs(
+    store: Store, in_order: bool, calls: list[object],
+) -> None:
+    gate = threading.Event()
+    blocker = store.submit(lambda conn: gate.wait(5))
+    seen: list[object] = []
+
+    def group(conn: sqlite3.Connection, keys: list[str]) -> list[object]:
+        seen.append(list(keys))
+        return list(keys)
+
+    def plain(conn: sqlite3.Connection) -> str:
+        seen.append("plain")
+        return "plain"
+
+    pending = [asyncio.ensure_future(store.write_item(group, "a", in_order=in_order)),
+               asyncio.ensure_future(store.write(plain)),
+               asyncio.ensure_future(store.write_item(group, "b", in_order=in_order))]
+    await asyncio.sleep(0)
+    gate.set()
+    outcomes = await asyncio.gather(*pending)
+
+    assert blocker.result() is True
+    assert outcomes == ["a", "plain", "b"]
+    assert seen == calls
+
+
 async def test_a_write_is_visible_to_a_fresh_connection_once_acknowledged(store: Store) -> None:
     await store.write(lambda conn: conn.execute(
         "INSERT INTO webhook_events (id, type, created, payload, received_at) VALUES ('evt_1', 't', 0, '{}', 'now')"))

@@ -108,6 +108,40 @@ async def test_a_batch_function_that_raises_is_called_again_per_item_so_only_the
     assert sorted(row["key"] for row in stored) == sorted(k for k in keys if k != "poison")
 
 
+async def test_a_statement_timeout_in_a_batch_function_fails_its_item_not_the_other_jobs_of_the_transaction(
+    url: str,
+) -> None:
+    core = PostgresCore(url, writers=1, pool_size=2)  # one writer: all three jobs in one transaction
+
+    def plain(conn: Any) -> str:
+        conn.execute("UPDATE counters SET n = n + 1 WHERE id = 1")
+        return "plain"
+
+    def sleeps_when_told(conn: Any, items: list[str]) -> list[object]:
+        if "slow" in items:
+            conn.execute("SET LOCAL statement_timeout = 50")
+            conn.execute("SELECT pg_sleep(1)")  # QueryCanceled: an OperationalError, the connection still fine
+        return list(items)
+
+    try:
+        gate = threading.Event()
+        blocker = core.submit(lambda conn: gate.wait(5))
+        pending = [asyncio.ensure_future(core.write(plain)),
+                   asyncio.ensure_future(core.write_item(sleeps_when_told, "fast")),
+                   asyncio.ensure_future(core.write_item(sleeps_when_told, "slow"))]
+        await asyncio.sleep(0.05)
+        gate.set()
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        counted = core.query_one("SELECT n FROM counters WHERE id = 1")
+    finally:
+        core.close()
+
+    assert blocker.result() is True
+    assert outcomes[:2] == ["plain", "fast"]
+    assert isinstance(outcomes[2], psycopg.errors.QueryCanceled)
+    assert counted == {"n": 1}
+
+
 async def test_a_deadlock_aborts_the_batch_which_is_run_again_and_succeeds(core: PostgresCore, url: str) -> None:
     job_holds_row_1, other_holds_row_2 = threading.Event(), threading.Event()
     attempts: list[int] = []

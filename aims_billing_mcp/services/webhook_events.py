@@ -355,8 +355,7 @@ class ProvisionEvents:
             return Applied(customer, "a newer subscription is live: stored, not applied")
         paid = session.get("payment_status")
         status = S.ACTIVE if paid == "paid" else S.TRIALING if paid == "no_payment_required" else S.INCOMPLETE
-        provisions.apply(customer, {"tier": tier, "status": status, "subscription_id": sub_id},
-                                   _ref(event))
+        provisions.apply(customer, {"tier": tier, "status": status, "subscription_id": sub_id}, _ref(event))
         return Applied(customer)
 
     def _apply_invoice(self, provisions: Provisions, event: dict[str, Any], invoice: dict[str, Any]) -> Applied:

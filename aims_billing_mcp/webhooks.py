@@ -17,17 +17,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import BillingError, DatabaseBusy
+from .errors import BillingError
 from .http_guard import send_json
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.meter_flusher import ThinEvent, thin_event
 from .services.webhook_events import InvalidEvent, parse_event
 from .settings import LOOPBACK_HOSTS
+from .store import refused_write
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -141,13 +141,6 @@ class WebhookEndpoint:
             message = exc.message if isinstance(exc, BillingError) else "the database refused the write"
             return 503, {"error": f"event {event['id']} was not stored ({message}): deliver it again later"}
         return 200, {"received": True, "id": result.event_id, "duplicate": result.duplicate}
-
-
-def refused_write(exc: BaseException) -> bool:
-    """Whether `exc` is the database refusing a write (SQLite's or PostgreSQL's errors, or the store's DatabaseBusy),
-    after which nothing of the event was stored and Stripe should deliver it again."""
-    return (isinstance(exc, sqlite3.Error | DatabaseBusy)
-            or type(exc).__module__.partition(".")[0] == "psycopg")  # psycopg is imported only with PostgreSQL
 
 
 async def thin_answer(state: AppState, thin: ThinEvent) -> Answer:

@@ -63,3 +63,21 @@ def test_the_state_machine_block_is_rendered_from_the_transition_tables() -> Non
     block = DOC.split("<!-- machines:start -->\n", 1)[1].split("<!-- machines:end -->", 1)[0]
     expected = "\n".join(render(*machine) for machine in MACHINES) + "\n"
     assert block == expected, f"paste this between the machines markers of ARCHITECTURE.md:\n{expected}"
+
+
+def test_only_the_store_talks_to_a_database_driver() -> None:
+    """The storage seam (ARCHITECTURE.md): no module outside `store/` imports sqlite3 or psycopg (the embedded
+    sandbox, which plays Stripe, keeps its own SQLite file)."""
+    import ast
+
+    drivers = {"sqlite3", "psycopg", "psycopg_pool"}
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] in ("store", "sandbox"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{relative}: {name}" for name in names if name.split(".")[0] in drivers]
+    assert offenders == []

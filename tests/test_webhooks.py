@@ -21,8 +21,8 @@ from aims_billing_mcp.errors import DatabaseBusy
 from aims_billing_mcp.sandbox import SANDBOX_WEBHOOK_SECRET
 from aims_billing_mcp.services.webhook_events import InvalidEvent, parse_event
 from aims_billing_mcp.state import build_state
-from aims_billing_mcp.store import Store
-from aims_billing_mcp.webhooks import refused_write, sign_webhook_payload
+from aims_billing_mcp.store import Store, refused_write
+from aims_billing_mcp.webhooks import sign_webhook_payload
 from tests.conftest import ok, serving_http
 
 pytestmark = pytest.mark.anyio

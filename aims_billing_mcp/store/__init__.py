@@ -30,6 +30,7 @@ from .core import (
     migrate,
     monotonic_ms,
     new_id,
+    refused_write,
     schema_version,
     settle,
     utc_iso,
@@ -48,7 +49,7 @@ __all__ = [
     "AGGREGATES", "BUSY_TIMEOUT_MS", "DEFER_SECONDS", "MAX_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "SQLITE_VERSION",
     "PostgresCore", "PostgresStore", "Store", "StoreCore", "StoreUnavailable", "Tx", "Writer",
     "check_database_file", "connect", "dumps", "load_migrations", "migrate", "monotonic_ms",
-    "new_id", "open_store", "schema_version", "settle", "utc_iso", "utc_now",
+    "new_id", "open_store", "refused_write", "schema_version", "settle", "utc_iso", "utc_now",
 ]
 
 

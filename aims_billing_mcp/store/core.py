@@ -28,6 +28,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
+from ..errors import DatabaseBusy
+
 T = TypeVar("T")
 Tx = sqlite3.Connection  # what a write job receives: the writer's transaction (services name it, never sqlite3)
 Job = Callable[[Tx], T]
@@ -68,6 +70,13 @@ def broken_unique_key(exc: BaseException) -> str | None:
     if getattr(exc, "sqlstate", None) == "23505":  # psycopg's UniqueViolation (psycopg is imported only for it)
         return str(exc.diag.constraint_name)  # type: ignore[attr-defined]
     return None
+
+
+def refused_write(exc: BaseException) -> bool:
+    """Whether `exc` is the database refusing a write (SQLite's or PostgreSQL's errors, or DatabaseBusy), after which
+    the job's transaction rolled back: nothing of it was stored, and the caller may send it again."""
+    return (isinstance(exc, sqlite3.Error | DatabaseBusy)
+            or type(exc).__module__.partition(".")[0] == "psycopg")  # psycopg is imported only with PostgreSQL
 
 
 # --- migrations -------------------------------------------------------------------------------------------------

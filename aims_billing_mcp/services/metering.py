@@ -165,6 +165,10 @@ _METER: Final = 13  # ... and its meter id
 _Terms = tuple[str, int, int]
 """A period's terms as the writer needs them: (tier id, allowance, overage rate)."""
 
+_Place = tuple[int, int, _Terms, str | None]
+"""Where a batch's common events of one customer go (`_placed`): (period start, period end, terms, the prefix of
+their Stripe identifiers, None when `stripe_identifier` hashes them)."""
+
 _Event = tuple[str, str, str | None, int, int, int, str | None, int, str | None, int, int, _Terms, bool, str, str]
 """A validated event waiting for the writer: (identifier, customer, operation, multiplier_milli, raw_units,
 weighted_units, agent_id, timestamp, metadata, period_start, period_end, terms, timestamp_given, meter id,
@@ -194,9 +198,15 @@ def stripe_identifier(customer: str, identifier: str) -> str:
     ours are per customer, so it is `<customer>:<identifier>` (a `cus_` id has no colon, so the pair is unambiguous),
     or, when that is not a plain Stripe customer id or is over Stripe's 100 characters, `h_` + the SHA-256 of both."""
     scoped = f"{customer}:{identifier}"
-    if len(scoped) <= MAX_IDENTIFIER and customer.startswith("cus_") and customer[4:].isalnum() and customer.isascii():
+    if len(scoped) <= MAX_IDENTIFIER and _plain_customer(customer):
         return scoped
     return "h_" + hashlib.sha256(f"{customer}\x1f{identifier}".encode()).hexdigest()
+
+
+def _plain_customer(customer: str) -> bool:
+    """Whether `customer` is a plain Stripe customer id (`cus_` and letters or digits), which `stripe_identifier`
+    scopes an identifier with as it stands."""
+    return customer.startswith("cus_") and customer[4:].isalnum() and customer.isascii()
 
 
 _INPUT_FIELDS = ", ".join(MeterEventInput.model_fields)
@@ -294,6 +304,10 @@ class MeteringService:
             self._ceiling_units = None
         luc = pricing.meters[LUC_METER]
         self._plain_luc = luc.weighted and luc.aggregation == "sum"  # the common event's meter: `_placed` takes it
+        # the operation names `_multiplier` finds as they stand (already stripped and lower case): `_placed` looks an
+        # operation up here first, and normalizes only one it does not find
+        self._exact_operations = {name: milli for name, milli in pricing.multipliers.items()
+                                  if name == name.strip().lower()}
 
     # --- validation (no data needed) ---------------------------------------------------------------------------
 
@@ -596,10 +610,11 @@ class MeteringService:
         current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]] = {}
         outcomes: list[_Event | BillingError] = []
         waiting: list[tuple[int, _Draft]] = []  # drafts of customers not known yet: placed once they are verified
+        places: dict[str, _Place] = {}
         placed = self._placed if self._plain_luc else None
         for item in items:
             if placed is not None and type(item) is dict:
-                event = placed(item, now, current)
+                event = placed(item, now, current, places)
                 if event is not None:
                     outcomes.append(event)
                     continue
@@ -629,15 +644,19 @@ class MeteringService:
                 outcomes[index] = exc
         return outcomes
 
-    def _placed(self, item: dict[str, Any], now: float,
-                current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]]) -> _Event | None:
+    def _placed(self, item: dict[str, Any], now: float, current: dict[tuple[str, str], tuple[UsagePeriod, _Terms]],
+                places: dict[str, _Place]) -> _Event | None:
         """The event of an item in the common shape, parsed, checked and placed in one step, or None: anything else
         goes through `_draft_of` and `_event`, which decide it with every check and name the field. The common
         shape: a known customer's event on the default meter (a plain `sum` meter) at the current time, with only
         customer, units, operation, identifier and agent_id, each of exactly str or int (or None) and within its
         bounds, a known operation, units that cannot cost more than the ceiling. Every check of the full path would
         pass it unchanged (a known customer passed `_customer` when it was first verified), and the event is the one
-        `_event(_draft(...))` makes; this only skips the draft and the calls between (bench/ingest.py (c))."""
+        `_event(_draft(...))` makes; this only skips the draft and the calls between (bench/ingest.py (c)).
+
+        `places` keeps, per customer, what every such event of the batch shares (all are stamped `now`): its period,
+        terms and the prefix of its Stripe identifiers, so each event is a few lookups and its own arithmetic
+        (`weighted_units`, `cost_cents` and `stripe_identifier`, inline)."""
         get = item.get
         customer, units, operation, identifier, agent_id = (
             get("customer"), get("units"), get("operation"), get("identifier"), get("agent_id"))
@@ -649,22 +668,32 @@ class MeteringService:
         if operation is None:
             milli: int | None = 1000
         elif type(operation) is str:
-            operation = operation.strip().lower()
-            milli = self._pricing.multipliers.get(operation)
+            milli = self._exact_operations.get(operation)
+            if milli is None:
+                operation = operation.strip().lower()
+                milli = self._pricing.multipliers.get(operation)
         else:
             milli = None
         if milli is None:  # an operation to refuse
             return None
-        when = int(now)
-        period, terms = self._current(customer, LUC_METER, when, current)
-        weighted = weighted_units(units, milli)
+        place = places.get(customer)
+        if place is None:
+            period, terms = self._current(customer, LUC_METER, int(now), current)
+            place = places[customer] = (period.start, period.end, terms,
+                                        f"{customer}:" if _plain_customer(customer) else None)
+        start, end, terms, scope = place
+        weighted = (units * milli + 500) // 1000  # weighted_units
         ceiling = self._ceiling_units
-        if ceiling is None or cost_cents(weighted, terms[2]) > ceiling:  # the full path says why
+        if ceiling is None or (weighted * terms[2] + 500) // 1000 > ceiling:  # cost_cents; the full path says why
             return None
         if identifier is None:
             identifier = new_id("luc")
-        return (identifier, customer, operation, milli, units, weighted, agent_id, when, None, period.start,
-                period.end, terms, False, LUC_METER, stripe_identifier(customer, identifier))
+        if scope is None or len(scope) + len(identifier) > MAX_IDENTIFIER:
+            sent = stripe_identifier(customer, identifier)
+        else:  # stripe_identifier's scoped form
+            sent = scope + identifier
+        return (identifier, customer, operation, milli, units, weighted, agent_id, int(now), None, start, end, terms,
+                False, LUC_METER, sent)
 
     def _answer(self, items: Sequence[Any], outcomes: list[_Event | BillingError],
                 applied: list[Any]) -> MeterEventBatchResult:

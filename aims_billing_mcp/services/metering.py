@@ -164,6 +164,8 @@ _METER: Final = 13  # ... and its meter id
 
 _Terms = tuple[str, int, int]
 """A period's terms as the writer needs them: (tier id, allowance, overage rate)."""
+_NO_TERMS: Final = (None, None, None)  # a totals row's terms before terms were kept
+_new_tuple: Final = tuple.__new__
 
 _Place = tuple[int, int, _Terms, str | None]
 """Where a batch's common events of one customer go (`_placed`): (period start, period end, terms, the prefix of
@@ -180,14 +182,12 @@ the collector stops tracking such a tuple at its first pass, so the events of th
 
 @dataclass(slots=True)
 class _Total:
-    """A row of meter_usage_totals (a period) or of meter_usage_by_operation, as the writer updates it."""
+    """A row of meter_usage_totals (a period), as the writer updates it."""
 
     period_end: int = 0
     events: int = 0
     raw_units: int = 0
     weighted_units: int = 0
-    overage_units: int = 0
-    cost_cents: int = 0
     changed: bool = False
     terms: _Terms | None = None  # the period's tier, allowance and rate, fixed by its first event
     last_at: int | None = None  # a `last` meter's: the timestamp of the value the total holds
@@ -763,7 +763,10 @@ class MeteringService:
         metering = self._store.metering
         meters = self._pricing.meters
         stored: dict[tuple[str, str], tuple[Any, ...]] = {}  # recorded before, or earlier in this batch
-        if look or not metering.detects_existing:  # else the append finds them, the rare time there are any
+        # Else the append finds them, the rare time there are any: recorded before, or twice in this batch (then
+        # decided again with `look`, which finds the second after the first), so nothing is kept of each event here
+        track = look or not metering.detects_existing
+        if track:
             stored.update(metering.find_events(tx, {(event[_CUSTOMER], event[_ID]) for event in events}))
         totals = self._load_totals(tx, {(e[_CUSTOMER], e[_START], e[_METER]) for e in events
                                         if not stored or (e[_CUSTOMER], e[_ID]) not in stored})
@@ -774,11 +777,11 @@ class MeteringService:
         for event in events:
             (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, start, end, given_terms,
              _, meter_id, stripe_id) = event
-            key = (customer, identifier)
-            prior = stored.get(key)
-            if prior is not None:
-                outcomes.append(self._replay(MeterEventRow._make(prior), event, brief))
-                continue
+            if track:
+                prior = stored.get((customer, identifier))
+                if prior is not None:
+                    outcomes.append(self._replay(MeterEventRow._make(prior), event, brief))
+                    continue
             meter = meters[meter_id]
             total = totals[(customer, start, meter_id)]
             if not total.period_end:
@@ -800,8 +803,6 @@ class MeteringService:
                 total.events += 1
                 total.raw_units += raw
                 total.weighted_units = after
-                total.overage_units += overage
-                total.cost_cents += cost
                 total.changed = True
                 counted = (raw, weighted, overage, cost)
             op_key = (customer, start, operation or CUSTOM, meter_id)
@@ -817,17 +818,18 @@ class MeteringService:
             row = (identifier, customer, operation, milli, raw, weighted, agent_id, when, metadata, tier, start, end,
                    after, allowance, rate, overage, cost, meter.event_name, created_at, stripe_id, meter_id)
             inserts.append(row)
-            stored[key] = row
+            if track:
+                stored[(customer, identifier)] = row
             outcomes.append((identifier, weighted, cost, after, allowance, False)  # brief: _brief(row, False), inline
                             if brief else (MeterEventRow._make(row), False))
         if inserts:
+            # the rows by tuple.__new__: the same named tuples, without a Python call each (hundreds a batch)
             changed = [
-                PeriodTotalRow(customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
-                               t.terms[0] if t.terms else None, t.terms[1] if t.terms else None,
-                               t.terms[2] if t.terms else None, meter, t.last_at)
+                _new_tuple(PeriodTotalRow, (customer, start, t.period_end, t.events, t.raw_units, t.weighted_units,
+                                            *(t.terms or _NO_TERMS), meter, t.last_at))
                 for (customer, start, meter), t in totals.items() if t.changed]
             deltas = [
-                OperationDelta(customer, start, operation, n, raw, weighted, overage, cost, meter)
+                _new_tuple(OperationDelta, (customer, start, operation, n, raw, weighted, overage, cost, meter))
                 for (customer, start, operation, meter), (n, raw, weighted, overage, cost) in by_operation.items()]
             try:
                 metering.append(tx, inserts, changed, deltas)
@@ -844,8 +846,8 @@ class MeteringService:
             for key, row in self._store.metering.load_totals(tx, keys).items():  # positional: _Total's field order
                 tier, allowance, rate = row.tier, row.allowance, row.overage_rate
                 terms = None if tier is None or allowance is None or rate is None else (tier, allowance, rate)
-                totals[key] = _Total(row.period_end, row.events, row.raw_units, row.weighted_units, 0, 0, False,
-                                     terms, row.last_at)
+                totals[key] = _Total(row.period_end, row.events, row.raw_units, row.weighted_units, False, terms,
+                                     row.last_at)
             for key in keys - totals.keys():
                 totals[key] = _Total()
         return totals

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from aims_billing_mcp.services.ceiling import Ceiling
-from aims_billing_mcp.services.metering import MeteringService
+from aims_billing_mcp.services.metering import MeteringService, stripe_identifier
 from aims_billing_mcp.services.metering_models import MeterEventBatchResult
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
 from aims_billing_mcp.store import Store
@@ -156,3 +156,26 @@ async def test_assigning_a_field_of_one_batch_result_changes_no_other_result(sto
     refused.cost_cents = 0
     assert (second.weighted_units, second.model_fields_set) == (1000, set(type(second).model_fields))
     assert refused.model_fields_set == {"index", "status", "identifier", "error", "cost_cents"}
+
+
+@pytest.mark.parametrize(("customer", "identifier"), [
+    ("cus_a", "short"),
+    ("cus_a", "x" * 94),  # "cus_a:" + 94 = 100 characters: Stripe's limit, sent as it stands
+    ("cus_a", "x" * 95),  # 101: hashed
+    ("team-7", "short"),  # not a plain Stripe customer id: hashed
+    ("cus_ä", "short"),  # letters, but not ASCII: hashed
+], ids=["scoped", "scoped-at-the-limit", "hashed-too-long", "hashed-not-cus", "hashed-not-ascii"])
+async def test_an_event_in_the_common_shape_is_sent_to_stripe_under_the_identifier_the_full_path_gives(
+        store: Store, customer: str, identifier: str) -> None:
+    async def exists(_: str) -> bool:
+        return True
+
+    metering = MeteringService(store, PRICING, tier_of=lambda c: PRICING.tier("3mo"),
+                               period_of=lambda c, t: calendar_month_of(t), customer_exists=exists)
+    await metering.record_many([{"customer": customer, "units": 1, "identifier": "first"}])  # known from now on
+
+    answer = await metering.record_many([{"customer": customer, "units": 5, "identifier": identifier}])
+
+    assert [r.status for r in answer.results] == ["accepted"]
+    row = store.query_one("SELECT stripe_identifier FROM meter_events WHERE identifier = ?", (identifier,))
+    assert row == {"stripe_identifier": stripe_identifier(customer, identifier)}

@@ -250,6 +250,9 @@ class Provisions(Protocol):
 
     def load(self, customer: str) -> Provision | None: ...
 
+    def owner_of(self, subscription_id: str) -> str | None:
+        """The customer whose provision holds this subscription, if any."""
+
     def apply(self, customer: str, update: ProvisionUpdate, event: EventRef) -> None: ...
 
 
@@ -265,6 +268,9 @@ class InTransaction:
     def load(self, customer: str) -> Provision | None:
         return self._store.load_provision(self._tx, customer)
 
+    def owner_of(self, subscription_id: str) -> str | None:
+        return self._store.subscription_owners(self._tx, [subscription_id]).get(subscription_id)
+
     def apply(self, customer: str, update: ProvisionUpdate, event: EventRef) -> None:
         self._store.apply(self._tx, customer, update, event)
 
@@ -273,21 +279,29 @@ class ProvisionBatch:
     """A batch of events' provisions in memory: read in one statement before the first event, each event applied
     to what the ones before it left, written in one statement after the last (see WebhookEventService)."""
 
-    __slots__ = ("_changed", "_now", "_rows")
+    __slots__ = ("_changed", "_now", "_owners", "_rows")
 
-    def __init__(self, loaded: dict[str, Provision], now: str) -> None:
+    def __init__(self, loaded: dict[str, Provision], owners: dict[str, str], now: str) -> None:
         self._rows = loaded
+        self._owners = owners  # subscription id -> customer, for the subscriptions the batch's events name
         self._now = now
         self._changed: set[str] = set()
 
     def load(self, customer: str) -> Provision | None:
         return self._rows.get(customer)
 
+    def owner_of(self, subscription_id: str) -> str | None:
+        return self._owners.get(subscription_id)
+
     def apply(self, customer: str, update: ProvisionUpdate, event: EventRef) -> None:
         row = self._rows.get(customer) or blank_provision(customer, self._now)
         self._rows[customer] = replace(row, **update, last_event_id=event.id, last_event_type=event.type,
                                        last_event_created=event.created, updated_at=self._now)
         self._changed.add(customer)
+        if (held := update.get("subscription_id")) is not None and held != row.subscription_id:
+            if row.subscription_id is not None and self._owners.get(row.subscription_id) == customer:
+                del self._owners[row.subscription_id]
+            self._owners[held] = customer
 
     def changed(self) -> list[Provision]:
         return [self._rows[customer] for customer in sorted(self._changed)]
@@ -333,6 +347,8 @@ class ProvisionEvents:
             return Applied(customer, "not a tier subscription (no aims_tier metadata and no tier price): ignored")
         if row is not None and not _supersedes(row, event["created"], status, sub["id"]):
             return Applied(customer, "older than the state already applied: stored, not applied")
+        if (held_by := _held_elsewhere(provisions, sub["id"], customer)) is not None:
+            return Applied(customer, held_by)
         provisions.apply(customer, {
             "tier": tier, "status": status, "subscription_id": sub["id"], "price_id": _price_of(sub),
             "current_period_end": period_end_of(sub), "current_period_start": _period_start(sub),
@@ -353,6 +369,8 @@ class ProvisionEvents:
             return Applied(customer, "subscription already provisioned by its own events")
         if row is not None and row.status in LIVE and (row.last_event_created or 0) > event["created"]:
             return Applied(customer, "a newer subscription is live: stored, not applied")
+        if (held_by := _held_elsewhere(provisions, sub_id, customer)) is not None:
+            return Applied(customer, held_by)
         paid = session.get("payment_status")
         status = S.ACTIVE if paid == "paid" else S.TRIALING if paid == "no_payment_required" else S.INCOMPLETE
         provisions.apply(customer, {"tier": tier, "status": status, "subscription_id": sub_id}, _ref(event))
@@ -439,9 +457,12 @@ class WebhookEventService:
         cost. A duplicate (stored before, or earlier in the batch) is answered as one and changes nothing."""
         webhooks = self._store.webhooks
         seen = webhooks.received(tx, [event["id"] for event, _ in items])
-        provisions = ProvisionBatch(webhooks.load_provisions(tx, {
-            customer for event, _ in items if isinstance(customer := event["data"]["object"].get("customer"), str)
-        }), utc_now())
+        objects = [event["data"]["object"] for event, _ in items]
+        subscriptions = {event["data"]["object"]["id"] for event, _ in items  # the model made it a Stripe id
+                         if event["type"].startswith("customer.subscription.")}
+        provisions = ProvisionBatch(
+            webhooks.load_provisions(tx, {c for obj in objects if isinstance(c := obj.get("customer"), str)}),
+            webhooks.subscription_owners(tx, sorted(subscriptions)), utc_now())
         records: list[EventRecord] = []
         results: list[Ingested] = []
         for event, text in items:
@@ -480,6 +501,15 @@ class WebhookEventService:
     def recent(self, limit: int = 20) -> list[StoredEvent]:
         """The most recently received events, newest first (without their payloads)."""
         return self._store.webhooks.list_events(limit)
+
+
+def _held_elsewhere(provisions: Provisions, subscription_id: str, customer: str) -> str | None:
+    """The note for an event that gives `customer` a subscription another customer's provision holds (a Stripe
+    subscription belongs to one customer; a subscription id is UNIQUE across provisions), or None."""
+    owner = provisions.owner_of(subscription_id)
+    if owner is None or owner == customer:
+        return None
+    return f"subscription {subscription_id} is provisioned for another customer ({owner}): stored, not applied"
 
 
 def _supersedes(row: Provision, created: int, status: str, sub_id: str) -> bool:

@@ -198,6 +198,10 @@ class WebhooksStore(Protocol):
     def load_provisions(self, tx: Tx, customers: Collection[str]) -> dict[str, Provision]:
         """These customers' provisions (the ones that exist), each guarded like `load_provision`'s."""
 
+    def subscription_owners(self, tx: Tx, subscription_ids: Sequence[str]) -> dict[str, str]:
+        """The customer whose provision holds each of these subscriptions (a subscription id is UNIQUE across
+        provisions), for the ones some provision holds."""
+
     def save_provisions(self, tx: Tx, provisions: Sequence[Provision]) -> None:
         """Create or overwrite these provisions, every column as given."""
 
@@ -284,6 +288,14 @@ class SqliteWebhooksStore:
                                   f"({marks})", chunk):
                 loaded[row[0]] = _provision(row)
         return loaded
+
+    def subscription_owners(self, tx: Tx, subscription_ids: Sequence[str]) -> dict[str, str]:
+        owners: dict[str, str] = {}
+        for marks, chunk in in_lists(subscription_ids):
+            owners.update((row[0], row[1]) for row in tx.execute(
+                f"SELECT subscription_id, customer_id FROM billing_provisions WHERE subscription_id IN ({marks})",
+                chunk))
+        return owners
 
     def save_provisions(self, tx: Tx, provisions: Sequence[Provision]) -> None:
         insert_rows(tx, _PROVISION_UPSERT, [

@@ -134,3 +134,37 @@ async def test_an_event_of_its_own_job_between_batched_ones_is_applied_in_arriva
     provision = ends[True][1][0]
     assert (provision["subscription_id"], provision["status"], provision["last_event_id"]) == (
         "sub_2", "past_due", "evt_failed")
+
+
+async def test_a_subscription_another_customer_holds_is_stored_with_a_note_and_not_applied(
+    make_state: Callable[..., Any],
+) -> None:
+    held = event("customer.subscription.created", subscription(customer="cus_A", sub_id="sub_1"), created=START,
+                 event_id="evt_held")
+    checkout = {"id": "cs_9", "object": "checkout.session", "customer": "cus_C", "subscription": "sub_1",
+                "mode": "subscription", "payment_status": "paid", "metadata": {"aims_tier": "6mo"}}
+    queued = [  # each names a subscription a provision already holds, or one claimed earlier in the batch
+        event("customer.subscription.updated", subscription(customer="cus_B", sub_id="sub_1"), created=START + 10,
+              event_id="evt_b"),
+        event("customer.subscription.created", subscription(customer="cus_D", sub_id="sub_2"), created=START + 20,
+              event_id="evt_d"),
+        event("customer.subscription.created", subscription(customer="cus_E", sub_id="sub_2"), created=START + 30,
+              event_id="evt_e"),
+        event("checkout.session.completed", checkout, created=START + 40, event_id="evt_c"),
+    ]
+    ends = {}
+    for together in (False, True):
+        async with make_state(f"held_{together}") as state:
+            await ingest_all(state, [held], together=False)
+            ends[together] = await ingest_all(state, queued, together=together), stored(state)
+
+    assert ends[True] == ends[False]
+    answers, (provisions, events) = ends[True]
+    assert [(event_id, duplicate) for event_id, duplicate, _, _ in answers] == [
+        ("evt_b", False), ("evt_d", False), ("evt_e", False), ("evt_c", False)]
+    assert {(p["customer_id"], p["subscription_id"]) for p in provisions} == {("cus_A", "sub_1"), ("cus_D", "sub_2")}
+    notes = {e["id"]: e["error"] for e in events}
+    assert notes["evt_b"] == notes["evt_c"] == (
+        "subscription sub_1 is provisioned for another customer (cus_A): stored, not applied")
+    assert notes["evt_e"] == "subscription sub_2 is provisioned for another customer (cus_D): stored, not applied"
+    assert notes["evt_d"] is None

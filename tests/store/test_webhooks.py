@@ -180,6 +180,17 @@ async def test_recording_an_id_already_stored_raises_duplicate_and_stores_none_o
     assert [event.id for event in webhooks.list_events()] == ["evt_1"]
 
 
+async def test_subscription_owners_are_the_customers_whose_provisions_hold_them(
+    backend: Store, webhooks: WebhooksStore
+) -> None:
+    await subscribe(backend, "cus_A")
+    await subscribe(backend, "cus_B")
+
+    owners = await backend.write(lambda tx: webhooks.subscription_owners(tx, ["sub_cus_B", "sub_none", "sub_cus_A"]))
+
+    assert owners == {"sub_cus_A": "cus_A", "sub_cus_B": "cus_B"}
+
+
 async def test_loaded_provisions_are_the_stored_ones_and_only_those(backend: Store, webhooks: WebhooksStore) -> None:
     await subscribe(backend, "cus_A")
     await subscribe(backend, "cus_B", status=SubscriptionStatus.PAST_DUE)

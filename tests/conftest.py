@@ -3,6 +3,7 @@ to the real server (real gateway, real SDK, real SQLite): tests call tools by na
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import json
@@ -10,8 +11,9 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -427,6 +429,20 @@ def serving_app(app: Any, *, start_within: float = 20) -> AbstractAsyncContextMa
 def serving_http(server: BillingServer, *, token: str | None = None) -> AbstractAsyncContextManager[str]:
     """The server's HTTP app (MCP at /mcp, webhooks, x402) on a free loopback port; yields its base URL."""
     return serving_on_loopback(lambda port: uvicorn_server(server, host="127.0.0.1", port=port, token=token))
+
+
+async def queued_together(store: Any, writes: Iterable[Coroutine[Any, Any, Any]], *, settle: float = 0,
+                          return_exceptions: bool = False) -> list[Any]:
+    """The outcomes of `writes` (coroutines that each queue a write of `store`), run while a job of its own holds
+    the writer, so every one of them is queued before the writer takes the next batch: they reach it together."""
+    gate = threading.Event()
+    blocker = store.submit(lambda conn: gate.wait(5))
+    pending = [asyncio.ensure_future(write) for write in writes]
+    await asyncio.sleep(settle)  # each runs to its queued write
+    gate.set()
+    outcomes = await asyncio.gather(*pending, return_exceptions=return_exceptions)
+    assert blocker.result() is True  # the hold ended because it was released, not by its timeout
+    return outcomes
 
 
 def ok(result: CallToolResult) -> dict[str, Any]:

@@ -3,9 +3,7 @@ write per table, and the same outcome, event for event, as delivering them one a
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from aims_billing_mcp.services.webhook_events import parse_event
 from aims_billing_mcp.state import AppState, open_state
-from tests.conftest import copy_of
+from tests.conftest import copy_of, queued_together
 from tests.test_webhooks import event, subscription
 
 pytestmark = pytest.mark.anyio
@@ -55,14 +53,8 @@ async def ingest_all(state: AppState, payloads: list[str], *, together: bool) ->
     service = state.webhook_events
     if not together:
         answers = [await service.ingest(parse_event(p), p) for p in payloads]
-    else:  # the writer is held until every event is queued: they reach it as one batch
-        gate = threading.Event()
-        blocker = state.store.submit(lambda conn: gate.wait(5))
-        pending = [asyncio.ensure_future(service.ingest(parse_event(p), p)) for p in payloads]
-        await asyncio.sleep(0)
-        gate.set()
-        answers = await asyncio.gather(*pending)
-        assert blocker.result() is True
+    else:  # every event queued before the writer takes them: one batch
+        answers = await queued_together(state.store, (service.ingest(parse_event(p), p) for p in payloads))
     return [(a.event_id, a.duplicate, a.note, a.customer_id) for a in answers]
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from aims_billing_mcp.store import SCHEMA_VERSION, Store, StoreUnavailable, connect
 from aims_billing_mcp.store.core import GIL_SWITCH_SECONDS
+from tests.conftest import queued_together
 
 pytestmark = pytest.mark.anyio
 
@@ -171,20 +172,15 @@ def _insert_key(conn: sqlite3.Connection, keys: list[str]) -> list[object]:
 async def test_items_queued_together_reach_their_batch_function_in_one_call_each_with_its_own_outcome(
     store: Store,
 ) -> None:
-    gate = threading.Event()
-    blocker = store.submit(lambda conn: gate.wait(5))
     calls: list[int] = []
 
     def counted(conn: sqlite3.Connection, keys: list[str]) -> list[object]:
         calls.append(len(keys))
         return _insert_key(conn, keys)
 
-    pending = [asyncio.ensure_future(store.write_item(counted, key)) for key in ("a", "b", "a", "c")]
-    await asyncio.sleep(0)
-    gate.set()
-    outcomes = await asyncio.gather(*pending, return_exceptions=True)
+    outcomes = await queued_together(store, (store.write_item(counted, key) for key in ("a", "b", "a", "c")),
+                                     return_exceptions=True)
 
-    assert blocker.result() is True
     assert calls == [4]
     assert [o if isinstance(o, str) else type(o).__name__ for o in outcomes] == ["a", "b", "IntegrityError", "c"]
 
@@ -204,8 +200,6 @@ async def test_a_batch_function_that_raises_fails_its_items_and_no_other_job(sto
 async def test_a_batch_function_that_raises_is_called_again_per_item_so_only_the_breaking_item_fails(
     store: Store,
 ) -> None:
-    gate = threading.Event()
-    blocker = store.submit(lambda conn: gate.wait(5))
     calls: list[list[str]] = []
 
     def refuses_poison(conn: sqlite3.Connection, keys: list[str]) -> list[object]:
@@ -215,12 +209,9 @@ async def test_a_batch_function_that_raises_is_called_again_per_item_so_only_the
             raise RuntimeError("a multi-row write this item breaks")
         return list(keys)
 
-    pending = [asyncio.ensure_future(store.write_item(refuses_poison, key)) for key in ("a", "poison", "b")]
-    await asyncio.sleep(0)
-    gate.set()
-    outcomes = await asyncio.gather(*pending, return_exceptions=True)
+    outcomes = await queued_together(store, (store.write_item(refuses_poison, key) for key in ("a", "poison", "b")),
+                                     return_exceptions=True)
 
-    assert blocker.result() is True
     assert outcomes[0] == "a" and isinstance(outcomes[1], RuntimeError) and outcomes[2] == "b"
     assert calls == [["a", "poison", "b"], ["a"], ["poison"], ["b"]]
     assert sorted(r["key"] for r in store.query("SELECT key FROM idempotency_keys")) == ["a", "b"]
@@ -231,8 +222,6 @@ async def test_a_batch_function_that_raises_is_called_again_per_item_so_only_the
 async def test_items_of_an_in_order_group_keep_their_place_among_the_other_jobs(
     store: Store, in_order: bool, calls: list[object],
 ) -> None:
-    gate = threading.Event()
-    blocker = store.submit(lambda conn: gate.wait(5))
     seen: list[object] = []
 
     def group(conn: sqlite3.Connection, keys: list[str]) -> list[object]:
@@ -243,14 +232,9 @@ async def test_items_of_an_in_order_group_keep_their_place_among_the_other_jobs(
         seen.append("plain")
         return "plain"
 
-    pending = [asyncio.ensure_future(store.write_item(group, "a", in_order=in_order)),
-               asyncio.ensure_future(store.write(plain)),
-               asyncio.ensure_future(store.write_item(group, "b", in_order=in_order))]
-    await asyncio.sleep(0)
-    gate.set()
-    outcomes = await asyncio.gather(*pending)
+    outcomes = await queued_together(store, [store.write_item(group, "a", in_order=in_order), store.write(plain),
+                                             store.write_item(group, "b", in_order=in_order)])
 
-    assert blocker.result() is True
     assert outcomes == ["a", "plain", "b"]
     assert seen == calls
 

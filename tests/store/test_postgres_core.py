@@ -13,6 +13,7 @@ import pytest
 from aims_billing_mcp.errors import DatabaseBusy
 from aims_billing_mcp.store import postgres as pg
 from aims_billing_mcp.store.postgres_core import MAX_ATTEMPTS, PostgresCore
+from tests.conftest import queued_together
 from tests.support.pg import Cluster
 
 psycopg = pytest.importorskip("psycopg")
@@ -124,19 +125,13 @@ async def test_a_statement_timeout_in_a_batch_function_fails_its_item_not_the_ot
         return list(items)
 
     try:
-        gate = threading.Event()
-        blocker = core.submit(lambda conn: gate.wait(5))
-        pending = [asyncio.ensure_future(core.write(plain)),
-                   asyncio.ensure_future(core.write_item(sleeps_when_told, "fast")),
-                   asyncio.ensure_future(core.write_item(sleeps_when_told, "slow"))]
-        await asyncio.sleep(0.05)
-        gate.set()
-        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        outcomes = await queued_together(core, [core.write(plain), core.write_item(sleeps_when_told, "fast"),
+                                                core.write_item(sleeps_when_told, "slow")],
+                                         settle=0.05, return_exceptions=True)
         counted = core.query_one("SELECT n FROM counters WHERE id = 1")
     finally:
         core.close()
 
-    assert blocker.result() is True
     assert outcomes[:2] == ["plain", "fast"]
     assert isinstance(outcomes[2], psycopg.errors.QueryCanceled)
     assert counted == {"n": 1}

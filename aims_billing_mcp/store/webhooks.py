@@ -222,17 +222,7 @@ class SqliteWebhooksStore:
 
     def record_event(self, tx: Tx, event: EventRef, payload: str, *, customer_id: str | None,
                      note: str | None) -> None:
-        now = utc_now()
-        try:
-            tx.execute(
-                "INSERT INTO webhook_events (id, type, created, payload, received_at, processed, processed_at, "
-                "customer_id, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (event.id, event.type, event.created, payload, now, EventState.PROCESSED, now, customer_id, note),
-            )
-        except Exception as exc:
-            if broken_unique_key(exc) not in ("webhook_events.id", "webhook_events_pkey"):
-                raise
-            raise DuplicateEvent(event.id) from exc
+        self.record_events(tx, [EventRecord(event, payload, customer_id, note)])
 
     def list_events(self, limit: int = 20) -> list[StoredEvent]:
         rows = self._core.query(
@@ -252,10 +242,7 @@ class SqliteWebhooksStore:
         return _provision(list(row.values())) if row is not None else None
 
     def load_provision(self, tx: Tx, customer: str) -> Provision | None:
-        self.dialect.lock(tx, f"provision:{customer}")  # a provision that does not exist yet has no row to lock
-        found = tx.execute(f"SELECT {PROVISION_COLUMNS} FROM billing_provisions WHERE customer_id = ?",
-                           (customer,)).fetchone()
-        return _provision(found) if found is not None else None
+        return self.load_provisions(tx, (customer,)).get(customer)
 
     def apply(self, tx: Tx, customer: str, update: ProvisionUpdate, event: EventRef) -> None:
         values: dict[str, Any] = {**update, "last_event_id": event.id, "last_event_type": event.type,
@@ -281,6 +268,7 @@ class SqliteWebhooksStore:
             return {}
         ordered = sorted(customers)  # two batches take their locks in one order (a batch and a single job's
         # lock may still meet in opposite orders: PostgreSQL then aborts one transaction, which is run again)
+        # a provision that does not exist yet has no row to lock: the lock is on the customer
         self.dialect.lock(tx, *(f"provision:{customer}" for customer in ordered))
         loaded: dict[str, Provision] = {}
         for marks, chunk in in_lists(ordered):

@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -177,7 +177,7 @@ class HttpGuard:
         if len(scope.get("query_string") or b"") > limit.query:
             await _answer(send, 414, limit.shape("uri_too_long", f"the query string is above {limit.query} bytes"))
             return
-        declared = _header(headers, b"content-length")
+        declared = header_value(headers, b"content-length")
         if declared is not None and not declared.isdigit():
             await _answer(send, 400, limit.shape("invalid_content_length", "Content-Length must be a whole number"))
             return
@@ -253,7 +253,7 @@ class HttpGuard:
         acp = getattr(state, "acp", None) if state is not None else None
         if acp is None:
             return None
-        authorization = _header(headers, b"authorization")
+        authorization = header_value(headers, b"authorization")
         try:
             identity: str = acp.authenticate(authorization.decode("latin-1") if authorization else None)
         except Exception as exc:  # AcpError: 401, which the app answers in its own words
@@ -266,7 +266,7 @@ class HttpGuard:
             return None
         from .ingest_http import IngestRefused, authenticate
 
-        authorization = _header(headers, b"authorization")
+        authorization = header_value(headers, b"authorization")
         try:
             return authenticate(state, authorization.decode("latin-1") if authorization else None)
         except IngestRefused as exc:
@@ -275,7 +275,8 @@ class HttpGuard:
     def _audited(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes | None,
                  caller: str | None) -> bool:
         if path.startswith("/x402/"):
-            return _header(headers, b"payment-signature") is not None or _header(headers, b"x-payment") is not None
+            return (header_value(headers, b"payment-signature") is not None
+                    or header_value(headers, b"x-payment") is not None)
         if path == "/acp/mcp":
             return bool(caller and not caller.startswith("!") and method == "POST" and body
                         and b'"tools/call"' in body)
@@ -328,7 +329,8 @@ async def send_json(send: Any, status: int, body: dict[str, Any], *, close: bool
     await send({"type": "http.response.body", "body": data})
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of the header `name` (lower case) among an ASGI scope's raw headers, or None."""
     return next((value for key, value in headers if key.lower() == name), None)
 
 

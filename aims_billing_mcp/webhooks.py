@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import BillingError
-from .http_guard import send_json
+from .http_guard import header_value, send_json
 from .sandbox import SANDBOX_WEBHOOK_SECRET
 from .services.meter_flusher import ThinEvent, thin_event
 from .services.webhook_events import InvalidEvent, parse_event
@@ -118,12 +118,12 @@ class WebhookEndpoint:
         peer = str(client[0]) if client else ""
         if secret == SANDBOX_WEBHOOK_SECRET and not is_loopback(peer):
             return public_secret_refused(peer or "an unknown peer")
-        header = next((value.decode("latin-1") for name, value in scope.get("headers") or ()
-                       if name == b"stripe-signature"), None)
+        raw = header_value(scope.get("headers") or (), b"stripe-signature")
+        signature = raw.decode("latin-1") if raw is not None else None
         try:
-            verify_webhook_signature(payload, header, secret)
+            verify_webhook_signature(payload, signature, secret)
         except WebhookSignatureInvalid as exc:
-            log.warning("%s", mismatch_advice(payload, header, secret, str(exc)))
+            log.warning("%s", mismatch_advice(payload, signature, secret, str(exc)))
             return 400, {"error": f"signature check failed: {exc}"}
         try:
             thin = thin_event(payload)  # a thin (v2) event: Stripe's meter error reports

@@ -118,7 +118,6 @@ from .metering_models import (
     TaskSlot,
     UsageQuote,
     UsageSummary,
-    every_field,
     trusted,
 )
 from .tiers import (
@@ -656,8 +655,7 @@ class MeteringService:
         `_event(_draft(...))` makes; this only skips the draft and the calls between (bench/ingest.py (c)).
 
         `places` keeps, per customer, what every such event of the batch shares (all are stamped `now`): its period,
-        terms and the prefix of its Stripe identifiers, so each event is a few lookups and its own arithmetic
-        (`weighted_units`, `cost_cents` and `stripe_identifier`, inline)."""
+        terms and the prefix of its Stripe identifiers, so each event is a few lookups and its own arithmetic."""
         get = item.get
         customer, units, operation, identifier, agent_id = (
             get("customer"), get("units"), get("operation"), get("identifier"), get("agent_id"))
@@ -683,9 +681,9 @@ class MeteringService:
             place = places[customer] = (period.start, period.end, terms,
                                         f"{customer}:" if _plain_customer(customer) else None)
         start, end, terms, scope = place
-        weighted = (units * milli + 500) // 1000  # weighted_units
+        weighted = weighted_units(units, milli)
         ceiling = self._ceiling_units
-        if ceiling is None or (weighted * terms[2] + 500) // 1000 > ceiling:  # cost_cents; the full path says why
+        if ceiling is None or cost_cents(weighted, terms[2]) > ceiling:  # the full path says why
             return None
         if identifier is None:
             identifier = new_id("luc")
@@ -702,7 +700,6 @@ class MeteringService:
         value is one the service made itself, of its field's type, so the models are constructed as they stand
         (`trusted`), not validated again: the same answer, for a fraction of the cost (bench/ingest.py (c))."""
         answers = iter(applied)
-        new, put, every = object.__new__, object.__setattr__, every_field(BatchEventOutcome)  # trusted's, inline
         results: list[BatchEventOutcome] = []
         accepted = replayed = weighted = cost = 0
         for index, outcome in enumerate(outcomes):
@@ -723,15 +720,10 @@ class MeteringService:
                 accepted += 1
                 weighted += units
                 cost += cents
-            result = new(BatchEventOutcome)  # trusted(BatchEventOutcome, {...}), inline: the common answer
-            put(result, "__dict__", {
+            results.append(trusted(BatchEventOutcome, {
                 "index": index, "status": "replayed" if again else "accepted", "identifier": ident,
                 "weighted_units": units, "cost_cents": cents, "period_usage": after,
-                "remaining": allowance - after if allowance > after else 0, "error": None})
-            put(result, "__pydantic_fields_set__", every)
-            put(result, "__pydantic_extra__", None)
-            put(result, "__pydantic_private__", None)
-            results.append(result)
+                "remaining": allowance - after if allowance > after else 0, "error": None}))
         totals = trusted(BatchTotals, {
             "events": len(items), "accepted": accepted, "replayed": replayed,
             "refused": len(items) - accepted - replayed, "weighted_units": weighted, "cost_cents": cost})

@@ -76,9 +76,9 @@ def check_counted(db: Path, acknowledged: int) -> None:
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT COUNT(*), COUNT(DISTINCT customer_id || ':' || identifier) FROM meter_events")
         stored, distinct = rows.fetchone()
-        counted = conn.execute(  # the running totals plus the deltas not folded into them yet (migration 0021)
-            "SELECT (SELECT COALESCE(SUM(events), 0) FROM meter_usage_totals) + "
-            "(SELECT COALESCE(SUM(events), 0) FROM meter_usage_deltas)").fetchone()[0]
+        counted = conn.execute(  # the running totals plus the events not folded into them yet (migration 0022)
+            "SELECT (SELECT COALESCE(SUM(events), 0) FROM meter_usage_totals) + (SELECT COUNT(*) FROM meter_events "
+            "WHERE id > (SELECT folded_upto FROM meter_usage_version))").fetchone()[0]
     if not stored == distinct == counted == acknowledged:
         raise SystemExit(f"{acknowledged} acknowledged, {stored} stored ({distinct} distinct), {counted} counted")
 

@@ -18,20 +18,25 @@ Meters (migration 0018): every event carries its meter, and the running totals a
 is its latest value (`last_at` its timestamp), not a sum: failing one of its events recounts the total from the
 latest event still counted (`_relast`) instead of subtracting.
 
-Totals as deltas (SQLite, migration 0021; bench/ingest.py (c)). A batch does not read and rewrite its periods'
-totals and operation counters row by row (an upsert per customer of the batch each, plus a read: as dear as the
-event insert itself). It appends what it adds, one `meter_usage_deltas` row per (customer, period, meter,
-operation), in the transaction that inserts its events; a period seen for the first time gets its totals row (its
-terms, counts 0) there too. Once FOLD_ROWS deltas have gathered, the writer folds them (one aggregated upsert into
-the counters, one UPDATE of the totals, DELETE, in the same transaction: what leaves the deltas arrives in the rows
-or neither does). So a period's counted usage is its totals row plus its deltas, every acknowledged event in exactly
-one of them, and every read adds the deltas (a scan: the table has no index and stays small). A `last` meter's
-total is a value, not a sum: it is written directly as before and never has deltas. Before an event leaves the
-counted usage (failing it), the deltas are folded, so the decrement finds every total in its row.
-The writer remembers the totals it read and wrote (folded row plus deltas) and answers `load_totals` from memory
-while the database is as it left it: `meter_usage_version`, which each append moves on in its own transaction (a
-transaction that rolls back leaves the old number), and SQLite's `data_version` (it changes when another connection,
-another process say, commits). Anything else makes it forget and read again.
+Unfolded events (SQLite, migrations 0021 and 0022; bench/ingest.py (c)). A batch does not read and rewrite its
+periods' totals and operation counters row by row (an upsert per customer of the batch each, plus a read: as dear as
+the event insert itself), nor write anything beside its events for them: its events are what is not folded yet.
+`meter_usage_version.folded_upto` is the newest event id whose usage is in the totals and counters rows; a period's
+counted usage is its rows plus its events above that id (every acknowledged event in exactly one of them), and every
+read adds those (a range of the primary key, which the fold keeps short). A period seen for the first time gets its
+totals row (its terms, counts 0) in the batch's transaction. Once FOLD_ROWS events have gathered, the writer folds
+them: what they add per (customer, period, meter, operation), which it kept in memory as the batches went by (or,
+after it forgot, one GROUP BY of the range), goes into the counters and the totals in one upsert and one UPDATE,
+and `folded_upto` moves to the newest event, in the same transaction: what leaves the range arrives in the rows or
+neither does. (0021 appended those sums as a delta row per batch and key: a second insert as large as a sixth of the
+events' own, gone with 0022.) A `last` meter's total is a value, not a sum: it is written directly as before and its
+events are never added. Before an event leaves the counted usage (failing it), the events are folded, so the
+decrement finds every total in its row.
+The writer remembers the totals it read and wrote (folded row plus unfolded events) and what its unfolded events add,
+and trusts both while the database is as it left it: `meter_usage_version`, which each append and each fold moves on
+in its own transaction (a transaction or savepoint that rolls back leaves the old number), and SQLite's
+`data_version` (it changes when another connection, another process say, commits). Anything else makes it forget
+and read again.
 Duplicates are found by the event INSERT itself (`ON CONFLICT DO NOTHING`, the rows it inserted counted), not by a
 lookup of every identifier first (`detects_existing`): on the rare batch holding an event recorded before, append
 deletes what it inserted and raises EventsExist before writing anything else, and the service decides the batch
@@ -266,11 +271,12 @@ class MeteringStore(Protocol):
     def append(self, tx: Tx, events: Sequence[tuple[Any, ...]], totals: Sequence[PeriodTotalRow],
                operations: Sequence[OperationDelta]) -> None:
         """Insert new events (pending, no attempt yet; IntegrityError if a (identifier, customer) exists), set
-        each total to its absolute values (a period keeps the terms of its first write), add each delta. An event is
-        a MeterEventRow or a plain tuple in its field order (the recording path's: the collector stops tracking a
-        plain tuple of plain values at its first pass, and never promotes it). Each total
-        is what `load_totals` answered for its key in this transaction (or nothing) plus its key's deltas (a `last`
-        meter's: its new value), and each delta's key has its total here: a backend may write either side."""
+        each total to its absolute values (a period keeps the terms of its first write), add each operation's
+        delta. An event is a MeterEventRow or a plain tuple in its field order (the recording path's: the collector
+        stops tracking a plain tuple of plain values at its first pass, and never promotes it). Each total is what
+        `load_totals` answered for its key in this transaction (or nothing) plus its key's deltas (a `last` meter's:
+        its new value), and each delta's key has its total here: a backend may write either side, or derive them
+        from the events (SQLite's unfolded events)."""
         ...
 
     def remember_customer(self, tx: Tx, customer: str, verified_at: int) -> None:
@@ -430,20 +436,22 @@ _OPERATION_ADD = (  # increments: nothing to read first
     "raw_units = raw_units + excluded.raw_units, weighted_units = weighted_units + excluded.weighted_units, "
     "overage_units = overage_units + excluded.overage_units, cost_cents = cost_cents + excluded.cost_cents"
 )
-_DELTA_INSERT = (  # an OperationDelta as it stands: what one batch adds to one (customer, period, meter, operation)
-    "INSERT INTO meter_usage_deltas (customer_id, period_start, operation, events, raw_units, weighted_units, "
-    "overage_units, cost_cents, meter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_FOLD = (  # the deltas into the counters and the totals (every totals row of a delta exists: see append), then none
-    # One sort of the deltas, into a temporary table of their sums per operation (the connection's own, in memory);
-    # the counters and the totals are then written from those few rows (a second GROUP BY of every delta for the
-    # totals cost a third more).
+_UNFOLDED = "id > (SELECT folded_upto FROM meter_usage_version WHERE id = 1)"  # events not in the rows yet
+_FOLD_TABLE = (  # the connection's own, in memory: what a fold adds, per (customer, period, meter, operation)
     "CREATE TEMP TABLE IF NOT EXISTS usage_fold (customer_id TEXT, period_start INTEGER, meter TEXT, operation TEXT, "
-    "events INTEGER, raw_units INTEGER, weighted_units INTEGER, overage_units INTEGER, cost_cents INTEGER)",
-    "DELETE FROM temp.usage_fold",
-    "INSERT INTO temp.usage_fold SELECT customer_id, period_start, meter, operation, SUM(events), SUM(raw_units), "
-    "SUM(weighted_units), SUM(overage_units), SUM(cost_cents) FROM meter_usage_deltas "
-    "GROUP BY customer_id, period_start, meter, operation",
+    "events INTEGER, raw_units INTEGER, weighted_units INTEGER, overage_units INTEGER, cost_cents INTEGER)")
+_FOLD_ROW = ("INSERT INTO temp.usage_fold (customer_id, period_start, operation, events, raw_units, weighted_units, "
+             "overage_units, cost_cents, meter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")  # an OperationDelta's order
+_FOLD_FROM_EVENTS = (  # the same sums read back from the unfolded events: one GROUP BY of a primary key range
+    "INSERT INTO temp.usage_fold SELECT customer_id, period_start, meter, COALESCE(operation, 'custom'), COUNT(*), "
+    "SUM(raw_units), SUM(weighted_units), SUM(overage_units), SUM(cost_cents) FROM meter_events WHERE id > ? "
+    "GROUP BY 1, 2, 3, 4",
+    # a `last` meter's events were counted when written (its total is a value, kept by append itself)
+    "DELETE FROM temp.usage_fold WHERE EXISTS (SELECT 1 FROM meter_usage_totals AS t WHERE t.customer_id = "
+    "usage_fold.customer_id AND t.period_start = usage_fold.period_start AND t.meter = usage_fold.meter AND "
+    "t.last_at IS NOT NULL)",
+)
+_FOLD_INTO_ROWS = (  # temp.usage_fold into the counters and the totals (every totals row of an event exists)
     "INSERT INTO meter_usage_by_operation (customer_id, period_start, meter, operation, events, raw_units, "
     "weighted_units, overage_units, cost_cents) SELECT customer_id, period_start, meter, operation, events, "
     "raw_units, weighted_units, overage_units, cost_cents FROM temp.usage_fold WHERE true "
@@ -459,24 +467,23 @@ _FOLD = (  # the deltas into the counters and the totals (every totals row of a 
     "meter, SUM(events) AS events, SUM(raw_units) AS raw_units, SUM(weighted_units) AS weighted_units FROM "
     "temp.usage_fold GROUP BY customer_id, period_start, meter) AS d WHERE meter_usage_totals.customer_id = "
     "d.customer_id AND meter_usage_totals.period_start = d.period_start AND meter_usage_totals.meter = d.meter",
-    "DELETE FROM meter_usage_deltas",
     "DELETE FROM temp.usage_fold",
 )
-# A period's running total as every read sees it: its totals row plus its deltas not folded yet.
+# A period's running total as every read sees it: its totals row plus its unfolded events (none for a `last` meter).
 _TOTAL_NOW = (
     "SELECT t.customer_id, t.period_start, t.period_end, t.events + COALESCE(d.events, 0) AS events, "
     "t.raw_units + COALESCE(d.raw_units, 0) AS raw_units, t.weighted_units + COALESCE(d.weighted_units, 0) AS "
     "weighted_units, t.tier, t.allowance, t.overage_rate, t.meter, t.last_at FROM meter_usage_totals AS t "
-    "LEFT JOIN (SELECT SUM(events) AS events, SUM(raw_units) AS raw_units, SUM(weighted_units) AS weighted_units "
-    "FROM meter_usage_deltas WHERE customer_id = ? AND period_start = ? AND meter = ?) AS d ON true "
-    "WHERE t.customer_id = ? AND t.period_start = ? AND t.meter = ?"
+    "LEFT JOIN (SELECT COUNT(*) AS events, CAST(SUM(raw_units) AS BIGINT) AS raw_units, CAST(SUM(weighted_units) "
+    f"AS BIGINT) AS weighted_units FROM meter_events WHERE {_UNFOLDED} AND customer_id = ? AND period_start = ? "
+    "AND meter = ?) AS d ON t.last_at IS NULL WHERE t.customer_id = ? AND t.period_start = ? AND t.meter = ?"
 )
 _SYNC = "SELECT version, (SELECT data_version FROM pragma_data_version()) FROM meter_usage_version WHERE id = 1"
 _SYNC_NEWEST = ("SELECT version, (SELECT data_version FROM pragma_data_version()), (SELECT MAX(id) FROM meter_events) "
                 "FROM meter_usage_version WHERE id = 1")
-FOLD_ROWS = 4096  # deltas the writer lets gather before it folds them (every read scans at most about this many)
+FOLD_ROWS = 4096  # events the writer lets gather unfolded (every read adding them scans at most about this many)
 MAX_CACHED_TOTALS = 100_000  # totals the writer keeps in memory; past it, it forgets them all and reads again
-_TOTAL_OPEN = (  # a period's first totals row: its terms; its counts arrive as deltas
+_TOTAL_OPEN = (  # a period's first totals row: its terms; its counts arrive when its events are folded
     f"INSERT INTO meter_usage_totals ({_TOTAL_COLUMNS}) VALUES ({', '.join('?' * len(PeriodTotalRow._fields))}) "
     "ON CONFLICT (customer_id, period_start, meter) DO NOTHING"
 )
@@ -500,11 +507,14 @@ class SqliteMeteringStore:
 
     def __init__(self, core: StoreCore) -> None:
         self._core = core
-        # The writer's memory of the totals it read or wrote (folded row plus deltas), trusted while `_seen` (the
-        # database's meter_usage_version and this connection's data_version) is what it left: see `_sync`.
+        # The writer's memory, trusted while `_seen` (the database's meter_usage_version and this connection's
+        # data_version) is what it left (see `_sync`): the totals it read or wrote (folded row plus unfolded events),
+        # and what its unfolded events add per (customer, period, meter, operation) (None: not known, the fold reads
+        # them back from the events).
         self._totals: dict[tuple[str, int, str], PeriodTotalRow] = {}
         self._seen: tuple[int, int] | None = None
-        self._unfolded: int | None = None  # deltas not folded yet (None: not known, count them)
+        self._unfolded: int | None = None  # events not folded yet (None: not known, count them)
+        self._adds: dict[tuple[str, int, str, str], list[int]] | None = None
 
     # --- recording -------------------------------------------------------------------------------------------
 
@@ -521,7 +531,8 @@ class SqliteMeteringStore:
         return found
 
     def load_totals(self, tx: Tx, keys: set[tuple[str, int, str]]) -> dict[tuple[str, int, str], PeriodTotalRow]:
-        """From the writer's memory when it holds them (see `_sync`), else the totals rows plus their deltas."""
+        """From the writer's memory when it holds them (see `_sync`), else the totals rows plus their unfolded
+        events."""
         totals: dict[tuple[str, int, str], PeriodTotalRow] = {}
         if not keys:
             return totals
@@ -544,13 +555,13 @@ class SqliteMeteringStore:
                 f"period_start IN ({_marks(starts)})", (*customers, *starts)):
             if (row[0], row[1], row[9]) in wanted:
                 totals[(row[0], row[1], row[9])] = PeriodTotalRow._make(row)
-        if self._unfolded != 0:  # the deltas not folded yet (a scan: the fold keeps them few)
+        if self._unfolded != 0:  # the events not folded yet (a range of the primary key: the fold keeps it short)
             for customer, start, meter, events, raw, weighted in _tuples(tx).execute(
-                    "SELECT customer_id, period_start, meter, SUM(events), SUM(raw_units), SUM(weighted_units) FROM "
-                    "meter_usage_deltas GROUP BY customer_id, period_start, meter"):
+                    "SELECT customer_id, period_start, meter, COUNT(*), SUM(raw_units), SUM(weighted_units) FROM "
+                    f"meter_events WHERE {_UNFOLDED} GROUP BY customer_id, period_start, meter"):
                 key = (customer, start, meter)
                 row = totals.get(key) if key in wanted else None
-                if row is not None:
+                if row is not None and row.last_at is None:  # a `last` meter's total counted its events already
                     totals[key] = row._replace(events=row.events + events, raw_units=row.raw_units + raw,
                                                weighted_units=row.weighted_units + weighted)
         if len(known) + len(missing) > MAX_CACHED_TOTALS:
@@ -562,9 +573,10 @@ class SqliteMeteringStore:
 
     def append(self, tx: Tx, events: Sequence[tuple[Any, ...]], totals: Sequence[PeriodTotalRow],
                operations: Sequence[OperationDelta]) -> None:
-        """The events; for a sum or count meter, a totals row for a period that has none (its terms, counts 0) and
-        the batch's deltas; for a `last` meter (`last_at` set), its absolute total and counters as before deltas.
-        Then the version moves on, and the deltas are folded once there are FOLD_ROWS of them."""
+        """The events (unfolded: their sum or count meters' usage is added by every read until it is folded); a
+        totals row for a period that has none (its terms, counts 0); for a `last` meter (`last_at` set), its absolute
+        total and counters. What the sum and count meters' operations add is kept in memory for the fold. Then the
+        version moves on, and the events are folded once there are FOLD_ROWS of them."""
         last = self._sync(tx, newest=True)
         if events and insert_rows(tx, _EVENT_ADD, events) != len(events):  # some were there: undo ours only
             tx.execute("DELETE FROM meter_events WHERE id > ?", (last,))
@@ -596,52 +608,85 @@ class SqliteMeteringStore:
                 "UPDATE meter_usage_totals SET tier = COALESCE(tier, ?), allowance = COALESCE(allowance, ?), "
                 "overage_rate = COALESCE(overage_rate, ?) WHERE customer_id = ? AND period_start = ? AND meter = ?",
                 [(r.tier, r.allowance, r.overage_rate, r.customer_id, r.period_start, r.meter) for r in termless])
-        deltas: Sequence[OperationDelta] = operations
+        sums: Sequence[OperationDelta] = operations
         if lasts:
             insert_rows(tx, _TOTAL_UPSERT, lasts)
             gauges = {(row.customer_id, row.period_start, row.meter) for row in lasts}
             insert_rows(tx, _OPERATION_ADD, [d for d in operations
                                               if (d.customer_id, d.period_start, d.meter) in gauges])
-            deltas = [d for d in operations if (d.customer_id, d.period_start, d.meter) not in gauges]
-        insert_rows(tx, _DELTA_INSERT, deltas)
-        assert self._seen is not None
-        version, data_version = self._seen
-        tx.execute("UPDATE meter_usage_version SET version = ? WHERE id = 1", (version + 1,))
-        self._seen = (version + 1, data_version)
+            sums = [d for d in operations if (d.customer_id, d.period_start, d.meter) not in gauges]
+        self._moved_on(tx)
         if len(known) + len(remember) > MAX_CACHED_TOTALS:
             known.clear()
         known.update(remember)
+        adds = self._adds
+        if adds is not None:
+            for customer, start, operation, n, raw, weighted, overage, cost, meter in sums:
+                counters = adds.get((customer, start, meter, operation))
+                if counters is None:
+                    adds[(customer, start, meter, operation)] = [n, raw, weighted, overage, cost]
+                else:
+                    counters[0] += n
+                    counters[1] += raw
+                    counters[2] += weighted
+                    counters[3] += overage
+                    counters[4] += cost
         if self._unfolded is None:
-            self._unfolded = int(tx.execute("SELECT COUNT(*) FROM meter_usage_deltas").fetchone()[0])
+            self._unfolded = int(tx.execute(f"SELECT COUNT(*) FROM meter_events WHERE {_UNFOLDED}").fetchone()[0])
         else:
-            self._unfolded += len(deltas)
+            self._unfolded += len(events)
         if self._unfolded >= FOLD_ROWS:
             self.fold(tx)
 
     def fold(self, tx: Tx) -> None:
-        """Fold every delta into its counters and totals row, in the caller's transaction (the sums stay the same:
-        what leaves the deltas arrives in the rows, or neither does)."""
-        for statement in _FOLD:
-            tx.execute(statement)
+        """Fold every unfolded event into its counters and totals row and move `folded_upto` past them, in the
+        caller's transaction (the sums stay the same: what leaves the unfolded range arrives in the rows, or neither
+        does). The sums are the ones kept in memory while the database is as this writer left it, else one GROUP BY
+        of the range."""
+        self._sync(tx)
+        folded, newest = tx.execute(
+            "SELECT folded_upto, (SELECT COALESCE(MAX(id), 0) FROM meter_events) FROM meter_usage_version "
+            "WHERE id = 1").fetchone()
+        if newest > folded:
+            tx.execute(_FOLD_TABLE)
+            if self._adds is not None:
+                insert_rows(tx, _FOLD_ROW, [(c, s, o, *sums, m) for (c, s, m, o), sums in self._adds.items()])
+            else:
+                tx.execute(_FOLD_FROM_EVENTS[0], (folded,))
+                tx.execute(_FOLD_FROM_EVENTS[1])
+            for statement in _FOLD_INTO_ROWS:
+                tx.execute(statement)
+            tx.execute("UPDATE meter_usage_version SET folded_upto = ? WHERE id = 1", (newest,))
+            # should a savepoint undo this fold, the writer's memory (nothing left to fold) no longer matches the
+            # database, and is forgotten
+            self._moved_on(tx)
         self._unfolded = 0
+        self._adds = {}
+
+    def _moved_on(self, tx: Tx) -> None:
+        """Move meter_usage_version on, in the caller's transaction, and remember it (see `_sync`)."""
+        assert self._seen is not None
+        version, data_version = self._seen
+        tx.execute("UPDATE meter_usage_version SET version = ? WHERE id = 1", (version + 1,))
+        self._seen = (version + 1, data_version)
 
     def _sync(self, tx: Tx, *, newest: bool = False) -> int:
-        """Forget the totals in memory unless the database is as this writer left it: the same meter_usage_version
-        (a transaction of ours that rolled back leaves the old number) and the same data_version (no other
-        connection, another process say, committed since). With `newest`, answers the newest event id (0: none) in
-        the same statement."""
+        """Forget what the writer keeps in memory unless the database is as this writer left it: the same
+        meter_usage_version (a transaction of ours that rolled back leaves the old number) and the same
+        data_version (no other connection, another process say, committed since). With `newest`, answers the
+        newest event id (0: none) in the same statement."""
         row = tx.execute(_SYNC_NEWEST if newest else _SYNC).fetchone()
         seen = (int(row[0]), int(row[1]))
         if seen != self._seen:
             self._totals.clear()
             self._seen = seen
             self._unfolded = None
+            self._adds = None
         return int(row[2] or 0) if newest else 0
 
     def _forget(self, tx: Tx) -> None:
         """Before a change to totals or counters outside append (failing events): fold, so every total is its row,
         and forget the totals in memory."""
-        self._sync(tx)
         self.fold(tx)
         self._totals.clear()
 
@@ -665,14 +710,16 @@ class SqliteMeteringStore:
     def usage_by_operation(self, customer: str, period_start: int,
                            meter: str = DEFAULT_METER) -> list[OperationUsageRow]:
         key = (customer, period_start, meter)
-        return [OperationUsageRow(**row) for row in self._core.query(  # the counters plus the deltas not folded yet
+        return [OperationUsageRow(**row) for row in self._core.query(  # the counters plus the unfolded events
             "SELECT operation, CAST(SUM(events) AS BIGINT) AS events, CAST(SUM(raw_units) AS BIGINT) AS raw_units, "
             "CAST(SUM(weighted_units) AS BIGINT) AS weighted_units, CAST(SUM(overage_units) AS BIGINT) AS "
             "overage_units, CAST(SUM(cost_cents) AS BIGINT) AS cost_cents FROM (SELECT "
             "operation, events, raw_units, weighted_units, overage_units, cost_cents FROM meter_usage_by_operation "
-            "WHERE customer_id = ? AND period_start = ? AND meter = ? UNION ALL SELECT operation, events, raw_units, "
-            "weighted_units, overage_units, cost_cents FROM meter_usage_deltas WHERE customer_id = ? AND "
-            "period_start = ? AND meter = ?) AS u GROUP BY operation ORDER BY operation", (*key, *key))]
+            "WHERE customer_id = ? AND period_start = ? AND meter = ? UNION ALL SELECT COALESCE(operation, 'custom'), "
+            "1, raw_units, weighted_units, overage_units, cost_cents FROM meter_events WHERE "
+            f"{_UNFOLDED} AND customer_id = ? AND period_start = ? AND meter = ? AND NOT EXISTS (SELECT 1 FROM "
+            "meter_usage_totals AS t WHERE t.customer_id = ? AND t.period_start = ? AND t.meter = ? AND "
+            "t.last_at IS NOT NULL)) AS u GROUP BY operation ORDER BY operation", (*key, *key, *key))]
 
     def unsettled_counts(self, customer: str, period_start: int,
                          meter: str = DEFAULT_METER) -> dict[EventStatus, int]:
@@ -817,9 +864,10 @@ class SqliteMeteringStore:
 
     def open_p2p_periods(self, now: int, limit: int) -> list[OpenP2PPeriod]:
         return [OpenP2PPeriod(**row) for row in self._core.query(
-            "SELECT customer_id, period_start, period_end, weighted_units + COALESCE((SELECT "
-            "CAST(SUM(d.weighted_units) AS BIGINT) FROM meter_usage_deltas AS d WHERE d.customer_id = t.customer_id "
-            "AND d.period_start = t.period_start AND d.meter = t.meter), 0) AS weighted_units, allowance, "
+            "SELECT customer_id, period_start, period_end, weighted_units + CASE WHEN last_at IS NULL THEN "
+            "COALESCE((SELECT CAST(SUM(e.weighted_units) AS BIGINT) FROM meter_events AS e WHERE "
+            f"e.{_UNFOLDED} AND e.customer_id = t.customer_id AND e.period_start = t.period_start AND "
+            "e.meter = t.meter), 0) ELSE 0 END AS weighted_units, allowance, "
             "overage_rate, invoice_id, meter "
             f"FROM meter_usage_totals AS t WHERE tier = '{_P2P}' AND invoiced_at IS NULL AND period_end <= ? "
             "ORDER BY period_end, meter LIMIT ?", (now, limit))]
@@ -921,9 +969,9 @@ class PostgresMeteringStore(SqliteMeteringStore):
     """PostgreSQL: the same operations over a database several instances write at once (see the module docstring,
     "PostgreSQL"). The SQLite store's statements serve where the dialects agree (store/postgres_sql.py); what is
     written here is what differs: the per-customer locks, COPY and array upserts, and the flusher's leases. It writes
-    its totals and counters directly (no deltas, no totals kept in memory: several instances write at once) and looks
-    events up before appending them (`detects_existing` False); the shared reads add its deltas table, always
-    empty."""
+    its totals and counters directly (no unfolded events, no totals kept in memory: several instances write at once)
+    and looks events up before appending them (`detects_existing` False); its `folded_upto` is the largest id there
+    is (migration postgres/0022), so the shared reads add no event."""
 
     detects_existing = False  # COPY fails whole on a duplicate: find_events looks first, under the customers' locks
 

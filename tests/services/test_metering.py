@@ -57,13 +57,14 @@ def metering(store: Store, clock: Clock) -> MeteringService:
     return make_service(store, tiers={"cus_3mo": "3mo", "cus_6mo": "6mo", "cus_9mo": "9mo"}, clock=clock)
 
 
-# A period's counted usage as stored: its totals row plus the deltas not folded into it yet (migration 0021).
+# A period's counted usage as stored: its totals row plus its events not folded into it yet (migration 0022; a `last`
+# meter's total holds its value already).
+_UNFOLDED_OF_T = ("FROM meter_events AS e WHERE e.id > v.folded_upto AND e.customer_id = t.customer_id AND "
+                  "e.period_start = t.period_start AND e.meter = t.meter AND t.last_at IS NULL), 0)")
 COUNTED_TOTALS = (
-    "SELECT t.customer_id, t.weighted_units + COALESCE((SELECT SUM(d.weighted_units) FROM meter_usage_deltas AS d "
-    "WHERE d.customer_id = t.customer_id AND d.period_start = t.period_start AND d.meter = t.meter), 0) AS "
-    "weighted_units, t.events + COALESCE((SELECT SUM(d.events) FROM meter_usage_deltas AS d WHERE d.customer_id = "
-    "t.customer_id AND d.period_start = t.period_start AND d.meter = t.meter), 0) AS events FROM meter_usage_totals "
-    "AS t"
+    f"SELECT t.customer_id, t.weighted_units + COALESCE((SELECT SUM(e.weighted_units) {_UNFOLDED_OF_T} AS "
+    f"weighted_units, t.events + COALESCE((SELECT COUNT(*) {_UNFOLDED_OF_T} AS events FROM meter_usage_totals AS t, "
+    "meter_usage_version AS v"
 )
 
 

@@ -99,10 +99,11 @@ async def test_appending_an_event_already_stored_fails_whole_and_changes_nothing
 
 async def test_totals_are_set_to_absolute_values_and_keep_the_terms_of_their_first_write(metering: Backend) -> None:
     first = OperationDelta("cus_A", START, "chat", 1, 5, 5, 0, 0)
-    await metering.write(lambda tx: metering.store.append(tx, [], [total(weighted=5)], [first]))
+    await metering.write(lambda tx: metering.store.append(tx, [event("e1", units=5)], [total(weighted=5)], [first]))
     later = PeriodTotalRow("cus_A", START, END, 2, 12, 12, "6mo", 9999, 1)  # the loaded total plus its delta
     then = OperationDelta("cus_A", START, "code", 1, 7, 7, 0, 0)
-    await metering.write(lambda tx: metering.store.append(tx, [], [later], [then]))
+    code = event("e2", units=7)._replace(operation="code")
+    await metering.write(lambda tx: metering.store.append(tx, [code], [later], [then]))
 
     loaded = await metering.write(lambda tx: metering.store.load_totals(
         tx, {("cus_A", START, LUC), ("cus_B", START, LUC)}))
@@ -113,9 +114,11 @@ async def test_totals_are_set_to_absolute_values_and_keep_the_terms_of_their_fir
 
 
 async def test_operation_deltas_add_up_per_period_and_operation(metering: Backend) -> None:
-    delta = OperationDelta("cus_A", START, "chat", 1, 10, 15, 2, 3)
-    await metering.write(lambda tx: metering.store.append(tx, [], [], [delta]))
-    await metering.write(lambda tx: metering.store.append(tx, [], [], [delta]))
+    delta = OperationDelta("cus_A", START, "chat", 1, 10, 15, 2, 3)  # what each event below adds
+    for n in (1, 2):
+        row = event(f"e{n}")._replace(raw_units=10, weighted_units=15, overage_units=2, cost_cents=3)
+        await metering.write(lambda tx, row=row, n=n: metering.store.append(
+            tx, [row], [total(weighted=15 * n, events=n)], [delta]))
 
     [row] = metering.store.usage_by_operation("cus_A", START)
 

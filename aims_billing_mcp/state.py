@@ -119,7 +119,7 @@ def build_state(
         ledger=ledger,
         metering=MeteringService(store, pricing, tier_of=subscriptions.entitled_tier,
                                  period_of=subscriptions.usage_period, customer_exists=subscriptions.customer_exists,
-                                 ceiling=ceiling, clock=clock),
+                                 ceiling=ceiling, clock=clock, placements=subscriptions.placement_version),
         flusher=MeterFlusher(store, gateway, retry_delay_scale=retry_delay_scale, currency=pricing.currency,
                              clock=clock),
         x402=X402Service.from_settings(store, ledger, gateway, pricing, settings, clock=clock, ceiling=ceiling,

@@ -53,6 +53,7 @@ class SubscriptionService:
         self._settings = settings
         self.provisions = ProvisionEvents(store, pricing, settings)  # also what the webhook endpoint applies
         self._cache: dict[str, tuple[float, Provision | None]] = {}
+        self._placements = 0  # see placement_version
 
     # --- tiers ---------------------------------------------------------------------------------------------------
 
@@ -156,8 +157,11 @@ class SubscriptionService:
         if cached is not None and cached[0] > now:
             return cached[1]
         row = self._store.webhooks.provision_for(customer)
+        if cached is not None and cached[1] != row:  # changed by another instance: periods and tiers may differ
+            self._placements += 1
         if len(self._cache) >= PROVISION_CACHE_SIZE:
             self._cache.clear()
+            self._placements += 1
         self._cache[customer] = (now + PROVISION_CACHE_SECONDS, row)
         return row
 
@@ -165,6 +169,13 @@ class SubscriptionService:
         """Drop a customer's cached provision (call after the COMMIT that changed it)."""
         if customer is not None:
             self._cache.pop(customer, None)
+            self._placements += 1
+
+    def placement_version(self) -> int:
+        """A number that changes whenever `entitled_tier` or `usage_period` may answer otherwise than before for a
+        customer they answered: a provision forgotten after a change, one found changed when read again, the cache
+        emptied. Metering reuses a customer's period and terms across batches while it stays the same."""
+        return self._placements
 
     async def get_billing_status(self, customer: str) -> BillingStatus:
         row = self.provision(customer)

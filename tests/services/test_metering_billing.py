@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from aims_billing_mcp.errors import InvalidInput, InvalidState
 from aims_billing_mcp.sandbox import Sandbox, create_app
+from aims_billing_mcp.services import subscriptions as subscriptions_module
 from aims_billing_mcp.services.meter_flusher import MeterFlusher
 from aims_billing_mcp.services.metering import MeteringService
 from aims_billing_mcp.services.metering_models import MeterEventResult
@@ -112,7 +113,8 @@ async def billing_on(settings: Settings, sandbox_app: Any, store: Store) -> Asyn
         await setup_stripe(stack.gateway, stack.pricing)
         subs = stack.subscriptions
         metering = MeteringService(store, stack.pricing, tier_of=subs.entitled_tier, period_of=subs.usage_period,
-                                   customer_exists=subs.customer_exists, clock=sandbox.now)
+                                   customer_exists=subs.customer_exists, clock=sandbox.now,
+                                   placements=subs.placement_version)
         flusher = MeterFlusher(store, stack.gateway, clock=sandbox.now, retry_delay_scale=0)
         env = Billing(stack, sandbox, metering, flusher)
         sandbox.add_event_listener(env.events.append)
@@ -372,3 +374,22 @@ def test_whatever_the_usage_tier_changes_renewals_and_cancellations_the_answered
 
     answered, invoiced = asyncio.run(scenario())
     assert answered == invoiced
+
+
+async def test_a_provision_another_instance_changed_changes_the_placement_version_once_read_again(
+        billing: Billing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metering reuses a customer's period and terms while the placement version stays: a change another instance
+    made (no `forget` here) must move it when the cached provision is read again."""
+    monkeypatch.setattr(subscriptions_module, "PROVISION_CACHE_SECONDS", 0.0)  # every read reads the row again
+    customer = await billing.subscribe("3mo")
+    subscriptions = billing.stack.subscriptions
+    subscriptions.provision(customer)
+    version = subscriptions.placement_version()
+    subscriptions.provision(customer)  # read again, unchanged
+    assert subscriptions.placement_version() == version
+
+    await billing.stack.store.write(lambda tx: tx.execute(
+        "UPDATE billing_provisions SET tier = '9mo' WHERE customer_id = ?", (customer,)))
+    subscriptions.provision(customer)
+
+    assert subscriptions.placement_version() == version + 1

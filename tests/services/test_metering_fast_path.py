@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 
+from aims_billing_mcp.services import metering as metering_module
 from aims_billing_mcp.services.ceiling import Ceiling
 from aims_billing_mcp.services.metering import MeteringService, stripe_identifier
 from aims_billing_mcp.services.metering_models import MeterEventBatchResult
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
 from aims_billing_mcp.store import Store
+from tests.conftest import Clock
 
 pytestmark = pytest.mark.anyio
 
@@ -179,3 +181,75 @@ async def test_an_event_in_the_common_shape_is_sent_to_stripe_under_the_identifi
     assert [r.status for r in answer.results] == ["accepted"]
     row = store.query_one("SELECT stripe_identifier FROM meter_events WHERE identifier = ?", (identifier,))
     assert row == {"stripe_identifier": stripe_identifier(customer, identifier)}
+
+
+class Placements:
+    """`period_of` and `tier_of` answering from what the test sets, and `placements` counting the test's changes
+    (as the subscription service counts changed provisions)."""
+
+    def __init__(self, tier: str, period: tuple[int, int]) -> None:
+        self.tier, self.period, self.version, self.asked = tier, period, 0, 0
+
+    def change(self, *, tier: str | None = None, period: tuple[int, int] | None = None, tell: bool = True) -> None:
+        self.tier, self.period = tier or self.tier, period or self.period
+        self.version += tell
+
+    def period_of(self, customer: str, t: int) -> tuple[int, int]:
+        self.asked += 1
+        return self.period if self.period[0] <= t < self.period[1] else calendar_month_of(t)
+
+
+def reusing(store: Store, placements: Placements, clock: Any) -> MeteringService:
+    async def exists(customer: str) -> bool:
+        return True
+
+    return MeteringService(store, PRICING, tier_of=lambda c: PRICING.tier(placements.tier),
+                           period_of=placements.period_of, customer_exists=exists, clock=clock,
+                           placements=lambda: placements.version)
+
+
+@pytest.mark.parametrize("shape", [{}, {"timestamp": None, "meter": "luc_tokens"}], ids=["common", "full-checks"])
+async def test_a_customers_period_and_terms_are_asked_again_once_the_placements_change(
+        store: Store, shape: dict[str, Any]) -> None:
+    now = int(time.time())
+    clock = lambda: float(now)  # noqa: E731
+    placements = Placements("3mo", (now - 100, now + 100))
+    metering = reusing(store, placements, clock)
+    await metering.record_many([{**BASE, "identifier": "a", **shape}])  # the customer is known from here on
+
+    placements.change(tier="9mo", period=(now - 50, now + 50))  # a provision changed, and the service was told
+    second = await metering.record_many([{**BASE, "identifier": "b", **shape}])
+
+    row = store.query_one("SELECT tier, period_start FROM meter_events WHERE identifier = 'b'")
+    assert row is not None and (row["tier"], row["period_start"]) == ("9mo", now - 50)
+    assert second.results[0].period_usage == 1000  # a new period: the first batch's usage is not in it
+
+
+async def test_a_reused_period_is_asked_again_when_the_time_leaves_it(store: Store) -> None:
+    now = int(time.time())
+    clock = Clock(now)
+    placements = Placements("3mo", (now - 10, now + 10))
+    metering = reusing(store, placements, clock)
+    await metering.record_many([{**BASE, "identifier": "a"}])
+    await metering.record_many([{**BASE, "identifier": "b"}])
+    asked = placements.asked  # the second batch reused the first's period: not asked again
+
+    clock.advance(10)  # past the period's end, with nothing changed
+    await metering.record_many([{**BASE, "identifier": "c"}])
+
+    assert asked == 1 and placements.asked == 2
+    row = store.query_one("SELECT period_start FROM meter_events WHERE identifier = 'c'")
+    assert row is not None and row["period_start"] == calendar_month_of(now + 10)[0]
+
+
+async def test_a_reused_period_is_asked_again_once_the_reuse_expires(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metering_module, "REUSE_SECONDS", 0.0)  # expired as soon as kept
+    now = int(time.time())
+    placements = Placements("3mo", (now - 10, now + 10))
+    metering = reusing(store, placements, Clock(now))
+
+    for identifier in ("a", "b", "c"):
+        await metering.record_many([{**BASE, "identifier": identifier}])
+
+    assert placements.asked == 3

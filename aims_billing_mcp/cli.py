@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(**overrides)
     if problem := settings.live_key_problem():
         return _fail(problem)
-    from .app import build_server
+    from .app import build_server, settle_heap
 
     _check_databases(settings)
     _configure_logging(settings.aims_billing_log_level)
@@ -70,6 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = build_server(settings, webhook_server=not args.http and not args.no_webhooks)
     except BillingError as exc:
         return _fail(exc.message)
+    settle_heap()
     if not args.http:
         server.run()
         return 0

@@ -35,7 +35,14 @@ class Unreadable:
 
 def first_unreadable(value: Any, max_depth: int) -> Unreadable | None:
     """The first place in `value` (decoded JSON, or tool arguments an in-process client passed without JSON) that
-    nests deeper than `max_depth` or holds a lone surrogate; None when there is none. Walked without recursion."""
+    nests deeper than `max_depth` or holds a lone surrogate; None when there is none. Walked without recursion:
+    first without keeping paths (every call's arguments are walked, a batch of events a thousand values), then,
+    the rare time something is found, again to name where."""
+    return None if _readable(value, max_depth) else _located(value, max_depth)
+
+
+def _located(value: Any, max_depth: int) -> Unreadable | None:
+    """`first_unreadable`'s answer, found by a walk that keeps each value's path."""
     stack: list[tuple[Any, list[Any]]] = [(value, [])]
     while stack:
         item, parts = stack.pop()
@@ -52,3 +59,36 @@ def first_unreadable(value: Any, max_depth: int) -> Unreadable | None:
         elif isinstance(item, list | tuple):
             stack.extend((sub, [*parts, index]) for index, sub in enumerate(item))
     return None
+
+
+def _readable(value: Any, max_depth: int) -> bool:
+    """Whether `first_unreadable` finds nothing: the same checks, each text and nesting level looked at once, with
+    no path kept (plain str, int, float, bool and None are checked where they stand, not stacked)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and LONE_SURROGATE.search(item):
+                return False
+            continue
+        if isinstance(item, dict):
+            children: Any = item.values()
+            for key in item:
+                if isinstance(key, str) and not key.isascii() and LONE_SURROGATE.search(key):
+                    return False
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth >= max_depth:  # its children nest deeper than allowed
+            if children:
+                return False
+            continue
+        for sub in children:
+            kind = type(sub)
+            if kind is str:
+                if not sub.isascii() and LONE_SURROGATE.search(sub):
+                    return False
+            elif kind is not int and kind is not float and kind is not bool and sub is not None:
+                stack.append((sub, depth + 1))
+    return True

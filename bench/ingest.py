@@ -42,6 +42,7 @@ import httpx
 from mcp import Client, StdioServerParameters
 from measure import free_port, medians, print_checks, print_run
 
+from aims_billing_mcp.app import settle_heap
 from aims_billing_mcp.services.metering import MeteringService
 from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
 from aims_billing_mcp.store import Store, connect, utc_now
@@ -90,6 +91,7 @@ def service_rate(folder: Path, count: int, size: int, callers: int) -> float:
     db = folder / f"service{size}.db"
     known_customers(db)
     store = Store(db)
+    settle_heap()  # as `serve` does once the server is built (the rows of the earlier parts are gone by now)
     tiers = {customer: PRICING.tier(TIERS[i % len(TIERS)]) for i, customer in enumerate(CUSTOMERS)}
 
     async def exists(customer: str) -> bool:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from aims_billing_mcp.redact import (
     AUDIT_MAX_ROW,
     AUDIT_MAX_STRING,
+    _bounded,
+    _masks_nothing,
     audit_arguments,
     display,
     redact,
@@ -126,3 +130,26 @@ def test_a_published_credential_is_kept_while_other_keys_of_its_shape_are_masked
     keep_public([SANDBOX_SECRET_KEY])
     assert redact_text(f"api key: {SANDBOX_SECRET_KEY} or sk_test_{KEY_BODY}") == (
         f"api key: {SANDBOX_SECRET_KEY} or sk_test_****9876")
+
+
+_PLAIN_TEXTS = st.sampled_from(["cus_a", "chat", "ev-1", f"sk_test_{KEY_BODY}", f"pi_rk_live_{KEY_BODY}",
+                                f"whsec_{KEY_BODY}", "configured-secret-value", "my token", "API_KEY"])
+_NAMES = st.sampled_from(["customer", "units", "operation", "identifier", "token", "password", "note",
+                          "idempotency_key", "card_number"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(event=st.dictionaries(_NAMES, st.none() | st.integers(-10**6, 10**6) | st.booleans() | _PLAIN_TEXTS,
+                             max_size=6))
+def test_an_object_of_plain_values_is_stored_as_masking_each_name_and_text_stores_it(
+        event: dict[str, object]) -> None:
+    """An object of plain values with nothing to mask skips the masks text by text (`_masks_nothing`): whichever
+    way it goes, it is stored as masking each name and each text (by its field name, shape and value) stores it."""
+    register_secrets(["configured-secret-value"])
+    assert _bounded(event, None, 0) == {redact_text(name): redact(value, name) for name, value in event.items()}
+
+
+def test_a_plain_meter_event_is_stored_without_passing_its_texts_through_the_masks() -> None:
+    event = {"customer": "cus_a", "units": 12, "operation": "chat", "identifier": "ev-1"}
+    assert _masks_nothing(event)
+    assert json.loads(audit_arguments({"events": [event]})) == {"events": [event]}

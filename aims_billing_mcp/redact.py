@@ -27,6 +27,9 @@ from urllib.parse import quote, quote_plus
 from pydantic import SecretStr
 
 SECRET_FIELD = re.compile(r"(secret|password|token|api_?key|authorization|cvc|card_?number)", re.IGNORECASE)
+# SECRET_FIELD's matches, spelt out: in ASCII text, lowered, it matches exactly where one of these stands
+_FIELD_WORDS = ("secret", "password", "token", "apikey", "api_key", "authorization", "cvc", "cardnumber",
+                "card_number")
 # No `\b` before the kind: `_` is a word character, so `pi_sk_test_...` would escape it. At least 8 characters
 # after the kind: real keys have dozens, and an already masked value (`sk_test_****abcd`) is not matched again.
 SECRET_VALUE = re.compile(r"((?:sk|rk)_(?:live|test)_|whsec_)([A-Za-z0-9_]{8,})")
@@ -162,21 +165,34 @@ def audit_arguments(arguments: Any) -> str:
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def _masks_nothing(value: dict[Any, Any]) -> bool:
-    """Whether masking provably changes nothing in an object of plain values (an event of a batch, say): none of
-    its names or texts holds a secret's shape or a configured value, and no name or text says secret (a name that
-    does masks its value). Its texts are then only bounded, not passed through the masks one by one (a batch's
-    audit row: a few hundred texts, most of the call's audit cost). Joined, a hint found across two texts only
-    sends the object the long way."""
+def _masks_nothing(objects: Iterable[Any]) -> bool:
+    """Whether masking provably changes nothing in these objects of plain values (the events of a batch, say):
+    each a dict of at most AUDIT_MAX_ITEMS names, each value a plain scalar, and none of the names or texts holds a
+    secret's shape or a configured value, or says secret (a name that does masks its value). Their texts are then
+    only bounded, not passed through the masks one by one (a batch's audit row: a few hundred texts, most of the
+    call's audit cost). Joined, a hint found across two texts only sends them the long way."""
     texts = []
-    for key, item in value.items():
-        if type(key) is not str or type(item) not in _SCALARS:
+    for value in objects:
+        if type(value) is not dict or len(value) > AUDIT_MAX_ITEMS:
             return False
-        texts.append(key)
-        if type(item) is str:
-            texts.append(item)
+        for key, item in value.items():
+            if type(key) is not str or type(item) not in _SCALARS:
+                return False
+            texts.append(key)
+            if type(item) is str:
+                texts.append(item)
     joined = "\x00".join(texts)
-    return not may_hold_secret(joined) and SECRET_FIELD.search(joined) is None
+    return not may_hold_secret(joined) and not _says_secret(joined)
+
+
+def _says_secret(text: str) -> bool:
+    """`SECRET_FIELD.search(text)`, without the regex on ASCII text: a case-insensitive alternation tries every
+    position (a third of a millisecond on a batch's joined texts), a substring search of the lowered text does
+    not. Other text (whose case folding reaches beyond ASCII) takes the regex."""
+    if not text.isascii():
+        return SECRET_FIELD.search(text) is not None
+    lowered = text.lower()
+    return any(word in lowered for word in _FIELD_WORDS)
 
 
 def _plain_bounded(value: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +224,7 @@ def _bounded(value: Any, key: str | None, depth: int) -> Any:
     if kind is dict:
         if depth >= AUDIT_MAX_DEPTH:
             return f"[nested deeper than {AUDIT_MAX_DEPTH} levels: not stored]"
-        if len(value) <= AUDIT_MAX_ITEMS and _masks_nothing(value):
+        if _masks_nothing((value,)):
             return _plain_bounded(value)
         out: dict[str, Any] = {}
         for index, (k, v) in enumerate(value.items()):
@@ -223,7 +239,12 @@ def _bounded(value: Any, key: str | None, depth: int) -> Any:
     if kind is list or kind is tuple:
         if depth >= AUDIT_MAX_DEPTH:
             return f"[nested deeper than {AUDIT_MAX_DEPTH} levels: not stored]"
-        kept = [_bounded(v, key, depth + 1) for v in value[:AUDIT_MAX_ITEMS]]
+        head = value[:AUDIT_MAX_ITEMS]
+        kept: list[Any]
+        if depth + 1 < AUDIT_MAX_DEPTH and head and _masks_nothing(head):  # a list of plain objects: a batch
+            kept = [_plain_bounded(v) for v in head]
+        else:
+            kept = [_bounded(v, key, depth + 1) for v in head]
         if len(value) > AUDIT_MAX_ITEMS:
             kept.append(f"[{len(value) - AUDIT_MAX_ITEMS:,} more items not stored]")
         return kept

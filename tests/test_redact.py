@@ -13,8 +13,10 @@ from pydantic import SecretStr
 from aims_billing_mcp.redact import (
     AUDIT_MAX_ROW,
     AUDIT_MAX_STRING,
+    SECRET_FIELD,
     _bounded,
     _masks_nothing,
+    _says_secret,
     audit_arguments,
     display,
     redact,
@@ -138,18 +140,30 @@ _NAMES = st.sampled_from(["customer", "units", "operation", "identifier", "token
                           "idempotency_key", "card_number"])
 
 
+_EVENTS = st.dictionaries(_NAMES, st.none() | st.integers(-10**6, 10**6) | st.booleans() | _PLAIN_TEXTS, max_size=6)
+
+
 @settings(max_examples=300, deadline=None)
-@given(event=st.dictionaries(_NAMES, st.none() | st.integers(-10**6, 10**6) | st.booleans() | _PLAIN_TEXTS,
-                             max_size=6))
-def test_an_object_of_plain_values_is_stored_as_masking_each_name_and_text_stores_it(
-        event: dict[str, object]) -> None:
-    """An object of plain values with nothing to mask skips the masks text by text (`_masks_nothing`): whichever
-    way it goes, it is stored as masking each name and each text (by its field name, shape and value) stores it."""
+@given(events=st.lists(_EVENTS, max_size=4))
+def test_objects_of_plain_values_are_stored_as_masking_each_name_and_text_stores_them(
+        events: list[dict[str, object]]) -> None:
+    """Objects of plain values with nothing to mask skip the masks text by text (`_masks_nothing`), alone or as a
+    list: whichever way they go, they are stored as masking each name and each text (by its field name, shape and
+    value) stores them."""
     register_secrets(["configured-secret-value"])
-    assert _bounded(event, None, 0) == {redact_text(name): redact(value, name) for name, value in event.items()}
+    masked = [{redact_text(name): redact(value, name) for name, value in event.items()} for event in events]
+    assert [_bounded(event, None, 1) for event in events] == masked
+    assert _bounded(events, "events", 0) == masked
 
 
 def test_a_plain_meter_event_is_stored_without_passing_its_texts_through_the_masks() -> None:
     event = {"customer": "cus_a", "units": 12, "operation": "chat", "identifier": "ev-1"}
-    assert _masks_nothing(event)
+    assert _masks_nothing([event])
     assert json.loads(audit_arguments({"events": [event]})) == {"events": [event]}
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from("aAeEiIkKnNoOpPrRsStTvVcCwWdDyY_ 0\u017f\u212a"), max_size=40)
+       | st.sampled_from(["ApiKey", "API_KEY", "x-Authorization", "CardNumber", "card_no", "tokens", "\u017fecret"]))
+def test_the_quick_secret_name_test_agrees_with_the_field_pattern(text: str) -> None:
+    assert _says_secret(text) == (SECRET_FIELD.search(text) is not None)

@@ -1,9 +1,11 @@
 """Stdio transport that answers every frame: the SDK's reader drops a line it cannot parse (an integer of 4,400
 digits, nesting 100,000 deep, a JSON-RPC batch, a malformed message) without a word, so the client waits for its own
-timeout. Our server is what the agent sees, so this wraps the SDK's `stdio_server`: each line is checked before the
-SDK reads it, and one the SDK would drop is answered here with a JSON-RPC error carrying the request's id when the
-id can be read (`-32700` parse error, `-32600` invalid request), or `id: null` and one log line when it cannot.
-A notification (no id) is never answered, as JSON-RPC requires; it is logged.
+timeout. Our server is what the agent sees, so this serves stdio as the SDK's `stdio_server` does (the same streams,
+the same parse of each line, the same answers written), except that a line the SDK would drop is answered here with
+a JSON-RPC error carrying the request's id when the id can be read (`-32700` parse error, `-32600` invalid request),
+or `id: null` and one log line when it cannot. A notification (no id) is never answered, as JSON-RPC requires; it is
+logged. Each line is parsed once: checked first and then parsed again by the SDK's reader, a batch of 100 events
+(10 KB) was parsed twice.
 
 The SDK's streams wrap stdin and stdout in `anyio.wrap_file`, which spends one worker-thread hop per line read and
 two (write, flush) per answer: with 32 calls in flight that is ~100 thread hand-offs (and GIL hand-offs) per 32
@@ -22,8 +24,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import mcp_types as types
-from mcp.server.stdio import stdio_server
+from mcp.shared._context_streams import create_context_streams
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 
@@ -35,32 +38,13 @@ RequestId = str | int | None
 MAX_ID_DIGITS = 18  # a JSON-RPC id we answer must fit the SDK's strict int
 
 
-class GuardedLines:
-    """The lines of stdin, minus those the SDK would drop: those are answered on the SDK's write stream instead,
-    once `connect` has handed it over (a bad frame read before that waits for it)."""
+class _Replies:
+    """Answers to the frames the SDK would drop, on the transport's write stream."""
 
-    def __init__(self, lines: Any) -> None:
-        self._lines = lines.__aiter__()
-        self._connected = anyio.Event()
-        self._write_stream: Any = None
-
-    def connect(self, write_stream: Any) -> None:
+    def __init__(self, write_stream: Any) -> None:
         self._write_stream = write_stream
-        self._connected.set()
 
-    def __aiter__(self) -> GuardedLines:
-        return self
-
-    async def __anext__(self) -> str:
-        while True:
-            line: str = await self._lines.__anext__()
-            problem = frame_problem(line)
-            if problem is None:
-                return line
-            await self._connected.wait()
-            await self._answer(line, *problem)
-
-    async def _answer(self, line: str, code: int, message: str) -> None:
+    async def answer(self, line: str, code: int, message: str) -> None:
         request_id, is_request = request_id_of(line)
         if isinstance(request_id, list):  # a batch: one answer per request in it
             for item in request_id:
@@ -80,12 +64,19 @@ class GuardedLines:
 
 def frame_problem(line: str) -> tuple[int, str] | None:
     """None when the SDK will read the line; else the JSON-RPC error code and a message saying what to fix."""
-    if not line.strip():
-        return None
     try:
         types.jsonrpc_message_adapter.validate_json(line, by_name=False)
         return None
-    except ValidationError as exc:
+    except (ValueError, RecursionError) as exc:
+        return problem_of(line, exc)
+
+
+def problem_of(line: str, exc: ValueError | RecursionError) -> tuple[int, str] | None:
+    """Why the SDK's parse of `line` failed, as `frame_problem` answers it: None for a blank line (the SDK's
+    reader passes its error on to the server, which goes on), else the JSON-RPC error code and what to fix."""
+    if not line.strip():
+        return None
+    if isinstance(exc, ValidationError):
         errors = exc.errors()
         first: dict[str, Any] = dict(errors[0]) if errors else {}
         kind = str(first.get("type", ""))
@@ -94,8 +85,7 @@ def frame_problem(line: str) -> tuple[int, str] | None:
         if line.lstrip().startswith("["):
             return types.INVALID_REQUEST, "JSON-RPC batches are not supported by MCP: send one message per line"
         return types.INVALID_REQUEST, f"invalid request: not a JSON-RPC 2.0 message ({_where(first)})"
-    except (ValueError, RecursionError) as exc:
-        return types.PARSE_ERROR, f"parse error: {type(exc).__name__}; send one JSON object per line"
+    return types.PARSE_ERROR, f"parse error: {type(exc).__name__}; send one JSON object per line"
 
 
 def _where(error: Any) -> str:
@@ -166,18 +156,54 @@ async def guarded_stdio_server() -> AsyncIterator[tuple[Any, Any]]:
     try:
         stdout_buffer, release_stdout = _claim(1)
         try:
-            guarded = GuardedLines(ChunkedLines(stdin_buffer))
-            stdin: Any = guarded  # the SDK only iterates its stdin's lines
-            stdout: Any = FramedOut(stdout_buffer)  # and only writes and flushes its stdout
-            async with stdio_server(stdin=stdin, stdout=stdout) as (read_stream, write_stream):
-                guarded.connect(write_stream)
-                yield read_stream, write_stream
+            async with serve_lines(ChunkedLines(stdin_buffer), FramedOut(stdout_buffer)) as streams:
+                yield streams
         finally:
             if release_stdout is not None:
                 release_stdout()
     finally:
         if release_stdin is not None:
             release_stdin()
+
+
+@asynccontextmanager
+async def serve_lines(lines: Any, out: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """The SDK's `stdio_server` over these lines and this output (its streams, its reader's parse of each line, its
+    writer's answers), with each line the SDK's reader would drop answered instead (`problem_of`)."""
+    read_writer, read_stream = create_context_streams[SessionMessage | Exception](0)
+    write_stream, write_reader = create_context_streams[SessionMessage](0)
+    replies = _Replies(write_stream)
+
+    async def reader() -> None:
+        try:
+            async with read_writer:
+                async for line in lines:
+                    try:
+                        message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                    except (ValueError, RecursionError) as exc:
+                        problem = problem_of(line, exc)
+                        if problem is None:
+                            await read_writer.send(exc)
+                        else:
+                            await replies.answer(line, *problem)
+                        continue
+                    await read_writer.send(SessionMessage(message))
+        except anyio.ClosedResourceError:
+            await anyio.lowlevel.checkpoint()
+
+    async def writer() -> None:
+        try:
+            async with write_reader:
+                async for session_message in write_reader:
+                    await out.write(session_message.message.model_dump_json(by_alias=True, exclude_unset=True) + "\n")
+                    await out.flush()
+        except anyio.ClosedResourceError:
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        tg.start_soon(writer)
+        yield read_stream, write_stream
 
 
 class ChunkedLines:

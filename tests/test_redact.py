@@ -8,6 +8,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mcp.types import CallToolResult, TextContent
 from pydantic import SecretStr
 
 from aims_billing_mcp.redact import (
@@ -24,6 +25,7 @@ from aims_billing_mcp.redact import (
     redact_values,
     register_secrets,
 )
+from aims_billing_mcp.shaping import masked_result
 
 KEY_BODY = "51AbCdEfGhIjKlMnOpQrSt9876"
 
@@ -167,3 +169,18 @@ def test_a_plain_meter_event_is_stored_without_passing_its_texts_through_the_mas
        | st.sampled_from(["ApiKey", "API_KEY", "x-Authorization", "CardNumber", "card_no", "tokens", "\u017fecret"]))
 def test_the_quick_secret_name_test_agrees_with_the_field_pattern(text: str) -> None:
     assert _says_secret(text) == (SECRET_FIELD.search(text) is not None)
+
+
+@pytest.mark.parametrize("note", [f"key sk_test_{KEY_BODY}", "a configured sécret-válue", "configured-secret-value",
+                                  f"\ud800 then sk_live_{KEY_BODY}"],
+                         ids=["shape", "configured non-ascii", "configured", "lone surrogate"])
+def test_a_secret_only_in_a_results_structured_content_is_masked(note: str) -> None:
+    register_secrets(["configured-secret-value", "a configured sécret-válue"])
+    result = CallToolResult(content=[TextContent(type="text", text="done")],
+                            structured_content={"results": [{"note": note}]})
+
+    masked = masked_result(result)
+
+    assert masked.structured_content is not None
+    shown = masked.structured_content["results"][0]["note"]
+    assert shown != note and "****" in shown

@@ -48,12 +48,14 @@ def keep_public(values: Iterable[str]) -> None:
 
 
 def register_secrets(values: Iterable[str]) -> None:
-    """Mask these values (and their URL-encoded and JSON-escaped forms) wherever they appear from now on."""
+    """Mask these values (and their URL-encoded and JSON-escaped forms, ASCII-escaped or not: json.dumps and
+    pydantic-core, which writes tool results, differ there) wherever they appear from now on."""
     global _configured_pattern, _hints_pattern
     forms = set()
     for value in values:
         if len(value) >= MIN_CONFIGURED_LENGTH:
-            forms |= {value, quote_plus(value), quote(value, safe=""), json.dumps(value)[1:-1]}
+            forms |= {value, quote_plus(value), quote(value, safe=""), json.dumps(value)[1:-1],
+                      json.dumps(value, ensure_ascii=False)[1:-1]}
     if forms <= _configured:
         return
     _configured.update(forms)
@@ -232,9 +234,8 @@ def _bounded(value: Any, key: str | None, depth: int) -> Any:
                 out["…"] = f"[{len(value) - AUDIT_MAX_ITEMS:,} more keys not stored]"
                 break
             name = k if type(k) is str else str(k)
-            if len(name) > AUDIT_MAX_KEY:
-                name = _cut(redact_text(name), AUDIT_MAX_KEY, len(name))
-            out[redact_text(name)] = _bounded(v, name, depth + 1)
+            shown = _cut(redact_text(name), AUDIT_MAX_KEY, len(name)) if len(name) > AUDIT_MAX_KEY else name
+            out[redact_text(shown)] = _bounded(v, name, depth + 1)  # the whole name says whether to mask
         return out
     if kind is list or kind is tuple:
         if depth >= AUDIT_MAX_DEPTH:

@@ -126,7 +126,8 @@ def masked_result(result: CallToolResult) -> CallToolResult:
 def _json_text(value: Any) -> str:
     """`value` as JSON text for the secret test, by pydantic-core's writer (a batch's result, a hundred objects, in a
     fifth of json.dumps' time); json.dumps for what it refuses (a lone surrogate, which has no UTF-8). Either holds
-    every text of `value` as written or JSON-escaped, the forms the test looks for."""
+    every text of `value` JSON-escaped, with non-ASCII characters as they are or as `\\u` escapes: both forms of a
+    configured secret are registered (`register_secrets`)."""
     try:
         return pydantic_core.to_json(value, fallback=str).decode()
     except pydantic_core.PydanticSerializationError:

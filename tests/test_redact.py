@@ -172,10 +172,11 @@ def test_the_quick_secret_name_test_agrees_with_the_field_pattern(text: str) -> 
 
 
 @pytest.mark.parametrize("note", [f"key sk_test_{KEY_BODY}", "a configured sécret-válue", "configured-secret-value",
-                                  f"\ud800 then sk_live_{KEY_BODY}"],
-                         ids=["shape", "configured non-ascii", "configured", "lone surrogate"])
+                                  f"\ud800 then sk_live_{KEY_BODY}", 'echoed: pässwört"2024x', "naïve\\pass99"],
+                         ids=["shape", "configured non-ascii", "configured", "lone surrogate",
+                              "non-ascii and a quote", "non-ascii and a backslash"])
 def test_a_secret_only_in_a_results_structured_content_is_masked(note: str) -> None:
-    register_secrets(["configured-secret-value", "a configured sécret-válue"])
+    register_secrets(["configured-secret-value", "a configured sécret-válue", 'pässwört"2024x', "naïve\\pass99"])
     result = CallToolResult(content=[TextContent(type="text", text="done")],
                             structured_content={"results": [{"note": note}]})
 
@@ -184,3 +185,11 @@ def test_a_secret_only_in_a_results_structured_content_is_masked(note: str) -> N
     assert masked.structured_content is not None
     shown = masked.structured_content["results"][0]["note"]
     assert shown != note and "****" in shown
+
+
+def test_a_value_under_a_secret_name_longer_than_a_stored_name_is_masked() -> None:
+    name = "x" * 300 + "_password"  # cut to AUDIT_MAX_KEY characters when stored: the cut drops the word
+
+    stored = audit_arguments({name: "hunter2-correct-horse"})
+
+    assert "hunter2" not in stored

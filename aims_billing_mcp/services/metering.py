@@ -13,7 +13,8 @@ Recording. `record` validates everything it can without data (units, operation o
 timestamp window, the customer), then hands the event to the one writer. Inside the writer's transaction the event
 row (UNIQUE identifier, status pending) and what it adds to its period's running total (`meter_usage_totals`, one row
 per customer, usage period and meter) and per-operation counters (`meter_usage_by_operation`) are written together
-(on SQLite as deltas the writer folds in later: store/metering.py, "Totals as deltas"), so the answer (period usage,
+(on SQLite the event row alone, which every read counts until the writer folds it in: store/metering.py, "Unfolded
+events"), so the answer (period usage,
 remaining allowance, overage, cost) is computed from a total no other write can interleave with, and never from a
 SUM over the period's events. The caller hears back only after COMMIT.
 
@@ -167,9 +168,10 @@ _Terms = tuple[str, int, int]
 _NO_TERMS: Final = (None, None, None)  # a totals row's terms before terms were kept
 _new_tuple: Final = tuple.__new__
 
-_Place = tuple[int, int, _Terms, str | None]
+_Place = tuple[int, int, _Terms, str | None, int]
 """Where a batch's common events of one customer go (`_placed`): (period start, period end, terms, the prefix of
-their Stripe identifiers, None when `stripe_identifier` hashes them)."""
+their Stripe identifiers, None when `stripe_identifier` hashes them, the end of the moments it holds for: see
+UsagePeriod.holds_until)."""
 
 _Current = dict[tuple[str, str], tuple[UsagePeriod, _Terms]]  # (customer, meter) -> its current period and terms
 _Places = dict[str, _Place]  # customer -> where its common events go
@@ -590,7 +592,7 @@ class MeteringService:
         """The customer's current period on `meter` and its terms, found once per batch (`current` keeps them, and
         may have them from an earlier batch: see `_batch_places`)."""
         known = current.get((customer, meter))
-        if known is None or not known[0].start <= now < known[0].end:
+        if known is None or not known[0].start <= now < known[0].holds_until:
             period = self._period(customer, now)
             terms = _key(self._terms(customer, period, self._pricing.meters[meter]))
             known = current[(customer, meter)] = (period, terms)
@@ -660,7 +662,8 @@ class MeteringService:
     def _batch_places(self) -> tuple[_Current, _Places]:
         """The periods and terms a batch (or one event) starts from: none, or, with `placements`, those earlier
         batches found while its number is unchanged, for up to REUSE_SECONDS (a period is taken only for a time
-        within it: `_current` and `_placed` check). In a batch of a hundred customers each asking once, asking was
+        within it, and before the moment it says its answer changes: `_current` and `_placed` check, by
+        UsagePeriod.holds_until). In a batch of a hundred customers each asking once, asking was
         about a third of the batch's checking and placing (bench/ingest.py (c), batches of 100)."""
         if self._placements is None:
             return {}, {}
@@ -702,11 +705,11 @@ class MeteringService:
         if milli is None:  # an operation to refuse
             return None
         place = places.get(customer)
-        if place is None or not place[0] <= now < place[1]:
+        if place is None or not place[0] <= now < place[4]:
             period, terms = self._current(customer, LUC_METER, int(now), current)
             place = places[customer] = (period.start, period.end, terms,
-                                        f"{customer}:" if _plain_customer(customer) else None)
-        start, end, terms, scope = place
+                                        f"{customer}:" if _plain_customer(customer) else None, period.holds_until)
+        start, end, terms, scope, _ = place
         weighted = weighted_units(units, milli)
         ceiling = self._ceiling_units
         if ceiling is None or cost_cents(weighted, terms[2]) > ceiling:  # the full path says why

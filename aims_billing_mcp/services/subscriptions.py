@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..errors import ConfigurationError, InvalidInput, InvalidState, StripeInvalidRequest
@@ -173,8 +174,9 @@ class SubscriptionService:
 
     def placement_version(self) -> int:
         """A number that changes whenever `entitled_tier` or `usage_period` may answer otherwise than before for a
-        customer they answered: a provision forgotten after a change, one found changed when read again, the cache
-        emptied. Metering reuses a customer's period and terms across batches while it stays the same."""
+        customer they answered because a provision changed: one forgotten after a change, one found changed when
+        read again, the cache emptied. (What time alone changes, `usage_period` says in its answer's `until`.)
+        Metering reuses a customer's period and terms across batches while it stays the same."""
         return self._placements
 
     async def get_billing_status(self, customer: str) -> BillingStatus:
@@ -220,7 +222,19 @@ class SubscriptionService:
         - before the current period's start: the calendar month, on P2P terms (`MeteringService` refuses usage
           before the current period: that period is closed);
         - without a live subscription: P2P, the UTC calendar month, starting at the subscription's end if it ended
-          in that month (usage before it belonged to the subscription)."""
+          in that month (usage before it belonged to the subscription).
+
+        The answer changes at those moments without the provision changing (a cancellation taking effect, the
+        period starting): the first of them after `timestamp` inside the period is its `until`."""
+        period = self._usage_period(customer, timestamp)
+        row = self.provision(customer)
+        if row is None:
+            return period
+        moments = (row.cancel_at, row.current_period_start, row.current_period_end, row.ended_at)
+        changes = [int(m) for m in moments if m is not None and timestamp < m < period.end]
+        return replace(period, until=min(changes)) if changes else period
+
+    def _usage_period(self, customer: str, timestamp: int) -> UsagePeriod:
         row = self.provision(customer)
         p2p = self._pricing.p2p
         month = calendar_month_of(timestamp)

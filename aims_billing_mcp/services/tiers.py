@@ -80,12 +80,20 @@ class UsagePeriod:
     """The usage period containing a moment: [start, end), and the terms usage in it is billed on.
 
     `tier` is None when the caller only knows the window (the customer's tier then applies); `free` marks a trial
-    period, whose usage Stripe does not bill (its rate is 0)."""
+    period, whose usage Stripe does not bill (its rate is 0). `until`, when set, is the moment inside the period
+    from which the same question gets another answer although nothing changed (a cancellation taking effect, a
+    subscription period starting): the answer holds for moments before it only, and metering reuses it no longer."""
 
     start: int
     end: int
     tier: Tier | None = None
     free: bool = False
+    until: int | None = None
+
+    @property
+    def holds_until(self) -> int:
+        """The end of the moments this answer is the answer for: `until` when set, else the period's end."""
+        return self.end if self.until is None else self.until
 
     def terms(self, fallback: Tier) -> Tier:
         """The tier usage in this period is priced at: the period's own, at rate 0 in a free (trial) period."""

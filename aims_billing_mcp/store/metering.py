@@ -686,9 +686,11 @@ class SqliteMeteringStore:
 
     def _forget(self, tx: Tx) -> None:
         """Before a change to totals or counters outside append (failing events): fold, so every total is its row,
-        and forget the totals in memory."""
+        forget the totals in memory, and move the version on, so that should this transaction roll back, totals the
+        writer reads after the change (and keeps) are forgotten too."""
         self.fold(tx)
         self._totals.clear()
+        self._moved_on(tx)
 
     def remember_customer(self, tx: Tx, customer: str, verified_at: int) -> None:
         tx.execute("INSERT INTO meter_customers (customer_id, verified_at) VALUES (?, ?) ON CONFLICT DO NOTHING",

@@ -393,3 +393,18 @@ async def test_a_provision_another_instance_changed_changes_the_placement_versio
     subscriptions.provision(customer)
 
     assert subscriptions.placement_version() == version + 1
+
+
+async def test_a_period_a_cancellation_ends_early_says_from_when_its_answer_changes(billing: Billing) -> None:
+    customer = await billing.subscribe("3mo")
+    start, end = await billing.period(customer)
+    cancel_at = start + 10 * DAY
+    await billing.stack.store.write(lambda tx: tx.execute(
+        "UPDATE billing_provisions SET cancel_at = ? WHERE customer_id = ?", (cancel_at, customer)))
+    subscriptions = billing.stack.subscriptions
+    subscriptions.forget(customer)
+
+    before, after = (subscriptions.usage_period(customer, t) for t in (cancel_at - 1, cancel_at))
+
+    assert (before.start, before.end, before.until) == (start, end, cancel_at)
+    assert after.start == cancel_at and after.tier is not None and after.tier.id == "p2p"

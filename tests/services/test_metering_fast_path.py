@@ -14,7 +14,7 @@ from aims_billing_mcp.services import metering as metering_module
 from aims_billing_mcp.services.ceiling import Ceiling
 from aims_billing_mcp.services.metering import MeteringService, stripe_identifier
 from aims_billing_mcp.services.metering_models import MeterEventBatchResult
-from aims_billing_mcp.services.tiers import Pricing, calendar_month_of
+from aims_billing_mcp.services.tiers import Pricing, UsagePeriod, calendar_month_of
 from aims_billing_mcp.store import Store
 from tests.conftest import Clock
 
@@ -253,3 +253,25 @@ async def test_a_reused_period_is_asked_again_once_the_reuse_expires(
         await metering.record_many([{**BASE, "identifier": identifier}])
 
     assert placements.asked == 3
+
+
+async def test_a_reused_period_is_asked_again_from_the_moment_its_answer_says_it_changes(store: Store) -> None:
+    """A cancellation taking effect inside a period changes the answer with nothing else changing (no provision
+    changed, so the placements number stays): the period answered before it says so in `until`."""
+    now = int(time.time())
+    clock = Clock(now)
+    ends = now + 5  # the subscription ends inside its period: P2P from then on
+    subscription, after = UsagePeriod(now - 100, now + 100, until=ends), UsagePeriod(ends, now + 100)
+
+    async def exists(customer: str) -> bool:
+        return True
+
+    metering = MeteringService(store, PRICING, tier_of=lambda c: PRICING.tier("3mo"),
+                               period_of=lambda c, t: subscription if t < ends else after, customer_exists=exists,
+                               clock=clock, placements=lambda: 0)
+    await metering.record_many([{**BASE, "identifier": "before"}])
+    clock.advance(5)
+    await metering.record_many([{**BASE, "identifier": "after"}])
+
+    row = store.query_one("SELECT period_start FROM meter_events WHERE identifier = 'after'")
+    assert row is not None and row["period_start"] == ends

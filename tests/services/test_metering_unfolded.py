@@ -287,3 +287,23 @@ async def test_deltas_left_by_migration_0021_are_folded_by_0022_and_counted_once
             "events": 4, "weighted_units": sum(10 + n for n in range(4))}
     finally:
         upgraded.close()
+
+
+async def test_failing_an_event_in_a_job_that_is_undone_leaves_every_count_as_it_was(store: Store) -> None:
+    metering = make_service(store)
+    await metering.record_many(batch("x", 4))
+    await fold(store)  # nothing left unfolded: the job's own fold moves nothing on
+    row = store.query_one("SELECT id, period_start FROM meter_events WHERE identifier = 'x-1'")
+    assert row is not None
+    key = ("cus_a", row["period_start"], "luc_tokens")
+
+    def fail_read_then_undo(tx: Any) -> None:
+        store.metering.mark_failed(tx, [(row["id"], "refused")], 1, attempted=True)
+        store.metering.load_totals(tx, {key})  # the writer now holds the total without x-1...
+        raise RuntimeError("the job fails")  # ... and its savepoint gives x-1 back
+
+    with pytest.raises(RuntimeError):
+        await store.write(fail_read_then_undo)
+    after = await metering.record("cus_a", 1, identifier="next")
+
+    assert after.period_usage == stored(store)["weighted_units"] == sum(10 + n for n in range(4)) + 1

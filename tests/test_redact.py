@@ -20,6 +20,7 @@ from aims_billing_mcp.redact import (
     _says_secret,
     audit_arguments,
     display,
+    may_hold_secret,
     redact,
     redact_text,
     redact_values,
@@ -193,3 +194,13 @@ def test_a_value_under_a_secret_name_longer_than_a_stored_name_is_masked() -> No
     stored = audit_arguments({name: "hunter2-correct-horse"})
 
     assert "hunter2" not in stored
+
+
+@pytest.mark.parametrize("padding", [0, 2000], ids=["short text", "long text"])
+@pytest.mark.parametrize("secret", [f"sk_test_{KEY_BODY}", f"whsec_{KEY_BODY}", "configured-secret-value"])
+def test_a_hint_is_found_in_short_and_long_texts_alike(padding: int, secret: str) -> None:
+    register_secrets(["configured-secret-value"])
+    text = "x" * padding + f"[{secret}]" + "y" * padding
+
+    assert may_hold_secret(text)
+    assert not may_hold_secret(text.replace(secret, "nothing-here"))

@@ -26,13 +26,18 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import mcp_types as types
-from mcp.shared._context_streams import create_context_streams
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 
 from . import jsonsafe
 
 log = logging.getLogger(__name__)
+
+_streams: Any
+try:  # the SDK's own (its stdio transport's): each message carries its sender's context
+    from mcp.shared._context_streams import create_context_streams as _streams
+except ImportError:  # an SDK without them: plain memory streams, which the SDK's readers also take
+    _streams = anyio.create_memory_object_stream
 
 RequestId = str | int | None
 MAX_ID_DIGITS = 18  # a JSON-RPC id we answer must fit the SDK's strict int
@@ -170,8 +175,8 @@ async def guarded_stdio_server() -> AsyncIterator[tuple[Any, Any]]:
 async def serve_lines(lines: Any, out: Any) -> AsyncIterator[tuple[Any, Any]]:
     """The SDK's `stdio_server` over these lines and this output (its streams, its reader's parse of each line, its
     writer's answers), with each line the SDK's reader would drop answered instead (`problem_of`)."""
-    read_writer, read_stream = create_context_streams[SessionMessage | Exception](0)
-    write_stream, write_reader = create_context_streams[SessionMessage](0)
+    read_writer, read_stream = _streams[SessionMessage | Exception](0)
+    write_stream, write_reader = _streams[SessionMessage](0)
     replies = _Replies(write_stream)
 
     async def reader() -> None:

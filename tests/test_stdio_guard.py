@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import mcp_types as types
 import pytest
 
-from aims_billing_mcp.stdio_guard import frame_problem, request_id_of
+from aims_billing_mcp import stdio_guard
+from aims_billing_mcp.stdio_guard import frame_problem, request_id_of, serve_lines
 from tests.support.zygote import spawn
 
 INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
@@ -141,3 +143,54 @@ async def test_an_answer_is_written_and_flushed_whole_in_utf8() -> None:
     assert out.getvalue() == b""  # nothing half-written before the flush
     await framed.flush()
     assert out.getvalue() == '{"text":"caf\u00e9"}\n'.encode()
+
+
+class Lines:
+    """Stdin's lines, as ChunkedLines gives them."""
+
+    def __init__(self, *lines: str) -> None:
+        self._lines = [line + "\n" for line in lines]
+
+    def __aiter__(self) -> Lines:
+        return self
+
+    async def __anext__(self) -> str:
+        if not self._lines:
+            raise StopAsyncIteration
+        return self._lines.pop(0)
+
+
+class Written:
+    """Stdout, as FramedOut takes it: each answer written, then flushed."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.flushed = anyio.Event()
+
+    async def write(self, text: str) -> None:
+        self.frames.append(text)
+
+    async def flush(self) -> None:
+        self.flushed.set()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("streams", ["the SDK's", "plain memory"])
+async def test_each_frame_is_parsed_once_and_passed_on_or_answered(
+        streams: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if streams == "plain memory":  # an SDK without its context streams
+        monkeypatch.setattr(stdio_guard, "_streams", anyio.create_memory_object_stream)
+    out = Written()
+
+    with anyio.fail_after(10):
+        async with serve_lines(Lines('{"jsonrpc":"2.0","id":1,"method":"ping"}', "",
+                                     '{"jsonrpc":"2.0","id":2,"method":'), out) as (read_stream, write_stream):
+            ping = await read_stream.receive()
+            blank = await read_stream.receive()  # as the SDK's reader does: its parse error, for the server
+            await out.flushed.wait()
+            await write_stream.aclose()
+
+    assert isinstance(ping.message, types.JSONRPCRequest) and ping.message.id == 1
+    assert isinstance(blank, ValueError)
+    [answer] = [json.loads(frame) for frame in out.frames]
+    assert answer["id"] == 2 and answer["error"]["code"] == types.PARSE_ERROR

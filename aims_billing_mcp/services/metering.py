@@ -298,8 +298,9 @@ class MeteringService:
         """`placements`, when given, is a number that changes whenever `tier_of` or `period_of` may answer otherwise
         than before for a customer already asked (the subscription service's `placement_version`): while it stays
         the same, a customer's current period and terms are reused from one batch to the next for up to
-        REUSE_SECONDS (then asked again), each only while the time is within that period. Without it every batch asks
-        for each of its customers."""
+        REUSE_SECONDS (then asked again), each only while the time is within that period and before the moment the
+        period says its answer changes (`UsagePeriod.until`). Without it every batch asks for each of its
+        customers."""
         self._store = store
         self._pricing = pricing
         self._ceiling = ceiling or Ceiling()

@@ -152,12 +152,20 @@ def refuse_loose_arguments(tool: Tool, arguments: dict[str, Any]) -> dict[str, A
             raise InvalidInput(f"{key}: must be {_describe(properties[key])}, not a boolean", param=key)
         _refuse_unreadable_value(key, value)
     metadata = tool.fn_metadata
+    parsed = metadata.pre_parse_json(arguments)
+    fields = metadata.arg_model.model_fields
+    # A list of anything (a batch's events, each parsed by the service on its own) passes the strict check as any
+    # list of its length would: the check writes and reads back a stand-in, not the events (a JSON round trip of a
+    # hundred events per call), and the tool gets the list as it came.
+    kept = {key: value for key, value in parsed.items()
+            if type(value) is list and key in fields and not fields[key].alias and fields[key].annotation == list[Any]}
     try:
-        model = metadata.arg_model.model_validate_json(_json_for_strict_check(metadata.pre_parse_json(arguments)),
-                                                       strict=True)
+        model = metadata.arg_model.model_validate_json(
+            _json_for_strict_check({**parsed, **{key: [None] * len(value) for key, value in kept.items()}}),
+            strict=True)
     except ValidationError as exc:
         raise invalid_arguments(name, exc, properties) from exc
-    return model.model_dump_one_level()
+    return {**model.model_dump_one_level(), **kept}
 
 
 # (the arguments dict BillingServer.call_tool checked, the keyword arguments it gave) for the call in progress

@@ -14,7 +14,9 @@ import pytest
 from mcp import Client
 
 from aims_billing_mcp.app import BillingServer
+from aims_billing_mcp.errors import InvalidInput
 from aims_billing_mcp.routes import build_companion_app
+from aims_billing_mcp.shaping import refuse_loose_arguments
 from aims_billing_mcp.store import Store
 from tests.conftest import error_of, ok, serving_http
 from tests.tools.test_wallets import give_tier
@@ -251,3 +253,23 @@ async def test_the_stdio_companion_app_serves_ingestion_too(make_server: Callabl
             answer = await http.post("/v1/usage/events", json=[{"customer": "cus_team", "units": 7}], headers=AUTH)
         assert answer.status_code == 200 and answer.json()["totals"]["accepted"] == 1
         assert len(events_in(server.state.store)) == 1
+
+
+@pytest.mark.parametrize(("events", "passes"), [
+    ([{"customer": "cus_team", "units": 1}] * 100, True),
+    ([{"customer": "cus_team", "units": 1}] * 101, False),
+    ([], False),
+    ({"customer": "cus_team", "units": 1}, False),
+])
+def test_the_strict_check_takes_a_batch_as_it_came_or_refuses_it_as_before(
+        server: BillingServer, events: Any, passes: bool) -> None:
+    """The strict argument check writes and reads back a stand-in of the events list (its length), not the events:
+    a list it passes reaches the tool as the very list sent; one it refuses is refused naming `events`."""
+    tool = server._tool_manager.get_tool("create_meter_events")
+    assert tool is not None
+    if passes:
+        assert refuse_loose_arguments(tool, {"events": events})["events"] is events
+    else:
+        with pytest.raises(InvalidInput) as refused:
+            refuse_loose_arguments(tool, {"events": events})
+        assert refused.value.param == "events"

@@ -159,6 +159,9 @@ def refuse_loose_arguments(tool: Tool, arguments: dict[str, Any]) -> dict[str, A
     # hundred events per call), and the tool gets the list as it came.
     kept = {key: value for key, value in parsed.items()
             if type(value) is list and key in fields and not fields[key].alias and fields[key].annotation == list[Any]}
+    for key, value in kept.items():
+        if value is not arguments.get(key):  # parsed from a JSON string just now: its texts were not walked yet
+            _refuse_unreadable_value(key, value)
     try:
         model = metadata.arg_model.model_validate_json(
             _json_for_strict_check({**parsed, **{key: [None] * len(value) for key, value in kept.items()}}),

@@ -273,3 +273,15 @@ def test_the_strict_check_takes_a_batch_as_it_came_or_refuses_it_as_before(
         with pytest.raises(InvalidInput) as refused:
             refuse_loose_arguments(tool, {"events": events})
         assert refused.value.param == "events"
+
+
+def test_a_batch_sent_as_a_json_string_is_checked_for_unreadable_text_once_parsed(server: BillingServer) -> None:
+    """Some clients send a list argument as JSON inside a string; once parsed, a lone surrogate in it (which cannot
+    be stored) is refused naming `events`, as the strict check of the parsed list refused it before."""
+    tool = server._tool_manager.get_tool("create_meter_events")
+    assert tool is not None
+
+    with pytest.raises(InvalidInput) as refused:
+        refuse_loose_arguments(tool, {"events": '[{"customer": "cus_team", "units": 1, "identifier": "\\ud800"}]'})
+
+    assert refused.value.param == "events"

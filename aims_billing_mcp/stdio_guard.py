@@ -67,30 +67,26 @@ class _Replies:
         await self._write_stream.send(SessionMessage(error))
 
 
-def frame_problem(line: str) -> tuple[int, str] | None:
-    """None when the SDK will read the line; else the JSON-RPC error code and a message saying what to fix."""
+def read_frame(line: str) -> SessionMessage | Exception | tuple[int, str]:
+    """The SDK reader's parse of `line`: its message; or, for a blank line, the parse error (which the SDK's reader
+    passes on to the server, which goes on); or, for a line the SDK would drop, the JSON-RPC error code and a
+    message saying what to fix."""
     try:
-        types.jsonrpc_message_adapter.validate_json(line, by_name=False)
-        return None
+        return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
     except (ValueError, RecursionError) as exc:
-        return problem_of(line, exc)
-
-
-def problem_of(line: str, exc: ValueError | RecursionError) -> tuple[int, str] | None:
-    """Why the SDK's parse of `line` failed, as `frame_problem` answers it: None for a blank line (the SDK's
-    reader passes its error on to the server, which goes on), else the JSON-RPC error code and what to fix."""
-    if not line.strip():
-        return None
-    if isinstance(exc, ValidationError):
-        errors = exc.errors()
-        first: dict[str, Any] = dict(errors[0]) if errors else {}
-        kind = str(first.get("type", ""))
-        if kind.startswith("json_") or kind == "recursion_loop":
-            return types.PARSE_ERROR, f"parse error: {first.get('msg', 'invalid JSON')}; send one JSON object per line"
-        if line.lstrip().startswith("["):
-            return types.INVALID_REQUEST, "JSON-RPC batches are not supported by MCP: send one message per line"
-        return types.INVALID_REQUEST, f"invalid request: not a JSON-RPC 2.0 message ({_where(first)})"
-    return types.PARSE_ERROR, f"parse error: {type(exc).__name__}; send one JSON object per line"
+        if not line.strip():
+            return exc
+        if isinstance(exc, ValidationError):
+            errors = exc.errors()
+            first: dict[str, Any] = dict(errors[0]) if errors else {}
+            kind = str(first.get("type", ""))
+            if kind.startswith("json_") or kind == "recursion_loop":
+                return (types.PARSE_ERROR,
+                        f"parse error: {first.get('msg', 'invalid JSON')}; send one JSON object per line")
+            if line.lstrip().startswith("["):
+                return types.INVALID_REQUEST, "JSON-RPC batches are not supported by MCP: send one message per line"
+            return types.INVALID_REQUEST, f"invalid request: not a JSON-RPC 2.0 message ({_where(first)})"
+        return types.PARSE_ERROR, f"parse error: {type(exc).__name__}; send one JSON object per line"
 
 
 def _where(error: Any) -> str:
@@ -174,7 +170,7 @@ async def guarded_stdio_server() -> AsyncIterator[tuple[Any, Any]]:
 @asynccontextmanager
 async def serve_lines(lines: Any, out: Any) -> AsyncIterator[tuple[Any, Any]]:
     """The SDK's `stdio_server` over these lines and this output (its streams, its reader's parse of each line, its
-    writer's answers), with each line the SDK's reader would drop answered instead (`problem_of`)."""
+    writer's answers), with each line the SDK's reader would drop answered instead (`read_frame`)."""
     read_writer, read_stream = _streams[SessionMessage | Exception](0)
     write_stream, write_reader = _streams[SessionMessage](0)
     replies = _Replies(write_stream)
@@ -183,16 +179,11 @@ async def serve_lines(lines: Any, out: Any) -> AsyncIterator[tuple[Any, Any]]:
         try:
             async with read_writer:
                 async for line in lines:
-                    try:
-                        message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
-                    except (ValueError, RecursionError) as exc:
-                        problem = problem_of(line, exc)
-                        if problem is None:
-                            await read_writer.send(exc)
-                        else:
-                            await replies.answer(line, *problem)
-                        continue
-                    await read_writer.send(SessionMessage(message))
+                    frame = read_frame(line)
+                    if isinstance(frame, tuple):
+                        await replies.answer(line, *frame)
+                    else:
+                        await read_writer.send(frame)
         except anyio.ClosedResourceError:
             await anyio.lowlevel.checkpoint()
 

@@ -16,7 +16,7 @@ import mcp_types as types
 import pytest
 
 from aims_billing_mcp import stdio_guard
-from aims_billing_mcp.stdio_guard import frame_problem, request_id_of, serve_lines
+from aims_billing_mcp.stdio_guard import read_frame, request_id_of, serve_lines
 from tests.support.zygote import spawn
 
 INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
@@ -43,8 +43,8 @@ HOSTILE_FRAMES = [
 
 @pytest.mark.parametrize(("frame", "request_id", "code"), HOSTILE_FRAMES)
 def test_a_frame_the_sdk_would_drop_is_recognised_with_its_id(frame: str, request_id: Any, code: int) -> None:
-    problem = frame_problem(frame)
-    assert problem is not None and problem[0] == code
+    problem = read_frame(frame)
+    assert isinstance(problem, tuple) and problem[0] == code
     found, is_request = request_id_of(frame)
     assert is_request
     assert found == ([request_id] if frame.startswith("[") else request_id)
@@ -53,7 +53,7 @@ def test_a_frame_the_sdk_would_drop_is_recognised_with_its_id(frame: str, reques
 @pytest.mark.parametrize("frame", [json.dumps(INITIALIZE), '{"jsonrpc":"2.0","method":"notifications/initialized"}',
                                    call(9, '{"customer":"cus_x","units":"\\u00e9\\ud83d\\ude00"}'), ""])
 def test_a_frame_the_sdk_reads_is_passed_through(frame: str) -> None:
-    assert frame_problem(frame) is None
+    assert not isinstance(read_frame(frame), tuple)
 
 
 def test_a_notification_the_server_cannot_read_is_not_a_request() -> None:

@@ -226,16 +226,15 @@ class SubscriptionService:
 
         The answer changes at those moments without the provision changing (a cancellation taking effect, the
         period starting): the first of them after `timestamp` inside the period is its `until`."""
-        period = self._usage_period(customer, timestamp)
         row = self.provision(customer)
+        period = self._usage_period(row, timestamp)
         if row is None:
             return period
         moments = (row.cancel_at, row.current_period_start, row.current_period_end, row.ended_at)
         changes = [int(m) for m in moments if m is not None and timestamp < m < period.end]
         return replace(period, until=min(changes)) if changes else period
 
-    def _usage_period(self, customer: str, timestamp: int) -> UsagePeriod:
-        row = self.provision(customer)
+    def _usage_period(self, row: Provision | None, timestamp: int) -> UsagePeriod:
         p2p = self._pricing.p2p
         month = calendar_month_of(timestamp)
         if row is None:

@@ -209,16 +209,18 @@ def _plain_bounded(value: dict[str, Any]) -> dict[str, Any]:
     in one loop: names and texts cut to their limits, integers as `_bounded` keeps them."""
     out: dict[str, Any] = {}
     for name, item in value.items():
-        if len(name) > AUDIT_MAX_KEY:
-            name = _cut(name, AUDIT_MAX_KEY, len(name))
         kind = type(item)
         if kind is str:
-            if len(item) > AUDIT_MAX_STRING:
-                item = _cut(item, AUDIT_MAX_STRING, len(item))
-        elif kind is int and item.bit_length() > 256:
-            item = f"[an integer of {item.bit_length():,} bits]"
-        out[name] = item
+            item = _cut(item, AUDIT_MAX_STRING, len(item))
+        elif kind is int:
+            item = _bounded_int(item)
+        out[_cut(name, AUDIT_MAX_KEY, len(name))] = item
     return out
+
+
+def _bounded_int(value: int) -> int | str:
+    """An integer as stored (json cannot write one of more than 4,300 digits)."""
+    return value if value.bit_length() <= 256 else f"[an integer of {value.bit_length():,} bits]"
 
 
 def _cut(text: str, limit: int, original: int) -> str:
@@ -256,8 +258,8 @@ def _bounded(value: Any, key: str | None, depth: int) -> Any:
         if len(value) > AUDIT_MAX_ITEMS:
             kept.append(f"[{len(value) - AUDIT_MAX_ITEMS:,} more items not stored]")
         return kept
-    if kind is int:  # json cannot write an integer of more than 4,300 digits
-        return value if value.bit_length() <= 256 else f"[an integer of {value.bit_length():,} bits]"
+    if kind is int:
+        return _bounded_int(value)
     if value is None or kind is bool or kind is float:
         return value
     if isinstance(value, dict):  # subclasses as their base
